@@ -1,0 +1,128 @@
+"""Adaptation: build an encoder-decoder from decoder-only Gemma checkpoints.
+
+Balanced: encoder and decoder both copy one source; a separate cross-attention is initialised
+from the same layer's self-attention (merged attention needs nothing new). Unbalanced: the decoder
+comes from a smaller source of the same family and vocabulary, or from a subset of the source's
+layers; a separate cross-attention is then randomly initialised, its K/V reading the encoder width.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from encdec.config import EncDecConfig, StackConfig
+from encdec.errors import EncdecError
+from encdec.formats.gemma import DECODER_ONLY_LAYER, rename
+from encdec.model import EncoderDecoder
+from encdec.sources import DecoderOnlySource
+
+DEFAULT_ATTENTION = {"gemma2": "cross", "gemma3": "merged"}  # what each family was released with
+WINDOW_OF_FAMILY = {"gemma2": "t5gemma", "gemma3": "t5gemma2"}
+CROSS_INIT_STD = 0.02  # normal init of an unbalanced model's cross-attention projections
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """`--decoder-layers`: a comma list ("0,3,6") or a Python slice ("::3" = every third layer)."""
+    try:
+        if ":" in text:
+            parts = [int(p) if p else None for p in text.split(":")]
+            if len(parts) > 3:
+                raise ValueError
+            layers = list(range(num_layers))[slice(*parts)]
+        else:
+            layers = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise EncdecError(f"--decoder-layers {text!r}: expected a comma list like 0,3,6 or a slice like ::3") from None
+    if not layers:
+        raise EncdecError(f"--decoder-layers {text!r} selects no layer of {num_layers}")
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise EncdecError(f"--decoder-layers {text!r}: layer(s) {bad} out of range; the source has {num_layers} (0-{num_layers - 1})")
+    if sorted(set(layers)) != layers:
+        raise EncdecError(f"--decoder-layers {text!r}: layers must be distinct and increasing")
+    return layers
+
+
+def _subset(stack: StackConfig, layers: list[int]) -> StackConfig:
+    return StackConfig(**{**stack.__dict__, "num_layers": len(layers), "layer_types": [stack.layer_types[i] for i in layers]})
+
+
+def _stack_weights(source: DecoderOnlySource, prefix: str, layers: list[int]) -> dict[str, torch.Tensor]:
+    """Source layers `layers` renamed into our stack `prefix` (encoder/decoder), plus its final norm."""
+    out = {f"{prefix}.norm.weight": source.weights["model.norm.weight"]}
+    wanted = {f"model.layers.{src}.": dst for dst, src in enumerate(layers)}
+    inverse = {v: k for k, v in DECODER_ONLY_LAYER.items()}
+    for name, t in source.weights.items():
+        head = name[: name.find(".", len("model.layers.")) + 1] if name.startswith("model.layers.") else None
+        if head in wanted:
+            ours = rename(name[len(head):], inverse)
+            if ours is not None:
+                out[f"{prefix}.layers.{wanted[head]}.{ours}"] = t
+    return out
+
+
+def _copy_cross_from_self(weights: dict[str, torch.Tensor], num_layers: int) -> None:
+    for i in range(num_layers):
+        p = f"decoder.layers.{i}."
+        for name in [n for n in weights if n.startswith(p + "attn.")]:
+            weights[p + "cross_attn." + name[len(p + "attn."):]] = weights[name].clone()
+        weights[p + "cross_norm.weight"] = weights[p + "attn_norm.weight"].clone()
+        weights[p + "post_cross_norm.weight"] = weights[p + "post_attn_norm.weight"].clone()
+
+
+def _random_cross(model: EncoderDecoder, seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in model.named_parameters():
+        if ".cross_attn." in name or ".cross_norm." in name or ".post_cross_norm." in name:
+            if name.endswith("_proj.weight"):
+                out[name] = torch.randn(p.shape, generator=generator) * CROSS_INIT_STD
+            else:  # norms: weight 0 means scale 1 in Gemma's RMSNorm
+                out[name] = torch.zeros(p.shape)
+    return out
+
+
+def adapt(
+    encoder: DecoderOnlySource, decoder: DecoderOnlySource | None = None, decoder_layers: list[int] | None = None,
+    attention: str | None = None, seed: int = 0,
+) -> EncoderDecoder:
+    """An encoder-decoder initialised from decoder-only sources (see the module docstring)."""
+    if decoder is not None and decoder_layers is not None:
+        raise EncdecError("give either a decoder source or decoder layers, not both")
+    dec_source = decoder or encoder
+    if dec_source.family != encoder.family:
+        raise EncdecError(f"encoder is {encoder.family} but decoder is {dec_source.family}; both must be the same family")
+    if dec_source.vocab_size != encoder.vocab_size:
+        raise EncdecError(f"encoder vocabulary has {encoder.vocab_size} tokens, decoder's {dec_source.vocab_size}; "
+                          "they must share one vocabulary")
+    attention = attention or DEFAULT_ATTENTION[encoder.family]
+    if attention == "merged" and decoder is not None and decoder.directory != encoder.directory:
+        raise EncdecError("merged attention shares one embedding and the K/V projections between encoder and decoder, "
+                          "so the decoder cannot come from another model; use --attention cross")
+    layers = decoder_layers or list(range(dec_source.stack.num_layers))
+    dec_stack = _subset(dec_source.stack, layers)
+    config = EncDecConfig(
+        encoder=encoder.stack, decoder=dec_stack, vocab_size=encoder.vocab_size, family=encoder.family,
+        attention=attention, shared_embeddings=attention == "merged", encoder_window=WINDOW_OF_FAMILY[encoder.family],
+        final_logit_softcap=dec_source.final_logit_softcap, **dec_source.special_tokens,
+    )
+    with torch.device("meta"):
+        model = EncoderDecoder(config)
+    weights = _stack_weights(encoder, "encoder", list(range(encoder.stack.num_layers)))
+    weights.update(_stack_weights(dec_source, "decoder", layers))
+    weights["embed.weight"] = dec_source.weights["model.embed_tokens.weight"]
+    if not config.shared_embeddings:
+        weights["encoder_embed.weight"] = encoder.weights["model.embed_tokens.weight"]
+    if attention == "cross":
+        balanced = decoder is None and decoder_layers is None
+        weights.update(_random_cross(model, seed) if not balanced else {})
+        if balanced:
+            _copy_cross_from_self(weights, dec_stack.num_layers)
+    # one tensor per parameter: roles copied from the same source tensor must train apart
+    seen: set[int] = set()
+    for name, t in weights.items():
+        if id(t) in seen:
+            weights[name] = t.clone()
+        seen.add(id(t))
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval()

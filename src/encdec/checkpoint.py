@@ -1,0 +1,106 @@
+"""Saving and loading encoder-decoder checkpoint directories.
+
+A configuration that a transformers class holds exactly (see `formats.t5gemma.exportable`) is
+saved in that class's layout, so vanilla `AutoModelForSeq2SeqLM.from_pretrained(DIR)` loads it;
+any other is saved in the project's own format: config.json with `"format": "encdec"` and our
+configuration, and model.safetensors with our parameter names. Both are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from encdec.config import EncDecConfig
+from encdec.errors import EncdecError
+from encdec.files import atomic_dir, read_json, read_weights, write_weights
+from encdec.formats.t5gemma import LAYOUTS, config_from_hf, exportable, from_hf_weights, hf_config, to_hf_weights
+from encdec.model import EncoderDecoder
+
+log = logging.getLogger("encdec")
+NATIVE = "encdec"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Loaded:
+    model: EncoderDecoder
+    format: str  # "encdec", "t5gemma" or "t5gemma2"
+    notes: list[str] = field(default_factory=list)  # what loading skipped
+
+
+def _state_dict(model: EncoderDecoder) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items()}
+
+
+def save(
+    model: EncoderDecoder, out: Path | str, *, tokenizer_dir: Path | None = None, overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> str:
+    """Write `model` (and the tokenizer found in `tokenizer_dir`) to `out`; returns the format used."""
+    cfg = model.config
+    weights = _state_dict(model)
+    if dtype is not None:
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    layout = exportable(cfg)
+    with atomic_dir(Path(out), overwrite) as tmp:
+        if layout is None:
+            meta = {"format": NATIVE, "format_version": FORMAT_VERSION, "config": cfg.to_dict()}
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            write_weights(tmp, weights)
+        else:
+            from transformers import GenerationConfig
+
+            config = hf_config(cfg, layout)
+            config.dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+            config.save_pretrained(str(tmp))
+            GenerationConfig(
+                decoder_start_token_id=cfg.bos_token_id, bos_token_id=cfg.bos_token_id,
+                eos_token_id=cfg.eos_token_ids, pad_token_id=cfg.pad_token_id,
+            ).save_pretrained(str(tmp))
+            write_weights(tmp, to_hf_weights(weights, cfg, layout))
+        if tokenizer_dir is not None:
+            from encdec.sources import load_tokenizer
+
+            load_tokenizer(Path(tokenizer_dir)).save_pretrained(str(tmp))
+    return NATIVE if layout is None else layout.model_type
+
+
+def load_checkpoint(path: Path | str, dtype: torch.dtype = torch.float32) -> Loaded:
+    """Read a checkpoint directory in the project's format or a transformers T5Gemma / T5Gemma 2 layout."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EncdecError(f"{path} is not a checkpoint directory")
+    data = read_json(path / "config.json")
+    if data.get("format") == NATIVE:
+        config = EncDecConfig.from_dict(data["config"])
+        fmt, notes = NATIVE, []
+    elif data.get("model_type") in LAYOUTS:
+        config = config_from_hf(data)
+        fmt = data["model_type"]
+    else:
+        raise EncdecError(
+            f"{path} is not an encoder-decoder checkpoint (model_type {data.get('model_type')!r}); accepted: "
+            "this project's format, t5gemma, t5gemma2. A decoder-only Gemma must first go through `encdec adapt`"
+        )
+    with torch.device("meta"):
+        model = EncoderDecoder(config)
+    weights = read_weights(path, dtype)
+    if fmt != NATIVE:
+        weights, notes = from_hf_weights(weights, list(model.state_dict()), LAYOUTS[fmt])
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:
+        raise EncdecError(f"{path}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+    for note in notes:
+        log.info("%s: %s", path, note)
+    return Loaded(model.eval(), fmt, notes)
+
+
+def load(path: Path | str, dtype: torch.dtype = torch.float32) -> EncoderDecoder:
+    """The encoder-decoder model saved in `path` (any format `load_checkpoint` reads)."""
+    return load_checkpoint(path, dtype).model

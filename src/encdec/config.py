@@ -1,0 +1,100 @@
+"""Configuration dataclasses of the encoder-decoder model.
+
+A model is two Gemma layer stacks (encoder, decoder) plus how they are joined. Every field is
+plain data so that a configuration round-trips through JSON in the project's checkpoint format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from encdec.errors import EncdecError
+
+FAMILIES = ("gemma2", "gemma3")
+ATTENTION_KINDS = ("merged", "cross")
+# How far a local (sliding-window) encoder layer reaches, for a window W, with d = query - key:
+#   "t5gemma":  |d| <= W                        (transformers' T5Gemma)
+#   "t5gemma2": -(W // 2) <= d <= (W + 1) // 2 - 1 (transformers' T5Gemma2: the window split over both sides)
+#   "flax":     |d| <= W - 1                    (Google's Flax T5Gemma code)
+WINDOW_CONVENTIONS = ("t5gemma", "t5gemma2", "flax")
+
+
+@dataclass
+class StackConfig:
+    """One layer stack, in the shape of the Gemma model it was taken from."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    layer_types: list[str]  # per layer: "sliding" (local attention) or "full" (global)
+    sliding_window: int  # W of the local layers
+    query_pre_attn_scalar: float  # attention scores are scaled by its inverse square root
+    rope_theta_local: float = 10_000.0
+    rope_theta_global: float = 10_000.0
+    rope_scale_local: float = 1.0  # linear RoPE scaling factor (positions divided by it)
+    rope_scale_global: float = 1.0
+    attn_softcap: float | None = None  # Gemma 2: tanh cap on attention logits
+    qk_norm: bool = False  # Gemma 3: RMSNorm on queries and keys
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if len(self.layer_types) != self.num_layers:
+            raise EncdecError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        bad = sorted(set(self.layer_types) - {"sliding", "full"})
+        if bad:
+            raise EncdecError(f"unknown layer type(s) {bad}; accepted: 'sliding', 'full'")
+        if self.num_heads % self.num_kv_heads:
+            raise EncdecError(f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
+
+
+@dataclass
+class EncDecConfig:
+    """The whole encoder-decoder: two stacks, how the decoder reads the encoder, and the vocabulary."""
+
+    encoder: StackConfig
+    decoder: StackConfig
+    vocab_size: int
+    family: str  # "gemma2" or "gemma3": which Gemma the stacks come from
+    attention: str  # "cross": separate cross-attention sub-layer (T5Gemma); "merged": one self+cross attention (T5Gemma 2)
+    shared_embeddings: bool  # one table for encoder input, decoder input and LM head; else the encoder has its own
+    encoder_window: str = "t5gemma2"  # two-sided local-window convention of the encoder, see WINDOW_CONVENTIONS
+    final_logit_softcap: float | None = None  # Gemma 2: tanh cap on output logits
+    pad_token_id: int = 0
+    bos_token_id: int = 2  # also the decoder's start token
+    eos_token_ids: list[int] = field(default_factory=lambda: [1])
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise EncdecError(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
+        if self.attention not in ATTENTION_KINDS:
+            raise EncdecError(f"unknown attention {self.attention!r}; accepted: {', '.join(ATTENTION_KINDS)}")
+        if self.encoder_window not in WINDOW_CONVENTIONS:
+            raise EncdecError(
+                f"unknown encoder window convention {self.encoder_window!r}; accepted: {', '.join(WINDOW_CONVENTIONS)}"
+            )
+        if self.attention == "merged" and self.encoder.hidden_size != self.decoder.hidden_size:
+            raise EncdecError(
+                f"merged attention shares K/V projections, so encoder and decoder widths must match "
+                f"(got {self.encoder.hidden_size} and {self.decoder.hidden_size}); use --attention cross"
+            )
+        if self.shared_embeddings and self.encoder.hidden_size != self.decoder.hidden_size:
+            raise EncdecError("shared embeddings need equal encoder and decoder widths")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EncDecConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EncdecError(f"unknown configuration field(s) {unknown}; known: {sorted(known)}")
+        data = dict(data)
+        data["encoder"] = StackConfig(**data["encoder"])
+        data["decoder"] = StackConfig(**data["decoder"])
+        return cls(**data)

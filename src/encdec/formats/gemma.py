@@ -1,0 +1,111 @@
+"""Hugging Face Gemma 2 / Gemma 3 naming: configuration fields and per-layer weight names.
+
+The same configuration fields describe a decoder-only Gemma and each stack of T5Gemma /
+T5Gemma 2, so the other adapters build on these helpers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from encdec.config import StackConfig
+from encdec.errors import EncdecError
+
+# our block sub-module -> Hugging Face decoder-only Gemma sub-module
+DECODER_ONLY_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn": "self_attn",
+    "post_attn_norm": "post_attention_layernorm",
+    "mlp_norm": "pre_feedforward_layernorm",
+    "mlp": "mlp",
+    "post_mlp_norm": "post_feedforward_layernorm",
+}
+
+HF_LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
+OUR_LAYER_TYPES = {v: k for k, v in HF_LAYER_TYPES.items()}
+
+
+def rename(name: str, table: dict[str, str]) -> str | None:
+    """Map the leading sub-module of `name` through `table`; None if it has no entry."""
+    head, _, rest = name.partition(".")
+    target = table.get(head)
+    return None if target is None else f"{target}.{rest}"
+
+
+def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
+    """(theta, linear factor) of a layer type, from the current or the older config layout."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and OUR_LAYER_TYPES[kind] in params:
+        params = params[OUR_LAYER_TYPES[kind]]
+    if not isinstance(params, dict):  # older layout: rope_theta, rope_local_base_freq, rope_scaling
+        theta = cfg.get("rope_theta", 1_000_000.0 if family == "gemma3" else 10_000.0)
+        if kind == "sliding" and family == "gemma3":
+            theta = cfg.get("rope_local_base_freq", 10_000.0)
+        params = {"rope_theta": theta, **((cfg.get("rope_scaling") or {}) if kind == "full" else {})}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", "linear"):
+        raise EncdecError(f"RoPE type {rope_type!r} is not supported; supported: 'default', 'linear'")
+    return float(params.get("rope_theta", 10_000.0)), float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+
+
+def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
+    """A StackConfig from a Gemma 2 / Gemma 3 (text) or T5Gemma module configuration dict."""
+    n = cfg["num_hidden_layers"]
+    if cfg.get("layer_types"):
+        layer_types = [HF_LAYER_TYPES[t] for t in cfg["layer_types"]]
+    else:
+        period = 2 if family == "gemma2" else cfg.get("sliding_window_pattern", 6)
+        layer_types = ["sliding" if (i + 1) % period else "full" for i in range(n)]
+    local, glob = _rope(cfg, "sliding", family), _rope(cfg, "full", family)
+    return StackConfig(
+        num_layers=n,
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_heads=cfg["num_attention_heads"],
+        num_kv_heads=cfg["num_key_value_heads"],
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+        layer_types=layer_types,
+        sliding_window=cfg.get("sliding_window") or 4096,
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
+        rope_theta_local=local[0],
+        rope_scale_local=local[1],
+        rope_theta_global=glob[0],
+        rope_scale_global=glob[1],
+        attn_softcap=cfg.get("attn_logit_softcapping") if family == "gemma2" else None,
+        qk_norm=family == "gemma3",
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+    )
+
+
+def _rope_dict(theta: float, scale: float) -> dict[str, Any]:
+    if scale == 1.0:
+        return {"rope_type": "default", "rope_theta": theta}
+    return {"rope_type": "linear", "rope_theta": theta, "factor": scale}
+
+
+def stack_to_hf(stack: StackConfig, per_layer_type_rope: bool) -> dict[str, Any]:
+    """The Hugging Face configuration fields of one stack (T5Gemma module / T5Gemma 2 text config)."""
+    if per_layer_type_rope:
+        rope = {
+            "sliding_attention": _rope_dict(stack.rope_theta_local, stack.rope_scale_local),
+            "full_attention": _rope_dict(stack.rope_theta_global, stack.rope_scale_global),
+        }
+    else:
+        if (stack.rope_theta_local, stack.rope_scale_local) != (stack.rope_theta_global, stack.rope_scale_global):
+            raise EncdecError("this format has one RoPE setting for all layers, but local and global layers differ")
+        rope = _rope_dict(stack.rope_theta_global, stack.rope_scale_global)
+    return {
+        "hidden_size": stack.hidden_size,
+        "intermediate_size": stack.intermediate_size,
+        "num_hidden_layers": stack.num_layers,
+        "num_attention_heads": stack.num_heads,
+        "num_key_value_heads": stack.num_kv_heads,
+        "head_dim": stack.head_dim,
+        "layer_types": [OUR_LAYER_TYPES[t] for t in stack.layer_types],
+        "sliding_window": stack.sliding_window,
+        "query_pre_attn_scalar": stack.query_pre_attn_scalar,
+        "rope_parameters": rope,
+        "attn_logit_softcapping": stack.attn_softcap,
+        "rms_norm_eps": stack.rms_norm_eps,
+        "hidden_activation": "gelu_pytorch_tanh",
+    }

@@ -1,0 +1,190 @@
+"""State-dict and configuration adapters for transformers' T5Gemma and T5Gemma 2 checkpoints.
+
+T5Gemma (`model_type` "t5gemma"): Gemma 2 stacks, separate cross-attention, separate encoder and
+decoder embeddings (the decoder's tied to the LM head), encoder window |i - j| <= W.
+T5Gemma 2 ("t5gemma2"): Gemma 3 stacks, merged attention, one embedding for everything, encoder
+window split over both sides. transformers always builds a SigLIP vision tower for it: a text-only
+export carries a tiny all-zero placeholder tower (1 layer, width 8, 16x16 images), which text
+inputs never reach; importing a released checkpoint skips its vision tower and says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from encdec.config import EncDecConfig
+from encdec.errors import EncdecError
+from encdec.formats.gemma import rename, stack_from_hf, stack_to_hf
+
+# our block sub-module -> T5Gemma / T5Gemma 2 block sub-module
+LAYER = {
+    "attn_norm": "pre_self_attn_layernorm",
+    "attn": "self_attn",
+    "post_attn_norm": "post_self_attn_layernorm",
+    "mlp_norm": "pre_feedforward_layernorm",
+    "mlp": "mlp",
+    "post_mlp_norm": "post_feedforward_layernorm",
+    "cross_norm": "pre_cross_attn_layernorm",
+    "cross_attn": "cross_attn",
+    "post_cross_norm": "post_cross_attn_layernorm",
+}
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")
+EOI_EMBEDDINGS = ("model.encoder.text_model.embed_tokens.eoi_embedding", "model.decoder.embed_tokens.eoi_embedding")
+PLACEHOLDER_VISION = {
+    "model_type": "siglip_vision_model", "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+    "num_attention_heads": 1, "image_size": 16, "patch_size": 8,
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where our parameters live in one transformers format."""
+
+    model_type: str
+    architecture: str
+    stacks: dict[str, str]  # our stack -> its prefix there
+    embeddings: dict[str, str]  # our embedding parameter -> its name there
+    implied: tuple[str, ...]  # names there that ties make copies of ours (skipped on import)
+
+
+T5GEMMA = Layout(
+    "t5gemma", "T5GemmaForConditionalGeneration",
+    {"encoder": "model.encoder", "decoder": "model.decoder"},
+    {"embed.weight": "model.decoder.embed_tokens.weight", "encoder_embed.weight": "model.encoder.embed_tokens.weight"},
+    ("lm_head.out_proj.weight",),
+)
+T5GEMMA2 = Layout(
+    "t5gemma2", "T5Gemma2ForConditionalGeneration",
+    {"encoder": "model.encoder.text_model", "decoder": "model.decoder"},
+    {"embed.weight": "model.encoder.text_model.embed_tokens.weight"},
+    ("lm_head.out_proj.weight", "model.decoder.embed_tokens.weight"),
+)
+LAYOUTS = {layout.model_type: layout for layout in (T5GEMMA, T5GEMMA2)}
+
+
+def external_name(name: str, layout: Layout) -> str:
+    """Our parameter name -> the transformers name."""
+    if name in layout.embeddings:
+        return layout.embeddings[name]
+    stack, _, rest = name.partition(".")
+    if rest.startswith("layers."):
+        _, index, sub = rest.split(".", 2)
+        mapped = rename(sub, LAYER)
+        if mapped is None:
+            raise KeyError(name)
+        rest = f"layers.{index}.{mapped}"
+    return f"{layout.stacks[stack]}.{rest}"
+
+
+def exportable(cfg: EncDecConfig) -> Layout | None:
+    """The transformers format that holds this configuration exactly, if any."""
+    if cfg.family == "gemma2" and cfg.attention == "cross" and not cfg.shared_embeddings and cfg.encoder_window == "t5gemma":
+        same_rope = all(
+            (s.rope_theta_local, s.rope_scale_local) == (s.rope_theta_global, s.rope_scale_global)
+            for s in (cfg.encoder, cfg.decoder)
+        )
+        return T5GEMMA if same_rope else None
+    if cfg.family == "gemma3" and cfg.attention == "merged" and cfg.shared_embeddings and cfg.encoder_window == "t5gemma2":
+        return T5GEMMA2 if cfg.final_logit_softcap is None else None
+    return None
+
+
+def _special(cfg: EncDecConfig) -> dict[str, Any]:
+    return {"pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}
+
+
+def hf_config(cfg: EncDecConfig, layout: Layout):  # noqa: ANN201 - a transformers PretrainedConfig
+    """The transformers configuration object of an exportable model."""
+    import transformers as tf
+
+    common = {"vocab_size": cfg.vocab_size, "final_logit_softcapping": cfg.final_logit_softcap, **_special(cfg)}
+    if layout is T5GEMMA:
+        enc = tf.T5GemmaModuleConfig(**stack_to_hf(cfg.encoder, per_layer_type_rope=False), **common)
+        dec = tf.T5GemmaModuleConfig(**stack_to_hf(cfg.decoder, per_layer_type_rope=False), **common)
+        config = tf.T5GemmaConfig(encoder=enc, decoder=dec, vocab_size=cfg.vocab_size, **_special(cfg))
+    else:
+        text = tf.T5Gemma2TextConfig(**stack_to_hf(cfg.encoder, per_layer_type_rope=True), **common)
+        enc = tf.T5Gemma2EncoderConfig(text_config=text, vision_config=PLACEHOLDER_VISION, mm_tokens_per_image=4)
+        dec = tf.T5Gemma2DecoderConfig(**stack_to_hf(cfg.decoder, per_layer_type_rope=True), **common)
+        config = tf.T5Gemma2Config(encoder=enc, decoder=dec, **_special(cfg))
+    config.architectures = [layout.architecture]
+    return config
+
+
+def to_hf_weights(weights: dict[str, torch.Tensor], cfg: EncDecConfig, layout: Layout) -> dict[str, torch.Tensor]:
+    """Our state dict in transformers' names, checked against the model transformers would build."""
+    import transformers as tf
+
+    out = {external_name(name, layout): t for name, t in weights.items()}
+    config = hf_config(cfg, layout)
+    with torch.device("meta"):
+        reference = getattr(tf, layout.architecture)(config).state_dict()
+    if layout is T5GEMMA2:
+        embed = weights["embed.weight"]
+        eoi = reference[EOI_EMBEDDINGS[0]]
+        eoi_index = config.eoi_token_index
+        # token <end_of_image> reads eoi_embedding there; give it the row it has here
+        value = embed[eoi_index] * torch.tensor(cfg.encoder.hidden_size**0.5, dtype=embed.dtype) \
+            if eoi_index < cfg.vocab_size else torch.zeros(eoi.shape, dtype=embed.dtype)
+        out[EOI_EMBEDDINGS[0]] = value
+        for name, t in reference.items():
+            if name.startswith(VISION_PREFIXES):
+                out[name] = torch.zeros(t.shape, dtype=embed.dtype)
+    expected = {n: t.shape for n, t in reference.items() if n not in layout.implied and n != EOI_EMBEDDINGS[1]}
+    got = {n: t.shape for n, t in out.items()}
+    if expected != got:
+        diff = sorted(set(expected) ^ set(got)) or [n for n in got if got[n] != expected[n]]
+        raise AssertionError(f"{layout.model_type} export does not match transformers' model, e.g. {diff[:3]}")
+    return out
+
+
+def config_from_hf(data: dict[str, Any]) -> EncDecConfig:
+    """Our configuration of a T5Gemma / T5Gemma 2 config.json (released or exported)."""
+    model_type = data["model_type"]
+    encoder, decoder = data.get("encoder") or {}, data.get("decoder") or {}
+    if model_type == "t5gemma2":
+        encoder = encoder.get("text_config") or {}
+    family = "gemma2" if model_type == "t5gemma" else "gemma3"
+    try:
+        enc, dec = stack_from_hf(encoder, family), stack_from_hf(decoder, family)
+    except KeyError as e:
+        raise EncdecError(f"the {model_type} configuration lacks {e}") from None
+    eos = decoder.get("eos_token_id", data.get("eos_token_id", 1))
+    return EncDecConfig(
+        encoder=enc, decoder=dec, vocab_size=decoder.get("vocab_size", data.get("vocab_size")), family=family,
+        attention="cross" if model_type == "t5gemma" else "merged", shared_embeddings=model_type == "t5gemma2",
+        encoder_window=model_type, final_logit_softcap=decoder.get("final_logit_softcapping"),
+        pad_token_id=decoder.get("pad_token_id", 0) or 0, bos_token_id=decoder.get("bos_token_id", 2),
+        eos_token_ids=list(eos) if isinstance(eos, list) else [eos],
+    )
+
+
+def from_hf_weights(
+    hf: dict[str, torch.Tensor], names: list[str], layout: Layout
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our state dict (`names`) from a transformers one, and notes on what was skipped."""
+    ours, missing = {}, []
+    for name in names:
+        ext = external_name(name, layout)
+        if ext in hf:
+            ours[name] = hf[ext]
+        else:
+            missing.append(ext)
+    if missing:
+        raise EncdecError(f"the checkpoint lacks {len(missing)} weight(s) such as {missing[0]}; truncated?")
+    used = {external_name(n, layout) for n in names}
+    rest = [n for n in hf if n not in used and n not in layout.implied]
+    notes = []
+    vision = [n for n in rest if n.startswith(VISION_PREFIXES)]
+    if vision:
+        count = sum(hf[n].numel() for n in vision)
+        notes.append(f"ignored the vision tower and projector ({len(vision)} tensors, {count:,} parameters): text only")
+    if any(n in EOI_EMBEDDINGS for n in rest):
+        notes.append("ignored eoi_embedding (it only replaces <end_of_image>, which text inputs do not use)")
+    unknown = [n for n in rest if n not in vision and n not in EOI_EMBEDDINGS]
+    if unknown:
+        notes.append(f"ignored {len(unknown)} unknown tensor(s) such as {unknown[0]}")
+    return ours, notes

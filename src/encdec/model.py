@@ -1,0 +1,369 @@
+"""The encoder-decoder model: two Gemma layer stacks, a bidirectional encoder and a causal decoder.
+
+The decoder reads the encoder either through a separate cross-attention sub-layer per block
+("cross", T5Gemma) or through one merged attention whose keys are [decoder tokens | encoder tokens]
+with shared projections ("merged", T5Gemma 2). Batches are either padded (attention_mask) or packed
+(segment ids with per-segment positions); attention never crosses a segment boundary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from encdec.config import EncDecConfig, StackConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32, weight stored as an offset from 1."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+class MLP(nn.Module):
+    """Gated GELU feed-forward."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def rope_tables(cfg: StackConfig, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, Rope]:
+    """cos/sin tables [B, 1, L, head_dim] for each layer type present in the stack."""
+    params = {"sliding": (cfg.rope_theta_local, cfg.rope_scale_local), "full": (cfg.rope_theta_global, cfg.rope_scale_global)}
+    tables = {}
+    for kind in set(cfg.layer_types):
+        theta, scale = params[kind]
+        exponents = torch.arange(0, cfg.head_dim, 2, device=positions.device, dtype=torch.float) / cfg.head_dim
+        inv_freq = 1.0 / (theta**exponents) / scale
+        freqs = positions[..., None].float() * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)[:, None]
+        tables[kind] = (angles.cos().to(dtype), angles.sin().to(dtype))
+    return tables
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Gemma attention projections, used for self-, merged and cross-attention.
+
+    Keys and values may come from another stream of a different width (`kv_width`): the encoder
+    output in cross-attention. RoPE is applied only when a table is given (never to encoder keys
+    read by the decoder).
+    """
+
+    def __init__(self, cfg: StackConfig, kv_width: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kv_width = kv_width or cfg.hidden_size
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.scale = cfg.query_pre_attn_scalar**-0.5
+        self.softcap = cfg.attn_softcap
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.view(*x.shape[:2], n, self.head_dim).transpose(1, 2)
+
+    def queries(self, x: torch.Tensor, rope: Rope | None) -> torch.Tensor:
+        q = self._heads(self.q_proj(x), self.num_heads)
+        if self.qk_norm:
+            q = self.q_norm(q)
+        return q if rope is None else apply_rope(q, rope)
+
+    def keys_values(self, x: torch.Tensor, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._heads(self.k_proj(x), self.num_kv_heads)
+        v = self._heads(self.v_proj(x), self.num_kv_heads)
+        if self.qk_norm:
+            k = self.k_norm(k)
+        return (k if rope is None else apply_rope(k, rope)), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Attention output projected back to the model width; `allowed` is a boolean mask [B, 1, Lq, Lk].
+
+        Masked scores get the dtype's finite minimum rather than -inf, so a row with nothing to see
+        (padding) stays finite instead of turning into NaN.
+        """
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
+        else:  # soft-capping sits between the product and the softmax, which SDPA cannot express
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            scores = torch.tanh((q @ k.transpose(-1, -2)) * (self.scale / self.softcap)) * self.softcap
+            probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = probs @ v
+        return self.o_proj(out.transpose(1, 2).reshape(*q.shape[:1], q.shape[2], -1))
+
+
+@dataclass
+class Segments:
+    """Where each token of a row sits: segment id (0 = padding) and position within its segment."""
+
+    ids: torch.Tensor  # [B, L] long
+    positions: torch.Tensor  # [B, L] long
+
+    @classmethod
+    def of(
+        cls, tokens: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
+        positions: torch.Tensor | None,
+    ) -> Segments:
+        if segment_ids is None:
+            segment_ids = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
+        if positions is None:  # RoPE is relative, so plain indices are right for left and right padding alike
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        return cls(segment_ids.long(), positions.long())
+
+
+def attention_masks(
+    q: Segments, k: Segments, *, causal: bool, window: int, convention: str = "t5gemma"
+) -> dict[str, torch.Tensor]:
+    """Boolean self-attention masks for "full" and "sliding" layers; keys must share the query's segment."""
+    same = (q.ids[:, :, None] == k.ids[:, None, :]) & (k.ids[:, None, :] != 0)
+    d = q.positions[:, :, None] - k.positions[:, None, :]
+    if causal:
+        full = same & (d >= 0)
+        local = full & (d < window)
+    else:
+        full = same
+        if convention == "t5gemma":
+            local = same & (d.abs() <= window)
+        elif convention == "flax":
+            local = same & (d.abs() <= window - 1)
+        else:  # t5gemma2: the window split over both sides
+            local = same & (d >= -(window // 2)) & (d <= (window + 1) // 2 - 1)
+    return {"full": full[:, None], "sliding": local[:, None]}  # [B, 1, Lq, Lk]
+
+
+def cross_mask(q: Segments, k: Segments) -> torch.Tensor:
+    """Decoder tokens see the encoder tokens of their own segment."""
+    return ((q.ids[:, :, None] == k.ids[:, None, :]) & (k.ids[:, None, :] != 0))[:, None]
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cfg: StackConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
+
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor) -> torch.Tensor:
+        h = self.attn_norm(x)
+        k, v = self.attn.keys_values(h, rope)
+        x = x + self.post_attn_norm(self.attn.attend(self.attn.queries(h, rope), k, v, mask))
+        return self.feed_forward(x)
+
+
+class LayerCache:
+    """Pre-allocated self-attention keys/values of one decoder layer, plus its encoder keys/values."""
+
+    def __init__(self, cross_kv: tuple[torch.Tensor, torch.Tensor], max_len: int) -> None:
+        batch, heads, _, head_dim = cross_kv[0].shape  # cross-attention has the decoder's KV heads and head size
+        self.k = cross_kv[0].new_zeros(batch, heads, max_len, head_dim)
+        self.v = cross_kv[1].new_zeros(batch, heads, max_len, head_dim)
+        self.cross_kv = cross_kv
+
+    def append(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class DecoderBlock(EncoderBlock):
+    """A Gemma block with causal self-attention that also reads the encoder (merged or through cross-attention)."""
+
+    def __init__(self, cfg: StackConfig, merged: bool, encoder_width: int) -> None:
+        super().__init__(cfg)
+        self.merged = merged
+        if not merged:
+            self.cross_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.cross_attn = Attention(cfg, kv_width=encoder_width)
+            self.post_cross_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def encoder_keys_values(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of the encoder output: computed once per prompt when generating."""
+        return (self.attn if self.merged else self.cross_attn).keys_values(encoder_out, rope=None)
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, rope: Rope, self_mask: torch.Tensor, cross_kv: tuple[torch.Tensor, torch.Tensor],
+        cross_allowed: torch.Tensor, cache: LayerCache | None = None, start: int = 0,
+    ) -> torch.Tensor:
+        h = self.attn_norm(x)
+        q = self.attn.queries(h, rope)
+        k, v = self.attn.keys_values(h, rope)
+        if cache is not None:
+            k, v = cache.append(start, k, v)
+        if self.merged:
+            ek, ev = cross_kv
+            out = self.attn.attend(q, torch.cat([k, ek], 2), torch.cat([v, ev], 2), torch.cat([self_mask, cross_allowed], -1))
+            return self.feed_forward(x + self.post_attn_norm(out))
+        x = x + self.post_attn_norm(self.attn.attend(q, k, v, self_mask))
+        h = self.cross_norm(x)
+        x = x + self.post_cross_norm(self.cross_attn.attend(self.cross_attn.queries(h, None), *cross_kv, cross_allowed))
+        return self.feed_forward(x)
+
+
+class Stack(nn.Module):
+    """A list of blocks with a final norm."""
+
+    def __init__(self, cfg: StackConfig, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(blocks)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class Seq2SeqOutput:
+    logits: torch.Tensor  # [B, Ld, vocab]
+    encoder_hidden_states: torch.Tensor  # [B, Le, d_encoder]
+
+
+@dataclass
+class EncoderState:
+    """What the decoder needs from one encoder pass."""
+
+    hidden: torch.Tensor
+    segments: Segments
+
+
+class DecoderCache:
+    """Decoding state for generation: per-layer KV caches and the decoder tokens seen so far."""
+
+    def __init__(self, layers: list[LayerCache], encoder: EncoderState) -> None:
+        self.layers, self.encoder, self.length = layers, encoder, 0
+        self.segments: Segments | None = None
+
+
+class EncoderDecoder(nn.Module):
+    """Encoder-decoder Gemma. `embed` feeds the decoder and is the LM head; `encoder_embed` exists
+    only when the encoder has its own table (else the encoder reads `embed` too)."""
+
+    def __init__(self, config: EncDecConfig) -> None:
+        super().__init__()
+        self.config = config
+        enc, dec = config.encoder, config.decoder
+        self.embed = nn.Embedding(config.vocab_size, dec.hidden_size)
+        self.encoder_embed = None if config.shared_embeddings else nn.Embedding(config.vocab_size, enc.hidden_size)
+        self.encoder = Stack(enc, [EncoderBlock(enc) for _ in range(enc.num_layers)])
+        merged = config.attention == "merged"
+        self.decoder = Stack(dec, [DecoderBlock(dec, merged, enc.hidden_size) for _ in range(dec.num_layers)])
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def _embed(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        x = table(ids)
+        return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype)
+
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+        segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None, causal: bool = False,
+    ) -> torch.Tensor:
+        """Encoder hidden states [B, L, d] (after the final norm). `causal=True` runs the stack as
+        the decoder-only source would: a check of the adaptation, not a mode for use."""
+        return self._encode(input_ids, Segments.of(input_ids, attention_mask, segment_ids, positions), causal)
+
+    def _encode(self, input_ids: torch.Tensor, seg: Segments, causal: bool = False) -> torch.Tensor:
+        cfg = self.config.encoder
+        x = self._embed(self.embed if self.encoder_embed is None else self.encoder_embed, input_ids)
+        rope = rope_tables(cfg, seg.positions, x.dtype)
+        masks = attention_masks(seg, seg, causal=causal, window=cfg.sliding_window, convention=self.config.encoder_window)
+        for block, kind in zip(self.encoder.layers, cfg.layer_types):
+            x = block(x, rope[kind], masks[kind])
+        return self.encoder.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden, self.embed.weight)
+        cap = self.config.final_logit_softcap
+        return out if cap is None else torch.tanh(out / cap) * cap
+
+    def decode(
+        self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments, cache: DecoderCache | None = None
+    ) -> torch.Tensor:
+        """Final decoder hidden states for `decoder_input_ids`; with a cache, they continue its tokens."""
+        cfg = self.config.decoder
+        x = self._embed(self.embed, decoder_input_ids)
+        rope = rope_tables(cfg, seg.positions, x.dtype)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            keys = seg if cache.segments is None else Segments(
+                torch.cat([cache.segments.ids, seg.ids], 1), torch.cat([cache.segments.positions, seg.positions], 1)
+            )
+            cache.segments, cache.length = keys, start + decoder_input_ids.shape[1]
+        else:
+            keys = seg
+        masks = attention_masks(seg, keys, causal=True, window=cfg.sliding_window)
+        cross_allowed = cross_mask(seg, encoder.segments)
+        for i, (block, kind) in enumerate(zip(self.decoder.layers, cfg.layer_types)):
+            layer_cache = cache.layers[i] if cache is not None else None
+            cross_kv = layer_cache.cross_kv if layer_cache is not None else block.encoder_keys_values(encoder.hidden)
+            x = block(x, rope[kind], masks[kind], cross_kv, cross_allowed, layer_cache, start)
+        return self.decoder.norm(x)
+
+    def new_cache(self, encoder: EncoderState, max_len: int) -> DecoderCache:
+        """A generation cache with the encoder's keys/values computed once for every layer."""
+        layers = [LayerCache(block.encoder_keys_values(encoder.hidden), max_len) for block in self.decoder.layers]
+        return DecoderCache(layers, encoder)
+
+    def forward(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None, *,
+        segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+        decoder_segment_ids: torch.Tensor | None = None, decoder_positions: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+    ) -> Seq2SeqOutput:
+        """Logits of the decoder; padded batches use the attention masks, packed rows the segment ids
+        and per-segment positions (segment 0 is padding; decoder segment k reads encoder segment k)."""
+        if input_ids is None or decoder_input_ids is None:
+            raise ValueError("input_ids and decoder_input_ids are both required")
+        enc_seg = Segments.of(input_ids, attention_mask, segment_ids, positions)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = self._encode(input_ids, enc_seg)
+        dec_seg = Segments.of(decoder_input_ids, decoder_attention_mask, decoder_segment_ids, decoder_positions)
+        hidden = self.decode(decoder_input_ids, EncoderState(encoder_hidden_states, enc_seg), dec_seg)
+        return Seq2SeqOutput(self.logits(hidden), encoder_hidden_states)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Generated decoder tokens [B, T]; see `encdec.generate.generate` for the options."""
+        from encdec.generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)

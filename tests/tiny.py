@@ -1,0 +1,41 @@
+"""Tiny random Gemma 2 / Gemma 3 checkpoints made with transformers' own classes, saved to disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 96
+
+
+def gemma_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                 window: int = 4, intermediate: int = 48):
+    import transformers as tf
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8, sliding_window=window,
+        query_pre_attn_scalar=8, pad_token_id=0, bos_token_id=2, eos_token_id=1, max_position_embeddings=256,
+    )
+    if family == "gemma2":
+        return tf.Gemma2Config(**common, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    types = ["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(layers)]
+    return tf.Gemma3TextConfig(**common, layer_types=types)
+
+
+def make_source(directory: Path, family: str, seed: int = 0, **shape) -> Path:
+    """Save a randomly initialised Gemma causal LM (norm weights random too, so they matter)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = gemma_config(family, **shape)
+    model = (tf.Gemma2ForCausalLM if family == "gemma2" else tf.Gemma3ForCausalLM)(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(str(directory))
+    return directory
