@@ -101,9 +101,13 @@ def adapt(
                           "so the decoder cannot come from another model; use --attention cross")
     layers = decoder_layers or list(range(dec_source.stack.num_layers))
     dec_stack = _subset(dec_source.stack, layers)
+    # One embedding table when both sides start from the same one, as T5Gemma 2 does (no measured
+    # quality cost); Gemma 2 with cross-attention keeps T5Gemma's separate tables so it stays loadable there.
+    one_source = decoder is None or decoder.directory == encoder.directory
+    shared = one_source and (attention == "merged" or encoder.family == "gemma3")
     config = EncDecConfig(
         encoder=encoder.stack, decoder=dec_stack, vocab_size=encoder.vocab_size, family=encoder.family,
-        attention=attention, shared_embeddings=attention == "merged", encoder_window=WINDOW_OF_FAMILY[encoder.family],
+        attention=attention, shared_embeddings=shared, encoder_window=WINDOW_OF_FAMILY[encoder.family],
         final_logit_softcap=dec_source.final_logit_softcap, **dec_source.special_tokens,
     )
     with torch.device("meta"):

@@ -156,13 +156,17 @@ def _check_gguf(path: Path) -> str:
 
 
 def gguf_to_hf_directory(path: Path) -> Path:
-    """Dequantize a GGUF checkpoint once into a cached Hugging Face directory (weights + tokenizer)."""
-    _check_gguf(path)
+    """Dequantize a GGUF checkpoint once into a cached Hugging Face directory (weights + tokenizer).
+
+    The cache is keyed by the file's path, size and modification time; the (slow) integrity check
+    runs only when the file is not cached yet.
+    """
     stat = path.resolve().stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = cache_root() / "gguf" / f"{path.stem}-{key}"
     if (cached / "config.json").exists():
         return cached
+    _check_gguf(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s once (about a minute for 270M; cached in %s)", path.name, cached)

@@ -32,7 +32,9 @@ LAYER = {
     "post_cross_norm": "post_cross_attn_layernorm",
 }
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.multi_modal_projector.")
-EOI_EMBEDDINGS = ("model.encoder.text_model.embed_tokens.eoi_embedding", "model.decoder.embed_tokens.eoi_embedding")
+EOI_EMBEDDINGS = ("model.encoder.embed_tokens.eoi_embedding", "model.decoder.embed_tokens.eoi_embedding")
+# transformers nests T5Gemma 2's text encoder under "text_model." in memory but saves it without
+TEXT_MODEL = "model.encoder.text_model."
 PLACEHOLDER_VISION = {
     "model_type": "siglip_vision_model", "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
     "num_attention_heads": 1, "image_size": 16, "patch_size": 8,
@@ -58,8 +60,8 @@ T5GEMMA = Layout(
 )
 T5GEMMA2 = Layout(
     "t5gemma2", "T5Gemma2ForConditionalGeneration",
-    {"encoder": "model.encoder.text_model", "decoder": "model.decoder"},
-    {"embed.weight": "model.encoder.text_model.embed_tokens.weight"},
+    {"encoder": "model.encoder", "decoder": "model.decoder"},
+    {"embed.weight": "model.encoder.embed_tokens.weight"},
     ("lm_head.out_proj.weight", "model.decoder.embed_tokens.weight"),
 )
 LAYOUTS = {layout.model_type: layout for layout in (T5GEMMA, T5GEMMA2)}
@@ -122,6 +124,7 @@ def to_hf_weights(weights: dict[str, torch.Tensor], cfg: EncDecConfig, layout: L
     config = hf_config(cfg, layout)
     with torch.device("meta"):
         reference = getattr(tf, layout.architecture)(config).state_dict()
+    reference = {_on_disk(n): t for n, t in reference.items()}
     if layout is T5GEMMA2:
         embed = weights["embed.weight"]
         eoi = reference[EOI_EMBEDDINGS[0]]
@@ -139,6 +142,10 @@ def to_hf_weights(weights: dict[str, torch.Tensor], cfg: EncDecConfig, layout: L
         diff = sorted(set(expected) ^ set(got)) or [n for n in got if got[n] != expected[n]]
         raise AssertionError(f"{layout.model_type} export does not match transformers' model, e.g. {diff[:3]}")
     return out
+
+
+def _on_disk(name: str) -> str:
+    return "model.encoder." + name[len(TEXT_MODEL):] if name.startswith(TEXT_MODEL) else name
 
 
 def config_from_hf(data: dict[str, Any]) -> EncDecConfig:
@@ -166,6 +173,7 @@ def from_hf_weights(
     hf: dict[str, torch.Tensor], names: list[str], layout: Layout
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Our state dict (`names`) from a transformers one, and notes on what was skipped."""
+    hf = {_on_disk(n): t for n, t in hf.items()}
     ours, missing = {}, []
     for name in names:
         ext = external_name(name, layout)

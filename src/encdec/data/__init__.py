@@ -1,0 +1,1 @@
+"""Text data: packaged passages and (later) training corpora."""

@@ -1,0 +1,1 @@
+"""Evaluation: scoring encoder-decoder models and their decoder-only sources with one harness."""

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random Gemma checkpoints on disk, and the real packaged Gemma 3 270M."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import make_source
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Directories of tiny Gemma 2 / Gemma 3 causal LMs, saved by transformers itself."""
+    root = tmp_path_factory.mktemp("sources")
+    return {
+        "gemma3": make_source(root / "gemma3", "gemma3"),
+        "gemma2": make_source(root / "gemma2", "gemma2"),
+        "gemma2-small": make_source(root / "gemma2-small", "gemma2", seed=1, layers=2, hidden=24, heads=2, kv_heads=1),
+        "gemma3-small": make_source(root / "gemma3-small", "gemma3", seed=1, layers=2, hidden=24, heads=2, kv_heads=1),
+    }
+
+
+@pytest.fixture
+def batch() -> dict[str, torch.Tensor]:
+    """A padded batch: row 1 has 4 padding tokens in the encoder and 2 in the decoder."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 96, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    dec = torch.randint(3, 96, (2, 6), generator=g)
+    dec[:, 0] = 2
+    dec_mask = torch.ones_like(dec)
+    dec_mask[1, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec, "decoder_attention_mask": dec_mask}
+
+
+def valid(logits: torch.Tensor, dec_mask: torch.Tensor) -> torch.Tensor:
+    """Logits at real (non-padding) decoder positions, flattened."""
+    return logits[dec_mask.bool()]

@@ -1,0 +1,59 @@
+"""Initialisation of the encoder-decoder from decoder-only sources."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import encdec
+from encdec.adapt import parse_layers
+
+
+def test_balanced_cross_attention_starts_as_self_attention(sources):
+    model = encdec.adapt(encdec.load_source(str(sources["gemma2"])))
+    for block in model.decoder.layers:
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            assert torch.equal(getattr(block.cross_attn, name).weight, getattr(block.attn, name).weight)
+        assert torch.equal(block.cross_norm.weight, block.attn_norm.weight)
+        assert torch.equal(block.post_cross_norm.weight, block.post_attn_norm.weight)
+    first = model.decoder.layers[0]
+    with torch.no_grad():
+        first.cross_attn.q_proj.weight.add_(1.0)
+    assert not torch.equal(first.cross_attn.q_proj.weight, first.attn.q_proj.weight)  # separate tensors
+    assert model.encoder_embed is not None  # T5Gemma keeps separate tables
+
+
+def test_unbalanced_cross_attention_is_new_and_reads_the_encoder_width(sources):
+    big, small = encdec.load_source(str(sources["gemma2"])), encdec.load_source(str(sources["gemma2-small"]))
+    model = encdec.adapt(big, small, seed=7)
+    block = model.decoder.layers[0]
+    assert block.cross_attn.k_proj.weight.shape == (small.stack.num_kv_heads * 8, big.stack.hidden_size)
+    assert block.cross_attn.q_proj.weight.shape[1] == small.stack.hidden_size
+    std = block.cross_attn.q_proj.weight.std().item()
+    assert 0.01 < std < 0.03
+    again = encdec.adapt(big, small, seed=7)
+    assert torch.equal(again.decoder.layers[0].cross_attn.v_proj.weight, block.cross_attn.v_proj.weight)
+    assert torch.equal(model.embed.weight, small.weights["model.embed_tokens.weight"])
+    assert torch.equal(model.encoder_embed.weight, big.weights["model.embed_tokens.weight"])
+
+
+def test_decoder_layer_subset_copies_those_layers(sources):
+    source = encdec.load_source(str(sources["gemma3"]))
+    model = encdec.adapt(source, decoder_layers=[1, 2], attention="cross")
+    assert model.config.decoder.layer_types == [source.stack.layer_types[1], source.stack.layer_types[2]]
+    for dst, src in enumerate([1, 2]):
+        assert torch.equal(model.decoder.layers[dst].mlp.up_proj.weight, source.weights[f"model.layers.{src}.mlp.up_proj.weight"])
+    assert model.encoder_embed is None  # Gemma 3 from one source: one shared table
+
+
+def test_encoder_copies_every_source_layer(sources):
+    source = encdec.load_source(str(sources["gemma3"]))
+    model = encdec.adapt(source)
+    for i, block in enumerate(model.encoder.layers):
+        assert torch.equal(block.attn.k_norm.weight, source.weights[f"model.layers.{i}.self_attn.k_norm.weight"])
+        assert torch.equal(block.post_mlp_norm.weight, source.weights[f"model.layers.{i}.post_feedforward_layernorm.weight"])
+
+
+@pytest.mark.parametrize("text, expected", [("0,3,6", [0, 3, 6]), ("::3", [0, 3, 6, 9]), ("1:4", [1, 2, 3]), ("-2:", [10, 11])])
+def test_parse_layers(text, expected):
+    assert parse_layers(text, 12) == expected

@@ -1,0 +1,106 @@
+"""Checkpoint directories: formats, bit-exact round trips, atomic and refusing writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import encdec
+import encdec.files
+from encdec.errors import EncdecError
+
+
+@pytest.mark.parametrize(
+    "family, decoder, attention, fmt",
+    [
+        ("gemma3", None, "merged", "t5gemma2"),
+        ("gemma2", None, "cross", "t5gemma"),
+        ("gemma2", "gemma2-small", "cross", "t5gemma"),
+        ("gemma3", None, "cross", "encdec"),
+        ("gemma3", "gemma3-small", "cross", "encdec"),
+        ("gemma2", None, "merged", "encdec"),
+    ],
+)
+def test_round_trip_is_bit_exact(sources, batch, tmp_path, family, decoder, attention, fmt):
+    dec = encdec.load_source(str(sources[decoder])) if decoder else None
+    model = encdec.adapt(encdec.load_source(str(sources[family])), dec, attention=attention)
+    assert encdec.save(model, tmp_path / "out") == fmt
+    loaded = encdec.load_checkpoint(tmp_path / "out")
+    assert loaded.format == fmt
+    before, after = model.state_dict(), loaded.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded.model(**batch).logits)
+    if fmt == "encdec":
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["format"] == "encdec"
+
+
+def test_sharded_weights_round_trip(sources, tmp_path, monkeypatch):
+    import transformers as tf
+
+    monkeypatch.setattr(encdec.files, "SHARD_BYTES", 20_000)
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    encdec.save(model, tmp_path / "out")
+    assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
+    loaded = encdec.load(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out"))  # transformers reads the shards too
+
+
+def test_bfloat16_save(sources, tmp_path):
+    model = encdec.adapt(encdec.load_source(str(sources["gemma2"])))
+    encdec.save(model, tmp_path / "out", dtype=torch.bfloat16)
+    loaded = encdec.load(tmp_path / "out", dtype=None)
+    assert loaded.embed.weight.dtype == torch.bfloat16
+    assert torch.equal(loaded.embed.weight, model.embed.weight.to(torch.bfloat16))
+
+
+def _snapshot(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_existing_output_is_refused_then_replaced_with_overwrite(sources, tmp_path):
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(EncdecError, match="already exists; pass --overwrite"):
+        encdec.save(model, out)
+    assert _snapshot(out) == {"precious.txt": b"keep me"}
+    encdec.save(model, out, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
+
+
+def test_failed_write_keeps_the_old_checkpoint(sources, tmp_path, monkeypatch):
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    out = tmp_path / "out"
+    encdec.save(model, out)
+    before = _snapshot(out)
+
+    def broken(directory, weights):
+        (directory / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(encdec.checkpoint, "write_weights", broken)
+    with pytest.raises(OSError, match="disk full"):
+        encdec.save(model, out, overwrite=True)
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_not_an_encoder_decoder(sources):
+    with pytest.raises(EncdecError, match="not an encoder-decoder checkpoint.*encdec adapt"):
+        encdec.load(sources["gemma3"])
+
+
+def test_truncated_checkpoint_weights(sources, tmp_path):
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    encdec.save(model, tmp_path / "out")
+    weights = tmp_path / "out" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(EncdecError, match="truncated or corrupt"):
+        encdec.load(tmp_path / "out")

@@ -1,0 +1,47 @@
+"""The command line on tiny checkpoints: adapt, info, generate, help."""
+
+from __future__ import annotations
+
+import pytest
+
+from encdec.cli import build_parser, main
+
+
+def test_adapt_then_info(capsys, tmp_path, sources):
+    out = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma2"]), "--decoder-layers", "::2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "transformers loads it as T5GemmaForConditionalGeneration" in printed
+    assert "cross-attention" in printed
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "T5GemmaForConditionalGeneration" in info
+    assert "decoder      2 layers" in info and "encoder      4 layers" in info
+    for part in ("embeddings", "encoder", "decoder", "cross-attention", "total"):
+        assert f"  {part}" in info
+
+
+def test_own_format_is_reported(capsys, tmp_path, sources):
+    out = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--attention", "cross", "--out", str(out)]) == 0
+    assert main(["info", str(out)]) == 0
+    assert "format encdec" in capsys.readouterr().out
+
+
+def test_generate_needs_a_tokenizer(capsys, tmp_path, sources):
+    out = tmp_path / "model"
+    main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "hi"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["adapt", "generate", "info", "quickstart"])
+def test_help_documents_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: encdec " + command in text
+    if command in ("adapt", "generate", "quickstart"):
+        assert "(default:" in text

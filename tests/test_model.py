@@ -1,0 +1,108 @@
+"""The model itself: adaptation invariants (method.md), packed rows, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import encdec
+from encdec.model import Segments, attention_masks
+
+TOL = 1e-4
+
+
+def _source_model(directory):
+    return tf.AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+
+
+@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma3", "cross"), ("gemma2", "cross"), ("gemma2", "merged")])
+def test_causal_encoder_reproduces_source_hidden_states(sources, family, attention):
+    source = _source_model(sources[family])
+    model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
+    ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = source.model(input_ids=ids).last_hidden_state
+        ours = model.encode(ids, causal=True)
+        bidirectional = model.encode(ids)
+    assert (ours - ref).abs().max().item() <= TOL
+    assert (bidirectional - ref).abs().max().item() > 1e-2  # the encoder really is bidirectional
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_merged_decoder_with_masked_encoder_is_the_source(sources, family):
+    source = _source_model(sources[family])
+    model = encdec.adapt(encdec.load_source(str(sources[family])), attention="merged")
+    g = torch.Generator().manual_seed(2)
+    ids, dec = torch.randint(3, 96, (2, 9), generator=g), torch.randint(3, 96, (2, 12), generator=g)
+    with torch.no_grad():
+        ref = source(input_ids=dec).logits
+        ours = model(ids, torch.zeros_like(ids), dec).logits
+        seeing = model(ids, torch.ones_like(ids), dec).logits
+    assert (ours - ref).abs().max().item() <= TOL
+    assert (seeing - ref).abs().max().item() > 1e-2  # with the encoder visible the output changes
+
+
+@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma2", "cross"), ("gemma3", "cross")])
+def test_packed_rows_equal_examples_run_one_by_one(sources, family, attention):
+    model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
+    g = torch.Generator().manual_seed(3)
+    enc_lens, dec_lens = [5, 7, 3], [4, 2, 6]
+    encs = [torch.randint(3, 96, (n,), generator=g) for n in enc_lens]
+    decs = [torch.randint(3, 96, (n,), generator=g) for n in dec_lens]
+
+    def pack(parts, length):
+        ids, seg, pos = torch.zeros(length, dtype=torch.long), torch.zeros(length, dtype=torch.long), torch.zeros(length, dtype=torch.long)
+        start = 0
+        for k, part in enumerate(parts, 1):
+            ids[start : start + len(part)], seg[start : start + len(part)] = part, k
+            pos[start : start + len(part)] = torch.arange(len(part))
+            start += len(part)
+        return ids[None], seg[None], pos[None]
+
+    e_ids, e_seg, e_pos = pack(encs, 17)  # two padding tokens at the end
+    d_ids, d_seg, d_pos = pack(decs, 13)  # one padding token
+    with torch.no_grad():
+        packed = model(e_ids, decoder_input_ids=d_ids, segment_ids=e_seg, positions=e_pos,
+                       decoder_segment_ids=d_seg, decoder_positions=d_pos).logits[0]
+        start = 0
+        for enc, dec in zip(encs, decs):
+            alone = model(enc[None], decoder_input_ids=dec[None]).logits[0]
+            assert (packed[start : start + len(dec)] - alone).abs().max().item() <= TOL
+            start += len(dec)
+
+
+def _window_allowed(convention: str, window: int, length: int = 12) -> set[tuple[int, int]]:
+    seg = Segments(torch.ones(1, length, dtype=torch.long), torch.arange(length)[None])
+    mask = attention_masks(seg, seg, causal=False, window=window, convention=convention)["sliding"][0, 0]
+    return {(i, j) for i in range(length) for j in range(length) if mask[i, j]}
+
+
+@pytest.mark.parametrize("window", [4, 5])
+def test_encoder_window_conventions(window):
+    pairs = [(i, j) for i in range(12) for j in range(12)]
+    assert _window_allowed("t5gemma", window) == {(i, j) for i, j in pairs if abs(i - j) <= window}
+    assert _window_allowed("flax", window) == {(i, j) for i, j in pairs if abs(i - j) <= window - 1}
+    split = _window_allowed("t5gemma2", window)
+    assert split == {(i, j) for i, j in pairs if -(window // 2) <= i - j <= (window + 1) // 2 - 1}
+    assert all(sum(1 for i2, _ in split if i2 == i) <= window for i in range(12))  # W keys at most, self included
+
+
+def test_padding_rows_stay_finite(sources):
+    model = encdec.adapt(encdec.load_source(str(sources["gemma2"])))  # cross-attention: a padding row sees nothing
+    ids = torch.randint(3, 96, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        logits = model(ids, mask, ids).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_bfloat16_forward_is_close_to_float32(sources, batch):
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    with torch.no_grad():
+        ref = model(**batch).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(**batch).logits.float()
+    mask = batch["decoder_attention_mask"].bool()
+    assert torch.isfinite(low).all()
+    assert (low[mask] - ref[mask]).abs().max().item() < 0.1 * ref[mask].abs().max().item()

@@ -1,0 +1,96 @@
+"""Logits parity with transformers' own T5Gemma / T5Gemma2 classes on identical weights (fp32)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+import encdec
+from conftest import valid
+
+TOL = 1e-4
+
+
+def _hf_logits(directory, batch):
+    model = tf.AutoModelForSeq2SeqLM.from_pretrained(str(directory)).eval()
+    with torch.no_grad():
+        return model(**batch).logits, model
+
+
+@pytest.mark.parametrize(
+    "encoder, decoder, layers, expected_class",
+    [
+        ("gemma3", None, None, "T5Gemma2ForConditionalGeneration"),  # balanced, merged
+        ("gemma2", None, None, "T5GemmaForConditionalGeneration"),  # balanced, cross
+        ("gemma2", "gemma2-small", None, "T5GemmaForConditionalGeneration"),  # unbalanced: smaller decoder
+        ("gemma2", None, [0, 2, 3], "T5GemmaForConditionalGeneration"),  # unbalanced: layer subset
+        ("gemma3", None, [1, 3], "T5Gemma2ForConditionalGeneration"),  # merged, fewer decoder layers
+    ],
+)
+def test_logits_match_transformers(sources, batch, tmp_path, encoder, decoder, layers, expected_class):
+    model = encdec.adapt(
+        encdec.load_source(str(sources[encoder])),
+        encdec.load_source(str(sources[decoder])) if decoder else None,
+        layers,
+    )
+    encdec.save(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [expected_class]
+    ref, hf_model = _hf_logits(tmp_path / "out", batch)
+    assert type(hf_model).__name__ == expected_class
+    with torch.no_grad():
+        ours = model(**batch).logits
+    mask = batch["decoder_attention_mask"]
+    assert (valid(ours, mask) - valid(ref, mask)).abs().max().item() <= TOL
+    # and the encoder alone, at real tokens
+    with torch.no_grad():
+        enc_ref = hf_model.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        enc = model.encode(batch["input_ids"], batch["attention_mask"])
+    m = batch["attention_mask"].bool()
+    assert (enc[m] - enc_ref.last_hidden_state[m]).abs().max().item() <= TOL
+
+
+def test_released_t5gemma2_layout_with_vision_tower(tmp_path, batch):
+    """A checkpoint saved by transformers itself (random weights, real vision tower) loads, minus the tower."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=8,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    config = tf.T5Gemma2Config(
+        encoder=tf.T5Gemma2EncoderConfig(text_config=tf.T5Gemma2TextConfig(**text), vision_config=vision,
+                                         mm_tokens_per_image=16),
+        decoder=tf.T5Gemma2DecoderConfig(**text),
+    )
+    hf_model = tf.T5Gemma2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    hf_model.save_pretrained(str(tmp_path / "released"))
+    loaded = encdec.load_checkpoint(tmp_path / "released")
+    assert loaded.format == "t5gemma2"
+    assert any("vision tower" in note for note in loaded.notes)
+    with torch.no_grad():
+        ref = hf_model(**batch).logits
+        ours = loaded.model(**batch).logits
+    mask = batch["decoder_attention_mask"]
+    assert (valid(ours, mask) - valid(ref, mask)).abs().max().item() <= TOL
+
+
+def test_released_t5gemma_layout(tmp_path, batch):
+    torch.manual_seed(0)
+    module = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=8)
+    config = tf.T5GemmaConfig(encoder=tf.T5GemmaModuleConfig(**module), decoder=tf.T5GemmaModuleConfig(**module))
+    hf_model = tf.T5GemmaForConditionalGeneration(config).eval()
+    hf_model.save_pretrained(str(tmp_path / "released"))
+    model = encdec.load(tmp_path / "released")
+    with torch.no_grad():
+        ref = hf_model(**batch).logits
+        ours = model(**batch).logits
+    mask = batch["decoder_attention_mask"]
+    assert (valid(ours, mask) - valid(ref, mask)).abs().max().item() <= TOL

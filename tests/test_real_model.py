@@ -1,0 +1,58 @@
+"""The real packaged Gemma 3 270M (about a minute; the first use dequantizes and caches it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import encdec
+from encdec.cli import main
+from encdec.data.heldout import heldout_passages
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def real():
+    source = encdec.load_source("gemma-3-270m")
+    tokenizer = encdec.load_tokenizer(source.directory)
+    reference = tf.AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=torch.float32).eval()
+    ids = tokenizer(heldout_passages(1)[0], return_tensors="pt").input_ids[:, :48]
+    return source, encdec.adapt(source), reference, tokenizer, ids
+
+
+def test_invariants_on_real_text(real):
+    _, model, reference, _, ids = real
+    with torch.no_grad():
+        ref = reference(input_ids=ids, output_hidden_states=True)
+        masked = model(ids, torch.zeros_like(ids), ids).logits
+        causal = model.encode(ids, causal=True)
+    assert (masked - ref.logits).abs().max().item() < 1e-3
+    assert (causal - ref.hidden_states[-1]).abs().max().item() < 1e-3
+
+
+def test_greedy_generation(real):
+    _, model, _, tokenizer, _ = real
+    batch = tokenizer(["The capital of France is", "Water boils at"], return_tensors="pt", padding=True)
+    cached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=5, eos_token_ids=[-1])
+    uncached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=5, eos_token_ids=[-1], use_cache=False)
+    assert cached.shape == (2, 5) and torch.equal(cached, uncached)
+    assert ((cached >= 0) & (cached < model.config.vocab_size)).all()
+
+
+def test_cli_adapt_generate_and_vanilla_transformers(real, tmp_path, capsys):
+    _, model, _, tokenizer, ids = real
+    out = tmp_path / "t5gemma2-270m"
+    assert main(["adapt", "--out", str(out)]) == 0  # default encoder: gemma-3-270m
+    assert "T5Gemma2ForConditionalGeneration" in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "Hello", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("Hello -> ")
+    hf = tf.AutoModelForSeq2SeqLM.from_pretrained(str(out)).eval()
+    assert type(hf).__name__ == "T5Gemma2ForConditionalGeneration"
+    assert tf.AutoTokenizer.from_pretrained(str(out))("Hello").input_ids == tokenizer("Hello").input_ids
+    dec = ids[:, :20]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits
+        ours = model(ids, torch.ones_like(ids), dec).logits
+    assert (ref - ours).abs().max().item() < 1e-3
