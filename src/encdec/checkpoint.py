@@ -33,17 +33,13 @@ class Loaded:
     notes: list[str] = field(default_factory=list)  # what loading skipped
 
 
-def _state_dict(model: EncoderDecoder) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items()}
-
-
 def save(
     model: EncoderDecoder, out: Path | str, *, tokenizer_dir: Path | None = None, overwrite: bool = False,
     dtype: torch.dtype | None = None,
 ) -> str:
     """Write `model` (and the tokenizer found in `tokenizer_dir`) to `out`; returns the format used."""
     cfg = model.config
-    weights = _state_dict(model)
+    weights = model.state_dict()
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     layout = exportable(cfg)

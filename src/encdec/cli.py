@@ -27,11 +27,11 @@ def cmd_adapt(args: argparse.Namespace) -> None:
 
     check_output_dir(args.out, args.overwrite)
     with timed(f"loading encoder source {args.encoder}"):
-        encoder = load_source(args.encoder)
+        encoder = load_source(args.encoder, DTYPES[args.dtype])
     decoder = None
     if args.decoder:
         with timed(f"loading decoder source {args.decoder}"):
-            decoder = load_source(args.decoder)
+            decoder = load_source(args.decoder, DTYPES[args.dtype])
     layers = parse_layers(args.decoder_layers, encoder.stack.num_layers) if args.decoder_layers else None
     with timed("adapting"):
         model = adapt(encoder, decoder, layers, args.attention, seed=args.seed)
@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the decoder reads the encoder; default: merged for Gemma 3, cross for Gemma 2")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="dtype the sources are loaded in and the model is saved in (bfloat16 halves the memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised cross-attention (unbalanced)")
     p.set_defaults(func=cmd_adapt)
 

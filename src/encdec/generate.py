@@ -70,7 +70,7 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
 
     enc_seg = Segments.of(input_ids, attention_mask, None, None)
-    encoder = EncoderState(model._encode(input_ids, enc_seg), enc_seg)
+    encoder = EncoderState(model.encode_segments(input_ids, enc_seg), enc_seg)
     batch = input_ids.shape[0]
     tokens = torch.full((batch, 1), cfg.bos_token_id, dtype=torch.long, device=device)
     cache = model.new_cache(encoder, max_new_tokens) if use_cache else None

@@ -145,11 +145,16 @@ class Segments:
         return cls(segment_ids.long(), positions.long())
 
 
+def _same_segment(q: Segments, k: Segments) -> torch.Tensor:
+    """[B, Lq, Lk]: key k is a real token of query q's segment."""
+    return (q.ids[:, :, None] == k.ids[:, None, :]) & (k.ids[:, None, :] != 0)
+
+
 def attention_masks(
     q: Segments, k: Segments, *, causal: bool, window: int, convention: str = "t5gemma"
 ) -> dict[str, torch.Tensor]:
     """Boolean self-attention masks for "full" and "sliding" layers; keys must share the query's segment."""
-    same = (q.ids[:, :, None] == k.ids[:, None, :]) & (k.ids[:, None, :] != 0)
+    same = _same_segment(q, k)
     d = q.positions[:, :, None] - k.positions[:, None, :]
     if causal:
         full = same & (d >= 0)
@@ -167,7 +172,7 @@ def attention_masks(
 
 def cross_mask(q: Segments, k: Segments) -> torch.Tensor:
     """Decoder tokens see the encoder tokens of their own segment."""
-    return ((q.ids[:, :, None] == k.ids[:, None, :]) & (k.ids[:, None, :] != 0))[:, None]
+    return _same_segment(q, k)[:, None]
 
 
 class EncoderBlock(nn.Module):
@@ -244,7 +249,6 @@ class Stack(nn.Module):
 
     def __init__(self, cfg: StackConfig, blocks: list[nn.Module]) -> None:
         super().__init__()
-        self.cfg = cfg
         self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -264,10 +268,10 @@ class EncoderState:
 
 
 class DecoderCache:
-    """Decoding state for generation: per-layer KV caches and the decoder tokens seen so far."""
+    """Decoding state for generation: per-layer KV caches and where the decoder tokens seen so far sit."""
 
-    def __init__(self, layers: list[LayerCache], encoder: EncoderState) -> None:
-        self.layers, self.encoder, self.length = layers, encoder, 0
+    def __init__(self, layers: list[LayerCache]) -> None:
+        self.layers, self.length = layers, 0
         self.segments: Segments | None = None
 
 
@@ -299,9 +303,9 @@ class EncoderDecoder(nn.Module):
     ) -> torch.Tensor:
         """Encoder hidden states [B, L, d] (after the final norm). `causal=True` runs the stack as
         the decoder-only source would: a check of the adaptation, not a mode for use."""
-        return self._encode(input_ids, Segments.of(input_ids, attention_mask, segment_ids, positions), causal)
+        return self.encode_segments(input_ids, Segments.of(input_ids, attention_mask, segment_ids, positions), causal)
 
-    def _encode(self, input_ids: torch.Tensor, seg: Segments, causal: bool = False) -> torch.Tensor:
+    def encode_segments(self, input_ids: torch.Tensor, seg: Segments, causal: bool = False) -> torch.Tensor:
         cfg = self.config.encoder
         x = self._embed(self.embed if self.encoder_embed is None else self.encoder_embed, input_ids)
         rope = rope_tables(cfg, seg.positions, x.dtype)
@@ -342,7 +346,7 @@ class EncoderDecoder(nn.Module):
     def new_cache(self, encoder: EncoderState, max_len: int) -> DecoderCache:
         """A generation cache with the encoder's keys/values computed once for every layer."""
         layers = [LayerCache(block.encoder_keys_values(encoder.hidden), max_len) for block in self.decoder.layers]
-        return DecoderCache(layers, encoder)
+        return DecoderCache(layers)
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -357,7 +361,7 @@ class EncoderDecoder(nn.Module):
             raise ValueError("input_ids and decoder_input_ids are both required")
         enc_seg = Segments.of(input_ids, attention_mask, segment_ids, positions)
         if encoder_hidden_states is None:
-            encoder_hidden_states = self._encode(input_ids, enc_seg)
+            encoder_hidden_states = self.encode_segments(input_ids, enc_seg)
         dec_seg = Segments.of(decoder_input_ids, decoder_attention_mask, decoder_segment_ids, decoder_positions)
         hidden = self.decode(decoder_input_ids, EncoderState(encoder_hidden_states, enc_seg), dec_seg)
         return Seq2SeqOutput(self.logits(hidden), encoder_hidden_states)

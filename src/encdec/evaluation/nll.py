@@ -7,10 +7,12 @@ on exactly the same suffix tokens, in nats per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from encdec.errors import EncdecError
 from encdec.model import EncoderDecoder
@@ -35,25 +37,30 @@ def split_passages(tokenizer, texts: list[str], prefix_len: int = 64, suffix_len
     return PrefixSuffix(ids[:, :prefix_len], ids[:, prefix_len:])
 
 
-@torch.no_grad()
-def encdec_suffix_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4) -> float:
+def _mean_nll(data: PrefixSuffix, batch_size: int, desc: str, suffix_logits: Callable) -> float:
+    """Mean NLL of the suffix tokens, given a function (prefix, suffix) -> logits predicting each suffix token."""
     total, count = 0.0, 0
-    for i in range(0, len(data.prefix), batch_size):
-        prefix, suffix = data.prefix[i : i + batch_size], data.suffix[i : i + batch_size]
-        start = torch.full((len(suffix), 1), model.config.bos_token_id)
-        logits = model(prefix, decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits
-        total += F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten(), reduction="sum").item()
-        count += suffix.numel()
+    with torch.no_grad():
+        for i in tqdm(range(0, len(data.prefix), batch_size), desc=desc, unit="batch", leave=False):
+            prefix, suffix = data.prefix[i : i + batch_size], data.suffix[i : i + batch_size]
+            logits = suffix_logits(prefix, suffix)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten(), reduction="sum").item()
+            count += suffix.numel()
     return total / count
 
 
-@torch.no_grad()
+def encdec_suffix_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4) -> float:
+    def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+        start = torch.full((len(suffix), 1), model.config.bos_token_id)
+        return model(prefix, decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits
+
+    return _mean_nll(data, batch_size, "encoder-decoder NLL", suffix_logits)
+
+
 def decoder_only_suffix_nll(model, data: PrefixSuffix, batch_size: int = 4) -> float:  # noqa: ANN001
     """`model` is a transformers causal LM (the decoder-only source)."""
-    total, count = 0.0, 0
-    for i in range(0, len(data.prefix), batch_size):
-        prefix, suffix = data.prefix[i : i + batch_size], data.suffix[i : i + batch_size]
-        logits = model(input_ids=torch.cat([prefix, suffix], 1)).logits[:, prefix.shape[1] - 1 : -1]
-        total += F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten(), reduction="sum").item()
-        count += suffix.numel()
-    return total / count
+
+    def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=torch.cat([prefix, suffix], 1)).logits[:, prefix.shape[1] - 1 : -1]
+
+    return _mean_nll(data, batch_size, "decoder-only NLL", suffix_logits)

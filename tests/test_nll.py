@@ -1,0 +1,25 @@
+"""Held-out suffix NLL: both model kinds are scored on the same suffix tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+import encdec
+from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll
+
+
+def test_nll_matches_a_plain_computation(sources):
+    g = torch.Generator().manual_seed(4)
+    data = PrefixSuffix(torch.randint(3, 96, (5, 6), generator=g), torch.randint(3, 96, (5, 4), generator=g))
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    source = tf.AutoModelForCausalLM.from_pretrained(str(sources["gemma3"])).eval()
+    with torch.no_grad():
+        dec_in = torch.cat([torch.full((5, 1), 2), data.suffix[:, :-1]], 1)
+        logp = model(data.prefix, decoder_input_ids=dec_in).logits.log_softmax(-1)
+        expected = -logp.gather(-1, data.suffix[..., None]).mean().item()
+        full = source(input_ids=torch.cat([data.prefix, data.suffix], 1)).logits
+        expected_src = F.cross_entropy(full[:, 5:-1].flatten(0, 1), data.suffix.flatten()).item()
+    assert abs(encdec_suffix_nll(model, data, batch_size=2) - expected) < 1e-5
+    assert abs(decoder_only_suffix_nll(source, data, batch_size=3) - expected_src) < 1e-5
