@@ -8,7 +8,7 @@ import transformers as tf
 
 import encdec
 from encdec.cli import main
-from encdec.data.heldout import heldout_passages
+from encdec.data.corpus import heldout_passages
 
 pytestmark = pytest.mark.real_model
 

@@ -7,6 +7,35 @@ from pathlib import Path
 import torch
 
 VOCAB = 96
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<unused{k}>" for k in range(24)]
+WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
+
+
+def make_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer over the tiny vocabulary (ids as in Gemma: pad 0, eos 1, bos 2; <unusedK>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(str(directory))
+
+
+def write_corpus(path: Path, documents: int = 60, seed: int = 0) -> Path:
+    """Documents of a learnable pattern: runs of consecutive words from random starting points."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(documents):
+        start = rng.randrange(len(WORDS))
+        lines.append(" ".join(WORDS[(start + i) % len(WORDS)] for i in range(rng.randrange(20, 60))))
+    path.write_text("\n\n".join(lines) + "\n")
+    return path
 
 
 def gemma_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
@@ -38,4 +67,5 @@ def make_source(directory: Path, family: str, seed: int = 0, **shape) -> Path:
             else:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(str(directory))
+    make_tokenizer(directory)
     return directory

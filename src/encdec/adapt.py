@@ -47,7 +47,7 @@ def _subset(stack: StackConfig, layers: list[int]) -> StackConfig:
     return StackConfig(**{**stack.__dict__, "num_layers": len(layers), "layer_types": [stack.layer_types[i] for i in layers]})
 
 
-def _stack_weights(source: DecoderOnlySource, prefix: str, layers: list[int]) -> dict[str, torch.Tensor]:
+def stack_weights(source: DecoderOnlySource, prefix: str, layers: list[int]) -> dict[str, torch.Tensor]:
     """Source layers `layers` renamed into our stack `prefix` (encoder/decoder), plus its final norm."""
     out = {f"{prefix}.norm.weight": source.weights["model.norm.weight"]}
     wanted = {f"model.layers.{src}.": dst for dst, src in enumerate(layers)}
@@ -112,8 +112,8 @@ def adapt(
     )
     with torch.device("meta"):
         model = EncoderDecoder(config)
-    weights = _stack_weights(encoder, "encoder", list(range(encoder.stack.num_layers)))
-    weights.update(_stack_weights(dec_source, "decoder", layers))
+    weights = stack_weights(encoder, "encoder", list(range(encoder.stack.num_layers)))
+    weights.update(stack_weights(dec_source, "decoder", layers))
     weights["embed.weight"] = dec_source.weights["model.embed_tokens.weight"]
     if not config.shared_embeddings:
         weights["encoder_embed.weight"] = encoder.weights["model.embed_tokens.weight"]

@@ -24,6 +24,7 @@ from encdec.model import EncoderDecoder
 log = logging.getLogger("encdec")
 NATIVE = "encdec"
 FORMAT_VERSION = 1
+METADATA = "encdec.json"  # where the model came from (sources, training); transformers ignores it
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Loaded:
 
 def save(
     model: EncoderDecoder, out: Path | str, *, tokenizer_dir: Path | None = None, overwrite: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, metadata: dict | None = None,
 ) -> str:
     """Write `model` (and the tokenizer found in `tokenizer_dir`) to `out`; returns the format used."""
     cfg = model.config
@@ -59,6 +60,8 @@ def save(
                 eos_token_id=cfg.eos_token_ids, pad_token_id=cfg.pad_token_id,
             ).save_pretrained(str(tmp))
             write_weights(tmp, to_hf_weights(weights, cfg, layout))
+        if metadata is not None:
+            (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
         if tokenizer_dir is not None:
             from encdec.sources import load_tokenizer
 
@@ -100,3 +103,9 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype = torch.float32) -> Loa
 def load(path: Path | str, dtype: torch.dtype = torch.float32) -> EncoderDecoder:
     """The encoder-decoder model saved in `path` (any format `load_checkpoint` reads)."""
     return load_checkpoint(path, dtype).model
+
+
+def read_metadata(path: Path | str) -> dict:
+    """The provenance saved with a model (empty when there is none)."""
+    file = Path(path) / METADATA
+    return read_json(file) if file.exists() else {}

@@ -37,11 +37,22 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         model = adapt(encoder, decoder, layers, args.attention, seed=args.seed)
     tokenizer_dir = encoder.directory if encoder.has_tokenizer else None
     with timed(f"saving to {args.out}"):
-        fmt = save(model, args.out, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, dtype=DTYPES[args.dtype])
+        provenance = {"adapted_from": {
+            "encoder": _portable(args.encoder), "decoder": _portable(args.decoder) if args.decoder else None,
+            "decoder_layers": layers, "attention": model.config.attention,
+        }}
+        fmt = save(model, args.out, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, dtype=DTYPES[args.dtype],
+                   metadata=provenance)
     print(f"saved {args.out} ({_format_line(fmt)})")
     print(describe(model))
     print("parameters:")
     print(parameter_table(model))
+
+
+def _portable(spec: str) -> str:
+    """A source as it can be found again later: local paths made absolute, names kept."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
 
 
 def _format_line(fmt: str) -> str:
@@ -87,6 +98,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"encdec: {out.shape[0]} x {out.shape[1]} tokens in {seconds:.1f} s", file=sys.stderr)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from encdec.training.config import from_arguments
+    from encdec.training.loop import train
+
+    cfg = from_arguments(args)
+    if not cfg.model:
+        raise EncdecError("--model DIR is required (an adapted model, from `encdec adapt`), on the command line or in --config")
+    final = train(cfg)
+    print(f"final model: {final}")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from encdec.quickstart import run
 
@@ -130,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="adaptation pretraining (PrefixLM with distillation, or UL2)",
+                       description="Continue pretraining an adapted model with PrefixLM (+ distillation from its "
+                       "decoder-only source) or UL2, on packed rows. Every option can also be set in --config "
+                       "FILE.yaml; the command line wins. Runs under torchrun / accelerate launch as well.")
+    from encdec.training.config import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("info", formatter_class=_formatter, help="describe a saved model",
                        description="Parameters per part, configuration, format and transformers class of a checkpoint.")

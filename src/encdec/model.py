@@ -253,10 +253,49 @@ class Stack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+def embed_tokens(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """Gemma scales embeddings by sqrt(d), rounded to the activation dtype as Gemma does."""
+    x = table(ids)
+    return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype)
+
+
+def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    out = F.linear(hidden, weight)
+    return out if softcap is None else torch.tanh(out / softcap) * softcap
+
+
+def run_self_attention_stack(
+    stack: Stack, cfg: StackConfig, x: torch.Tensor, seg: Segments, *, causal: bool, convention: str = "t5gemma"
+) -> torch.Tensor:
+    """Embedded tokens through a stack of EncoderBlocks (bidirectional, or causal like the decoder-only source)."""
+    rope = rope_tables(cfg, seg.positions, x.dtype)
+    masks = attention_masks(seg, seg, causal=causal, window=cfg.sliding_window, convention=convention)
+    for block, kind in zip(stack.layers, cfg.layer_types):
+        x = block(x, rope[kind], masks[kind])
+    return stack.norm(x)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only Gemma run by the same blocks: the source model, as a distillation teacher."""
+
+    def __init__(self, cfg: StackConfig, vocab_size: int, final_logit_softcap: float | None) -> None:
+        super().__init__()
+        self.cfg, self.final_logit_softcap = cfg, final_logit_softcap
+        self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.stack = Stack(cfg, [EncoderBlock(cfg) for _ in range(cfg.num_layers)])
+
+    def hidden(self, ids: torch.Tensor, seg: Segments) -> torch.Tensor:
+        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids), seg, causal=True)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return lm_logits(hidden, self.embed.weight, self.final_logit_softcap)
+
+
 @dataclass
 class Seq2SeqOutput:
-    logits: torch.Tensor  # [B, Ld, vocab]
+    logits: torch.Tensor | None  # [B, Ld, vocab]; None when only hidden states were asked for
     encoder_hidden_states: torch.Tensor  # [B, Le, d_encoder]
+    decoder_hidden_states: torch.Tensor  # [B, Ld, d_decoder], after the final norm
 
 
 @dataclass
@@ -293,10 +332,6 @@ class EncoderDecoder(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    def _embed(self, table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-        x = table(ids)
-        return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype)
-
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
         segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None, causal: bool = False,
@@ -306,25 +341,20 @@ class EncoderDecoder(nn.Module):
         return self.encode_segments(input_ids, Segments.of(input_ids, attention_mask, segment_ids, positions), causal)
 
     def encode_segments(self, input_ids: torch.Tensor, seg: Segments, causal: bool = False) -> torch.Tensor:
-        cfg = self.config.encoder
-        x = self._embed(self.embed if self.encoder_embed is None else self.encoder_embed, input_ids)
-        rope = rope_tables(cfg, seg.positions, x.dtype)
-        masks = attention_masks(seg, seg, causal=causal, window=cfg.sliding_window, convention=self.config.encoder_window)
-        for block, kind in zip(self.encoder.layers, cfg.layer_types):
-            x = block(x, rope[kind], masks[kind])
-        return self.encoder.norm(x)
+        x = embed_tokens(self.embed if self.encoder_embed is None else self.encoder_embed, input_ids)
+        return run_self_attention_stack(
+            self.encoder, self.config.encoder, x, seg, causal=causal, convention=self.config.encoder_window
+        )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = F.linear(hidden, self.embed.weight)
-        cap = self.config.final_logit_softcap
-        return out if cap is None else torch.tanh(out / cap) * cap
+        return lm_logits(hidden, self.embed.weight, self.config.final_logit_softcap)
 
     def decode(
         self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments, cache: DecoderCache | None = None
     ) -> torch.Tensor:
         """Final decoder hidden states for `decoder_input_ids`; with a cache, they continue its tokens."""
         cfg = self.config.decoder
-        x = self._embed(self.embed, decoder_input_ids)
+        x = embed_tokens(self.embed, decoder_input_ids)
         rope = rope_tables(cfg, seg.positions, x.dtype)
         start = 0
         if cache is not None:
@@ -353,10 +383,11 @@ class EncoderDecoder(nn.Module):
         decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None, *,
         segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
         decoder_segment_ids: torch.Tensor | None = None, decoder_positions: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None, return_logits: bool = True,
     ) -> Seq2SeqOutput:
         """Logits of the decoder; padded batches use the attention masks, packed rows the segment ids
-        and per-segment positions (segment 0 is padding; decoder segment k reads encoder segment k)."""
+        and per-segment positions (segment 0 is padding; decoder segment k reads encoder segment k).
+        Training computes its loss from the hidden states in chunks (`return_logits=False`)."""
         if input_ids is None or decoder_input_ids is None:
             raise ValueError("input_ids and decoder_input_ids are both required")
         enc_seg = Segments.of(input_ids, attention_mask, segment_ids, positions)
@@ -364,7 +395,7 @@ class EncoderDecoder(nn.Module):
             encoder_hidden_states = self.encode_segments(input_ids, enc_seg)
         dec_seg = Segments.of(decoder_input_ids, decoder_attention_mask, decoder_segment_ids, decoder_positions)
         hidden = self.decode(decoder_input_ids, EncoderState(encoder_hidden_states, enc_seg), dec_seg)
-        return Seq2SeqOutput(self.logits(hidden), encoder_hidden_states)
+        return Seq2SeqOutput(self.logits(hidden) if return_logits else None, encoder_hidden_states, hidden)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Generated decoder tokens [B, T]; see `encdec.generate.generate` for the options."""

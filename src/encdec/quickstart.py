@@ -9,7 +9,7 @@ import torch
 
 from encdec.adapt import adapt
 from encdec.checkpoint import save
-from encdec.data.heldout import heldout_passages
+from encdec.data.corpus import heldout_passages
 from encdec.evaluation.nll import decoder_only_suffix_nll, encdec_suffix_nll, split_passages
 from encdec.files import check_output_dir
 from encdec.logs import timed
@@ -29,7 +29,9 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int) -> None
     with timed("adapting to a balanced encoder-decoder with merged attention"):
         model = adapt(source)
     with timed(f"saving to {out}"):
-        fmt = save(model, out, tokenizer_dir=source.directory, overwrite=overwrite)
+        fmt = save(model, out, tokenizer_dir=source.directory, overwrite=overwrite,
+                   metadata={"adapted_from": {"encoder": SOURCE, "decoder": None, "decoder_layers": None,
+                                              "attention": model.config.attention}})
     with timed("loading the decoder-only source in transformers, for comparison"):
         reference = AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=torch.float32).eval()
 

@@ -187,11 +187,11 @@ def from_hf_weights(
     rest = [n for n in hf if n not in used and n not in layout.implied]
     notes = []
     vision = [n for n in rest if n.startswith(VISION_PREFIXES)]
-    if vision:
+    if any(hf[n].any() for n in vision):  # an all-zero tower is this project's text-only placeholder
         count = sum(hf[n].numel() for n in vision)
         notes.append(f"ignored the vision tower and projector ({len(vision)} tensors, {count:,} parameters): text only")
-    if any(n in EOI_EMBEDDINGS for n in rest):
-        notes.append("ignored eoi_embedding (it only replaces <end_of_image>, which text inputs do not use)")
+        if any(n in EOI_EMBEDDINGS for n in rest):
+            notes.append("ignored eoi_embedding (it only replaces <end_of_image>, which text inputs do not use)")
     unknown = [n for n in rest if n not in vision and n not in EOI_EMBEDDINGS]
     if unknown:
         notes.append(f"ignored {len(unknown)} unknown tensor(s) such as {unknown[0]}")

@@ -1,0 +1,74 @@
+"""English text that every Python installation carries, so that the defaults need no user data.
+
+- Held-out passages: prose paragraphs of a fixed set of language-reference topics in the standard
+  library's `pydoc_data.topics` (grammar rules and code removed). Only ever evaluated on.
+- The default training corpus: the prose of every *other* topic, plus the docstrings (200+
+  characters) of the standard library's modules, classes and functions. It never contains the
+  held-out topics.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sysconfig
+from pathlib import Path
+
+HELDOUT_TOPICS = ("if", "while", "for", "try", "with", "function", "class", "import", "assignment", "exceptions", "naming", "types")
+
+
+def _paragraphs(text: str) -> list[str]:
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.splitlines()
+        if not lines or any(line.startswith(" ") for line in lines) or re.fullmatch(r"[*=\-]+", lines[-1].strip()):
+            continue  # indented code or grammar, or a heading underline
+        if "::=" in block or len(block) < 120:
+            continue
+        paragraphs.append(" ".join(line.strip() for line in lines))
+    return paragraphs
+
+
+def heldout_passages(count: int = 8) -> list[str]:
+    """Up to `count` passages of plain English prose, one per language-reference topic."""
+    from pydoc_data.topics import topics
+
+    passages = [" ".join(_paragraphs(topics[name])) for name in HELDOUT_TOPICS if name in topics]
+    return [p for p in passages if len(p) > 600][:count]
+
+
+SKIPPED_PACKAGES = {"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages", "ensurepip"}
+
+
+def _docstrings(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = (ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, nodes))
+    return [d for d in docs if d and len(d) >= 200]
+
+
+def default_corpus() -> list[str]:
+    """The default training documents (about 1.4M characters), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    # topics share paragraphs, and docstrings quote the reference: drop anything that opens like held-out text
+    heldout = [p[:60] for name in HELDOUT_TOPICS if name in topics for p in _paragraphs(topics[name])]
+
+    def disjoint(text: str) -> bool:
+        return not any(opening in text for opening in heldout)
+
+    documents = []
+    for name in sorted(set(topics) - set(HELDOUT_TOPICS)):
+        text = " ".join(p for p in _paragraphs(topics[name]) if disjoint(p))
+        if len(text) >= 200:
+            documents.append(text)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("*.py")) + sorted(
+        p for p in stdlib.glob("*/*.py") if p.parent.name not in SKIPPED_PACKAGES
+    )
+    for path in files:
+        documents.extend(d for d in _docstrings(path) if disjoint(d))
+    return documents

@@ -1,0 +1,110 @@
+"""Reading training text: local .txt / .jsonl / .parquet files and directories of them, and
+Hugging Face `datasets` names (streamed; needs a network and the `datasets` package).
+
+Each reader yields documents (strings). Problems name the file, and the line where one applies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from encdec.errors import EncdecError
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+ACCEPTED = "a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, or hf:NAME"
+
+
+def _txt(path: Path) -> Iterator[str]:
+    """Documents of a text file are its paragraphs (separated by blank lines)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise EncdecError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
+    for block in re.split(r"\n\s*\n", text):
+        if block.strip():
+            yield block.strip()
+
+
+def _jsonl(path: Path, field: str) -> Iterator[str]:
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise EncdecError(f"{path}, line {number}: not a JSON object ({e})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise EncdecError(f"{path}, line {number}: no string field {field!r} (use --text-field to name another)")
+            if record[field].strip():
+                yield record[field]
+
+
+def _parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(str(path))
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise EncdecError(f"{path}: not a readable parquet file ({e})") from None
+    if field not in table.schema_arrow.names:
+        raise EncdecError(f"{path}: no column {field!r}; columns: {table.schema_arrow.names}")
+    for batch in table.iter_batches(columns=[field]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, str) and value.strip():
+                yield value
+
+
+def _hub(name: str, field: str, limit: int | None) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise EncdecError(f"hf:{name} needs the `datasets` package (pip install datasets)") from None
+    dataset, _, config = name.partition(":")
+    try:
+        stream = datasets.load_dataset(dataset, config or None, split="train", streaming=True)
+        for count, record in enumerate(stream):
+            if limit is not None and count >= limit:
+                return
+            yield record[field]
+    except Exception as e:
+        raise EncdecError(f"could not stream hf:{name} ({type(e).__name__}: {e})") from None
+
+
+def files_of(spec: str) -> list[Path]:
+    """The data files a path stands for (a file, or the supported files below a directory, sorted)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if not files:
+            raise EncdecError(f"{path}: no .txt, .jsonl or .parquet files in this directory")
+        return files
+    if not path.exists():
+        raise EncdecError(f"{spec}: no such file or directory; expected {ACCEPTED}")
+    if path.suffix not in SUFFIXES:
+        raise EncdecError(f"{path}: unsupported file type {path.suffix!r}; expected {ACCEPTED}")
+    return [path]
+
+
+def read_documents(spec: str, *, text_field: str = "text", hub_limit: int | None = 100_000) -> Iterator[str]:
+    """Documents of one data specification: a path, or `hf:NAME[:CONFIG]` for a Hub dataset."""
+    if spec.startswith("hf:"):
+        yield from _hub(spec[3:], text_field, hub_limit)
+        return
+    for path in files_of(spec):
+        count = 0
+        if path.suffix == ".txt":
+            reader = _txt(path)
+        elif path.suffix == ".jsonl":
+            reader = _jsonl(path, text_field)
+        else:
+            reader = _parquet(path, text_field)
+        for document in reader:
+            count += 1
+            yield document
+        if count == 0:
+            raise EncdecError(f"{path}: empty, no text in it")

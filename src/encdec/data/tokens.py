@@ -1,0 +1,83 @@
+"""Tokenizing a corpus once: token streams cached on disk, keyed by tokenizer and data source.
+
+A corpus becomes one stream of token ids: each document as the tokenizer encodes it (starting with
+BOS) followed by EOS. Training cuts the stream into fixed windows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from encdec.data.corpus import default_corpus
+from encdec.data.text import files_of, read_documents
+from encdec.errors import EncdecError
+
+log = logging.getLogger("encdec")
+CORPUS_VERSION = 1  # bump when default_corpus() changes
+
+
+def tokenizer_fingerprint(tokenizer) -> str:  # noqa: ANN001 - a transformers tokenizer
+    """Changes whenever the tokenizer would encode differently."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def source_fingerprint(specs: list[str], text_field: str) -> str:
+    if not specs:
+        return f"default-v{CORPUS_VERSION}-python{sys.version_info.major}.{sys.version_info.minor}"
+    parts = [text_field]
+    for spec in specs:
+        if spec.startswith("hf:"):
+            parts.append(spec)
+            continue
+        for path in files_of(spec):
+            stat = path.stat()
+            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _documents(specs: list[str], text_field: str) -> list[str]:
+    if not specs:
+        return default_corpus()
+    return [doc for spec in specs for doc in read_documents(spec, text_field=text_field)]
+
+
+def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:  # noqa: ANN001
+    """All documents of `specs` (the default corpus when empty) as one int32 stream, cached on disk."""
+    from encdec.sources import cache_root
+
+    cache_dir = cache_dir or cache_root() / "tokens"
+    key = f"{tokenizer_fingerprint(tokenizer)}-{source_fingerprint(specs, text_field)}"
+    path = cache_dir / f"{key}.npy"
+    if path.exists():
+        return np.load(path)
+    documents = _documents(specs, text_field)
+    if not documents:
+        raise EncdecError(f"no text found in {' '.join(specs)}")
+    log.info("tokenizing %d documents (cached for next time in %s)", len(documents), path)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for start in range(0, len(documents), 512):
+        for row in tokenizer(documents[start : start + 512]).input_ids:
+            ids.extend(row)
+            ids.append(eos)
+    stream = np.asarray(ids, dtype=np.int32)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npy", delete=False) as tmp:
+        np.save(tmp, stream)
+    os.replace(tmp.name, path)
+    return stream
+
+
+def windows(stream: np.ndarray, length: int) -> np.ndarray:
+    """Consecutive non-overlapping windows [N, length] of the stream (the remainder is dropped)."""
+    count = len(stream) // length
+    if count == 0:
+        raise EncdecError(f"the data has {len(stream)} tokens, fewer than one window of {length}")
+    return stream[: count * length].reshape(count, length)

@@ -1,0 +1,242 @@
+"""Pre-training objectives for encoder-decoder models: PrefixLM, T5 span corruption, UL2 mixtures, and packing.
+
+Everything here is a pure function on token ids (lists of ints); randomness comes only from the
+`numpy.random.Generator` passed in, so a seed reproduces a batch exactly. An `Example` pairs encoder
+inputs with decoder targets that end with EOS; the decoder reads [BOS] + targets[:-1] (teacher forcing).
+
+Special tokens. Sentinels (T5's <extra_id_k>) and UL2 mode tokens are not in the Gemma vocabulary, so
+they reuse its reserved "<unused{k}>" entries (Gemma 3: <unused0>..<unused98> are ids 6..104 and
+<unused99>..<unused6241> are ids 256001..262143; Gemma 2 has fewer). Ordered by k:
+    <unused0> -> "[NLU]", <unused1> -> "[NLG]", <unused2> -> "[S2S]"   (UL2 mode tokens)
+    <unused3>, <unused4>, ...          -> sentinels s_0, s_1, ...     (one per noise span)
+See `special_token_ids`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+_UNUSED = re.compile(r"<unused(\d+)>")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training pair: `inputs` feed the encoder, `targets` (ending with EOS) are what the decoder predicts."""
+
+    inputs: list[int]
+    targets: list[int]
+
+
+def prefix_lm(tokens: Sequence[int], *, eos_id: int, rng: np.random.Generator | None = None) -> Example:
+    """Split a sequence into a prefix (encoder) and its continuation (decoder targets, plus EOS).
+
+    Without `rng` the split is in the middle, T5Gemma's default; with one it is uniform over 1..len-1,
+    UL2's S-denoiser, so that both sides are never empty.
+    """
+    tokens = [int(t) for t in tokens]
+    if len(tokens) < 2:
+        raise ValueError(f"prefix_lm needs at least 2 tokens to split into a prefix and a target, got {len(tokens)}")
+    k = len(tokens) // 2 if rng is None else int(rng.integers(1, len(tokens)))
+    return Example(inputs=tokens[:k], targets=tokens[k:] + [eos_id])
+
+
+@dataclass(frozen=True)
+class Denoiser:
+    """One UL2 denoiser: span corruption at `rate` with spans of mean length `mean_span`, or PrefixLM.
+
+    `mean_span=None` makes the whole noise one span (extreme denoising); `mode` names the mode token
+    prepended to the inputs; `prefix_lm=True` is the S-denoiser, which ignores `rate` and `mean_span`.
+    """
+
+    rate: float
+    mean_span: float | None
+    mode: str | None = None
+    prefix_lm: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prefix_lm and not 0.0 < self.rate < 1.0:
+            raise ValueError(f"corruption rate must be in (0, 1), got {self.rate}")
+        if self.mean_span is not None and self.mean_span <= 0:
+            raise ValueError(f"mean_span must be positive or None, got {self.mean_span}")
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Denoisers sampled per example with probabilities proportional to `weights`."""
+
+    denoisers: tuple[Denoiser, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.denoisers or len(self.denoisers) != len(self.weights):
+            raise ValueError(f"a mixture needs one weight per denoiser, got {len(self.denoisers)} denoisers "
+                             f"and {len(self.weights)} weights")
+        if any(not w > 0 for w in self.weights):
+            raise ValueError(f"mixture weights must be positive, got {self.weights}")
+
+
+# T5Gemma 2: four span-corruption settings plus one span covering 3/4 of the sequence, weighted 1:1:1:1:4.
+T5GEMMA2_MIXTURE = Mixture(
+    denoisers=(
+        Denoiser(rate=0.15, mean_span=3),
+        Denoiser(rate=0.5, mean_span=12),
+        Denoiser(rate=0.15, mean_span=32),
+        Denoiser(rate=0.5, mean_span=32),
+        Denoiser(rate=0.75, mean_span=None),
+    ),
+    weights=(1.0, 1.0, 1.0, 1.0, 4.0),
+)
+
+# Original UL2: R-denoisers ("[NLU]"), X-denoisers ("[NLG]") and the S-denoiser ("[S2S]", PrefixLM; its rate is unused).
+# The sampling weights are this package's choice, not the paper's: equal over the seven denoisers.
+UL2_MIXTURE = Mixture(
+    denoisers=(
+        Denoiser(rate=0.15, mean_span=3, mode="[NLU]"),
+        Denoiser(rate=0.15, mean_span=8, mode="[NLU]"),
+        Denoiser(rate=0.5, mean_span=3, mode="[NLG]"),
+        Denoiser(rate=0.5, mean_span=8, mode="[NLG]"),
+        Denoiser(rate=0.15, mean_span=64, mode="[NLG]"),
+        Denoiser(rate=0.5, mean_span=64, mode="[NLG]"),
+        Denoiser(rate=0.25, mean_span=None, mode="[S2S]", prefix_lm=True),
+    ),
+    weights=(1.0,) * 7,
+)
+
+MIXTURES = {"t5gemma2": T5GEMMA2_MIXTURE, "ul2": UL2_MIXTURE}
+
+
+def _random_composition(total: int, parts: int, rng: np.random.Generator) -> list[int]:
+    """Split `total` into `parts` positive integers, every such split equally likely (distinct cut points)."""
+    cuts = np.sort(rng.choice(np.arange(1, total), size=parts - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [total]])).astype(int).tolist()
+
+
+def span_corruption(tokens: Sequence[int], *, rate: float, mean_span: float | None, sentinels: Sequence[int],
+                    eos_id: int, rng: np.random.Generator) -> Example:
+    """T5 span corruption: replace random spans by one sentinel each; the targets list the spans after their sentinels.
+
+    num_noise = round(L * rate) in [1, L-1]; num_spans = round(num_noise / mean_span) (1 if mean_span is None),
+    at least 1 and at most num_noise, L - num_noise and len(sentinels), so long sequences with short spans
+    are capped at one span per available sentinel (the spans then get longer than `mean_span`).
+    The sequence alternates non-noise and noise spans, starting with non-noise.
+    """
+    tokens = [int(t) for t in tokens]
+    length = len(tokens)
+    if length < 2:
+        raise ValueError(f"span corruption needs at least 2 tokens (one kept, one noise), got {length}")
+    if not sentinels:
+        raise ValueError("span corruption needs at least one sentinel id")
+    num_noise = min(max(round(length * rate), 1), length - 1)
+    num_spans = 1 if mean_span is None else round(num_noise / mean_span)
+    num_spans = max(1, min(num_spans, num_noise, length - num_noise, len(sentinels)))
+    noise_lengths = _random_composition(num_noise, num_spans, rng)
+    keep_lengths = _random_composition(length - num_noise, num_spans, rng)
+    inputs: list[int] = []
+    targets: list[int] = []
+    start = 0
+    for sentinel, keep, noise in zip(sentinels, keep_lengths, noise_lengths):
+        inputs += tokens[start:start + keep] + [int(sentinel)]
+        start += keep
+        targets += [int(sentinel)] + tokens[start:start + noise]
+        start += noise
+    return Example(inputs=inputs, targets=targets + [eos_id])
+
+
+def denoise(tokens: Sequence[int], mixture: Mixture, *, sentinels: Sequence[int], mode_ids: Mapping[str, int],
+            eos_id: int, rng: np.random.Generator) -> Example:
+    """UL2: draw one denoiser of the mixture, apply it, and prepend its mode token (if it has one) to the inputs."""
+    p = np.asarray(mixture.weights, dtype=float)
+    denoiser = mixture.denoisers[int(rng.choice(len(p), p=p / p.sum()))]
+    if denoiser.prefix_lm:
+        example = prefix_lm(tokens, eos_id=eos_id, rng=rng)
+    else:
+        example = span_corruption(tokens, rate=denoiser.rate, mean_span=denoiser.mean_span, sentinels=sentinels,
+                                  eos_id=eos_id, rng=rng)
+    if denoiser.mode is None:
+        return example
+    if denoiser.mode not in mode_ids:
+        raise ValueError(f"no token id for mode {denoiser.mode!r}; mode_ids has {sorted(mode_ids)}")
+    return Example(inputs=[int(mode_ids[denoiser.mode])] + example.inputs, targets=example.targets)
+
+
+def special_token_ids(vocab: Mapping[str, int]) -> tuple[dict[str, int], list[int]]:
+    """Mode-token ids and sentinel ids taken from the vocabulary's "<unused{k}>" tokens (mapping in module docstring).
+
+    Returns (mode_ids, sentinels): the three lowest k are "[NLU]", "[NLG]", "[S2S]"; the rest, by k, are sentinels.
+    """
+    unused = sorted((int(m.group(1)), int(i)) for name, i in vocab.items() if (m := _UNUSED.fullmatch(name)))
+    if len(unused) < len(MODE_TOKENS) + 1:
+        raise ValueError(f"the vocabulary has {len(unused)} '<unused{{k}}>' tokens; at least {len(MODE_TOKENS) + 1} "
+                         "are needed (3 mode tokens and 1 sentinel)")
+    ids = [i for _, i in unused]
+    return dict(zip(MODE_TOKENS, ids)), ids[len(MODE_TOKENS):]
+
+
+@dataclass
+class PackedRows:
+    """Packed batch: several examples per row, told apart by segment ids (0 = padding, k = k-th example of the row).
+
+    Encoder fields are [rows, enc_len], decoder fields [rows, dec_len], all int64; decoder segment k pairs with
+    encoder segment k, and positions restart at 0 in each segment.
+    """
+
+    input_ids: torch.Tensor
+    segment_ids: torch.Tensor
+    positions: torch.Tensor
+    decoder_input_ids: torch.Tensor
+    decoder_segment_ids: torch.Tensor
+    decoder_positions: torch.Tensor
+    labels: torch.Tensor
+
+    def padding_waste(self) -> tuple[float, float]:
+        """Fraction of encoder slots and of decoder slots that hold padding: the cost of this packing."""
+        enc, dec = self.segment_ids, self.decoder_segment_ids
+        return (enc == 0).sum().item() / enc.numel(), (dec == 0).sum().item() / dec.numel()
+
+
+def pack(examples: Iterable[Example], *, enc_len: int, dec_len: int, pad_id: int, bos_id: int) -> PackedRows:
+    """Pack examples, in order, greedily into rows of enc_len encoder and dec_len decoder slots.
+
+    An example joins the current row when both its inputs and its targets fit in what is left, else it starts
+    a new row. An example longer than a row is truncated to its first enc_len inputs and dec_len targets (its
+    targets then lose their EOS); the decoder inputs are built from the truncated targets.
+    """
+    if enc_len < 1 or dec_len < 1:
+        raise ValueError(f"enc_len and dec_len must be positive, got {enc_len} and {dec_len}")
+    rows: list[list[Example]] = []
+    used_enc = used_dec = 0
+    for example in examples:
+        if not example.inputs or not example.targets:
+            raise ValueError("cannot pack an example with empty inputs or targets: its segment would be missing")
+        example = Example(inputs=list(example.inputs[:enc_len]), targets=list(example.targets[:dec_len]))
+        if not rows or used_enc + len(example.inputs) > enc_len or used_dec + len(example.targets) > dec_len:
+            rows.append([])
+            used_enc = used_dec = 0
+        rows[-1].append(example)
+        used_enc += len(example.inputs)
+        used_dec += len(example.targets)
+    if not rows:
+        raise ValueError("no examples to pack")
+
+    shape_enc, shape_dec = (len(rows), enc_len), (len(rows), dec_len)
+    input_ids, segment_ids, positions = np.full(shape_enc, pad_id), np.zeros(shape_enc, int), np.zeros(shape_enc, int)
+    dec_ids, dec_segments, dec_positions = np.full(shape_dec, pad_id), np.zeros(shape_dec, int), np.zeros(shape_dec, int)
+    labels = np.full(shape_dec, IGNORE_INDEX)
+    for r, row in enumerate(rows):
+        e = d = 0
+        for segment, example in enumerate(row, start=1):
+            n, m = len(example.inputs), len(example.targets)
+            input_ids[r, e:e + n], segment_ids[r, e:e + n], positions[r, e:e + n] = example.inputs, segment, range(n)
+            dec_ids[r, d:d + m] = [bos_id] + example.targets[:-1]
+            dec_segments[r, d:d + m], dec_positions[r, d:d + m] = segment, range(m)
+            labels[r, d:d + m] = example.targets
+            e, d = e + n, d + m
+    return PackedRows(*(torch.from_numpy(a.astype(np.int64)) for a in (
+        input_ids, segment_ids, positions, dec_ids, dec_segments, dec_positions, labels)))

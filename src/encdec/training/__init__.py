@@ -1,0 +1,1 @@
+"""Adaptation pretraining: configuration, data, loss, optimizer, checkpointing, metrics, distributed set-up, loop."""

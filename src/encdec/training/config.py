@@ -1,0 +1,120 @@
+"""The pretraining configuration: one dataclass whose every field is documented, settable from a
+YAML file (`--config`) and overridable on the command line (`--field-name VALUE`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from encdec.errors import EncdecError
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc, **kw})
+    return field(default=default, metadata={"doc": doc, **kw})
+
+
+@dataclass
+class TrainConfig:
+    model: str = _f("", "adapted model directory (from `encdec adapt`)")
+    out: str = _f("runs/pretrain", "output directory: checkpoints/, metrics.jsonl, model/ (the final model)")
+    objective: str = _f("prefixlm", "prefixlm or ul2", choices=("prefixlm", "ul2"))
+    mixture: str = _f("t5gemma2", "UL2 denoiser mixture: t5gemma2 or ul2 (the original UL2)", choices=("t5gemma2", "ul2"))
+    random_split: bool = _f(False, "PrefixLM: split each window at a uniformly random point instead of the middle")
+    distill: bool = _f(False, "PrefixLM: distill the decoder-only teacher's next-token distributions")
+    teacher: str = _f("", "teacher source (default: the encoder source recorded by `encdec adapt`)")
+    alpha: float = _f(0.5, "weight of the distillation term: alpha * KL * tau^2 + (1 - alpha) * cross-entropy")
+    tau: float = _f(1.0, "distillation temperature")
+    teacher_top_k: int = _f(0, "keep only the teacher's k most likely tokens (renormalised); 0 keeps all")
+    data: list[str] = _f([], "text files/directories (.txt, .jsonl, .parquet) or hf:NAME; none = the default corpus")
+    text_field: str = _f("text", "field of .jsonl records / parquet column holding the text")
+    enc_len: int = _f(64, "encoder tokens per row (the paper: 4096)")
+    dec_len: int = _f(64, "decoder tokens per row (the paper: 4096)")
+    batch_size: int = _f(4, "rows per micro-batch on each process")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    steps: int = _f(100, "optimizer steps")
+    lr: float = _f(1e-4, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate of the cosine decay, as a fraction of lr")
+    warmup_steps: int = _f(10, "linear warm-up steps (T5Gemma 2: 100)")
+    weight_decay: float = _f(0.01, "AdamW weight decay (never on norms and embeddings unless --decay-all)")
+    decay_all: bool = _f(False, "apply weight decay to norms and embeddings too")
+    clip: float = _f(1.0, "gradient-norm clipping")
+    precision: str = _f("auto", "autocast dtype of the matrix products (weights stay float32); auto: bf16 where "
+                        "it is faster (CUDA; CPUs with AVX512-BF16/AMX)", choices=("auto", "bf16", "fp32"))
+    cross_warmup_steps: int = _f(0, "first steps that train only cross-attention (unbalanced models; the paper: 1000)")
+    eval_every: int = _f(50, "held-out evaluation every N steps (0: only at the end)")
+    eval_windows: int = _f(32, "held-out windows, taken from the end of the data")
+    save_every: int = _f(100, "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)")
+    keep_last: int = _f(3, "checkpoints kept on disk (at least --average-last)")
+    average_last: int = _f(1, "final model = average of the last N checkpoints (T5Gemma 2: 5)")
+    loss_chunk: int = _f(256, "tokens per chunk of LM head + loss, so full-vocabulary logits never exist at once")
+    log_every: int = _f(1, "metrics.jsonl line every N steps")
+    tensorboard: bool = _f(False, "also write TensorBoard logs to OUT/tensorboard (needs the tensorboard package)")
+    seed: int = _f(0, "seed of data order, objectives and any random initialisation")
+    resume: bool = _f(False, "continue from the latest checkpoint in OUT")
+    overwrite: bool = _f(False, "start afresh even if OUT holds a run")
+    trim_vocab: int = _f(0, "keep only the N most frequent tokens of the data (plus special ones); 0 keeps all")
+    fsdp: bool = _f(False, "with several processes: shard parameters with FSDP2 (fully_shard per block) instead of DDP")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise EncdecError(f"--{_flag(f.name)} {getattr(self, f.name)!r}: accepted: {', '.join(choices)}")
+        positive = ("enc_len", "dec_len", "batch_size", "grad_accum", "steps", "loss_chunk", "keep_last", "average_last")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise EncdecError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.alpha <= 1:
+            raise EncdecError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.distill and self.objective != "prefixlm":
+            raise EncdecError("--distill works with --objective prefixlm only")
+        if self.keep_last < self.average_last:
+            self.keep_last = self.average_last
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per field; defaults are not set here so that only given options override the YAML."""
+    parser.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML file of any of the options below")
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        helptext = f"{f.metadata['doc']} (default: {default!r})"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext, "dest": f.name}
+        if isinstance(default, bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kwargs.update(nargs="+", metavar="PATH")
+        else:
+            kwargs["type"] = type(default)
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{_flag(f.name)}", **kwargs)
+
+
+def from_arguments(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the YAML file, then the command line."""
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        try:
+            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise EncdecError(f"{args.config}: cannot read the YAML configuration ({e})") from None
+        if not isinstance(loaded, dict):
+            raise EncdecError(f"{args.config}: expected a mapping of option names to values")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise EncdecError(f"{args.config}: unknown option(s) {unknown}; run `encdec pretrain --help` for the list")
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig(**values)

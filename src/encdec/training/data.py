@@ -1,0 +1,148 @@
+"""Training batches: token windows -> objective examples -> packed rows, plus the rows the
+decoder-only teacher reads. The stream is a pure function of the seed and its state, so a resumed
+run sees exactly the batches an uninterrupted one would have seen."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from encdec.objectives import MIXTURES, Example, PackedRows, denoise, pack, prefix_lm, special_token_ids
+
+MakeExample = Callable[[list[int], np.random.Generator], Example]
+
+
+@dataclass
+class TeacherRows:
+    """Each row's examples as the teacher reads them: inputs + targets[:-1], causally, packed."""
+
+    input_ids: torch.Tensor  # [R, enc_len + dec_len]
+    segment_ids: torch.Tensor
+    positions: torch.Tensor
+    target_positions: torch.Tensor  # [R, dec_len]: teacher position predicting each decoder label; -1: none
+
+
+@dataclass
+class Batch:
+    rows: PackedRows
+    teacher: TeacherRows | None
+
+    def slice(self, start: int, end: int) -> Batch:
+        """Rows [start, end): one process's share of a global batch."""
+        def cut(obj: Any) -> Any:
+            return dataclasses.replace(obj, **{f.name: getattr(obj, f.name)[start:end] for f in dataclasses.fields(obj)})
+
+        return Batch(cut(self.rows), None if self.teacher is None else cut(self.teacher))
+
+    @property
+    def target_tokens(self) -> int:
+        return int((self.rows.labels != -100).sum())
+
+
+def example_maker(objective: str, *, tokenizer, mixture: str = "t5gemma2", random_split: bool = False) -> MakeExample:  # noqa: ANN001
+    """The objective as a function of one token window and the stream's random generator."""
+    eos = tokenizer.eos_token_id
+    if objective == "prefixlm":
+        return lambda window, rng: prefix_lm(window, eos_id=eos, rng=rng if random_split else None)
+    mode_ids, sentinels = special_token_ids(tokenizer.get_vocab())
+    chosen = MIXTURES[mixture]
+    return lambda window, rng: denoise(window, chosen, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng)
+
+
+def window_length(objective: str, enc_len: int, dec_len: int) -> int:
+    """Tokens per window: PrefixLM fills one row exactly (targets gain an EOS); UL2 windows are about half
+    a row so that corrupted examples usually fit, often two to a row."""
+    if objective == "prefixlm":
+        return min(2 * enc_len, 2 * (dec_len - 1))
+    return (enc_len + dec_len) // 2
+
+
+def _truncate(example: Example, enc_len: int, dec_len: int) -> Example:
+    if len(example.inputs) <= enc_len and len(example.targets) <= dec_len:
+        return example
+    return Example(example.inputs[:enc_len], example.targets[:dec_len])
+
+
+class ExampleStream:
+    """Endless examples over shuffled windows (a new order every epoch), grouped into packed rows."""
+
+    def __init__(self, windows: np.ndarray, make: MakeExample, *, seed: int, enc_len: int, dec_len: int) -> None:
+        self.windows, self.make, self.seed = windows, make, seed
+        self.enc_len, self.dec_len = enc_len, dec_len
+        self.epoch, self.cursor = 0, 0
+        self.rng = np.random.default_rng([seed, 1])
+        self.pending: Example | None = None
+
+    def _order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, 0, self.epoch]).permutation(len(self.windows))
+
+    def _next_example(self) -> Example:
+        if self.pending is not None:
+            example, self.pending = self.pending, None
+            return example
+        if self.cursor == len(self.windows):
+            self.epoch, self.cursor = self.epoch + 1, 0
+        window = self.windows[self._order()[self.cursor]].tolist()
+        self.cursor += 1
+        return _truncate(self.make(window, self.rng), self.enc_len, self.dec_len)
+
+    def next_examples(self, rows: int) -> list[Example]:
+        """Examples that fill exactly `rows` packed rows (the same greedy rule as `pack`)."""
+        chosen: list[Example] = []
+        filled, enc_used, dec_used = 0, 0, 0
+        while True:
+            example = self._next_example()
+            if chosen and (enc_used + len(example.inputs) > self.enc_len or dec_used + len(example.targets) > self.dec_len):
+                filled += 1
+                if filled == rows:
+                    self.pending = example
+                    return chosen
+                enc_used, dec_used = 0, 0
+            chosen.append(example)
+            enc_used += len(example.inputs)
+            dec_used += len(example.targets)
+
+    def state_dict(self) -> dict[str, Any]:
+        pending = None if self.pending is None else [self.pending.inputs, self.pending.targets]
+        return {"epoch": self.epoch, "cursor": self.cursor, "rng": self.rng.bit_generator.state, "pending": pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        self.rng.bit_generator.state = state["rng"]
+        self.pending = None if state["pending"] is None else Example(*state["pending"])
+
+
+def teacher_rows(rows: PackedRows) -> TeacherRows:
+    """The teacher's packed rows for the same examples, read back from the student's rows."""
+    n, enc_len = rows.input_ids.shape
+    dec_len = rows.labels.shape[1]
+    length = enc_len + dec_len
+    ids = torch.zeros(n, length, dtype=torch.long)
+    segs, pos = torch.zeros_like(ids), torch.zeros_like(ids)
+    targets = torch.full((n, dec_len), -1, dtype=torch.long)
+    for r in range(n):
+        start = 0
+        for k in rows.segment_ids[r].unique().tolist():
+            if k == 0:
+                continue
+            inputs = rows.input_ids[r][rows.segment_ids[r] == k]
+            slots = (rows.decoder_segment_ids[r] == k).nonzero().flatten()
+            labels = rows.labels[r][slots]
+            seq = torch.cat([inputs, labels[:-1]])
+            ids[r, start : start + len(seq)], segs[r, start : start + len(seq)] = seq, k
+            pos[r, start : start + len(seq)] = torch.arange(len(seq))
+            # label t of the segment is predicted where the teacher has read inputs + labels[:t]
+            targets[r, slots] = start + len(inputs) - 1 + torch.arange(len(slots))
+            start += len(seq)
+    return TeacherRows(ids, segs, pos, targets)
+
+
+def make_batch(examples: list[Example], *, enc_len: int, dec_len: int, pad_id: int, bos_id: int,
+               with_teacher: bool) -> Batch:
+    rows = pack(examples, enc_len=enc_len, dec_len=dec_len, pad_id=pad_id, bos_id=bos_id)
+    return Batch(rows, teacher_rows(rows) if with_teacher else None)

@@ -1,0 +1,268 @@
+"""The pretraining loop, assembled from this package's components."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from encdec.checkpoint import load_checkpoint, read_metadata, save
+from encdec.config import EncDecConfig
+from encdec.data.tokens import token_stream, windows
+from encdec.errors import EncdecError
+from encdec.model import CausalLM, EncoderDecoder, Segments
+from encdec.report import part_of
+from encdec.sources import load_tokenizer
+from encdec.training import checkpointing, distributed
+from encdec.training.config import TrainConfig
+from encdec.training.data import Batch, ExampleStream, example_maker, make_batch, window_length
+from encdec.training.loss import Distillation, LossParts, chunked_loss
+from encdec.training.metrics import Metrics
+from encdec.training.optim import build_optimizer, build_scheduler
+from encdec.training.precision import autocast_dtype
+
+log = logging.getLogger("encdec")
+
+
+class LossModule(nn.Module):
+    """Student forward and chunked loss as one module, so that DDP / FSDP2 wrap all a step touches."""
+
+    def __init__(self, model: EncoderDecoder, chunk: int, distillation: Distillation | None) -> None:
+        super().__init__()
+        self.model, self.chunk, self.distillation = model, chunk, distillation
+        self.teacher_head = None
+
+    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None) -> LossParts:
+        r = batch.rows
+        out = self.model(r.input_ids, decoder_input_ids=r.decoder_input_ids, segment_ids=r.segment_ids,
+                         positions=r.positions, decoder_segment_ids=r.decoder_segment_ids,
+                         decoder_positions=r.decoder_positions, return_logits=False)
+        targets = r.labels != -100
+        labels = r.labels[targets]
+        distill_mask = None
+        if teacher_hidden is not None:  # the teacher cannot know where a window was cut: no KL on the EOS target
+            distill_mask = labels != self.model.config.eos_token_ids[0]
+        return chunked_loss(out.decoder_hidden_states[targets], self.model.logits, labels, chunk=self.chunk,
+                            teacher_hidden=teacher_hidden, teacher_head=self.teacher_head, distill_mask=distill_mask,
+                            distillation=self.distillation)
+
+
+def teacher_states(teacher: CausalLM, batch: Batch) -> torch.Tensor:
+    """The teacher's final states predicting each target token of the batch, in the student's order."""
+    t = batch.teacher
+    with torch.inference_mode():
+        hidden = teacher.hidden(t.input_ids, Segments(t.segment_ids, t.positions))
+    targets = batch.rows.labels != -100
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[targets]
+    return hidden[rows, t.target_positions[targets]].clone()
+
+
+class StopRequest:
+    """SIGINT / SIGTERM: finish the step, write a checkpoint, stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _prepare_output(cfg: TrainConfig, d: distributed.Dist) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to mix two runs in one directory."""
+    out = Path(cfg.out)
+    existing = checkpointing.checkpoints(out)
+    if cfg.resume:
+        return existing[-1] if existing else None
+    if (existing or (out / "metrics.jsonl").exists()) and not cfg.overwrite:
+        raise EncdecError(f"{out} holds a run; pass --resume to continue it or --overwrite to start afresh")
+    if d.main and cfg.overwrite:
+        for name in ("checkpoints", "metrics.jsonl", "tensorboard", "model"):
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    return None
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if device.type == "cpu":
+        return batch
+    import dataclasses
+
+    def move(obj):  # noqa: ANN001, ANN202
+        return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)})
+
+    return Batch(move(batch.rows), None if batch.teacher is None else move(batch.teacher))
+
+
+def _tokens(batch: Batch) -> int:
+    return int((batch.rows.segment_ids != 0).sum() + (batch.rows.decoder_segment_ids != 0).sum())
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) a pretraining run; returns the directory of the final model."""
+    d = distributed.init()
+    try:
+        return _train(cfg, d)
+    finally:
+        distributed.close(d)
+
+
+def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
+    out = Path(cfg.out)
+    resume_from = _prepare_output(cfg, d)
+    torch.manual_seed(cfg.seed)
+    model_dir = Path(cfg.model)
+    model = load_checkpoint(model_dir).model.to(d.device).train()
+    tokenizer = load_tokenizer(model_dir)
+    special = dict(pad_id=model.config.pad_token_id, bos_id=model.config.bos_token_id)
+
+    data = windows(token_stream(tokenizer, cfg.data, text_field=cfg.text_field),
+                   window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
+    if len(data) <= cfg.eval_windows:
+        raise EncdecError(f"the data makes {len(data)} windows, not more than --eval-windows {cfg.eval_windows}")
+    train_windows, eval_windows = data[: -cfg.eval_windows], data[-cfg.eval_windows :]
+    make = example_maker(cfg.objective, tokenizer=tokenizer, mixture=cfg.mixture, random_split=cfg.random_split)
+    stream = ExampleStream(train_windows, make, seed=cfg.seed, enc_len=cfg.enc_len, dec_len=cfg.dec_len)
+    eval_rng = np.random.default_rng([cfg.seed, 2])
+    eval_examples = [make(w.tolist(), eval_rng) for w in eval_windows]
+
+    compute_dtype = autocast_dtype(cfg.precision, d.device)
+    if d.main:
+        log.info("matrix products in %s", "bfloat16 (autocast)" if compute_dtype else "float32")
+    teacher = None
+    distillation = None
+    if cfg.distill:
+        from encdec.training.teacher import load_teacher, teacher_spec
+
+        dtype = compute_dtype or torch.float32
+        teacher = load_teacher(teacher_spec(model_dir, cfg.teacher), model.config.vocab_size, dtype, d.device)
+        distillation = Distillation(cfg.alpha, cfg.tau, cfg.teacher_top_k)
+    module = LossModule(model, cfg.loss_chunk, distillation)
+    if teacher is not None:
+        module.teacher_head = teacher.logits
+    blocks = [*model.encoder.layers, *model.decoder.layers]
+    wrapped = distributed.wrap(module, blocks, d, cfg.fsdp)
+    optimizer = build_optimizer(wrapped, lr=cfg.lr, weight_decay=cfg.weight_decay, decay_all=cfg.decay_all)
+    scheduler = build_scheduler(optimizer, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
+    start = 0
+    last_checkpoint: Path | None = resume_from
+    if resume_from is not None:
+        state = checkpointing.load(resume_from, wrapped, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        stream.load_state_dict(state["stream"])
+        start = state["step"]
+        if d.main:
+            log.info("resuming from %s (step %d)", resume_from, start)
+
+    autocast = torch.autocast(d.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
+    metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main)
+    rows = cfg.batch_size
+    with_teacher = teacher is not None
+
+    def evaluate() -> float:
+        total, count = 0.0, 0
+        with torch.no_grad(), autocast:
+            for i in range(0, len(eval_examples), rows):
+                batch = _to(make_batch(eval_examples[i : i + rows], enc_len=cfg.enc_len, dec_len=cfg.dec_len,
+                                       with_teacher=False, **special), d.device)
+                n = batch.target_tokens
+                total += wrapped(batch).ce * n
+                count += n
+        return total / count
+
+    def save_checkpoint(step: int) -> Path:
+        trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg)}
+        return checkpointing.save(out, step, wrapped, optimizer, trainer, d, cfg.keep_last)
+
+    with StopRequest() as stop:
+        for step in range(start, cfg.steps):
+            began = time.perf_counter()
+            loss_total, ce_total, kl_total, tokens = 0.0, 0.0, 0.0, 0
+            for micro in range(cfg.grad_accum):
+                examples = stream.next_examples(rows * d.world)
+                batch = make_batch(examples, enc_len=cfg.enc_len, dec_len=cfg.dec_len, with_teacher=with_teacher,
+                                   **special).slice(d.rank * rows, (d.rank + 1) * rows)
+                batch = _to(batch, d.device)
+                tokens += _tokens(batch)
+                teacher_hidden = teacher_states(teacher, batch) if teacher is not None else None
+                last_micro = micro == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if last_micro or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+                with sync:
+                    with autocast:
+                        parts = wrapped(batch, teacher_hidden)
+                    (parts.loss / cfg.grad_accum).backward()
+                loss_total += parts.loss.item() / cfg.grad_accum
+                ce_total += parts.ce / cfg.grad_accum
+                kl_total += (parts.kl or 0.0) / cfg.grad_accum
+            loss = distributed.reduce_sum(loss_total, d) / d.world
+            if not math.isfinite(loss):
+                where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+                raise EncdecError(f"the loss became {loss} at step {step + 1}; stopped ({where}). "
+                                  "Try a lower --lr or check the data")
+            if step < cfg.cross_warmup_steps:  # unbalanced warm-up: only cross-attention learns
+                for name, p in wrapped.named_parameters():
+                    if part_of(name) != "cross-attention":
+                        p.grad = None
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in wrapped.parameters() if p.grad is not None], cfg.clip
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - began
+            record = {
+                "step": step + 1, "loss": loss, "ce": distributed.reduce_sum(ce_total, d) / d.world,
+                "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                "tokens_per_s": distributed.reduce_sum(tokens, d) / seconds,
+            }
+            if with_teacher:
+                record["kl"] = distributed.reduce_sum(kl_total, d) / d.world
+            done = step + 1 == cfg.steps
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done:
+                record["eval_loss"] = evaluate()
+                metrics.message(f"step {step + 1}: held-out loss {record['eval_loss']:.4f}")
+            if (step + 1) % cfg.log_every == 0 or done:
+                metrics.log(record)
+            if (step + 1) % cfg.save_every == 0 or done or stop.requested:
+                last_checkpoint = save_checkpoint(step + 1)
+            if stop.requested:
+                metrics.message(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_checkpoint})")
+                metrics.close()
+                raise KeyboardInterrupt
+    metrics.close()
+    return _final_model(cfg, out, model_dir, model.config, d)
+
+
+def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, config: EncDecConfig, d: distributed.Dist) -> Path:
+    """OUT/model: the last checkpoint, or the average of the last N, saved like `encdec adapt` saves."""
+    final = out / "model"
+    if not d.main:
+        return final
+    paths = checkpointing.checkpoints(out)[-cfg.average_last :]
+    with torch.device("meta"):
+        model = EncoderDecoder(config)
+    model.load_state_dict(checkpointing.average(paths), strict=True, assign=True)
+    metadata = {**read_metadata(model_dir), "pretrained": {
+        "from": str(model_dir.resolve()), "objective": cfg.objective, "distill": cfg.distill, "steps": cfg.steps,
+        "averaged_checkpoints": [p.name for p in paths],
+    }}
+    save(model, final, tokenizer_dir=model_dir, overwrite=True, metadata=metadata)
+    log.info("final model: %s (average of %d checkpoint(s))", final, len(paths))
+    return final

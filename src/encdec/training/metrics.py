@@ -1,0 +1,54 @@
+"""Step metrics: one JSON line per step in OUT/metrics.jsonl, optional TensorBoard, a progress bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from encdec.errors import EncdecError
+
+
+class Metrics:
+    def __init__(self, out: Path, *, total: int, start: int, tensorboard: bool, enabled: bool) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.file = (out / "metrics.jsonl").open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise EncdecError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        self.bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any], *, advance: bool = True) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, record["step"])
+        if advance:
+            shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in record}
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            self.bar.update(1)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(f"encdec: {text}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()

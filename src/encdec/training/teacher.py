@@ -1,0 +1,35 @@
+"""The distillation teacher: the decoder-only source, frozen, run by this project's own blocks
+(so it reads packed rows like the student) in inference mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from encdec.adapt import stack_weights
+from encdec.checkpoint import read_metadata
+from encdec.errors import EncdecError
+from encdec.model import CausalLM
+from encdec.sources import load_source
+
+
+def teacher_spec(model_dir: Path, given: str) -> str:
+    if given:
+        return given
+    spec = (read_metadata(model_dir).get("adapted_from") or {}).get("encoder")
+    if not spec:
+        raise EncdecError(f"{model_dir} does not record its source model; pass --teacher SRC")
+    return spec
+
+
+def load_teacher(spec: str, vocab_size: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
+    source = load_source(spec)
+    if source.vocab_size != vocab_size:
+        raise EncdecError(f"teacher {spec} has {source.vocab_size} tokens, the student {vocab_size}: they must match")
+    weights = stack_weights(source, "stack", list(range(source.stack.num_layers)))
+    weights["embed.weight"] = source.weights["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        teacher = CausalLM(source.stack, source.vocab_size, source.final_logit_softcap)
+    teacher.load_state_dict(weights, strict=True, assign=True)
+    return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,149 @@
+"""The pretraining loop on a tiny model: learning, resuming, stopping, warm-up, averaging, configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import encdec
+from encdec.cli import main
+from encdec.errors import EncdecError
+from encdec.training import checkpointing, loop
+from encdec.training.config import TrainConfig
+from encdec.training.metrics import Metrics
+from tiny import write_corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", documents=80)
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, sources):
+    out = tmp_path_factory.mktemp("adapted") / "merged"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)]) == 0
+    return out
+
+
+def _config(model, out, corpus, **overrides) -> TrainConfig:
+    base = dict(model=str(model), out=str(out), data=[str(corpus)], enc_len=16, dec_len=16, batch_size=2, steps=6,
+                lr=3e-3, warmup_steps=2, eval_every=3, eval_windows=4, save_every=2, precision="fp32")
+    return TrainConfig(**{**base, **overrides})
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective, distill, factor", [("prefixlm", True, 0.8), ("prefixlm", False, 0.8),
+                                                        ("ul2", False, 0.9)])
+def test_loss_falls_and_the_final_model_loads(adapted, corpus, tmp_path, objective, distill, factor):
+    cfg = _config(adapted, tmp_path / "run", corpus, objective=objective, distill=distill, steps=20, eval_every=10)
+    final = loop.train(cfg)
+    records = _metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 21))
+    assert {"loss", "lr", "tokens_per_s", "ce"} <= records[0].keys()
+    assert ("kl" in records[0]) == distill
+    first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
+    assert last < factor * first
+    assert records[-1]["eval_loss"] < records[9]["eval_loss"] + 0.5
+    model = encdec.load(final)
+    import transformers as tf
+
+    assert type(tf.AutoModelForSeq2SeqLM.from_pretrained(str(final))).__name__ == "T5Gemma2ForConditionalGeneration"
+    assert encdec.checkpoint.read_metadata(final)["pretrained"]["objective"] == objective
+    assert model.config == encdec.load(adapted).config
+
+
+def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    loop.train(_config(adapted, straight, corpus, distill=True))
+    expected = [r["loss"] for r in _metrics(straight)]
+
+    interrupted = tmp_path / "interrupted"
+    original_log = Metrics.log
+
+    def log_then_signal(self, record, **kw):
+        original_log(self, record, **kw)
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal path: finish the step, checkpoint, stop
+
+    monkeypatch.setattr(Metrics, "log", log_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_config(adapted, interrupted, corpus, distill=True))
+    monkeypatch.setattr(Metrics, "log", original_log)
+    assert [p.name for p in checkpointing.checkpoints(interrupted)] == ["step-000002", "step-000003"]
+    with pytest.raises(EncdecError, match="holds a run; pass --resume"):
+        loop.train(_config(adapted, interrupted, corpus, distill=True))
+    loop.train(_config(adapted, interrupted, corpus, distill=True, resume=True))
+    assert [r["loss"] for r in _metrics(interrupted)] == expected
+    a = encdec.load(straight / "model").state_dict()
+    b = encdec.load(interrupted / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(adapted, corpus, tmp_path, monkeypatch):
+    original = loop.chunked_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        parts = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            parts.loss = parts.loss * float("nan")
+        return parts
+
+    monkeypatch.setattr(loop, "chunked_loss", poisoned)
+    with pytest.raises(EncdecError, match=r"loss became nan at step 3.*step-000002"):
+        loop.train(_config(adapted, tmp_path / "run", corpus))
+    assert [p.name for p in checkpointing.checkpoints(tmp_path / "run")] == ["step-000002"]
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_cross_attention_warmup_freezes_everything_else(sources, corpus, tmp_path):
+    out = tmp_path / "unbalanced"
+    assert main(["adapt", "--encoder", str(sources["gemma2"]), "--decoder", str(sources["gemma2-small"]),
+                 "--out", str(out)]) == 0
+    before = encdec.load(out).state_dict()
+    loop.train(_config(out, tmp_path / "run", corpus, steps=2, cross_warmup_steps=2, save_every=1, weight_decay=0.1))
+    after = encdec.load(tmp_path / "run" / "model").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("cross_" in k for k in changed), sorted(k for k in changed if "cross_" not in k)
+    assert any("cross_attn.k_proj" in k for k in changed)
+
+
+def test_final_model_averages_the_last_checkpoints(adapted, corpus, tmp_path):
+    loop.train(_config(adapted, tmp_path / "run", corpus, steps=4, save_every=1, average_last=2))
+    paths = checkpointing.checkpoints(tmp_path / "run")[-2:]
+    assert [p.name for p in paths] == ["step-000003", "step-000004"]
+    weights = [encdec.files.read_weights(p) for p in paths]
+    final = encdec.load(tmp_path / "run" / "model").state_dict()
+    for name in ("embed.weight", "decoder.layers.0.mlp.up_proj.weight"):
+        assert torch.allclose(final[name], (weights[0][name] + weights[1][name]) / 2)
+        assert not torch.equal(final[name], weights[1][name])
+
+
+def test_yaml_config_with_command_line_overrides(adapted, corpus, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: {adapted}\nout: {tmp_path / 'run'}\ndata: [{corpus}]\nsteps: 2\nenc_len: 16\n"
+                      "dec-len: 16\nbatch_size: 2\neval_windows: 4\nprecision: fp32\nlr: 0.5\n")
+    assert main(["pretrain", "--config", str(config), "--steps", "3", "--lr", "0.001"]) == 0
+    records = _metrics(tmp_path / "run")
+    assert len(records) == 3
+    assert records[0]["lr"] < 0.001 + 1e-12
+
+
+def test_bad_configuration(adapted, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: x\nstepz: 3\n")
+    assert main(["pretrain", "--config", str(config)]) == 2
+    assert "unknown option(s) ['stepz']" in capsys.readouterr().err
+    assert main(["pretrain", "--model", str(adapted), "--objective", "ul2", "--distill"]) == 2
+    assert "--distill works with --objective prefixlm only" in capsys.readouterr().err
+    assert main(["pretrain", "--model", str(adapted), "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2
+    assert "none.txt: no such file or directory" in capsys.readouterr().err
