@@ -28,10 +28,16 @@ def test_own_format_is_reported(capsys, tmp_path, sources):
     assert "format encdec" in capsys.readouterr().out
 
 
-def test_generate_needs_a_tokenizer(capsys, tmp_path, sources):
+def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, sources):
     out = tmp_path / "model"
     main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
     capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--prompt", "w7", "--max-new-tokens", "4",
+                 "--do-sample", "--seed", "1", "--top-k", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" -> ")[0] for line in lines] == ["w1 w2 w3", "w7"]
+    for tokenizer_file in out.glob("tokenizer*"):
+        tokenizer_file.unlink()
     assert main(["generate", str(out), "--prompt", "hi"]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
 

@@ -226,9 +226,11 @@ class DecoderBlock(EncoderBlock):
         return (self.attn if self.merged else self.cross_attn).keys_values(encoder_out, rope=None)
 
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, rope: Rope, self_mask: torch.Tensor, cross_kv: tuple[torch.Tensor, torch.Tensor],
+        self, x: torch.Tensor, rope: Rope, self_mask: torch.Tensor, encoder_out: torch.Tensor,
         cross_allowed: torch.Tensor, cache: LayerCache | None = None, start: int = 0,
     ) -> torch.Tensor:
+        # computed here, inside the block, so that a sharded (FSDP) block has its weights gathered
+        cross_kv = cache.cross_kv if cache is not None else self.encoder_keys_values(encoder_out)
         h = self.attn_norm(x)
         q = self.attn.queries(h, rope)
         k, v = self.attn.keys_values(h, rope)
@@ -369,8 +371,7 @@ class EncoderDecoder(nn.Module):
         cross_allowed = cross_mask(seg, encoder.segments)
         for i, (block, kind) in enumerate(zip(self.decoder.layers, cfg.layer_types)):
             layer_cache = cache.layers[i] if cache is not None else None
-            cross_kv = layer_cache.cross_kv if layer_cache is not None else block.encoder_keys_values(encoder.hidden)
-            x = block(x, rope[kind], masks[kind], cross_kv, cross_allowed, layer_cache, start)
+            x = block(x, rope[kind], masks[kind], encoder.hidden, cross_allowed, layer_cache, start)
         return self.decoder.norm(x)
 
     def new_cache(self, encoder: EncoderState, max_len: int) -> DecoderCache:

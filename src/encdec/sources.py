@@ -62,13 +62,20 @@ def has_tokenizer(directory: Path) -> bool:
     return any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
 
 
-@lru_cache(maxsize=4)
-def load_tokenizer(directory: Path):  # noqa: ANN201 - a transformers tokenizer
-    """The tokenizer saved in a checkpoint directory (memoised: building one takes seconds)."""
-    from transformers import AutoTokenizer
-
+def load_tokenizer(directory: Path | str):  # noqa: ANN201 - a transformers tokenizer
+    """The tokenizer saved in a checkpoint directory (memoised while its files are unchanged:
+    building one takes seconds)."""
+    directory = Path(directory)
     if not has_tokenizer(directory):
         raise EncdecError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
+    stamp = tuple(p.stat().st_mtime_ns for p in sorted(directory.glob("tokenizer*")))
+    return _tokenizer(directory.resolve(), stamp)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(directory: Path, stamp: tuple[int, ...]):  # noqa: ANN202
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(directory))
 
 

@@ -64,3 +64,11 @@ def reduce_sum(value: float, d: Dist) -> float:
 def close(d: Dist) -> None:
     if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def in_sync(model: nn.Module, d: Dist) -> bool:
+    """Whether every process holds the same parameters (replicated training only): per-tensor sums compared."""
+    sums = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(d.device)
+    gathered = [torch.empty_like(sums) for _ in range(d.world)]
+    dist.all_gather(gathered, sums)
+    return all(torch.equal(g, gathered[0]) for g in gathered)

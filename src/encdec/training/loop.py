@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -85,11 +86,19 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 def _prepare_output(cfg: TrainConfig, d: distributed.Dist) -> Path | None:
     """The checkpoint to resume from, if any; refuses to mix two runs in one directory."""
     out = Path(cfg.out)
     existing = checkpointing.checkpoints(out)
     if cfg.resume:
+        if existing and d.main:  # steps logged after the checkpoint will be run again
+            _truncate_metrics(out / "metrics.jsonl", int(existing[-1].name.split("-")[1]))
         return existing[-1] if existing else None
     if (existing or (out / "metrics.jsonl").exists()) and not cfg.overwrite:
         raise EncdecError(f"{out} holds a run; pass --resume to continue it or --overwrite to start afresh")
@@ -238,11 +247,16 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done:
                 record["eval_loss"] = evaluate()
                 metrics.message(f"step {step + 1}: held-out loss {record['eval_loss']:.4f}")
-            if (step + 1) % cfg.log_every == 0 or done:
-                metrics.log(record)
-            if (step + 1) % cfg.save_every == 0 or done or stop.requested:
+            saved = (step + 1) % cfg.save_every == 0 or done or stop.requested
+            if saved:
                 last_checkpoint = save_checkpoint(step + 1)
+                if d.world > 1 and not cfg.fsdp:
+                    record["ranks_in_sync"] = distributed.in_sync(model, d)
+            if (step + 1) % cfg.log_every == 0 or done or "ranks_in_sync" in record:
+                metrics.log(record)
             if stop.requested:
+                if not saved:  # the signal came after this step's save decision
+                    last_checkpoint = save_checkpoint(step + 1)
                 metrics.message(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_checkpoint})")
                 metrics.close()
                 raise KeyboardInterrupt
