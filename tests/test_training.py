@@ -147,3 +147,28 @@ def test_bad_configuration(adapted, tmp_path, capsys):
     assert "--distill works with --objective prefixlm only" in capsys.readouterr().err
     assert main(["pretrain", "--model", str(adapted), "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "none.txt: no such file or directory" in capsys.readouterr().err
+
+
+def test_trimmed_vocabulary_trains_and_maps_back(adapted, corpus, tmp_path):
+    from encdec.training.vocab import kept_tokens, remap_table, trim_model
+
+    full = encdec.load(adapted)
+    keep = kept_tokens(torch.randint(3, 96, (500,)).numpy(), 40, [0, 1, 2, 3], 96)
+    table = remap_table(keep, 96, 3)
+    trimmed = trim_model(full, keep, table)
+    ids = torch.as_tensor(keep[torch.randint(0, len(keep), (2, 7))])
+    with torch.no_grad():  # same logits for the kept tokens, before any training
+        a = full(ids, decoder_input_ids=ids).logits[..., torch.as_tensor(keep)]
+        b = trimmed(torch.as_tensor(table[ids.numpy()]).long(), decoder_input_ids=torch.as_tensor(table[ids.numpy()]).long()).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+    final = loop.train(_config(adapted, tmp_path / "run", corpus, steps=4, trim_vocab=30, distill=True))
+    state = torch.load(checkpointing.checkpoints(tmp_path / "run")[-1] / "trainer.pt", weights_only=False)
+    kept = torch.as_tensor(state["kept_tokens"])
+    assert len(kept) <= 30 and kept[:3].tolist() == [0, 1, 2]
+    model = encdec.load(final)
+    assert model.config.vocab_size == 96
+    dropped = torch.tensor([i for i in range(96) if i not in set(kept.tolist())])
+    assert torch.equal(model.embed.weight[dropped], full.embed.weight[dropped])  # untouched rows kept
+    assert not torch.equal(model.embed.weight[kept], full.embed.weight[kept])  # trained rows written back
+    assert model.generate(torch.tensor([[2, 40, 41]]), max_new_tokens=3).shape[0] == 1

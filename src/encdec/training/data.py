@@ -5,7 +5,7 @@ run sees exactly the batches an uninterrupted one would have seen."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,12 +44,13 @@ class Batch:
         return int((self.rows.labels != -100).sum())
 
 
-def example_maker(objective: str, *, tokenizer, mixture: str = "t5gemma2", random_split: bool = False) -> MakeExample:  # noqa: ANN001
+def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], mixture: str = "t5gemma2",
+                  random_split: bool = False) -> MakeExample:
     """The objective as a function of one token window and the stream's random generator."""
-    eos = tokenizer.eos_token_id
+    eos = eos_id
     if objective == "prefixlm":
         return lambda window, rng: prefix_lm(window, eos_id=eos, rng=rng if random_split else None)
-    mode_ids, sentinels = special_token_ids(tokenizer.get_vocab())
+    mode_ids, sentinels = special_token_ids(vocab)
     chosen = MIXTURES[mixture]
     return lambda window, rng: denoise(window, chosen, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng)
 

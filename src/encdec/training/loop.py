@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from encdec.checkpoint import load_checkpoint, read_metadata, save
-from encdec.config import EncDecConfig
 from encdec.data.tokens import token_stream, windows
 from encdec.errors import EncdecError
 from encdec.model import CausalLM, EncoderDecoder, Segments
@@ -29,6 +28,7 @@ from encdec.training.loss import Distillation, LossParts, chunked_loss
 from encdec.training.metrics import Metrics
 from encdec.training.optim import build_optimizer, build_scheduler
 from encdec.training.precision import autocast_dtype
+from encdec.training.vocab import always_kept, kept_tokens, remap_table, trim_model, trim_teacher, untrim
 
 log = logging.getLogger("encdec")
 
@@ -140,14 +140,24 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     model_dir = Path(cfg.model)
     model = load_checkpoint(model_dir).model.to(d.device).train()
     tokenizer = load_tokenizer(model_dir)
-    special = dict(pad_id=model.config.pad_token_id, bos_id=model.config.bos_token_id)
 
-    data = windows(token_stream(tokenizer, cfg.data, text_field=cfg.text_field),
-                   window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
+    stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
+    vocab, keep, full_vocab = tokenizer.get_vocab(), None, model.config.vocab_size
+    if cfg.trim_vocab:
+        keep = kept_tokens(stream_ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.config.vocab_size)
+        table = remap_table(keep, model.config.vocab_size, tokenizer.unk_token_id)
+        stream_ids = table[stream_ids]
+        vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
+        model = trim_model(model, keep, table)
+        if d.main:
+            log.info("training on a vocabulary of %d tokens (of %d)", len(keep), len(table))
+    special = dict(pad_id=model.config.pad_token_id, bos_id=model.config.bos_token_id)
+    data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
     if len(data) <= cfg.eval_windows:
         raise EncdecError(f"the data makes {len(data)} windows, not more than --eval-windows {cfg.eval_windows}")
     train_windows, eval_windows = data[: -cfg.eval_windows], data[-cfg.eval_windows :]
-    make = example_maker(cfg.objective, tokenizer=tokenizer, mixture=cfg.mixture, random_split=cfg.random_split)
+    make = example_maker(cfg.objective, eos_id=model.config.eos_token_ids[0], vocab=vocab, mixture=cfg.mixture,
+                         random_split=cfg.random_split)
     stream = ExampleStream(train_windows, make, seed=cfg.seed, enc_len=cfg.enc_len, dec_len=cfg.dec_len)
     eval_rng = np.random.default_rng([cfg.seed, 2])
     eval_examples = [make(w.tolist(), eval_rng) for w in eval_windows]
@@ -161,7 +171,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         from encdec.training.teacher import load_teacher, teacher_spec
 
         dtype = compute_dtype or torch.float32
-        teacher = load_teacher(teacher_spec(model_dir, cfg.teacher), model.config.vocab_size, dtype, d.device)
+        teacher = load_teacher(teacher_spec(model_dir, cfg.teacher), full_vocab, dtype, d.device)
+        if keep is not None:
+            teacher = trim_teacher(teacher, keep)
         distillation = Distillation(cfg.alpha, cfg.tau, cfg.teacher_top_k)
     module = LossModule(model, cfg.loss_chunk, distillation)
     if teacher is not None:
@@ -176,6 +188,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         state = checkpointing.load(resume_from, wrapped, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["stream"])
+        if (keep is None) != (state.get("kept_tokens") is None) or (keep is not None and not np.array_equal(keep, state["kept_tokens"])):
+            raise EncdecError(f"{resume_from} was trained on another vocabulary (different data or --trim-vocab)")
         start = state["step"]
         if d.main:
             log.info("resuming from %s (step %d)", resume_from, start)
@@ -197,7 +211,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         return total / count
 
     def save_checkpoint(step: int) -> Path:
-        trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg)}
+        trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
+                   "kept_tokens": keep}
         return checkpointing.save(out, step, wrapped, optimizer, trainer, d, cfg.keep_last)
 
     with StopRequest() as stop:
@@ -261,18 +276,23 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 metrics.close()
                 raise KeyboardInterrupt
     metrics.close()
-    return _final_model(cfg, out, model_dir, model.config, d)
+    return _final_model(cfg, out, model_dir, keep, d)
 
 
-def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, config: EncDecConfig, d: distributed.Dist) -> Path:
-    """OUT/model: the last checkpoint, or the average of the last N, saved like `encdec adapt` saves."""
+def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, keep: np.ndarray | None, d: distributed.Dist) -> Path:
+    """OUT/model: the last checkpoint, or the average of the last N, saved like `encdec adapt` saves
+    (over the full vocabulary again after trimming)."""
     final = out / "model"
     if not d.main:
         return final
     paths = checkpointing.checkpoints(out)[-cfg.average_last :]
+    start = load_checkpoint(model_dir).model
+    weights = checkpointing.average(paths)
+    if keep is not None:
+        weights = untrim(weights, start.state_dict(), keep)
     with torch.device("meta"):
-        model = EncoderDecoder(config)
-    model.load_state_dict(checkpointing.average(paths), strict=True, assign=True)
+        model = EncoderDecoder(start.config)
+    model.load_state_dict(weights, strict=True, assign=True)
     metadata = {**read_metadata(model_dir), "pretrained": {
         "from": str(model_dir.resolve()), "objective": cfg.objective, "distill": cfg.distill, "steps": cfg.steps,
         "averaged_checkpoints": [p.name for p in paths],

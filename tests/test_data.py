@@ -1,0 +1,72 @@
+"""Reading training text and caching its tokens."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import encdec
+import encdec.data.tokens as tokens
+from encdec.data.corpus import HELDOUT_TOPICS, default_corpus, heldout_passages
+from encdec.data.text import read_documents
+from encdec.errors import EncdecError
+
+
+def test_every_format_and_directories(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("first paragraph\nstill first\n\nsecond one\n")
+    (tmp_path / "d" / "b.jsonl").write_text(json.dumps({"text": "from jsonl"}) + "\n\n" + json.dumps({"text": "again"}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["from parquet", ""]}), tmp_path / "c.parquet")
+    assert list(read_documents(str(tmp_path / "d"))) == ["first paragraph\nstill first", "second one", "from jsonl", "again"]
+    assert list(read_documents(str(tmp_path / "c.parquet"), text_field="body")) == ["from parquet"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad.jsonl, line 2: not a JSON object"),
+    ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"field.jsonl, line 2: no string field 'text'"),
+    ("latin.txt", "caf\u00e9\n\nline two\n".encode("latin-1"), r"latin.txt, line 1: not UTF-8"),
+    ("empty.txt", b"\n\n", r"empty.txt: empty"),
+    ("data.csv", b"a,b\n", r"unsupported file type '.csv'"),
+    ("broken.parquet", b"PAR1 nope", r"broken.parquet: not a readable parquet file"),
+])
+def test_bad_files_are_named(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(EncdecError, match=message):
+        list(read_documents(str(tmp_path / name)))
+
+
+def test_missing_and_empty_directory(tmp_path):
+    with pytest.raises(EncdecError, match="no such file or directory"):
+        list(read_documents(str(tmp_path / "nowhere.txt")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EncdecError, match="no .txt, .jsonl or .parquet files"):
+        list(read_documents(str(tmp_path / "empty")))
+
+
+def test_token_cache_is_reused_and_keyed_by_source(sources, tmp_path, monkeypatch):
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    data = tmp_path / "a.txt"
+    data.write_text("w1 w2 w3\n\nw4 w5\n")
+    first = tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache")
+    assert first.tolist() == [2, 29, 30, 31, 1, 2, 32, 33, 1]
+    monkeypatch.setattr(tokens, "_documents", lambda *a: pytest.fail("tokenized again"))
+    assert np.array_equal(tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache"), first)
+    monkeypatch.undo()
+    data.write_text("w9\n")  # changed source, new key
+    assert tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache").tolist() == [2, 37, 1]
+
+
+def test_default_corpus_is_disjoint_from_the_heldout_passages():
+    corpus = " ".join(default_corpus())
+    passages = heldout_passages()
+    assert len(passages) == 8 and len(corpus) > 1_000_000
+    for passage in passages:
+        for sentence in passage.split(". ")[:5]:
+            if len(sentence) > 60:
+                assert sentence not in corpus
+    assert len(HELDOUT_TOPICS) >= 8

@@ -1,0 +1,77 @@
+"""Chunked cross-entropy and distillation; the teacher reads exactly what the student predicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+
+import encdec
+from encdec.model import Segments
+from encdec.objectives import Example
+from encdec.training.data import make_batch
+from encdec.training.loop import teacher_states
+from encdec.training.loss import Distillation, chunked_loss, kl_to_teacher
+from encdec.training.teacher import load_teacher
+
+
+def _head(weight):
+    return lambda h: h @ weight.T
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_cross_entropy_and_gradients_equal_the_plain_ones(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(30, 8, generator=g, requires_grad=True)
+    weight = torch.randn(50, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (30,), generator=g)
+    parts = chunked_loss(hidden, _head(weight), labels, chunk=chunk)
+    parts.loss.backward()
+    got = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    F.cross_entropy(hidden @ weight.T, labels).backward()
+    assert abs(parts.ce - F.cross_entropy(hidden @ weight.T, labels).item()) < 1e-5
+    assert torch.allclose(got[0], hidden.grad, atol=1e-6) and torch.allclose(got[1], weight.grad, atol=1e-6)
+
+
+def test_distillation_is_cross_entropy_at_alpha_zero_and_zero_kl_for_the_teacher_itself():
+    g = torch.Generator().manual_seed(1)
+    hidden, weight = torch.randn(20, 8, generator=g), torch.randn(40, 8, generator=g)
+    labels = torch.randint(0, 40, (20,), generator=g)
+    teacher = torch.randn(20, 8, generator=g)
+    mask = torch.ones(20, dtype=torch.bool)
+    ce = chunked_loss(hidden, _head(weight), labels, chunk=6).loss
+    at_zero = chunked_loss(hidden, _head(weight), labels, chunk=6, teacher_hidden=teacher, teacher_head=_head(weight),
+                           distill_mask=mask, distillation=Distillation(alpha=0.0, tau=2.0))
+    assert torch.allclose(at_zero.loss, ce) and at_zero.kl > 0
+    for top_k in (0, 5):
+        same = chunked_loss(hidden, _head(weight), labels, chunk=6, teacher_hidden=hidden, teacher_head=_head(weight),
+                            distill_mask=mask, distillation=Distillation(alpha=1.0, tau=2.0, top_k=top_k))
+        assert abs(same.kl) < 1e-5 if top_k == 0 else same.kl >= 0
+    logits = torch.randn(4, 10, generator=g)
+    expected = F.kl_div(F.log_softmax(logits.flip(0) / 2, -1), F.log_softmax(logits / 2, -1), log_target=True,
+                        reduction="sum")
+    assert torch.allclose(kl_to_teacher(logits.flip(0), logits, tau=2.0, top_k=0), expected, atol=1e-5)
+
+
+def test_teacher_states_predict_each_target_like_the_source_model(sources):
+    teacher = load_teacher(str(sources["gemma3"]), 96, torch.float32, torch.device("cpu"))
+    source = tf.AutoModelForCausalLM.from_pretrained(str(sources["gemma3"])).eval()
+    examples = [Example([2, 30, 31, 32], [40, 41, 1]), Example([2, 50], [60, 61, 62, 1]), Example([2, 70, 71], [72, 1])]
+    batch = make_batch(examples, enc_len=6, dec_len=7, pad_id=0, bos_id=2, with_teacher=True)
+    states = teacher_states(teacher, batch)
+    logits = teacher.logits(states)
+    row = 0
+    labels = batch.rows.labels[batch.rows.labels != -100]
+    assert len(labels) == len(states) == sum(len(e.targets) for e in examples)
+    for example in examples:
+        ids = torch.tensor([example.inputs + example.targets[:-1]])
+        with torch.no_grad():
+            ref = source(input_ids=ids).logits[0, len(example.inputs) - 1 :]
+        assert torch.allclose(logits[row : row + len(example.targets)], ref, atol=1e-4)
+        row += len(example.targets)
+    with torch.no_grad():
+        plain = teacher.hidden(torch.tensor([[2, 30, 31]]), Segments.of(torch.tensor([[2, 30, 31]]), None, None, None))
+    assert plain.shape == (1, 3, 32)
+    assert isinstance(encdec.load_source(str(sources["gemma3"])).stack.num_layers, int)
