@@ -112,7 +112,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from encdec.quickstart import run
 
-    run(args.out, overwrite=args.overwrite, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    run(args.out, overwrite=args.overwrite, prompt=args.prompt, max_new_tokens=args.max_new_tokens, steps=args.steps,
+        trim_vocab=args.trim_vocab)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,9 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quickstart", formatter_class=_formatter, help="the main job on the packaged Gemma 3 270M",
-                       description="Adapt the packaged Gemma 3 270M into a 270M-270M encoder-decoder, save it, and "
-                       "compare it with its source: parameters, a greedy continuation, held-out suffix NLL.")
-    p.add_argument("--out", type=Path, default=Path("runs/gemma-3-270m-270m"), metavar="DIR")
+                       description="Adapt the packaged Gemma 3 270M into a 270M-270M encoder-decoder (saved in "
+                       "DIR/adapted), compare it with its source (parameters, a greedy continuation, held-out suffix "
+                       "NLL), run a short PrefixLM + distillation adaptation (DIR/pretrain) and compare again.")
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), metavar="DIR")
+    p.add_argument("--steps", type=int, default=20, help="adaptation steps (0: adapt and compare only)")
+    p.add_argument("--trim-vocab", type=int, default=8192, help="train on the N most frequent tokens (speed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--prompt", default="The capital of France is", metavar="TEXT")
     p.add_argument("--max-new-tokens", type=int, default=16)

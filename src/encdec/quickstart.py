@@ -1,5 +1,6 @@
 """The main job on the built-in default: adapt the packaged Gemma 3 270M into a 270M-270M
-encoder-decoder, save it, and compare it with its decoder-only source."""
+encoder-decoder, compare it with its decoder-only source, then run a short PrefixLM + distillation
+adaptation on the default corpus and compare again."""
 
 from __future__ import annotations
 
@@ -8,60 +9,85 @@ from pathlib import Path
 import torch
 
 from encdec.adapt import adapt
-from encdec.checkpoint import save
+from encdec.checkpoint import load, save
 from encdec.data.corpus import heldout_passages
-from encdec.evaluation.nll import decoder_only_suffix_nll, encdec_suffix_nll, split_passages
+from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
 from encdec.files import check_output_dir
 from encdec.logs import timed
+from encdec.model import EncoderDecoder
 from encdec.report import describe, parameter_table
 from encdec.sources import load_source, load_tokenizer
+from encdec.training.config import TrainConfig
+from encdec.training.loop import train
 
 SOURCE = "gemma-3-270m"
 
 
-def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int) -> None:
+def _continuation(model: EncoderDecoder, tokenizer, prompt: str, max_new_tokens: int) -> str:  # noqa: ANN001
+    batch = tokenizer([prompt], return_tensors="pt")
+    out = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: int, trim_vocab: int) -> None:
     from transformers import AutoModelForCausalLM
 
     check_output_dir(out, overwrite)
+    adapted_dir, run_dir = out / "adapted", out / "pretrain"
     with timed(f"loading {SOURCE}"):
         source = load_source(SOURCE)
         tokenizer = load_tokenizer(source.directory)
     with timed("adapting to a balanced encoder-decoder with merged attention"):
         model = adapt(source)
-    with timed(f"saving to {out}"):
-        fmt = save(model, out, tokenizer_dir=source.directory, overwrite=overwrite,
-                   metadata={"adapted_from": {"encoder": SOURCE, "decoder": None, "decoder_layers": None,
-                                              "attention": model.config.attention}})
+    with timed(f"saving to {adapted_dir}"):
+        provenance = {"adapted_from": {"encoder": SOURCE, "decoder": None, "decoder_layers": None,
+                                       "attention": model.config.attention}}
+        fmt = save(model, adapted_dir, tokenizer_dir=source.directory, overwrite=overwrite, metadata=provenance)
     with timed("loading the decoder-only source in transformers, for comparison"):
         reference = AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=torch.float32).eval()
 
-    print(f"\nSaved {out} (format {fmt}; transformers: AutoModelForSeq2SeqLM.from_pretrained('{out}'))")
+    print(f"\nAdapted model: {adapted_dir} (format {fmt}; transformers: AutoModelForSeq2SeqLM.from_pretrained)")
     print(describe(model))
     print("Parameters:")
     print(parameter_table(model))
     print(f"  (decoder-only source: {sum(p.numel() for p in reference.parameters()):,})")
-
     batch = tokenizer([prompt], return_tensors="pt")
     with torch.no_grad():  # method.md's invariant: with the encoder fully masked, the decoder is the source
         masked = model(batch.input_ids, torch.zeros_like(batch.input_ids), batch.input_ids).logits
         gap = (masked - reference(input_ids=batch.input_ids).logits).abs().max().item()
     print(f"  check: decoder with a fully masked encoder vs the source, max |logit difference| = {gap:.2e}")
-    with timed("greedy continuations"):
-        with torch.no_grad():
-            src_ids = reference.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-        src_text = tokenizer.decode(src_ids[0, batch.input_ids.shape[1]:], skip_special_tokens=True)
-        ours = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens)
-        our_text = tokenizer.decode(ours[0], skip_special_tokens=True)
-    print(f"\nGreedy continuation of {prompt!r}:")
-    print(f"  decoder-only source    : {src_text!r}")
-    print(f"  adapted, not yet trained: {our_text!r}")
 
     data = split_passages(tokenizer, heldout_passages(), prefix_len=64, suffix_len=64)
-    with timed(f"held-out suffix NLL on {len(data.prefix)} passages"):
-        src_nll = decoder_only_suffix_nll(reference, data)
-        our_nll = encdec_suffix_nll(model, data)
-    print(f"\nHeld-out suffix NLL (nats/token; 64-token prefix -> 64-token suffix, {len(data.prefix)} passages "
-          "of the Python language reference):")
-    print(f"  decoder-only source (reads prefix+suffix causally): {src_nll:6.3f}")
-    print(f"  adapted encoder-decoder, before training           : {our_nll:6.3f}")
-    print("  The adapted decoder has never read bidirectional encoder states: adaptation pretraining closes this gap.")
+    with timed(f"held-out suffix NLL on {len(data.prefix)} passages, and greedy continuations"):
+        rows = [("decoder-only source (reads prefix+suffix causally)", decoder_only_suffix_nll(reference, data)),
+                ("adapted encoder-decoder, before training", encdec_suffix_nll(model, data))]
+        with torch.no_grad():
+            src_ids = reference.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+        texts = [("decoder-only source", tokenizer.decode(src_ids[0, batch.input_ids.shape[1]:], skip_special_tokens=True)),
+                 ("adapted, before training", _continuation(model, tokenizer, prompt, max_new_tokens))]
+    del model, reference
+
+    if steps:
+        cfg = TrainConfig(model=str(adapted_dir), out=str(run_dir), distill=True, steps=steps, enc_len=64, dec_len=64,
+                          batch_size=4, lr=3e-4, warmup_steps=max(1, steps // 10), eval_every=0, eval_windows=16,
+                          save_every=steps, trim_vocab=trim_vocab, overwrite=True)
+        print(f"\nPrefixLM + distillation on the default corpus: {steps} steps of 4 rows x (64 + 64) tokens, "
+              f"vocabulary trimmed to {trim_vocab:,} tokens for speed (mapped back when saved)")
+        final = train(cfg)
+        trained = load(final)
+        with timed("held-out suffix NLL after training"):
+            rows.append((f"adapted encoder-decoder, after {steps} steps", encdec_suffix_nll(trained, data)))
+            texts.append((f"adapted, after {steps} steps", _continuation(trained, tokenizer, prompt, max_new_tokens)))
+    _report(prompt, texts, rows, data)
+
+
+def _report(prompt: str, texts: list[tuple[str, str]], rows: list[tuple[str, float]], data: PrefixSuffix) -> None:
+    print(f"\nGreedy continuation of {prompt!r}:")
+    width = max(len(name) for name, _ in texts)
+    for name, text in texts:
+        print(f"  {name:<{width}} : {text!r}")
+    print(f"\nHeld-out suffix NLL (nats/token; 64-token prefix -> 64-token suffix, {len(data.prefix)} passages of the "
+          "Python language reference, never trained on):")
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"  {name:<{width}} : {value:6.3f}")

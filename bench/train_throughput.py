@@ -1,0 +1,265 @@
+"""Training-step throughput of the 270M-270M model: this project versus plain transformers.
+
+Measures one optimiser step (forward, loss, backward, gradient clipping at 1.0, AdamW) on the
+packaged Gemma 3 270M adapted with merged attention, in two implementations holding the same weights:
+
+- encdec: the project's `LossModule` (forward + chunked cross-entropy) on a `make_batch` batch, with
+  the optimiser from `build_optimizer`, as `encdec pretrain` runs them;
+- transformers: `T5Gemma2ForConditionalGeneration` loaded from the same weights (SDPA attention) in a
+  plain PyTorch loop: `out.loss.backward()` and `torch.optim.AdamW`.
+
+Both read the same B rows of `enc_len` input and `dec_len` target tokens (one example per row, no
+padding), keep float32 weights, and run each precision ("fp32"; "bf16" = bfloat16 autocast around
+forward and loss). Each (implementation, precision) gets one warm-up step and `--steps` timed steps
+with a freshly loaded model; the table reports the median step time, tokens/s (encoder + decoder
+tokens) and model FLOP utilisation against a matrix-product rate measured in the same run. bf16 is
+skipped where bfloat16 products run under a tenth of the float32 rate (AVX2-only CPUs), since a step
+would take an hour there. The last line is the throughput ratio encdec / transformers.
+
+Model FLOPs per step count 6 per parameter per token that parameter reads (forward + backward):
+encoder parameters x encoder tokens, decoder parameters x decoder tokens, the decoder's key/value
+projections x encoder tokens again (merged attention projects the encoder output in every decoder
+layer), and the tied LM head x decoder tokens. Attention score products and embedding lookups are
+left out.
+
+Run (the first use of gemma-3-270m dequantises and caches it, about 2 minutes):
+
+    python bench/train_throughput.py                 # cuda if available, else cpu
+    python bench/train_throughput.py --steps 3 --precisions fp32 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+import encdec
+from encdec.objectives import Example
+from encdec.training.data import Batch, make_batch
+from encdec.training.loop import LossModule
+from encdec.training.optim import build_optimizer
+
+SOURCE = "gemma-3-270m"
+PAD_ID, BOS_ID = 0, 2
+TOKEN_IDS = (10, 20000)  # random ids drawn from [low, high): ordinary tokens, no special ones
+LR, WEIGHT_DECAY, CLIP = 1e-4, 0.01, 1.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MATMUL_SIZE = 2048
+MATMUL_REPEATS, MATMUL_BUDGET_S, MATMUL_ROUND_S = 5, 1.0, 0.05
+SLOW_FACTOR = 10  # skip a precision whose products run this many times slower than float32
+
+
+@dataclass
+class Measured:
+    implementation: str
+    precision: str
+    seconds: float  # median step time
+
+
+@dataclass
+class Skipped:
+    precision: str
+    reason: str
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4, help="rows per step")
+    p.add_argument("--enc-len", type=int, default=128, help="encoder tokens per row")
+    p.add_argument("--dec-len", type=int, default=128, help="decoder (target) tokens per row")
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of encdec's LM-head loss")
+    args = p.parse_args()
+    args.precisions = args.precisions.split(",")
+    unknown = set(args.precisions) - set(DTYPES)
+    if unknown:
+        p.error(f"--precisions: unknown {sorted(unknown)}; choose from {sorted(DTYPES)}")
+    return args
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
+    """Best FLOP/s of MATMUL_SIZE-square products in `dtype`: up to MATMUL_REPEATS rounds, stopping once
+    MATMUL_BUDGET_S is spent (one product can take many seconds); fast devices run several products a round."""
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype, device=device)
+    b = torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=dtype, device=device)
+    flops = 2 * MATMUL_SIZE**3
+    per_round, best, spent = 1, 0.0, 0.0
+    for _ in range(MATMUL_REPEATS):
+        start = time.perf_counter()
+        for _ in range(per_round):
+            a @ b
+        synchronize(device)
+        seconds = time.perf_counter() - start
+        best, spent = max(best, per_round * flops / seconds), spent + seconds
+        if spent > MATMUL_BUDGET_S:
+            break
+        per_round = max(1, int(MATMUL_ROUND_S * per_round / seconds))
+    return best
+
+
+def random_examples(batch: int, enc_len: int, dec_len: int) -> list[Example]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(*TOKEN_IDS, (batch, enc_len + dec_len), generator=generator).tolist()
+    return [Example(inputs=row[:enc_len], targets=row[enc_len:]) for row in ids]
+
+
+def step_flops(model: encdec.EncoderDecoder, batch: int, enc_len: int, dec_len: int) -> float:
+    """Model FLOPs of one training step (see the module docstring)."""
+    def count(prefix: str) -> int:
+        return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefix))
+
+    encoder_kv = sum(b.attn.k_proj.weight.numel() + b.attn.v_proj.weight.numel() for b in model.decoder.layers)
+    enc_tokens, dec_tokens = batch * enc_len, batch * dec_len
+    reads = (count("encoder.") + encoder_kv) * enc_tokens + (count("decoder.") + model.embed.weight.numel()) * dec_tokens
+    return 6.0 * reads
+
+
+def prepare(directory: Path, args: argparse.Namespace) -> float:
+    """Adapt the source with merged attention, save it to `directory` (T5Gemma 2 layout); returns step FLOPs."""
+    model = encdec.adapt(encdec.load_source(SOURCE), attention="merged")
+    encdec.save(model, directory)
+    return step_flops(model, args.batch, args.enc_len, args.dec_len)
+
+
+def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Median seconds of `steps` calls of `step` after one warm-up call."""
+    step()
+    synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    print("  step seconds: " + ", ".join(f"{t:.2f}" for t in times), file=sys.stderr, flush=True)
+    return statistics.median(times)
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    rows = batch.rows
+    return Batch(dataclasses.replace(rows, **{f.name: getattr(rows, f.name).to(device) for f in dataclasses.fields(rows)}), None)
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+def time_encdec(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> float:
+    device = torch.device(args.device)
+    model = encdec.load(directory).to(device).train()
+    module = LossModule(model, args.loss_chunk, distillation=None)
+    optimizer = build_optimizer(module, lr=LR, weight_decay=WEIGHT_DECAY, decay_all=False)
+    params = list(module.parameters())
+    batch = batch_to(make_batch(examples, enc_len=args.enc_len, dec_len=args.dec_len, pad_id=PAD_ID, bos_id=BOS_ID,
+                                with_teacher=False), device)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            parts = module(batch)
+        parts.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(step, args.steps, device)
+
+
+def time_transformers(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> float:
+    device = torch.device(args.device)
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
+        str(directory), attn_implementation="sdpa", dtype=torch.float32
+    ).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    params = list(model.parameters())
+    input_ids = torch.tensor([e.inputs for e in examples], device=device)
+    labels = torch.tensor([e.targets for e in examples], device=device)
+    decoder_input_ids = torch.cat([torch.full_like(labels[:, :1], BOS_ID), labels[:, :-1]], dim=1)
+    attention_mask = torch.ones_like(input_ids)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                        labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return time_steps(step, args.steps, device)
+
+
+IMPLEMENTATIONS = {"encdec": time_encdec, "transformers": time_transformers}
+
+
+def print_table(rows: list[Measured | Skipped], tokens: int, flops: float, peaks: dict[str, float]) -> None:
+    print(f"{'implementation':<14}  {'precision':<9}  {'step s (median)':>15}  {'tokens/s':>9}  {'MFU %':>6}")
+    for row in rows:
+        if isinstance(row, Skipped):
+            print(f"{'(both)':<14}  {row.precision:<9}  skipped: {row.reason}")
+            continue
+        mfu = 100 * flops / row.seconds / peaks[row.precision]
+        print(f"{row.implementation:<14}  {row.precision:<9}  {row.seconds:>15.3f}  {tokens / row.seconds:>9.1f}  {mfu:>6.1f}")
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    wanted = dict.fromkeys(["fp32", *args.precisions])  # fp32's rate is what bf16 is judged against
+    peaks = {name: matmul_rate(DTYPES[name], device) for name in wanted}
+    examples = random_examples(args.batch, args.enc_len, args.dec_len)
+    tokens = args.batch * (args.enc_len + args.dec_len)
+    rows: list[Measured | Skipped] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "model"
+        flops = prepare(directory, args)
+        free_memory(device)
+        for precision in args.precisions:
+            if peaks[precision] * SLOW_FACTOR < peaks["fp32"]:
+                rows.append(Skipped(precision, f"{precision} products run at {peaks[precision] / 1e9:.1f} GFLOP/s, "
+                                               f"under 1/{SLOW_FACTOR} of fp32's {peaks['fp32'] / 1e9:.1f} GFLOP/s"))
+                continue
+            for name, run in IMPLEMENTATIONS.items():
+                print(f"timing {name} {precision} ...", file=sys.stderr, flush=True)
+                rows.append(Measured(name, precision, run(directory, examples, args, DTYPES[precision])))
+                free_memory(device)
+
+    print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else
+          f"device {device} ({torch.cuda.get_device_name(device)})")
+    print(f"batch {args.batch} x (enc {args.enc_len} + dec {args.dec_len}) = {tokens} tokens/step, "
+          f"loss chunk {args.loss_chunk}, {flops / 1e12:.3f} model TFLOP/step, median of {args.steps} steps")
+    print(f"peak ({MATMUL_SIZE}x{MATMUL_SIZE} @ {MATMUL_SIZE}x{MATMUL_SIZE} product, best of rounds): "
+          + ", ".join(f"{name} {rate / 1e9:.1f} GFLOP/s" for name, rate in peaks.items()))
+    print_table(rows, tokens, flops, peaks)
+    seconds = {(r.implementation, r.precision): r.seconds for r in rows if isinstance(r, Measured)}
+    for precision in args.precisions:
+        if ("encdec", precision) in seconds:
+            ratio = seconds[("transformers", precision)] / seconds[("encdec", precision)]
+            print(f"ratio (encdec / transformers, {precision}): {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
