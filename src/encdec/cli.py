@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "DIR/adapted), compare it with its source (parameters, a greedy continuation, held-out suffix "
                        "NLL), run a short PrefixLM + distillation adaptation (DIR/pretrain) and compare again.")
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), metavar="DIR")
-    p.add_argument("--steps", type=int, default=20, help="adaptation steps (0: adapt and compare only)")
+    p.add_argument("--steps", type=int, default=12, help="adaptation steps (0: adapt and compare only)")
     p.add_argument("--trim-vocab", type=int, default=8192, help="train on the N most frequent tokens (speed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--prompt", default="The capital of France is", metavar="TEXT")
