@@ -32,12 +32,19 @@ class Batch:
     rows: PackedRows
     teacher: TeacherRows | None
 
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """The batch with `fn` applied to every tensor."""
+        def apply(obj: Any) -> Any:
+            return dataclasses.replace(obj, **{f.name: fn(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+
+        return Batch(apply(self.rows), None if self.teacher is None else apply(self.teacher))
+
     def slice(self, start: int, end: int) -> Batch:
         """Rows [start, end): one process's share of a global batch."""
-        def cut(obj: Any) -> Any:
-            return dataclasses.replace(obj, **{f.name: getattr(obj, f.name)[start:end] for f in dataclasses.fields(obj)})
+        return self.map(lambda t: t[start:end])
 
-        return Batch(cut(self.rows), None if self.teacher is None else cut(self.teacher))
+    def to(self, device: torch.device) -> Batch:
+        return self if device.type == "cpu" else self.map(lambda t: t.to(device))
 
     @property
     def target_tokens(self) -> int:

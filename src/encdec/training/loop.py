@@ -109,17 +109,6 @@ def _prepare_output(cfg: TrainConfig, d: distributed.Dist) -> Path | None:
     return None
 
 
-def _to(batch: Batch, device: torch.device) -> Batch:
-    if device.type == "cpu":
-        return batch
-    import dataclasses
-
-    def move(obj):  # noqa: ANN001, ANN202
-        return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)})
-
-    return Batch(move(batch.rows), None if batch.teacher is None else move(batch.teacher))
-
-
 def _tokens(batch: Batch) -> int:
     return int((batch.rows.segment_ids != 0).sum() + (batch.rows.decoder_segment_ids != 0).sum())
 
@@ -203,8 +192,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         total, count = 0.0, 0
         with torch.no_grad(), autocast:
             for i in range(0, len(eval_examples), rows):
-                batch = _to(make_batch(eval_examples[i : i + rows], enc_len=cfg.enc_len, dec_len=cfg.dec_len,
-                                       with_teacher=False, **special), d.device)
+                batch = make_batch(eval_examples[i : i + rows], enc_len=cfg.enc_len, dec_len=cfg.dec_len,
+                                   with_teacher=False, **special).to(d.device)
                 n = batch.target_tokens
                 total += wrapped(batch).ce * n
                 count += n
@@ -223,7 +212,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 examples = stream.next_examples(rows * d.world)
                 batch = make_batch(examples, enc_len=cfg.enc_len, dec_len=cfg.dec_len, with_teacher=with_teacher,
                                    **special).slice(d.rank * rows, (d.rank + 1) * rows)
-                batch = _to(batch, d.device)
+                batch = batch.to(d.device)
                 tokens += _tokens(batch)
                 teacher_hidden = teacher_states(teacher, batch) if teacher is not None else None
                 last_micro = micro == cfg.grad_accum - 1
