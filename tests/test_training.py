@@ -172,3 +172,13 @@ def test_trimmed_vocabulary_trains_and_maps_back(adapted, corpus, tmp_path):
     assert torch.equal(model.embed.weight[dropped], full.embed.weight[dropped])  # untouched rows kept
     assert not torch.equal(model.embed.weight[kept], full.embed.weight[kept])  # trained rows written back
     assert model.generate(torch.tensor([[2, 40, 41]]), max_new_tokens=3).shape[0] == 1
+
+
+def test_gradient_accumulation_matches_one_larger_batch(adapted, corpus, tmp_path):
+    loop.train(_config(adapted, tmp_path / "big", corpus, steps=1, batch_size=2, grad_accum=1, eval_windows=4))
+    loop.train(_config(adapted, tmp_path / "accum", corpus, steps=1, batch_size=1, grad_accum=2, eval_windows=4))
+    big, accum = _metrics(tmp_path / "big")[0], _metrics(tmp_path / "accum")[0]
+    assert abs(big["loss"] - accum["loss"]) < 1e-5 and abs(big["grad_norm"] - accum["grad_norm"]) < 1e-4
+    a = encdec.load(tmp_path / "big" / "model").state_dict()
+    b = encdec.load(tmp_path / "accum" / "model").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
