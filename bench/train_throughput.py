@@ -133,9 +133,9 @@ def step_flops(model: encdec.EncoderDecoder, batch: int, enc_len: int, dec_len: 
         return sum(p.numel() for name, p in model.named_parameters() if name.startswith(prefix))
 
     encoder_kv = sum(b.attn.k_proj.weight.numel() + b.attn.v_proj.weight.numel() for b in model.decoder.layers)
-    enc_tokens, dec_tokens = batch * enc_len, batch * dec_len
-    reads = (count("encoder.") + encoder_kv) * enc_tokens + (count("decoder.") + model.embed.weight.numel()) * dec_tokens
-    return 6.0 * reads
+    encoder_reads = (count("encoder.") + encoder_kv) * batch * enc_len
+    decoder_reads = (count("decoder.") + model.embed.weight.numel()) * batch * dec_len
+    return 6.0 * (encoder_reads + decoder_reads)
 
 
 def prepare(directory: Path, args: argparse.Namespace) -> float:
@@ -161,7 +161,8 @@ def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> fl
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
     rows = batch.rows
-    return Batch(dataclasses.replace(rows, **{f.name: getattr(rows, f.name).to(device) for f in dataclasses.fields(rows)}), None)
+    moved = {f.name: getattr(rows, f.name).to(device) for f in dataclasses.fields(rows)}
+    return Batch(dataclasses.replace(rows, **moved), None)
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
@@ -222,7 +223,8 @@ def print_table(rows: list[Measured | Skipped], tokens: int, flops: float, peaks
             print(f"{'(both)':<14}  {row.precision:<9}  skipped: {row.reason}")
             continue
         mfu = 100 * flops / row.seconds / peaks[row.precision]
-        print(f"{row.implementation:<14}  {row.precision:<9}  {row.seconds:>15.3f}  {tokens / row.seconds:>9.1f}  {mfu:>6.1f}")
+        print(f"{row.implementation:<14}  {row.precision:<9}  {row.seconds:>15.3f}  {tokens / row.seconds:>9.1f}"
+              f"  {mfu:>6.1f}")
 
 
 def main() -> None:
