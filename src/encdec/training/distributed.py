@@ -61,6 +61,11 @@ def reduce_sum(value: float, d: Dist) -> float:
     return float(t.item())
 
 
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
 def close(d: Dist) -> None:
     if d.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

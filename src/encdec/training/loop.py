@@ -117,7 +117,9 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a pretraining run; returns the directory of the final model."""
     d = distributed.init()
     try:
-        return _train(cfg, d)
+        final = _train(cfg, d)
+        distributed.barrier(d)  # nobody tears the group down while rank 0 still writes the final model
+        return final
     finally:
         distributed.close(d)
 
