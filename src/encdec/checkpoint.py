@@ -105,6 +105,15 @@ def load(path: Path | str, dtype: torch.dtype = torch.float32) -> EncoderDecoder
     return load_checkpoint(path, dtype).model
 
 
+def is_checkpoint(spec: str | Path) -> bool:
+    """Whether `spec` is an encoder-decoder checkpoint directory (else it may be a decoder-only source)."""
+    config = Path(spec).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    data = read_json(config)
+    return data.get("format") == NATIVE or data.get("model_type") in LAYOUTS
+
+
 def read_metadata(path: Path | str) -> dict:
     """The provenance saved with a model (empty when there is none)."""
     file = Path(path) / METADATA

@@ -111,3 +111,19 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a text file through a temporary sibling and a rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
+                                     encoding="utf-8") as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+def portable_path(spec: str) -> str:
+    """A model or data specification as it can be found again later: local paths made absolute, names kept."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec

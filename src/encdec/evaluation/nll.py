@@ -7,6 +7,7 @@ on exactly the same suffix tokens, in nats per token.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,3 +65,15 @@ def decoder_only_suffix_nll(model, data: PrefixSuffix, batch_size: int = 4) -> f
         return model(input_ids=torch.cat([prefix, suffix], 1)).logits[:, prefix.shape[1] - 1 : -1]
 
     return _mean_nll(data, batch_size, "decoder-only NLL", suffix_logits)
+
+
+def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2048) -> float:  # noqa: ANN001
+    """exp(mean NLL) of every token of each text after the first, read causally by a transformers LM."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in tqdm(texts, desc="decoder-only perplexity", unit="text", leave=False):
+            ids = torch.tensor([tokenizer(text).input_ids[:max_len]])
+            logits = model(input_ids=ids).logits[0, :-1]
+            total += F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum").item()
+            count += ids.shape[1] - 1
+    return math.exp(total / count)

@@ -1,0 +1,53 @@
+"""Answer matching for generative tasks: the final number of a chain of thought (GSM8K) and
+normalised exact match (TriviaQA, NaturalQuestions)."""
+
+from __future__ import annotations
+
+import re
+import string
+
+NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
+ANSWER_IS = re.compile(r"answer is\s*:?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)
+
+
+def _clean_number(text: str) -> str | None:
+    """'$1,234.50' -> '1234.5'; '7.' -> '7'; None when no digit remains."""
+    text = text.replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
+    if not re.fullmatch(r"-?\d+(?:\.\d+)?", text):
+        return None
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def final_number(text: str) -> str | None:
+    """The number a chain of thought ends on: after "the answer is" when stated (the few-shot
+    examples end that way), else the last number in the text; GSM8K's "#### N" also counts."""
+    for pattern in (ANSWER_IS, re.compile(r"####\s*(" + NUMBER.pattern + ")")):
+        found = pattern.findall(text)
+        if found:
+            return _clean_number(found[-1])
+    numbers = NUMBER.findall(text)
+    return _clean_number(numbers[-1]) if numbers else None
+
+
+def normalise(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (the SQuAD / TriviaQA convention)."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: list[str]) -> bool:
+    guess = normalise(prediction)
+    return any(guess == normalise(a) for a in answers)
+
+
+def first_line(text: str, stops: tuple[str, ...]) -> str:
+    """A generation cut at the first stop string."""
+    cut = len(text)
+    for stop in stops:
+        at = text.find(stop)
+        if at != -1:
+            cut = min(cut, at)
+    return text[:cut].strip()

@@ -1,0 +1,230 @@
+"""`encdec evaluate`: every model through the same tasks and prompts; a markdown table and a JSON
+record with per-example results and the provenance of the prompts."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from encdec.evaluation.answers import exact_match, final_number, first_line
+from encdec.evaluation.scoring import Scorer, load_scorer
+from encdec.evaluation.stats import wilson_interval
+from encdec.evaluation.tasks import FORMAT_VERSION, LM_TASK, TASKS, Choice, Question, Task, choice_prompts, choose_shots, \
+    question_prompt, sample
+from encdec.files import atomic_write
+
+log = logging.getLogger("encdec")
+
+
+@dataclass
+class Settings:
+    tasks: list[str]
+    shots: int = 5
+    limit: int | None = None
+    chat: bool = False
+    batch_size: int = 8
+    max_len: int = 2048
+    seed: int = 1234
+
+
+@dataclass
+class TaskResult:
+    """One model on one task. Accuracy tasks fill `correct`; the held-out LM task fills `values`."""
+
+    n: int = 0
+    correct: float = 0.0
+    correct_norm: float | None = None
+    values: dict[str, float] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": self.n, **self.values}
+        if self.n and not self.values:
+            out["accuracy"] = self.correct / self.n
+            out["interval95"] = list(wilson_interval(self.correct, self.n))
+            if self.correct_norm is not None:
+                out["accuracy_norm"] = self.correct_norm / self.n
+                out["interval95_norm"] = list(wilson_interval(self.correct_norm, self.n))
+        return out
+
+
+def _chat(text: str) -> str:
+    from encdec.data.instructions import chat_prompt_text
+
+    return chat_prompt_text(text)
+
+
+def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str, list[Choice]], s: Settings) -> TaskResult:
+    requests, owners = [], []
+    for k, item in enumerate(items):
+        for context, continuation in zip(choice_prompts(task, item, shots), item.continuations):
+            if s.chat:
+                context, continuation = _chat(context), continuation.lstrip()
+            requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation)))
+            owners.append(k)
+    scores = scorer.loglikelihoods(requests, s.batch_size, desc=f"{scorer.name} · {task.name}")
+    result = TaskResult(n=len(items), correct_norm=0.0)
+    at = 0
+    for item in items:
+        count = len(item.continuations)
+        logps = [score for score, _ in scores[at : at + count]]
+        chars = [max(1, len(c.lstrip().encode())) for c in item.continuations]
+        norm = [lp / c for lp, c in zip(logps, chars)]
+        pick, pick_norm = max(range(count), key=logps.__getitem__), max(range(count), key=norm.__getitem__)
+        result.correct += pick == item.gold
+        result.correct_norm += pick_norm == item.gold
+        result.examples.append({"id": item.id, "gold": item.gold, "prediction": pick, "prediction_norm": pick_norm,
+                                "logprobs": [round(x, 4) for x in logps]})
+        at += count
+    return result
+
+
+def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[str, list[Question]], s: Settings) -> TaskResult:
+    prompts = [question_prompt(item, shots) for item in items]
+    if s.chat:
+        prompts = [_chat(p) for p in prompts]
+    stop_ids = _single_token_stops(scorer, task.stops)
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
+    texts = [""] * len(items)
+    for start in tqdm(range(0, len(order), s.batch_size), desc=f"{scorer.name} · {task.name}", unit="batch", leave=False):
+        chunk = order[start : start + s.batch_size]
+        outs = scorer.generate([scorer.context_ids(prompts[i]) for i in chunk], task.max_new_tokens, stop_ids)
+        for i, ids in zip(chunk, outs):
+            texts[i] = scorer.tokenizer.decode(ids, skip_special_tokens=True)
+    result = TaskResult(n=len(items))
+    for item, text in zip(items, texts):
+        answer = first_line(text, task.stops)
+        if task.metric == "number":
+            guess = final_number(answer)
+            ok = guess is not None and guess == final_number(item.answers[0])
+        else:
+            guess, ok = answer, exact_match(answer, item.answers)
+        result.correct += ok
+        result.examples.append({"id": item.id, "output": text, "extracted": guess, "answers": item.answers[:5], "correct": ok})
+    return result
+
+
+def _single_token_stops(scorer: Scorer, stops: tuple[str, ...]) -> list[int]:
+    """Stop strings that are one token (Gemma's "\\n" and "\\n\\n") stop generation early; the rest are cut after."""
+    ids = [scorer.continuation_ids(stop) for stop in stops]
+    return [t[0] for t in ids if len(t) == 1]
+
+
+def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
+    from encdec.data.corpus import heldout_passages
+    from encdec.evaluation.nll import decoder_only_perplexity, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
+
+    passages = heldout_passages()
+    data = split_passages(scorer.tokenizer, passages, prefix_len=64, suffix_len=64)
+    if scorer.kind == "encoder-decoder":
+        values = {"suffix_nll": encdec_suffix_nll(scorer.model, data, s.batch_size)}
+    else:
+        values = {"suffix_nll": decoder_only_suffix_nll(scorer.model, data, s.batch_size),
+                  "perplexity": decoder_only_perplexity(scorer.model, scorer.tokenizer, passages, s.max_len)}
+    return TaskResult(n=len(data.prefix), values=values)
+
+
+def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Results of every model on every task, as the JSON record (see `write`)."""
+    from encdec.checkpoint import is_checkpoint
+    from encdec.sources import resolve
+
+    for spec in models:  # a bad name fails now, not after the first model's run
+        if not is_checkpoint(spec):
+            resolve(spec)
+    prepared: dict[str, tuple[list[Any], dict[str, list[Any]]]] = {}
+    for name in s.tasks:
+        if name != LM_TASK:
+            task = TASKS[name]
+            examples = task.examples()
+            prepared[name] = (sample(examples, s.limit, s.seed), choose_shots(task, s.shots, s.seed, examples))
+    record: dict[str, Any] = {"models": [], "tasks": {}, "settings": {**vars(s), "format_version": FORMAT_VERSION}}
+    for name in s.tasks:
+        if name == LM_TASK:
+            record["tasks"][name] = {"describe": "held-out suffix NLL (nats/token, 64-token prefix -> 64-token suffix) of "
+                                     "Python language-reference passages; perplexity of the whole passages for "
+                                     "decoder-only models", "results": {}}
+        else:
+            items, shots = prepared[name]
+            record["tasks"][name] = {"describe": TASKS[name].describe, "kind": TASKS[name].kind,
+                                     "shots": max((len(v) for v in shots.values()), default=0),
+                                     "n": len(items), "results": {}}
+    for spec in models:
+        scorer = load_scorer(spec, dtype, s.max_len)
+        record["models"].append({"name": spec, "kind": scorer.kind})
+        for name in s.tasks:
+            log.info("%s: %s", spec, name)
+            if name == LM_TASK:
+                result = run_heldout(scorer, s)
+            else:
+                items, shots = prepared[name]
+                runner = run_choice if TASKS[name].kind == "choice" else run_generate
+                result = runner(scorer, TASKS[name], items, shots, s)
+            record["tasks"][name]["results"][spec] = {**result.summary(), "examples": result.examples}
+        del scorer
+    record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return record
+
+
+def _cell(summary: dict[str, Any], key: str = "accuracy") -> str:
+    if key not in summary:
+        return "–"
+    lo, hi = summary["interval95" + key.removeprefix("accuracy")]
+    return f"{100 * summary[key]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """One column per model, one row per task: accuracy (%) with its 95% interval; the average over tasks."""
+    names = [m["name"] for m in record["models"]]
+    lines = [f"| task | n | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
+    averages: dict[str, list[float]] = {m: [] for m in names}
+    heldout = None
+    for task, entry in record["tasks"].items():
+        if task == LM_TASK:
+            heldout = entry
+            continue
+        cells = []
+        for m in names:
+            summary = entry["results"][m]
+            cell = _cell(summary)
+            if "accuracy_norm" in summary:
+                cell += f" · norm {100 * summary['accuracy_norm']:.1f}"
+            cells.append(cell)
+            averages[m].append(summary["accuracy"])
+        shots = f", {entry['shots']}-shot" if entry.get("shots") else ", 0-shot"
+        lines.append(f"| {task}{shots} | {entry['n']} | {' | '.join(cells)} |")
+    if any(averages.values()):
+        lines.append(f"| **average** | | {' | '.join(f'**{100 * sum(v) / len(v):.1f}**' for v in averages.values())} |")
+    if heldout is not None:
+        for key, label in (("suffix_nll", "held-out suffix NLL (nats/token, lower is better)"), ("perplexity", "held-out perplexity")):
+            cells = [f"{heldout['results'][m][key]:.3f}" if key in heldout["results"][m] else "–" for m in names]
+            if any(c != "–" for c in cells):
+                lines.append(f"| {label} | {heldout['results'][names[0]]['n']} | {' | '.join(cells)} |")
+    lines.append("")
+    lines.append("Accuracy in %, with a 95% Wilson interval; multiple-choice tasks by summed log-likelihood of each answer, "
+                 "'norm' by log-likelihood per byte of the answer.")
+    return "\n".join(lines)
+
+
+def write(record: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """OUT.md (the table) and OUT.json (everything), each written atomically."""
+    out = Path(out)
+    table, data = out.with_suffix(".md"), out.with_suffix(".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(table, markdown(record) + "\n")
+    atomic_write(data, json.dumps(record, indent=1, default=_json_default) + "\n")
+    return table, data
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__}")

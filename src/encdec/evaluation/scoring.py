@@ -1,0 +1,146 @@
+"""One scoring interface over both kinds of model, so that every task treats them alike.
+
+- An encoder-decoder reads the context in its encoder and scores the continuation in its decoder
+  (decoder input: BOS + continuation[:-1]); each distinct context is encoded once per batch.
+- A decoder-only model (run by transformers, as its authors ship it) scores the continuation
+  after the context, in one causal pass.
+Contexts are tokenized with BOS, continuations without special tokens, identically for both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from encdec.checkpoint import is_checkpoint
+from encdec.model import EncoderDecoder
+
+log = logging.getLogger("encdec")
+Request = tuple[list[int], list[int]]  # (context ids with BOS, continuation ids)
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
+    return ids, mask
+
+
+def _batches(order: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
+
+
+@dataclass
+class Scorer:
+    """A loaded model of either kind; `name` is what the user passed."""
+
+    name: str
+    kind: str  # "encoder-decoder" or "decoder-only"
+    model: torch.nn.Module
+    tokenizer: object
+    max_len: int = 2048
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    def context_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text).input_ids  # with BOS; long contexts keep BOS and their end
+        return ids if len(ids) <= self.max_len else ids[:1] + ids[len(ids) - self.max_len + 1 :]
+
+    def continuation_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def loglikelihoods(self, requests: list[Request], batch_size: int, desc: str = "scoring") -> list[tuple[float, bool]]:
+        """Per request: the summed log-probability of the continuation, and whether greedy decoding
+        would produce it exactly."""
+        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        with torch.no_grad():
+            for chunk in tqdm(list(_batches(order, batch_size)), desc=desc, unit="batch", leave=False):
+                scores = self._score([requests[i] for i in chunk])
+                for i, s in zip(chunk, scores):
+                    out[i] = s
+        return out
+
+    def _score(self, requests: list[Request]) -> list[tuple[float, bool]]:
+        if self.kind == "encoder-decoder":
+            hidden, targets = _encdec_states(self.model, requests)
+            logits = self.model.logits(hidden)
+        else:
+            hidden, targets = _causal_states(self.model, requests, self.tokenizer.pad_token_id)
+            logits = self.model.lm_head(hidden)
+            softcap = getattr(self.model.config, "final_logit_softcapping", None)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+        logp = F.log_softmax(logits.float(), -1)
+        token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
+        greedy = logp.argmax(-1) == targets
+        out, start = [], 0
+        for _, cont in requests:
+            end = start + len(cont)
+            out.append((token_logp[start:end].sum().item(), bool(greedy[start:end].all())))
+            start = end
+        return out
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+        """Greedy continuations, stopping at EOS or any of `stop_ids`."""
+        eos = [self.eos_id, *stop_ids]
+        pad = self.tokenizer.pad_token_id
+        with torch.no_grad():
+            if self.kind == "encoder-decoder":
+                ids, mask = _pad(prompts, pad)
+                out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos)
+            else:
+                ids, mask = _pad(prompts, pad, left=True)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:]
+        return [[t for t in row.tolist() if t != pad] for row in out]
+
+
+def _encdec_states(model: EncoderDecoder, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder states predicting every continuation token (flattened, in request order) and those tokens."""
+    cfg = model.config
+    contexts: dict[tuple[int, ...], int] = {}
+    for ctx, _ in requests:
+        contexts.setdefault(tuple(ctx), len(contexts))
+    enc_ids, enc_mask = _pad([list(c) for c in contexts], cfg.pad_token_id)
+    encoded = model.encode(enc_ids, enc_mask)
+    rows = torch.tensor([contexts[tuple(ctx)] for ctx, _ in requests])
+    dec_ids, dec_mask = _pad([[cfg.bos_token_id, *cont[:-1]] for _, cont in requests], cfg.pad_token_id)
+    out = model(enc_ids[rows], enc_mask[rows], dec_ids, dec_mask, encoder_hidden_states=encoded[rows], return_logits=False)
+    targets = torch.tensor([t for _, cont in requests for t in cont])
+    return out.decoder_hidden_states[dec_mask.bool()], targets
+
+
+def _causal_states(model: torch.nn.Module, requests: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = _pad([ctx + cont for ctx, cont in requests], pad_id)
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    picked = [hidden[i, len(ctx) - 1 : len(ctx) + len(cont) - 1] for i, (ctx, cont) in enumerate(requests)]
+    targets = torch.tensor([t for _, cont in requests for t in cont])
+    return torch.cat(picked), targets
+
+
+def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 2048) -> Scorer:
+    """An encoder-decoder checkpoint (anything `encdec.load` reads) or a decoder-only source."""
+    from encdec.sources import load_tokenizer, resolve
+
+    if is_checkpoint(spec):
+        from encdec.checkpoint import load
+
+        return Scorer(spec, "encoder-decoder", load(spec, dtype), load_tokenizer(Path(spec).expanduser()), max_len)
+    from transformers import AutoModelForCausalLM
+
+    directory = resolve(spec)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+    return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)

