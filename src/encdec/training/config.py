@@ -24,7 +24,8 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 class TrainConfig:
     model: str = _f("", "adapted model directory (from `encdec adapt`)")
     out: str = _f("runs/pretrain", "output directory: checkpoints/, metrics.jsonl, model/ (the final model)")
-    objective: str = _f("prefixlm", "prefixlm or ul2", choices=("prefixlm", "ul2"))
+    objective: str = _f("prefixlm", "prefixlm or ul2; instruct: prompt -> response pairs (what `encdec finetune` runs)",
+                        choices=("prefixlm", "ul2", "instruct"))
     mixture: str = _f("t5gemma2", "UL2 denoiser mixture: t5gemma2 or ul2 (the original UL2)", choices=("t5gemma2", "ul2"))
     random_split: bool = _f(False, "PrefixLM: split each window at a uniformly random point instead of the middle")
     distill: bool = _f(False, "PrefixLM: distill the decoder-only teacher's next-token distributions")
@@ -32,7 +33,9 @@ class TrainConfig:
     alpha: float = _f(0.5, "weight of the distillation term: alpha * KL * tau^2 + (1 - alpha) * cross-entropy")
     tau: float = _f(1.0, "distillation temperature")
     teacher_top_k: int = _f(0, "keep only the teacher's k most likely tokens (renormalised); 0 keeps all")
-    data: list[str] = _f([], "text files/directories (.txt, .jsonl, .parquet) or hf:NAME; none = the default corpus")
+    data: list[str] = _f([], "text files/directories (.txt, .jsonl, .parquet) or hf:NAME; none = the default corpus. "
+                         "instruct: .jsonl files of {prompt, response} or {messages}; none = Natural Instructions")
+    per_task: int = _f(100, "instruct without --data: Natural-Instructions examples per subtask (61 subtasks)")
     text_field: str = _f("text", "field of .jsonl records / parquet column holding the text")
     enc_len: int = _f(64, "encoder tokens per row (the paper: 4096)")
     dec_len: int = _f(64, "decoder tokens per row (the paper: 4096)")
@@ -83,11 +86,16 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per field; defaults are not set here so that only given options override the YAML."""
+def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
+                  skip: tuple[str, ...] = ()) -> None:
+    """One option per field (but `skip`); `defaults` replaces the dataclass defaults of a sub-command.
+    argparse defaults are not set so that only given options override the YAML."""
     parser.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML file of any of the options below")
+    defaults = defaults or {}
     for f in dataclasses.fields(TrainConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.name in skip:
+            continue
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         helptext = f"{f.metadata['doc']} (default: {default!r})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext, "dest": f.name}
         if isinstance(default, bool):
@@ -101,9 +109,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{_flag(f.name)}", **kwargs)
 
 
-def from_arguments(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the YAML file, then the command line."""
-    values: dict[str, Any] = {}
+def from_arguments(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults (the dataclass's, then the sub-command's), then the YAML file, then the command line."""
+    values: dict[str, Any] = dict(defaults or {})
     if getattr(args, "config", None):
         try:
             loaded = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -118,3 +126,12 @@ def from_arguments(args: argparse.Namespace) -> TrainConfig:
         raise EncdecError(f"{args.config}: unknown option(s) {unknown}; run `encdec pretrain --help` for the list")
     values.update({k: v for k, v in vars(args).items() if k in names})
     return TrainConfig(**values)
+
+
+# `encdec finetune`: instruction tuning with the same loop; options that only pretraining uses are hidden
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "objective": "instruct", "out": "runs/finetune", "enc_len": 512, "dec_len": 128, "lr": 2e-5, "steps": 200,
+    "warmup_steps": 20, "eval_every": 50, "eval_windows": 64,
+}
+FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "distill", "teacher", "alpha", "tau", "teacher_top_k",
+                   "text_field", "cross_warmup_steps")

