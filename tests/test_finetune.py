@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from tiny import WORDS
 
 import encdec
 from encdec.causal import load_causal
@@ -16,7 +17,6 @@ from encdec.data.instructions import Pair, chat_example
 from encdec.sources import load_tokenizer
 from encdec.training import loop
 from encdec.training.data import make_batch, teacher_rows
-from tiny import WORDS
 
 
 def write_instructions(path, count: int = 120, seed: int = 0):

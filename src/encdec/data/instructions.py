@@ -8,12 +8,12 @@ so every source (files, Natural Instructions) reaches `chat_example` in the same
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from encdec.data.text import json_lines
 from encdec.errors import EncdecError
 from encdec.objectives import Example
 
@@ -116,18 +116,11 @@ def _jsonl_files(spec: str) -> list[Path]:
 
 def _read_file(path: Path) -> list[Pair]:
     pairs = []
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise EncdecError(f"{path}, line {number}: not valid JSON ({e})") from None
-            try:
-                pairs.append(_pair(record, f"{path}:{number}"))
-            except ValueError as e:
-                raise EncdecError(f"{path}, line {number}: {e}") from None
+    for number, record in json_lines(path):
+        try:
+            pairs.append(_pair(record, f"{path}:{number}"))
+        except ValueError as e:
+            raise EncdecError(f"{path}, line {number}: {e}") from None
     if not pairs:
         raise EncdecError(f"{path}: empty, no records in it; expected one JSON object per line: {SHAPES}")
     return pairs

@@ -10,6 +10,7 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from encdec.errors import EncdecError
 
@@ -29,19 +30,24 @@ def _txt(path: Path) -> Iterator[str]:
             yield block.strip()
 
 
-def _jsonl(path: Path, field: str) -> Iterator[str]:
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) of each non-blank line; bad JSON names the file and line."""
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                record = json.loads(raw.decode("utf-8"))
+                yield number, json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise EncdecError(f"{path}, line {number}: not a JSON object ({e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise EncdecError(f"{path}, line {number}: no string field {field!r} (use --text-field to name another)")
-            if record[field].strip():
-                yield record[field]
+                raise EncdecError(f"{path}, line {number}: not valid JSON ({e})") from None
+
+
+def _jsonl(path: Path, field: str) -> Iterator[str]:
+    for number, record in json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise EncdecError(f"{path}, line {number}: no string field {field!r} (use --text-field to name another)")
+        if record[field].strip():
+            yield record[field]
 
 
 def _parquet(path: Path, field: str) -> Iterator[str]:

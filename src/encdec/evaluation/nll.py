@@ -25,7 +25,7 @@ class PrefixSuffix:
     suffix: torch.Tensor  # [N, S]
 
 
-def split_passages(tokenizer, texts: list[str], prefix_len: int = 64, suffix_len: int = 64) -> PrefixSuffix:  # noqa: ANN001
+def split_passages(tokenizer, texts: list[str], prefix_len: int = 64, suffix_len: int = 64) -> PrefixSuffix:
     """Tokenize (with BOS) and cut each text into a prefix and the suffix that follows it."""
     rows = []
     for text in texts:
@@ -58,7 +58,7 @@ def encdec_suffix_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int
     return _mean_nll(data, batch_size, "encoder-decoder NLL", suffix_logits)
 
 
-def decoder_only_suffix_nll(model, data: PrefixSuffix, batch_size: int = 4) -> float:  # noqa: ANN001
+def decoder_only_suffix_nll(model, data: PrefixSuffix, batch_size: int = 4) -> float:
     """`model` is a transformers causal LM (the decoder-only source)."""
 
     def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ def decoder_only_suffix_nll(model, data: PrefixSuffix, batch_size: int = 4) -> f
     return _mean_nll(data, batch_size, "decoder-only NLL", suffix_logits)
 
 
-def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2048) -> float:  # noqa: ANN001
+def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2048) -> float:
     """exp(mean NLL) of every token of each text after the first, read causally by a transformers LM."""
     total, count = 0.0, 0
     with torch.no_grad():

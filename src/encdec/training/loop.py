@@ -22,9 +22,8 @@ from encdec.errors import EncdecError
 from encdec.files import portable_path
 from encdec.model import CausalLM, EncoderDecoder, Segments
 from encdec.objectives import Example
-from encdec.sources import DecoderOnlySource
 from encdec.report import part_of
-from encdec.sources import load_tokenizer
+from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import checkpointing, distributed
 from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, ExampleStream, example_maker, make_batch, window_length
@@ -161,7 +160,7 @@ class Plan:
         return isinstance(self.model, CausalLM)
 
 
-def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray, d: distributed.Dist):  # noqa: ANN001, ANN202
+def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray, d: distributed.Dist):
     """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones."""
     keep = kept_tokens(ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.config.vocab_size)
     table = remap_table(keep, model.config.vocab_size, tokenizer.unk_token_id)
@@ -170,7 +169,7 @@ def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray, d
     return trim_model(model, keep, table), keep, table
 
 
-def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: distributed.Dist) -> Plan:  # noqa: ANN001
+def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: distributed.Dist) -> Plan:
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
     vocab, keep, vocab_size = tokenizer.get_vocab(), None, model.config.vocab_size
     if cfg.trim_vocab:
@@ -188,7 +187,7 @@ def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: dis
     return Plan(model, stream, [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]], keep, vocab_size)
 
 
-def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,  # noqa: ANN001
+def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,
                       source: DecoderOnlySource | None) -> Plan:
     """Prompt -> response examples in Gemma's chat format (loss on the response, which ends with EOS)."""
     from encdec.data.instructions import chat_example, read_instructions

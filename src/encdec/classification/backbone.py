@@ -1,0 +1,86 @@
+"""The part of a model a classifier reads: token embedding plus one Gemma stack, nothing else.
+
+Both backbones of the paper's comparison are this module: the encoder of an encoder-decoder
+(bidirectional; its decoder and LM head are dropped, which halves the memory and the time) and a
+decoder-only Gemma (the same blocks run causally, exactly `CausalLM.hidden`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from encdec.config import StackConfig
+from encdec.errors import EncdecError
+from encdec.model import CausalLM, EncoderBlock, EncoderDecoder, Segments, Stack, embed_tokens, run_self_attention_stack
+
+KINDS = ("encoder", "causal")
+
+
+@dataclass
+class BackboneSpec:
+    """Everything needed to rebuild a backbone: plain data, saved as JSON with its weights."""
+
+    kind: str  # "encoder" (bidirectional, from an encoder-decoder) or "causal" (a decoder-only Gemma)
+    family: str
+    vocab_size: int
+    stack: StackConfig
+    window_convention: str = "t5gemma2"  # the encoder's two-sided local window (unused when causal)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
+        try:
+            spec = cls(**{**data, "stack": StackConfig(**data["stack"])})
+        except (KeyError, TypeError) as e:
+            raise EncdecError(f"not a backbone description ({e})") from None
+        if spec.kind not in KINDS:
+            raise EncdecError(f"unknown backbone kind {spec.kind!r}; accepted: {', '.join(KINDS)}")
+        return spec
+
+
+class Backbone(nn.Module):
+    """Final hidden states [B, L, d] (after the stack's final norm) of right- or left-padded token rows."""
+
+    def __init__(self, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.stack.hidden_size)
+        self.stack = Stack(spec.stack, [EncoderBlock(spec.stack) for _ in range(spec.stack.num_layers)])
+
+    @property
+    def hidden_size(self) -> int:
+        return self.spec.stack.hidden_size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        seg = Segments.of(input_ids, attention_mask, None, None)
+        x = embed_tokens(self.embed, input_ids)
+        return run_self_attention_stack(self.stack, self.spec.stack, x, seg, causal=self.spec.kind == "causal",
+                                        convention=self.spec.window_convention)
+
+
+def _wrap(spec: BackboneSpec, embed: nn.Embedding, stack: Stack) -> Backbone:
+    """A backbone holding existing modules (no copy): what owned them before can be dropped."""
+    with torch.device("meta"):
+        backbone = Backbone(spec)
+    backbone.embed, backbone.stack = embed, stack
+    return backbone
+
+
+def from_encoder_decoder(model: EncoderDecoder) -> Backbone:
+    """The encoder of `model` (its own embedding table, or the shared one)."""
+    cfg = model.config
+    spec = BackboneSpec("encoder", cfg.family, cfg.vocab_size, cfg.encoder, cfg.encoder_window)
+    return _wrap(spec, model.embed if model.encoder_embed is None else model.encoder_embed, model.encoder)
+
+
+def from_causal(model: CausalLM, family: str) -> Backbone:
+    """A decoder-only Gemma without its LM head."""
+    spec = BackboneSpec("causal", family, model.embed.num_embeddings, model.cfg)
+    return _wrap(spec, model.embed, model.stack)

@@ -1,0 +1,142 @@
+"""Tokenizing, fine-tuning all parameters with AdamW, and predicting probabilities.
+
+Inputs are cut from the left to `max_len` tokens (BOS kept): the end of every task's text carries
+what is asked (BoolQ's question, the hypothesis, COPA's options), and the last-token pooling reads
+it there. Rows are right-padded, so the last real token sits at index mask.sum(1) - 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from encdec.classification.classifier import Classifier
+from encdec.errors import EncdecError
+from encdec.training.optim import no_decay
+
+log = logging.getLogger("encdec")
+
+
+@dataclass
+class Hyper:
+    """Fine-tuning settings (the CLI's defaults are these)."""
+
+    lr: float = 1e-5  # the backbone's peak learning rate: typical for full fine-tuning
+    head_lr: float = 1e-4  # the new head starts at zero and has only its own signal: a larger rate
+    weight_decay: float = 0.01  # decoupled; not on norms, embeddings, biases
+    epochs: int = 3
+    steps: int | None = None  # optimizer steps; overrides epochs when given
+    batch_size: int = 8
+    max_len: int = 256
+    warmup: float = 0.1  # share of the steps with a linear warm-up; then linear decay to zero
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
+            raise EncdecError("--batch-size, --epochs and --steps must be positive")
+        if self.max_len < 2:
+            raise EncdecError(f"--max-len {self.max_len}: needs room for BOS and at least one token")
+        if not (self.lr > 0 and self.head_lr > 0 and 0 <= self.warmup < 1):
+            raise EncdecError("--lr and --head-lr must be positive and --warmup in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    """Token ids of each text: BOS, then the text's last max_len - 1 tokens."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    keep = max_len - len(bos)
+    rows = [bos + ids[len(ids) - keep:] if len(ids) > keep else bos + ids
+            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    if any(not row for row in rows):
+        raise EncdecError("an input is empty and the tokenizer has no BOS token to stand for it")
+    return rows
+
+
+def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask [B, L]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _optimizer(classifier: Classifier, hp: Hyper) -> torch.optim.AdamW:
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in classifier.named_parameters():
+        lr = hp.head_lr if name.startswith("head.") else hp.lr
+        groups.setdefault((lr, 0.0 if no_decay(name, p) else hp.weight_decay), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()],
+                             lr=hp.lr, fused=True)  # fused: much faster on CPU
+
+
+def _schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], hp: Hyper, *, pad_id: int,
+              desc: str, seed: int) -> list[float]:
+    """Train every parameter on (rows, labels) with cross-entropy; returns the mean loss of each epoch."""
+    steps_per_epoch = math.ceil(len(rows) / hp.batch_size)
+    total = hp.steps if hp.steps is not None else hp.epochs * steps_per_epoch
+    optimizer = _optimizer(classifier, hp)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(round(hp.warmup * total), total))
+    rng = random.Random(seed)
+    classifier.train()
+    losses: list[float] = []
+    step, epoch = 0, 0
+    with tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False) as bar:
+        while step < total:
+            order = list(range(len(rows)))
+            rng.shuffle(order)
+            epoch_losses = []
+            for start in range(0, len(order), hp.batch_size):
+                if step == total:
+                    break
+                chosen = order[start: start + hp.batch_size]
+                ids, mask = pad([rows[i] for i in chosen], pad_id)
+                loss = F.cross_entropy(classifier(ids, mask), torch.tensor([labels[i] for i in chosen]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                epoch_losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            epoch += 1
+            losses.append(sum(epoch_losses) / len(epoch_losses))
+            tqdm.write(f"encdec: {desc}: epoch {epoch}: mean loss {losses[-1]:.4f} over {len(epoch_losses)} steps")
+    classifier.eval()
+    return losses
+
+
+@torch.inference_mode()
+def predict(classifier: Classifier, rows: list[list[int]], *, pad_id: int, batch_size: int,
+            desc: str = "predicting") -> list[list[float]]:
+    """Label probabilities of each row, in the order given (batched by length: less padding)."""
+    classifier.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    probs: list[list[float]] = [[] for _ in rows]
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        chosen = order[start: start + batch_size]
+        ids, mask = pad([rows[i] for i in chosen], pad_id)
+        for i, p in zip(chosen, torch.softmax(classifier(ids, mask), -1).tolist()):
+            probs[i] = p
+    return probs
