@@ -1,4 +1,4 @@
-"""The pretraining loop, assembled from this package's components."""
+"""The training loop of pretraining and instruction tuning, assembled from this package's components."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _tokens(batch: Batch) -> int:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) a pretraining run; returns the directory of the final model."""
+    """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model."""
     d = distributed.init()
     try:
         final = _train(cfg, d)
@@ -282,7 +282,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             log.info("resuming from %s (step %d)", resume_from, start)
 
     autocast = torch.autocast(d.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
-    metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main)
+    metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main,
+                      desc="finetune" if cfg.objective == "instruct" else "pretrain")
     rows = cfg.batch_size
     with_teacher = teacher is not None
     teacher_rows = with_teacher or plan.causal

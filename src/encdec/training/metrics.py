@@ -12,7 +12,8 @@ from encdec.errors import EncdecError
 
 
 class Metrics:
-    def __init__(self, out: Path, *, total: int, start: int, tensorboard: bool, enabled: bool) -> None:
+    def __init__(self, out: Path, *, total: int, start: int, tensorboard: bool, enabled: bool,
+                 desc: str = "train") -> None:
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -26,7 +27,7 @@ class Metrics:
             except ImportError:
                 raise EncdecError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
             self.writer = SummaryWriter(str(out / "tensorboard"))
-        self.bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def log(self, record: dict[str, Any], *, advance: bool = True) -> None:
         if not self.enabled:
