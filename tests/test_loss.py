@@ -26,7 +26,7 @@ def test_chunked_cross_entropy_and_gradients_equal_the_plain_ones(chunk):
     hidden = torch.randn(30, 8, generator=g, requires_grad=True)
     weight = torch.randn(50, 8, generator=g, requires_grad=True)
     labels = torch.randint(0, 50, (30,), generator=g)
-    parts = chunked_loss(hidden, _head(weight), labels, chunk=chunk)
+    parts = chunked_loss(hidden, weight, labels, chunk=chunk)
     parts.loss.backward()
     got = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -35,18 +35,69 @@ def test_chunked_cross_entropy_and_gradients_equal_the_plain_ones(chunk):
     assert torch.allclose(got[0], hidden.grad, atol=1e-6) and torch.allclose(got[1], weight.grad, atol=1e-6)
 
 
+def _reference_loss(hidden, weight, labels, softcap, teacher_logits, mask, d):
+    """The loss written plainly: full logits, autograd through log-softmax."""
+    logits = hidden @ weight.T
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    ce = F.cross_entropy(logits, labels)
+    if d is None:
+        return ce
+    kl = kl_to_teacher(logits[mask], teacher_logits[mask], d.tau, d.top_k) / int(mask.sum())
+    return d.alpha * kl * d.tau**2 + (1 - d.alpha) * ce
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("distillation", [None, Distillation(alpha=0.3, tau=2.0), Distillation(alpha=0.7, tau=1.0, top_k=4)])
+def test_fused_loss_and_gradients_equal_autograd_through_the_plain_formula(softcap, distillation):
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(23, 8, generator=g, requires_grad=True)
+    weight = torch.randn(40, 8, generator=g, requires_grad=True)
+    teacher_weight = torch.randn(40, 6, generator=g)
+    teacher_hidden = torch.randn(23, 6, generator=g)
+    labels = torch.randint(0, 40, (23,), generator=g)
+    mask = torch.rand(23, generator=g) > 0.3
+    teacher = dict(teacher_hidden=teacher_hidden, teacher_head=_head(teacher_weight), distill_mask=mask,
+                   distillation=distillation) if distillation else {}
+    parts = chunked_loss(hidden * 1.0, weight, labels, chunk=5, softcap=softcap, **teacher)
+    (2.5 * parts.loss).backward()  # an upstream gradient other than 1 is passed through
+    got = parts.loss.detach(), hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = _reference_loss(hidden, weight, labels, softcap, teacher_hidden @ teacher_weight.T, mask, distillation)
+    (2.5 * expected).backward()
+    assert torch.allclose(got[0], expected.detach(), atol=1e-5)
+    assert torch.allclose(got[1], hidden.grad, atol=1e-5) and torch.allclose(got[2], weight.grad, atol=1e-5)
+    assert parts.kl is None if distillation is None else parts.kl > 0
+
+
+def test_fused_loss_skips_the_gradients_nobody_needs_and_runs_under_bfloat16_autocast():
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(12, 8, generator=g, requires_grad=True), torch.randn(30, 8, generator=g)
+    labels = torch.randint(0, 30, (12,), generator=g)
+    chunked_loss(hidden, weight, labels, chunk=4).loss.backward()  # a frozen head: only the states get a gradient
+    assert hidden.grad is not None and weight.grad is None
+    with torch.no_grad():
+        assert not chunked_loss(hidden, weight, labels, chunk=4).loss.requires_grad
+    weight.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = chunked_loss(hidden.bfloat16(), weight, labels, chunk=4)
+    parts.loss.backward()
+    assert weight.grad.dtype == torch.float32
+    assert abs(parts.ce - F.cross_entropy(hidden @ weight.T, labels).item()) < 0.05
+
+
 def test_distillation_is_cross_entropy_at_alpha_zero_and_zero_kl_for_the_teacher_itself():
     g = torch.Generator().manual_seed(1)
     hidden, weight = torch.randn(20, 8, generator=g), torch.randn(40, 8, generator=g)
     labels = torch.randint(0, 40, (20,), generator=g)
     teacher = torch.randn(20, 8, generator=g)
     mask = torch.ones(20, dtype=torch.bool)
-    ce = chunked_loss(hidden, _head(weight), labels, chunk=6).loss
-    at_zero = chunked_loss(hidden, _head(weight), labels, chunk=6, teacher_hidden=teacher, teacher_head=_head(weight),
+    ce = chunked_loss(hidden, weight, labels, chunk=6).loss
+    at_zero = chunked_loss(hidden, weight, labels, chunk=6, teacher_hidden=teacher, teacher_head=_head(weight),
                            distill_mask=mask, distillation=Distillation(alpha=0.0, tau=2.0))
     assert torch.allclose(at_zero.loss, ce) and at_zero.kl > 0
     for top_k in (0, 5):
-        same = chunked_loss(hidden, _head(weight), labels, chunk=6, teacher_hidden=hidden, teacher_head=_head(weight),
+        same = chunked_loss(hidden, weight, labels, chunk=6, teacher_hidden=hidden, teacher_head=_head(weight),
                             distill_mask=mask, distillation=Distillation(alpha=1.0, tau=2.0, top_k=top_k))
         assert abs(same.kl) < 1e-5 if top_k == 0 else same.kl >= 0
     logits = torch.randn(4, 10, generator=g)

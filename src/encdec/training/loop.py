@@ -54,8 +54,8 @@ class LossModule(nn.Module):
         distill_mask = None
         if teacher_hidden is not None:  # the teacher cannot know where a window was cut: no KL on the EOS target
             distill_mask = labels != self.model.config.eos_token_ids[0]
-        return chunked_loss(out.decoder_hidden_states[targets], self.model.logits, labels, chunk=self.chunk,
-                            teacher_hidden=teacher_hidden, teacher_head=self.teacher_head, distill_mask=distill_mask,
+        return chunked_loss(out.decoder_hidden_states[targets], self.model.embed.weight, labels, chunk=self.chunk,
+                            softcap=self.model.config.final_logit_softcap, teacher_hidden=teacher_hidden, teacher_head=self.teacher_head, distill_mask=distill_mask,
                             distillation=self.distillation)
 
 
@@ -69,7 +69,8 @@ class CausalLossModule(nn.Module):
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None) -> LossParts:
         labels = batch.rows.labels[batch.rows.labels != -100]
-        return chunked_loss(causal_states(self.model, batch), self.model.logits, labels, chunk=self.chunk)
+        return chunked_loss(causal_states(self.model, batch), self.model.embed.weight, labels, chunk=self.chunk,
+                            softcap=self.model.final_logit_softcap)
 
 
 def causal_states(model: CausalLM, batch: Batch) -> torch.Tensor:
