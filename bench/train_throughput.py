@@ -3,18 +3,24 @@
 Measures one optimiser step (forward, loss, backward, gradient clipping at 1.0, AdamW) on the
 packaged Gemma 3 270M adapted with merged attention, in two implementations holding the same weights:
 
-- encdec: the project's `LossModule` (forward + chunked cross-entropy) on a `make_batch` batch, with
-  the optimiser from `build_optimizer`, as `encdec pretrain` runs them;
+- encdec: the project's `LossModule` (forward + fused LM-head cross-entropy) on a `make_batch` batch,
+  with the optimiser from `build_optimizer` and, on CPU, the allocator setting of
+  `encdec.training.allocator` (freed memory kept for reuse), as `encdec pretrain` runs them;
 - transformers: `T5Gemma2ForConditionalGeneration` loaded from the same weights (SDPA attention) in a
-  plain PyTorch loop: `out.loss.backward()` and `torch.optim.AdamW`.
+  plain PyTorch loop: `out.loss.backward()` and `torch.optim.AdamW`;
+- transformers+keep (CPU only): the same plain loop with the project's allocator setting, to show
+  how much of the difference that setting alone makes.
+
+Each implementation runs in a process of its own (the allocator setting is process-wide).
 
 Both read the same B rows of `enc_len` input and `dec_len` target tokens (one example per row, no
 padding), keep float32 weights, and run each precision ("fp32"; "bf16" = bfloat16 autocast around
-forward and loss). Each (implementation, precision) gets one warm-up step and `--steps` timed steps
-with a freshly loaded model; the table reports the median step time, tokens/s (encoder + decoder
+forward and loss). Each (implementation, precision) gets `--warmup` untimed steps and `--steps` timed
+steps with a freshly loaded model; the table reports the median step time, tokens/s (encoder + decoder
 tokens) and model FLOP utilisation against a matrix-product rate measured in the same run. bf16 is
 skipped where bfloat16 products run under a tenth of the float32 rate (AVX2-only CPUs), since a step
-would take an hour there. The last line is the throughput ratio encdec / transformers.
+would take an hour there. The last line is the throughput ratio encdec / transformers (the plain
+loop); the line before it compares with transformers+keep.
 
 Model FLOPs per step count 6 per parameter per token that parameter reads (forward + backward):
 encoder parameters x encoder tokens, decoder parameters x decoder tokens, the decoder's key/value
@@ -32,8 +38,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +53,7 @@ import transformers
 
 import encdec
 from encdec.objectives import Example
+from encdec.training.allocator import keep_freed_memory
 from encdec.training.data import Batch, make_batch
 from encdec.training.loop import LossModule
 from encdec.training.optim import build_optimizer
@@ -78,10 +86,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="rows per step")
     p.add_argument("--enc-len", type=int, default=128, help="encoder tokens per row")
     p.add_argument("--dec-len", type=int, default=128, help="decoder (target) tokens per row")
-    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (CPU: kept memory settles in 2)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of encdec's LM-head loss")
+    p.add_argument("--worker", nargs=3, metavar=("IMPLEMENTATION", "PRECISION", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.precisions = args.precisions.split(",")
     unknown = set(args.precisions) - set(DTYPES)
@@ -93,12 +103,6 @@ def parse_args() -> argparse.Namespace:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
@@ -145,12 +149,14 @@ def prepare(directory: Path, args: argparse.Namespace) -> float:
     return step_flops(model, args.batch, args.enc_len, args.dec_len)
 
 
-def time_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
-    """Median seconds of `steps` calls of `step` after one warm-up call."""
-    step()
+def time_steps(step: Callable[[], None], args: argparse.Namespace) -> float:
+    """Median seconds of `args.steps` calls of `step` after `args.warmup` untimed calls."""
+    device = torch.device(args.device)
+    for _ in range(args.warmup):
+        step()
     synchronize(device)
     times = []
-    for _ in range(steps):
+    for _ in range(args.steps):
         start = time.perf_counter()
         step()
         synchronize(device)
@@ -171,6 +177,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
 
 def time_encdec(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> float:
     device = torch.device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory()
     model = encdec.load(directory).to(device).train()
     module = LossModule(model, args.loss_chunk, distillation=None)
     optimizer = build_optimizer(module, lr=LR, weight_decay=WEIGHT_DECAY, decay_all=False)
@@ -186,7 +194,7 @@ def time_encdec(directory: Path, examples: list[Example], args: argparse.Namespa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(step, args.steps, device)
+    return time_steps(step, args)
 
 
 def time_transformers(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> float:
@@ -210,44 +218,70 @@ def time_transformers(directory: Path, examples: list[Example], args: argparse.N
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return time_steps(step, args.steps, device)
+    return time_steps(step, args)
 
 
-IMPLEMENTATIONS = {"encdec": time_encdec, "transformers": time_transformers}
+def time_transformers_keep(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> float:
+    keep_freed_memory()
+    return time_transformers(directory, examples, args, dtype)
+
+
+IMPLEMENTATIONS = {"encdec": time_encdec, "transformers": time_transformers, "transformers+keep": time_transformers_keep}
+
+
+def implementations(device: torch.device) -> list[str]:
+    return [name for name in IMPLEMENTATIONS if device.type == "cpu" or not name.endswith("+keep")]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One (implementation, precision) in this process; prints its median step time as JSON."""
+    name, precision, directory = args.worker
+    seconds = IMPLEMENTATIONS[name](Path(directory), random_examples(args.batch, args.enc_len, args.dec_len), args,
+                                    DTYPES[precision])
+    print(json.dumps({"seconds": seconds}))
+
+
+def measure(name: str, precision: str, directory: Path, args: argparse.Namespace) -> float:
+    options = ["--batch", str(args.batch), "--enc-len", str(args.enc_len), "--dec-len", str(args.dec_len),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+               "--loss-chunk", str(args.loss_chunk)]
+    out = subprocess.run([sys.executable, __file__, *options, "--worker", name, precision, str(directory)],
+                         stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def print_table(rows: list[Measured | Skipped], tokens: int, flops: float, peaks: dict[str, float]) -> None:
-    print(f"{'implementation':<14}  {'precision':<9}  {'step s (median)':>15}  {'tokens/s':>9}  {'MFU %':>6}")
+    print(f"{'implementation':<17}  {'precision':<9}  {'step s (median)':>15}  {'tokens/s':>9}  {'MFU %':>6}")
     for row in rows:
         if isinstance(row, Skipped):
-            print(f"{'(both)':<14}  {row.precision:<9}  skipped: {row.reason}")
+            print(f"{'(both)':<17}  {row.precision:<9}  skipped: {row.reason}")
             continue
         mfu = 100 * flops / row.seconds / peaks[row.precision]
-        print(f"{row.implementation:<14}  {row.precision:<9}  {row.seconds:>15.3f}  {tokens / row.seconds:>9.1f}"
+        print(f"{row.implementation:<17}  {row.precision:<9}  {row.seconds:>15.3f}  {tokens / row.seconds:>9.1f}"
               f"  {mfu:>6.1f}")
 
 
 def main() -> None:
     args = parse_args()
+    if args.worker:
+        worker(args)
+        return
     device = torch.device(args.device)
     wanted = dict.fromkeys(["fp32", *args.precisions])  # fp32's rate is what bf16 is judged against
     peaks = {name: matmul_rate(DTYPES[name], device) for name in wanted}
-    examples = random_examples(args.batch, args.enc_len, args.dec_len)
     tokens = args.batch * (args.enc_len + args.dec_len)
     rows: list[Measured | Skipped] = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "model"
         flops = prepare(directory, args)
-        free_memory(device)
         for precision in args.precisions:
             if peaks[precision] * SLOW_FACTOR < peaks["fp32"]:
                 rows.append(Skipped(precision, f"{precision} products run at {peaks[precision] / 1e9:.1f} GFLOP/s, "
                                                f"under 1/{SLOW_FACTOR} of fp32's {peaks['fp32'] / 1e9:.1f} GFLOP/s"))
                 continue
-            for name, run in IMPLEMENTATIONS.items():
+            for name in implementations(device):
                 print(f"timing {name} {precision} ...", file=sys.stderr, flush=True)
-                rows.append(Measured(name, precision, run(directory, examples, args, DTYPES[precision])))
-                free_memory(device)
+                rows.append(Measured(name, precision, measure(name, precision, directory, args)))
 
     print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else
           f"device {device} ({torch.cuda.get_device_name(device)})")
@@ -258,9 +292,11 @@ def main() -> None:
     print_table(rows, tokens, flops, peaks)
     seconds = {(r.implementation, r.precision): r.seconds for r in rows if isinstance(r, Measured)}
     for precision in args.precisions:
-        if ("encdec", precision) in seconds:
-            ratio = seconds[("transformers", precision)] / seconds[("encdec", precision)]
-            print(f"ratio (encdec / transformers, {precision}): {ratio:.2f}x")
+        if ("encdec", precision) not in seconds:
+            continue
+        for baseline in reversed(implementations(device)[1:]):  # the plain loop last
+            ratio = seconds[(baseline, precision)] / seconds[("encdec", precision)]
+            print(f"ratio (encdec / {baseline}, {precision}): {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -182,3 +184,28 @@ def test_gradient_accumulation_matches_one_larger_batch(adapted, corpus, tmp_pat
     a = encdec.load(tmp_path / "big" / "model").state_dict()
     b = encdec.load(tmp_path / "accum" / "model").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+_PAGE_FAULTS = """
+import resource, sys, torch
+from encdec.training.allocator import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20)  # 256 MB, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(min(faults() for _ in range(6)))  # the heap settles within a few rounds
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc setting")
+def test_kept_freed_memory_is_reused_without_page_faults():
+    """The allocator setting of CPU training: a big tensor allocated again soon reuses the freed pages."""
+    def second_allocation_faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    pages = 256 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    assert second_allocation_faults("default") > pages // 2  # glibc unmapped it: every page faults again
+    assert second_allocation_faults("keep") < pages // 100

@@ -25,6 +25,7 @@ from encdec.objectives import Example
 from encdec.report import part_of
 from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import checkpointing, distributed
+from encdec.training.allocator import keep_freed_memory
 from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, ExampleStream, example_maker, make_batch, window_length
 from encdec.training.loss import Distillation, LossParts, chunked_loss
@@ -137,6 +138,10 @@ def _tokens(batch: Batch) -> int:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model."""
     d = distributed.init()
+    if d.device.type == "cpu" and cfg.keep_freed_memory:
+        kept = keep_freed_memory()
+        if kept and d.main:
+            log.info("CPU memory: freed memory is kept for reuse (--no-keep-freed-memory returns it to the system)")
     try:
         final = _train(cfg, d)
         distributed.barrier(d)  # nobody tears the group down while rank 0 still writes the final model
