@@ -129,31 +129,33 @@ class _FusedHeadLoss(torch.autograd.Function):
             grad_weight = None
             sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)
             n = labels.numel()
-            buffer = hidden.new_empty((min(terms.chunk, n), w.shape[0]), dtype=torch.float32)  # reused by every chunk
+            # logits are computed vocabulary-major ([vocab, tokens]): faster products for the forward
+            # logits and the weight's gradient; the loss math below reads them through a transposed view
+            buffer = hidden.new_empty(w.shape[0] * min(terms.chunk, n), dtype=torch.float32)  # reused by every chunk
             for start in range(0, n, terms.chunk):
                 part = slice(start, start + terms.chunk)
                 h = hidden[part].to(dtype)
-                logits = buffer[: h.shape[0]]
+                logits_t = buffer[: w.shape[0] * h.shape[0]].view(w.shape[0], h.shape[0])
                 if dtype == torch.float32:
-                    torch.mm(h, w.T, out=logits)
+                    torch.mm(w, h.T.contiguous(), out=logits_t)
                 else:
-                    logits.copy_(h @ w.T)
+                    logits_t.copy_(w @ h.T)
                 teacher = None
                 if terms.teacher_head is not None and terms.distill_mask[part].any():
                     mask = terms.distill_mask[part]
                     with torch.no_grad():
                         teacher = terms.teacher_head(terms.teacher_hidden[part][mask]), mask
-                chunk_sums, grad = _loss_and_logit_gradient(logits, labels[part], terms, teacher)
+                chunk_sums, grad = _loss_and_logit_gradient(logits_t.T, labels[part], terms, teacher)
                 sums += chunk_sums
-                grad = grad.to(dtype)
+                grad_t = grad.T.to(dtype)  # [vocab, tokens], contiguous
                 if need_hidden:
-                    grad_hidden[part] = grad @ w
+                    grad_hidden[part] = grad_t.T @ w
                 if need_weight and grad_weight is None:
-                    grad_weight = (grad.T @ h).to(weight.dtype)
+                    grad_weight = (grad_t @ h).to(weight.dtype)
                 elif need_weight and dtype == weight.dtype:
-                    grad_weight.addmm_(grad.T, h)
+                    grad_weight.addmm_(grad_t, h)
                 elif need_weight:
-                    grad_weight += grad.T @ h
+                    grad_weight += grad_t @ h
             if need_weight and grad_weight is None:  # no target tokens
                 grad_weight = torch.zeros_like(weight)
         ctx.grads = grad_hidden, grad_weight
