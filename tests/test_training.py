@@ -183,7 +183,9 @@ def test_gradient_accumulation_matches_one_larger_batch(adapted, corpus, tmp_pat
     assert abs(big["loss"] - accum["loss"]) < 1e-5 and abs(big["grad_norm"] - accum["grad_norm"]) < 1e-4
     a = encdec.load(tmp_path / "big" / "model").state_dict()
     b = encdec.load(tmp_path / "accum" / "model").state_dict()
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # Adam's first step divides by |g| + 1e-8: elements whose gradient is near 1e-8 turn float rounding
+    # (another summation order) into visible differences (seen: 3e-6 on 2 of 65k elements, updates ~1e-3)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 _PAGE_FAULTS = """

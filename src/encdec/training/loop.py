@@ -138,10 +138,6 @@ def _tokens(batch: Batch) -> int:
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model."""
     d = distributed.init()
-    if d.device.type == "cpu" and cfg.keep_freed_memory:
-        kept = keep_freed_memory()
-        if kept and d.main:
-            log.info("CPU memory: freed memory is kept for reuse (--no-keep-freed-memory returns it to the system)")
     try:
         final = _train(cfg, d)
         distributed.barrier(d)  # nobody tears the group down while rank 0 still writes the final model
@@ -254,6 +250,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     compute_dtype = autocast_dtype(cfg.precision, d.device)
     if d.main:
         log.info("matrix products in %s", "bfloat16 (autocast)" if compute_dtype else "float32")
+    if d.device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory() and d.main:
+        log.info("CPU memory: freed memory is kept for reuse (--no-keep-freed-memory returns it to the system)")
     teacher = None
     distillation = None
     if cfg.distill:
