@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from encdec.classification.classifier import Classifier
 from encdec.errors import EncdecError
+from encdec.training.allocator import keep_freed_memory
 from encdec.training.optim import no_decay
 
 log = logging.getLogger("encdec")
@@ -92,6 +93,8 @@ def _schedule(warmup: int, total: int):
 def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], hp: Hyper, *, pad_id: int,
               desc: str, seed: int) -> list[float]:
     """Train every parameter on (rows, labels) with cross-entropy; returns the mean loss of each epoch."""
+    if next(classifier.parameters()).device.type == "cpu":
+        keep_freed_memory()  # as CPU pretraining does: no page faults on the embedding-sized gradients
     steps_per_epoch = math.ceil(len(rows) / hp.batch_size)
     total = hp.steps if hp.steps is not None else hp.epochs * steps_per_epoch
     optimizer = _optimizer(classifier, hp)
