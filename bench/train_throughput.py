@@ -17,7 +17,8 @@ Both read the same B rows of `enc_len` input and `dec_len` target tokens (one ex
 padding), keep float32 weights, and run each precision ("fp32"; "bf16" = bfloat16 autocast around
 forward and loss). Each (implementation, precision) gets `--warmup` untimed steps and `--steps` timed
 steps with a freshly loaded model; the table reports the median step time, tokens/s (encoder + decoder
-tokens) and model FLOP utilisation against a matrix-product rate measured in the same run. bf16 is
+tokens), model FLOP utilisation against a matrix-product rate measured in the same run, and peak
+memory (CUDA: allocated by torch; CPU: the worker process's resident memory, loading included). bf16 is
 skipped where bfloat16 products run under a tenth of the float32 rate (AVX2-only CPUs), since a step
 would take an hour there. The last line is the throughput ratio encdec / transformers (the plain
 loop); the line before it compares with transformers+keep.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -73,6 +75,7 @@ class Measured:
     implementation: str
     precision: str
     seconds: float  # median step time
+    peak_gib: float  # CUDA: peak allocated memory; CPU: peak resident memory of the process (model loading included)
 
 
 @dataclass
@@ -233,32 +236,40 @@ def implementations(device: torch.device) -> list[str]:
     return [name for name in IMPLEMENTATIONS if device.type == "cpu" or not name.endswith("+keep")]
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One (implementation, precision) in this process; prints its median step time as JSON."""
+    """One (implementation, precision) in this process; prints its median step time and peak memory as JSON."""
     name, precision, directory = args.worker
     seconds = IMPLEMENTATIONS[name](Path(directory), random_examples(args.batch, args.enc_len, args.dec_len), args,
                                     DTYPES[precision])
-    print(json.dumps({"seconds": seconds}))
+    print(json.dumps({"seconds": seconds, "peak_gib": peak_memory_gib(torch.device(args.device))}))
 
 
-def measure(name: str, precision: str, directory: Path, args: argparse.Namespace) -> float:
+def measure(name: str, precision: str, directory: Path, args: argparse.Namespace) -> Measured:
     options = ["--batch", str(args.batch), "--enc-len", str(args.enc_len), "--dec-len", str(args.dec_len),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
                "--loss-chunk", str(args.loss_chunk)]
     out = subprocess.run([sys.executable, __file__, *options, "--worker", name, precision, str(directory)],
                          stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return Measured(name, precision, result["seconds"], result["peak_gib"])
 
 
 def print_table(rows: list[Measured | Skipped], tokens: int, flops: float, peaks: dict[str, float]) -> None:
-    print(f"{'implementation':<17}  {'precision':<9}  {'step s (median)':>15}  {'tokens/s':>9}  {'MFU %':>6}")
+    print(f"{'implementation':<17}  {'precision':<9}  {'step s (median)':>15}  {'tokens/s':>9}  {'MFU %':>6}"
+          f"  {'peak GiB':>8}")
     for row in rows:
         if isinstance(row, Skipped):
             print(f"{'(both)':<17}  {row.precision:<9}  skipped: {row.reason}")
             continue
         mfu = 100 * flops / row.seconds / peaks[row.precision]
         print(f"{row.implementation:<17}  {row.precision:<9}  {row.seconds:>15.3f}  {tokens / row.seconds:>9.1f}"
-              f"  {mfu:>6.1f}")
+              f"  {mfu:>6.1f}  {row.peak_gib:>8.2f}")
 
 
 def main() -> None:
@@ -281,7 +292,7 @@ def main() -> None:
                 continue
             for name in implementations(device):
                 print(f"timing {name} {precision} ...", file=sys.stderr, flush=True)
-                rows.append(Measured(name, precision, measure(name, precision, directory, args)))
+                rows.append(measure(name, precision, directory, args))
 
     print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else
           f"device {device} ({torch.cuda.get_device_name(device)})")
