@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from tiny import write_corpus
 
 import encdec
 from encdec.cli import main
@@ -17,7 +18,6 @@ from encdec.errors import EncdecError
 from encdec.training import checkpointing, loop
 from encdec.training.config import TrainConfig
 from encdec.training.metrics import Metrics
-from tiny import write_corpus
 
 
 @pytest.fixture(scope="module")

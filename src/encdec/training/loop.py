@@ -56,8 +56,8 @@ class LossModule(nn.Module):
         if teacher_hidden is not None:  # the teacher cannot know where a window was cut: no KL on the EOS target
             distill_mask = labels != self.model.config.eos_token_ids[0]
         return chunked_loss(out.decoder_hidden_states[targets], self.model.embed.weight, labels, chunk=self.chunk,
-                            softcap=self.model.config.final_logit_softcap, teacher_hidden=teacher_hidden, teacher_head=self.teacher_head, distill_mask=distill_mask,
-                            distillation=self.distillation)
+                            softcap=self.model.config.final_logit_softcap, teacher_hidden=teacher_hidden,
+                            teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation)
 
 
 class CausalLossModule(nn.Module):
@@ -250,8 +250,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     compute_dtype = autocast_dtype(cfg.precision, d.device)
     if d.main:
         log.info("matrix products in %s", "bfloat16 (autocast)" if compute_dtype else "float32")
-    if d.device.type == "cpu" and cfg.keep_freed_memory and keep_freed_memory() and d.main:
-        log.info("CPU memory: freed memory is kept for reuse (--no-keep-freed-memory returns it to the system)")
+    if d.device.type == "cpu" and cfg.keep_freed_memory:
+        kept = keep_freed_memory()
+        if kept and d.main:
+            log.info("CPU memory: freed memory is kept for reuse (--no-keep-freed-memory returns it to the system)")
     teacher = None
     distillation = None
     if cfg.distill:
