@@ -17,7 +17,7 @@ import torch
 
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
-from encdec.files import atomic_dir, read_json, read_weights, write_weights
+from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
 from encdec.formats.t5gemma import LAYOUTS, config_from_hf, exportable, from_hf_weights, hf_config, to_hf_weights
 from encdec.model import EncoderDecoder
 
@@ -46,9 +46,7 @@ def save(
     layout = exportable(cfg)
     with atomic_dir(Path(out), overwrite) as tmp:
         if layout is None:
-            meta = {"format": NATIVE, "format_version": FORMAT_VERSION, "config": cfg.to_dict()}
-            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-            write_weights(tmp, weights)
+            write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, "config": cfg.to_dict()}, weights)
         else:
             from transformers import GenerationConfig
 

@@ -56,6 +56,12 @@ def read_weights(directory: Path, dtype: torch.dtype | None = None) -> dict[str,
     return weights
 
 
+def write_native(directory: Path, meta: dict, weights: dict[str, torch.Tensor]) -> None:
+    """The project's own formats: `meta` (format name, version, configuration) as config.json, then the weights."""
+    (directory / "config.json").write_text(json.dumps(meta, indent=2))
+    write_weights(directory, weights)
+
+
 def write_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
     """Write model.safetensors, or shards of at most SHARD_BYTES with the standard index."""
     weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}

@@ -15,7 +15,6 @@ Any other encoder is written in the project's own format: config.json with `"for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import torch
 from encdec.classification.backbone import Backbone, BackboneSpec
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
-from encdec.files import atomic_dir, read_json, read_weights, write_weights
+from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
 from encdec.formats.gemma import stack_from_hf
 from encdec.formats.t5gemma import EOI_EMBEDDINGS, T5GEMMA, T5GEMMA2, Layout, external_name, hf_config
 
@@ -89,9 +88,7 @@ def write_encoder(backbone: Backbone, out: Path, *, tokenizer_dir: Path | None =
     layout = layout_of(spec)
     with atomic_dir(Path(out), overwrite) as tmp:
         if layout is None:
-            meta = {"format": NATIVE, "format_version": FORMAT_VERSION, "backbone": spec.to_dict()}
-            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-            write_weights(tmp, weights)
+            write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, "backbone": spec.to_dict()}, weights)
         else:
             config = _hf_config(spec, layout)
             config.dtype = str(weights["embed.weight"].dtype).removeprefix("torch.")
