@@ -17,7 +17,8 @@ Both read the same B rows of `enc_len` input and `dec_len` target tokens (one ex
 padding), keep float32 weights, and run each precision ("fp32"; "bf16" = bfloat16 autocast around
 forward and loss). Each (implementation, precision) gets `--warmup` untimed steps and `--steps` timed
 steps with a freshly loaded model; the table reports the median step time, tokens/s (encoder + decoder
-tokens), model FLOP utilisation against a matrix-product rate measured in the same run, and peak
+tokens), model FLOP utilisation against a matrix-product rate measured in the same run (before and
+after the steps, the better of the two), and peak
 memory (CUDA: allocated by torch; CPU: the worker process's resident memory, loading included). bf16 is
 skipped where bfloat16 products run under a tenth of the float32 rate (AVX2-only CPUs), since a step
 would take an hour there. The last line is the throughput ratio encdec / transformers (the plain
@@ -293,6 +294,8 @@ def main() -> None:
             for name in implementations(device):
                 print(f"timing {name} {precision} ...", file=sys.stderr, flush=True)
                 rows.append(measure(name, precision, directory, args))
+    # measured again at the end, the better kept: on a shared machine one short measurement can be slowed
+    peaks = {name: max(rate, matmul_rate(DTYPES[name], device)) for name, rate in peaks.items()}
 
     print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else
           f"device {device} ({torch.cuda.get_device_name(device)})")

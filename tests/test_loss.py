@@ -11,8 +11,8 @@ import encdec
 from encdec.model import Segments
 from encdec.objectives import Example
 from encdec.training.data import make_batch
-from encdec.training.loop import teacher_states
-from encdec.training.loss import Distillation, chunked_loss, kl_to_teacher
+from encdec.training.loop import LossModule, teacher_states
+from encdec.training.loss import Distillation, TiedLookups, chunked_loss, kl_to_teacher
 from encdec.training.teacher import load_teacher
 
 
@@ -84,6 +84,55 @@ def test_fused_loss_skips_the_gradients_nobody_needs_and_runs_under_bfloat16_aut
     parts.loss.backward()
     assert weight.grad.dtype == torch.float32
     assert abs(parts.ce - F.cross_entropy(hidden @ weight.T, labels).item()) < 0.05
+
+
+def _tied_step(weight, mix, enc_ids, dec_ids, labels, tied, scale):
+    """A toy encoder-decoder on a tied table: the head reads states built from two lookups in it;
+    without `tied`, plain lookups and the plain formula through autograd."""
+    lookup = tied if tied is not None else (lambda ids: F.embedding(ids, weight))
+    hidden = torch.tanh(lookup(dec_ids) @ mix + lookup(enc_ids).mean(0))
+    if tied is not None:
+        loss = chunked_loss(hidden, weight, labels, chunk=4, softcap=2.0, tied=tied).loss
+    else:
+        loss = _reference_loss(hidden, weight, labels, 2.0, None, None, None) if len(labels) else hidden.sum() * 0
+    (scale * loss).backward()
+
+
+@pytest.mark.parametrize("targets", [9, 0])
+def test_tied_lookups_give_the_gradient_autograd_gives_once_per_backward(targets):
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(30, 8, generator=g, requires_grad=True)
+    mix = torch.randn(8, 8, generator=g, requires_grad=True)
+    enc_ids, dec_ids = torch.randint(0, 30, (6,), generator=g), torch.randint(0, 30, (9,), generator=g)
+    dec_ids = dec_ids[:targets]
+    labels = torch.randint(0, 30, (targets,), generator=g)
+    arrivals = []
+    weight.register_hook(lambda grad: arrivals.append(grad.clone()))
+    for _ in range(2):  # two backward passes accumulate, as gradient accumulation does
+        _tied_step(weight, mix, enc_ids, dec_ids, labels, TiedLookups(weight), scale=0.37)
+    got = weight.grad.clone(), mix.grad.clone()
+    assert len(arrivals) == 2 and torch.allclose(arrivals[0] + arrivals[1], got[0])  # whole, once per backward
+    weight.grad = mix.grad = None
+    for _ in range(2):
+        _tied_step(weight, mix, enc_ids, dec_ids, labels, None, scale=0.37)
+    assert torch.allclose(got[0], weight.grad, atol=1e-6) and torch.allclose(got[1], mix.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("names", [["gemma3"], ["gemma2-small", "gemma2"]])  # one table for both stacks, or two
+def test_loss_module_gradients_equal_autograd_through_plain_lookups_and_logits(sources, names):
+    model = encdec.adapt(*[encdec.load_source(str(sources[name])) for name in names])
+    examples = [Example([2, 30, 31, 32], [40, 41, 1]), Example([2, 50], [60, 61, 62, 1])]
+    batch = make_batch(examples, enc_len=5, dec_len=5, pad_id=0, bos_id=2, with_teacher=False)
+    LossModule(model, chunk=3, distillation=None)(batch).loss.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    r = batch.rows
+    logits = model(r.input_ids, decoder_input_ids=r.decoder_input_ids, segment_ids=r.segment_ids, positions=r.positions,
+                   decoder_segment_ids=r.decoder_segment_ids, decoder_positions=r.decoder_positions).logits
+    F.cross_entropy(logits.flatten(0, 1), r.labels.flatten(), ignore_index=-100).backward()
+    assert (model.encoder_embed is None) == (len(names) == 1)
+    for name, p in model.named_parameters():
+        assert torch.allclose(got[name], p.grad, atol=1e-5, rtol=1e-4), name
 
 
 def test_distillation_is_cross_entropy_at_alpha_zero_and_zero_kl_for_the_teacher_itself():

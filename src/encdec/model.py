@@ -9,6 +9,7 @@ with shared projections ("merged", T5Gemma 2). Batches are either padded (attent
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -255,9 +256,13 @@ class Stack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-def embed_tokens(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    """Gemma scales embeddings by sqrt(d), rounded to the activation dtype as Gemma does."""
-    x = table(ids)
+Lookup = Callable[[torch.Tensor], torch.Tensor]  # token ids -> rows of a table, as the table itself would give
+
+
+def embed_tokens(table: nn.Embedding, ids: torch.Tensor, lookup: Lookup | None = None) -> torch.Tensor:
+    """Gemma scales embeddings by sqrt(d), rounded to the activation dtype as Gemma does. `lookup`
+    replaces the table's own lookup (training uses it to route the gradient; see `TiedLookups`)."""
+    x = table(ids) if lookup is None else lookup(ids)
     return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype)
 
 
@@ -286,8 +291,9 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
         self.stack = Stack(cfg, [EncoderBlock(cfg) for _ in range(cfg.num_layers)])
 
-    def hidden(self, ids: torch.Tensor, seg: Segments) -> torch.Tensor:
-        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids), seg, causal=True)
+    def hidden(self, ids: torch.Tensor, seg: Segments, lookup: Lookup | None = None) -> torch.Tensor:
+        """Final states; `lookup` stands in for lookups in `embed` (see `embed_tokens`)."""
+        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids, lookup), seg, causal=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits(hidden, self.embed.weight, self.final_logit_softcap)
@@ -342,8 +348,14 @@ class EncoderDecoder(nn.Module):
         the decoder-only source would: a check of the adaptation, not a mode for use."""
         return self.encode_segments(input_ids, Segments.of(input_ids, attention_mask, segment_ids, positions), causal)
 
-    def encode_segments(self, input_ids: torch.Tensor, seg: Segments, causal: bool = False) -> torch.Tensor:
-        x = embed_tokens(self.embed if self.encoder_embed is None else self.encoder_embed, input_ids)
+    def encode_segments(
+        self, input_ids: torch.Tensor, seg: Segments, causal: bool = False, lookup: Lookup | None = None
+    ) -> torch.Tensor:
+        """`lookup` stands in for lookups in `embed` (see `embed_tokens`); an encoder table of its own keeps its own."""
+        if self.encoder_embed is None:
+            x = embed_tokens(self.embed, input_ids, lookup)
+        else:
+            x = embed_tokens(self.encoder_embed, input_ids)
         return run_self_attention_stack(
             self.encoder, self.config.encoder, x, seg, causal=causal, convention=self.config.encoder_window
         )
@@ -352,11 +364,12 @@ class EncoderDecoder(nn.Module):
         return lm_logits(hidden, self.embed.weight, self.config.final_logit_softcap)
 
     def decode(
-        self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments, cache: DecoderCache | None = None
+        self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments, cache: DecoderCache | None = None,
+        lookup: Lookup | None = None,
     ) -> torch.Tensor:
         """Final decoder hidden states for `decoder_input_ids`; with a cache, they continue its tokens."""
         cfg = self.config.decoder
-        x = embed_tokens(self.embed, decoder_input_ids)
+        x = embed_tokens(self.embed, decoder_input_ids, lookup)
         rope = rope_tables(cfg, seg.positions, x.dtype)
         start = 0
         if cache is not None:
@@ -384,18 +397,19 @@ class EncoderDecoder(nn.Module):
         decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None, *,
         segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
         decoder_segment_ids: torch.Tensor | None = None, decoder_positions: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None, return_logits: bool = True,
+        encoder_hidden_states: torch.Tensor | None = None, return_logits: bool = True, lookup: Lookup | None = None,
     ) -> Seq2SeqOutput:
         """Logits of the decoder; padded batches use the attention masks, packed rows the segment ids
         and per-segment positions (segment 0 is padding; decoder segment k reads encoder segment k).
-        Training computes its loss from the hidden states in chunks (`return_logits=False`)."""
+        Training computes its loss from the hidden states (`return_logits=False`) and routes the
+        gradients of the lookups in `embed` through `lookup`."""
         if input_ids is None or decoder_input_ids is None:
             raise ValueError("input_ids and decoder_input_ids are both required")
         enc_seg = Segments.of(input_ids, attention_mask, segment_ids, positions)
         if encoder_hidden_states is None:
-            encoder_hidden_states = self.encode_segments(input_ids, enc_seg)
+            encoder_hidden_states = self.encode_segments(input_ids, enc_seg, lookup=lookup)
         dec_seg = Segments.of(decoder_input_ids, decoder_attention_mask, decoder_segment_ids, decoder_positions)
-        hidden = self.decode(decoder_input_ids, EncoderState(encoder_hidden_states, enc_seg), dec_seg)
+        hidden = self.decode(decoder_input_ids, EncoderState(encoder_hidden_states, enc_seg), dec_seg, lookup=lookup)
         return Seq2SeqOutput(self.logits(hidden) if return_logits else None, encoder_hidden_states, hidden)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

@@ -20,7 +20,7 @@ from encdec.checkpoint import is_checkpoint, load_checkpoint, read_metadata, sav
 from encdec.data.tokens import token_stream, windows
 from encdec.errors import EncdecError
 from encdec.files import portable_path
-from encdec.model import CausalLM, EncoderDecoder, Segments
+from encdec.model import CausalLM, EncoderDecoder, Lookup, Segments
 from encdec.objectives import Example
 from encdec.report import part_of
 from encdec.sources import DecoderOnlySource, load_tokenizer
@@ -28,7 +28,7 @@ from encdec.training import checkpointing, distributed
 from encdec.training.allocator import keep_freed_memory
 from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, ExampleStream, example_maker, make_batch, window_length
-from encdec.training.loss import Distillation, LossParts, chunked_loss
+from encdec.training.loss import Distillation, LossParts, TiedLookups, chunked_loss
 from encdec.training.metrics import Metrics
 from encdec.training.optim import build_optimizer, build_scheduler
 from encdec.training.precision import autocast_dtype
@@ -47,9 +47,10 @@ class LossModule(nn.Module):
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None) -> LossParts:
         r = batch.rows
+        tied = tied_lookups(self.model.embed.weight)
         out = self.model(r.input_ids, decoder_input_ids=r.decoder_input_ids, segment_ids=r.segment_ids,
                          positions=r.positions, decoder_segment_ids=r.decoder_segment_ids,
-                         decoder_positions=r.decoder_positions, return_logits=False)
+                         decoder_positions=r.decoder_positions, return_logits=False, lookup=tied)
         targets = r.labels != -100
         labels = r.labels[targets]
         distill_mask = None
@@ -57,7 +58,8 @@ class LossModule(nn.Module):
             distill_mask = labels != self.model.config.eos_token_ids[0]
         return chunked_loss(out.decoder_hidden_states[targets], self.model.embed.weight, labels, chunk=self.chunk,
                             softcap=self.model.config.final_logit_softcap, teacher_hidden=teacher_hidden,
-                            teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation)
+                            teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation,
+                            tied=tied)
 
 
 class CausalLossModule(nn.Module):
@@ -70,14 +72,20 @@ class CausalLossModule(nn.Module):
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None) -> LossParts:
         labels = batch.rows.labels[batch.rows.labels != -100]
-        return chunked_loss(causal_states(self.model, batch), self.model.embed.weight, labels, chunk=self.chunk,
-                            softcap=self.model.final_logit_softcap)
+        tied = tied_lookups(self.model.embed.weight)
+        return chunked_loss(causal_states(self.model, batch, tied), self.model.embed.weight, labels, chunk=self.chunk,
+                            softcap=self.model.final_logit_softcap, tied=tied)
 
 
-def causal_states(model: CausalLM, batch: Batch) -> torch.Tensor:
+def tied_lookups(weight: torch.Tensor) -> TiedLookups | None:
+    """Lookups whose gradients join the fused loss's head gradient, when there is a gradient to make."""
+    return TiedLookups(weight) if torch.is_grad_enabled() and weight.requires_grad else None
+
+
+def causal_states(model: CausalLM, batch: Batch, lookup: Lookup | None = None) -> torch.Tensor:
     """A decoder-only model's final states predicting each target token of the batch, in the student's order."""
     t = batch.teacher
-    hidden = model.hidden(t.input_ids, Segments(t.segment_ids, t.positions))
+    hidden = model.hidden(t.input_ids, Segments(t.segment_ids, t.positions), lookup)
     targets = batch.rows.labels != -100
     rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[targets]
     return hidden[rows, t.target_positions[targets]]

@@ -7,6 +7,11 @@ distillation term), multiplied into the gradients of the hidden states and of th
 and dropped. Nothing is recomputed in the backward pass, at most one chunk of logits exists at a
 time, and no log-softmax over the vocabulary is kept for autograd. The price is that the weight's
 gradient (the size of the embedding) exists from the forward pass on.
+
+Gemma ties the head to the input embedding, so the same table is also read by the encoder's and
+the decoder's lookups. Left to autograd, each lookup would make a zero-filled gradient the size of
+the table and add it to the head's; `TiedLookups` adds the looked-up rows' gradients in place into
+the head's gradient instead, and hands the total to autograd once.
 """
 
 from __future__ import annotations
@@ -48,6 +53,49 @@ class _Terms:
     teacher_hidden: torch.Tensor | None
     teacher_head: Head | None
     distill_mask: torch.Tensor | None
+    tied: TiedLookups | None  # lookups in the head's table whose gradients join the head's
+
+
+class TiedLookups:
+    """Lookups in the head's weight whose gradients are added in place into the head's gradient.
+
+    Pass it as the model's `lookup` and to `chunked_loss`. The fused loss computes the head's
+    gradient in its forward pass and leaves it here; every lookup adds its rows into it during the
+    backward pass (which reaches the lookups after the loss), and the last one to do so returns the
+    total to autograd as the weight's gradient, so that gradient hooks (DDP, FSDP2) see it once and
+    whole. A lookup whose output takes no part in the loss would never run backward and the weight
+    would get no gradient: use it only where every lookup feeds the loss, as training does.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.pending = 0  # lookups made whose backward has not run yet
+        self.grad: torch.Tensor | None = None
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        self.pending += 1
+        return _TiedLookup.apply(self.weight, ids, self)
+
+
+class _TiedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, tied: TiedLookups) -> torch.Tensor:
+        ctx.save_for_backward(ids)
+        ctx.tied = tied
+        return F.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        (ids,) = ctx.saved_tensors
+        tied = ctx.tied
+        if tied.grad is None:  # the loss made no gradient for the head (no target tokens, or not fused)
+            tied.grad = torch.zeros_like(tied.weight)
+        tied.grad.index_add_(0, ids.reshape(-1), grad_rows.reshape(-1, grad_rows.shape[-1]).to(tied.grad.dtype))
+        tied.pending -= 1
+        if tied.pending:
+            return None, None, None
+        total, tied.grad = tied.grad, None  # handed over whole: autograd can keep it as .grad without a copy
+        return total, None, None
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float, top_k: int) -> torch.Tensor:
@@ -101,12 +149,11 @@ def _loss_and_logit_gradient(
         teacher_logits, mask = teacher
         kl, kl_grad = _kl_and_gradient(logits[mask], teacher_logits, terms.distillation)
     top = logits.amax(dim=-1, keepdim=True)
-    probs = logits.sub_(top).exp_()  # softmax, in place
+    probs = logits.sub_(top).exp_()  # softmax, in place, normalised below
     total = probs.sum(dim=-1, keepdim=True)
-    probs.div_(total)
     ce = (top + total.log()).sum() - target.sum()
-    probs[rows, labels] -= 1
-    grad = probs.mul_(terms.ce_scale)
+    grad = probs.mul_(terms.ce_scale / total)  # (softmax - one-hot) * d loss / d CE
+    grad[rows, labels] -= terms.ce_scale
     if kl_grad is not None:
         grad[mask] += kl_grad.mul_(terms.kl_scale)
     if capped is not None:
@@ -156,9 +203,12 @@ class _FusedHeadLoss(torch.autograd.Function):
                     grad_weight.addmm_(grad_t, h)
                 elif need_weight:
                     grad_weight += grad_t @ h
-            if need_weight and grad_weight is None:  # no target tokens
+            if need_weight and grad_weight is None and terms.tied is None:  # no target tokens
                 grad_weight = torch.zeros_like(weight)
+        if terms.tied is not None:  # the lookups' backward returns it, with their rows added
+            terms.tied.grad = grad_weight
         ctx.grads = grad_hidden, grad_weight
+        ctx.tied = terms.tied is not None
         ctx.mark_non_differentiable(sums)
         return sums[0] * terms.ce_scale + sums[1] * terms.kl_scale, sums
 
@@ -166,27 +216,35 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, _grad_sums: torch.Tensor):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None  # the weight's gradient is handed over (autograd can then add to it in place)
-        if grad_hidden is not None:
-            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-        if grad_weight is not None:
-            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                _scale(grad, grad_loss)
+        return grad_hidden, None if ctx.tied else grad_weight, None, None
+
+
+def _scale(grad: torch.Tensor, by: torch.Tensor) -> None:
+    """grad *= by, skipped on CPU when `by` is 1 (a plain backward): a pass over an embedding-sized
+    gradient saved; elsewhere reading `by` would wait for the device."""
+    if by.device.type != "cpu" or by.item() != 1.0:
+        grad.mul_(by.to(grad.dtype))
 
 
 def chunked_loss(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int, softcap: float | None = None,
     teacher_hidden: torch.Tensor | None = None, teacher_head: Head | None = None, distill_mask: torch.Tensor | None = None,
-    distillation: Distillation | None = None,
+    distillation: Distillation | None = None, tied: TiedLookups | None = None,
 ) -> LossParts:
     """`hidden` [N, d] are the student's final states at the N target tokens `labels` [N], read out by
     the head `weight` [vocab, d] (logits soft-capped at `softcap` where given); `teacher_hidden` [N, d']
-    are the teacher's states predicting the same tokens, read out by `teacher_head`, used where `distill_mask`."""
+    are the teacher's states predicting the same tokens, read out by `teacher_head`, used where
+    `distill_mask`. `tied`: the lookups in `weight` that made `hidden`, if routed through `TiedLookups`."""
     n = labels.numel()
     distilled = int(distill_mask.sum()) if distill_mask is not None and teacher_head is not None else 0
     alpha = distillation.alpha if distilled else 0.0
     kl_scale = alpha * distillation.tau**2 / distilled if distilled else 0.0
     terms = _Terms(chunk, softcap, (1 - alpha) / max(n, 1), kl_scale, distillation,
-                   teacher_hidden if distilled else None, teacher_head if distilled else None, distill_mask)
+                   teacher_hidden if distilled else None, teacher_head if distilled else None, distill_mask,
+                   tied if tied is not None and tied.weight is weight else None)
     loss, sums = _FusedHeadLoss.apply(hidden, weight, labels, terms)
     sums = sums.tolist()
     return LossParts(loss, sums[0] / max(n, 1), sums[1] / distilled if distilled else None)
