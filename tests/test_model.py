@@ -106,3 +106,19 @@ def test_bfloat16_forward_is_close_to_float32(sources, batch):
     mask = batch["decoder_attention_mask"].bool()
     assert torch.isfinite(low).all()
     assert (low[mask] - ref[mask]).abs().max().item() < 0.1 * ref[mask].abs().max().item()
+
+
+def test_sdpa_and_plain_product_attention_agree(sources, batch, monkeypatch):
+    """Short CPU sequences take plain products, longer ones SDPA (Gemma 2's soft-capped attention always
+    takes plain products, checked against transformers in test_parity)."""
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    outputs = []
+    for limit in (2**22, 0):  # everything small, then nothing small
+        monkeypatch.setattr(encdec.model, "PLAIN_SCORES_MAX", limit)
+        model.zero_grad(set_to_none=True)
+        logits = model(**batch).logits
+        logits[batch["decoder_attention_mask"].bool()].square().mean().backward()
+        outputs.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (first, first_grads), (second, second_grads) = outputs
+    assert torch.allclose(first, second, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(first_grads, second_grads))

@@ -47,6 +47,10 @@ class MLP(nn.Module):
 
 
 Rope = tuple[torch.Tensor, torch.Tensor]
+# attention score entries per layer (batch x heads x queries x keys) up to which CPU attention runs as
+# plain products: faster there than SDPA's kernel, and their probabilities (kept for the backward
+# pass, 16 MB per layer at this size) stay small
+PLAIN_SCORES_MAX = 2**22
 
 
 def rope_tables(cfg: StackConfig, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, Rope]:
@@ -116,15 +120,27 @@ class Attention(nn.Module):
         (padding) stays finite instead of turning into NaN.
         """
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, torch.finfo(q.dtype).min)
-        if self.softcap is None:
+        # soft-capping sits between the product and the softmax, which SDPA cannot express; on CPU,
+        # plain products are also faster than SDPA's kernel for short sequences (docs/benchmarks.md)
+        small = q.device.type == "cpu" and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= PLAIN_SCORES_MAX
+        if self.softcap is None and not small:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
-        else:  # soft-capping sits between the product and the softmax, which SDPA cannot express
-            groups = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            scores = torch.tanh((q @ k.transpose(-1, -2)) * (self.scale / self.softcap)) * self.softcap
-            probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
-            out = probs @ v
+        else:
+            out = self._attend_by_products(q, k, v, bias)
         return self.o_proj(out.transpose(1, 2).reshape(*q.shape[:1], q.shape[2], -1))
+
+    def _attend_by_products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Scores, softmax and weighted values as plain products. The query heads that share a key/value
+        head are stacked into one product with it, so keys and values are never copied per head."""
+        batch, heads, length, dim = q.shape
+        kv_heads, keys = k.shape[1], k.shape[2]
+        raw = q.reshape(batch, kv_heads, heads // kv_heads * length, dim) @ k.transpose(-1, -2)
+        if self.softcap is None:
+            scores = raw * self.scale
+        else:
+            scores = torch.tanh(raw * (self.scale / self.softcap)) * self.softcap
+        probs = torch.softmax(scores.view(batch, heads, length, keys) + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+        return (probs.view(batch, kv_heads, -1, keys) @ v).view(batch, heads, length, dim)
 
 
 @dataclass
