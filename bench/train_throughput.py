@@ -18,10 +18,9 @@ padding), keep float32 weights, and run each precision ("fp32"; "bf16" = bfloat1
 forward and loss). Each (implementation, precision) gets `--warmup` untimed steps and `--steps` timed
 steps with a freshly loaded model; the table reports the median step time, tokens/s (encoder + decoder
 tokens), model FLOP utilisation against a matrix-product rate measured in the same run (before and
-after the steps, the better of the two), and peak
-memory (CUDA: allocated by torch; CPU: the worker process's resident memory, loading included). bf16 is
-skipped where bfloat16 products run under a tenth of the float32 rate (AVX2-only CPUs), since a step
-would take an hour there. The last line is the throughput ratio encdec / transformers (the plain
+after the steps, the better of the two), and peak memory (CUDA: allocated by torch; CPU: the worker
+process's resident memory, loading included). bf16 is skipped where bfloat16 products run under a
+tenth of the float32 rate (AVX2-only CPUs), since a step would take an hour there. The last line is the throughput ratio encdec / transformers (the plain
 loop); the line before it compares with transformers+keep.
 
 Model FLOPs per step count 6 per parameter per token that parameter reads (forward + backward):
