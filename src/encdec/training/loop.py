@@ -28,7 +28,7 @@ from encdec.training import checkpointing, distributed
 from encdec.training.allocator import keep_freed_memory
 from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, ExampleStream, example_maker, make_batch, window_length
-from encdec.training.loss import Distillation, LossParts, TiedLookups, chunked_loss
+from encdec.training.loss import Distillation, LossParts, chunked_loss, tied_lookups
 from encdec.training.metrics import Metrics
 from encdec.training.optim import build_optimizer, build_scheduler
 from encdec.training.precision import autocast_dtype
@@ -75,11 +75,6 @@ class CausalLossModule(nn.Module):
         tied = tied_lookups(self.model.embed.weight)
         return chunked_loss(causal_states(self.model, batch, tied), self.model.embed.weight, labels, chunk=self.chunk,
                             softcap=self.model.final_logit_softcap, tied=tied)
-
-
-def tied_lookups(weight: torch.Tensor) -> TiedLookups | None:
-    """Lookups whose gradients join the fused loss's head gradient, when there is a gradient to make."""
-    return TiedLookups(weight) if torch.is_grad_enabled() and weight.requires_grad else None
 
 
 def causal_states(model: CausalLM, batch: Batch, lookup: Lookup | None = None) -> torch.Tensor:

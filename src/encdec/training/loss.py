@@ -77,6 +77,11 @@ class TiedLookups:
         return _TiedLookup.apply(self.weight, ids, self)
 
 
+def tied_lookups(weight: torch.Tensor) -> TiedLookups | None:
+    """Lookups whose gradients join the fused loss's head gradient, when there is a gradient to make."""
+    return TiedLookups(weight) if torch.is_grad_enabled() and weight.requires_grad else None
+
+
 class _TiedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, ids: torch.Tensor, tied: TiedLookups) -> torch.Tensor:
