@@ -1,4 +1,4 @@
-"""Two real CPU processes (gloo) under torchrun: ranks stay in sync and the loss falls."""
+"""Two real CPU processes (gloo) under torchrun and accelerate launch: ranks stay in sync and the loss falls."""
 
 from __future__ import annotations
 
@@ -7,22 +7,35 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from encdec.cli import main
 from tiny import write_corpus
 
+ACCELERATE_CONFIG = Path(__file__).parents[1] / "configs" / "accelerate-multi-gpu.yaml"
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes(sources, tmp_path, fsdp):
+
+def launcher(name: str) -> list[str]:
+    """The start of a command line that runs `python -m encdec.cli ...` as 2 processes."""
+    if name == "torchrun":
+        torchrun = shutil.which("torchrun") or pytest.fail("torchrun not found")
+        return [torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable, "-m", "encdec.cli"]
+    # the shipped config, as the README's launch line uses it; on a machine without GPUs it runs on CPU
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
+            "--num_processes", "2", "-m", "encdec.cli"]
+
+
+@pytest.mark.parametrize(("launch", "fsdp"), [("torchrun", False), ("torchrun", True), ("accelerate", False)],
+                         ids=["torchrun-ddp", "torchrun-fsdp2", "accelerate-ddp"])
+def test_two_processes(sources, tmp_path, launch, fsdp):
     model = tmp_path / "model"
     assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
     corpus = write_corpus(tmp_path / "corpus.txt", documents=80)
-    torchrun = shutil.which("torchrun") or pytest.fail("torchrun not found")
     out = tmp_path / "run"
     command = [
-        torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable, "-m", "encdec.cli",
+        *launcher(launch),
         "pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus), "--enc-len", "16",
         "--dec-len", "16", "--batch-size", "2", "--steps", "8", "--lr", "3e-3", "--warmup-steps", "2",
         "--save-every", "4", "--eval-windows", "4", "--precision", "fp32", *(["--fsdp"] if fsdp else []),
@@ -30,6 +43,7 @@ def test_two_processes(sources, tmp_path, fsdp):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("final model:") == 1  # reported by rank 0 only
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))  # only rank 0 writes
     if not fsdp:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from encdec.errors import EncdecError
+
+if TYPE_CHECKING:
+    from encdec.training.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -94,13 +99,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from encdec.training.config import from_arguments
-    from encdec.training.loop import train
 
     cfg = from_arguments(args)
     if not cfg.model:
         raise EncdecError("--model DIR is required (an adapted model, from `encdec adapt`), on the command line or in --config")
+    _train_and_report(cfg)
+
+
+def _train_and_report(cfg: TrainConfig) -> None:
+    from encdec.training.loop import train
+
     final = train(cfg)
-    print(f"final model: {final}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch every process gets here
+        print(f"final model: {final}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -163,13 +174,11 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from encdec.training.config import FINETUNE_DEFAULTS, from_arguments
-    from encdec.training.loop import train
 
     cfg = from_arguments(args, FINETUNE_DEFAULTS)
     if cfg.objective != "instruct":
         raise EncdecError(f"encdec finetune trains on instructions; objective {cfg.objective!r} belongs to `encdec pretrain`")
-    final = train(cfg)
-    print(f"final model: {final}")
+    _train_and_report(cfg)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
