@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import write_corpus
 
 from encdec.cli import main
-from tiny import write_corpus
 
 ACCELERATE_CONFIG = Path(__file__).parents[1] / "configs" / "accelerate-multi-gpu.yaml"
 

@@ -130,6 +130,31 @@ def test_final_model_averages_the_last_checkpoints(adapted, corpus, tmp_path):
         assert not torch.equal(final[name], weights[1][name])
 
 
+def test_bfloat16_autocast_trains_float32_master_weights(adapted, corpus, tmp_path):
+    final = loop.train(_config(adapted, tmp_path / "bf16", corpus, steps=12, precision="bf16"))
+    loop.train(_config(adapted, tmp_path / "fp32", corpus, steps=1, precision="fp32"))
+    bf16, fp32 = _metrics(tmp_path / "bf16"), _metrics(tmp_path / "fp32")
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)  # same batch, bfloat16 products
+    assert bf16[0]["loss"] != fp32[0]["loss"]  # ... which did run in bfloat16
+    assert sum(r["loss"] for r in bf16[-3:]) < 0.9 * sum(r["loss"] for r in bf16[:3])
+    state = torch.load(checkpointing.checkpoints(tmp_path / "bf16")[-1] / "optimizer.pt", weights_only=False)
+    assert {t.dtype for s in state["state"].values() for t in s.values() if t.dim() > 0} == {torch.float32}
+    assert {t.dtype for t in encdec.files.read_weights(final).values()} == {torch.float32}
+
+
+def test_tensorboard_logs_hold_the_metrics_of_every_step(adapted, corpus, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loop.train(_config(adapted, tmp_path / "run", corpus, steps=4, eval_every=2, tensorboard=True))
+    records = _metrics(tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert {"loss", "lr", "tokens_per_s", "eval_loss"} <= set(events.Tags()["scalars"])
+    logged = [(e.step, e.value) for e in events.Scalars("loss")]
+    assert logged == [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in records]
+    assert [e.step for e in events.Scalars("eval_loss")] == [2, 4]
+
+
 def test_yaml_config_with_command_line_overrides(adapted, corpus, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {adapted}\nout: {tmp_path / 'run'}\ndata: [{corpus}]\nsteps: 2\nenc_len: 16\n"
