@@ -11,17 +11,22 @@ packaged Gemma 3 270M adapted with merged attention, in two implementations hold
 - transformers+keep (CPU only): the same plain loop with the project's allocator setting, to show
   how much of the difference that setting alone makes.
 
-Each implementation runs in a process of its own (the allocator setting is process-wide).
+Each implementation runs in a process of its own (the allocator setting is process-wide). The speed of
+a shared machine drifts by 10-20% over minutes, so the implementations are measured in `--rounds`
+rounds, each round running every implementation once in turn (a fresh process, `--warmup` untimed
+steps, `--steps` timed ones): a slow spell then falls on all of them rather than on whichever ran
+during it. The table reports the median over all timed steps of all rounds; the ratio lines also
+give each round's ratio, so the spread is visible.
 
 Both read the same B rows of `enc_len` input and `dec_len` target tokens (one example per row, no
 padding), keep float32 weights, and run each precision ("fp32"; "bf16" = bfloat16 autocast around
-forward and loss). Each (implementation, precision) gets `--warmup` untimed steps and `--steps` timed
-steps with a freshly loaded model; the table reports the median step time, tokens/s (encoder + decoder
-tokens), model FLOP utilisation against a matrix-product rate measured in the same run (before and
-after the steps, the better of the two), and peak memory (CUDA: allocated by torch; CPU: the worker
-process's resident memory, loading included). bf16 is skipped where bfloat16 products run under a
-tenth of the float32 rate (AVX2-only CPUs), since a step would take an hour there. The last line is the throughput ratio encdec / transformers (the plain
-loop); the line before it compares with transformers+keep.
+forward and loss). The table reports the median step time, tokens/s (encoder + decoder tokens),
+model FLOP utilisation against a matrix-product rate measured in the same run (before and after the
+steps, the better of the two), and peak memory (CUDA: allocated by torch; CPU: the worker process's
+resident memory, loading included). bf16 is skipped where bfloat16 products run under a tenth of the
+float32 rate (AVX2-only CPUs), since a step would take an hour there. The last line is the
+throughput ratio encdec / transformers (the plain loop); the line before it compares with
+transformers+keep.
 
 Model FLOPs per step count 6 per parameter per token that parameter reads (forward + backward):
 encoder parameters x encoder tokens, decoder parameters x decoder tokens, the decoder's key/value
@@ -32,7 +37,7 @@ left out.
 Run (the first use of gemma-3-270m dequantises and caches it, about 2 minutes):
 
     python bench/train_throughput.py                 # cuda if available, else cpu
-    python bench/train_throughput.py --steps 3 --precisions fp32 --device cpu
+    python bench/train_throughput.py --steps 5 --rounds 2 --precisions fp32 --device cpu
 """
 
 from __future__ import annotations
@@ -74,8 +79,13 @@ SLOW_FACTOR = 10  # skip a precision whose products run this many times slower t
 class Measured:
     implementation: str
     precision: str
-    seconds: float  # median step time
+    rounds: list[list[float]]  # timed step seconds, one list per round
     peak_gib: float  # CUDA: peak allocated memory; CPU: peak resident memory of the process (model loading included)
+
+    @property
+    def seconds(self) -> float:
+        """Median over all timed steps of all rounds."""
+        return statistics.median(t for times in self.rounds for t in times)
 
 
 @dataclass
@@ -89,7 +99,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="rows per step")
     p.add_argument("--enc-len", type=int, default=128, help="encoder tokens per row")
     p.add_argument("--dec-len", type=int, default=128, help="decoder (target) tokens per row")
-    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, each running every implementation once in turn")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (CPU: kept memory settles in 2)")
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,8 +163,8 @@ def prepare(directory: Path, args: argparse.Namespace) -> float:
     return step_flops(model, args.batch, args.enc_len, args.dec_len)
 
 
-def time_steps(step: Callable[[], None], args: argparse.Namespace) -> float:
-    """Median seconds of `args.steps` calls of `step` after `args.warmup` untimed calls."""
+def time_steps(step: Callable[[], None], args: argparse.Namespace) -> list[float]:
+    """Seconds of each of `args.steps` calls of `step` after `args.warmup` untimed calls."""
     device = torch.device(args.device)
     for _ in range(args.warmup):
         step()
@@ -165,7 +176,7 @@ def time_steps(step: Callable[[], None], args: argparse.Namespace) -> float:
         synchronize(device)
         times.append(time.perf_counter() - start)
     print("  step seconds: " + ", ".join(f"{t:.2f}" for t in times), file=sys.stderr, flush=True)
-    return statistics.median(times)
+    return times
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -178,7 +189,7 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
-def time_encdec(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> float:
+def time_encdec(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> list[float]:
     device = torch.device(args.device)
     if device.type == "cpu":
         keep_freed_memory()
@@ -200,7 +211,7 @@ def time_encdec(directory: Path, examples: list[Example], args: argparse.Namespa
     return time_steps(step, args)
 
 
-def time_transformers(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> float:
+def time_transformers(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> list[float]:
     device = torch.device(args.device)
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
         str(directory), attn_implementation="sdpa", dtype=torch.float32
@@ -224,7 +235,7 @@ def time_transformers(directory: Path, examples: list[Example], args: argparse.N
     return time_steps(step, args)
 
 
-def time_transformers_keep(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> float:
+def time_transformers_keep(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> list[float]:
     keep_freed_memory()
     return time_transformers(directory, examples, args, dtype)
 
@@ -243,21 +254,22 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One (implementation, precision) in this process; prints its median step time and peak memory as JSON."""
+    """One (implementation, precision) in this process; prints its step times and peak memory as JSON."""
     name, precision, directory = args.worker
-    seconds = IMPLEMENTATIONS[name](Path(directory), random_examples(args.batch, args.enc_len, args.dec_len), args,
-                                    DTYPES[precision])
-    print(json.dumps({"seconds": seconds, "peak_gib": peak_memory_gib(torch.device(args.device))}))
+    times = IMPLEMENTATIONS[name](Path(directory), random_examples(args.batch, args.enc_len, args.dec_len), args,
+                                  DTYPES[precision])
+    print(json.dumps({"step_seconds": times, "peak_gib": peak_memory_gib(torch.device(args.device))}))
 
 
-def measure(name: str, precision: str, directory: Path, args: argparse.Namespace) -> Measured:
+def measure(name: str, precision: str, directory: Path, args: argparse.Namespace) -> tuple[list[float], float]:
+    """Step times and peak memory of one round of `name` in a fresh process."""
     options = ["--batch", str(args.batch), "--enc-len", str(args.enc_len), "--dec-len", str(args.dec_len),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
                "--loss-chunk", str(args.loss_chunk)]
     out = subprocess.run([sys.executable, __file__, *options, "--worker", name, precision, str(directory)],
                          stdout=subprocess.PIPE, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    return Measured(name, precision, result["seconds"], result["peak_gib"])
+    return result["step_seconds"], result["peak_gib"]
 
 
 def print_table(rows: list[Measured | Skipped], tokens: int, flops: float, peaks: dict[str, float]) -> None:
@@ -290,26 +302,36 @@ def main() -> None:
                 rows.append(Skipped(precision, f"{precision} products run at {peaks[precision] / 1e9:.1f} GFLOP/s, "
                                                f"under 1/{SLOW_FACTOR} of fp32's {peaks['fp32'] / 1e9:.1f} GFLOP/s"))
                 continue
-            for name in implementations(device):
-                print(f"timing {name} {precision} ...", file=sys.stderr, flush=True)
-                rows.append(measure(name, precision, directory, args))
+            measured = {name: Measured(name, precision, [], 0.0) for name in implementations(device)}
+            for round_ in range(1, args.rounds + 1):
+                for name, row in measured.items():
+                    print(f"round {round_}/{args.rounds}: timing {name} {precision} ...", file=sys.stderr, flush=True)
+                    times, peak = measure(name, precision, directory, args)
+                    row.rounds.append(times)
+                    row.peak_gib = max(row.peak_gib, peak)
+            rows.extend(measured.values())
     # measured again at the end, the better kept: on a shared machine one short measurement can be slowed
     peaks = {name: max(rate, matmul_rate(DTYPES[name], device)) for name, rate in peaks.items()}
 
     print(f"device {device} ({torch.get_num_threads()} threads)" if device.type == "cpu" else
           f"device {device} ({torch.cuda.get_device_name(device)})")
     print(f"batch {args.batch} x (enc {args.enc_len} + dec {args.dec_len}) = {tokens} tokens/step, "
-          f"loss chunk {args.loss_chunk}, {flops / 1e12:.3f} model TFLOP/step, median of {args.steps} steps")
+          f"loss chunk {args.loss_chunk}, {flops / 1e12:.3f} model TFLOP/step, "
+          f"median of {args.rounds} rounds x {args.steps} steps")
     print(f"peak ({MATMUL_SIZE}x{MATMUL_SIZE} @ {MATMUL_SIZE}x{MATMUL_SIZE} product, best of rounds): "
           + ", ".join(f"{name} {rate / 1e9:.1f} GFLOP/s" for name, rate in peaks.items()))
     print_table(rows, tokens, flops, peaks)
-    seconds = {(r.implementation, r.precision): r.seconds for r in rows if isinstance(r, Measured)}
+    measured = {(r.implementation, r.precision): r for r in rows if isinstance(r, Measured)}
     for precision in args.precisions:
-        if ("encdec", precision) not in seconds:
+        if ("encdec", precision) not in measured:
             continue
+        ours = measured[("encdec", precision)]
         for baseline in reversed(implementations(device)[1:]):  # the plain loop last
-            ratio = seconds[(baseline, precision)] / seconds[("encdec", precision)]
-            print(f"ratio (encdec / {baseline}, {precision}): {ratio:.2f}x")
+            theirs = measured[(baseline, precision)]
+            per_round = ", ".join(f"{statistics.median(b) / statistics.median(a):.2f}x"
+                                  for a, b in zip(ours.rounds, theirs.rounds))
+            print(f"ratio (encdec / {baseline}, {precision}): {theirs.seconds / ours.seconds:.2f}x"
+                  f" (rounds: {per_round})")
 
 
 if __name__ == "__main__":
