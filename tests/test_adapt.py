@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -44,6 +46,21 @@ def test_decoder_layer_subset_copies_those_layers(sources):
     for dst, src in enumerate([1, 2]):
         assert torch.equal(model.decoder.layers[dst].mlp.up_proj.weight, source.weights[f"model.layers.{src}.mlp.up_proj.weight"])
     assert model.encoder_embed is None  # Gemma 3 from one source: one shared table
+
+
+def test_a_decoder_subset_without_full_attention_layers_is_warned_about(sources, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+    source = encdec.load_source(str(sources["gemma3"]))
+    full = [i for i, kind in enumerate(source.stack.layer_types) if kind == "full"]
+    local = [i for i, kind in enumerate(source.stack.layer_types) if kind == "sliding"]
+    assert full and local
+    with caplog.at_level("WARNING", logger="encdec"):
+        encdec.adapt(source, decoder_layers=local[:2], attention="cross")
+    assert f"full-attention layers are {full}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encdec"):
+        encdec.adapt(source, decoder_layers=[local[0], full[0]], attention="cross")
+    assert caplog.text == ""
 
 
 def test_encoder_copies_every_source_layer(sources):

@@ -8,6 +8,8 @@ layers; a separate cross-attention is then randomly initialised, its K/V reading
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from encdec.config import EncDecConfig, StackConfig
@@ -19,6 +21,8 @@ from encdec.sources import DecoderOnlySource
 DEFAULT_ATTENTION = {"gemma2": "cross", "gemma3": "merged"}  # what each family was released with
 WINDOW_OF_FAMILY = {"gemma2": "t5gemma", "gemma3": "t5gemma2"}
 CROSS_INIT_STD = 0.02  # normal init of an unbalanced model's cross-attention projections
+
+log = logging.getLogger("encdec")
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:
@@ -82,6 +86,15 @@ def _random_cross(model: EncoderDecoder, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def _warn_if_only_local(stack: StackConfig, layers: list[int]) -> None:
+    """A decoder subset with no full-attention layer cannot look further back than the window."""
+    full = [i for i, kind in enumerate(stack.layer_types) if kind == "full"]
+    if full and not set(full) & set(layers):
+        log.warning("decoder layers %s are all sliding-window layers: the decoder will not attend further back than %d "
+                    "tokens. The source's full-attention layers are %s; include one to keep global attention.",
+                    layers, stack.sliding_window, full)
+
+
 def adapt(
     encoder: DecoderOnlySource, decoder: DecoderOnlySource | None = None, decoder_layers: list[int] | None = None,
     attention: str | None = None, seed: int = 0,
@@ -101,6 +114,7 @@ def adapt(
                           "so the decoder cannot come from another model; use --attention cross")
     layers = decoder_layers or list(range(dec_source.stack.num_layers))
     dec_stack = _subset(dec_source.stack, layers)
+    _warn_if_only_local(dec_source.stack, layers)
     # One embedding table when both sides start from the same one, as T5Gemma 2 does (no measured
     # quality cost); Gemma 2 with cross-attention keeps T5Gemma's separate tables so it stays loadable there.
     one_source = decoder is None or decoder.directory == encoder.directory
