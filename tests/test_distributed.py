@@ -13,6 +13,7 @@ import pytest
 from tiny import write_corpus
 
 from encdec.cli import main
+from encdec.training.distributed import Dist, share
 
 ACCELERATE_CONFIG = Path(__file__).parents[1] / "configs" / "accelerate-multi-gpu.yaml"
 
@@ -38,7 +39,7 @@ def test_two_processes(sources, tmp_path, launch, fsdp):
         *launcher(launch),
         "pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus), "--enc-len", "16",
         "--dec-len", "16", "--batch-size", "2", "--steps", "8", "--lr", "3e-3", "--warmup-steps", "2",
-        "--save-every", "4", "--eval-windows", "4", "--precision", "fp32", *(["--fsdp"] if fsdp else []),
+        "--save-every", "4", "--eval-windows", "6", "--precision", "fp32", *(["--fsdp"] if fsdp else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -50,4 +51,14 @@ def test_two_processes(sources, tmp_path, launch, fsdp):
         synced = [r["ranks_in_sync"] for r in records if "ranks_in_sync" in r]
         assert synced == [True, True]
     assert sum(r["loss"] for r in records[-2:]) < sum(r["loss"] for r in records[:2])
+    # 6 held-out windows in batches of 2 rows: 3 batches, so one process makes a spare pass
+    assert [r["step"] for r in records if "eval_loss" in r] == [8]
     assert (out / "model" / "config.json").exists()
+
+
+def test_every_item_is_shared_out_once_and_every_process_makes_the_same_passes():
+    for world in range(1, 6):
+        for n in range(0, 20):
+            shares = [share(n, Dist(rank, world)) for rank in range(world)]
+            assert len({len(s) for s in shares}) == 1
+            assert sorted(i for s in shares for i in s if i is not None) == list(range(n))

@@ -53,6 +53,13 @@ def wrap(model: nn.Module, blocks: list[nn.Module], d: Dist, fsdp: bool) -> nn.M
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
+def share(n: int, d: Dist) -> list[int | None]:
+    """This process's share of `n` work items, round-robin, padded with None so that every process makes
+    the same number of passes: under FSDP2 every forward pass runs collectives on all processes."""
+    passes = -(-n // d.world)
+    return [i if (i := p * d.world + d.rank) < n else None for p in range(passes)]
+
+
 def reduce_sum(value: float, d: Dist) -> float:
     if d.world == 1:
         return value

@@ -298,15 +298,19 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     teacher_rows = with_teacher or plan.causal
 
     def evaluate() -> float:
+        """Mean held-out cross-entropy per target token; each process reads its share of the batches."""
+        starts = range(0, len(eval_examples), rows)
         total, count = 0.0, 0
         with torch.no_grad(), autocast:
-            for i in range(0, len(eval_examples), rows):
-                batch = make_batch(eval_examples[i : i + rows], enc_len=cfg.enc_len, dec_len=cfg.dec_len,
+            for index in distributed.share(len(starts), d):
+                start = starts[0 if index is None else index]  # a spare pass keeps FSDP2 in step; not counted
+                batch = make_batch(eval_examples[start : start + rows], enc_len=cfg.enc_len, dec_len=cfg.dec_len,
                                    with_teacher=plan.causal, **special).to(d.device)
-                n = batch.target_tokens
-                total += wrapped(batch).ce * n
-                count += n
-        return total / count
+                ce = wrapped(batch).ce
+                if index is not None:
+                    total += ce * batch.target_tokens
+                    count += batch.target_tokens
+        return distributed.reduce_sum(total, d) / distributed.reduce_sum(count, d)
 
     def save_checkpoint(step: int) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
