@@ -107,6 +107,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of encdec's LM-head loss")
     p.add_argument("--worker", nargs=3, metavar=("IMPLEMENTATION", "PRECISION", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    for name in ("batch", "enc_len", "dec_len", "steps", "rounds", "loss_chunk"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     args.precisions = args.precisions.split(",")
     unknown = set(args.precisions) - set(DTYPES)
     if unknown:
