@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# tests never reach the Hub; huggingface_hub, transformers and datasets read these when first imported
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 from pathlib import Path
 
 import pytest

@@ -26,6 +26,19 @@ def test_every_format_and_directories(tmp_path):
     assert list(read_documents(str(tmp_path / "c.parquet"), text_field="body")) == ["from parquet"]
 
 
+def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
+    # `hf:NAME` hands NAME to datasets.load_dataset(streaming=True); a local dataset directory takes the
+    # place of a Hub name here (the tests run offline: conftest sets HF_HUB_OFFLINE)
+    (tmp_path / "ds").mkdir()
+    records = [{"text": f"document {i}", "body": f"body {i}"} for i in range(5)]
+    (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    spec = f"hf:{tmp_path / 'ds'}"
+    assert list(read_documents(spec)) == [f"document {i}" for i in range(5)]
+    assert list(read_documents(spec, text_field="body", hub_limit=2)) == ["body 0", "body 1"]
+    with pytest.raises(EncdecError, match=r"could not stream hf:"):
+        list(read_documents(f"hf:{tmp_path / 'missing'}"))
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad.jsonl, line 2: not valid JSON"),
     ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"field.jsonl, line 2: no string field 'text'"),
