@@ -28,8 +28,9 @@ def launcher(name: str) -> list[str]:
             "--num_processes", "2", "-m", "encdec.cli"]
 
 
-@pytest.mark.parametrize(("launch", "fsdp"), [("torchrun", False), ("torchrun", True), ("accelerate", False)],
-                         ids=["torchrun-ddp", "torchrun-fsdp2", "accelerate-ddp"])
+@pytest.mark.parametrize(("launch", "fsdp"), [("torchrun", False), ("torchrun", True), ("accelerate", False),
+                                             ("accelerate", True)],
+                         ids=["torchrun-ddp", "torchrun-fsdp2", "accelerate-ddp", "accelerate-fsdp2"])
 def test_two_processes(sources, tmp_path, launch, fsdp):
     model = tmp_path / "model"
     assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
