@@ -192,7 +192,9 @@ def autocast(device: torch.device, dtype: torch.dtype) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
-def time_encdec(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> list[float]:
+def time_encdec(
+    directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype
+) -> list[float]:
     device = torch.device(args.device)
     if device.type == "cpu":
         keep_freed_memory()
@@ -214,7 +216,9 @@ def time_encdec(directory: Path, examples: list[Example], args: argparse.Namespa
     return time_steps(step, args)
 
 
-def time_transformers(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> list[float]:
+def time_transformers(
+    directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype
+) -> list[float]:
     device = torch.device(args.device)
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
         str(directory), attn_implementation="sdpa", dtype=torch.float32
@@ -238,7 +242,9 @@ def time_transformers(directory: Path, examples: list[Example], args: argparse.N
     return time_steps(step, args)
 
 
-def time_transformers_keep(directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype) -> list[float]:
+def time_transformers_keep(
+    directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype
+) -> list[float]:
     keep_freed_memory()
     return time_transformers(directory, examples, args, dtype)
 

@@ -43,7 +43,8 @@ def test_two_processes(sources, tmp_path, launch, fsdp):
         "--save-every", "4", "--eval-windows", "6", "--precision", "fp32", *(["--fsdp"] if fsdp else []),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)  # a run takes 10-20 s; a hang fails sooner
+    # a run takes 10-20 s; a hang fails after 150
+    result = subprocess.run(command, capture_output=True, text=True, timeout=150, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("final model:") == 1  # reported by rank 0 only
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
