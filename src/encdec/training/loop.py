@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -32,7 +33,18 @@ from encdec.training.loss import Distillation, LossParts, chunked_loss, tied_loo
 from encdec.training.metrics import Metrics
 from encdec.training.optim import build_optimizer, build_scheduler
 from encdec.training.precision import autocast_dtype
-from encdec.training.vocab import always_kept, kept_tokens, remap_table, trim_model, trim_teacher, untrim
+from encdec.training.vocab import (
+    Negatives,
+    UntrainedRows,
+    always_kept,
+    ignore_unknown_targets,
+    kept_tokens,
+    remap_table,
+    trim_model,
+    trim_teacher,
+    untrained_rows,
+    untrim,
+)
 
 log = logging.getLogger("encdec")
 
@@ -45,7 +57,8 @@ class LossModule(nn.Module):
         self.model, self.chunk, self.distillation = model, chunk, distillation
         self.teacher_head = None
 
-    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None) -> LossParts:
+    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None,
+                negatives: Negatives | None = None) -> LossParts:
         r = batch.rows
         tied = tied_lookups(self.model.embed.weight)
         out = self.model(r.input_ids, decoder_input_ids=r.decoder_input_ids, segment_ids=r.segment_ids,
@@ -59,7 +72,7 @@ class LossModule(nn.Module):
         return chunked_loss(out.decoder_hidden_states[targets], self.model.embed.weight, labels, chunk=self.chunk,
                             softcap=self.model.config.final_logit_softcap, teacher_hidden=teacher_hidden,
                             teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation,
-                            tied=tied)
+                            tied=tied, negatives=negatives)
 
 
 class CausalLossModule(nn.Module):
@@ -159,26 +172,40 @@ class Plan:
     keep: np.ndarray | None  # kept token ids when the vocabulary is trimmed
     vocab_size: int  # of the full vocabulary (the teacher's)
     source: DecoderOnlySource | None = None  # the decoder-only model's source (config, tokenizer)
+    untrained: UntrainedRows | None = None  # head rows outside the trimmed vocabulary (sampled negatives)
+    unk_id: int | None = None  # trimmed id of <unk>, whose targets are not scored
 
     @property
     def causal(self) -> bool:
         return isinstance(self.model, CausalLM)
 
 
-def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray, d: distributed.Dist):
+@dataclass
+class Trimmed:
+    model: EncoderDecoder  # over the kept tokens
+    keep: np.ndarray  # kept full-vocabulary ids, ascending
+    table: np.ndarray  # full id -> kept id (<unk> for the others)
+    untrained: UntrainedRows
+    unk_id: int  # kept id of <unk>, which every other token became
+
+
+def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray, d: distributed.Dist) -> Trimmed:
     """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones."""
     keep = kept_tokens(ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.config.vocab_size)
     table = remap_table(keep, model.config.vocab_size, tokenizer.unk_token_id)
+    untrained = untrained_rows(model, keep, cfg.trim_negatives, cfg.seed)
     if d.main:
-        log.info("training on a vocabulary of %d tokens (of %d)", len(keep), len(table))
-    return trim_model(model, keep, table), keep, table
+        log.info("training on a vocabulary of %d tokens (of %d), with %d sampled untrained rows per step",
+                 len(keep), len(table), min(cfg.trim_negatives, len(untrained.rows)))
+    return Trimmed(trim_model(model, keep, table), keep, table, untrained, int(table[tokenizer.unk_token_id]))
 
 
 def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: distributed.Dist) -> Plan:
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
-    vocab, keep, vocab_size = tokenizer.get_vocab(), None, model.config.vocab_size
+    vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.config.vocab_size
     if cfg.trim_vocab:
-        model, keep, table = _trim(cfg, model, tokenizer, stream_ids, d)
+        trimmed = _trim(cfg, model, tokenizer, stream_ids, d)
+        model, keep, table = trimmed.model, trimmed.keep, trimmed.table
         stream_ids = table[stream_ids]
         vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
     data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
@@ -189,7 +216,14 @@ def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: dis
     stream = ExampleStream(data[: -cfg.eval_windows], lambda w, rng: make(w.tolist(), rng), seed=cfg.seed,
                            enc_len=cfg.enc_len, dec_len=cfg.dec_len)
     eval_rng = np.random.default_rng([cfg.seed, 2])
-    return Plan(model, stream, [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]], keep, vocab_size)
+    return _with_trimmed(Plan(model, stream, [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]], None,
+                              vocab_size), trimmed)
+
+
+def _with_trimmed(plan: Plan, trimmed: Trimmed | None) -> Plan:
+    if trimmed is None:
+        return plan
+    return dataclasses.replace(plan, keep=trimmed.keep, untrained=trimmed.untrained, unk_id=trimmed.unk_id)
 
 
 def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,
@@ -204,19 +238,20 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
     examples = [chat_example(pairs[i], tokenizer, eos_id=eos, max_input=cfg.enc_len, max_target=cfg.dec_len) for i in order]
     if len(examples) <= cfg.eval_windows:
         raise EncdecError(f"{len(examples)} instruction examples are not more than --eval-windows {cfg.eval_windows}")
-    keep, vocab_size = None, model.embed.num_embeddings
+    trimmed, vocab_size = None, model.embed.num_embeddings
     if cfg.trim_vocab:
         if isinstance(model, CausalLM):
             raise EncdecError("--trim-vocab works with encoder-decoder models only")
         ids = np.concatenate([np.asarray(e.inputs + e.targets) for e in examples])
-        model, keep, table = _trim(cfg, model, tokenizer, ids, d)
+        trimmed = _trim(cfg, model, tokenizer, ids, d)
+        model, table = trimmed.model, trimmed.table
         examples = [Example(table[e.inputs].tolist(), table[e.targets].tolist()) for e in examples]
     held_out = examples[-cfg.eval_windows :]
     stream = ExampleStream(examples[: -cfg.eval_windows], lambda e, rng: e, seed=cfg.seed, enc_len=cfg.enc_len,
                            dec_len=cfg.dec_len)
     if d.main:
         log.info("instruction tuning on %d examples (%d held out)", len(examples) - len(held_out), len(held_out))
-    return Plan(model, stream, held_out, keep, vocab_size, source)
+    return _with_trimmed(Plan(model, stream, held_out, None, vocab_size, source), trimmed)
 
 
 def _plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
@@ -245,6 +280,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     model_dir = Path(cfg.model)
     plan, tokenizer = _plan(cfg, d)
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
+    if plan.untrained is not None:
+        plan.untrained.rows = plan.untrained.rows.to(d.device)
     if plan.causal:  # a decoder-only model reads the teacher's view of the rows
         special = dict(pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id)
     else:
@@ -265,7 +302,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         dtype = compute_dtype or torch.float32
         teacher = load_teacher(teacher_spec(model_dir, cfg.teacher), plan.vocab_size, dtype, d.device)
         if keep is not None:
-            teacher = trim_teacher(teacher, keep)
+            teacher = trim_teacher(teacher, keep, plan.untrained)
         distillation = Distillation(cfg.alpha, cfg.tau, cfg.teacher_top_k)
     if plan.causal:
         module: nn.Module = CausalLossModule(model, cfg.loss_chunk)
@@ -296,6 +333,13 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     rows = cfg.batch_size
     with_teacher = teacher is not None
     teacher_rows = with_teacher or plan.causal
+    untrained = plan.untrained
+
+    def batch_of(examples: list[Example], with_teacher: bool) -> Batch:
+        batch = make_batch(examples, enc_len=cfg.enc_len, dec_len=cfg.dec_len, with_teacher=with_teacher, **special)
+        if plan.unk_id is not None:
+            ignore_unknown_targets(batch.rows.labels, plan.unk_id)
+        return batch
 
     def evaluate() -> float:
         """Mean held-out cross-entropy per target token; each process reads its share of the batches."""
@@ -304,9 +348,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         with torch.no_grad(), autocast:
             for index in distributed.share(len(starts), d):
                 start = starts[0 if index is None else index]  # a spare pass keeps FSDP2 in step; not counted
-                batch = make_batch(eval_examples[start : start + rows], enc_len=cfg.enc_len, dec_len=cfg.dec_len,
-                                   with_teacher=plan.causal, **special).to(d.device)
-                ce = wrapped(batch).ce
+                batch = batch_of(eval_examples[start : start + rows], plan.causal).to(d.device)
+                ce = (wrapped(batch) if untrained is None else wrapped(batch, None, untrained.every())).ce
                 if index is not None:
                     total += ce * batch.target_tokens
                     count += batch.target_tokens
@@ -323,8 +366,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             loss_total, ce_total, kl_total, tokens = 0.0, 0.0, 0.0, 0
             for micro in range(cfg.grad_accum):
                 examples = stream.next_examples(rows * d.world)
-                batch = make_batch(examples, enc_len=cfg.enc_len, dec_len=cfg.dec_len, with_teacher=teacher_rows,
-                                   **special).slice(d.rank * rows, (d.rank + 1) * rows)
+                batch = batch_of(examples, teacher_rows).slice(d.rank * rows, (d.rank + 1) * rows)
                 batch = batch.to(d.device)
                 tokens += _tokens(batch)
                 teacher_hidden = teacher_states(teacher, batch) if teacher is not None else None
@@ -332,7 +374,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 sync = contextlib.nullcontext() if last_micro or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
                 with sync:
                     with autocast:
-                        parts = wrapped(batch, teacher_hidden)
+                        if untrained is None:
+                            parts = wrapped(batch, teacher_hidden)
+                        else:
+                            parts = wrapped(batch, teacher_hidden, untrained.sample(step, micro))
                     (parts.loss / cfg.grad_accum).backward()
                 loss_total += parts.loss.item() / cfg.grad_accum
                 ce_total += parts.ce / cfg.grad_accum
