@@ -62,12 +62,24 @@ def has_tokenizer(directory: Path) -> bool:
     return any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
 
 
+def refuse_custom_code(directory: Path) -> None:
+    """transformers imports the Python files that a checkpoint's `auto_map` names (after asking, when it
+    may); encdec never lets a checkpoint run code, so such a checkpoint is refused before transformers
+    sees it, and every transformers loader is also called with trust_remote_code=False."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = directory / name
+        if file.is_file() and "auto_map" in read_json(file):
+            raise EncdecError(f"{file} has an auto_map entry: it asks to run Python code shipped with the checkpoint, "
+                              "which encdec never does; remove the entry if the model is a standard Gemma / T5Gemma")
+
+
 def load_tokenizer(directory: Path | str):  # noqa: ANN201 - a transformers tokenizer
     """The tokenizer saved in a checkpoint directory (memoised while its files are unchanged:
     building one takes seconds)."""
     directory = Path(directory)
     if not has_tokenizer(directory):
         raise EncdecError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
+    refuse_custom_code(directory)
     stamp = tuple(p.stat().st_mtime_ns for p in sorted(directory.glob("tokenizer*")))
     return _tokenizer(directory.resolve(), stamp)
 
@@ -76,7 +88,19 @@ def load_tokenizer(directory: Path | str):  # noqa: ANN201 - a transformers toke
 def _tokenizer(directory: Path, stamp: tuple[int, ...]):  # noqa: ANN202
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory))
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except (ValueError, OSError) as e:
+        raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):  # noqa: ANN201
+    """A decoder-only source as transformers' own model (for comparisons), from safetensors only, no custom code."""
+    from transformers import AutoModelForCausalLM
+
+    refuse_custom_code(directory)
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
+                                                use_safetensors=True).eval()
 
 
 def _text_config(cfg: dict[str, Any], where: Path) -> tuple[str, dict[str, Any]]:
@@ -178,8 +202,9 @@ def gguf_to_hf_directory(path: Path) -> Path:
 
     log.info("dequantizing %s once (about a minute for 270M; cached in %s)", path.name, cached)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
