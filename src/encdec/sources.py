@@ -127,12 +127,35 @@ def _text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _required_names(stack: StackConfig) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    subs = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
-    subs += [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
-    subs += ["self_attn.q_norm", "self_attn.k_norm"] if stack.qk_norm else []
-    return names + [f"model.layers.{i}.{s}.weight" for i in range(stack.num_layers) for s in subs]
+def _expected_shapes(stack: StackConfig) -> dict[str, tuple[int | None, ...]]:
+    """Every tensor a Gemma text model of this configuration has, with its shape (None: the vocabulary)."""
+    h, q, kv, i = stack.hidden_size, stack.num_heads * stack.head_dim, stack.num_kv_heads * stack.head_dim, \
+        stack.intermediate_size
+    per_layer: dict[str, tuple[int, ...]] = {
+        "input_layernorm": (h,), "post_attention_layernorm": (h,), "pre_feedforward_layernorm": (h,),
+        "post_feedforward_layernorm": (h,), "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+    if stack.qk_norm:
+        per_layer |= {"self_attn.q_norm": (stack.head_dim,), "self_attn.k_norm": (stack.head_dim,)}
+    shapes: dict[str, tuple[int | None, ...]] = {"model.embed_tokens.weight": (None, h), "model.norm.weight": (h,)}
+    for layer in range(stack.num_layers):
+        shapes |= {f"model.layers.{layer}.{name}.weight": shape for name, shape in per_layer.items()}
+    return shapes
+
+
+def _check_shapes(weights: dict[str, torch.Tensor], stack: StackConfig, directory: Path) -> None:
+    expected = _expected_shapes(stack)
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise EncdecError(f"{directory} lacks {len(missing)} weight(s) such as {missing[0]}; truncated or not a Gemma checkpoint?")
+    for name, shape in expected.items():
+        found = tuple(weights[name].shape)
+        if len(found) != len(shape) or any(e is not None and e != f for e, f in zip(shape, found)):
+            shown = "x".join("V" if e is None else str(e) for e in shape)
+            raise EncdecError(f"{directory}: tensor {name} has shape {'x'.join(map(str, found)) or 'scalar'}, "
+                              f"config.json implies {shown}; the weights do not belong to this configuration")
 
 
 def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.float32) -> DecoderOnlySource:
@@ -145,9 +168,7 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
     except KeyError as e:
         raise EncdecError(f"{cfg_path} lacks the field {e}; is it a complete Gemma configuration?") from None
     weights = _text_weights(read_weights(directory, dtype))
-    missing = [n for n in _required_names(stack) if n not in weights]
-    if missing:
-        raise EncdecError(f"{directory} lacks {len(missing)} weight(s) such as {missing[0]}; truncated or not a Gemma checkpoint?")
+    _check_shapes(weights, stack, directory)
     vocab = weights["model.embed_tokens.weight"].shape[0]
     eos = cfg.get("eos_token_id", 1)
     special = {
