@@ -105,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
     from encdec.checkpoint import load
-    from encdec.generate import check_settings
+    from encdec.generate import check_positions, check_settings
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
 
@@ -114,6 +114,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         model = load(args.dir, DTYPES[args.dtype])
         tokenizer = load_tokenizer(Path(args.dir))
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
+    check_positions(batch.input_ids.shape[1], args.max_new_tokens, model.config)
     start = time.perf_counter()
     out = model.generate(
         batch.input_ids, batch.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,

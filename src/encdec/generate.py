@@ -77,7 +77,6 @@ def generate(
     """
     check_settings(max_new_tokens, do_sample, temperature, top_k, top_p)
     cfg = model.config
-    check_positions(input_ids.shape[1], max_new_tokens, cfg)
     device = model.device
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)

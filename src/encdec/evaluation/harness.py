@@ -49,7 +49,7 @@ class Settings:
         for flag, value, low in (("--shots", self.shots, 0), ("--limit", self.limit, 1),
                                  ("--batch-size", self.batch_size, 1), ("--max-len", self.max_len, 2)):
             if value is not None and value < low:
-                raise EncdecError(f"{flag} must be at least {low}, got {value}")
+                raise EncdecError(f"{flag} must be {'non-negative' if low == 0 else f'at least {low}'}, got {value}")
 
 
 @dataclass
