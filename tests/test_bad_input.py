@@ -150,3 +150,133 @@ def test_existing_output_directory(capsys, tmp_path, sources):
     err = capsys.readouterr().err
     assert code == 2 and "already exists; pass --overwrite" in err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_empty_decoder_layers(capsys, tmp_path, sources):
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder-layers", "")
+    assert "--decoder-layers is empty" in line
+
+
+def test_output_under_a_file(capsys, tmp_path, sources):
+    (tmp_path / "file").write_text("mine")
+    code = main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(tmp_path / "file" / "out")])
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and f"{tmp_path / 'file'} is a file, not a directory" in line
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_config_json_that_is_not_an_object(capsys, tmp_path, sources):
+    src = tmp_path / "list"
+    shutil.copytree(sources["gemma3"], src)
+    (src / "config.json").write_text("[1, 2]")
+    assert "holds a JSON list; expected a JSON object" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
+
+
+def test_source_tensor_of_the_wrong_shape(capsys, tmp_path, sources):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "reshaped"
+    shutil.copytree(sources["gemma3"], src)
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.layers.2.self_attn.k_proj.weight"] = weights["model.layers.2.self_attn.k_proj.weight"][:8].clone()
+    save_file(weights, str(src / "model.safetensors"))
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "tensor model.layers.2.self_attn.k_proj.weight has shape 8x32, config.json implies 16x32" in line
+
+
+def test_a_source_without_tokenizer_is_adapted_with_a_warning(capsys, tmp_path, sources):
+    from encdec.logs import setup
+
+    src = tmp_path / "no-tokenizer"
+    shutil.copytree(sources["gemma3"], src)
+    for file in src.glob("tokenizer*"):
+        file.unlink()
+    setup()
+    out = tmp_path / "out"
+    assert main(["adapt", "--encoder", str(src), "--out", str(out)]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "has no tokenizer" in line]
+    assert len(warned) == 1 and "`encdec generate` needs one: copy" in warned[0] and "tokenizer.json" in warned[0]
+    assert main(["generate", str(out), "--prompt", "w1"]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_a_bad_option_value_is_one_line(capsys, tmp_path):
+    code = main_exit(["pretrain", "--steps", "three", "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "argument --steps: invalid int value: 'three'" in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def main_exit(argv: list[str]) -> int:
+    """main(), with argparse's own exits turned into the exit status."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return int(e.code)
+
+
+PRETRAIN_BAD = [
+    (["--save-every", "0"], "--save-every must be at least 1, got 0"),
+    (["--log-every", "-1"], "--log-every must be at least 1"),
+    (["--eval-every", "-2"], "--eval-every must be at least 0"),
+    (["--eval-windows", "0"], "--eval-windows must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--enc-len", "-5"], "--enc-len must be at least 1"),
+    (["--enc-len", "300"], "--enc-len 300: the model reads at most 256 positions"),
+    (["--tau", "nan"], "--tau must be a positive finite number, got nan"),
+    (["--tau", "0"], "--tau must be a positive finite number"),
+    (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--alpha", "nan"], "--alpha must be in [0.0, 1.0], got nan"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--seed", str(2**64)], "--seed must be at most"),
+    (["--data", ""], "--data ['']: an empty path"),
+    (["--config", "steps: three\n"], "--steps must be an integer, got 'three' (str)"),
+    (["--config", "data: corpus.txt\n"], "--data must be a list of paths, got 'corpus.txt'"),
+    (["--config", "lr: [1]\n"], "--lr must be a number, got [1]"),
+    (["--config", "distill: 1\n"], "--distill must be true or false, got 1"),
+    (["--out-under-a-file"], "is a file, not a directory"),
+]
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory, sources):
+    model = tmp_path_factory.mktemp("adapted") / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
+    return model
+
+
+@pytest.mark.parametrize("extra, message", PRETRAIN_BAD, ids=[" ".join(e) for e, _ in PRETRAIN_BAD])
+def test_bad_pretraining_values(capsys, tmp_path, adapted, extra, message):
+    out = tmp_path / "run"
+    if extra[0] == "--config":
+        (tmp_path / "run.yaml").write_text(extra[1])
+        extra = ["--config", str(tmp_path / "run.yaml")]
+    if extra[0] == "--out-under-a-file":
+        (tmp_path / "file").write_text("x")
+        out, extra = tmp_path / "file" / "run", []
+    capsys.readouterr()
+    code = main_exit(["pretrain", "--model", str(adapted), "--out", str(out), *extra])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not out.exists()
+
+
+GENERATE_BAD = [
+    (["--temperature", "nan"], "temperature must be a positive finite number, got nan"),
+    (["--do-sample", "--temperature", "0"], "temperature must be a positive finite number, got 0.0"),
+    (["--top-p", "nan"], "top_p must be in (0, 1], got nan"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+    (["--max-new-tokens", "100000000000"], "at most 255 new tokens"),
+    (["--seed", "-3"], "seed -3 out of range"),
+    (["--prompt", " ".join(["w5"] * 300)], "the prompt has 301 tokens; this model reads at most 256"),
+]
+
+
+@pytest.mark.parametrize("extra, message", GENERATE_BAD, ids=[" ".join(e)[:30] for e, _ in GENERATE_BAD])
+def test_bad_generation_values(capsys, adapted, extra, message):
+    capsys.readouterr()
+    code = main_exit(["generate", str(adapted), "--prompt", "w1 w2", *extra])
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and message in lines[0], captured.err
+    assert " -> " not in captured.out

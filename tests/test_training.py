@@ -18,6 +18,7 @@ from encdec.errors import EncdecError
 from encdec.training import checkpointing, loop
 from encdec.training.config import TrainConfig
 from encdec.training.metrics import Metrics
+from encdec.training.plain_state import read_state
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_bfloat16_autocast_trains_float32_master_weights(adapted, corpus, tmp_pa
     assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=2e-2)  # same batch, bfloat16 products
     assert bf16[0]["loss"] != fp32[0]["loss"]  # ... which did run in bfloat16
     assert sum(r["loss"] for r in bf16[-3:]) < 0.9 * sum(r["loss"] for r in bf16[:3])
-    state = torch.load(checkpointing.checkpoints(tmp_path / "bf16")[-1] / "optimizer.pt", weights_only=False)
+    state = read_state(checkpointing.checkpoints(tmp_path / "bf16")[-1], "optimizer")
     assert {t.dtype for s in state["state"].values() for t in s.values() if t.dim() > 0} == {torch.float32}
     assert {t.dtype for t in encdec.files.read_weights(final).values()} == {torch.float32}
 
@@ -190,7 +191,7 @@ def test_trimmed_vocabulary_trains_and_maps_back(adapted, corpus, tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
     final = loop.train(_config(adapted, tmp_path / "run", corpus, steps=4, trim_vocab=30, distill=True))
-    state = torch.load(checkpointing.checkpoints(tmp_path / "run")[-1] / "trainer.pt", weights_only=False)
+    state = read_state(checkpointing.checkpoints(tmp_path / "run")[-1], "trainer")
     kept = torch.as_tensor(state["kept_tokens"])
     assert len(kept) <= 30 and kept[:3].tolist() == [0, 1, 2]
     model = encdec.load(final)

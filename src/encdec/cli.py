@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
@@ -22,25 +22,51 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose bad-option message is one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _seed(text: str) -> int:
+    """argparse type of every --seed: an integer torch and numpy accept."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected an integer") from None
+    from encdec.training.config import SEED_MAX
+
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"seed {value} out of range: accepted 0 to {SEED_MAX}")
+    return value
+
+
 def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.adapt import adapt, parse_layers
     from encdec.checkpoint import save
     from encdec.files import check_output_dir, portable_path
-    from encdec.logs import timed
+    from encdec.logs import log, timed
     from encdec.report import describe, parameter_table
     from encdec.sources import load_source
 
     check_output_dir(args.out, args.overwrite)
+    if args.decoder_layers is not None and not args.decoder_layers.strip():
+        raise EncdecError("--decoder-layers is empty: expected a comma list like 0,3,6 or a slice like ::3")
     with timed(f"loading encoder source {args.encoder}"):
         encoder = load_source(args.encoder, DTYPES[args.dtype])
     decoder = None
     if args.decoder:
         with timed(f"loading decoder source {args.decoder}"):
             decoder = load_source(args.decoder, DTYPES[args.dtype])
-    layers = parse_layers(args.decoder_layers, encoder.stack.num_layers) if args.decoder_layers else None
+    layers = parse_layers(args.decoder_layers, encoder.stack.num_layers) if args.decoder_layers is not None else None
     with timed("adapting"):
         model = adapt(encoder, decoder, layers, args.attention, seed=args.seed)
     tokenizer_dir = encoder.directory if encoder.has_tokenizer else None
+    if tokenizer_dir is None:
+        log.warning("%s has no tokenizer, so %s is saved without one; `encdec generate` needs one: copy the "
+                    "source model's tokenizer.json (or tokenizer.model) and tokenizer_config.json into %s",
+                    args.encoder, args.out, args.out)
     with timed(f"saving to {args.out}"):
         provenance = {"adapted_from": {
             "encoder": portable_path(args.encoder), "decoder": portable_path(args.decoder) if args.decoder else None,
@@ -79,13 +105,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
     from encdec.checkpoint import load
+    from encdec.generate import check_positions, check_settings
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
 
+    check_settings(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p)
     with timed(f"loading {args.dir}"):
         model = load(args.dir, DTYPES[args.dtype])
         tokenizer = load_tokenizer(Path(args.dir))
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
+    check_positions(batch.input_ids.shape[1], args.max_new_tokens, model.config)
     start = time.perf_counter()
     out = model.generate(
         batch.input_ids, batch.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
@@ -118,9 +147,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from encdec.evaluation.harness import Settings, evaluate, markdown, write
     from encdec.evaluation.tasks import parse_tasks
 
-    for name, value in (("--shots", args.shots), ("--limit", args.limit), ("--batch-size", args.batch_size)):
-        if value is not None and value < (0 if name == "--shots" else 1):
-            raise EncdecError(f"{name} must be {'non-negative' if name == '--shots' else 'at least 1'}, got {value}")
+    from encdec.files import check_writable_place
+
+    check_writable_place(args.out.parent)
     settings = Settings(tasks=parse_tasks(args.tasks), shots=args.shots, limit=args.limit, chat=args.chat,
                         batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
     record = evaluate(args.models, settings, DTYPES[args.dtype])
@@ -189,7 +218,7 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="encdec", formatter_class=_formatter,
         description="Turn a decoder-only Gemma into an encoder-decoder model (T5Gemma / T5Gemma 2 method).",
     )
@@ -210,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype the sources are loaded in and the model is saved in (bfloat16 halves the memory)")
-    p.add_argument("--seed", type=int, default=0, help="seed of randomly initialised cross-attention (unbalanced)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of randomly initialised cross-attention (unbalanced)")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("generate", formatter_class=_formatter, help="generate continuations with a saved model",
@@ -222,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability mass")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
+    p.add_argument("--seed", type=_seed, default=None, help="sampling seed, for reproducible samples")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
     p.set_defaults(func=cmd_generate)
 
@@ -266,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="writes FILE.md (the table) and FILE.json (per-example results, prompt formats, versions)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
     p.add_argument("--max-len", type=int, default=2048, help="longest context in tokens (longer ones keep their end)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the --limit sample and of the few-shot choice")
+    p.add_argument("--seed", type=_seed, default=1234, help="seed of the --limit sample and of the few-shot choice")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
     p.set_defaults(func=cmd_evaluate)
 
@@ -297,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-lr", type=float, default=1e-4, help="peak learning rate of the new linear head")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (not on norms, embeddings)")
     p.add_argument("--warmup", type=float, default=0.1, help="share of the steps with linear warm-up, then linear decay")
-    p.add_argument("--seed", type=int, default=0, help="seed of the samples, folds and batch order")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the samples, folds and batch order")
     p.add_argument("--predict", type=Path, metavar="DIR", help="a saved classifier (OUT/classifier): label inputs with it")
     p.add_argument("--text", action="append", metavar="TEXT", help="with --predict: an input text; repeat for more")
     p.add_argument("--input", type=Path, metavar="FILE.jsonl", help='with --predict: one {"text": ...} object per line')

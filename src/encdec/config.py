@@ -41,6 +41,7 @@ class StackConfig:
     attn_softcap: float | None = None  # Gemma 2: tanh cap on attention logits
     qk_norm: bool = False  # Gemma 3: RMSNorm on queries and keys
     rms_norm_eps: float = 1e-6
+    max_positions: int | None = None  # the source's max_position_embeddings: longest sequence it was trained for
 
     def __post_init__(self) -> None:
         if len(self.layer_types) != self.num_layers:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,23 +19,40 @@ from safetensors.torch import save_file
 
 from encdec.errors import EncdecError
 
+log = logging.getLogger("encdec")
 SHARD_BYTES = 4 * 1024**3
+# what atomic_dir leaves behind when its process is killed: .NAME.tmp-PID-XXXX (.NAME.tmp-XXXX before PIDs)
+_TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(?:(\d+)-)?[^-]+")
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object (every JSON file the project reads is one)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise EncdecError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EncdecError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise EncdecError(f"{path} holds a JSON {type(data).__name__}; expected a JSON object ({{...}})")
+    return data
+
+
+def _inside(directory: Path, name: object, listed_in: Path) -> Path:
+    """A file a checkpoint's own metadata names: a plain file name in the checkpoint directory, nothing else."""
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise EncdecError(f"{listed_in} names {name!r}; only file names inside {directory} are accepted")
+    return directory / name
 
 
 def read_weights(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory: model.safetensors, or the shards its index lists."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted({directory / f for f in read_json(index).get("weight_map", {}).values()})
+        weight_map = read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise EncdecError(f"{index}: weight_map is not a JSON object")
+        files = sorted({_inside(directory, f, index) for f in weight_map.values()})
         if not files:
             raise EncdecError(f"{index} lists no weight files")
     elif (directory / "model.safetensors").exists():
@@ -87,10 +106,19 @@ def write_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Fail before any work when the output would clobber something."""
+def check_writable_place(out: Path) -> None:
+    """Fail before any work when `out` cannot become a directory: it, or a folder above it, is a file."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise EncdecError(f"output path {out} exists and is not a directory")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise EncdecError(f"cannot write {out}: {blocking} is a file, not a directory")
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work when the output would clobber something."""
+    check_writable_place(out)
     if out.exists() and not overwrite:
         raise EncdecError(f"output directory {out} already exists; pass --overwrite to replace it")
 
@@ -104,11 +132,12 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out)
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_abandoned_temporaries(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -117,6 +146,35 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine has this id (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_abandoned_temporaries(parent: Path) -> None:
+    """Delete the temporary directories that killed writes (atomic_dir) left in `parent`: they can hold
+    gigabytes. A directory whose writing process still runs is left alone; a previous version that a
+    write killed between its two renames had moved aside is put back first, never deleted."""
+    abandoned = []
+    for entry in parent.iterdir():
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match and entry.is_dir() and not (match[3] and process_alive(int(match[3]))):
+            abandoned.append((match[2] == "tmp", entry, match[1]))
+    for _, entry, name in sorted(abandoned):  # the .old- ones first
+        moved_aside = entry / name
+        if moved_aside.exists() and not (parent / name).exists():
+            log.warning("restoring %s, moved aside by an interrupted write", parent / name)
+            os.replace(moved_aside, parent / name)
+        log.info("removing %s, left by an interrupted write", entry)
+        shutil.rmtree(entry, ignore_errors=True)
 
 
 def atomic_write(path: Path, text: str) -> None:

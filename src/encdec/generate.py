@@ -6,6 +6,7 @@ cache; `use_cache=False` recomputes everything at each step and exists to check 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,18 +15,33 @@ from encdec.errors import EncdecError
 from encdec.model import EncoderState, Segments
 
 if TYPE_CHECKING:
+    from encdec.config import EncDecConfig
     from encdec.model import EncoderDecoder
 
 
-def _check(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float) -> None:
+def check_settings(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float) -> None:
+    """The decoding settings, checked before a model is loaded (`encdec generate`) or run."""
     if max_new_tokens < 1:
         raise EncdecError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise EncdecError(f"temperature must be positive when sampling, got {temperature}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise EncdecError(f"temperature must be a positive finite number, got {temperature}")
     if top_k is not None and top_k < 1:
         raise EncdecError(f"top_k must be at least 1, got {top_k}")
     if not 0 < top_p <= 1:
         raise EncdecError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_positions(prompt_tokens: int, max_new_tokens: int, cfg: EncDecConfig) -> None:
+    """Refuse (rather than truncate: the end of a prompt is as likely to matter as its start) prompts and
+    continuations longer than the source model was trained for, before any memory is allocated for them."""
+    limit = cfg.encoder.max_positions
+    if limit is not None and prompt_tokens > limit:
+        raise EncdecError(f"the prompt has {prompt_tokens} tokens; this model reads at most {limit} "
+                          "(its source's max_position_embeddings): shorten the prompt")
+    limit = cfg.decoder.max_positions
+    if limit is not None and max_new_tokens + 1 > limit:
+        raise EncdecError(f"--max-new-tokens {max_new_tokens}: this model's decoder reads at most {limit} positions, "
+                          f"so at most {limit - 1} new tokens")
 
 
 def next_tokens(
@@ -59,7 +75,7 @@ def generate(
 
     The decoder starts from the BOS token, as T5Gemma does, and stops when every row produced EOS.
     """
-    _check(max_new_tokens, do_sample, temperature, top_k, top_p)
+    check_settings(max_new_tokens, do_sample, temperature, top_k, top_p)
     cfg = model.config
     device = model.device
     input_ids = input_ids.to(device)

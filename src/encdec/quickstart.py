@@ -16,7 +16,7 @@ from encdec.files import check_output_dir
 from encdec.logs import timed
 from encdec.model import EncoderDecoder
 from encdec.report import describe, parameter_table
-from encdec.sources import load_source, load_tokenizer
+from encdec.sources import load_source, load_tokenizer, transformers_causal_lm
 from encdec.training.config import TrainConfig
 from encdec.training.loop import train
 
@@ -30,8 +30,6 @@ def _continuation(model: EncoderDecoder, tokenizer, prompt: str, max_new_tokens:
 
 
 def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: int, trim_vocab: int) -> None:
-    from transformers import AutoModelForCausalLM
-
     check_output_dir(out, overwrite)
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
     with timed(f"loading {SOURCE}"):
@@ -44,7 +42,7 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
                                        "attention": model.config.attention}}
         fmt = save(model, adapted_dir, tokenizer_dir=source.directory, overwrite=overwrite, metadata=provenance)
     with timed("loading the decoder-only source in transformers, for comparison"):
-        reference = AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=torch.float32).eval()
+        reference = transformers_causal_lm(source.directory, torch.float32)
 
     print(f"\nAdapted model: {adapted_dir} (format {fmt}; transformers: AutoModelForSeq2SeqLM.from_pretrained)")
     print(describe(model))

@@ -62,12 +62,24 @@ def has_tokenizer(directory: Path) -> bool:
     return any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
 
 
+def refuse_custom_code(directory: Path) -> None:
+    """transformers imports the Python files that a checkpoint's `auto_map` names (after asking, when it
+    may); encdec never lets a checkpoint run code, so such a checkpoint is refused before transformers
+    sees it, and every transformers loader is also called with trust_remote_code=False."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = directory / name
+        if file.is_file() and "auto_map" in read_json(file):
+            raise EncdecError(f"{file} has an auto_map entry: it asks to run Python code shipped with the checkpoint, "
+                              "which encdec never does; remove the entry if the model is a standard Gemma / T5Gemma")
+
+
 def load_tokenizer(directory: Path | str):  # noqa: ANN201 - a transformers tokenizer
     """The tokenizer saved in a checkpoint directory (memoised while its files are unchanged:
     building one takes seconds)."""
     directory = Path(directory)
     if not has_tokenizer(directory):
         raise EncdecError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
+    refuse_custom_code(directory)
     stamp = tuple(p.stat().st_mtime_ns for p in sorted(directory.glob("tokenizer*")))
     return _tokenizer(directory.resolve(), stamp)
 
@@ -76,7 +88,19 @@ def load_tokenizer(directory: Path | str):  # noqa: ANN201 - a transformers toke
 def _tokenizer(directory: Path, stamp: tuple[int, ...]):  # noqa: ANN202
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory))
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except (ValueError, OSError) as e:
+        raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):  # noqa: ANN201
+    """A decoder-only source as transformers' own model (for comparisons), from safetensors only, no custom code."""
+    from transformers import AutoModelForCausalLM
+
+    refuse_custom_code(directory)
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
+                                                use_safetensors=True).eval()
 
 
 def _text_config(cfg: dict[str, Any], where: Path) -> tuple[str, dict[str, Any]]:
@@ -103,12 +127,35 @@ def _text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _required_names(stack: StackConfig) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    subs = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
-    subs += [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
-    subs += ["self_attn.q_norm", "self_attn.k_norm"] if stack.qk_norm else []
-    return names + [f"model.layers.{i}.{s}.weight" for i in range(stack.num_layers) for s in subs]
+def _expected_shapes(stack: StackConfig) -> dict[str, tuple[int | None, ...]]:
+    """Every tensor a Gemma text model of this configuration has, with its shape (None: the vocabulary)."""
+    h, q, kv, i = stack.hidden_size, stack.num_heads * stack.head_dim, stack.num_kv_heads * stack.head_dim, \
+        stack.intermediate_size
+    per_layer: dict[str, tuple[int, ...]] = {
+        "input_layernorm": (h,), "post_attention_layernorm": (h,), "pre_feedforward_layernorm": (h,),
+        "post_feedforward_layernorm": (h,), "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+    if stack.qk_norm:
+        per_layer |= {"self_attn.q_norm": (stack.head_dim,), "self_attn.k_norm": (stack.head_dim,)}
+    shapes: dict[str, tuple[int | None, ...]] = {"model.embed_tokens.weight": (None, h), "model.norm.weight": (h,)}
+    for layer in range(stack.num_layers):
+        shapes |= {f"model.layers.{layer}.{name}.weight": shape for name, shape in per_layer.items()}
+    return shapes
+
+
+def _check_shapes(weights: dict[str, torch.Tensor], stack: StackConfig, directory: Path) -> None:
+    expected = _expected_shapes(stack)
+    missing = [n for n in expected if n not in weights]
+    if missing:
+        raise EncdecError(f"{directory} lacks {len(missing)} weight(s) such as {missing[0]}; truncated or not a Gemma checkpoint?")
+    for name, shape in expected.items():
+        found = tuple(weights[name].shape)
+        if len(found) != len(shape) or any(e is not None and e != f for e, f in zip(shape, found)):
+            shown = "x".join("V" if e is None else str(e) for e in shape)
+            raise EncdecError(f"{directory}: tensor {name} has shape {'x'.join(map(str, found)) or 'scalar'}, "
+                              f"config.json implies {shown}; the weights do not belong to this configuration")
 
 
 def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.float32) -> DecoderOnlySource:
@@ -121,9 +168,7 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
     except KeyError as e:
         raise EncdecError(f"{cfg_path} lacks the field {e}; is it a complete Gemma configuration?") from None
     weights = _text_weights(read_weights(directory, dtype))
-    missing = [n for n in _required_names(stack) if n not in weights]
-    if missing:
-        raise EncdecError(f"{directory} lacks {len(missing)} weight(s) such as {missing[0]}; truncated or not a Gemma checkpoint?")
+    _check_shapes(weights, stack, directory)
     vocab = weights["model.embed_tokens.weight"].shape[0]
     eos = cfg.get("eos_token_id", 1)
     special = {
@@ -178,8 +223,9 @@ def gguf_to_hf_directory(path: Path) -> Path:
 
     log.info("dequantizing %s once (about a minute for 270M; cached in %s)", path.name, cached)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}

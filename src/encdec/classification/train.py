@@ -43,8 +43,10 @@ class Hyper:
             raise EncdecError("--batch-size, --epochs and --steps must be positive")
         if self.max_len < 2:
             raise EncdecError(f"--max-len {self.max_len}: needs room for BOS and at least one token")
-        if not (self.lr > 0 and self.head_lr > 0 and 0 <= self.warmup < 1):
-            raise EncdecError("--lr and --head-lr must be positive and --warmup in [0, 1)")
+        if not (0 < self.lr < math.inf and 0 < self.head_lr < math.inf and 0 <= self.warmup < 1):
+            raise EncdecError("--lr and --head-lr must be positive finite numbers and --warmup in [0, 1)")
+        if not 0 <= self.weight_decay <= 1:
+            raise EncdecError(f"--weight-decay must be in [0, 1], got {self.weight_decay}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,7 +1,8 @@
 """Tokenizing a corpus once: token streams cached on disk, keyed by tokenizer and data source.
 
 A corpus becomes one stream of token ids: each document as the tokenizer encodes it (starting with
-BOS) followed by EOS. Training cuts the stream into fixed windows.
+BOS) followed by EOS. Training cuts the stream into fixed windows. A cache file is a .npz archive
+(no pickles) whose CRC-32 shows damage; a damaged one is deleted and rebuilt.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +56,11 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
 
     cache_dir = cache_dir or cache_root() / "tokens"
     key = f"{tokenizer_fingerprint(tokenizer)}-{source_fingerprint(specs, text_field)}"
-    path = cache_dir / f"{key}.npy"
+    path = cache_dir / f"{key}.npz"
     if path.exists():
-        return np.load(path)
+        cached = _read_cache(path, len(tokenizer))
+        if cached is not None:
+            return cached
     documents = _documents(specs, text_field)
     if not documents:
         raise EncdecError(f"no text found in {' '.join(specs)}")
@@ -69,10 +73,24 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
             ids.append(eos)
     stream = np.asarray(ids, dtype=np.int32)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npy", delete=False) as tmp:
-        np.save(tmp, stream)
+    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, ids=stream)
     os.replace(tmp.name, path)
     return stream
+
+
+def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:
+    """The cached stream, or None after deleting a damaged file (it is rebuilt)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            ids = archive["ids"]
+        if ids.dtype != np.int32 or ids.ndim != 1 or (ids.size and not 0 <= ids.min() <= ids.max() < vocab_size):
+            raise ValueError(f"not a stream of token ids below {vocab_size}")
+        return ids
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("token cache %s is damaged (%s); deleted, tokenizing again", path, str(e).splitlines()[0])
+        path.unlink(missing_ok=True)
+        return None
 
 
 def windows(stream: np.ndarray, length: int) -> np.ndarray:

@@ -29,6 +29,7 @@ from encdec.evaluation.tasks import (
     question_prompt,
     sample,
 )
+from encdec.errors import EncdecError
 from encdec.files import atomic_write
 
 log = logging.getLogger("encdec")
@@ -43,6 +44,12 @@ class Settings:
     batch_size: int = 8
     max_len: int = 2048
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for flag, value, low in (("--shots", self.shots, 0), ("--limit", self.limit, 1),
+                                 ("--batch-size", self.batch_size, 1), ("--max-len", self.max_len, 2)):
+            if value is not None and value < low:
+                raise EncdecError(f"{flag} must be {'non-negative' if low == 0 else f'at least {low}'}, got {value}")
 
 
 @dataclass

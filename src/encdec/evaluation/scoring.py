@@ -133,14 +133,12 @@ def _causal_states(model: torch.nn.Module, requests: list[Request], pad_id: int)
 
 def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 2048) -> Scorer:
     """An encoder-decoder checkpoint (anything `encdec.load` reads) or a decoder-only source."""
-    from encdec.sources import load_tokenizer, resolve
+    from encdec.sources import load_tokenizer, resolve, transformers_causal_lm
 
     if is_checkpoint(spec):
         from encdec.checkpoint import load
 
         return Scorer(spec, "encoder-decoder", load(spec, dtype), load_tokenizer(Path(spec).expanduser()), max_len)
-    from transformers import AutoModelForCausalLM
-
     directory = resolve(spec)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype).eval()
+    model = transformers_causal_lm(directory, dtype)
     return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)

@@ -74,6 +74,7 @@ def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
         attn_softcap=cfg.get("attn_logit_softcapping") if family == "gemma2" else None,
         qk_norm=family == "gemma3",
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_positions=cfg.get("max_position_embeddings"),
     )
 
 
@@ -94,7 +95,9 @@ def stack_to_hf(stack: StackConfig, per_layer_type_rope: bool) -> dict[str, Any]
         if (stack.rope_theta_local, stack.rope_scale_local) != (stack.rope_theta_global, stack.rope_scale_global):
             raise EncdecError("this format has one RoPE setting for all layers, but local and global layers differ")
         rope = _rope_dict(stack.rope_theta_global, stack.rope_scale_global)
+    positions = {} if stack.max_positions is None else {"max_position_embeddings": stack.max_positions}
     return {
+        **positions,
         "hidden_size": stack.hidden_size,
         "intermediate_size": stack.intermediate_size,
         "num_hidden_layers": stack.num_layers,

@@ -1,14 +1,18 @@
 """Training checkpoints: everything a resumed run needs, written atomically.
 
-OUT/checkpoints/step-NNNNNN/ holds model.safetensors (our parameter names), optimizer.pt and
-trainer.pt (step, scheduler, data-stream position, RNG states, configuration). State dicts are
-gathered in full on every process (DDP and FSDP2 alike) and written by the first one.
+OUT/checkpoints/step-NNNNNN/ holds model.safetensors (our parameter names), optimizer.json/.safetensors
+and trainer.json/.safetensors (step, scheduler, data-stream position, RNG states, configuration), written
+by `plain_state` so that resuming never unpickles anything. State dicts are gathered in full on every
+process (DDP and FSDP2 alike) and written by the first one. Weights are checked to be finite before
+they are saved and again before they are resumed from.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +27,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from encdec.errors import EncdecError
 from encdec.files import atomic_dir, read_weights, write_weights
 from encdec.training.distributed import Dist
+from encdec.training.plain_state import read_state, write_state
+
+log = logging.getLogger("encdec")
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 PREFIX = "model."  # the trained model inside the loss module
@@ -34,30 +42,85 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted((out / "checkpoints").glob("step-*"))
 
 
+def _not_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding NaN or inf, if any."""
+    return next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+
+
+def not_finite(what: str, step: int, last_good: Path | None) -> EncdecError:
+    """The one line a run stops with when NaN or inf shows up, naming the checkpoint to go back to."""
+    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+    return EncdecError(f"{what} at step {step}; stopped ({where}). Try a lower --lr or check the data")
+
+
 def save(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any],
-         d: Dist, keep_last: int) -> Path:
-    """Collective: every process calls it; the first writes."""
+         d: Dist, keep_last: int, last_good: Path | None = None) -> Path:
+    """Collective: every process calls it; the first writes. Non-finite weights are never saved: every
+    process stops with one line naming `last_good`, the checkpoint to go back to."""
     model_state = get_model_state_dict(wrapped, options=FULL)
+    bad = _not_finite(model_state)
+    if bad is not None:
+        raise not_finite(f"weight {bad.removeprefix(PREFIX)} became NaN or inf (not saved)", step, last_good)
     optim_state = get_optimizer_state_dict(wrapped, optimizer, options=FULL)
     path = out / "checkpoints" / f"step-{step:06d}"
     if d.main:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         with atomic_dir(path, overwrite=True) as tmp:
             write_weights(tmp, {k.removeprefix(PREFIX): v for k, v in model_state.items() if k.startswith(PREFIX)})
-            torch.save(optim_state, tmp / "optimizer.pt")
-            torch.save({**trainer, "step": step, "rng": rng}, tmp / "trainer.pt")
+            write_state(tmp, "optimizer", optim_state)
+            write_state(tmp, "trainer", {**trainer, "step": step, "rng": rng})
         for old in checkpoints(out)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def load(path: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model and optimizer in place; returns the trainer state (step, scheduler, stream, ...)."""
-    weights = {PREFIX + k: v for k, v in read_weights(path).items()}
+@dataclass
+class Saved:
+    """A checkpoint read back in full and checked, before anything of it is applied."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    trainer: dict[str, Any]
+
+
+def read(path: Path) -> Saved:
+    """Everything of a checkpoint; EncdecError (one line) when a file is missing, damaged, foreign or not finite."""
+    if (path / "optimizer.pt").exists() or (path / "trainer.pt").exists():
+        raise EncdecError(f"{path} is in the old pickle format (optimizer.pt, trainer.pt), which encdec no longer "
+                          "loads: unpickling can run code")
+    weights = read_weights(path)
+    optimizer, trainer = read_state(path, "optimizer"), read_state(path, "trainer")
+    if not isinstance(optimizer, dict) or not isinstance(trainer, dict) or "step" not in trainer:
+        raise EncdecError(f"{path}: optimizer.json or trainer.json does not hold a training state")
+    bad = _not_finite(weights)
+    if bad is not None:
+        raise EncdecError(f"{path}: weight {bad} holds NaN or inf")
+    return Saved(path, weights, optimizer, trainer)
+
+
+def latest_usable(out: Path, d: Dist) -> Saved | None:
+    """The newest checkpoint of a run that reads back completely; damaged ones are skipped with a warning.
+    None when the run has no checkpoint; EncdecError when it has some but none is usable."""
+    found = checkpoints(out)
+    for path in reversed(found):
+        try:
+            return read(path)
+        except EncdecError as e:
+            if d.main:
+                log.warning("skipping damaged checkpoint %s: %s", path.name, e)
+    if found:
+        raise EncdecError(f"none of the {len(found)} checkpoint(s) in {out / 'checkpoints'} is usable (see the "
+                          "warnings above); start afresh with --overwrite")
+    return None
+
+
+def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and RNG states in place; returns the trainer state (step, scheduler, stream, ...)."""
+    weights = {PREFIX + k: v for k, v in saved.weights.items()}
     set_model_state_dict(wrapped, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-    optim_state = torch.load(path / "optimizer.pt", weights_only=False)
-    set_optimizer_state_dict(wrapped, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
+    set_optimizer_state_dict(wrapped, optimizer, saved.optimizer, options=StateDictOptions(full_state_dict=True))
+    trainer = saved.trainer
     torch.set_rng_state(trainer["rng"]["torch"])
     np.random.set_state(trainer["rng"]["numpy"])
     random.setstate(trainer["rng"]["python"])

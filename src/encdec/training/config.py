@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from encdec.errors import EncdecError
+
+if TYPE_CHECKING:
+    from encdec.config import EncDecConfig
 
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
@@ -71,20 +75,62 @@ class TrainConfig:
     fsdp: bool = _f(False, "with several processes: shard parameters with FSDP2 (fully_shard per block) instead of DDP")
 
     def __post_init__(self) -> None:
+        """Every value checked before any work starts: the first bad one is the one line the user sees."""
         for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name))
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise EncdecError(f"--{_flag(f.name)} {getattr(self, f.name)!r}: accepted: {', '.join(choices)}")
-        positive = ("enc_len", "dec_len", "batch_size", "grad_accum", "steps", "loss_chunk", "keep_last", "average_last")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise EncdecError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.alpha <= 1:
-            raise EncdecError(f"--alpha must be in [0, 1], got {self.alpha}")
+        for names, low in ((AT_LEAST_1, 1), (AT_LEAST_0, 0)):
+            for name in names:
+                if getattr(self, name) < low:
+                    raise EncdecError(f"--{_flag(name)} must be at least {low}, got {getattr(self, name)}")
+        for name in POSITIVE:
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise EncdecError(f"--{_flag(name)} must be a positive finite number, got {getattr(self, name)}")
+        for name, (low, high) in BOUNDED.items():
+            if not low <= getattr(self, name) <= high:  # NaN fails too
+                raise EncdecError(f"--{_flag(name)} must be in [{low}, {high}], got {getattr(self, name)}")
+        if self.seed > SEED_MAX:
+            raise EncdecError(f"--seed must be at most {SEED_MAX}, got {self.seed}")
+        if not self.out.strip():
+            raise EncdecError("--out must name a directory, got an empty string")
+        if "" in [spec.strip() for spec in self.data]:
+            raise EncdecError(f"--data {self.data!r}: an empty path; pass files, directories or hf:NAME")
         if self.distill and self.objective != "prefixlm":
             raise EncdecError("--distill works with --objective prefixlm only")
         if self.keep_last < self.average_last:
             self.keep_last = self.average_last
+
+    def check_positions(self, model: EncDecConfig) -> None:
+        """Rows no longer than the positions the model's source was trained for."""
+        for name, stack in (("enc_len", model.encoder), ("dec_len", model.decoder)):
+            if stack.max_positions is not None and getattr(self, name) > stack.max_positions:
+                raise EncdecError(f"--{_flag(name)} {getattr(self, name)}: the model reads at most "
+                                  f"{stack.max_positions} positions (its source's max_position_embeddings)")
+
+
+SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed accepts
+# the numeric fields' accepted ranges
+AT_LEAST_1 = ("enc_len", "dec_len", "batch_size", "grad_accum", "steps", "loss_chunk", "keep_last", "average_last",
+              "save_every", "log_every", "eval_windows", "per_task")
+AT_LEAST_0 = ("eval_every", "warmup_steps", "cross_warmup_steps", "trim_vocab", "teacher_top_k", "seed")
+POSITIVE = ("lr", "tau", "clip")  # and finite
+BOUNDED = {"alpha": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, 1.0)}
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list of paths"}
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+    """YAML gives any type: a value must have its field's (an integer counts as a number)."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kind = type(default)
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if not ok:
+        raise EncdecError(f"--{_flag(f.name)} must be {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})")
 
 
 def _flag(name: str) -> str:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from encdec.model import CausalLM, EncoderDecoder, Lookup, Segments
 from encdec.objectives import Example
 from encdec.report import part_of
 from encdec.sources import DecoderOnlySource, load_tokenizer
-from encdec.training import checkpointing, distributed
+from encdec.training import checkpointing, distributed, rundir
 from encdec.training.allocator import keep_freed_memory
 from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, ExampleStream, example_maker, make_batch, window_length
@@ -124,29 +122,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
-def _prepare_output(cfg: TrainConfig, d: distributed.Dist) -> Path | None:
-    """The checkpoint to resume from, if any; refuses to mix two runs in one directory."""
-    out = Path(cfg.out)
-    existing = checkpointing.checkpoints(out)
-    if cfg.resume:
-        if existing and d.main:  # steps logged after the checkpoint will be run again
-            _truncate_metrics(out / "metrics.jsonl", int(existing[-1].name.split("-")[1]))
-        return existing[-1] if existing else None
-    if (existing or (out / "metrics.jsonl").exists()) and not cfg.overwrite:
-        raise EncdecError(f"{out} holds a run; pass --resume to continue it or --overwrite to start afresh")
-    if d.main and cfg.overwrite:
-        for name in ("checkpoints", "metrics.jsonl", "tensorboard", "model"):
-            target = out / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
-    return None
-
-
 def _tokens(batch: Batch) -> int:
     return int((batch.rows.segment_ids != 0).sum() + (batch.rows.decoder_segment_ids != 0).sum())
 
@@ -155,7 +130,8 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model."""
     d = distributed.init()
     try:
-        final = _train(cfg, d)
+        with rundir.locked(Path(cfg.out), d):
+            final = _train(cfg, d)
         distributed.barrier(d)  # nobody tears the group down while rank 0 still writes the final model
         return final
     finally:
@@ -275,10 +251,12 @@ def _plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
 
 def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     out = Path(cfg.out)
-    resume_from = _prepare_output(cfg, d)
+    resume_from = rundir.resume_point(cfg, d)
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model)
     plan, tokenizer = _plan(cfg, d)
+    if not plan.causal:
+        cfg.check_positions(plan.model.config)
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
     if plan.untrained is not None:
         plan.untrained.rows = plan.untrained.rows.to(d.device)
@@ -316,16 +294,18 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     optimizer = build_optimizer(wrapped, lr=cfg.lr, weight_decay=cfg.weight_decay, decay_all=cfg.decay_all)
     scheduler = build_scheduler(optimizer, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
     start = 0
-    last_checkpoint: Path | None = resume_from
+    last_checkpoint: Path | None = resume_from.path if resume_from else None
     if resume_from is not None:
-        state = checkpointing.load(resume_from, wrapped, optimizer)
+        state = checkpointing.apply(resume_from, wrapped, optimizer)
+        del resume_from  # its tensors are in the model and the optimizer now
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state_dict(state["stream"])
         if (keep is None) != (state.get("kept_tokens") is None) or (keep is not None and not np.array_equal(keep, state["kept_tokens"])):
-            raise EncdecError(f"{resume_from} was trained on another vocabulary (different data or --trim-vocab)")
+            raise EncdecError(f"{last_checkpoint} was trained on another vocabulary (different data or --trim-vocab)")
         start = state["step"]
         if d.main:
-            log.info("resuming from %s (step %d)", resume_from, start)
+            log.info("resuming from %s (step %d)", last_checkpoint, start)
+    rundir.begin(cfg, start, d)
 
     autocast = torch.autocast(d.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
     metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main,
@@ -358,7 +338,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     def save_checkpoint(step: int) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
                    "kept_tokens": keep}
-        return checkpointing.save(out, step, wrapped, optimizer, trainer, d, cfg.keep_last)
+        return checkpointing.save(out, step, wrapped, optimizer, trainer, d, cfg.keep_last, last_checkpoint)
 
     with StopRequest() as stop:
         for step in range(start, cfg.steps):
@@ -384,9 +364,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 kl_total += (parts.kl or 0.0) / cfg.grad_accum
             loss = distributed.reduce_sum(loss_total, d) / d.world
             if not math.isfinite(loss):
-                where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-                raise EncdecError(f"the loss became {loss} at step {step + 1}; stopped ({where}). "
-                                  "Try a lower --lr or check the data")
+                raise checkpointing.not_finite(f"the loss became {loss}", step + 1, last_checkpoint)
             if step < cfg.cross_warmup_steps:  # unbalanced warm-up: only cross-attention learns
                 for name, p in wrapped.named_parameters():
                     if part_of(name) != "cross-attention":
@@ -394,6 +372,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in wrapped.parameters() if p.grad is not None], cfg.clip
             )
+            if not math.isfinite(float(grad_norm)):  # the update would make the weights NaN
+                raise checkpointing.not_finite(f"the gradient norm became {float(grad_norm)}", step + 1, last_checkpoint)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

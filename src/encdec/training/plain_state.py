@@ -1,0 +1,96 @@
+"""Nested training state (optimizer, scheduler, data position, RNG states) as JSON plus safetensors.
+
+A run directory may come from someone else; loading its state must never run code, so nothing here
+is pickled: tensors and numpy arrays go to NAME.safetensors, everything else is plain JSON in
+NAME.json, with tuples and non-string dictionary keys spelled out so that the state comes back
+exactly as it was saved (resumed runs repeat the uninterrupted one bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from encdec.errors import EncdecError
+
+FORMAT = "encdec-train-state"
+VERSION = 1
+_TAGS = ("$tensor", "$ndarray", "$tuple", "$items")
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"$tensor": key}
+    if isinstance(obj, np.ndarray):
+        key = str(len(tensors))
+        tensors[key] = torch.from_numpy(np.ascontiguousarray(obj).copy())
+        return {"$ndarray": key}
+    if isinstance(obj, tuple):
+        return {"$tuple": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and not (len(obj) == 1 and next(iter(obj)) in _TAGS):
+            return {k: _encode(v, tensors) for k, v in obj.items()}
+        return {"$items": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    raise TypeError(f"training state holds a {type(obj).__name__}, which plain_state cannot store")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        (tag, value), = obj.items()
+        if tag == "$tensor":
+            return tensors[value]
+        if tag == "$ndarray":
+            return tensors[value].numpy()
+        if tag == "$tuple":
+            return tuple(_decode(v, tensors) for v in value)
+        if tag == "$items":
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def write_state(directory: Path, name: str, state: Any) -> None:
+    """NAME.json and NAME.safetensors in `directory` (a temporary directory that is renamed afterwards)."""
+    tensors: dict[str, torch.Tensor] = {}
+    body = _encode(state, tensors)
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, "state": body}))
+
+
+def read_state(directory: Path, name: str) -> Any:
+    """The state `write_state` wrote; EncdecError naming the file when a file is missing, damaged or foreign."""
+    meta_file, tensor_file = directory / f"{name}.json", directory / f"{name}.safetensors"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise EncdecError(f"{meta_file} is missing") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise EncdecError(f"{meta_file} is unreadable, truncated or corrupt? ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise EncdecError(f"{meta_file} is not an {FORMAT} file of version {VERSION}")
+    try:
+        with safe_open(str(tensor_file), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise EncdecError(f"{tensor_file} is missing") from None
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise EncdecError(f"{tensor_file} is unreadable, truncated or corrupt? ({e})") from None
+    try:
+        return _decode(meta["state"], tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EncdecError(f"{meta_file} does not match {tensor_file.name} ({type(e).__name__}: {e})") from None

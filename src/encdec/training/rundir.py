@@ -1,0 +1,122 @@
+"""The run directory (OUT of `encdec pretrain` / `finetune`): who may write it, what a run starts from,
+and what `--overwrite` and `--resume` change in it.
+
+The policy: a run holds OUT/.encdec.lock while it writes (the kernel drops the lock of a killed
+process, so a stale lock file is simply taken over); nothing is deleted before the run's inputs were
+loaded; a resumed run starts from the newest checkpoint that reads back completely and drops the
+metrics lines that it will log again, along with a line truncated by a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from encdec.errors import EncdecError
+from encdec.files import atomic_write, check_writable_place
+from encdec.training import checkpointing
+from encdec.training.config import TrainConfig
+from encdec.training.distributed import Dist
+
+log = logging.getLogger("encdec")
+LOCK = ".encdec.lock"
+OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model")  # what --overwrite replaces
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"process {info['pid']} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextlib.contextmanager
+def locked(out: Path, d: Dist) -> Iterator[None]:
+    """Hold OUT's lock for the duration (the first process of a distributed run takes it for all)."""
+    if not d.main:
+        yield
+        return
+    check_writable_place(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EncdecError(f"{out} is being written by {_holder(path)}; wait for that run to end or choose "
+                              f"another --out (if no such run exists, delete {path})") from None
+        try:  # the file may have been replaced between open and lock by a run that just ended
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    if os.fstat(fd).st_size:
+        log.warning("taking over the lock of %s in %s: that process is gone", _holder(path), out)
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # a refused run leaves no empty directory behind (it stays if anything was written)
+
+
+def resume_point(cfg: TrainConfig, d: Dist) -> checkpointing.Saved | None:
+    """The checkpoint to resume from, read and checked; refuses to mix two runs in one directory.
+    Writes nothing: `begin` does, once the run's inputs are known to be good."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        return checkpointing.latest_usable(out, d)
+    if (checkpointing.checkpoints(out) or (out / "metrics.jsonl").exists()) and not cfg.overwrite:
+        raise EncdecError(f"{out} holds a run; pass --resume to continue it or --overwrite to start afresh")
+    return None
+
+
+def begin(cfg: TrainConfig, start: int, d: Dist) -> None:
+    """Make OUT ready for the first step (`start` steps were done before): the previous run removed
+    (--overwrite), or the metrics cut back to the resumed checkpoint."""
+    out = Path(cfg.out)
+    if not d.main:
+        return
+    if cfg.resume:  # steps logged after the checkpoint will be run again
+        _truncate_metrics(out / "metrics.jsonl", start)
+    elif cfg.overwrite:
+        for name in OUTPUTS:
+            target = out / name
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    if not path.exists():
+        return
+    kept, damaged = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            damaged += 1
+            continue
+        if step <= last_step:
+            kept.append(line)
+    if damaged:
+        log.warning("%s: dropped %d unreadable line(s), cut short by a crash?", path, damaged)
+    atomic_write(path, "".join(line + "\n" for line in kept))

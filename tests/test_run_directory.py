@@ -1,0 +1,197 @@
+"""Runs survive crashes and damage: finite checkpoints only, --overwrite after validation, one run per
+directory, --resume past damaged files, temporaries of killed writes removed, damaged token caches rebuilt."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_training import _config, _metrics, adapted, corpus  # noqa: F401 - fixtures
+from tiny import make_tokenizer
+
+from encdec.cli import main
+from encdec.data.tokens import token_stream
+from encdec.errors import EncdecError
+from encdec.files import atomic_dir, read_weights
+from encdec.logs import setup
+from encdec.training import checkpointing, loop, rundir
+
+DEAD_PID = 2**22 + 12345  # above Linux's largest pid: no process has it
+
+
+def _pretrain_args(model, out, corpus, *extra: str) -> list[str]:  # noqa: F811
+    return ["pretrain", "--model", str(model), "--data", str(corpus), "--out", str(out), "--enc-len", "16",
+            "--dec-len", "16", "--batch-size", "2", "--eval-windows", "4", "--precision", "fp32", *extra]
+
+
+def _lines(text: str, word: str) -> list[str]:
+    return [line for line in text.splitlines() if word in line]
+
+
+def _all_finite(checkpoint) -> bool:
+    return all(torch.isfinite(t).all() for t in read_weights(checkpoint).values())
+
+
+def test_a_nan_gradient_stops_before_the_update_and_names_a_finite_checkpoint(adapted, corpus, tmp_path,  # noqa: F811
+                                                                           monkeypatch):
+    original = loop.chunked_loss
+    calls = {"n": 0}
+
+    def nan_gradient(*args, **kwargs):  # the loss stays finite, its gradient is NaN at step 4 (a saving step)
+        parts = original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            parts.loss.register_hook(lambda g: g * float("nan"))
+        return parts
+
+    monkeypatch.setattr(loop, "chunked_loss", nan_gradient)
+    with pytest.raises(EncdecError, match=r"gradient norm became nan at step 4.*step-000002") as stop:
+        loop.train(_config(adapted, tmp_path / "run", corpus, eval_every=0))
+    named = checkpointing.checkpoints(tmp_path / "run")
+    assert [p.name for p in named] == ["step-000002"] and str(named[0]) in str(stop.value)
+    assert _all_finite(named[0])
+
+
+def test_weights_that_became_infinite_are_never_saved(adapted, corpus, tmp_path, monkeypatch):  # noqa: F811
+    original = loop.build_optimizer
+
+    def overflowing(*args, **kwargs):  # the fourth update overflows one weight (finite loss and gradient)
+        optimizer = original(*args, **kwargs)
+        updates = {"n": 0}
+
+        def overflow(opt, *_):
+            updates["n"] += 1
+            if updates["n"] == 4:
+                with torch.no_grad():
+                    opt.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+
+        optimizer.register_step_post_hook(overflow)
+        return optimizer
+
+    monkeypatch.setattr(loop, "build_optimizer", overflowing)
+    with pytest.raises(EncdecError, match=r"became NaN or inf \(not saved\) at step 4.*step-000002"):
+        loop.train(_config(adapted, tmp_path / "run", corpus, eval_every=0))
+    assert [p.name for p in checkpointing.checkpoints(tmp_path / "run")] == ["step-000002"]
+
+
+def test_overwrite_deletes_nothing_when_the_inputs_are_bad(adapted, corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "2", "--save-every", "1")) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(_pretrain_args(tmp_path / "no-model", out, corpus, "--steps", "2", "--overwrite")) == 2
+    assert len(_lines(capsys.readouterr().err, "error:")) == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_refused_run_leaves_nothing_that_blocks_the_corrected_command(adapted, corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    assert main(_pretrain_args(tmp_path / "no-model", out, corpus, "--steps", "1")) == 2
+    assert not out.exists()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 0
+
+
+HOLD = """
+import sys
+from pathlib import Path
+from encdec.training import distributed, rundir
+with rundir.locked(Path(sys.argv[1]), distributed.Dist()):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_one_run_per_directory_and_a_dead_holder_is_taken_over(adapted, corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 2
+        (line,) = _lines(capsys.readouterr().err, "error:")
+        assert f"is being written by process {holder.pid} on" in line
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed: its lock file stays behind
+        holder.wait()
+    assert json.loads((out / rundir.LOCK).read_text())["pid"] == holder.pid
+    setup()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 0
+    err = capsys.readouterr().err
+    assert len(_lines(err, f"taking over the lock of process {holder.pid}")) == 1, err
+    assert not (out / rundir.LOCK).exists()
+
+
+def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted, corpus, tmp_path, capsys):  # noqa: F811
+    straight = tmp_path / "straight"
+    loop.train(_config(adapted, straight, corpus, steps=4, save_every=1, eval_every=0))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(straight, damaged)
+    shutil.rmtree(damaged / "model")
+    (checkpointing.checkpoints(damaged)[-1] / "model.safetensors").write_bytes(b"")  # step-000004: empty file
+    with (damaged / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a crash in the middle of a line
+    leftover = damaged / "checkpoints" / f".step-000005.tmp-{DEAD_PID}-abcd1234"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"\0" * 1000)
+    setup()
+    assert main(_pretrain_args(adapted, damaged, corpus, "--steps", "4", "--save-every", "1", "--eval-every", "0",
+                               "--lr", "3e-3", "--warmup-steps", "2", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert len(_lines(err, "skipping damaged checkpoint step-000004")) == 1, err
+    assert len(_lines(err, "dropped 1 unreadable line(s)")) == 1, err
+    assert "resuming from" in err and "step-000003 (step 3)" in err
+    assert [r["loss"] for r in _metrics(damaged)] == [r["loss"] for r in _metrics(straight)]
+    assert not leftover.exists()
+    assert _all_finite(checkpointing.checkpoints(damaged)[-1])
+
+
+def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))
+    for checkpoint in checkpointing.checkpoints(out):
+        (checkpoint / "trainer.json").write_text('{"format": "encdec-train-state", "vers')
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--resume")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "none of the 2 checkpoint(s)" in line and "--overwrite" in line
+
+
+def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_aside_output(tmp_path):
+    out = tmp_path / "out"
+    abandoned = tmp_path / f".out.tmp-{DEAD_PID}-abcd1234"
+    older = tmp_path / ".other.tmp-k3j4h5g6"  # written before temporaries carried a pid
+    aside = tmp_path / f".out.old-{DEAD_PID}-efgh5678"
+    alive = tmp_path / f".out.tmp-{os.getpid()}-ijkl9012"  # this process is still writing it
+    for directory in (abandoned, older, aside / "out", alive):
+        directory.mkdir(parents=True)
+    (aside / "out" / "model.safetensors").write_text("the previous version")
+    with atomic_dir(tmp_path / "next") as tmp:
+        (tmp / "file").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "next", "out"]
+    assert (out / "model.safetensors").read_text() == "the previous version"
+
+
+def test_a_damaged_token_cache_is_deleted_and_rebuilt_with_one_line(corpus, tmp_path, capsys):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    setup()
+    make_tokenizer(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    expected = token_stream(tokenizer, [str(corpus)], cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").iterdir()
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in the token ids
+    cached.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert np.array_equal(token_stream(tokenizer, [str(corpus)], cache_dir=tmp_path / "cache"), expected)
+    assert len(_lines(capsys.readouterr().err, "is damaged (")) == 1
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated
+    assert np.array_equal(token_stream(tokenizer, [str(corpus)], cache_dir=tmp_path / "cache"), expected)
+    assert len(_lines(capsys.readouterr().err, "is damaged (")) == 1

@@ -1,0 +1,164 @@
+"""Files a user is handed never run code or reach outside their directory: run directories, tokenizers,
+transformers configurations, weight indexes, token caches, YAML configurations."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_training import _config, adapted, corpus  # noqa: F401 - fixtures
+from tiny import make_tokenizer
+
+from encdec.cli import main
+from encdec.data.tokens import token_stream
+from encdec.errors import EncdecError
+from encdec.logs import setup
+from encdec.training import checkpointing, loop
+from encdec.training.plain_state import read_state, write_state
+
+
+class Payload:
+    """Unpickling it creates `marker`: what a crafted optimizer.pt does to whoever loads it with pickle."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+
+
+@pytest.fixture(scope="module")
+def run(adapted, corpus, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("run") / "run"
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))
+    return out
+
+
+def test_training_state_round_trips_exactly(tmp_path):
+    state = {"t": torch.arange(3.0), "rng": np.random.get_state(), "tuple": (1, 2.5, None), 3: {"$tuple": "x"},
+             "nested": [{"a": torch.tensor(7, dtype=torch.int64)}], "keep": np.arange(4, dtype=np.int64), "nan": 1e308}
+    write_state(tmp_path, "s", state)
+    back = read_state(tmp_path, "s")
+    assert back.keys() == state.keys() and back[3] == {"$tuple": "x"} and back["tuple"] == (1, 2.5, None)
+    assert torch.equal(back["t"], state["t"]) and back["nested"][0]["a"].dtype == torch.int64
+    assert back["rng"][0] == "MT19937" and np.array_equal(back["rng"][1], state["rng"][1])
+    assert back["rng"][1].dtype == np.uint32 and np.array_equal(back["keep"], state["keep"])
+
+
+def test_a_pickle_payload_in_a_run_directory_never_runs(run, adapted, corpus, tmp_path, capsys):  # noqa: F811
+    handed = tmp_path / "handed"
+    shutil.copytree(run, handed)
+    marker = tmp_path / "pwned"
+    for checkpoint in checkpointing.checkpoints(handed):  # the old format, crafted: optimizer.pt runs code
+        for name in ("optimizer.json", "optimizer.safetensors"):
+            (checkpoint / name).unlink()
+        torch.save({"state": Payload(str(marker))}, checkpoint / "optimizer.pt")
+    pickle.loads(pickle.dumps(Payload(str(tmp_path / "proof"))))  # the payload works when unpickled
+    assert (tmp_path / "proof").exists()
+    args = ["pretrain", "--model", str(adapted), "--data", str(corpus), "--out", str(handed), "--resume", "--steps", "3",
+            "--enc-len", "16", "--dec-len", "16", "--eval-windows", "4", "--precision", "fp32"]
+    assert main(args) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "none of the 2 checkpoint(s)" in lines[0], lines
+    assert not marker.exists()
+
+
+def test_an_old_format_checkpoint_is_refused_with_one_line(run, tmp_path):
+    old = tmp_path / "step-000001"
+    shutil.copytree(checkpointing.checkpoints(run)[0], old)
+    (old / "trainer.pt").write_bytes(b"")
+    with pytest.raises(EncdecError, match="old pickle format.*unpickling can run code"):
+        checkpointing.read(old)
+
+
+def _with_auto_map(directory, marker, config_name: str) -> None:
+    """Point `auto_map` at a Python file shipped in the directory that creates `marker` when imported."""
+    (directory / "custom.py").write_text(f"open({str(marker)!r}, 'w').write('pwned')\n"
+                                         "from transformers import PreTrainedTokenizerFast as CustomTokenizer\n"
+                                         "from transformers import Gemma3ForCausalLM as CustomModel\n")
+    file = directory / config_name
+    config = json.loads(file.read_text())
+    config["auto_map"] = {"AutoTokenizer": ["custom.CustomTokenizer", "custom.CustomTokenizer"],
+                          "AutoModelForCausalLM": "custom.CustomModel"}
+    if config_name == "tokenizer_config.json":
+        config["tokenizer_class"] = "CustomTokenizer"
+    file.write_text(json.dumps(config))
+
+
+def test_a_tokenizer_asking_for_custom_code_is_refused_without_a_prompt(adapted, tmp_path):  # noqa: F811
+    handed = tmp_path / "handed"
+    shutil.copytree(adapted, handed)
+    marker = tmp_path / "pwned"
+    _with_auto_map(handed, marker, "tokenizer_config.json")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "encdec.cli", "generate", str(handed), "--prompt", "w1 w2"],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "[y/N]" not in result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "auto_map" in errors[0] and "never" in errors[0], result.stderr
+    assert not marker.exists()
+
+
+def test_a_decoder_only_source_asking_for_custom_code_is_refused(sources, tmp_path):
+    from encdec.evaluation.scoring import load_scorer
+
+    handed = tmp_path / "handed"
+    shutil.copytree(sources["gemma3"], handed)
+    _with_auto_map(handed, tmp_path / "pwned", "config.json")
+    with pytest.raises(EncdecError, match="config.json has an auto_map entry"):
+        load_scorer(str(handed))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_weight_index_naming_a_file_outside_the_checkpoint_is_refused(adapted, tmp_path, capsys):  # noqa: F811
+    handed = tmp_path / "handed"
+    shutil.copytree(adapted, handed)
+    shutil.copy(handed / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    (handed / "model.safetensors").unlink()
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}}
+    (handed / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["info", str(handed)]) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "'../elsewhere.safetensors'; only file names inside" in lines[0], lines
+
+
+def test_a_pickle_in_the_token_cache_is_not_loaded_but_rebuilt(corpus, tmp_path, capsys):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    setup()  # encdec's log lines to this test's stderr
+
+    make_tokenizer(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    cache = tmp_path / "cache"
+    expected = token_stream(tokenizer, [str(corpus)], cache_dir=cache)
+    (cached,) = cache.iterdir()
+    marker = tmp_path / "pwned"
+    cached.write_bytes(pickle.dumps(Payload(str(marker))))
+    capsys.readouterr()
+    assert np.array_equal(token_stream(tokenizer, [str(corpus)], cache_dir=cache), expected)
+    assert not marker.exists()
+    warned = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert len(warned) == 1 and "deleted, tokenizing again" in warned[0]
+    assert np.array_equal(token_stream(tokenizer, [str(corpus)], cache_dir=cache), expected)  # rebuilt, readable
+
+
+def test_a_yaml_configuration_cannot_build_python_objects(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    config = tmp_path / "run.yaml"
+    config.write_text(f"steps: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert main(["pretrain", "--config", str(config)]) == 2
+    lines = _error_lines(capsys)
+    assert len(lines) == 1 and "cannot read the YAML configuration" in lines[0]
+    assert not marker.exists()
