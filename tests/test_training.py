@@ -224,6 +224,18 @@ def test_trimmed_run_stays_good_over_the_full_vocabulary(adapted, tmp_path):
     assert abs(_metrics(tmp_path / "trimmed")[-1]["eval_loss"] - _metrics(tmp_path / "full")[-1]["eval_loss"]) < 0.2
 
 
+def test_eval_data_is_a_second_held_out_set_reported_beside_the_first(adapted, corpus, tmp_path):
+    other = write_corpus(tmp_path / "other.txt", documents=30, seed=5, words=20)
+    loop.train(_config(adapted, tmp_path / "run", corpus, steps=4, eval_every=2, eval_data=[str(other)], trim_vocab=50))
+    evaluated = [r for r in _metrics(tmp_path / "run") if "eval_loss" in r]
+    assert [r["step"] for r in evaluated] == [2, 4]
+    assert all(r["eval_data_loss"] > 0 and r["eval_data_loss"] != r["eval_loss"] for r in evaluated)
+    with pytest.raises(EncdecError, match="heldout:nonsense: unknown held-out set; known: heldout:python-docs"):
+        loop.train(_config(adapted, tmp_path / "bad", corpus, eval_data=["heldout:nonsense"]))
+    with pytest.raises(EncdecError, match="--eval-data works with pretraining objectives only"):
+        _config(adapted, tmp_path / "ft", corpus, objective="instruct", eval_data=[str(other)])
+
+
 def test_gradient_accumulation_matches_one_larger_batch(adapted, corpus, tmp_path):
     loop.train(_config(adapted, tmp_path / "big", corpus, steps=1, batch_size=2, grad_accum=1, eval_windows=4))
     loop.train(_config(adapted, tmp_path / "accum", corpus, steps=1, batch_size=1, grad_accum=2, eval_windows=4))

@@ -148,6 +148,7 @@ class Plan:
     keep: np.ndarray | None  # kept token ids when the vocabulary is trimmed
     vocab_size: int  # of the full vocabulary (the teacher's)
     source: DecoderOnlySource | None = None  # the decoder-only model's source (config, tokenizer)
+    extra_eval: list[Example] = dataclasses.field(default_factory=list)  # --eval-data's held-out examples
     untrained: UntrainedRows | None = None  # head rows outside the trimmed vocabulary (sampled negatives)
     unk_id: int | None = None  # trimmed id of <unk>, whose targets are not scored
 
@@ -192,8 +193,15 @@ def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: dis
     stream = ExampleStream(data[: -cfg.eval_windows], lambda w, rng: make(w.tolist(), rng), seed=cfg.seed,
                            enc_len=cfg.enc_len, dec_len=cfg.dec_len)
     eval_rng = np.random.default_rng([cfg.seed, 2])
-    return _with_trimmed(Plan(model, stream, [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]], None,
-                              vocab_size), trimmed)
+    held_out = [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]]
+    extra = []
+    if cfg.eval_data:  # another held-out set (e.g. another domain): its first windows
+        extra_ids = token_stream(tokenizer, cfg.eval_data, text_field=cfg.text_field)
+        extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
+        length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len)
+        extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
+    plan = Plan(model, stream, held_out, None, vocab_size, extra_eval=extra)
+    return _with_trimmed(plan, trimmed)
 
 
 def _with_trimmed(plan: Plan, trimmed: Trimmed | None) -> Plan:
@@ -321,7 +329,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             ignore_unknown_targets(batch.rows.labels, plan.unk_id)
         return batch
 
-    def evaluate() -> float:
+    def evaluate(eval_examples: list[Example]) -> float:
         """Mean held-out cross-entropy per target token; each process reads its share of the batches."""
         starts = range(0, len(eval_examples), rows)
         total, count = 0.0, 0
@@ -387,8 +395,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 record["kl"] = distributed.reduce_sum(kl_total, d) / d.world
             done = step + 1 == cfg.steps
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done:
-                record["eval_loss"] = evaluate()
-                metrics.message(f"step {step + 1}: held-out loss {record['eval_loss']:.4f}")
+                record["eval_loss"] = evaluate(eval_examples)
+                message = f"step {step + 1}: held-out loss {record['eval_loss']:.4f}"
+                if plan.extra_eval:
+                    record["eval_data_loss"] = evaluate(plan.extra_eval)
+                    message += f", --eval-data held-out loss {record['eval_data_loss']:.4f}"
+                metrics.message(message)
             saved = (step + 1) % cfg.save_every == 0 or done or stop.requested
             if saved:
                 last_checkpoint = save_checkpoint(step + 1)
