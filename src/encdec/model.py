@@ -9,7 +9,6 @@ with shared projections ("merged", T5Gemma 2). Batches are either padded (attent
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -272,13 +271,9 @@ class Stack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-Lookup = Callable[[torch.Tensor], torch.Tensor]  # token ids -> rows of a table, as the table itself would give
-
-
-def embed_tokens(table: nn.Embedding, ids: torch.Tensor, lookup: Lookup | None = None) -> torch.Tensor:
-    """Gemma scales embeddings by sqrt(d), rounded to the activation dtype as Gemma does. `lookup`
-    replaces the table's own lookup (training uses it to route the gradient; see `TiedLookups`)."""
-    x = table(ids) if lookup is None else lookup(ids)
+def embed_tokens(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """Gemma scales embeddings by sqrt(d), rounded to the activation dtype as Gemma does."""
+    x = table(ids)
     return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype)
 
 
@@ -307,9 +302,9 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
         self.stack = Stack(cfg, [EncoderBlock(cfg) for _ in range(cfg.num_layers)])
 
-    def hidden(self, ids: torch.Tensor, seg: Segments, lookup: Lookup | None = None) -> torch.Tensor:
-        """Final states; `lookup` stands in for lookups in `embed` (see `embed_tokens`)."""
-        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids, lookup), seg, causal=True)
+    def hidden(self, ids: torch.Tensor, seg: Segments) -> torch.Tensor:
+        """Final states (after the final norm)."""
+        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids), seg, causal=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits(hidden, self.embed.weight, self.final_logit_softcap)
@@ -317,7 +312,7 @@ class CausalLM(nn.Module):
 
 @dataclass
 class Seq2SeqOutput:
-    logits: torch.Tensor | None  # [B, Ld, vocab]; None when only hidden states were asked for
+    logits: torch.Tensor  # [B, Ld, vocab]
     encoder_hidden_states: torch.Tensor  # [B, Le, d_encoder]
     decoder_hidden_states: torch.Tensor  # [B, Ld, d_decoder], after the final norm
 
@@ -364,14 +359,9 @@ class EncoderDecoder(nn.Module):
         the decoder-only source would: a check of the adaptation, not a mode for use."""
         return self.encode_segments(input_ids, Segments.of(input_ids, attention_mask, segment_ids, positions), causal)
 
-    def encode_segments(
-        self, input_ids: torch.Tensor, seg: Segments, causal: bool = False, lookup: Lookup | None = None
-    ) -> torch.Tensor:
-        """`lookup` stands in for lookups in `embed` (see `embed_tokens`); an encoder table of its own keeps its own."""
-        if self.encoder_embed is None:
-            x = embed_tokens(self.embed, input_ids, lookup)
-        else:
-            x = embed_tokens(self.encoder_embed, input_ids)
+    def encode_segments(self, input_ids: torch.Tensor, seg: Segments, causal: bool = False) -> torch.Tensor:
+        """Encoder hidden states of packed or padded rows described by `seg`."""
+        x = embed_tokens(self.embed if self.encoder_embed is None else self.encoder_embed, input_ids)
         return run_self_attention_stack(
             self.encoder, self.config.encoder, x, seg, causal=causal, convention=self.config.encoder_window
         )
@@ -381,11 +371,10 @@ class EncoderDecoder(nn.Module):
 
     def decode(
         self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments, cache: DecoderCache | None = None,
-        lookup: Lookup | None = None,
     ) -> torch.Tensor:
         """Final decoder hidden states for `decoder_input_ids`; with a cache, they continue its tokens."""
         cfg = self.config.decoder
-        x = embed_tokens(self.embed, decoder_input_ids, lookup)
+        x = embed_tokens(self.embed, decoder_input_ids)
         rope = rope_tables(cfg, seg.positions, x.dtype)
         start = 0
         if cache is not None:
@@ -413,20 +402,20 @@ class EncoderDecoder(nn.Module):
         decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None, *,
         segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
         decoder_segment_ids: torch.Tensor | None = None, decoder_positions: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None, return_logits: bool = True, lookup: Lookup | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
     ) -> Seq2SeqOutput:
         """Logits of the decoder; padded batches use the attention masks, packed rows the segment ids
         and per-segment positions (segment 0 is padding; decoder segment k reads encoder segment k).
-        Training computes its loss from the hidden states (`return_logits=False`) and routes the
-        gradients of the lookups in `embed` through `lookup`."""
+        Training does not come here: it reads the hidden states (`encode_segments`, `decode`) and
+        computes the head together with the loss (`encdec.training.loss`)."""
         if input_ids is None or decoder_input_ids is None:
             raise ValueError("input_ids and decoder_input_ids are both required")
         enc_seg = Segments.of(input_ids, attention_mask, segment_ids, positions)
         if encoder_hidden_states is None:
-            encoder_hidden_states = self.encode_segments(input_ids, enc_seg, lookup=lookup)
+            encoder_hidden_states = self.encode_segments(input_ids, enc_seg)
         dec_seg = Segments.of(decoder_input_ids, decoder_attention_mask, decoder_segment_ids, decoder_positions)
-        hidden = self.decode(decoder_input_ids, EncoderState(encoder_hidden_states, enc_seg), dec_seg, lookup=lookup)
-        return Seq2SeqOutput(self.logits(hidden) if return_logits else None, encoder_hidden_states, hidden)
+        hidden = self.decode(decoder_input_ids, EncoderState(encoder_hidden_states, enc_seg), dec_seg)
+        return Seq2SeqOutput(self.logits(hidden), encoder_hidden_states, hidden)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Generated decoder tokens [B, T]; see `encdec.generate.generate` for the options."""

@@ -16,11 +16,13 @@ the head's gradient instead, and hands the total to autograd once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from encdec.model import lm_logits
 from encdec.training.vocab import Negatives
@@ -63,7 +65,7 @@ class _Terms:
 class TiedLookups:
     """Lookups in the head's weight whose gradients are added in place into the head's gradient.
 
-    Pass it as the model's `lookup` and to `chunked_loss`. The fused loss computes the head's
+    Run the model's forward pass under `routing(table)` and pass it to `chunked_loss`. The fused loss computes the head's
     gradient in its forward pass and leaves it here; every lookup adds its rows into it during the
     backward pass (which reaches the lookups after the loss), and the last one to do so returns the
     total to autograd as the weight's gradient, so that gradient hooks (DDP, FSDP2) see it once and
@@ -79,6 +81,22 @@ class TiedLookups:
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         self.pending += 1
         return _TiedLookup.apply(self.weight, ids, self)
+
+    @contextlib.contextmanager
+    def routing(self, table: nn.Embedding) -> Iterator[None]:
+        """While open, every lookup in `table` (whose weight is the head's) goes through these tied lookups:
+        a forward hook replaces the table's output, so the model needs no training-only argument."""
+        assert table.weight is self.weight
+        handle = table.register_forward_hook(lambda module, args, out: self(args[0]))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def routed(tied: TiedLookups | None, table: nn.Embedding) -> contextlib.AbstractContextManager:
+    """Lookups in `table` routed through `tied` while open (nothing to route when `tied` is None)."""
+    return contextlib.nullcontext() if tied is None else tied.routing(table)
 
 
 def tied_lookups(weight: torch.Tensor) -> TiedLookups | None:
