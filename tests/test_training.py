@@ -15,7 +15,7 @@ from tiny import write_corpus
 import encdec
 from encdec.cli import main
 from encdec.errors import EncdecError
-from encdec.training import checkpointing, loop
+from encdec.training import checkpointing, loop, step
 from encdec.training.config import TrainConfig
 from encdec.training.metrics import Metrics
 from encdec.training.plain_state import read_state
@@ -91,7 +91,7 @@ def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monk
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(adapted, corpus, tmp_path, monkeypatch):
-    original = loop.chunked_loss
+    original = step.chunked_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -101,7 +101,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(adapted, corpus, tmp_
             parts.loss = parts.loss * float("nan")
         return parts
 
-    monkeypatch.setattr(loop, "chunked_loss", poisoned)
+    monkeypatch.setattr(step, "chunked_loss", poisoned)
     with pytest.raises(EncdecError, match=r"loss became nan at step 3.*step-000002"):
         loop.train(_config(adapted, tmp_path / "run", corpus))
     assert [p.name for p in checkpointing.checkpoints(tmp_path / "run")] == ["step-000002"]
