@@ -271,3 +271,57 @@ def test_kept_freed_memory_is_reused_without_page_faults():
     pages = 256 * 2**20 // os.sysconf("SC_PAGE_SIZE")
     assert second_allocation_faults("default") > pages // 2  # glibc unmapped it: every page faults again
     assert second_allocation_faults("keep") < pages // 100
+
+
+def test_encoder_curriculum_opens_from_causal_to_bidirectional(adapted):
+    from encdec.model import Segments, attention_masks
+    from encdec.training.recipe import encoder_lookahead
+
+    cfg = TrainConfig(model="m", enc_len=16, encoder_curriculum_steps=4)
+    assert [encoder_lookahead(cfg, t) for t in range(6)] == [0, 4, 8, 12, None, None]
+    model = encdec.load(adapted)
+    ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        causal, bidirectional = model.encode(ids, causal=True), model.encode(ids)
+        model.encoder_lookahead = encoder_lookahead(cfg, 0)
+        assert torch.equal(model.encode(ids), causal)  # step 0: the encoder is its causal source
+        model.encoder_lookahead = 3
+        partly = model.encode(ids)
+        model.encoder_lookahead = encoder_lookahead(cfg, 4)
+        assert torch.equal(model.encode(ids), bidirectional)  # step K on: fully bidirectional
+    assert not torch.allclose(partly, causal) and not torch.allclose(partly, bidirectional)
+    seg = Segments.of(ids, None, None, None)
+    full = attention_masks(seg, seg, causal=False, window=4, lookahead=3)["full"][0, 0]
+    d = torch.arange(11)[:, None] - torch.arange(11)[None, :]
+    assert torch.equal(full, d >= -3)  # keys up to 3 positions ahead of each query
+
+
+def test_frozen_encoder_does_not_change_and_the_rest_learns(adapted, corpus, tmp_path):
+    before = encdec.load(adapted).state_dict()
+    loop.train(_config(adapted, tmp_path / "run", corpus, steps=2, freeze_encoder_steps=2, weight_decay=0.1))
+    after = encdec.load(tmp_path / "run" / "model").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not {k for k in changed if k.startswith("encoder.")}
+    assert any(k.startswith("decoder.") for k in changed) and "embed.weight" in changed
+
+
+def test_resume_is_exact_with_the_recipe_options(adapted, corpus, tmp_path, monkeypatch):
+    """Sampled negatives of a trimmed vocabulary, a frozen encoder and the curriculum are functions of the
+    step: a resumed run takes the same steps as an uninterrupted one."""
+    options = dict(trim_vocab=40, trim_negatives=16, freeze_encoder_steps=2, encoder_curriculum_steps=4, steps=5)
+    loop.train(_config(adapted, tmp_path / "straight", corpus, **options))
+    original_log = Metrics.log
+
+    def log_then_signal(self, record, **kw):
+        original_log(self, record, **kw)
+        if record["step"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Metrics, "log", log_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_config(adapted, tmp_path / "resumed", corpus, **options))
+    monkeypatch.setattr(Metrics, "log", original_log)
+    loop.train(_config(adapted, tmp_path / "resumed", corpus, resume=True, **options))
+    assert [r["loss"] for r in _metrics(tmp_path / "resumed")] == [r["loss"] for r in _metrics(tmp_path / "straight")]
+    a, b = (encdec.load(tmp_path / name / "model").state_dict() for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

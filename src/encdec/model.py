@@ -167,12 +167,14 @@ def _same_segment(q: Segments, k: Segments) -> torch.Tensor:
 
 
 def attention_masks(
-    q: Segments, k: Segments, *, causal: bool, window: int, convention: str = "t5gemma"
+    q: Segments, k: Segments, *, causal: bool, window: int, convention: str = "t5gemma", lookahead: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Boolean self-attention masks for "full" and "sliding" layers; keys must share the query's segment."""
+    """Boolean self-attention masks for "full" and "sliding" layers; keys must share the query's segment.
+    `lookahead` limits a bidirectional mask to keys at most that many positions after the query
+    (0 is exactly the causal mask; None no limit)."""
     same = _same_segment(q, k)
     d = q.positions[:, :, None] - k.positions[:, None, :]
-    if causal:
+    if causal or lookahead == 0:
         full = same & (d >= 0)
         local = full & (d < window)
     else:
@@ -183,6 +185,8 @@ def attention_masks(
             local = same & (d.abs() <= window - 1)
         else:  # t5gemma2: the window split over both sides
             local = same & (d >= -(window // 2)) & (d <= (window + 1) // 2 - 1)
+        if lookahead is not None:
+            full, local = full & (d >= -lookahead), local & (d >= -lookahead)
     return {"full": full[:, None], "sliding": local[:, None]}  # [B, 1, Lq, Lk]
 
 
@@ -283,11 +287,13 @@ def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None)
 
 
 def run_self_attention_stack(
-    stack: Stack, cfg: StackConfig, x: torch.Tensor, seg: Segments, *, causal: bool, convention: str = "t5gemma"
+    stack: Stack, cfg: StackConfig, x: torch.Tensor, seg: Segments, *, causal: bool, convention: str = "t5gemma",
+    lookahead: int | None = None,
 ) -> torch.Tensor:
     """Embedded tokens through a stack of EncoderBlocks (bidirectional, or causal like the decoder-only source)."""
     rope = rope_tables(cfg, seg.positions, x.dtype)
-    masks = attention_masks(seg, seg, causal=causal, window=cfg.sliding_window, convention=convention)
+    masks = attention_masks(seg, seg, causal=causal, window=cfg.sliding_window, convention=convention,
+                            lookahead=lookahead)
     for block, kind in zip(stack.layers, cfg.layer_types):
         x = block(x, rope[kind], masks[kind])
     return stack.norm(x)
@@ -343,6 +349,9 @@ class EncoderDecoder(nn.Module):
         enc, dec = config.encoder, config.decoder
         self.embed = nn.Embedding(config.vocab_size, dec.hidden_size)
         self.encoder_embed = None if config.shared_embeddings else nn.Embedding(config.vocab_size, enc.hidden_size)
+        # how far after itself an encoder token may look (None: bidirectional, the model's design); a
+        # curriculum of adaptation training opens it gradually from 0, causal like the source
+        self.encoder_lookahead: int | None = None
         self.encoder = Stack(enc, [EncoderBlock(enc) for _ in range(enc.num_layers)])
         merged = config.attention == "merged"
         self.decoder = Stack(dec, [DecoderBlock(dec, merged, enc.hidden_size) for _ in range(dec.num_layers)])
@@ -363,7 +372,8 @@ class EncoderDecoder(nn.Module):
         """Encoder hidden states of packed or padded rows described by `seg`."""
         x = embed_tokens(self.embed if self.encoder_embed is None else self.encoder_embed, input_ids)
         return run_self_attention_stack(
-            self.encoder, self.config.encoder, x, seg, causal=causal, convention=self.config.encoder_window
+            self.encoder, self.config.encoder, x, seg, causal=causal, convention=self.config.encoder_window,
+            lookahead=self.encoder_lookahead,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

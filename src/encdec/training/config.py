@@ -55,6 +55,10 @@ class TrainConfig:
     precision: str = _f("auto", "autocast dtype of the matrix products (weights stay float32); auto: bf16 where "
                         "it is faster (CUDA; CPUs with AVX512-BF16/AMX)", choices=("auto", "bf16", "fp32"))
     cross_warmup_steps: int = _f(0, "first steps that train only cross-attention (unbalanced models; the paper: 1000)")
+    freeze_encoder_steps: int = _f(0, "first steps with the encoder's layers frozen, so that the decoder first learns "
+                                   "to read the encoder (the shared embedding still trains)")
+    encoder_curriculum_steps: int = _f(0, "first steps over which the encoder's attention opens from causal (like its "
+                                       "source) to bidirectional: at step t it sees t/K of --enc-len positions ahead")
     eval_every: int = _f(50, "held-out evaluation every N steps (0: only at the end)")
     eval_windows: int = _f(32, "held-out windows, taken from the end of the data")
     eval_data: list[str] = _f([], "pretraining: a second held-out set, scored as eval_data_loss: files/directories as "
@@ -119,7 +123,8 @@ SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed accepts
 # the numeric fields' accepted ranges
 AT_LEAST_1 = ("enc_len", "dec_len", "batch_size", "grad_accum", "steps", "loss_chunk", "keep_last", "average_last",
               "save_every", "log_every", "eval_windows", "per_task")
-AT_LEAST_0 = ("eval_every", "warmup_steps", "cross_warmup_steps", "trim_vocab", "trim_negatives", "teacher_top_k",
+AT_LEAST_0 = ("eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps", "encoder_curriculum_steps",
+              "trim_vocab", "trim_negatives", "teacher_top_k",
               "seed")
 POSITIVE = ("lr", "tau", "clip")  # and finite
 BOUNDED = {"alpha": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, 1.0)}
@@ -191,4 +196,4 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 20, "eval_every": 50, "eval_windows": 64,
 }
 FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "distill", "teacher", "alpha", "tau", "teacher_top_k",
-                   "text_field", "cross_warmup_steps", "eval_data")
+                   "text_field", "cross_warmup_steps", "eval_data", "freeze_encoder_steps", "encoder_curriculum_steps")

@@ -18,7 +18,6 @@ from encdec.errors import EncdecError
 from encdec.files import portable_path
 from encdec.model import EncoderDecoder
 from encdec.objectives import Example
-from encdec.report import part_of
 from encdec.training import checkpointing, distributed, rundir
 from encdec.training.allocator import keep_freed_memory
 from encdec.training.config import TrainConfig
@@ -28,6 +27,7 @@ from encdec.training.metrics import Metrics
 from encdec.training.optim import build_optimizer, build_scheduler
 from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
+from encdec.training.recipe import drop_frozen_gradients, encoder_lookahead, frozen_parts
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
 from encdec.training.vocab import ignore_unknown_targets, trim_teacher, untrim
 
@@ -78,6 +78,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     plan, tokenizer = build_plan(cfg, d)
     if not plan.causal:
         cfg.check_positions(plan.model.config)
+    elif cfg.freeze_encoder_steps or cfg.encoder_curriculum_steps:
+        raise EncdecError("--freeze-encoder-steps and --encoder-curriculum-steps need an encoder-decoder model")
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
     if plan.untrained is not None:
         plan.untrained.rows = plan.untrained.rows.to(d.device)
@@ -146,6 +148,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         """Mean held-out cross-entropy per target token; each process reads its share of the batches."""
         starts = range(0, len(eval_examples), rows)
         total, count = 0.0, 0
+        lookahead = getattr(model, "encoder_lookahead", None)
+        if lookahead is not None:  # scored as it will be used: bidirectional, whatever the curriculum's step
+            model.encoder_lookahead = None
         with torch.no_grad(), autocast:
             for index in distributed.share(len(starts), d):
                 start = starts[0 if index is None else index]  # a spare pass keeps FSDP2 in step; not counted
@@ -154,6 +159,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 if index is not None:
                     total += ce * batch.target_tokens
                     count += batch.target_tokens
+        if lookahead is not None:
+            model.encoder_lookahead = lookahead
         return distributed.reduce_sum(total, d) / distributed.reduce_sum(count, d)
 
     def save_checkpoint(step: int) -> Path:
@@ -165,6 +172,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         for step in range(start, cfg.steps):
             began = time.perf_counter()
             loss_total, ce_total, kl_total, tokens = 0.0, 0.0, 0.0, 0
+            if not plan.causal:
+                model.encoder_lookahead = encoder_lookahead(cfg, step)
             for micro in range(cfg.grad_accum):
                 examples = stream.next_examples(rows * d.world)
                 batch = batch_of(examples, teacher_rows).slice(d.rank * rows, (d.rank + 1) * rows)
@@ -186,10 +195,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             loss = distributed.reduce_sum(loss_total, d) / d.world
             if not math.isfinite(loss):
                 raise checkpointing.not_finite(f"the loss became {loss}", step + 1, last_checkpoint)
-            if step < cfg.cross_warmup_steps:  # unbalanced warm-up: only cross-attention learns
-                for name, p in wrapped.named_parameters():
-                    if part_of(name) != "cross-attention":
-                        p.grad = None
+            drop_frozen_gradients(wrapped.named_parameters(), frozen_parts(cfg, step))
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in wrapped.parameters() if p.grad is not None], cfg.clip
             )
