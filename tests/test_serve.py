@@ -274,3 +274,12 @@ def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint,
             httpx.get(f"{server.base}/health", timeout=5)
     finally:
         server.close()
+
+
+def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys):
+    from encdec.cli import main
+
+    assert main(["serve", str(checkpoint), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--port", "1"]) == 2
+    assert "config.json is missing" in capsys.readouterr().err

@@ -120,6 +120,7 @@ class Engine:
 
     # -- rows joining and leaving ------------------------------------------------------------------
 
+    @torch.no_grad()
     def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: list[Row]) -> None:
         """Encode a padded batch of prompts in one pass and give each its slot; they decode from the next step."""
         if len(rows) > self.free:
