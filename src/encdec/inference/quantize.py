@@ -1,5 +1,8 @@
-"""int8 weights for CPU inference: PyTorch's dynamic int8 linear layers (weights stored in int8 per tensor,
-activations quantized on the fly), on every projection and on the LM head.
+"""int8 weights for CPU inference: PyTorch's dynamic int8 linear layers (weights in int8 with one scale per
+output channel, activations quantized per tensor on the fly), on every projection and on the LM head.
+
+Per-channel weight scales, because Gemma's weights have outlier rows: on the adapted 270M, one scale per
+tensor raised the held-out suffix NLL about twice as much as one per channel.
 
 Chosen over torchao's int8 weight-only layout because, measured on this 2-core CPU (a 640 -> 2048 -> 640
 MLP at batch 8, eager mode), dynamic int8 ran 5x faster than float32 while torchao's ran 3x slower.
@@ -30,7 +33,9 @@ def quantize_int8(model: EncoderDecoder) -> EncoderDecoder:
     model.lm_head = head
     with warnings.catch_warnings():  # torch marks its eager quantization API deprecated in favour of torchao
         warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
     return model
 
 
