@@ -79,7 +79,8 @@ def test_bad_generation_options(model, bad):
         model.generate(ids, mask, **{"max_new_tokens": 4, **bad})
 
 
-def _alone(model, prompt: torch.Tensor, new: int, sampling: Sampling = Sampling()) -> list[int]:
+def _alone(model, prompt: torch.Tensor, new: int, sampling: Sampling | None = None) -> list[int]:
+    sampling = sampling or Sampling()
     return model.generate(prompt[None], max_new_tokens=new, eos_token_ids=[-1], do_sample=sampling.do_sample,
                           temperature=sampling.temperature, top_k=sampling.top_k, seed=sampling.seed)[0].tolist()
 

@@ -34,7 +34,7 @@ def _free_port() -> int:
 
 def _metric(base: str, name: str) -> float:
     for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -123,7 +123,8 @@ def test_completion_chat_and_models_equal_solo_generation(server, local):
     done = client.completions.create(model=model_id, prompt="w1 w2 w3", max_tokens=8, user="ignored",
                                      temperature=0)
     assert done.choices[0].text == _solo(local, "w1 w2 w3", 8)
-    assert done.usage.prompt_tokens == 4 and done.usage.completion_tokens == len(local[1](done.choices[0].text).input_ids) - 1
+    assert done.usage.prompt_tokens == 4  # BOS + 3 words
+    assert done.usage.completion_tokens == len(local[1](done.choices[0].text).input_ids) - 1
     chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "w4 w5"}], max_tokens=6,
                                           temperature=0)
     assert chat.choices[0].message.role == "assistant"
@@ -145,7 +146,8 @@ def test_streaming_sends_the_same_text_then_usage_and_done(server, local):
             finish = choice.finish_reason or finish
     assert "".join(pieces) == _solo(local, chat_prompt_text("w9\n\nw4 w5"), 7)
     assert usage is not None and usage.completion_tokens <= 7 and finish in ("length", "stop")
-    raw = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0},
+    raw = httpx.post(f"{server.base}/v1/completions",
+                     json={"prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0},
                      timeout=30)
     events = [line for line in raw.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["usage"]["completion_tokens"] == 3
@@ -168,7 +170,8 @@ def test_concurrent_requests_each_equal_solo_generation(server, local):
     for (prompt, max_tokens, sample, seed), answer in zip(requests, answers):
         options = {"do_sample": True, "temperature": 1.3, "top_k": 40, "seed": seed} if sample else {}
         assert answer == _solo(local, prompt, max_tokens, **options), prompt
-    assert _metric(server.base, "encdec_batch_size_bucket{le=\"1.0\"}") < _metric(server.base, "encdec_batch_size_count")
+    single = _metric(server.base, 'encdec_batch_size_bucket{le="1.0"}')
+    assert single < _metric(server.base, "encdec_batch_size_count")  # some steps decoded several requests
 
 
 def test_stop_strings_cut_the_text(server, local):

@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_arguments(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("serve", formatter_class=_formatter, help="an OpenAI-compatible HTTP server with continuous batching",
+    p = sub.add_parser("serve", formatter_class=_formatter,
+                       help="an OpenAI-compatible HTTP server with continuous batching",
                        description="Serve MODEL over HTTP: POST /v1/completions (the prompt goes to the encoder), "
                        "POST /v1/chat/completions (messages in Gemma's chat turns), GET /v1/models, /health, /metrics "
                        "(Prometheus). Requests join the running decoding batch as they arrive. SIGTERM stops taking "

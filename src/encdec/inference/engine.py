@@ -222,7 +222,10 @@ def attend(attn: Attention, q: torch.Tensor, sources: list[KeysValues]) -> torch
     scores = []
     for k, _, bias in sources:
         raw = grouped @ k.transpose(-1, -2)
-        capped = raw * attn.scale if attn.softcap is None else torch.tanh(raw * (attn.scale / attn.softcap)) * attn.softcap
+        if attn.softcap is None:
+            capped = raw * attn.scale
+        else:
+            capped = torch.tanh(raw * (attn.scale / attn.softcap)) * attn.softcap
         scores.append(capped + bias)
     probs = torch.softmax(torch.cat(scores, -1) if len(scores) > 1 else scores[0], dim=-1, dtype=torch.float32)
     probs = probs.to(q.dtype)

@@ -76,7 +76,8 @@ def _choice(kind: str, text: str | None, finish: str | None, stream: bool) -> di
     if kind == "completions":
         return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
     if stream:
-        return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None, "finish_reason": finish}
+        delta = {} if text is None else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
     return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
 
 
@@ -130,7 +131,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             while True:
                 try:
                     token = _token(await asyncio.wait_for(job.tokens.get(), DISCONNECT_POLL_S))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         service.scheduler.cancel(job)
                         return Response(status_code=499)
