@@ -215,21 +215,6 @@ class EncoderBlock(nn.Module):
         return self.feed_forward(x)
 
 
-class LayerCache:
-    """Pre-allocated self-attention keys/values of one decoder layer, plus its encoder keys/values."""
-
-    def __init__(self, cross_kv: tuple[torch.Tensor, torch.Tensor], max_len: int) -> None:
-        batch, heads, _, head_dim = cross_kv[0].shape  # cross-attention has the decoder's KV heads and head size
-        self.k = cross_kv[0].new_zeros(batch, heads, max_len, head_dim)
-        self.v = cross_kv[1].new_zeros(batch, heads, max_len, head_dim)
-        self.cross_kv = cross_kv
-
-    def append(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 class DecoderBlock(EncoderBlock):
     """A Gemma block with causal self-attention that also reads the encoder (merged or through cross-attention)."""
 
@@ -242,20 +227,18 @@ class DecoderBlock(EncoderBlock):
             self.post_cross_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def encoder_keys_values(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of the encoder output: computed once per prompt when generating."""
+        """Keys/values of the encoder output (the generation engine computes them once per prompt)."""
         return (self.attn if self.merged else self.cross_attn).keys_values(encoder_out, rope=None)
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, rope: Rope, self_mask: torch.Tensor, encoder_out: torch.Tensor,
-        cross_allowed: torch.Tensor, cache: LayerCache | None = None, start: int = 0,
+        cross_allowed: torch.Tensor,
     ) -> torch.Tensor:
         # computed here, inside the block, so that a sharded (FSDP) block has its weights gathered
-        cross_kv = cache.cross_kv if cache is not None else self.encoder_keys_values(encoder_out)
+        cross_kv = self.encoder_keys_values(encoder_out)
         h = self.attn_norm(x)
         q = self.attn.queries(h, rope)
         k, v = self.attn.keys_values(h, rope)
-        if cache is not None:
-            k, v = cache.append(start, k, v)
         if self.merged:
             ek, ev = cross_kv
             out = self.attn.attend(q, torch.cat([k, ek], 2), torch.cat([v, ev], 2), torch.cat([self_mask, cross_allowed], -1))
@@ -281,9 +264,12 @@ def embed_tokens(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype)
 
 
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    out = F.linear(hidden, weight)
-    return out if softcap is None else torch.tanh(out / softcap) * softcap
+    return soft_cap(F.linear(hidden, weight), softcap)
 
 
 def run_self_attention_stack(
@@ -331,14 +317,6 @@ class EncoderState:
     segments: Segments
 
 
-class DecoderCache:
-    """Decoding state for generation: per-layer KV caches and where the decoder tokens seen so far sit."""
-
-    def __init__(self, layers: list[LayerCache]) -> None:
-        self.layers, self.length = layers, 0
-        self.segments: Segments | None = None
-
-
 class EncoderDecoder(nn.Module):
     """Encoder-decoder Gemma. `embed` feeds the decoder and is the LM head; `encoder_embed` exists
     only when the encoder has its own table (else the encoder reads `embed` too)."""
@@ -355,6 +333,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = Stack(enc, [EncoderBlock(enc) for _ in range(enc.num_layers)])
         merged = config.attention == "merged"
         self.decoder = Stack(dec, [DecoderBlock(dec, merged, enc.hidden_size) for _ in range(dec.num_layers)])
+        self.lm_head: nn.Module | None = None  # set only by int8 inference (`encdec.inference.quantize`)
 
     @property
     def device(self) -> torch.device:
@@ -377,35 +356,22 @@ class EncoderDecoder(nn.Module):
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(hidden, self.embed.weight, self.config.final_logit_softcap)
+        if self.lm_head is None:
+            return lm_logits(hidden, self.embed.weight, self.config.final_logit_softcap)
+        return soft_cap(self.lm_head(hidden), self.config.final_logit_softcap)
 
     def decode(
-        self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments, cache: DecoderCache | None = None,
+        self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments,
     ) -> torch.Tensor:
-        """Final decoder hidden states for `decoder_input_ids`; with a cache, they continue its tokens."""
+        """Final decoder hidden states for `decoder_input_ids` (generation goes through `encdec.inference.engine`)."""
         cfg = self.config.decoder
         x = embed_tokens(self.embed, decoder_input_ids)
         rope = rope_tables(cfg, seg.positions, x.dtype)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            keys = seg if cache.segments is None else Segments(
-                torch.cat([cache.segments.ids, seg.ids], 1), torch.cat([cache.segments.positions, seg.positions], 1)
-            )
-            cache.segments, cache.length = keys, start + decoder_input_ids.shape[1]
-        else:
-            keys = seg
-        masks = attention_masks(seg, keys, causal=True, window=cfg.sliding_window)
+        masks = attention_masks(seg, seg, causal=True, window=cfg.sliding_window)
         cross_allowed = cross_mask(seg, encoder.segments)
-        for i, (block, kind) in enumerate(zip(self.decoder.layers, cfg.layer_types)):
-            layer_cache = cache.layers[i] if cache is not None else None
-            x = block(x, rope[kind], masks[kind], encoder.hidden, cross_allowed, layer_cache, start)
+        for block, kind in zip(self.decoder.layers, cfg.layer_types):
+            x = block(x, rope[kind], masks[kind], encoder.hidden, cross_allowed)
         return self.decoder.norm(x)
-
-    def new_cache(self, encoder: EncoderState, max_len: int) -> DecoderCache:
-        """A generation cache with the encoder's keys/values computed once for every layer."""
-        layers = [LayerCache(block.encoder_keys_values(encoder.hidden), max_len) for block in self.decoder.layers]
-        return DecoderCache(layers)
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
