@@ -16,7 +16,6 @@ from torch import nn
 from encdec.checkpoint import load_checkpoint, read_metadata, save
 from encdec.errors import EncdecError
 from encdec.files import portable_path
-from encdec.model import EncoderDecoder
 from encdec.objectives import Example
 from encdec.training import checkpointing, distributed, rundir
 from encdec.training.allocator import keep_freed_memory
@@ -29,7 +28,7 @@ from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
 from encdec.training.recipe import drop_frozen_gradients, encoder_lookahead, frozen_parts
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
-from encdec.training.vocab import ignore_unknown_targets, trim_teacher, untrim
+from encdec.training.vocab import full_vocabulary_model, ignore_unknown_targets, trim_teacher
 
 log = logging.getLogger("encdec")
 
@@ -254,12 +253,7 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
         plan.model.load_state_dict(weights, strict=True)
         save_causal(plan.model, plan.source, final, overwrite=True, metadata={key: run})
     else:
-        start = load_checkpoint(model_dir).model
-        if plan.keep is not None:
-            weights = untrim(weights, start.state_dict(), plan.keep)
-        with torch.device("meta"):
-            model = EncoderDecoder(start.config)
-        model.load_state_dict(weights, strict=True, assign=True)
+        model = full_vocabulary_model(weights, load_checkpoint(model_dir).model, plan.keep)
         save(model, final, tokenizer_dir=model_dir, overwrite=True, metadata={**read_metadata(model_dir), key: run})
     log.info("final model: %s (average of %d checkpoint(s))", final, len(paths))
     return final

@@ -141,6 +141,17 @@ def untrim(trimmed: dict[str, torch.Tensor], full: dict[str, torch.Tensor], keep
     return out
 
 
+def full_vocabulary_model(weights: dict[str, torch.Tensor], start: EncoderDecoder,
+                          keep: np.ndarray | None) -> EncoderDecoder:
+    """A run's weights (over the kept tokens when `keep` is given) as a model over `start`'s full vocabulary."""
+    if keep is not None:
+        weights = untrim(weights, start.state_dict(), keep)
+    with torch.device("meta"):
+        model = EncoderDecoder(start.config)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model
+
+
 def always_kept(tokenizer, objective: str, sentinels: int = 128) -> list[int]:  # noqa: ANN001
     """Special tokens, the chat-turn markers, and for UL2 its mode tokens and `sentinels` sentinels."""
     from encdec.objectives import special_token_ids

@@ -1,0 +1,164 @@
+"""How fast adaptation recovers the source's quality: held-out suffix NLL against training tokens, per recipe.
+
+Each recipe is the quickstart's (PrefixLM + distillation, 4 rows of 64 + 64 tokens, lr 3e-4,
+vocabulary trimmed to 8,192 tokens with sampled negatives) with some options changed. Every
+`--eval-every` steps its checkpoint is mapped back to the full vocabulary and scored on both held-out
+sets (in-domain Python documentation, general English) over the full vocabulary; the decoder-only
+source is the baseline line. Results are appended to OUT/results.jsonl as they come, so an
+interrupted study resumes where it stopped (a finished recipe is skipped, a started one resumed),
+and OUT/recovery.png is drawn from them.
+
+    python bench/recovery.py --model runs/quickstart/adapted --out runs/recovery --steps 40 --eval-every 10 \\
+        --recipe default --recipe no-negatives:trim_negatives=0 --recipe untrimmed:trim_vocab=0
+
+A recipe is NAME or NAME:option=value,option=value with TrainConfig's option names (YAML values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from encdec.checkpoint import load, read_metadata
+from encdec.data.corpus import HELDOUT_SETS
+from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
+from encdec.files import read_weights
+from encdec.sources import load_source, load_tokenizer
+from encdec.training import checkpointing
+from encdec.training.config import TrainConfig
+from encdec.training.loop import train
+from encdec.training.plain_state import read_state
+from encdec.training.vocab import full_vocabulary_model
+
+QUICKSTART_RECIPE = dict(distill=True, enc_len=64, dec_len=64, batch_size=4, lr=3e-4, eval_windows=16,
+                         trim_vocab=8192, eval_every=0)
+
+
+def parse_recipe(text: str) -> tuple[str, dict]:
+    name, _, options = text.partition(":")
+    values = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return name, values
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def append(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def score(model, sets: dict[str, PrefixSuffix]) -> dict[str, float]:
+    return {name: round(encdec_suffix_nll(model.eval(), data), 4) for name, data in sets.items()}
+
+
+def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[str, PrefixSuffix],
+               results: Path, done: set[tuple[str, int]]) -> None:
+    steps, every = args.steps, args.eval_every
+    cfg = TrainConfig(**{**QUICKSTART_RECIPE, "warmup_steps": max(1, steps // 10), **options, "model": str(args.model),
+                         "out": str(args.out / name), "steps": steps, "save_every": every,
+                         "keep_last": steps // every + 1, "seed": args.seed})
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * (cfg.enc_len + cfg.dec_len)
+    if (name, steps) not in done:
+        began = time.perf_counter()
+        cfg.resume = checkpointing.checkpoints(Path(cfg.out)) != []
+        train(cfg)
+        append(results, {"recipe": name, "event": "trained", "steps": steps, "seconds": round(time.perf_counter() - began),
+                         "options": options})
+    start = load(args.model)
+    for path in checkpointing.checkpoints(Path(cfg.out)):
+        step = int(path.name.split("-")[1])
+        if (name, step) in done:
+            continue
+        keep = read_state(path, "trainer").get("kept_tokens")  # a numpy array, or None when untrimmed
+        model = full_vocabulary_model(read_weights(path), start, keep)
+        append(results, {"recipe": name, "step": step, "tokens": step * tokens_per_step, "nll": score(model, sets)})
+
+
+def source_nll(args: argparse.Namespace, sets: dict[str, PrefixSuffix]) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM
+
+    spec = read_metadata(args.model)["adapted_from"]["encoder"]
+    reference = AutoModelForCausalLM.from_pretrained(str(load_source(spec).directory), dtype=torch.float32).eval()
+    return {name: round(decoder_only_suffix_nll(reference, data), 4) for name, data in sets.items()}
+
+
+def plot(records: list[dict], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    source = next(r["nll"] for r in records if r.get("recipe") == "source")
+    fig, axes = plt.subplots(1, len(HELDOUT_SETS), figsize=(6 * len(HELDOUT_SETS), 4.5))
+    for ax, name in zip(axes, HELDOUT_SETS):
+        for recipe in dict.fromkeys(r["recipe"] for r in records if "tokens" in r):
+            points = sorted((r["tokens"], r["nll"][name]) for r in records if r.get("recipe") == recipe and "tokens" in r)
+            ax.plot(*zip(*points), marker="o", label=recipe)
+        ax.axhline(source[name], color="black", linestyle="--", label="decoder-only source")
+        ax.set(title=f"held-out {name}", xlabel="training tokens", ylabel="suffix NLL (nats/token)")
+        ax.legend()
+    fig.tight_layout()
+    path = out / "recovery.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("runs/quickstart/adapted"), help="the adapted model")
+    parser.add_argument("--out", type=Path, default=Path("runs/recovery"))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", action="append", default=[], help="NAME[:option=value,...] (repeat)")
+    args = parser.parse_args()
+    if args.steps < 1 or args.eval_every < 1 or args.steps % args.eval_every:
+        parser.error("--steps and --eval-every must be at least 1, and --steps a multiple of --eval-every")
+    recipes = [parse_recipe(text) for text in args.recipe or ["default"]]
+    for _, options in recipes:
+        TrainConfig(**{**QUICKSTART_RECIPE, **options, "model": "m"})  # a bad option fails before any work
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = args.out / "results.jsonl"
+    tokenizer = load_tokenizer(args.model)
+    sets = {name: split_passages(tokenizer, passages(), 64, 64) for name, (_, passages) in HELDOUT_SETS.items()}
+    records = read_results(results)
+    if not any(r.get("recipe") == "source" for r in records):
+        append(results, {"recipe": "source", "nll": source_nll(args, sets)})
+    start_nll = next((r for r in records if r.get("recipe") == "adapted"), None)
+    if start_nll is None:
+        append(results, {"recipe": "adapted", "tokens": 0, "nll": score(load(args.model), sets)})
+    for name, options in recipes:
+        records = read_results(results)
+        done = {(r["recipe"], r["step"]) for r in records if "step" in r}
+        done |= {(r["recipe"], r["steps"]) for r in records if r.get("event") == "trained"}
+        run_recipe(name, options, args, sets, results, done)
+    records = read_results(results)
+    for name, _ in recipes:  # every recipe starts from the adapted model
+        records.append({**next(r for r in records if r["recipe"] == "adapted"), "recipe": name})
+    records = [r for r in records if r["recipe"] != "adapted"]
+    print(f"plot: {plot(records, args.out)}")
+    source = next(r["nll"] for r in records if r["recipe"] == "source")
+    print(f"{'recipe':<16} {'tokens':>8} " + " ".join(f"{n:>16}" for n in HELDOUT_SETS))
+    print(f"{'source':<16} {'':>8} " + " ".join(f"{source[n]:16.3f}" for n in HELDOUT_SETS))
+    for name, _ in recipes:
+        last = max((r for r in records if r["recipe"] == name and "tokens" in r), key=lambda r: r["tokens"])
+        print(f"{name:<16} {last['tokens']:>8} " + " ".join(f"{last['nll'][n]:16.3f}" for n in HELDOUT_SETS))
+    for name, _ in recipes:
+        last = max((r for r in records if r["recipe"] == name and "tokens" in r), key=lambda r: r["tokens"])
+        gaps = ", ".join(f"{n} {last['nll'][n] - source[n]:+.3f}" for n in HELDOUT_SETS)
+        print(f"gap to the source after {last['tokens']} tokens, {name}: {gaps} nats")
+
+
+if __name__ == "__main__":
+    main()
