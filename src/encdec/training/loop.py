@@ -220,8 +220,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model)
     plan, tokenizer = _plan(cfg, d)
-    if not plan.causal:
-        cfg.check_positions(plan.model.config)
+    cfg.check_fit(None if plan.causal else plan.model.config, len(plan.stream.items), d.world)
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
     if plan.causal:  # a decoder-only model reads the teacher's view of the rows
         special = dict(pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id)
