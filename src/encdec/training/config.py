@@ -114,7 +114,8 @@ class TrainConfig:
                                   "vocabulary; 0 keeps them all")
         if self.batch_size * world > train_items:
             raise EncdecError(f"--batch-size {self.batch_size} x {world} process(es) needs more rows than the "
-                              f"{train_items} training windows/examples of the data hold; use at most {train_items // world}")
+                              f"{train_items} training windows/examples of the data hold; "
+                              f"use at most {train_items // world}")
 
 
 SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed accepts
