@@ -62,7 +62,7 @@ import encdec
 from encdec.objectives import Example
 from encdec.training.allocator import keep_freed_memory
 from encdec.training.data import Batch, make_batch
-from encdec.training.loop import LossModule
+from encdec.training.step import LossModule
 from encdec.training.optim import build_optimizer
 
 SOURCE = "gemma-3-270m"

@@ -36,13 +36,17 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
                  "--do-sample", "--seed", "1", "--top-k", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" -> ")[0] for line in lines] == ["w1 w2 w3", "w7"]
+    assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("w1 w2 w3 -> ")
+    assert main(["generate", str(out), "--prompt", "w1", "--quantize", "int8", "--dtype", "bfloat16"]) == 2
+    assert "float32" in capsys.readouterr().err
     for tokenizer_file in out.glob("tokenizer*"):
         tokenizer_file.unlink()
     assert main(["generate", str(out), "--prompt", "hi"]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["adapt", "generate", "info", "quickstart"])
+@pytest.mark.parametrize("command", ["adapt", "generate", "serve", "info", "quickstart"])
 def test_help_documents_every_option(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])

@@ -9,7 +9,7 @@ import pytest
 
 import encdec
 import encdec.data.tokens as tokens
-from encdec.data.corpus import HELDOUT_TOPICS, default_corpus, heldout_passages
+from encdec.data.corpus import HELDOUT_TOPICS, default_corpus, general_passages, heldout_passages
 from encdec.data.text import read_documents
 from encdec.errors import EncdecError
 
@@ -83,3 +83,13 @@ def test_default_corpus_is_disjoint_from_the_heldout_passages():
             if len(sentence) > 60:
                 assert sentence not in corpus
     assert len(HELDOUT_TOPICS) >= 8
+
+
+def test_general_english_passages_are_another_domain_and_disjoint_from_the_default_corpus():
+    corpus = " ".join(default_corpus())
+    passages = general_passages()
+    assert len(passages) == 20 and len(set(passages)) == 20 and all(len(p) > 800 for p in passages)
+    for passage in passages:
+        sentences = [s for s in passage.split(". ") if len(s) > 60]
+        assert sentences and not any(s in corpus for s in sentences)
+    assert not any(p[:60] in " ".join(heldout_passages()) for p in passages)

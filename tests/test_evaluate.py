@@ -169,8 +169,11 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
             result = record["tasks"][name]["results"][model]
             assert result["n"] == 3 and len(result["examples"]) == 3
             assert 0 <= result["accuracy"] <= 1 and result["interval95"][0] <= result["accuracy"] <= result["interval95"][1]
-    assert "perplexity" in record["tasks"]["heldout"]["results"][str(sources["gemma3"])]
-    assert "perplexity" not in record["tasks"]["heldout"]["results"][str(adapted)]
+    source_lm, adapted_lm = (record["tasks"]["heldout"]["results"][m] for m in (str(sources["gemma3"]), str(adapted)))
+    for name in ("python-docs", "general-english"):  # in-domain and out-of-domain, both reported
+        assert f"perplexity:{name}" in source_lm and f"perplexity:{name}" not in adapted_lm
+        assert source_lm[f"suffix_nll:{name}"] > 0 and adapted_lm[f"suffix_nll:{name}"] > 0
+    assert "held-out general-english: suffix NLL" in (tmp_path / "res.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,7 +15,7 @@ from encdec.causal import load_causal
 from encdec.cli import main
 from encdec.data.instructions import Pair, chat_example
 from encdec.sources import load_tokenizer
-from encdec.training import loop
+from encdec.training import step
 from encdec.training.data import make_batch, teacher_rows
 
 
@@ -93,7 +93,7 @@ def test_decoder_only_loss_reads_prompt_then_response_and_scores_the_response(so
     assert all(e.targets[-1] == 1 for e in examples)
     batch = make_batch(examples, enc_len=32, dec_len=16, pad_id=0, bos_id=2, with_teacher=True)
     with torch.no_grad():
-        parts = loop.CausalLossModule(model, chunk=4)(batch)
+        parts = step.CausalLossModule(model, chunk=4)(batch)
         expected, count = 0.0, 0
         for e in examples:
             ids = torch.tensor([e.inputs + e.targets[:-1]])

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
 
 import encdec
-from encdec.model import Segments
+from encdec.model import Segments, lm_logits
 from encdec.objectives import Example
 from encdec.training.data import make_batch
-from encdec.training.loop import LossModule, teacher_states
+from encdec.training.step import LossModule, teacher_states
 from encdec.training.loss import Distillation, TiedLookups, chunked_loss, kl_to_teacher
 from encdec.training.teacher import load_teacher
 
@@ -68,6 +70,60 @@ def test_fused_loss_and_gradients_equal_autograd_through_the_plain_formula(softc
     assert torch.allclose(got[0], expected.detach(), atol=1e-5)
     assert torch.allclose(got[1], hidden.grad, atol=1e-5) and torch.allclose(got[2], weight.grad, atol=1e-5)
     assert parts.kl is None if distillation is None else parts.kl > 0
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("distillation", [None, Distillation(alpha=0.3, tau=2.0), Distillation(alpha=0.7, tau=1.0, top_k=4)])
+def test_negatives_join_the_softmax_with_their_offset(softcap, distillation):
+    """Sampled untrained rows (trimmed vocabularies): the loss over [head rows | negatives], each negative's
+    logit raised by the offset after the cap and after the temperature; the negatives take no gradient."""
+    from encdec.training.vocab import Negatives
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(19, 8, generator=g, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, requires_grad=True)
+    rows = torch.randn(12, 8, generator=g)
+    teacher_weight, teacher_rows = torch.randn(30, 6, generator=g), torch.randn(12, 6, generator=g)
+    teacher_hidden = torch.randn(19, 6, generator=g)
+    labels = torch.randint(0, 30, (19,), generator=g)
+    mask = torch.rand(19, generator=g) > 0.3
+    offset = 1.7
+    negatives = Negatives(rows, teacher_rows, softcap, offset)
+    teacher = dict(teacher_hidden=teacher_hidden, distill_mask=mask, distillation=distillation,
+                   teacher_head=lambda h: lm_logits(h, teacher_weight, softcap)) if distillation else {}
+    parts = chunked_loss(hidden * 1.0, weight, labels, chunk=6, softcap=softcap, negatives=negatives, **teacher)
+    parts.loss.backward()
+    got = parts.loss.detach(), hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    def capped(h, w):
+        out = h @ w.T
+        return out if softcap is None else torch.tanh(out / softcap) * softcap
+
+    raised = torch.cat([torch.zeros(30), torch.full((12,), offset)])
+    logits = capped(hidden, torch.cat([weight, rows]))
+    expected = F.cross_entropy(logits + raised, labels)
+    if distillation is not None:
+        d = distillation
+        t = capped(teacher_hidden, torch.cat([teacher_weight, teacher_rows]))
+        # kl_to_teacher divides by tau: an offset of tau * o before it is o after it
+        kl = kl_to_teacher((logits + d.tau * raised)[mask], (t + d.tau * raised)[mask], d.tau, d.top_k) / int(mask.sum())
+        expected = d.alpha * kl * d.tau**2 + (1 - d.alpha) * expected
+    expected.backward()
+    assert torch.allclose(got[0], expected.detach(), atol=1e-5)
+    assert torch.allclose(got[1], hidden.grad, atol=1e-5) and torch.allclose(got[2], weight.grad, atol=1e-5)
+
+
+def test_untrained_rows_are_sampled_reproducibly_without_replacement():
+    from encdec.training.vocab import UntrainedRows
+
+    rows = torch.arange(50.0)[:, None].expand(50, 3)
+    untrained = UntrainedRows(rows, sample_size=10, seed=0)
+    a, b = untrained.sample(5, 0), untrained.sample(5, 0)
+    assert torch.equal(a.rows, b.rows) and not torch.equal(a.rows, untrained.sample(6, 0).rows)
+    assert len(set(a.rows[:, 0].tolist())) == 10 and abs(a.offset - math.log(5)) < 1e-12
+    assert untrained.every().offset == 0 and len(untrained.every().rows) == 50
+    assert UntrainedRows(rows, sample_size=0, seed=0).sample(1, 0) is None
 
 
 def test_fused_loss_skips_the_gradients_nobody_needs_and_runs_under_bfloat16_autocast():

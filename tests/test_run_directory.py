@@ -21,7 +21,7 @@ from encdec.data.tokens import token_stream
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, read_weights
 from encdec.logs import setup
-from encdec.training import checkpointing, loop, rundir
+from encdec.training import checkpointing, loop, rundir, step
 
 DEAD_PID = 2**22 + 12345  # above Linux's largest pid: no process has it
 
@@ -41,7 +41,7 @@ def _all_finite(checkpoint) -> bool:
 
 def test_a_nan_gradient_stops_before_the_update_and_names_a_finite_checkpoint(adapted, corpus, tmp_path,  # noqa: F811
                                                                            monkeypatch):
-    original = loop.chunked_loss
+    original = step.chunked_loss
     calls = {"n": 0}
 
     def nan_gradient(*args, **kwargs):  # the loss stays finite, its gradient is NaN at step 4 (a saving step)
@@ -51,7 +51,7 @@ def test_a_nan_gradient_stops_before_the_update_and_names_a_finite_checkpoint(ad
             parts.loss.register_hook(lambda g: g * float("nan"))
         return parts
 
-    monkeypatch.setattr(loop, "chunked_loss", nan_gradient)
+    monkeypatch.setattr(step, "chunked_loss", nan_gradient)
     with pytest.raises(EncdecError, match=r"gradient norm became nan at step 4.*step-000002") as stop:
         loop.train(_config(adapted, tmp_path / "run", corpus, eval_every=0))
     named = checkpointing.checkpoints(tmp_path / "run")

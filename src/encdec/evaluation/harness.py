@@ -136,7 +136,7 @@ def _single_token_stops(scorer: Scorer, stops: tuple[str, ...]) -> list[int]:
 
 
 def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
-    from encdec.data.corpus import heldout_passages
+    from encdec.data.corpus import HELDOUT_SETS
     from encdec.evaluation.nll import (
         decoder_only_perplexity,
         decoder_only_suffix_nll,
@@ -144,14 +144,17 @@ def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
         split_passages,
     )
 
-    passages = heldout_passages()
-    data = split_passages(scorer.tokenizer, passages, prefix_len=64, suffix_len=64)
-    if scorer.kind == "encoder-decoder":
-        values = {"suffix_nll": encdec_suffix_nll(scorer.model, data, s.batch_size)}
-    else:
-        values = {"suffix_nll": decoder_only_suffix_nll(scorer.model, data, s.batch_size),
-                  "perplexity": decoder_only_perplexity(scorer.model, scorer.tokenizer, passages, s.max_len)}
-    return TaskResult(n=len(data.prefix), values=values)
+    values, n = {}, 0
+    for name, (_, source) in HELDOUT_SETS.items():  # in-domain for the default corpus, and general English
+        passages = source()
+        data = split_passages(scorer.tokenizer, passages, prefix_len=64, suffix_len=64)
+        n += len(data.prefix)
+        if scorer.kind == "encoder-decoder":
+            values[f"suffix_nll:{name}"] = encdec_suffix_nll(scorer.model, data, s.batch_size)
+        else:
+            values[f"suffix_nll:{name}"] = decoder_only_suffix_nll(scorer.model, data, s.batch_size)
+            values[f"perplexity:{name}"] = decoder_only_perplexity(scorer.model, scorer.tokenizer, passages, s.max_len)
+    return TaskResult(n=n, values=values)
 
 
 def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -247,10 +250,14 @@ def markdown(record: dict[str, Any]) -> str:
     if any(averages.values()):
         lines.append(f"| **average** | | {' | '.join(f'**{100 * sum(v) / len(v):.1f}**' for v in averages.values())} |")
     if heldout is not None:
-        for key, label in (("suffix_nll", "held-out suffix NLL (nats/token, lower is better)"), ("perplexity", "held-out perplexity")):
-            cells = [f"{heldout['results'][m][key]:.3f}" if key in heldout["results"][m] else "–" for m in names]
-            if any(c != "–" for c in cells):
-                lines.append(f"| {label} | {heldout['results'][names[0]]['n']} | {' | '.join(cells)} |")
+        from encdec.data.corpus import HELDOUT_SETS
+
+        for name in HELDOUT_SETS:
+            for key, label in (("suffix_nll", "suffix NLL (nats/token, lower is better)"), ("perplexity", "perplexity")):
+                key = f"{key}:{name}"
+                cells = [f"{heldout['results'][m][key]:.3f}" if key in heldout["results"][m] else "–" for m in names]
+                if any(c != "–" for c in cells):
+                    lines.append(f"| held-out {name}: {label} | | {' | '.join(cells)} |")
     lines.append("")
     lines.append("Accuracy in %, with a 95% Wilson interval; multiple-choice tasks by summed log-likelihood of each answer, "
                  "'norm' by log-likelihood per byte of the answer.")

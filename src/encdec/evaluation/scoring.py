@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from encdec.checkpoint import is_checkpoint
-from encdec.model import EncoderDecoder
+from encdec.model import EncoderDecoder, EncoderState, Segments
 
 log = logging.getLogger("encdec")
 Request = tuple[list[int], list[int]]  # (context ids with BOS, continuation ids)
@@ -118,9 +118,10 @@ def _encdec_states(model: EncoderDecoder, requests: list[Request]) -> tuple[torc
     encoded = model.encode(enc_ids, enc_mask)
     rows = torch.tensor([contexts[tuple(ctx)] for ctx, _ in requests])
     dec_ids, dec_mask = _pad([[cfg.bos_token_id, *cont[:-1]] for _, cont in requests], cfg.pad_token_id)
-    out = model(enc_ids[rows], enc_mask[rows], dec_ids, dec_mask, encoder_hidden_states=encoded[rows], return_logits=False)
+    encoder = EncoderState(encoded[rows], Segments.of(enc_ids[rows], enc_mask[rows], None, None))
+    hidden = model.decode(dec_ids, encoder, Segments.of(dec_ids, dec_mask, None, None))
     targets = torch.tensor([t for _, cont in requests for t in cont])
-    return out.decoder_hidden_states[dec_mask.bool()], targets
+    return hidden[dec_mask.bool()], targets
 
 
 def _causal_states(model: torch.nn.Module, requests: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,8 +55,15 @@ class TrainConfig:
     precision: str = _f("auto", "autocast dtype of the matrix products (weights stay float32); auto: bf16 where "
                         "it is faster (CUDA; CPUs with AVX512-BF16/AMX)", choices=("auto", "bf16", "fp32"))
     cross_warmup_steps: int = _f(0, "first steps that train only cross-attention (unbalanced models; the paper: 1000)")
+    freeze_encoder_steps: int = _f(0, "first steps with the encoder's layers frozen, so that the decoder first learns "
+                                   "to read the encoder (the shared embedding still trains)")
+    encoder_curriculum_steps: int = _f(0, "first steps over which the encoder's attention opens from causal (like its "
+                                       "source) to bidirectional: at step t it sees t/K of --enc-len positions ahead")
     eval_every: int = _f(50, "held-out evaluation every N steps (0: only at the end)")
     eval_windows: int = _f(32, "held-out windows, taken from the end of the data")
+    eval_data: list[str] = _f([], "pretraining: a second held-out set, scored as eval_data_loss: files/directories as "
+                              "--data takes, or heldout:general-english / heldout:python-docs (the packaged "
+                              "held-out passages); its first --eval-windows windows")
     save_every: int = _f(100, "checkpoint every N steps (also on SIGINT/SIGTERM and at the end)")
     keep_last: int = _f(3, "checkpoints kept on disk (at least --average-last)")
     average_last: int = _f(1, "final model = average of the last N checkpoints (T5Gemma 2: 5)")
@@ -68,6 +75,8 @@ class TrainConfig:
     resume: bool = _f(False, "continue from the latest checkpoint in OUT")
     overwrite: bool = _f(False, "start afresh even if OUT holds a run")
     trim_vocab: int = _f(0, "keep only the N most frequent tokens of the data (plus special ones); 0 keeps all")
+    trim_negatives: int = _f(8192, "with --trim-vocab: untrained vocabulary rows sampled into each step's softmax, "
+                             "so that the model stays good over the full vocabulary (0: none; it then degrades)")
     keep_freed_memory: bool = _f(True, "CPU: keep freed memory in the process (glibc) instead of page-faulting big "
                                  "tensors afresh every step; resident memory stays at the run's peak")
     fsdp: bool = _f(False, "with several processes: shard parameters with FSDP2 (fully_shard per block) instead of DDP")
@@ -97,6 +106,8 @@ class TrainConfig:
             raise EncdecError(f"--data {self.data!r}: an empty path; pass files, directories or hf:NAME")
         if self.distill and self.objective != "prefixlm":
             raise EncdecError("--distill works with --objective prefixlm only")
+        if self.eval_data and self.objective == "instruct":
+            raise EncdecError("--eval-data works with pretraining objectives only (prefixlm, ul2)")
         if self.keep_last < self.average_last:
             self.keep_last = self.average_last
 
@@ -123,7 +134,9 @@ SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed accepts
 AT_LEAST_2 = ("dec_len",)  # a target token and EOS
 AT_LEAST_1 = ("enc_len", "batch_size", "grad_accum", "steps", "loss_chunk", "keep_last", "average_last",
               "save_every", "log_every", "eval_windows", "per_task")
-AT_LEAST_0 = ("eval_every", "warmup_steps", "cross_warmup_steps", "trim_vocab", "teacher_top_k", "seed")
+AT_LEAST_0 = ("eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps", "encoder_curriculum_steps",
+              "trim_vocab", "trim_negatives", "teacher_top_k",
+              "seed")
 POSITIVE = ("lr", "tau", "clip")  # and finite
 BOUNDED = {"alpha": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, 1.0)}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list of paths"}
@@ -194,4 +207,4 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "warmup_steps": 20, "eval_every": 50, "eval_windows": 64,
 }
 FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "distill", "teacher", "alpha", "tau", "teacher_top_k",
-                   "text_field", "cross_warmup_steps")
+                   "text_field", "cross_warmup_steps", "eval_data", "freeze_encoder_steps", "encoder_curriculum_steps")

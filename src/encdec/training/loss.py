@@ -16,11 +16,16 @@ the head's gradient instead, and hands the total to autograd once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from encdec.model import lm_logits
+from encdec.training.vocab import Negatives
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
@@ -54,12 +59,13 @@ class _Terms:
     teacher_head: Head | None
     distill_mask: torch.Tensor | None
     tied: TiedLookups | None  # lookups in the head's table whose gradients join the head's
+    negatives: Negatives | None  # frozen rows joined to the softmax after the head's (trimmed vocabularies)
 
 
 class TiedLookups:
     """Lookups in the head's weight whose gradients are added in place into the head's gradient.
 
-    Pass it as the model's `lookup` and to `chunked_loss`. The fused loss computes the head's
+    Run the model's forward pass under `routing(table)` and pass it to `chunked_loss`. The fused loss computes the head's
     gradient in its forward pass and leaves it here; every lookup adds its rows into it during the
     backward pass (which reaches the lookups after the loss), and the last one to do so returns the
     total to autograd as the weight's gradient, so that gradient hooks (DDP, FSDP2) see it once and
@@ -75,6 +81,22 @@ class TiedLookups:
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         self.pending += 1
         return _TiedLookup.apply(self.weight, ids, self)
+
+    @contextlib.contextmanager
+    def routing(self, table: nn.Embedding) -> Iterator[None]:
+        """While open, every lookup in `table` (whose weight is the head's) goes through these tied lookups:
+        a forward hook replaces the table's output, so the model needs no training-only argument."""
+        assert table.weight is self.weight
+        handle = table.register_forward_hook(lambda module, args, out: self(args[0]))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def routed(tied: TiedLookups | None, table: nn.Embedding) -> contextlib.AbstractContextManager:
+    """Lookups in `table` routed through `tied` while open (nothing to route when `tied` is None)."""
+    return contextlib.nullcontext() if tied is None else tied.routing(table)
 
 
 def tied_lookups(weight: torch.Tensor) -> TiedLookups | None:
@@ -116,12 +138,19 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
     return (log_teacher.exp() * (log_teacher - log_student)).sum()
 
 
-def _kl_and_gradient(logits: torch.Tensor, teacher_logits: torch.Tensor, d: Distillation) -> tuple[torch.Tensor, torch.Tensor]:
+Offset = tuple[int, float]  # (first column, value): columns from there on stand for several tokens each
+
+
+def _kl_and_gradient(logits: torch.Tensor, teacher_logits: torch.Tensor, d: Distillation,
+                     offset: Offset | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed KL(teacher || student) over rows and its gradient with respect to the student's `logits`:
-    (softmax(logits / tau) - teacher) / tau."""
+    (softmax(logits / tau) - teacher) / tau. `offset` is added to both after the temperature."""
     log_q = logits / d.tau
-    log_q -= torch.logsumexp(log_q, dim=-1, keepdim=True)
     teacher = teacher_logits.float() / d.tau
+    if offset is not None:
+        log_q[:, offset[0] :] += offset[1]
+        teacher[:, offset[0] :] += offset[1]
+    log_q -= torch.logsumexp(log_q, dim=-1, keepdim=True)
     if d.top_k:
         values, index = teacher.topk(d.top_k, dim=-1)
         log_t = F.log_softmax(values, dim=-1)
@@ -137,10 +166,11 @@ def _kl_and_gradient(logits: torch.Tensor, teacher_logits: torch.Tensor, d: Dist
 
 
 def _loss_and_logit_gradient(
-    logits: torch.Tensor, labels: torch.Tensor, terms: _Terms, teacher: tuple[torch.Tensor, torch.Tensor] | None
+    logits: torch.Tensor, labels: torch.Tensor, terms: _Terms, teacher: tuple[torch.Tensor, torch.Tensor] | None,
+    offset: Offset | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy and KL of one chunk; `logits` (float32, raw head output) is overwritten
-    with the gradient of the loss with respect to it."""
+    with the gradient of the loss with respect to it. `offset`: see `Negatives`."""
     capped = None
     if terms.softcap is not None:  # logits = cap * tanh(raw / cap); d/d raw = 1 - tanh^2
         capped = logits.div_(terms.softcap).tanh_()
@@ -152,7 +182,9 @@ def _loss_and_logit_gradient(
     kl_grad = None
     if teacher is not None:
         teacher_logits, mask = teacher
-        kl, kl_grad = _kl_and_gradient(logits[mask], teacher_logits, terms.distillation)
+        kl, kl_grad = _kl_and_gradient(logits[mask], teacher_logits, terms.distillation, offset)
+    if offset is not None:
+        logits[:, offset[0] :] += offset[1]
     top = logits.amax(dim=-1, keepdim=True)
     probs = logits.sub_(top).exp_()  # softmax, in place, normalised below
     total = probs.sum(dim=-1, keepdim=True)
@@ -177,6 +209,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         with torch.autocast(device, enabled=False):
             w = weight.to(dtype)
+            negatives, offset = terms.negatives, None
+            if negatives is not None:  # logits of the sampled rows follow the head's; they take no gradient
+                offset = weight.shape[0], negatives.offset
+                w = torch.cat([w, negatives.rows.to(dtype)])
             grad_hidden = torch.empty_like(hidden) if need_hidden else None
             grad_weight = None
             sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)
@@ -196,12 +232,18 @@ class _FusedHeadLoss(torch.autograd.Function):
                 if terms.teacher_head is not None and terms.distill_mask[part].any():
                     mask = terms.distill_mask[part]
                     with torch.no_grad():
-                        teacher = terms.teacher_head(terms.teacher_hidden[part][mask]), mask
-                chunk_sums, grad = _loss_and_logit_gradient(logits_t.T, labels[part], terms, teacher)
+                        th = terms.teacher_hidden[part][mask]
+                        teacher_logits = terms.teacher_head(th)
+                        if negatives is not None:
+                            extra = lm_logits(th, negatives.teacher_rows.to(th.dtype), negatives.teacher_softcap)
+                            teacher_logits = torch.cat([teacher_logits, extra], -1)
+                        teacher = teacher_logits, mask
+                chunk_sums, grad = _loss_and_logit_gradient(logits_t.T, labels[part], terms, teacher, offset)
                 sums += chunk_sums
                 grad_t = grad.T.to(dtype)  # [vocab, tokens], contiguous
                 if need_hidden:
                     grad_hidden[part] = grad_t.T @ w
+                grad_t = grad_t[: weight.shape[0]]  # the head's own rows
                 if need_weight and grad_weight is None:
                     grad_weight = (grad_t @ h).to(weight.dtype)
                 elif need_weight and dtype == weight.dtype:
@@ -237,19 +279,20 @@ def _scale(grad: torch.Tensor, by: torch.Tensor) -> None:
 def chunked_loss(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int, softcap: float | None = None,
     teacher_hidden: torch.Tensor | None = None, teacher_head: Head | None = None, distill_mask: torch.Tensor | None = None,
-    distillation: Distillation | None = None, tied: TiedLookups | None = None,
+    distillation: Distillation | None = None, tied: TiedLookups | None = None, negatives: Negatives | None = None,
 ) -> LossParts:
     """`hidden` [N, d] are the student's final states at the N target tokens `labels` [N], read out by
     the head `weight` [vocab, d] (logits soft-capped at `softcap` where given); `teacher_hidden` [N, d']
     are the teacher's states predicting the same tokens, read out by `teacher_head`, used where
-    `distill_mask`. `tied`: the lookups in `weight` that made `hidden`, if routed through `TiedLookups`."""
+    `distill_mask`. `tied`: the lookups in `weight` that made `hidden`, if routed through `TiedLookups`.
+    `negatives`: frozen rows that join the softmax after `weight`'s (and the teacher's, when distilling)."""
     n = labels.numel()
     distilled = int(distill_mask.sum()) if distill_mask is not None and teacher_head is not None else 0
     alpha = distillation.alpha if distilled else 0.0
     kl_scale = alpha * distillation.tau**2 / distilled if distilled else 0.0
     terms = _Terms(chunk, softcap, (1 - alpha) / max(n, 1), kl_scale, distillation,
                    teacher_hidden if distilled else None, teacher_head if distilled else None, distill_mask,
-                   tied if tied is not None and tied.weight is weight else None)
+                   tied if tied is not None and tied.weight is weight else None, negatives)
     loss, sums = _FusedHeadLoss.apply(hidden, weight, labels, terms)
     sums = sums.tolist()
     return LossParts(loss, sums[0] / max(n, 1), sums[1] / distilled if distilled else None)

@@ -1,0 +1,144 @@
+"""What a run trains and on what: the model to train (trimmed to a smaller vocabulary or not), the
+example stream and the held-out examples, built from the configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from encdec.checkpoint import is_checkpoint, load_checkpoint
+from encdec.data.tokens import token_stream, windows
+from encdec.errors import EncdecError
+from encdec.model import CausalLM, EncoderDecoder
+from encdec.objectives import Example
+from encdec.sources import DecoderOnlySource, load_tokenizer
+from encdec.training import distributed
+from encdec.training.config import TrainConfig
+from encdec.training.data import ExampleStream, example_maker, window_length
+from encdec.training.vocab import UntrainedRows, always_kept, kept_tokens, remap_table, trim_model, untrained_rows
+
+log = logging.getLogger("encdec")
+
+
+@dataclass
+class Plan:
+    """What a run trains and on what: the model, the example stream and the held-out examples."""
+
+    model: nn.Module  # EncoderDecoder, or CausalLM when instruction-tuning a decoder-only model
+    stream: ExampleStream
+    eval_examples: list[Example]
+    keep: np.ndarray | None  # kept token ids when the vocabulary is trimmed
+    vocab_size: int  # of the full vocabulary (the teacher's)
+    source: DecoderOnlySource | None = None  # the decoder-only model's source (config, tokenizer)
+    extra_eval: list[Example] = dataclasses.field(default_factory=list)  # --eval-data's held-out examples
+    untrained: UntrainedRows | None = None  # head rows outside the trimmed vocabulary (sampled negatives)
+    unk_id: int | None = None  # trimmed id of <unk>, whose targets are not scored
+
+    @property
+    def causal(self) -> bool:
+        return isinstance(self.model, CausalLM)
+
+
+@dataclass
+class Trimmed:
+    model: EncoderDecoder  # over the kept tokens
+    keep: np.ndarray  # kept full-vocabulary ids, ascending
+    table: np.ndarray  # full id -> kept id (<unk> for the others)
+    untrained: UntrainedRows
+    unk_id: int  # kept id of <unk>, which every other token became
+
+
+def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray, d: distributed.Dist) -> Trimmed:
+    """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones."""
+    keep = kept_tokens(ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.config.vocab_size)
+    table = remap_table(keep, model.config.vocab_size, tokenizer.unk_token_id)
+    untrained = untrained_rows(model, keep, cfg.trim_negatives, cfg.seed)
+    if d.main:
+        log.info("training on a vocabulary of %d tokens (of %d), with %d sampled untrained rows per step",
+                 len(keep), len(table), min(cfg.trim_negatives, len(untrained.rows)))
+    return Trimmed(trim_model(model, keep, table), keep, table, untrained, int(table[tokenizer.unk_token_id]))
+
+
+def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: distributed.Dist) -> Plan:
+    stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
+    vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.config.vocab_size
+    if cfg.trim_vocab:
+        trimmed = _trim(cfg, model, tokenizer, stream_ids, d)
+        model, keep, table = trimmed.model, trimmed.keep, trimmed.table
+        stream_ids = table[stream_ids]
+        vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
+    data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
+    if len(data) <= cfg.eval_windows:
+        raise EncdecError(f"the data makes {len(data)} windows, not more than --eval-windows {cfg.eval_windows}")
+    make = example_maker(cfg.objective, eos_id=model.config.eos_token_ids[0], vocab=vocab, mixture=cfg.mixture,
+                         random_split=cfg.random_split)
+    stream = ExampleStream(data[: -cfg.eval_windows], lambda w, rng: make(w.tolist(), rng), seed=cfg.seed,
+                           enc_len=cfg.enc_len, dec_len=cfg.dec_len)
+    eval_rng = np.random.default_rng([cfg.seed, 2])
+    held_out = [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]]
+    extra = []
+    if cfg.eval_data:  # another held-out set (e.g. another domain): its first windows
+        extra_ids = token_stream(tokenizer, cfg.eval_data, text_field=cfg.text_field)
+        extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
+        length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len)
+        extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
+    plan = Plan(model, stream, held_out, None, vocab_size, extra_eval=extra)
+    return _with_trimmed(plan, trimmed)
+
+
+def _with_trimmed(plan: Plan, trimmed: Trimmed | None) -> Plan:
+    if trimmed is None:
+        return plan
+    return dataclasses.replace(plan, keep=trimmed.keep, untrained=trimmed.untrained, unk_id=trimmed.unk_id)
+
+
+def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,
+                      source: DecoderOnlySource | None) -> Plan:
+    """Prompt -> response examples in Gemma's chat format (loss on the response, which ends with EOS)."""
+    from encdec.data.instructions import chat_example, read_instructions
+    from encdec.data.natural_instructions import natural_instructions
+
+    pairs = read_instructions(cfg.data) if cfg.data else natural_instructions(cfg.per_task, seed=cfg.seed)
+    order = np.random.default_rng([cfg.seed, 3]).permutation(len(pairs))
+    eos = tokenizer.eos_token_id
+    examples = [chat_example(pairs[i], tokenizer, eos_id=eos, max_input=cfg.enc_len, max_target=cfg.dec_len) for i in order]
+    if len(examples) <= cfg.eval_windows:
+        raise EncdecError(f"{len(examples)} instruction examples are not more than --eval-windows {cfg.eval_windows}")
+    trimmed, vocab_size = None, model.embed.num_embeddings
+    if cfg.trim_vocab:
+        if isinstance(model, CausalLM):
+            raise EncdecError("--trim-vocab works with encoder-decoder models only")
+        ids = np.concatenate([np.asarray(e.inputs + e.targets) for e in examples])
+        trimmed = _trim(cfg, model, tokenizer, ids, d)
+        model, table = trimmed.model, trimmed.table
+        examples = [Example(table[e.inputs].tolist(), table[e.targets].tolist()) for e in examples]
+    held_out = examples[-cfg.eval_windows :]
+    stream = ExampleStream(examples[: -cfg.eval_windows], lambda e, rng: e, seed=cfg.seed, enc_len=cfg.enc_len,
+                           dec_len=cfg.dec_len)
+    if d.main:
+        log.info("instruction tuning on %d examples (%d held out)", len(examples) - len(held_out), len(held_out))
+    return _with_trimmed(Plan(model, stream, held_out, None, vocab_size, source), trimmed)
+
+
+def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
+    """Load the model to train and its data."""
+    if cfg.objective != "instruct":
+        model_dir = Path(cfg.model)
+        model = load_checkpoint(model_dir).model.train()
+        tokenizer = load_tokenizer(model_dir)
+        return _pretraining_plan(cfg, model, tokenizer, d), tokenizer
+    if is_checkpoint(cfg.model):
+        model, source = load_checkpoint(cfg.model).model.train(), None
+        tokenizer = load_tokenizer(Path(cfg.model))
+    else:
+        from encdec.causal import load_causal
+
+        model, source = load_causal(cfg.model)
+        model.train()
+        tokenizer = load_tokenizer(source.directory)
+    return _instruction_plan(cfg, model, tokenizer, d, source), tokenizer
