@@ -283,3 +283,14 @@ def test_bad_generation_values(capsys, adapted, extra, message):
     lines = [line for line in captured.err.splitlines() if "error:" in line]
     assert code == 2 and len(lines) == 1 and message in lines[0], captured.err
     assert " -> " not in captured.out
+
+
+@pytest.mark.parametrize("command", [["evaluate", "{model}", "--tasks", "heldout"], ["export-encoder", "{model}"],
+                                     ["classify", "{model}", "--task", "boolq"]])
+def test_every_writing_command_refuses_an_output_under_a_file(capsys, tmp_path, adapted, command):
+    (tmp_path / "file").write_text("mine")
+    argv = [part.format(model=adapted) for part in command] + ["--out", str(tmp_path / "file" / "out")]
+    assert main(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert str(tmp_path / "file") in line and "not a directory" in line
+    assert (tmp_path / "file").read_text() == "mine"
