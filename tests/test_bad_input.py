@@ -223,6 +223,9 @@ PRETRAIN_BAD = [
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--enc-len", "-5"], "--enc-len must be at least 1"),
     (["--enc-len", "300"], "--enc-len 300: the model reads at most 256 positions"),
+    (["--dec-len", "1"], "--dec-len must be at least 2, got 1"),
+    (["--batch-size", "100000"], "--batch-size 100000 x 1 process(es) needs more rows than the"),
+    (["--distill", "--teacher-top-k", "1000"], "--teacher-top-k 1000 exceeds the 96 tokens of the vocabulary"),
     (["--tau", "nan"], "--tau must be a positive finite number, got nan"),
     (["--tau", "0"], "--tau must be a positive finite number"),
     (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
@@ -280,3 +283,14 @@ def test_bad_generation_values(capsys, adapted, extra, message):
     lines = [line for line in captured.err.splitlines() if "error:" in line]
     assert code == 2 and len(lines) == 1 and message in lines[0], captured.err
     assert " -> " not in captured.out
+
+
+@pytest.mark.parametrize("command", [["evaluate", "{model}", "--tasks", "heldout"], ["export-encoder", "{model}"],
+                                     ["classify", "{model}", "--task", "boolq"]])
+def test_every_writing_command_refuses_an_output_under_a_file(capsys, tmp_path, adapted, command):
+    (tmp_path / "file").write_text("mine")
+    argv = [part.format(model=adapted) for part in command] + ["--out", str(tmp_path / "file" / "out")]
+    assert main(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert str(tmp_path / "file") in line and "not a directory" in line
+    assert (tmp_path / "file").read_text() == "mine"

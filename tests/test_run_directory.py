@@ -129,6 +129,26 @@ def test_one_run_per_directory_and_a_dead_holder_is_taken_over(adapted, corpus, 
     assert not (out / rundir.LOCK).exists()
 
 
+def test_every_process_of_a_distributed_run_stops_on_a_held_lock(adapted, corpus, tmp_path):  # noqa: F811
+    from test_distributed import launcher
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        command = [*launcher("torchrun"), *_pretrain_args(adapted, out, corpus, "--steps", "1")[:]]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)  # a hang fails
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert result.returncode != 0
+    refusals = _lines(result.stderr, "error:")
+    assert len(refusals) == 2 and all("is being written by process" in line or "could not lock it" in line
+                                      for line in refusals), result.stderr[-2000:]
+
+
 def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted, corpus, tmp_path, capsys):  # noqa: F811
     straight = tmp_path / "straight"
     loop.train(_config(adapted, straight, corpus, steps=4, save_every=1, eval_every=0))

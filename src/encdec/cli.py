@@ -169,10 +169,9 @@ def _train_and_report(cfg: TrainConfig) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from encdec.evaluation.harness import Settings, evaluate, markdown, write
     from encdec.evaluation.tasks import parse_tasks
-
     from encdec.files import check_writable_place
 
-    check_writable_place(args.out.parent)
+    check_writable_place(args.out.parent)  # OUT is the prefix of OUT.md and OUT.json
     settings = Settings(tasks=parse_tasks(args.tasks), shots=args.shots, limit=args.limit, chat=args.chat,
                         batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
     record = evaluate(args.models, settings, DTYPES[args.dtype])

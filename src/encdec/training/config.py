@@ -88,7 +88,7 @@ class TrainConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise EncdecError(f"--{_flag(f.name)} {getattr(self, f.name)!r}: accepted: {', '.join(choices)}")
-        for names, low in ((AT_LEAST_1, 1), (AT_LEAST_0, 0)):
+        for names, low in ((AT_LEAST_2, 2), (AT_LEAST_1, 1), (AT_LEAST_0, 0)):
             for name in names:
                 if getattr(self, name) < low:
                     raise EncdecError(f"--{_flag(name)} must be at least {low}, got {getattr(self, name)}")
@@ -111,17 +111,28 @@ class TrainConfig:
         if self.keep_last < self.average_last:
             self.keep_last = self.average_last
 
-    def check_positions(self, model: EncDecConfig) -> None:
-        """Rows no longer than the positions the model's source was trained for."""
-        for name, stack in (("enc_len", model.encoder), ("dec_len", model.decoder)):
-            if stack.max_positions is not None and getattr(self, name) > stack.max_positions:
-                raise EncdecError(f"--{_flag(name)} {getattr(self, name)}: the model reads at most "
-                                  f"{stack.max_positions} positions (its source's max_position_embeddings)")
+    def check_fit(self, model: EncDecConfig | None, train_items: int, world: int) -> None:
+        """What can only be checked once model and data are loaded, before the first step: rows within the
+        positions the model's source was trained for (`model`: None for a decoder-only model), a top-k within
+        the vocabulary, and a batch that one pass over the data fills (a larger one would only repeat it)."""
+        if model is not None:
+            for name, stack in (("enc_len", model.encoder), ("dec_len", model.decoder)):
+                if stack.max_positions is not None and getattr(self, name) > stack.max_positions:
+                    raise EncdecError(f"--{_flag(name)} {getattr(self, name)}: the model reads at most "
+                                      f"{stack.max_positions} positions (its source's max_position_embeddings)")
+            if self.distill and self.teacher_top_k > model.vocab_size:
+                raise EncdecError(f"--teacher-top-k {self.teacher_top_k} exceeds the {model.vocab_size} tokens of the "
+                                  "vocabulary; 0 keeps them all")
+        if self.batch_size * world > train_items:
+            raise EncdecError(f"--batch-size {self.batch_size} x {world} process(es) needs more rows than the "
+                              f"{train_items} training windows/examples of the data hold; "
+                              f"use at most {train_items // world}")
 
 
 SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed accepts
 # the numeric fields' accepted ranges
-AT_LEAST_1 = ("enc_len", "dec_len", "batch_size", "grad_accum", "steps", "loss_chunk", "keep_last", "average_last",
+AT_LEAST_2 = ("dec_len",)  # a target token and EOS
+AT_LEAST_1 = ("enc_len", "batch_size", "grad_accum", "steps", "loss_chunk", "keep_last", "average_last",
               "save_every", "log_every", "eval_windows", "per_task")
 AT_LEAST_0 = ("eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps", "encoder_curriculum_steps",
               "trim_vocab", "trim_negatives", "teacher_top_k",

@@ -75,9 +75,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model)
     plan, tokenizer = build_plan(cfg, d)
-    if not plan.causal:
-        cfg.check_positions(plan.model.config)
-    elif cfg.freeze_encoder_steps or cfg.encoder_curriculum_steps:
+    cfg.check_fit(None if plan.causal else plan.model.config, len(plan.stream.items), d.world)
+    if plan.causal and (cfg.freeze_encoder_steps or cfg.encoder_curriculum_steps):
         raise EncdecError("--freeze-encoder-steps and --encoder-curriculum-steps need an encoder-decoder model")
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
     if plan.untrained is not None:

@@ -22,9 +22,8 @@ from pathlib import Path
 
 from encdec.errors import EncdecError
 from encdec.files import atomic_write, check_writable_place
-from encdec.training import checkpointing
+from encdec.training import checkpointing, distributed
 from encdec.training.config import TrainConfig
-from encdec.training.distributed import Dist
 
 log = logging.getLogger("encdec")
 LOCK = ".encdec.lock"
@@ -39,15 +38,8 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
-@contextlib.contextmanager
-def locked(out: Path, d: Dist) -> Iterator[None]:
-    """Hold OUT's lock for the duration (the first process of a distributed run takes it for all)."""
-    if not d.main:
-        yield
-        return
-    check_writable_place(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+def _acquire(out: Path) -> int:
+    """The descriptor of OUT's lock file, locked by this process; EncdecError naming the holder if it is held."""
     path = out / LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -69,17 +61,41 @@ def locked(out: Path, d: Dist) -> Iterator[None]:
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     os.ftruncate(fd, 0)
     os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode())
+    return fd
+
+
+@contextlib.contextmanager
+def locked(out: Path, d: distributed.Dist) -> Iterator[None]:
+    """Hold OUT's lock for the duration. The first process of a distributed run takes it for all, and
+    every process stops when it is refused (none waits for the others in a collective)."""
+    fd, created, refused = None, False, None
+    if d.main:
+        try:
+            check_writable_place(out)
+            created = not out.exists()
+            out.mkdir(parents=True, exist_ok=True)
+            fd = _acquire(out)
+        except OSError as e:  # no permission, read-only file system, ...
+            refused = EncdecError(f"cannot write {out}: {e.strerror or e}")
+        except EncdecError as e:
+            refused = e
+    if distributed.reduce_sum(float(refused is not None), d):
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise refused or EncdecError(f"{out}: the first process could not lock it (see its message)")
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
+        if fd is not None:
+            (out / LOCK).unlink(missing_ok=True)
+            os.close(fd)
         if created:
             with contextlib.suppress(OSError):
                 out.rmdir()  # a refused run leaves no empty directory behind (it stays if anything was written)
 
 
-def resume_point(cfg: TrainConfig, d: Dist) -> checkpointing.Saved | None:
+def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved | None:
     """The checkpoint to resume from, read and checked; refuses to mix two runs in one directory.
     Writes nothing: `begin` does, once the run's inputs are known to be good."""
     out = Path(cfg.out)
@@ -90,7 +106,7 @@ def resume_point(cfg: TrainConfig, d: Dist) -> checkpointing.Saved | None:
     return None
 
 
-def begin(cfg: TrainConfig, start: int, d: Dist) -> None:
+def begin(cfg: TrainConfig, start: int, d: distributed.Dist) -> None:
     """Make OUT ready for the first step (`start` steps were done before): the previous run removed
     (--overwrite), or the metrics cut back to the resumed checkpoint."""
     out = Path(cfg.out)

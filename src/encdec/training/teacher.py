@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ from encdec.checkpoint import read_metadata
 from encdec.errors import EncdecError
 from encdec.model import CausalLM
 
+log = logging.getLogger("encdec")
+
 
 def teacher_spec(model_dir: Path, given: str) -> str:
     if given:
@@ -19,6 +22,8 @@ def teacher_spec(model_dir: Path, given: str) -> str:
     spec = (read_metadata(model_dir).get("adapted_from") or {}).get("encoder")
     if not spec:
         raise EncdecError(f"{model_dir} does not record its source model; pass --teacher SRC")
+    # a path or Hub name from the checkpoint's own metadata: said aloud, since it is read from outside the checkpoint
+    log.info("teacher: %s (recorded in %s; --teacher SRC chooses another)", spec, model_dir / "encdec.json")
     return spec
 
 
