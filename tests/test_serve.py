@@ -108,10 +108,11 @@ def _solo(local, text: str, max_tokens: int, **sampling) -> str:
 def endless_prompt(local) -> str:
     """A prompt whose greedy continuation has no EOS within LONG tokens, so it is still running when acted on."""
     model, tokenizer = local
-    for start in range(10, 90):
-        text = f"w{start} w{start + 1}"
-        out = model.generate(torch.tensor([tokenizer(text).input_ids]), max_new_tokens=LONG)
-        if out.shape[1] == LONG and not torch.isin(out, torch.tensor(model.config.eos_token_ids)).any():
+    candidates = [f"w{start} w{start + 1}" for start in range(10, 42)]  # all 3 tokens long: one batch
+    out = model.generate(torch.tensor([tokenizer(text).input_ids for text in candidates]), max_new_tokens=LONG)
+    ended = torch.isin(out, torch.tensor(model.config.eos_token_ids)).any(1)
+    for text, stops in zip(candidates, ended):
+        if out.shape[1] == LONG and not stops:
             return text
     raise AssertionError("no prompt without an early EOS")
 
@@ -196,6 +197,7 @@ BAD = [
     ({"prompt": "w1", "temperature": -1}, 400, "temperature"),
     ({"prompt": "w1", "top_p": 0}, 400, "top_p"),
     ({"prompt": "w1", "top_k": 0}, 400, "top_k"),
+    ({"prompt": "w1", "seed": 2**70}, 400, "seed"),
     ({"prompt": "w1", "max_tokens": LONG + 1}, 400, "max_tokens"),
     ({"prompt": "w1", "stream": "yes"}, 400, "stream"),
     ({"prompt": "w1", "stop": [""]}, 400, "stop"),
@@ -286,3 +288,23 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys):
     assert "--max-batch must be at least 1" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--port", "1"]) == 2
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_requests_while_draining_get_503(local):
+    """What a request still reaching the app after SIGTERM (on an open connection) gets: 503, as /health does."""
+    import asyncio
+
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    app.state.draining = True  # what DrainingServer.handle_exit sets on SIGTERM
+
+    async def ask() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            return (await client.post("/v1/completions", json={"prompt": "w1"}), await client.get("/health"))
+
+    answer, health = asyncio.run(ask())
+    assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
+    assert health.status_code == 503

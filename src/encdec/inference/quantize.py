@@ -2,7 +2,8 @@
 output channel, activations quantized per tensor on the fly), on every projection and on the LM head.
 
 Per-channel weight scales, because Gemma's weights have outlier rows: on the adapted 270M, one scale per
-tensor raised the held-out suffix NLL about twice as much as one per channel.
+tensor raised the held-out suffix NLL (untrained adapted model, all layers but the LM head) by 2.4 nats,
+one per channel by 0.9.
 
 Chosen over torchao's int8 weight-only layout because, measured on this 2-core CPU (a 640 -> 2048 -> 640
 MLP at batch 8, eager mode), dynamic int8 ran 5x faster than float32 while torchao's ran 3x slower.

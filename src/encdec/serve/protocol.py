@@ -155,6 +155,8 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     if top_k is not None and top_k < 1 and top_k != -1:
         raise APIError(400, f"'top_k' must be at least 1 (or -1 for no limit), got {top_k}", "top_k")
     seed = _typed(body, "seed", (int,), "an integer")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise APIError(400, f"'seed' must be in [-2**63, 2**64), got {seed}", "seed")
     stop = _stop(body)
     prompt = _prompt(body) if kind == "completions" else _chat_text(body)
     sampling = Sampling(do_sample=temperature > 0, temperature=temperature or 1.0,
