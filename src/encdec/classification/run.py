@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,13 @@ import numpy as np
 import torch
 
 from encdec.classification import features
+from encdec.classification.backbone import Backbone
 from encdec.classification.classifier import POOLINGS, Classifier, ClassifierInfo, save_classifier
 from encdec.classification.features import cache_key, cached_features
 from encdec.classification.folds import kfold, subset
 from encdec.classification.grid import candidates, varied
 from encdec.classification.probe import check_available, fit_head, probabilities
-from encdec.classification.selection import DevProtocol, choose, dev_splits
+from encdec.classification.selection import DevProtocol, Trial, choose, dev_splits
 from encdec.classification.tasks import Example, TaskData, load_task
 from encdec.classification.train import Hyper, encode, fine_tune, predict
 from encdec.errors import EncdecError
@@ -131,8 +133,10 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         if selections:
             selection = {"dev": _dev_description(p, dev), "folds": selections}
         method = "probe" if probe_c is not None else "fine-tuning with search" if grid is not None else "fine-tuning"
+        settings = hyper.to_dict() if probe_c is None else {
+            **{k: getattr(hyper, k) for k in ("max_len", "batch_size", "seed")}, "C_values": probe_c}
         results = summarise(data, p, probs, fold_of, fold.losses, model=portable_path(model), pooling=pooling,
-                            hyper=hyper, backbone_kind=backbone.spec.kind, seconds=time.perf_counter() - start,
+                            hyperparameters=settings, backbone_kind=backbone.spec.kind, seconds=time.perf_counter() - start,
                             method=method, selection=selection)
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -146,10 +150,15 @@ def _dev_description(p: Plan, dev: DevProtocol) -> str:
             "on the whole part")
 
 
+# a fold's classifier (to save), its probabilities on the reported part, the chosen settings and every trial
+FoldResult = tuple[Classifier, list[list[float]], dict[str, Any] | None, list[Trial] | None]
+
+
 class _Reported:
     """The rows of the reported split, encoded on first use: nothing reads them before a fold's choice is made."""
 
-    def __init__(self, p: Plan, train_rows: list[list[int]], encoder) -> None:
+    def __init__(self, p: Plan, train_rows: list[list[int]],
+                 encoder: Callable[[list[Example]], list[list[int]]]) -> None:
         self._p, self._train_rows, self._encoder, self._rows = p, train_rows, encoder, None
 
     def rows(self, test_ids: list[int]) -> list[list[int]]:
@@ -163,7 +172,7 @@ class _Reported:
 class _FineTuneFolds:
     """Each fold: (a search over the grid on dev splits, then) fine-tuning a fresh copy of the backbone."""
 
-    def __init__(self, backbone, p: Plan, reported: _Reported, *, pooling: str, hyper: Hyper, pad_id: int,
+    def __init__(self, backbone: Backbone, p: Plan, reported: _Reported, *, pooling: str, hyper: Hyper, pad_id: int,
                  grid: dict[str, list[Any]] | None, searched: list[Hyper] | None, train_rows: list[list[int]],
                  num_labels: int) -> None:
         self.backbone, self.p, self.reported, self.pooling, self.hyper = backbone, p, reported, pooling, hyper
@@ -180,7 +189,8 @@ class _FineTuneFolds:
                            pad_id=self.pad_id, desc=desc, seed=seed)
         return classifier, losses
 
-    def run(self, k: int, train_ids: list[int], test_ids: list[int], splits, desc: str):
+    def run(self, k: int, train_ids: list[int], test_ids: list[int], splits: list[tuple[list[int], list[int]]],
+            desc: str) -> FoldResult:
         hp, trials = self.hyper, None
         if self.searched is not None:
             def correct(candidate: Hyper, fit: list[int], dev: list[int]) -> int:
@@ -201,7 +211,7 @@ class _FineTuneFolds:
 class _ProbeFolds:
     """Each fold: a logistic regression on frozen cached features, its C chosen on dev splits, folded into a head."""
 
-    def __init__(self, backbone, p: Plan, data: TaskData, reported: _Reported, *, model: str, pooling: str,
+    def __init__(self, backbone: Backbone, p: Plan, data: TaskData, reported: _Reported, *, model: str, pooling: str,
                  hyper: Hyper, pad_id: int, c_values: list[float], train_rows: list[list[int]]) -> None:
         self.backbone, self.p, self.data, self.reported, self.model = backbone, p, data, reported, model
         self.pooling, self.hyper, self.pad_id, self.c_values = pooling, hyper, pad_id, c_values
@@ -211,7 +221,8 @@ class _ProbeFolds:
         self.train_x = self._features(pool_split, pool_examples, p.train_ids, lambda ids: [train_rows[i] for i in ids])
         self._eval_x: np.ndarray | None = None
 
-    def _features(self, split: str, examples: list[Example], ids: list[int], rows_of) -> np.ndarray:
+    def _features(self, split: str, examples: list[Example], ids: list[int],
+                  rows_of: Callable[[list[int]], list[list[int]]]) -> np.ndarray:
         key = cache_key(self.model, self.data.name, split, [e.text for e in examples], self.pooling, self.hyper.max_len)
         position = {index: n for n, index in enumerate(ids)}
         return cached_features(key, ids, lambda missing: features.pooled_features(
@@ -226,7 +237,8 @@ class _ProbeFolds:
                                           lambda positions: self.reported.rows(positions))
         return self._eval_x[test_ids]
 
-    def run(self, k: int, train_ids: list[int], test_ids: list[int], splits, desc: str):
+    def run(self, k: int, train_ids: list[int], test_ids: list[int], splits: list[tuple[list[int], list[int]]],
+            desc: str) -> FoldResult:
         x = self.train_x[train_ids]
         labels = [self.p.train[i].label for i in train_ids]
         num_labels = len(self.data.labels)
@@ -245,12 +257,12 @@ class _ProbeFolds:
         return classifier, probs, {"C": c}, trials
 
 
-def _guess(probabilities) -> int:
+def _guess(probabilities: list[float]) -> int:
     return max(range(len(probabilities)), key=probabilities.__getitem__)
 
 
 def summarise(data: TaskData, p: Plan, probs: list[list[float]], fold_of: list[int | None], losses: list[list[float]],
-              *, model: str, pooling: str, hyper: Hyper, backbone_kind: str, seconds: float, method: str = "fine-tuning",
+              *, model: str, pooling: str, hyperparameters: dict[str, Any], backbone_kind: str, seconds: float, method: str = "fine-tuning",
               selection: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results.json content: accuracy, its 95% Wilson interval, every prediction, and how settings were chosen."""
     predictions = []
@@ -261,14 +273,14 @@ def summarise(data: TaskData, p: Plan, probs: list[list[float]], fold_of: list[i
                             "probabilities": dict(zip(data.labels, pr))})
     n, correct = len(predictions), sum(x["correct"] for x in predictions)
     majority_label, majority = Counter(e.label for e in p.evaluation).most_common(1)[0]
-    trained = "the probe (frozen backbone, logistic-regression head)" if method == "probe" else "the model fine-tuned"
+    trained = "the probe fitted" if method == "probe" else "the model fine-tuned"
     return {
         "task": data.name, "model": model, "backbone": backbone_kind, "pooling": pooling, "method": method,
         "probe": method == "probe", "protocol": p.protocol,
         "folds": p.folds, "n": n, "correct": correct, "accuracy": correct / n, "interval": list(wilson_interval(correct, n)),
         "majority_baseline": {"label": data.labels[majority_label], "accuracy": majority / n},
         "train_examples": len(p.train) if p.folds is None else len(p.splits[0][0]),
-        "epoch_losses": losses, "hyperparameters": hyper.to_dict(), "selection": selection, "seconds": round(seconds, 1),
+        "epoch_losses": losses, "hyperparameters": hyperparameters, "selection": selection, "seconds": round(seconds, 1),
         "saved_classifier": f"{trained} on the training split" if p.folds is None
         else f"the first fold's {trained.removeprefix('the ')} (trained on {len(p.splits[0][0])} of the {n} examples)",
         "predictions": predictions,
@@ -283,7 +295,7 @@ def _selection_lines(selection: dict[str, Any]) -> list[str]:
         shown = " ".join(f"{k}={v:g}" for k, v in trial["settings"].items())
         scores = " ".join(f"{f['candidates'][n]['dev_accuracy']:.3f}" for f in folds)
         chosen = [str(i + 1) for i, f in enumerate(folds) if f["chosen"] == trial["settings"]]
-        mark = "" if not chosen else "  <- chosen" if len(folds) == 1 else f"  <- chosen in fold {','.join(chosen)}"
+        mark = "" if not chosen else "  <- chosen" if len(folds) == 1 else f"  <- chosen in fold{'s' * (len(chosen) > 1)} {','.join(chosen)}"
         lines.append(f"  {shown}: dev accuracy {scores}{mark}")
     return lines
 
