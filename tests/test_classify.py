@@ -4,7 +4,9 @@ k-fold splits, pooling, save / load / predict, the exported encoder, the real da
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -291,7 +293,8 @@ def test_probe_features_are_cached_and_reused(models: dict[str, Path], tmp_path:
 
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
     _toy(monkeypatch, kfold_task=True)
-    argv = ["classify", str(models["decoder-only"]), "--task", "toy", "--probe", "--folds", "3", "--max-len", "16",
+    model = Path(shutil.copytree(models["decoder-only"], tmp_path / "model"))
+    argv = ["classify", str(model), "--task", "toy", "--probe", "--folds", "3", "--max-len", "16",
             "--limit", "30"]
     computed = []
     real = features.pooled_features
@@ -313,6 +316,11 @@ def test_probe_features_are_cached_and_reused(models: dict[str, Path], tmp_path:
     assert first["predictions"] == second["predictions"] and first["selection"] == second["selection"]
     with pytest.raises(AssertionError, match="computed again"):  # other settings: other features
         main([*argv, "--pooling", "mean", "--out", str(tmp_path / "mean")])
+    weights = next(model.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="computed again"):  # a changed checkpoint: its own features
+        main([*argv, "--out", str(tmp_path / "touched")])
 
 
 @pytest.mark.parametrize("kfold_task", [False, True])
