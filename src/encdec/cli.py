@@ -398,14 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "on all of it, and score it once on the reported split")
     p.add_argument("--grid", type=Path, metavar="FILE.yaml",
                    help="with --search: {setting: [values]} over lr, head_lr, epochs, steps, weight_decay, warmup, "
-                   "batch_size (default: lr 1e-5,3e-5,1e-4 x epochs 2,4 x head_lr 1e-4,1e-3)")
+                   "batch_size; without it: lr 1e-5,3e-5,1e-4 x epochs 2,4 x head_lr 1e-4,1e-3")
     p.add_argument("--grid-lr", metavar="V,V", help="with --search: the grid's backbone learning rates")
     p.add_argument("--grid-epochs", metavar="N,N", help="with --search: the grid's epoch counts")
     p.add_argument("--grid-head-lr", metavar="V,V", help="with --search: the grid's head learning rates")
     p.add_argument("--probe", action="store_true",
                    help="linear probe: frozen backbone, cached pooled features, logistic regression (scikit-learn) "
                    "with C chosen on dev splits of the training data")
-    p.add_argument("--probe-c", metavar="C,C", help="with --probe: the regularisation values tried (default 1e-3 .. 100)")
+    p.add_argument("--probe-c", metavar="C,C", help="with --probe: the inverse regularisation values tried; without it: 1e-3,1e-2,...,100")
     p.add_argument("--dev-share", type=float, default=0.2,
                    help="--search / --probe on BoolQ: share of the training examples held out as the dev split")
     p.add_argument("--inner-folds", type=int, default=3,
