@@ -58,7 +58,7 @@ def plan(data: TaskData, *, folds: int, limit: int | None, eval_limit: int | Non
     """The examples and splits of one run; checks --folds, --limit, --eval-limit against the data."""
     if data.train is not None:
         tr, ev = subset(len(data.train), limit, seed), subset(len(data.evaluation), eval_limit, seed)
-        protocol = (f"fine-tuned on {len(tr)} of the {len(data.train)} training examples, evaluated on "
+        protocol = (f"trained on {len(tr)} of the {len(data.train)} training examples, evaluated on "
                     f"{len(ev)} of the {len(data.evaluation)} validation examples")
         return Plan(protocol, None, [data.train[i] for i in tr], tr, [data.evaluation[i] for i in ev], ev,
                     [(list(range(len(tr))), list(range(len(ev))))])
