@@ -365,6 +365,7 @@ def test_search_selection_never_reads_the_reported_split(models: dict[str, Path]
 def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
     _toy(monkeypatch, kfold_task=False, n=8)
     out = tmp_path / "out"
     run = ["classify", str(models["gemma3"]), "--task", "toy", "--out", str(out)]
@@ -391,4 +392,4 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
     }
     for expected, extra in cases.items():
         assert expected in _fails([*run, *extra], capsys), extra
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "cache").exists()  # refused before any work
