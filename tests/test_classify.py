@@ -4,7 +4,9 @@ k-fold splits, pooling, save / load / predict, the exported encoder, the real da
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from encdec.classification.encoder_export import read_encoder, write_encoder
 from encdec.classification.folds import kfold
 from encdec.classification.inference import predict_texts
 from encdec.classification.loading import load_backbone
+from encdec.classification.tasks import Example, TaskData
 from encdec.classification.train import Hyper, encode, fine_tune, predict
 from encdec.cli import main
 from encdec.errors import EncdecError
@@ -239,3 +242,154 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(models: dict[str, Pa
     assert "not an encoder-decoder checkpoint" in _fails(["export-encoder", str(bert), "--out", str(out)], capsys)
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bert"]
+
+
+def _toy(monkeypatch: pytest.MonkeyPatch, *, kfold_task: bool, n: int = 48) -> TaskData:
+    """A separable task in place of the offline ones (label "a": words w0..w3, "b": w4..w7, so that even a random
+    backbone's features separate them linearly): with a training split (like BoolQ), whose validation texts all
+    start with w66 (no training text has it), or k-fold only (like CB); every text distinct."""
+    rng = random.Random(0)
+    unique: dict[str, int] = {}
+    while len(unique) < 2 * n:
+        label = rng.randrange(2)
+        unique.setdefault(" ".join(rng.choices(WORDS[:4] if label else WORDS[4:8], k=rng.randrange(4, 10))), label)
+    pairs = list(unique.items())
+    train, evaluation = [Example(t, y) for t, y in pairs[:n]], [Example("w66 " + t, y) for t, y in pairs[n:]]
+    data = TaskData("toy", ("b", "a"), "{text}", None if kfold_task else train, train if kfold_task else evaluation)
+    monkeypatch.setattr("encdec.classification.run.load_task", lambda name: data)
+    return data
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_the_probe_beats_chance_on_a_separable_task_and_lists_every_c(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pooling: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=False)
+    out = tmp_path / "probe"
+    assert main(["classify", str(models["gemma3"]), "--task", "toy", "--probe", "--pooling", pooling, "--max-len", "16",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "probe" and results["probe"] and "linear probe" in printed
+    assert results["accuracy"] >= 0.75 and results["interval"][0] > 0.5, results["accuracy"]
+    (chosen,) = results["selection"]["folds"]
+    assert [t["settings"]["C"] for t in chosen["candidates"]] == [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]
+    assert all(t["dev_n"] == round(48 * 0.2) for t in chosen["candidates"])
+    best = max(t["dev_accuracy"] for t in chosen["candidates"])
+    assert chosen["chosen"] == next(t["settings"] for t in chosen["candidates"] if t["dev_accuracy"] == best)
+    assert printed.count("dev accuracy") == 6 and printed.count("<- chosen") == 1
+    # the saved probe is an ordinary classifier giving the probabilities that were reported
+    reported = {p["index"]: p["probabilities"] for p in results["predictions"]}
+    labels, again = predict_texts(out / "classifier", [e.text for e in _toy(monkeypatch, kfold_task=False).evaluation])
+    assert labels == ["b", "a"]
+    torch.testing.assert_close(torch.tensor(again), torch.tensor([list(reported[i].values()) for i in range(48)]),
+                               atol=1e-4, rtol=0)
+
+
+def test_probe_features_are_cached_and_reused(models: dict[str, Path], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from encdec.classification import features
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=True)
+    model = Path(shutil.copytree(models["decoder-only"], tmp_path / "model"))
+    argv = ["classify", str(model), "--task", "toy", "--probe", "--folds", "3", "--max-len", "16",
+            "--limit", "30"]
+    computed = []
+    real = features.pooled_features
+    monkeypatch.setattr(features, "pooled_features", lambda backbone, rows, **kw: computed.append(len(rows)) or
+                        real(backbone, rows, **kw))
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    assert computed == [30]
+    stored = list((tmp_path / "cache" / "features").iterdir())
+    assert [f.suffix for f in stored] == [".safetensors"]
+    assert main([*argv[:-1], "48", "--out", str(tmp_path / "more")]) == 0
+    assert computed == [30, 18]  # only the examples the first run had not seen
+
+    def fail(*args, **kwargs):
+        raise AssertionError("features computed again")
+
+    monkeypatch.setattr(features, "pooled_features", fail)
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0
+    first, second = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("first", "second"))
+    assert first["predictions"] == second["predictions"] and first["selection"] == second["selection"]
+    with pytest.raises(AssertionError, match="computed again"):  # other settings: other features
+        main([*argv, "--pooling", "mean", "--out", str(tmp_path / "mean")])
+    weights = next(model.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="computed again"):  # a changed checkpoint: its own features
+        main([*argv, "--out", str(tmp_path / "touched")])
+
+
+@pytest.mark.parametrize("kfold_task", [False, True])
+def test_search_selection_never_reads_the_reported_split(models: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, kfold_task: bool,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from encdec.classification import run
+
+    data = _toy(monkeypatch, kfold_task=kfold_task, n=24)
+    tokenizer = load_tokenizer(models["gemma3"])
+    calls: list[tuple[str, set[tuple[int, ...]]]] = []
+    for name in ("fine_tune", "predict"):
+        real = getattr(run, name)
+        monkeypatch.setattr(run, name, lambda model, rows, *a, _name=name, _real=real, **kw:
+                            calls.append((_name, {tuple(r) for r in rows})) or _real(model, rows, *a, **kw))
+    out = tmp_path / "search"
+    argv = ["classify", str(models["gemma3"]), "--task", "toy", "--search", "--grid-lr", "1e-3,3e-3", "--grid-epochs",
+            "1", "--grid-head-lr", "1e-2", "--inner-folds", "2", "--folds", "3", "--max-len", "16", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    if kfold_task:
+        reported = [[tuple(r) for r in encode(tokenizer, [data.evaluation[i].text for i in test], 16)]
+                    for _, test in kfold(24, 3, 0)]
+        per_fold = 2 * 2 + 1  # candidates x inner folds, then the chosen one on the whole training part
+    else:
+        reported = [[tuple(r) for r in encode(tokenizer, [e.text for e in data.evaluation], 16)]]
+        per_fold = 2 * 1 + 1  # candidates x one dev split, then the chosen one
+    assert len(calls) == 2 * per_fold * len(reported)
+    for k, rows in enumerate(reported):
+        fold_calls = calls[2 * per_fold * k: 2 * per_fold * (k + 1)]
+        assert fold_calls[-1] == ("predict", set(rows))  # read once, at the end of the fold
+        assert all(not call[1] & set(rows) for call in fold_calls[:-1])
+        assert fold_calls[-2][0] == "fine_tune" and len(fold_calls[-2][1]) == (24 - len(rows) if kfold_task else 24)
+    assert len(results["selection"]["folds"]) == len(reported) and results["method"] == "fine-tuning with search"
+    for fold in results["selection"]["folds"]:
+        assert [t["settings"] for t in fold["candidates"]] == [{"lr": 1e-3, "epochs": 1, "head_lr": 1e-2},
+                                                               {"lr": 3e-3, "epochs": 1, "head_lr": 1e-2}]
+        assert fold["chosen"] in [t["settings"] for t in fold["candidates"]]
+    assert capsys.readouterr().out.count("lr=0.001 epochs=1 head_lr=0.01: dev accuracy") == 1
+
+
+def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=False, n=8)
+    out = tmp_path / "out"
+    run = ["classify", str(models["gemma3"]), "--task", "toy", "--out", str(out)]
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "unknown.yaml").write_text("lr: [1e-5]\nmomentum: [0.9]\n")
+    (tmp_path / "empty.yaml").write_text("lr: []\n")
+    (tmp_path / "text.yaml").write_text("epochs: [two]\n")
+    cases = {
+        "pass one of them": ["--probe", "--search"],
+        "has no values": ["--search", "--grid-lr", ","],
+        "expected a mapping": ["--search", "--grid", str(tmp_path / "list.yaml")],
+        "unknown setting 'momentum'": ["--search", "--grid", str(tmp_path / "unknown.yaml")],
+        "lr has no values": ["--search", "--grid", str(tmp_path / "empty.yaml")],
+        "epochs value 'two' is not an integer": ["--search", "--grid", str(tmp_path / "text.yaml")],
+        "cannot read --grid": ["--search", "--grid", str(tmp_path / "absent.yaml")],
+        "pass --search too": ["--grid-lr", "1e-5"],
+        "pass --probe too": ["--probe-c", "1"],
+        "--probe-c": ["--probe", "--probe-c", "0,1"],
+        "--dev-share": ["--probe", "--dev-share", "1.5"],
+        "--inner-folds": ["--search", "--inner-folds", "1"],
+        "leave --steps out": ["--search", "--steps", "3"],
+        "--lr and --head-lr must be positive": ["--search", "--grid-lr", "-1"],
+        "leaves no dev or no fit example": ["--probe", "--limit", "2", "--dev-share", "0.1"],
+    }
+    for expected, extra in cases.items():
+        assert expected in _fails([*run, *extra], capsys), extra
+    assert not out.exists() and not (tmp_path / "cache").exists()  # refused before any work

@@ -199,10 +199,22 @@ def cmd_classify(args: argparse.Namespace) -> None:
     missing = [flag for flag, value in (("MODEL", args.model), ("--task", args.task), ("--out", args.out)) if value is None]
     if missing:
         raise EncdecError(f"{', '.join(missing)} required (or --predict DIR to use a saved classifier)")
+    from encdec.classification.grid import read_grid
+    from encdec.classification.probe import parse_c
+    from encdec.classification.selection import DevProtocol
+
     hyper = Hyper(lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, epochs=args.epochs, steps=args.steps,
                   batch_size=args.batch_size, max_len=args.max_len, warmup=args.warmup, seed=args.seed)
+    grid_flags = {"lr": args.grid_lr, "epochs": args.grid_epochs, "head_lr": args.grid_head_lr}
+    if not args.search and (args.grid is not None or any(v is not None for v in grid_flags.values())):
+        raise EncdecError("--grid and --grid-* set the grid of --search; pass --search too")
+    if args.probe_c is not None and not args.probe:
+        raise EncdecError("--probe-c sets the C values of --probe; pass --probe too")
+    grid = read_grid(args.grid, grid_flags) if args.search else None
     results = classify(args.model, args.task, args.out, hyper=hyper, pooling=args.pooling, folds=args.folds,
-                       limit=args.limit, eval_limit=args.eval_limit, overwrite=args.overwrite)
+                       limit=args.limit, eval_limit=args.eval_limit, overwrite=args.overwrite, grid=grid,
+                       probe_c=parse_c(args.probe_c) if args.probe else None,
+                       dev=DevProtocol(dev_share=args.dev_share, inner_folds=args.inner_folds))
     print(report(results, args.out))
 
 
@@ -355,8 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(or the mean) of its final hidden states: the encoder of an encoder-decoder, or a decoder-only "
                        "Gemma's causal stack. BoolQ trains on its training split and is evaluated on validation; CB, "
                        "COPA and RTE have no training split offline and are k-fold cross-validated over validation. "
-                       "Writes OUT/results.json and OUT/classifier/ (atomically). With --predict DIR, a saved "
-                       "classifier labels --text / --input instead.")
+                       "--search chooses the fine-tuning settings, --probe fits a logistic-regression head on the frozen "
+                       "backbone's cached features; both choose on dev splits of the training data only. Writes "
+                       "OUT/results.json and OUT/classifier/ (atomically). With --predict DIR, a saved classifier labels "
+                       "--text / --input instead.")
     p.add_argument("model", nargs="?", metavar="MODEL",
                    help="encoder-decoder checkpoint, exported encoder, or decoder-only source (HF dir, GGUF, gemma-3-270m)")
     p.add_argument("--task", metavar="TASK", help="boolq, cb, copa or rte")
@@ -378,6 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (not on norms, embeddings)")
     p.add_argument("--warmup", type=float, default=0.1, help="share of the steps with linear warm-up, then linear decay")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the samples, folds and batch order")
+    p.add_argument("--search", action="store_true",
+                   help="choose lr x epochs x head-lr (the grid) on dev splits of the training data, retrain the best "
+                   "on all of it, and score it once on the reported split")
+    p.add_argument("--grid", type=Path, metavar="FILE.yaml",
+                   help="with --search: {setting: [values]} over lr, head_lr, epochs, steps, weight_decay, warmup, "
+                   "batch_size; without it: lr 1e-5,3e-5,1e-4 x epochs 2,4 x head_lr 1e-4,1e-3")
+    p.add_argument("--grid-lr", metavar="V,V", help="with --search: the grid's backbone learning rates")
+    p.add_argument("--grid-epochs", metavar="N,N", help="with --search: the grid's epoch counts")
+    p.add_argument("--grid-head-lr", metavar="V,V", help="with --search: the grid's head learning rates")
+    p.add_argument("--probe", action="store_true",
+                   help="linear probe: frozen backbone, cached pooled features, logistic regression (scikit-learn) "
+                   "with C chosen on dev splits of the training data")
+    p.add_argument("--probe-c", metavar="C,C", help="with --probe: the inverse regularisation values tried; without it: 1e-3,1e-2,...,100")
+    p.add_argument("--dev-share", type=float, default=0.2,
+                   help="--search / --probe on BoolQ: share of the training examples held out as the dev split")
+    p.add_argument("--inner-folds", type=int, default=3,
+                   help="--search / --probe on cb, copa, rte: inner folds over each outer fold's training part")
     p.add_argument("--predict", type=Path, metavar="DIR", help="a saved classifier (OUT/classifier): label inputs with it")
     p.add_argument("--text", action="append", metavar="TEXT", help="with --predict: an input text; repeat for more")
     p.add_argument("--input", type=Path, metavar="FILE.jsonl", help='with --predict: one {"text": ...} object per line')

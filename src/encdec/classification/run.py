@@ -5,6 +5,8 @@ CB, COPA, RTE: no training split offline, so k-fold cross-validation over the va
 each fold fine-tunes a fresh copy of the backbone (and a new head) on the other folds, and the
 accuracy is pooled over all folds. The saved classifier is BoolQ's model, or the first fold's
 model of a k-fold task (trained on (k-1)/k of the examples), so a run trains nothing twice.
+--search chooses fine-tuning settings, --probe a frozen backbone's logistic-regression head, on dev
+splits of each training part only (selection.py); the reported split is scored once, afterwards.
 Everything (OUT/results.json, OUT/classifier/) is written atomically at the end.
 """
 
@@ -13,18 +15,29 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from encdec.classification import features
+from encdec.classification.backbone import Backbone
 from encdec.classification.classifier import POOLINGS, Classifier, ClassifierInfo, save_classifier
+from encdec.classification.features import cache_key, cached_features
 from encdec.classification.folds import kfold, subset
+from encdec.classification.grid import candidates, varied
+from encdec.classification.probe import check_available, fit_head, probabilities
+from encdec.classification.selection import DevProtocol, Trial, choose, dev_splits
 from encdec.classification.tasks import Example, TaskData, load_task
 from encdec.classification.train import Hyper, encode, fine_tune, predict
 from encdec.errors import EncdecError
 from encdec.evaluation.stats import wilson_interval
 from encdec.files import atomic_dir, check_output_dir, portable_path
 
+DEFAULT_DEV = DevProtocol()
 POOLING_NAMES = {"last": "last-token pooling", "mean": "mean pooling"}
 
 
@@ -35,6 +48,7 @@ class Plan:
     protocol: str
     folds: int | None
     train: list[Example]  # the pool training indices refer to
+    train_ids: list[int]  # each pool example's index in its split (training split, or validation when k-fold)
     evaluation: list[Example]
     evaluation_ids: list[int]  # each evaluated example's index in its split
     splits: list[tuple[list[int], list[int]]]  # (train indices into `train`, test indices into `evaluation`)
@@ -44,9 +58,9 @@ def plan(data: TaskData, *, folds: int, limit: int | None, eval_limit: int | Non
     """The examples and splits of one run; checks --folds, --limit, --eval-limit against the data."""
     if data.train is not None:
         tr, ev = subset(len(data.train), limit, seed), subset(len(data.evaluation), eval_limit, seed)
-        protocol = (f"fine-tuned on {len(tr)} of the {len(data.train)} training examples, evaluated on "
+        protocol = (f"trained on {len(tr)} of the {len(data.train)} training examples, evaluated on "
                     f"{len(ev)} of the {len(data.evaluation)} validation examples")
-        return Plan(protocol, None, [data.train[i] for i in tr], [data.evaluation[i] for i in ev], ev,
+        return Plan(protocol, None, [data.train[i] for i in tr], tr, [data.evaluation[i] for i in ev], ev,
                     [(list(range(len(tr))), list(range(len(ev))))])
     if eval_limit is not None:
         raise EncdecError(f"--eval-limit applies to BoolQ only; {data.name} is cross-validated: use --limit")
@@ -56,82 +70,247 @@ def plan(data: TaskData, *, folds: int, limit: int | None, eval_limit: int | Non
     of = f"{len(ids)} of the {len(data.evaluation)}" if len(ids) < len(data.evaluation) else f"the {len(ids)}"
     protocol = (f"{folds}-fold cross-validation over {of} validation examples (no training split offline); "
                 f"seeded shuffle, accuracy pooled over the folds")
-    return Plan(protocol, folds, chosen, chosen, ids, splits)
+    return Plan(protocol, folds, chosen, ids, chosen, ids, splits)
 
 
 def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "last", folds: int = 5,
-             limit: int | None = None, eval_limit: int | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Run the protocol, write OUT/results.json and OUT/classifier/, and return the results."""
+             limit: int | None = None, eval_limit: int | None = None, overwrite: bool = False,
+             grid: dict[str, list[Any]] | None = None, probe_c: list[float] | None = None,
+             dev: DevProtocol = DEFAULT_DEV) -> dict[str, Any]:
+    """Run the protocol, write OUT/results.json and OUT/classifier/, and return the results.
+
+    With `grid` (--search) every candidate is scored on dev splits of each training part and the best one
+    is retrained on the whole part; with `probe_c` (--probe) the backbone stays frozen and a logistic
+    regression, its C chosen the same way, reads cached features. The reported split is read only after
+    the choice, once."""
     from encdec.classification.loading import load_backbone
     from encdec.sources import load_tokenizer
 
     hyper.check()
+    dev.check()
     if pooling not in POOLINGS:
         raise EncdecError(f"unknown pooling {pooling!r}; accepted: {', '.join(POOLINGS)}")
+    if grid is not None and probe_c is not None:
+        raise EncdecError("--probe with --search: the probe always chooses its C on the dev split (--probe-c sets "
+                          "the values); pass one of them")
+    searched = candidates(grid, hyper) if grid is not None else None
+    if probe_c is not None:
+        check_available()
     check_output_dir(out, overwrite)
     data = load_task(task)
     p = plan(data, folds=folds, limit=limit, eval_limit=eval_limit, seed=hyper.seed)
+    selecting = grid is not None or probe_c is not None
+    dev_by_fold = [dev_splits(len(train_ids), dev, inner=p.folds is not None, seed=hyper.seed + k) if selecting else []
+                   for k, (train_ids, _) in enumerate(p.splits)]
     start = time.perf_counter()
     backbone, tokenizer_dir = load_backbone(model)
     tokenizer = load_tokenizer(tokenizer_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_rows = encode(tokenizer, [e.text for e in p.train], hyper.max_len)
-    eval_rows = train_rows if p.folds else encode(tokenizer, [e.text for e in p.evaluation], hyper.max_len)
-    initial = {k: v.clone() for k, v in backbone.state_dict().items()} if len(p.splits) > 1 else None
+    reported = _Reported(p, train_rows, lambda examples: encode(tokenizer, [e.text for e in examples], hyper.max_len))
+    if probe_c is not None:
+        fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
+                           c_values=probe_c, train_rows=train_rows)
+    else:
+        fold = _FineTuneFolds(backbone, p, reported, pooling=pooling, hyper=hyper, pad_id=pad_id, grid=grid,
+                              searched=searched, train_rows=train_rows, num_labels=len(data.labels))
     probs: list[list[float]] = [[] for _ in p.evaluation]
     fold_of: list[int | None] = [None] * len(p.evaluation)
-    losses = []
+    selections = []
     info = ClassifierInfo(task, list(data.labels), data.template, pooling, hyper.max_len, portable_path(model))
     with atomic_dir(out, overwrite) as tmp:
         for k, (train_ids, test_ids) in enumerate(p.splits):
-            if k and initial is not None:
-                backbone.load_state_dict(initial)
-            classifier = Classifier(backbone, len(data.labels), pooling)
-            desc = f"{task} fold {k + 1}/{len(p.splits)}" if p.folds else f"{task} fine-tuning"
-            losses.append(fine_tune(classifier, [train_rows[i] for i in train_ids], [p.train[i].label for i in train_ids],
-                                    hyper, pad_id=pad_id, desc=desc, seed=hyper.seed + k))
-            for i, pr in zip(test_ids, predict(classifier, [eval_rows[i] for i in test_ids], pad_id=pad_id,
-                                               batch_size=hyper.batch_size, desc=f"{desc}: evaluating")):
+            desc = f"{task} fold {k + 1}/{len(p.splits)}" if p.folds else task
+            classifier, fold_probs, chosen, trials = fold.run(k, train_ids, test_ids, dev_by_fold[k], desc)
+            for i, pr in zip(test_ids, fold_probs):
                 probs[i], fold_of[i] = pr, (k if p.folds else None)
+            if trials is not None:
+                selections.append({"fold": k if p.folds else None, "chosen": chosen,
+                                   "candidates": [t.to_dict() for t in trials]})
             if k == 0:
                 save_classifier(classifier, info, tmp / "classifier", tokenizer_dir=tokenizer_dir)
-        results = summarise(data, p, probs, fold_of, losses, model=portable_path(model), pooling=pooling, hyper=hyper,
-                            backbone_kind=backbone.spec.kind, seconds=time.perf_counter() - start)
+        selection = None
+        if selections:
+            selection = {"dev": _dev_description(p, dev), "folds": selections}
+        method = "probe" if probe_c is not None else "fine-tuning with search" if grid is not None else "fine-tuning"
+        settings = hyper.to_dict() if probe_c is None else {
+            **{k: getattr(hyper, k) for k in ("max_len", "batch_size", "seed")}, "C_values": probe_c}
+        results = summarise(data, p, probs, fold_of, fold.losses, model=portable_path(model), pooling=pooling,
+                            hyperparameters=settings, backbone_kind=backbone.spec.kind, seconds=time.perf_counter() - start,
+                            method=method, selection=selection)
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
 
+def _dev_description(p: Plan, dev: DevProtocol) -> str:
+    if p.folds is None:
+        return (f"a seeded dev split of {dev.dev_share:.0%} of the training examples; the chosen settings are "
+                "retrained on all of them")
+    return (f"{dev.inner_folds} inner folds over each outer fold's training part; the chosen settings are retrained "
+            "on the whole part")
+
+
+# a fold's classifier (to save), its probabilities on the reported part, the chosen settings and every trial
+FoldResult = tuple[Classifier, list[list[float]], dict[str, Any] | None, list[Trial] | None]
+
+
+class _Reported:
+    """The rows of the reported split, encoded on first use: nothing reads them before a fold's choice is made."""
+
+    def __init__(self, p: Plan, train_rows: list[list[int]],
+                 encoder: Callable[[list[Example]], list[list[int]]]) -> None:
+        self._p, self._train_rows, self._encoder, self._rows = p, train_rows, encoder, None
+
+    def rows(self, test_ids: list[int]) -> list[list[int]]:
+        if self._p.folds:
+            return [self._train_rows[i] for i in test_ids]  # k-fold: the outer fold's held-out part of the pool
+        if self._rows is None:
+            self._rows = self._encoder(self._p.evaluation)
+        return [self._rows[i] for i in test_ids]
+
+
+class _FineTuneFolds:
+    """Each fold: (a search over the grid on dev splits, then) fine-tuning a fresh copy of the backbone."""
+
+    def __init__(self, backbone: Backbone, p: Plan, reported: _Reported, *, pooling: str, hyper: Hyper, pad_id: int,
+                 grid: dict[str, list[Any]] | None, searched: list[Hyper] | None, train_rows: list[list[int]],
+                 num_labels: int) -> None:
+        self.backbone, self.p, self.reported, self.pooling, self.hyper = backbone, p, reported, pooling, hyper
+        self.pad_id, self.grid, self.searched, self.train_rows, self.num_labels = pad_id, grid, searched, train_rows, num_labels
+        many = len(p.splits) > 1 or searched is not None
+        self.initial = {k: v.clone() for k, v in backbone.state_dict().items()} if many else None
+        self.losses: list[list[float]] = []
+
+    def _train(self, ids: list[int], hp: Hyper, desc: str, seed: int) -> tuple[Classifier, list[float]]:
+        if self.initial is not None:
+            self.backbone.load_state_dict(self.initial)
+        classifier = Classifier(self.backbone, self.num_labels, self.pooling)
+        losses = fine_tune(classifier, [self.train_rows[i] for i in ids], [self.p.train[i].label for i in ids], hp,
+                           pad_id=self.pad_id, desc=desc, seed=seed)
+        return classifier, losses
+
+    def run(self, k: int, train_ids: list[int], test_ids: list[int], splits: list[tuple[list[int], list[int]]],
+            desc: str) -> FoldResult:
+        hp, trials = self.hyper, None
+        if self.searched is not None:
+            def correct(candidate: Hyper, fit: list[int], dev: list[int]) -> int:
+                classifier, _ = self._train([train_ids[i] for i in fit], candidate, f"{desc} search", self.hyper.seed + k)
+                dev_ids = [train_ids[i] for i in dev]
+                probs = predict(classifier, [self.train_rows[i] for i in dev_ids], pad_id=self.pad_id,
+                                batch_size=candidate.batch_size, desc=f"{desc} search: dev")
+                return sum(_guess(pr) == self.p.train[i].label for pr, i in zip(probs, dev_ids))
+
+            hp, trials = choose(self.searched, splits, correct=correct, describe=lambda h: varied(h, self.grid))
+        classifier, losses = self._train(train_ids, hp, f"{desc} fine-tuning", self.hyper.seed + k)
+        self.losses.append(losses)
+        probs = predict(classifier, self.reported.rows(test_ids), pad_id=self.pad_id, batch_size=hp.batch_size,
+                        desc=f"{desc}: evaluating")
+        return classifier, probs, (varied(hp, self.grid) if self.grid is not None else None), trials
+
+
+class _ProbeFolds:
+    """Each fold: a logistic regression on frozen cached features, its C chosen on dev splits, folded into a head."""
+
+    def __init__(self, backbone: Backbone, p: Plan, data: TaskData, reported: _Reported, *, model: str, pooling: str,
+                 hyper: Hyper, pad_id: int, c_values: list[float], train_rows: list[list[int]]) -> None:
+        self.backbone, self.p, self.data, self.reported, self.model = backbone, p, data, reported, model
+        self.pooling, self.hyper, self.pad_id, self.c_values = pooling, hyper, pad_id, c_values
+        self.losses: list[list[float]] = []
+        pool_split = "train" if p.folds is None else "validation"
+        pool_examples = data.train if p.folds is None else data.evaluation
+        self.train_x = self._features(pool_split, pool_examples, p.train_ids, lambda ids: [train_rows[i] for i in ids])
+        self._eval_x: np.ndarray | None = None
+
+    def _features(self, split: str, examples: list[Example], ids: list[int],
+                  rows_of: Callable[[list[int]], list[list[int]]]) -> np.ndarray:
+        key = cache_key(self.model, self.data.name, split, [e.text for e in examples], self.pooling, self.hyper.max_len)
+        position = {index: n for n, index in enumerate(ids)}
+        return cached_features(key, ids, lambda missing: features.pooled_features(
+            self.backbone, rows_of([position[i] for i in missing]), pad_id=self.pad_id, pooling=self.pooling,
+            batch_size=self.hyper.batch_size))
+
+    def _reported_features(self, test_ids: list[int]) -> np.ndarray:
+        if self.p.folds:
+            return self.train_x[test_ids]
+        if self._eval_x is None:
+            self._eval_x = self._features("validation", self.data.evaluation, self.p.evaluation_ids,
+                                          lambda positions: self.reported.rows(positions))
+        return self._eval_x[test_ids]
+
+    def run(self, k: int, train_ids: list[int], test_ids: list[int], splits: list[tuple[list[int], list[int]]],
+            desc: str) -> FoldResult:
+        x = self.train_x[train_ids]
+        labels = [self.p.train[i].label for i in train_ids]
+        num_labels = len(self.data.labels)
+
+        def correct(c: float, fit: list[int], dev: list[int]) -> int:
+            weight, bias = fit_head(x[fit], [labels[i] for i in fit], num_labels, c)
+            return sum(_guess(pr) == labels[i] for pr, i in zip(probabilities(x[dev], weight, bias), dev))
+
+        c, trials = choose(self.c_values, splits, correct=correct, describe=lambda c: {"C": c})
+        weight, bias = fit_head(x, labels, num_labels, c)
+        classifier = Classifier(self.backbone, num_labels, self.pooling)
+        with torch.no_grad():
+            classifier.head.weight.copy_(torch.from_numpy(weight))
+            classifier.head.bias.copy_(torch.from_numpy(bias))
+        probs = probabilities(self._reported_features(test_ids), weight, bias).tolist()
+        return classifier, probs, {"C": c}, trials
+
+
+def _guess(probabilities: list[float]) -> int:
+    return max(range(len(probabilities)), key=probabilities.__getitem__)
+
+
 def summarise(data: TaskData, p: Plan, probs: list[list[float]], fold_of: list[int | None], losses: list[list[float]],
-              *, model: str, pooling: str, hyper: Hyper, backbone_kind: str, seconds: float) -> dict[str, Any]:
-    """The results.json content: accuracy, its 95% Wilson interval, and every prediction."""
+              *, model: str, pooling: str, hyperparameters: dict[str, Any], backbone_kind: str, seconds: float, method: str = "fine-tuning",
+              selection: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The results.json content: accuracy, its 95% Wilson interval, every prediction, and how settings were chosen."""
     predictions = []
     for example, index, pr, fold in zip(p.evaluation, p.evaluation_ids, probs, fold_of):
-        guess = max(range(len(pr)), key=pr.__getitem__)
+        guess = _guess(pr)
         predictions.append({"index": index, "fold": fold, "label": data.labels[example.label],
                             "prediction": data.labels[guess], "correct": guess == example.label,
                             "probabilities": dict(zip(data.labels, pr))})
     n, correct = len(predictions), sum(x["correct"] for x in predictions)
     majority_label, majority = Counter(e.label for e in p.evaluation).most_common(1)[0]
+    trained = "the probe fitted" if method == "probe" else "the model fine-tuned"
     return {
-        "task": data.name, "model": model, "backbone": backbone_kind, "pooling": pooling, "protocol": p.protocol,
+        "task": data.name, "model": model, "backbone": backbone_kind, "pooling": pooling, "method": method,
+        "probe": method == "probe", "protocol": p.protocol,
         "folds": p.folds, "n": n, "correct": correct, "accuracy": correct / n, "interval": list(wilson_interval(correct, n)),
         "majority_baseline": {"label": data.labels[majority_label], "accuracy": majority / n},
         "train_examples": len(p.train) if p.folds is None else len(p.splits[0][0]),
-        "epoch_losses": losses, "hyperparameters": hyper.to_dict(), "seconds": round(seconds, 1),
-        "saved_classifier": "the model fine-tuned on the training split" if p.folds is None
-        else f"the first fold's model (trained on {len(p.splits[0][0])} of the {n} examples)",
+        "epoch_losses": losses, "hyperparameters": hyperparameters, "selection": selection, "seconds": round(seconds, 1),
+        "saved_classifier": f"{trained} on the training split" if p.folds is None
+        else f"the first fold's {trained.removeprefix('the ')} (trained on {len(p.splits[0][0])} of the {n} examples)",
         "predictions": predictions,
     }
+
+
+def _selection_lines(selection: dict[str, Any]) -> list[str]:
+    """One line per candidate: its dev accuracy in each fold, and where it was chosen."""
+    folds = selection["folds"]
+    lines = [f"selection: on {selection['dev']}"]
+    for n, trial in enumerate(folds[0]["candidates"]):
+        shown = " ".join(f"{k}={v:g}" for k, v in trial["settings"].items())
+        scores = " ".join(f"{f['candidates'][n]['dev_accuracy']:.3f}" for f in folds)
+        chosen = [str(i + 1) for i, f in enumerate(folds) if f["chosen"] == trial["settings"]]
+        mark = "" if not chosen else "  <- chosen" if len(folds) == 1 else f"  <- chosen in fold{'s' * (len(chosen) > 1)} {','.join(chosen)}"
+        lines.append(f"  {shown}: dev accuracy {scores}{mark}")
+    return lines
 
 
 def report(results: dict[str, Any], out: Path) -> str:
     """The readable block the CLI prints."""
     lo, hi = results["interval"]
     base = results["majority_baseline"]
+    selection = results.get("selection")
     return "\n".join([
         f"task:      {results['task']} ({results['backbone']} backbone, {POOLING_NAMES[results['pooling']]})",
         f"model:     {results['model']}",
+        f"method:    {results['method']}" + (" (a linear probe: frozen backbone)" if results["probe"] else ""),
         f"protocol:  {results['protocol']}",
+        *(_selection_lines(selection) if selection else []),
         f"accuracy:  {results['accuracy']:.3f} ({results['correct']}/{results['n']}), 95% Wilson interval [{lo:.3f}, {hi:.3f}]",
         f"baseline:  {base['accuracy']:.3f} by always answering {base['label']!r} (the majority class)",
         f"time:      {results['seconds']:.0f} s",

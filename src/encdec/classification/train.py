@@ -132,16 +132,21 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
     return losses
 
 
+def batches_by_length(rows: list[list[int]], batch_size: int, pad_id: int, desc: str):
+    """(positions, padded ids, mask) of batches of rows sorted by length: less padding than in the given order."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        chosen = order[start: start + batch_size]
+        yield (chosen, *pad([rows[i] for i in chosen], pad_id))
+
+
 @torch.inference_mode()
 def predict(classifier: Classifier, rows: list[list[int]], *, pad_id: int, batch_size: int,
             desc: str = "predicting") -> list[list[float]]:
-    """Label probabilities of each row, in the order given (batched by length: less padding)."""
+    """Label probabilities of each row, in the order given."""
     classifier.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     probs: list[list[float]] = [[] for _ in rows]
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        chosen = order[start: start + batch_size]
-        ids, mask = pad([rows[i] for i in chosen], pad_id)
+    for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, desc):
         for i, p in zip(chosen, torch.softmax(classifier(ids, mask), -1).tolist()):
             probs[i] = p
     return probs

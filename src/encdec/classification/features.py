@@ -1,0 +1,95 @@
+"""Pooled final hidden states of a frozen backbone, computed once per (checkpoint, task, split, pooling, max_len).
+
+A linear probe reads each example's features many times (every regularisation strength, every fold)
+and many probes read the same backbone, so they are kept on disk under the project's cache root: one
+safetensors file per key holding the split indices computed so far and their features. A later run
+computes only the indices it lacks. The key covers the checkpoint's files (path, size, modification
+time), the texts of the whole split and the settings, so a changed model or task never reads stale
+features. Files are replaced through a rename: a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from encdec.classification.backbone import Backbone
+from encdec.classification.classifier import pool
+from encdec.classification.train import batches_by_length
+
+CACHE_VERSION = 1
+
+
+@torch.inference_mode()
+def pooled_features(backbone: Backbone, rows: list[list[int]], *, pad_id: int, pooling: str,
+                    batch_size: int) -> np.ndarray:
+    """[len(rows), hidden] float32: the pooled final hidden states of each row, in the order given."""
+    backbone.eval()
+    out = np.zeros((len(rows), backbone.hidden_size), dtype=np.float32)
+    for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, desc="features"):
+        out[chosen] = pool(backbone(ids, mask), mask, pooling).float().numpy()
+    return out
+
+
+def model_fingerprint(spec: str) -> list:
+    """What identifies MODEL's weights without reading them: every file's path, size and modification time."""
+    from encdec.sources import resolve
+
+    path = Path(spec).expanduser()
+    root = path if path.exists() else resolve(spec)  # a packaged or Hub name: the directory it was converted to
+    files = sorted(root.rglob("*")) if root.is_dir() else [root]
+    return [str(root.resolve())] + [[str(f.relative_to(root)) if root.is_dir() else f.name, f.stat().st_size,
+                                     f.stat().st_mtime_ns] for f in files if f.is_file()]
+
+
+def cache_key(model: str, task: str, split: str, texts: list[str], pooling: str, max_len: int) -> str:
+    """The file name of one (checkpoint, task, split, pooling, max_len) feature set."""
+    texts_hash = hashlib.sha256("\0".join(texts).encode()).hexdigest()
+    described = {"version": CACHE_VERSION, "model": model_fingerprint(model), "task": task, "split": split,
+                 "texts": texts_hash, "pooling": pooling, "max_len": max_len}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _read(file: Path) -> dict[int, np.ndarray]:
+    try:
+        stored = load_file(str(file))
+    except (OSError, SafetensorError):
+        return {}  # absent or unreadable: computed again and rewritten
+    return dict(zip(stored["indices"].tolist(), stored["features"]))
+
+
+def _write(file: Path, known: dict[int, np.ndarray]) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    indices = sorted(known)
+    tensors = {"indices": np.asarray(indices, dtype=np.int64), "features": np.stack([known[i] for i in indices])}
+    handle, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, tmp)
+        os.replace(tmp, file)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_features(key: str, indices: list[int], compute: Callable[[list[int]], np.ndarray]) -> np.ndarray:
+    """Features of the split's examples `indices` (in that order): the stored ones, plus `compute(missing)`
+    for the others, which are then stored too."""
+    from encdec.sources import cache_root
+
+    file = cache_root() / "features" / f"{key}.safetensors"
+    known = _read(file)
+    missing = sorted({i for i in indices if i not in known})
+    if missing:
+        known.update(zip(missing, compute(missing)))
+        _write(file, known)
+    return np.stack([known[i] for i in indices]) if indices else np.zeros((0, 0), dtype=np.float32)

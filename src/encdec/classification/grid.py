@@ -1,0 +1,76 @@
+"""The hyperparameter grid of `encdec classify --search`: values per fine-tuning setting, from the
+defaults, a YAML file (`--grid FILE.yaml`) and the `--grid-*` flags, crossed into candidates."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any
+
+from encdec.classification.train import Hyper
+from encdec.errors import EncdecError
+
+# a few backbone rates around the usual full fine-tuning range, short and longer training, two head rates
+DEFAULT_GRID: dict[str, list[Any]] = {"lr": [1e-5, 3e-5, 1e-4], "epochs": [2, 4], "head_lr": [1e-4, 1e-3]}
+TUNABLE = ("lr", "head_lr", "epochs", "steps", "weight_decay", "warmup", "batch_size")
+_TYPES = {field.name: field.type for field in dataclasses.fields(Hyper)}
+
+
+def _value(name: str, raw: Any, where: str) -> Any:
+    integer = "int" in str(_TYPES[name])
+    try:
+        if isinstance(raw, bool) or (integer and isinstance(raw, float)):
+            raise ValueError
+        return int(raw) if integer else float(raw)
+    except (TypeError, ValueError):
+        kind = "an integer" if integer else "a number"
+        raise EncdecError(f"{where}: {name} value {raw!r} is not {kind}") from None
+
+
+def read_grid(path: Path | None, overrides: dict[str, str | None]) -> dict[str, list[Any]]:
+    """The grid: a YAML mapping {setting: [values]} (or the default grid), with comma lists from flags replacing keys."""
+    import yaml
+
+    grid: dict[str, Any] = dict(DEFAULT_GRID)
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise EncdecError(f"cannot read --grid {path} ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise EncdecError(f"--grid {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict) or not loaded:
+            raise EncdecError(f"--grid {path}: expected a mapping like {{lr: [1e-5, 3e-5], epochs: [3]}}; "
+                              f"settings: {', '.join(TUNABLE)}")
+        grid = loaded
+    for name, text in overrides.items():
+        if text is not None:
+            grid[name] = [v.strip() for v in text.split(",") if v.strip()]
+    where = f"--grid {path}" if path is not None else "the grid"
+    checked: dict[str, list[Any]] = {}
+    for name, values in grid.items():
+        if name not in TUNABLE:
+            raise EncdecError(f"{where}: unknown setting {name!r}; accepted: {', '.join(TUNABLE)}")
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise EncdecError(f"{where}: {name} has no values; give at least one")
+        checked[name] = [_value(name, v, where) for v in values]
+    return checked
+
+
+def candidates(grid: dict[str, list[Any]], base: Hyper) -> list[Hyper]:
+    """Every combination of the grid's values over `base` (the other settings), each checked."""
+    if base.steps is not None and "epochs" in grid and "steps" not in grid:
+        raise EncdecError("--steps with --search: steps override the grid's epochs; leave --steps out or put steps "
+                          "in the grid")
+    names = list(grid)
+    out = [dataclasses.replace(base, **dict(zip(names, combo))) for combo in itertools.product(*grid.values())]
+    for hyper in out:
+        hyper.check()
+    return out
+
+
+def varied(hyper: Hyper, grid: dict[str, list[Any]]) -> dict[str, Any]:
+    """The settings of `hyper` the grid varies: how a candidate is listed."""
+    return {name: getattr(hyper, name) for name in grid}
