@@ -8,11 +8,11 @@ from pathlib import Path
 import ctranslate2
 import pytest
 import torch
+from tiny import make_source
 
 import encdec
 from encdec.cli import main
 from encdec.sources import load_tokenizer
-from tiny import make_source
 
 NEW_TOKENS = 12
 # Where CTranslate2 4.8.5 computes something else than transformers and we do, the sources avoid it
