@@ -1,12 +1,17 @@
-"""Generation: the cached path equals the uncached one; batching, EOS and sampling options."""
+"""Generation: the engine equals the uncached path and transformers; continuous batching, EOS, sampling, int8."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
 import encdec
 from encdec.errors import EncdecError
+from encdec.inference.engine import Engine, Row
+from encdec.inference.quantize import quantize_int8
+from encdec.inference.sampling import Sampling
 
 
 @pytest.fixture(scope="module", params=[("gemma3", "merged"), ("gemma2", "cross")], ids=["merged", "cross"])
@@ -72,3 +77,84 @@ def test_bad_generation_options(model, bad):
     ids, mask = _prompts()
     with pytest.raises(EncdecError):
         model.generate(ids, mask, **{"max_new_tokens": 4, **bad})
+
+
+def _alone(model, prompt: torch.Tensor, new: int, sampling: Sampling = Sampling()) -> list[int]:
+    return model.generate(prompt[None], max_new_tokens=new, eos_token_ids=[-1], do_sample=sampling.do_sample,
+                          temperature=sampling.temperature, top_k=sampling.top_k, seed=sampling.seed)[0].tolist()
+
+
+def test_rows_joining_and_leaving_mid_decode_get_their_solo_tokens(model):
+    """Continuous batching: prompts of different lengths join while others decode, with their own budgets
+    and sampling; one is cancelled; each row's tokens equal generating it alone."""
+    g = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(3, 96, (length,), generator=g) for length in (5, 11, 3, 8, 14)]
+    budgets = [9, 4, 7, 6, 5]
+    samplings = [Sampling(), Sampling(), Sampling(do_sample=True, temperature=1.5, top_k=30, seed=4), Sampling(),
+                 Sampling(do_sample=True, seed=8)]
+    rows = [Row(b, frozenset({-1}), s) for b, s in zip(budgets, samplings)]
+    engine = Engine(model, max_batch=4)
+
+    def join(indices: list[int]) -> None:  # one right-padded encoder pass for the arrivals, as the server does
+        width = max(len(prompts[i]) for i in indices)
+        ids = torch.zeros(len(indices), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(indices):
+            ids[j, : len(prompts[i])], mask[j, : len(prompts[i])] = prompts[i], 1
+        engine.join(ids, mask, [rows[i] for i in indices])
+
+    join([0])
+    engine.step()
+    engine.step()
+    join([1, 2])  # two arrivals encoded together, joining a row at position 2
+    engine.step()
+    engine.cancel(rows[0])  # a client went away: its slot is taken by the last live row
+    join([3, 4])
+    assert len(engine.rows) == 4 and engine.free == 0
+    for _ in range(20):
+        if not engine.rows:
+            break
+        engine.step()
+    assert not engine.rows
+    assert rows[0].finish_reason == "cancelled" and len(rows[0].tokens) == 3
+    assert _alone(model, prompts[0], 3) == rows[0].tokens
+    for i in range(1, 5):
+        assert rows[i].finish_reason == "length"
+        assert rows[i].tokens == _alone(model, prompts[i], budgets[i], samplings[i]), f"row {i}"
+
+
+def test_greedy_tokens_equal_transformers_generate(model, tmp_path):
+    """float32 greedy decoding gives transformers' own T5Gemma / T5Gemma 2 tokens on the same checkpoint."""
+    import transformers as tf
+
+    encdec.save(model, tmp_path / "ckpt")
+    reference = tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "ckpt")).eval()
+    ids, mask = _prompts()
+    ours = model.generate(ids, mask, max_new_tokens=10, eos_token_ids=[-1])
+    with torch.no_grad():
+        theirs = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                                    eos_token_id=None, min_new_tokens=10)
+    assert torch.equal(ours, theirs[:, 1:])  # transformers' output starts with the decoder start token
+
+
+def test_int8_weights_stay_close(model):
+    """int8 dynamic quantization: mean logit error within 25% of the logits' standard deviation and the same
+    top token at 60% of the positions, on a tiny random model (loose bounds: its weights are random)."""
+    ids, mask = _prompts()
+    dec = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(ids, mask, dec).logits
+    quantized = quantize_int8(copy.deepcopy(model))
+    with torch.no_grad():
+        got = quantized(ids, mask, dec).logits
+    error = ((got - ref).abs().mean() / ref.std()).item()
+    agreement = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"int8: mean |logit error| {error:.3f} of the logits' std, top-1 agreement {agreement:.2f}")
+    assert error <= 0.25 and agreement >= 0.6
+    tokens = quantized.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1])
+    assert tokens.shape == (3, 6)
+
+
+def test_int8_needs_float32_on_cpu(model):
+    with pytest.raises(EncdecError, match="float32"):
+        quantize_int8(copy.deepcopy(model).to(torch.bfloat16))

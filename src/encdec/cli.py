@@ -78,12 +78,12 @@ def cmd_info(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
-    from encdec.checkpoint import load
+    from encdec.inference.quantize import load_for_inference
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
 
     with timed(f"loading {args.dir}"):
-        model = load(args.dir, DTYPES[args.dtype])
+        model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize)
         tokenizer = load_tokenizer(Path(args.dir))
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
     start = time.perf_counter()
@@ -196,6 +196,15 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
         trim_vocab=args.trim_vocab)
 
 
+def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    from encdec.inference.quantize import QUANTIZATIONS
+
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="compute dtype (bfloat16 is meant for a GPU, which is used when there is one)")
+    p.add_argument("--quantize", choices=list(QUANTIZATIONS), default=None,
+                   help="int8: dynamic int8 linear layers and LM head, for CPU inference in float32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="encdec", formatter_class=_formatter,
@@ -231,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
+    _add_inference_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,7 +1,7 @@
-"""Batched generation: the prompt is encoded once, the decoder runs token by token with a KV cache.
+"""Batched generation, the user-facing function behind `model.generate` and `encdec generate`.
 
-The encoder-side keys/values of every decoder layer are computed once per prompt and kept in the
-cache; `use_cache=False` recomputes everything at each step and exists to check the cached path.
+Every row joins the decoding engine (`encdec.inference.engine`) at step 0 and leaves when it ends;
+`use_cache=False` instead recomputes the whole decoder at each step and exists to check the engine.
 """
 
 from __future__ import annotations
@@ -11,42 +11,34 @@ from typing import TYPE_CHECKING
 import torch
 
 from encdec.errors import EncdecError
+from encdec.inference.engine import Engine, Row
+from encdec.inference.sampling import Sampling, pick_tokens
 from encdec.model import EncoderState, Segments
 
 if TYPE_CHECKING:
     from encdec.model import EncoderDecoder
 
 
-def _check(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise EncdecError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if do_sample and temperature <= 0:
-        raise EncdecError(f"temperature must be positive when sampling, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise EncdecError(f"top_k must be at least 1, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise EncdecError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def next_tokens(
-    logits: torch.Tensor, *, do_sample: bool, temperature: float, top_k: int | None, top_p: float,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
-    """Pick one token per row from float logits [B, V]: argmax, or a sample from the filtered distribution."""
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              rows: list[Row]) -> None:
+    """The reference path: the full decoder over all tokens so far, at every step, for every row."""
+    enc_seg = Segments.of(input_ids, attention_mask, None, None)
+    encoder = EncoderState(model.encode_segments(input_ids, enc_seg), enc_seg)
+    tokens = torch.full((len(rows), 1), model.config.bos_token_id, dtype=torch.long, device=input_ids.device)
+    for row in rows:
+        row.generator = row.sampling.generator(input_ids.device)
+    while any(row.finish_reason is None for row in rows):
+        hidden = model.decode(tokens, encoder, Segments.of(tokens, None, None, None))
+        logits = model.logits(hidden[:, -1]).float()
+        chosen = pick_tokens(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        for row, token in zip(rows, chosen.tolist()):
+            if row.finish_reason is None:
+                row.tokens.append(token)
+                if token in row.eos_token_ids:
+                    row.finish_reason = "stop"
+                elif len(row.tokens) >= row.max_new_tokens:
+                    row.finish_reason = "length"
+        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
 
 
 @torch.no_grad()
@@ -57,39 +49,27 @@ def generate(
 ) -> torch.Tensor:
     """Generated tokens [B, T], T <= max_new_tokens; rows that ended early are filled with the pad id.
 
-    The decoder starts from the BOS token, as T5Gemma does, and stops when every row produced EOS.
+    The decoder starts from the BOS token, as T5Gemma does; a row ends at EOS. With a seed, every row
+    samples from its own stream seeded with it, so a row's tokens do not depend on the rest of the batch.
     """
-    _check(max_new_tokens, do_sample, temperature, top_k, top_p)
+    if max_new_tokens < 1:
+        raise EncdecError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+    sampling.check()
     cfg = model.config
-    device = model.device
-    input_ids = input_ids.to(device)
-    attention_mask = None if attention_mask is None else attention_mask.to(device)
-    eos = torch.tensor(eos_token_ids or cfg.eos_token_ids, device=device)
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-
-    enc_seg = Segments.of(input_ids, attention_mask, None, None)
-    encoder = EncoderState(model.encode_segments(input_ids, enc_seg), enc_seg)
-    batch = input_ids.shape[0]
-    tokens = torch.full((batch, 1), cfg.bos_token_id, dtype=torch.long, device=device)
-    cache = model.new_cache(encoder, max_new_tokens) if use_cache else None
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    produced: list[torch.Tensor] = []
-    for step in range(max_new_tokens):
-        if cache is not None:
-            step_ids = tokens[:, -1:]
-            seg = Segments(torch.ones_like(step_ids), torch.full_like(step_ids, step))
-            hidden = model.decode(step_ids, encoder, seg, cache)
-        else:
-            hidden = model.decode(tokens, encoder, Segments.of(tokens, None, None, None))
-        logits = model.logits(hidden[:, -1]).float()
-        chosen = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                             generator=generator)
-        chosen = chosen.masked_fill(finished, cfg.pad_token_id)
-        produced.append(chosen)
-        finished |= torch.isin(chosen, eos)
-        if bool(finished.all()):
-            break
-        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
-    return torch.stack(produced, dim=1)
+    eos = frozenset(eos_token_ids or cfg.eos_token_ids)
+    rows = [Row(max_new_tokens, eos, sampling) for _ in range(input_ids.shape[0])]
+    input_ids = input_ids.to(model.device)
+    attention_mask = None if attention_mask is None else attention_mask.to(model.device)
+    if use_cache:
+        engine = Engine(model, max_batch=len(rows))
+        engine.join(input_ids, attention_mask, rows)
+        while engine.rows:
+            engine.step()
+    else:
+        _uncached(model, input_ids, attention_mask, rows)
+    width = max(len(row.tokens) for row in rows)
+    out = torch.full((len(rows), width), cfg.pad_token_id, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row.tokens)] = torch.tensor(row.tokens)
+    return out.to(model.device)

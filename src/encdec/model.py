@@ -282,9 +282,12 @@ def embed_tokens(table: nn.Embedding, ids: torch.Tensor, lookup: Lookup | None =
     return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype)
 
 
+def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
 def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    out = F.linear(hidden, weight)
-    return out if softcap is None else torch.tanh(out / softcap) * softcap
+    return soft_cap(F.linear(hidden, weight), softcap)
 
 
 def run_self_attention_stack(
@@ -351,6 +354,7 @@ class EncoderDecoder(nn.Module):
         self.encoder = Stack(enc, [EncoderBlock(enc) for _ in range(enc.num_layers)])
         merged = config.attention == "merged"
         self.decoder = Stack(dec, [DecoderBlock(dec, merged, enc.hidden_size) for _ in range(dec.num_layers)])
+        self.lm_head: nn.Module | None = None  # set only by int8 inference (`encdec.inference.quantize`)
 
     @property
     def device(self) -> torch.device:
@@ -377,7 +381,9 @@ class EncoderDecoder(nn.Module):
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(hidden, self.embed.weight, self.config.final_logit_softcap)
+        if self.lm_head is None:
+            return lm_logits(hidden, self.embed.weight, self.config.final_logit_softcap)
+        return soft_cap(self.lm_head(hidden), self.config.final_logit_softcap)
 
     def decode(
         self, decoder_input_ids: torch.Tensor, encoder: EncoderState, seg: Segments, cache: DecoderCache | None = None,

@@ -1,0 +1,233 @@
+"""The decoding engine: a batch of slots that rows join (after one shared encoder pass) and leave at any step.
+
+Why it is fast: every buffer is allocated once and only grows (by doubling) when a longer prompt or
+a larger token budget joins. Each slot holds the self-attention keys/values of its decoded tokens
+and the encoder keys/values of its prompt, written once when the row joins; a step attends over
+[self keys | encoder keys] as two products and one joint softmax, so nothing is concatenated per
+step. RoPE tables and the decoder's causal/sliding masks are built once for all positions and
+indexed by each row's position. Live rows sit in the first slots: a row that ends is replaced by
+the last live row, so every step computes only live rows, and the LM head runs once per row.
+
+`encdec.generate.generate` is "every row joins at step 0"; the server (`encdec.serve`) lets rows
+join whenever requests arrive. A row's tokens never depend on its neighbours (each has its own
+position, masks, sampling settings and random stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from encdec.inference.sampling import Sampling, pick_tokens
+from encdec.model import Attention, Segments, embed_tokens, rope_tables
+
+if TYPE_CHECKING:
+    from encdec.model import DecoderBlock, EncoderDecoder
+
+KeysValues = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # keys, values [n, kv_heads, L, d], bias [n, 1, 1, L]
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence being generated: its budget, its stop tokens, its sampling, and what it produced."""
+
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    sampling: Sampling = field(default_factory=Sampling)
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (an EOS token), "length" or "cancelled"
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """A token a step produced for a row; `row.finish_reason` is set when it was the row's last."""
+
+    row: Row
+    token: int
+
+
+def _capacity(needed: int, current: int) -> int:
+    return current if needed <= current else max(needed, 2 * current)
+
+
+class Engine:
+    """Slots of decoding state for up to `max_batch` rows of one model (see the module docstring)."""
+
+    def __init__(self, model: EncoderDecoder, max_batch: int) -> None:
+        self.model, self.max_batch = model, max_batch
+        cfg = model.config.decoder
+        self.cfg = cfg
+        self.layers: list[DecoderBlock] = list(model.decoder.layers)
+        self.device, self.dtype = model.device, model.embed.weight.dtype
+        self.rows: list[Row] = []
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.last = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.encoder_lengths = [0] * max_batch
+        self.self_len, self.enc_len = 0, 0
+        self.self_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.enc_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.enc_bias = torch.empty(max_batch, 0, dtype=self.dtype, device=self.device)
+        self.rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.self_bias: dict[str, torch.Tensor] = {}
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - len(self.rows)
+
+    # -- buffers -----------------------------------------------------------------------------------
+
+    def _kv_buffers(self, old: list[tuple[torch.Tensor, torch.Tensor]], length: int, used: int):
+        """Per-layer key/value buffers of `length` positions, keeping the first `used` of the old ones."""
+        heads, dim = self.cfg.num_kv_heads, self.cfg.head_dim
+        new = []
+        for i in range(len(self.layers)):
+            k = torch.zeros(self.max_batch, heads, length, dim, dtype=self.dtype, device=self.device)
+            v = torch.zeros_like(k)
+            if old:
+                k[:, :, :used], v[:, :, :used] = old[i][0][:, :, :used], old[i][1][:, :, :used]
+            new.append((k, v))
+        return new
+
+    def _grow_self(self, needed: int) -> None:
+        """Room for `needed` decoder positions: caches, RoPE tables and the causal / sliding masks."""
+        length = _capacity(needed, self.self_len)
+        if length == self.self_len:
+            return
+        self.self_kv = self._kv_buffers(self.self_kv, length, self.self_len)
+        positions = torch.arange(length, device=self.device)
+        tables = rope_tables(self.cfg, positions[None], self.dtype)
+        self.rope = {kind: (cos[0, 0], sin[0, 0]) for kind, (cos, sin) in tables.items()}  # [L, head_dim]
+        distance = positions[:, None] - positions[None, :]  # query position - key position
+        allowed = {"full": distance >= 0, "sliding": (distance >= 0) & (distance < self.cfg.sliding_window)}
+        low = torch.finfo(self.dtype).min
+        self.self_bias = {
+            kind: torch.zeros(length, length, dtype=self.dtype, device=self.device).masked_fill_(~ok, low)
+            for kind, ok in allowed.items()
+        }
+        self.self_len = length
+
+    def _grow_encoder(self, needed: int) -> None:
+        length = _capacity(needed, self.enc_len)
+        if length == self.enc_len:
+            return
+        self.enc_kv = self._kv_buffers(self.enc_kv, length, self.enc_len)
+        bias = torch.full((self.max_batch, length), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        bias[:, : self.enc_len] = self.enc_bias
+        self.enc_bias, self.enc_len = bias, length
+
+    # -- rows joining and leaving ------------------------------------------------------------------
+
+    def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: list[Row]) -> None:
+        """Encode a padded batch of prompts in one pass and give each its slot; they decode from the next step."""
+        if len(rows) > self.free:
+            raise ValueError(f"{len(rows)} rows cannot join: {self.free} free slots")
+        input_ids = input_ids.to(self.device)
+        attention_mask = None if attention_mask is None else attention_mask.to(self.device)
+        seg = Segments.of(input_ids, attention_mask, None, None)
+        hidden = self.model.encode_segments(input_ids, seg)
+        length = input_ids.shape[1]
+        self._grow_encoder(length)
+        self._grow_self(max(r.max_new_tokens for r in rows))
+        first, end = len(self.rows), len(self.rows) + len(rows)
+        for block, (k, v) in zip(self.layers, self.enc_kv):
+            ek, ev = block.encoder_keys_values(hidden)
+            k[first:end, :, :length], v[first:end, :, :length] = ek, ev
+        self.enc_bias[first:end] = torch.finfo(self.dtype).min
+        self.enc_bias[first:end, :length].masked_fill_(seg.ids != 0, 0.0)
+        self.positions[first:end] = 0
+        self.last[first:end] = self.model.config.bos_token_id
+        for i, row in enumerate(rows):
+            row.generator = row.sampling.generator(self.device)
+            self.encoder_lengths[first + i] = length
+        self.rows.extend(rows)
+
+    def cancel(self, row: Row) -> None:
+        """Take a row out of the batch now (a client went away, or a stop string ended it)."""
+        if row in self.rows:
+            row.finish_reason = row.finish_reason or "cancelled"
+            self._remove(self.rows.index(row))
+
+    def _remove(self, slot: int) -> None:
+        """Free `slot` by moving the last live row into it."""
+        last = len(self.rows) - 1
+        if slot != last:
+            for (k, v) in self.self_kv + self.enc_kv:
+                k[slot], v[slot] = k[last], v[last]
+            for buffer in (self.enc_bias, self.positions, self.last):
+                buffer[slot] = buffer[last]
+            self.encoder_lengths[slot] = self.encoder_lengths[last]
+            self.rows[slot] = self.rows[last]
+        self.rows.pop()
+
+    # -- one decoding step -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Emitted]:
+        """One token for every live row; rows that end (EOS or budget) leave the batch before this returns."""
+        n = len(self.rows)
+        if n == 0:
+            return []
+        pos = self.positions[:n]
+        seen = max(len(r.tokens) for r in self.rows) + 1  # decoder positions any row has, this one included
+        enc = max(self.encoder_lengths[:n])
+        rope = {kind: (cos[pos][:, None, None], sin[pos][:, None, None]) for kind, (cos, sin) in self.rope.items()}
+        self_bias = {kind: b[pos, :seen][:, None, None] for kind, b in self.self_bias.items()}
+        enc_bias = self.enc_bias[:n, :enc][:, None, None]
+        rows = torch.arange(n, device=self.device)
+        x = embed_tokens(self.model.embed, self.last[:n, None])
+        for block, kind, (sk, sv), (ek, ev) in zip(self.layers, self.cfg.layer_types, self.self_kv, self.enc_kv):
+            h = block.attn_norm(x)
+            q = block.attn.queries(h, rope[kind])
+            k, v = block.attn.keys_values(h, rope[kind])
+            sk[rows, :, pos], sv[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+            own = (sk[:n, :, :seen], sv[:n, :, :seen], self_bias[kind])
+            encoded = (ek[:n, :, :enc], ev[:n, :, :enc], enc_bias)
+            if block.merged:
+                x = block.feed_forward(x + block.post_attn_norm(attend(block.attn, q, [own, encoded])))
+                continue
+            x = x + block.post_attn_norm(attend(block.attn, q, [own]))
+            cq = block.cross_attn.queries(block.cross_norm(x), None)
+            x = block.feed_forward(x + block.post_cross_norm(attend(block.cross_attn, cq, [encoded])))
+        logits = self.model.logits(self.model.decoder.norm(x[:, 0])).float()
+        chosen = pick_tokens(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows]).tolist()
+        self.positions[:n] += 1
+        self.last[:n] = torch.tensor(chosen, device=self.device)
+        emitted, ended = [], []
+        for slot, (row, token) in enumerate(zip(self.rows, chosen)):
+            row.tokens.append(token)
+            if token in row.eos_token_ids:
+                row.finish_reason = "stop"
+            elif len(row.tokens) >= row.max_new_tokens:
+                row.finish_reason = "length"
+            if row.finish_reason is not None:
+                ended.append(slot)
+            emitted.append(Emitted(row, token))
+        for slot in reversed(ended):
+            self._remove(slot)
+        return emitted
+
+
+def attend(attn: Attention, q: torch.Tensor, sources: list[KeysValues]) -> torch.Tensor:
+    """Attention of one query per row [n, heads, 1, d] over several key/value sources with one joint
+    softmax (the same numbers as attending over their concatenation), projected back to the model width.
+
+    The query heads sharing a key/value head are stacked into one product with it, as in the model."""
+    n, heads, _, dim = q.shape
+    kv_heads = sources[0][0].shape[1]
+    grouped = q.reshape(n, kv_heads, heads // kv_heads, dim)
+    scores = []
+    for k, _, bias in sources:
+        raw = grouped @ k.transpose(-1, -2)
+        capped = raw * attn.scale if attn.softcap is None else torch.tanh(raw * (attn.scale / attn.softcap)) * attn.softcap
+        scores.append(capped + bias)
+    probs = torch.softmax(torch.cat(scores, -1) if len(scores) > 1 else scores[0], dim=-1, dtype=torch.float32)
+    probs = probs.to(q.dtype)
+    out, start = None, 0
+    for k, v, _ in sources:
+        part = probs[..., start : start + k.shape[2]] @ v
+        out = part if out is None else out + part
+        start += k.shape[2]
+    return attn.o_proj(out.reshape(n, 1, heads * dim))

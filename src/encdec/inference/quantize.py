@@ -1,0 +1,45 @@
+"""int8 weights for CPU inference: PyTorch's dynamic int8 linear layers (weights stored in int8 per tensor,
+activations quantized on the fly), on every projection and on the LM head.
+
+Chosen over torchao's int8 weight-only layout because, measured on this 2-core CPU (a 640 -> 2048 -> 640
+MLP at batch 8, eager mode), dynamic int8 ran 5x faster than float32 while torchao's ran 3x slower.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from encdec.checkpoint import load
+from encdec.errors import EncdecError
+from encdec.model import EncoderDecoder
+
+QUANTIZATIONS = ("int8",)
+
+
+def quantize_int8(model: EncoderDecoder) -> EncoderDecoder:
+    """Replace the model's linear layers, in place, by dynamic int8 ones, and give it an int8 LM head
+    (the tied embedding table stays float for lookups). For inference only: it cannot be trained or saved."""
+    if model.device.type != "cpu" or model.embed.weight.dtype != torch.float32:
+        raise EncdecError("--quantize int8 runs on CPU in float32 (dynamic int8 kernels); use --dtype float32 on CPU")
+    head = nn.Linear(model.embed.embedding_dim, model.embed.num_embeddings, bias=False)
+    head.weight = model.embed.weight
+    model.lm_head = head
+    with warnings.catch_warnings():  # torch marks its eager quantization API deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | None) -> EncoderDecoder:
+    """A checkpoint (any format `encdec.load` reads) ready to generate: on the GPU when there is one, in
+    `dtype`, with the requested weight quantization (None: as saved)."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise EncdecError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
+    model = load(path, dtype)
+    if torch.cuda.is_available() and quantize is None:
+        model = model.to("cuda")
+    return model if quantize is None else quantize_int8(model)
