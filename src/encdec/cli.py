@@ -1,4 +1,5 @@
-"""The `encdec` command line: adapt, pretrain, finetune, generate, evaluate, classify, export-encoder, info, quickstart."""
+"""The `encdec` command line: adapt, pretrain, finetune, generate, serve, evaluate, classify, export-encoder, info,
+quickstart."""
 
 from __future__ import annotations
 
@@ -95,6 +96,27 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for prompt, row in zip(args.prompt, out):
         print(f"{prompt} -> {tokenizer.decode(row, skip_special_tokens=True)}")
     print(f"encdec: {out.shape[0]} x {out.shape[1]} tokens in {seconds:.1f} s", file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from encdec.inference.quantize import load_for_inference
+    from encdec.logs import timed
+    from encdec.serve.app import Settings, serve
+    from encdec.serve.protocol import Limits
+    from encdec.sources import load_tokenizer
+
+    for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
+                        ("--max-input-tokens", args.max_input_tokens), ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            raise EncdecError(f"{name} must be at least 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise EncdecError(f"--port must be in 0..65535, got {args.port}")
+    with timed(f"loading {args.model}"):
+        model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize)
+        tokenizer = load_tokenizer(Path(args.model))
+    settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
+                        limits=Limits(args.max_input_tokens, args.max_new_tokens))
+    serve(model, tokenizer, settings, args.host, args.port)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -242,6 +264,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed, for reproducible samples")
     _add_inference_arguments(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", formatter_class=_formatter, help="an OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve MODEL over HTTP: POST /v1/completions (the prompt goes to the encoder), "
+                       "POST /v1/chat/completions (messages in Gemma's chat turns), GET /v1/models, /health, /metrics "
+                       "(Prometheus). Requests join the running decoding batch as they arrive. SIGTERM stops taking "
+                       "requests, finishes the running ones, then exits. Needs the serve extra: "
+                       "pip install 'encdec[serve]'.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory (any format encdec reads), with its tokenizer")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="most requests waiting for a batch slot; more get 429")
+    p.add_argument("--max-input-tokens", type=int, default=2048, metavar="N",
+                   help="longest prompt in tokens (BOS included); longer ones get 400")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                   help="largest max_tokens a request may ask for (and the default when it asks none)")
+    _add_inference_arguments(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,
                        help="adaptation pretraining (PrefixLM with distillation, or UL2)",

@@ -52,8 +52,9 @@ def chat_prompt_text(text: str) -> str:
     return chat_prompt([("user", text)])
 
 
-def _turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
-    """The prompt turns and the response of a "messages" record; raises ValueError with the reason."""
+def conversation(messages: Any) -> list[tuple[str, str]]:
+    """The (role, text) turns, role "user" or "model", of OpenAI-style messages; a first system message is
+    prepended to the first user turn (Gemma has no system role). Raises ValueError with the reason."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
     turns: list[tuple[str, str]] = []
@@ -67,15 +68,21 @@ def _turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
         if role == "system" and i > 0:
             raise ValueError(f"message {i} is a system message; one is accepted only as the first message")
         turns.append((role, message["content"]))
-    if turns[-1][0] != "model":
-        raise ValueError("the last message must be the assistant (or model) turn to learn as the response")
-    *turns, (_, response) = turns
-    if turns and turns[0][0] == "system":
+    if turns[0][0] == "system":
         system = turns.pop(0)[1].strip()
         if not turns or turns[0][0] != "user":
             raise ValueError("a system message must be followed by a user message (Gemma has no system role: "
                              "it is prepended to the first user turn)")
         turns[0] = ("user", f"{system}\n\n{turns[0][1].strip()}")
+    return turns
+
+
+def _turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
+    """The prompt turns and the response of a "messages" record; raises ValueError with the reason."""
+    turns = conversation(messages)
+    if turns[-1][0] != "model":
+        raise ValueError("the last message must be the assistant (or model) turn to learn as the response")
+    *turns, (_, response) = turns
     if not any(role == "user" for role, _ in turns):
         raise ValueError("no user message before the response")
     return turns, response

@@ -1,0 +1,224 @@
+"""The FastAPI application: OpenAI-compatible endpoints over the scheduler, and the uvicorn server that
+drains on SIGTERM (no new requests, the running ones finish, then the process exits)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from encdec.inference.engine import Engine, Row
+from encdec.model import EncoderDecoder
+from encdec.serve.metrics import Metrics
+from encdec.serve.protocol import APIError, Limits, Parsed, parse
+from encdec.serve.scheduler import Job, Scheduler
+from encdec.serve.text import TextStream
+
+DISCONNECT_POLL_S = 1.0  # how often a non-streaming request checks that its client is still there
+SHUTDOWN_WAIT_S = 600.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_id: str  # the name /v1/models lists and requests may give
+    max_batch: int
+    max_queue: int
+    limits: Limits
+
+
+class Service:
+    """What the endpoints share: the tokenizer, the scheduler, the metrics, and the stop tokens."""
+
+    def __init__(self, model: EncoderDecoder, tokenizer: Any, settings: Settings) -> None:
+        self.tokenizer, self.settings, self.metrics = tokenizer, settings, Metrics()
+        self.vocab_size = model.config.vocab_size
+        end_of_turn = tokenizer.get_vocab().get("<end_of_turn>")  # closes a chat answer; ends a completion too
+        self.eos = frozenset(model.config.eos_token_ids) | ({end_of_turn} if end_of_turn is not None else set())
+        engine = Engine(model, settings.max_batch)
+        self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics)
+        self.created = int(time.time())
+
+    def tokens(self, request: Parsed) -> list[int]:
+        if isinstance(request.prompt, list):
+            bad = [t for t in request.prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                               "prompt")
+            ids = request.prompt
+        else:
+            ids = self.tokenizer(request.prompt).input_ids
+        limit = self.settings.limits.max_input_tokens
+        if len(ids) > limit:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit of {limit} "
+                           "(--max-input-tokens)", "messages" if request.kind == "chat" else "prompt")
+        return ids
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _choice(kind: str, text: str | None, finish: str | None, stream: bool) -> dict[str, Any]:
+    if kind == "completions":
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    if stream:
+        return {"index": 0, "delta": {} if text is None else {"content": text}, "logprobs": None, "finish_reason": finish}
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+
+
+def _token(item: int | Exception | None) -> int | None:
+    """A delivered token, None at the end; a failed step becomes a server error."""
+    if isinstance(item, Exception):
+        raise APIError(500, f"generation failed: {item}", kind="server_error")
+    return item
+
+
+def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> FastAPI:
+    service = Service(model, tokenizer, settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        service.scheduler.start()
+        yield
+        await asyncio.to_thread(service.scheduler.stop, SHUTDOWN_WAIT_S)
+
+    app = FastAPI(title="encdec", lifespan=lifespan)
+    app.state.service, app.state.draining = service, False
+
+    def answer(endpoint: str, response: Response) -> Response:
+        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    async def generate(request: Request, kind: str) -> Response:
+        endpoint = f"/v1/{'chat/' if kind == 'chat' else ''}completions"
+        try:
+            if app.state.draining:
+                raise APIError(503, "the server is shutting down", kind="server_error")
+            parsed = parse(await request.body(), kind, settings.limits)
+            if parsed.model is not None and parsed.model != settings.model_id:
+                raise APIError(404, f"the model {parsed.model!r} is not served here; this server serves "
+                               f"{settings.model_id!r}", "model", "model_not_found")
+            prompt = service.tokens(parsed)
+            row = Row(parsed.max_tokens, service.eos, parsed.sampling)
+            job = Job(prompt, row, asyncio.get_running_loop())
+            service.scheduler.submit(job)
+        except APIError as e:
+            return answer(endpoint, _error(e))
+        meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": settings.model_id}
+        if parsed.stream:
+            return answer(endpoint, StreamingResponse(_stream(job, parsed, meta), media_type="text/event-stream"))
+        return answer(endpoint, await _complete(request, job, parsed, meta))
+
+    async def _complete(request: Request, job: Job, parsed: Parsed, meta: dict) -> Response:
+        text = TextStream(tokenizer, parsed.stop)
+        try:
+            while True:
+                try:
+                    token = _token(await asyncio.wait_for(job.tokens.get(), DISCONNECT_POLL_S))
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        service.scheduler.cancel(job)
+                        return Response(status_code=499)
+                    continue
+                if token is None:
+                    break
+                text.add(token)
+                if text.stopped:
+                    service.scheduler.cancel(job)
+                    break
+        except APIError as e:
+            return _error(e)
+        finish = "stop" if text.stopped else job.row.finish_reason
+        body = {**meta, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
+                "choices": [_choice(parsed.kind, text.text, finish, False)],
+                "usage": _usage(len(job.prompt), len(text.tokens))}
+        return JSONResponse(body)
+
+    async def _stream(job: Job, parsed: Parsed, meta: dict) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if parsed.kind == "chat" else "text_completion"
+
+        def event(choices: list, **extra: Any) -> str:
+            return f"data: {json.dumps({**meta, 'object': obj, 'choices': choices, **extra})}\n\n"
+
+        text = TextStream(tokenizer, parsed.stop)
+        try:
+            if parsed.kind == "chat":
+                yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            while (token := _token(await job.tokens.get())) is not None:
+                piece = text.add(token)
+                if piece:
+                    yield event([_choice(parsed.kind, piece, None, True)])
+                if text.stopped:
+                    service.scheduler.cancel(job)
+                    break
+            rest = "" if text.stopped else text.finish()
+            if rest:
+                yield event([_choice(parsed.kind, rest, None, True)])
+            finish = "stop" if text.stopped else job.row.finish_reason
+            yield event([_choice(parsed.kind, None, finish, True)])
+            yield event([], usage=_usage(len(job.prompt), len(text.tokens)))
+            yield "data: [DONE]\n\n"
+        except APIError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:  # the client went away mid-stream (the task is cancelled): free the slot at once
+            service.scheduler.cancel(job)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": service.created,
+                                            "owned_by": "encdec"}]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if app.state.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that, on SIGTERM / SIGINT, first marks the app as draining (new requests get 503)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.encdec_app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.encdec_app.state.draining = True
+        self.encdec_app.state.service.scheduler.stop_accepting()
+        super().handle_exit(sig, frame)
+
+
+def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, port: int) -> None:
+    app = create_app(model, tokenizer, settings)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
+    DrainingServer(config, app).run()

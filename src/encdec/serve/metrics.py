@@ -1,0 +1,27 @@
+"""The server's Prometheus metrics, in a registry of its own (so that several servers fit in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("encdec_requests", "HTTP requests answered, by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.finished = Counter("encdec_generations_finished", "Generations ended, by reason (stop, length, "
+                                "cancelled: the client went away)", ["reason"], registry=r)
+        self.queue = Gauge("encdec_queue_length", "Requests waiting for a slot in the decoding batch", registry=r)
+        self.running = Gauge("encdec_running_requests", "Requests in the decoding batch", registry=r)
+        self.batch = Histogram("encdec_batch_size", "Rows per decoding step", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+                               registry=r)
+        self.prompt_tokens = Counter("encdec_prompt_tokens", "Prompt tokens encoded", registry=r)
+        self.generated = Counter("encdec_generated_tokens", "Tokens generated", registry=r)
+        self.ttft = Histogram("encdec_time_to_first_token_seconds", "From arrival to the first generated token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("encdec_request_latency_seconds", "From arrival to the last generated token",
+                                 buckets=LATENCY_BUCKETS, registry=r)

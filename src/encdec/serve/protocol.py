@@ -1,0 +1,160 @@
+"""The OpenAI request bodies the server accepts, checked field by field, and its OpenAI-style errors.
+
+Fields are read from the raw JSON rather than through a schema so that every refusal names the field
+and what is accepted: harmless OpenAI fields (`user`, `metadata`, ...) are accepted and ignored, ones
+that would change the result and are not supported (`n` > 1, `logprobs`, penalties, tools ...) are
+refused by name, and unknown fields are refused as the OpenAI API does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from encdec.data.instructions import chat_prompt, conversation
+from encdec.inference.sampling import Sampling
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+
+
+IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls", "prompt_cache_key",
+           "safety_identifier"}
+# field -> the value(s) that leave the result unchanged; any other value is refused
+NEUTRAL = {"n": (1, None), "best_of": (1, None), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+           "echo": (False, None), "suffix": (None, ""), "presence_penalty": (0, 0.0, None),
+           "frequency_penalty": (0, 0.0, None), "logit_bias": (None,), "tools": (None,), "tool_choice": (None, "none"),
+           "functions": (None,), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+           "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
+FIELDS = {"completions": SAMPLING_FIELDS | {"prompt"},
+          "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens"}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_input_tokens: int
+    max_new_tokens: int
+
+
+@dataclass
+class Parsed:
+    """A valid request: the text the encoder reads, or its token ids, and how to generate."""
+
+    kind: str  # "completions" or "chat"
+    model: str | None
+    prompt: str | list[int]
+    max_tokens: int
+    sampling: Sampling
+    stop: list[str]
+    stream: bool
+
+
+def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise APIError(400, f"'{name}' must be {what}, got {json.dumps(value)[:40]}", name)
+    return value
+
+
+def _number(body: dict, name: str, low: float, high: float, default: float, *, open_low: bool = False) -> float:
+    value = _typed(body, name, (int, float), "a number")
+    if value is None:
+        return default
+    if value < low or value > high or (open_low and value == low):
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+        raise APIError(400, f"'{name}' must be in {interval}, got {value}", name)
+    return float(value)
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", "stop")
+    return stops
+
+
+def _prompt(body: dict) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise APIError(400, "'prompt' must be a string (or a list of one string, or a list of token ids); "
+                   "one prompt per request", "prompt")
+
+
+def _chat_text(body: dict) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list):  # content given as parts: only text parts are understood
+        flat = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise APIError(400, "message content parts must be {\"type\": \"text\", \"text\": ...}; "
+                                   "this model reads text only", "messages")
+                m = {**m, "content": "".join(p["text"] for p in content)}
+            flat.append(m)
+        messages = flat
+    try:
+        turns = conversation(messages)
+    except ValueError as e:
+        raise APIError(400, str(e), "messages") from None
+    if turns[-1][0] != "user":
+        raise APIError(400, "the last message must be a user message: the model answers it", "messages")
+    return chat_prompt(turns)
+
+
+def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
+    """The request of endpoint `kind` ("completions" or "chat"), or an APIError saying what is wrong."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    for name in body:
+        if name in NEUTRAL and body[name] not in NEUTRAL[name]:
+            raise APIError(400, f"'{name}' = {json.dumps(body[name])[:40]} is not supported by this server "
+                           f"(accepted: {' or '.join(json.dumps(v) for v in NEUTRAL[name])})", name)
+        if name not in FIELDS[kind] | IGNORED | set(NEUTRAL):
+            raise APIError(400, f"unrecognized request argument '{name}'; accepted: {', '.join(sorted(FIELDS[kind]))}",
+                           name)
+    model = _typed(body, "model", (str,), "a string")
+    stream = _typed(body, "stream", (bool,), "true or false") or False
+    budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _typed(body, budget, (int,), "an integer")
+    if max_tokens is None:
+        max_tokens = limits.max_new_tokens
+    if not 1 <= max_tokens <= limits.max_new_tokens:
+        raise APIError(400, f"'{budget}' must be between 1 and {limits.max_new_tokens} (this server's "
+                       f"--max-new-tokens), got {max_tokens}", budget)
+    temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
+    top_p = _number(body, "top_p", 0.0, 1.0, 1.0, open_low=True)
+    top_k = _typed(body, "top_k", (int,), "an integer")
+    if top_k is not None and top_k < 1 and top_k != -1:
+        raise APIError(400, f"'top_k' must be at least 1 (or -1 for no limit), got {top_k}", "top_k")
+    seed = _typed(body, "seed", (int,), "an integer")
+    stop = _stop(body)
+    prompt = _prompt(body) if kind == "completions" else _chat_text(body)
+    sampling = Sampling(do_sample=temperature > 0, temperature=temperature or 1.0,
+                        top_k=None if top_k in (None, -1) else top_k, top_p=top_p, seed=seed)
+    return Parsed(kind, model, prompt, max_tokens, sampling, stop, stream)

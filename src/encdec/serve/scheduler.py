@@ -1,0 +1,150 @@
+"""The one thread that owns the model: it admits waiting requests into the decoding batch between steps
+(encoding all arrivals in one pass), runs the steps, and hands each token to its request's event loop.
+
+Requests talk to it only through `submit` and `cancel`; the engine itself is touched by this thread alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from encdec.inference.engine import Engine, Row
+from encdec.serve.metrics import Metrics
+from encdec.serve.protocol import APIError
+
+log = logging.getLogger("encdec")
+IDLE_WAIT_S = 0.5  # how often an idle scheduler wakes up to look for a stop
+
+
+@dataclass(eq=False)
+class Job:
+    """A request's place in the scheduler: its row, and the queue its tokens are delivered to (None ends it)."""
+
+    prompt: list[int]
+    row: Row
+    loop: asyncio.AbstractEventLoop
+    tokens: asyncio.Queue = field(default_factory=asyncio.Queue)
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+
+    def deliver(self, item: int | Exception | None) -> None:
+        self.loop.call_soon_threadsafe(self.tokens.put_nowait, item)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_queue: int, pad_id: int, metrics: Metrics) -> None:
+        self.engine, self.max_queue, self.pad_id, self.metrics = engine, max_queue, pad_id, metrics
+        self.waiting: deque[Job] = deque()
+        self.cancelled: list[Job] = []
+        self.running: dict[Row, Job] = {}
+        self.accepting, self.stopping = True, False
+        self.wake = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="encdec-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a request; 429 when the queue is full, 503 once the server is shutting down."""
+        with self.wake:
+            if not self.accepting:
+                raise APIError(503, "the server is shutting down", kind="server_error")
+            if len(self.waiting) >= self.max_queue:
+                raise APIError(429, f"the queue is full ({self.max_queue} requests waiting, --max-queue); retry later",
+                               kind="rate_limit_error")
+            self.waiting.append(job)
+            self.metrics.queue.set(len(self.waiting))
+            self.wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: the request leaves the queue or the batch before the next step."""
+        with self.wake:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                self.metrics.queue.set(len(self.waiting))
+                self._finish(job, "cancelled")
+            elif job.row.finish_reason is None:
+                self.cancelled.append(job)
+                self.wake.notify()
+
+    def stop_accepting(self) -> None:
+        with self.wake:
+            self.accepting = False
+
+    def stop(self, timeout: float) -> None:
+        """Finish what is queued and running, then end the thread."""
+        with self.wake:
+            self.accepting, self.stopping = False, True
+            self.wake.notify()
+        self.thread.join(timeout)
+
+    def _finish(self, job: Job, reason: str) -> None:
+        job.row.finish_reason = job.row.finish_reason or reason
+        self.metrics.finished.labels(job.row.finish_reason).inc()
+        if job.first_token is not None:
+            self.metrics.latency.observe(time.perf_counter() - job.arrived)
+        job.deliver(None)
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not (self.waiting or self.engine.rows or self.cancelled or self.stopping):
+                    self.wake.wait(IDLE_WAIT_S)
+                if self.stopping and not (self.waiting or self.engine.rows):
+                    return
+                cancelled, self.cancelled = self.cancelled, []
+                arrivals = [self.waiting.popleft() for _ in range(min(self.engine.free, len(self.waiting)))]
+                self.metrics.queue.set(len(self.waiting))
+            try:
+                self._cycle(cancelled, arrivals)
+            except Exception as e:  # a failed step fails its requests, not the server
+                log.exception("decoding step failed")
+                for job in list(self.running.values()) + arrivals:
+                    self.engine.cancel(job.row)
+                    job.deliver(e)
+                self.running.clear()
+
+    def _cycle(self, cancelled: list[Job], arrivals: list[Job]) -> None:
+        for job in cancelled:
+            if self.running.pop(job.row, None) is not None:
+                self.engine.cancel(job.row)
+                self._finish(job, "cancelled")
+        if arrivals:
+            self._admit(arrivals)
+        self.metrics.running.set(len(self.engine.rows))
+        if not self.engine.rows:
+            return
+        self.metrics.batch.observe(len(self.engine.rows))
+        emitted = self.engine.step()
+        now = time.perf_counter()
+        self.metrics.generated.inc(len(emitted))
+        for item in emitted:
+            job = self.running[item.row]
+            if job.first_token is None:
+                job.first_token = now
+                self.metrics.ttft.observe(now - job.arrived)
+            job.deliver(item.token)
+            if item.row.finish_reason is not None:
+                del self.running[item.row]
+                self._finish(job, item.row.finish_reason)
+        self.metrics.running.set(len(self.engine.rows))
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """All arrivals in one right-padded encoder pass; they take part in the very next step."""
+        width = max(len(job.prompt) for job in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, job in enumerate(jobs):
+            ids[i, : len(job.prompt)] = torch.tensor(job.prompt)
+            mask[i, : len(job.prompt)] = 1
+        self.engine.join(ids, mask, [job.row for job in jobs])
+        self.metrics.prompt_tokens.inc(int(mask.sum()))
+        for job in jobs:
+            self.running[job.row] = job

@@ -1,0 +1,276 @@
+"""`encdec serve` as a real process on a loopback port, driven by the real `openai` client and httpx:
+completions, chat, streaming, continuous batching equal to solo generation, bad requests, disconnects, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+import encdec
+from encdec.data.instructions import chat_prompt_text
+from encdec.sources import load_tokenizer
+
+HOST = "127.0.0.1"
+LONG = 200  # a budget long enough to still be running when the test acts on it
+START_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _metric(base: str, name: str) -> float:
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class Server:
+    """An `encdec serve` subprocess on a free loopback port."""
+
+    def __init__(self, checkpoint, *options: str) -> None:
+        self.port = _free_port()
+        self.base = f"http://{HOST}:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "encdec.cli", "serve", str(checkpoint), "--host", HOST, "--port", str(self.port),
+             *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        _wait_for(self._up, START_TIMEOUT_S, "the server to answer /health")
+
+    def _up(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the server exited: {self.process.stdout.read()}")
+        try:
+            return httpx.get(f"{self.base}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(sources, tmp_path_factory):
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    out = tmp_path_factory.mktemp("serve") / "tiny"
+    encdec.save(model, out, tokenizer_dir=sources["gemma3"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint):
+    return encdec.load(checkpoint), load_tokenizer(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    s = Server(checkpoint, "--max-batch", "4", "--max-queue", "16", "--max-input-tokens", "24",
+               "--max-new-tokens", str(LONG))
+    yield s
+    s.close()
+
+
+def _solo(local, text: str, max_tokens: int, **sampling) -> str:
+    model, tokenizer = local
+    ids = torch.tensor([tokenizer(text).input_ids])
+    out = model.generate(ids, max_new_tokens=max_tokens, **sampling)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def endless_prompt(local) -> str:
+    """A prompt whose greedy continuation has no EOS within LONG tokens, so it is still running when acted on."""
+    model, tokenizer = local
+    for start in range(10, 90):
+        text = f"w{start} w{start + 1}"
+        out = model.generate(torch.tensor([tokenizer(text).input_ids]), max_new_tokens=LONG)
+        if out.shape[1] == LONG and not torch.isin(out, torch.tensor(model.config.eos_token_ids)).any():
+            return text
+    raise AssertionError("no prompt without an early EOS")
+
+
+def test_completion_chat_and_models_equal_solo_generation(server, local):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [str(server.process.args[4])]
+    model_id = server.process.args[4]
+    done = client.completions.create(model=model_id, prompt="w1 w2 w3", max_tokens=8, user="ignored",
+                                     temperature=0)
+    assert done.choices[0].text == _solo(local, "w1 w2 w3", 8)
+    assert done.usage.prompt_tokens == 4 and done.usage.completion_tokens == len(local[1](done.choices[0].text).input_ids) - 1
+    chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "w4 w5"}], max_tokens=6,
+                                          temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == _solo(local, chat_prompt_text("w4 w5"), 6)
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+
+def test_streaming_sends_the_same_text_then_usage_and_done(server, local):
+    client = server.client()
+    pieces, usage, finish = [], None, None
+    stream = client.chat.completions.create(model=server.process.args[4], stream=True, max_tokens=7, temperature=0,
+                                            messages=[{"role": "system", "content": "w9"},
+                                                      {"role": "user", "content": "w4 w5"}])
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == _solo(local, chat_prompt_text("w9\n\nw4 w5"), 7)
+    assert usage is not None and usage.completion_tokens <= 7 and finish in ("length", "stop")
+    raw = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0},
+                     timeout=30)
+    events = [line for line in raw.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["usage"]["completion_tokens"] == 3
+
+
+def test_concurrent_requests_each_equal_solo_generation(server, local):
+    """More requests than batch slots, of different lengths and sampling settings, arriving together."""
+    client = server.client()
+    requests = [(" ".join(f"w{(7 * i + j) % 60}" for j in range(1 + 3 * i % 17)), 5 + 3 * i % 11, i % 3 == 0, i)
+                for i in range(10)]
+
+    def ask(request):
+        prompt, max_tokens, sample, seed = request
+        options = {"temperature": 1.3, "extra_body": {"top_k": 40}, "seed": seed} if sample else {"temperature": 0}
+        return client.completions.create(model=server.process.args[4], prompt=prompt, max_tokens=max_tokens,
+                                         **options).choices[0].text
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(ask, requests))
+    for (prompt, max_tokens, sample, seed), answer in zip(requests, answers):
+        options = {"do_sample": True, "temperature": 1.3, "top_k": 40, "seed": seed} if sample else {}
+        assert answer == _solo(local, prompt, max_tokens, **options), prompt
+    assert _metric(server.base, "encdec_batch_size_bucket{le=\"1.0\"}") < _metric(server.base, "encdec_batch_size_count")
+
+
+def test_stop_strings_cut_the_text(server, local):
+    full = _solo(local, "w1 w2 w3", 8)
+    stop = full.split()[3]
+    cut = server.client().completions.create(model=server.process.args[4], prompt="w1 w2 w3", max_tokens=8, stop=[stop],
+                                              temperature=0)
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.index(stop)]
+
+
+BAD = [
+    ("{not json", 400, None),
+    ('["a list"]', 400, None),
+    ({"prompt": "w1", "max_tokens": "8"}, 400, "max_tokens"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": ["w1", "w2"]}, 400, "prompt"),
+    ({"prompt": "w1", "n": 2}, 400, "n"),
+    ({"prompt": "w1", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "w1", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "w1", "frobnicate": 1}, 400, "frobnicate"),
+    ({"prompt": "w1", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "w1", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "w1", "top_k": 0}, 400, "top_k"),
+    ({"prompt": "w1", "max_tokens": LONG + 1}, 400, "max_tokens"),
+    ({"prompt": "w1", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "w1", "stop": [""]}, 400, "stop"),
+    ({"prompt": " ".join(["w1"] * 30)}, 400, "prompt"),
+    ({"prompt": [5, 96]}, 400, "prompt"),
+    ({"prompt": "w1", "model": "other"}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "w1"}]}, 400, "messages"),
+    ({"messages": "w1"}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("body, status, param", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, body, status, param):
+    endpoint = "chat/completions" if isinstance(body, dict) and "messages" in body else "completions"
+    content = body if isinstance(body, str) else json.dumps(body)
+    answer = httpx.post(f"{server.base}/v1/{endpoint}", content=content, timeout=30,
+                        headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["message"] and error["param"] == param
+    if param == "prompt" and isinstance(body, dict) and isinstance(body["prompt"], str):
+        assert "24" in error["message"]  # the --max-input-tokens limit is named
+    ok = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_the_openai_client_sees_the_errors(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="'n'"):
+        client.completions.create(model=server.process.args[4], prompt="w1", n=3)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model=server.process.args[4], messages=[{"role": "user", "content": "w1"}],
+                                       temperature=3)
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server, endless_prompt):
+    prompt = endless_prompt
+    before = _metric(server.base, 'encdec_generations_finished_total{reason="cancelled"}')
+    with httpx.stream("POST", f"{server.base}/v1/completions", timeout=30,
+                      json={"prompt": prompt, "max_tokens": LONG, "stream": True, "temperature": 0}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    _wait_for(lambda: _metric(server.base, 'encdec_generations_finished_total{reason="cancelled"}') == before + 1,
+              20, "the cancelled generation to be counted")
+    _wait_for(lambda: _metric(server.base, "encdec_running_requests") == 0, 20, "the batch to empty")
+    assert _metric(server.base, "encdec_generated_tokens_total") > 0
+
+
+def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint, endless_prompt):
+    prompt = endless_prompt
+    server = Server(checkpoint, "--max-batch", "1", "--max-queue", "1", "--max-new-tokens", str(LONG))
+    try:
+        results: dict[str, httpx.Response] = {}
+
+        def queued():
+            results["queued"] = httpx.post(f"{server.base}/v1/completions", timeout=120,
+                                           json={"prompt": prompt, "max_tokens": 5, "temperature": 0})
+
+        with httpx.stream("POST", f"{server.base}/v1/completions", timeout=120,
+                          json={"prompt": prompt, "max_tokens": LONG, "stream": True, "temperature": 0}) as running:
+            lines = running.iter_lines()
+            assert next(lines).startswith("data: ")  # the one slot is taken
+            waiter = threading.Thread(target=queued)
+            waiter.start()
+            _wait_for(lambda: _metric(server.base, "encdec_queue_length") == 1, 20, "the second request to queue")
+            full = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
+            assert full.status_code == 429 and "--max-queue" in full.json()["error"]["message"]
+            server.process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        waiter.join(120)
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["usage"]["completion_tokens"] == LONG  # it ran to its end
+        assert results["queued"].status_code == 200  # accepted before SIGTERM: served too
+        assert results["queued"].json()["usage"]["completion_tokens"] == 5
+        server.process.wait(60)
+        assert server.process.returncode in (0, -signal.SIGTERM)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{server.base}/health", timeout=5)
+    finally:
+        server.close()
