@@ -62,3 +62,18 @@ def ratio_line(label: str, ours: list[list[float]], theirs: list[list[float]]) -
     overall = statistics.median(t for r in theirs for t in r) / statistics.median(t for r in ours for t in r)
     rounds = ", ".join(f"{statistics.median(b) / statistics.median(a):.2f}x" for a, b in zip(ours, theirs))
     return f"ratio ({label}): {overall:.2f}x (rounds: {rounds})"
+
+
+def corpus_token_ids(tokenizer_dir: Path, count: int) -> list[int]:
+    """At least `count` token ids of the default corpus (packaged text: Python's language reference and the
+    standard library's docstrings), in order, without special tokens."""
+    from encdec.data.corpus import default_corpus
+    from encdec.sources import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids: list[int] = []
+    for document in default_corpus():
+        ids.extend(tokenizer(document, add_special_tokens=False).input_ids)
+        if len(ids) >= count:
+            return ids
+    raise ValueError(f"the default corpus has only {len(ids)} tokens, fewer than the {count} asked for")

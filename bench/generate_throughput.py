@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import peak_memory_gib, print_result, ratio_line, run_worker, time_calls
+from common import corpus_token_ids, peak_memory_gib, print_result, ratio_line, run_worker, time_calls
 
 SOURCE = "gemma-3-270m"
 MODELS = {"merged": [], "cross-2::3": ["--decoder-layers", "2::3", "--attention", "cross"]}
@@ -215,18 +215,11 @@ def make_prompts(tokenizer_dir: Path, args: argparse.Namespace, path: Path) -> N
     """Rows of exactly L tokens (BOS first) from the default corpus, one per batch position."""
     import json
 
-    from encdec.data.corpus import default_corpus
     from encdec.sources import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_dir)
     rows, longest = max(args.batch_sizes), max(args.prompt_lengths)
-    needed = rows * longest
-    ids: list[int] = []
-    for document in default_corpus():
-        ids.extend(tokenizer(document, add_special_tokens=False).input_ids)
-        if len(ids) >= needed:
-            break
-    bos = tokenizer.bos_token_id
+    ids = corpus_token_ids(tokenizer_dir, rows * longest)
+    bos = load_tokenizer(tokenizer_dir).bos_token_id
     prompts = {length: [[bos] + ids[r * longest: r * longest + length - 1] for r in range(rows)]
                for length in args.prompt_lengths}
     path.write_text(json.dumps(prompts))

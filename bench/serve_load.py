@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import print_result, run_worker
+from common import corpus_token_ids, print_result, run_worker
 from generate_throughput import prepare_model
 
 TARGETS = ("serve", "serve-batch1", "transformers-loop")
@@ -101,17 +101,12 @@ def parse_args() -> argparse.Namespace:
 
 def make_requests(model_dir: Path, args: argparse.Namespace, count: int) -> list[dict]:
     """`count` requests {prompt, max_tokens}: corpus text of random token lengths, random output lengths."""
-    from encdec.data.corpus import default_corpus
     from encdec.sources import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     rng = random.Random(args.seed)
     lengths = [rng.randint(args.min_prompt, args.max_prompt) for _ in range(count)]
-    ids: list[int] = []
-    for document in default_corpus():
-        ids.extend(tokenizer(document, add_special_tokens=False).input_ids)
-        if len(ids) >= sum(lengths):
-            break
+    ids = corpus_token_ids(model_dir, sum(lengths))
     requests, start = [], 0
     for length in lengths:
         requests.append({"prompt": tokenizer.decode(ids[start:start + length]),
@@ -143,13 +138,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def stream_completion(client, url: str, requests: list[dict], index: int) -> Done:
-    """One streamed request through `client` (an httpx.AsyncClient)."""
+async def stream_completion(client, url: str, body: dict, index: int) -> Done:
+    """One streamed request (`body`, the model and request `index` filled in) through `client`, an httpx.AsyncClient."""
     start = time.perf_counter()
     ttft, text, tokens = None, [], 0
-    body = {"model": "bench", "temperature": 0, "stream": True, **requests[index]}
     async with client.stream("POST", url, json=body, timeout=REQUEST_TIMEOUT_S) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"{url} answered {response.status_code}: {(await response.aread()).decode()[:300]}")
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -163,7 +158,7 @@ async def stream_completion(client, url: str, requests: list[dict], index: int) 
                 "".join(text))
 
 
-async def drive_http(url: str, requests: list[dict], per_client: list[list[int]],
+async def drive_http(url: str, model: str, requests: list[dict], per_client: list[list[int]],
                      max_seconds: float) -> tuple[list[Done], float]:
     """Closed-loop clients against `url`; the completed requests and the level's wall seconds."""
     import httpx
@@ -175,7 +170,8 @@ async def drive_http(url: str, requests: list[dict], per_client: list[list[int]]
             for index in indices:
                 if time.perf_counter() - start > max_seconds:
                     break
-                done.append(await stream_completion(client, url, requests, index))
+                body = {"model": model, "temperature": 0, "stream": True, **requests[index]}
+                done.append(await stream_completion(client, url, body, index))
             return done
 
         results = await asyncio.gather(*(one_client(r) for r in per_client))
@@ -212,12 +208,12 @@ def run_server(model_dir: Path, max_batch: int, requests: list[dict], plan: list
             if time.monotonic() > deadline:
                 raise RuntimeError(f"encdec serve did not answer /health within {HEALTH_TIMEOUT_S} s")
             time.sleep(1)
-        url = f"{base}/v1/completions"
-        asyncio.run(drive_http(url, requests, [[0]], args.max_seconds))
+        url, model = f"{base}/v1/completions", httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+        asyncio.run(drive_http(url, model, requests, [[0]], args.max_seconds))
         results = []
         for per_client in plan:
             print(f"  {len(per_client)} client(s) ...", file=sys.stderr, flush=True)
-            results.append(asyncio.run(drive_http(url, requests, per_client, args.max_seconds)))
+            results.append(asyncio.run(drive_http(url, model, requests, per_client, args.max_seconds)))
         return results, peak_rss_gib(server.pid)
     finally:
         server.send_signal(signal.SIGTERM)
