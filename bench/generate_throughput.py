@@ -21,9 +21,11 @@ Every implementation generates exactly --new-tokens tokens per row, EOS ignored 
 
 The speed of a shared machine drifts, so implementations run in --rounds rounds: each round runs every
 implementation once in turn, in a fresh process that loads the model, makes one untimed 2-token call
-per setting, then --repeats timed calls. The table gives the median seconds per call over all rounds,
-new tokens per second (batch x new tokens / seconds), the peak resident memory of the process, and how
-many of each row's tokens equal encdec's float32 tokens. The ratio lines come last: encdec against
+per setting, then --repeats timed calls. The table gives the median wall seconds per call over all
+rounds, the CPU seconds of the call (all threads of the process: less sensitive than wall time to other
+processes taking turns on the cores, though not immune), new tokens per second (batch x new tokens /
+wall seconds), the peak resident memory of the process, and how many of each row's tokens equal encdec's
+float32 tokens. The ratio lines come last, CPU-time ones and then wall-time ones: encdec against
 transformers, against CTranslate2 float32 and, for int8, encdec-int8 against ct2-int8 (> 1: encdec faster),
 with each round's ratio.
 
@@ -39,6 +41,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,13 +63,18 @@ Runner = Callable[[torch.Tensor, int], list[list[int]]]  # (prompt ids [B, L], n
 class Cell:
     """One implementation on one model at one prompt length and batch size, over all rounds."""
 
-    rounds: list[list[float]] = field(default_factory=list)  # seconds per call, one list per round
+    rounds: list[list[float]] = field(default_factory=list)  # wall seconds per call, one list per round
+    cpu_rounds: list[list[float]] = field(default_factory=list)  # CPU seconds (all threads) per call
     tokens: list[list[int]] = field(default_factory=list)  # the generated tokens of the last round
     peak_gib: float = 0.0
 
     @property
     def seconds(self) -> float:
         return statistics.median(t for r in self.rounds for t in r)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return statistics.median(t for r in self.cpu_rounds for t in r)
 
 
 def parse_args() -> argparse.Namespace:
@@ -155,11 +163,18 @@ def ct2_runner(ct2_dir: Path, compute_type: str) -> Runner:
 
 
 def time_setting(run: Runner, ids: torch.Tensor, args: argparse.Namespace) -> dict:
-    """One untimed short call, then --repeats timed ones: their seconds and the last call's tokens."""
+    """One untimed short call, then --repeats timed ones: their wall and CPU seconds, the last call's tokens."""
     run(ids, WARMUP_TOKENS)
     outputs: list[list[list[int]]] = []
-    seconds = time_calls(lambda: outputs.append(run(ids, args.new_tokens)), 0, args.repeats, DEVICE)
-    return {"seconds": seconds, "tokens": outputs[-1]}
+    cpu: list[float] = []
+
+    def call() -> None:
+        start = time.process_time()  # all threads of this process
+        outputs.append(run(ids, args.new_tokens))
+        cpu.append(time.process_time() - start)
+
+    seconds = time_calls(call, 0, args.repeats, DEVICE)
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": outputs[-1]}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -279,28 +294,31 @@ def main() -> None:
             for key, measured in result["cells"].items():
                 cell = cells.setdefault((model, impl, key), Cell())
                 cell.rounds.append(measured["seconds"])
+                cell.cpu_rounds.append(measured["cpu_seconds"])
                 cell.tokens = measured["tokens"]
                 cell.peak_gib = max(cell.peak_gib, result["peak_gib"])
 
     print(f"device cpu ({torch.get_num_threads()} threads), float32, greedy, {args.new_tokens} new tokens per row "
           f"(EOS ignored), median of {args.rounds} round(s) x {args.repeats} call(s)")
-    print(f"{'model':<13}  {'implementation':<14}  {'prompt':>6}  {'batch':>5}  {'seconds':>8}  {'new tok/s':>9}"
-          f"  {'peak GiB':>8}  tokens = encdec's")
+    print(f"{'model':<13}  {'implementation':<14}  {'prompt':>6}  {'batch':>5}  {'seconds':>8}  {'CPU s':>7}"
+          f"  {'new tok/s':>9}  {'peak GiB':>8}  tokens = encdec's")
     for model, impl, _ in groups:
         for length, batch in settings(args):
             cell = cells[(model, impl, f"{length}x{batch}")]
             reference = cells.get((model, "encdec", f"{length}x{batch}"))
             same = agreement(cell.tokens, reference.tokens) if reference and impl != "encdec" else "-"
-            print(f"{model:<13}  {impl:<14}  {length:>6}  {batch:>5}  {cell.seconds:>8.2f}"
+            print(f"{model:<13}  {impl:<14}  {length:>6}  {batch:>5}  {cell.seconds:>8.2f}  {cell.cpu_seconds:>7.1f}"
                   f"  {batch * args.new_tokens / cell.seconds:>9.1f}  {cell.peak_gib:>8.2f}  {same}")
     for model, impl, reason in skipped:
         print(f"{model:<13}  {impl:<14}  skipped: {reason}")
-    for model in models:
-        for length, batch in settings(args):
-            for ours, theirs in RATIOS:
-                a, b = cells.get((model, ours, f"{length}x{batch}")), cells.get((model, theirs, f"{length}x{batch}"))
-                if a and b:
-                    print(ratio_line(f"{model}, prompt {length}, batch {batch}: {ours} / {theirs}", a.rounds, b.rounds))
+    for kind in ("cpu", "wall"):  # the wall-clock ratios last
+        for model in models:
+            for length, batch in settings(args):
+                for ours, theirs in RATIOS:
+                    a, b = (cells.get((model, impl, f"{length}x{batch}")) for impl in (ours, theirs))
+                    if a and b:
+                        label = f"{model}, prompt {length}, batch {batch}: {ours} / {theirs}, {kind} seconds"
+                        print(ratio_line(label, *((a.cpu_rounds, b.cpu_rounds) if kind == "cpu" else (a.rounds, b.rounds))))
 
 
 if __name__ == "__main__":
