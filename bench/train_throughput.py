@@ -44,10 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +54,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from common import peak_memory_gib, print_result, ratio_line, run_worker, synchronize, time_calls
 
 import encdec
 from encdec.objectives import Example
@@ -117,11 +115,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
     """Best FLOP/s of MATMUL_SIZE-square products in `dtype`: up to MATMUL_REPEATS rounds, stopping once
     MATMUL_BUDGET_S is spent (one product can take many seconds); fast devices run several products a round."""
@@ -168,18 +161,7 @@ def prepare(directory: Path, args: argparse.Namespace) -> float:
 
 def time_steps(step: Callable[[], None], args: argparse.Namespace) -> list[float]:
     """Seconds of each of `args.steps` calls of `step` after `args.warmup` untimed calls."""
-    device = torch.device(args.device)
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    print("  step seconds: " + ", ".join(f"{t:.2f}" for t in times), file=sys.stderr, flush=True)
-    return times
+    return time_calls(step, args.warmup, args.steps, torch.device(args.device))
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -256,18 +238,12 @@ def implementations(device: torch.device) -> list[str]:
     return [name for name in IMPLEMENTATIONS if device.type == "cpu" or not name.endswith("+keep")]
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
 def worker(args: argparse.Namespace) -> None:
     """One (implementation, precision) in this process; prints its step times and peak memory as JSON."""
     name, precision, directory = args.worker
     times = IMPLEMENTATIONS[name](Path(directory), random_examples(args.batch, args.enc_len, args.dec_len), args,
                                   DTYPES[precision])
-    print(json.dumps({"step_seconds": times, "peak_gib": peak_memory_gib(torch.device(args.device))}))
+    print_result({"step_seconds": times, "peak_gib": peak_memory_gib(torch.device(args.device))})
 
 
 def measure(name: str, precision: str, directory: Path, args: argparse.Namespace) -> tuple[list[float], float]:
@@ -275,9 +251,7 @@ def measure(name: str, precision: str, directory: Path, args: argparse.Namespace
     options = ["--batch", str(args.batch), "--enc-len", str(args.enc_len), "--dec-len", str(args.dec_len),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
                "--loss-chunk", str(args.loss_chunk)]
-    out = subprocess.run([sys.executable, __file__, *options, "--worker", name, precision, str(directory)],
-                         stdout=subprocess.PIPE, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_worker(__file__, [*options, "--worker", name, precision, str(directory)])
     return result["step_seconds"], result["peak_gib"]
 
 
@@ -337,10 +311,7 @@ def main() -> None:
         ours = measured[("encdec", precision)]
         for baseline in reversed(implementations(device)[1:]):  # the plain loop last
             theirs = measured[(baseline, precision)]
-            per_round = ", ".join(f"{statistics.median(b) / statistics.median(a):.2f}x"
-                                  for a, b in zip(ours.rounds, theirs.rounds))
-            print(f"ratio (encdec / {baseline}, {precision}): {theirs.seconds / ours.seconds:.2f}x"
-                  f" (rounds: {per_round})")
+            print(ratio_line(f"encdec / {baseline}, {precision}", ours.rounds, theirs.rounds))
 
 
 if __name__ == "__main__":

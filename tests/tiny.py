@@ -39,7 +39,7 @@ def write_corpus(path: Path, documents: int = 60, seed: int = 0, words: int = le
 
 
 def gemma_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
-                 window: int = 4, intermediate: int = 48):
+                 window: int = 4, intermediate: int = 48, attn_softcap: float | None = 5.0):
     import transformers as tf
 
     common = dict(
@@ -48,7 +48,7 @@ def gemma_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int =
         query_pre_attn_scalar=8, pad_token_id=0, bos_token_id=2, eos_token_id=1, max_position_embeddings=256,
     )
     if family == "gemma2":
-        return tf.Gemma2Config(**common, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+        return tf.Gemma2Config(**common, attn_logit_softcapping=attn_softcap, final_logit_softcapping=3.0)
     types = ["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(layers)]
     return tf.Gemma3TextConfig(**common, layer_types=types)
 

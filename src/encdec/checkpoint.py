@@ -103,13 +103,21 @@ def load(path: Path | str, dtype: torch.dtype = torch.float32) -> EncoderDecoder
     return load_checkpoint(path, dtype).model
 
 
-def is_checkpoint(spec: str | Path) -> bool:
-    """Whether `spec` is an encoder-decoder checkpoint directory (else it may be a decoder-only source)."""
+def checkpoint_format(spec: str | Path) -> str | None:
+    """"encdec", "t5gemma" or "t5gemma2" for an encoder-decoder checkpoint directory, else None (its
+    config.json alone is read: no weights)."""
     config = Path(spec).expanduser() / "config.json"
     if not config.is_file():
-        return False
+        return None
     data = read_json(config)
-    return data.get("format") == NATIVE or data.get("model_type") in LAYOUTS
+    if data.get("format") == NATIVE:
+        return NATIVE
+    return data["model_type"] if data.get("model_type") in LAYOUTS else None
+
+
+def is_checkpoint(spec: str | Path) -> bool:
+    """Whether `spec` is an encoder-decoder checkpoint directory (else it may be a decoder-only source)."""
+    return checkpoint_format(spec) is not None
 
 
 def read_metadata(path: Path | str) -> dict:

@@ -235,6 +235,14 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
     print(f"saved the encoder of {args.model} to {args.out} ({where})")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from encdec.formats.ctranslate2 import export
+
+    fmt = export(args.model, args.out, args.quantization, args.overwrite)
+    print(f"converted {args.model} ({fmt}) to {args.out}: CTranslate2, {args.quantization} weights; "
+          f"run it with ctranslate2.Translator({str(args.out)!r})")
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from encdec.training.config import FINETUNE_DEFAULTS, from_arguments
 
@@ -422,6 +430,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export_encoder)
+
+    from encdec.formats.ctranslate2 import QUANTIZATIONS
+
+    p = sub.add_parser("export", formatter_class=_formatter, help="convert a model for another inference engine",
+                       description="Convert a checkpoint in the T5Gemma or T5Gemma 2 layout into a CTranslate2 model "
+                       "with CTranslate2's own converter (pip install 'encdec[ctranslate2]'); the tokenizer goes along.")
+    p.add_argument("model", type=Path, metavar="MODEL", help="encoder-decoder checkpoint directory")
+    p.add_argument("--to", choices=["ctranslate2"], required=True, help="target engine")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="float32", help="weight type of the converted model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", formatter_class=_formatter, help="describe a saved model",
                        description="Parameters per part, configuration, format and transformers class of a checkpoint.")

@@ -1,0 +1,79 @@
+"""Helpers the bench/ scripts share: timing, one implementation per process, ratio lines over rounds.
+
+Every benchmark runs each implementation in a process of its own (a setting or a library can be
+process-wide, and a fresh process starts with nothing cached), and repeats the whole set in rounds so
+that a slow spell of a shared machine falls on all implementations rather than on one.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(call: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:
+    """Seconds of each of `repeats` calls of `call` after `warmup` untimed ones (printed to stderr too)."""
+    for _ in range(warmup):
+        call()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    print("  seconds: " + ", ".join(f"{t:.2f}" for t in times), file=sys.stderr, flush=True)
+    return times
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: peak memory allocated by torch; CPU: this process's peak resident memory (loading included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def run_worker(script: str | Path, arguments: list[str]) -> dict:
+    """Run `script` with `arguments` in a fresh Python process; its last stdout line is its JSON result."""
+    out = subprocess.run([sys.executable, str(script), *arguments], stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_result(result: dict) -> None:
+    """A worker's answer to `run_worker`: one JSON line, the last on stdout."""
+    print(json.dumps(result), flush=True)
+
+
+def ratio_line(label: str, ours: list[list[float]], theirs: list[list[float]]) -> str:
+    """`label`: theirs / ours over the medians of all seconds, then each round's ratio (the spread)."""
+    overall = statistics.median(t for r in theirs for t in r) / statistics.median(t for r in ours for t in r)
+    rounds = ", ".join(f"{statistics.median(b) / statistics.median(a):.2f}x" for a, b in zip(ours, theirs))
+    return f"ratio ({label}): {overall:.2f}x (rounds: {rounds})"
+
+
+def corpus_token_ids(tokenizer_dir: Path, count: int) -> list[int]:
+    """At least `count` token ids of the default corpus (packaged text: Python's language reference and the
+    standard library's docstrings), in order, without special tokens."""
+    from encdec.data.corpus import default_corpus
+    from encdec.sources import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids: list[int] = []
+    for document in default_corpus():
+        ids.extend(tokenizer(document, add_special_tokens=False).input_ids)
+        if len(ids) >= count:
+            return ids
+    raise ValueError(f"the default corpus has only {len(ids)} tokens, fewer than the {count} asked for")

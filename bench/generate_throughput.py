@@ -1,0 +1,325 @@
+"""Greedy generation speed of the packaged 270M adapted: encdec versus transformers, CTranslate2 and the source.
+
+Implementations, each in a process of its own, all in float32 on the same prompts:
+
+- encdec: `encdec.load(DIR).generate(...)` (what `encdec generate` runs);
+- encdec-int8: the same with `--quantize int8` (`encdec.inference.quantize.load_for_inference`);
+- transformers: `AutoModelForSeq2SeqLM.from_pretrained(DIR).generate(...)` on the same checkpoint;
+- ct2-float32, ct2-int8: CTranslate2's `Translator.translate_batch` on the checkpoint converted by
+  `encdec export --to ctranslate2` (float32 weights; int8 weights with compute type int8);
+- decoder-only: the source, Gemma 3 270M, as transformers' `AutoModelForCausalLM`, reading the same
+  prompt and generating as many tokens (what the encoder-decoder competes with).
+
+Models: `merged` (balanced, merged attention: `encdec adapt`, saved in the T5Gemma 2 layout) and
+`cross-2::3` (`--decoder-layers 2::3 --attention cross`: 18-layer encoder, 6-layer decoder, saved in the
+project's own format, which neither transformers nor CTranslate2 can load: those rows say skipped and why).
+Both are adapted once into --work-dir and reused.
+
+Prompts: rows of exactly L tokens (BOS + L - 1 tokens) cut from the default corpus (the prose of Python's
+language reference and the standard library's docstrings), different rows for different batch positions.
+Every implementation generates exactly --new-tokens tokens per row, EOS ignored (no stopping), greedily.
+
+The speed of a shared machine drifts, so implementations run in --rounds rounds: each round runs every
+implementation once in turn, in a fresh process that loads the model, makes one untimed 2-token call
+per setting, then --repeats timed calls. The table gives the median wall seconds per call over all
+rounds, the CPU seconds of the call (all threads of the process: less sensitive than wall time to other
+processes taking turns on the cores, though not immune), new tokens per second (batch x new tokens /
+wall seconds), the peak resident memory of the process, and how many of each row's tokens equal encdec's
+float32 tokens. The ratio lines come last, CPU-time ones and then wall-time ones: encdec against
+transformers, against CTranslate2 float32 and, for int8, encdec-int8 against ct2-int8 (> 1: encdec faster),
+with each round's ratio.
+
+Run (the first use adapts the models, a few minutes; the full grid takes long on a 2-core CPU):
+
+    python bench/generate_throughput.py
+    python bench/generate_throughput.py --models merged --prompt-lengths 256 --batch-sizes 1,8 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from common import corpus_token_ids, peak_memory_gib, print_result, ratio_line, run_worker, time_calls
+
+SOURCE = "gemma-3-270m"
+MODELS = {"merged": [], "cross-2::3": ["--decoder-layers", "2::3", "--attention", "cross"]}
+IMPLEMENTATIONS = ("encdec", "encdec-int8", "transformers", "ct2-float32", "ct2-int8", "decoder-only")
+CT2_COMPUTE = {"ct2-float32": "float32", "ct2-int8": "int8"}
+RATIOS = (("encdec", "transformers"), ("encdec", "ct2-float32"), ("encdec-int8", "ct2-int8"))
+WARMUP_TOKENS = 2
+DEVICE = torch.device("cpu")
+Runner = Callable[[torch.Tensor, int], list[list[int]]]  # (prompt ids [B, L], new tokens) -> tokens per row
+
+
+@dataclass
+class Cell:
+    """One implementation on one model at one prompt length and batch size, over all rounds."""
+
+    rounds: list[list[float]] = field(default_factory=list)  # wall seconds per call, one list per round
+    cpu_rounds: list[list[float]] = field(default_factory=list)  # CPU seconds (all threads) per call
+    tokens: list[list[int]] = field(default_factory=list)  # the generated tokens of the last round
+    peak_gib: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(t for r in self.rounds for t in r)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return statistics.median(t for r in self.cpu_rounds for t in r)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--implementations", default=",".join(IMPLEMENTATIONS), help="comma list of the implementations")
+    p.add_argument("--prompt-lengths", default="256,1024", help="comma list of prompt lengths in tokens")
+    p.add_argument("--batch-sizes", default="1,8", help="comma list of batch sizes")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row (EOS ignored)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, each running every implementation once in turn")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per setting and round")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="where the adapted models are kept")
+    p.add_argument("--worker", nargs=3, metavar=("IMPLEMENTATION", "MODEL_DIR", "PROMPTS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.models = args.models.split(",")
+    args.implementations = args.implementations.split(",")
+    for name, known in (("models", MODELS), ("implementations", IMPLEMENTATIONS)):
+        unknown = set(getattr(args, name)) - set(known)
+        if unknown:
+            p.error(f"--{name}: unknown {sorted(unknown)}; choose from {', '.join(known)}")
+    try:
+        args.prompt_lengths = [int(n) for n in args.prompt_lengths.split(",")]
+        args.batch_sizes = [int(n) for n in args.batch_sizes.split(",")]
+    except ValueError:
+        p.error("--prompt-lengths and --batch-sizes take comma lists of integers, e.g. 256,1024")
+    for name in ("new_tokens", "rounds", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if min(args.prompt_lengths) < 2 or min(args.batch_sizes) < 1:
+        p.error("prompt lengths must be at least 2 (BOS and one token), batch sizes at least 1")
+    return args
+
+
+def settings(args: argparse.Namespace) -> list[tuple[int, int]]:
+    return [(length, batch) for length in args.prompt_lengths for batch in args.batch_sizes]
+
+
+# ---- workers: one implementation, every setting, in this process ----
+
+def encdec_runner(model_dir: Path, quantize: str | None) -> Runner:
+    from encdec.inference.quantize import load_for_inference
+
+    model = load_for_inference(model_dir, torch.float32, quantize)
+
+    def run(ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        return model.generate(ids, torch.ones_like(ids), max_new_tokens=new_tokens, eos_token_ids=[-1]).tolist()
+
+    return run
+
+
+def transformers_runner(model_dir: Path, causal: bool) -> Runner:
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSeq2SeqLM
+    model = auto.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # no stopping: exactly new_tokens per row
+
+    def run(ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=0)
+        # the causal model's output starts with the prompt, the encoder-decoder's with the decoder start token
+        return out[:, ids.shape[1] if causal else 1:].tolist()
+
+    return run
+
+
+def ct2_runner(ct2_dir: Path, compute_type: str) -> Runner:
+    import ctranslate2
+
+    from encdec.sources import load_tokenizer
+
+    tokenizer = load_tokenizer(ct2_dir)
+    translator = ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type=compute_type,
+                                        intra_threads=torch.get_num_threads())
+    strings: dict[tuple, list[list[str]]] = {}  # token strings of each batch, made before timing
+
+    def run(ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
+        key = tuple(map(tuple, ids.tolist()))
+        if key not in strings:
+            strings[key] = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
+        results = translator.translate_batch(strings[key], beam_size=1, max_decoding_length=new_tokens, end_token=[])
+        return [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
+
+    return run
+
+
+def time_setting(run: Runner, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+    """One untimed short call, then --repeats timed ones: their wall and CPU seconds, the last call's tokens."""
+    run(ids, WARMUP_TOKENS)
+    outputs: list[list[list[int]]] = []
+    cpu: list[float] = []
+
+    def call() -> None:
+        start = time.process_time()  # all threads of this process
+        outputs.append(run(ids, args.new_tokens))
+        cpu.append(time.process_time() - start)
+
+    seconds = time_calls(call, 0, args.repeats, DEVICE)
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": outputs[-1]}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Time one implementation on every setting; prints seconds, tokens and peak memory as JSON."""
+    import json
+
+    name, model_dir, prompts_file = args.worker
+    prompts = {int(k): v for k, v in json.loads(Path(prompts_file).read_text()).items()}
+    if name.startswith("ct2-"):
+        run = ct2_runner(Path(model_dir), CT2_COMPUTE[name])
+    elif name.startswith("encdec"):
+        run = encdec_runner(Path(model_dir), "int8" if name == "encdec-int8" else None)
+    else:
+        run = transformers_runner(Path(model_dir), causal=name == "decoder-only")
+    result = {}
+    for length, batch in settings(args):
+        ids = torch.tensor(prompts[length][:batch])
+        print(f"  {name} prompt {length} batch {batch}", file=sys.stderr, flush=True)
+        result[f"{length}x{batch}"] = time_setting(run, ids, args)
+    print_result({"cells": result, "peak_gib": peak_memory_gib(DEVICE)})
+
+
+# ---- the parent: prepare models and prompts, run rounds, print the table ----
+
+def encdec_command(*arguments: str) -> None:
+    subprocess.run([sys.executable, "-m", "encdec.cli", *arguments], check=True, stdout=subprocess.DEVNULL)
+
+
+def prepare_model(name: str, work_dir: Path) -> Path:
+    directory = work_dir / name.replace("::", "-")
+    if not directory.exists():
+        print(f"adapting {SOURCE} into {directory} ...", file=sys.stderr, flush=True)
+        encdec_command("adapt", "--encoder", SOURCE, *MODELS[name], "--out", str(directory))
+    return directory
+
+
+def prepare_ct2(model_dir: Path, implementation: str) -> Path | str:
+    """The `encdec export --to ctranslate2` conversion of `model_dir` for `implementation`, or the one line
+    saying why there is none."""
+    out = model_dir.with_name(f"{model_dir.name}-{implementation}")
+    if not out.exists():
+        print(f"converting {model_dir} into {out} ...", file=sys.stderr, flush=True)
+        done = subprocess.run([sys.executable, "-m", "encdec.cli", "export", str(model_dir), "--to", "ctranslate2",
+                               "--out", str(out), "--quantization", CT2_COMPUTE[implementation]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        if done.returncode == 2:
+            return done.stderr.strip().splitlines()[-1].removeprefix("encdec export: error: ")
+        done.check_returncode()
+    return out
+
+
+def make_prompts(tokenizer_dir: Path, args: argparse.Namespace, path: Path) -> None:
+    """Rows of exactly L tokens (BOS first) from the default corpus, one per batch position."""
+    import json
+
+    from encdec.sources import load_tokenizer
+
+    rows, longest = max(args.batch_sizes), max(args.prompt_lengths)
+    ids = corpus_token_ids(tokenizer_dir, rows * longest)
+    bos = load_tokenizer(tokenizer_dir).bos_token_id
+    prompts = {length: [[bos] + ids[r * longest: r * longest + length - 1] for r in range(rows)]
+               for length in args.prompt_lengths}
+    path.write_text(json.dumps(prompts))
+
+
+def skip_reason(implementation: str, model_dir: Path, ct2: dict[str, Path | str]) -> str | None:
+    from encdec.checkpoint import NATIVE, checkpoint_format
+
+    if implementation in CT2_COMPUTE and isinstance(ct2[implementation], str):
+        return ct2[implementation]
+    if implementation == "transformers" and checkpoint_format(model_dir) == NATIVE:
+        return f"{model_dir} is in this project's own format: no transformers class holds its configuration"
+    return None
+
+
+def worker_options(args: argparse.Namespace) -> list[str]:
+    return ["--prompt-lengths", ",".join(map(str, args.prompt_lengths)), "--batch-sizes",
+            ",".join(map(str, args.batch_sizes)), "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
+
+
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> str:
+    same = sum(a == b for x, y in zip(tokens, reference) for a, b in zip(x, y))
+    total = sum(len(y) for y in reference)
+    return f"{same}/{total}"
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    models = {name: prepare_model(name, args.work_dir) for name in args.models}
+    prompts = args.work_dir / "prompts.json"
+    make_prompts(next(iter(models.values())), args, prompts)
+    groups: list[tuple[str, str, Path]] = []  # (model, implementation, directory) to run in each round
+    skipped: list[tuple[str, str, str]] = []
+    for model, directory in models.items():
+        ct2 = {impl: prepare_ct2(directory, impl) for impl in CT2_COMPUTE if impl in args.implementations}
+        for impl in args.implementations:
+            if impl == "decoder-only":
+                continue
+            reason = skip_reason(impl, directory, ct2)
+            if reason:
+                skipped.append((model, impl, reason))
+            else:
+                groups.append((model, impl, ct2[impl] if impl in CT2_COMPUTE else directory))
+    if "decoder-only" in args.implementations:
+        from encdec.sources import resolve
+
+        groups.append((SOURCE, "decoder-only", resolve(SOURCE)))
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for round_ in range(1, args.rounds + 1):
+        for model, impl, directory in groups:
+            print(f"round {round_}/{args.rounds}: {model} {impl} ...", file=sys.stderr, flush=True)
+            result = run_worker(__file__, [*worker_options(args), "--worker", impl, str(directory), str(prompts)])
+            for key, measured in result["cells"].items():
+                cell = cells.setdefault((model, impl, key), Cell())
+                cell.rounds.append(measured["seconds"])
+                cell.cpu_rounds.append(measured["cpu_seconds"])
+                cell.tokens = measured["tokens"]
+                cell.peak_gib = max(cell.peak_gib, result["peak_gib"])
+
+    print(f"device cpu ({torch.get_num_threads()} threads), float32, greedy, {args.new_tokens} new tokens per row "
+          f"(EOS ignored), median of {args.rounds} round(s) x {args.repeats} call(s)")
+    print(f"{'model':<13}  {'implementation':<14}  {'prompt':>6}  {'batch':>5}  {'seconds':>8}  {'CPU s':>7}"
+          f"  {'new tok/s':>9}  {'peak GiB':>8}  tokens = encdec's")
+    for model, impl, _ in groups:
+        for length, batch in settings(args):
+            cell = cells[(model, impl, f"{length}x{batch}")]
+            reference = cells.get((model, "encdec", f"{length}x{batch}"))
+            same = agreement(cell.tokens, reference.tokens) if reference and impl != "encdec" else "-"
+            print(f"{model:<13}  {impl:<14}  {length:>6}  {batch:>5}  {cell.seconds:>8.2f}  {cell.cpu_seconds:>7.1f}"
+                  f"  {batch * args.new_tokens / cell.seconds:>9.1f}  {cell.peak_gib:>8.2f}  {same}")
+    for model, impl, reason in skipped:
+        print(f"{model:<13}  {impl:<14}  skipped: {reason}")
+    for kind in ("cpu", "wall"):  # the wall-clock ratios last
+        for model in models:
+            for length, batch in settings(args):
+                for ours, theirs in RATIOS:
+                    a, b = (cells.get((model, impl, f"{length}x{batch}")) for impl in (ours, theirs))
+                    if a and b:
+                        label = f"{model}, prompt {length}, batch {batch}: {ours} / {theirs}, {kind} seconds"
+                        print(ratio_line(label, *((a.cpu_rounds, b.cpu_rounds) if kind == "cpu" else (a.rounds, b.rounds))))
+
+
+if __name__ == "__main__":
+    main()

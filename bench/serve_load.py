@@ -1,0 +1,356 @@
+"""Serving under load: `encdec serve` (continuous batching) against one request at a time.
+
+Targets, each driven by 1, 4 and 16 concurrent clients (--clients) in closed loop (a client sends its
+next request when the previous one has finished), every request a streamed `POST /v1/completions`:
+
+- serve: `encdec serve MODEL --max-batch 16` (a real uvicorn server on the loopback interface);
+- serve-batch1: the same server with `--max-batch 1` (one request decoded at a time);
+- transformers-loop: one request at a time through transformers' `AutoModelForSeq2SeqLM.generate` on
+  the same checkpoint, the clients being threads of the same process that queue their requests for a
+  single generating thread (no HTTP: what a plain loop over transformers gives, its time to first
+  token taken when generate emits its first new token).
+
+Requests: prompts of mixed lengths (--min-prompt..--max-prompt tokens, decoded back to text) cut
+from the default corpus, 32-64 new tokens each (--min-new, --max-new), greedy, the same sequence of
+requests for every target (seeded). Each level sends --requests-per-client requests per client and
+stops sending after --max-seconds; one untimed request first warms every target up.
+
+Reported per target and level: completed requests, requests/s and output tokens/s (over the level's
+wall time), p50 / p99 time to first token and latency (p99 of a few requests is close to their
+maximum), and the server's peak resident memory (VmHWM of its process, loading included). Output
+texts are compared with the transformers loop's for the same requests. The last lines give, at the
+most concurrent level, serve's output tokens/s over the transformers loop's, and serve's p99 latency
+over the transformers loop's single-client latency (the issue's two goals).
+
+The model: the packaged Gemma 3 270M adapted (balanced, merged attention), prepared as
+bench/generate_throughput.py does, or --model DIR. Needs httpx and the server extra
+(`pip install httpx 'encdec[serve]'`).
+
+    python bench/serve_load.py
+    python bench/serve_load.py --clients 1,4 --requests-per-client 2 --targets serve,transformers-loop
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import corpus_token_ids, print_result, run_worker
+from generate_throughput import prepare_model
+
+TARGETS = ("serve", "serve-batch1", "transformers-loop")
+HEALTH_TIMEOUT_S = 300  # loading the 270M takes under a minute alone; a busy shared machine may take longer
+REQUEST_TIMEOUT_S = 600
+
+
+@dataclass
+class Done:
+    """One completed request (its index in the request list): seconds to the first token and to the end,
+    tokens generated, text."""
+
+    index: int
+    ttft: float
+    latency: float
+    tokens: int
+    text: str
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: the 270M adapted into --work-dir)")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="where the adapted model is kept")
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}")
+    p.add_argument("--clients", default="1,4,16", help="comma list of concurrent client counts")
+    p.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends per level")
+    p.add_argument("--max-seconds", type=float, default=300, help="no new request after this long in a level")
+    p.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")
+    p.add_argument("--min-prompt", type=int, default=64, help="shortest prompt in tokens")
+    p.add_argument("--max-prompt", type=int, default=512, help="longest prompt in tokens")
+    p.add_argument("--min-new", type=int, default=32, help="fewest new tokens a request asks for")
+    p.add_argument("--max-new", type=int, default=64, help="most new tokens a request asks for")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request sequence")
+    p.add_argument("--loop-worker", nargs=2, metavar=("MODEL_DIR", "REQUESTS"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.targets = args.targets.split(",")
+    unknown = set(args.targets) - set(TARGETS)
+    if unknown:
+        p.error(f"--targets: unknown {sorted(unknown)}; choose from {', '.join(TARGETS)}")
+    try:
+        args.clients = [int(n) for n in args.clients.split(",")]
+    except ValueError:
+        p.error("--clients takes a comma list of integers, e.g. 1,4,16")
+    if min(args.clients) < 1 or args.requests_per_client < 1:
+        p.error("client counts and --requests-per-client must be at least 1")
+    if not 1 <= args.min_prompt <= args.max_prompt or not 1 <= args.min_new <= args.max_new:
+        p.error("need 1 <= --min-prompt <= --max-prompt and 1 <= --min-new <= --max-new")
+    return args
+
+
+def make_requests(model_dir: Path, args: argparse.Namespace, count: int) -> list[dict]:
+    """`count` requests {prompt, max_tokens}: corpus text of random token lengths, random output lengths."""
+    from encdec.sources import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    rng = random.Random(args.seed)
+    lengths = [rng.randint(args.min_prompt, args.max_prompt) for _ in range(count)]
+    ids = corpus_token_ids(model_dir, sum(lengths))
+    requests, start = [], 0
+    for length in lengths:
+        requests.append({"prompt": tokenizer.decode(ids[start:start + length]),
+                         "max_tokens": rng.randint(args.min_new, args.max_new)})
+        start += length
+    return requests
+
+
+def levels(args: argparse.Namespace) -> list[list[list[int]]]:
+    """Per level, per client, the indices of the requests it sends: every target gets the same ones."""
+    out, start = [], 1  # request 0 is the warm-up
+    for clients in args.clients:
+        per = args.requests_per_client
+        out.append([list(range(start + c * per, start + (c + 1) * per)) for c in range(clients)])
+        start += clients * per
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# ---- the HTTP targets ----
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def stream_completion(client, url: str, body: dict, index: int) -> Done:
+    """One streamed request (`body`, the model and request `index` filled in) through `client`, an httpx.AsyncClient."""
+    start = time.perf_counter()
+    ttft, text, tokens = None, [], 0
+    async with client.stream("POST", url, json=body, timeout=REQUEST_TIMEOUT_S) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{url} answered {response.status_code}: {(await response.aread()).decode()[:300]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if chunk.get("choices"):
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                text.append(chunk["choices"][0].get("text", ""))
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return Done(index, ttft if ttft is not None else time.perf_counter() - start, time.perf_counter() - start, tokens,
+                "".join(text))
+
+
+async def drive_http(url: str, model: str, requests: list[dict], per_client: list[list[int]],
+                     max_seconds: float) -> tuple[list[Done], float]:
+    """Closed-loop clients against `url`; the completed requests and the level's wall seconds."""
+    import httpx
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=len(per_client) + 1)) as client:
+        async def one_client(indices: list[int]) -> list[Done]:
+            done = []
+            for index in indices:
+                if time.perf_counter() - start > max_seconds:
+                    break
+                body = {"model": model, "temperature": 0, "stream": True, **requests[index]}
+                done.append(await stream_completion(client, url, body, index))
+            return done
+
+        results = await asyncio.gather(*(one_client(r) for r in per_client))
+    return [d for r in results for d in r], time.perf_counter() - start
+
+
+def peak_rss_gib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    raise RuntimeError(f"no VmHWM for process {pid}")
+
+
+def run_server(model_dir: Path, max_batch: int, requests: list[dict], plan: list[list[list[int]]],
+               args: argparse.Namespace) -> tuple[list[tuple[list[Done], float]], float]:
+    """Start `encdec serve`, wait for /health, run every level; returns them and the server's peak RSS."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "encdec.cli", "serve", str(model_dir), "--port", str(port),
+                               "--host", "127.0.0.1", "--max-batch", str(max_batch)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"encdec serve exited with status {server.returncode} before answering /health")
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"encdec serve did not answer /health within {HEALTH_TIMEOUT_S} s")
+            time.sleep(1)
+        url, model = f"{base}/v1/completions", httpx.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+        asyncio.run(drive_http(url, model, requests, [[0]], args.max_seconds))
+        results = []
+        for per_client in plan:
+            print(f"  {len(per_client)} client(s) ...", file=sys.stderr, flush=True)
+            results.append(asyncio.run(drive_http(url, model, requests, per_client, args.max_seconds)))
+        return results, peak_rss_gib(server.pid)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+# ---- the transformers loop (in a process of its own) ----
+
+class FirstToken:
+    """A generate streamer that notes when the first new token comes (the first `put` is the start token)."""
+
+    def __init__(self) -> None:
+        self.puts, self.at = 0, None
+
+    def put(self, value: object) -> None:  # a tensor of token ids
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def loop_worker(model_dir: Path, plan_file: Path) -> None:
+    """Closed-loop client threads queueing for one thread that runs transformers' generate."""
+    import torch
+    import transformers
+
+    spec = json.loads(plan_file.read_text())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos) if isinstance(eos, list) else {eos}
+    work: queue.Queue = queue.Queue()
+
+    def generate(index: int, submitted: float) -> dict:
+        request = spec["requests"][index]
+        batch = tokenizer(request["prompt"], return_tensors="pt")
+        first = FirstToken()
+        with torch.inference_mode():
+            out = model.generate(**batch, max_new_tokens=request["max_tokens"], do_sample=False, streamer=first)
+        ids = out[0, 1:].tolist()  # after the decoder start token
+        if ids and ids[-1] in eos:
+            ids = ids[:-1]  # the server does not return the EOS token either
+        end = time.perf_counter()
+        return {"index": index, "ttft": (first.at or end) - submitted, "latency": end - submitted, "tokens": len(ids),
+                "text": tokenizer.decode(ids, skip_special_tokens=True)}
+
+    def server() -> None:
+        while (item := work.get()) is not None:
+            index, submitted, reply = item
+            reply.put(generate(index, submitted))
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+
+    def drive(per_client: list[list[int]]) -> dict:
+        start = time.perf_counter()
+        done: list[dict] = []
+
+        def client(indices: list[int]) -> None:
+            for index in indices:
+                if time.perf_counter() - start > spec["max_seconds"]:
+                    break
+                reply: queue.Queue = queue.Queue()
+                work.put((index, time.perf_counter(), reply))
+                done.append(reply.get())
+
+        threads = [threading.Thread(target=client, args=(r,)) for r in per_client]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return {"done": done, "wall": time.perf_counter() - start}
+
+    drive([[0]])
+    levels_out = [drive(per_client) for per_client in spec["plan"]]
+    work.put(None)
+    print_result({"levels": levels_out, "peak_gib": peak_rss_gib(os.getpid())})
+
+
+def run_loop(model_dir: Path, requests: list[dict], plan: list[list[list[int]]],
+             args: argparse.Namespace) -> tuple[list[tuple[list[Done], float]], float]:
+    plan_file = args.work_dir / "serve_load_plan.json"
+    plan_file.write_text(json.dumps({"requests": requests, "plan": plan, "max_seconds": args.max_seconds}))
+    result = run_worker(__file__, ["--loop-worker", str(model_dir), str(plan_file)])
+    return [([Done(**d) for d in level["done"]], level["wall"]) for level in result["levels"]], result["peak_gib"]
+
+
+def main() -> None:
+    args = parse_args()
+    if args.loop_worker:
+        loop_worker(Path(args.loop_worker[0]), Path(args.loop_worker[1]))
+        return
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model or prepare_model("merged", args.work_dir)
+    requests = make_requests(model_dir, args, 1 + sum(args.clients) * args.requests_per_client)
+    plan = levels(args)
+    measured: dict[str, tuple[list[tuple[list[Done], float]], float]] = {}
+    for target in args.targets:
+        print(f"{target} ...", file=sys.stderr, flush=True)
+        if target == "transformers-loop":
+            measured[target] = run_loop(model_dir, requests, plan, args)
+        else:
+            batch = 1 if target == "serve-batch1" else args.max_batch
+            measured[target] = run_server(model_dir, batch, requests, plan, args)
+
+    loop = measured.get("transformers-loop")
+    reference = {d.index: d.text for done, _ in loop[0] for d in done} if loop else {}
+    print(f"model {model_dir}, {os.cpu_count()} CPUs, float32, greedy; prompts {args.min_prompt}-{args.max_prompt} "
+          f"tokens, {args.min_new}-{args.max_new} new tokens, {args.requests_per_client} request(s) per client")
+    print(f"{'target':<17}  {'clients':>7}  {'done':>4}  {'req/s':>6}  {'out tok/s':>9}  {'TTFT p50':>8}  {'TTFT p99':>8}"
+          f"  {'lat p50':>7}  {'lat p99':>7}  {'peak GiB':>8}  same text as loop")
+    for target, (results, peak) in measured.items():
+        for clients, (done, wall) in zip(args.clients, results):
+            ttft, latency = [d.ttft for d in done], [d.latency for d in done]
+            same = f"{sum(reference.get(d.index) == d.text for d in done)}/{len(done)}" \
+                if reference and target != "transformers-loop" else "-"
+            print(f"{target:<17}  {clients:>7}  {len(done):>4}  {len(done) / wall:>6.2f}"
+                  f"  {sum(d.tokens for d in done) / wall:>9.1f}  {percentile(ttft, .5):>8.2f}"
+                  f"  {percentile(ttft, .99):>8.2f}  {percentile(latency, .5):>7.2f}  {percentile(latency, .99):>7.2f}"
+                  f"  {peak:>8.2f}  {same}")
+    if "serve" in measured and "transformers-loop" in measured:
+        served, looped = measured["serve"][0], loop[0]
+        top = args.clients.index(max(args.clients))
+        rate = sum(d.tokens for d in served[top][0]) / served[top][1]
+        loop_rate = sum(d.tokens for d in looped[top][0]) / looped[top][1]
+        single = args.clients.index(min(args.clients))
+        loop_single = statistics.median(d.latency for d in looped[single][0])
+        print(f"ratio (serve / transformers-loop output tokens/s, {args.clients[top]} clients): {rate / loop_rate:.2f}x")
+        print(f"ratio (serve p99 latency at {args.clients[top]} clients / transformers-loop latency at "
+              f"{args.clients[single]} client(s)): {percentile([d.latency for d in served[top][0]], .99) / loop_single:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

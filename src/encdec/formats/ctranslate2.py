@@ -1,0 +1,51 @@
+"""Export to CTranslate2 (a C++ inference engine) through CTranslate2's own converter.
+
+CTranslate2's `TransformersConverter` reads a checkpoint through transformers, so only the layouts a
+transformers class holds can go through it: T5Gemma (`T5GemmaForConditionalGeneration`) and T5Gemma 2
+(`T5Gemma2ForConditionalGeneration`). The project's own format has no such class and is refused.
+The tokenizer is saved next to the converted model, so the output directory is all a user needs.
+
+Checked with CTranslate2 4.8.5 (tests/test_export.py): in float32 its greedy tokens equal ours. Where it
+computes something else than transformers and we do (sliding windows shorter than prompt or output, Gemma 2's
+attention soft-cap, T5Gemma 2 batches of mixed prompt lengths) is listed in the README, "Export to CTranslate2".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from encdec.checkpoint import NATIVE, checkpoint_format
+from encdec.errors import EncdecError
+from encdec.files import atomic_dir, check_output_dir
+from encdec.formats.t5gemma import LAYOUTS
+
+QUANTIZATIONS = ("float32", "int8", "int8_float32", "bfloat16", "float16")
+ACCEPTED = ", ".join(f"{name} ({layout.architecture})" for name, layout in LAYOUTS.items())
+
+
+def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite: bool = False) -> str:
+    """Convert the checkpoint in `model_dir` into a CTranslate2 model directory `out`, written atomically;
+    returns the checkpoint's format."""
+    fmt = checkpoint_format(model_dir)
+    if fmt is None:
+        raise EncdecError(f"{model_dir} is not an encoder-decoder checkpoint (from encdec adapt / pretrain); "
+                          f"CTranslate2 converts the layouts {ACCEPTED}")
+    if fmt == NATIVE:
+        raise EncdecError(f"{model_dir} is in this project's own format, which CTranslate2 cannot read: it converts "
+                          f"only the layouts {ACCEPTED} (see docs/formats.md for which configurations get them)")
+    if quantization not in QUANTIZATIONS:
+        raise EncdecError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    from encdec.sources import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)  # CTranslate2 takes its vocabulary from it: fail before any work
+    check_output_dir(out, overwrite)
+    try:
+        from ctranslate2.converters import TransformersConverter
+    except ImportError:
+        raise EncdecError("exporting to CTranslate2 needs the ctranslate2 package: "
+                          "pip install 'encdec[ctranslate2]'") from None
+    with atomic_dir(out, overwrite) as tmp:
+        # the converter refuses an existing directory unless forced; `tmp` is our own, empty one
+        TransformersConverter(str(model_dir)).convert(str(tmp), quantization=quantization, force=True)
+        tokenizer.save_pretrained(str(tmp))
+    return fmt

@@ -1,0 +1,120 @@
+"""`encdec export --to ctranslate2`: CTranslate2's own converter and `Translator` against our generation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import ctranslate2
+import pytest
+import torch
+from tiny import make_source
+
+import encdec
+from encdec.cli import main
+from encdec.sources import load_tokenizer
+
+NEW_TOKENS = 12
+# Where CTranslate2 4.8.5 computes something else than transformers and we do, the sources avoid it
+# (each found on these tiny models; see README "Export to CTranslate2"):
+# - sliding windows: its tokens differed once prompt or output outgrew the window (the conftest
+#   sources have 4 tokens); here the window is longer than prompt + output, as 512 is on the 270M;
+# - attention logit soft-capping (Gemma 2): it has none, so the Gemma 2 source here has none either;
+# - padding: its T5Gemma 2 batches of prompts of different lengths differ from each prompt alone,
+#   so the prompts here have one length.
+WINDOW = 64
+# int8 weights (CTranslate2's compute_type "int8") against our float32 tokens: measured 100% of the
+# 36 tokens for both layouts; the bound, loose since int8 may flip near-ties, is 3 in 4.
+INT8_AGREEMENT = 0.75
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma3"])
+def adapted(request, tmp_path_factory) -> tuple[str, Path]:
+    """A tiny balanced model saved by `encdec adapt`: gemma2 -> T5Gemma layout, gemma3 -> T5Gemma 2."""
+    root = tmp_path_factory.mktemp(f"export-{request.param}")
+    source = make_source(root / "source", request.param, window=WINDOW, attn_softcap=None)
+    out = root / "adapted"
+    assert main(["adapt", "--encoder", str(source), "--out", str(out)]) == 0
+    return {"gemma2": "t5gemma", "gemma3": "t5gemma2"}[request.param], out
+
+
+@pytest.fixture(scope="module")
+def t5gemma2_dir(sources, tmp_path_factory) -> Path:
+    """The conftest Gemma 3 source adapted (T5Gemma 2 layout), for what does not compare tokens."""
+    out = tmp_path_factory.mktemp("export") / "adapted"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)]) == 0
+    return out
+
+
+def _prompts() -> torch.Tensor:
+    """Three prompts of 11 tokens, BOS first."""
+    ids = torch.randint(3, 96, (3, 11), generator=torch.Generator().manual_seed(7))
+    ids[:, 0] = 2
+    return ids
+
+
+def _ours(model_dir: Path) -> list[list[int]]:
+    ids = _prompts()
+    return encdec.load(model_dir).generate(ids, torch.ones_like(ids), max_new_tokens=NEW_TOKENS, eos_token_ids=[-1]).tolist()
+
+
+def _translated(ct2_dir: Path, compute_type: str) -> list[list[int]]:
+    """Greedy tokens of CTranslate2's Translator, which takes the source as token strings."""
+    tokenizer = load_tokenizer(ct2_dir)
+    source = [tokenizer.convert_ids_to_tokens(row) for row in _prompts().tolist()]
+    translator = ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type=compute_type)
+    results = translator.translate_batch(source, beam_size=1, max_decoding_length=NEW_TOKENS, end_token=[])
+    return [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
+
+
+def test_float32_tokens_equal_ours(adapted, tmp_path, capsys):
+    layout, model_dir = adapted
+    out = tmp_path / "ct2"
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out)]) == 0
+    assert f"({layout})" in capsys.readouterr().out
+    assert {"model.bin", "config.json", "shared_vocabulary.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    ours = _ours(model_dir)
+    assert all(len(row) == NEW_TOKENS for row in ours)
+    assert _translated(out, "float32") == ours
+
+
+def test_int8_runs_and_mostly_agrees(adapted, tmp_path):
+    _, model_dir = adapted
+    out = tmp_path / "ct2-int8"
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--quantization", "int8"]) == 0
+    ours, theirs = _ours(model_dir), _translated(out, "int8")
+    assert [len(row) for row in theirs] == [NEW_TOKENS] * 3
+    same = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y))
+    assert same / (3 * NEW_TOKENS) >= INT8_AGREEMENT
+
+
+def test_existing_output_kept_unless_overwrite(t5gemma2_dir, tmp_path, capsys):
+    model_dir = t5gemma2_dir
+    out = tmp_path / "ct2"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--overwrite"]) == 0
+    assert "mine.txt" not in {p.name for p in out.iterdir()} and (out / "model.bin").is_file()
+
+
+def test_own_format_refused_in_one_line(sources, tmp_path, capsys):
+    model_dir = tmp_path / "cross"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--attention", "cross", "--out", str(model_dir)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "ct2"
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "own format" in err[0]
+    assert "t5gemma (T5GemmaForConditionalGeneration)" in err[0] and "t5gemma2" in err[0]
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["cross"]
+
+
+def test_missing_ctranslate2_named(t5gemma2_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ctranslate2.converters", None)  # what an uninstalled package gives
+    out = tmp_path / "ct2"
+    assert main(["export", str(t5gemma2_dir), "--to", "ctranslate2", "--out", str(out)]) == 2
+    assert "pip install 'encdec[ctranslate2]'" in capsys.readouterr().err
+    assert not out.exists()
