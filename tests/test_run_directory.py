@@ -145,8 +145,10 @@ def test_every_process_of_a_distributed_run_stops_on_a_held_lock(adapted, corpus
         holder.wait()
     assert result.returncode != 0
     refusals = _lines(result.stderr, "error:")
-    assert len(refusals) == 2 and all("is being written by process" in line or "could not lock it" in line
-                                      for line in refusals), result.stderr[-2000:]
+    # torchrun ends the other worker once one exits, so it may not get to print its own line (seen under load):
+    # what matters is that no process hangs in a collective (the timeout above) and each line is the refusal
+    assert 1 <= len(refusals) <= 2 and all("is being written by process" in line or "could not lock it" in line
+                                           for line in refusals), result.stderr[-2000:]
 
 
 def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted, corpus, tmp_path, capsys):  # noqa: F811
