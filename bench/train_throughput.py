@@ -60,8 +60,8 @@ import encdec
 from encdec.objectives import Example
 from encdec.training.allocator import keep_freed_memory
 from encdec.training.data import Batch, make_batch
-from encdec.training.step import LossModule
 from encdec.training.optim import build_optimizer
+from encdec.training.step import LossModule
 
 SOURCE = "gemma-3-270m"
 PAD_ID, BOS_ID = 0, 2

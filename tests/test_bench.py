@@ -7,12 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_training import adapted, corpus  # noqa: F401 - fixtures
+from test_training import adapted, corpus
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, tmp_path):  # noqa: F811
+def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, tmp_path):
     out = tmp_path / "study"
     command = [sys.executable, str(BENCH / "recovery.py"), "--model", str(adapted), "--out", str(out), "--steps", "2",
                "--eval-every", "1", "--recipe", f"trimmed:trim_vocab=40,trim_negatives=16,data=[{corpus}]"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import encdec
-import encdec.data.tokens as tokens
+from encdec.data import tokens
 from encdec.data.corpus import HELDOUT_TOPICS, default_corpus, general_passages, heldout_passages
 from encdec.data.text import read_documents
 from encdec.errors import EncdecError

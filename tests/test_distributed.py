@@ -60,7 +60,7 @@ def test_two_processes(sources, tmp_path, launch, fsdp):
 
 def test_every_item_is_shared_out_once_and_every_process_makes_the_same_passes():
     for world in range(1, 6):
-        for n in range(0, 20):
+        for n in range(20):
             shares = [share(n, Dist(rank, world)) for rank in range(world)]
             assert len({len(s) for s in shares}) == 1
             assert sorted(i for s in shares for i in s if i is not None) == list(range(n))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_training import corpus  # noqa: F401 - fixture
+from test_training import corpus
 
 from encdec.cli import main
 
@@ -94,7 +94,7 @@ PRETRAIN = ["--steps", "--enc-len", "--dec-len", "--batch-size", "--save-every",
 
 @settings(FUZZ, max_examples=10)
 @given(options=_options(PRETRAIN), distill=st.booleans())
-def test_pretrain(capsys, model, corpus, options, distill):  # noqa: F811
+def test_pretrain(capsys, model, corpus, options, distill):
     capsys.readouterr()
     root = Path(tempfile.mkdtemp())
     try:

@@ -13,8 +13,8 @@ import encdec
 from encdec.model import Segments, lm_logits
 from encdec.objectives import Example
 from encdec.training.data import make_batch
-from encdec.training.step import LossModule, teacher_states
 from encdec.training.loss import Distillation, TiedLookups, chunked_loss, kl_to_teacher
+from encdec.training.step import LossModule, teacher_states
 from encdec.training.teacher import load_teacher
 
 

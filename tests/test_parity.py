@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import transformers as tf
+from conftest import valid
 
 import encdec
-from conftest import valid
 
 TOL = 1e-4
 

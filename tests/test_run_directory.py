@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_training import _config, _metrics, adapted, corpus  # noqa: F401 - fixtures
+from test_training import _config, _metrics, adapted, corpus
 from tiny import make_tokenizer
 
 from encdec.cli import main
@@ -26,7 +26,7 @@ from encdec.training import checkpointing, loop, rundir, step
 DEAD_PID = 2**22 + 12345  # above Linux's largest pid: no process has it
 
 
-def _pretrain_args(model, out, corpus, *extra: str) -> list[str]:  # noqa: F811
+def _pretrain_args(model, out, corpus, *extra: str) -> list[str]:
     return ["pretrain", "--model", str(model), "--data", str(corpus), "--out", str(out), "--enc-len", "16",
             "--dec-len", "16", "--batch-size", "2", "--eval-windows", "4", "--precision", "fp32", *extra]
 
@@ -39,7 +39,7 @@ def _all_finite(checkpoint) -> bool:
     return all(torch.isfinite(t).all() for t in read_weights(checkpoint).values())
 
 
-def test_a_nan_gradient_stops_before_the_update_and_names_a_finite_checkpoint(adapted, corpus, tmp_path,  # noqa: F811
+def test_a_nan_gradient_stops_before_the_update_and_names_a_finite_checkpoint(adapted, corpus, tmp_path,
                                                                            monkeypatch):
     original = step.chunked_loss
     calls = {"n": 0}
@@ -59,7 +59,7 @@ def test_a_nan_gradient_stops_before_the_update_and_names_a_finite_checkpoint(ad
     assert _all_finite(named[0])
 
 
-def test_weights_that_became_infinite_are_never_saved(adapted, corpus, tmp_path, monkeypatch):  # noqa: F811
+def test_weights_that_became_infinite_are_never_saved(adapted, corpus, tmp_path, monkeypatch):
     original = loop.build_optimizer
 
     def overflowing(*args, **kwargs):  # the fourth update overflows one weight (finite loss and gradient)
@@ -81,7 +81,7 @@ def test_weights_that_became_infinite_are_never_saved(adapted, corpus, tmp_path,
     assert [p.name for p in checkpointing.checkpoints(tmp_path / "run")] == ["step-000002"]
 
 
-def test_overwrite_deletes_nothing_when_the_inputs_are_bad(adapted, corpus, tmp_path, capsys):  # noqa: F811
+def test_overwrite_deletes_nothing_when_the_inputs_are_bad(adapted, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "2", "--save-every", "1")) == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
@@ -91,7 +91,7 @@ def test_overwrite_deletes_nothing_when_the_inputs_are_bad(adapted, corpus, tmp_
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
-def test_a_refused_run_leaves_nothing_that_blocks_the_corrected_command(adapted, corpus, tmp_path):  # noqa: F811
+def test_a_refused_run_leaves_nothing_that_blocks_the_corrected_command(adapted, corpus, tmp_path):
     out = tmp_path / "run"
     assert main(_pretrain_args(tmp_path / "no-model", out, corpus, "--steps", "1")) == 2
     assert not out.exists()
@@ -108,7 +108,7 @@ with rundir.locked(Path(sys.argv[1]), distributed.Dist()):
 """
 
 
-def test_one_run_per_directory_and_a_dead_holder_is_taken_over(adapted, corpus, tmp_path, capsys):  # noqa: F811
+def test_one_run_per_directory_and_a_dead_holder_is_taken_over(adapted, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
@@ -129,7 +129,7 @@ def test_one_run_per_directory_and_a_dead_holder_is_taken_over(adapted, corpus, 
     assert not (out / rundir.LOCK).exists()
 
 
-def test_every_process_of_a_distributed_run_stops_on_a_held_lock(adapted, corpus, tmp_path):  # noqa: F811
+def test_every_process_of_a_distributed_run_stops_on_a_held_lock(adapted, corpus, tmp_path):
     from test_distributed import launcher
 
     out = tmp_path / "run"
@@ -151,7 +151,7 @@ def test_every_process_of_a_distributed_run_stops_on_a_held_lock(adapted, corpus
                                            for line in refusals), result.stderr[-2000:]
 
 
-def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted, corpus, tmp_path, capsys):  # noqa: F811
+def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted, corpus, tmp_path, capsys):
     straight = tmp_path / "straight"
     loop.train(_config(adapted, straight, corpus, steps=4, save_every=1, eval_every=0))
     damaged = tmp_path / "damaged"
@@ -175,7 +175,7 @@ def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted,
     assert _all_finite(checkpointing.checkpoints(damaged)[-1])
 
 
-def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, tmp_path, capsys):  # noqa: F811
+def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))
     for checkpoint in checkpointing.checkpoints(out):
@@ -200,7 +200,7 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     assert (out / "model.safetensors").read_text() == "the previous version"
 
 
-def test_a_damaged_token_cache_is_deleted_and_rebuilt_with_one_line(corpus, tmp_path, capsys):  # noqa: F811
+def test_a_damaged_token_cache_is_deleted_and_rebuilt_with_one_line(corpus, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     setup()

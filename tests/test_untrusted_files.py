@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_training import _config, adapted, corpus  # noqa: F401 - fixtures
+from test_training import _config, adapted, corpus
 from tiny import make_tokenizer
 
 from encdec.cli import main
@@ -39,7 +39,7 @@ def _error_lines(capsys) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run(adapted, corpus, tmp_path_factory):  # noqa: F811
+def run(adapted, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
     loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))
     return out
@@ -56,7 +56,7 @@ def test_training_state_round_trips_exactly(tmp_path):
     assert back["rng"][1].dtype == np.uint32 and np.array_equal(back["keep"], state["keep"])
 
 
-def test_a_pickle_payload_in_a_run_directory_never_runs(run, adapted, corpus, tmp_path, capsys):  # noqa: F811
+def test_a_pickle_payload_in_a_run_directory_never_runs(run, adapted, corpus, tmp_path, capsys):
     handed = tmp_path / "handed"
     shutil.copytree(run, handed)
     marker = tmp_path / "pwned"
@@ -96,7 +96,7 @@ def _with_auto_map(directory, marker, config_name: str) -> None:
     file.write_text(json.dumps(config))
 
 
-def test_a_tokenizer_asking_for_custom_code_is_refused_without_a_prompt(adapted, tmp_path):  # noqa: F811
+def test_a_tokenizer_asking_for_custom_code_is_refused_without_a_prompt(adapted, tmp_path):
     handed = tmp_path / "handed"
     shutil.copytree(adapted, handed)
     marker = tmp_path / "pwned"
@@ -122,7 +122,7 @@ def test_a_decoder_only_source_asking_for_custom_code_is_refused(sources, tmp_pa
     assert not (tmp_path / "pwned").exists()
 
 
-def test_a_weight_index_naming_a_file_outside_the_checkpoint_is_refused(adapted, tmp_path, capsys):  # noqa: F811
+def test_a_weight_index_naming_a_file_outside_the_checkpoint_is_refused(adapted, tmp_path, capsys):
     handed = tmp_path / "handed"
     shutil.copytree(adapted, handed)
     shutil.copy(handed / "model.safetensors", tmp_path / "elsewhere.safetensors")
@@ -134,7 +134,7 @@ def test_a_weight_index_naming_a_file_outside_the_checkpoint_is_refused(adapted,
     assert len(lines) == 1 and "'../elsewhere.safetensors'; only file names inside" in lines[0], lines
 
 
-def test_a_pickle_in_the_token_cache_is_not_loaded_but_rebuilt(corpus, tmp_path, capsys):  # noqa: F811
+def test_a_pickle_in_the_token_cache_is_not_loaded_but_rebuilt(corpus, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     setup()  # encdec's log lines to this test's stderr

@@ -23,7 +23,7 @@ from encdec.training.loop import train
 SOURCE = "gemma-3-270m"
 
 
-def _continuation(model: EncoderDecoder, tokenizer, prompt: str, max_new_tokens: int) -> str:  # noqa: ANN001
+def _continuation(model: EncoderDecoder, tokenizer, prompt: str, max_new_tokens: int) -> str:
     batch = tokenizer([prompt], return_tensors="pt")
     out = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens)
     return tokenizer.decode(out[0], skip_special_tokens=True)

@@ -73,7 +73,7 @@ def refuse_custom_code(directory: Path) -> None:
                               "which encdec never does; remove the entry if the model is a standard Gemma / T5Gemma")
 
 
-def load_tokenizer(directory: Path | str):  # noqa: ANN201 - a transformers tokenizer
+def load_tokenizer(directory: Path | str):
     """The tokenizer saved in a checkpoint directory (memoised while its files are unchanged:
     building one takes seconds)."""
     directory = Path(directory)
@@ -85,7 +85,7 @@ def load_tokenizer(directory: Path | str):  # noqa: ANN201 - a transformers toke
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(directory: Path, stamp: tuple[int, ...]):  # noqa: ANN202
+def _tokenizer(directory: Path, stamp: tuple[int, ...]):
     from transformers import AutoTokenizer
 
     try:
@@ -94,7 +94,7 @@ def _tokenizer(directory: Path, stamp: tuple[int, ...]):  # noqa: ANN202
         raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})") from None
 
 
-def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):  # noqa: ANN201
+def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     """A decoder-only source as transformers' own model (for comparisons), from safetensors only, no custom code."""
     from transformers import AutoModelForCausalLM
 

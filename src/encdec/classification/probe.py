@@ -19,7 +19,7 @@ ABSENT = -1e4  # the bias of a label no training example has: never predicted
 def check_available() -> None:
     """Fail before any work when scikit-learn (the `classify` extra) is missing."""
     try:
-        import sklearn  # noqa: F401
+        import sklearn
     except ImportError:
         raise EncdecError("--probe needs scikit-learn: pip install 'encdec[classify]'") from None
 

@@ -25,7 +25,7 @@ log = logging.getLogger("encdec")
 CORPUS_VERSION = 1  # bump when default_corpus() changes
 
 
-def tokenizer_fingerprint(tokenizer) -> str:  # noqa: ANN001 - a transformers tokenizer
+def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the tokenizer would encode differently."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
@@ -62,7 +62,7 @@ def _documents(specs: list[str], text_field: str) -> list[str]:
     return [doc for spec in specs for doc in _read(spec, text_field)]
 
 
-def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:  # noqa: ANN001
+def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:
     """All documents of `specs` (the default corpus when empty) as one int32 stream, cached on disk."""
     from encdec.sources import cache_root
 

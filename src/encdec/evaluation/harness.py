@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from encdec.errors import EncdecError
 from encdec.evaluation.answers import exact_match, final_number, first_line
 from encdec.evaluation.scoring import Scorer, load_scorer
 from encdec.evaluation.stats import wilson_interval
@@ -29,7 +30,6 @@ from encdec.evaluation.tasks import (
     question_prompt,
     sample,
 )
-from encdec.errors import EncdecError
 from encdec.files import atomic_write
 
 log = logging.getLogger("encdec")

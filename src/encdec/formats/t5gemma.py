@@ -98,7 +98,7 @@ def _special(cfg: EncDecConfig) -> dict[str, Any]:
     return {"pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_ids}
 
 
-def hf_config(cfg: EncDecConfig, layout: Layout):  # noqa: ANN201 - a transformers PretrainedConfig
+def hf_config(cfg: EncDecConfig, layout: Layout):
     """The transformers configuration object of an exportable model."""
     import transformers as tf
 

@@ -22,7 +22,7 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, decay_a
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
-def warmup_cosine(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - a LambdaLR multiplier
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
     """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
 
     def factor(step: int) -> float:
@@ -34,5 +34,5 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):  # noqa: ANN201 - 
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, min_ratio: float):  # noqa: ANN201
+def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, min_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total, min_ratio))

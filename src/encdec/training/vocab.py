@@ -152,7 +152,7 @@ def full_vocabulary_model(weights: dict[str, torch.Tensor], start: EncoderDecode
     return model
 
 
-def always_kept(tokenizer, objective: str, sentinels: int = 128) -> list[int]:  # noqa: ANN001
+def always_kept(tokenizer, objective: str, sentinels: int = 128) -> list[int]:
     """Special tokens, the chat-turn markers, and for UL2 its mode tokens and `sentinels` sentinels."""
     from encdec.objectives import special_token_ids
 
