@@ -79,8 +79,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     if plan.causal and (cfg.freeze_encoder_steps or cfg.encoder_curriculum_steps):
         raise EncdecError("--freeze-encoder-steps and --encoder-curriculum-steps need an encoder-decoder model")
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
-    if plan.untrained is not None:
-        plan.untrained.rows = plan.untrained.rows.to(d.device)
+    untrained = None if plan.trimmed is None else plan.trimmed.untrained
+    unk_id = None if plan.trimmed is None else plan.trimmed.unk_id
+    if untrained is not None:
+        untrained.rows = untrained.rows.to(d.device)
     if plan.causal:  # a decoder-only model reads the teacher's view of the rows
         special = dict(pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id)
     else:
@@ -101,7 +103,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         dtype = compute_dtype or torch.float32
         teacher = load_teacher(teacher_spec(model_dir, cfg.teacher), plan.vocab_size, dtype, d.device)
         if keep is not None:
-            teacher = trim_teacher(teacher, keep, plan.untrained)
+            teacher = trim_teacher(teacher, keep, untrained)
         distillation = Distillation(cfg.alpha, cfg.tau, cfg.teacher_top_k)
     if plan.causal:
         module: nn.Module = CausalLossModule(model, cfg.loss_chunk)
@@ -134,12 +136,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     rows = cfg.batch_size
     with_teacher = teacher is not None
     teacher_rows = with_teacher or plan.causal
-    untrained = plan.untrained
 
     def batch_of(examples: list[Example], with_teacher: bool) -> Batch:
         batch = make_batch(examples, enc_len=cfg.enc_len, dec_len=cfg.dec_len, with_teacher=with_teacher, **special)
-        if plan.unk_id is not None:
-            ignore_unknown_targets(batch.rows.labels, plan.unk_id)
+        if unk_id is not None:
+            ignore_unknown_targets(batch.rows.labels, unk_id)
         return batch
 
     def evaluate(eval_examples: list[Example]) -> float:

@@ -32,28 +32,32 @@ class Plan:
     model: nn.Module  # EncoderDecoder, or CausalLM when instruction-tuning a decoder-only model
     stream: ExampleStream
     eval_examples: list[Example]
-    keep: np.ndarray | None  # kept token ids when the vocabulary is trimmed
     vocab_size: int  # of the full vocabulary (the teacher's)
+    trimmed: Trimmed | None = None  # the vocabulary the model is trained on, when trimmed
     source: DecoderOnlySource | None = None  # the decoder-only model's source (config, tokenizer)
     extra_eval: list[Example] = dataclasses.field(default_factory=list)  # --eval-data's held-out examples
-    untrained: UntrainedRows | None = None  # head rows outside the trimmed vocabulary (sampled negatives)
-    unk_id: int | None = None  # trimmed id of <unk>, whose targets are not scored
 
     @property
     def causal(self) -> bool:
         return isinstance(self.model, CausalLM)
 
+    @property
+    def keep(self) -> np.ndarray | None:
+        return None if self.trimmed is None else self.trimmed.keep
+
 
 @dataclass
 class Trimmed:
-    model: EncoderDecoder  # over the kept tokens
+    """A trimmed vocabulary: which tokens are kept, how ids map, and the head rows left untrained."""
+
     keep: np.ndarray  # kept full-vocabulary ids, ascending
     table: np.ndarray  # full id -> kept id (<unk> for the others)
     untrained: UntrainedRows
     unk_id: int  # kept id of <unk>, which every other token became
 
 
-def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray, d: distributed.Dist) -> Trimmed:
+def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray,
+          d: distributed.Dist) -> tuple[EncoderDecoder, Trimmed]:
     """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones."""
     keep = kept_tokens(ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.config.vocab_size)
     table = remap_table(keep, model.config.vocab_size, tokenizer.unk_token_id)
@@ -61,15 +65,15 @@ def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray, d
     if d.main:
         log.info("training on a vocabulary of %d tokens (of %d), with %d sampled untrained rows per step",
                  len(keep), len(table), min(cfg.trim_negatives, len(untrained.rows)))
-    return Trimmed(trim_model(model, keep, table), keep, table, untrained, int(table[tokenizer.unk_token_id]))
+    return trim_model(model, keep, table), Trimmed(keep, table, untrained, int(table[tokenizer.unk_token_id]))
 
 
 def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: distributed.Dist) -> Plan:
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
     vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.config.vocab_size
     if cfg.trim_vocab:
-        trimmed = _trim(cfg, model, tokenizer, stream_ids, d)
-        model, keep, table = trimmed.model, trimmed.keep, trimmed.table
+        model, trimmed = _trim(cfg, model, tokenizer, stream_ids, d)
+        keep, table = trimmed.keep, trimmed.table
         stream_ids = table[stream_ids]
         vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
     data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
@@ -87,14 +91,7 @@ def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: dis
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
         length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len)
         extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
-    plan = Plan(model, stream, held_out, None, vocab_size, extra_eval=extra)
-    return _with_trimmed(plan, trimmed)
-
-
-def _with_trimmed(plan: Plan, trimmed: Trimmed | None) -> Plan:
-    if trimmed is None:
-        return plan
-    return dataclasses.replace(plan, keep=trimmed.keep, untrained=trimmed.untrained, unk_id=trimmed.unk_id)
+    return Plan(model, stream, held_out, vocab_size, trimmed, extra_eval=extra)
 
 
 def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,
@@ -114,15 +111,15 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
         if isinstance(model, CausalLM):
             raise EncdecError("--trim-vocab works with encoder-decoder models only")
         ids = np.concatenate([np.asarray(e.inputs + e.targets) for e in examples])
-        trimmed = _trim(cfg, model, tokenizer, ids, d)
-        model, table = trimmed.model, trimmed.table
+        model, trimmed = _trim(cfg, model, tokenizer, ids, d)
+        table = trimmed.table
         examples = [Example(table[e.inputs].tolist(), table[e.targets].tolist()) for e in examples]
     held_out = examples[-cfg.eval_windows :]
     stream = ExampleStream(examples[: -cfg.eval_windows], lambda e, rng: e, seed=cfg.seed, enc_len=cfg.enc_len,
                            dec_len=cfg.dec_len)
     if d.main:
         log.info("instruction tuning on %d examples (%d held out)", len(examples) - len(held_out), len(held_out))
-    return _with_trimmed(Plan(model, stream, held_out, None, vocab_size, source), trimmed)
+    return Plan(model, stream, held_out, vocab_size, trimmed, source)
 
 
 def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
