@@ -20,6 +20,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -44,8 +45,20 @@ def parse_recipe(text: str) -> tuple[str, dict]:
     values = {}
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
-        values[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        values[key.strip().replace("-", "_")] = _number_or_yaml(value)
     return name, values
+
+
+def _number_or_yaml(text: str) -> Any:
+    """A recipe value: numbers as Python reads them (YAML 1.1 reads `1e-4` as a string), anything else as YAML."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return yaml.safe_load(text)
 
 
 def read_results(path: Path) -> list[dict]:
