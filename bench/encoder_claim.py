@@ -1,0 +1,122 @@
+"""The paper's encoder claim on this machine's budget: classification from the adapted encoder's
+representations against the decoder-only source's, on BoolQ, CB, COPA and RTE.
+
+Every cell (backbone x protocol x task) is one `encdec classify` run, written atomically to
+OUT/BACKBONE/PROTOCOL/TASK/results.json; a cell whose results exist is not run again, so an interrupted
+comparison resumes where it stopped. Protocols:
+
+- probe: frozen backbone, cached pooled features, logistic regression with C chosen on dev splits of
+  the training data (`encdec classify --probe`);
+- search: full fine-tuning with the learning rate x epochs x head learning rate chosen on dev splits
+  (`encdec classify --search`).
+
+BoolQ trains on (a seeded sample of) its training split and is scored on validation; CB, COPA and RTE
+are k-fold cross-validated over validation, as `encdec classify` does. Nothing is chosen on the
+reported split. The table gives each cell's accuracy with its 95% Wilson interval, the majority-class
+baseline, and per backbone and protocol the SuperGLUE-style average (the mean of the four tasks' scores,
+CB scored as the mean of accuracy and macro-F1 as SuperGLUE does) with a 95% interval from the
+per-task binomial variances. The last lines compare each adapted backbone with the decoder-only one.
+
+    python bench/encoder_claim.py --out runs/encoder-claim \\
+        --backbone decoder-only=gemma-3-270m --backbone adapted-init=runs/quickstart/adapted \\
+        --backbone adapted-trained=runs/recovery-200/default/model --protocol probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+TASKS = ("boolq", "cb", "copa", "rte")
+PROTOCOLS = {"probe": ["--probe"], "search": ["--search"]}
+Z95 = 1.959964
+
+
+def parse_backbone(text: str) -> tuple[str, str]:
+    name, sep, model = text.partition("=")
+    if not sep or not name or not model:
+        raise argparse.ArgumentTypeError(f"--backbone takes NAME=MODEL (a directory, GGUF or source name), got {text!r}")
+    return name, model
+
+
+def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Namespace) -> dict:
+    """The cell's results.json, running `encdec classify` first unless it exists."""
+    results = out / "results.json"
+    if not results.exists():
+        command = [sys.executable, "-m", "encdec.cli", "classify", model, "--task", task, "--out", str(out),
+                   "--seed", str(args.seed), *PROTOCOLS[protocol]]
+        if task == "boolq":
+            command += ["--limit", str(args.boolq_train), "--eval-limit", str(args.boolq_eval)]
+        command += args.classify_args
+        print(" ".join(command), flush=True)
+        subprocess.run(command, check=True)
+    return json.loads(results.read_text())
+
+
+def macro_f1(predictions: list[dict]) -> float:
+    labels = sorted({p["label"] for p in predictions} | {p["prediction"] for p in predictions})
+    scores = []
+    for label in labels:
+        tp = sum(p["label"] == label and p["prediction"] == label for p in predictions)
+        fp = sum(p["label"] != label and p["prediction"] == label for p in predictions)
+        fn = sum(p["label"] == label and p["prediction"] != label for p in predictions)
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores)
+
+
+def task_score(result: dict) -> float:
+    """SuperGLUE's score of a task: accuracy, except CB's mean of accuracy and macro-F1."""
+    if result["task"] == "cb":
+        return (result["accuracy"] + macro_f1(result["predictions"])) / 2
+    return result["accuracy"]
+
+
+def average(results: list[dict]) -> tuple[float, float]:
+    """The mean task score and the half-width of its 95% interval (binomial variance of each task's accuracy)."""
+    mean = sum(task_score(r) for r in results) / len(results)
+    variance = sum(r["accuracy"] * (1 - r["accuracy"]) / r["n"] for r in results) / len(results) ** 2
+    return mean, Z95 * math.sqrt(variance)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/encoder-claim"))
+    parser.add_argument("--backbone", type=parse_backbone, action="append", default=[],
+                        help="NAME=MODEL (repeat); default: decoder-only=gemma-3-270m, adapted-init=runs/quickstart/adapted")
+    parser.add_argument("--protocol", choices=PROTOCOLS, action="append", default=[], help="probe and/or search")
+    parser.add_argument("--task", choices=TASKS, action="append", default=[])
+    parser.add_argument("--boolq-train", type=int, default=2000, help="BoolQ training examples (seeded sample)")
+    parser.add_argument("--boolq-eval", type=int, default=1000, help="BoolQ validation examples (seeded sample)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("classify_args", nargs="*", help="after --: more `encdec classify` options for every cell")
+    args = parser.parse_args()
+    backbones = args.backbone or [("decoder-only", "gemma-3-270m"), ("adapted-init", "runs/quickstart/adapted")]
+    protocols, tasks = args.protocol or ["probe"], args.task or list(TASKS)
+    table: dict[tuple[str, str], list[dict]] = {}
+    for protocol in protocols:
+        for task in tasks:
+            for name, model in backbones:
+                result = run_cell(model, task, protocol, args.out / name / protocol / task, args)
+                table.setdefault((name, protocol), []).append(result)
+
+    print(f"{'backbone':<18} {'protocol':<8} " + " ".join(f"{t:>21}" for t in tasks) + f" {'average':>15}")
+    for (name, protocol), results in table.items():
+        cells = " ".join(f"{r['accuracy']:.3f} [{r['interval'][0]:.3f},{r['interval'][1]:.3f}]" for r in results)
+        mean, half = average(results)
+        print(f"{name:<18} {protocol:<8} {cells} {mean:.3f} +- {half:.3f}")
+    baselines = table[next(iter(table))]
+    print(f"{'majority class':<18} {'':<8} " + " ".join(f"{r['majority_baseline']['accuracy']:>21.3f}" for r in baselines))
+    reference = backbones[0][0]
+    for protocol in protocols:
+        base, _ = average(table[(reference, protocol)])
+        for name, _ in backbones[1:]:
+            mean, _ = average(table[(name, protocol)])
+            print(f"difference ({protocol}, {name} - {reference}): {mean - base:+.3f} average score")
+
+
+if __name__ == "__main__":
+    main()
