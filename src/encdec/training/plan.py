@@ -140,7 +140,11 @@ def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
     else:
         from encdec.causal import load_causal
 
-        model, source = load_causal(cfg.model)
+        try:
+            model, source = load_causal(cfg.model)
+        except EncdecError as e:
+            raise EncdecError(f"--model: not an encoder-decoder checkpoint (from `encdec adapt`), nor a decoder-only "
+                              f"source ({e})") from None
         model.train()
         tokenizer = load_tokenizer(source.directory)
     if cfg.objective == "instruct":
