@@ -123,3 +123,31 @@ def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, 
     second = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)  # nothing reruns
     assert second.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
     assert table in second.stdout
+
+
+def test_a_decoder_only_pretraining_run_resumes_exactly(sources, corpus, tmp_path, monkeypatch):  # noqa: F811
+    from encdec.training.metrics import Metrics
+
+    def config(out: str, **extra: object) -> TrainConfig:
+        return TrainConfig(model=str(sources["gemma3"]), out=str(tmp_path / out), data=[str(corpus)], enc_len=16,
+                           dec_len=16, batch_size=2, steps=4, lr=3e-3, warmup_steps=1, eval_windows=4, save_every=1,
+                           precision="fp32", distill=True, trim_vocab=40, trim_negatives=16, **extra)
+
+    train(config("straight"))
+    log = Metrics.log
+
+    def stop_after_step_2(self, record, **kw):
+        log(self, record, **kw)
+        if record["step"] == 2:
+            raise KeyboardInterrupt  # after step 2's checkpoint was written
+
+    monkeypatch.setattr(Metrics, "log", stop_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config("resumed"))
+    monkeypatch.setattr(Metrics, "log", log)
+    train(config("resumed", resume=True))
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("straight", "resumed")}
+    assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"]
+    a, b = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
