@@ -48,12 +48,27 @@ from study import append, check_recipe, parse_recipe, read_results, recipe_confi
 from encdec.checkpoint import is_checkpoint
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.errors import EncdecError
+from encdec.evaluation.tasks import LM_TASK, parse_tasks
 
 SOURCE = "source"
 DEFAULT_POINTS = ["balanced=all", "dec9=1::2", "dec6=2::3"]
 ENCODER_ONLY = ("freeze_encoder_steps", "encoder_curriculum_steps", "cross_warmup_steps")
 OUT_OF_DOMAIN = "general-english"
 DEVICE = torch.device("cpu")
+# the options each kind of result depends on: a rerun into the same OUT must not mix studies
+SETTINGS = {"trained": ("source", "steps", "recipe", "seed"), "evaluated": ("eval_tasks", "eval_limit", "shots", "eval_seed"),
+            "latency": ("prompt_tokens", "new_tokens", "batches", "repeats")}
+
+
+def settings(event: str, args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key) for key in SETTINGS[event]}
+
+
+def refuse_other_settings(records: list[dict], args: argparse.Namespace, results: Path) -> None:
+    for record in records:
+        if record["settings"] != settings(record["event"], args):
+            raise SystemExit(f"{results} holds results made with {record['settings']}, this run asks for "
+                             f"{settings(record['event'], args)}: use another --out")
 
 
 def parse_point(text: str, attention: str) -> tuple[str, list[str]]:
@@ -92,8 +107,9 @@ def train_point(name: str, start: str | Path, args: argparse.Namespace, results:
         began = time.perf_counter()
         cfg.resume = checkpointing.checkpoints(Path(cfg.out)) != []
         train(cfg)
-        append(results, {"point": name, "event": "trained", "steps": args.steps, "tokens": args.steps * tokens_per_step(cfg),
-                         "seconds": round(time.perf_counter() - began), "recipe": args.recipe, "options": options})
+        append(results, {"point": name, "event": "trained", "settings": settings("trained", args),
+                         "tokens": args.steps * tokens_per_step(cfg), "seconds": round(time.perf_counter() - began),
+                         "options": options})
     return final
 
 
@@ -102,25 +118,23 @@ def evaluate_points(models: dict[str, Path], args: argparse.Namespace, results: 
     point not yet evaluated in one call (the tasks' data read once), their table in OUT/evaluation-NAMES.md."""
     from encdec.evaluation.harness import Settings, evaluate, write
     from encdec.evaluation.stats import mean_interval
-    from encdec.evaluation.tasks import LM_TASK, parse_tasks
 
     done = {r["point"] for r in read_results(results) if r["event"] == "evaluated"}
     pending = {name: str(model) for name, model in models.items() if name not in done}
     if not pending:
         return
     tasks = [t for t in parse_tasks(args.eval_tasks) if t != LM_TASK]
-    settings = Settings(tasks=[*tasks, LM_TASK], shots=args.shots, limit=args.eval_limit, batch_size=args.eval_batch_size,
-                        seed=args.eval_seed)
-    record = evaluate(list(pending.values()), settings)
+    suite = Settings(tasks=[*tasks, LM_TASK], shots=args.shots, limit=args.eval_limit, batch_size=args.eval_batch_size,
+                     seed=args.eval_seed)
+    record = evaluate(list(pending.values()), suite)
     write(record, args.out / f"evaluation-{'-'.join(pending)}")
     for name, model in pending.items():
         scored = {task: record["tasks"][task]["results"][model] for task in tasks}
         mean, low, high = mean_interval([(s["accuracy"] * s["n"], s["n"]) for s in scored.values()])
         heldout = record["tasks"][LM_TASK]["results"][model]
-        append(results, {"point": name, "event": "evaluated", "model": model,
+        append(results, {"point": name, "event": "evaluated", "settings": settings("evaluated", args), "model": model,
                          "nll": {n: round(heldout[f"suffix_nll:{n}"], 4) for n in HELDOUT_SETS},
                          "suite": {"average": mean, "interval95": [low, high], "tasks": len(tasks),
-                                   "limit": args.eval_limit, "shots": args.shots,
                                    "accuracy": {t: s["accuracy"] for t, s in scored.items()}}})
 
 
@@ -266,6 +280,8 @@ def parse_args() -> argparse.Namespace:
     if args.batches[0] < 1:
         p.error(f"--batches must be at least 1, got {args.batches[0]}")
     try:
+        if not [t for t in parse_tasks(args.eval_tasks) if t != LM_TASK]:
+            p.error(f"--eval-tasks {args.eval_tasks!r}: name at least one accuracy task (the held-out NLL is added)")
         args.points = dict(parse_point(text, args.attention) for text in args.point or DEFAULT_POINTS)
         _, args.options = parse_recipe(args.recipe)
         check_recipe(args.options)
@@ -281,6 +297,7 @@ def main() -> None:
         return
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
+    refuse_other_settings(read_results(results), args, results)
     worker_options = ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--batches",
                       ",".join(map(str, args.batches)), "--repeats", str(args.repeats)]
     names = [SOURCE, *args.points]
@@ -290,7 +307,7 @@ def main() -> None:
         start = args.source if name == SOURCE else adapted_model(name, args.points[name], args)
         models[name] = train_point(name, start, args, results, done)
     evaluate_points(models, args, results)
-    prompts = args.out / f"prompts-{args.prompt_tokens}.json"
+    prompts = args.out / f"prompts-{max(args.batches)}x{args.prompt_tokens}.json"
     if not prompts.exists():
         write_prompts(args, models[SOURCE], prompts)
     for round_ in range(args.rounds):
@@ -299,7 +316,8 @@ def main() -> None:
             if (name, round_) not in done:
                 print(f"latency round {round_ + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
                 measured = run_worker(__file__, [*worker_options, "--worker", str(models[name]), str(prompts)])
-                append(results, {"point": name, "event": "latency", "round": round_, **measured})
+                append(results, {"point": name, "event": "latency", "settings": settings("latency", args), "round": round_,
+                                 **measured})
     points = summarise(read_results(results), names)
     setting = (f"{args.prompt_tokens}-token input -> {args.new_tokens} new tokens, float32; {args.steps} training steps "
                f"per point, recipe {args.recipe}; suite: {args.eval_tasks}, {args.eval_limit} per task, {args.shots}-shot")

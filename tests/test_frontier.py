@@ -123,6 +123,8 @@ def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, 
     second = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)  # nothing reruns
     assert second.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
     assert table in second.stdout
+    other = subprocess.run([*command, "--steps", "3"], check=False, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "use another --out" in other.stderr  # one OUT holds one study
 
 
 def test_a_decoder_only_pretraining_run_resumes_exactly(sources, corpus, tmp_path, monkeypatch):  # noqa: F811
