@@ -45,7 +45,7 @@ def generate_causal(
     seen = torch.cat([mask.bool(), torch.ones(n, max_new_tokens, dtype=torch.bool, device=device)], 1)
     key_positions = torch.arange(total, device=device)
     generators = [sampling.generator(device) for _ in range(n)]
-    eos = torch.tensor(eos_token_ids, device=device)
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     x_last = hidden[:, -1]
