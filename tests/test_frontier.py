@@ -18,6 +18,7 @@ from test_training import corpus  # noqa: F401 (a fixture)
 
 from encdec.causal import load_causal
 from encdec.config import EncDecConfig, StackConfig
+from encdec.errors import EncdecError
 from encdec.evaluation.stats import mean_interval
 from encdec.flops import decoder_only_request_flops, encdec_request_flops
 from encdec.inference.causal import generate_causal
@@ -76,6 +77,8 @@ def test_decoder_only_generation_matches_transformers_and_ignores_left_padding(s
     padded[1, :4], mask[1, :4] = 0, 0
     alone = generate_causal(model, ids[1:2, 4:], max_new_tokens=10, eos_token_ids=[-1])
     assert torch.equal(generate_causal(model, padded, mask, max_new_tokens=10, eos_token_ids=[-1])[1], alone[0])
+    with pytest.raises(EncdecError, match="pad prompts on the left"):
+        generate_causal(model, ids, mask.flip(1), max_new_tokens=2, eos_token_ids=[-1])
     first = int(ours[0, 0])  # a row that reaches an EOS stops, and is padded while the others go on
     stopped = generate_causal(model, ids, max_new_tokens=10, eos_token_ids=[first])
     assert stopped[0, 0] == first and (stopped[0, 1:] == 0).all()

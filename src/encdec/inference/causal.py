@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from encdec.errors import EncdecError
 from encdec.inference.sampling import Sampling, pick_tokens
 from encdec.model import CausalLM, Segments, embed_tokens, rope_tables
 
@@ -30,6 +31,8 @@ def generate_causal(
     n, length = input_ids.shape
     input_ids = input_ids.to(device)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    if not bool(mask[:, -1].all()):
+        raise EncdecError("decoder-only generation continues each prompt from its last position: pad prompts on the left")
     cache: list[tuple[torch.Tensor, torch.Tensor]] = []
     hidden = model.hidden(input_ids, Segments.of(input_ids, mask, None, None), cache)
     total = length + max_new_tokens
