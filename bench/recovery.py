@@ -11,19 +11,17 @@ and OUT/recovery.png is drawn from them.
     python bench/recovery.py --model runs/quickstart/adapted --out runs/recovery --steps 40 --eval-every 10 \\
         --recipe default --recipe no-negatives:trim_negatives=0 --recipe untrimmed:trim_vocab=0
 
-A recipe is NAME or NAME:option=value,option=value with TrainConfig's option names (YAML values).
+A recipe is NAME or NAME:option=value,option=value with TrainConfig's option names (YAML values); see study.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
+from study import append, check_recipe, parse_recipe, read_results, recipe_config, tokens_per_step
 
 from encdec.checkpoint import load, read_metadata
 from encdec.data.corpus import HELDOUT_SETS
@@ -31,44 +29,9 @@ from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_
 from encdec.files import read_weights
 from encdec.sources import load_source, load_tokenizer
 from encdec.training import checkpointing
-from encdec.training.config import TrainConfig
 from encdec.training.loop import train
 from encdec.training.plain_state import read_state
 from encdec.training.vocab import full_vocabulary_model
-
-QUICKSTART_RECIPE = dict(distill=True, enc_len=64, dec_len=64, batch_size=4, lr=3e-4, eval_windows=16,
-                         trim_vocab=8192, eval_every=0)
-
-
-def parse_recipe(text: str) -> tuple[str, dict]:
-    name, _, options = text.partition(":")
-    values = {}
-    for item in filter(None, options.split(",")):
-        key, _, value = item.partition("=")
-        values[key.strip().replace("-", "_")] = _number_or_yaml(value)
-    return name, values
-
-
-def _number_or_yaml(text: str) -> Any:
-    """A recipe value: numbers as Python reads them (YAML 1.1 reads `1e-4` as a string), anything else as YAML."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return yaml.safe_load(text)
-
-
-def read_results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def append(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(json.dumps(record), flush=True)
 
 
 def score(model, sets: dict[str, PrefixSuffix]) -> dict[str, float]:
@@ -78,10 +41,8 @@ def score(model, sets: dict[str, PrefixSuffix]) -> dict[str, float]:
 def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[str, PrefixSuffix],
                results: Path, done: set[tuple[str, int]]) -> None:
     steps, every = args.steps, args.eval_every
-    cfg = TrainConfig(**{**QUICKSTART_RECIPE, "warmup_steps": max(1, steps // 10), **options, "model": str(args.model),
-                         "out": str(args.out / name), "steps": steps, "save_every": every,
-                         "keep_last": steps // every + 1, "seed": args.seed})
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * (cfg.enc_len + cfg.dec_len)
+    cfg = recipe_config(options, model=args.model, out=args.out / name, steps=steps, seed=args.seed, save_every=every,
+                        keep_last=steps // every + 1)
     if (name, steps) not in done:
         began = time.perf_counter()
         cfg.resume = checkpointing.checkpoints(Path(cfg.out)) != []
@@ -95,7 +56,7 @@ def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[st
             continue
         keep = read_state(path, "trainer").get("kept_tokens")  # a numpy array, or None when untrimmed
         model = full_vocabulary_model(read_weights(path), start, keep)
-        append(results, {"recipe": name, "step": step, "tokens": step * tokens_per_step, "nll": score(model, sets)})
+        append(results, {"recipe": name, "step": step, "tokens": step * tokens_per_step(cfg), "nll": score(model, sets)})
 
 
 def source_nll(args: argparse.Namespace, sets: dict[str, PrefixSuffix]) -> dict[str, float]:
@@ -140,7 +101,7 @@ def main() -> None:
         parser.error("--steps and --eval-every must be at least 1, and --steps a multiple of --eval-every")
     recipes = [parse_recipe(text) for text in args.recipe or ["default"]]
     for _, options in recipes:
-        TrainConfig(**{**QUICKSTART_RECIPE, **options, "model": "m"})  # a bad option fails before any work
+        check_recipe(options)
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     tokenizer = load_tokenizer(args.model)

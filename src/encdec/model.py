@@ -208,9 +208,13 @@ class EncoderBlock(nn.Module):
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
 
-    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor,
+                cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """`cache`: this block's keys and values are appended to it (decoder-only generation reuses them)."""
         h = self.attn_norm(x)
         k, v = self.attn.keys_values(h, rope)
+        if cache is not None:
+            cache.append((k, v))
         x = x + self.post_attn_norm(self.attn.attend(self.attn.queries(h, rope), k, v, mask))
         return self.feed_forward(x)
 
@@ -274,14 +278,15 @@ def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None)
 
 def run_self_attention_stack(
     stack: Stack, cfg: StackConfig, x: torch.Tensor, seg: Segments, *, causal: bool, convention: str = "t5gemma",
-    lookahead: int | None = None,
+    lookahead: int | None = None, cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """Embedded tokens through a stack of EncoderBlocks (bidirectional, or causal like the decoder-only source)."""
+    """Embedded tokens through a stack of EncoderBlocks (bidirectional, or causal like the decoder-only source);
+    `cache` receives each block's keys and values."""
     rope = rope_tables(cfg, seg.positions, x.dtype)
     masks = attention_masks(seg, seg, causal=causal, window=cfg.sliding_window, convention=convention,
                             lookahead=lookahead)
     for block, kind in zip(stack.layers, cfg.layer_types):
-        x = block(x, rope[kind], masks[kind])
+        x = block(x, rope[kind], masks[kind], cache)
     return stack.norm(x)
 
 
@@ -294,9 +299,11 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
         self.stack = Stack(cfg, [EncoderBlock(cfg) for _ in range(cfg.num_layers)])
 
-    def hidden(self, ids: torch.Tensor, seg: Segments) -> torch.Tensor:
-        """Final states (after the final norm)."""
-        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids), seg, causal=True)
+    def hidden(self, ids: torch.Tensor, seg: Segments,
+               cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Final states (after the final norm); `cache` receives each layer's keys and values."""
+        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids), seg, causal=True,
+                                        cache=cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits(hidden, self.embed.weight, self.final_logit_softcap)

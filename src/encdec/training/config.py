@@ -26,7 +26,8 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    model: str = _f("", "adapted model directory (from `encdec adapt`)")
+    model: str = _f("", "adapted model directory (from `encdec adapt`), or a decoder-only source (SRC as `encdec adapt` "
+                    "takes it), trained on the same examples: it reads inputs + targets causally")
     out: str = _f("runs/pretrain", "output directory: checkpoints/, metrics.jsonl, model/ (the final model)")
     objective: str = _f("prefixlm", "prefixlm or ul2; instruct: prompt -> response pairs (what `encdec finetune` runs)",
                         choices=("prefixlm", "ul2", "instruct"))

@@ -76,15 +76,18 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     model_dir = Path(cfg.model)
     plan, tokenizer = build_plan(cfg, d)
     cfg.check_fit(None if plan.causal else plan.model.config, len(plan.stream.items), d.world)
-    if plan.causal and (cfg.freeze_encoder_steps or cfg.encoder_curriculum_steps):
-        raise EncdecError("--freeze-encoder-steps and --encoder-curriculum-steps need an encoder-decoder model")
+    if plan.causal and (cfg.freeze_encoder_steps or cfg.encoder_curriculum_steps or cfg.cross_warmup_steps):
+        raise EncdecError("--freeze-encoder-steps, --encoder-curriculum-steps and --cross-warmup-steps need an "
+                          "encoder-decoder model; this one is decoder-only")
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
     untrained = None if plan.trimmed is None else plan.trimmed.untrained
     unk_id = None if plan.trimmed is None else plan.trimmed.unk_id
     if untrained is not None:
         untrained.rows = untrained.rows.to(d.device)
     if plan.causal:  # a decoder-only model reads the teacher's view of the rows
-        special = dict(pad_id=tokenizer.pad_token_id, bos_id=tokenizer.bos_token_id)
+        ids = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
+        pad_id, bos_id, eos_id = ids if plan.trimmed is None else [int(plan.trimmed.table[i]) for i in ids]
+        special = {"pad_id": pad_id, "bos_id": bos_id}
     else:
         special = dict(pad_id=model.config.pad_token_id, bos_id=model.config.bos_token_id)
 
@@ -101,18 +104,20 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         from encdec.training.teacher import load_teacher, teacher_spec
 
         dtype = compute_dtype or torch.float32
-        teacher = load_teacher(teacher_spec(model_dir, cfg.teacher), plan.vocab_size, dtype, d.device)
+        # a decoder-only model is distilled from itself as it started, unless --teacher says otherwise
+        spec = teacher_spec(model_dir, cfg.teacher or (cfg.model if plan.causal else ""))
+        teacher = load_teacher(spec, plan.vocab_size, dtype, d.device)
         if keep is not None:
             teacher = trim_teacher(teacher, keep, untrained)
         distillation = Distillation(cfg.alpha, cfg.tau, cfg.teacher_top_k)
     if plan.causal:
-        module: nn.Module = CausalLossModule(model, cfg.loss_chunk)
+        module: nn.Module = CausalLossModule(model, cfg.loss_chunk, distillation, eos_id)
         blocks = list(model.stack.layers)
     else:
         module = LossModule(model, cfg.loss_chunk, distillation)
-        if teacher is not None:
-            module.teacher_head = teacher.logits
         blocks = [*model.encoder.layers, *model.decoder.layers]
+    if teacher is not None:
+        module.teacher_head = teacher.logits
     wrapped = distributed.wrap(module, blocks, d, cfg.fsdp)
     optimizer = build_optimizer(wrapped, lr=cfg.lr, weight_decay=cfg.weight_decay, decay_all=cfg.decay_all)
     scheduler = build_scheduler(optimizer, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
@@ -248,10 +253,10 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
            "averaged_checkpoints": [p.name for p in paths]}
     key = "finetuned" if cfg.objective == "instruct" else "pretrained"
     if plan.causal:
-        from encdec.causal import save_causal
+        from encdec.causal import causal_from_source, save_causal
 
-        plan.model.load_state_dict(weights, strict=True)
-        save_causal(plan.model, plan.source, final, overwrite=True, metadata={key: run})
+        model = full_vocabulary_model(weights, causal_from_source(plan.source), plan.keep)
+        save_causal(model, plan.source, final, overwrite=True, metadata={key: run})
     else:
         model = full_vocabulary_model(weights, load_checkpoint(model_dir).model, plan.keep)
         save(model, final, tokenizer_dir=model_dir, overwrite=True, metadata={**read_metadata(model_dir), key: run})

@@ -14,13 +14,21 @@ from torch import nn
 from encdec.checkpoint import is_checkpoint, load_checkpoint
 from encdec.data.tokens import token_stream, windows
 from encdec.errors import EncdecError
-from encdec.model import CausalLM, EncoderDecoder
+from encdec.model import CausalLM
 from encdec.objectives import Example
 from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import distributed
 from encdec.training.config import TrainConfig
 from encdec.training.data import ExampleStream, example_maker, window_length
-from encdec.training.vocab import UntrainedRows, always_kept, kept_tokens, remap_table, trim_model, untrained_rows
+from encdec.training.vocab import (
+    Trainable,
+    UntrainedRows,
+    always_kept,
+    kept_tokens,
+    remap_table,
+    trim_model,
+    untrained_rows,
+)
 
 log = logging.getLogger("encdec")
 
@@ -29,7 +37,7 @@ log = logging.getLogger("encdec")
 class Plan:
     """What a run trains and on what: the model, the example stream and the held-out examples."""
 
-    model: nn.Module  # EncoderDecoder, or CausalLM when instruction-tuning a decoder-only model
+    model: nn.Module  # EncoderDecoder, or CausalLM when training a decoder-only model on the same examples
     stream: ExampleStream
     eval_examples: list[Example]
     vocab_size: int  # of the full vocabulary (the teacher's)
@@ -56,11 +64,11 @@ class Trimmed:
     unk_id: int  # kept id of <unk>, which every other token became
 
 
-def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray,
-          d: distributed.Dist) -> tuple[EncoderDecoder, Trimmed]:
+def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray,
+          d: distributed.Dist) -> tuple[Trainable, Trimmed]:
     """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones."""
-    keep = kept_tokens(ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.config.vocab_size)
-    table = remap_table(keep, model.config.vocab_size, tokenizer.unk_token_id)
+    keep = kept_tokens(ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.embed.num_embeddings)
+    table = remap_table(keep, model.embed.num_embeddings, tokenizer.unk_token_id)
     untrained = untrained_rows(model, keep, cfg.trim_negatives, cfg.seed)
     if d.main:
         log.info("training on a vocabulary of %d tokens (of %d), with %d sampled untrained rows per step",
@@ -68,18 +76,22 @@ def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray,
     return trim_model(model, keep, table), Trimmed(keep, table, untrained, int(table[tokenizer.unk_token_id]))
 
 
-def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: distributed.Dist) -> Plan:
+def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distributed.Dist,
+                      source: DecoderOnlySource | None) -> Plan:
+    """Windows of the data through the objective; a decoder-only model (`source` given) reads each example's
+    inputs + targets causally and is scored on the targets, so it trains on exactly the same tokens."""
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
-    vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.config.vocab_size
+    vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.embed.num_embeddings
+    eos = tokenizer.eos_token_id if source is not None else model.config.eos_token_ids[0]
     if cfg.trim_vocab:
         model, trimmed = _trim(cfg, model, tokenizer, stream_ids, d)
         keep, table = trimmed.keep, trimmed.table
-        stream_ids = table[stream_ids]
+        stream_ids, eos = table[stream_ids], int(table[eos])
         vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
     data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
     if len(data) <= cfg.eval_windows:
         raise EncdecError(f"the data makes {len(data)} windows, not more than --eval-windows {cfg.eval_windows}")
-    make = example_maker(cfg.objective, eos_id=model.config.eos_token_ids[0], vocab=vocab, mixture=cfg.mixture,
+    make = example_maker(cfg.objective, eos_id=eos, vocab=vocab, mixture=cfg.mixture,
                          random_split=cfg.random_split)
     stream = ExampleStream(data[: -cfg.eval_windows], lambda w, rng: make(w.tolist(), rng), seed=cfg.seed,
                            enc_len=cfg.enc_len, dec_len=cfg.dec_len)
@@ -91,7 +103,7 @@ def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: dis
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
         length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len)
         extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
-    return Plan(model, stream, held_out, vocab_size, trimmed, extra_eval=extra)
+    return Plan(model, stream, held_out, vocab_size, trimmed, source, extra)
 
 
 def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,
@@ -108,8 +120,6 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
         raise EncdecError(f"{len(examples)} instruction examples are not more than --eval-windows {cfg.eval_windows}")
     trimmed, vocab_size = None, model.embed.num_embeddings
     if cfg.trim_vocab:
-        if isinstance(model, CausalLM):
-            raise EncdecError("--trim-vocab works with encoder-decoder models only")
         ids = np.concatenate([np.asarray(e.inputs + e.targets) for e in examples])
         model, trimmed = _trim(cfg, model, tokenizer, ids, d)
         table = trimmed.table
@@ -123,19 +133,20 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
 
 
 def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
-    """Load the model to train and its data."""
-    if cfg.objective != "instruct":
-        model_dir = Path(cfg.model)
-        model = load_checkpoint(model_dir).model.train()
-        tokenizer = load_tokenizer(model_dir)
-        return _pretraining_plan(cfg, model, tokenizer, d), tokenizer
+    """Load the model to train (an encoder-decoder checkpoint, or a decoder-only source) and its data."""
     if is_checkpoint(cfg.model):
         model, source = load_checkpoint(cfg.model).model.train(), None
         tokenizer = load_tokenizer(Path(cfg.model))
     else:
         from encdec.causal import load_causal
 
-        model, source = load_causal(cfg.model)
+        try:
+            model, source = load_causal(cfg.model)
+        except EncdecError as e:
+            raise EncdecError(f"--model: not an encoder-decoder checkpoint (from `encdec adapt`), nor a decoder-only "
+                              f"source ({e})") from None
         model.train()
         tokenizer = load_tokenizer(source.directory)
-    return _instruction_plan(cfg, model, tokenizer, d, source), tokenizer
+    if cfg.objective == "instruct":
+        return _instruction_plan(cfg, model, tokenizer, d, source), tokenizer
+    return _pretraining_plan(cfg, model, tokenizer, d, source), tokenizer

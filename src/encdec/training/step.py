@@ -8,17 +8,33 @@ from torch import nn
 
 from encdec.model import CausalLM, EncoderDecoder, EncoderState, Segments
 from encdec.training.data import Batch
-from encdec.training.loss import Distillation, LossParts, chunked_loss, routed, tied_lookups
+from encdec.training.loss import Distillation, LossParts, TiedLookups, chunked_loss, routed, tied_lookups
 from encdec.training.vocab import Negatives
 
 
-class LossModule(nn.Module):
+class _HeadLoss(nn.Module):
+    """What both kinds of student share: the final states at the target tokens through the fused head + loss,
+    distilled where a teacher is given (never on the EOS target: the teacher cannot know where a window was cut)."""
+
+    def __init__(self, chunk: int, distillation: Distillation | None, eos_id: int | None) -> None:
+        super().__init__()
+        self.chunk, self.distillation, self.eos_id = chunk, distillation, eos_id
+        self.teacher_head = None
+
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, embed: nn.Embedding, softcap: float | None,
+                  tied: TiedLookups | None, teacher_hidden: torch.Tensor | None, negatives: Negatives | None) -> LossParts:
+        distill_mask = None if teacher_hidden is None else labels != self.eos_id
+        return chunked_loss(hidden, embed.weight, labels, chunk=self.chunk, softcap=softcap, teacher_hidden=teacher_hidden,
+                            teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation,
+                            tied=tied, negatives=negatives)
+
+
+class LossModule(_HeadLoss):
     """Student forward and chunked loss as one module, so that DDP / FSDP2 wrap all a step touches."""
 
     def __init__(self, model: EncoderDecoder, chunk: int, distillation: Distillation | None) -> None:
-        super().__init__()
-        self.model, self.chunk, self.distillation = model, chunk, distillation
-        self.teacher_head = None
+        super().__init__(chunk, distillation, model.config.eos_token_ids[0])
+        self.model = model
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None,
                 negatives: Negatives | None = None) -> LossParts:
@@ -29,31 +45,27 @@ class LossModule(nn.Module):
             encoder = EncoderState(model.encode_segments(r.input_ids, enc_seg), enc_seg)
             hidden = model.decode(r.decoder_input_ids, encoder, Segments(r.decoder_segment_ids, r.decoder_positions))
         targets = r.labels != -100
-        labels = r.labels[targets]
-        distill_mask = None
-        if teacher_hidden is not None:  # the teacher cannot know where a window was cut: no KL on the EOS target
-            distill_mask = labels != self.model.config.eos_token_ids[0]
-        return chunked_loss(hidden[targets], self.model.embed.weight, labels, chunk=self.chunk,
-                            softcap=self.model.config.final_logit_softcap, teacher_hidden=teacher_hidden,
-                            teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation,
-                            tied=tied, negatives=negatives)
+        return self.head_loss(hidden[targets], r.labels[targets], model.embed, model.config.final_logit_softcap, tied,
+                              teacher_hidden, negatives)
 
 
-class CausalLossModule(nn.Module):
+class CausalLossModule(_HeadLoss):
     """A decoder-only model trained on the same examples: it reads each example's inputs + targets
     causally (the teacher's packed rows) and is scored on the target tokens only."""
 
-    def __init__(self, model: CausalLM, chunk: int) -> None:
-        super().__init__()
-        self.model, self.chunk = model, chunk
+    def __init__(self, model: CausalLM, chunk: int, distillation: Distillation | None = None,
+                 eos_id: int | None = None) -> None:  # eos_id: needed with a teacher
+        super().__init__(chunk, distillation, eos_id)
+        self.model = model
 
-    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None) -> LossParts:
+    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None,
+                negatives: Negatives | None = None) -> LossParts:
         labels = batch.rows.labels[batch.rows.labels != -100]
         tied = tied_lookups(self.model.embed.weight)
         with routed(tied, self.model.embed):
             hidden = causal_states(self.model, batch)
-        return chunked_loss(hidden, self.model.embed.weight, labels, chunk=self.chunk,
-                            softcap=self.model.final_logit_softcap, tied=tied)
+        return self.head_loss(hidden, labels, self.model.embed, self.model.final_logit_softcap, tied, teacher_hidden,
+                              negatives)
 
 
 def causal_states(model: CausalLM, batch: Batch) -> torch.Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from encdec.errors import EncdecError
 from encdec.model import CausalLM, EncoderDecoder
 
 EMBEDDINGS = ("embed.weight", "encoder_embed.weight")
+Trainable = TypeVar("Trainable", EncoderDecoder, CausalLM)  # an encoder-decoder, or a decoder-only model trained alike
 
 
 def kept_tokens(stream: np.ndarray, n: int, always: list[int], vocab_size: int) -> np.ndarray:
@@ -51,19 +53,27 @@ def remap_table(keep: np.ndarray, vocab_size: int, unk_id: int) -> np.ndarray:
     return table
 
 
-def trim_model(model: EncoderDecoder, keep: np.ndarray, table: np.ndarray) -> EncoderDecoder:
+def trim_model(model: Trainable, keep: np.ndarray, table: np.ndarray) -> Trainable:
     """The same model over the kept tokens only, special token ids remapped."""
-    cfg = model.config
-    config = EncDecConfig.from_dict({
-        **cfg.to_dict(), "vocab_size": len(keep), "pad_token_id": int(table[cfg.pad_token_id]),
-        "bos_token_id": int(table[cfg.bos_token_id]), "eos_token_ids": [int(table[e]) for e in cfg.eos_token_ids],
-    })
     index = torch.as_tensor(keep)
     weights = {k: (v[index] if k in EMBEDDINGS else v) for k, v in model.state_dict().items()}
     with torch.device("meta"):
-        trimmed = EncoderDecoder(config)
+        trimmed = _empty_like(model, len(keep), table)
     trimmed.load_state_dict(weights, strict=True, assign=True)
-    return trimmed.to(model.device).train(model.training)
+    return trimmed.to(model.embed.weight.device).train(model.training)
+
+
+def _empty_like(model: Trainable, vocab_size: int, table: np.ndarray | None = None) -> Trainable:
+    """A model of `model`'s kind and shape over `vocab_size` tokens (its special ids mapped through `table`)."""
+    if isinstance(model, CausalLM):  # holds no token ids
+        return CausalLM(model.cfg, vocab_size, model.final_logit_softcap)
+    cfg = model.config
+    if table is None:
+        return EncoderDecoder(cfg)
+    return EncoderDecoder(EncDecConfig.from_dict({
+        **cfg.to_dict(), "vocab_size": vocab_size, "pad_token_id": int(table[cfg.pad_token_id]),
+        "bos_token_id": int(table[cfg.bos_token_id]), "eos_token_ids": [int(table[e]) for e in cfg.eos_token_ids],
+    }))
 
 
 def untrained_ids(keep: np.ndarray, vocab_size: int) -> torch.Tensor:
@@ -110,9 +120,9 @@ class UntrainedRows:
         return Negatives(self.rows, self.teacher_rows, self.teacher_softcap, 0.0)
 
 
-def untrained_rows(model: EncoderDecoder, keep: np.ndarray, sample_size: int, seed: int) -> UntrainedRows:
+def untrained_rows(model: Trainable, keep: np.ndarray, sample_size: int, seed: int) -> UntrainedRows:
     """The full model's head rows that a run trimmed to `keep` leaves untrained."""
-    index = untrained_ids(keep, model.config.vocab_size).to(model.embed.weight.device)
+    index = untrained_ids(keep, model.embed.num_embeddings).to(model.embed.weight.device)
     return UntrainedRows(model.embed.weight.detach()[index].clone(), sample_size, seed)
 
 
@@ -141,13 +151,12 @@ def untrim(trimmed: dict[str, torch.Tensor], full: dict[str, torch.Tensor], keep
     return out
 
 
-def full_vocabulary_model(weights: dict[str, torch.Tensor], start: EncoderDecoder,
-                          keep: np.ndarray | None) -> EncoderDecoder:
+def full_vocabulary_model(weights: dict[str, torch.Tensor], start: Trainable, keep: np.ndarray | None) -> Trainable:
     """A run's weights (over the kept tokens when `keep` is given) as a model over `start`'s full vocabulary."""
     if keep is not None:
         weights = untrim(weights, start.state_dict(), keep)
     with torch.device("meta"):
-        model = EncoderDecoder(start.config)
+        model = _empty_like(start, start.embed.num_embeddings)
     model.load_state_dict(weights, strict=True, assign=True)
     return model
 

@@ -1,0 +1,65 @@
+"""What the adaptation studies of bench/ share (recovery.py, frontier.py): the recipe a run trains with,
+and the results file they append to as work finishes (so an interrupted study resumes).
+
+A recipe is NAME or NAME:option=value,option=value with TrainConfig's option names (YAML values),
+applied over the quickstart's recipe (PrefixLM + distillation, 4 rows of 64 + 64 tokens, lr 3e-4,
+vocabulary trimmed to 8,192 tokens with sampled negatives; warm-up a tenth of the steps).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from encdec.training.config import TrainConfig
+
+QUICKSTART_RECIPE = {"distill": True, "enc_len": 64, "dec_len": 64, "batch_size": 4, "lr": 3e-4, "eval_windows": 16,
+                     "trim_vocab": 8192, "eval_every": 0}
+
+
+def parse_recipe(text: str) -> tuple[str, dict]:
+    name, _, options = text.partition(":")
+    values = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        values[key.strip().replace("-", "_")] = _number_or_yaml(value)
+    return name, values
+
+
+def _number_or_yaml(text: str) -> Any:
+    """A recipe value: numbers as Python reads them (YAML 1.1 reads `1e-4` as a string), anything else as YAML."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def recipe_config(options: dict, *, model: str | Path, out: str | Path, steps: int, seed: int, **run: object) -> TrainConfig:
+    """The quickstart's recipe with `options` changed, for `steps` steps of `model` into `out`; `run`: the
+    study's own settings of the run (checkpoints), which the recipe does not choose."""
+    return TrainConfig(**{**QUICKSTART_RECIPE, "warmup_steps": max(1, steps // 10), **options, "model": str(model),
+                          "out": str(out), "steps": steps, "seed": seed, **run})
+
+
+def check_recipe(options: dict) -> None:
+    """A bad option fails before any work starts."""
+    TrainConfig(**{**QUICKSTART_RECIPE, **options, "model": "m"})
+
+
+def tokens_per_step(cfg: TrainConfig) -> int:
+    return cfg.batch_size * cfg.grad_accum * (cfg.enc_len + cfg.dec_len)
+
+
+def read_results(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def append(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)

@@ -1,0 +1,158 @@
+"""The quality-efficiency frontier and what it needs: FLOPs per request, the suite average's interval, decoder-only
+generation by the project's own code, decoder-only continued pretraining on the same examples, and
+bench/frontier.py end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training import corpus  # noqa: F401 (a fixture)
+
+from encdec.causal import load_causal
+from encdec.config import EncDecConfig, StackConfig
+from encdec.errors import EncdecError
+from encdec.evaluation.stats import mean_interval
+from encdec.flops import decoder_only_request_flops, encdec_request_flops
+from encdec.inference.causal import generate_causal
+from encdec.training.config import TrainConfig
+from encdec.training.loop import train
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+# two layers (local with window 2, then global), width 4, 2 query heads sharing 1 key/value head of size 2, FFN 6
+STACK = StackConfig(num_layers=2, hidden_size=4, intermediate_size=6, num_heads=2, num_kv_heads=1, head_dim=2,
+                    layer_types=["sliding", "full"], sliding_window=2, query_pre_attn_scalar=2)
+
+
+def test_flops_per_request_match_a_hand_count():
+    # per token and layer: q 4x4 + k, v 2 x 4x2 + o 4x4 + FFN 3 x 4x6 = 120 multiply-adds = 240 FLOPs;
+    # per query-key pair and layer: 2 heads x 2 (q.k and p.v) x 2 dims x 2 FLOPs = 16; LM head: 2 x 4 x 10 = 80
+    # decoder-only, 3 prompt tokens -> 2 new: prompt 3 x 2 x 240 = 1440; pairs: global 1+2+3, local 1+2+2 -> 11 x 16;
+    # head once (first new token); one step at position 3: 2 x 240, keys global 4 + local 2 -> 6 x 16, head 80
+    assert decoder_only_request_flops(STACK, 10, 3, 2) == 1440 + 176 + 80 + 480 + 96 + 80
+    # encoder-decoder, same stacks: encoder 1440, every pair of 3 x 3 in both layers (|d| <= 2): 18 x 16;
+    # encoder K/V per decoder layer 3 x 2 x (2 x 4x2) = 96, two layers; two steps from BOS: 2 x 2 x 240, keys
+    # (1 + 3) + (1 + 3) then (2 + 3) + (2 + 3) -> 18 x 16; heads 2 x 80
+    merged = EncDecConfig(encoder=STACK, decoder=STACK, vocab_size=10, family="gemma3", attention="merged",
+                          shared_embeddings=True, encoder_window="t5gemma")
+    assert encdec_request_flops(merged, 3, 2) == 1440 + 288 + 192 + 960 + 288 + 160
+    # cross-attention adds its own q and o projections per step and layer: 2 x 2 x 2 x (4x4 + 4x4)
+    cross = EncDecConfig(**{**merged.__dict__, "attention": "cross"})
+    assert encdec_request_flops(cross, 3, 2) == 3328 + 256
+    # the T5Gemma 2 convention splits the window of 2 over both sides: each query sees itself and the next key,
+    # so the local encoder layer has 5 of the 9 pairs
+    split = EncDecConfig(**{**merged.__dict__, "encoder_window": "t5gemma2"})
+    assert encdec_request_flops(split, 3, 2) == 3328 - 4 * 16
+
+
+def test_suite_average_interval_is_the_normal_interval_of_a_mean_of_independent_accuracies():
+    mean, low, high = mean_interval([(10, 20), (15, 20)])
+    half = 1.959964 * math.sqrt(0.5 * 0.5 / 20 + 0.75 * 0.25 / 20) / 2
+    assert mean == pytest.approx(0.625) and low == pytest.approx(0.625 - half) and high == pytest.approx(0.625 + half)
+    assert mean_interval([(0, 5), (5, 5)]) == (0.5, 0.5, 0.5)  # no spread in either task's sample
+    with pytest.raises(ValueError):
+        mean_interval([])
+
+
+def test_decoder_only_generation_matches_transformers_and_ignores_left_padding(sources):
+    import transformers as tf
+
+    model, _ = load_causal(str(sources["gemma3"]))
+    reference = tf.AutoModelForCausalLM.from_pretrained(str(sources["gemma3"]), dtype=torch.float32).eval()
+    ids = torch.randint(3, 96, (3, 9), generator=torch.Generator().manual_seed(1))
+    ids[:, 0] = 2
+    ours = generate_causal(model, ids, max_new_tokens=10, eos_token_ids=[-1])  # 19 positions: past the window of 4
+    theirs = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[:, 9:]
+    assert torch.equal(ours, theirs)
+    padded, mask = ids.clone(), torch.ones_like(ids)
+    padded[1, :4], mask[1, :4] = 0, 0
+    alone = generate_causal(model, ids[1:2, 4:], max_new_tokens=10, eos_token_ids=[-1])
+    assert torch.equal(generate_causal(model, padded, mask, max_new_tokens=10, eos_token_ids=[-1])[1], alone[0])
+    with pytest.raises(EncdecError, match="pad prompts on the left"):
+        generate_causal(model, ids, mask.flip(1), max_new_tokens=2, eos_token_ids=[-1])
+    first = int(ours[0, 0])  # a row that reaches an EOS stops, and is padded while the others go on
+    stopped = generate_causal(model, ids, max_new_tokens=10, eos_token_ids=[first])
+    assert stopped[0, 0] == first and (stopped[0, 1:] == 0).all()
+
+
+def test_a_decoder_only_source_pretrains_on_the_same_examples_trimmed_and_distilled(sources, corpus, tmp_path):  # noqa: F811
+    cfg = TrainConfig(model=str(sources["gemma3"]), out=str(tmp_path / "run"), data=[str(corpus)], enc_len=16,
+                      dec_len=16, batch_size=2, steps=2, lr=3e-3, warmup_steps=1, eval_windows=4, save_every=2,
+                      precision="fp32", distill=True, trim_vocab=40, trim_negatives=16)
+    final = train(cfg)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    assert abs(metrics[0]["kl"]) < 1e-5 < metrics[1]["kl"]  # distilled from itself as it started, then it moves away
+    before = load_file(str(next(sources["gemma3"].glob("*.safetensors"))))["model.embed_tokens.weight"]
+    after = load_file(str(final / "model.safetensors"))["model.embed_tokens.weight"]
+    assert after.shape == before.shape  # saved over the full vocabulary again, in the Gemma layout
+    changed = (after != before).any(1).numpy()
+    kept = np.flatnonzero(changed)
+    assert 0 < len(kept) <= 40  # only trained (kept) rows moved
+    model, _ = load_causal(str(final))  # and it loads as a source again
+    assert model.embed.num_embeddings == before.shape[0]
+
+
+def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, tmp_path):  # noqa: F811
+    out = tmp_path / "frontier"
+    command = [sys.executable, str(BENCH / "frontier.py"), "--source", str(sources["gemma3"]), "--out", str(out),
+               "--point", "balanced=all", "--point", "half=::2@cross", "--steps", "2", "--save-every", "1",
+               "--recipe", f"tiny:trim_vocab=40,trim_negatives=16,data=[{corpus}]", "--eval-tasks", "copa",
+               "--eval-limit", "4", "--prompt-tokens", "24", "--new-tokens", "4", "--batches", "1,2", "--rounds", "1",
+               "--repeats", "1"]
+    first = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    events = {(r["point"], r["event"]) for r in records}
+    assert events == {(p, e) for p in ("source", "balanced", "half") for e in ("trained", "evaluated", "latency")}
+    evaluated = {r["point"]: r for r in records if r["event"] == "evaluated"}
+    assert all(set(r["nll"]) == {"python-docs", "general-english"} and r["suite"]["tasks"] == 1 for r in evaluated.values())
+    timed = {r["point"]: r for r in records if r["event"] == "latency"}
+    assert all(set(r["seconds"]) == {"1", "2"} and r["flops"] > 0 for r in timed.values())
+    assert timed["half"]["flops"] < timed["balanced"]["flops"]  # a 2-layer decoder costs less per request
+    assert (out / "frontier.png").stat().st_size > 10_000
+    table = first.stdout[first.stdout.index("| point |"):]
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["source", "balanced", "half"]
+    assert "ratio (latency batch 2, source / half): " in first.stdout
+    second = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)  # nothing reruns
+    assert second.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
+    assert table in second.stdout
+    other = subprocess.run([*command, "--steps", "3"], check=False, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "use another --out" in other.stderr  # one OUT holds one study
+
+
+def test_a_decoder_only_pretraining_run_resumes_exactly(sources, corpus, tmp_path, monkeypatch):  # noqa: F811
+    from encdec.training.metrics import Metrics
+
+    def config(out: str, **extra: object) -> TrainConfig:
+        return TrainConfig(model=str(sources["gemma3"]), out=str(tmp_path / out), data=[str(corpus)], enc_len=16,
+                           dec_len=16, batch_size=2, steps=4, lr=3e-3, warmup_steps=1, eval_windows=4, save_every=1,
+                           precision="fp32", distill=True, trim_vocab=40, trim_negatives=16, **extra)
+
+    train(config("straight"))
+    log = Metrics.log
+
+    def stop_after_step_2(self, record, **kw):
+        log(self, record, **kw)
+        if record["step"] == 2:
+            raise KeyboardInterrupt  # after step 2's checkpoint was written
+
+    monkeypatch.setattr(Metrics, "log", stop_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config("resumed"))
+    monkeypatch.setattr(Metrics, "log", log)
+    train(config("resumed", resume=True))
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+              for name in ("straight", "resumed")}
+    assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"]
+    a, b = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
