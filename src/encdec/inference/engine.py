@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from encdec.inference.sampling import Sampling, pick_tokens
-from encdec.model import Attention, Segments, embed_tokens, rope_tables
+from encdec.model import Attention, Segments, embed_tokens, rope_tables, soft_cap
 
 if TYPE_CHECKING:
     from encdec.model import DecoderBlock, EncoderDecoder
@@ -192,7 +192,7 @@ class Engine:
             x = x + block.post_attn_norm(attend(block.attn, q, [own]))
             cq = block.cross_attn.queries(block.cross_norm(x), None)
             x = block.feed_forward(x + block.post_cross_norm(attend(block.cross_attn, cq, [encoded])))
-        logits = self.model.logits(self.model.decoder.norm(x[:, 0])).float()
+        logits = next_token_logits(self.model, self.model.decoder.norm(x[:, 0])).float()
         chosen = pick_tokens(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows]).tolist()
         self.positions[:n] += 1
         self.last[:n] = torch.tensor(chosen, device=self.device)
@@ -235,3 +235,12 @@ def attend(attn: Attention, q: torch.Tensor, sources: list[KeysValues]) -> torch
         out = part if out is None else out + part
         start += k.shape[2]
     return attn.o_proj(out.reshape(n, 1, heads * dim))
+
+
+def next_token_logits(model: EncoderDecoder, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits [n, V] of one position per row. The tied head is read as weight @ hidden.T: with a few rows
+    and a 262k-row head, CPU BLAS runs that layout 1.2-3x faster than hidden @ weight.T (measured at
+    2-16 rows on the 270M's head; equal at 1), and it is the same products."""
+    if model.lm_head is not None or hidden.device.type != "cpu":
+        return model.logits(hidden)
+    return soft_cap(torch.mm(model.embed.weight, hidden.T).T, model.config.final_logit_softcap)
