@@ -6,6 +6,8 @@ classifier (backbone + pooling + linear head):
 
 - encdec: `fine_tune` as `encdec classify` runs it (its optimizer, schedule, padding and, on CPU,
   the allocator setting of `encdec.training.allocator`);
+- encdec+bf16 (with `--bf16`): the same call with `precision="bf16"` (bfloat16 autocast of the forward's
+  products, weights in float32), where bfloat16 products are fast (AVX512-BF16 / AMX);
 - encdec@base (with `--base-src DIR`): the same call, importing `encdec` from another source tree
   (e.g. main's `src/`), so that a change is measured against the code before it in the same run;
 - plain: the same classifier in a textbook loop: `torch.optim.AdamW` with its default implementation,
@@ -24,13 +26,14 @@ enough for a minute's run. `--model PATH` times any MODEL `encdec classify` take
 checkpoint of the 270M model: minutes per round on a 2-core CPU).
 
     python bench/classify_throughput.py
-    python bench/classify_throughput.py --base-src /work/main/src          # before / after a change
+    python bench/classify_throughput.py --base-src /work/main/src --bf16   # before / after a change, and bf16
     python bench/classify_throughput.py --model runs/adapted --steps 2 --repeats 1 --batch 8 --max-len 256
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import statistics
@@ -55,6 +58,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="MODEL as `encdec classify` takes it (default: a random tiny adapted Gemma 3)")
     p.add_argument("--base-src", type=Path, help="also time fine_tune from this source tree (e.g. main's src/)")
+    p.add_argument("--bf16", action="store_true", help="also time fine_tune with bfloat16 autocast")
     p.add_argument("--batch", type=int, default=16, help="examples per step")
     p.add_argument("--max-len", type=int, default=128, help="longest row, in tokens")
     p.add_argument("--examples", type=int, default=256, help="distinct rows the steps draw from")
@@ -90,12 +94,13 @@ def rows_and_labels(args: argparse.Namespace) -> tuple[list[list[int]], list[int
     return rows, [rng.randrange(2) for _ in rows]
 
 
-def time_encdec(classifier, rows: list[list[int]], labels: list[int], args: argparse.Namespace) -> list[float]:
+def time_encdec(classifier, rows: list[list[int]], labels: list[int], args: argparse.Namespace,
+                bf16: bool = False) -> list[float]:
     from encdec.classification.train import Hyper, fine_tune
 
     def call(steps: int) -> None:
         hp = Hyper(lr=LR, head_lr=HEAD_LR, weight_decay=WEIGHT_DECAY, steps=steps, batch_size=args.batch,
-                   max_len=args.max_len, warmup=WARMUP)
+                   max_len=args.max_len, warmup=WARMUP, **({"precision": "bf16"} if bf16 else {}))  # older: no field
         fine_tune(classifier, rows, labels, hp, pad_id=PAD_ID, desc="bench", seed=0)
 
     call(args.warmup)
@@ -132,7 +137,8 @@ def time_plain(classifier, rows: list[list[int]], labels: list[int], args: argpa
     return time_calls(lambda: call(args.steps), 0, args.repeats, torch.device("cpu"))
 
 
-IMPLEMENTATIONS = {"encdec": time_encdec, "encdec@base": time_encdec, "plain": time_plain}
+IMPLEMENTATIONS = {"encdec": time_encdec, "encdec+bf16": functools.partial(time_encdec, bf16=True),
+                   "encdec@base": time_encdec, "plain": time_plain}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -163,7 +169,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    names = ["encdec", *(["encdec@base"] if args.base_src else []), "plain"]
+    names = ["encdec", *(["encdec+bf16"] if args.bf16 else []), *(["encdec@base"] if args.base_src else []), "plain"]
     rounds: dict[str, list[list[float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(tiny_model(Path(tmp)))
@@ -180,6 +186,8 @@ def main() -> None:
     for name, times in rounds.items():
         seconds = statistics.median(t for r in times for t in r)
         print(f"{name:<14}  {seconds / args.steps:>15.3f}  {examples / seconds:>10.1f}")
+    if args.bf16:
+        print(ratio_line("encdec+bf16 / encdec", rounds["encdec+bf16"], rounds["encdec"]))
     if args.base_src:
         print(ratio_line("encdec / encdec@base", rounds["encdec"], rounds["encdec@base"]))
     print(ratio_line("encdec / plain", rounds["encdec"], rounds["plain"]))
