@@ -7,6 +7,7 @@ that a slow spell of a shared machine falls on all implementations rather than o
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -46,10 +47,19 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def run_worker(script: str | Path, arguments: list[str]) -> dict:
-    """Run `script` with `arguments` in a fresh Python process; its last stdout line is its JSON result."""
-    out = subprocess.run([sys.executable, str(script), *arguments], stdout=subprocess.PIPE, text=True, check=True)
+def run_worker(script: str | Path, arguments: list[str], env: dict[str, str] | None = None) -> dict:
+    """Run `script` with `arguments` in a fresh Python process (with `env` in place of this one's environment,
+    where given); its last stdout line is its JSON result."""
+    out = subprocess.run([sys.executable, str(script), *arguments], stdout=subprocess.PIPE, text=True, check=True,
+                         env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    """Stop with the parser's usage error when one of the integer options `names` is below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
 def print_result(result: dict) -> None:

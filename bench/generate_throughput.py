@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import corpus_token_ids, peak_memory_gib, print_result, ratio_line, run_worker, time_calls
+from common import corpus_token_ids, peak_memory_gib, print_result, ratio_line, require_positive, run_worker, time_calls
 
 SOURCE = "gemma-3-270m"
 MODELS = {"merged": [], "cross-2::3": ["--decoder-layers", "2::3", "--attention", "cross"]}
@@ -100,9 +100,7 @@ def parse_args() -> argparse.Namespace:
         args.batch_sizes = [int(n) for n in args.batch_sizes.split(",")]
     except ValueError:
         p.error("--prompt-lengths and --batch-sizes take comma lists of integers, e.g. 256,1024")
-    for name in ("new_tokens", "rounds", "repeats"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_positive(p, args, ("new_tokens", "rounds", "repeats"))
     if min(args.prompt_lengths) < 2 or min(args.batch_sizes) < 1:
         p.error("prompt lengths must be at least 2 (BOS and one token), batch sizes at least 1")
     return args

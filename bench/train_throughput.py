@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import peak_memory_gib, print_result, ratio_line, run_worker, synchronize, time_calls
+from common import peak_memory_gib, print_result, ratio_line, require_positive, run_worker, synchronize, time_calls
 
 import encdec
 from encdec.objectives import Example
@@ -105,9 +105,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of encdec's LM-head loss")
     p.add_argument("--worker", nargs=3, metavar=("IMPLEMENTATION", "PRECISION", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    for name in ("batch", "enc_len", "dec_len", "steps", "rounds", "loss_chunk"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    require_positive(p, args, ("batch", "enc_len", "dec_len", "steps", "rounds", "loss_chunk"))
     args.precisions = args.precisions.split(",")
     unknown = set(args.precisions) - set(DTYPES)
     if unknown:

@@ -73,6 +73,54 @@ def test_beats_chance_on_a_separable_task(models: dict[str, Path], kind: str) ->
     assert accuracy >= 0.75, accuracy
 
 
+# A seeded fine-tuning run as classification/train.py gave it with its own optimizer, schedule and padding, recorded
+# with main's code (8a5d4dc, 2026-12-02) before fine-tuning moved onto the training package's components. On the
+# machine that recorded them the shared components reproduce these numbers bit for bit; the tolerance only covers
+# other CPUs' kernels, which moved them by at most 5e-7 (AVX2 instead of AVX-512 kernels, 1 or 2 threads).
+RECORDED_EPOCH_LOSSES = [0.6579695105552673, 0.40824095606803895]
+RECORDED_PROBABILITIES = [
+    [0.6725770235061646, 0.32742294669151306],
+    [0.41239094734191895, 0.587609052658081],
+    [0.42023512721061707, 0.5797648429870605],
+    [0.680082380771637, 0.31991761922836304],
+    [0.24601370096206665, 0.7539862990379333],
+    [0.2655832767486572, 0.7344167232513428],
+    [0.33610209822654724, 0.6638978719711304],
+    [0.7020397186279297, 0.2979602813720703],
+]
+
+
+def _seeded_run(models: dict[str, Path], precision: str) -> tuple[list[float], torch.Tensor]:
+    """Epoch losses and test probabilities of the recorded run's settings."""
+    backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    classifier = Classifier(backbone, 2, "last")
+    (train, train_labels), (test, _) = separable(24, 0), separable(8, 1)
+    # 5 steps an epoch, the last of 4 rows; warm-up, decay groups and the head's own rate all take part
+    hp = Hyper(lr=1e-3, head_lr=1e-2, weight_decay=0.1, epochs=2, batch_size=5, warmup=0.2, max_len=16,
+               precision=precision)
+    losses = fine_tune(classifier, encode(tokenizer, train, 16), train_labels, hp, pad_id=0, desc="test", seed=3)
+    return losses, torch.tensor(predict(classifier, encode(tokenizer, test, 16), pad_id=0, batch_size=8),
+                                dtype=torch.float64)
+
+
+def test_fine_tuning_reproduces_the_recorded_seeded_run(models: dict[str, Path]) -> None:
+    losses, probs = _seeded_run(models, "fp32")
+    assert losses == pytest.approx(RECORDED_EPOCH_LOSSES, rel=0, abs=1e-5)
+    torch.testing.assert_close(probs, torch.tensor(RECORDED_PROBABILITIES, dtype=torch.float64), rtol=0, atol=1e-5)
+
+
+def test_bf16_fine_tuning_stays_near_the_recorded_float32_run(models: dict[str, Path]) -> None:
+    """bfloat16 autocast rounds the products' inputs to 8 significant bits: over the 10 steps the losses move by about
+    1e-3 and the probabilities by about 6e-3 (same on AVX-512 and AVX2 kernels); no prediction changes."""
+    losses, probs = _seeded_run(models, "bf16")
+    recorded = torch.tensor(RECORDED_PROBABILITIES, dtype=torch.float64)
+    assert losses == pytest.approx(RECORDED_EPOCH_LOSSES, rel=0, abs=5e-3)
+    torch.testing.assert_close(probs, recorded, rtol=0, atol=0.02)
+    assert (probs - recorded).abs().max() > 1e-4  # the products did run in bfloat16
+    assert torch.equal(probs.argmax(1), recorded.argmax(1))
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(2, 120).flatmap(lambda n: st.tuples(st.just(n), st.integers(2, n), st.integers(0, 2**31))))
 def test_kfold_tests_every_example_once_and_never_trains_on_it(case: tuple[int, int, int]) -> None:
@@ -201,7 +249,7 @@ def test_cross_validated_run_through_the_cli(models: dict[str, Path], tmp_path: 
                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     argv = ["classify", str(models["gemma3"]), "--task", "cb", "--folds", "3", "--limit", "12", "--steps", "2",
-            "--max-len", "16", "--batch-size", "4", "--out", str(out)]
+            "--max-len", "16", "--batch-size", "4", "--precision", "auto", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "3-fold cross-validation over 12 of the 56 validation examples (no training split offline)" in printed
@@ -212,6 +260,7 @@ def test_cross_validated_run_through_the_cli(models: dict[str, Path], tmp_path: 
     lo, hi = results["interval"]
     assert lo <= results["accuracy"] <= hi
     assert results["hyperparameters"]["steps"] == 2
+    assert results["hyperparameters"]["precision"] in ("bf16", "fp32")  # what "auto" chose, once for every fold
     labels, _ = predict_texts(out / "classifier", ["The sky is blue.\nHypothesis: It is blue."])
     assert labels == ["entailment", "contradiction", "neutral"]
 

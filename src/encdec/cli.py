@@ -204,7 +204,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
     from encdec.classification.selection import DevProtocol
 
     hyper = Hyper(lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, epochs=args.epochs, steps=args.steps,
-                  batch_size=args.batch_size, max_len=args.max_len, warmup=args.warmup, seed=args.seed)
+                  batch_size=args.batch_size, max_len=args.max_len, warmup=args.warmup, seed=args.seed,
+                  precision=args.precision)
     grid_flags = {"lr": args.grid_lr, "epochs": args.grid_epochs, "head_lr": args.grid_head_lr}
     if not args.search and (args.grid is not None or any(v is not None for v in grid_flags.values())):
         raise EncdecError("--grid and --grid-* set the grid of --search; pass --search too")
@@ -370,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
     p.set_defaults(func=cmd_evaluate)
 
+    from encdec.training.precision import PRECISIONS
+
     p = sub.add_parser("classify", formatter_class=_formatter, help="fine-tune a classifier on BoolQ, CB, COPA or RTE",
                        description="Fine-tune all parameters of MODEL with a linear head on the last non-padding token "
                        "(or the mean) of its final hidden states: the encoder of an encoder-decoder, or a decoder-only "
@@ -400,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (not on norms, embeddings)")
     p.add_argument("--warmup", type=float, default=0.1, help="share of the steps with linear warm-up, then linear decay")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the samples, folds and batch order")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="autocast dtype of fine-tuning's matrix products (weights stay float32); auto: bf16 where "
+                   "it is faster (CPUs with AVX512-BF16/AMX), as pretraining chooses; fp32 reproduces earlier results")
     p.add_argument("--search", action="store_true",
                    help="choose lr x epochs x head-lr (the grid) on dev splits of the training data, retrain the best "
                    "on all of it, and score it once on the reported split")

@@ -12,6 +12,7 @@ Everything (OUT/results.json, OUT/classifier/) is written atomically at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -36,6 +37,7 @@ from encdec.classification.train import Hyper, encode, fine_tune, predict
 from encdec.errors import EncdecError
 from encdec.evaluation.stats import wilson_interval
 from encdec.files import atomic_dir, check_output_dir, portable_path
+from encdec.training.precision import autocast_dtype
 
 DEFAULT_DEV = DevProtocol()
 POOLING_NAMES = {"last": "last-token pooling", "mean": "mean pooling"}
@@ -87,6 +89,8 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     from encdec.sources import load_tokenizer
 
     hyper.check()
+    if hyper.precision == "auto":  # chosen once, so that every fold and candidate trains alike; recorded as chosen
+        hyper = dataclasses.replace(hyper, precision="bf16" if autocast_dtype("auto", torch.device("cpu")) else "fp32")
     dev.check()
     if pooling not in POOLINGS:
         raise EncdecError(f"unknown pooling {pooling!r}; accepted: {', '.join(POOLINGS)}")

@@ -20,19 +20,10 @@ from tqdm import tqdm
 
 from encdec.checkpoint import is_checkpoint
 from encdec.model import EncoderDecoder, EncoderState, Segments
+from encdec.training.data import pad_rows
 
 log = logging.getLogger("encdec")
 Request = tuple[list[int], list[int]]  # (context ids with BOS, continuation ids)
-
-
-def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        span = slice(width - len(r), width) if left else slice(0, len(r))
-        ids[i, span], mask[i, span] = torch.tensor(r, dtype=torch.long), 1
-    return ids, mask
 
 
 def _batches(order: list[int], size: int) -> Iterator[list[int]]:
@@ -99,10 +90,10 @@ class Scorer:
         pad = self.tokenizer.pad_token_id
         with torch.no_grad():
             if self.kind == "encoder-decoder":
-                ids, mask = _pad(prompts, pad)
+                ids, mask = pad_rows(prompts, pad)
                 out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos)
             else:
-                ids, mask = _pad(prompts, pad, left=True)
+                ids, mask = pad_rows(prompts, pad, left=True)
                 out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                           do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:]
         return [[t for t in row.tolist() if t != pad] for row in out]
@@ -114,10 +105,10 @@ def _encdec_states(model: EncoderDecoder, requests: list[Request]) -> tuple[torc
     contexts: dict[tuple[int, ...], int] = {}
     for ctx, _ in requests:
         contexts.setdefault(tuple(ctx), len(contexts))
-    enc_ids, enc_mask = _pad([list(c) for c in contexts], cfg.pad_token_id)
+    enc_ids, enc_mask = pad_rows([list(c) for c in contexts], cfg.pad_token_id)
     encoded = model.encode(enc_ids, enc_mask)
     rows = torch.tensor([contexts[tuple(ctx)] for ctx, _ in requests])
-    dec_ids, dec_mask = _pad([[cfg.bos_token_id, *cont[:-1]] for _, cont in requests], cfg.pad_token_id)
+    dec_ids, dec_mask = pad_rows([[cfg.bos_token_id, *cont[:-1]] for _, cont in requests], cfg.pad_token_id)
     encoder = EncoderState(encoded[rows], Segments.of(enc_ids[rows], enc_mask[rows], None, None))
     hidden = model.decode(dec_ids, encoder, Segments.of(dec_ids, dec_mask, None, None))
     targets = torch.tensor([t for _, cont in requests for t in cont])
@@ -125,7 +116,7 @@ def _encdec_states(model: EncoderDecoder, requests: list[Request]) -> tuple[torc
 
 
 def _causal_states(model: torch.nn.Module, requests: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = _pad([ctx + cont for ctx, cont in requests], pad_id)
+    ids, mask = pad_rows([ctx + cont for ctx, cont in requests], pad_id)
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     picked = [hidden[i, len(ctx) - 1 : len(ctx) + len(cont) - 1] for i, (ctx, cont) in enumerate(requests)]
     targets = torch.tensor([t for _, cont in requests for t in cont])

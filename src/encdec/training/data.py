@@ -1,6 +1,7 @@
 """Training batches: token windows -> objective examples -> packed rows, plus the rows the
 decoder-only teacher reads. The stream is a pure function of the seed and its state, so a resumed
-run sees exactly the batches an uninterrupted one would have seen."""
+run sees exactly the batches an uninterrupted one would have seen. Unpacked rows (one example
+each, as classification and scoring read them) are padded by `pad_rows`."""
 
 from __future__ import annotations
 
@@ -158,3 +159,14 @@ def make_batch(examples: list[Example], *, enc_len: int, dec_len: int, pad_id: i
                with_teacher: bool) -> Batch:
     rows = pack(examples, enc_len=enc_len, dec_len=dec_len, pad_id=pad_id, bos_id=bos_id)
     return Batch(rows, teacher_rows(rows) if with_teacher else None)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as ids and attention mask [B, L]: padded on the right, or on the left."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span], mask[i, span] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
 
 def _seconds(dtype: torch.dtype) -> float:
     a, b = torch.randn(256, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
