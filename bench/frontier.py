@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import print_result, ratio_line, run_worker, time_calls
+from common import print_result, ratio_line, require_positive, run_worker, time_calls
 from study import append, check_recipe, parse_recipe, read_results, recipe_config, tokens_per_step
 
 from encdec.checkpoint import is_checkpoint
@@ -274,9 +274,7 @@ def parse_args() -> argparse.Namespace:
         args.batches = sorted({int(b) for b in args.batches.split(",")})
     except ValueError:
         p.error(f"--batches {args.batches!r}: expected a comma list of integers like 1,8")
-    for flag in ("steps", "save_every", "eval_limit", "prompt_tokens", "new_tokens", "rounds", "repeats"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    require_positive(p, args, ("steps", "save_every", "eval_limit", "prompt_tokens", "new_tokens", "rounds", "repeats"))
     if args.batches[0] < 1:
         p.error(f"--batches must be at least 1, got {args.batches[0]}")
     try:
