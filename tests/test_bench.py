@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_training import adapted, corpus
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -26,3 +27,28 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
     assert "gap to the source after 1024 tokens, trimmed" in first.stdout
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)  # everything is done: nothing reruns
     assert second.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
+
+
+def _result(task: str, labels: list[str], guesses: list[str]) -> dict:
+    correct = sum(a == b for a, b in zip(labels, guesses))
+    return {"task": task, "n": len(labels), "accuracy": correct / len(labels),
+            "predictions": [{"label": a, "prediction": b} for a, b in zip(labels, guesses)]}
+
+
+def test_encoder_claim_scores_cb_as_superglue_does_and_reruns_nothing(tmp_path, monkeypatch):
+    sys.path.insert(0, str(BENCH))
+    import encoder_claim
+
+    cb = _result("cb", ["e", "e", "c", "n"], ["e", "c", "c", "e"])  # accuracy 1/2; F1: e 1/2, c 2/3, n 0
+    assert abs(encoder_claim.macro_f1(cb["predictions"]) - (0.5 + 2 / 3) / 3) < 1e-12
+    assert abs(encoder_claim.task_score(cb) - (0.5 + (0.5 + 2 / 3) / 3) / 2) < 1e-12
+    rte = _result("rte", ["y", "n", "y", "y"], ["y", "n", "n", "y"])
+    assert encoder_claim.task_score(rte) == 0.75
+    mean, half = encoder_claim.average([cb, rte])
+    assert abs(mean - (encoder_claim.task_score(cb) + 0.75) / 2) < 1e-12
+    assert abs(half - 1.959964 * ((0.25 / 4 + 0.1875 / 4) ** 0.5) / 2) < 1e-9
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "results.json").write_text(json.dumps(rte))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished cell was run again"))
+    assert encoder_claim.run_cell("m", "rte", "probe", cell, None) == rte
