@@ -122,27 +122,44 @@ class Engine:
 
     @torch.no_grad()
     def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: list[Row]) -> None:
-        """Encode a padded batch of prompts in one pass and give each its slot; they decode from the next step."""
+        """Encode a padded batch of prompts in one pass and give each its slot; they decode from the next step.
+
+        The prompts are packed (several to a row, as training packs examples) into rows as long as the
+        longest one, so a burst of mixed-length requests costs the encoder their tokens, not the padding."""
         if len(rows) > self.free:
             raise ValueError(f"{len(rows)} rows cannot join: {self.free} free slots")
-        input_ids = input_ids.to(self.device)
-        attention_mask = None if attention_mask is None else attention_mask.to(self.device)
-        seg = Segments.of(input_ids, attention_mask, None, None)
-        hidden = self.model.encode_segments(input_ids, seg)
-        length = input_ids.shape[1]
-        self._grow_encoder(length)
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        prompts = [ids[keep].to(self.device) for ids, keep in zip(input_ids, real)]
+        lengths = [len(p) for p in prompts]
+        width = max(max(lengths), 1)
+        bins = pack(lengths, width)
+        ids = torch.zeros(len(bins), width, dtype=torch.long, device=self.device)
+        segments, positions = torch.zeros_like(ids), torch.zeros_like(ids)
+        placed = []  # (prompt, packed row, offset)
+        for b, members in enumerate(bins):
+            offset = 0
+            for segment, i in enumerate(members, start=1):
+                span = slice(offset, offset + lengths[i])
+                ids[b, span], segments[b, span] = prompts[i], segment
+                positions[b, span] = torch.arange(lengths[i], device=self.device)
+                placed.append((i, b, offset))
+                offset += lengths[i]
+        hidden = self.model.encode_segments(ids, Segments(segments, positions))
+        self._grow_encoder(width)
         self._grow_self(max(r.max_new_tokens for r in rows))
-        first, end = len(self.rows), len(self.rows) + len(rows)
+        first = len(self.rows)
         for block, (k, v) in zip(self.layers, self.enc_kv):
             ek, ev = block.encoder_keys_values(hidden)
-            k[first:end, :, :length], v[first:end, :, :length] = ek, ev
-        self.enc_bias[first:end] = torch.finfo(self.dtype).min
-        self.enc_bias[first:end, :length].masked_fill_(seg.ids != 0, 0.0)
-        self.positions[first:end] = 0
-        self.last[first:end] = self.model.config.bos_token_id
-        for i, row in enumerate(rows):
-            row.generator = row.sampling.generator(self.device)
+            for i, b, offset in placed:
+                k[first + i, :, : lengths[i]] = ek[b, :, offset : offset + lengths[i]]
+                v[first + i, :, : lengths[i]] = ev[b, :, offset : offset + lengths[i]]
+        self.enc_bias[first : first + len(rows)] = torch.finfo(self.dtype).min
+        for i, (row, length) in enumerate(zip(rows, lengths)):
+            self.enc_bias[first + i, :length] = 0.0
             self.encoder_lengths[first + i] = length
+            self.positions[first + i] = 0
+            self.last[first + i] = self.model.config.bos_token_id
+            row.generator = row.sampling.generator(self.device)
         self.rows.extend(rows)
 
     def cancel(self, row: Row) -> None:
@@ -209,6 +226,21 @@ class Engine:
         for slot in reversed(ended):
             self._remove(slot)
         return emitted
+
+
+def pack(lengths: list[int], width: int) -> list[list[int]]:
+    """Prompt indices per packed row of at most `width` tokens (first fit, longest first)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if fits is None:
+            rows.append([i])
+            room.append(width - lengths[i])
+        else:
+            rows[fits].append(i)
+            room[fits] -= lengths[i]
+    return rows
 
 
 def attend(attn: Attention, q: torch.Tensor, sources: list[KeysValues]) -> torch.Tensor:
