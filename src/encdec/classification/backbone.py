@@ -60,7 +60,7 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         seg = Segments.of(input_ids, attention_mask, None, None)
-        x = embed_tokens(self.embed, input_ids)
+        x = embed_tokens(self.embed, input_ids, self.spec.stack.embed_scale)
         return run_self_attention_stack(self.stack, self.spec.stack, x, seg, causal=self.spec.kind == "causal",
                                         convention=self.spec.window_convention)
 

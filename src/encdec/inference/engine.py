@@ -178,7 +178,7 @@ class Engine:
         self_bias = {kind: b[pos, :seen][:, None, None] for kind, b in self.self_bias.items()}
         enc_bias = self.enc_bias[:n, :enc][:, None, None]
         rows = torch.arange(n, device=self.device)
-        x = embed_tokens(self.model.embed, self.last[:n, None])
+        x = embed_tokens(self.model.embed, self.last[:n, None], self.cfg.embed_scale)
         for block, kind, (sk, sv), (ek, ev) in zip(self.layers, self.cfg.layer_types, self.self_kv, self.enc_kv):
             h = block.attn_norm(x)
             q = block.attn.queries(h, rope[kind])

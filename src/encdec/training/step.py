@@ -23,7 +23,7 @@ class LossModule(nn.Module):
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None,
                 negatives: Negatives | None = None) -> LossParts:
         r, model = batch.rows, self.model
-        tied = tied_lookups(model.embed.weight)
+        tied = tied_lookups(model.embed.weight) if model.config.tied_head else None
         with routed(tied, model.embed):
             enc_seg = Segments(r.segment_ids, r.positions)
             encoder = EncoderState(model.encode_segments(r.input_ids, enc_seg), enc_seg)
@@ -33,7 +33,7 @@ class LossModule(nn.Module):
         distill_mask = None
         if teacher_hidden is not None:  # the teacher cannot know where a window was cut: no KL on the EOS target
             distill_mask = labels != self.model.config.eos_token_ids[0]
-        return chunked_loss(hidden[targets], self.model.embed.weight, labels, chunk=self.chunk,
+        return chunked_loss(hidden[targets], model.head_weight, labels, chunk=self.chunk,
                             softcap=self.model.config.final_logit_softcap, teacher_hidden=teacher_hidden,
                             teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation,
                             tied=tied, negatives=negatives)
@@ -49,10 +49,10 @@ class CausalLossModule(nn.Module):
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None) -> LossParts:
         labels = batch.rows.labels[batch.rows.labels != -100]
-        tied = tied_lookups(self.model.embed.weight)
+        tied = tied_lookups(self.model.embed.weight) if self.model.lm_head is None else None
         with routed(tied, self.model.embed):
             hidden = causal_states(self.model, batch)
-        return chunked_loss(hidden, self.model.embed.weight, labels, chunk=self.chunk,
+        return chunked_loss(hidden, self.model.head_weight, labels, chunk=self.chunk,
                             softcap=self.model.final_logit_softcap, tied=tied)
 
 

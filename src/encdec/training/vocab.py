@@ -31,7 +31,7 @@ from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
 from encdec.model import CausalLM, EncoderDecoder
 
-EMBEDDINGS = ("embed.weight", "encoder_embed.weight")
+EMBEDDINGS = ("embed.weight", "encoder_embed.weight", "lm_head.weight")  # the tables with a row per token
 
 
 def kept_tokens(stream: np.ndarray, n: int, always: list[int], vocab_size: int) -> np.ndarray:
@@ -113,15 +113,17 @@ class UntrainedRows:
 def untrained_rows(model: EncoderDecoder, keep: np.ndarray, sample_size: int, seed: int) -> UntrainedRows:
     """The full model's head rows that a run trimmed to `keep` leaves untrained."""
     index = untrained_ids(keep, model.config.vocab_size).to(model.embed.weight.device)
-    return UntrainedRows(model.embed.weight.detach()[index].clone(), sample_size, seed)
+    return UntrainedRows(model.head_weight.detach()[index].clone(), sample_size, seed)
 
 
 def trim_teacher(teacher: CausalLM, keep: np.ndarray, untrained: UntrainedRows) -> CausalLM:
     """The teacher's head over the kept tokens; its rows of the untrained tokens go to `untrained`."""
-    table = teacher.embed.weight
-    untrained.teacher_rows = table[untrained_ids(keep, table.shape[0]).to(table.device)].detach().clone()
+    head = teacher.head_weight
+    untrained.teacher_rows = head[untrained_ids(keep, head.shape[0]).to(head.device)].detach().clone()
     untrained.teacher_softcap = teacher.final_logit_softcap
-    teacher.embed.weight = torch.nn.Parameter(table[torch.as_tensor(keep)], requires_grad=False)
+    for table in (teacher.embed, teacher.lm_head):
+        if table is not None:
+            table.weight = torch.nn.Parameter(table.weight[torch.as_tensor(keep)], requires_grad=False)
     return teacher
 
 
