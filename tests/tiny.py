@@ -1,4 +1,5 @@
-"""Tiny random Gemma 2 / Gemma 3 checkpoints made with transformers' own classes, saved to disk."""
+"""Tiny random decoder-only checkpoints (Gemma 2 / 3, Llama, Mistral, Qwen2, Qwen3) made with transformers'
+own classes, saved to disk."""
 
 from __future__ import annotations
 
@@ -53,17 +54,43 @@ def gemma_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int =
     return tf.Gemma3TextConfig(**common, layer_types=types)
 
 
+# each non-Gemma family with the variant of its switches worth covering: Llama 3's RoPE scaling (its
+# original context short enough that every frequency band occurs), Mistral's all-local layers, Qwen2's
+# local layers from max_window_layers on, Qwen3 with a tied head (the others untied)
+FAMILY_OPTIONS = {
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "mistral": dict(sliding_window=4),
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
+    "qwen3": dict(tie_word_embeddings=True),
+}
+
+
+def family_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                  intermediate: int = 48):
+    """A tiny configuration of a Llama-architecture or Qwen family (transformers' own config class)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(
+        family, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8, pad_token_id=0, bos_token_id=2,
+        eos_token_id=1, max_position_embeddings=256, **FAMILY_OPTIONS[family],
+    )
+
+
 def make_source(directory: Path, family: str, seed: int = 0, **shape) -> Path:
-    """Save a randomly initialised Gemma causal LM (norm weights random too, so they matter)."""
-    import transformers as tf
+    """Save a randomly initialised causal LM of `family` (norm weights and biases random too, so they matter)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = gemma_config(family, **shape)
-    model = (tf.Gemma2ForCausalLM if family == "gemma2" else tf.Gemma3ForCausalLM)(cfg)
+    cfg = gemma_config(family, **shape) if family.startswith("gemma") else family_config(family, **shape)
+    model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and family.startswith("gemma"):  # Gemma stores an offset from 1
                 p.normal_(0.0, 0.3)
+            elif "norm" in name:
+                p.normal_(1.0, 0.3)
             else:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(str(directory))
