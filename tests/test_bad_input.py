@@ -109,9 +109,16 @@ def test_not_a_gguf(capsys, tmp_path):
     assert "not a GGUF file" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
-def test_different_families(capsys, tmp_path, sources):
-    line = _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder", str(sources["gemma2"]))
-    assert "encoder is gemma3 but decoder is gemma2" in line
+@pytest.mark.parametrize("encoder, decoder", [("gemma3", "gemma2"), ("llama", "qwen2"), ("qwen3", "gemma3")])
+def test_different_families(capsys, tmp_path, sources, encoder, decoder):
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(sources[encoder]), "--decoder", str(sources[decoder]))
+    assert f"encoder is {encoder} but decoder is {decoder}" in line
+
+
+def test_gguf_architecture_transformers_cannot_read(capsys, tmp_path):
+    src = _gguf(tmp_path / "mistral.gguf", "mistral")  # llama.cpp writes Mistral models as "llama"
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "holds a mistral model; supported GGUF architectures: gemma2, gemma3, llama, qwen2, qwen3" in line
 
 
 def test_different_vocabularies(capsys, tmp_path):

@@ -67,14 +67,14 @@ FAMILY_OPTIONS = {
 
 
 def family_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
-                  intermediate: int = 48):
+                  intermediate: int = 48, head_dim: int = 8, **options):
     """A tiny configuration of a Llama-architecture or Qwen family (transformers' own config class)."""
     from transformers import AutoConfig
 
     return AutoConfig.for_model(
         family, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8, pad_token_id=0, bos_token_id=2,
-        eos_token_id=1, max_position_embeddings=256, **FAMILY_OPTIONS[family],
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, pad_token_id=0, bos_token_id=2,
+        eos_token_id=1, max_position_embeddings=256, **{**FAMILY_OPTIONS[family], **options},
     )
 
 
@@ -96,3 +96,47 @@ def make_source(directory: Path, family: str, seed: int = 0, **shape) -> Path:
     model.save_pretrained(str(directory))
     make_tokenizer(directory)
     return directory
+
+
+def write_gguf(source: Path, path: Path) -> Path:
+    """A float32 GGUF file of a tiny Llama / Qwen checkpoint, written as llama.cpp's converter does (its
+    tensor names, Q/K rows of llama permuted) with a byte-level tokenizer over the tiny vocabulary."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((source / "config.json").read_text())
+    arch, n = cfg["model_type"], cfg["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(n)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    writer.add_rope_dimension_count(cfg["head_dim"])
+    tokens = SPECIALS + WORDS
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * len(WORDS))
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_pad_token_id(0)
+    for name, t in load_file(str(source / "model.safetensors")).items():
+        base, suffix = name.rsplit(".", 1)
+        array = t.float().numpy()
+        if arch == "llama" and base.endswith(("q_proj", "k_proj")):  # llama.cpp's rotary layout; transformers undoes it
+            heads = cfg["num_attention_heads"] if base.endswith("q_proj") else cfg["num_key_value_heads"]
+            array = array.reshape(heads, 2, -1, array.shape[1]).swapaxes(1, 2).reshape(array.shape)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -98,7 +98,8 @@ def adapt(
         raise EncdecError("give either a decoder source or decoder layers, not both")
     dec_source = decoder or encoder
     if dec_source.family != encoder.family:
-        raise EncdecError(f"encoder is {encoder.family} but decoder is {dec_source.family}; both must be the same family")
+        raise EncdecError(f"encoder is {encoder.family} but decoder is {dec_source.family}; both must be the same family "
+                          "(one architecture, one vocabulary)")
     if dec_source.vocab_size != encoder.vocab_size:
         raise EncdecError(f"encoder vocabulary has {encoder.vocab_size} tokens, decoder's {dec_source.vocab_size}; "
                           "they must share one vocabulary")

@@ -16,7 +16,7 @@ from encdec.errors import EncdecError
 from encdec.formats.decoder_only import SourceConfig, special_tokens
 
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral"}
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "mistral"}
+GGUF_ARCHITECTURES = {"llama": "llama"}  # llama.cpp writes Mistral models as llama; gguf-py has no "mistral"
 # merged attention (T5Gemma 2's: no new parameters); Mistral's local encoder layers split the window over both sides
 ADAPTED_AS = {"llama": ("merged", "t5gemma2"), "mistral": ("merged", "t5gemma2")}
 # our block sub-module -> Hugging Face sub-module ("post_attention_layernorm" is the norm before the MLP)

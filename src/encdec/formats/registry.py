@@ -25,7 +25,8 @@ def adapter_of(model_type: str | None, where: str) -> ModuleType:
 
 def check_gguf_architecture(arch: str, where: str) -> None:
     if arch not in BY_GGUF_ARCHITECTURE:
-        raise EncdecError(f"{where} holds a {arch} model; supported: {SUPPORTED_FAMILIES}")
+        raise EncdecError(f"{where} holds a {arch} model; supported GGUF architectures: "
+                          f"{', '.join(sorted(BY_GGUF_ARCHITECTURE))}")
 
 
 def adapted_as(family: str) -> tuple[str, str]:
