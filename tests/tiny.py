@@ -12,12 +12,14 @@ SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<unused{k}>" for k in range
 WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
 
 
-def make_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer over the tiny vocabulary (ids as in Gemma: pad 0, eos 1, bos 2; <unusedK>)."""
+def make_tokenizer(directory: Path, reserved: bool = True) -> None:
+    """A word-level tokenizer over the tiny vocabulary (ids as in Gemma: pad 0, eos 1, bos 2; <unusedK>, or
+    without `reserved` plain words in their place, as vocabularies without reserved tokens are)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    specials = SPECIALS if reserved else SPECIALS[:4] + [f"plain{k}" for k in range(len(SPECIALS) - 4)]
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
@@ -71,15 +73,15 @@ def family_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int 
     """A tiny configuration of a Llama-architecture or Qwen family (transformers' own config class)."""
     from transformers import AutoConfig
 
-    return AutoConfig.for_model(
-        family, vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, pad_token_id=0, bos_token_id=2,
-        eos_token_id=1, max_position_embeddings=256, **{**FAMILY_OPTIONS[family], **options},
-    )
+    shape = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, pad_token_id=0,
+                 bos_token_id=2, eos_token_id=1, max_position_embeddings=256)
+    return AutoConfig.for_model(family, **{**shape, **FAMILY_OPTIONS[family], **options})
 
 
-def make_source(directory: Path, family: str, seed: int = 0, **shape) -> Path:
-    """Save a randomly initialised causal LM of `family` (norm weights and biases random too, so they matter)."""
+def make_source(directory: Path, family: str, seed: int = 0, reserved: bool = True, **shape) -> Path:
+    """Save a randomly initialised causal LM of `family` (norm weights and biases random too, so they matter),
+    with the tiny tokenizer (`reserved`: with its <unusedK> tokens)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -94,7 +96,7 @@ def make_source(directory: Path, family: str, seed: int = 0, **shape) -> Path:
             else:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(str(directory))
-    make_tokenizer(directory)
+    make_tokenizer(directory, reserved)
     return directory
 
 

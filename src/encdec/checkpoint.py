@@ -36,9 +36,9 @@ class Loaded:
 
 def save(
     model: EncoderDecoder, out: Path | str, *, tokenizer_dir: Path | None = None, overwrite: bool = False,
-    dtype: torch.dtype | None = None, metadata: dict | None = None,
+    dtype: torch.dtype | None = None, metadata: dict | None = None, tokenizer: object | None = None,
 ) -> str:
-    """Write `model` (and the tokenizer found in `tokenizer_dir`) to `out`; returns the format used."""
+    """Write `model` (and `tokenizer`, or the one found in `tokenizer_dir`) to `out`; returns the format used."""
     cfg = model.config
     weights = model.state_dict()
     if dtype is not None:
@@ -60,10 +60,12 @@ def save(
             write_weights(tmp, to_hf_weights(weights, cfg, layout))
         if metadata is not None:
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
-        if tokenizer_dir is not None:
+        if tokenizer is None and tokenizer_dir is not None:
             from encdec.sources import load_tokenizer
 
-            load_tokenizer(Path(tokenizer_dir)).save_pretrained(str(tmp))
+            tokenizer = load_tokenizer(Path(tokenizer_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return NATIVE if layout is None else layout.model_type
 
 

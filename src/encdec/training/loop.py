@@ -28,7 +28,7 @@ from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
 from encdec.training.recipe import drop_frozen_gradients, encoder_lookahead, frozen_parts
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
-from encdec.training.vocab import full_vocabulary_model, ignore_unknown_targets, trim_teacher
+from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore_unknown_targets, trim_teacher
 
 log = logging.getLogger("encdec")
 
@@ -253,7 +253,10 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
         plan.model.load_state_dict(weights, strict=True)
         save_causal(plan.model, plan.source, final, overwrite=True, metadata={key: run})
     else:
-        model = full_vocabulary_model(weights, load_checkpoint(model_dir).model, plan.keep)
-        save(model, final, tokenizer_dir=model_dir, overwrite=True, metadata={**read_metadata(model_dir), key: run})
+        start = load_checkpoint(model_dir).model
+        if start.config.vocab_size < plan.vocab_size:  # UL2 grew the embeddings for its added tokens
+            start = grow_vocabulary(start, plan.vocab_size)
+        model = full_vocabulary_model(weights, start, plan.keep)
+        save(model, final, tokenizer=plan.tokenizer, overwrite=True, metadata={**read_metadata(model_dir), key: run})
     log.info("final model: %s (average of %d checkpoint(s))", final, len(paths))
     return final

@@ -20,7 +20,15 @@ from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import distributed
 from encdec.training.config import TrainConfig
 from encdec.training.data import ExampleStream, example_maker, window_length
-from encdec.training.vocab import UntrainedRows, always_kept, kept_tokens, remap_table, trim_model, untrained_rows
+from encdec.training.vocab import (
+    UntrainedRows,
+    always_kept,
+    kept_tokens,
+    remap_table,
+    trim_model,
+    untrained_rows,
+    with_ul2_tokens,
+)
 
 log = logging.getLogger("encdec")
 
@@ -36,6 +44,7 @@ class Plan:
     trimmed: Trimmed | None = None  # the vocabulary the model is trained on, when trimmed
     source: DecoderOnlySource | None = None  # the decoder-only model's source (config, tokenizer)
     extra_eval: list[Example] = dataclasses.field(default_factory=list)  # --eval-data's held-out examples
+    tokenizer: object = None  # the run's tokenizer (UL2 may have added its tokens to a copy)
 
     @property
     def causal(self) -> bool:
@@ -69,6 +78,10 @@ def _trim(cfg: TrainConfig, model: EncoderDecoder, tokenizer, ids: np.ndarray,
 
 
 def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: distributed.Dist) -> Plan:
+    if cfg.objective == "ul2":
+        model, tokenizer, note = with_ul2_tokens(model, tokenizer)
+        if d.main:
+            log.info("%s", note)
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
     vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.config.vocab_size
     if cfg.trim_vocab:
@@ -91,7 +104,7 @@ def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: dis
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
         length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len)
         extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
-    return Plan(model, stream, held_out, vocab_size, trimmed, extra_eval=extra)
+    return Plan(model, stream, held_out, vocab_size, trimmed, extra_eval=extra, tokenizer=tokenizer)
 
 
 def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,
@@ -119,7 +132,7 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
                            dec_len=cfg.dec_len)
     if d.main:
         log.info("instruction tuning on %d examples (%d held out)", len(examples) - len(held_out), len(held_out))
-    return Plan(model, stream, held_out, vocab_size, trimmed, source)
+    return Plan(model, stream, held_out, vocab_size, trimmed, source, tokenizer=tokenizer)
 
 
 def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
@@ -127,8 +140,8 @@ def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
     if cfg.objective != "instruct":
         model_dir = Path(cfg.model)
         model = load_checkpoint(model_dir).model.train()
-        tokenizer = load_tokenizer(model_dir)
-        return _pretraining_plan(cfg, model, tokenizer, d), tokenizer
+        plan = _pretraining_plan(cfg, model, load_tokenizer(model_dir), d)
+        return plan, plan.tokenizer
     if is_checkpoint(cfg.model):
         model, source = load_checkpoint(cfg.model).model.train(), None
         tokenizer = load_tokenizer(Path(cfg.model))

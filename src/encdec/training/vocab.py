@@ -32,6 +32,7 @@ from encdec.errors import EncdecError
 from encdec.model import CausalLM, EncoderDecoder
 
 EMBEDDINGS = ("embed.weight", "encoder_embed.weight", "lm_head.weight")  # the tables with a row per token
+UL2_SENTINELS = 128  # sentinels a run uses at most (added where a vocabulary has no reserved tokens)
 
 
 def kept_tokens(stream: np.ndarray, n: int, always: list[int], vocab_size: int) -> np.ndarray:
@@ -154,7 +155,46 @@ def full_vocabulary_model(weights: dict[str, torch.Tensor], start: EncoderDecode
     return model
 
 
-def always_kept(tokenizer, objective: str, sentinels: int = 128) -> list[int]:
+def grow_vocabulary(model: EncoderDecoder, size: int) -> EncoderDecoder:
+    """The same model over `size` >= vocab_size tokens; each new row of an embedding or head table is the mean
+    of the table's rows (a neutral start for tokens that training then gives a meaning)."""
+    config = EncDecConfig.from_dict({**model.config.to_dict(), "vocab_size": size})
+    weights = dict(model.state_dict())
+    for name in EMBEDDINGS:
+        if name in weights:
+            table = weights[name]
+            weights[name] = torch.cat([table, table.mean(0, keepdim=True).expand(size - len(table), -1)])
+    with torch.device("meta"):
+        grown = EncoderDecoder(config)
+    grown.load_state_dict(weights, strict=True, assign=True)
+    return grown.to(model.device).train(model.training)
+
+
+def with_ul2_tokens(model: EncoderDecoder, tokenizer) -> tuple[EncoderDecoder, object, str]:
+    """UL2's mode tokens and sentinels for this vocabulary: its reserved tokens where it has them (Gemma, Llama 3,
+    Mistral), else tokens added to (a copy of) the tokenizer, placed in the embedding table's spare rows when it has
+    enough (Qwen's tables are larger than its tokenizer) or in rows grown for them. Returns the model, the
+    tokenizer and a sentence saying which was done."""
+    import copy
+
+    from encdec.objectives import reserved_token_ids, ul2_token_names
+
+    vocab = tokenizer.get_vocab()
+    reserved = reserved_token_ids(vocab)
+    if reserved or all(token in vocab for token in ul2_token_names(1)):
+        return model, tokenizer, f"UL2 uses the vocabulary's own tokens for its mode tokens and {UL2_SENTINELS} sentinels"
+    tokenizer = copy.deepcopy(tokenizer)
+    names = ul2_token_names(UL2_SENTINELS)
+    tokenizer.add_tokens(names, special_tokens=True)
+    first, size = len(tokenizer) - len(names), model.config.vocab_size
+    note = f"the vocabulary has no reserved tokens: UL2 added {len(names)} (ids {first}..{len(tokenizer) - 1}: " \
+           f"[NLU], [NLG], [S2S], <extra_id_0>..)"
+    if len(tokenizer) <= size:
+        return model, tokenizer, note + " in the embedding table's spare rows"
+    return grow_vocabulary(model, len(tokenizer)), tokenizer, note + f", growing the embeddings from {size} rows"
+
+
+def always_kept(tokenizer, objective: str, sentinels: int = UL2_SENTINELS) -> list[int]:
     """Special tokens, the chat-turn markers, and for UL2 its mode tokens and `sentinels` sentinels."""
     from encdec.objectives import special_token_ids
 

@@ -1,0 +1,84 @@
+"""Everything after `encdec adapt` on Llama-architecture and Qwen models: UL2 on vocabularies without reserved
+tokens (tokens added in spare rows or in grown embeddings), training an untied head, generation, evaluation,
+classification and the exported encoder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_source, write_corpus
+
+import encdec
+from encdec.cli import main
+from encdec.objectives import special_token_ids, ul2_token_names
+from encdec.training import loop
+from encdec.training.config import TrainConfig
+
+
+def _adapted(tmp_path: Path, family: str, **shape) -> Path:
+    source = make_source(tmp_path / "source", family, reserved=False, **shape)
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--encoder", str(source), "--out", str(out)]) == 0
+    return out
+
+
+def _ul2(model: Path, out: Path, corpus: Path) -> Path:
+    return loop.train(TrainConfig(model=str(model), out=str(out), data=[str(corpus)], objective="ul2", enc_len=24,
+                                  dec_len=24, batch_size=2, steps=3, lr=3e-3, warmup_steps=1, eval_every=3,
+                                  eval_windows=2, save_every=3, precision="fp32"))
+
+
+@pytest.mark.parametrize("family, vocab, grown", [("llama", 96, True), ("qwen3", 256, False)])
+def test_ul2_adds_its_tokens_where_the_vocabulary_has_no_reserved_ones(tmp_path, caplog, monkeypatch, family, vocab,
+                                                                      grown):
+    adapted = _adapted(tmp_path, family, vocab_size=vocab)
+    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=30)
+    with caplog.at_level(logging.INFO, logger="encdec"):
+        final = _ul2(adapted, tmp_path / "run", corpus)
+    added = len(ul2_token_names(128))
+    note = "growing the embeddings from 96 rows" if grown else "in the embedding table's spare rows"
+    assert any(f"UL2 added {added} (ids 96..{95 + added}" in r.message and note in r.message for r in caplog.records)
+    model, tokenizer = encdec.load(final), encdec.load_tokenizer(final)
+    assert len(tokenizer) == 96 + added and model.config.vocab_size == (96 + added if grown else vocab)
+    modes, sentinels = special_token_ids(tokenizer.get_vocab())
+    assert list(modes.values()) == [96, 97, 98] and sentinels[:2] == [99, 100]
+    assert tokenizer("w3 <extra_id_0> w4", add_special_tokens=False).input_ids == [31, 99, 32]
+    start = encdec.load(adapted)
+    assert model.config.tied_head == start.config.tied_head == (family == "qwen3")
+    if grown:  # the untied head and the embeddings both grew, their new rows trained from the mean row
+        assert model.lm_head.weight.shape[0] == model.embed.weight.shape[0] == 96 + added
+        assert not torch.equal(model.lm_head.weight[:96], start.lm_head.weight)
+    assert model.generate(torch.tensor([[2, 40, 99, 41]]), max_new_tokens=3).shape == (1, 3)
+
+
+def test_reserved_tokens_of_llama3_are_used_as_they_are():
+    vocab = {f"<|reserved_special_token_{k}|>": 1000 + k for k in range(6)} | {"<|begin_of_text|>": 0}
+    modes, sentinels = special_token_ids(vocab)
+    assert list(modes.values()) == [1000, 1001, 1002] and sentinels == [1003, 1004, 1005]
+
+
+def test_generate_evaluate_classify_and_export_encoder_on_a_llama_model(tmp_path, capsys):
+    adapted = _adapted(tmp_path, "llama")
+    source = tmp_path / "source"
+    capsys.readouterr()
+    assert main(["generate", str(adapted), "--prompt", "w1 w2 w3", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("w1 w2 w3 -> ")
+    assert main(["evaluate", str(adapted), str(source), "--tasks", "copa,heldout", "--limit", "2",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert "| **average** |" in (tmp_path / "eval.md").read_text()
+    assert main(["classify", str(adapted), "--task", "cb", "--folds", "2", "--limit", "8", "--steps", "1",
+                 "--max-len", "16", "--batch-size", "4", "--out", str(tmp_path / "clf")]) == 0
+    assert (tmp_path / "clf" / "results.json").is_file()
+    assert main(["export-encoder", str(adapted), "--out", str(tmp_path / "encoder")]) == 0
+    assert "(the project's own format)" in capsys.readouterr().out  # no transformers class holds a Llama encoder
+    from encdec.classification.encoder_export import read_encoder
+
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        assert torch.equal(read_encoder(tmp_path / "encoder")(ids, mask), encdec.load(adapted).encode(ids, mask))
