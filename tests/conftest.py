@@ -17,7 +17,7 @@ from tiny import FAMILY_OPTIONS, make_source
 
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Directories of tiny Gemma 2 / Gemma 3 / Llama / Mistral / Qwen2 / Qwen3 causal LMs, saved by transformers itself."""
+    """Directories of tiny Gemma 2 / 3, Llama, Mistral, Qwen2 / 3 causal LMs, saved by transformers itself."""
     root = tmp_path_factory.mktemp("sources")
     return {
         "gemma3": make_source(root / "gemma3", "gemma3"),

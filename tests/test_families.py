@@ -15,9 +15,11 @@ from encdec.causal import causal_from_source, save_causal
 from encdec.errors import EncdecError
 
 
+# GGUF carries neither Llama 3's RoPE scaling nor Qwen2's local layers; transformers reads every Qwen3 GGUF as
+# head_dim 128 (as the released Qwen3 models have)
 @pytest.mark.parametrize("family, shape", [("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
                                            ("qwen2", {"use_sliding_window": False}),
-                                           ("qwen3", {"head_dim": 128})])  # transformers reads Qwen3 GGUFs as head_dim 128
+                                           ("qwen3", {"head_dim": 128})])
 def test_gguf_of_each_architecture_loads_as_its_checkpoint_directory(tmp_path, monkeypatch, family, shape):
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
     directory = make_source(tmp_path / family, family, **shape)
@@ -57,7 +59,8 @@ def test_unbalanced_cross_attention_starts_neutral(sources, batch):
                          attention="cross")
     block = model.decoder.layers[0]
     assert block.cross_attn.k_proj.in_features == 32 and block.cross_attn.q_proj.in_features == 24
-    assert torch.equal(block.cross_attn.q_proj.bias, torch.zeros(16)) and torch.equal(block.cross_norm.weight, torch.ones(24))
+    assert torch.equal(block.cross_attn.q_proj.bias, torch.zeros(16))
+    assert torch.equal(block.cross_norm.weight, torch.ones(24))
     with torch.no_grad():
         assert valid(model(**batch).logits, batch["decoder_attention_mask"]).isfinite().all()
 
@@ -74,3 +77,26 @@ def test_decoder_only_model_saved_back_in_its_family_layout(sources, tmp_path, f
     with torch.no_grad():
         ours = model.logits(model.hidden(ids, encdec.model.Segments.of(ids, None, None, None)))
         assert (reloaded(input_ids=ids).logits - ours).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family, attention", [("llama", "cross"), ("qwen3", "merged")])
+def test_vanilla_transformers_loads_the_project_format_with_its_modeling_file(sources, batch, tmp_path, family,
+                                                                               attention):
+    import ast
+
+    model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
+    encdec.save(model, tmp_path / "out", tokenizer_dir=sources[family])
+    imported = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+                for node in ast.walk(ast.parse((tmp_path / "out" / "modeling_encdec.py").read_text()))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert imported <= {"__future__", "dataclasses", "functools", "math", "typing", "torch", "transformers"}
+    hf = tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=True).eval()
+    assert type(hf).__name__ == "EncdecForConditionalGeneration"
+    with torch.no_grad():
+        theirs, ours = hf(**batch).logits, model(**batch).logits
+    mask = batch["decoder_attention_mask"]
+    assert torch.equal(valid(theirs, mask), valid(ours, mask))
+    ids, enc_mask = batch["input_ids"], batch["attention_mask"]
+    generated = hf.generate(input_ids=ids, attention_mask=enc_mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated[:, 1:], model.generate(ids, enc_mask, max_new_tokens=4, eos_token_ids=[-1]))
+    assert encdec.load_tokenizer(tmp_path / "out")("w1 w2").input_ids == [2, 29, 30]  # encdec reads it too

@@ -82,3 +82,32 @@ def test_generate_evaluate_classify_and_export_encoder_on_a_llama_model(tmp_path
     mask[1, 6:] = 0
     with torch.no_grad():
         assert torch.equal(read_encoder(tmp_path / "encoder")(ids, mask), encdec.load(adapted).encode(ids, mask))
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
+    from tiny import make_tokenizer
+
+    from encdec.data.chat import ChatFormat
+    from encdec.data.instructions import Pair, chat_example, chat_prompt
+
+    make_tokenizer(tmp_path, reserved=False)
+    tokenizer = encdec.load_tokenizer(tmp_path)
+    gemma = ChatFormat.of(tokenizer)  # no template, no Gemma markers: Gemma's format, as before
+    assert not gemma.templated and gemma.end == "<end_of_turn>"
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "user", "assistant"], special_tokens=True)
+    tokenizer.chat_template = CHATML
+    chat = ChatFormat.of(tokenizer)
+    assert chat.templated and chat.end == "<|im_end|>"
+    pair = Pair(prompt=chat_prompt([("user", "w1 w2"), ("model", "w3"), ("user", "w4")]), response="w5 w6", source="t")
+    assert chat.prompt(pair.prompt) == ("<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\nw3<|im_end|>\n"
+                                        "<|im_start|>user\nw4<|im_end|>\n<|im_start|>assistant\n")
+    example = chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64)
+    start, end, user, assistant = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "user", "assistant"])
+    w = {f"w{i}": tokenizer.convert_tokens_to_ids(f"w{i}") for i in range(1, 7)}
+    assert example.inputs == [2, start, user, w["w1"], w["w2"], end, start, assistant, w["w3"], end,
+                              start, user, w["w4"], end, start, assistant]
+    assert example.targets == [w["w5"], w["w6"], end, 1]

@@ -19,8 +19,9 @@ def _source_model(directory):
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]  # besides Gemma, see tests/tiny.py for the variants
 
 
-@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma3", "cross"), ("gemma2", "cross"), ("gemma2", "merged"),
-                                               *[(family, "merged") for family in FAMILIES], ("llama", "cross")])
+@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma3", "cross"), ("gemma2", "cross"),
+                                               ("gemma2", "merged"), *[(family, "merged") for family in FAMILIES],
+                                               ("llama", "cross")])
 def test_causal_encoder_reproduces_source_hidden_states(sources, family, attention):
     source = _source_model(sources[family])
     model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
@@ -53,7 +54,8 @@ def test_merged_decoder_with_masked_encoder_is_the_source(sources, family):
     assert (seeing[real] - ref[real]).abs().max().item() > 1e-2  # with the encoder visible the output changes
 
 
-@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma2", "cross"), ("gemma3", "cross"), ("qwen2", "cross")])
+@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma2", "cross"), ("gemma3", "cross"),
+                                               ("qwen2", "cross")])
 def test_packed_rows_equal_examples_run_one_by_one(sources, family, attention):
     model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
     g = torch.Generator().manual_seed(3)

@@ -26,7 +26,8 @@ def smollm2():
 
 def test_source_is_the_llama_family(smollm2):
     source, model, *_ = smollm2
-    assert (source.family, source.stack.num_layers, source.stack.hidden_size, source.vocab_size) == ("llama", 30, 576, 49152)
+    stack = source.stack
+    assert (source.family, stack.num_layers, stack.hidden_size, source.vocab_size) == ("llama", 30, 576, 49152)
     assert model.config.attention == "merged" and not model.config.encoder.post_norms
 
 
@@ -44,7 +45,8 @@ def test_greedy_generation(smollm2):
     _, model, _, tokenizer, _ = smollm2
     batch = tokenizer(["The capital of France is", "Water boils at"], return_tensors="pt", padding=True)
     cached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=3, eos_token_ids=[-1])
-    uncached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=3, eos_token_ids=[-1], use_cache=False)
+    uncached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=3, eos_token_ids=[-1],
+                              use_cache=False)
     assert cached.shape == (2, 3) and torch.equal(cached, uncached)
 
 
@@ -58,3 +60,13 @@ def test_cli_adapt_saves_the_project_format_and_loads_back(smollm2, tmp_path, ca
     with torch.no_grad():
         assert torch.equal(loaded(ids, torch.ones_like(ids), dec).logits, model(ids, torch.ones_like(ids), dec).logits)
     assert encdec.load_tokenizer(out)("Hello").input_ids == tokenizer("Hello").input_ids
+
+
+def test_chat_format_is_smollm2s_own_template(smollm2):
+    from encdec.data.chat import ChatFormat
+    from encdec.data.instructions import chat_prompt_text
+
+    chat = ChatFormat.of(smollm2[3])
+    assert chat.templated and chat.end == "<|im_end|>"
+    prompt = chat.prompt(chat_prompt_text("Name a colour."))
+    assert prompt.endswith("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")

@@ -60,11 +60,11 @@ def gemma_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int =
 # original context short enough that every frequency band occurs), Mistral's all-local layers, Qwen2's
 # local layers from max_window_layers on, Qwen3 with a tied head (the others untied)
 FAMILY_OPTIONS = {
-    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-    "mistral": dict(sliding_window=4),
-    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
-    "qwen3": dict(tie_word_embeddings=True),
+    "llama": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "mistral": {"sliding_window": 4},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2},
+    "qwen3": {"tie_word_embeddings": True},
 }
 
 
@@ -73,9 +73,9 @@ def family_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int 
     """A tiny configuration of a Llama-architecture or Qwen family (transformers' own config class)."""
     from transformers import AutoConfig
 
-    shape = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, pad_token_id=0,
-                 bos_token_id=2, eos_token_id=1, max_position_embeddings=256)
+    shape = {"vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+             "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim, "pad_token_id": 0,
+             "bos_token_id": 2, "eos_token_id": 1, "max_position_embeddings": 256}
     return AutoConfig.for_model(family, **{**shape, **FAMILY_OPTIONS[family], **options})
 
 

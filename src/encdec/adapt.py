@@ -98,8 +98,8 @@ def adapt(
         raise EncdecError("give either a decoder source or decoder layers, not both")
     dec_source = decoder or encoder
     if dec_source.family != encoder.family:
-        raise EncdecError(f"encoder is {encoder.family} but decoder is {dec_source.family}; both must be the same family "
-                          "(one architecture, one vocabulary)")
+        raise EncdecError(f"encoder is {encoder.family} but decoder is {dec_source.family}; "
+                          "both must be the same family (one architecture, one vocabulary)")
     if dec_source.vocab_size != encoder.vocab_size:
         raise EncdecError(f"encoder vocabulary has {encoder.vocab_size} tokens, decoder's {dec_source.vocab_size}; "
                           "they must share one vocabulary")
@@ -112,7 +112,8 @@ def adapt(
     dec_stack = _subset(dec_source.stack, layers)
     _warn_if_only_local(dec_source.stack, layers)
     # One embedding table when both sides start from the same one, as T5Gemma 2 does (no measured
-    # quality cost); T5Gemma's layout (cross-attention, T5Gemma's window) keeps separate tables so it stays loadable there.
+    # quality cost); T5Gemma's layout (cross-attention, T5Gemma's window) keeps separate tables so that it
+    # stays loadable there.
     one_source = decoder is None or decoder.directory == encoder.directory
     shared = one_source and (attention == "merged" or window != "t5gemma")
     config = EncDecConfig(

@@ -3,7 +3,9 @@
 A configuration that a transformers class holds exactly (see `formats.t5gemma.exportable`) is
 saved in that class's layout, so vanilla `AutoModelForSeq2SeqLM.from_pretrained(DIR)` loads it;
 any other is saved in the project's own format: config.json with `"format": "encdec"` and our
-configuration, and model.safetensors with our parameter names. Both are written atomically.
+configuration, model.safetensors with our parameter names, and a modeling file through which
+`AutoModelForSeq2SeqLM.from_pretrained(DIR, trust_remote_code=True)` loads it (formats.remote_code).
+Both are written atomically.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
+from encdec.formats import remote_code
 from encdec.formats.t5gemma import LAYOUTS, config_from_hf, exportable, from_hf_weights, hf_config, to_hf_weights
 from encdec.model import EncoderDecoder
 
@@ -44,20 +47,22 @@ def save(
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     layout = exportable(cfg)
-    with atomic_dir(Path(out), overwrite) as tmp:
-        if layout is None:
-            write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, "config": cfg.to_dict()}, weights)
-        else:
-            from transformers import GenerationConfig
+    from transformers import GenerationConfig
 
+    with atomic_dir(Path(out), overwrite) as tmp:
+        if layout is None:  # with a modeling file, for transformers' trust_remote_code=True
+            write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, **remote_code.config_fields(),
+                               "config": cfg.to_dict()}, weights)
+            remote_code.write_modeling_file(tmp)
+        else:
             config = hf_config(cfg, layout)
             config.dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
             config.save_pretrained(str(tmp))
-            GenerationConfig(
-                decoder_start_token_id=cfg.bos_token_id, bos_token_id=cfg.bos_token_id,
-                eos_token_id=cfg.eos_token_ids, pad_token_id=cfg.pad_token_id,
-            ).save_pretrained(str(tmp))
             write_weights(tmp, to_hf_weights(weights, cfg, layout))
+        GenerationConfig(
+            decoder_start_token_id=cfg.bos_token_id, bos_token_id=cfg.bos_token_id,
+            eos_token_id=cfg.eos_token_ids, pad_token_id=cfg.pad_token_id,
+        ).save_pretrained(str(tmp))
         if metadata is not None:
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
         if tokenizer is None and tokenizer_dir is not None:

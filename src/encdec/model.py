@@ -321,7 +321,9 @@ def untied_head(cfg: StackConfig, vocab_size: int, tied: bool) -> nn.Linear | No
 class CausalLM(nn.Module):
     """A decoder-only model run by the same blocks: the source model, as a distillation teacher."""
 
-    def __init__(self, cfg: StackConfig, vocab_size: int, final_logit_softcap: float | None, tied_head: bool = True) -> None:
+    def __init__(
+        self, cfg: StackConfig, vocab_size: int, final_logit_softcap: float | None, tied_head: bool = True
+    ) -> None:
         super().__init__()
         self.cfg, self.final_logit_softcap = cfg, final_logit_softcap
         self.embed = nn.Embedding(vocab_size, cfg.hidden_size)

@@ -23,7 +23,7 @@ import torch
 from encdec.config import StackConfig
 from encdec.errors import EncdecError
 from encdec.files import read_json, read_weights
-from encdec.formats import gguf
+from encdec.formats import gguf, remote_code
 from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
 from encdec.model import CausalLM
@@ -72,7 +72,7 @@ def refuse_custom_code(directory: Path) -> None:
     sees it, and every transformers loader is also called with trust_remote_code=False."""
     for name in ("config.json", "tokenizer_config.json"):
         file = directory / name
-        if file.is_file() and "auto_map" in read_json(file):
+        if file.is_file() and "auto_map" in (data := read_json(file)) and not remote_code.is_own(data):
             raise EncdecError(f"{file} has an auto_map entry: it asks to run Python code shipped with the checkpoint, "
                               "which encdec never does; remove the entry if the model is a standard Gemma / T5Gemma")
 

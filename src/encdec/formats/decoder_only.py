@@ -47,7 +47,9 @@ def special_tokens(cfg: dict[str, Any], default_pad: int | None = None) -> dict[
     return {"pad_token_id": pad, "bos_token_id": eos_ids[0] if bos is None else bos, "eos_token_ids": eos_ids}
 
 
-def to_stack(weights: dict[str, torch.Tensor], layer: dict[str, str], prefix: str, layers: list[int]) -> dict[str, torch.Tensor]:
+def to_stack(
+    weights: dict[str, torch.Tensor], layer: dict[str, str], prefix: str, layers: list[int]
+) -> dict[str, torch.Tensor]:
     """Source layers `layers` (Hugging Face names) renamed into our stack `prefix`, plus its final norm."""
     out = {f"{prefix}.norm.weight": weights[FINAL_NORM]}
     wanted = {f"{LAYERS}{src}.": dst for dst, src in enumerate(layers)}

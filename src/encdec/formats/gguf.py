@@ -32,7 +32,7 @@ def architecture(path: Path) -> tuple[str, int]:
         size = path.stat().st_size
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
         parameters = sum(int(t.n_elements) for t in reader.tensors)
-    except Exception as e:  # the reader raises many kinds of errors on damaged files
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds of errors on damaged files
         raise EncdecError(f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
     if end > size:
         raise EncdecError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}")

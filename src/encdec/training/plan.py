@@ -110,13 +110,17 @@ def _pretraining_plan(cfg: TrainConfig, model: EncoderDecoder, tokenizer, d: dis
 def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,
                       source: DecoderOnlySource | None) -> Plan:
     """Prompt -> response examples in Gemma's chat format (loss on the response, which ends with EOS)."""
+    from encdec.data.chat import ChatFormat
     from encdec.data.instructions import chat_example, read_instructions
     from encdec.data.natural_instructions import natural_instructions
 
     pairs = read_instructions(cfg.data) if cfg.data else natural_instructions(cfg.per_task, seed=cfg.seed)
     order = np.random.default_rng([cfg.seed, 3]).permutation(len(pairs))
-    eos = tokenizer.eos_token_id
-    examples = [chat_example(pairs[i], tokenizer, eos_id=eos, max_input=cfg.enc_len, max_target=cfg.dec_len) for i in order]
+    eos, chat = tokenizer.eos_token_id, ChatFormat.of(tokenizer)
+    if d.main:
+        log.info("chat format: %s", "the tokenizer's chat template" if chat.templated else "Gemma's chat turns")
+    examples = [chat_example(pairs[i], tokenizer, eos_id=eos, max_input=cfg.enc_len, max_target=cfg.dec_len, chat=chat)
+                for i in order]
     if len(examples) <= cfg.eval_windows:
         raise EncdecError(f"{len(examples)} instruction examples are not more than --eval-windows {cfg.eval_windows}")
     trimmed, vocab_size = None, model.embed.num_embeddings

@@ -182,7 +182,7 @@ def with_ul2_tokens(model: EncoderDecoder, tokenizer) -> tuple[EncoderDecoder, o
     vocab = tokenizer.get_vocab()
     reserved = reserved_token_ids(vocab)
     if reserved or all(token in vocab for token in ul2_token_names(1)):
-        return model, tokenizer, f"UL2 uses the vocabulary's own tokens for its mode tokens and {UL2_SENTINELS} sentinels"
+        return model, tokenizer, f"UL2 uses the vocabulary's own tokens as mode tokens and {UL2_SENTINELS} sentinels"
     tokenizer = copy.deepcopy(tokenizer)
     names = ul2_token_names(UL2_SENTINELS)
     tokenizer.add_tokens(names, special_tokens=True)
