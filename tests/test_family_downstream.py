@@ -55,6 +55,19 @@ def test_ul2_adds_its_tokens_where_the_vocabulary_has_no_reserved_ones(tmp_path,
     assert model.generate(torch.tensor([[2, 40, 99, 41]]), max_new_tokens=3).shape == (1, 3)
 
 
+def test_prefixlm_distillation_with_a_trimmed_vocabulary_trains_an_untied_llama(tmp_path):
+    adapted = _adapted(tmp_path, "llama")
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=40)
+    start = encdec.load(adapted)
+    final = loop.train(TrainConfig(model=str(adapted), out=str(tmp_path / "run"), data=[str(corpus)], distill=True,
+                                   trim_vocab=60, enc_len=16, dec_len=16, batch_size=2, steps=4, lr=3e-3,
+                                   warmup_steps=1, eval_every=4, eval_windows=2, save_every=4, precision="fp32"))
+    model = encdec.load(final)
+    assert model.config == start.config and not model.config.tied_head
+    changed = (model.lm_head.weight != start.lm_head.weight).any(1)
+    assert 0 < int(changed.sum()) <= 60  # the head's kept rows trained, the others written back untouched
+
+
 def test_reserved_tokens_of_llama3_are_used_as_they_are():
     vocab = {f"<|reserved_special_token_{k}|>": 1000 + k for k in range(6)} | {"<|begin_of_text|>": 0}
     modes, sentinels = special_token_ids(vocab)
