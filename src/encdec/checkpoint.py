@@ -89,7 +89,7 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype = torch.float32) -> Loa
     else:
         raise EncdecError(
             f"{path} is not an encoder-decoder checkpoint (model_type {data.get('model_type')!r}); accepted: "
-            "this project's format, t5gemma, t5gemma2. A decoder-only Gemma must first go through `encdec adapt`"
+            "this project's format, t5gemma, t5gemma2. A decoder-only model must first go through `encdec adapt`"
         )
     with torch.device("meta"):
         model = EncoderDecoder(config)

@@ -238,7 +238,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
 
 def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: distributed.Dist) -> Path:
     """OUT/model: the last checkpoint, or the average of the last N, saved like `encdec adapt` saves
-    (over the full vocabulary again after trimming); a decoder-only model in the Gemma layout."""
+    (over the full vocabulary again after trimming); a decoder-only model in its family's layout."""
     final = out / "model"
     if not d.main:
         return final
