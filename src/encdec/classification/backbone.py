@@ -1,4 +1,4 @@
-"""The part of a model a classifier reads: token embedding plus one Gemma stack, nothing else.
+"""The part of a model a classifier reads: token embedding plus one layer stack, nothing else.
 
 Both backbones of the paper's comparison are this module: the encoder of an encoder-decoder
 (bidirectional; its decoder and LM head are dropped, which halves the memory and the time) and a

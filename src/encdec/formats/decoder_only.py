@@ -2,7 +2,8 @@
 renaming of weights between a Hugging Face decoder-only layout and our layer stacks, both directions.
 
 Each family's adapter (formats.gemma, formats.llama, formats.qwen) supplies its `MODEL_TYPES`,
-`GGUF_ARCHITECTURES`, its per-layer name table `LAYER` and `read_config`; formats.registry picks one.
+`GGUF_ARCHITECTURES`, `ADAPTED_AS`, where its text weights are (`TEXT_PREFIXES`, `NOT_TEXT`), its per-layer
+name table `LAYER` and `read_config`; formats.registry picks one.
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def special_tokens(cfg: dict[str, Any], default_pad: int | None = None) -> dict[
         pad = eos_ids[0] if default_pad is None else default_pad
     bos = cfg.get("bos_token_id")
     return {"pad_token_id": pad, "bos_token_id": eos_ids[0] if bos is None else bos, "eos_token_ids": eos_ids}
+
+
+def text_weights(weights: dict[str, torch.Tensor], tied_head: bool, prefixes: tuple[str, ...],
+                 not_text: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The text decoder's tensors (names under `prefixes`, none under `not_text`) renamed to `model.*`, and an
+    untied LM head; anything else (a vision tower) is dropped."""
+    out = {} if tied_head or HEAD not in weights else {HEAD: weights[HEAD]}
+    for name, t in weights.items():
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is not None and not name.startswith(not_text):
+            out["model." + name[len(prefix):]] = t
+    return out
 
 
 def to_stack(

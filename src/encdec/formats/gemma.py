@@ -21,6 +21,9 @@ MODEL_TYPES = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
 GGUF_ARCHITECTURES = {"gemma2": "gemma2", "gemma3": "gemma3"}
 # family -> (attention, encoder window convention) it is adapted with by default: as T5Gemma / T5Gemma 2 were released
 ADAPTED_AS = {"gemma2": ("cross", "t5gemma"), "gemma3": ("merged", "t5gemma2")}
+# where a (multimodal) Gemma 3 checkpoint keeps its text decoder, and what is not part of it
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+NOT_TEXT = ("model.vision_tower", "model.multi_modal")
 # our block sub-module -> Hugging Face decoder-only Gemma sub-module
 LAYER = {
     "attn_norm": "input_layernorm",
