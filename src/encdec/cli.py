@@ -312,8 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an OpenAI-compatible HTTP server with continuous batching",
                        description="Serve MODEL over HTTP: POST /v1/completions (the prompt goes to the encoder), "
                        "POST /v1/chat/completions (messages in the tokenizer's chat template, or Gemma's chat turns), "
-                       "GET /v1/models, /health, /metrics (Prometheus). Requests join the running decoding batch as they arrive. SIGTERM stops taking "
-                       "requests, finishes the running ones, then exits. Needs the serve extra: "
+                       "GET /v1/models, /health, /metrics (Prometheus). Requests join the running decoding batch as "
+                       "they arrive. SIGTERM stops taking requests, finishes the running ones, then exits. Needs the "
+                       "serve extra: "
                        "pip install 'encdec[serve]'.")
     p.add_argument("model", metavar="MODEL", help="checkpoint directory (any format encdec reads), with its tokenizer")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -364,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "naturalquestions, heldout")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples from training splits (GSM8K always uses its 8)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded sample of N examples per task")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in the tokenizer's chat template, or Gemma's chat turns "
+    p.add_argument("--chat", action="store_true",
+                   help="wrap prompts in the tokenizer's chat template, or Gemma's chat turns "
                    "(instruction-tuned models)")
     p.add_argument("--out", type=Path, default=Path("runs/evaluate/results"), metavar="FILE",
                    help="writes FILE.md (the table) and FILE.json (per-example results, prompt formats, versions)")

@@ -39,8 +39,8 @@ class ChatFormat:
     def of(cls, tokenizer: Any) -> ChatFormat:
         if START in tokenizer.get_vocab() or not getattr(tokenizer, "chat_template", None):
             return cls(tokenizer, False, END)
-        answered = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}],
-                                                 tokenize=False)
+        exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
+        answered = tokenizer.apply_chat_template(exchange, tokenize=False)
         return cls(tokenizer, True, answered.split(_MARK, 1)[1].strip())
 
     def prompt(self, gemma_prompt: str) -> str:

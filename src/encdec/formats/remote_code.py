@@ -91,7 +91,8 @@ class EncdecForConditionalGeneration(PreTrainedModel, GenerationMixin):
                          encoder_hidden_states=hidden)
         loss = None
         if labels is not None:
-            loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            logits = out.logits.flatten(0, 1).float()
+            loss = torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100)
         return Seq2SeqLMOutput(loss=loss, logits=out.logits, encoder_last_hidden_state=out.encoder_hidden_states)
 
     def prepare_inputs_for_generation(self, decoder_input_ids, encoder_outputs=None, attention_mask=None, **kwargs):
@@ -107,7 +108,8 @@ def _module_text(name: str) -> str:
     lines = text.splitlines(keepends=True)
     drop: list[tuple[int, int]] = []
     for node in ast.parse(text).body:
-        if isinstance(node, ast.ImportFrom) and (node.module == "__future__" or (node.module or "").startswith("encdec")):
+        module = (node.module or "") if isinstance(node, ast.ImportFrom) else None
+        if module is not None and (module == "__future__" or module.startswith("encdec")):
             drop.append((node.lineno, node.end_lineno))
         if isinstance(node, ast.ClassDef):
             for item in node.body:
@@ -121,9 +123,9 @@ def _module_text(name: str) -> str:
 
 def modeling_source() -> str:
     """The text of the modeling file."""
-    header = ('"""An encdec encoder-decoder for transformers (trust_remote_code=True), written by encdec: its errors.py, '
-              'config.py\nand model.py, then a PreTrainedModel wrapper. Generated; edit encdec, not this file."""\n\n'
-              "from __future__ import annotations\n")
+    header = ('"""An encdec encoder-decoder for transformers (trust_remote_code=True), written by encdec: its '
+              'errors.py,\nconfig.py and model.py, then a PreTrainedModel wrapper. Generated; edit encdec, not this '
+              'file."""\n\nfrom __future__ import annotations\n')
     return header + "".join(_module_text(name) for name in SOURCES) + WRAPPER
 
 
