@@ -124,3 +124,33 @@ def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
     assert example.inputs == [2, start, user, w["w1"], w["w2"], end, start, assistant, w["w3"], end,
                               start, user, w["w4"], end, start, assistant]
     assert example.targets == [w["w5"], w["w6"], end, 1]
+
+
+def test_finetune_uses_the_tokenizers_chat_template_and_saves_a_qwen2_source_back(tmp_path, capsys):
+    import copy
+
+    import transformers as tf
+    from test_finetune import write_instructions
+
+    from encdec.causal import load_causal
+
+    source = make_source(tmp_path / "source", "qwen2", vocab_size=128)  # spare rows for the template's tokens
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(source))
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "user", "assistant"], special_tokens=True)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(str(source))
+    data = write_instructions(tmp_path / "train.jsonl", count=24)
+    args = ["--data", str(data), "--enc-len", "32", "--dec-len", "8", "--batch-size", "4", "--steps", "3",
+            "--warmup-steps", "1", "--eval-every", "3", "--eval-windows", "4", "--save-every", "3", "--precision", "fp32"]
+    assert main(["finetune", str(source), "--out", str(tmp_path / "run"), *args]) == 0
+    assert "encdec: chat format: the tokenizer's chat template" in capsys.readouterr().err
+    final = tmp_path / "run" / "model"
+    tuned = tf.AutoModelForCausalLM.from_pretrained(str(final)).eval()  # a plain Qwen2 checkpoint again
+    ours, _ = load_causal(str(final))
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        logits = ours.logits(ours.hidden(ids, encdec.model.Segments.of(ids, None, None, None)))
+        assert (tuned(input_ids=ids).logits - logits).abs().max().item() <= 1e-4
+    assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
+    assert main(["finetune", str(tmp_path / "adapted"), "--out", str(tmp_path / "run2"), *args]) == 0
+    assert encdec.load(tmp_path / "run2" / "model").config == encdec.load(tmp_path / "adapted").config
