@@ -141,7 +141,8 @@ def test_finetune_uses_the_tokenizers_chat_template_and_saves_a_qwen2_source_bac
     tokenizer.save_pretrained(str(source))
     data = write_instructions(tmp_path / "train.jsonl", count=24)
     args = ["--data", str(data), "--enc-len", "32", "--dec-len", "8", "--batch-size", "4", "--steps", "3",
-            "--warmup-steps", "1", "--eval-every", "3", "--eval-windows", "4", "--save-every", "3", "--precision", "fp32"]
+            "--warmup-steps", "1", "--eval-every", "3", "--eval-windows", "4", "--save-every", "3",
+            "--precision", "fp32"]
     assert main(["finetune", str(source), "--out", str(tmp_path / "run"), *args]) == 0
     assert "encdec: chat format: the tokenizer's chat template" in capsys.readouterr().err
     final = tmp_path / "run" / "model"
