@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Gemma checkpoints on disk, and the real packaged Gemma 3 270M."""
+"""Shared fixtures: tiny random decoder-only checkpoints on disk, and the real packaged Gemma 3 270M."""
 
 from __future__ import annotations
 
@@ -12,18 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import make_source
+from tiny import FAMILY_OPTIONS, make_source
 
 
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Directories of tiny Gemma 2 / Gemma 3 causal LMs, saved by transformers itself."""
+    """Directories of tiny Gemma 2 / 3, Llama, Mistral, Qwen2 / 3 causal LMs, saved by transformers itself."""
     root = tmp_path_factory.mktemp("sources")
     return {
         "gemma3": make_source(root / "gemma3", "gemma3"),
         "gemma2": make_source(root / "gemma2", "gemma2"),
         "gemma2-small": make_source(root / "gemma2-small", "gemma2", seed=1, layers=2, hidden=24, heads=2, kv_heads=1),
         "gemma3-small": make_source(root / "gemma3-small", "gemma3", seed=1, layers=2, hidden=24, heads=2, kv_heads=1),
+        **{family: make_source(root / family, family) for family in FAMILY_OPTIONS},
+        "qwen2-small": make_source(root / "qwen2-small", "qwen2", seed=1, layers=2, hidden=24, heads=2, kv_heads=1),
     }
 
 

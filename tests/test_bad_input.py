@@ -46,10 +46,10 @@ def _run_adapt(capsys, tmp_path: Path, *args: str) -> str:
     return message[0]
 
 
-def test_llama_checkpoint_directory(capsys, tmp_path):
-    src = _hf_dir(tmp_path / "llama", {"model_type": "llama", "hidden_size": 32})
+def test_mixture_of_experts_checkpoint_directory(capsys, tmp_path):
+    src = _hf_dir(tmp_path / "mixtral", {"model_type": "mixtral", "hidden_size": 32})
     line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
-    assert "holds a llama model; supported: Gemma 2 and Gemma 3" in line
+    assert "holds a mixtral model; supported: Gemma 2, Gemma 3, Llama" in line and "Qwen3" in line
 
 
 def test_vision_only_config(capsys, tmp_path):
@@ -93,9 +93,9 @@ def test_missing_weights(capsys, tmp_path, sources):
     assert "lacks 1 weight(s) such as model.layers.1.mlp.up_proj.weight" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
-def test_llama_gguf(capsys, tmp_path):
-    src = _gguf(tmp_path / "llama.gguf", "llama")
-    assert "holds a llama model; supported" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
+def test_mixture_of_experts_gguf(capsys, tmp_path):
+    src = _gguf(tmp_path / "qwen3moe.gguf", "qwen3moe")
+    assert "holds a qwen3moe model; supported" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
 def test_truncated_gguf(capsys, tmp_path):
@@ -109,9 +109,16 @@ def test_not_a_gguf(capsys, tmp_path):
     assert "not a GGUF file" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
-def test_different_families(capsys, tmp_path, sources):
-    line = _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder", str(sources["gemma2"]))
-    assert "encoder is gemma3 but decoder is gemma2" in line
+@pytest.mark.parametrize("encoder, decoder", [("gemma3", "gemma2"), ("llama", "qwen2"), ("qwen3", "gemma3")])
+def test_different_families(capsys, tmp_path, sources, encoder, decoder):
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(sources[encoder]), "--decoder", str(sources[decoder]))
+    assert f"encoder is {encoder} but decoder is {decoder}" in line
+
+
+def test_gguf_architecture_transformers_cannot_read(capsys, tmp_path):
+    src = _gguf(tmp_path / "mistral.gguf", "mistral")  # llama.cpp writes Mistral models as "llama"
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "holds a mistral model; supported GGUF architectures: gemma2, gemma3, llama, qwen2, qwen3" in line
 
 
 def test_different_vocabularies(capsys, tmp_path):

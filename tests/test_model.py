@@ -16,34 +16,46 @@ def _source_model(directory):
     return tf.AutoModelForCausalLM.from_pretrained(str(directory)).eval()
 
 
-@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma3", "cross"), ("gemma2", "cross"), ("gemma2", "merged")])
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]  # besides Gemma, see tests/tiny.py for the variants
+
+
+@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma3", "cross"), ("gemma2", "cross"),
+                                               ("gemma2", "merged"), *[(family, "merged") for family in FAMILIES],
+                                               ("llama", "cross")])
 def test_causal_encoder_reproduces_source_hidden_states(sources, family, attention):
     source = _source_model(sources[family])
     model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
     ids = torch.randint(3, 96, (2, 13), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # a padded batch
     with torch.no_grad():
-        ref = source.model(input_ids=ids).last_hidden_state
-        ours = model.encode(ids, causal=True)
-        bidirectional = model.encode(ids)
-    assert (ours - ref).abs().max().item() <= TOL
-    assert (bidirectional - ref).abs().max().item() > 1e-2  # the encoder really is bidirectional
+        ref = source.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours = model.encode(ids, mask, causal=True)
+        bidirectional = model.encode(ids, mask)
+    real = mask.bool()
+    assert (ours[real] - ref[real]).abs().max().item() <= TOL
+    assert (bidirectional[real] - ref[real]).abs().max().item() > 1e-2  # the encoder really is bidirectional
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", *FAMILIES])
 def test_merged_decoder_with_masked_encoder_is_the_source(sources, family):
     source = _source_model(sources[family])
     model = encdec.adapt(encdec.load_source(str(sources[family])), attention="merged")
     g = torch.Generator().manual_seed(2)
     ids, dec = torch.randint(3, 96, (2, 9), generator=g), torch.randint(3, 96, (2, 12), generator=g)
+    dec_mask = torch.ones_like(dec)
+    dec_mask[1, 8:] = 0  # a padded batch
     with torch.no_grad():
-        ref = source(input_ids=dec).logits
-        ours = model(ids, torch.zeros_like(ids), dec).logits
-        seeing = model(ids, torch.ones_like(ids), dec).logits
-    assert (ours - ref).abs().max().item() <= TOL
-    assert (seeing - ref).abs().max().item() > 1e-2  # with the encoder visible the output changes
+        ref = source(input_ids=dec, attention_mask=dec_mask).logits
+        ours = model(ids, torch.zeros_like(ids), dec, dec_mask).logits
+        seeing = model(ids, torch.ones_like(ids), dec, dec_mask).logits
+    real = dec_mask.bool()
+    assert (ours[real] - ref[real]).abs().max().item() <= TOL
+    assert (seeing[real] - ref[real]).abs().max().item() > 1e-2  # with the encoder visible the output changes
 
 
-@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma2", "cross"), ("gemma3", "cross")])
+@pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma2", "cross"), ("gemma3", "cross"),
+                                               ("qwen2", "cross")])
 def test_packed_rows_equal_examples_run_one_by_one(sources, family, attention):
     model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
     g = torch.Generator().manual_seed(3)

@@ -271,7 +271,7 @@ def test_special_token_ids_from_unused_tokens():
 
 
 def test_special_token_ids_too_few():
-    with pytest.raises(ValueError, match="at least 4"):
+    with pytest.raises(ValueError, match="no reserved tokens"):
         special_token_ids({"<unused0>": 6, "<unused1>": 7, "<unused2>": 8, "<pad>": 0})
 
 

@@ -1,4 +1,5 @@
-"""The real packaged Gemma 3 270M (about a minute; the first use dequantizes and caches it)."""
+"""The real packaged Gemma 3 270M and SmolLM2-135M-Instruct (Llama architecture): about two minutes; the first
+use of each dequantizes and caches its GGUF (about a minute each)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,32 @@ from encdec.data.corpus import heldout_passages
 pytestmark = pytest.mark.real_model
 
 
-@pytest.fixture(scope="module")
-def real():
-    source = encdec.load_source("gemma-3-270m")
+def _adapted(name: str):
+    """The source, its adaptation, transformers' own model of the source, the tokenizer, and real text's ids."""
+    source = encdec.load_source(name)
     tokenizer = encdec.load_tokenizer(source.directory)
     reference = tf.AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=torch.float32).eval()
     ids = tokenizer(heldout_passages(1)[0], return_tensors="pt").input_ids[:, :48]
     return source, encdec.adapt(source), reference, tokenizer, ids
 
 
-def test_invariants_on_real_text(real):
-    _, model, reference, _, ids = real
+@pytest.fixture(scope="module")
+def real():
+    return _adapted("gemma-3-270m")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return _adapted("smollm2-135m")
+
+
+@pytest.fixture(params=["real", "smollm2"])
+def each_real(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_invariants_on_real_text(each_real):
+    _, model, reference, _, ids = each_real
     with torch.no_grad():
         ref = reference(input_ids=ids, output_hidden_states=True)
         masked = model(ids, torch.zeros_like(ids), ids).logits
@@ -32,8 +48,8 @@ def test_invariants_on_real_text(real):
     assert (causal - ref.hidden_states[-1]).abs().max().item() < 1e-3
 
 
-def test_greedy_generation(real):
-    _, model, _, tokenizer, _ = real
+def test_greedy_generation(each_real):
+    _, model, _, tokenizer, _ = each_real
     batch = tokenizer(["The capital of France is", "Water boils at"], return_tensors="pt", padding=True)
     cached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=5, eos_token_ids=[-1])
     uncached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=5, eos_token_ids=[-1], use_cache=False)
@@ -58,3 +74,35 @@ def test_cli_adapt_generate_and_vanilla_transformers(real, tmp_path, capsys):
     # transformers runs SDPA, ours plain products for a sequence this short on CPU: float32 rounding
     # differs (2.4e-3 apart; ours 1.9e-3 and SDPA 1.2e-3 from a float64 run, on logits of magnitude 35)
     assert (ref - ours).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+
+def test_smollm2_is_the_llama_family_and_adapts_with_merged_attention(smollm2):
+    source, model, *_ = smollm2
+    stack = source.stack
+    assert (source.family, stack.num_layers, stack.hidden_size, source.vocab_size) == ("llama", 30, 576, 49152)
+    assert model.config.attention == "merged" and not model.config.encoder.post_norms
+
+
+def test_cli_adapt_smollm2_saves_the_project_format_that_transformers_loads_with_remote_code(smollm2, tmp_path,
+                                                                                             capsys):
+    _, model, _, tokenizer, ids = smollm2
+    out = tmp_path / "smollm2-enc-dec"
+    assert main(["adapt", "--encoder", "smollm2-135m", "--out", str(out)]) == 0
+    assert "format encdec" in capsys.readouterr().out
+    dec = ids[:, :20]
+    hf = tf.AutoModelForSeq2SeqLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    with torch.no_grad():
+        ours = model(ids, torch.ones_like(ids), dec).logits
+        assert torch.equal(encdec.load(out)(ids, torch.ones_like(ids), dec).logits, ours)
+        assert torch.equal(hf(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits, ours)
+    assert encdec.load_tokenizer(out)("Hello").input_ids == tokenizer("Hello").input_ids
+
+
+def test_chat_format_is_smollm2s_own_template(smollm2):
+    from encdec.data.chat import ChatFormat
+    from encdec.data.instructions import chat_prompt_text
+
+    chat = ChatFormat.of(smollm2[3])
+    assert chat.templated and chat.end == "<|im_end|>"
+    prompt = chat.prompt(chat_prompt_text("Name a colour."))
+    assert prompt.endswith("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")

@@ -1,4 +1,5 @@
-"""Tiny random Gemma 2 / Gemma 3 checkpoints made with transformers' own classes, saved to disk."""
+"""Tiny random decoder-only checkpoints (Gemma 2 / 3, Llama, Mistral, Qwen2, Qwen3) made with transformers'
+own classes, saved to disk."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<unused{k}>" for k in range
 WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
 
 
-def make_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer over the tiny vocabulary (ids as in Gemma: pad 0, eos 1, bos 2; <unusedK>)."""
+def make_tokenizer(directory: Path, reserved: bool = True) -> None:
+    """A word-level tokenizer over the tiny vocabulary (ids as in Gemma: pad 0, eos 1, bos 2; <unusedK>, or
+    without `reserved` plain words in their place, as vocabularies without reserved tokens are)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    specials = SPECIALS if reserved else SPECIALS[:4] + [f"plain{k}" for k in range(len(SPECIALS) - 4)]
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
@@ -53,19 +56,89 @@ def gemma_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int =
     return tf.Gemma3TextConfig(**common, layer_types=types)
 
 
-def make_source(directory: Path, family: str, seed: int = 0, **shape) -> Path:
-    """Save a randomly initialised Gemma causal LM (norm weights random too, so they matter)."""
-    import transformers as tf
+# each non-Gemma family with the variant of its switches worth covering: Llama 3's RoPE scaling (its
+# original context short enough that every frequency band occurs), Mistral's all-local layers, Qwen2's
+# local layers from max_window_layers on, Qwen3 with a tied head (the others untied)
+FAMILY_OPTIONS = {
+    "llama": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
+    "mistral": {"sliding_window": 4},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2},
+    "qwen3": {"tie_word_embeddings": True},
+}
+
+
+def family_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
+                  intermediate: int = 48, head_dim: int = 8, **options):
+    """A tiny configuration of a Llama-architecture or Qwen family (transformers' own config class)."""
+    from transformers import AutoConfig
+
+    shape = {"vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+             "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim, "pad_token_id": 0,
+             "bos_token_id": 2, "eos_token_id": 1, "max_position_embeddings": 256}
+    return AutoConfig.for_model(family, **{**shape, **FAMILY_OPTIONS[family], **options})
+
+
+def make_source(directory: Path, family: str, seed: int = 0, reserved: bool = True, **shape) -> Path:
+    """Save a randomly initialised causal LM of `family` (norm weights and biases random too, so they matter),
+    with the tiny tokenizer (`reserved`: with its <unusedK> tokens)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = gemma_config(family, **shape)
-    model = (tf.Gemma2ForCausalLM if family == "gemma2" else tf.Gemma3ForCausalLM)(cfg)
+    cfg = gemma_config(family, **shape) if family.startswith("gemma") else family_config(family, **shape)
+    model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name and family.startswith("gemma"):  # Gemma stores an offset from 1
                 p.normal_(0.0, 0.3)
+            elif "norm" in name:
+                p.normal_(1.0, 0.3)
             else:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(str(directory))
-    make_tokenizer(directory)
+    make_tokenizer(directory, reserved)
     return directory
+
+
+def write_gguf(source: Path, path: Path) -> Path:
+    """A float32 GGUF file of a tiny Llama / Qwen checkpoint, written as llama.cpp's converter does (its
+    tensor names, Q/K rows of llama permuted) with a byte-level tokenizer over the tiny vocabulary."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((source / "config.json").read_text())
+    arch, n = cfg["model_type"], cfg["num_hidden_layers"]
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(n)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    writer.add_rope_dimension_count(cfg["head_dim"])
+    tokens = SPECIALS + WORDS
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * len(SPECIALS) + [1] * len(WORDS))
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_pad_token_id(0)
+    for name, t in load_file(str(source / "model.safetensors")).items():
+        base, suffix = name.rsplit(".", 1)
+        array = t.float().numpy()
+        if arch == "llama" and base.endswith(("q_proj", "k_proj")):  # llama.cpp's rotary layout; transformers undoes it
+            heads = cfg["num_attention_heads"] if base.endswith("q_proj") else cfg["num_key_value_heads"]
+            array = array.reshape(heads, 2, -1, array.shape[1]).swapaxes(1, 2).reshape(array.shape)
+        writer.add_tensor(f"{names.get_name(base)}.{suffix}", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,4 +1,5 @@
-"""encdec: adapt decoder-only Gemma models into encoder-decoder models, and train, evaluate and serve them."""
+"""encdec: adapt decoder-only models (Gemma, Llama, Mistral, Qwen) into encoder-decoder models, and train, evaluate and
+serve them."""
 
 from encdec.adapt import adapt
 from encdec.checkpoint import load, load_checkpoint, save

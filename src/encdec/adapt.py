@@ -1,4 +1,4 @@
-"""Adaptation: build an encoder-decoder from decoder-only Gemma checkpoints.
+"""Adaptation: build an encoder-decoder from decoder-only checkpoints (any family of formats.registry).
 
 Balanced: encoder and decoder both copy one source; a separate cross-attention is initialised
 from the same layer's self-attention (merged attention needs nothing new). Unbalanced: the decoder
@@ -14,12 +14,11 @@ import torch
 
 from encdec.config import EncDecConfig, StackConfig
 from encdec.errors import EncdecError
-from encdec.formats.gemma import DECODER_ONLY_LAYER, rename
+from encdec.formats.decoder_only import EMBED, HEAD, to_stack
+from encdec.formats.registry import adapted_as, layer_names
 from encdec.model import EncoderDecoder
 from encdec.sources import DecoderOnlySource
 
-DEFAULT_ATTENTION = {"gemma2": "cross", "gemma3": "merged"}  # what each family was released with
-WINDOW_OF_FAMILY = {"gemma2": "t5gemma", "gemma3": "t5gemma2"}
 CROSS_INIT_STD = 0.02  # normal init of an unbalanced model's cross-attention projections
 
 log = logging.getLogger("encdec")
@@ -53,16 +52,7 @@ def _subset(stack: StackConfig, layers: list[int]) -> StackConfig:
 
 def stack_weights(source: DecoderOnlySource, prefix: str, layers: list[int]) -> dict[str, torch.Tensor]:
     """Source layers `layers` renamed into our stack `prefix` (encoder/decoder), plus its final norm."""
-    out = {f"{prefix}.norm.weight": source.weights["model.norm.weight"]}
-    wanted = {f"model.layers.{src}.": dst for dst, src in enumerate(layers)}
-    inverse = {v: k for k, v in DECODER_ONLY_LAYER.items()}
-    for name, t in source.weights.items():
-        head = name[: name.find(".", len("model.layers.")) + 1] if name.startswith("model.layers.") else None
-        if head in wanted:
-            ours = rename(name[len(head):], inverse)
-            if ours is not None:
-                out[f"{prefix}.layers.{wanted[head]}.{ours}"] = t
-    return out
+    return to_stack(source.weights, layer_names(source.family), prefix, layers)
 
 
 def _copy_cross_from_self(weights: dict[str, torch.Tensor], num_layers: int) -> None:
@@ -71,18 +61,22 @@ def _copy_cross_from_self(weights: dict[str, torch.Tensor], num_layers: int) -> 
         for name in [n for n in weights if n.startswith(p + "attn.")]:
             weights[p + "cross_attn." + name[len(p + "attn."):]] = weights[name].clone()
         weights[p + "cross_norm.weight"] = weights[p + "attn_norm.weight"].clone()
-        weights[p + "post_cross_norm.weight"] = weights[p + "post_attn_norm.weight"].clone()
+        if p + "post_attn_norm.weight" in weights:  # families with norms after the sub-layers
+            weights[p + "post_cross_norm.weight"] = weights[p + "post_attn_norm.weight"].clone()
 
 
 def _random_cross(model: EncoderDecoder, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
+    offset = model.config.decoder.norm_offset
     out = {}
     for name, p in model.named_parameters():
         if ".cross_attn." in name or ".cross_norm." in name or ".post_cross_norm." in name:
             if name.endswith("_proj.weight"):
                 out[name] = torch.randn(p.shape, generator=generator) * CROSS_INIT_STD
-            else:  # norms: weight 0 means scale 1 in Gemma's RMSNorm
+            elif name.endswith("_proj.bias"):
                 out[name] = torch.zeros(p.shape)
+            else:  # norms start at scale 1: weight 1 - offset (0 in Gemma's RMSNorm)
+                out[name] = torch.full(p.shape, 1.0 - offset)
     return out
 
 
@@ -104,11 +98,13 @@ def adapt(
         raise EncdecError("give either a decoder source or decoder layers, not both")
     dec_source = decoder or encoder
     if dec_source.family != encoder.family:
-        raise EncdecError(f"encoder is {encoder.family} but decoder is {dec_source.family}; both must be the same family")
+        raise EncdecError(f"encoder is {encoder.family} but decoder is {dec_source.family}; "
+                          "both must be the same family (one architecture, one vocabulary)")
     if dec_source.vocab_size != encoder.vocab_size:
         raise EncdecError(f"encoder vocabulary has {encoder.vocab_size} tokens, decoder's {dec_source.vocab_size}; "
                           "they must share one vocabulary")
-    attention = attention or DEFAULT_ATTENTION[encoder.family]
+    default_attention, window = adapted_as(encoder.family)
+    attention = attention or default_attention
     if attention == "merged" and decoder is not None and decoder.directory != encoder.directory:
         raise EncdecError("merged attention shares one embedding and the K/V projections between encoder and decoder, "
                           "so the decoder cannot come from another model; use --attention cross")
@@ -116,21 +112,24 @@ def adapt(
     dec_stack = _subset(dec_source.stack, layers)
     _warn_if_only_local(dec_source.stack, layers)
     # One embedding table when both sides start from the same one, as T5Gemma 2 does (no measured
-    # quality cost); Gemma 2 with cross-attention keeps T5Gemma's separate tables so it stays loadable there.
+    # quality cost); T5Gemma's layout (cross-attention, T5Gemma's window) keeps separate tables so that it
+    # stays loadable there.
     one_source = decoder is None or decoder.directory == encoder.directory
-    shared = one_source and (attention == "merged" or encoder.family == "gemma3")
+    shared = one_source and (attention == "merged" or window != "t5gemma")
     config = EncDecConfig(
         encoder=encoder.stack, decoder=dec_stack, vocab_size=encoder.vocab_size, family=encoder.family,
-        attention=attention, shared_embeddings=shared, encoder_window=WINDOW_OF_FAMILY[encoder.family],
-        final_logit_softcap=dec_source.final_logit_softcap, **dec_source.special_tokens,
+        attention=attention, shared_embeddings=shared, encoder_window=window,
+        final_logit_softcap=dec_source.final_logit_softcap, tied_head=dec_source.tied_head, **dec_source.special_tokens,
     )
     with torch.device("meta"):
         model = EncoderDecoder(config)
     weights = stack_weights(encoder, "encoder", list(range(encoder.stack.num_layers)))
     weights.update(stack_weights(dec_source, "decoder", layers))
-    weights["embed.weight"] = dec_source.weights["model.embed_tokens.weight"]
+    weights["embed.weight"] = dec_source.weights[EMBED]
+    if not config.tied_head:
+        weights["lm_head.weight"] = dec_source.weights[HEAD]
     if not config.shared_embeddings:
-        weights["encoder_embed.weight"] = encoder.weights["model.embed_tokens.weight"]
+        weights["encoder_embed.weight"] = encoder.weights[EMBED]
     if attention == "cross":
         balanced = decoder is None and decoder_layers is None
         weights.update(_random_cross(model, seed) if not balanced else {})

@@ -1,6 +1,6 @@
-"""Decoder-only Gemma run by this project's own blocks: the distillation teacher, the decoder-only
-baseline of classification and instruction tuning, and how a trained one is saved back in the
-Hugging Face Gemma layout (so transformers and `load_source` read it)."""
+"""Decoder-only model run by this project's own blocks: the distillation teacher, the decoder-only
+baseline of classification and instruction tuning, and how a trained one is saved back in its family's
+Hugging Face layout (so transformers and `load_source` read it)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 
 from encdec.adapt import stack_weights
 from encdec.files import atomic_dir, read_json, write_weights
-from encdec.formats.gemma import DECODER_ONLY_LAYER, rename
+from encdec.formats.decoder_only import EMBED, HEAD, from_stack
+from encdec.formats.registry import layer_names
 from encdec.model import CausalLM
 from encdec.sources import DecoderOnlySource, load_source, load_tokenizer
 
@@ -19,9 +20,11 @@ from encdec.sources import DecoderOnlySource, load_source, load_tokenizer
 def causal_from_source(source: DecoderOnlySource) -> CausalLM:
     """The source's weights in a CausalLM (float32 unless the source was loaded otherwise)."""
     weights = stack_weights(source, "stack", list(range(source.stack.num_layers)))
-    weights["embed.weight"] = source.weights["model.embed_tokens.weight"]
+    weights["embed.weight"] = source.weights[EMBED]
+    if not source.tied_head:
+        weights["lm_head.weight"] = source.weights[HEAD]
     with torch.device("meta"):
-        model = CausalLM(source.stack, source.vocab_size, source.final_logit_softcap)
+        model = CausalLM(source.stack, source.vocab_size, source.final_logit_softcap, source.tied_head)
     model.load_state_dict(weights, strict=True, assign=True)
     return model.eval()
 
@@ -31,21 +34,17 @@ def load_causal(spec: str, dtype: torch.dtype = torch.float32) -> tuple[CausalLM
     return causal_from_source(source), source
 
 
-def hf_weights(model: CausalLM) -> dict[str, torch.Tensor]:
-    """Our parameter names -> transformers' Gemma names (`model.layers.{i}.self_attn...`)."""
-    out = {"model.embed_tokens.weight": model.embed.weight.detach(), "model.norm.weight": model.stack.norm.weight.detach()}
-    for i, block in enumerate(model.stack.layers):
-        for name, t in block.state_dict().items():
-            out[f"model.layers.{i}.{rename(name, DECODER_ONLY_LAYER)}"] = t
-    return {k: v.contiguous() for k, v in out.items()}
+def hf_weights(model: CausalLM, family: str) -> dict[str, torch.Tensor]:
+    """Our parameter names -> transformers' names of the family (`model.layers.{i}.self_attn...`)."""
+    return {k: v.detach().contiguous() for k, v in from_stack(model.state_dict(), layer_names(family)).items()}
 
 
 def save_causal(model: CausalLM, source: DecoderOnlySource, out: Path, *, overwrite: bool = False,
                 metadata: dict | None = None) -> None:
-    """Write `model` as a Hugging Face Gemma checkpoint: the source's config.json and tokenizer, new weights."""
+    """Write `model` as a Hugging Face checkpoint of its family: the source's config.json and tokenizer, new weights."""
     with atomic_dir(Path(out), overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(read_json(source.directory / "config.json"), indent=2))
-        write_weights(tmp, hf_weights(model))
+        write_weights(tmp, hf_weights(model, source.family))
         if source.has_tokenizer:
             load_tokenizer(source.directory).save_pretrained(str(tmp))
         if metadata is not None:

@@ -3,7 +3,9 @@
 A configuration that a transformers class holds exactly (see `formats.t5gemma.exportable`) is
 saved in that class's layout, so vanilla `AutoModelForSeq2SeqLM.from_pretrained(DIR)` loads it;
 any other is saved in the project's own format: config.json with `"format": "encdec"` and our
-configuration, and model.safetensors with our parameter names. Both are written atomically.
+configuration, model.safetensors with our parameter names, and a modeling file through which
+`AutoModelForSeq2SeqLM.from_pretrained(DIR, trust_remote_code=True)` loads it (formats.remote_code).
+Both are written atomically.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
+from encdec.formats import remote_code
 from encdec.formats.t5gemma import LAYOUTS, config_from_hf, exportable, from_hf_weights, hf_config, to_hf_weights
 from encdec.model import EncoderDecoder
 
@@ -36,34 +39,38 @@ class Loaded:
 
 def save(
     model: EncoderDecoder, out: Path | str, *, tokenizer_dir: Path | None = None, overwrite: bool = False,
-    dtype: torch.dtype | None = None, metadata: dict | None = None,
+    dtype: torch.dtype | None = None, metadata: dict | None = None, tokenizer: object | None = None,
 ) -> str:
-    """Write `model` (and the tokenizer found in `tokenizer_dir`) to `out`; returns the format used."""
+    """Write `model` (and `tokenizer`, or the one found in `tokenizer_dir`) to `out`; returns the format used."""
     cfg = model.config
     weights = model.state_dict()
     if dtype is not None:
         weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     layout = exportable(cfg)
-    with atomic_dir(Path(out), overwrite) as tmp:
-        if layout is None:
-            write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, "config": cfg.to_dict()}, weights)
-        else:
-            from transformers import GenerationConfig
+    from transformers import GenerationConfig
 
+    with atomic_dir(Path(out), overwrite) as tmp:
+        if layout is None:  # with a modeling file, for transformers' trust_remote_code=True
+            write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, **remote_code.config_fields(),
+                               "config": cfg.to_dict()}, weights)
+            remote_code.write_modeling_file(tmp)
+        else:
             config = hf_config(cfg, layout)
             config.dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
             config.save_pretrained(str(tmp))
-            GenerationConfig(
-                decoder_start_token_id=cfg.bos_token_id, bos_token_id=cfg.bos_token_id,
-                eos_token_id=cfg.eos_token_ids, pad_token_id=cfg.pad_token_id,
-            ).save_pretrained(str(tmp))
             write_weights(tmp, to_hf_weights(weights, cfg, layout))
+        GenerationConfig(
+            decoder_start_token_id=cfg.bos_token_id, bos_token_id=cfg.bos_token_id,
+            eos_token_id=cfg.eos_token_ids, pad_token_id=cfg.pad_token_id,
+        ).save_pretrained(str(tmp))
         if metadata is not None:
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
-        if tokenizer_dir is not None:
+        if tokenizer is None and tokenizer_dir is not None:
             from encdec.sources import load_tokenizer
 
-            load_tokenizer(Path(tokenizer_dir)).save_pretrained(str(tmp))
+            tokenizer = load_tokenizer(Path(tokenizer_dir))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return NATIVE if layout is None else layout.model_type
 
 
@@ -82,7 +89,7 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype = torch.float32) -> Loa
     else:
         raise EncdecError(
             f"{path} is not an encoder-decoder checkpoint (model_type {data.get('model_type')!r}); accepted: "
-            "this project's format, t5gemma, t5gemma2. A decoder-only Gemma must first go through `encdec adapt`"
+            "this project's format, t5gemma, t5gemma2. A decoder-only model must first go through `encdec adapt`"
         )
     with torch.device("meta"):
         model = EncoderDecoder(config)

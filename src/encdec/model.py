@@ -1,4 +1,8 @@
-"""The encoder-decoder model: two Gemma layer stacks, a bidirectional encoder and a causal decoder.
+"""The encoder-decoder model: two decoder-only layer stacks, a bidirectional encoder and a causal decoder.
+
+One model for every family: Gemma, Llama, Mistral and Qwen blocks differ only in the switches of
+`StackConfig` (norms after the sub-layers, RMSNorm offset, activation, q/k/v biases, QK-norm, RoPE
+variant, embedding scale), read where the modules are built.
 
 The decoder reads the encoder either through a separate cross-attention sub-layer per block
 ("cross", T5Gemma) or through one merged attention whose keys are [decoder tokens | encoder tokens]
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,30 +24,44 @@ from encdec.config import EncDecConfig, StackConfig
 
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: computed in float32, weight stored as an offset from 1."""
+    """RMSNorm computed in float32; the scale is `offset + weight` (Gemma stores an offset from 1: offset 1.0).
+    A new norm starts as the identity scale whichever the offset."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, offset: float = 1.0) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (1.0 + self.weight.float())).type_as(x)
+        return (xf * (self.offset + self.weight.float())).type_as(x)
+
+
+def norm(cfg: StackConfig, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+def post_norm(cfg: StackConfig) -> nn.Module:
+    """The norm after a sub-layer: Gemma has one, Llama and Qwen add the sub-layer's output as it is."""
+    return norm(cfg) if cfg.post_norms else nn.Identity()
+
+
+ACTIVATIONS = {"gelu_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu}
 
 
 class MLP(nn.Module):
-    """Gated GELU feed-forward."""
+    """Gated feed-forward: activation(gate) * up, projected down."""
 
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, activation: str = "gelu_tanh") -> None:
         super().__init__()
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -50,6 +69,13 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 # plain products: faster there than SDPA's kernel, and their probabilities (kept for the backward
 # pass, 16 MB per layer at this size) stay small
 PLAIN_SCORES_MAX = 2**22
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low: float, high: float, original: float) -> torch.Tensor:
+    """Llama 3's RoPE scaling: long wavelengths slowed by `factor`, short ones kept, those between blended."""
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((original / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
 def rope_tables(cfg: StackConfig, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, Rope]:
@@ -60,6 +86,8 @@ def rope_tables(cfg: StackConfig, positions: torch.Tensor, dtype: torch.dtype) -
         theta, scale = params[kind]
         exponents = torch.arange(0, cfg.head_dim, 2, device=positions.device, dtype=torch.float) / cfg.head_dim
         inv_freq = 1.0 / (theta**exponents) / scale
+        if cfg.rope_llama3 is not None:
+            inv_freq = llama3_frequencies(inv_freq, *cfg.rope_llama3)
         freqs = positions[..., None].float() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
         tables[kind] = (angles.cos().to(dtype), angles.sin().to(dtype))
@@ -74,7 +102,7 @@ def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Gemma attention projections, used for self-, merged and cross-attention.
+    """Attention projections, used for self-, merged and cross-attention.
 
     Keys and values may come from another stream of a different width (`kv_width`): the encoder
     output in cross-attention. RoPE is applied only when a table is given (never to encoder keys
@@ -85,13 +113,13 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kv_width = kv_width or cfg.hidden_size
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.q_norm = norm(cfg, cfg.head_dim)
+            self.k_norm = norm(cfg, cfg.head_dim)
         self.qk_norm = cfg.qk_norm
         self.scale = cfg.query_pre_attn_scalar**-0.5
         self.softcap = cfg.attn_softcap
@@ -198,12 +226,12 @@ def cross_mask(q: Segments, k: Segments) -> torch.Tensor:
 class EncoderBlock(nn.Module):
     def __init__(self, cfg: StackConfig) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_norm = norm(cfg)
         self.attn = Attention(cfg)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
-        self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attn_norm = post_norm(cfg)
+        self.mlp_norm = norm(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.activation)
+        self.post_mlp_norm = post_norm(cfg)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
@@ -220,15 +248,15 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(EncoderBlock):
-    """A Gemma block with causal self-attention that also reads the encoder (merged or through cross-attention)."""
+    """A block with causal self-attention that also reads the encoder (merged or through cross-attention)."""
 
     def __init__(self, cfg: StackConfig, merged: bool, encoder_width: int) -> None:
         super().__init__(cfg)
         self.merged = merged
         if not merged:
-            self.cross_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.cross_norm = norm(cfg)
             self.cross_attn = Attention(cfg, kv_width=encoder_width)
-            self.post_cross_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.post_cross_norm = post_norm(cfg)
 
     def encoder_keys_values(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of the encoder output (the generation engine computes them once per prompt)."""
@@ -259,13 +287,13 @@ class Stack(nn.Module):
     def __init__(self, cfg: StackConfig, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(blocks)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = norm(cfg)
 
 
-def embed_tokens(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    """Gemma scales embeddings by sqrt(d), rounded to the activation dtype as Gemma does."""
+def embed_tokens(table: nn.Embedding, ids: torch.Tensor, scale: bool = True) -> torch.Tensor:
+    """Token embeddings; Gemma (`scale`) multiplies them by sqrt(d), rounded to the activation dtype as Gemma does."""
     x = table(ids)
-    return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype)
+    return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype) if scale else x
 
 
 def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -290,23 +318,35 @@ def run_self_attention_stack(
     return stack.norm(x)
 
 
-class CausalLM(nn.Module):
-    """A decoder-only Gemma run by the same blocks: the source model, as a distillation teacher."""
+def untied_head(cfg: StackConfig, vocab_size: int, tied: bool) -> nn.Linear | None:
+    """The LM head's own weight, for models that do not read logits out of the embedding table."""
+    return None if tied else nn.Linear(cfg.hidden_size, vocab_size, bias=False)
 
-    def __init__(self, cfg: StackConfig, vocab_size: int, final_logit_softcap: float | None) -> None:
+
+class CausalLM(nn.Module):
+    """A decoder-only model run by the same blocks: the source model, as a distillation teacher."""
+
+    def __init__(
+        self, cfg: StackConfig, vocab_size: int, final_logit_softcap: float | None, tied_head: bool = True
+    ) -> None:
         super().__init__()
         self.cfg, self.final_logit_softcap = cfg, final_logit_softcap
         self.embed = nn.Embedding(vocab_size, cfg.hidden_size)
         self.stack = Stack(cfg, [EncoderBlock(cfg) for _ in range(cfg.num_layers)])
+        self.lm_head = untied_head(cfg, vocab_size, tied_head)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden(self, ids: torch.Tensor, seg: Segments,
                cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Final states (after the final norm); `cache` receives each layer's keys and values."""
-        return run_self_attention_stack(self.stack, self.cfg, embed_tokens(self.embed, ids), seg, causal=True,
-                                        cache=cache)
+        x = embed_tokens(self.embed, ids, self.cfg.embed_scale)
+        return run_self_attention_stack(self.stack, self.cfg, x, seg, causal=True, cache=cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(hidden, self.embed.weight, self.final_logit_softcap)
+        return lm_logits(hidden, self.head_weight, self.final_logit_softcap)
 
 
 @dataclass
@@ -325,8 +365,9 @@ class EncoderState:
 
 
 class EncoderDecoder(nn.Module):
-    """Encoder-decoder Gemma. `embed` feeds the decoder and is the LM head; `encoder_embed` exists
-    only when the encoder has its own table (else the encoder reads `embed` too)."""
+    """The encoder-decoder. `embed` feeds the decoder and is the LM head unless the model has its own
+    (`lm_head`, untied); `encoder_embed` exists only when the encoder has its own table (else the
+    encoder reads `embed` too)."""
 
     def __init__(self, config: EncDecConfig) -> None:
         super().__init__()
@@ -340,11 +381,17 @@ class EncoderDecoder(nn.Module):
         self.encoder = Stack(enc, [EncoderBlock(enc) for _ in range(enc.num_layers)])
         merged = config.attention == "merged"
         self.decoder = Stack(dec, [DecoderBlock(dec, merged, enc.hidden_size) for _ in range(dec.num_layers)])
-        self.lm_head: nn.Module | None = None  # set only by int8 inference (`encdec.inference.quantize`)
+        # an untied head, or (int8 inference, `encdec.inference.quantize`) a quantized copy of the tied one
+        self.lm_head: nn.Module | None = untied_head(dec, config.vocab_size, config.tied_head)
 
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's [vocab, d] weight: the decoder's embedding table when tied."""
+        return self.embed.weight if self.config.tied_head else self.lm_head.weight
 
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -356,7 +403,8 @@ class EncoderDecoder(nn.Module):
 
     def encode_segments(self, input_ids: torch.Tensor, seg: Segments, causal: bool = False) -> torch.Tensor:
         """Encoder hidden states of packed or padded rows described by `seg`."""
-        x = embed_tokens(self.embed if self.encoder_embed is None else self.encoder_embed, input_ids)
+        table = self.embed if self.encoder_embed is None else self.encoder_embed
+        x = embed_tokens(table, input_ids, self.config.encoder.embed_scale)
         return run_self_attention_stack(
             self.encoder, self.config.encoder, x, seg, causal=causal, convention=self.config.encoder_window,
             lookahead=self.encoder_lookahead,
@@ -372,7 +420,7 @@ class EncoderDecoder(nn.Module):
     ) -> torch.Tensor:
         """Final decoder hidden states for `decoder_input_ids` (generation goes through `encdec.inference.engine`)."""
         cfg = self.config.decoder
-        x = embed_tokens(self.embed, decoder_input_ids)
+        x = embed_tokens(self.embed, decoder_input_ids, cfg.embed_scale)
         rope = rope_tables(cfg, seg.positions, x.dtype)
         masks = attention_masks(seg, seg, causal=True, window=cfg.sliding_window)
         cross_allowed = cross_mask(seg, encoder.segments)

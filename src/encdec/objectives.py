@@ -4,11 +4,14 @@ Everything here is a pure function on token ids (lists of ints); randomness come
 `numpy.random.Generator` passed in, so a seed reproduces a batch exactly. An `Example` pairs encoder
 inputs with decoder targets that end with EOS; the decoder reads [BOS] + targets[:-1] (teacher forcing).
 
-Special tokens. Sentinels (T5's <extra_id_k>) and UL2 mode tokens are not in the Gemma vocabulary, so
-they reuse its reserved "<unused{k}>" entries (Gemma 3: <unused0>..<unused98> are ids 6..104 and
-<unused99>..<unused6241> are ids 256001..262143; Gemma 2 has fewer). Ordered by k:
-    <unused0> -> "[NLU]", <unused1> -> "[NLG]", <unused2> -> "[S2S]"   (UL2 mode tokens)
-    <unused3>, <unused4>, ...          -> sentinels s_0, s_1, ...     (one per noise span)
+Special tokens. Sentinels (T5's <extra_id_k>) and UL2 mode tokens are not in these vocabularies, so
+they reuse a vocabulary's reserved tokens: Gemma's "<unused{k}>" (Gemma 3: <unused0>..<unused98> are
+ids 6..104 and <unused99>..<unused6241> are ids 256001..262143; Gemma 2 has fewer), Llama 3's
+"<|reserved_special_token_{k}|>", Mistral's "[control_{k}]". Ordered by k:
+    k0 -> "[NLU]", k1 -> "[NLG]", k2 -> "[S2S]"   (UL2 mode tokens)
+    k3, k4, ...  -> sentinels s_0, s_1, ...     (one per noise span)
+A vocabulary without reserved tokens (SmolLM2, Qwen) gets them added by name: "[NLU]", "[NLG]", "[S2S]"
+and "<extra_id_{k}>" (`ul2_token_names`, added by `encdec.training.vocab.with_ul2_tokens`).
 See `special_token_ids`.
 """
 
@@ -23,7 +26,10 @@ import torch
 
 MODE_TOKENS = ("[NLU]", "[NLG]", "[S2S]")
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
-_UNUSED = re.compile(r"<unused(\d+)>")
+# reserved tokens, one pattern per family that has them: Gemma, Llama 3, Mistral
+_RESERVED = (re.compile(r"<unused(\d+)>"), re.compile(r"<\|reserved_special_token_(\d+)\|>"),
+             re.compile(r"\[control_(\d+)\]"))
+_ADDED_SENTINEL = re.compile(r"<extra_id_(\d+)>")
 
 
 @dataclass(frozen=True)
@@ -166,16 +172,35 @@ def denoise(tokens: Sequence[int], mixture: Mixture, *, sentinels: Sequence[int]
     return Example(inputs=[int(mode_ids[denoiser.mode])] + example.inputs, targets=example.targets)
 
 
-def special_token_ids(vocab: Mapping[str, int]) -> tuple[dict[str, int], list[int]]:
-    """Mode-token ids and sentinel ids taken from the vocabulary's "<unused{k}>" tokens (mapping in module docstring).
+def _numbered(vocab: Mapping[str, int], pattern: re.Pattern) -> list[int]:
+    """Ids of the tokens matching `pattern`, ordered by their number k."""
+    matches = ((pattern.fullmatch(name), int(i)) for name, i in vocab.items())
+    return [i for _, i in sorted((int(m.group(1)), i) for m, i in matches if m)]
 
-    Returns (mode_ids, sentinels): the three lowest k are "[NLU]", "[NLG]", "[S2S]"; the rest, by k, are sentinels.
-    """
-    unused = sorted((int(m.group(1)), int(i)) for name, i in vocab.items() if (m := _UNUSED.fullmatch(name)))
-    if len(unused) < len(MODE_TOKENS) + 1:
-        raise ValueError(f"the vocabulary has {len(unused)} '<unused{{k}}>' tokens; at least {len(MODE_TOKENS) + 1} "
-                         "are needed (3 mode tokens and 1 sentinel)")
-    ids = [i for _, i in unused]
+
+def reserved_token_ids(vocab: Mapping[str, int]) -> list[int]:
+    """The vocabulary's reserved tokens by k, of the first family pattern it has enough of (may be empty)."""
+    for pattern in _RESERVED:
+        ids = _numbered(vocab, pattern)
+        if len(ids) > len(MODE_TOKENS):
+            return ids
+    return []
+
+
+def ul2_token_names(sentinels: int) -> list[str]:
+    """The tokens added to a vocabulary without reserved ones: the mode tokens, then `sentinels` sentinels."""
+    return [*MODE_TOKENS, *(f"<extra_id_{k}>" for k in range(sentinels))]
+
+
+def special_token_ids(vocab: Mapping[str, int]) -> tuple[dict[str, int], list[int]]:
+    """Mode-token ids and sentinel ids (mapping in module docstring): the added tokens where the vocabulary has
+    them, else its reserved tokens, the three lowest k being "[NLU]", "[NLG]", "[S2S]" and the rest sentinels."""
+    if all(token in vocab for token in MODE_TOKENS) and (added := _numbered(vocab, _ADDED_SENTINEL)):
+        return {token: int(vocab[token]) for token in MODE_TOKENS}, added
+    ids = reserved_token_ids(vocab)
+    if not ids:
+        raise ValueError(f"the vocabulary has no reserved tokens (<unused{{k}}>, <|reserved_special_token_{{k}}|>, "
+                         f"[control_{{k}}]) beyond {len(MODE_TOKENS)}, nor UL2's added tokens {ul2_token_names(1)}")
     return dict(zip(MODE_TOKENS, ids)), ids[len(MODE_TOKENS):]
 
 

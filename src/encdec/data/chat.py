@@ -1,0 +1,54 @@
+"""The chat format a model was instruction-tuned with, read from its tokenizer.
+
+The project writes every conversation in Gemma's chat format first (`instructions.chat_prompt`: one
+canonical transcript, whatever the source of the data). A tokenizer without Gemma's turn markers but with
+its own chat template (SmolLM2, Qwen, Llama 3 ...) gets that transcript re-rendered by its template, and its
+answers closed by the template's own end-of-turn text; a tokenizer with neither keeps Gemma's format.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from encdec.data.instructions import END, START, chat_prompt
+
+_TURN = re.compile(re.escape(START) + r"(user|model)\n(.*?)" + re.escape(END) + r"\n", re.DOTALL)
+_ROLE = {"user": "user", "model": "assistant"}
+_MARK = "\x00answer\x00"  # stands for an answer when finding the text a template puts after one
+
+
+def turns_of(prompt: str) -> list[tuple[str, str]]:
+    """The (role, text) turns of a transcript written by `chat_prompt` (which ends with an open model turn)."""
+    turns = [(m.group(1), m.group(2)) for m in _TURN.finditer(prompt)]
+    if chat_prompt(turns) != prompt:
+        raise ValueError("not a transcript in Gemma's chat format")
+    return turns
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How prompts are written and answers closed for one tokenizer (None template: Gemma's own format)."""
+
+    tokenizer: Any
+    templated: bool
+    end: str  # the text that closes an answer, before EOS
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> ChatFormat:
+        if START in tokenizer.get_vocab() or not getattr(tokenizer, "chat_template", None):
+            return cls(tokenizer, False, END)
+        exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
+        answered = tokenizer.apply_chat_template(exchange, tokenize=False)
+        return cls(tokenizer, True, answered.split(_MARK, 1)[1].strip())
+
+    def prompt(self, gemma_prompt: str) -> str:
+        """The encoder's text for a `chat_prompt` transcript: as it is, or re-rendered by the tokenizer's template
+        (without the BOS text some templates start with: the encoder's inputs get BOS as a token)."""
+        if not self.templated:
+            return gemma_prompt
+        messages = [{"role": _ROLE[role], "content": text} for role, text in turns_of(gemma_prompt)]
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        bos = self.tokenizer.bos_token
+        return text.removeprefix(bos) if bos else text

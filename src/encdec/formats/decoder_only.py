@@ -1,0 +1,92 @@
+"""What the decoder-only formats share: the description of a source read from its config.json, and the
+renaming of weights between a Hugging Face decoder-only layout and our layer stacks, both directions.
+
+Each family's adapter (formats.gemma, formats.llama, formats.qwen) supplies its `MODEL_TYPES`,
+`GGUF_ARCHITECTURES`, `ADAPTED_AS`, where its text weights are (`TEXT_PREFIXES`, `NOT_TEXT`), its per-layer
+name table `LAYER` and `read_config`; formats.registry picks one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from encdec.config import StackConfig
+
+EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+LAYERS = "model.layers."
+
+
+@dataclass
+class SourceConfig:
+    """What a decoder-only config.json says, in our terms."""
+
+    family: str
+    stack: StackConfig
+    final_logit_softcap: float | None
+    tied_head: bool
+    special_tokens: dict[str, Any]  # pad_token_id, bos_token_id, eos_token_ids
+
+
+def rename(name: str, table: dict[str, str]) -> str | None:
+    """Map the leading sub-module of `name` through `table`; None if it has no entry."""
+    head, _, rest = name.partition(".")
+    target = table.get(head)
+    return None if target is None else f"{target}.{rest}"
+
+
+def special_tokens(cfg: dict[str, Any], default_pad: int | None = None) -> dict[str, Any]:
+    """pad / bos / eos ids of a config.json; a missing pad becomes `default_pad`, else the first EOS."""
+    eos = cfg.get("eos_token_id", 1)
+    eos_ids = list(eos) if isinstance(eos, list) else [eos]
+    pad = cfg.get("pad_token_id")
+    if pad is None:
+        pad = eos_ids[0] if default_pad is None else default_pad
+    bos = cfg.get("bos_token_id")
+    return {"pad_token_id": pad, "bos_token_id": eos_ids[0] if bos is None else bos, "eos_token_ids": eos_ids}
+
+
+def text_weights(weights: dict[str, torch.Tensor], tied_head: bool, prefixes: tuple[str, ...],
+                 not_text: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The text decoder's tensors (names under `prefixes`, none under `not_text`) renamed to `model.*`, and an
+    untied LM head; anything else (a vision tower) is dropped."""
+    out = {} if tied_head or HEAD not in weights else {HEAD: weights[HEAD]}
+    for name, t in weights.items():
+        prefix = next((p for p in prefixes if name.startswith(p)), None)
+        if prefix is not None and not name.startswith(not_text):
+            out["model." + name[len(prefix):]] = t
+    return out
+
+
+def to_stack(
+    weights: dict[str, torch.Tensor], layer: dict[str, str], prefix: str, layers: list[int]
+) -> dict[str, torch.Tensor]:
+    """Source layers `layers` (Hugging Face names) renamed into our stack `prefix`, plus its final norm."""
+    out = {f"{prefix}.norm.weight": weights[FINAL_NORM]}
+    wanted = {f"{LAYERS}{src}.": dst for dst, src in enumerate(layers)}
+    inverse = {v: k for k, v in layer.items()}
+    for name, t in weights.items():
+        head = name[: name.find(".", len(LAYERS)) + 1] if name.startswith(LAYERS) else None
+        if head in wanted:
+            ours = rename(name[len(head):], inverse)
+            if ours is not None:
+                out[f"{prefix}.layers.{wanted[head]}.{ours}"] = t
+    return out
+
+
+def from_stack(state: dict[str, torch.Tensor], layer: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A CausalLM's state dict (`embed`, `stack`, `lm_head`) in Hugging Face decoder-only names."""
+    out = {}
+    for name, t in state.items():
+        if name == "embed.weight":
+            out[EMBED] = t
+        elif name == "stack.norm.weight":
+            out[FINAL_NORM] = t
+        elif name == "lm_head.weight":
+            out[HEAD] = t
+        else:
+            _, _, index, sub = name.split(".", 3)  # stack.layers.{i}.{sub}
+            out[f"{LAYERS}{index}.{rename(sub, layer)}"] = t
+    return out

@@ -1,0 +1,71 @@
+"""GGUF files (llama.cpp's format): checked, then dequantized once by transformers into a Hugging Face
+checkpoint directory (weights + tokenizer), which the family's adapter reads like any other."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from encdec.errors import EncdecError
+from encdec.files import atomic_dir, write_weights
+from encdec.formats.registry import check_gguf_architecture
+
+log = logging.getLogger("encdec")
+
+
+def architecture(path: Path) -> tuple[str, int]:
+    """The `general.architecture` of a GGUF file and its parameter count, after checking that the file is
+    complete and supported."""
+    from gguf import GGUFReader
+
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise EncdecError(f"{path} is not a GGUF file (bad magic number)")
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+        size = path.stat().st_size
+        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+        parameters = sum(int(t.n_elements) for t in reader.tensors)
+    except Exception as e:  # noqa: BLE001 - the reader raises many kinds of errors on damaged files
+        raise EncdecError(f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+    if end > size:
+        raise EncdecError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}")
+    check_gguf_architecture(arch, str(path))
+    return arch, parameters
+
+
+def to_hf_directory(path: Path, out: Path) -> Path:
+    """Dequantize `path` into the Hugging Face directory `out` (atomically); the LM head is kept only when
+    it is not the embedding table."""
+    arch, parameters = architecture(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once (about a minute for 270M; cached in %s)", path.name, out)
+    start = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
+    except (RuntimeError, ValueError) as e:  # e.g. tensor shapes that disagree with the config it derived
+        raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF ({str(e).splitlines()[0]}); its shapes "
+                          "(e.g. head_dim) are not ones transformers can map") from None
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    tied = model.config.tie_word_embeddings
+    weights = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    converted = sum(t.numel() for t in weights.values())
+    if converted != parameters:  # transformers re-initialises, with a warning only, what it cannot map
+        raise EncdecError(f"{path}: transformers read its {arch} tensors as {converted:,} parameters, the file has "
+                          f"{parameters:,}; this GGUF's shapes (e.g. head_dim) are not ones transformers can map")
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        write_weights(tmp, weights)
+        tokenizer.save_pretrained(str(tmp))
+    log.info("cached %s in %.0f s", path.name, time.perf_counter() - start)
+    return out

@@ -1,0 +1,79 @@
+"""Hugging Face Llama-architecture checkpoints (`llama`: Llama 2/3.x, SmolLM2; `mistral`): config fields
+and per-layer weight names.
+
+A Llama block has norms before its two sub-layers only, plain RMSNorm weights, SiLU gating, unscaled
+embeddings and one RoPE setting for every layer (default, linear or Llama 3's scaling). Mistral is the
+same block with every layer local (`sliding_window`). formats.qwen builds on these helpers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from encdec.config import StackConfig
+from encdec.errors import EncdecError
+from encdec.formats.decoder_only import SourceConfig, special_tokens
+
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral"}
+GGUF_ARCHITECTURES = {"llama": "llama"}  # llama.cpp writes Mistral models as llama; gguf-py has no "mistral"
+# merged attention (T5Gemma 2's: no new parameters); Mistral's local encoder layers split the window over both sides
+ADAPTED_AS = {"llama": ("merged", "t5gemma2"), "mistral": ("merged", "t5gemma2")}
+TEXT_PREFIXES, NOT_TEXT = ("model.",), ()
+# our block sub-module -> Hugging Face sub-module ("post_attention_layernorm" is the norm before the MLP)
+LAYER = {"attn_norm": "input_layernorm", "attn": "self_attn", "mlp_norm": "post_attention_layernorm", "mlp": "mlp"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The StackConfig RoPE fields of a one-setting config (current `rope_parameters` or older `rope_scaling`)."""
+    params = cfg.get("rope_parameters")
+    if not isinstance(params, dict):
+        params = {"rope_theta": cfg.get("rope_theta", 10_000.0), **(cfg.get("rope_scaling") or {})}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise EncdecError(f"{where}: RoPE type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+    theta = float(params.get("rope_theta", 10_000.0))
+    out: dict[str, Any] = {"rope_theta_local": theta, "rope_theta_global": theta}
+    if kind == "linear":
+        out["rope_scale_local"] = out["rope_scale_global"] = float(params["factor"])
+    if kind == "llama3":
+        out["rope_llama3"] = [float(params["factor"]), float(params["low_freq_factor"]),
+                              float(params["high_freq_factor"]), float(params["original_max_position_embeddings"])]
+    return out
+
+
+def refuse_unsupported(cfg: dict[str, Any], where: Path) -> None:
+    """Biases on the output projection or the MLP, or another activation, are not in our blocks."""
+    if cfg.get("mlp_bias") or (cfg.get("attention_bias") and cfg["model_type"] != "qwen2"):
+        raise EncdecError(f"{where}: attention_bias / mlp_bias are not supported (only Qwen2's q/k/v biases are)")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise EncdecError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported for {cfg['model_type']}; "
+                          "supported: 'silu'")
+
+
+def stack_from_hf(cfg: dict[str, Any], layer_types: list[str], where: Path, **family: Any) -> StackConfig:
+    """A StackConfig of a Llama-like config; `family` sets the switches that differ from Llama."""
+    refuse_unsupported(cfg, where)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return StackConfig(
+        num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_heads=cfg["num_attention_heads"], num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        head_dim=head_dim, layer_types=layer_types, sliding_window=cfg.get("sliding_window") or 4096,
+        query_pre_attn_scalar=head_dim, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_positions=cfg.get("max_position_embeddings"), post_norms=False, norm_offset=0.0, activation="silu",
+        embed_scale=False, **rope(cfg, where), **family,
+    )
+
+
+def source_config(cfg: dict[str, Any], family: str, stack: StackConfig) -> SourceConfig:
+    return SourceConfig(family=family, stack=stack, final_logit_softcap=None,
+                        tied_head=bool(cfg.get("tie_word_embeddings", False)), special_tokens=special_tokens(cfg))
+
+
+def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
+    """A Llama or Mistral config.json."""
+    family = MODEL_TYPES[cfg["model_type"]]
+    local = family == "mistral" and cfg.get("sliding_window") is not None
+    layer_types = ["sliding" if local else "full"] * cfg["num_hidden_layers"]
+    return source_config(cfg, family, stack_from_hf(cfg, layer_types, where))

@@ -1,0 +1,32 @@
+"""Hugging Face Qwen2 / Qwen2.5 (`qwen2`) and Qwen3 (`qwen3`) checkpoints: Llama blocks (formats.llama)
+with biases on the q/k/v projections (Qwen2) or RMSNorm on queries and keys (Qwen3), and optionally
+local layers from `max_window_layers` on (`use_sliding_window`, off in the released models).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from encdec.formats.decoder_only import SourceConfig
+from encdec.formats.gemma import HF_LAYER_TYPES
+from encdec.formats.llama import LAYER, NOT_TEXT, TEXT_PREFIXES, source_config, stack_from_hf
+
+MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3"}
+ADAPTED_AS = {"qwen2": ("merged", "t5gemma2"), "qwen3": ("merged", "t5gemma2")}  # as Llama, see formats.llama
+__all__ = ["ADAPTED_AS", "GGUF_ARCHITECTURES", "LAYER", "MODEL_TYPES", "NOT_TEXT", "TEXT_PREFIXES", "read_config"]
+
+
+def _layer_types(cfg: dict[str, Any]) -> list[str]:
+    if cfg.get("layer_types"):
+        return [HF_LAYER_TYPES[t] for t in cfg["layer_types"]]
+    n, first_local = cfg["num_hidden_layers"], cfg.get("max_window_layers", 28)
+    return ["sliding" if cfg.get("use_sliding_window") and i >= first_local else "full" for i in range(n)]
+
+
+def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
+    """A Qwen2 or Qwen3 config.json."""
+    family = MODEL_TYPES[cfg["model_type"]]
+    stack = stack_from_hf(cfg, _layer_types(cfg), where, qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
+    return source_config(cfg, family, stack)

@@ -1,0 +1,143 @@
+"""transformers' remote-code format for checkpoints in the project's own format: a modeling file written into
+the checkpoint so that `AutoModelForSeq2SeqLM.from_pretrained(DIR, trust_remote_code=True)` loads it.
+
+No transformers class holds a Llama or Qwen encoder-decoder (its EncoderDecoderModel needs a decoder with
+cross-attention), so the checkpoint carries its model: the file is generated from this package's own
+errors.py, config.py and model.py (so it computes exactly what `encdec.load` computes), minus their
+imports of encdec, plus a thin PreTrainedModel wrapper. It imports only the standard library, torch and
+transformers. transformers runs such a file only when asked with trust_remote_code=True; encdec itself
+never runs it (it reads the same directory with its own classes).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+MODELING_FILE = "modeling_encdec.py"
+AUTO_MAP = {"AutoConfig": "modeling_encdec.EncdecHFConfig",
+            "AutoModelForSeq2SeqLM": "modeling_encdec.EncdecForConditionalGeneration"}
+ARCHITECTURE = "EncdecForConditionalGeneration"
+SOURCES = ("encdec.errors", "encdec.config", "encdec.model")
+# dropped from the copied sources: the only function that reaches other encdec modules
+DROPPED_FUNCTIONS = {("EncoderDecoder", "generate")}
+
+WRAPPER = '''
+
+# --- the transformers wrapper ---------------------------------------------------------------------------------------
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+
+class EncdecHFConfig(PretrainedConfig):
+    """config.json of an encdec checkpoint: our configuration under "config"."""
+
+    model_type = "encdec"
+
+    def __init__(self, config=None, **kwargs):
+        self.encdec = config or {}
+        kwargs.setdefault("is_encoder_decoder", True)
+        kwargs["tie_word_embeddings"] = False  # the model reads its head itself (tied or not)
+        super().__init__(**kwargs)
+        if self.encdec:
+            self.decoder_start_token_id = self.encdec["bos_token_id"]
+            self.pad_token_id, self.bos_token_id = self.encdec["pad_token_id"], self.encdec["bos_token_id"]
+            self.eos_token_id = self.encdec["eos_token_ids"]
+            self.vocab_size = self.encdec["vocab_size"]
+            self.num_hidden_layers = self.encdec["decoder"]["num_layers"]  # sizes the cache generation makes (unused)
+
+
+class _Encoder(torch.nn.Module):
+    """What generation calls `get_encoder()`: the encoder pass of the wrapped model."""
+
+    def __init__(self, model):
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a sub-module: its weights belong to the wrapper
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return BaseModelOutput(last_hidden_state=self.model.encode(input_ids, attention_mask))
+
+
+class EncdecForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    """encdec's EncoderDecoder under transformers' API; its parameters have the same names as in encdec."""
+
+    config_class = EncdecHFConfig
+    main_input_name = "input_ids"
+    _supports_cache_class = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        inner = EncoderDecoder(EncDecConfig.from_dict(config.encdec))
+        for name, module in inner.named_children():
+            self.add_module(name, module)
+        object.__setattr__(self, "inner", inner)  # shares those modules; not registered twice
+        self.encoder.main_input_name = "input_ids"  # generation reads it from the module named "encoder"
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass  # every weight comes from the checkpoint
+
+    def get_encoder(self):
+        return _Encoder(self.inner)
+
+    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                encoder_outputs=None, labels=None, **kwargs):
+        if input_ids is None and encoder_outputs is not None:  # generation: the encoder already ran
+            input_ids = torch.zeros(encoder_outputs[0].shape[:2], dtype=torch.long, device=encoder_outputs[0].device)
+        hidden = None if encoder_outputs is None else encoder_outputs[0]
+        out = self.inner(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
+                         encoder_hidden_states=hidden)
+        loss = None
+        if labels is not None:
+            logits = out.logits.flatten(0, 1).float()
+            loss = torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100)
+        return Seq2SeqLMOutput(loss=loss, logits=out.logits, encoder_last_hidden_state=out.encoder_hidden_states)
+
+    def prepare_inputs_for_generation(self, decoder_input_ids, encoder_outputs=None, attention_mask=None, **kwargs):
+        return {"decoder_input_ids": decoder_input_ids, "encoder_outputs": encoder_outputs,
+                "attention_mask": attention_mask}
+'''
+
+
+def _module_text(name: str) -> str:
+    """A module's source without its `from __future__` and encdec imports and without DROPPED_FUNCTIONS."""
+    spec = importlib.util.find_spec(name)
+    text = Path(spec.origin).read_text()
+    lines = text.splitlines(keepends=True)
+    drop: list[tuple[int, int]] = []
+    for node in ast.parse(text).body:
+        module = (node.module or "") if isinstance(node, ast.ImportFrom) else None
+        if module is not None and (module == "__future__" or module.startswith("encdec")):
+            drop.append((node.lineno, node.end_lineno))
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and (node.name, item.name) in DROPPED_FUNCTIONS:
+                    first = min([item.lineno, *(d.lineno for d in item.decorator_list)])
+                    drop.append((first, item.end_lineno))
+    for first, last in sorted(drop, reverse=True):
+        del lines[first - 1 : last]
+    return f"\n# --- from {name} " + "-" * (100 - len(name)) + "\n" + "".join(lines)
+
+
+def modeling_source() -> str:
+    """The text of the modeling file."""
+    header = ('"""An encdec encoder-decoder for transformers (trust_remote_code=True), written by encdec: its '
+              'errors.py,\nconfig.py and model.py, then a PreTrainedModel wrapper. Generated; edit encdec, not this '
+              'file."""\n\nfrom __future__ import annotations\n')
+    return header + "".join(_module_text(name) for name in SOURCES) + WRAPPER
+
+
+def config_fields() -> dict[str, Any]:
+    """What config.json needs, beside our configuration, for transformers to find the modeling file."""
+    return {"model_type": "encdec", "architectures": [ARCHITECTURE], "auto_map": AUTO_MAP, "is_encoder_decoder": True}
+
+
+def write_modeling_file(directory: Path) -> None:
+    (directory / MODELING_FILE).write_text(modeling_source())
+
+
+def is_own(config: dict[str, Any]) -> bool:
+    """Whether a config.json's auto_map is exactly the one this module writes (encdec never runs it either)."""
+    return config.get("auto_map") == AUTO_MAP and config.get("format") == "encdec"

@@ -1,0 +1,117 @@
+"""Llama-architecture and Qwen sources beyond the invariants of test_model.py: GGUF files of each architecture,
+the project's checkpoint format for families without a transformers encoder-decoder class, unbalanced
+cross-attention, and a trained decoder-only model saved back in its family's layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from conftest import valid
+from tiny import make_source, write_gguf
+
+import encdec
+from encdec.causal import causal_from_source, save_causal
+from encdec.errors import EncdecError
+
+
+# GGUF carries neither Llama 3's RoPE scaling nor Qwen2's local layers; transformers reads every Qwen3 GGUF as
+# head_dim 128 (as the released Qwen3 models have)
+@pytest.mark.parametrize("family, shape", [("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}),
+                                           ("qwen2", {"use_sliding_window": False}),
+                                           ("qwen3", {"head_dim": 128})])
+def test_gguf_of_each_architecture_loads_as_its_checkpoint_directory(tmp_path, monkeypatch, family, shape):
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    directory = make_source(tmp_path / family, family, **shape)
+    from_gguf = encdec.load_source(str(write_gguf(directory, tmp_path / f"{family}.gguf")))
+    from_dir = encdec.load_source(str(directory))
+    assert (from_gguf.family, from_gguf.tied_head, from_gguf.vocab_size) == (from_dir.family, from_dir.tied_head, 96)
+    ignored = {"rms_norm_eps"}  # GGUF stores it as float32
+    assert {k: v for k, v in vars(from_gguf.stack).items() if k not in ignored} == \
+        {k: v for k, v in vars(from_dir.stack).items() if k not in ignored}
+    assert sorted(from_gguf.weights) == sorted(from_dir.weights)
+    assert all(torch.equal(from_gguf.weights[k], from_dir.weights[k]) for k in from_dir.weights)
+    assert encdec.load_tokenizer(from_gguf.directory).convert_tokens_to_ids("w5") == 33
+
+
+def test_gguf_that_transformers_would_misread_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(make_source(tmp_path / "qwen3", "qwen3"), tmp_path / "qwen3.gguf")  # head_dim 8
+    with pytest.raises(EncdecError, match="shapes .* are not ones transformers can map"):
+        encdec.load_source(str(path))
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+@pytest.mark.parametrize("family, attention", [("llama", "cross"), ("qwen2", "merged"), ("qwen3", "merged")])
+def test_project_format_round_trip(sources, batch, tmp_path, family, attention):
+    model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
+    assert model.config.tied_head == (family == "qwen3")  # tests/tiny.py: only Qwen3 is tied
+    assert encdec.save(model, tmp_path / "out") == "encdec"
+    loaded = encdec.load(tmp_path / "out")
+    assert loaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_unbalanced_cross_attention_starts_neutral(sources, batch):
+    """A smaller Qwen2 decoder: its new cross-attention has zero biases and norms of scale 1 (plain RMSNorm)."""
+    model = encdec.adapt(encdec.load_source(str(sources["qwen2"])), encdec.load_source(str(sources["qwen2-small"])),
+                         attention="cross")
+    block = model.decoder.layers[0]
+    assert block.cross_attn.k_proj.in_features == 32 and block.cross_attn.q_proj.in_features == 24
+    assert torch.equal(block.cross_attn.q_proj.bias, torch.zeros(16))
+    assert torch.equal(block.cross_norm.weight, torch.ones(24))
+    with torch.no_grad():
+        assert valid(model(**batch).logits, batch["decoder_attention_mask"]).isfinite().all()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_decoder_only_model_saved_back_in_its_family_layout(sources, tmp_path, family):
+    source = encdec.load_source(str(sources[family]))
+    model = causal_from_source(source)
+    with torch.no_grad():
+        model.stack.layers[1].mlp.up_proj.weight.mul_(1.5)  # as if trained
+    save_causal(model, source, tmp_path / "out")
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = model.logits(model.hidden(ids, encdec.model.Segments.of(ids, None, None, None)))
+        assert (reloaded(input_ids=ids).logits - ours).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family, attention", [("llama", "cross"), ("qwen3", "merged")])
+def test_vanilla_transformers_loads_the_project_format_with_its_modeling_file(sources, batch, tmp_path, family,
+                                                                               attention):
+    import ast
+
+    model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
+    encdec.save(model, tmp_path / "out", tokenizer_dir=sources[family])
+    imported = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+                for node in ast.walk(ast.parse((tmp_path / "out" / "modeling_encdec.py").read_text()))
+                if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert imported <= {"__future__", "dataclasses", "functools", "math", "typing", "torch", "transformers"}
+    hf = tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=True).eval()
+    assert type(hf).__name__ == "EncdecForConditionalGeneration"
+    with torch.no_grad():
+        theirs, ours = hf(**batch).logits, model(**batch).logits
+    mask = batch["decoder_attention_mask"]
+    assert torch.equal(valid(theirs, mask), valid(ours, mask))
+    ids, enc_mask = batch["input_ids"], batch["attention_mask"]
+    generated = hf.generate(input_ids=ids, attention_mask=enc_mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated[:, 1:], model.generate(ids, enc_mask, max_new_tokens=4, eos_token_ids=[-1]))
+    assert encdec.load_tokenizer(tmp_path / "out")("w1 w2").input_ids == [2, 29, 30]  # encdec reads it too
+
+
+def test_text_weights_of_a_multimodal_gemma3_and_an_untied_head():
+    from encdec.formats import gemma, llama
+    from encdec.formats.decoder_only import text_weights
+
+    t = torch.zeros(1)
+    multimodal = {"model.language_model.layers.0.mlp.up_proj.weight": t, "model.vision_tower.x.weight": t,
+                  "model.multi_modal_projector.w": t, "lm_head.weight": t}
+    kept = text_weights(multimodal, True, gemma.TEXT_PREFIXES, gemma.NOT_TEXT)
+    assert list(kept) == ["model.layers.0.mlp.up_proj.weight"]
+    plain = {"model.norm.weight": t, "lm_head.weight": t}
+    kept = text_weights(plain, False, llama.TEXT_PREFIXES, llama.NOT_TEXT)
+    assert sorted(kept) == ["lm_head.weight", "model.norm.weight"]
+    assert list(text_weights(plain, True, llama.TEXT_PREFIXES, llama.NOT_TEXT)) == ["model.norm.weight"]

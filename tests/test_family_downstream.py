@@ -1,0 +1,157 @@
+"""Everything after `encdec adapt` on Llama-architecture and Qwen models: UL2 on vocabularies without reserved
+tokens (tokens added in spare rows or in grown embeddings), training an untied head, generation, evaluation,
+classification and the exported encoder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import make_source, write_corpus
+
+import encdec
+from encdec.cli import main
+from encdec.objectives import special_token_ids, ul2_token_names
+from encdec.training import loop
+from encdec.training.config import TrainConfig
+
+
+def _adapted(tmp_path: Path, family: str, **shape) -> Path:
+    source = make_source(tmp_path / "source", family, reserved=False, **shape)
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--encoder", str(source), "--out", str(out)]) == 0
+    return out
+
+
+def _ul2(model: Path, out: Path, corpus: Path) -> Path:
+    return loop.train(TrainConfig(model=str(model), out=str(out), data=[str(corpus)], objective="ul2", enc_len=24,
+                                  dec_len=24, batch_size=2, steps=3, lr=3e-3, warmup_steps=1, eval_every=3,
+                                  eval_windows=2, save_every=3, precision="fp32"))
+
+
+@pytest.mark.parametrize("family, vocab, grown", [("llama", 96, True), ("qwen3", 256, False)])
+def test_ul2_adds_its_tokens_where_the_vocabulary_has_no_reserved_ones(tmp_path, caplog, monkeypatch, family, vocab,
+                                                                      grown):
+    adapted = _adapted(tmp_path, family, vocab_size=vocab)
+    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=30)
+    with caplog.at_level(logging.INFO, logger="encdec"):
+        final = _ul2(adapted, tmp_path / "run", corpus)
+    added = len(ul2_token_names(128))
+    note = "growing the embeddings from 96 rows" if grown else "in the embedding table's spare rows"
+    assert any(f"UL2 added {added} (ids 96..{95 + added}" in r.message and note in r.message for r in caplog.records)
+    model, tokenizer = encdec.load(final), encdec.load_tokenizer(final)
+    assert len(tokenizer) == 96 + added and model.config.vocab_size == (96 + added if grown else vocab)
+    modes, sentinels = special_token_ids(tokenizer.get_vocab())
+    assert list(modes.values()) == [96, 97, 98] and sentinels[:2] == [99, 100]
+    assert tokenizer("w3 <extra_id_0> w4", add_special_tokens=False).input_ids == [31, 99, 32]
+    start = encdec.load(adapted)
+    assert model.config.tied_head == start.config.tied_head == (family == "qwen3")
+    if grown:  # the untied head and the embeddings both grew, their new rows trained from the mean row
+        assert model.lm_head.weight.shape[0] == model.embed.weight.shape[0] == 96 + added
+        assert not torch.equal(model.lm_head.weight[:96], start.lm_head.weight)
+    assert model.generate(torch.tensor([[2, 40, 99, 41]]), max_new_tokens=3).shape == (1, 3)
+
+
+def test_prefixlm_distillation_with_a_trimmed_vocabulary_trains_an_untied_llama(tmp_path):
+    adapted = _adapted(tmp_path, "llama")
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=40)
+    start = encdec.load(adapted)
+    final = loop.train(TrainConfig(model=str(adapted), out=str(tmp_path / "run"), data=[str(corpus)], distill=True,
+                                   trim_vocab=60, enc_len=16, dec_len=16, batch_size=2, steps=4, lr=3e-3,
+                                   warmup_steps=1, eval_every=4, eval_windows=2, save_every=4, precision="fp32"))
+    model = encdec.load(final)
+    assert model.config == start.config and not model.config.tied_head
+    changed = (model.lm_head.weight != start.lm_head.weight).any(1)
+    assert 0 < int(changed.sum()) <= 60  # the head's kept rows trained, the others written back untouched
+
+
+def test_reserved_tokens_of_llama3_are_used_as_they_are():
+    vocab = {f"<|reserved_special_token_{k}|>": 1000 + k for k in range(6)} | {"<|begin_of_text|>": 0}
+    modes, sentinels = special_token_ids(vocab)
+    assert list(modes.values()) == [1000, 1001, 1002] and sentinels == [1003, 1004, 1005]
+
+
+def test_generate_evaluate_classify_and_export_encoder_on_a_llama_model(tmp_path, capsys):
+    adapted = _adapted(tmp_path, "llama")
+    source = tmp_path / "source"
+    capsys.readouterr()
+    assert main(["generate", str(adapted), "--prompt", "w1 w2 w3", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("w1 w2 w3 -> ")
+    assert main(["evaluate", str(adapted), str(source), "--tasks", "copa,heldout", "--limit", "2",
+                 "--out", str(tmp_path / "eval")]) == 0
+    assert "| **average** |" in (tmp_path / "eval.md").read_text()
+    assert main(["classify", str(adapted), "--task", "cb", "--folds", "2", "--limit", "8", "--steps", "1",
+                 "--max-len", "16", "--batch-size", "4", "--out", str(tmp_path / "clf")]) == 0
+    assert (tmp_path / "clf" / "results.json").is_file()
+    assert main(["export-encoder", str(adapted), "--out", str(tmp_path / "encoder")]) == 0
+    assert "(the project's own format)" in capsys.readouterr().out  # no transformers class holds a Llama encoder
+    from encdec.classification.encoder_export import read_encoder
+
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        assert torch.equal(read_encoder(tmp_path / "encoder")(ids, mask), encdec.load(adapted).encode(ids, mask))
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
+    from tiny import make_tokenizer
+
+    from encdec.data.chat import ChatFormat
+    from encdec.data.instructions import Pair, chat_example, chat_prompt
+
+    make_tokenizer(tmp_path, reserved=False)
+    tokenizer = encdec.load_tokenizer(tmp_path)
+    gemma = ChatFormat.of(tokenizer)  # no template, no Gemma markers: Gemma's format, as before
+    assert not gemma.templated and gemma.end == "<end_of_turn>"
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "user", "assistant"], special_tokens=True)
+    tokenizer.chat_template = CHATML
+    chat = ChatFormat.of(tokenizer)
+    assert chat.templated and chat.end == "<|im_end|>"
+    pair = Pair(prompt=chat_prompt([("user", "w1 w2"), ("model", "w3"), ("user", "w4")]), response="w5 w6", source="t")
+    assert chat.prompt(pair.prompt) == ("<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\nw3<|im_end|>\n"
+                                        "<|im_start|>user\nw4<|im_end|>\n<|im_start|>assistant\n")
+    example = chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64)
+    start, end, user, assistant = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "user", "assistant"])
+    w = {f"w{i}": tokenizer.convert_tokens_to_ids(f"w{i}") for i in range(1, 7)}
+    assert example.inputs == [2, start, user, w["w1"], w["w2"], end, start, assistant, w["w3"], end,
+                              start, user, w["w4"], end, start, assistant]
+    assert example.targets == [w["w5"], w["w6"], end, 1]
+
+
+def test_finetune_uses_the_tokenizers_chat_template_and_saves_a_qwen2_source_back(tmp_path, capsys):
+    import copy
+
+    import transformers as tf
+    from test_finetune import write_instructions
+
+    from encdec.causal import load_causal
+
+    source = make_source(tmp_path / "source", "qwen2", vocab_size=128)  # spare rows for the template's tokens
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(source))
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "user", "assistant"], special_tokens=True)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(str(source))
+    data = write_instructions(tmp_path / "train.jsonl", count=24)
+    args = ["--data", str(data), "--enc-len", "32", "--dec-len", "8", "--batch-size", "4", "--steps", "3",
+            "--warmup-steps", "1", "--eval-every", "3", "--eval-windows", "4", "--save-every", "3",
+            "--precision", "fp32"]
+    assert main(["finetune", str(source), "--out", str(tmp_path / "run"), *args]) == 0
+    assert "encdec: chat format: the tokenizer's chat template" in capsys.readouterr().err
+    final = tmp_path / "run" / "model"
+    tuned = tf.AutoModelForCausalLM.from_pretrained(str(final)).eval()  # a plain Qwen2 checkpoint again
+    ours, _ = load_causal(str(final))
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        logits = ours.logits(ours.hidden(ids, encdec.model.Segments.of(ids, None, None, None)))
+        assert (tuned(input_ids=ids).logits - logits).abs().max().item() <= 1e-4
+    assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
+    assert main(["finetune", str(tmp_path / "adapted"), "--out", str(tmp_path / "run2"), *args]) == 0
+    assert encdec.load(tmp_path / "run2" / "model").config == encdec.load(tmp_path / "adapted").config
