@@ -47,6 +47,30 @@ def post_norm(cfg: StackConfig) -> nn.Module:
     return norm(cfg) if cfg.post_norms else nn.Identity()
 
 
+SMALL_ROWS = 64  # products with at most this many rows take `project`'s decoding path on CPU
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias). With a few rows on CPU (decoding) it is computed as weight @ x.T, one row
+    doubled: there CPU BLAS's matrix-vector path (1 row) and its small-M products ran 1.5-2.6x slower
+    than the weight-major product on the 270M's projections and LM head (docs/benchmarks.md)."""
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or not 0 < rows <= SMALL_ROWS:
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    out = torch.mm(weight, flat.T if rows > 1 else torch.cat([flat, flat]).T)[:, :rows].T.contiguous()
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `project` (the same weights, names and initialisation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return project(x, self.weight, self.bias)
+
+
 ACTIVATIONS = {"gelu_tanh": partial(F.gelu, approximate="tanh"), "silu": F.silu}
 
 
@@ -55,9 +79,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, activation: str = "gelu_tanh") -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
         self.act = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,10 +137,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kv_width = kv_width or cfg.hidden_size
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(kv_width, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = norm(cfg, cfg.head_dim)
             self.k_norm = norm(cfg, cfg.head_dim)
@@ -301,7 +325,7 @@ def soft_cap(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
 
 
 def lm_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    return soft_cap(F.linear(hidden, weight), softcap)
+    return soft_cap(project(hidden, weight), softcap)
 
 
 def run_self_attention_stack(
@@ -318,9 +342,9 @@ def run_self_attention_stack(
     return stack.norm(x)
 
 
-def untied_head(cfg: StackConfig, vocab_size: int, tied: bool) -> nn.Linear | None:
+def untied_head(cfg: StackConfig, vocab_size: int, tied: bool) -> Linear | None:
     """The LM head's own weight, for models that do not read logits out of the embedding table."""
-    return None if tied else nn.Linear(cfg.hidden_size, vocab_size, bias=False)
+    return None if tied else Linear(cfg.hidden_size, vocab_size, bias=False)
 
 
 class CausalLM(nn.Module):

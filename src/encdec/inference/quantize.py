@@ -33,6 +33,9 @@ def quantize_int8(model: EncoderDecoder) -> EncoderDecoder:
         head = nn.Linear(model.embed.embedding_dim, model.embed.num_embeddings, bias=False)
         head.weight = model.embed.weight
         model.lm_head = head
+    for module in model.modules():  # PyTorch's int8 conversion takes exactly nn.Linear, not its subclasses
+        if isinstance(module, nn.Linear):
+            module.__class__ = nn.Linear
     with warnings.catch_warnings():  # torch marks its eager quantization API deprecated in favour of torchao
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
