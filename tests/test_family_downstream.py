@@ -155,3 +155,39 @@ def test_finetune_uses_the_tokenizers_chat_template_and_saves_a_qwen2_source_bac
     assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
     assert main(["finetune", str(tmp_path / "adapted"), "--out", str(tmp_path / "run2"), *args]) == 0
     assert encdec.load(tmp_path / "run2" / "model").config == encdec.load(tmp_path / "adapted").config
+
+
+def test_serve_answers_a_qwen2_model_in_its_own_chat_template(tmp_path):
+    import copy
+
+    from test_serve import Server
+
+    from encdec.data.chat import ChatFormat
+    from encdec.data.instructions import chat_prompt_text
+
+    source = make_source(tmp_path / "source", "qwen2", vocab_size=128)
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(source))
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "user", "assistant"], special_tokens=True)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(str(source))
+    assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
+    model, tokenizer = encdec.load(tmp_path / "adapted"), encdec.load_tokenizer(tmp_path / "adapted")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def solo(text: str, tokens: int) -> str:  # the model alone, ending at EOS or at the template's end of turn
+        out = model.generate(torch.tensor([tokenizer(text).input_ids]), max_new_tokens=tokens,
+                             eos_token_ids=[*model.config.eos_token_ids, end])
+        return tokenizer.decode(out[0], skip_special_tokens=True)
+
+    server = Server(tmp_path / "adapted", "--max-batch", "2")
+    try:
+        client, name = server.client(), str(tmp_path / "adapted")
+        done = client.completions.create(model=name, prompt="w1 w2 w3", max_tokens=6, temperature=0)
+        assert done.choices[0].text == solo("w1 w2 w3", 6)
+        chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "w4 w5"}],
+                                              max_tokens=5, temperature=0)
+        prompt = ChatFormat.of(tokenizer).prompt(chat_prompt_text("w4 w5"))
+        assert prompt.startswith("<|im_start|>user\nw4 w5<|im_end|>")
+        assert chat.choices[0].message.content == solo(prompt, 5)
+    finally:
+        server.close()
