@@ -9,6 +9,7 @@ import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -442,3 +443,24 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
     for expected, extra in cases.items():
         assert expected in _fails([*run, *extra], capsys), extra
     assert not out.exists() and not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_features_computed_before_an_interruption_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from encdec.classification import features
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(features, "CHUNK", 4)
+    asked = []
+
+    def compute(ids: list[int]) -> np.ndarray:
+        asked.append(list(ids))
+        if len(asked) == 3:
+            raise KeyboardInterrupt  # the run is stopped while its third chunk is computed
+        return np.array([[float(i), 2.0 * i] for i in ids], dtype=np.float32)
+
+    with pytest.raises(KeyboardInterrupt):
+        features.cached_features("k", list(range(10)), compute)
+    assert asked == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    got = features.cached_features("k", list(range(10)), compute)
+    assert asked[3:] == [[8, 9]]  # only what the interrupted run had not stored
+    assert got.tolist() == [[float(i), 2.0 * i] for i in range(10)]

@@ -81,15 +81,19 @@ def _write(file: Path, known: dict[int, np.ndarray]) -> None:
         raise
 
 
+CHUNK = 512  # examples computed between two writes of the cache
+
+
 def cached_features(key: str, indices: list[int], compute: Callable[[list[int]], np.ndarray]) -> np.ndarray:
     """Features of the split's examples `indices` (in that order): the stored ones, plus `compute(missing)`
-    for the others, which are then stored too."""
+    for the others, stored every CHUNK examples so that an interrupted run keeps what it computed."""
     from encdec.sources import cache_root
 
     file = cache_root() / "features" / f"{key}.safetensors"
     known = _read(file)
     missing = sorted({i for i in indices if i not in known})
-    if missing:
-        known.update(zip(missing, compute(missing)))
+    for start in range(0, len(missing), CHUNK):
+        part = missing[start : start + CHUNK]
+        known.update(zip(part, compute(part)))
         _write(file, known)
     return np.stack([known[i] for i in indices]) if indices else np.zeros((0, 0), dtype=np.float32)
