@@ -45,15 +45,20 @@ def parse_backbone(text: str) -> tuple[str, str]:
 
 def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Namespace) -> dict:
     """The cell's results.json, running `encdec classify` first unless it exists."""
-    results = out / "results.json"
-    if not results.exists():
-        command = [sys.executable, "-m", "encdec.cli", "classify", model, "--task", task, "--out", str(out),
-                   "--seed", str(args.seed), *PROTOCOLS[protocol]]
-        if task == "boolq":
-            command += ["--limit", str(args.boolq_train), "--eval-limit", str(args.boolq_eval)]
-        command += args.classify_args
-        print(" ".join(command), flush=True)
-        subprocess.run(command, check=True)
+    results, recorded = out / "results.json", out.with_name(f"{out.name}.command.json")
+    options = [model, "--task", task, "--seed", str(args.seed), *PROTOCOLS[protocol]]
+    if task == "boolq":
+        options += ["--limit", str(args.boolq_train), "--eval-limit", str(args.boolq_eval)]
+    options += args.classify_args
+    if results.exists():
+        if not recorded.exists() or json.loads(recorded.read_text()) != options:
+            sys.exit(f"{out} holds a run of other settings ({recorded}); use another --out or delete it")
+        return json.loads(results.read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(options))
+    command = [sys.executable, "-m", "encdec.cli", "classify", *options, "--out", str(out)]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True)
     return json.loads(results.read_text())
 
 
@@ -95,6 +100,8 @@ def main() -> None:
     parser.add_argument("classify_args", nargs="*", help="after --: more `encdec classify` options for every cell")
     args = parser.parse_args()
     backbones = args.backbone or [("decoder-only", "gemma-3-270m"), ("adapted-init", "runs/quickstart/adapted")]
+    if len({name for name, _ in backbones}) < len(backbones):
+        parser.error("--backbone: every NAME must differ (it names the backbone's results directory)")
     protocols, tasks = args.protocol or ["probe"], args.task or list(TASKS)
     table: dict[tuple[str, str], list[dict]] = {}
     for protocol in protocols:

@@ -9,6 +9,7 @@ vocabulary trimmed to 8,192 tokens with sampled negatives; warm-up a tenth of th
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,10 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 
 def _number_or_yaml(text: str) -> Any:
     """A recipe value: numbers as Python reads them (YAML 1.1 reads `1e-4` as a string), anything else as YAML."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
+    if re.fullmatch(r"[+-]?\d+", text.strip()):
+        return int(text)
+    if re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", text.strip()):
+        return float(text)
     return yaml.safe_load(text)
 
 

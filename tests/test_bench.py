@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def _result(task: str, labels: list[str], guesses: list[str]) -> dict:
             "predictions": [{"label": a, "prediction": b} for a, b in zip(labels, guesses)]}
 
 
-def test_encoder_claim_scores_cb_as_superglue_does_and_reruns_nothing(tmp_path, monkeypatch):
+def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settings(tmp_path, monkeypatch):
     sys.path.insert(0, str(BENCH))
     import encoder_claim
 
@@ -48,7 +49,11 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_reruns_nothing(tmp_path, 
     assert abs(mean - (encoder_claim.task_score(cb) + 0.75) / 2) < 1e-12
     assert abs(half - 1.959964 * ((0.25 / 4 + 0.1875 / 4) ** 0.5) / 2) < 1e-9
     cell = tmp_path / "cell"
-    cell.mkdir()
-    (cell / "results.json").write_text(json.dumps(rte))
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a finished cell was run again"))
-    assert encoder_claim.run_cell("m", "rte", "probe", cell, None) == rte
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda command, **k: ran.append(command) or
+                        (cell.mkdir(), (cell / "results.json").write_text(json.dumps(rte))))
+    settings = argparse.Namespace(seed=0, boolq_train=10, boolq_eval=10, classify_args=["--max-len", "16"])
+    assert encoder_claim.run_cell("m", "rte", "probe", cell, settings) == rte
+    assert encoder_claim.run_cell("m", "rte", "probe", cell, settings) == rte and len(ran) == 1  # not run again
+    with pytest.raises(SystemExit, match="other settings"):  # nor reused for other settings
+        encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "seed": 1}))

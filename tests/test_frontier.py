@@ -156,3 +156,32 @@ def test_a_decoder_only_pretraining_run_resumes_exactly(sources, corpus, tmp_pat
     assert len(losses["straight"]) == 4 and losses["resumed"] == losses["straight"]
     a, b = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_tokenizer_without_unk_pad_or_bos_still_trains_or_says_why(sources, corpus, tmp_path, monkeypatch):  # noqa: F811
+    """Llama 3 has no pad token, Qwen2 no BOS, neither an <unk>: the run takes the source's ids instead, trims
+    onto the pad token when it has one, and refuses --trim-vocab in one line when it has neither."""
+    import encdec.training.plan as plan_module
+
+    real = plan_module.load_tokenizer
+
+    def without(*names: str):
+        def load(directory):
+            tokenizer = real(directory)
+            for name in names:
+                setattr(tokenizer, name, None)
+            return tokenizer
+        return load
+
+    def config(out: str, **options) -> TrainConfig:
+        return TrainConfig(model=str(sources["gemma3"]), out=str(tmp_path / out), data=[str(corpus)], enc_len=16,
+                           dec_len=16, batch_size=2, steps=1, lr=3e-3, warmup_steps=1, eval_windows=4, save_every=1,
+                           precision="fp32", **options)
+
+    monkeypatch.setattr(plan_module, "load_tokenizer", without("unk_token", "bos_token"))
+    assert (train(config("no-unk", trim_vocab=40, trim_negatives=16)) / "model.safetensors").exists()
+    monkeypatch.setattr(plan_module, "load_tokenizer", without("unk_token", "bos_token", "pad_token"))
+    assert (train(config("untrimmed")) / "model.safetensors").exists()
+    with pytest.raises(EncdecError, match="this tokenizer has neither; train without --trim-vocab"):
+        train(config("refused", trim_vocab=40))
+    assert not (tmp_path / "refused" / "model").exists()

@@ -60,7 +60,7 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     flat = x.reshape(rows, x.shape[-1])
     out = torch.mm(weight, flat.T if rows > 1 else torch.cat([flat, flat]).T)[:, :rows].T.contiguous()
     if bias is not None:
-        out = out + bias
+        out = out + bias.to(out.dtype)  # under autocast the product is bf16, as F.linear's output would be
     return out.view(*x.shape[:-1], weight.shape[0])
 
 

@@ -85,7 +85,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     if untrained is not None:
         untrained.rows = untrained.rows.to(d.device)
     if plan.causal:  # a decoder-only model reads the teacher's view of the rows
-        ids = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
+        tokens = plan.source.special_tokens  # with fallbacks where a tokenizer has no pad or BOS (Llama 3, Qwen)
+        ids = [tokens["pad_token_id"], tokens["bos_token_id"], tokens["eos_token_ids"][0]]
         pad_id, bos_id, eos_id = ids if plan.trimmed is None else [int(plan.trimmed.table[i]) for i in ids]
         special = {"pad_id": pad_id, "bos_id": bos_id}
     else:

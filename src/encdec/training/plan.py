@@ -69,13 +69,20 @@ class Trimmed:
 def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray,
           d: distributed.Dist) -> tuple[Trainable, Trimmed]:
     """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones."""
-    keep = kept_tokens(ids, cfg.trim_vocab, always_kept(tokenizer, cfg.objective), model.embed.num_embeddings)
-    table = remap_table(keep, model.embed.num_embeddings, tokenizer.unk_token_id)
+    unk = tokenizer.unk_token_id
+    if unk is None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        unk = tokenizer.pad_token_id  # a token no target is, as <unk> would be
+    if unk is None:
+        raise EncdecError("--trim-vocab maps the tokens it drops to <unk> (or to a pad token other than EOS), and "
+                          "this tokenizer has neither; train without --trim-vocab")
+    keep = kept_tokens(ids, cfg.trim_vocab, sorted({*always_kept(tokenizer, cfg.objective), unk}),
+                       model.embed.num_embeddings)
+    table = remap_table(keep, model.embed.num_embeddings, unk)
     untrained = untrained_rows(model, keep, cfg.trim_negatives, cfg.seed)
     if d.main:
         log.info("training on a vocabulary of %d tokens (of %d), with %d sampled untrained rows per step",
                  len(keep), len(table), min(cfg.trim_negatives, len(untrained.rows)))
-    return trim_model(model, keep, table), Trimmed(keep, table, untrained, int(table[tokenizer.unk_token_id]))
+    return trim_model(model, keep, table), Trimmed(keep, table, untrained, int(table[unk]))
 
 
 def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distributed.Dist,
