@@ -161,13 +161,15 @@ def test_a_decoder_only_pretraining_run_resumes_exactly(sources, corpus, tmp_pat
 def test_a_tokenizer_without_unk_pad_or_bos_still_trains_or_says_why(sources, corpus, tmp_path, monkeypatch):  # noqa: F811
     """Llama 3 has no pad token, Qwen2 no BOS, neither an <unk>: the run takes the source's ids instead, trims
     onto the pad token when it has one, and refuses --trim-vocab in one line when it has neither."""
+    import copy
+
     import encdec.training.plan as plan_module
 
     real = plan_module.load_tokenizer
 
     def without(*names: str):
         def load(directory):
-            tokenizer = real(directory)
+            tokenizer = copy.deepcopy(real(directory))  # never the loader's cached one, which other tests share
             for name in names:
                 setattr(tokenizer, name, None)
             return tokenizer
