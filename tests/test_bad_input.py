@@ -67,11 +67,13 @@ def test_missing_source(capsys, tmp_path):
     assert "no such file or directory" in line and "GGUF file" in line
 
 
-def test_corrupt_config_json(capsys, tmp_path, sources):
+@pytest.mark.parametrize(("text", "expected"), [("{not json", "config.json is not valid JSON"),
+                                              ("[1, 2]", "holds a JSON list; expected a JSON object")])
+def test_config_json_that_is_not_a_json_object(capsys, tmp_path, sources, text, expected):
     src = tmp_path / "broken"
     shutil.copytree(sources["gemma3"], src)
-    (src / "config.json").write_text("{not json")
-    assert "config.json is not valid JSON" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    (src / "config.json").write_text(text)
+    assert expected in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
 def test_truncated_safetensors(capsys, tmp_path, sources):
@@ -170,13 +172,6 @@ def test_output_under_a_file(capsys, tmp_path, sources):
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert code == 2 and f"{tmp_path / 'file'} is a file, not a directory" in line
     assert (tmp_path / "file").read_text() == "mine"
-
-
-def test_config_json_that_is_not_an_object(capsys, tmp_path, sources):
-    src = tmp_path / "list"
-    shutil.copytree(sources["gemma3"], src)
-    (src / "config.json").write_text("[1, 2]")
-    assert "holds a JSON list; expected a JSON object" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
 def test_source_tensor_of_the_wrong_shape(capsys, tmp_path, sources):
