@@ -34,6 +34,20 @@ def test_gguf_of_each_architecture_loads_as_its_checkpoint_directory(tmp_path, m
     assert encdec.load_tokenizer(from_gguf.directory).convert_tokens_to_ids("w5") == 33
 
 
+def test_a_gguf_conversion_parses_the_file_once(tmp_path, monkeypatch):
+    """transformers opens the file three times (config, tokenizer, weights); a parse of a real vocabulary
+    costs about 30 s each."""
+    import gguf
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(make_source(tmp_path / "llama", "llama"), tmp_path / "llama.gguf")
+    parses, original = [], gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kw: parses.append(args[0]) or original(*args, **kw))
+    assert encdec.load_source(str(path)).family == "llama"
+    assert len(parses) == 1
+    assert gguf.GGUFReader is not original  # the patch of this test, restored by the conversion
+
+
 def test_gguf_that_transformers_would_misread_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
     path = write_gguf(make_source(tmp_path / "qwen3", "qwen3"), tmp_path / "qwen3.gguf")  # head_dim 8

@@ -1,5 +1,5 @@
-"""The real packaged Gemma 3 270M and SmolLM2-135M-Instruct (Llama architecture): about two minutes; the first
-use of each dequantizes and caches its GGUF (about a minute each)."""
+"""The real packaged Gemma 3 270M, SmolLM2-135M-Instruct (Llama architecture) and Qwen2.5-Coder-0.5B-Instruct
+(Qwen2): about three minutes; the first use of each dequantizes and caches its GGUF (about a minute each)."""
 
 from __future__ import annotations
 
@@ -106,3 +106,27 @@ def test_chat_format_is_smollm2s_own_template(smollm2):
     assert chat.templated and chat.end == "<|im_end|>"
     prompt = chat.prompt(chat_prompt_text("Name a colour."))
     assert prompt.endswith("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_qwen2_5_coder_adapts_keeps_both_invariants_and_generates():
+    """The 0.5B Qwen2 model (q/k/v biases, tied head, 151k vocabulary) on real text. One function, not a module
+    fixture, so that its 4 GB of float32 weights are freed before the next test."""
+    source = encdec.load_source("qwen2.5-coder-0.5b")
+    tokenizer = encdec.load_tokenizer(source.directory)
+    ids = tokenizer(heldout_passages(1)[0], return_tensors="pt").input_ids[:, :48]
+    reference = tf.AutoModelForCausalLM.from_pretrained(str(source.directory), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = reference(input_ids=ids, output_hidden_states=True)
+    del reference
+    assert (source.family, source.stack.num_layers, source.vocab_size) == ("qwen2", 24, 151936)
+    model = encdec.adapt(source)
+    del source
+    with torch.no_grad():
+        masked = model(ids, torch.zeros_like(ids), ids).logits
+        causal = model.encode(ids, causal=True)
+    assert (masked - ref.logits).abs().max().item() < 1e-3
+    assert (causal - ref.hidden_states[-1]).abs().max().item() < 1e-3
+    batch = tokenizer(["def fibonacci(n):", "The capital of France is"], return_tensors="pt", padding=True)
+    cached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=4, eos_token_ids=[-1])
+    uncached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=4, eos_token_ids=[-1], use_cache=False)
+    assert cached.shape == (2, 4) and torch.equal(cached, uncached)
