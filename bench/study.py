@@ -25,7 +25,7 @@ QUICKSTART_RECIPE = {"distill": True, "enc_len": 64, "dec_len": 64, "batch_size"
 def parse_recipe(text: str) -> tuple[str, dict]:
     name, _, options = text.partition(":")
     values = {}
-    for item in filter(None, options.split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", options)):  # commas inside [...] belong to a list
         key, _, value = item.partition("=")
         values[key.strip().replace("-", "_")] = _number_or_yaml(value)
     return name, values

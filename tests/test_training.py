@@ -230,7 +230,7 @@ def test_eval_data_is_a_second_held_out_set_reported_beside_the_first(adapted, c
     evaluated = [r for r in _metrics(tmp_path / "run") if "eval_loss" in r]
     assert [r["step"] for r in evaluated] == [2, 4]
     assert all(r["eval_data_loss"] > 0 and r["eval_data_loss"] != r["eval_loss"] for r in evaluated)
-    with pytest.raises(EncdecError, match="heldout:nonsense: unknown held-out set; known: heldout:python-docs"):
+    with pytest.raises(EncdecError, match="heldout:nonsense: unknown packaged text; known: heldout:python-docs"):
         loop.train(_config(adapted, tmp_path / "bad", corpus, eval_data=["heldout:nonsense"]))
     with pytest.raises(EncdecError, match="--eval-data works with pretraining objectives only"):
         _config(adapted, tmp_path / "ft", corpus, objective="instruct", eval_data=[str(other)])

