@@ -109,7 +109,7 @@ def test_chat_format_is_smollm2s_own_template(smollm2):
 
 
 def test_qwen2_5_coder_adapts_keeps_both_invariants_and_generates():
-    """The 0.5B Qwen2 model (q/k/v biases, tied head, 151k vocabulary) on real text. One function, not a module
+    """The 0.5B Qwen2 model (q/k/v biases, untied head, 151k vocabulary) on real text. One function, not a module
     fixture, so that its 4 GB of float32 weights are freed before the next test."""
     source = encdec.load_source("qwen2.5-coder-0.5b")
     tokenizer = encdec.load_tokenizer(source.directory)
