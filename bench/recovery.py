@@ -96,14 +96,21 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recipe", action="append", default=[], help="NAME[:option=value,...] (repeat)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: the plot and table of every recipe that OUT/results.jsonl holds")
     args = parser.parse_args()
+    results = args.out / "results.jsonl"
+    if args.report:
+        if not results.exists():
+            parser.error(f"--report: {results} does not exist")
+        report(results, list(dict.fromkeys(r["recipe"] for r in read_results(results) if "step" in r)), args.out)
+        return
     if args.steps < 1 or args.eval_every < 1 or args.steps % args.eval_every:
         parser.error("--steps and --eval-every must be at least 1, and --steps a multiple of --eval-every")
     recipes = [parse_recipe(text) for text in args.recipe or ["default"]]
     for _, options in recipes:
         check_recipe(options)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "results.jsonl"
     tokenizer = load_tokenizer(args.model)
     sets = {name: split_passages(tokenizer, passages(), 64, 64) for name, (_, passages) in HELDOUT_SETS.items()}
     records = read_results(results)
@@ -117,22 +124,30 @@ def main() -> None:
         done = {(r["recipe"], r["step"]) for r in records if "step" in r}
         done |= {(r["recipe"], r["steps"]) for r in records if r.get("event") == "trained"}
         run_recipe(name, options, args, sets, results, done)
+    report(results, [name for name, _ in recipes], args.out)
+
+
+def report(results: Path, names: list[str], out: Path) -> None:
+    """The plot, a markdown table (suffix NLL per recipe at each evaluated token count) and each recipe's gap."""
     records = read_results(results)
-    for name, _ in recipes:  # every recipe starts from the adapted model
+    for name in names:  # every recipe starts from the adapted model
         records.append({**next(r for r in records if r["recipe"] == "adapted"), "recipe": name})
     records = [r for r in records if r["recipe"] != "adapted"]
-    print(f"plot: {plot(records, args.out)}")
+    print(f"plot: {plot(records, out)}")
     source = next(r["nll"] for r in records if r["recipe"] == "source")
-    print(f"{'recipe':<16} {'tokens':>8} " + " ".join(f"{n:>16}" for n in HELDOUT_SETS))
-    print(f"{'source':<16} {'':>8} " + " ".join(f"{source[n]:16.3f}" for n in HELDOUT_SETS))
-    for name, _ in recipes:
-        last = max((r for r in records if r["recipe"] == name and "tokens" in r), key=lambda r: r["tokens"])
-        print(f"{name:<16} {last['tokens']:>8} " + " ".join(f"{last['nll'][n]:16.3f}" for n in HELDOUT_SETS))
-    for name, _ in recipes:
+    scored = {(r["recipe"], r["tokens"]): r["nll"] for r in records if "tokens" in r}
+    sets = " / ".join(HELDOUT_SETS)
+    print(f"\nheld-out suffix NLL, {sets}; the decoder-only source: " + " / ".join(f"{source[n]:.3f}" for n in HELDOUT_SETS))
+    print("\n| training tokens | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
+    for tokens in sorted({t for _, t in scored}):
+        cells = [" / ".join(f"{scored[name, tokens][n]:.3f}" for n in HELDOUT_SETS) if (name, tokens) in scored
+                 else "" for name in names]
+        print(f"| {tokens:,} | " + " | ".join(cells) + " |")
+    print()
+    for name in names:
         last = max((r for r in records if r["recipe"] == name and "tokens" in r), key=lambda r: r["tokens"])
         gaps = ", ".join(f"{n} {last['nll'][n] - source[n]:+.3f}" for n in HELDOUT_SETS)
         print(f"gap to the source after {last['tokens']} tokens, {name}: {gaps} nats")
-
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,10 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
     assert "gap to the source after 1024 tokens, trimmed" in first.stdout
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)  # everything is done: nothing reruns
     assert second.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
+    table = subprocess.run([sys.executable, str(BENCH / "recovery.py"), "--out", str(out), "--report"],
+                           capture_output=True, text=True, timeout=600)
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert "| training tokens | trimmed |" in table.stdout and "| 1,024 | " in table.stdout
 
 
 def _result(task: str, labels: list[str], guesses: list[str]) -> dict:
