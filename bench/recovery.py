@@ -6,7 +6,8 @@ vocabulary trimmed to 8,192 tokens with sampled negatives) with some options cha
 sets (in-domain Python documentation, general English) over the full vocabulary; the decoder-only
 source is the baseline line. Results are appended to OUT/results.jsonl as they come, so an
 interrupted study resumes where it stopped (a finished recipe is skipped, a started one resumed),
-and OUT/recovery.png is drawn from them.
+and OUT/recovery.png is drawn from them. A recipe's checkpoints are deleted once all are scored (its final
+model stays in OUT/NAME/model).
 
     python bench/recovery.py --model runs/quickstart/adapted --out runs/recovery --steps 40 --eval-every 10 \\
         --recipe default --recipe no-negatives:trim_negatives=0 --recipe untrimmed:trim_vocab=0
@@ -17,6 +18,7 @@ A recipe is NAME or NAME:option=value,option=value with TrainConfig's option nam
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -57,6 +59,9 @@ def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[st
         keep = read_state(path, "trainer").get("kept_tokens")  # a numpy array, or None when untrimmed
         model = full_vocabulary_model(read_weights(path), start, keep)
         append(results, {"recipe": name, "step": step, "tokens": step * tokens_per_step(cfg), "nll": score(model, sets)})
+        done.add((name, step))
+    if all((name, step) in done for step in range(every, steps + 1, every)):  # scored: only the final model stays
+        shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)  # (2.4 GB a checkpoint of the 270M)
 
 
 def source_nll(args: argparse.Namespace, sets: dict[str, PrefixSuffix]) -> dict[str, float]:

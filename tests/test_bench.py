@@ -25,6 +25,7 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
     assert [r["step"] for r in scored] == [1, 2] and all(set(r["nll"]) == {"python-docs", "general-english"}
                                                          for r in scored)
     assert (out / "recovery.png").stat().st_size > 10_000
+    assert not (out / "trimmed" / "checkpoints").exists() and (out / "trimmed" / "model").is_dir()
     assert "gap to the source after 1024 tokens, trimmed" in first.stdout
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)  # everything is done: nothing reruns
     assert second.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)

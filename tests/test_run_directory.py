@@ -81,6 +81,29 @@ def test_weights_that_became_infinite_are_never_saved(adapted, corpus, tmp_path,
     assert [p.name for p in checkpointing.checkpoints(tmp_path / "run")] == ["step-000002"]
 
 
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(adapted, corpus, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    original, writes = checkpointing.write_state, {"n": 0}
+
+    def full_disk(directory, name, state):  # the second checkpoint's optimizer state finds the disk full
+        writes["n"] += name == "optimizer"
+        if writes["n"] == 2 and name == "optimizer":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return original(directory, name, state)
+
+    monkeypatch.setattr(checkpointing, "write_state", full_disk)
+    out = tmp_path / "run"
+    with pytest.raises(EncdecError, match=r"could not write the checkpoint of step 4 \(.*No space left on device.*\); "
+                                          r"stopped \(the last good checkpoint is .*step-000002\)\. Free space"):
+        loop.train(_config(adapted, out, corpus, eval_every=0))
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no half-written step-000004
+    monkeypatch.undo()
+    loop.train(_config(adapted, out, corpus, eval_every=0, resume=True))
+    assert (out / "model").is_dir()
+
+
 def test_overwrite_deletes_nothing_when_the_inputs_are_bad(adapted, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "2", "--save-every", "1")) == 0

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -47,10 +48,13 @@ def _not_finite(tensors: dict[str, torch.Tensor]) -> str | None:
     return next((name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
 
 
+def _last_good(path: Path | None) -> str:
+    return f"the last good checkpoint is {path}" if path else "no checkpoint was written"
+
+
 def not_finite(what: str, step: int, last_good: Path | None) -> EncdecError:
     """The one line a run stops with when NaN or inf shows up, naming the checkpoint to go back to."""
-    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-    return EncdecError(f"{what} at step {step}; stopped ({where}). Try a lower --lr or check the data")
+    return EncdecError(f"{what} at step {step}; stopped ({_last_good(last_good)}). Try a lower --lr or check the data")
 
 
 def save(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any],
@@ -65,10 +69,14 @@ def save(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimi
     path = out / "checkpoints" / f"step-{step:06d}"
     if d.main:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        with atomic_dir(path, overwrite=True) as tmp:
-            write_weights(tmp, {k.removeprefix(PREFIX): v for k, v in model_state.items() if k.startswith(PREFIX)})
-            write_state(tmp, "optimizer", optim_state)
-            write_state(tmp, "trainer", {**trainer, "step": step, "rng": rng})
+        try:
+            with atomic_dir(path, overwrite=True) as tmp:
+                write_weights(tmp, {k.removeprefix(PREFIX): v for k, v in model_state.items() if k.startswith(PREFIX)})
+                write_state(tmp, "optimizer", optim_state)
+                write_state(tmp, "trainer", {**trainer, "step": step, "rng": rng})
+        except (OSError, SafetensorError) as e:  # a full disk, most often: safetensors reports it as its own error
+            raise EncdecError(f"could not write the checkpoint of step {step} ({str(e).splitlines()[0]}); stopped "
+                              f"({_last_good(last_good)}). Free space in {out} (or lower --keep-last), then --resume") from None
         for old in checkpoints(out)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return path
