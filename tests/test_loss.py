@@ -174,7 +174,8 @@ def test_tied_lookups_give_the_gradient_autograd_gives_once_per_backward(targets
     assert torch.allclose(got[0], weight.grad, atol=1e-6) and torch.allclose(got[1], mix.grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("names", [["gemma3"], ["gemma2-small", "gemma2"]])  # one table for both stacks, or two
+# one table for both stacks, or two; and the families without Gemma's norms (biases and an untied head in Qwen2)
+@pytest.mark.parametrize("names", [["gemma3"], ["gemma2-small", "gemma2"], ["llama"], ["qwen2"]])
 def test_loss_module_gradients_equal_autograd_through_plain_lookups_and_logits(sources, names):
     model = encdec.adapt(*[encdec.load_source(str(sources[name])) for name in names])
     examples = [Example([2, 30, 31, 32], [40, 41, 1]), Example([2, 50], [60, 61, 62, 1])]
@@ -211,9 +212,10 @@ def test_distillation_is_cross_entropy_at_alpha_zero_and_zero_kl_for_the_teacher
     assert torch.allclose(kl_to_teacher(logits.flip(0), logits, tau=2.0, top_k=0), expected, atol=1e-5)
 
 
-def test_teacher_states_predict_each_target_like_the_source_model(sources):
-    teacher = load_teacher(str(sources["gemma3"]), 96, torch.float32, torch.device("cpu"))
-    source = tf.AutoModelForCausalLM.from_pretrained(str(sources["gemma3"])).eval()
+@pytest.mark.parametrize("family", ["gemma3", "llama", "qwen2"])
+def test_teacher_states_predict_each_target_like_the_source_model(sources, family):
+    teacher = load_teacher(str(sources[family]), 96, torch.float32, torch.device("cpu"))
+    source = tf.AutoModelForCausalLM.from_pretrained(str(sources[family])).eval()
     examples = [Example([2, 30, 31, 32], [40, 41, 1]), Example([2, 50], [60, 61, 62, 1]), Example([2, 70, 71], [72, 1])]
     batch = make_batch(examples, enc_len=6, dec_len=7, pad_id=0, bos_id=2, with_teacher=True)
     states = teacher_states(teacher, batch)
@@ -230,4 +232,4 @@ def test_teacher_states_predict_each_target_like_the_source_model(sources):
     with torch.no_grad():
         plain = teacher.hidden(torch.tensor([[2, 30, 31]]), Segments.of(torch.tensor([[2, 30, 31]]), None, None, None))
     assert plain.shape == (1, 3, 32)
-    assert isinstance(encdec.load_source(str(sources["gemma3"])).stack.num_layers, int)
+    assert isinstance(encdec.load_source(str(sources[family])).stack.num_layers, int)
