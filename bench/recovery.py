@@ -1,7 +1,7 @@
 """How fast adaptation recovers the source's quality: held-out suffix NLL against training tokens, per recipe.
 
-Each recipe is the quickstart's (PrefixLM + distillation, 4 rows of 64 + 64 tokens, lr 3e-4,
-vocabulary trimmed to 8,192 tokens with sampled negatives) with some options changed. Every
+Each recipe is the quickstart's before the grid (PrefixLM + distillation, 4 rows of 64 + 64 tokens, lr 3e-4,
+Python's documentation, vocabulary trimmed to 8,192 tokens with sampled negatives) with some options changed. Every
 `--eval-every` steps its checkpoint is mapped back to the full vocabulary and scored on both held-out
 sets (in-domain Python documentation, general English) over the full vocabulary; the decoder-only
 source is the baseline line. Results are appended to OUT/results.jsonl as they come, so an
