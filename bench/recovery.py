@@ -27,6 +27,7 @@ from study import append, check_recipe, parse_recipe, read_results, recipe_confi
 
 from encdec.checkpoint import load, read_metadata
 from encdec.data.corpus import HELDOUT_SETS
+from encdec.errors import EncdecError
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
 from encdec.files import read_weights
 from encdec.sources import load_source, load_tokenizer
@@ -113,8 +114,11 @@ def main() -> None:
     if args.steps < 1 or args.eval_every < 1 or args.steps % args.eval_every:
         parser.error("--steps and --eval-every must be at least 1, and --steps a multiple of --eval-every")
     recipes = [parse_recipe(text) for text in args.recipe or ["default"]]
-    for _, options in recipes:
-        check_recipe(options)
+    try:
+        for _, options in recipes:
+            check_recipe(options)
+    except EncdecError as e:  # e.g. distill with ul2: one line, before any work
+        parser.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.model)
     sets = {name: split_passages(tokenizer, passages(), 64, 64) for name, (_, passages) in HELDOUT_SETS.items()}

@@ -33,6 +33,10 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
                            capture_output=True, text=True, timeout=600)
     assert table.returncode == 0, table.stderr[-2000:]
     assert "| training tokens | trimmed |" in table.stdout and "| 1,024 | " in table.stdout
+    bad = subprocess.run([*command[:-2], "--out", str(tmp_path / "bad"), "--recipe", "bad:objective=ul2,distill=true"],
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+        "error: --distill works with --objective prefixlm only") and not (tmp_path / "bad").exists()
 
 
 def _result(task: str, labels: list[str], guesses: list[str]) -> dict:
