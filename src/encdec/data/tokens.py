@@ -33,8 +33,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
+def _or_default(specs: list[str]) -> list[str]:
+    """What training reads: `specs`, or the default corpora by name when none are given."""
+    return specs or [CORPUS + name for name in DEFAULT_CORPORA]
+
+
 def source_fingerprint(specs: list[str], text_field: str) -> str:
-    specs = specs or [CORPUS + name for name in DEFAULT_CORPORA]
+    specs = _or_default(specs)
     parts = [text_field, f"packaged-v{CORPUS_VERSION}-python{sys.version_info.major}.{sys.version_info.minor}"]
     for spec in specs:
         if spec.startswith(("hf:", *PACKAGED)):
@@ -57,7 +62,7 @@ def _read(spec: str, text_field: str) -> list[str]:
 
 
 def _documents(specs: list[str], text_field: str) -> list[str]:
-    return [doc for spec in specs or [CORPUS + name for name in DEFAULT_CORPORA] for doc in _read(spec, text_field)]
+    return [doc for spec in _or_default(specs) for doc in _read(spec, text_field)]
 
 
 def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:
