@@ -24,6 +24,7 @@ from encdec.objectives import (
     span_corruption,
     special_token_ids,
 )
+from encdec.training.data import example_maker
 
 PAD, EOS, BOS = 0, 1, 2
 MODE_IDS = {"[NLU]": 10, "[NLG]": 11, "[S2S]": 12}
@@ -86,6 +87,38 @@ def test_prefix_lm_random_split_covers_every_point():
     splits = Counter(len(prefix_lm([1000] * 5, eos_id=EOS, rng=rng).inputs) for _ in range(2000))
     assert set(splits) == {1, 2, 3, 4}
     assert all(abs(n / 2000 - 0.25) < 0.05 for n in splits.values())
+
+
+@FAST
+@given(st.lists(TOKEN, min_size=2, max_size=200), SEED, st.integers(1, 64))
+def test_prefix_lm_long_prefix_keeps_the_tokens_the_targets_continue(tokens, seed, max_inputs):
+    """A cut prefix keeps its end: the encoder's last token is the one right before the first target."""
+    whole = prefix_lm(tokens, eos_id=EOS, rng=np.random.default_rng(seed))
+    cut = prefix_lm(tokens, eos_id=EOS, rng=np.random.default_rng(seed), max_inputs=max_inputs)
+    assert cut.targets == whole.targets
+    assert cut.inputs == whole.inputs[-max_inputs:]
+    assert cut.inputs + cut.targets[:-1] == tokens[len(tokens) - len(cut.targets) + 1 - len(cut.inputs):]
+
+
+@FAST
+@given(st.lists(TOKEN, min_size=2, max_size=200), SEED, st.integers(2, 64))
+def test_s_denoiser_prefix_fits_with_its_mode_token(tokens, seed, max_inputs):
+    s_only = Mixture((Denoiser(rate=0.25, mean_span=None, mode="[S2S]", prefix_lm=True),), (1.0,))
+    ex = denoise(tokens, s_only, sentinels=SENTINELS, mode_ids=MODE_IDS, eos_id=EOS, rng=np.random.default_rng(seed),
+                 max_inputs=max_inputs)
+    assert ex.inputs[0] == MODE_IDS["[S2S]"] and 2 <= len(ex.inputs) <= max_inputs
+    assert ex.inputs[1:] + ex.targets[:-1] == tokens[len(tokens) - len(ex.targets) + 2 - len(ex.inputs):]
+
+
+def test_stream_random_split_prefixes_end_where_targets_start():
+    """Through the training stream's example maker: short prefixes occur, and long ones lose their start, not
+    the tokens next to the targets (a head cut to the encoder's length left a gap before the continuation)."""
+    window = list(range(1000, 1126))  # consecutive ids: contiguity is visible
+    make = example_maker("prefixlm", eos_id=EOS, vocab={}, enc_len=64, random_split=True)
+    rng = np.random.default_rng(0)
+    examples = [make(window, rng) for _ in range(500)]
+    assert min(len(ex.inputs) for ex in examples) < 8 and max(len(ex.inputs) for ex in examples) == 64
+    assert all(ex.inputs[-1] + 1 == ex.targets[0] for ex in examples)
 
 
 @pytest.mark.parametrize("tokens", [[], [1000]])

@@ -40,17 +40,20 @@ class Example:
     targets: list[int]
 
 
-def prefix_lm(tokens: Sequence[int], *, eos_id: int, rng: np.random.Generator | None = None) -> Example:
+def prefix_lm(tokens: Sequence[int], *, eos_id: int, rng: np.random.Generator | None = None,
+              max_inputs: int | None = None) -> Example:
     """Split a sequence into a prefix (encoder) and its continuation (decoder targets, plus EOS).
 
     Without `rng` the split is in the middle, T5Gemma's default; with one it is uniform over 1..len-1,
-    UL2's S-denoiser, so that both sides are never empty.
+    UL2's S-denoiser, so that both sides are never empty. A prefix longer than `max_inputs` keeps its
+    last `max_inputs` tokens: the encoder must read what the targets continue, not the window's start.
     """
     tokens = [int(t) for t in tokens]
     if len(tokens) < 2:
         raise ValueError(f"prefix_lm needs at least 2 tokens to split into a prefix and a target, got {len(tokens)}")
     k = len(tokens) // 2 if rng is None else int(rng.integers(1, len(tokens)))
-    return Example(inputs=tokens[:k], targets=tokens[k:] + [eos_id])
+    start = 0 if max_inputs is None else max(0, k - max_inputs)
+    return Example(inputs=tokens[start:k], targets=tokens[k:] + [eos_id])
 
 
 @dataclass(frozen=True)
@@ -156,12 +159,14 @@ def span_corruption(tokens: Sequence[int], *, rate: float, mean_span: float | No
 
 
 def denoise(tokens: Sequence[int], mixture: Mixture, *, sentinels: Sequence[int], mode_ids: Mapping[str, int],
-            eos_id: int, rng: np.random.Generator) -> Example:
-    """UL2: draw one denoiser of the mixture, apply it, and prepend its mode token (if it has one) to the inputs."""
+            eos_id: int, rng: np.random.Generator, max_inputs: int | None = None) -> Example:
+    """UL2: draw one denoiser of the mixture, apply it, and prepend its mode token (if it has one) to the inputs.
+    `max_inputs` bounds the S-denoiser's prefix with its mode token (see `prefix_lm`)."""
     p = np.asarray(mixture.weights, dtype=float)
     denoiser = mixture.denoisers[int(rng.choice(len(p), p=p / p.sum()))]
     if denoiser.prefix_lm:
-        example = prefix_lm(tokens, eos_id=eos_id, rng=rng)
+        room = None if max_inputs is None else max(1, max_inputs - (denoiser.mode is not None))
+        example = prefix_lm(tokens, eos_id=eos_id, rng=rng, max_inputs=room)
     else:
         example = span_corruption(tokens, rate=denoiser.rate, mean_span=denoiser.mean_span, sentinels=sentinels,
                                   eos_id=eos_id, rng=rng)

@@ -53,15 +53,17 @@ class Batch:
         return int((self.rows.labels != -100).sum())
 
 
-def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], mixture: str = "t5gemma2",
+def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_len: int, mixture: str = "t5gemma2",
                   random_split: bool = False) -> MakeExample:
-    """The objective as a function of one token window and the stream's random generator."""
+    """The objective as a function of one token window and the stream's random generator. A prefix longer than
+    the encoder's `enc_len` keeps its end, which the targets continue."""
     eos = eos_id
     if objective == "prefixlm":
-        return lambda window, rng: prefix_lm(window, eos_id=eos, rng=rng if random_split else None)
+        return lambda window, rng: prefix_lm(window, eos_id=eos, rng=rng if random_split else None, max_inputs=enc_len)
     mode_ids, sentinels = special_token_ids(vocab)
     chosen = MIXTURES[mixture]
-    return lambda window, rng: denoise(window, chosen, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng)
+    return lambda window, rng: denoise(window, chosen, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng,
+                                       max_inputs=enc_len)
 
 
 def window_length(objective: str, enc_len: int, dec_len: int) -> int:
