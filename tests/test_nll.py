@@ -7,7 +7,13 @@ import torch.nn.functional as F
 import transformers as tf
 
 import encdec
-from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll
+from encdec.evaluation.nll import (
+    PrefixSuffix,
+    decoder_only_position_nll,
+    decoder_only_suffix_nll,
+    encdec_position_nll,
+    encdec_suffix_nll,
+)
 
 
 def test_nll_matches_a_plain_computation(sources):
@@ -18,8 +24,13 @@ def test_nll_matches_a_plain_computation(sources):
     with torch.no_grad():
         dec_in = torch.cat([torch.full((5, 1), 2), data.suffix[:, :-1]], 1)
         logp = model(data.prefix, decoder_input_ids=dec_in).logits.log_softmax(-1)
-        expected = -logp.gather(-1, data.suffix[..., None]).mean().item()
+        per_token = -logp.gather(-1, data.suffix[..., None])[..., 0]
+        expected = per_token.mean().item()
         full = source(input_ids=torch.cat([data.prefix, data.suffix], 1)).logits
         expected_src = F.cross_entropy(full[:, 5:-1].flatten(0, 1), data.suffix.flatten()).item()
+        per_token_src = F.cross_entropy(full[:, 5:-1].transpose(1, 2), data.suffix, reduction="none")
     assert abs(encdec_suffix_nll(model, data, batch_size=2) - expected) < 1e-5
     assert abs(decoder_only_suffix_nll(source, data, batch_size=3) - expected_src) < 1e-5
+    # by position: the mean over the passages at each suffix position, batches of any size
+    assert torch.allclose(encdec_position_nll(model, data, batch_size=2).float(), per_token.mean(0), atol=1e-5)
+    assert torch.allclose(decoder_only_position_nll(source, data, batch_size=3).float(), per_token_src.mean(0), atol=1e-5)

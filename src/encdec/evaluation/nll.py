@@ -38,33 +38,43 @@ def split_passages(tokenizer, texts: list[str], prefix_len: int = 64, suffix_len
     return PrefixSuffix(ids[:, :prefix_len], ids[:, prefix_len:])
 
 
-def _mean_nll(data: PrefixSuffix, batch_size: int, desc: str, suffix_logits: Callable) -> float:
-    """Mean NLL of the suffix tokens, given a function (prefix, suffix) -> logits predicting each suffix token."""
-    total, count = 0.0, 0
+def _position_nll(data: PrefixSuffix, batch_size: int, desc: str, suffix_logits: Callable) -> torch.Tensor:
+    """Mean NLL at each suffix position, [S], given a function (prefix, suffix) -> logits predicting each suffix
+    token: the first positions show how well a model reads the prefix, with no suffix context of its own yet."""
+    total = torch.zeros(data.suffix.shape[1], dtype=torch.float64)
     with torch.no_grad():
         for i in tqdm(range(0, len(data.prefix), batch_size), desc=desc, unit="batch", leave=False):
             prefix, suffix = data.prefix[i : i + batch_size], data.suffix[i : i + batch_size]
             logits = suffix_logits(prefix, suffix)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten(), reduction="sum").item()
-            count += suffix.numel()
-    return total / count
+            nll = F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten(), reduction="none")
+            total += nll.view(suffix.shape).double().sum(0)
+    return total / len(data.suffix)
 
 
-def encdec_suffix_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4) -> float:
+def encdec_position_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4) -> torch.Tensor:
     def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
         start = torch.full((len(suffix), 1), model.config.bos_token_id)
         return model(prefix, decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits
 
-    return _mean_nll(data, batch_size, "encoder-decoder NLL", suffix_logits)
+    return _position_nll(data, batch_size, "encoder-decoder NLL", suffix_logits)
 
 
-def decoder_only_suffix_nll(model, data: PrefixSuffix, batch_size: int = 4) -> float:
+def decoder_only_position_nll(model, data: PrefixSuffix, batch_size: int = 4) -> torch.Tensor:
     """`model` is a transformers causal LM (the decoder-only source)."""
 
     def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
         return model(input_ids=torch.cat([prefix, suffix], 1)).logits[:, prefix.shape[1] - 1 : -1]
 
-    return _mean_nll(data, batch_size, "decoder-only NLL", suffix_logits)
+    return _position_nll(data, batch_size, "decoder-only NLL", suffix_logits)
+
+
+def encdec_suffix_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4) -> float:
+    return encdec_position_nll(model, data, batch_size).mean().item()
+
+
+def decoder_only_suffix_nll(model, data: PrefixSuffix, batch_size: int = 4) -> float:
+    """`model` is a transformers causal LM (the decoder-only source)."""
+    return decoder_only_position_nll(model, data, batch_size).mean().item()
 
 
 def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2048) -> float:

@@ -1,0 +1,98 @@
+"""How much context an adapted model needs: held-out suffix NLL against the prefix length the encoder reads.
+
+Training with PrefixLM's middle split shows the encoder prefixes of one length only (half a window: 63-64
+tokens in the quickstart's recipe), while users send short prompts. This scores the same 64-token
+suffixes of both held-out sets after prefixes of each --lengths size (BOS plus the tokens right before the
+suffix), for the decoder-only source (reading prefix + suffix causally) and each adapted --model; then,
+after the longest prefix, the NLL by suffix position (the first ones depend on the prefix alone), and each
+model's greedy continuation of a short --prompt. Printed last: each model's gap to the source
+at the shortest and the longest prefix.
+
+    python bench/prefix_lengths.py --model mid-split=runs/recovery-200/lr-3e-5/model \\
+        --model random-split=runs/recovery-200/random-split@3e-5/model --lengths 4,16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from encdec.checkpoint import load, read_metadata
+from encdec.data.corpus import HELDOUT_SETS
+from encdec.evaluation.nll import PrefixSuffix, decoder_only_position_nll, encdec_position_nll, split_passages
+from encdec.sources import load_source, load_tokenizer, transformers_causal_lm
+
+SOURCE = "source"
+LONGEST = 64
+SPANS = ((0, 1), (1, 8), (8, 64))  # suffix positions [start, end): the first token, the next 7, the rest
+
+
+def shorter(data: PrefixSuffix, length: int) -> PrefixSuffix:
+    """BOS and the last `length - 1` prefix tokens: the context right before the unchanged suffix."""
+    return PrefixSuffix(torch.cat([data.prefix[:, :1], data.prefix[:, data.prefix.shape[1] - length + 1 :]], 1),
+                        data.suffix)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="an adapted model (repeat)")
+    p.add_argument("--lengths", default="4,16,64", help=f"prefix lengths with BOS, comma list, each 2..{LONGEST}")
+    p.add_argument("--prompt", default="The capital of France is", help="a short prompt to continue greedily")
+    p.add_argument("--new-tokens", type=int, default=16)
+    args = p.parse_args()
+    try:
+        lengths = sorted({int(n) for n in args.lengths.split(",")})
+    except ValueError:
+        p.error(f"--lengths {args.lengths!r}: expected a comma list of integers like 4,16,64")
+    if lengths[0] < 2 or lengths[-1] > LONGEST:
+        p.error(f"--lengths must lie in 2..{LONGEST} (BOS and at least one token), got {args.lengths}")
+    models = dict(text.partition("=")[::2] for text in args.model)
+    if any(not name or not path or name == SOURCE for name, path in models.items()):
+        p.error(f"--model: expected NAME=DIR with NAME not {SOURCE!r}, got {args.model}")
+
+    first = next(iter(models.values()))
+    tokenizer = load_tokenizer(first)
+    full = {name: split_passages(tokenizer, passages(), LONGEST, 64) for name, (_, passages) in HELDOUT_SETS.items()}
+    sets = {(name, n): shorter(data, n) for name, data in full.items() for n in lengths}
+    prompt = tokenizer([args.prompt], return_tensors="pt")
+    rows, texts = {}, {}
+    source_dir = load_source(read_metadata(first)["adapted_from"]["encoder"]).directory
+    reference = transformers_causal_lm(source_dir, torch.float32).eval()
+    rows[SOURCE] = {key: decoder_only_position_nll(reference, data) for key, data in sets.items()}
+    with torch.no_grad():
+        ids = reference.generate(**prompt, max_new_tokens=args.new_tokens, do_sample=False)
+    texts[SOURCE] = tokenizer.decode(ids[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)
+    del reference
+    for name, path in models.items():
+        model = load(Path(path)).eval()
+        rows[name] = {key: encdec_position_nll(model, data) for key, data in sets.items()}
+        with torch.no_grad():
+            ids = model.generate(prompt.input_ids, prompt.attention_mask, max_new_tokens=args.new_tokens)
+        texts[name] = tokenizer.decode(ids[0], skip_special_tokens=True)
+
+    print(f"\nheld-out suffix NLL (nats/token, the same 64-token suffixes) after a prefix of n tokens (BOS included)")
+    head = ["model", *[f"{name} n={n}" for name, n in sets]]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name, values in rows.items():
+        print("| " + " | ".join([name, *[f"{values[key].mean():.3f}" for key in sets]]) + " |")
+    print(f"\nthe same after {lengths[-1]} prefix tokens, by suffix position (1-based): the first positions have no "
+          f"suffix context and depend on the prefix alone")
+    head = ["model", *[f"{name} {a + 1}-{b}" for name in full for a, b in SPANS]]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name, values in rows.items():
+        cells = [f"{values[(s, lengths[-1])][a:b].mean():.3f}" for s in full for a, b in SPANS]
+        print("| " + " | ".join([name, *cells]) + " |")
+    print(f"\ngreedy continuation of {args.prompt!r}:")
+    for name, text in texts.items():
+        print(f"  {name}: {text!r}")
+    print()
+    for name in models:
+        gaps = ", ".join(f"{s} n={n} {rows[name][(s, n)].mean() - rows[SOURCE][(s, n)].mean():+.3f}"
+                         for s in full for n in (lengths[0], lengths[-1]))
+        print(f"gap to the source, {name}: {gaps} nats")
+
+
+if __name__ == "__main__":
+    main()
