@@ -19,7 +19,7 @@ from encdec.objectives import Example
 from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import distributed
 from encdec.training.config import TrainConfig
-from encdec.training.data import ExampleStream, example_maker, window_length
+from encdec.training.data import ExampleStream, example_maker, leading_bos, window_length
 from encdec.training.vocab import (
     Trainable,
     UntrainedRows,
@@ -96,15 +96,17 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
     vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.embed.num_embeddings
     eos = tokenizer.eos_token_id if source is not None else model.config.eos_token_ids[0]
+    bos = leading_bos(tokenizer)
     if cfg.trim_vocab:
         model, trimmed = _trim(cfg, model, tokenizer, stream_ids, d)
         keep, table = trimmed.keep, trimmed.table
         stream_ids, eos = table[stream_ids], int(table[eos])
+        bos = None if bos is None else int(table[bos])
         vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
     data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
     if len(data) <= cfg.eval_windows:
         raise EncdecError(f"the data makes {len(data)} windows, not more than --eval-windows {cfg.eval_windows}")
-    make = example_maker(cfg.objective, eos_id=eos, vocab=vocab, enc_len=cfg.enc_len, mixture=cfg.mixture,
+    make = example_maker(cfg.objective, eos_id=eos, vocab=vocab, enc_len=cfg.enc_len, bos_id=bos, mixture=cfg.mixture,
                          random_split=cfg.random_split)
     stream = ExampleStream(data[: -cfg.eval_windows], lambda w, rng: make(w.tolist(), rng), seed=cfg.seed,
                            enc_len=cfg.enc_len, dec_len=cfg.dec_len)
