@@ -72,6 +72,10 @@ def test_token_cache_is_reused_and_keyed_by_source(sources, tmp_path, monkeypatc
     monkeypatch.undo()
     data.write_text("w9\n")  # changed source, new key
     assert tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache").tolist() == [2, 37, 1]
+    # the same tokenizer.json with another EOS (an instruction-tuned variant's): its own stream, not the cached one
+    other = tokenizer.__class__.from_pretrained(str(sources["gemma3"]), eos_token="<unused5>")
+    ends = tokens.token_stream(other, [str(data)], cache_dir=tmp_path / "cache").tolist()
+    assert ends == [2, 37, other.eos_token_id] and other.eos_token_id != 1
 
 
 def test_python_docs_corpus_is_disjoint_from_the_heldout_passages():

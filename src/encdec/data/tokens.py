@@ -29,8 +29,10 @@ PACKAGED = {HELDOUT: HELDOUT_SETS, CORPUS: CORPORA}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """Changes whenever the tokenizer would encode differently."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """Changes whenever the stream would: a different encoding, or another EOS ending each document (the EOS is
+    set in the tokenizer's config, not in tokenizer.json, so two tokenizers can differ only there)."""
+    text = f"{tokenizer.backend_tokenizer.to_str()}\neos={tokenizer.eos_token_id}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _or_default(specs: list[str]) -> list[str]:
