@@ -24,7 +24,7 @@ from encdec.objectives import (
     span_corruption,
     special_token_ids,
 )
-from encdec.training.data import example_maker
+from encdec.training.data import example_maker, window_length
 
 PAD, EOS, BOS = 0, 1, 2
 MODE_IDS = {"[NLU]": 10, "[NLG]": 11, "[S2S]": 12}
@@ -114,11 +114,26 @@ def test_stream_random_split_prefixes_end_where_targets_start():
     """Through the training stream's example maker: short prefixes occur, and long ones lose their start, not
     the tokens next to the targets (a head cut to the encoder's length left a gap before the continuation)."""
     window = list(range(1000, 1126))  # consecutive ids: contiguity is visible
-    make = example_maker("prefixlm", eos_id=EOS, vocab={}, enc_len=64, random_split=True)
+    make = example_maker("prefixlm", eos_id=EOS, vocab={}, enc_len=64, dec_len=64, random_split=True)
     rng = np.random.default_rng(0)
     examples = [make(window, rng) for _ in range(500)]
     assert min(len(ex.inputs) for ex in examples) < 8 and max(len(ex.inputs) for ex in examples) == 64
     assert all(ex.inputs[-1] + 1 == ex.targets[0] for ex in examples)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(sorted(MIXTURES)), st.integers(8, 128), st.integers(8, 128), SEED)
+def test_ul2_examples_fit_their_row_whole(mixture, enc_len, dec_len, seed):
+    """Whatever the encoder and decoder lengths, a UL2 example fits as made: every sentinel of its targets is in
+    its inputs (cutting an overlong example's inputs left targets whose spans had no place in the encoder)."""
+    vocab = {f"<unused{k}>": 100 + k for k in range(300)}
+    make = example_maker("ul2", eos_id=EOS, vocab=vocab, enc_len=enc_len, dec_len=dec_len, bos_id=BOS, mixture=mixture)
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        start = int(rng.integers(1000, 5000))  # ordinary tokens, apart from the special ids
+        ex = make(list(range(start, start + window_length("ul2", enc_len, dec_len))), rng)
+        assert ex.inputs[0] == BOS and len(ex.inputs) <= enc_len and len(ex.targets) <= dec_len
+        assert {t for t in ex.targets if 100 <= t < 400} <= set(ex.inputs)
 
 
 @pytest.mark.parametrize("tokens", [[], [1000]])

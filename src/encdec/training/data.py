@@ -53,14 +53,16 @@ class Batch:
         return int((self.rows.labels != -100).sum())
 
 
-def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_len: int, bos_id: int | None = None,
-                  mixture: str = "t5gemma2", random_split: bool = False) -> MakeExample:
+def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_len: int, dec_len: int,
+                  bos_id: int | None = None, mixture: str = "t5gemma2", random_split: bool = False) -> MakeExample:
     """The objective as a function of one token window and the stream's random generator.
 
     Windows start anywhere in a document, but at inference the encoder reads text as the tokenizer starts it:
     with `bos_id` (the tokenizer's leading BOS, if it adds one) every example's inputs begin with it, and so
     do the teacher's and a decoder-only student's rows (Gemma 3 270M reading windows without BOS is about 1.3
     nats worse on their continuations). A prefix longer than the encoder keeps its end, which the targets continue.
+    A corrupted window that does not fit the row is corrupted again from a shorter window: cutting its inputs
+    would drop sentinels whose spans the targets still hold.
     """
     eos, room = eos_id, enc_len - (bos_id is not None)
     if objective == "prefixlm":
@@ -71,7 +73,12 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
         chosen = MIXTURES[mixture]
 
         def make(window: Sequence[int], rng: np.random.Generator) -> Example:
-            return denoise(window, chosen, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng, max_inputs=room)
+            while True:
+                example = denoise(window, chosen, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng,
+                                  max_inputs=room)
+                if len(example.inputs) <= room and len(example.targets) <= dec_len or len(window) <= 2:
+                    return example
+                window = window[: max(2, len(window) * 3 // 4)]
     if bos_id is None:
         return make
 

@@ -106,7 +106,8 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
     data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
     if len(data) <= cfg.eval_windows:
         raise EncdecError(f"the data makes {len(data)} windows, not more than --eval-windows {cfg.eval_windows}")
-    make = example_maker(cfg.objective, eos_id=eos, vocab=vocab, enc_len=cfg.enc_len, bos_id=bos, mixture=cfg.mixture,
+    make = example_maker(cfg.objective, eos_id=eos, vocab=vocab, enc_len=cfg.enc_len, dec_len=cfg.dec_len,
+                         bos_id=bos, mixture=cfg.mixture,
                          random_split=cfg.random_split)
     stream = ExampleStream(data[: -cfg.eval_windows], lambda w, rng: make(w.tolist(), rng), seed=cfg.seed,
                            enc_len=cfg.enc_len, dec_len=cfg.dec_len)
