@@ -223,6 +223,20 @@ def test_trimmed_vocabulary_trains_and_maps_back(adapted, corpus, tmp_path):
     assert model.generate(torch.tensor([[2, 40, 41]]), max_new_tokens=3).shape[0] == 1
 
 
+def test_trimmed_vocabulary_is_counted_on_training_windows_only(adapted, tmp_path):
+    """A word frequent only in the held-out windows (the data's last) is not kept: held-out text must not shape
+    what the model trains on."""
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    data = write_corpus(tmp_path / "data.txt", documents=80, words=40)  # w0..w39
+    data.write_text(data.read_text() + "\n" + " ".join(["w60"] * 200) + "\n")  # the last document: held out
+    plan, tokenizer = build_plan(_config(adapted, tmp_path / "run", data, trim_vocab=30, eval_windows=10), Dist())
+    kept = set(plan.trimmed.keep.tolist())
+    assert tokenizer.convert_tokens_to_ids("w60") not in kept
+    assert tokenizer.convert_tokens_to_ids("w0") in kept
+
+
 def test_trimmed_run_stays_good_over_the_full_vocabulary(adapted, tmp_path):
     """A trimmed run mapped back must be about as good in full-vocabulary use as an untrimmed run of the
     same steps. Trained naively (no untrained rows in the softmax) it was 0.44 nats worse here (3.68 vs

@@ -97,15 +97,18 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
     vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.embed.num_embeddings
     eos = tokenizer.eos_token_id if source is not None else model.config.eos_token_ids[0]
     bos = leading_bos(tokenizer)
-    if cfg.trim_vocab:
-        model, trimmed = _trim(cfg, model, tokenizer, stream_ids, d)
+    length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len)
+    training_windows = len(stream_ids) // length - cfg.eval_windows  # the last windows are held out
+    if training_windows < 1:
+        raise EncdecError(f"the data makes {len(stream_ids) // length} windows, not more than --eval-windows "
+                          f"{cfg.eval_windows}")
+    if cfg.trim_vocab:  # the kept tokens are counted on the training windows only, never on held-out text
+        model, trimmed = _trim(cfg, model, tokenizer, stream_ids[: training_windows * length], d)
         keep, table = trimmed.keep, trimmed.table
         stream_ids, eos = table[stream_ids], int(table[eos])
         bos = None if bos is None else int(table[bos])
         vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
-    data = windows(stream_ids, window_length(cfg.objective, cfg.enc_len, cfg.dec_len))
-    if len(data) <= cfg.eval_windows:
-        raise EncdecError(f"the data makes {len(data)} windows, not more than --eval-windows {cfg.eval_windows}")
+    data = windows(stream_ids, length)
     make = example_maker(cfg.objective, eos_id=eos, vocab=vocab, enc_len=cfg.enc_len, dec_len=cfg.dec_len,
                          bos_id=bos, mixture=cfg.mixture,
                          random_split=cfg.random_split)
@@ -117,7 +120,6 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
     if cfg.eval_data:  # another held-out set (e.g. another domain): its first windows
         extra_ids = token_stream(tokenizer, cfg.eval_data, text_field=cfg.text_field)
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
-        length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len)
         extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
     return Plan(model, stream, held_out, vocab_size, trimmed, source, extra, tokenizer)
 

@@ -16,7 +16,9 @@ steps, 82% after 200). Each step's softmax therefore also spans a fresh uniform 
 untrained rows, frozen, each standing for M / S of them (the log of that ratio added to its logit:
 the sampled-softmax estimate of the full partition function); the teacher's distribution is
 extended the same way. The held-out loss uses every untrained row, so it is the exact
-full-vocabulary cross-entropy.
+full-vocabulary cross-entropy of the held-out targets inside the kept vocabulary (the others became <unk>
+and are not scored: full-vocabulary evaluations score the mapped-back model, `encdec evaluate`). The kept
+tokens are counted on the training windows only.
 """
 
 from __future__ import annotations
