@@ -5,8 +5,9 @@ tokens in the quickstart's recipe), while users send short prompts. This scores 
 suffixes of both held-out sets after prefixes of each --lengths size (BOS plus the tokens right before the
 suffix), for the decoder-only source (reading prefix + suffix causally) and each adapted --model; then,
 after the longest prefix, the NLL by suffix position (the first ones depend on the prefix alone), and each
-model's greedy continuation of a short --prompt. Printed last: each model's gap to the source
-at the shortest and the longest prefix.
+model's greedy continuation of a short --prompt. With --source-without-bos the source also reads each
+context without its BOS, as a window cut from the middle of a document starts. Printed last: each model's
+gap to the source at the shortest and the longest prefix.
 
     python bench/prefix_lengths.py --model mid-split=runs/recovery-200/lr-3e-5/model \\
         --model random-split=runs/recovery-200/random-split@3e-5/model --lengths 4,16,64
@@ -35,12 +36,19 @@ def shorter(data: PrefixSuffix, length: int) -> PrefixSuffix:
                         data.suffix)
 
 
+def without_bos(data: PrefixSuffix) -> PrefixSuffix:
+    """The same text context without its BOS, as a window cut from the middle of a document starts."""
+    return PrefixSuffix(data.prefix[:, 1:], data.suffix)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", required=True, metavar="NAME=DIR", help="an adapted model (repeat)")
     p.add_argument("--lengths", default="4,16,64", help=f"prefix lengths with BOS, comma list, each 2..{LONGEST}")
     p.add_argument("--prompt", default="The capital of France is", help="a short prompt to continue greedily")
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--source-without-bos", action="store_true",
+                   help="also score the source on the same text contexts without BOS (as mid-document windows start)")
     args = p.parse_args()
     try:
         lengths = sorted({int(n) for n in args.lengths.split(",")})
@@ -61,6 +69,9 @@ def main() -> None:
     source_dir = load_source(read_metadata(first)["adapted_from"]["encoder"]).directory
     reference = transformers_causal_lm(source_dir, torch.float32).eval()
     rows[SOURCE] = {key: decoder_only_position_nll(reference, data) for key, data in sets.items()}
+    if args.source_without_bos:
+        rows[f"{SOURCE} without BOS"] = {key: decoder_only_position_nll(reference, without_bos(data))
+                                         for key, data in sets.items()}
     with torch.no_grad():
         ids = reference.generate(**prompt, max_new_tokens=args.new_tokens, do_sample=False)
     texts[SOURCE] = tokenizer.decode(ids[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)

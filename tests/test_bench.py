@@ -39,6 +39,22 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
         "error: --distill works with --objective prefixlm only") and not (tmp_path / "bad").exists()
 
 
+def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_path):
+    command = [sys.executable, str(BENCH / "prefix_lengths.py"), "--model", f"tiny={adapted}", "--lengths", "4,64",
+               "--source-without-bos", "--new-tokens", "3"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    names = [line.split(" | ")[0][2:] for line in table]
+    assert names == ["model", "source", "source without BOS", "tiny"] * 2
+    assert "| model | python-docs n=4 | python-docs n=64 | general-english n=4 | general-english n=64 |" in table
+    assert "| model | python-docs 1-1 | python-docs 2-8 | python-docs 9-64 |" in table[4]
+    assert run.stdout.strip().splitlines()[-1].startswith("gap to the source, tiny: python-docs n=4 ")
+    bad = subprocess.run([*command[:4], "--lengths", "1,64"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("must lie in 2..64 (BOS and at least "
+                                                                               "one token), got 1,64")
+
+
 def _result(task: str, labels: list[str], guesses: list[str]) -> dict:
     correct = sum(a == b for a, b in zip(labels, guesses))
     return {"task": task, "n": len(labels), "accuracy": correct / len(labels),
