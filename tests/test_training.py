@@ -271,11 +271,39 @@ def test_eval_data_is_a_second_held_out_set_reported_beside_the_first(adapted, c
         _config(adapted, tmp_path / "ft", corpus, objective="instruct", eval_data=[str(other)])
 
 
-def test_gradient_accumulation_matches_one_larger_batch(adapted, corpus, tmp_path):
-    loop.train(_config(adapted, tmp_path / "big", corpus, steps=1, batch_size=2, grad_accum=1, eval_windows=4))
-    loop.train(_config(adapted, tmp_path / "accum", corpus, steps=1, batch_size=1, grad_accum=2, eval_windows=4))
+def test_distillation_is_the_default_for_prefixlm_whenever_a_teacher_is_known(adapted, corpus, tmp_path, capfd):
+    import shutil
+
+    from encdec import logs
+
+    logs.setup()  # info lines, as the CLI shows them
+
+    def distilled(model, **options) -> bool:
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        loop.train(_config(model, out, corpus, steps=1, **options))
+        return "kl" in _metrics(out)[0]
+
+    assert distilled(adapted)  # the source `encdec adapt` recorded
+    assert not distilled(adapted, distill=False) and not distilled(adapted, objective="ul2")
+    anonymous = tmp_path / "anonymous"  # an encoder-decoder that records no source (e.g. from another tool)
+    shutil.copytree(adapted, anonymous)
+    (anonymous / "encdec.json").write_text("{}")
+    assert not distilled(anonymous)
+    assert "records no source model (--teacher SRC distils from one)" in "".join(capfd.readouterr())
+    assert distilled(anonymous, teacher=str(json.loads((adapted / "encdec.json").read_text())["adapted_from"]["encoder"]))
+
+
+@pytest.mark.parametrize("options", [{"distill": False}, {"distill": True}, {"distill": True, "trim_vocab": 30}],
+                         ids=["ce", "distilled", "distilled-trimmed"])
+def test_gradient_accumulation_matches_one_larger_batch(adapted, corpus, tmp_path, options):
+    """Exactly, also where micro-batches hold different numbers of scored tokens (EOS targets are not distilled,
+    targets outside a trimmed vocabulary are not scored): each averages over the whole step's tokens."""
+    loop.train(_config(adapted, tmp_path / "big", corpus, steps=1, batch_size=2, grad_accum=1, eval_windows=4, **options))
+    loop.train(_config(adapted, tmp_path / "accum", corpus, steps=1, batch_size=1, grad_accum=2, eval_windows=4,
+                       **options))
     big, accum = _metrics(tmp_path / "big")[0], _metrics(tmp_path / "accum")[0]
     assert abs(big["loss"] - accum["loss"]) < 1e-5 and abs(big["grad_norm"] - accum["grad_norm"]) < 1e-4
+    assert abs(big.get("kl", 0) - accum.get("kl", 0)) < 1e-5 and ("kl" in big) == options["distill"]
     a = encdec.load(tmp_path / "big" / "model").state_dict()
     b = encdec.load(tmp_path / "accum" / "model").state_dict()
     # Adam's first step divides by |g| + 1e-8: elements whose gradient is near 1e-8 turn float rounding

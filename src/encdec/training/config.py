@@ -34,7 +34,9 @@ class TrainConfig:
                         choices=("prefixlm", "ul2", "instruct"))
     mixture: str = _f("t5gemma2", "UL2 denoiser mixture: t5gemma2 or ul2 (the original UL2)", choices=("t5gemma2", "ul2"))
     random_split: bool = _f(False, "PrefixLM: split each window at a uniformly random point instead of the middle")
-    distill: bool = _f(False, "PrefixLM: distill the decoder-only teacher's next-token distributions")
+    distill: bool | None = _f(None, "PrefixLM: distill the decoder-only teacher's next-token distributions; unset: "
+                              "yes for PrefixLM when the teacher is known (--teacher, the source `encdec adapt` "
+                              "recorded, or a decoder-only model itself), no otherwise", kind=bool)
     teacher: str = _f("", "teacher source (default: the encoder source recorded by `encdec adapt`)")
     alpha: float = _f(0.5, "weight of the distillation term: alpha * KL * tau^2 + (1 - alpha) * cross-entropy")
     tau: float = _f(1.0, "distillation temperature")
@@ -145,10 +147,18 @@ BOUNDED = {"alpha": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list of paths"}
 
 
-def _check_type(f: dataclasses.Field, value: Any) -> None:
-    """YAML gives any type: a value must have its field's (an integer counts as a number)."""
+def _kind(f: dataclasses.Field) -> type:
+    """A field's value type: its default's, or the declared one where the default is None (unset)."""
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    kind = type(default)
+    return f.metadata.get("kind", type(default))
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> None:
+    """YAML gives any type: a value must have its field's (an integer counts as a number); None leaves an
+    optional field unset."""
+    if value is None and f.default is None:
+        return
+    kind = _kind(f)
     ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
     if kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
@@ -172,9 +182,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
         if f.name in skip:
             continue
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        helptext = f"{f.metadata['doc']} (default: {default!r})"
+        helptext = f"{f.metadata['doc']}" + ("" if default is None else f" (default: {default!r})")
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext, "dest": f.name}
-        if isinstance(default, bool):
+        if _kind(f) is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
             kwargs.update(nargs="+", metavar="PATH")

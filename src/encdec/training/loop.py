@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -28,6 +29,7 @@ from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
 from encdec.training.recipe import drop_frozen_gradients, encoder_lookahead, frozen_parts
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
+from encdec.training.teacher import load_teacher, teacher_spec, wants_distillation
 from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore_unknown_targets, trim_teacher
 
 log = logging.getLogger("encdec")
@@ -75,6 +77,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model)
     plan, tokenizer = build_plan(cfg, d)
+    cfg = dataclasses.replace(cfg, distill=wants_distillation(cfg.distill, cfg.objective, cfg.teacher, model_dir,
+                                                              plan.causal))
     cfg.check_fit(None if plan.causal else plan.model.config, len(plan.stream.items), d.world)
     if plan.causal and (cfg.freeze_encoder_steps or cfg.encoder_curriculum_steps or cfg.cross_warmup_steps):
         raise EncdecError("--freeze-encoder-steps, --encoder-curriculum-steps and --cross-warmup-steps need an "
@@ -102,7 +106,6 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     teacher = None
     distillation = None
     if cfg.distill:
-        from encdec.training.teacher import load_teacher, teacher_spec
 
         dtype = compute_dtype or torch.float32
         # a decoder-only model is distilled from itself as it started, unless --teacher says otherwise
@@ -179,24 +182,22 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             loss_total, ce_total, kl_total, tokens = 0.0, 0.0, 0.0, 0
             if not plan.causal:
                 model.encoder_lookahead = encoder_lookahead(cfg, step)
-            for micro in range(cfg.grad_accum):
-                examples = stream.next_examples(rows * d.world)
-                batch = batch_of(examples, teacher_rows).slice(d.rank * rows, (d.rank + 1) * rows)
-                batch = batch.to(d.device)
+            batches = [batch_of(stream.next_examples(rows * d.world), teacher_rows)
+                       .slice(d.rank * rows, (d.rank + 1) * rows).to(d.device) for _ in range(cfg.grad_accum)]
+            counts = module.target_counts(batches)  # the micro-batches' losses add up to the step's mean
+            for micro, batch in enumerate(batches):
                 tokens += _tokens(batch)
                 teacher_hidden = teacher_states(teacher, batch) if teacher is not None else None
                 last_micro = micro == cfg.grad_accum - 1
                 sync = contextlib.nullcontext() if last_micro or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+                negatives = None if untrained is None else untrained.sample(step, micro)
                 with sync:
                     with autocast:
-                        if untrained is None:
-                            parts = wrapped(batch, teacher_hidden)
-                        else:
-                            parts = wrapped(batch, teacher_hidden, untrained.sample(step, micro))
-                    (parts.loss / cfg.grad_accum).backward()
-                loss_total += parts.loss.item() / cfg.grad_accum
-                ce_total += parts.ce / cfg.grad_accum
-                kl_total += (parts.kl or 0.0) / cfg.grad_accum
+                        parts = wrapped(batch, teacher_hidden, negatives, counts)
+                    parts.loss.backward()
+                loss_total += parts.loss.item()
+                ce_total += parts.ce
+                kl_total += parts.kl or 0.0
             loss = distributed.reduce_sum(loss_total, d) / d.world
             if not math.isfinite(loss):
                 raise checkpointing.not_finite(f"the loss became {loss}", step + 1, last_checkpoint)

@@ -22,11 +22,17 @@ class _HeadLoss(nn.Module):
         self.teacher_head = None
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, softcap: float | None,
-                  tied: TiedLookups | None, teacher_hidden: torch.Tensor | None, negatives: Negatives | None) -> LossParts:
+                  tied: TiedLookups | None, teacher_hidden: torch.Tensor | None, negatives: Negatives | None,
+                  counts: tuple[int, int] | None) -> LossParts:
         distill_mask = None if teacher_hidden is None else labels != self.eos_id
         return chunked_loss(hidden, head, labels, chunk=self.chunk, softcap=softcap, teacher_hidden=teacher_hidden,
                             teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation,
-                            tied=tied, negatives=negatives)
+                            tied=tied, negatives=negatives, counts=counts)
+
+    def target_counts(self, batches: list[Batch]) -> tuple[int, int]:
+        """Target tokens, and those distilled, of the micro-batches of one step: what their losses average over."""
+        labels = torch.cat([b.rows.labels[b.rows.labels != -100] for b in batches])
+        return labels.numel(), 0 if self.eos_id is None else int((labels != self.eos_id).sum())
 
 
 class LossModule(_HeadLoss):
@@ -36,8 +42,8 @@ class LossModule(_HeadLoss):
         super().__init__(chunk, distillation, model.config.eos_token_ids[0])
         self.model = model
 
-    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None,
-                negatives: Negatives | None = None) -> LossParts:
+    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None, negatives: Negatives | None = None,
+                counts: tuple[int, int] | None = None) -> LossParts:
         r, model = batch.rows, self.model
         tied = tied_lookups(model.embed.weight) if model.config.tied_head else None
         with routed(tied, model.embed):
@@ -46,7 +52,7 @@ class LossModule(_HeadLoss):
             hidden = model.decode(r.decoder_input_ids, encoder, Segments(r.decoder_segment_ids, r.decoder_positions))
         targets = r.labels != -100
         return self.head_loss(hidden[targets], r.labels[targets], model.head_weight, model.config.final_logit_softcap,
-                              tied, teacher_hidden, negatives)
+                              tied, teacher_hidden, negatives, counts)
 
 
 class CausalLossModule(_HeadLoss):
@@ -58,14 +64,14 @@ class CausalLossModule(_HeadLoss):
         super().__init__(chunk, distillation, eos_id)
         self.model = model
 
-    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None,
-                negatives: Negatives | None = None) -> LossParts:
+    def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None, negatives: Negatives | None = None,
+                counts: tuple[int, int] | None = None) -> LossParts:
         labels = batch.rows.labels[batch.rows.labels != -100]
         tied = tied_lookups(self.model.embed.weight) if self.model.lm_head is None else None
         with routed(tied, self.model.embed):
             hidden = causal_states(self.model, batch)
         return self.head_loss(hidden, labels, self.model.head_weight, self.model.final_logit_softcap, tied,
-                              teacher_hidden, negatives)
+                              teacher_hidden, negatives, counts)
 
 
 def causal_states(model: CausalLM, batch: Batch) -> torch.Tensor:

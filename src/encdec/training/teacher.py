@@ -16,6 +16,19 @@ from encdec.model import CausalLM
 log = logging.getLogger("encdec")
 
 
+def wants_distillation(distill: bool | None, objective: str, teacher: str, model_dir: Path, causal: bool) -> bool:
+    """--distill as given; unset, PrefixLM distills whenever a teacher is known (every recipe of the recovery study
+    that distilled beat the same recipe without: docs/adaptation.md)."""
+    if distill is not None:
+        return distill
+    if objective != "prefixlm":
+        return False
+    if teacher or causal or (read_metadata(model_dir).get("adapted_from") or {}).get("encoder"):
+        return True
+    log.info("no distillation: %s records no source model (--teacher SRC distils from one)", model_dir)
+    return False
+
+
 def teacher_spec(model_dir: Path, given: str) -> str:
     if given:
         return given
