@@ -82,12 +82,19 @@ def plot(records: list[dict], out: Path) -> Path:
     source = next(r["nll"] for r in records if r.get("recipe") == "source")
     fig, axes = plt.subplots(1, len(HELDOUT_SETS), figsize=(6 * len(HELDOUT_SETS), 4.5))
     for ax, name in zip(axes, HELDOUT_SETS):
-        for recipe in dict.fromkeys(r["recipe"] for r in records if "tokens" in r):
+        recipes = list(dict.fromkeys(r["recipe"] for r in records if "tokens" in r))
+        colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 recipes (the default cycle has 10)
+        for i, recipe in enumerate(recipes):
             points = sorted((r["tokens"], r["nll"][name]) for r in records if r.get("recipe") == recipe and "tokens" in r)
-            ax.plot(*zip(*points), marker="o", label=recipe)
+            ax.plot(*zip(*points), marker="o", label=recipe, color=colors[i % len(colors)])
         ax.axhline(source[name], color="black", linestyle="--", label="decoder-only source")
-        ax.set(title=f"held-out {name}", xlabel="training tokens", ylabel="suffix NLL (nats/token)")
-        ax.legend()
+        trained = [r["nll"][name] for r in records if r.get("tokens")]
+        start = next((r["nll"][name] for r in records if r.get("tokens") == 0), None)
+        if trained:  # the untrained start is far above: the scale is the trained points'
+            ax.set_ylim(min(source[name], *trained) - 0.2, max(trained) + 0.2)
+        note = "" if start is None else f" (start: {start:.2f}, off the scale)"
+        ax.set(title=f"held-out {name}{note}", xlabel="training tokens", ylabel="suffix NLL (nats/token)")
+        ax.legend(fontsize="small")
     fig.tight_layout()
     path = out / "recovery.png"
     fig.savefig(path, dpi=100)
@@ -147,11 +154,12 @@ def report(results: Path, names: list[str], out: Path) -> None:
     scored = {(r["recipe"], r["tokens"]): r["nll"] for r in records if "tokens" in r}
     sets = " / ".join(HELDOUT_SETS)
     print(f"\nheld-out suffix NLL, {sets}; the decoder-only source: " + " / ".join(f"{source[n]:.3f}" for n in HELDOUT_SETS))
-    print("\n| training tokens | " + " | ".join(names) + " |\n" + "|---" * (len(names) + 1) + "|")
-    for tokens in sorted({t for _, t in scored}):
-        cells = [" / ".join(f"{scored[name, tokens][n]:.3f}" for n in HELDOUT_SETS) if (name, tokens) in scored
-                 else "" for name in names]
-        print(f"| {tokens:,} | " + " | ".join(cells) + " |")
+    counts = sorted({t for _, t in scored})  # one row per recipe (grids grow long), one column per token count
+    print("\n| recipe | " + " | ".join(f"{t:,} tokens" for t in counts) + " |\n" + "|---" * (len(counts) + 1) + "|")
+    for name in names:
+        cells = [" / ".join(f"{scored[name, t][n]:.3f}" for n in HELDOUT_SETS) if (name, t) in scored else ""
+                 for t in counts]
+        print(f"| {name} | " + " | ".join(cells) + " |")
     print()
     for name in names:
         last = max((r for r in records if r["recipe"] == name and "tokens" in r), key=lambda r: r["tokens"])

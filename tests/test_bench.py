@@ -32,7 +32,7 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
     table = subprocess.run([sys.executable, str(BENCH / "recovery.py"), "--out", str(out), "--report"],
                            capture_output=True, text=True, timeout=600)
     assert table.returncode == 0, table.stderr[-2000:]
-    assert "| training tokens | trimmed |" in table.stdout and "| 1,024 | " in table.stdout
+    assert "| recipe | 0 tokens | 512 tokens | 1,024 tokens |" in table.stdout and "| trimmed | " in table.stdout
     bad = subprocess.run([*command[:-2], "--out", str(tmp_path / "bad"), "--recipe", "bad:objective=ul2,distill=true"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
