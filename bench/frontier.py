@@ -8,8 +8,8 @@ balanced model, a 9-layer decoder (1::2: layers 1, 3, ..., 17, which hold Gemma 
 layers 5, 11, 17) and a 6-layer one (2::3), each with the 18-layer encoder.
 
 Every point trains with the same recipe (--recipe, as bench/recovery.py takes it: the quickstart's
-PrefixLM + distillation with options changed) for the same --steps on the same data: the
-encoder-decoders as `encdec pretrain` trains them; the source as a decoder-only model reading each
+PrefixLM + distillation with options changed; by default the recovery grid's best) for the same
+--steps on the same data: the encoder-decoders as `encdec pretrain` trains them; the source as a decoder-only model reading each
 example's prefix + suffix causally, scored on the same suffix tokens, with the same loss, distillation
 (from itself as it started), vocabulary trimming, learning-rate schedule and seed. Options that only an
 encoder has (freeze, curriculum, cross warm-up) are left out of its run.
@@ -52,6 +52,7 @@ from encdec.evaluation.tasks import LM_TASK, parse_tasks
 
 SOURCE = "source"
 DEFAULT_POINTS = ["balanced=all", "dec9=1::2", "dec6=2::3"]
+CHOSEN_RECIPE = "chosen:lr=3e-5,data=[corpus:python-docs,corpus:coqa-stories]"  # the recovery grid's best
 ENCODER_ONLY = ("freeze_encoder_steps", "encoder_curriculum_steps", "cross_warmup_steps")
 OUT_OF_DOMAIN = "general-english"
 DEVICE = torch.device("cpu")
@@ -254,7 +255,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--point", action="append", default=[], help=f"NAME=LAYERS[@ATTENTION] (repeat; default: "
                    f"{' '.join(DEFAULT_POINTS)})")
     p.add_argument("--attention", default="merged", choices=("merged", "cross"))
-    p.add_argument("--recipe", default="default", help="NAME[:option=value,...] as bench/recovery.py takes it")
+    p.add_argument("--recipe", default=CHOSEN_RECIPE, help="NAME[:option=value,...] as bench/recovery.py takes it "
+                   "(default: the recovery grid's best, docs/adaptation.md)")
     p.add_argument("--steps", type=int, default=200, help="training steps per point (the recipe: 512 tokens each)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (an interrupted run resumes)")
     p.add_argument("--seed", type=int, default=0)
