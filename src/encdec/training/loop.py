@@ -106,7 +106,6 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     teacher = None
     distillation = None
     if cfg.distill:
-
         dtype = compute_dtype or torch.float32
         # a decoder-only model is distilled from itself as it started, unless --teacher says otherwise
         spec = teacher_spec(model_dir, cfg.teacher or (cfg.model if plan.causal else ""))
