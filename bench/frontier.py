@@ -25,6 +25,9 @@ float32. Latency runs last, in --rounds rounds that each time every point once, 
 process (one untimed 2-token call, then --repeats timed ones), so that a slow spell of a shared machine falls
 on all points.
 
+With --jobs N the training runs go N at a time, each in its own process with its share of the cores (on a
+small CPU two single-threaded runs get through more steps per hour than one run on both cores).
+
 Results are appended to OUT/results.jsonl as each piece finishes; a rerun skips what is done and
 resumes an interrupted training run. Printed last: a table, then the latency ratio of each point
 against the source (> 1: faster than the source); drawn to OUT/frontier.png.
@@ -36,9 +39,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -112,6 +118,20 @@ def train_point(name: str, start: str | Path, args: argparse.Namespace, results:
                          "tokens": args.steps * tokens_per_step(cfg), "seconds": round(time.perf_counter() - began),
                          "options": options})
     return final
+
+
+def train_in_parallel(names: list[str], args: argparse.Namespace) -> None:
+    """Each of `names` trained by `train_point` in a fresh process (this script with --train NAME), --jobs at a
+    time, each process given an equal share of this machine's cores."""
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+    def run(name: str) -> None:
+        print(f"training {name} in its own process ({threads} thread(s)) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--train", name], check=True, env=env)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run, names))  # list(): a failed run raises here
 
 
 def evaluate_points(models: dict[str, Path], args: argparse.Namespace, results: Path) -> None:
@@ -270,19 +290,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batches", default="1,8", help="batch sizes timed, comma list")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="timed calls per batch size and round")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once, each in its own process")
+    p.add_argument("--train", metavar="NAME", help=argparse.SUPPRESS)  # one point's training run (--jobs)
     p.add_argument("--worker", type=Path, nargs=2, metavar=("MODEL", "PROMPTS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     try:
         args.batches = sorted({int(b) for b in args.batches.split(",")})
     except ValueError:
         p.error(f"--batches {args.batches!r}: expected a comma list of integers like 1,8")
-    require_positive(p, args, ("steps", "save_every", "eval_limit", "prompt_tokens", "new_tokens", "rounds", "repeats"))
+    require_positive(p, args, ("steps", "save_every", "eval_limit", "prompt_tokens", "new_tokens", "rounds", "repeats", "jobs"))
     if args.batches[0] < 1:
         p.error(f"--batches must be at least 1, got {args.batches[0]}")
     try:
         if not [t for t in parse_tasks(args.eval_tasks) if t != LM_TASK]:
             p.error(f"--eval-tasks {args.eval_tasks!r}: name at least one accuracy task (the held-out NLL is added)")
         args.points = dict(parse_point(text, args.attention) for text in args.point or DEFAULT_POINTS)
+        if args.train is not None and args.train not in (SOURCE, *args.points):
+            p.error(f"--train {args.train!r}: not one of the points {[SOURCE, *args.points]}")
         _, args.options = parse_recipe(args.recipe)
         check_recipe(args.options)
     except EncdecError as e:
@@ -301,11 +325,15 @@ def main() -> None:
     worker_options = ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--batches",
                       ",".join(map(str, args.batches)), "--repeats", str(args.repeats)]
     names = [SOURCE, *args.points]
-    models = {}
-    for name in names:
+    starts = {name: args.source if name == SOURCE else adapted_model(name, args.points[name], args) for name in names}
+    if args.train:
+        train_point(args.train, starts[args.train], args, results, set())
+        return
+    done = {(r["point"], r["event"]) for r in read_results(results)}
+    if args.jobs > 1:
+        train_in_parallel([name for name in names if (name, "trained") not in done], args)
         done = {(r["point"], r["event"]) for r in read_results(results)}
-        start = args.source if name == SOURCE else adapted_model(name, args.points[name], args)
-        models[name] = train_point(name, start, args, results, done)
+    models = {name: train_point(name, starts[name], args, results, done) for name in names}
     evaluate_points(models, args, results)
     prompts = args.out / f"prompts-{max(args.batches)}x{args.prompt_tokens}.json"
     if not prompts.exists():

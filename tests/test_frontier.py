@@ -108,7 +108,7 @@ def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, 
                "--point", "balanced=all", "--point", "half=::2@cross", "--steps", "2", "--save-every", "1",
                "--recipe", f"tiny:trim_vocab=40,trim_negatives=16,data=[{corpus}]", "--eval-tasks", "copa",
                "--eval-limit", "4", "--prompt-tokens", "24", "--new-tokens", "4", "--batches", "1,2", "--rounds", "1",
-               "--repeats", "1"]
+               "--repeats", "1", "--jobs", "2"]  # the training runs in two processes at once
     first = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
