@@ -18,8 +18,11 @@ CB scored as the mean of accuracy and macro-F1 as SuperGLUE does) with a 95% int
 per-task binomial variances. The last lines compare each adapted backbone with the decoder-only one.
 
     python bench/encoder_claim.py --out runs/encoder-claim \\
-        --backbone decoder-only=gemma-3-270m --backbone adapted-init=runs/quickstart/adapted \\
-        --backbone adapted-trained=runs/recovery-200/default/model --protocol probe
+        --backbone decoder-only=gemma-3-270m --backbone adapted-init=runs/frontier/balanced/adapted \\
+        --backbone adapted-trained=runs/frontier/balanced/train/model --protocol probe
+
+(the two adapted backbones as bench/frontier.py leaves them: the balanced adaptation before and after
+its 102k training tokens). Options after `--` go to every cell's `encdec classify` (`-- --pooling mean`).
 """
 
 from __future__ import annotations
