@@ -299,7 +299,8 @@ def parse_args() -> argparse.Namespace:
         args.batches = sorted({int(b) for b in args.batches.split(",")})
     except ValueError:
         p.error(f"--batches {args.batches!r}: expected a comma list of integers like 1,8")
-    require_positive(p, args, ("steps", "save_every", "eval_limit", "prompt_tokens", "new_tokens", "rounds", "repeats", "jobs"))
+    require_positive(p, args, ("steps", "save_every", "eval_limit", "prompt_tokens", "new_tokens", "rounds", "repeats",
+                               "jobs"))
     if args.batches[0] < 1:
         p.error(f"--batches must be at least 1, got {args.batches[0]}")
     try:
