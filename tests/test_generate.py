@@ -1,4 +1,5 @@
-"""Generation: the engine equals the uncached path and transformers; continuous batching, EOS, sampling, int8."""
+"""Generation: the engine equals the uncached path and transformers; continuous batching, EOS, sampling, int8,
+oneDNN-packed weights."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import encdec
 from encdec.errors import EncdecError
 from encdec.inference.engine import Engine, Row
+from encdec.inference import onednn
+from encdec.inference.loading import load_for_inference
 from encdec.inference.quantize import quantize_int8
 from encdec.inference.sampling import Sampling
 
@@ -159,3 +164,48 @@ def test_int8_weights_stay_close(model):
 def test_int8_needs_float32_on_cpu(model):
     with pytest.raises(EncdecError, match="float32"):
         quantize_int8(copy.deepcopy(model).to(torch.bfloat16))
+
+
+def test_packed_linear_equals_f_linear():
+    """With and without bias, on 1-, 2- and 3-dimensional inputs of 1 to 300 rows."""
+    assert onednn.available()  # the pinned CPU wheel has oneDNN: the default CPU kernels must not fall back
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 40, generator=g), torch.randn(48, generator=g)
+    for b in (None, bias):
+        layer = onednn.PackedLinear(weight, b)
+        for shape in [(40,), (1, 40), (300, 40), (3, 5, 40)]:
+            x = torch.randn(*shape, generator=g)
+            torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3}])
+def test_onednn_packed_weights_give_the_same_tokens(model, sampling):
+    """CPU inference on oneDNN-packed weights (the default of `encdec generate` and `serve`): every linear layer
+    and the LM head replaced, logits equal to the BLAS path's up to float32 rounding, the same tokens."""
+    ids, mask = _prompts()
+    dec = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(2))
+    packed = onednn.pack_for_cpu(copy.deepcopy(model))
+    assert not any(isinstance(m, nn.Linear) for m in packed.modules())
+    assert isinstance(packed.lm_head, onednn.PackedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids, mask, dec).logits, model(ids, mask, dec).logits, rtol=1e-4, atol=1e-4)
+    ours = packed.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], **sampling)
+    assert torch.equal(ours, model.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], **sampling))
+
+
+def test_onednn_packing_in_bfloat16_and_its_limits(model):
+    ids, mask = _prompts()
+    packed = onednn.pack_for_cpu(copy.deepcopy(model).to(torch.bfloat16))
+    assert packed.generate(ids, mask, max_new_tokens=4, eos_token_ids=[-1]).shape == (3, 4)
+    with pytest.raises(EncdecError, match="float32 or bfloat16"):
+        onednn.pack_for_cpu(copy.deepcopy(model).to(torch.float64))
+
+
+def test_load_for_inference_chooses_the_cpu_kernels(model, tmp_path):
+    encdec.save(model, tmp_path / "ckpt")
+    assert isinstance(load_for_inference(tmp_path / "ckpt", torch.float32, None).lm_head, onednn.PackedLinear)
+    plain = load_for_inference(tmp_path / "ckpt", torch.float32, None, "blas")
+    assert plain.lm_head is None or isinstance(plain.lm_head, nn.Linear)
+    assert isinstance(plain.decoder.layers[0].attn.q_proj, nn.Linear)
+    with pytest.raises(EncdecError, match="accepted: onednn, blas"):
+        load_for_inference(tmp_path / "ckpt", torch.float32, None, "mkl")

@@ -106,14 +106,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import time
 
     from encdec.generate import check_positions, check_settings
-    from encdec.inference.quantize import load_for_inference
+    from encdec.inference.loading import load_for_inference
     from encdec.inference.sampling import Sampling
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
 
     check_settings(args.max_new_tokens, Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed))
     with timed(f"loading {args.dir}"):
-        model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize)
+        model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.dir))
     batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
     check_positions(batch.input_ids.shape[1], args.max_new_tokens, model.config)
@@ -129,7 +129,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from encdec.inference.quantize import load_for_inference
+    from encdec.inference.loading import load_for_inference
     from encdec.logs import timed
     from encdec.serve.app import Settings, serve
     from encdec.serve.protocol import Limits
@@ -142,7 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise EncdecError(f"--port must be in 0..65535, got {args.port}")
     with timed(f"loading {args.model}"):
-        model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize)
+        model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.model))
     settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
                         limits=Limits(args.max_input_tokens, args.max_new_tokens))
@@ -261,12 +261,16 @@ def cmd_quickstart(args: argparse.Namespace) -> None:
 
 
 def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    from encdec.inference.onednn import CPU_KERNELS
     from encdec.inference.quantize import QUANTIZATIONS
 
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="compute dtype (bfloat16 is meant for a GPU, which is used when there is one)")
     p.add_argument("--quantize", choices=list(QUANTIZATIONS), default=None,
                    help="int8: dynamic int8 linear layers and LM head, for CPU inference in float32")
+    p.add_argument("--cpu-kernels", choices=list(CPU_KERNELS), default="onednn",
+                   help="matrix products on CPU: onednn packs the weights once into oneDNN's layout (2-4x faster "
+                        "than blas on the benchmark CPU, docs/benchmarks.md); blas is PyTorch's default")
 
 
 def build_parser() -> argparse.ArgumentParser:

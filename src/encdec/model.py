@@ -405,7 +405,8 @@ class EncoderDecoder(nn.Module):
         self.encoder = Stack(enc, [EncoderBlock(enc) for _ in range(enc.num_layers)])
         merged = config.attention == "merged"
         self.decoder = Stack(dec, [DecoderBlock(dec, merged, enc.hidden_size) for _ in range(dec.num_layers)])
-        # an untied head, or (int8 inference, `encdec.inference.quantize`) a quantized copy of the tied one
+        # an untied head, or for inference a quantized (`encdec.inference.quantize`) or oneDNN-packed
+        # (`encdec.inference.onednn`) copy of the tied one
         self.lm_head: nn.Module | None = untied_head(dec, config.vocab_size, config.tied_head)
 
     @property

@@ -12,12 +12,10 @@ MLP at batch 8, eager mode), dynamic int8 ran 5x faster than float32 while torch
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from encdec.checkpoint import load
 from encdec.errors import EncdecError
 from encdec.model import EncoderDecoder
 
@@ -42,14 +40,3 @@ def quantize_int8(model: EncoderDecoder) -> EncoderDecoder:
 
         quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
     return model
-
-
-def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | None) -> EncoderDecoder:
-    """A checkpoint (any format `encdec.load` reads) ready to generate: on the GPU when there is one, in
-    `dtype`, with the requested weight quantization (None: as saved)."""
-    if quantize is not None and quantize not in QUANTIZATIONS:
-        raise EncdecError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
-    model = load(path, dtype)
-    if torch.cuda.is_available() and quantize is None:
-        model = model.to("cuda")
-    return model if quantize is None else quantize_int8(model)

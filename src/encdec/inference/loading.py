@@ -1,0 +1,39 @@
+"""A checkpoint made ready to generate: device, dtype, weight quantization and CPU kernels, chosen once
+for `encdec generate`, `encdec serve` and the benchmarks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from encdec.checkpoint import load
+from encdec.errors import EncdecError
+from encdec.inference import onednn
+from encdec.inference.quantize import QUANTIZATIONS, quantize_int8
+from encdec.model import EncoderDecoder
+
+log = logging.getLogger("encdec")
+
+
+def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | None,
+                       cpu_kernels: str = "onednn") -> EncoderDecoder:
+    """A checkpoint (any format `encdec.load` reads) ready to generate: on the GPU when there is one, in
+    `dtype`, with the requested weight quantization (None: as saved); on CPU without quantization, its
+    products computed by `cpu_kernels` (onednn: weights packed once, `encdec.inference.onednn`; blas: PyTorch's
+    default)."""
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise EncdecError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
+    if cpu_kernels not in onednn.CPU_KERNELS:
+        raise EncdecError(f"unknown CPU kernels {cpu_kernels!r}; accepted: {', '.join(onednn.CPU_KERNELS)}")
+    model = load(path, dtype)
+    if torch.cuda.is_available() and quantize is None:
+        return model.to("cuda")
+    if quantize is not None:
+        return quantize_int8(model)
+    if cpu_kernels == "onednn":
+        if onednn.available():
+            return onednn.pack_for_cpu(model)
+        log.warning("this PyTorch build has no oneDNN packed linear operator: CPU products use PyTorch's BLAS")
+    return model
