@@ -1,12 +1,16 @@
 """Greedy generation speed of the packaged 270M adapted: encdec versus transformers, CTranslate2 and the source.
 
-Implementations, each in a process of its own, all in float32 on the same prompts:
+Implementations, each in a process of its own, in float32 unless named otherwise, on the same prompts:
 
-- encdec: `encdec.load(DIR).generate(...)` (what `encdec generate` runs);
-- encdec-int8: the same with `--quantize int8` (`encdec.inference.quantize.load_for_inference`);
+- encdec: `load_for_inference(DIR, ...).generate(...)` (what `encdec generate` runs: on CPU the weights
+  packed for oneDNN's products, `encdec.inference.onednn`);
+- encdec-blas: the same with `--cpu-kernels blas` (PyTorch's default products, as before the packing);
+- encdec-bf16: the same with `--dtype bfloat16` (on CPU, oneDNN's bfloat16 products);
+- encdec-int8: the same with `--quantize int8` (`encdec.inference.loading.load_for_inference`);
 - transformers: `AutoModelForSeq2SeqLM.from_pretrained(DIR).generate(...)` on the same checkpoint;
-- ct2-float32, ct2-int8: CTranslate2's `Translator.translate_batch` on the checkpoint converted by
-  `encdec export --to ctranslate2` (float32 weights; int8 weights with compute type int8);
+- ct2-float32, ct2-bfloat16, ct2-int8: CTranslate2's `Translator.translate_batch` on the checkpoint
+  converted by `encdec export --to ctranslate2` (float32 weights; bfloat16 and int8 weights with the
+  compute type of the same name);
 - decoder-only: the source, Gemma 3 270M, as transformers' `AutoModelForCausalLM`, reading the same
   prompt and generating as many tokens (what the encoder-decoder competes with).
 
@@ -26,8 +30,8 @@ rounds, the CPU seconds of the call (all threads of the process: less sensitive 
 processes taking turns on the cores, though not immune), new tokens per second (batch x new tokens /
 wall seconds), the peak resident memory of the process, and how many of each row's tokens equal encdec's
 float32 tokens. The ratio lines come last, CPU-time ones and then wall-time ones: encdec against
-transformers, against CTranslate2 float32 and, for int8, encdec-int8 against ct2-int8 (> 1: encdec faster),
-with each round's ratio.
+transformers, against CTranslate2 float32, encdec-bf16 against ct2-bfloat16, encdec-int8 against ct2-int8,
+and encdec against encdec-blas (> 1: the first faster), with each round's ratio.
 
 Run (the first use adapts the models, a few minutes; the full grid takes long on a 2-core CPU):
 
@@ -51,9 +55,11 @@ from common import corpus_token_ids, peak_memory_gib, print_result, ratio_line, 
 
 SOURCE = "gemma-3-270m"
 MODELS = {"merged": [], "cross-2::3": ["--decoder-layers", "2::3", "--attention", "cross"]}
-IMPLEMENTATIONS = ("encdec", "encdec-int8", "transformers", "ct2-float32", "ct2-int8", "decoder-only")
-CT2_COMPUTE = {"ct2-float32": "float32", "ct2-int8": "int8"}
-RATIOS = (("encdec", "transformers"), ("encdec", "ct2-float32"), ("encdec-int8", "ct2-int8"))
+IMPLEMENTATIONS = ("encdec", "encdec-blas", "encdec-bf16", "encdec-int8", "transformers", "ct2-float32", "ct2-bfloat16",
+                   "ct2-int8", "decoder-only")
+CT2_COMPUTE = {"ct2-float32": "float32", "ct2-bfloat16": "bfloat16", "ct2-int8": "int8"}
+RATIOS = (("encdec", "transformers"), ("encdec", "ct2-float32"), ("encdec-bf16", "ct2-bfloat16"), ("encdec-int8", "ct2-int8"),
+          ("encdec", "encdec-blas"))
 WARMUP_TOKENS = 2
 DEVICE = torch.device("cpu")
 Runner = Callable[[torch.Tensor, int], list[list[int]]]  # (prompt ids [B, L], new tokens) -> tokens per row
@@ -112,10 +118,12 @@ def settings(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 # ---- workers: one implementation, every setting, in this process ----
 
-def encdec_runner(model_dir: Path, quantize: str | None) -> Runner:
-    from encdec.inference.quantize import load_for_inference
+def encdec_runner(model_dir: Path, name: str) -> Runner:
+    from encdec.inference.loading import load_for_inference
 
-    model = load_for_inference(model_dir, torch.float32, quantize)
+    dtype = torch.bfloat16 if name == "encdec-bf16" else torch.float32
+    model = load_for_inference(model_dir, dtype, "int8" if name == "encdec-int8" else None,
+                               "blas" if name == "encdec-blas" else "onednn")
 
     def run(ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
         return model.generate(ids, torch.ones_like(ids), max_new_tokens=new_tokens, eos_token_ids=[-1]).tolist()
@@ -184,7 +192,7 @@ def worker(args: argparse.Namespace) -> None:
     if name.startswith("ct2-"):
         run = ct2_runner(Path(model_dir), CT2_COMPUTE[name])
     elif name.startswith("encdec"):
-        run = encdec_runner(Path(model_dir), "int8" if name == "encdec-int8" else None)
+        run = encdec_runner(Path(model_dir), name)
     else:
         run = transformers_runner(Path(model_dir), causal=name == "decoder-only")
     result = {}
@@ -243,6 +251,13 @@ def skip_reason(implementation: str, model_dir: Path, ct2: dict[str, Path | str]
 
     if implementation in CT2_COMPUTE and isinstance(ct2[implementation], str):
         return ct2[implementation]
+    if implementation in CT2_COMPUTE:
+        import ctranslate2
+
+        supported = ctranslate2.get_supported_compute_types("cpu")
+        if CT2_COMPUTE[implementation] not in supported:
+            return (f"CTranslate2 {ctranslate2.__version__} computes {', '.join(sorted(supported))} on this CPU, "
+                    f"not {CT2_COMPUTE[implementation]}")
     if implementation == "transformers" and checkpoint_format(model_dir) == NATIVE:
         return f"{model_dir} is in this project's own format: no transformers class holds its configuration"
     return None
@@ -296,7 +311,7 @@ def main() -> None:
                 cell.tokens = measured["tokens"]
                 cell.peak_gib = max(cell.peak_gib, result["peak_gib"])
 
-    print(f"device cpu ({torch.get_num_threads()} threads), float32, greedy, {args.new_tokens} new tokens per row "
+    print(f"device cpu ({torch.get_num_threads()} threads), float32 unless named, greedy, {args.new_tokens} new tokens per row "
           f"(EOS ignored), median of {args.rounds} round(s) x {args.repeats} call(s)")
     print(f"{'model':<13}  {'implementation':<14}  {'prompt':>6}  {'batch':>5}  {'seconds':>8}  {'CPU s':>7}"
           f"  {'new tok/s':>9}  {'peak GiB':>8}  tokens = encdec's")
