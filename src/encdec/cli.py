@@ -265,12 +265,13 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
     from encdec.inference.quantize import QUANTIZATIONS
 
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="compute dtype (bfloat16 is meant for a GPU, which is used when there is one)")
+                   help="compute dtype (a GPU is used when there is one; bfloat16 on CPU wants AVX512-BF16 or AMX)")
     p.add_argument("--quantize", choices=list(QUANTIZATIONS), default=None,
                    help="int8: dynamic int8 linear layers and LM head, for CPU inference in float32")
     p.add_argument("--cpu-kernels", choices=list(CPU_KERNELS), default="onednn",
-                   help="matrix products on CPU: onednn packs the weights once into oneDNN's layout (2-4x faster "
-                        "than blas on the benchmark CPU, docs/benchmarks.md); blas is PyTorch's default")
+                   help="matrix products on CPU: onednn packs the weights once into oneDNN's layout (on the "
+                        "benchmark CPU its products ran 2-4x and generation 1.1-1.9x faster than blas, "
+                        "docs/benchmarks.md); blas is PyTorch's default")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ products on weights reordered once into its blocked layout, instead of PyTorch's
 Why: on the benchmark machine (AMD EPYC with AVX-512, 2 threads) PyTorch's float32 products (MKL) ran the
 encoder's shapes at 180-190 GFLOP/s and read the 262k x 640 LM head for one decoding row in 43 ms;
 oneDNN on packed weights ran the same products at 400-440 GFLOP/s and the head in 9-17 ms
-(docs/benchmarks.md, "Generation throughput"). The results agree with BLAS's to float32 rounding
+(docs/benchmarks.md, "oneDNN-packed weights"). The results agree with BLAS's to float32 rounding
 (summation order differs), so greedy tokens can differ from an unpacked run only at near-ties.
 
 For inference only: the packed layout cannot be trained, saved or indexed. The tied embedding table stays
