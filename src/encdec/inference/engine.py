@@ -188,9 +188,31 @@ class Engine:
         n = len(self.rows)
         if n == 0:
             return []
-        pos = self.positions[:n]
         seen = max(len(r.tokens) for r in self.rows) + 1  # decoder positions any row has, this one included
-        enc = max(self.encoder_lengths[:n])
+        logits = self.logits(n, seen, max(self.encoder_lengths[:n]))
+        chosen = pick_tokens(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows]).tolist()
+        self.positions[:n] += 1
+        self.last[:n] = torch.tensor(chosen, device=self.device)
+        emitted, ended = [], []
+        for slot, (row, token) in enumerate(zip(self.rows, chosen)):
+            row.tokens.append(token)
+            if token in row.eos_token_ids:
+                row.finish_reason = "stop"
+            elif len(row.tokens) >= row.max_new_tokens:
+                row.finish_reason = "length"
+            if row.finish_reason is not None:
+                ended.append(slot)
+            emitted.append(Emitted(row, token))
+        for slot in reversed(ended):
+            self._remove(slot)
+        return emitted
+
+    def logits(self, n: int, seen: int, enc: int) -> torch.Tensor:
+        """The tensor work of a step: next-token logits [n, vocab] (float32) of the first n slots, given the
+        decoder positions (`seen`) and encoder positions (`enc`) the longest of them has; the caches get
+        this step's keys and values. Kept apart from the rows' bookkeeping so that it can be compiled
+        (bench/compile_step.py)."""
+        pos = self.positions[:n]
         rope = {kind: (cos[pos][:, None, None], sin[pos][:, None, None]) for kind, (cos, sin) in self.rope.items()}
         self_bias = {kind: b[pos, :seen][:, None, None] for kind, b in self.self_bias.items()}
         enc_bias = self.enc_bias[:n, :enc][:, None, None]
@@ -209,23 +231,7 @@ class Engine:
             x = x + block.post_attn_norm(attend(block.attn, q, [own]))
             cq = block.cross_attn.queries(block.cross_norm(x), None)
             x = block.feed_forward(x + block.post_cross_norm(attend(block.cross_attn, cq, [encoded])))
-        logits = self.model.logits(self.model.decoder.norm(x[:, 0])).float()
-        chosen = pick_tokens(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows]).tolist()
-        self.positions[:n] += 1
-        self.last[:n] = torch.tensor(chosen, device=self.device)
-        emitted, ended = [], []
-        for slot, (row, token) in enumerate(zip(self.rows, chosen)):
-            row.tokens.append(token)
-            if token in row.eos_token_ids:
-                row.finish_reason = "stop"
-            elif len(row.tokens) >= row.max_new_tokens:
-                row.finish_reason = "length"
-            if row.finish_reason is not None:
-                ended.append(slot)
-            emitted.append(Emitted(row, token))
-        for slot in reversed(ended):
-            self._remove(slot)
-        return emitted
+        return self.model.logits(self.model.decoder.norm(x[:, 0])).float()
 
 
 def pack(lengths: list[int], width: int) -> list[list[int]]:

@@ -1,0 +1,92 @@
+"""Does `torch.compile` of the decoding step pay on this machine? Eager against compiled, same engine.
+
+The decoding engine's tensor work per step is `Engine.logits` (the caches, the decoder layers and the LM
+head, without the rows' bookkeeping). This script generates --new-tokens greedy tokens for a batch of
+corpus prompts with it as it is, then with `torch.compile(Engine.logits, dynamic=True)` (inductor; the
+decoder and encoder lengths change every step, hence dynamic shapes), for each --kernels choice of
+`load_for_inference` (blas: PyTorch's products; onednn: the packed weights `encdec generate` uses).
+It prints the compilation time (the first compiled generation, less an eager one), the median step
+time of the following compiled generations against eager ones, and whether the tokens are the same.
+The last line is the ratio of the eager to the compiled median step (> 1: compiling pays).
+
+    python bench/compile_step.py --model runs/bench/merged --kernels blas,onednn
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import corpus_token_ids
+
+
+def generate(model, ids: torch.Tensor, new_tokens: int, compiled=None) -> tuple[list[list[int]], list[float]]:
+    """Greedy tokens of every row and each step's seconds, through the engine (its logits compiled or not)."""
+    from encdec.inference.engine import Engine, Row
+
+    engine = Engine(model, len(ids))
+    if compiled is not None:
+        engine.logits = functools.partial(compiled, engine)
+    rows = [Row(new_tokens, frozenset()) for _ in range(len(ids))]
+    engine.join(ids, None, rows)
+    seconds = []
+    while engine.rows:
+        start = time.perf_counter()
+        engine.step()
+        seconds.append(time.perf_counter() - start)
+    return [row.tokens for row in rows], seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=Path("runs/bench/merged"), help="an encoder-decoder checkpoint")
+    parser.add_argument("--kernels", default="blas,onednn", help="comma list of load_for_inference's CPU kernels")
+    parser.add_argument("--prompt-length", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2, help="timed generations of each mode")
+    args = parser.parse_args()
+    if min(args.prompt_length, args.batch, args.new_tokens, args.repeats) < 1:
+        parser.error("--prompt-length, --batch, --new-tokens and --repeats must be positive")
+
+    from encdec.inference.engine import Engine
+    from encdec.inference.loading import load_for_inference
+
+    flat = corpus_token_ids(args.model, args.batch * args.prompt_length)
+    ids = torch.tensor(flat[: args.batch * args.prompt_length]).view(args.batch, args.prompt_length)
+    rows, ratios = [], []
+    for kernels in args.kernels.split(","):
+        model = load_for_inference(args.model, torch.float32, None, kernels)
+        reference, _ = generate(model, ids, args.new_tokens)
+        eager = [s for _ in range(args.repeats) for s in generate(model, ids, args.new_tokens)[1]]
+        eager_call = sum(eager) / args.repeats
+        compiled = torch.compile(Engine.logits, dynamic=True)
+        start = time.perf_counter()
+        try:
+            tokens, _ = generate(model, ids, args.new_tokens, compiled)
+        except Exception as e:  # noqa: BLE001 - a kernel inductor cannot trace is a result to report
+            rows.append(f"{kernels:<8} compiled: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
+            continue
+        compile_s = time.perf_counter() - start - eager_call
+        steps = [s for _ in range(args.repeats) for s in generate(model, ids, args.new_tokens, compiled)[1]]
+        eager_ms, compiled_ms = statistics.median(eager) * 1e3, statistics.median(steps) * 1e3
+        rows.append(f"{kernels:<8} {eager_ms:>15.1f} {compiled_ms:>18.1f} {compile_s:>13.0f} "
+                    f"{'yes' if tokens == reference else 'no':>11}")
+        ratios.append((kernels, eager_ms / compiled_ms))
+        torch._dynamo.reset()
+
+    print(f"model {args.model}, {torch.get_num_threads()} threads, float32, batch {args.batch}, prompt "
+          f"{args.prompt_length} -> {args.new_tokens} new, median step over {args.repeats} generation(s)")
+    print(f"{'kernels':<8} {'eager ms/step':>15} {'compiled ms/step':>18} {'compile s':>13} {'same tokens':>11}")
+    for row in rows:
+        print(row)
+    for kernels, ratio in ratios:
+        print(f"ratio ({kernels}: eager / compiled step time): {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
