@@ -209,3 +209,21 @@ def test_load_for_inference_chooses_the_cpu_kernels(model, tmp_path):
     assert isinstance(plain.decoder.layers[0].attn.q_proj, nn.Linear)
     with pytest.raises(EncdecError, match="accepted: onednn, blas"):
         load_for_inference(tmp_path / "ckpt", torch.float32, None, "mkl")
+
+
+def test_packing_for_an_inference_pass_restores_the_layers(model):
+    """Classification packs a backbone for its predictions and probe features only: inside the block no linear
+    layer is left and the outputs stay, after it the very same layers are back; float64 is used as it is."""
+    ids, mask = _prompts()
+    dec = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(2))
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        reference = model(ids, mask, dec).logits
+        with onednn.packed_while_inferring(model):
+            assert not any(isinstance(m, nn.Linear) for m in model.modules())
+            torch.testing.assert_close(model(ids, mask, dec).logits, reference, rtol=1e-4, atol=1e-4)
+    after = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(after) == len(layers) and all(a is b for a, b in zip(after, layers))
+    wide = copy.deepcopy(model).to(torch.float64)
+    with onednn.packed_while_inferring(wide):
+        assert sum(isinstance(m, nn.Linear) for m in wide.modules()) == len(layers)

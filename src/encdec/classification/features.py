@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 from encdec.classification.backbone import Backbone
 from encdec.classification.classifier import pool
 from encdec.classification.train import batches_by_length
+from encdec.inference.onednn import packed_while_inferring
 
 CACHE_VERSION = 1
 
@@ -35,8 +36,9 @@ def pooled_features(backbone: Backbone, rows: list[list[int]], *, pad_id: int, p
     """[len(rows), hidden] float32: the pooled final hidden states of each row, in the order given."""
     backbone.eval()
     out = np.zeros((len(rows), backbone.hidden_size), dtype=np.float32)
-    for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, desc="features"):
-        out[chosen] = pool(backbone(ids, mask), mask, pooling).float().numpy()
+    with packed_while_inferring(backbone):
+        for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, desc="features"):
+            out[chosen] = pool(backbone(ids, mask), mask, pooling).float().numpy()
     return out
 
 

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from encdec.classification.classifier import Classifier
 from encdec.errors import EncdecError
+from encdec.inference.onednn import packed_while_inferring
 from encdec.training.allocator import keep_freed_memory
 from encdec.training.data import pad_rows
 from encdec.training.optim import build_optimizer, build_scheduler
@@ -135,7 +136,8 @@ def predict(classifier: Classifier, rows: list[list[int]], *, pad_id: int, batch
     """Label probabilities of each row, in the order given."""
     classifier.eval()
     probs: list[list[float]] = [[] for _ in rows]
-    for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, desc):
-        for i, p in zip(chosen, torch.softmax(classifier(ids, mask), -1).tolist()):
-            probs[i] = p
+    with packed_while_inferring(classifier.backbone):  # the head has a few outputs: nothing to gain
+        for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, desc):
+            for i, p in zip(chosen, torch.softmax(classifier(ids, mask), -1).tolist()):
+                probs[i] = p
     return probs

@@ -13,6 +13,9 @@ as it is for lookups and the head gets a packed copy of it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -46,22 +49,52 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def _pack_linears(module: nn.Module, keep: bool) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every nn.Linear under `module` by a PackedLinear; with `keep`, return (owner, name, original) of each.
+
+    By name, one layer at a time, holding no reference to a replaced layer unless kept: each one's float
+    weight is freed as its packed copy arrives, so packing a model peaks at its size plus one layer."""
+    kept = []
+    for name in [name for name, child in module.named_modules() if isinstance(child, nn.Linear)]:
+        parent, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(parent)
+        linear = getattr(owner, attribute)
+        setattr(owner, attribute, PackedLinear(linear.weight, linear.bias))
+        if keep:
+            kept.append((owner, attribute, linear))
+        del linear
+    return kept
+
+
+def _packable(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+
+
 def pack_for_cpu(model: EncoderDecoder) -> EncoderDecoder:
     """Replace, in place, every linear layer of `model` (on CPU, float32 or bfloat16) by a PackedLinear,
     and give it a packed LM head."""
-    if model.device.type != "cpu" or model.embed.weight.dtype not in (torch.float32, torch.bfloat16):
+    if not _packable(model.embed.weight):
         raise EncdecError("oneDNN-packed weights are for CPU inference in float32 or bfloat16")
     if not available():
         raise EncdecError("this PyTorch build has no oneDNN packed linear operator; use --cpu-kernels blas")
-    # by name, one layer at a time, holding no reference to the replaced layers: each one's float weight is
-    # freed as its packed copy arrives, so loading peaks at the model's size plus one layer, not twice the model
-    for name in [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]:
-        parent, _, attribute = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        linear = getattr(owner, attribute)
-        setattr(owner, attribute, PackedLinear(linear.weight, linear.bias))
-        del linear
+    _pack_linears(model, keep=False)
     if model.lm_head is None:  # tied: the embedding table stays for lookups, the head reads a packed copy
         model.lm_head = PackedLinear(model.embed.weight, None)
     return model
 
+
+@contextmanager
+def packed_while_inferring(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` with its linear layers packed inside the block and as it was after it: for inference passes
+    over a model that is trained or saved around them (classification's predictions and probe features).
+    Where packing does not apply (another device or dtype, no oneDNN) the module is used as it is."""
+    weight = next((m.weight for m in module.modules() if isinstance(m, nn.Linear)), None)
+    if weight is None or not _packable(weight) or not available():
+        yield module
+        return
+    kept = _pack_linears(module, keep=True)
+    try:
+        yield module
+    finally:
+        for owner, attribute, linear in kept:
+            setattr(owner, attribute, linear)
