@@ -227,3 +227,11 @@ def test_packing_for_an_inference_pass_restores_the_layers(model):
     wide = copy.deepcopy(model).to(torch.float64)
     with onednn.packed_while_inferring(wide):
         assert sum(isinstance(m, nn.Linear) for m in wide.modules()) == len(layers)
+
+
+def test_models_converted_for_inference_are_not_saved(model, tmp_path):
+    """Packed or int8 layers hold no float weights: saving says so in one line and writes nothing."""
+    for convert, what in ((onednn.pack_for_cpu, "packed for oneDNN"), (quantize_int8, "quantized to int8")):
+        with pytest.raises(EncdecError, match=f"{what} for inference .* cannot be saved"):
+            encdec.save(convert(copy.deepcopy(model)), tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -37,11 +37,27 @@ class Loaded:
     notes: list[str] = field(default_factory=list)  # what loading skipped
 
 
+def _converted_for_inference(model: torch.nn.Module) -> str | None:
+    """How `model`'s linear layers were converted for inference (their state no longer holds float weights), if so."""
+    from encdec.inference.onednn import PackedLinear
+
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            return "packed for oneDNN"
+        if type(module).__module__.startswith("torch.ao.nn.quantized"):
+            return "quantized to int8"
+    return None
+
+
 def save(
     model: EncoderDecoder, out: Path | str, *, tokenizer_dir: Path | None = None, overwrite: bool = False,
     dtype: torch.dtype | None = None, metadata: dict | None = None, tokenizer: object | None = None,
 ) -> str:
     """Write `model` (and `tokenizer`, or the one found in `tokenizer_dir`) to `out`; returns the format used."""
+    converted = _converted_for_inference(model)
+    if converted:
+        raise EncdecError(f"this model's weights were {converted} for inference (load_for_inference) and cannot be "
+                          "saved: save the model that encdec.load returns")
     cfg = model.config
     weights = model.state_dict()
     if dtype is not None:
