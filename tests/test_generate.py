@@ -12,8 +12,8 @@ from torch import nn
 
 import encdec
 from encdec.errors import EncdecError
-from encdec.inference.engine import Engine, Row
 from encdec.inference import onednn
+from encdec.inference.engine import Engine, Row
 from encdec.inference.loading import load_for_inference
 from encdec.inference.quantize import quantize_int8
 from encdec.inference.sampling import Sampling
