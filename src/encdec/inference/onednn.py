@@ -52,8 +52,9 @@ class PackedLinear(nn.Module):
 def _pack_linears(module: nn.Module, keep: bool) -> list[tuple[nn.Module, str, nn.Module]]:
     """Replace every nn.Linear under `module` by a PackedLinear; with `keep`, return (owner, name, original) of each.
 
-    By name, one layer at a time, holding no reference to a replaced layer unless kept: each one's float
-    weight is freed as its packed copy arrives, so packing a model peaks at its size plus one layer."""
+    By name, one layer at a time, holding no reference to a replaced layer unless kept, so that each one's float
+    weight can be freed as its packed copy arrives (pages of a memory-mapped checkpoint stay mapped while any
+    tensor of it lives: docs/benchmarks.md notes the resident memory this leaves)."""
     kept = []
     for name in [name for name, child in module.named_modules() if isinstance(child, nn.Linear)]:
         parent, _, attribute = name.rpartition(".")
