@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 
 import encdec
-from encdec.model import Segments, attention_masks
+from encdec.model import AttentionMask, Segments, attention_masks
 
 TOL = 1e-4
 
@@ -118,6 +118,42 @@ def test_bfloat16_forward_is_close_to_float32(sources, batch):
     mask = batch["decoder_attention_mask"].bool()
     assert torch.isfinite(low).all()
     assert (low[mask] - ref[mask]).abs().max().item() < 0.1 * ref[mask].abs().max().item()
+
+
+def test_long_cpu_inference_attends_chunk_by_chunk_alike(sources, monkeypatch):
+    """CPU inference over more than 4 x QUERY_CHUNK queries attends each chunk of queries over the span of
+    keys it may see (a local window, its packed prompt): real tokens' states equal those of whole-row attention,
+    for packed and padded encoder rows and a merged decoder reading them."""
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))  # local window 4, local and global layers
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 96, (2, 300), generator=g)
+    segments = torch.tensor([[1] * 120 + [2] * 180, [1] * 200 + [0] * 100])  # two packed prompts; one padded
+    positions = torch.cat([torch.arange(120), torch.arange(180)]).expand(2, -1).clone()
+    positions[1] = torch.arange(300)
+    dec = torch.randint(3, 96, (2, 290), generator=g)
+    dec_segments = torch.tensor([[1] * 140 + [2] * 150, [1] * 290])
+    dec_positions = torch.cat([torch.arange(140), torch.arange(150)]).expand(2, -1).clone()
+    dec_positions[1] = torch.arange(290)
+    seg = Segments(segments, positions)
+    spans = AttentionMask(attention_masks(seg, seg, causal=False, window=4, convention="t5gemma2")["sliding"]).spans()
+    assert all(hi - lo <= encdec.model.QUERY_CHUNK + 4 for _, _, lo, hi in spans)  # really narrower than a row
+    packed = Segments(segments[:1], positions[:1])
+    spans = AttentionMask(attention_masks(packed, packed, causal=False, window=4)["full"]).spans()
+    assert [(lo, hi) for start, _, lo, hi in spans if start < 64] == [(0, 120)]  # a packed prompt's own keys
+
+    def run():
+        with torch.no_grad():
+            encoded = model.encode(ids, segment_ids=segments, positions=positions)
+            logits = model(ids, decoder_input_ids=dec, segment_ids=segments, positions=positions,
+                           decoder_segment_ids=dec_segments, decoder_positions=dec_positions).logits
+        return encoded, logits
+
+    chunked = run()
+    monkeypatch.setattr(encdec.model, "QUERY_CHUNK", 10**6)  # no chunks: whole-row attention
+    whole = run()
+    real = segments != 0
+    assert (chunked[0][real] - whole[0][real]).abs().max().item() < 1e-5
+    assert (chunked[1] - whole[1]).abs().max().item() < 1e-4
 
 
 def test_sdpa_and_plain_product_attention_agree(sources, batch, monkeypatch):
