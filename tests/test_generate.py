@@ -17,6 +17,7 @@ from encdec.inference.engine import Engine, Row
 from encdec.inference.loading import load_for_inference
 from encdec.inference.quantize import quantize_int8
 from encdec.inference.sampling import Sampling
+from encdec.model import MLP
 
 
 @pytest.fixture(scope="module", params=[("gemma3", "merged"), ("gemma2", "cross")], ids=["merged", "cross"])
@@ -178,6 +179,18 @@ def test_packed_linear_equals_f_linear():
             torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+def test_packed_feed_forward_equals_the_model_s(activation):
+    """The packed feed-forward applies the activation and the gating inside oneDNN's products."""
+    torch.manual_seed(0)
+    mlp = MLP(40, 72, activation)
+    packed = onednn.PackedMLP(mlp)
+    for shape in [(1, 40), (300, 40), (3, 5, 40)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), mlp(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3}])
 def test_onednn_packed_weights_give_the_same_tokens(model, sampling):
     """CPU inference on oneDNN-packed weights (the default of `encdec generate` and `serve`): every linear layer
@@ -186,6 +199,7 @@ def test_onednn_packed_weights_give_the_same_tokens(model, sampling):
     dec = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(2))
     packed = onednn.pack_for_cpu(copy.deepcopy(model))
     assert not any(isinstance(m, nn.Linear) for m in packed.modules())
+    assert not any(isinstance(m, MLP) for m in packed.modules())  # every feed-forward fused
     assert isinstance(packed.lm_head, onednn.PackedLinear)
     with torch.no_grad():
         torch.testing.assert_close(packed(ids, mask, dec).logits, model(ids, mask, dec).logits, rtol=1e-4, atol=1e-4)
@@ -216,17 +230,17 @@ def test_packing_for_an_inference_pass_restores_the_layers(model):
     layer is left and the outputs stay, after it the very same layers are back; float64 is used as it is."""
     ids, mask = _prompts()
     dec = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(2))
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, MLP))]
     with torch.no_grad():
         reference = model(ids, mask, dec).logits
         with onednn.packed_while_inferring(model):
-            assert not any(isinstance(m, nn.Linear) for m in model.modules())
+            assert not any(isinstance(m, (nn.Linear, MLP)) for m in model.modules())
             torch.testing.assert_close(model(ids, mask, dec).logits, reference, rtol=1e-4, atol=1e-4)
-    after = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    after = [m for m in model.modules() if isinstance(m, (nn.Linear, MLP))]
     assert len(after) == len(layers) and all(a is b for a, b in zip(after, layers))
     wide = copy.deepcopy(model).to(torch.float64)
     with onednn.packed_while_inferring(wide):
-        assert sum(isinstance(m, nn.Linear) for m in wide.modules()) == len(layers)
+        assert sum(isinstance(m, (nn.Linear, MLP)) for m in wide.modules()) == len(layers)
 
 
 def test_models_converted_for_inference_are_not_saved(model, tmp_path):
