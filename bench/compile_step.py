@@ -1,8 +1,8 @@
 """Does `torch.compile` of the decoding step pay on this machine? Eager against compiled, same engine.
 
-The decoding engine's tensor work per step is `Engine.logits` (the caches, the decoder layers and the LM
-head, without the rows' bookkeeping). This script generates --new-tokens greedy tokens for a batch of
-corpus prompts with it as it is, then with `torch.compile(Engine.logits, dynamic=True)` (inductor; the
+The decoding engine's tensor work per step is `Engine.hidden` (the caches and the decoder layers, without
+the rows' bookkeeping and the LM head). This script generates --new-tokens greedy tokens for a batch of
+corpus prompts with it as it is, then with `torch.compile(Engine.hidden, dynamic=True)` (inductor; the
 decoder and encoder lengths change every step, hence dynamic shapes), for each --kernels choice of
 `load_for_inference` (blas: PyTorch's products; onednn: the packed weights `encdec generate` uses).
 It prints the compilation time (the first compiled generation, less an eager one), the median step
@@ -25,12 +25,12 @@ from common import corpus_token_ids
 
 
 def generate(model, ids: torch.Tensor, new_tokens: int, compiled=None) -> tuple[list[list[int]], list[float]]:
-    """Greedy tokens of every row and each step's seconds, through the engine (its logits compiled or not)."""
+    """Greedy tokens of every row and each step's seconds, through the engine (its decoder compiled or not)."""
     from encdec.inference.engine import Engine, Row
 
     engine = Engine(model, len(ids))
     if compiled is not None:
-        engine.logits = functools.partial(compiled, engine)
+        engine.hidden = functools.partial(compiled, engine)
     rows = [Row(new_tokens, frozenset()) for _ in range(len(ids))]
     engine.join(ids, None, rows)
     seconds = []
@@ -64,7 +64,7 @@ def main() -> None:
         reference, _ = generate(model, ids, args.new_tokens)
         eager = [s for _ in range(args.repeats) for s in generate(model, ids, args.new_tokens)[1]]
         eager_call = sum(eager) / args.repeats
-        compiled = torch.compile(Engine.logits, dynamic=True)
+        compiled = torch.compile(Engine.hidden, dynamic=True)
         start = time.perf_counter()
         try:
             tokens, _ = generate(model, ids, args.new_tokens, compiled)

@@ -17,7 +17,7 @@ from encdec.inference.engine import Engine, Row
 from encdec.inference.loading import load_for_inference
 from encdec.inference.quantize import quantize_int8
 from encdec.inference.sampling import Sampling
-from encdec.model import MLP
+from encdec.model import ACTIVATIONS, MLP, soft_cap
 
 
 @pytest.fixture(scope="module", params=[("gemma3", "merged"), ("gemma2", "cross")], ids=["merged", "cross"])
@@ -32,6 +32,25 @@ def _prompts():
     mask[1, 6:] = 0
     mask[2, :3] = 0  # left padding works too
     return ids, mask
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_screened_head_finds_the_float32_argmax(monkeypatch, softcap):
+    """The bfloat16 screen never loses the float32 argmax: on random states, and where bfloat16 cannot tell
+    tokens apart (rows that differ below its precision, states aimed between them); with too many screened
+    tokens the full head decides, alike."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(500, 64, generator=g) / 8
+    weight[1::2] = weight[0::2] + torch.randn(250, 64, generator=g) * 1e-4  # pairs bfloat16 rounds alike
+    head = onednn.ScreenedHead(weight)
+    hidden = torch.cat([torch.randn(64, 64, generator=g) * 30, weight[:128:2] * 400 + weight[1:128:2] * 400])
+    expected = soft_cap(hidden @ weight.T, softcap).argmax(-1)
+    assert (head(hidden) - hidden @ weight.T).abs().max() < 1e-3  # forward: every float32 logit
+    assert torch.equal(head.greedy(hidden, softcap), expected)
+    low = hidden.bfloat16().float() @ weight.bfloat16().float().T
+    assert not torch.equal(low.argmax(-1), expected)  # bfloat16 alone would have picked other tokens
+    monkeypatch.setattr(onednn, "MAX_CANDIDATES", 0)
+    assert torch.equal(head.greedy(hidden, softcap), expected)
 
 
 @pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3}])
@@ -179,7 +198,7 @@ def test_packed_linear_equals_f_linear():
             torch.testing.assert_close(layer(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("activation", ["gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_packed_feed_forward_equals_the_model_s(activation):
     """The packed feed-forward applies the activation and the gating inside oneDNN's products."""
     torch.manual_seed(0)
@@ -200,7 +219,7 @@ def test_onednn_packed_weights_give_the_same_tokens(model, sampling):
     packed = onednn.pack_for_cpu(copy.deepcopy(model))
     assert not any(isinstance(m, nn.Linear) for m in packed.modules())
     assert not any(isinstance(m, MLP) for m in packed.modules())  # every feed-forward fused
-    assert isinstance(packed.lm_head, onednn.PackedLinear)
+    assert isinstance(packed.lm_head, onednn.ScreenedHead)  # greedy rows through the bfloat16 screen
     with torch.no_grad():
         torch.testing.assert_close(packed(ids, mask, dec).logits, model(ids, mask, dec).logits, rtol=1e-4, atol=1e-4)
     ours = packed.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], **sampling)
@@ -217,7 +236,7 @@ def test_onednn_packing_in_bfloat16_and_its_limits(model):
 
 def test_load_for_inference_chooses_the_cpu_kernels(model, tmp_path):
     encdec.save(model, tmp_path / "ckpt")
-    assert isinstance(load_for_inference(tmp_path / "ckpt", torch.float32, None).lm_head, onednn.PackedLinear)
+    assert isinstance(load_for_inference(tmp_path / "ckpt", torch.float32, None).lm_head, onednn.ScreenedHead)
     plain = load_for_inference(tmp_path / "ckpt", torch.float32, None, "blas")
     assert plain.lm_head is None or isinstance(plain.lm_head, nn.Linear)
     assert isinstance(plain.decoder.layers[0].attn.q_proj, nn.Linear)

@@ -6,7 +6,8 @@ and the encoder keys/values of its prompt, written once when the row joins; a st
 [self keys | encoder keys] as two products and one joint softmax, so nothing is concatenated per
 step. RoPE tables and the decoder's causal/sliding masks are built once for all positions and
 indexed by each row's position. Live rows sit in the first slots: a row that ends is replaced by
-the last live row, so every step computes only live rows, and the LM head runs once per row.
+the last live row, so every step computes only live rows, and the LM head runs once per row (for
+greedy rows on CPU, through a bfloat16 screen that finds the float32 argmax exactly).
 
 `encdec.generate.generate` is "every row joins at step 0"; the server (`encdec.serve`) lets rows
 join whenever requests arrive. A row's tokens never depend on its neighbours (each has its own
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from encdec.inference.onednn import ScreenedHead
 from encdec.inference.sampling import Sampling, pick_tokens
 from encdec.model import Attention, Segments, embed_tokens, rope_tables
 
@@ -189,8 +191,7 @@ class Engine:
         if n == 0:
             return []
         seen = max(len(r.tokens) for r in self.rows) + 1  # decoder positions any row has, this one included
-        logits = self.logits(n, seen, max(self.encoder_lengths[:n]))
-        chosen = pick_tokens(logits, [r.sampling for r in self.rows], [r.generator for r in self.rows]).tolist()
+        chosen = self._choose(self.hidden(n, seen, max(self.encoder_lengths[:n]))).tolist()
         self.positions[:n] += 1
         self.last[:n] = torch.tensor(chosen, device=self.device)
         emitted, ended = [], []
@@ -207,11 +208,20 @@ class Engine:
             self._remove(slot)
         return emitted
 
-    def logits(self, n: int, seen: int, enc: int) -> torch.Tensor:
-        """The tensor work of a step: next-token logits [n, vocab] (float32) of the first n slots, given the
-        decoder positions (`seen`) and encoder positions (`enc`) the longest of them has; the caches get
-        this step's keys and values. Kept apart from the rows' bookkeeping so that it can be compiled
-        (bench/compile_step.py)."""
+    def _choose(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Each live row's next token: an all-greedy batch through the head's bfloat16 screen where it has
+        one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32 logit."""
+        settings = [r.sampling for r in self.rows]
+        head = self.model.lm_head
+        if isinstance(head, ScreenedHead) and not any(s.do_sample for s in settings):
+            return head.greedy(hidden.float(), self.model.config.final_logit_softcap)
+        return pick_tokens(self.model.logits(hidden).float(), settings, [r.generator for r in self.rows])
+
+    def hidden(self, n: int, seen: int, enc: int) -> torch.Tensor:
+        """The decoder's tensor work of a step: the final states [n, d] of the first n slots (the LM head
+        reads them), given the decoder positions (`seen`) and encoder positions (`enc`) the longest of them
+        has; the caches get this step's keys and values. Kept apart from the rows' bookkeeping so that it
+        can be compiled (bench/compile_step.py)."""
         pos = self.positions[:n]
         rope = {kind: (cos[pos][:, None, None], sin[pos][:, None, None]) for kind, (cos, sin) in self.rope.items()}
         self_bias = {kind: b[pos, :seen][:, None, None] for kind, b in self.self_bias.items()}
@@ -231,7 +241,7 @@ class Engine:
             x = x + block.post_attn_norm(attend(block.attn, q, [own]))
             cq = block.cross_attn.queries(block.cross_norm(x), None)
             x = block.feed_forward(x + block.post_cross_norm(attend(block.cross_attn, cq, [encoded])))
-        return self.model.logits(self.model.decoder.norm(x[:, 0])).float()
+        return self.model.decoder.norm(x[:, 0])
 
 
 def pack(lengths: list[int], width: int) -> list[list[int]]:
