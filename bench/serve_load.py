@@ -4,6 +4,8 @@ Targets, each driven by 1, 4 and 16 concurrent clients (--clients) in closed loo
 next request when the previous one has finished), every request a streamed `POST /v1/completions`:
 
 - serve: `encdec serve MODEL --max-batch 16` (a real uvicorn server on the loopback interface);
+- serve-bf16: the same server with `--dtype bfloat16` (on CPU, oneDNN's bfloat16 products: not float32's
+  exact texts, +0.0007 nats of held-out NLL on the trained model, bench/inference_quality.py);
 - serve-batch1: the same server with `--max-batch 1` (one request decoded at a time);
 - transformers-loop: one request at a time through transformers' `AutoModelForSeq2SeqLM.generate` on
   the same checkpoint, the clients being threads of the same process that queue their requests for a
@@ -51,7 +53,7 @@ from pathlib import Path
 from common import corpus_token_ids, print_result, run_worker
 from generate_throughput import prepare_model
 
-TARGETS = ("serve", "serve-batch1", "transformers-loop")
+TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop")
 HEALTH_TIMEOUT_S = 300  # loading the 270M takes under a minute alone; a busy shared machine may take longer
 REQUEST_TIMEOUT_S = 600
 
@@ -185,14 +187,20 @@ def peak_rss_gib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for process {pid}")
 
 
-def run_server(model_dir: Path, max_batch: int, requests: list[dict], plan: list[list[list[int]]],
+def server_options(target: str, args: argparse.Namespace) -> list[str]:
+    """The `encdec serve` options of a server target."""
+    return {"serve": ["--max-batch", str(args.max_batch)], "serve-bf16": ["--max-batch", str(args.max_batch), "--dtype", "bfloat16"],
+            "serve-batch1": ["--max-batch", "1"]}[target]
+
+
+def run_server(model_dir: Path, options: list[str], requests: list[dict], plan: list[list[list[int]]],
                args: argparse.Namespace) -> tuple[list[tuple[list[Done], float]], float]:
-    """Start `encdec serve`, wait for /health, run every level; returns them and the server's peak RSS."""
+    """Start `encdec serve` with `options`, wait for /health, run every level; returns them and the server's peak RSS."""
     import httpx
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "encdec.cli", "serve", str(model_dir), "--port", str(port),
-                               "--host", "127.0.0.1", "--max-batch", str(max_batch)],
+                               "--host", "127.0.0.1", *options],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -322,12 +330,11 @@ def main() -> None:
         if target == "transformers-loop":
             measured[target] = run_loop(model_dir, requests, plan, args)
         else:
-            batch = 1 if target == "serve-batch1" else args.max_batch
-            measured[target] = run_server(model_dir, batch, requests, plan, args)
+            measured[target] = run_server(model_dir, server_options(target, args), requests, plan, args)
 
     loop = measured.get("transformers-loop")
     reference = {d.index: d.text for done, _ in loop[0] for d in done} if loop else {}
-    print(f"model {model_dir}, {os.cpu_count()} CPUs, float32, greedy; prompts {args.min_prompt}-{args.max_prompt} "
+    print(f"model {model_dir}, {os.cpu_count()} CPUs, float32 unless named, greedy; prompts {args.min_prompt}-{args.max_prompt} "
           f"tokens, {args.min_new}-{args.max_new} new tokens, {args.requests_per_client} request(s) per client")
     print(f"{'target':<17}  {'clients':>7}  {'done':>4}  {'req/s':>6}  {'out tok/s':>9}  {'TTFT p50':>8}  {'TTFT p99':>8}"
           f"  {'lat p50':>7}  {'lat p99':>7}  {'peak GiB':>8}  same text as loop")
@@ -340,16 +347,19 @@ def main() -> None:
                   f"  {sum(d.tokens for d in done) / wall:>9.1f}  {percentile(ttft, .5):>8.2f}"
                   f"  {percentile(ttft, .99):>8.2f}  {percentile(latency, .5):>7.2f}  {percentile(latency, .99):>7.2f}"
                   f"  {peak:>8.2f}  {same}")
-    if "serve" in measured and "transformers-loop" in measured:
-        served, looped = measured["serve"][0], loop[0]
-        top = args.clients.index(max(args.clients))
-        rate = sum(d.tokens for d in served[top][0]) / served[top][1]
-        loop_rate = sum(d.tokens for d in looped[top][0]) / looped[top][1]
-        single = args.clients.index(min(args.clients))
-        loop_single = statistics.median(d.latency for d in looped[single][0])
-        print(f"ratio (serve / transformers-loop output tokens/s, {args.clients[top]} clients): {rate / loop_rate:.2f}x")
-        print(f"ratio (serve p99 latency at {args.clients[top]} clients / transformers-loop latency at "
-              f"{args.clients[single]} client(s)): {percentile([d.latency for d in served[top][0]], .99) / loop_single:.2f}x")
+    if loop is None:
+        return
+    top, single = args.clients.index(max(args.clients)), args.clients.index(min(args.clients))
+    loop_rate = sum(d.tokens for d in loop[0][top][0]) / loop[0][top][1]
+    loop_single = statistics.median(d.latency for d in loop[0][single][0])
+    for target in ("serve-bf16", "serve"):  # float32's ratios last
+        if target in measured:
+            served = measured[target][0]
+            rate = sum(d.tokens for d in served[top][0]) / served[top][1]
+            p99 = percentile([d.latency for d in served[top][0]], .99)
+            print(f"ratio ({target} / transformers-loop output tokens/s, {args.clients[top]} clients): {rate / loop_rate:.2f}x")
+            print(f"ratio ({target} p99 latency at {args.clients[top]} clients / transformers-loop latency at "
+                  f"{args.clients[single]} client(s)): {p99 / loop_single:.2f}x")
 
 
 if __name__ == "__main__":

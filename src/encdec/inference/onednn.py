@@ -103,12 +103,14 @@ class ScreenedHead(nn.Module):
     def greedy(self, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
         """The argmax token of each row of the logits of `hidden` [n, d] (float32), soft-capped as the model does."""
         low = hidden.bfloat16()
-        approx = self.screen(low).float()  # [n, vocab]
+        approx = self.screen(low)  # [n, vocab] bfloat16, compared without a float copy
+        largest = torch.maximum(approx.amax(-1), -approx.amin(-1)).float()
         # |approx - exact| <= |h - h_low| |w_low| + |h| |w - w_low| + the product's own rounding
         bound = ((hidden - low.float()).norm(dim=-1) * self.max_norm + hidden.norm(dim=-1) * self.max_error
-                 + approx.abs().amax(-1) * BF16_ROUNDING + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
-        capped = soft_cap(approx, softcap)  # the cap moves no two logits further apart, so the bound holds after it
-        candidates = capped >= (capped.amax(-1) - 2 * bound)[:, None]
+                 + largest * BF16_ROUNDING + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
+        # the cap moves no two logits further apart, so the bound holds after it
+        capped = approx if softcap is None else soft_cap(approx.float(), softcap)
+        candidates = capped >= (capped.amax(-1).float() - 2 * bound)[:, None]
         columns = candidates.any(0).nonzero()[:, 0]
         if len(columns) > MAX_CANDIDATES:
             return soft_cap(self.full(hidden), softcap).argmax(-1)
