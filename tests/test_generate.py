@@ -34,19 +34,20 @@ def _prompts():
     return ids, mask
 
 
-@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("softcap", [None, 30.0])
 def test_screened_head_finds_the_float32_argmax(monkeypatch, softcap):
     """The bfloat16 screen never loses the float32 argmax: on random states, and where bfloat16 cannot tell
-    tokens apart (rows that differ below its precision, states aimed between them); with too many screened
-    tokens the full head decides, alike."""
+    tokens apart (rows that differ below its precision, states aimed between them), while it leaves few
+    tokens to score in float32; with too many screened tokens (or none) the full head decides, alike."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(500, 64, generator=g) / 8
     weight[1::2] = weight[0::2] + torch.randn(250, 64, generator=g) * 1e-4  # pairs bfloat16 rounds alike
     head = onednn.ScreenedHead(weight)
-    hidden = torch.cat([torch.randn(64, 64, generator=g) * 30, weight[:128:2] * 400 + weight[1:128:2] * 400])
+    hidden = torch.cat([torch.randn(64, 64, generator=g) * 3, weight[:128:2] * 40 + weight[1:128:2] * 40])
     expected = soft_cap(hidden @ weight.T, softcap).argmax(-1)
-    assert (head(hidden) - hidden @ weight.T).abs().max() < 1e-3  # forward: every float32 logit
+    assert (head(hidden) - hidden @ weight.T).abs().max() < 1e-4  # forward: every float32 logit
     assert torch.equal(head.greedy(hidden, softcap), expected)
+    assert head.candidates(hidden, softcap).sum(-1).float().mean() < 5  # a screen, not the whole vocabulary
     low = hidden.bfloat16().float() @ weight.bfloat16().float().T
     assert not torch.equal(low.argmax(-1), expected)  # bfloat16 alone would have picked other tokens
     monkeypatch.setattr(onednn, "MAX_CANDIDATES", 0)
@@ -224,6 +225,24 @@ def test_onednn_packed_weights_give_the_same_tokens(model, sampling):
         torch.testing.assert_close(packed(ids, mask, dec).logits, model(ids, mask, dec).logits, rtol=1e-4, atol=1e-4)
     ours = packed.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], **sampling)
     assert torch.equal(ours, model.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], **sampling))
+
+
+def test_packed_attention_attends_long_rows_alike(model):
+    """Passes of 256 queries or more on packed weights attend span by span through oneDNN's products (two
+    key/value heads, each read by two query heads): real tokens' states equal the unpacked model's, for
+    packed prompts and padding alike."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 96, (2, 300), generator=g)
+    segments = torch.tensor([[1] * 120 + [2] * 180, [1] * 260 + [0] * 40])
+    positions = torch.cat([torch.arange(120), torch.arange(180)]).expand(2, -1).clone()
+    positions[1] = torch.arange(300)
+    packed = onednn.pack_for_cpu(copy.deepcopy(model))
+    assert all(isinstance(block.attn, onednn.PackedAttention) for block in packed.encoder.layers)
+    with torch.no_grad():
+        ours = packed.encode(ids, segment_ids=segments, positions=positions)
+        reference = model.encode(ids, segment_ids=segments, positions=positions)
+    real = segments != 0
+    assert (ours[real] - reference[real]).abs().max().item() < 1e-4
 
 
 def test_onednn_packing_in_bfloat16_and_its_limits(model):

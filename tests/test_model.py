@@ -149,8 +149,12 @@ def test_long_cpu_inference_attends_chunk_by_chunk_alike(sources, monkeypatch):
                            decoder_segment_ids=dec_segments, decoder_positions=dec_positions).logits
         return encoded, logits
 
+    calls = []
+    chunks = encdec.model.Attention._attend_in_chunks
+    monkeypatch.setattr(encdec.model.Attention, "_attend_in_chunks", lambda *a: calls.append(1) or chunks(*a))
     chunked = run()
-    monkeypatch.setattr(encdec.model, "QUERY_CHUNK", 10**6)  # no chunks: whole-row attention
+    assert calls  # the chunked path ran
+    monkeypatch.setattr(encdec.model.Attention, "chunked_from", 10**6)  # no chunks: whole-row attention
     whole = run()
     real = segments != 0
     assert (chunked[0][real] - whole[0][real]).abs().max().item() < 1e-5

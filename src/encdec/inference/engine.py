@@ -7,7 +7,7 @@ and the encoder keys/values of its prompt, written once when the row joins; a st
 step. RoPE tables and the decoder's causal/sliding masks are built once for all positions and
 indexed by each row's position. Live rows sit in the first slots: a row that ends is replaced by
 the last live row, so every step computes only live rows, and the LM head runs once per row (for
-greedy rows on CPU, through a bfloat16 screen that finds the float32 argmax exactly).
+greedy rows on CPU, through a bfloat16 screen that keeps the float32 argmax).
 
 `encdec.generate.generate` is "every row joins at step 0"; the server (`encdec.serve`) lets rows
 join whenever requests arrive. A row's tokens never depend on its neighbours (each has its own
