@@ -154,7 +154,7 @@ def test_long_cpu_inference_attends_chunk_by_chunk_alike(sources, monkeypatch):
     monkeypatch.setattr(encdec.model.Attention, "_attend_in_chunks", lambda *a: calls.append(1) or chunks(*a))
     chunked = run()
     assert calls  # the chunked path ran
-    monkeypatch.setattr(encdec.model.Attention, "chunked_from", 10**6)  # no chunks: whole-row attention
+    monkeypatch.setattr(encdec.model, "QUERY_CHUNK", 10**6)  # no chunks: whole-row attention
     whole = run()
     real = segments != 0
     assert (chunked[0][real] - whole[0][real]).abs().max().item() < 1e-5

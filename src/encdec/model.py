@@ -109,7 +109,7 @@ Span = tuple[slice, int, int, int, int]  # rows, first query, end query, first k
 class AttentionMask:
     """A boolean attention mask [B, 1, Lq, Lk] and what attention derives from it, computed once per
     stack and shared by every layer of a kind: the additive bias, and for long CPU inference, which
-    keys each chunk of queries may see at all.
+    keys each chunk of QUERY_CHUNK queries may see at all.
 
     Masked scores get the dtype's finite minimum rather than -inf, so a row with nothing to see
     (padding) stays finite instead of turning into NaN."""
@@ -117,7 +117,7 @@ class AttentionMask:
     def __init__(self, allowed: torch.Tensor) -> None:
         self.allowed = allowed
         self._biases: dict[torch.dtype, torch.Tensor] = {}
-        self._spans: dict[int, list[Span]] = {}
+        self._spans: list[Span] | None = None
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
         """0 where allowed, else the dtype's minimum, in the dtype of the scores (bf16 under autocast)."""
@@ -127,16 +127,16 @@ class AttentionMask:
                 ~self.allowed, low)
         return self._biases[dtype]
 
-    def spans(self, chunk: int = QUERY_CHUNK) -> list[Span]:
-        """Query chunks and the keys they may see: per chunk of `chunk` queries, the keys between the first
-        and the last that one of its queries may see (every key for a chunk of padding), consecutive chunks
-        with the same keys merged. For all rows at once when the rows' masks agree (one prompt per row,
-        all of one length), else row by row (packed or padded rows). Padding queries, which see nothing,
-        average the values of their chunk's span rather than of the whole row: nothing reads them."""
-        if chunk not in self._spans:
+    def spans(self) -> list[Span]:
+        """Query chunks and the keys they may see: per chunk of QUERY_CHUNK queries, the keys between the
+        first and the last that one of its queries may see (every key for a chunk of padding), consecutive
+        chunks with the same keys merged. For all rows at once when the rows' masks agree (one prompt per
+        row, all of one length), else row by row (packed or padded rows). Padding queries, which see
+        nothing, average the values of their chunk's span rather than of the whole row: nothing reads them."""
+        if self._spans is None:
             queries, keys = self.allowed.shape[-2:]
-            pad = -queries % chunk
-            seen = F.pad(self.allowed[:, 0], (0, 0, 0, pad)).view(len(self.allowed), -1, chunk, keys).any(2)
+            pad = -queries % QUERY_CHUNK
+            seen = F.pad(self.allowed[:, 0], (0, 0, 0, pad)).view(len(self.allowed), -1, QUERY_CHUNK, keys).any(2)
             first = seen.int().argmax(2)  # [B, chunks]
             end = torch.where(seen.any(2), keys - seen.flip(2).int().argmax(2), keys)
             first = first.masked_fill(~seen.any(2), 0)
@@ -145,17 +145,16 @@ class AttentionMask:
                 first, end = first[:1], end[:1]
             else:
                 rows = [slice(b, b + 1) for b in range(len(self.allowed))]
-            spans: list[Span] = []
+            self._spans = []
             for row, lows, highs in zip(rows, first.tolist(), end.tolist()):
                 for c, (lo, hi) in enumerate(zip(lows, highs)):
-                    stop = min((c + 1) * chunk, queries)
-                    last = spans[-1] if spans else None
+                    stop = min((c + 1) * QUERY_CHUNK, queries)
+                    last = self._spans[-1] if self._spans else None
                     if last is not None and last[0] == row and last[3:] == (lo, hi):
-                        spans[-1] = (row, last[1], stop, lo, hi)
+                        self._spans[-1] = (row, last[1], stop, lo, hi)
                     else:
-                        spans.append((row, c * chunk, stop, lo, hi))
-            self._spans[chunk] = spans
-        return self._spans[chunk]
+                        self._spans.append((row, c * QUERY_CHUNK, stop, lo, hi))
+        return self._spans
 
 
 def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low: float, high: float, original: float) -> torch.Tensor:
@@ -200,9 +199,6 @@ class Attention(nn.Module):
     read by the decoder).
     """
 
-    query_chunk = QUERY_CHUNK  # queries per chunk of long CPU inference passes
-    chunked_from = 4 * QUERY_CHUNK + 1  # queries from which CPU inference attends chunk by chunk
-
     def __init__(self, cfg: StackConfig, kv_width: int | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -240,7 +236,7 @@ class Attention(nn.Module):
         # plain products are also faster than SDPA's kernel for short sequences (docs/benchmarks.md)
         cpu = q.device.type == "cpu"
         small = cpu and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= PLAIN_SCORES_MAX
-        if self.softcap is None and cpu and not torch.is_grad_enabled() and q.shape[2] >= self.chunked_from:
+        if self.softcap is None and cpu and not torch.is_grad_enabled() and q.shape[2] > 4 * QUERY_CHUNK:
             out = self._attend_in_chunks(q, k, v, mask)
         elif self.softcap is not None or small:
             out = self._attend_by_products(q, k, v, mask.bias(q.dtype))
@@ -252,18 +248,15 @@ class Attention(nn.Module):
         """SDPA chunk of queries by chunk, each over only the span of keys it may see: a local layer's
         window, or a packed prompt's own tokens, instead of the whole row (inference on CPU, where the
         kernel computes every masked score; 1.6x faster on 1024-token prompts, docs/benchmarks.md)."""
-        spans, bias = mask.spans(self.query_chunk), mask.bias(q.dtype)
-        if len(spans) == 1:  # one span for the whole batch: one call, no copy
-            return self._attend_span(q, k, v, bias)
+        spans, bias = mask.spans(), mask.bias(q.dtype)
+        if len(spans) == 1:  # every query of every row may see every key
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
         out = torch.empty_like(q)
         for rows, start, end, lo, hi in spans:
-            out[rows, :, start:end] = self._attend_span(
-                q[rows, :, start:end], k[rows, :, lo:hi], v[rows, :, lo:hi], bias[rows, :, start:end, lo:hi])
+            out[rows, :, start:end] = F.scaled_dot_product_attention(
+                q[rows, :, start:end], k[rows, :, lo:hi], v[rows, :, lo:hi], attn_mask=bias[rows, :, start:end, lo:hi],
+                scale=self.scale, enable_gqa=True)
         return out
-
-    def _attend_span(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Attention of a span of queries over its keys (the oneDNN-packed inference model computes it otherwise)."""
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
 
     def _attend_by_products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """Scores, softmax and weighted values as plain products. The query heads that share a key/value

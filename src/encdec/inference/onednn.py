@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from encdec.errors import EncdecError
-from encdec.model import MLP, Attention, EncoderDecoder, soft_cap
+from encdec.model import MLP, EncoderDecoder, soft_cap
 
 CPU_KERNELS = ("onednn", "blas")
 PACK_FOR_ROWS = 512  # oneDNN's hint of the rows per product; measured: any hint >= 8 ran 1 to 512 rows alike
@@ -83,41 +83,6 @@ class PackedMLP(nn.Module):
         return self.down_proj(gated).view(*x.shape[:-1], -1)
 
 
-class PackedAttention(Attention):
-    """Attention on packed projections whose long CPU inference passes compute each span of queries
-    (`Attention._attend_in_chunks`) by oneDNN's products, the span's keys and values reordered for them,
-    instead of SDPA's kernel: 1.7-1.8x faster on spans of 256-450 queries on the benchmark machine (as
-    fast at 1024, slower below 256, hence the larger chunks and the threshold)."""
-
-    query_chunk = 256
-    chunked_from = 256
-
-    def __init__(self, attn: Attention) -> None:
-        nn.Module.__init__(self)
-        for name, value in vars(attn).items():
-            if not name.startswith("_"):
-                setattr(self, name, value)
-        for name, child in attn.named_children():
-            self.add_module(name, PackedLinear(child.weight, child.bias) if isinstance(child, nn.Linear) else child)
-
-    def _attend_span(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        batch, heads, queries, dim = q.shape
-        kv_heads, keys = k.shape[1], k.shape[2]
-        group = heads // kv_heads  # the query heads that share a key/value head: one product
-        out = torch.empty_like(q)
-        for b in range(batch):
-            for h in range(kv_heads):
-                heads_of = slice(h * group, (h + 1) * group)
-                keys_t = torch.ops.mkldnn._reorder_linear_weight(k[b, h].contiguous(), PACK_FOR_ROWS)
-                scores = torch.ops.mkldnn._linear_pointwise(q[b, heads_of].reshape(-1, dim), keys_t, None, "none", [], "")
-                scores = scores.view(group, queries, keys).mul_(self.scale).add_(bias[b])
-                probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype).view(-1, keys)
-                values_t = torch.ops.mkldnn._reorder_linear_weight(v[b, h].T.contiguous(), PACK_FOR_ROWS)
-                out[b, heads_of] = torch.ops.mkldnn._linear_pointwise(probs, values_t, None, "none", [], "").view(
-                    group, queries, dim)
-        return out
-
-
 class ScreenedHead(nn.Module):
     """x @ weight.T in float32 (packed), and `greedy`: its argmax through a bfloat16 screen (module docstring).
 
@@ -161,17 +126,9 @@ class ScreenedHead(nn.Module):
         return columns[exact.masked_fill(~candidates[:, columns], float("-inf")).argmax(-1)]
 
 
-def _packed(layer: nn.Module) -> nn.Module:
-    if isinstance(layer, MLP):
-        return PackedMLP(layer)
-    if isinstance(layer, Attention):
-        return PackedAttention(layer)
-    return PackedLinear(layer.weight, layer.bias)
-
-
 def _pack_layers(module: nn.Module, keep: bool) -> list[tuple[nn.Module, str, nn.Module]]:
-    """Replace every feed-forward (PackedMLP), every attention (PackedAttention, its projections packed) and
-    every other nn.Linear (PackedLinear) under `module`; with `keep`, return (owner, name, original) of each.
+    """Replace every feed-forward (PackedMLP) and every other nn.Linear (PackedLinear) under `module`; with
+    `keep`, return (owner, name, original) of each.
 
     By name, one layer at a time, holding no reference to a replaced layer unless kept, so that each one's float
     weight can be freed as its packed copy arrives (pages of a memory-mapped checkpoint stay mapped while any
@@ -180,13 +137,13 @@ def _pack_layers(module: nn.Module, keep: bool) -> list[tuple[nn.Module, str, nn
     names: list[str] = []
     for name, child in module.named_modules():  # parents come before their children
         inside = any(name.startswith(f"{outer}.") for outer in names)
-        if name and not inside and isinstance(child, (MLP, Attention, nn.Linear)):
+        if name and not inside and isinstance(child, (MLP, nn.Linear)):
             names.append(name)
     for name in names:
         parent, _, attribute = name.rpartition(".")
         owner = module.get_submodule(parent)
         layer = getattr(owner, attribute)
-        setattr(owner, attribute, _packed(layer))
+        setattr(owner, attribute, PackedMLP(layer) if isinstance(layer, MLP) else PackedLinear(layer.weight, layer.bias))
         if keep:
             kept.append((owner, attribute, layer))
         del layer
@@ -199,8 +156,8 @@ def _packable(weight: torch.Tensor) -> bool:
 
 def pack_for_cpu(model: EncoderDecoder) -> EncoderDecoder:
     """Replace, in place, every linear layer of `model` (on CPU, float32 or bfloat16) by a PackedLinear,
-    every feed-forward by a PackedMLP, every attention by a PackedAttention, and give it a packed LM head
-    (a tied float32 one screened for greedy tokens where oneDNN has bfloat16 products: AVX-512 CPUs)."""
+    every feed-forward by a PackedMLP, and give it a packed LM head (a tied float32 one screened for greedy
+    tokens where oneDNN has bfloat16 products: AVX-512 CPUs)."""
     if not _packable(model.embed.weight):
         raise EncdecError("oneDNN-packed weights are for CPU inference in float32 or bfloat16")
     if not available():
