@@ -82,3 +82,16 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     assert encoder_claim.run_cell("m", "rte", "probe", cell, settings) == rte and len(ran) == 1  # not run again
     with pytest.raises(SystemExit, match="other settings"):  # nor reused for other settings
         encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "seed": 1}))
+
+
+def test_gpu_check_rehearses_on_cpu():
+    """bench/gpu_check.py is the one call a session lent a GPU makes: its tiny rehearsal runs here end to end,
+    generation equal to the uncached path and to transformers' in float32, a ratio line per setting."""
+    run = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--tiny", "--skip", "compile", "--prompt-lengths",
+                          "32", "--new-tokens", "4", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    float32 = [line for line in lines if line.startswith("float32 prompt 32")]
+    assert len(float32) == 2 and all("cached == uncached (8 tokens): True" in line for line in float32)
+    assert all("(tokens equal 100%)" in line for line in float32)
+    assert sum(line.startswith("ratio (") for line in lines) == 4  # two batch sizes x two dtypes

@@ -1,0 +1,193 @@
+"""Everything GPU-specific in one call, for a session that is lent a GPU (issue 11's GPU items).
+
+The device machine cannot receive the packaged 270M's weights (they are larger than what travels), so the
+model is the 270M's shape, adapted balanced with merged attention (the configuration is written below),
+randomly initialised with a fixed seed: speeds and memory are real, texts are not. For each dtype
+(float32, bfloat16) it reports, on prompts of --prompt-lengths tokens -> --new-tokens greedy tokens at
+batch 1 and 8:
+
+- encdec's generation (`model.generate`, the engine): seconds, and whether its tokens equal the uncached
+  path's (`use_cache=False`) in float32, and how many equal float32's in bfloat16;
+- transformers' `T5Gemma2ForConditionalGeneration.generate` on the same weights (saved in the T5Gemma 2
+  layout), and the ratio;
+- the engine's decoder step compiled (`torch.compile(Engine.hidden)`, default mode and "reduce-overhead",
+  which captures CUDA graphs): median step time against eager, tokens compared, compilation seconds;
+- peak GPU memory of each.
+
+Each timing is the median of --repeats calls after one untimed call. The last lines are the ratios
+(encdec / transformers per setting, then compiled / eager). On a CPU (no GPU here) `--tiny` runs a
+2-layer model of the same kinds, in float32 and bfloat16, as a rehearsal of the script.
+
+    PYTHONPATH=src PYTHONUNBUFFERED=1 python3 bench/gpu_check.py        # on the device machine, ~5 min
+    python bench/gpu_check.py --tiny                                  # here
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+LAYER_TYPES = ["full" if (i + 1) % 6 == 0 else "sliding" for i in range(18)]
+STACK_270M = {  # Gemma 3 270M's text stack, as `encdec adapt` reads it
+    "num_layers": 18, "hidden_size": 640, "intermediate_size": 2048, "num_heads": 4, "num_kv_heads": 1,
+    "head_dim": 256, "layer_types": LAYER_TYPES, "sliding_window": 512, "query_pre_attn_scalar": 256,
+    "rope_theta_local": 10_000.0, "rope_theta_global": 1_000_000.0, "qk_norm": True, "rms_norm_eps": 1e-6,
+    "max_positions": 32768,
+}
+STACK_TINY = dict(STACK_270M, num_layers=2, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=1,
+                  head_dim=16, layer_types=["sliding", "full"], sliding_window=16, query_pre_attn_scalar=16)
+
+
+def build(tiny: bool, device: torch.device):
+    from encdec.config import EncDecConfig, StackConfig
+    from encdec.model import EncoderDecoder
+
+    stack = STACK_TINY if tiny else STACK_270M
+    config = EncDecConfig(encoder=StackConfig(**stack), decoder=StackConfig(**stack), vocab_size=512 if tiny else 262144,
+                          family="gemma3", attention="merged", shared_embeddings=True)
+    torch.manual_seed(0)
+    model = EncoderDecoder(config)
+    with torch.no_grad():
+        for p in model.parameters():  # small random weights: finite logits through 18 layers
+            p.normal_(0, 0.02) if p.dim() > 1 else p.zero_()
+    return model.to(device).eval()
+
+
+def timed(call, repeats: int, device: torch.device) -> tuple[float, object]:
+    """Median seconds of `repeats` calls after one untimed call, and the last call's result."""
+    call()
+    seconds, result = [], None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds), result
+
+
+def peak_gib(device: torch.device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def engine_steps(model, ids: torch.Tensor, new_tokens: int, hidden=None) -> tuple[list[list[int]], list[float]]:
+    """Greedy tokens and each step's seconds through the engine, its decoder step replaced by `hidden`."""
+    from encdec.inference.engine import Engine, Row
+
+    engine = Engine(model, len(ids))
+    if hidden is not None:
+        engine.hidden = functools.partial(hidden, engine)
+    rows = [Row(new_tokens, frozenset()) for _ in range(len(ids))]
+    engine.join(ids, None, rows)
+    seconds = []
+    while engine.rows:
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    return [row.tokens for row in rows], seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model (a rehearsal, on CPU too)")
+    parser.add_argument("--prompt-lengths", default="256,1024")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: transformers, compile")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    skip = set(filter(None, args.skip.split(",")))
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), torch "
+          f"{torch.__version__}, {'tiny' if args.tiny else '270M-shaped'} random model, greedy, "
+          f"{args.new_tokens} new tokens, median of {args.repeats}", flush=True)
+    base = build(args.tiny, device)
+    ratios: list[str] = []
+    reference: dict[tuple[int, int], torch.Tensor] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = base.to(dtype)
+        name = str(dtype).removeprefix("torch.")
+        hf = None
+        if "transformers" not in skip:
+            import transformers
+
+            from encdec.checkpoint import save
+
+            with tempfile.TemporaryDirectory() as tmp:
+                save(model.float(), Path(tmp) / "m")
+                model = base.to(dtype)
+                hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(Path(tmp) / "m"), dtype=dtype).to(device).eval()
+        for length in map(int, args.prompt_lengths.split(",")):
+            for batch in (1, 8):
+                g = torch.Generator().manual_seed(length + batch)
+                ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=g).to(device)
+                ids[:, 0] = model.config.bos_token_id
+                cell = f"{name} prompt {length} batch {batch}"
+                generate = functools.partial(model.generate, ids, max_new_tokens=args.new_tokens, eos_token_ids=[-1])
+                ours_s, ours = timed(generate, args.repeats, device)
+                line = f"{cell:<30} encdec {ours_s:7.3f} s  peak {peak_gib(device):6.2f} GiB"
+                if dtype == torch.float32:
+                    uncached = model.generate(ids, max_new_tokens=min(args.new_tokens, 8), eos_token_ids=[-1],
+                                              use_cache=False)
+                    line += f"  cached == uncached (8 tokens): {torch.equal(ours[:, : uncached.shape[1]], uncached)}"
+                    reference[(length, batch)] = ours
+                else:
+                    same = (ours == reference[(length, batch)]).float().mean().item()
+                    line += f"  tokens equal to float32's: {same:.0%}"
+                if hf is not None:
+                    generate = functools.partial(hf.generate, ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+                    with torch.no_grad():
+                        theirs_s, theirs = timed(generate, args.repeats, device)
+                    same = (theirs[:, -ours.shape[1]:] == ours).float().mean().item()
+                    line += f"  transformers {theirs_s:7.3f} s (tokens equal {same:.0%})"
+                    ratios.append(f"ratio ({cell}: encdec / transformers): {theirs_s / ours_s:.2f}x")
+                print(line, flush=True)
+        hf = None  # its memory back before the compiled steps
+        if "compile" not in skip:
+            from encdec.inference.engine import Engine
+
+            length = int(args.prompt_lengths.split(",")[0])
+            ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
+            ids = ids.to(device)
+            eager_tokens, _ = engine_steps(model, ids, args.new_tokens)
+            eager = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens)[1]]
+            for mode in ("default", "reduce-overhead"):
+                compiled = torch.compile(Engine.hidden, dynamic=True, mode=mode)
+                start = time.perf_counter()
+                try:
+                    tokens, _ = engine_steps(model, ids, args.new_tokens, compiled)
+                except Exception as e:  # noqa: BLE001 - a mode that fails is a result to report
+                    print(f"{name} compile {mode}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    continue
+                compile_s = time.perf_counter() - start
+                steps = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens, compiled)[1]]
+                e_ms, c_ms = statistics.median(eager) * 1e3, statistics.median(steps) * 1e3
+                print(f"{name} batch-1 step, compile {mode}: eager {e_ms:.2f} ms, compiled {c_ms:.2f} ms, first "
+                      f"compiled generation {compile_s:.0f} s, same tokens: {tokens == eager_tokens}", flush=True)
+                ratios.append(f"ratio ({name}, compile {mode}: eager / compiled step): {e_ms / c_ms:.2f}x")
+                torch._dynamo.reset()
+    for line in ratios:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
