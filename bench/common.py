@@ -25,6 +25,28 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def engine_steps(model, ids: torch.Tensor, new_tokens: int, hidden=None) -> tuple[list[list[int]], list[float]]:
+    """Greedy tokens of every row and each step's seconds through the decoding engine, its decoder step
+    (`Engine.hidden`) replaced by `hidden` (a compiled one) when given."""
+    import functools
+
+    from encdec.inference.engine import Engine, Row
+
+    engine = Engine(model, len(ids))
+    if hidden is not None:
+        engine.hidden = functools.partial(hidden, engine)
+    rows = [Row(new_tokens, frozenset()) for _ in range(len(ids))]
+    engine.join(ids, None, rows)
+    seconds = []
+    while engine.rows:
+        synchronize(ids.device)
+        start = time.perf_counter()
+        engine.step()
+        synchronize(ids.device)
+        seconds.append(time.perf_counter() - start)
+    return [row.tokens for row in rows], seconds
+
+
 def time_calls(call: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> list[float]:
     """Seconds of each of `repeats` calls of `call` after `warmup` untimed ones (printed to stderr too)."""
     for _ in range(warmup):

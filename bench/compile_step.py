@@ -15,30 +15,12 @@ The last line is the ratio of the eager to the compiled median step (> 1: compil
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from common import corpus_token_ids
-
-
-def generate(model, ids: torch.Tensor, new_tokens: int, compiled=None) -> tuple[list[list[int]], list[float]]:
-    """Greedy tokens of every row and each step's seconds, through the engine (its decoder compiled or not)."""
-    from encdec.inference.engine import Engine, Row
-
-    engine = Engine(model, len(ids))
-    if compiled is not None:
-        engine.hidden = functools.partial(compiled, engine)
-    rows = [Row(new_tokens, frozenset()) for _ in range(len(ids))]
-    engine.join(ids, None, rows)
-    seconds = []
-    while engine.rows:
-        start = time.perf_counter()
-        engine.step()
-        seconds.append(time.perf_counter() - start)
-    return [row.tokens for row in rows], seconds
+from common import corpus_token_ids, engine_steps
 
 
 def main() -> None:
@@ -61,18 +43,18 @@ def main() -> None:
     rows, ratios = [], []
     for kernels in args.kernels.split(","):
         model = load_for_inference(args.model, torch.float32, None, kernels)
-        reference, _ = generate(model, ids, args.new_tokens)
-        eager = [s for _ in range(args.repeats) for s in generate(model, ids, args.new_tokens)[1]]
+        reference, _ = engine_steps(model, ids, args.new_tokens)
+        eager = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens)[1]]
         eager_call = sum(eager) / args.repeats
         compiled = torch.compile(Engine.hidden, dynamic=True)
         start = time.perf_counter()
         try:
-            tokens, _ = generate(model, ids, args.new_tokens, compiled)
+            tokens, _ = engine_steps(model, ids, args.new_tokens, compiled)
         except Exception as e:  # noqa: BLE001 - a kernel inductor cannot trace is a result to report
             rows.append(f"{kernels:<8} compiled: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
             continue
         compile_s = time.perf_counter() - start - eager_call
-        steps = [s for _ in range(args.repeats) for s in generate(model, ids, args.new_tokens, compiled)[1]]
+        steps = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens, compiled)[1]]
         eager_ms, compiled_ms = statistics.median(eager) * 1e3, statistics.median(steps) * 1e3
         rows.append(f"{kernels:<8} {eager_ms:>15.1f} {compiled_ms:>18.1f} {compile_s:>13.0f} "
                     f"{'yes' if tokens == reference else 'no':>11}")

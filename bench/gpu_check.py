@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from common import engine_steps
 
 LAYER_TYPES = ["full" if (i + 1) % 6 == 0 else "sliding" for i in range(18)]
 STACK_270M = {  # Gemma 3 270M's text stack, as `encdec adapt` reads it
@@ -83,27 +84,6 @@ def peak_gib(device: torch.device) -> float:
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     torch.cuda.reset_peak_memory_stats(device)
     return peak
-
-
-def engine_steps(model, ids: torch.Tensor, new_tokens: int, hidden=None) -> tuple[list[list[int]], list[float]]:
-    """Greedy tokens and each step's seconds through the engine, its decoder step replaced by `hidden`."""
-    from encdec.inference.engine import Engine, Row
-
-    engine = Engine(model, len(ids))
-    if hidden is not None:
-        engine.hidden = functools.partial(hidden, engine)
-    rows = [Row(new_tokens, frozenset()) for _ in range(len(ids))]
-    engine.join(ids, None, rows)
-    seconds = []
-    while engine.rows:
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.step()
-        if ids.is_cuda:
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-    return [row.tokens for row in rows], seconds
 
 
 def main() -> None:

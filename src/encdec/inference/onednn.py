@@ -10,13 +10,13 @@ oneDNN on packed weights ran the same products at 400-440 GFLOP/s and the head i
 activation into the gate product and the gating into the up product saved a fifth of the feed-forward's
 time on 8 x 1024 encoder tokens (two passes over 8192 x 2048 activations less).
 
-A tied float32 LM head also gets a bfloat16 copy that screens the vocabulary for greedy decoding (ScreenedHead;
-where oneDNN computes bfloat16, AVX-512 CPUs):
-at batch 1 a decoding step of the 270M spent about half its time reading the float32 head (262k x 640,
-671 MB: 17.7 ms on the benchmark machine), the bfloat16 copy reads in 9.2 ms. The screen stays exact: a
-bound b on |bfloat16 logit - float32 logit|, valid for every token of a row, follows from the rounding of
-the hidden state and of the weights, so the true argmax is among the tokens whose bfloat16 logit is within
-2b of the bfloat16 maximum; only those (median 9, at most 216 over 96 measured steps) are scored in float32.
+A tied float32 LM head also gets a bfloat16 copy that screens the vocabulary for greedy decoding
+(ScreenedHead, where oneDNN computes bfloat16: AVX-512 CPUs). At batch 1 a decoding step of the 270M
+spent about half its time reading the float32 head (262k x 640, 671 MB: 17.7 ms on the benchmark
+machine); the bfloat16 copy reads in 9.2 ms. The screen keeps the float32 argmax: a bound b on
+|bfloat16 logit - float32 logit|, valid for every token of a row, follows from the rounding of the hidden
+state and of the weights, so the argmax is among the tokens whose bfloat16 logit is within 2b of the
+bfloat16 maximum; only those (median 9, at most 216 over 96 measured steps) are scored in float32.
 
 For inference only: the packed layout cannot be trained, saved or indexed. The tied embedding table stays
 as it is for lookups (and for scoring screened tokens); the head gets packed copies of it.
