@@ -132,9 +132,9 @@ class AttentionMask:
             queries, keys = self.allowed.shape[-2:]
             pad = -queries % QUERY_CHUNK
             seen = F.pad(self.allowed[:, 0], (0, 0, 0, pad)).view(len(self.allowed), -1, QUERY_CHUNK, keys).any(2)
-            first = seen.int().argmax(2)  # [B, chunks]
-            end = torch.where(seen.any(2), keys - seen.flip(2).int().argmax(2), keys)
-            first = first.masked_fill(~seen.any(2), 0)
+            any_key = seen.any(2)  # [B, chunks]
+            first = seen.int().argmax(2).masked_fill(~any_key, 0)
+            end = torch.where(any_key, keys - seen.flip(2).int().argmax(2), keys)
             if bool((first == first[:1]).all() and (end == end[:1]).all()):
                 rows: list[slice] = [slice(None)]
                 first, end = first[:1], end[:1]
