@@ -304,6 +304,7 @@ def loop_worker(model_dir: Path, plan_file: Path) -> None:
     drive([[0]])
     levels_out = [drive(per_client) for per_client in spec["plan"]]
     work.put(None)
+    thread.join()  # a generating thread still alive at exit aborts the process (seen on an Intel host)
     print_result({"levels": levels_out, "peak_gib": peak_rss_gib(os.getpid())})
 
 
