@@ -184,6 +184,56 @@ def test_stop_strings_cut_the_text(server, local):
     assert cut.choices[0].text == full[: full.index(stop)]
 
 
+def _reference_logprobs(local, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """The model's float32 log-softmax at each generated position, teacher-forced on the generated tokens."""
+    model, _ = local
+    decoder = torch.tensor([[model.config.bos_token_id, *tokens[:-1]]])
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids]), decoder_input_ids=decoder).logits[0].float()
+    return torch.log_softmax(logits, -1)
+
+
+def test_logprobs_are_the_models_own_and_stream_as_they_complete(server, local):
+    """Every token's log-probability and its likeliest alternatives, for a greedy and a sampled completion,
+    equal the model's teacher-forced log-softmax; chat gives the same numbers in its shape, streamed or not."""
+    model, tokenizer = local
+    client, model_id = server.client(), server.process.args[4]
+    prompt = "w1 w2 w3"
+    ids = tokenizer(prompt).input_ids
+    for options in ({"temperature": 0}, {"temperature": 1.3, "seed": 5}):
+        done = client.completions.create(model=model_id, prompt=prompt, max_tokens=6, logprobs=3, **options)
+        choice = done.choices[0]
+        choice_logprobs = choice.logprobs
+        tokens = tokenizer(choice.text, add_special_tokens=False).input_ids
+        assert len(choice_logprobs.tokens) == len(tokens) == done.usage.completion_tokens - (choice.finish_reason == "stop")
+        assert "".join(choice_logprobs.tokens) == choice.text
+        reference = _reference_logprobs(local, ids, tokens)
+        for position, (token, given, top) in enumerate(zip(tokens, choice_logprobs.token_logprobs,
+                                                           choice_logprobs.top_logprobs)):
+            assert given == pytest.approx(reference[position, token].item(), abs=1e-4)
+            best = reference[position].topk(3)  # each alternative's text: what it would have added to the answer
+            before = tokenizer.decode(tokens[:position])
+            assert [before + text for text in top] == [tokenizer.decode([*tokens[:position], t]) for t in best.indices]
+            assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+        offsets = choice_logprobs.text_offset
+        assert offsets[0] == 0 and all(choice.text[o:].startswith(t) for o, t in zip(offsets, choice_logprobs.tokens))
+    messages = [{"role": "user", "content": "w4 w5"}]
+    chat = client.chat.completions.create(model=model_id, messages=messages, max_tokens=5, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == chat.choices[0].message.content
+    assert all(len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+               and bytes(entry.bytes) == entry.token.encode() for entry in content)
+    streamed = []
+    for chunk in client.chat.completions.create(model=model_id, messages=messages, max_tokens=5, temperature=0,
+                                                logprobs=True, top_logprobs=2, stream=True):
+        for c in chunk.choices:
+            streamed += c.logprobs.content if c.logprobs is not None else []
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    plain = client.chat.completions.create(model=model_id, messages=messages, max_tokens=5, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+
+
 BAD = [
     ("{not json", 400, None),
     ('["a list"]', 400, None),
@@ -191,7 +241,12 @@ BAD = [
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": ["w1", "w2"]}, 400, "prompt"),
     ({"prompt": "w1", "n": 2}, 400, "n"),
-    ({"prompt": "w1", "logprobs": 2}, 400, "logprobs"),
+    ({"prompt": "w1", "echo": True}, 400, "echo"),
+    ({"prompt": "w1", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "w1", "logprobs": True}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "w1"}], "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "w1"}], "logprobs": 3}, 400, "logprobs"),
     ({"prompt": "w1", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"prompt": "w1", "frobnicate": 1}, 400, "frobnicate"),
     ({"prompt": "w1", "temperature": -1}, 400, "temperature"),

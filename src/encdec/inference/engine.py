@@ -41,14 +41,19 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (an EOS token), "length" or "cancelled"
     generator: torch.Generator | None = None
+    logprobs: int | None = None  # report each token's log-probability and this many likeliest alternatives
 
 
 @dataclass(frozen=True)
 class Emitted:
-    """A token a step produced for a row; `row.finish_reason` is set when it was the row's last."""
+    """A token a step produced for a row; `row.finish_reason` is set when it was the row's last. For a row
+    that asked for log-probabilities: the token's, and the likeliest tokens' (best first), under the model's
+    own distribution (the float32 log-softmax of its logits, before temperature or top-k / top-p)."""
 
     row: Row
     token: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 def _capacity(needed: int, current: int) -> int:
@@ -191,7 +196,10 @@ class Engine:
         if n == 0:
             return []
         seen = max(len(r.tokens) for r in self.rows) + 1  # decoder positions any row has, this one included
-        chosen = self._choose(self.hidden(n, seen, max(self.encoder_lengths[:n]))).tolist()
+        hidden = self.hidden(n, seen, max(self.encoder_lengths[:n]))
+        chosen, logits = self._choose(hidden)
+        scores = self._logprobs(hidden, chosen, logits)
+        chosen = chosen.tolist()
         self.positions[:n] += 1
         self.last[:n] = torch.tensor(chosen, device=self.device)
         emitted, ended = [], []
@@ -203,19 +211,40 @@ class Engine:
                 row.finish_reason = "length"
             if row.finish_reason is not None:
                 ended.append(slot)
-            emitted.append(Emitted(row, token))
+            emitted.append(Emitted(row, token, *scores[slot]) if slot in scores else Emitted(row, token))
         for slot in reversed(ended):
             self._remove(slot)
         return emitted
 
-    def _choose(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _choose(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each live row's next token: an all-greedy batch through the head's bfloat16 screen where it has
-        one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32 logit."""
+        one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32 logit (returned too)."""
         settings = [r.sampling for r in self.rows]
         head = self.model.lm_head
         if isinstance(head, ScreenedHead) and not any(s.do_sample for s in settings):
-            return head.greedy(hidden.float(), self.model.config.final_logit_softcap)
-        return pick_tokens(self.model.logits(hidden).float(), settings, [r.generator for r in self.rows])
+            return head.greedy(hidden.float(), self.model.config.final_logit_softcap), None
+        logits = self.model.logits(hidden).float()
+        return pick_tokens(logits, settings, [r.generator for r in self.rows]), logits
+
+    def _logprobs(self, hidden: torch.Tensor, chosen: torch.Tensor,
+                  logits: torch.Tensor | None) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
+        """slot -> (the chosen token's log-probability, the likeliest tokens') for the rows that asked; the
+        head's full float32 logits are computed for those rows only (a greedy batch skipped them)."""
+        slots = [i for i, row in enumerate(self.rows) if row.logprobs is not None]
+        if not slots:
+            return {}
+        index = torch.tensor(slots, device=self.device)
+        full = self.model.logits(hidden[index]).float() if logits is None else logits[index]
+        logprobs = torch.log_softmax(full, dim=-1)
+        picked = logprobs.gather(1, chosen[index, None])[:, 0].tolist()
+        width = max(self.rows[i].logprobs for i in slots)
+        best = logprobs.topk(width, dim=-1) if width else None
+        out = {}
+        for j, slot in enumerate(slots):
+            k = self.rows[slot].logprobs
+            top = () if best is None else tuple(zip(best.indices[j, :k].tolist(), best.values[j, :k].tolist()))
+            out[slot] = (picked[j], top)
+        return out
 
     def hidden(self, n: int, seen: int, enc: int) -> torch.Tensor:
         """The decoder's tensor work of a step: the final states [n, d] of the first n slots (the LM head

@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from encdec.data.chat import ChatFormat
-from encdec.inference.engine import Engine, Row
+from encdec.inference.engine import Emitted, Engine, Row
 from encdec.model import EncoderDecoder
+from encdec.serve.logprobs import TokenLogprobs
 from encdec.serve.metrics import Metrics
 from encdec.serve.protocol import APIError, Limits, Parsed, parse
 from encdec.serve.scheduler import Job, Scheduler
@@ -50,6 +51,9 @@ class Service:
         self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics)
         self.created = int(time.time())
 
+    def logprobs(self, request: Parsed) -> TokenLogprobs | None:
+        return None if request.logprobs is None else TokenLogprobs(self.tokenizer, request.kind, self.eos)
+
     def tokens(self, request: Parsed) -> list[int]:
         if isinstance(request.prompt, list):
             bad = [t for t in request.prompt if not 0 <= t < self.vocab_size]
@@ -75,16 +79,18 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _choice(kind: str, text: str | None, finish: str | None, stream: bool) -> dict[str, Any]:
+def _choice(kind: str, text: str | None, finish: str | None, stream: bool,
+            logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if kind == "completions":
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     if stream:
         delta = {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish}
 
 
-def _token(item: int | Exception | None) -> int | None:
+def _token(item: Emitted | Exception | None) -> Emitted | None:
     """A delivered token, None at the end; a failed step becomes a server error."""
     if isinstance(item, Exception):
         raise APIError(500, f"generation failed: {item}", kind="server_error")
@@ -117,7 +123,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 raise APIError(404, f"the model {parsed.model!r} is not served here; this server serves "
                                f"{settings.model_id!r}", "model", "model_not_found")
             prompt = service.tokens(parsed)
-            row = Row(parsed.max_tokens, service.eos, parsed.sampling)
+            row = Row(parsed.max_tokens, service.eos, parsed.sampling, logprobs=parsed.logprobs)
             job = Job(prompt, row, asyncio.get_running_loop())
             service.scheduler.submit(job)
         except APIError as e:
@@ -129,19 +135,21 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         return answer(endpoint, await _complete(request, job, parsed, meta))
 
     async def _complete(request: Request, job: Job, parsed: Parsed, meta: dict) -> Response:
-        text = TextStream(tokenizer, parsed.stop)
+        text, logprobs = TextStream(tokenizer, parsed.stop), service.logprobs(parsed)
         try:
             while True:
                 try:
-                    token = _token(await asyncio.wait_for(job.tokens.get(), DISCONNECT_POLL_S))
+                    item = _token(await asyncio.wait_for(job.tokens.get(), DISCONNECT_POLL_S))
                 except TimeoutError:
                     if await request.is_disconnected():
                         service.scheduler.cancel(job)
                         return Response(status_code=499)
                     continue
-                if token is None:
+                if item is None:
                     break
-                text.add(token)
+                if logprobs is not None:
+                    logprobs.add(item, len(text.text))
+                text.add(item.token)
                 if text.stopped:
                     service.scheduler.cancel(job)
                     break
@@ -149,7 +157,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             return _error(e)
         finish = "stop" if text.stopped else job.row.finish_reason
         body = {**meta, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
-                "choices": [_choice(parsed.kind, text.text, finish, False)],
+                "choices": [_choice(parsed.kind, text.text, finish, False, logprobs and logprobs.render())],
                 "usage": _usage(len(job.prompt), len(text.tokens))}
         return JSONResponse(body)
 
@@ -159,23 +167,29 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         def event(choices: list, **extra: Any) -> str:
             return f"data: {json.dumps({**meta, 'object': obj, 'choices': choices, **extra})}\n\n"
 
-        text = TextStream(tokenizer, parsed.stop)
+        text, logprobs = TextStream(tokenizer, parsed.stop), service.logprobs(parsed)
+
+        def pending() -> dict[str, Any] | None:  # the log-probabilities of the tokens since the last event
+            return logprobs and logprobs.take()
+
         try:
             if parsed.kind == "chat":
                 yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-            while (token := _token(await job.tokens.get())) is not None:
-                piece = text.add(token)
+            while (item := _token(await job.tokens.get())) is not None:
+                if logprobs is not None:
+                    logprobs.add(item, len(text.text))
+                piece = text.add(item.token)
                 if piece:
-                    yield event([_choice(parsed.kind, piece, None, True)])
+                    yield event([_choice(parsed.kind, piece, None, True, pending())])
                 if text.stopped:
                     service.scheduler.cancel(job)
                     break
             rest = "" if text.stopped else text.finish()
             if rest:
-                yield event([_choice(parsed.kind, rest, None, True)])
+                yield event([_choice(parsed.kind, rest, None, True, pending())])
             finish = "stop" if text.stopped else job.row.finish_reason
-            yield event([_choice(parsed.kind, None, finish, True)])
+            yield event([_choice(parsed.kind, None, finish, True, pending())])
             yield event([], usage=_usage(len(job.prompt), len(text.tokens)))
             yield "data: [DONE]\n\n"
         except APIError as e:

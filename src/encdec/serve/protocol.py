@@ -2,7 +2,7 @@
 
 Fields are read from the raw JSON rather than through a schema so that every refusal names the field
 and what is accepted: harmless OpenAI fields (`user`, `metadata`, ...) are accepted and ignored, ones
-that would change the result and are not supported (`n` > 1, `logprobs`, penalties, tools ...) are
+that would change the result and are not supported (`n` > 1, `echo`, penalties, tools ...) are
 refused by name, and unknown fields are refused as the OpenAI API does.
 """
 
@@ -32,14 +32,14 @@ class APIError(Exception):
 IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls", "prompt_cache_key",
            "safety_identifier"}
 # field -> the value(s) that leave the result unchanged; any other value is refused
-NEUTRAL = {"n": (1, None), "best_of": (1, None), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
-           "echo": (False, None), "suffix": (None, ""), "presence_penalty": (0, 0.0, None),
+NEUTRAL = {"n": (1, None), "best_of": (1, None), "echo": (False, None), "suffix": (None, ""), "presence_penalty": (0, 0.0, None),
            "frequency_penalty": (0, 0.0, None), "logit_bias": (None,), "tools": (None,), "tool_choice": (None, "none"),
            "functions": (None,), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
            "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
-FIELDS = {"completions": SAMPLING_FIELDS | {"prompt"},
-          "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens"}}
+FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
+          "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
+MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Parsed:
     sampling: Sampling
     stop: list[str]
     stream: bool
+    logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k likeliest alternatives'
 
 
 def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -88,6 +89,25 @@ def _stop(body: dict) -> list[str]:
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
         raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", "stop")
     return stops
+
+
+def _logprobs(body: dict, kind: str) -> int | None:
+    """completions: `logprobs` = k alternatives (0 to MAX_TOP_LOGPROBS); chat: `logprobs` true, `top_logprobs` = k."""
+    if kind == "completions":
+        count = _typed(body, "logprobs", (int,), "an integer")
+        name = "logprobs"
+    else:
+        wanted = _typed(body, "logprobs", (bool,), "true or false")
+        count = _typed(body, "top_logprobs", (int,), "an integer")
+        name = "top_logprobs"
+        if count is not None and not wanted:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", name)
+        if not wanted:
+            return None
+        count = count or 0
+    if count is not None and not 0 <= count <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"'{name}' must be between 0 and {MAX_TOP_LOGPROBS}, got {count}", name)
+    return count
 
 
 def _prompt(body: dict) -> str | list[int]:
@@ -161,4 +181,4 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     prompt = _prompt(body) if kind == "completions" else _chat_text(body)
     sampling = Sampling(do_sample=temperature > 0, temperature=temperature or 1.0,
                         top_k=None if top_k in (None, -1) else top_k, top_p=top_p, seed=seed)
-    return Parsed(kind, model, prompt, max_tokens, sampling, stop, stream)
+    return Parsed(kind, model, prompt, max_tokens, sampling, stop, stream, _logprobs(body, kind))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from encdec.inference.engine import Engine, Row
+from encdec.inference.engine import Emitted, Engine, Row
 from encdec.serve.metrics import Metrics
 from encdec.serve.protocol import APIError
 
@@ -25,7 +25,8 @@ IDLE_WAIT_S = 0.5  # how often an idle scheduler wakes up to look for a stop
 
 @dataclass(eq=False)
 class Job:
-    """A request's place in the scheduler: its row, and the queue its tokens are delivered to (None ends it)."""
+    """A request's place in the scheduler: its row, and the queue its tokens (`Emitted`) are delivered to (None
+    ends it)."""
 
     prompt: list[int]
     row: Row
@@ -34,7 +35,7 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
 
-    def deliver(self, item: int | Exception | None) -> None:
+    def deliver(self, item: Emitted | Exception | None) -> None:
         self.loop.call_soon_threadsafe(self.tokens.put_nowait, item)
 
 
@@ -130,7 +131,7 @@ class Scheduler:
             if job.first_token is None:
                 job.first_token = now
                 self.metrics.ttft.observe(now - job.arrived)
-            job.deliver(item.token)
+            job.deliver(item)
             if item.row.finish_reason is not None:
                 del self.running[item.row]
                 self._finish(job, item.row.finish_reason)

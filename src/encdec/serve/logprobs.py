@@ -1,0 +1,78 @@
+"""Log-probabilities in the OpenAI shapes: the completions API's parallel lists (`tokens`, `token_logprobs`,
+`top_logprobs`, `text_offset`) and the chat API's `content` entries (`token`, `logprob`, `bytes`,
+`top_logprobs`).
+
+A token's text is what it adds to the answer after the tokens before it (decoded with the last few of
+them, so that a word's leading space or a merged character comes out as in the answer: the answer's
+tokens' texts join into its text, up to a stop string). An alternative's text is what it would have
+added there. A byte-fallback token (`<0xE2>`) has that byte in `bytes`. End-of-sequence tokens end the
+answer and are not listed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from encdec.inference.engine import Emitted
+
+BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+CONTEXT_TOKENS = 4  # tokens before a token that its text is decoded with
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+    bytes: list[int]
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Entry:
+    chosen: Piece
+    top: list[Piece]
+    offset: int  # where the token's text starts in the answer
+
+
+class TokenLogprobs:
+    """The log-probabilities of one answer's tokens as they arrive; `take` hands out those not yet sent."""
+
+    def __init__(self, tokenizer: Any, kind: str, eos: frozenset[int]) -> None:
+        self.tokenizer, self.kind, self.eos = tokenizer, kind, eos
+        self.tokens: list[int] = []
+        self.entries: list[Entry] = []
+        self.sent = 0
+
+    def add(self, item: Emitted, offset: int) -> None:
+        """`item` (a token and its scores) arrived; its text starts at `offset` of the answer."""
+        if item.logprob is not None and item.token not in self.eos:
+            tail = self.tokens[-CONTEXT_TOKENS:]
+            before = self.tokenizer.decode(tail)
+            self.entries.append(Entry(self._piece(tail, before, item.token, item.logprob),
+                                      [self._piece(tail, before, t, lp) for t, lp in item.top], offset))
+        self.tokens.append(item.token)
+
+    def _piece(self, tail: list[int], before: str, token: int, logprob: float) -> Piece:
+        joined = self.tokenizer.decode([*tail, token])
+        text = joined[len(before):] if joined.startswith(before) else self.tokenizer.decode([token])
+        byte = BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or "")
+        return Piece(text, [int(byte.group(1), 16)] if byte else list(text.encode("utf-8")), logprob)
+
+    def take(self) -> dict[str, Any] | None:
+        """The entries since the last call, in the endpoint's shape (None when there are none)."""
+        new, self.sent = self.entries[self.sent :], len(self.entries)
+        return self.render(new) if new else None
+
+    def render(self, entries: list[Entry] | None = None) -> dict[str, Any]:
+        entries = self.entries if entries is None else entries
+        if self.kind == "completions":
+            return {"tokens": [e.chosen.text for e in entries], "token_logprobs": [e.chosen.logprob for e in entries],
+                    "top_logprobs": [{p.text: p.logprob for p in e.top} for e in entries],
+                    "text_offset": [e.offset for e in entries]}
+        return {"content": [{**_chat(e.chosen), "top_logprobs": [_chat(p) for p in e.top]} for e in entries],
+                "refusal": None}
+
+
+def _chat(piece: Piece) -> dict[str, Any]:
+    return {"token": piece.text, "logprob": piece.logprob, "bytes": piece.bytes}
