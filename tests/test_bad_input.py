@@ -273,6 +273,8 @@ GENERATE_BAD = [
     (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
     (["--max-new-tokens", "100000000000"], "at most 255 new tokens"),
     (["--seed", "-3"], "seed -3 out of range"),
+    (["--repetition-penalty", "-1"], "repetition_penalty must be a positive finite number, got -1.0"),
+    (["--presence-penalty", "nan"], "presence_penalty must be in [-2, 2], got nan"),
     (["--prompt", " ".join(["w5"] * 300)], "the prompt has 301 tokens; this model reads at most 256"),
 ]
 

@@ -33,7 +33,7 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
     main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--prompt", "w7", "--max-new-tokens", "4",
-                 "--do-sample", "--seed", "1", "--top-k", "5"]) == 0
+                 "--do-sample", "--seed", "1", "--top-k", "5", "--repetition-penalty", "1.2", "--frequency-penalty", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" -> ")[0] for line in lines] == ["w1 w2 w3", "w7"]
     assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "--quantize", "int8"]) == 0

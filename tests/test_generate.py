@@ -54,7 +54,11 @@ def test_screened_head_finds_the_float32_argmax(monkeypatch, softcap):
     assert torch.equal(head.greedy(hidden, softcap), expected)
 
 
-@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3}])
+PENALTIES = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.7, "logit_bias": {5: 2.0}}
+
+
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3},
+                                      PENALTIES], ids=["greedy", "sampled", "penalties"])
 def test_cached_equals_uncached(model, sampling):
     ids, mask = _prompts()
     cached = model.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], **sampling)
@@ -98,7 +102,37 @@ def test_sampling_options(model):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"do_sample": True, "temperature": 0.0}, {"top_p": 1.5}, {"top_k": 0}])
+def test_penalties_and_biases_change_the_logits_as_documented():
+    """Repetition (divide a positive logit, multiply a negative one), presence (once) and frequency (per count)
+    penalties on the generated tokens only, then the biases; greedy and sampled choices read the result."""
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    s = Sampling(presence_penalty=0.25, frequency_penalty=0.5, repetition_penalty=2.0, logit_bias=((2, 10.0),))
+    expected = torch.tensor([2.0 / 2 - 0.25 - 0.5 * 2, -1.0 * 2 - 0.25 - 0.5, 10.5, 3.0])
+    torch.testing.assert_close(s.adjust(logits, [0, 1, 0]), expected)
+    assert torch.equal(Sampling().adjust(logits, [0, 1]), logits) and not Sampling().adjusts
+    from encdec.inference.sampling import pick_tokens
+
+    rows = torch.stack([logits, logits])
+    assert pick_tokens(rows, [Sampling(), s], [None, None], [[3], [3]]).tolist() == [3, 2]
+    forced = Sampling(do_sample=True, seed=0, logit_bias=((1, 100.0),))
+    assert pick_tokens(rows, [forced, forced], [forced.generator(torch.device("cpu"))] * 2, [[], []]).tolist() == [1, 1]
+
+
+def test_penalties_stop_repetition(model):
+    """The tiny model repeats itself greedily; a frequency penalty of 2 makes it repeat less, a logit bias of 100
+    makes it say one token."""
+    ids, mask = _prompts()
+    plain = model.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1])
+    penalised = model.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], frequency_penalty=2.0)
+    distinct = [len(set(row.tolist())) for row in plain], [len(set(row.tolist())) for row in penalised]
+    assert sum(distinct[1]) > sum(distinct[0]), distinct
+    assert (model.generate(ids, mask, max_new_tokens=5, eos_token_ids=[-1], logit_bias={7: 100.0}) == 7).all()
+    with pytest.raises(EncdecError, match="outside the vocabulary"):
+        model.generate(ids, mask, max_new_tokens=2, logit_bias={model.config.vocab_size: 1.0})
+
+
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"do_sample": True, "temperature": 0.0}, {"top_p": 1.5}, {"top_k": 0},
+                                 {"presence_penalty": 2.5}, {"repetition_penalty": 0.0}, {"logit_bias": {3: 101.0}}])
 def test_bad_generation_options(model, bad):
     ids, mask = _prompts()
     with pytest.raises(EncdecError):
@@ -211,7 +245,8 @@ def test_packed_feed_forward_equals_the_model_s(activation):
             torch.testing.assert_close(packed(x), mlp(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3}])
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 3},
+                                      PENALTIES], ids=["greedy", "sampled", "penalties"])
 def test_onednn_packed_weights_give_the_same_tokens(model, sampling):
     """CPU inference on oneDNN-packed weights (the default of `encdec generate` and `serve`): every linear layer
     and the LM head replaced, logits equal to the BLAS path's up to float32 rounding, the same tokens."""

@@ -184,6 +184,19 @@ def test_stop_strings_cut_the_text(server, local):
     assert cut.choices[0].text == full[: full.index(stop)]
 
 
+def test_penalties_and_logit_bias_equal_solo_generation(server, local):
+    client, model_id = server.client(), server.process.args[4]
+    settings = {"frequency_penalty": 2.0, "presence_penalty": -0.5, "logit_bias": {"7": 3.0}}
+    for sampled in (False, True):
+        options = {"temperature": 1.3, "seed": 4} if sampled else {"temperature": 0}
+        done = client.completions.create(model=model_id, prompt="w1 w2 w3", max_tokens=10, **options, **settings,
+                                         extra_body={"repetition_penalty": 1.3})
+        solo = {"do_sample": True, "temperature": 1.3, "seed": 4} if sampled else {}
+        assert done.choices[0].text == _solo(local, "w1 w2 w3", 10, frequency_penalty=2.0, presence_penalty=-0.5,
+                                             logit_bias={7: 3.0}, repetition_penalty=1.3, **solo)
+    assert done.choices[0].text != _solo(local, "w1 w2 w3", 10, do_sample=True, temperature=1.3, seed=4)
+
+
 def _reference_logprobs(local, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
     """The model's float32 log-softmax at each generated position, teacher-forced on the generated tokens."""
     model, _ = local
@@ -247,7 +260,11 @@ BAD = [
     ({"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "w1"}], "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "w1"}], "logprobs": 3}, 400, "logprobs"),
-    ({"prompt": "w1", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "w1", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"prompt": "w1", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "w1", "logit_bias": {"w1": 1}}, 400, "logit_bias"),
+    ({"prompt": "w1", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"prompt": "w1", "logit_bias": {"96": 1}}, 400, "logit_bias"),
     ({"prompt": "w1", "frobnicate": 1}, 400, "frobnicate"),
     ({"prompt": "w1", "temperature": -1}, 400, "temperature"),
     ({"prompt": "w1", "top_p": 0}, 400, "top_p"),

@@ -111,7 +111,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
 
-    check_settings(args.max_new_tokens, Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed))
+    penalties = {"presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
+                 "repetition_penalty": args.repetition_penalty}
+    check_settings(args.max_new_tokens, Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed,
+                                                 **penalties))
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.dir))
@@ -120,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     out = model.generate(
         batch.input_ids, batch.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **penalties,
     )
     seconds = time.perf_counter() - start
     for prompt, row in zip(args.prompt, out):
@@ -311,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability mass")
     p.add_argument("--seed", type=_seed, default=None, help="sampling seed, for reproducible samples")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide a generated token's positive logit by this, multiply a negative one (1: off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from the logit of every token already generated (-2 to 2)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times its count from the logit of every generated token (-2 to 2)")
     _add_inference_arguments(p)
     p.set_defaults(func=cmd_generate)
 

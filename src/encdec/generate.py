@@ -51,7 +51,7 @@ def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: to
     while any(row.finish_reason is None for row in rows):
         hidden = model.decode(tokens, encoder, Segments.of(tokens, None, None, None))
         logits = model.logits(hidden[:, -1]).float()
-        chosen = pick_tokens(logits, [r.sampling for r in rows], [r.generator for r in rows])
+        chosen = pick_tokens(logits, [r.sampling for r in rows], [r.generator for r in rows], [r.tokens for r in rows])
         for row, token in zip(rows, chosen.tolist()):
             if row.finish_reason is None:
                 row.tokens.append(token)
@@ -66,16 +66,24 @@ def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: to
 def generate(
     model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
     max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-    top_p: float = 1.0, seed: int | None = None, eos_token_ids: list[int] | None = None, use_cache: bool = True,
+    top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
+    eos_token_ids: list[int] | None = None, use_cache: bool = True,
 ) -> torch.Tensor:
     """Generated tokens [B, T], T <= max_new_tokens; rows that ended early are filled with the pad id.
 
     The decoder starts from the BOS token, as T5Gemma does; a row ends at EOS. With a seed, every row
     samples from its own stream seeded with it, so a row's tokens do not depend on the rest of the batch.
+    The penalties count each row's generated tokens (`encdec.inference.sampling`); `logit_bias` adds to
+    the logits of the given token ids.
     """
-    sampling = Sampling(do_sample, temperature, top_k, top_p, seed)
+    sampling = Sampling(do_sample, temperature, top_k, top_p, seed, presence_penalty, frequency_penalty,
+                        repetition_penalty, tuple((logit_bias or {}).items()))
     check_settings(max_new_tokens, sampling)
     cfg = model.config
+    outside = [token for token, _ in sampling.logit_bias if not 0 <= token < cfg.vocab_size]
+    if outside:
+        raise EncdecError(f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {cfg.vocab_size - 1})")
     eos = frozenset(eos_token_ids or cfg.eos_token_ids)
     rows = [Row(max_new_tokens, eos, sampling) for _ in range(input_ids.shape[0])]
     input_ids = input_ids.to(model.device)

@@ -53,7 +53,8 @@ def generate_causal(
     done = torch.zeros(n, dtype=torch.bool, device=device)
     x_last = hidden[:, -1]
     for t in range(max_new_tokens):
-        token = pick_tokens(model.logits(x_last).float(), [sampling] * n, generators).to(device)
+        generated = out[:, :t].tolist() if sampling.adjusts else [[]] * n
+        token = pick_tokens(model.logits(x_last).float(), [sampling] * n, generators, generated).to(device)
         out[:, t] = torch.where(done, pad_id, token)
         done |= torch.isin(token, eos)
         if bool(done.all()) or t + 1 == max_new_tokens:

@@ -48,7 +48,7 @@ class Row:
 class Emitted:
     """A token a step produced for a row; `row.finish_reason` is set when it was the row's last. For a row
     that asked for log-probabilities: the token's, and the likeliest tokens' (best first), under the model's
-    own distribution (the float32 log-softmax of its logits, before temperature or top-k / top-p)."""
+    own distribution (the float32 log-softmax of its logits, before penalties, biases, temperature, top-k, top-p)."""
 
     row: Row
     token: int
@@ -217,14 +217,15 @@ class Engine:
         return emitted
 
     def _choose(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Each live row's next token: an all-greedy batch through the head's bfloat16 screen where it has
-        one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32 logit (returned too)."""
+        """Each live row's next token: a batch of plain greedy rows (no penalties or biases) through the head's
+        bfloat16 screen where it has one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32
+        logit (returned too)."""
         settings = [r.sampling for r in self.rows]
         head = self.model.lm_head
-        if isinstance(head, ScreenedHead) and not any(s.do_sample for s in settings):
+        if isinstance(head, ScreenedHead) and not any(s.do_sample or s.adjusts for s in settings):
             return head.greedy(hidden.float(), self.model.config.final_logit_softcap), None
         logits = self.model.logits(hidden).float()
-        return pick_tokens(logits, settings, [r.generator for r in self.rows]), logits
+        return pick_tokens(logits, settings, [r.generator for r in self.rows], [r.tokens for r in self.rows]), logits
 
     def _logprobs(self, hidden: torch.Tensor, chosen: torch.Tensor,
                   logits: torch.Tensor | None) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:

@@ -1,7 +1,13 @@
-"""How each generated row picks its next token: its own sampling settings and its own seeded generator.
+"""How each generated row picks its next token: its own penalties, sampling settings and seeded generator.
 
 A row's tokens depend only on its prompt and its settings, never on the rows it shares a batch with,
 so a request served in a continuous batch gets the tokens it would get alone.
+
+Penalties and biases change a row's logits before greedy or sampled choice, counting the tokens the row
+generated (the prompt is the encoder's, not text the decoder wrote): OpenAI's presence penalty (minus
+p for each token already generated) and frequency penalty (minus f times its count), the repetition
+penalty of the CTRL paper that transformers and vLLM offer (a generated token's positive logit divided
+by r, a negative one multiplied by r), and a logit bias per token id.
 """
 
 from __future__ import annotations
@@ -23,6 +29,29 @@ class Sampling:
     top_k: int | None = None
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits are changed before the choice (then greedy needs every logit, not a screen)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
+
+    def adjust(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        """One row's float logits [V] with the penalties for the `generated` tokens and the biases applied."""
+        if not self.adjusts:
+            return logits
+        logits = logits.clone()
+        if generated:
+            ids, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
+            seen = logits[ids]
+            seen = torch.where(seen > 0, seen / self.repetition_penalty, seen * self.repetition_penalty)
+            logits[ids] = seen - self.presence_penalty - self.frequency_penalty * counts.to(logits.dtype)
+        for token, bias in self.logit_bias:
+            logits[token] += bias
+        return logits
 
     def check(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -31,6 +60,14 @@ class Sampling:
             raise EncdecError(f"top_k must be at least 1, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise EncdecError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise EncdecError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise EncdecError(f"repetition_penalty must be a positive finite number, got {self.repetition_penalty}")
+        for token, bias in self.logit_bias:
+            if not -100 <= bias <= 100:
+                raise EncdecError(f"the logit bias of token {token} must be in [-100, 100], got {bias}")
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The row's own random stream: seeded by `seed`, else by the global torch RNG (so manual_seed governs it)."""
@@ -56,9 +93,13 @@ def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 def pick_tokens(
-    logits: torch.Tensor, settings: list[Sampling], generators: list[torch.Generator | None]
+    logits: torch.Tensor, settings: list[Sampling], generators: list[torch.Generator | None],
+    generated: list[list[int]],
 ) -> torch.Tensor:
-    """One token per row of float logits [B, V]: greedy rows by one argmax, sampling rows each from its own stream."""
+    """One token per row of float logits [B, V] (each row's `generated` tokens so far for its penalties): greedy
+    rows by one argmax, sampling rows each from its own stream."""
+    if any(s.adjusts for s in settings):
+        logits = torch.stack([s.adjust(row, done) for row, s, done in zip(logits, settings, generated)])
     chosen = logits.argmax(-1)
     for row, (s, gen) in enumerate(zip(settings, generators)):
         if s.do_sample:

@@ -64,6 +64,10 @@ class Service:
         else:
             text = self.chat.prompt(request.prompt) if request.kind == "chat" else request.prompt
             ids = self.tokenizer(text).input_ids
+        outside = [token for token, _ in request.sampling.logit_bias if token >= self.vocab_size]
+        if outside:
+            raise APIError(400, f"'logit_bias': token id {outside[0]} is outside the vocabulary (0 to "
+                           f"{self.vocab_size - 1})", "logit_bias")
         limit = self.settings.limits.max_input_tokens
         if len(ids) > limit:
             raise APIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit of {limit} "

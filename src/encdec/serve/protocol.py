@@ -2,7 +2,7 @@
 
 Fields are read from the raw JSON rather than through a schema so that every refusal names the field
 and what is accepted: harmless OpenAI fields (`user`, `metadata`, ...) are accepted and ignored, ones
-that would change the result and are not supported (`n` > 1, `echo`, penalties, tools ...) are
+that would change the result and are not supported (`n` > 1, `echo`, tools ...) are
 refused by name, and unknown fields are refused as the OpenAI API does.
 """
 
@@ -32,11 +32,12 @@ class APIError(Exception):
 IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls", "prompt_cache_key",
            "safety_identifier"}
 # field -> the value(s) that leave the result unchanged; any other value is refused
-NEUTRAL = {"n": (1, None), "best_of": (1, None), "echo": (False, None), "suffix": (None, ""), "presence_penalty": (0, 0.0, None),
-           "frequency_penalty": (0, 0.0, None), "logit_bias": (None,), "tools": (None,), "tool_choice": (None, "none"),
+NEUTRAL = {"n": (1, None), "best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
+           "tools": (None,), "tool_choice": (None, "none"),
            "functions": (None,), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
            "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
-SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream"}
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "presence_penalty",
+                   "frequency_penalty", "repetition_penalty", "logit_bias"}
 FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
           "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
 MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
@@ -110,6 +111,22 @@ def _logprobs(body: dict, kind: str) -> int | None:
     return count
 
 
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias in [-100, 100]} (token ids as JSON object keys, as the OpenAI API writes them)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    what = "an object mapping token ids to numbers in [-100, 100]"
+    if not isinstance(bias, dict):
+        raise APIError(400, f"'logit_bias' must be {what}", "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not key.isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise APIError(400, f"'logit_bias' must be {what}, got {json.dumps(key)}: {json.dumps(value)}", "logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
+
+
 def _prompt(body: dict) -> str | list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -180,5 +197,9 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     stop = _stop(body)
     prompt = _prompt(body) if kind == "completions" else _chat_text(body)
     sampling = Sampling(do_sample=temperature > 0, temperature=temperature or 1.0,
-                        top_k=None if top_k in (None, -1) else top_k, top_p=top_p, seed=seed)
+                        top_k=None if top_k in (None, -1) else top_k, top_p=top_p, seed=seed,
+                        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+                        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+                        repetition_penalty=_number(body, "repetition_penalty", 0.0, 100.0, 1.0, open_low=True),
+                        logit_bias=_logit_bias(body))
     return Parsed(kind, model, prompt, max_tokens, sampling, stop, stream, _logprobs(body, kind))
