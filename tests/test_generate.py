@@ -320,3 +320,18 @@ def test_models_converted_for_inference_are_not_saved(model, tmp_path):
         with pytest.raises(EncdecError, match=f"{what} for inference .* cannot be saved"):
             encdec.save(convert(copy.deepcopy(model)), tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_engine_embeddings_pool_each_prompt_alone(model, pooling):
+    """Prompts of different lengths packed into one encoder pass pool the states they get alone (the server's
+    /v1/embeddings), at unit length; the decoding slots are left as they were."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    engine = Engine(model, max_batch=2)
+    vectors = engine.embed(prompts, pooling)
+    with torch.no_grad():
+        for prompt, vector in zip(prompts, vectors):
+            states = model.encode(torch.tensor([prompt]))[0]
+            expected = states.mean(0) if pooling == "mean" else states[-1]
+            torch.testing.assert_close(vector, F.normalize(expected, dim=0), atol=1e-5, rtol=1e-5)
+    assert not engine.rows and engine.enc_len == 0

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import torch
+import torch.nn.functional as F
 
 import encdec
 from encdec.data.instructions import chat_prompt_text
@@ -197,6 +198,30 @@ def test_penalties_and_logit_bias_equal_solo_generation(server, local):
     assert done.choices[0].text != _solo(local, "w1 w2 w3", 10, do_sample=True, temperature=1.3, seed=4)
 
 
+def test_embeddings_are_the_encoders_pooled_states(server, local):
+    """/v1/embeddings through the openai client (which asks for base64) and as floats: the mean of the encoder's
+    final states over each input, at unit length; token-id inputs; more inputs than --max-batch, in chunks."""
+    model, tokenizer = local
+    client, model_id = server.client(), server.process.args[4]
+    texts = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10"]
+    done = client.embeddings.create(model=model_id, input=texts)
+    assert [d.index for d in done.data] == [0, 1, 2]
+    with torch.no_grad():
+        for text, vector in zip(texts, done.data):
+            states = model.encode(torch.tensor([tokenizer(text).input_ids]))[0]
+            torch.testing.assert_close(torch.tensor(vector.embedding), F.normalize(states.mean(0), dim=0), atol=1e-5,
+                                       rtol=1e-5)
+    assert done.usage.prompt_tokens == done.usage.total_tokens == sum(len(tokenizer(t).input_ids) for t in texts)
+    ids = tokenizer("w1 w2 w3").input_ids
+    raw = httpx.post(f"{server.base}/v1/embeddings", timeout=30,
+                     json={"input": [[5, 6, 7]] * 6 + [ids], "encoding_format": "float"}).json()
+    vectors = [torch.tensor(d["embedding"]) for d in raw["data"]]
+    assert len(vectors) == 7 and len(vectors[0]) == model.config.encoder.hidden_size
+    torch.testing.assert_close(vectors[6], torch.tensor(done.data[0].embedding), atol=1e-5, rtol=1e-5)
+    assert all(torch.allclose(v, vectors[0], atol=1e-6) for v in vectors[1:6])
+    assert _metric(server.base, 'encdec_requests_total{endpoint="/v1/embeddings",status="200"}') >= 2
+
+
 def _reference_logprobs(local, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
     """The model's float32 log-softmax at each generated position, teacher-forced on the generated tokens."""
     model, _ = local
@@ -279,19 +304,29 @@ BAD = [
     ({"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]}, 400, "messages"),
     ({"messages": [{"role": "robot", "content": "w1"}]}, 400, "messages"),
     ({"messages": "w1"}, 400, "messages"),
+    ({"input": ""}, 400, "input"),
+    ({"input": []}, 400, "input"),
+    ({"input": [1.5]}, 400, "input"),
+    ({"input": " ".join(["w1"] * 30)}, 400, "input"),
+    ({"input": [[5, 96]]}, 400, "input"),
+    ({"input": "w1", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": "w1", "dimensions": 3}, 400, "dimensions"),
+    ({"input": "w1", "temperature": 0}, 400, "temperature"),
+    ({"input": "w1", "model": "other"}, 404, "model"),
 ]
+ENDPOINTS = {"messages": "chat/completions", "input": "embeddings"}
 
 
 @pytest.mark.parametrize("body, status, param", BAD, ids=[str(i) for i in range(len(BAD))])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, body, status, param):
-    endpoint = "chat/completions" if isinstance(body, dict) and "messages" in body else "completions"
+    endpoint = next((ENDPOINTS[key] for key in ENDPOINTS if isinstance(body, dict) and key in body), "completions")
     content = body if isinstance(body, str) else json.dumps(body)
     answer = httpx.post(f"{server.base}/v1/{endpoint}", content=content, timeout=30,
                         headers={"content-type": "application/json"})
     assert answer.status_code == status, answer.text
     error = answer.json()["error"]
     assert error["message"] and error["param"] == param
-    if param == "prompt" and isinstance(body, dict) and isinstance(body["prompt"], str):
+    if param in ("prompt", "input") and isinstance(body, dict) and isinstance(body[param], str) and body[param]:
         assert "24" in error["message"]  # the --max-input-tokens limit is named
     ok = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200

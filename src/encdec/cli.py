@@ -148,7 +148,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.model))
     settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
-                        limits=Limits(args.max_input_tokens, args.max_new_tokens))
+                        limits=Limits(args.max_input_tokens, args.max_new_tokens), pooling=args.pooling)
     serve(model, tokenizer, settings, args.host, args.port)
 
 
@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an OpenAI-compatible HTTP server with continuous batching",
                        description="Serve MODEL over HTTP: POST /v1/completions (the prompt goes to the encoder), "
                        "POST /v1/chat/completions (messages in the tokenizer's chat template, or Gemma's chat turns), "
-                       "GET /v1/models, /health, /metrics (Prometheus). Requests join the running decoding batch as "
+                       "POST /v1/embeddings (the encoder's states, pooled), GET /v1/models, /health, /metrics "
+                       "(Prometheus). Requests join the running decoding batch as "
                        "they arrive. SIGTERM stops taking requests, finishes the running ones, then exits. Needs the "
                        "serve extra: "
                        "pip install 'encdec[serve]'.")
@@ -341,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest prompt in tokens (BOS included); longer ones get 400")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
                    help="largest max_tokens a request may ask for (and the default when it asks none)")
+    p.add_argument("--pooling", choices=("mean", "last"), default="mean",
+                   help="/v1/embeddings: the mean of the encoder's states over the input, or its last token's")
     _add_inference_arguments(p)
     p.set_defaults(func=cmd_serve)
 

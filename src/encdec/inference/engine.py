@@ -138,21 +138,8 @@ class Engine:
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         prompts = [ids[keep].to(self.device) for ids, keep in zip(input_ids, real)]
         lengths = [len(p) for p in prompts]
-        width = max(max(lengths), 1)
-        bins = pack(lengths, width)
-        ids = torch.zeros(len(bins), width, dtype=torch.long, device=self.device)
-        segments, positions = torch.zeros_like(ids), torch.zeros_like(ids)
-        placed = []  # (prompt, packed row, offset)
-        for b, members in enumerate(bins):
-            offset = 0
-            for segment, i in enumerate(members, start=1):
-                span = slice(offset, offset + lengths[i])
-                ids[b, span], segments[b, span] = prompts[i], segment
-                positions[b, span] = torch.arange(lengths[i], device=self.device)
-                placed.append((i, b, offset))
-                offset += lengths[i]
-        hidden = self.model.encode_segments(ids, Segments(segments, positions))
-        self._grow_encoder(width)
+        hidden, placed = self._encode(prompts)
+        self._grow_encoder(hidden.shape[1])
         self._grow_self(max(r.max_new_tokens for r in rows))
         first = len(self.rows)
         for block, (k, v) in zip(self.layers, self.enc_kv):
@@ -168,6 +155,36 @@ class Engine:
             self.last[first + i] = self.model.config.bos_token_id
             row.generator = row.sampling.generator(self.device)
         self.rows.extend(rows)
+
+    def _encode(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+        """The encoder's final states of `prompts` packed into rows as long as the longest, and where each
+        prompt sits: (prompt, packed row, offset)."""
+        lengths = [len(p) for p in prompts]
+        width = max(max(lengths), 1)
+        bins = pack(lengths, width)
+        ids = torch.zeros(len(bins), width, dtype=torch.long, device=self.device)
+        segments, positions = torch.zeros_like(ids), torch.zeros_like(ids)
+        placed = []
+        for b, members in enumerate(bins):
+            offset = 0
+            for segment, i in enumerate(members, start=1):
+                span = slice(offset, offset + lengths[i])
+                ids[b, span], segments[b, span] = prompts[i], segment
+                positions[b, span] = torch.arange(lengths[i], device=self.device)
+                placed.append((i, b, offset))
+                offset += lengths[i]
+        return self.model.encode_segments(ids, Segments(segments, positions)), placed
+
+    @torch.no_grad()
+    def embed(self, prompts: list[list[int]], pooling: str) -> torch.Tensor:
+        """[len(prompts), d] float32: each prompt's encoder states pooled ("mean" of its tokens, or its "last"
+        token's) and scaled to unit length, in one packed encoder pass; the decoding slots are untouched."""
+        hidden, placed = self._encode([torch.tensor(p, device=self.device) for p in prompts])
+        out = torch.empty(len(prompts), hidden.shape[-1], dtype=torch.float32, device=self.device)
+        for i, b, offset in placed:
+            states = hidden[b, offset : offset + len(prompts[i])].float()
+            out[i] = states.mean(0) if pooling == "mean" else states[-1]
+        return torch.nn.functional.normalize(out, dim=-1)
 
     def cancel(self, row: Row) -> None:
         """Take a row out of the batch now (a client went away, or a stop string ended it)."""

@@ -4,6 +4,7 @@ drains on SIGTERM (no new requests, the running ones finish, then the process ex
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 import uuid
@@ -22,8 +23,8 @@ from encdec.inference.engine import Emitted, Engine, Row
 from encdec.model import EncoderDecoder
 from encdec.serve.logprobs import TokenLogprobs
 from encdec.serve.metrics import Metrics
-from encdec.serve.protocol import APIError, Limits, Parsed, parse
-from encdec.serve.scheduler import Job, Scheduler
+from encdec.serve.protocol import APIError, Limits, Parsed, parse, parse_embeddings
+from encdec.serve.scheduler import EmbedJob, Job, Scheduler
 from encdec.serve.text import TextStream
 
 DISCONNECT_POLL_S = 1.0  # how often a non-streaming request checks that its client is still there
@@ -36,6 +37,7 @@ class Settings:
     max_batch: int
     max_queue: int
     limits: Limits
+    pooling: str = "mean"  # how /v1/embeddings pools the encoder's states: "mean" or "last"
 
 
 class Service:
@@ -55,23 +57,27 @@ class Service:
         return None if request.logprobs is None else TokenLogprobs(self.tokenizer, request.kind, self.eos)
 
     def tokens(self, request: Parsed) -> list[int]:
-        if isinstance(request.prompt, list):
-            bad = [t for t in request.prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0 to {self.vocab_size - 1})",
-                               "prompt")
-            ids = request.prompt
-        else:
-            text = self.chat.prompt(request.prompt) if request.kind == "chat" else request.prompt
-            ids = self.tokenizer(text).input_ids
         outside = [token for token, _ in request.sampling.logit_bias if token >= self.vocab_size]
         if outside:
             raise APIError(400, f"'logit_bias': token id {outside[0]} is outside the vocabulary (0 to "
                            f"{self.vocab_size - 1})", "logit_bias")
+        if request.kind == "chat":
+            return self.ids(self.chat.prompt(request.prompt), "messages")
+        return self.ids(request.prompt, "prompt")
+
+    def ids(self, prompt: str | list[int], param: str) -> list[int]:
+        """The encoder's input: text tokenized, or token ids checked; no longer than --max-input-tokens."""
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0 to {self.vocab_size - 1})", param)
+            ids = prompt
+        else:
+            ids = self.tokenizer(prompt).input_ids
         limit = self.settings.limits.max_input_tokens
         if len(ids) > limit:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit of {limit} "
-                           "(--max-input-tokens)", "messages" if request.kind == "chat" else "prompt")
+            raise APIError(400, f"'{param}' has {len(ids)} tokens, more than this server's limit of {limit} "
+                           "(--max-input-tokens)", param)
         return ids
 
 
@@ -113,6 +119,15 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     app = FastAPI(title="encdec", lifespan=lifespan)
     app.state.service, app.state.draining = service, False
 
+    def open_for_requests() -> None:
+        if app.state.draining:
+            raise APIError(503, "the server is shutting down", kind="server_error")
+
+    def served(name: str | None) -> None:
+        if name is not None and name != settings.model_id:
+            raise APIError(404, f"the model {name!r} is not served here; this server serves {settings.model_id!r}",
+                           "model", "model_not_found")
+
     def answer(endpoint: str, response: Response) -> Response:
         service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
@@ -120,12 +135,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     async def generate(request: Request, kind: str) -> Response:
         endpoint = f"/v1/{'chat/' if kind == 'chat' else ''}completions"
         try:
-            if app.state.draining:
-                raise APIError(503, "the server is shutting down", kind="server_error")
+            open_for_requests()
             parsed = parse(await request.body(), kind, settings.limits)
-            if parsed.model is not None and parsed.model != settings.model_id:
-                raise APIError(404, f"the model {parsed.model!r} is not served here; this server serves "
-                               f"{settings.model_id!r}", "model", "model_not_found")
+            served(parsed.model)
             prompt = service.tokens(parsed)
             row = Row(parsed.max_tokens, service.eos, parsed.sampling, logprobs=parsed.logprobs)
             job = Job(prompt, row, asyncio.get_running_loop())
@@ -208,6 +220,28 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        """The encoder's states of each input, pooled (--pooling) and scaled to unit length."""
+        try:
+            open_for_requests()
+            parsed = parse_embeddings(await request.body(), model.config.encoder.hidden_size)
+            served(parsed.model)
+            prompts = [service.ids(text, "input") for text in parsed.inputs]
+            job = EmbedJob(prompts, settings.pooling, asyncio.get_running_loop())
+            service.scheduler.submit(job)
+            vectors = (await job.result).numpy()
+        except APIError as e:
+            return answer("/v1/embeddings", _error(e))
+        except Exception as e:  # noqa: BLE001 - the encoder pass failed: the scheduler logged it
+            return answer("/v1/embeddings", _error(APIError(500, f"embedding failed: {e}", kind="server_error")))
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if parsed.base64 else v.tolist()}
+                for i, v in enumerate(vectors)]
+        tokens = sum(len(p) for p in prompts)
+        return answer("/v1/embeddings", JSONResponse({"object": "list", "data": data, "model": settings.model_id,
+                                                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
 
     @app.get("/v1/models")
     async def models() -> dict:

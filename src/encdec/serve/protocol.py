@@ -162,14 +162,19 @@ def _chat_text(body: dict) -> str:
     return chat_prompt(turns)
 
 
-def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
-    """The request of endpoint `kind` ("completions" or "chat"), or an APIError saying what is wrong."""
+def _object(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
+    return body
+
+
+def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
+    """The request of endpoint `kind` ("completions" or "chat"), or an APIError saying what is wrong."""
+    body = _object(raw)
     for name in body:
         if name in NEUTRAL and body[name] not in NEUTRAL[name]:
             raise APIError(400, f"'{name}' = {json.dumps(body[name])[:40]} is not supported by this server "
@@ -203,3 +208,47 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
                         repetition_penalty=_number(body, "repetition_penalty", 0.0, 100.0, 1.0, open_low=True),
                         logit_bias=_logit_bias(body))
     return Parsed(kind, model, prompt, max_tokens, sampling, stop, stream, _logprobs(body, kind))
+
+
+@dataclass
+class EmbeddingRequest:
+    """A valid /v1/embeddings request: its inputs (texts, or token ids) and how the vectors are written."""
+
+    model: str | None
+    inputs: list[str | list[int]]
+    base64: bool
+
+
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
+MAX_EMBEDDING_INPUTS = 2048  # the OpenAI API's limit per request
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def parse_embeddings(raw: bytes, width: int) -> EmbeddingRequest:
+    """The /v1/embeddings request, or an APIError saying what is wrong; `width` is the model's (and the
+    vectors') size, the only `dimensions` accepted."""
+    body = _object(raw)
+    for name in body:
+        if name not in EMBEDDING_FIELDS | IGNORED:
+            raise APIError(400, f"unrecognized request argument '{name}'; accepted: {', '.join(sorted(EMBEDDING_FIELDS))}",
+                           name)
+    value = body.get("input")
+    inputs = [value] if isinstance(value, str) or _token_ids(value) else value
+    what = "a non-empty string, a list of them, a list of token ids, or a list of such lists"
+    if not isinstance(inputs, list) or not inputs or not all(
+            (isinstance(i, str) and i) or _token_ids(i) for i in inputs):
+        raise APIError(400, f"'input' must be {what}", "input")
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"'input' has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} per request", "input")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise APIError(400, f"'encoding_format' must be \"float\" or \"base64\", got {json.dumps(encoding)[:40]}",
+                       "encoding_format")
+    dimensions = _typed(body, "dimensions", (int,), "an integer")
+    if dimensions is not None and dimensions != width:
+        raise APIError(400, f"'dimensions' must be this model's width, {width} (vectors are not shortened), "
+                       f"got {dimensions}", "dimensions")
+    return EmbeddingRequest(_typed(body, "model", (str,), "a string"), inputs, encoding == "base64")

@@ -1,5 +1,7 @@
 """The one thread that owns the model: it admits waiting requests into the decoding batch between steps
 (encoding all arrivals in one pass), runs the steps, and hands each token to its request's event loop.
+Embedding requests are encoded between steps too, at most --max-batch inputs at a time, so that a large
+one does not stall the running generations.
 
 Requests talk to it only through `submit` and `cancel`; the engine itself is touched by this thread alone.
 """
@@ -39,10 +41,35 @@ class Job:
         self.loop.call_soon_threadsafe(self.tokens.put_nowait, item)
 
 
+@dataclass(eq=False)
+class EmbedJob:
+    """An embedding request: its inputs' token ids, and the future that receives their vectors [n, d]."""
+
+    prompts: list[list[int]]
+    pooling: str
+    loop: asyncio.AbstractEventLoop
+    result: asyncio.Future = field(init=False)
+    done: list[torch.Tensor] = field(default_factory=list)  # vectors of the chunks encoded so far
+
+    def __post_init__(self) -> None:
+        self.result = self.loop.create_future()
+
+    @property
+    def encoded(self) -> int:
+        return sum(len(v) for v in self.done)
+
+    def resolve(self, outcome: torch.Tensor | Exception) -> None:
+        def settle() -> None:
+            if not self.result.done():  # the client may have gone
+                (self.result.set_exception if isinstance(outcome, Exception) else self.result.set_result)(outcome)
+        self.loop.call_soon_threadsafe(settle)
+
+
 class Scheduler:
     def __init__(self, engine: Engine, max_queue: int, pad_id: int, metrics: Metrics) -> None:
         self.engine, self.max_queue, self.pad_id, self.metrics = engine, max_queue, pad_id, metrics
         self.waiting: deque[Job] = deque()
+        self.embedding: deque[EmbedJob] = deque()
         self.cancelled: list[Job] = []
         self.running: dict[Row, Job] = {}
         self.accepting, self.stopping = True, False
@@ -52,16 +79,16 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job | EmbedJob) -> None:
         """Queue a request; 429 when the queue is full, 503 once the server is shutting down."""
         with self.wake:
             if not self.accepting:
                 raise APIError(503, "the server is shutting down", kind="server_error")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(self.embedding) >= self.max_queue:
                 raise APIError(429, f"the queue is full ({self.max_queue} requests waiting, --max-queue); retry later",
                                kind="rate_limit_error")
-            self.waiting.append(job)
-            self.metrics.queue.set(len(self.waiting))
+            (self.embedding if isinstance(job, EmbedJob) else self.waiting).append(job)
+            self.metrics.queue.set(len(self.waiting) + len(self.embedding))
             self.wake.notify()
 
     def cancel(self, job: Job) -> None:
@@ -96,13 +123,16 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self.wake:
-                while not (self.waiting or self.engine.rows or self.cancelled or self.stopping):
+                while not (self.waiting or self.embedding or self.engine.rows or self.cancelled or self.stopping):
                     self.wake.wait(IDLE_WAIT_S)
-                if self.stopping and not (self.waiting or self.engine.rows):
+                if self.stopping and not (self.waiting or self.embedding or self.engine.rows):
                     return
                 cancelled, self.cancelled = self.cancelled, []
                 arrivals = [self.waiting.popleft() for _ in range(min(self.engine.free, len(self.waiting)))]
-                self.metrics.queue.set(len(self.waiting))
+                embedding = self.embedding[0] if self.embedding else None
+                self.metrics.queue.set(len(self.waiting) + len(self.embedding))
+            if embedding is not None:
+                self._embed_chunk(embedding)
             try:
                 self._cycle(cancelled, arrivals)
             except Exception as e:  # a failed step fails its requests, not the server
@@ -111,6 +141,26 @@ class Scheduler:
                     self.engine.cancel(job.row)
                     job.deliver(e)
                 self.running.clear()
+
+    def _embed_chunk(self, job: EmbedJob) -> None:
+        """Encode the next --max-batch inputs of the oldest embedding request; answer it after its last."""
+        chunk = job.prompts[job.encoded : job.encoded + self.engine.max_batch]
+        finished = job.result.done()  # the client went away: nothing more is encoded for it
+        if not finished:
+            try:
+                job.done.append(self.engine.embed(chunk, job.pooling))
+                self.metrics.prompt_tokens.inc(sum(len(p) for p in chunk))
+                if job.encoded == len(job.prompts):
+                    job.resolve(torch.cat(job.done))
+                    finished = True
+            except Exception as e:  # a failed pass fails its request, not the server
+                log.exception("embedding failed")
+                job.resolve(e)
+                finished = True
+        if finished:
+            with self.wake:
+                self.embedding.popleft()
+                self.metrics.queue.set(len(self.waiting) + len(self.embedding))
 
     def _cycle(self, cancelled: list[Job], arrivals: list[Job]) -> None:
         for job in cancelled:
