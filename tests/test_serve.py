@@ -415,3 +415,33 @@ def test_requests_while_draining_get_503(local):
     answer, health = asyncio.run(ask())
     assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
     assert health.status_code == 503
+
+
+def test_an_api_key_guards_the_api_but_not_health(local):
+    """With --api-key the openai client needs the key (401, AuthenticationError, without it or with another);
+    /health and /metrics stay open."""
+    import asyncio
+
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), api_key="s3cret"))
+
+    async def ask(key: str) -> list[str]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=f"http://{HOST}") as http:
+            client = openai.AsyncOpenAI(base_url=f"http://{HOST}/v1", api_key=key, http_client=http, max_retries=0)
+            try:
+                return [m.id for m in (await client.models.list()).data]
+            except openai.AuthenticationError as e:
+                assert e.status_code == 401 and "api key" in e.message.lower()
+                return []
+            finally:
+                bare = await http.get("/v1/models")
+                assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+                assert (await http.get("/health")).status_code == 200
+                assert (await http.get("/metrics")).status_code == 200
+
+    assert asyncio.run(ask("s3cret")) == ["tiny"]
+    assert asyncio.run(ask("wrong")) == []

@@ -148,7 +148,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.model))
     settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
-                        limits=Limits(args.max_input_tokens, args.max_new_tokens), pooling=args.pooling)
+                        limits=Limits(args.max_input_tokens, args.max_new_tokens), pooling=args.pooling,
+                        api_key=args.api_key or os.environ.get("ENCDEC_API_KEY") or None)
     serve(model, tokenizer, settings, args.host, args.port)
 
 
@@ -344,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest max_tokens a request may ask for (and the default when it asks none)")
     p.add_argument("--pooling", choices=("mean", "last"), default="mean",
                    help="/v1/embeddings: the mean of the encoder's states over the input, or its last token's")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $ENCDEC_API_KEY if set, else "
+                   "open); the environment variable keeps the key out of the process list")
     _add_inference_arguments(p)
     p.set_defaults(func=cmd_serve)
 

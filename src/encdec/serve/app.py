@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import time
 import uuid
@@ -38,6 +39,7 @@ class Settings:
     max_queue: int
     limits: Limits
     pooling: str = "mean"  # how /v1/embeddings pools the encoder's states: "mean" or "last"
+    api_key: str | None = None  # when set, /v1/ requests must send "Authorization: Bearer <api_key>"
 
 
 class Service:
@@ -118,6 +120,19 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     app = FastAPI(title="encdec", lifespan=lifespan)
     app.state.service, app.state.draining = service, False
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        """With --api-key, the API's endpoints answer only requests that carry the key (health and metrics
+        stay open to probes and scrapers, as vLLM leaves them)."""
+        if settings.api_key is not None and request.url.path.startswith("/v1/"):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), settings.api_key.encode()):
+                message = "a valid API key is required: send 'Authorization: Bearer <key>' (encdec serve --api-key)"
+                body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                  "code": "invalid_api_key"}}
+                return answer(request.url.path, JSONResponse(body, status_code=401))
+        return await call_next(request)
 
     def open_for_requests() -> None:
         if app.state.draining:
