@@ -335,3 +335,16 @@ def test_engine_embeddings_pool_each_prompt_alone(model, pooling):
             expected = states.mean(0) if pooling == "mean" else states[-1]
             torch.testing.assert_close(vector, F.normalize(expected, dim=0), atol=1e-5, rtol=1e-5)
     assert not engine.rows and engine.enc_len == 0
+
+
+def test_a_prompt_joining_several_times_is_encoded_once(model, monkeypatch):
+    """n choices of one request join as n rows of one prompt: the encoder reads it once, every row decodes it."""
+    seen = []
+    encode = model.encode_segments
+    monkeypatch.setattr(model, "encode_segments", lambda ids, seg: seen.append(int((seg.ids > 0).sum())) or encode(ids, seg))
+    prompt = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8], [9, 10, 0, 0], [5, 6, 7, 8]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]])
+    out = model.generate(prompt, mask, max_new_tokens=5, eos_token_ids=[-1])
+    assert seen == [6]  # 4 + 2 tokens, not 14
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[3])
+    assert torch.equal(out[2], model.generate(torch.tensor([[9, 10]]), max_new_tokens=5, eos_token_ids=[-1])[0])

@@ -98,11 +98,13 @@ def server(checkpoint):
     s.close()
 
 
-def _solo(local, text: str, max_tokens: int, **sampling) -> str:
+def _solo_tokens(local, text: str, max_tokens: int, **sampling) -> list[int]:
     model, tokenizer = local
-    ids = torch.tensor([tokenizer(text).input_ids])
-    out = model.generate(ids, max_new_tokens=max_tokens, **sampling)
-    return tokenizer.decode(out[0], skip_special_tokens=True)
+    return model.generate(torch.tensor([tokenizer(text).input_ids]), max_new_tokens=max_tokens, **sampling)[0].tolist()
+
+
+def _solo(local, text: str, max_tokens: int, **sampling) -> str:
+    return local[1].decode(_solo_tokens(local, text, max_tokens, **sampling), skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +185,31 @@ def test_stop_strings_cut_the_text(server, local):
                                               temperature=0)
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == full[: full.index(stop)]
+
+
+def test_n_choices_are_requests_of_their_own(server, local):
+    """n choices: a seeded request's choice i is the one-choice request with seed + i (choice 0 is that request
+    itself), greedy choices are all the same; streamed, the choices interleave with their indices and each ends."""
+    client, model_id = server.client(), server.process.args[4]
+    done = client.completions.create(model=model_id, prompt="w1 w2", max_tokens=6, n=3, seed=7, temperature=1.5)
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    solo = [_solo_tokens(local, "w1 w2", 6, do_sample=True, temperature=1.5, seed=7 + i) for i in range(3)]
+    assert [c.text for c in done.choices] == [local[1].decode(tokens, skip_special_tokens=True) for tokens in solo]
+    assert len({c.text for c in done.choices}) > 1
+    assert done.usage.completion_tokens == sum(len(tokens) for tokens in solo)
+    greedy = client.completions.create(model=model_id, prompt="w1 w2", max_tokens=6, n=2, temperature=0)
+    assert greedy.choices[0].text == greedy.choices[1].text == _solo(local, "w1 w2", 6)
+    messages = [{"role": "user", "content": "w4 w5"}]
+    whole = client.chat.completions.create(model=model_id, messages=messages, max_tokens=5, n=2, seed=3)
+    texts, finished = {0: "", 1: ""}, {}
+    for chunk in client.chat.completions.create(model=model_id, messages=messages, max_tokens=5, n=2, seed=3,
+                                                stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason is not None:
+                finished[c.index] = c.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finished == {c.index: c.finish_reason for c in whole.choices}
 
 
 def test_penalties_and_logit_bias_equal_solo_generation(server, local):
@@ -278,7 +305,9 @@ BAD = [
     ({"prompt": "w1", "max_tokens": "8"}, 400, "max_tokens"),
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": ["w1", "w2"]}, 400, "prompt"),
-    ({"prompt": "w1", "n": 2}, 400, "n"),
+    ({"prompt": "w1", "n": 0}, 400, "n"),
+    ({"prompt": "w1", "n": 65}, 400, "n"),
+    ({"prompt": "w1", "best_of": 2}, 400, "best_of"),
     ({"prompt": "w1", "echo": True}, 400, "echo"),
     ({"prompt": "w1", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "w1", "logprobs": True}, 400, "logprobs"),
@@ -334,8 +363,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, b
 
 def test_the_openai_client_sees_the_errors(server):
     client = server.client()
-    with pytest.raises(openai.BadRequestError, match="'n'"):
-        client.completions.create(model=server.process.args[4], prompt="w1", n=3)
+    with pytest.raises(openai.BadRequestError, match="'best_of'"):
+        client.completions.create(model=server.process.args[4], prompt="w1", best_of=3)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=server.process.args[4], messages=[{"role": "user", "content": "w1"}],
                                        temperature=3)

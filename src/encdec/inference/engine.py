@@ -158,21 +158,26 @@ class Engine:
 
     def _encode(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         """The encoder's final states of `prompts` packed into rows as long as the longest, and where each
-        prompt sits: (prompt, packed row, offset)."""
-        lengths = [len(p) for p in prompts]
+        prompt sits: (prompt, packed row, offset). A prompt given several times (a request for n choices) is
+        encoded once."""
+        keys = [tuple(p.tolist()) for p in prompts]
+        unique = {key: i for i, key in reversed(list(enumerate(keys)))}  # each prompt's first index
+        order = sorted(unique.values())
+        lengths = [len(prompts[i]) for i in order]
         width = max(max(lengths), 1)
         bins = pack(lengths, width)
         ids = torch.zeros(len(bins), width, dtype=torch.long, device=self.device)
         segments, positions = torch.zeros_like(ids), torch.zeros_like(ids)
-        placed = []
+        where = {}  # first index of a prompt -> (packed row, offset)
         for b, members in enumerate(bins):
             offset = 0
-            for segment, i in enumerate(members, start=1):
-                span = slice(offset, offset + lengths[i])
-                ids[b, span], segments[b, span] = prompts[i], segment
-                positions[b, span] = torch.arange(lengths[i], device=self.device)
-                placed.append((i, b, offset))
-                offset += lengths[i]
+            for segment, j in enumerate(members, start=1):
+                span = slice(offset, offset + lengths[j])
+                ids[b, span], segments[b, span] = prompts[order[j]], segment
+                positions[b, span] = torch.arange(lengths[j], device=self.device)
+                where[order[j]] = (b, offset)
+                offset += lengths[j]
+        placed = [(i, *where[unique[key]]) for i, key in enumerate(keys)]
         return self.model.encode_segments(ids, Segments(segments, positions)), placed
 
     @torch.no_grad()

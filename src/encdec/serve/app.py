@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import uvicorn
@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from encdec.data.chat import ChatFormat
 from encdec.inference.engine import Emitted, Engine, Row
+from encdec.inference.sampling import Sampling
 from encdec.model import EncoderDecoder
 from encdec.serve.logprobs import TokenLogprobs
 from encdec.serve.metrics import Metrics
@@ -91,15 +92,44 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _choice(kind: str, text: str | None, finish: str | None, stream: bool,
+def _choice(kind: str, index: int, text: str | None, finish: str | None, stream: bool,
             logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     if kind == "completions":
-        return {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     if stream:
         delta = {} if text is None else {"content": text}
-        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish}
+
+
+def _choice_sampling(sampling: Sampling, index: int) -> Sampling:
+    """Choice `index` of a request for n: a seeded request's choice i draws from seed + i, so that choice 0
+    is what the same request for one choice gets."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + index) % 2**64)
+
+
+@dataclass
+class Answer:
+    """One choice being written: its text, its log-probabilities, and how it ended."""
+
+    text: TextStream
+    logprobs: TokenLogprobs | None
+    finish: str | None = None
+    piece: str = ""  # the text that the last token settled
+
+    def add(self, item: Emitted) -> bool:
+        """Take the next token; True when a stop string ended the choice."""
+        if self.logprobs is not None:
+            self.logprobs.add(item, len(self.text.text))
+        self.piece = self.text.add(item.token)
+        return self.text.stopped
+
+    def pending(self) -> dict[str, Any] | None:
+        """The log-probabilities of the tokens since the last call (streaming)."""
+        return self.logprobs and self.logprobs.take()
 
 
 def _token(item: Emitted | Exception | None) -> Emitted | None:
@@ -154,79 +184,102 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             parsed = parse(await request.body(), kind, settings.limits)
             served(parsed.model)
             prompt = service.tokens(parsed)
-            row = Row(parsed.max_tokens, service.eos, parsed.sampling, logprobs=parsed.logprobs)
-            job = Job(prompt, row, asyncio.get_running_loop())
-            service.scheduler.submit(job)
+            loop = asyncio.get_running_loop()
+            jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, _choice_sampling(parsed.sampling, i),
+                                    logprobs=parsed.logprobs), loop) for i in range(parsed.n)]
+            service.scheduler.submit(*jobs)
         except APIError as e:
             return answer(endpoint, _error(e))
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": settings.model_id}
         if parsed.stream:
-            return answer(endpoint, StreamingResponse(_stream(job, parsed, meta), media_type="text/event-stream"))
-        return answer(endpoint, await _complete(request, job, parsed, meta))
+            return answer(endpoint, StreamingResponse(_stream(jobs, parsed, meta), media_type="text/event-stream"))
+        return answer(endpoint, await _complete(request, jobs, parsed, meta))
 
-    async def _complete(request: Request, job: Job, parsed: Parsed, meta: dict) -> Response:
-        text, logprobs = TextStream(tokenizer, parsed.stop), service.logprobs(parsed)
+    async def _collect(request: Request, job: Job, parsed: Parsed) -> Answer | None:
+        """One choice's tokens until it ends; None when the client went away."""
+        out = Answer(TextStream(tokenizer, parsed.stop), service.logprobs(parsed))
+        while True:
+            try:
+                item = _token(await asyncio.wait_for(job.tokens.get(), DISCONNECT_POLL_S))
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            if item is None:
+                break
+            if out.add(item):
+                service.scheduler.cancel(job)
+                break
+        out.finish = "stop" if out.text.stopped else job.row.finish_reason
+        return out
+
+    async def _complete(request: Request, jobs: list[Job], parsed: Parsed, meta: dict) -> Response:
         try:
-            while True:
-                try:
-                    item = _token(await asyncio.wait_for(job.tokens.get(), DISCONNECT_POLL_S))
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        service.scheduler.cancel(job)
-                        return Response(status_code=499)
-                    continue
-                if item is None:
-                    break
-                if logprobs is not None:
-                    logprobs.add(item, len(text.text))
-                text.add(item.token)
-                if text.stopped:
-                    service.scheduler.cancel(job)
-                    break
+            answers = await asyncio.gather(*(_collect(request, job, parsed) for job in jobs))
         except APIError as e:
             return _error(e)
-        finish = "stop" if text.stopped else job.row.finish_reason
+        finally:
+            for job in jobs:
+                service.scheduler.cancel(job)
+        if any(a is None for a in answers):
+            return Response(status_code=499)
         body = {**meta, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
-                "choices": [_choice(parsed.kind, text.text, finish, False, logprobs and logprobs.render())],
-                "usage": _usage(len(job.prompt), len(text.tokens))}
+                "choices": [_choice(parsed.kind, i, a.text.text, a.finish, False, a.logprobs and a.logprobs.render())
+                            for i, a in enumerate(answers)],
+                "usage": _usage(len(jobs[0].prompt), sum(len(a.text.tokens) for a in answers))}
         return JSONResponse(body)
 
-    async def _stream(job: Job, parsed: Parsed, meta: dict) -> AsyncIterator[str]:
+    async def _stream(jobs: list[Job], parsed: Parsed, meta: dict) -> AsyncIterator[str]:
+        """Server-sent events of every choice's text as it settles (choices interleaved, each with its index),
+        each choice's finish, then the usage and [DONE]."""
         obj = "chat.completion.chunk" if parsed.kind == "chat" else "text_completion"
 
         def event(choices: list, **extra: Any) -> str:
             return f"data: {json.dumps({**meta, 'object': obj, 'choices': choices, **extra})}\n\n"
 
-        text, logprobs = TextStream(tokenizer, parsed.stop), service.logprobs(parsed)
+        merged: asyncio.Queue = asyncio.Queue()
 
-        def pending() -> dict[str, Any] | None:  # the log-probabilities of the tokens since the last event
-            return logprobs and logprobs.take()
+        async def pump(index: int, job: Job) -> None:
+            while True:
+                item = await job.tokens.get()
+                await merged.put((index, item))
+                if not isinstance(item, Emitted):
+                    return
 
+        pumps = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        answers = [Answer(TextStream(tokenizer, parsed.stop), service.logprobs(parsed)) for _ in jobs]
         try:
             if parsed.kind == "chat":
-                yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            while (item := _token(await job.tokens.get())) is not None:
-                if logprobs is not None:
-                    logprobs.add(item, len(text.text))
-                piece = text.add(item.token)
+                yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(len(jobs))])
+            while any(a.finish is None for a in answers):
+                index, item = await merged.get()
+                item, out = _token(item), answers[index]
+                if out.finish is not None:  # tokens still queued when a stop string ended the choice
+                    continue
+                stopped = item is not None and out.add(item)
+                piece = out.piece if item is not None else ""
                 if piece:
-                    yield event([_choice(parsed.kind, piece, None, True, pending())])
-                if text.stopped:
-                    service.scheduler.cancel(job)
-                    break
-            rest = "" if text.stopped else text.finish()
-            if rest:
-                yield event([_choice(parsed.kind, rest, None, True, pending())])
-            finish = "stop" if text.stopped else job.row.finish_reason
-            yield event([_choice(parsed.kind, None, finish, True, pending())])
-            yield event([], usage=_usage(len(job.prompt), len(text.tokens)))
+                    yield event([_choice(parsed.kind, index, piece, None, True, out.pending())])
+                if item is not None and not stopped:
+                    continue
+                if stopped:
+                    service.scheduler.cancel(jobs[index])
+                rest = "" if stopped else out.text.finish()
+                if rest:
+                    yield event([_choice(parsed.kind, index, rest, None, True, out.pending())])
+                out.finish = "stop" if stopped else jobs[index].row.finish_reason
+                yield event([_choice(parsed.kind, index, None, out.finish, True, out.pending())])
+            yield event([], usage=_usage(len(jobs[0].prompt), sum(len(a.text.tokens) for a in answers)))
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
-        finally:  # the client went away mid-stream (the task is cancelled): free the slot at once
-            service.scheduler.cancel(job)
+        finally:  # the client went away mid-stream (the task is cancelled): free the slots at once
+            for job in jobs:
+                service.scheduler.cancel(job)
+            for task in pumps:
+                task.cancel()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -2,7 +2,7 @@
 
 Fields are read from the raw JSON rather than through a schema so that every refusal names the field
 and what is accepted: harmless OpenAI fields (`user`, `metadata`, ...) are accepted and ignored, ones
-that would change the result and are not supported (`n` > 1, `echo`, tools ...) are
+that would change the result and are not supported (`best_of`, `echo`, tools ...) are
 refused by name, and unknown fields are refused as the OpenAI API does.
 """
 
@@ -32,14 +32,15 @@ class APIError(Exception):
 IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls", "prompt_cache_key",
            "safety_identifier"}
 # field -> the value(s) that leave the result unchanged; any other value is refused
-NEUTRAL = {"n": (1, None), "best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
+NEUTRAL = {"best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
            "tools": (None,), "tool_choice": (None, "none"),
            "functions": (None,), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
            "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
-SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "presence_penalty",
-                   "frequency_penalty", "repetition_penalty", "logit_bias"}
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
 FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
           "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
+MAX_CHOICES = 64  # the largest n a request may ask for (each choice takes a place in the queue)
 MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
 
 
@@ -61,6 +62,7 @@ class Parsed:
     stop: list[str]
     stream: bool
     logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k likeliest alternatives'
+    n: int = 1  # choices, each generated as a request of its own
 
 
 def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -207,7 +209,10 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
                         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
                         repetition_penalty=_number(body, "repetition_penalty", 0.0, 100.0, 1.0, open_low=True),
                         logit_bias=_logit_bias(body))
-    return Parsed(kind, model, prompt, max_tokens, sampling, stop, stream, _logprobs(body, kind))
+    n = _typed(body, "n", (int,), "an integer")
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}, got {n}", "n")
+    return Parsed(kind, model, prompt, max_tokens, sampling, stop, stream, _logprobs(body, kind), n or 1)
 
 
 @dataclass

@@ -79,15 +79,17 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, job: Job | EmbedJob) -> None:
-        """Queue a request; 429 when the queue is full, 503 once the server is shutting down."""
+    def submit(self, *jobs: Job | EmbedJob) -> None:
+        """Queue a request's jobs (all or none); 429 when the queue has no room for them, 503 once the server is
+        shutting down."""
         with self.wake:
             if not self.accepting:
                 raise APIError(503, "the server is shutting down", kind="server_error")
-            if len(self.waiting) + len(self.embedding) >= self.max_queue:
+            if len(self.waiting) + len(self.embedding) + len(jobs) > self.max_queue:
                 raise APIError(429, f"the queue is full ({self.max_queue} requests waiting, --max-queue); retry later",
                                kind="rate_limit_error")
-            (self.embedding if isinstance(job, EmbedJob) else self.waiting).append(job)
+            for job in jobs:
+                (self.embedding if isinstance(job, EmbedJob) else self.waiting).append(job)
             self.metrics.queue.set(len(self.waiting) + len(self.embedding))
             self.wake.notify()
 
