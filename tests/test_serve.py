@@ -199,6 +199,11 @@ def test_n_choices_are_requests_of_their_own(server, local):
     assert done.usage.completion_tokens == sum(len(tokens) for tokens in solo)
     greedy = client.completions.create(model=model_id, prompt="w1 w2", max_tokens=6, n=2, temperature=0)
     assert greedy.choices[0].text == greedy.choices[1].text == _solo(local, "w1 w2", 6)
+    prompts = ["w1 w2 w3", "w4", [2, 9, 10]]  # several prompts: choice p * n + i is prompt p's choice i
+    both = client.completions.create(model=model_id, prompt=prompts, max_tokens=4, n=2, temperature=0)
+    solo = [_solo(local, p, 4) for p in ("w1 w2 w3", "w4", local[1].decode([9, 10]))]
+    assert [c.text for c in both.choices] == [text for text in solo for _ in range(2)]
+    assert [c.index for c in both.choices] == list(range(6)) and both.usage.prompt_tokens == 4 + 2 + 3
     messages = [{"role": "user", "content": "w4 w5"}]
     whole = client.chat.completions.create(model=model_id, messages=messages, max_tokens=5, n=2, seed=3)
     texts, finished = {0: "", 1: ""}, {}
@@ -304,7 +309,8 @@ BAD = [
     ('["a list"]', 400, None),
     ({"prompt": "w1", "max_tokens": "8"}, 400, "max_tokens"),
     ({"prompt": 5}, 400, "prompt"),
-    ({"prompt": ["w1", "w2"]}, 400, "prompt"),
+    ({"prompt": ["w1", 5]}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
     ({"prompt": "w1", "n": 0}, 400, "n"),
     ({"prompt": "w1", "n": 65}, 400, "n"),
     ({"prompt": "w1", "best_of": 2}, 400, "best_of"),

@@ -59,14 +59,15 @@ class Service:
     def logprobs(self, request: Parsed) -> TokenLogprobs | None:
         return None if request.logprobs is None else TokenLogprobs(self.tokenizer, request.kind, self.eos)
 
-    def tokens(self, request: Parsed) -> list[int]:
+    def tokens(self, request: Parsed) -> list[list[int]]:
+        """Each prompt's token ids (chat: the turns in the chat format)."""
         outside = [token for token, _ in request.sampling.logit_bias if token >= self.vocab_size]
         if outside:
             raise APIError(400, f"'logit_bias': token id {outside[0]} is outside the vocabulary (0 to "
                            f"{self.vocab_size - 1})", "logit_bias")
         if request.kind == "chat":
-            return self.ids(self.chat.prompt(request.prompt), "messages")
-        return self.ids(request.prompt, "prompt")
+            return [self.ids(self.chat.prompt(text), "messages") for text in request.prompts]
+        return [self.ids(prompt, "prompt") for prompt in request.prompts]
 
     def ids(self, prompt: str | list[int], param: str) -> list[int]:
         """The encoder's input: text tokenized, or token ids checked; no longer than --max-input-tokens."""
@@ -101,6 +102,11 @@ def _choice(kind: str, index: int, text: str | None, finish: str | None, stream:
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish}
+
+
+def _prompt_tokens(jobs: list[Job], parsed: Parsed) -> int:
+    """The request's prompt tokens, each prompt counted once however many choices it has."""
+    return sum(len(job.prompt) for job in jobs[:: parsed.n])
 
 
 def _choice_sampling(sampling: Sampling, index: int) -> Sampling:
@@ -183,10 +189,10 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             open_for_requests()
             parsed = parse(await request.body(), kind, settings.limits)
             served(parsed.model)
-            prompt = service.tokens(parsed)
+            prompts = service.tokens(parsed)
             loop = asyncio.get_running_loop()
             jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, _choice_sampling(parsed.sampling, i),
-                                    logprobs=parsed.logprobs), loop) for i in range(parsed.n)]
+                                    logprobs=parsed.logprobs), loop) for prompt in prompts for i in range(parsed.n)]
             service.scheduler.submit(*jobs)
         except APIError as e:
             return answer(endpoint, _error(e))
@@ -227,7 +233,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         body = {**meta, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
                 "choices": [_choice(parsed.kind, i, a.text.text, a.finish, False, a.logprobs and a.logprobs.render())
                             for i, a in enumerate(answers)],
-                "usage": _usage(len(jobs[0].prompt), sum(len(a.text.tokens) for a in answers))}
+                "usage": _usage(_prompt_tokens(jobs, parsed), sum(len(a.text.tokens) for a in answers))}
         return JSONResponse(body)
 
     async def _stream(jobs: list[Job], parsed: Parsed, meta: dict) -> AsyncIterator[str]:
@@ -271,7 +277,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                     yield event([_choice(parsed.kind, index, rest, None, True, out.pending())])
                 out.finish = "stop" if stopped else jobs[index].row.finish_reason
                 yield event([_choice(parsed.kind, index, None, out.finish, True, out.pending())])
-            yield event([], usage=_usage(len(jobs[0].prompt), sum(len(a.text.tokens) for a in answers)))
+            yield event([], usage=_usage(_prompt_tokens(jobs, parsed), sum(len(a.text.tokens) for a in answers)))
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"

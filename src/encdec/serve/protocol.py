@@ -40,6 +40,7 @@ SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
 FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
           "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
+MAX_INPUTS = 2048  # prompts of a completions request, inputs of an embeddings request: the OpenAI API's limit
 MAX_CHOICES = 64  # the largest n a request may ask for (each choice takes a place in the queue)
 MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
 
@@ -56,7 +57,7 @@ class Parsed:
 
     kind: str  # "completions" or "chat"
     model: str | None
-    prompt: str | list[int]
+    prompts: list[str | list[int]]  # completions: one or more prompts (texts or token ids); chat: the turns' text
     max_tokens: int
     sampling: Sampling
     stop: list[str]
@@ -129,16 +130,19 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     return tuple(pairs)
 
 
-def _prompt(body: dict) -> str | list[int]:
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _prompts(body: dict) -> list[str | list[int]]:
+    """A string, a list of token ids, or a list of either: each a prompt with its own choices."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    raise APIError(400, "'prompt' must be a string (or a list of one string, or a list of token ids); "
-                   "one prompt per request", "prompt")
+    prompts = [prompt] if isinstance(prompt, str) or _token_ids(prompt) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or _token_ids(p) for p in prompts):
+        raise APIError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt")
+    if len(prompts) > MAX_INPUTS:
+        raise APIError(400, f"'prompt' has {len(prompts)} prompts; at most {MAX_INPUTS} per request", "prompt")
+    return prompts
 
 
 def _chat_text(body: dict) -> str:
@@ -202,7 +206,7 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise APIError(400, f"'seed' must be in [-2**63, 2**64), got {seed}", "seed")
     stop = _stop(body)
-    prompt = _prompt(body) if kind == "completions" else _chat_text(body)
+    prompts = _prompts(body) if kind == "completions" else [_chat_text(body)]
     sampling = Sampling(do_sample=temperature > 0, temperature=temperature or 1.0,
                         top_k=None if top_k in (None, -1) else top_k, top_p=top_p, seed=seed,
                         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
@@ -212,7 +216,7 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     n = _typed(body, "n", (int,), "an integer")
     if n is not None and not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}, got {n}", "n")
-    return Parsed(kind, model, prompt, max_tokens, sampling, stop, stream, _logprobs(body, kind), n or 1)
+    return Parsed(kind, model, prompts, max_tokens, sampling, stop, stream, _logprobs(body, kind), n or 1)
 
 
 @dataclass
@@ -225,11 +229,6 @@ class EmbeddingRequest:
 
 
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
-MAX_EMBEDDING_INPUTS = 2048  # the OpenAI API's limit per request
-
-
-def _token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def parse_embeddings(raw: bytes, width: int) -> EmbeddingRequest:
@@ -246,8 +245,8 @@ def parse_embeddings(raw: bytes, width: int) -> EmbeddingRequest:
     if not isinstance(inputs, list) or not inputs or not all(
             (isinstance(i, str) and i) or _token_ids(i) for i in inputs):
         raise APIError(400, f"'input' must be {what}", "input")
-    if len(inputs) > MAX_EMBEDDING_INPUTS:
-        raise APIError(400, f"'input' has {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS} per request", "input")
+    if len(inputs) > MAX_INPUTS:
+        raise APIError(400, f"'input' has {len(inputs)} items; at most {MAX_INPUTS} per request", "input")
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise APIError(400, f"'encoding_format' must be \"float\" or \"base64\", got {json.dumps(encoding)[:40]}",
