@@ -95,3 +95,14 @@ def test_gpu_check_rehearses_on_cpu():
     assert len(float32) == 2 and all("cached == uncached (8 tokens): True" in line for line in float32)
     assert all("(tokens equal 100%)" in line for line in float32)
     assert sum(line.startswith("ratio (") for line in lines) == 4  # two batch sizes x two dtypes
+
+
+def test_cpu_kernels_compares_both_kernels_and_checks_batch_invariance():
+    done = subprocess.run([sys.executable, str(BENCH / "cpu_kernels.py"), "--hidden", "64", "--intermediate", "128",
+                           "--heads", "2", "--kv-heads", "1", "--head-dim", "32", "--rows", "1,4", "--copies", "2",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith(("q ", "k / v", "o ", "gate / up", "down")) for line in lines) == 10
+    assert [line.split(":")[0] for line in lines if "a row's result" in line] == ["MKL", "oneDNN packed"]
+    assert lines[-1].startswith("ratio (4 rows: MKL time / oneDNN packed time")
