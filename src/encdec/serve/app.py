@@ -305,7 +305,14 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             prompts = [service.ids(text, "input") for text in parsed.inputs]
             job = EmbedJob(prompts, settings.pooling, asyncio.get_running_loop())
             service.scheduler.submit(job)
-            vectors = (await job.result).numpy()
+            while True:
+                try:
+                    vectors = (await asyncio.wait_for(asyncio.shield(job.result), DISCONNECT_POLL_S)).numpy()
+                    break
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        job.result.cancel()  # the scheduler encodes nothing more for it
+                        return Response(status_code=499)
         except APIError as e:
             return answer("/v1/embeddings", _error(e))
         except Exception as e:  # noqa: BLE001 - the encoder pass failed: the scheduler logged it

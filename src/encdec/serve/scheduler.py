@@ -82,6 +82,9 @@ class Scheduler:
     def submit(self, *jobs: Job | EmbedJob) -> None:
         """Queue a request's jobs (all or none); 429 when the queue has no room for them, 503 once the server is
         shutting down."""
+        if len(jobs) > self.max_queue:
+            raise APIError(400, f"this request asks for {len(jobs)} generations (prompts x n); this server queues at "
+                           f"most {self.max_queue} (--max-queue)", "n")
         with self.wake:
             if not self.accepting:
                 raise APIError(503, "the server is shutting down", kind="server_error")
