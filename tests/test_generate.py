@@ -362,3 +362,11 @@ def test_packing_width_never_pads_more_than_rows_of_the_longest_prompt(lengths):
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= width for row in rows)
     assert len(rows) * width <= len(pack(lengths, max(lengths))) * max(lengths)
+
+
+def test_joining_prompts_packed_into_wide_rows_keeps_caches_as_long_as_the_longest(model):
+    """The encoder packs [9, 4, 4, 3] tokens into one row of 20; each slot's encoder keys need only its prompt."""
+    engine = Engine(model, max_batch=4)
+    ids = torch.tensor([[5] * 9, [6] * 4 + [0] * 5, [7] * 4 + [0] * 5, [8] * 3 + [0] * 6])
+    engine.join(ids, (ids > 0).long(), [Row(3, frozenset({-1})) for _ in range(4)])
+    assert engine.enc_len == 9 and engine.encoder_lengths == [9, 4, 4, 3]

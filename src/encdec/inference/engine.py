@@ -143,7 +143,7 @@ class Engine:
         prompts = [ids[keep].to(self.device) for ids, keep in zip(input_ids, real)]
         lengths = [len(p) for p in prompts]
         hidden, placed = self._encode(prompts)
-        self._grow_encoder(hidden.shape[1])
+        self._grow_encoder(max(lengths))
         self._grow_self(max(r.max_new_tokens for r in rows))
         first = len(self.rows)
         for block, (k, v) in zip(self.layers, self.enc_kv):
