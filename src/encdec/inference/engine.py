@@ -135,8 +135,8 @@ class Engine:
     def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: list[Row]) -> None:
         """Encode a padded batch of prompts in one pass and give each its slot; they decode from the next step.
 
-        The prompts are packed (several to a row, as training packs examples) into rows as long as the
-        longest one, so a burst of mixed-length requests costs the encoder their tokens, not the padding."""
+        The prompts are packed (several to a row, as training packs examples) into rows as wide as fills
+        them best, so a burst of mixed-length requests costs the encoder their tokens, not the padding."""
         if len(rows) > self.free:
             raise ValueError(f"{len(rows)} rows cannot join: {self.free} free slots")
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -161,8 +161,8 @@ class Engine:
         self.rows.extend(rows)
 
     def _encode(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-        """The encoder's final states of `prompts` packed into rows as long as the longest, and where each
-        prompt sits: (prompt, packed row, offset). A prompt given several times (a request for n choices) is
+        """The encoder's final states of `prompts` packed into rows (`packing_width`), and where each prompt
+        sits: (prompt, packed row, offset). A prompt given several times (a request for n choices) is
         encoded once."""
         keys = [tuple(p.tolist()) for p in prompts]
         unique = {key: i for i, key in reversed(list(enumerate(keys)))}  # each prompt's first index
