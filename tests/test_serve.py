@@ -481,3 +481,37 @@ def test_an_api_key_guards_the_api_but_not_health(local):
 
     assert asyncio.run(ask("s3cret")) == ["tiny"]
     assert asyncio.run(ask("wrong")) == []
+
+
+def test_waiting_embedding_requests_share_encoder_passes(local, monkeypatch):
+    """Many one-text requests are encoded together (up to --max-batch inputs a pass, oldest first), a large one
+    over several passes; each request gets its own vectors, and one whose client left gets none."""
+    import asyncio
+
+    from encdec.inference.engine import Engine
+    from encdec.serve.metrics import Metrics
+    from encdec.serve.scheduler import EmbedJob, Scheduler
+
+    model, _ = local
+    engine = Engine(model, max_batch=4)
+    passes = []
+    embed = engine.embed
+    monkeypatch.setattr(engine, "embed", lambda prompts, pooling: passes.append(len(prompts)) or embed(prompts, pooling))
+    scheduler = Scheduler(engine, max_queue=16, pad_id=0, metrics=Metrics())
+
+    async def run() -> list:
+        loop = asyncio.get_running_loop()
+        jobs = [EmbedJob([[5, 6 + i]], loop) for i in range(3)] + [EmbedJob([[7, 8, 9]] * 6, loop), EmbedJob([[4]], loop)]
+        scheduler.submit(*jobs)
+        jobs[4].result.cancel()  # its client left
+        while scheduler.embedding:
+            scheduler._embed(list(scheduler.embedding))
+            await asyncio.sleep(0)  # let the results settle
+        return [await job.result for job in jobs[:4]]
+
+    vectors = asyncio.run(run())
+    assert passes == [4, 4, 1]  # 3 one-text requests + 1 input of the large one; 4 more; its last
+    assert [len(v) for v in vectors] == [1, 1, 1, 6]
+    for i in range(3):
+        torch.testing.assert_close(vectors[i][0], engine.embed([[5, 6 + i]], "mean")[0], atol=1e-5, rtol=1e-5)
+    assert all(torch.allclose(v, vectors[3][0], atol=1e-5) for v in vectors[3])

@@ -53,7 +53,7 @@ class Service:
         end_of_turn = tokenizer.get_vocab().get(self.chat.end)  # closes a chat answer; ends a completion too
         self.eos = frozenset(model.config.eos_token_ids) | ({end_of_turn} if end_of_turn is not None else set())
         engine = Engine(model, settings.max_batch)
-        self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics)
+        self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics, settings.pooling)
         self.created = int(time.time())
 
     def logprobs(self, request: Parsed) -> TokenLogprobs | None:
@@ -303,7 +303,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             parsed = parse_embeddings(await request.body(), model.config.encoder.hidden_size)
             served(parsed.model)
             prompts = [service.ids(text, "input") for text in parsed.inputs]
-            job = EmbedJob(prompts, settings.pooling, asyncio.get_running_loop())
+            job = EmbedJob(prompts, asyncio.get_running_loop())
             service.scheduler.submit(job)
             while True:
                 try:

@@ -1,7 +1,7 @@
 """The one thread that owns the model: it admits waiting requests into the decoding batch between steps
 (encoding all arrivals in one pass), runs the steps, and hands each token to its request's event loop.
-Embedding requests are encoded between steps too, at most --max-batch inputs at a time, so that a large
-one does not stall the running generations.
+Embedding requests are encoded between steps too, at most --max-batch inputs a pass (the inputs of
+several waiting requests share one), so that a large one does not stall the running generations.
 
 Requests talk to it only through `submit` and `cancel`; the engine itself is touched by this thread alone.
 """
@@ -46,7 +46,6 @@ class EmbedJob:
     """An embedding request: its inputs' token ids, and the future that receives their vectors [n, d]."""
 
     prompts: list[list[int]]
-    pooling: str
     loop: asyncio.AbstractEventLoop
     result: asyncio.Future = field(init=False)
     done: list[torch.Tensor] = field(default_factory=list)  # vectors of the chunks encoded so far
@@ -66,8 +65,9 @@ class EmbedJob:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, pad_id: int, metrics: Metrics) -> None:
+    def __init__(self, engine: Engine, max_queue: int, pad_id: int, metrics: Metrics, pooling: str = "mean") -> None:
         self.engine, self.max_queue, self.pad_id, self.metrics = engine, max_queue, pad_id, metrics
+        self.pooling = pooling  # of the embeddings: "mean" or "last"
         self.waiting: deque[Job] = deque()
         self.embedding: deque[EmbedJob] = deque()
         self.cancelled: list[Job] = []
@@ -134,10 +134,10 @@ class Scheduler:
                     return
                 cancelled, self.cancelled = self.cancelled, []
                 arrivals = [self.waiting.popleft() for _ in range(min(self.engine.free, len(self.waiting)))]
-                embedding = self.embedding[0] if self.embedding else None
+                embedding = list(self.embedding)
                 self.metrics.queue.set(len(self.waiting) + len(self.embedding))
-            if embedding is not None:
-                self._embed_chunk(embedding)
+            if embedding:
+                self._embed(embedding)
             try:
                 self._cycle(cancelled, arrivals)
             except Exception as e:  # a failed step fails its requests, not the server
@@ -147,25 +147,40 @@ class Scheduler:
                     job.deliver(e)
                 self.running.clear()
 
-    def _embed_chunk(self, job: EmbedJob) -> None:
-        """Encode the next --max-batch inputs of the oldest embedding request; answer it after its last."""
-        chunk = job.prompts[job.encoded : job.encoded + self.engine.max_batch]
-        finished = job.result.done()  # the client went away: nothing more is encoded for it
-        if not finished:
-            try:
-                job.done.append(self.engine.embed(chunk, job.pooling))
-                self.metrics.prompt_tokens.inc(sum(len(p) for p in chunk))
-                if job.encoded == len(job.prompts):
-                    job.resolve(torch.cat(job.done))
-                    finished = True
-            except Exception as e:  # a failed pass fails its request, not the server
-                log.exception("embedding failed")
-                job.resolve(e)
-                finished = True
-        if finished:
-            with self.wake:
-                self.embedding.popleft()
-                self.metrics.queue.set(len(self.waiting) + len(self.embedding))
+    def _embed(self, jobs: list[EmbedJob]) -> None:
+        """One encoder pass over the next --max-batch inputs of the waiting embedding requests, oldest first
+        (many one-text requests share a pass); a request is answered after its last input."""
+        budget, parts = self.engine.max_batch, []  # (request, first input, end)
+        for job in jobs:
+            start = job.encoded
+            take = 0 if job.result.done() else min(budget, len(job.prompts) - start)  # done: its client left
+            parts.append((job, start, start + take))
+            budget -= take
+            if budget == 0:
+                break
+        prompts = [p for job, start, end in parts for p in job.prompts[start:end]]
+        try:
+            vectors = self.engine.embed(prompts, self.pooling) if prompts else torch.empty(0)
+            self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+        except Exception as e:  # a failed pass fails its requests, not the server
+            log.exception("embedding failed")
+            vectors = e
+        finished, offset = [], 0
+        for job, start, end in parts:
+            share = None if isinstance(vectors, Exception) else vectors[offset : offset + end - start]
+            offset += end - start
+            if share is None:
+                job.resolve(vectors)
+            elif not job.result.done():  # (a client that left meanwhile gets nothing)
+                job.done.append(share)
+                if job.encoded < len(job.prompts):
+                    continue
+                job.resolve(torch.cat(job.done))
+            finished.append(job)
+        with self.wake:
+            for job in finished:
+                self.embedding.remove(job)
+            self.metrics.queue.set(len(self.waiting) + len(self.embedding))
 
     def _cycle(self, cancelled: list[Job], arrivals: list[Job]) -> None:
         for job in cancelled:
