@@ -134,15 +134,18 @@ def _token_ids(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _prompts(body: dict) -> list[str | list[int]]:
-    """A string, a list of token ids, or a list of either: each a prompt with its own choices."""
-    prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) or _token_ids(prompt) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or _token_ids(p) for p in prompts):
-        raise APIError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt")
-    if len(prompts) > MAX_INPUTS:
-        raise APIError(400, f"'prompt' has {len(prompts)} prompts; at most {MAX_INPUTS} per request", "prompt")
-    return prompts
+def _inputs(body: dict, name: str, *, empty_text: bool) -> list[str | list[int]]:
+    """Field `name` as a list of texts or token-id lists: a string, a list of token ids, or a list of either
+    (completions' prompts, embeddings' inputs); empty strings only where `empty_text`."""
+    value = body.get(name)
+    items = [value] if isinstance(value, str) or _token_ids(value) else value
+    if not isinstance(items, list) or not items or not all(
+            (isinstance(i, str) and (empty_text or i)) or _token_ids(i) for i in items):
+        text = "a string" if empty_text else "a non-empty string"
+        raise APIError(400, f"'{name}' must be {text}, a list of token ids, or a non-empty list of either", name)
+    if len(items) > MAX_INPUTS:
+        raise APIError(400, f"'{name}' has {len(items)} items; at most {MAX_INPUTS} per request", name)
+    return items
 
 
 def _chat_text(body: dict) -> str:
@@ -206,7 +209,7 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise APIError(400, f"'seed' must be in [-2**63, 2**64), got {seed}", "seed")
     stop = _stop(body)
-    prompts = _prompts(body) if kind == "completions" else [_chat_text(body)]
+    prompts = _inputs(body, "prompt", empty_text=True) if kind == "completions" else [_chat_text(body)]
     sampling = Sampling(do_sample=temperature > 0, temperature=temperature or 1.0,
                         top_k=None if top_k in (None, -1) else top_k, top_p=top_p, seed=seed,
                         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
@@ -239,14 +242,7 @@ def parse_embeddings(raw: bytes, width: int) -> EmbeddingRequest:
         if name not in EMBEDDING_FIELDS | IGNORED:
             raise APIError(400, f"unrecognized request argument '{name}'; accepted: {', '.join(sorted(EMBEDDING_FIELDS))}",
                            name)
-    value = body.get("input")
-    inputs = [value] if isinstance(value, str) or _token_ids(value) else value
-    what = "a non-empty string, a list of them, a list of token ids, or a list of such lists"
-    if not isinstance(inputs, list) or not inputs or not all(
-            (isinstance(i, str) and i) or _token_ids(i) for i in inputs):
-        raise APIError(400, f"'input' must be {what}", "input")
-    if len(inputs) > MAX_INPUTS:
-        raise APIError(400, f"'input' has {len(inputs)} items; at most {MAX_INPUTS} per request", "input")
+    inputs = _inputs(body, "input", empty_text=False)
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
         raise APIError(400, f"'encoding_format' must be \"float\" or \"base64\", got {json.dumps(encoding)[:40]}",
