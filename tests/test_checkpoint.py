@@ -104,3 +104,69 @@ def test_truncated_checkpoint_weights(sources, tmp_path):
     weights.write_bytes(weights.read_bytes()[:5000])
     with pytest.raises(EncdecError, match="truncated or corrupt"):
         encdec.load(tmp_path / "out")
+
+
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges of this process that map `path`."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(str(path)):
+            low, high = line.split()[0].split("-")
+            ranges.append((int(low, 16), int(high, 16)))
+    return ranges
+
+
+def test_weights_are_read_like_safetensors_reads_them_and_into_memory_of_their_own(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2, 2).half(),
+        "f64": torch.randn(4).double(), "i64": torch.arange(-3, 3), "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8), "bool": torch.tensor([True, False]),
+        "f8": torch.randn(6).to(torch.float8_e4m3fn), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+    }
+    file = tmp_path / "model.safetensors"
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    read = encdec.files.read_weights(tmp_path)
+    with safe_open(str(file), framework="pt") as f:
+        assert sorted(read) == sorted(f.keys())
+        for name in f.keys():
+            expected = f.get_tensor(name)
+            assert read[name].dtype == expected.dtype and read[name].shape == expected.shape
+            assert torch.equal(read[name].reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+    mapped = _mapped_ranges(file.resolve())
+    assert all(not low <= t.data_ptr() < high for t in read.values() for low, high in mapped)
+    assert encdec.files.read_weights(tmp_path, torch.bfloat16)["f32"].dtype == torch.bfloat16
+    assert encdec.files.read_weights(tmp_path, torch.bfloat16)["i64"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("damage", ["header cut", "header not json", "offsets past the end", "size mismatch",
+                                    "unknown dtype", "data cut"])
+def test_malformed_safetensors_files_are_refused(tmp_path, damage):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(4, 4)}, str(tmp_path / "model.safetensors"))
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + length])
+    if damage == "header cut":
+        raw = raw[:4]
+    elif damage == "header not json":
+        raw = raw[:8] + b"{" * length + raw[8 + length:]
+    elif damage == "data cut":
+        raw = raw[:-5]
+    else:
+        entry = header["w"]
+        if damage == "offsets past the end":
+            entry["data_offsets"] = [64, 128]
+        elif damage == "size mismatch":
+            entry["shape"] = [4, 5]
+        else:
+            entry["dtype"] = "Q4"
+        text = json.dumps(header).encode()
+        raw = len(text).to_bytes(8, "little") + text + raw[8 + length:]
+    (tmp_path / "model.safetensors").write_bytes(raw)
+    with pytest.raises(EncdecError, match="truncated or corrupt"):
+        encdec.files.read_weights(tmp_path)

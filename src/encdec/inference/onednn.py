@@ -40,6 +40,7 @@ FUSED_ACTIVATIONS = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}
 MAX_CANDIDATES = 4096  # beyond this many screened tokens the full float32 head is cheaper
 BF16_ROUNDING = 2.0**-8  # relative rounding of a bfloat16 result (half an ulp is 2^-9; twice that, to be safe)
 FP32_ROUNDING = 2.0**-24
+NORM_CHUNK = 16384  # vocabulary rows per pass when measuring the head's norms
 
 
 def available() -> bool:
@@ -95,8 +96,11 @@ class ScreenedHead(nn.Module):
         self.full = PackedLinear(self.weight, None)
         low = self.weight.bfloat16()
         self.screen = PackedLinear(low, None)
-        self.max_norm = float(low.float().norm(dim=-1).max())  # the largest row norm of the bfloat16 weight
-        self.max_error = float((self.weight - low.float()).norm(dim=-1).max())  # and of its rounding
+        self.max_norm, self.max_error = 0.0, 0.0  # the largest row norm of the bfloat16 weight, and of its rounding
+        for start in range(0, len(low), NORM_CHUNK):  # in chunks: whole-table temporaries would be 3 x its size
+            rows, exact = low[start: start + NORM_CHUNK].float(), self.weight[start: start + NORM_CHUNK]
+            self.max_norm = max(self.max_norm, float(rows.norm(dim=-1).max()))
+            self.max_error = max(self.max_error, float((exact - rows).norm(dim=-1).max()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.full(x)
@@ -131,8 +135,8 @@ def _pack_layers(module: nn.Module, keep: bool) -> list[tuple[nn.Module, str, nn
     `keep`, return (owner, name, original) of each.
 
     By name, one layer at a time, holding no reference to a replaced layer unless kept, so that each one's float
-    weight can be freed as its packed copy arrives (pages of a memory-mapped checkpoint stay mapped while any
-    tensor of it lives: docs/benchmarks.md notes the resident memory this leaves)."""
+    weight is freed as its packed copy arrives (checkpoints are read into memory of their own, not mapped:
+    `encdec.files.read_weights`)."""
     kept = []
     names: list[str] = []
     for name, child in module.named_modules():  # parents come before their children
