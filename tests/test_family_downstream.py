@@ -134,11 +134,17 @@ def test_finetune_uses_the_tokenizers_chat_template_and_saves_a_qwen2_source_bac
 
     from encdec.causal import load_causal
 
+    from tokenizers import processors
+
     source = make_source(tmp_path / "source", "qwen2", vocab_size=128)  # spare rows for the template's tokens
     tokenizer = copy.deepcopy(encdec.load_tokenizer(source))
     tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "user", "assistant"], special_tokens=True)
     tokenizer.chat_template = CHATML
+    # as Qwen's tokenizers on the Hub: no BOS token, nothing put before a text
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    tokenizer.bos_token = None
     tokenizer.save_pretrained(str(source))
+    assert encdec.load_tokenizer(source).bos_token_id is None
     data = write_instructions(tmp_path / "train.jsonl", count=24)
     args = ["--data", str(data), "--enc-len", "32", "--dec-len", "8", "--batch-size", "4", "--steps", "3",
             "--warmup-steps", "1", "--eval-every", "3", "--eval-windows", "4", "--save-every", "3",

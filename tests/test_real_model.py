@@ -98,6 +98,25 @@ def test_cli_adapt_smollm2_saves_the_project_format_that_transformers_loads_with
     assert encdec.load_tokenizer(out)("Hello").input_ids == tokenizer("Hello").input_ids
 
 
+@pytest.mark.parametrize("name", ["real", "smollm2"])
+def test_instruction_inputs_begin_as_served_prompts_do(request, name):
+    """Gemma's tokenizer puts BOS before every text, SmolLM2's names one (<|im_start|>) but puts none: the
+    encoder's fine-tuning inputs are what `encdec serve` feeds it for the same conversation (its tokenizer's
+    own encoding of the prompt), not the prompt after a BOS of its own."""
+    from encdec.data.chat import ChatFormat
+    from encdec.data.instructions import Pair, chat_example, chat_prompt_text
+
+    tokenizer = request.getfixturevalue(name)[3]
+    chat = ChatFormat.of(tokenizer)
+    pair = Pair(prompt=chat_prompt_text("Name a colour."), response="Blue.", source="test")
+    example = chat_example(pair, tokenizer, eos_id=tokenizer.eos_token_id, max_input=256, max_target=16, chat=chat)
+    assert example.inputs == tokenizer(chat.prompt(pair.prompt)).input_ids
+    assert (example.inputs[0] == tokenizer.bos_token_id) == (name == "real")
+    cut = chat_example(pair, tokenizer, eos_id=tokenizer.eos_token_id, max_input=6, max_target=16, chat=chat)
+    # a long prompt loses its beginning; BOS, where there is one, stays first
+    assert cut.inputs == ([tokenizer.bos_token_id] + example.inputs[-5:] if name == "real" else example.inputs[-6:])
+
+
 def test_chat_format_is_smollm2s_own_template(smollm2):
     from encdec.data.chat import ChatFormat
     from encdec.data.instructions import chat_prompt_text

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from encdec.data.instructions import END, START, chat_prompt
+from encdec.data.tokens import leading_bos
 
 _TURN = re.compile(re.escape(START) + r"(user|model)\n(.*?)" + re.escape(END) + r"\n", re.DOTALL)
 _ROLE = {"user": "user", "model": "assistant"}
@@ -34,18 +35,22 @@ class ChatFormat:
     tokenizer: Any
     templated: bool
     end: str  # the text that closes an answer, before EOS
+    # the token the encoder's inputs start with: the one the tokenizer puts before every text (Gemma's and
+    # Llama's BOS), so that tuned prompts begin as served ones do (`tokenizer(text)`); None for Qwen, which adds none
+    bos: int | None
 
     @classmethod
     def of(cls, tokenizer: Any) -> ChatFormat:
+        bos = leading_bos(tokenizer)
         if START in tokenizer.get_vocab() or not getattr(tokenizer, "chat_template", None):
-            return cls(tokenizer, False, END)
+            return cls(tokenizer, False, END, bos)
         exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
         answered = tokenizer.apply_chat_template(exchange, tokenize=False)
-        return cls(tokenizer, True, answered.split(_MARK, 1)[1].strip())
+        return cls(tokenizer, True, answered.split(_MARK, 1)[1].strip(), bos)
 
     def prompt(self, gemma_prompt: str) -> str:
         """The encoder's text for a `chat_prompt` transcript: as it is, or re-rendered by the tokenizer's template
-        (without the BOS text some templates start with: the encoder's inputs get BOS as a token)."""
+        (without the BOS text some templates start with: the encoder's inputs get `bos` as a token)."""
         if not self.templated:
             return gemma_prompt
         messages = [{"role": _ROLE[role], "content": text} for role, text in turns_of(gemma_prompt)]

@@ -145,9 +145,10 @@ def read_instructions(paths: list[str]) -> list[Pair]:
 
 def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max_target: int,
                  chat: ChatFormat | None = None) -> Example:
-    """Token ids for the encoder (BOS + the formatted prompt) and the decoder targets (response + the
-    end-of-turn text, "<end_of_turn>" in Gemma's format, + EOS), cut to `max_input` / `max_target` tokens.
-    `chat`: the tokenizer's chat format (`ChatFormat.of(tokenizer)`, computed once per run by the caller).
+    """Token ids for the encoder (BOS, where the tokenizer puts one before every text, + the formatted prompt)
+    and the decoder targets (response + the end-of-turn text, "<end_of_turn>" in Gemma's format, + EOS), cut
+    to `max_input` / `max_target` tokens. `chat`: the tokenizer's chat format (`ChatFormat.of(tokenizer)`,
+    computed once per run by the caller).
 
     Long prompts lose their beginning (the question and the open model turn are at the end), long
     responses their end; BOS stays first and the end-of-turn text + EOS stay last, since fine-tuning
@@ -156,14 +157,12 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
     from encdec.data.chat import ChatFormat
 
     chat = chat or ChatFormat.of(tokenizer)
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        raise EncdecError("the tokenizer has no BOS token, which the encoder's inputs start with")
+    bos = [] if chat.bos is None else [chat.bos]
     end = tokenizer(chat.end, add_special_tokens=False)["input_ids"] + [eos_id]
     if max_input < 2 or max_target < len(end) + 1:
         raise EncdecError(f"max_input must be at least 2 and max_target at least {len(end) + 1} "
                           f"(to keep BOS, {chat.end} and EOS), got {max_input} and {max_target}")
     prompt = tokenizer(chat.prompt(pair.prompt), add_special_tokens=False)["input_ids"]
     response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
-    return Example(inputs=[bos] + prompt[max(0, len(prompt) - (max_input - 1)):],
+    return Example(inputs=bos + prompt[max(0, len(prompt) - (max_input - len(bos))):],
                    targets=response[: max_target - len(end)] + end)

@@ -28,6 +28,13 @@ CORPUS = "corpus:"  # `corpus:NAME` names a packaged training corpus (encdec.dat
 PACKAGED = {HELDOUT: HELDOUT_SETS, CORPUS: CORPORA}
 
 
+
+def leading_bos(tokenizer) -> int | None:
+    """The token the tokenizer puts before every text (Gemma's and Llama's BOS), or None (Qwen adds none,
+    whether or not its tokenizer names a BOS token)."""
+    first = tokenizer("a").input_ids[:1]
+    return first[0] if first and first[0] == tokenizer.bos_token_id else None
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the stream would: a different encoding, or another EOS ending each document (the EOS is
     set in the tokenizer's config, not in tokenizer.json, so two tokenizers can differ only there)."""

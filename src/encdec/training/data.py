@@ -89,12 +89,6 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
     return make_with_bos
 
 
-def leading_bos(tokenizer) -> int | None:
-    """The token the tokenizer puts before every text (Gemma's and Llama's BOS), or None (Qwen adds none)."""
-    first = tokenizer("a").input_ids[:1]
-    return first[0] if first and first[0] == tokenizer.bos_token_id else None
-
-
 def window_length(objective: str, enc_len: int, dec_len: int) -> int:
     """Tokens per window: PrefixLM fills one row exactly (targets gain an EOS); UL2 windows are about half
     a row so that corrupted examples usually fit, often two to a row."""

@@ -12,14 +12,14 @@ import numpy as np
 from torch import nn
 
 from encdec.checkpoint import is_checkpoint, load_checkpoint
-from encdec.data.tokens import token_stream, windows
+from encdec.data.tokens import leading_bos, token_stream, windows
 from encdec.errors import EncdecError
 from encdec.model import CausalLM
 from encdec.objectives import Example
 from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import distributed
 from encdec.training.config import TrainConfig
-from encdec.training.data import ExampleStream, example_maker, leading_bos, window_length
+from encdec.training.data import ExampleStream, example_maker, window_length
 from encdec.training.vocab import (
     Trainable,
     UntrainedRows,
