@@ -8,6 +8,8 @@ classifier (backbone + pooling + linear head):
   the allocator setting of `encdec.training.allocator`);
 - encdec+bf16 (with `--bf16`): the same call with `precision="bf16"` (bfloat16 autocast of the forward's
   products, weights in float32), where bfloat16 products are fast (AVX512-BF16 / AMX);
+- encdec+frozen, encdec+bf16+frozen (with `--frozen-embeddings`): the same calls with
+  `freeze_embeddings=True` (`encdec classify --freeze-embeddings`: the token embedding is not trained);
 - encdec@base (with `--base-src DIR`): the same call, importing `encdec` from another source tree
   (e.g. main's `src/`), so that a change is measured against the code before it in the same run;
 - plain: the same classifier in a textbook loop: `torch.optim.AdamW` with its default implementation,
@@ -59,6 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", help="MODEL as `encdec classify` takes it (default: a random tiny adapted Gemma 3)")
     p.add_argument("--base-src", type=Path, help="also time fine_tune from this source tree (e.g. main's src/)")
     p.add_argument("--bf16", action="store_true", help="also time fine_tune with bfloat16 autocast")
+    p.add_argument("--frozen-embeddings", action="store_true",
+                   help="also time fine_tune with the token embedding frozen (and bf16 frozen, with --bf16)")
     p.add_argument("--batch", type=int, default=16, help="examples per step")
     p.add_argument("--max-len", type=int, default=128, help="longest row, in tokens")
     p.add_argument("--examples", type=int, default=256, help="distinct rows the steps draw from")
@@ -95,12 +99,15 @@ def rows_and_labels(args: argparse.Namespace) -> tuple[list[list[int]], list[int
 
 
 def time_encdec(classifier, rows: list[list[int]], labels: list[int], args: argparse.Namespace,
-                bf16: bool = False) -> list[float]:
+                bf16: bool = False, frozen: bool = False) -> list[float]:
     from encdec.classification.train import Hyper, fine_tune
+
+    # fields an older tree (--base-src) may lack are passed only when used
+    extra = {**({"precision": "bf16"} if bf16 else {}), **({"freeze_embeddings": True} if frozen else {})}
 
     def call(steps: int) -> None:
         hp = Hyper(lr=LR, head_lr=HEAD_LR, weight_decay=WEIGHT_DECAY, steps=steps, batch_size=args.batch,
-                   max_len=args.max_len, warmup=WARMUP, **({"precision": "bf16"} if bf16 else {}))  # older: no field
+                   max_len=args.max_len, warmup=WARMUP, **extra)
         fine_tune(classifier, rows, labels, hp, pad_id=PAD_ID, desc="bench", seed=0)
 
     call(args.warmup)
@@ -138,6 +145,8 @@ def time_plain(classifier, rows: list[list[int]], labels: list[int], args: argpa
 
 
 IMPLEMENTATIONS = {"encdec": time_encdec, "encdec+bf16": functools.partial(time_encdec, bf16=True),
+                   "encdec+frozen": functools.partial(time_encdec, frozen=True),
+                   "encdec+bf16+frozen": functools.partial(time_encdec, bf16=True, frozen=True),
                    "encdec@base": time_encdec, "plain": time_plain}
 
 
@@ -169,7 +178,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    names = ["encdec", *(["encdec+bf16"] if args.bf16 else []), *(["encdec@base"] if args.base_src else []), "plain"]
+    frozen = ["encdec+frozen", *(["encdec+bf16+frozen"] if args.bf16 else [])] if args.frozen_embeddings else []
+    names = ["encdec", *(["encdec+bf16"] if args.bf16 else []), *frozen, *(["encdec@base"] if args.base_src else []),
+             "plain"]
     rounds: dict[str, list[list[float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(tiny_model(Path(tmp)))
@@ -182,12 +193,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"batch {args.batch}, rows of {args.max_len // 4}-{args.max_len} tokens, {args.steps} steps per call, "
           f"median of {args.rounds} rounds x {args.repeats} calls")
-    print(f"{'implementation':<14}  {'s/step (median)':>15}  {'examples/s':>10}")
+    width = max(len("implementation"), *map(len, names))
+    print(f"{'implementation':<{width}}  {'s/step (median)':>15}  {'examples/s':>10}")
     for name, times in rounds.items():
         seconds = statistics.median(t for r in times for t in r)
-        print(f"{name:<14}  {seconds / args.steps:>15.3f}  {examples / seconds:>10.1f}")
+        print(f"{name:<{width}}  {seconds / args.steps:>15.3f}  {examples / seconds:>10.1f}")
     if args.bf16:
         print(ratio_line("encdec+bf16 / encdec", rounds["encdec+bf16"], rounds["encdec"]))
+    for name in frozen:
+        unfrozen = name.removesuffix("+frozen")
+        print(ratio_line(f"{name} / {unfrozen}", rounds[name], rounds[unfrozen]))
     if args.base_src:
         print(ratio_line("encdec / encdec@base", rounds["encdec"], rounds["encdec@base"]))
     print(ratio_line("encdec / plain", rounds["encdec"], rounds["plain"]))

@@ -3,6 +3,8 @@ k-fold splits, pooling, save / load / predict, the exported encoder, the real da
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import random
@@ -120,6 +122,26 @@ def test_bf16_fine_tuning_stays_near_the_recorded_float32_run(models: dict[str, 
     torch.testing.assert_close(probs, recorded, rtol=0, atol=0.02)
     assert (probs - recorded).abs().max() > 1e-4  # the products did run in bfloat16
     assert torch.equal(probs.argmax(1), recorded.argmax(1))
+
+
+def test_frozen_embeddings_stay_as_they_were_while_the_layers_and_head_train(models: dict[str, Path]) -> None:
+    backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    (train, labels) = separable(16, 0)
+    rows = encode(tokenizer, train, 16)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    hp = Hyper(lr=1e-3, head_lr=1e-2, epochs=1, batch_size=8, warmup=0.0, max_len=16, freeze_embeddings=True)
+    classifier = Classifier(backbone, 2, "last")
+    fine_tune(classifier, rows, labels, hp, pad_id=0, desc="test", seed=0)
+    after = backbone.state_dict()
+    assert torch.equal(after["embed.weight"], before["embed.weight"])
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert len(changed) == len(before) - 1, "every other backbone tensor trains"
+    assert classifier.head.weight.abs().sum() > 0
+    # the flag is per run: the next fine-tuning without it trains the embedding again
+    fine_tune(Classifier(backbone, 2, "last"), rows, labels, dataclasses.replace(hp, freeze_embeddings=False),
+              pad_id=0, desc="test", seed=0)
+    assert not torch.equal(backbone.state_dict()["embed.weight"], before["embed.weight"])
 
 
 @settings(max_examples=60, deadline=None)

@@ -209,7 +209,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
     hyper = Hyper(lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, epochs=args.epochs, steps=args.steps,
                   batch_size=args.batch_size, max_len=args.max_len, warmup=args.warmup, seed=args.seed,
-                  precision=args.precision)
+                  precision=args.precision, freeze_embeddings=args.freeze_embeddings)
     grid_flags = {"lr": args.grid_lr, "epochs": args.grid_epochs, "head_lr": args.grid_head_lr}
     if not args.search and (args.grid is not None or any(v is not None for v in grid_flags.values())):
         raise EncdecError("--grid and --grid-* set the grid of --search; pass --search too")
@@ -434,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="autocast dtype of fine-tuning's matrix products (weights stay float32); auto: bf16 where "
                    "it is faster (CPUs with AVX512-BF16/AMX), as pretraining chooses; fp32 reproduces earlier results")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="train every layer and the head but not the token embedding: on Gemma's 262k-token vocabulary "
+                   "that is most of a small model's parameters (the 270M: 168M of 268M), so steps are ~19%% faster "
+                   "and need 2 GB less for its gradient and AdamW state")
     p.add_argument("--search", action="store_true",
                    help="choose lr x epochs x head-lr (the grid) on dev splits of the training data, retrain the best "
                    "on all of it, and score it once on the reported split")
