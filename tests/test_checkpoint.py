@@ -136,15 +136,19 @@ def test_weights_are_read_like_safetensors_reads_them_and_into_memory_of_their_o
             expected = f.get_tensor(name)
             assert read[name].dtype == expected.dtype and read[name].shape == expected.shape
             assert torch.equal(read[name].reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
-    mapped = _mapped_ranges(file.resolve())
-    assert all(not low <= t.data_ptr() < high for t in read.values() for low, high in mapped)
+    ranges = _mapped_ranges(file.resolve())
+    assert ranges and all(not low <= t.data_ptr() < high for t in read.values() for low, high in ranges)
+    mapped = encdec.files.read_weights(tmp_path, mapped=True)  # for weights copied elsewhere at once: the same values
+    assert all(torch.equal(mapped[k].reshape(-1).view(torch.uint8), read[k].reshape(-1).view(torch.uint8)) for k in read)
+    assert any(low <= mapped["f32"].data_ptr() < high for low, high in _mapped_ranges(file.resolve()))
     assert encdec.files.read_weights(tmp_path, torch.bfloat16)["f32"].dtype == torch.bfloat16
     assert encdec.files.read_weights(tmp_path, torch.bfloat16)["i64"].dtype == torch.int64
 
 
+@pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("damage", ["header cut", "header not json", "offsets past the end", "size mismatch",
                                     "unknown dtype", "data cut"])
-def test_malformed_safetensors_files_are_refused(tmp_path, damage):
+def test_malformed_safetensors_files_are_refused(tmp_path, damage, mapped):
     from safetensors.torch import save_file
 
     save_file({"w": torch.ones(4, 4)}, str(tmp_path / "model.safetensors"))
@@ -169,4 +173,4 @@ def test_malformed_safetensors_files_are_refused(tmp_path, damage):
         raw = len(text).to_bytes(8, "little") + text + raw[8 + length:]
     (tmp_path / "model.safetensors").write_bytes(raw)
     with pytest.raises(EncdecError, match="truncated or corrupt"):
-        encdec.files.read_weights(tmp_path)
+        encdec.files.read_weights(tmp_path, mapped=mapped)

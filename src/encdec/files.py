@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from encdec.errors import EncdecError
@@ -44,8 +45,13 @@ def _inside(directory: Path, name: object, listed_in: Path) -> Path:
     return directory / name
 
 
-def read_weights(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: model.safetensors, or the shards its index lists."""
+def read_weights(directory: Path, dtype: torch.dtype | None = None, *, mapped: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: model.safetensors, or the shards its index lists.
+
+    Each tensor is read into memory of its own, unless `mapped`: then the tensors point into a memory map of
+    the file (pages read on demand and reclaimable by the kernel, but all of the file's pages that were read
+    stay resident while any of its tensors lives), which suits weights that are copied elsewhere at once
+    (resuming training) and not weights that are kept (`_read_safetensors` says why)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map", {})
@@ -65,11 +71,17 @@ def read_weights(directory: Path, dtype: torch.dtype | None = None) -> dict[str,
         if not file.exists():
             raise EncdecError(f"weight shard {file} is missing")
         try:
-            for name, t in _read_safetensors(file):
+            for name, t in _mapped_safetensors(file) if mapped else _read_safetensors(file):
                 weights[name] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, RuntimeError, SafetensorError) as e:
             raise EncdecError(f"{file} is not a readable safetensors file, truncated or corrupt? ({e})") from None
     return weights
+
+
+def _mapped_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    with safe_open(str(file), framework="pt") as f:
+        for name in f.keys():
+            yield name, f.get_tensor(name)
 
 
 # the element types of the safetensors format that torch holds

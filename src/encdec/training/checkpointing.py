@@ -97,7 +97,7 @@ def read(path: Path) -> Saved:
     if (path / "optimizer.pt").exists() or (path / "trainer.pt").exists():
         raise EncdecError(f"{path} is in the old pickle format (optimizer.pt, trainer.pt), which encdec no longer "
                           "loads: unpickling can run code")
-    weights = read_weights(path)
+    weights = read_weights(path, mapped=True)  # copied into the model at once
     optimizer, trainer = read_state(path, "optimizer"), read_state(path, "trainer")
     if not isinstance(optimizer, dict) or not isinstance(trainer, dict) or "step" not in trainer:
         raise EncdecError(f"{path}: optimizer.json or trainer.json does not hold a training state")
@@ -139,6 +139,6 @@ def average(paths: list[Path]) -> dict[str, torch.Tensor]:
     """Element-wise mean of the model weights of several checkpoints (T5Gemma 2 averages the last 5)."""
     total: dict[str, torch.Tensor] = {}
     for path in paths:
-        for name, t in read_weights(path, torch.float32).items():
+        for name, t in read_weights(path, torch.float32, mapped=True).items():
             total[name] = total[name] + t if name in total else t.clone()
     return {name: t / len(paths) for name, t in total.items()}
