@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import encdec
 from encdec.data.instructions import chat_prompt_text
+from encdec.serve.app import DISCONNECT_POLL_S
 from encdec.sources import load_tokenizer
 
 HOST = "127.0.0.1"
@@ -388,6 +389,22 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, endless_prompt):
               20, "the cancelled generation to be counted")
     _wait_for(lambda: _metric(server.base, "encdec_running_requests") == 0, 20, "the batch to empty")
     assert _metric(server.base, "encdec_generated_tokens_total") > 0
+
+
+def test_an_embedding_request_whose_client_leaves_is_not_encoded_further(server):
+    """2,048 inputs take hundreds of encoder passes of --max-batch (4) inputs; the client gives up at once, the
+    server notices within its poll interval and encodes none of the rest, and answers the next request."""
+    tokens = 'encdec_prompt_tokens_total'
+    before = _metric(server.base, tokens)
+    body = {"input": [[5 + i % 50] * 24 for i in range(2048)], "encoding_format": "float"}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.base}/v1/embeddings", json=body, timeout=httpx.Timeout(30, read=0.2))
+    time.sleep(2 * DISCONNECT_POLL_S)
+    stopped = _metric(server.base, tokens)
+    time.sleep(1)
+    assert _metric(server.base, tokens) == stopped < before + 2048 * 24
+    done = httpx.post(f"{server.base}/v1/embeddings", json={"input": "w1 w2"}, timeout=30)
+    assert done.status_code == 200 and len(done.json()["data"]) == 1
 
 
 def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint, endless_prompt):
