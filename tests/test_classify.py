@@ -434,6 +434,53 @@ def test_search_selection_never_reads_the_reported_split(models: dict[str, Path]
     assert capsys.readouterr().out.count("lr=0.001 epochs=1 head_lr=0.01: dev accuracy") == 1
 
 
+def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from encdec.classification import run
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=True, n=24)
+    trained: list[int] = []
+    real = run.fine_tune
+    stop_at = [5]
+
+    def counting(model, rows, *args, **kwargs):
+        if len(trained) == stop_at[0]:
+            raise KeyboardInterrupt  # killed in its sixth training
+        trained.append(len(rows))
+        return real(model, rows, *args, **kwargs)
+
+    monkeypatch.setattr(run, "fine_tune", counting)
+    argv = ["classify", str(models["gemma3"]), "--task", "toy", "--search", "--grid-lr", "1e-3,3e-3", "--grid-epochs",
+            "1", "--grid-head-lr", "1e-2", "--inner-folds", "2", "--folds", "3", "--max-len", "16"]
+    assert main([*argv, "--out", str(tmp_path / "killed")]) == 130
+    assert not (tmp_path / "killed").exists()
+    # each fold: 2 candidates x 2 inner folds, then the chosen one retrained; fold 1's 4 trials were scored
+    journal = list((tmp_path / "cache" / "search").iterdir())
+    assert len(journal) == 1 and len(journal[0].read_text().splitlines()) == 4
+    trained.clear()
+    stop_at[0] = -1
+    assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
+    assert len(trained) == 3 * 5 - 4
+    trained.clear()
+    assert main([*argv, "--out", str(tmp_path / "again")]) == 0
+    assert len(trained) == 3  # every trial read back: only the chosen settings are retrained
+    resumed, again = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("resumed", "again"))
+    assert resumed["selection"] == again["selection"] and resumed["predictions"] == again["predictions"]
+    # a line cut short by a kill is skipped (its trial trains again, recorded on a line of its own)
+    lines = journal[0].read_text().splitlines()
+    journal[0].write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    for expected in (1 + 3, 3):
+        trained.clear()
+        assert main([*argv, "--overwrite", "--out", str(tmp_path / "after-cut")]) == 0
+        assert len(trained) == expected
+    assert journal[0].read_text().splitlines()[-1] == lines[-1]
+    # other settings: a journal of their own
+    trained.clear()
+    assert main([*argv, "--seed", "1", "--out", str(tmp_path / "seed1")]) == 0
+    assert len(trained) == 15 and len(list((tmp_path / "cache" / "search").iterdir())) == 2
+
+
 def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:

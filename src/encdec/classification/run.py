@@ -30,6 +30,7 @@ from encdec.classification.classifier import POOLINGS, Classifier, ClassifierInf
 from encdec.classification.features import cache_key, cached_features
 from encdec.classification.folds import kfold, subset
 from encdec.classification.grid import candidates, varied
+from encdec.classification.journal import TrialJournal
 from encdec.classification.probe import check_available, fit_head, probabilities
 from encdec.classification.selection import DevProtocol, Trial, choose, dev_splits
 from encdec.classification.tasks import Example, TaskData, load_task
@@ -116,8 +117,12 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
                            c_values=probe_c, train_rows=train_rows)
     else:
+        journal = None if grid is None else TrialJournal({
+            "model": features.model_fingerprint(model), "task": task, "labels": list(data.labels),
+            "pool": [(e.text, e.label) for e in p.train], "plan": [p.folds, p.train_ids, p.splits],
+            "dev": dataclasses.asdict(dev), "pooling": pooling, "hyper": hyper.to_dict(), "grid": grid})
         fold = _FineTuneFolds(backbone, p, reported, pooling=pooling, hyper=hyper, pad_id=pad_id, grid=grid,
-                              searched=searched, train_rows=train_rows, num_labels=len(data.labels))
+                              searched=searched, train_rows=train_rows, num_labels=len(data.labels), journal=journal)
     probs: list[list[float]] = [[] for _ in p.evaluation]
     fold_of: list[int | None] = [None] * len(p.evaluation)
     selections = []
@@ -178,9 +183,10 @@ class _FineTuneFolds:
 
     def __init__(self, backbone: Backbone, p: Plan, reported: _Reported, *, pooling: str, hyper: Hyper, pad_id: int,
                  grid: dict[str, list[Any]] | None, searched: list[Hyper] | None, train_rows: list[list[int]],
-                 num_labels: int) -> None:
+                 num_labels: int, journal: TrialJournal | None = None) -> None:
         self.backbone, self.p, self.reported, self.pooling, self.hyper = backbone, p, reported, pooling, hyper
         self.pad_id, self.grid, self.searched, self.train_rows, self.num_labels = pad_id, grid, searched, train_rows, num_labels
+        self.journal = journal  # a search's finished trials, so that an interrupted one resumes
         many = len(p.splits) > 1 or searched is not None
         self.initial = {k: v.clone() for k, v in backbone.state_dict().items()} if many else None
         self.losses: list[list[float]] = []
@@ -197,12 +203,17 @@ class _FineTuneFolds:
             desc: str) -> FoldResult:
         hp, trials = self.hyper, None
         if self.searched is not None:
-            def correct(candidate: Hyper, fit: list[int], dev: list[int]) -> int:
+            def trial(candidate: Hyper, fit: list[int], dev: list[int]) -> int:
                 classifier, _ = self._train([train_ids[i] for i in fit], candidate, f"{desc} search", self.hyper.seed + k)
                 dev_ids = [train_ids[i] for i in dev]
                 probs = predict(classifier, [self.train_rows[i] for i in dev_ids], pad_id=self.pad_id,
                                 batch_size=candidate.batch_size, desc=f"{desc} search: dev")
                 return sum(_guess(pr) == self.p.train[i].label for pr, i in zip(probs, dev_ids))
+
+            def correct(candidate: Hyper, fit: list[int], dev: list[int]) -> int:
+                if self.journal is None:
+                    return trial(candidate, fit, dev)
+                return self.journal.correct(k, varied(candidate, self.grid), dev, lambda: trial(candidate, fit, dev))
 
             hp, trials = choose(self.searched, splits, correct=correct, describe=lambda h: varied(h, self.grid))
         classifier, losses = self._train(train_ids, hp, f"{desc} fine-tuning", self.hyper.seed + k)

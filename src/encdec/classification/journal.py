@@ -1,0 +1,67 @@
+"""Finished search trials on disk, so that an interrupted `encdec classify --search` resumes where it stopped.
+
+A search trains every candidate once per dev split of every fold: hours on a CPU for the k-fold tasks.
+Each finished trial's dev score is appended (one JSON line, flushed and synced) to a journal under the
+cache root (`$ENCDEC_CACHE/search/`), named by everything that decides a trial's outcome: the checkpoint's
+files, the task's examples, the plan (seed, limits, folds), the dev protocol, the pooling, the fine-tuning
+settings and the grid. A rerun with the same inputs reads those scores back instead of training again;
+other inputs get another journal. A line cut short by a kill is skipped (that trial trains again).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("encdec")
+
+JOURNAL_VERSION = 1  # bump when fine-tuning changes what a trial scores
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class TrialJournal:
+    """Dev scores of a search's finished trials: (fold, settings, dev split) -> right answers."""
+
+    def __init__(self, described: dict[str, Any]) -> None:
+        from encdec.sources import cache_root
+
+        self.file = cache_root() / "search" / f"{_digest({'version': JOURNAL_VERSION, **described})}.jsonl"
+        self.known: dict[str, int] = {}
+        try:
+            lines = self.file.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                self.known[entry["trial"]] = int(entry["correct"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue  # cut short by a kill
+        if self.known:
+            log.info("search: %d trial(s) already scored, read from %s", len(self.known), self.file)
+
+    def correct(self, fold: int, settings: dict[str, Any], dev: list[int], compute: Callable[[], int]) -> int:
+        """The recorded score of this trial, or `compute()`, recorded before it is returned."""
+        trial = json.dumps({"fold": fold, "settings": settings, "dev": _digest(dev)}, sort_keys=True)
+        if trial in self.known:
+            return self.known[trial]
+        value = compute()
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.file, "a+", encoding="utf-8") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:  # a line cut short by a kill must not swallow this one
+                f.seek(f.tell() - 1)
+                if f.read(1) != "\n":
+                    f.write("\n")
+            f.write(json.dumps({"trial": trial, "correct": value}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.known[trial] = value
+        return value
