@@ -3,6 +3,7 @@ completions, chat, streaming, continuous batching equal to solo generation, bad 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -405,6 +406,32 @@ def test_an_embedding_request_whose_client_leaves_is_not_encoded_further(server)
     assert _metric(server.base, tokens) == stopped < before + 2048 * 24
     done = httpx.post(f"{server.base}/v1/embeddings", json={"input": "w1 w2"}, timeout=30)
     assert done.status_code == 200 and len(done.json()["data"]) == 1
+
+
+def test_a_non_streaming_client_that_leaves_is_noticed_while_tokens_still_flow(server, endless_prompt):
+    """The server asks whether the client is still there on a clock, not only when tokens stall: with the decoding
+    slowed by a long embedding request (a pass of it after every step), a completion whose client left is
+    cancelled within the poll interval, long before its 200 tokens are done."""
+    cancelled = 'encdec_generations_finished_total{reason="cancelled"}'
+    before = _metric(server.base, cancelled)
+    body = {"input": [[5 + i % 50] * 24 for i in range(2048)], "encoding_format": "float"}
+
+    def occupy() -> None:  # gives up after 8 s: the server then drops the rest of it (the test above)
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{server.base}/v1/embeddings", json=body, timeout=httpx.Timeout(30, read=8))
+
+    slow = threading.Thread(target=occupy)
+    slow.start()
+    started = time.monotonic()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.base}/v1/completions", timeout=httpx.Timeout(30, read=0.3),
+                   json={"prompt": endless_prompt, "max_tokens": LONG, "temperature": 0})
+    _wait_for(lambda: _metric(server.base, cancelled) == before + 1, 3 * DISCONNECT_POLL_S,
+              "the completion to be cancelled")
+    generated = _metric(server.base, "encdec_generated_tokens_total")
+    assert time.monotonic() - started < 4 * DISCONNECT_POLL_S
+    slow.join()
+    assert _metric(server.base, "encdec_generated_tokens_total") == generated  # nothing decoded for it since
 
 
 def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint, endless_prompt):

@@ -9,7 +9,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -145,6 +145,30 @@ def _token(item: Emitted | Exception | None) -> Emitted | None:
     return item
 
 
+class APIKeyCheck:
+    """With --api-key, the API's endpoints answer only requests that carry the key (health and metrics stay
+    open to probes and scrapers, as vLLM leaves them).
+
+    A plain ASGI middleware: Starlette's `BaseHTTPMiddleware` (`@app.middleware("http")`) wraps the request's
+    `receive`, and behind it `request.is_disconnected()` never saw a client leave, so requests whose clients
+    had gone kept their slots and encoder passes to the end."""
+
+    def __init__(self, app: Any, key: str, answer: Callable[[str, Response], Response]) -> None:
+        self.app, self.key, self.answer = app, key.encode(), answer
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, given = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given, self.key):
+                message = "a valid API key is required: send 'Authorization: Bearer <key>' (encdec serve --api-key)"
+                body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                  "code": "invalid_api_key"}}
+                await self.answer(scope["path"], JSONResponse(body, status_code=401))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> FastAPI:
     service = Service(model, tokenizer, settings)
 
@@ -156,19 +180,6 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     app = FastAPI(title="encdec", lifespan=lifespan)
     app.state.service, app.state.draining = service, False
-
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        """With --api-key, the API's endpoints answer only requests that carry the key (health and metrics
-        stay open to probes and scrapers, as vLLM leaves them)."""
-        if settings.api_key is not None and request.url.path.startswith("/v1/"):
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-                message = "a valid API key is required: send 'Authorization: Bearer <key>' (encdec serve --api-key)"
-                body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                  "code": "invalid_api_key"}}
-                return answer(request.url.path, JSONResponse(body, status_code=401))
-        return await call_next(request)
 
     def open_for_requests() -> None:
         if app.state.draining:
@@ -182,6 +193,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     def answer(endpoint: str, response: Response) -> Response:
         service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
+
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyCheck, key=settings.api_key, answer=answer)
 
     async def generate(request: Request, kind: str) -> Response:
         endpoint = f"/v1/{'chat/' if kind == 'chat' else ''}completions"
@@ -203,14 +217,20 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         return answer(endpoint, await _complete(request, jobs, parsed, meta))
 
     async def _collect(request: Request, job: Job, parsed: Parsed) -> Answer | None:
-        """One choice's tokens until it ends; None when the client went away."""
+        """One choice's tokens until it ends; None when the client went away (asked every DISCONNECT_POLL_S,
+        whether or not tokens are arriving)."""
         out = Answer(TextStream(tokenizer, parsed.stop), service.logprobs(parsed))
+        checked = time.monotonic()
         while True:
             try:
-                item = _token(await asyncio.wait_for(job.tokens.get(), DISCONNECT_POLL_S))
+                item, arrived = _token(await asyncio.wait_for(job.tokens.get(), DISCONNECT_POLL_S)), True
             except TimeoutError:
+                item, arrived = None, False
+            if time.monotonic() - checked >= DISCONNECT_POLL_S:
                 if await request.is_disconnected():
                     return None
+                checked = time.monotonic()
+            if not arrived:
                 continue
             if item is None:
                 break
