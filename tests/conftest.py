@@ -7,12 +7,17 @@ import os
 # tests never reach the Hub; huggingface_hub, transformers and datasets read these when first imported
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of `pytest -n N`'s workers: a core each, for it and its subprocesses
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 from pathlib import Path
 
 import pytest
 import torch
 from tiny import FAMILY_OPTIONS, make_source
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

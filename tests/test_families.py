@@ -4,6 +4,8 @@ cross-attention, and a trained decoder-only model saved back in its family's lay
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import transformers as tf
@@ -46,6 +48,29 @@ def test_a_gguf_conversion_parses_the_file_once(tmp_path, monkeypatch):
     assert encdec.load_source(str(path)).family == "llama"
     assert len(parses) == 1
     assert gguf.GGUFReader is not original  # the patch of this test, restored by the conversion
+
+
+def test_processes_loading_one_gguf_together_convert_it_once(tmp_path, monkeypatch):
+    """As the ranks of a distributed run do on a fresh machine: the first converts, the others wait for it and
+    read its directory (unlocked, both converted and raced to rename the same directory into place)."""
+    import subprocess
+    import sys
+
+    from encdec.sources import gguf_lock
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(make_source(tmp_path / "llama", "llama"), tmp_path / "llama.gguf")
+    code = ("import encdec, encdec.formats.gguf as g; real = g._convert\n"
+            "g._convert = lambda *a: print('converted', flush=True) or real(*a)\n"
+            f"print('ready', flush=True); print(encdec.load_source({str(path)!r}).family, flush=True)")
+    with gguf_lock(path):  # both reach the lock before either may convert
+        workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        for worker in workers:
+            assert worker.stdout.readline() == "ready\n"
+        time.sleep(1)
+    outputs = [worker.communicate(timeout=120)[0] for worker in workers]
+    assert all(worker.returncode == 0 and output.endswith("llama\n") for worker, output in zip(workers, outputs))
+    assert sum(output.count("converted") for output in outputs) == 1
 
 
 def test_gguf_that_transformers_would_misread_is_refused(tmp_path, monkeypatch):

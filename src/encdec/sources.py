@@ -147,18 +147,35 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
     )
 
 
+def gguf_cache_dir(path: Path) -> Path:
+    """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its path, size and mtime."""
+    stat = path.resolve().stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def gguf_lock(path: Path):
+    """The lock held while a GGUF file is dequantized: processes starting together (the ranks of a distributed
+    run) convert it once, the others waiting for the directory."""
+    from filelock import FileLock
+
+    locks = cache_root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(locks / f"gguf-{gguf_cache_dir(path).name}.lock")
+
+
 def gguf_to_hf_directory(path: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a cached Hugging Face directory (weights + tokenizer).
 
-    The cache is keyed by the file's path, size and modification time; the (slow) integrity check
-    runs only when the file is not cached yet.
+    The (slow) integrity check runs only when the file is not cached yet.
     """
-    stat = path.resolve().stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = cache_root() / "gguf" / f"{path.stem}-{key}"
+    cached = gguf_cache_dir(path)
     if (cached / "config.json").exists():
         return cached
-    return gguf.to_hf_directory(path, cached)
+    with gguf_lock(path):
+        if (cached / "config.json").exists():  # converted by another process meanwhile
+            return cached
+        return gguf.to_hf_directory(path, cached)
 
 
 def _package_dir(module: str, name: str) -> Path:
