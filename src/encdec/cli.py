@@ -436,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "it is faster (CPUs with AVX512-BF16/AMX), as pretraining chooses; fp32 reproduces earlier results")
     p.add_argument("--freeze-embeddings", action="store_true",
                    help="train every layer and the head but not the token embedding: on Gemma's 262k-token vocabulary "
-                   "that is most of a small model's parameters (the 270M: 168M of 268M), so steps are ~19%% faster "
-                   "and need 2 GB less for its gradient and AdamW state")
+                   "that is most of a small model's parameters (the 270M: 168M of 268M): 2 GB less gradient and AdamW "
+                   "state, and their work in every step")
     p.add_argument("--search", action="store_true",
                    help="choose lr x epochs x head-lr (the grid) on dev splits of the training data, retrain the best "
                    "on all of it, and score it once on the reported split")
