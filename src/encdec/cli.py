@@ -144,12 +144,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise EncdecError(f"{name} must be at least 1, got {value}")
     if not 0 <= args.port <= 65535:
         raise EncdecError(f"--port must be in 0..65535, got {args.port}")
+    # This thread loads with one intra-op thread and then only answers HTTP; the scheduler's thread computes with
+    # all of them. Had this thread started an OpenMP team of its own, the scheduler's team would run throttled
+    # (libgomp spins less while it manages more threads than there are cores), and generation was 2.5-4x
+    # slower than the same calls made from the thread that loaded the model (docs/benchmarks.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with timed(f"loading {args.model}"):
         model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.model))
     settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
                         limits=Limits(args.max_input_tokens, args.max_new_tokens), pooling=args.pooling,
-                        api_key=args.api_key or os.environ.get("ENCDEC_API_KEY") or None)
+                        api_key=args.api_key or os.environ.get("ENCDEC_API_KEY") or None, threads=threads)
     serve(model, tokenizer, settings, args.host, args.port)
 
 

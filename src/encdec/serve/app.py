@@ -41,6 +41,7 @@ class Settings:
     limits: Limits
     pooling: str = "mean"  # how /v1/embeddings pools the encoder's states: "mean" or "last"
     api_key: str | None = None  # when set, /v1/ requests must send "Authorization: Bearer <api_key>"
+    threads: int | None = None  # intra-op threads of the scheduler's thread (None: the process's setting)
 
 
 class Service:
@@ -53,7 +54,8 @@ class Service:
         end_of_turn = tokenizer.get_vocab().get(self.chat.end)  # closes a chat answer; ends a completion too
         self.eos = frozenset(model.config.eos_token_ids) | ({end_of_turn} if end_of_turn is not None else set())
         engine = Engine(model, settings.max_batch)
-        self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics, settings.pooling)
+        self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics, settings.pooling,
+                                   threads=settings.threads)
         self.created = int(time.time())
 
     def logprobs(self, request: Parsed) -> TokenLogprobs | None:

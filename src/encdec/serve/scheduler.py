@@ -65,8 +65,10 @@ class EmbedJob:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, pad_id: int, metrics: Metrics, pooling: str = "mean") -> None:
+    def __init__(self, engine: Engine, max_queue: int, pad_id: int, metrics: Metrics, pooling: str = "mean",
+                 threads: int | None = None) -> None:
         self.engine, self.max_queue, self.pad_id, self.metrics = engine, max_queue, pad_id, metrics
+        self.threads = threads  # intra-op threads of the scheduler's own thread (`encdec serve`: see cmd_serve)
         self.pooling = pooling  # of the embeddings: "mean" or "last"
         self.waiting: deque[Job] = deque()
         self.embedding: deque[EmbedJob] = deque()
@@ -126,6 +128,8 @@ class Scheduler:
         job.deliver(None)
 
     def _run(self) -> None:
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         while True:
             with self.wake:
                 while not (self.waiting or self.embedding or self.engine.rows or self.cancelled or self.stopping):
