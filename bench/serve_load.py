@@ -255,6 +255,10 @@ def loop_worker(model_dir: Path, plan_file: Path) -> None:
     import transformers
 
     spec = json.loads(plan_file.read_text())
+    # loaded with one intra-op thread, generating with all of them in the generating thread: one OpenMP team,
+    # as `encdec serve` arranges it (two teams on as many cores throttle each other: docs/benchmarks.md)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
@@ -275,6 +279,7 @@ def loop_worker(model_dir: Path, plan_file: Path) -> None:
                 "text": tokenizer.decode(ids, skip_special_tokens=True)}
 
     def server() -> None:
+        torch.set_num_threads(threads)
         while (item := work.get()) is not None:
             index, submitted, reply = item
             reply.put(generate(index, submitted))
