@@ -26,6 +26,8 @@ from encdec.sources import load_tokenizer
 
 HOST = "127.0.0.1"
 LONG = 200  # a budget long enough to still be running when the test acts on it
+# 2,048 inputs of 24 tokens: hundreds of encoder passes of the module server's --max-batch (4) inputs
+LONG_EMBEDDING_REQUEST = {"input": [[5 + i % 50] * 24 for i in range(2048)], "encoding_format": "float"}
 START_TIMEOUT_S = 90
 
 
@@ -397,7 +399,7 @@ def test_an_embedding_request_whose_client_leaves_is_not_encoded_further(server)
     server notices within its poll interval and encodes none of the rest, and answers the next request."""
     tokens = 'encdec_prompt_tokens_total'
     before = _metric(server.base, tokens)
-    body = {"input": [[5 + i % 50] * 24 for i in range(2048)], "encoding_format": "float"}
+    body = LONG_EMBEDDING_REQUEST
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.base}/v1/embeddings", json=body, timeout=httpx.Timeout(30, read=0.2))
     time.sleep(2 * DISCONNECT_POLL_S)
@@ -414,7 +416,7 @@ def test_a_non_streaming_client_that_leaves_is_noticed_while_tokens_still_flow(s
     cancelled within the poll interval, long before its 200 tokens are done."""
     cancelled = 'encdec_generations_finished_total{reason="cancelled"}'
     before = _metric(server.base, cancelled)
-    body = {"input": [[5 + i % 50] * 24 for i in range(2048)], "encoding_format": "float"}
+    body = LONG_EMBEDDING_REQUEST
 
     def occupy() -> None:  # gives up after 8 s: the server then drops the rest of it (the test above)
         with contextlib.suppress(httpx.HTTPError):

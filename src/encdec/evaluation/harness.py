@@ -7,6 +7,7 @@ import datetime
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,20 +74,23 @@ class TaskResult:
         return out
 
 
-def _chat(text: str, tokenizer: object) -> str:
-    """One user turn, in the tokenizer's chat template where it has one, else in Gemma's chat turns."""
+def _chat(tokenizer: object) -> Callable[[str], str]:
+    """One user turn, in the tokenizer's chat template where it has one, else in Gemma's chat turns (the
+    format read from the tokenizer once per task, not per prompt)."""
     from encdec.data.chat import ChatFormat
     from encdec.data.instructions import chat_prompt_text
 
-    return ChatFormat.of(tokenizer).prompt(chat_prompt_text(text))
+    chat = ChatFormat.of(tokenizer)
+    return lambda text: chat.prompt(chat_prompt_text(text))
 
 
 def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str, list[Choice]], s: Settings) -> TaskResult:
     requests, owners = [], []
+    chat = _chat(scorer.tokenizer) if s.chat else None
     for k, item in enumerate(items):
         for context, continuation in zip(choice_prompts(task, item, shots), item.continuations):
-            if s.chat:
-                context, continuation = _chat(context, scorer.tokenizer), continuation.lstrip()
+            if chat is not None:
+                context, continuation = chat(context), continuation.lstrip()
             requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation)))
             owners.append(k)
     scores = scorer.loglikelihoods(requests, s.batch_size, desc=f"{scorer.name} · {task.name}")
@@ -109,7 +113,8 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
 def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[str, list[Question]], s: Settings) -> TaskResult:
     prompts = [question_prompt(item, shots) for item in items]
     if s.chat:
-        prompts = [_chat(p, scorer.tokenizer) for p in prompts]
+        chat = _chat(scorer.tokenizer)
+        prompts = [chat(p) for p in prompts]
     stop_ids = _single_token_stops(scorer, task.stops)
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(items)
