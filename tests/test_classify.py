@@ -3,6 +3,7 @@ k-fold splits, pooling, save / load / predict, the exported encoder, the real da
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import json
@@ -29,6 +30,7 @@ from encdec.classification.loading import load_backbone
 from encdec.classification.tasks import Example, TaskData
 from encdec.classification.train import Hyper, encode, fine_tune, predict
 from encdec.cli import main
+from encdec.data.tokens import leading_bos
 from encdec.errors import EncdecError
 from encdec.evaluation.datasets import package_dir
 from encdec.sources import load_source, load_tokenizer
@@ -69,8 +71,9 @@ def test_beats_chance_on_a_separable_task(models: dict[str, Path], kind: str) ->
     classifier = Classifier(backbone, 2, "last")
     (train, train_labels), (test, test_labels) = separable(128, 0), separable(128, 1)
     hp = Hyper(lr=3e-3, head_lr=3e-2, steps=16, batch_size=16, warmup=0.0, max_len=32)
-    losses = fine_tune(classifier, encode(tokenizer, train, 32), train_labels, hp, pad_id=0, desc="test", seed=0)
-    probs = predict(classifier, encode(tokenizer, test, 32), pad_id=0, batch_size=64)
+    first = leading_bos(tokenizer)
+    losses = fine_tune(classifier, encode(tokenizer, train, 32, first), train_labels, hp, pad_id=0, desc="test", seed=0)
+    probs = predict(classifier, encode(tokenizer, test, 32, first), pad_id=0, batch_size=64)
     accuracy = sum((p[1] > 0.5) == bool(y) for p, y in zip(probs, test_labels)) / len(test_labels)
     assert losses[-1] < losses[0]
     assert accuracy >= 0.75, accuracy
@@ -102,8 +105,9 @@ def _seeded_run(models: dict[str, Path], precision: str) -> tuple[list[float], t
     # 5 steps an epoch, the last of 4 rows; warm-up, decay groups and the head's own rate all take part
     hp = Hyper(lr=1e-3, head_lr=1e-2, weight_decay=0.1, epochs=2, batch_size=5, warmup=0.2, max_len=16,
                precision=precision)
-    losses = fine_tune(classifier, encode(tokenizer, train, 16), train_labels, hp, pad_id=0, desc="test", seed=3)
-    return losses, torch.tensor(predict(classifier, encode(tokenizer, test, 16), pad_id=0, batch_size=8),
+    first = leading_bos(tokenizer)
+    losses = fine_tune(classifier, encode(tokenizer, train, 16, first), train_labels, hp, pad_id=0, desc="test", seed=3)
+    return losses, torch.tensor(predict(classifier, encode(tokenizer, test, 16, first), pad_id=0, batch_size=8),
                                 dtype=torch.float64)
 
 
@@ -128,7 +132,7 @@ def test_frozen_embeddings_stay_as_they_were_while_the_layers_and_head_train(mod
     backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
     tokenizer = load_tokenizer(tokenizer_dir)
     (train, labels) = separable(16, 0)
-    rows = encode(tokenizer, train, 16)
+    rows = encode(tokenizer, train, 16, leading_bos(tokenizer))
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     hp = Hyper(lr=1e-3, head_lr=1e-2, epochs=1, batch_size=8, warmup=0.0, max_len=16, freeze_embeddings=True)
     classifier = Classifier(backbone, 2, "last")
@@ -177,7 +181,8 @@ def test_a_padded_batch_gives_the_logits_of_one_by_one(models: dict[str, Path], 
     backbone, tokenizer_dir = load_backbone(str(models[kind]))
     classifier = Classifier(backbone, 3, pooling)
     torch.nn.init.normal_(classifier.head.weight)
-    rows = encode(load_tokenizer(tokenizer_dir), ["w1 w2 w3 w4 w5 w6 w7", "w9", "w3 w8 w1"], 16)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    rows = encode(tokenizer, ["w1 w2 w3 w4 w5 w6 w7", "w9", "w3 w8 w1"], 16, leading_bos(tokenizer))
     together = torch.tensor(predict(classifier, rows, pad_id=0, batch_size=3))
     alone = torch.tensor([predict(classifier, [row], pad_id=0, batch_size=1)[0] for row in rows])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
@@ -185,8 +190,38 @@ def test_a_padded_batch_gives_the_logits_of_one_by_one(models: dict[str, Path], 
 
 def test_inputs_are_cut_from_the_left_keeping_bos(models: dict[str, Path]) -> None:
     tokenizer = load_tokenizer(models["gemma3"])
-    (row,) = encode(tokenizer, ["w1 w2 w3 w4 w5 w6"], 4)
+    (row,) = encode(tokenizer, ["w1 w2 w3 w4 w5 w6"], 4, leading_bos(tokenizer))
     assert row == [tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(["w4", "w5", "w6"])
+
+
+def test_inputs_begin_as_the_tokenizer_begins_a_text(models: dict[str, Path], tmp_path: Path) -> None:
+    """A tokenizer that names a BOS but puts none before a text (SmolLM2's, Qwen's): classification inputs
+    begin with the text, as the backbone read texts in pretraining; a classifier saved before the first token
+    was recorded (format 1) still reads inputs as it was trained, with the named BOS first."""
+    from tokenizers import processors
+
+    tokenizer = copy.deepcopy(load_tokenizer(models["gemma3"]))  # the loaded one is cached: others read it
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", special_tokens=[])
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    tokenizer = load_tokenizer(tmp_path / "tokenizer")
+    assert tokenizer.bos_token_id is not None and leading_bos(tokenizer) is None
+    (row,) = encode(tokenizer, ["w1 w2 w3 w4 w5 w6"], 4, leading_bos(tokenizer))
+    assert row == tokenizer.convert_tokens_to_ids(["w3", "w4", "w5", "w6"])
+
+    backbone, _ = load_backbone(str(models["gemma3"]))
+    classifier = Classifier(backbone, 2, "mean")
+    torch.nn.init.normal_(classifier.head.weight)
+    info = ClassifierInfo("boolq", ["False", "True"], "{passage}", "mean", 16, str(models["gemma3"]), None)
+    save_classifier(classifier, info, tmp_path / "clf", tokenizer_dir=tmp_path / "tokenizer")
+    texts = ["w1 w2 w3", "w7 w8"]
+    _, new = predict_texts(tmp_path / "clf", texts)
+    assert new == predict(classifier, encode(tokenizer, texts, 16, None), pad_id=0, batch_size=2)
+    meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    del meta["first_token"]
+    (tmp_path / "clf" / "classifier.json").write_text(json.dumps({**meta, "format_version": 1}))
+    _, old = predict_texts(tmp_path / "clf", texts)
+    assert old == predict(classifier, encode(tokenizer, texts, 16, tokenizer.bos_token_id), pad_id=0, batch_size=2)
+    assert old != new
 
 
 def _saved_classifier(models: dict[str, Path], out: Path) -> Classifier:
@@ -194,7 +229,7 @@ def _saved_classifier(models: dict[str, Path], out: Path) -> Classifier:
     classifier = Classifier(backbone, 3, "last")
     torch.nn.init.normal_(classifier.head.weight)
     info = ClassifierInfo("cb", ["entailment", "contradiction", "neutral"], "{premise}\nHypothesis: {hypothesis}",
-                          "last", 16, str(models["gemma3"]))
+                          "last", 16, str(models["gemma3"]), leading_bos(load_tokenizer(tokenizer_dir)))
     save_classifier(classifier, info, out, tokenizer_dir=tokenizer_dir)
     return classifier
 
@@ -203,11 +238,13 @@ def test_save_load_predict_is_identical_and_works_from_the_cli(models: dict[str,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     classifier = _saved_classifier(models, tmp_path / "clf")
     texts = ["w1 w2 w3", "w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21"]
-    expected = predict(classifier, encode(load_tokenizer(tmp_path / "clf"), texts, 16), pad_id=0, batch_size=2)
+    tokenizer = load_tokenizer(tmp_path / "clf")
+    expected = predict(classifier, encode(tokenizer, texts, 16, leading_bos(tokenizer)), pad_id=0, batch_size=2)
     labels, got = predict_texts(tmp_path / "clf", texts)
     assert labels == ["entailment", "contradiction", "neutral"] and got == expected
     loaded, info = load_classifier(tmp_path / "clf")
     assert info.task == "cb" and info.max_len == 16 and loaded.backbone.spec == classifier.backbone.spec
+    assert info.first_token == tokenizer.bos_token_id
 
     (tmp_path / "in.jsonl").write_text(json.dumps({"text": texts[1]}) + "\n")
     assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", texts[0], "--input", str(tmp_path / "in.jsonl")]) == 0
@@ -414,11 +451,11 @@ def test_search_selection_never_reads_the_reported_split(models: dict[str, Path]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     if kfold_task:
-        reported = [[tuple(r) for r in encode(tokenizer, [data.evaluation[i].text for i in test], 16)]
+        reported = [[tuple(r) for r in encode(tokenizer, [data.evaluation[i].text for i in test], 16, leading_bos(tokenizer))]
                     for _, test in kfold(24, 3, 0)]
         per_fold = 2 * 2 + 1  # candidates x inner folds, then the chosen one on the whole training part
     else:
-        reported = [[tuple(r) for r in encode(tokenizer, [e.text for e in data.evaluation], 16)]]
+        reported = [[tuple(r) for r in encode(tokenizer, [e.text for e in data.evaluation], 16, leading_bos(tokenizer))]]
         per_fold = 2 * 1 + 1  # candidates x one dev split, then the chosen one
     assert len(calls) == 2 * per_fold * len(reported)
     for k, rows in enumerate(reported):

@@ -20,7 +20,7 @@ from encdec.files import atomic_dir, read_json, read_weights, write_weights
 
 POOLINGS = ("last", "mean")
 FORMAT = "encdec-classifier"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: first_token recorded (version 1 put the tokenizer's bos_token_id first)
 INFO_FILE = "classifier.json"
 
 
@@ -62,6 +62,7 @@ class ClassifierInfo:
     pooling: str
     max_len: int  # inputs are cut to this many tokens, from the left (the end of a text is kept)
     source: str  # the MODEL it was fine-tuned from
+    first_token: int | None  # put before every input, as the backbone's tokenizer begins a text (None: nothing)
 
 
 def save_classifier(classifier: Classifier, info: ClassifierInfo, out: Path, *, tokenizer_dir: Path,
@@ -86,6 +87,10 @@ def load_classifier(path: Path | str, dtype: torch.dtype = torch.float32) -> tup
     meta = read_json(file)
     if meta.get("format") != FORMAT:
         raise EncdecError(f"{file} is not a classifier description (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("format_version") == 1:  # trained with the tokenizer's named BOS first, whatever the tokenizer does
+        from encdec.sources import load_tokenizer
+
+        meta["first_token"] = load_tokenizer(path).bos_token_id
     try:
         info = ClassifierInfo(**{k: meta[k] for k in ClassifierInfo.__dataclass_fields__})
     except KeyError as e:

@@ -39,5 +39,5 @@ def predict_texts(path: Path, texts: list[str], batch_size: int = 8) -> tuple[li
     classifier, info = load_classifier(path)
     tokenizer = load_tokenizer(path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = encode(tokenizer, texts, info.max_len)
+    rows = encode(tokenizer, texts, info.max_len, info.first_token)
     return info.labels, predict(classifier, rows, pad_id=pad_id, batch_size=batch_size)

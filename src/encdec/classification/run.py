@@ -35,6 +35,7 @@ from encdec.classification.probe import check_available, fit_head, probabilities
 from encdec.classification.selection import DevProtocol, Trial, choose, dev_splits
 from encdec.classification.tasks import Example, TaskData, load_task
 from encdec.classification.train import Hyper, encode, fine_tune, predict
+from encdec.data.tokens import leading_bos
 from encdec.errors import EncdecError
 from encdec.evaluation.stats import wilson_interval
 from encdec.files import atomic_dir, check_output_dir, portable_path
@@ -111,22 +112,23 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     backbone, tokenizer_dir = load_backbone(model)
     tokenizer = load_tokenizer(tokenizer_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_rows = encode(tokenizer, [e.text for e in p.train], hyper.max_len)
-    reported = _Reported(p, train_rows, lambda examples: encode(tokenizer, [e.text for e in examples], hyper.max_len))
+    first = leading_bos(tokenizer)
+    train_rows = encode(tokenizer, [e.text for e in p.train], hyper.max_len, first)
+    reported = _Reported(p, train_rows, lambda examples: encode(tokenizer, [e.text for e in examples], hyper.max_len, first))
     if probe_c is not None:
         fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
-                           c_values=probe_c, train_rows=train_rows)
+                           c_values=probe_c, train_rows=train_rows, first=first)
     else:
         journal = None if grid is None else TrialJournal({
             "model": features.model_fingerprint(model), "task": task, "labels": list(data.labels),
             "pool": [(e.text, e.label) for e in p.train], "plan": [p.folds, p.train_ids, p.splits],
-            "dev": dataclasses.asdict(dev), "pooling": pooling, "hyper": hyper.to_dict(), "grid": grid})
+            "dev": dataclasses.asdict(dev), "pooling": pooling, "hyper": hyper.to_dict(), "grid": grid, "first": first})
         fold = _FineTuneFolds(backbone, p, reported, pooling=pooling, hyper=hyper, pad_id=pad_id, grid=grid,
                               searched=searched, train_rows=train_rows, num_labels=len(data.labels), journal=journal)
     probs: list[list[float]] = [[] for _ in p.evaluation]
     fold_of: list[int | None] = [None] * len(p.evaluation)
     selections = []
-    info = ClassifierInfo(task, list(data.labels), data.template, pooling, hyper.max_len, portable_path(model))
+    info = ClassifierInfo(task, list(data.labels), data.template, pooling, hyper.max_len, portable_path(model), first)
     with atomic_dir(out, overwrite) as tmp:
         for k, (train_ids, test_ids) in enumerate(p.splits):
             desc = f"{task} fold {k + 1}/{len(p.splits)}" if p.folds else task
@@ -227,8 +229,9 @@ class _ProbeFolds:
     """Each fold: a logistic regression on frozen cached features, its C chosen on dev splits, folded into a head."""
 
     def __init__(self, backbone: Backbone, p: Plan, data: TaskData, reported: _Reported, *, model: str, pooling: str,
-                 hyper: Hyper, pad_id: int, c_values: list[float], train_rows: list[list[int]]) -> None:
+                 hyper: Hyper, pad_id: int, c_values: list[float], train_rows: list[list[int]], first: int | None) -> None:
         self.backbone, self.p, self.data, self.reported, self.model = backbone, p, data, reported, model
+        self.first = first
         self.pooling, self.hyper, self.pad_id, self.c_values = pooling, hyper, pad_id, c_values
         self.losses: list[list[float]] = []
         pool_split = "train" if p.folds is None else "validation"
@@ -238,7 +241,8 @@ class _ProbeFolds:
 
     def _features(self, split: str, examples: list[Example], ids: list[int],
                   rows_of: Callable[[list[int]], list[list[int]]]) -> np.ndarray:
-        key = cache_key(self.model, self.data.name, split, [e.text for e in examples], self.pooling, self.hyper.max_len)
+        key = cache_key(self.model, self.data.name, split, [e.text for e in examples], self.pooling, self.hyper.max_len,
+                        self.first)
         position = {index: n for n, index in enumerate(ids)}
         return cached_features(key, ids, lambda missing: features.pooled_features(
             self.backbone, rows_of([position[i] for i in missing]), pad_id=self.pad_id, pooling=self.pooling,

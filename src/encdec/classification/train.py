@@ -4,9 +4,10 @@ Fine-tuning is a plain epoch loop over the training package's components: its Ad
 warm-up schedule, its padding, its choice of autocast dtype, and on CPU its allocator setting. The
 classifier's loss needs none of the LM-head fusion: its head has a few outputs, not a vocabulary.
 
-Inputs are cut from the left to `max_len` tokens (BOS kept): the end of every task's text carries
-what is asked (BoolQ's question, the hypothesis, COPA's options), and the last-token pooling reads
-it there. Rows are right-padded, so the last real token sits at index mask.sum(1) - 1.
+Inputs begin as the backbone's tokenizer begins a text (Gemma's BOS; nothing for SmolLM2 or Qwen, whose
+tokenizers name a BOS they never put first) and are cut from the left to `max_len` tokens (that first
+token kept): the end of every task's text carries what is asked (BoolQ's question, the hypothesis, COPA's
+options), and the last-token pooling reads it there. Rows are right-padded, so the last real token sits at index mask.sum(1) - 1.
 """
 
 from __future__ import annotations
@@ -67,14 +68,15 @@ class Hyper:
         return asdict(self)
 
 
-def encode(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
-    """Token ids of each text: BOS, then the text's last max_len - 1 tokens."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+def encode(tokenizer, texts: list[str], max_len: int, first: int | None) -> list[list[int]]:
+    """Token ids of each text: `first` (the token the tokenizer puts before a text, `leading_bos`; None for
+    none), then the text's last tokens, max_len in all."""
+    bos = [] if first is None else [first]
     keep = max_len - len(bos)
     rows = [bos + ids[len(ids) - keep:] if len(ids) > keep else bos + ids
             for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     if any(not row for row in rows):
-        raise EncdecError("an input is empty and the tokenizer has no BOS token to stand for it")
+        raise EncdecError("an input is empty and the tokenizer puts no BOS token before a text to stand for it")
     return rows
 
 
