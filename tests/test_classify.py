@@ -440,6 +440,7 @@ def test_search_selection_never_reads_the_reported_split(models: dict[str, Path]
 
     data = _toy(monkeypatch, kfold_task=kfold_task, n=24)
     tokenizer = load_tokenizer(models["gemma3"])
+    first = leading_bos(tokenizer)
     calls: list[tuple[str, set[tuple[int, ...]]]] = []
     for name in ("fine_tune", "predict"):
         real = getattr(run, name)
@@ -451,11 +452,11 @@ def test_search_selection_never_reads_the_reported_split(models: dict[str, Path]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     if kfold_task:
-        reported = [[tuple(r) for r in encode(tokenizer, [data.evaluation[i].text for i in test], 16, leading_bos(tokenizer))]
+        reported = [[tuple(r) for r in encode(tokenizer, [data.evaluation[i].text for i in test], 16, first)]
                     for _, test in kfold(24, 3, 0)]
         per_fold = 2 * 2 + 1  # candidates x inner folds, then the chosen one on the whole training part
     else:
-        reported = [[tuple(r) for r in encode(tokenizer, [e.text for e in data.evaluation], 16, leading_bos(tokenizer))]]
+        reported = [[tuple(r) for r in encode(tokenizer, [e.text for e in data.evaluation], 16, first)]]
         per_fold = 2 * 1 + 1  # candidates x one dev split, then the chosen one
     assert len(calls) == 2 * per_fold * len(reported)
     for k, rows in enumerate(reported):

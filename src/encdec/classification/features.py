@@ -53,7 +53,8 @@ def model_fingerprint(spec: str) -> list:
                                      f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
-def cache_key(model: str, task: str, split: str, texts: list[str], pooling: str, max_len: int, first: int | None) -> str:
+def cache_key(model: str, task: str, split: str, texts: list[str], pooling: str, max_len: int,
+              first: int | None) -> str:
     """The file name of one (checkpoint, task, split, pooling, max_len, first input token) feature set."""
     texts_hash = hashlib.sha256("\0".join(texts).encode()).hexdigest()
     described = {"version": CACHE_VERSION, "model": model_fingerprint(model), "task": task, "split": split,

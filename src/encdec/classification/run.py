@@ -114,7 +114,8 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     first = leading_bos(tokenizer)
     train_rows = encode(tokenizer, [e.text for e in p.train], hyper.max_len, first)
-    reported = _Reported(p, train_rows, lambda examples: encode(tokenizer, [e.text for e in examples], hyper.max_len, first))
+    reported = _Reported(p, train_rows,
+                         lambda examples: encode(tokenizer, [e.text for e in examples], hyper.max_len, first))
     if probe_c is not None:
         fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
                            c_values=probe_c, train_rows=train_rows, first=first)
@@ -229,7 +230,8 @@ class _ProbeFolds:
     """Each fold: a logistic regression on frozen cached features, its C chosen on dev splits, folded into a head."""
 
     def __init__(self, backbone: Backbone, p: Plan, data: TaskData, reported: _Reported, *, model: str, pooling: str,
-                 hyper: Hyper, pad_id: int, c_values: list[float], train_rows: list[list[int]], first: int | None) -> None:
+                 hyper: Hyper, pad_id: int, c_values: list[float], train_rows: list[list[int]],
+                 first: int | None) -> None:
         self.backbone, self.p, self.data, self.reported, self.model = backbone, p, data, reported, model
         self.first = first
         self.pooling, self.hyper, self.pad_id, self.c_values = pooling, hyper, pad_id, c_values

@@ -7,7 +7,8 @@ classifier's loss needs none of the LM-head fusion: its head has a few outputs, 
 Inputs begin as the backbone's tokenizer begins a text (Gemma's BOS; nothing for SmolLM2 or Qwen, whose
 tokenizers name a BOS they never put first) and are cut from the left to `max_len` tokens (that first
 token kept): the end of every task's text carries what is asked (BoolQ's question, the hypothesis, COPA's
-options), and the last-token pooling reads it there. Rows are right-padded, so the last real token sits at index mask.sum(1) - 1.
+options), and the last-token pooling reads it there. Rows are right-padded, so the last real token sits at
+index mask.sum(1) - 1.
 """
 
 from __future__ import annotations
