@@ -353,13 +353,20 @@ BAD = [
     ({"input": "w1", "dimensions": 3}, 400, "dimensions"),
     ({"input": "w1", "temperature": 0}, 400, "temperature"),
     ({"input": "w1", "model": "other"}, 404, "model"),
+    ({"prompt": "w1", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # a digit to str.isdigit, not to int()
+    ('{"prompt": "w1", "presence_penalty": NaN}', 400, None),  # Python's json reads NaN; JSON has none
+    ('{"prompt": "w1", "temperature": 1e400}', 400, "temperature"),  # read as inf
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),  # nested too deeply to read
+    ('{"prompt": "w1", "max_tokens": ' + "9" * 5000 + "}", 400, None),  # over Python's 4300 digits
+    ('{"input": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),
 ]
 ENDPOINTS = {"messages": "chat/completions", "input": "embeddings"}
 
 
 @pytest.mark.parametrize("body, status, param", BAD, ids=[str(i) for i in range(len(BAD))])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, body, status, param):
-    endpoint = next((ENDPOINTS[key] for key in ENDPOINTS if isinstance(body, dict) and key in body), "completions")
+    fields = body if isinstance(body, dict) else body[:12]  # a raw body: its first field's name
+    endpoint = next((ENDPOINTS[key] for key in ENDPOINTS if key in fields), "completions")
     content = body if isinstance(body, str) else json.dumps(body)
     answer = httpx.post(f"{server.base}/v1/{endpoint}", content=content, timeout=30,
                         headers={"content-type": "application/json"})
@@ -370,6 +377,86 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, b
         assert "24" in error["message"]  # the --max-input-tokens limit is named
     ok = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_errors_outside_the_endpoints_have_the_apis_shape(server):
+    other = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "model": "other"}, timeout=30).json()
+    assert other["error"]["code"] == "model_not_found" and other["error"]["type"] == "invalid_request_error"
+    for answer, status in ((httpx.get(f"{server.base}/v1/nowhere", timeout=30), 404),
+                           (httpx.get(f"{server.base}/v1/completions", timeout=30), 405)):
+        assert answer.status_code == status and "/v1/completions" in answer.json()["error"]["message"]
+    model_id = server.process.args[4]
+    assert server.client().models.retrieve(model_id).id == model_id
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        server.client().models.retrieve("other")
+
+
+def test_extreme_sampling_values_leave_the_batch_working(server, local):
+    """A tiny repetition penalty overflows a logit and a tiny temperature would divide by zero in float32: the
+    request still samples (the largest logit), and a request sharing its steps is unaffected."""
+    client, model_id = server.client(), server.process.args[4]
+    with ThreadPoolExecutor(3) as pool:
+        other = pool.submit(client.completions.create, model=model_id, prompt="w1 w2 w3", max_tokens=12, temperature=0)
+        extreme = [pool.submit(client.completions.create, model=model_id, prompt="w2 w3", max_tokens=12,
+                               temperature=1, seed=1, extra_body={"repetition_penalty": 1e-40}),
+                   pool.submit(client.completions.create, model=model_id, prompt="w2 w3", max_tokens=12,
+                               temperature=1e-30)]
+        assert other.result().choices[0].text == _solo(local, "w1 w2 w3", 12)
+        for done in extreme:
+            assert done.result().usage.completion_tokens > 0
+    assert extreme[1].result().choices[0].text == _solo(local, "w2 w3", 12)  # below 1e-5: greedy
+
+
+def test_a_stop_string_ending_is_counted_as_a_stop(server, local):
+    full = _solo(local, "w1 w2 w3", 8)
+    before = {r: _metric(server.base, f'encdec_generations_finished_total{{reason="{r}"}}') for r in ("stop", "cancelled")}
+    httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1 w2 w3", "max_tokens": 8, "temperature": 0,
+                                                      "stop": [full.split()[2]]}, timeout=60).raise_for_status()
+    _wait_for(lambda: _metric(server.base, 'encdec_generations_finished_total{reason="stop"}') == before["stop"] + 1,
+              10, "the stop to be counted")
+    assert _metric(server.base, 'encdec_generations_finished_total{reason="cancelled"}') == before["cancelled"]
+
+
+def byte_fallback_tokenizer():
+    """Gemma's kind of tokenizer in miniature: rare characters spelled by <0xNN> byte tokens."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"<0x{b:02X}>": 4 + b for b in range(256)}}
+    for word in ("A", "\u2581B", "\u2581x", "y"):
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    spelled = [vocab["A"], *(4 + b for b in "\ua66e".encode()), vocab["\u2581B"], vocab["\u2581x"],
+               *(4 + b for b in "\U0001d518".encode()), vocab["y"]]
+    return fast, spelled
+
+
+@pytest.mark.parametrize("stop", [[], ["\U0001d518y"], ["\ua66e"]])
+def test_characters_spelled_by_byte_tokens_stream_whole_and_log_probabilities_join(stop):
+    from encdec.inference.engine import Emitted
+    from encdec.serve.logprobs import TokenLogprobs
+    from encdec.serve.text import TextStream
+
+    tokenizer, spelled = byte_fallback_tokenizer()
+    final = tokenizer.decode(spelled)
+    assert final == "A\ua66e B x\U0001d518y"
+    expected = final[: min([final.index(s) for s in stop], default=len(final))]
+    text, logprobs = TextStream(tokenizer, stop), TokenLogprobs(tokenizer, "completions", frozenset({1}))
+    pieces = []
+    for token in spelled:
+        logprobs.add(Emitted(None, token, -1.0, ((token, -1.0), (4, -2.0))), text.settled)
+        pieces.append(text.add(token))
+        if text.stopped:
+            break
+    pieces.append("" if text.stopped else text.finish())
+    assert "".join(pieces) == text.text == expected and "\ufffd" not in "".join(pieces)
+    rendered = logprobs.render()
+    assert "".join(rendered["tokens"]).startswith(expected)  # the stop string cuts the text, not the tokens
+    offsets = rendered["text_offset"]
+    assert offsets == sorted(offsets) and all(final[o:].startswith(t) for o, t in zip(offsets, rendered["tokens"]))
 
 
 def test_the_openai_client_sees_the_errors(server):

@@ -49,11 +49,17 @@ class ChatFormat:
         return cls(tokenizer, True, answered.split(_MARK, 1)[1].strip(), bos)
 
     def prompt(self, gemma_prompt: str) -> str:
-        """The encoder's text for a `chat_prompt` transcript: as it is, or re-rendered by the tokenizer's template
-        (without the BOS text some templates start with: the encoder's inputs get `bos` as a token)."""
+        """The encoder's text for a `chat_prompt` transcript: as it is, or re-rendered by the tokenizer's template."""
+        return self.render(turns_of(gemma_prompt)) if self.templated else gemma_prompt
+
+    def render(self, turns: list[tuple[str, str]]) -> str:
+        """The encoder's text for (role, text) turns, "user" or "model", ending with an open answer: Gemma's chat
+        format, or the tokenizer's template (without the BOS text some templates start with: the encoder's inputs
+        get `bos` as a token). Rendered from the turns, never from a transcript, so that a message's text cannot
+        pass for turn markers of a templated format."""
         if not self.templated:
-            return gemma_prompt
-        messages = [{"role": _ROLE[role], "content": text} for role, text in turns_of(gemma_prompt)]
+            return chat_prompt(turns)
+        messages = [{"role": _ROLE[role], "content": text.strip()} for role, text in turns]  # trimmed as Gemma's
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         bos = self.tokenizer.bos_token
         return text.removeprefix(bos) if bos else text

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from encdec.data.chat import ChatFormat
 
 START, END = "<start_of_turn>", "<end_of_turn>"
-ROLES = {"user": "user", "assistant": "model", "model": "model", "system": "system"}
+# OpenAI's "developer" is its newer name for the system message
+ROLES = {"user": "user", "assistant": "model", "model": "model", "system": "system", "developer": "system"}
 SHAPES = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "system|user|assistant|model", '
           '"content": "..."}, ...]}')
 

@@ -195,10 +195,10 @@ class Engine:
             out[i] = states.mean(0) if pooling == "mean" else states[-1]
         return torch.nn.functional.normalize(out, dim=-1)
 
-    def cancel(self, row: Row) -> None:
-        """Take a row out of the batch now (a client went away, or a stop string ended it)."""
+    def cancel(self, row: Row, reason: str = "cancelled") -> None:
+        """Take a row out of the batch now (a client went away, or a stop string ended it: `reason` "stop")."""
         if row in self.rows:
-            row.finish_reason = row.finish_reason or "cancelled"
+            row.finish_reason = row.finish_reason or reason
             self._remove(self.rows.index(row))
 
     def _remove(self, slot: int) -> None:

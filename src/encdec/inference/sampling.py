@@ -51,7 +51,7 @@ class Sampling:
             logits[ids] = seen - self.presence_penalty - self.frequency_penalty * counts.to(logits.dtype)
         for token, bias in self.logit_bias:
             logits[token] += bias
-        return logits
+        return _finite(logits)  # a tiny repetition penalty overflows a logit: it stays the largest, not inf
 
     def check(self) -> None:
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -77,9 +77,17 @@ class Sampling:
         return torch.Generator(device=device).manual_seed(seed)
 
 
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """Logits with +-inf replaced by the dtype's largest finite values (NaN cannot arise: settings are checked)."""
+    largest = torch.finfo(logits.dtype).max
+    return logits.clamp(-largest, largest)
+
+
 def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float) -> torch.Tensor:
-    """Float logits [..., V] scaled by the temperature, with the tokens outside top-k / top-p set to -inf."""
-    logits = logits / temperature
+    """Float logits [..., V] scaled by the temperature, with the tokens outside top-k / top-p set to -inf.
+    The largest logit is subtracted first (the softmax is unchanged): with a temperature so small that the
+    scaled logits overflow, the others become -inf and the largest is drawn, never a NaN."""
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

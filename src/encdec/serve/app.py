@@ -7,6 +7,7 @@ import asyncio
 import base64
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,6 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
 from encdec.data.chat import ChatFormat
 from encdec.inference.engine import Emitted, Engine, Row
@@ -29,6 +31,7 @@ from encdec.serve.protocol import APIError, Limits, Parsed, parse, parse_embeddi
 from encdec.serve.scheduler import EmbedJob, Job, Scheduler
 from encdec.serve.text import TextStream
 
+log = logging.getLogger("encdec")
 DISCONNECT_POLL_S = 1.0  # how often a non-streaming request checks that its client is still there
 SHUTDOWN_WAIT_S = 600.0
 
@@ -68,7 +71,7 @@ class Service:
             raise APIError(400, f"'logit_bias': token id {outside[0]} is outside the vocabulary (0 to "
                            f"{self.vocab_size - 1})", "logit_bias")
         if request.kind == "chat":
-            return [self.ids(self.chat.prompt(text), "messages") for text in request.prompts]
+            return [self.ids(self.chat.render(request.turns), "messages")]
         return [self.ids(prompt, "prompt") for prompt in request.prompts]
 
     def ids(self, prompt: str | list[int], param: str) -> list[int]:
@@ -131,7 +134,7 @@ class Answer:
     def add(self, item: Emitted) -> bool:
         """Take the next token; True when a stop string ended the choice."""
         if self.logprobs is not None:
-            self.logprobs.add(item, len(self.text.text))
+            self.logprobs.add(item, self.text.settled)
         self.piece = self.text.add(item.token)
         return self.text.stopped
 
@@ -190,7 +193,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     def served(name: str | None) -> None:
         if name is not None and name != settings.model_id:
             raise APIError(404, f"the model {name!r} is not served here; this server serves {settings.model_id!r}",
-                           "model", "model_not_found")
+                           "model", code="model_not_found")
 
     def answer(endpoint: str, response: Response) -> Response:
         service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
@@ -212,6 +215,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             service.scheduler.submit(*jobs)
         except APIError as e:
             return answer(endpoint, _error(e))
+        except Exception as e:  # noqa: BLE001 - a bug, answered in the API's shape and counted, not a bare 500
+            log.exception("request failed")
+            return answer(endpoint, _error(APIError(500, f"the server failed: {e}", kind="server_error")))
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": settings.model_id}
         if parsed.stream:
@@ -237,7 +243,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             if item is None:
                 break
             if out.add(item):
-                service.scheduler.cancel(job)
+                service.scheduler.cancel(job, "stop")
                 break
         out.finish = "stop" if out.text.stopped else job.row.finish_reason
         return out
@@ -293,7 +299,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 if item is not None and not stopped:
                     continue
                 if stopped:
-                    service.scheduler.cancel(jobs[index])
+                    service.scheduler.cancel(jobs[index], "stop")
                 rest = "" if stopped else out.text.finish()
                 if rest:
                     yield event([_choice(parsed.kind, index, rest, None, True, out.pending())])
@@ -334,7 +340,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 except TimeoutError:
                     if await request.is_disconnected():
                         job.result.cancel()  # the scheduler encodes nothing more for it
-                        return Response(status_code=499)
+                        return answer("/v1/embeddings", Response(status_code=499))
         except APIError as e:
             return answer("/v1/embeddings", _error(e))
         except Exception as e:  # noqa: BLE001 - the encoder pass failed: the scheduler logged it
@@ -346,10 +352,26 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         return answer("/v1/embeddings", JSONResponse({"object": "list", "data": data, "model": settings.model_id,
                                                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
 
+    @app.exception_handler(HTTPException)
+    async def not_here(_: Request, e: HTTPException) -> Response:
+        """Unknown paths (404) and methods (405) answered in the API's error shape."""
+        return _error(APIError(e.status_code, f"{e.detail}: this server answers /v1/completions, /v1/chat/completions, "
+                               "/v1/embeddings, /v1/models, /health and /metrics"))
+
+    def described() -> dict:
+        return {"id": settings.model_id, "object": "model", "created": service.created, "owned_by": "encdec"}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": service.created,
-                                            "owned_by": "encdec"}]}
+        return {"object": "list", "data": [described()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_info(name: str) -> Response:
+        try:
+            served(name)
+        except APIError as e:
+            return _error(e)
+        return JSONResponse(described())
 
     @app.get("/health")
     async def health() -> Response:

@@ -5,8 +5,10 @@
 A token's text is what it adds to the answer after the tokens before it (decoded with the last few of
 them, so that a word's leading space or a merged character comes out as in the answer: the answer's
 tokens' texts join into its text, up to a stop string). An alternative's text is what it would have
-added there. A byte-fallback token (`<0xE2>`) has that byte in `bytes`. End-of-sequence tokens end the
-answer and are not listed.
+added there. A byte-fallback token (`<0xE2>`) has that byte in `bytes`; its text is empty while the
+character it helps spell is incomplete, and the token with the character's last byte carries the whole
+character (so offsets never go back and the texts still join). End-of-sequence tokens end the answer
+and are not listed.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class TokenLogprobs:
         self.sent = 0
 
     def add(self, item: Emitted, offset: int) -> None:
-        """`item` (a token and its scores) arrived; its text starts at `offset` of the answer."""
+        """`item` (a token and its scores) arrived; its text starts at `offset` of the answer (the settled text's
+        length, `TextStream.settled`)."""
         if item.logprob is not None and item.token not in self.eos:
             tail = self.tokens[-CONTEXT_TOKENS:]
             before = self.tokenizer.decode(tail)
@@ -54,8 +57,9 @@ class TokenLogprobs:
         self.tokens.append(item.token)
 
     def _piece(self, tail: list[int], before: str, token: int, logprob: float) -> Piece:
-        joined = self.tokenizer.decode([*tail, token])
-        text = joined[len(before):] if joined.startswith(before) else self.tokenizer.decode([token])
+        settled = before.rstrip("\ufffd")  # a character still being spelled by byte tokens is not text yet
+        joined = self.tokenizer.decode([*tail, token]).rstrip("\ufffd")
+        text = joined[len(settled):] if joined.startswith(settled) else self.tokenizer.decode([token])
         byte = BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or "")
         return Piece(text, [int(byte.group(1), 16)] if byte else list(text.encode("utf-8")), logprob)
 

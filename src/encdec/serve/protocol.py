@@ -9,24 +9,25 @@ refused by name, and unknown fields are refused as the OpenAI API does.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from encdec.data.instructions import chat_prompt, conversation
+from encdec.data.instructions import conversation
 from encdec.inference.sampling import Sampling
 
 
 class APIError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
-    def __init__(
-        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
-    ) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
 IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls", "prompt_cache_key",
@@ -43,6 +44,8 @@ FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
 MAX_INPUTS = 2048  # prompts of a completions request, inputs of an embeddings request: the OpenAI API's limit
 MAX_CHOICES = 64  # the largest n a request may ask for (each choice takes a place in the queue)
 MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
+MIN_TEMPERATURE = 1e-5  # below it a request is greedy, as in vLLM (in float32 a tinier one divides by zero)
+TOKEN_ID = re.compile(r"[0-9]+")  # a logit_bias key (str.isdigit would pass "²", which int() refuses)
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,14 @@ class Parsed:
 
     kind: str  # "completions" or "chat"
     model: str | None
-    prompts: list[str | list[int]]  # completions: one or more prompts (texts or token ids); chat: the turns' text
+    prompts: list[str | list[int]]  # completions: one or more prompts (texts or token ids); chat: none
     max_tokens: int
     sampling: Sampling
     stop: list[str]
     stream: bool
     logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k likeliest alternatives'
     n: int = 1  # choices, each generated as a request of its own
+    turns: list[tuple[str, str]] | None = None  # chat: the (role, text) turns, "user" or "model", the last a user's
 
 
 def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -79,7 +83,7 @@ def _number(body: dict, name: str, low: float, high: float, default: float, *, o
     value = _typed(body, name, (int, float), "a number")
     if value is None:
         return default
-    if value < low or value > high or (open_low and value == low):
+    if not math.isfinite(value) or value < low or value > high or (open_low and value == low):
         interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
         raise APIError(400, f"'{name}' must be in {interval}, got {value}", name)
     return float(value)
@@ -124,7 +128,7 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
         raise APIError(400, f"'logit_bias' must be {what}", "logit_bias")
     pairs = []
     for key, value in bias.items():
-        if not key.isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+        if not TOKEN_ID.fullmatch(key) or isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
             raise APIError(400, f"'logit_bias' must be {what}, got {json.dumps(key)}: {json.dumps(value)}", "logit_bias")
         pairs.append((int(key), float(value)))
     return tuple(pairs)
@@ -148,7 +152,7 @@ def _inputs(body: dict, name: str, *, empty_text: bool) -> list[str | list[int]]
     return items
 
 
-def _chat_text(body: dict) -> str:
+def _chat_turns(body: dict) -> list[tuple[str, str]]:
     messages = body.get("messages")
     if isinstance(messages, list):  # content given as parts: only text parts are understood
         flat = []
@@ -168,14 +172,19 @@ def _chat_text(body: dict) -> str:
         raise APIError(400, str(e), "messages") from None
     if turns[-1][0] != "user":
         raise APIError(400, "the last message must be a user message: the model answers it", "messages")
-    return chat_prompt(turns)
+    return turns
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def _object(raw: bytes) -> dict:
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON ({e})") from None
+    try:  # ValueError: not JSON, not UTF-8, NaN or Infinity, an integer of over 4300 digits
+        body = json.loads(raw, parse_constant=_not_json)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep to read
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise APIError(400, f"the body is not valid JSON ({reason})") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
     return body
@@ -209,8 +218,10 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise APIError(400, f"'seed' must be in [-2**63, 2**64), got {seed}", "seed")
     stop = _stop(body)
-    prompts = _inputs(body, "prompt", empty_text=True) if kind == "completions" else [_chat_text(body)]
-    sampling = Sampling(do_sample=temperature > 0, temperature=temperature or 1.0,
+    prompts = _inputs(body, "prompt", empty_text=True) if kind == "completions" else []
+    turns = _chat_turns(body) if kind == "chat" else None
+    greedy = temperature < MIN_TEMPERATURE
+    sampling = Sampling(do_sample=not greedy, temperature=1.0 if greedy else temperature,
                         top_k=None if top_k in (None, -1) else top_k, top_p=top_p, seed=seed,
                         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
                         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
@@ -219,7 +230,7 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     n = _typed(body, "n", (int,), "an integer")
     if n is not None and not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}, got {n}", "n")
-    return Parsed(kind, model, prompts, max_tokens, sampling, stop, stream, _logprobs(body, kind), n or 1)
+    return Parsed(kind, model, prompts, max_tokens, sampling, stop, stream, _logprobs(body, kind), n or 1, turns)
 
 
 @dataclass

@@ -72,7 +72,7 @@ class Scheduler:
         self.pooling = pooling  # of the embeddings: "mean" or "last"
         self.waiting: deque[Job] = deque()
         self.embedding: deque[EmbedJob] = deque()
-        self.cancelled: list[Job] = []
+        self.cancelled: list[tuple[Job, str]] = []
         self.running: dict[Row, Job] = {}
         self.accepting, self.stopping = True, False
         self.wake = threading.Condition()
@@ -98,15 +98,16 @@ class Scheduler:
             self.metrics.queue.set(len(self.waiting) + len(self.embedding))
             self.wake.notify()
 
-    def cancel(self, job: Job) -> None:
-        """The client went away: the request leaves the queue or the batch before the next step."""
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        """The request leaves the queue or the batch before the next step: its client went away ("cancelled"), or a
+        stop string ended its text ("stop")."""
         with self.wake:
             if job in self.waiting:
                 self.waiting.remove(job)
-                self.metrics.queue.set(len(self.waiting))
-                self._finish(job, "cancelled")
+                self.metrics.queue.set(len(self.waiting) + len(self.embedding))
+                self._finish(job, reason)
             elif job.row.finish_reason is None:
-                self.cancelled.append(job)
+                self.cancelled.append((job, reason))
                 self.wake.notify()
 
     def stop_accepting(self) -> None:
@@ -186,11 +187,11 @@ class Scheduler:
                 self.embedding.remove(job)
             self.metrics.queue.set(len(self.waiting) + len(self.embedding))
 
-    def _cycle(self, cancelled: list[Job], arrivals: list[Job]) -> None:
-        for job in cancelled:
+    def _cycle(self, cancelled: list[tuple[Job, str]], arrivals: list[Job]) -> None:
+        for job, reason in cancelled:
             if self.running.pop(job.row, None) is not None:
-                self.engine.cancel(job.row)
-                self._finish(job, "cancelled")
+                self.engine.cancel(job.row, reason)
+                self._finish(job, reason)
         if arrivals:
             self._admit(arrivals)
         self.metrics.running.set(len(self.engine.rows))
