@@ -298,3 +298,67 @@ def test_every_writing_command_refuses_an_output_under_a_file(capsys, tmp_path, 
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert str(tmp_path / "file") in line and "not a directory" in line
     assert (tmp_path / "file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", [["adapt", "--encoder", "{model}"], ["export-encoder", "{model}"],
+                                     ["classify", "{model}", "--task", "cb", "--limit", "8"],
+                                     ["export", "{model}", "--to", "ctranslate2"]])
+def test_no_command_writes_over_its_own_input(capsys, tmp_path, adapted, command):
+    """--out naming the input (or a directory that holds it) would replace the input once --overwrite is given."""
+    model = tmp_path / "model"
+    shutil.copytree(adapted, model)
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model, tmp_path):
+        argv = [part.format(model=model) for part in command] + ["--out", str(out), "--overwrite"]
+        assert main(argv) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"the input {model}" in line and "choose another --out" in line
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_training_refuses_an_output_that_holds_its_model(capsys, tmp_path, adapted):
+    """`pretrain --overwrite` deletes OUT/model before training: it must not be the model being trained."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("w1 w2 w3 w4 w5 w6 w7 w8 " * 40 + "\n") * 10)
+    run = tmp_path / "run"
+    shutil.copytree(adapted, run / "model")
+    argv = ["pretrain", "--model", str(run / "model"), "--out", str(run), "--overwrite", "--data", str(corpus),
+            "--steps", "1"]
+    assert main(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"holds the input {run / 'model'}" in line
+    assert (run / "model" / "config.json").exists()
+
+
+def test_the_working_directory_is_no_output(capsys, tmp_path, sources, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for out in (".", ".."):
+        assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", out, "--overwrite"]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert "is the current directory or one above it" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), OSError(30, "Read-only file system")])
+def test_a_full_disk_or_a_read_only_place_is_one_line_and_leaves_nothing(capsys, tmp_path, sources, monkeypatch,
+                                                                        failure):
+    import encdec.checkpoint
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(encdec.checkpoint, "write_weights", fail)
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(tmp_path / "out")]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"cannot write {tmp_path / 'out'}: {failure.strerror}" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_or_failed_text_write_leaves_no_temporary(tmp_path):
+    from encdec.errors import EncdecError
+    from encdec.files import atomic_write
+
+    (tmp_path / "taken.md").mkdir()  # a directory where the file should go
+    with pytest.raises(EncdecError, match="cannot write .*taken.md: Is a directory"):
+        atomic_write(tmp_path / "taken.md", "text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.md"]

@@ -211,15 +211,18 @@ def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, t
 def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_aside_output(tmp_path):
     out = tmp_path / "out"
     abandoned = tmp_path / f".out.tmp-{DEAD_PID}-abcd1234"
-    older = tmp_path / ".other.tmp-k3j4h5g6"  # written before temporaries carried a pid
     aside = tmp_path / f".out.old-{DEAD_PID}-efgh5678"
     alive = tmp_path / f".out.tmp-{os.getpid()}-ijkl9012"  # this process is still writing it
-    for directory in (abandoned, older, aside / "out", alive):
+    # a user's folders that merely look alike: no pid, or not tempfile's 8 characters after it
+    users = [tmp_path / name for name in (".settings.old-2024", ".photos.tmp-backup", ".other.tmp-k3j4h5g6",
+                                          f".notes.old-{DEAD_PID}-2024")]
+    for directory in (abandoned, aside / "out", alive, *(u / "kept" for u in users)):
         directory.mkdir(parents=True)
     (aside / "out" / "model.safetensors").write_text("the previous version")
     with atomic_dir(tmp_path / "next") as tmp:
         (tmp / "file").write_text("x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "next", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "next", "out", *(u.name for u in users)])
+    assert all((u / "kept").is_dir() for u in users)
     assert (out / "model.safetensors").read_text() == "the previous version"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -20,9 +21,13 @@ from safetensors.torch import save_file
 from encdec.errors import EncdecError
 
 log = logging.getLogger("encdec")
+# errors of writing that the user can act on (space, permissions, names), reported in one line
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.EBUSY,
+                errno.EISDIR, errno.ENOTDIR}
 SHARD_BYTES = 4 * 1024**3
-# what atomic_dir leaves behind when its process is killed: .NAME.tmp-PID-XXXX (.NAME.tmp-XXXX before PIDs)
-_TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(?:(\d+)-)?[^-]+")
+# what atomic_dir leaves behind when its process is killed: .NAME.tmp-PID-XXXXXXXX or .NAME.old-PID-XXXXXXXX (the
+# 8 characters tempfile.mkdtemp adds); nothing looser, since whatever matches is deleted (a user's ".x.old-2024" is not)
+_TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(\d+)-[a-z0-9_]{8}")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -169,16 +174,56 @@ def write_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
 def check_writable_place(out: Path) -> None:
     """Fail before any work when `out` cannot become a directory: it, or a folder above it, is a file."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EncdecError(f"output path {out} exists and is not a directory")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    with written(out):  # a name too long to look up
+        if out.exists() and not out.is_dir():
+            raise EncdecError(f"output path {out} exists and is not a directory")
+        blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise EncdecError(f"cannot write {out}: {blocking} is a file, not a directory")
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Fail before any work when the output would clobber something."""
+class WriteFailed(EncdecError):
+    """A write failed for a reason the user can act on (`written`)."""
+
+
+@contextlib.contextmanager
+def written(out: Path) -> Iterator[None]:
+    """Report a failed write of `out` that the user can act on (a full disk, a read-only or forbidden place, a
+    name too long) as one line instead of a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise WriteFailed(f"cannot write {out}: {e.strerror}") from None
+    except SafetensorError as e:  # the writer's own error for a failed write
+        if "I/O error" not in str(e):
+            raise
+        raise WriteFailed(f"cannot write {out}: {str(e).split('I/O error: ', 1)[-1]}") from None
+
+
+def check_apart(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
+    """Fail before any work when writing `out` would replace what the command reads: `out` is one of the
+    `inputs` (paths; names that are not paths are skipped) or holds one."""
+    target = Path(out).expanduser().resolve()
+    for spec in inputs:
+        path = None if spec is None or str(spec) == "" else Path(spec).expanduser()
+        if path is None or not path.exists():
+            continue
+        path = path.resolve()
+        if path == target or target in path.parents:
+            raise EncdecError(f"--out {out} {'is' if path == target else 'holds'} the input {spec}: writing it would "
+                              "replace the input; choose another --out")
+
+
+def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None, ...] = ()) -> None:
+    """Fail before any work when the output directory, which is replaced whole, would clobber something: an
+    existing `out` without `overwrite`, any of the `inputs` (check_apart), the working directory or one above."""
     check_writable_place(out)
+    here = Path.cwd().resolve()
+    if Path(out).expanduser().resolve() in (here, *here.parents):
+        raise EncdecError(f"--out {out} is the current directory or one above it; name a directory to create")
+    check_apart(out, inputs)
     if out.exists() and not overwrite:
         raise EncdecError(f"output directory {out} already exists; pass --overwrite to replace it")
 
@@ -191,18 +236,20 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     out = Path(out)
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_temporaries(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    with written(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_temporaries(out.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        with written(out):
+            yield tmp
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -226,7 +273,7 @@ def remove_abandoned_temporaries(parent: Path) -> None:
     abandoned = []
     for entry in parent.iterdir():
         match = _TEMPORARY.fullmatch(entry.name)
-        if match and entry.is_dir() and not (match[3] and process_alive(int(match[3]))):
+        if match and entry.is_dir() and not process_alive(int(match[3])):
             abandoned.append((match[2] == "tmp", entry, match[1]))
     for _, entry, name in sorted(abandoned):  # the .old- ones first
         moved_aside = entry / name
@@ -240,11 +287,17 @@ def remove_abandoned_temporaries(parent: Path) -> None:
 def atomic_write(path: Path, text: str) -> None:
     """Write a text file through a temporary sibling and a rename: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
-                                     encoding="utf-8") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    with written(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(name, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise
 
 
 def portable_path(spec: str) -> str:

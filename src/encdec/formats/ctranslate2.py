@@ -38,7 +38,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     from encdec.sources import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)  # CTranslate2 takes its vocabulary from it: fail before any work
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, (model_dir,))
     try:
         from ctranslate2.converters import TransformersConverter
     except ImportError:

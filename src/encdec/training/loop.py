@@ -63,7 +63,7 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model."""
     d = distributed.init()
     try:
-        with rundir.locked(Path(cfg.out), d):
+        with rundir.locked(Path(cfg.out), d, (cfg.model, cfg.teacher)):
             final = _train(cfg, d)
         distributed.barrier(d)  # nobody tears the group down while rank 0 still writes the final model
         return final

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from encdec.errors import EncdecError
-from encdec.files import atomic_write, check_writable_place
+from encdec.files import atomic_write, check_apart, check_writable_place
 from encdec.training import checkpointing, distributed
 from encdec.training.config import TrainConfig
 
@@ -65,13 +65,15 @@ def _acquire(out: Path) -> int:
 
 
 @contextlib.contextmanager
-def locked(out: Path, d: distributed.Dist) -> Iterator[None]:
+def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...] = ()) -> Iterator[None]:
     """Hold OUT's lock for the duration. The first process of a distributed run takes it for all, and
-    every process stops when it is refused (none waits for the others in a collective)."""
+    every process stops when it is refused (none waits for the others in a collective). OUT must not be
+    or hold one of the run's `inputs` (`--overwrite` would delete it, the final model replace it)."""
     fd, created, refused = None, False, None
     if d.main:
         try:
             check_writable_place(out)
+            check_apart(out, inputs)
             created = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
             fd = _acquire(out)
