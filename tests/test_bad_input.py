@@ -362,3 +362,37 @@ def test_a_killed_or_failed_text_write_leaves_no_temporary(tmp_path):
     with pytest.raises(EncdecError, match="cannot write .*taken.md: Is a directory"):
         atomic_write(tmp_path / "taken.md", "text")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.md"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.__setitem__("encoder", "x"), "is not a usable configuration (AttributeError"),
+    (lambda c: c["decoder"].__setitem__("num_key_value_heads", 0), "num_kv_heads must be a positive integer, got 0"),
+    (lambda c: c["decoder"].__setitem__("hidden_size", None), "must be a positive integer, got None"),
+    (lambda c: [c.clear(), c.update({"format": "encdec"})], "lacks the field 'config'"),
+    (lambda c: [c.clear(), c.update({"format": "encdec", "config": {"encoder": {}}})], "is not a usable configuration"),
+], ids=["encoder-a-string", "no-kv-heads", "no-width", "no-config", "empty-stack"])
+def test_a_damaged_checkpoint_config_is_one_line(capsys, tmp_path, adapted, edit, message):
+    model = tmp_path / "model"
+    shutil.copytree(adapted, model)
+    config = json.loads((model / "config.json").read_text())
+    edit(config)
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["info", str(model)]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert str(model / "config.json") in line and message in line, line
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"num_key_value_heads": 0}, "num_kv_heads must be a positive integer, got 0"),
+    ({"head_dim": None, "num_attention_heads": 0}, "is not a usable configuration"),
+    ({"hidden_size": None}, "hidden_size must be a positive integer, got None"),
+    ({"rms_norm_eps": "small"}, "rms_norm_eps must be a positive number"),
+], ids=["no-kv-heads", "no-heads", "no-width", "eps-a-string"])
+def test_a_damaged_source_config_is_one_line(capsys, tmp_path, sources, edit, message):
+    source = tmp_path / "source"
+    shutil.copytree(sources["gemma3"], source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(edit)
+    (source / "config.json").write_text(json.dumps(config))
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(source))
+    assert str(source / "config.json") in line and message in line, line

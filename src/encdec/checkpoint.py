@@ -96,19 +96,22 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype = torch.float32) -> Loa
     if not path.is_dir():
         raise EncdecError(f"{path} is not a checkpoint directory")
     data = read_json(path / "config.json")
-    if data.get("format") == NATIVE:
-        config = EncDecConfig.from_dict(data["config"])
-        fmt, notes = NATIVE, []
-    elif data.get("model_type") in LAYOUTS:
-        config = config_from_hf(data)
-        fmt = data["model_type"]
-    else:
+    if data.get("format") != NATIVE and data.get("model_type") not in LAYOUTS:
         raise EncdecError(
             f"{path} is not an encoder-decoder checkpoint (model_type {data.get('model_type')!r}); accepted: "
             "this project's format, t5gemma, t5gemma2. A decoder-only model must first go through `encdec adapt`"
         )
-    with torch.device("meta"):
-        model = EncoderDecoder(config)
+    fmt, notes = (NATIVE, []) if data.get("format") == NATIVE else (data["model_type"], [])
+    try:  # a damaged or hand-edited config.json: one line naming it, not a traceback from deep inside
+        config = EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)
+        with torch.device("meta"):
+            model = EncoderDecoder(config)
+    except KeyError as e:
+        raise EncdecError(f"{path / 'config.json'} lacks the field {e}") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise EncdecError(f"{path / 'config.json'} is not a usable configuration ({type(e).__name__}: {e})") from None
+    except EncdecError as e:
+        raise EncdecError(f"{path / 'config.json'}: {e}" if str(path) not in str(e) else str(e)) from None
     weights = read_weights(path, dtype)
     if fmt != NATIVE:
         weights, notes = from_hf_weights(weights, list(model.state_dict()), LAYOUTS[fmt])

@@ -55,7 +55,17 @@ class StackConfig:
     rope_llama3: list[float] | None = None
 
     def __post_init__(self) -> None:
-        if len(self.layer_types) != self.num_layers:
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                     "sliding_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EncdecError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("query_pre_attn_scalar", "rope_theta_local", "rope_theta_global", "rope_scale_local",
+                     "rope_scale_global", "rms_norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise EncdecError(f"{name} must be a positive number, got {value!r}")
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_layers:
             raise EncdecError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         bad = sorted(set(self.layer_types) - {"sliding", "full"})
         if bad:

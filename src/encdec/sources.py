@@ -138,6 +138,10 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
         config = adapter.read_config(cfg, directory)
     except KeyError as e:
         raise EncdecError(f"{cfg_path} lacks the field {e}; is it a complete configuration?") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # a field of the wrong type or value
+        raise EncdecError(f"{cfg_path} is not a usable configuration ({type(e).__name__}: {e})") from None
+    except EncdecError as e:
+        raise EncdecError(f"{cfg_path}: {e}" if str(directory) not in str(e) else str(e)) from None
     weights = text_weights(read_weights(directory, dtype), config.tied_head, adapter.TEXT_PREFIXES, adapter.NOT_TEXT)
     _check_shapes(weights, config, directory)
     return DecoderOnlySource(
