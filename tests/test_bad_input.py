@@ -396,3 +396,54 @@ def test_a_damaged_source_config_is_one_line(capsys, tmp_path, sources, edit, me
     (source / "config.json").write_text(json.dumps(config))
     line = _run_adapt(capsys, tmp_path, "--encoder", str(source))
     assert str(source / "config.json") in line and message in line, line
+
+
+def test_evaluation_output_names_are_checked_before_any_work(capsys, tmp_path, adapted, monkeypatch):
+    from encdec.evaluation.harness import output_files
+
+    (tmp_path / "taken.md").mkdir()
+    for out, message in ((".", "names a directory"), (str(tmp_path / "taken"), "taken.md is a directory")):
+        assert main(["evaluate", str(adapted), "--tasks", "heldout", "--out", out]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert message in line
+    # a dot inside the name is kept (model-v1.5 and model-v1.6 do not both write model-v1.md); .md / .json are read as
+    # the prefix's own
+    assert output_files(tmp_path / "model-v1.5") == (tmp_path / "model-v1.5.md", tmp_path / "model-v1.5.json")
+    assert output_files(tmp_path / "results.md") == (tmp_path / "results.md", tmp_path / "results.json")
+
+
+@pytest.mark.parametrize("extra, message", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                                            (["--steps", "-1"], "--steps must be at least 0"),
+                                            (["--trim-vocab", "-5"], "--trim-vocab must be at least 0")])
+def test_quickstart_checks_its_options_before_loading_anything(capsys, tmp_path, extra, message):
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), *extra]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert message in line
+    assert not (tmp_path / "qs").exists()
+
+
+def test_ctranslate2_export_of_damaged_weights_is_one_line(capsys, tmp_path, adapted):
+    pytest.importorskip("ctranslate2")
+    model = tmp_path / "model"
+    shutil.copytree(adapted, model)
+    (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:100])
+    assert main(["export", str(model), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "could not read" in line and str(model) in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_resuming_with_another_model_is_one_line(capsys, tmp_path, sources, adapted):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("w1 w2 w3 w4 w5 w6 w7 w8 " * 40 + "\n") * 10)
+    run = tmp_path / "run"
+    common = ["--data", str(corpus), "--steps", "2", "--save-every", "1", "--eval-every", "0", "--enc-len", "16",
+              "--dec-len", "16", "--batch-size", "2"]
+    assert main(["pretrain", "--model", str(adapted), "--out", str(run), *common]) == 0
+    other = tmp_path / "other"  # another shape: the merged-attention model against the cross-attention one
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--attention", "cross", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--model", str(other), "--out", str(run), "--resume", *common[:2], "--steps", "3",
+                 *common[4:]]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "was saved by a run of another model" in line and "--overwrite" in line

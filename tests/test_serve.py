@@ -557,11 +557,17 @@ def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint,
         server.close()
 
 
-def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys):
+def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     from encdec.cli import main
 
     assert main(["serve", str(checkpoint), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--api-key", ""]) == 2  # `--api-key "$KEY"` with KEY unset: not open
+    assert "the API key is empty" in capsys.readouterr().err
+    monkeypatch.setenv("ENCDEC_API_KEY", " ")
+    assert main(["serve", str(checkpoint)]) == 2
+    assert "the API key is empty" in capsys.readouterr().err
+    monkeypatch.delenv("ENCDEC_API_KEY")
     assert main(["serve", str(tmp_path), "--port", "1"]) == 2
     assert "config.json is missing" in capsys.readouterr().err
 

@@ -171,6 +171,9 @@ def test_bad_configuration(adapted, tmp_path, capsys):
     config.write_text("model: x\nstepz: 3\n")
     assert main(["pretrain", "--config", str(config)]) == 2
     assert "unknown option(s) ['stepz']" in capsys.readouterr().err
+    config.write_text("1: 2\n")  # a key that is no option name at all
+    assert main(["pretrain", "--config", str(config)]) == 2
+    assert "expected a mapping of option names to values" in capsys.readouterr().err
     assert main(["pretrain", "--model", str(adapted), "--objective", "ul2", "--distill"]) == 2
     assert "--distill works with --objective prefixlm only" in capsys.readouterr().err
     assert main(["pretrain", "--model", str(adapted), "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2

@@ -144,6 +144,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise EncdecError(f"{name} must be at least 1, got {value}")
     if not 0 <= args.port <= 65535:
         raise EncdecError(f"--port must be in 0..65535, got {args.port}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("ENCDEC_API_KEY")
+    if api_key is not None and not api_key.strip():  # an unset shell variable would otherwise open the server
+        raise EncdecError("the API key is empty (--api-key or ENCDEC_API_KEY); give a key, or neither to serve "
+                          "without one")
     # This thread loads with one intra-op thread and then only answers HTTP; the scheduler's thread computes with
     # all of them. Had this thread started an OpenMP team of its own, the scheduler's team would run throttled
     # (libgomp spins less while it manages more threads than there are cores), and generation was 2.5-4x
@@ -155,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(Path(args.model))
     settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
                         limits=Limits(args.max_input_tokens, args.max_new_tokens), pooling=args.pooling,
-                        api_key=args.api_key or os.environ.get("ENCDEC_API_KEY") or None, threads=threads)
+                        api_key=api_key, threads=threads)
     serve(model, tokenizer, settings, args.host, args.port)
 
 
@@ -177,11 +181,12 @@ def _train_and_report(cfg: TrainConfig) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from encdec.evaluation.harness import Settings, evaluate, markdown, write
+    from encdec.evaluation.harness import Settings, evaluate, markdown, output_files, write
     from encdec.evaluation.tasks import parse_tasks
     from encdec.files import check_writable_place
 
     check_writable_place(args.out.parent)  # OUT is the prefix of OUT.md and OUT.json
+    output_files(args.out)
     settings = Settings(tasks=parse_tasks(args.tasks), shots=args.shots, limit=args.limit, chat=args.chat,
                         batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
     record = evaluate(args.models, settings, DTYPES[args.dtype])

@@ -36,8 +36,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise EncdecError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EncdecError(f"{path} is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON; RecursionError: nested too deeply
+        raise EncdecError(f"{path} is not valid JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
     if not isinstance(data, dict):
         raise EncdecError(f"{path} holds a JSON {type(data).__name__}; expected a JSON object ({{...}})")
     return data

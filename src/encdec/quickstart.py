@@ -12,6 +12,7 @@ from encdec.adapt import adapt
 from encdec.checkpoint import load, save
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
+from encdec.errors import EncdecError
 from encdec.files import check_output_dir
 from encdec.logs import timed
 from encdec.model import EncoderDecoder
@@ -30,6 +31,11 @@ def _continuation(model: EncoderDecoder, tokenizer, prompt: str, max_new_tokens:
 
 
 def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: int, trim_vocab: int) -> None:
+    for flag, value, low in (("--max-new-tokens", max_new_tokens, 1), ("--steps", steps, 0), ("--trim-vocab", trim_vocab, 0)):
+        if value < low:  # checked before minutes of loading and adapting, not after
+            raise EncdecError(f"{flag} must be at least {low}, got {value}")
+    if not prompt.strip():
+        raise EncdecError("--prompt is empty; give a text to continue")
     check_output_dir(out, overwrite)
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
     with timed(f"loading {SOURCE}"):

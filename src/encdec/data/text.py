@@ -38,8 +38,9 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
                 continue
             try:
                 yield number, json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise EncdecError(f"{path}, line {number}: not valid JSON ({e})") from None
+            except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON; RecursionError: nested too deeply
+                reason = "nested too deeply" if isinstance(e, RecursionError) else e
+                raise EncdecError(f"{path}, line {number}: not valid JSON ({reason})") from None
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
@@ -59,7 +60,14 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
         raise EncdecError(f"{path}: not a readable parquet file ({e})") from None
     if field not in table.schema_arrow.names:
         raise EncdecError(f"{path}: no column {field!r}; columns: {table.schema_arrow.names}")
-    for batch in table.iter_batches(columns=[field]):
+    batches = table.iter_batches(columns=[field])
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as e:  # a damaged data page behind an intact footer
+            raise EncdecError(f"{path}: damaged parquet data ({e})") from None
+        if batch is None:
+            return
         for value in batch.column(0).to_pylist():
             if isinstance(value, str) and value.strip():
                 yield value

@@ -271,11 +271,24 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def output_files(out: Path) -> tuple[Path, Path]:
+    """OUT.md and OUT.json (OUT given as NAME, NAME.md or NAME.json; a dot elsewhere is part of the name, as in
+    model-v1.5); one line, before any work, when they cannot be written there."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise EncdecError(f"--out {out} names a directory; give a file prefix such as runs/evaluate/results")
+    base = out.with_suffix("") if out.suffix in (".md", ".json") else out
+    files = base.parent / f"{base.name}.md", base.parent / f"{base.name}.json"
+    taken = next((f for f in files if f.is_dir()), None)
+    if taken is not None:
+        raise EncdecError(f"--out {out}: {taken} is a directory; give another file prefix")
+    return files
+
+
 def write(record: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """OUT.md (the table) and OUT.json (everything), each written atomically."""
-    out = Path(out)
-    table, data = out.with_suffix(".md"), out.with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    table, data = output_files(out)
+    table.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(table, markdown(record) + "\n")
     atomic_write(data, json.dumps(record, indent=1, default=_json_default) + "\n")
     return table, data

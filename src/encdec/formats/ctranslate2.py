@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from encdec.checkpoint import NATIVE, checkpoint_format
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, check_output_dir
@@ -46,6 +48,10 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
                           "pip install 'encdec[ctranslate2]'") from None
     with atomic_dir(out, overwrite) as tmp:
         # the converter refuses an existing directory unless forced; `tmp` is our own, empty one
-        TransformersConverter(str(model_dir)).convert(str(tmp), quantization=quantization, force=True)
+        try:
+            TransformersConverter(str(model_dir)).convert(str(tmp), quantization=quantization, force=True)
+        except (SafetensorError, ValueError, KeyError, RuntimeError) as e:  # damaged or foreign weights
+            raise EncdecError(f"CTranslate2's converter could not read {model_dir} "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
         tokenizer.save_pretrained(str(tmp))
     return fmt

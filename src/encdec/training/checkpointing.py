@@ -126,8 +126,12 @@ def latest_usable(out: Path, d: Dist) -> Saved | None:
 def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG states in place; returns the trainer state (step, scheduler, stream, ...)."""
     weights = {PREFIX + k: v for k, v in saved.weights.items()}
-    set_model_state_dict(wrapped, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-    set_optimizer_state_dict(wrapped, optimizer, saved.optimizer, options=StateDictOptions(full_state_dict=True))
+    try:
+        set_model_state_dict(wrapped, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(wrapped, optimizer, saved.optimizer, options=StateDictOptions(full_state_dict=True))
+    except (RuntimeError, KeyError, ValueError) as e:  # shapes or parameters that are not this model's
+        raise EncdecError(f"{saved.path} was saved by a run of another model ({str(e).strip().splitlines()[0][:200]}); "
+                          "resume with the --model that run started from, or start afresh with --overwrite") from None
     trainer = saved.trainer
     torch.set_rng_state(trainer["rng"]["torch"])
     np.random.set_state(trainer["rng"]["numpy"])

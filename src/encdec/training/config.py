@@ -203,7 +203,7 @@ def from_arguments(args: argparse.Namespace, defaults: dict[str, Any] | None = N
             loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise EncdecError(f"{args.config}: cannot read the YAML configuration ({e})") from None
-        if not isinstance(loaded, dict):
+        if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
             raise EncdecError(f"{args.config}: expected a mapping of option names to values")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     names = {f.name for f in dataclasses.fields(TrainConfig)}
