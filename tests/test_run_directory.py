@@ -243,3 +243,18 @@ def test_a_damaged_token_cache_is_deleted_and_rebuilt_with_one_line(corpus, tmp_
     cached.write_bytes(cached.read_bytes()[:100])  # truncated
     assert np.array_equal(token_stream(tokenizer, [str(corpus)], cache_dir=tmp_path / "cache"), expected)
     assert len(_lines(capsys.readouterr().err, "is damaged (")) == 1
+
+
+def test_outputs_get_the_modes_a_plain_write_would_give(tmp_path):
+    """Temporary files and directories are private (0600, 0700) while written; the outputs they become are not."""
+    from encdec.files import atomic_write
+
+    previous = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "file").write_text("x")
+        atomic_write(tmp_path / "table.md", "text")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o644

@@ -240,6 +240,7 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temporaries(out.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep the output from everyone else
     try:
         with written(out):
             yield tmp
@@ -253,6 +254,15 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def umask() -> int:
+    """This process's file mode creation mask (read, not changed: changing it would race other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022  # where /proc is not there: the usual mask
 
 
 def process_alive(pid: int) -> bool:
@@ -293,6 +303,7 @@ def atomic_write(path: Path, text: str) -> None:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
+            os.chmod(name, 0o666 & ~umask())  # mkstemp's 0600, as a plain open() would not make it
             os.replace(name, path)
         except BaseException:
             with contextlib.suppress(OSError):
