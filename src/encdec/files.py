@@ -30,14 +30,28 @@ SHARD_BYTES = 4 * 1024**3
 _TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(\d+)-[a-z0-9_]{8}")
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def parse_json(raw: bytes | str, *, strict: bool = False) -> Any:
+    """json.loads, every way a text fails to be JSON raised as a ValueError saying why: bad UTF-8 or syntax, nesting
+    too deep to read (a RecursionError otherwise), an integer of over 4300 digits, and with `strict` the NaN and
+    Infinity that Python reads but JSON does not have."""
+    try:
+        return json.loads(raw, parse_constant=_not_json) if strict else json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object (every JSON file the project reads is one)."""
     try:
-        data = json.loads(path.read_text())
+        data = parse_json(path.read_bytes())
     except FileNotFoundError:
         raise EncdecError(f"{path} is missing") from None
-    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON; RecursionError: nested too deeply
-        raise EncdecError(f"{path} is not valid JSON ({'nested too deeply' if isinstance(e, RecursionError) else e})") from None
+    except ValueError as e:
+        raise EncdecError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise EncdecError(f"{path} holds a JSON {type(data).__name__}; expected a JSON object ({{...}})")
     return data

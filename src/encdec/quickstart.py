@@ -31,7 +31,8 @@ def _continuation(model: EncoderDecoder, tokenizer, prompt: str, max_new_tokens:
 
 
 def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: int, trim_vocab: int) -> None:
-    for flag, value, low in (("--max-new-tokens", max_new_tokens, 1), ("--steps", steps, 0), ("--trim-vocab", trim_vocab, 0)):
+    for flag, value, low in (("--max-new-tokens", max_new_tokens, 1), ("--steps", steps, 0),
+                             ("--trim-vocab", trim_vocab, 0)):
         if value < low:  # checked before minutes of loading and adapting, not after
             raise EncdecError(f"{flag} must be at least {low}, got {value}")
     if not prompt.strip():

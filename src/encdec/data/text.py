@@ -6,13 +6,13 @@ Each reader yields documents (strings). Problems name the file, and the line whe
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from encdec.errors import EncdecError
+from encdec.files import parse_json
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ACCEPTED = "a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, or hf:NAME"
@@ -37,10 +37,9 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
             if not raw.strip():
                 continue
             try:
-                yield number, json.loads(raw.decode("utf-8"))
-            except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON; RecursionError: nested too deeply
-                reason = "nested too deeply" if isinstance(e, RecursionError) else e
-                raise EncdecError(f"{path}, line {number}: not valid JSON ({reason})") from None
+                yield number, parse_json(raw)
+            except ValueError as e:
+                raise EncdecError(f"{path}, line {number}: not valid JSON ({e})") from None
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from encdec.data.instructions import conversation
+from encdec.files import parse_json
 from encdec.inference.sampling import Sampling
 
 
@@ -128,7 +129,8 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
         raise APIError(400, f"'logit_bias' must be {what}", "logit_bias")
     pairs = []
     for key, value in bias.items():
-        if not TOKEN_ID.fullmatch(key) or isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+        if (not TOKEN_ID.fullmatch(key) or isinstance(value, bool) or not isinstance(value, (int, float))
+                or not -100 <= value <= 100):
             raise APIError(400, f"'logit_bias' must be {what}, got {json.dumps(key)}: {json.dumps(value)}", "logit_bias")
         pairs.append((int(key), float(value)))
     return tuple(pairs)
@@ -175,16 +177,11 @@ def _chat_turns(body: dict) -> list[tuple[str, str]]:
     return turns
 
 
-def _not_json(constant: str) -> None:
-    raise ValueError(f"{constant} is not a JSON value")
-
-
 def _object(raw: bytes) -> dict:
-    try:  # ValueError: not JSON, not UTF-8, NaN or Infinity, an integer of over 4300 digits
-        body = json.loads(raw, parse_constant=_not_json)
-    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep to read
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise APIError(400, f"the body is not valid JSON ({reason})") from None
+    try:
+        body = parse_json(raw, strict=True)
+    except ValueError as e:
+        raise APIError(400, f"the body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
     return body
