@@ -218,6 +218,7 @@ def main_exit(argv: list[str]) -> int:
 
 
 PRETRAIN_BAD = [
+    (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite starts it afresh"),
     (["--save-every", "0"], "--save-every must be at least 1, got 0"),
     (["--log-every", "-1"], "--log-every must be at least 1"),
     (["--eval-every", "-2"], "--eval-every must be at least 0"),
@@ -447,3 +448,13 @@ def test_resuming_with_another_model_is_one_line(capsys, tmp_path, sources, adap
                  *common[4:]]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert "was saved by a run of another model" in line and "--overwrite" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["classify", "--predict", "{dir}", "--task", "cb", "--text", "w1"], "drop --task"),
+    (["classify", "{dir}", "--task", "cb", "--out", "{dir}/out", "--text", "w1"], "pass --predict too"),
+])
+def test_classify_flags_that_would_be_ignored_are_refused(capsys, tmp_path, argv, message):
+    assert main([part.format(dir=tmp_path) for part in argv]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert message in line

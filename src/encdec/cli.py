@@ -201,6 +201,11 @@ def cmd_classify(args: argparse.Namespace) -> None:
     if args.predict is not None:
         from encdec.classification.inference import predict_texts, read_inputs
 
+        ignored = [flag for flag, value in (("MODEL", args.model), ("--task", args.task), ("--out", args.out))
+                   if value is not None]
+        if ignored:
+            raise EncdecError("--predict DIR reads the task and model from the saved classifier; "
+                              f"drop {', '.join(ignored)}")
         texts = list(args.text or []) + (read_inputs(args.input) if args.input else [])
         labels, probs = predict_texts(args.predict, texts)
         for text, pr in zip(texts, probs):
@@ -211,6 +216,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
         return
     from encdec.classification.run import classify, report
 
+    if args.text or args.input:
+        raise EncdecError("--text and --input are what --predict DIR classifies; pass --predict too")
     missing = [flag for flag, value in (("MODEL", args.model), ("--task", args.task), ("--out", args.out)) if value is None]
     if missing:
         raise EncdecError(f"{', '.join(missing)} required (or --predict DIR to use a saved classifier)")

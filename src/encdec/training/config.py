@@ -111,6 +111,8 @@ class TrainConfig:
             raise EncdecError(f"--data {self.data!r}: an empty path; pass files, directories or hf:NAME")
         if self.distill and self.objective != "prefixlm":
             raise EncdecError("--distill works with --objective prefixlm only")
+        if self.resume and self.overwrite:
+            raise EncdecError("--resume continues the run in --out and --overwrite starts it afresh: pass one of them")
         if self.eval_data and self.objective == "instruct":
             raise EncdecError("--eval-data works with pretraining objectives only (prefixlm, ul2)")
         if self.keep_last < self.average_last:
