@@ -407,6 +407,15 @@ def test_extreme_sampling_values_leave_the_batch_working(server, local):
     assert extreme[1].result().choices[0].text == _solo(local, "w2 w3", 12)  # below 1e-5: greedy
 
 
+def test_without_max_tokens_a_completion_has_16_and_a_chat_answer_the_servers_limit(server, endless_prompt):
+    done = httpx.post(f"{server.base}/v1/completions", json={"prompt": endless_prompt, "temperature": 0}, timeout=60)
+    assert done.json()["usage"]["completion_tokens"] == 16  # the OpenAI API's default
+    chat = httpx.post(f"{server.base}/v1/chat/completions", timeout=120, json={
+        "messages": [{"role": "user", "content": endless_prompt}], "temperature": 0, "max_tokens": None})
+    tokens, finish = chat.json()["usage"]["completion_tokens"], chat.json()["choices"][0]["finish_reason"]
+    assert tokens == LONG if finish == "length" else finish == "stop"  # --max-new-tokens, unless it ended first
+
+
 def test_a_stop_string_ending_is_counted_as_a_stop(server, local):
     full = _solo(local, "w1 w2 w3", 8)
     before = {r: _metric(server.base, f'encdec_generations_finished_total{{reason="{r}"}}') for r in ("stop", "cancelled")}

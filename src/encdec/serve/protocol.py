@@ -45,6 +45,7 @@ FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
 MAX_INPUTS = 2048  # prompts of a completions request, inputs of an embeddings request: the OpenAI API's limit
 MAX_CHOICES = 64  # the largest n a request may ask for (each choice takes a place in the queue)
 MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
+COMPLETION_DEFAULT_TOKENS = 16  # a completion's max_tokens when none is given (the OpenAI API's and vLLM's)
 MIN_TEMPERATURE = 1e-5  # below it a request is greedy, as in vLLM (in float32 a tinier one divides by zero)
 TOKEN_ID = re.compile(r"[0-9]+")  # a logit_bias key (str.isdigit would pass "²", which int() refuses)
 
@@ -201,8 +202,8 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     stream = _typed(body, "stream", (bool,), "true or false") or False
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _typed(body, budget, (int,), "an integer")
-    if max_tokens is None:
-        max_tokens = limits.max_new_tokens
+    if max_tokens is None:  # the OpenAI API's defaults: 16 tokens for a completion, a chat answer up to the limit
+        max_tokens = limits.max_new_tokens if kind == "chat" else min(COMPLETION_DEFAULT_TOKENS, limits.max_new_tokens)
     if not 1 <= max_tokens <= limits.max_new_tokens:
         raise APIError(400, f"'{budget}' must be between 1 and {limits.max_new_tokens} (this server's "
                        f"--max-new-tokens), got {max_tokens}", budget)
