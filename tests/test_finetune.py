@@ -114,6 +114,12 @@ def test_bad_instruction_record_is_one_line_naming_it(adapted, tmp_path, capsys)
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_lengths_too_short_for_the_turn_markers_name_the_flags(adapted, instructions, tmp_path, capsys):
+    assert main([*_args(adapted, tmp_path / "run", instructions), "--dec-len", "2"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "--dec-len at least" in line and "got 24 and 2" in line
+
+
 def test_pretraining_objectives_are_refused(adapted, instructions, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("objective: prefixlm\n")

@@ -161,7 +161,7 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
     bos = [] if chat.bos is None else [chat.bos]
     end = tokenizer(chat.end, add_special_tokens=False)["input_ids"] + [eos_id]
     if max_input < 2 or max_target < len(end) + 1:
-        raise EncdecError(f"max_input must be at least 2 and max_target at least {len(end) + 1} "
+        raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
                           f"(to keep BOS, {chat.end} and EOS), got {max_input} and {max_target}")
     prompt = tokenizer(chat.prompt(pair.prompt), add_special_tokens=False)["input_ids"]
     response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
