@@ -126,6 +126,24 @@ def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
     assert example.targets == [w["w5"], w["w6"], end, 1]
 
 
+def test_a_first_marker_that_the_tokenizer_names_but_never_puts_first_stays_in_the_prompt(tmp_path):
+    """SmolLM2's tokenizer calls <|im_start|> its BOS but adds nothing before a text: the template's leading
+    <|im_start|> is the first turn's marker, not a BOS the encoder gets as a token."""
+    from tiny import make_tokenizer
+
+    from encdec.data.chat import ChatFormat
+
+    make_tokenizer(tmp_path, reserved=False)
+    tokenizer = encdec.load_tokenizer(tmp_path)
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "user", "assistant"], special_tokens=True)
+    tokenizer.chat_template = CHATML
+    tokenizer.backend_tokenizer.post_processor = None  # nothing before a text
+    tokenizer.bos_token = "<|im_start|>"
+    chat = ChatFormat.of(tokenizer)
+    assert chat.bos is None
+    assert chat.render([("user", "w1")]) == "<|im_start|>user\nw1<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_finetune_uses_the_tokenizers_chat_template_and_saves_a_qwen2_source_back(tmp_path, capsys):
     import copy
 

@@ -115,7 +115,7 @@ def test_example_layout(tokenizer: Any) -> None:
     assert example.inputs == [BOS] + tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
     assert example.inputs == tokenizer(pair.prompt)["input_ids"]  # the BOS the tokenizer adds itself
     assert example.targets == tokenizer("w3 w4", add_special_tokens=False)["input_ids"] + [UNK, EOS]
-    with pytest.raises(EncdecError, match="max_target at least 3"):
+    with pytest.raises(EncdecError, match="--dec-len at least 3"):
         chat_example(pair, tokenizer, eos_id=EOS, max_input=64, max_target=2)
 
 

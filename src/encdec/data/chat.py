@@ -54,12 +54,13 @@ class ChatFormat:
 
     def render(self, turns: list[tuple[str, str]]) -> str:
         """The encoder's text for (role, text) turns, "user" or "model", ending with an open answer: Gemma's chat
-        format, or the tokenizer's template (without the BOS text some templates start with: the encoder's inputs
-        get `bos` as a token). Rendered from the turns, never from a transcript, so that a message's text cannot
-        pass for turn markers of a templated format."""
+        format, or the tokenizer's template (without the BOS text some templates start with, when the encoder's
+        inputs get `bos` as a token anyway; SmolLM2's tokenizer names its first marker, <|im_start|>, as BOS but
+        never puts it first, so there the marker stays text). Rendered from the turns, never from a transcript,
+        so that a message's text cannot pass for turn markers of a templated format."""
         if not self.templated:
             return chat_prompt(turns)
         messages = [{"role": _ROLE[role], "content": text.strip()} for role, text in turns]  # trimmed as Gemma's
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         bos = self.tokenizer.bos_token
-        return text.removeprefix(bos) if bos else text
+        return text.removeprefix(bos) if bos and self.bos is not None else text
