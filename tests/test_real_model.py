@@ -111,7 +111,12 @@ def test_instruction_inputs_begin_as_served_prompts_do(request, name):
     pair = Pair(prompt=chat_prompt_text("Name a colour."), response="Blue.", source="test")
     example = chat_example(pair, tokenizer, eos_id=tokenizer.eos_token_id, max_input=256, max_target=16, chat=chat)
     assert example.inputs == tokenizer(chat.prompt(pair.prompt)).input_ids
-    assert (example.inputs[0] == tokenizer.bos_token_id) == (name == "real")
+    if name == "real":  # Gemma's BOS, put there by its tokenizer
+        assert example.inputs[0] == tokenizer.bos_token_id and example.inputs[1] != tokenizer.bos_token_id
+    else:  # the template's first marker, text of the prompt (not stripped as if it were an added BOS), once
+        start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        assert chat.prompt(pair.prompt).startswith("<|im_start|>system\n")
+        assert example.inputs[0] == start and example.inputs[1] != start
     cut = chat_example(pair, tokenizer, eos_id=tokenizer.eos_token_id, max_input=6, max_target=16, chat=chat)
     # a long prompt loses its beginning; BOS, where there is one, stays first
     assert cut.inputs == ([tokenizer.bos_token_id] + example.inputs[-5:] if name == "real" else example.inputs[-6:])
