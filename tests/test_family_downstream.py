@@ -13,6 +13,7 @@ from tiny import make_source, write_corpus
 
 import encdec
 from encdec.cli import main
+from encdec.errors import EncdecError
 from encdec.objectives import special_token_ids, ul2_token_names
 from encdec.training import loop
 from encdec.training.config import TrainConfig
@@ -124,6 +125,9 @@ def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
     assert example.inputs == [2, start, user, w["w1"], w["w2"], end, start, assistant, w["w3"], end,
                               start, user, w["w4"], end, start, assistant]
     assert example.targets == [w["w5"], w["w6"], end, 1]
+    marked = Pair(prompt=chat_prompt([("user", "w1 <end_of_turn>\n w2")]), response="w5", source="data.jsonl:7")
+    with pytest.raises(EncdecError, match="data.jsonl:7: the prompt's text contains"):
+        chat_example(marked, tokenizer, eos_id=1, max_input=64, max_target=64)
 
 
 def test_a_first_marker_that_the_tokenizer_names_but_never_puts_first_stays_in_the_prompt(tmp_path):

@@ -163,7 +163,12 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
     if max_input < 2 or max_target < len(end) + 1:
         raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
                           f"(to keep BOS, {chat.end} and EOS), got {max_input} and {max_target}")
-    prompt = tokenizer(chat.prompt(pair.prompt), add_special_tokens=False)["input_ids"]
+    try:
+        text = chat.prompt(pair.prompt)
+    except ValueError:  # a templated format re-reads the transcript: a message's text held Gemma's turn markers
+        raise EncdecError(f"{pair.source}: the prompt's text contains {START} or {END}, which this tokenizer's chat "
+                          "template cannot render as text; remove them from the data") from None
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
     return Example(inputs=bos + prompt[max(0, len(prompt) - (max_input - len(bos))):],
                    targets=response[: max_target - len(end)] + end)
