@@ -209,7 +209,8 @@ def written(out: Path) -> Iterator[None]:
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
-        raise WriteFailed(f"cannot write {out}: {e.strerror}") from None
+        where = f" ({e.filename})" if e.filename and Path(e.filename) != Path(out) else ""  # the file it failed on
+        raise WriteFailed(f"cannot write {out}: {e.strerror}{where}") from None
     except SafetensorError as e:  # the writer's own error for a failed write
         if "I/O error" not in str(e):
             raise
