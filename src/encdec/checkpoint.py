@@ -19,7 +19,7 @@ import torch
 
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
-from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
+from encdec.files import atomic_dir, read_json, read_weights, reading_config, write_native, write_weights
 from encdec.formats import remote_code
 from encdec.formats.t5gemma import LAYOUTS, config_from_hf, exportable, from_hf_weights, hf_config, to_hf_weights
 from encdec.model import EncoderDecoder
@@ -102,16 +102,9 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype = torch.float32) -> Loa
             "this project's format, t5gemma, t5gemma2. A decoder-only model must first go through `encdec adapt`"
         )
     fmt, notes = (NATIVE, []) if data.get("format") == NATIVE else (data["model_type"], [])
-    try:  # a damaged or hand-edited config.json: one line naming it, not a traceback from deep inside
+    with reading_config(path / "config.json"), torch.device("meta"):  # a damaged config.json: one line naming it
         config = EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)
-        with torch.device("meta"):
-            model = EncoderDecoder(config)
-    except KeyError as e:
-        raise EncdecError(f"{path / 'config.json'} lacks the field {e}") from None
-    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
-        raise EncdecError(f"{path / 'config.json'} is not a usable configuration ({type(e).__name__}: {e})") from None
-    except EncdecError as e:
-        raise EncdecError(f"{path / 'config.json'}: {e}" if str(path) not in str(e) else str(e)) from None
+        model = EncoderDecoder(config)
     weights = read_weights(path, dtype)
     if fmt != NATIVE:
         weights, notes = from_hf_weights(weights, list(model.state_dict()), LAYOUTS[fmt])

@@ -57,6 +57,20 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+@contextlib.contextmanager
+def reading_config(path: Path) -> Iterator[None]:
+    """Turn what a damaged or hand-edited configuration file makes its reader raise (a missing field, a wrong
+    type or value, an EncdecError that does not name the file) into one line naming `path`."""
+    try:
+        yield
+    except KeyError as e:
+        raise EncdecError(f"{path} lacks the field {e}; is it a complete configuration?") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        raise EncdecError(f"{path} is not a usable configuration ({type(e).__name__}: {e})") from None
+    except EncdecError as e:
+        raise EncdecError(f"{path}: {e}" if str(path.parent) not in str(e) else str(e)) from None
+
+
 def _inside(directory: Path, name: object, listed_in: Path) -> Path:
     """A file a checkpoint's own metadata names: a plain file name in the checkpoint directory, nothing else."""
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):

@@ -22,7 +22,7 @@ import torch
 
 from encdec.config import StackConfig
 from encdec.errors import EncdecError
-from encdec.files import read_json, read_weights
+from encdec.files import read_json, read_weights, reading_config
 from encdec.formats import gguf, remote_code
 from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
@@ -134,14 +134,8 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
         raise EncdecError(f"{directory} has no config.json; expected {SUPPORTED}")
     cfg = read_json(cfg_path)
     adapter = adapter_of(cfg.get("model_type"), str(directory))
-    try:
+    with reading_config(cfg_path):
         config = adapter.read_config(cfg, directory)
-    except KeyError as e:
-        raise EncdecError(f"{cfg_path} lacks the field {e}; is it a complete configuration?") from None
-    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # a field of the wrong type or value
-        raise EncdecError(f"{cfg_path} is not a usable configuration ({type(e).__name__}: {e})") from None
-    except EncdecError as e:
-        raise EncdecError(f"{cfg_path}: {e}" if str(directory) not in str(e) else str(e)) from None
     weights = text_weights(read_weights(directory, dtype), config.tied_head, adapter.TEXT_PREFIXES, adapter.NOT_TEXT)
     _check_shapes(weights, config, directory)
     return DecoderOnlySource(
