@@ -102,6 +102,9 @@ def test_sampling_options(model):
     b = model.generate(ids, mask, max_new_tokens=10, eos_token_ids=[-1], do_sample=True, seed=1, temperature=2.0)
     c = model.generate(ids, mask, max_new_tokens=10, eos_token_ids=[-1], do_sample=True, seed=2, temperature=2.0)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    for tiny in (1e-6, 1e-320):  # float32 would divide by zero: greedy, as the server (and vLLM) treat it
+        assert torch.equal(greedy, model.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1], do_sample=True,
+                                                  seed=3, temperature=tiny))
 
 
 def test_penalties_and_biases_change_the_logits_as_documented():

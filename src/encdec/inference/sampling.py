@@ -19,10 +19,13 @@ import torch
 
 from encdec.errors import EncdecError
 
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy, as in vLLM (in float32 a tinier one divides by zero)
+
 
 @dataclass(frozen=True)
 class Sampling:
-    """Greedy decoding by default; `do_sample` draws from the temperature / top-k / top-p filtered distribution."""
+    """Greedy decoding by default; `do_sample` draws from the temperature / top-k / top-p filtered distribution
+    (a temperature below MIN_TEMPERATURE is greedy)."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -33,6 +36,11 @@ class Sampling:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+
+    def __post_init__(self) -> None:
+        if self.do_sample and 0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "do_sample", False)
+            object.__setattr__(self, "temperature", 1.0)
 
     @property
     def adjusts(self) -> bool:

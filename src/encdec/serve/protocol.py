@@ -16,7 +16,7 @@ from typing import Any
 
 from encdec.data.instructions import conversation
 from encdec.files import parse_json
-from encdec.inference.sampling import Sampling
+from encdec.inference.sampling import MIN_TEMPERATURE, Sampling
 
 
 class APIError(Exception):
@@ -46,7 +46,6 @@ MAX_INPUTS = 2048  # prompts of a completions request, inputs of an embeddings r
 MAX_CHOICES = 64  # the largest n a request may ask for (each choice takes a place in the queue)
 MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
 COMPLETION_DEFAULT_TOKENS = 16  # a completion's max_tokens when none is given (the OpenAI API's and vLLM's)
-MIN_TEMPERATURE = 1e-5  # below it a request is greedy, as in vLLM (in float32 a tinier one divides by zero)
 TOKEN_ID = re.compile(r"[0-9]+")  # a logit_bias key (str.isdigit would pass "²", which int() refuses)
 
 
