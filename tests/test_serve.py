@@ -601,6 +601,46 @@ def test_requests_while_draining_get_503(local):
     assert health.status_code == 503
 
 
+def test_a_streaming_client_gone_before_its_stream_starts_frees_its_slot(local, endless_prompt):
+    """The client hung up while its request was parsed: the response's first send fails (as ASGI 2.4 servers
+    report it), so the stream's generator never runs, nor its `finally`; the job must be cancelled anyway."""
+    import asyncio
+
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, LONG)))
+    service = app.state.service
+    body = json.dumps({"prompt": endless_prompt, "max_tokens": LONG, "stream": True, "temperature": 0}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": (HOST, 1), "server": (HOST, 80)}
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(_: dict) -> None:
+        raise OSError("the client is gone")
+
+    async def serve_and_wait() -> None:  # the loop must outlive the job: the scheduler delivers to it
+        with contextlib.suppress(Exception):
+            await app(scope, receive, send)
+        deadline = time.monotonic() + 20
+        while service.metrics.running._value.get() or not service.metrics.finished.labels("cancelled")._value.get():
+            assert time.monotonic() < deadline, "the generation was not cancelled"
+            await asyncio.sleep(0.05)
+
+    service.scheduler.start()
+    try:
+        asyncio.run(serve_and_wait())
+        assert service.metrics.finished.labels("length")._value.get() == 0
+    finally:
+        service.scheduler.stop(5)
+
+
 def test_an_api_key_guards_the_api_but_not_health(local):
     """With --api-key the openai client needs the key (401, AuthenticationError, without it or with another);
     /health and /metrics stay open."""

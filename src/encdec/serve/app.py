@@ -150,6 +150,22 @@ def _token(item: Emitted | Exception | None) -> Emitted | None:
     return item
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events whose requests are released however the response ends: when the client is gone before
+    the first event (the first send fails, or the disconnect is seen first), the events' generator never runs,
+    nor its own `finally`, and the requests would decode to their last token for nobody."""
+
+    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.release = release
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
 class APIKeyCheck:
     """With --api-key, the API's endpoints answer only requests that carry the key (health and metrics stay
     open to probes and scrapers, as vLLM leaves them).
@@ -221,8 +237,12 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": settings.model_id}
         if parsed.stream:
-            return answer(endpoint, StreamingResponse(_stream(jobs, parsed, meta), media_type="text/event-stream"))
+            return answer(endpoint, EventStream(_stream(jobs, parsed, meta), lambda: release(jobs)))
         return answer(endpoint, await _complete(request, jobs, parsed, meta))
+
+    def release(jobs: list[Job]) -> None:
+        for job in jobs:  # a job already ended is left alone
+            service.scheduler.cancel(job)
 
     async def _collect(request: Request, job: Job, parsed: Parsed) -> Answer | None:
         """One choice's tokens until it ends; None when the client went away (asked every DISCONNECT_POLL_S,
@@ -254,8 +274,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         except APIError as e:
             return _error(e)
         finally:
-            for job in jobs:
-                service.scheduler.cancel(job)
+            release(jobs)
         if any(a is None for a in answers):
             return Response(status_code=499)
         body = {**meta, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
@@ -310,8 +329,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         finally:  # the client went away mid-stream (the task is cancelled): free the slots at once
-            for job in jobs:
-                service.scheduler.cancel(job)
+            release(jobs)
             for task in pumps:
                 task.cancel()
 
