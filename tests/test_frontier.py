@@ -62,11 +62,12 @@ def test_suite_average_interval_is_the_normal_interval_of_a_mean_of_independent_
         mean_interval([])
 
 
-def test_decoder_only_generation_matches_transformers_and_ignores_left_padding(sources):
+@pytest.mark.parametrize("family", ["gemma3", "llama", "qwen3"])  # Llama and Qwen do not scale their embeddings
+def test_decoder_only_generation_matches_transformers_and_ignores_left_padding(sources, family):
     import transformers as tf
 
-    model, _ = load_causal(str(sources["gemma3"]))
-    reference = tf.AutoModelForCausalLM.from_pretrained(str(sources["gemma3"]), dtype=torch.float32).eval()
+    model, _ = load_causal(str(sources[family]))
+    reference = tf.AutoModelForCausalLM.from_pretrained(str(sources[family]), dtype=torch.float32).eval()
     ids = torch.randint(3, 96, (3, 9), generator=torch.Generator().manual_seed(1))
     ids[:, 0] = 2
     ours = generate_causal(model, ids, max_new_tokens=10, eos_token_ids=[-1])  # 19 positions: past the window of 4

@@ -384,7 +384,7 @@ class Stack(nn.Module):
         self.norm = norm(cfg)
 
 
-def embed_tokens(table: nn.Embedding, ids: torch.Tensor, scale: bool = True) -> torch.Tensor:
+def embed_tokens(table: nn.Embedding, ids: torch.Tensor, scale: bool) -> torch.Tensor:
     """Token embeddings; Gemma (`scale`) multiplies them by sqrt(d), rounded to the activation dtype as Gemma does."""
     x = table(ids)
     return x * torch.tensor(math.sqrt(table.embedding_dim), dtype=x.dtype) if scale else x

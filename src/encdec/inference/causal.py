@@ -66,7 +66,7 @@ def generate_causal(
         allowed["sliding"] = allowed["full"] & (key_positions[: position + 1] > position - cfg.sliding_window)
         bias = {kind: torch.zeros(a.shape, dtype=model.embed.weight.dtype, device=device).masked_fill_(~a, low)[:, None, None]
                 for kind, a in allowed.items()}
-        x = embed_tokens(model.embed, token[:, None])
+        x = embed_tokens(model.embed, token[:, None], cfg.embed_scale)
         for block, kind, kb, vb in zip(model.stack.layers, cfg.layer_types, keys, values):
             h = block.attn_norm(x)
             q = block.attn.queries(h, rope[kind])
