@@ -14,6 +14,7 @@ from torch import nn
 
 import encdec
 from encdec.errors import EncdecError
+from encdec.inference import engine as engine_module
 from encdec.inference import onednn
 from encdec.inference.engine import Engine, Row
 from encdec.inference.loading import load_for_inference
@@ -67,6 +68,20 @@ def test_cached_equals_uncached(model, sampling):
     uncached = model.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], use_cache=False, **sampling)
     assert cached.shape == (3, 12)
     assert torch.equal(cached, uncached)
+
+
+def test_self_caches_grow_as_tokens_are_generated_not_by_the_budget(model, monkeypatch):
+    """A large budget allocates PREALLOCATED_POSITIONS positions when rows join (the masks are built per step,
+    not as a positions x positions table); rows going past them double the caches mid-decode, tokens unchanged."""
+    ids, mask = _prompts()
+    engine = Engine(model, max_batch=3)
+    engine.join(ids, mask, [Row(10**6, frozenset({-1})) for _ in range(3)])
+    assert engine.self_len == engine_module.PREALLOCATED_POSITIONS
+    monkeypatch.setattr(engine_module, "PREALLOCATED_POSITIONS", 3)
+    for sampling in ({}, PENALTIES):
+        cached = model.generate(ids, mask, max_new_tokens=13, eos_token_ids=[-1], **sampling)  # 3 -> 6 -> 12 -> 24
+        assert torch.equal(cached, model.generate(ids, mask, max_new_tokens=13, eos_token_ids=[-1], use_cache=False,
+                                                  **sampling))
 
 
 def test_batched_equals_one_by_one(model):

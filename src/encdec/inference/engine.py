@@ -4,8 +4,11 @@ Why it is fast: every buffer is allocated once and only grows (by doubling) when
 a larger token budget joins. Each slot holds the self-attention keys/values of its decoded tokens
 and the encoder keys/values of its prompt, written once when the row joins; a step attends over
 [self keys | encoder keys] as two products and one joint softmax, so nothing is concatenated per
-step. RoPE tables and the decoder's causal/sliding masks are built once for all positions and
-indexed by each row's position. Live rows sit in the first slots: a row that ends is replaced by
+step. RoPE tables are built once for all positions and indexed by each row's position; each step's
+causal / sliding mask is built from the rows' positions ([rows, positions], not a table of every
+query position against every key, which grew with the square of the token budget). The self caches
+are allocated for up to PREALLOCATED_POSITIONS positions when rows join, and double when a row
+goes past them, so a large budget costs memory only as tokens are actually generated. Live rows sit in the first slots: a row that ends is replaced by
 the last live row, so every step computes only live rows, and the LM head runs once per row (for
 greedy rows on CPU, through a bfloat16 screen that keeps the float32 argmax).
 
@@ -56,6 +59,7 @@ class Emitted:
     top: tuple[tuple[int, float], ...] = ()
 
 
+PREALLOCATED_POSITIONS = 1024  # self-attention positions allocated when rows join; beyond, buffers double
 MAX_PACK_WIDTH = 2048  # packed encoder rows grow up to this many tokens (their masks cost width^2 each)
 PACK_WIDTH_STEP = 32
 
@@ -81,8 +85,8 @@ class Engine:
         self.self_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.enc_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.enc_bias = torch.empty(max_batch, 0, dtype=self.dtype, device=self.device)
+        self.key_positions = torch.empty(0, dtype=torch.long, device=self.device)
         self.rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.self_bias: dict[str, torch.Tensor] = {}
 
     @property
     def free(self) -> int:
@@ -103,22 +107,26 @@ class Engine:
         return new
 
     def _grow_self(self, needed: int) -> None:
-        """Room for `needed` decoder positions: caches, RoPE tables and the causal / sliding masks."""
+        """Room for `needed` decoder positions: caches and RoPE tables."""
         length = _capacity(needed, self.self_len)
         if length == self.self_len:
             return
         self.self_kv = self._kv_buffers(self.self_kv, length, self.self_len)
-        positions = torch.arange(length, device=self.device)
-        tables = rope_tables(self.cfg, positions[None], self.dtype)
+        self.key_positions = torch.arange(length, device=self.device)
+        tables = rope_tables(self.cfg, self.key_positions[None], self.dtype)
         self.rope = {kind: (cos[0, 0], sin[0, 0]) for kind, (cos, sin) in tables.items()}  # [L, head_dim]
-        distance = positions[:, None] - positions[None, :]  # query position - key position
-        allowed = {"full": distance >= 0, "sliding": (distance >= 0) & (distance < self.cfg.sliding_window)}
-        low = torch.finfo(self.dtype).min
-        self.self_bias = {
-            kind: torch.zeros(length, length, dtype=self.dtype, device=self.device).masked_fill_(~ok, low)
-            for kind, ok in allowed.items()
-        }
         self.self_len = length
+
+    def _self_bias(self, pos: torch.Tensor, seen: int) -> dict[str, torch.Tensor]:
+        """The additive masks [n, 1, 1, seen] of rows at decoder positions `pos` over the first `seen` keys:
+        causal ("full"), and causal within the window ("sliding")."""
+        distance = pos[:, None] - self.key_positions[:seen]  # query position - key position
+        allowed = {"full": distance >= 0}
+        if "sliding" in self.cfg.layer_types:
+            allowed["sliding"] = allowed["full"] & (distance < self.cfg.sliding_window)
+        low = torch.finfo(self.dtype).min
+        return {kind: torch.zeros(ok.shape, dtype=self.dtype, device=self.device).masked_fill_(~ok, low)[:, None, None]
+                for kind, ok in allowed.items()}
 
     def _grow_encoder(self, needed: int) -> None:
         length = _capacity(needed, self.enc_len)
@@ -144,7 +152,7 @@ class Engine:
         lengths = [len(p) for p in prompts]
         hidden, placed = self._encode(prompts)
         self._grow_encoder(max(lengths))
-        self._grow_self(max(r.max_new_tokens for r in rows))
+        self._grow_self(min(max(r.max_new_tokens for r in rows), PREALLOCATED_POSITIONS))
         first = len(self.rows)
         for block, (k, v) in zip(self.layers, self.enc_kv):
             ek, ev = block.encoder_keys_values(hidden)
@@ -222,6 +230,7 @@ class Engine:
         if n == 0:
             return []
         seen = max(len(r.tokens) for r in self.rows) + 1  # decoder positions any row has, this one included
+        self._grow_self(seen)
         hidden = self.hidden(n, seen, max(self.encoder_lengths[:n]))
         chosen, logits = self._choose(hidden)
         scores = self._logprobs(hidden, chosen, logits)
@@ -280,7 +289,7 @@ class Engine:
         can be compiled (bench/compile_step.py)."""
         pos = self.positions[:n]
         rope = {kind: (cos[pos][:, None, None], sin[pos][:, None, None]) for kind, (cos, sin) in self.rope.items()}
-        self_bias = {kind: b[pos, :seen][:, None, None] for kind, b in self.self_bias.items()}
+        self_bias = self._self_bias(pos, seen)
         enc_bias = self.enc_bias[:n, :enc][:, None, None]
         rows = torch.arange(n, device=self.device)
         x = embed_tokens(self.model.embed, self.last[:n, None], self.cfg.embed_scale)
