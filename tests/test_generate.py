@@ -19,7 +19,7 @@ from encdec.inference import onednn
 from encdec.inference.engine import Engine, Row
 from encdec.inference.loading import load_for_inference
 from encdec.inference.quantize import quantize_int8
-from encdec.inference.sampling import Sampling
+from encdec.inference.sampling import Sampling, filtered_logits
 from encdec.model import ACTIVATIONS, MLP, soft_cap
 
 
@@ -120,6 +120,18 @@ def test_sampling_options(model):
     for tiny in (1e-6, 1e-320):  # float32 would divide by zero: greedy, as the server (and vLLM) treat it
         assert torch.equal(greedy, model.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1], do_sample=True,
                                                   seed=3, temperature=tiny))
+
+
+@pytest.mark.parametrize(("top_p", "kept"), [(0.5, 1), (0.75, 2), (0.8, 3), (1.0, 4)])
+def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_it(top_p, kept):
+    """As transformers' TopPLogitsWarper: a prefix whose mass equals top_p exactly is enough."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.tensor([0.5, 0.25, 0.15, 0.1]).log()
+    ours = filtered_logits(logits, 1.0, None, top_p)
+    assert int(ours.isfinite().sum()) == kept
+    if top_p < 1:
+        assert torch.equal(ours.isfinite(), TopPLogitsWarper(top_p)(None, logits[None])[0].isfinite())
 
 
 def test_penalties_and_biases_change_the_logits_as_documented():
