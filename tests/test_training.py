@@ -371,16 +371,18 @@ def test_frozen_encoder_does_not_change_and_the_rest_learns(adapted, corpus, tmp
     assert any(k.startswith("decoder.") for k in changed) and "embed.weight" in changed
 
 
-def test_resume_is_exact_with_the_recipe_options(adapted, corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", [1, 3], ids=["encoder-still-frozen", "after"])
+def test_resume_is_exact_with_the_recipe_options(adapted, corpus, tmp_path, monkeypatch, stop):
     """Sampled negatives of a trimmed vocabulary, a frozen encoder and the curriculum are functions of the
-    step: a resumed run takes the same steps as an uninterrupted one."""
+    step: a resumed run takes the same steps as an uninterrupted one. Stopped while the encoder is frozen, the
+    checkpoint has no optimizer state for it (no gradient yet), and the resumed run creates none either."""
     options = dict(trim_vocab=40, trim_negatives=16, freeze_encoder_steps=2, encoder_curriculum_steps=4, steps=5)
     loop.train(_config(adapted, tmp_path / "straight", corpus, **options))
     original_log = Metrics.log
 
     def log_then_signal(self, record, **kw):
         original_log(self, record, **kw)
-        if record["step"] == 3:
+        if record["step"] == stop:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Metrics, "log", log_then_signal)

@@ -126,12 +126,22 @@ def latest_usable(out: Path, d: Dist) -> Saved | None:
 def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG states in place; returns the trainer state (step, scheduler, stream, ...)."""
     weights = {PREFIX + k: v for k, v in saved.weights.items()}
+    with_state = set(saved.optimizer.get("state", {}))
     try:
+        foreign = sorted(with_state - set(weights))
+        if foreign:
+            raise KeyError(f"optimizer state for {foreign[0]!r}, which this model does not have")
         set_model_state_dict(wrapped, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-        set_optimizer_state_dict(wrapped, optimizer, saved.optimizer, options=StateDictOptions(full_state_dict=True))
+        # not strict: parameters frozen so far (--freeze-encoder-steps, --cross-warmup-steps) had no gradient, so
+        # no optimizer state; torch makes state for them while loading, which must go again to match the run
+        set_optimizer_state_dict(wrapped, optimizer, saved.optimizer,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
     except (RuntimeError, KeyError, ValueError) as e:  # shapes or parameters that are not this model's
         raise EncdecError(f"{saved.path} was saved by a run of another model ({str(e).strip().splitlines()[0][:200]}); "
                           "resume with the --model that run started from, or start afresh with --overwrite") from None
+    for name, p in wrapped.named_parameters():
+        if name.removeprefix("module.") not in with_state:  # DDP's wrapper; FSDP2 keeps the names
+            optimizer.state.pop(p, None)
     trainer = saved.trainer
     torch.set_rng_state(trainer["rng"]["torch"])
     np.random.set_state(trainer["rng"]["numpy"])
