@@ -174,6 +174,14 @@ def test_every_process_of_a_distributed_run_stops_on_a_held_lock(adapted, corpus
                                            for line in refusals), result.stderr[-2000:]
 
 
+def test_checkpoints_are_ordered_by_step_past_a_million(tmp_path):
+    for step in (999_998, 1_000_000, 2, 999_999):
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-notes").mkdir()
+    assert [p.name for p in checkpointing.checkpoints(tmp_path)] == [
+        "step-000002", "step-999998", "step-999999", "step-1000000"]
+
+
 def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted, corpus, tmp_path, capsys):
     straight = tmp_path / "straight"
     loop.train(_config(adapted, straight, corpus, steps=4, save_every=1, eval_every=0))

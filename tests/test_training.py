@@ -143,10 +143,24 @@ def test_bfloat16_autocast_trains_float32_master_weights(adapted, corpus, tmp_pa
     assert {t.dtype for t in encdec.files.read_weights(final).values()} == {torch.float32}
 
 
-def test_tensorboard_logs_hold_the_metrics_of_every_step(adapted, corpus, tmp_path):
+def test_tensorboard_logs_hold_the_metrics_of_every_step(adapted, corpus, tmp_path, monkeypatch):
+    """Also after a crash: the resumed run's events replace those logged after its checkpoint, as metrics.jsonl's."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    loop.train(_config(adapted, tmp_path / "run", corpus, steps=4, eval_every=2, tensorboard=True))
+    original_log = Metrics.log
+
+    def log_then_crash(self, record, **kw):
+        original_log(self, record, **kw)
+        if record["step"] == 3:
+            self.writer.flush()
+            raise RuntimeError("the machine went away after step 3")
+
+    options = dict(steps=4, eval_every=2, save_every=2, tensorboard=True)
+    monkeypatch.setattr(Metrics, "log", log_then_crash)
+    with pytest.raises(RuntimeError, match="went away"):
+        loop.train(_config(adapted, tmp_path / "run", corpus, **options))
+    monkeypatch.setattr(Metrics, "log", original_log)
+    loop.train(_config(adapted, tmp_path / "run", corpus, resume=True, **options))
     records = _metrics(tmp_path / "run")
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()

@@ -40,7 +40,9 @@ PREFIX = "model."  # the trained model inside the loss module
 
 
 def checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "checkpoints").glob("step-*"))
+    """A run's checkpoints, oldest first (by step: past step 999,999 names no longer sort)."""
+    found = [p for p in (out / "checkpoints").glob("step-*") if p.name.removeprefix("step-").isdigit()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
 
 
 def _not_finite(tensors: dict[str, torch.Tensor]) -> str | None:

@@ -26,7 +26,8 @@ class Metrics:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise EncdecError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-            self.writer = SummaryWriter(str(out / "tensorboard"))
+            # a resumed run drops the events logged after its checkpoint (metrics.jsonl is cut back the same way)
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def log(self, record: dict[str, Any], *, advance: bool = True) -> None:
