@@ -120,6 +120,13 @@ def test_cross_attention_warmup_freezes_everything_else(sources, corpus, tmp_pat
     assert any("cross_attn.k_proj" in k for k in changed)
 
 
+def test_cross_attention_warmup_is_refused_for_merged_attention(adapted, corpus, tmp_path):
+    """A merged-attention model has no cross-attention: every parameter would be frozen, and nothing trained."""
+    with pytest.raises(EncdecError, match="has none .* would train nothing"):
+        loop.train(_config(adapted, tmp_path / "run", corpus, steps=2, cross_warmup_steps=2))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_final_model_averages_the_last_checkpoints(adapted, corpus, tmp_path):
     loop.train(_config(adapted, tmp_path / "run", corpus, steps=4, save_every=1, average_last=2))
     paths = checkpointing.checkpoints(tmp_path / "run")[-2:]

@@ -27,7 +27,7 @@ from encdec.training.metrics import Metrics
 from encdec.training.optim import build_optimizer, build_scheduler
 from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
-from encdec.training.recipe import drop_frozen_gradients, encoder_lookahead, frozen_parts
+from encdec.training.recipe import check_recipe, drop_frozen_gradients, encoder_lookahead, frozen_parts
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
 from encdec.training.teacher import load_teacher, teacher_spec, wants_distillation
 from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore_unknown_targets, trim_teacher
@@ -80,9 +80,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     cfg = dataclasses.replace(cfg, distill=wants_distillation(cfg.distill, cfg.objective, cfg.teacher, model_dir,
                                                               plan.causal))
     cfg.check_fit(None if plan.causal else plan.model.config, len(plan.stream.items), d.world)
-    if plan.causal and (cfg.freeze_encoder_steps or cfg.encoder_curriculum_steps or cfg.cross_warmup_steps):
-        raise EncdecError("--freeze-encoder-steps, --encoder-curriculum-steps and --cross-warmup-steps need an "
-                          "encoder-decoder model; this one is decoder-only")
+    check_recipe(cfg, plan.model, plan.causal)
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
     untrained = None if plan.trimmed is None else plan.trimmed.untrained
     unk_id = None if plan.trimmed is None else plan.trimmed.unk_id

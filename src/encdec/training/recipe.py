@@ -13,8 +13,20 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from encdec.report import PARTS, part_of
+from encdec.errors import EncdecError
+from encdec.report import PARTS, parameter_counts, part_of
 from encdec.training.config import TrainConfig
+
+
+def check_recipe(cfg: TrainConfig, model: nn.Module, causal: bool) -> None:
+    """Refuse recipes that cannot apply to `model` (they would silently train nothing, or something else)."""
+    if causal and (cfg.freeze_encoder_steps or cfg.encoder_curriculum_steps or cfg.cross_warmup_steps):
+        raise EncdecError("--freeze-encoder-steps, --encoder-curriculum-steps and --cross-warmup-steps need an "
+                          "encoder-decoder model; this one is decoder-only")
+    if cfg.cross_warmup_steps and not causal and not parameter_counts(model)["cross-attention"]:
+        raise EncdecError("--cross-warmup-steps trains only cross-attention, and this model has none (its decoder "
+                          "reads the encoder through merged self-attention): it would train nothing. Leave it at 0, "
+                          "or adapt with --attention cross")
 
 
 def frozen_parts(cfg: TrainConfig, step: int) -> set[str]:
