@@ -261,6 +261,20 @@ def test_trimmed_vocabulary_is_counted_on_training_windows_only(adapted, tmp_pat
     assert tokenizer.convert_tokens_to_ids("w0") in kept
 
 
+def test_trimmed_vocabulary_of_instruction_tuning_is_counted_on_training_examples_only(adapted, tmp_path):
+    """Each record has a word of its own: the 8 held-out records' words are not kept, the 32 training ones' are."""
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    data = tmp_path / "instructions.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"w1 w{10 + i} w2", "response": "w4 w5"}) + "\n" for i in range(40)))
+    cfg = _config(adapted, tmp_path / "run", data, objective="instruct", trim_vocab=80, eval_windows=8, enc_len=32)
+    plan, tokenizer = build_plan(cfg, Dist())
+    kept = set(plan.trimmed.keep.tolist())
+    own = [tokenizer.convert_tokens_to_ids(f"w{10 + i}") for i in range(40)]
+    assert sum(token in kept for token in own) == 32
+
+
 def test_trimmed_run_stays_good_over_the_full_vocabulary(adapted, tmp_path):
     """A trimmed run mapped back must be about as good in full-vocabulary use as an untrimmed run of the
     same steps. Trained naively (no untrained rows in the softmax) it was 0.44 nats worse here (3.68 vs

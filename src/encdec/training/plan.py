@@ -142,7 +142,9 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
         raise EncdecError(f"{len(examples)} instruction examples are not more than --eval-windows {cfg.eval_windows}")
     trimmed, vocab_size = None, model.embed.num_embeddings
     if cfg.trim_vocab:
-        ids = np.concatenate([np.asarray(e.inputs + e.targets) for e in examples])
+        # the training examples' tokens only, as pretraining counts its training windows: the held-out examples
+        # must not choose what is kept (their tokens outside it are scored as the unknown token)
+        ids = np.concatenate([np.asarray(e.inputs + e.targets) for e in examples[: -cfg.eval_windows]])
         model, trimmed = _trim(cfg, model, tokenizer, ids, d)
         table = trimmed.table
         examples = [Example(table[e.inputs].tolist(), table[e.targets].tolist()) for e in examples]
