@@ -101,6 +101,15 @@ def test_prefix_lm_long_prefix_keeps_the_tokens_the_targets_continue(tokens, see
 
 
 @FAST
+@given(st.lists(TOKEN, min_size=2, max_size=200), SEED, st.integers(1, 64))
+def test_prefix_lm_long_continuation_keeps_its_start_and_the_eos(tokens, seed, max_targets):
+    whole = prefix_lm(tokens, eos_id=EOS, rng=np.random.default_rng(seed))
+    cut = prefix_lm(tokens, eos_id=EOS, rng=np.random.default_rng(seed), max_targets=max_targets)
+    assert cut.inputs == whole.inputs
+    assert cut.targets == whole.targets[:-1][:max_targets] + [EOS]
+
+
+@FAST
 @given(st.lists(TOKEN, min_size=2, max_size=200), SEED, st.integers(2, 64))
 def test_s_denoiser_prefix_fits_with_its_mode_token(tokens, seed, max_inputs):
     s_only = Mixture((Denoiser(rate=0.25, mean_span=None, mode="[S2S]", prefix_lm=True),), (1.0,))
@@ -134,6 +143,21 @@ def test_ul2_examples_fit_their_row_whole(mixture, enc_len, dec_len, seed):
         ex = make(list(range(start, start + window_length("ul2", enc_len, dec_len))), rng)
         assert ex.inputs[0] == BOS and len(ex.inputs) <= enc_len and len(ex.targets) <= dec_len
         assert {t for t in ex.targets if 100 <= t < 400} <= set(ex.inputs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(4, 128), st.integers(4, 128), SEED)
+def test_prefix_lm_random_split_examples_fit_their_row_and_end_with_eos(enc_len, dec_len, seed):
+    """A random split of a window that fills a row leaves up to twice the decoder's length to the targets: they
+    keep their start and the EOS (the row used to cut them, and the EOS with them, in about half the examples)."""
+    make = example_maker("prefixlm", eos_id=EOS, vocab={}, enc_len=enc_len, dec_len=dec_len, bos_id=BOS,
+                         random_split=True)
+    rng = np.random.default_rng(seed)
+    window = list(range(1000, 1000 + window_length("prefixlm", enc_len, dec_len)))
+    for _ in range(20):
+        ex = make(window, rng)
+        assert ex.inputs[0] == BOS and len(ex.inputs) <= enc_len and len(ex.targets) <= dec_len
+        assert ex.targets[-1] == EOS and ex.inputs[-1] + 1 == ex.targets[0]
 
 
 @pytest.mark.parametrize("tokens", [[], [1000]])

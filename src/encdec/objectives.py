@@ -41,19 +41,22 @@ class Example:
 
 
 def prefix_lm(tokens: Sequence[int], *, eos_id: int, rng: np.random.Generator | None = None,
-              max_inputs: int | None = None) -> Example:
+              max_inputs: int | None = None, max_targets: int | None = None) -> Example:
     """Split a sequence into a prefix (encoder) and its continuation (decoder targets, plus EOS).
 
     Without `rng` the split is in the middle, T5Gemma's default; with one it is uniform over 1..len-1,
     UL2's S-denoiser, so that both sides are never empty. A prefix longer than `max_inputs` keeps its
     last `max_inputs` tokens: the encoder must read what the targets continue, not the window's start.
+    A continuation longer than `max_targets` keeps its first ones, and the EOS (an early random split
+    of a window that fills a row would otherwise lose its EOS and end mid-row when the row cuts it).
     """
     tokens = [int(t) for t in tokens]
     if len(tokens) < 2:
         raise ValueError(f"prefix_lm needs at least 2 tokens to split into a prefix and a target, got {len(tokens)}")
     k = len(tokens) // 2 if rng is None else int(rng.integers(1, len(tokens)))
     start = 0 if max_inputs is None else max(0, k - max_inputs)
-    return Example(inputs=tokens[start:k], targets=tokens[k:] + [eos_id])
+    end = len(tokens) if max_targets is None else min(len(tokens), k + max_targets)
+    return Example(inputs=tokens[start:k], targets=tokens[k:end] + [eos_id])
 
 
 @dataclass(frozen=True)

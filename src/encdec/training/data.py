@@ -67,7 +67,8 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
     eos, room = eos_id, enc_len - (bos_id is not None)
     if objective == "prefixlm":
         def make(window: Sequence[int], rng: np.random.Generator) -> Example:
-            return prefix_lm(window, eos_id=eos, rng=rng if random_split else None, max_inputs=room)
+            return prefix_lm(window, eos_id=eos, rng=rng if random_split else None, max_inputs=room,
+                             max_targets=dec_len - 1)
     else:
         mode_ids, sentinels = special_token_ids(vocab)
         chosen = MIXTURES[mixture]
