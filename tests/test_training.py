@@ -64,8 +64,11 @@ def test_loss_falls_and_the_final_model_loads(adapted, corpus, tmp_path, objecti
 
 
 def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monkeypatch):
+    """Also what is kept and averaged: the checkpoint written when the run stopped (step 5, off the schedule of
+    every 2 steps) is neither kept by --keep-last nor averaged by --average-last once step 6 is written."""
+    options = dict(distill=True, keep_last=2, average_last=2)
     straight = tmp_path / "straight"
-    loop.train(_config(adapted, straight, corpus, distill=True))
+    loop.train(_config(adapted, straight, corpus, **options))
     expected = [r["loss"] for r in _metrics(straight)]
 
     interrupted = tmp_path / "interrupted"
@@ -73,18 +76,20 @@ def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monk
 
     def log_then_signal(self, record, **kw):
         original_log(self, record, **kw)
-        if record["step"] == 3:
+        if record["step"] == 5:
             os.kill(os.getpid(), signal.SIGTERM)  # the real signal path: finish the step, checkpoint, stop
 
     monkeypatch.setattr(Metrics, "log", log_then_signal)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(_config(adapted, interrupted, corpus, distill=True))
+        loop.train(_config(adapted, interrupted, corpus, **options))
     monkeypatch.setattr(Metrics, "log", original_log)
-    assert [p.name for p in checkpointing.checkpoints(interrupted)] == ["step-000002", "step-000003"]
+    assert [p.name for p in checkpointing.checkpoints(interrupted)] == ["step-000002", "step-000004", "step-000005"]
     with pytest.raises(EncdecError, match="holds a run; pass --resume"):
-        loop.train(_config(adapted, interrupted, corpus, distill=True))
-    loop.train(_config(adapted, interrupted, corpus, distill=True, resume=True))
+        loop.train(_config(adapted, interrupted, corpus, **options))
+    loop.train(_config(adapted, interrupted, corpus, resume=True, **options))
     assert [r["loss"] for r in _metrics(interrupted)] == expected
+    assert [p.name for p in checkpointing.checkpoints(interrupted)] == ["step-000004", "step-000006"]
+    assert [p.name for p in checkpointing.checkpoints(straight)] == ["step-000004", "step-000006"]
     a = encdec.load(straight / "model").state_dict()
     b = encdec.load(interrupted / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

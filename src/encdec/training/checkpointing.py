@@ -42,7 +42,18 @@ PREFIX = "model."  # the trained model inside the loss module
 def checkpoints(out: Path) -> list[Path]:
     """A run's checkpoints, oldest first (by step: past step 999,999 names no longer sort)."""
     found = [p for p in (out / "checkpoints").glob("step-*") if p.name.removeprefix("step-").isdigit()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")))
+    return sorted(found, key=step_of)
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
+def scheduled(out: Path, save_every: int, steps: int) -> list[Path]:
+    """The checkpoints of the run's schedule (every `save_every` steps, and the last step), oldest first: those
+    that --keep-last keeps and --average-last averages. A checkpoint written because the run was stopped is not
+    one of them, so that a stopped and resumed run keeps and averages what an uninterrupted one does."""
+    return [p for p in checkpoints(out) if step_of(p) % save_every == 0 or step_of(p) == steps]
 
 
 def _not_finite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -60,9 +71,10 @@ def not_finite(what: str, step: int, last_good: Path | None) -> EncdecError:
 
 
 def save(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any],
-         d: Dist, keep_last: int, last_good: Path | None = None) -> Path:
+         d: Dist, keep: tuple[int, int, int], last_good: Path | None = None) -> Path:
     """Collective: every process calls it; the first writes. Non-finite weights are never saved: every
-    process stops with one line naming `last_good`, the checkpoint to go back to."""
+    process stops with one line naming `last_good`, the checkpoint to go back to. Then the first process keeps
+    the newest checkpoint and the last `keep` = (keep_last, save_every, steps) scheduled ones."""
     model_state = get_model_state_dict(wrapped, options=FULL)
     bad = _not_finite(model_state)
     if bad is not None:
@@ -79,8 +91,11 @@ def save(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimi
         except (OSError, SafetensorError, WriteFailed) as e:  # a full disk, most often
             raise EncdecError(f"could not write the checkpoint of step {step} ({str(e).splitlines()[0]}); stopped "
                               f"({_last_good(last_good)}). Free space in {out} (or lower --keep-last), then --resume") from None
-        for old in checkpoints(out)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        keep_last, save_every, steps = keep
+        kept = {path, *scheduled(out, save_every, steps)[-keep_last:]}
+        for old in checkpoints(out):
+            if old not in kept:
+                shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -171,7 +171,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     def save_checkpoint(step: int) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
                    "kept_tokens": keep}
-        return checkpointing.save(out, step, wrapped, optimizer, trainer, d, cfg.keep_last, last_checkpoint)
+        return checkpointing.save(out, step, wrapped, optimizer, trainer, d, (cfg.keep_last, cfg.save_every, cfg.steps),
+                                  last_checkpoint)
 
     with StopRequest() as stop:
         for step in range(start, cfg.steps):
@@ -246,7 +247,7 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
     final = out / "model"
     if not d.main:
         return final
-    paths = checkpointing.checkpoints(out)[-cfg.average_last :]
+    paths = checkpointing.scheduled(out, cfg.save_every, cfg.steps)[-cfg.average_last :]
     weights = checkpointing.average(paths)
     run = {"from": portable_path(cfg.model), "objective": cfg.objective, "distill": cfg.distill, "steps": cfg.steps,
            "averaged_checkpoints": [p.name for p in paths]}
