@@ -58,6 +58,33 @@ def test_two_processes(sources, tmp_path, launch, fsdp):
     assert (out / "model" / "config.json").exists()
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_weigh_every_token_alike(sources, tmp_path, fsdp):
+    """UL2 rows hold different numbers of target tokens: two processes of one row each must take the step one
+    process takes on both rows (the global token mean, as gradient accumulation does), not the mean of the two
+    processes' means."""
+    import torch
+
+    import encdec
+
+    model = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=80)
+    common = ["pretrain", "--model", str(model), "--data", str(corpus), "--objective", "ul2", "--enc-len", "16",
+              "--dec-len", "16", "--steps", "1", "--lr", "3e-3", "--warmup-steps", "1", "--eval-windows", "4",
+              "--precision", "fp32", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launcher("torchrun"), *common, "--batch-size", "1", "--out", str(tmp_path / "two"),
+                             *(["--fsdp"] if fsdp else [])], capture_output=True, text=True, timeout=150, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main([*common, "--batch-size", "2", "--out", str(tmp_path / "one")]) == 0
+    one, two = ([json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()][0]
+                for name in ("one", "two"))
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    a, b = (encdec.load(tmp_path / name / "model").state_dict() for name in ("one", "two"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
 def test_every_item_is_shared_out_once_and_every_process_makes_the_same_passes():
     for world in range(1, 6):
         for n in range(20):

@@ -183,6 +183,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             batches = [batch_of(stream.next_examples(rows * d.world), teacher_rows)
                        .slice(d.rank * rows, (d.rank + 1) * rows).to(d.device) for _ in range(cfg.grad_accum)]
             counts = module.target_counts(batches)  # the micro-batches' losses add up to the step's mean
+            if d.world > 1:  # DDP / FSDP2 average the ranks' gradients: dividing each rank's sum by the mean count
+                counts = tuple(distributed.reduce_sum(c, d) / d.world for c in counts)  # makes it the global mean
             for micro, batch in enumerate(batches):
                 tokens += _tokens(batch)
                 teacher_hidden = teacher_states(teacher, batch) if teacher is not None else None

@@ -280,7 +280,7 @@ def chunked_loss(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int, softcap: float | None = None,
     teacher_hidden: torch.Tensor | None = None, teacher_head: Head | None = None, distill_mask: torch.Tensor | None = None,
     distillation: Distillation | None = None, tied: TiedLookups | None = None, negatives: Negatives | None = None,
-    counts: tuple[int, int] | None = None,
+    counts: tuple[float, float] | None = None,
 ) -> LossParts:
     """`hidden` [N, d] are the student's final states at the N target tokens `labels` [N], read out by
     the head `weight` [vocab, d] (logits soft-capped at `softcap` where given); `teacher_hidden` [N, d']
@@ -288,15 +288,16 @@ def chunked_loss(
     `distill_mask`. `tied`: the lookups in `weight` that made `hidden`, if routed through `TiedLookups`.
     `negatives`: frozen rows that join the softmax after `weight`'s (and the teacher's, when distilling).
     `counts`: the target and distilled tokens to average over, when this call is one micro-batch of a larger
-    batch (gradient accumulation): the micro-batches' losses then add up to the whole batch's mean."""
+    batch (gradient accumulation): the micro-batches' losses then add up to the whole batch's mean; with several
+    processes, the mean count per process (their averaged gradients are then those of the global token mean)."""
     distilling = distill_mask is not None and teacher_head is not None
     n = labels.numel() if counts is None else counts[0]
     distilled = 0 if not distilling else int(distill_mask.sum()) if counts is None else counts[1]
     alpha = distillation.alpha if distilled else 0.0
     kl_scale = alpha * distillation.tau**2 / distilled if distilled else 0.0
-    terms = _Terms(chunk, softcap, (1 - alpha) / max(n, 1), kl_scale, distillation,
+    terms = _Terms(chunk, softcap, (1 - alpha) / (n or 1), kl_scale, distillation,
                    teacher_hidden if distilled else None, teacher_head if distilled else None, distill_mask,
                    tied if tied is not None and tied.weight is weight else None, negatives)
     loss, sums = _FusedHeadLoss.apply(hidden, weight, labels, terms)
     sums = sums.tolist()
-    return LossParts(loss, sums[0] / max(n, 1), sums[1] / distilled if distilled else None)
+    return LossParts(loss, sums[0] / (n or 1), sums[1] / distilled if distilled else None)

@@ -23,7 +23,7 @@ class _HeadLoss(nn.Module):
 
     def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, softcap: float | None,
                   tied: TiedLookups | None, teacher_hidden: torch.Tensor | None, negatives: Negatives | None,
-                  counts: tuple[int, int] | None) -> LossParts:
+                  counts: tuple[float, float] | None) -> LossParts:
         distill_mask = None if teacher_hidden is None else labels != self.eos_id
         return chunked_loss(hidden, head, labels, chunk=self.chunk, softcap=softcap, teacher_hidden=teacher_hidden,
                             teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation,
@@ -43,7 +43,7 @@ class LossModule(_HeadLoss):
         self.model = model
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None, negatives: Negatives | None = None,
-                counts: tuple[int, int] | None = None) -> LossParts:
+                counts: tuple[float, float] | None = None) -> LossParts:
         r, model = batch.rows, self.model
         tied = tied_lookups(model.embed.weight) if model.config.tied_head else None
         with routed(tied, model.embed):
@@ -65,7 +65,7 @@ class CausalLossModule(_HeadLoss):
         self.model = model
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None, negatives: Negatives | None = None,
-                counts: tuple[int, int] | None = None) -> LossParts:
+                counts: tuple[float, float] | None = None) -> LossParts:
         labels = batch.rows.labels[batch.rows.labels != -100]
         tied = tied_lookups(self.model.embed.weight) if self.model.lm_head is None else None
         with routed(tied, self.model.embed):
