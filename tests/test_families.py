@@ -15,6 +15,7 @@ from tiny import make_source, write_gguf
 import encdec
 from encdec.causal import causal_from_source, save_causal
 from encdec.errors import EncdecError
+from encdec.model import Segments
 
 
 # GGUF carries neither Llama 3's RoPE scaling nor Qwen2's local layers; transformers reads every Qwen3 GGUF as
@@ -36,13 +37,49 @@ def test_gguf_of_each_architecture_loads_as_its_checkpoint_directory(tmp_path, m
     assert encdec.load_tokenizer(from_gguf.directory).convert_tokens_to_ids("w5") == 33
 
 
+PLAIN_ROPE = {"rope_type": "default", "rope_theta": 5e5}
+GEMMA3_GLOBAL_EVERY_6 = ["sliding_attention"] * 5 + ["full_attention"]  # the only pattern Gemma 3 GGUFs have
+
+
+@pytest.mark.parametrize("family, shape", [
+    ("gemma3", {"layers": 6, "layer_types": GEMMA3_GLOBAL_EVERY_6, "rope_parameters": {  # as Gemma 3 4B-27B
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+        "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0}}}),
+    ("gemma2", {"layers": 46, "heads": 2, "kv_heads": 1, "query_pre_attn_scalar": 16}),  # as Gemma 2 27B: hidden / heads
+], ids=["gemma3-rope-scaling", "gemma2-27b-query-scale"])
+def test_gemma_gguf_keeps_what_transformers_reader_drops(tmp_path, monkeypatch, family, shape):
+    """transformers' GGUF reader leaves Gemma 3's RoPE scaling and the 27B models' query scale out of the config
+    (weights alike, so nothing else notices); the converted source must equal its checkpoint directory."""
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    directory = make_source(tmp_path / family, family, **shape)
+    from_gguf = encdec.load_source(str(write_gguf(directory, tmp_path / f"{family}.gguf")))
+    from_dir = encdec.load_source(str(directory))
+    ignored = {"rms_norm_eps"}  # GGUF stores it as float32
+    assert {k: v for k, v in vars(from_gguf.stack).items() if k not in ignored} == \
+        {k: v for k, v in vars(from_dir.stack).items() if k not in ignored}
+    ids = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(0))
+    a, b = causal_from_source(from_dir).eval(), causal_from_source(from_gguf).eval()
+    segments = Segments.of(ids, None, None, None)
+    with torch.no_grad():
+        assert torch.allclose(a.logits(a.hidden(ids, segments)), b.logits(b.hidden(ids, segments)), atol=1e-5)
+
+
+def test_a_llama_3_gguf_is_refused_for_its_rope_scaling(tmp_path, monkeypatch):
+    """llama.cpp writes Llama 3's RoPE scaling as a rope_freqs tensor, which transformers' reader drops (and
+    then counts fewer parameters): one line that names the cause, not the tensor shapes."""
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    path = write_gguf(make_source(tmp_path / "llama", "llama"), tmp_path / "llama.gguf")  # FAMILY_OPTIONS: llama3
+    with pytest.raises(EncdecError, match="Llama 3's, as llama.cpp's rope_freqs tensor.*Hugging Face checkpoint"):
+        encdec.load_source(str(path))
+
+
 def test_a_gguf_conversion_parses_the_file_once(tmp_path, monkeypatch):
     """transformers opens the file three times (config, tokenizer, weights); a parse of a real vocabulary
     costs about 30 s each."""
     import gguf
 
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
-    path = write_gguf(make_source(tmp_path / "llama", "llama"), tmp_path / "llama.gguf")
+    path = write_gguf(make_source(tmp_path / "llama", "llama", rope_parameters=PLAIN_ROPE), tmp_path / "llama.gguf")
     parses, original = [], gguf.GGUFReader
     monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kw: parses.append(args[0]) or original(*args, **kw))
     assert encdec.load_source(str(path)).family == "llama"
@@ -59,7 +96,7 @@ def test_processes_loading_one_gguf_together_convert_it_once(tmp_path, monkeypat
     from encdec.sources import gguf_lock
 
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
-    path = write_gguf(make_source(tmp_path / "llama", "llama"), tmp_path / "llama.gguf")
+    path = write_gguf(make_source(tmp_path / "llama", "llama", rope_parameters=PLAIN_ROPE), tmp_path / "llama.gguf")
     code = ("import encdec, encdec.formats.gguf as g; real = g._convert\n"
             "g._convert = lambda *a: print('converted', flush=True) or real(*a)\n"
             f"print('ready', flush=True); print(encdec.load_source({str(path)!r}).family, flush=True)")

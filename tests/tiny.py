@@ -42,7 +42,7 @@ def write_corpus(path: Path, documents: int = 60, seed: int = 0, words: int = le
 
 
 def gemma_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int = 4, kv_heads: int = 2,
-                 window: int = 4, intermediate: int = 48, attn_softcap: float | None = 5.0):
+                 window: int = 4, intermediate: int = 48, attn_softcap: float | None = 5.0, **options):
     import transformers as tf
 
     common = dict(
@@ -50,10 +50,11 @@ def gemma_config(family: str, *, layers: int = 4, hidden: int = 32, heads: int =
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8, sliding_window=window,
         query_pre_attn_scalar=8, pad_token_id=0, bos_token_id=2, eos_token_id=1, max_position_embeddings=256,
     )
+    common.update(options)
     if family == "gemma2":
         return tf.Gemma2Config(**common, attn_logit_softcapping=attn_softcap, final_logit_softcapping=3.0)
     types = ["sliding_attention" if (i + 1) % 3 else "full_attention" for i in range(layers)]
-    return tf.Gemma3TextConfig(**common, layer_types=types)
+    return tf.Gemma3TextConfig(**{"layer_types": types, **common})
 
 
 # each non-Gemma family with the variant of its switches worth covering: Llama 3's RoPE scaling (its
@@ -101,15 +102,16 @@ def make_source(directory: Path, family: str, seed: int = 0, reserved: bool = Tr
 
 
 def write_gguf(source: Path, path: Path) -> Path:
-    """A float32 GGUF file of a tiny Llama / Qwen checkpoint, written as llama.cpp's converter does (its
-    tensor names, Q/K rows of llama permuted) with a byte-level tokenizer over the tiny vocabulary."""
+    """A float32 GGUF file of a tiny Llama / Qwen / Gemma checkpoint, written as llama.cpp's converter does (its
+    tensor names, Q/K rows of llama permuted, Gemma's norms stored as 1 + w, Gemma 3's linear RoPE scaling as
+    rope.scaling.*, no key for the query scale) with a byte-level tokenizer over the tiny vocabulary."""
     import json
 
     import gguf
     from safetensors.torch import load_file
 
     cfg = json.loads((source / "config.json").read_text())
-    arch, n = cfg["model_type"], cfg["num_hidden_layers"]
+    arch, n = cfg["model_type"].removesuffix("_text"), cfg["num_hidden_layers"]
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(n)
@@ -119,8 +121,23 @@ def write_gguf(source: Path, path: Path) -> Path:
     writer.add_head_count(cfg["num_attention_heads"])
     writer.add_head_count_kv(cfg["num_key_value_heads"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    rope = cfg["rope_parameters"].get("full_attention", cfg["rope_parameters"])  # Gemma 3: the global layers'
+    writer.add_rope_freq_base(rope["rope_theta"])
     writer.add_rope_dimension_count(cfg["head_dim"])
+    if arch.startswith("gemma"):
+        writer.add_key_length(cfg["head_dim"])
+        writer.add_value_length(cfg["head_dim"])
+        writer.add_sliding_window(cfg["sliding_window"])
+        if cfg.get("attn_logit_softcapping"):
+            writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+            writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        if rope["rope_type"] == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
+    if rope["rope_type"] == "llama3":  # llama.cpp writes the scaled frequencies' factors as a tensor (values aside)
+        import numpy as np
+
+        writer.add_tensor("rope_freqs.weight", np.ones(cfg["head_dim"] // 2, dtype=np.float32))
     tokens = SPECIALS + WORDS
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
@@ -136,6 +153,8 @@ def write_gguf(source: Path, path: Path) -> Path:
         if arch == "llama" and base.endswith(("q_proj", "k_proj")):  # llama.cpp's rotary layout; transformers undoes it
             heads = cfg["num_attention_heads"] if base.endswith("q_proj") else cfg["num_key_value_heads"]
             array = array.reshape(heads, 2, -1, array.shape[1]).swapaxes(1, 2).reshape(array.shape)
+        if arch.startswith("gemma") and base.endswith("norm"):
+            array = array + 1
         writer.add_tensor(f"{names.get_name(base)}.{suffix}", array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -146,9 +146,11 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
 
 
 def gguf_cache_dir(path: Path) -> Path:
-    """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its path, size and mtime."""
+    """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its path, size and mtime, and
+    by the conversion's version."""
     stat = path.resolve().stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{gguf.CONVERSION_VERSION}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 

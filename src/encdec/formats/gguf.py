@@ -71,6 +71,45 @@ def to_hf_directory(path: Path, out: Path) -> Path:
         return _convert(path, out)
 
 
+CONVERSION_VERSION = 2  # part of the cache key: conversions made before a change of what is written are redone
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # how llama.cpp tells the 27B models, which scale queries otherwise
+
+
+def _restore_dropped_fields(path: Path, arch: str, config: dict) -> None:
+    """Put back what transformers' GGUF reader leaves out of the config, where it changes the model: Gemma 2's
+    soft-caps (its defaults are the released models'), Gemma 3's linear RoPE scaling of its global layers
+    (4B-27B) and the 27B models' query scale (no GGUF key holds it; llama.cpp derives it from the size, as done
+    here). Other RoPE scaling is refused rather than dropped."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    fields = reader.fields
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):  # llama.cpp's form of Llama 3's RoPE scaling
+        raise EncdecError(f"{path}: its RoPE scaling (Llama 3's, as llama.cpp's rope_freqs tensor) is not carried over "
+                          "by transformers' GGUF reader; use the model's Hugging Face checkpoint directory instead")
+
+    def value(key: str) -> str | float | None:
+        field = fields.get(f"{arch}.{key}")
+        if field is None:
+            return None
+        data = field.parts[field.data[0]]
+        return bytes(data).decode() if field.types[0].name == "STRING" else float(data[0])
+
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if arch == "gemma2" and value(key) is not None:
+            config[key] = value(key)
+    kind, factor = value("rope.scaling.type"), value("rope.scaling.factor")
+    if kind not in (None, "none") and factor not in (None, 1.0):
+        if arch != "gemma3" or kind != "linear":
+            raise EncdecError(f"{path}: its RoPE scaling ({kind}, factor {factor}) is not carried over by transformers' "
+                              "GGUF reader; use the model's Hugging Face checkpoint directory instead")
+        full = config["rope_parameters"]["full_attention"]
+        config["rope_parameters"]["full_attention"] = {**full, "rope_type": "linear", "factor": factor}
+    if arch in GEMMA_27B_LAYERS:  # llama.cpp scales queries by head_dim, except the 27B models' by hidden / heads
+        big = config["num_hidden_layers"] == GEMMA_27B_LAYERS[arch]
+        config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"] if big else config["head_dim"]
+
+
 def _convert(path: Path, out: Path) -> Path:
     arch, parameters = architecture(path)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,6 +127,7 @@ def _convert(path: Path, out: Path) -> Path:
     config.pop("quantization_config", None)
     tied = model.config.tie_word_embeddings
     weights = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    _restore_dropped_fields(path, arch, config)
     converted = sum(t.numel() for t in weights.values())
     if converted != parameters:  # transformers re-initialises, with a warning only, what it cannot map
         raise EncdecError(f"{path}: transformers read its {arch} tensors as {converted:,} parameters, the file has "
