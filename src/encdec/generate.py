@@ -72,7 +72,8 @@ def generate(
 ) -> torch.Tensor:
     """Generated tokens [B, T], T <= max_new_tokens; rows that ended early are filled with the pad id.
 
-    The decoder starts from the BOS token, as T5Gemma does; a row ends at EOS. With a seed, every row
+    The decoder starts from the BOS token, as T5Gemma does; a row ends at one of `eos_token_ids` (the model's
+    when None; `[]`: only at max_new_tokens). With a seed, every row
     samples from its own stream seeded with it, so a row's tokens do not depend on the rest of the batch.
     The penalties count each row's generated tokens (`encdec.inference.sampling`); `logit_bias` adds to
     the logits of the given token ids.
@@ -84,7 +85,12 @@ def generate(
     outside = [token for token, _ in sampling.logit_bias if not 0 <= token < cfg.vocab_size]
     if outside:
         raise EncdecError(f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {cfg.vocab_size - 1})")
-    eos = frozenset(eos_token_ids or cfg.eos_token_ids)
+    lengths = input_ids.new_full(input_ids.shape[:1], input_ids.shape[1]) if attention_mask is None else attention_mask.sum(1)
+    if input_ids.shape[0] and int(lengths.min()) == 0:
+        raise EncdecError(f"prompt {int(lengths.argmin())} of the batch is empty (its attention_mask is all 0): "
+                          "every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
+    check_positions(int(lengths.max()) if input_ids.shape[0] else 0, max_new_tokens, cfg)
+    eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     rows = [Row(max_new_tokens, eos, sampling) for _ in range(input_ids.shape[0])]
     input_ids = input_ids.to(model.device)
     attention_mask = None if attention_mask is None else attention_mask.to(model.device)
