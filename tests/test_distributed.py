@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,6 +84,64 @@ def test_two_processes_weigh_every_token_alike(sources, tmp_path, fsdp):
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
     a, b = (encdec.load(tmp_path / name / "model").state_dict() for name in ("one", "two"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(v.split(b"=", 1)[1]) for v in env if v.startswith(b"RANK=")), None)
+
+
+def test_a_signal_reaching_one_process_stops_both_at_the_same_step(sources, tmp_path):
+    """SIGTERM to rank 1 only: both processes decide to stop at the same step, write its checkpoint together
+    and exit (deciding apart, one waited forever in the checkpoint's collectives); the run resumes."""
+    import signal
+    import time
+
+    model = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=80)
+    out = tmp_path / "run"
+    command = [*launcher("torchrun"), "pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus),
+               "--enc-len", "16", "--dec-len", "16", "--batch-size", "1", "--steps", "400", "--save-every", "1000",
+               "--eval-windows", "4", "--precision", "fp32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)  # its process group: a hang is cleaned up, workers included
+    try:
+        deadline = time.monotonic() + 90
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert run.poll() is None and time.monotonic() < deadline, "the run did not start"
+            time.sleep(0.2)
+        workers = [pid for agent in [run.pid] for pid in _children(agent)]
+        rank1 = next(pid for pid in workers if _rank_of(pid) == 1)
+        os.kill(rank1, signal.SIGTERM)
+        said, err = run.communicate(timeout=90)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    stopped = [line for line in said.splitlines() if "stopped at step" in line]
+    assert len(stopped) == 1, (said + err)[-3000:]  # reported by rank 0
+    step = int(stopped[0].split("stopped at step ")[1].split(";")[0])
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:06d}"]
+    resumed = subprocess.run([*command[:-8], "--steps", str(step + 1), "--save-every", "1000", "--eval-windows", "4",
+                              "--precision", "fp32", "--resume"], capture_output=True, text=True, timeout=150, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step + 1
 
 
 def test_every_item_is_shared_out_once_and_every_process_makes_the_same_passes():

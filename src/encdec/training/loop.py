@@ -226,16 +226,16 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                     record["eval_data_loss"] = evaluate(plan.extra_eval)
                     message += f", --eval-data held-out loss {record['eval_data_loss']:.4f}"
                 metrics.message(message)
-            saved = (step + 1) % cfg.save_every == 0 or done or stop.requested
-            if saved:
+            # one decision for every process (a signal may reach one alone, or some before the others): a process
+            # saving, or checking the ranks, alone would wait forever in those collectives
+            stopping = distributed.reduce_sum(float(stop.requested), d) > 0
+            if (step + 1) % cfg.save_every == 0 or done or stopping:
                 last_checkpoint = save_checkpoint(step + 1)
                 if d.world > 1 and not cfg.fsdp:
                     record["ranks_in_sync"] = distributed.in_sync(model, d)
             if (step + 1) % cfg.log_every == 0 or done or "ranks_in_sync" in record:
                 metrics.log(record)
-            if stop.requested:
-                if not saved:  # the signal came after this step's save decision
-                    last_checkpoint = save_checkpoint(step + 1)
+            if stopping:
                 metrics.message(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_checkpoint})")
                 metrics.close()
                 raise KeyboardInterrupt
