@@ -76,8 +76,8 @@ def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monk
 
     def log_then_signal(self, record, **kw):
         original_log(self, record, **kw)
-        if record["step"] == 5:
-            os.kill(os.getpid(), signal.SIGTERM)  # the real signal path: finish the step, checkpoint, stop
+        if record["step"] == 4:  # the real signal path, during step 5: finish the step, checkpoint, stop
+            os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Metrics, "log", log_then_signal)
     with pytest.raises(KeyboardInterrupt):
@@ -411,7 +411,7 @@ def test_frozen_encoder_does_not_change_and_the_rest_learns(adapted, corpus, tmp
     assert any(k.startswith("decoder.") for k in changed) and "embed.weight" in changed
 
 
-@pytest.mark.parametrize("stop", [1, 3], ids=["encoder-still-frozen", "after"])
+@pytest.mark.parametrize("stop", [2, 4], ids=["encoder-still-frozen", "after"])
 def test_resume_is_exact_with_the_recipe_options(adapted, corpus, tmp_path, monkeypatch, stop):
     """Sampled negatives of a trimmed vocabulary, a frozen encoder and the curriculum are functions of the
     step: a resumed run takes the same steps as an uninterrupted one. Stopped while the encoder is frozen, the
@@ -422,7 +422,7 @@ def test_resume_is_exact_with_the_recipe_options(adapted, corpus, tmp_path, monk
 
     def log_then_signal(self, record, **kw):
         original_log(self, record, **kw)
-        if record["step"] == stop:
+        if record["step"] == stop - 1:  # a signal during step `stop`: it finishes, checkpoints, stops
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Metrics, "log", log_then_signal)
