@@ -273,6 +273,7 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         with written(out):
             yield tmp
+            _sync_tree(tmp)  # on disk before it takes the old one's place (a crash must not leave a hollow output)
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
                 os.replace(out, old / out.name)
@@ -280,9 +281,27 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
+            _sync(out.parent)  # the rename itself, before anything older is removed (old checkpoints, after a save)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries: renames, new files), where the system allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    for directory, _, names in os.walk(root):
+        for name in names:
+            _sync(Path(directory) / name)
+        _sync(Path(directory))
 
 
 def umask() -> int:
@@ -324,7 +343,7 @@ def remove_abandoned_temporaries(parent: Path) -> None:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write a text file through a temporary sibling and a rename: readers never see half a file."""
+    """Write a text file through a temporary sibling and a rename: readers (and a crash) never see half a file."""
     path = Path(path)
     with written(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -332,8 +351,11 @@ def atomic_write(path: Path, text: str) -> None:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
             os.chmod(name, 0o666 & ~umask())  # mkstemp's 0600, as a plain open() would not make it
             os.replace(name, path)
+            _sync(path.parent)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(name)
