@@ -182,6 +182,21 @@ def test_checkpoints_are_ordered_by_step_past_a_million(tmp_path):
         "step-000002", "step-999998", "step-999999", "step-1000000"]
 
 
+def test_resuming_with_other_settings_is_warned_of_by_name(adapted, corpus, tmp_path, capsys, monkeypatch):
+    """More steps (or other checkpoint and logging intervals) continue the same run; another seed or learning
+    rate makes the next steps differ from an uninterrupted run's: one warning line naming them. The data's path
+    given from another directory is the same data."""
+    out = tmp_path / "run"
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--save-every", "1", "--eval-every", "0")) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(corpus.parent)
+    assert main(_pretrain_args(adapted, out, corpus.name, "--steps", "2", "--save-every", "2", "--resume")) == 0
+    assert not _lines(capsys.readouterr().err, "settings other than")
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--seed", "5", "--lr", "0.001", "--resume")) == 0
+    warned = _lines(capsys.readouterr().err, "settings other than")
+    assert len(warned) == 1 and "--lr 3e-05 -> 0.001" in warned[0] and "--seed 0 -> 5" in warned[0], warned
+
+
 def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted, corpus, tmp_path, capsys):
     straight = tmp_path / "straight"
     loop.train(_config(adapted, straight, corpus, steps=4, save_every=1, eval_every=0))

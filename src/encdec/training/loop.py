@@ -134,6 +134,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         start = state["step"]
         if d.main:
             log.info("resuming from %s (step %d)", last_checkpoint, start)
+            changed = rundir.changed_settings(state.get("config", {}), cfg)
+            if changed:
+                log.warning("resuming with settings other than the run's (its next steps differ from those of an "
+                            "uninterrupted run): %s", "; ".join(changed))
     rundir.begin(cfg, start, d)
 
     autocast = torch.autocast(d.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)

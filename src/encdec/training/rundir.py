@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from encdec.errors import EncdecError
-from encdec.files import atomic_write, check_apart, check_writable_place
+from encdec.files import atomic_write, check_apart, check_writable_place, portable_path
 from encdec.training import checkpointing, distributed
 from encdec.training.config import TrainConfig
 
@@ -106,6 +106,25 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     if (checkpointing.checkpoints(out) or (out / "metrics.jsonl").exists()) and not cfg.overwrite:
         raise EncdecError(f"{out} holds a run; pass --resume to continue it or --overwrite to start afresh")
     return None
+
+
+FREE_ON_RESUME = ("model", "out", "steps", "resume", "overwrite", "eval_every", "save_every", "keep_last",
+                  "average_last", "log_every", "tensorboard", "keep_freed_memory")  # the run's course stays the same
+PATHS = ("data", "eval_data", "teacher")
+
+
+def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The settings a resumed run was given that differ from those its checkpoint was written with, as
+    '--name old -> new' (paths compared as found from here). The model is checked by the weights themselves."""
+    def plain(name: str, value: object) -> object:
+        if name not in PATHS or not value:
+            return value
+        return [portable_path(v) for v in value] if isinstance(value, list) else portable_path(value)
+
+    now = vars(cfg)
+    return [f"--{name.replace('_', '-')} {plain(name, saved[name])!r} -> {plain(name, now[name])!r}"
+            for name in now if name not in FREE_ON_RESUME and name in saved
+            and plain(name, saved[name]) != plain(name, now[name])]
 
 
 def begin(cfg: TrainConfig, start: int, d: distributed.Dist) -> None:
