@@ -100,6 +100,19 @@ def test_existing_output_kept_unless_overwrite(t5gemma2_dir, tmp_path, capsys):
     assert "mine.txt" not in {p.name for p in out.iterdir()} and (out / "model.bin").is_file()
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_export_names_where_ctranslate2_computes_something_else(sources, tmp_path, capsys, family):
+    """The conftest sources have what CTranslate2 gets wrong (see the top of this file): said at export."""
+    model_dir = tmp_path / "adapted"
+    assert main(["adapt", "--encoder", str(sources[family]), "--out", str(model_dir)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
+    said = capsys.readouterr().err
+    assert "longer than its sliding window (4 tokens)" in said
+    assert ("soft-capped (at 5.0)" in said) == (family == "gemma2")
+    assert ("prompts of different lengths" in said) == (family == "gemma3")
+
+
 def test_own_format_refused_in_one_line(sources, tmp_path, capsys):
     model_dir = tmp_path / "cross"
     assert main(["adapt", "--encoder", str(sources["gemma3"]), "--attention", "cross", "--out", str(model_dir)]) == 0

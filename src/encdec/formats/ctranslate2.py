@@ -12,7 +12,10 @@ attention soft-cap, T5Gemma 2 batches of mixed prompt lengths) is listed in the 
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
+from typing import Any
 
 from safetensors import SafetensorError
 
@@ -20,6 +23,8 @@ from encdec.checkpoint import NATIVE, checkpoint_format
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, check_output_dir
 from encdec.formats.t5gemma import LAYOUTS
+
+log = logging.getLogger("encdec")
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "bfloat16", "float16")
 ACCEPTED = ", ".join(f"{name} ({layout.architecture})" for name, layout in LAYOUTS.items())
@@ -54,4 +59,33 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
             raise EncdecError(f"CTranslate2's converter could not read {model_dir} "
                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
         tokenizer.save_pretrained(str(tmp))
+    for caution in cautions(model_dir, fmt):
+        log.warning("CTranslate2 and this model: %s", caution)
     return fmt
+
+
+def _values(node: Any, key: str) -> set:
+    """Every non-null value of `key` anywhere in a nested configuration."""
+    if isinstance(node, dict):
+        own = {node[key]} if node.get(key) is not None else set()
+        return own.union(*(_values(v, key) for v in node.values()))
+    return set()
+
+
+def cautions(model_dir: Path, fmt: str) -> list[str]:
+    """Where CTranslate2 (4.8.5, tests/test_export.py) computes something else than transformers and this
+    project would for this checkpoint: said at export, since its outputs give no sign of it."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    found = []
+    caps = _values(config, "attn_logit_softcapping")
+    if caps:
+        found.append(f"its attention logits are soft-capped (at {', '.join(map(str, sorted(caps)))}) and CTranslate2 "
+                     "does not cap them: its outputs differ from this model's")
+    windows = _values(config, "sliding_window")
+    if windows:
+        found.append(f"prompts or outputs longer than its sliding window ({min(windows)} tokens) come out "
+                     "differently in CTranslate2")
+    if fmt == "t5gemma2":
+        found.append("CTranslate2 computes a batch of prompts of different lengths differently from each prompt "
+                     "alone: translate such prompts one by one, or grouped by length")
+    return found
