@@ -89,7 +89,6 @@ def generate(
     if input_ids.shape[0] and int(lengths.min()) == 0:
         raise EncdecError(f"prompt {int(lengths.argmin())} of the batch is empty (its attention_mask is all 0): "
                           "every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
-    check_positions(int(lengths.max()) if input_ids.shape[0] else 0, max_new_tokens, cfg)
     eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     rows = [Row(max_new_tokens, eos, sampling) for _ in range(input_ids.shape[0])]
     input_ids = input_ids.to(model.device)
