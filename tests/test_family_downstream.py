@@ -106,7 +106,7 @@ def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
     from tiny import make_tokenizer
 
     from encdec.data.chat import ChatFormat
-    from encdec.data.instructions import Pair, chat_example, chat_prompt
+    from encdec.data.instructions import Pair, chat_example
 
     make_tokenizer(tmp_path, reserved=False)
     tokenizer = encdec.load_tokenizer(tmp_path)
@@ -116,18 +116,20 @@ def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
     tokenizer.chat_template = CHATML
     chat = ChatFormat.of(tokenizer)
     assert chat.templated and chat.end == "<|im_end|>"
-    pair = Pair(prompt=chat_prompt([("user", "w1 w2"), ("model", "w3"), ("user", "w4")]), response="w5 w6", source="t")
-    assert chat.prompt(pair.prompt) == ("<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\nw3<|im_end|>\n"
-                                        "<|im_start|>user\nw4<|im_end|>\n<|im_start|>assistant\n")
+    pair = Pair(turns=(("user", "w1 w2"), ("model", "w3"), ("user", "w4")), response="w5 w6", source="t")
+    assert chat.render(list(pair.turns)) == ("<|im_start|>user\nw1 w2<|im_end|>\n<|im_start|>assistant\nw3<|im_end|>\n"
+                                             "<|im_start|>user\nw4<|im_end|>\n<|im_start|>assistant\n")
     example = chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64)
     start, end, user, assistant = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "user", "assistant"])
     w = {f"w{i}": tokenizer.convert_tokens_to_ids(f"w{i}") for i in range(1, 7)}
     assert example.inputs == [2, start, user, w["w1"], w["w2"], end, start, assistant, w["w3"], end,
                               start, user, w["w4"], end, start, assistant]
     assert example.targets == [w["w5"], w["w6"], end, 1]
-    marked = Pair(prompt=chat_prompt([("user", "w1 <end_of_turn>\n w2")]), response="w5", source="data.jsonl:7")
-    with pytest.raises(EncdecError, match="data.jsonl:7: the prompt's text contains"):
-        chat_example(marked, tokenizer, eos_id=1, max_input=64, max_target=64)
+    # a message's text that reads like Gemma's turn markers stays text in its own turn (it was re-parsed as turns)
+    marked = Pair(turns=(("user", "w1 <end_of_turn>\n w2"),), response="w5", source="data.jsonl:7")
+    example = chat_example(marked, tokenizer, eos_id=1, max_input=64, max_target=64)
+    unknown = tokenizer.unk_token_id  # "<end_of_turn>" is no word of this tokenizer's
+    assert example.inputs == [2, start, user, w["w1"], unknown, w["w2"], end, start, assistant]
 
 
 def test_a_first_marker_that_the_tokenizer_names_but_never_puts_first_stays_in_the_prompt(tmp_path):
@@ -191,7 +193,6 @@ def test_serve_answers_a_qwen2_model_in_its_own_chat_template(tmp_path):
     from test_serve import Server
 
     from encdec.data.chat import ChatFormat
-    from encdec.data.instructions import chat_prompt_text
 
     source = make_source(tmp_path / "source", "qwen2", vocab_size=128)
     tokenizer = copy.deepcopy(encdec.load_tokenizer(source))
@@ -214,7 +215,7 @@ def test_serve_answers_a_qwen2_model_in_its_own_chat_template(tmp_path):
         assert done.choices[0].text == solo("w1 w2 w3", 6)
         chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "w4 w5"}],
                                               max_tokens=5, temperature=0)
-        prompt = ChatFormat.of(tokenizer).prompt(chat_prompt_text("w4 w5"))
+        prompt = ChatFormat.of(tokenizer).render([("user", "w4 w5")])
         assert prompt.startswith("<|im_start|>user\nw4 w5<|im_end|>")
         assert chat.choices[0].message.content == solo(prompt, 5)
         # a message's text stays in its message, even when it reads like Gemma's turn markers; "developer" is the

@@ -88,7 +88,7 @@ def test_decoder_only_loss_reads_prompt_then_response_and_scores_the_response(so
     and the response so far: the loss equals a plain forward pass over prompt + response."""
     tokenizer = load_tokenizer(sources["gemma3"])
     model, _ = load_causal(str(sources["gemma3"]))
-    pairs = [Pair("w1 w2 w3", "w4 w5", "a"), Pair("w9 w8", "w7", "b")]
+    pairs = [Pair((("user", "w1 w2 w3"),), "w4 w5", "a"), Pair((("user", "w9 w8"),), "w7", "b")]
     examples = [chat_example(p, tokenizer, eos_id=1, max_input=16, max_target=8) for p in pairs]
     assert all(e.targets[-1] == 1 for e in examples)
     batch = make_batch(examples, enc_len=32, dec_len=16, pad_id=0, bos_id=2, with_teacher=True)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tiny import WORDS, make_tokenizer
 
 from encdec.data import natural_instructions as ni
-from encdec.data.instructions import Pair, chat_example, chat_prompt, chat_prompt_text, read_instructions
+from encdec.data.instructions import Pair, chat_example, chat_prompt, read_instructions
 from encdec.errors import EncdecError
 
 EOS, BOS, UNK = 1, 2, 3
@@ -39,7 +39,7 @@ def write_lines(path: Path, *records: object) -> Path:
 
 
 def test_chat_format() -> None:
-    assert chat_prompt_text(" Hi ") == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    assert chat_prompt([("user", " Hi ")]) == "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
     assert chat_prompt([("user", "a"), ("model", "b"), ("user", "c")]) == (
         "<start_of_turn>user\na<end_of_turn>\n<start_of_turn>model\nb<end_of_turn>\n"
         "<start_of_turn>user\nc<end_of_turn>\n<start_of_turn>model\n")
@@ -54,8 +54,8 @@ def test_both_record_shapes_parse(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "a.jsonl", {"prompt": "Capital of France?", "response": "Paris."}, "",
                        {"messages": messages})
     first, second = read_instructions([str(path)])
-    assert first == Pair(prompt=chat_prompt_text("Capital of France?"), response="Paris.", source=f"{path}:1")
-    assert second == Pair(prompt=chat_prompt([("user", "Be brief.\n\nHello"), ("model", "Hi."), ("user", "Sum 2+2")]),
+    assert first == Pair(turns=(("user", "Capital of France?"),), response="Paris.", source=f"{path}:1")
+    assert second == Pair(turns=(("user", "Be brief.\n\nHello"), ("model", "Hi."), ("user", "Sum 2+2")),
                           response="4", source=f"{path}:3")
 
 
@@ -109,11 +109,12 @@ def test_bad_files(tmp_path: Path) -> None:
 
 
 def test_example_layout(tokenizer: Any) -> None:
-    pair = Pair(prompt=chat_prompt_text("w1 w2"), response="w3 w4", source="t")
+    pair = Pair(turns=(("user", "w1 w2"),), response="w3 w4", source="t")
     example = chat_example(pair, tokenizer, eos_id=EOS, max_input=64, max_target=64)
     # "<start_of_turn>user\nw1" is one whitespace-free word to this tokenizer, hence <unk>
-    assert example.inputs == [BOS] + tokenizer(pair.prompt, add_special_tokens=False)["input_ids"]
-    assert example.inputs == tokenizer(pair.prompt)["input_ids"]  # the BOS the tokenizer adds itself
+    text = chat_prompt(pair.turns)
+    assert example.inputs == [BOS] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert example.inputs == tokenizer(text)["input_ids"]  # the BOS the tokenizer adds itself
     assert example.targets == tokenizer("w3 w4", add_special_tokens=False)["input_ids"] + [UNK, EOS]
     with pytest.raises(EncdecError, match="--dec-len at least 3"):
         chat_example(pair, tokenizer, eos_id=EOS, max_input=64, max_target=2)
@@ -126,9 +127,9 @@ def test_truncation_keeps_bos_first_and_eos_last(tokenizer: Any, prompt_words: i
                                                   max_input: int, max_target: int) -> None:
     prompt = " ".join(WORDS[i % len(WORDS)] for i in range(prompt_words))
     response = " ".join(WORDS[-1 - i % len(WORDS)] for i in range(response_words))
-    pair = Pair(prompt=prompt, response=response, source="t")
+    pair = Pair(turns=(("user", prompt),), response=response, source="t")
     example = chat_example(pair, tokenizer, eos_id=EOS, max_input=max_input, max_target=max_target)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(chat_prompt(pair.turns), add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     assert example.inputs[0] == BOS and len(example.inputs) == min(max_input, 1 + len(prompt_ids))
     assert example.inputs[1:] == prompt_ids[len(prompt_ids) - len(example.inputs) + 1:]  # the prompt's end
@@ -141,14 +142,13 @@ def test_gemma_chat_markers_are_single_tokens() -> None:
 
     gemma = load_tokenizer(resolve("gemma-3-270m"))
     start, end = gemma.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])
-    pair = Pair(prompt=chat_prompt([("user", "Hello"), ("model", "Hi!"), ("user", "What is 2+2?")]),
-                response="4", source="t")
+    pair = Pair(turns=(("user", "Hello"), ("model", "Hi!"), ("user", "What is 2+2?")), response="4", source="t")
     example = chat_example(pair, gemma, eos_id=gemma.eos_token_id, max_input=256, max_target=16)
     assert example.inputs[:3] == [gemma.bos_token_id, start, *gemma("user", add_special_tokens=False)["input_ids"]]
     assert example.inputs.count(start) == 4 and example.inputs.count(end) == 3  # one id per marker
     assert example.inputs[-3:] == [start, *gemma("model\n", add_special_tokens=False)["input_ids"]]
     assert example.targets == [*gemma("4", add_special_tokens=False)["input_ids"], end, gemma.eos_token_id]
-    assert gemma.decode(example.inputs) == "<bos>" + pair.prompt
+    assert gemma.decode(example.inputs) == "<bos>" + chat_prompt(pair.turns)
 
 
 PREFIX = ("Definition: Answer the question about the sentence.\n Things to Avoid: Guessing. \n"
@@ -189,9 +189,8 @@ def test_natural_instructions_from_tarball(bigbench: Path, monkeypatch: pytest.M
     assert [p.source for p in pairs] == [f"natural_instructions/subtask001_a#{i}" for i in (0, 1, 2, 4)] + [
         "natural_instructions/subtask002_b#0", "natural_instructions/subtask002_b#1"]
     assert pairs[0].response == "answer 0"
-    assert pairs[0].prompt == chat_prompt_text(
-        "Answer the question about the sentence.\nAnswer the question.\n\nSentence 0.")
-    assert pairs[4].prompt.endswith("Answer the question.\n\nQ?<end_of_turn>\n<start_of_turn>model\n")
+    assert pairs[0].turns == (("user", "Answer the question about the sentence.\nAnswer the question.\n\nSentence 0."),)
+    assert chat_prompt(pairs[4].turns).endswith("Answer the question.\n\nQ?<end_of_turn>\n<start_of_turn>model\n")
     assert len(list((bigbench.parent / "cache" / "bigbench").glob("natural_instructions-*.jsonl"))) == 1
 
     monkeypatch.setattr(ni, "convert", lambda _: pytest.fail("converted again instead of reading the cache"))

@@ -104,18 +104,18 @@ def test_instruction_inputs_begin_as_served_prompts_do(request, name):
     encoder's fine-tuning inputs are what `encdec serve` feeds it for the same conversation (its tokenizer's
     own encoding of the prompt), not the prompt after a BOS of its own."""
     from encdec.data.chat import ChatFormat
-    from encdec.data.instructions import Pair, chat_example, chat_prompt_text
+    from encdec.data.instructions import Pair, chat_example
 
     tokenizer = request.getfixturevalue(name)[3]
     chat = ChatFormat.of(tokenizer)
-    pair = Pair(prompt=chat_prompt_text("Name a colour."), response="Blue.", source="test")
+    pair = Pair(turns=(("user", "Name a colour."),), response="Blue.", source="test")
     example = chat_example(pair, tokenizer, eos_id=tokenizer.eos_token_id, max_input=256, max_target=16, chat=chat)
-    assert example.inputs == tokenizer(chat.prompt(pair.prompt)).input_ids
+    assert example.inputs == tokenizer(chat.render(list(pair.turns))).input_ids
     if name == "real":  # Gemma's BOS, put there by its tokenizer
         assert example.inputs[0] == tokenizer.bos_token_id and example.inputs[1] != tokenizer.bos_token_id
     else:  # the template's first marker, text of the prompt (not stripped as if it were an added BOS), once
         start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-        assert chat.prompt(pair.prompt).startswith("<|im_start|>system\n")
+        assert chat.render(list(pair.turns)).startswith("<|im_start|>system\n")
         assert example.inputs[0] == start and example.inputs[1] != start
     cut = chat_example(pair, tokenizer, eos_id=tokenizer.eos_token_id, max_input=6, max_target=16, chat=chat)
     # a long prompt loses its beginning; BOS, where there is one, stays first
@@ -124,11 +124,10 @@ def test_instruction_inputs_begin_as_served_prompts_do(request, name):
 
 def test_chat_format_is_smollm2s_own_template(smollm2):
     from encdec.data.chat import ChatFormat
-    from encdec.data.instructions import chat_prompt_text
 
     chat = ChatFormat.of(smollm2[3])
     assert chat.templated and chat.end == "<|im_end|>"
-    prompt = chat.prompt(chat_prompt_text("Name a colour."))
+    prompt = chat.render([("user", "Name a colour.")])
     assert prompt.endswith("<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n")
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import encdec
-from encdec.data.instructions import chat_prompt_text
+from encdec.data.instructions import chat_prompt
 from encdec.serve.app import DISCONNECT_POLL_S
 from encdec.sources import load_tokenizer
 
@@ -136,7 +136,7 @@ def test_completion_chat_and_models_equal_solo_generation(server, local):
     chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "w4 w5"}], max_tokens=6,
                                           temperature=0)
     assert chat.choices[0].message.role == "assistant"
-    assert chat.choices[0].message.content == _solo(local, chat_prompt_text("w4 w5"), 6)
+    assert chat.choices[0].message.content == _solo(local, chat_prompt([("user", "w4 w5")]), 6)
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
 
 
@@ -152,7 +152,7 @@ def test_streaming_sends_the_same_text_then_usage_and_done(server, local):
         for choice in chunk.choices:
             pieces.append(choice.delta.content or "")
             finish = choice.finish_reason or finish
-    assert "".join(pieces) == _solo(local, chat_prompt_text("w9\n\nw4 w5"), 7)
+    assert "".join(pieces) == _solo(local, chat_prompt([("user", "w9\n\nw4 w5")]), 7)
     assert usage is not None and usage.completion_tokens <= 7 and finish in ("length", "stop")
     raw = httpx.post(f"{server.base}/v1/completions",
                      json={"prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0},

@@ -1,31 +1,21 @@
 """The chat format a model was instruction-tuned with, read from its tokenizer.
 
-The project writes every conversation in Gemma's chat format first (`instructions.chat_prompt`: one
-canonical transcript, whatever the source of the data). A tokenizer without Gemma's turn markers but with
-its own chat template (SmolLM2, Qwen, Llama 3 ...) gets that transcript re-rendered by its template, and its
-answers closed by the template's own end-of-turn text; a tokenizer with neither keeps Gemma's format.
+Conversations are (role, text) turns, whatever the source (data files, Natural Instructions, requests to
+the server). A tokenizer without Gemma's turn markers but with its own chat template (SmolLM2, Qwen,
+Llama 3 ...) renders them with its template, and its answers are closed by the template's own end-of-turn
+text; a tokenizer with neither gets Gemma's format (`instructions.chat_prompt`).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from encdec.data.instructions import END, START, chat_prompt
 from encdec.data.tokens import leading_bos
 
-_TURN = re.compile(re.escape(START) + r"(user|model)\n(.*?)" + re.escape(END) + r"\n", re.DOTALL)
 _ROLE = {"user": "user", "model": "assistant"}
 _MARK = "\x00answer\x00"  # stands for an answer when finding the text a template puts after one
-
-
-def turns_of(prompt: str) -> list[tuple[str, str]]:
-    """The (role, text) turns of a transcript written by `chat_prompt` (which ends with an open model turn)."""
-    turns = [(m.group(1), m.group(2)) for m in _TURN.finditer(prompt)]
-    if chat_prompt(turns) != prompt:
-        raise ValueError("not a transcript in Gemma's chat format")
-    return turns
 
 
 @dataclass(frozen=True)
@@ -48,16 +38,11 @@ class ChatFormat:
         answered = tokenizer.apply_chat_template(exchange, tokenize=False)
         return cls(tokenizer, True, answered.split(_MARK, 1)[1].strip(), bos)
 
-    def prompt(self, gemma_prompt: str) -> str:
-        """The encoder's text for a `chat_prompt` transcript: as it is, or re-rendered by the tokenizer's template."""
-        return self.render(turns_of(gemma_prompt)) if self.templated else gemma_prompt
-
     def render(self, turns: list[tuple[str, str]]) -> str:
         """The encoder's text for (role, text) turns, "user" or "model", ending with an open answer: Gemma's chat
         format, or the tokenizer's template (without the BOS text some templates start with, when the encoder's
         inputs get `bos` as a token anyway; SmolLM2's tokenizer names its first marker, <|im_start|>, as BOS but
-        never puts it first, so there the marker stays text). Rendered from the turns, never from a transcript,
-        so that a message's text cannot pass for turn markers of a templated format."""
+        never puts it first, so there the marker stays text)."""
         if not self.templated:
             return chat_prompt(turns)
         messages = [{"role": _ROLE[role], "content": text.strip()} for role, text in turns]  # trimmed as Gemma's

@@ -1,9 +1,11 @@
 """Instruction data for fine-tuning: prompt/response pairs from .jsonl files, Gemma's chat format, and
 the encoder-decoder examples made from them.
 
-The encoder reads the prompt as a Gemma chat transcript ending with an open model turn; the decoder
-writes the response, closed by "<end_of_turn>" and EOS. A `Pair` keeps the prompt already formatted,
-so every source (files, Natural Instructions) reaches `chat_example` in the same shape.
+The encoder reads the conversation before the response in the model's chat format (Gemma's turns, or
+the tokenizer's own template), ending with an open answer; the decoder writes the response, closed by
+the format's end-of-turn text and EOS. A `Pair` keeps the conversation as (role, text) turns, so every
+source (files, Natural Instructions) reaches `chat_example` in the same shape, and a message's text is
+never re-read as turn markers.
 """
 
 from __future__ import annotations
@@ -27,12 +29,15 @@ SHAPES = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "syste
           '"content": "..."}, ...]}')
 
 
+Turns = tuple[tuple[str, str], ...]  # (role, text), role "user" or "model"
+
+
 @dataclass(frozen=True)
 class Pair:
-    """One instruction example: `prompt` in Gemma's chat format (see `chat_prompt`), the plain `response`
-    text, and where it came from ("file:line", or "natural_instructions/<subtask>#<index>")."""
+    """One instruction example: the conversation `turns` before the response (the last one a user's), the
+    plain `response` text, and where it came from ("file:line", or "natural_instructions/<subtask>#<index>")."""
 
-    prompt: str
+    turns: Turns
     response: str
     source: str
 
@@ -49,11 +54,6 @@ def chat_prompt(turns: Sequence[tuple[str, str]]) -> str:
             raise ValueError(f"Gemma's chat format has the roles 'user' and 'model', got {role!r}")
         parts.append(f"{START}{role}\n{text.strip()}{END}\n")
     return "".join(parts) + f"{START}model\n"
-
-
-def chat_prompt_text(text: str) -> str:
-    """A single user message in Gemma's chat format, ready for the model's answer."""
-    return chat_prompt([("user", text)])
 
 
 def conversation(messages: Any) -> list[tuple[str, str]]:
@@ -81,7 +81,7 @@ def conversation(messages: Any) -> list[tuple[str, str]]:
     return turns
 
 
-def _turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
+def _turns(messages: Any) -> tuple[Turns, str]:
     """The prompt turns and the response of a "messages" record; raises ValueError with the reason."""
     turns = conversation(messages)
     if turns[-1][0] != "model":
@@ -89,7 +89,7 @@ def _turns(messages: Any) -> tuple[list[tuple[str, str]], str]:
     *turns, (_, response) = turns
     if not any(role == "user" for role, _ in turns):
         raise ValueError("no user message before the response")
-    return turns, response
+    return tuple(turns), response
 
 
 def _pair(record: Any, source: str) -> Pair:
@@ -97,7 +97,6 @@ def _pair(record: Any, source: str) -> Pair:
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}; accepted: {SHAPES}")
     if "messages" in record:
         turns, response = _turns(record["messages"])
-        prompt = chat_prompt(turns)
     else:
         missing = [f for f in ("prompt", "response") if f not in record]
         if missing:
@@ -105,10 +104,10 @@ def _pair(record: Any, source: str) -> Pair:
         for field in ("prompt", "response"):
             if not isinstance(record[field], str):
                 raise ValueError(f"field {field!r} must be a string, got {type(record[field]).__name__}")
-        prompt, response = chat_prompt_text(record["prompt"]), record["response"]
+        turns, response = (("user", record["prompt"]),), record["response"]
     if not response.strip():
         raise ValueError("the response is empty")
-    return Pair(prompt=prompt, response=response.strip(), source=source)
+    return Pair(turns=turns, response=response.strip(), source=source)
 
 
 def _jsonl_files(spec: str) -> list[Path]:
@@ -146,7 +145,7 @@ def read_instructions(paths: list[str]) -> list[Pair]:
 
 def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max_target: int,
                  chat: ChatFormat | None = None) -> Example:
-    """Token ids for the encoder (BOS, where the tokenizer puts one before every text, + the formatted prompt)
+    """Token ids for the encoder (BOS, where the tokenizer puts one before every text, + the rendered turns)
     and the decoder targets (response + the end-of-turn text, "<end_of_turn>" in Gemma's format, + EOS), cut
     to `max_input` / `max_target` tokens. `chat`: the tokenizer's chat format (`ChatFormat.of(tokenizer)`,
     computed once per run by the caller).
@@ -163,12 +162,7 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
     if max_input < 2 or max_target < len(end) + 1:
         raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
                           f"(to keep BOS, {chat.end} and EOS), got {max_input} and {max_target}")
-    try:
-        text = chat.prompt(pair.prompt)
-    except ValueError:  # a templated format re-reads the transcript: a message's text held Gemma's turn markers
-        raise EncdecError(f"{pair.source}: the prompt's text contains {START} or {END}, which this tokenizer's chat "
-                          "template cannot render as text; remove them from the data") from None
-    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(chat.render(list(pair.turns)), add_special_tokens=False)["input_ids"]
     response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
     return Example(inputs=bos + prompt[max(0, len(prompt) - (max_input - len(bos))):],
                    targets=response[: max_target - len(end)] + end)

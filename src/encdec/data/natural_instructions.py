@@ -22,7 +22,7 @@ import time
 import zlib
 from pathlib import Path
 
-from encdec.data.instructions import Pair, chat_prompt_text
+from encdec.data.instructions import Pair
 from encdec.errors import EncdecError
 from encdec.sources import cache_root
 
@@ -33,7 +33,7 @@ TARBALL = "bigbench-1.0.0.tar.gz"
 MEMBER = re.compile(r"bigbench-1\.0\.0/bigbench/benchmark_tasks/natural_instructions/(?P<task>[^/]+)/task\.json")
 # Every task_prefix is "Definition: ... Things to Avoid: ... Emphasis/Caution: ... Prompt: ...".
 SECTIONS = re.compile(r"\s*Definition:(?P<definition>.*?)Things to Avoid:.*Prompt:(?P<prompt>.*)", re.DOTALL)
-FORMAT = 1  # part of the cache key: bump it when the prompt format changes
+FORMAT = 2  # part of the cache key: bump it when what is cached changes (2: turns, not a Gemma transcript)
 
 
 def bigbench_tarball() -> Path:
@@ -89,7 +89,7 @@ def _task_pairs(task: str, raw: bytes, where: str) -> list[Pair]:
         if not isinstance(target, str) or not isinstance(text, str):
             raise EncdecError(f"{where}: example {index} lacks a string input and target")
         if target.strip() and text.strip():  # one example in 193,250 has an empty target
-            pairs.append(Pair(prompt=chat_prompt_text(task_prompt(prefix, text)), response=target.strip(),
+            pairs.append(Pair(turns=(("user", task_prompt(prefix, text)),), response=target.strip(),
                               source=f"natural_instructions/{task}#{index}"))
     return pairs
 
@@ -111,6 +111,11 @@ def convert(tarball: Path) -> list[Pair]:
     return [pair for task in sorted(by_task) for pair in by_task[task]]
 
 
+def _pair(record: dict) -> Pair:
+    return Pair(turns=tuple((role, text) for role, text in record["turns"]), response=record["response"],
+                source=record["source"])
+
+
 def _cached(tarball: Path) -> list[Pair]:
     """The converted pairs, from the cache when this tarball (path, size, mtime) was converted before."""
     stat = tarball.resolve().stat()
@@ -118,14 +123,14 @@ def _cached(tarball: Path) -> list[Pair]:
     cache = cache_root() / "bigbench" / f"natural_instructions-{key}.jsonl"
     if cache.exists():
         with cache.open(encoding="utf-8") as f:
-            return [Pair(**json.loads(line)) for line in f]
+            return [_pair(json.loads(line)) for line in f]
     start = time.perf_counter()
     pairs = convert(tarball)
     cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     with partial.open("w", encoding="utf-8") as f:
         for pair in pairs:
-            f.write(json.dumps({"prompt": pair.prompt, "response": pair.response, "source": pair.source}) + "\n")
+            f.write(json.dumps({"turns": pair.turns, "response": pair.response, "source": pair.source}) + "\n")
     os.replace(partial, cache)
     log.info("converted %d Natural-Instructions examples in %.0f s (cached in %s)", len(pairs),
              time.perf_counter() - start, cache)

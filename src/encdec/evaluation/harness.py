@@ -78,10 +78,9 @@ def _chat(tokenizer: object) -> Callable[[str], str]:
     """One user turn, in the tokenizer's chat template where it has one, else in Gemma's chat turns (the
     format read from the tokenizer once per task, not per prompt)."""
     from encdec.data.chat import ChatFormat
-    from encdec.data.instructions import chat_prompt_text
 
     chat = ChatFormat.of(tokenizer)
-    return lambda text: chat.prompt(chat_prompt_text(text))
+    return lambda text: chat.render([("user", text)])
 
 
 def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str, list[Choice]], s: Settings) -> TaskResult:
