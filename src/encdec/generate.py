@@ -85,9 +85,8 @@ def generate(
     outside = [token for token, _ in sampling.logit_bias if not 0 <= token < cfg.vocab_size]
     if outside:
         raise EncdecError(f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {cfg.vocab_size - 1})")
-    lengths = input_ids.new_full(input_ids.shape[:1], input_ids.shape[1]) if attention_mask is None else attention_mask.sum(1)
-    if input_ids.shape[0] and int(lengths.min()) == 0:
-        raise EncdecError(f"prompt {int(lengths.argmin())} of the batch is empty (its attention_mask is all 0): "
+    if attention_mask is not None and input_ids.shape[0] and int(attention_mask.sum(1).min()) == 0:
+        raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask is all 0): "
                           "every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
     eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     rows = [Row(max_new_tokens, eos, sampling) for _ in range(input_ids.shape[0])]

@@ -101,13 +101,14 @@ def _restore_dropped_fields(path: Path, arch: str, config: dict) -> None:
     kind, factor = value("rope.scaling.type"), value("rope.scaling.factor")
     if kind not in (None, "none") and factor not in (None, 1.0):
         if arch != "gemma3" or kind != "linear":
-            raise EncdecError(f"{path}: its RoPE scaling ({kind}, factor {factor}) is not carried over by transformers' "
-                              "GGUF reader; use the model's Hugging Face checkpoint directory instead")
+            raise EncdecError(f"{path}: its RoPE scaling ({kind}, factor {factor}) is not carried over by "
+                              "transformers' GGUF reader; use the model's Hugging Face checkpoint directory instead")
         full = config["rope_parameters"]["full_attention"]
         config["rope_parameters"]["full_attention"] = {**full, "rope_type": "linear", "factor": factor}
     if arch in GEMMA_27B_LAYERS:  # llama.cpp scales queries by head_dim, except the 27B models' by hidden / heads
         big = config["num_hidden_layers"] == GEMMA_27B_LAYERS[arch]
-        config["query_pre_attn_scalar"] = config["hidden_size"] // config["num_attention_heads"] if big else config["head_dim"]
+        heads = config["num_attention_heads"]
+        config["query_pre_attn_scalar"] = config["hidden_size"] // heads if big else config["head_dim"]
 
 
 def _convert(path: Path, out: Path) -> Path:

@@ -1,16 +1,17 @@
 """The decoding engine: a batch of slots that rows join (after one shared encoder pass) and leave at any step.
 
-Why it is fast: every buffer is allocated once and only grows (by doubling) when a longer prompt or
-a larger token budget joins. Each slot holds the self-attention keys/values of its decoded tokens
+Why it is fast: every buffer is allocated once and only grows (by doubling) when a longer prompt
+joins or a row goes past the positions allocated. Each slot holds the self-attention keys/values of its decoded tokens
 and the encoder keys/values of its prompt, written once when the row joins; a step attends over
 [self keys | encoder keys] as two products and one joint softmax, so nothing is concatenated per
 step. RoPE tables are built once for all positions and indexed by each row's position; each step's
 causal / sliding mask is built from the rows' positions ([rows, positions], not a table of every
 query position against every key, which grew with the square of the token budget). The self caches
 are allocated for up to PREALLOCATED_POSITIONS positions when rows join, and double when a row
-goes past them, so a large budget costs memory only as tokens are actually generated. Live rows sit in the first slots: a row that ends is replaced by
-the last live row, so every step computes only live rows, and the LM head runs once per row (for
-greedy rows on CPU, through a bfloat16 screen that keeps the float32 argmax).
+goes past them, so a large budget costs memory only as tokens are actually generated. Live rows sit
+in the first slots: a row that ends is replaced by the last live row, so every step computes only
+live rows, and the LM head runs once per row (for greedy rows on CPU, through a bfloat16 screen
+that keeps the float32 argmax).
 
 `encdec.generate.generate` is "every row joins at step 0"; the server (`encdec.serve`) lets rows
 join whenever requests arrive. A row's tokens never depend on its neighbours (each has its own
