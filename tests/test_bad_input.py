@@ -434,17 +434,20 @@ def test_ctranslate2_export_of_damaged_weights_is_one_line(capsys, tmp_path, ada
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def test_resuming_with_another_model_is_one_line(capsys, tmp_path, sources, adapted):
+@pytest.mark.parametrize("cross_first", [False, True], ids=["merged-then-cross", "cross-then-merged"])
+def test_resuming_with_another_model_is_one_line(capsys, tmp_path, sources, adapted, cross_first):
+    """Either model has parameters the other lacks (cross-attention): weights or optimizer state that do not fit."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(("w1 w2 w3 w4 w5 w6 w7 w8 " * 40 + "\n") * 10)
     run = tmp_path / "run"
     common = ["--data", str(corpus), "--steps", "2", "--save-every", "1", "--eval-every", "0", "--enc-len", "16",
               "--dec-len", "16", "--batch-size", "2"]
-    assert main(["pretrain", "--model", str(adapted), "--out", str(run), *common]) == 0
     other = tmp_path / "other"  # another shape: the merged-attention model against the cross-attention one
     assert main(["adapt", "--encoder", str(sources["gemma3"]), "--attention", "cross", "--out", str(other)]) == 0
+    first, then = (other, adapted) if cross_first else (adapted, other)
+    assert main(["pretrain", "--model", str(first), "--out", str(run), *common]) == 0
     capsys.readouterr()
-    assert main(["pretrain", "--model", str(other), "--out", str(run), "--resume", *common[:2], "--steps", "3",
+    assert main(["pretrain", "--model", str(then), "--out", str(run), "--resume", *common[:2], "--steps", "3",
                  *common[4:]]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert "was saved by a run of another model" in line and "--overwrite" in line

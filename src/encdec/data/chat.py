@@ -8,7 +8,9 @@ text; a tokenizer with neither gets Gemma's format (`instructions.chat_prompt`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from encdec.data.instructions import END, START, chat_prompt
@@ -16,6 +18,7 @@ from encdec.data.tokens import leading_bos
 
 _ROLE = {"user": "user", "model": "assistant"}
 _MARK = "\x00answer\x00"  # stands for an answer when finding the text a template puts after one
+_SLOT = re.compile("\ue000(\\d+)\ue001")  # stands for a message's text in a rendering (private-use characters)
 
 
 @dataclass(frozen=True)
@@ -49,3 +52,28 @@ class ChatFormat:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         bos = self.tokenizer.bos_token
         return text.removeprefix(bos) if bos and self.bos is not None else text
+
+    def encode(self, turns: list[tuple[str, str]]) -> list[int]:
+        """The token ids of `render(turns)`, the tokenizer's leading BOS first where it puts one, except that a
+        message's text is never read as the tokenizer's control tokens: "<end_of_turn>" typed in a message is text,
+        so that a client cannot close its turn and write the model's (transformers' templates and vLLM read it as
+        the marker). Prompts without such text are tokenized whole, as before."""
+        tok, bos = self.tokenizer, [] if self.bos is None else [self.bos]
+        if not any(special in text for _, text in turns for special in self._specials):
+            return bos + tok(self.render(turns), add_special_tokens=False)["input_ids"]
+        texts = [text.strip() for _, text in turns]
+        slotted = self.render([(role, f"\ue000{i}\ue001") for i, (role, _) in enumerate(turns)])
+        pieces = _SLOT.split(slotted)  # template text, message index, template text, ...
+        ids = list(bos)
+        for k, piece in enumerate(pieces):
+            if k % 2:
+                ids += tok(texts[int(piece)], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            elif piece:
+                ids += tok(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
+    @cached_property
+    def _specials(self) -> tuple[str, ...]:
+        """The texts the tokenizer reads as its special (control) tokens."""
+        added = getattr(self.tokenizer, "added_tokens_decoder", {})
+        return tuple({*self.tokenizer.all_special_tokens, *(t.content for t in added.values() if t.special)})

@@ -162,7 +162,7 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
     if max_input < 2 or max_target < len(end) + 1:
         raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
                           f"(to keep BOS, {chat.end} and EOS), got {max_input} and {max_target}")
-    prompt = tokenizer(chat.render(list(pair.turns)), add_special_tokens=False)["input_ids"]
+    prompt = chat.encode(list(pair.turns))[len(bos):]  # a message's text never reads as control tokens
     response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
     return Example(inputs=bos + prompt[max(0, len(prompt) - (max_input - len(bos))):],
                    targets=response[: max_target - len(end)] + end)

@@ -70,8 +70,8 @@ class Service:
         if outside:
             raise APIError(400, f"'logit_bias': token id {outside[0]} is outside the vocabulary (0 to "
                            f"{self.vocab_size - 1})", "logit_bias")
-        if request.kind == "chat":
-            return [self.ids(self.chat.render(request.turns), "messages")]
+        if request.kind == "chat":  # a message's text never reads as control tokens (ChatFormat.encode)
+            return [self.ids(self.chat.encode(request.turns), "messages")]
         return [self.ids(prompt, "prompt") for prompt in request.prompts]
 
     def ids(self, prompt: str | list[int], param: str) -> list[int]:

@@ -144,10 +144,14 @@ def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) ->
     """Restore model, optimizer and RNG states in place; returns the trainer state (step, scheduler, stream, ...)."""
     weights = {PREFIX + k: v for k, v in saved.weights.items()}
     with_state = set(saved.optimizer.get("state", {}))
-    try:
-        foreign = sorted(with_state - set(weights))
+    params = {name.removeprefix("module."): p for name, p in wrapped.named_parameters()}  # DDP's wrapper; FSDP2 keeps names
+    try:  # the loads below are not strict (see there), so what makes the checkpoint another model's is checked here
+        missing = sorted(name for name in params if name.startswith(PREFIX) and name not in weights)
+        if missing:
+            raise KeyError(f"no weight for {missing[0].removeprefix(PREFIX)!r}")
+        foreign = sorted(with_state - set(params))
         if foreign:
-            raise KeyError(f"optimizer state for {foreign[0]!r}, which this model does not have")
+            raise KeyError(f"optimizer state for {foreign[0].removeprefix(PREFIX)!r}, which this model does not have")
         set_model_state_dict(wrapped, weights, options=StateDictOptions(full_state_dict=True, strict=False))
         # not strict: parameters frozen so far (--freeze-encoder-steps, --cross-warmup-steps) had no gradient, so
         # no optimizer state; torch makes state for them while loading, which must go again to match the run
@@ -156,8 +160,8 @@ def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) ->
     except (RuntimeError, KeyError, ValueError) as e:  # shapes or parameters that are not this model's
         raise EncdecError(f"{saved.path} was saved by a run of another model ({str(e).strip().splitlines()[0][:200]}); "
                           "resume with the --model that run started from, or start afresh with --overwrite") from None
-    for name, p in wrapped.named_parameters():
-        if name.removeprefix("module.") not in with_state:  # DDP's wrapper; FSDP2 keeps the names
+    for name, p in params.items():
+        if name not in with_state:
             optimizer.state.pop(p, None)
     trainer = saved.trainer
     torch.set_rng_state(trainer["rng"]["torch"])
