@@ -64,6 +64,14 @@ def test_gemma_gguf_keeps_what_transformers_reader_drops(tmp_path, monkeypatch, 
         assert torch.allclose(a.logits(a.hidden(ids, segments)), b.logits(b.hidden(ids, segments)), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_gemma_with_an_lm_head_of_its_own_is_refused(tmp_path, family):
+    """Read as tied (every released Gemma is), its own head would be dropped without a word."""
+    source = make_source(tmp_path / family, family, tie_word_embeddings=False)
+    with pytest.raises(EncdecError, match="LM head of its own"):
+        encdec.load_source(str(source))
+
+
 def test_a_llama_3_gguf_is_refused_for_its_rope_scaling(tmp_path, monkeypatch):
     """llama.cpp writes Llama 3's RoPE scaling as a rope_freqs tensor, which transformers' reader drops (and
     then counts fewer parameters): one line that names the cause, not the tensor shapes."""

@@ -129,6 +129,9 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
             raise EncdecError(f"{where} is a Gemma 3 configuration without a text model")
         log.info("%s is multimodal Gemma 3: taking its text model, ignoring the vision tower", where)
         cfg = cfg["text_config"]
+    if cfg.get("tie_word_embeddings") is False:  # every released Gemma ties them; read as tied, its head was lost
+        raise EncdecError(f"{where} is a Gemma with an LM head of its own (tie_word_embeddings: false), which encdec "
+                          "does not adapt; accepted: Gemma checkpoints whose LM head is the embedding, as released")
     defaults = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
     return SourceConfig(
         family=family, stack=stack_from_hf(cfg, family),
