@@ -197,6 +197,29 @@ def test_resuming_with_other_settings_is_warned_of_by_name(adapted, corpus, tmp_
     assert len(warned) == 1 and "--lr 3e-05 -> 0.001" in warned[0] and "--seed 0 -> 5" in warned[0], warned
 
 
+def test_a_crash_between_a_checkpoint_and_its_metrics_line_loses_no_line(adapted, corpus, tmp_path, monkeypatch):
+    """The step's line is kept in its checkpoint and put back on resume (it was missing from metrics.jsonl for good)."""
+    from encdec.training.metrics import Metrics
+
+    options = dict(steps=4, save_every=2, eval_every=0)
+    loop.train(_config(adapted, tmp_path / "straight", corpus, **options))
+    original = Metrics.log
+
+    def crash_before_step_2s_line(self, record, **kw):
+        if record["step"] == 2:
+            raise RuntimeError("the machine went away")
+        original(self, record, **kw)
+
+    monkeypatch.setattr(Metrics, "log", crash_before_step_2s_line)
+    with pytest.raises(RuntimeError, match="went away"):
+        loop.train(_config(adapted, tmp_path / "crashed", corpus, **options))
+    monkeypatch.setattr(Metrics, "log", original)
+    assert [r["step"] for r in _metrics(tmp_path / "crashed")] == [1]
+    loop.train(_config(adapted, tmp_path / "crashed", corpus, resume=True, **options))
+    assert [(r["step"], r["loss"]) for r in _metrics(tmp_path / "crashed")] == \
+        [(r["step"], r["loss"]) for r in _metrics(tmp_path / "straight")]
+
+
 def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted, corpus, tmp_path, capsys):
     straight = tmp_path / "straight"
     loop.train(_config(adapted, straight, corpus, steps=4, save_every=1, eval_every=0))

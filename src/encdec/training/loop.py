@@ -124,6 +124,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     scheduler = build_scheduler(optimizer, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
     start = 0
     last_checkpoint: Path | None = resume_from.path if resume_from else None
+    state: dict = {}
     if resume_from is not None:
         state = checkpointing.apply(resume_from, wrapped, optimizer)
         del resume_from  # its tensors are in the model and the optimizer now
@@ -138,7 +139,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             if changed:
                 log.warning("resuming with settings other than the run's (its next steps differ from those of an "
                             "uninterrupted run): %s", "; ".join(changed))
-    rundir.begin(cfg, start, d)
+    rundir.begin(cfg, start, d, state.get("record"))
 
     autocast = torch.autocast(d.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
     metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main,
@@ -172,9 +173,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             model.encoder_lookahead = lookahead
         return distributed.reduce_sum(total, d) / distributed.reduce_sum(count, d)
 
-    def save_checkpoint(step: int) -> Path:
+    def save_checkpoint(step: int, record: dict) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
-                   "kept_tokens": keep}
+                   "kept_tokens": keep, "record": record}
         return checkpointing.save(out, step, wrapped, optimizer, trainer, d, (cfg.keep_last, cfg.save_every, cfg.steps),
                                   last_checkpoint)
 
@@ -234,7 +235,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             # saving, or checking the ranks, alone would wait forever in those collectives
             stopping = distributed.reduce_sum(float(stop.requested), d) > 0
             if (step + 1) % cfg.save_every == 0 or done or stopping:
-                last_checkpoint = save_checkpoint(step + 1)
+                last_checkpoint = save_checkpoint(step + 1, record)
                 if d.world > 1 and not cfg.fsdp:
                     record["ranks_in_sync"] = distributed.in_sync(model, d)
             if (step + 1) % cfg.log_every == 0 or done or "ranks_in_sync" in record:

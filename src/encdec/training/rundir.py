@@ -127,24 +127,25 @@ def changed_settings(saved: dict, cfg: TrainConfig) -> list[str]:
             and plain(name, saved[name]) != plain(name, now[name])]
 
 
-def begin(cfg: TrainConfig, start: int, d: distributed.Dist) -> None:
+def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None = None) -> None:
     """Make OUT ready for the first step (`start` steps were done before): the previous run removed
-    (--overwrite), or the metrics cut back to the resumed checkpoint."""
+    (--overwrite), or the metrics cut back to the resumed checkpoint, whose step's line (`record`, kept in the
+    checkpoint) is put back if the run stopped between writing the checkpoint and logging the step."""
     out = Path(cfg.out)
     if not d.main:
         return
     if cfg.resume:  # steps logged after the checkpoint will be run again
-        _truncate_metrics(out / "metrics.jsonl", start)
+        _truncate_metrics(out / "metrics.jsonl", start, record if start % cfg.log_every == 0 else None)
     elif cfg.overwrite:
         for name in OUTPUTS:
             target = out / name
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
+def _truncate_metrics(path: Path, last_step: int, last_record: dict | None) -> None:
     if not path.exists():
         return
-    kept, damaged = [], 0
+    kept, damaged, last_logged = [], 0, False
     for line in path.read_text(errors="replace").splitlines():
         try:
             record = json.loads(line)
@@ -154,6 +155,9 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if step <= last_step:
             kept.append(line)
+            last_logged |= step == last_step
+    if last_record is not None and not last_logged:
+        kept.append(json.dumps(last_record))
     if damaged:
         log.warning("%s: dropped %d unreadable line(s), cut short by a crash?", path, damaged)
     atomic_write(path, "".join(line + "\n" for line in kept))
