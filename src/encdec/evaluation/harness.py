@@ -74,18 +74,19 @@ class TaskResult:
         return out
 
 
-def _chat(tokenizer: object) -> Callable[[str], str]:
+def _chat(tokenizer: Any) -> tuple[Callable[[str], str], int | None]:
     """One user turn, in the tokenizer's chat template where it has one, else in Gemma's chat turns (the
-    format read from the tokenizer once per task, not per prompt)."""
+    format read from the tokenizer once per task, not per prompt), and the token that ends the model's
+    turn (a tuned model's answer ends there, before EOS: what follows is not its answer)."""
     from encdec.data.chat import ChatFormat
 
     chat = ChatFormat.of(tokenizer)
-    return lambda text: chat.render([("user", text)])
+    return (lambda text: chat.render([("user", text)])), tokenizer.get_vocab().get(chat.end)
 
 
 def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str, list[Choice]], s: Settings) -> TaskResult:
     requests, owners = [], []
-    chat = _chat(scorer.tokenizer) if s.chat else None
+    chat = _chat(scorer.tokenizer)[0] if s.chat else None
     for k, item in enumerate(items):
         for context, continuation in zip(choice_prompts(task, item, shots), item.continuations):
             if chat is not None:
@@ -111,10 +112,11 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
 
 def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[str, list[Question]], s: Settings) -> TaskResult:
     prompts = [question_prompt(item, shots) for item in items]
-    if s.chat:
-        chat = _chat(scorer.tokenizer)
-        prompts = [chat(p) for p in prompts]
     stop_ids = _single_token_stops(scorer, task.stops)
+    if s.chat:
+        chat, end_of_turn = _chat(scorer.tokenizer)
+        prompts = [chat(p) for p in prompts]
+        stop_ids += [] if end_of_turn is None else [end_of_turn]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
     texts = [""] * len(items)
     for start in tqdm(range(0, len(order), s.batch_size), desc=f"{scorer.name} · {task.name}", unit="batch", leave=False):
@@ -185,9 +187,10 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
                                      "decoder-only models", "results": {}}
         else:
             items, shots = prepared[name]
+            counts = [len(v) for v in shots.values()] or [0]  # per group (MMLU: per subject)
             record["tasks"][name] = {"describe": TASKS[name].describe, "kind": TASKS[name].kind,
-                                     "shots": max((len(v) for v in shots.values()), default=0),
-                                     "n": len(items), "results": {}}
+                                     "shots": min(counts), "n": len(items), "results": {},
+                                     **({"shots_max": max(counts)} if max(counts) != min(counts) else {})}
     for spec in models:
         scorer = load_scorer(spec, dtype, s.max_len)
         record["models"].append({"name": spec, "kind": scorer.kind, "provenance": _provenance(spec, scorer.kind)})
@@ -251,7 +254,8 @@ def markdown(record: dict[str, Any]) -> str:
                 cell += f" · norm {100 * summary['accuracy_norm']:.1f}"
             cells.append(cell)
             averages[m].append(summary["accuracy"])
-        shots = f", {entry['shots']}-shot" if entry.get("shots") else ", 0-shot"
+        most = f"-{entry['shots_max']}" if entry.get("shots_max") else ""  # groups with fewer shots than others
+        shots = f", {entry.get('shots') or 0}{most}-shot"
         lines.append(f"| {task}{shots} | {entry['n']} | {' | '.join(cells)} |")
     if any(averages.values()):
         lines.append(f"| **average** | | {' | '.join(f'**{100 * sum(v) / len(v):.1f}**' for v in averages.values())} |")

@@ -22,10 +22,12 @@ def mean_interval(results: list[tuple[float, int]], z: float = Z95) -> tuple[flo
     """The average of several tasks' accuracies, given each as (correct, n), with its 95% interval.
 
     The tasks are independent samples, so the variance of the average is the sum of the accuracies'
-    binomial variances p (1 - p) / n divided by the number of tasks squared (normal approximation)."""
+    variances divided by the number of tasks squared (normal approximation). Each variance is Agresti and
+    Coull's, p~ (1 - p~) / (n + z^2) with p~ = (correct + z^2 / 2) / (n + z^2): the plain p (1 - p) / n is
+    zero for a task at 0% or 100%, which would claim a certainty that a sample of n examples does not give."""
     if not results or any(n == 0 for _, n in results):
         raise ValueError("every task needs at least one example")
-    accuracies = [correct / n for correct, n in results]
-    mean = sum(accuracies) / len(results)
-    half = z * math.sqrt(sum(p * (1 - p) / n for p, (_, n) in zip(accuracies, results))) / len(results)
+    mean = sum(correct / n for correct, n in results) / len(results)
+    adjusted = [((correct + z * z / 2) / (n + z * z), n + z * z) for correct, n in results]
+    half = z * math.sqrt(sum(p * (1 - p) / size for p, size in adjusted)) / len(results)
     return mean, max(0.0, mean - half), min(1.0, mean + half)

@@ -123,7 +123,8 @@ def _hellaswag() -> list[Choice]:
     out = []
     for i, r in enumerate(read_split("hellaswag", "none", "validation")):
         context = _hellaswag_text(f"{r['activity_label']}: {r['ctx_a']} {r['ctx_b'].capitalize()}")
-        out.append(_choice(r.get("ind", i), context, [_hellaswag_text(e) for e in r["endings"]], int(r["label"])))
+        # the row's index: its "ind" field repeats across the dataset's sources
+        out.append(_choice(str(i), context, [_hellaswag_text(e) for e in r["endings"]], int(r["label"])))
     return out
 
 
