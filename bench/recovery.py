@@ -42,11 +42,13 @@ def score(model, sets: dict[str, PrefixSuffix]) -> dict[str, float]:
 
 
 def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[str, PrefixSuffix],
-               results: Path, done: set[tuple[str, int]]) -> None:
+               results: Path, trained: bool, done: set[tuple[str, int]]) -> None:
+    """Train the recipe unless it was (`trained`), then score each checkpoint not scored yet (`done`: (recipe,
+    step) pairs scored); the checkpoints go once every evaluated step is scored."""
     steps, every = args.steps, args.eval_every
     cfg = recipe_config(options, model=args.model, out=args.out / name, steps=steps, seed=args.seed, save_every=every,
                         keep_last=steps // every + 1)
-    if (name, steps) not in done:
+    if not trained:
         began = time.perf_counter()
         cfg.resume = checkpointing.checkpoints(Path(cfg.out)) != []
         train(cfg)
@@ -137,9 +139,13 @@ def main() -> None:
         append(results, {"recipe": "adapted", "tokens": 0, "nll": score(load(args.model), sets)})
     for name, options in recipes:
         records = read_results(results)
+        before = [r for r in records if r.get("event") == "trained" and r["recipe"] == name]
+        if before and before[-1]["options"] != options:  # the curve in OUT would be reported under these options
+            parser.error(f"recipe {name!r} was run in {args.out} with {before[-1]['options']}, not {options}: give it "
+                         "another name, or another --out")
         done = {(r["recipe"], r["step"]) for r in records if "step" in r}
-        done |= {(r["recipe"], r["steps"]) for r in records if r.get("event") == "trained"}
-        run_recipe(name, options, args, sets, results, done)
+        trained = any(r["steps"] == args.steps for r in before)
+        run_recipe(name, options, args, sets, results, trained, done)
     report(results, [name for name, _ in recipes], args.out)
 
 

@@ -33,10 +33,49 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
                            capture_output=True, text=True, timeout=600)
     assert table.returncode == 0, table.stderr[-2000:]
     assert "| recipe | 0 tokens | 512 tokens | 1,024 tokens |" in table.stdout and "| trimmed | " in table.stdout
+    other = subprocess.run([*command[:-1], "trimmed:trim_vocab=30"], capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "recipe 'trimmed' was run in" in other.stderr  # not reported under new options
     bad = subprocess.run([*command[:-2], "--out", str(tmp_path / "bad"), "--recipe", "bad:objective=ul2,distill=true"],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
         "error: --distill works with --objective prefixlm only") and not (tmp_path / "bad").exists()
+
+
+def test_recovery_study_interrupted_while_scoring_scores_the_rest_before_removing_checkpoints(tmp_path, monkeypatch):
+    """Training and scoring faked, the study's own bookkeeping real: a run killed after training, while scoring
+    its checkpoints, scores the remaining ones on the rerun (the last was skipped, then deleted)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    recovery = importlib.import_module("recovery")
+    interrupt = {"at": 30}
+
+    def train(cfg):
+        for step in (10, 20, 30, 40):
+            (Path(cfg.out) / "checkpoints" / f"step-{step:06d}").mkdir(parents=True, exist_ok=True)
+
+    def score(step, sets):
+        if step == interrupt["at"]:
+            raise KeyboardInterrupt
+        return {name: 5.0 - step / 100 for name in recovery.HELDOUT_SETS}
+
+    for name, fake in {"train": train, "score": score, "load": lambda path: 0, "read_state": lambda path, name: {},
+                       "read_weights": lambda path: recovery.checkpointing.step_of(path),
+                       "full_vocabulary_model": lambda weights, start, keep: weights,
+                       "load_tokenizer": lambda path: None, "split_passages": lambda *args: None,
+                       "source_nll": lambda args, sets: {n: 3.0 for n in recovery.HELDOUT_SETS},
+                       "report": lambda *args: None}.items():
+        monkeypatch.setattr(recovery, name, fake)
+    out = tmp_path / "study"
+    monkeypatch.setattr(sys, "argv", ["recovery.py", "--model", str(tmp_path), "--out", str(out), "--steps", "40",
+                                      "--eval-every", "10"])
+    with pytest.raises(KeyboardInterrupt):
+        recovery.main()
+    interrupt["at"] = None
+    recovery.main()
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records if "step" in r) == [10, 20, 30, 40]
+    assert not (out / "default" / "checkpoints").exists()
 
 
 def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_path):
