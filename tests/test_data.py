@@ -23,6 +23,12 @@ def test_every_format_and_directories(tmp_path):
 
     pq.write_table(pa.table({"body": ["from parquet", ""]}), tmp_path / "c.parquet")
     assert list(read_documents(str(tmp_path / "d"))) == ["first paragraph\nstill first", "second one", "from jsonl", "again"]
+    # hidden folders' copies are left out; a suffix in capitals is still the format; a BOM is not text
+    (tmp_path / "d" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "d" / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("first paragraph\n")
+    (tmp_path / "d" / "e.TXT").write_bytes("\ufeffwith a byte-order mark\n".encode())
+    assert list(read_documents(str(tmp_path / "d")))[-3:] == ["from jsonl", "again", "with a byte-order mark"]
+    assert len(list(read_documents(str(tmp_path / "d")))) == 5
     assert list(read_documents(str(tmp_path / "c.parquet"), text_field="body")) == ["from parquet"]
 
 

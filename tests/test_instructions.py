@@ -64,6 +64,8 @@ def test_directories_are_read_in_file_order(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     write_lines(tmp_path / "sub" / "a.jsonl", {"prompt": "a", "response": "1"})
     (tmp_path / "notes.txt").write_text("not read")
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # a hidden folder's copy would train twice
+    write_lines(tmp_path / ".ipynb_checkpoints" / "b-checkpoint.jsonl", {"prompt": "b", "response": "2"})
     assert [p.response for p in read_instructions([str(tmp_path)])] == ["2", "1"]  # b.jsonl < sub/a.jsonl
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from encdec.data.text import json_lines
+from encdec.data.text import data_files, json_lines
 from encdec.errors import EncdecError
 from encdec.objectives import Example
 
@@ -113,13 +113,13 @@ def _pair(record: Any, source: str) -> Pair:
 def _jsonl_files(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*.jsonl") if p.is_file())
+        files = data_files(path, (".jsonl",))
         if not files:
             raise EncdecError(f"{path}: no .jsonl files in this directory")
         return files
     if not path.exists():
         raise EncdecError(f"{spec}: no such file or directory; expected a .jsonl file of {SHAPES}, or a directory of them")
-    if path.suffix != ".jsonl":
+    if path.suffix.lower() != ".jsonl":
         raise EncdecError(f"{path}: unsupported file type {path.suffix!r}; expected a .jsonl file or a directory of them")
     return [path]
 

@@ -18,10 +18,17 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 ACCEPTED = "a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, or hf:NAME"
 
 
+def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files below `directory` with one of `suffixes` (in any case), sorted; hidden files and folders
+    (`.ipynb_checkpoints/`, `.git/`) are left out: their copies would train twice."""
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
 def _txt(path: Path) -> Iterator[str]:
     """Documents of a text file are its paragraphs (separated by blank lines)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text of the first document
     except UnicodeDecodeError as e:
         line = path.read_bytes()[: e.start].count(b"\n") + 1
         raise EncdecError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
@@ -92,13 +99,13 @@ def files_of(spec: str) -> list[Path]:
     """The data files a path stands for (a file, or the supported files below a directory, sorted)."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        files = data_files(path, SUFFIXES)
         if not files:
             raise EncdecError(f"{path}: no .txt, .jsonl or .parquet files in this directory")
         return files
     if not path.exists():
         raise EncdecError(f"{spec}: no such file or directory; expected {ACCEPTED}")
-    if path.suffix not in SUFFIXES:
+    if path.suffix.lower() not in SUFFIXES:
         raise EncdecError(f"{path}: unsupported file type {path.suffix!r}; expected {ACCEPTED}")
     return [path]
 
@@ -110,9 +117,9 @@ def read_documents(spec: str, *, text_field: str = "text", hub_limit: int | None
         return
     for path in files_of(spec):
         count = 0
-        if path.suffix == ".txt":
+        if path.suffix.lower() == ".txt":
             reader = _txt(path)
-        elif path.suffix == ".jsonl":
+        elif path.suffix.lower() == ".jsonl":
             reader = _jsonl(path, text_field)
         else:
             reader = _parquet(path, text_field)

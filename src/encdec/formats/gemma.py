@@ -124,10 +124,14 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
     """A decoder-only Gemma 2 / Gemma 3 config.json (of a multimodal Gemma 3, its text model)."""
     model_type = cfg["model_type"]
     family = MODEL_TYPES[model_type]
+    outer: dict[str, Any] = {}
     if model_type == "gemma3":
         if not isinstance(cfg.get("text_config"), dict):
             raise EncdecError(f"{where} is a Gemma 3 configuration without a text model")
         log.info("%s is multimodal Gemma 3: taking its text model, ignoring the vision tower", where)
+        # the released ones name their special tokens (EOS: [1, 106], <end_of_turn> too) outside the text model,
+        # which is what generation reads
+        outer = {k: v for k in ("pad_token_id", "bos_token_id", "eos_token_id") if (v := cfg.get(k)) is not None}
         cfg = cfg["text_config"]
     if cfg.get("tie_word_embeddings") is False:  # every released Gemma ties them; read as tied, its head was lost
         raise EncdecError(f"{where} is a Gemma with an LM head of its own (tie_word_embeddings: false), which encdec "
@@ -136,5 +140,5 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
     return SourceConfig(
         family=family, stack=stack_from_hf(cfg, family),
         final_logit_softcap=cfg.get("final_logit_softcapping") if family == "gemma2" else None, tied_head=True,
-        special_tokens=special_tokens({**defaults, **{k: v for k, v in cfg.items() if v is not None}}),
+        special_tokens=special_tokens({**defaults, **{k: v for k, v in cfg.items() if v is not None}, **outer}),
     )
