@@ -86,8 +86,8 @@ def generate(
     if outside:
         raise EncdecError(f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {cfg.vocab_size - 1})")
     if attention_mask is not None and input_ids.shape[0] and int(attention_mask.sum(1).min()) == 0:
-        raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask is all 0): "
-                          "every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
+        raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask "
+                          "is all 0): every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
     eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     rows = [Row(max_new_tokens, eos, sampling) for _ in range(input_ids.shape[0])]
     input_ids = input_ids.to(model.device)

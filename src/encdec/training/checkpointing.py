@@ -144,7 +144,8 @@ def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) ->
     """Restore model, optimizer and RNG states in place; returns the trainer state (step, scheduler, stream, ...)."""
     weights = {PREFIX + k: v for k, v in saved.weights.items()}
     with_state = set(saved.optimizer.get("state", {}))
-    params = {name.removeprefix("module."): p for name, p in wrapped.named_parameters()}  # DDP's wrapper; FSDP2 keeps names
+    # DDP's wrapper adds "module."; FSDP2 keeps the names
+    params = {name.removeprefix("module."): p for name, p in wrapped.named_parameters()}
     try:  # the loads below are not strict (see there), so what makes the checkpoint another model's is checked here
         missing = sorted(name for name in params if name.startswith(PREFIX) and name not in weights)
         if missing:
