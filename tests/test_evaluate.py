@@ -55,6 +55,18 @@ def test_encoder_decoder_choice_score_is_the_sum_of_token_logprobs_of_a_plain_fo
         assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
 
 
+@pytest.mark.parametrize("kind", ["encoder-decoder", "decoder-only"])
+def test_an_empty_continuation_scores_zero_and_leaves_the_rest_of_its_batch_alone(kind, adapted, sources):
+    """A chat-formatted option can tokenize to nothing; it fed BOS to the decoder and shifted every later
+    request of the batch onto another's positions."""
+    scorer = load_scorer(str(adapted) if kind == "encoder-decoder" else str(sources["gemma2"]))
+    alone = scorer.loglikelihoods(REQUESTS, batch_size=4)
+    with_empty = scorer.loglikelihoods([([2, 10, 11], []), *REQUESTS], batch_size=5)
+    assert with_empty[0] == (0.0, True)
+    for (score, greedy), (score_alone, greedy_alone) in zip(with_empty[1:], alone):
+        assert score == pytest.approx(score_alone, abs=1e-4) and greedy == greedy_alone
+
+
 def test_decoder_only_choice_score_is_the_sum_of_token_logprobs_of_a_plain_forward_pass(sources):
     import transformers as tf
 

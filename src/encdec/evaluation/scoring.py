@@ -111,15 +111,17 @@ def _encdec_states(model: EncoderDecoder, requests: list[Request]) -> tuple[torc
     dec_ids, dec_mask = pad_rows([[cfg.bos_token_id, *cont[:-1]] for _, cont in requests], cfg.pad_token_id)
     encoder = EncoderState(encoded[rows], Segments.of(enc_ids[rows], enc_mask[rows], None, None))
     hidden = model.decode(dec_ids, encoder, Segments.of(dec_ids, dec_mask, None, None))
-    targets = torch.tensor([t for _, cont in requests for t in cont])
-    return hidden[dec_mask.bool()], targets
+    targets = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long)
+    # an empty continuation still feeds BOS; only positions that predict a continuation token are kept
+    predicts = torch.arange(dec_ids.shape[1]) < torch.tensor([len(cont) for _, cont in requests])[:, None]
+    return hidden[predicts], targets
 
 
 def _causal_states(model: torch.nn.Module, requests: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids, mask = pad_rows([ctx + cont for ctx, cont in requests], pad_id)
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     picked = [hidden[i, len(ctx) - 1 : len(ctx) + len(cont) - 1] for i, (ctx, cont) in enumerate(requests)]
-    targets = torch.tensor([t for _, cont in requests for t in cont])
+    targets = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long)
     return torch.cat(picked), targets
 
 
