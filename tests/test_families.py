@@ -222,3 +222,26 @@ def test_text_weights_of_a_multimodal_gemma3_and_an_untied_head():
     kept = text_weights(plain, False, llama.TEXT_PREFIXES, llama.NOT_TEXT)
     assert sorted(kept) == ["lm_head.weight", "model.norm.weight"]
     assert list(text_weights(plain, True, llama.TEXT_PREFIXES, llama.NOT_TEXT)) == ["model.norm.weight"]
+
+
+def test_a_changed_gguf_replaces_its_cached_conversion_and_leaves_others(tmp_path, monkeypatch):
+    """Each conversion is the size of the dequantized model; a new one of the same file (changed, or converted by
+    a newer encdec) removes the old, and never touches another file's, even one of the same name."""
+    import os
+    import shutil
+
+    from encdec.sources import gguf_cache_dir
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    directory = make_source(tmp_path / "llama", "llama", rope_parameters=PLAIN_ROPE)
+    path = write_gguf(directory, tmp_path / "model.gguf")
+    other = write_gguf(directory, (tmp_path / "elsewhere").mkdir() or tmp_path / "elsewhere" / "model.gguf")
+    encdec.load_source(str(path)), encdec.load_source(str(other))
+    first, kept = gguf_cache_dir(path), gguf_cache_dir(other)
+    unrecorded = shutil.copytree(first, first.with_name("model-0123456789abcdef"))  # as made before records
+    (unrecorded / "gguf-source.json").unlink()
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed
+    assert encdec.load_source(str(path)).family == "llama"
+    assert gguf_cache_dir(path) != first and (gguf_cache_dir(path) / "config.json").is_file()
+    assert not first.exists()
+    assert (kept / "config.json").is_file() and (unrecorded / "config.json").is_file()

@@ -8,10 +8,13 @@ transformers and cached as safetensors (with its tokenizer), so later loads take
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -145,6 +148,9 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
     )
 
 
+GGUF_RECORD = "gguf-source.json"  # in a cached conversion: the resolved path of the file it was made from
+
+
 def gguf_cache_dir(path: Path) -> Path:
     """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its path, size and mtime, and
     by the conversion's version."""
@@ -175,7 +181,23 @@ def gguf_to_hf_directory(path: Path) -> Path:
     with gguf_lock(path):
         if (cached / "config.json").exists():  # converted by another process meanwhile
             return cached
-        return gguf.to_hf_directory(path, cached)
+        gguf.to_hf_directory(path, cached)
+        (cached / GGUF_RECORD).write_text(json.dumps({"path": str(path.resolve())}))
+        _remove_superseded(path, cached)
+        return cached
+
+
+def _remove_superseded(path: Path, current: Path) -> None:
+    """Delete the cached conversions of the same file made before it changed or before the conversion's version
+    changed: each is the size of the dequantized model (1.1 GB for the 270M), and nothing reads them again."""
+    for entry in current.parent.glob(f"{glob.escape(path.stem)}-*"):
+        try:
+            source = json.loads((entry / GGUF_RECORD).read_text())["path"]
+        except (OSError, ValueError, KeyError, TypeError):  # not ours to judge: no record, or a damaged one
+            continue
+        if entry != current and source == str(path.resolve()):
+            log.info("removing %s: a conversion of an older %s or by an older encdec", entry, path.name)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _package_dir(module: str, name: str) -> Path:
