@@ -25,6 +25,18 @@ def test_balanced_cross_attention_starts_as_self_attention(sources):
     assert model.encoder_embed is not None  # T5Gemma keeps separate tables
 
 
+def test_the_encoder_source_named_again_as_decoder_is_balanced(sources):
+    """`--decoder` naming the encoder's own source (or every one of its layers) is the balanced model, whose
+    cross-attention starts from self-attention, not a random one needing a warm-up."""
+    source = encdec.load_source(str(sources["gemma2"]))
+    balanced = encdec.adapt(source).state_dict()
+    every_layer = list(range(source.stack.num_layers))
+    for model in (encdec.adapt(source, encdec.load_source(str(sources["gemma2"]))),
+                  encdec.adapt(source, decoder_layers=every_layer)):
+        state = model.state_dict()
+        assert state.keys() == balanced.keys() and all(torch.equal(state[k], balanced[k]) for k in balanced)
+
+
 def test_unbalanced_cross_attention_is_new_and_reads_the_encoder_width(sources):
     big, small = encdec.load_source(str(sources["gemma2"])), encdec.load_source(str(sources["gemma2-small"]))
     model = encdec.adapt(big, small, seed=7)

@@ -131,7 +131,8 @@ def adapt(
     if not config.shared_embeddings:
         weights["encoder_embed.weight"] = encoder.weights[EMBED]
     if attention == "cross":
-        balanced = decoder is None and decoder_layers is None
+        # the decoder repeats the encoder's source layer for layer (also when named again as --decoder)
+        balanced = one_source and layers == list(range(encoder.stack.num_layers))
         weights.update(_random_cross(model, seed) if not balanced else {})
         if balanced:
             _copy_cross_from_self(weights, dec_stack.num_layers)
