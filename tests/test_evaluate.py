@@ -234,6 +234,7 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
     for name in ("python-docs", "general-english"):  # in-domain and out-of-domain, both reported
         assert f"perplexity:{name}" in source_lm and f"perplexity:{name}" not in adapted_lm
         assert source_lm[f"suffix_nll:{name}"] > 0 and adapted_lm[f"suffix_nll:{name}"] > 0
+        assert f"{name}: " in record["tasks"]["heldout"]["describe"]  # the record says what each set is
     assert "held-out general-english: suffix NLL" in (tmp_path / "res.md").read_text()
 
 

@@ -168,6 +168,7 @@ def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
 def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Results of every model on every task, as the JSON record (see `write`)."""
     from encdec.checkpoint import is_checkpoint
+    from encdec.data.corpus import HELDOUT_SETS
     from encdec.sources import resolve
 
     for spec in models:  # a bad name fails now, not after the first model's run
@@ -182,8 +183,9 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
     record: dict[str, Any] = {"models": [], "tasks": {}, "settings": {**vars(s), "format_version": FORMAT_VERSION}}
     for name in s.tasks:
         if name == LM_TASK:
+            sets = "; ".join(f"{key}: {label}" for key, (label, _) in HELDOUT_SETS.items())
             record["tasks"][name] = {"describe": "held-out suffix NLL (nats/token, 64-token prefix -> 64-token suffix) of "
-                                     "Python language-reference passages; perplexity of the whole passages for "
+                                     f"passages never trained on ({sets}); perplexity of the whole passages for "
                                      "decoder-only models", "results": {}}
         else:
             items, shots = prepared[name]
