@@ -195,8 +195,11 @@ def test_n_choices_are_requests_of_their_own(server, local):
     """n choices: a seeded request's choice i is the one-choice request with seed + i (choice 0 is that request
     itself), greedy choices are all the same; streamed, the choices interleave with their indices and each ends."""
     client, model_id = server.client(), server.process.args[4]
+    encoded = _metric(server.base, "encdec_prompt_tokens_total")
     done = client.completions.create(model=model_id, prompt="w1 w2", max_tokens=6, n=3, seed=7, temperature=1.5)
     assert [c.index for c in done.choices] == [0, 1, 2]
+    # the prompt is encoded once for its three choices, and counted once, in the usage and the metric alike
+    assert _metric(server.base, "encdec_prompt_tokens_total") - encoded == done.usage.prompt_tokens == 3
     solo = [_solo_tokens(local, "w1 w2", 6, do_sample=True, temperature=1.5, seed=7 + i) for i in range(3)]
     assert [c.text for c in done.choices] == [local[1].decode(tokens, skip_special_tokens=True) for tokens in solo]
     assert len({c.text for c in done.choices}) > 1
@@ -265,6 +268,24 @@ def _reference_logprobs(local, prompt_ids: list[int], tokens: list[int]) -> torc
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids]), decoder_input_ids=decoder).logits[0].float()
     return torch.log_softmax(logits, -1)
+
+
+def test_special_tokens_chosen_add_no_logprob_text_and_are_named_as_alternatives(server, local):
+    """The answer's text leaves out a special token the model picks (here <bos>, forced); its logprob entry has
+    empty text too, so the entries still join into the answer, while a special alternative is named."""
+    _, tokenizer = local
+    client, model_id = server.client(), server.process.args[4]
+    bos = tokenizer.bos_token_id
+    done = client.completions.create(model=model_id, prompt="w1 w2", max_tokens=4, temperature=0, logprobs=2,
+                                     logit_bias={str(bos): 100})
+    choice = done.choices[0]
+    assert choice.logprobs.tokens == [""] * 4 and choice.text == "" and choice.logprobs.text_offset == [0] * 4
+    best = _reference_logprobs(local, tokenizer("w1 w2").input_ids, [bos] * 4).topk(2).indices  # unbiased
+    assert [list(top) for top in choice.logprobs.top_logprobs] == [[tokenizer.decode([t]) for t in row] for row in best]
+    assert any(tokenizer.decode([t], skip_special_tokens=True) == "" for t in best.flatten().tolist())  # one is named
+    chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "w3"}], max_tokens=2,
+                                          temperature=0, logprobs=True, top_logprobs=1, logit_bias={str(bos): 100})
+    assert [(e.token, e.bytes) for e in chat.choices[0].logprobs.content] == [("", [])] * 2
 
 
 def test_logprobs_are_the_models_own_and_stream_as_they_complete(server, local):

@@ -8,7 +8,9 @@ tokens' texts join into its text, up to a stop string). An alternative's text is
 added there. A byte-fallback token (`<0xE2>`) has that byte in `bytes`; its text is empty while the
 character it helps spell is incomplete, and the token with the character's last byte carries the whole
 character (so offsets never go back and the texts still join). End-of-sequence tokens end the answer
-and are not listed.
+and are not listed. Other special tokens (`<bos>`, `<start_of_turn>`) add nothing to the answer, whose text
+leaves them out: chosen, their text is empty; as alternatives they are named (`<start_of_turn>`), since an
+empty text would not say which token it was.
 """
 
 from __future__ import annotations
@@ -45,21 +47,33 @@ class TokenLogprobs:
         self.tokens: list[int] = []
         self.entries: list[Entry] = []
         self.sent = 0
+        self.special: dict[int, bool] = {}  # token -> whether the answer's text leaves it out
 
     def add(self, item: Emitted, offset: int) -> None:
         """`item` (a token and its scores) arrived; its text starts at `offset` of the answer (the settled text's
         length, `TextStream.settled`)."""
         if item.logprob is not None and item.token not in self.eos:
             tail = self.tokens[-CONTEXT_TOKENS:]
-            before = self.tokenizer.decode(tail)
-            self.entries.append(Entry(self._piece(tail, before, item.token, item.logprob),
-                                      [self._piece(tail, before, t, lp) for t, lp in item.top], offset))
+            before = self._decode(tail)
+            self.entries.append(Entry(self._piece(tail, before, item.token, item.logprob, chosen=True),
+                                      [self._piece(tail, before, t, lp, chosen=False) for t, lp in item.top], offset))
         self.tokens.append(item.token)
 
-    def _piece(self, tail: list[int], before: str, token: int, logprob: float) -> Piece:
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)  # as the answer's text is (TextStream)
+
+    def _is_special(self, token: int) -> bool:
+        if token not in self.special:
+            self.special[token] = self._decode([token]) == "" and self.tokenizer.decode([token]) != ""
+        return self.special[token]
+
+    def _piece(self, tail: list[int], before: str, token: int, logprob: float, chosen: bool) -> Piece:
+        if self._is_special(token):
+            text = "" if chosen else self.tokenizer.decode([token])
+            return Piece(text, list(text.encode("utf-8")), logprob)
         settled = before.rstrip("\ufffd")  # a character still being spelled by byte tokens is not text yet
-        joined = self.tokenizer.decode([*tail, token]).rstrip("\ufffd")
-        text = joined[len(settled):] if joined.startswith(settled) else self.tokenizer.decode([token])
+        joined = self._decode([*tail, token]).rstrip("\ufffd")
+        text = joined[len(settled):] if joined.startswith(settled) else self._decode([token])
         byte = BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or "")
         return Piece(text, [int(byte.group(1), 16)] if byte else list(text.encode("utf-8")), logprob)
 
