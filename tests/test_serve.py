@@ -158,7 +158,18 @@ def test_streaming_sends_the_same_text_then_usage_and_done(server, local):
                      json={"prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0},
                      timeout=30)
     events = [line for line in raw.text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["usage"]["completion_tokens"] == 3
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    # every chunk has a choice (clients index chunk.choices[0]); the usage rides on the last, the finish
+    assert all(c["choices"] for c in chunks) and [("usage" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1]["usage"]["completion_tokens"] == 3 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    apart = httpx.post(f"{server.base}/v1/completions", timeout=30, json={
+        "prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0, "stream_options": {"include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in apart.text.splitlines() if line.startswith("data: {")]
+    assert [c["usage"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)  # as the OpenAI API streams it
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == chunks[-1]["usage"] | {"completion_tokens": 3}
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == "".join(c["choices"][0]["text"] for c in
+                                                                          [json.loads(e[6:]) for e in events[:-1]])
 
 
 def test_concurrent_requests_each_equal_solo_generation(server, local):
@@ -343,6 +354,8 @@ BAD = [
     ({"prompt": "w1", "echo": True}, 400, "echo"),
     ({"prompt": "w1", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "w1", "logprobs": True}, 400, "logprobs"),
+    ({"prompt": "w1", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
+    ({"prompt": "w1", "stream": True, "stream_options": True}, 400, "stream_options"),
     ({"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "w1"}], "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "w1"}], "logprobs": 3}, 400, "logprobs"),

@@ -285,11 +285,18 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     async def _stream(jobs: list[Job], parsed: Parsed, meta: dict) -> AsyncIterator[str]:
         """Server-sent events of every choice's text as it settles (choices interleaved, each with its index),
-        each choice's finish, then the usage and [DONE]."""
+        each choice's finish, the usage, then [DONE]. The usage rides on the last choice's finish chunk, so that
+        every chunk has a choice (clients read `chunk.choices[0]`), unless the request asked for it apart
+        (stream_options.include_usage, as the OpenAI API sends it: `"usage": null` on every chunk, then a chunk
+        with no choices)."""
         obj = "chat.completion.chunk" if parsed.kind == "chat" else "text_completion"
+        apart = {"usage": None} if parsed.usage_chunk else {}
 
         def event(choices: list, **extra: Any) -> str:
-            return f"data: {json.dumps({**meta, 'object': obj, 'choices': choices, **extra})}\n\n"
+            return f"data: {json.dumps({**meta, 'object': obj, 'choices': choices, **apart, **extra})}\n\n"
+
+        def usage() -> dict:
+            return _usage(_prompt_tokens(jobs, parsed), sum(len(a.text.tokens) for a in answers))
 
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -323,8 +330,11 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 if rest:
                     yield event([_choice(parsed.kind, index, rest, None, True, out.pending())])
                 out.finish = "stop" if stopped else jobs[index].row.finish_reason
-                yield event([_choice(parsed.kind, index, None, out.finish, True, out.pending())])
-            yield event([], usage=_usage(_prompt_tokens(jobs, parsed), sum(len(a.text.tokens) for a in answers)))
+                last = all(a.finish is not None for a in answers)
+                yield event([_choice(parsed.kind, index, None, out.finish, True, out.pending())],
+                            **({"usage": usage()} if last and not parsed.usage_chunk else {}))
+            if parsed.usage_chunk:
+                yield event([], usage=usage())
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"

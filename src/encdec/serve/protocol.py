@@ -31,14 +31,13 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-IGNORED = {"user", "metadata", "store", "service_tier", "stream_options", "parallel_tool_calls", "prompt_cache_key",
-           "safety_identifier"}
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
 # field -> the value(s) that leave the result unchanged; any other value is refused
 NEUTRAL = {"best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
            "tools": (None,), "tool_choice": (None, "none"),
            "functions": (None,), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
            "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
-SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "n",
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
 FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
           "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
@@ -69,6 +68,7 @@ class Parsed:
     logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k likeliest alternatives'
     n: int = 1  # choices, each generated as a request of its own
     turns: list[tuple[str, str]] | None = None  # chat: the (role, text) turns, "user" or "model", the last a user's
+    usage_chunk: bool = False  # stream_options.include_usage: the usage in a last chunk of its own (no choices)
 
 
 def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -199,6 +199,7 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
                            name)
     model = _typed(body, "model", (str,), "a string")
     stream = _typed(body, "stream", (bool,), "true or false") or False
+    usage_chunk = _include_usage(body)
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _typed(body, budget, (int,), "an integer")
     if max_tokens is None:  # the OpenAI API's defaults: 16 tokens for a completion, a chat answer up to the limit
@@ -227,7 +228,18 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     n = _typed(body, "n", (int,), "an integer")
     if n is not None and not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}, got {n}", "n")
-    return Parsed(kind, model, prompts, max_tokens, sampling, stop, stream, _logprobs(body, kind), n or 1, turns)
+    return Parsed(kind, model, prompts, max_tokens, sampling, stop, stream, _logprobs(body, kind), n or 1, turns,
+                  usage_chunk)
+
+
+def _include_usage(body: dict) -> bool:
+    """stream_options.include_usage, the one stream option that changes what is sent (others are ignored)."""
+    options = _typed(body, "stream_options", (dict,), "an object")
+    value = (options or {}).get("include_usage")
+    if value is not None and not isinstance(value, bool):
+        raise APIError(400, f"'stream_options.include_usage' must be true or false, got {json.dumps(value)[:40]}",
+                       "stream_options")
+    return bool(value)
 
 
 @dataclass
