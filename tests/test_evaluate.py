@@ -4,6 +4,7 @@ table and JSON outputs, and bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -236,6 +237,17 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
         assert source_lm[f"suffix_nll:{name}"] > 0 and adapted_lm[f"suffix_nll:{name}"] > 0
         assert f"{name}: " in record["tasks"]["heldout"]["describe"]  # the record says what each set is
     assert "held-out general-english: suffix NLL" in (tmp_path / "res.md").read_text()
+
+
+def test_results_never_replace_a_file_of_a_model_evaluated(adapted, tmp_path, capsys):
+    """`--out MODEL/config` would write MODEL/config.json: refused before any work, the model intact."""
+    victim = tmp_path / "model"
+    shutil.copytree(adapted, victim)
+    config = (victim / "config.json").read_text()
+    assert main(["evaluate", str(victim), "--tasks", "heldout", "--limit", "1", "--out", str(victim / "config")]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"would replace {victim / 'config.json'}, a file of the model {victim}" in line
+    assert (victim / "config.json").read_text() == config and not (victim / "config.md").exists()
 
 
 @pytest.mark.parametrize("args, message", [

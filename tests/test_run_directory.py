@@ -304,3 +304,31 @@ def test_outputs_get_the_modes_a_plain_write_would_give(tmp_path):
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_kept_final_model_is_a_run_that_only_overwrite_replaces(adapted, corpus, tmp_path, capsys, monkeypatch):
+    """A user who deleted a finished run's checkpoints and metrics to free disk keeps its final model: a new run
+    into that directory is refused until --overwrite, and no run fills the working directory itself."""
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("kept")
+    capsys.readouterr()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "holds a run (model)" in line and "--overwrite" in line
+    assert (out / "model" / "notes.txt").read_text() == "kept"
+    monkeypatch.chdir(out)
+    assert main(_pretrain_args(adapted, ".", corpus, "--steps", "1", "--overwrite")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "is the current directory or one above it" in line and (out / "model" / "notes.txt").exists()
+
+
+def test_resuming_with_fewer_steps_than_the_checkpoint_is_one_line(adapted, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "2", "--save-every", "2", "--eval-every", "0")) == 0
+    final = read_weights(out / "model")
+    capsys.readouterr()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--resume")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "--steps 1 is below the step of the checkpoint to resume" in line and "--steps 2 or more" in line
+    assert all(torch.equal(t, final[k]) for k, t in read_weights(out / "model").items())

@@ -186,7 +186,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from encdec.files import check_writable_place
 
     check_writable_place(args.out.parent)  # OUT is the prefix of OUT.md and OUT.json
-    output_files(args.out)
+    output_files(args.out, tuple(args.models))
     settings = Settings(tasks=parse_tasks(args.tasks), shots=args.shots, limit=args.limit, chat=args.chat,
                         batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
     record = evaluate(args.models, settings, DTYPES[args.dtype])

@@ -245,13 +245,19 @@ def check_apart(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
                               "replace the input; choose another --out")
 
 
+def check_not_above(out: Path) -> None:
+    """Fail when `out`, which a command fills with outputs of fixed names (model/, checkpoints/...) or replaces
+    whole, is the working directory or one above it."""
+    here = Path.cwd().resolve()
+    if Path(out).expanduser().resolve() in (here, *here.parents):
+        raise EncdecError(f"--out {out} is the current directory or one above it; name a directory of its own")
+
+
 def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None, ...] = ()) -> None:
     """Fail before any work when the output directory, which is replaced whole, would clobber something: an
     existing `out` without `overwrite`, any of the `inputs` (check_apart), the working directory or one above."""
     check_writable_place(out)
-    here = Path.cwd().resolve()
-    if Path(out).expanduser().resolve() in (here, *here.parents):
-        raise EncdecError(f"--out {out} is the current directory or one above it; name a directory to create")
+    check_not_above(out)
     check_apart(out, inputs)
     if out.exists() and not overwrite:
         raise EncdecError(f"output directory {out} already exists; pass --overwrite to replace it")

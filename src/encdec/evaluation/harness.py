@@ -276,9 +276,10 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def output_files(out: Path) -> tuple[Path, Path]:
+def output_files(out: Path, models: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """OUT.md and OUT.json (OUT given as NAME, NAME.md or NAME.json; a dot elsewhere is part of the name, as in
-    model-v1.5); one line, before any work, when they cannot be written there."""
+    model-v1.5); one line, before any work, when they cannot be written there or would replace a file of one of
+    the `models` evaluated (its config.json, its README.md)."""
     out = Path(out)
     if out.name in ("", ".", ".."):
         raise EncdecError(f"--out {out} names a directory; give a file prefix such as runs/evaluate/results")
@@ -287,6 +288,13 @@ def output_files(out: Path) -> tuple[Path, Path]:
     taken = next((f for f in files if f.is_dir()), None)
     if taken is not None:
         raise EncdecError(f"--out {out}: {taken} is a directory; give another file prefix")
+    for model in models:
+        directory = Path(model).expanduser()
+        if not directory.is_dir():
+            continue
+        inside = next((f for f in files if f.exists() and directory.resolve() in f.resolve().parents), None)
+        if inside is not None:
+            raise EncdecError(f"--out {out} would replace {inside}, a file of the model {model}; give another prefix")
     return files
 
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from encdec.errors import EncdecError
-from encdec.files import atomic_write, check_apart, check_writable_place, portable_path
+from encdec.files import atomic_write, check_apart, check_not_above, check_writable_place, portable_path
 from encdec.training import checkpointing, distributed
 from encdec.training.config import TrainConfig
 
@@ -73,6 +73,7 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
     if d.main:
         try:
             check_writable_place(out)
+            check_not_above(out)
             check_apart(out, inputs)
             created = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
@@ -102,9 +103,16 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     Writes nothing: `begin` does, once the run's inputs are known to be good."""
     out = Path(cfg.out)
     if cfg.resume:
-        return checkpointing.latest_usable(out, d)
-    if (checkpointing.checkpoints(out) or (out / "metrics.jsonl").exists()) and not cfg.overwrite:
-        raise EncdecError(f"{out} holds a run; pass --resume to continue it or --overwrite to start afresh")
+        saved = checkpointing.latest_usable(out, d)
+        if saved is not None and saved.trainer["step"] > cfg.steps:
+            raise EncdecError(f"--steps {cfg.steps} is below the step of the checkpoint to resume ({saved.path}, step "
+                              f"{saved.trainer['step']}); pass --steps {saved.trainer['step']} or more")
+        return saved
+    # any output of a run counts: a final model kept after its checkpoints and metrics were deleted is replaced
+    held = [name for name in OUTPUTS if (out / name).exists()]
+    if (held or checkpointing.checkpoints(out)) and not cfg.overwrite:
+        raise EncdecError(f"{out} holds a run ({', '.join(held) or 'checkpoints'}); pass --resume to continue it or "
+                          "--overwrite to start afresh")
     return None
 
 
