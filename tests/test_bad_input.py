@@ -240,6 +240,7 @@ PRETRAIN_BAD = [
     (["--config", "data: corpus.txt\n"], "--data must be a list of paths, got 'corpus.txt'"),
     (["--config", "lr: [1]\n"], "--lr must be a number, got [1]"),
     (["--config", "distill: 1\n"], "--distill must be true or false, got 1"),
+    (["--config", "model: [unclosed\n"], "not valid YAML (line 2, column 1: expected ',' or ']', but got '<stream end>')"),
     (["--out-under-a-file"], "is a file, not a directory"),
 ]
 
@@ -271,7 +272,7 @@ GENERATE_BAD = [
     (["--temperature", "nan"], "temperature must be a positive finite number, got nan"),
     (["--do-sample", "--temperature", "0"], "temperature must be a positive finite number, got 0.0"),
     (["--top-p", "nan"], "top_p must be in (0, 1], got nan"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+    (["--max-new-tokens", "0"], "max_new_tokens (--max-new-tokens) must be at least 1"),
     (["--max-new-tokens", "100000000000"], "at most 255 new tokens"),
     (["--seed", "-3"], "seed -3 out of range"),
     (["--repetition-penalty", "-1"], "repetition_penalty must be a positive finite number, got -1.0"),
@@ -461,3 +462,16 @@ def test_classify_flags_that_would_be_ignored_are_refused(capsys, tmp_path, argv
     assert main([part.format(dir=tmp_path) for part in argv]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert message in line
+
+
+def test_quickstart_overwrite_without_training_leaves_no_earlier_training(capsys, tmp_path, sources, monkeypatch):
+    """--overwrite replaces the directory: with --steps 0 an earlier run's pretrain/ would sit beside the new
+    adapted model as if it came from it (the tiny Gemma 3 stands in for the packaged 270M)."""
+    import encdec.quickstart
+
+    monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
+    out = tmp_path / "qs"
+    (out / "pretrain" / "model").mkdir(parents=True)
+    (out / "pretrain" / "metrics.jsonl").write_text("{}\n")
+    assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapted"]

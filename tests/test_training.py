@@ -192,6 +192,33 @@ def test_yaml_config_with_command_line_overrides(adapted, corpus, tmp_path):
     assert records[0]["lr"] < 0.001 + 1e-12
 
 
+def test_the_command_line_wins_over_the_file_and_repeats_add_up(tmp_path):
+    """Repeated --data accumulate; a number YAML 1.1 reads as text (3e-5) is a number; a flag of the command line
+    clears the file's setting that excludes it; finetune refuses in the file what it has no option for."""
+    import argparse
+
+    from encdec.errors import EncdecError
+    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_HIDDEN, add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 3e-5\noverwrite: true\ndistill: true\nmodel: m\n")
+    cfg = from_arguments(parser.parse_args(["--config", str(config), "--data", "a.txt", "--data", "b", "c"]))
+    assert cfg.data == ["a.txt", "b", "c"] and cfg.lr == 3e-5 and cfg.overwrite and cfg.distill
+    cfg = from_arguments(parser.parse_args(["--config", str(config), "--resume", "--objective", "ul2"]))
+    assert cfg.resume and not cfg.overwrite and not cfg.distill and cfg.objective == "ul2"
+    config.write_text("resume: true\n")
+    assert from_arguments(parser.parse_args(["--config", str(config), "--overwrite"])).resume is False
+    with pytest.raises(EncdecError, match="--distill works with --objective prefixlm only"):  # both said so
+        from_arguments(parser.parse_args(["--objective", "ul2", "--distill"]))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, FINETUNE_DEFAULTS, FINETUNE_HIDDEN)
+    config.write_text("alpha: 0.3\nsteps: 5\n")
+    with pytest.raises(EncdecError, match=r"unknown option\(s\) \['alpha'\] for `encdec finetune`"):
+        from_arguments(parser.parse_args(["--config", str(config)]), FINETUNE_DEFAULTS, "finetune", FINETUNE_HIDDEN)
+
+
 def test_bad_configuration(adapted, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("model: x\nstepz: 3\n")

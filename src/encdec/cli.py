@@ -267,9 +267,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from encdec.training.config import FINETUNE_DEFAULTS, from_arguments
+    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_HIDDEN, from_arguments
 
-    cfg = from_arguments(args, FINETUNE_DEFAULTS)
+    # MODEL is the positional argument, which wins over a `model:` of the file like any other option
+    cfg = from_arguments(args, FINETUNE_DEFAULTS, "finetune", tuple(h for h in FINETUNE_HIDDEN if h != "model"))
     if cfg.objective != "instruct":
         raise EncdecError(f"encdec finetune trains on instructions; objective {cfg.objective!r} belongs to `encdec pretrain`")
     _train_and_report(cfg)

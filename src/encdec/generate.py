@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def check_settings(max_new_tokens: int, sampling: Sampling) -> None:
     """The decoding settings, checked before a model is loaded (`encdec generate`) or run."""
     if max_new_tokens < 1:
-        raise EncdecError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise EncdecError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}")
     sampling.check()
 
 

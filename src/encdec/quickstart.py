@@ -4,6 +4,7 @@ adaptation on the default corpus and compare again."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -75,6 +76,8 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
                  ("adapted, before training", _continuation(model, tokenizer, prompt, max_new_tokens))]
     del model, reference
 
+    if not steps and run_dir.exists():  # --overwrite: no earlier run's training stays beside the new model
+        shutil.rmtree(run_dir)
     if steps:
         cfg = TrainConfig(model=str(adapted_dir), out=str(run_dir), distill=True, steps=steps, enc_len=64, dec_len=64,
                           batch_size=4, warmup_steps=max(1, steps // 10), eval_every=0, eval_windows=16,

@@ -4,6 +4,7 @@ YAML file (`--config`) and overridable on the command line (`--field-name VALUE`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
         if _kind(f) is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            kwargs.update(nargs="+", metavar="PATH")
+            kwargs.update(nargs="+", metavar="PATH", action="extend")  # --data a --data b: both
         else:
             kwargs["type"] = type(default)
             if f.metadata.get("choices"):
@@ -197,22 +198,50 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
         parser.add_argument(f"--{_flag(f.name)}", **kwargs)
 
 
-def from_arguments(args: argparse.Namespace, defaults: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults (the dataclass's, then the sub-command's), then the YAML file, then the command line."""
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise EncdecError(f"{path}: cannot read the YAML configuration ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise EncdecError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or 'unreadable'})") from None
+    if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
+        raise EncdecError(f"{path}: expected a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in loaded.items()}
+
+
+def _number_from_yaml(f: dataclasses.Field, value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads 3e-5 as a string (it wants 3.0e-5); a number field takes it as the number."""
+    if _kind(f) is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def from_arguments(args: argparse.Namespace, defaults: dict[str, Any] | None = None, command: str = "pretrain",
+                   hidden: tuple[str, ...] = ()) -> TrainConfig:
+    """Defaults (the dataclass's, then the sub-command's), then the YAML file, then the command line. The command
+    line wins also where two settings exclude each other: `--resume` clears the file's `overwrite` (and the
+    reverse), an `--objective` other than prefixlm the file's `distill`. `hidden`: options the sub-command does
+    not have, refused in the file as on the command line."""
     values: dict[str, Any] = dict(defaults or {})
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     if getattr(args, "config", None):
-        try:
-            loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise EncdecError(f"{args.config}: cannot read the YAML configuration ({e})") from None
-        if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
-            raise EncdecError(f"{args.config}: expected a mapping of option names to values")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise EncdecError(f"{args.config}: unknown option(s) {unknown}; run `encdec pretrain --help` for the list")
-    values.update({k: v for k, v in vars(args).items() if k in names})
+        loaded = _read_yaml(args.config)
+        unknown = sorted(set(loaded) - set(fields) | set(loaded) & set(hidden))
+        if unknown:
+            raise EncdecError(f"{args.config}: unknown option(s) {unknown} for `encdec {command}`; run "
+                              f"`encdec {command} --help` for the list")
+        values.update({k: _number_from_yaml(fields[k], v) for k, v in loaded.items()})
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    for flag, cleared in (("resume", "overwrite"), ("overwrite", "resume")):
+        if given.get(flag) and cleared not in given:
+            values[cleared] = False
+    if given.get("objective", "prefixlm") != "prefixlm" and "distill" not in given:
+        values.pop("distill", None)
+    values.update(given)
     return TrainConfig(**values)
 
 
