@@ -219,6 +219,20 @@ def test_the_command_line_wins_over_the_file_and_repeats_add_up(tmp_path):
         from_arguments(parser.parse_args(["--config", str(config)]), FINETUNE_DEFAULTS, "finetune", FINETUNE_HIDDEN)
 
 
+def test_a_leading_tilde_is_the_home_directory_wherever_a_path_is_given(adapted, tmp_path, monkeypatch):
+    """As a shell expands it: from a YAML file (out: ~/runs/x wrote a ./~ folder) or a quoted argument."""
+    import shutil
+
+    from encdec.training.config import TrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = TrainConfig(model="~/model", out="~/runs/x", data=["~/a.txt", "hf:name"], teacher="~/t")
+    assert (cfg.model, cfg.out, cfg.data, cfg.teacher) == (f"{tmp_path}/model", f"{tmp_path}/runs/x",
+                                                           [f"{tmp_path}/a.txt", "hf:name"], f"{tmp_path}/t")
+    shutil.copytree(adapted, tmp_path / "model")
+    assert encdec.load("~/model").config == encdec.load(adapted).config
+
+
 def test_bad_configuration(adapted, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("model: x\nstepz: 3\n")

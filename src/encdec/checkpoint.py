@@ -92,7 +92,7 @@ def save(
 
 def load_checkpoint(path: Path | str, dtype: torch.dtype = torch.float32) -> Loaded:
     """Read a checkpoint directory in the project's format or a transformers T5Gemma / T5Gemma 2 layout."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise EncdecError(f"{path} is not a checkpoint directory")
     data = read_json(path / "config.json")

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,9 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"doc": doc, **kw})
     return field(default=default, metadata={"doc": doc, **kw})
+
+
+USER_PATHS = ("model", "out", "teacher", "data", "eval_data")  # a leading ~ is the home directory
 
 
 @dataclass
@@ -91,6 +95,10 @@ class TrainConfig:
         """Every value checked before any work starts: the first bad one is the one line the user sees."""
         for f in dataclasses.fields(self):
             _check_type(f, getattr(self, f.name))
+            if f.name in USER_PATHS:  # "~/runs" from a YAML file or a quoted argument, as a shell would expand it
+                value = getattr(self, f.name)
+                setattr(self, f.name, [os.path.expanduser(v) for v in value] if isinstance(value, list)
+                        else os.path.expanduser(value))
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise EncdecError(f"--{_flag(f.name)} {getattr(self, f.name)!r}: accepted: {', '.join(choices)}")
