@@ -422,3 +422,27 @@ def test_pack_rejects_empty():
         pack([], enc_len=4, dec_len=4, pad_id=PAD, bos_id=BOS)
     with pytest.raises(ValueError, match="empty"):
         pack([Example([], [EOS])], enc_len=4, dec_len=4, pad_id=PAD, bos_id=BOS)
+
+
+@pytest.mark.parametrize("mixture, enc_len, dec_len", [("t5gemma2", 256, 64), ("ul2", 64, 256), ("ul2", 64, 64)])
+def test_examples_that_do_not_fit_keep_their_denoiser(monkeypatch, mixture, enc_len, dec_len):
+    """A corrupted window too long for its row is shortened and corrupted again by the same denoiser, so the
+    examples follow the mixture's weights whatever the row shapes (drawing again gave the T5Gemma 2 mixture's
+    3/4-span denoiser a tenth of the examples instead of half at 256 + 64 tokens)."""
+    import encdec.training.data as data
+    from encdec.objectives import MIXTURES
+
+    used = []
+    original = data.apply_denoiser
+    monkeypatch.setattr(data, "apply_denoiser", lambda *a, **kw: used.append(a[1]) or original(*a, **kw))
+    vocab = {**{f"<unused{k}>": 6 + k for k in range(99)}, "[NLU]": 200, "[NLG]": 201, "[S2S]": 202}
+    make = example_maker("ul2", eos_id=EOS, vocab=vocab, enc_len=enc_len, dec_len=dec_len, bos_id=2, mixture=mixture)
+    rng, n, final = np.random.default_rng(0), 1400, Counter()
+    for _ in range(n):
+        used.clear()
+        example = make(list(rng.integers(1000, 2000, size=window_length("ul2", enc_len, dec_len))), rng)
+        assert len(set(used)) == 1 and len(example.inputs) <= enc_len and len(example.targets) <= dec_len
+        final[used[-1]] += 1
+    chosen = MIXTURES[mixture]
+    for denoiser, weight in zip(chosen.denoisers, chosen.weights):
+        assert abs(final[denoiser] / n - weight / sum(chosen.weights)) < 0.045, (denoiser, final[denoiser] / n)

@@ -93,6 +93,10 @@ class Mixture:
         if any(not w > 0 for w in self.weights):
             raise ValueError(f"mixture weights must be positive, got {self.weights}")
 
+    def draw(self, rng: np.random.Generator) -> Denoiser:
+        p = np.asarray(self.weights, dtype=float)
+        return self.denoisers[int(rng.choice(len(p), p=p / p.sum()))]
+
 
 # T5Gemma 2: four span-corruption settings plus one span covering 3/4 of the sequence, weighted 1:1:1:1:4.
 T5GEMMA2_MIXTURE = Mixture(
@@ -163,10 +167,15 @@ def span_corruption(tokens: Sequence[int], *, rate: float, mean_span: float | No
 
 def denoise(tokens: Sequence[int], mixture: Mixture, *, sentinels: Sequence[int], mode_ids: Mapping[str, int],
             eos_id: int, rng: np.random.Generator, max_inputs: int | None = None) -> Example:
-    """UL2: draw one denoiser of the mixture, apply it, and prepend its mode token (if it has one) to the inputs.
-    `max_inputs` bounds the S-denoiser's prefix with its mode token (see `prefix_lm`)."""
-    p = np.asarray(mixture.weights, dtype=float)
-    denoiser = mixture.denoisers[int(rng.choice(len(p), p=p / p.sum()))]
+    """UL2: draw one denoiser of the mixture and apply it (`apply_denoiser`)."""
+    return apply_denoiser(tokens, mixture.draw(rng), sentinels=sentinels, mode_ids=mode_ids, eos_id=eos_id, rng=rng,
+                          max_inputs=max_inputs)
+
+
+def apply_denoiser(tokens: Sequence[int], denoiser: Denoiser, *, sentinels: Sequence[int], mode_ids: Mapping[str, int],
+                   eos_id: int, rng: np.random.Generator, max_inputs: int | None = None) -> Example:
+    """One denoiser's example, its mode token (if it has one) prepended to the inputs. `max_inputs` bounds the
+    S-denoiser's prefix with its mode token (see `prefix_lm`)."""
     if denoiser.prefix_lm:
         room = None if max_inputs is None else max(1, max_inputs - (denoiser.mode is not None))
         example = prefix_lm(tokens, eos_id=eos_id, rng=rng, max_inputs=room)

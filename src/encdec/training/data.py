@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from encdec.objectives import MIXTURES, Example, PackedRows, denoise, pack, prefix_lm, special_token_ids
+from encdec.objectives import MIXTURES, Example, PackedRows, apply_denoiser, pack, prefix_lm, special_token_ids
 
 MakeExample = Callable[[list[int], np.random.Generator], Example]
 ItemToExample = Callable[[Any, np.random.Generator], Example]
@@ -61,8 +61,10 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
     with `bos_id` (the tokenizer's leading BOS, if it adds one) every example's inputs begin with it, and so
     do the teacher's and a decoder-only student's rows (Gemma 3 270M reading windows without BOS is about 1.3
     nats worse on their continuations). A prefix longer than the encoder keeps its end, which the targets continue.
-    A corrupted window that does not fit the row is corrupted again from a shorter window: cutting its inputs
-    would drop sentinels whose spans the targets still hold.
+    A corrupted window that does not fit the row is corrupted again from a shorter window, by the same denoiser
+    (drawing again would trade the denoisers with long targets for short ones whenever encoder and decoder rows
+    differ: at 256 + 64 tokens the T5Gemma 2 mixture's 3/4-span denoiser fell from half the examples to a tenth);
+    cutting its inputs would drop sentinels whose spans the targets still hold.
     """
     eos, room = eos_id, enc_len - (bos_id is not None)
     if objective == "prefixlm":
@@ -74,9 +76,10 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
         chosen = MIXTURES[mixture]
 
         def make(window: Sequence[int], rng: np.random.Generator) -> Example:
+            denoiser = chosen.draw(rng)
             while True:
-                example = denoise(window, chosen, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng,
-                                  max_inputs=room)
+                example = apply_denoiser(window, denoiser, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng,
+                                         max_inputs=room)
                 if len(example.inputs) <= room and len(example.targets) <= dec_len or len(window) <= 2:
                     return example
                 window = window[: max(2, len(window) * 3 // 4)]
