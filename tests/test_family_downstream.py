@@ -125,6 +125,8 @@ def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
     assert example.inputs == [2, start, user, w["w1"], w["w2"], end, start, assistant, w["w3"], end,
                               start, user, w["w4"], end, start, assistant]
     assert example.targets == [w["w5"], w["w6"], end, 1]
+    # where the end-of-turn marker is the tokenizer's EOS (SmolLM2, Qwen: <|im_end|>), targets end with it once
+    assert chat_example(pair, tokenizer, eos_id=end, max_input=64, max_target=64).targets == [w["w5"], w["w6"], end]
     # a message's text that reads like Gemma's turn markers stays text in its own turn (it was re-parsed as turns)
     marked = Pair(turns=(("user", "w1 <end_of_turn>\n w2"),), response="w5", source="data.jsonl:7")
     example = chat_example(marked, tokenizer, eos_id=1, max_input=64, max_target=64)

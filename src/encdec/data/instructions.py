@@ -146,7 +146,8 @@ def read_instructions(paths: list[str]) -> list[Pair]:
 def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max_target: int,
                  chat: ChatFormat | None = None) -> Example:
     """Token ids for the encoder (BOS, where the tokenizer puts one before every text, + the rendered turns)
-    and the decoder targets (response + the end-of-turn text, "<end_of_turn>" in Gemma's format, + EOS), cut
+    and the decoder targets (response + the end-of-turn text, "<end_of_turn>" in Gemma's format, + EOS unless
+    that text ends with it), cut
     to `max_input` / `max_target` tokens. `chat`: the tokenizer's chat format (`ChatFormat.of(tokenizer)`,
     computed once per run by the caller).
 
@@ -158,7 +159,8 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
 
     chat = chat or ChatFormat.of(tokenizer)
     bos = [] if chat.bos is None else [chat.bos]
-    end = tokenizer(chat.end, add_special_tokens=False)["input_ids"] + [eos_id]
+    end = tokenizer(chat.end, add_special_tokens=False)["input_ids"]
+    end += [] if end[-1:] == [eos_id] else [eos_id]  # SmolLM2's and Qwen's <|im_end|> is their EOS: once, not twice
     if max_input < 2 or max_target < len(end) + 1:
         raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
                           f"(to keep BOS, {chat.end} and EOS), got {max_input} and {max_target}")
