@@ -99,6 +99,22 @@ def test_cli_adapt_smollm2_saves_the_project_format_that_transformers_loads_with
 
 
 @pytest.mark.parametrize("name", ["real", "smollm2"])
+def test_pretraining_text_that_spells_control_tokens_stays_text(request, name, tmp_path):
+    """A document quoting the EOS token or a UL2 sentinel ("<unused3>" in Gemma's vocabulary) must neither end
+    mid-way nor collide with span corruption's sentinels: the stream's only control tokens are the ones the
+    tokenizer puts around every text and each document's closing EOS."""
+    from encdec.data.tokens import token_stream
+
+    tokenizer = request.getfixturevalue(name)[3]
+    data = tmp_path / "a.txt"
+    data.write_text(f"Tokens such as {tokenizer.eos_token} or <unused3> are text here.\n\nSecond.\n")
+    stream = token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache").tolist()
+    control = set(tokenizer.all_special_ids) | {tokenizer.get_vocab().get("<unused3>", -1)}
+    around = [t for t in tokenizer("Second.").input_ids if t in control]
+    assert [t for t in stream if t in control] == (around + [tokenizer.eos_token_id]) * 2
+
+
+@pytest.mark.parametrize("name", ["real", "smollm2"])
 def test_instruction_inputs_begin_as_served_prompts_do(request, name):
     """Gemma's tokenizer puts BOS before every text, SmolLM2's names one (<|im_start|>) but puts none: the
     encoder's fine-tuning inputs are what `encdec serve` feeds it for the same conversation (its tokenizer's

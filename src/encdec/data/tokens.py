@@ -74,12 +74,15 @@ def _documents(specs: list[str], text_field: str) -> list[str]:
     return [doc for spec in _or_default(specs) for doc in _read(spec, text_field)]
 
 
+TOKENIZATION = 2  # in the cache key: streams tokenized before documents' special-token text stayed text are redone
+
+
 def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:
     """All documents of `specs` (the default corpus when empty) as one int32 stream, cached on disk."""
     from encdec.sources import cache_root
 
     cache_dir = cache_dir or cache_root() / "tokens"
-    key = f"{tokenizer_fingerprint(tokenizer)}-{source_fingerprint(specs, text_field)}"
+    key = f"{tokenizer_fingerprint(tokenizer)}-{source_fingerprint(specs, text_field)}-t{TOKENIZATION}"
     path = cache_dir / f"{key}.npz"
     if path.exists():
         cached = _read_cache(path, len(tokenizer))
@@ -92,7 +95,8 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for start in range(0, len(documents), 512):
-        for row in tokenizer(documents[start : start + 512]).input_ids:
+        # text that spells a control token ("<eos>", "<unused3>": a UL2 sentinel) is text, as in instruction prompts
+        for row in tokenizer(documents[start : start + 512], split_special_tokens=True).input_ids:
             ids.extend(row)
             ids.append(eos)
     stream = np.asarray(ids, dtype=np.int32)
