@@ -160,6 +160,17 @@ def test_prefix_lm_random_split_examples_fit_their_row_and_end_with_eos(enc_len,
         assert ex.targets[-1] == EOS and ex.inputs[-1] + 1 == ex.targets[0]
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(4, 128), st.integers(4, 128), st.booleans())
+def test_prefix_lm_windows_are_trained_on_whole(enc_len, dec_len, bos):
+    """Every token of a PrefixLM window is read by the encoder or predicted by the decoder, whatever the row
+    shape: with a leading BOS and a shorter encoder row the window's first token fell out of both."""
+    make = example_maker("prefixlm", eos_id=EOS, vocab={}, enc_len=enc_len, dec_len=dec_len, bos_id=BOS if bos else None)
+    window = list(range(1000, 1000 + window_length("prefixlm", enc_len, dec_len, bos)))
+    ex = make(window, np.random.default_rng(0))
+    assert ex.inputs[bos:] + ex.targets[:-1] == window and len(ex.inputs) <= enc_len and len(ex.targets) <= dec_len
+
+
 @pytest.mark.parametrize("tokens", [[], [1000]])
 def test_prefix_lm_too_short(tokens):
     with pytest.raises(ValueError, match="at least 2 tokens"):

@@ -93,11 +93,12 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
     return make_with_bos
 
 
-def window_length(objective: str, enc_len: int, dec_len: int) -> int:
-    """Tokens per window: PrefixLM fills one row exactly (targets gain an EOS); UL2 windows are about half
-    a row so that corrupted examples usually fit, often two to a row."""
+def window_length(objective: str, enc_len: int, dec_len: int, bos: bool = False) -> int:
+    """Tokens per window: PrefixLM fills one row exactly (the inputs gain the tokenizer's leading BOS when
+    `bos`, the targets an EOS); UL2 windows are about half a row so that corrupted examples usually fit, often
+    two to a row."""
     if objective == "prefixlm":
-        return min(2 * enc_len, 2 * (dec_len - 1))
+        return min(2 * (enc_len - bos), 2 * (dec_len - 1))
     return (enc_len + dec_len) // 2
 
 
