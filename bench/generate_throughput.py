@@ -162,7 +162,8 @@ def ct2_runner(ct2_dir: Path, compute_type: str) -> Runner:
         key = tuple(map(tuple, ids.tolist()))
         if key not in strings:
             strings[key] = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
-        results = translator.translate_batch(strings[key], beam_size=1, max_decoding_length=new_tokens, end_token=[])
+        results = translator.translate_batch(strings[key], beam_size=1, max_decoding_length=new_tokens, end_token=[],
+                                             max_input_length=0)  # its default cuts inputs at 1024 tokens
         return [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results]
 
     return run
@@ -330,7 +331,7 @@ def main() -> None:
                 for ours, theirs in RATIOS:
                     a, b = (cells.get((model, impl, f"{length}x{batch}")) for impl in (ours, theirs))
                     if a and b:
-                        label = f"{model}, prompt {length}, batch {batch}: {ours} / {theirs}, {kind} seconds"
+                        label = f"{model}, prompt {length}, batch {batch}: speed of {ours} over {theirs}, their {kind} s / ours"
                         print(ratio_line(label, *((a.cpu_rounds, b.cpu_rounds) if kind == "cpu" else (a.rounds, b.rounds))))
 
 

@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import corpus_token_ids, print_result, run_worker
+from common import corpus_token_ids, peak_rss_gib, print_result, run_worker
 from generate_throughput import prepare_model
 
 TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop")
@@ -128,6 +128,9 @@ def levels(args: argparse.Namespace) -> list[list[list[int]]]:
 
 
 def percentile(values: list[float], q: float) -> float:
+    """The median for q = 0.5; otherwise the nearest-rank value (p99 of a few requests is their maximum)."""
+    if q == 0.5:
+        return statistics.median(values)
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
@@ -178,13 +181,6 @@ async def drive_http(url: str, model: str, requests: list[dict], per_client: lis
 
         results = await asyncio.gather(*(one_client(r) for r in per_client))
     return [d for r in results for d in r], time.perf_counter() - start
-
-
-def peak_rss_gib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    raise RuntimeError(f"no VmHWM for process {pid}")
 
 
 def server_options(target: str, args: argparse.Namespace) -> list[str]:
@@ -261,8 +257,14 @@ def loop_worker(model_dir: Path, plan_file: Path) -> None:
     torch.set_num_threads(1)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos) if isinstance(eos, list) else {eos}
+    # the server's stop tokens: the model's EOS ids and the end-of-turn marker (encdec.serve.app.Service)
+    from encdec.data.chat import ChatFormat
+    from encdec.files import read_json
+    from encdec.formats.t5gemma import config_from_hf
+
+    end_of_turn = tokenizer.get_vocab().get(ChatFormat.of(tokenizer).end)
+    model_eos = config_from_hf(read_json(Path(model_dir) / "config.json")).eos_token_ids
+    eos = sorted(set(model_eos) | ({end_of_turn} - {None}))
     work: queue.Queue = queue.Queue()
 
     def generate(index: int, submitted: float) -> dict:
@@ -270,10 +272,9 @@ def loop_worker(model_dir: Path, plan_file: Path) -> None:
         batch = tokenizer(request["prompt"], return_tensors="pt")
         first = FirstToken()
         with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=request["max_tokens"], do_sample=False, streamer=first)
-        ids = out[0, 1:].tolist()  # after the decoder start token
-        if ids and ids[-1] in eos:
-            ids = ids[:-1]  # the server does not return the EOS token either
+            out = model.generate(**batch, max_new_tokens=request["max_tokens"], do_sample=False, streamer=first,
+                                 eos_token_id=eos)
+        ids = out[0, 1:].tolist()  # after the decoder start token; a final EOS counts, as in the server's usage
         end = time.perf_counter()
         return {"index": index, "ttft": (first.at or end) - submitted, "latency": end - submitted, "tokens": len(ids),
                 "text": tokenizer.decode(ids, skip_special_tokens=True)}
