@@ -120,9 +120,14 @@ class ExampleStream:
         self.epoch, self.cursor = 0, 0
         self.rng = np.random.default_rng([seed, 1])
         self.pending: Example | None = None
+        self._orders: tuple[int, np.ndarray] | None = None  # (epoch, its order)
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, 0, self.epoch]).permutation(len(self.items))
+        """The epoch's order of the items, drawn once per epoch (drawn for every example, it cost 0.7 s an example
+        over 8M windows)."""
+        if self._orders is None or self._orders[0] != self.epoch:
+            self._orders = (self.epoch, np.random.default_rng([self.seed, 0, self.epoch]).permutation(len(self.items)))
+        return self._orders[1]
 
     def _next_example(self) -> Example:
         if self.pending is not None:
