@@ -84,7 +84,7 @@ def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monk
         loop.train(_config(adapted, interrupted, corpus, **options))
     monkeypatch.setattr(Metrics, "log", original_log)
     assert [p.name for p in checkpointing.checkpoints(interrupted)] == ["step-000002", "step-000004", "step-000005"]
-    with pytest.raises(EncdecError, match="holds a run; pass --resume"):
+    with pytest.raises(EncdecError, match=r"holds a run \(checkpoints, metrics.jsonl\); pass --resume"):
         loop.train(_config(adapted, interrupted, corpus, **options))
     loop.train(_config(adapted, interrupted, corpus, resume=True, **options))
     assert [r["loss"] for r in _metrics(interrupted)] == expected
