@@ -331,7 +331,8 @@ def main() -> None:
                 for ours, theirs in RATIOS:
                     a, b = (cells.get((model, impl, f"{length}x{batch}")) for impl in (ours, theirs))
                     if a and b:
-                        label = f"{model}, prompt {length}, batch {batch}: speed of {ours} over {theirs}, their {kind} s / ours"
+                        label = (f"{model}, prompt {length}, batch {batch}: speed of {ours} over {theirs}, "
+                                 f"their {kind} s / ours")
                         print(ratio_line(label, *((a.cpu_rounds, b.cpu_rounds) if kind == "cpu" else (a.rounds, b.rounds))))
 
 

@@ -240,7 +240,8 @@ PRETRAIN_BAD = [
     (["--config", "data: corpus.txt\n"], "--data must be a list of paths, got 'corpus.txt'"),
     (["--config", "lr: [1]\n"], "--lr must be a number, got [1]"),
     (["--config", "distill: 1\n"], "--distill must be true or false, got 1"),
-    (["--config", "model: [unclosed\n"], "not valid YAML (line 2, column 1: expected ',' or ']', but got '<stream end>')"),
+    (["--config", "model: [unclosed\n"],
+     "cannot read the YAML configuration (line 2, column 1: expected ',' or ']', but got '<stream end>')"),
     (["--out-under-a-file"], "is a file, not a directory"),
 ]
 

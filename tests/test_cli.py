@@ -46,12 +46,27 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
     assert "has no tokenizer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["adapt", "generate", "serve", "info", "quickstart"])
-def test_help_documents_every_option(command, capsys):
+COMMANDS = ["adapt", "generate", "serve", "info", "quickstart", "pretrain", "finetune", "evaluate", "classify",
+            "export", "export-encoder"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_documents_every_option_with_its_default(command, capsys):
+    """As the README says: every option of --help has a line of help, and its default where it has one."""
+    import argparse
+
+    parser = build_parser()
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args([command, "--help"])
+        parser.parse_args([command, "--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    assert "usage: encdec " + command in text
-    if command in ("adapt", "generate", "quickstart"):
-        assert "(default:" in text
+    assert "usage: encdec " + command in capsys.readouterr().out
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in sub._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        has_default = action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, list)
+        if has_default:
+            shown = sub.formatter_class(command)._get_help_string(action)
+            assert "(default:" in shown or "%(default)" in action.help, \
+                f"{command} {action.option_strings[0]} does not show its default {action.default!r}"

@@ -165,7 +165,8 @@ def test_prefix_lm_random_split_examples_fit_their_row_and_end_with_eos(enc_len,
 def test_prefix_lm_windows_are_trained_on_whole(enc_len, dec_len, bos):
     """Every token of a PrefixLM window is read by the encoder or predicted by the decoder, whatever the row
     shape: with a leading BOS and a shorter encoder row the window's first token fell out of both."""
-    make = example_maker("prefixlm", eos_id=EOS, vocab={}, enc_len=enc_len, dec_len=dec_len, bos_id=BOS if bos else None)
+    make = example_maker("prefixlm", eos_id=EOS, vocab={}, enc_len=enc_len, dec_len=dec_len,
+                         bos_id=BOS if bos else None)
     window = list(range(1000, 1000 + window_length("prefixlm", enc_len, dec_len, bos)))
     ex = make(window, np.random.default_rng(0))
     assert ex.inputs[bos:] + ex.targets[:-1] == window and len(ex.inputs) <= enc_len and len(ex.targets) <= dec_len
@@ -440,8 +441,8 @@ def test_examples_that_do_not_fit_keep_their_denoiser(monkeypatch, mixture, enc_
     """A corrupted window too long for its row is shortened and corrupted again by the same denoiser, so the
     examples follow the mixture's weights whatever the row shapes (drawing again gave the T5Gemma 2 mixture's
     3/4-span denoiser a tenth of the examples instead of half at 256 + 64 tokens)."""
-    import encdec.training.data as data
     from encdec.objectives import MIXTURES
+    from encdec.training import data
 
     used = []
     original = data.apply_denoiser

@@ -161,7 +161,8 @@ def test_streaming_sends_the_same_text_then_usage_and_done(server, local):
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     # every chunk has a choice (clients index chunk.choices[0]); the usage rides on the last, the finish
-    assert all(c["choices"] for c in chunks) and [("usage" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert all(c["choices"] for c in chunks)
+    assert [("usage" in c) for c in chunks] == [False] * (len(chunks) - 1) + [True]
     assert chunks[-1]["usage"]["completion_tokens"] == 3 and chunks[-1]["choices"][0]["finish_reason"] == "length"
     apart = httpx.post(f"{server.base}/v1/completions", timeout=30, json={
         "prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0, "stream_options": {"include_usage": True}})

@@ -198,7 +198,13 @@ def test_the_command_line_wins_over_the_file_and_repeats_add_up(tmp_path):
     import argparse
 
     from encdec.errors import EncdecError
-    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_HIDDEN, add_arguments, from_arguments
+    from encdec.training.config import (
+        FINETUNE_DEFAULTS,
+        FINETUNE_HIDDEN,
+        FINETUNE_NOT_IN_FILE,
+        add_arguments,
+        from_arguments,
+    )
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -216,7 +222,8 @@ def test_the_command_line_wins_over_the_file_and_repeats_add_up(tmp_path):
     add_arguments(parser, FINETUNE_DEFAULTS, FINETUNE_HIDDEN)
     config.write_text("alpha: 0.3\nsteps: 5\n")
     with pytest.raises(EncdecError, match=r"unknown option\(s\) \['alpha'\] for `encdec finetune`"):
-        from_arguments(parser.parse_args(["--config", str(config)]), FINETUNE_DEFAULTS, "finetune", FINETUNE_HIDDEN)
+        from_arguments(parser.parse_args(["--config", str(config)]), FINETUNE_DEFAULTS, "finetune",
+                       FINETUNE_NOT_IN_FILE)
 
 
 def test_a_leading_tilde_is_the_home_directory_wherever_a_path_is_given(adapted, tmp_path, monkeypatch):

@@ -267,10 +267,9 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_HIDDEN, from_arguments
+    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_NOT_IN_FILE, from_arguments
 
-    # MODEL is the positional argument, which wins over a `model:` of the file like any other option
-    cfg = from_arguments(args, FINETUNE_DEFAULTS, "finetune", tuple(h for h in FINETUNE_HIDDEN if h != "model"))
+    cfg = from_arguments(args, FINETUNE_DEFAULTS, "finetune", FINETUNE_NOT_IN_FILE)
     if cfg.objective != "instruct":
         raise EncdecError(f"encdec finetune trains on instructions; objective {cfg.objective!r} belongs to `encdec pretrain`")
     _train_and_report(cfg)
@@ -328,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode each prompt and decode a continuation.")
     p.add_argument("dir", type=Path, metavar="DIR", help="checkpoint directory (any format encdec reads)")
     p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="input text; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (fewer at EOS)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
@@ -354,14 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "pip install 'encdec[serve]'.")
     p.add_argument("model", metavar="MODEL", help="checkpoint directory (any format encdec reads), with its tokenizer")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most requests waiting for a batch slot; more get 429")
     p.add_argument("--max-input-tokens", type=int, default=2048, metavar="N",
                    help="longest prompt in tokens (BOS included); longer ones get 400")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
-                   help="largest max_tokens a request may ask for (and the default when it asks none)")
+                   help="largest max_tokens a request may ask for (and a chat answer's when it asks none; a "
+                   "completion's is 16, as in the OpenAI API)")
     p.add_argument("--pooling", choices=("mean", "last"), default="mean",
                    help="/v1/embeddings: the mean of the encoder's states over the input, or its last token's")
     p.add_argument("--api-key", default=None, metavar="KEY",
@@ -509,12 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Adapt the packaged Gemma 3 270M into a 270M-270M encoder-decoder (saved in "
                        "DIR/adapted), compare it with its source (parameters, a greedy continuation, held-out suffix "
                        "NLL), run a short PrefixLM + distillation adaptation (DIR/pretrain) and compare again.")
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), metavar="DIR")
+    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), metavar="DIR",
+                   help="where the adapted model (DIR/adapted) and the short run (DIR/pretrain) go")
     p.add_argument("--steps", type=int, default=12, help="adaptation steps (0: adapt and compare only)")
     p.add_argument("--trim-vocab", type=int, default=8192, help="train on the N most frequent tokens (speed)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--prompt", default="The capital of France is", metavar="TEXT")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--prompt", default="The capital of France is", metavar="TEXT", help="text the models continue")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens of each greedy continuation")
     p.set_defaults(func=cmd_quickstart)
     return parser
 

@@ -37,7 +37,8 @@ NEUTRAL = {"best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
            "tools": (None,), "tool_choice": (None, "none"),
            "functions": (None,), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
            "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
-SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n",
+SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
+                   "n",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
 FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
           "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}

@@ -214,7 +214,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise EncdecError(f"{path}: not valid YAML ({where}{getattr(e, 'problem', None) or 'unreadable'})") from None
+        problem = getattr(e, "problem", None) or e
+        raise EncdecError(f"{path}: cannot read the YAML configuration ({where}{problem})") from None
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
         raise EncdecError(f"{path}: expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in loaded.items()}
@@ -260,3 +261,6 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 }
 FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "distill", "teacher", "alpha", "tau", "teacher_top_k",
                    "text_field", "cross_warmup_steps", "eval_data", "freeze_encoder_steps", "encoder_curriculum_steps")
+# refused in a finetune YAML file: all of them but MODEL (the positional argument wins over the file's, as any flag
+# does) and the objective (which `encdec finetune` answers by naming `encdec pretrain`)
+FINETUNE_NOT_IN_FILE = tuple(name for name in FINETUNE_HIDDEN if name not in ("model", "objective"))
