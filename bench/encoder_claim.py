@@ -15,7 +15,8 @@ are k-fold cross-validated over validation, as `encdec classify` does. Nothing i
 reported split. The table gives each cell's accuracy with its 95% Wilson interval, the majority-class
 baseline, and per backbone and protocol the SuperGLUE-style average (the mean of the four tasks' scores,
 CB scored as the mean of accuracy and macro-F1 as SuperGLUE does) with a 95% interval from the
-per-task binomial variances. The last lines compare each adapted backbone with the decoder-only one.
+per-task variances (binomial for accuracies, bootstrapped for CB's score). The last lines compare each
+adapted backbone with the decoder-only one.
 
     python bench/encoder_claim.py --out runs/encoder-claim \\
         --backbone decoder-only=gemma-3-270m --backbone adapted-init=runs/frontier/balanced/adapted \\
@@ -30,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +40,7 @@ from pathlib import Path
 TASKS = ("boolq", "cb", "copa", "rte")
 PROTOCOLS = {"probe": ["--probe"], "search": ["--search"]}
 Z95 = 1.959964
+BOOTSTRAP_DRAWS = 2000  # resamples of CB's examples for the variance of its score
 
 
 def parse_backbone(text: str) -> tuple[str, str]:
@@ -65,8 +69,8 @@ def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Nam
     return json.loads(results.read_text())
 
 
-def macro_f1(predictions: list[dict]) -> float:
-    labels = sorted({p["label"] for p in predictions} | {p["prediction"] for p in predictions})
+def macro_f1(predictions: list[dict], labels: list | None = None) -> float:
+    labels = labels or sorted({p["label"] for p in predictions} | {p["prediction"] for p in predictions})
     scores = []
     for label in labels:
         tp = sum(p["label"] == label and p["prediction"] == label for p in predictions)
@@ -83,10 +87,26 @@ def task_score(result: dict) -> float:
     return result["accuracy"]
 
 
+def score_variance(result: dict) -> float:
+    """The variance of a task's score: binomial for an accuracy; for CB's mean of accuracy and macro-F1, which has
+    no closed form (F1 over 56 examples moves more than accuracy does), a seeded bootstrap over its examples."""
+    if result["task"] != "cb":
+        return result["accuracy"] * (1 - result["accuracy"]) / result["n"]
+    predictions = result["predictions"]
+    labels = sorted({p["label"] for p in predictions} | {p["prediction"] for p in predictions})
+    rng, scores = random.Random(0), []
+    for _ in range(BOOTSTRAP_DRAWS):
+        sample = rng.choices(predictions, k=len(predictions))
+        accuracy = sum(p["label"] == p["prediction"] for p in sample) / len(sample)
+        scores.append((accuracy + macro_f1(sample, labels)) / 2)
+    return statistics.variance(scores)
+
+
 def average(results: list[dict]) -> tuple[float, float]:
-    """The mean task score and the half-width of its 95% interval (binomial variance of each task's accuracy)."""
+    """The mean task score and the half-width of its 95% interval (the tasks are independent samples: the sum of
+    their scores' variances, `score_variance`, over the number of tasks squared)."""
     mean = sum(task_score(r) for r in results) / len(results)
-    variance = sum(r["accuracy"] * (1 - r["accuracy"]) / r["n"] for r in results) / len(results) ** 2
+    variance = sum(score_variance(r) for r in results) / len(results) ** 2
     return mean, Z95 * math.sqrt(variance)
 
 

@@ -111,7 +111,15 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     assert encoder_claim.task_score(rte) == 0.75
     mean, half = encoder_claim.average([cb, rte])
     assert abs(mean - (encoder_claim.task_score(cb) + 0.75) / 2) < 1e-12
-    assert abs(half - 1.959964 * ((0.25 / 4 + 0.1875 / 4) ** 0.5) / 2) < 1e-9
+    # RTE's variance is its accuracy's; CB's score, half of it macro-F1, has a bootstrapped one (seeded, so stable)
+    assert encoder_claim.score_variance(rte) == 0.1875 / 4
+    cb_variance = encoder_claim.score_variance(cb)
+    assert cb_variance == encoder_claim.score_variance(cb) and abs(cb_variance - 0.25 / 4) > 0.005
+    assert abs(half - 1.959964 * ((cb_variance + 0.1875 / 4) ** 0.5) / 2) < 1e-9
+    # on many examples the bootstrap agrees with the delta method: always answering "e" where half the labels are,
+    # a resample with accuracy p scores (p + p / (1 + p)) / 2 (F1 of e: 2p / (1 + p), of c: 0), slope 13/18 at 1/2
+    many = _result("cb", ["e", "c"] * 200, ["e", "e"] * 200)
+    assert abs(encoder_claim.score_variance(many) / ((13 / 18) ** 2 * 0.25 / 400) - 1) < 0.15
     cell = tmp_path / "cell"
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda command, **k: ran.append(command) or
