@@ -180,6 +180,16 @@ def test_empty_prompts_are_refused_and_an_empty_eos_list_never_stops(model):
     first = int(model.generate(ids, mask, max_new_tokens=1, eos_token_ids=[-1])[0, 0])
     assert model.generate(ids[:1], mask[:1], max_new_tokens=4, eos_token_ids=[first]).shape == (1, 1)
     assert model.generate(ids[:1], mask[:1], max_new_tokens=4, eos_token_ids=[]).shape == (1, 4)
+    assert model.generate(ids[:1], mask[:1], max_new_tokens=4, eos_token_ids=first).shape == (1, 1)  # one id, as in HF
+    # a 1-D prompt (read as that many one-token prompts), an empty batch or empty prompts without a mask: one line
+    for bad in (ids[0], ids[:0], ids[:, :0], ids[None]):
+        with pytest.raises(EncdecError, match=r"input_ids must be \[batch, length\]"):
+            model.generate(bad, max_new_tokens=2)
+    with pytest.raises(EncdecError, match="attention_mask has shape"):
+        model.generate(ids, mask[:, 1:], max_new_tokens=2)
+    # greedy never reads the temperature: 0 is accepted, as transformers does
+    greedy = model.generate(ids, mask, max_new_tokens=3)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=3, temperature=0.0), greedy)
 
 
 def _alone(model, prompt: torch.Tensor, new: int, sampling: Sampling | None = None) -> list[int]:

@@ -738,3 +738,17 @@ def test_waiting_embedding_requests_share_encoder_passes(local, monkeypatch):
     for i in range(3):
         torch.testing.assert_close(vectors[i][0], engine.embed([[5, 6 + i]], "mean")[0], atol=1e-5, rtol=1e-5)
     assert all(torch.allclose(v, vectors[3][0], atol=1e-5) for v in vectors[3])
+
+
+def test_an_int8_server_says_that_batching_moves_its_tokens(checkpoint, monkeypatch, capsys):
+    """Dynamic int8 products share one activation scale across their rows, so a request's tokens depend on the
+    requests decoded with it; the server says so when it starts (float32 does not depend on them: tested above)."""
+    import encdec.serve.app
+    from encdec.cli import main
+
+    started = []
+    monkeypatch.setattr(encdec.serve.app, "serve", lambda model, *a: started.append(type(model)))
+    assert main(["serve", str(checkpoint), "--quantize", "int8"]) == 0
+    assert started and "depend on the requests decoded with it" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint)]) == 0
+    assert len(started) == 2 and "int8" not in capsys.readouterr().err

@@ -133,7 +133,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from encdec.inference.loading import load_for_inference
-    from encdec.logs import timed
+    from encdec.logs import log, timed
     from encdec.serve.app import Settings, serve
     from encdec.serve.protocol import Limits
     from encdec.sources import load_tokenizer
@@ -157,6 +157,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     with timed(f"loading {args.model}"):
         model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.model))
+    if args.quantize == "int8":
+        log.warning("--quantize int8: a request's tokens depend on the requests decoded with it (dynamic int8 "
+                    "products share one activation scale across their rows)")
     settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
                         limits=Limits(args.max_input_tokens, args.max_new_tokens), pooling=args.pooling,
                         api_key=api_key, threads=threads)

@@ -68,12 +68,12 @@ def generate(
     max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
     top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-    eos_token_ids: list[int] | None = None, use_cache: bool = True,
+    eos_token_ids: list[int] | int | None = None, use_cache: bool = True,
 ) -> torch.Tensor:
     """Generated tokens [B, T], T <= max_new_tokens; rows that ended early are filled with the pad id.
 
-    The decoder starts from the BOS token, as T5Gemma does; a row ends at one of `eos_token_ids` (the model's
-    when None; `[]`: only at max_new_tokens). With a seed, every row
+    `input_ids` [B, L] (B >= 1, L >= 1). The decoder starts from the BOS token, as T5Gemma does; a row ends at one
+    of `eos_token_ids` (the model's when None; one id or a list; `[]`: only at max_new_tokens). With a seed, every row
     samples from its own stream seeded with it, so a row's tokens do not depend on the rest of the batch.
     The penalties count each row's generated tokens (`encdec.inference.sampling`); `logit_bias` adds to
     the logits of the given token ids.
@@ -85,10 +85,16 @@ def generate(
     outside = [token for token, _ in sampling.logit_bias if not 0 <= token < cfg.vocab_size]
     if outside:
         raise EncdecError(f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {cfg.vocab_size - 1})")
-    if attention_mask is not None and input_ids.shape[0] and int(attention_mask.sum(1).min()) == 0:
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise EncdecError(f"input_ids must be [batch, length] with at least one prompt of at least one token, got "
+                          f"shape {list(input_ids.shape)} (one prompt: ids[None])")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise EncdecError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
+    if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:
         raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask "
                           "is all 0): every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
-    eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else
+                    [eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
     rows = [Row(max_new_tokens, eos, sampling) for _ in range(input_ids.shape[0])]
     input_ids = input_ids.to(model.device)
     attention_mask = None if attention_mask is None else attention_mask.to(model.device)

@@ -15,7 +15,7 @@ that keeps the float32 argmax).
 
 `encdec.generate.generate` is "every row joins at step 0"; the server (`encdec.serve`) lets rows
 join whenever requests arrive. A row's tokens never depend on its neighbours (each has its own
-position, masks, sampling settings and random stream).
+position, masks, sampling settings and random stream), except with int8 weights (`encdec.inference.quantize`).
 """
 
 from __future__ import annotations

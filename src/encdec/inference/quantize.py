@@ -5,6 +5,9 @@ Per-channel weight scales, because Gemma's weights have outlier rows: on the ada
 tensor raised the held-out suffix NLL (untrained adapted model, all layers but the LM head) by 2.4 nats,
 one per channel by 0.9.
 
+The activations' scale is one per product, shared by every row computed in it: a row's results (and greedy
+tokens) depend on the rows batched with it, unlike float32's and bfloat16's.
+
 Chosen over torchao's int8 weight-only layout because, measured on this 2-core CPU (a 640 -> 2048 -> 640
 MLP at batch 8, eager mode), dynamic int8 ran 5x faster than float32 while torchao's ran 3x slower.
 """

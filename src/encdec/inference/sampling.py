@@ -62,7 +62,10 @@ class Sampling:
         return _finite(logits)  # a tiny repetition penalty overflows a logit: it stays the largest, not inf
 
     def check(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        """The settings' ranges. A temperature of 0 is refused only when sampling: greedy decoding never reads it,
+        and transformers accepts temperature=0 with do_sample=False."""
+        low_ok = self.temperature > 0 or (self.temperature == 0 and not self.do_sample)
+        if not (math.isfinite(self.temperature) and low_ok):
             raise EncdecError(f"temperature must be a positive finite number, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise EncdecError(f"top_k must be at least 1, got {self.top_k}")
