@@ -166,6 +166,9 @@ class EventStream(StreamingResponse):
             self.release()
 
 
+API_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models"})  # metric labels
+
+
 class APIKeyCheck:
     """With --api-key, the API's endpoints answer only requests that carry the key (health and metrics stay
     open to probes and scrapers, as vLLM leaves them).
@@ -185,7 +188,10 @@ class APIKeyCheck:
                 message = "a valid API key is required: send 'Authorization: Bearer <key>' (encdec serve --api-key)"
                 body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                                   "code": "invalid_api_key"}}
-                await self.answer(scope["path"], JSONResponse(body, status_code=401))(scope, receive, send)
+                # the metric's label is one of the API's paths or "other": any path would let a client without the
+                # key add series to /metrics without end
+                endpoint = scope["path"] if scope["path"] in API_PATHS else "other"
+                await self.answer(endpoint, JSONResponse(body, status_code=401))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
