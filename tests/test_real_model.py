@@ -169,3 +169,29 @@ def test_qwen2_5_coder_adapts_keeps_both_invariants_and_generates():
     cached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=4, eos_token_ids=[-1])
     uncached = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=4, eos_token_ids=[-1], use_cache=False)
     assert cached.shape == (2, 4) and torch.equal(cached, uncached)
+
+
+def test_logprob_texts_of_byte_spelled_characters_join_into_the_answer(real):
+    """Gemma spells rare characters with byte tokens (<0xE4><0x80><0x80>), and transformers decodes a run of them
+    as a whole (one U+FFFD per byte unless all of it is valid UTF-8): two such characters in a row lost the second
+    from the server's logprob texts and gained a U+FFFD. Each token's text and bytes now join into the answer."""
+    from encdec.inference.engine import Emitted
+    from encdec.serve.logprobs import TokenLogprobs
+    from encdec.serve.text import TextStream
+
+    tokenizer = real[3]
+    for answer in ["a\u4000\u4000", "x\U00013000\U00013000 then text", "\U0001f9cc\U0001f9cc ok \U0001f9cc",
+                   "h\u00e9llo \u4e16\u754c \U00013000y\u4000z"]:
+        ids = tokenizer(answer, add_special_tokens=False).input_ids
+        assert any(tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte-spelled, as meant
+        logprobs, text = TokenLogprobs(tokenizer, "completions", frozenset()), TextStream(tokenizer, [])
+        for token in ids:
+            logprobs.add(Emitted(row=None, token=token, logprob=-1.0), text.settled)  # as the server's Answer.add
+            text.add(token)
+        rendered = logprobs.render()
+        assert text.text == "".join(rendered["tokens"]) == answer
+        assert all(answer[o:].startswith(t) for o, t in zip(rendered["text_offset"], rendered["tokens"]))
+        chat = TokenLogprobs(tokenizer, "chat", frozenset())
+        for token in ids:
+            chat.add(Emitted(row=None, token=token, logprob=-1.0), 0)
+        assert b"".join(bytes(e["bytes"]) for e in chat.render()["content"]) == answer.encode()

@@ -22,7 +22,7 @@ from typing import Any
 from encdec.inference.engine import Emitted
 
 BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-CONTEXT_TOKENS = 4  # tokens before a token that its text is decoded with
+CONTEXT_TOKENS = 4  # tokens before a token that its text is decoded with (see `TokenLogprobs._context`)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class TokenLogprobs:
         """`item` (a token and its scores) arrived; its text starts at `offset` of the answer (the settled text's
         length, `TextStream.settled`)."""
         if item.logprob is not None and item.token not in self.eos:
-            tail = self.tokens[-CONTEXT_TOKENS:]
+            tail = self._context(item.token)
             before = self._decode(tail)
             self.entries.append(Entry(self._piece(tail, before, item.token, item.logprob, chosen=True),
                                       [self._piece(tail, before, t, lp, chosen=False) for t, lp in item.top], offset))
@@ -61,6 +61,29 @@ class TokenLogprobs:
 
     def _decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)  # as the answer's text is (TextStream)
+
+    def _context(self, token: int) -> list[int]:
+        """The tokens before `token` that its text is decoded with. transformers decodes a run of byte tokens as a
+        whole, and as one U+FFFD per byte unless the whole run is valid UTF-8, so a byte token's context holds no
+        complete byte-spelled character: only the first bytes of the one it continues (none at a boundary). Another
+        token's context never starts inside such a character."""
+        if self._byte(token) < 0:
+            start = max(0, len(self.tokens) - CONTEXT_TOKENS)
+            while start > 0 and 0x80 <= self._byte(self.tokens[start]) < 0xC0:
+                start -= 1
+            return self.tokens[start:]
+        start = len(self.tokens)
+        while start > 0 and 0x80 <= self._byte(self.tokens[start - 1]) < 0xC0:  # continuation bytes
+            start -= 1
+        lead = self._byte(self.tokens[start - 1]) if start > 0 else -1
+        if lead >= 0xC0 and len(self.tokens) - start + 1 < (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4):
+            return self.tokens[start - 1 :]  # an unfinished character, which `token` continues
+        return []
+
+    def _byte(self, token: int) -> int:
+        """The byte a byte-fallback token (`<0xE4>`) stands for; -1 for any other token."""
+        byte = BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or "")
+        return int(byte.group(1), 16) if byte else -1
 
     def _is_special(self, token: int) -> bool:
         if token not in self.special:
@@ -74,8 +97,8 @@ class TokenLogprobs:
         settled = before.rstrip("\ufffd")  # a character still being spelled by byte tokens is not text yet
         joined = self._decode([*tail, token]).rstrip("\ufffd")
         text = joined[len(settled):] if joined.startswith(settled) else self._decode([token])
-        byte = BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or "")
-        return Piece(text, [int(byte.group(1), 16)] if byte else list(text.encode("utf-8")), logprob)
+        byte = self._byte(token)
+        return Piece(text, [byte] if byte >= 0 else list(text.encode("utf-8")), logprob)
 
     def take(self) -> dict[str, Any] | None:
         """The entries since the last call, in the endpoint's shape (None when there are none)."""
