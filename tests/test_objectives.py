@@ -18,7 +18,7 @@ from encdec.objectives import (
     Denoiser,
     Example,
     Mixture,
-    denoise,
+    apply_denoiser,
     pack,
     prefix_lm,
     span_corruption,
@@ -32,6 +32,11 @@ SENTINELS = list(range(100, 400))
 TOKEN = st.integers(1000, 1999)  # ordinary tokens never collide with the special ids above
 SEED = st.integers(0, 2**32 - 1)
 FAST = settings(max_examples=100, deadline=None)
+
+
+def denoise(tokens, mixture, *, rng, **options):
+    """One example from a mixture: its denoiser drawn, then applied, as the UL2 data pipeline does."""
+    return apply_denoiser(tokens, mixture.draw(rng), rng=rng, **options)
 
 
 def _expected_counts(length: int, rate: float, mean_span: float | None, n_sentinels: int) -> tuple[int, int]:

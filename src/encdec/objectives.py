@@ -165,17 +165,10 @@ def span_corruption(tokens: Sequence[int], *, rate: float, mean_span: float | No
     return Example(inputs=inputs, targets=targets + [eos_id])
 
 
-def denoise(tokens: Sequence[int], mixture: Mixture, *, sentinels: Sequence[int], mode_ids: Mapping[str, int],
-            eos_id: int, rng: np.random.Generator, max_inputs: int | None = None) -> Example:
-    """UL2: draw one denoiser of the mixture and apply it (`apply_denoiser`)."""
-    return apply_denoiser(tokens, mixture.draw(rng), sentinels=sentinels, mode_ids=mode_ids, eos_id=eos_id, rng=rng,
-                          max_inputs=max_inputs)
-
-
 def apply_denoiser(tokens: Sequence[int], denoiser: Denoiser, *, sentinels: Sequence[int], mode_ids: Mapping[str, int],
                    eos_id: int, rng: np.random.Generator, max_inputs: int | None = None) -> Example:
-    """One denoiser's example, its mode token (if it has one) prepended to the inputs. `max_inputs` bounds the
-    S-denoiser's prefix with its mode token (see `prefix_lm`)."""
+    """UL2: one denoiser's example (drawn from a mixture by `Mixture.draw`), its mode token (if it has one)
+    prepended to the inputs. `max_inputs` bounds the S-denoiser's prefix with its mode token (see `prefix_lm`)."""
     if denoiser.prefix_lm:
         room = None if max_inputs is None else max(1, max_inputs - (denoiser.mode is not None))
         example = prefix_lm(tokens, eos_id=eos_id, rng=rng, max_inputs=room)

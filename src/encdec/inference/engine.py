@@ -141,8 +141,9 @@ class Engine:
     # -- rows joining and leaving ------------------------------------------------------------------
 
     @torch.no_grad()
-    def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: list[Row]) -> None:
+    def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: list[Row]) -> int:
         """Encode a padded batch of prompts in one pass and give each its slot; they decode from the next step.
+        Returns the prompt tokens encoded (a prompt given several times is encoded once).
 
         The prompts are packed (several to a row, as training packs examples) into rows as wide as fills
         them best, so a burst of mixed-length requests costs the encoder their tokens, not the padding."""
@@ -168,6 +169,7 @@ class Engine:
             self.last[first + i] = self.model.config.bos_token_id
             row.generator = row.sampling.generator(self.device)
         self.rows.extend(rows)
+        return sum({(b, offset): lengths[i] for i, b, offset in placed}.values())  # each place in the pass once
 
     def _encode(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         """The encoder's final states of `prompts` packed into rows (`packing_width`), and where each prompt

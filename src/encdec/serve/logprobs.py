@@ -48,6 +48,7 @@ class TokenLogprobs:
         self.entries: list[Entry] = []
         self.sent = 0
         self.special: dict[int, bool] = {}  # token -> whether the answer's text leaves it out
+        self.bytes: dict[int, int] = {}  # token -> the byte a byte-fallback token stands for, or -1
 
     def add(self, item: Emitted, offset: int) -> None:
         """`item` (a token and its scores) arrived; its text starts at `offset` of the answer (the settled text's
@@ -82,8 +83,10 @@ class TokenLogprobs:
 
     def _byte(self, token: int) -> int:
         """The byte a byte-fallback token (`<0xE4>`) stands for; -1 for any other token."""
-        byte = BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or "")
-        return int(byte.group(1), 16) if byte else -1
+        if token not in self.bytes:
+            byte = BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or "")
+            self.bytes[token] = int(byte.group(1), 16) if byte else -1
+        return self.bytes[token]
 
     def _is_special(self, token: int) -> bool:
         if token not in self.special:

@@ -220,7 +220,6 @@ class Scheduler:
         for i, job in enumerate(jobs):
             ids[i, : len(job.prompt)] = torch.tensor(job.prompt)
             mask[i, : len(job.prompt)] = 1
-        self.engine.join(ids, mask, [job.row for job in jobs])
-        self.metrics.prompt_tokens.inc(sum(len(p) for p in {tuple(job.prompt) for job in jobs}))  # each encoded once
+        self.metrics.prompt_tokens.inc(self.engine.join(ids, mask, [job.row for job in jobs]))
         for job in jobs:
             self.running[job.row] = job
