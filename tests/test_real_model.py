@@ -177,7 +177,7 @@ def test_logprob_texts_of_byte_spelled_characters_join_into_the_answer(real):
     from the server's logprob texts and gained a U+FFFD. Each token's text and bytes now join into the answer."""
     from encdec.inference.engine import Emitted
     from encdec.serve.logprobs import TokenLogprobs
-    from encdec.serve.text import TextStream
+    from encdec.serve.text import Detokenizer, TextStream
 
     tokenizer = real[3]
     for answer in ["a\u4000\u4000", "x\U00013000\U00013000 then text", "\U0001f9cc\U0001f9cc ok \U0001f9cc",
@@ -186,12 +186,56 @@ def test_logprob_texts_of_byte_spelled_characters_join_into_the_answer(real):
         assert any(tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte-spelled, as meant
         logprobs, text = TokenLogprobs(tokenizer, "completions", frozenset()), TextStream(tokenizer, [])
         for token in ids:
-            logprobs.add(Emitted(row=None, token=token, logprob=-1.0), text.settled)  # as the server's Answer.add
+            logprobs.add(Emitted(row=None, token=token, logprob=-1.0), text.detokenizer, len(text.text))  # as Answer.add
             text.add(token)
         rendered = logprobs.render()
         assert text.text == "".join(rendered["tokens"]) == answer
         assert all(answer[o:].startswith(t) for o, t in zip(rendered["text_offset"], rendered["tokens"]))
-        chat = TokenLogprobs(tokenizer, "chat", frozenset())
+        chat, alone = TokenLogprobs(tokenizer, "chat", frozenset()), Detokenizer(tokenizer)
         for token in ids:
-            chat.add(Emitted(row=None, token=token, logprob=-1.0), 0)
+            chat.add(Emitted(row=None, token=token, logprob=-1.0), alone, 0)
+            alone.push(token)
         assert b"".join(bytes(e["bytes"]) for e in chat.render()["content"]) == answer.encode()
+
+
+@pytest.mark.parametrize("name", ["gemma-3-270m", "smollm2-135m", "qwen2.5-coder-0.5b"])
+def test_served_text_is_prefix_stable_and_equals_transformers_decoding(name):
+    """The server decides each token's text once (encdec.serve.text): whatever tokens come (real text of rare
+    characters, byte tokens, random ids), a streamed piece is never taken back, the pieces, the answer and the
+    log-probability texts agree, and the answer is transformers' decoding of its tokens wherever that is
+    valid UTF-8 (for byte-level vocabularies, SmolLM2's and Qwen's, everywhere). Re-decoding the whole answer,
+    as the server did, turned an already streamed "\u00e9" into U+FFFDs when a stray byte token followed it."""
+    import random
+
+    from encdec.inference.engine import Emitted
+    from encdec.serve.logprobs import TokenLogprobs
+    from encdec.serve.text import TextStream
+
+    tokenizer = encdec.load_tokenizer(encdec.load_source(name).directory)
+    vocab = tokenizer.get_vocab()
+    byte_tokens = sorted(vocab[t] for t in vocab if t.startswith("<0x")) or list(range(300))
+    texts = ["h\u00e9llo w\u00f6rld", "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8", "emoji \U0001f9cc\U0001f9cc ok \U0001f600",
+             "\U00013000 glyph", "a\u4000\u4000", "  tabs\tand\n\nlines", "\u201cquotes\u201d \u2014 dash",
+             "x = [1, 2];  # code", "\u00c0\u00c9\u00ce \u00df\u1e9e"]
+    rng = random.Random(0)
+    for _ in range(150):
+        ids = []
+        for _ in range(rng.randrange(1, 5)):
+            draw = rng.random()
+            if draw < 0.5:
+                ids += tokenizer(rng.choice(texts)[rng.randrange(3):], add_special_tokens=False).input_ids
+            else:
+                ids.append(rng.choice(byte_tokens) if draw < 0.75 else rng.randrange(len(tokenizer)))
+        stream, logprobs = TextStream(tokenizer, []), TokenLogprobs(tokenizer, "completions", frozenset())
+        pieces, seen = [], []
+        for token in ids:
+            logprobs.add(Emitted(None, token, -1.0), stream.detokenizer, len(stream.text))
+            pieces.append(stream.add(token))
+            seen.append(stream.text)
+        rest = stream.finish()
+        final = stream.text
+        assert "".join(pieces) + rest == final and all(final.startswith(text) for text in seen), ids
+        assert "".join(logprobs.render()["tokens"]) + rest == final, ids
+        reference = tokenizer.decode(ids, skip_special_tokens=True)
+        if "\ufffd" not in reference or stream.detokenizer.byte_level:
+            assert final == reference, ids

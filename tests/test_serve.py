@@ -491,7 +491,7 @@ def test_characters_spelled_by_byte_tokens_stream_whole_and_log_probabilities_jo
     text, logprobs = TextStream(tokenizer, stop), TokenLogprobs(tokenizer, "completions", frozenset({1}))
     pieces = []
     for token in spelled:
-        logprobs.add(Emitted(None, token, -1.0, ((token, -1.0), (4, -2.0))), text.settled)
+        logprobs.add(Emitted(None, token, -1.0, ((token, -1.0), (4, -2.0))), text.detokenizer, len(text.text))
         pieces.append(text.add(token))
         if text.stopped:
             break

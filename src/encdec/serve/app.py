@@ -134,7 +134,7 @@ class Answer:
     def add(self, item: Emitted) -> bool:
         """Take the next token; True when a stop string ended the choice."""
         if self.logprobs is not None:
-            self.logprobs.add(item, self.text.settled)
+            self.logprobs.add(item, self.text.detokenizer, len(self.text.text))
         self.piece = self.text.add(item.token)
         return self.text.stopped
 
@@ -271,6 +271,8 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             if out.add(item):
                 service.scheduler.cancel(job, "stop")
                 break
+        if not out.text.stopped:
+            out.text.finish()  # the end of an unfinished character
         out.finish = "stop" if out.text.stopped else job.row.finish_reason
         return out
 
@@ -335,7 +337,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 rest = "" if stopped else out.text.finish()
                 if rest:
                     yield event([_choice(parsed.kind, index, rest, None, True, out.pending())])
-                out.finish = "stop" if stopped else jobs[index].row.finish_reason
+                out.finish = "stop" if out.text.stopped else jobs[index].row.finish_reason
                 last = all(a.finish is not None for a in answers)
                 yield event([_choice(parsed.kind, index, None, out.finish, True, out.pending())],
                             **({"usage": usage()} if last and not parsed.usage_chunk else {}))

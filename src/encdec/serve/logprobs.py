@@ -2,27 +2,24 @@
 `top_logprobs`, `text_offset`) and the chat API's `content` entries (`token`, `logprob`, `bytes`,
 `top_logprobs`).
 
-A token's text is what it adds to the answer after the tokens before it (decoded with the last few of
-them, so that a word's leading space or a merged character comes out as in the answer: the answer's
-tokens' texts join into its text, up to a stop string). An alternative's text is what it would have
-added there. A byte-fallback token (`<0xE2>`) has that byte in `bytes`; its text is empty while the
-character it helps spell is incomplete, and the token with the character's last byte carries the whole
-character (so offsets never go back and the texts still join). End-of-sequence tokens end the answer
-and are not listed. Other special tokens (`<bos>`, `<start_of_turn>`) add nothing to the answer, whose text
-leaves them out: chosen, their text is empty; as alternatives they are named (`<start_of_turn>`), since an
-empty text would not say which token it was.
+A token's text is what it adds to the answer (`encdec.serve.text.Detokenizer`, which decides the answer's
+text token by token: the texts join into it, up to a stop string); an alternative's text is what it would
+have added there. A token that stands for bytes (`<0xE2>`, any token of a byte-level BPE vocabulary) has
+them in `bytes`; its text is empty while the character it helps spell is unfinished, and the token with the
+character's last byte carries the whole character (so offsets never go back). A character that the answer's end leaves unfinished adds its U+FFFDs
+to the text after the last token. End-of-sequence tokens end the answer and are not listed. Other special
+tokens (`<bos>`, `<start_of_turn>`) add nothing to the answer, whose text leaves them out: chosen, their
+text is empty; as alternatives they are named (`<start_of_turn>`), since an empty text would not say which
+token it was.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from encdec.inference.engine import Emitted
-
-BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-CONTEXT_TOKENS = 4  # tokens before a token that its text is decoded with (see `TokenLogprobs._context`)
+from encdec.serve.text import Detokenizer, utf8
 
 
 @dataclass(frozen=True)
@@ -44,64 +41,24 @@ class TokenLogprobs:
 
     def __init__(self, tokenizer: Any, kind: str, eos: frozenset[int]) -> None:
         self.tokenizer, self.kind, self.eos = tokenizer, kind, eos
-        self.tokens: list[int] = []
         self.entries: list[Entry] = []
         self.sent = 0
-        self.special: dict[int, bool] = {}  # token -> whether the answer's text leaves it out
-        self.bytes: dict[int, int] = {}  # token -> the byte a byte-fallback token stands for, or -1
 
-    def add(self, item: Emitted, offset: int) -> None:
-        """`item` (a token and its scores) arrived; its text starts at `offset` of the answer (the settled text's
-        length, `TextStream.settled`)."""
+    def add(self, item: Emitted, text: Detokenizer, offset: int) -> None:
+        """`item` (a token and its scores) arrives after the tokens `text` has decoded; its text starts at `offset`
+        of the answer."""
         if item.logprob is not None and item.token not in self.eos:
-            tail = self._context(item.token)
-            before = self._decode(tail)
-            self.entries.append(Entry(self._piece(tail, before, item.token, item.logprob, chosen=True),
-                                      [self._piece(tail, before, t, lp, chosen=False) for t, lp in item.top], offset))
-        self.tokens.append(item.token)
+            self.entries.append(Entry(self._piece(text, item.token, item.logprob, chosen=True),
+                                      [self._piece(text, t, lp, chosen=False) for t, lp in item.top], offset))
 
-    def _decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)  # as the answer's text is (TextStream)
-
-    def _context(self, token: int) -> list[int]:
-        """The tokens before `token` that its text is decoded with. transformers decodes a run of byte tokens as a
-        whole, and as one U+FFFD per byte unless the whole run is valid UTF-8, so a byte token's context holds no
-        complete byte-spelled character: only the first bytes of the one it continues (none at a boundary). Another
-        token's context never starts inside such a character."""
-        if self._byte(token) < 0:
-            start = max(0, len(self.tokens) - CONTEXT_TOKENS)
-            while start > 0 and 0x80 <= self._byte(self.tokens[start]) < 0xC0:
-                start -= 1
-            return self.tokens[start:]
-        start = len(self.tokens)
-        while start > 0 and 0x80 <= self._byte(self.tokens[start - 1]) < 0xC0:  # continuation bytes
-            start -= 1
-        lead = self._byte(self.tokens[start - 1]) if start > 0 else -1
-        if lead >= 0xC0 and len(self.tokens) - start + 1 < (2 if lead < 0xE0 else 3 if lead < 0xF0 else 4):
-            return self.tokens[start - 1 :]  # an unfinished character, which `token` continues
-        return []
-
-    def _byte(self, token: int) -> int:
-        """The byte a byte-fallback token (`<0xE4>`) stands for; -1 for any other token."""
-        if token not in self.bytes:
-            byte = BYTE_TOKEN.fullmatch(self.tokenizer.convert_ids_to_tokens(token) or "")
-            self.bytes[token] = int(byte.group(1), 16) if byte else -1
-        return self.bytes[token]
-
-    def _is_special(self, token: int) -> bool:
-        if token not in self.special:
-            self.special[token] = self._decode([token]) == "" and self.tokenizer.decode([token]) != ""
-        return self.special[token]
-
-    def _piece(self, tail: list[int], before: str, token: int, logprob: float, chosen: bool) -> Piece:
-        if self._is_special(token):
-            text = "" if chosen else self.tokenizer.decode([token])
-            return Piece(text, list(text.encode("utf-8")), logprob)
-        settled = before.rstrip("\ufffd")  # a character still being spelled by byte tokens is not text yet
-        joined = self._decode([*tail, token]).rstrip("\ufffd")
-        text = joined[len(settled):] if joined.startswith(settled) else self._decode([token])
-        byte = self._byte(token)
-        return Piece(text, [byte] if byte >= 0 else list(text.encode("utf-8")), logprob)
+    def _piece(self, text: Detokenizer, token: int, logprob: float, chosen: bool) -> Piece:
+        if text.special(token):
+            name = "" if chosen else self.tokenizer.decode([token])
+            return Piece(name, list(name.encode("utf-8")), logprob)
+        added, raw = text.text_of(token), text.raw_bytes(token)
+        if raw is not None:  # the bytes it stands for (U+FFFDs of a character it breaks off are theirs)
+            return Piece(added, list(raw), logprob)
+        return Piece(added, list(added[len(utf8(text.unfinished, final=True)[0]):].encode("utf-8")), logprob)
 
     def take(self) -> dict[str, Any] | None:
         """The entries since the last call, in the endpoint's shape (None when there are none)."""
