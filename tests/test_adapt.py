@@ -25,16 +25,22 @@ def test_balanced_cross_attention_starts_as_self_attention(sources):
     assert model.encoder_embed is not None  # T5Gemma keeps separate tables
 
 
-def test_the_encoder_source_named_again_as_decoder_is_balanced(sources):
+def test_the_encoder_source_named_again_as_decoder_is_balanced(sources, tmp_path):
     """`--decoder` naming the encoder's own source (or every one of its layers) is the balanced model, whose
-    cross-attention starts from self-attention, not a random one needing a warm-up."""
+    cross-attention starts from self-attention, not a random one needing a warm-up; also when the path is
+    spelled another way (through a link: it was compared as spelled)."""
     source = encdec.load_source(str(sources["gemma2"]))
     balanced = encdec.adapt(source).state_dict()
     every_layer = list(range(source.stack.num_layers))
-    for model in (encdec.adapt(source, encdec.load_source(str(sources["gemma2"]))),
-                  encdec.adapt(source, decoder_layers=every_layer)):
+    (tmp_path / "link").symlink_to(sources["gemma2"])
+    linked = encdec.load_source(str(tmp_path / "link"))
+    merged = encdec.adapt(source, attention="merged").state_dict()
+    for model, expected in ((encdec.adapt(source, encdec.load_source(str(sources["gemma2"]))), balanced),
+                            (encdec.adapt(source, linked), balanced),
+                            (encdec.adapt(source, linked, attention="merged"), merged),  # was refused
+                            (encdec.adapt(source, decoder_layers=every_layer), balanced)):
         state = model.state_dict()
-        assert state.keys() == balanced.keys() and all(torch.equal(state[k], balanced[k]) for k in balanced)
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
 
 
 def test_unbalanced_cross_attention_is_new_and_reads_the_encoder_width(sources):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from encdec.cli import main
 
@@ -184,6 +185,19 @@ def test_source_tensor_of_the_wrong_shape(capsys, tmp_path, sources):
     save_file(weights, str(src / "model.safetensors"))
     line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
     assert "tensor model.layers.2.self_attn.k_proj.weight has shape 8x32, config.json implies 16x32" in line
+
+
+def test_an_untied_head_of_another_vocabulary_than_the_embedding(capsys, tmp_path, sources):
+    """The head's rows were not compared with the embedding's: adapting crashed in load_state_dict."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "head"
+    shutil.copytree(sources["llama"], src)
+    weights = load_file(str(src / "model.safetensors"))
+    weights["lm_head.weight"] = torch.cat([weights["lm_head.weight"], weights["lm_head.weight"][:4]])
+    save_file(weights, str(src / "model.safetensors"))
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "tensor lm_head.weight has shape 100x32, the embedding table implies 96x32" in line
 
 
 def test_a_source_without_tokenizer_is_adapted_with_a_warning(capsys, tmp_path, sources):

@@ -105,7 +105,9 @@ def adapt(
                           "they must share one vocabulary")
     default_attention, window = adapted_as(encoder.family)
     attention = attention or default_attention
-    if attention == "merged" and decoder is not None and decoder.directory != encoder.directory:
+    # the encoder's model named again as --decoder, by another path (absolute, through a link) is still one source
+    one_source = decoder is None or decoder.directory.resolve() == encoder.directory.resolve()
+    if attention == "merged" and not one_source:
         raise EncdecError("merged attention shares one embedding and the K/V projections between encoder and decoder, "
                           "so the decoder cannot come from another model; use --attention cross")
     layers = decoder_layers or list(range(dec_source.stack.num_layers))
@@ -114,7 +116,6 @@ def adapt(
     # One embedding table when both sides start from the same one, as T5Gemma 2 does (no measured
     # quality cost); T5Gemma's layout (cross-attention, T5Gemma's window) keeps separate tables so that it
     # stays loadable there.
-    one_source = decoder is None or decoder.directory == encoder.directory
     shared = one_source and (attention == "merged" or window != "t5gemma")
     config = EncDecConfig(
         encoder=encoder.stack, decoder=dec_stack, vocab_size=encoder.vocab_size, family=encoder.family,

@@ -123,12 +123,16 @@ def _check_shapes(weights: dict[str, torch.Tensor], config: SourceConfig, direct
     if missing:
         raise EncdecError(f"{directory} lacks {len(missing)} weight(s) such as {missing[0]}; "
                           f"truncated or not a {config.family} checkpoint?")
+    vocab = weights[EMBED].shape[0]
     for name, shape in expected.items():
         found = tuple(weights[name].shape)
+        if name == HEAD:  # an untied head scores the vocabulary that the embedding table reads
+            shape = (vocab, *shape[1:])
         if len(found) != len(shape) or any(e is not None and e != f for e, f in zip(shape, found)):
             shown = "x".join("V" if e is None else str(e) for e in shape)
+            implied = "the embedding table implies" if name == HEAD else "config.json implies"
             raise EncdecError(f"{directory}: tensor {name} has shape {'x'.join(map(str, found)) or 'scalar'}, "
-                              f"config.json implies {shown}; the weights do not belong to this configuration")
+                              f"{implied} {shown}; the weights do not belong to this configuration")
 
 
 def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.float32) -> DecoderOnlySource:
