@@ -155,8 +155,32 @@ def test_bfloat16_autocast_trains_float32_master_weights(adapted, corpus, tmp_pa
     assert {t.dtype for t in encdec.files.read_weights(final).values()} == {torch.float32}
 
 
-def test_tensorboard_logs_hold_the_metrics_of_every_step(adapted, corpus, tmp_path, monkeypatch):
-    """Also after a crash: the resumed run's events replace those logged after its checkpoint, as metrics.jsonl's."""
+def test_logged_records_hold_the_rate_each_step_used_and_the_bar_counts_every_step(adapted, corpus, tmp_path,
+                                                                                 monkeypatch):
+    """--log-every 3: a record's lr is the rate its step ran at (it was the next step's), and the progress bar
+    moves every step (it moved once per record: a third of the run)."""
+    from encdec.training.optim import warmup_then_decay
+
+    shown = []
+    original_close = Metrics.close
+
+    def close(self):
+        shown.append(self.bar.n)
+        original_close(self)
+
+    monkeypatch.setattr(Metrics, "close", close)
+    cfg = _config(adapted, tmp_path / "run", corpus, log_every=3)
+    loop.train(cfg)
+    factor = warmup_then_decay(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    records = _metrics(tmp_path / "run")
+    assert [(r["step"], r["lr"]) for r in records] == [(s, pytest.approx(cfg.lr * factor(s - 1))) for s in (3, 6)]
+    assert shown == [6]
+
+
+@pytest.mark.parametrize("save_every", [2, 4])
+def test_tensorboard_logs_hold_the_metrics_of_every_step(adapted, corpus, tmp_path, monkeypatch, save_every):
+    """Also after a crash: the resumed run's events replace those logged after its checkpoint, as metrics.jsonl's;
+    also when the crash came before the first checkpoint (save_every 4), whose events were kept twice."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     original_log = Metrics.log
@@ -167,7 +191,7 @@ def test_tensorboard_logs_hold_the_metrics_of_every_step(adapted, corpus, tmp_pa
             self.writer.flush()
             raise RuntimeError("the machine went away after step 3")
 
-    options = dict(steps=4, eval_every=2, save_every=2, tensorboard=True)
+    options = dict(steps=4, eval_every=2, save_every=save_every, tensorboard=True)
     monkeypatch.setattr(Metrics, "log", log_then_crash)
     with pytest.raises(RuntimeError, match="went away"):
         loop.train(_config(adapted, tmp_path / "run", corpus, **options))

@@ -213,12 +213,13 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             if not math.isfinite(float(grad_norm)):  # the update would make the weights NaN
                 raise checkpointing.not_finite(f"the gradient norm became {float(grad_norm)}", step + 1, last_checkpoint)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step(), the next one's)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - began
             record = {
                 "step": step + 1, "loss": loss, "ce": distributed.reduce_sum(ce_total, d) / d.world,
-                "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                "lr": lr, "grad_norm": float(grad_norm),
                 "tokens_per_s": distributed.reduce_sum(tokens, d) / seconds,
             }
             if with_teacher:
@@ -238,8 +239,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 last_checkpoint = save_checkpoint(step + 1, record)
                 if d.world > 1 and not cfg.fsdp:
                     record["ranks_in_sync"] = distributed.in_sync(model, d)
-            if (step + 1) % cfg.log_every == 0 or done or "ranks_in_sync" in record:
-                metrics.log(record)
+            metrics.log(record, write=(step + 1) % cfg.log_every == 0 or done or "ranks_in_sync" in record)
             if stopping:
                 metrics.message(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_checkpoint})")
                 metrics.close()

@@ -26,23 +26,26 @@ class Metrics:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise EncdecError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-            # a resumed run drops the events logged after its checkpoint (metrics.jsonl is cut back the same way)
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
+            # a resumed run drops the events logged after its checkpoint (metrics.jsonl is cut back the same way),
+            # all of them when it stopped before its first checkpoint; a new run has none to drop
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
-    def log(self, record: dict[str, Any], *, advance: bool = True) -> None:
+    def log(self, record: dict[str, Any], *, write: bool = True) -> None:
+        """Move the progress bar to the record's step; with `write`, also keep the record (metrics.jsonl and
+        TensorBoard: every --log-every steps, while the bar moves every step)."""
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float):
-                    self.writer.add_scalar(key, value, record["step"])
-        if advance:
-            shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in record}
-            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
-            self.bar.update(1)
+        if write:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if self.writer is not None:
+                for key, value in record.items():
+                    if key != "step" and isinstance(value, int | float):
+                        self.writer.add_scalar(key, value, record["step"])
+        shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in record}
+        self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+        self.bar.update(record["step"] - self.bar.n)
 
     def message(self, text: str) -> None:
         if self.enabled:
