@@ -116,8 +116,10 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     return None
 
 
+# settings a resumed run may change without a warning: its course stays the same, but for --steps, which makes it
+# a longer (or shorter) run whose learning-rate decay is stretched to the new end from the resumed step on
 FREE_ON_RESUME = ("model", "out", "steps", "resume", "overwrite", "eval_every", "save_every", "keep_last",
-                  "average_last", "log_every", "tensorboard", "keep_freed_memory")  # the run's course stays the same
+                  "average_last", "log_every", "tensorboard", "keep_freed_memory")
 PATHS = ("data", "eval_data", "teacher")
 
 
