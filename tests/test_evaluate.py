@@ -68,6 +68,43 @@ def test_an_empty_continuation_scores_zero_and_leaves_the_rest_of_its_batch_alon
         assert score == pytest.approx(score_alone, abs=1e-4) and greedy == greedy_alone
 
 
+@pytest.mark.parametrize("kind", ["encoder-decoder", "decoder-only"])
+def test_a_tokenizer_without_pad_token_is_scored_and_generates(kind, sources, tmp_path):
+    """Llama's and Mistral's tokenizers name no pad token: batches were padded with None (a TypeError in every
+    multiple-choice task of a decoder-only model, and in the generation tasks of both kinds)."""
+    source = tmp_path / "llama"
+    shutil.copytree(sources["llama"], source)
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    settings.pop("pad_token", None)
+    (source / "tokenizer_config.json").write_text(json.dumps(settings))
+    if kind == "encoder-decoder":
+        assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
+        source = tmp_path / "adapted"
+    scorer = load_scorer(str(source))
+    assert scorer.kind == kind and scorer.tokenizer.pad_token_id is None
+    together = scorer.loglikelihoods(REQUESTS, batch_size=4)
+    for request, (score, greedy) in zip(REQUESTS, together):
+        (alone, greedy_alone), = scorer.loglikelihoods([request], batch_size=1)
+        assert score == pytest.approx(alone, abs=1e-4) and greedy == greedy_alone
+    prompts = [ctx for ctx, _ in REQUESTS[2:]]
+    assert scorer.generate(prompts, 3, []) == [scorer.generate([p], 3, [])[0] for p in prompts]
+
+
+def test_a_long_context_keeps_its_bos_only_when_the_tokenizer_puts_one(adapted):
+    from tokenizers import processors
+
+    scorer = load_scorer(str(adapted))
+    scorer.max_len, tokenizer = 4, scorer.tokenizer
+    words = tokenizer("w1 w2 w3 w4 w5 w6", add_special_tokens=False).input_ids
+    assert scorer.context_ids("w1 w2 w3 w4 w5 w6") == [tokenizer.bos_token_id, *words[-3:]]
+    kept = tokenizer.backend_tokenizer.post_processor
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")  # puts no BOS
+    try:
+        assert scorer.context_ids("w1 w2 w3 w4 w5 w6") == words[-4:]  # w1 was kept as if it were BOS
+    finally:  # the tokenizer is shared (encdec.load_tokenizer memoises it)
+        tokenizer.backend_tokenizer.post_processor = kept
+
+
 def test_decoder_only_choice_score_is_the_sum_of_token_logprobs_of_a_plain_forward_pass(sources):
     import transformers as tf
 

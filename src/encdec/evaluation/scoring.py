@@ -45,9 +45,20 @@ class Scorer:
     def eos_id(self) -> int:
         return int(self.tokenizer.eos_token_id)
 
+    @property
+    def pad_id(self) -> int:
+        """What batches are padded with (masked, never read): the model's pad token, or for a tokenizer that names
+        none (Llama's, Mistral's) its EOS."""
+        if self.kind == "encoder-decoder":
+            return self.model.config.pad_token_id  # also what encdec's generate fills finished rows with
+        return self.eos_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
+
     def context_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text).input_ids  # with BOS; long contexts keep BOS and their end
-        return ids if len(ids) <= self.max_len else ids[:1] + ids[len(ids) - self.max_len + 1 :]
+        ids = self.tokenizer(text).input_ids  # with BOS where the tokenizer puts one
+        if len(ids) <= self.max_len:
+            return ids
+        bos = int(ids[0] == self.tokenizer.bos_token_id)  # long contexts keep their BOS and their end
+        return ids[:bos] + ids[len(ids) - self.max_len + bos :]
 
     def continuation_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
@@ -69,7 +80,7 @@ class Scorer:
             hidden, targets = _encdec_states(self.model, requests)
             logits = self.model.logits(hidden)
         else:
-            hidden, targets = _causal_states(self.model, requests, self.tokenizer.pad_token_id)
+            hidden, targets = _causal_states(self.model, requests, self.pad_id)
             logits = self.model.lm_head(hidden)
             softcap = getattr(self.model.config, "final_logit_softcapping", None)
             if softcap:
@@ -86,8 +97,7 @@ class Scorer:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
         """Greedy continuations, stopping at EOS or any of `stop_ids`."""
-        eos = [self.eos_id, *stop_ids]
-        pad = self.tokenizer.pad_token_id
+        eos, pad = [self.eos_id, *stop_ids], self.pad_id
         with torch.no_grad():
             if self.kind == "encoder-decoder":
                 ids, mask = pad_rows(prompts, pad)
