@@ -88,6 +88,8 @@ def test_a_tokenizer_without_pad_token_is_scored_and_generates(kind, sources, tm
         assert score == pytest.approx(alone, abs=1e-4) and greedy == greedy_alone
     prompts = [ctx for ctx, _ in REQUESTS[2:]]
     assert scorer.generate(prompts, 3, []) == [scorer.generate([p], 3, [])[0] for p in prompts]
+    if kind == "encoder-decoder":  # `encdec generate` of two prompts asked the tokenizer to pad: a ValueError
+        assert main(["generate", str(source), "--prompt", "w1 w2 w3", "--prompt", "w4", "--max-new-tokens", "2"]) == 0
 
 
 def test_a_long_context_keeps_its_bos_only_when_the_tokenizer_puts_one(adapted):

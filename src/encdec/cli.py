@@ -110,6 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from encdec.inference.sampling import Sampling
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
+    from encdec.training.data import pad_rows
 
     penalties = {"presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
                  "repetition_penalty": args.repetition_penalty}
@@ -118,11 +119,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.dir))
-    batch = tokenizer(args.prompt, return_tensors="pt", padding=True)
-    check_positions(batch.input_ids.shape[1], args.max_new_tokens, model.config)
+    # padded with the model's pad id: the tokenizer of a source such as Llama's names no pad token
+    input_ids, attention_mask = pad_rows([tokenizer(p).input_ids for p in args.prompt], model.config.pad_token_id)
+    check_positions(input_ids.shape[1], args.max_new_tokens, model.config)
     start = time.perf_counter()
     out = model.generate(
-        batch.input_ids, batch.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+        input_ids, attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **penalties,
     )
     seconds = time.perf_counter() - start
