@@ -200,6 +200,21 @@ def test_an_untied_head_of_another_vocabulary_than_the_embedding(capsys, tmp_pat
     assert "tensor lm_head.weight has shape 100x32, the embedding table implies 96x32" in line
 
 
+@pytest.mark.parametrize("eos", ["missing", None])
+def test_a_llama_config_without_eos_is_one_line(capsys, tmp_path, sources, eos):
+    """The EOS defaulted to Gemma's 1, a quotation mark in Llama 3's vocabulary: generation stopped at quotes."""
+    src = tmp_path / "no-eos"
+    shutil.copytree(sources["llama"], src)
+    config = json.loads((src / "config.json").read_text())
+    if eos == "missing":
+        del config["eos_token_id"]
+    else:
+        config["eos_token_id"] = eos
+    (src / "config.json").write_text(json.dumps(config))
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert f"{src / 'config.json'}: config.json names no eos_token_id" in line
+
+
 def test_a_source_without_tokenizer_is_adapted_with_a_warning(capsys, tmp_path, sources):
     from encdec.logs import setup
 

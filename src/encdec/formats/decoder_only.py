@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from encdec.config import StackConfig
+from encdec.errors import EncdecError
 
 EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 LAYERS = "model.layers."
@@ -38,8 +39,12 @@ def rename(name: str, table: dict[str, str]) -> str | None:
 
 
 def special_tokens(cfg: dict[str, Any], default_pad: int | None = None) -> dict[str, Any]:
-    """pad / bos / eos ids of a config.json; a missing pad becomes `default_pad`, else the first EOS."""
-    eos = cfg.get("eos_token_id", 1)
+    """pad / bos / eos ids of a config.json; a missing pad becomes `default_pad`, else the first EOS. The EOS has
+    no default: a family's own id differs from any guess (Gemma's 1 is a quotation mark in Llama 3's vocabulary)."""
+    eos = cfg.get("eos_token_id")
+    if eos is None or eos == []:
+        raise EncdecError("config.json names no eos_token_id; add the model's end-of-sequence id (its tokenizer's "
+                          "eos_token, or generation_config.json's eos_token_id)")
     eos_ids = list(eos) if isinstance(eos, list) else [eos]
     pad = cfg.get("pad_token_id")
     if pad is None:
