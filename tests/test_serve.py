@@ -503,6 +503,20 @@ def test_characters_spelled_by_byte_tokens_stream_whole_and_log_probabilities_jo
     assert offsets == sorted(offsets) and all(final[o:].startswith(t) for o, t in zip(offsets, rendered["tokens"]))
 
 
+def test_alternatives_of_one_text_keep_the_likeliest_logprob():
+    """Two lead bytes of different characters both add '' so far: the completions API's dict of alternatives kept
+    the last (least likely) one's log-probability for that text."""
+    from encdec.inference.engine import Emitted
+    from encdec.serve.logprobs import TokenLogprobs
+    from encdec.serve.text import Detokenizer
+
+    tokenizer, _ = byte_fallback_tokenizer()
+    leads = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in (0xE4, 0xF0)]
+    logprobs = TokenLogprobs(tokenizer, "completions", frozenset({1}))
+    logprobs.add(Emitted(None, leads[0], -0.5, ((leads[0], -0.5), (leads[1], -2.5))), Detokenizer(tokenizer), 0)
+    assert logprobs.render()["top_logprobs"] == [{"": -0.5}]
+
+
 def test_the_openai_client_sees_the_errors(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError, match="'best_of'"):

@@ -69,7 +69,7 @@ class TokenLogprobs:
         entries = self.entries if entries is None else entries
         if self.kind == "completions":
             return {"tokens": [e.chosen.text for e in entries], "token_logprobs": [e.chosen.logprob for e in entries],
-                    "top_logprobs": [{p.text: p.logprob for p in e.top} for e in entries],
+                    "top_logprobs": [_by_text(e.top) for e in entries],
                     "text_offset": [e.offset for e in entries]}
         return {"content": [{**_chat(e.chosen), "top_logprobs": [_chat(p) for p in e.top]} for e in entries],
                 "refusal": None}
@@ -77,3 +77,12 @@ class TokenLogprobs:
 
 def _chat(piece: Piece) -> dict[str, Any]:
     return {"token": piece.text, "logprob": piece.logprob, "bytes": piece.bytes}
+
+
+def _by_text(top: list[Piece]) -> dict[str, float]:
+    """The completions API's alternatives, keyed by text: of tokens with the same text (the bytes that begin a
+    character, all ''), the likeliest's log-probability, as they come (best first)."""
+    out: dict[str, float] = {}
+    for piece in top:
+        out.setdefault(piece.text, piece.logprob)
+    return out
