@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from test_training import corpus  # noqa: F401 (a fixture)
 
 from encdec.causal import load_causal
+from encdec.cli import main
 from encdec.config import EncDecConfig, StackConfig
 from encdec.errors import EncdecError
 from encdec.evaluation.stats import mean_interval
@@ -191,3 +193,47 @@ def test_a_tokenizer_without_unk_pad_or_bos_still_trains_or_says_why(sources, co
     with pytest.raises(EncdecError, match="this tokenizer has neither; train without --trim-vocab"):
         train(config("refused", trim_vocab=40))
     assert not (tmp_path / "refused" / "model").exists()
+
+
+@pytest.mark.parametrize("kind", ["decoder-only", "encoder-decoder"])
+def test_a_tokenizer_whose_unk_is_its_eos_keeps_the_eos_targets_when_trimmed(sources, corpus, tmp_path, kind):
+    """GPT-2-style tokenizers name EOS their <unk> too: --trim-vocab mapped the dropped tokens to it and left every
+    EOS target unscored (the trimmed run never learned to stop). The pad token stands in for <unk> then."""
+    import encdec
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    source = tmp_path / "llama"
+    shutil.copytree(sources["llama"], source)
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    settings["unk_token"] = settings["eos_token"]
+    (source / "tokenizer_config.json").write_text(json.dumps(settings))
+    model = source
+    if kind == "encoder-decoder":
+        assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
+        model = tmp_path / "adapted"
+    tokenizer = encdec.load_tokenizer(model)
+    assert tokenizer.unk_token_id == tokenizer.eos_token_id != tokenizer.pad_token_id
+    cfg = TrainConfig(model=str(model), out=str(tmp_path / "run"), data=[str(corpus)], enc_len=16, dec_len=16,
+                      steps=1, eval_windows=4, precision="fp32", trim_vocab=40, trim_negatives=0)
+    plan, _ = build_plan(cfg, Dist())
+    assert plan.trimmed.unk_id == plan.trimmed.table[tokenizer.pad_token_id] != plan.eos_id
+    assert all(e.targets[-1] == plan.eos_id for e in plan.eval_examples)
+
+
+def test_a_decoder_only_student_never_distils_the_eos_its_targets_end_with(sources, corpus, tmp_path):
+    """Llama 3 Instruct lists several EOS ids, the tokenizer's (which ends the targets) not first: the loss module
+    was given the config's first, so the cut windows' EOS targets were distilled."""
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    source = tmp_path / "llama"
+    shutil.copytree(sources["llama"], source)
+    settings = json.loads((source / "config.json").read_text())
+    settings["eos_token_id"] = [5, settings["eos_token_id"]]
+    (source / "config.json").write_text(json.dumps(settings))
+    cfg = TrainConfig(model=str(source), out=str(tmp_path / "run"), data=[str(corpus)], enc_len=16, dec_len=16,
+                      steps=1, eval_windows=4, precision="fp32")
+    plan, tokenizer = build_plan(cfg, Dist())
+    assert plan.eos_id == tokenizer.eos_token_id != 5
+    assert all(e.targets[-1] == plan.eos_id for e in plan.eval_examples)

@@ -88,8 +88,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         untrained.rows = untrained.rows.to(d.device)
     if plan.causal:  # a decoder-only model reads the teacher's view of the rows
         tokens = plan.source.special_tokens  # with fallbacks where a tokenizer has no pad or BOS (Llama 3, Qwen)
-        ids = [tokens["pad_token_id"], tokens["bos_token_id"], tokens["eos_token_ids"][0]]
-        pad_id, bos_id, eos_id = ids if plan.trimmed is None else [int(plan.trimmed.table[i]) for i in ids]
+        ids = [tokens["pad_token_id"], tokens["bos_token_id"]]
+        pad_id, bos_id = ids if plan.trimmed is None else [int(plan.trimmed.table[i]) for i in ids]
         special = {"pad_id": pad_id, "bos_id": bos_id}
     else:
         special = dict(pad_id=model.config.pad_token_id, bos_id=model.config.bos_token_id)
@@ -112,10 +112,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             teacher = trim_teacher(teacher, keep, untrained)
         distillation = Distillation(cfg.alpha, cfg.tau, cfg.teacher_top_k)
     if plan.causal:
-        module: nn.Module = CausalLossModule(model, cfg.loss_chunk, distillation, eos_id)
+        module: nn.Module = CausalLossModule(model, cfg.loss_chunk, distillation, plan.eos_id)
         blocks = list(model.stack.layers)
     else:
-        module = LossModule(model, cfg.loss_chunk, distillation)
+        module = LossModule(model, cfg.loss_chunk, distillation, plan.eos_id)
         blocks = [*model.encoder.layers, *model.decoder.layers]
     if teacher is not None:
         module.teacher_head = teacher.logits

@@ -42,6 +42,7 @@ class Plan:
     stream: ExampleStream
     eval_examples: list[Example]
     vocab_size: int  # of the full vocabulary (the teacher's)
+    eos_id: int  # the id (in the trained vocabulary) that ends the targets: never distilled (windows are cut there)
     trimmed: Trimmed | None = None  # the vocabulary the model is trained on, when trimmed
     source: DecoderOnlySource | None = None  # the decoder-only model's source (config, tokenizer)
     extra_eval: list[Example] = dataclasses.field(default_factory=list)  # --eval-data's held-out examples
@@ -66,11 +67,15 @@ class Trimmed:
     unk_id: int  # kept id of <unk>, which every other token became
 
 
-def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray,
+def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray, eos: int,
           d: distributed.Dist) -> tuple[Trainable, Trimmed]:
-    """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones."""
+    """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones. The
+    dropped tokens become <unk>, which targets are not scored on, so it must not be `eos`, which ends them."""
+    ends = {eos, tokenizer.eos_token_id}
     unk = tokenizer.unk_token_id
-    if unk is None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+    if unk in ends:  # GPT-2-style tokenizers name their EOS <unk> too: no EOS target would be scored
+        unk = None
+    if unk is None and tokenizer.pad_token_id not in (None, *ends):
         unk = tokenizer.pad_token_id  # a token no target is, as <unk> would be
     if unk is None:
         raise EncdecError("--trim-vocab maps the tokens it drops to <unk> (or to a pad token other than EOS), and "
@@ -103,7 +108,7 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
         raise EncdecError(f"the data makes {len(stream_ids) // length} windows, not more than --eval-windows "
                           f"{cfg.eval_windows}")
     if cfg.trim_vocab:  # the kept tokens are counted on the training windows only, never on held-out text
-        model, trimmed = _trim(cfg, model, tokenizer, stream_ids[: training_windows * length], d)
+        model, trimmed = _trim(cfg, model, tokenizer, stream_ids[: training_windows * length], eos, d)
         keep, table = trimmed.keep, trimmed.table
         stream_ids, eos = table[stream_ids], int(table[eos])
         bos = None if bos is None else int(table[bos])
@@ -121,7 +126,7 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
         extra_ids = token_stream(tokenizer, cfg.eval_data, text_field=cfg.text_field)
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
         extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
-    return Plan(model, stream, held_out, vocab_size, trimmed, source, extra, tokenizer)
+    return Plan(model, stream, held_out, vocab_size, eos, trimmed, source, extra, tokenizer)
 
 
 def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distributed.Dist,
@@ -145,15 +150,16 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
         # the training examples' tokens only, as pretraining counts its training windows: the held-out examples
         # must not choose what is kept (their tokens outside it are scored as the unknown token)
         ids = np.concatenate([np.asarray(e.inputs + e.targets) for e in examples[: -cfg.eval_windows]])
-        model, trimmed = _trim(cfg, model, tokenizer, ids, d)
+        model, trimmed = _trim(cfg, model, tokenizer, ids, eos, d)
         table = trimmed.table
         examples = [Example(table[e.inputs].tolist(), table[e.targets].tolist()) for e in examples]
+        eos = int(table[eos])
     held_out = examples[-cfg.eval_windows :]
     stream = ExampleStream(examples[: -cfg.eval_windows], lambda e, rng: e, seed=cfg.seed, enc_len=cfg.enc_len,
                            dec_len=cfg.dec_len)
     if d.main:
         log.info("instruction tuning on %d examples (%d held out)", len(examples) - len(held_out), len(held_out))
-    return Plan(model, stream, held_out, vocab_size, trimmed, source, tokenizer=tokenizer)
+    return Plan(model, stream, held_out, vocab_size, eos, trimmed, source, tokenizer=tokenizer)
 
 
 def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:

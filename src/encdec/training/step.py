@@ -38,8 +38,9 @@ class _HeadLoss(nn.Module):
 class LossModule(_HeadLoss):
     """Student forward and chunked loss as one module, so that DDP / FSDP2 wrap all a step touches."""
 
-    def __init__(self, model: EncoderDecoder, chunk: int, distillation: Distillation | None) -> None:
-        super().__init__(chunk, distillation, model.config.eos_token_ids[0])
+    def __init__(self, model: EncoderDecoder, chunk: int, distillation: Distillation | None = None,
+                 eos_id: int | None = None) -> None:  # eos_id: the targets' end (the model's first EOS if None)
+        super().__init__(chunk, distillation, model.config.eos_token_ids[0] if eos_id is None else eos_id)
         self.model = model
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None, negatives: Negatives | None = None,
