@@ -110,8 +110,8 @@ def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
 
     make_tokenizer(tmp_path, reserved=False)
     tokenizer = encdec.load_tokenizer(tmp_path)
-    gemma = ChatFormat.of(tokenizer)  # no template, no Gemma markers: Gemma's format, as before
-    assert not gemma.templated and gemma.end == "<end_of_turn>"
+    gemma = ChatFormat.of(tokenizer)  # no template, no Gemma markers: Gemma's format, answers closed by EOS alone
+    assert not gemma.templated and gemma.end == ""
     tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "user", "assistant"], special_tokens=True)
     tokenizer.chat_template = CHATML
     chat = ChatFormat.of(tokenizer)

@@ -19,13 +19,14 @@ from encdec.data import natural_instructions as ni
 from encdec.data.instructions import Pair, chat_example, chat_prompt, read_instructions
 from encdec.errors import EncdecError
 
-EOS, BOS, UNK = 1, 2, 3
+EOS, BOS = 1, 2
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/natural_instructions"
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The tiny word-level tokenizer: the chat markers are not in its vocabulary and become <unk>."""
+    """The tiny word-level tokenizer: the chat markers are not in its vocabulary, so prompts spell them as <unk>
+    and answers end with EOS alone (an end-of-turn text of no token of its own is none generation can stop at)."""
     from transformers import AutoTokenizer
 
     directory = tmp_path_factory.mktemp("tokenizer")
@@ -117,9 +118,9 @@ def test_example_layout(tokenizer: Any) -> None:
     text = chat_prompt(pair.turns)
     assert example.inputs == [BOS] + tokenizer(text, add_special_tokens=False)["input_ids"]
     assert example.inputs == tokenizer(text)["input_ids"]  # the BOS the tokenizer adds itself
-    assert example.targets == tokenizer("w3 w4", add_special_tokens=False)["input_ids"] + [UNK, EOS]
-    with pytest.raises(EncdecError, match="--dec-len at least 3"):
-        chat_example(pair, tokenizer, eos_id=EOS, max_input=64, max_target=2)
+    assert example.targets == tokenizer("w3 w4", add_special_tokens=False)["input_ids"] + [EOS]
+    with pytest.raises(EncdecError, match=r"--dec-len at least 2 \(to keep BOS and EOS\)"):
+        chat_example(pair, tokenizer, eos_id=EOS, max_input=64, max_target=1)
 
 
 @settings(max_examples=60, deadline=None)
@@ -135,8 +136,8 @@ def test_truncation_keeps_bos_first_and_eos_last(tokenizer: Any, prompt_words: i
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     assert example.inputs[0] == BOS and len(example.inputs) == min(max_input, 1 + len(prompt_ids))
     assert example.inputs[1:] == prompt_ids[len(prompt_ids) - len(example.inputs) + 1:]  # the prompt's end
-    assert example.targets[-2:] == [UNK, EOS] and len(example.targets) == min(max_target, len(response_ids) + 2)
-    assert example.targets[:-2] == response_ids[: len(example.targets) - 2]  # the response's beginning
+    assert example.targets[-1] == EOS and len(example.targets) == min(max_target, len(response_ids) + 1)
+    assert example.targets[:-1] == response_ids[: len(example.targets) - 1]  # the response's beginning
 
 
 def test_gemma_chat_markers_are_single_tokens() -> None:

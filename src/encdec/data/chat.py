@@ -3,7 +3,9 @@
 Conversations are (role, text) turns, whatever the source (data files, Natural Instructions, requests to
 the server). A tokenizer without Gemma's turn markers but with its own chat template (SmolLM2, Qwen,
 Llama 3 ...) renders them with its template, and its answers are closed by the template's own end-of-turn
-text; a tokenizer with neither gets Gemma's format (`instructions.chat_prompt`).
+text; a tokenizer with neither gets Gemma's format (`instructions.chat_prompt`), its answers closed by
+<end_of_turn> where that is one of its tokens, else by EOS alone (Llama 2's and Mistral's base tokenizers
+spell it in 7 pieces, which generation cannot stop at: served and evaluated answers ended with the text).
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ class ChatFormat:
     @classmethod
     def of(cls, tokenizer: Any) -> ChatFormat:
         bos = leading_bos(tokenizer)
-        if START in tokenizer.get_vocab() or not getattr(tokenizer, "chat_template", None):
-            return cls(tokenizer, False, END, bos)
+        vocab = tokenizer.get_vocab()
+        if START in vocab or not getattr(tokenizer, "chat_template", None):
+            return cls(tokenizer, False, END if END in vocab else "", bos)
         exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
         answered = tokenizer.apply_chat_template(exchange, tokenize=False)
         return cls(tokenizer, True, answered.split(_MARK, 1)[1].strip(), bos)

@@ -162,8 +162,9 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
     end = tokenizer(chat.end, add_special_tokens=False)["input_ids"]
     end += [] if end[-1:] == [eos_id] else [eos_id]  # SmolLM2's and Qwen's <|im_end|> is their EOS: once, not twice
     if max_input < 2 or max_target < len(end) + 1:
+        kept = f"BOS, {chat.end} and EOS" if chat.end else "BOS and EOS"
         raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
-                          f"(to keep BOS, {chat.end} and EOS), got {max_input} and {max_target}")
+                          f"(to keep {kept}), got {max_input} and {max_target}")
     prompt = chat.encode(list(pair.turns))[len(bos):]  # a message's text never reads as control tokens
     response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
     return Example(inputs=bos + prompt[max(0, len(prompt) - (max_input - len(bos))):],
