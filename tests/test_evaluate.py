@@ -191,6 +191,32 @@ def test_packaged_data_counts_and_few_shots_come_from_training_splits():
     assert sample(list(range(100)), 10, 1) == sample(list(range(100)), 10, 1)
 
 
+def test_a_continuation_is_scored_as_the_model_reads_it_after_its_context():
+    """Llama 2's and Mistral's tokenizers prepend "▁" to every text: " Paris" alone is "▁", "▁Paris", which the
+    model never reads after "...is" (there it is "▁Paris"); choices were scored with that extra token."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from encdec.evaluation.scoring import Scorer
+
+    backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")  # to train words
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.train_from_iterator(["The capital of France is Paris and of Italy Rome ."] * 50,
+                                trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    backend.pre_tokenizer = None  # then as Llama 2's tokenizer.json: this normalizer, no pre-tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    scorer = Scorer("llama2-like", "encoder-decoder", None, tokenizer)
+    context = "The capital of France is"
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" Paris", add_special_tokens=False).input_ids) == ["▁", "▁Paris"]
+    continuation = scorer.continuation_ids(" Paris", context)
+    assert tokenizer.convert_ids_to_tokens(continuation) == ["▁Paris"]
+    assert scorer.context_ids(context) + continuation == tokenizer(context + " Paris").input_ids
+
+
 def test_chat_generation_ends_at_the_end_of_the_models_turn():
     """An instruction-tuned model's answer ends at <end_of_turn>; what it writes after (a new turn) is not its
     answer, yet the last number in it would be taken for one (GSM8K)."""
@@ -212,7 +238,7 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn():
         def context_ids(self, text: str) -> list[int]:
             return tokenizer(text).input_ids
 
-        def continuation_ids(self, text: str) -> list[int]:
+        def continuation_ids(self, text: str, after: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False).input_ids
 
         def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:

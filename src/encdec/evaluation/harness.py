@@ -91,7 +91,7 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
         for context, continuation in zip(choice_prompts(task, item, shots), item.continuations):
             if chat is not None:
                 context, continuation = chat(context), continuation.lstrip()
-            requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation)))
+            requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation, context)))
             owners.append(k)
     scores = scorer.loglikelihoods(requests, s.batch_size, desc=f"{scorer.name} · {task.name}")
     result = TaskResult(n=len(items), correct_norm=0.0)
@@ -138,8 +138,9 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
 
 
 def _single_token_stops(scorer: Scorer, stops: tuple[str, ...]) -> list[int]:
-    """Stop strings that are one token (Gemma's "\\n" and "\\n\\n") stop generation early; the rest are cut after."""
-    ids = [scorer.continuation_ids(stop) for stop in stops]
+    """Stop strings that are one token after a word (Gemma's "\\n" and "\\n\\n") stop generation early; the rest are
+    cut after."""
+    ids = [scorer.continuation_ids(stop, "Answer") for stop in stops]
     return [t[0] for t in ids if len(t) == 1]
 
 

@@ -60,7 +60,15 @@ class Scorer:
         bos = int(ids[0] == self.tokenizer.bos_token_id)  # long contexts keep their BOS and their end
         return ids[:bos] + ids[len(ids) - self.max_len + bos :]
 
-    def continuation_ids(self, text: str) -> list[int]:
+    def continuation_ids(self, text: str, after: str) -> list[int]:
+        """The tokens `text` adds after `after` (its context): both tokenized together, as the model reads them in
+        a text, and split where the context's own tokens end. Alone, a tokenizer that prepends "▁" to every
+        text (Llama 2's, Mistral's) would spell " Paris" as "▁", "▁Paris"; where the two merge across the
+        boundary, `text` is tokenized alone."""
+        before = self.tokenizer(after, add_special_tokens=False).input_ids
+        whole = self.tokenizer(after + text, add_special_tokens=False).input_ids
+        if whole[: len(before)] == before:
+            return whole[len(before) :]
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def loglikelihoods(self, requests: list[Request], batch_size: int, desc: str = "scoring") -> list[tuple[float, bool]]:
