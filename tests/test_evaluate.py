@@ -92,6 +92,22 @@ def test_a_tokenizer_without_pad_token_is_scored_and_generates(kind, sources, tm
         assert main(["generate", str(source), "--prompt", "w1 w2 w3", "--prompt", "w4", "--max-new-tokens", "2"]) == 0
 
 
+@pytest.mark.parametrize("kind", ["encoder-decoder", "decoder-only"])
+def test_generation_tasks_stop_at_every_eos_the_model_names(kind, adapted, sources):
+    """Gemma 3 IT ends at <end_of_turn> or <eos>, Llama 3.1 at three ids: the scorer passed the tokenizer's one
+    EOS (and the task's stops) as the whole list, and generation ran past the model's other ends."""
+    scorer = load_scorer(str(adapted) if kind == "encoder-decoder" else str(sources["gemma3"]))
+    prompt = REQUESTS[2][0]
+    free = scorer.generate([prompt], 6, [])[0]
+    assert len(free) == 6 and scorer.eos_id not in free  # the tiny model writes on
+    other = free[2]
+    if kind == "encoder-decoder":
+        scorer.model.config.eos_token_ids = [scorer.eos_id, other]
+    else:
+        scorer.model.generation_config.eos_token_id = [scorer.eos_id, other]
+    assert scorer.generate([prompt], 6, [])[0] == free[: free.index(other) + 1]
+
+
 def test_a_long_context_keeps_its_bos_only_when_the_tokenizer_puts_one(adapted):
     from tokenizers import processors
 

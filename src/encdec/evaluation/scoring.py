@@ -103,9 +103,18 @@ class Scorer:
             start = end
         return out
 
+    @property
+    def model_eos_ids(self) -> list[int]:
+        """The ids the model itself ends at (Gemma 3 IT's <end_of_turn> besides <eos>, Llama 3's <|eot_id|>)."""
+        if self.kind == "encoder-decoder":
+            return list(self.model.config.eos_token_ids)
+        eos = self.model.generation_config.eos_token_id
+        eos = self.model.config.eos_token_id if eos is None else eos
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
-        """Greedy continuations, stopping at EOS or any of `stop_ids`."""
-        eos, pad = [self.eos_id, *stop_ids], self.pad_id
+        """Greedy continuations, stopping at the model's EOS ids, the tokenizer's or any of `stop_ids`."""
+        eos, pad = list(dict.fromkeys([self.eos_id, *self.model_eos_ids, *stop_ids])), self.pad_id
         with torch.no_grad():
             if self.kind == "encoder-decoder":
                 ids, mask = pad_rows(prompts, pad)
