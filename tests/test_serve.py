@@ -373,6 +373,7 @@ BAD = [
     ({"prompt": "w1", "max_tokens": LONG + 1}, 400, "max_tokens"),
     ({"prompt": "w1", "stream": "yes"}, 400, "stream"),
     ({"prompt": "w1", "stop": [""]}, 400, "stop"),
+    ({"prompt": "w1", "stop": ["w1", "w" * 1001]}, 400, "stop"),
     ({"prompt": " ".join(["w1"] * 30)}, 400, "prompt"),
     ({"prompt": [5, 96]}, 400, "prompt"),
     ({"prompt": "w1", "model": "other"}, 404, "model"),
@@ -501,6 +502,44 @@ def test_characters_spelled_by_byte_tokens_stream_whole_and_log_probabilities_jo
     assert "".join(rendered["tokens"]).startswith(expected)  # the stop string cuts the text, not the tokens
     offsets = rendered["text_offset"]
     assert offsets == sorted(offsets) and all(final[o:].startswith(t) for o, t in zip(offsets, rendered["tokens"]))
+
+
+def _streamed(tokenizer, ids: list[int]) -> str:
+    from encdec.serve.text import TextStream
+
+    stream = TextStream(tokenizer, [])
+    pieces = [stream.add(token) for token in ids]
+    pieces.append(stream.finish())
+    assert "".join(pieces) == stream.text
+    return stream.text
+
+
+def test_a_token_after_special_tokens_keeps_its_leading_space():
+    """A token is decoded after the few before it, for its leading space; special tokens decode to nothing, so
+    after four of them it was decoded as an answer's first token, whose space Llama 2's decoder strips."""
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "\u2581Hello": 5, "\u2581world": 6}
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[], additional_special_tokens=["[INST]", "[/INST]"])
+    for ids in ([5, 3, 4, 6], [5, 3, 4, 3, 4, 6], [3, 4, 3, 4, 3, 5, 6]):
+        assert _streamed(tokenizer, ids) == tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+def test_a_byte_level_added_token_outside_the_byte_alphabet_is_its_own_text():
+    """tokenizers' byte-level decoder reads a token with any character outside its byte alphabet as plain text:
+    "caf\u00e9 au lait", added to a vocabulary, streamed as "caf\ufffd au lait" (its '\u00e9' read as a byte). A
+    token all of whose characters are in the alphabet ("Gr\u00f6\u00dfe") is read as bytes, by both."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import pre_tokenizers as pre
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer, backend.decoder = pre.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_tokens([AddedToken("caf\u00e9 au lait", special=False), AddedToken("Gr\u00f6\u00dfe", special=False)])
+    ids = tokenizer("Hcaf\u00e9 au laitHGr\u00f6\u00dfe \u00e9", add_special_tokens=False).input_ids
+    assert _streamed(tokenizer, ids) == tokenizer.decode(ids) == "Hcaf\u00e9 au laitHGr\ufffd\ufffde \u00e9"
 
 
 def test_alternatives_of_one_text_keep_the_likeliest_logprob():

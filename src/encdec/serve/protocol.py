@@ -44,6 +44,7 @@ FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
           "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
 MAX_INPUTS = 2048  # prompts of a completions request, inputs of an embeddings request: the OpenAI API's limit
 MAX_CHOICES = 64  # the largest n a request may ask for (each choice takes a place in the queue)
+MAX_STOP_CHARS = 1000  # a stop string's length: each token compares the answer's end with its beginnings
 MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
 COMPLETION_DEFAULT_TOKENS = 16  # a completion's max_tokens when none is given (the OpenAI API's and vLLM's)
 TOKEN_ID = re.compile(r"[0-9]+")  # a logit_bias key (str.isdigit would pass "²", which int() refuses)
@@ -98,6 +99,8 @@ def _stop(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
         raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", "stop")
+    if max(map(len, stops)) > MAX_STOP_CHARS:  # each token checks the text's end against every stop's beginnings
+        raise APIError(400, f"'stop': a stop string has at most {MAX_STOP_CHARS} characters", "stop")
     return stops
 
 

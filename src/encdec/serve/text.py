@@ -9,8 +9,10 @@ that stand for bytes (byte-fallback tokens; every token of a byte-level BPE voca
 Qwen's) go through an incremental UTF-8 decoder: a character's bytes add nothing until its last one
 arrives, and bytes that cannot finish one add U+FFFDs (one per maximal invalid sequence, as Python and
 Rust write them). Other tokens (SentencePiece pieces, whole characters) are decoded after the few tokens
-before them, for a word's leading space. Wherever the tokens spell valid UTF-8 the text equals
-transformers' decoding of the whole answer (tested on the real Gemma, SmolLM2 and Qwen tokenizers).
+that add text before them, for a word's leading space. Wherever the tokens spell valid UTF-8 the text
+equals transformers' decoding of the whole answer (tested on the real Gemma, SmolLM2 and Qwen tokenizers),
+but for a tokenizer that cleans up tokenization spaces (`clean_up_tokenization_spaces`, which rewrites
+text before a token: " ' " becomes "'"; none of the supported families does), decoded here without it.
 
 A streamed piece never holds text that a stop string could still claim either: the tail of the text that
 is the beginning of some stop string is held back until the next token settles it.
@@ -53,6 +55,7 @@ class Detokenizer:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self.byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel)
         self.tokens: list[int] = []
+        self.texted: list[int] = []  # the tokens that are not special: the context of the next one
         self.unfinished = b""  # the bytes of a character begun and not finished
         self._raw: dict[int, bytes | None] = {}
         self._special: dict[int, bool] = {}  # token -> whether the answer's text leaves it out
@@ -61,6 +64,8 @@ class Detokenizer:
         """Add `token`; the text it adds."""
         text, self.unfinished = self._step(token)
         self.tokens.append(token)
+        if not self.special(token):
+            self.texted.append(token)
         return text
 
     def text_of(self, token: int) -> str:
@@ -73,7 +78,7 @@ class Detokenizer:
         return utf8(self.unfinished, final=True)[0]
 
     def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def raw_bytes(self, token: int) -> bytes | None:
         """The bytes `token` stands for, if it stands for bytes (`<0xE4>`, or any token of a byte-level BPE
@@ -83,9 +88,10 @@ class Detokenizer:
             byte = BYTE_TOKEN.fullmatch(name)
             if byte:
                 self._raw[token] = bytes([int(byte.group(1), 16)])
-            elif self.byte_level:  # a character outside the alphabet stands for its own UTF-8, as in tokenizers
-                alphabet = byte_level_alphabet()
-                self._raw[token] = b"".join(bytes([alphabet[c]]) if c in alphabet else c.encode() for c in name)
+            elif self.byte_level:  # a token with a character outside the alphabet (an added token such as "café au
+                alphabet = byte_level_alphabet()  # lait") stands for its own UTF-8, as tokenizers' decoder reads it
+                fits = all(c in alphabet for c in name)
+                self._raw[token] = bytes(alphabet[c] for c in name) if fits else name.encode()
             else:
                 self._raw[token] = None
         return self._raw[token]
@@ -104,7 +110,7 @@ class Detokenizer:
         if raw is not None:
             return utf8(self.unfinished + raw, final=False)
         broken = utf8(self.unfinished, final=True)[0]
-        context = self.tokens[-CONTEXT_TOKENS:]
+        context = self.texted[-CONTEXT_TOKENS:]  # special tokens decode to nothing: a context of them is none
         before, joined = self.decode(context), self.decode([*context, token])
         return broken + (joined[len(before):] if joined.startswith(before) else self.decode([token])), b""
 
@@ -137,8 +143,9 @@ class TextStream:
             self.text, self.stopped = self.text[: min(hits)], True
             return self._send(len(self.text))
         end = len(self.text)
-        held = 0 if final else max((n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])),
-                                   default=0)
+        unsent = end - self.sent  # only text not yet sent can be held back: a bound on the suffixes to try
+        held = 0 if final else max((n for s in self.stop for n in range(1, min(len(s), unsent + 1))
+                                    if self.text.endswith(s[:n])), default=0)
         return self._send(end - held)
 
     def _send(self, end: int) -> str:
