@@ -196,7 +196,7 @@ def test_a_tokenizer_without_unk_pad_or_bos_still_trains_or_says_why(sources, co
 
 
 @pytest.mark.parametrize("kind", ["decoder-only", "encoder-decoder"])
-def test_a_tokenizer_whose_unk_is_its_eos_keeps_the_eos_targets_when_trimmed(sources, corpus, tmp_path, kind):
+def test_a_tokenizer_whose_unk_is_its_eos_keeps_the_eos_targets_when_trimmed(sources, corpus, tmp_path, kind):  # noqa: F811
     """GPT-2-style tokenizers name EOS their <unk> too: --trim-vocab mapped the dropped tokens to it and left every
     EOS target unscored (the trimmed run never learned to stop). The pad token stands in for <unk> then."""
     import encdec
@@ -221,7 +221,7 @@ def test_a_tokenizer_whose_unk_is_its_eos_keeps_the_eos_targets_when_trimmed(sou
     assert all(e.targets[-1] == plan.eos_id for e in plan.eval_examples)
 
 
-def test_a_decoder_only_student_never_distils_the_eos_its_targets_end_with(sources, corpus, tmp_path):
+def test_a_decoder_only_student_never_distils_the_eos_its_targets_end_with(sources, corpus, tmp_path):  # noqa: F811
     """Llama 3 Instruct lists several EOS ids, the tokenizer's (which ends the targets) not first: the loss module
     was given the config's first, so the cut windows' EOS targets were distilled."""
     from encdec.training.distributed import Dist
