@@ -144,12 +144,18 @@ def test_gpu_check_rehearses_on_cpu():
     assert sum(line.startswith("ratio (") for line in lines) == 4  # two batch sizes x two dtypes
 
 
-def test_cpu_kernels_compares_both_kernels_and_checks_batch_invariance():
+def test_cpu_kernels_compares_the_kernels_and_checks_batch_invariance():
+    """With --int8 also the two int8 products: PyTorch's dynamic layers (one activation scale per product, so a
+    row's result depends on its batch) and one scale per row (its own, bit for bit)."""
     done = subprocess.run([sys.executable, str(BENCH / "cpu_kernels.py"), "--hidden", "64", "--intermediate", "128",
                            "--heads", "2", "--kv-heads", "1", "--head-dim", "32", "--rows", "1,4", "--copies", "2",
-                           "--repeats", "1"], capture_output=True, text=True, timeout=300)
+                           "--repeats", "1", "--int8"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert sum(line.startswith(("q ", "k / v", "o ", "gate / up", "down")) for line in lines) == 10
-    assert [line.split(":")[0] for line in lines if "a row's result" in line] == ["MKL", "oneDNN packed"]
-    assert lines[-1].startswith("ratio (4 rows: MKL time / oneDNN packed time")
+    checks = {line.split(":")[0]: line for line in lines if "a row's result" in line}
+    assert list(checks) == ["MKL", "oneDNN packed", "int8 per tensor", "int8 per row"]
+    assert "never differs" in checks["int8 per row"] and "never differs" not in checks["int8 per tensor"]
+    assert [line.split(":")[0] for line in lines[-4:]] == [
+        "ratio (1 rows", "ratio (4 rows", "ratio (1 rows", "ratio (4 rows"]
+    assert lines[-1].startswith("ratio (4 rows: int8 per row time / int8 per tensor time")

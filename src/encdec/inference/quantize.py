@@ -34,12 +34,18 @@ def quantize_int8(model: EncoderDecoder) -> EncoderDecoder:
         head = nn.Linear(model.embed.embedding_dim, model.embed.num_embeddings, bias=False)
         head.weight = model.embed.weight
         model.lm_head = head
-    for module in model.modules():  # PyTorch's int8 conversion takes exactly nn.Linear, not its subclasses
-        if isinstance(module, nn.Linear):
-            module.__class__ = nn.Linear
+    return quantize_layers(model)
+
+
+def quantize_layers(module: nn.Module) -> nn.Module:
+    """Every nn.Linear under `module` replaced, in place, by PyTorch's dynamic int8 linear layer (one weight scale
+    per output channel). bench/cpu_kernels.py times these layers' products."""
+    for child in module.modules():  # PyTorch's int8 conversion takes exactly nn.Linear, not its subclasses
+        if isinstance(child, nn.Linear):
+            child.__class__ = nn.Linear
     with warnings.catch_warnings():  # torch marks its eager quantization API deprecated in favour of torchao
         warnings.simplefilter("ignore")
         from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-        quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
-    return model
+        quantize_dynamic(module, {nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
+    return module
