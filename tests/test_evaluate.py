@@ -268,6 +268,31 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn():
     assert result.examples[0]["extracted"] == "8" and result.correct == 1
 
 
+def test_a_failed_results_write_replaces_neither_file(tmp_path, monkeypatch):
+    """OUT.md and OUT.json were written one after the other: a full disk at the second left a new table beside
+    the old data."""
+    import errno
+    import os
+
+    from encdec.evaluation import harness
+
+    record = {"models": [{"name": "m"}], "tasks": {}}
+    table, data = harness.write(record, tmp_path / "results")
+    before = (table.read_text(), data.read_text())
+    syncs = []
+
+    def second_fails(fd):
+        syncs.append(fd)
+        if len(syncs) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", second_fails)
+    with pytest.raises(EncdecError, match="No space left on device"):
+        harness.write({"models": [{"name": "other"}], "tasks": {}}, tmp_path / "results")
+    assert (table.read_text(), data.read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+
+
 def test_the_table_names_the_range_of_shots_when_groups_had_fewer():
     """MMLU takes its shots per subject from a dev split that some subjects lack after removing duplicates."""
     from encdec.evaluation.harness import markdown

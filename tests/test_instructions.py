@@ -210,6 +210,15 @@ def test_natural_instructions_from_tarball(bigbench: Path, monkeypatch: pytest.M
     assert {p.source for p in sample} < {p.source for p in pairs}
 
 
+def test_a_cut_short_conversion_cache_is_converted_again(bigbench: Path) -> None:
+    """A cache cut short (a crash, a full disk) stopped every later fine-tuning without --data in a traceback."""
+    pairs = ni.natural_instructions(tarball=bigbench)
+    (cache,) = (bigbench.parent / "cache" / "bigbench").glob("natural_instructions-*.jsonl")
+    cache.write_text(cache.read_text()[:-30])
+    assert ni.natural_instructions(tarball=bigbench) == pairs
+    assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # rewritten whole, no temporary left
+
+
 def test_bad_tarballs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
     (tmp_path / "corrupt.tar.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")

@@ -19,7 +19,7 @@ from tiny import make_tokenizer
 from encdec.cli import main
 from encdec.data.tokens import token_stream
 from encdec.errors import EncdecError
-from encdec.files import atomic_dir, read_weights
+from encdec.files import HOST, atomic_dir, read_weights
 from encdec.logs import setup
 from encdec.training import checkpointing, loop, rundir, step
 
@@ -262,14 +262,77 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     # a user's folders that merely look alike: no pid, or not tempfile's 8 characters after it
     users = [tmp_path / name for name in (".settings.old-2024", ".photos.tmp-backup", ".other.tmp-k3j4h5g6",
                                           f".notes.old-{DEAD_PID}-2024")]
-    for directory in (abandoned, aside / "out", alive, *(u / "kept" for u in users)):
+    # another machine's (or container's) write into a shared directory: its pid means nothing here
+    elsewhere = tmp_path / f".shared.tmp-other-host-{DEAD_PID}-mnop3456"
+    ours_dead = tmp_path / f".mine.tmp-{HOST}-{DEAD_PID}-qrst7890"
+    for directory in (abandoned, aside / "out", alive, elsewhere, ours_dead, *(u / "kept" for u in users)):
         directory.mkdir(parents=True)
     (aside / "out" / "model.safetensors").write_text("the previous version")
     with atomic_dir(tmp_path / "next") as tmp:
         (tmp / "file").write_text("x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "next", "out", *(u.name for u in users)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "next", "out",
+                                                                 *(u.name for u in users)])
     assert all((u / "kept").is_dir() for u in users)
     assert (out / "model.safetensors").read_text() == "the previous version"
+
+
+def test_an_output_written_meanwhile_by_another_process_is_kept_without_overwrite(tmp_path):
+    """The check for an existing output came only before the work: a second run writing the same --out replaced
+    the first's finished output at its end, without --overwrite."""
+    out = tmp_path / "out"
+    with pytest.raises(EncdecError, match="written by another process while this one wrote it"):
+        with atomic_dir(out) as tmp:
+            (tmp / "mine").write_text("this run's")
+            out.mkdir()
+            (out / "theirs").write_text("the other run's")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "theirs").read_text() == "the other run's"
+
+
+@pytest.mark.parametrize("command", ["adapt", "export-encoder"])
+def test_overwrite_never_replaces_a_training_run(adapted, sources, tmp_path, capsys, command):
+    """A command that replaces its --out whole deleted a training run's checkpoints and metrics (and a live run's
+    lock) when pointed at it with --overwrite."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / ".encdec.lock").write_text("{}")
+    args = ["adapt", "--encoder", str(sources["gemma3"])] if command == "adapt" else ["export-encoder", str(adapted)]
+    assert main([*args, "--out", str(run), "--overwrite"]) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "holds a training run (.encdec.lock, checkpoints, metrics.jsonl)" in line
+    assert sorted(p.name for p in run.iterdir()) == [".encdec.lock", "checkpoints", "metrics.jsonl"]
+
+
+def test_overwrite_of_a_run_whose_checkpoints_are_a_link_starts_afresh(adapted, corpus, tmp_path):
+    """checkpoints/ as a link (to a bigger disk) survived --overwrite (rmtree refuses links, and its error was
+    ignored): the new run's final model was the old run's last checkpoint."""
+    out, elsewhere = tmp_path / "run", tmp_path / "big-disk"
+    loop.train(_config(adapted, out, corpus, steps=4, save_every=2, eval_every=0))
+    shutil.move(out / "checkpoints", elsewhere)
+    (out / "checkpoints").symlink_to(elsewhere)
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=2, eval_every=0, overwrite=True))
+    run = json.loads((out / "model" / "encdec.json").read_text())["pretrained"]
+    assert run["steps"] == 2 and run["averaged_checkpoints"] == ["step-000002"]
+    assert not (out / "checkpoints").is_symlink() and (elsewhere / "step-000004").is_dir()  # the link went, not its target
+
+
+def test_a_token_cache_that_cannot_be_written_is_a_warning_and_leaves_nothing(corpus, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from transformers import AutoTokenizer
+
+    setup()
+    make_tokenizer(tmp_path / "tok")
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+
+    def full_disk(file, **arrays):
+        file.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    stream = token_stream(tokenizer, [str(corpus)], cache_dir=tmp_path / "cache")
+    assert len(stream) > 100 and list((tmp_path / "cache").iterdir()) == []  # no partial file left
+    assert len(_lines(capsys.readouterr().err, "could not cache the tokens")) == 1
 
 
 def test_a_damaged_token_cache_is_deleted_and_rebuilt_with_one_line(corpus, tmp_path, capsys):

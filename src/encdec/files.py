@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,12 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 SHARD_BYTES = 4 * 1024**3
 # what atomic_dir leaves behind when its process is killed: .NAME.tmp-PID-XXXXXXXX or .NAME.old-PID-XXXXXXXX (the
 # 8 characters tempfile.mkdtemp adds); nothing looser, since whatever matches is deleted (a user's ".x.old-2024" is not)
-_TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(\d+)-[a-z0-9_]{8}")
+RUN_LOCK = ".encdec.lock"  # held by a training run while it writes its directory (training/rundir.py)
+RUN_FILES = (RUN_LOCK, "checkpoints", "metrics.jsonl")  # what marks a training run's directory
+# atomic_dir's temporaries: .NAME.tmp-HOST-PID-xxxxxxxx (an older form had no HOST), HOST: the machine whose process
+# PID writes it, so that a write on another machine or container sharing the directory is never taken for dead
+_TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(?:([A-Za-z0-9-]+)-)?(\d+)-[a-z0-9_]{8}")
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
 def _not_json(constant: str) -> None:
@@ -255,12 +261,17 @@ def check_not_above(out: Path) -> None:
 
 def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None, ...] = ()) -> None:
     """Fail before any work when the output directory, which is replaced whole, would clobber something: an
-    existing `out` without `overwrite`, any of the `inputs` (check_apart), the working directory or one above."""
+    existing `out` without `overwrite`, a training run's directory even with it (its checkpoints, a live run's
+    lock), any of the `inputs` (check_apart), the working directory or one above."""
     check_writable_place(out)
     check_not_above(out)
     check_apart(out, inputs)
     if out.exists() and not overwrite:
         raise EncdecError(f"output directory {out} already exists; pass --overwrite to replace it")
+    run = [name for name in RUN_FILES if (out / name).exists()]
+    if out.is_dir() and run:
+        raise EncdecError(f"output directory {out} holds a training run ({', '.join(run)}), which --overwrite does "
+                          "not replace; choose another --out")
 
 
 @contextlib.contextmanager
@@ -274,14 +285,17 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     with written(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temporaries(out.parent)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{HOST}-{os.getpid()}-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep the output from everyone else
     try:
         with written(out):
             yield tmp
             _sync_tree(tmp)  # on disk before it takes the old one's place (a crash must not leave a hollow output)
+            if out.exists() and not overwrite:
+                raise EncdecError(f"{out} was written by another process while this one wrote it; it is kept, and "
+                                  "this output is not written (pass --overwrite to replace it)")
             if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{HOST}-{os.getpid()}-", dir=out.parent))
                 os.replace(out, old / out.name)
                 os.replace(tmp, out)
                 shutil.rmtree(old, ignore_errors=True)
@@ -337,7 +351,7 @@ def remove_abandoned_temporaries(parent: Path) -> None:
     abandoned = []
     for entry in parent.iterdir():
         match = _TEMPORARY.fullmatch(entry.name)
-        if match and entry.is_dir() and not process_alive(int(match[3])):
+        if match and entry.is_dir() and match[3] in (None, HOST) and not process_alive(int(match[4])):
             abandoned.append((match[2] == "tmp", entry, match[1]))
     for _, entry, name in sorted(abandoned):  # the .old- ones first
         moved_aside = entry / name
@@ -350,22 +364,33 @@ def remove_abandoned_temporaries(parent: Path) -> None:
 
 def atomic_write(path: Path, text: str) -> None:
     """Write a text file through a temporary sibling and a rename: readers (and a crash) never see half a file."""
-    path = Path(path)
-    with written(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(name, 0o666 & ~umask())  # mkstemp's 0600, as a plain open() would not make it
-            os.replace(name, path)
-            _sync(path.parent)
-        except BaseException:
+    atomic_write_files({Path(path): text})
+
+
+def atomic_write_files(texts: dict[Path, str]) -> None:
+    """Write text files that belong together (a table and its data): every one to a temporary sibling first, then
+    all renamed, so that a failed write (a full disk) replaces none of them."""
+    temporaries: list[tuple[str, Path]] = []
+    try:
+        for path, text in texts.items():
+            with written(path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                temporaries.append((name, path))
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(name, 0o666 & ~umask())  # mkstemp's 0600, as a plain open() would not make it
+        for name, path in temporaries:
+            with written(path):
+                os.replace(name, path)
+                _sync(path.parent)
+    except BaseException:
+        for name, _ in temporaries:
             with contextlib.suppress(OSError):
                 os.unlink(name)
-            raise
+        raise
 
 
 def portable_path(spec: str) -> str:

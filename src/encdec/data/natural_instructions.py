@@ -122,17 +122,29 @@ def _cached(tarball: Path) -> list[Pair]:
     key = hashlib.sha256(f"{tarball.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{FORMAT}".encode()).hexdigest()[:16]
     cache = cache_root() / "bigbench" / f"natural_instructions-{key}.jsonl"
     if cache.exists():
-        with cache.open(encoding="utf-8") as f:
-            return [_pair(json.loads(line)) for line in f]
+        try:
+            with cache.open(encoding="utf-8") as f:
+                return [_pair(json.loads(line)) for line in f]
+        except (ValueError, KeyError, TypeError) as e:  # cut short or damaged: converted again
+            log.warning("%s is damaged (%s); converting the tarball again", cache, e)
+            cache.unlink(missing_ok=True)
     start = time.perf_counter()
     pairs = convert(tarball)
-    cache.parent.mkdir(parents=True, exist_ok=True)
     partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    with partial.open("w", encoding="utf-8") as f:
-        for pair in pairs:
-            f.write(json.dumps({"turns": pair.turns, "response": pair.response, "source": pair.source}) + "\n")
-    os.replace(partial, cache)
-    log.info("converted %d Natural-Instructions examples in %.0f s (cached in %s)", len(pairs),
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("w", encoding="utf-8") as f:
+            for pair in pairs:
+                f.write(json.dumps({"turns": pair.turns, "response": pair.response, "source": pair.source}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # whole on disk before its name says it is done
+        os.replace(partial, cache)
+    except BaseException as e:
+        partial.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        log.warning("could not cache the converted examples in %s (%s)", cache, e)
+    log.info("converted %d Natural-Instructions examples in %.0f s (cache: %s)", len(pairs),
              time.perf_counter() - start, cache)
     return pairs
 

@@ -100,11 +100,25 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
             ids.extend(row)
             ids.append(eos)
     stream = np.asarray(ids, dtype=np.int32)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, ids=stream)
-    os.replace(tmp.name, path)
+    _write_cache(path, stream)
     return stream
+
+
+def _write_cache(path: Path, stream: np.ndarray) -> None:
+    """Cache the stream through a temporary file, removed if the write fails; a cache that cannot be written
+    (a full disk) is a warning, since the stream is at hand."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
+            np.savez(tmp, ids=stream)
+        os.replace(tmp.name, path)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        log.warning("could not cache the tokens in %s (%s); they are tokenized again next time", path, e)
 
 
 def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:

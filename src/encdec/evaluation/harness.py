@@ -31,7 +31,7 @@ from encdec.evaluation.tasks import (
     question_prompt,
     sample,
 )
-from encdec.files import atomic_write
+from encdec.files import atomic_write_files
 
 log = logging.getLogger("encdec")
 
@@ -300,11 +300,10 @@ def output_files(out: Path, models: tuple[str, ...] = ()) -> tuple[Path, Path]:
 
 
 def write(record: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """OUT.md (the table) and OUT.json (everything), each written atomically."""
+    """OUT.md (the table) and OUT.json (everything), written together: a failed write replaces neither."""
     table, data = output_files(out)
-    table.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(table, markdown(record) + "\n")
-    atomic_write(data, json.dumps(record, indent=1, default=_json_default) + "\n")
+    atomic_write_files({data: json.dumps(record, indent=1, default=_json_default) + "\n",
+                        table: markdown(record) + "\n"})
     return table, data
 
 

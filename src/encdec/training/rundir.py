@@ -21,12 +21,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from encdec.errors import EncdecError
-from encdec.files import atomic_write, check_apart, check_not_above, check_writable_place, portable_path
+from encdec.files import (
+    RUN_LOCK,
+    atomic_write,
+    check_apart,
+    check_not_above,
+    check_writable_place,
+    portable_path,
+    written,
+)
 from encdec.training import checkpointing, distributed
 from encdec.training.config import TrainConfig
 
 log = logging.getLogger("encdec")
-LOCK = ".encdec.lock"
+LOCK = RUN_LOCK
 OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model")  # what --overwrite replaces
 
 
@@ -149,7 +157,11 @@ def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None
     elif cfg.overwrite:
         for name in OUTPUTS:
             target = out / name
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            with written(target):  # not ignored: a previous run's checkpoints left would be the new run's
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:  # a file, or a link (to a directory elsewhere, which stays): the run's own name for it goes
+                    target.unlink(missing_ok=True)
 
 
 def _truncate_metrics(path: Path, last_step: int, last_record: dict | None) -> None:
