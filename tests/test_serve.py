@@ -762,6 +762,48 @@ def test_an_api_key_guards_the_api_but_not_health(local):
     assert asyncio.run(ask("wrong")) == []
 
 
+def test_the_limits_never_exceed_the_models_positions(checkpoint, monkeypatch, capsys):
+    """--max-input-tokens and --max-new-tokens above what the model reads (the tiny model: 256 positions) let
+    requests through that `encdec generate` refuses; the server lowers them, and says so."""
+    import encdec.serve.app as app
+    from encdec.cli import main
+    from encdec.logs import setup
+
+    started = []
+    monkeypatch.setattr(app, "serve", lambda model, tokenizer, settings, host, port: started.append(settings))
+    setup()
+    assert main(["serve", str(checkpoint), "--max-input-tokens", "1000", "--max-new-tokens", "900"]) == 0
+    assert (started[0].limits.max_input_tokens, started[0].limits.max_new_tokens) == (256, 255)
+    err = capsys.readouterr().err
+    assert "prompts are limited to 256 tokens" in err and "answers are limited to 255 tokens" in err
+    assert main(["serve", str(checkpoint), "--max-input-tokens", "24", "--max-new-tokens", "8"]) == 0
+    assert (started[1].limits.max_input_tokens, started[1].limits.max_new_tokens) == (24, 8)
+
+
+def test_an_empty_prompt_of_a_tokenizer_without_bos_is_refused(local):
+    """Qwen's tokenizer puts no BOS first, so "" has no token: the engine gave such a row a cross-attention over
+    nothing, or over what its slot held before (its tokens depended on the server's history)."""
+    import copy
+
+    from tokenizers import processors
+
+    from encdec.inference.engine import Engine, Row
+    from encdec.serve.app import APIError, Service, Settings
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    tokenizer = copy.deepcopy(tokenizer)  # never the loader's memoised one
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    assert tokenizer("").input_ids == []
+    service = Service(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    with pytest.raises(APIError, match="'prompt' has no tokens") as refused:
+        service.ids("", "prompt")
+    assert refused.value.status == 400
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):
+        Engine(model, max_batch=2).join(torch.tensor([[5, 6], [0, 0]]), torch.tensor([[1, 1], [0, 0]]),
+                                        [Row(4, frozenset()), Row(4, frozenset())])
+
+
 def test_waiting_embedding_requests_share_encoder_passes(local, monkeypatch):
     """Many one-text requests are encoded together (up to --max-batch inputs a pass, oldest first), a large one
     over several passes; each request gets its own vectors, and one whose client left gets none."""

@@ -162,8 +162,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.quantize == "int8":
         log.warning("--quantize int8: a request's tokens depend on the requests decoded with it (dynamic int8 "
                     "products share one activation scale across their rows)")
+    # no request may ask for more positions than the model has (encdec generate refuses such prompts too)
+    max_input, max_new = args.max_input_tokens, args.max_new_tokens
+    reads, writes = model.config.encoder.max_positions, model.config.decoder.max_positions
+    if reads is not None and max_input > reads:
+        log.warning("--max-input-tokens %d: this model's encoder reads at most %d positions; prompts are limited to "
+                    "%d tokens", max_input, reads, reads)
+        max_input = reads
+    if writes is not None and max_new > writes - 1:
+        log.warning("--max-new-tokens %d: this model's decoder reads at most %d positions; answers are limited to %d "
+                    "tokens", max_new, writes, writes - 1)
+        max_new = writes - 1
     settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
-                        limits=Limits(args.max_input_tokens, args.max_new_tokens), pooling=args.pooling,
+                        limits=Limits(max_input, max_new), pooling=args.pooling,
                         api_key=api_key, threads=threads)
     serve(model, tokenizer, settings, args.host, args.port)
 

@@ -15,7 +15,10 @@ that keeps the float32 argmax).
 
 `encdec.generate.generate` is "every row joins at step 0"; the server (`encdec.serve`) lets rows
 join whenever requests arrive. A row's tokens never depend on its neighbours (each has its own
-position, masks, sampling settings and random stream), except with int8 weights (`encdec.inference.quantize`).
+position, masks, sampling settings and random stream), except with int8 weights (`encdec.inference.quantize`)
+and at float32 near-ties: the products' rounding depends on how many rows they compute and how prompts
+are packed (a logit moves by about 1e-6), which can flip a choice between two tokens that close, as in any
+batched engine.
 """
 
 from __future__ import annotations
@@ -152,6 +155,8 @@ class Engine:
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         prompts = [ids[keep].to(self.device) for ids, keep in zip(input_ids, real)]
         lengths = [len(p) for p in prompts]
+        if min(lengths, default=1) < 1:  # its cross-attention would read nothing, or what the slot held before
+            raise ValueError("every prompt needs at least one token")
         hidden, placed = self._encode(prompts)
         self._grow_encoder(max(lengths))
         self._grow_self(min(max(r.max_new_tokens for r in rows), PREALLOCATED_POSITIONS))

@@ -83,6 +83,8 @@ class Service:
             ids = prompt
         else:
             ids = self.tokenizer(prompt).input_ids
+        if not ids:  # an empty text, from a tokenizer that puts no BOS first (Qwen's): nothing for the encoder to read
+            raise APIError(400, f"'{param}' has no tokens; a prompt needs at least one", param)
         limit = self.settings.limits.max_input_tokens
         if len(ids) > limit:
             raise APIError(400, f"'{param}' has {len(ids)} tokens, more than this server's limit of {limit} "
