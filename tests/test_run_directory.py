@@ -3,6 +3,7 @@ directory, --resume past damaged files, temporaries of killed writes removed, da
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -273,6 +274,28 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "next", "out",
                                                                  *(u.name for u in users)])
     assert all((u / "kept").is_dir() for u in users)
+    assert (out / "model.safetensors").read_text() == "the previous version"
+
+
+def test_a_failed_rename_puts_the_previous_output_back(tmp_path, monkeypatch):
+    """The previous output, moved aside, stayed aside when the new one's rename failed."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("the previous version")
+    real, renames = os.replace, []
+
+    def second_fails(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "model.safetensors").write_text("the new version")
+    monkeypatch.setattr(os, "replace", real)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (out / "model.safetensors").read_text() == "the previous version"
 
 

@@ -297,7 +297,12 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{HOST}-{os.getpid()}-", dir=out.parent))
                 os.replace(out, old / out.name)
-                os.replace(tmp, out)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:  # the previous output goes back where it was
+                    os.replace(old / out.name, out)
+                    shutil.rmtree(old, ignore_errors=True)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)

