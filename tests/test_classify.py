@@ -519,6 +519,28 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     assert len(trained) == 15 and len(list((tmp_path / "cache" / "search").iterdir())) == 2
 
 
+def test_a_search_keeps_its_trials_when_only_the_evaluation_subset_or_a_searched_default_changes(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trials read the training split only: BoolQ's --eval-limit (or --lr, when the grid searches lr) made
+    a journal of its own and every trial trained again."""
+    from encdec.classification import run
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=False, n=12)
+    trained: list[int] = []
+    real = run.fine_tune
+    monkeypatch.setattr(run, "fine_tune", lambda model, rows, *a, **k: trained.append(len(rows)) or real(model, rows, *a, **k))
+    argv = ["classify", str(models["gemma3"]), "--task", "toy", "--search", "--grid-lr", "1e-3,3e-3", "--grid-epochs",
+            "1", "--grid-head-lr", "1e-2", "--max-len", "16"]
+    assert main([*argv, "--eval-limit", "8", "--out", str(tmp_path / "first")]) == 0
+    assert trained == [10, 10, 12]  # two candidates on a dev split of the training examples, then the chosen one
+    for other in (["--eval-limit", "10"], ["--eval-limit", "10", "--lr", "5e-4"]):
+        trained.clear()
+        assert main([*argv, *other, "--out", str(tmp_path / "-".join(other))]) == 0
+        assert len(trained) == 1  # the trials read back, only the chosen settings trained
+    assert len(list((tmp_path / "cache" / "search").iterdir())) == 1
+
+
 def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:

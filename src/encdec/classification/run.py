@@ -120,10 +120,13 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
                            c_values=probe_c, train_rows=train_rows, first=first)
     else:
+        # keyed on what a trial reads: the training parts (never the evaluation subset: BoolQ's --eval-limit) and
+        # the settings other than the searched ones (each trial names its own)
         journal = None if grid is None else TrialJournal({
             "model": features.model_fingerprint(model), "task": task, "labels": list(data.labels),
-            "pool": [(e.text, e.label) for e in p.train], "plan": [p.folds, p.train_ids, p.splits],
-            "dev": dataclasses.asdict(dev), "pooling": pooling, "hyper": hyper.to_dict(), "grid": grid, "first": first})
+            "pool": [(e.text, e.label) for e in p.train], "plan": [p.folds, p.train_ids, [t for t, _ in p.splits]],
+            "dev": dataclasses.asdict(dev), "pooling": pooling, "first": first, "grid": grid,
+            "hyper": {name: value for name, value in hyper.to_dict().items() if name not in grid}})
         fold = _FineTuneFolds(backbone, p, reported, pooling=pooling, hyper=hyper, pad_id=pad_id, grid=grid,
                               searched=searched, train_rows=train_rows, num_labels=len(data.labels), journal=journal)
     probs: list[list[float]] = [[] for _ in p.evaluation]
