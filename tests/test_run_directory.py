@@ -23,6 +23,7 @@ from encdec.errors import EncdecError
 from encdec.files import HOST, atomic_dir, read_weights
 from encdec.logs import setup
 from encdec.training import checkpointing, loop, rundir, step
+from encdec.training.plain_state import read_state
 
 DEAD_PID = 2**22 + 12345  # above Linux's largest pid: no process has it
 
@@ -196,6 +197,25 @@ def test_resuming_with_other_settings_is_warned_of_by_name(adapted, corpus, tmp_
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--seed", "5", "--lr", "0.001", "--resume")) == 0
     warned = _lines(capsys.readouterr().err, "settings other than")
     assert len(warned) == 1 and "--lr 3e-05 -> 0.001" in warned[0] and "--seed 0 -> 5" in warned[0], warned
+
+
+def test_resuming_on_another_number_of_processes_compares_the_global_batch(adapted, corpus, tmp_path):
+    """A step reads --batch-size rows on each process: a run resumed on fewer processes with the same command
+    line trained on a smaller global batch without a word, and one given the --batch-size that keeps the global
+    batch (and its course: losses equal an uninterrupted run's) was warned of a change."""
+    loop.train(_config(adapted, tmp_path / "run", corpus, steps=1, save_every=1, eval_every=0))
+    (checkpoint,) = checkpointing.checkpoints(tmp_path / "run")
+    saved = read_state(checkpoint, "trainer")
+    assert saved["processes"] == 1 and saved["config"]["batch_size"] == 2
+    two = {**saved["config"], "batch_size": 1}  # as written by 2 processes of --batch-size 1
+
+    def now(batch_size: int):  # the run's settings as the loop compares them (distillation decided)
+        return _config(adapted, tmp_path / "run", corpus, batch_size=batch_size, distill=saved["config"]["distill"])
+
+    assert rundir.changed_settings(two, now(2), (2, 1)) == []
+    (line,) = rundir.changed_settings(two, now(1), (2, 1))
+    assert line == "the global batch (--batch-size x processes) 1 x 2 = 2 rows -> 1 x 1 = 1"
+    assert rundir.changed_settings(saved["config"], now(2), (1, 1)) == []
 
 
 def test_a_crash_between_a_checkpoint_and_its_metrics_line_loses_no_line(adapted, corpus, tmp_path, monkeypatch):

@@ -135,7 +135,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         start = state["step"]
         if d.main:
             log.info("resuming from %s (step %d)", last_checkpoint, start)
-            changed = rundir.changed_settings(state.get("config", {}), cfg)
+            # (a checkpoint that does not say how many processes wrote it: taken as this run's number)
+            changed = rundir.changed_settings(state.get("config", {}), cfg, (state.get("processes", d.world), d.world))
             if changed:
                 log.warning("resuming with settings other than the run's (its next steps differ from those of an "
                             "uninterrupted run): %s", "; ".join(changed))
@@ -175,7 +176,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
 
     def save_checkpoint(step: int, record: dict) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
-                   "kept_tokens": keep, "record": record}
+                   "processes": d.world, "kept_tokens": keep, "record": record}
         return checkpointing.save(out, step, wrapped, optimizer, trainer, d, (cfg.keep_last, cfg.save_every, cfg.steps),
                                   last_checkpoint)
 
