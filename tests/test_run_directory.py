@@ -311,9 +311,8 @@ def test_a_failed_rename_puts_the_previous_output_back(tmp_path, monkeypatch):
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", second_fails)
-    with pytest.raises(OSError, match="Input/output error"):
-        with atomic_dir(out, overwrite=True) as tmp:
-            (tmp / "model.safetensors").write_text("the new version")
+    with pytest.raises(OSError, match="Input/output error"), atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "model.safetensors").write_text("the new version")
     monkeypatch.setattr(os, "replace", real)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert (out / "model.safetensors").read_text() == "the previous version"
@@ -323,11 +322,10 @@ def test_an_output_written_meanwhile_by_another_process_is_kept_without_overwrit
     """The check for an existing output came only before the work: a second run writing the same --out replaced
     the first's finished output at its end, without --overwrite."""
     out = tmp_path / "out"
-    with pytest.raises(EncdecError, match="written by another process while this one wrote it"):
-        with atomic_dir(out) as tmp:
-            (tmp / "mine").write_text("this run's")
-            out.mkdir()
-            (out / "theirs").write_text("the other run's")
+    with pytest.raises(EncdecError, match="written by another process while this one wrote it"), atomic_dir(out) as tmp:
+        (tmp / "mine").write_text("this run's")
+        out.mkdir()
+        (out / "theirs").write_text("the other run's")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "theirs").read_text() == "the other run's"
 
 

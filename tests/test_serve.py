@@ -765,7 +765,7 @@ def test_an_api_key_guards_the_api_but_not_health(local):
 def test_the_limits_never_exceed_the_models_positions(checkpoint, monkeypatch, capsys):
     """--max-input-tokens and --max-new-tokens above what the model reads (the tiny model: 256 positions) let
     requests through that `encdec generate` refuses; the server lowers them, and says so."""
-    import encdec.serve.app as app
+    from encdec.serve import app
     from encdec.cli import main
     from encdec.logs import setup
 
