@@ -209,6 +209,36 @@ def test_a_multimodal_gemma3_keeps_the_special_tokens_named_outside_its_text_mod
     assert encdec.adapt(source).config.eos_token_ids == [1, 106]
 
 
+def test_a_decoder_only_student_of_a_multimodal_gemma3_is_saved_as_its_text_model(tmp_path):
+    """The student's weights are the text decoder's, under text-model names; saved with the source's multimodal
+    config.json, transformers matched none of them and started from random weights, without an error."""
+    import json
+
+    import transformers as tf
+    from tiny import gemma_config, make_tokenizer
+
+    vision = dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                  num_attention_heads=1, image_size=16, patch_size=8)
+    cfg = tf.Gemma3Config(text_config=gemma_config("gemma3").to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                          eos_token_id=[1, 106], bos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    tf.Gemma3ForConditionalGeneration(cfg).save_pretrained(str(tmp_path / "g3mm"))
+    make_tokenizer(tmp_path / "g3mm")
+    source = encdec.load_source(str(tmp_path / "g3mm"))
+    model = causal_from_source(source)
+    with torch.no_grad():
+        model.stack.layers[1].mlp.up_proj.weight.mul_(1.5)  # as if trained
+    save_causal(model, source, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["model_type"] == "gemma3_text" and saved["eos_token_id"] == [1, 106]
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    ids = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours = model.logits(model.hidden(ids, encdec.model.Segments.of(ids, None, None, None)))
+        assert (reloaded(input_ids=ids).logits - ours).abs().max().item() <= 1e-4
+    assert encdec.load_source(str(tmp_path / "out")).special_tokens["eos_token_ids"] == [1, 106]
+
+
 def test_text_weights_of_a_multimodal_gemma3_and_an_untied_head():
     from encdec.formats import gemma, llama
     from encdec.formats.decoder_only import text_weights

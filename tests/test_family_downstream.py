@@ -56,6 +56,20 @@ def test_ul2_adds_its_tokens_where_the_vocabulary_has_no_reserved_ones(tmp_path,
     assert model.generate(torch.tensor([[2, 40, 99, 41]]), max_new_tokens=3).shape == (1, 3)
 
 
+def test_a_decoder_only_ul2_student_is_saved_with_the_tokens_it_was_trained_on(tmp_path):
+    """Qwen's spare rows take UL2's added tokens: the decoder-only student was saved with its source's tokenizer,
+    in which <extra_id_0> is <unk> and the trained ids decode to nothing."""
+    import transformers as tf
+
+    source = make_source(tmp_path / "source", "qwen3", reserved=False, vocab_size=256)
+    final = _ul2(source, tmp_path / "run", write_corpus(tmp_path / "corpus.txt", documents=30))
+    tokenizer = encdec.load_tokenizer(final)
+    assert len(tokenizer) == 96 + len(ul2_token_names(128))
+    assert tokenizer("w3 <extra_id_0> w4", add_special_tokens=False).input_ids == [31, 99, 32]
+    student = tf.AutoModelForCausalLM.from_pretrained(str(final))
+    assert student.config.vocab_size == 256 and student.get_input_embeddings().weight.shape[0] == 256
+
+
 def test_prefixlm_distillation_with_a_trimmed_vocabulary_trains_an_untied_llama(tmp_path):
     adapted = _adapted(tmp_path, "llama")
     corpus = write_corpus(tmp_path / "corpus.txt", documents=40)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from encdec.adapt import stack_weights
 from encdec.files import atomic_dir, read_json, write_weights
 from encdec.formats.decoder_only import EMBED, HEAD, from_stack
-from encdec.formats.registry import layer_names
+from encdec.formats.registry import layer_names, text_model_config
 from encdec.model import CausalLM
 from encdec.sources import DecoderOnlySource, load_source, load_tokenizer
 
@@ -40,12 +41,16 @@ def hf_weights(model: CausalLM, family: str) -> dict[str, torch.Tensor]:
 
 
 def save_causal(model: CausalLM, source: DecoderOnlySource, out: Path, *, overwrite: bool = False,
-                metadata: dict | None = None) -> None:
-    """Write `model` as a Hugging Face checkpoint of its family: the source's config.json and tokenizer, new weights."""
+                metadata: dict | None = None, tokenizer: Any = None) -> None:
+    """Write `model` as a Hugging Face checkpoint of its family: the source's config.json (of its text model, for a
+    multimodal source) and tokenizer, or `tokenizer` (UL2's, with its added tokens), new weights."""
+    config = {**text_model_config(read_json(source.directory / "config.json")), "vocab_size": model.embed.num_embeddings}
+    if tokenizer is None and source.has_tokenizer:
+        tokenizer = load_tokenizer(source.directory)
     with atomic_dir(Path(out), overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(read_json(source.directory / "config.json"), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_weights(tmp, hf_weights(model, source.family))
-        if source.has_tokenizer:
-            load_tokenizer(source.directory).save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         if metadata is not None:
             (tmp / "encdec.json").write_text(json.dumps(metadata, indent=2))

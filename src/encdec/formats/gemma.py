@@ -120,6 +120,20 @@ def stack_to_hf(stack: StackConfig, per_layer_type_rope: bool) -> dict[str, Any]
     }
 
 
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def text_model_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config.json of the text model alone, as a decoder-only student is saved: a multimodal Gemma 3's text
+    model as a Gemma3ForCausalLM, with the special tokens the released ones name outside it (the student's
+    weights are the text decoder's, under its names); any other config as it is."""
+    if cfg.get("model_type") != "gemma3":
+        return cfg
+    outer = {k: v for k in SPECIAL_IDS if (v := cfg.get(k)) is not None}
+    dtype = {k: cfg[k] for k in ("dtype", "torch_dtype") if k in cfg}
+    return {**dtype, **cfg["text_config"], **outer, "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+
+
 def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
     """A decoder-only Gemma 2 / Gemma 3 config.json (of a multimodal Gemma 3, its text model)."""
     model_type = cfg["model_type"]
@@ -131,7 +145,7 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
         log.info("%s is multimodal Gemma 3: taking its text model, ignoring the vision tower", where)
         # the released ones name their special tokens (EOS: [1, 106], <end_of_turn> too) outside the text model,
         # which is what generation reads
-        outer = {k: v for k in ("pad_token_id", "bos_token_id", "eos_token_id") if (v := cfg.get(k)) is not None}
+        outer = {k: v for k in SPECIAL_IDS if (v := cfg.get(k)) is not None}
         cfg = cfg["text_config"]
     if cfg.get("tie_word_embeddings") is False:  # every released Gemma ties them; read as tied, its head was lost
         raise EncdecError(f"{where} is a Gemma with an LM head of its own (tie_word_embeddings: false), which encdec "

@@ -34,6 +34,14 @@ def adapted_as(family: str) -> tuple[str, str]:
     return BY_FAMILY[family].ADAPTED_AS[family]
 
 
+def text_model_config(cfg: dict) -> dict:
+    """The config.json a decoder-only model of this source's text decoder is saved with (a multimodal source's text
+    model alone: the adapter's `text_model_config`, where it has one)."""
+    adapter = BY_MODEL_TYPE.get(cfg.get("model_type") or "")
+    convert = getattr(adapter, "text_model_config", None)
+    return cfg if convert is None else convert(cfg)
+
+
 def layer_names(family: str) -> dict[str, str]:
     """Our block sub-module -> the family's Hugging Face decoder-only sub-module."""
     return BY_FAMILY[family].LAYER

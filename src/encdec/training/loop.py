@@ -264,7 +264,7 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
         from encdec.causal import causal_from_source, save_causal
 
         model = full_vocabulary_model(weights, causal_from_source(plan.source), plan.keep)
-        save_causal(model, plan.source, final, overwrite=True, metadata={key: run})
+        save_causal(model, plan.source, final, overwrite=True, metadata={key: run}, tokenizer=plan.tokenizer)
     else:
         start = load_checkpoint(model_dir).model
         if start.config.vocab_size < plan.vocab_size:  # UL2 grew the embeddings for its added tokens
