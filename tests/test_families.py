@@ -186,12 +186,8 @@ def test_vanilla_transformers_loads_the_project_format_with_its_modeling_file(so
     assert encdec.load_tokenizer(tmp_path / "out")("w1 w2").input_ids == [2, 29, 30]  # encdec reads it too
 
 
-def test_a_multimodal_gemma3_keeps_the_special_tokens_named_outside_its_text_model(tmp_path):
-    """Released Gemma 3 4B-27B configs name EOS ([1, 106]: <end_of_turn> too) only at the top level; read from the
-    text model alone, an adapted instruction-tuned Gemma 3 would not stop at the end of its turn."""
-    import json
-
-    import transformers as tf
+def _multimodal_gemma3(directory):
+    """A tiny multimodal Gemma 3 (a vision tower beside the text model) that names EOS [1, 106] at its top level."""
     from tiny import gemma_config, make_tokenizer
 
     vision = dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
@@ -199,8 +195,17 @@ def test_a_multimodal_gemma3_keeps_the_special_tokens_named_outside_its_text_mod
     cfg = tf.Gemma3Config(text_config=gemma_config("gemma3").to_dict(), vision_config=vision, mm_tokens_per_image=4,
                           eos_token_id=[1, 106], bos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
-    tf.Gemma3ForConditionalGeneration(cfg).save_pretrained(str(tmp_path / "g3mm"))
-    make_tokenizer(tmp_path / "g3mm")
+    tf.Gemma3ForConditionalGeneration(cfg).save_pretrained(str(directory))
+    make_tokenizer(directory)
+    return directory
+
+
+def test_a_multimodal_gemma3_keeps_the_special_tokens_named_outside_its_text_model(tmp_path):
+    """Released Gemma 3 4B-27B configs name EOS ([1, 106]: <end_of_turn> too) only at the top level; read from the
+    text model alone, an adapted instruction-tuned Gemma 3 would not stop at the end of its turn."""
+    import json
+
+    _multimodal_gemma3(tmp_path / "g3mm")
     saved = json.loads((tmp_path / "g3mm" / "config.json").read_text())
     saved["text_config"].pop("eos_token_id", None)  # as in the released config.json files
     (tmp_path / "g3mm" / "config.json").write_text(json.dumps(saved))
@@ -214,17 +219,7 @@ def test_a_decoder_only_student_of_a_multimodal_gemma3_is_saved_as_its_text_mode
     config.json, transformers matched none of them and started from random weights, without an error."""
     import json
 
-    import transformers as tf
-    from tiny import gemma_config, make_tokenizer
-
-    vision = dict(model_type="siglip_vision_model", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                  num_attention_heads=1, image_size=16, patch_size=8)
-    cfg = tf.Gemma3Config(text_config=gemma_config("gemma3").to_dict(), vision_config=vision, mm_tokens_per_image=4,
-                          eos_token_id=[1, 106], bos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    tf.Gemma3ForConditionalGeneration(cfg).save_pretrained(str(tmp_path / "g3mm"))
-    make_tokenizer(tmp_path / "g3mm")
-    source = encdec.load_source(str(tmp_path / "g3mm"))
+    source = encdec.load_source(str(_multimodal_gemma3(tmp_path / "g3mm")))
     model = causal_from_source(source)
     with torch.no_grad():
         model.stack.layers[1].mlp.up_proj.weight.mul_(1.5)  # as if trained
