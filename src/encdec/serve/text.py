@@ -59,10 +59,15 @@ class Detokenizer:
         self.unfinished = b""  # the bytes of a character begun and not finished
         self._raw: dict[int, bytes | None] = {}
         self._special: dict[int, bool] = {}  # token -> whether the answer's text leaves it out
+        # at the current position (until a token is added): each token's step, and the context's own text, so
+        # that the chosen token of a logprob entry, asked for first, is not decoded again when it is added
+        self._next: dict[int, tuple[str, bytes]] = {}
+        self._before: str | None = None
 
     def push(self, token: int) -> str:
         """Add `token`; the text it adds."""
-        text, self.unfinished = self._step(token)
+        text, self.unfinished = self._stepped(token)
+        self._next, self._before = {}, None
         self.tokens.append(token)
         if not self.special(token):
             self.texted.append(token)
@@ -71,7 +76,7 @@ class Detokenizer:
     def text_of(self, token: int) -> str:
         """The text `token` would add after the tokens so far ('' for a special token, or for bytes that begin
         or continue a character not yet finished)."""
-        return self._step(token)[0]
+        return self._stepped(token)[0]
 
     def flush(self) -> str:
         """What the answer's end adds: U+FFFDs for a character left unfinished."""
@@ -102,6 +107,11 @@ class Detokenizer:
             self._special[token] = self.decode([token]) == "" and self.tokenizer.decode([token]) != ""
         return self._special[token]
 
+    def _stepped(self, token: int) -> tuple[str, bytes]:
+        if token not in self._next:
+            self._next[token] = self._step(token)
+        return self._next[token]
+
     def _step(self, token: int) -> tuple[str, bytes]:
         """The text `token` adds, and the bytes of an unfinished character after it."""
         if self.special(token):  # left out of the text, as transformers' skip_special_tokens does
@@ -111,7 +121,9 @@ class Detokenizer:
             return utf8(self.unfinished + raw, final=False)
         broken = utf8(self.unfinished, final=True)[0]
         context = self.texted[-CONTEXT_TOKENS:]  # special tokens decode to nothing: a context of them is none
-        before, joined = self.decode(context), self.decode([*context, token])
+        if self._before is None:
+            self._before = self.decode(context)
+        before, joined = self._before, self.decode([*context, token])
         return broken + (joined[len(before):] if joined.startswith(before) else self.decode([token])), b""
 
 
