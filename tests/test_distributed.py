@@ -83,7 +83,10 @@ def test_two_processes_weigh_every_token_alike(sources, tmp_path, fsdp):
                 for name in ("one", "two"))
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
     a, b = (encdec.load(tmp_path / name / "model").state_dict() for name in ("one", "two"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    # AdamW's first step moves each weight by lr * g / (|g| + eps): about lr (3e-3) whatever the gradient's size, but a
+    # gradient that cancels to near eps moves by a fraction of it that float rounding changes (1.7e-5 measured on an
+    # AVX2 CPU); weighing the rows wrongly flips the sign of some weights' steps, a 2 * lr difference
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
 def _children(pid: int) -> list[int]:

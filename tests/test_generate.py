@@ -4,6 +4,7 @@ oneDNN-packed weights."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -308,7 +309,8 @@ def test_onednn_packed_weights_give_the_same_tokens(model, sampling):
     packed = onednn.pack_for_cpu(copy.deepcopy(model))
     assert not any(isinstance(m, nn.Linear) for m in packed.modules())
     assert not any(isinstance(m, MLP) for m in packed.modules())  # every feed-forward fused
-    assert isinstance(packed.lm_head, onednn.ScreenedHead)  # greedy rows through the bfloat16 screen
+    # greedy rows through the bfloat16 screen where oneDNN computes bfloat16 (AVX-512), the float32 head elsewhere
+    assert type(packed.lm_head) is (onednn.ScreenedHead if onednn.bfloat16_products() else onednn.PackedLinear)
     with torch.no_grad():
         torch.testing.assert_close(packed(ids, mask, dec).logits, model(ids, mask, dec).logits, rtol=1e-4, atol=1e-4)
     ours = packed.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], **sampling)
@@ -332,21 +334,40 @@ def test_packed_weights_encode_long_rows_alike(model):
 
 
 def test_onednn_packing_in_bfloat16_and_its_limits(model):
+    """bfloat16 weights are packed where oneDNN computes bfloat16 (AVX-512 or AVX-NE-CONVERT); on other CPUs
+    (AVX2 only) packing them is refused in one line, and classification's passes run on them unpacked."""
     ids, mask = _prompts()
-    packed = onednn.pack_for_cpu(copy.deepcopy(model).to(torch.bfloat16))
-    assert packed.generate(ids, mask, max_new_tokens=4, eos_token_ids=[-1]).shape == (3, 4)
-    with pytest.raises(EncdecError, match="float32 or bfloat16"):
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    if onednn.bfloat16_products():
+        packed = onednn.pack_for_cpu(low)
+        assert packed.generate(ids, mask, max_new_tokens=4, eos_token_ids=[-1]).shape == (3, 4)
+    else:
+        with pytest.raises(EncdecError, match="bfloat16 on CPUs with AVX-512 .* no oneDNN bfloat16 products"):
+            onednn.pack_for_cpu(low)
+        with onednn.packed_while_inferring(low):
+            assert any(isinstance(m, nn.Linear) for m in low.modules())
+    with pytest.raises(EncdecError, match="float32, or in bfloat16 .*; got torch.float64"):
         onednn.pack_for_cpu(copy.deepcopy(model).to(torch.float64))
 
 
-def test_load_for_inference_chooses_the_cpu_kernels(model, tmp_path):
+def test_load_for_inference_chooses_the_cpu_kernels(model, tmp_path, monkeypatch, caplog):
     encdec.save(model, tmp_path / "ckpt")
-    assert isinstance(load_for_inference(tmp_path / "ckpt", torch.float32, None).lm_head, onednn.ScreenedHead)
+    head = load_for_inference(tmp_path / "ckpt", torch.float32, None).lm_head
+    assert type(head) is (onednn.ScreenedHead if onednn.bfloat16_products() else onednn.PackedLinear)
     plain = load_for_inference(tmp_path / "ckpt", torch.float32, None, "blas")
     assert plain.lm_head is None or isinstance(plain.lm_head, nn.Linear)
     assert isinstance(plain.decoder.layers[0].attn.q_proj, nn.Linear)
     with pytest.raises(EncdecError, match="accepted: onednn, blas"):
         load_for_inference(tmp_path / "ckpt", torch.float32, None, "mkl")
+    # a CPU without oneDNN bfloat16 products (AVX2 only): bfloat16 runs unpacked, with a warning, instead of failing
+    monkeypatch.setattr(onednn, "bfloat16_products", lambda: False)
+    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+    with caplog.at_level(logging.WARNING, logger="encdec"):
+        low = load_for_inference(tmp_path / "ckpt", torch.bfloat16, None)
+    assert isinstance(low.decoder.layers[0].attn.q_proj, nn.Linear) and low.embed.weight.dtype == torch.bfloat16
+    assert "no oneDNN bfloat16 products" in caplog.text
+    ids, mask = _prompts()
+    assert low.generate(ids, mask, max_new_tokens=3, eos_token_ids=[-1]).shape == (3, 3)
 
 
 def test_packing_for_an_inference_pass_restores_the_layers(model):

@@ -33,7 +33,11 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
     if quantize is not None:
         return quantize_int8(model)
     if cpu_kernels == "onednn":
-        if onednn.available():
+        if not onednn.available():
+            log.warning("this PyTorch build has no oneDNN packed linear operator: CPU products use PyTorch's BLAS")
+        elif dtype == torch.bfloat16 and not onednn.bfloat16_products():
+            log.warning("this CPU has no oneDNN bfloat16 products (they need AVX-512 or AVX-NE-CONVERT): bfloat16 "
+                        "products use PyTorch's kernels, which on such a CPU are usually slower than float32's")
+        else:
             return onednn.pack_for_cpu(model)
-        log.warning("this PyTorch build has no oneDNN packed linear operator: CPU products use PyTorch's BLAS")
     return model

@@ -26,9 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from encdec.errors import EncdecError
 from encdec.model import MLP, EncoderDecoder, soft_cap
@@ -46,6 +48,12 @@ NORM_CHUNK = 16384  # vocabulary rows per pass when measuring the head's norms
 def available() -> bool:
     """Whether this PyTorch build has oneDNN and its packed linear operator."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def bfloat16_products() -> bool:
+    """Whether oneDNN computes bfloat16 products on this CPU (it needs AVX-512 or AVX-NE-CONVERT; on an AVX2-only
+    CPU packing a bfloat16 weight fails)."""
+    return available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):
@@ -95,7 +103,9 @@ class ScreenedHead(nn.Module):
         self.weight = weight.detach()
         self.full = PackedLinear(self.weight, None)
         low = self.weight.bfloat16()
-        self.screen = PackedLinear(low, None)
+        # oneDNN's bfloat16 product where this CPU has one; elsewhere PyTorch's, slower than the float32 head
+        # (pack_for_cpu screens only where oneDNN computes bfloat16), which gives the same candidates
+        self.screen = PackedLinear(low, None) if bfloat16_products() else partial(F.linear, weight=low)
         self.max_norm, self.max_error = 0.0, 0.0  # the largest row norm of the bfloat16 weight, and of its rounding
         for start in range(0, len(low), NORM_CHUNK):  # in chunks: whole-table temporaries would be 3 x its size
             rows, exact = low[start: start + NORM_CHUNK].float(), self.weight[start: start + NORM_CHUNK]
@@ -154,20 +164,26 @@ def _pack_layers(module: nn.Module, keep: bool) -> list[tuple[nn.Module, str, nn
     return kept
 
 
-def _packable(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+def packable(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether weights of this dtype on this device can be packed here: float32 on CPU, and bfloat16 where
+    oneDNN computes it."""
+    return torch.device(device).type == "cpu" and (dtype == torch.float32
+                                                   or dtype == torch.bfloat16 and bfloat16_products())
 
 
 def pack_for_cpu(model: EncoderDecoder) -> EncoderDecoder:
     """Replace, in place, every linear layer of `model` (on CPU, float32 or bfloat16) by a PackedLinear,
     every feed-forward by a PackedMLP, and give it a packed LM head (a tied float32 one screened for greedy
     tokens where oneDNN has bfloat16 products: AVX-512 CPUs)."""
-    if not _packable(model.embed.weight):
-        raise EncdecError("oneDNN-packed weights are for CPU inference in float32 or bfloat16")
     if not available():
         raise EncdecError("this PyTorch build has no oneDNN packed linear operator; use --cpu-kernels blas")
+    weight = model.embed.weight
+    if not packable(weight.dtype, weight.device):
+        raise EncdecError(f"oneDNN-packed weights are for CPU inference in float32, or in bfloat16 on CPUs with "
+                          f"AVX-512 or AVX-NE-CONVERT; got {weight.dtype} on {weight.device}"
+                          f"{'' if weight.dtype != torch.bfloat16 else ' (this CPU has no oneDNN bfloat16 products)'}")
     if model.lm_head is None:  # tied: the embedding table stays for lookups, the head reads packed copies
-        screen = model.embed.weight.dtype == torch.float32 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        screen = weight.dtype == torch.float32 and bfloat16_products()
         model.lm_head = ScreenedHead(model.embed.weight) if screen else PackedLinear(model.embed.weight, None)
     _pack_layers(model, keep=False)
     return model
@@ -179,7 +195,7 @@ def packed_while_inferring(module: nn.Module) -> Iterator[nn.Module]:
     over a model that is trained or saved around them (classification's predictions and probe features).
     Where packing does not apply (another device or dtype, no oneDNN) the module is used as it is."""
     weight = next((m.weight for m in module.modules() if isinstance(m, nn.Linear)), None)
-    if weight is None or not _packable(weight) or not available():
+    if weight is None or not available() or not packable(weight.dtype, weight.device):
         yield module
         return
     kept = _pack_layers(module, keep=True)
