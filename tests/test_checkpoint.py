@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,7 @@ def _mapped_ranges(path) -> list[tuple[int, int]]:
     return ranges
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the mappings in /proc (Linux)")
 def test_weights_are_read_like_safetensors_reads_them_and_into_memory_of_their_own(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -109,6 +109,7 @@ def _rank_of(pid: int) -> int | None:
     return next((int(v.split(b"=", 1)[1]) for v in env if v.startswith(b"RANK=")), None)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc (Linux)")
 def test_a_signal_reaching_one_process_stops_both_at_the_same_step(sources, tmp_path):
     """SIGTERM to rank 1 only: both processes decide to stop at the same step, write its checkpoint together
     and exit (deciding apart, one waited forever in the checkpoint's collectives); the run resumes."""

@@ -329,13 +329,23 @@ def _sync_tree(root: Path) -> None:
         _sync(Path(directory))
 
 
+def _umask_at_import() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK_AT_IMPORT = _umask_at_import()  # set and restored while importing, before this module starts threads
+
+
 def umask() -> int:
-    """This process's file mode creation mask (read, not changed: changing it would race other threads)."""
+    """This process's file mode creation mask: read from /proc (not changed: changing it would race other
+    threads); where there is no /proc (macOS, BSD), the mask the process had when encdec was imported."""
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
-    return 0o022  # where /proc is not there: the usual mask
+    return UMASK_AT_IMPORT
 
 
 def process_alive(pid: int) -> bool:

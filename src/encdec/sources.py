@@ -41,7 +41,13 @@ SUPPORTED = (f"{SUPPORTED_FAMILIES} (a Hugging Face checkpoint directory, a GGUF
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("ENCDEC_CACHE", Path.home() / ".cache" / "encdec"))
+    """Where converted sources, token and feature caches live: $ENCDEC_CACHE, else ~/.cache/encdec."""
+    if os.environ.get("ENCDEC_CACHE"):
+        return Path(os.environ["ENCDEC_CACHE"])
+    try:
+        return Path.home() / ".cache" / "encdec"
+    except (RuntimeError, KeyError):  # no HOME and no passwd entry (a container run as an arbitrary user)
+        raise EncdecError("no home directory to keep encdec's cache in: set ENCDEC_CACHE to a writable directory") from None
 
 
 @dataclass
@@ -167,7 +173,8 @@ def gguf_lock(path: Path):
     from filelock import FileLock
 
     locks = cache_root() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
+    with written(locks):
+        locks.mkdir(parents=True, exist_ok=True)
     return FileLock(locks / f"gguf-{gguf_cache_dir(path).name}.lock")
 
 
@@ -210,21 +217,26 @@ def _package_dir(module: str, name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _joined_chunks(name: str) -> Path:
-    """Qwen2.5-Coder's six package chunks joined once into one GGUF in the cache (atomically)."""
-    parts = [next(iter(sorted((_package_dir(m, name) / "data").glob("*.bin")))) for m in QWEN_CHUNKS]
-    out = cache_root() / "packaged" / "qwen2.5-coder-0.5b-instruct.gguf"
+def _joined(parts: list[Path], out: Path, sha256: str | None = None) -> Path:
+    """`parts` joined once into the GGUF file `out` in the cache, atomically (checked against `sha256` when it is
+    written); reused while its size is the parts' sum."""
     if out.is_file() and out.stat().st_size == sum(p.stat().st_size for p in parts):
         return out
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     with written(out):
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
             with tmp.open("wb") as f:
                 for part in parts:
-                    f.write(part.read_bytes())
+                    data = part.read_bytes()
+                    digest.update(data)
+                    f.write(data)
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise EncdecError(f"the packaged parts of {out.name} do not join into the file they should (sha256 "
+                                  f"{digest.hexdigest()[:16]}..., expected {sha256[:16]}...): reinstall the package")
             tmp.replace(out)
-        except BaseException:  # half a GGUF (500 MB) would stay in the cache for good
+        except BaseException:  # half a GGUF (250-500 MB) would stay in the cache for good
             tmp.unlink(missing_ok=True)
             raise
     return out
@@ -235,13 +247,18 @@ def _packaged_gguf(name: str) -> Path:
 
     if name == "smollm2-135m":
         return next(iter(_package_dir(PACKAGED[name], name).glob("*.gguf")))
-    if name == "qwen2.5-coder-0.5b":
-        return _joined_chunks(name)
+    if name == "qwen2.5-coder-0.5b":  # Qwen2.5-Coder-0.5B-Instruct, one GGUF in six packages
+        parts = [next(iter(sorted((_package_dir(m, name) / "data").glob("*.bin")))) for m in QWEN_CHUNKS]
+        return _joined(parts, cache_root() / "packaged" / "qwen2.5-coder-0.5b-instruct.gguf")
     try:
         package = importlib.import_module(PACKAGED[name])
-    except ImportError:
+        parts = package.chunk_paths()
+    except (ImportError, FileNotFoundError):
         raise EncdecError(f"'{name}' needs the PyPI package {PACKAGED[name].replace('_', '-')}") from None
-    return Path(package.assemble())
+    # joined into encdec's cache rather than by the package's assemble(), which writes under ~/.cache whatever
+    # ENCDEC_CACHE says (read-only homes), in place (two processes starting together read each other's half
+    # file) and hashes the 250 MB file again on every call
+    return _joined(parts, cache_root() / "packaged" / package.MODEL_NAME, package.EXPECTED_SHA256)
 
 
 def _from_hub(name: str) -> Path:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -71,19 +72,26 @@ def _read(file: Path) -> dict[int, np.ndarray]:
 
 
 def _write(file: Path, known: dict[int, np.ndarray]) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
+    """Store the features through a temporary file; a cache that cannot be written (a read-only or full disk) is a
+    warning, since the features are at hand."""
     indices = sorted(known)
     tensors = {"indices": np.asarray(indices, dtype=np.int64), "features": np.stack([known[i] for i in indices])}
-    handle, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-    os.close(handle)
+    tmp = None
     try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
+        os.close(handle)
         save_file(tensors, tmp)
         os.replace(tmp, file)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        log.warning("could not cache the features in %s (%s); they are computed again next time", file, e)
 
 
+log = logging.getLogger("encdec")
 CHUNK = 512  # examples computed between two writes of the cache
 
 

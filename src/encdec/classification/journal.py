@@ -34,9 +34,13 @@ class TrialJournal:
 
         self.file = cache_root() / "search" / f"{_digest({'version': JOURNAL_VERSION, **described})}.jsonl"
         self.known: dict[str, int] = {}
+        self.unwritable = False  # set when a write failed: the search goes on without recording
         try:
             lines = self.file.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
+            lines = []
+        except OSError as e:  # unreadable, or the cache root is not a directory: the search starts over
+            log.warning("could not read the search's trials in %s (%s); they are scored again", self.file, e)
             lines = []
         for line in lines:
             try:
@@ -53,15 +57,22 @@ class TrialJournal:
         if trial in self.known:
             return self.known[trial]
         value = compute()
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.file, "a+", encoding="utf-8") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() > 0:  # a line cut short by a kill must not swallow this one
-                f.seek(f.tell() - 1)
-                if f.read(1) != "\n":
-                    f.write("\n")
-            f.write(json.dumps({"trial": trial, "correct": value}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
         self.known[trial] = value
+        if self.unwritable:
+            return value
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.file, "a+", encoding="utf-8") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:  # a line cut short by a kill must not swallow this one
+                    f.seek(f.tell() - 1)
+                    if f.read(1) != "\n":
+                        f.write("\n")
+                f.write(json.dumps({"trial": trial, "correct": value}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a read-only or full disk: the search goes on, an interrupted one starts over
+            self.unwritable = True
+            log.warning("could not record the search's trials in %s (%s); a resumed search scores them again",
+                        self.file, e)
         return value

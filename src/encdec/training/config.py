@@ -208,9 +208,11 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}  # YAML is UTF-8, whatever the locale
     except OSError as e:
         raise EncdecError(f"{path}: cannot read the YAML configuration ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise EncdecError(f"{path}: cannot read the YAML configuration (not UTF-8: byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

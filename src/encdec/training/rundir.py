@@ -10,6 +10,7 @@ metrics lines that it will log again, along with a line truncated by a crash.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -46,9 +47,12 @@ def _holder(path: Path) -> str:
         return "another process"
 
 
+NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}  # flock's errors where locks do not exist
+
+
 def _acquire(out: Path) -> int:
     """The descriptor of OUT's lock file, locked by this process; EncdecError naming the holder if it is held."""
-    path = out / LOCK
+    path, unlocked = out / LOCK, False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -57,6 +61,15 @@ def _acquire(out: Path) -> int:
             os.close(fd)
             raise EncdecError(f"{out} is being written by {_holder(path)}; wait for that run to end or choose "
                               f"another --out (if no such run exists, delete {path})") from None
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                os.close(fd)
+                raise
+            # Lustre without -o flock, some NFS and SMB mounts: the run goes on, as filelock's soft locks do
+            log.warning("%s's file system has no file locks (%s): nothing stops a second run from writing it at "
+                        "the same time", out, e.strerror or e)
+            unlocked = True
+            break
         try:  # the file may have been replaced between open and lock by a run that just ended
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -64,7 +77,7 @@ def _acquire(out: Path) -> int:
         if same:
             break
         os.close(fd)
-    if os.fstat(fd).st_size:
+    if os.fstat(fd).st_size and not unlocked:
         log.warning("taking over the lock of %s in %s: that process is gone", _holder(path), out)
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     os.ftruncate(fd, 0)
