@@ -5,7 +5,7 @@ every search candidate with, on a fixed set of token rows, against a plain loop 
 classifier (backbone + pooling + linear head):
 
 - encdec: `fine_tune` as `encdec classify` runs it (its optimizer, schedule, padding and, on CPU,
-  the allocator setting of `encdec.training.allocator`);
+  the allocator setting of `encdec.allocator`);
 - encdec+bf16 (with `--bf16`): the same call with `precision="bf16"` (bfloat16 autocast of the forward's
   products, weights in float32), where bfloat16 products are fast (AVX512-BF16 / AMX);
 - encdec+frozen, encdec+bf16+frozen (with `--frozen-embeddings`): the same calls with

@@ -5,7 +5,7 @@ packaged Gemma 3 270M adapted with merged attention, in two implementations hold
 
 - encdec: the project's `LossModule` (forward + fused LM-head cross-entropy) on a `make_batch` batch,
   with the optimiser from `build_optimizer` and, on CPU, the allocator setting of
-  `encdec.training.allocator` (freed memory kept for reuse), as `encdec pretrain` runs them;
+  `encdec.allocator` (freed memory kept for reuse), as `encdec pretrain` runs them;
 - transformers: `T5Gemma2ForConditionalGeneration` loaded from the same weights (SDPA attention) in a
   plain PyTorch loop: `out.loss.backward()` and `torch.optim.AdamW`;
 - transformers+keep (CPU only): the same plain loop with the project's allocator setting, to show
@@ -58,7 +58,7 @@ from common import peak_memory_gib, print_result, ratio_line, require_positive, 
 
 import encdec
 from encdec.objectives import Example
-from encdec.training.allocator import keep_freed_memory
+from encdec.allocator import keep_freed_memory
 from encdec.training.data import Batch, make_batch
 from encdec.training.optim import build_optimizer
 from encdec.training.step import LossModule

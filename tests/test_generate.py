@@ -391,6 +391,18 @@ def test_load_for_inference_chooses_the_cpu_kernels(model, tmp_path, monkeypatch
     assert low.generate(ids, mask, max_new_tokens=3, eos_token_ids=[-1]).shape == (3, 3)
 
 
+def test_inference_on_cpu_keeps_freed_memory(model, tmp_path, monkeypatch):
+    """Encoder passes allocate big temporaries; a CPU inference process keeps freed memory (encdec.allocator) so
+    that they are not page-faulted afresh every pass."""
+    from encdec.inference import loading
+
+    calls = []
+    monkeypatch.setattr(loading, "keep_freed_memory", lambda: calls.append(1) or True)
+    encdec.save(model, tmp_path / "ckpt")
+    loading.load_for_inference(tmp_path / "ckpt", torch.float32, None, "blas")
+    assert calls == [1]
+
+
 @needs_onednn
 def test_packing_for_an_inference_pass_restores_the_layers(model):
     """Classification packs a backbone for its predictions and probe features only: inside the block no linear

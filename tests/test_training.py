@@ -428,7 +428,7 @@ def test_gradient_accumulation_matches_one_larger_batch(adapted, corpus, tmp_pat
 
 _PAGE_FAULTS = """
 import resource, sys, torch
-from encdec.training.allocator import keep_freed_memory
+from encdec.allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def faults():

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from encdec.classification.classifier import Classifier
 from encdec.errors import EncdecError
 from encdec.inference.onednn import packed_while_inferring
-from encdec.training.allocator import keep_freed_memory
+from encdec.allocator import keep_freed_memory
 from encdec.training.data import pad_rows
 from encdec.training.optim import build_optimizer, build_scheduler
 from encdec.training.precision import PRECISIONS, autocast_dtype

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from encdec.allocator import keep_freed_memory
 from encdec.checkpoint import load
 from encdec.errors import EncdecError
 from encdec.inference import onednn
@@ -22,7 +23,7 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
     """A checkpoint (any format `encdec.load` reads) ready to generate: on the GPU when there is one, in
     `dtype`, with the requested weight quantization (None: as saved); on CPU without quantization, its
     products computed by `cpu_kernels` (onednn: weights packed once, `encdec.inference.onednn`; blas: PyTorch's
-    default)."""
+    default), and the process keeping the memory it frees (`encdec.allocator`)."""
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise EncdecError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
     if cpu_kernels not in onednn.CPU_KERNELS:
@@ -30,6 +31,7 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
     model = load(path, dtype)
     if torch.cuda.is_available() and quantize is None:
         return model.to("cuda")
+    keep_freed_memory()  # encoder passes allocate big temporaries: not page-faulted afresh each time
     if quantize is not None:
         return quantize_int8(model)
     if cpu_kernels == "onednn":

@@ -19,7 +19,7 @@ from encdec.errors import EncdecError
 from encdec.files import portable_path
 from encdec.objectives import Example
 from encdec.training import checkpointing, distributed, rundir
-from encdec.training.allocator import keep_freed_memory
+from encdec.allocator import keep_freed_memory
 from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, make_batch
 from encdec.training.loss import Distillation
