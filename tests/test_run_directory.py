@@ -23,6 +23,7 @@ from encdec.errors import EncdecError
 from encdec.files import HOST, atomic_dir, read_weights
 from encdec.logs import setup
 from encdec.training import checkpointing, loop, rundir, step
+from encdec.training.optim import warmup_then_decay
 from encdec.training.plain_state import read_state
 
 DEAD_PID = 2**22 + 12345  # above Linux's largest pid: no process has it
@@ -194,9 +195,16 @@ def test_resuming_with_other_settings_is_warned_of_by_name(adapted, corpus, tmp_
     monkeypatch.chdir(corpus.parent)
     assert main(_pretrain_args(adapted, out, corpus.name, "--steps", "2", "--save-every", "2", "--resume")) == 0
     assert not _lines(capsys.readouterr().err, "settings other than")
-    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--seed", "5", "--lr", "0.001", "--resume")) == 0
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--seed", "5", "--lr", "0.001",
+                               "--weight-decay", "0.5", "--save-every", "3", "--resume")) == 0
     warned = _lines(capsys.readouterr().err, "settings other than")
     assert len(warned) == 1 and "--lr 3e-05 -> 0.001" in warned[0] and "--seed 0 -> 5" in warned[0], warned
+    # and the new rate and decay are the ones trained with (the checkpoint's optimizer state held the old ones)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"lr"' in line]
+    third = next(record for record in logged if record["step"] == 3)
+    assert third["lr"] == pytest.approx(0.001 * warmup_then_decay(10, 3, 0.1)(2))
+    groups = read_state(checkpointing.checkpoints(out)[-1], "optimizer")["param_groups"]
+    assert sorted({group["weight_decay"] for group in groups}) == [0.0, 0.5]
 
 
 def test_resuming_on_another_number_of_processes_compares_the_global_batch(adapted, corpus, tmp_path):

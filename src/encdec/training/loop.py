@@ -24,7 +24,7 @@ from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, make_batch
 from encdec.training.loss import Distillation
 from encdec.training.metrics import Metrics
-from encdec.training.optim import build_optimizer, build_scheduler
+from encdec.training.optim import build_optimizer, build_scheduler, group_settings, restore_group_settings
 from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
 from encdec.training.recipe import check_recipe, drop_frozen_gradients, encoder_lookahead, frozen_parts
@@ -126,9 +126,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     last_checkpoint: Path | None = resume_from.path if resume_from else None
     state: dict = {}
     if resume_from is not None:
+        settings = group_settings(optimizer)
         state = checkpointing.apply(resume_from, wrapped, optimizer)
         del resume_from  # its tensors are in the model and the optimizer now
         scheduler.load_state_dict(state["scheduler"])
+        restore_group_settings(optimizer, scheduler, settings)
         stream.load_state_dict(state["stream"])
         if (keep is None) != (state.get("kept_tokens") is None) or (keep is not None and not np.array_equal(keep, state["kept_tokens"])):
             raise EncdecError(f"{last_checkpoint} was trained on another vocabulary (different data or --trim-vocab)")

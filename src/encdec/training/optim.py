@@ -56,3 +56,21 @@ def warmup_then_decay(warmup: int, total: int, min_ratio: float, decay: str = "c
 def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int, min_ratio: float,
                     decay: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(warmup, total, min_ratio, decay))
+
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[tuple[float, float]]:
+    """Each parameter group's peak rate and weight decay, as this run configured them."""
+    return [(group["initial_lr"], group["weight_decay"]) for group in optimizer.param_groups]
+
+
+def restore_group_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                           settings: list[tuple[float, float]]) -> None:
+    """Put back this run's rates and weight decay (`group_settings`) after a checkpoint's optimizer and scheduler
+    states were loaded: those carry the run's old ones, and a resumed run given --lr or --weight-decay anew (it is
+    warned that its next steps differ) trains with them, as it does with a new schedule's shape."""
+    for group, factor, (rate, decay) in zip(optimizer.param_groups, scheduler.lr_lambdas, settings):
+        group["initial_lr"], group["weight_decay"] = rate, decay
+        group["lr"] = rate * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [rate for rate, _ in settings]
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
