@@ -494,6 +494,18 @@ def test_classify_flags_that_would_be_ignored_are_refused(capsys, tmp_path, argv
     assert message in line
 
 
+def test_quickstart_refuses_a_trimmed_vocabulary_too_small_before_adapting(capsys, tmp_path, sources, monkeypatch):
+    """--trim-vocab below the special tokens' count was refused by the training run, after minutes of loading,
+    adapting and evaluating, with the adapted model already written (the tiny Gemma 3 stands in for the 270M)."""
+    import encdec.quickstart
+
+    monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "1", "--trim-vocab", "2"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "--trim-vocab 2 is smaller than the" in line
+    assert not (tmp_path / "qs").exists()
+
+
 def test_quickstart_overwrite_without_training_leaves_no_earlier_training(capsys, tmp_path, sources, monkeypatch):
     """--overwrite replaces the directory: with --steps 0 an earlier run's pretrain/ would sit beside the new
     adapted model as if it came from it (the tiny Gemma 3 stands in for the packaged 270M)."""

@@ -21,6 +21,7 @@ from encdec.report import describe, parameter_table
 from encdec.sources import load_source, load_tokenizer, transformers_causal_lm
 from encdec.training.config import TrainConfig
 from encdec.training.loop import train
+from encdec.training.vocab import always_kept, check_trim_size
 
 SOURCE = "gemma-3-270m"
 
@@ -43,6 +44,8 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
     with timed(f"loading {SOURCE}"):
         source = load_source(SOURCE)
         tokenizer = load_tokenizer(source.directory)
+    if steps and trim_vocab:  # before adapting and saving: nothing written for a run that cannot start
+        check_trim_size(trim_vocab, always_kept(tokenizer, "prefixlm"))
     with timed("adapting to a balanced encoder-decoder with merged attention"):
         model = adapt(source)
     with timed(f"saving to {adapted_dir}"):

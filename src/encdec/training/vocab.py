@@ -39,10 +39,15 @@ UL2_SENTINELS = 128  # sentinels a run uses at most (added where a vocabulary ha
 Trainable = TypeVar("Trainable", EncoderDecoder, CausalLM)  # an encoder-decoder, or a decoder-only model trained alike
 
 
-def kept_tokens(stream: np.ndarray, n: int, always: list[int], vocab_size: int) -> np.ndarray:
-    """Sorted ids: `always`, then the most frequent tokens of `stream` up to n in all."""
+def check_trim_size(n: int, always: list[int]) -> None:
+    """--trim-vocab N keeps at least the tokens that must stay (`always`: special tokens, chat markers, sentinels)."""
     if n < len(always):
         raise EncdecError(f"--trim-vocab {n} is smaller than the {len(always)} special tokens that must stay")
+
+
+def kept_tokens(stream: np.ndarray, n: int, always: list[int], vocab_size: int) -> np.ndarray:
+    """Sorted ids: `always`, then the most frequent tokens of `stream` up to n in all."""
+    check_trim_size(n, always)
     counts = np.bincount(stream, minlength=vocab_size)
     counts[always] = -1  # already in
     frequent = [int(i) for i in np.argsort(-counts, kind="stable")[: n - len(always)] if counts[i] > 0]
