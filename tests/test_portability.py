@@ -154,3 +154,18 @@ def test_generated_text_is_printed_where_stdout_is_not_utf8(sources, tmp_path):
                          env={**os.environ, "PYTHONIOENCODING": "latin-1", "PYTHONUTF8": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert "caf\xe9 \\u2615".encode("latin-1") in out.stdout
+
+
+def test_files_that_are_not_utf8_are_one_line(tmp_path):
+    """A search grid or a file of texts to classify in another encoding: one line naming the file, no traceback."""
+    from encdec.classification.grid import read_grid
+    from encdec.classification.inference import read_inputs
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_bytes(b"lr: [1e-5]\n# \xff\n")
+    with pytest.raises(EncdecError, match=r"cannot read --grid .*grid.yaml \(not UTF-8: byte 13\)"):
+        read_grid(grid, {})
+    texts = tmp_path / "texts.jsonl"
+    texts.write_bytes(b'{"text": "w1 \xff"}\n')
+    with pytest.raises(EncdecError, match=r"texts.jsonl \(not UTF-8: byte 13\); expected JSON lines in UTF-8"):
+        read_inputs(texts)

@@ -38,6 +38,8 @@ def read_grid(path: Path | None, overrides: dict[str, str | None]) -> dict[str, 
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except OSError as e:
             raise EncdecError(f"cannot read --grid {path} ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise EncdecError(f"cannot read --grid {path} (not UTF-8: byte {e.start})") from None
         except yaml.YAMLError as e:
             raise EncdecError(f"--grid {path} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(loaded, dict) or not loaded:

@@ -16,6 +16,8 @@ def read_inputs(path: Path, field: str = "text") -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise EncdecError(f"cannot read {path} ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise EncdecError(f"cannot read {path} (not UTF-8: byte {e.start}); expected JSON lines in UTF-8") from None
     texts = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
