@@ -57,8 +57,8 @@ import transformers
 from common import peak_memory_gib, print_result, ratio_line, require_positive, run_worker, synchronize, time_calls
 
 import encdec
-from encdec.objectives import Example
 from encdec.allocator import keep_freed_memory
+from encdec.objectives import Example
 from encdec.training.data import Batch, make_batch
 from encdec.training.optim import build_optimizer
 from encdec.training.step import LossModule

@@ -444,3 +444,12 @@ def test_resuming_with_fewer_steps_than_the_checkpoint_is_one_line(adapted, corp
     (line,) = _lines(capsys.readouterr().err, "error:")
     assert "--steps 1 is below the step of the checkpoint to resume" in line and "--steps 2 or more" in line
     assert all(torch.equal(t, final[k]) for k, t in read_weights(out / "model").items())
+
+
+def test_resume_without_a_checkpoint_says_the_run_starts_afresh(adapted, corpus, tmp_path, capsys):
+    """A job script may pass --resume every time; a mistyped --out must not restart training unseen."""
+    out = tmp_path / "run"
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--eval-every", "0", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert len(_lines(err, "holds no checkpoint to resume: the run starts from step 0")) == 1
+    assert len(_lines(err, "--warmup-steps 10 is as long as the run or longer (--steps 1)")) == 1  # said, not refused

@@ -505,3 +505,22 @@ def test_resume_is_exact_with_the_recipe_options(adapted, corpus, tmp_path, monk
     assert [r["loss"] for r in _metrics(tmp_path / "resumed")] == [r["loss"] for r in _metrics(tmp_path / "straight")]
     a, b = (encdec.load(tmp_path / name / "model").state_dict() for name in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_settings_a_run_will_not_use_are_named_when_it_starts():
+    """Not refused (a short trial run may mean them), but said: phases as long as the run, options of another
+    objective or mode."""
+    from encdec.training.recipe import idle_settings
+
+    assert idle_settings(TrainConfig(model="m", out="o", steps=10)) == []  # the warm-up reaches --lr at step 10
+    assert idle_settings(TrainConfig(model="m", out="o", steps=3)) == [
+        "--warmup-steps 10 is as long as the run or longer (--steps 3): the learning rate never reaches --lr"]
+    notes = idle_settings(TrainConfig(model="m", out="o", steps=100, warmup_steps=5, freeze_encoder_steps=100,
+                                      distill=False, alpha=0.9, tau=2.0, mixture="ul2", trim_negatives=5))
+    assert notes == ["--freeze-encoder-steps 100 is as long as the run or longer (--steps 100): the encoder's layers "
+                     "stay frozen for the whole run",
+                     "--alpha, --tau apply to distillation, which this run does not do (--distill): ignored",
+                     "--mixture applies to --objective ul2: ignored", "--trim-negatives applies to --trim-vocab: ignored"]
+    assert idle_settings(TrainConfig(model="m", out="o", objective="ul2", random_split=True, mixture="ul2")) == [
+        "--random-split applies to --objective prefixlm: ignored"]
+    assert idle_settings(TrainConfig(model="m", out="o", distill=True, alpha=0.9, trim_vocab=100, trim_negatives=5)) == []

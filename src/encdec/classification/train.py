@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from encdec.allocator import keep_freed_memory
 from encdec.classification.classifier import Classifier
 from encdec.errors import EncdecError
 from encdec.inference.onednn import packed_while_inferring
-from encdec.allocator import keep_freed_memory
 from encdec.training.data import pad_rows
 from encdec.training.optim import build_optimizer, build_scheduler
 from encdec.training.precision import PRECISIONS, autocast_dtype

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from encdec.allocator import keep_freed_memory
 from encdec.checkpoint import load_checkpoint, read_metadata, save
 from encdec.errors import EncdecError
 from encdec.files import portable_path
 from encdec.objectives import Example
 from encdec.training import checkpointing, distributed, rundir
-from encdec.allocator import keep_freed_memory
 from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, make_batch
 from encdec.training.loss import Distillation
@@ -27,7 +27,7 @@ from encdec.training.metrics import Metrics
 from encdec.training.optim import build_optimizer, build_scheduler, group_settings, restore_group_settings
 from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
-from encdec.training.recipe import check_recipe, drop_frozen_gradients, encoder_lookahead, frozen_parts
+from encdec.training.recipe import check_recipe, drop_frozen_gradients, encoder_lookahead, frozen_parts, idle_settings
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
 from encdec.training.teacher import load_teacher, teacher_spec, wants_distillation
 from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore_unknown_targets, trim_teacher
@@ -81,6 +81,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                                                               plan.causal))
     cfg.check_fit(None if plan.causal else plan.model.config, len(plan.stream.items), d.world)
     check_recipe(cfg, plan.model, plan.causal)
+    if d.main:
+        for note in idle_settings(cfg):
+            log.warning("%s", note)
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
     untrained = None if plan.trimmed is None else plan.trimmed.untrained
     unk_id = None if plan.trimmed is None else plan.trimmed.unk_id

@@ -9,6 +9,7 @@ All are pure functions of the step, so a resumed run follows the same schedule a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from torch import nn
@@ -27,6 +28,31 @@ def check_recipe(cfg: TrainConfig, model: nn.Module, causal: bool) -> None:
         raise EncdecError("--cross-warmup-steps trains only cross-attention, and this model has none (its decoder "
                           "reads the encoder through merged self-attention): it would train nothing. Leave it at 0, "
                           "or adapt with --attention cross")
+
+
+LONGER_THAN_THE_RUN = {"warmup_steps": "the learning rate never reaches --lr",
+                       "cross_warmup_steps": "only cross-attention trains, for the whole run",
+                       "freeze_encoder_steps": "the encoder's layers stay frozen for the whole run",
+                       "encoder_curriculum_steps": "the encoder's attention never opens fully"}
+
+
+def idle_settings(cfg: TrainConfig) -> list[str]:
+    """Settings this run was given that it will not use, or not as meant (said when it starts; not refused, since
+    a short trial run may mean it): phases as long as the run, and options of another objective or mode."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    # the warm-up reaches --lr at its last step; the other phases end the step after theirs
+    notes = [f"--{name.replace('_', '-')} {getattr(cfg, name)} is as long as the run or longer (--steps {cfg.steps}): "
+             f"{what}" for name, what in LONGER_THAN_THE_RUN.items()
+             if getattr(cfg, name) > cfg.steps - (name != "warmup_steps")]
+    for names, applies, used in ((("alpha", "tau", "teacher", "teacher_top_k"),
+                                  "distillation, which this run does not do (--distill)", cfg.distill),
+                                 (("mixture",), "--objective ul2", cfg.objective == "ul2"),
+                                 (("random_split",), "--objective prefixlm", cfg.objective == "prefixlm"),
+                                 (("trim_negatives",), "--trim-vocab", cfg.trim_vocab > 0)):
+        given = [f"--{name.replace('_', '-')}" for name in names if getattr(cfg, name) != defaults[name]]
+        if given and not used:
+            notes.append(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to {applies}: ignored")
+    return notes
 
 
 def frozen_parts(cfg: TrainConfig, step: int) -> set[str]:

@@ -125,6 +125,8 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     out = Path(cfg.out)
     if cfg.resume:
         saved = checkpointing.latest_usable(out, d)
+        if saved is None and d.main:  # a job script may always pass --resume; a mistyped --out should not pass unseen
+            log.warning("%s holds no checkpoint to resume: the run starts from step 0", out)
         if saved is not None and saved.trainer["step"] > cfg.steps:
             raise EncdecError(f"--steps {cfg.steps} is below the step of the checkpoint to resume ({saved.path}, step "
                               f"{saved.trainer['step']}); pass --steps {saved.trainer['step']} or more")
