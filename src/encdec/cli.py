@@ -4,6 +4,7 @@ quickstart."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -116,6 +117,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
                  "repetition_penalty": args.repetition_penalty}
     check_settings(args.max_new_tokens, Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed,
                                                  **penalties))
+    unused = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
+                                                ("--top-p", args.top_p, 1.0), ("--seed", args.seed, None))
+              if value != default]
+    if unused and not args.do_sample:
+        logging.getLogger("encdec").warning("%s apply to sampling (--do-sample); greedy decoding ignores them",
+                                            ", ".join(unused))
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.dir))
