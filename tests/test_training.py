@@ -250,6 +250,40 @@ def test_the_command_line_wins_over_the_file_and_repeats_add_up(tmp_path):
                        FINETUNE_NOT_IN_FILE)
 
 
+def test_a_configuration_file_is_read_as_meant(tmp_path, caplog, monkeypatch):
+    """Integers written as YAML 1.1 reads text (1e3) are numbers; a key given twice (or as batch-size and
+    batch_size) is refused rather than the last one kept; a finetune file's model, which MODEL overrides, is said
+    to be unused."""
+    import argparse
+    import logging
+
+    from encdec.errors import EncdecError
+    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_NOT_IN_FILE, add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = tmp_path / "run.yaml"
+    config.write_text("steps: 1e3\nwarmup_steps: 2e1\nlr: 3e-5\n")
+    cfg = from_arguments(parser.parse_args(["--config", str(config)]))
+    assert (cfg.steps, cfg.warmup_steps, cfg.lr) == (1000, 20, 3e-5) and isinstance(cfg.steps, int)
+    config.write_text("steps: 2.5e0\n")
+    with pytest.raises(EncdecError, match="--steps must be an integer"):
+        from_arguments(parser.parse_args(["--config", str(config)]))
+    for text in ("steps: 1\nsteps: 3\n", "batch-size: 3\nbatch_size: 2\n"):
+        config.write_text(text)
+        with pytest.raises(EncdecError, match=r"line 2, column 1: '(steps|batch_size)' is given twice"):
+            from_arguments(parser.parse_args(["--config", str(config)]))
+    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    add_arguments(parser, FINETUNE_DEFAULTS, ("model", "objective"))
+    config.write_text("model: elsewhere\nsteps: 1\n")
+    with caplog.at_level(logging.WARNING, logger="encdec"):
+        cfg = from_arguments(parser.parse_args(["mine", "--config", str(config)]), FINETUNE_DEFAULTS, "finetune",
+                             FINETUNE_NOT_IN_FILE)
+    assert cfg.model == "mine" and "model 'elsewhere' is not used; `encdec finetune` trains MODEL" in caplog.text
+
+
 def test_a_leading_tilde_is_the_home_directory_wherever_a_path_is_given(adapted, tmp_path, monkeypatch):
     """As a shell expands it: from a YAML file (out: ~/runs/x wrote a ./~ folder) or a quoted argument."""
     import shutil
@@ -517,8 +551,8 @@ def test_settings_a_run_will_not_use_are_named_when_it_starts():
         "--warmup-steps 10 is as long as the run or longer (--steps 3): the learning rate never reaches --lr"]
     notes = idle_settings(TrainConfig(model="m", out="o", steps=100, warmup_steps=5, freeze_encoder_steps=100,
                                       distill=False, alpha=0.9, tau=2.0, mixture="ul2", trim_negatives=5))
-    assert notes == ["--freeze-encoder-steps 100 is as long as the run or longer (--steps 100): the encoder's layers "
-                     "stay frozen for the whole run",
+    assert notes == [("--freeze-encoder-steps 100 is as long as the run or longer (--steps 100): the encoder's layers "
+                      "stay frozen for the whole run"),
                      "--alpha, --tau apply to distillation, which this run does not do (--distill): ignored",
                      "--mixture applies to --objective ul2: ignored", "--trim-negatives applies to --trim-vocab: ignored"]
     assert idle_settings(TrainConfig(model="m", out="o", objective="ul2", random_split=True, mixture="ul2")) == [

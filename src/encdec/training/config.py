@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from encdec.training.precision import PRECISIONS
 if TYPE_CHECKING:
     from encdec.config import EncDecConfig
 
+
+log = logging.getLogger("encdec")
 
 def _f(default: Any, doc: str, **kw: Any) -> Any:
     if isinstance(default, list):
@@ -206,9 +209,22 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
         parser.add_argument(f"--{_flag(f.name)}", **kwargs)
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str) and key.replace("-", "_") in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.add(key.replace("-", "_") if isinstance(key, str) else key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}  # YAML is UTF-8, whatever the locale
+    try:  # YAML is UTF-8, whatever the locale
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}  # a safe loader
     except OSError as e:
         raise EncdecError(f"{path}: cannot read the YAML configuration ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
@@ -224,10 +240,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _number_from_yaml(f: dataclasses.Field, value: Any) -> Any:
-    """YAML 1.1 (PyYAML) reads 3e-5 as a string (it wants 3.0e-5); a number field takes it as the number."""
-    if _kind(f) is float and isinstance(value, str):
-        with contextlib.suppress(ValueError):
-            return float(value)
+    """YAML 1.1 (PyYAML) reads 3e-5 and 1e3 as strings (it wants 3.0e-5, 1.0e+3); a number field takes them as the
+    number, an integer field when the number is a whole one."""
+    if _kind(f) in (float, int) and isinstance(value, str):
+        with contextlib.suppress(ValueError, OverflowError):
+            number = float(value)
+            if _kind(f) is float:
+                return number
+            if number.is_integer():
+                return int(number)
     return value
 
 
@@ -247,6 +268,9 @@ def from_arguments(args: argparse.Namespace, defaults: dict[str, Any] | None = N
                               f"`encdec {command} --help` for the list")
         values.update({k: _number_from_yaml(fields[k], v) for k, v in loaded.items()})
     given = {k: v for k, v in vars(args).items() if k in fields}
+    if command == "finetune" and values.get("model") and str(values["model"]) != str(given.get("model")):
+        log.warning("%s: model %r is not used; `encdec finetune` trains MODEL, its first argument (%s)", args.config,
+                    values["model"], given.get("model"))
     for flag, cleared in (("resume", "overwrite"), ("overwrite", "resume")):
         if given.get(flag) and cleared not in given:
             values[cleared] = False
