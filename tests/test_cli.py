@@ -73,3 +73,14 @@ def test_help_documents_every_option_with_its_default(command, capsys):
             shown = sub.formatter_class(command)._get_help_string(action)
             assert "(default:" in shown or "%(default)" in action.help, \
                 f"{command} {action.option_strings[0]} does not show its default {action.default!r}"
+
+
+def test_negative_numbers_in_scientific_notation_are_values():
+    """argparse took -1e-4 for an option ('expected one argument') while it took -0.5 as a value."""
+    from encdec.cli import build_parser
+
+    args = build_parser().parse_args(["generate", "d", "--prompt", "x", "--presence-penalty", "-1e-1",
+                                      "--frequency-penalty", "-.5E+0"])
+    assert (args.presence_penalty, args.frequency_penalty) == (-0.1, -0.5)
+    assert build_parser().parse_args(["pretrain", "--lr", "-1e-4"]).lr == -1e-4  # then refused as not positive
+    assert main(["pretrain", "--lr", "-1e-4"]) == 2
