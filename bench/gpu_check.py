@@ -12,10 +12,11 @@ batch 1 and 8:
   layout), and the ratio;
 - the engine's decoder step compiled (`torch.compile(Engine.hidden)`, default mode and "reduce-overhead",
   which captures CUDA graphs): median step time against eager, tokens compared, compilation seconds;
-- peak GPU memory of each.
+- peak GPU memory of each call (both models' weights are resident throughout, so each peak includes them);
+- that the server's embeddings come back to the CPU (`Engine.embed`), as `/v1/embeddings` writes them out.
 
 Each timing is the median of --repeats calls after one untimed call. The last lines are the ratios
-(encdec / transformers per setting, then compiled / eager). On a CPU (no GPU here) `--tiny` runs a
+(encdec's speed over transformers' per setting, then compiled / eager). On a CPU (no GPU here) `--tiny` runs a
 2-layer model of the same kinds, in float32 and bfloat16, as a rehearsal of the script.
 
     PYTHONPATH=src PYTHONUNBUFFERED=1 python3 bench/gpu_check.py        # on the device machine, ~5 min
@@ -122,6 +123,7 @@ def main() -> None:
                 ids[:, 0] = model.config.bos_token_id
                 cell = f"{name} prompt {length} batch {batch}"
                 generate = functools.partial(model.generate, ids, max_new_tokens=args.new_tokens, eos_token_ids=[-1])
+                peak_gib(device)  # from here: this call's peak (both models' weights resident)
                 ours_s, ours = timed(generate, args.repeats, device)
                 line = f"{cell:<30} encdec {ours_s:7.3f} s  peak {peak_gib(device):6.2f} GiB"
                 if dtype == torch.float32:
@@ -135,21 +137,27 @@ def main() -> None:
                 if hf is not None:
                     generate = functools.partial(hf.generate, ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+                    peak_gib(device)
                     with torch.no_grad():
                         theirs_s, theirs = timed(generate, args.repeats, device)
                     same = (theirs[:, -ours.shape[1]:] == ours).float().mean().item()
-                    line += f"  transformers {theirs_s:7.3f} s (tokens equal {same:.0%})"
-                    ratios.append(f"ratio ({cell}: encdec / transformers): {theirs_s / ours_s:.2f}x")
+                    line += f"  transformers {theirs_s:7.3f} s  peak {peak_gib(device):6.2f} GiB (tokens equal {same:.0%})"
+                    ratios.append(f"ratio ({cell}: speed of encdec over transformers, their s / ours): "
+                                  f"{theirs_s / ours_s:.2f}x")
                 print(line, flush=True)
         hf = None  # its memory back before the compiled steps
-        if "compile" not in skip:
-            from encdec.inference.engine import Engine
+        from encdec.inference.engine import Engine
 
+        vectors = Engine(model, 2).embed([[2, 5, 7], [2, 9]], "mean")
+        print(f"{name} embeddings: on {vectors.device}, written out as /v1/embeddings does: {vectors.numpy().shape}",
+              flush=True)
+        if "compile" not in skip:
             length = int(args.prompt_lengths.split(",")[0])
             ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
             ids = ids.to(device)
             eager_tokens, _ = engine_steps(model, ids, args.new_tokens)
             eager = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens)[1]]
+            torch._logging.set_logs(perf_hints=True)  # says "skipping cudagraphs due to ..." if CUDA graphs are not used
             for mode in ("default", "reduce-overhead"):
                 compiled = torch.compile(Engine.hidden, dynamic=True, mode=mode)
                 start = time.perf_counter()

@@ -202,14 +202,15 @@ class Engine:
 
     @torch.no_grad()
     def embed(self, prompts: list[list[int]], pooling: str) -> torch.Tensor:
-        """[len(prompts), d] float32: each prompt's encoder states pooled ("mean" of its tokens, or its "last"
-        token's) and scaled to unit length, in one packed encoder pass; the decoding slots are untouched."""
+        """[len(prompts), d] float32 on the CPU (where the server writes them out): each prompt's encoder states
+        pooled ("mean" of its tokens, or its "last" token's) and scaled to unit length, in one packed encoder pass;
+        the decoding slots are untouched."""
         hidden, placed = self._encode([torch.tensor(p, device=self.device) for p in prompts])
         out = torch.empty(len(prompts), hidden.shape[-1], dtype=torch.float32, device=self.device)
         for i, b, offset in placed:
             states = hidden[b, offset : offset + len(prompts[i])].float()
             out[i] = states.mean(0) if pooling == "mean" else states[-1]
-        return torch.nn.functional.normalize(out, dim=-1)
+        return torch.nn.functional.normalize(out, dim=-1).cpu()
 
     def cancel(self, row: Row, reason: str = "cancelled") -> None:
         """Take a row out of the batch now (a client went away, or a stop string ended it: `reason` "stop")."""
@@ -242,9 +243,9 @@ class Engine:
         hidden = self.hidden(n, seen, max(self.encoder_lengths[:n]))
         chosen, logits = self._choose(hidden)
         scores = self._logprobs(hidden, chosen, logits)
-        chosen = chosen.tolist()
         self.positions[:n] += 1
-        self.last[:n] = torch.tensor(chosen, device=self.device)
+        self.last[:n] = chosen
+        chosen = chosen.tolist()  # the step's one wait on the device for its tokens (scores aside)
         emitted, ended = [], []
         for slot, (row, token) in enumerate(zip(self.rows, chosen)):
             row.tokens.append(token)
@@ -283,11 +284,11 @@ class Engine:
         picked = logprobs.gather(1, chosen[index, None])[:, 0].tolist()
         width = max(self.rows[i].logprobs for i in slots)
         best = logprobs.topk(width, dim=-1) if width else None
+        indices, values = (best.indices.tolist(), best.values.tolist()) if best is not None else ([], [])  # one copy
         out = {}
         for j, slot in enumerate(slots):
             k = self.rows[slot].logprobs
-            top = () if best is None else tuple(zip(best.indices[j, :k].tolist(), best.values[j, :k].tolist()))
-            out[slot] = (picked[j], top)
+            out[slot] = (picked[j], tuple(zip(indices[j][:k], values[j][:k])) if best is not None else ())
         return out
 
     def hidden(self, n: int, seen: int, enc: int) -> torch.Tensor:
