@@ -13,7 +13,9 @@ batch 1 and 8:
 - the engine's decoder step compiled (`torch.compile(Engine.hidden)`, default mode and "reduce-overhead",
   which captures CUDA graphs): median step time against eager, tokens compared, compilation seconds;
 - peak GPU memory of each call (both models' weights are resident throughout, so each peak includes them);
-- that the server's embeddings come back to the CPU (`Engine.embed`), as `/v1/embeddings` writes them out.
+- that the server's embeddings come back to the CPU (`Engine.embed`), as `/v1/embeddings` writes them out;
+- `encdec classify`'s fine-tuning and predictions on the GPU (float32 weights, autocast as "auto" picks it):
+  examples/s, on a copy of the model's encoder.
 
 Each timing is the median of --repeats calls after one untimed call. The last lines are the ratios
 (encdec's speed over transformers' per setting, then compiled / eager). On a CPU (no GPU here) `--tiny` runs a
@@ -87,13 +89,41 @@ def peak_gib(device: torch.device) -> float:
     return peak
 
 
+def classify_check(model, repeats: int) -> None:
+    """`encdec classify` on the GPU: a few fine-tuning steps of a classifier on the model's encoder (a copy), with
+    bfloat16 autocast where the GPU has it, then predictions; examples/s of each, and that they ran on the model's
+    device."""
+    import copy
+
+    from encdec.classification.backbone import from_encoder_decoder
+    from encdec.classification.classifier import Classifier
+    from encdec.classification.train import Hyper, fine_tune, predict
+
+    g = torch.Generator().manual_seed(3)
+    rows = [[2, *torch.randint(3, model.config.vocab_size, (int(n),), generator=g).tolist()]
+            for n in torch.randint(32, 256, (64,), generator=g)]
+    labels = [i % 2 for i in range(len(rows))]
+    classifier = Classifier(from_encoder_decoder(copy.deepcopy(model)), 2, "mean")
+    device = next(classifier.parameters()).device
+    hp = Hyper(steps=4 * repeats, batch_size=8, precision="auto")
+    start = time.perf_counter()
+    losses = fine_tune(classifier, rows, labels, hp, pad_id=0, desc="gpu check", seed=0)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    probs = predict(classifier, rows, pad_id=0, batch_size=16)
+    predict_s = time.perf_counter() - start
+    print(f"classify on {device}: fine-tuning {hp.steps * hp.batch_size / train_s:.1f} examples/s (losses "
+          f"{[round(x, 3) for x in losses]}), predicting {len(rows) / predict_s:.1f} examples/s, "
+          f"{len(probs)} x {len(probs[0])} probabilities", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (a rehearsal, on CPU too)")
     parser.add_argument("--prompt-lengths", default="256,1024")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: transformers, compile")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: transformers, compile, classify")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     skip = set(filter(None, args.skip.split(",")))
@@ -151,6 +181,8 @@ def main() -> None:
         vectors = Engine(model, 2).embed([[2, 5, 7], [2, 9]], "mean")
         print(f"{name} embeddings: on {vectors.device}, written out as /v1/embeddings does: {vectors.numpy().shape}",
               flush=True)
+        if "classify" not in skip and dtype == torch.float32:
+            classify_check(model, args.repeats)
         if "compile" not in skip:
             length = int(args.prompt_lengths.split(",")[0])
             ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))

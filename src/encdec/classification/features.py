@@ -38,8 +38,8 @@ def pooled_features(backbone: Backbone, rows: list[list[int]], *, pad_id: int, p
     backbone.eval()
     out = np.zeros((len(rows), backbone.hidden_size), dtype=np.float32)
     with packed_while_inferring(backbone):
-        for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, desc="features"):
-            out[chosen] = pool(backbone(ids, mask), mask, pooling).float().numpy()
+        for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, "features", backbone.embed.weight.device):
+            out[chosen] = pool(backbone(ids, mask), mask, pooling).float().cpu().numpy()
     return out
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from encdec.classification.classifier import load_classifier
+from encdec.classification.loading import compute_device
 from encdec.classification.train import encode, predict
 from encdec.errors import EncdecError
 
@@ -39,6 +40,7 @@ def predict_texts(path: Path, texts: list[str], batch_size: int = 8) -> tuple[li
     if not texts:
         raise EncdecError("nothing to predict: pass --text TEXT or --input FILE.jsonl")
     classifier, info = load_classifier(path)
+    classifier.to(compute_device())
     tokenizer = load_tokenizer(path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = encode(tokenizer, texts, info.max_len, info.first_token)

@@ -15,19 +15,24 @@ ACCEPTED = ("an encoder-decoder checkpoint (encdec adapt / pretrain), an exporte
             "or a decoder-only model (HF directory, GGUF file, packaged name such as gemma-3-270m)")
 
 
+def compute_device() -> torch.device:
+    """Where classification trains and predicts: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_backbone(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Backbone, Path | None]:
-    """The backbone `spec` stands for, and the directory its tokenizer may be in."""
+    """The backbone `spec` stands for, on `compute_device()`, and the directory its tokenizer may be in."""
     from encdec.checkpoint import is_checkpoint, load
 
     path = Path(spec).expanduser()
     if is_encoder_export(path):
-        return read_encoder(path, dtype), path
-    if is_checkpoint(path):
-        return from_encoder_decoder(load(path, dtype)), path  # the decoder is dropped with the model
+        return read_encoder(path, dtype).to(compute_device()), path
+    if is_checkpoint(path):  # the decoder is dropped with the model
+        return from_encoder_decoder(load(path, dtype)).to(compute_device()), path
     from encdec.causal import load_causal
 
     try:
         model, source = load_causal(spec, dtype)
     except EncdecError as e:
         raise EncdecError(f"MODEL {spec} is not usable ({e}); accepted: {ACCEPTED}") from None
-    return from_causal(model, source.family), source.directory
+    return from_causal(model, source.family).to(compute_device()), source.directory

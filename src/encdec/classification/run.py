@@ -87,12 +87,12 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     is retrained on the whole part; with `probe_c` (--probe) the backbone stays frozen and a logistic
     regression, its C chosen the same way, reads cached features. The reported split is read only after
     the choice, once."""
-    from encdec.classification.loading import load_backbone
+    from encdec.classification.loading import compute_device, load_backbone
     from encdec.sources import load_tokenizer
 
     hyper.check()
     if hyper.precision == "auto":  # chosen once, so that every fold and candidate trains alike; recorded as chosen
-        hyper = dataclasses.replace(hyper, precision="bf16" if autocast_dtype("auto", torch.device("cpu")) else "fp32")
+        hyper = dataclasses.replace(hyper, precision="bf16" if autocast_dtype("auto", compute_device()) else "fp32")
     dev.check()
     if pooling not in POOLINGS:
         raise EncdecError(f"unknown pooling {pooling!r}; accepted: {', '.join(POOLINGS)}")

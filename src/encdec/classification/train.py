@@ -110,10 +110,10 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
                 if step == total:
                     break
                 chosen = order[start: start + hp.batch_size]
-                ids, mask = pad_rows([rows[i] for i in chosen], pad_id)
+                ids, mask = (t.to(device) for t in pad_rows([rows[i] for i in chosen], pad_id))
                 with autocast:
                     logits = classifier(ids, mask)  # float32 whatever the autocast
-                loss = F.cross_entropy(logits, torch.tensor([labels[i] for i in chosen]))
+                loss = F.cross_entropy(logits, torch.tensor([labels[i] for i in chosen], device=device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
@@ -130,12 +130,14 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
     return losses
 
 
-def batches_by_length(rows: list[list[int]], batch_size: int, pad_id: int, desc: str):
-    """(positions, padded ids, mask) of batches of rows sorted by length: less padding than in the given order."""
+def batches_by_length(rows: list[list[int]], batch_size: int, pad_id: int, desc: str,
+                      device: torch.device | None = None):
+    """(positions, padded ids, mask) of batches of rows sorted by length (less padding than in the given order),
+    on `device`."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         chosen = order[start: start + batch_size]
-        yield (chosen, *pad_rows([rows[i] for i in chosen], pad_id))
+        yield (chosen, *(t.to(device) for t in pad_rows([rows[i] for i in chosen], pad_id)))
 
 
 @torch.inference_mode()
@@ -145,7 +147,8 @@ def predict(classifier: Classifier, rows: list[list[int]], *, pad_id: int, batch
     classifier.eval()
     probs: list[list[float]] = [[] for _ in rows]
     with packed_while_inferring(classifier.backbone):  # the head has a few outputs: nothing to gain
-        for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, desc):
+        device = next(classifier.parameters()).device
+        for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, desc, device):
             for i, p in zip(chosen, torch.softmax(classifier(ids, mask), -1).tolist()):
                 probs[i] = p
     return probs
