@@ -15,7 +15,7 @@ batch 1 and 8:
 - peak GPU memory of each call (both models' weights are resident throughout, so each peak includes them);
 - that the server's embeddings come back to the CPU (`Engine.embed`), as `/v1/embeddings` writes them out;
 - `encdec classify`'s fine-tuning and predictions on the GPU (float32 weights, autocast as "auto" picks it):
-  examples/s, on a copy of the model's encoder.
+  examples/s, on a copy of the model's encoder; and `encdec evaluate`'s scoring and held-out NLL there.
 
 Each timing is the median of --repeats calls after one untimed call. The last lines are the ratios
 (encdec's speed over transformers' per setting, then compiled / eager). On a CPU (no GPU here) `--tiny` runs a
@@ -117,6 +117,24 @@ def classify_check(model, repeats: int) -> None:
           f"{len(probs)} x {len(probs[0])} probabilities", flush=True)
 
 
+def evaluate_check(model) -> None:
+    """`encdec evaluate`'s scoring and held-out NLL on the model's device (random tokens: the numbers are not
+    meaningful, the device handling is what runs)."""
+    from encdec.evaluation.nll import PrefixSuffix, encdec_position_nll
+    from encdec.evaluation.scoring import _encdec_states
+
+    g = torch.Generator().manual_seed(4)
+    requests = [([2, *torch.randint(3, 500, (n,), generator=g).tolist()], torch.randint(3, 500, (3,), generator=g).tolist())
+                for n in (40, 70)]
+    with torch.no_grad():
+        hidden, targets = _encdec_states(model, requests)
+        logp = torch.log_softmax(model.logits(hidden).float(), -1).gather(-1, targets[:, None])
+    ids = torch.randint(3, 500, (4, 96), generator=g)
+    nll = encdec_position_nll(model, PrefixSuffix(ids[:, :64], ids[:, 64:]), batch_size=2)
+    print(f"evaluate on {model.device}: scored {len(targets)} continuation tokens (mean log-probability "
+          f"{logp.mean().item():.2f}), held-out NLL over {nll.shape[0]} positions {nll.mean().item():.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (a rehearsal, on CPU too)")
@@ -183,6 +201,7 @@ def main() -> None:
               flush=True)
         if "classify" not in skip and dtype == torch.float32:
             classify_check(model, args.repeats)
+            evaluate_check(model)
         if "compile" not in skip:
             length = int(args.prompt_lengths.split(",")[0])
             ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from encdec.classification.classifier import load_classifier
-from encdec.classification.loading import compute_device
 from encdec.classification.train import encode, predict
 from encdec.errors import EncdecError
+from encdec.inference.loading import compute_device
 
 
 def read_inputs(path: Path, field: str = "text") -> list[str]:

@@ -10,14 +10,10 @@ import torch
 from encdec.classification.backbone import Backbone, from_causal, from_encoder_decoder
 from encdec.classification.encoder_export import is_encoder_export, read_encoder
 from encdec.errors import EncdecError
+from encdec.inference.loading import compute_device
 
 ACCEPTED = ("an encoder-decoder checkpoint (encdec adapt / pretrain), an exported encoder (encdec export-encoder), "
             "or a decoder-only model (HF directory, GGUF file, packaged name such as gemma-3-270m)")
-
-
-def compute_device() -> torch.device:
-    """Where classification trains and predicts: the GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_backbone(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Backbone, Path | None]:

@@ -87,7 +87,8 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     is retrained on the whole part; with `probe_c` (--probe) the backbone stays frozen and a logistic
     regression, its C chosen the same way, reads cached features. The reported split is read only after
     the choice, once."""
-    from encdec.classification.loading import compute_device, load_backbone
+    from encdec.classification.loading import load_backbone
+    from encdec.inference.loading import compute_device
     from encdec.sources import load_tokenizer
 
     hyper.check()

@@ -38,25 +38,26 @@ def split_passages(tokenizer, texts: list[str], prefix_len: int = 64, suffix_len
     return PrefixSuffix(ids[:, :prefix_len], ids[:, prefix_len:])
 
 
-def _position_nll(data: PrefixSuffix, batch_size: int, desc: str, suffix_logits: Callable) -> torch.Tensor:
+def _position_nll(data: PrefixSuffix, batch_size: int, desc: str, suffix_logits: Callable,
+                  device: torch.device) -> torch.Tensor:
     """Mean NLL at each suffix position, [S], given a function (prefix, suffix) -> logits predicting each suffix
     token: the first positions show how well a model reads the prefix, with no suffix context of its own yet."""
-    total = torch.zeros(data.suffix.shape[1], dtype=torch.float64)
+    total = torch.zeros(data.suffix.shape[1], dtype=torch.float64, device=device)
     with torch.no_grad():
         for i in tqdm(range(0, len(data.prefix), batch_size), desc=desc, unit="batch", leave=False):
-            prefix, suffix = data.prefix[i : i + batch_size], data.suffix[i : i + batch_size]
+            prefix, suffix = data.prefix[i : i + batch_size].to(device), data.suffix[i : i + batch_size].to(device)
             logits = suffix_logits(prefix, suffix)
             nll = F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten(), reduction="none")
             total += nll.view(suffix.shape).double().sum(0)
-    return total / len(data.suffix)
+    return total.cpu() / len(data.suffix)
 
 
 def encdec_position_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4) -> torch.Tensor:
     def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
-        start = torch.full((len(suffix), 1), model.config.bos_token_id)
+        start = torch.full((len(suffix), 1), model.config.bos_token_id, device=suffix.device)
         return model(prefix, decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits
 
-    return _position_nll(data, batch_size, "encoder-decoder NLL", suffix_logits)
+    return _position_nll(data, batch_size, "encoder-decoder NLL", suffix_logits, model.device)
 
 
 def decoder_only_position_nll(model, data: PrefixSuffix, batch_size: int = 4) -> torch.Tensor:
@@ -65,7 +66,7 @@ def decoder_only_position_nll(model, data: PrefixSuffix, batch_size: int = 4) ->
     def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
         return model(input_ids=torch.cat([prefix, suffix], 1)).logits[:, prefix.shape[1] - 1 : -1]
 
-    return _position_nll(data, batch_size, "decoder-only NLL", suffix_logits)
+    return _position_nll(data, batch_size, "decoder-only NLL", suffix_logits, model.device)
 
 
 def encdec_suffix_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4) -> float:
@@ -82,7 +83,7 @@ def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2
     total, count = 0.0, 0
     with torch.no_grad():
         for text in tqdm(texts, desc="decoder-only perplexity", unit="text", leave=False):
-            ids = torch.tensor([tokenizer(text).input_ids[:max_len]])
+            ids = torch.tensor([tokenizer(text).input_ids[:max_len]], device=model.device)
             logits = model(input_ids=ids).logits[0, :-1]
             total += F.cross_entropy(logits.float(), ids[0, 1:], reduction="sum").item()
             count += ids.shape[1] - 1

@@ -117,10 +117,10 @@ class Scorer:
         eos, pad = list(dict.fromkeys([self.eos_id, *self.model_eos_ids, *stop_ids])), self.pad_id
         with torch.no_grad():
             if self.kind == "encoder-decoder":
-                ids, mask = pad_rows(prompts, pad)
+                ids, mask = (t.to(self.model.device) for t in pad_rows(prompts, pad))
                 out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos)
             else:
-                ids, mask = pad_rows(prompts, pad, left=True)
+                ids, mask = (t.to(self.model.device) for t in pad_rows(prompts, pad, left=True))
                 out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                           do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:]
         return [[t for t in row.tolist() if t != pad] for row in out]
@@ -128,38 +128,42 @@ class Scorer:
 
 def _encdec_states(model: EncoderDecoder, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder states predicting every continuation token (flattened, in request order) and those tokens."""
-    cfg = model.config
+    cfg, device = model.config, model.device
     contexts: dict[tuple[int, ...], int] = {}
     for ctx, _ in requests:
         contexts.setdefault(tuple(ctx), len(contexts))
-    enc_ids, enc_mask = pad_rows([list(c) for c in contexts], cfg.pad_token_id)
+    enc_ids, enc_mask = (t.to(device) for t in pad_rows([list(c) for c in contexts], cfg.pad_token_id))
     encoded = model.encode(enc_ids, enc_mask)
-    rows = torch.tensor([contexts[tuple(ctx)] for ctx, _ in requests])
-    dec_ids, dec_mask = pad_rows([[cfg.bos_token_id, *cont[:-1]] for _, cont in requests], cfg.pad_token_id)
+    rows = torch.tensor([contexts[tuple(ctx)] for ctx, _ in requests], device=device)
+    dec_ids, dec_mask = (t.to(device) for t in pad_rows([[cfg.bos_token_id, *cont[:-1]] for _, cont in requests],
+                                                         cfg.pad_token_id))
     encoder = EncoderState(encoded[rows], Segments.of(enc_ids[rows], enc_mask[rows], None, None))
     hidden = model.decode(dec_ids, encoder, Segments.of(dec_ids, dec_mask, None, None))
-    targets = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long)
+    targets = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long, device=device)
     # an empty continuation still feeds BOS; only positions that predict a continuation token are kept
-    predicts = torch.arange(dec_ids.shape[1]) < torch.tensor([len(cont) for _, cont in requests])[:, None]
+    lengths = torch.tensor([len(cont) for _, cont in requests], device=device)
+    predicts = torch.arange(dec_ids.shape[1], device=device) < lengths[:, None]
     return hidden[predicts], targets
 
 
 def _causal_states(model: torch.nn.Module, requests: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = pad_rows([ctx + cont for ctx, cont in requests], pad_id)
+    ids, mask = (t.to(model.device) for t in pad_rows([ctx + cont for ctx, cont in requests], pad_id))
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     picked = [hidden[i, len(ctx) - 1 : len(ctx) + len(cont) - 1] for i, (ctx, cont) in enumerate(requests)]
-    targets = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long)
+    targets = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long, device=model.device)
     return torch.cat(picked), targets
 
 
 def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 2048) -> Scorer:
     """An encoder-decoder checkpoint (anything `encdec.load` reads) or a decoder-only source."""
+    from encdec.inference.loading import compute_device
     from encdec.sources import load_tokenizer, resolve, transformers_causal_lm
 
     if is_checkpoint(spec):
         from encdec.checkpoint import load
 
-        return Scorer(spec, "encoder-decoder", load(spec, dtype), load_tokenizer(Path(spec).expanduser()), max_len)
+        return Scorer(spec, "encoder-decoder", load(spec, dtype).to(compute_device()),
+                      load_tokenizer(Path(spec).expanduser()), max_len)
     directory = resolve(spec)
-    model = transformers_causal_lm(directory, dtype)
+    model = transformers_causal_lm(directory, dtype).to(compute_device())
     return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)

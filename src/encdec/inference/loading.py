@@ -18,6 +18,11 @@ from encdec.model import EncoderDecoder
 log = logging.getLogger("encdec")
 
 
+def compute_device() -> torch.device:
+    """Where inference, evaluation and classification run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | None,
                        cpu_kernels: str = "onednn") -> EncoderDecoder:
     """A checkpoint (any format `encdec.load` reads) ready to generate: on the GPU when there is one, in
@@ -29,8 +34,8 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
     if cpu_kernels not in onednn.CPU_KERNELS:
         raise EncdecError(f"unknown CPU kernels {cpu_kernels!r}; accepted: {', '.join(onednn.CPU_KERNELS)}")
     model = load(path, dtype)
-    if torch.cuda.is_available() and quantize is None:
-        return model.to("cuda")
+    if compute_device().type == "cuda" and quantize is None:
+        return model.to(compute_device())
     keep_freed_memory()  # encoder passes allocate big temporaries: not page-faulted afresh each time
     if quantize is not None:
         return quantize_int8(model)
