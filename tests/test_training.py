@@ -273,6 +273,12 @@ def test_a_configuration_file_is_read_as_meant(tmp_path, caplog, monkeypatch):
         config.write_text(text)
         with pytest.raises(EncdecError, match=r"line 2, column 1: '(steps|batch_size)' is given twice"):
             from_arguments(parser.parse_args(["--config", str(config)]))
+    config.write_text("<<: {lr: 1.0e-4, steps: 7}\nsteps: 2\n")  # a merged key may be overridden
+    cfg = from_arguments(parser.parse_args(["--config", str(config)]))
+    assert (cfg.steps, cfg.lr) == (2, 1e-4)
+    config.write_text("? [a, b]\n: 1\nsteps: 1\n")
+    with pytest.raises(EncdecError, match="found unhashable key"):
+        from_arguments(parser.parse_args(["--config", str(config)]))
     monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
     parser = argparse.ArgumentParser()
     parser.add_argument("model")

@@ -253,8 +253,11 @@ def _packaged_gguf(name: str) -> Path:
     try:
         package = importlib.import_module(PACKAGED[name])
         parts = package.chunk_paths()
-    except (ImportError, FileNotFoundError):
-        raise EncdecError(f"'{name}' needs the PyPI package {PACKAGED[name].replace('_', '-')}") from None
+    except ImportError:
+        parts = []
+    if not parts or not all(part.is_file() for part in parts):
+        raise EncdecError(f"'{name}' needs the PyPI package {PACKAGED[name].replace('_', '-')} and its parts "
+                          "(reinstall it)")
     # joined into encdec's cache rather than by the package's assemble(), which writes under ~/.cache whatever
     # ENCDEC_CACHE says (read-only homes), in place (two processes starting together read each other's half
     # file) and hashes the 250 MB file again on every call

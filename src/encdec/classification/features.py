@@ -71,9 +71,9 @@ def _read(file: Path) -> dict[int, np.ndarray]:
     return dict(zip(stored["indices"].tolist(), stored["features"]))
 
 
-def _write(file: Path, known: dict[int, np.ndarray]) -> None:
-    """Store the features through a temporary file; a cache that cannot be written (a read-only or full disk) is a
-    warning, since the features are at hand."""
+def _write(file: Path, known: dict[int, np.ndarray]) -> bool:
+    """Store the features through a temporary file; whether it worked. A cache that cannot be written (a read-only
+    or full disk) is a warning, since the features are at hand."""
     indices = sorted(known)
     tensors = {"indices": np.asarray(indices, dtype=np.int64), "features": np.stack([known[i] for i in indices])}
     tmp = None
@@ -89,6 +89,8 @@ def _write(file: Path, known: dict[int, np.ndarray]) -> None:
         if not isinstance(e, OSError):
             raise
         log.warning("could not cache the features in %s (%s); they are computed again next time", file, e)
+        return False
+    return True
 
 
 log = logging.getLogger("encdec")
@@ -103,8 +105,9 @@ def cached_features(key: str, indices: list[int], compute: Callable[[list[int]],
     file = cache_root() / "features" / f"{key}.safetensors"
     known = _read(file)
     missing = sorted({i for i in indices if i not in known})
+    writable = True
     for start in range(0, len(missing), CHUNK):
         part = missing[start : start + CHUNK]
         known.update(zip(part, compute(part)))
-        _write(file, known)
+        writable = writable and _write(file, known)  # after a failed write, the rest is computed without a cache
     return np.stack([known[i] for i in indices]) if indices else np.zeros((0, 0), dtype=np.float32)

@@ -214,11 +214,13 @@ class _UniqueKeys(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key.replace("-", "_") in seen:
+        for key_node, _ in node.value:  # the keys written here (merged ones, `<<`, may be overridden)
+            if key_node.tag != "tag:yaml.org,2002:str":
+                continue  # other keys are no option names: refused after loading, or by PyYAML itself
+            key = self.construct_object(key_node, deep=deep).replace("-", "_")
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
-            seen.add(key.replace("-", "_") if isinstance(key, str) else key)
+            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
