@@ -5,8 +5,8 @@ training step of the 270M-270M model allocates gigabytes of such tensors (chunks
 embedding-sized gradients, activations), and the kernel maps and zeroes each of their pages again
 on first touch: 8-9 s of system time in a 17-18 s step on this project's 2-core machine
 (`bench/train_throughput.py`, docs/benchmarks.md). Inference on CPU meets the same in its encoder
-passes: joining 16 prompts (4,656 tokens) page-faulted 800,000 times (3.3-3.6 s of system time)
-against 100,000 with freed memory kept, and took 20-25% longer (docs/benchmarks.md). Turning off
+passes: joining 16 prompts (4,656 tokens) page-faulted 690,000-880,000 times (2.5-3.0 s of system
+time) against 90,000 with freed memory kept, and took 15-30% longer (docs/benchmarks.md). Turning off
 mmap for allocations and heap trimming makes glibc keep freed memory for the next step, as jemalloc
 or tcmalloc would (PyTorch's CPU performance guide recommends those). Resident memory then stays at
 the process's peak.
