@@ -11,7 +11,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -380,6 +380,25 @@ def remove_abandoned_temporaries(parent: Path) -> None:
 def atomic_write(path: Path, text: str) -> None:
     """Write a text file through a temporary sibling and a rename: readers (and a crash) never see half a file."""
     atomic_write_files({Path(path): text})
+
+
+def write_cache(path: Path, write: Callable[[Path], None], what: str, otherwise: str) -> bool:
+    """Write the cache file `path` through a temporary beside it (`write(temporary)`), renamed once whole; whether
+    it was written. A cache that cannot be written (a read-only or full disk) is a warning naming `what` it would
+    hold and what happens `otherwise`, since its contents are at hand, and leaves no partial file."""
+    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if not isinstance(e, OSError):
+            raise
+        log.warning("could not cache %s in %s (%s); %s", what, path, e, otherwise)
+        return False
+    return True
 
 
 def atomic_write_files(texts: dict[Path, str]) -> None:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from safetensors.numpy import load_file, save_file
 from encdec.classification.backbone import Backbone
 from encdec.classification.classifier import pool
 from encdec.classification.train import batches_by_length
+from encdec.files import write_cache
 from encdec.inference.onednn import packed_while_inferring
 
 CACHE_VERSION = 1
@@ -72,25 +71,10 @@ def _read(file: Path) -> dict[int, np.ndarray]:
 
 
 def _write(file: Path, known: dict[int, np.ndarray]) -> bool:
-    """Store the features through a temporary file; whether it worked. A cache that cannot be written (a read-only
-    or full disk) is a warning, since the features are at hand."""
+    """Store the features (whether it worked: a cache that cannot be written is a warning)."""
     indices = sorted(known)
     tensors = {"indices": np.asarray(indices, dtype=np.int64), "features": np.stack([known[i] for i in indices])}
-    tmp = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-        os.close(handle)
-        save_file(tensors, tmp)
-        os.replace(tmp, file)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if not isinstance(e, OSError):
-            raise
-        log.warning("could not cache the features in %s (%s); they are computed again next time", file, e)
-        return False
-    return True
+    return write_cache(file, lambda tmp: save_file(tensors, str(tmp)), "the features", "they are computed again next time")
 
 
 log = logging.getLogger("encdec")

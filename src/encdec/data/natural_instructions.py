@@ -24,6 +24,7 @@ from pathlib import Path
 
 from encdec.data.instructions import Pair
 from encdec.errors import EncdecError
+from encdec.files import write_cache
 from encdec.sources import cache_root
 
 log = logging.getLogger("encdec")
@@ -130,20 +131,15 @@ def _cached(tarball: Path) -> list[Pair]:
             cache.unlink(missing_ok=True)
     start = time.perf_counter()
     pairs = convert(tarball)
-    partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with partial.open("w", encoding="utf-8") as f:
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
             for pair in pairs:
                 f.write(json.dumps({"turns": pair.turns, "response": pair.response, "source": pair.source}) + "\n")
             f.flush()
             os.fsync(f.fileno())  # whole on disk before its name says it is done
-        os.replace(partial, cache)
-    except BaseException as e:
-        partial.unlink(missing_ok=True)
-        if not isinstance(e, OSError):
-            raise
-        log.warning("could not cache the converted examples in %s (%s)", cache, e)
+
+    write_cache(cache, write, "the converted examples", "the tarball is converted again next time")
     log.info("converted %d Natural-Instructions examples in %.0f s (cache: %s)", len(pairs),
              time.perf_counter() - start, cache)
     return pairs

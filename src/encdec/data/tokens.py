@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 from encdec.data.corpus import CORPORA, DEFAULT_CORPORA, HELDOUT_SETS
 from encdec.data.text import files_of, read_documents
 from encdec.errors import EncdecError
+from encdec.files import write_cache
 
 log = logging.getLogger("encdec")
 CORPUS_VERSION = 2  # bump when a packaged corpus (encdec.data.corpus.CORPORA) changes
@@ -105,20 +104,11 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
 
 
 def _write_cache(path: Path, stream: np.ndarray) -> None:
-    """Cache the stream through a temporary file, removed if the write fails; a cache that cannot be written
-    (a full disk) is a warning, since the stream is at hand."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-            np.savez(tmp, ids=stream)
-        os.replace(tmp.name, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp.name).unlink(missing_ok=True)
-        if not isinstance(e, OSError):
-            raise
-        log.warning("could not cache the tokens in %s (%s); they are tokenized again next time", path, e)
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file, not a name: np.savez would append .npz to a name
+            np.savez(f, ids=stream)
+
+    write_cache(path, write, "the tokens", "they are tokenized again next time")
 
 
 def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:
