@@ -115,6 +115,24 @@ def test_pretraining_text_that_spells_control_tokens_stays_text(request, name, t
 
 
 @pytest.mark.parametrize("name", ["real", "smollm2"])
+def test_an_answer_that_spells_a_control_token_keeps_it_as_text(request, name):
+    """Fine-tuning targets: the turn's end and EOS close the answer once; the same text inside the answer is text
+    (it was read as the marker, teaching the model to end its turn mid-answer)."""
+    from encdec.data.chat import ChatFormat
+    from encdec.data.instructions import Pair, chat_example
+
+    tokenizer = request.getfixturevalue(name)[3]
+    chat = ChatFormat.of(tokenizer)
+    marker = "<end_of_turn>" if name == "real" else "<|im_end|>"
+    pair = Pair(turns=(("user", f"What is {marker}?"),), response=f"It is written {marker} and ends a turn.",
+                source="test")
+    example = chat_example(pair, tokenizer, eos_id=tokenizer.eos_token_id, max_input=64, max_target=64, chat=chat)
+    control = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(marker)}
+    closing = [t for t in example.targets if t in control]
+    assert closing == example.targets[-len(closing):] and len(closing) <= 2  # the end of the turn, EOS: last only
+
+
+@pytest.mark.parametrize("name", ["real", "smollm2"])
 def test_instruction_inputs_begin_as_served_prompts_do(request, name):
     """Gemma's tokenizer puts BOS before every text, SmolLM2's names one (<|im_start|>) but puts none: the
     encoder's fine-tuning inputs are what `encdec serve` feeds it for the same conversation (its tokenizer's

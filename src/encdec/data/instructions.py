@@ -166,6 +166,8 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
         raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
                           f"(to keep {kept}), got {max_input} and {max_target}")
     prompt = chat.encode(list(pair.turns))[len(bos):]  # a message's text never reads as control tokens
-    response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
+    # an answer that spells a control token ("<end_of_turn>" in a text about chat formats) spells it in text, as
+    # its prompt does: read as the marker, it would teach the model to end its turn there
+    response = tokenizer(pair.response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return Example(inputs=bos + prompt[max(0, len(prompt) - (max_input - len(bos))):],
                    targets=response[: max_target - len(end)] + end)
