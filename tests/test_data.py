@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 import numpy as np
 import pytest
@@ -43,6 +45,11 @@ def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
     assert list(read_documents(spec, text_field="body", hub_limit=2)) == ["body 0", "body 1"]
     with pytest.raises(EncdecError, match=r"could not stream hf:"):
         list(read_documents(f"hf:{tmp_path / 'missing'}"))
+    # records checked as JSON lines are: blank texts skipped, a missing or non-string field one line
+    (tmp_path / "ds" / "train.jsonl").write_text('{"text": "a"}\n{"text": " "}\n{"text": "b"}\n{"text": null}\n')
+    with pytest.raises(EncdecError, match=r"hf:.*ds, record 3: no string field 'text'"):
+        list(read_documents(spec))
+    assert list(read_documents(spec, hub_limit=3)) == ["a", "b"]
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -53,6 +60,8 @@ def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
     ("data.csv", b"a,b\n", r"unsupported file type '.csv'"),
     ("broken.parquet", b"PAR1 nope", r"broken.parquet: not a readable parquet file"),
     ("deep.jsonl", b"[" * 100_000 + b"\n", r"deep.jsonl, line 1: not valid JSON \(nested too deeply\)"),
+    ("surrogate.jsonl", b'{"text": "ok \\ud83d\\ude00"}\n{"text": "w1 \\ud800"}\n',
+     r"surrogate.jsonl, line 2: a \\uD800-\\uDFFF escape that is not half of a pair"),
 ])
 def test_bad_files_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
@@ -79,10 +88,16 @@ def test_token_cache_is_reused_and_keyed_by_source(sources, tmp_path, monkeypatc
     monkeypatch.undo()
     data.write_text("w9\n")  # changed source, new key
     assert tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache").tolist() == [2, 37, 1]
+    # changed in place to the same size with its modification time put back (cp -p, rsync -a): still a new key
+    stat = data.stat()
+    data.write_text("w8\n")
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_mtime_ns == stat.st_mtime_ns and data.stat().st_size == stat.st_size
+    assert tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache").tolist() == [2, 36, 1]
     # the same tokenizer.json with another EOS (an instruction-tuned variant's): its own stream, not the cached one
     other = tokenizer.__class__.from_pretrained(str(sources["gemma3"]), eos_token="<unused5>")
     ends = tokens.token_stream(other, [str(data)], cache_dir=tmp_path / "cache").tolist()
-    assert ends == [2, 37, other.eos_token_id] and other.eos_token_id != 1
+    assert ends == [2, 36, other.eos_token_id] and other.eos_token_id != 1
 
 
 def test_python_docs_corpus_is_disjoint_from_the_heldout_passages():
@@ -182,3 +197,25 @@ def test_an_epoch_order_is_drawn_once_and_resumes_the_same(monkeypatch):
     again = ExampleStream(list(range(100, 400)), make, seed=3, enc_len=8, dec_len=8)
     again.load_state_dict(state)
     assert [e.inputs for e in again.next_examples(5)] == [e.inputs for e in stream.next_examples(5)]
+
+
+def test_training_and_held_out_text_stay_apart(sources, tmp_path, caplog, monkeypatch):
+    """A file given twice (or inside a directory also given) is read once, not trained on twice; text given as
+    --eval-data that --data also reads, and the packaged held-out passages given as --data, are refused."""
+    from encdec.training.config import TrainConfig
+
+    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    (tmp_path / "d").mkdir()
+    data = tmp_path / "d" / "a.txt"
+    data.write_text("w1 w2\n")
+    with caplog.at_level(logging.WARNING, logger="encdec"):
+        stream = tokens.token_stream(tokenizer, [str(data), str(tmp_path / "d"), str(data)], cache_dir=tmp_path / "c")
+    assert stream.tolist() == [2, 29, 30, 1] and "given more than once" in caplog.text
+    with pytest.raises(EncdecError, match="--eval-data .*a.txt is also training data"):
+        tokens.check_apart_from_training([str(tmp_path / "d")], [str(data)])
+    with pytest.raises(EncdecError, match="--eval-data corpus:python-docs is also training data"):
+        tokens.check_apart_from_training([], ["corpus:python-docs"])  # the default corpus holds it
+    tokens.check_apart_from_training([str(data)], ["heldout:python-docs"])
+    with pytest.raises(EncdecError, match="--data heldout:NAME: the packaged held-out passages are only evaluated on"):
+        TrainConfig(model="m", data=["heldout:general-english"])

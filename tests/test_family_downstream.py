@@ -116,6 +116,26 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def test_a_conversation_the_chat_template_refuses_is_one_line(tmp_path):
+    """Templates that check the turns (Mistral's: roles must alternate) raise from inside jinja: the example's
+    file and line, and the template's own words, instead of a traceback."""
+    from tiny import make_tokenizer
+
+    from encdec.data.chat import ChatFormat
+    from encdec.data.instructions import Pair, chat_example
+
+    make_tokenizer(tmp_path, reserved=False)
+    tokenizer = encdec.load_tokenizer(tmp_path)
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tokenizer.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                               "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                               "{% endfor %}" + CHATML)
+    pair = Pair(turns=(("user", "w1"), ("user", "w2")), response="w3", source="data.jsonl:7")
+    with pytest.raises(EncdecError, match=r"data.jsonl:7: the tokenizer's chat template refuses this conversation "
+                                          r"\(Conversation roles must alternate user/assistant\)"):
+        chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64, chat=ChatFormat.of(tokenizer))
+
+
 def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):
     from tiny import make_tokenizer
 

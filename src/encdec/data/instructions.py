@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from encdec.data.text import data_files, json_lines
+from jinja2.exceptions import TemplateError
+
+from encdec.data.text import data_files, distinct_files, json_lines
 from encdec.errors import EncdecError
 from encdec.objectives import Example
 
@@ -140,7 +142,8 @@ def read_instructions(paths: list[str]) -> list[Pair]:
     """All pairs of the given .jsonl files and directories (their .jsonl files, sorted), in file order."""
     if not paths:
         raise EncdecError(f"no instruction data given; expected .jsonl files of {SHAPES}")
-    return [pair for spec in paths for path in _jsonl_files(spec) for pair in _read_file(path)]
+    seen: set[Path] = set()
+    return [pair for spec in paths for path in distinct_files(_jsonl_files(spec), seen) for pair in _read_file(path)]
 
 
 def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max_target: int,
@@ -165,7 +168,10 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
         kept = f"BOS, {chat.end} and EOS" if chat.end else "BOS and EOS"
         raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
                           f"(to keep {kept}), got {max_input} and {max_target}")
-    prompt = chat.encode(list(pair.turns))[len(bos):]  # a message's text never reads as control tokens
+    try:
+        prompt = chat.encode(list(pair.turns))[len(bos):]  # a message's text never reads as control tokens
+    except TemplateError as e:  # a template that checks the turns (roles must alternate user/assistant, ...)
+        raise EncdecError(f"{pair.source}: the tokenizer's chat template refuses this conversation ({e})") from None
     # an answer that spells a control token ("<end_of_turn>" in a text about chat formats) spells it in text, as
     # its prompt does: read as the marker, it would teach the model to end its turn there
     response = tokenizer(pair.response, add_special_tokens=False, split_special_tokens=True)["input_ids"]

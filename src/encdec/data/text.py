@@ -6,8 +6,9 @@ Each reader yields documents (strings). Problems name the file, and the line whe
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from encdec.files import parse_json
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ACCEPTED = "a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, or hf:NAME"
+log = logging.getLogger("encdec")
 
 
 def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -44,9 +46,25 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
             if not raw.strip():
                 continue
             try:
-                yield number, parse_json(raw)
+                record = parse_json(raw)
             except ValueError as e:
                 raise EncdecError(f"{path}, line {number}: not valid JSON ({e})") from None
+            if b"\\u" in raw and _lone_surrogate(record):  # only an escape can spell one: checked where there is one
+                raise EncdecError(f"{path}, line {number}: a \\uD800-\\uDFFF escape that is not half of a pair: "
+                                  "not a character, so no tokenizer can read it")
+            yield number, record
+
+
+def _lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(v) for v in value.values())
+    return isinstance(value, list) and any(_lone_surrogate(v) for v in value)
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
@@ -90,7 +108,14 @@ def _hub(name: str, field: str, limit: int | None) -> Iterator[str]:
         for count, record in enumerate(stream):
             if limit is not None and count >= limit:
                 return
-            yield record[field]
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise EncdecError(f"hf:{name}, record {count}: no string field {field!r} (use --text-field to name "
+                                  "another)")
+            if text.strip():
+                yield text
+    except EncdecError:
+        raise
     except Exception as e:
         raise EncdecError(f"could not stream hf:{name} ({type(e).__name__}: {e})") from None
 
@@ -108,6 +133,20 @@ def files_of(spec: str) -> list[Path]:
     if path.suffix.lower() not in SUFFIXES:
         raise EncdecError(f"{path}: unsupported file type {path.suffix!r}; expected {ACCEPTED}")
     return [path]
+
+
+def distinct_files(files: Iterable[Path], seen: set[Path]) -> list[Path]:
+    """`files` but those `seen` before (by real path, added to `seen`): a file given twice, or inside a directory
+    also given, is read once, said once."""
+    out = []
+    for path in files:
+        real = path.resolve()
+        if real in seen:
+            log.warning("%s is given more than once (alone, or inside a directory also given): read once", path)
+            continue
+        seen.add(real)
+        out.append(path)
+    return out
 
 
 def read_documents(spec: str, *, text_field: str = "text", hub_limit: int | None = 100_000) -> Iterator[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from encdec.data.corpus import CORPORA, DEFAULT_CORPORA, HELDOUT_SETS
-from encdec.data.text import files_of, read_documents
+from encdec.data.text import distinct_files, files_of, read_documents
 from encdec.errors import EncdecError
 from encdec.files import write_cache
 
@@ -54,8 +54,8 @@ def source_fingerprint(specs: list[str], text_field: str) -> str:
             parts.append(spec)
             continue
         for path in files_of(spec):
-            stat = path.stat()
-            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+            stat = path.stat()  # the change time too: a copy that keeps size and mtime (cp -p, rsync -a) is another
+            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -70,7 +70,29 @@ def _read(spec: str, text_field: str) -> list[str]:
 
 
 def _documents(specs: list[str], text_field: str) -> list[str]:
-    return [doc for spec in _or_default(specs) for doc in _read(spec, text_field)]
+    documents: list[str] = []
+    seen: set[Path] = set()
+    for spec in dict.fromkeys(_or_default(specs)):  # a name given twice is read once
+        if spec.startswith(("hf:", *PACKAGED)):
+            documents.extend(_read(spec, text_field))
+        else:
+            for path in distinct_files(files_of(spec), seen):
+                documents.extend(_read(str(path), text_field))
+    return documents
+
+
+def check_apart_from_training(data: list[str], eval_data: list[str]) -> None:
+    """--eval-data must not be training text: the same name, or a file that --data reads too, is refused."""
+    def files(specs: list[str]) -> dict[Path, str]:
+        return {path.resolve(): spec for spec in specs if not spec.startswith(("hf:", *PACKAGED))
+                for path in files_of(spec)}
+
+    shared = set(_or_default(data)) & set(eval_data)
+    overlap = files(eval_data).keys() & files(data).keys()
+    if shared or overlap:
+        named = sorted(shared) or [str(path) for path in sorted(overlap)]
+        raise EncdecError(f"--eval-data {', '.join(named)} is also training data (--data): its held-out loss would "
+                          "be a training loss; pass text the run does not train on")
 
 
 TOKENIZATION = 2  # in the cache key: streams tokenized before documents' special-token text stayed text are redone

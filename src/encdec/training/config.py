@@ -121,6 +121,9 @@ class TrainConfig:
             raise EncdecError("--out must name a directory, got an empty string")
         if "" in [spec.strip() for spec in self.data]:
             raise EncdecError(f"--data {self.data!r}: an empty path; pass files, directories or hf:NAME")
+        if any(spec.startswith("heldout:") for spec in self.data):
+            raise EncdecError("--data heldout:NAME: the packaged held-out passages are only evaluated on (encdec "
+                              "evaluate scores them); pass them to --eval-data")
         if self.distill and self.objective != "prefixlm":
             raise EncdecError("--distill works with --objective prefixlm only")
         if self.resume and self.overwrite:

@@ -12,7 +12,7 @@ import numpy as np
 from torch import nn
 
 from encdec.checkpoint import is_checkpoint, load_checkpoint
-from encdec.data.tokens import leading_bos, token_stream, windows
+from encdec.data.tokens import check_apart_from_training, leading_bos, token_stream, windows
 from encdec.errors import EncdecError
 from encdec.model import CausalLM
 from encdec.objectives import Example
@@ -123,6 +123,7 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
     held_out = [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]]
     extra = []
     if cfg.eval_data:  # another held-out set (e.g. another domain): its first windows
+        check_apart_from_training(cfg.data, cfg.eval_data)
         extra_ids = token_stream(tokenizer, cfg.eval_data, text_field=cfg.text_field)
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
         extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
