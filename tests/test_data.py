@@ -32,6 +32,26 @@ def test_every_format_and_directories(tmp_path):
     assert list(read_documents(str(tmp_path / "d")))[-3:] == ["from jsonl", "again", "with a byte-order mark"]
     assert len(list(read_documents(str(tmp_path / "d")))) == 5
     assert list(read_documents(str(tmp_path / "c.parquet"), text_field="body")) == ["from parquet"]
+    pq.write_table(pa.table({"body": [1, 2]}), tmp_path / "n.parquet")
+    with pytest.raises(EncdecError, match=r"n.parquet: column 'body' holds int64, not text"):
+        list(read_documents(str(tmp_path / "n.parquet"), text_field="body"))
+
+
+def test_a_directory_follows_linked_folders_and_names_what_it_leaves_out(tmp_path, caplog, monkeypatch):
+    """A data folder assembled from links to shards reads them (a link loop ends); files of other kinds are left
+    out in one line, not silently."""
+    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+    (tmp_path / "shard").mkdir()
+    (tmp_path / "shard" / "x.txt").write_text("from the shard\n")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "own.txt").write_text("own text\n")
+    (tmp_path / "d" / "notes.md").write_text("# not read\n")
+    (tmp_path / "d" / "big.txt.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / "d" / "linked").symlink_to(tmp_path / "shard")
+    (tmp_path / "d" / "loop").symlink_to(tmp_path / "d")
+    with caplog.at_level(logging.WARNING, logger="encdec"):
+        assert list(read_documents(str(tmp_path / "d"))) == ["from the shard", "own text"]
+    assert "left out: .md, .txt.gz files" in caplog.text
 
 
 def test_hub_datasets_stream_through_the_datasets_package(tmp_path):

@@ -98,6 +98,8 @@ def _pair(record: Any, source: str) -> Pair:
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}; accepted: {SHAPES}")
     if "messages" in record:
+        if "prompt" in record or "response" in record:
+            raise ValueError(f"both 'messages' and 'prompt'/'response': give one of the two; accepted: {SHAPES}")
         turns, response = _turns(record["messages"])
     else:
         missing = [f for f in ("prompt", "response") if f not in record]

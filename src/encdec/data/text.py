@@ -7,6 +7,7 @@ Each reader yields documents (strings). Problems name the file, and the line whe
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,10 +22,29 @@ log = logging.getLogger("encdec")
 
 
 def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """The files below `directory` with one of `suffixes` (in any case), sorted; hidden files and folders
-    (`.ipynb_checkpoints/`, `.git/`) are left out: their copies would train twice."""
-    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    """The files below `directory` with one of `suffixes` (in any case), sorted, following linked folders (each
+    real folder once: a link loop ends); hidden files and folders (`.ipynb_checkpoints/`, `.git/`) are left out:
+    their copies would train twice. Other files are left out with one line naming their kinds."""
+    found, skipped, visited = [], set(), set()
+    for root, folders, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:
+            folders[:] = []
+            continue
+        visited.add(real)
+        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        for name in files:
+            path = Path(root) / name
+            if name.startswith(".") or not path.is_file():
+                continue
+            if path.suffix.lower() in suffixes:
+                found.append(path)
+            else:
+                skipped.add("".join(path.suffixes[-2:]).lower() or "no suffix")
+    if skipped and found:
+        log.warning("%s: reading its %s files only; left out: %s files", directory, ", ".join(suffixes),
+                    ", ".join(sorted(skipped)))
+    return sorted(found)
 
 
 def _txt(path: Path) -> Iterator[str]:
@@ -76,6 +96,7 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
 
 
 def _parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -92,8 +113,12 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
             raise EncdecError(f"{path}: damaged parquet data ({e})") from None
         if batch is None:
             return
-        for value in batch.column(0).to_pylist():
-            if isinstance(value, str) and value.strip():
+        column = batch.column(0)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise EncdecError(f"{path}: column {field!r} holds {column.type}, not text (use --text-field to name "
+                              "another)")
+        for value in column.to_pylist():
+            if isinstance(value, str) and value.strip():  # nulls and blank texts, as blank lines of .jsonl files
                 yield value
 
 
