@@ -114,13 +114,13 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
         raise EncdecError(f"no text found in {' '.join(specs)}")
     log.info("tokenizing %d documents (cached for next time in %s)", len(documents), path)
     eos = tokenizer.eos_token_id
-    ids: list[int] = []
+    parts: list[np.ndarray] = []  # int32 per batch of documents: a Python list of the whole stream takes ~9x more
     for start in range(0, len(documents), 512):
         # text that spells a control token ("<eos>", "<unused3>": a UL2 sentinel) is text, as in instruction prompts
-        for row in tokenizer(documents[start : start + 512], split_special_tokens=True).input_ids:
-            ids.extend(row)
-            ids.append(eos)
-    stream = np.asarray(ids, dtype=np.int32)
+        rows = tokenizer(documents[start : start + 512], split_special_tokens=True).input_ids
+        parts.append(np.fromiter((t for row in rows for t in (*row, eos)), dtype=np.int32,
+                                 count=sum(len(row) + 1 for row in rows)))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
     _write_cache(path, stream)
     return stream
 
