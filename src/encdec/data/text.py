@@ -19,6 +19,7 @@ from encdec.files import parse_json
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ACCEPTED = "a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, or hf:NAME"
 log = logging.getLogger("encdec")
+_SAID: set[tuple[Path, tuple[str, ...]]] = set()  # directories whose left-out files were named (once per run)
 
 
 def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -41,7 +42,9 @@ def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
                 found.append(path)
             else:
                 skipped.add("".join(path.suffixes[-2:]).lower() or "no suffix")
-    if skipped and found:
+    said = (directory.resolve(), suffixes)
+    if skipped and found and said not in _SAID:  # listed again for reading after the cache key: said once
+        _SAID.add(said)
         log.warning("%s: reading its %s files only; left out: %s files", directory, ", ".join(suffixes),
                     ", ".join(sorted(skipped)))
     return sorted(found)
