@@ -53,6 +53,13 @@ def test_a_directory_follows_linked_folders_and_names_what_it_leaves_out(tmp_pat
         assert list(read_documents(str(tmp_path / "d"))) == ["from the shard", "own text"]
         assert list(read_documents(str(tmp_path / "d"))) == ["from the shard", "own text"]
     assert caplog.text.count("left out: .md, .txt.gz files") == 1  # once per directory and run
+    # a link to a folder inside the directory leaves the order the folders' own (v2 before v3, not latest's first)
+    (tmp_path / "r" / "v2").mkdir(parents=True)
+    (tmp_path / "r" / "v3").mkdir()
+    (tmp_path / "r" / "v2" / "a.txt").write_text("version two\n")
+    (tmp_path / "r" / "v3" / "b.txt").write_text("version three\n")
+    (tmp_path / "r" / "latest").symlink_to(tmp_path / "r" / "v3")
+    assert list(read_documents(str(tmp_path / "r"))) == ["version two", "version three"]
 
 
 def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
@@ -81,8 +88,8 @@ def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
     ("data.csv", b"a,b\n", r"unsupported file type '.csv'"),
     ("broken.parquet", b"PAR1 nope", r"broken.parquet: not a readable parquet file"),
     ("deep.jsonl", b"[" * 100_000 + b"\n", r"deep.jsonl, line 1: not valid JSON \(nested too deeply\)"),
-    ("surrogate.jsonl", b'{"text": "ok \\ud83d\\ude00"}\n{"text": "w1 \\ud800"}\n',
-     r"surrogate.jsonl, line 2: a \\uD800-\\uDFFF escape that is not half of a pair"),
+    ("surrogate.jsonl", b'{"text": "ok \\ud83d\\ude00", "title": "\\ud83d"}\n{"text": "w1 \\ud800"}\n',
+     r"surrogate.jsonl, line 2: 'text' holds a \\uD800-\\uDFFF escape that is not half of a pair"),
 ])
 def test_bad_files_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)

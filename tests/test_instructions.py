@@ -87,6 +87,7 @@ BAD_LINES = {
                           "unknown role ['user']"),
     "no user turn": ({"messages": [{"role": "system", "content": "s"}, {"role": "model", "content": "r"}]},
                      "followed by a user message"),
+    "lone surrogate": ('{"prompt": "p \\ud800", "response": "r"}', "escape that is not half of a pair"),
     "both shapes": ({"prompt": "p", "response": "r", "messages": [{"role": "user", "content": "p"},
                                                                   {"role": "model", "content": "r2"}]},
                     "both 'messages' and 'prompt'/'response': give one of the two"),

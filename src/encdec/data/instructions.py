@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from jinja2.exceptions import TemplateError
 
-from encdec.data.text import data_files, distinct_files, json_lines
+from encdec.data.text import data_files, distinct_files, json_lines, lone_surrogate
 from encdec.errors import EncdecError
 from encdec.objectives import Example
 
@@ -111,6 +111,9 @@ def _pair(record: Any, source: str) -> Pair:
         turns, response = (("user", record["prompt"]),), record["response"]
     if not response.strip():
         raise ValueError("the response is empty")
+    if any(lone_surrogate(text) for _, text in turns) or lone_surrogate(response):
+        raise ValueError("a text holds a \\uD800-\\uDFFF escape that is not half of a pair: not a character, so no "
+                         "tokenizer can read it")
     return Pair(turns=turns, response=response.strip(), source=source)
 
 

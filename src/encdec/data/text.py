@@ -26,14 +26,17 @@ def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """The files below `directory` with one of `suffixes` (in any case), sorted, following linked folders (each
     real folder once: a link loop ends); hidden files and folders (`.ipynb_checkpoints/`, `.git/`) are left out:
     their copies would train twice. Other files are left out with one line naming their kinds."""
-    found, skipped, visited = [], set(), set()
+    found, skipped, visited, top = [], set(), set(), os.path.realpath(directory)
     for root, folders, files in os.walk(directory, followlinks=True):
         real = os.path.realpath(root)
         if real in visited:
             folders[:] = []
             continue
         visited.add(real)
-        folders[:] = sorted(f for f in folders if not f.startswith("."))
+        # a link to a folder inside the directory is left to the folder itself: the order stays the folders' own
+        folders[:] = sorted(f for f in folders if not f.startswith(".")
+                            and not (os.path.islink(os.path.join(root, f))
+                                     and _inside(os.path.realpath(os.path.join(root, f)), top)))
         for name in files:
             path = Path(root) / name
             if name.startswith(".") or not path.is_file():
@@ -48,6 +51,10 @@ def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
         log.warning("%s: reading its %s files only; left out: %s files", directory, ", ".join(suffixes),
                     ", ".join(sorted(skipped)))
     return sorted(found)
+
+
+def _inside(path: str, top: str) -> bool:
+    return os.path.commonpath([path, top]) == top
 
 
 def _txt(path: Path) -> Iterator[str]:
@@ -72,28 +79,26 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
                 record = parse_json(raw)
             except ValueError as e:
                 raise EncdecError(f"{path}, line {number}: not valid JSON ({e})") from None
-            if b"\\u" in raw and _lone_surrogate(record):  # only an escape can spell one: checked where there is one
-                raise EncdecError(f"{path}, line {number}: a \\uD800-\\uDFFF escape that is not half of a pair: "
-                                  "not a character, so no tokenizer can read it")
             yield number, record
 
 
-def _lone_surrogate(value: Any) -> bool:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return True
-        return False
-    if isinstance(value, dict):
-        return any(_lone_surrogate(v) for v in value.values())
-    return isinstance(value, list) and any(_lone_surrogate(v) for v in value)
+def lone_surrogate(text: str) -> bool:
+    """Whether a text holds half of a surrogate pair (a JSON escape \\uD800-\\uDFFF alone): not a character, so
+    no tokenizer can read it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
     for number, record in json_lines(path):
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise EncdecError(f"{path}, line {number}: no string field {field!r} (use --text-field to name another)")
+        if lone_surrogate(record[field]):
+            raise EncdecError(f"{path}, line {number}: {field!r} holds a \\uD800-\\uDFFF escape that is not half of "
+                              "a pair: not a character, so no tokenizer can read it")
         if record[field].strip():
             yield record[field]
 
@@ -183,15 +188,20 @@ def read_documents(spec: str, *, text_field: str = "text", hub_limit: int | None
         yield from _hub(spec[3:], text_field, hub_limit)
         return
     for path in files_of(spec):
-        count = 0
-        if path.suffix.lower() == ".txt":
-            reader = _txt(path)
-        elif path.suffix.lower() == ".jsonl":
-            reader = _jsonl(path, text_field)
-        else:
-            reader = _parquet(path, text_field)
-        for document in reader:
-            count += 1
-            yield document
-        if count == 0:
-            raise EncdecError(f"{path}: empty, no text in it")
+        yield from read_file(path, text_field)
+
+
+def read_file(path: Path, text_field: str = "text") -> Iterator[str]:
+    """Documents of one data file (.txt paragraphs, .jsonl records' or a parquet column's texts)."""
+    count = 0
+    if path.suffix.lower() == ".txt":
+        reader = _txt(path)
+    elif path.suffix.lower() == ".jsonl":
+        reader = _jsonl(path, text_field)
+    else:
+        reader = _parquet(path, text_field)
+    for document in reader:
+        count += 1
+        yield document
+    if count == 0:
+        raise EncdecError(f"{path}: empty, no text in it")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from encdec.data.corpus import CORPORA, DEFAULT_CORPORA, HELDOUT_SETS
-from encdec.data.text import distinct_files, files_of, read_documents
+from encdec.data.text import distinct_files, files_of, read_documents, read_file
 from encdec.errors import EncdecError
 from encdec.files import write_cache
 
@@ -77,7 +77,7 @@ def _documents(specs: list[str], text_field: str) -> list[str]:
             documents.extend(_read(spec, text_field))
         else:
             for path in distinct_files(files_of(spec), seen):
-                documents.extend(_read(str(path), text_field))
+                documents.extend(read_file(path, text_field))
     return documents
 
 
@@ -95,7 +95,9 @@ def check_apart_from_training(data: list[str], eval_data: list[str]) -> None:
                           "be a training loss; pass text the run does not train on")
 
 
-TOKENIZATION = 2  # in the cache key: streams tokenized before documents' special-token text stayed text are redone
+# in the cache key: 2 redid streams from before documents' special-token text stayed text, 3 those of hf: data
+# that kept blank records
+TOKENIZATION = 3
 
 
 def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:

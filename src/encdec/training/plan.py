@@ -98,6 +98,8 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
         model, tokenizer, note = with_ul2_tokens(model, tokenizer)
         if d.main:
             log.info("%s", note)
+    if cfg.eval_data:  # before minutes of tokenizing
+        check_apart_from_training(cfg.data, cfg.eval_data)
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
     vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.embed.num_embeddings
     eos = tokenizer.eos_token_id if source is not None else model.config.eos_token_ids[0]
@@ -123,7 +125,6 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
     held_out = [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]]
     extra = []
     if cfg.eval_data:  # another held-out set (e.g. another domain): its first windows
-        check_apart_from_training(cfg.data, cfg.eval_data)
         extra_ids = token_stream(tokenizer, cfg.eval_data, text_field=cfg.text_field)
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
         extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
