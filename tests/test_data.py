@@ -247,3 +247,15 @@ def test_training_and_held_out_text_stay_apart(sources, tmp_path, caplog, monkey
     tokens.check_apart_from_training([str(data)], ["heldout:python-docs"])
     with pytest.raises(EncdecError, match="--data heldout:NAME: the packaged held-out passages are only evaluated on"):
         TrainConfig(model="m", data=["heldout:general-english"])
+
+
+def test_files_are_read_as_paths_whatever_their_names(sources, tmp_path, monkeypatch):
+    """Files found in a data directory are read as files: one named like a user's home (an editor's ~$lock.txt)
+    or like a Hub name (hf:notes.txt) is not a data specification."""
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "~$lock.txt").write_text("w1\n")
+    (tmp_path / "d" / "hf:notes.txt").write_text("w2\n")
+    monkeypatch.chdir(tmp_path / "d")  # --data . : the files' names are their whole relative paths
+    stream = tokens.token_stream(tokenizer, ["."], cache_dir=tmp_path / "cache")
+    assert stream.tolist() == [2, 30, 1, 2, 29, 1]
