@@ -83,12 +83,11 @@ def _documents(specs: list[str], text_field: str) -> list[str]:
 
 def check_apart_from_training(data: list[str], eval_data: list[str]) -> None:
     """--eval-data must not be training text: the same name, or a file that --data reads too, is refused."""
-    def files(specs: list[str]) -> dict[Path, str]:
-        return {path.resolve(): spec for spec in specs if not spec.startswith(("hf:", *PACKAGED))
-                for path in files_of(spec)}
+    def files(specs: list[str]) -> set[Path]:
+        return {path.resolve() for spec in specs if not spec.startswith(("hf:", *PACKAGED)) for path in files_of(spec)}
 
     shared = set(_or_default(data)) & set(eval_data)
-    overlap = files(eval_data).keys() & files(data).keys()
+    overlap = files(eval_data) & files(data)
     if shared or overlap:
         named = sorted(shared) or [str(path) for path in sorted(overlap)]
         raise EncdecError(f"--eval-data {', '.join(named)} is also training data (--data): its held-out loss would "

@@ -34,8 +34,9 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
     if cpu_kernels not in onednn.CPU_KERNELS:
         raise EncdecError(f"unknown CPU kernels {cpu_kernels!r}; accepted: {', '.join(onednn.CPU_KERNELS)}")
     model = load(path, dtype)
-    if compute_device().type == "cuda" and quantize is None:
-        return model.to(compute_device())
+    device = compute_device()
+    if device.type == "cuda" and quantize is None:
+        return model.to(device)
     keep_freed_memory()  # encoder passes allocate big temporaries: not page-faulted afresh each time
     if quantize is not None:
         return quantize_int8(model)
