@@ -150,6 +150,27 @@ def test_a_hand_made_task_with_obvious_answers_is_solved_by_the_real_source():
     assert result.summary()["accuracy"] == 1.0 and result.summary()["accuracy_norm"] == 1.0
 
 
+def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(adapted):
+    """CommonsenseQA and MMLU have items with two options of the same text: the copies were scored in different
+    batches, so padding noise picked one of them, and the batch size changed the accuracy; a gold that was the
+    later copy was wrong when they tied."""
+    scorer = load_scorer(str(adapted))
+    task = Task("doubles", "choice", "options 1 and 3 alike, the gold the later one", examples=list)
+    words = ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9 w1 w2", "w3", "w5 w5 w4"]
+    # the copies are one word, the others one word in half the items (either may win) and four in the rest
+    items = [Choice(str(k), [f"{words[k % 5]} {words[(k + 2) % 5]}"] * 4,
+                    [f" w{k % 9 + 1}" + " w7 w8 w9" * (k % 2), " w4", f" w{(k + 4) % 9 + 1}", " w4"], 3)
+             for k in range(10)]
+    results = [run_choice(scorer, task, items, {}, Settings(tasks=[], batch_size=size)) for size in (1, 3, 4, 7)]
+    for result in results:
+        assert result.summary() == results[0].summary()
+        for example in result.examples:
+            logps = example["logprobs"]
+            assert logps[1] == logps[3] and (example["prediction"] in (1, 3)) == (logps[1] >= max(logps))
+    chosen = sum(e["prediction"] in (1, 3) for e in results[0].examples)
+    assert 0 < chosen < len(items) and results[0].correct == chosen  # either copy counts
+
+
 @pytest.mark.parametrize("text, expected", [
     ("There are 7 * 8 = 56 slices. They each have 56 / 4 = 14 slices. So the answer is 14.", "14"),
     ("So the answer is $1,234.", "1234"),
@@ -161,6 +182,8 @@ def test_a_hand_made_task_with_obvious_answers_is_solved_by_the_real_source():
     ("1,000,000 people", "1000000"),
     ("no digits here", None),
     ("It costs $ 30.", "30"),
+    ("The answer is .5", "0.5"),  # read as 5 before: right against a gold of 5
+    ("So the answer is -.25.", "-0.25"),
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected

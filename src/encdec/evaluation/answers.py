@@ -6,15 +6,16 @@ from __future__ import annotations
 import re
 import string
 
-NUMBER = re.compile(r"-?\$?\s?\d[\d,]*(?:\.\d+)?")
+NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")  # ".5" too, read as 0.5
 ANSWER_IS = re.compile(r"answer is\s*:?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)
 
 
 def _clean_number(text: str) -> str | None:
     """'$1,234.50' -> '1234.5'; '7.' -> '7'; None when no digit remains."""
     text = text.replace("$", "").replace(",", "").replace(" ", "").rstrip(".")
-    if not re.fullmatch(r"-?\d+(?:\.\d+)?", text):
+    if not re.fullmatch(r"-?\d*(?:\.\d+)?", text) or not any(c.isdigit() for c in text):
         return None
+    text = re.sub(r"^(-?)\.", r"\g<1>0.", text)
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text

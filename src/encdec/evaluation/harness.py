@@ -102,8 +102,11 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
         chars = [max(1, len(c.lstrip().encode())) for c in item.continuations]
         norm = [lp / c for lp, c in zip(logps, chars)]
         pick, pick_norm = max(range(count), key=logps.__getitem__), max(range(count), key=norm.__getitem__)
-        result.correct += pick == item.gold
-        result.correct_norm += pick_norm == item.gold
+        # an option spelled as the gold one (CommonsenseQA and MMLU have a few) is the gold answer: picking
+        # either copy is right
+        gold = requests[at + item.gold]
+        result.correct += requests[at + pick] == gold
+        result.correct_norm += requests[at + pick_norm] == gold
         result.examples.append({"id": item.id, "gold": item.gold, "prediction": pick, "prediction_norm": pick_norm,
                                 "logprobs": [round(x, 4) for x in logps]})
         at += count
@@ -256,12 +259,14 @@ def markdown(record: dict[str, Any]) -> str:
             if "accuracy_norm" in summary:
                 cell += f" · norm {100 * summary['accuracy_norm']:.1f}"
             cells.append(cell)
-            averages[m].append(summary["accuracy"])
+            if "accuracy" in summary:  # a task with no items has none
+                averages[m].append(summary["accuracy"])
         most = f"-{entry['shots_max']}" if entry.get("shots_max") else ""  # groups with fewer shots than others
         shots = f", {entry.get('shots') or 0}{most}-shot"
         lines.append(f"| {task}{shots} | {entry['n']} | {' | '.join(cells)} |")
     if any(averages.values()):
-        lines.append(f"| **average** | | {' | '.join(f'**{100 * sum(v) / len(v):.1f}**' for v in averages.values())} |")
+        means = [f"**{100 * sum(v) / len(v):.1f}**" if v else "–" for v in averages.values()]
+        lines.append(f"| **average** | | {' | '.join(means)} |")
     if heldout is not None:
         from encdec.data.corpus import HELDOUT_SETS
 

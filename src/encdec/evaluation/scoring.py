@@ -74,14 +74,18 @@ class Scorer:
     def loglikelihoods(self, requests: list[Request], batch_size: int, desc: str = "scoring") -> list[tuple[float, bool]]:
         """Per request: the summed log-probability of the continuation, and whether greedy decoding
         would produce it exactly."""
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
+        # a request asked twice (two answer options with the same text) is scored once: its copies then tie
+        # exactly, instead of by padding noise that changes with the batch they land in
+        first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+        copy_of = [first.setdefault((tuple(ctx), tuple(cont)), i) for i, (ctx, cont) in enumerate(requests)]
+        distinct = sorted(set(copy_of), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         with torch.no_grad():
-            for chunk in tqdm(list(_batches(order, batch_size)), desc=desc, unit="batch", leave=False):
+            for chunk in tqdm(list(_batches(distinct, batch_size)), desc=desc, unit="batch", leave=False):
                 scores = self._score([requests[i] for i in chunk])
                 for i, s in zip(chunk, scores):
                     out[i] = s
-        return out
+        return [out[i] for i in copy_of]
 
     def _score(self, requests: list[Request]) -> list[tuple[float, bool]]:
         if self.kind == "encoder-decoder":
