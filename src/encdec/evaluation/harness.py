@@ -18,7 +18,7 @@ from tqdm import tqdm
 from encdec.errors import EncdecError
 from encdec.evaluation.answers import exact_match, final_number, first_line
 from encdec.evaluation.scoring import Scorer, load_scorer
-from encdec.evaluation.stats import wilson_interval
+from encdec.evaluation.stats import mean_interval, wilson_interval
 from encdec.evaluation.tasks import (
     FORMAT_VERSION,
     LM_TASK,
@@ -242,11 +242,16 @@ def _cell(summary: dict[str, Any], key: str = "accuracy") -> str:
     return f"{100 * summary[key]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def _average(results: list[tuple[float, int]]) -> str:
+    mean, low, high = mean_interval(results)
+    return f"**{100 * mean:.1f}** [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def markdown(record: dict[str, Any]) -> str:
     """One column per model, one row per task: accuracy (%) with its 95% interval; the average over tasks."""
     names = [m["name"] for m in record["models"]]
     lines = [f"| task | n | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
-    averages: dict[str, list[float]] = {m: [] for m in names}
+    averages: dict[str, list[tuple[float, int]]] = {m: [] for m in names}  # (correct, n) per task
     heldout = None
     for task, entry in record["tasks"].items():
         if task == LM_TASK:
@@ -260,12 +265,12 @@ def markdown(record: dict[str, Any]) -> str:
                 cell += f" · norm {100 * summary['accuracy_norm']:.1f}"
             cells.append(cell)
             if "accuracy" in summary:  # a task with no items has none
-                averages[m].append(summary["accuracy"])
+                averages[m].append((summary["accuracy"] * entry["n"], entry["n"]))
         most = f"-{entry['shots_max']}" if entry.get("shots_max") else ""  # groups with fewer shots than others
         shots = f", {entry.get('shots') or 0}{most}-shot"
         lines.append(f"| {task}{shots} | {entry['n']} | {' | '.join(cells)} |")
     if any(averages.values()):
-        means = [f"**{100 * sum(v) / len(v):.1f}**" if v else "–" for v in averages.values()]
+        means = [_average(v) if v else "–" for v in averages.values()]
         lines.append(f"| **average** | | {' | '.join(means)} |")
     if heldout is not None:
         from encdec.data.corpus import HELDOUT_SETS
@@ -278,7 +283,8 @@ def markdown(record: dict[str, Any]) -> str:
                     lines.append(f"| held-out {name}: {label} | | {' | '.join(cells)} |")
     lines.append("")
     lines.append("Accuracy in %, with a 95% Wilson interval; multiple-choice tasks by summed log-likelihood of each answer, "
-                 "'norm' by log-likelihood per byte of the answer.")
+                 "'norm' by log-likelihood per byte of the answer; the average of the tasks' accuracies with its 95% "
+                 "interval (the tasks as independent samples).")
     return "\n".join(lines)
 
 
