@@ -395,6 +395,12 @@ BAD = [
     ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),  # nested too deeply to read
     ('{"prompt": "w1", "max_tokens": ' + "9" * 5000 + "}", 400, None),  # over Python's 4300 digits
     ('{"input": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),
+    # half a surrogate pair, which no tokenizer reads and no answer can carry: a field's name gave a plain-text 500
+    ('{"prompt": "w1", "\\ud800": 1}', 400, None),
+    ('{"prompt": "w1 \\ud800"}', 400, "prompt"),
+    ('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}', 400, "messages"),
+    ('{"input": ["w1", "\\ud800 w2"]}', 400, "input"),
+    ('{"prompt": "w1", "stop": ["\\ud83d"]}', 400, "stop"),
 ]
 ENDPOINTS = {"messages": "chat/completions", "input": "embeddings"}
 
@@ -413,6 +419,67 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, b
         assert "24" in error["message"]  # the --max-input-tokens limit is named
     ok = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server):
+    """Characters past what --max-input-tokens tokens can spell: tokenizing 20 MB took 20 s and 4 GB on the event
+    loop, and /health and every stream waited for it."""
+    for endpoint, field in (("completions", "prompt"), ("embeddings", "input")):
+        answer = httpx.post(f"{server.base}/v1/{endpoint}", json={field: "w1 " * 400_000}, timeout=30)
+        assert answer.status_code == 400, answer.text
+        message = answer.json()["error"]["message"]
+        assert "1200000 characters" in message and "24 tokens" in message
+    chat = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
+                      json={"messages": [{"role": "user", "content": "w1 " * 400_000}]})
+    assert chat.status_code == 400 and "characters" in chat.json()["error"]["message"]
+
+
+def test_a_body_larger_than_accepted_is_refused_unread(server):
+    from encdec.serve.app import MAX_BODY_BYTES
+
+    with socket.create_connection((HOST, server.port), timeout=30) as raw:
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n{" % (MAX_BODY_BYTES + 1))
+        answer = b""  # no more of the body is sent: the answer must not wait for it
+        while not answer.endswith(b"}}"):
+            chunk = raw.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"MiB" in answer.split(b"\r\n\r\n", 1)[1]
+    assert httpx.get(f"{server.base}/health", timeout=30).status_code == 200
+
+
+def test_a_body_that_stops_arriving_gets_408(local, monkeypatch):
+    """A client that sends its headers and part of its body, then nothing: it was waited for without end, holding
+    its connection (hundreds of them exhaust the server's files) and keeping a draining server up."""
+    import asyncio
+
+    from encdec.serve import app as served
+    from encdec.serve.protocol import Limits
+
+    monkeypatch.setattr(served, "BODY_TIMEOUT_S", 0.5)
+    model, tokenizer = local
+    app = served.create_app(model, tokenizer, served.Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-length", b"100")],
+             "client": (HOST, 1), "server": (HOST, 80)}
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if not sent and not getattr(receive, "started", False):
+            receive.started = True
+            return {"type": "http.request", "body": b'{"prompt"', "more_body": True}
+        await asyncio.sleep(3600)  # the rest never comes
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    assert sent[0]["status"] == 408
+    assert "did not arrive within 0.5 s" in json.loads(sent[1]["body"])["error"]["message"]
 
 
 def test_errors_outside_the_endpoints_have_the_apis_shape(server):
@@ -639,6 +706,10 @@ def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint,
             _wait_for(lambda: _metric(server.base, "encdec_queue_length") == 1, 20, "the second request to queue")
             full = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
             assert full.status_code == 429 and "--max-queue" in full.json()["error"]["message"]
+            # a client that stalls its body: uvicorn waited for its connection to close, and never exited
+            stalled = socket.create_connection((HOST, server.port), timeout=30)
+            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(1)  # for the server to read its headers and start the request
             server.process.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         waiter.join(120)
@@ -647,6 +718,7 @@ def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint,
         assert results["queued"].status_code == 200  # accepted before SIGTERM: served too
         assert results["queued"].json()["usage"]["completion_tokens"] == 5
         server.process.wait(60)
+        stalled.close()
         assert server.process.returncode in (0, -signal.SIGTERM)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{server.base}/health", timeout=5)

@@ -8,9 +8,11 @@ import base64
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from encdec.data.chat import ChatFormat
 from encdec.inference.engine import Emitted, Engine, Row
@@ -34,6 +37,12 @@ from encdec.serve.text import TextStream
 log = logging.getLogger("encdec")
 DISCONNECT_POLL_S = 1.0  # how often a non-streaming request checks that its client is still there
 SHUTDOWN_WAIT_S = 600.0
+MAX_BODY_BYTES = 64 * 2**20  # 2,048 prompts of 2,048 token ids each fit; more is refused unread (413)
+BODY_TIMEOUT_S = 60.0  # a body not all there by then is refused (408): a stalled client holds no connection for good
+FLUSH_AFTER_DRAIN_S = 10.0  # after SIGTERM, once nothing is queued or running: for the last answers to be read
+# A token spells at most the vocabulary's longest piece; x 4 leaves room for normalizers that compose characters
+# (NFC). A longer text cannot fit --max-input-tokens, and is refused before it is tokenized.
+CHARS_PER_TOKEN_BOUND = 4
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,14 @@ class Service:
         self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics, settings.pooling,
                                    threads=settings.threads)
         self.created = int(time.time())
+        longest = max(map(len, tokenizer.get_vocab()), default=1)
+        self.max_chars = settings.limits.max_input_tokens * longest * CHARS_PER_TOKEN_BOUND
+        # bodies are parsed and tokenized on a thread of their own, one at a time: a large one keeps the event
+        # loop (every stream, /health) waiting no longer than a step
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="encdec-read")
+
+    async def off_loop(self, work: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.reader, work, *args)
 
     def logprobs(self, request: Parsed) -> TokenLogprobs | None:
         return None if request.logprobs is None else TokenLogprobs(self.tokenizer, request.kind, self.eos)
@@ -71,6 +88,7 @@ class Service:
             raise APIError(400, f"'logit_bias': token id {outside[0]} is outside the vocabulary (0 to "
                            f"{self.vocab_size - 1})", "logit_bias")
         if request.kind == "chat":  # a message's text never reads as control tokens (ChatFormat.encode)
+            self.short_enough(sum(len(text) for _, text in request.turns), "messages")
             return [self.ids(self.chat.encode(request.turns), "messages")]
         return [self.ids(prompt, "prompt") for prompt in request.prompts]
 
@@ -82,6 +100,7 @@ class Service:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0 to {self.vocab_size - 1})", param)
             ids = prompt
         else:
+            self.short_enough(len(prompt), param)
             ids = self.tokenizer(prompt).input_ids
         if not ids:  # an empty text, from a tokenizer that puts no BOS first (Qwen's): nothing for the encoder to read
             raise APIError(400, f"'{param}' has no tokens; a prompt needs at least one", param)
@@ -90,6 +109,37 @@ class Service:
             raise APIError(400, f"'{param}' has {len(ids)} tokens, more than this server's limit of {limit} "
                            "(--max-input-tokens)", param)
         return ids
+
+    def short_enough(self, chars: int, param: str) -> None:
+        if chars > self.max_chars:
+            raise APIError(400, f"'{param}' has {chars} characters, more than this server's limit of "
+                           f"{self.settings.limits.max_input_tokens} tokens can spell (--max-input-tokens)", param)
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body: 413 past MAX_BODY_BYTES (before reading it, when its length is declared), 408 when it is
+    not all there within BODY_TIMEOUT_S."""
+    refused = APIError(413, f"the request body is larger than this server accepts ({MAX_BODY_BYTES // 2**20} MiB)")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise refused
+    chunks, size = [], 0
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise refused
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s") from None
+    except ClientDisconnect:
+        raise APIError(499, "the client went away before sending its body") from None
+    return b"".join(chunks)
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -230,9 +280,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         endpoint = f"/v1/{'chat/' if kind == 'chat' else ''}completions"
         try:
             open_for_requests()
-            parsed = parse(await request.body(), kind, settings.limits)
+            parsed = await service.off_loop(parse, await read_body(request), kind, settings.limits)
             served(parsed.model)
-            prompts = service.tokens(parsed)
+            prompts = await service.off_loop(service.tokens, parsed)
             loop = asyncio.get_running_loop()
             jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, _choice_sampling(parsed.sampling, i),
                                     logprobs=parsed.logprobs), loop) for prompt in prompts for i in range(parsed.n)]
@@ -366,9 +416,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         """The encoder's states of each input, pooled (--pooling) and scaled to unit length."""
         try:
             open_for_requests()
-            parsed = parse_embeddings(await request.body(), model.config.encoder.hidden_size)
+            parsed = await service.off_loop(parse_embeddings, await read_body(request), model.config.encoder.hidden_size)
             served(parsed.model)
-            prompts = [service.ids(text, "input") for text in parsed.inputs]
+            prompts = await service.off_loop(lambda: [service.ids(text, "input") for text in parsed.inputs])
             job = EmbedJob(prompts, asyncio.get_running_loop())
             service.scheduler.submit(job)
             while True:
@@ -425,16 +475,41 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server that, on SIGTERM / SIGINT, first marks the app as draining (new requests get 503)."""
+    """uvicorn's server that, on SIGTERM / SIGINT, first marks the app as draining (new requests get 503), and
+    exits FLUSH_AFTER_DRAIN_S after the last queued or running request ended: uvicorn would wait for every
+    connection to close, and one client that stalls (a body that never arrives, a stream it stops reading)
+    would keep the process up for good."""
 
     def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
         super().__init__(config)
         self.encdec_app = app
+        self.watch: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        scheduler = self.encdec_app.state.service.scheduler
         self.encdec_app.state.draining = True
-        self.encdec_app.state.service.scheduler.stop_accepting()
+        scheduler.stop_accepting()
         super().handle_exit(sig, frame)
+        if self.watch is None:  # the signal is handled on the event loop's thread
+            self.watch = threading.Thread(target=self._exit_when_drained, daemon=True,
+                                          args=(scheduler, asyncio.get_running_loop()))
+            self.watch.start()
+
+    def _exit_when_drained(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
+        while not scheduler.idle():
+            time.sleep(0.1)
+        time.sleep(FLUSH_AFTER_DRAIN_S)
+        loop.call_soon_threadsafe(self._close_the_rest)
+
+    def _close_the_rest(self) -> None:
+        """Stop waiting for the connections still open, and close them (from Python 3.12 on, the listening server
+        waits for its connections to close too)."""
+        if self.server_state.connections:
+            log.warning("closing %d connection(s) still open %g s after the last request ended",
+                        len(self.server_state.connections), FLUSH_AFTER_DRAIN_S)
+        self.force_exit = True
+        for connection in list(self.server_state.connections):
+            connection.transport.close()
 
 
 def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, port: int) -> None:

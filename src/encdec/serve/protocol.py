@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from encdec.data.instructions import conversation
+from encdec.data.text import lone_surrogate
 from encdec.files import parse_json
 from encdec.inference.sampling import MIN_TEMPERATURE, Sampling
 
@@ -188,7 +189,33 @@ def _object(raw: bytes) -> dict:
         raise APIError(400, f"the body is not valid JSON ({e})") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
+    broken = _lone_surrogate_field(body)
+    if broken is not None:
+        named = lone_surrogate(broken)  # the field's name is what is broken
+        raise APIError(400, f"{json.dumps(broken) if named else repr(broken)} holds a \\uD800-\\uDFFF escape that is "
+                       "not half of a pair: not a character; text must be valid Unicode", None if named else broken)
     return body
+
+
+def _lone_surrogate_field(body: dict) -> str | None:
+    """The top-level field whose name or value (at any depth) holds half a surrogate pair, which no tokenizer
+    reads and no answer can carry in UTF-8; None when there is none. Walked without recursion: bodies are read
+    up to the JSON parser's own nesting limit."""
+    for name, value in body.items():
+        if lone_surrogate(name):
+            return name
+        pending = [value]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, str) and lone_surrogate(item):
+                return name
+            if isinstance(item, dict):
+                if any(lone_surrogate(key) for key in item):
+                    return name
+                pending.extend(item.values())
+            elif isinstance(item, list):
+                pending.extend(item)
+    return None
 
 
 def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:

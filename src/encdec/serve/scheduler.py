@@ -114,6 +114,11 @@ class Scheduler:
         with self.wake:
             self.accepting = False
 
+    def idle(self) -> bool:
+        """Nothing queued, running or being encoded."""
+        with self.wake:
+            return not (self.waiting or self.embedding or self.engine.rows)
+
     def stop(self, timeout: float) -> None:
         """Finish what is queued and running, then end the thread."""
         with self.wake:
