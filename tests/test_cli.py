@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from encdec.cli import build_parser, main
@@ -19,6 +21,23 @@ def test_adapt_then_info(capsys, tmp_path, sources):
     assert "decoder      2 layers" in info and "encoder      4 layers" in info
     for part in ("embeddings", "encoder", "decoder", "cross-attention", "total"):
         assert f"  {part}" in info
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path, sources):
+    """`encdec info M | head -1`: the reader leaves, and Python's exit printed a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma2"]), "--out", str(out)]) == 0
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "encdec.cli", "info", str(out)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    finally:
+        os.close(write)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
 
 
 def test_own_format_is_reported(capsys, tmp_path, sources):

@@ -138,3 +138,40 @@ def test_missing_ctranslate2_named(t5gemma2_dir, tmp_path, capsys, monkeypatch):
     assert main(["export", str(t5gemma2_dir), "--to", "ctranslate2", "--out", str(out)]) == 2
     assert "pip install 'encdec[ctranslate2]'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_export_names_a_query_scale_and_rope_base_that_ctranslate2_reads_otherwise(tmp_path, capsys):
+    """CTranslate2 scales queries by the head size and reads a T5Gemma model's RoPE base as 10000; here its
+    greedy tokens agreed 31 in 36 and 32 in 36 with ours (ours equal transformers'), and export said nothing."""
+    source = make_source(tmp_path / "source", "gemma2", window=WINDOW, attn_softcap=None, query_pre_attn_scalar=16,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "adapted"), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
+    said = capsys.readouterr().err
+    assert "scaled by query_pre_attn_scalar (16)" in said and "RoPE base is 1e+06" in said
+
+
+def test_an_encoder_alone_or_a_checkpoint_missing_a_weight_is_refused(tmp_path, capsys):
+    """Both went through CTranslate2's converter (by way of transformers, which gives a weight it does not find
+    random values, and says nothing) into a model with a random decoder, or a random projection."""
+    from safetensors.torch import load_file, save_file
+
+    source = make_source(tmp_path / "source", "gemma2", window=WINDOW, attn_softcap=None)
+    full = tmp_path / "full"
+    assert main(["adapt", "--encoder", str(source), "--out", str(full)]) == 0
+    assert main(["export-encoder", str(full), "--out", str(tmp_path / "encoder")]) == 0
+    capsys.readouterr()
+    for command in (["export", str(tmp_path / "encoder"), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")],
+                    ["info", str(tmp_path / "encoder")]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not an encoder-decoder checkpoint" in err[0], err
+    assert "an encoder alone" in err[0]
+    weights = load_file(full / "model.safetensors")
+    del weights["model.decoder.layers.0.self_attn.q_proj.weight"]
+    save_file(weights, full / "model.safetensors", metadata={"format": "pt"})
+    assert main(["export", str(full), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lacks 1 weight(s) such as model.decoder.layers.0.self_attn.q_proj.weight" in err[0]
+    assert not (tmp_path / "ct2").exists()

@@ -345,6 +345,7 @@ BAD = [
     ("{not json", 400, None),
     ('["a list"]', 400, None),
     ({"prompt": "w1", "max_tokens": "8"}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": 2, "max_tokens": "8"}, 400, "max_tokens"),
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": ["w1", 5]}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),

@@ -90,24 +90,41 @@ def save(
     return NATIVE if layout is None else layout.model_type
 
 
-def load_checkpoint(path: Path | str, dtype: torch.dtype = torch.float32) -> Loaded:
-    """Read a checkpoint directory in the project's format or a transformers T5Gemma / T5Gemma 2 layout."""
+def _layout_type(data: dict) -> str | None:
+    """The transformers layout whose encoder and decoder a config.json describes, if any: a t5gemma config with
+    `is_encoder_decoder: false` holds an encoder alone (T5GemmaEncoderModel, as `encdec export-encoder` writes),
+    whose decoder transformers would fill with random weights."""
+    model_type = data.get("model_type")
+    if model_type not in LAYOUTS or model_type == "t5gemma" and data.get("is_encoder_decoder") is False:
+        return None
+    return model_type
+
+
+def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32, *, mapped: bool = False) -> Loaded:
+    """Read a checkpoint directory in the project's format or a transformers T5Gemma / T5Gemma 2 layout (`dtype`
+    None: as stored; `mapped`: the weights left in a memory map of their files, see `read_weights`)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise EncdecError(f"{path} is not a checkpoint directory")
     data = read_json(path / "config.json")
-    if data.get("format") != NATIVE and data.get("model_type") not in LAYOUTS:
+    if data.get("format") != NATIVE and _layout_type(data) is None:
+        alone = data.get("model_type") in ("t5gemma", "t5gemma2_encoder")
         raise EncdecError(
-            f"{path} is not an encoder-decoder checkpoint (model_type {data.get('model_type')!r}); accepted: "
-            "this project's format, t5gemma, t5gemma2. A decoder-only model must first go through `encdec adapt`"
+            f"{path} is not an encoder-decoder checkpoint (model_type {data.get('model_type')!r}"
+            f"{': an encoder alone, as `encdec export-encoder` writes, which `encdec classify` reads' if alone else ''}"
+            "); accepted: this project's format, t5gemma, t5gemma2. A decoder-only model must first go through "
+            "`encdec adapt`"
         )
     fmt, notes = (NATIVE, []) if data.get("format") == NATIVE else (data["model_type"], [])
     with reading_config(path / "config.json"), torch.device("meta"):  # a damaged config.json: one line naming it
         config = EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)
         model = EncoderDecoder(config)
-    weights = read_weights(path, dtype)
+    weights = read_weights(path, dtype, mapped=mapped)
     if fmt != NATIVE:
-        weights, notes = from_hf_weights(weights, list(model.state_dict()), LAYOUTS[fmt])
+        try:
+            weights, notes = from_hf_weights(weights, list(model.state_dict()), LAYOUTS[fmt])
+        except EncdecError as e:
+            raise EncdecError(f"{path}: {e}") from None
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:
@@ -131,7 +148,7 @@ def checkpoint_format(spec: str | Path) -> str | None:
     data = read_json(config)
     if data.get("format") == NATIVE:
         return NATIVE
-    return data["model_type"] if data.get("model_type") in LAYOUTS else None
+    return _layout_type(data)
 
 
 def is_checkpoint(spec: str | Path) -> bool:

@@ -559,12 +559,16 @@ def main(argv: list[str] | None = None) -> int:
     setup(args.verbose)
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe is found here rather than at exit, where Python prints a traceback
     except EncdecError as e:
         print(f"encdec {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"encdec {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `encdec info M | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush has nowhere to fail
+        return 1
     return 0
 
 

@@ -7,19 +7,21 @@ The tokenizer is saved next to the converted model, so the output directory is a
 
 Checked with CTranslate2 4.8.5 (tests/test_export.py): in float32 its greedy tokens equal ours. Where it
 computes something else than transformers and we do (sliding windows shorter than prompt or output, Gemma 2's
-attention soft-cap, T5Gemma 2 batches of mixed prompt lengths) is listed in the README, "Export to CTranslate2".
+attention soft-cap, T5Gemma 2 batches of mixed prompt lengths, a query scale other than the head size, a
+T5Gemma RoPE base other than 10000) is listed in the README, "Export to CTranslate2".
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 
-from encdec.checkpoint import NATIVE, checkpoint_format
+from encdec.checkpoint import NATIVE, checkpoint_format, load_checkpoint
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, check_output_dir
 from encdec.formats.t5gemma import LAYOUTS
@@ -44,6 +46,9 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
         raise EncdecError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     from encdec.sources import load_tokenizer
 
+    # every weight there with its shape (the converter reads through transformers, which fills a missing one with
+    # random values and says nothing); mapped, as stored: no copy is made
+    load_checkpoint(model_dir, None, mapped=True)
     tokenizer = load_tokenizer(model_dir)  # CTranslate2 takes its vocabulary from it: fail before any work
     check_output_dir(out, overwrite, (model_dir,))
     try:
@@ -64,12 +69,17 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     return fmt
 
 
+def _sections(node: Any) -> Iterator[dict]:
+    """Every object of a nested configuration (its sub-configurations, their RoPE parameters...)."""
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _sections(value)
+
+
 def _values(node: Any, key: str) -> set:
     """Every non-null value of `key` anywhere in a nested configuration."""
-    if isinstance(node, dict):
-        own = {node[key]} if node.get(key) is not None else set()
-        return own.union(*(_values(v, key) for v in node.values()))
-    return set()
+    return {section[key] for section in _sections(node) if section.get(key) is not None}
 
 
 def cautions(model_dir: Path, fmt: str) -> list[str]:
@@ -85,6 +95,16 @@ def cautions(model_dir: Path, fmt: str) -> list[str]:
     if windows:
         found.append(f"prompts or outputs longer than its sliding window ({min(windows)} tokens) come out "
                      "differently in CTranslate2")
+    scales = {(section["query_pre_attn_scalar"], section["head_dim"]) for section in _sections(config)
+              if section.get("query_pre_attn_scalar") is not None and section.get("head_dim") is not None}
+    other = sorted(scalar for scalar, head_dim in scales if scalar != head_dim)
+    if other:  # Gemma 2 27B's 144 against 128, for one
+        found.append(f"its queries are scaled by query_pre_attn_scalar ({', '.join(map(str, other))}), not by the "
+                     "head size as CTranslate2 scales them: its outputs differ from this model's")
+    thetas = sorted(_values(config, "rope_theta") - {10000})
+    if fmt == "t5gemma" and thetas:  # read from rope_parameters by transformers, from a rope_theta CTranslate2
+        found.append(f"its RoPE base is {', '.join(f'{t:g}' for t in thetas)}, and CTranslate2 reads a T5Gemma "
+                     "model's as 10000: its outputs differ from this model's")
     if fmt == "t5gemma2":
         found.append("CTranslate2 computes a batch of prompts of different lengths differently from each prompt "
                      "alone: translate such prompts one by one, or grouped by length")

@@ -232,6 +232,7 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     stream = _typed(body, "stream", (bool,), "true or false") or False
     usage_chunk = _include_usage(body)
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    _typed(body, "max_tokens", (int,), "an integer")  # checked even where max_completion_tokens overrides it
     max_tokens = _typed(body, budget, (int,), "an integer")
     if max_tokens is None:  # the OpenAI API's defaults: 16 tokens for a completion, a chat answer up to the limit
         max_tokens = limits.max_new_tokens if kind == "chat" else min(COMPLETION_DEFAULT_TOKENS, limits.max_new_tokens)
