@@ -240,6 +240,11 @@ def test_training_and_held_out_text_stay_apart(sources, tmp_path, caplog, monkey
     with caplog.at_level(logging.WARNING, logger="encdec"):
         stream = tokens.token_stream(tokenizer, [str(data), str(tmp_path / "d"), str(data)], cache_dir=tmp_path / "c")
     assert stream.tolist() == [2, 29, 30, 1] and "given more than once" in caplog.text
+    for twice in ([str(data), str(data)], ["heldout:python-docs", "heldout:python-docs"]):  # the same name: said too
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="encdec"):
+            assert tokens._documents(twice, "text") == tokens._documents(twice[:1], "text")
+        assert f"{twice[0]} is given more than once" in caplog.text
     with pytest.raises(EncdecError, match="--eval-data .*a.txt is also training data"):
         tokens.check_apart_from_training([str(tmp_path / "d")], [str(data)])
     with pytest.raises(EncdecError, match="--eval-data corpus:python-docs is also training data"):

@@ -72,8 +72,13 @@ def _read(spec: str, text_field: str) -> list[str]:
 def _documents(specs: list[str], text_field: str) -> list[str]:
     documents: list[str] = []
     seen: set[Path] = set()
-    for spec in dict.fromkeys(_or_default(specs)):  # a name given twice is read once
+    named: set[str] = set()
+    for spec in _or_default(specs):
         if spec.startswith(("hf:", *PACKAGED)):
+            if spec in named:
+                log.warning("%s is given more than once: read once", spec)
+                continue
+            named.add(spec)
             documents.extend(_read(spec, text_field))
         else:
             for path in distinct_files(files_of(spec), seen):
