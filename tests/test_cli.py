@@ -94,6 +94,14 @@ def test_help_documents_every_option_with_its_default(command, capsys):
                 f"{command} {action.option_strings[0]} does not show its default {action.default!r}"
 
 
+def test_finetune_help_speaks_of_instructions(capsys):
+    """finetune shares pretraining's options but not their help: its --data takes instruction records, not corpora."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--help"])
+    data = capsys.readouterr().out.split("--data PATH")[-1].split("\n  --")[0]
+    assert ".jsonl" in data and "corpus:" not in data and "Natural-Instructions" in data
+
+
 def test_negative_numbers_in_scientific_notation_are_values():
     """argparse took -1e-4 for an option ('expected one argument') while it took -0.5 as a value."""
     from encdec.cli import build_parser

@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue pretraining an adapted model with PrefixLM (+ distillation from its "
                        "decoder-only source) or UL2, on packed rows. Every option can also be set in --config "
                        "FILE.yaml; the command line wins. Runs under torchrun / accelerate launch as well.")
-    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_HIDDEN, add_arguments
+    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_DOCS, FINETUNE_HIDDEN, add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_pretrain)
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "the Natural-Instructions tasks of the bigbench package (downloaded once from PyPI, ~358 MB).")
     p.add_argument("model", metavar="MODEL", help="encoder-decoder checkpoint directory, or a decoder-only source "
                    "(HF directory, GGUF, packaged name)")
-    add_arguments(p, FINETUNE_DEFAULTS, FINETUNE_HIDDEN)
+    add_arguments(p, FINETUNE_DEFAULTS, FINETUNE_HIDDEN, FINETUNE_DOCS)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", formatter_class=_formatter, help="score models on the paper's benchmark tasks",

@@ -190,16 +190,16 @@ def _flag(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
-                  skip: tuple[str, ...] = ()) -> None:
-    """One option per field (but `skip`); `defaults` replaces the dataclass defaults of a sub-command.
-    argparse defaults are not set so that only given options override the YAML."""
+                  skip: tuple[str, ...] = (), docs: dict[str, str] | None = None) -> None:
+    """One option per field (but `skip`); `defaults` and `docs` replace the dataclass defaults and help texts for a
+    sub-command. argparse defaults are not set so that only given options override the YAML."""
     parser.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML file of any of the options below")
     defaults = defaults or {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
             continue
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        helptext = f"{f.metadata['doc']}" + ("" if default is None else f" (default: {default!r})")
+        helptext = (docs or {}).get(f.name, f.metadata["doc"]) + ("" if default is None else f" (default: {default!r})")
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext, "dest": f.name}
         if _kind(f) is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -289,6 +289,15 @@ def from_arguments(args: argparse.Namespace, defaults: dict[str, Any] | None = N
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "objective": "instruct", "out": "runs/finetune", "enc_len": 512, "dec_len": 128, "lr": 2e-5, "steps": 200,
     "warmup_steps": 20, "eval_every": 50, "eval_windows": 64,
+}
+FINETUNE_DOCS: dict[str, str] = {
+    "data": ".jsonl files (or directories of them) of {prompt, response} or {messages: [...]} records; none = the "
+            "Natural-Instructions tasks of the bigbench package",
+    "per_task": "without --data: Natural-Instructions examples per subtask (61 subtasks)",
+    "enc_len": "prompt tokens per example (a longer prompt keeps its last ones)",
+    "dec_len": "response tokens per example, EOS included (a longer response keeps its first ones)",
+    "lr": "peak learning rate",
+    "eval_windows": "held-out examples, taken from the end of the shuffled examples",
 }
 FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "distill", "teacher", "alpha", "tau", "teacher_top_k",
                    "text_field", "cross_warmup_steps", "eval_data", "freeze_encoder_steps", "encoder_curriculum_steps")
