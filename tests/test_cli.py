@@ -38,6 +38,25 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, sources):
     finally:
         os.close(write)
     assert done.returncode == 1 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
+    # started with standard output closed, where print() writes nothing: the command works (it crashed at the flush)
+    done = subprocess.run([sys.executable, "-m", "encdec.cli", "info", str(out)], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+                          preexec_fn=lambda: os.close(1))
+    assert done.returncode == 0 and not done.stderr, done.stderr
+
+
+def test_a_pipe_other_than_standard_output_breaking_is_said(capsys, monkeypatch):
+    """Only a reader of standard output leaving is quiet; another broken pipe (a worker, a socket) is an error."""
+    import argparse
+
+    def broken(args: argparse.Namespace) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    parser = build_parser()
+    monkeypatch.setattr("encdec.cli.build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["info"].set_defaults(func=broken)
+    assert main(["info", "x"]) == 1
+    assert "encdec info: error: [Errno 32] Broken pipe" in capsys.readouterr().err
 
 
 def test_own_format_is_reported(capsys, tmp_path, sources):

@@ -12,6 +12,7 @@ from tiny import make_source
 
 import encdec
 from encdec.cli import main
+from encdec.errors import EncdecError
 from encdec.sources import load_tokenizer
 
 NEW_TOKENS = 12
@@ -140,6 +141,17 @@ def test_missing_ctranslate2_named(t5gemma2_dir, tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+def test_a_model_no_causal_lm_class_takes_is_one_line(tmp_path):
+    """transformers' own refusal is a ValueError naming every causal-LM configuration class it knows."""
+    from transformers import T5Config
+
+    from encdec.sources import transformers_causal_lm
+
+    T5Config(vocab_size=32, d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4).save_pretrained(tmp_path)
+    with pytest.raises(EncdecError, match=r"is not a decoder-only model \(model_type 't5'\); expected an encoder"):
+        transformers_causal_lm(tmp_path)
+
+
 def test_export_names_a_query_scale_and_rope_base_that_ctranslate2_reads_otherwise(tmp_path, capsys):
     """CTranslate2 scales queries by the head size and reads a T5Gemma model's RoPE base as 10000; here its
     greedy tokens agreed 31 in 36 and 32 in 36 with ours (ours equal transformers'), and export said nothing."""
@@ -168,6 +180,13 @@ def test_an_encoder_alone_or_a_checkpoint_missing_a_weight_is_refused(tmp_path, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "not an encoder-decoder checkpoint" in err[0], err
     assert "an encoder alone" in err[0]
+    # read as a decoder-only source instead, evaluate gave transformers' traceback listing its causal-LM classes
+    for command in (["evaluate", str(tmp_path / "encoder"), "--tasks", "copa", "--out", str(tmp_path / "ev")],
+                    ["adapt", "--encoder", str(tmp_path / "encoder"), "--out", str(tmp_path / "again")]):
+        assert main(command) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(err) == 1 and "is an encoder alone" in err[0] and "not a decoder-only source" in err[0], err
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "again").exists()
     weights = load_file(full / "model.safetensors")
     del weights["model.decoder.layers.0.self_attn.q_proj.weight"]
     save_file(weights, full / "model.safetensors", metadata={"format": "pt"})

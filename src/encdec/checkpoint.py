@@ -100,6 +100,14 @@ def _layout_type(data: dict) -> str | None:
     return model_type
 
 
+def encoder_alone(data: dict) -> bool:
+    """Whether a config.json describes an encoder without its decoder (what `encdec export-encoder` writes)."""
+    return data.get("model_type") in ("t5gemma", "t5gemma2_encoder") and _layout_type(data) is None
+
+
+ENCODER_ALONE = "an encoder alone, as `encdec export-encoder` writes, which `encdec classify` reads"
+
+
 def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32, *, mapped: bool = False) -> Loaded:
     """Read a checkpoint directory in the project's format or a transformers T5Gemma / T5Gemma 2 layout (`dtype`
     None: as stored; `mapped`: the weights left in a memory map of their files, see `read_weights`)."""
@@ -108,10 +116,9 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32,
         raise EncdecError(f"{path} is not a checkpoint directory")
     data = read_json(path / "config.json")
     if data.get("format") != NATIVE and _layout_type(data) is None:
-        alone = data.get("model_type") in ("t5gemma", "t5gemma2_encoder")
         raise EncdecError(
             f"{path} is not an encoder-decoder checkpoint (model_type {data.get('model_type')!r}"
-            f"{': an encoder alone, as `encdec export-encoder` writes, which `encdec classify` reads' if alone else ''}"
+            f"{': ' + ENCODER_ALONE if encoder_alone(data) else ''}"
             "); accepted: this project's format, t5gemma, t5gemma2. A decoder-only model must first go through "
             "`encdec adapt`"
         )

@@ -559,17 +559,34 @@ def main(argv: list[str] | None = None) -> int:
     setup(args.verbose)
     try:
         args.func(args)
-        sys.stdout.flush()  # a closed pipe is found here rather than at exit, where Python prints a traceback
+        if sys.stdout is not None:  # None: started with its descriptor closed, where print() writes nothing
+            sys.stdout.flush()  # a closed pipe is found here rather than at exit, where Python prints a traceback
     except EncdecError as e:
         print(f"encdec {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"encdec {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `encdec info M | head -1`: the reader has what it wanted
+    except BrokenPipeError as e:
+        if not _reader_gone(sys.stdout):  # another pipe or socket broke: that is an error to tell
+            print(f"encdec {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        # `encdec info M | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush has nowhere to fail
         return 1
     return 0
+
+
+def _reader_gone(stream: object) -> bool:
+    """Whether `stream` is a pipe whose reading end is closed (poll reports an error on its writing end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)  # type: ignore[attr-defined]
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

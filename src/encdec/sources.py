@@ -111,8 +111,17 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     refuse_custom_code(directory)
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
-                                                use_safetensors=True).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
+                                                     use_safetensors=True)
+    except ValueError as e:  # a configuration no causal-LM class takes: transformers lists hundreds of classes
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        model_type = read_json(directory / "config.json").get("model_type")
+        raise EncdecError(f"{directory} is not a decoder-only model (model_type {model_type!r}); "
+                          "expected an encoder-decoder checkpoint (this project's format, t5gemma, t5gemma2) or a "
+                          "decoder-only source") from None
+    return model.eval()
 
 
 def _expected_shapes(config: SourceConfig) -> dict[str, tuple[int | None, ...]]:
@@ -280,6 +289,10 @@ def resolve(spec: str) -> Path:
         return gguf_to_hf_directory(_packaged_gguf(spec))
     path = Path(spec).expanduser()
     if path.is_dir():
+        from encdec.checkpoint import ENCODER_ALONE, encoder_alone
+
+        if (path / "config.json").is_file() and encoder_alone(read_json(path / "config.json")):
+            raise EncdecError(f"{path} is {ENCODER_ALONE}, not a decoder-only source; expected {SUPPORTED}")
         return path
     if path.is_file():
         if path.suffix != ".gguf":
