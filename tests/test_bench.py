@@ -159,3 +159,20 @@ def test_cpu_kernels_compares_the_kernels_and_checks_batch_invariance():
     assert [line.split(":")[0] for line in lines[-4:]] == [
         "ratio (1 rows", "ratio (4 rows", "ratio (1 rows", "ratio (4 rows"]
     assert lines[-1].startswith("ratio (4 rows: int8 per row time / int8 per tensor time")
+
+
+def test_screened_head_compares_the_heads_on_the_same_tokens(adapted):
+    """The screen (bfloat16 or float16, whichever this host has) against the plain float32 head: same tokens."""
+    from encdec.inference import onednn
+
+    done = subprocess.run([sys.executable, str(BENCH / "screened_head.py"), "--model", str(adapted), "--batch", "1,2",
+                           "--prompt-length", "16", "--new-tokens", "4", "--rounds", "1"],
+                          capture_output=True, text=True, timeout=300)
+    if not onednn.available() or onednn.screen_dtype() is None:
+        assert done.returncode != 0 and "no screen on this host" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    rows = [line.split() for line in lines if line.startswith(("screened ", "plain "))]
+    assert [r[-1] for r in rows if len(r) == 4] == ["yes"] * 4  # both heads at batch 1 and 2
+    assert [line.split(":")[0] for line in lines[-2:]] == ["ratio (batch 1", "ratio (batch 2"]

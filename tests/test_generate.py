@@ -46,23 +46,35 @@ needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this PyTorch b
 
 @needs_onednn
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_screened_head_finds_the_float32_argmax(monkeypatch, softcap):
-    """The bfloat16 screen never loses the float32 argmax: on random states, and where bfloat16 cannot tell
-    tokens apart (rows that differ below its precision, states aimed between them), while it leaves few
-    tokens to score in float32; with too many screened tokens (or none) the full head decides, alike."""
+@pytest.mark.parametrize(("dtype", "nudge"), [(torch.bfloat16, 1e-4), (torch.float16, 5e-5)], ids=["bf16", "fp16"])
+def test_screened_head_finds_the_float32_argmax(monkeypatch, softcap, dtype, nudge):
+    """The screen never loses the float32 argmax: on random states, and where its dtype cannot tell tokens
+    apart (rows that differ below its precision, states aimed between them), while it leaves few tokens to
+    score in float32; with too many screened tokens (or none) the full head decides, alike. A float16 screen
+    reads single rows (a batch reads the float32 head)."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(500, 64, generator=g) / 8
-    weight[1::2] = weight[0::2] + torch.randn(250, 64, generator=g) * 1e-4  # pairs bfloat16 rounds alike
-    head = onednn.ScreenedHead(weight)
+    weight[1::2] = weight[0::2] + torch.randn(250, 64, generator=g) * nudge  # pairs the screen's dtype rounds alike
+    head = onednn.ScreenedHead(weight, dtype)
     hidden = torch.cat([torch.randn(64, 64, generator=g) * 3, weight[:128:2] * 40 + weight[1:128:2] * 40])
     expected = soft_cap(hidden @ weight.T, softcap).argmax(-1)
     assert (head(hidden) - hidden @ weight.T).abs().max() < 1e-4  # forward: every float32 logit
     assert torch.equal(head.greedy(hidden, softcap), expected)
+    assert torch.equal(torch.cat([head.greedy(row[None], softcap) for row in hidden]), expected)
     assert head.candidates(hidden, softcap).sum(-1).float().mean() < 5  # a screen, not the whole vocabulary
-    low = hidden.bfloat16().float() @ weight.bfloat16().float().T
-    assert not torch.equal(low.argmax(-1), expected)  # bfloat16 alone would have picked other tokens
+    low = hidden.to(dtype).float() @ weight.to(dtype).float().T
+    assert not torch.equal(low.argmax(-1), expected)  # the screen's dtype alone would have picked other tokens
     monkeypatch.setattr(onednn, "MAX_CANDIDATES", 0)
     assert torch.equal(head.greedy(hidden, softcap), expected)
+    assert torch.equal(torch.cat([head.greedy(row[None], softcap) for row in hidden]), expected)
+
+
+def test_a_screen_whose_logits_overflow_leaves_the_choice_to_the_float32_head():
+    """float16 ends at 65504: a state that large (or logits beyond it) gives an infinite or undefined bound."""
+    weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
+    head = onednn.ScreenedHead(weight, torch.float16)
+    for hidden in (torch.full((1, 16), 7e4), weight[:1] * 3e4):
+        assert torch.equal(head.greedy(hidden, None), (hidden @ weight.T).argmax(-1))
 
 
 PENALTIES = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.7, "logit_bias": {5: 2.0}}
@@ -324,12 +336,14 @@ def test_onednn_packed_weights_give_the_same_tokens(model, sampling):
     packed = onednn.pack_for_cpu(copy.deepcopy(model))
     assert not any(isinstance(m, nn.Linear) for m in packed.modules())
     assert not any(isinstance(m, MLP) for m in packed.modules())  # every feed-forward fused
-    # greedy rows through the bfloat16 screen where oneDNN computes bfloat16 (AVX-512), the float32 head elsewhere
-    assert type(packed.lm_head) is (onednn.ScreenedHead if onednn.bfloat16_products() else onednn.PackedLinear)
+    # greedy rows through a bfloat16 screen where oneDNN computes bfloat16 (AVX-512), a float16 one on AVX2
+    assert type(packed.lm_head) is (onednn.ScreenedHead if onednn.screen_dtype() else onednn.PackedLinear)
     with torch.no_grad():
         torch.testing.assert_close(packed(ids, mask, dec).logits, model(ids, mask, dec).logits, rtol=1e-4, atol=1e-4)
     ours = packed.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], **sampling)
     assert torch.equal(ours, model.generate(ids, mask, max_new_tokens=12, eos_token_ids=[-1], **sampling))
+    alone = packed.generate(ids[:1], mask[:1], max_new_tokens=12, eos_token_ids=[-1], **sampling)  # a lone row
+    assert torch.equal(alone, model.generate(ids[:1], mask[:1], max_new_tokens=12, eos_token_ids=[-1], **sampling))
 
 
 @needs_onednn
@@ -378,7 +392,7 @@ def test_load_for_inference_chooses_the_cpu_kernels(model, tmp_path, monkeypatch
         assert head is None or isinstance(head, nn.Linear)
         assert "no oneDNN packed linear operator" in caplog.text
         return
-    assert type(head) is (onednn.ScreenedHead if onednn.bfloat16_products() else onednn.PackedLinear)
+    assert type(head) is (onednn.ScreenedHead if onednn.screen_dtype() else onednn.PackedLinear)
     plain = load_for_inference(tmp_path / "ckpt", torch.float32, None, "blas")
     assert plain.lm_head is None or isinstance(plain.lm_head, nn.Linear)
     assert isinstance(plain.decoder.layers[0].attn.q_proj, nn.Linear)

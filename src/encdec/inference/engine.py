@@ -262,7 +262,7 @@ class Engine:
 
     def _choose(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each live row's next token: a batch of plain greedy rows (no penalties or biases) through the head's
-        bfloat16 screen where it has one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32
+        low-precision screen where it has one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32
         logit (returned too)."""
         settings = [r.sampling for r in self.rows]
         head = self.model.lm_head

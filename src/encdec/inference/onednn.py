@@ -10,13 +10,16 @@ oneDNN on packed weights ran the same products at 400-440 GFLOP/s and the head i
 activation into the gate product and the gating into the up product saved a fifth of the feed-forward's
 time on 8 x 1024 encoder tokens (two passes over 8192 x 2048 activations less).
 
-A tied float32 LM head also gets a bfloat16 copy that screens the vocabulary for greedy decoding
-(ScreenedHead, where oneDNN computes bfloat16: AVX-512 CPUs). At batch 1 a decoding step of the 270M
-spent about half its time reading the float32 head (262k x 640, 671 MB: 17.7 ms on the benchmark
-machine); the bfloat16 copy reads in 9.2 ms. The screen keeps the float32 argmax: a bound b on
-|bfloat16 logit - float32 logit|, valid for every token of a row, follows from the rounding of the hidden
-state and of the weights, so the argmax is among the tokens whose bfloat16 logit is within 2b of the
-bfloat16 maximum; only those (median 9, at most 216 over 96 measured steps) are scored in float32.
+A tied float32 LM head also gets a low-precision copy that screens the vocabulary for greedy decoding
+(ScreenedHead). At batch 1 a decoding step of the 270M spent about half its time reading the float32
+head (262k x 640, 671 MB: 17.7 ms on the benchmark machine); a bfloat16 copy reads in 9.2 ms where
+oneDNN computes bfloat16 (AVX-512 CPUs). An AVX2-only CPU has no such product, but PyTorch's float16 one
+reads a lone row's head in 18-21 ms against 35-41 ms for the packed float32 head (two rows already cost
+as much as the float32 head, so there the screen is for single rows). The screen keeps the float32
+argmax: a bound b on |screened logit - float32 logit|, valid for every token of a row, follows from the
+rounding of the hidden state and of the weights, so the argmax is among the tokens whose screened logit
+is within 2b of the screened maximum; only those (median 9, at most 216 over 96 measured bfloat16 steps)
+are scored in float32.
 
 For inference only: the packed layout cannot be trained, saved or indexed. The tied embedding table stays
 as it is for lookups (and for scoring screened tokens); the head gets packed copies of it.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import nn
@@ -40,7 +43,8 @@ PACK_FOR_ROWS = 512  # oneDNN's hint of the rows per product; measured: any hint
 # each of the model's activations (encdec.model.ACTIVATIONS) as oneDNN's post-operation: (name, algorithm)
 FUSED_ACTIVATIONS = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}
 MAX_CANDIDATES = 4096  # beyond this many screened tokens the full float32 head is cheaper
-BF16_ROUNDING = 2.0**-8  # relative rounding of a bfloat16 result (half an ulp is 2^-9; twice that, to be safe)
+# relative rounding of a screen's result (half an ulp is 2^-9 in bfloat16, 2^-11 in float16; twice that, to be safe)
+ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
 FP32_ROUNDING = 2.0**-24
 NORM_CHUNK = 16384  # vocabulary rows per pass when measuring the head's norms
 
@@ -92,21 +96,39 @@ class PackedMLP(nn.Module):
         return self.down_proj(gated).view(*x.shape[:-1], -1)
 
 
+@cache
+def screen_dtype() -> torch.dtype | None:
+    """The dtype in which a float32 LM head's greedy tokens are screened here: bfloat16 where oneDNN computes it,
+    else float16 where PyTorch's float16 product sums in float32 (the screen's bound assumes it; checked once, on
+    a sum that float16 additions would round away), else none."""
+    if bfloat16_products():
+        return torch.bfloat16
+    x = torch.zeros(1, 640, dtype=torch.float16)
+    x[0, 0], x[0, 1:101] = 2048, 1  # 2048 + 1 is 2048 in float16
+    return torch.float16 if F.linear(x, torch.ones(2, 640, dtype=torch.float16))[0, 0].item() == 2148 else None
+
+
 class ScreenedHead(nn.Module):
-    """x @ weight.T in float32 (packed), and `greedy`: its argmax through a bfloat16 screen (module docstring).
+    """x @ weight.T in float32 (packed), and `greedy`: its argmax through a bfloat16 or float16 screen (module
+    docstring); a float16 screen reads single rows only, larger batches read the float32 head.
 
     `weight` (float32 [vocab, d]) is kept as it is for scoring the screened tokens: for a tied head it is
     the embedding table, which the model keeps for lookups anyway."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
+        if dtype not in ROUNDING:
+            raise EncdecError(f"a screen is bfloat16 or float16, got {dtype}")
         self.weight = weight.detach()
         self.full = PackedLinear(self.weight, None)
-        low = self.weight.bfloat16()
-        # oneDNN's bfloat16 product where this CPU has one; elsewhere PyTorch's, slower than the float32 head
-        # (pack_for_cpu screens only where oneDNN computes bfloat16), which gives the same candidates
-        self.screen = PackedLinear(low, None) if bfloat16_products() else partial(F.linear, weight=low)
-        self.max_norm, self.max_error = 0.0, 0.0  # the largest row norm of the bfloat16 weight, and of its rounding
+        self.dtype, self.rounding = dtype, ROUNDING[dtype]
+        self.max_rows = None if dtype == torch.bfloat16 else 1
+        low = self.weight.to(dtype)
+        # oneDNN's bfloat16 product where this CPU has one; elsewhere PyTorch's (for bfloat16 slower than the float32
+        # head: pack_for_cpu screens in bfloat16 only where oneDNN computes it), which gives the same candidates
+        packed = dtype == torch.bfloat16 and bfloat16_products()
+        self.screen = PackedLinear(low, None) if packed else partial(F.linear, weight=low)
+        self.max_norm, self.max_error = 0.0, 0.0  # the largest row norm of the screen's weight, and of its rounding
         for start in range(0, len(low), NORM_CHUNK):  # in chunks: whole-table temporaries would be 3 x its size
             rows, exact = low[start: start + NORM_CHUNK].float(), self.weight[start: start + NORM_CHUNK]
             self.max_norm = max(self.max_norm, float(rows.norm(dim=-1).max()))
@@ -116,14 +138,15 @@ class ScreenedHead(nn.Module):
         return self.full(x)
 
     def candidates(self, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-        """[n, vocab] booleans: the tokens of each row whose bfloat16 logit is within twice the error bound
-        of that row's bfloat16 maximum, among which its float32 argmax is."""
-        low = hidden.bfloat16()
-        approx = self.screen(low)  # [n, vocab] bfloat16, compared without a float copy
+        """[n, vocab] booleans: the tokens of each row whose screened logit is within twice the error bound
+        of that row's screened maximum, among which its float32 argmax is."""
+        low = hidden.to(self.dtype)
+        approx = self.screen(low)  # [n, vocab] in the screen's dtype, compared without a float copy
         largest = torch.maximum(approx.amax(-1), -approx.amin(-1)).float()
-        # |approx - exact| <= |h - h_low| |w_low| + |h| |w - w_low| + the product's own rounding
+        # |approx - exact| <= |h - h_low| |w_low| + |h| |w - w_low| + the product's own rounding (an overflow makes
+        # the bound infinite or NaN: then every token, or none, is a candidate, and the full head decides)
         bound = ((hidden - low.float()).norm(dim=-1) * self.max_norm + hidden.norm(dim=-1) * self.max_error
-                 + largest * BF16_ROUNDING + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
+                 + largest * self.rounding + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
         # the cap moves no two logits further apart, so the bound holds after it
         capped = approx if softcap is None else soft_cap(approx.float(), softcap)
         return capped >= (capped.amax(-1).float() - 2 * bound)[:, None]
@@ -132,6 +155,8 @@ class ScreenedHead(nn.Module):
         """The argmax token of each row of the logits of `hidden` [n, d] (float32), soft-capped as the model
         does. The screened tokens are scored by another float32 product than the full head's, so at ties
         within float32 rounding the two may pick differently, as any two float32 kernels may."""
+        if self.max_rows is not None and len(hidden) > self.max_rows:
+            return soft_cap(self.full(hidden), softcap).argmax(-1)
         candidates = self.candidates(hidden, softcap)
         columns = candidates.any(0).nonzero()[:, 0]
         if not 0 < len(columns) <= MAX_CANDIDATES:  # none: the logits are not finite
@@ -174,7 +199,7 @@ def packable(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
 def pack_for_cpu(model: EncoderDecoder) -> EncoderDecoder:
     """Replace, in place, every linear layer of `model` (on CPU, float32 or bfloat16) by a PackedLinear,
     every feed-forward by a PackedMLP, and give it a packed LM head (a tied float32 one screened for greedy
-    tokens where oneDNN has bfloat16 products: AVX-512 CPUs)."""
+    tokens: `screen_dtype`)."""
     if not available():
         raise EncdecError("this PyTorch build has no oneDNN packed linear operator; use --cpu-kernels blas")
     weight = model.embed.weight
@@ -183,8 +208,8 @@ def pack_for_cpu(model: EncoderDecoder) -> EncoderDecoder:
                           f"AVX-512 or AVX-NE-CONVERT; got {weight.dtype} on {weight.device}"
                           f"{'' if weight.dtype != torch.bfloat16 else ' (this CPU has no oneDNN bfloat16 products)'}")
     if model.lm_head is None:  # tied: the embedding table stays for lookups, the head reads packed copies
-        screen = weight.dtype == torch.float32 and bfloat16_products()
-        model.lm_head = ScreenedHead(model.embed.weight) if screen else PackedLinear(model.embed.weight, None)
+        screen = screen_dtype() if weight.dtype == torch.float32 else None
+        model.lm_head = ScreenedHead(weight, screen) if screen else PackedLinear(weight, None)
     _pack_layers(model, keep=False)
     return model
 
