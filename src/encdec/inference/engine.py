@@ -10,7 +10,7 @@ query position against every key, which grew with the square of the token budget
 are allocated for up to PREALLOCATED_POSITIONS positions when rows join, and double when a row
 goes past them, so a large budget costs memory only as tokens are actually generated. Live rows sit
 in the first slots: a row that ends is replaced by the last live row, so every step computes only
-live rows, and the LM head runs once per row (for greedy rows on CPU, through a bfloat16 screen
+live rows, and the LM head runs once per row (for greedy rows on CPU, through a low-precision screen
 that keeps the float32 argmax).
 
 `encdec.generate.generate` is "every row joins at step 0"; the server (`encdec.serve`) lets rows
