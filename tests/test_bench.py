@@ -161,18 +161,21 @@ def test_cpu_kernels_compares_the_kernels_and_checks_batch_invariance():
     assert lines[-1].startswith("ratio (4 rows: int8 per row time / int8 per tensor time")
 
 
-def test_screened_head_compares_the_heads_on_the_same_tokens(adapted):
+def test_screened_head_compares_the_heads_on_the_same_tokens(adapted, capsys, monkeypatch):
     """The screen (bfloat16 or float16, whichever this host has) against the plain float32 head: same tokens."""
+    import runpy
+
     from encdec.inference import onednn
 
-    done = subprocess.run([sys.executable, str(BENCH / "screened_head.py"), "--model", str(adapted), "--batch", "1,2",
-                           "--prompt-length", "16", "--new-tokens", "4", "--rounds", "1"],
-                          capture_output=True, text=True, timeout=300)
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr("sys.argv", ["screened_head.py", "--model", str(adapted), "--batch", "1,2", "--prompt-length",
+                                     "16", "--new-tokens", "4", "--rounds", "1"])
     if not onednn.available() or onednn.screen_dtype() is None:
-        assert done.returncode != 0 and "no screen on this host" in done.stderr
+        with pytest.raises(SystemExit, match="no screen on this host"):
+            runpy.run_path(str(BENCH / "screened_head.py"), run_name="__main__")
         return
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.splitlines()
+    runpy.run_path(str(BENCH / "screened_head.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in lines if line.startswith(("screened ", "plain "))]
     assert [r[-1] for r in rows if len(r) == 4] == ["yes"] * 4  # both heads at batch 1 and 2
     assert [line.split(":")[0] for line in lines[-2:]] == ["ratio (batch 1", "ratio (batch 2"]
