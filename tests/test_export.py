@@ -19,7 +19,9 @@ NEW_TOKENS = 12
 # Where CTranslate2 4.8.5 computes something else than transformers and we do, the sources avoid it
 # (each found on these tiny models; see README "Export to CTranslate2"):
 # - sliding windows: its tokens differed once prompt or output outgrew the window (the conftest
-#   sources have 4 tokens); here the window is longer than prompt + output, as 512 is on the 270M;
+#   sources have 4 tokens), in the T5Gemma 2 layout once the prompt outgrew half of it (the encoder's
+#   window is split over both sides; 256 tokens on the 270M); here the window is longer than twice
+#   prompt + output;
 # - attention logit soft-capping (Gemma 2): it has none, so the Gemma 2 source here has none either;
 # - padding: its T5Gemma 2 batches of prompts of different lengths differ from each prompt alone,
 #   so the prompts here have one length.
@@ -116,9 +118,22 @@ def test_export_names_where_ctranslate2_computes_something_else(sources, tmp_pat
     capsys.readouterr()
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
     said = capsys.readouterr().err
-    assert "longer than its sliding window (4 tokens)" in said
+    window = "prompts longer than 2 tokens" if family == "gemma3" else "longer than its sliding window (4 tokens)"
+    assert window in said
     assert ("soft-capped (at 5.0)" in said) == (family == "gemma2")
     assert ("prompts of different lengths" in said) == (family == "gemma3")
+
+
+def test_a_t5gemma2_prompt_of_half_the_window_still_agrees(tmp_path, capsys):
+    """The export's caution names the longest prompt CTranslate2 reads as we do in the T5Gemma 2 layout, (W + 1)
+    // 2 tokens: the prompts here have that many (it once said W, and prompts past W / 2 already differed)."""
+    source = make_source(tmp_path / "source", "gemma3", window=22, attn_softcap=None)
+    model_dir, out = tmp_path / "adapted", tmp_path / "ct2"
+    assert main(["adapt", "--encoder", str(source), "--out", str(model_dir)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out)]) == 0
+    assert f"prompts longer than {_prompts().shape[1]} tokens" in capsys.readouterr().err
+    assert _translated(out, "float32") == _ours(model_dir)
 
 
 def test_own_format_refused_in_one_line(sources, tmp_path, capsys):

@@ -92,7 +92,12 @@ def cautions(model_dir: Path, fmt: str) -> list[str]:
         found.append(f"its attention logits are soft-capped (at {', '.join(map(str, sorted(caps)))}) and CTranslate2 "
                      "does not cap them: its outputs differ from this model's")
     windows = _values(config, "sliding_window")
-    if windows:
+    if windows and fmt == "t5gemma2":  # its encoder's window reaches (W + 1) // 2 tokens back, self included
+        window = min(windows)
+        found.append(f"prompts longer than {(window + 1) // 2} tokens (its encoder's sliding window of {window} is "
+                     f"split over both sides of a token) or outputs longer than {window} come out differently in "
+                     "CTranslate2, which reads the whole prompt")
+    elif windows:
         found.append(f"prompts or outputs longer than its sliding window ({min(windows)} tokens) come out "
                      "differently in CTranslate2")
     scales = {(section["query_pre_attn_scalar"], section["head_dim"]) for section in _sections(config)
