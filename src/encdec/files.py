@@ -267,7 +267,8 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
     check_not_above(out)
     check_apart(out, inputs)
     if out.exists() and not overwrite:
-        raise EncdecError(f"output directory {out} already exists; pass --overwrite to replace it")
+        raise EncdecError(f"output directory {out} already exists; pass --overwrite (overwrite=True in Python) to "
+                          "replace it")
     run = [name for name in RUN_FILES if (out / name).exists()]
     if out.is_dir() and run:
         raise EncdecError(f"output directory {out} holds a training run ({', '.join(run)}), which --overwrite does "
