@@ -185,6 +185,8 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ("It costs $ 30.", "30"),
     ("The answer is .5", "0.5"),  # read as 5 before: right against a gold of 5
     ("So the answer is -.25.", "-0.25"),
+    ("Version 1.2.3", "3"),  # not 0.3: a point after a digit or a letter begins no number
+    ("saved as apples.2", "2"),
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected

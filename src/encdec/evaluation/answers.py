@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 import string
 
-NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")  # ".5" too, read as 0.5
+# ".5" too, read as 0.5, where the point follows no letter, digit or point (not the ".3" of "1.2.3" or "file.2")
+NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
 ANSWER_IS = re.compile(r"answer is\s*:?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)
 
 
