@@ -53,6 +53,11 @@ def test_mixture_of_experts_checkpoint_directory(capsys, tmp_path):
     assert "holds a mixtral model; supported: Gemma 2, Gemma 3, Llama" in line and "Qwen3" in line
 
 
+def test_a_config_without_model_type(capsys, tmp_path):
+    src = _hf_dir(tmp_path / "nameless", {"hidden_size": 32})
+    assert "has no model_type in its config.json; supported: Gemma 2" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
+
+
 def test_vision_only_config(capsys, tmp_path):
     src = _hf_dir(tmp_path / "siglip", {"model_type": "siglip_vision_model", "hidden_size": 32})
     assert "siglip_vision_model model; supported" in _run_adapt(capsys, tmp_path, "--encoder", str(src))

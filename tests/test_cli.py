@@ -49,6 +49,22 @@ def test_a_command_started_with_standard_output_closed_works(tmp_path, sources, 
     assert main(["info", str(out)]) == 0
 
 
+def test_a_closed_socket_on_standard_output_ends_quietly(tmp_path, sources, monkeypatch, capsys):
+    """A socket's peer leaving is a hang-up, not a pipe's error: both are a reader that has what it wanted."""
+    import socket
+
+    out = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma2"]), "--out", str(out)]) == 0
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    monkeypatch.setattr("sys.stdout", open(ours.fileno(), "w", closefd=False))  # noqa: SIM115
+    try:
+        assert main(["info", str(out)]) == 1
+    finally:
+        ours.close()
+    assert "error" not in capsys.readouterr().err
+
+
 def test_a_pipe_other_than_standard_output_breaking_is_said(capsys, monkeypatch):
     """Only a reader of standard output leaving is quiet; another broken pipe (a worker, a socket) is an error."""
     import argparse

@@ -165,6 +165,9 @@ def test_a_model_no_causal_lm_class_takes_is_one_line(tmp_path):
     T5Config(vocab_size=32, d_model=8, d_ff=16, num_layers=1, num_heads=2, d_kv=4).save_pretrained(tmp_path)
     with pytest.raises(EncdecError, match=r"is not a decoder-only model \(model_type 't5'\); expected an encoder"):
         transformers_causal_lm(tmp_path)
+    (tmp_path / "config.json").write_text('{"foo": 1}')  # no model_type at all: transformers' other ValueError
+    with pytest.raises(EncdecError, match=r"is not a decoder-only model \(model_type None\)"):
+        transformers_causal_lm(tmp_path)
 
 
 def test_export_names_a_query_scale_and_rope_base_that_ctranslate2_reads_otherwise(tmp_path, capsys):

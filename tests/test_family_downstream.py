@@ -110,6 +110,9 @@ def test_generate_evaluate_classify_and_export_encoder_on_a_llama_model(tmp_path
     mask[1, 6:] = 0
     with torch.no_grad():
         assert torch.equal(read_encoder(tmp_path / "encoder")(ids, mask), encdec.load(adapted).encode(ids, mask))
+    # given where a decoder-only source goes, that encoder is named: evaluate printed transformers' traceback
+    assert main(["evaluate", str(tmp_path / "encoder"), "--tasks", "copa", "--out", str(tmp_path / "ev")]) == 2
+    assert "is an encoder alone" in capsys.readouterr().err
 
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -69,6 +69,20 @@ def test_screened_head_finds_the_float32_argmax(monkeypatch, softcap, dtype, nud
     assert torch.equal(torch.cat([head.greedy(row[None], softcap) for row in hidden]), expected)
 
 
+@needs_onednn
+def test_a_float16_screen_keeps_the_argmax_of_tiny_logits():
+    """Below 2^-14 float16 rounds by a fixed step, not a relative one: these logits (about 5e-6, apart by 1.3e-10,
+    far more than float32 rounding) lost their argmax to a bound that was only relative."""
+    weight = torch.tensor([[-0.0018922187, -0.0603263490, -0.0738828257, 0.0573440082],
+                           [-0.0018357233, -0.0603195056, -0.0738953426, 0.0573314726]])
+    hidden = torch.tensor([[-7.748603820800781e-07, -2.5093555450439453e-05, -3.075599670410156e-05,
+                            2.384185791015625e-05]])
+    exact = hidden.double() @ weight.double().T
+    assert exact.argmax(-1).item() == 0 and (exact[0, 0] - exact[0, 1]).item() > 1e-10
+    assert onednn.ScreenedHead(weight, torch.float16).greedy(hidden, None).item() == 0
+
+
+@needs_onednn
 def test_a_screen_whose_logits_overflow_leaves_the_choice_to_the_float32_head():
     """float16 ends at 65504: a state that large (or logits beyond it) gives an infinite or undefined bound."""
     weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))

@@ -101,8 +101,10 @@ def _layout_type(data: dict) -> str | None:
 
 
 def encoder_alone(data: dict) -> bool:
-    """Whether a config.json describes an encoder without its decoder (what `encdec export-encoder` writes)."""
-    return data.get("model_type") in ("t5gemma", "t5gemma2_encoder") and _layout_type(data) is None
+    """Whether a config.json describes an encoder without its decoder (what `encdec export-encoder` writes: a
+    transformers encoder class, or in the format `encdec-encoder` where none holds it)."""
+    return (data.get("model_type") in ("t5gemma", "t5gemma2_encoder") and _layout_type(data) is None
+            or data.get("format") == "encdec-encoder")
 
 
 ENCODER_ALONE = "an encoder alone, as `encdec export-encoder` writes, which `encdec classify` reads"

@@ -578,13 +578,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _reader_gone(stream: object) -> bool:
-    """Whether `stream` is a pipe whose reading end is closed (poll reports an error on its writing end)."""
+    """Whether `stream` is a pipe whose reading end is closed, or a socket whose peer is (poll reports an error or a
+    hang-up on it)."""
     import select
 
     try:
         poller = select.poll()
         poller.register(stream.fileno(), select.POLLOUT)  # type: ignore[attr-defined]
-        return any(events & select.POLLERR for _, events in poller.poll(0))
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
     except (AttributeError, OSError, ValueError):
         return False
 

@@ -114,8 +114,8 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
                                                      use_safetensors=True)
-    except ValueError as e:  # a configuration no causal-LM class takes: transformers lists hundreds of classes
-        if "Unrecognized configuration class" not in str(e):
+    except ValueError as e:  # a configuration no causal-LM class takes (transformers lists hundreds), or none
+        if not str(e).startswith(("Unrecognized configuration class", "Unrecognized model in")):
             raise
         model_type = read_json(directory / "config.json").get("model_type")
         raise EncdecError(f"{directory} is not a decoder-only model (model_type {model_type!r}); "

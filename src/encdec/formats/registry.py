@@ -19,7 +19,8 @@ def adapter_of(model_type: str | None, where: str) -> ModuleType:
     """The adapter of a config.json `model_type`; one line naming the supported families otherwise."""
     adapter = BY_MODEL_TYPE.get(model_type or "")
     if adapter is None:
-        raise EncdecError(f"{where} holds a {model_type or 'unknown'} model; supported: {SUPPORTED_FAMILIES}")
+        what = f"holds a {model_type} model" if model_type else "has no model_type in its config.json"
+        raise EncdecError(f"{where} {what}; supported: {SUPPORTED_FAMILIES}")
     return adapter
 
 

@@ -121,7 +121,7 @@ class ScreenedHead(nn.Module):
             raise EncdecError(f"a screen is bfloat16 or float16, got {dtype}")
         self.weight = weight.detach()
         self.full = PackedLinear(self.weight, None)
-        self.dtype, self.rounding = dtype, ROUNDING[dtype]
+        self.dtype, self.rounding, self.smallest_normal = dtype, ROUNDING[dtype], torch.finfo(dtype).smallest_normal
         self.max_rows = None if dtype == torch.bfloat16 else 1
         low = self.weight.to(dtype)
         # oneDNN's bfloat16 product where this CPU has one; elsewhere PyTorch's (for bfloat16 slower than the float32
@@ -144,9 +144,10 @@ class ScreenedHead(nn.Module):
         approx = self.screen(low)  # [n, vocab] in the screen's dtype, compared without a float copy
         largest = torch.maximum(approx.amax(-1), -approx.amin(-1)).float()
         # |approx - exact| <= |h - h_low| |w_low| + |h| |w - w_low| + the product's own rounding (an overflow makes
-        # the bound infinite or NaN: then every token, or none, is a candidate, and the full head decides)
+        # the bound infinite or NaN: then every token, or none, is a candidate, and the full head decides); results
+        # below the dtype's smallest normal number are rounded by a fixed step, not a relative one
         bound = ((hidden - low.float()).norm(dim=-1) * self.max_norm + hidden.norm(dim=-1) * self.max_error
-                 + largest * self.rounding + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
+                 + largest.clamp_min(self.smallest_normal) * self.rounding + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
         # the cap moves no two logits further apart, so the bound holds after it
         capped = approx if softcap is None else soft_cap(approx.float(), softcap)
         return capped >= (capped.amax(-1).float() - 2 * bound)[:, None]
