@@ -161,7 +161,7 @@ def test_cpu_kernels_compares_the_kernels_and_checks_batch_invariance():
     assert lines[-1].startswith("ratio (4 rows: int8 per row time / int8 per tensor time")
 
 
-def test_screened_head_compares_the_heads_on_the_same_tokens(adapted, capsys, monkeypatch):
+def test_screened_head_compares_the_heads_on_the_same_tokens(adapted, capsys, monkeypatch):  # noqa: F811
     """The screen (bfloat16 or float16, whichever this host has) against the plain float32 head: same tokens."""
     import runpy
 
