@@ -147,7 +147,8 @@ class ScreenedHead(nn.Module):
         # the bound infinite or NaN: then every token, or none, is a candidate, and the full head decides); results
         # below the dtype's smallest normal number are rounded by a fixed step, not a relative one
         bound = ((hidden - low.float()).norm(dim=-1) * self.max_norm + hidden.norm(dim=-1) * self.max_error
-                 + largest.clamp_min(self.smallest_normal) * self.rounding + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
+                 + largest.clamp_min(self.smallest_normal) * self.rounding
+                 + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
         # the cap moves no two logits further apart, so the bound holds after it
         capped = approx if softcap is None else soft_cap(approx.float(), softcap)
         return capped >= (capped.amax(-1).float() - 2 * bound)[:, None]
