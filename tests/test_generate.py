@@ -221,6 +221,9 @@ def test_empty_prompts_are_refused_and_an_empty_eos_list_never_stops(model):
             model.generate(bad, max_new_tokens=2)
     with pytest.raises(EncdecError, match="attention_mask has shape"):
         model.generate(ids, mask[:, 1:], max_new_tokens=2)
+    for token in (model.config.vocab_size, -1):  # the embedding's IndexError before
+        with pytest.raises(EncdecError, match=rf"input_ids: token id {token} is outside the vocabulary \(0 to "):
+            model.generate(torch.cat([ids[:1, :-1], torch.tensor([[token]])], 1), max_new_tokens=2)
     # greedy never reads the temperature: 0 is accepted, as transformers does
     greedy = model.generate(ids, mask, max_new_tokens=3)
     assert torch.equal(model.generate(ids, mask, max_new_tokens=3, temperature=0.0), greedy)
