@@ -26,6 +26,7 @@ from encdec.model import EncoderDecoder
 
 log = logging.getLogger("encdec")
 NATIVE = "encdec"
+NATIVE_ENCODER = "encdec-encoder"  # an encoder alone in the project's own format (`encdec export-encoder`)
 FORMAT_VERSION = 1
 METADATA = "encdec.json"  # where the model came from (sources, training); transformers ignores it
 
@@ -104,7 +105,7 @@ def encoder_alone(data: dict) -> bool:
     """Whether a config.json describes an encoder without its decoder (what `encdec export-encoder` writes: a
     transformers encoder class, or in the format `encdec-encoder` where none holds it)."""
     return (data.get("model_type") in ("t5gemma", "t5gemma2_encoder") and _layout_type(data) is None
-            or data.get("format") == "encdec-encoder")
+            or data.get("format") == NATIVE_ENCODER)
 
 
 ENCODER_ALONE = "an encoder alone, as `encdec export-encoder` writes, which `encdec classify` reads"

@@ -88,9 +88,10 @@ def generate(
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise EncdecError(f"input_ids must be [batch, length] with at least one prompt of at least one token, got "
                           f"shape {list(input_ids.shape)} (one prompt: ids[None])")
-    if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:  # the embedding's IndexError otherwise
-        token = int(input_ids.min()) if int(input_ids.min()) < 0 else int(input_ids.max())
-        raise EncdecError(f"input_ids: token id {token} is outside the vocabulary (0 to {cfg.vocab_size - 1})")
+    lowest, highest = int(input_ids.min()), int(input_ids.max())
+    if lowest < 0 or highest >= cfg.vocab_size:  # the embedding's IndexError otherwise
+        raise EncdecError(f"input_ids: token id {lowest if lowest < 0 else highest} is outside the vocabulary (0 to "
+                          f"{cfg.vocab_size - 1})")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise EncdecError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
     if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from encdec.checkpoint import NATIVE_ENCODER as NATIVE
 from encdec.classification.backbone import Backbone, BackboneSpec
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
@@ -27,7 +28,6 @@ from encdec.files import atomic_dir, read_json, read_weights, write_native, writ
 from encdec.formats.gemma import stack_from_hf
 from encdec.formats.t5gemma import EOI_EMBEDDINGS, T5GEMMA, T5GEMMA2, Layout, encoder_layout, external_name, hf_config
 
-NATIVE = "encdec-encoder"
 FORMAT_VERSION = 1
 ARCHITECTURES = {"t5gemma": "T5GemmaEncoderModel", "t5gemma2": "T5Gemma2Encoder"}
 TEXT_MODEL = "text_model."  # T5Gemma2Encoder nests its text stack here in memory, not on disk
