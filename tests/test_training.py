@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,7 +60,10 @@ def test_loss_falls_and_the_final_model_loads(adapted, corpus, tmp_path, objecti
     import transformers as tf
 
     assert type(tf.AutoModelForSeq2SeqLM.from_pretrained(str(final))).__name__ == "T5Gemma2ForConditionalGeneration"
-    assert encdec.checkpoint.read_metadata(final)["pretrained"]["objective"] == objective
+    run = encdec.checkpoint.read_metadata(final)["pretrained"]
+    assert run["objective"] == objective  # and every setting that made it, paths as found again from anywhere
+    assert run["settings"]["objective"] == objective and run["settings"]["lr"] == cfg.lr
+    assert run["settings"]["data"] == [str(Path(corpus).resolve())] and "out" not in run["settings"]
     assert model.config == encdec.load(adapted).config
 
 

@@ -263,7 +263,7 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
     paths = checkpointing.scheduled(out, cfg.save_every, cfg.steps)[-cfg.average_last :]
     weights = checkpointing.average(paths)
     run = {"from": portable_path(cfg.model), "objective": cfg.objective, "distill": cfg.distill, "steps": cfg.steps,
-           "averaged_checkpoints": [p.name for p in paths]}
+           "averaged_checkpoints": [p.name for p in paths], "settings": rundir.recorded_settings(cfg)}
     key = "finetuned" if cfg.objective == "instruct" else "pretrained"
     if plan.causal:
         from encdec.causal import causal_from_source, save_causal

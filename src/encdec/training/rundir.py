@@ -146,21 +146,30 @@ FREE_ON_RESUME = ("model", "out", "steps", "resume", "overwrite", "eval_every", 
 PATHS = ("data", "eval_data", "teacher")
 
 
+def _plain(name: str, value: object) -> object:
+    """A setting as it can be compared or found again later: paths made portable."""
+    if name not in PATHS or not value:
+        return value
+    return [portable_path(v) for v in value] if isinstance(value, list) else portable_path(value)
+
+
+def recorded_settings(cfg: TrainConfig) -> dict[str, object]:
+    """The settings that made a final model, for its provenance (encdec.json): everything but where the run
+    wrote and how it was started or logged, paths made portable."""
+    return {name: _plain(name, value) for name, value in vars(cfg).items()
+            if name not in ("model", "out", "resume", "overwrite", "log_every", "tensorboard", "keep_freed_memory")}
+
+
 def changed_settings(saved: dict, cfg: TrainConfig, processes: tuple[int, int] = (1, 1)) -> list[str]:
     """The settings a resumed run was given that differ from those its checkpoint was written with, as
     '--name old -> new' (paths compared as found from here). The model is checked by the weights themselves.
     `processes`: the checkpoint's number of processes and this run's. A step reads --batch-size rows on each, so
     the global batch is what the run's course depends on: resumed on half the processes with twice the
     --batch-size, a run goes on as it would have."""
-    def plain(name: str, value: object) -> object:
-        if name not in PATHS or not value:
-            return value
-        return [portable_path(v) for v in value] if isinstance(value, list) else portable_path(value)
-
     now = vars(cfg)
-    changed = [f"--{name.replace('_', '-')} {plain(name, saved[name])!r} -> {plain(name, now[name])!r}"
+    changed = [f"--{name.replace('_', '-')} {_plain(name, saved[name])!r} -> {_plain(name, now[name])!r}"
                for name in now if name not in (*FREE_ON_RESUME, "batch_size") and name in saved
-               and plain(name, saved[name]) != plain(name, now[name])]
+               and _plain(name, saved[name]) != _plain(name, now[name])]
     (before, was), (after, now_) = (saved.get("batch_size", cfg.batch_size), processes[0]), (cfg.batch_size, processes[1])
     if before * was != after * now_:
         changed.append(f"the global batch (--batch-size x processes) {before} x {was} = {before * was} rows -> "
