@@ -107,6 +107,108 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
     assert "has no tokenizer" in capsys.readouterr().err
 
 
+def test_generate_over_a_file_keeps_the_order_and_each_prompt_s_solo_tokens(capsys, tmp_path, sources, monkeypatch):
+    """--input: prompts join as rows end (--batch-size 2 for 5 prompts of different lengths), each line comes out in
+    the prompts' order with the record's own fields, and its tokens are those of generating it alone."""
+    import io
+    import json
+
+    import torch
+
+    import encdec
+    from encdec.data.chat import ChatFormat
+    from encdec.data.instructions import conversation
+
+    out = tmp_path / "model"
+    main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
+    records = [{"id": "a", "prompt": "w1 w2 w3 w4 w5 w6 w7"}, {"prompt": "w7"},
+               {"id": 3, "messages": [{"role": "system", "content": "w9"}, {"role": "user", "content": "w4 w5"}]},
+               {"id": "d", "prompt": "w8 w8 w9"}, {"id": "e", "prompt": "w2", "reference": "w3"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    capsys.readouterr()
+    common = ["--max-new-tokens", "6", "--batch-size", "2"]
+    assert main(["generate", str(out), "--input", str(prompts), "--out", str(tmp_path / "done.jsonl"), *common]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "done.jsonl").read_text().splitlines()]
+    assert capsys.readouterr().out == ""
+    assert [{k: v for k, v in line.items() if k in records[i]} for i, line in enumerate(lines)] == records
+    model, tokenizer = encdec.load(out), encdec.load_tokenizer(out)
+    chat = ChatFormat.of(tokenizer)
+    for record, line in zip(records, lines):
+        ids = (tokenizer(record["prompt"]).input_ids if "prompt" in record
+               else chat.encode(conversation(record["messages"])))
+        alone = model.generate(torch.tensor([ids]), max_new_tokens=6,
+                               eos_token_ids=list(chat.stop_ids(model.config.eos_token_ids)))[0].tolist()
+        alone = [t for t in alone if t != model.config.pad_token_id]
+        assert line["completion"] == tokenizer.decode(alone, skip_special_tokens=True)
+        assert (line["prompt_tokens"], line["completion_tokens"]) == (len(ids), len(alone))
+        assert line["finish_reason"] == ("length" if len(alone) == 6 else "stop")
+    # the same on standard output, and from standard input
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(prompts.read_bytes())))
+    assert main(["generate", str(out), "--input", "-", *common]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == lines
+
+
+GENERATE_INPUT_BAD = [
+    ('{"prompt": "w1"}\n{"text": "w2"}\n', [], "prompts.jsonl, line 2: give either 'prompt' or 'messages'"),
+    ('{"prompt": "w1"}\n{"prompt": 3}\n', [], "line 2: 'prompt' must be a string, got int"),
+    ('{"messages": [{"role": "assistant", "content": "w1"}]}\n', [], "line 1: the last message must be a user message"),
+    ('{"prompt": "w1"\n', [], "line 1: not valid JSON"),
+    ("", [], "no prompts in it"),
+    ('{"prompt": "w1"}\n', ["--prompt", "w2"], "either as --prompt TEXT (repeatable) or as --input FILE, not both"),
+    ('{"prompt": "w1"}\n', ["--out", "{input}"], "is the input"),
+    ('{"prompt": "w1"}\n', ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ('{"prompt": "' + " ".join(["w5"] * 300) + '"}\n', [], "the prompt has 301 tokens; this model reads at most 256"),
+]
+
+
+@pytest.mark.parametrize("text, extra, message", GENERATE_INPUT_BAD, ids=[m[:30] for _, _, m in GENERATE_INPUT_BAD])
+def test_a_bad_prompt_file_is_one_line_and_writes_nothing(capsys, tmp_path, sources, text, extra, message):
+    out = tmp_path / "model"
+    main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(text)
+    capsys.readouterr()
+    extra = [str(prompts) if e == "{input}" else e for e in extra]
+    assert main(["generate", str(out), "--input", str(prompts), *extra]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert prompts.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["model", "prompts.jsonl"]
+
+
+def test_generate_reads_the_paragraphs_of_a_text_file_and_names_the_accepted_files(capsys, tmp_path, sources):
+    import json
+
+    out = tmp_path / "model"
+    main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
+    (tmp_path / "prompts.txt").write_text("w1 w2\nw3\n\n\nw4\n")
+    capsys.readouterr()
+    assert main(["generate", str(out), "--input", str(tmp_path / "prompts.txt"), "--max-new-tokens", "2"]) == 0
+    assert [json.loads(line)["prompt"] for line in capsys.readouterr().out.splitlines()] == ["w1 w2\nw3", "w4"]
+    (tmp_path / "prompts.csv").write_text("w1\n")
+    assert main(["generate", str(out), "--input", str(tmp_path / "prompts.csv")]) == 2
+    assert "prompts.csv: unsupported type; expected a .jsonl file of" in capsys.readouterr().err
+
+
+def test_a_prompt_without_tokens_is_refused_where_it_was_given(tmp_path, sources):
+    """A tokenizer that puts no BOS first (Qwen's) gives an empty text no tokens: nothing for the encoder to read."""
+    import copy
+
+    from tokenizers import processors
+
+    import encdec
+    from encdec.data.prompts import read_prompts, texts_as_prompts
+    from encdec.errors import EncdecError
+
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(sources["gemma3"]))  # never the loader's memoised one
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    with pytest.raises(EncdecError, match="^--prompt 2: the prompt has no tokens; a prompt needs at least one$"):
+        texts_as_prompts(["w1", ""], tokenizer)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w1"}\n\n{"prompt": ""}\n')
+    with pytest.raises(EncdecError, match="p.jsonl:3: the prompt has no tokens"):
+        read_prompts(str(tmp_path / "p.jsonl"), tokenizer)
+
+
 COMMANDS = ["adapt", "generate", "serve", "info", "quickstart", "pretrain", "finetune", "evaluate", "classify",
             "export", "export-encoder"]
 

@@ -110,40 +110,72 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    import json
     import time
 
-    from encdec.generate import check_positions, check_settings
+    from tqdm import tqdm
+
+    from encdec.data.chat import ChatFormat
+    from encdec.data.prompts import read_prompts, texts_as_prompts
+    from encdec.files import atomic_write, check_apart, written
+    from encdec.generate import check_positions, check_settings, generate_each
+    from encdec.inference.engine import Row
     from encdec.inference.loading import load_for_inference
     from encdec.inference.sampling import Sampling
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
-    from encdec.training.data import pad_rows
 
-    penalties = {"presence_penalty": args.presence_penalty, "frequency_penalty": args.frequency_penalty,
-                 "repetition_penalty": args.repetition_penalty}
-    check_settings(args.max_new_tokens, Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed,
-                                                 **penalties))
+    if (args.prompt is None) == (args.input is None):
+        raise EncdecError("give the prompts either as --prompt TEXT (repeatable) or as --input FILE, not both")
+    if args.batch_size < 1:
+        raise EncdecError(f"--batch-size must be at least 1, got {args.batch_size}")
+    sampling = Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed, args.presence_penalty,
+                        args.frequency_penalty, args.repetition_penalty)
+    check_settings(args.max_new_tokens, sampling)
     unused = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
                                                 ("--top-p", args.top_p, 1.0), ("--seed", args.seed, None))
               if value != default]
     if unused and not args.do_sample:
         logging.getLogger("encdec").warning("%s apply to sampling (--do-sample); greedy decoding ignores them",
                                             ", ".join(unused))
+    if args.out is not None:
+        args.out = args.out.expanduser()
+        check_apart(args.out, (args.dir, args.input))
+        with written(args.out):
+            if args.out.is_dir():
+                raise EncdecError(f"--out {args.out} is a directory; give a file name such as completions.jsonl")
+    tokenizer = load_tokenizer(Path(args.dir))
+    prompts = read_prompts(args.input, tokenizer) if args.input is not None else texts_as_prompts(args.prompt, tokenizer)
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
-        tokenizer = load_tokenizer(Path(args.dir))
-    # padded with the model's pad id: the tokenizer of a source such as Llama's names no pad token
-    input_ids, attention_mask = pad_rows([tokenizer(p).input_ids for p in args.prompt], model.config.pad_token_id)
-    check_positions(input_ids.shape[1], args.max_new_tokens, model.config)
-    start = time.perf_counter()
-    out = model.generate(
-        input_ids, attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, **penalties,
-    )
+    check_positions(max(len(p.ids) for p in prompts), args.max_new_tokens, model.config)
+    stop = ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids)
+    rows = [Row(args.max_new_tokens, stop, sampling) for _ in prompts]
+    jsonl, lines = args.out is not None or args.input is not None, [None] * len(prompts)
+
+    def line(i: int) -> str:
+        text = tokenizer.decode(rows[i].tokens, skip_special_tokens=True)
+        if not jsonl:
+            return f"{prompts[i].record['prompt']} -> {text}"
+        return json.dumps({**prompts[i].record, "completion": text, "finish_reason": rows[i].finish_reason,
+                           "prompt_tokens": len(prompts[i].ids), "completion_tokens": len(rows[i].tokens)},
+                          ensure_ascii=False)
+
+    start, printed = time.perf_counter(), 0
+    with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True, leave=False,
+              disable=len(prompts) == 1 or None) as bar:
+        for i in generate_each(model, [p.ids for p in prompts], rows, args.batch_size):
+            lines[i] = line(i)
+            bar.update()
+            while args.out is None and printed < len(lines) and lines[printed] is not None:
+                if sys.stdout is not None:  # in the prompts' order, each as soon as it can be
+                    tqdm.write(lines[printed], file=sys.stdout)
+                printed += 1
+    if args.out is not None:
+        atomic_write(args.out, "".join(f"{text}\n" for text in lines))
     seconds = time.perf_counter() - start
-    for prompt, row in zip(args.prompt, out):
-        print(f"{prompt} -> {tokenizer.decode(row, skip_special_tokens=True)}")
-    print(f"encdec: {out.shape[0]} x {out.shape[1]} tokens in {seconds:.1f} s", file=sys.stderr)
+    print(f"encdec: {len(prompts)} prompt(s), {sum(len(r.tokens) for r in rows)} new tokens in {seconds:.1f} s"
+          + (f"; written to {args.out}" if args.out is not None else ""), file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -355,7 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", formatter_class=_formatter, help="generate continuations with a saved model",
                        description="Encode each prompt and decode a continuation.")
     p.add_argument("dir", type=Path, metavar="DIR", help="checkpoint directory (any format encdec reads)")
-    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="input text; repeat for a batch")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="input text; repeat for a batch")
+    p.add_argument("--input", metavar="FILE",
+                   help="prompts from a file instead: .jsonl records {\"prompt\": ...} or {\"messages\": [...]} (chat; "
+                   "other fields are copied to the output), a .txt file's paragraphs, a .parquet 'prompt' column; "
+                   "- reads .jsonl records from standard input. Output: one JSON line per prompt, in order")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="write the output lines (JSON, one per prompt) to FILE, atomically, instead of standard output")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows decoding at once; a waiting prompt joins as soon as a row ends")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (fewer at EOS)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")

@@ -1,11 +1,15 @@
 """Batched generation, the user-facing function behind `model.generate` and `encdec generate`.
 
-Every row joins the decoding engine (`encdec.inference.engine`) at step 0 and leaves when it ends;
+`generate_each` runs any number of prompts through the decoding engine (`encdec.inference.engine`) a batch of
+slots at a time, a waiting prompt joining as soon as a row ends (continuous batching, as `encdec serve` does):
+what `encdec generate --input` runs over a file. `generate` is the case where every row joins at step 0;
 `use_cache=False` instead recomputes the whole decoder at each step and exists to check the engine.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from itertools import islice
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,6 +67,32 @@ def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: to
 
 
 @torch.no_grad()
+def generate_each(
+    model: EncoderDecoder, prompts: Sequence[Sequence[int]], rows: Sequence[Row], batch_size: int,
+) -> Iterator[int]:
+    """Generate `rows[i]` from `prompts[i]` (token ids, at least one each), at most `batch_size` rows decoding at
+    once; yields each prompt's index as its row ends (in the order rows end, not the prompts' order). Prompts join
+    in their order, as many at a time as there are free slots, in one encoder pass."""
+    engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))))
+    waiting = iter(range(len(prompts)))
+    index: dict[Row, int] = {}
+    while True:
+        joining = list(islice(waiting, engine.free))
+        if joining:
+            ids = torch.full((len(joining), max(len(prompts[i]) for i in joining)), model.config.pad_token_id)
+            mask = torch.zeros_like(ids)
+            for j, i in enumerate(joining):
+                ids[j, : len(prompts[i])], mask[j, : len(prompts[i])] = torch.as_tensor(prompts[i]), 1
+            engine.join(ids.to(model.device), mask.to(model.device), [rows[i] for i in joining])
+            index.update((rows[i], i) for i in joining)
+        if not engine.rows:
+            return
+        for emitted in engine.step():
+            if emitted.row.finish_reason is not None:
+                yield index.pop(emitted.row)
+
+
+@torch.no_grad()
 def generate(
     model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
     max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
@@ -103,10 +133,9 @@ def generate(
     input_ids = input_ids.to(model.device)
     attention_mask = None if attention_mask is None else attention_mask.to(model.device)
     if use_cache:
-        engine = Engine(model, max_batch=len(rows))
-        engine.join(input_ids, attention_mask, rows)
-        while engine.rows:
-            engine.step()
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        for _ in generate_each(model, [ids[keep] for ids, keep in zip(input_ids, real)], rows, len(rows)):
+            pass
     else:
         _uncached(model, input_ids, attention_mask, rows)
     width = max(len(row.tokens) for row in rows)

@@ -75,6 +75,12 @@ class ChatFormat:
                 ids += tok(piece, add_special_tokens=False)["input_ids"]
         return ids
 
+    def stop_ids(self, eos_token_ids: list[int]) -> frozenset[int]:
+        """The tokens that end an answer: the model's EOS ids, and the text closing a turn where it is one token
+        (<end_of_turn>), which ends a plain completion too."""
+        end = self.tokenizer.get_vocab().get(self.end) if self.end else None
+        return frozenset(eos_token_ids) | ({end} if end is not None else set())
+
     @cached_property
     def _specials(self) -> tuple[str, ...]:
         """The texts the tokenizer reads as its special (control) tokens."""

@@ -72,14 +72,19 @@ def _txt(path: Path) -> Iterator[str]:
 def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) of each non-blank line; bad JSON names the file and line."""
     with path.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                record = parse_json(raw)
-            except ValueError as e:
-                raise EncdecError(f"{path}, line {number}: not valid JSON ({e})") from None
-            yield number, record
+        yield from json_records(f, str(path))
+
+
+def json_records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) of each non-blank line of a stream (standard input), `name` naming it in errors."""
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = parse_json(raw)
+        except ValueError as e:
+            raise EncdecError(f"{name}, line {number}: not valid JSON ({e})") from None
+        yield number, record
 
 
 def lone_surrogate(text: str) -> bool:

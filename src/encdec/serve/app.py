@@ -63,8 +63,7 @@ class Service:
         self.tokenizer, self.settings, self.metrics = tokenizer, settings, Metrics()
         self.vocab_size = model.config.vocab_size
         self.chat = ChatFormat.of(tokenizer)  # Gemma's turns, or the tokenizer's own chat template
-        end_of_turn = tokenizer.get_vocab().get(self.chat.end)  # closes a chat answer; ends a completion too
-        self.eos = frozenset(model.config.eos_token_ids) | ({end_of_turn} if end_of_turn is not None else set())
+        self.eos = self.chat.stop_ids(model.config.eos_token_ids)
         engine = Engine(model, settings.max_batch)
         self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics, settings.pooling,
                                    threads=settings.threads)

@@ -1,0 +1,99 @@
+"""Prompts for batch generation (`encdec generate --input`), read and tokenized before any model is loaded.
+
+A .jsonl file (or `-`, standard input) holds one record per line: {"prompt": TEXT} or {"messages": [...]}, a
+conversation ending with a user's message, rendered in the model's chat format as `encdec serve` renders chat
+requests. A record's other fields (an id, a reference answer) travel to its output line. Any other file is read
+as `--data` reads it: a text file's paragraphs (separated by blank lines) are its prompts; a .parquet file's
+"prompt" column.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from encdec.data.chat import ChatFormat
+from encdec.data.instructions import conversation
+from encdec.data.text import json_lines, json_records, lone_surrogate, read_file
+from encdec.errors import EncdecError
+
+SHAPES = ('{"prompt": "..."} or {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]} (the last '
+          'message a user\'s); other fields are copied to the output')
+STDIN = "-"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: the encoder's token ids, the record its output line starts from, and where it was read."""
+
+    ids: list[int]
+    record: dict[str, Any]
+    source: str  # "file:line", or "file, prompt n" for the n-th prompt of a text or parquet file
+
+
+def _from_record(record: Any, chat: ChatFormat, tokenizer: Any) -> list[int]:
+    """The token ids of a .jsonl record; ValueError (TypeError) with what was wrong."""
+    if not isinstance(record, dict):
+        raise TypeError(f"a record must be a JSON object, got {type(record).__name__}; accepted: {SHAPES}")
+    if ("prompt" in record) == ("messages" in record):
+        raise ValueError(f"give either 'prompt' or 'messages'; accepted: {SHAPES}")
+    turns = None
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str):
+            raise ValueError(f"'prompt' must be a string, got {type(record['prompt']).__name__}")
+        texts = [record["prompt"]]
+    else:
+        turns = conversation(record["messages"])
+        if turns[-1][0] != "user":
+            raise ValueError("the last message must be a user message: the model answers it")
+        texts = [text for _, text in turns]
+    if any(map(lone_surrogate, texts)):
+        raise ValueError("a text holds a \\uD800-\\uDFFF escape that is not half of a pair: not a character, so no "
+                         "tokenizer can read it")
+    return tokenizer(texts[0]).input_ids if turns is None else chat.encode(turns)
+
+
+ACCEPTED = ("a .jsonl file of " + SHAPES + ", a .txt file of prompts separated by blank lines, a .parquet file with "
+            "a 'prompt' column, or - for .jsonl records on standard input")
+
+
+def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
+    """Every prompt of `spec` (a file, or `-` for .jsonl records on standard input), in order."""
+    path = Path(spec).expanduser()
+    suffix = path.suffix.lower()
+    if spec != STDIN and (not path.is_file() or suffix not in (".jsonl", ".txt", ".parquet")):
+        problem = "no such file" if not path.exists() else "not a file" if not path.is_file() else "unsupported type"
+        raise EncdecError(f"--input {spec}: {problem}; expected {ACCEPTED}")
+    if spec == STDIN and sys.stdin is None:
+        raise EncdecError("--input -: standard input is closed; give a file or pipe .jsonl records in")
+    if spec == STDIN or suffix == ".jsonl":
+        chat, name = ChatFormat.of(tokenizer), "standard input" if spec == STDIN else str(path)
+        prompts = []
+        records = json_records(sys.stdin.buffer, name) if spec == STDIN else json_lines(path)
+        for number, record in records:
+            try:
+                prompts.append(Prompt(_from_record(record, chat, tokenizer), record, f"{name}:{number}"))
+            except (ValueError, TypeError) as e:
+                raise EncdecError(f"{name}, line {number}: {e}") from None
+    else:
+        prompts = [Prompt(tokenizer(text).input_ids, {"prompt": text}, f"{path}, prompt {n}")
+                   for n, text in enumerate(read_file(path, text_field="prompt"), 1)]
+    if not prompts:
+        raise EncdecError(f"--input {spec}: no prompts in it; expected {ACCEPTED}")
+    return checked(prompts)
+
+
+def texts_as_prompts(texts: list[str], tokenizer: Any) -> list[Prompt]:
+    """Prompts given on the command line (`--prompt TEXT`)."""
+    return checked([Prompt(tokenizer(text).input_ids, {"prompt": text}, f"--prompt {n}") for n, text in
+                    enumerate(texts, 1)])
+
+
+def checked(prompts: list[Prompt]) -> list[Prompt]:
+    """`prompts`, refused when one has no tokens: an empty text, from a tokenizer that puts no BOS first (Qwen's)."""
+    empty = next((p for p in prompts if not p.ids), None)
+    if empty is not None:
+        raise EncdecError(f"{empty.source}: the prompt has no tokens; a prompt needs at least one")
+    return prompts
