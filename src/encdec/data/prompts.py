@@ -2,9 +2,8 @@
 
 A .jsonl file (or `-`, standard input) holds one record per line: {"prompt": TEXT} or {"messages": [...]}, a
 conversation ending with a user's message, rendered in the model's chat format as `encdec serve` renders chat
-requests. A record's other fields (an id, a reference answer) travel to its output line. Any other file is read
-as `--data` reads it: a text file's paragraphs (separated by blank lines) are its prompts; a .parquet file's
-"prompt" column.
+requests. A record's other fields (an id, a reference answer) travel to its output line. A .txt file's
+paragraphs (separated by blank lines, as `--data` reads text) are its prompts.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ class Prompt:
 
     ids: list[int]
     record: dict[str, Any]
-    source: str  # "file:line", or "file, prompt n" for the n-th prompt of a text or parquet file
+    source: str  # "file:line", or "file, prompt n" for the n-th paragraph of a text file
 
 
 def _from_record(record: Any, chat: ChatFormat, tokenizer: Any) -> list[int]:
@@ -55,15 +54,15 @@ def _from_record(record: Any, chat: ChatFormat, tokenizer: Any) -> list[int]:
     return tokenizer(texts[0]).input_ids if turns is None else chat.encode(turns)
 
 
-ACCEPTED = ("a .jsonl file of " + SHAPES + ", a .txt file of prompts separated by blank lines, a .parquet file with "
-            "a 'prompt' column, or - for .jsonl records on standard input")
+ACCEPTED = ("a .jsonl file of " + SHAPES + ", a .txt file of prompts separated by blank lines, or - for .jsonl "
+            "records on standard input")
 
 
 def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
     """Every prompt of `spec` (a file, or `-` for .jsonl records on standard input), in order."""
     path = Path(spec).expanduser()
     suffix = path.suffix.lower()
-    if spec != STDIN and (not path.is_file() or suffix not in (".jsonl", ".txt", ".parquet")):
+    if spec != STDIN and (not path.is_file() or suffix not in (".jsonl", ".txt")):
         problem = "no such file" if not path.exists() else "not a file" if not path.is_file() else "unsupported type"
         raise EncdecError(f"--input {spec}: {problem}; expected {ACCEPTED}")
     if spec == STDIN and sys.stdin is None:
@@ -79,7 +78,7 @@ def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
                 raise EncdecError(f"{name}, line {number}: {e}") from None
     else:
         prompts = [Prompt(tokenizer(text).input_ids, {"prompt": text}, f"{path}, prompt {n}")
-                   for n, text in enumerate(read_file(path, text_field="prompt"), 1)]
+                   for n, text in enumerate(read_file(path), 1)]
     if not prompts:
         raise EncdecError(f"--input {spec}: no prompts in it; expected {ACCEPTED}")
     return checked(prompts)
