@@ -168,6 +168,16 @@ def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_it(top_p, kept):
         assert torch.equal(ours.isfinite(), TopPLogitsWarper(top_p)(None, logits[None])[0].isfinite())
 
 
+def test_seeds_differing_above_32_bits_give_different_streams():
+    """The CPU generator reads a seed's low 32 bits: seeds 5 and 5 + 2**32 sampled alike, as did -1 and 2**32 - 1."""
+    def stream(seed: int) -> list[int]:
+        return torch.randint(2**31, (4,), generator=Sampling(True, seed=seed).generator(torch.device("cpu"))).tolist()
+
+    assert stream(5) == torch.randint(2**31, (4,), generator=torch.Generator().manual_seed(5)).tolist()  # as before
+    assert stream(5) != stream(5 + 2**32) and stream(-1) != stream(2**32 - 1) and stream(0) != stream(2**63)
+    assert stream(5 + 2**32) == stream(5 + 2**32)
+
+
 def test_penalties_and_biases_change_the_logits_as_documented():
     """Repetition (divide a positive logit, multiply a negative one), presence (once) and frequency (per count)
     penalties on the generated tokens only, then the biases; greedy and sampled choices read the result."""

@@ -201,6 +201,10 @@ def test_stop_strings_cut_the_text(server, local):
                                               temperature=0)
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == full[: full.index(stop)]
+    # an empty list (some clients send one) is no stop string: it was a 500 (max() of nothing)
+    whole = server.client().completions.create(model=server.process.args[4], prompt="w1 w2 w3", max_tokens=8, stop=[],
+                                               temperature=0)
+    assert whole.choices[0].text == full
 
 
 def test_n_choices_are_requests_of_their_own(server, local):
@@ -800,6 +804,44 @@ def test_a_streaming_client_gone_before_its_stream_starts_frees_its_slot(local, 
         assert service.metrics.finished.labels("length")._value.get() == 0
     finally:
         service.scheduler.stop(5)
+
+
+def test_a_failed_step_fails_its_requests_and_leaves_the_metrics_idle(local, monkeypatch):
+    """The requests of a step that raised get a 500 and are counted as ended by an error; the running gauge went
+    back to 0 (it stayed at its last value until the next request), and the next request is answered."""
+    import asyncio
+
+    from encdec.inference.engine import Engine
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    service, step, calls = app.state.service, Engine.step, []
+
+    def failing_third(engine):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return step(engine)
+
+    monkeypatch.setattr(Engine, "step", failing_third)
+
+    async def ask() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            failed = await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 8, "temperature": 0})
+            return failed, await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
+
+    service.scheduler.start()
+    try:
+        failed, ok = asyncio.run(ask())
+    finally:
+        service.scheduler.stop(5)
+    assert failed.status_code == 500 and "out of memory" in failed.json()["error"]["message"]
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    metrics = service.metrics
+    assert metrics.running._value.get() == 0 and metrics.finished.labels("error")._value.get() == 1
+    assert metrics.finished.labels("length")._value.get() == 1
 
 
 def test_an_api_key_guards_the_api_but_not_health(local):

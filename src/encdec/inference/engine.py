@@ -46,7 +46,7 @@ class Row:
     eos_token_ids: frozenset[int]
     sampling: Sampling = field(default_factory=Sampling)
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (an EOS token), "length" or "cancelled"
+    finish_reason: str | None = None  # "stop" (an EOS token), "length", "cancelled" or "error" (a failed step)
     generator: torch.Generator | None = None
     logprobs: int | None = None  # report each token's log-probability and this many likeliest alternatives
 

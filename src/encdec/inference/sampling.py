@@ -85,8 +85,12 @@ class Sampling:
         """The row's own random stream: seeded by `seed`, else by the global torch RNG (so manual_seed governs it)."""
         if not self.do_sample:
             return None
-        seed = self.seed if self.seed is not None else int(torch.randint(2**62, (1,)).item())
-        return torch.Generator(device=device).manual_seed(seed)
+        if self.seed is None:
+            return torch.Generator(device=device).manual_seed(int(torch.randint(2**62, (1,)).item()))
+        # the CPU generator reads the low 32 bits of its seed: the high ones are folded in, so that seeds 5 and
+        # 5 + 2**32 (or -1 and 2**32 - 1) give different streams, and a seed below 2**32 its stream of before
+        seed = self.seed % 2**64
+        return torch.Generator(device=device).manual_seed((seed ^ (seed >> 32) * 0x9E3779B1) % 2**32)
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ class Metrics:
         self.requests = Counter("encdec_requests", "HTTP requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.finished = Counter("encdec_generations_finished", "Generations ended, by reason (stop, length, "
-                                "cancelled: the client went away)", ["reason"], registry=r)
+                                "cancelled: the client went away; error: a failed step)", ["reason"], registry=r)
         self.queue = Gauge("encdec_queue_length", "Requests waiting for a slot in the decoding batch", registry=r)
         self.running = Gauge("encdec_running_requests", "Requests in the decoding batch", registry=r)
         self.batch = Histogram("encdec_batch_size", "Rows per decoding step", buckets=(1, 2, 4, 8, 16, 32, 64, 128),

@@ -152,10 +152,12 @@ class Scheduler:
                 self._cycle(cancelled, arrivals)
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("decoding step failed")
-                for job in list(self.running.values()) + arrivals:
-                    self.engine.cancel(job.row)
+                for job in [*self.running.values(), *(job for job in arrivals if job.row not in self.running)]:
+                    self.engine.cancel(job.row, "error")
+                    self.metrics.finished.labels("error").inc()
                     job.deliver(e)
                 self.running.clear()
+                self.metrics.running.set(len(self.engine.rows))
 
     def _embed(self, jobs: list[EmbedJob]) -> None:
         """One encoder pass over the next --max-batch inputs of the waiting embedding requests, oldest first
