@@ -373,7 +373,7 @@ BAD = [
     ({"prompt": "w1", "frobnicate": 1}, 400, "frobnicate"),
     ({"prompt": "w1", "temperature": -1}, 400, "temperature"),
     ({"prompt": "w1", "top_p": 0}, 400, "top_p"),
-    ({"prompt": "w1", "top_k": 0}, 400, "top_k"),
+    ({"prompt": "w1", "top_k": -2}, 400, "top_k"),
     ({"prompt": "w1", "seed": 2**70}, 400, "seed"),
     ({"prompt": "w1", "max_tokens": LONG + 1}, 400, "max_tokens"),
     ({"prompt": "w1", "stream": "yes"}, 400, "stream"),

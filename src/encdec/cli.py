@@ -399,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (fewer at EOS)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: no limit)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability mass")
     p.add_argument("--seed", type=_seed, default=None, help="sampling seed, for reproducible samples")
     p.add_argument("--repetition-penalty", type=float, default=1.0,

@@ -26,7 +26,7 @@ MIN_TEMPERATURE = 1e-5  # below it sampling is greedy, as in vLLM (in float32 a 
 @dataclass(frozen=True)
 class Sampling:
     """Greedy decoding by default; `do_sample` draws from the temperature / top-k / top-p filtered distribution
-    (a temperature below MIN_TEMPERATURE is greedy)."""
+    (a temperature below MIN_TEMPERATURE is greedy; top_k None or 0 keeps every token)."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -39,6 +39,8 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
+        if self.top_k == 0:  # no limit, as transformers and vLLM read it
+            object.__setattr__(self, "top_k", None)
         if self.do_sample and 0 < self.temperature < MIN_TEMPERATURE:
             object.__setattr__(self, "do_sample", False)
             object.__setattr__(self, "temperature", 1.0)
@@ -69,7 +71,7 @@ class Sampling:
         if not (math.isfinite(self.temperature) and low_ok):
             raise EncdecError(f"temperature must be a positive finite number, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise EncdecError(f"top_k must be at least 1, got {self.top_k}")
+            raise EncdecError(f"top_k must be at least 1 (0: no limit), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise EncdecError(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -242,8 +242,8 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
     top_p = _number(body, "top_p", 0.0, 1.0, 1.0, open_low=True)
     top_k = _typed(body, "top_k", (int,), "an integer")
-    if top_k is not None and top_k < 1 and top_k != -1:
-        raise APIError(400, f"'top_k' must be at least 1 (or -1 for no limit), got {top_k}", "top_k")
+    if top_k is not None and top_k < -1:
+        raise APIError(400, f"'top_k' must be at least 1 (0 or -1: no limit), got {top_k}", "top_k")
     seed = _typed(body, "seed", (int,), "an integer")
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise APIError(400, f"'seed' must be in [-2**63, 2**64), got {seed}", "seed")
