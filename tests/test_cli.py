@@ -155,10 +155,16 @@ GENERATE_INPUT_BAD = [
     ('{"messages": [{"role": "assistant", "content": "w1"}]}\n', [], "line 1: the last message must be a user message"),
     ('{"prompt": "w1"\n', [], "line 1: not valid JSON"),
     ("", [], "no prompts in it"),
-    ('{"prompt": "w1"}\n', ["--prompt", "w2"], "either as --prompt TEXT (repeatable) or as --input FILE, not both"),
+    ('{"prompt": "w1"}\n', ["--prompt", "w2"], "as --prompt TEXT (repeatable) or as --input FILE, not both"),
+    ('{"prompt": "w1", "completion": "w2", "id": 1}\n', [], "line 1: the record has 'completion', which its output"),
+    ('{"prompt": "w1", "score": NaN}\n', [], "line 1: not valid JSON"),
+    ('{"prompt": "w1"}\n', ["--out", "{model}/config.json"], "is inside the input"),
+    ('{"prompt": "w1"}\n', ["--out", "{input}/x.jsonl"], "exists and is not a directory"),
+    ('{"prompt": "w1"}\n', ["--out", "{model}"], "is the input"),
     ('{"prompt": "w1"}\n', ["--out", "{input}"], "is the input"),
     ('{"prompt": "w1"}\n', ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    ('{"prompt": "' + " ".join(["w5"] * 300) + '"}\n', [], "the prompt has 301 tokens; this model reads at most 256"),
+    ('{"prompt": "w1"}\n{"prompt": "' + " ".join(["w5"] * 300) + '"}\n', [],
+     "prompts.jsonl:2: the prompt has 301 tokens; this model reads at most 256"),
 ]
 
 
@@ -169,11 +175,13 @@ def test_a_bad_prompt_file_is_one_line_and_writes_nothing(capsys, tmp_path, sour
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(text)
     capsys.readouterr()
-    extra = [str(prompts) if e == "{input}" else e for e in extra]
+    extra = [e.format(input=prompts, model=out) for e in extra]
+    before = {p: p.read_bytes() for p in out.iterdir()}
     assert main(["generate", str(out), "--input", str(prompts), *extra]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(lines) == 1 and message in lines[0], lines
     assert prompts.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["model", "prompts.jsonl"]
+    assert {p: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_generate_reads_the_paragraphs_of_a_text_file_and_names_the_accepted_files(capsys, tmp_path, sources):
@@ -188,6 +196,23 @@ def test_generate_reads_the_paragraphs_of_a_text_file_and_names_the_accepted_fil
     (tmp_path / "prompts.csv").write_text("w1\n")
     assert main(["generate", str(out), "--input", str(tmp_path / "prompts.csv")]) == 2
     assert "prompts.csv: unsupported type; expected a .jsonl file of" in capsys.readouterr().err
+
+
+def test_generated_json_lines_stay_json_on_an_ascii_terminal(tmp_path, sources):
+    """Standard output that cannot write a character escaped it as \\xe9, which no JSON reader accepts."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "model"
+    main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "caf\u00e9 w1", "note": "\u2713"}) + "\n")
+    done = subprocess.run([sys.executable, "-m", "encdec.cli", "generate", str(out), "--input", str(tmp_path / "p.jsonl"),
+                           "--max-new-tokens", "2"], capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(done.stdout)
+    assert record["prompt"] == "caf\u00e9 w1" and record["note"] == "\u2713" and record["completion_tokens"] == 2
 
 
 def test_a_prompt_without_tokens_is_refused_where_it_was_given(tmp_path, sources):

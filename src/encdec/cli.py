@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from encdec.data.chat import ChatFormat
     from encdec.data.prompts import read_prompts, texts_as_prompts
-    from encdec.files import atomic_write, check_apart, written
+    from encdec.files import atomic_write, check_output_file
     from encdec.generate import check_positions, check_settings, generate_each
     from encdec.inference.engine import Row
     from encdec.inference.loading import load_for_inference
@@ -126,7 +126,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from encdec.sources import load_tokenizer
 
     if (args.prompt is None) == (args.input is None):
-        raise EncdecError("give the prompts either as --prompt TEXT (repeatable) or as --input FILE, not both")
+        raise EncdecError("give the prompts as --prompt TEXT (repeatable) or as --input FILE"
+                          + (", not both" if args.prompt is not None else ""))
     if args.batch_size < 1:
         raise EncdecError(f"--batch-size must be at least 1, got {args.batch_size}")
     sampling = Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed, args.presence_penalty,
@@ -140,18 +141,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                             ", ".join(unused))
     if args.out is not None:
         args.out = args.out.expanduser()
-        check_apart(args.out, (args.dir, args.input))
-        with written(args.out):
-            if args.out.is_dir():
-                raise EncdecError(f"--out {args.out} is a directory; give a file name such as completions.jsonl")
+        check_output_file(args.out, (args.dir, args.input))
     tokenizer = load_tokenizer(Path(args.dir))
     prompts = read_prompts(args.input, tokenizer) if args.input is not None else texts_as_prompts(args.prompt, tokenizer)
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
-    check_positions(max(len(p.ids) for p in prompts), args.max_new_tokens, model.config)
+    longest = max(prompts, key=lambda p: len(p.ids))
+    check_positions(len(longest.ids), args.max_new_tokens, model.config, longest.source if len(prompts) > 1 else "")
     stop = ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids)
     rows = [Row(args.max_new_tokens, stop, sampling) for _ in prompts]
     jsonl, lines = args.out is not None or args.input is not None, [None] * len(prompts)
+    # a file is UTF-8; standard output may not be, and an escaped character would not be JSON
+    ascii_only = args.out is None and (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") != "utf8"
 
     def line(i: int) -> str:
         text = tokenizer.decode(rows[i].tokens, skip_special_tokens=True)
@@ -159,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
             return f"{prompts[i].record['prompt']} -> {text}"
         return json.dumps({**prompts[i].record, "completion": text, "finish_reason": rows[i].finish_reason,
                            "prompt_tokens": len(prompts[i].ids), "completion_tokens": len(rows[i].tokens)},
-                          ensure_ascii=False)
+                          ensure_ascii=ascii_only)
 
     start, printed = time.perf_counter(), 0
     with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True, leave=False,

@@ -251,6 +251,27 @@ def check_apart(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
                               "replace the input; choose another --out")
 
 
+def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
+    """Fail before any work when the file `out` cannot be written, or would replace an input or a file inside one
+    (a model's config.json): it is a directory, a folder above it is a file, or the nearest existing folder
+    above it is not writable."""
+    out = Path(out)
+    check_apart(out, inputs)
+    target = out.expanduser().resolve()
+    for spec in inputs:
+        path = None if spec is None or str(spec) == "" else Path(spec).expanduser()
+        if path is not None and path.is_dir() and path.resolve() in target.parents:
+            raise EncdecError(f"--out {out} is inside the input {spec}: writing it would change the input; choose "
+                              "another --out")
+    with written(out):
+        if out.is_dir():
+            raise EncdecError(f"--out {out} is a directory; give a file name such as completions.jsonl")
+        check_writable_place(out.parent)
+        existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EncdecError(f"cannot write {out}: {existing} is not writable")
+
+
 def check_not_above(out: Path) -> None:
     """Fail when `out`, which a command fills with outputs of fixed names (model/, checkpoints/...) or replaces
     whole, is the working directory or one above it."""

@@ -31,12 +31,14 @@ def check_settings(max_new_tokens: int, sampling: Sampling) -> None:
     sampling.check()
 
 
-def check_positions(prompt_tokens: int, max_new_tokens: int, cfg: EncDecConfig) -> None:
+def check_positions(prompt_tokens: int, max_new_tokens: int, cfg: EncDecConfig, where: str = "") -> None:
     """Refuse (rather than truncate: the end of a prompt is as likely to matter as its start) prompts and
-    continuations longer than the source model was trained for, before any memory is allocated for them."""
+    continuations longer than the source model was trained for, before any memory is allocated for them.
+    `where`: the prompt's place, named first (a file's line)."""
     limit = cfg.encoder.max_positions
     if limit is not None and prompt_tokens > limit:
-        raise EncdecError(f"the prompt has {prompt_tokens} tokens; this model reads at most {limit} "
+        place = f"{where}: " if where else ""
+        raise EncdecError(f"{place}the prompt has {prompt_tokens} tokens; this model reads at most {limit} "
                           "(its source's max_position_embeddings): shorten the prompt")
     limit = cfg.decoder.max_positions
     if limit is not None and max_new_tokens + 1 > limit:

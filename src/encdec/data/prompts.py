@@ -18,8 +18,9 @@ from encdec.data.instructions import conversation
 from encdec.data.text import json_lines, json_records, lone_surrogate, read_file
 from encdec.errors import EncdecError
 
+OUTPUT_FIELDS = ("completion", "finish_reason", "prompt_tokens", "completion_tokens")  # what an output line adds
 SHAPES = ('{"prompt": "..."} or {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]} (the last '
-          'message a user\'s); other fields are copied to the output')
+          'message a user\'s); other fields are copied to the output, but for ' + ", ".join(OUTPUT_FIELDS))
 STDIN = "-"
 
 
@@ -38,6 +39,10 @@ def _from_record(record: Any, chat: ChatFormat, tokenizer: Any) -> list[int]:
         raise TypeError(f"a record must be a JSON object, got {type(record).__name__}; accepted: {SHAPES}")
     if ("prompt" in record) == ("messages" in record):
         raise ValueError(f"give either 'prompt' or 'messages'; accepted: {SHAPES}")
+    taken = [name for name in OUTPUT_FIELDS if name in record]
+    if taken:
+        raise ValueError(f"the record has {', '.join(map(repr, taken))}, which its output line would replace; rename "
+                         "the field (an output file given as input again?)")
     turns = None
     if "prompt" in record:
         if not isinstance(record["prompt"], str):
@@ -70,7 +75,7 @@ def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
     if spec == STDIN or suffix == ".jsonl":
         chat, name = ChatFormat.of(tokenizer), "standard input" if spec == STDIN else str(path)
         prompts = []
-        records = json_records(sys.stdin.buffer, name) if spec == STDIN else json_lines(path)
+        records = json_records(sys.stdin.buffer, name, strict=True) if spec == STDIN else json_lines(path, strict=True)
         for number, record in records:
             try:
                 prompts.append(Prompt(_from_record(record, chat, tokenizer), record, f"{name}:{number}"))

@@ -69,19 +69,20 @@ def _txt(path: Path) -> Iterator[str]:
             yield block.strip()
 
 
-def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed record) of each non-blank line; bad JSON names the file and line."""
+def json_lines(path: Path, *, strict: bool = False) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) of each non-blank line; bad JSON names the file and line (with `strict`, the
+    NaN and Infinity that Python reads are bad JSON too)."""
     with path.open("rb") as f:
-        yield from json_records(f, str(path))
+        yield from json_records(f, str(path), strict=strict)
 
 
-def json_records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Any]]:
+def json_records(lines: Iterable[bytes], name: str, *, strict: bool = False) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) of each non-blank line of a stream (standard input), `name` naming it in errors."""
     for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
-            record = parse_json(raw)
+            record = parse_json(raw, strict=strict)
         except ValueError as e:
             raise EncdecError(f"{name}, line {number}: not valid JSON ({e})") from None
         yield number, record
