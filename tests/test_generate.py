@@ -248,6 +248,15 @@ def _alone(model, prompt: torch.Tensor, new: int, sampling: Sampling | None = No
                           temperature=sampling.temperature, top_k=sampling.top_k, seed=sampling.seed)[0].tolist()
 
 
+def test_asking_for_more_alternatives_than_the_vocabulary_gets_every_token(model):
+    """topk past the vocabulary raised inside the step (the server caps k at 20; a small vocabulary or direct use
+    of the engine did not)."""
+    engine = Engine(model, max_batch=1)
+    engine.join(torch.tensor([[5, 6, 7]]), None, [Row(2, frozenset(), logprobs=model.config.vocab_size + 50)])
+    (emitted,) = engine.step()
+    assert len(emitted.top) == model.config.vocab_size and emitted.top[0][1] >= emitted.top[-1][1]
+
+
 def test_rows_joining_and_leaving_mid_decode_get_their_solo_tokens(model):
     """Continuous batching: prompts of different lengths join while others decode, with their own budgets
     and sampling; one is cancelled; each row's tokens equal generating it alone."""

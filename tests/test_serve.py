@@ -356,6 +356,7 @@ BAD = [
     ({"prompt": "w1", "n": 0}, 400, "n"),
     ({"prompt": "w1", "n": 65}, 400, "n"),
     ({"prompt": ["w1"] * 9, "n": 2}, 400, "n"),  # 18 generations: more than --max-queue 16 could ever hold
+    ({"prompt": ["w1"] * 17}, 400, "prompt"),  # 17 prompts, one choice each: the prompts asked for them
     ({"prompt": "w1", "best_of": 2}, 400, "best_of"),
     ({"prompt": "w1", "echo": True}, 400, "echo"),
     ({"prompt": "w1", "logprobs": 21}, 400, "logprobs"),

@@ -282,7 +282,7 @@ class Engine:
         full = self.model.logits(hidden[index]).float() if logits is None else logits[index]
         logprobs = torch.log_softmax(full, dim=-1)
         picked = logprobs.gather(1, chosen[index, None])[:, 0].tolist()
-        width = max(self.rows[i].logprobs for i in slots)
+        width = min(max(self.rows[i].logprobs for i in slots), logprobs.shape[-1])  # no more than the vocabulary
         best = logprobs.topk(width, dim=-1) if width else None
         indices, values = (best.indices.tolist(), best.values.tolist()) if best is not None else ([], [])  # one copy
         out = {}

@@ -285,7 +285,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             loop = asyncio.get_running_loop()
             jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, _choice_sampling(parsed.sampling, i),
                                     logprobs=parsed.logprobs), loop) for prompt in prompts for i in range(parsed.n)]
-            service.scheduler.submit(*jobs)
+            service.scheduler.submit(*jobs, param="n" if parsed.n > 1 else "prompt")
         except APIError as e:
             return answer(endpoint, _error(e))
         except Exception as e:  # noqa: BLE001 - a bug, answered in the API's shape and counted, not a bare 500

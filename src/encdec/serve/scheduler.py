@@ -81,12 +81,12 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, *jobs: Job | EmbedJob) -> None:
+    def submit(self, *jobs: Job | EmbedJob, param: str = "n") -> None:
         """Queue a request's jobs (all or none); 429 when the queue has no room for them, 503 once the server is
-        shutting down."""
+        shutting down. `param`: the request's field that asked for more jobs than the queue holds."""
         if len(jobs) > self.max_queue:
             raise APIError(400, f"this request asks for {len(jobs)} generations (prompts x n); this server queues at "
-                           f"most {self.max_queue} (--max-queue)", "n")
+                           f"most {self.max_queue} (--max-queue)", param)
         with self.wake:
             if not self.accepting:
                 raise APIError(503, "the server is shutting down", kind="server_error")
