@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -147,6 +148,8 @@ def test_generate_over_a_file_keeps_the_order_and_each_prompt_s_solo_tokens(caps
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(prompts.read_bytes())))
     assert main(["generate", str(out), "--input", "-", *common]) == 0
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == lines
+    assert main(["generate", str(out), "--prompt", records[1]["prompt"], "--out", "-", *common]) == 0  # - : stdout
+    assert json.loads(capsys.readouterr().out) == lines[1] and not (Path.cwd() / "-").exists()
 
 
 GENERATE_INPUT_BAD = [

@@ -139,6 +139,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if unused and not args.do_sample:
         logging.getLogger("encdec").warning("%s apply to sampling (--do-sample); greedy decoding ignores them",
                                             ", ".join(unused))
+    jsonl = args.input is not None or args.out is not None  # JSON lines, else `prompt -> completion` lines
+    if args.out is not None and str(args.out) == "-":  # standard output, as --input - is standard input
+        args.out = None
     if args.out is not None:
         args.out = args.out.expanduser()
         check_output_file(args.out, (args.dir, args.input))
@@ -150,7 +153,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_positions(len(longest.ids), args.max_new_tokens, model.config, longest.source if len(prompts) > 1 else "")
     stop = ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids)
     rows = [Row(args.max_new_tokens, stop, sampling) for _ in prompts]
-    jsonl, lines = args.out is not None or args.input is not None, [None] * len(prompts)
+    lines: list[str | None] = [None] * len(prompts)
     # a file is UTF-8; standard output may not be, and an escaped character would not be JSON
     ascii_only = args.out is None and (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") != "utf8"
 
@@ -394,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "other fields are copied to the output), or a .txt file's paragraphs; "
                    "- reads .jsonl records from standard input. Output: one JSON line per prompt, in order")
     p.add_argument("--out", type=Path, metavar="FILE",
-                   help="write the output lines (JSON, one per prompt) to FILE, atomically, instead of standard output")
+                   help="write the output lines (JSON, one per prompt) to FILE, atomically, instead of standard output "
+                   "(-: JSON lines to standard output)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows decoding at once; a waiting prompt joins as soon as a row ends")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (fewer at EOS)")
