@@ -363,6 +363,7 @@ BAD = [
     ({"prompt": "w1", "logprobs": True}, 400, "logprobs"),
     ({"prompt": "w1", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     ({"prompt": "w1", "stream": True, "stream_options": True}, 400, "stream_options"),
+    ({"prompt": "w1", "stream_options": {"include_usage": True}}, 400, "stream_options"),  # without stream
     ({"messages": [{"role": "user", "content": "w1"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "w1"}], "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
     ({"messages": [{"role": "user", "content": "w1"}], "logprobs": 3}, 400, "logprobs"),

@@ -231,6 +231,8 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     model = _typed(body, "model", (str,), "a string")
     stream = _typed(body, "stream", (bool,), "true or false") or False
     usage_chunk = _include_usage(body)
+    if body.get("stream_options") is not None and not stream:  # as the OpenAI API answers it
+        raise APIError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options")
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     _typed(body, "max_tokens", (int,), "an integer")  # checked even where max_completion_tokens overrides it
     max_tokens = _typed(body, budget, (int,), "an integer")
