@@ -144,6 +144,20 @@ def test_gpu_check_rehearses_on_cpu():
     assert sum(line.startswith("ratio (") for line in lines) == 4  # two batch sizes x two dtypes
 
 
+def test_ul2_packing_measures_the_trainers_rows_and_the_alternative_on_the_same_footing():
+    """Each shape's filled share is the packed batch's own count of segment slots; the ratio line is the
+    alternative's fill over today's at the first shape, as the table prints them."""
+    run = subprocess.run([sys.executable, str(BENCH / "ul2_packing.py"), "--rows", "64+64,128+32", "--mixtures",
+                          "t5gemma2", "--packed-rows", "16"], check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split() for line in run.stdout.splitlines() if line.startswith("t5gemma2")]
+    assert [r[1] for r in rows] == ["64+64", "128+32"]
+    for _, _, per_row, filled, alt_per_row, alt_filled in rows:
+        assert float(per_row) >= 1 and 0 < float(filled[:-1]) <= 100 and 0 < float(alt_filled[:-1]) <= 100
+    ratio = float(run.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1][:-1])
+    assert ratio == pytest.approx(float(rows[0][5][:-1]) / float(rows[0][3][:-1]), abs=0.03)
+
+
 def test_cpu_kernels_compares_the_kernels_and_checks_batch_invariance():
     """With --int8 also the two int8 products: PyTorch's dynamic layers (one activation scale per product, so a
     row's result depends on its batch) and one scale per row (its own, bit for bit)."""

@@ -97,7 +97,7 @@ def window_length(objective: str, enc_len: int, dec_len: int, bos: bool = False)
     """Tokens per window: PrefixLM fills one row exactly (the inputs gain the tokenizer's leading BOS when
     `bos`, the targets an EOS); UL2 windows are half a row, so that a corrupted example fits its row, but it
     is alone there: at 64 + 64 and 512 + 512 tokens, 46-48% of a UL2 row's slots are padding (the corrupted
-    inputs fill most of the encoder side, or the long targets most of the decoder's)."""
+    inputs fill most of the encoder side, or the long targets most of the decoder's: bench/ul2_packing.py)."""
     if objective == "prefixlm":
         return min(2 * (enc_len - bos), 2 * (dec_len - 1))
     return (enc_len + dec_len) // 2
