@@ -36,7 +36,7 @@ def engine_steps(model, ids: torch.Tensor, new_tokens: int, hidden=None) -> tupl
     if hidden is not None:
         engine.hidden = functools.partial(hidden, engine)
     rows = [Row(new_tokens, frozenset()) for _ in range(len(ids))]
-    engine.join(ids, None, rows)
+    engine.join(list(ids), rows)
     if hidden is not None:  # the buffers the step writes in place are not reallocated here (no row outgrows them):
         # marked static, or inductor skips CUDA graphs ("mutated inputs") and "reduce-overhead" measures nothing new
         for k, v in engine.self_kv + engine.enc_kv:

@@ -109,7 +109,7 @@ def test_self_caches_grow_as_tokens_are_generated_not_by_the_budget(model, monke
     not as a positions x positions table); rows going past them double the caches mid-decode, tokens unchanged."""
     ids, mask = _prompts()
     engine = Engine(model, max_batch=3)
-    engine.join(ids, mask, [Row(10**6, frozenset({-1})) for _ in range(3)])
+    engine.join([row[keep.bool()] for row, keep in zip(ids, mask)], [Row(10**6, frozenset({-1})) for _ in range(3)])
     assert engine.self_len == engine_module.PREALLOCATED_POSITIONS
     monkeypatch.setattr(engine_module, "PREALLOCATED_POSITIONS", 3)
     for sampling in ({}, PENALTIES):
@@ -252,7 +252,7 @@ def test_asking_for_more_alternatives_than_the_vocabulary_gets_every_token(model
     """topk past the vocabulary raised inside the step (the server caps k at 20; a small vocabulary or direct use
     of the engine did not)."""
     engine = Engine(model, max_batch=1)
-    engine.join(torch.tensor([[5, 6, 7]]), None, [Row(2, frozenset(), logprobs=model.config.vocab_size + 50)])
+    engine.join([[5, 6, 7]], [Row(2, frozenset(), logprobs=model.config.vocab_size + 50)])
     (emitted,) = engine.step()
     assert len(emitted.top) == model.config.vocab_size and emitted.top[0][1] >= emitted.top[-1][1]
 
@@ -268,13 +268,8 @@ def test_rows_joining_and_leaving_mid_decode_get_their_solo_tokens(model):
     rows = [Row(b, frozenset({-1}), s) for b, s in zip(budgets, samplings)]
     engine = Engine(model, max_batch=4)
 
-    def join(indices: list[int]) -> None:  # one right-padded encoder pass for the arrivals, as the server does
-        width = max(len(prompts[i]) for i in indices)
-        ids = torch.zeros(len(indices), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, i in enumerate(indices):
-            ids[j, : len(prompts[i])], mask[j, : len(prompts[i])] = prompts[i], 1
-        engine.join(ids, mask, [rows[i] for i in indices])
+    def join(indices: list[int]) -> None:  # one encoder pass for the arrivals, as the server does
+        engine.join([prompts[i] for i in indices], [rows[i] for i in indices])
 
     join([0])
     engine.step()
@@ -531,6 +526,5 @@ def test_packing_width_never_pads_more_than_rows_of_the_longest_prompt(lengths):
 def test_joining_prompts_packed_into_wide_rows_keeps_caches_as_long_as_the_longest(model):
     """The encoder packs [9, 4, 4, 3] tokens into one row of 20; each slot's encoder keys need only its prompt."""
     engine = Engine(model, max_batch=4)
-    ids = torch.tensor([[5] * 9, [6] * 4 + [0] * 5, [7] * 4 + [0] * 5, [8] * 3 + [0] * 6])
-    engine.join(ids, (ids > 0).long(), [Row(3, frozenset({-1})) for _ in range(4)])
+    engine.join([[5] * 9, [6] * 4, [7] * 4, [8] * 3], [Row(3, frozenset({-1})) for _ in range(4)])
     assert engine.enc_len == 9 and engine.encoder_lengths == [9, 4, 4, 3]

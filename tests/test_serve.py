@@ -917,8 +917,7 @@ def test_an_empty_prompt_of_a_tokenizer_without_bos_is_refused(local):
         service.ids("", "prompt")
     assert refused.value.status == 400
     with pytest.raises(ValueError, match="every prompt needs at least one token"):
-        Engine(model, max_batch=2).join(torch.tensor([[5, 6], [0, 0]]), torch.tensor([[1, 1], [0, 0]]),
-                                        [Row(4, frozenset()), Row(4, frozenset())])
+        Engine(model, max_batch=2).join([[5, 6], []], [Row(4, frozenset()), Row(4, frozenset())])
 
 
 def test_waiting_embedding_requests_share_encoder_passes(local, monkeypatch):
@@ -935,7 +934,7 @@ def test_waiting_embedding_requests_share_encoder_passes(local, monkeypatch):
     passes = []
     embed = engine.embed
     monkeypatch.setattr(engine, "embed", lambda prompts, pooling: passes.append(len(prompts)) or embed(prompts, pooling))
-    scheduler = Scheduler(engine, max_queue=16, pad_id=0, metrics=Metrics())
+    scheduler = Scheduler(engine, max_queue=16, metrics=Metrics())
 
     async def run() -> list:
         loop = asyncio.get_running_loop()

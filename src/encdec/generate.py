@@ -81,11 +81,7 @@ def generate_each(
     while True:
         joining = list(islice(waiting, engine.free))
         if joining:
-            ids = torch.full((len(joining), max(len(prompts[i]) for i in joining)), model.config.pad_token_id)
-            mask = torch.zeros_like(ids)
-            for j, i in enumerate(joining):
-                ids[j, : len(prompts[i])], mask[j, : len(prompts[i])] = torch.as_tensor(prompts[i]), 1
-            engine.join(ids.to(model.device), mask.to(model.device), [rows[i] for i in joining])
+            engine.join([prompts[i] for i in joining], [rows[i] for i in joining])
             index.update((rows[i], i) for i in joining)
         if not engine.rows:
             return

@@ -23,6 +23,7 @@ batched engine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -144,16 +145,15 @@ class Engine:
     # -- rows joining and leaving ------------------------------------------------------------------
 
     @torch.no_grad()
-    def join(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: list[Row]) -> int:
-        """Encode a padded batch of prompts in one pass and give each its slot; they decode from the next step.
-        Returns the prompt tokens encoded (a prompt given several times is encoded once).
+    def join(self, prompts: Sequence[Sequence[int] | torch.Tensor], rows: list[Row]) -> int:
+        """Encode `prompts` (token ids, one per row) in one pass and give each its slot; they decode from the next
+        step. Returns the prompt tokens encoded (a prompt given several times is encoded once).
 
         The prompts are packed (several to a row, as training packs examples) into rows as wide as fills
         them best, so a burst of mixed-length requests costs the encoder their tokens, not the padding."""
         if len(rows) > self.free:
             raise ValueError(f"{len(rows)} rows cannot join: {self.free} free slots")
-        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        prompts = [ids[keep].to(self.device) for ids, keep in zip(input_ids, real)]
+        prompts = [torch.as_tensor(p, dtype=torch.long).to(self.device) for p in prompts]
         lengths = [len(p) for p in prompts]
         if min(lengths, default=1) < 1:  # its cross-attention would read nothing, or what the slot held before
             raise ValueError("every prompt needs at least one token")

@@ -65,8 +65,7 @@ class Service:
         self.chat = ChatFormat.of(tokenizer)  # Gemma's turns, or the tokenizer's own chat template
         self.eos = self.chat.stop_ids(model.config.eos_token_ids)
         engine = Engine(model, settings.max_batch)
-        self.scheduler = Scheduler(engine, settings.max_queue, model.config.pad_token_id, self.metrics, settings.pooling,
-                                   threads=settings.threads)
+        self.scheduler = Scheduler(engine, settings.max_queue, self.metrics, settings.pooling, threads=settings.threads)
         self.created = int(time.time())
         longest = max(map(len, tokenizer.get_vocab()), default=1)
         self.max_chars = settings.limits.max_input_tokens * longest * CHARS_PER_TOKEN_BOUND

@@ -65,9 +65,9 @@ class EmbedJob:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int, pad_id: int, metrics: Metrics, pooling: str = "mean",
+    def __init__(self, engine: Engine, max_queue: int, metrics: Metrics, pooling: str = "mean",
                  threads: int | None = None) -> None:
-        self.engine, self.max_queue, self.pad_id, self.metrics = engine, max_queue, pad_id, metrics
+        self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
         self.threads = threads  # intra-op threads of the scheduler's own thread (`encdec serve`: see cmd_serve)
         self.pooling = pooling  # of the embeddings: "mean" or "last"
         self.waiting: deque[Job] = deque()
@@ -220,13 +220,7 @@ class Scheduler:
         self.metrics.running.set(len(self.engine.rows))
 
     def _admit(self, jobs: list[Job]) -> None:
-        """All arrivals in one right-padded encoder pass; they take part in the very next step."""
-        width = max(len(job.prompt) for job in jobs)
-        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, job in enumerate(jobs):
-            ids[i, : len(job.prompt)] = torch.tensor(job.prompt)
-            mask[i, : len(job.prompt)] = 1
-        self.metrics.prompt_tokens.inc(self.engine.join(ids, mask, [job.row for job in jobs]))
+        """All arrivals in one encoder pass; they take part in the very next step."""
+        self.metrics.prompt_tokens.inc(self.engine.join([job.prompt for job in jobs], [job.row for job in jobs]))
         for job in jobs:
             self.running[job.row] = job
