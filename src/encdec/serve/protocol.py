@@ -100,7 +100,8 @@ def _stop(body: dict) -> list[str]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
         raise APIError(400, "'stop' must be a non-empty string or a list of at most 4 of them", "stop")
-    if max(map(len, stops), default=0) > MAX_STOP_CHARS:  # (an empty list, which clients send, is no stop)  # each token checks the text's end against every stop's beginnings
+    # each token checks the text's end against every stop's beginnings; an empty list (clients send one) is no stop
+    if max(map(len, stops), default=0) > MAX_STOP_CHARS:
         raise APIError(400, f"'stop': a stop string has at most {MAX_STOP_CHARS} characters", "stop")
     return stops
 
