@@ -237,9 +237,10 @@ def written(out: Path) -> Iterator[None]:
         raise WriteFailed(f"cannot write {out}: {str(e).split('I/O error: ', 1)[-1]}") from None
 
 
-def check_apart(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
+def check_apart(out: Path, inputs: tuple[str | Path | None, ...], *, inside: bool = False) -> None:
     """Fail before any work when writing `out` would replace what the command reads: `out` is one of the
-    `inputs` (paths; names that are not paths are skipped) or holds one."""
+    `inputs` (paths; names that are not paths are skipped) or holds one, or with `inside`, lies inside one (a
+    file written into a model's directory)."""
     target = Path(out).expanduser().resolve()
     for spec in inputs:
         path = None if spec is None or str(spec) == "" else Path(spec).expanduser()
@@ -249,6 +250,9 @@ def check_apart(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
         if path == target or target in path.parents:
             raise EncdecError(f"--out {out} {'is' if path == target else 'holds'} the input {spec}: writing it would "
                               "replace the input; choose another --out")
+        if inside and path.is_dir() and path in target.parents:
+            raise EncdecError(f"--out {out} is inside the input {spec}: writing it would change the input; choose "
+                              "another --out")
 
 
 def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
@@ -256,17 +260,12 @@ def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
     (a model's config.json): it is a directory, a folder above it is a file, or the nearest existing folder
     above it is not writable."""
     out = Path(out)
-    check_apart(out, inputs)
-    target = out.expanduser().resolve()
-    for spec in inputs:
-        path = None if spec is None or str(spec) == "" else Path(spec).expanduser()
-        if path is not None and path.is_dir() and path.resolve() in target.parents:
-            raise EncdecError(f"--out {out} is inside the input {spec}: writing it would change the input; choose "
-                              "another --out")
+    check_apart(out, inputs, inside=True)
     with written(out):
         if out.is_dir():
             raise EncdecError(f"--out {out} is a directory; give a file name such as completions.jsonl")
         check_writable_place(out.parent)
+        target = out.expanduser().resolve()
         existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise EncdecError(f"cannot write {out}: {existing} is not writable")
