@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -50,17 +51,20 @@ def parse_backbone(text: str) -> tuple[str, str]:
     return name, model
 
 
-def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Namespace) -> dict:
-    """The cell's results.json, running `encdec classify` first unless it exists."""
+def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Namespace) -> dict | None:
+    """The cell's results.json, running `encdec classify` first unless it exists (with --table-only: None for a
+    cell not run yet)."""
     results, recorded = out / "results.json", out.with_name(f"{out.name}.command.json")
     options = [model, "--task", task, "--seed", str(args.seed), *PROTOCOLS[protocol]]
     if task == "boolq":
         options += ["--limit", str(args.boolq_train), "--eval-limit", str(args.boolq_eval)]
-    options += args.classify_args
+    options += shlex.split(getattr(args, f"{protocol}_args")) + args.classify_args
     if results.exists():
         if not recorded.exists() or json.loads(recorded.read_text()) != options:
             sys.exit(f"{out} holds a run of other settings ({recorded}); use another --out or delete it")
         return json.loads(results.read_text())
+    if args.table_only:
+        return None
     out.parent.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(options))
     command = [sys.executable, "-m", "encdec.cli", "classify", *options, "--out", str(out)]
@@ -120,13 +124,18 @@ def main() -> None:
     parser.add_argument("--boolq-train", type=int, default=2000, help="BoolQ training examples (seeded sample)")
     parser.add_argument("--boolq-eval", type=int, default=1000, help="BoolQ validation examples (seeded sample)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--search-args", default="", metavar="'OPTIONS'",
+                        help="`encdec classify` options of the search cells only, e.g. --search-args='--grid-lr 1e-5,3e-5'")
+    parser.add_argument("--probe-args", default="", metavar="'OPTIONS'", help="the same for the probe cells")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: the table of the cells done so far (others shown as -)")
     parser.add_argument("classify_args", nargs="*", help="after --: more `encdec classify` options for every cell")
     args = parser.parse_args()
     backbones = args.backbone or [("decoder-only", "gemma-3-270m"), ("adapted-init", "runs/quickstart/adapted")]
     if len({name for name, _ in backbones}) < len(backbones):
         parser.error("--backbone: every NAME must differ (it names the backbone's results directory)")
     protocols, tasks = args.protocol or ["probe"], args.task or list(TASKS)
-    table: dict[tuple[str, str], list[dict]] = {}
+    table: dict[tuple[str, str], list[dict | None]] = {}
     for protocol in protocols:
         for task in tasks:
             for name, model in backbones:
@@ -135,17 +144,30 @@ def main() -> None:
 
     print(f"{'backbone':<18} {'protocol':<8} " + " ".join(f"{t:>21}" for t in tasks) + f" {'average':>15}")
     for (name, protocol), results in table.items():
-        cells = " ".join(f"{r['accuracy']:.3f} [{r['interval'][0]:.3f},{r['interval'][1]:.3f}]" for r in results)
-        mean, half = average(results)
-        print(f"{name:<18} {protocol:<8} {cells} {mean:.3f} +- {half:.3f}")
-    baselines = table[next(iter(table))]
-    print(f"{'majority class':<18} {'':<8} " + " ".join(f"{r['majority_baseline']['accuracy']:>21.3f}" for r in baselines))
+        cells = " ".join(f"{'-':>21}" if r is None else f"{r['accuracy']:.3f} [{r['interval'][0]:.3f},{r['interval'][1]:.3f}]"
+                         for r in results)
+        print(f"{name:<18} {protocol:<8} {cells} {summary(results)}")
+    done = [r for results in table.values() for r in results if r is not None]
+    baselines = {r["task"]: r["majority_baseline"]["accuracy"] for r in done}
+    print(f"{'majority class':<18} {'':<8} " + " ".join(f"{baselines[t]:>21.3f}" if t in baselines else f"{'-':>21}"
+                                                          for t in tasks))
     reference = backbones[0][0]
     for protocol in protocols:
+        if None in table[(reference, protocol)]:
+            continue
         base, _ = average(table[(reference, protocol)])
         for name, _ in backbones[1:]:
-            mean, _ = average(table[(name, protocol)])
-            print(f"difference ({protocol}, {name} - {reference}): {mean - base:+.3f} average score")
+            if None not in table[(name, protocol)]:
+                mean, _ = average(table[(name, protocol)])
+                print(f"difference ({protocol}, {name} - {reference}): {mean - base:+.3f} average score")
+
+
+def summary(results: list[dict | None]) -> str:
+    """The row's average with its interval, or - while a cell is missing."""
+    if None in results:
+        return f"{'-':>15}"
+    mean, half = average(results)
+    return f"{mean:.3f} +- {half:.3f}"
 
 
 if __name__ == "__main__":

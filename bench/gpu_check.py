@@ -22,6 +22,7 @@ Each timing is the median of --repeats calls after one untimed call. The last li
 2-layer model of the same kinds, in float32 and bfloat16, as a rehearsal of the script.
 
     PYTHONPATH=src PYTHONUNBUFFERED=1 python3 bench/gpu_check.py        # on the device machine, ~5 min
+    ... python3 bench/gpu_check.py --compile-dtypes bfloat16          # the CUDA dtype's compiles only
     python bench/gpu_check.py --tiny                                  # here
 """
 
@@ -142,6 +143,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: transformers, compile, classify")
+    parser.add_argument("--compile-dtypes", default="float32,bfloat16",
+                        help="the dtypes whose decoder step is compiled (each mode compiles for a minute or more)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     skip = set(filter(None, args.skip.split(",")))
@@ -202,7 +205,7 @@ def main() -> None:
         if "classify" not in skip and dtype == torch.float32:
             classify_check(model, args.repeats)
             evaluate_check(model)
-        if "compile" not in skip:
+        if "compile" not in skip and name in args.compile_dtypes.split(","):
             length = int(args.prompt_lengths.split(",")[0])
             ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
             ids = ids.to(device)

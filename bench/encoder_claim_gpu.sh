@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The encoder claim (bench/encoder_claim.py) with full fine-tuning on one GPU, where the search protocol
+# takes minutes instead of days: adapts the packaged Gemma 3 270M (balanced, merged), trains the adaptation
+# with the recovery recipe (`encdec pretrain`'s defaults, 200 steps), and runs three backbones side by side
+# on the GPU (decoder-only source, adapted encoder untrained, adapted encoder trained): BoolQ's search
+# first, then the probes, then CB, COPA and RTE's searches. Each backbone's log goes to LOGS; the table of
+# the cells done is printed at the end (and when DEADLINE_S seconds have passed, whatever is unfinished
+# is stopped first). Resumable: cells and models already there are kept.
+#
+#   PYTHONPATH=src bash bench/encoder_claim_gpu.sh runs/encoder-claim-gpu
+set -u
+OUT=${1:-runs/encoder-claim-gpu}
+MODELS=${MODELS:-$OUT/models}
+LOGS=${LOGS:-$OUT}
+DEADLINE_S=${DEADLINE_S:-3600}
+BOOLQ_TRAIN=${BOOLQ_TRAIN:-2000}
+KFOLD_TASKS=${KFOLD_TASKS:-cb copa rte}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-200}
+# the fine-tuning settings of every cell (bf16 autocast on the GPU), and the search grid (4 candidates)
+CLASSIFY=${CLASSIFY:---precision auto --batch-size 16}
+GRID=${GRID:---grid-lr 1e-5,3e-5 --grid-epochs 2,4 --grid-head-lr 1e-3}
+PROBE=${PROBE:-}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+START=$SECONDS
+mkdir -p "$OUT" "$MODELS" "$LOGS"
+left() { echo $((DEADLINE_S - (SECONDS - START))); }
+
+claim() {  # claim NAME=MODEL: that backbone's cells, in order of importance
+    local log="$LOGS/claim-${1%%=*}.log"
+    local common=(--out "$OUT" --backbone "$1" --boolq-train "$BOOLQ_TRAIN" --search-args="$GRID" --probe-args="$PROBE")
+    local kfold=()
+    for t in $KFOLD_TASKS; do kfold+=(--task "$t"); done
+    {
+        python3 bench/encoder_claim.py "${common[@]}" --protocol search --task boolq -- $CLASSIFY &&
+        python3 bench/encoder_claim.py "${common[@]}" --protocol probe --task boolq "${kfold[@]}" -- $CLASSIFY &&
+        python3 bench/encoder_claim.py "${common[@]}" --protocol search "${kfold[@]}" -- $CLASSIFY
+    } >"$log" 2>&1
+    echo "claim $1 ended ($?) at $((SECONDS - START)) s"
+}
+
+[ -d "$MODELS/adapted" ] || python3 -m encdec.cli adapt --encoder gemma-3-270m --out "$MODELS/adapted" 2>&1 | tail -3
+echo "adapted at $((SECONDS - START)) s"
+claim decoder-only=gemma-3-270m &
+claim "adapted-init=$MODELS/adapted" &
+{
+    [ -d "$MODELS/train/model" ] ||
+        python3 -m encdec.cli pretrain --model "$MODELS/adapted" --out "$MODELS/train" --steps "$PRETRAIN_STEPS" \
+            >"$LOGS/pretrain.log" 2>&1
+    echo "pretrained ($?) at $((SECONDS - START)) s"
+    [ -d "$MODELS/train/model" ] && claim "adapted-trained=$MODELS/train/model"
+} &
+while [ -n "$(jobs -r)" ] && [ "$(left)" -gt 0 ]; do sleep 5; done
+[ -n "$(jobs -r)" ] && { echo "deadline: stopping the unfinished cells"; pkill -P $$; pkill -f "encoder_claim.py --out|encdec.cli"; }
+wait
+python3 bench/encoder_claim.py --out "$OUT" --backbone decoder-only=gemma-3-270m \
+    --backbone "adapted-init=$MODELS/adapted" --backbone "adapted-trained=$MODELS/train/model" \
+    --boolq-train "$BOOLQ_TRAIN" --search-args="$GRID" --probe-args="$PROBE" --protocol search --protocol probe \
+    --table-only -- $CLASSIFY
