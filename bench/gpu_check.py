@@ -12,6 +12,9 @@ batch 1 and 8:
   layout), and the ratio;
 - the engine's decoder step compiled (`torch.compile(Engine.hidden)`, default mode and "reduce-overhead",
   which captures CUDA graphs): median step time against eager, tokens compared, compilation seconds;
+- SDPA's kernels for the model's attention, and classification steps and encoder passes over new lengths with
+  cuDNN's attention left out (encdec's choice) and allowed (`--only attention`);
+- `model.generate(..., compile_step=True)` (`--compile`) against the eager engine (`--only compiled-generate`);
 - peak GPU memory of each call (both models' weights are resident throughout, so each peak includes them);
 - that the server's embeddings come back to the CPU (`Engine.embed`), as `/v1/embeddings` writes them out;
 - `encdec classify`'s fine-tuning and predictions on the GPU (float32 weights, autocast as "auto" picks it):
@@ -70,16 +73,22 @@ def build(tiny: bool, device: torch.device):
 def timed(call, repeats: int, device: torch.device) -> tuple[float, object]:
     """Median seconds of `repeats` calls after one untimed call, and the last call's result."""
     call()
-    seconds, result = [], None
+    seconds: list[float] = []
+    result_box: list[object] = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), result
+        seconds.append(once(lambda: result_box.append(call()), device))
+    return statistics.median(seconds), result_box[-1]
+
+
+def once(call, device: torch.device) -> float:
+    """Seconds of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def peak_gib(device: torch.device) -> float:
@@ -118,6 +127,83 @@ def classify_check(model, repeats: int) -> None:
           f"{len(probs)} x {len(probs[0])} probabilities", flush=True)
 
 
+def attention_check(model, repeats: int) -> None:
+    """SDPA on this GPU for the model's attention (grouped heads, a float mask): which kernels run it and how fast;
+    then classification steps over batches of new lengths and encoder passes over prompts of new lengths, with
+    cuDNN's attention left out (`encdec.model.GPU_ATTENTION`) and with PyTorch's own choice among all kernels."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import encdec.model
+    from encdec.classification.backbone import from_encoder_decoder
+    from encdec.classification.classifier import Classifier
+    from encdec.classification.train import Hyper, fine_tune
+
+    device, g = model.device, torch.Generator().manual_seed(5)
+    q = torch.randn(8, 4, 256, 256, generator=g).to(device, torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(8, 1, 256, 256, generator=g).to(device, torch.bfloat16).requires_grad_() for _ in range(2))
+    bias = torch.zeros(8, 1, 256, 256, device=device, dtype=torch.bfloat16)
+    bias[:, :, :, 200:] = float("-inf")
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH):
+        def step(backend=backend):
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True).sum().backward()
+        try:
+            seconds, _ = timed(step, 5, device)
+            print(f"attention kernel {backend.name}: forward + backward {seconds * 1e3:.2f} ms (8 x 4 heads x 256)")
+        except RuntimeError as e:
+            print(f"attention kernel {backend.name}: does not run it ({str(e).splitlines()[0][:100]})")
+    chosen = encdec.model.GPU_ATTENTION
+    everything = [SDPBackend.CUDNN_ATTENTION, *chosen]
+    for label, backends, seed in (("cuDNN left out", chosen, 6), ("PyTorch's choice", everything, 7)):
+        encdec.model.GPU_ATTENTION = backends
+        g = torch.Generator().manual_seed(seed)
+        rows = [[2, *torch.randint(3, model.config.vocab_size, (int(n),), generator=g).tolist()]
+                for n in torch.randint(32, 256, (16 * repeats,), generator=g)]
+        classifier = Classifier(from_encoder_decoder(copy.deepcopy(model)), 2, "mean")
+        hp = Hyper(steps=2 * repeats, batch_size=8, precision="auto")
+        speeds = []
+        for _ in range(2):  # new lengths, then the same ones again
+            start = time.perf_counter()
+            fine_tune(classifier, rows, [i % 2 for i in range(len(rows))], hp, pad_id=0, desc="attention", seed=0)
+            speeds.append(hp.steps * hp.batch_size / (time.perf_counter() - start))
+        del classifier
+        lengths = torch.randint(64, 1024, (4 * repeats,), generator=g).tolist()
+        passes = []
+        for _ in range(2):  # new lengths, then the same ones again
+            for n in lengths:
+                ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g).to(device)
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16):
+                    passes.append(once(functools.partial(model.encode, ids), device))
+        half = len(lengths)
+        print(f"attention, {label}: classification fine-tuning {speeds[0]:.1f} examples/s over new lengths, "
+              f"{speeds[1]:.1f} over the same again; encoder pass (bf16, batch 1) median "
+              f"{statistics.median(passes[:half]) * 1e3:.1f} ms at a new length, "
+              f"{statistics.median(passes[half:]) * 1e3:.1f} ms at one seen", flush=True)
+    encdec.model.GPU_ATTENTION = chosen
+
+
+def compiled_generate_check(model, args: argparse.Namespace) -> None:
+    """`model.generate(..., compile_step=True)` (`encdec generate --compile`, `encdec serve --compile`) against the
+    eager engine: the first call's seconds (it compiles), then the median of --repeats calls, tokens compared."""
+    length, device = int(args.prompt_lengths.split(",")[0]), model.device
+    for batch in (1, 8):
+        g = torch.Generator().manual_seed(length + batch)
+        ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=g).to(device)
+        ids[:, 0] = model.config.bos_token_id
+        run = functools.partial(model.generate, ids, max_new_tokens=args.new_tokens, eos_token_ids=[-1])
+        eager_s, eager = timed(run, args.repeats, device)
+        first_s = once(functools.partial(run, compile_step=True), device)
+        compiled_s, compiled = timed(functools.partial(run, compile_step=True), args.repeats, device)
+        name = str(model.embed.weight.dtype).removeprefix("torch.")
+        print(f"{name} generate, prompt {length} batch {batch}: eager {eager_s:.3f} s, compiled step "
+              f"{compiled_s:.3f} s (first call {first_s:.0f} s), tokens equal {(eager == compiled).float().mean():.0%}; "
+              f"ratio {eager_s / compiled_s:.2f}x", flush=True)
+
+
 def evaluate_check(model) -> None:
     """`encdec evaluate`'s scoring and held-out NLL on the model's device (random tokens: the numbers are not
     meaningful, the device handling is what runs)."""
@@ -142,7 +228,9 @@ def main() -> None:
     parser.add_argument("--prompt-lengths", default="256,1024")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: transformers, compile, classify")
+    parser.add_argument("--skip", default="", help="comma list of parts to skip: attention, transformers, compile, classify")
+    parser.add_argument("--only", choices=["attention", "compiled-generate"], default=None,
+                        help="one part alone: the attention kernels' check, or generation with the step compiled")
     parser.add_argument("--compile-dtypes", default="float32,bfloat16",
                         help="the dtypes whose decoder step is compiled (each mode compiles for a minute or more)")
     args = parser.parse_args()
@@ -152,6 +240,13 @@ def main() -> None:
           f"{torch.__version__}, {'tiny' if args.tiny else '270M-shaped'} random model, greedy, "
           f"{args.new_tokens} new tokens, median of {args.repeats}", flush=True)
     base = build(args.tiny, device)
+    if args.only in (None, "attention") and "attention" not in skip:
+        attention_check(base, args.repeats)
+    if args.only in (None, "compiled-generate") and "compile" not in skip:
+        compiled_generate_check(base.to(torch.bfloat16), args)
+        base.float()
+    if args.only is not None:
+        return
     ratios: list[str] = []
     reference: dict[tuple[int, int], torch.Tensor] = {}
     for dtype in (torch.float32, torch.bfloat16):

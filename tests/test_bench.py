@@ -124,11 +124,18 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda command, **k: ran.append(command) or
                         (cell.mkdir(), (cell / "results.json").write_text(json.dumps(rte))))
-    settings = argparse.Namespace(seed=0, boolq_train=10, boolq_eval=10, classify_args=["--max-len", "16"])
+    settings = argparse.Namespace(seed=0, boolq_train=10, boolq_eval=10, classify_args=["--max-len", "16"],
+                                  probe_args="--probe-c '0.1,1'", search_args="--grid-lr 1e-5", table_only=False)
     assert encoder_claim.run_cell("m", "rte", "probe", cell, settings) == rte
     assert encoder_claim.run_cell("m", "rte", "probe", cell, settings) == rte and len(ran) == 1  # not run again
+    assert ran[0][-6:] == ["--probe-c", "0.1,1", "--max-len", "16", "--out", str(cell)]  # the probe's options only
     with pytest.raises(SystemExit, match="other settings"):  # nor reused for other settings
         encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "seed": 1}))
+    with pytest.raises(SystemExit, match="other settings"):
+        encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "probe_args": ""}))
+    table_only = argparse.Namespace(**{**vars(settings), "table_only": True})
+    assert encoder_claim.run_cell("m", "cb", "probe", tmp_path / "cb", table_only) is None and len(ran) == 1
+    assert encoder_claim.run_cell("m", "rte", "probe", cell, table_only) == rte  # (--table-only runs nothing)
 
 
 def test_gpu_check_rehearses_on_cpu():

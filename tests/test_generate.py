@@ -127,6 +127,21 @@ def test_batched_equals_one_by_one(model):
         assert torch.equal(alone[0], batched[row])
 
 
+def test_a_compiled_step_gives_the_eager_tokens(sources, monkeypatch):
+    """`compile_step` (`encdec generate --compile`, `encdec serve --compile`): the engine's step goes through
+    torch.compile once per engine, and the tokens stay those of the eager step (one row: the other sizes compile a
+    second program; bench/gpu_check.py times both with inductor's code on a GPU)."""
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    prompt = _prompts()[0][:1]
+    eager = model.generate(prompt, max_new_tokens=6, eos_token_ids=[-1])
+    calls, real = [], torch.compile  # captured as for inductor, run without its code generation (a minute more)
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **options: calls.append(options) or real(fn, backend="eager", **options))
+    compiled = model.generate(prompt, max_new_tokens=6, eos_token_ids=[-1], compile_step=True)
+    assert calls == [{"dynamic": True}]
+    assert torch.equal(compiled, eager)
+
+
 def test_stops_at_eos_and_pads_after(model):
     ids, mask = _prompts()
     free = model.generate(ids, mask, max_new_tokens=10, eos_token_ids=[-1])

@@ -71,11 +71,13 @@ def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: to
 @torch.no_grad()
 def generate_each(
     model: EncoderDecoder, prompts: Sequence[Sequence[int]], rows: Sequence[Row], batch_size: int,
+    compile_step: bool = False,
 ) -> Iterator[int]:
     """Generate `rows[i]` from `prompts[i]` (token ids, at least one each), at most `batch_size` rows decoding at
     once; yields each prompt's index as its row ends (in the order rows end, not the prompts' order). Prompts join
-    in their order, as many at a time as there are free slots, in one encoder pass."""
-    engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))))
+    in their order, as many at a time as there are free slots, in one encoder pass. `compile_step`: the engine's
+    step compiled (`Engine`)."""
+    engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))), compile_step=compile_step)
     waiting = iter(range(len(prompts)))
     index: dict[Row, int] = {}
     while True:
@@ -96,7 +98,7 @@ def generate(
     max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
     top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-    eos_token_ids: list[int] | int | None = None, use_cache: bool = True,
+    eos_token_ids: list[int] | int | None = None, use_cache: bool = True, compile_step: bool = False,
 ) -> torch.Tensor:
     """Generated tokens [B, T], T <= max_new_tokens; rows that ended early are filled with the pad id.
 
@@ -104,7 +106,8 @@ def generate(
     of `eos_token_ids` (the model's when None; one id or a list; `[]`: only at max_new_tokens). With a seed, every row
     samples from its own stream seeded with it, so a row's tokens do not depend on the rest of the batch.
     The penalties count each row's generated tokens (`encdec.inference.sampling`); `logit_bias` adds to
-    the logits of the given token ids.
+    the logits of the given token ids. `compile_step` compiles the engine's step (`torch.compile`: worth its
+    first call's compilation on a GPU, docs/benchmarks.md).
     """
     sampling = Sampling(do_sample, temperature, top_k, top_p, seed, presence_penalty, frequency_penalty,
                         repetition_penalty, tuple((logit_bias or {}).items()))
@@ -132,7 +135,8 @@ def generate(
     attention_mask = None if attention_mask is None else attention_mask.to(model.device)
     if use_cache:
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        for _ in generate_each(model, [ids[keep] for ids, keep in zip(input_ids, real)], rows, len(rows)):
+        for _ in generate_each(model, [ids[keep] for ids, keep in zip(input_ids, real)], rows, len(rows),
+                                compile_step):
             pass
     else:
         _uncached(model, input_ids, attention_mask, rows)

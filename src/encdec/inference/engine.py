@@ -76,8 +76,11 @@ def _capacity(needed: int, current: int) -> int:
 class Engine:
     """Slots of decoding state for up to `max_batch` rows of one model (see the module docstring)."""
 
-    def __init__(self, model: EncoderDecoder, max_batch: int) -> None:
+    def __init__(self, model: EncoderDecoder, max_batch: int, compile_step: bool = False) -> None:
         self.model, self.max_batch = model, max_batch
+        if compile_step:  # the step's tensor work as one compiled program (dynamic sizes: one compilation serves
+            # every batch and length); on a GPU it removes most of the kernel launches (docs/benchmarks.md)
+            self.hidden = torch.compile(self.hidden, dynamic=True)  # type: ignore[method-assign]
         cfg = model.config.decoder
         self.cfg = cfg
         self.layers: list[DecoderBlock] = list(model.decoder.layers)

@@ -54,6 +54,7 @@ class Settings:
     pooling: str = "mean"  # how /v1/embeddings pools the encoder's states: "mean" or "last"
     api_key: str | None = None  # when set, /v1/ requests must send "Authorization: Bearer <api_key>"
     threads: int | None = None  # intra-op threads of the scheduler's thread (None: the process's setting)
+    compile_step: bool = False  # the engine's step compiled with torch.compile (at the first request)
 
 
 class Service:
@@ -64,7 +65,7 @@ class Service:
         self.vocab_size = model.config.vocab_size
         self.chat = ChatFormat.of(tokenizer)  # Gemma's turns, or the tokenizer's own chat template
         self.eos = self.chat.stop_ids(model.config.eos_token_ids)
-        engine = Engine(model, settings.max_batch)
+        engine = Engine(model, settings.max_batch, settings.compile_step)
         self.scheduler = Scheduler(engine, settings.max_queue, self.metrics, settings.pooling, threads=settings.threads)
         self.created = int(time.time())
         longest = max(map(len, tokenizer.get_vocab()), default=1)
