@@ -13,7 +13,6 @@ with shared projections ("merged", T5Gemma 2). Batches are either padded (attent
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -98,9 +97,9 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 PLAIN_SCORES_MAX = 2**22
 # queries per chunk when CPU inference attends chunk by chunk over only the keys the chunk may see
 QUERY_CHUNK = 64
-# SDPA's kernels on a GPU, cuDNN's left out: on Hopper PyTorch prefers it, and it builds a plan for every new
+# SDPA's kernels, cuDNN's left out: on Hopper GPUs PyTorch prefers it, and it builds a plan for every new
 # sequence length (forward and backward), so batches of varying length (classification, prompts) paid that at
-# most steps (bench/gpu_check.py --attention measures both)
+# most steps (bench/gpu_check.py --only attention measures both)
 GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -238,7 +237,7 @@ class Attention(nn.Module):
         elif self.softcap is not None or small:
             out = self._attend_by_products(q, k, v, mask.bias(q.dtype))
         else:
-            with sdpa_kernel(GPU_ATTENTION) if q.is_cuda else nullcontext():
+            with sdpa_kernel(GPU_ATTENTION):  # on CPU the same choice as without it (cuDNN is GPU-only)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias(q.dtype), scale=self.scale,
                                                      enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(*q.shape[:1], q.shape[2], -1))
