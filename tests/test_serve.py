@@ -966,3 +966,31 @@ def test_an_int8_server_says_that_batching_moves_its_tokens(checkpoint, monkeypa
     assert started and "depend on the requests decoded with it" in capsys.readouterr().err
     assert main(["serve", str(checkpoint)]) == 0
     assert len(started) == 2 and "int8" not in capsys.readouterr().err
+
+
+def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkeypatch):
+    """`encdec serve --compile`: the service runs one row's and two rows' steps (first positions and later ones)
+    through the compiled step while it starts, so no request waits for a compilation, and leaves the engine as
+    it found it: a prompt then gets the eager engine's tokens."""
+    from encdec.inference.engine import Row
+    from encdec.serve.app import Service, Settings
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    calls, real = [], torch.compile
+
+    def compile_(fn, **options):  # dynamo's capture, without inductor's code generation (a minute on CPU)
+        compiled = real(fn, backend="eager", **options)
+        return lambda n, seen, enc: calls.append((n, seen)) or compiled(n, seen, enc)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    settings = Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), compile_step=True)
+    engine = Service(model, tokenizer, settings).scheduler.engine
+    assert {n for n, _ in calls} == {1, 2} and {seen for _, seen in calls} == {1, 2, 3}
+    assert not engine.rows
+    prompt = tokenizer("w12 w13").input_ids
+    row = Row(6, frozenset({-1}))
+    engine.join([prompt], [row])
+    while engine.rows:
+        engine.step()
+    assert row.tokens == model.generate(torch.tensor([prompt]), max_new_tokens=6, eos_token_ids=[-1])[0].tolist()

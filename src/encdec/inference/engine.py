@@ -235,6 +235,15 @@ class Engine:
 
     # -- one decoding step -------------------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        """A few steps of one row, then of two (of throwaway tokens): a compiled step builds its programs here,
+        not while the first requests wait (one row, and a row's first position, are sizes it specialises)."""
+        for n in sorted({1, min(2, self.max_batch)}):
+            self.join([[0, 0]] * n, [Row(3, frozenset()) for _ in range(n)])
+            while self.rows:
+                self.step()
+
+
     @torch.no_grad()
     def step(self) -> list[Emitted]:
         """One token for every live row; rows that end (EOS or budget) leave the batch before this returns."""

@@ -54,7 +54,7 @@ class Settings:
     pooling: str = "mean"  # how /v1/embeddings pools the encoder's states: "mean" or "last"
     api_key: str | None = None  # when set, /v1/ requests must send "Authorization: Bearer <api_key>"
     threads: int | None = None  # intra-op threads of the scheduler's thread (None: the process's setting)
-    compile_step: bool = False  # the engine's step compiled with torch.compile (at the first request)
+    compile_step: bool = False  # the engine's step compiled with torch.compile (while the server starts)
 
 
 class Service:
@@ -66,6 +66,11 @@ class Service:
         self.chat = ChatFormat.of(tokenizer)  # Gemma's turns, or the tokenizer's own chat template
         self.eos = self.chat.stop_ids(model.config.eos_token_ids)
         engine = Engine(model, settings.max_batch, settings.compile_step)
+        if settings.compile_step:
+            log.info("compiling the decoding step (--compile): 1-2 minutes on a GPU, before the server listens")
+            start = time.perf_counter()
+            engine.warm_up()
+            log.info("compiled the decoding step in %.0f s", time.perf_counter() - start)
         self.scheduler = Scheduler(engine, settings.max_queue, self.metrics, settings.pooling, threads=settings.threads)
         self.created = int(time.time())
         longest = max(map(len, tokenizer.get_vocab()), default=1)
