@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import encdec
 from encdec.data import tokens
@@ -225,6 +227,34 @@ def test_an_epoch_order_is_drawn_once_and_resumes_the_same(monkeypatch):
     again = ExampleStream(list(range(100, 400)), make, seed=3, enc_len=8, dec_len=8)
     again.load_state_dict(state)
     assert [e.inputs for e in again.next_examples(5)] == [e.inputs for e in stream.next_examples(5)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=40, max_size=80), st.integers(1, 4))
+def test_rows_take_each_example_where_it_first_fits_and_pack_builds_those_rows(shapes, rows):
+    """`next_examples` places each example in the first of the batch's rows with room for it; `pack`, given them
+    in the order returned, builds exactly `rows` rows holding those examples, and the example left over (the next
+    call's first) fits none of them."""
+    from encdec.objectives import Example, pack
+    from encdec.training.data import ExampleStream
+
+    examples = [Example([7 + i] * enc, [5 + i] * dec) for i, (enc, dec) in enumerate(shapes)]
+    stream = ExampleStream(examples, lambda item, rng: item, seed=0, enc_len=12, dec_len=12)
+    stream._order = lambda: np.arange(len(examples))  # the items in their order, as the assertions read them
+    chosen = stream.next_examples(rows)
+    packed = pack(chosen, enc_len=12, dec_len=12, pad_id=0, bos_id=2)
+    assert packed.input_ids.shape[0] == rows
+    laid_out = [sorted({int(t) for t in row[row != 0].tolist()}) for row in packed.input_ids]
+    placed: list[list[int]] = []
+    for example in examples[: len(chosen)]:  # first fit, replayed
+        fits = next((r for r in placed if sum(shapes[i - 7][0] for i in r) + len(example.inputs) <= 12
+                     and sum(shapes[i - 7][1] for i in r) + len(example.targets) <= 12), None)
+        (fits.append if fits is not None else lambda i: placed.append([i]))(example.inputs[0])
+    assert laid_out == [sorted(r) for r in placed]
+    left = stream.pending
+    assert left is examples[len(chosen)]
+    assert all(sum(shapes[i - 7][0] for i in r) + len(left.inputs) > 12 or
+               sum(shapes[i - 7][1] for i in r) + len(left.targets) > 12 for r in placed)
 
 
 def test_training_and_held_out_text_stay_apart(sources, tmp_path, caplog, monkeypatch):
