@@ -568,3 +568,25 @@ def test_settings_a_run_will_not_use_are_named_when_it_starts():
     assert idle_settings(TrainConfig(model="m", out="o", objective="ul2", random_split=True, mixture="ul2")) == [
         "--random-split applies to --objective prefixlm: ignored"]
     assert idle_settings(TrainConfig(model="m", out="o", distill=True, alpha=0.9, trim_vocab=100, trim_negatives=5)) == []
+
+
+def test_shorter_ul2_windows_pack_several_examples_a_row(adapted, corpus, tmp_path):
+    """--window: UL2 corrupts windows of that many tokens, and each step's rows take several of them (first fit)
+    where the default half-row windows leave one a row; the rows are fuller for it."""
+    from encdec.training.data import make_batch, window_length
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    def step_rows(window: int) -> tuple[int, int]:
+        cfg = _config(adapted, tmp_path / f"run{window}", corpus, objective="ul2", enc_len=32, dec_len=32, window=window)
+        plan, tokenizer = build_plan(cfg, Dist())
+        examples = plan.stream.next_examples(8)
+        rows = make_batch(examples, enc_len=32, dec_len=32, pad_id=0, bos_id=tokenizer.bos_token_id,
+                          with_teacher=False).rows
+        assert rows.input_ids.shape[0] == 8
+        return len(examples), int((rows.segment_ids != 0).sum() + (rows.decoder_segment_ids != 0).sum())
+
+    assert window_length("ul2", 32, 32) == 32
+    (default_examples, default_filled), (short_examples, short_filled) = step_rows(0), step_rows(16)
+    assert default_examples == 8 < short_examples
+    assert short_filled > default_filled

@@ -42,6 +42,9 @@ class TrainConfig:
                         choices=("prefixlm", "ul2", "instruct"))
     mixture: str = _f("t5gemma2", "UL2 denoiser mixture: t5gemma2 or ul2 (the original UL2)", choices=("t5gemma2", "ul2"))
     random_split: bool = _f(False, "PrefixLM: split each window at a uniformly random point instead of the middle")
+    window: int = _f(0, "tokens per pretraining window; 0: the objective's own (PrefixLM: one row; UL2: half a row, "
+                     "(enc-len + dec-len) / 2). Shorter UL2 windows pack several examples a row, first fit "
+                     "(bench/ul2_packing.py)")
     distill: bool | None = _f(None, "PrefixLM: distill the decoder-only teacher's next-token distributions; unset: "
                               "yes for PrefixLM when the teacher is known (--teacher, the source `encdec adapt` "
                               "recorded, or a decoder-only model itself), no otherwise", kind=bool)
@@ -124,6 +127,12 @@ class TrainConfig:
         if any(spec.startswith("heldout:") for spec in self.data):
             raise EncdecError("--data heldout:NAME: the packaged held-out passages are only evaluated on (encdec "
                               "evaluate scores them); pass them to --eval-data")
+        if 0 < self.window < MIN_WINDOW:
+            raise EncdecError(f"--window {self.window}: 0 (the objective's own) or at least {MIN_WINDOW} tokens")
+        if self.window and self.objective != "instruct":  # the exact bound (a leading BOS takes one) when data loads
+            from encdec.training.data import window_length
+
+            window_length(self.objective, self.enc_len, self.dec_len, False, self.window)
         if self.distill and self.objective != "prefixlm":
             raise EncdecError("--distill works with --objective prefixlm only")
         if self.resume and self.overwrite:
@@ -152,11 +161,12 @@ class TrainConfig:
 
 
 SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed accepts
+MIN_WINDOW = 8  # tokens: room for a PrefixLM split and for UL2's spans and sentinels
 # the numeric fields' accepted ranges
 AT_LEAST_2 = ("dec_len",)  # a target token and EOS
 AT_LEAST_1 = ("enc_len", "batch_size", "grad_accum", "steps", "loss_chunk", "keep_last", "average_last",
               "save_every", "log_every", "eval_windows", "per_task")
-AT_LEAST_0 = ("eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps", "encoder_curriculum_steps",
+AT_LEAST_0 = ("window", "eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps", "encoder_curriculum_steps",
               "trim_vocab", "trim_negatives", "teacher_top_k",
               "seed")
 POSITIVE = ("lr", "tau", "clip")  # and finite
@@ -299,7 +309,7 @@ FINETUNE_DOCS: dict[str, str] = {
     "lr": "peak learning rate",
     "eval_windows": "held-out examples, taken from the end of the shuffled examples",
 }
-FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "distill", "teacher", "alpha", "tau", "teacher_top_k",
+FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "window", "distill", "teacher", "alpha", "tau", "teacher_top_k",
                    "text_field", "cross_warmup_steps", "eval_data", "freeze_encoder_steps", "encoder_curriculum_steps")
 # refused in a finetune YAML file: all of them but MODEL (the positional argument wins over the file's, as any flag
 # does) and the objective (which `encdec finetune` answers by naming `encdec pretrain`)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from encdec.errors import EncdecError
 from encdec.objectives import MIXTURES, Example, PackedRows, apply_denoiser, pack, prefix_lm, special_token_ids
 
 MakeExample = Callable[[list[int], np.random.Generator], Example]
@@ -93,16 +94,18 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
     return make_with_bos
 
 
-def window_length(objective: str, enc_len: int, dec_len: int, bos: bool = False) -> int:
-    """Tokens per window: PrefixLM fills one row exactly (the inputs gain the tokenizer's leading BOS when
-    `bos`, the targets an EOS); UL2 windows are half a row, so that a corrupted example fits its row, but it
-    is alone there: at 64 + 64 and 512 + 512 tokens, 46-48% of a UL2 row's slots are padding (the corrupted
-    inputs fill most of the encoder side, or the long targets most of the decoder's), and packing each step's
-    rows first fit does not change that. Quarter-row windows would fill 77% / 71% (bench/ul2_packing.py), with
-    contexts half as long."""
-    if objective == "prefixlm":
-        return min(2 * (enc_len - bos), 2 * (dec_len - 1))
-    return (enc_len + dec_len) // 2
+def window_length(objective: str, enc_len: int, dec_len: int, bos: bool = False, window: int = 0) -> int:
+    """Tokens per window: `window` when given, else the objective's longest. PrefixLM's fills one row exactly
+    (the inputs gain the tokenizer's leading BOS when `bos`, the targets an EOS); UL2's is half a row, so that a
+    corrupted example fits its row, but it is alone there: at 64 + 64 and 512 + 512 tokens, 46-48% of a UL2 row's
+    slots are padding (the corrupted inputs fill most of the encoder side, or the long targets most of the
+    decoder's). Quarter-row windows fill 77% / 71% of them, first fit (bench/ul2_packing.py), with contexts half
+    as long."""
+    longest = min(2 * (enc_len - bos), 2 * (dec_len - 1)) if objective == "prefixlm" else (enc_len + dec_len) // 2
+    if window > longest:
+        raise EncdecError(f"--window {window}: at most {longest} tokens for --objective {objective} at --enc-len "
+                          f"{enc_len} and --dec-len {dec_len} (a window's example must fit one row)")
+    return window or longest
 
 
 def _truncate(example: Example, enc_len: int, dec_len: int) -> Example:
