@@ -99,8 +99,8 @@ def window_length(objective: str, enc_len: int, dec_len: int, bos: bool = False,
     (the inputs gain the tokenizer's leading BOS when `bos`, the targets an EOS); UL2's is half a row, so that a
     corrupted example fits its row, but it is alone there: at 64 + 64 and 512 + 512 tokens, 46-48% of a UL2 row's
     slots are padding (the corrupted inputs fill most of the encoder side, or the long targets most of the
-    decoder's). Quarter-row windows fill 77% / 71% of them, first fit (bench/ul2_packing.py), with contexts half
-    as long."""
+    decoder's). Quarter-row windows fill 77% / 71% of them, first fit (bench/ul2_packing.py), but at 64 + 64
+    they recovered far worse (docs/adaptation.md)."""
     longest = min(2 * (enc_len - bos), 2 * (dec_len - 1)) if objective == "prefixlm" else (enc_len + dec_len) // 2
     if window > longest:
         raise EncdecError(f"--window {window}: at most {longest} tokens for --objective {objective} at --enc-len "
