@@ -994,3 +994,15 @@ def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkey
     while engine.rows:
         engine.step()
     assert row.tokens == model.generate(torch.tensor([prompt]), max_new_tokens=6, eos_token_ids=[-1])[0].tolist()
+
+
+def test_max_connections_turns_away_what_is_past_it_and_takes_it_again_once_freed(checkpoint):
+    """--max-connections 1: while a client holds the one connection (open, sending nothing), another request gets
+    503 (uvicorn's own answer); once it lets go, the server answers again."""
+    s = Server(checkpoint, "--max-connections", "1")
+    try:
+        with socket.create_connection((HOST, s.port)):
+            _wait_for(lambda: httpx.get(f"{s.base}/health", timeout=10).status_code == 503, 20, "the 503")
+        _wait_for(lambda: httpx.get(f"{s.base}/health", timeout=10).status_code == 200, 20, "the slot to free")
+    finally:
+        s.close()

@@ -190,8 +190,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from encdec.sources import load_tokenizer
 
     for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--max-input-tokens", args.max_input_tokens), ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
+                        ("--max-input-tokens", args.max_input_tokens), ("--max-new-tokens", args.max_new_tokens),
+                        ("--max-connections", args.max_connections)):
+        if value is not None and value < 1:
             raise EncdecError(f"{name} must be at least 1, got {value}")
     if not 0 <= args.port <= 65535:
         raise EncdecError(f"--port must be in 0..65535, got {args.port}")
@@ -224,7 +225,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_new = writes - 1
     settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
                         limits=Limits(max_input, max_new), pooling=args.pooling,
-                        api_key=api_key, threads=threads, compile_step=args.compile)
+                        api_key=api_key, threads=threads, compile_step=args.compile,
+                        max_connections=args.max_connections)
     serve(model, tokenizer, settings, args.host, args.port)
 
 
@@ -435,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most requests waiting for a batch slot; more get 429")
+    p.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="most open connections (and requests in flight) before new ones get 503 (default: no limit); "
+                   "a guard against clients holding connections open, without a reverse proxy")
     p.add_argument("--max-input-tokens", type=int, default=2048, metavar="N",
                    help="longest prompt in tokens (BOS included); longer ones get 400")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",

@@ -55,6 +55,7 @@ class Settings:
     api_key: str | None = None  # when set, /v1/ requests must send "Authorization: Bearer <api_key>"
     threads: int | None = None  # intra-op threads of the scheduler's thread (None: the process's setting)
     compile_step: bool = False  # the engine's step compiled with torch.compile (while the server starts)
+    max_connections: int | None = None  # open connections (and requests in flight) past which uvicorn answers 503
 
 
 class Service:
@@ -518,5 +519,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, port: int) -> None:
     app = create_app(model, tokenizer, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None,
+                            # uvicorn counts the connection it is answering among the open ones
+                            limit_concurrency=None if settings.max_connections is None else settings.max_connections + 1)
     DrainingServer(config, app).run()
