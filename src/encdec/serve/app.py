@@ -519,7 +519,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, port: int) -> None:
     app = create_app(model, tokenizer, settings)
+    # uvicorn counts the connection it is answering among the open ones
+    limit = None if settings.max_connections is None else settings.max_connections + 1
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None,
-                            # uvicorn counts the connection it is answering among the open ones
-                            limit_concurrency=None if settings.max_connections is None else settings.max_connections + 1)
+                            limit_concurrency=limit)
     DrainingServer(config, app).run()
