@@ -62,7 +62,11 @@ class Server:
             [sys.executable, "-m", "encdec.cli", "serve", str(checkpoint), "--host", HOST, "--port", str(self.port),
              *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
-        _wait_for(self._up, START_TIMEOUT_S, "the server to answer /health")
+        try:
+            _wait_for(self._up, START_TIMEOUT_S, "the server to answer /health")
+        except BaseException:  # a server that never answers is not left running after the test
+            self.close()
+            raise
 
     def _up(self) -> bool:
         if self.process.poll() is not None:
