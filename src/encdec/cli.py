@@ -146,7 +146,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.out = args.out.expanduser()
         check_output_file(args.out, (args.dir, args.input))
     tokenizer = load_tokenizer(Path(args.dir))
-    prompts = read_prompts(args.input, tokenizer) if args.input is not None else texts_as_prompts(args.prompt, tokenizer)
+    prompts = (read_prompts(args.input, tokenizer) if args.input is not None
+               else texts_as_prompts(args.prompt, tokenizer))
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
     longest = max(prompts, key=lambda p: len(p.ids))

@@ -78,8 +78,8 @@ class Engine:
 
     def __init__(self, model: EncoderDecoder, max_batch: int, compile_step: bool = False) -> None:
         self.model, self.max_batch = model, max_batch
-        if compile_step:  # the step's tensor work as one compiled program (dynamic sizes: one compilation serves
-            # every batch and length); on a GPU it removes most of the kernel launches (docs/benchmarks.md)
+        if compile_step:  # the step's tensor work as compiled programs (dynamic sizes: a few compilations, one row
+            # and several, serve every batch and length); on a GPU it removes most kernel launches (docs/benchmarks.md)
             self.hidden = torch.compile(self.hidden, dynamic=True)  # type: ignore[method-assign]
         cfg = model.config.decoder
         self.cfg = cfg
@@ -242,7 +242,6 @@ class Engine:
             self.join([[0, 0]] * n, [Row(3, frozenset()) for _ in range(n)])
             while self.rows:
                 self.step()
-
 
     @torch.no_grad()
     def step(self) -> list[Emitted]:

@@ -166,9 +166,8 @@ MIN_WINDOW = 8  # tokens: room for a PrefixLM split and for UL2's spans and sent
 AT_LEAST_2 = ("dec_len",)  # a target token and EOS
 AT_LEAST_1 = ("enc_len", "batch_size", "grad_accum", "steps", "loss_chunk", "keep_last", "average_last",
               "save_every", "log_every", "eval_windows", "per_task")
-AT_LEAST_0 = ("window", "eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps", "encoder_curriculum_steps",
-              "trim_vocab", "trim_negatives", "teacher_top_k",
-              "seed")
+AT_LEAST_0 = ("window", "eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps",
+              "encoder_curriculum_steps", "trim_vocab", "trim_negatives", "teacher_top_k", "seed")
 POSITIVE = ("lr", "tau", "clip")  # and finite
 BOUNDED = {"alpha": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, 1.0)}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list of paths"}
@@ -309,8 +308,9 @@ FINETUNE_DOCS: dict[str, str] = {
     "lr": "peak learning rate",
     "eval_windows": "held-out examples, taken from the end of the shuffled examples",
 }
-FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "window", "distill", "teacher", "alpha", "tau", "teacher_top_k",
-                   "text_field", "cross_warmup_steps", "eval_data", "freeze_encoder_steps", "encoder_curriculum_steps")
+FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "window", "distill", "teacher", "alpha", "tau",
+                   "teacher_top_k", "text_field", "cross_warmup_steps", "eval_data", "freeze_encoder_steps",
+                   "encoder_curriculum_steps")
 # refused in a finetune YAML file: all of them but MODEL (the positional argument wins over the file's, as any flag
 # does) and the objective (which `encdec finetune` answers by naming `encdec pretrain`)
 FINETUNE_NOT_IN_FILE = tuple(name for name in FINETUNE_HIDDEN if name not in ("model", "objective"))

@@ -151,8 +151,8 @@ class ExampleStream:
         Each example goes to the first of the rows with room for both its inputs and its targets (first fit), to
         a new row when none has one; the example that would need one row more waits for the next call. Given
         them row by row, `pack`'s greedy rule builds the same rows: the example that opened a row did not fit
-        the row before it, which has only filled since. Examples of uneven shapes (UL2's denoisers, instruction
-        records) fill rows that taking them in turn would leave half empty."""
+        the row before it, which has only filled since. Examples shorter than half a row (UL2 from a short
+        `--window`) then share rows that taking them in turn would leave part empty."""
         placed: list[list[Example]] = []
         room: list[tuple[int, int]] = []  # each row's free encoder and decoder slots
         while True:
