@@ -67,7 +67,8 @@ def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Nam
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(options))
-    command = [sys.executable, "-m", "encdec.cli", "classify", *options, "--out", str(out)]
+    # no classifier: every cell would save a copy of its backbone (1.1 GB for the 270M) that no table reads
+    command = [sys.executable, "-m", "encdec.cli", "classify", *options, "--no-save", "--out", str(out)]
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
     return json.loads(results.read_text())

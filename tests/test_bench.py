@@ -129,7 +129,8 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
                                   probe_args="--probe-c '0.1,1'", search_args="--grid-lr 1e-5", table_only=False)
     assert encoder_claim.run_cell("m", "rte", "probe", cell, settings) == rte
     assert encoder_claim.run_cell("m", "rte", "probe", cell, settings) == rte and len(ran) == 1  # not run again
-    assert ran[0][-6:] == ["--probe-c", "0.1,1", "--max-len", "16", "--out", str(cell)]  # the probe's options only
+    # the probe's options only, and no classifier saved
+    assert ran[0][-7:] == ["--probe-c", "0.1,1", "--max-len", "16", "--no-save", "--out", str(cell)]
     with pytest.raises(SystemExit, match="other settings"):  # nor reused for other settings
         encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "seed": 1}))
     with pytest.raises(SystemExit, match="other settings"):

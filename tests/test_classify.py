@@ -149,23 +149,34 @@ def test_frozen_embeddings_stay_as_they_were_while_the_layers_and_head_train(mod
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(2, 120).flatmap(lambda n: st.tuples(st.just(n), st.integers(2, n), st.integers(0, 2**31))))
-def test_kfold_tests_every_example_once_and_never_trains_on_it(case: tuple[int, int, int]) -> None:
-    n, k, seed = case
-    splits = kfold(n, k, seed)
+@given(st.integers(2, 120).flatmap(lambda n: st.tuples(st.lists(st.integers(0, 3), min_size=n, max_size=n),
+                                                       st.integers(2, n), st.integers(0, 2**31))))
+def test_kfold_tests_every_example_once_and_stratifies(case: tuple[list[int], int, int]) -> None:
+    labels, k, seed = case
+    n = len(labels)
+    splits = kfold(labels, k, seed)
     assert len(splits) == k
     tested = sorted(i for _, test in splits for i in test)
     assert tested == list(range(n))
+    assert max(len(t) for _, t in splits) - min(len(t) for _, t in splits) <= 1
     for train, test in splits:
         assert test and not set(train) & set(test)
         assert sorted(train + test) == list(range(n))
-    assert kfold(n, k, seed) == splits
+        for label in set(labels):  # each class's share of a fold is within one example of an even split
+            assert abs(sum(labels[i] == label for i in test) - labels.count(label) / k) < 1
+    assert kfold(labels, k, seed) == splits
+
+
+def test_kfold_spreads_a_rare_class_over_the_folds() -> None:
+    labels = [0] * 23 + [1] * 28 + [2] * 5  # CB's validation split: 5 "neutral" of 56
+    for seed in range(20):
+        assert sorted(sum(labels[i] == 2 for i in test) for _, test in kfold(labels, 5, seed)) == [1] * 5
 
 
 @pytest.mark.parametrize("k", [1, 0, 11])
 def test_kfold_refuses_impossible_fold_counts(k: int) -> None:
     with pytest.raises(EncdecError, match="--folds"):
-        kfold(10, k, 0)
+        kfold([0, 1] * 5, k, 0)
 
 
 def test_pooling_picks_the_last_real_token_and_the_mean() -> None:
@@ -396,8 +407,8 @@ def test_the_probe_beats_chance_on_a_separable_task_and_lists_every_c(
                                atol=1e-4, rtol=0)
 
 
-def test_probe_features_are_cached_and_reused(models: dict[str, Path], tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_features_are_cached_and_reused_and_no_save_keeps_results_only(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
     from encdec.classification import features
 
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
@@ -420,9 +431,11 @@ def test_probe_features_are_cached_and_reused(models: dict[str, Path], tmp_path:
         raise AssertionError("features computed again")
 
     monkeypatch.setattr(features, "pooled_features", fail)
-    assert main([*argv, "--out", str(tmp_path / "second")]) == 0
+    assert main([*argv, "--no-save", "--out", str(tmp_path / "second")]) == 0
     first, second = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("first", "second"))
     assert first["predictions"] == second["predictions"] and first["selection"] == second["selection"]
+    assert (tmp_path / "first" / "classifier").is_dir() and not (tmp_path / "second" / "classifier").exists()
+    assert second["saved_classifier"] is None and "not saved" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="computed again"):  # other settings: other features
         main([*argv, "--pooling", "mean", "--out", str(tmp_path / "mean")])
     weights = next(model.glob("*.safetensors"))
@@ -453,7 +466,7 @@ def test_search_selection_never_reads_the_reported_split(models: dict[str, Path]
     results = json.loads((out / "results.json").read_text())
     if kfold_task:
         reported = [[tuple(r) for r in encode(tokenizer, [data.evaluation[i].text for i in test], 16, first)]
-                    for _, test in kfold(24, 3, 0)]
+                    for _, test in kfold([e.label for e in data.evaluation], 3, 0)]
         per_fold = 2 * 2 + 1  # candidates x inner folds, then the chosen one on the whole training part
     else:
         reported = [[tuple(r) for r in encode(tokenizer, [e.text for e in data.evaluation], 16, first)]]

@@ -305,7 +305,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
     results = classify(args.model, args.task, args.out, hyper=hyper, pooling=args.pooling, folds=args.folds,
                        limit=args.limit, eval_limit=args.eval_limit, overwrite=args.overwrite, grid=grid,
                        probe_c=parse_c(args.probe_c) if args.probe else None,
-                       dev=DevProtocol(dev_share=args.dev_share, inner_folds=args.inner_folds))
+                       dev=DevProtocol(dev_share=args.dev_share, inner_folds=args.inner_folds),
+                       save=not args.no_save)
     print(report(results, args.out))
 
 
@@ -518,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", metavar="TASK", help="boolq, cb, copa or rte")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory: results.json and classifier/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-save", action="store_true",
+                   help="write results.json only, not the classifier (a copy of the backbone: 1.1 GB for the 270M), "
+                   "for comparisons of many runs")
     p.add_argument("--pooling", default="last", metavar="last|mean",
                    help="last non-padding token, or the mean over non-padding tokens")
     p.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation (cb, copa, rte)")

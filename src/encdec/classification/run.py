@@ -70,18 +70,19 @@ def plan(data: TaskData, *, folds: int, limit: int | None, eval_limit: int | Non
         raise EncdecError(f"--eval-limit applies to BoolQ only; {data.name} is cross-validated: use --limit")
     ids = subset(len(data.evaluation), limit, seed)
     chosen = [data.evaluation[i] for i in ids]
-    splits = kfold(len(chosen), folds, seed)
+    splits = kfold([e.label for e in chosen], folds, seed)
     of = f"{len(ids)} of the {len(data.evaluation)}" if len(ids) < len(data.evaluation) else f"the {len(ids)}"
     protocol = (f"{folds}-fold cross-validation over {of} validation examples (no training split offline); "
-                f"seeded shuffle, accuracy pooled over the folds")
+                f"stratified seeded folds, accuracy pooled over the folds")
     return Plan(protocol, folds, chosen, ids, chosen, ids, splits)
 
 
 def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "last", folds: int = 5,
              limit: int | None = None, eval_limit: int | None = None, overwrite: bool = False,
              grid: dict[str, list[Any]] | None = None, probe_c: list[float] | None = None,
-             dev: DevProtocol = DEFAULT_DEV) -> dict[str, Any]:
-    """Run the protocol, write OUT/results.json and OUT/classifier/, and return the results.
+             dev: DevProtocol = DEFAULT_DEV, save: bool = True) -> dict[str, Any]:
+    """Run the protocol, write OUT/results.json and OUT/classifier/ (not with `save=False`: a comparison of many
+    runs needs their results, not a copy of the backbone each), and return the results.
 
     With `grid` (--search) every candidate is scored on dev splits of each training part and the best one
     is retrained on the whole part; with `probe_c` (--probe) the backbone stays frozen and a logistic
@@ -107,7 +108,8 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     data = load_task(task)
     p = plan(data, folds=folds, limit=limit, eval_limit=eval_limit, seed=hyper.seed)
     selecting = grid is not None or probe_c is not None
-    dev_by_fold = [dev_splits(len(train_ids), dev, inner=p.folds is not None, seed=hyper.seed + k) if selecting else []
+    dev_by_fold = [dev_splits([p.train[i].label for i in train_ids], dev, inner=p.folds is not None,
+                              seed=hyper.seed + k) if selecting else []
                    for k, (train_ids, _) in enumerate(p.splits)]
     start = time.perf_counter()
     backbone, tokenizer_dir = load_backbone(model)
@@ -143,7 +145,7 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
             if trials is not None:
                 selections.append({"fold": k if p.folds else None, "chosen": chosen,
                                    "candidates": [t.to_dict() for t in trials]})
-            if k == 0:
+            if k == 0 and save:
                 save_classifier(classifier, info, tmp / "classifier", tokenizer_dir=tokenizer_dir)
         selection = None
         if selections:
@@ -154,6 +156,8 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         results = summarise(data, p, probs, fold_of, fold.losses, model=portable_path(model), pooling=pooling,
                             hyperparameters=settings, backbone_kind=backbone.spec.kind, seconds=time.perf_counter() - start,
                             method=method, selection=selection)
+        if not save:
+            results["saved_classifier"] = None
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -339,5 +343,6 @@ def report(results: dict[str, Any], out: Path) -> str:
         f"accuracy:  {results['accuracy']:.3f} ({results['correct']}/{results['n']}), 95% Wilson interval [{lo:.3f}, {hi:.3f}]",
         f"baseline:  {base['accuracy']:.3f} by always answering {base['label']!r} (the majority class)",
         f"time:      {results['seconds']:.0f} s",
-        f"saved:     {out / 'results.json'}; {out / 'classifier'} ({results['saved_classifier']})",
+        f"saved:     {out / 'results.json'}" + (f"; {out / 'classifier'} ({results['saved_classifier']})"
+                                                 if results["saved_classifier"] else " (the classifier was not saved)"),
     ])

@@ -33,13 +33,16 @@ class DevProtocol:
             raise EncdecError(f"--inner-folds {self.inner_folds}: expected at least 2")
 
 
-def dev_splits(n: int, protocol: DevProtocol, *, inner: bool, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(fit positions, dev positions) among n training examples: inner folds, or one seeded holdout."""
+def dev_splits(labels: Sequence[int], protocol: DevProtocol, *, inner: bool,
+               seed: int) -> list[tuple[list[int], list[int]]]:
+    """(fit positions, dev positions) among the training examples (their labels given): stratified inner
+    folds, or one seeded holdout (BoolQ's, thousands of examples)."""
+    n = len(labels)
     if inner:
         if protocol.inner_folds > n:
             raise EncdecError(f"--inner-folds {protocol.inner_folds}: an outer fold trains on only {n} examples; "
                               "pass fewer inner folds or a larger --limit")
-        return kfold(n, protocol.inner_folds, seed)
+        return kfold(labels, protocol.inner_folds, seed)
     held = round(n * protocol.dev_share)
     if not 1 <= held < n:
         raise EncdecError(f"--dev-share {protocol.dev_share} of {n} training examples leaves no dev or no fit "
