@@ -11,8 +11,8 @@ from encdec.errors import EncdecError
 def kfold(labels: Sequence[int], k: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """(train indices, test indices) per fold, stratified: each class's examples shuffled with the seed, the
     classes laid end to end and dealt to the folds in turn, so every fold holds its share of every class
-    (with a plain shuffle, seed 0 put CB's 5 "neutral" of 56 in the folds 2, 1, 2, 0, 0) and the folds' sizes differ by at most
-    one. Every example is tested exactly once and never trained on in its own fold."""
+    (a plain shuffle with seed 0 put CB's 5 "neutral" of 56 in the folds 2, 1, 2, 0, 0) and the folds'
+    sizes differ by at most one. Every example is tested exactly once and never trained on in its own fold."""
     n = len(labels)
     if not 2 <= k <= n:
         raise EncdecError(f"--folds {k}: needs 2 <= folds <= the number of examples ({n})")
