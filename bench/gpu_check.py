@@ -15,6 +15,8 @@ batch 1 and 8:
 - SDPA's kernels for the model's attention, and classification steps and encoder passes over new lengths with
   cuDNN's attention left out (encdec's choice) and allowed (`--only attention`);
 - `model.generate(..., compile_step=True)` (`--compile`) against the eager engine (`--only compiled-generate`);
+- classification fine-tuning's steady examples/s per batch size, with and without the embedding frozen
+  (`--only fine-tuning`), which sets `bench/encoder_claim_gpu.sh`'s batch;
 - peak GPU memory of each call (both models' weights are resident throughout, so each peak includes them);
 - that the server's embeddings come back to the CPU (`Engine.embed`), as `/v1/embeddings` writes them out;
 - `encdec classify`'s fine-tuning and predictions on the GPU (float32 weights, autocast as "auto" picks it):
@@ -186,6 +188,39 @@ def attention_check(model, repeats: int) -> None:
     encdec.model.GPU_ATTENTION = chosen
 
 
+def fine_tuning_check(model, repeats: int, batches: list[int]) -> None:
+    """Classification fine-tuning's steady speed per batch size, every parameter trained and with the embedding
+    frozen (`--freeze-embeddings`): what `bench/encoder_claim_gpu.sh`'s settings should be. Each setting warms up
+    for 2 steps (kernels, allocations), then times 4 x --repeats steps over rows of new lengths (32-256 tokens,
+    BoolQ's range at --max-len 256)."""
+    import copy
+
+    from encdec.classification.backbone import from_encoder_decoder
+    from encdec.classification.classifier import Classifier
+    from encdec.classification.train import Hyper, fine_tune
+
+    device = model.device
+    for batch in batches:
+        for frozen in (False, True):
+            g = torch.Generator().manual_seed(batch)
+            rows = [[2, *torch.randint(3, model.config.vocab_size, (int(n),), generator=g).tolist()]
+                    for n in torch.randint(32, 256, (batch * (2 + 4 * repeats),), generator=g)]
+            labels = [i % 2 for i in range(len(rows))]
+            classifier = Classifier(from_encoder_decoder(copy.deepcopy(model)), 2, "last")
+            hp = Hyper(steps=2, batch_size=batch, precision="auto", freeze_embeddings=frozen)
+            fine_tune(classifier, rows[:2 * batch], labels[:2 * batch], hp, pad_id=0, desc="warm-up", seed=0)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            hp.steps = 4 * repeats
+            seconds = once(functools.partial(fine_tune, classifier, rows[2 * batch:], labels[2 * batch:], hp,
+                                             pad_id=0, desc="fine-tuning", seed=0), device)
+            peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "-"
+            print(f"fine-tuning, batch {batch}, {'embedding frozen' if frozen else 'every parameter'}: "
+                  f"{hp.steps * batch / seconds:.1f} examples/s ({seconds / hp.steps * 1e3:.0f} ms a step), "
+                  f"peak {peak}", flush=True)
+            del classifier
+
+
 def compiled_generate_check(model, args: argparse.Namespace) -> None:
     """`model.generate(..., compile_step=True)` (`encdec generate --compile`, `encdec serve --compile`) against the
     eager engine: the first call's seconds (it compiles), then the median of --repeats calls, tokens compared."""
@@ -229,8 +264,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: attention, transformers, compile, classify")
-    parser.add_argument("--only", choices=["attention", "compiled-generate"], default=None,
-                        help="one part alone: the attention kernels' check, or generation with the step compiled")
+    parser.add_argument("--only", choices=["attention", "compiled-generate", "fine-tuning"], default=None,
+                        help="one part alone: the attention kernels' check, generation with the step compiled, or "
+                        "classification fine-tuning's speed per batch size (--classify-batches)")
+    parser.add_argument("--classify-batches", default="8,16,32", help="with --only fine-tuning: the batch sizes")
     parser.add_argument("--compile-dtypes", default="float32,bfloat16",
                         help="the dtypes whose decoder step is compiled (each mode compiles for a minute or more)")
     args = parser.parse_args()
@@ -245,6 +282,8 @@ def main() -> None:
     if args.only in (None, "compiled-generate") and "compile" not in skip:
         compiled_generate_check(base.to(torch.bfloat16), args)
         base.float()
+    if args.only == "fine-tuning":
+        fine_tuning_check(base, args.repeats, [int(b) for b in args.classify_batches.split(",")])
     if args.only is not None:
         return
     ratios: list[str] = []
