@@ -168,6 +168,8 @@ GENERATE_INPUT_BAD = [
     ('{"prompt": "w1"}\n', ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ('{"prompt": "w1"}\n{"prompt": "' + " ".join(["w5"] * 300) + '"}\n', [],
      "prompts.jsonl:2: the prompt has 301 tokens; this model reads at most 256"),
+    ('{"prompt": "' + " ".join(["w5"] * 300) + '"}\n', [], "prompts.jsonl:1: the prompt has 301 tokens"),
+    ('{"prompt": "w1"}\n', ["--max-new-tokens", "300"], "--max-new-tokens 300: this model's decoder reads at most"),
 ]
 
 
@@ -181,8 +183,10 @@ def test_a_bad_prompt_file_is_one_line_and_writes_nothing(capsys, tmp_path, sour
     extra = [e.format(input=prompts, model=out) for e in extra]
     before = {p: p.read_bytes() for p in out.iterdir()}
     assert main(["generate", str(out), "--input", str(prompts), *extra]) == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and message in lines[0], lines
+    assert "loading" not in err  # refused before the model is loaded
     assert prompts.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["model", "prompts.jsonl"]
     assert {p: p.read_bytes() for p in out.iterdir()} == before
 

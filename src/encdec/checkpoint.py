@@ -111,9 +111,9 @@ def encoder_alone(data: dict) -> bool:
 ENCODER_ALONE = "an encoder alone, as `encdec export-encoder` writes, which `encdec classify` reads"
 
 
-def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32, *, mapped: bool = False) -> Loaded:
-    """Read a checkpoint directory in the project's format or a transformers T5Gemma / T5Gemma 2 layout (`dtype`
-    None: as stored; `mapped`: the weights left in a memory map of their files, see `read_weights`)."""
+def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
+    """The model configuration of a checkpoint directory and its format, without reading its weights (so that
+    what a run asks of the model can be checked before it loads)."""
     path = Path(path).expanduser()
     if not path.is_dir():
         raise EncdecError(f"{path} is not a checkpoint directory")
@@ -125,9 +125,18 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32,
             "); accepted: this project's format, t5gemma, t5gemma2. A decoder-only model must first go through "
             "`encdec adapt`"
         )
-    fmt, notes = (NATIVE, []) if data.get("format") == NATIVE else (data["model_type"], [])
-    with reading_config(path / "config.json"), torch.device("meta"):  # a damaged config.json: one line naming it
-        config = EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)
+    fmt = NATIVE if data.get("format") == NATIVE else data["model_type"]
+    with reading_config(path / "config.json"):  # a damaged config.json: one line naming it
+        return (EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)), fmt
+
+
+def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32, *, mapped: bool = False) -> Loaded:
+    """Read a checkpoint directory in the project's format or a transformers T5Gemma / T5Gemma 2 layout (`dtype`
+    None: as stored; `mapped`: the weights left in a memory map of their files, see `read_weights`)."""
+    path = Path(path).expanduser()
+    config, fmt = read_config(path)
+    notes: list[str] = []
+    with reading_config(path / "config.json"), torch.device("meta"):  # a config the model cannot be built from
         model = EncoderDecoder(config)
     weights = read_weights(path, dtype, mapped=mapped)
     if fmt != NATIVE:

@@ -115,6 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from tqdm import tqdm
 
+    from encdec.checkpoint import read_config
     from encdec.data.chat import ChatFormat
     from encdec.data.prompts import read_prompts, texts_as_prompts
     from encdec.files import atomic_write, check_output_file
@@ -148,10 +149,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(Path(args.dir))
     prompts = (read_prompts(args.input, tokenizer) if args.input is not None
                else texts_as_prompts(args.prompt, tokenizer))
+    longest = max(prompts, key=lambda p: len(p.ids))
+    check_positions(len(longest.ids), args.max_new_tokens, read_config(args.dir)[0],
+                    longest.source if args.input is not None else "")
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
-    longest = max(prompts, key=lambda p: len(p.ids))
-    check_positions(len(longest.ids), args.max_new_tokens, model.config, longest.source if len(prompts) > 1 else "")
     stop = ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids)
     rows = [Row(args.max_new_tokens, stop, sampling) for _ in prompts]
     lines: list[str | None] = [None] * len(prompts)
