@@ -29,6 +29,7 @@ from encdec.checkpoint import load, read_metadata
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.errors import EncdecError
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
+from encdec.objectives import PLAIN, Framing, trained_framing
 from encdec.files import read_weights
 from encdec.sources import load_source, load_tokenizer
 from encdec.training import checkpointing
@@ -37,8 +38,13 @@ from encdec.training.plain_state import read_state
 from encdec.training.vocab import full_vocabulary_model
 
 
-def score(model, sets: dict[str, PrefixSuffix]) -> dict[str, float]:
-    return {name: round(encdec_suffix_nll(model.eval(), data), 4) for name, data in sets.items()}
+def score(model, sets: dict[str, PrefixSuffix], framing: Framing = PLAIN) -> dict[str, float]:
+    return {name: round(encdec_suffix_nll(model.eval(), data, framing=framing), 4) for name, data in sets.items()}
+
+
+def framing_of(model: Path) -> Framing:
+    """How the trained model reads a continuation, from its provenance (UL2's: after a sentinel)."""
+    return trained_framing(read_metadata(model), load_tokenizer(model).get_vocab())
 
 
 def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[str, PrefixSuffix],
@@ -55,13 +61,14 @@ def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[st
         append(results, {"recipe": name, "event": "trained", "steps": steps, "seconds": round(time.perf_counter() - began),
                          "options": options})
     start = load(args.model)
+    framing = framing_of(Path(cfg.out) / "model")
     for path in checkpointing.checkpoints(Path(cfg.out)):
         step = int(path.name.split("-")[1])
         if (name, step) in done:
             continue
         keep = read_state(path, "trainer").get("kept_tokens")  # a numpy array, or None when untrimmed
         model = full_vocabulary_model(read_weights(path), start, keep)
-        append(results, {"recipe": name, "step": step, "tokens": step * tokens_per_step(cfg), "nll": score(model, sets)})
+        append(results, {"recipe": name, "step": step, "tokens": step * tokens_per_step(cfg), "nll": score(model, sets, framing)})
         done.add((name, step))
     if all((name, step) in done for step in range(every, steps + 1, every)):  # scored: only the final model stays
         shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)  # (2.4 GB a checkpoint of the 270M)

@@ -55,7 +55,7 @@ def test_recovery_study_interrupted_while_scoring_scores_the_rest_before_removin
         for step in (10, 20, 30, 40):
             (Path(cfg.out) / "checkpoints" / f"step-{step:06d}").mkdir(parents=True, exist_ok=True)
 
-    def score(step, sets):
+    def score(step, sets, framing=None):
         if step == interrupt["at"]:
             raise KeyboardInterrupt
         return {name: 5.0 - step / 100 for name in recovery.HELDOUT_SETS}
@@ -64,6 +64,7 @@ def test_recovery_study_interrupted_while_scoring_scores_the_rest_before_removin
                        "read_weights": lambda path: recovery.checkpointing.step_of(path),
                        "full_vocabulary_model": lambda weights, start, keep: weights,
                        "load_tokenizer": lambda path: None, "split_passages": lambda *args: None,
+                       "framing_of": lambda path: recovery.PLAIN,
                        "source_nll": lambda args, sets: {n: 3.0 for n in recovery.HELDOUT_SETS},
                        "report": lambda *args: None}.items():
         monkeypatch.setattr(recovery, name, fake)

@@ -405,3 +405,20 @@ def test_a_model_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope"), "--tasks", "copa", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no such file or directory" in err
+
+
+def test_a_ul2_pretrained_checkpoint_is_scored_in_its_objective_s_framing(adapted, tmp_path):
+    """The provenance `encdec pretrain` saves names the objective; a T5Gemma 2 mixture model gets its sentinel
+    after the prompt and after the decoder's start, and its scores change accordingly."""
+    from encdec.objectives import PLAIN, special_token_ids
+
+    ul2 = tmp_path / "ul2"
+    shutil.copytree(adapted, ul2)
+    meta = json.loads((ul2 / "encdec.json").read_text())
+    meta["pretrained"] = {"objective": "ul2", "settings": {"mixture": "t5gemma2"}}
+    (ul2 / "encdec.json").write_text(json.dumps(meta))
+    plain, framed = load_scorer(str(adapted)), load_scorer(str(ul2))
+    sentinel = special_token_ids(framed.tokenizer.get_vocab())[1][0]
+    assert plain.framing == PLAIN and framed.framing.after == framed.framing.decoder == (sentinel,)
+    framed_scores, plain_scores = ([s for s, _ in scorer.loglikelihoods(REQUESTS, 4)] for scorer in (framed, plain))
+    assert framed_scores != pytest.approx(plain_scores)

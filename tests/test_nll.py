@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tf
@@ -34,3 +35,27 @@ def test_nll_matches_a_plain_computation(sources):
     # by position: the mean over the passages at each suffix position, batches of any size
     assert torch.allclose(encdec_position_nll(model, data, batch_size=2).float(), per_token.mean(0), atol=1e-5)
     assert torch.allclose(decoder_only_position_nll(source, data, batch_size=3).float(), per_token_src.mean(0), atol=1e-5)
+
+
+def test_a_framed_continuation_is_scored_on_the_same_suffix_tokens(sources):
+    """UL2's framing adds a sentinel after the prompt and after the decoder's start; the NLL and the task scorer
+    both score only the suffix, and agree with a plain forward pass of the framed rows."""
+    from encdec.evaluation.scoring import Scorer
+    from encdec.objectives import Framing
+
+    g = torch.Generator().manual_seed(5)
+    data = PrefixSuffix(torch.randint(3, 96, (4, 6), generator=g), torch.randint(3, 96, (4, 3), generator=g))
+    data.prefix[:, 0] = 2  # BOS first, as split_passages tokenizes
+    framing = Framing(before=(7,), after=(5,), decoder=(5,))
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    with torch.no_grad():
+        enc = torch.cat([data.prefix[:, :1], torch.full((4, 1), 7), data.prefix[:, 1:], torch.full((4, 1), 5)], 1)
+        dec = torch.cat([torch.tensor([[2, 5]]).expand(4, -1), data.suffix[:, :-1]], 1)
+        logp = model(enc, decoder_input_ids=dec).logits[:, 1:].log_softmax(-1)
+        per_token = -logp.gather(-1, data.suffix[..., None])[..., 0]
+    framed = encdec_position_nll(model, data, batch_size=3, framing=framing).float()
+    assert torch.allclose(framed, per_token.mean(0), atol=1e-5)
+    assert not torch.allclose(encdec_position_nll(model, data, batch_size=3).float(), framed, atol=1e-3)
+    scorer = Scorer("tiny", "encoder-decoder", model, tokenizer=None, framing=framing)
+    scores = scorer.loglikelihoods([(row.tolist(), cont.tolist()) for row, cont in zip(data.prefix, data.suffix)], 3)
+    assert [s for s, _ in scores] == pytest.approx((-per_token.sum(1)).tolist(), abs=1e-4)

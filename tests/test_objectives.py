@@ -15,14 +15,18 @@ from encdec.objectives import (
     MODE_TOKENS,
     T5GEMMA2_MIXTURE,
     UL2_MIXTURE,
+    PLAIN,
     Denoiser,
     Example,
+    Framing,
     Mixture,
     apply_denoiser,
+    continuation_framing,
     pack,
     prefix_lm,
     span_corruption,
     special_token_ids,
+    trained_framing,
 )
 from encdec.training.data import example_maker, window_length
 
@@ -463,3 +467,42 @@ def test_examples_that_do_not_fit_keep_their_denoiser(monkeypatch, mixture, enc_
     chosen = MIXTURES[mixture]
     for denoiser, weight in zip(chosen.denoisers, chosen.weights):
         assert abs(final[denoiser] / n - weight / sum(chosen.weights)) < 0.045, (denoiser, final[denoiser] / n)
+
+
+# --- how a pretrained model reads a continuation ---------------------------------------------------------------------
+
+GEMMA_LIKE = {"<bos>": BOS, "<eos>": EOS, **{f"<unused{k}>": 100 + k for k in range(12)}}
+
+
+@pytest.mark.parametrize("mixture", ["t5gemma2", "ul2"])
+def test_the_framing_is_the_format_the_objective_trains(mixture):
+    """The framing a UL2-trained model is scored with is the shape of one of its own training examples: T5Gemma 2's
+    single-span denoiser (start kept, a sentinel, then the rest), UL2's S-denoiser (its mode token, then the prefix)."""
+    framing = continuation_framing("ul2", mixture, GEMMA_LIKE)
+    make = example_maker("ul2", eos_id=EOS, vocab=GEMMA_LIKE, enc_len=64, dec_len=64, bos_id=BOS, mixture=mixture)
+    window = list(range(1000, 1064))
+    matching = 0
+    for seed in range(60):
+        example = make(window, np.random.default_rng(seed))
+        kept = [t for t in example.inputs if t >= 1000]
+        if kept and kept == window[:len(kept)] and example.targets[len(framing.decoder):-1] == window[len(kept):]:
+            assert example.inputs == framing.prompt([BOS, *kept], BOS)
+            assert example.targets[:len(framing.decoder)] == list(framing.decoder)
+            matching += 1
+    assert matching >= 5  # the continuation-like denoiser is drawn often (4 in 8 and 1 in 7 of the draws)
+    if mixture == "t5gemma2":
+        assert framing == Framing(after=(103,), decoder=(103,))  # <unused3>: the first sentinel
+    else:
+        assert framing == Framing(before=(102,))  # <unused2>: "[S2S]"
+
+
+def test_a_model_reads_plainly_unless_ul2_was_its_last_training():
+    ul2 = {"pretrained": {"objective": "ul2", "settings": {"mixture": "t5gemma2"}}}
+    assert trained_framing(ul2, GEMMA_LIKE) == Framing(after=(103,), decoder=(103,))
+    assert trained_framing({**ul2, "finetuned": {"objective": "instruct"}}, GEMMA_LIKE) == PLAIN
+    assert trained_framing({"pretrained": {"objective": "prefixlm", "settings": {}}}, GEMMA_LIKE) == PLAIN
+    assert trained_framing({"adapted_from": {"encoder": "gemma-3-270m"}}, GEMMA_LIKE) == PLAIN
+    assert continuation_framing("prefixlm", "ul2", GEMMA_LIKE) == PLAIN
+    # the BOS stays first, the mode token after it; a prompt without BOS (Qwen's tokenizer) gets it first
+    assert Framing(before=(7,), after=(8,)).prompt([BOS, 5, 6], BOS) == [BOS, 7, 5, 6, 8]
+    assert Framing(before=(7,), after=(8,)).prompt([5, 6], None) == [7, 5, 6, 8]

@@ -182,6 +182,61 @@ def apply_denoiser(tokens: Sequence[int], denoiser: Denoiser, *, sentinels: Sequ
     return Example(inputs=[int(mode_ids[denoiser.mode])] + example.inputs, targets=example.targets)
 
 
+@dataclass(frozen=True)
+class Framing:
+    """How a model reads "continue this text" in the format its pretraining posed it: `before` goes after the
+    prompt's BOS in the encoder (UL2's mode token), `after` at the prompt's end (a sentinel), and `decoder`
+    after the decoder's start token, before the continuation. A model trained on T5Gemma 2's mixture never read
+    a prompt without a sentinel after it nor began a target without one: scored without them, its first
+    continuation token cost 19-21 nats (docs/adaptation.md)."""
+
+    before: tuple[int, ...] = ()
+    after: tuple[int, ...] = ()
+    decoder: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        parts = [f"{name} {list(ids)}" for name, ids in (("before the prompt", self.before),
+                                                          ("after the prompt", self.after),
+                                                          ("after the decoder's start", self.decoder)) if ids]
+        return "; ".join(parts) or "plain"
+
+    def prompt(self, ids: Sequence[int], bos_id: int | None) -> list[int]:
+        """`ids` framed for the encoder; `bos_id`: the tokenizer's leading BOS, kept first when `ids` has it."""
+        lead = 1 if ids and bos_id is not None and ids[0] == bos_id else 0
+        return [*ids[:lead], *self.before, *ids[lead:], *self.after]
+
+
+PLAIN = Framing()
+
+
+def continuation_framing(objective: str, mixture: str, vocab: Mapping[str, int]) -> Framing:
+    """The framing of a model pretrained with `objective` (and UL2's `mixture`): a UL2 mixture's PrefixLM
+    denoiser where it has one (its mode token before the prefix), else its single-span denoiser (the kept start,
+    then the first sentinel in both encoder and decoder); PrefixLM and instruction tuning read plain text."""
+    if objective != "ul2":
+        return PLAIN
+    mode_ids, sentinels = special_token_ids(vocab)
+    denoisers = MIXTURES[mixture].denoisers
+    prefix = next((d for d in denoisers if d.prefix_lm), None)
+    if prefix is not None:
+        return Framing(before=(mode_ids[prefix.mode],) if prefix.mode else ())
+    single = next((d for d in denoisers if d.mean_span is None), None)
+    if single is None:
+        return PLAIN
+    mode = (mode_ids[single.mode],) if single.mode else ()
+    return Framing(before=mode, after=(sentinels[0],), decoder=(sentinels[0],))
+
+
+def trained_framing(metadata: Mapping, vocab: Mapping[str, int]) -> Framing:
+    """The framing of a saved model from its provenance (`encdec.checkpoint.read_metadata`): its pretraining
+    objective's, unless instruction tuning (plain prompts) came after."""
+    run = metadata.get("pretrained")
+    if "finetuned" in metadata or not isinstance(run, Mapping):
+        return PLAIN
+    settings = run.get("settings") or {}
+    return continuation_framing(run.get("objective", "prefixlm"), settings.get("mixture", "t5gemma2"), vocab)
+
+
 def _numbered(vocab: Mapping[str, int], pattern: re.Pattern) -> list[int]:
     """Ids of the tokens matching `pattern`, ordered by their number k."""
     matches = ((pattern.fullmatch(name), int(i)) for name, i in vocab.items())

@@ -162,7 +162,7 @@ def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
         data = split_passages(scorer.tokenizer, passages, prefix_len=64, suffix_len=64)
         n += len(data.prefix)
         if scorer.kind == "encoder-decoder":
-            values[f"suffix_nll:{name}"] = encdec_suffix_nll(scorer.model, data, s.batch_size)
+            values[f"suffix_nll:{name}"] = encdec_suffix_nll(scorer.model, data, s.batch_size, scorer.framing)
         else:
             values[f"suffix_nll:{name}"] = decoder_only_suffix_nll(scorer.model, data, s.batch_size)
             values[f"perplexity:{name}"] = decoder_only_perplexity(scorer.model, scorer.tokenizer, passages, s.max_len)
@@ -199,7 +199,8 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
                                      **({"shots_max": max(counts)} if max(counts) != min(counts) else {})}
     for spec in models:
         scorer = load_scorer(spec, dtype, s.max_len)
-        record["models"].append({"name": spec, "kind": scorer.kind, "provenance": _provenance(spec, scorer.kind)})
+        record["models"].append({"name": spec, "kind": scorer.kind, "provenance": _provenance(spec, scorer.kind),
+                                 "framing": scorer.framing.describe()})
         for name in s.tasks:
             log.info("%s: %s", spec, name)
             if name == LM_TASK:

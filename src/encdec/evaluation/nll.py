@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from encdec.errors import EncdecError
 from encdec.model import EncoderDecoder
+from encdec.objectives import PLAIN, Framing
 
 
 @dataclass
@@ -52,10 +53,22 @@ def _position_nll(data: PrefixSuffix, batch_size: int, desc: str, suffix_logits:
     return total.cpu() / len(data.suffix)
 
 
-def encdec_position_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4) -> torch.Tensor:
+def encdec_position_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4,
+                        framing: Framing = PLAIN) -> torch.Tensor:
+    """`framing`: how the model was trained to read a continuation (`encdec.objectives.trained_framing`); the
+    same suffix tokens are scored whatever it adds."""
+    bos = model.config.bos_token_id
+
     def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
-        start = torch.full((len(suffix), 1), model.config.bos_token_id, device=suffix.device)
-        return model(prefix, decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits
+        rows, device = len(suffix), suffix.device
+        if framing != PLAIN:
+            lead = 1 if bool((prefix[:, 0] == bos).all()) else 0
+            before, after = (torch.tensor(t, dtype=prefix.dtype, device=device).expand(rows, -1)
+                             for t in (framing.before, framing.after))
+            prefix = torch.cat([prefix[:, :lead], before, prefix[:, lead:], after], 1)
+        start = torch.tensor([bos, *framing.decoder], device=device).expand(rows, -1)
+        logits = model(prefix, decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits
+        return logits[:, len(framing.decoder):]
 
     return _position_nll(data, batch_size, "encoder-decoder NLL", suffix_logits, model.device)
 
@@ -69,8 +82,9 @@ def decoder_only_position_nll(model, data: PrefixSuffix, batch_size: int = 4) ->
     return _position_nll(data, batch_size, "decoder-only NLL", suffix_logits, model.device)
 
 
-def encdec_suffix_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4) -> float:
-    return encdec_position_nll(model, data, batch_size).mean().item()
+def encdec_suffix_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4,
+                      framing: Framing = PLAIN) -> float:
+    return encdec_position_nll(model, data, batch_size, framing).mean().item()
 
 
 def decoder_only_suffix_nll(model, data: PrefixSuffix, batch_size: int = 4) -> float:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from encdec.checkpoint import is_checkpoint
 from encdec.model import EncoderDecoder, EncoderState, Segments
+from encdec.objectives import PLAIN, Framing, trained_framing
 from encdec.training.data import pad_rows
 
 log = logging.getLogger("encdec")
@@ -40,6 +41,9 @@ class Scorer:
     model: torch.nn.Module
     tokenizer: object
     max_len: int = 2048
+    # how an encoder-decoder was trained to read a continuation (UL2's sentinel): scoring and held-out NLL use it;
+    # generation does not (the engine starts every decoder row at BOS alone)
+    framing: Framing = PLAIN
 
     @property
     def eos_id(self) -> int:
@@ -89,7 +93,7 @@ class Scorer:
 
     def _score(self, requests: list[Request]) -> list[tuple[float, bool]]:
         if self.kind == "encoder-decoder":
-            hidden, targets = _encdec_states(self.model, requests)
+            hidden, targets = _encdec_states(self.model, requests, self.framing)
             logits = self.model.logits(hidden)
         else:
             hidden, targets = _causal_states(self.model, requests, self.pad_id)
@@ -130,23 +134,27 @@ class Scorer:
         return [[t for t in row.tolist() if t != pad] for row in out]
 
 
-def _encdec_states(model: EncoderDecoder, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor]:
+def _encdec_states(model: EncoderDecoder, requests: list[Request],
+                   framing: Framing = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder states predicting every continuation token (flattened, in request order) and those tokens."""
     cfg, device = model.config, model.device
     contexts: dict[tuple[int, ...], int] = {}
     for ctx, _ in requests:
         contexts.setdefault(tuple(ctx), len(contexts))
-    enc_ids, enc_mask = (t.to(device) for t in pad_rows([list(c) for c in contexts], cfg.pad_token_id))
+    enc_ids, enc_mask = (t.to(device) for t in pad_rows([framing.prompt(c, cfg.bos_token_id) for c in contexts],
+                                                         cfg.pad_token_id))
     encoded = model.encode(enc_ids, enc_mask)
     rows = torch.tensor([contexts[tuple(ctx)] for ctx, _ in requests], device=device)
-    dec_ids, dec_mask = (t.to(device) for t in pad_rows([[cfg.bos_token_id, *cont[:-1]] for _, cont in requests],
+    start = [cfg.bos_token_id, *framing.decoder]
+    dec_ids, dec_mask = (t.to(device) for t in pad_rows([[*start, *cont[:-1]] for _, cont in requests],
                                                          cfg.pad_token_id))
     encoder = EncoderState(encoded[rows], Segments.of(enc_ids[rows], enc_mask[rows], None, None))
     hidden = model.decode(dec_ids, encoder, Segments.of(dec_ids, dec_mask, None, None))
     targets = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long, device=device)
-    # an empty continuation still feeds BOS; only positions that predict a continuation token are kept
+    # an empty continuation still feeds the start; only positions that predict a continuation token are kept
     lengths = torch.tensor([len(cont) for _, cont in requests], device=device)
-    predicts = torch.arange(dec_ids.shape[1], device=device) < lengths[:, None]
+    position = torch.arange(dec_ids.shape[1], device=device) - len(framing.decoder)
+    predicts = (position >= 0) & (position < lengths[:, None])
     return hidden[predicts], targets
 
 
@@ -164,10 +172,14 @@ def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 20
     from encdec.sources import load_tokenizer, resolve, transformers_causal_lm
 
     if is_checkpoint(spec):
-        from encdec.checkpoint import load
+        from encdec.checkpoint import load, read_metadata
 
-        return Scorer(spec, "encoder-decoder", load(spec, dtype).to(compute_device()),
-                      load_tokenizer(Path(spec).expanduser()), max_len)
+        tokenizer = load_tokenizer(Path(spec).expanduser())
+        framing = trained_framing(read_metadata(Path(spec).expanduser()), tokenizer.get_vocab())
+        if framing != PLAIN:
+            log.info("%s was pretrained with UL2: its continuations are scored as the objective posed them (token ids "
+                     "%s; generation reads prompts plain)", spec, framing.describe())
+        return Scorer(spec, "encoder-decoder", load(spec, dtype).to(compute_device()), tokenizer, max_len, framing)
     directory = resolve(spec)
     model = transformers_causal_lm(directory, dtype).to(compute_device())
     return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)
