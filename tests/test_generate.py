@@ -210,6 +210,10 @@ def test_penalties_and_biases_change_the_logits_as_documented():
     assert pick_tokens(rows, [Sampling(), s], [None, None], [[3], [3]]).tolist() == [3, 2]
     forced = Sampling(do_sample=True, seed=0, logit_bias=((1, 100.0),))
     assert pick_tokens(rows, [forced, forced], [forced.generator(torch.device("cpu"))] * 2, [[], []]).tolist() == [1, 1]
+    # every bias of a map as large as the vocabulary is added, in float32 as one at a time would be
+    many = Sampling(logit_bias=tuple((t, 0.1 * (t % 7) - 0.3) for t in range(1000)))
+    wide = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(many.adjust(wide, []), wide + torch.tensor([0.1 * (t % 7) - 0.3 for t in range(1000)]))
 
 
 def test_penalties_stop_repetition(model):

@@ -772,6 +772,42 @@ def test_requests_while_draining_get_503(local):
     assert health.status_code == 503
 
 
+def test_a_conversation_the_chat_template_refuses_gets_400(local):
+    """Mistral's and Llama 2's templates raise unless the roles alternate: the client gets a 400 naming
+    'messages' and the template's words (it was a 500, which the openai client retries), and the server answers
+    the next conversation."""
+    import asyncio
+    import copy
+
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    tokenizer = copy.deepcopy(tokenizer)  # never the loader's memoised one
+    tokenizer.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                               "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                               "{{ m['content'] }} {% endfor %}")
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+
+    async def ask() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            bad = [{"role": "user", "content": "w1"}, {"role": "user", "content": "w2"}]
+            good = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"},
+                    {"role": "user", "content": "w3"}]
+            return tuple([await client.post("/v1/chat/completions", json={"messages": m, "max_tokens": 2})
+                          for m in (bad, good)])
+
+    app.state.service.scheduler.start()
+    try:
+        refused, answered = asyncio.run(ask())
+    finally:
+        app.state.service.scheduler.stop(5)
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == "messages" and error["type"] == "invalid_request_error"
+    assert "chat template refuses this conversation (Conversation roles must alternate" in error["message"]
+    assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 2
+
+
 def test_a_streaming_client_gone_before_its_stream_starts_frees_its_slot(local, endless_prompt):
     """The client hung up while its request was parsed: the response's first send fails (as ASGI 2.4 servers
     report it), so the stream's generator never runs, nor its `finally`; the job must be cancelled anyway."""

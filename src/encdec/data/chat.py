@@ -15,12 +15,18 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from encdec.data.instructions import END, START, chat_prompt
 from encdec.data.tokens import leading_bos
 
 _ROLE = {"user": "user", "model": "assistant"}
 _MARK = "\x00answer\x00"  # stands for an answer when finding the text a template puts after one
 _SLOT = re.compile("\ue000(\\d+)\ue001")  # stands for a message's text in a rendering (private-use characters)
+
+
+class ConversationRefused(ValueError):
+    """The tokenizer's chat template refused the turns (Mistral's and Llama 2's raise unless roles alternate)."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,10 @@ class ChatFormat:
         if not self.templated:
             return chat_prompt(turns)
         messages = [{"role": _ROLE[role], "content": text.strip()} for role, text in turns]  # trimmed as Gemma's
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as e:  # a template that checks the turns (roles must alternate user/assistant, ...)
+            raise ConversationRefused(f"the tokenizer's chat template refuses this conversation ({e})") from None
         bos = self.tokenizer.bos_token
         return text.removeprefix(bos) if bos and self.bos is not None else text
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jinja2.exceptions import TemplateError
-
 from encdec.data.text import data_files, distinct_files, json_lines, lone_surrogate
 from encdec.errors import EncdecError
 from encdec.objectives import Example
@@ -163,7 +161,7 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
     responses their end; BOS stays first and the end-of-turn text + EOS stay last, since fine-tuning
     without a final EOS teaches the model never to stop.
     """
-    from encdec.data.chat import ChatFormat
+    from encdec.data.chat import ChatFormat, ConversationRefused
 
     chat = chat or ChatFormat.of(tokenizer)
     bos = [] if chat.bos is None else [chat.bos]
@@ -175,8 +173,8 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
                           f"(to keep {kept}), got {max_input} and {max_target}")
     try:
         prompt = chat.encode(list(pair.turns))[len(bos):]  # a message's text never reads as control tokens
-    except TemplateError as e:  # a template that checks the turns (roles must alternate user/assistant, ...)
-        raise EncdecError(f"{pair.source}: the tokenizer's chat template refuses this conversation ({e})") from None
+    except ConversationRefused as e:
+        raise EncdecError(f"{pair.source}: {e}") from None
     # an answer that spells a control token ("<end_of_turn>" in a text about chat formats) spells it in text, as
     # its prompt does: read as the marker, it would teach the model to end its turn there
     response = tokenizer(pair.response, add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from encdec.data.chat import ChatFormat
+from encdec.data.chat import ChatFormat, ConversationRefused
 from encdec.inference.engine import Emitted, Engine, Row
 from encdec.inference.sampling import Sampling
 from encdec.model import EncoderDecoder
@@ -94,7 +94,11 @@ class Service:
                            f"{self.vocab_size - 1})", "logit_bias")
         if request.kind == "chat":  # a message's text never reads as control tokens (ChatFormat.encode)
             self.short_enough(sum(len(text) for _, text in request.turns), "messages")
-            return [self.ids(self.chat.encode(request.turns), "messages")]
+            try:
+                encoded = self.chat.encode(request.turns)
+            except ConversationRefused as e:
+                raise APIError(400, str(e), "messages") from None
+            return [self.ids(encoded, "messages")]
         return [self.ids(prompt, "prompt") for prompt in request.prompts]
 
     def ids(self, prompt: str | list[int], param: str) -> list[int]:
