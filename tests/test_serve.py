@@ -211,6 +211,31 @@ def test_stop_strings_cut_the_text(server, local):
     assert whole.choices[0].text == full
 
 
+def test_log_probabilities_end_with_the_stop_cut_and_stream_with_their_text(server, local):
+    """A stop string across two tokens: the tokens after the cut are not listed (they were, leaking the stop text),
+    the one the cut runs through is; streamed, an entry comes once its text has been sent, never before."""
+    for prompt in (f"w{a} w{a + 1} w{a + 2}" for a in range(1, 60)):  # one whose answer does not repeat at once
+        words = (full := _solo(local, prompt, 8)).split()
+        if len(words) >= 5 and words[3] not in words[:3]:
+            break
+    stop = f"{words[3]} {words[4][:2]}"  # the fourth word whole, the start of the fifth: a stop across two tokens
+    client, model_id = server.client(), server.process.args[4]
+    options = {"prompt": prompt, "max_tokens": 8, "stop": [stop], "temperature": 0, "logprobs": 1}
+    done = client.completions.create(model=model_id, **options).choices[0]
+    text, listed = done.text, done.logprobs
+    assert done.finish_reason == "stop" and text == full[: full.index(stop)] and text.split() == words[:3]
+    assert all(offset < len(text) for offset in listed.text_offset) and len(listed.tokens) in (3, 4)
+    assert "".join(listed.tokens).startswith(text) and not "".join(listed.tokens).endswith(words[4][:2])
+    streamed, entries = "", []
+    for chunk in client.completions.create(model=model_id, stream=True, **options):
+        for c in chunk.choices:
+            streamed += c.text or ""
+            for token, offset in zip(c.logprobs.tokens, c.logprobs.text_offset) if c.logprobs else ():
+                entries.append((token, offset))
+                assert c.finish_reason is not None or offset + len(token) <= len(streamed)  # its text was sent
+    assert streamed == text and entries == list(zip(listed.tokens, listed.text_offset))
+
+
 def test_n_choices_are_requests_of_their_own(server, local):
     """n choices: a seeded request's choice i is the one-choice request with seed + i (choice 0 is that request
     itself), greedy choices are all the same; streamed, the choices interleave with their indices and each ends."""

@@ -197,11 +197,14 @@ class Answer:
         if self.logprobs is not None:
             self.logprobs.add(item, self.text.detokenizer, len(self.text.text))
         self.piece = self.text.add(item.token)
+        if self.text.stopped and self.logprobs is not None:
+            self.logprobs.stop_at(len(self.text.text))
         return self.text.stopped
 
-    def pending(self) -> dict[str, Any] | None:
-        """The log-probabilities of the tokens since the last call (streaming)."""
-        return self.logprobs and self.logprobs.take()
+    def pending(self, ended: bool = False) -> dict[str, Any] | None:
+        """The log-probabilities of the tokens since the last call whose text was sent (streaming); all that are
+        left once the choice `ended`."""
+        return self.logprobs and self.logprobs.take(None if ended else self.text.sent)
 
 
 def _token(item: Emitted | Exception | None) -> Emitted | None:
@@ -389,18 +392,18 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                     continue
                 stopped = item is not None and out.add(item)
                 piece = out.piece if item is not None else ""
-                if piece:
-                    yield event([_choice(parsed.kind, index, piece, None, True, out.pending())])
+                if piece:  # with the stop's cut, the rest of the answer's tokens (the one the cut runs through)
+                    yield event([_choice(parsed.kind, index, piece, None, True, out.pending(ended=stopped))])
                 if item is not None and not stopped:
                     continue
                 if stopped:
                     service.scheduler.cancel(jobs[index], "stop")
                 rest = "" if stopped else out.text.finish()
                 if rest:
-                    yield event([_choice(parsed.kind, index, rest, None, True, out.pending())])
+                    yield event([_choice(parsed.kind, index, rest, None, True, out.pending(ended=True))])
                 out.finish = "stop" if out.text.stopped else jobs[index].row.finish_reason
                 last = all(a.finish is not None for a in answers)
-                yield event([_choice(parsed.kind, index, None, out.finish, True, out.pending())],
+                yield event([_choice(parsed.kind, index, None, out.finish, True, out.pending(ended=True))],
                             **({"usage": usage()} if last and not parsed.usage_chunk else {}))
             if parsed.usage_chunk:
                 yield event([], usage=usage())

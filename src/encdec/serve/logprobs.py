@@ -3,8 +3,8 @@
 `top_logprobs`).
 
 A token's text is what it adds to the answer (`encdec.serve.text.Detokenizer`, which decides the answer's
-text token by token: the texts join into it, up to a stop string); an alternative's text is what it would
-have added there. A token that stands for bytes (`<0xE2>`, any token of a byte-level BPE vocabulary) has
+text token by token: the texts join into it, up to a stop string, after whose cut no token is listed); an
+alternative's text is what it would have added there. A token that stands for bytes (`<0xE2>`, any token of a byte-level BPE vocabulary) has
 them in `bytes`; its text is empty while the character it helps spell is unfinished, and the token with the
 character's last byte carries the whole character (so offsets never go back). A character that the answer's end leaves unfinished adds its U+FFFDs
 to the text after the last token. End-of-sequence tokens end the answer and are not listed. Other special
@@ -60,9 +60,20 @@ class TokenLogprobs:
             return Piece(added, list(raw), logprob)
         return Piece(added, list(added[len(utf8(text.unfinished, final=True)[0]):].encode("utf-8")), logprob)
 
-    def take(self) -> dict[str, Any] | None:
-        """The entries since the last call, in the endpoint's shape (None when there are none)."""
-        new, self.sent = self.entries[self.sent :], len(self.entries)
+    def stop_at(self, length: int) -> None:
+        """A stop string cut the answer at `length` characters: tokens whose text starts at or after the cut are
+        not the answer's (the one the cut runs through stays, its text whole)."""
+        self.entries = [e for e in self.entries if e.offset < length]
+
+    def take(self, sent: int | None) -> dict[str, Any] | None:
+        """The entries since the last call whose text lies within the first `sent` characters of the answer (the
+        text streamed so far: a token whose text is held back, as the start of a possible stop string, waits
+        with it), or all of them (`sent` None, at the end), in the endpoint's shape (None when there are none)."""
+        end = self.sent
+        while end < len(self.entries) and (sent is None or self.entries[end].offset + len(self.entries[end].chosen.text)
+                                           <= sent):
+            end += 1
+        new, self.sent = self.entries[self.sent : end], end
         return self.render(new) if new else None
 
     def render(self, entries: list[Entry] | None = None) -> dict[str, Any]:
