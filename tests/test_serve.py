@@ -519,6 +519,9 @@ def test_a_body_that_stops_arriving_gets_408(local, monkeypatch):
 
 
 def test_errors_outside_the_endpoints_have_the_apis_shape(server):
+    counted = {(endpoint, status): f'encdec_requests_total{{endpoint="{endpoint}",status="{status}"}}'
+               for endpoint, status in (("other", 404), ("other", 405), ("/v1/models", 200), ("/v1/models", 404))}
+    before = {key: _metric(server.base, name) for key, name in counted.items()}
     other = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "model": "other"}, timeout=30).json()
     assert other["error"]["code"] == "model_not_found" and other["error"]["type"] == "invalid_request_error"
     for answer, status in ((httpx.get(f"{server.base}/v1/nowhere", timeout=30), 404),
@@ -526,8 +529,12 @@ def test_errors_outside_the_endpoints_have_the_apis_shape(server):
         assert answer.status_code == status and "/v1/completions" in answer.json()["error"]["message"]
     model_id = server.process.args[4]
     assert server.client().models.retrieve(model_id).id == model_id
+    assert [m.id for m in server.client().models.list()] == [model_id]
     with pytest.raises(openai.NotFoundError, match="not served here"):
         server.client().models.retrieve("other")
+    # every answer is counted by endpoint and status: unknown paths and methods as "other"
+    assert {key: _metric(server.base, name) - before[key] for key, name in counted.items()} == {
+        ("other", 404): 1, ("other", 405): 1, ("/v1/models", 200): 2, ("/v1/models", 404): 1}
 
 
 def test_extreme_sampling_values_leave_the_batch_working(server, local):

@@ -454,24 +454,24 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     @app.exception_handler(HTTPException)
     async def not_here(_: Request, e: HTTPException) -> Response:
-        """Unknown paths (404) and methods (405) answered in the API's error shape."""
-        return _error(APIError(e.status_code, f"{e.detail}: this server answers /v1/completions, /v1/chat/completions, "
-                               "/v1/embeddings, /v1/models, /health and /metrics"))
+        """Unknown paths (404) and methods (405) answered in the API's error shape (counted as "other")."""
+        return answer("other", _error(APIError(e.status_code, f"{e.detail}: this server answers /v1/completions, "
+                                               "/v1/chat/completions, /v1/embeddings, /v1/models, /health and /metrics")))
 
     def described() -> dict:
         return {"id": settings.model_id, "object": "model", "created": service.created, "owned_by": "encdec"}
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [described()]}
+    async def models() -> Response:
+        return answer("/v1/models", JSONResponse({"object": "list", "data": [described()]}))
 
     @app.get("/v1/models/{name:path}")
-    async def model_info(name: str) -> Response:
+    async def model_info(name: str) -> Response:  # counted with /v1/models: a label per name would not be bounded
         try:
             served(name)
         except APIError as e:
-            return _error(e)
-        return JSONResponse(described())
+            return answer("/v1/models", _error(e))
+        return answer("/v1/models", JSONResponse(described()))
 
     @app.get("/health")
     async def health() -> Response:
