@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tiny import WORDS, make_tokenizer
 
 from encdec.data import natural_instructions as ni
-from encdec.data.instructions import Pair, chat_example, chat_prompt, read_instructions
+from encdec.data.instructions import Pair, chat_example, chat_prompt, read_instructions, system_folded
 from encdec.errors import EncdecError
 
 EOS, BOS = 1, 2
@@ -56,8 +56,10 @@ def test_both_record_shapes_parse(tmp_path: Path) -> None:
                        {"messages": messages})
     first, second = read_instructions([str(path)])
     assert first == Pair(turns=(("user", "Capital of France?"),), response="Paris.", source=f"{path}:1")
-    assert second == Pair(turns=(("user", "Be brief.\n\nHello"), ("model", "Hi."), ("user", "Sum 2+2")),
+    assert second == Pair(turns=(("system", "Be brief."), ("user", "Hello"), ("model", "Hi."), ("user", "Sum 2+2")),
                           response="4", source=f"{path}:3")
+    # Gemma has no system role: its text opens the first user turn
+    assert chat_prompt(system_folded(second.turns)) == chat_prompt([("user", "Be brief.\n\nHello"), *second.turns[2:]])
 
 
 def test_directories_are_read_in_file_order(tmp_path: Path) -> None:

@@ -17,10 +17,10 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 
-from encdec.data.instructions import END, START, chat_prompt
+from encdec.data.instructions import END, START, chat_prompt, system_folded
 from encdec.data.tokens import leading_bos
 
-_ROLE = {"user": "user", "model": "assistant"}
+_ROLE = {"user": "user", "model": "assistant", "system": "system"}
 _MARK = "\x00answer\x00"  # stands for an answer when finding the text a template puts after one
 _SLOT = re.compile("\ue000(\\d+)\ue001")  # stands for a message's text in a rendering (private-use characters)
 
@@ -51,19 +51,28 @@ class ChatFormat:
         return cls(tokenizer, True, answered.split(_MARK, 1)[1].strip(), bos)
 
     def render(self, turns: list[tuple[str, str]]) -> str:
-        """The encoder's text for (role, text) turns, "user" or "model", ending with an open answer: Gemma's chat
-        format, or the tokenizer's template (without the BOS text some templates start with, when the encoder's
-        inputs get `bos` as a token anyway; SmolLM2's tokenizer names its first marker, <|im_start|>, as BOS but
-        never puts it first, so there the marker stays text)."""
+        """The encoder's text for (role, text) turns ("user" or "model", after a first "system"), ending with an open
+        answer: Gemma's chat format (the system text in the first user turn), or the tokenizer's template (with the
+        system role where it has one; without the BOS text some templates start with, when the encoder's inputs get
+        `bos` as a token anyway; SmolLM2's tokenizer names its first marker, <|im_start|>, as BOS but never puts it
+        first, so there the marker stays text)."""
         if not self.templated:
-            return chat_prompt(turns)
-        messages = [{"role": _ROLE[role], "content": text.strip()} for role, text in turns]  # trimmed as Gemma's
+            return chat_prompt(system_folded(turns))
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self._templated(turns)
         except TemplateError as e:  # a template that checks the turns (roles must alternate user/assistant, ...)
-            raise ConversationRefused(f"the tokenizer's chat template refuses this conversation ({e})") from None
+            if turns[0][0] != "system":
+                raise ConversationRefused(f"the tokenizer's chat template refuses this conversation ({e})") from None
+            try:  # a template without a system role (Gemma 2's, Mistral's first) reads it in the first user turn
+                text = self._templated(system_folded(turns))
+            except TemplateError:
+                raise ConversationRefused(f"the tokenizer's chat template refuses this conversation ({e})") from None
         bos = self.tokenizer.bos_token
         return text.removeprefix(bos) if bos and self.bos is not None else text
+
+    def _templated(self, turns: list[tuple[str, str]]) -> str:
+        messages = [{"role": _ROLE[role], "content": text.strip()} for role, text in turns]  # trimmed as Gemma's
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def encode(self, turns: list[tuple[str, str]]) -> list[int]:
         """The token ids of `render(turns)`, the tokenizer's leading BOS first where it puts one, except that a

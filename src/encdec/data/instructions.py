@@ -57,8 +57,9 @@ def chat_prompt(turns: Sequence[tuple[str, str]]) -> str:
 
 
 def conversation(messages: Any) -> list[tuple[str, str]]:
-    """The (role, text) turns, role "user" or "model", of OpenAI-style messages; a first system message is
-    prepended to the first user turn (Gemma has no system role). Raises ValueError with the reason."""
+    """The (role, text) turns, role "user" or "model", of OpenAI-style messages, after a first "system" turn when
+    they begin with a system message (`encdec.data.chat.ChatFormat` gives it to a template that has the role, and
+    prepends it to the first user turn for Gemma, which has none). Raises ValueError with the reason."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
     turns: list[tuple[str, str]] = []
@@ -72,13 +73,18 @@ def conversation(messages: Any) -> list[tuple[str, str]]:
         if role == "system" and i > 0:
             raise ValueError(f"message {i} is a system message; one is accepted only as the first message")
         turns.append((role, message["content"]))
-    if turns[0][0] == "system":
-        system = turns.pop(0)[1].strip()
-        if not turns or turns[0][0] != "user":
-            raise ValueError("a system message must be followed by a user message (Gemma has no system role: "
-                             "it is prepended to the first user turn)")
-        turns[0] = ("user", f"{system}\n\n{turns[0][1].strip()}")
+    if turns[0][0] == "system" and (len(turns) < 2 or turns[1][0] != "user"):
+        raise ValueError("a system message must be followed by a user message (Gemma has no system role: "
+                         "it is prepended to the first user turn)")
     return turns
+
+
+def system_folded(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`turns` without a "system" turn: its text prepended to the first user turn, as Gemma's format needs."""
+    if not turns or turns[0][0] != "system":
+        return list(turns)
+    (_, system), (role, first), *rest = turns
+    return [(role, f"{system.strip()}\n\n{first.strip()}"), *rest]
 
 
 def _turns(messages: Any) -> tuple[Turns, str]:
