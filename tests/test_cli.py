@@ -191,6 +191,34 @@ def test_a_bad_prompt_file_is_one_line_and_writes_nothing(capsys, tmp_path, sour
     assert {p: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_a_ul2_pretrained_model_generates_from_its_objectives_framing(capsys, tmp_path, sources):
+    """`encdec pretrain --objective ul2` (T5Gemma 2's mixture) always gave the encoder a sentinel after the text and
+    began the decoder's answer with it: `encdec generate` reads the saved provenance and does the same."""
+    import json
+
+    import torch
+
+    import encdec
+    from encdec.objectives import special_token_ids
+
+    out = tmp_path / "model"
+    main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
+    meta = json.loads((out / "encdec.json").read_text())
+    (out / "encdec.json").write_text(json.dumps({**meta, "pretrained": {"objective": "ul2",
+                                                                        "settings": {"mixture": "t5gemma2"}}}))
+    tokenizer, model = encdec.load_tokenizer(out), encdec.load(out)
+    sentinel = special_token_ids(tokenizer.get_vocab())[1][0]
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "5", "--out", "-"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    ids = tokenizer("w1 w2 w3").input_ids
+    framed = model.generate(torch.tensor([ids + [sentinel]]), max_new_tokens=5, decoder_prefix=[sentinel])[0]
+    plain = model.generate(torch.tensor([ids]), max_new_tokens=5)[0]
+    assert line["completion"] == tokenizer.decode(framed, skip_special_tokens=True)
+    assert line["completion"] != tokenizer.decode(plain, skip_special_tokens=True)
+    assert line["completion_tokens"] == 5 and line["prompt_tokens"] == len(ids)
+
+
 def test_generate_reads_the_paragraphs_of_a_text_file_and_names_the_accepted_files(capsys, tmp_path, sources):
     import json
 

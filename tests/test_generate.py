@@ -104,6 +104,32 @@ def test_cached_equals_uncached(model, sampling):
     assert torch.equal(cached, uncached)
 
 
+def test_a_decoder_prefix_is_read_after_bos_and_not_returned(model):
+    """A UL2-pretrained model's sentinel (`decoder_prefix`): the engine reads it after BOS before generating, as the
+    uncached path and teacher forcing do; it is neither returned nor counted in the budget, and a row asking for
+    log-probabilities gets them for the tokens it generated only."""
+    ids, mask = _prompts()
+    prefix = [7, 9]
+    cached = model.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1], decoder_prefix=prefix)
+    assert cached.shape == (3, 6)
+    assert torch.equal(cached, model.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1], decoder_prefix=prefix,
+                                              use_cache=False))
+    assert not torch.equal(cached, model.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1]))
+    with torch.no_grad():  # greedy under teacher forcing, row by row
+        for row, keep, out in zip(ids, mask.bool(), cached):
+            decoder = torch.tensor([[model.config.bos_token_id, *prefix, *out[:-1].tolist()]])
+            logits = model(row[keep][None], decoder_input_ids=decoder).logits[0, len(prefix):]
+            assert torch.equal(logits.argmax(-1), out)
+    engine = Engine(model, max_batch=2)
+    rows = [Row(4, frozenset(), logprobs=2, decoder_prefix=tuple(prefix)), Row(4, frozenset(), logprobs=2)]
+    engine.join([ids[0][mask[0].bool()], ids[1][mask[1].bool()]], rows)
+    emitted = [e for _ in range(6) for e in engine.step()]
+    assert [len([e for e in emitted if e.row is r]) for r in rows] == [4, 4] and rows[0].tokens == cached[0, :4].tolist()
+    assert all(e.logprob is not None and len(e.top) == 2 for e in emitted)
+    with pytest.raises(EncdecError, match="decoder_prefix: token id"):
+        model.generate(ids, mask, decoder_prefix=[model.config.vocab_size])
+
+
 def test_self_caches_grow_as_tokens_are_generated_not_by_the_budget(model, monkeypatch):
     """A large budget allocates PREALLOCATED_POSITIONS positions when rows join (the masks are built per step,
     not as a positions x positions table); rows going past them double the caches mid-decode, tokens unchanged."""

@@ -840,6 +840,35 @@ def test_a_conversation_the_chat_template_refuses_gets_400(local):
     assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 2
 
 
+def test_a_ul2_framed_model_is_served_in_its_framing(local):
+    """`encdec serve` of a UL2-pretrained model (`model_framing`): the sentinel after every prompt and after the
+    decoder's start, for completions and chat alike; the answer is what generate gives the framed prompt."""
+    import asyncio
+
+    from encdec.objectives import Framing
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    framing = Framing(after=(7,), decoder=(7,))
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), framing=framing))
+
+    async def ask() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            return await client.post("/v1/completions", json={"prompt": "w1 w2 w3", "max_tokens": 6, "temperature": 0})
+
+    app.state.service.scheduler.start()
+    try:
+        answer = asyncio.run(ask()).json()
+    finally:
+        app.state.service.scheduler.stop(5)
+    ids = tokenizer("w1 w2 w3").input_ids
+    framed = model.generate(torch.tensor([ids + [7]]), max_new_tokens=6, decoder_prefix=[7])[0].tolist()
+    assert answer["choices"][0]["text"] == tokenizer.decode(framed, skip_special_tokens=True)
+    assert answer["usage"]["prompt_tokens"] == len(ids) + 1  # what the encoder read
+    assert framed != _solo_tokens(local, "w1 w2 w3", 6)
+
+
 def test_a_streaming_client_gone_before_its_stream_starts_frees_its_slot(local, endless_prompt):
     """The client hung up while its request was parsed: the response's first send fails (as ASGI 2.4 servers
     report it), so the stream's generator never runs, nor its `finally`; the job must be cancelled anyway."""

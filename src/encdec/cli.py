@@ -121,7 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from encdec.files import atomic_write, check_output_file
     from encdec.generate import check_positions, check_settings, generate_each
     from encdec.inference.engine import Row
-    from encdec.inference.loading import load_for_inference
+    from encdec.data.tokens import leading_bos
+    from encdec.inference.loading import load_for_inference, model_framing
     from encdec.inference.sampling import Sampling
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
@@ -149,13 +150,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(Path(args.dir))
     prompts = (read_prompts(args.input, tokenizer) if args.input is not None
                else texts_as_prompts(args.prompt, tokenizer))
-    longest = max(prompts, key=lambda p: len(p.ids))
-    check_positions(len(longest.ids), args.max_new_tokens, read_config(args.dir)[0],
-                    longest.source if args.input is not None else "")
+    framing = model_framing(args.dir, tokenizer)  # a UL2-pretrained model reads prompts as its objective posed them
+    bos = leading_bos(tokenizer)
+    encoded = [framing.prompt(p.ids, bos) for p in prompts]
+    longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
+    check_positions(len(encoded[longest]), args.max_new_tokens + len(framing.decoder), read_config(args.dir)[0],
+                    prompts[longest].source if args.input is not None else "")
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
     stop = ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids)
-    rows = [Row(args.max_new_tokens, stop, sampling) for _ in prompts]
+    rows = [Row(args.max_new_tokens, stop, sampling, decoder_prefix=framing.decoder) for _ in prompts]
     lines: list[str | None] = [None] * len(prompts)
     # a file is UTF-8; standard output may not be, and an escaped character would not be JSON
     ascii_only = args.out is None and (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") != "utf8"
@@ -171,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     start, printed = time.perf_counter(), 0
     with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True, leave=False,
               disable=len(prompts) == 1 or None) as bar:
-        for i in generate_each(model, [p.ids for p in prompts], rows, args.batch_size, args.compile):
+        for i in generate_each(model, encoded, rows, args.batch_size, args.compile):
             lines[i] = line(i)
             bar.update()
             while args.out is None and printed < len(lines) and lines[printed] is not None:
@@ -186,7 +190,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from encdec.inference.loading import load_for_inference
+    from encdec.inference.loading import load_for_inference, model_framing
     from encdec.logs import log, timed
     from encdec.serve.app import Settings, serve
     from encdec.serve.protocol import Limits
@@ -215,9 +219,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.quantize == "int8":
         log.warning("--quantize int8: a request's tokens depend on the requests decoded with it (dynamic int8 "
                     "products share one activation scale across their rows)")
-    # no request may ask for more positions than the model has (encdec generate refuses such prompts too)
+    framing = model_framing(args.model, tokenizer)
+    # no request may ask for more positions than the model has (encdec generate refuses such prompts too), the
+    # framing's tokens (a UL2-pretrained model's sentinel) included
     max_input, max_new = args.max_input_tokens, args.max_new_tokens
     reads, writes = model.config.encoder.max_positions, model.config.decoder.max_positions
+    reads = None if reads is None else reads - len(framing.before) - len(framing.after)
+    writes = None if writes is None else writes - len(framing.decoder)
     if reads is not None and max_input > reads:
         log.warning("--max-input-tokens %d: this model's encoder reads at most %d positions; prompts are limited to "
                     "%d tokens", max_input, reads, reads)
@@ -229,7 +237,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
                         limits=Limits(max_input, max_new), pooling=args.pooling,
                         api_key=api_key, threads=threads, compile_step=args.compile,
-                        max_connections=args.max_connections)
+                        max_connections=args.max_connections, framing=framing)
     serve(model, tokenizer, settings, args.host, args.port)
 
 

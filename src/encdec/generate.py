@@ -51,7 +51,8 @@ def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: to
     """The reference path: the full decoder over all tokens so far, at every step, for every row."""
     enc_seg = Segments.of(input_ids, attention_mask, None, None)
     encoder = EncoderState(model.encode_segments(input_ids, enc_seg), enc_seg)
-    tokens = torch.full((len(rows), 1), model.config.bos_token_id, dtype=torch.long, device=input_ids.device)
+    start = [model.config.bos_token_id, *rows[0].decoder_prefix]  # (`generate` gives every row the same prefix)
+    tokens = torch.tensor([start] * len(rows), dtype=torch.long, device=input_ids.device)
     for row in rows:
         row.generator = row.sampling.generator(input_ids.device)
     while any(row.finish_reason is None for row in rows):
@@ -99,6 +100,7 @@ def generate(
     top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
     eos_token_ids: list[int] | int | None = None, use_cache: bool = True, compile_step: bool = False,
+    decoder_prefix: Sequence[int] = (),
 ) -> torch.Tensor:
     """Generated tokens [B, T], T <= max_new_tokens; rows that ended early are filled with the pad id.
 
@@ -107,7 +109,8 @@ def generate(
     samples from its own stream seeded with it, so a row's tokens do not depend on the rest of the batch.
     The penalties count each row's generated tokens (`encdec.inference.sampling`); `logit_bias` adds to
     the logits of the given token ids. `compile_step` compiles the engine's step (`torch.compile`: worth its
-    first call's compilation on a GPU, docs/benchmarks.md).
+    first call's compilation on a GPU, docs/benchmarks.md). `decoder_prefix`: tokens the decoder reads after BOS
+    before generating, not returned (a UL2-pretrained model's sentinel: `encdec.objectives.trained_framing`).
     """
     sampling = Sampling(do_sample, temperature, top_k, top_p, seed, presence_penalty, frequency_penalty,
                         repetition_penalty, tuple((logit_bias or {}).items()))
@@ -119,10 +122,11 @@ def generate(
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise EncdecError(f"input_ids must be [batch, length] with at least one prompt of at least one token, got "
                           f"shape {list(input_ids.shape)} (one prompt: ids[None])")
-    lowest, highest = int(input_ids.min()), int(input_ids.max())
-    if lowest < 0 or highest >= cfg.vocab_size:  # the embedding's IndexError otherwise
-        raise EncdecError(f"input_ids: token id {lowest if lowest < 0 else highest} is outside the vocabulary (0 to "
-                          f"{cfg.vocab_size - 1})")
+    for name, ids in (("input_ids", input_ids), ("decoder_prefix", torch.tensor([*decoder_prefix, 0]))):
+        lowest, highest = int(ids.min()), int(ids.max())
+        if lowest < 0 or highest >= cfg.vocab_size:  # the embedding's IndexError otherwise
+            raise EncdecError(f"{name}: token id {lowest if lowest < 0 else highest} is outside the vocabulary (0 to "
+                              f"{cfg.vocab_size - 1})")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise EncdecError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
     if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:
@@ -130,7 +134,7 @@ def generate(
                           "is all 0): every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
     eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else
                     [eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
-    rows = [Row(max_new_tokens, eos, sampling) for _ in range(input_ids.shape[0])]
+    rows = [Row(max_new_tokens, eos, sampling, decoder_prefix=tuple(decoder_prefix)) for _ in range(input_ids.shape[0])]
     input_ids = input_ids.to(model.device)
     attention_mask = None if attention_mask is None else attention_mask.to(model.device)
     if use_cache:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from encdec.checkpoint import is_checkpoint
 from encdec.model import EncoderDecoder, EncoderState, Segments
-from encdec.objectives import PLAIN, Framing, trained_framing
+from encdec.objectives import PLAIN, Framing
 from encdec.training.data import pad_rows
 
 log = logging.getLogger("encdec")
@@ -41,9 +41,7 @@ class Scorer:
     model: torch.nn.Module
     tokenizer: object
     max_len: int = 2048
-    # how an encoder-decoder was trained to read a continuation (UL2's sentinel): scoring and held-out NLL use it;
-    # generation does not (the engine starts every decoder row at BOS alone)
-    framing: Framing = PLAIN
+    framing: Framing = PLAIN  # how an encoder-decoder was trained to read a continuation (UL2's sentinel)
 
     @property
     def eos_id(self) -> int:
@@ -125,8 +123,10 @@ class Scorer:
         eos, pad = list(dict.fromkeys([self.eos_id, *self.model_eos_ids, *stop_ids])), self.pad_id
         with torch.no_grad():
             if self.kind == "encoder-decoder":
-                ids, mask = (t.to(self.model.device) for t in pad_rows(prompts, pad))
-                out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos)
+                framed = [self.framing.prompt(p, self.model.config.bos_token_id) for p in prompts]
+                ids, mask = (t.to(self.model.device) for t in pad_rows(framed, pad))
+                out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos,
+                                          decoder_prefix=self.framing.decoder)
             else:
                 ids, mask = (t.to(self.model.device) for t in pad_rows(prompts, pad, left=True))
                 out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
@@ -172,14 +172,12 @@ def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 20
     from encdec.sources import load_tokenizer, resolve, transformers_causal_lm
 
     if is_checkpoint(spec):
-        from encdec.checkpoint import load, read_metadata
+        from encdec.checkpoint import load
+        from encdec.inference.loading import model_framing
 
         tokenizer = load_tokenizer(Path(spec).expanduser())
-        framing = trained_framing(read_metadata(Path(spec).expanduser()), tokenizer.get_vocab())
-        if framing != PLAIN:
-            log.info("%s was pretrained with UL2: its continuations are scored as the objective posed them (token ids "
-                     "%s; generation reads prompts plain)", spec, framing.describe())
-        return Scorer(spec, "encoder-decoder", load(spec, dtype).to(compute_device()), tokenizer, max_len, framing)
+        return Scorer(spec, "encoder-decoder", load(spec, dtype).to(compute_device()), tokenizer, max_len,
+                      model_framing(spec, tokenizer))
     directory = resolve(spec)
     model = transformers_causal_lm(directory, dtype).to(compute_device())
     return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)

@@ -50,6 +50,15 @@ class Row:
     finish_reason: str | None = None  # "stop" (an EOS token), "length", "cancelled" or "error" (a failed step)
     generator: torch.Generator | None = None
     logprobs: int | None = None  # report each token's log-probability and this many likeliest alternatives
+    # tokens the decoder reads after its start, before the ones it generates (a UL2-pretrained model's sentinel,
+    # `encdec.objectives.Framing`): fed one a step in place of the step's choice, neither emitted nor counted
+    decoder_prefix: tuple[int, ...] = ()
+    prefix_read: int = 0
+
+    @property
+    def decoded(self) -> int:
+        """The decoder positions after its start that this row has filled."""
+        return self.prefix_read + len(self.tokens)
 
 
 @dataclass(frozen=True)
@@ -162,7 +171,7 @@ class Engine:
             raise ValueError("every prompt needs at least one token")
         hidden, placed = self._encode(prompts)
         self._grow_encoder(max(lengths))
-        self._grow_self(min(max(r.max_new_tokens for r in rows), PREALLOCATED_POSITIONS))
+        self._grow_self(min(max(len(r.decoder_prefix) + r.max_new_tokens for r in rows), PREALLOCATED_POSITIONS))
         first = len(self.rows)
         for block, (k, v) in zip(self.layers, self.enc_kv):
             ek, ev = block.encoder_keys_values(hidden)
@@ -249,16 +258,24 @@ class Engine:
         n = len(self.rows)
         if n == 0:
             return []
-        seen = max(len(r.tokens) for r in self.rows) + 1  # decoder positions any row has, this one included
+        seen = max(r.decoded for r in self.rows) + 1  # decoder positions any row has, this one included
         self._grow_self(seen)
         hidden = self.hidden(n, seen, max(self.encoder_lengths[:n]))
         chosen, logits = self._choose(hidden)
-        scores = self._logprobs(hidden, chosen, logits)
+        forced = {slot: r.decoder_prefix[r.prefix_read] for slot, r in enumerate(self.rows)
+                  if r.prefix_read < len(r.decoder_prefix)}
+        if forced:
+            chosen = chosen.index_put((torch.tensor(list(forced), device=self.device),),
+                                      torch.tensor(list(forced.values()), device=self.device))
+        scores = self._logprobs(hidden, chosen, logits, set(forced))
         self.positions[:n] += 1
         self.last[:n] = chosen
         chosen = chosen.tolist()  # the step's one wait on the device for its tokens (scores aside)
         emitted, ended = [], []
         for slot, (row, token) in enumerate(zip(self.rows, chosen)):
+            if slot in forced:
+                row.prefix_read += 1
+                continue
             row.tokens.append(token)
             if token in row.eos_token_ids:
                 row.finish_reason = "stop"
@@ -282,11 +299,12 @@ class Engine:
         logits = self.model.logits(hidden).float()
         return pick_tokens(logits, settings, [r.generator for r in self.rows], [r.tokens for r in self.rows]), logits
 
-    def _logprobs(self, hidden: torch.Tensor, chosen: torch.Tensor,
-                  logits: torch.Tensor | None) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
-        """slot -> (the chosen token's log-probability, the likeliest tokens') for the rows that asked; the
-        head's full float32 logits are computed for those rows only (a greedy batch skipped them)."""
-        slots = [i for i, row in enumerate(self.rows) if row.logprobs is not None]
+    def _logprobs(self, hidden: torch.Tensor, chosen: torch.Tensor, logits: torch.Tensor | None,
+                  forced: set[int]) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
+        """slot -> (the chosen token's log-probability, the likeliest tokens') for the rows that asked and chose
+        (not those reading a `forced` prefix token); the head's full float32 logits are computed for those rows only
+        (a greedy batch skipped them)."""
+        slots = [i for i, row in enumerate(self.rows) if row.logprobs is not None and i not in forced]
         if not slots:
             return {}
         index = torch.tensor(slots, device=self.device)

@@ -1,5 +1,5 @@
 """A checkpoint made ready to generate: device, dtype, weight quantization and CPU kernels, chosen once
-for `encdec generate`, `encdec serve` and the benchmarks."""
+for `encdec generate`, `encdec serve` and the benchmarks; and how it reads a prompt (its framing)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 
 from encdec.allocator import keep_freed_memory
-from encdec.checkpoint import load
+from encdec.checkpoint import load, read_metadata
 from encdec.errors import EncdecError
 from encdec.inference import onednn
 from encdec.inference.quantize import QUANTIZATIONS, quantize_int8
 from encdec.model import EncoderDecoder
+from encdec.objectives import PLAIN, Framing, trained_framing
 
 log = logging.getLogger("encdec")
 
@@ -50,3 +51,13 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
         else:
             return onednn.pack_for_cpu(model)
     return model
+
+
+def model_framing(path: Path | str, tokenizer) -> Framing:
+    """How the checkpoint at `path` reads a prompt to continue (`encdec.objectives.trained_framing`): plain, or as
+    its UL2 pretraining posed the task (a sentinel after the prompt and after the decoder's start), said once."""
+    framing = trained_framing(read_metadata(Path(path).expanduser()), tokenizer.get_vocab())
+    if framing != PLAIN:
+        log.info("%s was pretrained with UL2 and not instruction-tuned since: prompts are read as its objective "
+                 "posed them (token ids %s)", path, framing.describe())
+    return framing

@@ -28,6 +28,7 @@ from encdec.data.chat import ChatFormat, ConversationRefused
 from encdec.inference.engine import Emitted, Engine, Row
 from encdec.inference.sampling import Sampling
 from encdec.model import EncoderDecoder
+from encdec.objectives import PLAIN, Framing
 from encdec.serve.logprobs import TokenLogprobs
 from encdec.serve.metrics import Metrics
 from encdec.serve.protocol import APIError, Limits, Parsed, parse, parse_embeddings
@@ -56,6 +57,7 @@ class Settings:
     threads: int | None = None  # intra-op threads of the scheduler's thread (None: the process's setting)
     compile_step: bool = False  # the engine's step compiled with torch.compile (while the server starts)
     max_connections: int | None = None  # open connections (and requests in flight) past which uvicorn answers 503
+    framing: Framing = PLAIN  # how the model reads a prompt (a UL2-pretrained model's sentinel: `model_framing`)
 
 
 class Service:
@@ -98,8 +100,11 @@ class Service:
                 encoded = self.chat.encode(request.turns)
             except ConversationRefused as e:
                 raise APIError(400, str(e), "messages") from None
-            return [self.ids(encoded, "messages")]
-        return [self.ids(prompt, "prompt") for prompt in request.prompts]
+            prompts = [self.ids(encoded, "messages")]
+        else:
+            prompts = [self.ids(prompt, "prompt") for prompt in request.prompts]
+        framing = self.settings.framing
+        return prompts if framing == PLAIN else [framing.prompt(ids, self.chat.bos) for ids in prompts]
 
     def ids(self, prompt: str | list[int], param: str) -> list[int]:
         """The encoder's input: text tokenized, or token ids checked; no longer than --max-input-tokens."""
@@ -297,7 +302,8 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             prompts = await service.off_loop(service.tokens, parsed)
             loop = asyncio.get_running_loop()
             jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, _choice_sampling(parsed.sampling, i),
-                                    logprobs=parsed.logprobs), loop) for prompt in prompts for i in range(parsed.n)]
+                                    logprobs=parsed.logprobs, decoder_prefix=settings.framing.decoder), loop)
+                    for prompt in prompts for i in range(parsed.n)]
             service.scheduler.submit(*jobs, param="n" if parsed.n > 1 else "prompt")
         except APIError as e:
             return answer(endpoint, _error(e))
