@@ -29,8 +29,8 @@ from encdec.checkpoint import load, read_metadata
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.errors import EncdecError
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
-from encdec.objectives import PLAIN, Framing, trained_framing
 from encdec.files import read_weights
+from encdec.objectives import PLAIN, Framing, trained_framing
 from encdec.sources import load_source, load_tokenizer
 from encdec.training import checkpointing
 from encdec.training.loop import train

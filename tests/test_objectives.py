@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from encdec.objectives import (
     MIXTURES,
     MODE_TOKENS,
+    PLAIN,
     T5GEMMA2_MIXTURE,
     UL2_MIXTURE,
-    PLAIN,
     Denoiser,
     Example,
     Framing,

@@ -118,10 +118,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from encdec.checkpoint import read_config
     from encdec.data.chat import ChatFormat
     from encdec.data.prompts import read_prompts, texts_as_prompts
+    from encdec.data.tokens import leading_bos
     from encdec.files import atomic_write, check_output_file
     from encdec.generate import check_positions, check_settings, generate_each
     from encdec.inference.engine import Row
-    from encdec.data.tokens import leading_bos
     from encdec.inference.loading import load_for_inference, model_framing
     from encdec.inference.sampling import Sampling
     from encdec.logs import timed
