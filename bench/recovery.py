@@ -68,7 +68,8 @@ def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[st
             continue
         keep = read_state(path, "trainer").get("kept_tokens")  # a numpy array, or None when untrimmed
         model = full_vocabulary_model(read_weights(path), start, keep)
-        append(results, {"recipe": name, "step": step, "tokens": step * tokens_per_step(cfg), "nll": score(model, sets, framing)})
+        append(results, {"recipe": name, "step": step, "tokens": step * tokens_per_step(cfg),
+                         "nll": score(model, sets, framing)})
         done.add((name, step))
     if all((name, step) in done for step in range(every, steps + 1, every)):  # scored: only the final model stays
         shutil.rmtree(Path(cfg.out) / "checkpoints", ignore_errors=True)  # (2.4 GB a checkpoint of the 270M)

@@ -26,8 +26,9 @@ log = logging.getLogger("encdec")
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.EBUSY,
                 errno.EISDIR, errno.ENOTDIR}
 SHARD_BYTES = 4 * 1024**3
-# what atomic_dir leaves behind when its process is killed: .NAME.tmp-HOST-PID-XXXXXXXX or .NAME.old-HOST-PID-XXXXXXXX (the
-# 8 characters tempfile.mkdtemp adds); nothing looser, since whatever matches is deleted (a user's ".x.old-2024" is not)
+# what atomic_dir leaves behind when its process is killed: .NAME.tmp-HOST-PID-XXXXXXXX or
+# .NAME.old-HOST-PID-XXXXXXXX (the 8 characters tempfile.mkdtemp adds); nothing looser, since whatever matches is
+# deleted (a user's ".x.old-2024" is not)
 RUN_LOCK = ".encdec.lock"  # held by a training run while it writes its directory (training/rundir.py)
 RUN_FILES = (RUN_LOCK, "checkpoints", "metrics.jsonl")  # what marks a training run's directory
 # atomic_dir's temporaries: .NAME.tmp-HOST-PID-xxxxxxxx (an older form had no HOST), HOST: the machine whose process

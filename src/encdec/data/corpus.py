@@ -95,7 +95,8 @@ def _docstrings(path: Path) -> list[str]:
 
 
 def python_docs() -> list[str]:
-    """Python's documentation without the held-out topics (about 1.2M characters on Python 3.11; the count follows the Python version), in a fixed order."""
+    """Python's documentation without the held-out topics (about 1.2M characters on Python 3.11; the count follows
+    the Python version), in a fixed order."""
     from pydoc_data.topics import topics
 
     # topics share paragraphs, and docstrings quote the reference: drop anything that opens like held-out text
