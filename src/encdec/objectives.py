@@ -229,7 +229,8 @@ def continuation_framing(objective: str, mixture: str, vocab: Mapping[str, int])
 
 def trained_framing(metadata: Mapping, vocab: Mapping[str, int]) -> Framing:
     """The framing of a saved model from its provenance (`encdec.checkpoint.read_metadata`): its pretraining
-    objective's, unless instruction tuning (plain prompts) came after."""
+    objective's, unless it was instruction-tuned too (plain prompts; the provenance keeps one record of each kind
+    of run, not their order, and tuning normally comes last)."""
     run = metadata.get("pretrained")
     if "finetuned" in metadata or not isinstance(run, Mapping):
         return PLAIN
