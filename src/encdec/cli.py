@@ -154,8 +154,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     bos = leading_bos(tokenizer)
     encoded = [framing.prompt(p.ids, bos) for p in prompts]
     longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
-    check_positions(len(encoded[longest]), args.max_new_tokens + len(framing.decoder), read_config(args.dir)[0],
-                    prompts[longest].source if args.input is not None else "")
+    check_positions(len(encoded[longest]), args.max_new_tokens, read_config(args.dir)[0],
+                    prompts[longest].source if args.input is not None else "", len(framing.decoder))
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
     stop = ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids)

@@ -31,19 +31,20 @@ def check_settings(max_new_tokens: int, sampling: Sampling) -> None:
     sampling.check()
 
 
-def check_positions(prompt_tokens: int, max_new_tokens: int, cfg: EncDecConfig, where: str = "") -> None:
+def check_positions(prompt_tokens: int, max_new_tokens: int, cfg: EncDecConfig, where: str = "",
+                    prefix: int = 0) -> None:
     """Refuse (rather than truncate: the end of a prompt is as likely to matter as its start) prompts and
     continuations longer than the source model was trained for, before any memory is allocated for them.
-    `where`: the prompt's place, named first (a file's line)."""
+    `where`: the prompt's place, named first (a file's line); `prefix`: decoder positions a framing's tokens take."""
     limit = cfg.encoder.max_positions
     if limit is not None and prompt_tokens > limit:
         place = f"{where}: " if where else ""
         raise EncdecError(f"{place}the prompt has {prompt_tokens} tokens; this model reads at most {limit} "
                           "(its source's max_position_embeddings): shorten the prompt")
     limit = cfg.decoder.max_positions
-    if limit is not None and max_new_tokens + 1 > limit:
+    if limit is not None and max_new_tokens + 1 + prefix > limit:
         raise EncdecError(f"--max-new-tokens {max_new_tokens}: this model's decoder reads at most {limit} positions, "
-                          f"so at most {limit - 1} new tokens")
+                          f"so at most {limit - 1 - prefix} new tokens")
 
 
 def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
