@@ -30,7 +30,8 @@ from encdec.data.corpus import HELDOUT_SETS
 from encdec.errors import EncdecError
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
 from encdec.files import read_weights
-from encdec.objectives import PLAIN, Framing, trained_framing
+from encdec.inference.loading import model_framing
+from encdec.objectives import PLAIN, Framing
 from encdec.sources import load_source, load_tokenizer
 from encdec.training import checkpointing
 from encdec.training.loop import train
@@ -40,11 +41,6 @@ from encdec.training.vocab import full_vocabulary_model
 
 def score(model, sets: dict[str, PrefixSuffix], framing: Framing = PLAIN) -> dict[str, float]:
     return {name: round(encdec_suffix_nll(model.eval(), data, framing=framing), 4) for name, data in sets.items()}
-
-
-def framing_of(model: Path) -> Framing:
-    """How the trained model reads a continuation, from its provenance (UL2's: after a sentinel)."""
-    return trained_framing(read_metadata(model), load_tokenizer(model).get_vocab())
 
 
 def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[str, PrefixSuffix],
@@ -61,7 +57,8 @@ def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[st
         append(results, {"recipe": name, "event": "trained", "steps": steps, "seconds": round(time.perf_counter() - began),
                          "options": options})
     start = load(args.model)
-    framing = framing_of(Path(cfg.out) / "model")
+    final = Path(cfg.out) / "model"  # its provenance: how it reads a continuation (UL2's: after a sentinel)
+    framing = model_framing(final, load_tokenizer(final))
     for path in checkpointing.checkpoints(Path(cfg.out)):
         step = int(path.name.split("-")[1])
         if (name, step) in done:

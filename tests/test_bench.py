@@ -64,7 +64,7 @@ def test_recovery_study_interrupted_while_scoring_scores_the_rest_before_removin
                        "read_weights": lambda path: recovery.checkpointing.step_of(path),
                        "full_vocabulary_model": lambda weights, start, keep: weights,
                        "load_tokenizer": lambda path: None, "split_passages": lambda *args: None,
-                       "framing_of": lambda path: recovery.PLAIN,
+                       "model_framing": lambda path, tokenizer: recovery.PLAIN,
                        "source_nll": lambda args, sets: {n: 3.0 for n in recovery.HELDOUT_SETS},
                        "report": lambda *args: None}.items():
         monkeypatch.setattr(recovery, name, fake)

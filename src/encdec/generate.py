@@ -123,11 +123,12 @@ def generate(
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise EncdecError(f"input_ids must be [batch, length] with at least one prompt of at least one token, got "
                           f"shape {list(input_ids.shape)} (one prompt: ids[None])")
-    for name, ids in (("input_ids", input_ids), ("decoder_prefix", torch.tensor([*decoder_prefix, 0]))):
-        lowest, highest = int(ids.min()), int(ids.max())
-        if lowest < 0 or highest >= cfg.vocab_size:  # the embedding's IndexError otherwise
-            raise EncdecError(f"{name}: token id {lowest if lowest < 0 else highest} is outside the vocabulary (0 to "
-                              f"{cfg.vocab_size - 1})")
+    lowest, highest = int(input_ids.min()), int(input_ids.max())
+    outside = [lowest if lowest < 0 else highest] if lowest < 0 or highest >= cfg.vocab_size else []
+    outside_prefix = [t for t in decoder_prefix if not 0 <= t < cfg.vocab_size]
+    for name, bad in (("input_ids", outside), ("decoder_prefix", outside_prefix)):
+        if bad:  # the embedding's IndexError otherwise
+            raise EncdecError(f"{name}: token id {bad[0]} is outside the vocabulary (0 to {cfg.vocab_size - 1})")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise EncdecError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
     if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:

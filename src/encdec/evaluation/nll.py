@@ -60,13 +60,9 @@ def encdec_position_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: i
     bos = model.config.bos_token_id
 
     def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
-        rows, device = len(suffix), suffix.device
         if framing != PLAIN:
-            lead = 1 if bool((prefix[:, 0] == bos).all()) else 0
-            before, after = (torch.tensor(t, dtype=prefix.dtype, device=device).expand(rows, -1)
-                             for t in (framing.before, framing.after))
-            prefix = torch.cat([prefix[:, :lead], before, prefix[:, lead:], after], 1)
-        start = torch.tensor([bos, *framing.decoder], device=device).expand(rows, -1)
+            prefix = torch.tensor([framing.prompt(row, bos) for row in prefix.tolist()], device=prefix.device)
+        start = torch.tensor([bos, *framing.decoder], device=suffix.device).expand(len(suffix), -1)
         logits = model(prefix, decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits
         return logits[:, len(framing.decoder):]
 

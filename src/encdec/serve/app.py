@@ -103,8 +103,7 @@ class Service:
             prompts = [self.ids(encoded, "messages")]
         else:
             prompts = [self.ids(prompt, "prompt") for prompt in request.prompts]
-        framing = self.settings.framing
-        return prompts if framing == PLAIN else [framing.prompt(ids, self.chat.bos) for ids in prompts]
+        return [self.settings.framing.prompt(ids, self.chat.bos) for ids in prompts]
 
     def ids(self, prompt: str | list[int], param: str) -> list[int]:
         """The encoder's input: text tokenized, or token ids checked; no longer than --max-input-tokens."""
