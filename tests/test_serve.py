@@ -177,6 +177,25 @@ def test_streaming_sends_the_same_text_then_usage_and_done(server, local):
                                                                           [json.loads(e[6:]) for e in events[:-1]])
 
 
+def test_a_stream_asked_without_usage_has_none(server):
+    reply = httpx.post(f"{server.base}/v1/completions", timeout=30, json={
+        "prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0, "stream_options": {"include_usage": False}})
+    chunks = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
+    assert chunks and all(c["choices"] for c in chunks) and not any("usage" in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_top_p_zero_keeps_the_likeliest_token_and_empty_tools_are_no_tools(server, local):
+    """OpenAI accepts top_p 0 (the likeliest token alone) and an empty tools list, as clients send them."""
+    client = server.client()
+    model_id = server.process.args[4]
+    sampled = client.completions.create(model=model_id, prompt="w1 w2 w3", max_tokens=8, temperature=1.5, top_p=0,
+                                        seed=3)
+    assert sampled.choices[0].text == _solo(local, "w1 w2 w3", 8)
+    chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "w4 w5"}],
+                                          max_tokens=6, temperature=0, tools=[])
+    assert chat.choices[0].message.content == _solo(local, chat_prompt([("user", "w4 w5")]), 6)
+
 def test_concurrent_requests_each_equal_solo_generation(server, local):
     """More requests than batch slots, of different lengths and sampling settings, arriving together."""
     client = server.client()
@@ -379,6 +398,8 @@ BAD = [
     ('["a list"]', 400, None),
     ({"prompt": "w1", "max_tokens": "8"}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": 2, "max_tokens": "8"}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": 2, "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": LONG + 1}, 400, "max_completion_tokens"),
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": ["w1", 5]}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
@@ -403,7 +424,9 @@ BAD = [
     ({"prompt": "w1", "logit_bias": {"96": 1}}, 400, "logit_bias"),
     ({"prompt": "w1", "frobnicate": 1}, 400, "frobnicate"),
     ({"prompt": "w1", "temperature": -1}, 400, "temperature"),
-    ({"prompt": "w1", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "w1", "top_p": -0.1}, 400, "top_p"),
+    ({"prompt": "w1", "top_p": 1.5}, 400, "top_p"),
+    ({"prompt": "w1", "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
     ({"prompt": "w1", "top_k": -2}, 400, "top_k"),
     ({"prompt": "w1", "seed": 2**70}, 400, "seed"),
     ({"prompt": "w1", "max_tokens": LONG + 1}, 400, "max_tokens"),
@@ -571,6 +594,23 @@ def test_a_stop_string_ending_is_counted_as_a_stop(server, local):
               10, "the stop to be counted")
     assert _metric(server.base, 'encdec_generations_finished_total{reason="cancelled"}') == before["cancelled"]
 
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_completed_by_the_last_allowed_token_is_a_stop_in_the_answer_and_the_metric(
+        server, local, endless_prompt, stream):
+    whole = _solo(local, endless_prompt, 4)  # the stop is the whole answer: it completes on token 4 of 4
+    reasons = ("stop", "length")
+    before = {r: _metric(server.base, f'encdec_generations_finished_total{{reason="{r}"}}') for r in reasons}
+    body = {"prompt": endless_prompt, "max_tokens": 4, "temperature": 0, "stop": [whole], "stream": stream}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=60) as reply:
+        reply.raise_for_status()
+        chunks = [json.loads(line[6:]) for line in reply.iter_lines()
+                  if line.startswith("data: {")] if stream else [json.loads(reply.read())]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["stop"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ""
+    _wait_for(lambda: _metric(server.base, 'encdec_generations_finished_total{reason="stop"}') == before["stop"] + 1,
+              10, "the stop to be counted")
+    assert _metric(server.base, 'encdec_generations_finished_total{reason="length"}') == before["length"]
 
 def byte_fallback_tokenizer():
     """Gemma's kind of tokenizer in miniature: rare characters spelled by <0xNN> byte tokens."""

@@ -343,6 +343,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         if not out.text.stopped:
             out.text.finish()  # the end of an unfinished character
         out.finish = "stop" if out.text.stopped else job.row.finish_reason
+        service.scheduler.count(job, out.finish)
         return out
 
     async def _complete(request: Request, jobs: list[Job], parsed: Parsed, meta: dict) -> Response:
@@ -364,10 +365,10 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         """Server-sent events of every choice's text as it settles (choices interleaved, each with its index),
         each choice's finish, the usage, then [DONE]. The usage rides on the last choice's finish chunk, so that
         every chunk has a choice (clients read `chunk.choices[0]`), unless the request asked for it apart
-        (stream_options.include_usage, as the OpenAI API sends it: `"usage": null` on every chunk, then a chunk
-        with no choices)."""
+        (stream_options.include_usage true, as the OpenAI API sends it: `"usage": null` on every chunk, then a
+        chunk with no choices) or not at all (include_usage false)."""
         obj = "chat.completion.chunk" if parsed.kind == "chat" else "text_completion"
-        apart = {"usage": None} if parsed.usage_chunk else {}
+        apart = {"usage": None} if parsed.stream_usage == "apart" else {}
 
         def event(choices: list, **extra: Any) -> str:
             return f"data: {json.dumps({**meta, 'object': obj, 'choices': choices, **apart, **extra})}\n\n"
@@ -407,10 +408,11 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 if rest:
                     yield event([_choice(parsed.kind, index, rest, None, True, out.pending(ended=True))])
                 out.finish = "stop" if out.text.stopped else jobs[index].row.finish_reason
+                service.scheduler.count(jobs[index], out.finish)
                 last = all(a.finish is not None for a in answers)
                 yield event([_choice(parsed.kind, index, None, out.finish, True, out.pending(ended=True))],
-                            **({"usage": usage()} if last and not parsed.usage_chunk else {}))
-            if parsed.usage_chunk:
+                            **({"usage": usage()} if last and parsed.stream_usage == "inline" else {}))
+            if parsed.stream_usage == "apart":
                 yield event([], usage=usage())
             yield "data: [DONE]\n\n"
         except APIError as e:

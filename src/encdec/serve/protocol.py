@@ -35,8 +35,8 @@ class APIError(Exception):
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
 # field -> the value(s) that leave the result unchanged; any other value is refused
 NEUTRAL = {"best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
-           "tools": (None,), "tool_choice": (None, "none"),
-           "functions": (None,), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+           "tools": (None, []), "tool_choice": (None, "none"),
+           "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
            "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                    "n",
@@ -71,7 +71,9 @@ class Parsed:
     logprobs: int | None = None  # None: no log-probabilities; k: each token's and its k likeliest alternatives'
     n: int = 1  # choices, each generated as a request of its own
     turns: list[tuple[str, str]] | None = None  # chat: the (role, text) turns, "user" or "model", the last a user's
-    usage_chunk: bool = False  # stream_options.include_usage: the usage in a last chunk of its own (no choices)
+    # a stream's usage: on the last choice's finish chunk ("inline", unasked), in a last chunk of its own with no
+    # choices ("apart", stream_options.include_usage true, as OpenAI sends it), or not at all ("none", false)
+    stream_usage: str = "inline"
 
 
 def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -231,22 +233,25 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
                            name)
     model = _typed(body, "model", (str,), "a string")
     stream = _typed(body, "stream", (bool,), "true or false") or False
-    usage_chunk = _include_usage(body)
+    stream_usage = _stream_usage(body)
     if body.get("stream_options") is not None and not stream:  # as the OpenAI API answers it
         raise APIError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options")
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    _typed(body, "max_tokens", (int,), "an integer")  # checked even where max_completion_tokens overrides it
-    max_tokens = _typed(body, budget, (int,), "an integer")
+    for name in ("max_tokens", "max_completion_tokens"):  # both checked, where max_completion_tokens overrides
+        value = _typed(body, name, (int,), "an integer")
+        if value is not None and not 1 <= value <= limits.max_new_tokens:
+            raise APIError(400, f"'{name}' must be between 1 and {limits.max_new_tokens} (this server's "
+                           f"--max-new-tokens), got {value}", name)
+    max_tokens = body.get(budget)
     if max_tokens is None:  # the OpenAI API's defaults: 16 tokens for a completion, a chat answer up to the limit
         max_tokens = limits.max_new_tokens if kind == "chat" else min(COMPLETION_DEFAULT_TOKENS, limits.max_new_tokens)
-    if not 1 <= max_tokens <= limits.max_new_tokens:
-        raise APIError(400, f"'{budget}' must be between 1 and {limits.max_new_tokens} (this server's "
-                       f"--max-new-tokens), got {max_tokens}", budget)
     temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
-    top_p = _number(body, "top_p", 0.0, 1.0, 1.0, open_low=True)
+    top_p = _number(body, "top_p", 0.0, 1.0, 1.0)
     top_k = _typed(body, "top_k", (int,), "an integer")
     if top_k is not None and top_k < -1:
         raise APIError(400, f"'top_k' must be at least 1 (0 or -1: no limit), got {top_k}", "top_k")
+    if top_p == 0:  # the smallest set of tokens whose mass reaches 0 is the likeliest token alone (OpenAI accepts 0)
+        top_p, top_k = 1.0, 1
     seed = _typed(body, "seed", (int,), "an integer")
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise APIError(400, f"'seed' must be in [-2**63, 2**64), got {seed}", "seed")
@@ -264,17 +269,18 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     if n is not None and not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}, got {n}", "n")
     return Parsed(kind, model, prompts, max_tokens, sampling, stop, stream, _logprobs(body, kind), n or 1, turns,
-                  usage_chunk)
+                  stream_usage)
 
 
-def _include_usage(body: dict) -> bool:
-    """stream_options.include_usage, the one stream option that changes what is sent (others are ignored)."""
+def _stream_usage(body: dict) -> str:
+    """Parsed.stream_usage from stream_options.include_usage, the one stream option that changes what is sent
+    (others are ignored)."""
     options = _typed(body, "stream_options", (dict,), "an object")
     value = (options or {}).get("include_usage")
     if value is not None and not isinstance(value, bool):
         raise APIError(400, f"'stream_options.include_usage' must be true or false, got {json.dumps(value)[:40]}",
                        "stream_options")
-    return bool(value)
+    return {None: "inline", True: "apart", False: "none"}[value]
 
 
 @dataclass

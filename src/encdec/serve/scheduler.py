@@ -36,6 +36,7 @@ class Job:
     tokens: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrived: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    counted: bool = False  # its end is in the finished-generations metric
 
     def deliver(self, item: Emitted | Exception | None) -> None:
         self.loop.call_soon_threadsafe(self.tokens.put_nowait, item)
@@ -109,6 +110,8 @@ class Scheduler:
             elif job.row.finish_reason is None:
                 self.cancelled.append((job, reason))
                 self.wake.notify()
+            elif reason == "cancelled":  # it had ended on its own: counted as it ended, if its answer never settled
+                self.count(job, job.row.finish_reason)
 
     def stop_accepting(self) -> None:
         with self.wake:
@@ -126,9 +129,17 @@ class Scheduler:
             self.wake.notify()
         self.thread.join(timeout)
 
+    def count(self, job: Job, reason: str) -> None:
+        """Count the request's end once, as the API reports it: a stop string that completes on the last allowed
+        token ends a row the engine ended for its length, and the answer says "stop"."""
+        if not job.counted:
+            job.counted = True
+            self.metrics.finished.labels(reason).inc()
+
     def _finish(self, job: Job, reason: str) -> None:
         job.row.finish_reason = job.row.finish_reason or reason
-        self.metrics.finished.labels(job.row.finish_reason).inc()
+        if job.row.finish_reason in ("cancelled", "error"):  # a row's own end is counted when its answer settles
+            self.count(job, job.row.finish_reason)
         if job.first_token is not None:
             self.metrics.latency.observe(time.perf_counter() - job.arrived)
         job.deliver(None)
@@ -154,7 +165,7 @@ class Scheduler:
                 log.exception("decoding step failed")
                 for job in [*self.running.values(), *(job for job in arrivals if job.row not in self.running)]:
                     self.engine.cancel(job.row, "error")
-                    self.metrics.finished.labels("error").inc()
+                    self.count(job, "error")
                     job.deliver(e)
                 self.running.clear()
                 self.metrics.running.set(len(self.engine.rows))
@@ -199,6 +210,8 @@ class Scheduler:
             if self.running.pop(job.row, None) is not None:
                 self.engine.cancel(job.row, reason)
                 self._finish(job, reason)
+            else:  # it ended in the step since
+                self.count(job, reason if reason == "stop" else job.row.finish_reason)
         if arrivals:
             self._admit(arrivals)
         self.metrics.running.set(len(self.engine.rows))
