@@ -10,7 +10,9 @@ next request when the previous one has finished), every request a streamed `POST
 - transformers-loop: one request at a time through transformers' `AutoModelForSeq2SeqLM.generate` on
   the same checkpoint, the clients being threads of the same process that queue their requests for a
   single generating thread (no HTTP: what a plain loop over transformers gives, its time to first
-  token taken when generate emits its first new token).
+  token taken when generate emits its first new token);
+- transformers-loop-bf16: the same loop with the model in bfloat16, serve-bf16's baseline at the same
+  precision (its texts are compared with the float32 loop's too).
 
 Requests: prompts of mixed lengths (--min-prompt..--max-prompt tokens, decoded back to text) cut
 from the default corpus, 32-64 new tokens each (--min-new, --max-new), greedy, the same sequence of
@@ -53,7 +55,8 @@ from pathlib import Path
 from common import corpus_token_ids, peak_rss_gib, print_result, run_worker
 from generate_throughput import prepare_model
 
-TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop")
+TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop", "transformers-loop-bf16")
+LOOP_DTYPES = {"transformers-loop": "float32", "transformers-loop-bf16": "bfloat16"}
 HEALTH_TIMEOUT_S = 300  # loading the 270M takes under a minute alone; a busy shared machine may take longer
 REQUEST_TIMEOUT_S = 600
 
@@ -84,7 +87,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-new", type=int, default=32, help="fewest new tokens a request asks for")
     p.add_argument("--max-new", type=int, default=64, help="most new tokens a request asks for")
     p.add_argument("--seed", type=int, default=0, help="seed of the request sequence")
-    p.add_argument("--loop-worker", nargs=2, metavar=("MODEL_DIR", "REQUESTS"), help=argparse.SUPPRESS)
+    p.add_argument("--loop-worker", nargs=3, metavar=("MODEL_DIR", "REQUESTS", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.targets = args.targets.split(",")
     unknown = set(args.targets) - set(TARGETS)
@@ -245,8 +248,8 @@ class FirstToken:
         pass
 
 
-def loop_worker(model_dir: Path, plan_file: Path) -> None:
-    """Closed-loop client threads queueing for one thread that runs transformers' generate."""
+def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
+    """Closed-loop client threads queueing for one thread that runs transformers' generate in `dtype`."""
     import torch
     import transformers
 
@@ -256,7 +259,7 @@ def loop_worker(model_dir: Path, plan_file: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
     # the server's stop tokens: the model's EOS ids and the end-of-turn marker (encdec.serve.app.Service)
     from encdec.data.chat import ChatFormat
     from encdec.files import read_json
@@ -314,18 +317,18 @@ def loop_worker(model_dir: Path, plan_file: Path) -> None:
     print_result({"levels": levels_out, "peak_gib": peak_rss_gib(os.getpid())})
 
 
-def run_loop(model_dir: Path, requests: list[dict], plan: list[list[list[int]]],
+def run_loop(model_dir: Path, dtype: str, requests: list[dict], plan: list[list[list[int]]],
              args: argparse.Namespace) -> tuple[list[tuple[list[Done], float]], float]:
     plan_file = args.work_dir / "serve_load_plan.json"
     plan_file.write_text(json.dumps({"requests": requests, "plan": plan, "max_seconds": args.max_seconds}))
-    result = run_worker(__file__, ["--loop-worker", str(model_dir), str(plan_file)])
+    result = run_worker(__file__, ["--loop-worker", str(model_dir), str(plan_file), dtype])
     return [([Done(**d) for d in level["done"]], level["wall"]) for level in result["levels"]], result["peak_gib"]
 
 
 def main() -> None:
     args = parse_args()
     if args.loop_worker:
-        loop_worker(Path(args.loop_worker[0]), Path(args.loop_worker[1]))
+        loop_worker(Path(args.loop_worker[0]), Path(args.loop_worker[1]), args.loop_worker[2])
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or prepare_model("merged", args.work_dir)
@@ -334,8 +337,8 @@ def main() -> None:
     measured: dict[str, tuple[list[tuple[list[Done], float]], float]] = {}
     for target in args.targets:
         print(f"{target} ...", file=sys.stderr, flush=True)
-        if target == "transformers-loop":
-            measured[target] = run_loop(model_dir, requests, plan, args)
+        if target in LOOP_DTYPES:
+            measured[target] = run_loop(model_dir, LOOP_DTYPES[target], requests, plan, args)
         else:
             measured[target] = run_server(model_dir, server_options(target, args), requests, plan, args)
 
@@ -343,30 +346,32 @@ def main() -> None:
     reference = {d.index: d.text for done, _ in loop[0] for d in done} if loop else {}
     print(f"model {model_dir}, {os.cpu_count()} CPUs, float32 unless named, greedy; prompts {args.min_prompt}-{args.max_prompt} "
           f"tokens, {args.min_new}-{args.max_new} new tokens, {args.requests_per_client} request(s) per client")
-    print(f"{'target':<17}  {'clients':>7}  {'done':>4}  {'req/s':>6}  {'out tok/s':>9}  {'TTFT p50':>8}  {'TTFT p99':>8}"
+    print(f"{'target':<22}  {'clients':>7}  {'done':>4}  {'req/s':>6}  {'out tok/s':>9}  {'TTFT p50':>8}  {'TTFT p99':>8}"
           f"  {'lat p50':>7}  {'lat p99':>7}  {'peak GiB':>8}  same text as loop")
     for target, (results, peak) in measured.items():
         for clients, (done, wall) in zip(args.clients, results):
             ttft, latency = [d.ttft for d in done], [d.latency for d in done]
             same = f"{sum(reference.get(d.index) == d.text for d in done)}/{len(done)}" \
                 if reference and target != "transformers-loop" else "-"
-            print(f"{target:<17}  {clients:>7}  {len(done):>4}  {len(done) / wall:>6.2f}"
+            print(f"{target:<22}  {clients:>7}  {len(done):>4}  {len(done) / wall:>6.2f}"
                   f"  {sum(d.tokens for d in done) / wall:>9.1f}  {percentile(ttft, .5):>8.2f}"
                   f"  {percentile(ttft, .99):>8.2f}  {percentile(latency, .5):>7.2f}  {percentile(latency, .99):>7.2f}"
                   f"  {peak:>8.2f}  {same}")
-    if loop is None:
-        return
     top, single = args.clients.index(max(args.clients)), args.clients.index(min(args.clients))
-    loop_rate = sum(d.tokens for d in loop[0][top][0]) / loop[0][top][1]
-    loop_single = statistics.median(d.latency for d in loop[0][single][0])
-    for target in ("serve-bf16", "serve"):  # float32's ratios last
-        if target in measured:
-            served = measured[target][0]
-            rate = sum(d.tokens for d in served[top][0]) / served[top][1]
-            p99 = percentile([d.latency for d in served[top][0]], .99)
-            print(f"ratio ({target} / transformers-loop output tokens/s, {args.clients[top]} clients): {rate / loop_rate:.2f}x")
-            print(f"ratio ({target} p99 latency at {args.clients[top]} clients / transformers-loop latency at "
-                  f"{args.clients[single]} client(s)): {p99 / loop_single:.2f}x")
+    # serve-bf16 against the bfloat16 loop as well when it ran; float32's ratios last
+    pairs = [("serve-bf16", "transformers-loop-bf16"), ("serve-bf16", "transformers-loop"), ("serve", "transformers-loop")]
+    for target, baseline in pairs:
+        if target not in measured or baseline not in measured:
+            continue
+        base = measured[baseline][0]
+        base_rate = sum(d.tokens for d in base[top][0]) / base[top][1]
+        base_single = statistics.median(d.latency for d in base[single][0])
+        served = measured[target][0]
+        rate = sum(d.tokens for d in served[top][0]) / served[top][1]
+        p99 = percentile([d.latency for d in served[top][0]], .99)
+        print(f"ratio ({target} / {baseline} output tokens/s, {args.clients[top]} clients): {rate / base_rate:.2f}x")
+        print(f"ratio ({target} p99 latency at {args.clients[top]} clients / {baseline} latency at "
+              f"{args.clients[single]} client(s)): {p99 / base_single:.2f}x")
 
 
 if __name__ == "__main__":
