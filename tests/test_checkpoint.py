@@ -149,7 +149,7 @@ def test_weights_are_read_like_safetensors_reads_them_and_into_memory_of_their_o
 
 @pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("damage", ["header cut", "header not json", "offsets past the end", "size mismatch",
-                                    "unknown dtype", "data cut"])
+                                    "unknown dtype", "data cut", "shared bytes", "bytes no tensor names"])
 def test_malformed_safetensors_files_are_refused(tmp_path, damage, mapped):
     from safetensors.torch import save_file
 
@@ -163,6 +163,12 @@ def test_malformed_safetensors_files_are_refused(tmp_path, damage, mapped):
         raw = raw[:8] + b"{" * length + raw[8 + length:]
     elif damage == "data cut":
         raw = raw[:-5]
+    elif damage == "shared bytes":  # a second tensor reading the first one's bytes: loaded silently before
+        header["v"] = dict(header["w"])
+        text = json.dumps(header).encode()
+        raw = len(text).to_bytes(8, "little") + text + raw[8 + length:]
+    elif damage == "bytes no tensor names":
+        raw = raw + bytes(64)
     else:
         entry = header["w"]
         if damage == "offsets past the end":

@@ -1,5 +1,5 @@
 """Files a user is handed never run code or reach outside their directory: run directories, tokenizers,
-transformers configurations, weight indexes, token caches, YAML configurations."""
+transformers configurations, weight indexes, token caches, YAML configurations, links in a run directory."""
 
 from __future__ import annotations
 
@@ -162,3 +162,22 @@ def test_a_yaml_configuration_cannot_build_python_objects(tmp_path, capsys):
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "cannot read the YAML configuration" in lines[0]
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", [".encdec.lock", "metrics.jsonl"])
+def test_a_link_in_a_run_directory_is_not_written_through(adapted, corpus, tmp_path, capsys, name):
+    """A run directory someone handed over, whose lock or metrics file links elsewhere: the file the link names is
+    neither created nor changed, and the run stops with one line (the link need not point at anything yet)."""
+    out, victim = tmp_path / "run", tmp_path / "victim"
+    out.mkdir()
+    (out / name).symlink_to(victim)
+    assert main(["pretrain", "--model", str(adapted), "--data", str(corpus), "--out", str(out), "--steps", "1",
+                 "--batch-size", "2", "--enc-len", "8", "--dec-len", "8", "--no-distill"]) == 2
+    (line,) = _error_lines(capsys)
+    assert f"{out / name} is a symbolic link" in line and "delete the link" in line
+    assert not victim.exists()
+    victim.write_text("kept")
+    setup()
+    assert main(["pretrain", "--model", str(adapted), "--data", str(corpus), "--out", str(out), "--steps", "1",
+                 "--batch-size", "2", "--enc-len", "8", "--dec-len", "8", "--no-distill"]) == 2
+    assert victim.read_text() == "kept"

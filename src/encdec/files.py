@@ -150,9 +150,13 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if not isinstance(header, dict):
             raise ValueError("its header is not a JSON object")
         header.pop("__metadata__", None)
-        start = 8 + length
+        start, expected = 8 + length, 0
         for name, entry in sorted(header.items(), key=lambda item: _offsets(item)[0]):
             begin, end = _offsets((name, entry))
+            if begin != expected:  # as the format requires (and safetensors checks): no tensor shares or skips bytes
+                raise ValueError(f"tensor {name}: its bytes start at {begin}, where the tensors before it end at "
+                                 f"{expected} (overlapping or gapped data_offsets)")
+            expected = end
             dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
             shape = entry.get("shape")
             if dtype is None or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
@@ -164,6 +168,8 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if tensor.numel() and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
                 raise ValueError(f"tensor {name} is cut off")
             yield name, tensor
+        if start + expected != size:
+            raise ValueError(f"its tensors end at byte {start + expected} of {size}: bytes no tensor names")
 
 
 def _offsets(item: tuple[str, Any]) -> tuple[int, int]:
@@ -397,6 +403,18 @@ def remove_abandoned_temporaries(parent: Path) -> None:
             os.replace(moved_aside, parent / name)
         log.info("removing %s, left by an interrupted write", entry)
         shutil.rmtree(entry, ignore_errors=True)
+
+
+def open_own(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open of a file a run keeps in its directory (its lock, its metrics), refusing a symbolic link there: a run
+    directory someone handed over must not make encdec write wherever its links point."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise EncdecError(f"{path} is a symbolic link; encdec writes this file itself and does not follow links "
+                          "there: delete the link") from None
 
 
 def atomic_write(path: Path, text: str) -> None:

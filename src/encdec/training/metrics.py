@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from encdec.errors import EncdecError
+from encdec.files import open_own
 
 
 class Metrics:
@@ -20,7 +22,7 @@ class Metrics:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
-        self.file = (out / "metrics.jsonl").open("a")
+        self.file = os.fdopen(open_own(out / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -28,6 +28,7 @@ from encdec.files import (
     check_apart,
     check_not_above,
     check_writable_place,
+    open_own,
     portable_path,
     written,
 )
@@ -54,7 +55,7 @@ def _acquire(out: Path) -> int:
     """The descriptor of OUT's lock file, locked by this process; EncdecError naming the holder if it is held."""
     path, unlocked = out / LOCK, False
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_own(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
