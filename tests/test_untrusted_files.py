@@ -181,3 +181,34 @@ def test_a_link_in_a_run_directory_is_not_written_through(adapted, corpus, tmp_p
     assert main(["pretrain", "--model", str(adapted), "--data", str(corpus), "--out", str(out), "--steps", "1",
                  "--batch-size", "2", "--enc-len", "8", "--dec-len", "8", "--no-distill"]) == 2
     assert victim.read_text() == "kept"
+
+
+def _set_everywhere(value, key: str, new) -> None:
+    """Set `key` to `new` in every object nested in `value`."""
+    if isinstance(value, dict):
+        for k in value:
+            if k == key:
+                value[k] = new
+            else:
+                _set_everywhere(value[k], key, new)
+    elif isinstance(value, list):
+        for item in value:
+            _set_everywhere(item, key, new)
+
+
+@pytest.mark.parametrize("family", ["adapted", "gemma3", "llama", "qwen2"])
+def test_a_config_declaring_millions_of_layers_is_refused_before_anything_is_built(adapted, sources, tmp_path, capsys,
+                                                                                  family):
+    """A 1 KB config.json must not make encdec build a skeleton of ten million layers (hundreds of GB)."""
+    model = tmp_path / "model"
+    shutil.copytree(adapted if family == "adapted" else sources[family], model)
+    config = json.loads((model / "config.json").read_text())
+    _set_everywhere(config, "num_hidden_layers", 10**7)
+    _set_everywhere(config, "layer_types", None)
+    (model / "config.json").write_text(json.dumps(config))
+    command = ["info", str(model)] if family == "adapted" else ["adapt", "--encoder", str(model), "--out",
+                                                                 str(tmp_path / "out")]
+    assert main(command) == 2
+    (line,) = _error_lines(capsys)
+    assert "num_hidden_layers must be an integer from 1 to 1024, got 10000000" in line and "config.json" in line
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,17 @@ ATTENTION_KINDS = ("merged", "cross")
 #   "t5gemma2": -(W // 2) <= d <= (W + 1) // 2 - 1 (transformers' T5Gemma2: the window split over both sides)
 #   "flax":     |d| <= W - 1                    (Google's Flax T5Gemma code)
 WINDOW_CONVENTIONS = ("t5gemma", "t5gemma2", "flax")
+# far above any published model's (Llama 3.1 405B has 126): a count past it is a damaged or crafted configuration,
+# refused before anything is built per layer (a meta-device skeleton of 10 million layers needs hundreds of GB)
+MAX_LAYERS = 1024
+
+
+def layer_count(cfg: dict[str, Any], key: str = "num_hidden_layers") -> int:
+    """A source configuration's layer count, checked before lists or modules are built from it."""
+    n = cfg[key]
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LAYERS:
+        raise EncdecError(f"{key} must be an integer from 1 to {MAX_LAYERS}, got {str(n)[:40]}")
+    return n
 
 
 @dataclass
@@ -60,6 +71,8 @@ class StackConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EncdecError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_layers > MAX_LAYERS:
+            raise EncdecError(f"num_layers must be at most {MAX_LAYERS}, got {self.num_layers}")
         for name in ("query_pre_attn_scalar", "rope_theta_local", "rope_theta_global", "rope_scale_local",
                      "rope_scale_global", "rms_norm_eps"):
             value = getattr(self, name)

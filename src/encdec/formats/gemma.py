@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from encdec.config import StackConfig
+from encdec.config import StackConfig, layer_count
 from encdec.errors import EncdecError
 from encdec.formats.decoder_only import SourceConfig, special_tokens
 
@@ -56,7 +56,7 @@ def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
 
 def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
     """A StackConfig from a Gemma 2 / Gemma 3 (text) or T5Gemma module configuration dict."""
-    n = cfg["num_hidden_layers"]
+    n = layer_count(cfg)
     if cfg.get("layer_types"):
         layer_types = [HF_LAYER_TYPES[t] for t in cfg["layer_types"]]
     else:

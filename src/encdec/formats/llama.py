@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from encdec.config import StackConfig
+from encdec.config import StackConfig, layer_count
 from encdec.errors import EncdecError
 from encdec.formats.decoder_only import SourceConfig, special_tokens
 
@@ -57,7 +57,7 @@ def stack_from_hf(cfg: dict[str, Any], layer_types: list[str], where: Path, **fa
     refuse_unsupported(cfg, where)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return StackConfig(
-        num_layers=cfg["num_hidden_layers"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_layers=layer_count(cfg), hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         num_heads=cfg["num_attention_heads"], num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
         head_dim=head_dim, layer_types=layer_types, sliding_window=cfg.get("sliding_window") or 4096,
         query_pre_attn_scalar=head_dim, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -75,5 +75,5 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
     """A Llama or Mistral config.json."""
     family = MODEL_TYPES[cfg["model_type"]]
     local = family == "mistral" and cfg.get("sliding_window") is not None
-    layer_types = ["sliding" if local else "full"] * cfg["num_hidden_layers"]
+    layer_types = ["sliding" if local else "full"] * layer_count(cfg)
     return source_config(cfg, family, stack_from_hf(cfg, layer_types, where))

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from encdec.config import layer_count
 from encdec.formats.decoder_only import SourceConfig
 from encdec.formats.gemma import HF_LAYER_TYPES
 from encdec.formats.llama import LAYER, NOT_TEXT, TEXT_PREFIXES, source_config, stack_from_hf
@@ -21,7 +22,7 @@ __all__ = ["ADAPTED_AS", "GGUF_ARCHITECTURES", "LAYER", "MODEL_TYPES", "NOT_TEXT
 def _layer_types(cfg: dict[str, Any]) -> list[str]:
     if cfg.get("layer_types"):
         return [HF_LAYER_TYPES[t] for t in cfg["layer_types"]]
-    n, first_local = cfg["num_hidden_layers"], cfg.get("max_window_layers", 28)
+    n, first_local = layer_count(cfg), cfg.get("max_window_layers", 28)
     return ["sliding" if cfg.get("use_sliding_window") and i >= first_local else "full" for i in range(n)]
 
 
