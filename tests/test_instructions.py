@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
+import re
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -241,31 +241,44 @@ def test_bad_tarballs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_download_into_cache(bigbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sdist is fetched with pip into a temporary directory of the cache and moved into place."""
-    calls = []
+    """The sdist is fetched as a file (no pip, which would run its setup code), into a temporary directory of the
+    cache, checked against the pinned SHA-256 and moved into place; a mismatch keeps nothing."""
+    import hashlib
 
-    def pip(command: list[str], **_: object) -> subprocess.CompletedProcess:
-        calls.append(command)
-        (Path(command[command.index("-d") + 1]) / ni.TARBALL).write_bytes(bigbench.read_bytes())
-        return subprocess.CompletedProcess(command, 0, "Saved", "")
-
-    monkeypatch.setattr(ni.subprocess, "run", pip)
-    assert len(ni.natural_instructions()) == 6
     directory = bigbench.parent / "cache" / "bigbench"
-    assert calls[0][1:] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0", "-d",
-                            calls[0][-1]]
+    monkeypatch.setattr(ni, "URL", bigbench.as_uri())
+    monkeypatch.setattr(ni, "SHA256", "0" * 64)
+    with pytest.raises(EncdecError, match=f"has SHA-256 {hashlib.sha256(bigbench.read_bytes()).hexdigest()}, not"):
+        ni.natural_instructions()
+    assert list(directory.iterdir()) == []
+    monkeypatch.setattr(ni, "SHA256", hashlib.sha256(bigbench.read_bytes()).hexdigest())
+    opened = []
+    real = ni.urllib.request.urlopen
+    monkeypatch.setattr(ni.urllib.request, "urlopen", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    assert len(ni.natural_instructions()) == 6
+    assert opened == [bigbench.as_uri()]
     assert sorted(p.name for p in directory.iterdir() if not p.name.startswith("natural_instructions-")) == [ni.TARBALL]
     ni.natural_instructions()
-    assert len(calls) == 1  # found in the cache the second time
-
-
-def test_failed_download_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path))
-    output = "Looking in indexes: https://pypi.org/simple\nERROR: No matching distribution found for bigbench==1.0.0\n"
-    monkeypatch.setattr(ni.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1, "", output))
-    with pytest.raises(EncdecError) as caught:
+    assert len(opened) == 1  # found in the cache the second time
+    (directory / ni.TARBALL).write_bytes(bigbench.read_bytes() + b"x")  # a tarball put there by hand, not PyPI's
+    with pytest.raises(EncdecError, match="not that of PyPI's bigbench-1.0.0.tar.gz .* delete it"):
         ni.natural_instructions()
-    message = str(caught.value)
-    assert "could not download bigbench==1.0.0" in message and "No matching distribution" in message
-    assert "\n" not in message and not (tmp_path / "bigbench" / ni.TARBALL).exists()
-    assert list((tmp_path / "bigbench").iterdir()) == []  # the temporary download directory is gone
+
+
+def test_the_pinned_download_is_pypis_sdist() -> None:
+    assert ni.URL.startswith("https://files.pythonhosted.org/packages/") and ni.URL.endswith("/bigbench-1.0.0.tar.gz")
+    assert re.fullmatch(r"[0-9a-f]{64}", ni.SHA256)
+
+
+def test_a_download_that_fails_is_one_line_naming_the_way_around_it(bigbench: Path, monkeypatch) -> None:
+    monkeypatch.setattr(ni, "URL", (bigbench.parent / "missing.tar.gz").as_uri())
+    with pytest.raises(EncdecError, match=r"could not download bigbench==1.0.0 .* put bigbench-1.0.0.tar.gz \(SHA-256") as caught:
+        ni.natural_instructions()
+    assert "\n" not in str(caught.value)
+    assert list((bigbench.parent / "cache" / "bigbench").iterdir()) == []
+
+
+def test_an_oversized_task_member_is_refused_before_it_is_read(bigbench: Path, monkeypatch) -> None:
+    monkeypatch.setattr(ni, "MAX_TASK_BYTES", 16)
+    with pytest.raises(EncdecError, match="more than any bigbench==1.0.0 task"):
+        ni.natural_instructions(tarball=bigbench)

