@@ -245,6 +245,20 @@ def _saved_classifier(models: dict[str, Path], out: Path) -> Classifier:
     return classifier
 
 
+@pytest.mark.parametrize("field,value,accepted", [("max_len", 1, "an integer of at least 2 (BOS and one token)"),
+                                                  ("pooling", "max", "last or mean"),
+                                                  ("labels", ["only"], "a list of at least 2 strings"),
+                                                  ("first_token", "<bos>", "null or a token id")])
+def test_a_damaged_classifier_description_is_refused_naming_the_field(models: dict[str, Path], tmp_path: Path,
+                                                                      capsys, field, value, accepted) -> None:
+    """With max_len 1 every input read as BOS alone: one prediction for every text, and no error."""
+    _saved_classifier(models, tmp_path / "clf")
+    file = tmp_path / "clf" / "classifier.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), field: value}))
+    assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1 w2"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"{file}: {field} must be {accepted}, got {json.dumps(value)}" in line
+
 def test_save_load_predict_is_identical_and_works_from_the_cli(models: dict[str, Path], tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     classifier = _saved_classifier(models, tmp_path / "clf")

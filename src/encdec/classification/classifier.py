@@ -64,6 +64,23 @@ class ClassifierInfo:
     source: str  # the MODEL it was fine-tuned from
     first_token: int | None  # put before every input, as the backbone's tokenizer begins a text (None: nothing)
 
+    def __post_init__(self) -> None:  # a hand-edited or handed classifier.json must not predict silently wrong
+        def integer(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        checks = {
+            "labels": isinstance(self.labels, list) and len(self.labels) >= 2 and all(isinstance(x, str) for x in self.labels),
+            "template": isinstance(self.template, str), "pooling": self.pooling in POOLINGS,
+            "max_len": integer(self.max_len) and self.max_len >= 2,
+            "first_token": self.first_token is None or integer(self.first_token) and self.first_token >= 0,
+        }
+        accepted = {"labels": "a list of at least 2 strings", "template": "a string",
+                    "pooling": " or ".join(POOLINGS), "max_len": "an integer of at least 2 (BOS and one token)",
+                    "first_token": "null or a token id"}
+        for name, ok in checks.items():
+            if not ok:
+                raise EncdecError(f"{name} must be {accepted[name]}, got {json.dumps(getattr(self, name))[:40]}")
+
 
 def save_classifier(classifier: Classifier, info: ClassifierInfo, out: Path, *, tokenizer_dir: Path,
                     overwrite: bool = False) -> None:
@@ -95,6 +112,8 @@ def load_classifier(path: Path | str, dtype: torch.dtype = torch.float32) -> tup
         info = ClassifierInfo(**{k: meta[k] for k in ClassifierInfo.__dataclass_fields__})
     except KeyError as e:
         raise EncdecError(f"{file} lacks {e}") from None
+    except EncdecError as e:
+        raise EncdecError(f"{file}: {e}") from None
     with torch.device("meta"):
         classifier = Classifier(Backbone(BackboneSpec.from_dict(meta["backbone"])), len(info.labels), info.pooling)
     try:
