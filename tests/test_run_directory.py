@@ -283,6 +283,32 @@ def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, t
     assert "none of the 2 checkpoint(s)" in line and "--overwrite" in line
 
 
+
+@pytest.mark.parametrize("damage", [{"cursor": -3}, {"epoch": "1"}, {"pending": [[5] * 999, [1]]}])
+def test_a_resumed_data_position_no_stream_could_write_is_one_line(adapted, corpus, tmp_path, capsys, damage):
+    """A handed run whose trainer.json put the stream at cursor -3 re-read items silently."""
+    out = tmp_path / "run"
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))
+    trainer = checkpointing.checkpoints(out)[-1] / "trainer.json"
+    state = json.loads(trainer.read_text())
+    stream = next(value for value in _dicts(state) if {"epoch", "cursor", "pending"} <= set(value))
+    stream.update(damage)
+    trainer.write_text(json.dumps(state))
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--resume")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "step-000002: the data stream's saved" in line
+
+
+def _dicts(value):
+    """Every dictionary nested in `value`."""
+    if isinstance(value, dict):
+        yield value
+        for item in value.values():
+            yield from _dicts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _dicts(item)
+
 def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_aside_output(tmp_path):
     out = tmp_path / "out"
     abandoned = tmp_path / f".out.tmp-{DEAD_PID}-abcd1234"

@@ -174,9 +174,26 @@ class ExampleStream:
         return {"epoch": self.epoch, "cursor": self.cursor, "rng": self.rng.bit_generator.state, "pending": pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.cursor = state["epoch"], state["cursor"]
+        """The stream's place, as `state_dict` wrote it; EncdecError for one this stream could not have written
+        (a negative cursor re-read items silently; a pending example longer than a row escaped its cut)."""
+        epoch, cursor, pending = state["epoch"], state["cursor"], state["pending"]
+
+        def count(value: object, high: float) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+
+        def ids(value: object, most: int) -> bool:
+            return isinstance(value, list) and 1 <= len(value) <= most and all(count(t, float("inf")) for t in value)
+
+        if not count(epoch, float("inf")) or not count(cursor, len(self.items)):
+            raise EncdecError(f"the data stream's saved place (epoch {epoch!r}, cursor {cursor!r}) is not one of a "
+                              f"stream of {len(self.items)} items")
+        if pending is not None and not (isinstance(pending, list) and len(pending) == 2 and ids(pending[0], self.enc_len)
+                                        and ids(pending[1], self.dec_len)):
+            raise EncdecError(f"the data stream's saved pending example is not one that fits a row of {self.enc_len} + "
+                              f"{self.dec_len} tokens")
+        self.epoch, self.cursor = epoch, cursor
         self.rng.bit_generator.state = state["rng"]
-        self.pending = None if state["pending"] is None else Example(*state["pending"])
+        self.pending = None if pending is None else Example(*pending)
 
 
 def teacher_rows(rows: PackedRows) -> TeacherRows:

@@ -134,7 +134,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         del resume_from  # its tensors are in the model and the optimizer now
         scheduler.load_state_dict(state["scheduler"])
         restore_group_settings(optimizer, scheduler, settings)
-        stream.load_state_dict(state["stream"])
+        try:
+            stream.load_state_dict(state["stream"])
+        except EncdecError as e:
+            raise EncdecError(f"{last_checkpoint}: {e}") from None
         if (keep is None) != (state.get("kept_tokens") is None) or (keep is not None and not np.array_equal(keep, state["kept_tokens"])):
             raise EncdecError(f"{last_checkpoint} was trained on another vocabulary (different data or --trim-vocab)")
         start = state["step"]
