@@ -346,7 +346,8 @@ def main() -> None:
     reference = {d.index: d.text for done, _ in loop[0] for d in done} if loop else {}
     print(f"model {model_dir}, {os.cpu_count()} CPUs, float32 unless named, greedy; prompts {args.min_prompt}-{args.max_prompt} "
           f"tokens, {args.min_new}-{args.max_new} new tokens, {args.requests_per_client} request(s) per client")
-    print(f"{'target':<22}  {'clients':>7}  {'done':>4}  {'req/s':>6}  {'out tok/s':>9}  {'TTFT p50':>8}  {'TTFT p99':>8}"
+    print(f"{'target':<22}  {'clients':>7}  {'done':>4}  {'req/s':>6}  {'out tok/s':>9}  {'TTFT p50':>8}"
+          f"  {'TTFT p99':>8}"
           f"  {'lat p50':>7}  {'lat p99':>7}  {'peak GiB':>8}  same text as loop")
     for target, (results, peak) in measured.items():
         for clients, (done, wall) in zip(args.clients, results):
@@ -359,7 +360,8 @@ def main() -> None:
                   f"  {peak:>8.2f}  {same}")
     top, single = args.clients.index(max(args.clients)), args.clients.index(min(args.clients))
     # serve-bf16 against the bfloat16 loop as well when it ran; float32's ratios last
-    pairs = [("serve-bf16", "transformers-loop-bf16"), ("serve-bf16", "transformers-loop"), ("serve", "transformers-loop")]
+    pairs = [("serve-bf16", "transformers-loop-bf16"), ("serve-bf16", "transformers-loop"),
+             ("serve", "transformers-loop")]
     for target, baseline in pairs:
         if target not in measured or baseline not in measured:
             continue

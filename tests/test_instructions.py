@@ -272,7 +272,8 @@ def test_the_pinned_download_is_pypis_sdist() -> None:
 
 def test_a_download_that_fails_is_one_line_naming_the_way_around_it(bigbench: Path, monkeypatch) -> None:
     monkeypatch.setattr(ni, "URL", (bigbench.parent / "missing.tar.gz").as_uri())
-    with pytest.raises(EncdecError, match=r"could not download bigbench==1.0.0 .* put bigbench-1.0.0.tar.gz \(SHA-256") as caught:
+    expected = r"could not download bigbench==1.0.0 .* put bigbench-1.0.0.tar.gz \(SHA-256"
+    with pytest.raises(EncdecError, match=expected) as caught:
         ni.natural_instructions()
     assert "\n" not in str(caught.value)
     assert list((bigbench.parent / "cache" / "bigbench").iterdir()) == []

@@ -69,7 +69,8 @@ class ClassifierInfo:
             return isinstance(value, int) and not isinstance(value, bool)
 
         checks = {
-            "labels": isinstance(self.labels, list) and len(self.labels) >= 2 and all(isinstance(x, str) for x in self.labels),
+            "labels": isinstance(self.labels, list) and len(self.labels) >= 2
+            and all(isinstance(x, str) for x in self.labels),
             "template": isinstance(self.template, str), "pooling": self.pooling in POOLINGS,
             "max_len": integer(self.max_len) and self.max_len >= 2,
             "first_token": self.first_token is None or integer(self.first_token) and self.first_token >= 0,

@@ -125,7 +125,8 @@ def convert(tarball: Path) -> list[Pair]:
                 if match and member.isfile():
                     if member.size > MAX_TASK_BYTES:
                         raise EncdecError(f"{tarball}: {member.name} holds {member.size} bytes, more than any "
-                                          f"{REQUIREMENT} task ({MAX_TASK_BYTES} at most); is it the {REQUIREMENT} sdist?")
+                                          f"{REQUIREMENT} task ({MAX_TASK_BYTES} at most); is it the "
+                                          f"{REQUIREMENT} sdist?")
                     raw = tar.extractfile(member).read()  # type: ignore[union-attr]
                     by_task[match["task"]] = _task_pairs(match["task"], raw, f"{tarball}: {member.name}")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:

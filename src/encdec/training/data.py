@@ -187,8 +187,8 @@ class ExampleStream:
         if not count(epoch, float("inf")) or not count(cursor, len(self.items)):
             raise EncdecError(f"the data stream's saved place (epoch {epoch!r}, cursor {cursor!r}) is not one of a "
                               f"stream of {len(self.items)} items")
-        if pending is not None and not (isinstance(pending, list) and len(pending) == 2 and ids(pending[0], self.enc_len)
-                                        and ids(pending[1], self.dec_len)):
+        if pending is not None and not (isinstance(pending, list) and len(pending) == 2
+                                        and ids(pending[0], self.enc_len) and ids(pending[1], self.dec_len)):
             raise EncdecError(f"the data stream's saved pending example is not one that fits a row of {self.enc_len} + "
                               f"{self.dec_len} tokens")
         self.epoch, self.cursor = epoch, cursor
