@@ -56,6 +56,15 @@ def test_training_state_round_trips_exactly(tmp_path):
     assert back["rng"][1].dtype == np.uint32 and np.array_equal(back["keep"], state["keep"])
 
 
+
+def test_a_training_state_nested_too_deeply_is_one_error_not_a_recursion_crash(tmp_path):
+    write_state(tmp_path, "s", {"x": 1})
+    text = (tmp_path / "s.json").read_text()
+    (tmp_path / "s.json").write_text(text.replace('"state": ', '"state": ' + "[" * 100_000, 1))
+    with pytest.raises(EncdecError, match="s.json is unreadable.*nested too deeply"):
+        read_state(tmp_path, "s")
+
+
 def test_a_pickle_payload_in_a_run_directory_never_runs(run, adapted, corpus, tmp_path, capsys):
     handed = tmp_path / "handed"
     shutil.copytree(run, handed)

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from encdec.errors import EncdecError
+from encdec.files import parse_json
 
 FORMAT = "encdec-train-state"
 VERSION = 1
@@ -76,10 +77,10 @@ def read_state(directory: Path, name: str) -> Any:
     """The state `write_state` wrote; EncdecError naming the file when a file is missing, damaged or foreign."""
     meta_file, tensor_file = directory / f"{name}.json", directory / f"{name}.safetensors"
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = parse_json(meta_file.read_bytes())
     except FileNotFoundError:
         raise EncdecError(f"{meta_file} is missing") from None
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8, or nested too deeply to read
         raise EncdecError(f"{meta_file} is unreadable, truncated or corrupt? ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise EncdecError(f"{meta_file} is not an {FORMAT} file of version {VERSION}")
@@ -94,3 +95,5 @@ def read_state(directory: Path, name: str) -> Any:
         return _decode(meta["state"], tensors)
     except (KeyError, TypeError, ValueError) as e:
         raise EncdecError(f"{meta_file} does not match {tensor_file.name} ({type(e).__name__}: {e})") from None
+    except RecursionError:  # a state nested deeper than any this package writes
+        raise EncdecError(f"{meta_file} is nested too deeply to be a training state") from None
