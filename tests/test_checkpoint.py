@@ -147,6 +147,18 @@ def test_weights_are_read_like_safetensors_reads_them_and_into_memory_of_their_o
     assert encdec.files.read_weights(tmp_path, torch.bfloat16)["i64"].dtype == torch.int64
 
 
+def test_an_empty_tensor_listed_after_its_neighbour_at_the_same_offset_is_read(tmp_path):
+    """A header listing an empty tensor [0, 0] after a full one [0, 8] that starts at the same byte (writers that
+    order tensors by name do): safetensors reads such a file, and so must encdec."""
+    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+              "b": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}
+    text = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text
+                                                 + torch.tensor([1.0, 2.0]).numpy().tobytes())
+    read = encdec.files.read_weights(tmp_path)
+    assert read["a"].tolist() == [1.0, 2.0] and read["b"].shape == (0,)
+
+
 @pytest.mark.parametrize("mapped", [False, True])
 @pytest.mark.parametrize("damage", ["header cut", "header not json", "offsets past the end", "size mismatch",
                                     "unknown dtype", "data cut", "shared bytes", "bytes no tensor names"])

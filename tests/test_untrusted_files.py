@@ -57,11 +57,13 @@ def test_training_state_round_trips_exactly(tmp_path):
 
 
 
-def test_a_training_state_nested_too_deeply_is_one_error_not_a_recursion_crash(tmp_path):
+@pytest.mark.parametrize("depth,error", [(100_000, "s.json is unreadable.*nested too deeply"),  # past the parser
+                                         (200, "s.json does not match.*nested deeper than 64")])  # past the decoder's
+def test_a_training_state_nested_too_deeply_is_one_error_not_a_recursion_crash(tmp_path, depth, error):
     write_state(tmp_path, "s", {"x": 1})
     text = (tmp_path / "s.json").read_text()
-    (tmp_path / "s.json").write_text(text.replace('"state": ', '"state": ' + "[" * 100_000, 1))
-    with pytest.raises(EncdecError, match="s.json is unreadable.*nested too deeply"):
+    (tmp_path / "s.json").write_text(text.replace('{"x": 1}', "[" * depth + "]" * depth, 1))
+    with pytest.raises(EncdecError, match=error):
         read_state(tmp_path, "s")
 
 
@@ -186,10 +188,12 @@ def test_a_link_in_a_run_directory_is_not_written_through(adapted, corpus, tmp_p
     assert f"{out / name} is a symbolic link" in line and "delete the link" in line
     assert not victim.exists()
     victim.write_text("kept")
-    setup()
-    assert main(["pretrain", "--model", str(adapted), "--data", str(corpus), "--out", str(out), "--steps", "1",
-                 "--batch-size", "2", "--enc-len", "8", "--dec-len", "8", "--no-distill"]) == 2
-    assert victim.read_text() == "kept"
+    for resume in ([], ["--resume"]):  # a resumed run reads its metrics back before writing: not through a link
+        setup()
+        assert main(["pretrain", "--model", str(adapted), "--data", str(corpus), "--out", str(out), "--steps", "1",
+                     "--batch-size", "2", "--enc-len", "8", "--dec-len", "8", "--no-distill", *resume]) == 2
+        assert f"{out / name} is a symbolic link" in capsys.readouterr().err or not resume  # or "holds a run"
+        assert victim.read_text() == "kept" and (out / name).is_symlink()
 
 
 def _set_everywhere(value, key: str, new) -> None:

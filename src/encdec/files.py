@@ -151,7 +151,7 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError("its header is not a JSON object")
         header.pop("__metadata__", None)
         start, expected = 8 + length, 0
-        for name, entry in sorted(header.items(), key=lambda item: _offsets(item)[0]):
+        for name, entry in sorted(header.items(), key=_offsets):  # (start, end): an empty tensor before its neighbour
             begin, end = _offsets((name, entry))
             if begin != expected:  # as the format requires (and safetensors checks): no tensor shares or skips bytes
                 raise ValueError(f"tensor {name}: its bytes start at {begin}, where the tensors before it end at "
@@ -405,16 +405,23 @@ def remove_abandoned_temporaries(parent: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
+def refuse_link(path: Path) -> None:
+    """A file a run keeps in its directory (its lock, its metrics) is its own: a run directory someone handed over
+    must not make encdec read or write wherever its links point."""
+    if path.is_symlink():
+        raise EncdecError(f"{path} is a symbolic link; encdec writes this file itself and does not follow links "
+                          "there: delete the link")
+
+
 def open_own(path: Path, flags: int, mode: int = 0o644) -> int:
-    """os.open of a file a run keeps in its directory (its lock, its metrics), refusing a symbolic link there: a run
-    directory someone handed over must not make encdec write wherever its links point."""
+    """os.open of such a file (`refuse_link`), the link refused by the open itself (O_NOFOLLOW: no race)."""
     try:
         return os.open(path, flags | os.O_NOFOLLOW, mode)
     except OSError as e:
         if e.errno != errno.ELOOP:
             raise
-        raise EncdecError(f"{path} is a symbolic link; encdec writes this file itself and does not follow links "
-                          "there: delete the link") from None
+        refuse_link(path)
+        raise
 
 
 def atomic_write(path: Path, text: str) -> None:

@@ -9,6 +9,7 @@ converted pairs are cached as one .jsonl beside the tarball, so later calls take
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import ssl
 import tarfile
 import tempfile
 import time
@@ -50,6 +52,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _tls() -> ssl.SSLContext:
+    """The system's certificates (and SSL_CERT_FILE, where a proxy's are) plus certifi's bundle where it is
+    installed, as pip carries one: some Pythons have no system store (transformers brings certifi in)."""
+    context = ssl.create_default_context()
+    with contextlib.suppress(ImportError):
+        import certifi
+
+        context.load_verify_locations(certifi.where())
+    return context
+
+
 def bigbench_tarball() -> Path:
     """The bigbench 1.0.0 sdist in the cache, downloaded from PyPI's file host on first use and checked against
     its published SHA-256 (fetched as a file, not through pip: pip would build the sdist's metadata, running its
@@ -63,14 +76,15 @@ def bigbench_tarball() -> Path:
         with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
             part = Path(tmp) / TARBALL
             try:
-                with urllib.request.urlopen(URL, timeout=60) as reply, part.open("wb") as f:
+                with urllib.request.urlopen(URL, timeout=60, context=_tls()) as reply, part.open("wb") as f:
                     shutil.copyfileobj(reply, f, 1 << 20)
             except (OSError, ValueError) as e:  # URLError and socket errors are OSErrors
                 raise EncdecError(f"could not download {REQUIREMENT} from {URL} for the default instruction data "
                                   f"({e}); put {TARBALL} (SHA-256 {SHA256}) in {directory}, or give instruction "
                                   ".jsonl files") from None
             if (got := _sha256(part)) != SHA256:
-                raise EncdecError(f"the download of {URL} has SHA-256 {got}, not PyPI's {SHA256}; nothing was kept")
+                raise EncdecError(f"the download of {URL} has SHA-256 {got}, not PyPI's {SHA256} (cut off, or another "
+                                  "file); nothing was kept")
             os.replace(part, path)
         log.info("downloaded %s (%.0f MB)", path, path.stat().st_size / 1e6)
     elif (got := _sha256(path)) != SHA256:

@@ -132,9 +132,10 @@ class Scheduler:
     def count(self, job: Job, reason: str) -> None:
         """Count the request's end once, as the API reports it: a stop string that completes on the last allowed
         token ends a row the engine ended for its length, and the answer says "stop"."""
-        if not job.counted:
-            job.counted = True
-            self.metrics.finished.labels(reason).inc()
+        with self.wake:  # the event loop's thread and the scheduler's both count
+            if not job.counted:
+                job.counted = True
+                self.metrics.finished.labels(reason).inc()
 
     def _finish(self, job: Job, reason: str) -> None:
         job.row.finish_reason = job.row.finish_reason or reason

@@ -23,6 +23,7 @@ from encdec.files import parse_json
 FORMAT = "encdec-train-state"
 VERSION = 1
 _TAGS = ("$tensor", "$ndarray", "$tuple", "$items")
+MAX_DEPTH = 64  # optimizer and RNG states nest a few levels; a deeper file is not one of ours (and would recurse)
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -47,9 +48,11 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     raise TypeError(f"training state holds a {type(obj).__name__}, which plain_state cannot store")
 
 
-def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _decode(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels, more than any training state this package writes")
     if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
+        return [_decode(v, tensors, depth + 1) for v in obj]
     if not isinstance(obj, dict):
         return obj
     if len(obj) == 1:
@@ -59,10 +62,10 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if tag == "$ndarray":
             return tensors[value].numpy()
         if tag == "$tuple":
-            return tuple(_decode(v, tensors) for v in value)
+            return tuple(_decode(v, tensors, depth + 1) for v in value)
         if tag == "$items":
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in value}
-    return {k: _decode(v, tensors) for k, v in obj.items()}
+            return {_decode(k, tensors, depth + 1): _decode(v, tensors, depth + 1) for k, v in value}
+    return {k: _decode(v, tensors, depth + 1) for k, v in obj.items()}
 
 
 def write_state(directory: Path, name: str, state: Any) -> None:
@@ -95,5 +98,3 @@ def read_state(directory: Path, name: str) -> Any:
         return _decode(meta["state"], tensors)
     except (KeyError, TypeError, ValueError) as e:
         raise EncdecError(f"{meta_file} does not match {tensor_file.name} ({type(e).__name__}: {e})") from None
-    except RecursionError:  # a state nested deeper than any this package writes
-        raise EncdecError(f"{meta_file} is nested too deeply to be a training state") from None

@@ -29,6 +29,7 @@ from encdec.files import (
     check_not_above,
     check_writable_place,
     open_own,
+    refuse_link,
     portable_path,
     written,
 )
@@ -198,6 +199,7 @@ def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None
 
 
 def _truncate_metrics(path: Path, last_step: int, last_record: dict | None) -> None:
+    refuse_link(path)
     if not path.exists():
         return
     kept, damaged, last_logged = [], 0, False
