@@ -29,8 +29,8 @@ from encdec.files import (
     check_not_above,
     check_writable_place,
     open_own,
-    refuse_link,
     portable_path,
+    refuse_link,
     written,
 )
 from encdec.training import checkpointing, distributed
