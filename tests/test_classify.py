@@ -421,6 +421,21 @@ def test_the_probe_beats_chance_on_a_separable_task_and_lists_every_c(
                                atol=1e-4, rtol=0)
 
 
+def test_weights_replaced_with_their_size_and_mtime_kept_are_another_feature_cache_key(tmp_path: Path) -> None:
+    """rsync -a or cp -p of another checkpoint of the same shape keeps size and mtime: cached features of the old
+    weights must not be read for the new ones."""
+    from encdec.classification.features import model_fingerprint
+
+    (tmp_path / "model").mkdir()
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    before, stat = model_fingerprint(str(tmp_path / "model")), weights.stat()
+    (tmp_path / "new").write_bytes(b"b" * 64)
+    os.replace(tmp_path / "new", weights)  # as rsync writes a file: a new one renamed over the old
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert model_fingerprint(str(tmp_path / "model")) != before
+
 def test_probe_features_are_cached_and_reused_and_no_save_keeps_results_only(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     from encdec.classification import features

@@ -9,7 +9,6 @@ round-trips through JSON in the project's checkpoint format.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,7 @@ def layer_count(cfg: dict[str, Any], key: str = "num_hidden_layers") -> int:
     """A source configuration's layer count, checked before lists or modules are built from it."""
     n = cfg[key]
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_LAYERS:
-        raise EncdecError(f"{key} must be an integer from 1 to {MAX_LAYERS}, got {json.dumps(n)[:40]}")
+        raise EncdecError(f"{key} must be an integer from 1 to {MAX_LAYERS}, got {n!r:.40}")
     return n
 
 

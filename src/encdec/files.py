@@ -405,6 +405,13 @@ def remove_abandoned_temporaries(parent: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
+def file_identity(path: Path) -> str:
+    """What tells a file's contents apart without reading them, for cache keys: its real path, size, modification
+    and change times and inode (a copy that keeps size and mtime, cp -p or rsync -a, cannot keep the other two)."""
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
+
+
 def refuse_link(path: Path) -> None:
     """A file a run keeps in its directory (its lock, its metrics) is its own: a run directory someone handed over
     must not make encdec read or write wherever its links point."""

@@ -25,7 +25,7 @@ import torch
 
 from encdec.config import StackConfig
 from encdec.errors import EncdecError
-from encdec.files import read_json, read_weights, reading_config, written
+from encdec.files import file_identity, read_json, read_weights, reading_config, written
 from encdec.formats import gguf, remote_code
 from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
@@ -168,10 +168,9 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
 
 
 def gguf_cache_dir(path: Path) -> Path:
-    """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its path, size and mtime, and
-    by the conversion's version."""
-    stat = path.resolve().stat()
-    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{gguf.CONVERSION_VERSION}"
+    """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its `file_identity` and by the
+    conversion's version."""
+    key = f"{file_identity(path.resolve())}:{gguf.CONVERSION_VERSION}"
     key = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file, save_file
 from encdec.classification.backbone import Backbone
 from encdec.classification.classifier import pool
 from encdec.classification.train import batches_by_length
-from encdec.files import write_cache
+from encdec.files import file_identity, write_cache
 from encdec.inference.onednn import packed_while_inferring
 
 CACHE_VERSION = 1
@@ -43,14 +43,14 @@ def pooled_features(backbone: Backbone, rows: list[list[int]], *, pad_id: int, p
 
 
 def model_fingerprint(spec: str) -> list:
-    """What identifies MODEL's weights without reading them: every file's path, size and modification time."""
+    """What identifies MODEL's weights without reading them: every file's `file_identity`."""
     from encdec.sources import resolve
 
     path = Path(spec).expanduser()
     root = path if path.exists() else resolve(spec)  # a packaged or Hub name: the directory it was converted to
     files = sorted(root.rglob("*")) if root.is_dir() else [root]
-    return [str(root.resolve())] + [[str(f.relative_to(root)) if root.is_dir() else f.name, f.stat().st_size,
-                                     f.stat().st_mtime_ns] for f in files if f.is_file()]
+    return [str(root.resolve())] + [[str(f.relative_to(root)) if root.is_dir() else f.name, file_identity(f)]
+                                    for f in files if f.is_file()]
 
 
 def cache_key(model: str, task: str, split: str, texts: list[str], pooling: str, max_len: int,

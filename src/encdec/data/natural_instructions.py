@@ -27,7 +27,7 @@ from pathlib import Path
 
 from encdec.data.instructions import Pair
 from encdec.errors import EncdecError
-from encdec.files import write_cache
+from encdec.files import file_identity, write_cache
 from encdec.sources import cache_root
 
 log = logging.getLogger("encdec")
@@ -156,9 +156,8 @@ def _pair(record: dict) -> Pair:
 
 
 def _cached(tarball: Path) -> list[Pair]:
-    """The converted pairs, from the cache when this tarball (path, size, mtime) was converted before."""
-    stat = tarball.resolve().stat()
-    key = hashlib.sha256(f"{tarball.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{FORMAT}".encode()).hexdigest()[:16]
+    """The converted pairs, from the cache when this tarball (`file_identity`) was converted before."""
+    key = hashlib.sha256(f"{file_identity(tarball)}:{FORMAT}".encode()).hexdigest()[:16]
     cache = cache_root() / "bigbench" / f"natural_instructions-{key}.jsonl"
     if cache.exists():
         try:

@@ -18,7 +18,7 @@ import numpy as np
 from encdec.data.corpus import CORPORA, DEFAULT_CORPORA, HELDOUT_SETS
 from encdec.data.text import distinct_files, files_of, read_documents, read_file
 from encdec.errors import EncdecError
-from encdec.files import write_cache
+from encdec.files import file_identity, write_cache
 
 log = logging.getLogger("encdec")
 CORPUS_VERSION = 2  # bump when a packaged corpus (encdec.data.corpus.CORPORA) changes
@@ -53,9 +53,7 @@ def source_fingerprint(specs: list[str], text_field: str) -> str:
         if spec.startswith(("hf:", *PACKAGED)):
             parts.append(spec)
             continue
-        for path in files_of(spec):
-            stat = path.stat()  # the change time too: a copy that keeps size and mtime (cp -p, rsync -a) is another
-            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}")
+        parts += [file_identity(path) for path in files_of(spec)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
