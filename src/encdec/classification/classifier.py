@@ -68,19 +68,18 @@ class ClassifierInfo:
         def integer(value: object) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
-        checks = {
-            "labels": isinstance(self.labels, list) and len(self.labels) >= 2
-            and all(isinstance(x, str) for x in self.labels),
-            "template": isinstance(self.template, str), "pooling": self.pooling in POOLINGS,
-            "max_len": integer(self.max_len) and self.max_len >= 2,
-            "first_token": self.first_token is None or integer(self.first_token) and self.first_token >= 0,
+        checks = {  # field: (whether it holds, what is accepted)
+            "labels": (isinstance(self.labels, list) and len(self.labels) >= 2
+                       and all(isinstance(x, str) for x in self.labels), "a list of at least 2 strings"),
+            "template": (isinstance(self.template, str), "a string"),
+            "pooling": (self.pooling in POOLINGS, " or ".join(POOLINGS)),
+            "max_len": (integer(self.max_len) and self.max_len >= 2, "an integer of at least 2 (BOS and one token)"),
+            "first_token": (self.first_token is None or integer(self.first_token) and self.first_token >= 0,
+                            "null or a token id"),
         }
-        accepted = {"labels": "a list of at least 2 strings", "template": "a string",
-                    "pooling": " or ".join(POOLINGS), "max_len": "an integer of at least 2 (BOS and one token)",
-                    "first_token": "null or a token id"}
-        for name, ok in checks.items():
+        for name, (ok, accepted) in checks.items():
             if not ok:
-                raise EncdecError(f"{name} must be {accepted[name]}, got {json.dumps(getattr(self, name))[:40]}")
+                raise EncdecError(f"{name} must be {accepted}, got {json.dumps(getattr(self, name))[:40]}")
 
 
 def save_classifier(classifier: Classifier, info: ClassifierInfo, out: Path, *, tokenizer_dir: Path,

@@ -23,6 +23,7 @@ import tempfile
 import time
 import urllib.request
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from encdec.data.instructions import Pair
@@ -66,7 +67,8 @@ def _tls() -> ssl.SSLContext:
 def bigbench_tarball() -> Path:
     """The bigbench 1.0.0 sdist in the cache, downloaded from PyPI's file host on first use and checked against
     its published SHA-256 (fetched as a file, not through pip: pip would build the sdist's metadata, running its
-    setup code). A tarball put in the cache by hand is checked the same way."""
+    setup code). A tarball put in the cache by hand is checked the same way, when it is converted (`_cached`):
+    hashing 358 MB on every call would cost more than reading the converted pairs."""
     directory = cache_root() / "bigbench"
     path = directory / TARBALL
     if not path.exists():
@@ -87,10 +89,13 @@ def bigbench_tarball() -> Path:
                                   "file); nothing was kept")
             os.replace(part, path)
         log.info("downloaded %s (%.0f MB)", path, path.stat().st_size / 1e6)
-    elif (got := _sha256(path)) != SHA256:
+    return path
+
+
+def _check_pypis(path: Path) -> None:
+    if (got := _sha256(path)) != SHA256:
         raise EncdecError(f"{path} has SHA-256 {got}, not that of PyPI's {TARBALL} ({SHA256}); delete it to "
                           "download it again")
-    return path
 
 
 def task_prompt(prefix: str, text: str) -> str:
@@ -155,8 +160,9 @@ def _pair(record: dict) -> Pair:
                 source=record["source"])
 
 
-def _cached(tarball: Path) -> list[Pair]:
-    """The converted pairs, from the cache when this tarball (`file_identity`) was converted before."""
+def _cached(tarball: Path, check: Callable[[Path], None] | None = None) -> list[Pair]:
+    """The converted pairs, from the cache when this tarball (`file_identity`) was converted before; `check`
+    vets the tarball before a conversion."""
     key = hashlib.sha256(f"{file_identity(tarball)}:{FORMAT}".encode()).hexdigest()[:16]
     cache = cache_root() / "bigbench" / f"natural_instructions-{key}.jsonl"
     if cache.exists():
@@ -166,6 +172,8 @@ def _cached(tarball: Path) -> list[Pair]:
         except (ValueError, KeyError, TypeError) as e:  # cut short or damaged: converted again
             log.warning("%s is damaged (%s); converting the tarball again", cache, e)
             cache.unlink(missing_ok=True)
+    if check is not None:
+        check(tarball)
     start = time.perf_counter()
     pairs = convert(tarball)
 
@@ -190,7 +198,7 @@ def natural_instructions(max_per_task: int | None = None, seed: int = 0, *, tarb
     """
     if max_per_task is not None and max_per_task < 1:
         raise EncdecError(f"max_per_task must be at least 1, got {max_per_task}")
-    pairs = _cached(tarball if tarball is not None else bigbench_tarball())
+    pairs = _cached(tarball) if tarball is not None else _cached(bigbench_tarball(), _check_pypis)
     if max_per_task is None:
         return pairs
     by_task: dict[str, list[Pair]] = {}
