@@ -157,6 +157,13 @@ def test_bad_decoder_layers(capsys, tmp_path, sources, layers, message):
     assert message in _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder-layers", layers)
 
 
+@pytest.mark.parametrize("layers", ["0,,3", "::0", "1:2:3:4", "x:"])
+def test_decoder_layers_written_wrong_are_refused_before_the_source_is_read(capsys, tmp_path, monkeypatch, layers):
+    monkeypatch.setattr("encdec.sources.load_source", lambda *a, **k: pytest.fail("the source was read"))
+    line = _run_adapt(capsys, tmp_path, "--encoder", "gemma-3-270m", "--decoder-layers", layers)
+    assert f"--decoder-layers '{layers}': expected a comma list like 0,3,6 or a slice like ::3" in line
+
+
 def test_existing_output_directory(capsys, tmp_path, sources):
     out = tmp_path / "out"
     out.mkdir()
@@ -307,15 +314,16 @@ def test_bad_pretraining_values(capsys, tmp_path, adapted, extra, message):
 
 
 GENERATE_BAD = [
-    (["--temperature", "nan"], "temperature must be a positive finite number, got nan"),
-    (["--do-sample", "--temperature", "0"], "temperature must be a positive finite number, got 0.0"),
-    (["--top-p", "nan"], "top_p must be in (0, 1], got nan"),
+    (["--temperature", "nan"], "temperature (--temperature) must be a positive finite number, got nan"),
+    (["--do-sample", "--temperature", "0"], "temperature (--temperature) must be a positive finite number, got 0.0"),
+    (["--top-p", "nan"], "top_p (--top-p) must be in (0, 1], got nan"),
     (["--max-new-tokens", "0"], "max_new_tokens (--max-new-tokens) must be at least 1"),
     (["--max-new-tokens", "100000000000"], "at most 255 new tokens"),
     (["--seed", "-3"], "seed -3 out of range"),
-    (["--repetition-penalty", "-1"], "repetition_penalty must be a positive finite number, got -1.0"),
-    (["--presence-penalty", "nan"], "presence_penalty must be in [-2, 2], got nan"),
+    (["--repetition-penalty", "-1"], "repetition_penalty (--repetition-penalty) must be a positive finite number, got -1.0"),
+    (["--presence-penalty", "nan"], "presence_penalty (--presence-penalty) must be in [-2, 2], got nan"),
     (["--prompt", " ".join(["w5"] * 300)], "the prompt has 301 tokens; this model reads at most 256"),
+    (["--top-k", "0"], "top_k (--top-k) must be at least 1"),
 ]
 
 

@@ -148,6 +148,41 @@ def test_frozen_embeddings_stay_as_they_were_while_the_layers_and_head_train(mod
     assert not torch.equal(backbone.state_dict()["embed.weight"], before["embed.weight"])
 
 
+
+def test_length_grouped_fine_tuning_pads_less_and_still_learns(models: dict[str, Path], monkeypatch) -> None:
+    """--group-by-length reaches the batches: every example is read once an epoch, in batches padded to far fewer
+    slots than random ones, and the classifier still learns the separable task."""
+    import encdec.classification.train as train_module
+
+    backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    texts, labels = separable(128, 0)
+    texts = [" ".join([text.rsplit(" ", 1)[0]] * (1 + i % 3)) + " w65" for i, text in enumerate(texts)]  # 1-3x long
+    rows = encode(tokenizer, texts, 48, leading_bos(tokenizer))
+    test_texts, test_labels = separable(64, 1)
+    seen: list[tuple[int, int]] = []  # (rows, width) of each training batch
+    real_pad = train_module.pad_rows
+
+    def recording(batch_rows, pad_id, left=False):
+        ids, mask = real_pad(batch_rows, pad_id, left)
+        if torch.is_grad_enabled():
+            seen.append(tuple(ids.shape))
+        return ids, mask
+
+    monkeypatch.setattr(train_module, "pad_rows", recording)
+    slots = {}
+    for grouped in (False, True):
+        seen.clear()
+        torch.manual_seed(0)
+        classifier = Classifier(copy.deepcopy(backbone), 2, "last")
+        hp = Hyper(lr=3e-3, head_lr=3e-2, epochs=2, batch_size=16, warmup=0.0, max_len=48, group_by_length=grouped)
+        fine_tune(classifier, rows, labels, hp, pad_id=0, desc="test", seed=0)
+        assert sum(n for n, _ in seen) == 2 * len(rows) and len(seen) == 2 * 8
+        slots[grouped] = sum(n * width for n, width in seen)
+        probs = predict(classifier, encode(tokenizer, test_texts, 48, leading_bos(tokenizer)), pad_id=0, batch_size=64)
+        assert sum((p[1] > 0.5) == bool(y) for p, y in zip(probs, test_labels)) / len(test_labels) >= 0.75, grouped
+    assert slots[True] < 0.8 * slots[False]
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(2, 120).flatmap(lambda n: st.tuples(st.lists(st.integers(0, 3), min_size=n, max_size=n),
                                                        st.integers(2, n), st.integers(0, 2**31))))
@@ -273,10 +308,19 @@ def test_save_load_predict_is_identical_and_works_from_the_cli(models: dict[str,
 
     (tmp_path / "in.jsonl").write_text(json.dumps({"text": texts[1]}) + "\n")
     assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", texts[0], "--input", str(tmp_path / "in.jsonl")]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     assert len(lines) == 2
     for line, probs in zip(lines, expected):
         assert line.split("\t")[0] == labels[max(range(3), key=probs.__getitem__)]
+    # CB's classifier read "premise\nHypothesis: hypothesis" in training: plain text is classified, with a warning
+    assert '2 of 2 input(s) (the first: #1) are not laid out as this classifier\'s training texts were, ' \
+           '"{premise}\\nHypothesis: {hypothesis}"' in captured.err
+    assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1 w2\nHypothesis: w3"]) == 0
+    assert "not laid out" not in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "clf")]) == 2  # what it is, and what reads it
+    assert "is a saved classifier (`encdec classify`), not an encoder-decoder checkpoint: `encdec classify " \
+           "--predict" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family, fmt", [("gemma3", "t5gemma2"), ("gemma2", "t5gemma")])

@@ -312,3 +312,11 @@ def test_negative_numbers_in_scientific_notation_are_values():
     assert (args.presence_penalty, args.frequency_penalty) == (-0.1, -0.5)
     assert build_parser().parse_args(["pretrain", "--lr", "-1e-4"]).lr == -1e-4  # then refused as not positive
     assert main(["pretrain", "--lr", "-1e-4"]) == 2
+
+
+def test_an_unknown_option_points_to_its_sub_commands_help(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "some/model", "--promt", "hi"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "encdec generate: error: unrecognized arguments: --promt hi (see encdec generate --help)"]

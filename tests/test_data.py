@@ -257,6 +257,33 @@ def test_rows_take_each_example_where_it_first_fits_and_pack_builds_those_rows(s
                sum(shapes[i - 7][1] for i in r) + len(left.targets) > 12 for r in placed)
 
 
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=400), st.integers(1, 9), st.integers(1, 6),
+       st.integers(0, 2**32 - 1))
+def test_length_grouped_batches_hold_each_row_once_and_never_more_padding(lengths, batch_size, pool, seed):
+    """Every shuffled position lands in one batch; all batches are full but the last pool's last; each batch comes
+    from its pool of the shuffled order; and the slots computed (each batch padded to its longest row) are never
+    more than those of the same order cut as it is."""
+    import random
+
+    from encdec.training.data import length_grouped
+
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    batches = length_grouped(order, lengths, batch_size, random.Random(seed), pool=pool)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert sum(len(batch) < batch_size for batch in batches) <= 1 and all(batches)
+    span = batch_size * pool
+    pool_of = {i: k // span for k, i in enumerate(order)}
+    assert all(len({pool_of[i] for i in batch}) == 1 for batch in batches)
+
+    def slots(cut):
+        return sum(max(lengths[i] for i in batch) * len(batch) for batch in cut)
+
+    assert slots(batches) <= slots([order[k: k + batch_size] for k in range(0, len(order), batch_size)])
+    assert length_grouped(order, lengths, batch_size, random.Random(seed), pool=pool) == batches
+
 def test_training_and_held_out_text_stay_apart(sources, tmp_path, caplog, monkeypatch):
     """A file given twice (or inside a directory also given) is read once, not trained on twice; text given as
     --eval-data that --data also reads, and the packaged held-out passages given as --data, are refused."""

@@ -393,9 +393,12 @@ def test_results_never_replace_a_file_of_a_model_evaluated(adapted, tmp_path, ca
     (["--tasks", "nonsense"], "unknown task"),
     (["--limit", "0"], "--limit must be at least 1"),
     (["--shots", "-1"], "--shots must be non-negative"),
+    (["{model}"], "is given twice; each MODEL is one column of the table"),  # its average merged into one cell
 ])
 def test_bad_evaluate_arguments_are_one_line(adapted, tmp_path, capsys, args, message):
-    assert main(["evaluate", str(adapted), "--out", str(tmp_path / "r"), *args]) == 2
+    models = [str(adapted)] * (1 + args.count("{model}"))
+    args = [a for a in args if a != "{model}"]
+    assert main(["evaluate", *models, "--out", str(tmp_path / "r"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not list(tmp_path.iterdir())

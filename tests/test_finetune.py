@@ -115,6 +115,14 @@ def test_bad_instruction_record_is_one_line_naming_it(adapted, tmp_path, capsys)
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_a_model_that_is_not_there_is_named_as_finetune_takes_it(instructions, tmp_path, capsys):
+    """MODEL is finetune's positional argument: the message says MODEL, not pretrain's --model."""
+    assert main(_args(tmp_path / "nowhere", tmp_path / "run", instructions)) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "encdec finetune: error: MODEL: not an encoder-decoder checkpoint" in line and "nowhere" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_lengths_too_short_for_a_response_and_its_end_name_the_flags(adapted, instructions, tmp_path, capsys):
     assert main([*_args(adapted, tmp_path / "run", instructions), "--dec-len", "1"]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]

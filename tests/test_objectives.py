@@ -506,3 +506,18 @@ def test_a_model_reads_plainly_unless_ul2_was_its_last_training():
     # the BOS stays first, the mode token after it; a prompt without BOS (Qwen's tokenizer) gets it first
     assert Framing(before=(7,), after=(8,)).prompt([BOS, 5, 6], BOS) == [BOS, 7, 5, 6, 8]
     assert Framing(before=(7,), after=(8,)).prompt([5, 6], None) == [7, 5, 6, 8]
+
+
+
+def test_the_framing_of_a_mistyped_path_is_an_error_not_plain(tmp_path):
+    """model_framing reads the checkpoint's provenance: a path with none there must not pass as a PrefixLM model."""
+    from encdec.errors import EncdecError
+    from encdec.inference.loading import model_framing
+
+    class Vocab:
+        def get_vocab(self):
+            return GEMMA_LIKE
+
+    with pytest.raises(EncdecError, match="ul2-typo: no such checkpoint directory"):
+        model_framing(tmp_path / "ul2-typo", Vocab())
+    assert model_framing(tmp_path, Vocab()) == PLAIN  # a directory without provenance: plain, as before

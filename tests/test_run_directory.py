@@ -121,6 +121,9 @@ def test_a_refused_run_leaves_nothing_that_blocks_the_corrected_command(adapted,
     out = tmp_path / "run"
     assert main(_pretrain_args(tmp_path / "no-model", out, corpus, "--steps", "1")) == 2
     assert not out.exists()
+    # nor the parents it made for OUT (`--out runs/x` in a fresh directory left an empty runs/)
+    assert main(_pretrain_args(tmp_path / "no-model", tmp_path / "runs" / "deeper" / "x", corpus, "--steps", "1")) == 2
+    assert not (tmp_path / "runs").exists()
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 0
 
 

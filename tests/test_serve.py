@@ -465,6 +465,19 @@ BAD = [
 ENDPOINTS = {"messages": "chat/completions", "input": "embeddings"}
 
 
+def test_an_unsupported_value_is_quoted_whole_or_cut_with_an_ellipsis():
+    from encdec.serve.protocol import APIError, Limits, parse
+
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    with pytest.raises(APIError) as refused:
+        parse(json.dumps({"prompt": "w1", "tools": tools}).encode(), "completions", Limits(24, 8))
+    assert refused.value.message == ("""'tools' = [{"type": "function", "function": {"n... is not supported by this """
+                                     "server (accepted: null or [])")
+    with pytest.raises(APIError) as refused:
+        parse(json.dumps({"prompt": "w1", "tools": [1]}).encode(), "completions", Limits(24, 8))
+    assert refused.value.message.startswith("'tools' = [1] is not supported by this server")
+
+
 @pytest.mark.parametrize("body, status, param", BAD, ids=[str(i) for i in range(len(BAD))])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, body, status, param):
     fields = body if isinstance(body, dict) else body[:12]  # a raw body: its first field's name
@@ -823,6 +836,23 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
     monkeypatch.delenv("ENCDEC_API_KEY")
     assert main(["serve", str(tmp_path), "--port", "1"]) == 2
     assert "config.json is missing" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such directory; expected an encoder-decoder checkpoint directory" in capsys.readouterr().err
+    import socket
+    import time
+
+    with socket.socket() as taken:  # a port in use is said before the model loads, in one line, status 2
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setattr("encdec.inference.loading.load_for_inference", lambda *a, **k: pytest.fail("loaded"))
+        start = time.monotonic()
+        assert main(["serve", str(checkpoint), "--port", str(port)]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port} (Address already in use)" in lines[0], lines
+        assert time.monotonic() - start < 10
+    assert main(["serve", str(checkpoint), "--host", "no-such-host.invalid"]) == 2
+    assert "--host no-such-host.invalid" in capsys.readouterr().err
 
 
 def test_requests_while_draining_get_503(local):

@@ -225,3 +225,26 @@ def test_a_config_declaring_millions_of_layers_is_refused_before_anything_is_bui
     (line,) = _error_lines(capsys)
     assert "num_hidden_layers must be an integer from 1 to 1024, got 10000000" in line and "config.json" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(sources, tmp_path, capsys):
+    """transformers runs a project-format checkpoint's modeling_encdec.py with trust_remote_code=True: `encdec info`
+    tells the file this encdec writes from an edited one, and saving the model again writes the right one back."""
+    import encdec
+
+    out = tmp_path / "model"
+    encdec.save(encdec.adapt(encdec.load_source(str(sources["llama"]))), out, tokenizer_dir=sources["llama"])
+    remote = out / "modeling_encdec.py"
+
+    def said() -> str:
+        assert main(["info", str(out)]) == 0
+        return next(line for line in capsys.readouterr().out.splitlines() if "remote code:" in line)
+
+    assert "is the file this encdec writes" in said()
+    remote.write_text(remote.read_text() + "\nimport os\nos.system('echo pwned')\n")
+    assert "DIFFERS from the file this encdec writes" in said() and "read it first" in said()
+    encdec.save(encdec.load(out), tmp_path / "again", tokenizer_dir=sources["llama"])
+    assert (tmp_path / "again" / "modeling_encdec.py").read_text() + "\nimport os\nos.system('echo pwned')\n" == \
+        remote.read_text()
+    remote.unlink()
+    assert "no modeling_encdec.py: transformers cannot load it" in said()

@@ -24,18 +24,24 @@ CROSS_INIT_STD = 0.02  # normal init of an unbalanced model's cross-attention pr
 log = logging.getLogger("encdec")
 
 
-def parse_layers(text: str, num_layers: int) -> list[int]:
-    """`--decoder-layers`: a comma list ("0,3,6") or a Python slice ("::3" = every third layer)."""
+def layer_spec(text: str) -> list[int] | slice:
+    """`--decoder-layers` as written, a comma list ("0,3,6") or a Python slice ("::3" = every third layer): checked
+    before any source is read (a dequantized GGUF takes half a minute)."""
     try:
         if ":" in text:
             parts = [int(p) if p else None for p in text.split(":")]
-            if len(parts) > 3:
+            if len(parts) > 3 or (len(parts) == 3 and parts[2] == 0):
                 raise ValueError
-            layers = list(range(num_layers))[slice(*parts)]
-        else:
-            layers = [int(p) for p in text.split(",")]
+            return slice(*parts)
+        return [int(p) for p in text.split(",")]
     except ValueError:
         raise EncdecError(f"--decoder-layers {text!r}: expected a comma list like 0,3,6 or a slice like ::3") from None
+
+
+def parse_layers(text: str, num_layers: int) -> list[int]:
+    """The source layers `--decoder-layers` selects of `num_layers`."""
+    spec = layer_spec(text)
+    layers = list(range(num_layers))[spec] if isinstance(spec, slice) else spec
     if not layers:
         raise EncdecError(f"--decoder-layers {text!r} selects no layer of {num_layers}")
     bad = [i for i in layers if not 0 <= i < num_layers]

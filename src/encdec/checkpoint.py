@@ -108,6 +108,7 @@ def encoder_alone(data: dict) -> bool:
             or data.get("format") == NATIVE_ENCODER)
 
 
+ACCEPTED = "this project's format, t5gemma, t5gemma2"
 ENCODER_ALONE = "an encoder alone, as `encdec export-encoder` writes, which `encdec classify` reads"
 
 
@@ -116,13 +117,21 @@ def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
     what a run asks of the model can be checked before it loads)."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise EncdecError(f"{path} is not a checkpoint directory")
+        from encdec.sources import PACKAGED
+
+        what = "a file, not a checkpoint directory" if path.exists() else "no such directory"
+        made = (f" ({path} is a decoder-only source: `encdec adapt --encoder {path} --out DIR` makes an "
+                "encoder-decoder from it)" if str(path) in PACKAGED or path.suffix == ".gguf" else "")
+        raise EncdecError(f"{path}: {what}; expected an encoder-decoder checkpoint directory ({ACCEPTED}){made}")
+    if (path / "classifier.json").is_file() and not (path / "config.json").exists():
+        raise EncdecError(f"{path} is a saved classifier (`encdec classify`), not an encoder-decoder checkpoint: "
+                          f"`encdec classify --predict {path} --text ...` labels texts with it")
     data = read_json(path / "config.json")
     if data.get("format") != NATIVE and _layout_type(data) is None:
         raise EncdecError(
             f"{path} is not an encoder-decoder checkpoint (model_type {data.get('model_type')!r}"
             f"{': ' + ENCODER_ALONE if encoder_alone(data) else ''}"
-            "); accepted: this project's format, t5gemma, t5gemma2. A decoder-only model must first go through "
+            f"); accepted: {ACCEPTED}. A decoder-only model must first go through "
             "`encdec adapt`"
         )
     fmt = NATIVE if data.get("format") == NATIVE else data["model_type"]

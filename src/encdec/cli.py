@@ -51,7 +51,7 @@ def _seed(text: str) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
-    from encdec.adapt import adapt, parse_layers
+    from encdec.adapt import adapt, layer_spec, parse_layers
     from encdec.checkpoint import save
     from encdec.files import check_output_dir, portable_path
     from encdec.logs import log, timed
@@ -61,6 +61,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder))
     if args.decoder_layers is not None and not args.decoder_layers.strip():
         raise EncdecError("--decoder-layers is empty: expected a comma list like 0,3,6 or a slice like ::3")
+    if args.decoder_layers is not None:
+        layer_spec(args.decoder_layers)  # its syntax, before the sources are read
     with timed(f"loading encoder source {args.encoder}"):
         encoder = load_source(args.encoder, DTYPES[args.dtype])
     decoder = None
@@ -97,13 +99,16 @@ def _format_line(fmt: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from encdec.checkpoint import load_checkpoint
+    from encdec.checkpoint import NATIVE, load_checkpoint
+    from encdec.formats.remote_code import modeling_file_line
     from encdec.report import describe, parameter_table
 
     loaded = load_checkpoint(args.dir)
     print(f"{args.dir}: {_format_line(loaded.format)}")
     for note in loaded.notes:
         print(f"  note: {note}")
+    if loaded.format == NATIVE:
+        print(f"  remote code: {modeling_file_line(Path(args.dir).expanduser())}")
     print(describe(loaded.model))
     print("parameters:")
     print(parameter_table(loaded.model))
@@ -147,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.out is not None:
         args.out = args.out.expanduser()
         check_output_file(args.out, (args.dir, args.input))
+    config = read_config(args.dir)[0]  # first: a path that is no encoder-decoder checkpoint is said to be one
     tokenizer = load_tokenizer(Path(args.dir))
     prompts = (read_prompts(args.input, tokenizer) if args.input is not None
                else texts_as_prompts(args.prompt, tokenizer))
@@ -154,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     bos = leading_bos(tokenizer)
     encoded = [framing.prompt(p.ids, bos) for p in prompts]
     longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
-    check_positions(len(encoded[longest]), args.max_new_tokens, read_config(args.dir)[0],
+    check_positions(len(encoded[longest]), args.max_new_tokens, config,
                     prompts[longest].source if args.input is not None else "", len(framing.decoder))
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
@@ -192,7 +198,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from encdec.inference.loading import load_for_inference, model_framing
     from encdec.logs import log, timed
-    from encdec.serve.app import Settings, serve
+    from encdec.checkpoint import read_config
+    from encdec.serve.app import Settings, check_address, serve
     from encdec.serve.protocol import Limits
     from encdec.sources import load_tokenizer
 
@@ -207,6 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if api_key is not None and not api_key.strip():  # an unset shell variable would otherwise open the server
         raise EncdecError("the API key is empty (--api-key or ENCDEC_API_KEY); give a key, or neither to serve "
                           "without one")
+    read_config(args.model)  # a path that is no checkpoint, then an address in use: both before the model loads
+    check_address(args.host, args.port)
     # This thread loads with one intra-op thread and then only answers HTTP; the scheduler's thread computes with
     # all of them. Had this thread started an OpenMP team of its own, the scheduler's team would run throttled
     # (libgomp spins less while it manages more threads than there are cores), and generation was 2.5-4x
@@ -305,7 +314,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
 
     hyper = Hyper(lr=args.lr, head_lr=args.head_lr, weight_decay=args.weight_decay, epochs=args.epochs, steps=args.steps,
                   batch_size=args.batch_size, max_len=args.max_len, warmup=args.warmup, seed=args.seed,
-                  precision=args.precision, freeze_embeddings=args.freeze_embeddings)
+                  precision=args.precision, freeze_embeddings=args.freeze_embeddings,
+                  group_by_length=args.group_by_length)
     grid_flags = {"lr": args.grid_lr, "epochs": args.grid_epochs, "head_lr": args.grid_head_lr}
     if not args.search and (args.grid is not None or any(v is not None for v in grid_flags.values())):
         raise EncdecError("--grid and --grid-* set the grid of --search; pass --search too")
@@ -555,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train every layer and the head but not the token embedding: on Gemma's 262k-token vocabulary "
                    "that is most of a small model's parameters (the 270M: 168M of 268M): 2 GB less gradient and AdamW "
                    "state, and their work in every step")
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch training examples of alike lengths together (sorted within random pools of 50 "
+                   "batches): less padding to compute (BoolQ at --max-len 192: a third fewer slots); off by default, "
+                   "so that a seed gives the batches it gave before")
     p.add_argument("--search", action="store_true",
                    help="choose lr x epochs x head-lr (the grid) on dev splits of the training data, retrain the best "
                    "on all of it, and score it once on the reported split")
@@ -615,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The capital of France is", metavar="TEXT", help="text the models continue")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens of each greedy continuation")
     p.set_defaults(func=cmd_quickstart)
+    for command in sub.choices.values():  # an unknown option is told with its sub-command's usage
+        command.set_defaults(subparser=command)
     return parser
 
 
@@ -622,7 +638,10 @@ def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a generated text or a path that the locale cannot write is escaped
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # `encdec generate M --promt hi`: see `encdec generate --help`, not the list of commands
+        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     from encdec.logs import setup
 
     setup(args.verbose)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from pathlib import Path
 
 from encdec.classification.classifier import load_classifier
 from encdec.classification.train import encode, predict
 from encdec.errors import EncdecError
 from encdec.inference.loading import compute_device
+
+log = logging.getLogger("encdec")
 
 
 def read_inputs(path: Path, field: str = "text") -> list[str]:
@@ -33,6 +37,21 @@ def read_inputs(path: Path, field: str = "text") -> list[str]:
     return texts
 
 
+def laid_out_as(text: str, template: str) -> bool:
+    """Whether `text` holds the fixed parts of a task's input template ("{premise}\nHypothesis: {hypothesis}"
+    needs "Hypothesis:"; COPA's "A|B" either question) in their order."""
+    at = 0
+    for piece in re.split(r"\{\w+\}", template):
+        choices = [c.strip() for c in piece.split("|") if c.strip()] if piece.strip() else []
+        if not choices:
+            continue
+        found = [text.find(c, at) for c in choices if text.find(c, at) >= 0]
+        if not found:
+            return False
+        at = min(found) + 1
+    return True
+
+
 def predict_texts(path: Path, texts: list[str], batch_size: int = 8) -> tuple[list[str], list[list[float]]]:
     """(label names, probabilities of each text) from the classifier saved in `path`."""
     from encdec.sources import load_tokenizer
@@ -40,6 +59,11 @@ def predict_texts(path: Path, texts: list[str], batch_size: int = 8) -> tuple[li
     if not texts:
         raise EncdecError("nothing to predict: pass --text TEXT or --input FILE.jsonl")
     classifier, info = load_classifier(path)
+    unlike = [i for i, text in enumerate(texts) if not laid_out_as(text, info.template)]
+    if unlike:  # read as given all the same: a user may know better; but plain text gets a plain guess
+        log.warning("%d of %d input(s) (the first: #%d) are not laid out as this classifier's training texts were, "
+                    "%s (each {field} stands for a text; in COPA's, | separates the two questions): they are "
+                    "classified as given", len(unlike), len(texts), unlike[0] + 1, json.dumps(info.template))
     classifier.to(compute_device())
     tokenizer = load_tokenizer(path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

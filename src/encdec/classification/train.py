@@ -26,7 +26,7 @@ from encdec.allocator import keep_freed_memory
 from encdec.classification.classifier import Classifier
 from encdec.errors import EncdecError
 from encdec.inference.onednn import packed_while_inferring
-from encdec.training.data import pad_rows
+from encdec.training.data import length_grouped, pad_rows
 from encdec.training.optim import build_optimizer, build_scheduler
 from encdec.training.precision import PRECISIONS, autocast_dtype
 
@@ -52,6 +52,9 @@ class Hyper:
     # keep the token embedding as it is: on the 270M it is 168M of the 268M parameters, so this drops its dense
     # gradient and AdamW state (2 GB) and their work (about 0.2 s of a profiled 3-4 s step); the rest still trains
     freeze_embeddings: bool = False
+    # batches of alike lengths (`length_grouped`): on BoolQ at 192 tokens a third fewer slots to compute than in
+    # random batches; off by default, so that a seed gives the batches it gave before
+    group_by_length: bool = False
 
     def check(self) -> None:
         if self.batch_size < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
@@ -105,11 +108,12 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
         while step < total:
             order = list(range(len(rows)))
             rng.shuffle(order)
+            batches = (length_grouped(order, [len(row) for row in rows], hp.batch_size, rng) if hp.group_by_length
+                       else [order[start: start + hp.batch_size] for start in range(0, len(order), hp.batch_size)])
             epoch_losses = []
-            for start in range(0, len(order), hp.batch_size):
+            for chosen in batches:
                 if step == total:
                     break
-                chosen = order[start: start + hp.batch_size]
                 ids, mask = (t.to(device) for t in pad_rows([rows[i] for i in chosen], pad_id))
                 with autocast:
                     logits = classifier(ids, mask)  # float32 whatever the autocast

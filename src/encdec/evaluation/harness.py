@@ -175,6 +175,9 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
     from encdec.data.corpus import HELDOUT_SETS
     from encdec.sources import resolve
 
+    twice = sorted({spec for spec in models if models.count(spec) > 1})
+    if twice:  # results and averages are kept per model: a second column of the same name would merge with the first
+        raise EncdecError(f"model {twice[0]} is given twice; each MODEL is one column of the table: give it once")
     for spec in models:  # a bad name fails now, not after the first model's run
         if not is_checkpoint(spec):
             resolve(spec)

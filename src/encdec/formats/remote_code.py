@@ -138,6 +138,21 @@ def write_modeling_file(directory: Path) -> None:
     (directory / MODELING_FILE).write_text(modeling_source())
 
 
+def modeling_file_line(directory: Path) -> str:
+    """What `encdec info` says of a checkpoint's modeling file: transformers runs it with trust_remote_code=True,
+    so a handed checkpoint's must be the file this encdec writes, not a copy someone edited."""
+    path = directory / MODELING_FILE
+    if not path.is_file() or path.is_symlink():
+        return (f"no {MODELING_FILE}: transformers cannot load it (encdec can); encdec.save(encdec.load(DIR), NEW) "
+                "writes a copy with it")
+    if path.read_bytes() == modeling_source().encode():
+        return f"{MODELING_FILE} is the file this encdec writes (what trust_remote_code=True would run)"
+    return (f"{MODELING_FILE} DIFFERS from the file this encdec writes (edited, or written by another encdec "
+            "version): transformers would run it with trust_remote_code=True; read it first, or load the "
+            "checkpoint with encdec and save it again (encdec.save(encdec.load(DIR), NEW) writes this "
+            "version's file)")
+
+
 def is_own(config: dict[str, Any]) -> bool:
     """Whether a config.json's auto_map is exactly the one this module writes (encdec never runs it either)."""
     return config.get("auto_map") == AUTO_MAP and config.get("format") == "encdec"

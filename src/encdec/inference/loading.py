@@ -56,7 +56,10 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
 def model_framing(path: Path | str, tokenizer) -> Framing:
     """How the checkpoint at `path` reads a prompt to continue (`encdec.objectives.trained_framing`): plain, or as
     its UL2 pretraining posed the task (a sentinel after the prompt and after the decoder's start), said once."""
-    framing = trained_framing(read_metadata(Path(path).expanduser()), tokenizer.get_vocab())
+    path = Path(path).expanduser()
+    if not path.is_dir():  # read_metadata has nothing to say of a mistyped path: plain framing would pass unseen
+        raise EncdecError(f"{path}: no such checkpoint directory")
+    framing = trained_framing(read_metadata(path), tokenizer.get_vocab())
     if framing != PLAIN:
         log.info("%s was pretrained with UL2 and not instruction-tuned since: prompts are read as its objective "
                  "posed them (token ids %s)", path, framing.describe())

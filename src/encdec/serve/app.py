@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from encdec.data.chat import ChatFormat, ConversationRefused
+from encdec.errors import EncdecError
 from encdec.inference.engine import Emitted, Engine, Row
 from encdec.inference.sampling import Sampling
 from encdec.model import EncoderDecoder
@@ -529,6 +530,26 @@ class DrainingServer(uvicorn.Server):
         self.force_exit = True
         for connection in list(self.server_state.connections):
             connection.transport.close()
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, before a model is loaded, an address the server could not listen on (a port in use, a host name that
+    does not resolve): bound and released here as uvicorn binds it (SO_REUSEADDR)."""
+    import socket
+
+    if port == 0:  # any free port
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise EncdecError(f"--host {host}: {e.strerror}; give an address of this machine (127.0.0.1, 0.0.0.0, "
+                          "::1, a host name)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise EncdecError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
 
 
 def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, port: int) -> None:

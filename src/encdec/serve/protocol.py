@@ -226,7 +226,9 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     body = _object(raw)
     for name in body:
         if name in NEUTRAL and body[name] not in NEUTRAL[name]:
-            raise APIError(400, f"'{name}' = {json.dumps(body[name])[:40]} is not supported by this server "
+            given = json.dumps(body[name])
+            given = given if len(given) <= 40 else given[:37] + "..."  # a tool list can be pages long
+            raise APIError(400, f"'{name}' = {given} is not supported by this server "
                            f"(accepted: {' or '.join(json.dumps(v) for v in NEUTRAL[name])})", name)
         if name not in FIELDS[kind] | IGNORED | set(NEUTRAL):
             raise APIError(400, f"unrecognized request argument '{name}'; accepted: {', '.join(sorted(FIELDS[kind]))}",

@@ -175,8 +175,9 @@ def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
         try:
             model, source = load_causal(cfg.model)
         except EncdecError as e:
-            raise EncdecError(f"--model: not an encoder-decoder checkpoint (from `encdec adapt`), nor a decoder-only "
-                              f"source ({e})") from None
+            given = "MODEL" if cfg.objective == "instruct" else "--model"  # finetune's positional argument
+            raise EncdecError(f"{given}: not an encoder-decoder checkpoint (from `encdec adapt`), nor a "
+                              f"decoder-only source ({e})") from None
         model.train()
         tokenizer = load_tokenizer(source.directory)
     make = _instruction_plan if cfg.objective == "instruct" else _pretraining_plan

@@ -87,18 +87,27 @@ def _acquire(out: Path) -> int:
     return fd
 
 
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the directories a run made (deepest first), those still empty."""
+    for directory in made:
+        try:
+            directory.rmdir()
+        except OSError:  # something was written there: it and its parents stay
+            return
+
+
 @contextlib.contextmanager
 def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...] = ()) -> Iterator[None]:
     """Hold OUT's lock for the duration. The first process of a distributed run takes it for all, and
     every process stops when it is refused (none waits for the others in a collective). OUT must not be
     or hold one of the run's `inputs` (`--overwrite` would delete it, the final model replace it)."""
-    fd, created, refused = None, False, None
+    fd, created, refused = None, [], None
     if d.main:
         try:
             check_writable_place(out)
             check_not_above(out)
             check_apart(out, inputs)
-            created = not out.exists()
+            created = [p for p in (out, *out.parents) if not p.exists()]  # OUT first, then the parents it needs
             out.mkdir(parents=True, exist_ok=True)
             fd = _acquire(out)
         except OSError as e:  # no permission, read-only file system, ...
@@ -106,9 +115,7 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
         except EncdecError as e:
             refused = e
     if distributed.reduce_sum(float(refused is not None), d):
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        _remove_empty(created)
         raise refused or EncdecError(f"{out}: the first process could not lock it (see its message)")
     try:
         yield
@@ -116,9 +123,7 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
         if fd is not None:
             (out / LOCK).unlink(missing_ok=True)
             os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # a refused run leaves no empty directory behind (it stays if anything was written)
+        _remove_empty(created)  # a refused run leaves no empty directories behind (they stay if anything was written)
 
 
 def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved | None:
