@@ -260,6 +260,9 @@ def main_exit(argv: list[str]) -> int:
 
 PRETRAIN_BAD = [
     (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite starts it afresh"),
+    (["--data", "no-such-text.txt"], "no such file or directory; expected a .txt, .jsonl (one JSON object per line "
+                                     "with a text field) or .parquet file, a directory of them, hf:NAME, or packaged "
+                                     "text: corpus:python-docs, corpus:coqa-stories"),
     (["--save-every", "0"], "--save-every must be at least 1, got 0"),
     (["--log-every", "-1"], "--log-every must be at least 1"),
     (["--eval-every", "-2"], "--eval-every must be at least 0"),

@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "on all of it, and score it once on the reported split")
     p.add_argument("--grid", type=Path, metavar="FILE.yaml",
                    help="with --search: {setting: [values]} over lr, head_lr, epochs, steps, weight_decay, warmup, "
-                   "batch_size; without it: lr 1e-5,3e-5,1e-4 x epochs 2,4 x head_lr 1e-4,1e-3")
+                   "batch_size; without it: lr 1e-5,3e-5,1e-4 x epochs 2,4 x head_lr 3e-5,1e-4")
     p.add_argument("--grid-lr", metavar="V,V", help="with --search: the grid's backbone learning rates")
     p.add_argument("--grid-epochs", metavar="N,N", help="with --search: the grid's epoch counts")
     p.add_argument("--grid-head-lr", metavar="V,V", help="with --search: the grid's head learning rates")
