@@ -292,8 +292,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="timed calls per batch size and round")
     p.add_argument("--jobs", type=int, default=1, help="training runs at once, each in its own process")
-    p.add_argument("--train", metavar="NAME", help="only (re)train this point's model (e.g. balanced): the run "
-                   "--jobs starts for each point, and how one point's model is made again")
+    p.add_argument("--train", metavar="NAME", help="only train this point's model (e.g. balanced), resuming its run "
+                   "where one is there: what --jobs starts for each point")
     p.add_argument("--worker", type=Path, nargs=2, metavar=("MODEL", "PROMPTS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     try:

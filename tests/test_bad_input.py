@@ -326,7 +326,7 @@ GENERATE_BAD = [
     (["--repetition-penalty", "-1"], "repetition_penalty (--repetition-penalty) must be a positive finite number, got -1.0"),
     (["--presence-penalty", "nan"], "presence_penalty (--presence-penalty) must be in [-2, 2], got nan"),
     (["--prompt", " ".join(["w5"] * 300)], "the prompt has 301 tokens; this model reads at most 256"),
-    (["--top-k", "0"], "top_k (--top-k) must be at least 1"),
+    (["--top-k", "-2"], "top_k (--top-k) must be at least 1"),
 ]
 
 
@@ -338,6 +338,12 @@ def test_bad_generation_values(capsys, adapted, extra, message):
     lines = [line for line in captured.err.splitlines() if "error:" in line]
     assert code == 2 and len(lines) == 1 and message in lines[0], captured.err
     assert " -> " not in captured.out
+
+
+def test_top_k_zero_is_no_limit_as_its_help_says(capsys, adapted):
+    assert main(["generate", str(adapted), "--prompt", "w1 w2", "--do-sample", "--top-k", "0", "--seed", "1",
+                 "--max-new-tokens", "2"]) == 0
+    assert " -> " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command", [["evaluate", "{model}", "--tasks", "heldout"], ["export-encoder", "{model}"],

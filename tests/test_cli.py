@@ -320,3 +320,7 @@ def test_an_unknown_option_points_to_its_sub_commands_help(capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "encdec generate: error: unrecognized arguments: --promt hi (see encdec generate --help)"]
+    for argv in (["generate", "some/model", "--verbose"], ["--bogus", "generate", "some/model"]):
+        with pytest.raises(SystemExit):  # encdec's own option after the command, or anything before it: encdec's help
+            main(argv)
+        assert "(see encdec --help)" in capsys.readouterr().err

@@ -61,8 +61,7 @@ def test_the_packaged_gguf_is_joined_into_encdecs_cache(monkeypatch, tmp_path):
     assert path.stat().st_size == sum(p.stat().st_size for p in package.chunk_paths())
     mtime = path.stat().st_mtime_ns
     assert sources_module._packaged_gguf("gemma-3-270m") == path and path.stat().st_mtime_ns == mtime  # reused
-    # no temporary left; beside it, the parts it was joined from
-    assert sorted(p.name for p in path.parent.iterdir()) == [package.MODEL_NAME, package.MODEL_NAME + ".parts"]
+    assert [p.name for p in path.parent.iterdir()] == [package.MODEL_NAME]  # no temporary left
 
 
 def test_a_packaged_model_with_a_missing_part_is_one_line(monkeypatch, tmp_path):
@@ -83,26 +82,6 @@ def test_parts_that_do_not_join_into_the_expected_file_leave_nothing(tmp_path):
         sources_module._joined(parts, out, hashlib.sha256(b"other").hexdigest())
     assert list(out.parent.iterdir()) == []
     assert sources_module._joined(parts, out, hashlib.sha256(b"GGUFrest").hexdigest()).read_bytes() == b"GGUFrest"
-
-
-def test_a_joined_file_is_joined_again_from_other_parts_of_the_same_sizes(tmp_path):
-    """The Qwen parts carry no checksum: another version of the packages, with parts of the same sizes, must not be
-    answered with the file joined from the old ones."""
-    parts = [tmp_path / "a", tmp_path / "b"]
-    for part, data in zip(parts, (b"GGUF", b"rest")):
-        part.write_bytes(data)
-    out = tmp_path / "cache" / "model.gguf"
-    assert sources_module._joined(parts, out).read_bytes() == b"GGUFrest"
-    mtime = out.stat().st_mtime_ns
-    assert sources_module._joined(parts, out).stat().st_mtime_ns == mtime  # reused
-    for part in parts:  # a reinstall: new files, same sizes
-        part.unlink()
-    for part, data in zip(parts, (b"GGUF", b"next")):
-        part.write_bytes(data)
-    assert sources_module._joined(parts, out).read_bytes() == b"GGUFnext"
-    (out.parent / "model.gguf.parts").unlink()  # killed between the two renames: joined again, not trusted
-    out.write_bytes(b"GGUFhalf")
-    assert sources_module._joined(parts, out).read_bytes() == b"GGUFnext"
 
 
 def test_classification_caches_that_cannot_be_written_are_warnings(monkeypatch, tmp_path, warnings_seen):

@@ -248,3 +248,5 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
         remote.read_text()
     remote.unlink()
     assert "no modeling_encdec.py: transformers cannot load it" in said()
+    remote.symlink_to(tmp_path / "again" / "modeling_encdec.py")  # even to the right file: what runs is elsewhere
+    assert f"is a symbolic link to {tmp_path / 'again' / 'modeling_encdec.py'}: transformers would run" in said()

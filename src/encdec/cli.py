@@ -137,9 +137,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
                           + (", not both" if args.prompt is not None else ""))
     if args.batch_size < 1:
         raise EncdecError(f"--batch-size must be at least 1, got {args.batch_size}")
-    sampling = Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed, args.presence_penalty,
-                        args.frequency_penalty, args.repetition_penalty)
-    check_settings(args.max_new_tokens, sampling)
+    sampling = Sampling(args.do_sample, args.temperature, args.top_k or None, args.top_p, args.seed,  # --top-k 0: none
+                        args.presence_penalty, args.frequency_penalty, args.repetition_penalty)
+    try:
+        check_settings(args.max_new_tokens, sampling)
+    except EncdecError as e:  # the setting named with its option: "top_p (--top-p) must be ..."
+        name, _, rest = str(e).partition(" ")
+        if name in ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            raise EncdecError(f"{name} (--{name.replace('_', '-')}) {rest}") from None
+        raise
     unused = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
                                                 ("--top-p", args.top_p, 1.0), ("--seed", args.seed, None))
               if value != default]
@@ -641,7 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # `encdec generate M --promt hi`: see `encdec generate --help`, not the list of commands
-        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+        given = sys.argv[1:] if argv is None else argv
+        command_at = given.index(args.command) if args.command in given else len(given)
+        # but an option of encdec itself (-v after the command) or one before the command is encdec's
+        top = any(word in parser._option_string_actions or word.split("=", 1)[0] in parser._option_string_actions
+                  or (word in given and given.index(word) < command_at) for word in unknown)
+        (parser if top else getattr(args, "subparser", parser)).error(f"unrecognized arguments: {' '.join(unknown)}")
     from encdec.logs import setup
 
     setup(args.verbose)

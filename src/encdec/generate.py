@@ -28,13 +28,7 @@ def check_settings(max_new_tokens: int, sampling: Sampling) -> None:
     """The decoding settings, checked before a model is loaded (`encdec generate`) or run."""
     if max_new_tokens < 1:
         raise EncdecError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}")
-    try:
-        sampling.check()
-    except EncdecError as e:  # named as the setting and its option: "top_p (--top-p) must be ..."
-        name, _, rest = str(e).partition(" ")
-        if name in ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
-            raise EncdecError(f"{name} (--{name.replace('_', '-')}) {rest}") from None
-        raise
+    sampling.check()
 
 
 def check_positions(prompt_tokens: int, max_new_tokens: int, cfg: EncDecConfig, where: str = "",

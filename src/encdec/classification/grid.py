@@ -14,7 +14,8 @@ from encdec.errors import EncdecError
 # a few backbone rates around the usual full fine-tuning range, short and longer training, two head rates. Not
 # 1e-3 for the head: the pooled states of Gemma 3 270M share a large component (RMS 3.0 of 3.6), so that a step of
 # 1e-3 on each head weight moves every logit alike, and on BoolQ the mean p(yes) swung between 0.15 and 0.88 from
-# one step to the next, which 3e-5 and 1e-4 did not (docs/benchmarks.md, "The head's learning rate")
+# one step to the next, which 3e-5 and 1e-4 did not (docs/benchmarks.md, "Batches of alike lengths, and the head's
+# learning rate")
 DEFAULT_GRID: dict[str, list[Any]] = {"lr": [1e-5, 3e-5, 1e-4], "epochs": [2, 4], "head_lr": [3e-5, 1e-4]}
 TUNABLE = ("lr", "head_lr", "epochs", "steps", "weight_decay", "warmup", "batch_size")
 _TYPES = {field.name: field.type for field in dataclasses.fields(Hyper)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -142,15 +143,18 @@ def modeling_file_line(directory: Path) -> str:
     """What `encdec info` says of a checkpoint's modeling file: transformers runs it with trust_remote_code=True,
     so a handed checkpoint's must be the file this encdec writes, not a copy someone edited."""
     path = directory / MODELING_FILE
-    if not path.is_file() or path.is_symlink():
+    resave = ("read it first, or load the checkpoint with encdec and save it again (encdec.save(encdec.load(DIR), "
+              "NEW) writes this version's file)")
+    if path.is_symlink():  # transformers copies what the link points to, and runs that
+        return (f"{MODELING_FILE} is a symbolic link to {os.readlink(path)}: transformers would run that file with "
+                f"trust_remote_code=True; {resave}")
+    if not path.is_file():
         return (f"no {MODELING_FILE}: transformers cannot load it (encdec can); encdec.save(encdec.load(DIR), NEW) "
                 "writes a copy with it")
     if path.read_bytes() == modeling_source().encode():
         return f"{MODELING_FILE} is the file this encdec writes (what trust_remote_code=True would run)"
     return (f"{MODELING_FILE} DIFFERS from the file this encdec writes (edited, or written by another encdec "
-            "version): transformers would run it with trust_remote_code=True; read it first, or load the "
-            "checkpoint with encdec and save it again (encdec.save(encdec.load(DIR), NEW) writes this "
-            "version's file)")
+            f"version): transformers would run it with trust_remote_code=True; {resave}")
 
 
 def is_own(config: dict[str, Any]) -> bool:

@@ -81,7 +81,7 @@ class Sampling:
         if not (math.isfinite(self.temperature) and low_ok):
             raise EncdecError(f"temperature must be a positive finite number, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise EncdecError(f"top_k must be at least 1 (0: no limit), got {self.top_k}")
+            raise EncdecError(f"top_k must be at least 1 (None: no limit), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise EncdecError(f"top_p must be in (0, 1], got {self.top_p}")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -534,22 +534,32 @@ class DrainingServer(uvicorn.Server):
 
 def check_address(host: str, port: int) -> None:
     """Refuse, before a model is loaded, an address the server could not listen on (a port in use, a host name that
-    does not resolve): bound and released here as uvicorn binds it (SO_REUSEADDR)."""
+    does not resolve), binding it as asyncio's create_server will for uvicorn: every address the host resolves
+    to, IPv6 ones alone (IPV6_V6ONLY), families this machine lacks skipped; then released."""
     import socket
 
-    if port == 0:  # any free port
-        return
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise EncdecError(f"--host {host}: {e.strerror}; give an address of this machine (127.0.0.1, 0.0.0.0, "
                           "::1, a host name)") from None
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if port == 0:  # any free port: nothing to be taken
+        return
+    for family, kind, proto, _, address in found:
         try:
-            probe.bind(address)
-        except OSError as e:
-            raise EncdecError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host") from None
+            probe = socket.socket(family, kind, proto)
+        except OSError:  # an address family this kernel lacks: asyncio skips it too
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as e:
+                shown = f"[{address[0]}]" if family == socket.AF_INET6 else address[0]
+                raise EncdecError(f"cannot listen on {shown}:{port} ({e.strerror}); choose another --port or "
+                                  "--host") from None
 
 
 def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, port: int) -> None:
