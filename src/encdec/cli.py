@@ -202,9 +202,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from encdec.checkpoint import read_config
     from encdec.inference.loading import load_for_inference, model_framing
     from encdec.logs import log, timed
-    from encdec.checkpoint import read_config
     from encdec.serve.app import Settings, check_address, serve
     from encdec.serve.protocol import Limits
     from encdec.sources import load_tokenizer

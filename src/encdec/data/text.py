@@ -18,8 +18,8 @@ from encdec.errors import EncdecError
 from encdec.files import parse_json
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-ACCEPTED = ("a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, hf:NAME, "
-            f"or packaged text: {', '.join(f'corpus:{name}' for name in CORPORA)}")
+ACCEPTED = ("a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, "
+            f"hf:NAME, or packaged text: {', '.join(f'corpus:{name}' for name in CORPORA)}")
 log = logging.getLogger("encdec")
 _SAID: set[tuple[Path, tuple[str, ...]]] = set()  # directories whose left-out files were named (once per run)
 
