@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 # tests never reach the Hub; huggingface_hub, transformers and datasets read these when first imported
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -18,6 +19,22 @@ from tiny import FAMILY_OPTIONS, make_source
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A cache root of this test session, so that no test reads what an earlier run left in the user's cache (a
+    search that reads its trials back from a journal trains nothing); the packaged models' conversions (1.1 GB and
+    half a minute each) are shared with the user's cache through links."""
+    from encdec.sources import cache_root
+
+    shared, root = cache_root(), tmp_path_factory.mktemp("cache")
+    for name in ("gguf", "packaged", "locks"):
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(shared / name, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ENCDEC_CACHE", str(root))
+        yield root
 
 
 @pytest.fixture(scope="session")
