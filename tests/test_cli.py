@@ -320,7 +320,20 @@ def test_an_unknown_option_points_to_its_sub_commands_help(capsys):
     assert stop.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "encdec generate: error: unrecognized arguments: --promt hi (see encdec generate --help)"]
-    for argv in (["generate", "some/model", "--verbose"], ["--bogus", "generate", "some/model"]):
-        with pytest.raises(SystemExit):  # encdec's own option after the command, or anything before it: encdec's help
-            main(argv)
-        assert "(see encdec --help)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # anything before the command: encdec's help
+        main(["--bogus", "generate", "some/model"])
+    assert "(see encdec --help)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--verbose", "info", "MISSING"], ["info", "MISSING", "--verbose"], ["info", "MISSING"]])
+def test_verbose_goes_before_or_after_the_command(argv, capsys):
+    from encdec.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose == ("--verbose" in argv)
+    assert main(argv) == 2 and "no such directory" in capsys.readouterr().err
+
+
+def test_task_names_are_read_in_any_case_as_evaluate_reads_them():
+    from encdec.cli import build_parser
+
+    assert build_parser().parse_args(["classify", "m", "--task", "BoolQ", "--out", "o"]).task == "boolq"

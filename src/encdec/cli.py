@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", metavar="MODEL",
                    help="encoder-decoder checkpoint, exported encoder, or decoder-only source "
                    "(HF dir, GGUF, packaged name)")
-    p.add_argument("--task", metavar="TASK", help="boolq, cb, copa or rte")
+    p.add_argument("--task", metavar="TASK", type=str.lower, help="boolq, cb, copa or rte (any case)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory: results.json and classifier/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-save", action="store_true",
@@ -637,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quickstart)
     for command in sub.choices.values():  # an unknown option is told with its sub-command's usage
         command.set_defaults(subparser=command)
+    for command in sub.choices.values():  # `encdec generate M --verbose` as well as `encdec --verbose generate M`
+        command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 
@@ -649,9 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # `encdec generate M --promt hi`: see `encdec generate --help`, not the list of commands
         given = sys.argv[1:] if argv is None else argv
         command_at = given.index(args.command) if args.command in given else len(given)
-        # but an option of encdec itself (-v after the command) or one before the command is encdec's
-        top = any(word in parser._option_string_actions or word.split("=", 1)[0] in parser._option_string_actions
-                  or (word in given and given.index(word) < command_at) for word in unknown)
+        top = any(word in given and given.index(word) < command_at for word in unknown)  # before it: encdec's
         (parser if top else getattr(args, "subparser", parser)).error(f"unrecognized arguments: {' '.join(unknown)}")
     from encdec.logs import setup
 
