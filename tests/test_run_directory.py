@@ -127,6 +127,25 @@ def test_a_refused_run_leaves_nothing_that_blocks_the_corrected_command(adapted,
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 0
 
 
+def test_a_run_whose_new_directories_a_refused_neighbour_removes_makes_them_again(tmp_path, monkeypatch):
+    """Two runs under a fresh runs/: the refused one removes the empty runs/ the other is about to lock in."""
+    from encdec.training import distributed
+
+    out, real, removed = tmp_path / "runs" / "b", rundir._acquire, []
+
+    def neighbour_removes_first(path):
+        if not removed:
+            removed.append(path)
+            path.rmdir()
+            path.parent.rmdir()
+        return real(path)
+
+    monkeypatch.setattr(rundir, "_acquire", neighbour_removes_first)
+    with rundir.locked(out, distributed.Dist()):
+        assert (out / rundir.LOCK).is_file()
+    assert removed == [out] and not (tmp_path / "runs").exists()
+
+
 HOLD = """
 import sys
 from pathlib import Path

@@ -108,8 +108,14 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
             check_not_above(out)
             check_apart(out, inputs)
             created = [p for p in (out, *out.parents) if not p.exists()]  # OUT first, then the parents it needs
-            out.mkdir(parents=True, exist_ok=True)
-            fd = _acquire(out)
+            for attempt in range(3):  # a refused run beside this one removes the empty directories it made
+                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    fd = _acquire(out)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
         except OSError as e:  # no permission, read-only file system, ...
             refused = EncdecError(f"cannot write {out}: {e.strerror or e}")
         except EncdecError as e:
