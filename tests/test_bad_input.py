@@ -459,6 +459,7 @@ def test_a_damaged_source_config_is_one_line(capsys, tmp_path, sources, edit, me
 def test_evaluation_output_names_are_checked_before_any_work(capsys, tmp_path, adapted, monkeypatch):
     from encdec.evaluation.harness import output_files
 
+    monkeypatch.setattr("encdec.evaluation.harness.load_scorer", lambda *a, **k: pytest.fail("a model was loaded"))
     (tmp_path / "taken.md").mkdir()
     for out, message in ((".", "names a directory"), (str(tmp_path / "taken"), "taken.md is a directory")):
         assert main(["evaluate", str(adapted), "--tasks", "heldout", "--out", out]) == 2
@@ -473,7 +474,8 @@ def test_evaluation_output_names_are_checked_before_any_work(capsys, tmp_path, a
 @pytest.mark.parametrize("extra, message", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                                             (["--steps", "-1"], "--steps must be at least 0"),
                                             (["--trim-vocab", "-5"], "--trim-vocab must be at least 0")])
-def test_quickstart_checks_its_options_before_loading_anything(capsys, tmp_path, extra, message):
+def test_quickstart_checks_its_options_before_loading_anything(capsys, tmp_path, monkeypatch, extra, message):
+    monkeypatch.setattr("encdec.quickstart.load_source", lambda *a, **k: pytest.fail("the source was read"))
     assert main(["quickstart", "--out", str(tmp_path / "qs"), *extra]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert message in line
@@ -481,7 +483,6 @@ def test_quickstart_checks_its_options_before_loading_anything(capsys, tmp_path,
 
 
 def test_ctranslate2_export_of_damaged_weights_is_one_line(capsys, tmp_path, adapted):
-    pytest.importorskip("ctranslate2")
     model = tmp_path / "model"
     shutil.copytree(adapted, model)
     (model / "model.safetensors").write_bytes((model / "model.safetensors").read_bytes()[:100])

