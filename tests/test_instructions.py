@@ -280,6 +280,9 @@ def test_a_download_that_fails_is_one_line_naming_the_way_around_it(bigbench: Pa
 
 
 def test_an_oversized_task_member_is_refused_before_it_is_read(bigbench: Path, monkeypatch) -> None:
+    import tarfile
+
     monkeypatch.setattr(ni, "MAX_TASK_BYTES", 16)
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda *a, **k: pytest.fail("a member was read"))
     with pytest.raises(EncdecError, match="more than any bigbench==1.0.0 task"):
         ni.natural_instructions(tarball=bigbench)
