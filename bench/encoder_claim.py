@@ -23,7 +23,9 @@ adapted backbone with the decoder-only one.
         --backbone adapted-trained=runs/frontier/balanced/train/model --protocol probe
 
 (the two adapted backbones as bench/frontier.py leaves them: the balanced adaptation before and after
-its 102k training tokens). Options after `--` go to every cell's `encdec classify` (`-- --pooling mean`).
+its 102k training tokens). Options after `--` go to every cell's `encdec classify` (`-- --pooling mean`);
+`--search-args` / `--probe-args` to one protocol's cells, and with a TASK= prefix to one task's
+(`--search-args='boolq=--grid-epochs 1'`: BoolQ's training split is 100x a k-fold task's).
 """
 
 from __future__ import annotations
@@ -51,6 +53,20 @@ def parse_backbone(text: str) -> tuple[str, str]:
     return name, model
 
 
+def protocol_options(values: list[str], task: str) -> list[str]:
+    """The options of --search-args / --probe-args values for `task`'s cell: 'OPTIONS' go to every task's cells,
+    'TASK=OPTIONS' to that task's only (after the others: BoolQ, with 100x the training examples of the k-fold
+    tasks, wants fewer epochs; the last of a repeated option is the one `encdec classify` keeps)."""
+    options: list[str] = []
+    for value in values:
+        named, sep, rest = value.partition("=")
+        if sep and named in TASKS:
+            options += shlex.split(rest) if named == task else []
+        else:
+            options += shlex.split(value)
+    return options
+
+
 def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Namespace) -> dict | None:
     """The cell's results.json, running `encdec classify` first unless it exists (with --table-only: None for a
     cell not run yet)."""
@@ -58,7 +74,7 @@ def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Nam
     options = [model, "--task", task, "--seed", str(args.seed), *PROTOCOLS[protocol]]
     if task == "boolq":
         options += ["--limit", str(args.boolq_train), "--eval-limit", str(args.boolq_eval)]
-    options += shlex.split(getattr(args, f"{protocol}_args")) + args.classify_args
+    options += protocol_options(getattr(args, f"{protocol}_args"), task) + args.classify_args
     if results.exists():
         if not recorded.exists() or json.loads(recorded.read_text()) != options:
             sys.exit(f"{out} holds a run of other settings ({recorded}); use another --out or delete it")
@@ -125,9 +141,12 @@ def main() -> None:
     parser.add_argument("--boolq-train", type=int, default=2000, help="BoolQ training examples (seeded sample)")
     parser.add_argument("--boolq-eval", type=int, default=1000, help="BoolQ validation examples (seeded sample)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--search-args", default="", metavar="'OPTIONS'",
-                        help="`encdec classify` options of the search cells only, e.g. --search-args='--grid-lr 1e-5,3e-5'")
-    parser.add_argument("--probe-args", default="", metavar="'OPTIONS'", help="the same for the probe cells")
+    parser.add_argument("--search-args", action="append", default=[], metavar="'[TASK=]OPTIONS'",
+                        help="`encdec classify` options of the search cells only, e.g. --search-args='--grid-lr 1e-5,3e-5'; "
+                             "TASK= for that task's cells only, after the others: --search-args='boolq=--grid-epochs 1' "
+                             "(repeat)")
+    parser.add_argument("--probe-args", action="append", default=[], metavar="'[TASK=]OPTIONS'",
+                        help="the same for the probe cells")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: the table of the cells done so far (others shown as -)")
     parser.add_argument("classify_args", nargs="*", help="after --: more `encdec classify` options for every cell")

@@ -127,7 +127,8 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     monkeypatch.setattr(subprocess, "run", lambda command, **k: ran.append(command) or
                         (cell.mkdir(), (cell / "results.json").write_text(json.dumps(rte))))
     settings = argparse.Namespace(seed=0, boolq_train=10, boolq_eval=10, classify_args=["--max-len", "16"],
-                                  probe_args="--probe-c '0.1,1'", search_args="--grid-lr 1e-5", table_only=False)
+                                  probe_args=["--probe-c '0.1,1'", "cb=--pooling mean"], search_args=["--grid-lr 1e-5"],
+                                  table_only=False)
     assert encoder_claim.run_cell("m", "rte", "probe", cell, settings) == rte
     assert encoder_claim.run_cell("m", "rte", "probe", cell, settings) == rte and len(ran) == 1  # not run again
     # the probe's options only, and no classifier saved
@@ -135,7 +136,11 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     with pytest.raises(SystemExit, match="other settings"):  # nor reused for other settings
         encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "seed": 1}))
     with pytest.raises(SystemExit, match="other settings"):
-        encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "probe_args": ""}))
+        encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "probe_args": []}))
+    # options for one task's cells only, after those of every task
+    assert encoder_claim.protocol_options(["--grid-lr 1e-5", "boolq=--grid-epochs 1 --limit 9"], "boolq") == [
+        "--grid-lr", "1e-5", "--grid-epochs", "1", "--limit", "9"]
+    assert encoder_claim.protocol_options(["--grid-lr 1e-5", "boolq=--grid-epochs 1"], "cb") == ["--grid-lr", "1e-5"]
     table_only = argparse.Namespace(**{**vars(settings), "table_only": True})
     assert encoder_claim.run_cell("m", "cb", "probe", tmp_path / "cb", table_only) is None and len(ran) == 1
     assert encoder_claim.run_cell("m", "rte", "probe", cell, table_only) == rte  # (--table-only runs nothing)
