@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shlex
 import statistics
 import subprocess
@@ -57,14 +58,18 @@ def protocol_options(values: list[str], task: str) -> list[str]:
     """The options of --search-args / --probe-args values for `task`'s cell: 'OPTIONS' go to every task's cells,
     'TASK=OPTIONS' to that task's only (after the others: BoolQ, with 100x the training examples of the k-fold
     tasks, wants fewer epochs; the last of a repeated option is the one `encdec classify` keeps)."""
-    options: list[str] = []
+    general: list[str] = []
+    specific: list[str] = []
     for value in values:
         named, sep, rest = value.partition("=")
-        if sep and named in TASKS:
-            options += shlex.split(rest) if named == task else []
+        if sep and re.fullmatch(r"\s*[A-Za-z_]\w*\s*", named):  # TASK=...; options begin with -
+            if named.strip().lower() not in TASKS:
+                sys.exit(f"--search-args / --probe-args {value!r}: {named.strip()!r} is not a task; "
+                         f"accepted: {', '.join(TASKS)}")
+            specific += shlex.split(rest) if named.strip().lower() == task else []
         else:
-            options += shlex.split(value)
-    return options
+            general += shlex.split(value)
+    return general + specific
 
 
 def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Namespace) -> dict | None:

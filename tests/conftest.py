@@ -26,12 +26,17 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A cache root of this test session, so that no test reads what an earlier run left in the user's cache (a
     search that reads its trials back from a journal trains nothing); the packaged models' conversions (1.1 GB and
     half a minute each) are shared with the user's cache through links."""
+    from encdec.errors import EncdecError
     from encdec.sources import cache_root
 
-    shared, root = cache_root(), tmp_path_factory.mktemp("cache")
+    root = tmp_path_factory.mktemp("cache")
     for name in ("gguf", "packaged", "locks"):
-        (shared / name).mkdir(parents=True, exist_ok=True)
-        (root / name).symlink_to(shared / name, target_is_directory=True)
+        try:
+            shared = cache_root().absolute() / name
+            shared.mkdir(parents=True, exist_ok=True)
+            (root / name).symlink_to(shared, target_is_directory=True)
+        except (OSError, EncdecError):  # no home, or a read-only one: the session converts into its own
+            (root / name).mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ENCDEC_CACHE", str(root))
         yield root

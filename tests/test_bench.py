@@ -141,6 +141,10 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     assert encoder_claim.protocol_options(["--grid-lr 1e-5", "boolq=--grid-epochs 1 --limit 9"], "boolq") == [
         "--grid-lr", "1e-5", "--grid-epochs", "1", "--limit", "9"]
     assert encoder_claim.protocol_options(["--grid-lr 1e-5", "boolq=--grid-epochs 1"], "cb") == ["--grid-lr", "1e-5"]
+    assert encoder_claim.protocol_options(["BoolQ=--grid-epochs 1", "--grid-epochs 3 --pooling=mean"], "boolq") == [
+        "--grid-epochs", "3", "--pooling=mean", "--grid-epochs", "1"]  # the task's after every task's, in any order
+    with pytest.raises(SystemExit, match="'mnli' is not a task; accepted: boolq, cb, copa, rte"):
+        encoder_claim.protocol_options(["mnli=--grid-epochs 1"], "cb")
     table_only = argparse.Namespace(**{**vars(settings), "table_only": True})
     assert encoder_claim.run_cell("m", "cb", "probe", tmp_path / "cb", table_only) is None and len(ran) == 1
     assert encoder_claim.run_cell("m", "rte", "probe", cell, table_only) == rte  # (--table-only runs nothing)

@@ -120,7 +120,8 @@ def _endless(local, framed) -> str:
     model, tokenizer = local
     candidates = [f"w{start} w{start + 1}" for start in range(10, 42)]  # all 3 tokens long: one batch
     out = model.generate(torch.tensor([tokenizer(framed(text)).input_ids for text in candidates]), max_new_tokens=LONG)
-    stop_ids = [*model.config.eos_token_ids, *tokenizer.convert_tokens_to_ids(["<end_of_turn>"])]  # the server's
+    turn_end = tokenizer.get_vocab().get("<end_of_turn>")  # the server stops on it too, where the vocabulary has it
+    stop_ids = [*model.config.eos_token_ids, *([] if turn_end is None else [turn_end])]
     ended = torch.isin(out, torch.tensor(stop_ids)).any(1)
     for text, stops in zip(candidates, ended):
         if out.shape[1] == LONG and not stops:

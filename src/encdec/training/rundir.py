@@ -108,9 +108,9 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
             check_not_above(out)
             check_apart(out, inputs)
             created = [p for p in (out, *out.parents) if not p.exists()]  # OUT first, then the parents it needs
-            for attempt in range(3):  # a refused run beside this one removes the empty directories it made
-                out.mkdir(parents=True, exist_ok=True)
+            for attempt in range(3):  # another run ending beside this one removes the empty directories it made
                 try:
+                    out.mkdir(parents=True, exist_ok=True)
                     fd = _acquire(out)
                     break
                 except FileNotFoundError:
