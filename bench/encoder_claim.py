@@ -147,9 +147,9 @@ def main() -> None:
     parser.add_argument("--boolq-eval", type=int, default=1000, help="BoolQ validation examples (seeded sample)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--search-args", action="append", default=[], metavar="'[TASK=]OPTIONS'",
-                        help="`encdec classify` options of the search cells only, e.g. --search-args='--grid-lr 1e-5,3e-5'; "
-                             "TASK= for that task's cells only, after the others: --search-args='boolq=--grid-epochs 1' "
-                             "(repeat)")
+                        help="`encdec classify` options of the search cells only, e.g. "
+                             "--search-args='--grid-lr 1e-5,3e-5'; TASK= for that task's cells only, after the "
+                             "others: --search-args='boolq=--grid-epochs 1' (repeat)")
     parser.add_argument("--probe-args", action="append", default=[], metavar="'[TASK=]OPTIONS'",
                         help="the same for the probe cells")
     parser.add_argument("--table-only", action="store_true",

@@ -325,7 +325,8 @@ def test_an_unknown_option_points_to_its_sub_commands_help(capsys):
     assert "(see encdec --help)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--verbose", "info", "MISSING"], ["info", "MISSING", "--verbose"], ["info", "MISSING"]])
+@pytest.mark.parametrize("argv", [["--verbose", "info", "MISSING"], ["info", "MISSING", "--verbose"],
+                                  ["info", "MISSING"]])
 def test_verbose_goes_before_or_after_the_command(argv, capsys):
     from encdec.cli import build_parser
 

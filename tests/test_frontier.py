@@ -247,7 +247,8 @@ def test_a_decoder_only_student_never_distils_the_eos_its_targets_end_with(sourc
         def target_counts(self, batches):
             labels = torch.cat([b.rows.labels[b.rows.labels != -100] for b in batches])
             targets, distilled = super().target_counts(batches)
-            counted.append((int((labels == plan.eos_id).sum()), distilled, targets - int((labels == plan.eos_id).sum())))
+            ends = int((labels == plan.eos_id).sum())
+            counted.append((ends, distilled, targets - ends))
             return targets, distilled
 
     monkeypatch.setattr(loop, "CausalLossModule", Counting)
