@@ -63,10 +63,11 @@ def protocol_options(values: list[str], task: str) -> list[str]:
     for value in values:
         named, sep, rest = value.partition("=")
         if sep and re.fullmatch(r"\s*[A-Za-z_]\w*\s*", named):  # TASK=...; options begin with -
-            if named.strip().lower() not in TASKS:
-                sys.exit(f"--search-args / --probe-args {value!r}: {named.strip()!r} is not a task; "
+            named = named.strip().lower()
+            if named not in TASKS:
+                sys.exit(f"--search-args / --probe-args {value!r}: {named!r} is not a task; "
                          f"accepted: {', '.join(TASKS)}")
-            specific += shlex.split(rest) if named.strip().lower() == task else []
+            specific += shlex.split(rest) if named == task else []
         else:
             general += shlex.split(value)
     return general + specific

@@ -635,9 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="The capital of France is", metavar="TEXT", help="text the models continue")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens of each greedy continuation")
     p.set_defaults(func=cmd_quickstart)
-    for command in sub.choices.values():  # an unknown option is told with its sub-command's usage
-        command.set_defaults(subparser=command)
-    for command in sub.choices.values():  # `encdec generate M --verbose` as well as `encdec --verbose generate M`
+    for command in sub.choices.values():
+        command.set_defaults(subparser=command)  # an unknown option is told with its sub-command's usage
+        # `encdec generate M --verbose` as well as `encdec --verbose generate M`
         command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
