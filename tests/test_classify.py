@@ -548,6 +548,9 @@ def test_search_selection_never_reads_the_reported_split(models: dict[str, Path]
         assert [t["settings"] for t in fold["candidates"]] == [{"lr": 1e-3, "epochs": 1, "head_lr": 1e-2},
                                                                {"lr": 3e-3, "epochs": 1, "head_lr": 1e-2}]
         assert fold["chosen"] in [t["settings"] for t in fold["candidates"]]
+    recorded = results["hyperparameters"]  # the grid, not the defaults of the searched settings (lr 1e-5, 3 epochs)
+    assert recorded["grid"] == {"lr": [1e-3, 3e-3], "epochs": [1], "head_lr": [1e-2]}
+    assert not {"lr", "epochs", "head_lr"} & set(recorded) and recorded["max_len"] == 16
     assert capsys.readouterr().out.count("lr=0.001 epochs=1 head_lr=0.01: dev accuracy") == 1
 
 

@@ -123,13 +123,14 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
                            c_values=probe_c, train_rows=train_rows, first=first)
     else:
+        fixed = {name: value for name, value in hyper.to_dict().items() if grid is None or name not in grid}
         # keyed on what a trial reads: the training parts (never the evaluation subset: BoolQ's --eval-limit) and
         # the settings other than the searched ones (each trial names its own)
         journal = None if grid is None else TrialJournal({
             "model": features.model_fingerprint(model), "task": task, "labels": list(data.labels),
             "pool": [(e.text, e.label) for e in p.train], "plan": [p.folds, p.train_ids, [t for t, _ in p.splits]],
             "dev": dataclasses.asdict(dev), "pooling": pooling, "first": first, "grid": grid,
-            "hyper": {name: value for name, value in hyper.to_dict().items() if name not in grid}})
+            "hyper": fixed})
         fold = _FineTuneFolds(backbone, p, reported, pooling=pooling, hyper=hyper, pad_id=pad_id, grid=grid,
                               searched=searched, train_rows=train_rows, num_labels=len(data.labels), journal=journal)
     probs: list[list[float]] = [[] for _ in p.evaluation]
@@ -151,8 +152,10 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         if selections:
             selection = {"dev": _dev_description(p, dev), "folds": selections}
         method = "probe" if probe_c is not None else "fine-tuning with search" if grid is not None else "fine-tuning"
-        settings = hyper.to_dict() if probe_c is None else {
-            **{k: getattr(hyper, k) for k in ("max_len", "batch_size", "seed")}, "C_values": probe_c}
+        # a search records the settings its candidates share and the grid (each fold's choice is in "selection"),
+        # never the defaults of the searched settings, which no reported model trained with
+        settings = ({**{k: getattr(hyper, k) for k in ("max_len", "batch_size", "seed")}, "C_values": probe_c}
+                    if probe_c is not None else fixed if grid is None else {**fixed, "grid": grid})
         results = summarise(data, p, probs, fold_of, fold.losses, model=portable_path(model), pooling=pooling,
                             hyperparameters=settings, backbone_kind=backbone.spec.kind, seconds=time.perf_counter() - start,
                             method=method, selection=selection)
