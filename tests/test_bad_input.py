@@ -13,6 +13,12 @@ import torch
 from encdec.cli import main
 
 
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> None:
+    """A cache of the test's own: a refused GGUF file leaves its conversion's lock file in the cache."""
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+
+
 def _gguf(path: Path, arch: str, truncate: int | None = None) -> Path:
     import gguf
 
@@ -101,16 +107,19 @@ def test_missing_weights(capsys, tmp_path, sources):
     assert "lacks 1 weight(s) such as model.layers.1.mlp.up_proj.weight" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
+@pytest.mark.usefixtures("own_cache")
 def test_mixture_of_experts_gguf(capsys, tmp_path):
     src = _gguf(tmp_path / "qwen3moe.gguf", "qwen3moe")
     assert "holds a qwen3moe model; supported" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
+@pytest.mark.usefixtures("own_cache")
 def test_truncated_gguf(capsys, tmp_path):
     src = _gguf(tmp_path / "gemma.gguf", "gemma3", truncate=100)
     assert "truncated" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
+@pytest.mark.usefixtures("own_cache")
 def test_not_a_gguf(capsys, tmp_path):
     src = tmp_path / "model.gguf"
     src.write_bytes(b"PK\x03\x04 definitely a zip")
@@ -123,6 +132,7 @@ def test_different_families(capsys, tmp_path, sources, encoder, decoder):
     assert f"encoder is {encoder} but decoder is {decoder}" in line
 
 
+@pytest.mark.usefixtures("own_cache")
 def test_gguf_architecture_transformers_cannot_read(capsys, tmp_path):
     src = _gguf(tmp_path / "mistral.gguf", "mistral")  # llama.cpp writes Mistral models as "llama"
     line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
