@@ -125,6 +125,59 @@ def test_bf16_fine_tuning_stays_near_the_recorded_float32_run(models: dict[str, 
     assert torch.equal(probs.argmax(1), recorded.argmax(1))
 
 
+def test_a_fit_killed_mid_epoch_resumes_from_its_progress_and_repeats_the_uninterrupted_fit(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The recorded run's 10 steps (2 epochs of 5), killed in its 8th step with progress saved after every step:
+    the rerun trains steps 8-10 only and ends with the uninterrupted run's losses and probabilities; the progress
+    is gone once the fit is done, and a damaged one is a warning, the fit starting over."""
+    import encdec.classification.train as train_module
+
+    backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    (train, train_labels), (test, _) = separable(24, 0), separable(8, 1)
+    first = leading_bos(tokenizer)
+    rows, test_rows = encode(tokenizer, train, 16, first), encode(tokenizer, test, 16, first)
+    hp = Hyper(lr=1e-3, head_lr=1e-2, weight_decay=0.1, epochs=2, batch_size=5, warmup=0.2, max_len=16)
+    progress = tmp_path / "progress"
+    steps: list[int] = []
+    real_pad = train_module.pad_rows
+
+    def counting(batch_rows, pad_id, left=False):
+        if torch.is_grad_enabled():
+            if len(steps) == 7 and kill:
+                raise KeyboardInterrupt
+            steps.append(len(batch_rows))
+        return real_pad(batch_rows, pad_id, left)
+
+    monkeypatch.setattr(train_module, "pad_rows", counting)
+
+    def fit(*, save_every: float = 0.0) -> tuple[list[float], list[list[float]]]:
+        classifier = Classifier(copy.deepcopy(backbone), 2, "last")
+        losses = fine_tune(classifier, rows, train_labels, hp, pad_id=0, desc="test", seed=3, progress=progress,
+                           save_every=save_every)
+        return losses, predict(classifier, test_rows, pad_id=0, batch_size=8)
+
+    kill = False
+    uninterrupted = fit(save_every=1e9)
+    assert len(steps) == 10 and not progress.exists()
+    kill, steps[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    assert (progress / "fit.json").exists()
+    kill, steps[:] = False, []
+    assert fit() == uninterrupted
+    assert steps == [5, 5, 4] and not progress.exists()  # the last 3 batches of the second epoch
+    kill, steps[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    (progress / "fit.safetensors").write_bytes(b"damaged")
+    kill, steps[:] = False, []
+    with caplog.at_level("WARNING", logger="encdec"):
+        assert fit() == uninterrupted
+    assert len(steps) == 10 and "the fit starts over" in caplog.text
+
+
 def test_frozen_embeddings_stay_as_they_were_while_the_layers_and_head_train(models: dict[str, Path]) -> None:
     backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -564,10 +617,13 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     real = run.fine_tune
     stop_at = [5]
 
+    progress: list[Path] = []
+
     def counting(model, rows, *args, **kwargs):
         if len(trained) == stop_at[0]:
             raise KeyboardInterrupt  # killed in its sixth training
         trained.append(len(rows))
+        progress.append(kwargs["progress"])
         return real(model, rows, *args, **kwargs)
 
     monkeypatch.setattr(run, "fine_tune", counting)
@@ -579,9 +635,12 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     journal = list((tmp_path / "cache" / "search").iterdir())
     assert len(journal) == 1 and len(journal[0].read_text().splitlines()) == 4
     trained.clear()
+    progress.clear()
     stop_at[0] = -1
     assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
     assert len(trained) == 3 * 5 - 4
+    # every fit saves its progress (test_a_fit_killed_mid_epoch_...) in a place of its own beside the journal
+    assert len(set(progress)) == len(progress) and {p.parent for p in progress} == {journal[0].parent}
     trained.clear()
     assert main([*argv, "--out", str(tmp_path / "again")]) == 0
     assert len(trained) == 3  # every trial read back: only the chosen settings are retrained

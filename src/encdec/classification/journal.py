@@ -5,7 +5,9 @@ Each finished trial's dev score is appended (one JSON line, flushed and synced) 
 cache root (`$ENCDEC_CACHE/search/`), named by everything that decides a trial's outcome: the checkpoint's
 files, the task's examples, the plan (seed, limits, folds), the dev protocol, the pooling, the fine-tuning
 settings and the grid. A rerun with the same inputs reads those scores back instead of training again;
-other inputs get another journal. A line cut short by a kill is skipped (that trial trains again).
+other inputs get another journal. A line cut short by a kill is skipped (that trial trains again). Every fit
+(a trial's, and the chosen settings' on the whole fold) also saves its progress beside the journal while it
+runs (`progress`): a kill in a BoolQ epoch, an hour on a CPU, loses minutes, not the fit.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("encdec")
@@ -50,6 +53,11 @@ class TrialJournal:
                 continue  # cut short by a kill
         if self.known:
             log.info("search: %d trial(s) already scored, read from %s", len(self.known), self.file)
+
+    def progress(self, fold: int, settings: dict[str, Any], examples: list[int]) -> Path:
+        """Where the fit of `settings` on `examples` (a trial's, or the chosen settings' on the whole fold) saves its
+        progress while it runs (`train.fine_tune`), so that an interrupted fit resumes mid-way."""
+        return self.file.with_name(f"{self.file.stem}-{_digest([fold, settings, _digest(examples)])}")
 
     def correct(self, fold: int, settings: dict[str, Any], dev: list[int], compute: Callable[[], int]) -> int:
         """The recorded score of this trial, or `compute()`, recorded before it is returned."""

@@ -205,12 +205,15 @@ class _FineTuneFolds:
         self.initial = {k: v.clone() for k, v in backbone.state_dict().items()} if many else None
         self.losses: list[list[float]] = []
 
-    def _train(self, ids: list[int], hp: Hyper, desc: str, seed: int) -> tuple[Classifier, list[float]]:
+    def _train(self, ids: list[int], hp: Hyper, desc: str, fold: int) -> tuple[Classifier, list[float]]:
+        """A fresh classifier fine-tuned on `ids` with the fold's seed, resuming the fit's saved progress (a search)."""
         if self.initial is not None:
             self.backbone.load_state_dict(self.initial)
         classifier = Classifier(self.backbone, self.num_labels, self.pooling)
+        progress = None if self.journal is None else self.journal.progress(fold, varied(hp, self.grid), ids)
         losses = fine_tune(classifier, [self.train_rows[i] for i in ids], [self.p.train[i].label for i in ids], hp,
-                           pad_id=self.pad_id, desc=desc, seed=seed)
+                           pad_id=self.pad_id, desc=desc, seed=self.hyper.seed + fold,
+                           progress=progress)
         return classifier, losses
 
     def run(self, k: int, train_ids: list[int], test_ids: list[int], splits: list[tuple[list[int], list[int]]],
@@ -218,7 +221,7 @@ class _FineTuneFolds:
         hp, trials = self.hyper, None
         if self.searched is not None:
             def trial(candidate: Hyper, fit: list[int], dev: list[int]) -> int:
-                classifier, _ = self._train([train_ids[i] for i in fit], candidate, f"{desc} search", self.hyper.seed + k)
+                classifier, _ = self._train([train_ids[i] for i in fit], candidate, f"{desc} search", k)
                 dev_ids = [train_ids[i] for i in dev]
                 probs = predict(classifier, [self.train_rows[i] for i in dev_ids], pad_id=self.pad_id,
                                 batch_size=candidate.batch_size, desc=f"{desc} search: dev")
@@ -230,7 +233,7 @@ class _FineTuneFolds:
                 return self.journal.correct(k, varied(candidate, self.grid), dev, lambda: trial(candidate, fit, dev))
 
             hp, trials = choose(self.searched, splits, correct=correct, describe=lambda h: varied(h, self.grid))
-        classifier, losses = self._train(train_ids, hp, f"{desc} fine-tuning", self.hyper.seed + k)
+        classifier, losses = self._train(train_ids, hp, f"{desc} fine-tuning", k)
         self.losses.append(losses)
         probs = predict(classifier, self.reported.rows(test_ids), pad_id=self.pad_id, batch_size=hp.batch_size,
                         desc=f"{desc}: evaluating")

@@ -16,7 +16,11 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +29,16 @@ from tqdm import tqdm
 from encdec.allocator import keep_freed_memory
 from encdec.classification.classifier import Classifier
 from encdec.errors import EncdecError
+from encdec.files import WriteFailed, atomic_dir
 from encdec.inference.onednn import packed_while_inferring
 from encdec.training.data import length_grouped, pad_rows
 from encdec.training.optim import build_optimizer, build_scheduler
+from encdec.training.plain_state import read_state, write_state
 from encdec.training.precision import PRECISIONS, autocast_dtype
 
 log = logging.getLogger("encdec")
+
+SAVE_EVERY_S = 600.0  # how often a fit with `progress` saves it: a kill loses at most this much training
 
 
 @dataclass
@@ -85,9 +93,13 @@ def encode(tokenizer, texts: list[str], max_len: int, first: int | None) -> list
 
 
 def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], hp: Hyper, *, pad_id: int,
-              desc: str, seed: int) -> list[float]:
+              desc: str, seed: int, progress: Path | None = None, save_every: float = SAVE_EVERY_S) -> list[float]:
     """Train every parameter (but the embedding with `hp.freeze_embeddings`) on (rows, labels) with cross-entropy;
-    returns the mean loss of each epoch."""
+    returns the mean loss of each epoch.
+
+    With `progress` (a directory), the fit's state is saved there every `save_every` seconds and a fit that finds
+    it resumes from it, repeating the uninterrupted fit's steps (a BoolQ fit takes an hour on a CPU); the directory
+    is removed once the fit is done."""
     device = next(classifier.parameters()).device
     if device.type == "cpu":
         keep_freed_memory()  # as CPU pretraining does: no page faults on the embedding-sized gradients
@@ -102,16 +114,21 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
     autocast = torch.autocast(device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
     rng = random.Random(seed)
     classifier.train()
-    losses: list[float] = []
-    step, epoch = 0, 0
-    with tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=False) as bar:
+    fit = _FitProgress(progress, save_every, classifier, optimizer, scheduler, total)
+    step, epoch, losses, epoch_losses, skip = 0, 0, [], [], 0
+    if (resumed := fit.resume()) is not None:
+        step, epoch, losses, epoch_losses, skip = (resumed[k] for k in ("step", "epoch", "losses", "epoch_losses",
+                                                                         "within"))
+        rng.setstate(resumed["rng"])
+        log.info("%s: resumed at step %d of %d from %s", desc, step, total, progress)
+    with tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True, leave=False) as bar:
         while step < total:
+            epoch_start = rng.getstate()
             order = list(range(len(rows)))
             rng.shuffle(order)
             batches = (length_grouped(order, [len(row) for row in rows], hp.batch_size, rng) if hp.group_by_length
                        else [order[start: start + hp.batch_size] for start in range(0, len(order), hp.batch_size)])
-            epoch_losses = []
-            for chosen in batches:
+            for within, chosen in enumerate(batches[skip:], start=skip):
                 if step == total:
                     break
                 ids, mask = (t.to(device) for t in pad_rows([rows[i] for i in chosen], pad_id))
@@ -127,11 +144,70 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
                 epoch_losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+                if step < total:
+                    fit.maybe_save({"step": step, "epoch": epoch, "losses": losses, "epoch_losses": epoch_losses,
+                                    "within": within + 1, "rng": epoch_start})
+            skip = 0
             epoch += 1
             losses.append(sum(epoch_losses) / len(epoch_losses))
             tqdm.write(f"encdec: {desc}: epoch {epoch}: mean loss {losses[-1]:.4f} over {len(epoch_losses)} steps")
+            epoch_losses = []
+    fit.done()
     classifier.eval()
     return losses
+
+
+class _FitProgress:
+    """A fit's saved state (trained parameters, AdamW, schedule, position in the data): plain JSON and safetensors
+    through `training.plain_state`, written whole through a renamed directory. A directory that cannot be read back
+    or belongs to another fit is a warning, and the fit starts over; one that cannot be written, a warning too."""
+
+    def __init__(self, directory: Path | None, every: float, classifier: Classifier,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, total: int) -> None:
+        self.directory, self.every, self.total = directory, every, total
+        self.classifier, self.optimizer, self.scheduler = classifier, optimizer, scheduler
+        self.last = time.monotonic()
+
+    def _trained(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.classifier.named_parameters() if p.requires_grad}
+
+    def resume(self) -> dict[str, Any] | None:
+        if self.directory is None or not self.directory.is_dir():
+            return None
+        try:
+            state = read_state(self.directory, "fit")
+            trained = self._trained()
+            saved = state["model"]
+            if state["total"] != self.total or {k: v.shape for k, v in saved.items()} != \
+                    {k: v.shape for k, v in trained.items()}:
+                raise EncdecError("it was saved by a fit of other settings")
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (EncdecError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            log.warning("not resuming from %s (%s); the fit starts over", self.directory, e)
+            return None
+        with torch.no_grad():
+            for name, value in saved.items():
+                trained[name].copy_(value)
+        torch.set_rng_state(state["torch_rng"])
+        return state
+
+    def maybe_save(self, position: dict[str, Any]) -> None:
+        if self.directory is None or time.monotonic() - self.last < self.every:
+            return
+        state = {**position, "total": self.total, "model": self._trained(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+        try:
+            with atomic_dir(self.directory, overwrite=True) as tmp:
+                write_state(tmp, "fit", state)
+        except (OSError, WriteFailed) as e:  # a full or read-only disk: the fit goes on, unsaved
+            log.warning("could not save the fit's progress in %s (%s); it goes on without", self.directory, e)
+            self.directory = None
+        self.last = time.monotonic()
+
+    def done(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def batches_by_length(rows: list[list[int]], batch_size: int, pad_id: int, desc: str,
