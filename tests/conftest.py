@@ -42,6 +42,18 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield root
 
 
+@pytest.fixture(autouse=True)
+def encdec_log_reaches_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's log set-up replaces the handlers of the `encdec` logger and stops it propagating, which would hide
+    every later test's records from caplog: each test starts from, and leaves, the logger as the session found it."""
+    import logging
+
+    log = logging.getLogger("encdec")
+    monkeypatch.setattr(log, "propagate", True)
+    monkeypatch.setattr(log, "handlers", list(log.handlers))
+    monkeypatch.setattr(log, "level", log.level)
+
+
 @pytest.fixture(scope="session")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Directories of tiny Gemma 2 / 3, Llama, Mistral, Qwen2 / 3 causal LMs, saved by transformers itself."""

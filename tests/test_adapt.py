@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -66,8 +64,7 @@ def test_decoder_layer_subset_copies_those_layers(sources):
     assert model.encoder_embed is None  # Gemma 3 from one source: one shared table
 
 
-def test_a_decoder_subset_without_full_attention_layers_is_warned_about(sources, caplog, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+def test_a_decoder_subset_without_full_attention_layers_is_warned_about(sources, caplog):
     source = encdec.load_source(str(sources["gemma3"]))
     full = [i for i, kind in enumerate(source.stack.layer_types) if kind == "full"]
     local = [i for i, kind in enumerate(source.stack.layer_types) if kind == "sliding"]

@@ -39,10 +39,9 @@ def test_every_format_and_directories(tmp_path):
         list(read_documents(str(tmp_path / "n.parquet"), text_field="body"))
 
 
-def test_a_directory_follows_linked_folders_and_names_what_it_leaves_out(tmp_path, caplog, monkeypatch):
+def test_a_directory_follows_linked_folders_and_names_what_it_leaves_out(tmp_path, caplog):
     """A data folder assembled from links to shards reads them (a link loop ends); files of other kinds are left
     out in one line, not silently."""
-    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
     (tmp_path / "shard").mkdir()
     (tmp_path / "shard" / "x.txt").write_text("from the shard\n")
     (tmp_path / "d").mkdir()
@@ -284,12 +283,11 @@ def test_length_grouped_batches_hold_each_row_once_and_never_more_padding(length
     assert slots(batches) <= slots([order[k: k + batch_size] for k in range(0, len(order), batch_size)])
     assert length_grouped(order, lengths, batch_size, random.Random(seed), pool=pool) == batches
 
-def test_training_and_held_out_text_stay_apart(sources, tmp_path, caplog, monkeypatch):
+def test_training_and_held_out_text_stay_apart(sources, tmp_path, caplog):
     """A file given twice (or inside a directory also given) is read once, not trained on twice; text given as
     --eval-data that --data also reads, and the packaged held-out passages given as --data, are refused."""
     from encdec.training.config import TrainConfig
 
-    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
     tokenizer = encdec.load_tokenizer(sources["gemma3"])
     (tmp_path / "d").mkdir()
     data = tmp_path / "d" / "a.txt"

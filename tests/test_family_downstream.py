@@ -36,7 +36,7 @@ def _ul2(model: Path, out: Path, corpus: Path) -> Path:
 def test_ul2_adds_its_tokens_where_the_vocabulary_has_no_reserved_ones(tmp_path, caplog, monkeypatch, family, vocab,
                                                                       grown):
     adapted = _adapted(tmp_path, family, vocab_size=vocab)
-    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # _adapted ran the CLI's log set-up
     corpus = write_corpus(tmp_path / "corpus.txt", documents=30)
     with caplog.at_level(logging.INFO, logger="encdec"):
         final = _ul2(adapted, tmp_path / "run", corpus)

@@ -25,8 +25,7 @@ from encdec.training import rundir
 
 
 @pytest.fixture
-def warnings_seen(monkeypatch, caplog):
-    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
+def warnings_seen(caplog):
     caplog.set_level(logging.WARNING, logger="encdec")
     return caplog
 

@@ -254,7 +254,7 @@ def test_the_command_line_wins_over_the_file_and_repeats_add_up(tmp_path):
                        FINETUNE_NOT_IN_FILE)
 
 
-def test_a_configuration_file_is_read_as_meant(tmp_path, caplog, monkeypatch):
+def test_a_configuration_file_is_read_as_meant(tmp_path, caplog):
     """Integers written as YAML 1.1 reads text (1e3) are numbers; a key given twice (or as batch-size and
     batch_size) is refused rather than the last one kept; a finetune file's model, which MODEL overrides, is said
     to be unused."""
@@ -283,7 +283,6 @@ def test_a_configuration_file_is_read_as_meant(tmp_path, caplog, monkeypatch):
     config.write_text("? [a, b]\n: 1\nsteps: 1\n")
     with pytest.raises(EncdecError, match="found unhashable key"):
         from_arguments(parser.parse_args(["--config", str(config)]))
-    monkeypatch.setattr(logging.getLogger("encdec"), "propagate", True)  # the CLI's set-up turns it off
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
     add_arguments(parser, FINETUNE_DEFAULTS, ("model", "objective"))
