@@ -16,7 +16,10 @@ reported split. The table gives each cell's accuracy with its 95% Wilson interva
 baseline, and per backbone and protocol the SuperGLUE-style average (the mean of the four tasks' scores,
 CB scored as the mean of accuracy and macro-F1 as SuperGLUE does) with a 95% interval from the
 per-task variances (binomial for accuracies, bootstrapped for CB's score). The last lines compare each
-adapted backbone with the decoder-only one.
+other backbone with the first on the same examples (paired): per task the score's difference with its 95%
+interval, the examples only one of the two got right and McNemar's exact p-value; per protocol the
+average's difference with its interval. Paired intervals are narrower than two overlapping unpaired ones
+suggest: most examples are right or wrong for both backbones.
 
     python bench/encoder_claim.py --out runs/encoder-claim \\
         --backbone decoder-only=gemma-3-270m --backbone adapted-init=runs/frontier/balanced/adapted \\
@@ -39,11 +42,13 @@ import shlex
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from encdec.evaluation.stats import Z95, mcnemar_p
 
 TASKS = ("boolq", "cb", "copa", "rte")
 PROTOCOLS = {"probe": ["--probe"], "search": ["--search"]}
-Z95 = 1.959964
 BOOTSTRAP_DRAWS = 2000  # resamples of CB's examples for the variance of its score
 
 
@@ -107,6 +112,11 @@ def macro_f1(predictions: list[dict], labels: list | None = None) -> float:
     return sum(scores) / len(scores)
 
 
+def cb_score(predictions: list[dict], labels: list) -> float:
+    accuracy = sum(p["label"] == p["prediction"] for p in predictions) / len(predictions)
+    return (accuracy + macro_f1(predictions, labels)) / 2
+
+
 def task_score(result: dict) -> float:
     """SuperGLUE's score of a task: accuracy, except CB's mean of accuracy and macro-F1."""
     if result["task"] == "cb":
@@ -114,19 +124,57 @@ def task_score(result: dict) -> float:
     return result["accuracy"]
 
 
+def labels_of(predictions: list[dict]) -> list:
+    return sorted({p["label"] for p in predictions} | {p["prediction"] for p in predictions})
+
+
+def bootstrap_variance(items: list, statistic: Callable[[list], float]) -> float:
+    """The variance of a statistic over seeded resamples (with replacement) of its items."""
+    rng = random.Random(0)
+    return statistics.variance(statistic(rng.choices(items, k=len(items))) for _ in range(BOOTSTRAP_DRAWS))
+
+
 def score_variance(result: dict) -> float:
     """The variance of a task's score: binomial for an accuracy; for CB's mean of accuracy and macro-F1, which has
     no closed form (F1 over 56 examples moves more than accuracy does), a seeded bootstrap over its examples."""
     if result["task"] != "cb":
         return result["accuracy"] * (1 - result["accuracy"]) / result["n"]
-    predictions = result["predictions"]
-    labels = sorted({p["label"] for p in predictions} | {p["prediction"] for p in predictions})
-    rng, scores = random.Random(0), []
-    for _ in range(BOOTSTRAP_DRAWS):
-        sample = rng.choices(predictions, k=len(predictions))
-        accuracy = sum(p["label"] == p["prediction"] for p in sample) / len(sample)
-        scores.append((accuracy + macro_f1(sample, labels)) / 2)
-    return statistics.variance(scores)
+    labels = labels_of(result["predictions"])
+    return bootstrap_variance(result["predictions"], lambda sample: cb_score(sample, labels))
+
+
+def paired(reference: dict, other: dict) -> list[tuple[dict, dict]]:
+    """The two cells' predictions of each example, matched by fold and index; both cells must have scored the same
+    examples with the same labels (the same task, seed and sample sizes)."""
+    mine = {(p.get("fold"), p["index"]): p for p in reference["predictions"]}
+    theirs = {(p.get("fold"), p["index"]): p for p in other["predictions"]}
+    if mine.keys() != theirs.keys() or any(mine[k]["label"] != theirs[k]["label"] for k in mine):
+        raise SystemExit(f"{reference['task']}: the two cells did not score the same examples; a paired comparison "
+                         "needs cells run with the same --seed and --boolq-train / --boolq-eval")
+    return [(mine[k], theirs[k]) for k in sorted(mine, key=str)]
+
+
+def difference_variance(reference: dict, other: dict) -> float:
+    """The variance of `other`'s task score minus `reference`'s over the same examples: for accuracies that of the
+    mean of the per-example differences (-1, 0 or 1); for CB's score a seeded paired bootstrap."""
+    pairs = paired(reference, other)
+    if reference["task"] != "cb":
+        diffs = [(o["label"] == o["prediction"]) - (r["label"] == r["prediction"]) for r, o in pairs]
+        mean = sum(diffs) / len(diffs)
+        return (sum(d * d for d in diffs) / len(diffs) - mean * mean) / len(diffs)
+    labels = labels_of([p for pair in pairs for p in pair])
+    return bootstrap_variance(pairs, lambda sample: cb_score([o for _, o in sample], labels)
+                              - cb_score([r for r, _ in sample], labels))
+
+
+def compare(reference: dict, other: dict) -> tuple[float, float, int, int, float]:
+    """Paired comparison of one task's two cells: the score difference (other - reference), the half-width of its
+    95% interval, the examples only `other` got right and only `reference` did, and McNemar's exact p-value."""
+    pairs = paired(reference, other)
+    only_other = sum(o["label"] == o["prediction"] and r["label"] != r["prediction"] for r, o in pairs)
+    only_reference = sum(r["label"] == r["prediction"] and o["label"] != o["prediction"] for r, o in pairs)
+    return (task_score(other) - task_score(reference), Z95 * math.sqrt(difference_variance(reference, other)),
+            only_other, only_reference, mcnemar_p(only_other, only_reference))
 
 
 def average(results: list[dict]) -> tuple[float, float]:
@@ -179,13 +227,18 @@ def main() -> None:
                                                           for t in tasks))
     reference = backbones[0][0]
     for protocol in protocols:
-        if None in table[(reference, protocol)]:
-            continue
-        base, _ = average(table[(reference, protocol)])
         for name, _ in backbones[1:]:
-            if None not in table[(name, protocol)]:
-                mean, _ = average(table[(name, protocol)])
-                print(f"difference ({protocol}, {name} - {reference}): {mean - base:+.3f} average score")
+            cells = list(zip(table[(reference, protocol)], table[(name, protocol)]))
+            for task, (mine, theirs) in zip(tasks, cells):
+                if mine is not None and theirs is not None:
+                    diff, half, only_theirs, only_mine, p = compare(mine, theirs)
+                    print(f"paired ({protocol}, {task}, {name} - {reference}): {diff:+.3f} +- {half:.3f}; right only "
+                          f"for {name} {only_theirs}, only for {reference} {only_mine}; McNemar p = {p:.3f}")
+            if all(mine is not None and theirs is not None for mine, theirs in cells):
+                diff = sum(task_score(theirs) - task_score(mine) for mine, theirs in cells) / len(cells)
+                half = Z95 * math.sqrt(sum(difference_variance(mine, theirs) for mine, theirs in cells)) / len(cells)
+                print(f"difference ({protocol}, {name} - {reference}): {diff:+.3f} +- {half:.3f} average score "
+                      "(paired)")
 
 
 def summary(results: list[dict | None]) -> str:

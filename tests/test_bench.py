@@ -99,7 +99,8 @@ def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_pat
 def _result(task: str, labels: list[str], guesses: list[str]) -> dict:
     correct = sum(a == b for a, b in zip(labels, guesses))
     return {"task": task, "n": len(labels), "accuracy": correct / len(labels),
-            "predictions": [{"label": a, "prediction": b} for a, b in zip(labels, guesses)]}
+            "predictions": [{"index": i, "label": a, "prediction": b}
+                            for i, (a, b) in enumerate(zip(labels, guesses))]}
 
 
 def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settings(tmp_path, monkeypatch):
@@ -148,6 +149,50 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     table_only = argparse.Namespace(**{**vars(settings), "table_only": True})
     assert encoder_claim.run_cell("m", "cb", "probe", tmp_path / "cb", table_only) is None and len(ran) == 1
     assert encoder_claim.run_cell("m", "rte", "probe", cell, table_only) == rte  # (--table-only runs nothing)
+
+
+def test_encoder_claim_compares_backbones_paired_on_the_same_examples(tmp_path, monkeypatch, capsys):
+    """Each other backbone against the first on the same examples: per task the difference with its paired interval,
+    the discordant examples and McNemar's exact p; the average's paired difference once every task is done."""
+    sys.path.insert(0, str(BENCH))
+    import encoder_claim
+
+    from encdec.evaluation.stats import mcnemar_p
+
+    assert mcnemar_p(0, 6) == 2 / 64 and mcnemar_p(9, 1) == mcnemar_p(1, 9) == 2 * 11 / 1024
+    assert mcnemar_p(0, 0) == mcnemar_p(3, 3) == mcnemar_p(1, 2) == 1.0
+    first = _result("rte", ["y"] * 10, ["y"] * 8 + ["n"] * 2)  # 8 right
+    second = _result("rte", ["y"] * 10, ["n"] + ["y"] * 9)  # 9 right: 8 and 9 only here, 0 only in the first
+    diff, half, only_second, only_first, p = encoder_claim.compare(first, second)
+    assert (only_second, only_first, p) == (2, 1, 1.0) and abs(diff - 0.1) < 1e-12
+    assert abs(half - 1.959964 * ((0.3 - 0.01) / 10) ** 0.5) < 1e-12  # differences +1, +1, -1 and seven 0
+    # two backbones that agree on most of 200 examples: the paired interval is far narrower than the unpaired ones
+    labels = ["y", "n"] * 100
+    a = _result("rte", labels, labels[:140] + ["n", "y"] * 30)  # 140 right
+    b = _result("rte", labels, labels[:150] + ["n", "y"] * 25)  # 150 right, 10 of them only here
+    diff, half, only_b, only_a, p = encoder_claim.compare(a, b)
+    assert (only_b, only_a, round(diff, 3)) == (10, 0, 0.05) and p == 2 / 1024
+    assert half < 0.5 * 1.959964 * (encoder_claim.score_variance(a) + encoder_claim.score_variance(b)) ** 0.5
+    cb = _result("cb", ["e", "e", "c", "n"], ["e", "c", "c", "e"])
+    assert encoder_claim.compare(cb, cb)[:2] == (0.0, 0.0)
+    with pytest.raises(SystemExit, match="did not score the same examples"):
+        encoder_claim.compare(first, _result("rte", ["n"] + ["y"] * 9, ["y"] * 10))
+    # the table's last lines, from cells on disk (--table-only runs nothing)
+    for name, cells in {"base": [first, cb], "other": [second, cb]}.items():
+        for cell in cells:
+            (tmp_path / name / "probe" / cell["task"]).mkdir(parents=True)
+            (tmp_path / name / "probe" / cell["task"] / "results.json").write_text(json.dumps(
+                {**cell, "interval": [0, 1], "majority_baseline": {"accuracy": 0.5}}))
+    monkeypatch.setattr(encoder_claim, "run_cell", lambda model, task, protocol, out, args:
+                        json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else None)
+    monkeypatch.setattr(sys, "argv", ["encoder_claim.py", "--out", str(tmp_path), "--backbone", "base=m",
+                                      "--backbone", "other=m", "--task", "rte", "--task", "cb", "--table-only"])
+    encoder_claim.main()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-3].startswith("paired (probe, rte, other - base): +0.100 +- 0.334; right only for other 2, only "
+                                "for base 1; McNemar p = 1.000")
+    assert lines[-2].startswith("paired (probe, cb, other - base): +0.000 +- 0.000")
+    assert lines[-1] == "difference (probe, other - base): +0.050 +- 0.167 average score (paired)"
 
 
 def test_gpu_check_rehearses_on_cpu():

@@ -31,3 +31,14 @@ def mean_interval(results: list[tuple[float, int]], z: float = Z95) -> tuple[flo
     adjusted = [((correct + z * z / 2) / (n + z * z), n + z * z) for correct, n in results]
     half = z * math.sqrt(sum(p * (1 - p) / size for p, size in adjusted)) / len(results)
     return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar test of two classifiers scored on the same examples, from the examples only the
+    first got right and only the second got right: under equal accuracy each of these discordant examples is a
+    fair coin, so the p-value is twice the smaller binomial tail (at most 1)."""
+    if only_first < 0 or only_second < 0:
+        raise ValueError("counts of examples cannot be negative")
+    n = only_first + only_second
+    tail = sum(math.comb(n, k) for k in range(min(only_first, only_second) + 1)) / 2**n
+    return min(1.0, 2 * tail)
