@@ -270,3 +270,42 @@ def test_a_changed_gguf_replaces_its_cached_conversion_and_leaves_others(tmp_pat
     assert gguf_cache_dir(path) != first and (gguf_cache_dir(path) / "config.json").is_file()
     assert not first.exists()
     assert (kept / "config.json").is_file() and (unrecorded / "config.json").is_file()
+
+
+def _as_saved_before_transformers_5(section: dict, config_class: type) -> dict:
+    """A nested configuration as transformers before 5 wrote it: the fields equal to its class's defaults left out."""
+    defaults = config_class().to_dict()
+    return {k: v for k, v in section.items() if k == "model_type" or k not in defaults or v != defaults[k]}
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "t5gemma", "t5gemma2"])
+def test_nested_configs_saved_as_differences_from_the_defaults_read_as_transformers_reads_them(model_type):
+    """Released multimodal Gemma 3 (4B-27B), T5Gemma and T5Gemma 2 configs keep each nested section as its
+    difference from the class's defaults: Gemma 3 4B's text_config names neither its head counts nor head_dim, a
+    stack shaped like Gemma 2 2B almost nothing. Read as written, they lacked fields (or read 256 // heads as
+    head_dim) and a Gemma 2 stack lost its soft-capping."""
+    from pathlib import Path
+
+    from encdec.formats import gemma, t5gemma
+
+    if model_type == "gemma3":  # the released 4B's text_config: its other fields are Gemma3TextConfig's defaults
+        text = {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34,
+                "sliding_window": 1024, "rope_scaling": {"factor": 8.0, "rope_type": "linear"}}
+        saved = {"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": text}
+        full = tf.Gemma3Config(**saved).to_dict()  # what transformers reads from it
+        ours, theirs = (gemma.read_config(data, Path("config.json")).stack for data in (saved, full))
+        assert (ours.num_heads, ours.num_kv_heads, ours.head_dim, ours.rope_scale_global) == (8, 4, 256, 8.0)
+    else:
+        stack_class = tf.T5GemmaModuleConfig if model_type == "t5gemma" else tf.T5Gemma2DecoderConfig
+        full = (tf.T5GemmaConfig() if model_type == "t5gemma" else tf.T5Gemma2Config()).to_dict()
+        saved = {**full, "decoder": _as_saved_before_transformers_5(full["decoder"], stack_class)}
+        if model_type == "t5gemma":
+            saved["encoder"] = _as_saved_before_transformers_5(full["encoder"], stack_class)
+        else:
+            text = _as_saved_before_transformers_5(full["encoder"]["text_config"], tf.T5Gemma2TextConfig)
+            saved["encoder"] = {**full["encoder"], "text_config": text}
+        assert "num_attention_heads" not in saved["decoder"]  # what the files leave out
+        ours, theirs = t5gemma.config_from_hf(saved), t5gemma.config_from_hf(full)
+        caps = (8, 30.0, 50.0) if model_type == "t5gemma" else (8, None, None)
+        assert (ours.decoder.num_heads, ours.final_logit_softcap, ours.encoder.attn_softcap) == caps
+    assert ours == theirs

@@ -25,7 +25,7 @@ from encdec.classification.backbone import Backbone, BackboneSpec
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
-from encdec.formats.gemma import stack_from_hf
+from encdec.formats.gemma import stack_from_hf, with_defaults
 from encdec.formats.t5gemma import EOI_EMBEDDINGS, T5GEMMA, T5GEMMA2, Layout, encoder_layout, external_name, hf_config
 
 FORMAT_VERSION = 1
@@ -126,10 +126,10 @@ def _spec(data: dict[str, Any], fmt: str) -> BackboneSpec:
     try:
         if fmt == NATIVE:
             return BackboneSpec.from_dict(data["backbone"])
-        if fmt == "t5gemma":
-            enc = data["encoder"]
-            return BackboneSpec("encoder", "gemma2", enc.get("vocab_size") or data["vocab_size"], stack_from_hf(enc, "gemma2"), "t5gemma")
-        text = data["text_config"]
+        if fmt == "t5gemma":  # the stack's fields it leaves out as transformers fills them (gemma.with_defaults)
+            enc = with_defaults({**{k: data[k] for k in ("vocab_size",) if k in data}, **data["encoder"]}, "gemma2")
+            return BackboneSpec("encoder", "gemma2", enc["vocab_size"], stack_from_hf(enc, "gemma2"), "t5gemma")
+        text = with_defaults(data["text_config"], "gemma3")
         return BackboneSpec("encoder", "gemma3", text["vocab_size"], stack_from_hf(text, "gemma3"), "t5gemma2")
     except KeyError as e:
         raise EncdecError(f"the encoder configuration lacks {e}") from None

@@ -34,6 +34,25 @@ LAYER = {
     "post_mlp_norm": "post_feedforward_layernorm",
 }
 
+# What transformers' Gemma 2 / Gemma 3 configuration classes (T5Gemma's and T5Gemma 2's stacks alike) take for a
+# field a config.json leaves out. Transformers before 5 saved a nested configuration as its difference from these:
+# the released multimodal Gemma 3 4B's text_config names neither its head counts nor head_dim, and a stack shaped
+# like Gemma 2 2B (T5Gemma 2B-2B's) names almost nothing.
+_SHARED_DEFAULTS = {"hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+                    "num_key_value_heads": 4, "head_dim": 256}
+CONFIG_DEFAULTS = {
+    "gemma2": {**_SHARED_DEFAULTS, "vocab_size": 256_000, "max_position_embeddings": 8192,
+               "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+    "gemma3": {**_SHARED_DEFAULTS, "vocab_size": 262_208, "max_position_embeddings": 131_072},
+}
+
+
+def with_defaults(cfg: dict[str, Any], family: str) -> dict[str, Any]:
+    """A Gemma 2 / Gemma 3 (or T5Gemma stack) configuration dict with the fields it leaves out as transformers
+    fills them."""
+    return {**CONFIG_DEFAULTS[family], **cfg}
+
+
 HF_LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
 OUR_LAYER_TYPES = {v: k for k, v in HF_LAYER_TYPES.items()}
 
@@ -56,6 +75,7 @@ def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
 
 def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
     """A StackConfig from a Gemma 2 / Gemma 3 (text) or T5Gemma module configuration dict."""
+    cfg = with_defaults(cfg, family)
     n = layer_count(cfg)
     if cfg.get("layer_types"):
         layer_types = [HF_LAYER_TYPES[t] for t in cfg["layer_types"]]
@@ -147,6 +167,7 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
         # which is what generation reads
         outer = {k: v for k in SPECIAL_IDS if (v := cfg.get(k)) is not None}
         cfg = cfg["text_config"]
+    cfg = with_defaults(cfg, family)
     if cfg.get("tie_word_embeddings") is False:  # every released Gemma ties them; read as tied, its head was lost
         raise EncdecError(f"{where} is a Gemma with an LM head of its own (tie_word_embeddings: false), which encdec "
                           "does not adapt; accepted: Gemma checkpoints whose LM head is the embedding, as released")

@@ -18,7 +18,7 @@ import torch
 from encdec.config import EncDecConfig, StackConfig
 from encdec.errors import EncdecError
 from encdec.formats.decoder_only import rename
-from encdec.formats.gemma import stack_from_hf, stack_to_hf
+from encdec.formats.gemma import stack_from_hf, stack_to_hf, with_defaults
 
 # our block sub-module -> T5Gemma / T5Gemma 2 block sub-module
 LAYER = {
@@ -167,13 +167,15 @@ def config_from_hf(data: dict[str, Any]) -> EncDecConfig:
     if model_type == "t5gemma2":
         encoder = encoder.get("text_config") or {}
     family = "gemma2" if model_type == "t5gemma" else "gemma3"
+    top = {k: data[k] for k in ("vocab_size", "eos_token_id") if k in data}  # named outside the stacks
+    encoder, decoder = with_defaults(encoder, family), with_defaults({**top, **decoder}, family)
     try:
         enc, dec = stack_from_hf(encoder, family), stack_from_hf(decoder, family)
     except KeyError as e:
         raise EncdecError(f"the {model_type} configuration lacks {e}") from None
-    eos = decoder.get("eos_token_id", data.get("eos_token_id", 1))
+    eos = decoder.get("eos_token_id", 1)
     return EncDecConfig(
-        encoder=enc, decoder=dec, vocab_size=decoder.get("vocab_size", data.get("vocab_size")), family=family,
+        encoder=enc, decoder=dec, vocab_size=decoder["vocab_size"], family=family,
         attention="cross" if model_type == "t5gemma" else "merged", shared_embeddings=model_type == "t5gemma2",
         encoder_window=model_type, final_logit_softcap=decoder.get("final_logit_softcapping"),
         pad_token_id=decoder.get("pad_token_id", 0) or 0, bos_token_id=decoder.get("bos_token_id", 2),
