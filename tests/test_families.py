@@ -309,3 +309,24 @@ def test_nested_configs_saved_as_differences_from_the_defaults_read_as_transform
         caps = (8, 30.0, 50.0) if model_type == "t5gemma" else (8, None, None)
         assert (ours.decoder.num_heads, ours.final_logit_softcap, ours.encoder.attn_softcap) == caps
     assert ours == theirs
+
+
+def test_a_hub_source_fetches_the_files_it_is_read_from_and_not_a_second_copy_of_the_weights(monkeypatch):
+    """Mistral's repositories ship consolidated.safetensors (the whole model again, 14.5 GB for 7B) beside the
+    transformers shards; only the shards are read. The patterns passed to huggingface_hub, through its own filter."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from encdec import sources
+
+    repository = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
+                  "model-00002-of-00002.safetensors", "model.safetensors.index.json", "consolidated.safetensors",
+                  "params.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "README.md",
+                  "pytorch_model-00001-of-00002.bin"]
+    asked = {}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, allow_patterns: asked.update(
+        name=name, files=set(filter_repo_objects(repository, allow_patterns=allow_patterns))) or "/nowhere")
+    sources.resolve("mistralai/Mistral-7B-v0.3")
+    assert asked["name"] == "mistralai/Mistral-7B-v0.3"
+    unread = {"consolidated.safetensors", "README.md", "pytorch_model-00001-of-00002.bin"}
+    assert asked["files"] == set(repository) - unread

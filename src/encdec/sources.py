@@ -272,11 +272,15 @@ def _packaged_gguf(name: str) -> Path:
     return _joined(parts, cache_root() / "packaged" / package.MODEL_NAME, package.EXPECTED_SHA256)
 
 
+HUB_FILES = ["*.json", "model*.safetensors", "tokenizer*"]  # what a source is read from
+
+
 def _from_hub(name: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+        # the weights read_weights reads: not the consolidated.safetensors some repositories ship beside them
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except Exception as e:
         raise EncdecError(f"{name}: no such file or directory here, and it could not be fetched from the Hugging Face "
                           f"Hub as a model name ({type(e).__name__}); without a network pass {SUPPORTED}") from None
