@@ -45,7 +45,7 @@ GEMMA3_GLOBAL_EVERY_6 = ["sliding_attention"] * 5 + ["full_attention"]  # the on
     ("gemma3", {"layers": 6, "layer_types": GEMMA3_GLOBAL_EVERY_6, "rope_parameters": {  # as Gemma 3 4B-27B
         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
         "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0}}}),
-    ("gemma2", {"layers": 46, "heads": 2, "kv_heads": 1, "query_pre_attn_scalar": 16}),  # as Gemma 2 27B: hidden / heads
+    ("gemma2", {"layers": 46, "heads": 2, "kv_heads": 1, "query_pre_attn_scalar": 16}),  # Gemma 2 27B: hidden / heads
 ], ids=["gemma3-rope-scaling", "gemma2-27b-query-scale"])
 def test_gemma_gguf_keeps_what_transformers_reader_drops(tmp_path, monkeypatch, family, shape):
     """transformers' GGUF reader leaves Gemma 3's RoPE scaling and the 27B models' query scale out of the config
@@ -74,9 +74,15 @@ def test_a_gemma_with_an_lm_head_of_its_own_is_refused(tmp_path, family):
 
 def test_a_llama_3_gguf_is_refused_for_its_rope_scaling(tmp_path, monkeypatch):
     """llama.cpp writes Llama 3's RoPE scaling as a rope_freqs tensor, which transformers' reader drops (and
-    then counts fewer parameters): one line that names the cause, not the tensor shapes."""
+    then counts fewer parameters): one line that names the cause, not the tensor shapes, and before the file is
+    dequantized (32 GB of float32 for an 8B model)."""
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
     path = write_gguf(make_source(tmp_path / "llama", "llama"), tmp_path / "llama.gguf")  # FAMILY_OPTIONS: llama3
+
+    def dequantize(*args, **kwargs):
+        raise AssertionError("the file was dequantized before it was refused")
+
+    monkeypatch.setattr(tf.AutoModelForCausalLM, "from_pretrained", dequantize)
     with pytest.raises(EncdecError, match="Llama 3's, as llama.cpp's rope_freqs tensor.*Hugging Face checkpoint"):
         encdec.load_source(str(path))
 

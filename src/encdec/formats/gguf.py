@@ -78,11 +78,14 @@ CONVERSION_VERSION = 2  # part of the cache key: conversions made before a chang
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # how llama.cpp tells the 27B models, which scale queries otherwise
 
 
-def _restore_dropped_fields(path: Path, arch: str, config: dict) -> None:
-    """Put back what transformers' GGUF reader leaves out of the config, where it changes the model: Gemma 2's
-    soft-caps (its defaults are the released models'), Gemma 3's linear RoPE scaling of its global layers
-    (4B-27B) and the 27B models' query scale (no GGUF key holds it; llama.cpp derives it from the size, as done
-    here). Other RoPE scaling is refused rather than dropped."""
+SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")
+
+
+def _dropped_fields(path: Path, arch: str) -> dict[str, float]:
+    """What transformers' GGUF reader leaves out of the config where it changes the model, read from the file
+    before the minutes (and, for 8B, the 32 GB) of dequantizing: Gemma 2's soft-caps (its defaults are the
+    released models'), the linear RoPE factor of Gemma 3's global layers (4B-27B). Other RoPE scaling is
+    refused here rather than dropped."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
@@ -98,16 +101,23 @@ def _restore_dropped_fields(path: Path, arch: str, config: dict) -> None:
         data = field.parts[field.data[0]]
         return bytes(data).decode() if field.types[0].name == "STRING" else float(data[0])
 
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if arch == "gemma2" and value(key) is not None:
-            config[key] = value(key)
+    dropped = {key: value(key) for key in SOFTCAPS if arch == "gemma2" and value(key) is not None}
     kind, factor = value("rope.scaling.type"), value("rope.scaling.factor")
     if kind not in (None, "none") and factor not in (None, 1.0):
         if arch != "gemma3" or kind != "linear":
             raise EncdecError(f"{path}: its RoPE scaling ({kind}, factor {factor}) is not carried over by "
                               "transformers' GGUF reader; use the model's Hugging Face checkpoint directory instead")
+        dropped["rope_factor"] = factor
+    return dropped
+
+
+def _restore(config: dict, arch: str, dropped: dict[str, float]) -> None:
+    """Put the `dropped` fields back into the config transformers derived, with the 27B models' query scale (no
+    GGUF key holds it; llama.cpp derives it from the size, as done here)."""
+    config.update({key: dropped[key] for key in SOFTCAPS if key in dropped})
+    if "rope_factor" in dropped:
         full = config["rope_parameters"]["full_attention"]
-        config["rope_parameters"]["full_attention"] = {**full, "rope_type": "linear", "factor": factor}
+        config["rope_parameters"]["full_attention"] = {**full, "rope_type": "linear", "factor": dropped["rope_factor"]}
     if arch in GEMMA_27B_LAYERS:  # llama.cpp scales queries by head_dim, except the 27B models' by hidden / heads
         big = config["num_hidden_layers"] == GEMMA_27B_LAYERS[arch]
         heads = config["num_attention_heads"]
@@ -116,6 +126,7 @@ def _restore_dropped_fields(path: Path, arch: str, config: dict) -> None:
 
 def _convert(path: Path, out: Path) -> Path:
     arch, parameters = architecture(path)
+    dropped = _dropped_fields(path, arch)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s once (about a minute; cached in %s)", path.name, out)
@@ -131,7 +142,7 @@ def _convert(path: Path, out: Path) -> Path:
     config.pop("quantization_config", None)
     tied = model.config.tie_word_embeddings
     weights = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    _restore_dropped_fields(path, arch, config)
+    _restore(config, arch, dropped)
     converted = sum(t.numel() for t in weights.values())
     if converted != parameters:  # transformers re-initialises, with a warning only, what it cannot map
         raise EncdecError(f"{path}: transformers read its {arch} tensors as {converted:,} parameters, the file has "
