@@ -336,3 +336,32 @@ def test_a_hub_source_fetches_the_files_it_is_read_from_and_not_a_second_copy_of
     assert asked["name"] == "mistralai/Mistral-7B-v0.3"
     unread = {"consolidated.safetensors", "README.md", "pytorch_model-00001-of-00002.bin"}
     assert asked["files"] == set(repository) - unread
+
+
+@pytest.mark.parametrize("family, written, dropped", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": None, "max_window_layers": 1}, ()),  # no window
+    ("qwen2", {"use_sliding_window": False, "layer_types": ["full_attention", "sliding_attention"] * 2}, ()),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, ("head_dim",)),
+    ("mistral", {}, ("sliding_window",)),  # MistralConfig's 4096
+], ids=["qwen2-no-window", "qwen2-flag-off", "qwen3-local-from-1-default-head-dim", "mistral-default-window"])
+def test_llama_like_windows_and_head_size_read_as_transformers_runs_them(family, written, dropped):
+    """Fields a hand-written (or older) config.json sets otherwise than the released ones: a layer is local in
+    transformers only with use_sliding_window and a window, whatever layer_types says; a field left out takes the
+    config class's default (Qwen3's head_dim is 128, not hidden / heads)."""
+    from pathlib import Path
+
+    from tiny import family_config
+
+    from encdec.formats import llama, qwen
+
+    cfg = {k: v for k, v in family_config(family).to_dict().items() if k not in ("layer_types", *dropped)}
+    cfg.update(written)
+    theirs = tf.AutoConfig.for_model(family, **{k: v for k, v in cfg.items() if k != "model_type"})
+    ours = (llama.read_config if family == "mistral" else qwen.read_config)(cfg, Path("config.json")).stack
+    window = theirs.sliding_window
+    types = theirs.layer_types if family != "mistral" else ["sliding_attention"] * 4  # Mistral: every layer local
+    local = ["sliding" if window is not None and t == "sliding_attention" else "full" for t in types]
+    assert ours.layer_types == local and ours.head_dim == theirs.head_dim
+    if "sliding" in local:
+        assert ours.sliding_window == window
+    assert local.count("sliding") == {"qwen2": 0, "qwen3": 3, "mistral": 4}[family]  # the cases cover both answers

@@ -74,6 +74,6 @@ def source_config(cfg: dict[str, Any], family: str, stack: StackConfig) -> Sourc
 def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
     """A Llama or Mistral config.json."""
     family = MODEL_TYPES[cfg["model_type"]]
-    local = family == "mistral" and cfg.get("sliding_window") is not None
+    local = family == "mistral" and cfg.get("sliding_window", 4096) is not None  # MistralConfig's default window
     layer_types = ["sliding" if local else "full"] * layer_count(cfg)
     return source_config(cfg, family, stack_from_hf(cfg, layer_types, where))

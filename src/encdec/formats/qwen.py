@@ -20,14 +20,20 @@ __all__ = ["ADAPTED_AS", "GGUF_ARCHITECTURES", "LAYER", "MODEL_TYPES", "NOT_TEXT
 
 
 def _layer_types(cfg: dict[str, Any]) -> list[str]:
+    """As transformers reads them: no layer is local without `use_sliding_window` and a window, whatever
+    `layer_types` says."""
+    n = layer_count(cfg)
+    if not cfg.get("use_sliding_window") or cfg.get("sliding_window", 4096) is None:
+        return ["full"] * n
     if cfg.get("layer_types"):
         return [HF_LAYER_TYPES[t] for t in cfg["layer_types"]]
-    n, first_local = layer_count(cfg), cfg.get("max_window_layers", 28)
-    return ["sliding" if cfg.get("use_sliding_window") and i >= first_local else "full" for i in range(n)]
+    return ["sliding" if i >= cfg.get("max_window_layers", 28) else "full" for i in range(n)]
 
 
 def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
     """A Qwen2 or Qwen3 config.json."""
     family = MODEL_TYPES[cfg["model_type"]]
+    if family == "qwen3":  # Qwen3Config's head_dim when the file names none (Qwen2's is hidden / heads)
+        cfg = {"head_dim": 128, **cfg}
     stack = stack_from_hf(cfg, _layer_types(cfg), where, qkv_bias=family == "qwen2", qk_norm=family == "qwen3")
     return source_config(cfg, family, stack)
