@@ -365,3 +365,24 @@ def test_llama_like_windows_and_head_size_read_as_transformers_runs_them(family,
     if "sliding" in local:
         assert ours.sliding_window == window
     assert local.count("sliding") == {"qwen2": 0, "qwen3": 3, "mistral": 4}[family]  # the cases cover both answers
+
+
+def test_a_gguf_is_read_without_the_files_kept_beside_it(tmp_path, monkeypatch):
+    """Downloaded into a folder that holds another model, a GGUF's tokenizer came from that model's
+    tokenizer_config.json (its class, or an auto_map that stopped the conversion with a traceback)."""
+    import json
+    import shutil
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    path = write_gguf(make_source(tmp_path / "llama", "llama", rope_parameters=PLAIN_ROPE), folder / "llama.gguf")
+    other = {"tokenizer_class": "CustomTokenizer", "auto_map": {"AutoTokenizer": ["custom.Custom", None]}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(other))
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(path, alone / path.name)
+    read = [encdec.load_tokenizer(encdec.load_source(str(p)).directory) for p in (path, alone / path.name)]
+    assert [type(t).__name__ for t in read] == [type(read[1]).__name__] * 2
+    assert read[0].get_vocab() == read[1].get_vocab() and read[0].get_vocab()["w5"] == 33
+    assert (read[0].bos_token_id, read[0].eos_token_id) == (read[1].bos_token_id, read[1].eos_token_id) == (2, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -131,13 +132,17 @@ def _convert(path: Path, out: Path) -> Path:
 
     log.info("dequantizing %s once (about a minute; cached in %s)", path.name, out)
     start = time.perf_counter()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                     trust_remote_code=False)
-    except (RuntimeError, ValueError) as e:  # e.g. tensor shapes that disagree with the config it derived
-        raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF ({str(e).splitlines()[0]}); its shapes "
-                          "(e.g. head_dim) are not ones transformers can map") from None
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    # read from a folder of its own: in the file's, transformers would also read a tokenizer_config.json (its
+    # tokenizer class, an auto_map) that belongs to some other model kept beside it
+    with tempfile.TemporaryDirectory(prefix="encdec-gguf-") as alone:
+        (Path(alone) / path.name).symlink_to(path.resolve())
+        try:
+            model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=path.name, dtype=torch.float32,
+                                                         trust_remote_code=False)
+        except (RuntimeError, ValueError) as e:  # e.g. tensor shapes that disagree with the config it derived
+            raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF ({str(e).splitlines()[0]}); its "
+                              "shapes (e.g. head_dim) are not ones transformers can map") from None
+        tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name, trust_remote_code=False)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     tied = model.config.tie_word_embeddings
