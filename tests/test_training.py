@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -589,3 +590,23 @@ def test_shorter_ul2_windows_pack_several_examples_a_row(adapted, corpus, tmp_pa
     (default_examples, default_filled), (short_examples, short_filled) = step_rows(0), step_rows(16)
     assert default_examples == 8 < short_examples
     assert short_filled > default_filled
+
+
+def test_a_trimmed_vocabulary_keeps_the_ids_the_config_names_absent_from_the_data(adapted, corpus, tmp_path):
+    """The targets end with the config's first EOS and the decoder starts from its BOS, which need not be the
+    tokenizer's nor occur in the data (Llama 3 Instruct lists three EOS ids, its tokenizer names one): dropped,
+    every target ended with an unscored <unk> and the run never learned to stop."""
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    model = tmp_path / "model"
+    shutil.copytree(adapted, model)
+    settings = json.loads((model / "config.json").read_text())
+    for named in (settings, settings["decoder"]):  # w62 and w63: the corpus has w0..w39
+        named.update(eos_token_id=[90, 1], bos_token_id=91)
+    (model / "config.json").write_text(json.dumps(settings))
+    plan, _ = build_plan(_config(model, tmp_path / "run", corpus, trim_vocab=40), Dist())
+    table, unk = plan.trimmed.table, plan.trimmed.unk_id
+    assert {90, 91} <= set(plan.trimmed.keep.tolist()) and unk not in (table[90], table[91])
+    assert plan.eos_id == table[90] and all(e.targets[-1] == plan.eos_id for e in plan.eval_examples)
+    assert plan.model.config.bos_token_id == table[91] and plan.model.config.eos_token_ids == [table[90], table[1]]

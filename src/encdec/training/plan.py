@@ -14,7 +14,7 @@ from torch import nn
 from encdec.checkpoint import is_checkpoint, load_checkpoint
 from encdec.data.tokens import check_apart_from_training, leading_bos, token_stream, windows
 from encdec.errors import EncdecError
-from encdec.model import CausalLM
+from encdec.model import CausalLM, EncoderDecoder
 from encdec.objectives import Example
 from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import distributed
@@ -80,8 +80,12 @@ def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray, eos: i
     if unk is None:
         raise EncdecError("--trim-vocab maps the tokens it drops to <unk> (or to a pad token other than EOS), and "
                           "this tokenizer has neither; train without --trim-vocab")
-    keep = kept_tokens(ids, cfg.trim_vocab, sorted({*always_kept(tokenizer, cfg.objective), unk}),
-                       model.embed.num_embeddings)
+    # the ids the model's config names are kept whether or not the data holds them: a dropped EOS would end every
+    # target as <unk>, unscored, a dropped BOS start the decoder from <unk>'s row
+    named = (model.config.pad_token_id, model.config.bos_token_id, *model.config.eos_token_ids) \
+        if isinstance(model, EncoderDecoder) else ()
+    always = {*always_kept(tokenizer, cfg.objective), unk, *ends, *named} - {None}
+    keep = kept_tokens(ids, cfg.trim_vocab, sorted(always), model.embed.num_embeddings)
     table = remap_table(keep, model.embed.num_embeddings, unk)
     untrained = untrained_rows(model, keep, cfg.trim_negatives, cfg.seed)
     if d.main:
