@@ -459,6 +459,8 @@ BAD = [
     ({"input": "w1", "temperature": 0}, 400, "temperature"),
     ({"input": "w1", "model": "other"}, 404, "model"),
     ({"prompt": "w1", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # a digit to str.isdigit, not to int()
+    ({"prompt": "w1", "logit_bias": {"7": 1, "07": 1}}, 400, "logit_bias"),  # token 7 twice, under two keys
+    ('{"prompt": "w1", "temperature": 1' + "0" * 400 + "}", 400, "temperature"),  # math.isfinite raised: a 500
     ('{"prompt": "w1", "presence_penalty": NaN}', 400, None),  # Python's json reads NaN; JSON has none
     ('{"prompt": "w1", "temperature": 1e400}', 400, "temperature"),  # read as inf
     ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, None),  # nested too deeply to read
@@ -501,6 +503,19 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, b
         assert "24" in error["message"]  # the --max-input-tokens limit is named
     ok = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_a_logit_bias_has_at_most_1024_entries():
+    """Every step adds a row's biases to its logits: millions of entries (a 64 MiB body holds that many) slowed
+    every request of the batch."""
+    from encdec.serve.protocol import MAX_LOGIT_BIAS, APIError, Limits, parse
+
+    def bias(count: int) -> bytes:
+        return json.dumps({"prompt": "w1", "logit_bias": {str(i): 1 for i in range(count)}}).encode()
+
+    assert len(parse(bias(MAX_LOGIT_BIAS), "completions", Limits(24, 8)).sampling.logit_bias) == MAX_LOGIT_BIAS
+    with pytest.raises(APIError, match="'logit_bias' has 1025 entries; this server takes at most 1024"):
+        parse(bias(MAX_LOGIT_BIAS + 1), "completions", Limits(24, 8))
 
 
 def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server):
@@ -988,6 +1003,88 @@ def test_a_streaming_client_gone_before_its_stream_starts_frees_its_slot(local, 
         assert service.metrics.finished.labels("length")._value.get() == 0
     finally:
         service.scheduler.stop(5)
+
+
+def test_a_failed_encoder_pass_fails_its_arrivals_and_not_the_running_requests(local, monkeypatch):
+    """Arrivals whose encoder pass raised (a burst too large for the device's memory) failed every request already
+    decoding as well, whose rows were intact."""
+    import asyncio
+
+    from encdec.inference.engine import Engine
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    service, join, step = app.state.service, Engine.join, Engine.step
+    marker = tokenizer("w9", add_special_tokens=False).input_ids[-1]
+
+    def failing_for_the_marker(engine, prompts, rows):
+        if any(marker in list(p) for p in prompts):
+            raise RuntimeError("out of memory")
+        return join(engine, prompts, rows)
+
+    def slow_step(engine):  # the running request still has steps to go when the other arrives
+        time.sleep(0.05)
+        return step(engine)
+
+    monkeypatch.setattr(Engine, "join", failing_for_the_marker)
+    monkeypatch.setattr(Engine, "step", slow_step)
+
+    async def ask() -> tuple[httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            body = {"prompt": "w1", "max_tokens": 8, "temperature": 0}
+            running = asyncio.create_task(client.post("/v1/completions", json=body))
+            while not service.scheduler.running:
+                await asyncio.sleep(0.005)
+            failed = await client.post("/v1/completions", json={"prompt": "w9", "max_tokens": 2})
+            assert service.scheduler.running  # it arrived while the first one was decoding
+            return await running, failed
+
+    service.scheduler.start()
+    try:
+        running, failed = asyncio.run(ask())
+    finally:
+        service.scheduler.stop(5)
+    assert failed.status_code == 500 and "out of memory" in failed.json()["error"]["message"]
+    assert running.status_code == 200, running.text
+    assert service.metrics.finished.labels("error")._value.get() == 1
+
+
+def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch):
+    """An error while failing a step's requests (a lost CUDA context) ended the scheduler's thread: its requests
+    waited for good, /health said ok and new requests queued for nobody."""
+    import asyncio
+
+    from encdec.inference.engine import Engine
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    service = app.state.service
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("CUDA error: context lost")
+
+    monkeypatch.setattr(Engine, "step", lost)
+    monkeypatch.setattr(Engine, "cancel", lost)
+
+    async def ask() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            body = {"prompt": "w1", "max_tokens": 2}
+            first = await asyncio.wait_for(client.post("/v1/completions", json=body), 30)
+            return first, await client.post("/v1/completions", json=body), await client.get("/health")
+
+    service.scheduler.start()
+    try:
+        first, later, health = asyncio.run(ask())
+    finally:
+        service.scheduler.stop(5)
+    assert first.status_code == 500 and "context lost" in first.json()["error"]["message"]
+    assert later.status_code == 503 and "scheduler failed" in later.json()["error"]["message"]
+    assert health.status_code == 503 and health.json()["status"] == "failed"
+    assert not service.scheduler.thread.is_alive()
 
 
 def test_a_failed_step_fails_its_requests_and_leaves_the_metrics_idle(local, monkeypatch):

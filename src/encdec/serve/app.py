@@ -299,6 +299,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             open_for_requests()
             parsed = await service.off_loop(parse, await read_body(request), kind, settings.limits)
             served(parsed.model)
+            service.scheduler.check_size(max(len(parsed.prompts), 1) * parsed.n, "n" if parsed.n > 1 else "prompt")
             prompts = await service.off_loop(service.tokens, parsed)
             loop = asyncio.get_running_loop()
             jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, _choice_sampling(parsed.sampling, i),
@@ -485,6 +486,8 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     async def health() -> Response:
         if app.state.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if service.scheduler.failed is not None:  # requests would get 503: a probe should see it and restart us
+            return JSONResponse({"status": "failed", "error": repr(service.scheduler.failed)[:200]}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

@@ -48,7 +48,10 @@ MAX_CHOICES = 64  # the largest n a request may ask for (each choice takes a pla
 MAX_STOP_CHARS = 1000  # a stop string's length: each token compares the answer's end with its beginnings
 MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
 COMPLETION_DEFAULT_TOKENS = 16  # a completion's max_tokens when none is given (the OpenAI API's and vLLM's)
-TOKEN_ID = re.compile(r"[0-9]+")  # a logit_bias key (str.isdigit would pass "²", which int() refuses)
+# a logit_bias key, written as json writes an integer: str.isdigit would pass "²", which int() refuses, and "007"
+# would bias token 7 a second time under another key
+TOKEN_ID = re.compile(r"0|[1-9][0-9]*")
+MAX_LOGIT_BIAS = 1024  # entries of a logit_bias (every step adds them to the row's logits)
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,11 @@ def _number(body: dict, name: str, low: float, high: float, default: float, *, o
     value = _typed(body, name, (int, float), "a number")
     if value is None:
         return default
-    if not math.isfinite(value) or value < low or value > high or (open_low and value == low):
+    # an integer is compared as it is: math.isfinite(10**400) raises (a 500), where it is just out of range
+    infinite = isinstance(value, float) and not math.isfinite(value)
+    if infinite or value < low or value > high or (open_low and value == low):
         interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
-        raise APIError(400, f"'{name}' must be in {interval}, got {value}", name)
+        raise APIError(400, f"'{name}' must be in {interval}, got {json.dumps(value)[:40]}", name)
     return float(value)
 
 
@@ -135,6 +140,9 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     what = "an object mapping token ids to numbers in [-100, 100]"
     if not isinstance(bias, dict):
         raise APIError(400, f"'logit_bias' must be {what}", "logit_bias")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise APIError(400, f"'logit_bias' has {len(bias)} entries; this server takes at most {MAX_LOGIT_BIAS}",
+                       "logit_bias")
     pairs = []
     for key, value in bias.items():
         if (not TOKEN_ID.fullmatch(key) or isinstance(value, bool) or not isinstance(value, (int, float))

@@ -75,6 +75,8 @@ class Scheduler:
         self.embedding: deque[EmbedJob] = deque()
         self.cancelled: list[tuple[Job, str]] = []
         self.running: dict[Row, Job] = {}
+        self.admitting: list[Job] = []  # taken from `waiting`, in their encoder pass: neither waiting nor running
+        self.failed: BaseException | None = None  # what ended the thread, if anything did but a stop
         self.accepting, self.stopping = True, False
         self.wake = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="encdec-scheduler", daemon=True)
@@ -82,13 +84,21 @@ class Scheduler:
     def start(self) -> None:
         self.thread.start()
 
+    def check_size(self, count: int, param: str) -> None:
+        """400 for a request of more generations than the queue ever holds: asked before its jobs are built (2,048
+        prompts x n = 64 would be 131,072 of them, built on the event loop). `param`: the field that asked."""
+        if count > self.max_queue:
+            raise APIError(400, f"this request asks for {count} generations (prompts x n); this server queues at "
+                           f"most {self.max_queue} (--max-queue)", param)
+
     def submit(self, *jobs: Job | EmbedJob, param: str = "n") -> None:
         """Queue a request's jobs (all or none); 429 when the queue has no room for them, 503 once the server is
-        shutting down. `param`: the request's field that asked for more jobs than the queue holds."""
-        if len(jobs) > self.max_queue:
-            raise APIError(400, f"this request asks for {len(jobs)} generations (prompts x n); this server queues at "
-                           f"most {self.max_queue} (--max-queue)", param)
+        shutting down or its thread has failed."""
+        self.check_size(len(jobs), param)
         with self.wake:
+            if self.failed is not None:
+                raise APIError(503, f"the server cannot generate: its scheduler failed ({self.failed!r:.200}); "
+                               "restart it", kind="server_error")
             if not self.accepting:
                 raise APIError(503, "the server is shutting down", kind="server_error")
             if len(self.waiting) + len(self.embedding) + len(jobs) > self.max_queue:
@@ -120,7 +130,7 @@ class Scheduler:
     def idle(self) -> bool:
         """Nothing queued, running or being encoded."""
         with self.wake:
-            return not (self.waiting or self.embedding or self.engine.rows)
+            return not (self.waiting or self.embedding or self.admitting or self.engine.rows)
 
     def stop(self, timeout: float) -> None:
         """Finish what is queued and running, then end the thread."""
@@ -145,7 +155,34 @@ class Scheduler:
             self.metrics.latency.observe(time.perf_counter() - job.arrived)
         job.deliver(None)
 
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            self.engine.cancel(job.row, "error")
+            job.row.finish_reason = job.row.finish_reason or "error"
+            self.running.pop(job.row, None)
+            self.count(job, "error")
+            job.deliver(error)
+        self.metrics.running.set(len(self.engine.rows))
+
     def _run(self) -> None:
+        """The loop; should it end by an error of its own, every request it holds fails at once (rather than
+        waiting for good), later ones get 503 and /health says so."""
+        try:
+            self._loop()
+        except BaseException as e:
+            log.exception("the scheduler failed; the server answers 503 from now on")
+            with self.wake:
+                self.failed = e
+                held = [*self.waiting, *self.admitting, *self.running.values()]
+                self.waiting.clear()
+                embedding, self.embedding = list(self.embedding), deque()
+            for job in held:
+                self.count(job, "error")
+                job.deliver(RuntimeError(f"the server's scheduler failed: {e!r:.200}"))
+            for job in embedding:
+                job.resolve(RuntimeError(f"the server's scheduler failed: {e!r:.200}"))
+
+    def _loop(self) -> None:
         if self.threads is not None:
             torch.set_num_threads(self.threads)
         while True:
@@ -156,6 +193,7 @@ class Scheduler:
                     return
                 cancelled, self.cancelled = self.cancelled, []
                 arrivals = [self.waiting.popleft() for _ in range(min(self.engine.free, len(self.waiting)))]
+                self.admitting = arrivals
                 embedding = list(self.embedding)
                 self.metrics.queue.set(len(self.waiting) + len(self.embedding))
             if embedding:
@@ -164,12 +202,10 @@ class Scheduler:
                 self._cycle(cancelled, arrivals)
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("decoding step failed")
-                for job in [*self.running.values(), *(job for job in arrivals if job.row not in self.running)]:
-                    self.engine.cancel(job.row, "error")
-                    self.count(job, "error")
-                    job.deliver(e)
-                self.running.clear()
-                self.metrics.running.set(len(self.engine.rows))
+                self._fail([*self.running.values(), *(job for job in arrivals if job.row not in self.running)], e)
+            finally:
+                with self.wake:
+                    self.admitting = []
 
     def _embed(self, jobs: list[EmbedJob]) -> None:
         """One encoder pass over the next --max-batch inputs of the waiting embedding requests, oldest first
@@ -214,7 +250,11 @@ class Scheduler:
             else:  # it ended in the step since
                 self.count(job, reason if reason == "stop" else job.row.finish_reason)
         if arrivals:
-            self._admit(arrivals)
+            try:
+                self._admit(arrivals)
+            except Exception as e:  # their encoder pass failed (out of memory, say): they fail, the batch decodes on
+                log.exception("encoding arriving requests failed")
+                self._fail(arrivals, e)
         self.metrics.running.set(len(self.engine.rows))
         if not self.engine.rows:
             return
