@@ -1051,6 +1051,44 @@ def test_a_failed_encoder_pass_fails_its_arrivals_and_not_the_running_requests(l
     assert service.metrics.finished.labels("error")._value.get() == 1
 
 
+def test_a_request_in_its_encoder_pass_keeps_the_scheduler_busy(local, monkeypatch):
+    """Taken from the queue and not yet decoding, a request counted as idle: SIGTERM's drain, which waits for
+    idle, could close its connection during the encoder pass (seconds on a CPU)."""
+    import asyncio
+
+    from encdec.inference.engine import Engine
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    scheduler, join, entered, release = app.state.service.scheduler, Engine.join, threading.Event(), threading.Event()
+
+    def slow_join(engine, prompts, rows):
+        entered.set()
+        release.wait(10)
+        return join(engine, prompts, rows)
+
+    monkeypatch.setattr(Engine, "join", slow_join)
+
+    async def ask() -> tuple[httpx.Response, bool]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            answer = asyncio.create_task(client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2}))
+            await asyncio.to_thread(entered.wait, 10)
+            idle = scheduler.idle()
+            release.set()
+            return await answer, idle
+
+    scheduler.start()
+    try:
+        answer, idle_while_encoding = asyncio.run(ask())
+    finally:
+        release.set()
+        scheduler.stop(5)
+    assert entered.is_set() and not idle_while_encoding
+    assert answer.status_code == 200 and scheduler.idle()
+
+
 def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch):
     """An error while failing a step's requests (a lost CUDA context) ended the scheduler's thread: its requests
     waited for good, /health said ok and new requests queued for nobody."""
