@@ -505,19 +505,6 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, b
     assert ok.status_code == 200
 
 
-def test_a_logit_bias_has_at_most_1024_entries():
-    """Every step adds a row's biases to its logits: millions of entries (a 64 MiB body holds that many) slowed
-    every request of the batch."""
-    from encdec.serve.protocol import MAX_LOGIT_BIAS, APIError, Limits, parse
-
-    def bias(count: int) -> bytes:
-        return json.dumps({"prompt": "w1", "logit_bias": {str(i): 1 for i in range(count)}}).encode()
-
-    assert len(parse(bias(MAX_LOGIT_BIAS), "completions", Limits(24, 8)).sampling.logit_bias) == MAX_LOGIT_BIAS
-    with pytest.raises(APIError, match="'logit_bias' has 1025 entries; this server takes at most 1024"):
-        parse(bias(MAX_LOGIT_BIAS + 1), "completions", Limits(24, 8))
-
-
 def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server):
     """Characters past what --max-input-tokens tokens can spell: tokenizing 20 MB took 20 s and 4 GB on the event
     loop, and /health and every stream waited for it."""

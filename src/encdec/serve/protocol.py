@@ -49,9 +49,8 @@ MAX_STOP_CHARS = 1000  # a stop string's length: each token compares the answer'
 MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this server allows 20 for both)
 COMPLETION_DEFAULT_TOKENS = 16  # a completion's max_tokens when none is given (the OpenAI API's and vLLM's)
 # a logit_bias key, written as json writes an integer: str.isdigit would pass "²", which int() refuses, and "007"
-# would bias token 7 a second time under another key
+# would bias token 7 a second time under another key (so a map holds at most one entry per token of the vocabulary)
 TOKEN_ID = re.compile(r"0|[1-9][0-9]*")
-MAX_LOGIT_BIAS = 1024  # entries of a logit_bias (every step adds them to the row's logits)
 
 
 @dataclass(frozen=True)
@@ -140,9 +139,6 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     what = "an object mapping token ids to numbers in [-100, 100]"
     if not isinstance(bias, dict):
         raise APIError(400, f"'logit_bias' must be {what}", "logit_bias")
-    if len(bias) > MAX_LOGIT_BIAS:
-        raise APIError(400, f"'logit_bias' has {len(bias)} entries; this server takes at most {MAX_LOGIT_BIAS}",
-                       "logit_bias")
     pairs = []
     for key, value in bias.items():
         if (not TOKEN_ID.fullmatch(key) or isinstance(value, bool) or not isinstance(value, (int, float))
