@@ -840,6 +840,8 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
 
     assert main(["serve", str(checkpoint), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--served-model-name", " "]) == 2
+    assert "--served-model-name is empty" in capsys.readouterr().err
     assert main(["serve", str(checkpoint), "--api-key", ""]) == 2  # `--api-key "$KEY"` with KEY unset: not open
     assert "the API key is empty" in capsys.readouterr().err
     monkeypatch.setenv("ENCDEC_API_KEY", " ")
@@ -1302,11 +1304,17 @@ def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkey
 
 def test_max_connections_turns_away_what_is_past_it_and_takes_it_again_once_freed(checkpoint):
     """--max-connections 1: while a client holds the one connection (open, sending nothing), another request gets
-    503 (uvicorn's own answer); once it lets go, the server answers again."""
-    s = Server(checkpoint, "--max-connections", "1")
+    503 (uvicorn's own answer); once it lets go, the server answers again. (--served-model-name, while a server
+    with options of its own runs: the name in place of the checkpoint's path.)"""
+    s = Server(checkpoint, "--max-connections", "1", "--served-model-name", "t5gemma-tiny")
     try:
         with socket.create_connection((HOST, s.port)):
             _wait_for(lambda: httpx.get(f"{s.base}/health", timeout=10).status_code == 503, 20, "the 503")
         _wait_for(lambda: httpx.get(f"{s.base}/health", timeout=10).status_code == 200, 20, "the slot to free")
+        assert [m["id"] for m in httpx.get(f"{s.base}/v1/models", timeout=10).json()["data"]] == ["t5gemma-tiny"]
+        named = httpx.post(f"{s.base}/v1/completions", json={"model": "t5gemma-tiny", "prompt": "w1", "max_tokens": 1})
+        path = httpx.post(f"{s.base}/v1/completions", json={"model": str(checkpoint), "prompt": "w1", "max_tokens": 1})
+        assert named.status_code == 200 and named.json()["model"] == "t5gemma-tiny"
+        assert path.status_code == 404 and "t5gemma-tiny" in path.json()["error"]["message"]
     finally:
         s.close()

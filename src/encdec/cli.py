@@ -216,6 +216,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise EncdecError(f"{name} must be at least 1, got {value}")
     if not 0 <= args.port <= 65535:
         raise EncdecError(f"--port must be in 0..65535, got {args.port}")
+    if args.served_model_name is not None and not args.served_model_name.strip():
+        raise EncdecError("--served-model-name is empty; give the name clients should ask for, or leave it out")
     api_key = args.api_key if args.api_key is not None else os.environ.get("ENCDEC_API_KEY")
     if api_key is not None and not api_key.strip():  # an unset shell variable would otherwise open the server
         raise EncdecError("the API key is empty (--api-key or ENCDEC_API_KEY); give a key, or neither to serve "
@@ -249,7 +251,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log.warning("--max-new-tokens %d: this model's decoder reads at most %d positions; answers are limited to %d "
                     "tokens", max_new, writes, writes - 1)
         max_new = writes - 1
-    settings = Settings(model_id=str(args.model), max_batch=args.max_batch, max_queue=args.max_queue,
+    settings = Settings(model_id=args.served_model_name or str(args.model), max_batch=args.max_batch,
+                        max_queue=args.max_queue,
                         limits=Limits(max_input, max_new), pooling=args.pooling,
                         api_key=api_key, threads=threads, compile_step=args.compile,
                         max_connections=args.max_connections, framing=framing)
@@ -462,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help="checkpoint directory (any format encdec reads), with its tokenizer")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model's name in the API: what /v1/models lists and requests give as `model` (default: "
+                   "MODEL as given, which also shows clients the server's path)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most requests waiting for a batch slot; more get 429")
