@@ -1040,6 +1040,36 @@ def test_a_failed_encoder_pass_fails_its_arrivals_and_not_the_running_requests(l
     assert service.metrics.finished.labels("error")._value.get() == 1
 
 
+def test_time_to_first_token_counts_from_the_request_not_from_its_queue_entry(local, monkeypatch):
+    """Reading, parsing and tokenizing share one thread: under load a request waits there, and the histograms,
+    which started once it was tokenized, left that wait out."""
+    import asyncio
+
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, tokenizer = local
+    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    service, tokens = app.state.service, app.state.service.tokens
+
+    def slow_tokens(parsed):
+        time.sleep(0.5)
+        return tokens(parsed)
+
+    monkeypatch.setattr(service, "tokens", slow_tokens)
+
+    async def ask() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            return await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
+
+    service.scheduler.start()
+    try:
+        assert asyncio.run(ask()).status_code == 200
+    finally:
+        service.scheduler.stop(5)
+    assert service.metrics.ttft._sum.get() >= 0.5 and service.metrics.latency._sum.get() >= 0.5
+
+
 def test_a_request_in_its_encoder_pass_keeps_the_scheduler_busy(local, monkeypatch):
     """Taken from the queue and not yet decoding, a request counted as idle: SIGTERM's drain, which waits for
     idle, could close its connection during the encoder pass (seconds on a CPU)."""

@@ -295,6 +295,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     async def generate(request: Request, kind: str) -> Response:
         endpoint = f"/v1/{'chat/' if kind == 'chat' else ''}completions"
+        arrived = time.perf_counter()  # latency and time to first token count reading, parsing and tokenizing too
         try:
             open_for_requests()
             parsed = await service.off_loop(parse, await read_body(request), kind, settings.limits)
@@ -303,7 +304,8 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             prompts = await service.off_loop(service.tokens, parsed)
             loop = asyncio.get_running_loop()
             jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, _choice_sampling(parsed.sampling, i),
-                                    logprobs=parsed.logprobs, decoder_prefix=settings.framing.decoder), loop)
+                                    logprobs=parsed.logprobs, decoder_prefix=settings.framing.decoder), loop,
+                        arrived=arrived)
                     for prompt in prompts for i in range(parsed.n)]
             service.scheduler.submit(*jobs, param="n" if parsed.n > 1 else "prompt")
         except APIError as e:
@@ -395,9 +397,10 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                               "finish_reason": None} for i in range(len(jobs))])
             while any(a.finish is None for a in answers):
                 index, item = await merged.get()
-                item, out = _token(item), answers[index]
-                if out.finish is not None:  # tokens still queued when a stop string ended the choice
+                out = answers[index]
+                if out.finish is not None:  # tokens (or a later step's error) still queued when a stop string ended it
                     continue
+                item = _token(item)
                 stopped = item is not None and out.add(item)
                 piece = out.piece if item is not None else ""
                 if piece:  # with the stop's cut, the rest of the answer's tokens (the one the cut runs through)
