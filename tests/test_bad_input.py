@@ -326,6 +326,17 @@ def test_bad_pretraining_values(capsys, tmp_path, adapted, extra, message):
     assert not out.exists()
 
 
+def test_a_decoder_only_student_refuses_a_teacher_top_k_past_its_vocabulary(capsys, tmp_path, sources):
+    """Checked for encoder-decoder students only: a decoder-only one failed in torch.topk at its first step."""
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "run"
+    corpus.write_text(("w1 w2 w3 w4 w5 w6 w7 w8 " * 40 + "\n") * 10)
+    code = main_exit(["pretrain", "--model", str(sources["gemma3"]), "--out", str(out), "--data", str(corpus),
+                      "--distill", "--teacher-top-k", "1000", "--enc-len", "16", "--dec-len", "16", "--steps", "1"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and "--teacher-top-k 1000 exceeds the 96 tokens" in lines[0], lines
+    assert not (out / "checkpoints").exists()
+
+
 GENERATE_BAD = [
     (["--temperature", "nan"], "temperature (--temperature) must be a positive finite number, got nan"),
     (["--do-sample", "--temperature", "0"], "temperature (--temperature) must be a positive finite number, got 0.0"),

@@ -142,18 +142,19 @@ class TrainConfig:
         if self.keep_last < self.average_last:
             self.keep_last = self.average_last
 
-    def check_fit(self, model: EncDecConfig | None, train_items: int, world: int) -> None:
+    def check_fit(self, model: EncDecConfig | None, vocab_size: int, train_items: int, world: int) -> None:
         """What can only be checked once model and data are loaded, before the first step: rows within the
         positions the model's source was trained for (`model`: None for a decoder-only model), a top-k within
-        the vocabulary, and a batch that one pass over the data fills (a larger one would only repeat it)."""
+        the `vocab_size` tokens, and a batch that one pass over the data fills (a larger one would only repeat
+        it)."""
         if model is not None:
             for name, stack in (("enc_len", model.encoder), ("dec_len", model.decoder)):
                 if stack.max_positions is not None and getattr(self, name) > stack.max_positions:
                     raise EncdecError(f"--{_flag(name)} {getattr(self, name)}: the model reads at most "
                                       f"{stack.max_positions} positions (its source's max_position_embeddings)")
-            if self.distill and self.teacher_top_k > model.vocab_size:
-                raise EncdecError(f"--teacher-top-k {self.teacher_top_k} exceeds the {model.vocab_size} tokens of the "
-                                  "vocabulary; 0 keeps them all")
+        if self.distill and self.teacher_top_k > vocab_size:
+            raise EncdecError(f"--teacher-top-k {self.teacher_top_k} exceeds the {vocab_size} tokens of the "
+                              "vocabulary; 0 keeps them all")
         if self.batch_size * world > train_items:
             raise EncdecError(f"--batch-size {self.batch_size} x {world} process(es) needs more rows than the "
                               f"{train_items} training windows/examples of the data hold; "

@@ -79,7 +79,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     plan, tokenizer = build_plan(cfg, d)
     cfg = dataclasses.replace(cfg, distill=wants_distillation(cfg.distill, cfg.objective, cfg.teacher, model_dir,
                                                               plan.causal))
-    cfg.check_fit(None if plan.causal else plan.model.config, len(plan.stream.items), d.world)
+    cfg.check_fit(None if plan.causal else plan.model.config, plan.model.embed.num_embeddings, len(plan.stream.items),
+                  d.world)
     check_recipe(cfg, plan.model, plan.causal)
     if d.main:
         for note in idle_settings(cfg):
