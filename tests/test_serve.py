@@ -106,6 +106,33 @@ def server(checkpoint):
     s.close()
 
 
+def _app(local, tokenizer=None, limits: tuple[int, int] = (24, 8), **settings):
+    """The server's app in this process over the tiny model (httpx's ASGI transport talks to it, no socket)."""
+    from encdec.serve.app import Settings, create_app
+    from encdec.serve.protocol import Limits
+
+    model, loaded = local
+    return create_app(model, tokenizer or loaded,
+                      Settings("tiny", max_batch=2, max_queue=2, limits=Limits(*limits), **settings))
+
+
+def _asked(app, ask, *, scheduler: bool = True):
+    """What `ask(client)` returns, `client` talking to `app` in this process, with its scheduler running."""
+    import asyncio
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            return await ask(client)
+
+    if not scheduler:
+        return asyncio.run(run())
+    app.state.service.scheduler.start()
+    try:
+        return asyncio.run(run())
+    finally:
+        app.state.service.scheduler.stop(5)
+
+
 def _solo_tokens(local, text: str, max_tokens: int, **sampling) -> list[int]:
     model, tokenizer = local
     return model.generate(torch.tensor([tokenizer(text).input_ids]), max_new_tokens=max_tokens, **sampling)[0].tolist()
@@ -541,11 +568,9 @@ def test_a_body_that_stops_arriving_gets_408(local, monkeypatch):
     import asyncio
 
     from encdec.serve import app as served
-    from encdec.serve.protocol import Limits
 
     monkeypatch.setattr(served, "BODY_TIMEOUT_S", 0.5)
-    model, tokenizer = local
-    app = served.create_app(model, tokenizer, served.Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    app = _app(local)
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
              "method": "POST", "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
              "query_string": b"", "root_path": "", "headers": [(b"content-length", b"100")],
@@ -871,20 +896,13 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
 
 def test_requests_while_draining_get_503(local):
     """What a request still reaching the app after SIGTERM (on an open connection) gets: 503, as /health does."""
-    import asyncio
-
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
-
-    model, tokenizer = local
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    app = _app(local)
     app.state.draining = True  # what DrainingServer.handle_exit sets on SIGTERM
 
-    async def ask() -> tuple[httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
-            return (await client.post("/v1/completions", json={"prompt": "w1"}), await client.get("/health"))
+    async def ask(client) -> tuple[httpx.Response, httpx.Response]:
+        return await client.post("/v1/completions", json={"prompt": "w1"}), await client.get("/health")
 
-    answer, health = asyncio.run(ask())
+    answer, health = _asked(app, ask, scheduler=False)
     assert answer.status_code == 503 and "shutting down" in answer.json()["error"]["message"]
     assert health.status_code == 503
 
@@ -893,32 +911,21 @@ def test_a_conversation_the_chat_template_refuses_gets_400(local):
     """Mistral's and Llama 2's templates raise unless the roles alternate: the client gets a 400 naming
     'messages' and the template's words (it was a 500, which the openai client retries), and the server answers
     the next conversation."""
-    import asyncio
     import copy
 
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
-
-    model, tokenizer = local
-    tokenizer = copy.deepcopy(tokenizer)  # never the loader's memoised one
+    tokenizer = copy.deepcopy(local[1])  # never the loader's memoised one
     tokenizer.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
                                "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
                                "{{ m['content'] }} {% endfor %}")
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
 
-    async def ask() -> tuple[httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
-            bad = [{"role": "user", "content": "w1"}, {"role": "user", "content": "w2"}]
-            good = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"},
-                    {"role": "user", "content": "w3"}]
-            return tuple([await client.post("/v1/chat/completions", json={"messages": m, "max_tokens": 2})
-                          for m in (bad, good)])
+    async def ask(client) -> tuple[httpx.Response, httpx.Response]:
+        bad = [{"role": "user", "content": "w1"}, {"role": "user", "content": "w2"}]
+        good = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"},
+                {"role": "user", "content": "w3"}]
+        return tuple([await client.post("/v1/chat/completions", json={"messages": m, "max_tokens": 2})
+                      for m in (bad, good)])
 
-    app.state.service.scheduler.start()
-    try:
-        refused, answered = asyncio.run(ask())
-    finally:
-        app.state.service.scheduler.stop(5)
+    refused, answered = _asked(_app(local, tokenizer), ask)
     error = refused.json()["error"]
     assert refused.status_code == 400 and error["param"] == "messages" and error["type"] == "invalid_request_error"
     assert "chat template refuses this conversation (Conversation roles must alternate" in error["message"]
@@ -928,25 +935,12 @@ def test_a_conversation_the_chat_template_refuses_gets_400(local):
 def test_a_ul2_framed_model_is_served_in_its_framing(local):
     """`encdec serve` of a UL2-pretrained model (`model_framing`): the sentinel after every prompt and after the
     decoder's start, for completions and chat alike; the answer is what generate gives the framed prompt."""
-    import asyncio
-
     from encdec.objectives import Framing
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
 
     model, tokenizer = local
-    framing = Framing(after=(7,), decoder=(7,))
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), framing=framing))
-
-    async def ask() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
-            return await client.post("/v1/completions", json={"prompt": "w1 w2 w3", "max_tokens": 6, "temperature": 0})
-
-    app.state.service.scheduler.start()
-    try:
-        answer = asyncio.run(ask()).json()
-    finally:
-        app.state.service.scheduler.stop(5)
+    app = _app(local, framing=Framing(after=(7,), decoder=(7,)))
+    body = {"prompt": "w1 w2 w3", "max_tokens": 6, "temperature": 0}
+    answer = _asked(app, lambda client: client.post("/v1/completions", json=body)).json()
     ids = tokenizer("w1 w2 w3").input_ids
     framed = model.generate(torch.tensor([ids + [7]]), max_new_tokens=6, decoder_prefix=[7])[0].tolist()
     assert answer["choices"][0]["text"] == tokenizer.decode(framed, skip_special_tokens=True)
@@ -959,11 +953,7 @@ def test_a_streaming_client_gone_before_its_stream_starts_frees_its_slot(local, 
     report it), so the stream's generator never runs, nor its `finally`; the job must be cancelled anyway."""
     import asyncio
 
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
-
-    model, tokenizer = local
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, LONG)))
+    app = _app(local, limits=(24, LONG))
     service = app.state.service
     body = json.dumps({"prompt": endless_prompt, "max_tokens": LONG, "stream": True, "temperature": 0}).encode()
     messages = [{"type": "http.request", "body": body, "more_body": False}]
@@ -1000,13 +990,10 @@ def test_a_failed_encoder_pass_fails_its_arrivals_and_not_the_running_requests(l
     import asyncio
 
     from encdec.inference.engine import Engine
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
 
-    model, tokenizer = local
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
-    service, join, step = app.state.service, Engine.join, Engine.step
-    marker = tokenizer("w9", add_special_tokens=False).input_ids[-1]
+    app, join, step = _app(local), Engine.join, Engine.step
+    scheduler = app.state.service.scheduler
+    marker = local[1]("w9", add_special_tokens=False).input_ids[-1]
 
     def failing_for_the_marker(engine, prompts, rows):
         if any(marker in list(p) for p in prompts):
@@ -1020,36 +1007,24 @@ def test_a_failed_encoder_pass_fails_its_arrivals_and_not_the_running_requests(l
     monkeypatch.setattr(Engine, "join", failing_for_the_marker)
     monkeypatch.setattr(Engine, "step", slow_step)
 
-    async def ask() -> tuple[httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
-            body = {"prompt": "w1", "max_tokens": 8, "temperature": 0}
-            running = asyncio.create_task(client.post("/v1/completions", json=body))
-            while not service.scheduler.running:
-                await asyncio.sleep(0.005)
-            failed = await client.post("/v1/completions", json={"prompt": "w9", "max_tokens": 2})
-            assert service.scheduler.running  # it arrived while the first one was decoding
-            return await running, failed
+    async def ask(client) -> tuple[httpx.Response, httpx.Response]:
+        running = asyncio.create_task(client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 8}))
+        while not scheduler.running:
+            await asyncio.sleep(0.005)
+        failed = await client.post("/v1/completions", json={"prompt": "w9", "max_tokens": 2})
+        assert scheduler.running  # it arrived while the first one was decoding
+        return await running, failed
 
-    service.scheduler.start()
-    try:
-        running, failed = asyncio.run(ask())
-    finally:
-        service.scheduler.stop(5)
+    running, failed = _asked(app, ask)
     assert failed.status_code == 500 and "out of memory" in failed.json()["error"]["message"]
     assert running.status_code == 200, running.text
-    assert service.metrics.finished.labels("error")._value.get() == 1
+    assert app.state.service.metrics.finished.labels("error")._value.get() == 1
 
 
 def test_time_to_first_token_counts_from_the_request_not_from_its_queue_entry(local, monkeypatch):
     """Reading, parsing and tokenizing share one thread: under load a request waits there, and the histograms,
     which started once it was tokenized, left that wait out."""
-    import asyncio
-
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
-
-    model, tokenizer = local
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
+    app = _app(local)
     service, tokens = app.state.service, app.state.service.tokens
 
     def slow_tokens(parsed):
@@ -1057,16 +1032,8 @@ def test_time_to_first_token_counts_from_the_request_not_from_its_queue_entry(lo
         return tokens(parsed)
 
     monkeypatch.setattr(service, "tokens", slow_tokens)
-
-    async def ask() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
-            return await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
-
-    service.scheduler.start()
-    try:
-        assert asyncio.run(ask()).status_code == 200
-    finally:
-        service.scheduler.stop(5)
+    answer = _asked(app, lambda client: client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2}))
+    assert answer.status_code == 200
     assert service.metrics.ttft._sum.get() >= 0.5 and service.metrics.latency._sum.get() >= 0.5
 
 
@@ -1076,12 +1043,9 @@ def test_a_request_in_its_encoder_pass_keeps_the_scheduler_busy(local, monkeypat
     import asyncio
 
     from encdec.inference.engine import Engine
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
 
-    model, tokenizer = local
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
-    scheduler, join, entered, release = app.state.service.scheduler, Engine.join, threading.Event(), threading.Event()
+    app, join, entered, release = _app(local), Engine.join, threading.Event(), threading.Event()
+    scheduler = app.state.service.scheduler
 
     def slow_join(engine, prompts, rows):
         entered.set()
@@ -1090,20 +1054,17 @@ def test_a_request_in_its_encoder_pass_keeps_the_scheduler_busy(local, monkeypat
 
     monkeypatch.setattr(Engine, "join", slow_join)
 
-    async def ask() -> tuple[httpx.Response, bool]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
-            answer = asyncio.create_task(client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2}))
-            await asyncio.to_thread(entered.wait, 10)
-            idle = scheduler.idle()
-            release.set()
-            return await answer, idle
+    async def ask(client) -> tuple[httpx.Response, bool]:
+        answer = asyncio.create_task(client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2}))
+        await asyncio.to_thread(entered.wait, 10)
+        idle = scheduler.idle()
+        release.set()
+        return await answer, idle
 
-    scheduler.start()
     try:
-        answer, idle_while_encoding = asyncio.run(ask())
+        answer, idle_while_encoding = _asked(app, ask)
     finally:
         release.set()
-        scheduler.stop(5)
     assert entered.is_set() and not idle_while_encoding
     assert answer.status_code == 200 and scheduler.idle()
 
@@ -1114,12 +1075,6 @@ def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch
     import asyncio
 
     from encdec.inference.engine import Engine
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
-
-    model, tokenizer = local
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
-    service = app.state.service
 
     def lost(*args, **kwargs):
         raise RuntimeError("CUDA error: context lost")
@@ -1127,35 +1082,25 @@ def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch
     monkeypatch.setattr(Engine, "step", lost)
     monkeypatch.setattr(Engine, "cancel", lost)
 
-    async def ask() -> tuple[httpx.Response, httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
-            body = {"prompt": "w1", "max_tokens": 2}
-            first = await asyncio.wait_for(client.post("/v1/completions", json=body), 30)
-            return first, await client.post("/v1/completions", json=body), await client.get("/health")
+    async def ask(client) -> tuple[httpx.Response, httpx.Response, httpx.Response]:
+        body = {"prompt": "w1", "max_tokens": 2}
+        first = await asyncio.wait_for(client.post("/v1/completions", json=body), 30)
+        return first, await client.post("/v1/completions", json=body), await client.get("/health")
 
-    service.scheduler.start()
-    try:
-        first, later, health = asyncio.run(ask())
-    finally:
-        service.scheduler.stop(5)
+    app = _app(local)
+    first, later, health = _asked(app, ask)
     assert first.status_code == 500 and "context lost" in first.json()["error"]["message"]
     assert later.status_code == 503 and "scheduler failed" in later.json()["error"]["message"]
     assert health.status_code == 503 and health.json()["status"] == "failed"
-    assert not service.scheduler.thread.is_alive()
+    assert not app.state.service.scheduler.thread.is_alive()
 
 
 def test_a_failed_step_fails_its_requests_and_leaves_the_metrics_idle(local, monkeypatch):
     """The requests of a step that raised get a 500 and are counted as ended by an error; the running gauge went
     back to 0 (it stayed at its last value until the next request), and the next request is answered."""
-    import asyncio
-
     from encdec.inference.engine import Engine
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
 
-    model, tokenizer = local
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)))
-    service, step, calls = app.state.service, Engine.step, []
+    step, calls = Engine.step, []
 
     def failing_third(engine):
         calls.append(1)
@@ -1165,19 +1110,15 @@ def test_a_failed_step_fails_its_requests_and_leaves_the_metrics_idle(local, mon
 
     monkeypatch.setattr(Engine, "step", failing_third)
 
-    async def ask() -> tuple[httpx.Response, httpx.Response]:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
-            failed = await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 8, "temperature": 0})
-            return failed, await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
+    async def ask(client) -> tuple[httpx.Response, httpx.Response]:
+        failed = await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 8, "temperature": 0})
+        return failed, await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
 
-    service.scheduler.start()
-    try:
-        failed, ok = asyncio.run(ask())
-    finally:
-        service.scheduler.stop(5)
+    app = _app(local)
+    failed, ok = _asked(app, ask)
     assert failed.status_code == 500 and "out of memory" in failed.json()["error"]["message"]
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
-    metrics = service.metrics
+    metrics = app.state.service.metrics
     assert metrics.running._value.get() == 0 and metrics.finished.labels("error")._value.get() == 1
     assert metrics.finished.labels("length")._value.get() == 1
 
@@ -1185,34 +1126,26 @@ def test_a_failed_step_fails_its_requests_and_leaves_the_metrics_idle(local, mon
 def test_an_api_key_guards_the_api_but_not_health(local):
     """With --api-key the openai client needs the key (401, AuthenticationError, without it or with another);
     /health and /metrics stay open."""
-    import asyncio
+    app = _app(local, api_key="s3cret")
 
-    from encdec.serve.app import Settings, create_app
-    from encdec.serve.protocol import Limits
+    async def ask(http, key: str) -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"http://{HOST}/v1", api_key=key, http_client=http, max_retries=0)
+        try:
+            return [m.id for m in (await client.models.list()).data]
+        except openai.AuthenticationError as e:
+            assert e.status_code == 401 and "api key" in e.message.lower()
+            return []
+        finally:
+            bare = await http.get("/v1/models")
+            assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+            for n in range(5):  # paths a client without the key makes up add no series to the metrics
+                assert (await http.get(f"/v1/made-up-{n}")).status_code == 401
+            assert (await http.get("/health")).status_code == 200
+            metrics = (await http.get("/metrics")).text
+            assert "made-up" not in metrics and 'endpoint="other",status="401"' in metrics
 
-    model, tokenizer = local
-    app = create_app(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), api_key="s3cret"))
-
-    async def ask(key: str) -> list[str]:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=f"http://{HOST}") as http:
-            client = openai.AsyncOpenAI(base_url=f"http://{HOST}/v1", api_key=key, http_client=http, max_retries=0)
-            try:
-                return [m.id for m in (await client.models.list()).data]
-            except openai.AuthenticationError as e:
-                assert e.status_code == 401 and "api key" in e.message.lower()
-                return []
-            finally:
-                bare = await http.get("/v1/models")
-                assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
-                for n in range(5):  # paths a client without the key makes up add no series to the metrics
-                    assert (await http.get(f"/v1/made-up-{n}")).status_code == 401
-                assert (await http.get("/health")).status_code == 200
-                metrics = (await http.get("/metrics")).text
-                assert "made-up" not in metrics and 'endpoint="other",status="401"' in metrics
-
-    assert asyncio.run(ask("s3cret")) == ["tiny"]
-    assert asyncio.run(ask("wrong")) == []
+    assert _asked(app, lambda http: ask(http, "s3cret"), scheduler=False) == ["tiny"]
+    assert _asked(app, lambda http: ask(http, "wrong"), scheduler=False) == []
 
 
 def test_the_limits_never_exceed_the_models_positions(checkpoint, monkeypatch, capsys):
