@@ -154,3 +154,49 @@ def test_every_item_is_shared_out_once_and_every_process_makes_the_same_passes()
             shares = [share(n, Dist(rank, world)) for rank in range(world)]
             assert len({len(s) for s in shares}) == 1
             assert sorted(i for s in shares for i in s if i is not None) == list(range(n))
+
+
+DISK_FULL_AT_STEP_4 = """
+import sys
+
+from encdec.cli import main
+from encdec.training import checkpointing
+
+original = checkpointing.write_state
+
+
+def full_disk(directory, name, state):
+    if "step-000004" in str(directory):
+        raise OSError(28, "No space left on device")
+    return original(directory, name, state)
+
+
+checkpointing.write_state = full_disk
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_the_first_process_cannot_write_stops_both_with_one_line(sources, tmp_path):
+    """Only the first process holds the gathered state and writes it: a full disk (or a weight gone NaN) stopped it
+    alone, and the other went on into the next step's collectives, where it failed with gloo's traceback (or, on
+    NCCL, waited until torchrun killed it). Both now stop with the same line, and the last good checkpoint stays."""
+    model = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=80)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DISK_FULL_AT_STEP_4)
+    torchrun = shutil.which("torchrun") or pytest.fail("torchrun not found")
+    out = tmp_path / "run"
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable, str(driver),
+               "pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus), "--enc-len", "16",
+               "--dec-len", "16", "--batch-size", "1", "--steps", "8", "--save-every", "2", "--eval-windows", "4",
+               "--precision", "fp32"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=150,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = result.stdout + result.stderr
+    assert result.returncode != 0
+    stopped = [line for line in said.splitlines() if "could not write the checkpoint of step 4" in line]
+    assert len(stopped) == 2, said[-3000:]
+    assert all("No space left on device" in line and "step-000002" in line for line in stopped)
+    assert "Connection closed" not in said and "exitcode: 2" in said, said[-3000:]  # the workers' exit, no gloo error
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]

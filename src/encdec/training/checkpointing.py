@@ -2,9 +2,9 @@
 
 OUT/checkpoints/step-NNNNNN/ holds model.safetensors (our parameter names), optimizer.json/.safetensors
 and trainer.json/.safetensors (step, scheduler, data-stream position, RNG states, configuration), written
-by `plain_state` so that resuming never unpickles anything. State dicts are gathered in full on every
-process (DDP and FSDP2 alike) and written by the first one. Weights are checked to be finite before
-they are saved and again before they are resumed from.
+by `plain_state` so that resuming never unpickles anything. State dicts are gathered in full on the
+first process (DDP and FSDP2 alike), which writes them and tells the others what it found. Weights are
+checked to be finite before they are saved and again before they are resumed from.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from encdec.errors import EncdecError
 from encdec.files import WriteFailed, atomic_dir, read_weights, write_weights
+from encdec.training import distributed
 from encdec.training.distributed import Dist
 from encdec.training.plain_state import read_state, write_state
 
@@ -72,15 +73,17 @@ def not_finite(what: str, step: int, last_good: Path | None) -> EncdecError:
 
 def save(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimizer, trainer: dict[str, Any],
          d: Dist, keep: tuple[int, int, int], last_good: Path | None = None) -> Path:
-    """Collective: every process calls it; the first writes. Non-finite weights are never saved: every
-    process stops with one line naming `last_good`, the checkpoint to go back to. Then the first process keeps
-    the newest checkpoint and the last `keep` = (keep_last, save_every, steps) scheduled ones."""
-    model_state = get_model_state_dict(wrapped, options=FULL)
-    bad = _not_finite(model_state)
+    """Collective: every process calls it; the first writes. Non-finite weights are never saved, and a
+    checkpoint that cannot be written stops the run: every process stops with the same line, naming
+    `last_good`, the checkpoint to go back to (only the first holds the gathered state and writes it: the others,
+    not told, went on into the next step's collectives, where they failed or waited). Then the first process
+    keeps the newest checkpoint and the last `keep` = (keep_last, save_every, steps) scheduled ones."""
+    model_state = get_model_state_dict(wrapped, options=FULL)  # the first process's: the others' are empty
+    bad = distributed.from_main(_not_finite(model_state), d)
     if bad is not None:
         raise not_finite(f"weight {bad.removeprefix(PREFIX)} became NaN or inf (not saved)", step, last_good)
     optim_state = get_optimizer_state_dict(wrapped, optimizer, options=FULL)
-    path = out / "checkpoints" / f"step-{step:06d}"
+    path, failed = out / "checkpoints" / f"step-{step:06d}", None
     if d.main:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         try:
@@ -89,13 +92,17 @@ def save(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimi
                 write_state(tmp, "optimizer", optim_state)
                 write_state(tmp, "trainer", {**trainer, "step": step, "rng": rng})
         except (OSError, SafetensorError, WriteFailed) as e:  # a full disk, most often
-            raise EncdecError(f"could not write the checkpoint of step {step} ({str(e).splitlines()[0]}); stopped "
-                              f"({_last_good(last_good)}). Free space in {out} (or lower --keep-last), then --resume") from None
-        keep_last, save_every, steps = keep
-        kept = {path, *scheduled(out, save_every, steps)[-keep_last:]}
-        for old in checkpoints(out):
-            if old not in kept:
-                shutil.rmtree(old, ignore_errors=True)
+            failed = str(e).splitlines()[0]
+        else:
+            keep_last, save_every, steps = keep
+            kept = {path, *scheduled(out, save_every, steps)[-keep_last:]}
+            for old in checkpoints(out):
+                if old not in kept:
+                    shutil.rmtree(old, ignore_errors=True)
+    failed = distributed.from_main(failed, d)
+    if failed is not None:
+        raise EncdecError(f"could not write the checkpoint of step {step} ({failed}); stopped "
+                          f"({_last_good(last_good)}). Free space in {out} (or lower --keep-last), then --resume")
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,16 @@ def reduce_sum(value: float, d: Dist) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=d.device)
     dist.all_reduce(t)
     return float(t.item())
+
+
+def from_main(value: Any, d: Dist) -> Any:
+    """The first process's `value` on every process (a small picklable one, between this run's processes): what
+    only the first one can tell, such as a verdict on the state it alone gathered."""
+    if d.world == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def barrier(d: Dist) -> None:
