@@ -200,3 +200,39 @@ def test_a_checkpoint_the_first_process_cannot_write_stops_both_with_one_line(so
     assert all("No space left on device" in line and "step-000002" in line for line in stopped)
     assert "Connection closed" not in said and "exitcode: 2" in said, said[-3000:]  # the workers' exit, no gloo error
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+
+
+NO_CHECKPOINT_ON_RANK_1 = """
+import os
+import sys
+
+from encdec.cli import main
+from encdec.training import checkpointing
+
+if os.environ["RANK"] == "1":  # as a second machine whose --out is a local directory of its own
+    checkpointing.latest_usable = lambda out, d: None
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_processes_that_find_different_checkpoints_refuse_to_resume(sources, tmp_path):
+    """Each process reads --out itself: on machines that do not share it, one resumed at step 4 and the other
+    started afresh, their loops of different lengths (a hang at the end) and their weights apart."""
+    model = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=80)
+    out = tmp_path / "run"
+    common = ["pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus), "--enc-len", "16",
+              "--dec-len", "16", "--batch-size", "1", "--save-every", "2", "--eval-windows", "4", "--precision", "fp32"]
+    assert main([*common, "--steps", "4"]) == 0
+    driver = tmp_path / "driver.py"
+    driver.write_text(NO_CHECKPOINT_ON_RANK_1)
+    torchrun = shutil.which("torchrun") or pytest.fail("torchrun not found")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable,
+                             str(driver), *common, "--steps", "6", "--resume"], capture_output=True, text=True,
+                            timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = result.stdout + result.stderr
+    refused = [line for line in said.splitlines() if "found different checkpoints to resume" in line]
+    assert result.returncode != 0 and len(refused) == 2, said[-3000:]
+    assert any("step-000004" in line for line in refused) and any("(this one: none)" in line for line in refused)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]

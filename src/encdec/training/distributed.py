@@ -80,6 +80,15 @@ def from_main(value: Any, d: Dist) -> Any:
     return shared[0]
 
 
+def same_everywhere(value: int, d: Dist) -> bool:
+    """Whether every process holds the same `value` (each learns the answer: a collective)."""
+    if d.world == 1:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t[0] == -t[1])
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()

@@ -138,6 +138,11 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     out = Path(cfg.out)
     if cfg.resume:
         saved = checkpointing.latest_usable(out, d)
+        step = 0 if saved is None else saved.trainer["step"]
+        if not distributed.same_everywhere(step, d):  # each reads the directory itself: apart, they would diverge
+            raise EncdecError(f"the processes found different checkpoints to resume in {out} (this one: "
+                              f"{saved.path if saved else 'none'}); every process must see the same --out: on several "
+                              "machines, a directory they all share")
         if saved is None and d.main:  # a job script may always pass --resume; a mistyped --out should not pass unseen
             log.warning("%s holds no checkpoint to resume: the run starts from step 0", out)
         if saved is not None and saved.trainer["step"] > cfg.steps:
