@@ -156,6 +156,7 @@ class Scheduler:
         job.deliver(None)
 
     def _fail(self, jobs: list[Job], error: Exception) -> None:
+        """End `jobs` with `error` (their clients get a 500), out of the batch and counted."""
         for job in jobs:
             self.engine.cancel(job.row, "error")
             job.row.finish_reason = job.row.finish_reason or "error"
@@ -173,7 +174,7 @@ class Scheduler:
             log.exception("the scheduler failed; the server answers 503 from now on")
             with self.wake:
                 self.failed = e
-                held = [*self.waiting, *self.admitting, *self.running.values()]
+                held = list(dict.fromkeys([*self.waiting, *self.admitting, *self.running.values()]))  # admitted: both
                 self.waiting.clear()
                 embedding, self.embedding = list(self.embedding), deque()
             for job in held:
