@@ -195,9 +195,9 @@ def test_a_checkpoint_the_first_process_cannot_write_stops_both_with_one_line(so
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     said = result.stdout + result.stderr
     assert result.returncode != 0
-    stopped = [line for line in said.splitlines() if "could not write the checkpoint of step 4" in line]
-    assert len(stopped) == 2, said[-3000:]
-    assert all("No space left on device" in line and "step-000002" in line for line in stopped)
+    # the two processes' lines may reach the pipe run together: counted in the whole output
+    assert said.count("could not write the checkpoint of step 4") == 2, said[-3000:]
+    assert said.count("No space left on device); stopped (the last good checkpoint is") == 2
     assert "Connection closed" not in said and "exitcode: 2" in said, said[-3000:]  # the workers' exit, no gloo error
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
 
@@ -232,7 +232,7 @@ def test_processes_that_find_different_checkpoints_refuse_to_resume(sources, tmp
                              str(driver), *common, "--steps", "6", "--resume"], capture_output=True, text=True,
                             timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"})
     said = result.stdout + result.stderr
-    refused = [line for line in said.splitlines() if "found different checkpoints to resume" in line]
-    assert result.returncode != 0 and len(refused) == 2, said[-3000:]
-    assert any("step-000004" in line for line in refused) and any("(this one: none)" in line for line in refused)
+    # the two processes' lines may reach the pipe run together: counted in the whole output
+    assert result.returncode != 0 and said.count("found different checkpoints to resume") == 2, said[-3000:]
+    assert "(this one: " + str(out / "checkpoints" / "step-000004") + ")" in said and "(this one: none)" in said
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
