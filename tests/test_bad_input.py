@@ -289,6 +289,7 @@ PRETRAIN_BAD = [
     (["--tau", "nan"], "--tau must be a positive finite number, got nan"),
     (["--tau", "0"], "--tau must be a positive finite number"),
     (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
+    (["--dist-timeout", "0"], "--dist-timeout must be a positive finite number, got 0.0"),
     (["--alpha", "nan"], "--alpha must be in [0.0, 1.0], got nan"),
     (["--seed", "-1"], "--seed must be at least 0"),
     (["--seed", str(2**64)], "--seed must be at most"),

@@ -236,3 +236,51 @@ def test_processes_that_find_different_checkpoints_refuse_to_resume(sources, tmp
     assert result.returncode != 0 and said.count("found different checkpoints to resume") == 2, said[-3000:]
     assert "(this one: " + str(out / "checkpoints" / "step-000004") + ")" in said and "(this one: none)" in said
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+SLOW_CHECKPOINT_AT_STEP_4 = """
+import sys
+import time
+
+from encdec.cli import main
+from encdec.training import checkpointing
+
+original = checkpointing.write_state
+
+
+def slow_disk(directory, name, state):
+    if "step-000004" in str(directory):
+        time.sleep(8)
+    return original(directory, name, state)
+
+
+checkpointing.write_state = slow_disk
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_others_wait_for_a_slow_checkpoint_as_long_as_dist_timeout_says(sources, tmp_path):
+    """While the first process writes a checkpoint the others wait in a collective; NCCL gives up after 10 minutes
+    by default, less than writing a large model can take. --dist-timeout sets the wait: 2 s stop the run at the
+    8-second write, the default lets it finish."""
+    model = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
+    corpus = write_corpus(tmp_path / "corpus.txt", documents=80)
+    driver = tmp_path / "driver.py"
+    driver.write_text(SLOW_CHECKPOINT_AT_STEP_4)
+    torchrun = shutil.which("torchrun") or pytest.fail("torchrun not found")
+
+    def run(out: Path, *timeout: str) -> subprocess.CompletedProcess:
+        command = [torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable, str(driver),
+                   "pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus), "--enc-len", "16",
+                   "--dec-len", "16", "--batch-size", "1", "--steps", "6", "--save-every", "2", "--eval-windows", "4",
+                   "--precision", "fp32", *timeout]
+        return subprocess.run(command, capture_output=True, text=True, timeout=150,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    impatient = run(tmp_path / "impatient", "--dist-timeout", "2")
+    said = impatient.stdout + impatient.stderr
+    assert impatient.returncode != 0 and "Timed out waiting 2000ms" in said, said[-3000:]  # gloo's own words
+    patient = run(tmp_path / "patient")
+    assert patient.returncode == 0, (patient.stdout + patient.stderr)[-3000:]
+    assert (tmp_path / "patient" / "model" / "model.safetensors").exists()

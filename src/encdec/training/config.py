@@ -96,6 +96,8 @@ class TrainConfig:
     keep_freed_memory: bool = _f(True, "CPU: keep freed memory in the process (glibc) instead of page-faulting big "
                                  "tensors afresh every step; resident memory stays at the run's peak")
     fsdp: bool = _f(False, "with several processes: shard parameters with FSDP2 (fully_shard per block) instead of DDP")
+    dist_timeout: float = _f(1800.0, "with several processes: seconds one waits for the others (as while the first "
+                             "writes a large checkpoint) before the run stops; NCCL's own default is 600")
 
     def __post_init__(self) -> None:
         """Every value checked before any work starts: the first bad one is the one line the user sees."""
@@ -169,7 +171,7 @@ AT_LEAST_1 = ("enc_len", "batch_size", "grad_accum", "steps", "loss_chunk", "kee
               "save_every", "log_every", "eval_windows", "per_task")
 AT_LEAST_0 = ("window", "eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps",
               "encoder_curriculum_steps", "trim_vocab", "trim_negatives", "teacher_top_k", "seed")
-POSITIVE = ("lr", "tau", "clip")  # and finite
+POSITIVE = ("lr", "tau", "clip", "dist_timeout")  # and finite
 BOUNDED = {"alpha": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, 1.0)}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list of paths"}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -27,7 +28,8 @@ class Dist:
         return self.rank == 0
 
 
-def init() -> Dist:
+def init(timeout: float = 1800.0) -> Dist:
+    """This process's place in the run; `timeout`: seconds a collective waits for the other processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
@@ -36,7 +38,7 @@ def init() -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
     return Dist(dist.get_rank(), world, device)
 
 

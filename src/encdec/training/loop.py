@@ -61,7 +61,7 @@ def _tokens(batch: Batch) -> int:
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model."""
-    d = distributed.init()
+    d = distributed.init(cfg.dist_timeout)
     try:
         with rundir.locked(Path(cfg.out), d, (cfg.model, cfg.teacher)):
             final = _train(cfg, d)
