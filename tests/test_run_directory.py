@@ -353,6 +353,18 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     assert (out / "model.safetensors").read_text() == "the previous version"
 
 
+def test_an_unfinished_output_holding_a_folder_of_its_own_name_is_removed_not_restored(tmp_path):
+    """`encdec classify --out runs/classifier` writes its first fold's classifier to TMP/classifier: killed
+    after that fold, the next write took that folder for the previous output moved aside and put it in place,
+    where the rerun of the command then refused to replace it, hours later."""
+    unfinished = tmp_path / f".classifier.tmp-{DEAD_PID}-abcd1234"
+    (unfinished / "classifier").mkdir(parents=True)
+    (unfinished / "classifier" / "head.safetensors").write_text("fold 0 of an unfinished run")
+    with atomic_dir(tmp_path / "next") as tmp:
+        (tmp / "file").write_text("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["next"]
+
+
 def test_a_failed_rename_puts_the_previous_output_back(tmp_path, monkeypatch):
     """The previous output, moved aside, stayed aside when the new one's rename failed."""
     out = tmp_path / "out"

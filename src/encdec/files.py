@@ -396,9 +396,9 @@ def remove_abandoned_temporaries(parent: Path) -> None:
         match = _TEMPORARY.fullmatch(entry.name)
         if match and entry.is_dir() and match[3] in (None, HOST) and not process_alive(int(match[4])):
             abandoned.append((match[2] == "tmp", entry, match[1]))
-    for _, entry, name in sorted(abandoned):  # the .old- ones first
-        moved_aside = entry / name
-        if moved_aside.exists() and not (parent / name).exists():
+    for unfinished, entry, name in sorted(abandoned):  # the .old- ones first
+        moved_aside = entry / name  # in a .tmp- one, a child of the same name is part of the unfinished output
+        if not unfinished and moved_aside.exists() and not (parent / name).exists():
             log.warning("restoring %s, moved aside by an interrupted write", parent / name)
             os.replace(moved_aside, parent / name)
         log.info("removing %s, left by an interrupted write", entry)
