@@ -243,6 +243,13 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
         return next(line for line in capsys.readouterr().out.splitlines() if "remote code:" in line)
 
     assert "is the file this encdec writes" in said()
+    for name in ("config.json", "tokenizer_config.json"):  # what transformers follows, whatever the file holds
+        original = (out / name).read_text()
+        data = json.loads(original)
+        (out / name).write_text(json.dumps({**data, "auto_map": {**data.get("auto_map", {}), "AutoConfig": "evil.C"}}))
+        assert f"{name} maps to other code than this encdec's" in said() and '"evil.C"' in said()
+        (out / name).write_text(original)
+    assert "is the file this encdec writes" in said()
     remote.write_text(remote.read_text() + "\nimport os\nos.system('echo pwned')\n")
     assert "DIFFERS from the file this encdec writes" in said() and "read it first" in said()
     encdec.save(encdec.load(out), tmp_path / "again", tokenizer_dir=sources["llama"])

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
+
+from encdec.files import read_json
 
 MODELING_FILE = "modeling_encdec.py"
 AUTO_MAP = {"AutoConfig": "modeling_encdec.EncdecHFConfig",
@@ -145,6 +148,11 @@ def modeling_file_line(directory: Path) -> str:
     path = directory / MODELING_FILE
     resave = ("read it first, or load the checkpoint with encdec and save it again (encdec.save(encdec.load(DIR), "
               "NEW) writes this version's file)")
+    for name, expected in (("config.json", AUTO_MAP), ("tokenizer_config.json", None)):  # what transformers follows
+        mapped = read_json(directory / name).get("auto_map") if (directory / name).is_file() else None
+        if mapped != expected:
+            return (f"{name} maps to other code than this encdec's ({json.dumps(mapped)}): transformers would run it "
+                    f"with trust_remote_code=True; {resave}")
     if path.is_symlink():  # transformers copies what the link points to, and runs that
         return (f"{MODELING_FILE} is a symbolic link to {os.readlink(path)}: transformers would run that file with "
                 f"trust_remote_code=True; {resave}")
