@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import safetensors
 import torch
 from test_training import _config, adapted, corpus
 from tiny import make_tokenizer
@@ -143,6 +144,21 @@ def test_a_weight_index_naming_a_file_outside_the_checkpoint_is_refused(adapted,
     assert main(["info", str(handed)]) == 2
     lines = _error_lines(capsys)
     assert len(lines) == 1 and "'../elsewhere.safetensors'; only file names inside" in lines[0], lines
+
+
+def test_a_decoder_only_sources_weight_index_naming_a_file_outside_it_is_refused_before_transformers(sources,
+                                                                                                      tmp_path):
+    """`encdec evaluate` scores a decoder-only source with transformers, which follows an index's paths anywhere."""
+    from encdec.evaluation.scoring import load_scorer
+
+    handed = tmp_path / "handed"
+    shutil.copytree(sources["gemma3"], handed)
+    os.replace(handed / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    names = safetensors.safe_open(tmp_path / "elsewhere.safetensors", "pt").keys()
+    index = {"metadata": {}, "weight_map": {name: str(tmp_path / "elsewhere.safetensors") for name in names}}
+    (handed / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(EncdecError, match="elsewhere.safetensors'; only file names inside"):
+        load_scorer(str(handed))
 
 
 def test_a_pickle_in_the_token_cache_is_not_loaded_but_rebuilt(corpus, tmp_path, capsys):

@@ -85,13 +85,9 @@ def _inside(directory: Path, name: object, listed_in: Path) -> Path:
     return directory / name
 
 
-def read_weights(directory: Path, dtype: torch.dtype | None = None, *, mapped: bool = False) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: model.safetensors, or the shards its index lists.
-
-    Each tensor is read into memory of its own, unless `mapped`: then the tensors point into a memory map of
-    the file (pages read on demand and reclaimable by the kernel, but all of the file's pages that were read
-    stay resident while any of its tensors lives), which suits weights that are copied elsewhere at once
-    (resuming training) and not weights that are kept (`_read_safetensors` says why)."""
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: model.safetensors, or the shards its index lists (each
+    a file of the directory itself, never a path that leads out of it)."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json(index).get("weight_map", {})
@@ -100,14 +96,23 @@ def read_weights(directory: Path, dtype: torch.dtype | None = None, *, mapped: b
         files = sorted({_inside(directory, f, index) for f in weight_map.values()})
         if not files:
             raise EncdecError(f"{index} lists no weight files")
-    elif (directory / "model.safetensors").exists():
-        files = [directory / "model.safetensors"]
-    else:
-        found = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pth")]
-        extra = f" (found {', '.join(found)}: only safetensors weights are read)" if found else ""
-        raise EncdecError(f"{directory} has no model.safetensors or model.safetensors.index.json{extra}")
+        return files
+    if (directory / "model.safetensors").exists():
+        return [directory / "model.safetensors"]
+    found = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pth")]
+    extra = f" (found {', '.join(found)}: only safetensors weights are read)" if found else ""
+    raise EncdecError(f"{directory} has no model.safetensors or model.safetensors.index.json{extra}")
+
+
+def read_weights(directory: Path, dtype: torch.dtype | None = None, *, mapped: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: model.safetensors, or the shards its index lists.
+
+    Each tensor is read into memory of its own, unless `mapped`: then the tensors point into a memory map of
+    the file (pages read on demand and reclaimable by the kernel, but all of the file's pages that were read
+    stay resident while any of its tensors lives), which suits weights that are copied elsewhere at once
+    (resuming training) and not weights that are kept (`_read_safetensors` says why)."""
     weights: dict[str, torch.Tensor] = {}
-    for file in files:
+    for file in weight_files(directory):
         if not file.exists():
             raise EncdecError(f"weight shard {file} is missing")
         try:

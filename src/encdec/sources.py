@@ -25,7 +25,7 @@ import torch
 
 from encdec.config import StackConfig
 from encdec.errors import EncdecError
-from encdec.files import file_identity, read_json, read_weights, reading_config, written
+from encdec.files import file_identity, read_json, read_weights, reading_config, weight_files, written
 from encdec.formats import gguf, remote_code
 from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
@@ -111,6 +111,7 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     refuse_custom_code(directory)
+    weight_files(directory)  # transformers follows an index's paths wherever they lead
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
                                                      use_safetensors=True)
