@@ -410,6 +410,23 @@ def test_training_refuses_an_output_that_holds_its_model(capsys, tmp_path, adapt
     assert (run / "model" / "config.json").exists()
 
 
+def test_training_refuses_an_output_that_holds_the_teacher_its_model_records(capsys, tmp_path, sources):
+    """PrefixLM distills from the source `encdec adapt` recorded, read from outside the checkpoint: `pretrain
+    --overwrite` into the run that holds that source deleted it (after loading it)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("w1 w2 w3 w4 w5 w6 w7 w8 " * 40 + "\n") * 10)
+    run = tmp_path / "run"
+    shutil.copytree(sources["gemma3"], run / "model")  # as a decoder-only run's final model
+    assert main(["adapt", "--encoder", str(run / "model"), "--out", str(tmp_path / "adapted")]) == 0
+    capsys.readouterr()
+    argv = ["pretrain", "--model", str(tmp_path / "adapted"), "--out", str(run), "--overwrite", "--data", str(corpus),
+            "--steps", "1"]
+    assert main(argv) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"holds the input {run / 'model'}" in line
+    assert (run / "model" / "config.json").exists()
+
+
 def test_the_working_directory_is_no_output(capsys, tmp_path, sources, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for out in (".", ".."):

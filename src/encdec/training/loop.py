@@ -29,7 +29,7 @@ from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
 from encdec.training.recipe import check_recipe, drop_frozen_gradients, encoder_lookahead, frozen_parts, idle_settings
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
-from encdec.training.teacher import load_teacher, teacher_spec, wants_distillation
+from encdec.training.teacher import load_teacher, recorded_source, teacher_spec, wants_distillation
 from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore_unknown_targets, trim_teacher
 
 log = logging.getLogger("encdec")
@@ -63,7 +63,10 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model."""
     d = distributed.init(cfg.dist_timeout)
     try:
-        with rundir.locked(Path(cfg.out), d, (cfg.model, cfg.teacher)):
+        # the teacher a checkpoint records is an input too, when it may distill (--overwrite must not delete it)
+        distills = cfg.objective == "prefixlm" and cfg.distill is not False
+        teacher = cfg.teacher or (recorded_source(Path(cfg.model)) if distills else "")
+        with rundir.locked(Path(cfg.out), d, (cfg.model, teacher)):
             final = _train(cfg, d)
         distributed.barrier(d)  # nobody tears the group down while rank 0 still writes the final model
         return final

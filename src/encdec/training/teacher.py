@@ -23,16 +23,21 @@ def wants_distillation(distill: bool | None, objective: str, teacher: str, model
         return distill
     if objective != "prefixlm":
         return False
-    if teacher or causal or (read_metadata(model_dir).get("adapted_from") or {}).get("encoder"):
+    if teacher or causal or recorded_source(model_dir):
         return True
     log.info("no distillation: %s records no source model (--teacher SRC distils from one)", model_dir)
     return False
 
 
+def recorded_source(model_dir: Path) -> str:
+    """The decoder-only source `encdec adapt` recorded in the checkpoint ("" when none): the default teacher."""
+    return (read_metadata(model_dir).get("adapted_from") or {}).get("encoder") or ""
+
+
 def teacher_spec(model_dir: Path, given: str) -> str:
     if given:
         return given
-    spec = (read_metadata(model_dir).get("adapted_from") or {}).get("encoder")
+    spec = recorded_source(model_dir)
     if not spec:
         raise EncdecError(f"{model_dir} does not record its source model; pass --teacher SRC")
     # a path or Hub name from the checkpoint's own metadata: said aloud, since it is read from outside the checkpoint
