@@ -583,3 +583,21 @@ def test_quickstart_overwrite_without_training_leaves_no_earlier_training(capsys
     (out / "pretrain" / "metrics.jsonl").write_text("{}\n")
     assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapted"]
+
+
+def test_quickstart_overwrite_without_training_leaves_a_live_run_alone(capsys, tmp_path, sources, monkeypatch):
+    """...but not while a quickstart still trains there: its run directory is locked."""
+    import fcntl
+
+    import encdec.quickstart
+
+    monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--out", str(out), "--steps", "1", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    with (out / "pretrain" / ".encdec.lock").open("a") as held:  # as the training process holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"{out / 'pretrain'} is being written by" in line
+    assert (out / "pretrain" / "model" / "config.json").exists() and (out / "pretrain" / "checkpoints").is_dir()

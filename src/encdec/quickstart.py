@@ -20,7 +20,9 @@ from encdec.model import EncoderDecoder
 from encdec.report import describe, parameter_table
 from encdec.sources import load_source, load_tokenizer, transformers_causal_lm
 from encdec.training.config import TrainConfig
+from encdec.training.distributed import Dist
 from encdec.training.loop import train
+from encdec.training.rundir import LOCK, locked
 from encdec.training.vocab import always_kept, check_trim_size
 
 SOURCE = "gemma-3-270m"
@@ -80,7 +82,13 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
     del model, reference
 
     if not steps and run_dir.exists():  # --overwrite: no earlier run's training stays beside the new model
-        shutil.rmtree(run_dir)
+        with locked(run_dir, Dist()):  # refused while a run trains there
+            for entry in run_dir.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                elif entry.name != LOCK:
+                    entry.unlink()
+        run_dir.rmdir()
     if steps:
         cfg = TrainConfig(model=str(adapted_dir), out=str(run_dir), distill=True, steps=steps, enc_len=64, dec_len=64,
                           batch_size=4, warmup_steps=max(1, steps // 10), eval_every=0, eval_windows=16,
