@@ -184,6 +184,11 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ("So the answer is -.25.", "-0.25"),
     ("Version 1.2.3", "3"),  # not 0.3: a point after a digit or a letter begins no number
     ("saved as apples.2", "2"),
+    ("She has 23 - 15", "15"),  # a subtraction, not -15
+    ("children aged 3-5", "5"),
+    ("(4)-2", "2"),
+    ("It fell to -$3", "-3"),
+    ("x = -7", "-7"),
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 import string
 
-# ".5" too, read as 0.5, where the point follows no letter, digit or point (not the ".3" of "1.2.3" or "file.2")
-NUMBER = re.compile(r"-?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
+# ".5" too, read as 0.5, where the point follows no letter, digit or point (not the ".3" of "1.2.3" or "file.2");
+# a minus sign only where it touches the number and follows no word or bracket ("23 - 15", "3-5" end on 15 and 5)
+NUMBER = re.compile(r"(?:(?<![\w)\]])-(?=[$\d.]))?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
 ANSWER_IS = re.compile(r"answer is\s*:?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)
 
 
