@@ -17,6 +17,7 @@ import torch
 from test_training import _config, _metrics, adapted, corpus
 from tiny import make_tokenizer
 
+from encdec.checkpoint import read_metadata
 from encdec.cli import main
 from encdec.data.tokens import token_stream
 from encdec.errors import EncdecError
@@ -293,6 +294,19 @@ def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted,
     assert [r["loss"] for r in _metrics(damaged)] == [r["loss"] for r in _metrics(straight)]
     assert not leftover.exists()
     assert _all_finite(checkpointing.checkpoints(damaged)[-1])
+
+
+def test_a_damaged_checkpoint_past_a_shorter_resumed_run_is_neither_kept_nor_averaged(adapted, corpus, tmp_path):
+    """An earlier attempt's step-4, skipped as damaged, counted as the newest scheduled checkpoint of a run resumed
+    to 3 steps: --keep-last 1 deleted the good step-2 for it, and the final model took its weights."""
+    out = tmp_path / "run"
+    loop.train(_config(adapted, out, corpus, steps=4, save_every=2, eval_every=0))
+    (out / "checkpoints" / "step-000004" / "trainer.json").write_text('{"format": "encdec-train-state", "vers')
+    setup()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--save-every", "2", "--eval-every", "0",
+                               "--keep-last", "1", "--resume")) == 0
+    assert read_metadata(out / "model")["pretrained"]["averaged_checkpoints"] == ["step-000003"]
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000003"]
 
 
 def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, tmp_path, capsys):
