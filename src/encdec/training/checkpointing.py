@@ -55,7 +55,8 @@ def scheduled(out: Path, save_every: int, steps: int) -> list[Path]:
     that --keep-last keeps and --average-last averages. A checkpoint written because the run was stopped is not
     one of them, so that a stopped and resumed run keeps and averages what an uninterrupted one does; nor is one
     past `steps`, left by an earlier, longer attempt that resuming skipped as damaged."""
-    return [p for p in checkpoints(out) if step_of(p) <= steps and (step_of(p) % save_every == 0 or step_of(p) == steps)]
+    return [p for p in checkpoints(out)
+            if step_of(p) <= steps and (step_of(p) % save_every == 0 or step_of(p) == steps)]
 
 
 def _not_finite(tensors: dict[str, torch.Tensor]) -> str | None:
