@@ -110,6 +110,9 @@ def test_a_decoder_prefix_is_read_after_bos_and_not_returned(model):
     log-probabilities gets them for the tokens it generated only."""
     ids, mask = _prompts()
     prefix = [7, 9]
+    sampled = {"do_sample": True, "temperature": 0.8, "seed": 3}  # the prefix's steps draw nothing from the stream
+    for_both = {"max_new_tokens": 6, "eos_token_ids": [-1], "decoder_prefix": prefix, **sampled}
+    assert torch.equal(model.generate(ids, mask, **for_both), model.generate(ids, mask, use_cache=False, **for_both))
     cached = model.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1], decoder_prefix=prefix)
     assert cached.shape == (3, 6)
     assert torch.equal(cached, model.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1], decoder_prefix=prefix,

@@ -23,7 +23,7 @@ batched engine.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -261,9 +261,9 @@ class Engine:
         seen = max(r.decoded for r in self.rows) + 1  # decoder positions any row has, this one included
         self._grow_self(seen)
         hidden = self.hidden(n, seen, max(self.encoder_lengths[:n]))
-        chosen, logits = self._choose(hidden)
         forced = {slot: r.decoder_prefix[r.prefix_read] for slot, r in enumerate(self.rows)
                   if r.prefix_read < len(r.decoder_prefix)}
+        chosen, logits = self._choose(hidden, forced.keys())
         if forced:
             chosen = chosen.index_put((torch.tensor(list(forced), device=self.device),),
                                       torch.tensor(list(forced.values()), device=self.device))
@@ -288,16 +288,17 @@ class Engine:
             self._remove(slot)
         return emitted
 
-    def _choose(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _choose(self, hidden: torch.Tensor, forced: Collection[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each live row's next token: a batch of plain greedy rows (no penalties or biases) through the head's
         low-precision screen where it has one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32
-        logit (returned too)."""
+        logit (returned too); `forced` rows (reading a decoder prefix) are not sampled."""
         settings = [r.sampling for r in self.rows]
         head = self.model.lm_head
         if isinstance(head, ScreenedHead) and not any(s.do_sample or s.adjusts for s in settings):
             return head.greedy(hidden.float(), self.model.config.final_logit_softcap), None
         logits = self.model.logits(hidden).float()
-        return pick_tokens(logits, settings, [r.generator for r in self.rows], [r.tokens for r in self.rows]), logits
+        return (pick_tokens(logits, settings, [r.generator for r in self.rows], [r.tokens for r in self.rows], forced),
+                logits)
 
     def _logprobs(self, hidden: torch.Tensor, chosen: torch.Tensor, logits: torch.Tensor | None,
                   forced: set[int]) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -130,15 +131,16 @@ def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 def pick_tokens(
     logits: torch.Tensor, settings: list[Sampling], generators: list[torch.Generator | None],
-    generated: list[list[int]],
+    generated: list[list[int]], forced: Collection[int] = (),
 ) -> torch.Tensor:
     """One token per row of float logits [B, V] (each row's `generated` tokens so far for its penalties): greedy
-    rows by one argmax, sampling rows each from its own stream."""
+    rows by one argmax, sampling rows each from its own stream. `forced`: rows whose token is set instead (a
+    decoder prefix being read), which draw nothing: a seeded stream's first draw is its first generated token's."""
     if any(s.adjusts for s in settings):
         logits = torch.stack([s.adjust(row, done) for row, s, done in zip(logits, settings, generated)])
     chosen = logits.argmax(-1)
     for row, (s, gen) in enumerate(zip(settings, generators)):
-        if s.do_sample:
+        if s.do_sample and row not in forced:
             probs = torch.softmax(filtered_logits(logits[row], s.temperature, s.top_k, s.top_p), dim=-1)
             chosen[row] = torch.multinomial(probs, 1, generator=gen)[0]
     return chosen
