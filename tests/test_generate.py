@@ -104,6 +104,19 @@ def test_cached_equals_uncached(model, sampling):
     assert torch.equal(cached, uncached)
 
 
+def test_as_many_new_tokens_as_the_decoder_has_positions(model):
+    """The decoder reads BOS and every new token but the last: a decoder of L positions writes L tokens, one more
+    than `generate` and `serve` allowed (a decoder prefix takes positions of its own)."""
+    limit = model.config.decoder.max_positions
+    ids, mask = _prompts()
+    cached = model.generate(ids[:1], mask[:1], max_new_tokens=limit, eos_token_ids=[-1])
+    assert cached.shape == (1, limit)
+    assert torch.equal(cached, model.generate(ids[:1], mask[:1], max_new_tokens=limit, eos_token_ids=[-1],
+                                              use_cache=False))
+    with pytest.raises(EncdecError, match=f"at most {limit - 2} new tokens"):
+        model.generate(ids[:1], mask[:1], max_new_tokens=limit - 1, eos_token_ids=[-1], decoder_prefix=[7, 9])
+
+
 def test_a_decoder_prefix_is_read_after_bos_and_not_returned(model):
     """A UL2-pretrained model's sentinel (`decoder_prefix`): the engine reads it after BOS before generating, as the
     uncached path and teacher forcing do; it is neither returned nor counted in the budget, and a row asking for

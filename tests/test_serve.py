@@ -1159,9 +1159,9 @@ def test_the_limits_never_exceed_the_models_positions(checkpoint, monkeypatch, c
     monkeypatch.setattr(app, "serve", lambda model, tokenizer, settings, host, port: started.append(settings))
     setup()
     assert main(["serve", str(checkpoint), "--max-input-tokens", "1000", "--max-new-tokens", "900"]) == 0
-    assert (started[0].limits.max_input_tokens, started[0].limits.max_new_tokens) == (256, 255)
+    assert (started[0].limits.max_input_tokens, started[0].limits.max_new_tokens) == (256, 256)
     err = capsys.readouterr().err
-    assert "prompts are limited to 256 tokens" in err and "answers are limited to 255 tokens" in err
+    assert "prompts are limited to 256 tokens" in err and "answers are limited to 256 tokens" in err
     assert main(["serve", str(checkpoint), "--max-input-tokens", "24", "--max-new-tokens", "8"]) == 0
     assert (started[1].limits.max_input_tokens, started[1].limits.max_new_tokens) == (24, 8)
 

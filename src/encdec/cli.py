@@ -247,10 +247,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log.warning("--max-input-tokens %d: this model's encoder reads at most %d positions; prompts are limited to "
                     "%d tokens", max_input, reads, reads)
         max_input = reads
-    if writes is not None and max_new > writes - 1:
+    if writes is not None and max_new > writes:  # BOS and the new tokens but the last take the positions
         log.warning("--max-new-tokens %d: this model's decoder reads at most %d positions; answers are limited to %d "
-                    "tokens", max_new, writes, writes - 1)
-        max_new = writes - 1
+                    "tokens", max_new, writes + len(framing.decoder), writes)
+        max_new = writes
     settings = Settings(model_id=args.served_model_name or str(args.model), max_batch=args.max_batch,
                         max_queue=args.max_queue,
                         limits=Limits(max_input, max_new), pooling=args.pooling,

@@ -41,10 +41,10 @@ def check_positions(prompt_tokens: int, max_new_tokens: int, cfg: EncDecConfig, 
         place = f"{where}: " if where else ""
         raise EncdecError(f"{place}the prompt has {prompt_tokens} tokens; this model reads at most {limit} "
                           "(its source's max_position_embeddings): shorten the prompt")
-    limit = cfg.decoder.max_positions
-    if limit is not None and max_new_tokens + 1 + prefix > limit:
+    limit = cfg.decoder.max_positions  # it reads BOS, the prefix and every new token but the last
+    if limit is not None and max_new_tokens + prefix > limit:
         raise EncdecError(f"--max-new-tokens {max_new_tokens}: this model's decoder reads at most {limit} positions, "
-                          f"so at most {limit - 1 - prefix} new tokens")
+                          f"so at most {limit - prefix} new tokens")
 
 
 def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -134,6 +134,8 @@ def generate(
     if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:
         raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask "
                           "is all 0): every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
+    longest = input_ids.shape[1] if attention_mask is None else int(attention_mask.sum(1).max())
+    check_positions(longest, max_new_tokens, cfg, prefix=len(decoder_prefix))
     eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else
                     [eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
     rows = [Row(max_new_tokens, eos, sampling, decoder_prefix=tuple(decoder_prefix)) for _ in range(input_ids.shape[0])]
