@@ -107,6 +107,38 @@ def test_missing_weights(capsys, tmp_path, sources):
     assert "lacks 1 weight(s) such as model.layers.1.mlp.up_proj.weight" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
+def test_weights_a_source_has_no_place_for_are_one_line(capsys, tmp_path, sources):
+    """They reached the strict load_state_dict, whose RuntimeError named neither the checkpoint nor the cause."""
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "extra"
+    shutil.copytree(sources["gemma3"], src)
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.layers.0.mlp.gate_proj.bias"] = torch.zeros(48)
+    save_file(weights, str(src / "model.safetensors"))
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "has 1 weight(s) a gemma3 model of its config.json has no place for, such as " \
+           "model.layers.0.mlp.gate_proj.bias" in line
+
+
+def test_the_rope_frequencies_older_llama_checkpoints_saved_are_dropped(tmp_path, sources):
+    """Llama 2 checkpoints hold each layer's rotary_emb.inv_freq buffer, which the config gives."""
+    from safetensors.torch import load_file, save_file
+
+    import encdec
+
+    src = tmp_path / "llama2-style"
+    shutil.copytree(sources["llama"], src)
+    weights = load_file(str(src / "model.safetensors"))
+    layers = {int(name.split(".")[2]) for name in weights if name.startswith("model.layers.")}
+    for i in layers:
+        weights[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(weights, str(src / "model.safetensors"))
+    adapted = encdec.adapt(encdec.load_source(str(src))).state_dict()
+    plain = encdec.adapt(encdec.load_source(str(sources["llama"]))).state_dict()
+    assert adapted.keys() == plain.keys() and all(torch.equal(adapted[k], plain[k]) for k in plain)
+
+
 @pytest.mark.usefixtures("own_cache")
 def test_mixture_of_experts_gguf(capsys, tmp_path):
     src = _gguf(tmp_path / "qwen3moe.gguf", "qwen3moe")

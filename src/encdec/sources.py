@@ -139,6 +139,10 @@ def _check_shapes(weights: dict[str, torch.Tensor], config: SourceConfig, direct
     if missing:
         raise EncdecError(f"{directory} lacks {len(missing)} weight(s) such as {missing[0]}; "
                           f"truncated or not a {config.family} checkpoint?")
+    unexpected = sorted(n for n in weights if n not in expected)
+    if unexpected:  # a strict load would fail on them later, naming nothing
+        raise EncdecError(f"{directory} has {len(unexpected)} weight(s) a {config.family} model of its config.json has "
+                          f"no place for, such as {unexpected[0]}; a variant of the family encdec does not read?")
     vocab = weights[EMBED].shape[0]
     for name, shape in expected.items():
         found = tuple(weights[name].shape)

@@ -18,6 +18,7 @@ from encdec.errors import EncdecError
 
 EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 LAYERS = "model.layers."
+ROPE_BUFFER = ".rotary_emb.inv_freq"  # saved by older transformers (Llama 2 checkpoints), recomputed from the config
 
 
 @dataclass
@@ -56,11 +57,12 @@ def special_tokens(cfg: dict[str, Any], default_pad: int | None = None) -> dict[
 def text_weights(weights: dict[str, torch.Tensor], tied_head: bool, prefixes: tuple[str, ...],
                  not_text: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The text decoder's tensors (names under `prefixes`, none under `not_text`) renamed to `model.*`, and an
-    untied LM head; anything else (a vision tower) is dropped."""
+    untied LM head; anything else (a vision tower, the RoPE frequencies older Llama checkpoints saved, which the
+    configuration gives) is dropped."""
     out = {} if tied_head or HEAD not in weights else {HEAD: weights[HEAD]}
     for name, t in weights.items():
         prefix = next((p for p in prefixes if name.startswith(p)), None)
-        if prefix is not None and not name.startswith(not_text):
+        if prefix is not None and not name.startswith(not_text) and not name.endswith(ROPE_BUFFER):
             out["model." + name[len(prefix):]] = t
     return out
 
