@@ -496,6 +496,18 @@ def test_the_framing_is_the_format_the_objective_trains(mixture):
         assert framing == Framing(before=(102,))  # <unused2>: "[S2S]"
 
 
+@pytest.mark.parametrize("mixture", ["t5gemma2", "ul2"])
+def test_a_window_starting_at_its_documents_bos_reads_one_bos_first(mixture):
+    """UL2's mode token went before such a window's BOS, and a BOS was added before it: [BOS, mode, BOS, text], a
+    start no served prompt has (`Framing.prompt` gives [BOS, mode, text])."""
+    make = example_maker("ul2", eos_id=EOS, vocab=GEMMA_LIKE, enc_len=64, dec_len=64, bos_id=BOS, mixture=mixture)
+    window = [BOS, *range(1000, 1063)]
+    for seed in range(60):
+        example = make(window, np.random.default_rng(seed))
+        assert example.inputs[0] == BOS and example.inputs.count(BOS) == 1, example.inputs[:4]
+        assert len(example.inputs) <= 64 and len(example.targets) <= 64
+
+
 def test_a_model_reads_plainly_unless_ul2_was_its_last_training():
     ul2 = {"pretrained": {"objective": "ul2", "settings": {"mixture": "t5gemma2"}}}
     assert trained_framing(ul2, GEMMA_LIKE) == Framing(after=(103,), decoder=(103,))

@@ -89,9 +89,16 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
     if bos_id is None:
         return make
 
+    modes = set(mode_ids.values()) if objective != "prefixlm" else set()
+
     def make_with_bos(window: Sequence[int], rng: np.random.Generator) -> Example:
         example = make(window, rng)
-        return example if example.inputs[0] == bos_id else Example([bos_id, *example.inputs], example.targets)
+        inputs = example.inputs
+        if inputs[0] == bos_id:
+            return example
+        if len(inputs) > 1 and inputs[0] in modes and inputs[1] == bos_id:  # a document's own BOS after UL2's mode
+            return Example([bos_id, inputs[0], *inputs[2:]], example.targets)  # token: first, as a prompt is served
+        return Example([bos_id, *inputs], example.targets)
 
     return make_with_bos
 
