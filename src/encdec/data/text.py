@@ -146,14 +146,16 @@ def _hub(name: str, field: str, limit: int | None) -> Iterator[str]:
     dataset, _, config = name.partition(":")
     try:
         stream = datasets.load_dataset(dataset, config or None, split="train", streaming=True)
+        documents = 0  # `limit` counts documents, not the blank records skipped among them
         for count, record in enumerate(stream):
-            if limit is not None and count >= limit:
+            if limit is not None and documents >= limit:
                 return
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise EncdecError(f"hf:{name}, record {count}: no string field {field!r} (use --text-field to name "
                                   "another)")
             if text.strip():
+                documents += 1
                 yield text
     except EncdecError:
         raise
