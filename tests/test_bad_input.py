@@ -107,6 +107,16 @@ def test_missing_weights(capsys, tmp_path, sources):
     assert "lacks 1 weight(s) such as model.layers.1.mlp.up_proj.weight" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
+def test_a_bidirectional_gemma_is_no_source(capsys, tmp_path, sources):
+    """EmbeddingGemma's config is a Gemma 3 text config with use_bidirectional_attention: read as causal before."""
+    src = tmp_path / "embedding-gemma"
+    shutil.copytree(sources["gemma3"], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "use_bidirectional_attention": True}))
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "is a bidirectional Gemma (use_bidirectional_attention: an embedding model), not a language model" in line
+
+
 def test_weights_a_source_has_no_place_for_are_one_line(capsys, tmp_path, sources):
     """They reached the strict load_state_dict, whose RuntimeError named neither the checkpoint nor the cause."""
     from safetensors.torch import load_file, save_file

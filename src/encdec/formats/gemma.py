@@ -168,6 +168,9 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
         outer = {k: v for k in SPECIAL_IDS if (v := cfg.get(k)) is not None}
         cfg = cfg["text_config"]
     cfg = with_defaults(cfg, family)
+    if cfg.get("use_bidirectional_attention"):  # EmbeddingGemma: read as causal, every layer would be misread
+        raise EncdecError(f"{where} is a bidirectional Gemma (use_bidirectional_attention: an embedding model), not "
+                          "a language model; accepted: decoder-only (causal) Gemma checkpoints")
     if cfg.get("tie_word_embeddings") is False:  # every released Gemma ties them; read as tied, its head was lost
         raise EncdecError(f"{where} is a Gemma with an LM head of its own (tie_word_embeddings: false), which encdec "
                           "does not adapt; accepted: Gemma checkpoints whose LM head is the embedding, as released")
