@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -301,6 +303,17 @@ def test_finetune_help_speaks_of_instructions(capsys):
         build_parser().parse_args(["finetune", "--help"])
     data = capsys.readouterr().out.split("--data PATH")[-1].split("\n  --")[0]
     assert ".jsonl" in data and "corpus:" not in data and "Natural-Instructions" in data
+
+
+def test_version_names_encdec_torch_and_transformers():
+    """`encdec --version` runs as a command of its own (no sub-command needed), as accelerate's and pip's do."""
+    from importlib.metadata import version
+
+    result = subprocess.run([sys.executable, "-m", "encdec.cli", "--version"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (f"encdec {version('encdec')} (torch {version('torch')}, transformers "
+                                     f"{version('transformers')})")
 
 
 def test_negative_numbers_in_scientific_notation_are_values():

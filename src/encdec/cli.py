@@ -398,6 +398,15 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
                         "1.07x, not worth it (docs/benchmarks.md)")
 
 
+def _versions() -> str:
+    """What a bug report needs: this package's version and those of the two libraries it builds on."""
+    from importlib.metadata import version
+
+    from encdec import __version__
+
+    return f"{__version__} (torch {version('torch')}, transformers {version('transformers')})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="encdec", formatter_class=_formatter,
@@ -405,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(T5Gemma / T5Gemma 2 method).",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"encdec {_versions()}",
+                        help="encdec's version, with those of torch and transformers")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("adapt", formatter_class=_formatter, help="build an encoder-decoder from decoder-only checkpoints",
