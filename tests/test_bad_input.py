@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,14 +97,19 @@ def test_truncated_safetensors(capsys, tmp_path, sources):
     assert "truncated or corrupt" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
-def test_missing_weights(capsys, tmp_path, sources):
+def _with_weights(source: Path, src: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:
+    """A copy of `source` at `src` whose weights `edit` changed in place."""
     from safetensors.torch import load_file, save_file
 
-    src = tmp_path / "partial"
-    shutil.copytree(sources["gemma3"], src)
+    shutil.copytree(source, src)
     weights = load_file(str(src / "model.safetensors"))
-    weights.pop("model.layers.1.mlp.up_proj.weight")
+    edit(weights)
     save_file(weights, str(src / "model.safetensors"))
+    return src
+
+
+def test_missing_weights(capsys, tmp_path, sources):
+    src = _with_weights(sources["gemma3"], tmp_path / "partial", lambda w: w.pop("model.layers.1.mlp.up_proj.weight"))
     assert "lacks 1 weight(s) such as model.layers.1.mlp.up_proj.weight" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
@@ -119,13 +125,8 @@ def test_a_bidirectional_gemma_is_no_source(capsys, tmp_path, sources):
 
 def test_weights_a_source_has_no_place_for_are_one_line(capsys, tmp_path, sources):
     """They reached the strict load_state_dict, whose RuntimeError named neither the checkpoint nor the cause."""
-    from safetensors.torch import load_file, save_file
-
-    src = tmp_path / "extra"
-    shutil.copytree(sources["gemma3"], src)
-    weights = load_file(str(src / "model.safetensors"))
-    weights["model.layers.0.mlp.gate_proj.bias"] = torch.zeros(48)
-    save_file(weights, str(src / "model.safetensors"))
+    src = _with_weights(sources["gemma3"], tmp_path / "extra",
+                        lambda w: w.update({"model.layers.0.mlp.gate_proj.bias": torch.zeros(48)}))
     line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
     assert "has 1 weight(s) a gemma3 model of its config.json has no place for, such as " \
            "model.layers.0.mlp.gate_proj.bias" in line
@@ -133,17 +134,13 @@ def test_weights_a_source_has_no_place_for_are_one_line(capsys, tmp_path, source
 
 def test_the_rope_frequencies_older_llama_checkpoints_saved_are_dropped(tmp_path, sources):
     """Llama 2 checkpoints hold each layer's rotary_emb.inv_freq buffer, which the config gives."""
-    from safetensors.torch import load_file, save_file
-
     import encdec
 
-    src = tmp_path / "llama2-style"
-    shutil.copytree(sources["llama"], src)
-    weights = load_file(str(src / "model.safetensors"))
-    layers = {int(name.split(".")[2]) for name in weights if name.startswith("model.layers.")}
-    for i in layers:
-        weights[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
-    save_file(weights, str(src / "model.safetensors"))
+    def add_buffers(weights: dict[str, torch.Tensor]) -> None:
+        layers = {int(name.split(".")[2]) for name in weights if name.startswith("model.layers.")}
+        weights.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in layers})
+
+    src = _with_weights(sources["llama"], tmp_path / "llama2-style", add_buffers)
     adapted = encdec.adapt(encdec.load_source(str(src))).state_dict()
     plain = encdec.adapt(encdec.load_source(str(sources["llama"]))).state_dict()
     assert adapted.keys() == plain.keys() and all(torch.equal(adapted[k], plain[k]) for k in plain)
@@ -240,26 +237,17 @@ def test_output_under_a_file(capsys, tmp_path, sources):
 
 
 def test_source_tensor_of_the_wrong_shape(capsys, tmp_path, sources):
-    from safetensors.torch import load_file, save_file
-
-    src = tmp_path / "reshaped"
-    shutil.copytree(sources["gemma3"], src)
-    weights = load_file(str(src / "model.safetensors"))
-    weights["model.layers.2.self_attn.k_proj.weight"] = weights["model.layers.2.self_attn.k_proj.weight"][:8].clone()
-    save_file(weights, str(src / "model.safetensors"))
+    name = "model.layers.2.self_attn.k_proj.weight"
+    src = _with_weights(sources["gemma3"], tmp_path / "reshaped", lambda w: w.update({name: w[name][:8].clone()}))
     line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
     assert "tensor model.layers.2.self_attn.k_proj.weight has shape 8x32, config.json implies 16x32" in line
 
 
 def test_an_untied_head_of_another_vocabulary_than_the_embedding(capsys, tmp_path, sources):
     """The head's rows were not compared with the embedding's: adapting crashed in load_state_dict."""
-    from safetensors.torch import load_file, save_file
-
-    src = tmp_path / "head"
-    shutil.copytree(sources["llama"], src)
-    weights = load_file(str(src / "model.safetensors"))
-    weights["lm_head.weight"] = torch.cat([weights["lm_head.weight"], weights["lm_head.weight"][:4]])
-    save_file(weights, str(src / "model.safetensors"))
+    head = "lm_head.weight"
+    src = _with_weights(sources["llama"], tmp_path / "head",
+                        lambda w: w.update({head: torch.cat([w[head], w[head][:4]])}))
     line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
     assert "tensor lm_head.weight has shape 100x32, the embedding table implies 96x32" in line
 

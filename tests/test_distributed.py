@@ -156,6 +156,30 @@ def test_every_item_is_shared_out_once_and_every_process_makes_the_same_passes()
             assert sorted(i for s in shares for i in s if i is not None) == list(range(n))
 
 
+def _tiny_run_inputs(sources, tmp_path: Path) -> tuple[Path, Path]:
+    """An adapted tiny model and a corpus for two-process runs."""
+    model = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
+    return model, write_corpus(tmp_path / "corpus.txt", documents=80)
+
+
+def _pretrain_args(model: Path, corpus: Path, out: Path) -> list[str]:
+    return ["pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus), "--enc-len", "16",
+            "--dec-len", "16", "--batch-size", "1", "--save-every", "2", "--eval-windows", "4", "--precision", "fp32"]
+
+
+def _two_processes_with(driver: str, tmp_path: Path, args: list[str]) -> tuple[int, str]:
+    """`args` run by the script `driver` (encdec's main, something patched first) as 2 processes under torchrun:
+    the exit status and everything both printed."""
+    path = tmp_path / "driver.py"
+    path.write_text(driver)
+    torchrun = shutil.which("torchrun") or pytest.fail("torchrun not found")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable,
+                             str(path), *args], capture_output=True, text=True, timeout=150,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return result.returncode, result.stdout + result.stderr
+
+
 DISK_FULL_AT_STEP_4 = """
 import sys
 
@@ -180,21 +204,11 @@ def test_a_checkpoint_the_first_process_cannot_write_stops_both_with_one_line(so
     """Only the first process holds the gathered state and writes it: a full disk (or a weight gone NaN) stopped it
     alone, and the other went on into the next step's collectives, where it failed with gloo's traceback (or, on
     NCCL, waited until torchrun killed it). Both now stop with the same line, and the last good checkpoint stays."""
-    model = tmp_path / "model"
-    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
-    corpus = write_corpus(tmp_path / "corpus.txt", documents=80)
-    driver = tmp_path / "driver.py"
-    driver.write_text(DISK_FULL_AT_STEP_4)
-    torchrun = shutil.which("torchrun") or pytest.fail("torchrun not found")
+    model, corpus = _tiny_run_inputs(sources, tmp_path)
     out = tmp_path / "run"
-    command = [torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable, str(driver),
-               "pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus), "--enc-len", "16",
-               "--dec-len", "16", "--batch-size", "1", "--steps", "8", "--save-every", "2", "--eval-windows", "4",
-               "--precision", "fp32"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=150,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    said = result.stdout + result.stderr
-    assert result.returncode != 0
+    returncode, said = _two_processes_with(DISK_FULL_AT_STEP_4, tmp_path, [*_pretrain_args(model, corpus, out),
+                                                                          "--steps", "8"])
+    assert returncode != 0
     # the two processes' lines may reach the pipe run together: counted in the whole output
     assert said.count("could not write the checkpoint of step 4") == 2, said[-3000:]
     assert said.count("No space left on device); stopped (the last good checkpoint is") == 2
@@ -218,22 +232,13 @@ sys.exit(main(sys.argv[1:]))
 def test_processes_that_find_different_checkpoints_refuse_to_resume(sources, tmp_path):
     """Each process reads --out itself: on machines that do not share it, one resumed at step 4 and the other
     started afresh, their loops of different lengths (a hang at the end) and their weights apart."""
-    model = tmp_path / "model"
-    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
-    corpus = write_corpus(tmp_path / "corpus.txt", documents=80)
+    model, corpus = _tiny_run_inputs(sources, tmp_path)
     out = tmp_path / "run"
-    common = ["pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus), "--enc-len", "16",
-              "--dec-len", "16", "--batch-size", "1", "--save-every", "2", "--eval-windows", "4", "--precision", "fp32"]
-    assert main([*common, "--steps", "4"]) == 0
-    driver = tmp_path / "driver.py"
-    driver.write_text(NO_CHECKPOINT_ON_RANK_1)
-    torchrun = shutil.which("torchrun") or pytest.fail("torchrun not found")
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable,
-                             str(driver), *common, "--steps", "6", "--resume"], capture_output=True, text=True,
-                            timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    said = result.stdout + result.stderr
+    assert main([*_pretrain_args(model, corpus, out), "--steps", "4"]) == 0
+    returncode, said = _two_processes_with(NO_CHECKPOINT_ON_RANK_1, tmp_path, [*_pretrain_args(model, corpus, out),
+                                                                              "--steps", "6", "--resume"])
     # the two processes' lines may reach the pipe run together: counted in the whole output
-    assert result.returncode != 0 and said.count("found different checkpoints to resume") == 2, said[-3000:]
+    assert returncode != 0 and said.count("found different checkpoints to resume") == 2, said[-3000:]
     assert "(this one: " + str(out / "checkpoints" / "step-000004") + ")" in said and "(this one: none)" in said
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
 
@@ -263,24 +268,14 @@ def test_the_others_wait_for_a_slow_checkpoint_as_long_as_dist_timeout_says(sour
     """While the first process writes a checkpoint the others wait in a collective; NCCL gives up after 10 minutes
     by default, less than writing a large model can take. --dist-timeout sets the wait: 2 s stop the run at the
     8-second write, the default lets it finish."""
-    model = tmp_path / "model"
-    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
-    corpus = write_corpus(tmp_path / "corpus.txt", documents=80)
-    driver = tmp_path / "driver.py"
-    driver.write_text(SLOW_CHECKPOINT_AT_STEP_4)
-    torchrun = shutil.which("torchrun") or pytest.fail("torchrun not found")
+    model, corpus = _tiny_run_inputs(sources, tmp_path)
 
-    def run(out: Path, *timeout: str) -> subprocess.CompletedProcess:
-        command = [torchrun, "--standalone", "--nproc_per_node", "2", "--no-python", sys.executable, str(driver),
-                   "pretrain", "--model", str(model), "--out", str(out), "--data", str(corpus), "--enc-len", "16",
-                   "--dec-len", "16", "--batch-size", "1", "--steps", "6", "--save-every", "2", "--eval-windows", "4",
-                   "--precision", "fp32", *timeout]
-        return subprocess.run(command, capture_output=True, text=True, timeout=150,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    def run(out: Path, *timeout: str) -> tuple[int, str]:
+        args = [*_pretrain_args(model, corpus, out), "--steps", "6", *timeout]
+        return _two_processes_with(SLOW_CHECKPOINT_AT_STEP_4, tmp_path, args)
 
-    impatient = run(tmp_path / "impatient", "--dist-timeout", "2")
-    said = impatient.stdout + impatient.stderr
-    assert impatient.returncode != 0 and "Timed out waiting 2000ms" in said, said[-3000:]  # gloo's own words
-    patient = run(tmp_path / "patient")
-    assert patient.returncode == 0, (patient.stdout + patient.stderr)[-3000:]
+    returncode, said = run(tmp_path / "impatient", "--dist-timeout", "2")
+    assert returncode != 0 and "Timed out waiting 2000ms" in said, said[-3000:]  # gloo's own words
+    returncode, said = run(tmp_path / "patient")
+    assert returncode == 0, said[-3000:]
     assert (tmp_path / "patient" / "model" / "model.safetensors").exists()
