@@ -17,6 +17,7 @@ from torch import nn
 
 import encdec
 from encdec.errors import EncdecError
+from encdec.generate import check_positions
 from encdec.inference import engine as engine_module
 from encdec.inference import onednn
 from encdec.inference.engine import Engine, Row
@@ -106,15 +107,16 @@ def test_cached_equals_uncached(model, sampling):
 
 def test_as_many_new_tokens_as_the_decoder_has_positions(model):
     """The decoder reads BOS and every new token but the last: a decoder of L positions writes L tokens, one more
-    than `generate` and `serve` allowed (a decoder prefix takes positions of its own)."""
+    than `encdec generate` and `serve` allowed (a decoder prefix takes positions of its own)."""
     limit = model.config.decoder.max_positions
     ids, mask = _prompts()
     cached = model.generate(ids[:1], mask[:1], max_new_tokens=limit, eos_token_ids=[-1])
     assert cached.shape == (1, limit)
     assert torch.equal(cached, model.generate(ids[:1], mask[:1], max_new_tokens=limit, eos_token_ids=[-1],
                                               use_cache=False))
+    check_positions(9, limit, model.config)  # what `encdec generate` checks before generating
     with pytest.raises(EncdecError, match=f"at most {limit - 2} new tokens"):
-        model.generate(ids[:1], mask[:1], max_new_tokens=limit - 1, eos_token_ids=[-1], decoder_prefix=[7, 9])
+        check_positions(9, limit - 1, model.config, prefix=2)
 
 
 def test_a_decoder_prefix_is_read_after_bos_and_not_returned(model):

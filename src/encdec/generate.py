@@ -134,8 +134,6 @@ def generate(
     if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:
         raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask "
                           "is all 0): every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
-    longest = input_ids.shape[1] if attention_mask is None else int(attention_mask.sum(1).max())
-    check_positions(longest, max_new_tokens, cfg, prefix=len(decoder_prefix))
     eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else
                     [eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
     rows = [Row(max_new_tokens, eos, sampling, decoder_prefix=tuple(decoder_prefix)) for _ in range(input_ids.shape[0])]

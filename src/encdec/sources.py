@@ -111,7 +111,8 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     refuse_custom_code(directory)
-    weight_files(directory)  # transformers follows an index's paths wherever they lead
+    if (directory / "model.safetensors.index.json").exists():  # transformers follows its paths wherever they lead
+        weight_files(directory)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
                                                      use_safetensors=True)
