@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -212,3 +213,33 @@ def test_an_encoder_alone_or_a_checkpoint_missing_a_weight_is_refused(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lacks 1 weight(s) such as model.decoder.layers.0.self_attn.q_proj.weight" in err[0]
     assert not (tmp_path / "ct2").exists()
+
+
+
+@pytest.mark.real_model
+def test_tokenizer_loads_from_the_export_without_a_false_regex_warning(tmp_path, capfd):
+    """transformers took a directory with CTranslate2's config.json for an old Mistral checkpoint and advised
+    `fix_mistral_regex=True`, which would rewrite the tokenizer's pre-tokenizer. It checks tokenizers of over 100k
+    tokens only: the packaged Gemma 3 270M's here, on a tiny model of its vocabulary size."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    packaged = encdec.load_source("gemma-3-270m").directory
+    source = make_source(tmp_path / "source", "gemma3", window=WINDOW, vocab_size=len(load_tokenizer(packaged)))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(packaged / name, source / name)
+    adapted, out = tmp_path / "adapted", tmp_path / "ct2"
+    assert main(["adapt", "--encoder", str(source), "--out", str(adapted)]) == 0
+    assert main(["export", str(adapted), "--to", "ctranslate2", "--out", str(out)]) == 0
+    capfd.readouterr()
+    level = transformers_logging.get_verbosity()  # encdec's CLI quiets transformers; a user's script does not
+    transformers_logging.set_verbosity_warning()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(out))
+    finally:
+        transformers_logging.set_verbosity(level)
+    assert "regex" not in capfd.readouterr().err
+    text = "Tokens, 12 of them: naïve text."
+    assert tokenizer(text).input_ids == load_tokenizer(packaged)(text).input_ids
+    translator = ctranslate2.Translator(str(out), device="cpu")  # still CTranslate2's to read
+    assert len(translator.translate_batch([tokenizer.tokenize(text)], max_decoding_length=2)[0].hypotheses[0]) == 2

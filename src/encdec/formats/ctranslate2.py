@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 
 from encdec.checkpoint import NATIVE, checkpoint_format, load_checkpoint
 from encdec.errors import EncdecError
-from encdec.files import atomic_dir, check_output_dir
+from encdec.files import atomic_dir, check_output_dir, read_json
 from encdec.formats.t5gemma import LAYOUTS
 
 log = logging.getLogger("encdec")
@@ -64,9 +64,25 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
             raise EncdecError(f"CTranslate2's converter could not read {model_dir} "
                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
         tokenizer.save_pretrained(str(tmp))
+        _name_tokenizer_version(tmp)
     for caution in cautions(model_dir, fmt):
         log.warning("CTranslate2 and this model: %s", caution)
     return fmt
+
+
+def _name_tokenizer_version(directory: Path) -> None:
+    """Add to CTranslate2's config.json the transformers version that saved the tokenizer next to it.
+
+    transformers 5 takes a local directory whose config.json names neither that version nor a model type for
+    an old Mistral checkpoint: loading the tokenizer there warned that its regex was wrong and advised
+    `fix_mistral_regex=True`, which would rewrite this Gemma tokenizer's pre-tokenizer. CTranslate2 reads
+    only the keys it knows (tests/test_export.py loads the result with both)."""
+    import transformers
+
+    path = directory / "config.json"
+    config = read_json(path)
+    config["transformers_version"] = transformers.__version__
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _sections(node: Any) -> Iterator[dict]:
