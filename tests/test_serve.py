@@ -1092,7 +1092,11 @@ def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch
     assert first.status_code == 500 and "context lost" in first.json()["error"]["message"]
     assert later.status_code == 503 and "scheduler failed" in later.json()["error"]["message"]
     assert health.status_code == 503 and health.json()["status"] == "failed"
-    assert not app.state.service.scheduler.thread.is_alive()
+    scheduler = app.state.service.scheduler
+    assert not scheduler.thread.is_alive()
+    # its engine still holds the row it could not cancel: a SIGTERM's drain waited for it for good
+    assert scheduler.engine.rows and scheduler.idle()
+    assert app.state.service.metrics.running._value.get() == 0 and app.state.service.metrics.queue._value.get() == 0
 
 
 def test_a_failed_step_fails_its_requests_and_leaves_the_metrics_idle(local, monkeypatch):
@@ -1121,6 +1125,42 @@ def test_a_failed_step_fails_its_requests_and_leaves_the_metrics_idle(local, mon
     metrics = app.state.service.metrics
     assert metrics.running._value.get() == 0 and metrics.finished.labels("error")._value.get() == 1
     assert metrics.finished.labels("length")._value.get() == 1
+
+
+def test_a_failure_while_reading_the_answer_is_an_api_error_and_the_server_goes_on(local, monkeypatch):
+    """An error of the server's own text handling (here its detokenizer) while a request's tokens arrive was a bare
+    500 in plain text, uncounted, or a stream cut short with no event; the other choices' tasks of the request were
+    left running. Now: the API's error shape, counted, an error event mid-stream, and the next request answered."""
+    import asyncio
+
+    from encdec.serve.text import TextStream
+
+    add = TextStream.add
+
+    def failing(self, token):
+        if token % 2 == 0:
+            raise ValueError("undecodable")
+        return add(self, token)
+
+    monkeypatch.setattr(TextStream, "add", failing)
+
+    async def ask(client) -> tuple[httpx.Response, str, int]:
+        body = {"prompt": "w1", "max_tokens": 6, "temperature": 1.0, "n": 2, "seed": 1}
+        plain = await asyncio.wait_for(client.post("/v1/completions", json=body), 60)
+        streamed = await asyncio.wait_for(client.post("/v1/completions", json={**body, "stream": True}), 60)
+        leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and "_collect" in repr(t)]
+        monkeypatch.setattr(TextStream, "add", add)
+        after = await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
+        return plain, streamed.text, len(leftovers), after
+
+    app = _app(local)
+    plain, streamed, leftovers, after = _asked(app, ask)
+    assert plain.status_code == 500 and "undecodable" in plain.json()["error"]["message"], plain.text
+    assert plain.json()["error"]["type"] == "server_error"
+    assert '"error"' in streamed and "undecodable" in streamed
+    assert leftovers == 0
+    assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
+    assert app.state.service.metrics.requests.labels("/v1/completions", "500")._value.get() == 1
 
 
 def test_an_api_key_guards_the_api_but_not_health(local):

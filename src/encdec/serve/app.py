@@ -212,6 +212,10 @@ class Answer:
         return self.logprobs and self.logprobs.take(None if ended else self.text.sent)
 
 
+def _server_failed(error: Exception) -> APIError:
+    return APIError(500, f"the server failed: {error}", kind="server_error")
+
+
 def _token(item: Emitted | Exception | None) -> Emitted | None:
     """A delivered token, None at the end; a failed step becomes a server error."""
     if isinstance(item, Exception):
@@ -312,7 +316,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             return answer(endpoint, _error(e))
         except Exception as e:  # noqa: BLE001 - a bug, answered in the API's shape and counted, not a bare 500
             log.exception("request failed")
-            return answer(endpoint, _error(APIError(500, f"the server failed: {e}", kind="server_error")))
+            return answer(endpoint, _error(_server_failed(e)))
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": settings.model_id}
         if parsed.stream:
@@ -351,12 +355,19 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         return out
 
     async def _complete(request: Request, jobs: list[Job], parsed: Parsed, meta: dict) -> Response:
+        tasks = [asyncio.ensure_future(_collect(request, job, parsed)) for job in jobs]
         try:
-            answers = await asyncio.gather(*(_collect(request, job, parsed) for job in jobs))
+            answers = await asyncio.gather(*tasks)
         except APIError as e:
             return _error(e)
+        except Exception as e:  # noqa: BLE001 - a bug while reading the answers: in the API's shape, not a bare 500
+            log.exception("request failed")
+            return _error(_server_failed(e))
         finally:
             release(jobs)
+            for task in tasks:  # the other choices of a request that failed: not left running, their errors read
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         if any(a is None for a in answers):
             return Response(status_code=499)
         body = {**meta, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
@@ -422,6 +433,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             yield "data: [DONE]\n\n"
         except APIError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
+        except Exception as e:  # noqa: BLE001 - a bug mid-stream: an error event, as for a failed step
+            log.exception("request failed")
+            yield f"data: {json.dumps(_server_failed(e).body())}\n\n"
         finally:  # the client went away mid-stream (the task is cancelled): free the slots at once
             release(jobs)
             for task in pumps:

@@ -128,9 +128,10 @@ class Scheduler:
             self.accepting = False
 
     def idle(self) -> bool:
-        """Nothing queued, running or being encoded."""
+        """Nothing queued, running or being encoded; or nothing ever will be (the thread failed, whatever rows its
+        engine was left holding: a drain waiting for them would keep the server up for good)."""
         with self.wake:
-            return not (self.waiting or self.embedding or self.admitting or self.engine.rows)
+            return self.failed is not None or not (self.waiting or self.embedding or self.admitting or self.engine.rows)
 
     def stop(self, timeout: float) -> None:
         """Finish what is queued and running, then end the thread."""
@@ -177,6 +178,8 @@ class Scheduler:
                 held = list(dict.fromkeys([*self.waiting, *self.admitting, *self.running.values()]))  # admitted: both
                 self.waiting.clear()
                 embedding, self.embedding = list(self.embedding), deque()
+                self.metrics.queue.set(0)
+                self.metrics.running.set(0)
             for job in held:
                 self.count(job, "error")
                 job.deliver(RuntimeError(f"the server's scheduler failed: {e!r:.200}"))
