@@ -92,6 +92,19 @@ def test_a_screen_whose_logits_overflow_leaves_the_choice_to_the_float32_head():
         assert torch.equal(head.greedy(hidden, None), (hidden @ weight.T).argmax(-1))
 
 
+@needs_onednn
+def test_a_row_without_candidates_is_decided_by_the_float32_head_beside_rows_with_some():
+    """A bfloat16 screen reads a batch at once: a row whose logits are not finite has no candidates while the other
+    rows have some, and took one of theirs (the first screened column) instead of its own float32 argmax."""
+    weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(2))
+    head = onednn.ScreenedHead(weight, torch.bfloat16)
+    hidden = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
+    hidden[1, 4] = float("nan")
+    expected = (hidden @ weight.T).argmax(-1)
+    assert torch.equal(head.greedy(hidden, None), expected)
+    assert torch.equal(head.greedy(hidden[[0, 2]], None), expected[[0, 2]])  # the finite rows alone, screened
+
+
 PENALTIES = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.7, "logit_bias": {5: 2.0}}
 
 
