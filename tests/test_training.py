@@ -100,6 +100,38 @@ def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monk
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(adapted, corpus, tmp_path, monkeypatch):
+    """--precision auto times bfloat16 against float32 on a CPU: at every launch, so a run resumed on a busier (or
+    another) machine could go on in the other dtype, unlike the uninterrupted run and unsaid. The run's verdict is
+    kept in its checkpoints."""
+    from encdec.training import precision
+
+    bf16_faster = {"now": True}
+    monkeypatch.setattr(precision, "_seconds",
+                        lambda dtype: 1.0 if dtype == torch.float32 else 0.1 if bf16_faster["now"] else 10.0)
+    options = dict(precision="auto", steps=4)
+    straight = tmp_path / "straight"
+    loop.train(_config(adapted, straight, corpus, **options))
+    expected = [r["loss"] for r in _metrics(straight)]
+
+    interrupted = tmp_path / "interrupted"
+    original_log = Metrics.log
+
+    def log_then_signal(self, record, **kw):
+        original_log(self, record, **kw)
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Metrics, "log", log_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_config(adapted, interrupted, corpus, **options))
+    monkeypatch.setattr(Metrics, "log", original_log)
+    bf16_faster["now"] = False  # timed now, float32 would win
+    loop.train(_config(adapted, interrupted, corpus, resume=True, **options))
+    assert [r["loss"] for r in _metrics(interrupted)] == expected
+    assert read_state(checkpointing.checkpoints(interrupted)[-1], "trainer")["precision"] == "bf16"
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(adapted, corpus, tmp_path, monkeypatch):
     original = step.chunked_loss
     calls = {"n": 0}

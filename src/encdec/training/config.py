@@ -69,7 +69,8 @@ class TrainConfig:
     decay_all: bool = _f(False, "apply weight decay to norms and embeddings too")
     clip: float = _f(1.0, "gradient-norm clipping")
     precision: str = _f("auto", "autocast dtype of the matrix products (weights stay float32); auto: bf16 where "
-                        "it is faster (CUDA; CPUs with AVX512-BF16/AMX)", choices=PRECISIONS)
+                        "it is faster (CUDA; CPUs with AVX512-BF16/AMX), timed once per run and kept on --resume",
+                        choices=PRECISIONS)
     cross_warmup_steps: int = _f(0, "first steps that train only cross-attention (unbalanced models; the paper: 1000)")
     freeze_encoder_steps: int = _f(0, "first steps with the encoder's layers frozen, so that the decoder first learns "
                                    "to read the encoder (the shared embedding still trains)")

@@ -101,7 +101,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     else:
         special = dict(pad_id=model.config.pad_token_id, bos_id=model.config.bos_token_id)
 
-    compute_dtype = autocast_dtype(cfg.precision, d.device)
+    # "auto" is timed once per run, by the first process, and kept in the checkpoints: every process, and a resumed
+    # run, computes in the dtype the run began with (timed again, a busy machine's verdict could flip)
+    began_in = resume_from.trainer.get("precision") if resume_from is not None else None
+    precision = began_in if cfg.precision == "auto" and began_in in ("bf16", "fp32") else cfg.precision
+    compute_dtype = distributed.from_main(autocast_dtype(precision, d.device) if d.main else None, d)
     if d.main:
         log.info("matrix products in %s", "bfloat16 (autocast)" if compute_dtype else "float32")
     if d.device.type == "cpu" and cfg.keep_freed_memory:
@@ -188,7 +192,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
 
     def save_checkpoint(step: int, record: dict) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
-                   "processes": d.world, "kept_tokens": keep, "record": record}
+                   "processes": d.world, "kept_tokens": keep, "record": record,
+                   "precision": "fp32" if compute_dtype is None else "bf16"}
         return checkpointing.save(out, step, wrapped, optimizer, trainer, d, (cfg.keep_last, cfg.save_every, cfg.steps),
                                   last_checkpoint)
 
