@@ -89,6 +89,14 @@ def test_config_json_that_is_not_a_json_object(capsys, tmp_path, sources, text, 
     assert expected in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
+def test_a_generation_config_whose_eos_is_no_token_id(capsys, tmp_path, sources):
+    source = tmp_path / "source"
+    shutil.copytree(sources["gemma2"], source)
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": "<end_of_turn>"}))
+    message = _run_adapt(capsys, tmp_path, "--encoder", str(source))
+    assert "generation_config.json" in message and "eos_token_id must be a token id or a list of them" in message
+
+
 def test_truncated_safetensors(capsys, tmp_path, sources):
     src = tmp_path / "truncated"
     shutil.copytree(sources["gemma3"], src)

@@ -386,3 +386,38 @@ def test_a_gguf_is_read_without_the_files_kept_beside_it(tmp_path, monkeypatch):
     assert [type(t).__name__ for t in read] == [type(read[1]).__name__] * 2
     assert read[0].get_vocab() == read[1].get_vocab() and read[0].get_vocab()["w5"] == 33
     assert (read[0].bos_token_id, read[0].eos_token_id) == (read[1].bos_token_id, read[1].eos_token_id) == (2, 1)
+
+
+def test_the_end_of_turn_named_in_generation_config_joins_the_eos_ids(sources, tmp_path):
+    """An instruct source names its end of turn in generation_config.json only (Gemma 2 IT: config.json 1, its
+    generation config [1, 107]; Qwen2.5 Instruct adds <|endoftext|> there): the adapted model, its exported
+    generation config and encdec's own generation stopped only at config.json's."""
+    import json
+    import shutil
+
+    from encdec.cli import main
+
+    source = tmp_path / "source"
+    shutil.copytree(sources["gemma2"], source)
+    (source / "generation_config.json").write_text(json.dumps({"bos_token_id": 2, "eos_token_id": [1, 7]}))
+    assert encdec.load_source(str(source)).special_tokens["eos_token_ids"] == [1, 7]
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--encoder", str(source), "--out", str(out)]) == 0
+    assert encdec.load(out).config.eos_token_ids == [1, 7]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [1, 7]
+    assert tf.AutoModelForSeq2SeqLM.from_pretrained(str(out)).generation_config.eos_token_id == [1, 7]
+
+
+def test_a_directory_named_like_a_packaged_model_is_that_directory(sources, tmp_path, monkeypatch):
+    """A checkpoint downloaded under the model's own name (`--local-dir gemma-3-270m`) was passed over for the
+    packaged quantized model of that name, with nothing said; transformers too reads a local directory first."""
+    import shutil
+
+    import encdec.sources
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(sources["gemma3"], tmp_path / "gemma-3-270m")
+    monkeypatch.setattr(encdec.sources, "_packaged_gguf", lambda spec: pytest.fail(f"the packaged {spec} was read"))
+    source = encdec.load_source("gemma-3-270m")
+    assert source.directory.resolve() == (tmp_path / "gemma-3-270m").resolve()
+    assert source.stack.hidden_size == 32

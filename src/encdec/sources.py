@@ -8,6 +8,7 @@ transformers and cached as safetensors (with its tokenizer), so later loads take
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -27,7 +28,7 @@ from encdec.config import StackConfig
 from encdec.errors import EncdecError
 from encdec.files import file_identity, read_json, read_weights, reading_config, weight_files, written
 from encdec.formats import gguf, remote_code
-from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights
+from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights, with_generation_eos
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
 from encdec.model import CausalLM
 
@@ -164,6 +165,7 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
     adapter = adapter_of(cfg.get("model_type"), str(directory))
     with reading_config(cfg_path):
         config = adapter.read_config(cfg, directory)
+    config = dataclasses.replace(config, special_tokens=with_generation_eos(config.special_tokens, directory))
     weights = text_weights(read_weights(directory, dtype), config.tied_head, adapter.TEXT_PREFIXES, adapter.NOT_TEXT)
     _check_shapes(weights, config, directory)
     return DecoderOnlySource(
@@ -293,10 +295,13 @@ def _from_hub(name: str) -> Path:
 
 
 def resolve(spec: str) -> Path:
-    """The Hugging Face checkpoint directory a source specification stands for."""
-    if spec in PACKAGED:
-        return gguf_to_hf_directory(_packaged_gguf(spec))
+    """The Hugging Face checkpoint directory a source specification stands for. A directory of that name here comes
+    before a packaged model's name, as transformers reads a local directory before a Hub name."""
     path = Path(spec).expanduser()
+    if spec in PACKAGED and not path.is_dir():
+        return gguf_to_hf_directory(_packaged_gguf(spec))
+    if spec in PACKAGED:  # a checkpoint downloaded under the model's own name (--local-dir gemma-3-270m)
+        log.info("%s: reading the directory of that name here, not the packaged model of that name", spec)
     if path.is_dir():
         from encdec.checkpoint import ENCODER_ALONE, encoder_alone
 

@@ -9,12 +9,14 @@ name table `LAYER` and `read_config`; formats.registry picks one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from encdec.config import StackConfig
 from encdec.errors import EncdecError
+from encdec.files import read_json, reading_config
 
 EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 LAYERS = "model.layers."
@@ -52,6 +54,21 @@ def special_tokens(cfg: dict[str, Any], default_pad: int | None = None) -> dict[
         pad = eos_ids[0] if default_pad is None else default_pad
     bos = cfg.get("bos_token_id")
     return {"pad_token_id": pad, "bos_token_id": eos_ids[0] if bos is None else bos, "eos_token_ids": eos_ids}
+
+
+def with_generation_eos(special: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """`special` with the end-of-sequence ids of the source's generation_config.json added after config.json's:
+    an instruct model names its end of turn there only (Gemma 2 IT's config.json says 1, its generation config
+    [1, 107]; Qwen2.5 Instruct's adds <|endoftext|>), and the adapted model would otherwise generate past it."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return special
+    with reading_config(path):
+        eos = read_json(path).get("eos_token_id")
+        extra = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in extra):
+            raise ValueError(f"eos_token_id must be a token id or a list of them, not {eos!r}")
+    return {**special, "eos_token_ids": list(dict.fromkeys([*special["eos_token_ids"], *extra]))}
 
 
 def text_weights(weights: dict[str, torch.Tensor], tied_head: bool, prefixes: tuple[str, ...],
