@@ -186,6 +186,23 @@ def test_gguf_architecture_transformers_cannot_read(capsys, tmp_path):
     assert "holds a mistral model; supported GGUF architectures: gemma2, gemma3, llama, qwen2, qwen3" in line
 
 
+def test_too_little_memory_to_dequantize_a_gguf_is_said_as_such(capsys, tmp_path, sources, monkeypatch):
+    """An allocation failure is a RuntimeError too: it was reported as shapes transformers cannot map."""
+    import transformers
+    from tiny import write_gguf
+
+    src = write_gguf(sources["gemma3"], tmp_path / "source.gguf")
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+                           "tried to allocate 4194304 bytes.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", out_of_memory)
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "too little memory to dequantize this gemma3 GGUF" in line and "GiB in float32" in line
+    assert "shapes" not in line
+
+
 def test_different_vocabularies(capsys, tmp_path):
     from tiny import make_source
 

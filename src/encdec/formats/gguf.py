@@ -140,8 +140,12 @@ def _convert(path: Path, out: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=path.name, dtype=torch.float32,
                                                          trust_remote_code=False)
         except (RuntimeError, ValueError) as e:  # e.g. tensor shapes that disagree with the config it derived
-            raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF ({str(e).splitlines()[0]}); its "
-                              "shapes (e.g. head_dim) are not ones transformers can map") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "memory" in first.lower():  # CPU allocation failures are RuntimeErrors too
+                raise EncdecError(f"{path}: too little memory to dequantize this {arch} GGUF ({first}): its "
+                                  f"{parameters:,} parameters take about {parameters * 4 / 2**30:.1f} GiB in float32") from None
+            raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF ({first}); its shapes (e.g. "
+                              "head_dim) are not ones transformers can map") from None
         tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name, trust_remote_code=False)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
