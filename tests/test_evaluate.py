@@ -234,13 +234,10 @@ def test_packaged_data_counts_and_few_shots_come_from_training_splits():
     assert sample(list(range(100)), 10, 1) == sample(list(range(100)), 10, 1)
 
 
-def test_a_continuation_is_scored_as_the_model_reads_it_after_its_context():
-    """Llama 2's and Mistral's tokenizers prepend "▁" to every text: " Paris" alone is "▁", "▁Paris", which the
-    model never reads after "...is" (there it is "▁Paris"); choices were scored with that extra token."""
+def _llama2_like_tokenizer():
+    """A tokenizer that prepends "▁" to every text, as Llama 2's and Mistral's do."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from encdec.evaluation.scoring import Scorer
 
     backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")  # to train words
@@ -251,13 +248,48 @@ def test_a_continuation_is_scored_as_the_model_reads_it_after_its_context():
     backend.pre_tokenizer = None  # then as Llama 2's tokenizer.json: this normalizer, no pre-tokenizer
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_continuation_is_scored_as_the_model_reads_it_after_its_context():
+    """Llama 2's and Mistral's tokenizers prepend "▁" to every text: " Paris" alone is "▁", "▁Paris", which the
+    model never reads after "...is" (there it is "▁Paris"); choices were scored with that extra token."""
+    from encdec.evaluation.scoring import Scorer
+
+    tokenizer = _llama2_like_tokenizer()
     scorer = Scorer("llama2-like", "encoder-decoder", None, tokenizer)
     context = "The capital of France is"
     assert tokenizer.convert_ids_to_tokens(tokenizer(" Paris", add_special_tokens=False).input_ids) == ["▁", "▁Paris"]
     continuation = scorer.continuation_ids(" Paris", context)
     assert tokenizer.convert_ids_to_tokens(continuation) == ["▁Paris"]
     assert scorer.context_ids(context) + continuation == tokenizer(context + " Paris").input_ids
+
+
+def test_a_chat_answer_is_scored_as_instruction_tuning_tokenized_the_response():
+    """With --chat a choice is the model's answer in its turn, which `finetune` tokenizes alone ("▁Paris" with
+    Llama 2's tokenizer); read after the turn's opening, it was "Paris", a first token the tuned model never wrote."""
+    from encdec.data.instructions import Pair, chat_example
+    from encdec.evaluation.harness import run_choice
+    from encdec.evaluation.scoring import Scorer
+    from encdec.evaluation.tasks import Choice
+
+    tokenizer = _llama2_like_tokenizer()
+    asked = []
+
+    class Recording(Scorer):
+        def loglikelihoods(self, requests, batch_size, desc=""):
+            asked.extend(requests)
+            return [(-float(i), False) for i in range(len(requests))]
+
+    task = Task("capitals", "choice", "", lambda: [])
+    item = Choice("0", ["The capital of France is"] * 2, [" Paris", " Rome"], gold=0)
+    run_choice(Recording("llama2-like", "encoder-decoder", None, tokenizer), task, [item], {},
+               Settings(tasks=[], chat=True))
+    tuned = chat_example(Pair((("user", "The capital of France is"),), "Paris", "test"), tokenizer,
+                         eos_id=tokenizer.eos_token_id, max_input=64, max_target=64)
+    assert [tokenizer.convert_ids_to_tokens(c) for _, c in asked] == [["▁Paris"], ["▁Rome"]]
+    assert asked[0][1] == tuned.targets[: len(asked[0][1])]
+    assert asked[0][0] == tuned.inputs  # the context: the tuned prompt, BOS first
 
 
 def test_chat_generation_ends_at_the_end_of_the_models_turn():

@@ -90,8 +90,10 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
     for k, item in enumerate(items):
         for context, continuation in zip(choice_prompts(task, item, shots), item.continuations):
             if chat is not None:
-                context, continuation = chat(context), continuation.lstrip()
-            requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation, context)))
+                context = chat(context)
+                requests.append((scorer.context_ids(context), scorer.response_ids(continuation.lstrip())))
+            else:
+                requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation, context)))
             owners.append(k)
     scores = scorer.loglikelihoods(requests, s.batch_size, desc=f"{scorer.name} · {task.name}")
     result = TaskResult(n=len(items), correct_norm=0.0)

@@ -73,6 +73,11 @@ class Scorer:
             return whole[len(before) :]
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def response_ids(self, text: str) -> list[int]:
+        """An answer's tokens in a chat turn, as instruction tuning tokenizes a response (`encdec.data.instructions`):
+        alone. After the turn's opening Llama 2's tokenizer would read "Paris" without the "▁" it was tuned with."""
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
     def loglikelihoods(self, requests: list[Request], batch_size: int, desc: str = "scoring") -> list[tuple[float, bool]]:
         """Per request: the summed log-probability of the continuation, and whether greedy decoding
         would produce it exactly."""
