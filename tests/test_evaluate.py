@@ -281,7 +281,7 @@ def test_a_chat_answer_is_scored_as_instruction_tuning_tokenized_the_response():
             asked.extend(requests)
             return [(-float(i), False) for i in range(len(requests))]
 
-    task = Task("capitals", "choice", "", lambda: [])
+    task = Task("capitals", "choice", "", list)
     item = Choice("0", ["The capital of France is"] * 2, [" Paris", " Rome"], gold=0)
     run_choice(Recording("llama2-like", "encoder-decoder", None, tokenizer), task, [item], {},
                Settings(tasks=[], chat=True))
