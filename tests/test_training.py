@@ -132,6 +132,32 @@ def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(adapted, corpus
     assert read_state(checkpointing.checkpoints(interrupted)[-1], "trainer")["precision"] == "bf16"
 
 
+def test_a_start_model_replaced_during_the_run_stops_the_final_model_and_keeps_the_checkpoints(adapted, corpus,
+                                                                                                 tmp_path, monkeypatch):
+    """The final model reads the --model directory again at the run's end (its configuration, metadata, and the
+    untrained rows after --trim-vocab): replaced meanwhile (a new `encdec adapt --overwrite` there), it silently
+    took the other model's."""
+    start = tmp_path / "start"
+    shutil.copytree(adapted, start)
+    original_log = Metrics.log
+
+    def replace_start(self, record, **kw):
+        original_log(self, record, **kw)
+        if record["step"] == 2:  # the same text in a new file: what a rewrite leaves
+            text = (start / "config.json").read_text()
+            (start / "config.json").unlink()
+            (start / "config.json").write_text(text)
+
+    monkeypatch.setattr(Metrics, "log", replace_start)
+    out = tmp_path / "run"
+    with pytest.raises(EncdecError, match=r"start changed while the run trained.*--resume"):
+        loop.train(_config(start, out, corpus, steps=2, eval_every=0))
+    monkeypatch.setattr(Metrics, "log", original_log)
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000002"] and not (out / "model").exists()
+    loop.train(_config(start, out, corpus, steps=2, eval_every=0, resume=True))
+    assert encdec.load(out / "model").config == encdec.load(start).config
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(adapted, corpus, tmp_path, monkeypatch):
     original = step.chunked_loss
     calls = {"n": 0}

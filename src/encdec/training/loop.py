@@ -79,6 +79,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     resume_from = rundir.resume_point(cfg, d)
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model)
+    start_files = rundir.start_model_files(model_dir) if d.main and model_dir.is_dir() else None
     plan, tokenizer = build_plan(cfg, d)
     cfg = dataclasses.replace(cfg, distill=wants_distillation(cfg.distill, cfg.objective, cfg.teacher, model_dir,
                                                               plan.causal))
@@ -263,10 +264,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 metrics.close()
                 raise KeyboardInterrupt
     metrics.close()
-    return _final_model(cfg, out, model_dir, plan, d)
+    return _final_model(cfg, out, model_dir, plan, d, start_files)
 
 
-def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: distributed.Dist) -> Path:
+def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: distributed.Dist,
+                 start_files: list[str] | None) -> Path:
     """OUT/model: the last checkpoint, or the average of the last N, saved like `encdec adapt` saves
     (over the full vocabulary again after trimming); a decoder-only model in its family's layout."""
     final = out / "model"
@@ -283,6 +285,11 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
         model = full_vocabulary_model(weights, causal_from_source(plan.source), plan.keep)
         save_causal(model, plan.source, final, overwrite=True, metadata={key: run}, tokenizer=plan.tokenizer)
     else:
+        if rundir.start_model_files(model_dir) != start_files:  # it would take another model's config, silently
+            raise EncdecError(f"{model_dir} changed while the run trained (its files were replaced or removed), and "
+                              "the final model takes its configuration and metadata from the model the run began "
+                              f"with: put that model back there and run again with --resume (the checkpoints in "
+                              f"{out} are kept)")
         start = load_checkpoint(model_dir).model
         if start.config.vocab_size < plan.vocab_size:  # UL2 grew the embeddings for its added tokens
             start = grow_vocabulary(start, plan.vocab_size)

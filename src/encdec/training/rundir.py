@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from encdec.checkpoint import METADATA
 from encdec.errors import EncdecError
 from encdec.files import (
     RUN_LOCK,
@@ -28,9 +29,11 @@ from encdec.files import (
     check_apart,
     check_not_above,
     check_writable_place,
+    file_identity,
     open_own,
     portable_path,
     refuse_link,
+    weight_files,
     written,
 )
 from encdec.training import checkpointing, distributed
@@ -170,6 +173,17 @@ def _plain(name: str, value: object) -> object:
     if name not in PATHS or not value:
         return value
     return [portable_path(v) for v in value] if isinstance(value, list) else portable_path(value)
+
+
+def start_model_files(model_dir: Path) -> list[str] | None:
+    """What tells apart the files of the encoder-decoder a run starts from (`file_identity` of its configuration,
+    metadata and weights; None where they cannot be read): the final model reads its configuration and metadata
+    (after --trim-vocab, also the rows of the tokens it did not train) from them again, at the run's end."""
+    try:
+        return [file_identity(p) if p.exists() else f"{p}: absent"
+                for p in [model_dir / "config.json", model_dir / METADATA, *weight_files(model_dir)]]
+    except (OSError, EncdecError):
+        return None
 
 
 def recorded_settings(cfg: TrainConfig) -> dict[str, object]:
