@@ -4,6 +4,7 @@ cross-attention, and a trained decoder-only model saved back in its family's lay
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -122,6 +123,37 @@ def test_processes_loading_one_gguf_together_convert_it_once(tmp_path, monkeypat
     outputs = [worker.communicate(timeout=120)[0] for worker in workers]
     assert all(worker.returncode == 0 and output.endswith("llama\n") for worker, output in zip(workers, outputs))
     assert sum(output.count("converted") for output in outputs) == 1
+
+
+def test_processes_joining_one_packaged_gguf_together_join_it_once(tmp_path):
+    """A distributed run's ranks on a fresh machine joined the packaged GGUF's parts each, each replacing the file:
+    a new inode each time, so ranks keyed its conversion differently and each converted it again beside the
+    others (deleting each other's as superseded). Here each join is slowed at its rename, so that both would
+    join before either renames."""
+    import subprocess
+    import sys
+
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        part.write_bytes(bytes([i]) * 100_000)
+    go = tmp_path / "go"
+    code = ("import os, pathlib, time, encdec.sources as s\n"
+            "real = pathlib.Path.replace\n"
+            "pathlib.Path.replace = lambda self, target: print('joined', flush=True) or time.sleep(1) "
+            "or real(self, target)\n"
+            f"print('ready', flush=True)\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            f"print(s.file_identity(s._joined([pathlib.Path(p) for p in {[str(p) for p in parts]!r}], "
+            f"pathlib.Path({str(tmp_path / 'cache' / 'joined.gguf')!r}))), flush=True)")
+    env = {**os.environ, "ENCDEC_CACHE": str(tmp_path / "cache")}
+    workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+               for _ in range(2)]
+    for worker in workers:
+        assert worker.stdout.readline() == "ready\n"
+    go.touch()
+    outputs = [worker.communicate(timeout=120)[0].splitlines() for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers)
+    assert sum(lines.count("joined") for lines in outputs) == 1
+    assert outputs[0][-1] == outputs[1][-1]  # one file, one identity: one key for its conversion
 
 
 def test_gguf_that_transformers_would_misread_is_refused(tmp_path, monkeypatch):

@@ -183,15 +183,19 @@ def gguf_cache_dir(path: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
-def gguf_lock(path: Path):
-    """The lock held while a GGUF file is dequantized: processes starting together (the ranks of a distributed
-    run) convert it once, the others waiting for the directory."""
+def _cache_lock(name: str):
     from filelock import FileLock
 
     locks = cache_root() / "locks"
     with written(locks):
         locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(locks / f"gguf-{gguf_cache_dir(path).name}.lock")
+    return FileLock(locks / f"{name}.lock")
+
+
+def gguf_lock(path: Path):
+    """The lock held while a GGUF file is dequantized: processes starting together (the ranks of a distributed
+    run) convert it once, the others waiting for the directory."""
+    return _cache_lock(f"gguf-{gguf_cache_dir(path).name}")
 
 
 def gguf_to_hf_directory(path: Path) -> Path:
@@ -235,9 +239,19 @@ def _package_dir(module: str, name: str) -> Path:
 
 def _joined(parts: list[Path], out: Path, sha256: str | None = None) -> Path:
     """`parts` joined once into the GGUF file `out` in the cache, atomically (checked against `sha256` when it is
-    written); reused while its size is the parts' sum."""
-    if out.is_file() and out.stat().st_size == sum(p.stat().st_size for p in parts):
+    written); reused while its size is the parts' sum. Processes starting together (a distributed run's ranks on a
+    fresh machine) join it once: each joining replaced the file, with a new inode, and so a new key for its
+    conversion (`gguf_cache_dir`), and each rank converted it again beside the others."""
+    size = sum(p.stat().st_size for p in parts)
+    if out.is_file() and out.stat().st_size == size:
         return out
+    with _cache_lock(f"join-{out.name}"):
+        if out.is_file() and out.stat().st_size == size:  # joined by another process meanwhile
+            return out
+        return _join(parts, out, sha256)
+
+
+def _join(parts: list[Path], out: Path, sha256: str | None) -> Path:
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     with written(out):
         try:
