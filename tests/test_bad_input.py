@@ -97,6 +97,18 @@ def test_a_generation_config_whose_eos_is_no_token_id(capsys, tmp_path, sources)
     assert "generation_config.json" in message and "eos_token_id must be a token id or a list of them" in message
 
 
+@pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b"])
+def test_a_packaged_model_whose_package_lost_its_file(capsys, tmp_path, monkeypatch, name):
+    """An installed package without its GGUF (or part) ended in a bare StopIteration traceback."""
+    import encdec.sources
+
+    empty = tmp_path / "package"
+    empty.mkdir()
+    monkeypatch.setattr(encdec.sources, "_package_dir", lambda module, name: empty)
+    message = _run_adapt(capsys, tmp_path, "--encoder", name)
+    assert f"'{name}'" in message and "reinstall it" in message
+
+
 def test_truncated_safetensors(capsys, tmp_path, sources):
     src = tmp_path / "truncated"
     shutil.copytree(sources["gemma3"], src)

