@@ -45,6 +45,22 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def _stopped_during(step: int, cfg: TrainConfig, monkeypatch) -> None:
+    """Run `cfg` with a SIGTERM arriving during `step`: the real signal path (the step finishes, is checkpointed,
+    and the run stops)."""
+    original_log = Metrics.log
+
+    def log_then_signal(self, record, **kw):
+        original_log(self, record, **kw)
+        if record["step"] == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Metrics, "log", log_then_signal)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg)
+    monkeypatch.setattr(Metrics, "log", original_log)
+
+
 @pytest.mark.parametrize("objective, distill, factor", [("prefixlm", True, 0.8), ("prefixlm", False, 0.8),
                                                         ("ul2", False, 0.9)])
 def test_loss_falls_and_the_final_model_loads(adapted, corpus, tmp_path, objective, distill, factor):
@@ -77,17 +93,7 @@ def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monk
     expected = [r["loss"] for r in _metrics(straight)]
 
     interrupted = tmp_path / "interrupted"
-    original_log = Metrics.log
-
-    def log_then_signal(self, record, **kw):
-        original_log(self, record, **kw)
-        if record["step"] == 4:  # the real signal path, during step 5: finish the step, checkpoint, stop
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Metrics, "log", log_then_signal)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(_config(adapted, interrupted, corpus, **options))
-    monkeypatch.setattr(Metrics, "log", original_log)
+    _stopped_during(5, _config(adapted, interrupted, corpus, **options), monkeypatch)
     assert [p.name for p in checkpointing.checkpoints(interrupted)] == ["step-000002", "step-000004", "step-000005"]
     with pytest.raises(EncdecError, match=r"holds a run \(checkpoints, metrics.jsonl\); pass --resume"):
         loop.train(_config(adapted, interrupted, corpus, **options))
@@ -115,17 +121,7 @@ def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(adapted, corpus
     expected = [r["loss"] for r in _metrics(straight)]
 
     interrupted = tmp_path / "interrupted"
-    original_log = Metrics.log
-
-    def log_then_signal(self, record, **kw):
-        original_log(self, record, **kw)
-        if record["step"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Metrics, "log", log_then_signal)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(_config(adapted, interrupted, corpus, **options))
-    monkeypatch.setattr(Metrics, "log", original_log)
+    _stopped_during(3, _config(adapted, interrupted, corpus, **options), monkeypatch)
     bf16_faster["now"] = False  # timed now, float32 would win
     loop.train(_config(adapted, interrupted, corpus, resume=True, **options))
     assert [r["loss"] for r in _metrics(interrupted)] == expected
@@ -592,17 +588,7 @@ def test_resume_is_exact_with_the_recipe_options(adapted, corpus, tmp_path, monk
     checkpoint has no optimizer state for it (no gradient yet), and the resumed run creates none either."""
     options = dict(trim_vocab=40, trim_negatives=16, freeze_encoder_steps=2, encoder_curriculum_steps=4, steps=5)
     loop.train(_config(adapted, tmp_path / "straight", corpus, **options))
-    original_log = Metrics.log
-
-    def log_then_signal(self, record, **kw):
-        original_log(self, record, **kw)
-        if record["step"] == stop - 1:  # a signal during step `stop`: it finishes, checkpoints, stops
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Metrics, "log", log_then_signal)
-    with pytest.raises(KeyboardInterrupt):
-        loop.train(_config(adapted, tmp_path / "resumed", corpus, **options))
-    monkeypatch.setattr(Metrics, "log", original_log)
+    _stopped_during(stop, _config(adapted, tmp_path / "resumed", corpus, **options), monkeypatch)
     loop.train(_config(adapted, tmp_path / "resumed", corpus, resume=True, **options))
     assert [r["loss"] for r in _metrics(tmp_path / "resumed")] == [r["loss"] for r in _metrics(tmp_path / "straight")]
     a, b = (encdec.load(tmp_path / name / "model").state_dict() for name in ("straight", "resumed"))
