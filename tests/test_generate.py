@@ -70,6 +70,18 @@ def test_screened_head_finds_the_float32_argmax(monkeypatch, softcap, dtype, nud
     assert torch.equal(torch.cat([head.greedy(row[None], softcap) for row in hidden]), expected)
 
 
+@given(st.floats(width=32, allow_nan=False, allow_infinity=False))
+def test_a_threshold_in_bfloat16_is_never_above_the_float32_one(x):
+    """A batch's screened logits are compared with each row's threshold in bfloat16 (a float32 copy of 16 x 262k
+    logits cost more than the comparison): the threshold must not rise in the conversion, or a token at it could
+    be lost."""
+    t = torch.tensor([x], dtype=torch.float32)
+    below = onednn.bfloat16_below(t)
+    assert below.dtype == torch.bfloat16 and below.float().item() <= x
+    if abs(x) < 1e38:  # (beyond, it may become -inf: every token a candidate, and the full head decides)
+        assert below.float().item() >= x - abs(x) * 2.0**-6 - 1e-37  # and not far below: the screen stays narrow
+
+
 @needs_onednn
 def test_a_float16_screen_keeps_the_argmax_of_tiny_logits():
     """Below 2^-14 float16 rounds by a fixed step, not a relative one: these logits (about 5e-6, apart by 1.3e-10,

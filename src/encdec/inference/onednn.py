@@ -19,8 +19,9 @@ as much as the float32 head, so there the screen is for single rows). The screen
 argmax: a bound b on |screened logit - float32 logit|, valid for every token of a row, follows from the
 rounding of the hidden state and of the weights, so the argmax is among the tokens whose screened logit
 is within 2b of the screened maximum; only those are scored in float32 (median 9, at most 216 over 96
-measured bfloat16 steps at first; after the rounding term was doubled to the margin its comment promised,
-median 3-5 and at most 36 over 512 rows of 256- and 1,024-token prompts: docs/benchmarks.md, 2026-12-05).
+measured bfloat16 steps at first; with the rounding term doubled to the margin its comment promised and the
+threshold compared in bfloat16, median 4-6 and at most 42 over 512 rows of 256- and 1,024-token prompts:
+docs/benchmarks.md, 2026-12-05).
 
 For inference only: the packed layout cannot be trained, saved or indexed. The tied embedding table stays
 as it is for lookups (and for scoring screened tokens); the head gets packed copies of it.
@@ -109,6 +110,12 @@ def screen_dtype() -> torch.dtype | None:
     return torch.float16 if F.linear(x, torch.ones(2, 640, dtype=torch.float16))[0, 0].item() == 2148 else None
 
 
+def bfloat16_below(x: torch.Tensor) -> torch.Tensor:
+    """`x` (float32) as a bfloat16 number no larger than it: lowered first by more than rounding to bfloat16 can
+    raise it (half a step: 2^-8 relative, or a fixed step below the smallest normal number)."""
+    return (x - x.abs() * 2.0**-7 - torch.finfo(torch.bfloat16).smallest_normal).to(torch.bfloat16)
+
+
 class ScreenedHead(nn.Module):
     """x @ weight.T in float32 (packed), and `greedy`: its argmax through a bfloat16 or float16 screen (module
     docstring); a float16 screen reads single rows only, larger batches read the float32 head.
@@ -140,19 +147,31 @@ class ScreenedHead(nn.Module):
 
     def candidates(self, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
         """[n, vocab] booleans: the tokens of each row whose screened logit is within twice the error bound
-        of that row's screened maximum, among which its float32 argmax is."""
+        of that row's screened maximum, among which its float32 argmax is (none for a row whose logits are not
+        finite)."""
+        capped, threshold = self._screened(hidden, softcap)
+        return capped >= threshold[:, None]
+
+    def _screened(self, hidden: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The screened logits [n, vocab] (soft-capped as the model does) and each row's threshold [n]: the tokens
+        at or above it are the candidates. NaN where the bound is undefined (logits that are not finite)."""
         low = hidden.to(self.dtype)
-        approx = self.screen(low)  # [n, vocab] in the screen's dtype, compared without a float copy
-        largest = torch.maximum(approx.amax(-1), -approx.amin(-1)).float()
+        approx = self.screen(low)  # [n, vocab] in the screen's dtype
+        top = approx.amax(-1).float()
+        largest = torch.maximum(top, -approx.amin(-1).float())
         # |approx - exact| <= |h - h_low| |w_low| + |h| |w - w_low| + the product's own rounding (an overflow makes
         # the bound infinite or NaN: then every token, or none, is a candidate, and the full head decides); results
         # below the dtype's smallest normal number are rounded by a fixed step, not a relative one
         bound = ((hidden - low.float()).norm(dim=-1) * self.max_norm + hidden.norm(dim=-1) * self.max_error
                  + largest.clamp_min(self.smallest_normal) * self.rounding
                  + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
-        # the cap moves no two logits further apart, so the bound holds after it
-        capped = approx if softcap is None else soft_cap(approx.float(), softcap)
-        return capped >= (capped.amax(-1).float() - 2 * bound)[:, None]
+        if softcap is not None:  # the cap moves no two logits further apart, so the bound holds after it
+            approx = soft_cap(approx.float(), softcap)
+            top = approx.amax(-1)
+        threshold = top - 2 * bound
+        if approx.dtype == torch.bfloat16:  # compared in bfloat16, not on a float32 copy of the logits
+            threshold = bfloat16_below(threshold)
+        return approx, threshold
 
     def greedy(self, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
         """The argmax token of each row of the logits of `hidden` [n, d] (float32), soft-capped as the model
@@ -160,10 +179,11 @@ class ScreenedHead(nn.Module):
         within float32 rounding the two may pick differently, as any two float32 kernels may."""
         if self.max_rows is not None and len(hidden) > self.max_rows:
             return soft_cap(self.full(hidden), softcap).argmax(-1)
-        candidates = self.candidates(hidden, softcap)
+        capped, threshold = self._screened(hidden, softcap)
+        candidates = capped >= threshold[:, None]
         columns = candidates.any(0).nonzero()[:, 0]
-        # a row without candidates has logits that are not finite: only the full head gives its argmax
-        if not 0 < len(columns) <= MAX_CANDIDATES or not bool(candidates.any(-1).all()):
+        # a row without candidates (a NaN threshold) has logits that are not finite: the full head gives its argmax
+        if not 0 < len(columns) <= MAX_CANDIDATES or bool(threshold.isnan().any()):
             return soft_cap(self.full(hidden), softcap).argmax(-1)
         exact = soft_cap(hidden @ self.weight[columns].T, softcap)
         return columns[exact.masked_fill(~candidates[:, columns], float("-inf")).argmax(-1)]
