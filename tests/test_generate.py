@@ -23,7 +23,7 @@ from encdec.inference import onednn
 from encdec.inference.engine import Engine, Row
 from encdec.inference.loading import load_for_inference
 from encdec.inference.quantize import quantize_int8
-from encdec.inference.sampling import Sampling, filtered_logits
+from encdec.inference.sampling import ARGMAX_BLOCK, Sampling, filtered_logits, row_argmax
 from encdec.model import ACTIVATIONS, MLP, soft_cap
 
 
@@ -80,6 +80,24 @@ def test_a_threshold_in_bfloat16_is_never_above_the_float32_one(x):
     assert below.dtype == torch.bfloat16 and below.float().item() <= x
     if abs(x) < 1e38:  # (beyond, it may become -inf: every token a candidate, and the full head decides)
         assert below.float().item() >= x - abs(x) * 2.0**-6 - 1e-37  # and not far below: the screen stays narrow
+
+
+@given(st.integers(1, 3), st.integers(1, 3 * ARGMAX_BLOCK + 7), st.integers(0, 2**32 - 1),
+       st.sampled_from([torch.float32, torch.bfloat16]))
+def test_the_blockwise_argmax_is_torchs(rows, vocab, seed, dtype):
+    """The same index as torch.argmax: the first of equal maxima (ties are common: few distinct values here),
+    a NaN taken for the largest, a row of -inf, and a vocabulary that is not a whole number of blocks."""
+    g = torch.Generator().manual_seed(seed)
+    values = torch.tensor([float("-inf"), -1.0, 0.0, 2.0, 3.0, float("nan")])
+    weights = torch.tensor([4.0, 30.0, 30.0, 10.0, 2.0, 0.02])
+    x = values[torch.multinomial(weights, rows * vocab, replacement=True, generator=g)].view(rows, vocab).to(dtype)
+    x[0] = float("-inf") if seed % 5 == 0 else x[0]
+    assert torch.equal(row_argmax(x), x.argmax(-1))
+    if vocab > ARGMAX_BLOCK and vocab % ARGMAX_BLOCK:  # NaNs in the blocks and in the rest, or in the rest alone
+        x[:, [3, vocab - 1]] = float("nan")
+        assert torch.equal(row_argmax(x), x.argmax(-1))
+        x[:, 3] = 9.0
+        assert torch.equal(row_argmax(x), x.argmax(-1))
 
 
 @needs_onednn

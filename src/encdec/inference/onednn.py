@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from encdec.errors import EncdecError
+from encdec.inference.sampling import row_argmax
 from encdec.model import MLP, EncoderDecoder, soft_cap
 
 CPU_KERNELS = ("onednn", "blas")
@@ -178,13 +179,13 @@ class ScreenedHead(nn.Module):
         does. The screened tokens are scored by another float32 product than the full head's, so at ties
         within float32 rounding the two may pick differently, as any two float32 kernels may."""
         if self.max_rows is not None and len(hidden) > self.max_rows:
-            return soft_cap(self.full(hidden), softcap).argmax(-1)
+            return row_argmax(soft_cap(self.full(hidden), softcap))
         capped, threshold = self._screened(hidden, softcap)
         candidates = capped >= threshold[:, None]
         columns = candidates.any(0).nonzero()[:, 0]
         # a row without candidates (a NaN threshold) has logits that are not finite: the full head gives its argmax
         if not 0 < len(columns) <= MAX_CANDIDATES or bool(threshold.isnan().any()):
-            return soft_cap(self.full(hidden), softcap).argmax(-1)
+            return row_argmax(soft_cap(self.full(hidden), softcap))
         exact = soft_cap(hidden @ self.weight[columns].T, softcap)
         return columns[exact.masked_fill(~candidates[:, columns], float("-inf")).argmax(-1)]
 
