@@ -25,7 +25,9 @@ wall time), p50 / p99 time to first token and latency (p99 of a few requests is 
 maximum), and the server's peak resident memory (VmHWM of its process, loading included). Output
 texts are compared with the transformers loop's for the same requests. The last lines give, at the
 most concurrent level, serve's output tokens/s over the transformers loop's, and serve's p99 latency
-over the transformers loop's single-client latency (the issue's two goals), for serve-bf16 (against the bfloat16
+over the transformers loop's single-client latency (the issue's two goals; that latency is the median of the few requests the
+single-client level sends, so a second line divides by the median of the same requests' latencies alone, which
+the loop measures as it takes them one at a time), for serve-bf16 (against the bfloat16
 loop where it ran, and the float32 one) and then for serve.
 
 The model: the packaged Gemma 3 270M adapted (balanced, merged attention), prepared as
@@ -66,13 +68,15 @@ REQUEST_TIMEOUT_S = 600
 @dataclass
 class Done:
     """One completed request (its index in the request list): seconds to the first token and to the end,
-    tokens generated, text."""
+    tokens generated, text; for the transformers loop, also the seconds of its own generation (its latency had
+    it been alone: the loop takes one request at a time)."""
 
     index: int
     ttft: float
     latency: float
     tokens: int
     text: str
+    alone: float | None = None
 
 
 def parse_args() -> argparse.Namespace:
@@ -274,6 +278,7 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
 
     def generate(index: int, submitted: float) -> dict:
         request = spec["requests"][index]
+        began = time.perf_counter()
         batch = tokenizer(request["prompt"], return_tensors="pt")
         first = FirstToken()
         with torch.inference_mode():
@@ -282,7 +287,7 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
         ids = out[0, 1:].tolist()  # after the decoder start token; a final EOS counts, as in the server's usage
         end = time.perf_counter()
         return {"index": index, "ttft": (first.at or end) - submitted, "latency": end - submitted, "tokens": len(ids),
-                "text": tokenizer.decode(ids, skip_special_tokens=True)}
+                "text": tokenizer.decode(ids, skip_special_tokens=True), "alone": end - began}
 
     def server() -> None:
         torch.set_num_threads(threads)
@@ -376,6 +381,9 @@ def main() -> None:
         print(f"ratio ({target} / {baseline} output tokens/s, {args.clients[top]} clients): {rate / base_rate:.2f}x")
         print(f"ratio ({target} p99 latency at {args.clients[top]} clients / {baseline} latency at "
               f"{args.clients[single]} client(s)): {p99 / base_single:.2f}x")
+        alone = statistics.median(d.alone for d in base[top][0])
+        print(f"ratio ({target} p99 latency at {args.clients[top]} clients / {baseline} median latency of the same "
+              f"requests alone): {p99 / alone:.2f}x")
 
 
 if __name__ == "__main__":
