@@ -81,6 +81,20 @@ def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
     assert list(read_documents(spec, hub_limit=2)) == ["a", "b"]  # the limit counts documents, not blank records
 
 
+def test_tokens_of_a_hub_dataset_read_from_the_cache_say_so(sources, tmp_path, caplog):
+    """The cache of an hf: dataset's tokens is keyed by its name: a newer version on the Hub goes unread, which the
+    log says, with the file to delete."""
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text('{"text": "w1 w2"}\n')
+    spec = f"hf:{tmp_path / 'ds'}"
+    first = tokens.token_stream(tokenizer, [spec], cache_dir=tmp_path / "cache")
+    assert "not read" not in caplog.text
+    with caplog.at_level("INFO", logger="encdec"):
+        assert np.array_equal(tokens.token_stream(tokenizer, [spec], cache_dir=tmp_path / "cache"), first)
+    assert f"{spec}: the tokens cached on" in caplog.text and str(tmp_path / "cache") in caplog.text
+
+
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad.jsonl, line 2: not valid JSON"),
     ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"field.jsonl, line 2: no string field 'text'"),

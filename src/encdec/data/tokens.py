@@ -11,6 +11,7 @@ import hashlib
 import importlib.metadata
 import logging
 import platform
+import time
 import zipfile
 from pathlib import Path
 
@@ -123,6 +124,10 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
     if path.exists():
         cached = _read_cache(path, len(tokenizer))
         if cached is not None:
+            hub = [spec for spec in specs if spec.startswith("hf:")]
+            if hub:  # its key is the name: a newer version of the dataset goes unseen
+                log.info("%s: the tokens cached on %s (a newer version on the Hub is not read; delete %s to read it "
+                         "again)", ", ".join(hub), time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime)), path)
             return cached
     documents = _documents(specs, text_field)
     if not documents:
