@@ -25,9 +25,9 @@ wall time), p50 / p99 time to first token and latency (p99 of a few requests is 
 maximum), and the server's peak resident memory (VmHWM of its process, loading included). Output
 texts are compared with the transformers loop's for the same requests. The last lines give, at the
 most concurrent level, serve's output tokens/s over the transformers loop's, and serve's p99 latency
-over the transformers loop's single-client latency (the issue's two goals; that latency is the median of the few requests the
-single-client level sends, so a second line divides by the median of the same requests' latencies alone, which
-the loop measures as it takes them one at a time), for serve-bf16 (against the bfloat16
+over the transformers loop's single-client latency (the issue's two goals; that latency is the median of the few
+requests the single-client level sends, so a second line divides by the median of the same requests' latencies
+alone, which the loop measures as it takes them one at a time), for serve-bf16 (against the bfloat16
 loop where it ran, and the float32 one) and then for serve.
 
 The model: the packaged Gemma 3 270M adapted (balanced, merged attention), prepared as

@@ -142,8 +142,9 @@ def _convert(path: Path, out: Path) -> Path:
         except (RuntimeError, ValueError) as e:  # e.g. tensor shapes that disagree with the config it derived
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             if "memory" in first.lower():  # CPU allocation failures are RuntimeErrors too
+                size = parameters * 4 / 2**30
                 raise EncdecError(f"{path}: too little memory to dequantize this {arch} GGUF ({first}): its "
-                                  f"{parameters:,} parameters take about {parameters * 4 / 2**30:.1f} GiB in float32") from None
+                                  f"{parameters:,} parameters take about {size:.1f} GiB in float32") from None
             raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF ({first}); its shapes (e.g. "
                               "head_dim) are not ones transformers can map") from None
         tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name, trust_remote_code=False)
