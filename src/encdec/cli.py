@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, metavar="DIR", help="checkpoint directory (any format encdec reads)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="input text; repeat for a batch")
     p.add_argument("--input", metavar="FILE",
-                   help="prompts from a file instead: .jsonl records {\"prompt\": ...} (plain text, as /v1/completions) "
+                   help="prompts from a file instead: .jsonl records {\"prompt\": ...} (plain, as /v1/completions) "
                    "or {\"messages\": [...]} (the chat format, as /v1/chat/completions and finetune; other fields are "
                    "copied to the output), or a .txt file's paragraphs; "
                    "- reads .jsonl records from standard input. Output: one JSON line per prompt, in order")
