@@ -106,6 +106,23 @@ def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monk
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stop_during_the_last_step_still_writes_the_final_model(adapted, corpus, tmp_path, monkeypatch, capsys):
+    """Every step done, the run stopped with "continue with --resume", and a resumed run was needed only to write
+    the final model (a pre-empted job submitted again for it)."""
+    original_log = Metrics.log
+
+    def log_then_signal(self, record, **kw):
+        original_log(self, record, **kw)
+        if record["step"] == 2:  # during step 3, the last
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Metrics, "log", log_then_signal)
+    final = loop.train(_config(adapted, tmp_path / "run", corpus, steps=3, eval_every=0))
+    assert final == tmp_path / "run" / "model" and encdec.load(final)
+    assert [p.name for p in checkpointing.checkpoints(tmp_path / "run")] == ["step-000002", "step-000003"]
+    assert "stop requested during the last step (3): writing the final model" in capsys.readouterr().out
+
+
 def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(adapted, corpus, tmp_path, monkeypatch):
     """--precision auto times bfloat16 against float32 on a CPU: at every launch, so a run resumed on a busier (or
     another) machine could go on in the other dtype, unlike the uninterrupted run and unsaid. The run's verdict is

@@ -259,7 +259,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 if d.world > 1 and not cfg.fsdp:
                     record["ranks_in_sync"] = distributed.in_sync(model, d)
             metrics.log(record, write=(step + 1) % cfg.log_every == 0 or done or "ranks_in_sync" in record)
-            if stopping:
+            if stopping and done:  # every step is done: the final model is what is left (a second signal stops it;
+                # --resume writes it then), rather than a run to start again for it alone
+                metrics.message(f"stop requested during the last step ({step + 1}): writing the final model")
+            elif stopping:
                 metrics.message(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_checkpoint})")
                 metrics.close()
                 raise KeyboardInterrupt
