@@ -601,6 +601,8 @@ def test_engine_embeddings_pool_each_prompt_alone(model, pooling):
             expected = states.mean(0) if pooling == "mean" else states[-1]
             torch.testing.assert_close(vector, F.normalize(expected, dim=0), atol=1e-5, rtol=1e-5)
     assert not engine.rows and engine.enc_len == 0
+    with pytest.raises(ValueError, match="every prompt needs at least one token"):  # was a NaN vector
+        engine.embed([[5], []], pooling)
 
 
 def test_a_prompt_joining_several_times_is_encoded_once(model, monkeypatch):

@@ -167,8 +167,6 @@ class Engine:
             raise ValueError(f"{len(rows)} rows cannot join: {self.free} free slots")
         prompts = [torch.as_tensor(p, dtype=torch.long).to(self.device) for p in prompts]
         lengths = [len(p) for p in prompts]
-        if min(lengths, default=1) < 1:  # its cross-attention would read nothing, or what the slot held before
-            raise ValueError("every prompt needs at least one token")
         hidden, placed = self._encode(prompts)
         self._grow_encoder(max(lengths))
         self._grow_self(min(max(len(r.decoder_prefix) + r.max_new_tokens for r in rows), PREALLOCATED_POSITIONS))
@@ -192,6 +190,9 @@ class Engine:
         """The encoder's final states of `prompts` packed into rows (`packing_width`), and where each prompt
         sits: (prompt, packed row, offset). A prompt given several times (a request for n choices) is
         encoded once."""
+        if any(len(p) == 0 for p in prompts):  # its cross-attention would read nothing (or what the slot held
+            # before), its pooled state would be the mean of nothing
+            raise ValueError("every prompt needs at least one token")
         keys = [tuple(p.tolist()) for p in prompts]
         unique = {key: i for i, key in reversed(list(enumerate(keys)))}  # each prompt's first index
         order = sorted(unique.values())
