@@ -620,6 +620,8 @@ def test_resuming_with_another_model_is_one_line(capsys, tmp_path, sources, adap
 @pytest.mark.parametrize("argv, message", [
     (["classify", "--predict", "{dir}", "--task", "cb", "--text", "w1"], "drop --task"),
     (["classify", "{dir}", "--task", "cb", "--out", "{dir}/out", "--text", "w1"], "pass --predict too"),
+    (["classify", "--predict", "{dir}", "--lr", "3e-5", "--text", "w1"], "--lr sets how a classifier is trained"),
+    (["classify", "--predict", "{dir}", "--epochs", "2", "--probe", "--text", "w1"], "--epochs, --probe set how"),
 ])
 def test_classify_flags_that_would_be_ignored_are_refused(capsys, tmp_path, argv, message):
     assert main([part.format(dir=tmp_path) for part in argv]) == 2

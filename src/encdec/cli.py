@@ -302,6 +302,11 @@ def cmd_classify(args: argparse.Namespace) -> None:
         if ignored:
             raise EncdecError("--predict DIR reads the task and model from the saved classifier; "
                               f"drop {', '.join(ignored)}")
+        training = [f"--{dest.replace('_', '-')}" for dest, default in args.training_defaults.items()
+                    if getattr(args, dest) != default]
+        if training:  # they would change nothing: the saved classifier is used as it was trained
+            raise EncdecError(f"{', '.join(training)} set{'s' if len(training) == 1 else ''} how a classifier is "
+                              "trained; --predict DIR uses the saved one as it is: drop them")
         texts = list(args.text or []) + (read_inputs(args.input) if args.input else [])
         labels, probs = predict_texts(args.predict, texts)
         for text, pr in zip(texts, probs):
@@ -613,7 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict", type=Path, metavar="DIR", help="a saved classifier (OUT/classifier): label inputs with it")
     p.add_argument("--text", action="append", metavar="TEXT", help="with --predict: an input text; repeat for more")
     p.add_argument("--input", type=Path, metavar="FILE.jsonl", help='with --predict: one {"text": ...} object per line')
-    p.set_defaults(func=cmd_classify)
+    defaults = vars(p.parse_args([]))  # every option's default; those of training, --predict refuses when given
+    p.set_defaults(func=cmd_classify, training_defaults={
+        dest: value for dest, value in defaults.items() if dest not in ("model", "task", "out", "predict", "text", "input")})
 
     p = sub.add_parser("export-encoder", formatter_class=_formatter, help="save the encoder alone, without the decoder",
                        description="Write the embedding and encoder stack of an encoder-decoder checkpoint (for "
