@@ -619,8 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", action="append", metavar="TEXT", help="with --predict: an input text; repeat for more")
     p.add_argument("--input", type=Path, metavar="FILE.jsonl", help='with --predict: one {"text": ...} object per line')
     defaults = vars(p.parse_args([]))  # every option's default; those of training, --predict refuses when given
-    p.set_defaults(func=cmd_classify, training_defaults={
-        dest: value for dest, value in defaults.items() if dest not in ("model", "task", "out", "predict", "text", "input")})
+    predicting = ("model", "task", "out", "predict", "text", "input")
+    p.set_defaults(func=cmd_classify,
+                   training_defaults={dest: value for dest, value in defaults.items() if dest not in predicting})
 
     p = sub.add_parser("export-encoder", formatter_class=_formatter, help="save the encoder alone, without the decoder",
                        description="Write the embedding and encoder stack of an encoder-decoder checkpoint (for "
