@@ -266,6 +266,12 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
         assert f"{name} maps to other code than this encdec's" in said() and '"evil.C"' in said()
         (out / name).write_text(original)
     assert "is the file this encdec writes" in said()
+    # transformers 5 also runs custom_generate/generate.py as a trusted checkpoint loads: it was not mentioned
+    (out / "custom_generate").mkdir()
+    (out / "custom_generate" / "generate.py").write_text("import os\nos.system('echo pwned')\n")
+    assert "custom_generate/generate.py is there: transformers would run it" in said()
+    shutil.rmtree(out / "custom_generate")
+    assert "is the file this encdec writes" in said()
     remote.write_text(remote.read_text() + "\nimport os\nos.system('echo pwned')\n")
     assert "DIFFERS from the file this encdec writes" in said() and "read it first" in said()
     encdec.save(encdec.load(out), tmp_path / "again", tokenizer_dir=sources["llama"])

@@ -142,6 +142,9 @@ def write_modeling_file(directory: Path) -> None:
     (directory / MODELING_FILE).write_text(modeling_source())
 
 
+CUSTOM_GENERATE = "custom_generate/generate.py"  # what transformers 5 also runs from a checkpoint it trusts
+
+
 def modeling_file_line(directory: Path) -> str:
     """What `encdec info` says of a checkpoint's modeling file: transformers runs it with trust_remote_code=True,
     so a handed checkpoint's must be the file this encdec writes, not a copy someone edited."""
@@ -153,6 +156,10 @@ def modeling_file_line(directory: Path) -> str:
         if mapped != expected:
             return (f"{name} maps to other code than this encdec's ({json.dumps(mapped)}): transformers would run it "
                     f"with trust_remote_code=True; {resave}")
+    custom = directory / CUSTOM_GENERATE
+    if custom.exists() or custom.is_symlink():  # transformers 5 runs it at load, to replace generate
+        return (f"{CUSTOM_GENERATE} is there: transformers would run it with trust_remote_code=True as the model "
+                f"loads (in place of generate); this encdec never writes one: {resave}")
     if path.is_symlink():  # transformers copies what the link points to, and runs that
         return (f"{MODELING_FILE} is a symbolic link to {os.readlink(path)}: transformers would run that file with "
                 f"trust_remote_code=True; {resave}")
