@@ -654,6 +654,27 @@ def test_quickstart_overwrite_without_training_leaves_no_earlier_training(capsys
     assert sorted(p.name for p in out.iterdir()) == ["adapted"]
 
 
+def test_quickstart_overwrite_leaves_a_run_of_another_model_alone(capsys, tmp_path, sources, monkeypatch):
+    """`encdec pretrain` writes to runs/pretrain by default: `encdec quickstart --out runs --overwrite` took it for
+    the quickstart's own run and deleted it (with --steps 0; with training, its checkpoints and model)."""
+    import encdec.quickstart
+
+    monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
+    out, other = tmp_path / "runs", tmp_path / "other"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("w1 w2 w3 w4 w5 w6 w7 w8\n\n" * 40)
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(other)]) == 0
+    assert main(["pretrain", "--model", str(other), "--out", str(out / "pretrain"), "--data", str(corpus), "--steps",
+                 "1", "--enc-len", "8", "--dec-len", "8", "--batch-size", "2", "--eval-windows", "1"]) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    for steps in ("0", "1"):
+        assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", steps, "--max-new-tokens", "2"]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"holds a training run of {other}" in line and "choose another --out" in line
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_quickstart_overwrite_without_training_leaves_a_live_run_alone(capsys, tmp_path, sources, monkeypatch):
     """...but not while a quickstart still trains there: its run directory is locked."""
     import fcntl

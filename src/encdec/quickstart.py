@@ -22,7 +22,7 @@ from encdec.sources import load_source, load_tokenizer, transformers_causal_lm
 from encdec.training.config import TrainConfig
 from encdec.training.distributed import Dist
 from encdec.training.loop import train
-from encdec.training.rundir import LOCK, locked
+from encdec.training.rundir import LOCK, locked, started_from
 from encdec.training.vocab import always_kept, check_trim_size
 
 SOURCE = "gemma-3-270m"
@@ -43,6 +43,10 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
         raise EncdecError("--prompt is empty; give a text to continue")
     check_output_dir(out, overwrite)
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
+    started = started_from(run_dir)  # --overwrite replaces the quickstart's own run, not one that sits in OUT/pretrain
+    if started is not None and Path(started).expanduser().resolve() != adapted_dir.resolve():
+        raise EncdecError(f"{run_dir} holds a training run of {started}, not of {adapted_dir}, which --overwrite does "
+                          "not replace (encdec pretrain's default --out is runs/pretrain); choose another --out")
     with timed(f"loading {SOURCE}"):
         source = load_source(SOURCE)
         tokenizer = load_tokenizer(source.directory)

@@ -38,6 +38,7 @@ from encdec.files import (
 )
 from encdec.training import checkpointing, distributed
 from encdec.training.config import TrainConfig
+from encdec.training.plain_state import read_state
 
 log = logging.getLogger("encdec")
 LOCK = RUN_LOCK
@@ -173,6 +174,19 @@ def _plain(name: str, value: object) -> object:
     if name not in PATHS or not value:
         return value
     return [portable_path(v) for v in value] if isinstance(value, list) else portable_path(value)
+
+
+def started_from(out: Path) -> str | None:
+    """The --model a training run in `out` started from, as its newest readable checkpoint records it (None: no
+    checkpoint says)."""
+    for path in reversed(checkpointing.checkpoints(out)):
+        try:
+            model = read_state(path, "trainer")["config"]["model"]
+        except (EncdecError, KeyError, TypeError):
+            continue
+        if isinstance(model, str):
+            return model
+    return None
 
 
 def start_model_files(model_dir: Path) -> list[str] | None:
