@@ -260,6 +260,18 @@ def test_existing_output_directory(capsys, tmp_path, sources):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+def test_overwrite_replaces_an_earlier_output_not_another_folder(capsys, tmp_path, sources):
+    """`--out ~/models --overwrite`, meant as "into ~/models", replaced the whole folder."""
+    out = tmp_path / "models"
+    out.mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (out / name).write_text("x")
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out), "--overwrite"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"output directory {out} holds a.gguf, b.gguf but none of what this command writes there" in line
+    assert sorted(p.name for p in out.iterdir()) == ["a.gguf", "b.gguf"]
+
+
 def test_empty_decoder_layers(capsys, tmp_path, sources):
     line = _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder-layers", "")
     assert "--decoder-layers is empty" in line

@@ -107,8 +107,16 @@ def test_existing_output_kept_unless_overwrite(t5gemma2_dir, tmp_path, capsys):
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    # not an earlier export: --overwrite does not replace a folder of other files either
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--overwrite"]) == 2
+    assert "holds mine.txt but none of what this command writes there" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    (out / "mine.txt").unlink()
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out)]) == 2  # empty: still --overwrite
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--overwrite"]) == 0
-    assert "mine.txt" not in {p.name for p in out.iterdir()} and (out / "model.bin").is_file()
+    (out / "notes.txt").write_text("mine")  # an earlier export, with a file of the user's beside it
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--overwrite"]) == 0
+    assert "notes.txt" not in {p.name for p in out.iterdir()} and (out / "model.bin").is_file()
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

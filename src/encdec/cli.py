@@ -58,7 +58,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.report import describe, parameter_table
     from encdec.sources import load_source
 
-    check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder))
+    check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder), replaces=("config.json",))
     if args.decoder_layers is not None and not args.decoder_layers.strip():
         raise EncdecError("--decoder-layers is empty: expected a comma list like 0,3,6 or a slice like ::3")
     if args.decoder_layers is not None:
@@ -353,7 +353,7 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
 
     if not is_checkpoint(args.model):
         raise EncdecError(f"{args.model} is not an encoder-decoder checkpoint (from encdec adapt / pretrain)")
-    check_output_dir(args.out, args.overwrite, (args.model,))
+    check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",))
     backbone = from_encoder_decoder(load(args.model))
     fmt = write_encoder(backbone, args.out, tokenizer_dir=Path(args.model) if has_tokenizer(Path(args.model)) else None,
                         overwrite=args.overwrite)

@@ -291,10 +291,13 @@ def check_not_above(out: Path) -> None:
         raise EncdecError(f"--out {out} is the current directory or one above it; name a directory of its own")
 
 
-def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None, ...] = ()) -> None:
+def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None, ...] = (),
+                     replaces: tuple[str, ...] = ()) -> None:
     """Fail before any work when the output directory, which is replaced whole, would clobber something: an
     existing `out` without `overwrite`, a training run's directory even with it (its checkpoints, a live run's
-    lock), any of the `inputs` (check_apart), the working directory or one above."""
+    lock), any of the `inputs` (check_apart), the working directory or one above; and, for a command's --out, a
+    directory with files but none of the names its earlier output holds (`replaces`): `--out ~/models
+    --overwrite`, meant as "into", replaced the whole folder."""
     check_writable_place(out)
     check_not_above(out)
     check_apart(out, inputs)
@@ -305,6 +308,11 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
     if out.is_dir() and run:
         raise EncdecError(f"output directory {out} holds a training run ({', '.join(run)}), which --overwrite does "
                           "not replace; choose another --out")
+    held = sorted(entry.name for entry in out.iterdir()) if replaces and out.is_dir() and not out.is_symlink() else []
+    if held and not set(held) & set(replaces):
+        raise EncdecError(f"output directory {out} holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} but "
+                          f"none of what this command writes there ({', '.join(replaces)}): --overwrite replaces an "
+                          "earlier output, not another folder; choose another --out, or remove it yourself")
 
 
 @contextlib.contextmanager

@@ -41,7 +41,7 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
             raise EncdecError(f"{flag} must be at least {low}, got {value}")
     if not prompt.strip():
         raise EncdecError("--prompt is empty; give a text to continue")
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, replaces=("adapted", "pretrain"))
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
     started = started_from(run_dir)  # --overwrite replaces the quickstart's own run, not one that sits in OUT/pretrain
     if started is not None and Path(started).expanduser().resolve() != adapted_dir.resolve():

@@ -104,7 +104,7 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     searched = candidates(grid, hyper) if grid is not None else None
     if probe_c is not None:
         check_available()
-    check_output_dir(out, overwrite, (model,))
+    check_output_dir(out, overwrite, (model,), replaces=("results.json", "classifier"))
     data = load_task(task)
     p = plan(data, folds=folds, limit=limit, eval_limit=eval_limit, seed=hyper.seed)
     selecting = grid is not None or probe_c is not None

@@ -50,7 +50,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     # random values and says nothing); mapped, as stored: no copy is made
     load_checkpoint(model_dir, None, mapped=True)
     tokenizer = load_tokenizer(model_dir)  # CTranslate2 takes its vocabulary from it: fail before any work
-    check_output_dir(out, overwrite, (model_dir,))
+    check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin", "config.json"))
     try:
         from ctranslate2.converters import TransformersConverter
     except ImportError:
