@@ -214,6 +214,13 @@ def test_too_little_memory_to_dequantize_a_gguf_is_said_as_such(capsys, tmp_path
     assert "too little memory to dequantize this gemma3 GGUF" in line and "GiB in float32" in line
     assert "shapes" not in line
 
+    def numpy_out_of_memory(*args, **kwargs):  # dequantizing goes through numpy, whose failure is a MemoryError
+        raise MemoryError("Unable to allocate 1.00 GiB for an array with shape (262144, 1024) and data type float32")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", numpy_out_of_memory)
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "too little memory to dequantize this gemma3 GGUF (Unable to allocate 1.00 GiB" in line
+
 
 def test_different_vocabularies(capsys, tmp_path):
     from tiny import make_source
@@ -632,8 +639,9 @@ def test_resuming_with_another_model_is_one_line(capsys, tmp_path, sources, adap
 @pytest.mark.parametrize("argv, message", [
     (["classify", "--predict", "{dir}", "--task", "cb", "--text", "w1"], "drop --task"),
     (["classify", "{dir}", "--task", "cb", "--out", "{dir}/out", "--text", "w1"], "pass --predict too"),
-    (["classify", "--predict", "{dir}", "--lr", "3e-5", "--text", "w1"], "--lr sets how a classifier is trained"),
-    (["classify", "--predict", "{dir}", "--epochs", "2", "--probe", "--text", "w1"], "--epochs, --probe set how"),
+    (["classify", "--predict", "{dir}", "--lr", "3e-5", "--text", "w1"], "--lr: options of training a classifier"),
+    (["classify", "--predict", "{dir}", "--epochs", "2", "--probe", "--text", "w1"],
+     "--epochs, --probe: options of training"),
 ])
 def test_classify_flags_that_would_be_ignored_are_refused(capsys, tmp_path, argv, message):
     assert main([part.format(dir=tmp_path) for part in argv]) == 2
@@ -685,6 +693,26 @@ def test_quickstart_overwrite_leaves_a_run_of_another_model_alone(capsys, tmp_pa
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert f"holds a training run of {other}" in line and "choose another --out" in line
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_quickstart_overwrite_replaces_its_own_run_recorded_from_another_directory(capsys, tmp_path, sources,
+                                                                                  monkeypatch):
+    """A run records its --model as typed: a relative OUT/adapted, resolved from another working directory, was
+    taken for another model and the quickstart's own run refused."""
+    import encdec.quickstart
+
+    monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("w1 w2 w3 w4 w5 w6 w7 w8\n\n" * 40)
+    assert main(["quickstart", "--out", "qs", "--steps", "0", "--max-new-tokens", "2"]) == 0
+    assert main(["pretrain", "--model", "qs/adapted", "--out", "qs/pretrain", "--data", str(corpus), "--steps", "1",
+                 "--enc-len", "8", "--dec-len", "8", "--batch-size", "2", "--eval-windows", "1"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--overwrite", "--steps", "0", "--max-new-tokens",
+                 "2"]) == 0
+    assert sorted(p.name for p in (tmp_path / "qs").iterdir()) == ["adapted"]
 
 
 def test_quickstart_overwrite_without_training_leaves_a_live_run_alone(capsys, tmp_path, sources, monkeypatch):

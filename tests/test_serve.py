@@ -1144,7 +1144,7 @@ def test_a_failure_while_reading_the_answer_is_an_api_error_and_the_server_goes_
 
     monkeypatch.setattr(TextStream, "add", failing)
 
-    async def ask(client) -> tuple[httpx.Response, str, int]:
+    async def ask(client) -> tuple[httpx.Response, str, int, httpx.Response]:
         body = {"prompt": "w1", "max_tokens": 6, "temperature": 1.0, "n": 2, "seed": 1}
         plain = await asyncio.wait_for(client.post("/v1/completions", json=body), 60)
         streamed = await asyncio.wait_for(client.post("/v1/completions", json={**body, "stream": True}), 60)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,8 +47,9 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _stopped_during(step: int, cfg: TrainConfig, monkeypatch) -> None:
-    """Run `cfg` with a SIGTERM arriving during `step`: the real signal path (the step finishes, is checkpointed,
+@contextlib.contextmanager
+def _sigterm_during(step: int, monkeypatch) -> Iterator[None]:
+    """Training runs inside get a SIGTERM during `step`: the real signal path (the step finishes, is checkpointed,
     and the run stops)."""
     original_log = Metrics.log
 
@@ -56,9 +59,15 @@ def _stopped_during(step: int, cfg: TrainConfig, monkeypatch) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Metrics, "log", log_then_signal)
-    with pytest.raises(KeyboardInterrupt):
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(Metrics, "log", original_log)
+
+
+def _stopped_during(step: int, cfg: TrainConfig, monkeypatch) -> None:
+    with _sigterm_during(step, monkeypatch), pytest.raises(KeyboardInterrupt):
         loop.train(cfg)
-    monkeypatch.setattr(Metrics, "log", original_log)
 
 
 @pytest.mark.parametrize("objective, distill, factor", [("prefixlm", True, 0.8), ("prefixlm", False, 0.8),
@@ -109,15 +118,8 @@ def test_resume_reproduces_the_uninterrupted_run(adapted, corpus, tmp_path, monk
 def test_a_stop_during_the_last_step_still_writes_the_final_model(adapted, corpus, tmp_path, monkeypatch, capsys):
     """Every step done, the run stopped with "continue with --resume", and a resumed run was needed only to write
     the final model (a pre-empted job submitted again for it)."""
-    original_log = Metrics.log
-
-    def log_then_signal(self, record, **kw):
-        original_log(self, record, **kw)
-        if record["step"] == 2:  # during step 3, the last
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(Metrics, "log", log_then_signal)
-    final = loop.train(_config(adapted, tmp_path / "run", corpus, steps=3, eval_every=0))
+    with _sigterm_during(3, monkeypatch):  # the last step
+        final = loop.train(_config(adapted, tmp_path / "run", corpus, steps=3, eval_every=0))
     assert final == tmp_path / "run" / "model" and encdec.load(final)
     assert [p.name for p in checkpointing.checkpoints(tmp_path / "run")] == ["step-000002", "step-000003"]
     assert "stop requested during the last step (3): writing the final model" in capsys.readouterr().out

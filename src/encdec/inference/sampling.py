@@ -33,7 +33,7 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     and 0.7 ms (docs/benchmarks.md, 2026-12-05)."""
     n, vocab = x.shape
     whole = vocab - vocab % ARGMAX_BLOCK
-    if x.device.type != "cpu" or whole == 0:
+    if x.device.type != "cpu" or whole == 0 or n == 0:
         return x.argmax(-1)
     blocks = x[:, :whole].reshape(n, -1, ARGMAX_BLOCK)
     block = blocks.amax(-1).argmax(-1)
