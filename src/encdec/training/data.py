@@ -230,6 +230,15 @@ def teacher_rows(rows: PackedRows) -> TeacherRows:
     return TeacherRows(ids, segs, pos, targets)
 
 
+def example_ends(rows: PackedRows) -> torch.Tensor:
+    """[R, dec_len]: True at each example's last target, the EOS appended where its window was cut."""
+    labelled = rows.labels != -100
+    continued = torch.zeros_like(labelled)
+    same = rows.decoder_segment_ids[:, 1:] == rows.decoder_segment_ids[:, :-1]
+    continued[:, :-1] = labelled[:, 1:] & same
+    return labelled & ~continued
+
+
 def make_batch(examples: list[Example], *, enc_len: int, dec_len: int, pad_id: int, bos_id: int,
                with_teacher: bool) -> Batch:
     rows = pack(examples, enc_len=enc_len, dec_len=dec_len, pad_id=pad_id, bos_id=bos_id)

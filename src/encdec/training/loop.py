@@ -124,10 +124,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             teacher = trim_teacher(teacher, keep, untrained)
         distillation = Distillation(cfg.alpha, cfg.tau, cfg.teacher_top_k)
     if plan.causal:
-        module: nn.Module = CausalLossModule(model, cfg.loss_chunk, distillation, plan.eos_id)
+        module: nn.Module = CausalLossModule(model, cfg.loss_chunk, distillation)
         blocks = list(model.stack.layers)
     else:
-        module = LossModule(model, cfg.loss_chunk, distillation, plan.eos_id)
+        module = LossModule(model, cfg.loss_chunk, distillation)
         blocks = [*model.encoder.layers, *model.decoder.layers]
     if teacher is not None:
         module.teacher_head = teacher.logits

@@ -42,7 +42,7 @@ class Plan:
     stream: ExampleStream
     eval_examples: list[Example]
     vocab_size: int  # of the full vocabulary (the teacher's)
-    eos_id: int  # the id (in the trained vocabulary) that ends the targets: never distilled (windows are cut there)
+    eos_id: int  # the id (in the trained vocabulary) that ends every example's targets
     trimmed: Trimmed | None = None  # the vocabulary the model is trained on, when trimmed
     source: DecoderOnlySource | None = None  # the decoder-only model's source (config, tokenizer)
     extra_eval: list[Example] = dataclasses.field(default_factory=list)  # --eval-data's held-out examples

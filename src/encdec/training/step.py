@@ -7,40 +7,42 @@ import torch
 from torch import nn
 
 from encdec.model import CausalLM, EncoderDecoder, EncoderState, Segments
-from encdec.training.data import Batch
+from encdec.training.data import Batch, example_ends
 from encdec.training.loss import Distillation, LossParts, TiedLookups, chunked_loss, routed, tied_lookups
 from encdec.training.vocab import Negatives
 
 
 class _HeadLoss(nn.Module):
     """What both kinds of student share: the final states at the target tokens through the fused head + loss,
-    distilled where a teacher is given (never on the EOS target: the teacher cannot know where a window was cut)."""
+    distilled where a teacher is given (never on an example's last target, the EOS appended where its window was
+    cut, which the teacher cannot know; an EOS inside the targets, a document's end, is distilled)."""
 
-    def __init__(self, chunk: int, distillation: Distillation | None, eos_id: int | None) -> None:
+    def __init__(self, chunk: int, distillation: Distillation | None) -> None:
         super().__init__()
-        self.chunk, self.distillation, self.eos_id = chunk, distillation, eos_id
+        self.chunk, self.distillation = chunk, distillation
         self.teacher_head = None
 
-    def head_loss(self, hidden: torch.Tensor, labels: torch.Tensor, head: torch.Tensor, softcap: float | None,
+    def head_loss(self, hidden: torch.Tensor, batch: Batch, head: torch.Tensor, softcap: float | None,
                   tied: TiedLookups | None, teacher_hidden: torch.Tensor | None, negatives: Negatives | None,
                   counts: tuple[float, float] | None) -> LossParts:
-        distill_mask = None if teacher_hidden is None else labels != self.eos_id
+        targets = batch.rows.labels != -100
+        labels = batch.rows.labels[targets]
+        distill_mask = None if teacher_hidden is None else ~example_ends(batch.rows)[targets]
         return chunked_loss(hidden, head, labels, chunk=self.chunk, softcap=softcap, teacher_hidden=teacher_hidden,
                             teacher_head=self.teacher_head, distill_mask=distill_mask, distillation=self.distillation,
                             tied=tied, negatives=negatives, counts=counts)
 
     def target_counts(self, batches: list[Batch]) -> tuple[int, int]:
         """Target tokens, and those distilled, of the micro-batches of one step: what their losses average over."""
-        labels = torch.cat([b.rows.labels[b.rows.labels != -100] for b in batches])
-        return labels.numel(), 0 if self.eos_id is None else int((labels != self.eos_id).sum())
+        targets = sum(b.target_tokens for b in batches)
+        return targets, targets - sum(int(example_ends(b.rows).sum()) for b in batches)
 
 
 class LossModule(_HeadLoss):
     """Student forward and chunked loss as one module, so that DDP / FSDP2 wrap all a step touches."""
 
-    def __init__(self, model: EncoderDecoder, chunk: int, distillation: Distillation | None = None,
-                 eos_id: int | None = None) -> None:  # eos_id: the targets' end (the model's first EOS if None)
-        super().__init__(chunk, distillation, model.config.eos_token_ids[0] if eos_id is None else eos_id)
+    def __init__(self, model: EncoderDecoder, chunk: int, distillation: Distillation | None = None) -> None:
+        super().__init__(chunk, distillation)
         self.model = model
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None, negatives: Negatives | None = None,
@@ -51,8 +53,7 @@ class LossModule(_HeadLoss):
             enc_seg = Segments(r.segment_ids, r.positions)
             encoder = EncoderState(model.encode_segments(r.input_ids, enc_seg), enc_seg)
             hidden = model.decode(r.decoder_input_ids, encoder, Segments(r.decoder_segment_ids, r.decoder_positions))
-        targets = r.labels != -100
-        return self.head_loss(hidden[targets], r.labels[targets], model.head_weight, model.config.final_logit_softcap,
+        return self.head_loss(hidden[r.labels != -100], batch, model.head_weight, model.config.final_logit_softcap,
                               tied, teacher_hidden, negatives, counts)
 
 
@@ -60,18 +61,16 @@ class CausalLossModule(_HeadLoss):
     """A decoder-only model trained on the same examples: it reads each example's inputs + targets
     causally (the teacher's packed rows) and is scored on the target tokens only."""
 
-    def __init__(self, model: CausalLM, chunk: int, distillation: Distillation | None = None,
-                 eos_id: int | None = None) -> None:  # eos_id: needed with a teacher
-        super().__init__(chunk, distillation, eos_id)
+    def __init__(self, model: CausalLM, chunk: int, distillation: Distillation | None = None) -> None:
+        super().__init__(chunk, distillation)
         self.model = model
 
     def forward(self, batch: Batch, teacher_hidden: torch.Tensor | None = None, negatives: Negatives | None = None,
                 counts: tuple[float, float] | None = None) -> LossParts:
-        labels = batch.rows.labels[batch.rows.labels != -100]
         tied = tied_lookups(self.model.embed.weight) if self.model.lm_head is None else None
         with routed(tied, self.model.embed):
             hidden = causal_states(self.model, batch)
-        return self.head_loss(hidden, labels, self.model.head_weight, self.model.final_logit_softcap, tied,
+        return self.head_loss(hidden, batch, self.model.head_weight, self.model.final_logit_softcap, tied,
                               teacher_hidden, negatives, counts)
 
 
