@@ -9,7 +9,7 @@ It prints the compilation time (the first compiled generation, less an eager one
 time of the following compiled generations against eager ones, and whether the tokens are the same.
 The last line is the ratio of the eager to the compiled median step (> 1: compiling pays).
 
-    python bench/compile_step.py --model runs/bench/merged --kernels blas,onednn
+    python bench/compile_step.py --model runs/bench/merged --kernels blas,onednn [--dtype bfloat16 --batch 16]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--kernels", default="blas,onednn", help="comma list of load_for_inference's CPU kernels")
     parser.add_argument("--prompt-length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2, help="timed generations of each mode")
     args = parser.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
     ids = torch.tensor(flat[: args.batch * args.prompt_length]).view(args.batch, args.prompt_length)
     rows, ratios = [], []
     for kernels in args.kernels.split(","):
-        model = load_for_inference(args.model, torch.float32, None, kernels)
+        model = load_for_inference(args.model, getattr(torch, args.dtype), None, kernels)
         reference, _ = engine_steps(model, ids, args.new_tokens)
         eager = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens)[1]]
         eager_call = sum(eager) / args.repeats
@@ -61,7 +62,7 @@ def main() -> None:
         ratios.append((kernels, eager_ms / compiled_ms))
         torch._dynamo.reset()
 
-    print(f"model {args.model}, {torch.get_num_threads()} threads, float32, batch {args.batch}, prompt "
+    print(f"model {args.model}, {torch.get_num_threads()} threads, {args.dtype}, batch {args.batch}, prompt "
           f"{args.prompt_length} -> {args.new_tokens} new, median step over {args.repeats} generation(s)")
     print(f"{'kernels':<8} {'eager ms/step':>15} {'compiled ms/step':>18} {'compile s':>13} {'same tokens':>11}")
     for row in rows:
