@@ -93,6 +93,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-new", type=int, default=32, help="fewest new tokens a request asks for")
     p.add_argument("--max-new", type=int, default=64, help="most new tokens a request asks for")
     p.add_argument("--seed", type=int, default=0, help="seed of the request sequence")
+    p.add_argument("--server-options", default="", help="more `encdec serve` options for every server target, "
+                   "space-separated (e.g. --server-options=--compile)")
     p.add_argument("--loop-worker", nargs=3, metavar=("MODEL_DIR", "REQUESTS", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.targets = args.targets.split(",")
@@ -194,8 +196,10 @@ async def drive_http(url: str, model: str, requests: list[dict], per_client: lis
 
 def server_options(target: str, args: argparse.Namespace) -> list[str]:
     """The `encdec serve` options of a server target."""
-    return {"serve": ["--max-batch", str(args.max_batch)], "serve-bf16": ["--max-batch", str(args.max_batch), "--dtype", "bfloat16"],
-            "serve-batch1": ["--max-batch", "1"]}[target]
+    options = {"serve": ["--max-batch", str(args.max_batch)],
+               "serve-bf16": ["--max-batch", str(args.max_batch), "--dtype", "bfloat16"],
+               "serve-batch1": ["--max-batch", "1"]}[target]
+    return options + args.server_options.split()
 
 
 def run_server(model_dir: Path, options: list[str], requests: list[dict], plan: list[list[list[int]]],

@@ -1278,9 +1278,10 @@ def test_an_int8_server_says_that_batching_moves_its_tokens(checkpoint, monkeypa
 
 
 def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkeypatch):
-    """`encdec serve --compile`: the service runs one row's and two rows' steps (first positions and later ones)
-    through the compiled step while it starts, so no request waits for a compilation, and leaves the engine as
-    it found it: a prompt then gets the eager engine's tokens."""
+    """`encdec serve --compile`: the scheduler runs one row's and two rows' steps (first positions and later ones)
+    through the compiled step as it starts, in its own thread with its own thread count (dynamo compiles again for
+    another: warmed up in the main thread, with one, the first requests waited for a compilation), and leaves the
+    engine as it found it: a prompt then gets the eager engine's tokens."""
     from encdec.inference.engine import Row
     from encdec.serve.app import Service, Settings
     from encdec.serve.protocol import Limits
@@ -1290,12 +1291,18 @@ def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkey
 
     def compile_(fn, **options):  # dynamo's capture, without inductor's code generation (a minute on CPU)
         compiled = real(fn, backend="eager", **options)
-        return lambda n, seen, enc: calls.append((n, seen)) or compiled(n, seen, enc)
+        return lambda n, seen, enc: calls.append((n, seen, threading.current_thread().name,
+                                                  torch.get_num_threads())) or compiled(n, seen, enc)
 
     monkeypatch.setattr(torch, "compile", compile_)
-    settings = Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), compile_step=True)
-    engine = Service(model, tokenizer, settings).scheduler.engine
-    assert {n for n, _ in calls} == {1, 2} and {seen for _, seen in calls} == {1, 2, 3}
+    settings = Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), compile_step=True, threads=3)
+    scheduler = Service(model, tokenizer, settings).scheduler
+    assert not calls  # not before the server starts
+    scheduler.start()
+    scheduler.stop(10)
+    engine = scheduler.engine
+    assert {c[0] for c in calls} == {1, 2} and {c[1] for c in calls} == {1, 2, 3}
+    assert {c[2:] for c in calls} == {("encdec-scheduler", 3)}
     assert not engine.rows
     prompt = tokenizer("w12 w13").input_ids
     row = Row(6, frozenset({-1}))

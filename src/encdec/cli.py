@@ -398,9 +398,9 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
                         "benchmark CPU its products ran 2-4x and generation 1.1-1.9x faster than blas, "
                         "docs/benchmarks.md); blas is PyTorch's default")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decoding step with torch.compile (1.5-2 minutes on a GPU, at the first prompt; "
-                        "serve compiles before it listens): on an H200 a bfloat16 step then ran 3.3x faster; on CPU "
-                        "1.07x, not worth it (docs/benchmarks.md)")
+                   help="compile the decoding step with torch.compile (1.5-2 minutes on a GPU, 1-2.5 on a 2-core "
+                        "CPU, at the first prompt; serve compiles before it listens): on an H200 a bfloat16 step then "
+                        "ran 3.3x faster, on CPU 1.08-1.11x (docs/benchmarks.md)")
 
 
 def _versions() -> str:

@@ -70,12 +70,8 @@ class Service:
         self.chat = ChatFormat.of(tokenizer)  # Gemma's turns, or the tokenizer's own chat template
         self.eos = self.chat.stop_ids(model.config.eos_token_ids)
         engine = Engine(model, settings.max_batch, settings.compile_step)
-        if settings.compile_step:
-            log.info("compiling the decoding step (--compile): 1-2 minutes on a GPU, before the server listens")
-            start = time.perf_counter()
-            engine.warm_up()
-            log.info("compiled the decoding step in %.0f s", time.perf_counter() - start)
-        self.scheduler = Scheduler(engine, settings.max_queue, self.metrics, settings.pooling, threads=settings.threads)
+        self.scheduler = Scheduler(engine, settings.max_queue, self.metrics, settings.pooling, threads=settings.threads,
+                                   warm_up=settings.compile_step)
         self.created = int(time.time())
         longest = max(map(len, tokenizer.get_vocab()), default=1)
         self.max_chars = settings.limits.max_input_tokens * longest * CHARS_PER_TOKEN_BOUND

@@ -67,9 +67,12 @@ class EmbedJob:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_queue: int, metrics: Metrics, pooling: str = "mean",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, warm_up: bool = False) -> None:
         self.engine, self.max_queue, self.metrics = engine, max_queue, metrics
         self.threads = threads  # intra-op threads of the scheduler's own thread (`encdec serve`: see cmd_serve)
+        self.warm_up = warm_up  # run the engine's throwaway steps before taking requests (a compiled step's programs)
+        self.ready = threading.Event()
+        self.startup_error: BaseException | None = None
         self.pooling = pooling  # of the embeddings: "mean" or "last"
         self.waiting: deque[Job] = deque()
         self.embedding: deque[EmbedJob] = deque()
@@ -82,7 +85,12 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="encdec-scheduler", daemon=True)
 
     def start(self) -> None:
+        """Start the thread; return once it takes requests (after the warm-up, which runs there: dynamo compiles
+        the step again for another thread count, so a warm-up elsewhere left the first requests waiting for it)."""
         self.thread.start()
+        self.ready.wait()
+        if self.startup_error is not None:
+            raise self.startup_error
 
     def check_size(self, count: int, param: str) -> None:
         """400 for a request of more generations than the queue ever holds: asked before its jobs are built (2,048
@@ -167,8 +175,23 @@ class Scheduler:
         self.metrics.running.set(len(self.engine.rows))
 
     def _run(self) -> None:
-        """The loop; should it end by an error of its own, every request it holds fails at once (rather than
-        waiting for good), later ones get 503 and /health says so."""
+        """The warm-up (a failure there is raised by `start`), then the loop; should the loop end by an error of its
+        own, every request it holds fails at once (rather than waiting for good), later ones get 503 and /health
+        says so."""
+        try:
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
+            if self.warm_up:
+                log.info("compiling the decoding step (--compile): 1-2 minutes on a GPU, 1-2.5 on a 2-core CPU, "
+                         "before the server listens")
+                start = time.perf_counter()
+                self.engine.warm_up()
+                log.info("compiled the decoding step in %.0f s", time.perf_counter() - start)
+        except BaseException as e:  # noqa: BLE001 - raised again by start(), in the thread that started this one
+            self.startup_error = e
+            return
+        finally:
+            self.ready.set()
         try:
             self._loop()
         except BaseException as e:
@@ -187,8 +210,6 @@ class Scheduler:
                 job.resolve(RuntimeError(f"the server's scheduler failed: {e!r:.200}"))
 
     def _loop(self) -> None:
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
         while True:
             with self.wake:
                 while not (self.waiting or self.embedding or self.engine.rows or self.cancelled or self.stopping):
