@@ -231,6 +231,28 @@ def test_a_compiled_step_gives_the_eager_tokens(sources, monkeypatch):
     assert torch.equal(compiled, eager)
 
 
+def test_after_the_warm_up_new_lengths_and_batch_sizes_compile_nothing_more(sources, monkeypatch):
+    """`encdec serve --compile` warms the compiled step up before it listens; what requests bring afterwards (new
+    prompt and answer lengths, up to every slot) runs the programs built then. Dynamo took sizes equal at the
+    warm-up for one (a cache's length and the slots, 4 and 4) and a slice of a whole buffer apart from a part of
+    it, and compiled again at the first burst: 60 s while 16 requests waited (bench/serve_load.py)."""
+    compiles, real = [], torch.compile
+
+    def counted(gm, example_inputs):
+        compiles.append(len(example_inputs))
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: real(fn, backend=counted, **options))
+    engine = Engine(encdec.adapt(encdec.load_source(str(sources["gemma3"]))), 4, compile_step=True)
+    engine.warm_up()
+    warmed = len(compiles)
+    for lengths, new in [([7], 5), ([3, 9, 5, 12], 9), ([30], 40), ([2, 2], 3), ([40, 41, 3, 4], 6)]:
+        engine.join([[5] * n for n in lengths], [Row(new, frozenset()) for _ in lengths])
+        while engine.rows:
+            engine.step()
+    assert 0 < warmed == len(compiles)
+
+
 def test_a_step_compiled_by_inductor_on_packed_weights_gives_the_eager_tokens(tmp_path):
     """`--compile` on CPU, where products are oneDNN's on packed weights (the default): inductor compiles the
     operations around them and calls them as they are (its lowering of oneDNN's own operator refused packed

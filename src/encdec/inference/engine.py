@@ -23,11 +23,12 @@ batched engine.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 from encdec.inference.onednn import ScreenedHead
 from encdec.inference.sampling import Sampling, pick_tokens
@@ -78,8 +79,22 @@ MAX_PACK_WIDTH = 2048  # packed encoder rows grow up to this many tokens (their 
 PACK_WIDTH_STEP = 32
 
 
+def _compiled(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`step` compiled with dynamic sizes, each its own: by default dynamo takes sizes that are equal when it compiles
+    (a cache's length and the batch's slots, say) for one, and compiled again when they no longer were."""
+    compiled = torch.compile(step, dynamic=True)
+
+    def call(*args: object) -> torch.Tensor:
+        with fx_config.patch(use_duck_shape=False):
+            return compiled(*args)
+
+    return call
+
+
 def _capacity(needed: int, current: int) -> int:
-    return current if needed <= current else max(needed, 2 * current)
+    """Positions to allocate for `needed`: always more than it, so that a step's slices of a buffer never take the
+    whole of it (a compiled step specialises that case apart, and compiled again while requests waited)."""
+    return current if needed < current else max(needed + 1, 2 * current)
 
 
 class Engine:
@@ -89,7 +104,7 @@ class Engine:
         self.model, self.max_batch = model, max_batch
         if compile_step:  # the step's tensor work as compiled programs (dynamic sizes: a few compilations, one row
             # and several, serve every batch and length); on a GPU it removes most kernel launches (docs/benchmarks.md)
-            self.hidden = torch.compile(self.hidden, dynamic=True)  # type: ignore[method-assign]
+            self.hidden = _compiled(self.hidden)  # type: ignore[method-assign]
         cfg = model.config.decoder
         self.cfg = cfg
         self.layers: list[DecoderBlock] = list(model.decoder.layers)
