@@ -194,12 +194,13 @@ def test_a_decoder_prefix_is_read_after_bos_and_not_returned(model):
 
 
 def test_self_caches_grow_as_tokens_are_generated_not_by_the_budget(model, monkeypatch):
-    """A large budget allocates PREALLOCATED_POSITIONS positions when rows join (the masks are built per step,
-    not as a positions x positions table); rows going past them double the caches mid-decode, tokens unchanged."""
+    """A large budget allocates PREALLOCATED_POSITIONS positions when rows join (and one more, so that a step never
+    reads them whole; the masks are built per step, not as a positions x positions table); rows going past them
+    double the caches mid-decode, tokens unchanged."""
     ids, mask = _prompts()
     engine = Engine(model, max_batch=3)
     engine.join([row[keep.bool()] for row, keep in zip(ids, mask)], [Row(10**6, frozenset({-1})) for _ in range(3)])
-    assert engine.self_len == engine_module.PREALLOCATED_POSITIONS
+    assert engine.self_len == engine_module.PREALLOCATED_POSITIONS + 1
     monkeypatch.setattr(engine_module, "PREALLOCATED_POSITIONS", 3)
     for sampling in ({}, PENALTIES):
         cached = model.generate(ids, mask, max_new_tokens=13, eos_token_ids=[-1], **sampling)  # 3 -> 6 -> 12 -> 24
@@ -670,4 +671,26 @@ def test_joining_prompts_packed_into_wide_rows_keeps_caches_as_long_as_the_longe
     """The encoder packs [9, 4, 4, 3] tokens into one row of 20; each slot's encoder keys need only its prompt."""
     engine = Engine(model, max_batch=4)
     engine.join([[5] * 9, [6] * 4, [7] * 4, [8] * 3], [Row(3, frozenset({-1})) for _ in range(4)])
-    assert engine.enc_len == 9 and engine.encoder_lengths == [9, 4, 4, 3]
+    assert engine.enc_len == 9 and (engine.enc_bias[:4] == 0).sum(1).tolist() == [9, 4, 4, 3]
+
+
+def test_the_encoder_keys_are_as_wide_as_the_longest_prompt_of_the_batch_a_step_reads(model):
+    """A step reads the encoder's keys whole (bfloat16 products copied a part of them first: a quarter of a step of
+    16 rows), so they are sized afresh when rows join an empty batch, and grow when a longer prompt joins a running
+    one; the tokens stay each prompt's own."""
+    engine = Engine(model, max_batch=2)
+    prompts = {n: list(range(3, 3 + n)) for n in (5, 12, 7)}
+    alone = {n: model.generate(torch.tensor([p]), max_new_tokens=4, eos_token_ids=[-1])[0].tolist()
+             for n, p in prompts.items()}
+    widths = []
+    for group in ([5], [12], [7], [5, 12]):
+        rows = [Row(4, frozenset({-1})) for _ in group]
+        engine.join([prompts[n] for n in group[:1]], rows[:1])
+        if len(group) > 1:
+            engine.step()
+            engine.join([prompts[group[1]]], rows[1:])  # a longer prompt joins a running batch
+        widths.append(engine.enc_len)
+        while engine.rows:
+            engine.step()
+        assert [r.tokens for r in rows] == [alone[n][-4:] for n in group]
+    assert widths == [5, 12, 7, 12]

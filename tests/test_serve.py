@@ -1291,8 +1291,8 @@ def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkey
 
     def compile_(fn, **options):  # dynamo's capture, without inductor's code generation (a minute on CPU)
         compiled = real(fn, backend="eager", **options)
-        return lambda n, seen, enc: calls.append((n, seen, threading.current_thread().name,
-                                                  torch.get_num_threads())) or compiled(n, seen, enc)
+        return lambda n, seen: calls.append((n, seen, threading.current_thread().name,
+                                                  torch.get_num_threads())) or compiled(n, seen)
 
     monkeypatch.setattr(torch, "compile", compile_)
     settings = Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), compile_step=True, threads=3)
