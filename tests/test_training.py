@@ -528,8 +528,8 @@ def test_distillation_is_the_default_for_prefixlm_whenever_a_teacher_is_known(ad
 @pytest.mark.parametrize("options", [{"distill": False}, {"distill": True}, {"distill": True, "trim_vocab": 30}],
                          ids=["ce", "distilled", "distilled-trimmed"])
 def test_gradient_accumulation_matches_one_larger_batch(adapted, corpus, tmp_path, options):
-    """Exactly, also where micro-batches hold different numbers of scored tokens (examples' last targets are not distilled,
-    targets outside a trimmed vocabulary are not scored): each averages over the whole step's tokens."""
+    """Exactly, also where micro-batches hold different numbers of scored tokens (examples' last targets are not
+    distilled, targets outside a trimmed vocabulary are not scored): each averages over the whole step's tokens."""
     loop.train(_config(adapted, tmp_path / "big", corpus, steps=1, batch_size=2, grad_accum=1, eval_windows=4, **options))
     loop.train(_config(adapted, tmp_path / "accum", corpus, steps=1, batch_size=1, grad_accum=2, eval_windows=4,
                        **options))
