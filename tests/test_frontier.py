@@ -224,10 +224,12 @@ def test_a_tokenizer_whose_unk_is_its_eos_keeps_the_eos_targets_when_trimmed(sou
 def test_a_decoder_only_student_never_distils_the_eos_its_targets_end_with(sources, corpus, tmp_path,  # noqa: F811
                                                                           monkeypatch):
     """Llama 3 Instruct lists several EOS ids, the tokenizer's (which ends the targets) not first: the loss module
-    was given the config's first, so the cut windows' EOS targets were distilled."""
+    was given the config's first, so the cut windows' EOS targets were distilled. (It now leaves out each example's
+    last target, whatever its id, and distils a document's own EOS inside the targets.)"""
     import dataclasses
 
     from encdec.training import loop, step
+    from encdec.training.data import example_ends
     from encdec.training.distributed import Dist
     from encdec.training.plan import build_plan
 
@@ -241,16 +243,15 @@ def test_a_decoder_only_student_never_distils_the_eos_its_targets_end_with(sourc
     plan, tokenizer = build_plan(cfg, Dist())
     assert plan.eos_id == tokenizer.eos_token_id != 5
     assert all(e.targets[-1] == plan.eos_id for e in plan.eval_examples)
-    counted: list[tuple[int, int, int]] = []  # each step's EOS targets, and its distilled ones: counted, and expected
+    counted: list[tuple[bool, int, int]] = []  # each step: examples end with the EOS; distilled: counted, expected
 
     class Counting(step.CausalLossModule):
         def target_counts(self, batches):
-            labels = torch.cat([b.rows.labels[b.rows.labels != -100] for b in batches])
             targets, distilled = super().target_counts(batches)
-            ends = int((labels == plan.eos_id).sum())
-            counted.append((ends, distilled, targets - ends))
+            last = torch.cat([b.rows.labels[example_ends(b.rows)] for b in batches])
+            counted.append((bool((last == plan.eos_id).all()), distilled, targets - len(last)))
             return targets, distilled
 
     monkeypatch.setattr(loop, "CausalLossModule", Counting)
     train(dataclasses.replace(cfg, distill=True, eval_every=0))
-    assert counted and all(eos > 0 and distilled == expected for eos, distilled, expected in counted), counted
+    assert counted and all(eos and distilled == expected for eos, distilled, expected in counted), counted
