@@ -249,7 +249,8 @@ def test_a_decoder_only_student_never_distils_the_eos_its_targets_end_with(sourc
         def target_counts(self, batches):
             targets, distilled = super().target_counts(batches)
             last = torch.cat([b.rows.labels[example_ends(b.rows)] for b in batches])
-            counted.append((bool((last == plan.eos_id).all()), distilled, targets - len(last)))
+            examples = sum(len(set(row.tolist()) - {0}) for b in batches for row in b.rows.decoder_segment_ids)
+            counted.append((bool((last == plan.eos_id).all()) and len(last) == examples, distilled, targets - examples))
             return targets, distilled
 
     monkeypatch.setattr(loop, "CausalLossModule", Counting)

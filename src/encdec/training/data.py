@@ -231,12 +231,13 @@ def teacher_rows(rows: PackedRows) -> TeacherRows:
 
 
 def example_ends(rows: PackedRows) -> torch.Tensor:
-    """[R, dec_len]: True at each example's last target, the EOS appended where its window was cut."""
-    labelled = rows.labels != -100
-    continued = torch.zeros_like(labelled)
-    same = rows.decoder_segment_ids[:, 1:] == rows.decoder_segment_ids[:, :-1]
-    continued[:, :-1] = labelled[:, 1:] & same
-    return labelled & ~continued
+    """[R, dec_len]: True at each example's last target (for pretraining, the EOS appended where its window was cut),
+    found from the examples' segments: a target inside an example may be unscored (-100, outside a trimmed
+    vocabulary), which does not end it."""
+    segments = rows.decoder_segment_ids
+    last = torch.ones_like(segments, dtype=torch.bool)
+    last[:, :-1] = segments[:, 1:] != segments[:, :-1]
+    return last & (segments != 0) & (rows.labels != -100)
 
 
 def make_batch(examples: list[Example], *, enc_len: int, dec_len: int, pad_id: int, bos_id: int,
