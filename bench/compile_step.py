@@ -2,7 +2,7 @@
 
 The decoding engine's tensor work per step is `Engine.hidden` (the caches and the decoder layers, without
 the rows' bookkeeping and the LM head). This script generates --new-tokens greedy tokens for a batch of
-corpus prompts with it as it is, then with `torch.compile(Engine.hidden, dynamic=True)` (inductor; the
+corpus prompts with it as it is, then compiled as `--compile` compiles it (`compiled_step`: inductor; the
 decoder and encoder lengths change every step, hence dynamic shapes), for each --kernels choice of
 `load_for_inference` (blas: PyTorch's products; onednn: the packed weights `encdec generate` uses).
 It prints the compilation time (the first compiled generation, less an eager one), the median step
@@ -36,7 +36,7 @@ def main() -> None:
     if min(args.prompt_length, args.batch, args.new_tokens, args.repeats) < 1:
         parser.error("--prompt-length, --batch, --new-tokens and --repeats must be positive")
 
-    from encdec.inference.engine import Engine
+    from encdec.inference.engine import Engine, compiled_step
     from encdec.inference.loading import load_for_inference
 
     flat = corpus_token_ids(args.model, args.batch * args.prompt_length)
@@ -47,7 +47,7 @@ def main() -> None:
         reference, _ = engine_steps(model, ids, args.new_tokens)
         eager = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens)[1]]
         eager_call = sum(eager) / args.repeats
-        compiled = torch.compile(Engine.hidden, dynamic=True)
+        compiled = compiled_step(Engine.hidden)
         start = time.perf_counter()
         try:
             tokens, _ = engine_steps(model, ids, args.new_tokens, compiled)

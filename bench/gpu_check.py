@@ -331,7 +331,7 @@ def main() -> None:
                                   f"{theirs_s / ours_s:.2f}x")
                 print(line, flush=True)
         hf = None  # its memory back before the compiled steps
-        from encdec.inference.engine import Engine
+        from encdec.inference.engine import Engine, compiled_step
 
         vectors = Engine(model, 2).embed([[2, 5, 7], [2, 9]], "mean")
         print(f"{name} embeddings: on {vectors.device}, written out as /v1/embeddings does: {vectors.numpy().shape}",
@@ -347,7 +347,7 @@ def main() -> None:
             eager = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens)[1]]
             torch._logging.set_logs(perf_hints=True)  # says "skipping cudagraphs due to ..." if CUDA graphs are not used
             for mode in ("default", "reduce-overhead"):
-                compiled = torch.compile(Engine.hidden, dynamic=True, mode=mode)
+                compiled = compiled_step(Engine.hidden, mode=mode)
                 start = time.perf_counter()
                 try:
                     tokens, _ = engine_steps(model, ids, args.new_tokens, compiled)

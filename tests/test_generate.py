@@ -203,7 +203,7 @@ def test_self_caches_grow_as_tokens_are_generated_not_by_the_budget(model, monke
     assert engine.self_len == engine_module.PREALLOCATED_POSITIONS + 1
     monkeypatch.setattr(engine_module, "PREALLOCATED_POSITIONS", 3)
     for sampling in ({}, PENALTIES):
-        cached = model.generate(ids, mask, max_new_tokens=13, eos_token_ids=[-1], **sampling)  # 3 -> 6 -> 12 -> 24
+        cached = model.generate(ids, mask, max_new_tokens=13, eos_token_ids=[-1], **sampling)  # 4 -> 8 -> 16
         assert torch.equal(cached, model.generate(ids, mask, max_new_tokens=13, eos_token_ids=[-1], use_cache=False,
                                                   **sampling))
 
@@ -254,6 +254,7 @@ def test_after_the_warm_up_new_lengths_and_batch_sizes_compile_nothing_more(sour
     assert 0 < warmed == len(compiles)
 
 
+@needs_onednn
 def test_a_step_compiled_by_inductor_on_packed_weights_gives_the_eager_tokens(tmp_path):
     """`--compile` on CPU, where products are oneDNN's on packed weights (the default): inductor compiles the
     operations around them and calls them as they are (its lowering of oneDNN's own operator refused packed
@@ -674,23 +675,24 @@ def test_joining_prompts_packed_into_wide_rows_keeps_caches_as_long_as_the_longe
     assert engine.enc_len == 9 and (engine.enc_bias[:4] == 0).sum(1).tolist() == [9, 4, 4, 3]
 
 
-def test_the_encoder_keys_are_as_wide_as_the_longest_prompt_of_the_batch_a_step_reads(model):
+def test_the_encoder_keys_are_as_wide_as_the_longest_prompt_of_the_rows_a_step_reads(model):
     """A step reads the encoder's keys whole (bfloat16 products copied a part of them first: a quarter of a step of
-    16 rows), so they are sized afresh when rows join an empty batch, and grow when a longer prompt joins a running
-    one; the tokens stay each prompt's own."""
+    16 rows), so they are as wide as the longest prompt of the rows joining and running, and narrowed once the rows
+    that needed the width have left; the tokens stay each prompt's own."""
     engine = Engine(model, max_batch=2)
     prompts = {n: list(range(3, 3 + n)) for n in (5, 12, 7)}
     alone = {n: model.generate(torch.tensor([p]), max_new_tokens=4, eos_token_ids=[-1])[0].tolist()
              for n, p in prompts.items()}
-    widths = []
-    for group in ([5], [12], [7], [5, 12]):
+    widths, last = [], []  # when the group has joined; at the group's last step
+    for group in ([5], [12], [7], [5, 12], [12, 5]):
         rows = [Row(4, frozenset({-1})) for _ in group]
-        engine.join([prompts[n] for n in group[:1]], rows[:1])
+        engine.join([prompts[group[0]]], rows[:1])
         if len(group) > 1:
             engine.step()
-            engine.join([prompts[group[1]]], rows[1:])  # a longer prompt joins a running batch
+            engine.join([prompts[group[1]]], rows[1:])  # joins a running batch
         widths.append(engine.enc_len)
         while engine.rows:
             engine.step()
+        last.append(engine.enc_len)  # what the last step read
         assert [r.tokens for r in rows] == [alone[n][-4:] for n in group]
-    assert widths == [5, 12, 7, 12]
+    assert widths == [5, 12, 7, 12, 12] and last == [5, 12, 7, 12, 5]  # the 12 left first: narrowed to the 5

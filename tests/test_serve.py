@@ -1312,6 +1312,26 @@ def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkey
     assert row.tokens == model.generate(torch.tensor([prompt]), max_new_tokens=6, eos_token_ids=[-1])[0].tolist()
 
 
+def test_a_failed_warm_up_is_raised_where_the_scheduler_is_started(local, monkeypatch):
+    """`encdec serve --compile` starts the scheduler (whose thread warms the step up) before uvicorn runs: what the
+    warm-up raised is raised there, and a second start neither starts another thread nor hides it."""
+    from encdec.inference.engine import Engine
+    from encdec.serve.app import Service, Settings
+    from encdec.serve.protocol import Limits
+
+    def broken(self):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(Engine, "warm_up", broken)
+    model, tokenizer = local
+    scheduler = Service(model, tokenizer, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8),
+                                                   compile_step=True)).scheduler
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="no compiler here"):
+            scheduler.start()
+    assert not scheduler.thread.is_alive()
+
+
 def test_max_connections_turns_away_what_is_past_it_and_takes_it_again_once_freed(checkpoint):
     """--max-connections 1: while a client holds the one connection (open, sending nothing), another request gets
     503 (uvicorn's own answer); once it lets go, the server answers again. (--served-model-name, while a server

@@ -1,10 +1,10 @@
 """The decoding engine: a batch of slots that rows join (after one shared encoder pass) and leave at any step.
 
-Why it is fast: every buffer is allocated once and only grows (by doubling) when a longer prompt
-joins or a row goes past the positions allocated (the encoder's are sized afresh, to the longest prompt, when rows
-join an empty batch: a step reads them whole). Each slot holds the self-attention keys/values of its decoded tokens
-and the encoder keys/values of its prompt, written once when the row joins; a step attends over
-[self keys | encoder keys] as two products and one joint softmax, so nothing is concatenated per
+Why it is fast: the self-attention buffers are allocated once and only grow (by doubling) when a row goes past
+the positions allocated; the encoder's are as wide as the longest prompt of the rows that join and those running,
+and narrowed when the rows that needed them leave (a step reads them whole). Each slot holds the self-attention
+keys/values of its decoded tokens and the encoder keys/values of its prompt, written once when the row joins; a
+step attends over [self keys | encoder keys] as two products and one joint softmax, so nothing is concatenated per
 step. RoPE tables are built once for all positions and indexed by each row's position; each step's
 causal / sliding mask is built from the rows' positions ([rows, positions], not a table of every
 query position against every key, which grew with the square of the token budget). The self caches
@@ -80,10 +80,11 @@ MAX_PACK_WIDTH = 2048  # packed encoder rows grow up to this many tokens (their 
 PACK_WIDTH_STEP = 32
 
 
-def _compiled(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """`step` compiled with dynamic sizes, each its own: by default dynamo takes sizes that are equal when it compiles
-    (a cache's length and the batch's slots, say) for one, and compiled again when they no longer were."""
-    compiled = torch.compile(step, dynamic=True)
+def compiled_step(step: Callable[..., torch.Tensor], **options: object) -> Callable[..., torch.Tensor]:
+    """`step` (`Engine.hidden`) compiled with dynamic sizes, each its own (`options`: torch.compile's others): by
+    default dynamo takes sizes that are equal when it compiles (a cache's length and the batch's slots, say) for
+    one, and compiled again when they no longer were."""
+    compiled = torch.compile(step, dynamic=True, **options)
 
     def call(*args: object) -> torch.Tensor:
         with fx_config.patch(use_duck_shape=False):
@@ -103,7 +104,7 @@ class Engine:
         self.model, self.max_batch = model, max_batch
         if compile_step:  # the step's tensor work as compiled programs (dynamic sizes: a few compilations, one row
             # and several, serve every batch and length); on a GPU it removes most kernel launches (docs/benchmarks.md)
-            self.hidden = _compiled(self.hidden)  # type: ignore[method-assign]
+            self.hidden = compiled_step(self.hidden)  # type: ignore[method-assign]
         cfg = model.config.decoder
         self.cfg = cfg
         self.layers: list[DecoderBlock] = list(model.decoder.layers)
@@ -111,6 +112,7 @@ class Engine:
         self.rows: list[Row] = []
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.last = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self.encoder_lengths = [0] * max_batch  # each slot's prompt's
         self.self_len, self.enc_len = 0, 0
         self.self_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.enc_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -160,14 +162,17 @@ class Engine:
         return {kind: torch.zeros(ok.shape, dtype=self.dtype, device=self.device).masked_fill_(~ok, low)[:, None, None]
                 for kind, ok in allowed.items()}
 
-    def _grow_encoder(self, needed: int) -> None:
-        length = _capacity(needed, self.enc_len)
-        if length == self.enc_len:
+    def _encoder_width(self, width: int) -> None:
+        """Encoder key/value buffers `width` positions wide (at least 2: a width of 1 is a size a compiled step
+        specialises), keeping what the slots hold; a step reads them whole (see `hidden`)."""
+        width = max(width, 2)
+        if width == self.enc_len:
             return
-        self.enc_kv = self._kv_buffers(self.enc_kv, length, self.enc_len)
-        bias = torch.full((self.max_batch, length), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
-        bias[:, : self.enc_len] = self.enc_bias
-        self.enc_bias, self.enc_len = bias, length
+        kept = min(width, self.enc_len)
+        self.enc_kv = self._kv_buffers(self.enc_kv, width, kept)
+        bias = torch.full((self.max_batch, width), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        bias[:, :kept] = self.enc_bias[:, :kept]
+        self.enc_bias, self.enc_len = bias, width
 
     # -- rows joining and leaving ------------------------------------------------------------------
 
@@ -183,10 +188,7 @@ class Engine:
         prompts = [torch.as_tensor(p, dtype=torch.long).to(self.device) for p in prompts]
         lengths = [len(p) for p in prompts]
         hidden, placed = self._encode(prompts)
-        if not self.rows:  # sized afresh for the prompts at hand: a step attends over the whole width
-            self.enc_kv, self.enc_len = [], 0
-            self.enc_bias = self.enc_bias[:, :0]
-        self._grow_encoder(max(lengths))
+        self._encoder_width(max(lengths + self.encoder_lengths[: len(self.rows)]))
         self._grow_self(min(max(len(r.decoder_prefix) + r.max_new_tokens for r in rows), PREALLOCATED_POSITIONS))
         first = len(self.rows)
         for block, (k, v) in zip(self.layers, self.enc_kv):
@@ -197,6 +199,7 @@ class Engine:
         self.enc_bias[first : first + len(rows)] = torch.finfo(self.dtype).min
         for i, (row, length) in enumerate(zip(rows, lengths)):
             self.enc_bias[first + i, :length] = 0.0
+            self.encoder_lengths[first + i] = length
             self.positions[first + i] = 0
             self.last[first + i] = self.model.config.bos_token_id
             row.generator = row.sampling.generator(self.device)
@@ -256,6 +259,7 @@ class Engine:
                 k[slot], v[slot] = k[last], v[last]
             for buffer in (self.enc_bias, self.positions, self.last):
                 buffer[slot] = buffer[last]
+            self.encoder_lengths[slot] = self.encoder_lengths[last]
             self.rows[slot] = self.rows[last]
         self.rows.pop()
 
@@ -276,6 +280,8 @@ class Engine:
         if n == 0:
             return []
         seen = max(r.decoded for r in self.rows) + 1  # decoder positions any row has, this one included
+        if 2 * max(self.encoder_lengths[:n]) <= self.enc_len:  # the rows that needed the width have left
+            self._encoder_width(max(self.encoder_lengths[:n]))
         self._grow_self(seen)
         hidden = self.hidden(n, seen)
         forced = {slot: r.decoder_prefix[r.prefix_read] for slot, r in enumerate(self.rows)
@@ -341,9 +347,9 @@ class Engine:
     def hidden(self, n: int, seen: int) -> torch.Tensor:
         """The decoder's tensor work of a step: the final states [n, d] of the first n slots (the LM head
         reads them), given the decoder positions the longest of them has (`seen`); the caches get this step's keys
-        and values. The encoder's keys are read whole (their width is the longest prompt's when the batch formed,
-        their padding masked): bfloat16 products copied a part of them first, 24 of a 88 ms step at 16 rows. Kept
-        apart from the rows' bookkeeping so that it can be compiled (bench/compile_step.py)."""
+        and values. The encoder's keys are read whole (as wide as the longest prompt of the rows, or up to twice that
+        once it has left; each row's padding masked): bfloat16 products copied a part of them first, 24 of a 88 ms
+        step at 16 rows. Kept apart from the rows' bookkeeping so that it can be compiled (bench/compile_step.py)."""
         pos = self.positions[:n]
         rope = {kind: (cos[pos][:, None, None], sin[pos][:, None, None]) for kind, (cos, sin) in self.rope.items()}
         self_bias = self._self_bias(pos, seen)

@@ -580,6 +580,9 @@ def check_address(host: str, port: int) -> None:
 
 def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, port: int) -> None:
     app = create_app(model, tokenizer, settings)
+    # the scheduler's warm-up (--compile: minutes) before uvicorn takes the signals: Ctrl-C stops it, and a failure
+    # is this command's error, not an application that failed to start
+    app.state.service.scheduler.start()
     # uvicorn counts the connection it is answering among the open ones
     limit = None if settings.max_connections is None else settings.max_connections + 1
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None,

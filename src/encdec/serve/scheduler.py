@@ -85,9 +85,11 @@ class Scheduler:
         self.thread = threading.Thread(target=self._run, name="encdec-scheduler", daemon=True)
 
     def start(self) -> None:
-        """Start the thread; return once it takes requests (after the warm-up, which runs there: dynamo compiles
-        the step again for another thread count, so a warm-up elsewhere left the first requests waiting for it)."""
-        self.thread.start()
+        """Start the thread (once; later calls wait for it); return once it takes requests, after the warm-up, which
+        runs there: dynamo compiles the step again for another thread count, so a warm-up elsewhere left the first
+        requests waiting for it."""
+        if self.thread.ident is None:
+            self.thread.start()
         self.ready.wait()
         if self.startup_error is not None:
             raise self.startup_error
