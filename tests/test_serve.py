@@ -1314,9 +1314,11 @@ def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkey
 
 def test_a_failed_warm_up_is_raised_where_the_scheduler_is_started(local, monkeypatch):
     """`encdec serve --compile` starts the scheduler (whose thread warms the step up) before uvicorn runs: what the
-    warm-up raised is raised there, and a second start neither starts another thread nor hides it."""
+    warm-up raised is raised there (a second start neither starts another thread nor hides it), and `serve` says
+    it in one line."""
+    from encdec.errors import EncdecError
     from encdec.inference.engine import Engine
-    from encdec.serve.app import Service, Settings
+    from encdec.serve.app import Service, Settings, serve
     from encdec.serve.protocol import Limits
 
     def broken(self):
@@ -1330,6 +1332,10 @@ def test_a_failed_warm_up_is_raised_where_the_scheduler_is_started(local, monkey
         with pytest.raises(RuntimeError, match="no compiler here"):
             scheduler.start()
     assert not scheduler.thread.is_alive()
+    settings = Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), compile_step=True)
+    with pytest.raises(EncdecError, match=r"^--compile: compiling the decoding step failed \(RuntimeError: no "
+                                          r"compiler here\); serve without --compile$"):
+        serve(model, tokenizer, settings, HOST, 1)  # before uvicorn binds anything
 
 
 def test_max_connections_turns_away_what_is_past_it_and_takes_it_again_once_freed(checkpoint):

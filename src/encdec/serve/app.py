@@ -582,7 +582,12 @@ def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, 
     app = create_app(model, tokenizer, settings)
     # the scheduler's warm-up (--compile: minutes) before uvicorn takes the signals: Ctrl-C stops it, and a failure
     # is this command's error, not an application that failed to start
-    app.state.service.scheduler.start()
+    try:
+        app.state.service.scheduler.start()
+    except Exception as e:  # only --compile's warm-up runs there
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise EncdecError(f"--compile: compiling the decoding step failed ({type(e).__name__}: {first}); serve "
+                          "without --compile") from e
     # uvicorn counts the connection it is answering among the open ones
     limit = None if settings.max_connections is None else settings.max_connections + 1
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None,
