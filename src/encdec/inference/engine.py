@@ -280,8 +280,9 @@ class Engine:
         if n == 0:
             return []
         seen = max(r.decoded for r in self.rows) + 1  # decoder positions any row has, this one included
-        if 2 * max(self.encoder_lengths[:n]) <= self.enc_len:  # the rows that needed the width have left
-            self._encoder_width(max(self.encoder_lengths[:n]))
+        longest = max(self.encoder_lengths[:n])
+        if 2 * longest <= self.enc_len:  # the rows that needed the width have left
+            self._encoder_width(longest)
         self._grow_self(seen)
         hidden = self.hidden(n, seen)
         forced = {slot: r.decoder_prefix[r.prefix_read] for slot, r in enumerate(self.rows)
