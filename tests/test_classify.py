@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-
 import json
 import os
 import random
@@ -393,6 +392,32 @@ def test_exported_encoder_reproduces_the_encoder_in_encdec_and_transformers(
     torch.testing.assert_close(theirs[mask.bool()], reference[mask.bool()], atol=1e-4, rtol=1e-4)
     backbone, tokenizer_dir = load_backbone(str(out))  # classify reads the export as MODEL
     assert backbone.spec.kind == "encoder" and tokenizer_dir == out
+
+
+def test_a_backbone_records_the_special_ids_of_the_model_it_came_from(models: dict[str, Path]) -> None:
+    cfg = load(models["gemma3"]).config
+    encoder, _ = load_backbone(str(models["gemma3"]))
+    assert encoder.spec.special_tokens == {"pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id,
+                                           "eos_token_ids": cfg.eos_token_ids}
+    causal, _ = load_backbone(str(models["decoder-only"]))
+    assert causal.spec.special_tokens == load_source(str(models["decoder-only"])).special_tokens
+    assert causal.spec.special_tokens["eos_token_ids"]
+
+
+@pytest.mark.parametrize("family, window", [("gemma3", "t5gemma2"), ("gemma2", "t5gemma"), ("gemma3", "flax")])
+def test_an_exported_encoder_keeps_the_models_special_ids(models: dict[str, Path], tmp_path: Path, family: str,
+                                                          window: str) -> None:
+    model = load(models[family])
+    model.config.pad_token_id, model.config.bos_token_id, model.config.eos_token_ids = 5, 6, [7, 8]
+    backbone = from_encoder_decoder(model)
+    backbone.spec.window_convention = window  # "flax": no transformers class holds it, the own format
+    fmt = write_encoder(backbone, tmp_path / "encoder")
+    data = json.loads((tmp_path / "encoder" / "config.json").read_text())
+    written = {"t5gemma": data, "t5gemma2": data.get("text_config"), "encdec-encoder": None}[fmt]
+    if written is not None:  # as transformers reads them (they were Gemma's 0, 2 and 1 whatever the model's)
+        assert (written["pad_token_id"], written["bos_token_id"], written["eos_token_id"]) == (5, 6, [7, 8])
+    expected = {"pad_token_id": 5, "bos_token_id": 6, "eos_token_ids": [7, 8]}
+    assert backbone.spec.special_tokens == read_encoder(tmp_path / "encoder").spec.special_tokens == expected
 
 
 def test_an_encoder_no_transformers_class_holds_is_exported_in_the_own_format(models: dict[str, Path], tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ decoder-only model (the same blocks run causally, exactly `CausalLM.hidden`).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ class BackboneSpec:
     vocab_size: int
     stack: StackConfig
     window_convention: str = "t5gemma2"  # the encoder's two-sided local window (unused when causal)
+    # pad_token_id, bos_token_id, eos_token_ids of the model it came from (written into an exported encoder's
+    # config.json); empty in descriptions saved before they were kept, which read as Gemma's
+    special_tokens: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -76,11 +79,12 @@ def _wrap(spec: BackboneSpec, embed: nn.Embedding, stack: Stack) -> Backbone:
 def from_encoder_decoder(model: EncoderDecoder) -> Backbone:
     """The encoder of `model` (its own embedding table, or the shared one)."""
     cfg = model.config
-    spec = BackboneSpec("encoder", cfg.family, cfg.vocab_size, cfg.encoder, cfg.encoder_window)
+    special = {"pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_token_ids}
+    spec = BackboneSpec("encoder", cfg.family, cfg.vocab_size, cfg.encoder, cfg.encoder_window, special)
     return _wrap(spec, model.embed if model.encoder_embed is None else model.encoder_embed, model.encoder)
 
 
-def from_causal(model: CausalLM, family: str) -> Backbone:
+def from_causal(model: CausalLM, family: str, special_tokens: dict[str, Any] | None = None) -> Backbone:
     """A decoder-only model without its LM head."""
-    spec = BackboneSpec("causal", family, model.embed.num_embeddings, model.cfg)
+    spec = BackboneSpec("causal", family, model.embed.num_embeddings, model.cfg, special_tokens=dict(special_tokens or {}))
     return _wrap(spec, model.embed, model.stack)

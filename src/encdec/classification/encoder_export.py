@@ -25,6 +25,7 @@ from encdec.classification.backbone import Backbone, BackboneSpec
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
+from encdec.formats.decoder_only import special_tokens
 from encdec.formats.gemma import stack_from_hf, with_defaults
 from encdec.formats.t5gemma import EOI_EMBEDDINGS, T5GEMMA, T5GEMMA2, Layout, encoder_layout, external_name, hf_config
 
@@ -42,7 +43,7 @@ def _hf_config(spec: BackboneSpec, layout: Layout):
     full = hf_config(EncDecConfig(
         encoder=spec.stack, decoder=spec.stack, vocab_size=spec.vocab_size, family=spec.family,
         attention="cross" if layout is T5GEMMA else "merged", shared_embeddings=layout is T5GEMMA2,
-        encoder_window=spec.window_convention,
+        encoder_window=spec.window_convention, **spec.special_tokens,
     ), layout)
     config = full.encoder if layout is T5GEMMA2 else full
     if layout is T5GEMMA:
@@ -122,15 +123,22 @@ def is_encoder_export(path: str | Path) -> bool:
     return config.is_file() and encoder_format(read_json(config)) is not None
 
 
+def _special(data: dict[str, Any]) -> dict[str, Any]:
+    """The special ids a transformers encoder configuration names (none where it names no EOS)."""
+    return special_tokens(data, default_pad=0) if data.get("eos_token_id") not in (None, []) else {}
+
+
 def _spec(data: dict[str, Any], fmt: str) -> BackboneSpec:
     try:
         if fmt == NATIVE:
             return BackboneSpec.from_dict(data["backbone"])
         if fmt == "t5gemma":  # the stack's fields it leaves out as transformers fills them (gemma.with_defaults)
             enc = with_defaults({**{k: data[k] for k in ("vocab_size",) if k in data}, **data["encoder"]}, "gemma2")
-            return BackboneSpec("encoder", "gemma2", enc["vocab_size"], stack_from_hf(enc, "gemma2"), "t5gemma")
+            return BackboneSpec("encoder", "gemma2", enc["vocab_size"], stack_from_hf(enc, "gemma2"), "t5gemma",
+                                _special(data))
         text = with_defaults(data["text_config"], "gemma3")
-        return BackboneSpec("encoder", "gemma3", text["vocab_size"], stack_from_hf(text, "gemma3"), "t5gemma2")
+        return BackboneSpec("encoder", "gemma3", text["vocab_size"], stack_from_hf(text, "gemma3"), "t5gemma2",
+                            _special(data["text_config"]))
     except KeyError as e:
         raise EncdecError(f"the encoder configuration lacks {e}") from None
 

@@ -31,4 +31,4 @@ def load_backbone(spec: str, dtype: torch.dtype = torch.float32) -> tuple[Backbo
         model, source = load_causal(spec, dtype)
     except EncdecError as e:
         raise EncdecError(f"MODEL {spec} is not usable ({e}); accepted: {ACCEPTED}") from None
-    return from_causal(model, source.family).to(compute_device()), source.directory
+    return from_causal(model, source.family, source.special_tokens).to(compute_device()), source.directory
