@@ -8,6 +8,7 @@ import logging
 import platform
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -280,6 +281,9 @@ def test_stops_at_eos_and_pads_after(model):
             assert (out[row, end + 1 :] == model.config.pad_token_id).all()
     if all((free[r] == eos).any() for r in range(3)):
         assert out.shape[1] == int(first.max()) + 1
+    # the ids as a tensor or a numpy integer, not only as ints (a tensor's elements never matched a token)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=10, eos_token_ids=torch.tensor([eos])), out)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=10, eos_token_ids=np.int64(eos)), out)
 
 
 def test_sampling_options(model):
@@ -399,6 +403,15 @@ def test_asking_for_more_alternatives_than_the_vocabulary_gets_every_token(model
     engine.join([[5, 6, 7]], [Row(2, frozenset(), logprobs=model.config.vocab_size + 50)])
     (emitted,) = engine.step()
     assert len(emitted.top) == model.config.vocab_size and emitted.top[0][1] >= emitted.top[-1][1]
+
+
+def test_an_engine_refuses_rows_it_would_mishandle(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        Row(0, frozenset())
+    engine = Engine(model, max_batch=4)
+    with pytest.raises(ValueError, match="one prompt per row: 2 prompt"):
+        engine.join([torch.tensor([5, 6]), torch.tensor([7])], [Row(3, frozenset())])
+    assert not engine.rows and engine.free == 4
 
 
 def test_rows_joining_and_leaving_mid_decode_get_their_solo_tokens(model):

@@ -134,8 +134,8 @@ def generate(
     if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:
         raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask "
                           "is all 0): every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
-    eos = frozenset(cfg.eos_token_ids if eos_token_ids is None else
-                    [eos_token_ids] if isinstance(eos_token_ids, int) else eos_token_ids)
+    # ints, not what holds them: a tensor's elements hash by identity and would never equal a token
+    eos = frozenset(torch.as_tensor(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids).reshape(-1).tolist())
     rows = [Row(max_new_tokens, eos, sampling, decoder_prefix=tuple(decoder_prefix)) for _ in range(input_ids.shape[0])]
     input_ids = input_ids.to(model.device)
     attention_mask = None if attention_mask is None else attention_mask.to(model.device)

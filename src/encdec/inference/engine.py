@@ -57,6 +57,10 @@ class Row:
     decoder_prefix: tuple[int, ...] = ()
     prefix_read: int = 0
 
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:  # a step emits a token before it compares the count with the budget
+            raise ValueError(f"a row generates at least one token, got max_new_tokens={self.max_new_tokens}")
+
     @property
     def decoded(self) -> int:
         """The decoder positions after its start that this row has filled."""
@@ -185,6 +189,8 @@ class Engine:
         them best, so a burst of mixed-length requests costs the encoder their tokens, not the padding."""
         if len(rows) > self.free:
             raise ValueError(f"{len(rows)} rows cannot join: {self.free} free slots")
+        if len(prompts) != len(rows):
+            raise ValueError(f"one prompt per row: {len(prompts)} prompt(s) for {len(rows)} row(s)")
         prompts = [torch.as_tensor(p, dtype=torch.long).to(self.device) for p in prompts]
         lengths = [len(p) for p in prompts]
         hidden, placed = self._encode(prompts)
