@@ -487,6 +487,7 @@ BAD = [
     ({"input": "w1", "model": "other"}, 404, "model"),
     ({"prompt": "w1", "logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),  # a digit to str.isdigit, not to int()
     ({"prompt": "w1", "logit_bias": {"7": 1, "07": 1}}, 400, "logit_bias"),  # token 7 twice, under two keys
+    ({"prompt": "w1", "logit_bias": {"1" * 4301: 1}}, 400, "logit_bias"),  # too long for int(): it answered 500
     ('{"prompt": "w1", "temperature": 1' + "0" * 400 + "}", 400, "temperature"),  # math.isfinite raised: a 500
     ('{"prompt": "w1", "presence_penalty": NaN}', 400, None),  # Python's json reads NaN; JSON has none
     ('{"prompt": "w1", "temperature": 1e400}', 400, "temperature"),  # read as inf

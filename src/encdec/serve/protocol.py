@@ -50,7 +50,7 @@ MAX_TOP_LOGPROBS = 20  # the chat API's limit (the completions API's is 5; this 
 COMPLETION_DEFAULT_TOKENS = 16  # a completion's max_tokens when none is given (the OpenAI API's and vLLM's)
 # a logit_bias key, written as json writes an integer: str.isdigit would pass "²", which int() refuses, and "007"
 # would bias token 7 a second time under another key (so a map holds at most one entry per token of the vocabulary)
-TOKEN_ID = re.compile(r"0|[1-9][0-9]*")
+TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,17}")  # 18 digits at most: int() refuses past 4,300
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,8 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     for key, value in bias.items():
         if (not TOKEN_ID.fullmatch(key) or isinstance(value, bool) or not isinstance(value, (int, float))
                 or not -100 <= value <= 100):
-            raise APIError(400, f"'logit_bias' must be {what}, got {json.dumps(key)}: {json.dumps(value)}", "logit_bias")
+            shown = json.dumps(key if len(key) <= 40 else key[:40] + "...")
+            raise APIError(400, f"'logit_bias' must be {what}, got {shown}: {json.dumps(value)}", "logit_bias")
         pairs.append((int(key), float(value)))
     return tuple(pairs)
 
