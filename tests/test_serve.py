@@ -1159,6 +1159,7 @@ def test_a_failure_while_reading_the_answer_is_an_api_error_and_the_server_goes_
     assert plain.status_code == 500 and "undecodable" in plain.json()["error"]["message"], plain.text
     assert plain.json()["error"]["type"] == "server_error"
     assert '"error"' in streamed and "undecodable" in streamed
+    assert streamed.endswith("data: [DONE]\n\n")  # after the error event, as after any stream
     assert leftovers == 0
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
     assert app.state.service.metrics.requests.labels("/v1/completions", "500")._value.get() == 1

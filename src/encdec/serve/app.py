@@ -374,7 +374,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     async def _stream(jobs: list[Job], parsed: Parsed, meta: dict) -> AsyncIterator[str]:
         """Server-sent events of every choice's text as it settles (choices interleaved, each with its index),
-        each choice's finish, the usage, then [DONE]. The usage rides on the last choice's finish chunk, so that
+        each choice's finish, the usage, then [DONE] (after an error event too). The usage rides on the last choice's finish chunk, so that
         every chunk has a choice (clients read `chunk.choices[0]`), unless the request asked for it apart
         (stream_options.include_usage true, as the OpenAI API sends it: `"usage": null` on every chunk, then a
         chunk with no choices) or not at all (include_usage false)."""
@@ -427,11 +427,11 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             if parsed.stream_usage == "apart":
                 yield event([], usage=usage())
             yield "data: [DONE]\n\n"
-        except APIError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
+        except APIError as e:  # an error event, then [DONE] as after any stream (a reader may wait for it)
+            yield f"data: {json.dumps(e.body())}\n\ndata: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - a bug mid-stream: an error event, as for a failed step
             log.exception("request failed")
-            yield f"data: {json.dumps(_server_failed(e).body())}\n\n"
+            yield f"data: {json.dumps(_server_failed(e).body())}\n\ndata: [DONE]\n\n"
         finally:  # the client went away mid-stream (the task is cancelled): free the slots at once
             release(jobs)
             for task in pumps:
