@@ -527,3 +527,12 @@ def test_resume_without_a_checkpoint_says_the_run_starts_afresh(adapted, corpus,
     err = capsys.readouterr().err
     assert len(_lines(err, "holds no checkpoint to resume: the run starts from step 0")) == 1
     assert len(_lines(err, "--warmup-steps 10 is as long as the run or longer (--steps 1)")) == 1  # said, not refused
+    # a finished run whose checkpoints were deleted (to free the disk): resumed from step 0 it emptied its metrics
+    # and replaced its model
+    shutil.rmtree(out / "checkpoints")
+    model, metrics = read_weights(out / "model"), (out / "metrics.jsonl").read_text()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "2", "--eval-every", "0", "--resume")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "holds a finished run's model but no checkpoint to resume" in line and "--overwrite" in line
+    assert (out / "metrics.jsonl").read_text() == metrics and metrics
+    assert all(torch.equal(t, model[k]) for k, t in read_weights(out / "model").items())

@@ -147,6 +147,10 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
             raise EncdecError(f"the processes found different checkpoints to resume in {out} (this one: "
                               f"{saved.path if saved else 'none'}); every process must see the same --out: on several "
                               "machines, a directory they all share")
+        if saved is None and (out / "model").exists():  # a finished run whose checkpoints were deleted: from step 0
+            # it would log over its metrics and replace its model
+            raise EncdecError(f"{out} holds a finished run's model but no checkpoint to resume; pass --overwrite to "
+                              "start afresh there, or another --out")
         if saved is None and d.main:  # a job script may always pass --resume; a mistyped --out should not pass unseen
             log.warning("%s holds no checkpoint to resume: the run starts from step 0", out)
         if saved is not None and saved.trainer["step"] > cfg.steps:
