@@ -85,7 +85,7 @@ class TrainConfig:
     keep_last: int = _f(3, "checkpoints kept on disk (at least --average-last)")
     average_last: int = _f(1, "final model = average of the last N checkpoints (T5Gemma 2: 5)")
     loss_chunk: int = _f(256, "tokens per chunk of LM head + loss, so full-vocabulary logits never exist at once")
-    log_every: int = _f(1, "metrics.jsonl line every N steps")
+    log_every: int = _f(1, "metrics.jsonl line every N steps (and at every evaluation and checkpoint)")
     tensorboard: bool = _f(False, "also write TensorBoard logs to OUT/tensorboard "
                                   "(needs tensorboard: pip install 'encdec[tensorboard]')")
     seed: int = _f(0, "seed of data order, objectives and any random initialisation")

@@ -254,11 +254,14 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             # one decision for every process (a signal may reach one alone, or some before the others): a process
             # saving, or checking the ranks, alone would wait forever in those collectives
             stopping = distributed.reduce_sum(float(stop.requested), d) > 0
-            if (step + 1) % cfg.save_every == 0 or done or stopping:
+            saving = (step + 1) % cfg.save_every == 0 or done or stopping
+            if saving:
                 last_checkpoint = save_checkpoint(step + 1, record)
                 if d.world > 1 and not cfg.fsdp:
                     record["ranks_in_sync"] = distributed.in_sync(model, d)
-            metrics.log(record, write=(step + 1) % cfg.log_every == 0 or done or "ranks_in_sync" in record)
+            # every --log-every steps, and every step that evaluated or saved (a resumed run puts a checkpoint's
+            # line back: `rundir.begin`)
+            metrics.log(record, write=(step + 1) % cfg.log_every == 0 or saving or "eval_loss" in record)
             if stopping and done:  # every step is done: the final model is what is left (a second signal stops it;
                 # --resume writes it then), rather than a run to start again for it alone
                 metrics.message(f"stop requested during the last step ({step + 1}): writing the final model")

@@ -236,7 +236,7 @@ def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None
     if not d.main:
         return
     if cfg.resume:  # steps logged after the checkpoint will be run again
-        _truncate_metrics(out / "metrics.jsonl", start, record if start % cfg.log_every == 0 else None)
+        _truncate_metrics(out / "metrics.jsonl", start, record)
     elif cfg.overwrite:
         for name in OUTPUTS:
             target = out / name
