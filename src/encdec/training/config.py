@@ -132,7 +132,7 @@ class TrainConfig:
                               "evaluate scores them); pass them to --eval-data")
         if 0 < self.window < MIN_WINDOW:
             raise EncdecError(f"--window {self.window}: 0 (the objective's own) or at least {MIN_WINDOW} tokens")
-        if self.window and self.objective != "instruct":  # the exact bound (a leading BOS takes one) when data loads
+        if self.objective != "instruct":  # the exact bound (a leading BOS takes one) when data loads
             from encdec.training.data import window_length
 
             window_length(self.objective, self.enc_len, self.dec_len, False, self.window)

@@ -114,6 +114,10 @@ def window_length(objective: str, enc_len: int, dec_len: int, bos: bool = False,
     if window > longest:
         raise EncdecError(f"--window {window}: at most {longest} tokens for --objective {objective} at --enc-len "
                           f"{enc_len} and --dec-len {dec_len} (a window's example must fit one row)")
+    if longest < 2:  # an example splits its window in two (PrefixLM's prefix and target, UL2's kept and noise)
+        raise EncdecError(f"--enc-len {enc_len} and --dec-len {dec_len} leave {max(longest, 0)} token(s) per window "
+                          f"for --objective {objective}{' after the leading BOS' if bos else ''}; a window needs at "
+                          "least 2: raise them")
     return window or longest
 
 
