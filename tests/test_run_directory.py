@@ -118,6 +118,23 @@ def test_overwrite_deletes_nothing_when_the_inputs_are_bad(adapted, corpus, tmp_
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
+def test_tensorboard_missing_is_said_before_overwrite_deletes_anything(adapted, corpus, tmp_path, capsys, monkeypatch):
+    """It was found when the metrics opened, after --overwrite had removed the previous run (and by the first
+    process alone, the others going on into the first step's collectives)."""
+    import importlib.util
+
+    out = tmp_path / "run"
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    capsys.readouterr()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--overwrite", "--tensorboard")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "--tensorboard needs the tensorboard package" in line
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_a_refused_run_leaves_nothing_that_blocks_the_corrected_command(adapted, corpus, tmp_path):
     out = tmp_path / "run"
     assert main(_pretrain_args(tmp_path / "no-model", out, corpus, "--steps", "1")) == 2

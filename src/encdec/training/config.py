@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import math
 import os
@@ -142,6 +143,9 @@ class TrainConfig:
             raise EncdecError("--resume continues the run in --out and --overwrite starts it afresh: pass one of them")
         if self.eval_data and self.objective == "instruct":
             raise EncdecError("--eval-data works with pretraining objectives only (prefixlm, ul2)")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before --overwrite removes anything,
+            # and on every process (only the first writes the logs: alone, it would stop while the others waited)
+            raise EncdecError("--tensorboard needs the tensorboard package (pip install 'encdec[tensorboard]')")
         if self.keep_last < self.average_last:
             self.keep_last = self.average_last
 
