@@ -127,7 +127,8 @@ def test_tensorboard_missing_is_said_before_overwrite_deletes_anything(adapted, 
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
     capsys.readouterr()
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--overwrite", "--tensorboard")) == 2
     (line,) = _lines(capsys.readouterr().err, "error:")
