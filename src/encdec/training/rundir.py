@@ -169,7 +169,7 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
 # a longer (or shorter) run: from the resumed step on, the rate is the new schedule's, whose decay ends at the new
 # --steps (a finished run resumed to twice its steps goes on at about half the peak rate, not at the old end's)
 FREE_ON_RESUME = ("model", "out", "steps", "resume", "overwrite", "eval_every", "save_every", "keep_last",
-                  "average_last", "log_every", "tensorboard", "keep_freed_memory")
+                  "average_last", "log_every", "tensorboard", "keep_freed_memory", "dist_timeout")
 PATHS = ("data", "eval_data", "teacher")
 
 
