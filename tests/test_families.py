@@ -42,18 +42,22 @@ PLAIN_ROPE = {"rope_type": "default", "rope_theta": 5e5}
 GEMMA3_GLOBAL_EVERY_6 = ["sliding_attention"] * 5 + ["full_attention"]  # the only pattern Gemma 3 GGUFs have
 
 
-@pytest.mark.parametrize("family, shape", [
-    ("gemma3", {"layers": 6, "layer_types": GEMMA3_GLOBAL_EVERY_6, "rope_parameters": {  # as Gemma 3 4B-27B
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-        "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0}}}),
-    ("gemma2", {"layers": 46, "heads": 2, "kv_heads": 1, "query_pre_attn_scalar": 16}),  # Gemma 2 27B: hidden / heads
-], ids=["gemma3-rope-scaling", "gemma2-27b-query-scale"])
-def test_gemma_gguf_keeps_what_transformers_reader_drops(tmp_path, monkeypatch, family, shape):
+GEMMA3_SCALED = {"layers": 6, "layer_types": GEMMA3_GLOBAL_EVERY_6, "rope_parameters": {  # as Gemma 3 4B-27B
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    "full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 8.0}}}
+
+
+@pytest.mark.parametrize("family, shape, key", [
+    ("gemma3", GEMMA3_SCALED, "rope.scaling.factor"),
+    ("gemma3", GEMMA3_SCALED, "rope.scale_linear"),  # older converters' key, without a type: it was read as unscaled
+    ("gemma2", {"layers": 46, "heads": 2, "kv_heads": 1, "query_pre_attn_scalar": 16}, None),  # 27B: hidden / heads
+], ids=["gemma3-rope-scaling", "gemma3-rope-scale-linear", "gemma2-27b-query-scale"])
+def test_gemma_gguf_keeps_what_transformers_reader_drops(tmp_path, monkeypatch, family, shape, key):
     """transformers' GGUF reader leaves Gemma 3's RoPE scaling and the 27B models' query scale out of the config
     (weights alike, so nothing else notices); the converted source must equal its checkpoint directory."""
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
     directory = make_source(tmp_path / family, family, **shape)
-    from_gguf = encdec.load_source(str(write_gguf(directory, tmp_path / f"{family}.gguf")))
+    from_gguf = encdec.load_source(str(write_gguf(directory, tmp_path / f"{family}.gguf", *[key] if key else [])))
     from_dir = encdec.load_source(str(directory))
     ignored = {"rms_norm_eps"}  # GGUF stores it as float32
     assert {k: v for k, v in vars(from_gguf.stack).items() if k not in ignored} == \
@@ -71,6 +75,16 @@ def test_a_gemma_with_an_lm_head_of_its_own_is_refused(tmp_path, family):
     source = make_source(tmp_path / family, family, tie_word_embeddings=False)
     with pytest.raises(EncdecError, match="LM head of its own"):
         encdec.load_source(str(source))
+
+
+@pytest.mark.parametrize("key", ["rope.scaling.factor", "rope.scale_linear"])
+def test_a_llama_gguf_with_linear_rope_scaling_is_refused(tmp_path, monkeypatch, key):
+    """transformers' GGUF reader drops the factor; under the older key, without a type, it was not even seen."""
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    rope = {"rope_type": "linear", "rope_theta": 5e5, "factor": 4.0}
+    path = write_gguf(make_source(tmp_path / "llama", "llama", rope_parameters=rope), tmp_path / "llama.gguf", key)
+    with pytest.raises(EncdecError, match=r"its RoPE scaling \(linear, factor 4.0\) is not carried over"):
+        encdec.load_source(str(path))
 
 
 def test_a_llama_3_gguf_is_refused_for_its_rope_scaling(tmp_path, monkeypatch):

@@ -101,10 +101,11 @@ def make_source(directory: Path, family: str, seed: int = 0, reserved: bool = Tr
     return directory
 
 
-def write_gguf(source: Path, path: Path) -> Path:
+def write_gguf(source: Path, path: Path, rope_scale_key: str = "rope.scaling.factor") -> Path:
     """A float32 GGUF file of a tiny Llama / Qwen / Gemma checkpoint, written as llama.cpp's converter does (its
     tensor names, Q/K rows of llama permuted, Gemma's norms stored as 1 + w, Gemma 3's linear RoPE scaling as
-    rope.scaling.*, no key for the query scale) with a byte-level tokenizer over the tiny vocabulary."""
+    rope.scaling.*, no key for the query scale) with a byte-level tokenizer over the tiny vocabulary.
+    `rope_scale_key` "rope.scale_linear": a linear RoPE factor as older converters wrote it (that key, no type)."""
     import json
 
     import gguf
@@ -131,9 +132,11 @@ def write_gguf(source: Path, path: Path) -> Path:
         if cfg.get("attn_logit_softcapping"):
             writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
             writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
-        if rope["rope_type"] == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(rope["factor"])
+    if rope["rope_type"] == "linear" and rope_scale_key == "rope.scale_linear":
+        writer.add_float32(f"{arch}.rope.scale_linear", rope["factor"])
+    elif rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
     if rope["rope_type"] == "llama3":  # llama.cpp writes the scaled frequencies' factors as a tensor (values aside)
         import numpy as np
 

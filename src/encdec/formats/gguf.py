@@ -104,7 +104,10 @@ def _dropped_fields(path: Path, arch: str) -> dict[str, float]:
 
     dropped = {key: value(key) for key in SOFTCAPS if arch == "gemma2" and value(key) is not None}
     kind, factor = value("rope.scaling.type"), value("rope.scaling.factor")
-    if kind not in (None, "none") and factor not in (None, 1.0):
+    if factor is None:  # the older key, which llama.cpp still reads
+        factor = value("rope.scale_linear")
+    if kind != "none" and factor not in (None, 0.0, 1.0):
+        kind = kind or "linear"  # llama.cpp's reading of a factor without a type
         if arch != "gemma3" or kind != "linear":
             raise EncdecError(f"{path}: its RoPE scaling ({kind}, factor {factor}) is not carried over by "
                               "transformers' GGUF reader; use the model's Hugging Face checkpoint directory instead")
