@@ -98,6 +98,22 @@ def test_not_an_encoder_decoder(sources):
         encdec.load(sources["gemma3"])
 
 
+@pytest.mark.parametrize("family, attention", [("gemma2", "cross"), ("gemma3", "merged")])
+def test_a_t5gemma_with_an_lm_head_of_its_own_is_refused(sources, tmp_path, family, attention):
+    """Saved by transformers with tie_word_embeddings false: read as tied, its head was dropped without a word."""
+    import transformers as tf
+
+    encdec.save(encdec.adapt(encdec.load_source(str(sources[family])), attention=attention), tmp_path / "tied")
+    config = json.loads((tmp_path / "tied" / "config.json").read_text())
+    hf_class = getattr(tf, config["architectures"][0])
+    model = hf_class.from_pretrained(str(tmp_path / "tied"), tie_word_embeddings=False)
+    with torch.no_grad():
+        model.lm_head.out_proj.weight.mul_(2)  # a head that is not the embedding
+    model.save_pretrained(str(tmp_path / "untied"))
+    with pytest.raises(EncdecError, match="LM head of its own .tie_word_embeddings: false"):
+        encdec.load(tmp_path / "untied")
+
+
 def test_truncated_checkpoint_weights(sources, tmp_path):
     model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
     encdec.save(model, tmp_path / "out")

@@ -163,6 +163,10 @@ def _on_disk(name: str) -> str:
 def config_from_hf(data: dict[str, Any]) -> EncDecConfig:
     """Our configuration of a T5Gemma / T5Gemma 2 config.json (released or exported)."""
     model_type = data["model_type"]
+    if data.get("tie_word_embeddings") is False:  # read as tied (as released), its own head would be dropped unsaid
+        raise EncdecError(f"a {model_type} checkpoint with an LM head of its own (tie_word_embeddings: false), which "
+                          "encdec does not read; accepted: T5Gemma / T5Gemma 2 checkpoints whose LM head is the "
+                          "decoder's embedding, as released")
     encoder, decoder = data.get("encoder") or {}, data.get("decoder") or {}
     if model_type == "t5gemma2":
         encoder = encoder.get("text_config") or {}
