@@ -323,6 +323,18 @@ def test_a_llama_config_without_eos_is_one_line(capsys, tmp_path, sources, eos):
     assert f"{src / 'config.json'}: config.json names no eos_token_id" in line
 
 
+def test_a_damaged_tokenizer_is_one_line(capsys, tmp_path, sources):
+    """JSON that the tokenizers library cannot map (a newer version's, or a damaged one): it raises a plain
+    Exception, which came out as a traceback after the weights were read."""
+    src = tmp_path / "damaged-tokenizer"
+    shutil.copytree(sources["gemma3"], src)
+    tokenizer = json.loads((src / "tokenizer.json").read_text())
+    tokenizer["model"]["type"] = "NoSuchModel"
+    (src / "tokenizer.json").write_text(json.dumps(tokenizer))
+    message = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "transformers cannot load its tokenizer" in message and str(src.name) in message
+
+
 def test_a_source_without_tokenizer_is_adapted_with_a_warning(capsys, tmp_path, sources):
     from encdec.logs import setup
 

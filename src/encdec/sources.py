@@ -106,8 +106,9 @@ def _tokenizer(directory: Path, stamp: tuple[int, ...]):
 
     try:
         return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
-    except (ValueError, OSError) as e:
-        raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions (a damaged tokenizer.json)
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({first})") from None
 
 
 def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
