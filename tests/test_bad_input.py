@@ -399,6 +399,7 @@ PRETRAIN_BAD = [
     (["--config", "data: corpus.txt\n"], "--data must be a list of paths, got 'corpus.txt'"),
     (["--config", "lr: [1]\n"], "--lr must be a number, got [1]"),
     (["--config", "distill: 1\n"], "--distill must be true or false, got 1"),
+    (["--config", "lr: " + "[" * 2000 + "]" * 2000], "cannot read the YAML configuration (nested too deeply)"),
     (["--config", "model: [unclosed\n"],
      "cannot read the YAML configuration (line 2, column 1: expected ',' or ']', but got '<stream end>')"),
     (["--out-under-a-file"], "is a file, not a directory"),
@@ -412,7 +413,7 @@ def adapted(tmp_path_factory, sources):
     return model
 
 
-@pytest.mark.parametrize("extra, message", PRETRAIN_BAD, ids=[" ".join(e) for e, _ in PRETRAIN_BAD])
+@pytest.mark.parametrize("extra, message", PRETRAIN_BAD, ids=[" ".join(e)[:80] for e, _ in PRETRAIN_BAD])
 def test_bad_pretraining_values(capsys, tmp_path, adapted, extra, message):
     out = tmp_path / "run"
     if extra[0] == "--config":

@@ -256,6 +256,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or e
         raise EncdecError(f"{path}: cannot read the YAML configuration ({where}{problem})") from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise EncdecError(f"{path}: cannot read the YAML configuration (nested too deeply)") from None
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
         raise EncdecError(f"{path}: expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in loaded.items()}
