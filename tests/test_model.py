@@ -54,6 +54,21 @@ def test_merged_decoder_with_masked_encoder_is_the_source(sources, family):
     assert (seeing[real] - ref[real]).abs().max().item() > 1e-2  # with the encoder visible the output changes
 
 
+def test_a_gemma_3_with_soft_caps_is_read_as_transformers_reads_it(tmp_path):
+    """Released Gemma 3s set none. Set, transformers applies the final one (it was read as absent) and leaves the
+    attention's unapplied."""
+    from tiny import make_source
+
+    directory = make_source(tmp_path / "capped", "gemma3", attn_logit_softcapping=0.5, final_logit_softcapping=0.8)
+    source = _source_model(directory)
+    model = encdec.adapt(encdec.load_source(str(directory)), attention="merged")
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = source(input_ids=ids).logits
+        ours = model(ids[:, :3], torch.zeros_like(ids[:, :3]), ids, torch.ones_like(ids)).logits
+    assert ref.abs().max() <= 0.8 and (ours - ref).abs().max().item() <= TOL
+
+
 @pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma2", "cross"), ("gemma3", "cross"),
                                                ("qwen2", "cross")])
 def test_packed_rows_equal_examples_run_one_by_one(sources, family, attention):

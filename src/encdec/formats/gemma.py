@@ -97,6 +97,7 @@ def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
         rope_scale_local=local[1],
         rope_theta_global=glob[0],
         rope_scale_global=glob[1],
+        # transformers' Gemma 3 (and T5Gemma 2) attention leaves a configured attn_logit_softcapping unapplied
         attn_softcap=cfg.get("attn_logit_softcapping") if family == "gemma2" else None,
         qk_norm=family == "gemma3",
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -177,6 +178,6 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
     defaults = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
     return SourceConfig(
         family=family, stack=stack_from_hf(cfg, family),
-        final_logit_softcap=cfg.get("final_logit_softcapping") if family == "gemma2" else None, tied_head=True,
+        final_logit_softcap=cfg.get("final_logit_softcapping"), tied_head=True,  # Gemma 3's too: null as released
         special_tokens=special_tokens({**defaults, **{k: v for k, v in cfg.items() if v is not None}, **outer}),
     )
