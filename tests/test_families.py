@@ -363,6 +363,22 @@ def test_nested_configs_saved_as_differences_from_the_defaults_read_as_transform
     assert ours == theirs
 
 
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
+def test_rope_scaling_of_the_older_layout_is_read_as_transformers_reads_it(model_type):
+    """A Gemma 2 has one RoPE setting: rope_scaling scales every layer (its local layers were read unscaled);
+    a Gemma 3 scales its global layers alone."""
+    from pathlib import Path
+
+    from encdec.formats import gemma
+
+    saved = {"model_type": model_type, "rope_theta": 10_000.0, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    config_class = tf.Gemma2Config if model_type == "gemma2" else tf.Gemma3TextConfig
+    full = config_class(**saved).to_dict()  # what transformers reads from it, in today's layout
+    ours, theirs = (gemma.read_config(data, Path("config.json")).stack for data in (saved, full))
+    assert ours == theirs
+    assert (ours.rope_scale_local, ours.rope_scale_global) == ((2.0, 2.0) if model_type == "gemma2" else (1.0, 2.0))
+
+
 def test_a_hub_source_fetches_the_files_it_is_read_from_and_not_a_second_copy_of_the_weights(monkeypatch):
     """Mistral's repositories ship consolidated.safetensors (the whole model again, 14.5 GB for 7B) beside the
     transformers shards; only the shards are read. The patterns passed to huggingface_hub, through its own filter."""

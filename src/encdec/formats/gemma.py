@@ -66,7 +66,9 @@ def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
         theta = cfg.get("rope_theta", 1_000_000.0 if family == "gemma3" else 10_000.0)
         if kind == "sliding" and family == "gemma3":
             theta = cfg.get("rope_local_base_freq", 10_000.0)
-        params = {"rope_theta": theta, **((cfg.get("rope_scaling") or {}) if kind == "full" else {})}
+        # Gemma 3 scales its global layers alone; Gemma 2 (and T5Gemma) has one RoPE setting for every layer
+        scaled = kind == "full" or family == "gemma2"
+        params = {"rope_theta": theta, **((cfg.get("rope_scaling") or {}) if scaled else {})}
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise EncdecError(f"RoPE type {rope_type!r} is not supported; supported: 'default', 'linear'")
