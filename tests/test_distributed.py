@@ -216,6 +216,23 @@ def test_a_checkpoint_the_first_process_cannot_write_stops_both_with_one_line(so
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
 
 
+def test_a_run_directory_file_the_first_process_refuses_stops_both_with_one_line(sources, tmp_path):
+    """Only the first process prepares OUT's files (metrics cut back on --resume, the metrics file opened): its
+    refusal of a linked metrics.jsonl stopped it alone, the other waiting in the first step until --dist-timeout."""
+    model, corpus = _tiny_run_inputs(sources, tmp_path)
+    out = tmp_path / "run"
+    assert main([*_pretrain_args(model, corpus, out), "--steps", "2"]) == 0
+    (tmp_path / "elsewhere.jsonl").write_text((out / "metrics.jsonl").read_text())
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    returncode, said = _two_processes_with("import sys\nfrom encdec.cli import main\nsys.exit(main(sys.argv[1:]))\n",
+                                           tmp_path, [*_pretrain_args(model, corpus, out), "--steps", "4", "--resume",
+                                                      "--dist-timeout", "60"])
+    # the two processes' lines may reach the pipe run together: counted in the whole output
+    assert returncode != 0 and said.count("metrics.jsonl is a symbolic link") == 2, said[-3000:]
+    assert "exitcode: 2" in said, said[-3000:]
+
+
 NO_CHECKPOINT_ON_RANK_1 = """
 import os
 import sys

@@ -6,8 +6,10 @@ Both launchers export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT;
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -15,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from encdec.errors import EncdecError
 
 
 @dataclass
@@ -80,6 +84,22 @@ def from_main(value: Any, d: Dist) -> Any:
     shared = [value]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
+
+
+@contextlib.contextmanager
+def stopping_together(d: Dist) -> Iterator[None]:
+    """Work that the first process does alone (the run directory's files): its EncdecError or OSError stops
+    every process with its line, where the others would wait in the next collective until --dist-timeout."""
+    failed = None
+    try:
+        yield
+    except (EncdecError, OSError) as e:
+        if d.world == 1:
+            raise
+        failed = str(e)
+    failed = from_main(failed, d)
+    if failed is not None:
+        raise EncdecError(failed)
 
 
 def same_everywhere(value: int, d: Dist) -> bool:

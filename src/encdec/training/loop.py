@@ -157,11 +157,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             if changed:
                 log.warning("resuming with settings other than the run's (its next steps differ from those of an "
                             "uninterrupted run): %s", "; ".join(changed))
-    rundir.begin(cfg, start, d, state.get("record"))
+    with distributed.stopping_together(d):  # only the first process writes OUT's files
+        rundir.begin(cfg, start, d, state.get("record"))
+        metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main,
+                          desc="finetune" if cfg.objective == "instruct" else "pretrain")
 
     autocast = torch.autocast(d.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
-    metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main,
-                      desc="finetune" if cfg.objective == "instruct" else "pretrain")
     rows = cfg.batch_size
     with_teacher = teacher is not None
     teacher_rows = with_teacher or plan.causal
