@@ -363,6 +363,20 @@ def test_nested_configs_saved_as_differences_from_the_defaults_read_as_transform
     assert ours == theirs
 
 
+@pytest.mark.parametrize("model_type", ["t5gemma", "t5gemma2"])
+def test_special_ids_named_at_the_top_level_win_over_the_decoders(model_type):
+    """As transformers reads them (and generation stops at them): the decoder's EOS was taken."""
+    from encdec.formats import t5gemma
+
+    config_class = tf.T5GemmaConfig if model_type == "t5gemma" else tf.T5Gemma2Config
+    saved = {**config_class().to_dict(), "eos_token_id": [1, 7], "pad_token_id": 3, "bos_token_id": 4}
+    assert saved["decoder"]["eos_token_id"] == 1
+    loaded = config_class.from_dict(saved)
+    assert (loaded.eos_token_id, loaded.pad_token_id, loaded.bos_token_id) == ([1, 7], 3, 4)
+    ours = t5gemma.config_from_hf(saved)
+    assert (ours.eos_token_ids, ours.pad_token_id, ours.bos_token_id) == ([1, 7], 3, 4)
+
+
 @pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text"])
 def test_rope_scaling_of_the_older_layout_is_read_as_transformers_reads_it(model_type):
     """A Gemma 2 has one RoPE setting: rope_scaling scales every layer (its local layers were read unscaled);

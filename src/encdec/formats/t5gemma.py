@@ -177,12 +177,15 @@ def config_from_hf(data: dict[str, Any]) -> EncDecConfig:
         enc, dec = stack_from_hf(encoder, family), stack_from_hf(decoder, family)
     except KeyError as e:
         raise EncdecError(f"the {model_type} configuration lacks {e}") from None
-    eos = decoder.get("eos_token_id", 1)
+    # the top level's ids where it names them (generation reads them there), as transformers reads them
+    special = {k: data[k] if data.get(k) is not None else decoder.get(k, default)
+               for k, default in (("pad_token_id", 0), ("bos_token_id", 2), ("eos_token_id", 1))}
+    eos = special["eos_token_id"]
     return EncDecConfig(
         encoder=enc, decoder=dec, vocab_size=decoder["vocab_size"], family=family,
         attention="cross" if model_type == "t5gemma" else "merged", shared_embeddings=model_type == "t5gemma2",
         encoder_window=model_type, final_logit_softcap=decoder.get("final_logit_softcapping"),
-        pad_token_id=decoder.get("pad_token_id", 0) or 0, bos_token_id=decoder.get("bos_token_id", 2),
+        pad_token_id=special["pad_token_id"] or 0, bos_token_id=special["bos_token_id"],
         eos_token_ids=list(eos) if isinstance(eos, list) else [eos],
     )
 
