@@ -117,7 +117,11 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
 
 def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[str, list[Question]], s: Settings) -> TaskResult:
     prompts = [question_prompt(item, shots) for item in items]
-    stop_ids = _single_token_stops(scorer, task.stops)
+    # the stop strings end a base model's answer before it writes the next few-shot question; a tuned model's turn
+    # ends by itself, and its reasoning towards a number may run over several paragraphs (a short answer's first
+    # line is still the answer)
+    stops = () if s.chat and task.metric == "number" else task.stops
+    stop_ids = _single_token_stops(scorer, stops)
     if s.chat:
         chat, end_of_turn = _chat(scorer.tokenizer)
         prompts = [chat(p) for p in prompts]
@@ -131,7 +135,7 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
             texts[i] = scorer.tokenizer.decode(ids, skip_special_tokens=True)
     result = TaskResult(n=len(items))
     for item, text in zip(items, texts):
-        answer = first_line(text, task.stops)
+        answer = first_line(text, stops)
         if task.metric == "number":
             guess = final_number(answer)
             ok = guess is not None and guess == final_number(item.answers[0])
