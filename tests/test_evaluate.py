@@ -148,6 +148,29 @@ def test_a_hand_made_task_with_obvious_answers_is_solved_by_the_real_source():
     assert result.summary()["accuracy"] == 1.0 and result.summary()["accuracy_norm"] == 1.0
 
 
+def test_scores_that_are_not_finite_are_warned_of_and_written_as_strict_json(adapted, tmp_path, caplog):
+    """NaN compares false, so the first option was picked without a word (BoolQ's "yes": a plausible 62%); and
+    OUT.json held bare NaN, which strict JSON readers refuse (json.dumps calls no `default` for a float)."""
+    import logging
+
+    from encdec.evaluation import harness
+
+    scorer = load_scorer(str(adapted))
+    with torch.no_grad():
+        scorer.model.embed.weight.fill_(float("nan"))
+    task = Task("poisoned", "choice", "weights gone NaN", examples=list)
+    items = [Choice("0", ["w1 w2"] * 2, [" w3", " w4"], 1)]
+    with caplog.at_level(logging.WARNING, logger="encdec"):
+        result = run_choice(scorer, task, items, {}, Settings(tasks=[]))
+    assert "poisoned: 1 of 1 example(s) scored NaN or inf" in caplog.text
+    _, data = harness.write({"models": [{"name": "m"}], "tasks": {}, "examples": result.examples}, tmp_path / "out")
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    assert json.loads(data.read_text(), parse_constant=refuse)["examples"][0]["logprobs"] == ["nan", "nan"]
+
+
 def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(adapted):
     """CommonsenseQA and MMLU have items with two options of the same text: the copies were scored in different
     batches, so padding noise picked one of them, and the batch size changed the accuracy; a gold that was the

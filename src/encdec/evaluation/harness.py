@@ -97,10 +97,11 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
             owners.append(k)
     scores = scorer.loglikelihoods(requests, s.batch_size, desc=f"{scorer.name} · {task.name}")
     result = TaskResult(n=len(items), correct_norm=0.0)
-    at = 0
+    at, not_finite = 0, 0
     for item in items:
         count = len(item.continuations)
         logps = [score for score, _ in scores[at : at + count]]
+        not_finite += not all(math.isfinite(x) for x in logps)
         chars = [max(1, len(c.lstrip().encode())) for c in item.continuations]
         norm = [lp / c for lp, c in zip(logps, chars)]
         pick, pick_norm = max(range(count), key=logps.__getitem__), max(range(count), key=norm.__getitem__)
@@ -112,6 +113,9 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
         result.examples.append({"id": item.id, "gold": item.gold, "prediction": pick, "prediction_norm": pick_norm,
                                 "logprobs": [round(x, 4) for x in logps]})
         at += count
+    if not_finite:  # NaN compares false: the first option was picked, which a task's accuracy would not show
+        log.warning("%s · %s: %d of %d example(s) scored NaN or inf (the model's outputs are not finite); their "
+                    "picks mean nothing", scorer.name, task.name, not_finite, len(items))
     return result
 
 
@@ -323,12 +327,18 @@ def output_files(out: Path, models: tuple[str, ...] = ()) -> tuple[Path, Path]:
 def write(record: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """OUT.md (the table) and OUT.json (everything), written together: a failed write replaces neither."""
     table, data = output_files(out)
-    atomic_write_files({data: json.dumps(record, indent=1, default=_json_default) + "\n",
+    atomic_write_files({data: json.dumps(_finite(record), indent=1, allow_nan=False) + "\n",
                         table: markdown(record) + "\n"})
     return table, data
 
 
-def _json_default(value: Any) -> Any:
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float as its name ("nan", "inf", "-inf"): JSON has no such numbers
+    (json.dumps writes NaN, which strict readers refuse, and calls no `default` for a float)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    raise TypeError(f"cannot serialise {type(value).__name__}")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
