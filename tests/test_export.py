@@ -86,6 +86,72 @@ def test_float32_tokens_equal_ours(adapted, tmp_path, capsys):
     assert _translated(out, "float32") == ours
 
 
+def _edited_copy(model_dir: Path, to: Path, config: dict | None = None, metadata: dict | None = None) -> Path:
+    """A copy of a checkpoint with `config` set at config.json's top level and in its decoder, and `metadata` added
+    to its provenance."""
+    import json
+
+    shutil.copytree(model_dir, to)
+    data = json.loads((to / "config.json").read_text())
+    data.update(config or {})
+    data["decoder"].update(config or {})
+    (to / "config.json").write_text(json.dumps(data))
+    if metadata:
+        provenance = json.loads((to / "encdec.json").read_text()) if (to / "encdec.json").exists() else {}
+        (to / "encdec.json").write_text(json.dumps({**provenance, **metadata}))
+    return to
+
+
+def test_told_the_stop_tokens_export_names_ctranslate2_stops_where_we_do(adapted, tmp_path, capsys):
+    """CTranslate2's converter keeps the tokenizer's EOS alone: a model that also stops at another token (Gemma 3
+    IT's <end_of_turn>) went on in CTranslate2, silently. Export names the end_token to pass."""
+    _, model_dir = adapted
+    ids = _prompts()
+    free = _ours(model_dir)
+    stop = free[0][0]  # a token the model writes (first, in one row at least): now one of its EOS ids
+    copy = _edited_copy(model_dir, tmp_path / "model", {"eos_token_id": [1, stop]})
+    assert main(["export", str(copy), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
+    said = capsys.readouterr().err
+    tokenizer = load_tokenizer(copy)
+    end_token = tokenizer.convert_ids_to_tokens(sorted([1, stop]))
+    assert (f"it stops at '<eos>' alone, where encdec generate stops at {end_token}: pass end_token={end_token} and "
+            "min_decoding_length=0 to translate_batch") in said
+    ours = [[t for t in row if t != 0] for row in encdec.load(copy).generate(ids, torch.ones_like(ids),
+                                                                               max_new_tokens=NEW_TOKENS).tolist()]
+    cut = [row[: next((k + 1 for k, t in enumerate(row) if t in (1, stop)), len(row))] for row in free]
+    assert ours == cut and min(map(len, ours)) < NEW_TOKENS  # stopped at it
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", compute_type="float32")
+    source = [tokenizer.convert_ids_to_tokens(row) for row in ids.tolist()]
+    results = translator.translate_batch(source, beam_size=1, max_decoding_length=NEW_TOKENS, end_token=end_token,
+                                         min_decoding_length=0, return_end_token=True)
+    assert [tokenizer.convert_tokens_to_ids(r.hypotheses[0]) for r in results] == ours
+
+
+def test_told_a_ul2_models_framing_ctranslate2_gives_our_tokens(adapted, tmp_path, capsys):
+    """A UL2-pretrained model reads a prompt with a sentinel after it and after the decoder's start (encdec
+    generate and serve frame it so); CTranslate2, given plain tokens, read what the model was never trained on."""
+    from encdec.inference.loading import model_framing
+
+    _, model_dir = adapted
+    copy = _edited_copy(model_dir, tmp_path / "model", metadata={
+        "pretrained": {"objective": "ul2", "settings": {"mixture": "t5gemma2"}}})
+    assert main(["export", str(copy), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
+    said = capsys.readouterr().err
+    tokenizer = load_tokenizer(copy)
+    framing = model_framing(copy, tokenizer)
+    sentinel = tokenizer.convert_ids_to_tokens(list(framing.after))
+    assert framing.after and framing.decoder == framing.after
+    assert f"give it source tokens with [] after the BOS and {sentinel} at the end, and target_prefix=[{sentinel}]" in said
+    framed = torch.tensor([framing.prompt(row, 2) for row in _prompts().tolist()])
+    ours = encdec.load(copy).generate(framed, torch.ones_like(framed), max_new_tokens=NEW_TOKENS, eos_token_ids=[-1],
+                                      decoder_prefix=framing.decoder).tolist()
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", compute_type="float32")
+    source = [tokenizer.convert_ids_to_tokens(row) for row in framed.tolist()]
+    results = translator.translate_batch(source, target_prefix=[sentinel] * len(source), beam_size=1,
+                                         max_decoding_length=NEW_TOKENS + len(sentinel), end_token=[])
+    assert [tokenizer.convert_tokens_to_ids(r.hypotheses[0])[len(sentinel):] for r in results] == ours
+
+
 def test_int8_runs_and_mostly_agrees(adapted, tmp_path):
     _, model_dir = adapted
     out = tmp_path / "ct2-int8"

@@ -48,7 +48,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
 
     # every weight there with its shape (the converter reads through transformers, which fills a missing one with
     # random values and says nothing); mapped, as stored: no copy is made
-    load_checkpoint(model_dir, None, mapped=True)
+    eos_token_ids = load_checkpoint(model_dir, None, mapped=True).model.config.eos_token_ids
     tokenizer = load_tokenizer(model_dir)  # CTranslate2 takes its vocabulary from it: fail before any work
     check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin", "config.json"))
     try:
@@ -65,9 +65,34 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
         tokenizer.save_pretrained(str(tmp))
         _name_tokenizer_version(tmp)
-    for caution in cautions(model_dir, fmt):
+    for caution in [*cautions(model_dir, fmt), *generation_cautions(model_dir, eos_token_ids, tokenizer)]:
         log.warning("CTranslate2 and this model: %s", caution)
     return fmt
+
+
+def generation_cautions(model_dir: Path, eos_token_ids: list[int], tokenizer) -> list[str]:
+    """What `encdec generate` and `serve` do that CTranslate2 does only when told: stop at every stop token (its
+    converter keeps the tokenizer's EOS alone), and frame prompts as a UL2 pretraining posed them."""
+    from encdec.data.chat import ChatFormat
+    from encdec.inference.loading import model_framing
+    from encdec.objectives import PLAIN
+
+    found = []
+    stops = sorted(ChatFormat.of(tokenizer).stop_ids(eos_token_ids))
+    if set(stops) != {tokenizer.eos_token_id}:
+        tokens = tokenizer.convert_ids_to_tokens(stops)
+        found.append(f"it stops at {tokenizer.eos_token!r} alone, where encdec generate stops at {tokens}: pass "
+                     f"end_token={tokens} and min_decoding_length=0 to translate_batch (its default of 1 writes another "
+                     "token where the model would end at once)")
+    framing = model_framing(model_dir, tokenizer)
+    if framing != PLAIN:
+        def named(ids: tuple[int, ...]) -> list[str]:
+            return tokenizer.convert_ids_to_tokens(list(ids))
+
+        found.append(f"it was pretrained with UL2 and reads a prompt as that objective posed it, which CTranslate2 "
+                     f"does not know: give it source tokens with {named(framing.before)} after the BOS and "
+                     f"{named(framing.after)} at the end, and target_prefix=[{named(framing.decoder)}]")
+    return found
 
 
 def _name_tokenizer_version(directory: Path) -> None:
