@@ -614,7 +614,8 @@ def test_evaluation_output_names_are_checked_before_any_work(capsys, tmp_path, a
 
 @pytest.mark.parametrize("extra, message", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                                             (["--steps", "-1"], "--steps must be at least 0"),
-                                            (["--trim-vocab", "-5"], "--trim-vocab must be at least 0")])
+                                            (["--trim-vocab", "-5"], "--trim-vocab must be at least 0"),
+                                            (["--prompt", "caf\udce9"], "--prompt: not UTF-8 text")])
 def test_quickstart_checks_its_options_before_loading_anything(capsys, tmp_path, monkeypatch, extra, message):
     monkeypatch.setattr("encdec.quickstart.load_source", lambda *a, **k: pytest.fail("the source was read"))
     assert main(["quickstart", "--out", str(tmp_path / "qs"), *extra]) == 2

@@ -266,6 +266,9 @@ def test_a_prompt_without_tokens_is_refused_where_it_was_given(tmp_path, sources
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
     with pytest.raises(EncdecError, match="^--prompt 2: the prompt has no tokens; a prompt needs at least one$"):
         texts_as_prompts(["w1", ""], tokenizer)
+    # bytes a terminal passed that are not UTF-8 (Python keeps them as lone surrogates): the tokenizer's TypeError
+    with pytest.raises(EncdecError, match="^--prompt 2: not UTF-8 text"):
+        texts_as_prompts(["w1", "caf\udce9"], tokenizer)
     (tmp_path / "p.jsonl").write_text('{"prompt": "w1"}\n\n{"prompt": ""}\n')
     with pytest.raises(EncdecError, match="p.jsonl:3: the prompt has no tokens"):
         read_prompts(str(tmp_path / "p.jsonl"), tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,10 +106,40 @@ def test_tokens_of_a_hub_dataset_read_from_the_cache_say_so(sources, tmp_path, c
     ("deep.jsonl", b"[" * 100_000 + b"\n", r"deep.jsonl, line 1: not valid JSON \(nested too deeply\)"),
     ("surrogate.jsonl", b'{"text": "ok \\ud83d\\ude00", "title": "\\ud83d"}\n{"text": "w1 \\ud800"}\n',
      r"surrogate.jsonl, line 2: 'text' holds a \\uD800-\\uDFFF escape that is not half of a pair"),
+    # the position of a bad byte counts from after a byte-order mark: it named line 1
+    ("bom-latin.txt", b"\xef\xbb\xbfa\n\xff\n", r"bom-latin.txt, line 2: not UTF-8"),
 ])
 def test_bad_files_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(EncdecError, match=message):
+        list(read_documents(str(tmp_path / name)))
+
+
+def test_a_byte_order_mark_starts_no_record_and_a_line_separator_inside_a_string_ends_none(tmp_path):
+    """An editor's BOM before the first record made it bad JSON; U+2028, which JSON writers leave raw in strings,
+    split a record in two where text was split with str.splitlines (classify --predict --input)."""
+    from encdec.classification.inference import predict_texts, read_inputs
+
+    path = tmp_path / "texts.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + '{"text": "a\u2028b"}\n{"text": "c"}\n'.encode())
+    assert [doc for doc in read_documents(str(path))] == ["a\u2028b", "c"]
+    assert read_inputs(path) == ["a\u2028b", "c"]
+    path.write_bytes(b'{"text": "w1 \\ud800"}\n')
+    with pytest.raises(EncdecError, match=r"texts.jsonl, line 1: expected a JSON object with a string field 'text'"):
+        read_inputs(path)
+    path.write_bytes(b"[" * 100_000 + b"\n")  # a RecursionError's traceback
+    with pytest.raises(EncdecError, match=r"texts.jsonl, line 1: not valid JSON \(nested too deeply\)"):
+        read_inputs(path)
+    with pytest.raises(EncdecError, match=r"^input #2: not UTF-8 text"):  # --text bytes a terminal passed
+        predict_texts(tmp_path, ["ok", "caf\udce9"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").exists(), reason="a file that opens but cannot be read (Linux)")
+@pytest.mark.parametrize("name", ["unreadable.jsonl", "unreadable.txt"])
+def test_a_file_that_cannot_be_read_is_named(tmp_path, name):
+    """Its OSError was a traceback (permissions, a failing disk; here a file that opens and fails to read)."""
+    (tmp_path / name).symlink_to("/proc/self/mem")
+    with pytest.raises(EncdecError, match=f"cannot read {tmp_path / name} \\(Input/output error\\)"):
         list(read_documents(str(tmp_path / name)))
 
 

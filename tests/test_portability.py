@@ -192,5 +192,5 @@ def test_files_that_are_not_utf8_are_one_line(tmp_path):
         read_grid(grid, {})
     texts = tmp_path / "texts.jsonl"
     texts.write_bytes(b'{"text": "w1 \xff"}\n')
-    with pytest.raises(EncdecError, match=r"texts.jsonl \(not UTF-8: byte 13\); expected JSON lines in UTF-8"):
+    with pytest.raises(EncdecError, match=r"texts.jsonl, line 1: not valid JSON \('utf-8' codec can't decode"):
         read_inputs(texts)

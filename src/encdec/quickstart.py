@@ -12,6 +12,7 @@ import torch
 from encdec.adapt import adapt
 from encdec.checkpoint import load, save
 from encdec.data.corpus import HELDOUT_SETS
+from encdec.data.text import check_text
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
 from encdec.errors import EncdecError
 from encdec.files import check_output_dir
@@ -49,6 +50,7 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
             raise EncdecError(f"{flag} must be at least {low}, got {value}")
     if not prompt.strip():
         raise EncdecError("--prompt is empty; give a text to continue")
+    check_text(prompt, "--prompt")
     check_output_dir(out, overwrite, replaces=("adapted", "pretrain"))
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
     started = started_from(run_dir)  # --overwrite replaces the quickstart's own run, not one that sits in OUT/pretrain

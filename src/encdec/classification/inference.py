@@ -9,6 +9,7 @@ from pathlib import Path
 
 from encdec.classification.classifier import load_classifier
 from encdec.classification.train import encode, predict
+from encdec.data.text import check_text, json_lines, lone_surrogate
 from encdec.errors import EncdecError
 from encdec.inference.loading import compute_device
 
@@ -17,22 +18,11 @@ log = logging.getLogger("encdec")
 
 def read_inputs(path: Path, field: str = "text") -> list[str]:
     """The texts of a JSON-lines file: one object per line with a "text" field."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise EncdecError(f"cannot read {path} ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise EncdecError(f"cannot read {path} (not UTF-8: byte {e.start}); expected JSON lines in UTF-8") from None
     texts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise EncdecError(f"{path}:{number}: expected a JSON object with a string field {field!r}")
+    for number, record in json_lines(path, strict=True):
+        if not isinstance(record, dict) or not isinstance(record.get(field), str) or lone_surrogate(record[field]):
+            raise EncdecError(f"{path}, line {number}: expected a JSON object with a string field {field!r} (text: "
+                              "a \\uD800-\\uDFFF escape alone is no character)")
         texts.append(record[field])
     return texts
 
@@ -58,6 +48,8 @@ def predict_texts(path: Path, texts: list[str], batch_size: int = 8) -> tuple[li
 
     if not texts:
         raise EncdecError("nothing to predict: pass --text TEXT or --input FILE.jsonl")
+    for n, text in enumerate(texts, 1):
+        check_text(text, f"input #{n}")
     classifier, info = load_classifier(path)
     unlike = [i for i, text in enumerate(texts) if not laid_out_as(text, info.template)]
     if unlike:  # read as given all the same: a user may know better; but plain text gets a plain guess

@@ -15,7 +15,7 @@ from typing import Any
 
 from encdec.data.chat import ChatFormat
 from encdec.data.instructions import conversation
-from encdec.data.text import json_lines, json_records, lone_surrogate, read_file
+from encdec.data.text import check_text, json_lines, json_records, lone_surrogate, read_file
 from encdec.errors import EncdecError
 
 OUTPUT_FIELDS = ("completion", "finish_reason", "prompt_tokens", "completion_tokens")  # what an output line adds
@@ -91,8 +91,8 @@ def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
 
 def texts_as_prompts(texts: list[str], tokenizer: Any) -> list[Prompt]:
     """Prompts given on the command line (`--prompt TEXT`)."""
-    return checked([Prompt(tokenizer(text).input_ids, {"prompt": text}, f"--prompt {n}") for n, text in
-                    enumerate(texts, 1)])
+    return checked([Prompt(tokenizer(check_text(text, f"--prompt {n}")).input_ids, {"prompt": text}, f"--prompt {n}")
+                    for n, text in enumerate(texts, 1)])
 
 
 def checked(prompts: list[Prompt]) -> list[Prompt]:

@@ -20,6 +20,7 @@ from encdec.files import parse_json
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ACCEPTED = ("a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, "
             f"hf:NAME, or packaged text: {', '.join(f'corpus:{name}' for name in CORPORA)}")
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 log = logging.getLogger("encdec")
 _SAID: set[tuple[Path, tuple[str, ...]]] = set()  # directories whose left-out files were named (once per run)
 
@@ -62,9 +63,13 @@ def _inside(path: str, top: str) -> bool:
 def _txt(path: Path) -> Iterator[str]:
     """Documents of a text file are its paragraphs (separated by blank lines)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text of the first document
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        data = path.read_bytes()
+    except OSError as e:
+        raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is not text of the first document
+    except UnicodeDecodeError as e:  # its position counts from after the mark
+        line = data[: e.start + len(BOM) * data.startswith(BOM)].count(b"\n") + 1
         raise EncdecError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
     for block in re.split(r"\n\s*\n", text):
         if block.strip():
@@ -74,13 +79,18 @@ def _txt(path: Path) -> Iterator[str]:
 def json_lines(path: Path, *, strict: bool = False) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) of each non-blank line; bad JSON names the file and line (with `strict`, the
     NaN and Infinity that Python reads are bad JSON too)."""
-    with path.open("rb") as f:
-        yield from json_records(f, str(path), strict=strict)
+    try:
+        with path.open("rb") as f:
+            yield from json_records(f, str(path), strict=strict)
+    except OSError as e:  # a file that cannot be opened or read (the reader's errors are not thrown in here)
+        raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
 
 
 def json_records(lines: Iterable[bytes], name: str, *, strict: bool = False) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) of each non-blank line of a stream (standard input), `name` naming it in errors."""
     for number, raw in enumerate(lines, 1):
+        if number == 1:  # a byte-order mark (an editor's) is no part of the first record
+            raw = raw.removeprefix(BOM)
         if not raw.strip():
             continue
         try:
@@ -88,6 +98,15 @@ def json_records(lines: Iterable[bytes], name: str, *, strict: bool = False) -> 
         except ValueError as e:
             raise EncdecError(f"{name}, line {number}: not valid JSON ({e})") from None
         yield number, record
+
+
+def check_text(text: str, where: str) -> str:
+    """`text` given on the command line, refused where the shell passed bytes that are not UTF-8 (Python holds
+    each as half of a surrogate pair, which no tokenizer reads)."""
+    if lone_surrogate(text):
+        raise EncdecError(f"{where}: not UTF-8 text (bytes that UTF-8 cannot read, from the terminal or the shell); "
+                          "pass the text in UTF-8")
+    return text
 
 
 def lone_surrogate(text: str) -> bool:
