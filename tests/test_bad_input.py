@@ -452,11 +452,13 @@ GENERATE_BAD = [
     (["--presence-penalty", "nan"], "presence_penalty (--presence-penalty) must be in [-2, 2], got nan"),
     (["--prompt", " ".join(["w5"] * 300)], "the prompt has 301 tokens; this model reads at most 256"),
     (["--top-k", "-2"], "top_k (--top-k) must be at least 1"),
+    (["--quantize", "int8", "--dtype", "bfloat16"], "--quantize int8 runs on CPU in float32"),
 ]
 
 
 @pytest.mark.parametrize("extra, message", GENERATE_BAD, ids=[" ".join(e)[:30] for e, _ in GENERATE_BAD])
-def test_bad_generation_values(capsys, adapted, extra, message):
+def test_bad_generation_values(capsys, adapted, extra, message, monkeypatch):
+    monkeypatch.setattr("encdec.inference.loading.load", lambda *a, **k: pytest.fail("the weights were read"))
     capsys.readouterr()
     code = main_exit(["generate", str(adapted), "--prompt", "w1 w2", *extra])
     captured = capsys.readouterr()

@@ -12,7 +12,7 @@ from encdec.allocator import keep_freed_memory
 from encdec.checkpoint import load, read_metadata
 from encdec.errors import EncdecError
 from encdec.inference import onednn
-from encdec.inference.quantize import QUANTIZATIONS, quantize_int8
+from encdec.inference.quantize import QUANTIZATIONS, check_int8, quantize_int8
 from encdec.model import EncoderDecoder
 from encdec.objectives import PLAIN, Framing, trained_framing
 
@@ -34,8 +34,10 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
         raise EncdecError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
     if cpu_kernels not in onednn.CPU_KERNELS:
         raise EncdecError(f"unknown CPU kernels {cpu_kernels!r}; accepted: {', '.join(onednn.CPU_KERNELS)}")
-    model = load(path, dtype)
     device = compute_device()
+    if quantize is not None:  # before the weights are read
+        check_int8(dtype, device)
+    model = load(path, dtype)
     if device.type == "cuda" and quantize is None:
         return model.to(device)
     keep_freed_memory()  # encoder passes allocate big temporaries: not page-faulted afresh each time

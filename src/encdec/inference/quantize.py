@@ -25,11 +25,15 @@ from encdec.model import EncoderDecoder
 QUANTIZATIONS = ("int8",)
 
 
+def check_int8(dtype: torch.dtype, device: torch.device) -> None:
+    if device.type != "cpu" or dtype != torch.float32:
+        raise EncdecError("--quantize int8 runs on CPU in float32 (dynamic int8 kernels); use --dtype float32 on CPU")
+
+
 def quantize_int8(model: EncoderDecoder) -> EncoderDecoder:
     """Replace the model's linear layers, in place, by dynamic int8 ones, and give it an int8 LM head
     (the tied embedding table stays float for lookups). For inference only: it cannot be trained or saved."""
-    if model.device.type != "cpu" or model.embed.weight.dtype != torch.float32:
-        raise EncdecError("--quantize int8 runs on CPU in float32 (dynamic int8 kernels); use --dtype float32 on CPU")
+    check_int8(model.embed.weight.dtype, model.device)
     if model.config.tied_head:
         head = nn.Linear(model.embed.embedding_dim, model.embed.num_embeddings, bias=False)
         head.weight = model.embed.weight
