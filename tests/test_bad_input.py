@@ -742,8 +742,8 @@ def test_quickstart_overwrite_without_training_leaves_a_live_run_alone(capsys, t
 
     monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--steps", "1", "--max-new-tokens", "2"]) == 0
-    capsys.readouterr()
+    assert main(["quickstart", "--out", str(out), "--steps", "1", "--max-new-tokens", "2", "--trim-vocab", "0"]) == 0
+    assert "(64 + 64) tokens at lr 3e-05, the whole vocabulary" in capsys.readouterr().out  # it said "trimmed to 0"
     with (out / "pretrain" / ".encdec.lock").open("a") as held:  # as the training process holds it
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2

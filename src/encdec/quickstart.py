@@ -107,8 +107,10 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
         cfg = TrainConfig(model=str(adapted_dir.resolve()), out=str(run_dir), distill=True, steps=steps, enc_len=64,
                           dec_len=64, batch_size=4, warmup_steps=max(1, steps // 10), eval_every=0, eval_windows=16,
                           save_every=steps, trim_vocab=trim_vocab, overwrite=True)
-        print(f"\nPrefixLM + distillation on the default corpus: {steps} steps of 4 rows x (64 + 64) tokens at lr {cfg.lr:g}, "
-              f"vocabulary trimmed to {trim_vocab:,} tokens for speed (mapped back when saved)")
+        vocabulary = (f"vocabulary trimmed to {trim_vocab:,} tokens for speed (mapped back when saved)" if trim_vocab
+                      else "the whole vocabulary")
+        print(f"\nPrefixLM + distillation on the default corpus: {steps} steps of 4 rows x (64 + 64) tokens at lr "
+              f"{cfg.lr:g}, {vocabulary}")
         final = train(cfg)
         trained = load(final)
         with timed("held-out suffix NLL after training"):
