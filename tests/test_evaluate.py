@@ -349,7 +349,8 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn():
     result = run_generate(Scripted(), task, items, {}, Settings(tasks=[], chat=True))
     assert result.examples[0]["extracted"] == "8" and result.correct == 1
     # reasoning in paragraphs: "\n\n" ends a base model's answer (a new few-shot question follows), not a turn
-    answer = tokenizer("Let's add.\n\n5 + 3 = 8, minus nothing.\n\nThe answer is 8.", add_special_tokens=False).input_ids
+    answer = tokenizer("Let's add.\n\n5 + 3 = 8, minus nothing.\n\nThe answer is 8.",
+                       add_special_tokens=False).input_ids
     assert tokenizer.convert_tokens_to_ids("\n\n") in answer  # one token: it stopped the generation there
     result = run_generate(Scripted(), task, items, {}, Settings(tasks=[], chat=True))
     assert result.examples[0]["extracted"] == "8" and result.correct == 1

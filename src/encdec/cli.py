@@ -656,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/quickstart"), metavar="DIR",
                    help="where the adapted model (DIR/adapted) and the short run (DIR/pretrain) go")
     p.add_argument("--steps", type=int, default=12, help="adaptation steps (0: adapt and compare only)")
-    p.add_argument("--trim-vocab", type=int, default=8192, help="train on the N most frequent tokens (speed); 0: the whole vocabulary")
+    p.add_argument("--trim-vocab", type=int, default=8192,
+                   help="train on the N most frequent tokens (speed); 0: the whole vocabulary")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--prompt", default="The capital of France is", metavar="TEXT", help="text the models continue")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens of each greedy continuation")

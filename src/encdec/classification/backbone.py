@@ -86,5 +86,6 @@ def from_encoder_decoder(model: EncoderDecoder) -> Backbone:
 
 def from_causal(model: CausalLM, family: str, special_tokens: dict[str, Any] | None = None) -> Backbone:
     """A decoder-only model without its LM head."""
-    spec = BackboneSpec("causal", family, model.embed.num_embeddings, model.cfg, special_tokens=dict(special_tokens or {}))
+    spec = BackboneSpec("causal", family, model.embed.num_embeddings, model.cfg,
+                        special_tokens=dict(special_tokens or {}))
     return _wrap(spec, model.embed, model.stack)

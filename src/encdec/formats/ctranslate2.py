@@ -82,8 +82,8 @@ def generation_cautions(model_dir: Path, eos_token_ids: list[int], tokenizer) ->
     if set(stops) != {tokenizer.eos_token_id}:
         tokens = tokenizer.convert_ids_to_tokens(stops)
         found.append(f"it stops at {tokenizer.eos_token!r} alone, where encdec generate stops at {tokens}: pass "
-                     f"end_token={tokens} and min_decoding_length=0 to translate_batch (its default of 1 writes another "
-                     "token where the model would end at once)")
+                     f"end_token={tokens} and min_decoding_length=0 to translate_batch (its default of 1 writes "
+                     "another token where the model would end at once)")
     framing = model_framing(model_dir, tokenizer)
     if framing != PLAIN:
         def named(ids: tuple[int, ...]) -> list[str]:

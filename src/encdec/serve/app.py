@@ -374,10 +374,10 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     async def _stream(jobs: list[Job], parsed: Parsed, meta: dict) -> AsyncIterator[str]:
         """Server-sent events of every choice's text as it settles (choices interleaved, each with its index),
-        each choice's finish, the usage, then [DONE] (after an error event too). The usage rides on the last choice's finish chunk, so that
-        every chunk has a choice (clients read `chunk.choices[0]`), unless the request asked for it apart
-        (stream_options.include_usage true, as the OpenAI API sends it: `"usage": null` on every chunk, then a
-        chunk with no choices) or not at all (include_usage false)."""
+        each choice's finish, the usage, then [DONE] (after an error event too). The usage rides on the last
+        choice's finish chunk, so that every chunk has a choice (clients read `chunk.choices[0]`), unless the
+        request asked for it apart (stream_options.include_usage true, as the OpenAI API sends it: `"usage": null`
+        on every chunk, then a chunk with no choices) or not at all (include_usage false)."""
         obj = "chat.completion.chunk" if parsed.kind == "chat" else "text_completion"
         apart = {"usage": None} if parsed.stream_usage == "apart" else {}
 
