@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -55,9 +57,11 @@ def test_unbalanced_cross_attention_is_new_and_reads_the_encoder_width(sources):
     assert torch.equal(model.encoder_embed.weight, big.weights["model.embed_tokens.weight"])
 
 
-def test_decoder_layer_subset_copies_those_layers(sources):
+def test_decoder_layer_subset_copies_those_layers(sources, caplog):
     source = encdec.load_source(str(sources["gemma3"]))
-    model = encdec.adapt(source, decoder_layers=[1, 2], attention="cross")
+    with caplog.at_level(logging.INFO, logger="encdec"):
+        model = encdec.adapt(source, decoder_layers=[1, 2], attention="cross")
+    assert "cross-attention starts random: the papers train it alone first" in caplog.text  # the warm-up is opt-in
     assert model.config.decoder.layer_types == [source.stack.layer_types[1], source.stack.layer_types[2]]
     for dst, src in enumerate([1, 2]):
         assert torch.equal(model.decoder.layers[dst].mlp.up_proj.weight, source.weights[f"model.layers.{src}.mlp.up_proj.weight"])

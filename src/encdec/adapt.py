@@ -140,9 +140,12 @@ def adapt(
     if attention == "cross":
         # the decoder repeats the encoder's source layer for layer (also when named again as --decoder)
         balanced = one_source and layers == list(range(encoder.stack.num_layers))
-        weights.update(_random_cross(model, seed) if not balanced else {})
         if balanced:
             _copy_cross_from_self(weights, dec_stack.num_layers)
+        else:
+            weights.update(_random_cross(model, seed))
+            log.info("the decoder's cross-attention starts random: the papers train it alone first (`encdec pretrain "
+                     "--cross-warmup-steps N`; 1,000 steps in T5Gemma's), which is off by default")
     # one tensor per parameter: roles copied from the same source tensor must train apart
     seen: set[int] = set()
     for name, t in weights.items():
