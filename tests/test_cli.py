@@ -163,7 +163,7 @@ GENERATE_INPUT_BAD = [
     ('{"prompt": "w1"}\n', ["--prompt", "w2"], "as --prompt TEXT (repeatable) or as --input FILE, not both"),
     ('{"prompt": "w1", "completion": "w2", "id": 1}\n', [], "line 1: the record has 'completion', which its output"),
     ('{"prompt": "w1", "score": NaN}\n', [], "line 1: not valid JSON"),
-    ('{"prompt": "w1", "score": 1e400}\n', [], "line 1: not valid JSON (1e400 is too large for a float)"),
+    ('{"prompt": "w1", "score": 1e400}\n', [], "line 1: a number too large for a float"),
     ('{"prompt": "w1"}\n', ["--out", "{model}/config.json"], "is inside the input"),
     ('{"prompt": "w1"}\n', ["--out", "{input}/x.jsonl"], "exists and is not a directory"),
     ('{"prompt": "w1"}\n', ["--out", "{model}"], "is the input"),

@@ -125,7 +125,7 @@ def test_a_byte_order_mark_starts_no_record_and_a_line_separator_inside_a_string
     assert [doc for doc in read_documents(str(path))] == ["a\u2028b", "c"]
     assert read_inputs(path) == ["a\u2028b", "c"]
     path.write_bytes(b'{"text": "w1 \\ud800"}\n')
-    with pytest.raises(EncdecError, match=r"texts.jsonl, line 1: expected a JSON object with a string field 'text'"):
+    with pytest.raises(EncdecError, match=r"texts.jsonl, line 1: 'text' holds a \\uD800-\\uDFFF escape"):
         read_inputs(path)
     path.write_bytes(b"[" * 100_000 + b"\n")  # a RecursionError's traceback
     with pytest.raises(EncdecError, match=r"texts.jsonl, line 1: not valid JSON \(nested too deeply\)"):

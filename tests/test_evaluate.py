@@ -344,13 +344,13 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn():
             first = next((k for k, t in enumerate(out) if t in stop_ids), None)
             return [out if first is None else out[: first + 1] for _ in prompts]
 
-    task = Task("sums", "generate", "", lambda: [], max_new_tokens=64, stops=("\n\n",), metric="number")
+    task = Task("sums", "generate", "", lambda: [], max_new_tokens=64, stops=("\n\n", "Question:"), metric="number")
     items = [Question("0", "What is 5 + 3?", ["8"])]
     result = run_generate(Scripted(), task, items, {}, Settings(tasks=[], chat=True))
     assert result.examples[0]["extracted"] == "8" and result.correct == 1
     # reasoning in paragraphs: "\n\n" ends a base model's answer (a new few-shot question follows), not a turn
-    answer = tokenizer("Let's add.\n\n5 + 3 = 8, minus nothing.\n\nThe answer is 8.",
-                       add_special_tokens=False).input_ids
+    text = "Let's add.\n\n5 + 3 = 8, minus nothing.\n\nThe answer is 8.\nQuestion: 9 + 9? The answer is 18."
+    answer = tokenizer(text, add_special_tokens=False).input_ids  # a few-shot question of its own: still cut there
     assert tokenizer.convert_tokens_to_ids("\n\n") in answer  # one token: it stopped the generation there
     result = run_generate(Scripted(), task, items, {}, Settings(tasks=[], chat=True))
     assert result.examples[0]["extracted"] == "8" and result.correct == 1

@@ -141,8 +141,7 @@ def test_told_a_ul2_models_framing_ctranslate2_gives_our_tokens(adapted, tmp_pat
     framing = model_framing(copy, tokenizer)
     sentinel = tokenizer.convert_ids_to_tokens(list(framing.after))
     assert framing.after and framing.decoder == framing.after
-    assert (f"give it source tokens with [] after the BOS and {sentinel} at the end, and target_prefix=[{sentinel}]"
-            in said)
+    assert f"give it {sentinel} at the source's end, {sentinel} as each row's target_prefix" in said
     framed = torch.tensor([framing.prompt(row, 2) for row in _prompts().tolist()])
     ours = encdec.load(copy).generate(framed, torch.ones_like(framed), max_new_tokens=NEW_TOKENS, eos_token_ids=[-1],
                                       decoder_prefix=framing.decoder).tolist()

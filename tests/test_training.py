@@ -236,8 +236,8 @@ def test_bfloat16_autocast_trains_float32_master_weights(adapted, corpus, tmp_pa
 def test_logged_records_hold_the_rate_each_step_used_and_the_bar_counts_every_step(adapted, corpus, tmp_path,
                                                                                  monkeypatch):
     """--log-every 3: a record's lr is the rate its step ran at (it was the next step's), and the progress bar
-    moves every step (it moved once per record: a third of the run). A step that evaluated is written too (its
-    held-out loss was only printed)."""
+    moves every step (it moved once per record: a third of the run). A step that evaluated or saved is written too
+    (a held-out loss off the --log-every steps was only printed)."""
     from encdec.training.optim import warmup_then_decay
 
     shown = []
@@ -248,12 +248,12 @@ def test_logged_records_hold_the_rate_each_step_used_and_the_bar_counts_every_st
         original_close(self)
 
     monkeypatch.setattr(Metrics, "close", close)
-    cfg = _config(adapted, tmp_path / "run", corpus, log_every=3, eval_every=4, save_every=6)
+    cfg = _config(adapted, tmp_path / "run", corpus, log_every=3, eval_every=4, save_every=5)
     loop.train(cfg)
     factor = warmup_then_decay(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    records = _metrics(tmp_path / "run")
-    assert [(r["step"], r["lr"]) for r in records] == [(s, pytest.approx(cfg.lr * factor(s - 1))) for s in (3, 4, 6)]
-    assert ["eval_loss" in r for r in records] == [False, True, True]
+    records = _metrics(tmp_path / "run")  # every third step, and the steps that evaluated (4, 6) or saved (5, 6)
+    assert [(r["step"], r["lr"]) for r in records] == [(s, pytest.approx(cfg.lr * factor(s - 1))) for s in (3, 4, 5, 6)]
+    assert ["eval_loss" in r for r in records] == [False, True, False, True]
     assert shown == [6]
 
 

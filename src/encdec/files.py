@@ -6,7 +6,6 @@ import contextlib
 import errno
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -42,19 +41,12 @@ def _not_json(constant: str) -> None:
     raise ValueError(f"{constant} is not a JSON value")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400: a JSON number, but written back it would be Infinity, which is not
-        raise ValueError(f"{text} is too large for a float")
-    return value
-
-
 def parse_json(raw: bytes | str, *, strict: bool = False) -> Any:
     """json.loads, every way a text fails to be JSON raised as a ValueError saying why: bad UTF-8 or syntax, nesting
     too deep to read (a RecursionError otherwise), an integer of over 4300 digits, and with `strict` the NaN and
-    Infinity that Python reads but JSON does not have, and numbers too large for a float (read as Infinity)."""
+    Infinity that Python reads but JSON does not have."""
     try:
-        return json.loads(raw, parse_constant=_not_json, parse_float=_finite_float) if strict else json.loads(raw)
+        return json.loads(raw, parse_constant=_not_json) if strict else json.loads(raw)
     except RecursionError:
         raise ValueError("nested too deeply") from None
 

@@ -20,9 +20,11 @@ def read_inputs(path: Path, field: str = "text") -> list[str]:
     """The texts of a JSON-lines file: one object per line with a "text" field."""
     texts = []
     for number, record in json_lines(path, strict=True):
-        if not isinstance(record, dict) or not isinstance(record.get(field), str) or lone_surrogate(record[field]):
-            raise EncdecError(f"{path}, line {number}: expected a JSON object with a string field {field!r} (text: "
-                              "a \\uD800-\\uDFFF escape alone is no character)")
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise EncdecError(f"{path}, line {number}: expected a JSON object with a string field {field!r}")
+        if lone_surrogate(record[field]):
+            raise EncdecError(f"{path}, line {number}: {field!r} holds a \\uD800-\\uDFFF escape that is not half "
+                              "of a pair: not a character, so no tokenizer can read it")
         texts.append(record[field])
     return texts
 

@@ -8,6 +8,7 @@ paragraphs (separated by blank lines, as `--data` reads text) are its prompts.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,11 @@ def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
         prompts = []
         records = json_records(sys.stdin.buffer, name, strict=True) if spec == STDIN else json_lines(path, strict=True)
         for number, record in records:
+            try:
+                json.dumps(record, allow_nan=False)  # the record is written back with the completion
+            except ValueError:
+                raise EncdecError(f"{name}, line {number}: a number too large for a float (read as infinity, which "
+                                  "JSON has no number for)") from None
             try:
                 prompts.append(Prompt(_from_record(record, chat, tokenizer), record, f"{name}:{number}"))
             except (ValueError, TypeError) as e:

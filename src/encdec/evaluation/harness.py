@@ -121,10 +121,10 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
 
 def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[str, list[Question]], s: Settings) -> TaskResult:
     prompts = [question_prompt(item, shots) for item in items]
-    # the stop strings end a base model's answer before it writes the next few-shot question; a tuned model's turn
-    # ends by itself, and its reasoning towards a number may run over several paragraphs (a short answer's first
-    # line is still the answer)
-    stops = () if s.chat and task.metric == "number" else task.stops
+    # line breaks end a base model's answer before it writes the next few-shot question; a tuned model's turn ends
+    # by itself, and its reasoning towards a number may run over several paragraphs (a short answer's first line
+    # is still the answer)
+    stops = tuple(x for x in task.stops if x.strip()) if s.chat and task.metric == "number" else task.stops
     stop_ids = _single_token_stops(scorer, stops)
     if s.chat:
         chat, end_of_turn = _chat(scorer.tokenizer)

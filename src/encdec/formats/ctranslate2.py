@@ -86,12 +86,11 @@ def generation_cautions(model_dir: Path, eos_token_ids: list[int], tokenizer) ->
                      "another token where the model would end at once)")
     framing = model_framing(model_dir, tokenizer)
     if framing != PLAIN:
-        def named(ids: tuple[int, ...]) -> list[str]:
-            return tokenizer.convert_ids_to_tokens(list(ids))
-
-        found.append(f"it was pretrained with UL2 and reads a prompt as that objective posed it, which CTranslate2 "
-                     f"does not know: give it source tokens with {named(framing.before)} after the BOS and "
-                     f"{named(framing.after)} at the end, and target_prefix=[{named(framing.decoder)}]")
+        parts = [f"{tokenizer.convert_ids_to_tokens(list(ids))} {where}" for ids, where in (
+            (framing.before, "after the source's BOS"), (framing.after, "at the source's end"),
+            (framing.decoder, "as each row's target_prefix")) if ids]
+        found.append("it was pretrained with UL2 and reads a prompt as that objective posed it, which CTranslate2 "
+                     f"does not know: give it {', '.join(parts)}")
     return found
 
 

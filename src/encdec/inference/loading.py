@@ -34,10 +34,10 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
         raise EncdecError(f"unknown quantization {quantize!r}; accepted: {', '.join(QUANTIZATIONS)}")
     if cpu_kernels not in onednn.CPU_KERNELS:
         raise EncdecError(f"unknown CPU kernels {cpu_kernels!r}; accepted: {', '.join(onednn.CPU_KERNELS)}")
-    device = compute_device()
-    if quantize is not None:  # before the weights are read
-        check_int8(dtype, device)
+    if quantize is not None:  # before the weights are read; int8 runs on the CPU, whatever device there is
+        check_int8(dtype, torch.device("cpu"))
     model = load(path, dtype)
+    device = compute_device()
     if device.type == "cuda" and quantize is None:
         return model.to(device)
     keep_freed_memory()  # encoder passes allocate big temporaries: not page-faulted afresh each time

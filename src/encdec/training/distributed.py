@@ -88,18 +88,20 @@ def from_main(value: Any, d: Dist) -> Any:
 
 @contextlib.contextmanager
 def stopping_together(d: Dist) -> Iterator[None]:
-    """Work that the first process does alone (the run directory's files): its EncdecError or OSError stops
-    every process with its line, where the others would wait in the next collective until --dist-timeout."""
+    """Work that the first process does alone (the run directory's files): when it fails there, every process
+    stops, the others with its line, where they would wait in the next collective until --dist-timeout."""
     failed = None
     try:
         yield
-    except (EncdecError, OSError) as e:
+    except Exception as e:
         if d.world == 1:
             raise
-        failed = str(e)
-    failed = from_main(failed, d)
+        failed = e
+    said = from_main(None if failed is None else str(failed) or type(failed).__name__, d)  # every process calls it
     if failed is not None:
-        raise EncdecError(failed)
+        raise failed
+    if said is not None:
+        raise EncdecError(said)
 
 
 def same_everywhere(value: int, d: Dist) -> bool:

@@ -147,8 +147,9 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
             raise EncdecError(f"the processes found different checkpoints to resume in {out} (this one: "
                               f"{saved.path if saved else 'none'}); every process must see the same --out: on several "
                               "machines, a directory they all share")
-        if saved is None and (out / "model").exists():  # a finished run whose checkpoints were deleted: from step 0
-            # it would log over its metrics and replace its model
+        # a finished run without its checkpoints: from step 0 it would log over its metrics and replace its model
+        # (the first process's view decides, as every process finds no checkpoint: only it writes the model)
+        if saved is None and distributed.from_main((out / "model").exists(), d):
             raise EncdecError(f"{out} holds a finished run's model but no checkpoint to resume; pass --overwrite to "
                               "start afresh there, or another --out")
         if saved is None and d.main:  # a job script may always pass --resume; a mistyped --out should not pass unseen
