@@ -138,9 +138,9 @@ def adapt(
     if not config.shared_embeddings:
         weights["encoder_embed.weight"] = encoder.weights[EMBED]
     if attention == "cross":
-        # the decoder repeats the encoder's source layer for layer (also when named again as --decoder)
-        balanced = one_source and layers == list(range(encoder.stack.num_layers))
-        if balanced:
+        # from one source, each decoder layer's cross-attention starts as a copy of its own self-attention (the
+        # papers' rule for a balanced model; for a --decoder-layers subset too)
+        if one_source:
             _copy_cross_from_self(weights, dec_stack.num_layers)
         else:
             weights.update(_random_cross(model, seed))
