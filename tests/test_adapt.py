@@ -70,7 +70,8 @@ def test_decoder_layer_subset_copies_those_layers(sources, caplog):
     for dst, src in enumerate([1, 2]):
         layer = model.decoder.layers[dst]
         assert torch.equal(layer.mlp.up_proj.weight, source.weights[f"model.layers.{src}.mlp.up_proj.weight"])
-        assert torch.equal(layer.cross_attn.k_proj.weight, source.weights[f"model.layers.{src}.self_attn.k_proj.weight"])
+        self_keys = source.weights[f"model.layers.{src}.self_attn.k_proj.weight"]
+        assert torch.equal(layer.cross_attn.k_proj.weight, self_keys)
         assert torch.equal(layer.post_cross_norm.weight, layer.post_attn_norm.weight)
     assert model.encoder_embed is None  # Gemma 3 from one source: one shared table
 
