@@ -25,6 +25,7 @@ from encdec.objectives import (
     pack,
     prefix_lm,
     span_corruption,
+    too_few_sentinels,
     special_token_ids,
     trained_framing,
 )
@@ -233,6 +234,21 @@ def test_span_corruption_spans_capped_by_sentinels():
                          rng=np.random.default_rng(0))
     assert ex.targets[0] == 100 and ex.targets.count(101) == 1
     assert len(ex.inputs) == 50 + 2 and len(ex.targets) == 50 + 2 + 1
+
+
+def test_a_window_wanting_more_spans_than_sentinels_is_said():
+    """At the papers' lengths the UL2 mixtures want more spans than a vocabulary's reserved tokens give; their
+    spans then grow longer than their mean without a word (the defaults, 64 + 64 tokens, stay under the cap)."""
+    assert too_few_sentinels("t5gemma2", 64, 128) == too_few_sentinels("ul2", 64, 128) == []
+    said = too_few_sentinels("t5gemma2", 4096, 128)
+    assert said == ["UL2 denoiser (mean span 3, rate 0.15) wants 205 spans in a 4096-token window and the vocabulary "
+                    "has 128 sentinels: its spans average 4.8 tokens",
+                    "UL2 denoiser (mean span 12, rate 0.5) wants 171 spans in a 4096-token window and the vocabulary "
+                    "has 128 sentinels: its spans average 16.0 tokens"]
+    noise, spans = 614, 128  # what span_corruption draws there: as many spans as sentinels, the noise kept
+    ex = span_corruption(list(range(4096)), rate=0.15, mean_span=3, sentinels=list(range(10_000, 10_128)), eos_id=EOS,
+                         rng=np.random.default_rng(0))
+    assert len(ex.targets) == noise + spans + 1
 
 
 def test_span_corruption_uses_randomness_and_seed_reproduces():

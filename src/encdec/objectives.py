@@ -134,6 +134,26 @@ def _random_composition(total: int, parts: int, rng: np.random.Generator) -> lis
     return np.diff(np.concatenate([[0], cuts, [total]])).astype(int).tolist()
 
 
+def noise_and_spans(length: int, rate: float, mean_span: float | None) -> tuple[int, int]:
+    """(noise tokens, spans) span corruption draws in `length` tokens, before spans are capped."""
+    num_noise = min(max(round(length * rate), 1), length - 1)
+    return num_noise, 1 if mean_span is None else round(num_noise / mean_span)
+
+
+def too_few_sentinels(mixture: str, length: int, sentinels: int) -> list[str]:
+    """The denoisers of `mixture` that want more spans in a `length`-token window than there are `sentinels`
+    (one per span): their spans come out longer than their mean (the UL2 mixtures at thousands of tokens, with a
+    vocabulary's 100-odd reserved tokens), each said as a line."""
+    said = []
+    for denoiser in MIXTURES[mixture].denoisers:
+        noise, spans = noise_and_spans(length, denoiser.rate, denoiser.mean_span)
+        if not denoiser.prefix_lm and spans > sentinels:
+            said.append(f"UL2 denoiser (mean span {denoiser.mean_span:g}, rate {denoiser.rate:g}) wants {spans} "
+                        f"spans in a {length}-token window and the vocabulary has {sentinels} sentinels: its spans "
+                        f"average {noise / sentinels:.1f} tokens")
+    return said
+
+
 def span_corruption(tokens: Sequence[int], *, rate: float, mean_span: float | None, sentinels: Sequence[int],
                     eos_id: int, rng: np.random.Generator) -> Example:
     """T5 span corruption: replace random spans by one sentinel each; the targets list the spans after their sentinels.
@@ -149,8 +169,7 @@ def span_corruption(tokens: Sequence[int], *, rate: float, mean_span: float | No
         raise ValueError(f"span corruption needs at least 2 tokens (one kept, one noise), got {length}")
     if not sentinels:
         raise ValueError("span corruption needs at least one sentinel id")
-    num_noise = min(max(round(length * rate), 1), length - 1)
-    num_spans = 1 if mean_span is None else round(num_noise / mean_span)
+    num_noise, num_spans = noise_and_spans(length, rate, mean_span)
     num_spans = max(1, min(num_spans, num_noise, length - num_noise, len(sentinels)))
     noise_lengths = _random_composition(num_noise, num_spans, rng)
     keep_lengths = _random_composition(length - num_noise, num_spans, rng)

@@ -15,7 +15,7 @@ from encdec.checkpoint import is_checkpoint, load_checkpoint
 from encdec.data.tokens import check_apart_from_training, leading_bos, token_stream, windows
 from encdec.errors import EncdecError
 from encdec.model import CausalLM, EncoderDecoder
-from encdec.objectives import Example
+from encdec.objectives import Example, special_token_ids, too_few_sentinels
 from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import distributed
 from encdec.training.config import TrainConfig
@@ -119,6 +119,9 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
         stream_ids, eos = table[stream_ids], int(table[eos])
         bos = None if bos is None else int(table[bos])
         vocab = {token: int(table[i]) for token, i in vocab.items() if i < len(table) and keep[table[i]] == i}
+    if cfg.objective == "ul2" and d.main:
+        for line in too_few_sentinels(cfg.mixture, length, len(special_token_ids(vocab)[1])):
+            log.warning("%s", line)
     data = windows(stream_ids, length)
     make = example_maker(cfg.objective, eos_id=eos, vocab=vocab, enc_len=cfg.enc_len, dec_len=cfg.dec_len,
                          bos_id=bos, mixture=cfg.mixture,
