@@ -179,6 +179,20 @@ def test_truncated_gguf(capsys, tmp_path):
 
 
 @pytest.mark.usefixtures("own_cache")
+def test_a_gguf_whose_tokenizer_transformers_cannot_build(capsys, tmp_path, monkeypatch):
+    """Its ValueError was a traceback, after the weights were dequantized."""
+    import gguf
+    from tiny import make_source, write_gguf
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    add = gguf.GGUFWriter.add_tokenizer_model
+    monkeypatch.setattr(gguf.GGUFWriter, "add_tokenizer_model", lambda self, model: add(self, "unigram-of-its-own"))
+    source = make_source(tmp_path / "llama", "llama", rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    path = write_gguf(source, tmp_path / "llama.gguf")
+    message = _run_adapt(capsys, tmp_path, "--encoder", str(path))
+    assert "llama.gguf: transformers cannot build a tokenizer from this GGUF (Cannot build a tokenizer" in message
+
+
 def test_not_a_gguf(capsys, tmp_path):
     src = tmp_path / "model.gguf"
     src.write_bytes(b"PK\x03\x04 definitely a zip")

@@ -151,7 +151,12 @@ def _convert(path: Path, out: Path) -> Path:
                                   f"{parameters:,} parameters take about {size:.1f} GiB in float32") from None
             raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF ({first}); its shapes (e.g. "
                               "head_dim) are not ones transformers can map") from None
-        tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name, trust_remote_code=False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name, trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - ValueError for a tokenizer kind it cannot build, the tokenizers
+            # library's plain Exception for vocabularies it cannot map
+            first = (str(e).splitlines() or [type(e).__name__])[0]
+            raise EncdecError(f"{path}: transformers cannot build a tokenizer from this GGUF ({first})") from None
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     tied = model.config.tie_word_embeddings
