@@ -100,14 +100,15 @@ def generate(
     max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
     top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-    eos_token_ids: list[int] | int | None = None, use_cache: bool = True, compile_step: bool = False,
+    eos_token_ids: Sequence[int] | int | torch.Tensor | None = None, use_cache: bool = True, compile_step: bool = False,
     decoder_prefix: Sequence[int] = (),
 ) -> torch.Tensor:
     """Generated tokens [B, T], T <= max_new_tokens; rows that ended early are filled with the pad id.
 
     `input_ids` [B, L] (B >= 1, L >= 1). The decoder starts from the BOS token, as T5Gemma does; a row ends at one
-    of `eos_token_ids` (the model's when None; one id or a list; `[]`: only at max_new_tokens). With a seed, every row
-    samples from its own stream seeded with it, so a row's tokens do not depend on the rest of the batch.
+    of `eos_token_ids` (the model's when None; one id, a list or a tensor; `[]`: only at max_new_tokens). With a
+    seed, every row samples from its own stream seeded with it, so a row's tokens do not depend on the rest of
+    the batch.
     The penalties count each row's generated tokens (`encdec.inference.sampling`); `logit_bias` adds to
     the logits of the given token ids. `compile_step` compiles the engine's step (`torch.compile`: worth its
     first call's compilation on a GPU, docs/benchmarks.md). `decoder_prefix`: tokens the decoder reads after BOS
