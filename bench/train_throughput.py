@@ -1,7 +1,7 @@
 """Training-step throughput of the 270M-270M model: this project versus plain transformers.
 
 Measures one optimiser step (forward, loss, backward, gradient clipping at 1.0, AdamW) on the
-packaged Gemma 3 270M adapted with merged attention, in two implementations holding the same weights:
+packaged Gemma 3 270M adapted with merged attention, in implementations holding the same weights:
 
 - encdec: the project's `LossModule` (forward + fused LM-head cross-entropy) on a `make_batch` batch,
   with the optimiser from `build_optimizer` and, on CPU, the allocator setting of
@@ -9,7 +9,10 @@ packaged Gemma 3 270M adapted with merged attention, in two implementations hold
 - transformers: `T5Gemma2ForConditionalGeneration` loaded from the same weights (SDPA attention) in a
   plain PyTorch loop: `out.loss.backward()` and `torch.optim.AdamW`;
 - transformers+keep (CPU only): the same plain loop with the project's allocator setting, to show
-  how much of the difference that setting alone makes.
+  how much of the difference that setting alone makes;
+- transformers+fused: the same plain loop with fused AdamW (`fused=True`, which encdec's optimiser uses and
+  transformers' Trainer defaults to, `adamw_torch_fused`); the plain loop's default AdamW steps tensor by
+  tensor on a CPU.
 
 Each implementation runs in a process of its own (the allocator setting is process-wide). The speed of
 a shared machine drifts by 10-20% over minutes, so the implementations are measured in `--rounds`
@@ -25,8 +28,8 @@ model FLOP utilisation against a matrix-product rate measured in the same run (b
 steps, the better of the two), and peak memory (CUDA: allocated by torch; CPU: the worker process's
 resident memory, loading included). bf16 is skipped where bfloat16 products run under a tenth of the
 float32 rate (AVX2-only CPUs), since a step would take an hour there. The last line is the
-throughput ratio encdec / transformers (the plain loop); the line before it compares with
-transformers+keep.
+throughput ratio encdec / transformers (the plain loop); the lines before it compare with
+transformers+fused and transformers+keep.
 
 Model FLOPs per step count 6 per parameter per token that parameter reads (forward + backward):
 encoder parameters x encoder tokens, decoder parameters x decoder tokens, the decoder's key/value
@@ -197,13 +200,13 @@ def time_encdec(
 
 
 def time_transformers(
-    directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype
+    directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype, fused: bool = False
 ) -> list[float]:
     device = torch.device(args.device)
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(
         str(directory), attn_implementation="sdpa", dtype=torch.float32
     ).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=fused or None)
     params = list(model.parameters())
     input_ids = torch.tensor([e.inputs for e in examples], device=device)
     labels = torch.tensor([e.targets for e in examples], device=device)
@@ -229,7 +232,14 @@ def time_transformers_keep(
     return time_transformers(directory, examples, args, dtype)
 
 
-IMPLEMENTATIONS = {"encdec": time_encdec, "transformers": time_transformers, "transformers+keep": time_transformers_keep}
+def time_transformers_fused(
+    directory: Path, examples: list[Example], args: argparse.Namespace, dtype: torch.dtype
+) -> list[float]:
+    return time_transformers(directory, examples, args, dtype, fused=True)
+
+
+IMPLEMENTATIONS = {"encdec": time_encdec, "transformers": time_transformers,
+                   "transformers+keep": time_transformers_keep, "transformers+fused": time_transformers_fused}
 
 
 def implementations(device: torch.device) -> list[str]:
@@ -254,14 +264,14 @@ def measure(name: str, precision: str, directory: Path, args: argparse.Namespace
 
 
 def print_table(rows: list[Measured | Skipped], tokens: int, flops: float, peaks: dict[str, float]) -> None:
-    print(f"{'implementation':<17}  {'precision':<9}  {'step s (median)':>15}  {'tokens/s':>9}  {'MFU %':>6}"
+    print(f"{'implementation':<18}  {'precision':<9}  {'step s (median)':>15}  {'tokens/s':>9}  {'MFU %':>6}"
           f"  {'peak GiB':>8}")
     for row in rows:
         if isinstance(row, Skipped):
-            print(f"{'(both)':<17}  {row.precision:<9}  skipped: {row.reason}")
+            print(f"{'(both)':<18}  {row.precision:<9}  skipped: {row.reason}")
             continue
         mfu = 100 * flops / row.seconds / peaks[row.precision]
-        print(f"{row.implementation:<17}  {row.precision:<9}  {row.seconds:>15.3f}  {tokens / row.seconds:>9.1f}"
+        print(f"{row.implementation:<18}  {row.precision:<9}  {row.seconds:>15.3f}  {tokens / row.seconds:>9.1f}"
               f"  {mfu:>6.1f}  {row.peak_gib:>8.2f}")
 
 
