@@ -8,6 +8,8 @@ Implementations, each in a process of its own, in float32 unless named otherwise
 - encdec-bf16: the same with `--dtype bfloat16` (on CPU, oneDNN's bfloat16 products);
 - encdec-int8: the same with `--quantize int8` (`encdec.inference.loading.load_for_inference`);
 - transformers: `AutoModelForSeq2SeqLM.from_pretrained(DIR).generate(...)` on the same checkpoint;
+- transformers+keep: the same in a process with this project's allocator setting (`encdec.allocator`: freed
+  memory kept for reuse), which encdec's loading makes, so that the difference it alone makes shows;
 - ct2-float32, ct2-bfloat16, ct2-int8: CTranslate2's `Translator.translate_batch` on the checkpoint
   converted by `encdec export --to ctranslate2` (float32 weights; bfloat16 and int8 weights with the
   compute type of the same name);
@@ -55,11 +57,11 @@ from common import corpus_token_ids, peak_memory_gib, print_result, ratio_line, 
 
 SOURCE = "gemma-3-270m"
 MODELS = {"merged": [], "cross-2::3": ["--decoder-layers", "2::3", "--attention", "cross"]}
-IMPLEMENTATIONS = ("encdec", "encdec-blas", "encdec-bf16", "encdec-int8", "transformers", "ct2-float32", "ct2-bfloat16",
-                   "ct2-int8", "decoder-only")
+IMPLEMENTATIONS = ("encdec", "encdec-blas", "encdec-bf16", "encdec-int8", "transformers", "transformers+keep",
+                   "ct2-float32", "ct2-bfloat16", "ct2-int8", "decoder-only")
 CT2_COMPUTE = {"ct2-float32": "float32", "ct2-bfloat16": "bfloat16", "ct2-int8": "int8"}
-RATIOS = (("encdec", "transformers"), ("encdec", "ct2-float32"), ("encdec-bf16", "ct2-bfloat16"), ("encdec-int8", "ct2-int8"),
-          ("encdec", "encdec-blas"))
+RATIOS = (("encdec", "transformers"), ("encdec", "transformers+keep"), ("encdec", "ct2-float32"),
+          ("encdec-bf16", "ct2-bfloat16"), ("encdec-int8", "ct2-int8"), ("encdec", "encdec-blas"))
 WARMUP_TOKENS = 2
 DEVICE = torch.device("cpu")
 Runner = Callable[[torch.Tensor, int], list[list[int]]]  # (prompt ids [B, L], new tokens) -> tokens per row
@@ -195,6 +197,10 @@ def worker(args: argparse.Namespace) -> None:
     elif name.startswith("encdec"):
         run = encdec_runner(Path(model_dir), name)
     else:
+        if name == "transformers+keep":  # the allocator setting encdec's loading makes (`encdec.allocator`)
+            from encdec.allocator import keep_freed_memory
+
+            keep_freed_memory()
         run = transformers_runner(Path(model_dir), causal=name == "decoder-only")
     result = {}
     for length, batch in settings(args):
@@ -259,7 +265,7 @@ def skip_reason(implementation: str, model_dir: Path, ct2: dict[str, Path | str]
         if CT2_COMPUTE[implementation] not in supported:
             return (f"CTranslate2 {ctranslate2.__version__} computes {', '.join(sorted(supported))} on this CPU, "
                     f"not {CT2_COMPUTE[implementation]}")
-    if implementation == "transformers" and checkpoint_format(model_dir) == NATIVE:
+    if implementation.startswith("transformers") and checkpoint_format(model_dir) == NATIVE:
         return f"{model_dir} is in this project's own format: no transformers class holds its configuration"
     return None
 
@@ -314,17 +320,17 @@ def main() -> None:
 
     print(f"device cpu ({torch.get_num_threads()} threads), float32 unless named, greedy, {args.new_tokens} new tokens per row "
           f"(EOS ignored), median of {args.rounds} round(s) x {args.repeats} call(s)")
-    print(f"{'model':<13}  {'implementation':<14}  {'prompt':>6}  {'batch':>5}  {'seconds':>8}  {'CPU s':>7}"
+    print(f"{'model':<13}  {'implementation':<17}  {'prompt':>6}  {'batch':>5}  {'seconds':>8}  {'CPU s':>7}"
           f"  {'new tok/s':>9}  {'peak GiB':>8}  tokens = encdec's")
     for model, impl, _ in groups:
         for length, batch in settings(args):
             cell = cells[(model, impl, f"{length}x{batch}")]
             reference = cells.get((model, "encdec", f"{length}x{batch}"))
             same = agreement(cell.tokens, reference.tokens) if reference and impl != "encdec" else "-"
-            print(f"{model:<13}  {impl:<14}  {length:>6}  {batch:>5}  {cell.seconds:>8.2f}  {cell.cpu_seconds:>7.1f}"
+            print(f"{model:<13}  {impl:<17}  {length:>6}  {batch:>5}  {cell.seconds:>8.2f}  {cell.cpu_seconds:>7.1f}"
                   f"  {batch * args.new_tokens / cell.seconds:>9.1f}  {cell.peak_gib:>8.2f}  {same}")
     for model, impl, reason in skipped:
-        print(f"{model:<13}  {impl:<14}  skipped: {reason}")
+        print(f"{model:<13}  {impl:<17}  skipped: {reason}")
     for kind in ("cpu", "wall"):  # the wall-clock ratios last
         for model in models:
             for length, batch in settings(args):
