@@ -85,6 +85,12 @@ def peak_memory_gib(device: torch.device) -> float:
     return peak_rss_gib(os.getpid())
 
 
+def cpu_only() -> None:
+    """Hide any GPU from this process and the workers and servers it starts: these benchmarks compare CPU
+    implementations, and encdec's loading would take a GPU where the baselines stay on the CPU."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def run_worker(script: str | Path, arguments: list[str], env: dict[str, str] | None = None) -> dict:
     """Run `script` with `arguments` in a fresh Python process (with `env` in place of this one's environment,
     where given); its last stdout line is its JSON result."""

@@ -53,7 +53,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import corpus_token_ids, peak_memory_gib, print_result, ratio_line, require_positive, run_worker, time_calls
+from common import (
+    corpus_token_ids,
+    cpu_only,
+    peak_memory_gib,
+    print_result,
+    ratio_line,
+    require_positive,
+    run_worker,
+    time_calls,
+)
 
 SOURCE = "gemma-3-270m"
 MODELS = {"merged": [], "cross-2::3": ["--decoder-layers", "2::3", "--attention", "cross"]}
@@ -282,6 +291,7 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> str:
 
 
 def main() -> None:
+    cpu_only()
     args = parse_args()
     if args.worker:
         worker(args)

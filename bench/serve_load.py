@@ -56,7 +56,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import corpus_token_ids, peak_rss_gib, print_result, run_worker
+from common import corpus_token_ids, cpu_only, peak_rss_gib, print_result, run_worker
 from generate_throughput import prepare_model
 
 TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop", "transformers-loop-bf16")
@@ -337,6 +337,7 @@ def run_loop(model_dir: Path, dtype: str, requests: list[dict], plan: list[list[
 
 
 def main() -> None:
+    cpu_only()
     args = parse_args()
     if args.loop_worker:
         loop_worker(Path(args.loop_worker[0]), Path(args.loop_worker[1]), args.loop_worker[2])
