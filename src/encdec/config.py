@@ -123,6 +123,12 @@ class EncDecConfig:
         if self.shared_embeddings and self.encoder.hidden_size != self.decoder.hidden_size:
             raise EncdecError("shared embeddings need equal encoder and decoder widths")
 
+    @property
+    def special_tokens(self) -> dict[str, Any]:
+        """pad / bos / eos ids, named as a decoder-only source's (`SourceConfig.special_tokens`) are."""
+        return {"pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
+                "eos_token_ids": list(self.eos_token_ids)}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -79,8 +79,7 @@ def _wrap(spec: BackboneSpec, embed: nn.Embedding, stack: Stack) -> Backbone:
 def from_encoder_decoder(model: EncoderDecoder) -> Backbone:
     """The encoder of `model` (its own embedding table, or the shared one)."""
     cfg = model.config
-    special = {"pad_token_id": cfg.pad_token_id, "bos_token_id": cfg.bos_token_id, "eos_token_ids": cfg.eos_token_ids}
-    spec = BackboneSpec("encoder", cfg.family, cfg.vocab_size, cfg.encoder, cfg.encoder_window, special)
+    spec = BackboneSpec("encoder", cfg.family, cfg.vocab_size, cfg.encoder, cfg.encoder_window, cfg.special_tokens)
     return _wrap(spec, model.embed if model.encoder_embed is None else model.encoder_embed, model.encoder)
 
 
