@@ -709,3 +709,23 @@ def test_the_encoder_keys_are_as_wide_as_the_longest_prompt_of_the_rows_a_step_r
         last.append(engine.enc_len)  # what the last step read
         assert [r.tokens for r in rows] == [alone[n][-4:] for n in group]
     assert widths == [5, 12, 7, 12, 12] and last == [5, 12, 7, 12, 5]  # the 12 left first: narrowed to the 5
+
+
+def test_a_slot_decodes_the_same_whatever_its_last_row_left_in_the_caches(model):
+    """A row joining a freed slot reads none of what the slot's last row left: masked positions of a cache weigh 0,
+    but 0 x inf is NaN, so a row that overflowed (float16) would have poisoned every later row of its slot. Here the
+    slot's keys beyond its prompt (as wide as a longer prompt of a running row) and beyond its decoder position (the
+    running row has decoded further) are read, masked."""
+    prompt = [5, 6, 7, 8]
+    alone = model.generate(torch.tensor([prompt]), max_new_tokens=6, eos_token_ids=[-1])[0].tolist()
+    engine = Engine(model, max_batch=2)
+    engine.join([[9, 10, 11, 12, 13, 14, 15]] * 2, [Row(20, frozenset({-1})), Row(2, frozenset({-1}))])
+    while len(engine.rows) == 2:
+        engine.step()
+    for k, v in engine.self_kv + engine.enc_kv:  # what an overflowing row would have left in its slot
+        k[1], v[1] = float("inf"), float("nan")
+    row = Row(6, frozenset({-1}))
+    engine.join([prompt], [row])
+    while row in engine.rows:
+        engine.step()
+    assert row.tokens == alone

@@ -197,12 +197,15 @@ class Engine:
         self._encoder_width(max(lengths + self.encoder_lengths[: len(self.rows)]))
         self._grow_self(min(max(len(r.decoder_prefix) + r.max_new_tokens for r in rows), PREALLOCATED_POSITIONS))
         first = len(self.rows)
+        joining = slice(first, first + len(rows))
+        for k, v in self.self_kv + self.enc_kv:  # what the slots' last rows left is read masked, and weighs 0, but
+            k[joining], v[joining] = 0.0, 0.0  # 0 x inf is NaN: one row that overflowed would poison its slot for good
         for block, (k, v) in zip(self.layers, self.enc_kv):
             ek, ev = block.encoder_keys_values(hidden)
             for i, b, offset in placed:
                 k[first + i, :, : lengths[i]] = ek[b, :, offset : offset + lengths[i]]
                 v[first + i, :, : lengths[i]] = ev[b, :, offset : offset + lengths[i]]
-        self.enc_bias[first : first + len(rows)] = torch.finfo(self.dtype).min
+        self.enc_bias[joining] = torch.finfo(self.dtype).min
         for i, (row, length) in enumerate(zip(rows, lengths)):
             self.enc_bias[first + i, :length] = 0.0
             self.encoder_lengths[first + i] = length
