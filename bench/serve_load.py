@@ -20,14 +20,19 @@ from the default corpus, 32-64 new tokens each (--min-new, --max-new), greedy, t
 requests for every target (seeded). Each level sends --requests-per-client requests per client and
 stops sending after --max-seconds; one untimed request first warms every target up.
 
+The speed of a shared machine drifts (the same burst's encoder pass took 2.1 s and 3.3 s minutes apart), so
+targets run in --rounds rounds: each round runs every target once in turn (in reverse order every other round),
+every level; a table cell is the median of its rounds' values, and a ratio the median of the ratios of the same
+round's two targets, each round's ratio after it (as bench/generate_throughput.py reports).
+
 Reported per target and level: completed requests, requests/s and output tokens/s (over the level's
 wall time), p50 / p99 time to first token and latency (p99 of a few requests is close to their
-maximum), and the server's peak resident memory (VmHWM of its process, loading included). Output
-texts are compared with the transformers loop's for the same requests. The last lines give, at the
-most concurrent level, serve's output tokens/s over the transformers loop's, and serve's p99 latency
-over the transformers loop's single-client latency (the issue's two goals; that latency is the median of the few
-requests the single-client level sends, so a second line divides by the median of the same requests' latencies
-alone, which the loop measures as it takes them one at a time), for serve-bf16 (against the bfloat16
+maximum), and the server's peak resident memory (VmHWM of its process, loading included; the largest of the
+rounds). Output texts are compared with the transformers loop's for the same requests (in every round). The
+last lines give, at the most concurrent level, serve's output tokens/s over the transformers loop's, and serve's
+p99 latency over the transformers loop's single-client latency (the issue's two goals; that latency is the median
+of the few requests the single-client level sends, so a second line divides by the median of the same requests'
+latencies alone, which the loop measures as it takes them one at a time), for serve-bf16 (against the bfloat16
 loop where it ran, and the float32 one) and then for serve.
 
 The model: the packaged Gemma 3 270M adapted (balanced, merged attention), prepared as
@@ -35,7 +40,7 @@ bench/generate_throughput.py does, or --model DIR. Needs httpx and the server ex
 (`pip install httpx 'encdec[serve]'`).
 
     python bench/serve_load.py
-    python bench/serve_load.py --clients 1,4 --requests-per-client 2 --targets serve,transformers-loop
+    python bench/serve_load.py --clients 1,4 --requests-per-client 2 --targets serve,transformers-loop --rounds 1
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import corpus_token_ids, cpu_only, peak_rss_gib, print_result, run_worker
+from common import corpus_token_ids, cpu_only, peak_rss_gib, print_result, ratio_line, run_worker
 from generate_throughput import prepare_model
 
 TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop", "transformers-loop-bf16")
@@ -79,6 +84,9 @@ class Done:
     alone: float | None = None
 
 
+Levels = list[tuple[list[Done], float]]  # per level: its completed requests and its wall seconds
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, help="checkpoint directory (default: the 270M adapted into --work-dir)")
@@ -86,6 +94,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(TARGETS[:4]), help=f"comma list of {', '.join(TARGETS)}")
     p.add_argument("--clients", default="1,4,16", help="comma list of concurrent client counts")
     p.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends per level")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, each running every target once in turn")
     p.add_argument("--max-seconds", type=float, default=300, help="no new request after this long in a level")
     p.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")
     p.add_argument("--min-prompt", type=int, default=64, help="shortest prompt in tokens")
@@ -105,8 +114,8 @@ def parse_args() -> argparse.Namespace:
         args.clients = [int(n) for n in args.clients.split(",")]
     except ValueError:
         p.error("--clients takes a comma list of integers, e.g. 1,4,16")
-    if min(args.clients) < 1 or args.requests_per_client < 1:
-        p.error("client counts and --requests-per-client must be at least 1")
+    if min(args.clients) < 1 or args.requests_per_client < 1 or args.rounds < 1:
+        p.error("client counts, --requests-per-client and --rounds must be at least 1")
     if not 1 <= args.min_prompt <= args.max_prompt or not 1 <= args.min_new <= args.max_new:
         p.error("need 1 <= --min-prompt <= --max-prompt and 1 <= --min-new <= --max-new")
     return args
@@ -203,7 +212,7 @@ def server_options(target: str, args: argparse.Namespace) -> list[str]:
 
 
 def run_server(model_dir: Path, options: list[str], requests: list[dict], plan: list[list[list[int]]],
-               args: argparse.Namespace) -> tuple[list[tuple[list[Done], float]], float]:
+               args: argparse.Namespace) -> tuple[Levels, float]:
     """Start `encdec serve` with `options`, wait for /health, run every level; returns them and the server's peak RSS."""
     import httpx
 
@@ -329,7 +338,7 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
 
 
 def run_loop(model_dir: Path, dtype: str, requests: list[dict], plan: list[list[list[int]]],
-             args: argparse.Namespace) -> tuple[list[tuple[list[Done], float]], float]:
+             args: argparse.Namespace) -> tuple[Levels, float]:
     plan_file = args.work_dir / "serve_load_plan.json"
     plan_file.write_text(json.dumps({"requests": requests, "plan": plan, "max_seconds": args.max_seconds}))
     result = run_worker(__file__, ["--loop-worker", str(model_dir), str(plan_file), dtype])
@@ -346,49 +355,67 @@ def main() -> None:
     model_dir = args.model or prepare_model("merged", args.work_dir)
     requests = make_requests(model_dir, args, 1 + sum(args.clients) * args.requests_per_client)
     plan = levels(args)
-    measured: dict[str, tuple[list[tuple[list[Done], float]], float]] = {}
-    for target in args.targets:
-        print(f"{target} ...", file=sys.stderr, flush=True)
-        if target in LOOP_DTYPES:
-            measured[target] = run_loop(model_dir, LOOP_DTYPES[target], requests, plan, args)
-        else:
-            measured[target] = run_server(model_dir, server_options(target, args), requests, plan, args)
+    measured: dict[str, list[tuple[Levels, float]]] = {target: [] for target in args.targets}  # per round
+    for round_ in range(args.rounds):
+        for target in args.targets if round_ % 2 == 0 else args.targets[::-1]:
+            print(f"round {round_ + 1}/{args.rounds}: {target} ...", file=sys.stderr, flush=True)
+            if target in LOOP_DTYPES:
+                measured[target].append(run_loop(model_dir, LOOP_DTYPES[target], requests, plan, args))
+            else:
+                measured[target].append(run_server(model_dir, server_options(target, args), requests, plan, args))
+    print(f"model {model_dir}, {os.cpu_count()} CPUs, float32 unless named, greedy; prompts {args.min_prompt}-"
+          f"{args.max_prompt} tokens, {args.min_new}-{args.max_new} new tokens, {args.requests_per_client} request(s) "
+          f"per client, median of {args.rounds} round(s)")
+    print_table(measured, args)
+    print_ratios(measured, args)
 
+
+def level_row(done: list[Done], wall: float) -> list[float]:
+    """A level's numbers: completed requests, requests/s, output tokens/s, TTFT p50 and p99, latency p50 and p99."""
+    ttft, latency = [d.ttft for d in done], [d.latency for d in done]
+    return [len(done), len(done) / wall, sum(d.tokens for d in done) / wall, percentile(ttft, .5),
+            percentile(ttft, .99), percentile(latency, .5), percentile(latency, .99)]
+
+
+def print_table(measured: dict[str, list[tuple[Levels, float]]], args: argparse.Namespace) -> None:
+    """One line per target and level, each number the median of its rounds'; texts compared in every round with the
+    float32 loop's first round."""
     loop = measured.get("transformers-loop")
-    reference = {d.index: d.text for done, _ in loop[0] for d in done} if loop else {}
-    print(f"model {model_dir}, {os.cpu_count()} CPUs, float32 unless named, greedy; prompts {args.min_prompt}-{args.max_prompt} "
-          f"tokens, {args.min_new}-{args.max_new} new tokens, {args.requests_per_client} request(s) per client")
+    reference = {d.index: d.text for done, _ in loop[0][0] for d in done} if loop else {}
     print(f"{'target':<22}  {'clients':>7}  {'done':>4}  {'req/s':>6}  {'out tok/s':>9}  {'TTFT p50':>8}"
-          f"  {'TTFT p99':>8}"
-          f"  {'lat p50':>7}  {'lat p99':>7}  {'peak GiB':>8}  same text as loop")
-    for target, (results, peak) in measured.items():
-        for clients, (done, wall) in zip(args.clients, results):
-            ttft, latency = [d.ttft for d in done], [d.latency for d in done]
+          f"  {'TTFT p99':>8}  {'lat p50':>7}  {'lat p99':>7}  {'peak GiB':>8}  same text as loop")
+    for target, rounds in measured.items():
+        peak = max(p for _, p in rounds)
+        for level, clients in enumerate(args.clients):
+            cells = [statistics.median(column) for column in zip(*(level_row(*r[0][level]) for r in rounds))]
+            done = [d for r in rounds for d in r[0][level][0]]
             same = f"{sum(reference.get(d.index) == d.text for d in done)}/{len(done)}" \
                 if reference and target != "transformers-loop" else "-"
-            print(f"{target:<22}  {clients:>7}  {len(done):>4}  {len(done) / wall:>6.2f}"
-                  f"  {sum(d.tokens for d in done) / wall:>9.1f}  {percentile(ttft, .5):>8.2f}"
-                  f"  {percentile(ttft, .99):>8.2f}  {percentile(latency, .5):>7.2f}  {percentile(latency, .99):>7.2f}"
-                  f"  {peak:>8.2f}  {same}")
+            print(f"{target:<22}  {clients:>7}  {cells[0]:>4g}  {cells[1]:>6.2f}  {cells[2]:>9.1f}  {cells[3]:>8.2f}"
+                  f"  {cells[4]:>8.2f}  {cells[5]:>7.2f}  {cells[6]:>7.2f}  {peak:>8.2f}  {same}")
+
+
+def print_ratios(measured: dict[str, list[tuple[Levels, float]]], args: argparse.Namespace) -> None:
+    """The issue's two goals at the most concurrent level, each the median of the rounds' ratios: serve-bf16's
+    (against the bfloat16 loop as well where it ran), then serve's."""
     top, single = args.clients.index(max(args.clients)), args.clients.index(min(args.clients))
-    # serve-bf16 against the bfloat16 loop as well when it ran; float32's ratios last
     pairs = [("serve-bf16", "transformers-loop-bf16"), ("serve-bf16", "transformers-loop"),
              ("serve", "transformers-loop")]
     for target, baseline in pairs:
         if target not in measured or baseline not in measured:
             continue
-        base = measured[baseline][0]
-        base_rate = sum(d.tokens for d in base[top][0]) / base[top][1]
-        base_single = statistics.median(d.latency for d in base[single][0])
-        served = measured[target][0]
-        rate = sum(d.tokens for d in served[top][0]) / served[top][1]
-        p99 = percentile([d.latency for d in served[top][0]], .99)
-        print(f"ratio ({target} / {baseline} output tokens/s, {args.clients[top]} clients): {rate / base_rate:.2f}x")
-        print(f"ratio ({target} p99 latency at {args.clients[top]} clients / {baseline} latency at "
-              f"{args.clients[single]} client(s)): {p99 / base_single:.2f}x")
-        alone = statistics.median(d.alone for d in base[top][0])
-        print(f"ratio ({target} p99 latency at {args.clients[top]} clients / {baseline} median latency of the same "
-              f"requests alone): {p99 / alone:.2f}x")
+        base, served = [r[0] for r in measured[baseline]], [r[0] for r in measured[target]]
+        rate = [[level_row(*r[top])[2]] for r in served]
+        p99 = [[level_row(*r[top])[6]] for r in served]
+        base_rate = [[level_row(*r[top])[2]] for r in base]
+        base_single = [[statistics.median(d.latency for d in r[single][0])] for r in base]
+        alone = [[statistics.median(d.alone for d in r[top][0])] for r in base]
+        clients = args.clients[top]
+        print(ratio_line(f"{target} / {baseline} output tokens/s, {clients} clients", base_rate, rate))
+        print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} latency at {args.clients[single]} "
+                         "client(s)", base_single, p99))
+        print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} median latency of the same requests "
+                         "alone", alone, p99))
 
 
 if __name__ == "__main__":
