@@ -216,6 +216,43 @@ def test_a_checkpoint_the_first_process_cannot_write_stops_both_with_one_line(so
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
 
 
+RACED_AT_STEP_4 = """
+import contextlib
+import sys
+
+from encdec.cli import main
+from encdec.errors import EncdecError
+from encdec.training import checkpointing
+
+original = checkpointing.atomic_dir
+
+
+@contextlib.contextmanager
+def raced(path, overwrite=False):
+    with original(path, overwrite) as tmp:
+        yield tmp
+        if "step-000004" in str(path):
+            raise EncdecError(f"{path} was written by another process while this one wrote it")
+
+
+checkpointing.atomic_dir = raced
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_directory_the_first_process_refuses_stops_both_with_one_line(sources, tmp_path):
+    """The checkpoint's directory refused as it is put in place (another process wrote it meanwhile, or a file
+    took its name) stopped the first process alone, the other waiting in the next collective."""
+    model, corpus = _tiny_run_inputs(sources, tmp_path)
+    out = tmp_path / "run"
+    returncode, said = _two_processes_with(RACED_AT_STEP_4, tmp_path, [*_pretrain_args(model, corpus, out),
+                                                                       "--steps", "8", "--dist-timeout", "60"])
+    assert returncode != 0
+    assert said.count("could not write the checkpoint of step 4") == 2, said[-3000:]
+    assert said.count("written by another process while this one wrote it); stopped") == 2, said[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+
+
 def test_a_run_directory_file_the_first_process_refuses_stops_both_with_one_line(sources, tmp_path):
     """Only the first process prepares OUT's files (metrics cut back on --resume, the metrics file opened): its
     refusal of a linked metrics.jsonl stopped it alone, the other waiting in the first step until --dist-timeout."""

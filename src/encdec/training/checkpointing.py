@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from encdec.errors import EncdecError
-from encdec.files import WriteFailed, atomic_dir, read_weights, write_weights
+from encdec.files import atomic_dir, read_weights, write_weights
 from encdec.training import distributed
 from encdec.training.distributed import Dist
 from encdec.training.plain_state import read_state, write_state
@@ -93,7 +93,7 @@ def save(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimi
                 write_weights(tmp, {k.removeprefix(PREFIX): v for k, v in model_state.items() if k.startswith(PREFIX)})
                 write_state(tmp, "optimizer", optim_state)
                 write_state(tmp, "trainer", {**trainer, "step": step, "rng": rng})
-        except (OSError, SafetensorError, WriteFailed) as e:  # a full disk, most often
+        except (OSError, SafetensorError, EncdecError) as e:  # a full disk, most often; or the directory refused
             failed = str(e).splitlines()[0]
         else:
             keep_last, save_every, steps = keep
