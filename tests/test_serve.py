@@ -1356,3 +1356,38 @@ def test_max_connections_turns_away_what_is_past_it_and_takes_it_again_once_free
         assert path.status_code == 404 and "t5gemma-tiny" in path.json()["error"]["message"]
     finally:
         s.close()
+
+
+def test_a_streamed_choice_ended_by_a_stop_string_leaves_the_batch_before_its_last_piece_is_sent(
+        local, endless_prompt, monkeypatch):
+    """The stream waits at each event until it is sent (a slow reader: until the socket drains); a choice its stop
+    string had ended was cancelled only after its last piece was out, decoding on (up to max_tokens) meanwhile."""
+    from encdec.serve import app as app_module
+    from encdec.serve.scheduler import Scheduler
+
+    model, tokenizer = local
+    tokens = _solo_tokens(local, endless_prompt, 12)
+    texts = [tokenizer.decode(tokens[:i], skip_special_tokens=True) for i in range(len(tokens) + 1)]
+    # a token whose text ends with a character seen nowhere before: a stop on that character cuts inside the token,
+    # so that the token's text before it is the piece sent as the stop ends the choice
+    at = next(i for i in range(2, len(tokens)) if len(texts[i]) - len(texts[i - 1]) >= 2
+              and texts[i][-1] not in texts[i][:-1] and texts[i].startswith(texts[i - 1]))
+    stop = texts[at][-1]
+    said = []
+    choice, cancel = app_module._choice, Scheduler.cancel
+    monkeypatch.setattr(app_module, "_choice", lambda kind, index, text, *rest: said.append(("text", text))
+                        or choice(kind, index, text, *rest))
+    monkeypatch.setattr(Scheduler, "cancel", lambda self, job, reason="cancelled": said.append(("cancel", reason))
+                        or cancel(self, job, reason))
+
+    async def ask(client):
+        body = {"prompt": endless_prompt, "max_tokens": LONG, "temperature": 0, "stop": [stop], "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as reply:
+            return [line async for line in reply.aiter_lines()]
+
+    lines = _asked(_app(local, limits=(24, LONG)), ask)
+    assert "data: [DONE]" in lines
+    streamed = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines if line.startswith("data: {"))
+    assert streamed == texts[at][:-1]
+    last_piece = max(i for i, (what, text) in enumerate(said) if what == "text" and text)
+    assert ("cancel", "stop") in said[:last_piece], said

@@ -409,13 +409,13 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                     continue
                 item = _token(item)
                 stopped = item is not None and out.add(item)
+                if stopped:  # out of the batch before the last piece is sent (a slow reader holds the stream there)
+                    service.scheduler.cancel(jobs[index], "stop")
                 piece = out.piece if item is not None else ""
                 if piece:  # with the stop's cut, the rest of the answer's tokens (the one the cut runs through)
                     yield event([_choice(parsed.kind, index, piece, None, True, out.pending(ended=stopped))])
                 if item is not None and not stopped:
                     continue
-                if stopped:
-                    service.scheduler.cancel(jobs[index], "stop")
                 rest = "" if stopped else out.text.finish()
                 if rest:
                     yield event([_choice(parsed.kind, index, rest, None, True, out.pending(ended=True))])
