@@ -1391,3 +1391,25 @@ def test_a_streamed_choice_ended_by_a_stop_string_leaves_the_batch_before_its_la
     assert streamed == texts[at][:-1]
     last_piece = max(i for i, (what, text) in enumerate(said) if what == "text" and text)
     assert ("cancel", "stop") in said[:last_piece], said
+
+
+def test_answers_are_written_as_json_off_the_event_loop(local, monkeypatch):
+    """Every stream and /health wait while the event loop works: the JSON of a large answer (2,048 inputs'
+    embeddings as floats, many choices' log-probabilities) took seconds on it."""
+    import threading
+
+    from encdec.serve import app as app_module
+
+    rendered = []
+    render = app_module.JSONResponse.render
+    monkeypatch.setattr(app_module.JSONResponse, "render", lambda self, content: rendered.append(
+        (content.get("object"), threading.current_thread().name)) or render(self, content))
+
+    async def ask(client):
+        for path, body in (("/v1/embeddings", {"input": ["w1 w2", "w3"]}),
+                           ("/v1/completions", {"prompt": "w1 w2", "max_tokens": 3, "logprobs": 2})):
+            (await client.post(path, json=body)).raise_for_status()
+
+    _asked(_app(local), ask)
+    assert [what for what, _ in rendered] == ["list", "text_completion"]
+    assert all(thread.startswith("encdec-read") for _, thread in rendered), rendered

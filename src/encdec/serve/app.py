@@ -75,8 +75,8 @@ class Service:
         self.created = int(time.time())
         longest = max(map(len, tokenizer.get_vocab()), default=1)
         self.max_chars = settings.limits.max_input_tokens * longest * CHARS_PER_TOKEN_BOUND
-        # bodies are parsed and tokenized on a thread of their own, one at a time: a large one keeps the event
-        # loop (every stream, /health) waiting no longer than a step
+        # bodies are parsed and tokenized, and large answers written as JSON, on a thread of their own, one at a
+        # time: a large one keeps the event loop (every stream, /health) waiting no longer than a step
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="encdec-read")
 
     async def off_loop(self, work: Callable[..., Any], *args: Any) -> Any:
@@ -370,7 +370,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 "choices": [_choice(parsed.kind, i, a.text.text, a.finish, False, a.logprobs and a.logprobs.render())
                             for i, a in enumerate(answers)],
                 "usage": _usage(_prompt_tokens(jobs, parsed), sum(len(a.text.tokens) for a in answers))}
-        return JSONResponse(body)
+        return await service.off_loop(JSONResponse, body)  # many choices' log-probabilities: not on the event loop
 
     async def _stream(jobs: list[Job], parsed: Parsed, meta: dict) -> AsyncIterator[str]:
         """Server-sent events of every choice's text as it settles (choices interleaved, each with its index),
@@ -467,12 +467,16 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             return answer("/v1/embeddings", _error(e))
         except Exception as e:  # noqa: BLE001 - the encoder pass failed: the scheduler logged it
             return answer("/v1/embeddings", _error(APIError(500, f"embedding failed: {e}", kind="server_error")))
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if parsed.base64 else v.tolist()}
-                for i, v in enumerate(vectors)]
         tokens = sum(len(p) for p in prompts)
-        return answer("/v1/embeddings", JSONResponse({"object": "list", "data": data, "model": settings.model_id,
-                                                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}))
+
+        def body() -> Response:  # off the event loop: the JSON of 2,048 inputs' floats takes seconds
+            data = [{"object": "embedding", "index": i, "embedding":
+                     base64.b64encode(v.astype("<f4").tobytes()).decode() if parsed.base64 else v.tolist()}
+                    for i, v in enumerate(vectors)]
+            return JSONResponse({"object": "list", "data": data, "model": settings.model_id,
+                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+        return answer("/v1/embeddings", await service.off_loop(body))
 
     @app.exception_handler(HTTPException)
     async def not_here(_: Request, e: HTTPException) -> Response:
