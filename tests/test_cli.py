@@ -219,7 +219,8 @@ def test_a_ul2_pretrained_model_generates_from_its_objectives_framing(capsys, tm
     plain = model.generate(torch.tensor([ids]), max_new_tokens=5)[0]
     assert line["completion"] == tokenizer.decode(framed, skip_special_tokens=True)
     assert line["completion"] != tokenizer.decode(plain, skip_special_tokens=True)
-    assert line["completion_tokens"] == 5 and line["prompt_tokens"] == len(ids)
+    # what the encoder read, the sentinel included, as `encdec serve`'s usage counts it (it was the text's alone)
+    assert line["completion_tokens"] == 5 and line["prompt_tokens"] == len(ids) + 1
 
 
 def test_generate_reads_the_paragraphs_of_a_text_file_and_names_the_accepted_files(capsys, tmp_path, sources):

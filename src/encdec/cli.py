@@ -181,7 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not jsonl:
             return f"{prompts[i].record['prompt']} -> {text}"
         return json.dumps({**prompts[i].record, "completion": text, "finish_reason": rows[i].finish_reason,
-                           "prompt_tokens": len(prompts[i].ids), "completion_tokens": len(rows[i].tokens)},
+                           "prompt_tokens": len(encoded[i]), "completion_tokens": len(rows[i].tokens)},
                           ensure_ascii=ascii_only)
 
     start, printed = time.perf_counter(), 0
