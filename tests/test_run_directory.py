@@ -498,17 +498,25 @@ def test_a_damaged_token_cache_is_deleted_and_rebuilt_with_one_line(corpus, tmp_
 
 def test_outputs_get_the_modes_a_plain_write_would_give(tmp_path):
     """Temporary files and directories are private (0600, 0700) while written; the outputs they become are not."""
-    from encdec.files import atomic_write
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from encdec.files import atomic_write, write_cache, write_weights
+    from encdec.training.plain_state import write_state
 
     previous = os.umask(0o022)
     try:
         with atomic_dir(tmp_path / "out") as tmp:
             (tmp / "file").write_text("x")
+            write_weights(tmp, {"w": torch.zeros(2)})  # safetensors creates its files 0600: another account's server,
+            write_state(tmp, "optimizer", {"m": torch.zeros(2)})  # or a shared cache's next user, could not read them
         atomic_write(tmp_path / "table.md", "text")
+        write_cache(tmp_path / "features.safetensors", lambda t: save_file({"x": np.zeros(2)}, str(t)), "x", "y")
     finally:
         os.umask(previous)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
-    assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o644
+    for path in ("table.md", "features.safetensors", "out/file", "out/model.safetensors", "out/optimizer.safetensors"):
+        assert (tmp_path / path).stat().st_mode & 0o777 == 0o644, path
 
 
 def test_a_kept_final_model_is_a_run_that_only_overwrite_replaces(adapted, corpus, tmp_path, capsys, monkeypatch):

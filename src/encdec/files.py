@@ -192,6 +192,13 @@ def write_native(directory: Path, meta: dict, weights: dict[str, torch.Tensor]) 
     write_weights(directory, weights)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, the file getting the mode a plain open() gives it: safetensors creates 0600 files, so
+    another account (a server's, a shared cache's next user) could not read a model this one wrote."""
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~umask())
+
+
 def write_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
     """Write model.safetensors, or shards of at most SHARD_BYTES with the standard index."""
     weights = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
@@ -205,12 +212,12 @@ def write_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
         shards[-1][name] = t
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(shards[0], directory / "model.safetensors", metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        save_tensors(shard, directory / fname, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -461,6 +468,7 @@ def write_cache(path: Path, write: Callable[[Path], None], what: str, otherwise:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # a plain open()'s mode whatever the writer made (safetensors: 0600)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):

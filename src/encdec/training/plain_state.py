@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from encdec.errors import EncdecError
-from encdec.files import parse_json
+from encdec.files import parse_json, save_tensors
 
 FORMAT = "encdec-train-state"
 VERSION = 1
@@ -72,7 +71,7 @@ def write_state(directory: Path, name: str, state: Any) -> None:
     """NAME.json and NAME.safetensors in `directory` (a temporary directory that is renamed afterwards)."""
     tensors: dict[str, torch.Tensor] = {}
     body = _encode(state, tensors)
-    save_file(tensors, str(directory / f"{name}.safetensors"))
+    save_tensors(tensors, directory / f"{name}.safetensors")
     (directory / f"{name}.json").write_text(json.dumps({"format": FORMAT, "version": VERSION, "state": body}))
 
 
