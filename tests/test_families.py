@@ -238,6 +238,31 @@ def test_vanilla_transformers_loads_the_project_format_with_its_modeling_file(so
     assert encdec.load_tokenizer(tmp_path / "out")("w1 w2").input_ids == [2, 29, 30]  # encdec reads it too
 
 
+def test_the_transformers_wrapper_trains_from_labels_alone_and_saves_what_encdec_reads(sources, batch, tmp_path):
+    """Seq2SeqTrainer's collator gives labels and no decoder inputs (they failed: "both required"); a checkpoint
+    saved again by transformers kept our configuration under another key, which encdec could not read."""
+    model = encdec.adapt(encdec.load_source(str(sources["llama"])))
+    encdec.save(model, tmp_path / "out", tokenizer_dir=sources["llama"])
+    hf = tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=True).eval()
+    labels = batch["decoder_input_ids"][:, 1:].masked_fill(batch["decoder_attention_mask"][:, 1:] == 0, -100)
+    collated = tf.DataCollatorForSeq2Seq(tf.AutoTokenizer.from_pretrained(str(tmp_path / "out")), model=hf)(
+        [{"input_ids": row[keep.bool()].tolist(), "labels": [t for t in lab.tolist() if t != -100]}
+         for row, keep, lab in zip(batch["input_ids"], batch["attention_mask"], labels)])
+    assert "decoder_input_ids" in collated  # through the wrapper's prepare_decoder_input_ids_from_labels
+    with torch.no_grad():
+        alone = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        shifted = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                     decoder_input_ids=hf.prepare_decoder_input_ids_from_labels(labels)).loss
+    assert torch.isfinite(alone) and torch.equal(alone, shifted)
+    assert torch.equal(hf.prepare_decoder_input_ids_from_labels(labels)[:, 1:][labels[:, :-1] != -100],
+                       labels[:, :-1][labels[:, :-1] != -100])
+    hf.save_pretrained(str(tmp_path / "again"))
+    again = encdec.load(tmp_path / "again")
+    with torch.no_grad():
+        mask = batch["decoder_attention_mask"]
+        assert torch.equal(valid(again(**batch).logits, mask), valid(model(**batch).logits, mask))
+
+
 def _multimodal_gemma3(directory):
     """A tiny multimodal Gemma 3 (a vision tower beside the text model) that names EOS [1, 106] at its top level."""
     from tiny import gemma_config, make_tokenizer
@@ -393,6 +418,46 @@ def test_rope_scaling_of_the_older_layout_is_read_as_transformers_reads_it(model
     assert (ours.rope_scale_local, ours.rope_scale_global) == ((2.0, 2.0) if model_type == "gemma2" else (1.0, 2.0))
 
 
+@pytest.mark.parametrize("model_type, saved", [
+    ("qwen2", {"rope_theta": 1e6, "rope_parameters": {"rope_type": "default"}}),  # theta left out of the parameters
+    ("qwen2", {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+               "rope_scaling": {"rope_type": "linear", "factor": 2.0}}),  # both: rope_scaling's
+    ("gemma3_text", {"rope_theta": 5e5, "rope_local_base_freq": 2e4,
+                     "rope_parameters": {"full_attention": {"rope_type": "default"},
+                                         "sliding_attention": {"rope_type": "default"}}}),
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default"}}}),  # 1e6 global, 1e4 local
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 3e5},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 3e4}},
+                     "rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+], ids=["qwen2-theta-outside", "qwen2-both", "gemma3-thetas-outside", "gemma3-defaults", "gemma3-both"])
+def test_rope_fields_of_hand_written_configs_are_read_as_transformers_reads_them(model_type, saved):
+    """A theta left out of rope_parameters was 10,000 (transformers takes rope_theta, or the class's default), and
+    rope_scaling beside rope_parameters was ignored (transformers applies it)."""
+    import copy
+    from pathlib import Path
+
+    from tiny import family_config, gemma_config
+
+    from encdec.formats import gemma, qwen
+
+    saved, given = copy.deepcopy(saved), saved  # transformers fills the dicts it is given in place
+    if model_type == "qwen2":
+        base = {k: v for k, v in family_config("qwen2").to_dict().items() if not k.startswith("rope")}
+        theirs = tf.Qwen2Config(**{k: v for k, v in {**base, **saved}.items() if k != "model_type"})
+        ours = qwen.read_config({**base, **given}, Path("config.json")).stack
+        params = theirs.rope_parameters
+        assert (ours.rope_theta_global, ours.rope_scale_global) == (
+            params["rope_theta"], params.get("factor", 1.0) if params["rope_type"] == "linear" else 1.0)
+        return
+    base = {k: v for k, v in gemma_config("gemma3").to_dict().items() if not k.startswith("rope")}
+    theirs = tf.Gemma3TextConfig(**{k: v for k, v in {**base, **saved}.items() if k != "model_type"})
+    ours = gemma.read_config({**base, **given, "model_type": "gemma3_text"}, Path("config.json")).stack
+    for kind, name in (("local", "sliding_attention"), ("global", "full_attention")):
+        params = theirs.rope_parameters[name]
+        assert getattr(ours, f"rope_theta_{kind}") == params["rope_theta"], kind
+        assert getattr(ours, f"rope_scale_{kind}") == (params["factor"] if params["rope_type"] == "linear" else 1.0)
+
+
 def test_a_hub_source_fetches_the_files_it_is_read_from_and_not_a_second_copy_of_the_weights(monkeypatch):
     """Mistral's repositories ship consolidated.safetensors (the whole model again, 14.5 GB for 7B) beside the
     transformers shards; only the shards are read. The patterns passed to huggingface_hub, through its own filter."""
@@ -412,6 +477,29 @@ def test_a_hub_source_fetches_the_files_it_is_read_from_and_not_a_second_copy_of
     assert asked["name"] == "mistralai/Mistral-7B-v0.3"
     unread = {"consolidated.safetensors", "README.md", "pytorch_model-00001-of-00002.bin"}
     assert asked["files"] == set(repository) - unread
+
+
+def test_a_hub_source_fetches_every_file_its_tokenizer_is_saved_as(sources, tmp_path, monkeypatch):
+    """transformers writes a chat template to chat_template.jinja (no longer into tokenizer_config.json), and a BPE
+    tokenizer's merges to merges.txt: a Qwen or Llama instruct model fetched without them read its conversations in
+    Gemma's turns. The files a real save writes, through huggingface_hub's own filter."""
+    import huggingface_hub
+    import transformers
+    from huggingface_hub.utils import filter_repo_objects
+
+    from encdec import sources as sources_module
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(sources["qwen2"]))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tokenizer.save_pretrained(str(tmp_path / "saved"))
+    written = {str(p.relative_to(tmp_path / "saved")) for p in (tmp_path / "saved").rglob("*") if p.is_file()}
+    assert "chat_template.jinja" in written
+    written |= {"vocab.json", "merges.txt"}  # a BPE tokenizer's files beside tokenizer.json (Qwen2.5's repositories)
+    asked = {}
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda name, allow_patterns: asked.update(
+        files=set(filter_repo_objects(sorted(written), allow_patterns=allow_patterns))) or "/nowhere")
+    sources_module.resolve("someone/qwen2-instruct")
+    assert asked["files"] == written
 
 
 @pytest.mark.parametrize("family, written, dropped", [

@@ -308,7 +308,10 @@ def _packaged_gguf(name: str) -> Path:
     return _joined(parts, cache_root() / "packaged" / package.MODEL_NAME, package.EXPECTED_SHA256)
 
 
-HUB_FILES = ["*.json", "model*.safetensors", "tokenizer*"]  # what a source is read from
+# what a source is read from: its configuration, weights and tokenizer (a chat template is saved as a file of its own
+# by recent transformers, a BPE tokenizer's merges as merges.txt)
+HUB_FILES = ["*.json", "model*.safetensors", "tokenizer*", "chat_template.jinja", "additional_chat_templates/*",
+             "merges.txt"]
 
 
 def _from_hub(name: str) -> Path:

@@ -58,17 +58,25 @@ OUR_LAYER_TYPES = {v: k for k, v in HF_LAYER_TYPES.items()}
 
 
 def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
-    """(theta, linear factor) of a layer type, from the current or the older config layout."""
+    """(theta, linear factor) of a layer type, from the current or the older config layout, as transformers reads
+    them: the layer type's own parameters (nested, or one setting for every layer), `rope_scaling` applied where
+    that layout scales (Gemma 3's global layers, over their parameters; every layer of Gemma 2 and T5Gemma, in place
+    of them), and a theta they leave out taken from the older fields (rope_theta, rope_local_base_freq)."""
+    gemma3 = family == "gemma3"
+    if kind == "sliding" and gemma3:
+        theta = cfg.get("rope_local_base_freq", 10_000.0)
+    else:
+        theta = cfg.get("rope_theta", 1_000_000.0 if gemma3 else 10_000.0)
     params = cfg.get("rope_parameters")
-    if isinstance(params, dict) and OUR_LAYER_TYPES[kind] in params:
-        params = params[OUR_LAYER_TYPES[kind]]
-    if not isinstance(params, dict):  # older layout: rope_theta, rope_local_base_freq, rope_scaling
-        theta = cfg.get("rope_theta", 1_000_000.0 if family == "gemma3" else 10_000.0)
-        if kind == "sliding" and family == "gemma3":
-            theta = cfg.get("rope_local_base_freq", 10_000.0)
-        # Gemma 3 scales its global layers alone; Gemma 2 (and T5Gemma) has one RoPE setting for every layer
-        scaled = kind == "full" or family == "gemma2"
-        params = {"rope_theta": theta, **((cfg.get("rope_scaling") or {}) if scaled else {})}
+    params = dict(params) if isinstance(params, dict) else {}
+    if set(params) & set(HF_LAYER_TYPES):  # one setting per layer type
+        params = dict(params.get(OUR_LAYER_TYPES[kind]) or {})
+    scaling = cfg.get("rope_scaling") or {}
+    if gemma3 and kind == "full":
+        params.update(scaling)
+    elif not gemma3 and scaling:
+        params = dict(scaling)
+    params.setdefault("rope_theta", theta)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise EncdecError(f"RoPE type {rope_type!r} is not supported; supported: 'default', 'linear'")

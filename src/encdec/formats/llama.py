@@ -26,10 +26,11 @@ ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def rope(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
-    """The StackConfig RoPE fields of a one-setting config (current `rope_parameters` or older `rope_scaling`)."""
-    params = cfg.get("rope_parameters")
-    if not isinstance(params, dict):
-        params = {"rope_theta": cfg.get("rope_theta", 10_000.0), **(cfg.get("rope_scaling") or {})}
+    """The StackConfig RoPE fields of a one-setting config (current `rope_parameters` or older `rope_scaling`), read
+    as transformers reads them: `rope_scaling` in place of `rope_parameters` where both are given, a theta they
+    leave out taken from `rope_theta`."""
+    params = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    params = {"rope_theta": cfg.get("rope_theta", 10_000.0), **(params if isinstance(params, dict) else {})}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise EncdecError(f"{where}: RoPE type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")

@@ -41,7 +41,7 @@ class EncdecHFConfig(PretrainedConfig):
     model_type = "encdec"
 
     def __init__(self, config=None, **kwargs):
-        self.encdec = config or {}
+        self.encdec = config or kwargs.pop("encdec", None) or {}
         kwargs.setdefault("is_encoder_decoder", True)
         kwargs["tie_word_embeddings"] = False  # the model reads its head itself (tied or not)
         super().__init__(**kwargs)
@@ -51,6 +51,13 @@ class EncdecHFConfig(PretrainedConfig):
             self.eos_token_id = self.encdec["eos_token_ids"]
             self.vocab_size = self.encdec["vocab_size"]
             self.num_hidden_layers = self.encdec["decoder"]["num_layers"]  # sizes the cache generation makes (unused)
+
+    def to_dict(self):
+        """As encdec writes config.json (our configuration under "config"): a checkpoint saved again by
+        transformers (save_pretrained) stays one that encdec reads."""
+        out = super().to_dict()
+        out["config"] = out.pop("encdec", {})
+        return out
 
 
 class _Encoder(torch.nn.Module):
@@ -88,6 +95,8 @@ class EncdecForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, labels=None, **kwargs):
+        if decoder_input_ids is None and labels is not None:  # Seq2SeqTrainer's batches: the labels alone
+            decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
         if input_ids is None and encoder_outputs is not None:  # generation: the encoder already ran
             input_ids = torch.zeros(encoder_outputs[0].shape[:2], dtype=torch.long, device=encoder_outputs[0].device)
         hidden = None if encoder_outputs is None else encoder_outputs[0]
@@ -98,6 +107,12 @@ class EncdecForConditionalGeneration(PreTrainedModel, GenerationMixin):
             logits = out.logits.flatten(0, 1).float()
             loss = torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100)
         return Seq2SeqLMOutput(loss=loss, logits=out.logits, encoder_last_hidden_state=out.encoder_hidden_states)
+
+    def prepare_decoder_input_ids_from_labels(self, labels):
+        """The decoder's inputs for `labels`: shifted right behind the start token, ignored positions as padding."""
+        start = torch.full_like(labels[:, :1], self.config.decoder_start_token_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
 
     def prepare_inputs_for_generation(self, decoder_input_ids, encoder_outputs=None, attention_mask=None, **kwargs):
         return {"decoder_input_ids": decoder_input_ids, "encoder_outputs": encoder_outputs,
