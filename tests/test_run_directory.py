@@ -328,6 +328,19 @@ def test_a_damaged_checkpoint_past_a_shorter_resumed_run_is_neither_kept_nor_ave
     assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000003"]
 
 
+def test_a_run_resumed_with_another_save_every_keeps_the_earlier_intervals_checkpoints(adapted, corpus, tmp_path):
+    """The checkpoints of the earlier --save-every were no longer on the schedule: the first save deleted them,
+    unsaid (--keep-last 3 kept two), and --average-last averaged fewer than asked."""
+    out = tmp_path / "run"
+    loop.train(_config(adapted, out, corpus, steps=4, save_every=2, eval_every=0))
+    setup()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "9", "--save-every", "3", "--eval-every", "0",
+                               "--keep-last", "3", "--average-last", "3", "--resume")) == 0
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000004", "step-000006", "step-000009"]
+    assert read_metadata(out / "model")["pretrained"]["averaged_checkpoints"] == [
+        "step-000004", "step-000006", "step-000009"]
+
+
 def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))

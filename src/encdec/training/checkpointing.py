@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from encdec.errors import EncdecError
-from encdec.files import atomic_dir, read_weights, write_weights
+from encdec.files import atomic_dir, parse_json, read_weights, write_weights
 from encdec.training import distributed
 from encdec.training.distributed import Dist
 from encdec.training.plain_state import read_state, write_state
@@ -51,12 +51,23 @@ def step_of(path: Path) -> int:
 
 
 def scheduled(out: Path, save_every: int, steps: int) -> list[Path]:
-    """The checkpoints of the run's schedule (every `save_every` steps, and the last step), oldest first: those
-    that --keep-last keeps and --average-last averages. A checkpoint written because the run was stopped is not
-    one of them, so that a stopped and resumed run keeps and averages what an uninterrupted one does; nor is one
-    past `steps`, left by an earlier, longer attempt that resuming skipped as damaged."""
+    """The checkpoints of the run's schedule (every --save-every steps, as each was written under, and the last
+    step), oldest first: those that --keep-last keeps and --average-last averages. A checkpoint written because the
+    run was stopped is not one of them, so that a stopped and resumed run keeps and averages what an uninterrupted
+    one does; nor is one past `steps`, left by an earlier, longer attempt that resuming skipped as damaged. A run
+    resumed with another --save-every keeps the earlier interval's (they were deleted, unsaid)."""
     return [p for p in checkpoints(out)
-            if step_of(p) <= steps and (step_of(p) % save_every == 0 or step_of(p) == steps)]
+            if step_of(p) <= steps and (step_of(p) % _written_every(p, save_every) == 0 or step_of(p) == steps)]
+
+
+def _written_every(checkpoint: Path, save_every: int) -> int:
+    """The --save-every `checkpoint` was written under (its trainer state's configuration), or `save_every`
+    where it does not say."""
+    try:
+        every = parse_json((checkpoint / "trainer.json").read_bytes())["state"]["config"]["save_every"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return save_every
+    return every if isinstance(every, int) and every >= 1 else save_every
 
 
 def _not_finite(tensors: dict[str, torch.Tensor]) -> str | None:
