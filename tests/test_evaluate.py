@@ -212,6 +212,13 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ("(4)-2", "2"),
     ("It fell to -$3", "-3"),
     ("x = -7", "-7"),
+    # a chat model's markup around its stated answer (it took a later number: 9, 2)
+    ("The answer is **18**. Check: 16 - 3 - 4 = 9 eggs sold.", "18"),
+    ("The answer is $\\boxed{18}$ (from 9 eggs at 2 each)", "18"),
+    ("**Answer:** 18, since 9 eggs at 2 each", "18"),
+    ("So the answer is 08.", "8"),  # never equal to a gold of 8 before
+    ("The answer is 0.5", "0.5"),
+    ("To answer 3 questions she needs 12 minutes", "12"),  # "answer" alone states nothing
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected

@@ -9,7 +9,9 @@ import string
 # ".5" too, read as 0.5, where the point follows no letter, digit or point (not the ".3" of "1.2.3" or "file.2");
 # a minus sign only where it touches the number and follows no word or bracket ("23 - 15", "3-5" end on 15 and 5)
 NUMBER = re.compile(r"(?:(?<![\w)\]])-(?=[$\d.]))?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
-ANSWER_IS = re.compile(r"answer is\s*:?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)
+# "the answer is" (or "answer:") and its number, through the markup a chat model writes around it: bold,
+# LaTeX's $\boxed{...}$
+ANSWER_IS = re.compile(r"answer(?:\s+is\s*:?|\s*:)[\s*_]*(?:\$?\s*\\boxed\{)?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)
 
 
 def _clean_number(text: str) -> str | None:
@@ -18,6 +20,7 @@ def _clean_number(text: str) -> str | None:
     if not re.fullmatch(r"-?\d*(?:\.\d+)?", text) or not any(c.isdigit() for c in text):
         return None
     text = re.sub(r"^(-?)\.", r"\g<1>0.", text)
+    text = re.sub(r"^(-?)0+(?=\d)", r"\1", text)  # "08" is 8
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return "0" if text in ("-0", "") else text
