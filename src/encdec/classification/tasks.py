@@ -13,6 +13,7 @@ from typing import Any
 
 from encdec.errors import EncdecError
 from encdec.evaluation.datasets import read_split, rendered_docs
+from encdec.evaluation.tasks import boolq_untitled
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,8 @@ def _boolq_text(passage: str, question: str) -> str:
 
 
 def _boolq_train_text(query: str) -> str:
-    """A rendered training query "{title} -- {passage}\\nQuestion: {question}?\\nAnswer:" in the validation
-    layout: the title is dropped (validation records have none) and so is the answer cue."""
-    text = query.removesuffix("\nAnswer:")
-    return text.split(" -- ", 1)[1] if " -- " in text.split("\n", 1)[0] else text
+    """A rendered training query in the validation layout: without its title, and without the answer cue."""
+    return boolq_untitled(query).removesuffix("\nAnswer:")
 
 
 def _boolq() -> TaskData:

