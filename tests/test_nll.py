@@ -59,3 +59,30 @@ def test_a_framed_continuation_is_scored_on_the_same_suffix_tokens(sources):
     scorer = Scorer("tiny", "encoder-decoder", model, tokenizer=None, framing=framing)
     scores = scorer.loglikelihoods([(row.tolist(), cont.tolist()) for row, cont in zip(data.prefix, data.suffix)], 3)
     assert [s for s, _ in scores] == pytest.approx((-per_token.sum(1)).tolist(), abs=1e-4)
+
+
+def test_perplexity_scores_every_token_of_a_text_longer_than_max_len_once(sources, monkeypatch):
+    """A text was cut at --max-len and its rest dropped: the perplexity then depended on --max-len and covered other
+    tokens in every run. Now windows of max_len tokens each score what the one before did not; a text that fits is
+    scored as before, in one pass."""
+    from encdec.evaluation import nll
+    from encdec.sources import load_tokenizer
+
+    source = tf.AutoModelForCausalLM.from_pretrained(str(sources["gemma3"])).eval()
+    tokenizer = load_tokenizer(sources["gemma3"])
+    text = " ".join(f"w{i % 40}" for i in range(30))
+    n = len(tokenizer(text).input_ids)
+    windows, scored = [], []
+    forward, cross_entropy = source.forward, F.cross_entropy
+    monkeypatch.setattr(source, "forward", lambda input_ids, **kw: windows.append(input_ids.shape[1])
+                        or forward(input_ids=input_ids, **kw))
+    monkeypatch.setattr(nll.F, "cross_entropy", lambda logits, targets, **kw: scored.append(len(targets))
+                        or cross_entropy(logits, targets, **kw))
+    windowed = nll.decoder_only_perplexity(source, tokenizer, [text], max_len=8)
+    assert n > 16 and sum(scored) == n - 1 and max(windows) == 8 and len(windows) > 2
+    whole = nll.decoder_only_perplexity(source, tokenizer, [text], max_len=n)
+    assert windows[-1] == n and scored[-1] == n - 1
+    with torch.no_grad():
+        ids = torch.tensor([tokenizer(text).input_ids])
+        expected = torch.exp(F.cross_entropy(source(input_ids=ids).logits[0, :-1], ids[0, 1:])).item()
+    assert abs(whole - expected) < 1e-4 * expected and windowed != whole
