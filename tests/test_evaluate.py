@@ -510,3 +510,32 @@ def test_boolq_shots_are_laid_out_as_the_questions_asked():
     assert asked.endswith("?\nAnswer:") and " -- " not in asked.split("\n", 1)[0]
     titled = [shot for shot in shots if shot.contexts[0] in raw]
     assert len(titled) > len(shots) / 2 and all(s.contexts[0].endswith("?\nAnswer:") for s in shots)
+
+
+@pytest.mark.parametrize("model_type", ["granite", "cohere", "gemma2"])
+def test_decoder_only_options_are_scored_from_the_logits_the_model_gives(model_type, sources, tmp_path):
+    """The scorer rebuilt the logits as the head over the hidden states and added back Gemma's soft-cap alone:
+    Granite divides its logits by logits_scaling and Cohere multiplies them by logit_scale, so their options were
+    ranked by another distribution than the model's."""
+    import transformers as tf
+    from tiny import VOCAB, make_tokenizer
+
+    if model_type == "gemma2":
+        directory = sources["gemma2"]  # final_logit_softcapping 3.0
+    else:
+        directory = tmp_path / model_type
+        common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+        scaled = {"logits_scaling": 0.25} if model_type == "granite" else {"logit_scale": 4.0}
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.for_model(model_type, **common, **scaled))
+        model.save_pretrained(str(directory))
+        make_tokenizer(directory)
+    scorer = load_scorer(str(directory))
+    scores = scorer.loglikelihoods(REQUESTS, batch_size=4)
+    with torch.no_grad():
+        for (ctx, cont), (score, greedy) in zip(REQUESTS, scores):
+            logp = scorer.model(input_ids=torch.tensor([ctx + cont])).logits[0, len(ctx) - 1:-1].float().log_softmax(-1)
+            expected = logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
+            assert score == pytest.approx(expected, abs=1e-4)
+            assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())

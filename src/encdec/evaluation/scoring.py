@@ -99,11 +99,7 @@ class Scorer:
             hidden, targets = _encdec_states(self.model, requests, self.framing)
             logits = self.model.logits(hidden)
         else:
-            hidden, targets = _causal_states(self.model, requests, self.pad_id)
-            logits = self.model.lm_head(hidden)
-            softcap = getattr(self.model.config, "final_logit_softcapping", None)
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
+            logits, targets = _causal_logits(self.model, requests, self.pad_id)
         logp = F.log_softmax(logits.float(), -1)
         token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
         greedy = logp.argmax(-1) == targets
@@ -163,12 +159,33 @@ def _encdec_states(model: EncoderDecoder, requests: list[Request],
     return hidden[predicts], targets
 
 
-def _causal_states(model: torch.nn.Module, requests: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+class _PickedHead(torch.nn.Module):
+    """A causal LM's output layer over chosen positions only, [1, positions, vocab]: run inside the model's own
+    forward, so that what the model does to its logits after the head applies (Gemma's soft-cap, Granite's and
+    Cohere's scales: they were skipped), with the vocabulary computed for the continuations alone."""
+
+    def __init__(self, head: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> None:
+        super().__init__()
+        self.head, self.rows, self.positions = head, rows, positions
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden[self.rows, self.positions])[None]
+
+
+def _causal_logits(model: torch.nn.Module, requests: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits [tokens, vocab] that predict each request's continuation tokens (the targets [tokens])."""
     ids, mask = (t.to(model.device) for t in pad_rows([ctx + cont for ctx, cont in requests], pad_id))
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    picked = [hidden[i, len(ctx) - 1 : len(ctx) + len(cont) - 1] for i, (ctx, cont) in enumerate(requests)]
+    rows = torch.tensor([i for i, (_, cont) in enumerate(requests) for _ in cont], device=model.device)
+    positions = torch.tensor([p for ctx, cont in requests for p in range(len(ctx) - 1, len(ctx) + len(cont) - 1)],
+                             device=model.device)
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(_PickedHead(head, rows, positions))
+    try:
+        logits = model(input_ids=ids, attention_mask=mask).logits[0]
+    finally:
+        model.set_output_embeddings(head)
     targets = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long, device=model.device)
-    return torch.cat(picked), targets
+    return logits, targets
 
 
 def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 2048) -> Scorer:
