@@ -214,6 +214,11 @@ def test_a_checkpoint_the_first_process_cannot_write_stops_both_with_one_line(so
     assert said.count("No space left on device); stopped (the last good checkpoint is") == 2
     assert "Connection closed" not in said and "exitcode: 2" in said, said[-3000:]  # the workers' exit, no gloo error
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    # the step's line kept in the checkpoint (put back on --resume after a crash) says the ranks agreed, as the
+    # logged one does: it was kept before the check
+    from encdec.training.plain_state import read_state
+
+    assert read_state(out / "checkpoints" / "step-000002", "trainer")["record"]["ranks_in_sync"] is True
 
 
 RACED_AT_STEP_4 = """

@@ -257,19 +257,24 @@ def test_logged_records_hold_the_rate_each_step_used_and_the_bar_counts_every_st
     assert shown == [6]
 
 
-@pytest.mark.parametrize("save_every", [2, 4])
-def test_tensorboard_logs_hold_the_metrics_of_every_step(adapted, corpus, tmp_path, monkeypatch, save_every):
+@pytest.mark.parametrize("save_every, crash", [(2, "after logging step 3"), (4, "after logging step 3"),
+                                               (2, "before logging step 2")])
+def test_tensorboard_logs_hold_the_metrics_of_every_step(adapted, corpus, tmp_path, monkeypatch, save_every, crash):
     """Also after a crash: the resumed run's events replace those logged after its checkpoint, as metrics.jsonl's;
-    also when the crash came before the first checkpoint (save_every 4), whose events were kept twice."""
+    also when the crash came before the first checkpoint (save_every 4), whose events were kept twice; and when it
+    came between the checkpoint and its step's line, which metrics.jsonl got back from the checkpoint and
+    TensorBoard never had."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     original_log = Metrics.log
+    after, step = crash.startswith("after"), int(crash[-1])
 
     def log_then_crash(self, record, **kw):
-        original_log(self, record, **kw)
-        if record["step"] == 3:
+        if after or record["step"] != step:
+            original_log(self, record, **kw)
+        if record["step"] == step:
             self.writer.flush()
-            raise RuntimeError("the machine went away after step 3")
+            raise RuntimeError(f"the machine went away {crash}")
 
     options = dict(steps=4, eval_every=2, save_every=save_every, tensorboard=True)
     monkeypatch.setattr(Metrics, "log", log_then_crash)

@@ -160,7 +160,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     with distributed.stopping_together(d):  # only the first process writes OUT's files
         rundir.begin(cfg, start, d, state.get("record"))
         metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main,
-                          desc="finetune" if cfg.objective == "instruct" else "pretrain")
+                          desc="finetune" if cfg.objective == "instruct" else "pretrain", restored=state.get("record"))
 
     autocast = torch.autocast(d.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
     rows = cfg.batch_size
@@ -257,9 +257,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             stopping = distributed.reduce_sum(float(stop.requested), d) > 0
             saving = (step + 1) % cfg.save_every == 0 or done or stopping
             if saving:
-                last_checkpoint = save_checkpoint(step + 1, record)
-                if d.world > 1 and not cfg.fsdp:
+                if d.world > 1 and not cfg.fsdp:  # before the checkpoint keeps the line
                     record["ranks_in_sync"] = distributed.in_sync(model, d)
+                last_checkpoint = save_checkpoint(step + 1, record)
             # every --log-every steps, and every step that evaluated or saved (a resumed run puts a checkpoint's
             # line back: `rundir.begin`)
             metrics.log(record, write=(step + 1) % cfg.log_every == 0 or saving or "eval_loss" in record)

@@ -15,7 +15,10 @@ from encdec.files import open_own
 
 class Metrics:
     def __init__(self, out: Path, *, total: int, start: int, tensorboard: bool, enabled: bool,
-                 desc: str = "train") -> None:
+                 desc: str = "train", restored: dict[str, Any] | None = None) -> None:
+        """`restored`: the line of the resumed checkpoint's step (kept in it), written again to TensorBoard (a run
+        that stopped between the checkpoint and its line has it in neither; `rundir.begin` puts it back into
+        metrics.jsonl)."""
         self.enabled = enabled
         self.writer = None
         self.bar = None
@@ -29,8 +32,11 @@ class Metrics:
             except ImportError:
                 raise EncdecError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
             # a resumed run drops the events logged after its checkpoint (metrics.jsonl is cut back the same way),
-            # all of them when it stopped before its first checkpoint; a new run has none to drop
-            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1)
+            # all of them when it stopped before its first checkpoint; a new run has none to drop; the checkpoint's
+            # own step's are written again
+            self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + (restored is None))
+            if restored is not None:
+                self._scalars(restored)
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
 
     def log(self, record: dict[str, Any], *, write: bool = True) -> None:
@@ -42,12 +48,15 @@ class Metrics:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
             if self.writer is not None:
-                for key, value in record.items():
-                    if key != "step" and isinstance(value, int | float):
-                        self.writer.add_scalar(key, value, record["step"])
+                self._scalars(record)
         shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in record}
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
         self.bar.update(record["step"] - self.bar.n)
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                self.writer.add_scalar(key, value, record["step"])
 
     def message(self, text: str) -> None:
         if self.enabled:
