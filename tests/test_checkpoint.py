@@ -39,6 +39,20 @@ def test_round_trip_is_bit_exact(sources, batch, tmp_path, family, decoder, atte
         assert json.loads((tmp_path / "out" / "config.json").read_text())["format"] == "encdec"
 
 
+@pytest.mark.parametrize("family, fmt", [("gemma2", "t5gemma"), ("gemma3", "t5gemma2")])
+def test_an_end_of_turn_named_in_generation_config_alone_is_read_and_kept(sources, tmp_path, family, fmt):
+    """An instruct checkpoint names its end of turn in generation_config.json alone (as a decoder-only source may,
+    which encdec reads): a T5Gemma checkpoint's was dropped, so generation ran past it, and saving again lost it."""
+    model = encdec.adapt(encdec.load_source(str(sources[family])))
+    assert encdec.save(model, tmp_path / "out") == fmt
+    path = tmp_path / "out" / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": [1, 7]}))
+    loaded = encdec.load(tmp_path / "out")
+    assert loaded.config.eos_token_ids == [1, 7]
+    encdec.save(loaded, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "generation_config.json").read_text())["eos_token_id"] == [1, 7]
+
+
 def test_sharded_weights_round_trip(sources, tmp_path, monkeypatch):
     import transformers as tf
 

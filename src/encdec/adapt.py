@@ -2,8 +2,9 @@
 
 Balanced: encoder and decoder both copy one source; a separate cross-attention is initialised
 from the same layer's self-attention (merged attention needs nothing new). Unbalanced: the decoder
-comes from a smaller source of the same family and vocabulary, or from a subset of the source's
-layers; a separate cross-attention is then randomly initialised, its K/V reading the encoder width.
+comes from a smaller source of the same family and vocabulary (a separate cross-attention then starts
+random, its K/V reading the encoder width), or from a subset of the source's layers (each layer's
+cross-attention a copy of its self-attention, as balanced: docs/adaptation.md).
 """
 
 from __future__ import annotations

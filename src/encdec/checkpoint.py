@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from encdec.config import EncDecConfig
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir, read_json, read_weights, reading_config, write_native, write_weights
 from encdec.formats import remote_code
+from encdec.formats.decoder_only import with_generation_eos
 from encdec.formats.t5gemma import LAYOUTS, config_from_hf, exportable, from_hf_weights, hf_config, to_hf_weights
 from encdec.model import EncoderDecoder
 
@@ -136,7 +137,12 @@ def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
         )
     fmt = NATIVE if data.get("format") == NATIVE else data["model_type"]
     with reading_config(path / "config.json"):  # a damaged config.json: one line naming it
-        return (EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)), fmt
+        if fmt == NATIVE:
+            return EncDecConfig.from_dict(data["config"]), fmt
+        config = config_from_hf(data)
+    # an instruct checkpoint may name its end of turn in generation_config.json alone, as a decoder-only source does
+    eos = with_generation_eos({"eos_token_ids": config.eos_token_ids}, path)["eos_token_ids"]
+    return replace(config, eos_token_ids=eos), fmt
 
 
 def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32, *, mapped: bool = False) -> Loaded:
