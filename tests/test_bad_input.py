@@ -417,6 +417,8 @@ PRETRAIN_BAD = [
     (["--config", "model: [unclosed\n"],
      "cannot read the YAML configuration (line 2, column 1: expected ',' or ']', but got '<stream end>')"),
     (["--out-under-a-file"], "is a file, not a directory"),
+    (["--eval-data", ""], "--eval-data ['']: an empty path"),  # read the working directory
+    (["--dist-timeout", "1e14"], "--dist-timeout must be at most 31536000 seconds"),  # torch's OverflowError
 ]
 
 
@@ -764,3 +766,66 @@ def test_quickstart_overwrite_without_training_leaves_a_live_run_alone(capsys, t
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert f"{out / 'pretrain'} is being written by" in line
     assert (out / "pretrain" / "model" / "config.json").exists() and (out / "pretrain" / "checkpoints").is_dir()
+
+
+def test_limits_said_before_a_model_loads(capsys, tmp_path, adapted, monkeypatch):
+    """A batch or a budget past any sense was taken as given: `serve --max-batch 10^30` loaded the model and failed
+    in the engine's first buffer, `quickstart --max-new-tokens 10^14` loaded, adapted and saved 1.5 GB first."""
+    import encdec.checkpoint
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(encdec.checkpoint, "load", loading)
+    monkeypatch.setattr("encdec.sources.load_source", loading)
+    for argv, message in ((["serve", str(adapted), "--max-batch", str(10**30)], "--max-batch must be at most 4096"),
+                          (["quickstart", "--out", str(tmp_path / "qs"), "--max-new-tokens", str(10**14)],
+                           "--max-new-tokens must be at most 4096")):
+        capsys.readouterr()
+        assert main_exit(argv) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert message in line
+    assert not (tmp_path / "qs").exists()
+
+
+def test_a_path_no_file_can_have_is_one_line(capsys, tmp_path, adapted):
+    """A name past the file system's limit (ENAMETOOLONG) as an input: a traceback, wherever it was read."""
+    long = tmp_path / ("x" * 300)
+    for argv in (["info", str(long)], ["generate", str(adapted), "--input", f"{long}.jsonl"],
+                 ["pretrain", "--model", str(adapted), "--data", f"{long}.txt", "--out", str(tmp_path / "run")]):
+        capsys.readouterr()
+        assert main_exit(argv) == 2, argv
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert "File name too long" in line, line
+
+
+def test_file_names_of_any_bytes_key_the_caches(tmp_path):
+    """A file name that is not UTF-8 (Latin-1 é) failed to encode in the token cache's key and the GGUF cache's."""
+    import os
+
+    from encdec.data.tokens import source_fingerprint
+    from encdec.sources import gguf_cache_dir
+
+    name = os.fsdecode(b"caf\xe9")
+    (tmp_path / f"{name}.txt").write_text("w1 w2 w3\n")
+    (tmp_path / f"{name}.gguf").write_bytes(b"GGUF")
+    assert source_fingerprint([str(tmp_path / f"{name}.txt")], "text") != source_fingerprint(
+        [str(tmp_path / "other.txt")] if (tmp_path / "other.txt").write_text("w1\n") else [], "text")
+    assert gguf_cache_dir(tmp_path / f"{name}.gguf").name.startswith(name)
+
+
+def test_configuration_errors_said_before_training_and_short(capsys, tmp_path, adapted, monkeypatch):
+    """A misspelt packaged text was said once the model had loaded and the data been tokenized; and a few lines of
+    YAML aliases (9^9 items) made the one-line error a repr of all of them (minutes, gigabytes)."""
+    import encdec.training.loop
+
+    monkeypatch.setattr(encdec.training.loop, "train", lambda cfg: pytest.fail("training began"))
+    (tmp_path / "bomb.yaml").write_text("lr:\n  - &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"  - &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)))
+    for extra, message in ((["--eval-data", "heldout:typo"], "heldout:typo: unknown packaged text; known: heldout:"),
+                           (["--data", "corpus:typo"], "corpus:typo: unknown packaged text; known: corpus:"),
+                           (["--config", str(tmp_path / "bomb.yaml")], "--lr must be a number, got [[")):
+        capsys.readouterr()
+        assert main_exit(["pretrain", "--model", str(adapted), "--out", str(tmp_path / "run"), *extra]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert message in line and len(line) < 300, line[:300]

@@ -718,6 +718,8 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
     (tmp_path / "unknown.yaml").write_text("lr: [1e-5]\nmomentum: [0.9]\n")
     (tmp_path / "empty.yaml").write_text("lr: []\n")
     (tmp_path / "text.yaml").write_text("epochs: [two]\n")
+    (tmp_path / "twice.yaml").write_text("lr: [1.0e-5]\nlr: [1.0e-4]\n")  # the last was kept, unsaid
+    (tmp_path / "deep.yaml").write_text("lr: " + "[" * 2000 + "]" * 2000 + "\n")  # a RecursionError's traceback
     cases = {
         "pass one of them": ["--probe", "--search"],
         "has no values": ["--search", "--grid-lr", ","],
@@ -725,7 +727,9 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
         "unknown setting 'momentum'": ["--search", "--grid", str(tmp_path / "unknown.yaml")],
         "lr has no values": ["--search", "--grid", str(tmp_path / "empty.yaml")],
         "epochs value 'two' is not an integer": ["--search", "--grid", str(tmp_path / "text.yaml")],
-        "cannot read --grid": ["--search", "--grid", str(tmp_path / "absent.yaml")],
+        "cannot read the --grid file (No such file": ["--search", "--grid", str(tmp_path / "absent.yaml")],
+        "'lr' is given twice": ["--search", "--grid", str(tmp_path / "twice.yaml")],
+        "cannot read the --grid file (nested too deeply)": ["--search", "--grid", str(tmp_path / "deep.yaml")],
         "pass --search too": ["--grid-lr", "1e-5"],
         "pass --probe too": ["--probe-c", "1"],
         "--probe-c": ["--probe", "--probe-c", "0,1"],

@@ -4,6 +4,7 @@ quickstart."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from encdec.training.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MAX_SERVE_BATCH = 4096
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -214,6 +216,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         ("--max-connections", args.max_connections)):
         if value is not None and value < 1:
             raise EncdecError(f"{name} must be at least 1, got {value}")
+    if args.max_batch > MAX_SERVE_BATCH:  # before loading: a huge one failed in the engine's first buffer
+        raise EncdecError(f"--max-batch must be at most {MAX_SERVE_BATCH} (rows decoded together, each with caches "
+                          f"of its own), got {args.max_batch}")
     if not 0 <= args.port <= 65535:
         raise EncdecError(f"--port must be in 0..65535, got {args.port}")
     if args.served_model_name is not None and not args.served_model_name.strip():
@@ -700,6 +705,11 @@ def main(argv: list[str] | None = None) -> int:
         # `encdec info M | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush has nowhere to fail
         return 1
+    except OSError as e:  # a path no file can have, wherever it is read (written ones are said as they are written)
+        if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+            raise
+        print(f"encdec {args.command}: error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -37,6 +37,9 @@ def _is_adapted_dir(started: Path, adapted_dir: Path) -> bool:
     return not started.is_absolute() and started.parts[-2:] == adapted_dir.resolve().parts[-2:]
 
 
+MAX_NEW_TOKENS = 4096
+
+
 def _continuation(model: EncoderDecoder, tokenizer, prompt: str, max_new_tokens: int) -> str:
     batch = tokenizer([prompt], return_tensors="pt")
     out = model.generate(batch.input_ids, batch.attention_mask, max_new_tokens=max_new_tokens)
@@ -48,6 +51,9 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
                              ("--trim-vocab", trim_vocab, 0)):
         if value < low:  # checked before minutes of loading and adapting, not after
             raise EncdecError(f"{flag} must be at least {low}, got {value}")
+    if max_new_tokens > MAX_NEW_TOKENS:  # 10^14 loaded, adapted and saved the model before any word on it
+        raise EncdecError(f"--max-new-tokens must be at most {MAX_NEW_TOKENS} (the quickstart shows a continuation "
+                          f"of the prompt; encdec generate writes longer ones), got {max_new_tokens}")
     if not prompt.strip():
         raise EncdecError("--prompt is empty; give a text to continue")
     check_text(prompt, "--prompt")

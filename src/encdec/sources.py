@@ -183,7 +183,7 @@ def gguf_cache_dir(path: Path) -> Path:
     """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its `file_identity` and by the
     conversion's version."""
     key = f"{file_identity(path.resolve())}:{gguf.CONVERSION_VERSION}"
-    key = hashlib.sha256(key.encode()).hexdigest()[:16]
+    key = hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()[:16]  # a file name of any bytes
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 

@@ -34,18 +34,11 @@ def _value(name: str, raw: Any, where: str) -> Any:
 
 def read_grid(path: Path | None, overrides: dict[str, str | None]) -> dict[str, list[Any]]:
     """The grid: a YAML mapping {setting: [values]} (or the default grid), with comma lists from flags replacing keys."""
-    import yaml
+    from encdec.training.config import load_yaml
 
     grid: dict[str, Any] = dict(DEFAULT_GRID)
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise EncdecError(f"cannot read --grid {path} ({e.strerror})") from None
-        except UnicodeDecodeError as e:
-            raise EncdecError(f"cannot read --grid {path} (not UTF-8: byte {e.start})") from None
-        except yaml.YAMLError as e:
-            raise EncdecError(f"--grid {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        loaded = load_yaml(Path(path), "the --grid file")
         if not isinstance(loaded, dict) or not loaded:
             raise EncdecError(f"--grid {path}: expected a mapping like {{lr: [1e-5, 3e-5], epochs: [3]}}; "
                               f"settings: {', '.join(TUNABLE)}")

@@ -66,17 +66,22 @@ def source_fingerprint(specs: list[str], text_field: str) -> str:
             parts.append(spec)
             continue
         parts += [file_identity(path) for path in files_of(spec)]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join(parts).encode(errors="surrogateescape")).hexdigest()[:16]  # any file name
+
+
+def check_packaged(spec: str) -> None:
+    """Refuse a `heldout:` or `corpus:` name no packaged text has (before a run loads its model for it)."""
+    prefix = next((p for p in PACKAGED if spec.startswith(p)), None)
+    if prefix is not None and spec.removeprefix(prefix) not in PACKAGED[prefix]:
+        raise EncdecError(f"{spec}: unknown packaged text; known: {', '.join(prefix + n for n in PACKAGED[prefix])}")
 
 
 def _read(spec: str, text_field: str) -> list[str]:
     prefix = next((p for p in PACKAGED if spec.startswith(p)), None)
     if prefix is None:
         return read_documents(spec, text_field=text_field)
-    known = PACKAGED[prefix]
-    if spec.removeprefix(prefix) not in known:
-        raise EncdecError(f"{spec}: unknown packaged text; known: {', '.join(prefix + n for n in known)}")
-    return known[spec.removeprefix(prefix)][1]()
+    check_packaged(spec)
+    return PACKAGED[prefix][spec.removeprefix(prefix)][1]()
 
 
 def _documents(specs: list[str], text_field: str) -> list[str]:

@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import math
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -126,8 +127,17 @@ class TrainConfig:
             raise EncdecError(f"--seed must be at most {SEED_MAX}, got {self.seed}")
         if not self.out.strip():
             raise EncdecError("--out must name a directory, got an empty string")
-        if "" in [spec.strip() for spec in self.data]:
-            raise EncdecError(f"--data {self.data!r}: an empty path; pass files, directories or hf:NAME")
+        for name in ("data", "eval_data"):  # "" is the working directory to Path
+            if "" in [spec.strip() for spec in getattr(self, name)]:
+                raise EncdecError(f"--{_flag(name)} {getattr(self, name)!r}: an empty path; pass files, directories"
+                                  + (" or hf:NAME" if self.objective != "instruct" else " (.jsonl records)"))
+        from encdec.data.tokens import check_packaged
+
+        for spec in [*self.data, *self.eval_data]:  # a misspelt name, said before the model loads
+            check_packaged(spec)
+        if self.dist_timeout > MAX_DIST_TIMEOUT_S:
+            raise EncdecError(f"--dist-timeout must be at most {MAX_DIST_TIMEOUT_S} seconds (a year), "
+                              f"got {self.dist_timeout:g}")
         if any(spec.startswith("heldout:") for spec in self.data):
             raise EncdecError("--data heldout:NAME: the packaged held-out passages are only evaluated on (encdec "
                               "evaluate scores them); pass them to --eval-data")
@@ -177,6 +187,7 @@ AT_LEAST_1 = ("enc_len", "batch_size", "grad_accum", "steps", "loss_chunk", "kee
 AT_LEAST_0 = ("window", "eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps",
               "encoder_curriculum_steps", "trim_vocab", "trim_negatives", "teacher_top_k", "seed")
 POSITIVE = ("lr", "tau", "clip", "dist_timeout")  # and finite
+MAX_DIST_TIMEOUT_S = 365 * 24 * 3600  # what torch's timedelta takes, with room
 BOUNDED = {"alpha": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, 1.0)}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list of paths"}
 
@@ -199,7 +210,14 @@ def _check_type(f: dataclasses.Field, value: Any) -> None:
     if kind is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
-        raise EncdecError(f"--{_flag(f.name)} must be {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})")
+        raise EncdecError(f"--{_flag(f.name)} must be {_TYPE_NAMES[kind]}, got {_shown(value)} ({type(value).__name__})")
+
+
+def _shown(value: Any) -> str:
+    """A value's repr, shortened: a few lines of YAML aliases expand to billions of items, whose repr never ended."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict, short.maxstring = 2, 4, 4, 4, 60
+    return short.repr(value)
 
 
 def _flag(name: str) -> str:
@@ -244,20 +262,26 @@ class _UniqueKeys(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path, what: str) -> Any:
+    """A YAML file (`what` it holds, for the messages) read with a safe loader that refuses a key given twice; every
+    way it fails is one line: unreadable, not UTF-8, not YAML, a key twice, nested too deeply."""
     try:  # YAML is UTF-8, whatever the locale
-        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeys) or {}  # a safe loader
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeys)
     except OSError as e:
-        raise EncdecError(f"{path}: cannot read the YAML configuration ({e.strerror or e})") from None
+        raise EncdecError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise EncdecError(f"{path}: cannot read the YAML configuration (not UTF-8: byte {e.start})") from None
+        raise EncdecError(f"{path}: cannot read {what} (not UTF-8: byte {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or e
-        raise EncdecError(f"{path}: cannot read the YAML configuration ({where}{problem})") from None
+        raise EncdecError(f"{path}: cannot read {what} ({where}{problem})") from None
     except RecursionError:  # PyYAML composes nested collections recursively
-        raise EncdecError(f"{path}: cannot read the YAML configuration (nested too deeply)") from None
+        raise EncdecError(f"{path}: cannot read {what} (nested too deeply)") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    loaded = load_yaml(path, "the YAML configuration") or {}
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
         raise EncdecError(f"{path}: expected a mapping of option names to values")
     return {k.replace("-", "_"): v for k, v in loaded.items()}
