@@ -11,7 +11,8 @@ import string
 NUMBER = re.compile(r"(?:(?<![\w)\]])-(?=[$\d.]))?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
 # "the answer is" (or "answer:") and its number, through the markup a chat model writes around it: bold,
 # LaTeX's $\boxed{...}$
-ANSWER_IS = re.compile(r"answer(?:\s+is\s*:?|\s*:)[\s*_]*(?:\$?\s*\\boxed\{)?\s*(" + NUMBER.pattern + ")", re.IGNORECASE)
+ANSWER_IS = re.compile(r"answer(?:\s+is\s*:?|\s*:)[\s*_]*(?:\$?\s*\\boxed\{)?\s*(" + NUMBER.pattern + ")",
+                       re.IGNORECASE)
 
 
 def _clean_number(text: str) -> str | None:

@@ -210,7 +210,8 @@ def _check_type(f: dataclasses.Field, value: Any) -> None:
     if kind is list:
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
-        raise EncdecError(f"--{_flag(f.name)} must be {_TYPE_NAMES[kind]}, got {_shown(value)} ({type(value).__name__})")
+        raise EncdecError(f"--{_flag(f.name)} must be {_TYPE_NAMES[kind]}, got {_shown(value)} "
+                          f"({type(value).__name__})")
 
 
 def _shown(value: Any) -> str:
