@@ -733,6 +733,8 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
         "pass --search too": ["--grid-lr", "1e-5"],
         "pass --probe too": ["--probe-c", "1"],
         "--probe-c": ["--probe", "--probe-c", "0,1"],
+        "--lr, --epochs: options of fine-tuning, which --probe does not do": ["--probe", "--lr", "1e-3", "--epochs",
+                                                                              "5"],  # ignored, unsaid
         "--dev-share": ["--probe", "--dev-share", "1.5"],
         "--inner-folds": ["--search", "--inner-folds", "1"],
         "leave --steps out": ["--search", "--steps", "3"],

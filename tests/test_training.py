@@ -638,6 +638,13 @@ def test_settings_a_run_will_not_use_are_named_when_it_starts():
     assert idle_settings(TrainConfig(model="m", out="o", objective="ul2", random_split=True, mixture="ul2")) == [
         "--random-split applies to --objective prefixlm: ignored"]
     assert idle_settings(TrainConfig(model="m", out="o", distill=True, alpha=0.9, trim_vocab=100, trim_negatives=5)) == []
+    assert idle_settings(TrainConfig(model="m", out="o", objective="instruct", window=64, text_field="body",
+                                     data=["a.jsonl"], per_task=5)) == [  # said nothing of them
+        "--window, --text-field apply to pretraining (--objective prefixlm or ul2): ignored",
+        "--per-task applies to instruction tuning without --data (Natural-Instructions): ignored"]
+    assert idle_settings(TrainConfig(model="m", out="o", per_task=5)) == [
+        "--per-task applies to instruction tuning without --data (Natural-Instructions): ignored"]
+    assert idle_settings(TrainConfig(model="m", out="o", objective="instruct", per_task=5)) == []
 
 
 def test_shorter_ul2_windows_pack_several_examples_a_row(adapted, corpus, tmp_path):

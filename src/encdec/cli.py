@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_SERVE_BATCH = 4096
+# `encdec classify` options of fine-tuning that a --probe (frozen features) has no use for
+PROBE_IGNORES = ("lr", "head_lr", "weight_decay", "epochs", "steps", "warmup", "freeze_embeddings", "group_by_length")
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -340,6 +342,10 @@ def cmd_classify(args: argparse.Namespace) -> None:
         raise EncdecError("--grid and --grid-* set the grid of --search; pass --search too")
     if args.probe_c is not None and not args.probe:
         raise EncdecError("--probe-c sets the C values of --probe; pass --probe too")
+    tuning = [f"--{dest.replace('_', '-')}" for dest in PROBE_IGNORES
+              if getattr(args, dest) != args.training_defaults[dest]]
+    if args.probe and tuning:  # a probe fits a logistic regression on frozen features: they would change nothing
+        raise EncdecError(f"{', '.join(tuning)}: options of fine-tuning, which --probe does not do; drop them")
     grid = read_grid(args.grid, grid_flags) if args.search else None
     results = classify(args.model, args.task, args.out, hyper=hyper, pooling=args.pooling, folds=args.folds,
                        limit=args.limit, eval_limit=args.eval_limit, overwrite=args.overwrite, grid=grid,

@@ -48,7 +48,11 @@ def idle_settings(cfg: TrainConfig) -> list[str]:
                                   "distillation, which this run does not do (--distill)", cfg.distill),
                                  (("mixture",), "--objective ul2", cfg.objective == "ul2"),
                                  (("random_split",), "--objective prefixlm", cfg.objective == "prefixlm"),
-                                 (("trim_negatives",), "--trim-vocab", cfg.trim_vocab > 0)):
+                                 (("trim_negatives",), "--trim-vocab", cfg.trim_vocab > 0),
+                                 (("window", "text_field"), "pretraining (--objective prefixlm or ul2)",
+                                  cfg.objective != "instruct"),
+                                 (("per_task",), "instruction tuning without --data (Natural-Instructions)",
+                                  cfg.objective == "instruct" and not cfg.data)):
         given = [f"--{name.replace('_', '-')}" for name in names if getattr(cfg, name) != defaults[name]]
         if given and not used:
             notes.append(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to {applies}: ignored")
