@@ -219,6 +219,8 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ("So the answer is 08.", "8"),  # never equal to a gold of 8 before
     ("The answer is 0.5", "0.5"),
     ("To answer 3 questions she needs 12 minutes", "12"),  # "answer" alone states nothing
+    ("**Answer:** 16 - 3 - 4 = 9 eggs are sold, and 9 * 2 = 18 dollars.", "18"),  # a calculation's first term: no
+    ("Answer: 3 + 4 = 7", "7"),
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,5 +86,14 @@ def test_perplexity_scores_every_token_of_a_text_longer_than_max_len_once(source
     assert windows[-1] == n and scored[-1] == n - 1
     with torch.no_grad():
         ids = torch.tensor([tokenizer(text).input_ids])
-        expected = torch.exp(F.cross_entropy(source(input_ids=ids).logits[0, :-1], ids[0, 1:])).item()
+        expected = torch.exp(cross_entropy(source(input_ids=ids).logits[0, :-1], ids[0, 1:])).item()
+        # token by token: each token t scored once, in the window that ends first past it, read after the BOS and
+        # the window's other tokens before t
+        tokens, ends, nll = ids[0].tolist(), sorted({8, *range(12, n, 4), n}), 0.0
+        for end, done in zip(ends, [1, *ends[:-1]]):
+            begin = max(0, end - 8)
+            window = tokens[:1] + tokens[begin + 1: end] if begin else tokens[:end]
+            logits = source(input_ids=torch.tensor([window])).logits[0]
+            nll += sum(cross_entropy(logits[t - begin - 1], torch.tensor(tokens[t])).item() for t in range(done, end))
     assert abs(whole - expected) < 1e-4 * expected and windowed != whole
+    assert windowed == pytest.approx(math.exp(nll / (n - 1)), rel=1e-4)

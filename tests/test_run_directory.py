@@ -341,6 +341,16 @@ def test_a_run_resumed_with_another_save_every_keeps_the_earlier_intervals_check
         "step-000004", "step-000006", "step-000009"]
 
 
+def test_the_schedule_is_each_checkpoints_interval_and_the_current_one(tmp_path):
+    """A checkpoint written as the run stopped (step 8, every 3) that the resumed run's --save-every 4 schedules is
+    kept: it is the one the run resumed from."""
+    for step, every in ((3, 3), (6, 3), (8, 3), (12, 4), (14, 4)):
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step:06d}" / "trainer.json").write_text(
+            json.dumps({"format": "encdec-train-state", "version": 1, "state": {"config": {"save_every": every}}}))
+    assert [checkpointing.step_of(p) for p in checkpointing.scheduled(tmp_path, 4, 16)] == [3, 6, 8, 12]
+
+
 def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))

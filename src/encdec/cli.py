@@ -557,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/evaluate/results"), metavar="FILE",
                    help="writes FILE.md (the table) and FILE.json (per-example results, prompt formats, versions)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
-    p.add_argument("--max-len", type=int, default=2048, help="longest context in tokens (longer ones keep their end)")
+    p.add_argument("--max-len", type=int, default=2048, help="longest context in tokens (longer ones keep their "
+                   "BOS and their end; a passage's perplexity is read in windows of this many)")
     p.add_argument("--seed", type=_seed, default=1234, help="seed of the --limit sample and of the few-shot choice")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
     p.set_defaults(func=cmd_evaluate)

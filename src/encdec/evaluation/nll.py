@@ -91,17 +91,20 @@ def decoder_only_suffix_nll(model, data: PrefixSuffix, batch_size: int = 4) -> f
 def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2048) -> float:
     """exp(mean NLL) of every token of each text after the first, read causally by a transformers LM. A text longer
     than `max_len` tokens is read in windows of `max_len`, each scoring the tokens the one before did not (with at
-    least half a window before them): every token is scored once (the rest of a text was dropped)."""
+    least half a window before them), each beginning with the text's BOS where it has one (Gemma reads text
+    without one badly): every token is scored once (the rest of a text was dropped)."""
     total, count = 0.0, 0
     stride = max(1, max_len // 2)
     with torch.no_grad():
         for text in tqdm(texts, desc="decoder-only perplexity", unit="text", leave=False):
             ids = torch.tensor(tokenizer(text).input_ids, device=model.device)
+            bos = ids[:1] if len(ids) and ids[0].item() == tokenizer.bos_token_id else ids[:0]
             done = 1  # tokens scored, or (the first) context only
             while done < len(ids):
                 end = min(len(ids), max(max_len, done + stride))
                 begin = max(0, end - max_len)
-                window = ids[begin:end]
+                # window[j] is ids[begin + j], but its first token the BOS
+                window = torch.cat([bos, ids[begin + len(bos): end]]) if begin else ids[:end]
                 first = done - begin - 1  # the window's first prediction of a token not scored yet
                 logits = model(input_ids=window[None]).logits[0, first:-1]
                 total += F.cross_entropy(logits.float(), window[first + 1:], reduction="sum").item()

@@ -159,31 +159,21 @@ def _encdec_states(model: EncoderDecoder, requests: list[Request],
     return hidden[predicts], targets
 
 
-class _PickedHead(torch.nn.Module):
-    """A causal LM's output layer over chosen positions only, [1, positions, vocab]: run inside the model's own
-    forward, so that what the model does to its logits after the head applies (Gemma's soft-cap, Granite's and
-    Cohere's scales: they were skipped), with the vocabulary computed for the continuations alone."""
-
-    def __init__(self, head: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> None:
-        super().__init__()
-        self.head, self.rows, self.positions = head, rows, positions
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden[self.rows, self.positions])[None]
-
-
 def _causal_logits(model: torch.nn.Module, requests: list[Request], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logits [tokens, vocab] that predict each request's continuation tokens (the targets [tokens])."""
+    """The logits [tokens, vocab] that predict each request's continuation tokens (the targets [tokens]), as the
+    model's own forward gives them, with its output layer fed those positions alone [1, tokens, d] (a hook on it):
+    what the model does to its logits after the layer applies (Gemma's soft-cap, Granite's and Cohere's scales,
+    which were skipped), and the vocabulary is computed for the continuations only."""
     ids, mask = (t.to(model.device) for t in pad_rows([ctx + cont for ctx, cont in requests], pad_id))
     rows = torch.tensor([i for i, (_, cont) in enumerate(requests) for _ in cont], device=model.device)
     positions = torch.tensor([p for ctx, cont in requests for p in range(len(ctx) - 1, len(ctx) + len(cont) - 1)],
                              device=model.device)
-    head = model.get_output_embeddings()
-    model.set_output_embeddings(_PickedHead(head, rows, positions))
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _, args: (args[0][rows, positions][None], *args[1:]))
     try:
         logits = model(input_ids=ids, attention_mask=mask).logits[0]
     finally:
-        model.set_output_embeddings(head)
+        hook.remove()
     targets = torch.tensor([t for _, cont in requests for t in cont], dtype=torch.long, device=model.device)
     return logits, targets
 

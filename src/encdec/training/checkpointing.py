@@ -56,8 +56,8 @@ def scheduled(out: Path, save_every: int, steps: int) -> list[Path]:
     run was stopped is not one of them, so that a stopped and resumed run keeps and averages what an uninterrupted
     one does; nor is one past `steps`, left by an earlier, longer attempt that resuming skipped as damaged. A run
     resumed with another --save-every keeps the earlier interval's (they were deleted, unsaid)."""
-    return [p for p in checkpoints(out)
-            if step_of(p) <= steps and (step_of(p) % _written_every(p, save_every) == 0 or step_of(p) == steps)]
+    return [p for p in checkpoints(out) if step_of(p) <= steps and (
+        step_of(p) % save_every == 0 or step_of(p) % _written_every(p, save_every) == 0 or step_of(p) == steps)]
 
 
 def _written_every(checkpoint: Path, save_every: int) -> int:

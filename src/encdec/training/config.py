@@ -127,7 +127,8 @@ class TrainConfig:
             raise EncdecError(f"--seed must be at most {SEED_MAX}, got {self.seed}")
         if not self.out.strip():
             raise EncdecError("--out must name a directory, got an empty string")
-        for name in ("data", "eval_data"):  # "" is the working directory to Path
+        checked = ("data", "eval_data") if self.objective != "instruct" else ("data",)  # --eval-data: refused below
+        for name in checked:  # "" is the working directory to Path
             if "" in [spec.strip() for spec in getattr(self, name)]:
                 raise EncdecError(f"--{_flag(name)} {getattr(self, name)!r}: an empty path; pass files, directories"
                                   + (" or hf:NAME" if self.objective != "instruct" else " (.jsonl records)"))
