@@ -188,7 +188,7 @@ def test_files_that_are_not_utf8_are_one_line(tmp_path):
 
     grid = tmp_path / "grid.yaml"
     grid.write_bytes(b"lr: [1e-5]\n# \xff\n")
-    with pytest.raises(EncdecError, match=r"cannot read --grid .*grid.yaml \(not UTF-8: byte 13\)"):
+    with pytest.raises(EncdecError, match=r"grid.yaml: cannot read the --grid file \(not UTF-8: byte 13\)"):
         read_grid(grid, {})
     texts = tmp_path / "texts.jsonl"
     texts.write_bytes(b'{"text": "w1 \xff"}\n')
