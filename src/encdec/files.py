@@ -196,7 +196,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     """safetensors' save_file, the file getting the mode a plain open() gives it: safetensors creates 0600 files, so
     another account (a server's, a shared cache's next user) could not read a model this one wrote."""
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~umask())
+    plain_mode(path)
 
 
 def write_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
@@ -390,6 +390,11 @@ def _umask_at_import() -> int:
 UMASK_AT_IMPORT = _umask_at_import()  # set and restored while importing, before this module starts threads
 
 
+def plain_mode(path: str | Path) -> None:
+    """Give the file at `path` the mode a plain open() would have: readable by whom the umask allows."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def umask() -> int:
     """This process's file mode creation mask: read from /proc (not changed: changing it would race other
     threads); where there is no /proc (macOS, BSD), the mask the process had when encdec was imported."""
@@ -468,7 +473,7 @@ def write_cache(path: Path, write: Callable[[Path], None], what: str, otherwise:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        os.chmod(tmp, 0o666 & ~umask())  # a plain open()'s mode whatever the writer made (safetensors: 0600)
+        plain_mode(tmp)  # whatever mode the writer made (safetensors: 0600)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -494,7 +499,7 @@ def atomic_write_files(texts: dict[Path, str]) -> None:
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
-                os.chmod(name, 0o666 & ~umask())  # mkstemp's 0600, as a plain open() would not make it
+                plain_mode(name)  # not mkstemp's 0600
         for name, path in temporaries:
             with written(path):
                 os.replace(name, path)
