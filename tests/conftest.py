@@ -63,6 +63,10 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "gemma2": make_source(root / "gemma2", "gemma2"),
         "gemma2-small": make_source(root / "gemma2-small", "gemma2", seed=1, layers=2, hidden=24, heads=2, kv_heads=1),
         "gemma3-small": make_source(root / "gemma3-small", "gemma3", seed=1, layers=2, hidden=24, heads=2, kv_heads=1),
+        # a local layer and a global one, each cache kind, in half the layers: dynamo's capture of a compiled
+        # step takes 13-18 s a program for gemma3's four here
+        "gemma3-two-layers": make_source(root / "gemma3-two-layers", "gemma3", seed=12, layers=2,
+                                         layer_types=["sliding_attention", "full_attention"]),
         **{family: make_source(root / family, family) for family in FAMILY_OPTIONS},
         "qwen2-small": make_source(root / "qwen2-small", "qwen2", seed=1, layers=2, hidden=24, heads=2, kv_heads=1),
     }

@@ -1279,7 +1279,7 @@ def test_an_int8_server_says_that_batching_moves_its_tokens(checkpoint, monkeypa
     assert len(started) == 2 and "int8" not in capsys.readouterr().err
 
 
-def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkeypatch):
+def test_a_compiled_step_is_built_before_the_server_takes_requests(sources, monkeypatch):
     """`encdec serve --compile`: the scheduler runs one row's and two rows' steps (first positions and later ones)
     through the compiled step as it starts, in its own thread with its own thread count (dynamo compiles again for
     another: warmed up in the main thread, with one, the first requests waited for a compilation), and leaves the
@@ -1288,7 +1288,8 @@ def test_a_compiled_step_is_built_before_the_server_takes_requests(local, monkey
     from encdec.serve.app import Service, Settings
     from encdec.serve.protocol import Limits
 
-    model, tokenizer = local
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3-two-layers"])))
+    tokenizer = load_tokenizer(sources["gemma3-two-layers"])
     calls, real = [], torch.compile
 
     def compile_(fn, **options):  # dynamo's capture, without inductor's code generation (a minute on CPU)
