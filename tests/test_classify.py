@@ -318,6 +318,19 @@ def test_inputs_begin_as_the_tokenizer_begins_a_text(models: dict[str, Path], tm
     assert old != new
 
 
+def test_an_empty_input_or_input_file_is_one_line_naming_it(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """Without a BOS before each text, an empty text has no token to classify: the input is named; a file of
+    blank lines names the file, not the options the user did pass."""
+    tokenizer = load_tokenizer(models["gemma3"])
+    with pytest.raises(EncdecError, match=r"^input #2 is empty and the tokenizer puts no BOS token"):
+        encode(tokenizer, ["w1 w2", "", "w3"], 8, None)
+    _saved_classifier(models, tmp_path / "clf")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    assert main(["classify", "--predict", str(tmp_path / "clf"), "--input", str(tmp_path / "blank.jsonl")]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"{tmp_path / 'blank.jsonl'} holds no records; expected one JSON object per line" in line
+
+
 def _saved_classifier(models: dict[str, Path], out: Path) -> Classifier:
     backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
     classifier = Classifier(backbone, 3, "last")
@@ -341,6 +354,25 @@ def test_a_damaged_classifier_description_is_refused_naming_the_field(models: di
     assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1 w2"]) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
     assert f"{file}: {field} must be {accepted}, got {json.dumps(value)}" in line
+
+@pytest.mark.parametrize("damage,said", [
+    (lambda meta: meta.pop("backbone"), "lacks 'backbone'"),
+    (lambda meta: meta["backbone"].pop("stack"), "not a backbone description ('stack')"),
+    (lambda meta: meta["backbone"].update(kind="recurrent"), "unknown backbone kind 'recurrent'"),
+    (lambda meta: meta.update(format_version=3), "has format_version 3; this encdec reads 1 to 2"),
+], ids=["no-backbone", "no-stack", "unknown-kind", "newer-format"])
+def test_a_damaged_or_newer_classifier_description_is_one_line_naming_the_file(models: dict[str, Path],
+                                                                               tmp_path: Path, capsys, damage,
+                                                                               said) -> None:
+    _saved_classifier(models, tmp_path / "clf")
+    file = tmp_path / "clf" / "classifier.json"
+    meta = json.loads(file.read_text())
+    damage(meta)
+    file.write_text(json.dumps(meta))
+    assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1 w2"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"{file}" in line and said in line, line
+
 
 def test_save_load_predict_is_identical_and_works_from_the_cli(models: dict[str, Path], tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -718,6 +750,7 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
     (tmp_path / "unknown.yaml").write_text("lr: [1e-5]\nmomentum: [0.9]\n")
     (tmp_path / "empty.yaml").write_text("lr: []\n")
     (tmp_path / "text.yaml").write_text("epochs: [two]\n")
+    (tmp_path / "both.yaml").write_text("epochs: [2, 4]\nsteps: [100]\n")  # each epochs value trained alike
     (tmp_path / "twice.yaml").write_text("lr: [1.0e-5]\nlr: [1.0e-4]\n")  # the last was kept, unsaid
     (tmp_path / "deep.yaml").write_text("lr: " + "[" * 2000 + "]" * 2000 + "\n")  # a RecursionError's traceback
     cases = {
@@ -728,6 +761,8 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
         "lr has no values": ["--search", "--grid", str(tmp_path / "empty.yaml")],
         "epochs value 'two' is not an integer": ["--search", "--grid", str(tmp_path / "text.yaml")],
         "cannot read the --grid file (No such file": ["--search", "--grid", str(tmp_path / "absent.yaml")],
+        "both steps and epochs are given, and steps override epochs": ["--search", "--grid",
+                                                                        str(tmp_path / "both.yaml")],
         "'lr' is given twice": ["--search", "--grid", str(tmp_path / "twice.yaml")],
         "cannot read the --grid file (nested too deeply)": ["--search", "--grid", str(tmp_path / "deep.yaml")],
         "pass --search too": ["--grid-lr", "1e-5"],
@@ -738,6 +773,7 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
         "--dev-share": ["--probe", "--dev-share", "1.5"],
         "--inner-folds": ["--search", "--inner-folds", "1"],
         "leave --steps out": ["--search", "--steps", "3"],
+        "--limit 0 leaves no example; pass a positive number": ["--limit", "0"],
         "--lr and --head-lr must be positive": ["--search", "--grid-lr", "-1"],
         "leaves no dev or no fit example": ["--probe", "--limit", "2", "--dev-share", "0.1"],
     }

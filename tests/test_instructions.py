@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -277,6 +279,24 @@ def test_a_download_that_fails_is_one_line_naming_the_way_around_it(bigbench: Pa
         ni.natural_instructions()
     assert "\n" not in str(caught.value)
     assert list((bigbench.parent / "cache" / "bigbench").iterdir()) == []
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(bigbench: Path, monkeypatch) -> None:
+    """No tarball yet and a cache directory that cannot be made (here under a file): one line naming it."""
+    (bigbench.parent / "file").write_text("")
+    monkeypatch.setenv("ENCDEC_CACHE", str(bigbench.parent / "file" / "cache"))
+    monkeypatch.setattr(ni, "URL", bigbench.as_uri())
+    with pytest.raises(EncdecError, match=r"^cannot write .*/file/cache/bigbench: Not a directory$"):
+        ni.natural_instructions()
+
+
+def test_a_tarball_under_a_name_of_any_bytes_is_converted_and_cached(bigbench: Path) -> None:
+    """The conversion's cache key holds the tarball's path: one not valid UTF-8 (a Latin-1 directory) too."""
+    other = bigbench.parent / os.fsdecode(b"caf\xe9") / ni.TARBALL
+    other.parent.mkdir()
+    shutil.copy(bigbench, other)
+    assert len(ni.natural_instructions(tarball=other)) == 6
+    assert len(ni.natural_instructions(tarball=other)) == 6  # from the cache
 
 
 def test_an_oversized_task_member_is_refused_before_it_is_read(bigbench: Path, monkeypatch) -> None:

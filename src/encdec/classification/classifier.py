@@ -104,18 +104,22 @@ def load_classifier(path: Path | str, dtype: torch.dtype = torch.float32) -> tup
     meta = read_json(file)
     if meta.get("format") != FORMAT:
         raise EncdecError(f"{file} is not a classifier description (format {meta.get('format')!r}, expected {FORMAT!r})")
+    if meta.get("format_version") not in (1, FORMAT_VERSION):
+        raise EncdecError(f"{file} has format_version {meta.get('format_version')!r}; this encdec reads 1 to "
+                          f"{FORMAT_VERSION} (a newer encdec wrote it?)")
     if meta.get("format_version") == 1:  # trained with the tokenizer's named BOS first, whatever the tokenizer does
         from encdec.sources import load_tokenizer
 
         meta["first_token"] = load_tokenizer(path).bos_token_id
     try:
         info = ClassifierInfo(**{k: meta[k] for k in ClassifierInfo.__dataclass_fields__})
+        spec = BackboneSpec.from_dict(meta["backbone"])
     except KeyError as e:
         raise EncdecError(f"{file} lacks {e}") from None
     except EncdecError as e:
         raise EncdecError(f"{file}: {e}") from None
     with torch.device("meta"):
-        classifier = Classifier(Backbone(BackboneSpec.from_dict(meta["backbone"])), len(info.labels), info.pooling)
+        classifier = Classifier(Backbone(spec), len(info.labels), info.pooling)
     try:
         classifier.load_state_dict(read_weights(path, dtype), strict=True, assign=True)
     except RuntimeError as e:

@@ -26,10 +26,11 @@ def kfold(labels: Sequence[int], k: int, seed: int) -> list[tuple[list[int], lis
     return [(sorted(j for p in parts[:i] + parts[i + 1:] for j in p), sorted(parts[i])) for i in range(k)]
 
 
-def subset(n: int, limit: int | None, seed: int) -> list[int]:
-    """At most `limit` of n indices, chosen with a seed (all of them, in order, without a limit)."""
+def subset(n: int, limit: int | None, seed: int, flag: str) -> list[int]:
+    """At most `limit` (the value of the option `flag`) of n indices, chosen with a seed (all of them, in order,
+    without a limit)."""
+    if limit is not None and limit < 1:
+        raise EncdecError(f"{flag} {limit} leaves no example; pass a positive number")
     if limit is None or limit >= n:
         return list(range(n))
-    if limit < 1:
-        raise EncdecError(f"a limit of {limit} leaves no example; pass a positive number")
     return sorted(random.Random(seed).sample(range(n), limit))

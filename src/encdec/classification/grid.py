@@ -55,6 +55,8 @@ def read_grid(path: Path | None, overrides: dict[str, str | None]) -> dict[str, 
         if not values:
             raise EncdecError(f"{where}: {name} has no values; give at least one")
         checked[name] = [_value(name, v, where) for v in values]
+    if "steps" in checked and "epochs" in checked:  # each epochs value would train the same candidate again
+        raise EncdecError(f"{where}: both steps and epochs are given, and steps override epochs; give one of them")
     return checked
 
 

@@ -26,6 +26,8 @@ def read_inputs(path: Path, field: str = "text") -> list[str]:
             raise EncdecError(f"{path}, line {number}: {field!r} holds a \\uD800-\\uDFFF escape that is not half "
                               "of a pair: not a character, so no tokenizer can read it")
         texts.append(record[field])
+    if not texts:
+        raise EncdecError(f"{path} holds no records; expected one JSON object per line with a string field {field!r}")
     return texts
 
 

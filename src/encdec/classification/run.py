@@ -61,14 +61,15 @@ class Plan:
 def plan(data: TaskData, *, folds: int, limit: int | None, eval_limit: int | None, seed: int) -> Plan:
     """The examples and splits of one run; checks --folds, --limit, --eval-limit against the data."""
     if data.train is not None:
-        tr, ev = subset(len(data.train), limit, seed), subset(len(data.evaluation), eval_limit, seed)
+        tr, ev = subset(len(data.train), limit, seed, "--limit"), subset(len(data.evaluation), eval_limit, seed,
+                                                                    "--eval-limit")
         protocol = (f"trained on {len(tr)} of the {len(data.train)} training examples, evaluated on "
                     f"{len(ev)} of the {len(data.evaluation)} validation examples")
         return Plan(protocol, None, [data.train[i] for i in tr], tr, [data.evaluation[i] for i in ev], ev,
                     [(list(range(len(tr))), list(range(len(ev))))])
     if eval_limit is not None:
         raise EncdecError(f"--eval-limit applies to BoolQ only; {data.name} is cross-validated: use --limit")
-    ids = subset(len(data.evaluation), limit, seed)
+    ids = subset(len(data.evaluation), limit, seed, "--limit")
     chosen = [data.evaluation[i] for i in ids]
     splits = kfold([e.label for e in chosen], folds, seed)
     of = f"{len(ids)} of the {len(data.evaluation)}" if len(ids) < len(data.evaluation) else f"the {len(ids)}"

@@ -87,8 +87,10 @@ def encode(tokenizer, texts: list[str], max_len: int, first: int | None) -> list
     keep = max_len - len(bos)
     rows = [bos + ids[len(ids) - keep:] if len(ids) > keep else bos + ids
             for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    if any(not row for row in rows):
-        raise EncdecError("an input is empty and the tokenizer puts no BOS token before a text to stand for it")
+    empty = next((n for n, row in enumerate(rows, 1) if not row), None)
+    if empty is not None:
+        raise EncdecError(f"input #{empty} is empty and the tokenizer puts no BOS token before a text to stand for "
+                          "it; give it some text")
     return rows
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from encdec.data.instructions import Pair
 from encdec.errors import EncdecError
-from encdec.files import file_identity, write_cache
+from encdec.files import file_identity, write_cache, written
 from encdec.sources import cache_root
 
 log = logging.getLogger("encdec")
@@ -72,10 +72,11 @@ def bigbench_tarball() -> Path:
     directory = cache_root() / "bigbench"
     path = directory / TARBALL
     if not path.exists():
-        directory.mkdir(parents=True, exist_ok=True)
+        with written(directory):
+            directory.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s from PyPI (about 358 MB, once) for its Natural-Instructions tasks, into %s",
                  REQUIREMENT, directory)
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
+        with written(directory), tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
             part = Path(tmp) / TARBALL
             try:
                 with urllib.request.urlopen(URL, timeout=60, context=_tls()) as reply, part.open("wb") as f:
@@ -163,7 +164,7 @@ def _pair(record: dict) -> Pair:
 def _cached(tarball: Path, check: Callable[[Path], None] | None = None) -> list[Pair]:
     """The converted pairs, from the cache when this tarball (`file_identity`) was converted before; `check`
     vets the tarball before a conversion."""
-    key = hashlib.sha256(f"{file_identity(tarball)}:{FORMAT}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{file_identity(tarball)}:{FORMAT}".encode(errors="surrogateescape")).hexdigest()[:16]
     cache = cache_root() / "bigbench" / f"natural_instructions-{key}.jsonl"
     if cache.exists():
         try:
