@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import write_corpus
 
 from encdec.cli import main
 
@@ -669,6 +670,33 @@ def test_resuming_with_another_model_is_one_line(capsys, tmp_path, sources, adap
                  *common[4:]]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert "was saved by a run of another model" in line and "--overwrite" in line
+
+
+def test_resuming_with_another_trimmed_vocabulary_is_one_line_naming_it(capsys, tmp_path, adapted):
+    """The vocabulary is checked before the checkpoint is applied: its embedding rows no longer fitted, and the
+    line said the run was of another model."""
+    corpus = write_corpus(tmp_path / "corpus.txt")  # more tokens than either vocabulary keeps
+    common = ["--model", str(adapted), "--out", str(tmp_path / "run"), "--data", str(corpus), "--save-every", "1",
+              "--eval-every", "0", "--enc-len", "16", "--dec-len", "16", "--batch-size", "2", "--trim-negatives", "4"]
+    assert main(["pretrain", *common, "--steps", "2", "--trim-vocab", "40"]) == 0
+    capsys.readouterr()
+    for other in (["--trim-vocab", "30"], []):
+        assert main(["pretrain", *common, "--steps", "3", "--resume", *other]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert "step-000002 was trained on another vocabulary (different data or --trim-vocab)" in line, line
+
+
+def test_a_failed_load_names_what_did_not_fit():
+    """torch's first line names only the module; the line that says what did not fit is the one kept."""
+    from encdec.errors import load_failure
+
+    with pytest.raises(RuntimeError) as caught:
+        torch.nn.Linear(2, 3).load_state_dict({"weight": torch.zeros(4, 2), "bias": torch.zeros(3), "x": torch.zeros(1)})
+    assert load_failure(caught.value).startswith("size mismatch for weight: copying a param with shape torch.Size([4, 2])")
+    with pytest.raises(RuntimeError) as caught:
+        torch.nn.Linear(2, 3).load_state_dict({"weight": torch.zeros(3, 2)})
+    assert load_failure(caught.value) == 'Missing key(s) in state_dict: "bias".'
+    assert load_failure(KeyError("no weight for 'x'")) == "\"no weight for 'x'\""
 
 
 @pytest.mark.parametrize("argv, message", [

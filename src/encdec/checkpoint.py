@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from encdec.config import EncDecConfig
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, load_failure
 from encdec.files import atomic_dir, read_json, read_weights, reading_config, write_native, write_weights
 from encdec.formats import remote_code
 from encdec.formats.decoder_only import with_generation_eos
@@ -162,7 +162,7 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32,
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as e:
-        raise EncdecError(f"{path}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+        raise EncdecError(f"{path}: weights do not match config.json ({load_failure(e)})") from None
     for note in notes:
         log.info("%s: %s", path, note)
     return Loaded(model.eval(), fmt, notes)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from encdec.classification.backbone import Backbone, BackboneSpec
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, load_failure
 from encdec.files import atomic_dir, read_json, read_weights, write_weights
 
 POOLINGS = ("last", "mean")
@@ -123,5 +123,5 @@ def load_classifier(path: Path | str, dtype: torch.dtype = torch.float32) -> tup
     try:
         classifier.load_state_dict(read_weights(path, dtype), strict=True, assign=True)
     except RuntimeError as e:
-        raise EncdecError(f"{path}: weights do not match {INFO_FILE} ({str(e).splitlines()[0]})") from None
+        raise EncdecError(f"{path}: weights do not match {INFO_FILE} ({load_failure(e)})") from None
     return classifier.eval(), info

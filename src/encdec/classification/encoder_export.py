@@ -23,7 +23,7 @@ import torch
 from encdec.checkpoint import NATIVE_ENCODER as NATIVE
 from encdec.classification.backbone import Backbone, BackboneSpec
 from encdec.config import EncDecConfig
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, load_failure
 from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
 from encdec.formats.decoder_only import special_tokens
 from encdec.formats.gemma import stack_from_hf, with_defaults
@@ -162,5 +162,5 @@ def read_encoder(path: Path | str, dtype: torch.dtype = torch.float32) -> Backbo
     try:
         backbone.load_state_dict({n: stored[ext] for n, ext in names.items()}, strict=True, assign=True)
     except RuntimeError as e:
-        raise EncdecError(f"{path}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+        raise EncdecError(f"{path}: weights do not match config.json ({load_failure(e)})") from None
     return backbone.eval()

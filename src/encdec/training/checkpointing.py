@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, load_failure
 from encdec.files import atomic_dir, parse_json, read_weights, write_weights
 from encdec.training import distributed
 from encdec.training.distributed import Dist
@@ -179,7 +179,7 @@ def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) ->
         set_optimizer_state_dict(wrapped, optimizer, saved.optimizer,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
     except (RuntimeError, KeyError, ValueError) as e:  # shapes or parameters that are not this model's
-        raise EncdecError(f"{saved.path} was saved by a run of another model ({str(e).strip().splitlines()[0][:200]}); "
+        raise EncdecError(f"{saved.path} was saved by a run of another model ({load_failure(e)}); "
                           "resume with the --model that run started from, or start afresh with --overwrite") from None
     for name, p in params.items():
         if name not in with_state:

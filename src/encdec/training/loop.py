@@ -138,25 +138,29 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     last_checkpoint: Path | None = resume_from.path if resume_from else None
     state: dict = {}
     if resume_from is not None:
+        # what changed is said before the checkpoint is applied: a changed vocabulary or data make it fail there
+        saved = resume_from.trainer
+        kept = saved.get("kept_tokens")
+        if (keep is None) != (kept is None) or (keep is not None and not np.array_equal(keep, kept)):
+            raise EncdecError(f"{last_checkpoint} was trained on another vocabulary (different data or --trim-vocab); "
+                              "resume with the run's, or start afresh with --overwrite")
+        if d.main:  # (a checkpoint that does not say how many processes wrote it: taken as this run's number)
+            changed = rundir.changed_settings(saved.get("config", {}), cfg, (saved.get("processes", d.world), d.world))
+            if changed:
+                log.warning("resuming with settings other than the run's (its next steps differ from those of an "
+                            "uninterrupted run): %s", "; ".join(changed))
         settings = group_settings(optimizer)
         state = checkpointing.apply(resume_from, wrapped, optimizer)
-        del resume_from  # its tensors are in the model and the optimizer now
+        del resume_from, saved  # its tensors are in the model and the optimizer now
         scheduler.load_state_dict(state["scheduler"])
         restore_group_settings(optimizer, scheduler, settings)
         try:
             stream.load_state_dict(state["stream"])
         except EncdecError as e:
             raise EncdecError(f"{last_checkpoint}: {e}") from None
-        if (keep is None) != (state.get("kept_tokens") is None) or (keep is not None and not np.array_equal(keep, state["kept_tokens"])):
-            raise EncdecError(f"{last_checkpoint} was trained on another vocabulary (different data or --trim-vocab)")
         start = state["step"]
         if d.main:
             log.info("resuming from %s (step %d)", last_checkpoint, start)
-            # (a checkpoint that does not say how many processes wrote it: taken as this run's number)
-            changed = rundir.changed_settings(state.get("config", {}), cfg, (state.get("processes", d.world), d.world))
-            if changed:
-                log.warning("resuming with settings other than the run's (its next steps differ from those of an "
-                            "uninterrupted run): %s", "; ".join(changed))
     with distributed.stopping_together(d):  # only the first process writes OUT's files
         rundir.begin(cfg, start, d, state.get("record"))
         metrics = Metrics(out, total=cfg.steps, start=start, tensorboard=cfg.tensorboard, enabled=d.main,
