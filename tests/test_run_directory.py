@@ -351,6 +351,17 @@ def test_the_schedule_is_each_checkpoints_interval_and_the_current_one(tmp_path)
     assert [checkpointing.step_of(p) for p in checkpointing.scheduled(tmp_path, 4, 16)] == [3, 6, 8, 12]
 
 
+def test_an_extended_run_keeps_the_last_checkpoint_of_the_run_it_extends(tmp_path):
+    """A run of 5 steps saving every 3, resumed for 8: its step 5 (its last, the final model it wrote) stays on
+    the schedule, so --keep-last 2 kept steps 3 and 6 over it at the next save; a checkpoint written as a run
+    stopped (step 4) is still not on it."""
+    for step in (3, 4, 5):
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step:06d}" / "trainer.json").write_text(json.dumps(
+            {"format": "encdec-train-state", "version": 1, "state": {"config": {"save_every": 3, "steps": 5}}}))
+    assert [checkpointing.step_of(p) for p in checkpointing.scheduled(tmp_path, 3, 8)] == [3, 5]
+
+
 def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, tmp_path, capsys):
     out = tmp_path / "run"
     loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))

@@ -55,19 +55,27 @@ def scheduled(out: Path, save_every: int, steps: int) -> list[Path]:
     step), oldest first: those that --keep-last keeps and --average-last averages. A checkpoint written because the
     run was stopped is not one of them, so that a stopped and resumed run keeps and averages what an uninterrupted
     one does; nor is one past `steps`, left by an earlier, longer attempt that resuming skipped as damaged. A run
-    resumed with another --save-every keeps the earlier interval's (they were deleted, unsaid)."""
-    return [p for p in checkpoints(out) if step_of(p) <= steps and (
-        step_of(p) % save_every == 0 or step_of(p) % _written_every(p, save_every) == 0 or step_of(p) == steps)]
+    resumed with another --save-every keeps the earlier interval's (they were deleted, unsaid), and one extended
+    with more --steps the earlier run's last (its final model)."""
+    kept = []
+    for p in checkpoints(out):
+        step = step_of(p)
+        every, last = _written_schedule(p, save_every, steps)
+        if step <= steps and (step % save_every == 0 or step % every == 0 or step in (steps, last)):
+            kept.append(p)
+    return kept
 
 
-def _written_every(checkpoint: Path, save_every: int) -> int:
-    """The --save-every `checkpoint` was written under (its trainer state's configuration), or `save_every`
-    where it does not say."""
+def _written_schedule(checkpoint: Path, save_every: int, steps: int) -> tuple[int, int]:
+    """The --save-every and --steps `checkpoint` was written under (its trainer state's configuration), each
+    `save_every` or `steps` where it does not say."""
     try:
-        every = parse_json((checkpoint / "trainer.json").read_bytes())["state"]["config"]["save_every"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return save_every
-    return every if isinstance(every, int) and every >= 1 else save_every
+        config = parse_json((checkpoint / "trainer.json").read_bytes())["state"]["config"]
+        every, last = config.get("save_every"), config.get("steps")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return save_every, steps
+    return (every if isinstance(every, int) and every >= 1 else save_every,
+            last if isinstance(last, int) and last >= 1 else steps)
 
 
 def _not_finite(tensors: dict[str, torch.Tensor]) -> str | None:
