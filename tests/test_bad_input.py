@@ -686,6 +686,17 @@ def test_resuming_with_another_trimmed_vocabulary_is_one_line_naming_it(capsys, 
         assert "step-000002 was trained on another vocabulary (different data or --trim-vocab)" in line, line
 
 
+def test_eval_data_shorter_than_a_window_is_named(capsys, tmp_path, adapted):
+    """Said of --eval-data, not of "the data" (the training data, which was long enough)."""
+    (tmp_path / "short.txt").write_text("w1 w2 w3\n")
+    assert main(["pretrain", "--model", str(adapted), "--out", str(tmp_path / "run"), "--data",
+                 str(write_corpus(tmp_path / "corpus.txt")), "--eval-data", str(tmp_path / "short.txt"),
+                 "--enc-len", "16", "--dec-len", "16", "--steps", "1"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "--eval-data has 5 tokens, fewer than one window of 30" in line, line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_failed_load_names_what_did_not_fit():
     """torch's first line names only the module; the line that says what did not fit is the one kept."""
     from encdec.errors import load_failure

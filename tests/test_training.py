@@ -645,6 +645,10 @@ def test_settings_a_run_will_not_use_are_named_when_it_starts():
     assert idle_settings(TrainConfig(model="m", out="o", per_task=5)) == [
         "--per-task applies to instruction tuning without --data (Natural-Instructions): ignored"]
     assert idle_settings(TrainConfig(model="m", out="o", objective="instruct", per_task=5)) == []
+    assert idle_settings(TrainConfig(model="m", out="o", steps=100, save_every=100, average_last=5)) == [
+        "--average-last 5: the run saves 1 scheduled checkpoint(s) (--steps 100, --save-every 100); the final model "
+        "averages 1"]
+    assert idle_settings(TrainConfig(model="m", out="o", steps=101, save_every=20, average_last=6)) == []
 
 
 def test_shorter_ul2_windows_pack_several_examples_a_row(adapted, corpus, tmp_path):

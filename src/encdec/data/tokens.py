@@ -173,9 +173,10 @@ def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:
         return None
 
 
-def windows(stream: np.ndarray, length: int) -> np.ndarray:
-    """Consecutive non-overlapping windows [N, length] of the stream (the remainder is dropped)."""
+def windows(stream: np.ndarray, length: int, what: str) -> np.ndarray:
+    """Consecutive non-overlapping windows [N, length] of the stream (the remainder is dropped); `what` names the
+    stream's data for the user."""
     count = len(stream) // length
     if count == 0:
-        raise EncdecError(f"the data has {len(stream)} tokens, fewer than one window of {length}")
+        raise EncdecError(f"{what} has {len(stream)} tokens, fewer than one window of {length}")
     return stream[: count * length].reshape(count, length)

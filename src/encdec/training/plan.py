@@ -122,7 +122,7 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
     if cfg.objective == "ul2" and d.main:
         for line in too_few_sentinels(cfg.mixture, length, len(special_token_ids(vocab)[1])):
             log.warning("%s", line)
-    data = windows(stream_ids, length)
+    data = windows(stream_ids, length, "the training data")
     make = example_maker(cfg.objective, eos_id=eos, vocab=vocab, enc_len=cfg.enc_len, dec_len=cfg.dec_len,
                          bos_id=bos, mixture=cfg.mixture,
                          random_split=cfg.random_split)
@@ -134,7 +134,7 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
     if cfg.eval_data:  # another held-out set (e.g. another domain): its first windows
         extra_ids = token_stream(tokenizer, cfg.eval_data, text_field=cfg.text_field)
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
-        extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length)[: cfg.eval_windows]]
+        extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length, "--eval-data")[: cfg.eval_windows]]
     return Plan(model, stream, held_out, vocab_size, eos, trimmed, source, extra, tokenizer)
 
 

@@ -56,6 +56,10 @@ def idle_settings(cfg: TrainConfig) -> list[str]:
         given = [f"--{name.replace('_', '-')}" for name in names if getattr(cfg, name) != defaults[name]]
         if given and not used:
             notes.append(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to {applies}: ignored")
+    saves = -(-cfg.steps // cfg.save_every)  # every --save-every steps, and the last
+    if cfg.average_last > saves:
+        notes.append(f"--average-last {cfg.average_last}: the run saves {saves} scheduled checkpoint(s) (--steps "
+                     f"{cfg.steps}, --save-every {cfg.save_every}); the final model averages {saves}")
     return notes
 
 
