@@ -85,9 +85,15 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(sources, tmp_pa
     with pytest.raises(EncdecError, match="already exists; pass --overwrite"):
         encdec.save(model, out)
     assert _snapshot(out) == {"precious.txt": b"keep me"}
-    encdec.save(model, out, overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / "config.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary leftovers
+    # overwrite=True replaces an earlier output, not another folder (meant as "save into it"), as --overwrite
+    with pytest.raises(EncdecError, match="holds precious.txt but none of what this command writes there"):
+        encdec.save(model, out, overwrite=True)
+    assert _snapshot(out) == {"precious.txt": b"keep me"}
+    encdec.save(model, out / "model")
+    (out / "model" / "stale.txt").write_text("from before")
+    encdec.save(model, out / "model", overwrite=True)
+    assert not (out / "model" / "stale.txt").exists() and (out / "model" / "config.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["model", "precious.txt"]  # no temporary leftovers
 
 
 def test_failed_write_keeps_the_old_checkpoint(sources, tmp_path, monkeypatch):

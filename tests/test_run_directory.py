@@ -21,7 +21,7 @@ from encdec.checkpoint import read_metadata
 from encdec.cli import main
 from encdec.data.tokens import token_stream
 from encdec.errors import EncdecError
-from encdec.files import HOST, atomic_dir, read_weights
+from encdec.files import HOST, MACHINE, atomic_dir, read_weights
 from encdec.logs import setup
 from encdec.training import checkpointing, loop, rundir, step
 from encdec.training.optim import warmup_then_decay
@@ -409,13 +409,17 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     # another machine's (or container's) write into a shared directory: its pid means nothing here
     elsewhere = tmp_path / f".shared.tmp-other-host-{DEAD_PID}-mnop3456"
     ours_dead = tmp_path / f".mine.tmp-{HOST}-{DEAD_PID}-qrst7890"
-    for directory in (abandoned, aside / "out", alive, elsewhere, ours_dead, *(u / "kept" for u in users)):
+    # a container of this machine's name (host networking) with processes of its own: its pid means nothing here
+    beside = tmp_path / f".box.tmp-{MACHINE}-ns1-{DEAD_PID}-uvwx1234"
+    if os.path.exists("/proc/self/ns/pid"):  # its writes are marked with its namespace, as ours with ours
+        assert HOST == f"{MACHINE}-ns{os.stat('/proc/self/ns/pid').st_ino}"
+    for directory in (abandoned, aside / "out", alive, elsewhere, ours_dead, beside, *(u / "kept" for u in users)):
         directory.mkdir(parents=True)
     (aside / "out" / "model.safetensors").write_text("the previous version")
     with atomic_dir(tmp_path / "next") as tmp:
         (tmp / "file").write_text("x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, "next", "out",
-                                                                 *(u.name for u in users)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, beside.name, "next",
+                                                                 "out", *(u.name for u in users)])
     assert all((u / "kept").is_dir() for u in users)
     assert (out / "model.safetensors").read_text() == "the previous version"
 

@@ -47,7 +47,7 @@ def save_causal(model: CausalLM, source: DecoderOnlySource, out: Path, *, overwr
     config = {**text_model_config(read_json(source.directory / "config.json")), "vocab_size": model.embed.num_embeddings}
     if tokenizer is None and source.has_tokenizer:
         tokenizer = load_tokenizer(source.directory)
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_dir(Path(out), overwrite, replaces=("config.json",)) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_weights(tmp, hf_weights(model, source.family))
         if tokenizer is not None:

@@ -67,7 +67,7 @@ def save(
     layout = exportable(cfg)
     from transformers import GenerationConfig
 
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_dir(Path(out), overwrite, replaces=("config.json",)) as tmp:  # overwrite=True: not another folder
         if layout is None:  # with a modeling file, for transformers' trust_remote_code=True
             write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, **remote_code.config_fields(),
                                "config": cfg.to_dict()}, weights)

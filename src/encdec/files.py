@@ -34,7 +34,19 @@ RUN_FILES = (RUN_LOCK, "checkpoints", "metrics.jsonl")  # what marks a training 
 # atomic_dir's temporaries: .NAME.tmp-HOST-PID-xxxxxxxx (an older form had no HOST), HOST: the machine whose process
 # PID writes it, so that a write on another machine or container sharing the directory is never taken for dead
 _TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(?:([A-Za-z0-9-]+)-)?(\d+)-[a-z0-9_]{8}")
-HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+MACHINE = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _pid_namespace() -> str:
+    """The PID namespace's id, where /proc tells it: containers that share the machine's name (host networking)
+    number their processes apart, and another's live writer had looked dead from here."""
+    try:
+        return f"-ns{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+HOST = MACHINE + _pid_namespace()
 
 
 def _not_json(constant: str) -> None:
@@ -327,13 +339,14 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces `out` only once everything was written.
+def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces `out` only once everything was written (`replaces`: the
+    names one of which an existing `out` must hold to be replaced, check_output_dir).
 
     On any error the temporary directory is removed and an existing `out` is left untouched.
     """
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, replaces=replaces)
     with written(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temporaries(out.parent)

@@ -88,7 +88,7 @@ def save_classifier(classifier: Classifier, info: ClassifierInfo, out: Path, *, 
     from encdec.sources import load_tokenizer
 
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(info), "backbone": classifier.backbone.spec.to_dict()}
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_dir(Path(out), overwrite, replaces=(INFO_FILE,)) as tmp:
         (tmp / INFO_FILE).write_text(json.dumps(meta, indent=2))
         write_weights(tmp, classifier.state_dict())
         load_tokenizer(tokenizer_dir).save_pretrained(str(tmp))

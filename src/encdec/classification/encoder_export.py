@@ -79,7 +79,7 @@ def write_encoder(backbone: Backbone, out: Path, *, tokenizer_dir: Path | None =
     if spec.kind != "encoder":
         raise EncdecError("only the encoder of an encoder-decoder is exported; a decoder-only model is its own checkpoint")
     layout = layout_of(spec)
-    with atomic_dir(Path(out), overwrite) as tmp:
+    with atomic_dir(Path(out), overwrite, replaces=("config.json",)) as tmp:
         if layout is None:
             write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, "backbone": spec.to_dict()}, weights)
         else:
