@@ -686,6 +686,19 @@ def test_resuming_with_another_trimmed_vocabulary_is_one_line_naming_it(capsys, 
         assert "step-000002 was trained on another vocabulary (different data or --trim-vocab)" in line, line
 
 
+@pytest.mark.parametrize("family", ["gemma3", "qwen2"])
+def test_a_layer_type_encdec_does_not_know_is_named(capsys, tmp_path, sources, family):
+    """A later family's kind of layer (chunked attention) was said as a missing field of that name."""
+    source = tmp_path / "source"
+    shutil.copytree(sources[family], source)
+    config = json.loads((source / "config.json").read_text())
+    config["layer_types"][1] = "chunked_attention"
+    (source / "config.json").write_text(json.dumps(config))
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(source))
+    assert f"{source / 'config.json'}: layer_types holds 'chunked_attention'; accepted: sliding_attention, " \
+           "full_attention" in line, line
+
+
 def test_eval_data_shorter_than_a_window_is_named(capsys, tmp_path, adapted):
     """Said of --eval-data, not of "the data" (the training data, which was long enough)."""
     (tmp_path / "short.txt").write_text("w1 w2 w3\n")

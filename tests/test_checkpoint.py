@@ -39,6 +39,21 @@ def test_round_trip_is_bit_exact(sources, batch, tmp_path, family, decoder, atte
         assert json.loads((tmp_path / "out" / "config.json").read_text())["format"] == "encdec"
 
 
+@pytest.mark.parametrize("family, attention", [("gemma2", "cross"), ("gemma3", "merged")])
+def test_an_untied_head_is_saved_in_encdecs_format(sources, tmp_path, family, attention):
+    """T5Gemma and T5Gemma 2 tie their LM head to the embedding: a model with its own head (built in Python, or
+    a hand-edited config.json) was taken for theirs, and saving it failed with a bare KeyError."""
+    import dataclasses
+
+    from encdec.model import EncoderDecoder
+
+    adapted = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
+    model = EncoderDecoder(dataclasses.replace(adapted.config, tied_head=False))
+    assert encdec.save(model, tmp_path / "out") == "encdec"
+    loaded = encdec.load_checkpoint(tmp_path / "out").model.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items()) and "lm_head.weight" in loaded
+
+
 @pytest.mark.parametrize("family, fmt", [("gemma2", "t5gemma"), ("gemma3", "t5gemma2")])
 def test_an_end_of_turn_named_in_generation_config_alone_is_read_and_kept(sources, tmp_path, family, fmt):
     """An instruct checkpoint names its end of turn in generation_config.json alone (as a decoder-only source may,

@@ -57,6 +57,17 @@ HF_LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
 OUR_LAYER_TYPES = {v: k for k, v in HF_LAYER_TYPES.items()}
 
 
+def layer_types_from_hf(types: Any) -> list[str]:
+    """A config.json's `layer_types` in encdec's names; another kind of layer (a later family's chunked
+    attention) is refused by name."""
+    if not isinstance(types, list):
+        raise EncdecError(f"layer_types is {type(types).__name__}, not a list of layer types")
+    unknown = next((t for t in types if not isinstance(t, str) or t not in HF_LAYER_TYPES), None)
+    if unknown is not None:
+        raise EncdecError(f"layer_types holds {unknown!r}; accepted: {', '.join(HF_LAYER_TYPES)}")
+    return [HF_LAYER_TYPES[t] for t in types]
+
+
 def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
     """(theta, linear factor) of a layer type, from the current or the older config layout, as transformers reads
     them: the layer type's own parameters (nested, or one setting for every layer), `rope_scaling` applied where
@@ -88,7 +99,7 @@ def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
     cfg = with_defaults(cfg, family)
     n = layer_count(cfg)
     if cfg.get("layer_types"):
-        layer_types = [HF_LAYER_TYPES[t] for t in cfg["layer_types"]]
+        layer_types = layer_types_from_hf(cfg["layer_types"])
     else:
         period = 2 if family == "gemma2" else cfg.get("sliding_window_pattern", 6)
         layer_types = ["sliding" if (i + 1) % period else "full" for i in range(n)]

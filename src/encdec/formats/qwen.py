@@ -10,7 +10,7 @@ from typing import Any
 
 from encdec.config import layer_count
 from encdec.formats.decoder_only import SourceConfig
-from encdec.formats.gemma import HF_LAYER_TYPES
+from encdec.formats.gemma import layer_types_from_hf
 from encdec.formats.llama import LAYER, NOT_TEXT, TEXT_PREFIXES, source_config, stack_from_hf
 
 MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3"}
@@ -26,7 +26,7 @@ def _layer_types(cfg: dict[str, Any]) -> list[str]:
     if not cfg.get("use_sliding_window") or cfg.get("sliding_window", 4096) is None:
         return ["full"] * n
     if cfg.get("layer_types"):
-        return [HF_LAYER_TYPES[t] for t in cfg["layer_types"]]
+        return layer_types_from_hf(cfg["layer_types"])
     return ["sliding" if i >= cfg.get("max_window_layers", 28) else "full" for i in range(n)]
 
 

@@ -97,7 +97,10 @@ def encoder_layout(family: str, stack: StackConfig, window: str) -> Layout | Non
 
 
 def exportable(cfg: EncDecConfig) -> Layout | None:
-    """The transformers format that holds this configuration exactly, if any."""
+    """The transformers format that holds this configuration exactly, if any (both tie the LM head to the
+    embedding)."""
+    if not cfg.tied_head:
+        return None
     layout = encoder_layout(cfg.family, cfg.encoder, cfg.encoder_window)
     if layout is T5GEMMA and cfg.attention == "cross" and not cfg.shared_embeddings and _one_rope(cfg.decoder):
         return T5GEMMA
