@@ -281,3 +281,18 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
     assert "no modeling_encdec.py: transformers cannot load it" in said()
     remote.symlink_to(tmp_path / "again" / "modeling_encdec.py")  # even to the right file: what runs is elsewhere
     assert f"is a symbolic link to {tmp_path / 'again' / 'modeling_encdec.py'}: transformers would run" in said()
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]},  # not a name: unhashable, a TypeError escaped
+    {"dtype": "F32", "shape": [10**20], "data_offsets": [0, 8]},  # past what torch can size: another TypeError
+    {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 8]},  # 4 TB asked of memory for 8 bytes
+    {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]},
+], ids=["dtype-list", "shape-overflow", "shape-huge", "shape-mismatch"])
+def test_a_safetensors_header_that_lies_is_refused_before_anything_is_allocated(tmp_path, entry):
+    from encdec.files import read_weights
+
+    header = json.dumps({"w": entry}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(EncdecError, match=r"model.safetensors is not a readable safetensors file.*tensor w: "):
+        read_weights(tmp_path)

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -174,13 +175,14 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 raise ValueError(f"tensor {name}: its bytes start at {begin}, where the tensors before it end at "
                                  f"{expected} (overlapping or gapped data_offsets)")
             expected = end
-            dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
-            shape = entry.get("shape")
+            kind, shape = entry.get("dtype"), entry.get("shape")
+            dtype = SAFETENSORS_DTYPES.get(kind) if isinstance(kind, str) else None
             if dtype is None or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
-                raise ValueError(f"tensor {name}: unsupported dtype {entry.get('dtype')!r} or bad shape {shape!r}")
-            tensor = torch.empty(shape, dtype=dtype)
-            if end - begin != tensor.numel() * tensor.element_size() or start + end > size:
+                raise ValueError(f"tensor {name}: unsupported dtype {kind!r} or bad shape {shape!r}")
+            # checked before anything is allocated: the shape's bytes are those the file gives the tensor
+            if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
                 raise ValueError(f"tensor {name}: its bytes {begin}-{end} do not match its shape or lie past the end")
+            tensor = torch.empty(shape, dtype=dtype)
             f.seek(start + begin)
             if tensor.numel() and f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - begin:
                 raise ValueError(f"tensor {name} is cut off")
