@@ -482,6 +482,28 @@ def test_a_hub_source_fetches_the_files_it_is_read_from_and_not_a_second_copy_of
     assert asked["files"] == set(repository) - unread
 
 
+@pytest.mark.parametrize("failure, said", [
+    (OSError(28, "No space left on device", "/hub/blobs/x.incomplete"),
+     "cannot write {cache}: No space left on device (/hub/blobs/x.incomplete)"),
+    (ValueError("Repo id must be in the form 'repo_name'\nmore"),
+     "could not be fetched from the Hugging Face Hub as a model name (ValueError: Repo id must be in the form"),
+])
+def test_a_failed_hub_fetch_says_why(monkeypatch, failure, said):
+    """A full disk halfway through a download was said as a name not found, the cause dropped."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from encdec import sources
+
+    def fail(name, allow_patterns):
+        raise failure
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(EncdecError) as caught:
+        sources.resolve("someone/some-model")
+    assert said.format(cache=constants.HF_HUB_CACHE) in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_a_hub_source_fetches_every_file_its_tokenizer_is_saved_as(sources, tmp_path, monkeypatch):
     """transformers writes a chat template to chat_template.jinja (no longer into tokenizer_config.json), and a BPE
     tokenizer's merges to merges.txt: a Qwen or Llama instruct model fetched without them read its conversations in

@@ -316,13 +316,18 @@ HUB_FILES = ["*.json", "model*.safetensors", "tokenizer*", "chat_template.jinja"
 
 def _from_hub(name: str) -> Path:
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
 
         # the weights read_weights reads: not the consolidated.safetensors some repositories ship beside them
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        with written(Path(constants.HF_HUB_CACHE)):  # a full disk is said as such, not as a name not found
+            return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except EncdecError:
+        raise
     except Exception as e:
+        said = (str(e).strip().splitlines() or [""])[0][:200]
         raise EncdecError(f"{name}: no such file or directory here, and it could not be fetched from the Hugging Face "
-                          f"Hub as a model name ({type(e).__name__}); without a network pass {SUPPORTED}") from None
+                          f"Hub as a model name ({type(e).__name__}{': ' + said if said else ''}); without a network "
+                          f"pass {SUPPORTED}") from None
 
 
 def resolve(spec: str) -> Path:
