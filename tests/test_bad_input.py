@@ -572,6 +572,23 @@ def test_a_full_disk_or_a_read_only_place_is_one_line_and_leaves_nothing(capsys,
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_input_that_cannot_be_read_while_writing_is_named_not_the_output(capsys, tmp_path, sources, monkeypatch):
+    """The tokenizer is read while the checkpoint is written: a file of it the user may not read was said as
+    "cannot write OUT"."""
+    import encdec.checkpoint
+
+    unreadable = sources["gemma3"] / "tokenizer.json"
+
+    def fail(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(unreadable))
+
+    monkeypatch.setattr(encdec.checkpoint, "write_weights", fail)
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(tmp_path / "out")]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert line.endswith(f"error: {unreadable}: Permission denied (while writing {tmp_path / 'out'})"), line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_or_failed_text_write_leaves_no_temporary(tmp_path):
     from encdec.errors import EncdecError
     from encdec.files import atomic_write

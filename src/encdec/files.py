@@ -262,12 +262,25 @@ def written(out: Path) -> Iterator[None]:
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
-        where = f" ({e.filename})" if e.filename and Path(e.filename) != Path(out) else ""  # the file it failed on
+        failed = Path(os.fsdecode(e.filename)) if isinstance(e.filename, (str, bytes, os.PathLike)) else None
+        if failed is not None and not _part_of(failed, Path(out)):  # an input read on the way, or another place
+            raise WriteFailed(f"{failed}: {e.strerror} (while writing {out})") from None
+        where = f" ({failed})" if failed is not None and failed != Path(out) else ""  # the file it failed on
         raise WriteFailed(f"cannot write {out}: {e.strerror}{where}") from None
     except SafetensorError as e:  # the writer's own error for a failed write
         if "I/O error" not in str(e):
             raise
         raise WriteFailed(f"cannot write {out}: {str(e).split('I/O error: ', 1)[-1]}") from None
+
+
+def _part_of(path: Path, out: Path) -> bool:
+    """Whether `path` is `out`, lies in it, or in one of its temporaries (atomic_dir's .OUT.tmp-..., .OUT.old-...),
+    or is a directory above it that writing it makes."""
+    path, out = Path(os.path.abspath(path)), Path(os.path.abspath(out))
+    if path == out or out in path.parents or path in out.parents:
+        return True
+    inside = path.relative_to(out.parent).parts if out.parent in path.parents else ()
+    return bool(inside) and inside[0].startswith(f".{out.name}.")
 
 
 def check_apart(out: Path, inputs: tuple[str | Path | None, ...], *, inside: bool = False) -> None:
