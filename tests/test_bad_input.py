@@ -731,9 +731,11 @@ def test_a_failed_load_names_what_did_not_fit():
     """torch's first line names only the module; the line that says what did not fit is the one kept."""
     from encdec.errors import load_failure
 
+    wrong = {"weight": torch.zeros(4, 2), "bias": torch.zeros(3), "x": torch.zeros(1)}
     with pytest.raises(RuntimeError) as caught:
-        torch.nn.Linear(2, 3).load_state_dict({"weight": torch.zeros(4, 2), "bias": torch.zeros(3), "x": torch.zeros(1)})
-    assert load_failure(caught.value).startswith("size mismatch for weight: copying a param with shape torch.Size([4, 2])")
+        torch.nn.Linear(2, 3).load_state_dict(wrong)
+    said = load_failure(caught.value)
+    assert said.startswith("size mismatch for weight: copying a param with shape torch.Size([4, 2])"), said
     with pytest.raises(RuntimeError) as caught:
         torch.nn.Linear(2, 3).load_state_dict({"weight": torch.zeros(3, 2)})
     assert load_failure(caught.value) == 'Missing key(s) in state_dict: "bias".'
