@@ -601,6 +601,7 @@ def test_errors_outside_the_endpoints_have_the_apis_shape(server):
     for answer, status in ((httpx.get(f"{server.base}/v1/nowhere", timeout=30), 404),
                            (httpx.get(f"{server.base}/v1/completions", timeout=30), 405)):
         assert answer.status_code == status and "/v1/completions" in answer.json()["error"]["message"]
+    assert answer.headers["allow"] == "POST"  # the 405's, which HTTP requires
     model_id = server.process.args[4]
     assert server.client().models.retrieve(model_id).id == model_id
     assert [m.id for m in server.client().models.list()] == [model_id]
@@ -704,6 +705,22 @@ def test_characters_spelled_by_byte_tokens_stream_whole_and_log_probabilities_jo
     assert "".join(rendered["tokens"]).startswith(expected)  # the stop string cuts the text, not the tokens
     offsets = rendered["text_offset"]
     assert offsets == sorted(offsets) and all(final[o:].startswith(t) for o, t in zip(offsets, rendered["tokens"]))
+
+
+def test_a_token_of_no_text_at_a_stop_strings_cut_is_listed_streamed_or_not_alike():
+    """Answer "xa", a special token (no text), "a", "Z" with the stop string "aZ": the streamed text reached the
+    special token's place (2) before the stop cut the answer there, and it was listed streamed, not otherwise."""
+    from encdec.serve.logprobs import Entry, Piece, TokenLogprobs
+
+    logprobs, streamed = TokenLogprobs(None, "completions", frozenset()), []
+    for text, offset, sent in (("xa", 0, 1), ("", 2, 1), ("a", 2, 2), ("Z", 3, 2)):  # sent: what the stream let out
+        logprobs.entries.append(Entry(Piece(text, list(text.encode()), -1.0), [], offset))
+        taken = logprobs.take(sent)
+        streamed += taken["tokens"] if taken else []
+    logprobs.stop_at(2)
+    taken = logprobs.take(None)
+    streamed += taken["tokens"] if taken else []
+    assert streamed == logprobs.render()["tokens"] == ["xa"]
 
 
 def _streamed(tokenizer, ids: list[int]) -> str:

@@ -481,8 +481,10 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     @app.exception_handler(HTTPException)
     async def not_here(_: Request, e: HTTPException) -> Response:
         """Unknown paths (404) and methods (405) answered in the API's error shape (counted as "other")."""
-        return answer("other", _error(APIError(e.status_code, f"{e.detail}: this server answers /v1/completions, "
-                                               "/v1/chat/completions, /v1/embeddings, /v1/models, /health and /metrics")))
+        response = _error(APIError(e.status_code, f"{e.detail}: this server answers /v1/completions, "
+                                   "/v1/chat/completions, /v1/embeddings, /v1/models, /health and /metrics"))
+        response.headers.update(e.headers or {})  # a 405's Allow, which HTTP requires
+        return answer("other", response)
 
     def described() -> dict:
         return {"id": settings.model_id, "object": "model", "created": service.created, "owned_by": "encdec"}

@@ -68,10 +68,11 @@ class TokenLogprobs:
     def take(self, sent: int | None) -> dict[str, Any] | None:
         """The entries since the last call whose text lies within the first `sent` characters of the answer (the
         text streamed so far: a token whose text is held back, as the start of a possible stop string, waits
-        with it), or all of them (`sent` None, at the end), in the endpoint's shape (None when there are none)."""
+        with it; one of no text waits for text after it, since a stop string cut there drops it, `stop_at`), or
+        all of them (`sent` None, at the end), in the endpoint's shape (None when there are none)."""
         end = self.sent
-        while end < len(self.entries) and (sent is None or self.entries[end].offset + len(self.entries[end].chosen.text)
-                                           <= sent):
+        while end < len(self.entries) and (sent is None or (self.entries[end].offset < sent and self.entries[end].offset
+                                                            + len(self.entries[end].chosen.text) <= sent)):
             end += 1
         new, self.sent = self.entries[self.sent : end], end
         return self.render(new) if new else None
