@@ -415,6 +415,8 @@ PRETRAIN_BAD = [
     (["--config", "lr: [1]\n"], "--lr must be a number, got [1]"),
     (["--config", "distill: 1\n"], "--distill must be true or false, got 1"),
     (["--config", "lr: " + "[" * 2000 + "]" * 2000], "cannot read the YAML configuration (nested too deeply)"),
+    (["--config", "out: 2024-02-30\n"], "cannot read the YAML configuration (day is out of range for month)"),
+    (["--config", "steps: 0x_\n"], "cannot read the YAML configuration (invalid literal for int() with base 16"),
     (["--config", "model: [unclosed\n"],
      "cannot read the YAML configuration (line 2, column 1: expected ',' or ']', but got '<stream end>')"),
     (["--out-under-a-file"], "is a file, not a directory"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -245,3 +246,27 @@ def test_malformed_safetensors_files_are_refused(tmp_path, damage, mapped):
     (tmp_path / "model.safetensors").write_bytes(raw)
     with pytest.raises(EncdecError, match="truncated or corrupt"):
         encdec.files.read_weights(tmp_path, mapped=mapped)
+
+
+@pytest.mark.parametrize("edit, said", [
+    ({"vocab_size": 0}, "vocab_size must be a positive integer, got 0"),
+    ({"final_logit_softcap": 0.0}, "final_logit_softcap must be null or a positive number, got 0.0"),  # every logit 0
+    ({"pad_token_id": 96}, "pad_token_id must be a token id in [0, 96) (the vocabulary), got 96"),
+    ({"eos_token_ids": "1"}, "eos_token_ids must be a list of token ids, got 1"),
+    ({"eos_token_ids": 1}, None),  # one id, as transformers' configurations may give it
+], ids=["vocab-0", "softcap-0", "pad-past-vocabulary", "eos-text", "eos-one-id"])
+def test_a_hand_edited_configuration_is_checked_naming_the_file(sources, tmp_path, edit, said):
+    """Unchecked, a single EOS id crashed generation and evaluation with a TypeError, and a soft-cap of 0 made
+    every output uniform without a word."""
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])), attention="cross")
+    assert encdec.save(model, tmp_path / "out") == "encdec"
+    file = tmp_path / "out" / "config.json"
+    meta = json.loads(file.read_text())
+    meta["config"].update(edit)
+    file.write_text(json.dumps(meta))
+    if said is None:
+        assert encdec.load(tmp_path / "out").config.eos_token_ids == [1]
+        return
+    with pytest.raises(EncdecError, match=re.escape(said)) as caught:
+        encdec.load(tmp_path / "out")
+    assert str(file) in str(caught.value)

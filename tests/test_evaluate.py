@@ -3,6 +3,7 @@ table and JSON outputs, and bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -19,7 +20,10 @@ from encdec.evaluation.answers import exact_match, final_number, first_line
 from encdec.evaluation.harness import Settings, run_choice
 from encdec.evaluation.scoring import load_scorer
 from encdec.evaluation.stats import wilson_interval
-from encdec.evaluation.tasks import TASKS, Choice, Task, choose_shots, example_key, parse_tasks, sample
+from encdec.evaluation.tasks import (
+    FORMAT_VERSION, TASKS, Choice, Task, choice_prompts, choose_shots, example_key, parse_tasks, question_prompt,
+    sample,
+)
 
 
 @pytest.fixture(scope="module")
@@ -541,3 +545,22 @@ def test_decoder_only_options_are_scored_from_the_logits_the_model_gives(model_t
             expected = logp.gather(-1, torch.tensor(cont)[:, None]).sum().item()
             assert score == pytest.approx(expected, abs=1e-4)
             assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
+
+
+# the prompts of every task (3 examples, 2 shots each) under each FORMAT_VERSION
+PROMPTS = {2: "caafa691c0b0c279"}
+
+
+def test_a_prompt_that_changes_comes_with_a_new_format_version():
+    """Results record tasks.FORMAT_VERSION to say which compare: a prompt that changed under the same version (as
+    BoolQ's shots did) let results of two prompts pass for comparable. A change fails here until the version is
+    bumped and its fingerprint recorded above."""
+    digest = hashlib.sha256()
+    for task in TASKS.values():
+        examples = sample(task.examples(), 3, 0)
+        shots = choose_shots(task, 2, 0, examples)
+        for item in examples:
+            prompts = choice_prompts(task, item, shots) if task.kind == "choice" else [question_prompt(item, shots)]
+            digest.update("\0".join(prompts).encode())
+    assert PROMPTS.get(FORMAT_VERSION) == digest.hexdigest()[:16], (
+        f"the prompts changed (now {digest.hexdigest()[:16]}): bump FORMAT_VERSION and record it in PROMPTS")

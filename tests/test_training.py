@@ -691,3 +691,13 @@ def test_a_trimmed_vocabulary_keeps_the_ids_the_config_names_absent_from_the_dat
     assert {90, 91} <= set(plan.trimmed.keep.tolist()) and unk not in (table[90], table[91])
     assert plan.eos_id == table[90] and all(e.targets[-1] == plan.eos_id for e in plan.eval_examples)
     assert plan.model.config.bos_token_id == table[91] and plan.model.config.eos_token_ids == [table[90], table[1]]
+
+
+def test_data_of_fewer_examples_than_processes_asks_for_more_data_not_a_batch_of_zero():
+    from encdec.training.config import TrainConfig
+
+    cfg = TrainConfig(model="m", out="o", batch_size=1)
+    with pytest.raises(EncdecError, match=r"^the data holds 1 training windows/examples, fewer than the 2 processes"):
+        cfg.check_fit(None, 96, 1, 2)
+    with pytest.raises(EncdecError, match=r"needs more rows than the 3 training windows/examples .* use at most 1$"):
+        TrainConfig(model="m", out="o", batch_size=2).check_fit(None, 96, 3, 2)

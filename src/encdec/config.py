@@ -87,6 +87,20 @@ class StackConfig:
             raise EncdecError(f"unknown activation {self.activation!r}; accepted: {', '.join(ACTIVATIONS)}")
         if self.num_heads % self.num_kv_heads:
             raise EncdecError(f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
+        _check_cap("attn_softcap", self.attn_softcap)
+        if self.max_positions is not None and (not _is_int(self.max_positions) or self.max_positions < 1):
+            raise EncdecError(f"max_positions must be null or a positive integer, got {self.max_positions!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_cap(name: str, value: Any) -> None:
+    """A tanh soft-cap: none, or a positive number (0 would zero every logit it caps)."""
+    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                              or not 0 < value < float("inf")):
+        raise EncdecError(f"{name} must be null or a positive number, got {value!r}")
 
 
 @dataclass
@@ -107,6 +121,18 @@ class EncDecConfig:
     tied_head: bool = True  # the LM head is the decoder's embedding table; else its own weight (`lm_head`)
 
     def __post_init__(self) -> None:
+        if not _is_int(self.vocab_size) or self.vocab_size < 1:
+            raise EncdecError(f"vocab_size must be a positive integer, got {self.vocab_size!r}")
+        if _is_int(self.eos_token_ids):  # one id, as a Hugging Face config.json may give it
+            self.eos_token_ids = [self.eos_token_ids]
+        for name in ("pad_token_id", "bos_token_id"):  # both are looked up in the embedding table
+            value = getattr(self, name)
+            if not _is_int(value) or not 0 <= value < self.vocab_size:
+                raise EncdecError(f"{name} must be a token id in [0, {self.vocab_size}) (the vocabulary), got {value!r}")
+        eos = self.eos_token_ids  # not bounded by the vocabulary: a generation config's ids may lie past a small one
+        if not isinstance(eos, list) or not eos or not all(_is_int(v) and v >= 0 for v in eos):
+            raise EncdecError(f"eos_token_ids must be a list of token ids, got {str(eos)[:80]}")
+        _check_cap("final_logit_softcap", self.final_logit_softcap)
         if self.family not in FAMILIES:
             raise EncdecError(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
         if self.attention not in ATTENTION_KINDS:

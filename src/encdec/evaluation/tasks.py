@@ -17,7 +17,10 @@ from typing import Any
 from encdec.errors import EncdecError
 from encdec.evaluation.datasets import read_split, rendered_docs
 
-FORMAT_VERSION = 1  # bump when a prompt changes: results with different versions do not compare
+# bump when a prompt or how it is read changes: results with different versions do not compare (2: BoolQ's few-shot
+# passages without their titles; --chat choices tokenized as fine-tuning tokenizes responses, GSM8K's chat answers
+# read to the end of the model's turn). tests/test_evaluate.py fingerprints the prompts.
+FORMAT_VERSION = 2
 SHOT_POOL = 200  # training examples the few-shot sample is drawn from
 
 

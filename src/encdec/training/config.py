@@ -173,6 +173,9 @@ class TrainConfig:
         if self.distill and self.teacher_top_k > vocab_size:
             raise EncdecError(f"--teacher-top-k {self.teacher_top_k} exceeds the {vocab_size} tokens of the "
                               "vocabulary; 0 keeps them all")
+        if train_items < world:
+            raise EncdecError(f"the data holds {train_items} training windows/examples, fewer than the {world} "
+                              "processes that each need one; give more data or run fewer processes")
         if self.batch_size * world > train_items:
             raise EncdecError(f"--batch-size {self.batch_size} x {world} process(es) needs more rows than the "
                               f"{train_items} training windows/examples of the data hold; "
@@ -280,6 +283,8 @@ def load_yaml(path: Path, what: str) -> Any:
         raise EncdecError(f"{path}: cannot read {what} ({where}{problem})") from None
     except RecursionError:  # PyYAML composes nested collections recursively
         raise EncdecError(f"{path}: cannot read {what} (nested too deeply)") from None
+    except ValueError as e:  # a scalar that looks like a date or a number but is none (2024-02-30, 0x_)
+        raise EncdecError(f"{path}: cannot read {what} ({e})") from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
