@@ -128,7 +128,8 @@ class EncDecConfig:
         for name in ("pad_token_id", "bos_token_id"):  # both are looked up in the embedding table
             value = getattr(self, name)
             if not _is_int(value) or not 0 <= value < self.vocab_size:
-                raise EncdecError(f"{name} must be a token id in [0, {self.vocab_size}) (the vocabulary), got {value!r}")
+                raise EncdecError(f"{name} must be a token id in [0, {self.vocab_size}) (the vocabulary), got "
+                                  f"{value!r}")
         eos = self.eos_token_ids  # not bounded by the vocabulary: a generation config's ids may lie past a small one
         if not isinstance(eos, list) or not eos or not all(_is_int(v) and v >= 0 for v in eos):
             raise EncdecError(f"eos_token_ids must be a list of token ids, got {str(eos)[:80]}")
