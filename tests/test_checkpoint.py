@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -266,6 +267,7 @@ def test_a_hand_edited_configuration_is_checked_naming_the_file(sources, tmp_pat
     file.write_text(json.dumps(meta))
     if said is None:
         assert encdec.load(tmp_path / "out").config.eos_token_ids == [1]
+        assert dataclasses.replace(model.config, eos_token_ids=(1, 5)).eos_token_ids == [1, 5]  # a tuple in Python
         return
     with pytest.raises(EncdecError, match=re.escape(said)) as caught:
         encdec.load(tmp_path / "out")

@@ -125,6 +125,8 @@ class EncDecConfig:
             raise EncdecError(f"vocab_size must be a positive integer, got {self.vocab_size!r}")
         if _is_int(self.eos_token_ids):  # one id, as a Hugging Face config.json may give it
             self.eos_token_ids = [self.eos_token_ids]
+        elif isinstance(self.eos_token_ids, tuple):
+            self.eos_token_ids = list(self.eos_token_ids)
         for name in ("pad_token_id", "bos_token_id"):  # both are looked up in the embedding table
             value = getattr(self, name)
             if not _is_int(value) or not 0 <= value < self.vocab_size:
