@@ -21,7 +21,15 @@ from encdec.evaluation.harness import Settings, run_choice
 from encdec.evaluation.scoring import load_scorer
 from encdec.evaluation.stats import wilson_interval
 from encdec.evaluation.tasks import (
-    FORMAT_VERSION, TASKS, Choice, Task, choice_prompts, choose_shots, example_key, parse_tasks, question_prompt,
+    FORMAT_VERSION,
+    TASKS,
+    Choice,
+    Task,
+    choice_prompts,
+    choose_shots,
+    example_key,
+    parse_tasks,
+    question_prompt,
     sample,
 )
 

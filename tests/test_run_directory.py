@@ -355,9 +355,9 @@ def test_an_extended_run_keeps_the_last_checkpoint_of_the_run_it_extends(tmp_pat
     """A run of 5 steps saving every 3, resumed for 8: its step 5 (its last, the final model it wrote) stays on
     the schedule, so --keep-last 2 kept steps 3 and 6 over it at the next save; a checkpoint written as a run
     stopped (step 4) is still not on it."""
-    for step in (3, 4, 5):
-        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
-        (tmp_path / "checkpoints" / f"step-{step:06d}" / "trainer.json").write_text(json.dumps(
+    for n in (3, 4, 5):
+        (tmp_path / "checkpoints" / f"step-{n:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{n:06d}" / "trainer.json").write_text(json.dumps(
             {"format": "encdec-train-state", "version": 1, "state": {"config": {"save_every": 3, "steps": 5}}}))
     assert [checkpointing.step_of(p) for p in checkpointing.scheduled(tmp_path, 3, 8)] == [3, 5]
 
