@@ -6,6 +6,9 @@ next request when the previous one has finished), every request a streamed `POST
 - serve: `encdec serve MODEL --max-batch 16` (a real uvicorn server on the loopback interface);
 - serve-bf16: the same server with `--dtype bfloat16` (on CPU, oneDNN's bfloat16 products: not float32's
   exact texts, +0.0007 nats of held-out NLL on the trained model, bench/inference_quality.py);
+- serve-int8: the same server with `--quantize int8` (dynamic int8 products, float32 elsewhere; their quality
+  cost is bench/inference_quality.py's, and a request's tokens depend on the requests decoded with it); not run
+  unless named in --targets;
 - serve-batch1: the same server with `--max-batch 1` (one request decoded at a time);
 - transformers-loop: one request at a time through transformers' `AutoModelForSeq2SeqLM.generate` on
   the same checkpoint, the clients being threads of the same process that queue their requests for a
@@ -64,7 +67,7 @@ from pathlib import Path
 from common import corpus_token_ids, cpu_only, peak_rss_gib, print_result, ratio_line, run_worker
 from generate_throughput import prepare_model
 
-TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop", "transformers-loop-bf16")
+TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop", "transformers-loop-bf16", "serve-int8")
 LOOP_DTYPES = {"transformers-loop": "float32", "transformers-loop-bf16": "bfloat16"}
 HEALTH_TIMEOUT_S = 300  # loading the 270M takes under a minute alone; a busy shared machine may take longer
 REQUEST_TIMEOUT_S = 600
@@ -207,7 +210,8 @@ def server_options(target: str, args: argparse.Namespace) -> list[str]:
     """The `encdec serve` options of a server target."""
     options = {"serve": ["--max-batch", str(args.max_batch)],
                "serve-bf16": ["--max-batch", str(args.max_batch), "--dtype", "bfloat16"],
-               "serve-batch1": ["--max-batch", "1"]}[target]
+               "serve-batch1": ["--max-batch", "1"],
+               "serve-int8": ["--max-batch", str(args.max_batch), "--quantize", "int8"]}[target]
     return options + args.server_options.split()
 
 
@@ -397,10 +401,10 @@ def print_table(measured: dict[str, list[tuple[Levels, float]]], args: argparse.
 
 def print_ratios(measured: dict[str, list[tuple[Levels, float]]], args: argparse.Namespace) -> None:
     """The issue's two goals at the most concurrent level, each the median of the rounds' ratios: serve-bf16's
-    (against the bfloat16 loop as well where it ran), then serve's."""
+    (against the bfloat16 loop as well where it ran), then serve's, then serve-int8's."""
     top, single = args.clients.index(max(args.clients)), args.clients.index(min(args.clients))
     pairs = [("serve-bf16", "transformers-loop-bf16"), ("serve-bf16", "transformers-loop"),
-             ("serve", "transformers-loop")]
+             ("serve", "transformers-loop"), ("serve-int8", "transformers-loop")]
     for target, baseline in pairs:
         if target not in measured or baseline not in measured:
             continue
