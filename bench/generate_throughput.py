@@ -26,7 +26,8 @@ language reference and the standard library's docstrings), different rows for di
 Every implementation generates exactly --new-tokens tokens per row, EOS ignored (no stopping), greedily.
 
 The speed of a shared machine drifts, so implementations run in --rounds rounds: each round runs every
-implementation once in turn, in a fresh process that loads the model, makes one untimed 2-token call
+implementation once in turn (in reverse order every other round; before 2026-12-06's third session, in the
+same order every round), in a fresh process that loads the model, makes one untimed 2-token call
 per setting, then --repeats timed calls. The table gives the median wall seconds per call over all
 rounds, the CPU seconds of the call (all threads of the process: less sensitive than wall time to other
 processes taking turns on the cores, though not immune), new tokens per second (batch x new tokens /
@@ -109,6 +110,8 @@ def parse_args() -> argparse.Namespace:
     args.models = args.models.split(",")
     args.implementations = args.implementations.split(",")
     for name, known in (("models", MODELS), ("implementations", IMPLEMENTATIONS)):
+        if len(set(getattr(args, name))) < len(getattr(args, name)):  # twice a round would pair rounds wrongly
+            p.error(f"--{name}: {getattr(args, name)}: each once")
         unknown = set(getattr(args, name)) - set(known)
         if unknown:
             p.error(f"--{name}: unknown {sorted(unknown)}; choose from {', '.join(known)}")
@@ -192,6 +195,9 @@ def time_setting(run: Runner, ids: torch.Tensor, args: argparse.Namespace) -> di
         cpu.append(time.process_time() - start)
 
     seconds = time_calls(call, 0, args.repeats, DEVICE)
+    lengths = sorted({len(row) for out in outputs for row in out})
+    if lengths != [args.new_tokens]:  # tokens/s counts --new-tokens a row: rows of other lengths would skew it
+        raise RuntimeError(f"rows of {lengths} tokens, not the {args.new_tokens} asked for")
     return {"seconds": seconds, "cpu_seconds": cpu, "tokens": outputs[-1]}
 
 
@@ -285,8 +291,10 @@ def worker_options(args: argparse.Namespace) -> list[str]:
 
 
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> str:
+    """Positions where the tokens equal the reference's, of all positions either has (a longer or shorter row
+    disagrees where the other has no token)."""
     same = sum(a == b for x, y in zip(tokens, reference) for a, b in zip(x, y))
-    total = sum(len(y) for y in reference)
+    total = sum(max(len(x), len(y)) for x, y in zip(tokens, reference)) + abs(len(tokens) - len(reference))
     return f"{same}/{total}"
 
 
@@ -317,8 +325,8 @@ def main() -> None:
 
         groups.append((SOURCE, "decoder-only", resolve(SOURCE)))
     cells: dict[tuple[str, str, str], Cell] = {}
-    for round_ in range(1, args.rounds + 1):
-        for model, impl, directory in groups:
+    for round_ in range(1, args.rounds + 1):  # in reverse order every other round: a drift within a round
+        for model, impl, directory in groups if round_ % 2 else groups[::-1]:  # weighs on both sides alike
             print(f"round {round_}/{args.rounds}: {model} {impl} ...", file=sys.stderr, flush=True)
             result = run_worker(__file__, [*worker_options(args), "--worker", impl, str(directory), str(prompts)])
             for key, measured in result["cells"].items():

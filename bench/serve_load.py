@@ -13,7 +13,8 @@ next request when the previous one has finished), every request a streamed `POST
 - transformers-loop: one request at a time through transformers' `AutoModelForSeq2SeqLM.generate` on
   the same checkpoint, the clients being threads of the same process that queue their requests for a
   single generating thread (no HTTP: what a plain loop over transformers gives, its time to first
-  token taken when generate emits its first new token);
+  token taken when generate emits its first new token), its process keeping freed memory as the server's
+  does (`encdec.allocator`; runs before 2026-12-06's third session gave the loop glibc's default);
 - transformers-loop-bf16: the same loop with the model in bfloat16, serve-bf16's baseline at the same
   precision (its texts are compared with the float32 loop's too); not run unless named in --targets (on a CPU
   without bfloat16 products it is very slow).
@@ -110,6 +111,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loop-worker", nargs=3, metavar=("MODEL_DIR", "REQUESTS", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.targets = args.targets.split(",")
+    if len(set(args.targets)) < len(args.targets):  # a target twice a round would pair rounds wrongly
+        p.error(f"--targets: {args.targets}: each target once")
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         p.error(f"--targets: unknown {sorted(unknown)}; choose from {', '.join(TARGETS)}")
@@ -177,6 +180,8 @@ async def stream_completion(client, url: str, body: dict, index: int) -> Done:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[len("data: "):])
+            if "error" in chunk:  # a failure once streaming began comes as an event of a 200 answer: no completion
+                raise RuntimeError(f"request {index} failed after its answer began: {json.dumps(chunk)[:300]}")
             if chunk.get("choices"):
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 text.append(chunk["choices"][0].get("text", ""))
@@ -276,6 +281,9 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
     import torch
     import transformers
 
+    from encdec.allocator import keep_freed_memory
+
+    keep_freed_memory()  # freed memory kept, as `encdec serve` keeps it (encdec.inference.loading): no handicap
     spec = json.loads(plan_file.read_text())
     # loaded with one intra-op thread, generating with all of them in the generating thread: one OpenMP team,
     # as `encdec serve` arranges it (two teams on as many cores throttle each other: docs/benchmarks.md)
