@@ -69,14 +69,14 @@ class StackConfig:
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
                      "sliding_window"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise EncdecError(f"{name} must be a positive integer, got {value!r}")
         if self.num_layers > MAX_LAYERS:
             raise EncdecError(f"num_layers must be at most {MAX_LAYERS}, got {self.num_layers}")
         for name in ("query_pre_attn_scalar", "rope_theta_local", "rope_theta_global", "rope_scale_local",
                      "rope_scale_global", "rms_norm_eps"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            if not _is_positive(value):
                 raise EncdecError(f"{name} must be a positive number, got {value!r}")
         if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_layers:
             raise EncdecError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
@@ -96,10 +96,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_positive(value: Any) -> bool:
+    """A finite number above 0 (not a bool, which Python counts as one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+
+
 def _check_cap(name: str, value: Any) -> None:
     """A tanh soft-cap: none, or a positive number (0 would zero every logit it caps)."""
-    if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                              or not 0 < value < float("inf")):
+    if value is not None and not _is_positive(value):
         raise EncdecError(f"{name} must be null or a positive number, got {value!r}")
 
 
