@@ -7,7 +7,7 @@ import torch
 import transformers as tf
 
 import encdec
-from encdec.model import AttentionMask, Segments, attention_masks
+from encdec.model import AttentionMask, RMSNorm, Segments, attention_masks
 
 TOL = 1e-4
 
@@ -190,3 +190,25 @@ def test_sdpa_and_plain_product_attention_agree(sources, batch, monkeypatch):
     (first, first_grads), (second, second_grads) = outputs
     assert torch.allclose(first, second, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(first_grads, second_grads))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [1.0, 0.0])
+def test_rms_norm_gives_the_written_out_float32_numbers(dtype, offset):
+    """The norm is PyTorch's rms_norm (one call for a decoding step's 109 norms); its values and gradients are
+    those of x * rsqrt(mean(x^2) + eps) * (offset + weight), computed in float32, bit for bit."""
+    torch.manual_seed(0)
+    norm = RMSNorm(48, 1e-6, offset)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = (torch.randn(3, 5, 48) * 4).to(dtype).requires_grad_()
+
+    def written_out(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (offset + norm.weight.float())).type_as(x)
+
+    out, expected = norm(x), written_out(x)
+    assert out.dtype == dtype and torch.equal(out, expected)
+    grads = torch.autograd.grad(out.float().square().sum(), [x, norm.weight])
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), [x, norm.weight])
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))

@@ -34,9 +34,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * (self.offset + self.weight.float())).type_as(x)
+        # PyTorch's rms_norm: x * rsqrt(mean(x^2) + eps) * scale, the same float32 numbers as those three steps
+        # written out, in one call where they were seven (a decoding step of the 270M runs 109 norms)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.offset + self.weight.float(), self.eps).type_as(x)
 
 
 def norm(cfg: StackConfig, dim: int | None = None) -> RMSNorm:
