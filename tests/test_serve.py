@@ -1431,3 +1431,45 @@ def test_answers_are_written_as_json_off_the_event_loop(local, monkeypatch):
     _asked(_app(local), ask)
     assert [what for what, _ in rendered] == ["list", "text_completion"]
     assert all(thread.startswith("encdec-read") for _, thread in rendered), rendered
+
+
+def test_requests_arriving_together_at_an_idle_server_share_one_encoder_pass(local, monkeypatch):
+    """The event loop hands a burst to the queue one request at a time: an idle scheduler that encoded the first
+    at once held the others up for that pass. It waits while arrivals keep coming (here up to 0.3 s apart), but
+    not for a batch that is already full."""
+    import asyncio
+
+    from encdec.inference.engine import Engine, Row
+    from encdec.serve import scheduler as scheduling
+    from encdec.serve.metrics import Metrics
+
+    model, _ = local
+    engine, joined = Engine(model, max_batch=4), []
+    join = engine.join
+    monkeypatch.setattr(engine, "join", lambda prompts, rows: joined.append(len(prompts)) or join(prompts, rows))
+    scheduler = scheduling.Scheduler(engine, max_queue=16, metrics=Metrics())
+
+    async def burst(gaps: list[float]) -> list[list[int]]:
+        loop, jobs = asyncio.get_running_loop(), []
+        for i, gap in enumerate(gaps):
+            await asyncio.sleep(gap)
+            jobs.append(scheduling.Job([5, 6 + i], Row(2, frozenset()), loop))
+            scheduler.submit(jobs[-1])
+        for job in jobs:
+            while await job.tokens.get() is not None:
+                pass
+        return [job.row.tokens for job in jobs]
+
+    monkeypatch.setattr(scheduling, "GATHER_QUIET_S", 0.3)
+    monkeypatch.setattr(scheduling, "GATHER_MAX_S", 3.0)
+    scheduler.start()
+    try:
+        tokens = asyncio.run(burst([0, 0.05, 0.05]))
+        assert joined == [3] and all(len(t) == 2 for t in tokens)
+        monkeypatch.setattr(scheduling, "GATHER_QUIET_S", 60.0)
+        monkeypatch.setattr(scheduling, "GATHER_MAX_S", 60.0)
+        began = time.perf_counter()
+        asyncio.run(burst([0, 0, 0, 0]))  # as many as the batch holds: no wait
+        assert joined == [3, 4] and time.perf_counter() - began < 30
+    finally:
+        scheduler.stop(10)
