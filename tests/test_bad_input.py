@@ -902,3 +902,36 @@ def test_configuration_errors_said_before_training_and_short(capsys, tmp_path, a
         assert main_exit(["pretrain", "--model", str(adapted), "--out", str(tmp_path / "run"), *extra]) == 2
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert message in line and len(line) < 300, line[:300]
+
+
+def test_quickstart_overwrite_leaves_a_kept_final_model_of_another_run_alone(capsys, tmp_path, sources, monkeypatch):
+    """A run whose checkpoints were deleted to save space keeps its final model, which records what it trained: the
+    check read checkpoints only, and --overwrite deleted that model (with --steps 0, the whole run directory). A
+    final model that records no origin is refused too; and OUT/adapted holding another folder is refused before
+    the source is loaded."""
+    import encdec.quickstart
+
+    monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
+    out, other = tmp_path / "runs", tmp_path / "other"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("w1 w2 w3 w4 w5 w6 w7 w8\n\n" * 40)
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(other)]) == 0
+    assert main(["pretrain", "--model", str(other), "--out", str(out / "pretrain"), "--data", str(corpus), "--steps",
+                 "1", "--enc-len", "8", "--dec-len", "8", "--batch-size", "2", "--eval-windows", "1"]) == 0
+    shutil.rmtree(out / "pretrain" / "checkpoints")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    capsys.readouterr()
+    for steps in ("0", "1"):
+        assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", steps, "--max-new-tokens", "2"]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"holds a training run of {other}" in line and "choose another --out" in line
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    (out / "pretrain" / "model" / "encdec.json").unlink()
+    assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
+    assert "does not record what it was trained from" in capsys.readouterr().err
+    shutil.rmtree(out / "pretrain")
+    (out / "adapted").mkdir()
+    (out / "adapted" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(encdec.quickstart, "load_source", lambda *a, **k: pytest.fail("the source was read"))
+    assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
+    assert "holds notes.txt but none of what this command writes there" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from encdec.adapt import adapt
-from encdec.checkpoint import load, save
+from encdec.checkpoint import load, read_metadata, save
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.data.text import check_text
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
@@ -37,6 +37,30 @@ def _is_adapted_dir(started: Path, adapted_dir: Path) -> bool:
     return not started.is_absolute() and started.parts[-2:] == adapted_dir.resolve().parts[-2:]
 
 
+def _run_origin(run_dir: Path) -> str | None:
+    """The --model a training run in `run_dir` started from: as its newest checkpoint records it, else as its final
+    model's provenance does (a run's checkpoints may have been deleted, its model kept)."""
+    started = started_from(run_dir)
+    if started is None and (run_dir / "model").is_dir():
+        metadata = read_metadata(run_dir / "model")
+        run = metadata.get("pretrained") or metadata.get("finetuned")
+        started = run.get("from") if isinstance(run, dict) else None
+    return started if isinstance(started, str) else None
+
+
+def _check_own_run(run_dir: Path, adapted_dir: Path) -> None:
+    """--overwrite replaces the quickstart's own run, not one that sits in OUT/pretrain (encdec pretrain's default
+    --out is runs/pretrain): refused where that run trained another model, or where a final model's origin is not
+    recorded at all."""
+    started = _run_origin(run_dir)
+    if started is not None and not _is_adapted_dir(Path(started), adapted_dir):
+        raise EncdecError(f"{run_dir} holds a training run of {started}, not of {adapted_dir}, which --overwrite does "
+                          "not replace (encdec pretrain's default --out is runs/pretrain); choose another --out")
+    if started is None and (run_dir / "model").is_dir() and any((run_dir / "model").iterdir()):
+        raise EncdecError(f"{run_dir}/model holds a model that does not record what it was trained from, which "
+                          "--overwrite does not replace; choose another --out")
+
+
 MAX_NEW_TOKENS = 4096
 
 
@@ -59,10 +83,8 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
     check_text(prompt, "--prompt")
     check_output_dir(out, overwrite, replaces=("adapted", "pretrain"))
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
-    started = started_from(run_dir)  # --overwrite replaces the quickstart's own run, not one that sits in OUT/pretrain
-    if started is not None and not _is_adapted_dir(Path(started), adapted_dir):
-        raise EncdecError(f"{run_dir} holds a training run of {started}, not of {adapted_dir}, which --overwrite does "
-                          "not replace (encdec pretrain's default --out is runs/pretrain); choose another --out")
+    check_output_dir(adapted_dir, overwrite, replaces=("config.json",))  # as save() will, before minutes of work
+    _check_own_run(run_dir, adapted_dir)
     with timed(f"loading {SOURCE}"):
         source = load_source(SOURCE)
         tokenizer = load_tokenizer(source.directory)
