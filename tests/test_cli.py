@@ -164,6 +164,9 @@ GENERATE_INPUT_BAD = [
     ('{"prompt": "w1", "completion": "w2", "id": 1}\n', [], "line 1: the record has 'completion', which its output"),
     ('{"prompt": "w1", "score": NaN}\n', [], "line 1: not valid JSON"),
     ('{"prompt": "w1", "score": 1e400}\n', [], "line 1: a number too large for a float"),
+    ('{"prompt": "w1 \\ud800"}\n', [], "line 1: a string holds a \\uD800-\\uDFFF escape that is not half"),
+    ('{"prompt": "w1", "id": "\\ud800"}\n', [], "line 1: a string holds a \\uD800-\\uDFFF escape"),  # written back
+    ('{"messages": [{"role": "user", "content": "w1", "name": "\\udc00"}]}\n', [], "line 1: a string holds a"),
     ('{"prompt": "w1"}\n', ["--out", "{model}/config.json"], "is inside the input"),
     ('{"prompt": "w1"}\n', ["--out", "{input}/x.jsonl"], "exists and is not a directory"),
     ('{"prompt": "w1"}\n', ["--out", "{model}"], "is the input"),

@@ -16,7 +16,7 @@ from typing import Any
 
 from encdec.data.chat import ChatFormat
 from encdec.data.instructions import conversation
-from encdec.data.text import check_text, json_lines, json_records, lone_surrogate, read_file
+from encdec.data.text import check_text, json_lines, json_records, read_file
 from encdec.errors import EncdecError
 
 OUTPUT_FIELDS = ("completion", "finish_reason", "prompt_tokens", "completion_tokens")  # what an output line adds
@@ -54,9 +54,6 @@ def _from_record(record: Any, chat: ChatFormat, tokenizer: Any) -> list[int]:
         if turns[-1][0] != "user":
             raise ValueError("the last message must be a user message: the model answers it")
         texts = [text for _, text in turns]
-    if any(map(lone_surrogate, texts)):
-        raise ValueError("a text holds a \\uD800-\\uDFFF escape that is not half of a pair: not a character, so no "
-                         "tokenizer can read it")
     return tokenizer(texts[0]).input_ids if turns is None else chat.encode(turns)
 
 
@@ -78,8 +75,12 @@ def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
         prompts = []
         records = json_records(sys.stdin.buffer, name, strict=True) if spec == STDIN else json_lines(path, strict=True)
         for number, record in records:
-            try:
-                json.dumps(record, allow_nan=False)  # the record is written back with the completion
+            try:  # the record is written back with the completion, in UTF-8: refused now, not after generating
+                json.dumps(record, allow_nan=False, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise EncdecError(f"{name}, line {number}: a string holds a \\uD800-\\uDFFF escape that is not half "
+                                  "of a pair: not a character, so no tokenizer can read it nor UTF-8 write it back"
+                                  ) from None
             except ValueError:
                 raise EncdecError(f"{name}, line {number}: a number too large for a float (read as infinity, which "
                                   "JSON has no number for)") from None
