@@ -386,6 +386,16 @@ def test_empty_prompts_are_refused_and_an_empty_eos_list_never_stops(model):
     for token in (model.config.vocab_size, -1):  # the embedding's IndexError before
         with pytest.raises(EncdecError, match=rf"input_ids: token id {token} is outside the vocabulary \(0 to "):
             model.generate(torch.cat([ids[:1, :-1], torch.tensor([[token]])], 1), max_new_tokens=2)
+    # past the positions the model was trained for: refused, as encdec generate and serve refuse (it generated)
+    encoder_limit, decoder_limit = model.config.encoder.max_positions, model.config.decoder.max_positions
+    long = torch.full((1, encoder_limit + 1), 5)
+    with pytest.raises(EncdecError, match=f"the prompt has {encoder_limit + 1} tokens; this model reads at most"):
+        model.generate(long, max_new_tokens=1)
+    padded = torch.ones_like(long).index_fill_(1, torch.tensor([0]), 0)  # its real tokens fit
+    assert model.generate(long, padded, max_new_tokens=1).shape == (1, 1)
+    with pytest.raises(EncdecError, match=f"decoder reads at most {decoder_limit} positions, so at most "
+                                          f"{decoder_limit - 2} new tokens"):
+        model.generate(ids, mask, max_new_tokens=decoder_limit - 1, decoder_prefix=[5, 6])
     # greedy never reads the temperature: 0 is accepted, as transformers does
     greedy = model.generate(ids, mask, max_new_tokens=3)
     assert torch.equal(model.generate(ids, mask, max_new_tokens=3, temperature=0.0), greedy)

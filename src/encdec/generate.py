@@ -135,6 +135,8 @@ def generate(
     if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:
         raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask "
                           "is all 0): every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
+    longest = int(attention_mask.sum(1).max()) if attention_mask is not None else input_ids.shape[1]
+    check_positions(longest, max_new_tokens, cfg, prefix=len(decoder_prefix))  # as encdec generate and serve refuse
     # ints, not what holds them: a tensor's elements hash by identity and would never equal a token
     eos = frozenset(torch.as_tensor(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids).reshape(-1).tolist())
     rows = [Row(max_new_tokens, eos, sampling, decoder_prefix=tuple(decoder_prefix)) for _ in range(input_ids.shape[0])]
