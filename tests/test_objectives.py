@@ -549,3 +549,25 @@ def test_the_framing_of_a_mistyped_path_is_an_error_not_plain(tmp_path):
     with pytest.raises(EncdecError, match="ul2-typo: no such checkpoint directory"):
         model_framing(tmp_path / "ul2-typo", Vocab())
     assert model_framing(tmp_path, Vocab()) == PLAIN  # a directory without provenance: plain, as before
+
+
+@pytest.mark.parametrize("settings, vocab, message", [
+    ({"mixture": "t5gemma9"}, GEMMA_LIKE, "names the UL2 mixture 't5gemma9'; known: "),
+    ({"mixture": "t5gemma2"}, {"<bos>": 2, "hello": 3}, "the vocabulary has no reserved tokens"),
+])
+def test_a_ul2_framing_that_cannot_be_built_is_one_line(tmp_path, settings, vocab, message):
+    """A provenance naming a mixture this version does not know (hand-edited, another version), or a tokenizer
+    swapped for one without UL2's tokens: a KeyError or a bare ValueError escaped `encdec generate` and `serve`."""
+    import json
+
+    from encdec.errors import EncdecError
+    from encdec.inference.loading import model_framing
+
+    class Vocab:
+        def get_vocab(self):
+            return vocab
+
+    (tmp_path / "encdec.json").write_text(json.dumps({"pretrained": {"objective": "ul2", "settings": settings}}))
+    with pytest.raises(EncdecError, match=f"{tmp_path.name}: cannot read prompts as its UL2 pretraining posed them: "
+                                          f".*{message}"):
+        model_framing(tmp_path, Vocab())

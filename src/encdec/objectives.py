@@ -254,7 +254,10 @@ def trained_framing(metadata: Mapping, vocab: Mapping[str, int]) -> Framing:
     if "finetuned" in metadata or not isinstance(run, Mapping):
         return PLAIN
     settings = run.get("settings") or {}
-    return continuation_framing(run.get("objective", "prefixlm"), settings.get("mixture", "t5gemma2"), vocab)
+    objective, mixture = run.get("objective", "prefixlm"), settings.get("mixture", "t5gemma2")
+    if objective == "ul2" and mixture not in MIXTURES:  # hand-edited, or from another version
+        raise ValueError(f"its provenance names the UL2 mixture {mixture!r}; known: {', '.join(MIXTURES)}")
+    return continuation_framing(objective, mixture, vocab)
 
 
 def _numbered(vocab: Mapping[str, int], pattern: re.Pattern) -> list[int]:

@@ -61,7 +61,10 @@ def model_framing(path: Path | str, tokenizer) -> Framing:
     path = Path(path).expanduser()
     if not path.is_dir():  # read_metadata has nothing to say of a mistyped path: plain framing would pass unseen
         raise EncdecError(f"{path}: no such checkpoint directory")
-    framing = trained_framing(read_metadata(path), tokenizer.get_vocab())
+    try:
+        framing = trained_framing(read_metadata(path), tokenizer.get_vocab())
+    except (ValueError, TypeError) as e:  # a mixture it does not know, a tokenizer without UL2's tokens
+        raise EncdecError(f"{path}: cannot read prompts as its UL2 pretraining posed them: {e}") from None
     if framing != PLAIN:
         log.info("%s was pretrained with UL2 and not instruction-tuned since: prompts are read as its objective "
                  "posed them (token ids %s)", path, framing.describe())
