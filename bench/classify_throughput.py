@@ -75,6 +75,9 @@ def parse_args() -> argparse.Namespace:
     require_positive(p, args, ("batch", "max_len", "examples", "steps", "repeats", "warmup", "rounds"))
     if args.max_len < 4:
         p.error("--max-len must be at least 4")
+    if args.examples % args.batch:  # both sides then step through full batches only, as the examples/s assumes
+        p.error(f"--examples must be a multiple of --batch ({args.batch}), got {args.examples}: encdec's epochs end "
+                "with a short batch otherwise, the plain loop's never")
     return args
 
 

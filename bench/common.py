@@ -94,8 +94,11 @@ def cpu_only() -> None:
 def run_worker(script: str | Path, arguments: list[str], env: dict[str, str] | None = None) -> dict:
     """Run `script` with `arguments` in a fresh Python process (with `env` in place of this one's environment,
     where given); its last stdout line is its JSON result."""
-    out = subprocess.run([sys.executable, str(script), *arguments], stdout=subprocess.PIPE, text=True, check=True,
-                         env=env)
+    out = subprocess.run([sys.executable, str(script), *arguments], stdout=subprocess.PIPE, text=True, env=env,
+                         check=False)
+    if out.returncode != 0:  # its own error is above, on stderr: one line here, not a CalledProcessError's traceback
+        raise SystemExit(f"{Path(script).name} {' '.join(arguments)} failed (exit status {out.returncode}; its "
+                         "error is above)")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -97,7 +97,8 @@ def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Nam
     # no classifier: every cell would save a copy of its backbone (1.1 GB for the 270M) that no table reads
     command = [sys.executable, "-m", "encdec.cli", "classify", *options, "--no-save", "--out", str(out)]
     print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    if subprocess.run(command, check=False).returncode != 0:  # encdec's own one-line error is above
+        sys.exit(f"the cell {task} / {protocol} of {model} failed; a rerun retries it")
     return json.loads(results.read_text())
 
 

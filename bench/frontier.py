@@ -14,8 +14,9 @@ example's prefix + suffix causally, scored on the same suffix tokens, with the s
 (from itself as it started), vocabulary trimming, learning-rate schedule and seed. Options that only an
 encoder has (freeze, curriculum, cross warm-up) are left out of its run.
 
-Quality: held-out suffix NLL on both held-out sets (python-docs, in-domain; general-english, out of
-domain) and the average accuracy of the pretraining suite (--eval-tasks, a fixed seeded sample of
+Quality: held-out suffix NLL on both held-out sets (python-docs and general-english: passages no run trains on,
+though the default recipe trains on both collections, CoQA's stories among them; the plot shows general-english)
+and the average accuracy of the pretraining suite (--eval-tasks, a fixed seeded sample of
 --eval-limit examples per task, --shots) with a 95% interval: the `encdec evaluate` harness, whose
 per-task table (the points side by side) goes to OUT/evaluation-NAMES.md. Cost: FLOPs per request (a
 --prompt-tokens input -> --new-tokens new tokens, from the shapes: `encdec.flops`) and the measured
@@ -55,15 +56,17 @@ from encdec.checkpoint import is_checkpoint
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.errors import EncdecError
 from encdec.evaluation.tasks import LM_TASK, parse_tasks
+from encdec.files import atomic_write
 
 SOURCE = "source"
 DEFAULT_POINTS = ["balanced=all", "dec9=1::2", "dec6=2::3"]
 CHOSEN_RECIPE = "chosen:lr=3e-5,data=[corpus:python-docs,corpus:coqa-stories]"  # the recovery grid's best
 ENCODER_ONLY = ("freeze_encoder_steps", "encoder_curriculum_steps", "cross_warmup_steps")
-OUT_OF_DOMAIN = "general-english"
+PLOTTED_SET = "general-english"  # the plot's held-out NLL
 DEVICE = torch.device("cpu")
 # the options each kind of result depends on: a rerun into the same OUT must not mix studies
-SETTINGS = {"trained": ("source", "steps", "recipe", "seed"), "evaluated": ("eval_tasks", "eval_limit", "shots", "eval_seed"),
+SETTINGS = {"adapted": ("source",), "trained": ("source", "steps", "recipe", "seed"),
+            "evaluated": ("eval_tasks", "eval_limit", "shots", "eval_seed"),
             "latency": ("prompt_tokens", "new_tokens", "batches", "repeats")}
 
 
@@ -72,10 +75,16 @@ def settings(event: str, args: argparse.Namespace) -> dict:
 
 
 def refuse_other_settings(records: list[dict], args: argparse.Namespace, results: Path) -> None:
+    """A rerun into the same OUT resumes the same study: other settings, or a point of the same name adapted
+    otherwise (its trained model would be taken as the new point's), are refused."""
     for record in records:
         if record["settings"] != settings(record["event"], args):
             raise SystemExit(f"{results} holds results made with {record['settings']}, this run asks for "
                              f"{settings(record['event'], args)}: use another --out")
+        point = record["point"]
+        if "adapt" in record and point in args.points and record["adapt"] != args.points[point]:
+            raise SystemExit(f"{results} holds point {point!r} adapted with {' '.join(record['adapt'])}, this run "
+                             f"asks for {' '.join(args.points[point])}: give it another name, or use another --out")
 
 
 def parse_point(text: str, attention: str) -> tuple[str, list[str]]:
@@ -98,6 +107,8 @@ def adapted_model(name: str, options: list[str], args: argparse.Namespace) -> Pa
         print(f"adapting {args.source} into {out} ({' '.join(options)}) ...", file=sys.stderr, flush=True)
         if encdec(["adapt", "--encoder", args.source, *options, "--out", str(out), "--overwrite"]) != 0:
             raise SystemExit(f"encdec adapt failed for --point {name}")
+        append(args.out / "results.jsonl", {"point": name, "event": "adapted", "settings": settings("adapted", args),
+                                            "adapt": options})
     return out
 
 
@@ -113,8 +124,12 @@ def train_point(name: str, start: str | Path, args: argparse.Namespace, results:
     if (name, "trained") not in done:
         began = time.perf_counter()
         cfg.resume = checkpointing.checkpoints(Path(cfg.out)) != []
-        train(cfg)
+        try:
+            train(cfg)
+        except EncdecError as e:
+            raise SystemExit(f"training {name} failed: {e}") from None
         append(results, {"point": name, "event": "trained", "settings": settings("trained", args),
+                         "adapt": args.points.get(name, []),
                          "tokens": args.steps * tokens_per_step(cfg), "seconds": round(time.perf_counter() - began),
                          "options": options})
     return final
@@ -173,8 +188,8 @@ def write_prompts(args: argparse.Namespace, tokenizer_dir: Path, path: Path) -> 
     ids, rows, length = token_stream(tokenizer, cfg.data, text_field=cfg.text_field), max(args.batches), args.prompt_tokens
     if len(ids) < rows * (length - 1):
         raise SystemExit(f"the training data has {len(ids)} tokens, fewer than {rows} prompts of {length} need")
-    path.write_text(json.dumps([[tokenizer.bos_token_id, *ids[r * (length - 1) : (r + 1) * (length - 1)].tolist()]
-                                for r in range(rows)]))
+    atomic_write(path, json.dumps([[tokenizer.bos_token_id, *ids[r * (length - 1) : (r + 1) * (length - 1)].tolist()]
+                                   for r in range(rows)]))  # every rerun reuses it: never half a file
 
 
 def worker(model_dir: Path, prompts: Path, args: argparse.Namespace) -> None:
@@ -254,14 +269,14 @@ def plot(points: dict[str, dict], batches: list[int], title: str, path: Path) ->
         for name, p in points.items():
             x = cost(p)
             if quality == "nll":
-                y, err = p["nll"][OUT_OF_DOMAIN], None
+                y, err = p["nll"][PLOTTED_SET], None
             else:
                 y = 100 * p["suite"]["average"]
                 low, high = (100 * v for v in p["suite"]["interval95"])
                 err = [[y - low], [high - y]]
             ax.errorbar([x], [y], yerr=err, marker="s" if name == SOURCE else "o", capsize=3, linestyle="none")
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5))
-        ylabel = f"suffix NLL, {OUT_OF_DOMAIN} (nats/token)" if quality == "nll" else "suite average accuracy (%)"
+        ylabel = f"suffix NLL, {PLOTTED_SET} (nats/token)" if quality == "nll" else "suite average accuracy (%)"
         ax.set(xlabel=label, ylabel=ylabel)
     fig.suptitle(title)
     fig.tight_layout()

@@ -22,7 +22,9 @@ import torch
 
 from encdec.checkpoint import load, read_metadata
 from encdec.data.corpus import HELDOUT_SETS
+from encdec.data.tokens import leading_bos
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_position_nll, encdec_position_nll, split_passages
+from encdec.inference.loading import model_framing
 from encdec.sources import load_source, load_tokenizer, transformers_causal_lm
 
 SOURCE = "source"
@@ -78,9 +80,11 @@ def main() -> None:
     del reference
     for name, path in models.items():
         model = load(Path(path)).eval()
-        rows[name] = {key: encdec_position_nll(model, data) for key, data in sets.items()}
+        framing = model_framing(path, tokenizer)  # a UL2-pretrained model reads a continuation after its sentinel
+        rows[name] = {key: encdec_position_nll(model, data, framing=framing) for key, data in sets.items()}
+        framed = torch.tensor([framing.prompt(prompt.input_ids[0].tolist(), leading_bos(tokenizer))])
         with torch.no_grad():
-            ids = model.generate(prompt.input_ids, prompt.attention_mask, max_new_tokens=args.new_tokens)
+            ids = model.generate(framed, max_new_tokens=args.new_tokens, decoder_prefix=framing.decoder)
         texts[name] = tokenizer.decode(ids[0], skip_special_tokens=True)
 
     print(f"\nheld-out suffix NLL (nats/token, the same 64-token suffixes) after a prefix of n tokens (BOS included)")

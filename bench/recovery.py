@@ -29,7 +29,7 @@ from encdec.checkpoint import load, read_metadata
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.errors import EncdecError
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
-from encdec.files import read_weights
+from encdec.files import portable_path, read_weights
 from encdec.inference.loading import model_framing
 from encdec.objectives import PLAIN, Framing
 from encdec.sources import load_source, load_tokenizer
@@ -53,7 +53,10 @@ def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[st
     if not trained:
         began = time.perf_counter()
         cfg.resume = checkpointing.checkpoints(Path(cfg.out)) != []
-        train(cfg)
+        try:
+            train(cfg)
+        except EncdecError as e:
+            raise SystemExit(f"training recipe {name!r} failed: {e}") from None
         append(results, {"recipe": name, "event": "trained", "steps": steps, "seconds": round(time.perf_counter() - began),
                          "options": options})
     start = load(args.model)
@@ -137,6 +140,13 @@ def main() -> None:
     tokenizer = load_tokenizer(args.model)
     sets = {name: split_passages(tokenizer, passages(), 64, 64) for name, (_, passages) in HELDOUT_SETS.items()}
     records = read_results(results)
+    study = {"model": portable_path(str(args.model)), "seed": args.seed, "steps": args.steps,
+             "eval_every": args.eval_every}
+    recorded = next((r for r in records if r.get("recipe") == "study"), None)
+    if recorded is None:
+        append(results, {"recipe": "study", **study})
+    elif {k: recorded.get(k) for k in study} != study:  # the baselines and every curve in OUT were made so
+        parser.error(f"{args.out} holds a study of {recorded}, not {study}: use another --out")
     if not any(r.get("recipe") == "source" for r in records):
         append(results, {"recipe": "source", "nll": source_nll(args, sets)})
     start_nll = next((r for r in records if r.get("recipe") == "adapted"), None)
@@ -149,8 +159,7 @@ def main() -> None:
             parser.error(f"recipe {name!r} was run in {args.out} with {before[-1]['options']}, not {options}: give it "
                          "another name, or another --out")
         done = {(r["recipe"], r["step"]) for r in records if "step" in r}
-        trained = any(r["steps"] == args.steps for r in before)
-        run_recipe(name, options, args, sets, results, trained, done)
+        run_recipe(name, options, args, sets, results, bool(before), done)
     report(results, [name for name, _ in recipes], args.out)
 
 

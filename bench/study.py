@@ -58,10 +58,21 @@ def tokens_per_step(cfg: TrainConfig) -> int:
 
 
 def read_results(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The records of the results file, less a last line cut short (a run stopped while writing it: `append`
+    drops it before writing the next)."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines()]
 
 
 def append(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One record, as a line of its own: a line an interrupted write left without its end is dropped first (each
+    record is one write of a complete line, so only the last can be cut short)."""
+    with path.open("a+b") as f:
+        f.seek(0)
+        complete = f.read().rfind(b"\n") + 1
+        f.truncate(complete)
+        f.write((json.dumps(record) + "\n").encode())
     print(json.dumps(record), flush=True)

