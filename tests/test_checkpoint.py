@@ -272,3 +272,41 @@ def test_a_hand_edited_configuration_is_checked_naming_the_file(sources, tmp_pat
     with pytest.raises(EncdecError, match=re.escape(said)) as caught:
         encdec.load(tmp_path / "out")
     assert str(file) in str(caught.value)
+
+
+def test_a_checkpoint_holding_both_whole_and_sharded_weights_is_refused(sources, tmp_path, monkeypatch):
+    """A sharded save over an unsharded one leaves model.safetensors beside the new index: transformers reads the
+    whole file, encdec read the shards, each a different model without a word."""
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    encdec.save(model, tmp_path / "whole")
+    monkeypatch.setattr(encdec.files, "SHARD_BYTES", 20_000)
+    encdec.save(model, tmp_path / "sharded")
+    for shard in (tmp_path / "sharded").glob("model*"):
+        shard.rename(tmp_path / "whole" / shard.name)
+    with pytest.raises(EncdecError, match="holds both model.safetensors and model.safetensors.index.json"):
+        encdec.load(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("family, fmt", [("gemma3", "t5gemma2"), ("gemma2", "t5gemma")])
+def test_a_t5gemma_checkpoint_with_weights_or_settings_encdec_does_not_compute_is_refused(sources, tmp_path, family,
+                                                                                          fmt):
+    """transformers' T5Gemma computes q/k/v/o biases where attention_bias is true, and another activation where
+    hidden_activation names one: the biases were dropped with a note, the activation never read."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "model"
+    encdec.save(encdec.adapt(encdec.load_source(str(sources[family]))), out)
+    weights = load_file(out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    bias = next(n for n in weights if n.endswith("q_proj.weight")).replace("weight", "bias")
+    save_file({**weights, bias: torch.zeros(len(weights[bias.replace("bias", "weight")]))}, out / "model.safetensors")
+    with pytest.raises(EncdecError, match=f"holds 1 tensor.s. encdec does not read, such as {re.escape(bias)}: a "
+                                          f"variant of {fmt}"):
+        encdec.load(out)
+    decoder = config["decoder"]
+    for key, value, said in (("attention_bias", True, "attention_bias: true is not supported"),
+                             ("hidden_activation", "gelu", "hidden_activation 'gelu' is not supported"),
+                             ("sliding_window", None, "sliding_window is None; expected a positive number")):
+        (out / "config.json").write_text(json.dumps({**config, "decoder": {**decoder, key: value}}))
+        with pytest.raises(EncdecError, match=said):
+            encdec.load(out)

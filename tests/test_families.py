@@ -612,3 +612,23 @@ def test_a_directory_named_like_a_packaged_model_is_that_directory(sources, tmp_
     source = encdec.load_source("gemma-3-270m")
     assert source.directory.resolve() == (tmp_path / "gemma-3-270m").resolve()
     assert source.stack.hidden_size == 32
+
+
+def test_a_gemma3_rope_setting_that_names_no_layer_type_is_refused():
+    """transformers' Gemma 3 keeps its per-type defaults (local 10,000, global 1,000,000, unscaled) beside a flat
+    rope_parameters; encdec applied the flat one to every layer, computing another model without a word."""
+    import transformers as tf
+
+    from encdec.errors import EncdecError
+    from encdec.formats.gemma import stack_from_hf
+
+    flat = {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
+    read = tf.Gemma3TextConfig(rope_parameters=dict(flat)).rope_parameters  # (it adds to the dict it is given)
+    assert read["sliding_attention"] == {"rope_type": "default", "rope_theta": 10_000.0}
+    cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 1, "head_dim": 32}
+    with pytest.raises(EncdecError, match="names no layer type; Gemma 3 reads one setting per layer type"):
+        stack_from_hf({**cfg, "rope_parameters": flat}, "gemma3")
+    stack = stack_from_hf({**cfg, "rope_parameters": flat}, "gemma2")  # Gemma 2 reads one for every layer
+    assert (stack.rope_theta_local, stack.rope_scale_local) == (1e6, 8.0) == (stack.rope_theta_global,
+                                                                           stack.rope_scale_global)

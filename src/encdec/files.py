@@ -102,6 +102,10 @@ def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: model.safetensors, or the shards its index lists (each
     a file of the directory itself, never a path that leads out of it)."""
     index = directory / "model.safetensors.index.json"
+    if index.exists() and (directory / "model.safetensors").exists():  # transformers reads the one, encdec the other
+        raise EncdecError(f"{directory} holds both model.safetensors and model.safetensors.index.json (one left by an "
+                          "earlier save, sharded or not): remove the stale one, so that every reader loads the same "
+                          "weights")
     if index.exists():
         weight_map = read_json(index).get("weight_map", {})
         if not isinstance(weight_map, dict):

@@ -82,6 +82,9 @@ def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
     params = dict(params) if isinstance(params, dict) else {}
     if set(params) & set(HF_LAYER_TYPES):  # one setting per layer type
         params = dict(params.get(OUR_LAYER_TYPES[kind]) or {})
+    elif gemma3 and params:  # transformers' Gemma 3 keeps its per-type defaults beside a flat setting
+        raise EncdecError(f"rope_parameters {params} names no layer type; Gemma 3 reads one setting per layer type "
+                          f"({', '.join(HF_LAYER_TYPES)}), and transformers would leave a flat one unused")
     scaling = cfg.get("rope_scaling") or {}
     if gemma3 and kind == "full":
         params.update(scaling)
@@ -97,6 +100,14 @@ def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
 def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
     """A StackConfig from a Gemma 2 / Gemma 3 (text) or T5Gemma module configuration dict."""
     cfg = with_defaults(cfg, family)
+    if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise EncdecError(f"hidden_activation {cfg['hidden_activation']!r} is not supported; accepted: "
+                          "'gelu_pytorch_tanh' (Gemma 2, Gemma 3, T5Gemma)")
+    if cfg.get("attention_bias"):
+        raise EncdecError("attention_bias: true is not supported (Gemma's projections have no biases)")
+    if not cfg.get("sliding_window", 4096) or not isinstance(cfg.get("sliding_window", 4096), int):
+        raise EncdecError(f"sliding_window is {cfg.get('sliding_window')!r}; expected a positive number of tokens "
+                          "(transformers' Gemma needs one for its sliding layers)")
     n = layer_count(cfg)
     if cfg.get("layer_types"):
         layer_types = layer_types_from_hf(cfg["layer_types"])
@@ -112,7 +123,7 @@ def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
         num_kv_heads=cfg["num_key_value_heads"],
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
         layer_types=layer_types,
-        sliding_window=cfg.get("sliding_window") or 4096,
+        sliding_window=cfg.get("sliding_window", 4096),
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),
         rope_theta_local=local[0],
         rope_scale_local=local[1],

@@ -217,6 +217,7 @@ def from_hf_weights(
         if any(n in EOI_EMBEDDINGS for n in rest):
             notes.append("ignored eoi_embedding (it only replaces <end_of_image>, which text inputs do not use)")
     unknown = [n for n in rest if n not in vision and n not in EOI_EMBEDDINGS]
-    if unknown:
-        notes.append(f"ignored {len(unknown)} unknown tensor(s) such as {unknown[0]}")
+    if unknown:  # transformers' model would compute with them (a bias, a variant's extra weights)
+        raise EncdecError(f"the checkpoint holds {len(unknown)} tensor(s) encdec does not read, such as {unknown[0]}: "
+                          f"a variant of {layout.model_type} this version does not know")
     return ours, notes
