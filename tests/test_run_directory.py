@@ -601,3 +601,19 @@ def test_resume_without_a_checkpoint_says_the_run_starts_afresh(adapted, corpus,
     assert "holds a finished run's model but no checkpoint to resume" in line and "--overwrite" in line
     assert (out / "metrics.jsonl").read_text() == metrics and metrics
     assert all(torch.equal(t, model[k]) for k, t in read_weights(out / "model").items())
+
+
+def test_resuming_on_other_data_is_one_line(adapted, corpus, tmp_path, capsys):
+    """Text added to the data (or a corpus that changed) between stop and resume: the saved place then pointed at
+    other windows, and the held-out windows, the last of the stream, moved into training, without a word."""
+    out, data = tmp_path / "run", tmp_path / "data.txt"
+    data.write_text(corpus.read_text())
+    assert main(_pretrain_args(adapted, out, data, "--steps", "1", "--save-every", "1", "--eval-every", "0")) == 0
+    data.write_text(corpus.read_text() + "\n\nw9 w8 w7 w6 w5 w4 w3 w2 w1 " * 40)
+    capsys.readouterr()
+    assert main(_pretrain_args(adapted, out, data, "--steps", "2", "--resume")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "step-000001: the training data differs from the run's (" in line and "--overwrite" in line
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000001"]
+    data.write_text(corpus.read_text())  # the run's data again: it resumes
+    assert main(_pretrain_args(adapted, out, data, "--steps", "2", "--resume")) == 0

@@ -7,6 +7,7 @@ lengths by `length_grouped`."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,22 @@ class ExampleStream:
         self.rng = np.random.default_rng([seed, 1])
         self.pending: Example | None = None
         self._orders: tuple[int, np.ndarray] | None = None  # (epoch, its order)
+        self._fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        """What tells these items apart from other data (a digest of their tokens, taken once): a resumed run's
+        place in the stream means something only over the same items."""
+        if self._fingerprint is None:
+            digest = hashlib.blake2b(digest_size=8)
+            if isinstance(self.items, np.ndarray):  # pretraining's windows: one array
+                digest.update(str(self.items.shape).encode())
+                digest.update(np.ascontiguousarray(self.items).tobytes())
+            else:  # instruction tuning's examples
+                for item in self.items:
+                    digest.update(np.asarray(item.inputs, dtype=np.int64).tobytes() + b"|")
+                    digest.update(np.asarray(item.targets, dtype=np.int64).tobytes() + b";")
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def _order(self) -> np.ndarray:
         """The epoch's order of the items, drawn once per epoch (drawn for every example, it cost 0.7 s an example
@@ -184,12 +201,17 @@ class ExampleStream:
 
     def state_dict(self) -> dict[str, Any]:
         pending = None if self.pending is None else [self.pending.inputs, self.pending.targets]
-        return {"epoch": self.epoch, "cursor": self.cursor, "rng": self.rng.bit_generator.state, "pending": pending}
+        return {"epoch": self.epoch, "cursor": self.cursor, "rng": self.rng.bit_generator.state, "pending": pending,
+                "items": len(self.items), "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The stream's place, as `state_dict` wrote it; EncdecError for one this stream could not have written
         (a negative cursor re-read items silently; a pending example longer than a row escaped its cut)."""
         epoch, cursor, pending = state["epoch"], state["cursor"], state["pending"]
+        if state.get("fingerprint", self.fingerprint()) != self.fingerprint():  # (checkpoints before it: unchecked)
+            raise EncdecError(f"the training data differs from the run's ({state.get('items')} training items then, "
+                              f"{len(self.items)} now, other tokens): its place in them would mean other examples and "
+                              "another held-out set; resume with the run's data, or start afresh with --overwrite")
 
         def count(value: object, high: float) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
