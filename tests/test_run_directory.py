@@ -617,3 +617,25 @@ def test_resuming_on_other_data_is_one_line(adapted, corpus, tmp_path, capsys):
     assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000001"]
     data.write_text(corpus.read_text())  # the run's data again: it resumes
     assert main(_pretrain_args(adapted, out, data, "--steps", "2", "--resume")) == 0
+
+
+def test_resuming_after_the_start_model_was_replaced_is_one_line(adapted, corpus, tmp_path, capsys):
+    """`encdec adapt ... --overwrite` between stop and resume: the checkpoint's weights loaded, and the tokenizer,
+    the teacher, the untrained rows and the final model's configuration came from the new model, unsaid. A copy
+    of the same model elsewhere is the same model."""
+    import encdec
+
+    start, out = tmp_path / "start", tmp_path / "run"
+    shutil.copytree(adapted, start)
+    assert main(_pretrain_args(start, out, corpus, "--steps", "1", "--save-every", "1", "--eval-every", "0")) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(start, moved)
+    model = encdec.load(start)
+    with torch.no_grad():
+        model.decoder.norm.weight.add_(0.5)
+    encdec.save(model, start, tokenizer_dir=moved, overwrite=True)
+    capsys.readouterr()
+    assert main(_pretrain_args(start, out, corpus, "--steps", "2", "--resume")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert f"step-000001 was trained from another model than {start} holds now" in line and "--overwrite" in line
+    assert main(_pretrain_args(moved, out, corpus, "--steps", "2", "--resume")) == 0

@@ -80,6 +80,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model)
     start_files = rundir.start_model_files(model_dir) if d.main and model_dir.is_dir() else None
+    start_digest = rundir.start_model_digest(model_dir) if d.main and model_dir.is_dir() else None
     plan, tokenizer = build_plan(cfg, d)
     cfg = dataclasses.replace(cfg, distill=wants_distillation(cfg.distill, cfg.objective, cfg.teacher, model_dir,
                                                               plan.causal))
@@ -140,6 +141,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     if resume_from is not None:
         # what changed is said before the checkpoint is applied: a changed vocabulary or data make it fail there
         saved = resume_from.trainer
+        rundir.check_start_model(saved, model_dir, last_checkpoint)
         kept = saved.get("kept_tokens")
         if (keep is None) != (kept is None) or (keep is not None and not np.array_equal(keep, kept)):
             raise EncdecError(f"{last_checkpoint} was trained on another vocabulary (different data or --trim-vocab); "
@@ -198,7 +200,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
 
     def save_checkpoint(step: int, record: dict) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
-                   "processes": d.world, "kept_tokens": keep, "record": record,
+                   "processes": d.world, "kept_tokens": keep, "record": record, "start_model": start_digest,
                    "precision": "fp32" if compute_dtype is None else "bf16"}
         return checkpointing.save(out, step, wrapped, optimizer, trainer, d, (cfg.keep_last, cfg.save_every, cfg.steps),
                                   last_checkpoint)

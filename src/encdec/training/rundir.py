@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -203,6 +204,42 @@ def start_model_files(model_dir: Path) -> list[str] | None:
                 for p in [model_dir / "config.json", model_dir / METADATA, *weight_files(model_dir)]]
     except (OSError, EncdecError):
         return None
+
+
+DIGEST_SPAN = 1 << 20  # bytes read from each end of a weight file for `start_model_digest`
+
+
+def start_model_digest(model_dir: Path) -> str | None:
+    """A digest of the encoder-decoder a run starts from, by content (unlike `start_model_files`, the same for a copy
+    elsewhere): its configuration and metadata, and each weight file's size and first and last DIGEST_SPAN bytes (the
+    header, which names every tensor, and the last tensor's values). None where they cannot be read. A checkpoint
+    records it, so that a run resumed after its --model was replaced (adapted again, say) is refused."""
+    digest = hashlib.blake2b(digest_size=8)
+    try:
+        for path in [model_dir / "config.json", model_dir / METADATA]:
+            digest.update(path.read_bytes() if path.exists() else b"absent")
+        for path in weight_files(model_dir):
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                head = f.read(DIGEST_SPAN)
+                f.seek(max(0, size - DIGEST_SPAN))
+                digest.update(f"{path.name}:{size}".encode() + head + f.read(DIGEST_SPAN))
+    except (OSError, EncdecError):
+        return None
+    return digest.hexdigest()
+
+
+def check_start_model(saved: dict, model_dir: Path, checkpoint: Path) -> None:
+    """Refuse to resume from `checkpoint` when the --model it started from has changed since (its `start_model`
+    digest; checkpoints written before it was recorded, or a model that cannot be read, are not checked): the
+    tokenizer, the distillation teacher, the rows --trim-vocab does not train and the final model's configuration
+    are read from it again."""
+    recorded = saved.get("start_model")
+    now = start_model_digest(model_dir) if recorded else None
+    if recorded and now and recorded != now:
+        raise EncdecError(f"{checkpoint} was trained from another model than {model_dir} holds now (its configuration "
+                          "or weights changed since the run began: adapted again?); resume with the run's model, or "
+                          "start afresh with --overwrite")
 
 
 def recorded_settings(cfg: TrainConfig) -> dict[str, object]:
