@@ -639,3 +639,25 @@ def test_resuming_after_the_start_model_was_replaced_is_one_line(adapted, corpus
     (line,) = _lines(capsys.readouterr().err, "error:")
     assert f"step-000001 was trained from another model than {start} holds now" in line and "--overwrite" in line
     assert main(_pretrain_args(moved, out, corpus, "--steps", "2", "--resume")) == 0
+
+
+def test_a_metrics_line_that_cannot_be_written_is_one_line(adapted, corpus, tmp_path, capsys, monkeypatch):
+    """A full disk at a metrics line (a checkpoint took the last space) was a traceback; with several processes
+    the first stopped alone and the others waited in the next step's collective for --dist-timeout."""
+    import errno
+
+    from encdec.training import metrics
+
+    log = metrics.Metrics.log
+
+    def full_disk(self, record, *, write=True):
+        if write and record["step"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return log(self, record, write=write)
+
+    monkeypatch.setattr(metrics.Metrics, "log", full_disk)
+    out = tmp_path / "run"
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--save-every", "1", "--eval-every", "0")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert f"cannot write {out / 'metrics.jsonl'}: No space left on device" in line
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000001", "step-000002"]  # --resume goes on

@@ -17,7 +17,7 @@ from torch import nn
 from encdec.allocator import keep_freed_memory
 from encdec.checkpoint import load_checkpoint, read_metadata, save
 from encdec.errors import EncdecError
-from encdec.files import portable_path
+from encdec.files import portable_path, written
 from encdec.objectives import Example
 from encdec.training import checkpointing, distributed, rundir
 from encdec.training.config import TrainConfig
@@ -268,7 +268,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 last_checkpoint = save_checkpoint(step + 1, record)
             # every --log-every steps, and every step that evaluated or saved (a resumed run puts a checkpoint's
             # line back: `rundir.begin`)
-            metrics.log(record, write=(step + 1) % cfg.log_every == 0 or saving or "eval_loss" in record)
+            if (step + 1) % cfg.log_every == 0 or saving or "eval_loss" in record:
+                # the first process alone writes: a full disk stops every process with its line
+                with distributed.stopping_together(d), written(out / "metrics.jsonl"):
+                    metrics.log(record)
+            else:
+                metrics.log(record, write=False)
             if stopping and done:  # every step is done: the final model is what is left (a second signal stops it;
                 # --resume writes it then), rather than a run to start again for it alone
                 metrics.message(f"stop requested during the last step ({step + 1}): writing the final model")
@@ -277,7 +282,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 metrics.close()
                 raise KeyboardInterrupt
     metrics.close()
-    return _final_model(cfg, out, model_dir, plan, d, start_files)
+    with distributed.stopping_together(d):  # the others would wait at train()'s barrier for a first process gone
+        return _final_model(cfg, out, model_dir, plan, d, start_files)
 
 
 def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: distributed.Dist,
