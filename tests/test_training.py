@@ -649,6 +649,10 @@ def test_settings_a_run_will_not_use_are_named_when_it_starts():
         "--average-last 5: the run saves 1 scheduled checkpoint(s) (--steps 100, --save-every 100); the final model "
         "averages 1"]
     assert idle_settings(TrainConfig(model="m", out="o", steps=101, save_every=20, average_last=6)) == []
+    assert idle_settings(TrainConfig(model="m", out="o", fsdp=True)) == [  # wrap() leaves one process's model whole
+        "--fsdp shards the model across processes, and this run has one: it trains unsharded (start several with "
+        "torchrun or accelerate launch)"]
+    assert idle_settings(TrainConfig(model="m", out="o", fsdp=True), processes=2) == []
 
 
 def test_shorter_ul2_windows_pack_several_examples_a_row(adapted, corpus, tmp_path):

@@ -88,7 +88,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                   d.world)
     check_recipe(cfg, plan.model, plan.causal)
     if d.main:
-        for note in idle_settings(cfg):
+        for note in idle_settings(cfg, d.world):
             log.warning("%s", note)
     model, stream, eval_examples, keep = plan.model.to(d.device), plan.stream, plan.eval_examples, plan.keep
     untrained = None if plan.trimmed is None else plan.trimmed.untrained

@@ -36,9 +36,10 @@ LONGER_THAN_THE_RUN = {"warmup_steps": "the learning rate never reaches --lr",
                        "encoder_curriculum_steps": "the encoder's attention never opens fully"}
 
 
-def idle_settings(cfg: TrainConfig) -> list[str]:
+def idle_settings(cfg: TrainConfig, processes: int = 1) -> list[str]:
     """Settings this run was given that it will not use, or not as meant (said when it starts; not refused, since
-    a short trial run may mean it): phases as long as the run, and options of another objective or mode."""
+    a short trial run may mean it): phases as long as the run, options of another objective or mode, and sharding
+    (--fsdp) in a run of `processes` = 1."""
     defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
     # the warm-up reaches --lr at its last step; the other phases end the step after theirs
     notes = [f"--{name.replace('_', '-')} {getattr(cfg, name)} is as long as the run or longer (--steps {cfg.steps}): "
@@ -56,6 +57,9 @@ def idle_settings(cfg: TrainConfig) -> list[str]:
         given = [f"--{name.replace('_', '-')}" for name in names if getattr(cfg, name) != defaults[name]]
         if given and not used:
             notes.append(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to {applies}: ignored")
+    if cfg.fsdp and processes == 1:
+        notes.append("--fsdp shards the model across processes, and this run has one: it trains unsharded (start "
+                     "several with torchrun or accelerate launch)")
     saves = -(-cfg.steps // cfg.save_every)  # every --save-every steps, and the last
     if cfg.average_last > saves:
         notes.append(f"--average-last {cfg.average_last}: the run saves {saves} scheduled checkpoint(s) (--steps "
