@@ -255,15 +255,21 @@ def test_malformed_safetensors_files_are_refused(tmp_path, damage, mapped):
     ({"pad_token_id": 96}, "pad_token_id must be a token id in [0, 96) (the vocabulary), got 96"),
     ({"eos_token_ids": "1"}, "eos_token_ids must be a list of token ids, got 1"),
     ({"eos_token_ids": 1}, None),  # one id, as transformers' configurations may give it
-], ids=["vocab-0", "softcap-0", "pad-past-vocabulary", "eos-text", "eos-one-id"])
+    ({"decoder": {"rope_llama3": [8.0]}}, "rope_llama3 must be null or [factor, low_freq_factor, high_freq_factor"),
+    ({"decoder": {"rope_llama3": [8.0, 1.0, 1.0, 8192]}}, "the two frequency factors apart; got [8.0, 1.0, 1.0, 8192]"),
+    ({"encoder": {"qk_norm": "no"}}, "qk_norm must be true or false, got 'no'"),
+    ({"decoder": {"norm_offset": None}}, "norm_offset must be a number (1.0 for Gemma, 0.0 for the others), got None"),
+], ids=["vocab-0", "softcap-0", "pad-past-vocabulary", "eos-text", "eos-one-id", "llama3-short", "llama3-equal",
+        "qk-norm-text", "norm-offset-null"])
 def test_a_hand_edited_configuration_is_checked_naming_the_file(sources, tmp_path, edit, said):
-    """Unchecked, a single EOS id crashed generation and evaluation with a TypeError, and a soft-cap of 0 made
-    every output uniform without a word."""
+    """Unchecked, a single EOS id crashed generation and evaluation with a TypeError, a soft-cap of 0 made every
+    output uniform without a word, and a short rope_llama3 failed in the first forward pass with a TypeError."""
     model = encdec.adapt(encdec.load_source(str(sources["gemma3"])), attention="cross")
     assert encdec.save(model, tmp_path / "out") == "encdec"
     file = tmp_path / "out" / "config.json"
     meta = json.loads(file.read_text())
-    meta["config"].update(edit)
+    for key, value in edit.items():  # a stack's fields within it
+        meta["config"][key] = {**meta["config"][key], **value} if key in ("encoder", "decoder") else value
     file.write_text(json.dumps(meta))
     if said is None:
         assert encdec.load(tmp_path / "out").config.eos_token_ids == [1]

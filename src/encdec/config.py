@@ -90,15 +90,32 @@ class StackConfig:
         _check_cap("attn_softcap", self.attn_softcap)
         if self.max_positions is not None and (not _is_int(self.max_positions) or self.max_positions < 1):
             raise EncdecError(f"max_positions must be null or a positive integer, got {self.max_positions!r}")
+        for name in ("qk_norm", "post_norms", "embed_scale", "qkv_bias"):  # a hand-edited "no" is truthy
+            if not isinstance(getattr(self, name), bool):
+                raise EncdecError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not _is_number(self.norm_offset):
+            raise EncdecError(f"norm_offset must be a number (1.0 for Gemma, 0.0 for the others), got "
+                              f"{self.norm_offset!r}")
+        llama3 = self.rope_llama3  # (factor, low_freq_factor, high_freq_factor, original max positions)
+        if llama3 is not None and not (isinstance(llama3, list) and len(llama3) == 4 and all(map(_is_positive, llama3))
+                                       and llama3[1] != llama3[2]):
+            raise EncdecError(f"rope_llama3 must be null or [factor, low_freq_factor, high_freq_factor, "
+                              f"original_max_position_embeddings], positive, the two frequency factors apart; got "
+                              f"{str(llama3)[:80]}")
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    """A finite number (not a bool, which Python counts as one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
+
+
 def _is_positive(value: Any) -> bool:
     """A finite number above 0 (not a bool, which Python counts as one)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    return _is_number(value) and value > 0
 
 
 def _check_cap(name: str, value: Any) -> None:
