@@ -56,11 +56,13 @@ def test_an_untied_head_is_saved_in_encdecs_format(sources, tmp_path, family, at
     assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items()) and "lm_head.weight" in loaded
 
 
-@pytest.mark.parametrize("family, fmt", [("gemma2", "t5gemma"), ("gemma3", "t5gemma2")])
-def test_an_end_of_turn_named_in_generation_config_alone_is_read_and_kept(sources, tmp_path, family, fmt):
+@pytest.mark.parametrize("family, fmt, attention", [("gemma2", "t5gemma", "cross"), ("gemma3", "t5gemma2", "merged"),
+                                                     ("gemma2", "encdec", "merged")])
+def test_an_end_of_turn_named_in_generation_config_alone_is_read_and_kept(sources, tmp_path, family, fmt, attention):
     """An instruct checkpoint names its end of turn in generation_config.json alone (as a decoder-only source may,
-    which encdec reads): a T5Gemma checkpoint's was dropped, so generation ran past it, and saving again lost it."""
-    model = encdec.adapt(encdec.load_source(str(sources[family])))
+    which encdec reads): a T5Gemma checkpoint's was dropped, so generation ran past it, and saving again lost it;
+    a native checkpoint's too."""
+    model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
     assert encdec.save(model, tmp_path / "out") == fmt
     path = tmp_path / "out" / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "eos_token_id": [1, 7]}))

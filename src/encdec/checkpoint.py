@@ -137,10 +137,9 @@ def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
         )
     fmt = NATIVE if data.get("format") == NATIVE else data["model_type"]
     with reading_config(path / "config.json"):  # a damaged config.json: one line naming it
-        if fmt == NATIVE:
-            return EncDecConfig.from_dict(data["config"]), fmt
-        config = config_from_hf(data)
+        config = EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)
     # an instruct checkpoint may name its end of turn in generation_config.json alone, as a decoder-only source does
+    # (transformers, reading a native checkpoint through its remote code, stops there too)
     eos = with_generation_eos({"eos_token_ids": config.eos_token_ids}, path)["eos_token_ids"]
     return replace(config, eos_token_ids=eos), fmt
 
