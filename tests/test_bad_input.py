@@ -782,9 +782,9 @@ def test_quickstart_overwrite_without_training_leaves_no_earlier_training(capsys
     assert sorted(p.name for p in out.iterdir()) == ["adapted"]
 
 
-def test_quickstart_overwrite_leaves_a_run_of_another_model_alone(capsys, tmp_path, sources, monkeypatch):
-    """`encdec pretrain` writes to runs/pretrain by default: `encdec quickstart --out runs --overwrite` took it for
-    the quickstart's own run and deleted it (with --steps 0; with training, its checkpoints and model)."""
+def _another_models_run_in_runs_pretrain(tmp_path, sources, monkeypatch) -> tuple[Path, Path]:
+    """TMP/runs/pretrain: a one-step `encdec pretrain` run of TMP/other (where `encdec pretrain` writes by default),
+    with the quickstart's source the tiny Gemma 3. Returns (TMP/runs, TMP/other)."""
     import encdec.quickstart
 
     monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
@@ -794,6 +794,13 @@ def test_quickstart_overwrite_leaves_a_run_of_another_model_alone(capsys, tmp_pa
     assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(other)]) == 0
     assert main(["pretrain", "--model", str(other), "--out", str(out / "pretrain"), "--data", str(corpus), "--steps",
                  "1", "--enc-len", "8", "--dec-len", "8", "--batch-size", "2", "--eval-windows", "1"]) == 0
+    return out, other
+
+
+def test_quickstart_overwrite_leaves_a_run_of_another_model_alone(capsys, tmp_path, sources, monkeypatch):
+    """`encdec pretrain` writes to runs/pretrain by default: `encdec quickstart --out runs --overwrite` took it for
+    the quickstart's own run and deleted it (with --steps 0; with training, its checkpoints and model)."""
+    out, other = _another_models_run_in_runs_pretrain(tmp_path, sources, monkeypatch)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     capsys.readouterr()
     for steps in ("0", "1"):
@@ -909,15 +916,7 @@ def test_quickstart_overwrite_leaves_a_kept_final_model_of_another_run_alone(cap
     check read checkpoints only, and --overwrite deleted that model (with --steps 0, the whole run directory). A
     final model that records no origin is refused too; and OUT/adapted holding another folder is refused before
     the source is loaded."""
-    import encdec.quickstart
-
-    monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
-    out, other = tmp_path / "runs", tmp_path / "other"
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("w1 w2 w3 w4 w5 w6 w7 w8\n\n" * 40)
-    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(other)]) == 0
-    assert main(["pretrain", "--model", str(other), "--out", str(out / "pretrain"), "--data", str(corpus), "--steps",
-                 "1", "--enc-len", "8", "--dec-len", "8", "--batch-size", "2", "--eval-windows", "1"]) == 0
+    out, other = _another_models_run_in_runs_pretrain(tmp_path, sources, monkeypatch)
     shutil.rmtree(out / "pretrain" / "checkpoints")
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     capsys.readouterr()
@@ -932,6 +931,6 @@ def test_quickstart_overwrite_leaves_a_kept_final_model_of_another_run_alone(cap
     shutil.rmtree(out / "pretrain")
     (out / "adapted").mkdir()
     (out / "adapted" / "notes.txt").write_text("mine")
-    monkeypatch.setattr(encdec.quickstart, "load_source", lambda *a, **k: pytest.fail("the source was read"))
+    monkeypatch.setattr("encdec.quickstart.load_source", lambda *a, **k: pytest.fail("the source was read"))
     assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
     assert "holds notes.txt but none of what this command writes there" in capsys.readouterr().err
