@@ -105,9 +105,9 @@ def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
                           "'gelu_pytorch_tanh' (Gemma 2, Gemma 3, T5Gemma)")
     if cfg.get("attention_bias"):
         raise EncdecError("attention_bias: true is not supported (Gemma's projections have no biases)")
-    if not cfg.get("sliding_window", 4096) or not isinstance(cfg.get("sliding_window", 4096), int):
-        raise EncdecError(f"sliding_window is {cfg.get('sliding_window')!r}; expected a positive number of tokens "
-                          "(transformers' Gemma needs one for its sliding layers)")
+    if cfg.get("sliding_window", 4096) is None:  # (other values are StackConfig's to check; None read as 4096)
+        raise EncdecError("sliding_window is None; expected a positive number of tokens (transformers' Gemma needs "
+                          "one for its sliding layers)")
     n = layer_count(cfg)
     if cfg.get("layer_types"):
         layer_types = layer_types_from_hf(cfg["layer_types"])
