@@ -126,6 +126,9 @@ class Scorer:
             if self.kind == "encoder-decoder":
                 framed = [self.framing.prompt(p, self.model.config.bos_token_id) for p in prompts]
                 ids, mask = (t.to(self.model.device) for t in pad_rows(framed, pad))
+                limit = self.model.config.decoder.max_positions  # (a task's budget past them: what they hold)
+                if limit is not None:
+                    max_new_tokens = min(max_new_tokens, limit - len(self.framing.decoder))
                 out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                                           decoder_prefix=self.framing.decoder)
             else:
@@ -188,8 +191,11 @@ def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 20
         from encdec.inference.loading import model_framing
 
         tokenizer = load_tokenizer(Path(spec).expanduser())
-        return Scorer(spec, "encoder-decoder", load(spec, dtype).to(compute_device()), tokenizer, max_len,
-                      model_framing(spec, tokenizer))
+        model, framing = load(spec, dtype).to(compute_device()), model_framing(spec, tokenizer)
+        limit = model.config.encoder.max_positions  # a longer context keeps its end, as past --max-len
+        if limit is not None:
+            max_len = max(2, min(max_len, limit - len(framing.before) - len(framing.after)))
+        return Scorer(spec, "encoder-decoder", model, tokenizer, max_len, framing)
     directory = resolve(spec)
     model = transformers_causal_lm(directory, dtype).to(compute_device())
     return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)

@@ -151,10 +151,9 @@ class ExampleStream:
             if isinstance(self.items, np.ndarray):  # pretraining's windows: one array
                 digest.update(str(self.items.shape).encode())
                 digest.update(np.ascontiguousarray(self.items).tobytes())
-            else:  # instruction tuning's examples
+            else:  # instruction tuning's examples (a few thousand)
                 for item in self.items:
-                    digest.update(np.asarray(item.inputs, dtype=np.int64).tobytes() + b"|")
-                    digest.update(np.asarray(item.targets, dtype=np.int64).tobytes() + b";")
+                    digest.update(repr(item).encode() + b";")
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
 

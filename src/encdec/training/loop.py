@@ -141,7 +141,6 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     if resume_from is not None:
         # what changed is said before the checkpoint is applied: a changed vocabulary or data make it fail there
         saved = resume_from.trainer
-        rundir.check_start_model(saved, model_dir, last_checkpoint)
         kept = saved.get("kept_tokens")
         if (keep is None) != (kept is None) or (keep is not None and not np.array_equal(keep, kept)):
             raise EncdecError(f"{last_checkpoint} was trained on another vocabulary (different data or --trim-vocab); "
@@ -152,7 +151,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 log.warning("resuming with settings other than the run's (its next steps differ from those of an "
                             "uninterrupted run): %s", "; ".join(changed))
         settings = group_settings(optimizer)
-        state = checkpointing.apply(resume_from, wrapped, optimizer)
+        state = checkpointing.apply(resume_from, wrapped, optimizer)  # weights of another shape: refused there
+        rundir.check_start_model(saved, model_dir, last_checkpoint)
         del resume_from, saved  # its tensors are in the model and the optimizer now
         scheduler.load_state_dict(state["scheduler"])
         restore_group_settings(optimizer, scheduler, settings)

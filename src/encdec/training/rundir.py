@@ -237,9 +237,9 @@ def check_start_model(saved: dict, model_dir: Path, checkpoint: Path) -> None:
     recorded = saved.get("start_model")
     now = start_model_digest(model_dir) if recorded else None
     if recorded and now and recorded != now:
-        raise EncdecError(f"{checkpoint} was trained from another model than {model_dir} holds now (its configuration "
-                          "or weights changed since the run began: adapted again?); resume with the run's model, or "
-                          "start afresh with --overwrite")
+        raise EncdecError(f"{checkpoint} was trained from another model than {model_dir} holds now (another --model, "
+                          "or its configuration or weights changed since the run began: adapted again?); resume with "
+                          "the run's model, or start afresh with --overwrite")
 
 
 def recorded_settings(cfg: TrainConfig) -> dict[str, object]:
