@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -282,6 +283,12 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False) -> 
     return ids, mask
 
 
+def _cut(items: list[int], sizes: list[int]) -> list[list[int]]:
+    """`items` cut into consecutive batches of `sizes`."""
+    ends = list(itertools.accumulate(sizes))
+    return [items[end - size: end] for size, end in zip(sizes, ends)]
+
+
 def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int, rng: random.Random,
                    pool: int = 50) -> list[list[int]]:
     """`order` (positions, already shuffled) cut into batches of alike lengths, in a random order: each run of
@@ -293,7 +300,12 @@ def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int
     span = batch_size * pool
     batches = []
     for start in range(0, len(order), span):
-        chunk = sorted(order[start: start + span], key=lambda i: -lengths[i])  # a short last batch: the shortest
-        batches += [chunk[k: k + batch_size] for k in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[start: start + span], key=lambda i: -lengths[i])
+        sizes, short = [batch_size] * (len(chunk) // batch_size), len(chunk) % batch_size
+        if short:  # the short batch where it costs the fewest slots (each batch padded to its first, longest row);
+            # at the end it left the longest rows a full batch: 7 slots for 2, 1, 1 + 1 where 1, 1, 1 + 2 take 5
+            cuts = [_cut(chunk, [*sizes[:at], short, *sizes[at:]]) for at in range(len(sizes), -1, -1)]
+            sizes = [len(b) for b in min(cuts, key=lambda cut: sum(lengths[b[0]] * len(b) for b in cut))]
+        batches += _cut(chunk, sizes)
     rng.shuffle(batches)
     return batches
