@@ -15,11 +15,12 @@ from test_training import adapted, corpus
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, tmp_path):
+def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, tmp_path, monkeypatch, capsys):
     out = tmp_path / "study"
-    command = [sys.executable, str(BENCH / "recovery.py"), "--model", str(adapted), "--out", str(out), "--steps", "2",
-               "--eval-every", "1", "--recipe", f"trimmed:trim_vocab=40,trim_negatives=16,data=[{corpus}]"]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    options = ["--model", str(adapted), "--out", str(out), "--steps", "2", "--eval-every", "1", "--recipe",
+               f"trimmed:trim_vocab=40,trim_negatives=16,data=[{corpus}]"]
+    first = subprocess.run([sys.executable, str(BENCH / "recovery.py"), *options], capture_output=True, text=True,
+                           timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     scored = [r for r in records if r.get("recipe") == "trimmed" and "step" in r]
@@ -28,17 +29,29 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
     assert (out / "recovery.png").stat().st_size > 10_000
     assert not (out / "trimmed" / "checkpoints").exists() and (out / "trimmed" / "model").is_dir()
     assert "gap to the source after 1024 tokens, trimmed" in first.stdout
-    second = subprocess.run(command, capture_output=True, text=True, timeout=600)  # everything is done: nothing reruns
-    assert second.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
-    table = subprocess.run([sys.executable, str(BENCH / "recovery.py"), "--out", str(out), "--report"],
-                           capture_output=True, text=True, timeout=600)
-    assert table.returncode == 0, table.stderr[-2000:]
-    assert "| recipe | 0 tokens | 512 tokens | 1,024 tokens |" in table.stdout and "| trimmed | " in table.stdout
-    other = subprocess.run([*command[:-1], "trimmed:trim_vocab=30"], capture_output=True, text=True, timeout=600)
-    assert other.returncode == 2 and "recipe 'trimmed' was run in" in other.stderr  # not reported under new options
-    bad = subprocess.run([*command[:-2], "--out", str(tmp_path / "bad"), "--recipe", "bad:objective=ul2,distill=true"],
-                         capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith(
+    # the reruns in this process (a fresh one costs seconds of imports each)
+    monkeypatch.syspath_prepend(str(BENCH))
+    from recovery import main
+
+    def rerun(*argv: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["recovery.py", *argv])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+        said = capsys.readouterr()
+        return code, said.out, said.err
+
+    assert rerun(*options)[0] == 0  # everything is done: nothing reruns
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
+    code, table, _ = rerun("--out", str(out), "--report")
+    assert code == 0 and "| recipe | 0 tokens | 512 tokens | 1,024 tokens |" in table and "| trimmed | " in table
+    code, _, err = rerun(*options[:-1], "trimmed:trim_vocab=30")
+    assert code == 2 and "recipe 'trimmed' was run in" in err  # not reported under new options
+    code, _, err = rerun(*options[:2], "--out", str(tmp_path / "bad"), *options[4:-1], "bad:objective=ul2,distill=true")
+    assert code == 2 and err.strip().splitlines()[-1].endswith(
         "error: --distill works with --objective prefixlm only") and not (tmp_path / "bad").exists()
 
 

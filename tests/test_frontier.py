@@ -108,7 +108,8 @@ def test_a_decoder_only_source_pretrains_on_the_same_examples_trimmed_and_distil
     assert model.embed.num_embeddings == before.shape[0]
 
 
-def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, tmp_path):  # noqa: F811
+def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, tmp_path, monkeypatch,  # noqa: F811
+                                                               capsys):
     out = tmp_path / "frontier"
     command = [sys.executable, str(BENCH / "frontier.py"), "--source", str(sources["gemma3"]), "--out", str(out),
                "--point", "balanced=all", "--point", "half=::2@cross", "--steps", "2", "--save-every", "1",
@@ -130,16 +131,23 @@ def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, 
     table = first.stdout[first.stdout.index("| point |"):]
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["source", "balanced", "half"]
     assert "ratio (latency batch 2, source / half): " in first.stdout
-    second = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)  # nothing reruns
-    assert second.returncode == 0 and len((out / "results.jsonl").read_text().splitlines()) == len(records)
-    assert table in second.stdout
-    other = subprocess.run([*command, "--steps", "3"], check=False, capture_output=True, text=True, timeout=600)
-    assert other.returncode != 0 and "use another --out" in other.stderr  # one OUT holds one study
+    # the reruns in this process (a fresh one costs seconds of imports each)
+    monkeypatch.syspath_prepend(str(BENCH))
+    from frontier import main
+
+    def rerun(argv: list[str]) -> str:
+        monkeypatch.setattr(sys, "argv", argv[1:])
+        capsys.readouterr()
+        main()
+        return capsys.readouterr().out
+
+    assert table in rerun(command)  # nothing reruns
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
+    with pytest.raises(SystemExit, match="use another --out"):  # one OUT holds one study
+        rerun([*command, "--steps", "3"])
     # a point of the same name adapted otherwise: its trained model would have been taken as the new point's
-    moved = ["half=::3@cross" if option == "half=::2@cross" else option for option in command]
-    other = subprocess.run(moved, check=False, capture_output=True, text=True, timeout=600)
-    assert other.returncode != 0 and "holds point 'half' adapted with --attention cross --decoder-layers ::2" in (
-        other.stderr)
+    with pytest.raises(SystemExit, match="holds point 'half' adapted with --attention cross --decoder-layers ::2"):
+        rerun(["half=::3@cross" if option == "half=::2@cross" else option for option in command])
 
 
 def test_a_decoder_only_pretraining_run_resumes_exactly(sources, corpus, tmp_path, monkeypatch):  # noqa: F811
