@@ -314,7 +314,7 @@ original = checkpointing.write_state
 
 def slow_disk(directory, name, state):
     if "step-000004" in str(directory):
-        time.sleep(8)
+        time.sleep(5)
     return original(directory, name, state)
 
 
@@ -326,7 +326,7 @@ sys.exit(main(sys.argv[1:]))
 def test_the_others_wait_for_a_slow_checkpoint_as_long_as_dist_timeout_says(sources, tmp_path):
     """While the first process writes a checkpoint the others wait in a collective; NCCL gives up after 10 minutes
     by default, less than writing a large model can take. --dist-timeout sets the wait: 2 s stop the run at the
-    8-second write, the default lets it finish."""
+    5-second write, the default lets it finish."""
     model, corpus = _tiny_run_inputs(sources, tmp_path)
 
     def run(out: Path, *timeout: str) -> tuple[int, str]:
