@@ -293,6 +293,12 @@ def test_a_checkpoint_holding_both_whole_and_sharded_weights_is_refused(sources,
         shard.rename(tmp_path / "whole" / shard.name)
     with pytest.raises(EncdecError, match="holds both model.safetensors and model.safetensors.index.json"):
         encdec.load(tmp_path / "whole")
+    # transformers also loads whatever file config.json's transformers_weights names
+    config = json.loads((tmp_path / "sharded" / "config.json").read_text())
+    config["transformers_weights"] = "other.safetensors"
+    (tmp_path / "sharded" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(EncdecError, match="names transformers_weights 'other.safetensors', which encdec does not read"):
+        encdec.load(tmp_path / "sharded")
 
 
 @pytest.mark.parametrize("family, fmt", [("gemma3", "t5gemma2"), ("gemma2", "t5gemma")])

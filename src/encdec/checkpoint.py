@@ -135,6 +135,11 @@ def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
             f"); accepted: {ACCEPTED}. A decoder-only model must first go through "
             "`encdec adapt`"
         )
+    if data.get("transformers_weights") is not None:  # transformers would load that file, encdec the usual ones
+        named = str(data["transformers_weights"])[:80]
+        raise EncdecError(f"{path / 'config.json'} names transformers_weights {named!r}, which encdec does not read; "
+                          "accepted: weights in model.safetensors or the shards its index lists (remove the key, "
+                          "naming the file so)")
     fmt = NATIVE if data.get("format") == NATIVE else data["model_type"]
     with reading_config(path / "config.json"):  # a damaged config.json: one line naming it
         config = EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)
