@@ -9,6 +9,7 @@ the steps; float32 products), so that every recipe of a study means what it mean
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
 from pathlib import Path
@@ -69,10 +70,13 @@ def read_results(path: Path) -> list[dict]:
 
 def append(path: Path, record: dict) -> None:
     """One record, as a line of its own: a line an interrupted write left without its end is dropped first (each
-    record is one write of a complete line, so only the last can be cut short)."""
+    record is one write of a complete line, so only the last can be cut short). Under a lock: frontier.py --jobs
+    runs append at once, and a truncation must not cut another's line."""
     with path.open("a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released as the file closes
         f.seek(0)
-        complete = f.read().rfind(b"\n") + 1
-        f.truncate(complete)
+        text = f.read()
+        if text and not text.endswith(b"\n"):
+            f.truncate(text.rfind(b"\n") + 1)
         f.write((json.dumps(record) + "\n").encode())
     print(json.dumps(record), flush=True)

@@ -355,3 +355,23 @@ def test_a_failed_worker_is_one_line_naming_it(tmp_path, monkeypatch):
         run_worker(script, ["--model", "m"])
     script.write_text("print('warming up')\nprint('{\"seconds\": 1.5}')\n")
     assert run_worker(script, []) == {"seconds": 1.5}
+
+
+def test_study_results_are_appended_under_a_lock(tmp_path):
+    """frontier.py --jobs runs append to one results file at once: dropping a torn last line (read, then truncate)
+    must not cut a line another process wrote in between, so an append waits for the file's lock."""
+    import fcntl
+
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"a": 1}\n{"torn')
+    code = (f"import sys, pathlib; sys.path.insert(0, {str(BENCH)!r}); from study import append; print('ready', "
+            f"flush=True); append(pathlib.Path({str(results)!r}), {{'b': 2}})")
+    with results.open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline() == "ready\n"
+        with pytest.raises(subprocess.TimeoutExpired):
+            writer.wait(timeout=1)
+        assert results.read_text() == '{"a": 1}\n{"torn'
+    assert writer.wait(timeout=60) == 0
+    assert results.read_text() == '{"a": 1}\n{"b": 2}\n'
