@@ -797,10 +797,9 @@ def _another_models_run_in_runs_pretrain(tmp_path, sources, monkeypatch) -> tupl
     return out, other
 
 
-def test_quickstart_overwrite_leaves_a_run_of_another_model_alone(capsys, tmp_path, sources, monkeypatch):
-    """`encdec pretrain` writes to runs/pretrain by default: `encdec quickstart --out runs --overwrite` took it for
-    the quickstart's own run and deleted it (with --steps 0; with training, its checkpoints and model)."""
-    out, other = _another_models_run_in_runs_pretrain(tmp_path, sources, monkeypatch)
+def _quickstart_overwrite_refused(out: Path, other: Path, capsys) -> None:
+    """`encdec quickstart --out OUT --overwrite`, with and without training, refuses OUT/pretrain's run of `other`
+    in one line and leaves OUT as it was."""
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     capsys.readouterr()
     for steps in ("0", "1"):
@@ -808,6 +807,13 @@ def test_quickstart_overwrite_leaves_a_run_of_another_model_alone(capsys, tmp_pa
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert f"holds a training run of {other}" in line and "choose another --out" in line
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_quickstart_overwrite_leaves_a_run_of_another_model_alone(capsys, tmp_path, sources, monkeypatch):
+    """`encdec pretrain` writes to runs/pretrain by default: `encdec quickstart --out runs --overwrite` took it for
+    the quickstart's own run and deleted it (with --steps 0; with training, its checkpoints and model)."""
+    out, other = _another_models_run_in_runs_pretrain(tmp_path, sources, monkeypatch)
+    _quickstart_overwrite_refused(out, other, capsys)
 
 
 def test_quickstart_overwrite_replaces_its_own_run_recorded_from_another_directory(capsys, tmp_path, sources,
@@ -918,13 +924,7 @@ def test_quickstart_overwrite_leaves_a_kept_final_model_of_another_run_alone(cap
     the source is loaded."""
     out, other = _another_models_run_in_runs_pretrain(tmp_path, sources, monkeypatch)
     shutil.rmtree(out / "pretrain" / "checkpoints")
-    before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    capsys.readouterr()
-    for steps in ("0", "1"):
-        assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", steps, "--max-new-tokens", "2"]) == 2
-        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-        assert f"holds a training run of {other}" in line and "choose another --out" in line
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    _quickstart_overwrite_refused(out, other, capsys)
     (out / "pretrain" / "model" / "encdec.json").unlink()
     assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
     assert "does not record what it was trained from" in capsys.readouterr().err

@@ -326,7 +326,8 @@ def test_rows_take_each_example_where_it_first_fits_and_pack_builds_those_rows(s
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.integers(1, 300), min_size=1, max_size=400), st.integers(1, 9), st.integers(1, 6),
        st.integers(0, 2**32 - 1))
-@hypothesis.example([1, 1, 1, 2], 3, 2, 0)  # the short batch at the end left the longest row a full batch: 7 slots against 5
+# the short batch at the end left the longest row a full batch: 7 slots against 5
+@hypothesis.example([1, 1, 1, 2], 3, 2, 0)
 def test_length_grouped_batches_hold_each_row_once_and_never_more_padding(lengths, batch_size, pool, seed):
     """Every shuffled position lands in one batch; all batches are full but the last pool's last; each batch comes
     from its pool of the shuffled order; and the slots computed (each batch padded to its longest row) are never
