@@ -194,8 +194,8 @@ def test_sdpa_and_plain_product_attention_agree(sources, batch, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset", [1.0, 0.0])
-def test_rms_norm_gives_the_written_out_float32_numbers(dtype, offset):
-    """The norm is PyTorch's rms_norm (one call for a decoding step's 109 norms); its values and gradients are
+def test_rms_norm_gives_the_written_out_float32_numbers(dtype, offset, monkeypatch):
+    """The norm (PyTorch's rms_norm when training, in-place steps without gradients): its values and gradients are
     those of x * rsqrt(mean(x^2) + eps) * (offset + weight), computed in float32, bit for bit."""
     torch.manual_seed(0)
     norm = RMSNorm(48, 1e-6, offset)
@@ -209,6 +209,11 @@ def test_rms_norm_gives_the_written_out_float32_numbers(dtype, offset):
 
     out, expected = norm(x), written_out(x)
     assert out.dtype == dtype and torch.equal(out, expected)
+    with torch.no_grad():  # inference's in-place path for large inputs: the same numbers, the input left as it was
+        kept = x.detach().clone()
+        assert x.numel() < encdec.model.INPLACE_NORM_MIN and torch.equal(norm(x), expected)
+        monkeypatch.setattr(encdec.model, "INPLACE_NORM_MIN", 1)
+        assert torch.equal(norm(x), expected) and torch.equal(x, kept)
     grads = torch.autograd.grad(out.float().square().sum(), [x, norm.weight])
     expected_grads = torch.autograd.grad(expected.float().square().sum(), [x, norm.weight])
     assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))

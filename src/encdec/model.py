@@ -24,6 +24,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from encdec.config import EncDecConfig, StackConfig
 
 
+INPLACE_NORM_MIN = 2**16  # elements from which an inference norm runs in place (RMSNorm.forward)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32; the scale is `offset + weight` (Gemma stores an offset from 1: offset 1.0).
     A new norm starts as the identity scale whichever the offset."""
@@ -34,9 +37,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.full((dim,), 1.0 - offset))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # PyTorch's rms_norm: x * rsqrt(mean(x^2) + eps) * scale, the same float32 numbers as those three steps
-        # written out, in one call where they were seven (a decoding step of the 270M runs 109 norms)
-        return F.rms_norm(x.float(), (x.shape[-1],), self.offset + self.weight.float(), self.eps).type_as(x)
+        # x * rsqrt(mean(x^2) + eps) * scale in float32: PyTorch's rms_norm, those numbers in one call where
+        # they were seven (a decoding step of the 270M runs 109 norms). Large inputs without gradients: the same
+        # numbers bit for bit (tested) in place on one float32 copy, which rms_norm's separate temporaries made
+        # 1.4x slower on an encoder pass's activations (4,731 x 640 bfloat16: 6.1 -> 4.4 ms a norm; a decoding
+        # step's 16 x 640: 60 -> 65 us, hence the threshold)
+        scale = self.offset + self.weight.float()
+        if torch.is_grad_enabled() or x.numel() < INPLACE_NORM_MIN:
+            return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).type_as(x)
+        out = x.to(torch.float32, copy=True)
+        factor = out.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        return out.mul_(factor).mul_(scale).type_as(x)
 
 
 def norm(cfg: StackConfig, dim: int | None = None) -> RMSNorm:
