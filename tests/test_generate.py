@@ -25,7 +25,7 @@ from encdec.inference import onednn
 from encdec.inference.engine import Engine, Row
 from encdec.inference.loading import load_for_inference
 from encdec.inference.quantize import quantize_int8
-from encdec.inference.sampling import ARGMAX_BLOCK, Sampling, filtered_logits, row_argmax
+from encdec.inference.sampling import ARGMAX_BLOCK, Sampling, filtered_logits, pick_tokens, row_argmax
 from encdec.model import ACTIVATIONS, MLP, soft_cap
 
 
@@ -304,14 +304,17 @@ def test_sampling_options(model):
                                                   seed=3, temperature=tiny))
 
 
-@pytest.mark.parametrize(("top_p", "kept"), [(0.5, 1), (0.75, 2), (0.8, 3), (1.0, 4)])
+@pytest.mark.parametrize(("top_p", "kept"), [(0.5, 1), (0.75, 2), (0.8, 3), (1.0, 4), (1e-50, 1)])
 def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_it(top_p, kept):
     """As transformers' TopPLogitsWarper: a prefix whose mass equals top_p exactly is enough."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
     logits = torch.tensor([0.5, 0.25, 0.15, 0.1]).log()
     ours = filtered_logits(logits, 1.0, None, top_p)
-    assert int(ours.isfinite().sum()) == kept
+    assert int(ours.isfinite().sum()) == kept and ours.argmax() == 0  # a top_p float32 rounds to 0: the likeliest
+    drawn = pick_tokens(torch.stack([logits, logits]), [Sampling(True, top_p=top_p, seed=0), Sampling()], [
+        Sampling(True, seed=0).generator(torch.device("cpu")), None], [[], []])  # (it left none, and drew NaNs)
+    assert drawn.tolist()[1] == 0 and (kept > 1 or drawn.tolist()[0] == 0)
     if top_p < 1:
         assert torch.equal(ours.isfinite(), TopPLogitsWarper(top_p)(None, logits[None])[0].isfinite())
 

@@ -144,6 +144,7 @@ def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[..., 0] = False  # and the likeliest token always: a top_p that float32 rounds to 0 dropped every one
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
