@@ -211,9 +211,10 @@ def test_streaming_sends_the_same_text_then_usage_and_done(server, local):
                                                                           [json.loads(e[6:]) for e in events[:-1]])
 
 
-def test_a_stream_asked_without_usage_has_none(server):
+@pytest.mark.parametrize("options", [{"include_usage": False}, {}, {"include_usage": None}])  # OpenAI's include_usage defaults to false
+def test_a_stream_asked_without_usage_has_none(server, options):
     reply = httpx.post(f"{server.base}/v1/completions", timeout=30, json={
-        "prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0, "stream_options": {"include_usage": False}})
+        "prompt": "w1", "max_tokens": 3, "stream": True, "temperature": 0, "stream_options": options})
     chunks = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
     assert chunks and all(c["choices"] for c in chunks) and not any("usage" in c for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"

@@ -281,13 +281,16 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
 
 def _stream_usage(body: dict) -> str:
     """Parsed.stream_usage from stream_options.include_usage, the one stream option that changes what is sent
-    (others are ignored)."""
+    (others are ignored): without stream_options the usage rides on the last chunk; with them, as OpenAI's API
+    reads them (include_usage false unless given)."""
     options = _typed(body, "stream_options", (dict,), "an object")
-    value = (options or {}).get("include_usage")
+    if options is None:
+        return "inline"
+    value = options.get("include_usage")  # null: not given
     if value is not None and not isinstance(value, bool):
         raise APIError(400, f"'stream_options.include_usage' must be true or false, got {json.dumps(value)[:40]}",
                        "stream_options")
-    return {None: "inline", True: "apart", False: "none"}[value]
+    return "apart" if value else "none"
 
 
 @dataclass
