@@ -545,6 +545,10 @@ def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server):
     chat = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
                       json={"messages": [{"role": "user", "content": "w1 " * 400_000}]})
     assert chat.status_code == 400 and "characters" in chat.json()["error"]["message"]
+    turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}] * 20_000  # the turns' markup
+    chat = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
+                      json={"messages": [*turns, {"role": "user", "content": "w1"}]})
+    assert chat.status_code == 400 and "characters" in chat.json()["error"]["message"], chat.text
 
 
 def test_a_body_larger_than_accepted_is_refused_unread(server):

@@ -93,7 +93,8 @@ class Service:
                            f"{self.vocab_size - 1})", "logit_bias")
         if request.kind == "chat":  # a message's text never reads as control tokens (ChatFormat.encode)
             self.short_enough(sum(len(text) for _, text in request.turns), "messages")
-            try:
+            try:  # the turns' markup counts too: 40,000 empty messages were 1.4 M characters to tokenize
+                self.short_enough(len(self.chat.render(request.turns)), "messages")
                 encoded = self.chat.encode(request.turns)
             except ConversationRefused as e:
                 raise APIError(400, str(e), "messages") from None
