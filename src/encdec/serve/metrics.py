@@ -15,7 +15,8 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.finished = Counter("encdec_generations_finished", "Generations ended, by reason (stop, length, "
                                 "cancelled: the client went away; error: a failed step)", ["reason"], registry=r)
-        self.queue = Gauge("encdec_queue_length", "Requests waiting for a slot in the decoding batch", registry=r)
+        self.queue = Gauge("encdec_queue_length", "Requests waiting: generations for a slot in the decoding batch, "
+                           "embedding requests for the encoder", registry=r)
         self.running = Gauge("encdec_running_requests", "Requests in the decoding batch", registry=r)
         self.batch = Histogram("encdec_batch_size", "Rows per decoding step", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
                                registry=r)
@@ -23,5 +24,6 @@ class Metrics:
         self.generated = Counter("encdec_generated_tokens", "Tokens generated", registry=r)
         self.ttft = Histogram("encdec_time_to_first_token_seconds", "From arrival to the first generated token",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("encdec_request_latency_seconds", "From arrival to the last generated token",
+        self.latency = Histogram("encdec_request_latency_seconds", "From arrival to the last generated token "
+                                 "(a generation cancelled or stopped after its first token: to its end)",
                                  buckets=LATENCY_BUCKETS, registry=r)
