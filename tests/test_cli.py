@@ -171,7 +171,9 @@ GENERATE_INPUT_BAD = [
     ('{"prompt": "w1"}\n', ["--out", "{input}/x.jsonl"], "exists and is not a directory"),
     ('{"prompt": "w1"}\n', ["--out", "{model}"], "is the input"),
     ('{"prompt": "w1"}\n', ["--out", "{input}"], "is the input"),
-    ('{"prompt": "w1"}\n', ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ('{"prompt": "w1"}\n', ["--batch-size", "0"], "--batch-size must be in 1..4096 (rows decoded together"),
+    ('{"prompt": "w1"}\n', ["--batch-size", "4097"], "--batch-size must be in 1..4096"),  # (out of memory)
+    ('{"prompt": "w1"}\n', ["--out", "/dev/null"], "--out /dev/null is not a regular file"),  # (replaced by one)
     ('{"prompt": "w1"}\n{"prompt": "' + " ".join(["w5"] * 300) + '"}\n', [],
      "prompts.jsonl:2: the prompt has 301 tokens; this model reads at most 256"),
     ('{"prompt": "' + " ".join(["w5"] * 300) + '"}\n', [], "prompts.jsonl:1: the prompt has 301 tokens"),
@@ -195,6 +197,42 @@ def test_a_bad_prompt_file_is_one_line_and_writes_nothing(capsys, tmp_path, sour
     assert "loading" not in err  # refused before the model is loaded
     assert prompts.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["model", "prompts.jsonl"]
     assert {p: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_generate_samples_each_prompt_apart_writes_through_a_link_and_refuses_a_token_past_the_vocabulary(
+        capsys, tmp_path, sources, monkeypatch):
+    """With --seed the n-th prompt samples from seed + n - 1 (the same prompt twice gave the same sample); --out a
+    symbolic link writes the file it names; `~` is the home folder in MODEL and --out=; a tokenizer's token past
+    the model's embeddings (Gemma 3's <image_soft_token>) is one line before loading, not the embedding's
+    IndexError."""
+    import copy
+    import json
+
+    import encdec
+
+    out = tmp_path / "model"
+    main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
+    target, link = tmp_path / "kept" / "samples.jsonl", tmp_path / "link.jsonl"
+    target.parent.mkdir()
+    link.symlink_to(target)
+    sampled = ["--do-sample", "--seed", "3", "--max-new-tokens", "8"]
+    assert main(["generate", str(out), "--prompt", "w1", "--prompt", "w1", *sampled, "--out", str(link)]) == 0
+    assert link.is_symlink() and link.resolve() == target
+    first, second = [json.loads(line)["completion"] for line in target.read_text().splitlines()]
+    assert first != second
+    capsys.readouterr()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert main(["generate", "~/model", "--prompt", "w1", *sampled, "--out=~/alone.jsonl"]) == 0
+    assert json.loads((tmp_path / "alone.jsonl").read_text())["completion"] == first  # the first: the seed itself
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(out))  # never the loader's memoised one
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    tokenizer.save_pretrained(out)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w1 <image_soft_token>"]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "--prompt 1: token '<image_soft_token>' (id 96) is outside this model's vocabulary" in \
+        lines[0] and "loading" not in err, err
 
 
 def test_a_ul2_pretrained_model_generates_from_its_objectives_framing(capsys, tmp_path, sources):

@@ -183,6 +183,14 @@ def test_existing_output_kept_unless_overwrite(t5gemma2_dir, tmp_path, capsys):
     (out / "notes.txt").write_text("mine")  # an earlier export, with a file of the user's beside it
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--overwrite"]) == 0
     assert "notes.txt" not in {p.name for p in out.iterdir()} and (out / "model.bin").is_file()
+    # a provenance the framing cannot read is refused before converting, the earlier export kept (it was replaced)
+    odd = _edited_copy(model_dir, tmp_path / "odd", metadata={
+        "pretrained": {"objective": "ul2", "settings": {"mixture": "t5gemma3"}}})
+    kept = (out / "model.bin").stat()
+    capsys.readouterr()
+    assert main(["export", str(odd), "--to", "ctranslate2", "--out", str(out), "--overwrite"]) == 2
+    now = (out / "model.bin").stat()
+    assert "t5gemma3" in capsys.readouterr().err and (now.st_ino, now.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

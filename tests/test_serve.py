@@ -955,6 +955,24 @@ def test_a_conversation_the_chat_template_refuses_gets_400(local):
     assert answered.status_code == 200 and answered.json()["usage"]["completion_tokens"] == 2
 
 
+def test_a_text_holding_a_token_past_the_embeddings_gets_400(local):
+    """A tokenizer's token past the model's embeddings (Gemma 3's <image_soft_token> in a text-only vocabulary) in a
+    prompt's text: 400 naming it, before the step (on a GPU its index would fail the whole batch's step)."""
+    import copy
+
+    tokenizer = copy.deepcopy(local[1])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+
+    async def ask(client) -> tuple[httpx.Response, httpx.Response]:
+        return tuple([await client.post("/v1/completions", json={"prompt": p, "max_tokens": 2})
+                      for p in ("w1 <image_soft_token>", "w1")])
+
+    refused, answered = _asked(_app(local, tokenizer), ask)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt"
+    assert "token id 96 ('<image_soft_token>') is outside the vocabulary (0 to 95)" in refused.json()["error"]["message"]
+    assert answered.status_code == 200
+
+
 def test_a_ul2_framed_model_is_served_in_its_framing(local):
     """`encdec serve` of a UL2-pretrained model (`model_framing`): the sentinel after every prompt and after the
     decoder's start, for completions and chat alike; the answer is what generate gives the framed prompt."""

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from encdec.training.config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-MAX_SERVE_BATCH = 4096
+MAX_BATCH = 4096  # rows `generate` and `serve` decode together at most
+INT8_BATCH_CAUTION = ("--quantize int8: a prompt's tokens depend on the prompts decoded with it (dynamic int8 "
+                      "products share one activation scale across their rows)")
 # `encdec classify` options of fine-tuning that a --probe (frozen features) has no use for
 PROBE_IGNORES = ("lr", "head_lr", "weight_decay", "epochs", "steps", "warmup", "freeze_embeddings", "group_by_length")
 
@@ -39,6 +41,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _path(text: str) -> Path:
+    """argparse type of every path option: `~` expanded, as the shell does not in `--out=~/x`."""
+    return Path(text).expanduser()
 
 
 def _seed(text: str) -> int:
@@ -139,8 +146,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.input is None):
         raise EncdecError("give the prompts as --prompt TEXT (repeatable) or as --input FILE"
                           + (", not both" if args.prompt is not None else ""))
-    if args.batch_size < 1:
-        raise EncdecError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 1 <= args.batch_size <= MAX_BATCH:  # a huge one failed (out of memory) in the engine's first buffer
+        raise EncdecError(f"--batch-size must be in 1..{MAX_BATCH} (rows decoded together, each with caches of its "
+                          f"own), got {args.batch_size}")
     sampling = Sampling(args.do_sample, args.temperature, args.top_k or None, args.top_p, args.seed,  # --top-k 0: none
                         args.presence_penalty, args.frequency_penalty, args.repetition_penalty)
     try:
@@ -160,8 +168,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.out is not None and str(args.out) == "-":  # standard output, as --input - is standard input
         args.out = None
     if args.out is not None:
-        args.out = args.out.expanduser()
-        check_output_file(args.out, (args.dir, args.input))
+        args.out = check_output_file(args.out, (args.dir, args.input))
     config = read_config(args.dir)[0]  # first: a path that is no encoder-decoder checkpoint is said to be one
     tokenizer = load_tokenizer(Path(args.dir))
     prompts = (read_prompts(args.input, tokenizer) if args.input is not None
@@ -169,13 +176,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     framing = model_framing(args.dir, tokenizer)  # a UL2-pretrained model reads prompts as its objective posed them
     bos = leading_bos(tokenizer)
     encoded = [framing.prompt(p.ids, bos) for p in prompts]
+    for prompt, ids in zip(prompts, encoded):  # a tokenizer's token past the model's embeddings (Gemma 3's
+        # <image_soft_token> in a text-only vocabulary): the embedding's IndexError otherwise, the whole run lost
+        if max(ids) >= config.vocab_size:
+            token = tokenizer.convert_ids_to_tokens(max(ids))
+            raise EncdecError(f"{prompt.source}: token {token!r} (id {max(ids)}) is outside this model's vocabulary "
+                              f"(0 to {config.vocab_size - 1}); remove it from the prompt")
     longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
     check_positions(len(encoded[longest]), args.max_new_tokens, config,
                     prompts[longest].source if args.input is not None else "", len(framing.decoder))
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
+    if args.quantize == "int8" and len(prompts) > 1:
+        logging.getLogger("encdec").warning(INT8_BATCH_CAUTION)
     stop = ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids)
-    rows = [Row(args.max_new_tokens, stop, sampling, decoder_prefix=framing.decoder) for _ in prompts]
+    rows = [Row(args.max_new_tokens, stop, sampling.nth(i), decoder_prefix=framing.decoder)
+            for i in range(len(prompts))]
     lines: list[str | None] = [None] * len(prompts)
     # a file is UTF-8; standard output may not be, and an escaped character would not be JSON
     ascii_only = args.out is None and (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") != "utf8"
@@ -218,8 +234,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         ("--max-connections", args.max_connections)):
         if value is not None and value < 1:
             raise EncdecError(f"{name} must be at least 1, got {value}")
-    if args.max_batch > MAX_SERVE_BATCH:  # before loading: a huge one failed in the engine's first buffer
-        raise EncdecError(f"--max-batch must be at most {MAX_SERVE_BATCH} (rows decoded together, each with caches "
+    if args.max_batch > MAX_BATCH:  # before loading: a huge one failed in the engine's first buffer
+        raise EncdecError(f"--max-batch must be at most {MAX_BATCH} (rows decoded together, each with caches "
                           f"of its own), got {args.max_batch}")
     if not 0 <= args.port <= 65535:
         raise EncdecError(f"--port must be in 0..65535, got {args.port}")
@@ -241,8 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
         tokenizer = load_tokenizer(Path(args.model))
     if args.quantize == "int8":
-        log.warning("--quantize int8: a request's tokens depend on the requests decoded with it (dynamic int8 "
-                    "products share one activation scale across their rows)")
+        log.warning(INT8_BATCH_CAUTION)
     framing = model_framing(args.model, tokenizer)
     # no request may ask for more positions than the model has (encdec generate refuses such prompts too), the
     # framing's tokens (a UL2-pretrained model's sentinel) included
@@ -445,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unbalanced: the source layers the decoder keeps, e.g. 0,3,6 or ::3 (every third)")
     p.add_argument("--attention", choices=["merged", "cross"], default=None,
                    help="how the decoder reads the encoder; default: cross for Gemma 2, merged for the others")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", type=_path, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype the sources are loaded in and the model is saved in (bfloat16 halves the memory)")
@@ -454,14 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", formatter_class=_formatter, help="generate continuations with a saved model",
                        description="Encode each prompt and decode a continuation.")
-    p.add_argument("dir", type=Path, metavar="DIR", help="checkpoint directory (any format encdec reads)")
+    p.add_argument("dir", type=_path, metavar="DIR", help="checkpoint directory (any format encdec reads)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="input text; repeat for a batch")
     p.add_argument("--input", metavar="FILE",
                    help="prompts from a file instead: .jsonl records {\"prompt\": ...} (plain, as /v1/completions) "
                    "or {\"messages\": [...]} (the chat format, as /v1/chat/completions and finetune; other fields are "
                    "copied to the output), or a .txt file's paragraphs; "
                    "- reads .jsonl records from standard input. Output: one JSON line per prompt, in order")
-    p.add_argument("--out", type=Path, metavar="FILE",
+    p.add_argument("--out", type=_path, metavar="FILE",
                    help="write the output lines (JSON, one per prompt) to FILE, atomically, instead of standard output "
                    "(-: JSON lines to standard output)")
     p.add_argument("--batch-size", type=int, default=8,
@@ -471,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: no limit)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability mass")
-    p.add_argument("--seed", type=_seed, default=None, help="sampling seed, for reproducible samples")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="sampling seed, for reproducible samples (the n-th prompt samples from seed + n - 1)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide a generated token's positive logit by this, multiply a negative one (1: off)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
@@ -554,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="wrap prompts in the tokenizer's chat template, or Gemma's chat turns "
                    "(instruction-tuned models)")
-    p.add_argument("--out", type=Path, default=Path("runs/evaluate/results"), metavar="FILE",
+    p.add_argument("--out", type=_path, default=Path("runs/evaluate/results"), metavar="FILE",
                    help="writes FILE.md (the table) and FILE.json (per-example results, prompt formats, versions)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
     p.add_argument("--max-len", type=int, default=2048, help="longest context in tokens (longer ones keep their "
@@ -578,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder-decoder checkpoint, exported encoder, or decoder-only source "
                    "(HF dir, GGUF, packaged name)")
     p.add_argument("--task", metavar="TASK", type=str.lower, help="boolq, cb, copa or rte (any case)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="output directory: results.json and classifier/")
+    p.add_argument("--out", type=_path, metavar="DIR", help="output directory: results.json and classifier/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-save", action="store_true",
                    help="write results.json only, not the classifier (a copy of the backbone: 1.1 GB for the 270M), "
@@ -613,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="choose lr x epochs x head-lr (the grid) on dev splits of the training data, retrain the best "
                    "on all of it, and score it once on the reported split")
-    p.add_argument("--grid", type=Path, metavar="FILE.yaml",
+    p.add_argument("--grid", type=_path, metavar="FILE.yaml",
                    help="with --search: {setting: [values]} over lr, head_lr, epochs, steps, weight_decay, warmup, "
                    "batch_size; without it: lr 1e-5,3e-5,1e-4 x epochs 2,4 x head_lr 3e-5,1e-4")
     p.add_argument("--grid-lr", metavar="V,V", help="with --search: the grid's backbone learning rates")
@@ -627,9 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--search / --probe on BoolQ: share of the training examples held out as the dev split")
     p.add_argument("--inner-folds", type=int, default=3,
                    help="--search / --probe on cb, copa, rte: inner folds over each outer fold's training part")
-    p.add_argument("--predict", type=Path, metavar="DIR", help="a saved classifier (OUT/classifier): label inputs with it")
+    p.add_argument("--predict", type=_path, metavar="DIR", help="a saved classifier (OUT/classifier): label inputs with it")
     p.add_argument("--text", action="append", metavar="TEXT", help="with --predict: an input text; repeat for more")
-    p.add_argument("--input", type=Path, metavar="FILE.jsonl", help='with --predict: one {"text": ...} object per line')
+    p.add_argument("--input", type=_path, metavar="FILE.jsonl", help='with --predict: one {"text": ...} object per line')
     defaults = vars(p.parse_args([]))  # every option's default; those of training, --predict refuses when given
     predicting = ("model", "task", "out", "predict", "text", "input")
     p.set_defaults(func=cmd_classify,
@@ -640,7 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "embeddings and classification): as transformers' T5GemmaEncoderModel / T5Gemma2Encoder where "
                        "one holds it, else in the project's own format. encdec classify reads either as MODEL.")
     p.add_argument("model", metavar="MODEL", help="encoder-decoder checkpoint directory")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", type=_path, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export_encoder)
 
@@ -649,23 +665,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", formatter_class=_formatter, help="convert a model for another inference engine",
                        description="Convert a checkpoint in the T5Gemma or T5Gemma 2 layout into a CTranslate2 model "
                        "with CTranslate2's own converter (pip install 'encdec[ctranslate2]'); the tokenizer goes along.")
-    p.add_argument("model", type=Path, metavar="MODEL", help="encoder-decoder checkpoint directory")
+    p.add_argument("model", type=_path, metavar="MODEL", help="encoder-decoder checkpoint directory")
     p.add_argument("--to", choices=["ctranslate2"], required=True, help="target engine")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", type=_path, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="float32", help="weight type of the converted model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", formatter_class=_formatter, help="describe a saved model",
                        description="Parameters per part, configuration, format and transformers class of a checkpoint.")
-    p.add_argument("dir", type=Path, metavar="DIR")
+    p.add_argument("dir", type=_path, metavar="DIR")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quickstart", formatter_class=_formatter, help="the main job on the packaged Gemma 3 270M",
                        description="Adapt the packaged Gemma 3 270M into a 270M-270M encoder-decoder (saved in "
                        "DIR/adapted), compare it with its source (parameters, a greedy continuation, held-out suffix "
                        "NLL), run a short PrefixLM + distillation adaptation (DIR/pretrain) and compare again.")
-    p.add_argument("--out", type=Path, default=Path("runs/quickstart"), metavar="DIR",
+    p.add_argument("--out", type=_path, default=Path("runs/quickstart"), metavar="DIR",
                    help="where the adapted model (DIR/adapted) and the short run (DIR/pretrain) go")
     p.add_argument("--steps", type=int, default=12, help="adaptation steps (0: adapt and compare only)")
     p.add_argument("--trim-vocab", type=int, default=8192,

@@ -305,20 +305,25 @@ def check_apart(out: Path, inputs: tuple[str | Path | None, ...], *, inside: boo
                               "another --out")
 
 
-def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> None:
-    """Fail before any work when the file `out` cannot be written, or would replace an input or a file inside one
-    (a model's config.json): it is a directory, a folder above it is a file, or the nearest existing folder
-    above it is not writable."""
-    out = Path(out)
+def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> Path:
+    """The path to write the file `out` at (through a symbolic link: the file it names, the link kept); fail
+    before any work when it cannot be written, or would replace an input or a file inside one (a model's
+    config.json): it is a directory or another thing than a file (a device, a pipe: the rename would put a file in
+    its place), a folder above it is a file, or the nearest existing folder above it is not writable."""
+    out = Path(out).expanduser()
     check_apart(out, inputs, inside=True)
     with written(out):
         if out.is_dir():
             raise EncdecError(f"--out {out} is a directory; give a file name such as completions.jsonl")
+        if out.exists() and not out.is_file():
+            raise EncdecError(f"--out {out} is not a regular file (a device, a pipe or a socket), which writing would "
+                              "replace with one; give a file name (- writes to standard output)")
         check_writable_place(out.parent)
-        target = out.expanduser().resolve()
+        target = out.resolve()
         existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise EncdecError(f"cannot write {out}: {existing} is not writable")
+    return target if out.is_symlink() else out
 
 
 def check_not_above(out: Path) -> None:

@@ -92,7 +92,7 @@ def refuse_custom_code(directory: Path) -> None:
 def load_tokenizer(directory: Path | str):
     """The tokenizer saved in a checkpoint directory (memoised while its files are unchanged:
     building one takes seconds)."""
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     if not has_tokenizer(directory):
         raise EncdecError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
     refuse_custom_code(directory)

@@ -35,6 +35,7 @@ ACCEPTED = ", ".join(f"{name} ({layout.architecture})" for name, layout in LAYOU
 def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite: bool = False) -> str:
     """Convert the checkpoint in `model_dir` into a CTranslate2 model directory `out`, written atomically;
     returns the checkpoint's format."""
+    model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
     fmt = checkpoint_format(model_dir)
     if fmt is None:
         raise EncdecError(f"{model_dir} is not an encoder-decoder checkpoint (from encdec adapt / pretrain); "
@@ -51,6 +52,9 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     eos_token_ids = load_checkpoint(model_dir, None, mapped=True).model.config.eos_token_ids
     tokenizer = load_tokenizer(model_dir)  # CTranslate2 takes its vocabulary from it: fail before any work
     check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin", "config.json"))
+    # before converting: reading the framing refuses a provenance it does not know, which must not come after an
+    # --overwrite has replaced the previous export
+    found = [*cautions(model_dir, fmt), *generation_cautions(model_dir, eos_token_ids, tokenizer)]
     try:
         from ctranslate2.converters import TransformersConverter
     except ImportError:
@@ -65,7 +69,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
                               f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
         tokenizer.save_pretrained(str(tmp))
         _name_tokenizer_version(tmp)
-    for caution in [*cautions(model_dir, fmt), *generation_cautions(model_dir, eos_token_ids, tokenizer)]:
+    for caution in found:
         log.warning("CTranslate2 and this model: %s", caution)
     return fmt
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -113,6 +113,14 @@ class Sampling:
         for token, bias in self.logit_bias:
             if not -100 <= bias <= 100:
                 raise EncdecError(f"the logit bias of token {token} must be in [-100, 100], got {bias}")
+
+    def nth(self, index: int) -> Sampling:
+        """The settings of the index-th (from 0) of several samples with these ones (a request's choices, the prompts
+        of `encdec generate`): a seeded one draws from seed + index, so that the first is what one alone draws and
+        the same prompt twice gets two samples."""
+        if index == 0 or self.seed is None:
+            return self
+        return replace(self, seed=(self.seed + index) % 2**64)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The row's own random stream: seeded by `seed`, else by the global torch RNG (so manual_seed governs it)."""

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -27,7 +27,6 @@ from starlette.requests import ClientDisconnect
 from encdec.data.chat import ChatFormat, ConversationRefused
 from encdec.errors import EncdecError
 from encdec.inference.engine import Emitted, Engine, Row
-from encdec.inference.sampling import Sampling
 from encdec.model import EncoderDecoder
 from encdec.objectives import PLAIN, Framing
 from encdec.serve.logprobs import TokenLogprobs
@@ -106,13 +105,16 @@ class Service:
     def ids(self, prompt: str | list[int], param: str) -> list[int]:
         """The encoder's input: text tokenized, or token ids checked; no longer than --max-input-tokens."""
         if isinstance(prompt, list):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0 to {self.vocab_size - 1})", param)
             ids = prompt
         else:
             self.short_enough(len(prompt), param)
             ids = self.tokenizer(prompt).input_ids
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:  # text too: a tokenizer's token past the embeddings (Gemma 3's <image_soft_token>), which on a GPU
+            # would fail the whole batch's step with a device-side assert
+            named = "" if isinstance(prompt, list) else f" ({self.tokenizer.convert_ids_to_tokens(bad[0])!r})"
+            raise APIError(400, f"token id {bad[0]}{named} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                           param)
         if not ids:  # an empty text, from a tokenizer that puts no BOS first (Qwen's): nothing for the encoder to read
             raise APIError(400, f"'{param}' has no tokens; a prompt needs at least one", param)
         limit = self.settings.limits.max_input_tokens
@@ -175,14 +177,6 @@ def _choice(kind: str, index: int, text: str | None, finish: str | None, stream:
 def _prompt_tokens(jobs: list[Job], parsed: Parsed) -> int:
     """The request's prompt tokens, each prompt counted once however many choices it has."""
     return sum(len(job.prompt) for job in jobs[:: parsed.n])
-
-
-def _choice_sampling(sampling: Sampling, index: int) -> Sampling:
-    """Choice `index` of a request for n: a seeded request's choice i draws from seed + i, so that choice 0
-    is what the same request for one choice gets."""
-    if index == 0 or sampling.seed is None:
-        return sampling
-    return replace(sampling, seed=(sampling.seed + index) % 2**64)
 
 
 @dataclass
@@ -304,7 +298,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             service.scheduler.check_size(max(len(parsed.prompts), 1) * parsed.n, "n" if parsed.n > 1 else "prompt")
             prompts = await service.off_loop(service.tokens, parsed)
             loop = asyncio.get_running_loop()
-            jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, _choice_sampling(parsed.sampling, i),
+            jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, parsed.sampling.nth(i),
                                     logprobs=parsed.logprobs, decoder_prefix=settings.framing.decoder), loop,
                         arrived=arrived)
                     for prompt in prompts for i in range(parsed.n)]
