@@ -99,6 +99,9 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
     assert [line.split(" -> ")[0] for line in lines] == ["w1 w2 w3", "w7"]
     assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "--quantize", "int8"]) == 0
     assert capsys.readouterr().out.startswith("w1 w2 w3 -> ")
+    assert main(["generate", str(out), "--prompt", "w1", "--prompt", "w2", "--max-new-tokens", "2", "--quantize",
+                 "int8"]) == 0
+    assert "a prompt's tokens depend on the prompts decoded with it" in capsys.readouterr().err
     # sampling settings without --do-sample: greedy, and said (transformers' generate warns alike)
     assert main(["generate", str(out), "--prompt", "w1", "--max-new-tokens", "2", "--temperature", "5", "--top-k", "3"]) == 0
     assert "--temperature, --top-k apply to sampling (--do-sample); greedy decoding ignores them" in capsys.readouterr().err

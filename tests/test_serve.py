@@ -1140,6 +1140,28 @@ def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch
     assert app.state.service.metrics.running._value.get() == 0 and app.state.service.metrics.queue._value.get() == 0
 
 
+def test_passes_failing_again_and_again_end_the_scheduler_and_health_says_so(local, monkeypatch):
+    """Encoder passes that fail every time (a --max-batch whose caches never fit the memory) failed each request
+    with a 500 while /health said ok: MAX_FAILURES_IN_A_ROW of them end the scheduler (503, /health failed)."""
+    from encdec.inference.engine import Engine
+    from encdec.serve.scheduler import MAX_FAILURES_IN_A_ROW
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(Engine, "join", out_of_memory)
+
+    async def ask(client) -> list[httpx.Response]:
+        body = {"prompt": "w1", "max_tokens": 2}
+        answers = [await client.post("/v1/completions", json=body) for _ in range(MAX_FAILURES_IN_A_ROW + 1)]
+        return [*answers, await client.get("/health")]
+
+    *answers, health = _asked(_app(local), ask)
+    assert [a.status_code for a in answers] == [500] * MAX_FAILURES_IN_A_ROW + [503]
+    assert "3 pass(es) failed in a row, the last with RuntimeError('out of memory')" in health.json()["error"]
+    assert health.status_code == 503 and health.json()["status"] == "failed"
+
+
 def test_a_failed_step_fails_its_requests_and_leaves_the_metrics_idle(local, monkeypatch):
     """The requests of a step that raised get a 500 and are counted as ended by an error; the running gauge went
     back to 0 (it stayed at its last value until the next request), and the next request is answered."""
@@ -1314,7 +1336,7 @@ def test_an_int8_server_says_that_batching_moves_its_tokens(checkpoint, monkeypa
     started = []
     monkeypatch.setattr(encdec.serve.app, "serve", lambda model, *a: started.append(type(model)))
     assert main(["serve", str(checkpoint), "--quantize", "int8"]) == 0
-    assert started and "depend on the requests decoded with it" in capsys.readouterr().err
+    assert started and "depend on the prompts decoded with it" in capsys.readouterr().err
     assert main(["serve", str(checkpoint)]) == 0
     assert len(started) == 2 and "int8" not in capsys.readouterr().err
 

@@ -30,6 +30,18 @@ IDLE_WAIT_S = 0.5  # how often an idle scheduler wakes up to look for a stop
 # join at the next step).
 GATHER_QUIET_S = 0.01
 GATHER_MAX_S = 0.05
+# Passes (encoder, step, embedding) failing one after another with none succeeding between end the thread: a
+# --max-batch whose caches never fit failed every request with a 500 while /health said ok
+MAX_FAILURES_IN_A_ROW = 3
+
+
+class SchedulerBroken(RuntimeError):
+    """Raised out of the loop by a failure that more requests would only repeat (`Scheduler._failed_again`)."""
+
+
+def device_lost(error: BaseException) -> bool:
+    """A GPU error after which the device's context is unusable (a device-side assert, an illegal access)."""
+    return isinstance(error, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(error)
 
 
 @dataclass(eq=False)
@@ -87,6 +99,7 @@ class Scheduler:
         self.running: dict[Row, Job] = {}
         self.admitting: list[Job] = []  # taken from `waiting`, in their encoder pass: neither waiting nor running
         self.failed: BaseException | None = None  # what ended the thread, if anything did but a stop
+        self.failures_in_a_row = 0
         self.accepting, self.stopping = True, False
         self.wake = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="encdec-scheduler", daemon=True)
@@ -236,12 +249,23 @@ class Scheduler:
                 self._embed(embedding)
             try:
                 self._cycle(cancelled, arrivals)
+            except SchedulerBroken:
+                raise
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("decoding step failed")
                 self._fail([*self.running.values(), *(job for job in arrivals if job.row not in self.running)], e)
+                self._failed_again(e)
             finally:
                 with self.wake:
                     self.admitting = []
+
+    def _failed_again(self, error: Exception) -> None:
+        """Count a failed pass (its requests have failed); a lost device, or MAX_FAILURES_IN_A_ROW of them with no
+        pass succeeding between, end the thread: the server answers 503 and /health says failed, so that a probe
+        restarts it, rather than failing every request for good with a 500 while it said ok."""
+        self.failures_in_a_row += 1
+        if device_lost(error) or self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            raise SchedulerBroken(f"{self.failures_in_a_row} pass(es) failed in a row, the last with {error!r:.200}")
 
     def _gather(self) -> None:
         """With the batch empty, wait (holding `wake`, which the wait releases) while requests keep arriving: see
@@ -273,6 +297,8 @@ class Scheduler:
         except Exception as e:  # a failed pass fails its requests, not the server
             log.exception("embedding failed")
             vectors = e
+        else:
+            self.failures_in_a_row = 0
         finished, offset = [], 0
         for job, start, end in parts:
             share = None if isinstance(vectors, Exception) else vectors[offset : offset + end - start]
@@ -289,6 +315,8 @@ class Scheduler:
             for job in finished:
                 self.embedding.remove(job)
             self.metrics.queue.set(len(self.waiting) + len(self.embedding))
+        if isinstance(vectors, Exception):
+            self._failed_again(vectors)
 
     def _cycle(self, cancelled: list[tuple[Job, str]], arrivals: list[Job]) -> None:
         for job, reason in cancelled:
@@ -303,11 +331,15 @@ class Scheduler:
             except Exception as e:  # their encoder pass failed (out of memory, say): they fail, the batch decodes on
                 log.exception("encoding arriving requests failed")
                 self._fail(arrivals, e)
+                self._failed_again(e)
+            else:
+                self.failures_in_a_row = 0
         self.metrics.running.set(len(self.engine.rows))
         if not self.engine.rows:
             return
         self.metrics.batch.observe(len(self.engine.rows))
         emitted = self.engine.step()
+        self.failures_in_a_row = 0
         now = time.perf_counter()
         self.metrics.generated.inc(len(emitted))
         for item in emitted:
