@@ -895,6 +895,11 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
     monkeypatch.setenv("ENCDEC_API_KEY", " ")
     assert main(["serve", str(checkpoint)]) == 2
     assert "the API key is empty" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--port", "1", "--api-key", "clé"]) == 2  # httpx, openai cannot send it
+    assert "printable ASCII characters only" in capsys.readouterr().err
+    monkeypatch.setenv("ENCDEC_API_KEY", "s3cret\n")  # from a file: stripped (read up to the address taken below)
+    assert main(["serve", str(tmp_path), "--port", "1"]) == 2
+    assert "surrounding spaces or newlines" in capsys.readouterr().err
     monkeypatch.delenv("ENCDEC_API_KEY")
     assert main(["serve", str(tmp_path), "--port", "1"]) == 2
     assert "config.json is missing" in capsys.readouterr().err
@@ -1250,6 +1255,9 @@ def test_an_api_key_guards_the_api_but_not_health(local):
 
     assert _asked(app, lambda http: ask(http, "s3cret"), scheduler=False) == ["tiny"]
     assert _asked(app, lambda http: ask(http, "wrong"), scheduler=False) == []
+    for header in ("Bearer  s3cret", "bearer\ts3cret"):  # RFC 6750: one or more spaces; the scheme in any case
+        answer = _asked(app, lambda http: http.get("/v1/models", headers={"Authorization": header}), scheduler=False)
+        assert answer.status_code == 200, header
 
 
 def test_the_limits_never_exceed_the_models_positions(checkpoint, monkeypatch, capsys):

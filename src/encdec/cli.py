@@ -245,6 +245,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if api_key is not None and not api_key.strip():  # an unset shell variable would otherwise open the server
         raise EncdecError("the API key is empty (--api-key or ENCDEC_API_KEY); give a key, or neither to serve "
                           "without one")
+    if api_key is not None and api_key != api_key.strip():  # a header cannot carry it: every request got 401
+        logging.getLogger("encdec").warning("the API key's surrounding spaces or newlines (a key read from a file?) "
+                                            "are not part of it: HTTP headers cannot carry them")
+        api_key = api_key.strip()
+    if api_key is not None and not all(" " < c <= "~" for c in api_key):
+        raise EncdecError("the API key (--api-key or ENCDEC_API_KEY) may hold printable ASCII characters only, "
+                          "without spaces: HTTP headers, where clients send it, carry no others")
     read_config(args.model)  # a path that is no checkpoint, then an address in use: both before the model loads
     check_address(args.host, args.port)
     # This thread loads with one intra-op thread and then only answers HTTP; the scheduler's thread computes with

@@ -247,8 +247,8 @@ class APIKeyCheck:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
             header = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, given = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(given, self.key):
+            scheme, given = (header.split(None, 1) + [b"", b""])[:2]  # one or more spaces or tabs between (RFC 6750)
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
                 message = "a valid API key is required: send 'Authorization: Bearer <key>' (encdec serve --api-key)"
                 body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                                   "code": "invalid_api_key"}}
