@@ -1249,7 +1249,9 @@ def test_an_api_key_guards_the_api_but_not_health(local):
             assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
             for n in range(5):  # paths a client without the key makes up add no series to the metrics
                 assert (await http.get(f"/v1/made-up-{n}")).status_code == 401
-            assert (await http.get("/health")).status_code == 200
+            assert (await http.get("/health")).status_code == 200 and (await http.head("/health")).status_code == 200
+            for page in ("/docs", "/redoc", "/openapi.json"):  # the API's description: not without the key either
+                assert (await http.get(page)).status_code == 404
             metrics = (await http.get("/metrics")).text
             assert "made-up" not in metrics and 'endpoint="other",status="401"' in metrics
 

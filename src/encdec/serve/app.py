@@ -269,7 +269,10 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         yield
         await asyncio.to_thread(service.scheduler.stop, SHUTDOWN_WAIT_S)
 
-    app = FastAPI(title="encdec", lifespan=lifespan)
+    # FastAPI's pages of the API (/docs, /redoc, /openapi.json) lie outside /v1/, where the key is asked: served
+    # only without one; /health answers HEAD too (load balancers' checks)
+    hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key is not None else {}
+    app = FastAPI(title="encdec", lifespan=lifespan, **hidden)
     app.state.service, app.state.draining = service, False
 
     def open_for_requests() -> None:
@@ -496,7 +499,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             return answer("/v1/models", _error(e))
         return answer("/v1/models", JSONResponse(described()))
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if app.state.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
