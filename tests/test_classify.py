@@ -318,7 +318,7 @@ def test_inputs_begin_as_the_tokenizer_begins_a_text(models: dict[str, Path], tm
     assert old != new
 
 
-def test_an_empty_input_or_input_file_is_one_line_naming_it(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+def test_an_empty_input_an_empty_file_or_a_token_past_the_vocabulary_is_one_line(models: dict[str, Path], tmp_path: Path, capsys) -> None:
     """Without a BOS before each text, an empty text has no token to classify: the input is named; a file of
     blank lines names the file, not the options the user did pass."""
     tokenizer = load_tokenizer(models["gemma3"])
@@ -329,6 +329,12 @@ def test_an_empty_input_or_input_file_is_one_line_naming_it(models: dict[str, Pa
     assert main(["classify", "--predict", str(tmp_path / "clf"), "--input", str(tmp_path / "blank.jsonl")]) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
     assert f"{tmp_path / 'blank.jsonl'} holds no records; expected one JSON object per line" in line
+    tokenizer = copy.deepcopy(tokenizer)  # a token past the embeddings (Gemma 3's <image_soft_token>): IndexError
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    tokenizer.save_pretrained(tmp_path / "clf")
+    assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1 <image_soft_token>"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "input #1: token '<image_soft_token>' (id 96) is outside this classifier's vocabulary" in line
 
 
 def _saved_classifier(models: dict[str, Path], out: Path) -> Classifier:

@@ -196,5 +196,5 @@ def is_checkpoint(spec: str | Path) -> bool:
 
 def read_metadata(path: Path | str) -> dict:
     """The provenance saved with a model (empty when there is none)."""
-    file = Path(path) / METADATA
+    file = Path(path).expanduser() / METADATA
     return read_json(file) if file.exists() else {}

@@ -388,7 +388,8 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
         raise EncdecError(f"{args.model} is not an encoder-decoder checkpoint (from encdec adapt / pretrain)")
     check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",))
     backbone = from_encoder_decoder(load(args.model))
-    fmt = write_encoder(backbone, args.out, tokenizer_dir=Path(args.model) if has_tokenizer(Path(args.model)) else None,
+    model = Path(args.model).expanduser()
+    fmt = write_encoder(backbone, args.out, tokenizer_dir=model if has_tokenizer(model) else None,
                         overwrite=args.overwrite)
     where = "the project's own format" if fmt == "encdec-encoder" else f"{fmt} layout: transformers loads it"
     print(f"saved the encoder of {args.model} to {args.out} ({where})")
