@@ -494,6 +494,21 @@ def test_a_model_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no such file or directory" in err
 
 
+def test_a_model_that_cannot_load_is_refused_before_the_first_is_scored(adapted, tmp_path, capsys):
+    """A training run's directory (its model in model/), or a checkpoint without its tokenizer, after the first
+    MODEL: it failed once the first had been scored on every task (hours), and their results were lost."""
+    run, bare = tmp_path / "run", tmp_path / "bare"
+    shutil.copytree(adapted, run / "model")
+    shutil.copytree(adapted, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    for second, said in ((run, f"{run}: {run} holds no model (no config.json); its model is {run / 'model'}"),
+                         (bare, f"{bare}: {bare} has no tokenizer")):
+        assert main(["evaluate", str(adapted), str(second), "--tasks", "copa", "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if "error:" in line]
+        assert len(lines) == 1 and said in lines[0], err
+        assert "copa" not in err.replace(str(tmp_path), "")  # (no task ran: its name is logged as it starts)
+
+
 def test_a_ul2_pretrained_checkpoint_is_scored_in_its_objective_s_framing(adapted, tmp_path):
     """The provenance `encdec pretrain` saves names the objective; a T5Gemma 2 mixture model gets its sentinel
     after the prompt and after the decoder's start, and its scores change accordingly."""

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from encdec.errors import EncdecError
 from encdec.evaluation.answers import exact_match, final_number, first_line
-from encdec.evaluation.scoring import Scorer, load_scorer
+from encdec.evaluation.scoring import Scorer, check_loadable, load_scorer
 from encdec.evaluation.stats import mean_interval, wilson_interval
 from encdec.evaluation.tasks import (
     FORMAT_VERSION,
@@ -181,16 +181,13 @@ def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
 
 def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Results of every model on every task, as the JSON record (see `write`)."""
-    from encdec.checkpoint import is_checkpoint
     from encdec.data.corpus import HELDOUT_SETS
-    from encdec.sources import resolve
 
     twice = sorted({spec for spec in models if models.count(spec) > 1})
     if twice:  # results and averages are kept per model: a second column of the same name would merge with the first
         raise EncdecError(f"model {twice[0]} is given twice; each MODEL is one column of the table: give it once")
     for spec in models:  # a bad name fails now, not after the first model's run
-        if not is_checkpoint(spec):
-            resolve(spec)
+        check_loadable(spec)
     prepared: dict[str, tuple[list[Any], dict[str, list[Any]]]] = {}
     for name in s.tasks:
         if name != LM_TASK:

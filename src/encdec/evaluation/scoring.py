@@ -181,6 +181,27 @@ def _causal_logits(model: torch.nn.Module, requests: list[Request], pad_id: int)
     return logits, targets
 
 
+def check_loadable(spec: str) -> None:
+    """Fail before any model runs when `spec` cannot be loaded as `load_scorer` will: a checkpoint's configuration
+    unreadable or its tokenizer missing, or a directory that holds no model (a training run's, whose model is in
+    model/): found after hours of scoring the models before it, which lost their results."""
+    from encdec.checkpoint import read_config
+    from encdec.errors import EncdecError
+    from encdec.sources import has_tokenizer, resolve
+
+    directory = Path(spec).expanduser()
+    if is_checkpoint(spec):
+        read_config(spec)
+    else:
+        directory = resolve(spec)
+        if not (directory / "config.json").is_file():
+            inside = f"; its model is {Path(spec) / 'model'}" if (directory / "model" / "config.json").is_file() else ""
+            raise EncdecError(f"{spec}: {directory} holds no model (no config.json){inside}")
+    if not has_tokenizer(directory):
+        raise EncdecError(f"{spec}: {directory} has no tokenizer (tokenizer.json or tokenizer.model) to read the "
+                          "tasks with")
+
+
 def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 2048) -> Scorer:
     """An encoder-decoder checkpoint (anything `encdec.load` reads) or a decoder-only source."""
     from encdec.inference.loading import compute_device
