@@ -1145,6 +1145,44 @@ def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch
     assert app.state.service.metrics.running._value.get() == 0 and app.state.service.metrics.queue._value.get() == 0
 
 
+def test_a_server_whose_scheduler_failed_stops_with_its_error(local, monkeypatch):
+    """A lost device ends the scheduler at once (`device_lost`), and the server then stops, `serve` failing with the
+    scheduler's error: it stayed up answering 503, which only a health probe would restart."""
+    from encdec.errors import EncdecError
+    from encdec.inference.engine import Engine
+    from encdec.serve import app as app_module
+    from encdec.serve.app import Settings, serve
+    from encdec.serve.protocol import Limits
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(Engine, "step", lost)
+    monkeypatch.setattr(app_module, "FLUSH_AFTER_DRAIN_S", 0.1)
+    port, raised = _free_port(), []
+
+    def run() -> None:
+        try:
+            serve(*local, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)), HOST, port)
+        except EncdecError as e:
+            raised.append(str(e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    _wait_for(lambda: _answers(f"http://{HOST}:{port}/health"), 60, "the server to listen")
+    answer = httpx.post(f"http://{HOST}:{port}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
+    assert answer.status_code == 500 and "illegal memory access" in answer.text
+    thread.join(30)
+    assert not thread.is_alive() and raised and "its scheduler failed" in raised[0] and "illegal memory" in raised[0]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def test_passes_failing_again_and_again_end_the_scheduler_and_health_says_so(local, monkeypatch):
     """Encoder passes that fail every time (a --max-batch whose caches never fit the memory) failed each request
     with a 500 while /health said ok: MAX_FAILURES_IN_A_ROW of them end the scheduler (503, /health failed)."""

@@ -8,6 +8,7 @@ import base64
 import hmac
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -535,6 +536,15 @@ class DrainingServer(uvicorn.Server):
                                           args=(scheduler, asyncio.get_running_loop()))
             self.watch.start()
 
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's tick (every 0.1 s), which also stops the server once its scheduler has failed: it could only
+        answer 503 from then on, and a process that stays up is restarted by nothing but a health probe (vLLM's
+        API server exits when its engine dies too); `serve` then fails with the scheduler's error."""
+        if self.encdec_app.state.service.scheduler.failed is not None and not self.encdec_app.state.draining:
+            log.error("the scheduler failed: the server stops, for whatever supervises it to start it again")
+            self.handle_exit(signal.SIGTERM, None)
+        return await super().on_tick(counter)
+
     def _exit_when_drained(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
         while not scheduler.idle():
             time.sleep(0.1)
@@ -597,3 +607,6 @@ def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, 
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None,
                             limit_concurrency=limit)
     DrainingServer(config, app).run()
+    failed = app.state.service.scheduler.failed
+    if failed is not None:
+        raise EncdecError(f"the server stopped: its scheduler failed ({failed!r:.300}); start it again")
