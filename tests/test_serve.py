@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -901,6 +902,8 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
     assert main(["serve", str(tmp_path), "--port", "1"]) == 2
     assert "surrounding spaces or newlines" in capsys.readouterr().err
     monkeypatch.delenv("ENCDEC_API_KEY")
+    assert main(["serve", str(checkpoint), "--timeout-keep-alive", "0"]) == 2
+    assert "--timeout-keep-alive must be at least 1, got 0" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--port", "1"]) == 2
     assert "config.json is missing" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
@@ -1148,39 +1151,68 @@ def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch
 def test_a_server_whose_scheduler_failed_stops_with_its_error(local, monkeypatch):
     """A lost device ends the scheduler at once (`device_lost`), and the server then stops, `serve` failing with the
     scheduler's error: it stayed up answering 503, which only a health probe would restart."""
-    from encdec.errors import EncdecError
     from encdec.inference.engine import Engine
     from encdec.serve import app as app_module
-    from encdec.serve.app import Settings, serve
-    from encdec.serve.protocol import Limits
 
     def lost(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(Engine, "step", lost)
     monkeypatch.setattr(app_module, "FLUSH_AFTER_DRAIN_S", 0.1)
-    port, raised = _free_port(), []
+    with _serving(local, monkeypatch) as (port, thread, raised):
+        answer = httpx.post(f"http://{HOST}:{port}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
+        assert answer.status_code == 500 and "illegal memory access" in answer.text
+        thread.join(30)
+    assert not thread.is_alive() and raised and "its scheduler failed" in raised[0] and "illegal memory" in raised[0]
+
+
+def test_an_idle_connection_is_kept_for_timeout_keep_alive(local, monkeypatch):
+    """--timeout-keep-alive (uvicorn's 5 s otherwise, below load balancers' idle timeouts: 502s)."""
+    with _serving(local, monkeypatch, keep_alive_s=1) as (port, _, _), \
+            socket.create_connection((HOST, port), 30) as raw:
+        raw.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(0.5)
+        raw.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # within the second: the same connection
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+        start = time.monotonic()
+        assert raw.recv(65536) == b""  # then closed by the server
+        assert 0.5 < time.monotonic() - start < 5
+
+
+@contextlib.contextmanager
+def _serving(local, monkeypatch, **settings) -> Iterator[tuple[int, threading.Thread, list[str]]]:
+    """`serve` of the tiny model in a thread of this process, listening on a free port: its port, its thread, and
+    the messages of the EncdecError it ends with, if it does; stopped (as by SIGTERM) at the end if it runs."""
+    from encdec.errors import EncdecError
+    from encdec.serve.app import DrainingServer, Settings, serve
+    from encdec.serve.protocol import Limits
+
+    port, raised, servers, run_server = _free_port(), [], [], DrainingServer.run
+    monkeypatch.setattr(DrainingServer, "run", lambda self: servers.append(self) or run_server(self))
 
     def run() -> None:
         try:
-            serve(*local, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8)), HOST, port)
+            serve(*local, Settings("tiny", max_batch=2, max_queue=2, limits=Limits(24, 8), **settings), HOST, port)
         except EncdecError as e:
             raised.append(str(e))
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    _wait_for(lambda: _answers(f"http://{HOST}:{port}/health"), 60, "the server to listen")
-    answer = httpx.post(f"http://{HOST}:{port}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
-    assert answer.status_code == 500 and "illegal memory access" in answer.text
-    thread.join(30)
-    assert not thread.is_alive() and raised and "its scheduler failed" in raised[0] and "illegal memory" in raised[0]
 
+    def answers() -> bool:
+        try:
+            return httpx.get(f"http://{HOST}:{port}/health", timeout=5).status_code == 200
+        except httpx.TransportError:
+            return False
 
-def _answers(url: str) -> bool:
     try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.TransportError:
-        return False
+        _wait_for(answers, 60, "the server to listen")
+        yield port, thread, raised
+    finally:
+        if thread.is_alive():
+            servers[0].should_exit = True
+            thread.join(30)
 
 
 def test_passes_failing_again_and_again_end_the_scheduler_and_health_says_so(local, monkeypatch):
@@ -1296,7 +1328,8 @@ def test_an_api_key_guards_the_api_but_not_health(local):
     assert _asked(app, lambda http: ask(http, "s3cret"), scheduler=False) == ["tiny"]
     assert _asked(app, lambda http: ask(http, "wrong"), scheduler=False) == []
     for header in ("Bearer  s3cret", "bearer\ts3cret"):  # RFC 6750: one or more spaces; the scheme in any case
-        answer = _asked(app, lambda http: http.get("/v1/models", headers={"Authorization": header}), scheduler=False)
+        answer = _asked(app, lambda http, header=header: http.get("/v1/models", headers={"Authorization": header}),
+                        scheduler=False)
         assert answer.status_code == 200, header
 
 

@@ -231,7 +231,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     for name, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
                         ("--max-input-tokens", args.max_input_tokens), ("--max-new-tokens", args.max_new_tokens),
-                        ("--max-connections", args.max_connections)):
+                        ("--max-connections", args.max_connections), ("--timeout-keep-alive", args.timeout_keep_alive)):
         if value is not None and value < 1:
             raise EncdecError(f"{name} must be at least 1, got {value}")
     if args.max_batch > MAX_BATCH:  # before loading: a huge one failed in the engine's first buffer
@@ -284,7 +284,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         max_queue=args.max_queue,
                         limits=Limits(max_input, max_new), pooling=args.pooling,
                         api_key=api_key, threads=threads, compile_step=args.compile,
-                        max_connections=args.max_connections, framing=framing)
+                        max_connections=args.max_connections, keep_alive_s=args.timeout_keep_alive, framing=framing)
     serve(model, tokenizer, settings, args.host, args.port)
 
 
@@ -526,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=None, metavar="N",
                    help="most open connections (and requests in flight) before new ones get 503 (default: no limit); "
                    "a guard against clients holding connections open, without a reverse proxy")
+    p.add_argument("--timeout-keep-alive", type=int, default=5, metavar="S",
+                   help="seconds an idle connection is kept open for the client's next request; behind a load "
+                   "balancer, more than its idle timeout (60 s on AWS's), or it may reuse a connection just closed "
+                   "(502)")
     p.add_argument("--max-input-tokens", type=int, default=2048, metavar="N",
                    help="longest prompt in tokens (BOS included); longer ones get 400")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",

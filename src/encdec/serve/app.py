@@ -58,6 +58,7 @@ class Settings:
     threads: int | None = None  # intra-op threads of the scheduler's thread (None: the process's setting)
     compile_step: bool = False  # the engine's step compiled with torch.compile (while the server starts)
     max_connections: int | None = None  # open connections (and requests in flight) past which uvicorn answers 503
+    keep_alive_s: int = 5  # how long an idle connection waits for its next request (uvicorn's timeout_keep_alive)
     framing: Framing = PLAIN  # how the model reads a prompt (a UL2-pretrained model's sentinel: `model_framing`)
 
 
@@ -605,7 +606,7 @@ def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, 
     # uvicorn counts the connection it is answering among the open ones
     limit = None if settings.max_connections is None else settings.max_connections + 1
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None,
-                            limit_concurrency=limit)
+                            limit_concurrency=limit, timeout_keep_alive=settings.keep_alive_s)
     DrainingServer(config, app).run()
     failed = app.state.service.scheduler.failed
     if failed is not None:
