@@ -176,7 +176,7 @@ GENERATE_INPUT_BAD = [
     ('{"prompt": "w1"}\n', ["--out", "{input}"], "is the input"),
     ('{"prompt": "w1"}\n', ["--batch-size", "0"], "--batch-size must be in 1..4096 (rows decoded together"),
     ('{"prompt": "w1"}\n', ["--batch-size", "4097"], "--batch-size must be in 1..4096"),  # (out of memory)
-    ('{"prompt": "w1"}\n', ["--out", "/dev/null"], "--out /dev/null is not a regular file"),  # (replaced by one)
+    ('{"prompt": "w1"}\n', ["--out", "{pipe}"], "pipe is not a regular file"),  # (a device too: /dev/null was replaced)
     ('{"prompt": "w1"}\n{"prompt": "' + " ".join(["w5"] * 300) + '"}\n', [],
      "prompts.jsonl:2: the prompt has 301 tokens; this model reads at most 256"),
     ('{"prompt": "' + " ".join(["w5"] * 300) + '"}\n', [], "prompts.jsonl:1: the prompt has 301 tokens"),
@@ -191,14 +191,16 @@ def test_a_bad_prompt_file_is_one_line_and_writes_nothing(capsys, tmp_path, sour
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(text)
     capsys.readouterr()
-    extra = [e.format(input=prompts, model=out) for e in extra]
+    os.mkfifo(tmp_path / "pipe")  # never /dev/null here: a regression would replace it for the whole machine
+    extra = [e.format(input=prompts, model=out, pipe=tmp_path / "pipe") for e in extra]
     before = {p: p.read_bytes() for p in out.iterdir()}
     assert main(["generate", str(out), "--input", str(prompts), *extra]) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "error:" in line]
     assert len(lines) == 1 and message in lines[0], lines
     assert "loading" not in err  # refused before the model is loaded
-    assert prompts.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["model", "prompts.jsonl"]
+    assert prompts.read_text() == text and (tmp_path / "pipe").is_fifo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pipe", "prompts.jsonl"]
     assert {p: p.read_bytes() for p in out.iterdir()} == before
 
 
