@@ -27,7 +27,7 @@ from encdec.classification.folds import kfold
 from encdec.classification.inference import predict_texts
 from encdec.classification.loading import load_backbone
 from encdec.classification.tasks import Example, TaskData
-from encdec.classification.train import Hyper, encode, fine_tune, predict
+from encdec.classification.train import Diverged, Hyper, encode, fine_tune, predict
 from encdec.cli import main
 from encdec.data.tokens import leading_bos
 from encdec.errors import EncdecError
@@ -56,6 +56,18 @@ def separable(n: int, seed: int) -> tuple[list[str], list[int]]:
         texts.append(" ".join(rng.choices(words, k=rng.randrange(4, 10)) + ["w65"]))
         labels.append(label)
     return texts, labels
+
+
+def test_a_fit_whose_loss_is_not_finite_stops_naming_the_step(models: dict[str, Path]) -> None:
+    """A diverged fit predicted label 0 for everything (the argmax of NaNs), which looked like a model that learned
+    nothing, and a --search could choose it."""
+    backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
+    classifier = Classifier(backbone, 2, "last")
+    with torch.no_grad():
+        classifier.head.bias[1] = float("inf")
+    rows = encode(load_tokenizer(tokenizer_dir), separable(8, 0)[0], 16, None)
+    with pytest.raises(Diverged, match=r"^test: the fit diverged at step 1 of 2 \(loss nan\); lower the learning"):
+        fine_tune(classifier, rows, [0, 1] * 4, Hyper(steps=2, batch_size=4), pad_id=0, desc="test", seed=0)
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "decoder-only"])
@@ -668,6 +680,28 @@ def test_search_selection_never_reads_the_reported_split(models: dict[str, Path]
     assert recorded["grid"] == {"lr": [1e-3, 3e-3], "epochs": [1], "head_lr": [1e-2]}
     assert not {"lr", "epochs", "head_lr"} & set(recorded) and recorded["max_len"] == 16
     assert capsys.readouterr().out.count("lr=0.001 epochs=1 head_lr=0.01: dev accuracy") == 1
+
+
+def test_a_search_candidate_whose_fit_diverges_counts_no_correct_answer(models: dict[str, Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its all-NaN predictions scored label 0's share of the dev split, enough to be chosen over real candidates near
+    chance; it now counts 0, and the search goes on."""
+    from encdec.classification import run
+
+    _toy(monkeypatch, kfold_task=False, n=24)
+    real = run.fine_tune
+
+    def diverging(classifier, rows, labels, hp, **kw):
+        if hp.lr == 1e-3 and "search" in kw["desc"]:
+            raise Diverged(f"{kw['desc']}: the fit diverged at step 1 of 1 (loss nan)")
+        return real(classifier, rows, labels, hp, **kw)
+
+    monkeypatch.setattr(run, "fine_tune", diverging)
+    out = tmp_path / "search"
+    assert main(["classify", str(models["gemma3"]), "--task", "toy", "--search", "--grid-lr", "1e-3,3e-3",
+                 "--grid-epochs", "1", "--grid-head-lr", "1e-2", "--max-len", "16", "--out", str(out)]) == 0
+    (fold,) = json.loads((out / "results.json").read_text())["selection"]["folds"]
+    assert [t["dev_correct"] for t in fold["candidates"]][0] == 0 and fold["chosen"]["lr"] == 3e-3
 
 
 def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str, Path], tmp_path: Path,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,13 +35,14 @@ from encdec.classification.journal import TrialJournal
 from encdec.classification.probe import check_available, fit_head, probabilities
 from encdec.classification.selection import DevProtocol, Trial, choose, dev_splits
 from encdec.classification.tasks import Example, TaskData, load_task
-from encdec.classification.train import Hyper, encode, fine_tune, predict
+from encdec.classification.train import Diverged, Hyper, encode, fine_tune, predict
 from encdec.data.tokens import leading_bos
 from encdec.errors import EncdecError
 from encdec.evaluation.stats import wilson_interval
 from encdec.files import atomic_dir, check_output_dir, portable_path
 from encdec.training.precision import autocast_dtype
 
+log = logging.getLogger("encdec")
 DEFAULT_DEV = DevProtocol()
 POOLING_NAMES = {"last": "last-token pooling", "mean": "mean pooling"}
 
@@ -222,7 +224,11 @@ class _FineTuneFolds:
         hp, trials = self.hyper, None
         if self.searched is not None:
             def trial(candidate: Hyper, fit: list[int], dev: list[int]) -> int:
-                classifier, _ = self._train([train_ids[i] for i in fit], candidate, f"{desc} search", k)
+                try:
+                    classifier, _ = self._train([train_ids[i] for i in fit], candidate, f"{desc} search", k)
+                except Diverged as e:  # its all-NaN predictions scored label 0's share of the dev split: chosen
+                    log.warning("%s: the candidate counts no correct answer", e)  # over real ones near chance
+                    return 0
                 dev_ids = [train_ids[i] for i in dev]
                 probs = predict(classifier, [self.train_rows[i] for i in dev_ids], pad_id=self.pad_id,
                                 batch_size=candidate.batch_size, desc=f"{desc} search: dev")

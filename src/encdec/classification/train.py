@@ -94,6 +94,10 @@ def encode(tokenizer, texts: list[str], max_len: int, first: int | None) -> list
     return rows
 
 
+class Diverged(EncdecError):
+    """A fit whose loss stopped being a finite number."""
+
+
 def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], hp: Hyper, *, pad_id: int,
               desc: str, seed: int, progress: Path | None = None, save_every: float = SAVE_EVERY_S) -> list[float]:
     """Train every parameter (but the embedding with `hp.freeze_embeddings`) on (rows, labels) with cross-entropy;
@@ -137,15 +141,18 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
                 with autocast:
                     logits = classifier(ids, mask)  # float32 whatever the autocast
                 loss = F.cross_entropy(logits, torch.tensor([labels[i] for i in chosen], device=device))
+                if not math.isfinite(value := loss.item()):  # its predictions would all be label 0 (NaN's argmax)
+                    raise Diverged(f"{desc}: the fit diverged at step {step + 1} of {total} (loss {value}); lower the "
+                                   "learning rates (--lr, --head-lr) or warm up longer (--warmup)")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
                 optimizer.step()
                 scheduler.step()
                 step += 1
-                epoch_losses.append(loss.item())
+                epoch_losses.append(value)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{value:.4f}")
                 if step < total:
                     fit.maybe_save({"step": step, "epoch": epoch, "losses": losses, "epoch_losses": epoch_losses,
                                     "within": within + 1, "rng": epoch_start})
