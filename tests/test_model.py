@@ -192,6 +192,19 @@ def test_sdpa_and_plain_product_attention_agree(sources, batch, monkeypatch):
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(first_grads, second_grads))
 
 
+def test_a_compiled_norm_is_built_once_whatever_the_rows():
+    """The in-place path's size threshold, read while dynamo traced, guarded the row count: `serve --compile` built
+    its step again when a batch first crossed 65,536 / width rows (103 for the 270M)."""
+    from torch._dynamo.testing import CompileCounter
+
+    norm, counter = RMSNorm(640, 1e-6), CompileCounter()
+    compiled = torch.compile(norm, dynamic=True, backend=counter)
+    with torch.no_grad():
+        for rows in (2, 3, 50, 103, 200):
+            assert torch.allclose(compiled(torch.ones(rows, 640)), torch.ones(rows, 640))
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset", [1.0, 0.0])
 def test_rms_norm_gives_the_written_out_float32_numbers(dtype, offset, monkeypatch):

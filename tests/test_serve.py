@@ -1220,26 +1220,38 @@ def _serving(local, monkeypatch, **settings) -> Iterator[tuple[int, threading.Th
             thread.join(30)
 
 
-def test_passes_failing_again_and_again_end_the_scheduler_and_health_says_so(local, monkeypatch):
-    """Encoder passes that fail every time (a --max-batch whose caches never fit the memory) failed each request
-    with a 500 while /health said ok: MAX_FAILURES_IN_A_ROW of them end the scheduler (503, /health failed)."""
+@pytest.mark.parametrize("failing", ["join", "step"])
+def test_passes_failing_again_and_again_make_health_say_so_until_one_succeeds(local, monkeypatch, failing):
+    """Passes that fail every time (a --max-batch whose caches never fit the memory) failed each request with a 500
+    while /health said ok: after MAX_FAILURES_IN_A_ROW of them /health answers 503 "failing", the server still
+    taking requests (a client retrying one too large must not stop it), and "ok" again once a step succeeds. A
+    step failing each time after its admission succeeded counts as much as failed admissions."""
     from encdec.inference.engine import Engine
     from encdec.serve.scheduler import MAX_FAILURES_IN_A_ROW
 
-    def out_of_memory(*args, **kwargs):
-        raise RuntimeError("out of memory")
+    real, broken = getattr(Engine, failing), [True]
 
-    monkeypatch.setattr(Engine, "join", out_of_memory)
+    def out_of_memory(*args, **kwargs):
+        if broken[0]:
+            raise RuntimeError("CUDA error: out of memory")  # of memory: not a lost device
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(Engine, failing, out_of_memory)
 
     async def ask(client) -> list[httpx.Response]:
         body = {"prompt": "w1", "max_tokens": 2}
-        answers = [await client.post("/v1/completions", json=body) for _ in range(MAX_FAILURES_IN_A_ROW + 1)]
-        return [*answers, await client.get("/health")]
+        answers = []
+        for _ in range(MAX_FAILURES_IN_A_ROW):
+            answers += [await client.get("/health"), await client.post("/v1/completions", json=body)]
+        answers.append(await client.get("/health"))
+        broken[0] = False
+        return [*answers, await client.post("/v1/completions", json=body), await client.get("/health")]
 
-    *answers, health = _asked(_app(local), ask)
-    assert [a.status_code for a in answers] == [500] * MAX_FAILURES_IN_A_ROW + [503]
-    assert "3 pass(es) failed in a row, the last with RuntimeError('out of memory')" in health.json()["error"]
-    assert health.status_code == 503 and health.json()["status"] == "failed"
+    *failed, failing_health, answered, healthy = _asked(_app(local), ask)
+    assert [a.status_code for a in failed] == [200, 500] * MAX_FAILURES_IN_A_ROW
+    assert failing_health.status_code == 503 and failing_health.json()["status"] == "failing"
+    assert "out of memory" in failing_health.json()["error"]
+    assert answered.status_code == 200 and healthy.status_code == 200
 
 
 def test_a_failed_step_fails_its_requests_and_leaves_the_metrics_idle(local, monkeypatch):

@@ -38,12 +38,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps) * scale in float32: PyTorch's rms_norm, those numbers in one call where
-        # they were seven (a decoding step of the 270M runs 109 norms). Large inputs without gradients: the same
-        # numbers bit for bit (tested) in place on one float32 copy, which rms_norm's separate temporaries made
-        # 1.4x slower on an encoder pass's activations (4,731 x 640 bfloat16: 6.1 -> 4.4 ms a norm; a decoding
-        # step's 16 x 640: 60 -> 65 us, hence the threshold)
+        # they were seven (a decoding step of the 270M runs 109 norms). Large CPU inputs without gradients: the
+        # same numbers bit for bit (tested) in place on one float32 copy, which rms_norm's separate temporaries
+        # made 1.4x slower on an encoder pass's activations (4,731 x 640 bfloat16: 6.1 -> 4.4 ms a norm; a
+        # decoding step's 16 x 640: 60 -> 65 us, hence the threshold). Not where rms_norm may be one kernel (a
+        # GPU), nor while dynamo traces (the threshold would guard the batch size: a compiled step built again)
         scale = self.offset + self.weight.float()
-        if torch.is_grad_enabled() or x.numel() < INPLACE_NORM_MIN:
+        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
+                or x.numel() < INPLACE_NORM_MIN):
             return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).type_as(x)
         out = x.to(torch.float32, copy=True)
         factor = out.square().mean(-1, keepdim=True).add_(self.eps).rsqrt_()

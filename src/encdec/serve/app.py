@@ -8,7 +8,6 @@ import base64
 import hmac
 import json
 import logging
-import signal
 import threading
 import time
 import uuid
@@ -507,6 +506,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if service.scheduler.failed is not None:  # requests would get 503: a probe should see it and restart us
             return JSONResponse({"status": "failed", "error": repr(service.scheduler.failed)[:200]}, status_code=503)
+        failing = service.scheduler.failing()
+        if failing is not None:  # every pass fails (caches too large for the memory?): requests get 500s
+            return JSONResponse({"status": "failing", "error": repr(failing)[:200]}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -528,11 +530,16 @@ class DrainingServer(uvicorn.Server):
         self.watch: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        self._drain()
+        super().handle_exit(sig, frame)
+
+    def _drain(self) -> None:
+        """Stop taking requests, and start the watch that ends the server once they are done (on the event loop's
+        thread, where signals are handled)."""
         scheduler = self.encdec_app.state.service.scheduler
         self.encdec_app.state.draining = True
         scheduler.stop_accepting()
-        super().handle_exit(sig, frame)
-        if self.watch is None:  # the signal is handled on the event loop's thread
+        if self.watch is None:
             self.watch = threading.Thread(target=self._exit_when_drained, daemon=True,
                                           args=(scheduler, asyncio.get_running_loop()))
             self.watch.start()
@@ -540,10 +547,13 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         """uvicorn's tick (every 0.1 s), which also stops the server once its scheduler has failed: it could only
         answer 503 from then on, and a process that stays up is restarted by nothing but a health probe (vLLM's
-        API server exits when its engine dies too); `serve` then fails with the scheduler's error."""
+        API server exits when its engine dies too); `serve` then fails with the scheduler's error. Not through
+        `handle_exit`, whose signal uvicorn raises again once it has stopped: the process died by SIGTERM before
+        `serve` could say why (and systemd's Restart=on-failure takes such a death for a clean stop)."""
         if self.encdec_app.state.service.scheduler.failed is not None and not self.encdec_app.state.draining:
             log.error("the scheduler failed: the server stops, for whatever supervises it to start it again")
-            self.handle_exit(signal.SIGTERM, None)
+            self._drain()
+            self.should_exit = True
         return await super().on_tick(counter)
 
     def _exit_when_drained(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop) -> None:

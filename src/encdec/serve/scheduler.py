@@ -30,18 +30,24 @@ IDLE_WAIT_S = 0.5  # how often an idle scheduler wakes up to look for a stop
 # join at the next step).
 GATHER_QUIET_S = 0.01
 GATHER_MAX_S = 0.05
-# Passes (encoder, step, embedding) failing one after another with none succeeding between end the thread: a
-# --max-batch whose caches never fit failed every request with a 500 while /health said ok
+# Passes (encoder, step, embedding) failing one after another, with no step or embedding pass succeeding between,
+# make /health answer 503 ("failing") until one does: a --max-batch whose caches never fit failed every request
+# with a 500 while /health said ok. The thread goes on (a client retrying a request too large for the memory must
+# not stop the server); a lost GPU context ends it.
 MAX_FAILURES_IN_A_ROW = 3
+MEMORY_ERRORS = ("out of memory", "ALLOC_FAILED", "MemoryAllocation")  # a pass too large, the device still sound
 
 
 class SchedulerBroken(RuntimeError):
-    """Raised out of the loop by a failure that more requests would only repeat (`Scheduler._failed_again`)."""
+    """Raised out of the loop by a failure no later pass can get past (`device_lost`)."""
 
 
 def device_lost(error: BaseException) -> bool:
-    """A GPU error after which the device's context is unusable (a device-side assert, an illegal access)."""
-    return isinstance(error, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(error)
+    """A GPU error after which the device's context is unusable (a device-side assert, an illegal access), not one
+    of memory."""
+    text = str(error)
+    gpu = isinstance(error, getattr(torch, "AcceleratorError", ())) or "CUDA error" in text
+    return gpu and not any(kind in text for kind in MEMORY_ERRORS)
 
 
 @dataclass(eq=False)
@@ -99,7 +105,7 @@ class Scheduler:
         self.running: dict[Row, Job] = {}
         self.admitting: list[Job] = []  # taken from `waiting`, in their encoder pass: neither waiting nor running
         self.failed: BaseException | None = None  # what ended the thread, if anything did but a stop
-        self.failures_in_a_row = 0
+        self.failures_in_a_row, self.last_failure = 0, None
         self.accepting, self.stopping = True, False
         self.wake = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="encdec-scheduler", daemon=True)
@@ -253,19 +259,23 @@ class Scheduler:
                 raise
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("decoding step failed")
+                self._failed_again(e)  # counted before the clients hear of it (and ask /health)
                 self._fail([*self.running.values(), *(job for job in arrivals if job.row not in self.running)], e)
-                self._failed_again(e)
             finally:
                 with self.wake:
                     self.admitting = []
 
     def _failed_again(self, error: Exception) -> None:
-        """Count a failed pass (its requests have failed); a lost device, or MAX_FAILURES_IN_A_ROW of them with no
-        pass succeeding between, end the thread: the server answers 503 and /health says failed, so that a probe
-        restarts it, rather than failing every request for good with a 500 while it said ok."""
+        """Count a failed pass (its requests have failed; see MAX_FAILURES_IN_A_ROW); a lost device ends the thread:
+        the server then stops (`encdec.serve.app.DrainingServer.on_tick`), for its supervisor to start it again."""
         self.failures_in_a_row += 1
-        if device_lost(error) or self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            raise SchedulerBroken(f"{self.failures_in_a_row} pass(es) failed in a row, the last with {error!r:.200}")
+        self.last_failure = error
+        if device_lost(error):
+            raise SchedulerBroken(f"the device was lost: {error!r:.200}")
+
+    def failing(self) -> BaseException | None:
+        """The last failure, when MAX_FAILURES_IN_A_ROW passes have failed with none succeeding since."""
+        return self.last_failure if self.failures_in_a_row >= MAX_FAILURES_IN_A_ROW else None
 
     def _gather(self) -> None:
         """With the batch empty, wait (holding `wake`, which the wait releases) while requests keep arriving: see
@@ -296,9 +306,11 @@ class Scheduler:
             self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
         except Exception as e:  # a failed pass fails its requests, not the server
             log.exception("embedding failed")
+            self._failed_again(e)
             vectors = e
         else:
-            self.failures_in_a_row = 0
+            if prompts:  # a pass ran (its clients may all have left)
+                self.failures_in_a_row = 0
         finished, offset = [], 0
         for job, start, end in parts:
             share = None if isinstance(vectors, Exception) else vectors[offset : offset + end - start]
@@ -315,8 +327,6 @@ class Scheduler:
             for job in finished:
                 self.embedding.remove(job)
             self.metrics.queue.set(len(self.waiting) + len(self.embedding))
-        if isinstance(vectors, Exception):
-            self._failed_again(vectors)
 
     def _cycle(self, cancelled: list[tuple[Job, str]], arrivals: list[Job]) -> None:
         for job, reason in cancelled:
@@ -330,10 +340,8 @@ class Scheduler:
                 self._admit(arrivals)
             except Exception as e:  # their encoder pass failed (out of memory, say): they fail, the batch decodes on
                 log.exception("encoding arriving requests failed")
-                self._fail(arrivals, e)
                 self._failed_again(e)
-            else:
-                self.failures_in_a_row = 0
+                self._fail(arrivals, e)
         self.metrics.running.set(len(self.engine.rows))
         if not self.engine.rows:
             return
