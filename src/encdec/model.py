@@ -23,7 +23,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from encdec.config import EncDecConfig, StackConfig
 
-
 INPLACE_NORM_MIN = 2**16  # elements from which an inference norm runs in place (RMSNorm.forward)
 
 
