@@ -58,16 +58,19 @@ def separable(n: int, seed: int) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
-def test_a_fit_whose_loss_is_not_finite_stops_naming_the_step(models: dict[str, Path]) -> None:
+def test_a_fit_whose_loss_is_not_finite_stops_naming_the_step(models: dict[str, Path], tmp_path: Path) -> None:
     """A diverged fit predicted label 0 for everything (the argmax of NaNs), which looked like a model that learned
-    nothing, and a --search could choose it."""
+    nothing, and a --search could choose it. Its saved progress goes (a search's journal never runs it again)."""
     backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
     classifier = Classifier(backbone, 2, "last")
     with torch.no_grad():
         classifier.head.bias[1] = float("inf")
     rows = encode(load_tokenizer(tokenizer_dir), separable(8, 0)[0], 16, None)
+    (tmp_path / "progress").mkdir()  # as an earlier save of the fit left it (here: nothing it can resume from)
     with pytest.raises(Diverged, match=r"^test: the fit diverged at step 1 of 2 \(loss nan\); lower the learning"):
-        fine_tune(classifier, rows, [0, 1] * 4, Hyper(steps=2, batch_size=4), pad_id=0, desc="test", seed=0)
+        fine_tune(classifier, rows, [0, 1] * 4, Hyper(steps=2, batch_size=4), pad_id=0, desc="test", seed=0,
+                  progress=tmp_path / "progress")
+    assert not (tmp_path / "progress").exists()
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "decoder-only"])

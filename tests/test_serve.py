@@ -902,7 +902,7 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
     assert main(["serve", str(tmp_path), "--port", "1"]) == 2
     assert "surrounding spaces or newlines" in capsys.readouterr().err
     monkeypatch.delenv("ENCDEC_API_KEY")
-    assert main(["serve", str(checkpoint), "--timeout-keep-alive", "0"]) == 2
+    assert main(["serve", str(tmp_path), "--port", "1", "--timeout-keep-alive", "0"]) == 2  # (no server if not)
     assert "--timeout-keep-alive must be at least 1, got 0" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--port", "1"]) == 2
     assert "config.json is missing" in capsys.readouterr().err

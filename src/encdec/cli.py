@@ -134,7 +134,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from encdec.checkpoint import read_config
     from encdec.data.chat import ChatFormat
     from encdec.data.prompts import read_prompts, texts_as_prompts
-    from encdec.data.tokens import leading_bos
+    from encdec.data.tokens import leading_bos, outside_vocabulary
     from encdec.files import atomic_write, check_output_file
     from encdec.generate import check_positions, check_settings, generate_each
     from encdec.inference.engine import Row
@@ -176,12 +176,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     framing = model_framing(args.dir, tokenizer)  # a UL2-pretrained model reads prompts as its objective posed them
     bos = leading_bos(tokenizer)
     encoded = [framing.prompt(p.ids, bos) for p in prompts]
-    for prompt, ids in zip(prompts, encoded):  # a tokenizer's token past the model's embeddings (Gemma 3's
-        # <image_soft_token> in a text-only vocabulary): the embedding's IndexError otherwise, the whole run lost
-        if max(ids) >= config.vocab_size:
-            token = tokenizer.convert_ids_to_tokens(max(ids))
-            raise EncdecError(f"{prompt.source}: token {token!r} (id {max(ids)}) is outside this model's vocabulary "
-                              f"(0 to {config.vocab_size - 1}); remove it from the prompt")
+    for prompt, ids in zip(prompts, encoded):  # the embedding's IndexError otherwise, the whole run lost
+        if (bad := outside_vocabulary(ids, config.vocab_size)) is not None:
+            raise EncdecError(f"{prompt.source}: token {tokenizer.convert_ids_to_tokens(bad)!r} (id {bad}) is outside "
+                              f"this model's vocabulary (0 to {config.vocab_size - 1}); remove it from the prompt")
     longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
     check_positions(len(encoded[longest]), args.max_new_tokens, config,
                     prompts[longest].source if args.input is not None else "", len(framing.decoder))

@@ -311,6 +311,7 @@ def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> Path:
     config.json): it is a directory or another thing than a file (a device, a pipe: the rename would put a file in
     its place), a folder above it is a file, or the nearest existing folder above it is not writable."""
     out = Path(out).expanduser()
+    out = out.resolve() if out.is_symlink() else out  # the checks below are of the file the link names
     check_apart(out, inputs, inside=True)
     with written(out):
         if out.is_dir():
@@ -323,7 +324,7 @@ def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> Path:
         existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise EncdecError(f"cannot write {out}: {existing} is not writable")
-    return target if out.is_symlink() else out
+    return out
 
 
 def check_not_above(out: Path) -> None:

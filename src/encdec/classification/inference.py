@@ -10,6 +10,7 @@ from pathlib import Path
 from encdec.classification.classifier import load_classifier
 from encdec.classification.train import encode, predict
 from encdec.data.text import check_text, json_lines, lone_surrogate
+from encdec.data.tokens import outside_vocabulary
 from encdec.errors import EncdecError
 from encdec.inference.loading import compute_device
 
@@ -65,9 +66,8 @@ def predict_texts(path: Path, texts: list[str], batch_size: int = 8) -> tuple[li
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = encode(tokenizer, texts, info.max_len, info.first_token)
     vocab = classifier.backbone.embed.num_embeddings
-    outside = next(((n, t) for n, row in enumerate(rows, 1) for t in row if t >= vocab), None)
-    if outside is not None:  # a tokenizer's token past the embeddings (Gemma 3's <image_soft_token>): IndexError
-        n, token = outside
-        raise EncdecError(f"input #{n}: token {tokenizer.convert_ids_to_tokens(token)!r} (id {token}) is outside this "
-                          f"classifier's vocabulary (0 to {vocab - 1}); remove it from the text")
+    for n, row in enumerate(rows, 1):  # the embedding's IndexError otherwise
+        if (bad := outside_vocabulary(row, vocab)) is not None:
+            raise EncdecError(f"input #{n}: token {tokenizer.convert_ids_to_tokens(bad)!r} (id {bad}) is outside this "
+                              f"classifier's vocabulary (0 to {vocab - 1}); remove it from the text")
     return info.labels, predict(classifier, rows, pad_id=pad_id, batch_size=batch_size)

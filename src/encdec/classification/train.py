@@ -142,8 +142,9 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
                     logits = classifier(ids, mask)  # float32 whatever the autocast
                 loss = F.cross_entropy(logits, torch.tensor([labels[i] for i in chosen], device=device))
                 if not math.isfinite(value := loss.item()):  # its predictions would all be label 0 (NaN's argmax)
+                    fit.done()  # its saved progress would only diverge again: not kept (gigabytes)
                     raise Diverged(f"{desc}: the fit diverged at step {step + 1} of {total} (loss {value}); lower the "
-                                   "learning rates (--lr, --head-lr) or warm up longer (--warmup)")
+                                   "learning rates (--lr, --head-lr; with --search, the grid's) or warm up longer")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)

@@ -13,6 +13,7 @@ import logging
 import platform
 import time
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,13 @@ HELDOUT = "heldout:"  # `heldout:NAME` names a packaged held-out set (encdec.dat
 CORPUS = "corpus:"  # `corpus:NAME` names a packaged training corpus (encdec.data.corpus.CORPORA)
 PACKAGED = {HELDOUT: HELDOUT_SETS, CORPUS: CORPORA}
 
+
+
+def outside_vocabulary(ids: Iterable[int], vocab_size: int) -> int | None:
+    """The first id in `ids` the model has no embedding for, or None: a tokenizer may hold tokens past a model's
+    embeddings (Gemma 3's <image_soft_token> in a text-only vocabulary), whose index fails a whole batch's step (a
+    device-side assert on a GPU)."""
+    return next((t for t in ids if not 0 <= t < vocab_size), None)
 
 
 def leading_bos(tokenizer) -> int | None:

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from encdec.data.chat import ChatFormat, ConversationRefused
+from encdec.data.tokens import outside_vocabulary
 from encdec.errors import EncdecError
 from encdec.inference.engine import Emitted, Engine, Row
 from encdec.model import EncoderDecoder
@@ -110,12 +111,9 @@ class Service:
         else:
             self.short_enough(len(prompt), param)
             ids = self.tokenizer(prompt).input_ids
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:  # text too: a tokenizer's token past the embeddings (Gemma 3's <image_soft_token>), which on a GPU
-            # would fail the whole batch's step with a device-side assert
-            named = "" if isinstance(prompt, list) else f" ({self.tokenizer.convert_ids_to_tokens(bad[0])!r})"
-            raise APIError(400, f"token id {bad[0]}{named} is outside the vocabulary (0 to {self.vocab_size - 1})",
-                           param)
+        if (bad := outside_vocabulary(ids, self.vocab_size)) is not None:  # given, or a token of the text
+            named = "" if isinstance(prompt, list) else f" ({self.tokenizer.convert_ids_to_tokens(bad)!r})"
+            raise APIError(400, f"token id {bad}{named} is outside the vocabulary (0 to {self.vocab_size - 1})", param)
         if not ids:  # an empty text, from a tokenizer that puts no BOS first (Qwen's): nothing for the encoder to read
             raise APIError(400, f"'{param}' has no tokens; a prompt needs at least one", param)
         limit = self.settings.limits.max_input_tokens
