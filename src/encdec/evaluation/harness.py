@@ -194,7 +194,11 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
             task = TASKS[name]
             examples = task.examples()
             prepared[name] = (sample(examples, s.limit, s.seed), choose_shots(task, s.shots, s.seed, examples))
-    record: dict[str, Any] = {"models": [], "tasks": {}, "settings": {**vars(s), "format_version": FORMAT_VERSION}}
+    from encdec.inference.loading import compute_device
+
+    # the dtype and the device too: scores in bfloat16 or on a GPU are not float32's on a CPU, and looked alike
+    settings = {**vars(s), "dtype": str(dtype).removeprefix("torch."), "device": compute_device().type}
+    record: dict[str, Any] = {"models": [], "tasks": {}, "settings": {**settings, "format_version": FORMAT_VERSION}}
     for name in s.tasks:
         if name == LM_TASK:
             sets = "; ".join(f"{key}: {label}" for key, (label, _) in HELDOUT_SETS.items())
