@@ -266,8 +266,9 @@ class Scheduler:
                     self.admitting = []
 
     def _failed_again(self, error: Exception) -> None:
-        """Count a failed pass (its requests have failed; see MAX_FAILURES_IN_A_ROW); a lost device ends the thread:
-        the server then stops (`encdec.serve.app.DrainingServer.on_tick`), for its supervisor to start it again."""
+        """Count a failed pass (before its requests hear of it; see MAX_FAILURES_IN_A_ROW); a lost device ends the
+        thread: the server then stops (`encdec.serve.app.DrainingServer.on_tick`), for its supervisor to start it
+        again."""
         self.failures_in_a_row += 1
         self.last_failure = error
         if device_lost(error):
