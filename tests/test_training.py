@@ -462,6 +462,25 @@ def test_trimmed_vocabulary_is_counted_on_training_windows_only(adapted, tmp_pat
     assert tokenizer.convert_tokens_to_ids("w0") in kept
 
 
+def test_a_special_token_past_the_embeddings_is_not_kept_by_a_trimmed_vocabulary(adapted, corpus, tmp_path):
+    """Gemma 3's tokenizers name <image_soft_token> (id 262144) special, past the text models' 262,144 rows: no
+    row of its own to keep (and no text holds it), where trimming raised numpy's IndexError."""
+    import copy
+    import shutil
+
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(adapted, model_dir)
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(model_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
+    tokenizer.save_pretrained(model_dir)
+    assert tokenizer.convert_tokens_to_ids("<image_soft_token>") == 96  # the tiny model has 96 rows
+    plan, _ = build_plan(_config(model_dir, tmp_path / "run", corpus, trim_vocab=30), Dist())
+    assert len(plan.trimmed.keep) <= 30 and int(plan.trimmed.keep.max()) < 96
+
+
 def test_trimmed_vocabulary_of_instruction_tuning_is_counted_on_training_examples_only(adapted, tmp_path):
     """Each record has a word of its own: the 8 held-out records' words are not kept, the 32 training ones' are."""
     from encdec.training.distributed import Dist

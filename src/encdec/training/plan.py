@@ -84,9 +84,11 @@ def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray, eos: i
     # target as <unk>, unscored, a dropped BOS start the decoder from <unk>'s row
     named = (model.config.pad_token_id, model.config.bos_token_id, *model.config.eos_token_ids) \
         if isinstance(model, EncoderDecoder) else ()
-    always = {*always_kept(tokenizer, cfg.objective), unk, *ends, *named} - {None}
-    keep = kept_tokens(ids, cfg.trim_vocab, sorted(always), model.embed.num_embeddings)
-    table = remap_table(keep, model.embed.num_embeddings, unk)
+    rows = model.embed.num_embeddings  # a tokenizer's special token past them (Gemma 3's <image_soft_token>, in a
+    # text model) has no row to keep, and no text holds it
+    always = {i for i in (*always_kept(tokenizer, cfg.objective), unk, *ends, *named) if i is not None and i < rows}
+    keep = kept_tokens(ids, cfg.trim_vocab, sorted(always), rows)
+    table = remap_table(keep, rows, unk)
     untrained = untrained_rows(model, keep, cfg.trim_negatives, cfg.seed)
     if d.main:
         log.info("training on a vocabulary of %d tokens (of %d), with %d sampled untrained rows per step",
