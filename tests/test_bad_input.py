@@ -397,6 +397,9 @@ PRETRAIN_BAD = [
     (["--enc-len", "1"], "--enc-len 1 and --dec-len 64 leave 0 token(s) per window for --objective prefixlm after the "
                          "leading BOS; a window needs at least 2"),  # a ZeroDivisionError's traceback
     (["--objective", "ul2", "--enc-len", "1", "--dec-len", "2"], "leave 1 token(s) per window for --objective ul2;"),
+    (["--objective", "ul2", "--dec-len", "2"], "--dec-len 2: UL2's targets hold at least a sentinel, a token of "
+                                                "noise and EOS; give 3 or more"),  # else trained without EOS
+    (["--objective", "ul2", "--enc-len", "2", "--dec-len", "8"], "a UL2 example of a 2-token window needs"),
     (["--window", "4"], "--window 4: 0 (the objective's own) or at least 8 tokens"),
     (["--objective", "ul2", "--window", "65"], "--window 65: at most 64 tokens for --objective ul2 at --enc-len 64"),
     (["--window", "127"], "--window 127: at most 126 tokens for --objective prefixlm at --enc-len 64 and --dec-len 64"),

@@ -85,8 +85,12 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
             while True:
                 example = apply_denoiser(window, denoiser, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng,
                                          max_inputs=room)
-                if len(example.inputs) <= room and len(example.targets) <= dec_len or len(window) <= 2:
+                if len(example.inputs) <= room and len(example.targets) <= dec_len:
                     return example
+                if len(window) <= 2:  # cut to fit, it would lose its EOS or a sentinel: every example, silently
+                    raise EncdecError(f"--enc-len {enc_len} / --dec-len {dec_len}: a UL2 example of a 2-token window "
+                                      f"needs {len(example.inputs) + enc_len - room} input and {len(example.targets)} "
+                                      "target tokens (mode token, BOS, sentinels, EOS); raise them")
                 window = window[: max(2, len(window) * 3 // 4)]
     if bos_id is None:
         return make
@@ -120,6 +124,9 @@ def window_length(objective: str, enc_len: int, dec_len: int, bos: bool = False,
         raise EncdecError(f"--enc-len {enc_len} and --dec-len {dec_len} leave {max(longest, 0)} token(s) per window "
                           f"for --objective {objective}{' after the leading BOS' if bos else ''}; a window needs at "
                           "least 2: raise them")
+    if objective != "prefixlm" and dec_len < 3:
+        raise EncdecError(f"--dec-len {dec_len}: UL2's targets hold at least a sentinel, a token of noise and EOS; "
+                          "give 3 or more")
     return window or longest
 
 
