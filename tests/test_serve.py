@@ -7,6 +7,7 @@ import contextlib
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -38,8 +39,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _metric(base: str, name: str) -> float:
-    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+def _metric(base: str, name: str, verify: ssl.SSLContext | bool = True) -> float:
+    for line in httpx.get(f"{base}/metrics", timeout=10, verify=verify).text.splitlines():
         if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
@@ -56,9 +57,11 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 class Server:
     """An `encdec serve` subprocess on a free loopback port."""
 
-    def __init__(self, checkpoint, *options: str) -> None:
+    def __init__(self, checkpoint, *options: str, verify: ssl.SSLContext | None = None) -> None:
+        """`verify`: a context trusting the server's certificate, for a server given one (HTTPS)."""
         self.port = _free_port()
-        self.base = f"http://{HOST}:{self.port}"
+        self.base = f"{'https' if verify is not None else 'http'}://{HOST}:{self.port}"
+        self.verify = verify if verify is not None else True
         self.process = subprocess.Popen(
             [sys.executable, "-m", "encdec.cli", "serve", str(checkpoint), "--host", HOST, "--port", str(self.port),
              *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -73,12 +76,13 @@ class Server:
         if self.process.poll() is not None:
             raise AssertionError(f"the server exited: {self.process.stdout.read()}")
         try:
-            return httpx.get(f"{self.base}/health", timeout=2).status_code == 200
+            return httpx.get(f"{self.base}/health", timeout=2, verify=self.verify).status_code == 200
         except httpx.TransportError:
             return False
 
     def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=60)
+        return openai.OpenAI(base_url=f"{self.base}/v1", api_key="unused", max_retries=0, timeout=60,
+                             http_client=httpx.Client(verify=self.verify))
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -884,6 +888,58 @@ def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint,
         server.close()
 
 
+def test_https_and_a_drain_that_runs_out_of_time(checkpoint, local, endless_prompt, tmp_path):
+    """With --ssl-certfile / --ssl-keyfile the server speaks HTTPS: the openai client, trusting the certificate's
+    authority, gets the same text as solo generation. With --shutdown-timeout 0, SIGTERM ends what is still
+    running or queued at once: a stream of 16 generations decoded one at a time (seconds of work) ends with an
+    error event naming the option, then [DONE]; an embedding request of thousands of inputs gets a 503; the
+    process exits without finishing them."""
+    import trustme
+
+    authority = trustme.CA()
+    issued = authority.issue_cert(HOST)
+    issued.private_key_pem.write_to_path(tmp_path / "key.pem")
+    (tmp_path / "chain.pem").write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    trusting = ssl.create_default_context()
+    authority.configure_trust(trusting)
+    server = Server(checkpoint, "--ssl-certfile", str(tmp_path / "chain.pem"), "--ssl-keyfile",
+                    str(tmp_path / "key.pem"), "--shutdown-timeout", "0", "--max-batch", "1",
+                    "--max-new-tokens", str(LONG), verify=trusting)
+    try:
+        with pytest.raises(httpx.TransportError):  # only TLS is spoken there
+            httpx.get(f"http://{HOST}:{server.port}/health", timeout=5)
+        answer = server.client().completions.create(model=str(checkpoint), prompt="w1 w2 w3", max_tokens=8,
+                                                    temperature=0)
+        assert answer.choices[0].text == _solo(local, "w1 w2 w3", 8)
+        results: dict[str, httpx.Response] = {}
+
+        def embed() -> None:
+            results["embed"] = httpx.post(f"{server.base}/v1/embeddings", json=LONG_EMBEDDING_REQUEST, timeout=120,
+                                          verify=trusting)
+
+        body = {"prompt": [endless_prompt] * 16, "max_tokens": LONG, "stream": True, "temperature": 0}
+        with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=120, verify=trusting) as running:
+            lines = running.iter_lines()
+            assert next(lines).startswith("data: ")
+            waiter = threading.Thread(target=embed)
+            waiter.start()
+            _wait_for(lambda: _metric(server.base, "encdec_queue_length", trusting) == 16, 20,
+                      "15 generations and the embedding request to queue")
+            server.process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        waiter.join(120)
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2][6:])["error"]
+        assert "--shutdown-timeout 0" in error["message"] and error["type"] == "server_error"
+        finished = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-2]]
+        assert finished.count("length") < 16  # (some choices may have ended before the signal)
+        assert results["embed"].status_code == 503 and "--shutdown-timeout 0" in results["embed"].text
+        server.process.wait(30)
+        assert server.process.returncode in (0, -signal.SIGTERM)
+    finally:
+        server.close()
+
+
 def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     from encdec.cli import main
 
@@ -923,6 +979,62 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
         assert time.monotonic() - start < 10
     assert main(["serve", str(checkpoint), "--host", "no-such-host.invalid"]) == 2
     assert "--host no-such-host.invalid" in capsys.readouterr().err
+
+
+def test_https_cors_and_drain_options_are_checked_before_the_model_loads(tmp_path, capsys):
+    from encdec.cli import main
+
+    import trustme
+    from cryptography.hazmat.primitives import serialization
+
+    nowhere = str(tmp_path)  # no checkpoint: an option accepted gets as far as saying so
+    pem = tmp_path / "certificate.pem"
+    pem.write_text("not a certificate\n")
+    issued = trustme.CA().issue_cert(HOST)
+    issued.cert_chain_pems[0].write_to_path(tmp_path / "chain.pem")
+    key = serialization.load_pem_private_key(issued.private_key_pem.bytes(), None)
+    (tmp_path / "encrypted.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+    cases = [(["--ssl-certfile", str(pem)], "needs both --ssl-certfile"),
+             (["--ssl-certfile", str(pem), "--ssl-keyfile", str(pem)], "cannot load them"),
+             (["--ssl-certfile", str(tmp_path / "chain.pem"), "--ssl-keyfile", str(tmp_path / "encrypted.pem")],
+              "the key is encrypted"),
+             (["--ssl-certfile", str(tmp_path / "none.pem"), "--ssl-keyfile", str(pem)], "No such file"),
+             (["--allowed-origins", "https://app.example/chat"], "'https://app.example/chat' is not an origin"),
+             (["--allowed-origins", "app.example"], "'app.example' is not an origin"),
+             (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a number of seconds, 0 or more"),
+             (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a number of seconds, 0 or more"),
+             (["--allowed-origins", "https://app.example, http://localhost:3000", "--shutdown-timeout", "0"],
+              "config.json is missing")]
+    for options, said in cases:
+        assert main(["serve", nowhere, "--port", "1", *options]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(lines) == 1 and said in lines[0], (options, lines)
+
+
+def test_allowed_origins_answer_a_browsers_preflight_and_its_requests(local):
+    """--allowed-origins: a page of a listed origin may call the API (its preflight, which carries no key, is
+    answered, and so is a 401, which the page can then read); another origin's preflight is refused; without the
+    option no CORS header is sent."""
+    page = {"Origin": "https://app.example"}
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    body = {"prompt": "w1 w2", "max_tokens": 2}
+
+    async def ask(client) -> list[httpx.Response]:
+        return [await client.options("/v1/completions", headers={**page, **preflight}),
+                await client.options("/v1/completions", headers={"Origin": "https://other.example", **preflight}),
+                await client.post("/v1/completions", json=body, headers=page),
+                await client.post("/v1/completions", json=body, headers={**page, "Authorization": "Bearer k"})]
+
+    allowed, other, keyless, answered = _asked(_app(local, api_key="k", allowed_origins=("https://app.example",)), ask)
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    assert keyless.status_code == 401 and keyless.headers["access-control-allow-origin"] == "https://app.example"
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "https://app.example"
+    plain = _asked(_app(local), ask)
+    assert plain[0].status_code == 405 and not any("access-control-allow-origin" in r.headers for r in plain)
 
 
 def test_requests_while_draining_get_503(local):

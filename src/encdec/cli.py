@@ -223,7 +223,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from encdec.checkpoint import read_config
     from encdec.inference.loading import load_for_inference, model_framing
     from encdec.logs import log, timed
-    from encdec.serve.app import Settings, check_address, serve
+    from encdec.serve.app import Settings, check_address, check_origins, check_tls, serve
     from encdec.serve.protocol import Limits
     from encdec.sources import load_tokenizer
 
@@ -250,6 +250,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if api_key is not None and not all(" " < c <= "~" for c in api_key):
         raise EncdecError("the API key (--api-key or ENCDEC_API_KEY) may hold printable ASCII characters only, "
                           "without spaces: HTTP headers, where clients send it, carry no others")
+    if args.shutdown_timeout is not None and not 0 <= args.shutdown_timeout < float("inf"):
+        raise EncdecError(f"--shutdown-timeout must be a number of seconds, 0 or more, got {args.shutdown_timeout}")
+    origins = check_origins(args.allowed_origins)
+    tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
     read_config(args.model)  # a path that is no checkpoint, then an address in use: both before the model loads
     check_address(args.host, args.port)
     # This thread loads with one intra-op thread and then only answers HTTP; the scheduler's thread computes with
@@ -282,7 +286,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         max_queue=args.max_queue,
                         limits=Limits(max_input, max_new), pooling=args.pooling,
                         api_key=api_key, threads=threads, compile_step=args.compile,
-                        max_connections=args.max_connections, keep_alive_s=args.timeout_keep_alive, framing=framing)
+                        max_connections=args.max_connections, keep_alive_s=args.timeout_keep_alive, framing=framing,
+                        shutdown_timeout_s=args.shutdown_timeout, allowed_origins=origins, tls=tls,
+                        access_log=args.access_log)
     serve(model, tokenizer, settings, args.host, args.port)
 
 
@@ -528,6 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds an idle connection is kept open for the client's next request; behind a load "
                    "balancer, more than its idle timeout (60 s on AWS's), or it may reuse a connection just closed "
                    "(502)")
+    p.add_argument("--shutdown-timeout", type=float, default=None, metavar="S",
+                   help="after SIGTERM, seconds the queued and running requests have to finish; those still "
+                   "unfinished then get a 503 (an error event mid-stream) and the server exits, within 10 s more "
+                   "for the answers to be read (default: no limit; under Kubernetes, less than the pod's "
+                   "terminationGracePeriodSeconds minus 10, or its SIGKILL cuts the streams without a word)")
+    p.add_argument("--ssl-certfile", default=None, metavar="FILE",
+                   help="serve HTTPS: the certificate chain (PEM); with --ssl-keyfile")
+    p.add_argument("--ssl-keyfile", default=None, metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                   help="web pages whose scripts may call the API from a browser (CORS): '*' or a comma list of "
+                   "origins, e.g. https://app.example.com,http://localhost:3000 (default: none)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="no log line per request (uvicorn's access log)")
     p.add_argument("--max-input-tokens", type=int, default=2048, metavar="N",
                    help="longest prompt in tokens (BOS included); longer ones get 400")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",

@@ -49,7 +49,8 @@ class Row:
     eos_token_ids: frozenset[int]
     sampling: Sampling = field(default_factory=Sampling)
     tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (an EOS token), "length", "cancelled" or "error" (a failed step)
+    # "stop" (an EOS token), "length", "cancelled", "error" (a failed step) or "shutdown" (a drain's time ran out)
+    finish_reason: str | None = None
     generator: torch.Generator | None = None
     logprobs: int | None = None  # report each token's log-probability and this many likeliest alternatives
     # tokens the decoder reads after its start, before the ones it generates (a UL2-pretrained model's sentinel,

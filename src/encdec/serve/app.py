@@ -1,5 +1,6 @@
 """The FastAPI application: OpenAI-compatible endpoints over the scheduler, and the uvicorn server that
-drains on SIGTERM (no new requests, the running ones finish, then the process exits)."""
+drains on SIGTERM (no new requests, the running ones finish, or end with a 503 once --shutdown-timeout has passed,
+then the process exits)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -22,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from encdec.data.chat import ChatFormat, ConversationRefused
@@ -60,6 +63,12 @@ class Settings:
     max_connections: int | None = None  # open connections (and requests in flight) past which uvicorn answers 503
     keep_alive_s: int = 5  # how long an idle connection waits for its next request (uvicorn's timeout_keep_alive)
     framing: Framing = PLAIN  # how the model reads a prompt (a UL2-pretrained model's sentinel: `model_framing`)
+    # after SIGTERM, seconds the queued and running requests have to finish before they end with a 503 (None: as
+    # long as they take)
+    shutdown_timeout_s: float | None = None
+    allowed_origins: tuple[str, ...] = ()  # web pages (origins, or "*") whose scripts may call the API (CORS)
+    tls: tuple[str, str] | None = None  # HTTPS: the certificate chain's file and its private key's
+    access_log: bool = True  # uvicorn's line per request
 
 
 class Service:
@@ -207,7 +216,10 @@ def _server_failed(error: Exception) -> APIError:
 
 
 def _token(item: Emitted | Exception | None) -> Emitted | None:
-    """A delivered token, None at the end; a failed step becomes a server error."""
+    """A delivered token, None at the end; a failed step becomes a server error (an APIError is its own: a drain
+    that ran out of time)."""
+    if isinstance(item, APIError):
+        raise item
     if isinstance(item, Exception):
         raise APIError(500, f"generation failed: {item}", kind="server_error")
     return item
@@ -289,6 +301,10 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     if settings.api_key is not None:
         app.add_middleware(APIKeyCheck, key=settings.api_key, answer=answer)
+    if settings.allowed_origins:  # added last, so outermost: a browser's preflight carries no key, and a 401 gets
+        # the headers that let the page read it
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
 
     async def generate(request: Request, kind: str) -> Response:
         endpoint = f"/v1/{'chat/' if kind == 'chat' else ''}completions"
@@ -555,7 +571,14 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     def _exit_when_drained(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
+        timeout = self.encdec_app.state.service.settings.shutdown_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
         while not scheduler.idle():
+            if deadline is not None and time.monotonic() >= deadline:
+                log.warning("--shutdown-timeout %g s: the requests still queued or running end now", timeout)
+                scheduler.abort(APIError(503, f"the server shut down before this request finished (--shutdown-timeout "
+                                              f"{timeout:g} s); send it again", kind="server_error"))
+                deadline = None
             time.sleep(0.1)
         time.sleep(FLUSH_AFTER_DRAIN_S)
         loop.call_soon_threadsafe(self._close_the_rest)
@@ -601,6 +624,47 @@ def check_address(host: str, port: int) -> None:
                                   "--host") from None
 
 
+def check_tls(certfile: str | None, keyfile: str | None) -> tuple[str, str] | None:
+    """(certfile, keyfile) for HTTPS, both given and loadable (refused before the model loads, in one line, rather
+    than by uvicorn's traceback once it has); None for neither."""
+    import ssl
+
+    if certfile is None and keyfile is None:
+        return None
+    if certfile is None or keyfile is None:
+        raise EncdecError("HTTPS needs both --ssl-certfile (the certificate chain, PEM) and --ssl-keyfile (its "
+                          "private key, PEM); give both, or neither for plain HTTP")
+    certfile, keyfile = (str(Path(f).expanduser()) for f in (certfile, keyfile))
+
+    def encrypted() -> bytes:  # else OpenSSL asks for the passphrase on the terminal, and a service waits for good
+        raise EncdecError(f"--ssl-keyfile {keyfile}: the key is encrypted; give it decrypted (openssl pkey -in KEY "
+                          "-out KEY.pem), readable by this server's user only")
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile, password=encrypted)
+    except (OSError, ssl.SSLError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise EncdecError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: cannot load them ({reason}); "
+                          "expected a PEM certificate chain and the PEM private key that matches it") from None
+    return certfile, keyfile
+
+
+def check_origins(given: str | None) -> tuple[str, ...]:
+    """--allowed-origins as a tuple: "*", or a comma list of origins (scheme://host[:port], as browsers send them in
+    the Origin header, with no path); a mistyped one would fail every browser request without a word."""
+    if given is None:
+        return ()
+    origins = tuple(o.strip() for o in given.split(","))
+    if origins == ("*",):
+        return origins
+    for origin in origins:
+        scheme, _, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not rest or any(c in rest for c in "/?#* "):
+            raise EncdecError(f"--allowed-origins: {origin!r} is not an origin; give '*' or a comma list of "
+                              "scheme://host[:port] (e.g. https://app.example.com,http://localhost:3000), no paths")
+    return origins
+
+
 def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, port: int) -> None:
     app = create_app(model, tokenizer, settings)
     # the scheduler's warm-up (--compile: minutes) before uvicorn takes the signals: Ctrl-C stops it, and a failure
@@ -613,8 +677,10 @@ def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, 
                           "without --compile") from e
     # uvicorn counts the connection it is answering among the open ones
     limit = None if settings.max_connections is None else settings.max_connections + 1
+    certfile, keyfile = settings.tls or (None, None)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None,
-                            limit_concurrency=limit, timeout_keep_alive=settings.keep_alive_s)
+                            limit_concurrency=limit, timeout_keep_alive=settings.keep_alive_s,
+                            ssl_certfile=certfile, ssl_keyfile=keyfile, access_log=settings.access_log)
     DrainingServer(config, app).run()
     failed = app.state.service.scheduler.failed
     if failed is not None:

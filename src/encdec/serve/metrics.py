@@ -14,7 +14,8 @@ class Metrics:
         self.requests = Counter("encdec_requests", "HTTP requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.finished = Counter("encdec_generations_finished", "Generations ended, by reason (stop, length, "
-                                "cancelled: the client went away; error: a failed step)", ["reason"], registry=r)
+                                "cancelled: the client went away; error: a failed step; shutdown: unfinished when "
+                                "a drain's --shutdown-timeout ran out)", ["reason"], registry=r)
         self.queue = Gauge("encdec_queue_length", "Requests waiting: generations for a slot in the decoding batch, "
                            "embedding requests for the encoder", registry=r)
         self.running = Gauge("encdec_running_requests", "Requests in the decoding batch", registry=r)

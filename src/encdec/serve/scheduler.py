@@ -105,6 +105,7 @@ class Scheduler:
         self.running: dict[Row, Job] = {}
         self.admitting: list[Job] = []  # taken from `waiting`, in their encoder pass: neither waiting nor running
         self.failed: BaseException | None = None  # what ended the thread, if anything did but a stop
+        self.aborting: APIError | None = None  # set by `abort`: every request held ends with it
         self.failures_in_a_row, self.last_failure = 0, None
         self.accepting, self.stopping = True, False
         self.wake = threading.Condition()
@@ -163,6 +164,13 @@ class Scheduler:
         with self.wake:
             self.accepting = False
 
+    def abort(self, error: APIError) -> None:
+        """End every queued and running request with `error` before the next step (a SIGTERM's drain that ran past
+        --shutdown-timeout): their clients get it, a 503, instead of a connection the process's end cuts."""
+        with self.wake:
+            self.aborting = error
+            self.wake.notify()
+
     def idle(self) -> bool:
         """Nothing queued, running or being encoded; or nothing ever will be (the thread failed, whatever rows its
         engine was left holding: a drain waiting for them would keep the server up for good)."""
@@ -192,13 +200,14 @@ class Scheduler:
             self.metrics.latency.observe(time.perf_counter() - job.arrived)
         job.deliver(None)
 
-    def _fail(self, jobs: list[Job], error: Exception) -> None:
-        """End `jobs` with `error` (their clients get a 500), out of the batch and counted."""
+    def _fail(self, jobs: list[Job], error: Exception, reason: str = "error") -> None:
+        """End `jobs` with `error` (their clients get a 500, or the APIError's status), out of the batch and counted
+        under `reason`."""
         for job in jobs:
-            self.engine.cancel(job.row, "error")
-            job.row.finish_reason = job.row.finish_reason or "error"
+            self.engine.cancel(job.row, reason)
+            job.row.finish_reason = job.row.finish_reason or reason
             self.running.pop(job.row, None)
-            self.count(job, "error")
+            self.count(job, reason)
             job.deliver(error)
         self.metrics.running.set(len(self.engine.rows))
 
@@ -239,6 +248,7 @@ class Scheduler:
 
     def _loop(self) -> None:
         while True:
+            self._end_if_aborting()
             with self.wake:
                 while not (self.waiting or self.embedding or self.engine.rows or self.cancelled or self.stopping):
                     self.wake.wait(IDLE_WAIT_S)
@@ -264,6 +274,20 @@ class Scheduler:
             finally:
                 with self.wake:
                     self.admitting = []
+
+    def _end_if_aborting(self) -> None:
+        """After `abort`: every request queued or decoding ends with its error (between cycles: none is in an
+        encoder pass)."""
+        with self.wake:
+            if self.aborting is None or not (self.waiting or self.embedding or self.running):
+                return
+            jobs, embedding = [*self.waiting, *self.running.values()], list(self.embedding)
+            self.waiting.clear()
+            self.embedding.clear()
+            self.metrics.queue.set(0)
+        self._fail(jobs, self.aborting, "shutdown")
+        for job in embedding:
+            job.resolve(self.aborting)
 
     def _failed_again(self, error: Exception) -> None:
         """Count a failed pass (before its requests hear of it; see MAX_FAILURES_IN_A_ROW); a lost device ends the
