@@ -1614,14 +1614,19 @@ def test_a_failed_warm_up_is_raised_where_the_scheduler_is_started(local, monkey
 
 
 def test_max_connections_turns_away_what_is_past_it_and_takes_it_again_once_freed(checkpoint):
-    """--max-connections 1: while a client holds the one connection (open, sending nothing), another request gets
-    503 (uvicorn's own answer); once it lets go, the server answers again. (--served-model-name, while a server
-    with options of its own runs: the name in place of the checkpoint's path.)"""
+    """--max-connections 1: while a client holds the one connection (open, sending nothing), an API request gets
+    503 in the API's error shape, while /health and /metrics still answer (a probe must not fail for load); once
+    it lets go, the server answers again. (--served-model-name, while a server with options of its own runs: the
+    name in place of the checkpoint's path.)"""
     s = Server(checkpoint, "--max-connections", "1", "--served-model-name", "t5gemma-tiny")
     try:
         with socket.create_connection((HOST, s.port)):
-            _wait_for(lambda: httpx.get(f"{s.base}/health", timeout=10).status_code == 503, 20, "the 503")
-        _wait_for(lambda: httpx.get(f"{s.base}/health", timeout=10).status_code == 200, 20, "the slot to free")
+            _wait_for(lambda: httpx.get(f"{s.base}/v1/models", timeout=10).status_code == 503, 20, "the 503")
+            refused = httpx.get(f"{s.base}/v1/models", timeout=10)
+            assert "--max-connections" in refused.json()["error"]["message"]
+            assert httpx.get(f"{s.base}/health", timeout=10).status_code == 200
+            assert _metric(s.base, 'encdec_requests_total{endpoint="/v1/models",status="503"}') >= 2
+        _wait_for(lambda: httpx.get(f"{s.base}/v1/models", timeout=10).status_code == 200, 20, "the slot to free")
         assert [m["id"] for m in httpx.get(f"{s.base}/v1/models", timeout=10).json()["data"]] == ["t5gemma-tiny"]
         named = httpx.post(f"{s.base}/v1/completions", json={"model": "t5gemma-tiny", "prompt": "w1", "max_tokens": 1})
         path = httpx.post(f"{s.base}/v1/completions", json={"model": str(checkpoint), "prompt": "w1", "max_tokens": 1})

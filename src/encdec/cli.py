@@ -528,8 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="most requests waiting for a batch slot; more get 429")
     p.add_argument("--max-connections", type=int, default=None, metavar="N",
-                   help="most open connections (and requests in flight) before new ones get 503 (default: no limit); "
-                   "a guard against clients holding connections open, without a reverse proxy")
+                   help="most open connections (and requests in flight) before new API requests get 503 (/health "
+                   "and /metrics still answer; default: no limit); a guard against clients holding connections "
+                   "open, without a reverse proxy")
     p.add_argument("--timeout-keep-alive", type=int, default=5, metavar="S",
                    help="seconds an idle connection is kept open for the client's next request; behind a load "
                    "balancer, more than its idle timeout (60 s on AWS's), or it may reuse a connection just closed "

@@ -60,7 +60,7 @@ class Settings:
     api_key: str | None = None  # when set, /v1/ requests must send "Authorization: Bearer <api_key>"
     threads: int | None = None  # intra-op threads of the scheduler's thread (None: the process's setting)
     compile_step: bool = False  # the engine's step compiled with torch.compile (while the server starts)
-    max_connections: int | None = None  # open connections (and requests in flight) past which uvicorn answers 503
+    max_connections: int | None = None  # open connections (and requests in flight) past which the API answers 503
     keep_alive_s: int = 5  # how long an idle connection waits for its next request (uvicorn's timeout_keep_alive)
     framing: Framing = PLAIN  # how the model reads a prompt (a UL2-pretrained model's sentinel: `model_framing`)
     # after SIGTERM, seconds the queued and running requests have to finish before they end with a 503 (None: as
@@ -271,6 +271,31 @@ class APIKeyCheck:
         await self.app(scope, receive, send)
 
 
+class ConnectionLimit:
+    """--max-connections, counted as uvicorn's limit_concurrency counts (the connections open, this one included, and
+    the requests in flight), but past it only the API's requests get 503, in its error shape: /health and /metrics
+    answer whatever the load (with uvicorn's own limit a liveness probe failed at capacity, and the orchestrator
+    restarted a server for being busy; the scrape that would have shown the load was refused with it).
+
+    `count` (set once the server exists, `serve`) says how many are open; None (the app without uvicorn) sets no
+    limit."""
+
+    def __init__(self, app: Any, limit: int, count: Callable[[], Callable[[], int] | None],
+                 answer: Callable[[str, Response], Response]) -> None:
+        self.app, self.limit, self.count, self.answer = app, limit, count, answer
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        count = self.count()
+        if scope["type"] == "http" and scope["path"] not in ("/health", "/metrics") and count is not None \
+                and count() > self.limit:
+            endpoint = scope["path"] if scope["path"] in API_PATHS else "other"
+            refused = APIError(503, f"the server holds {self.limit} connection(s), its limit (--max-connections); "
+                               "retry later", kind="server_error")
+            await self.answer(endpoint, _error(refused))(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> FastAPI:
     service = Service(model, tokenizer, settings)
 
@@ -285,6 +310,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key is not None else {}
     app = FastAPI(title="encdec", lifespan=lifespan, **hidden)
     app.state.service, app.state.draining = service, False
+    app.state.open_connections = None  # () -> the connections open and requests in flight, once uvicorn serves
 
     def open_for_requests() -> None:
         if app.state.draining:
@@ -299,6 +325,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 
+    if settings.max_connections is not None:
+        app.add_middleware(ConnectionLimit, limit=settings.max_connections, answer=answer,
+                           count=lambda: app.state.open_connections)
     if settings.api_key is not None:
         app.add_middleware(APIKeyCheck, key=settings.api_key, answer=answer)
     if settings.allowed_origins:  # added last, so outermost: a browser's preflight carries no key, and a 401 gets
@@ -675,13 +704,14 @@ def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, 
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise EncdecError(f"--compile: compiling the decoding step failed ({type(e).__name__}: {first}); serve "
                           "without --compile") from e
-    # uvicorn counts the connection it is answering among the open ones
-    limit = None if settings.max_connections is None else settings.max_connections + 1
     certfile, keyfile = settings.tls or (None, None)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None,
-                            limit_concurrency=limit, timeout_keep_alive=settings.keep_alive_s,
-                            ssl_certfile=certfile, ssl_keyfile=keyfile, access_log=settings.access_log)
-    DrainingServer(config, app).run()
+                            timeout_keep_alive=settings.keep_alive_s, ssl_certfile=certfile, ssl_keyfile=keyfile,
+                            access_log=settings.access_log)
+    server = DrainingServer(config, app)
+    state = server.server_state
+    app.state.open_connections = lambda: max(len(state.connections), len(state.tasks))  # (--max-connections)
+    server.run()
     failed = app.state.service.scheduler.failed
     if failed is not None:
         raise EncdecError(f"the server stopped: its scheduler failed ({failed!r:.300}); start it again")
