@@ -825,6 +825,26 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
     assert not out.exists() and not (tmp_path / "cache").exists()  # refused before any work
 
 
+def test_split_options_a_run_would_not_use_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--folds on BoolQ (scored on its own splits), --dev-share on a k-fold task, the dev splits' options without
+    --search or --probe: each changed nothing, and the results read as if it had. Said before anything loads."""
+    run = ["classify", str(tmp_path / "absent"), "--out", str(tmp_path / "out")]
+    cases = {
+        "--folds: not used for boolq, which is scored by its training and validation splits (there: --dev-share)":
+            ["--task", "boolq", "--folds", "3"],
+        "--inner-folds: not used for boolq": ["--task", "boolq", "--probe", "--inner-folds", "4"],
+        "--precision: options of fine-tuning, which --probe does not do": ["--task", "cb", "--probe", "--precision",
+                                                                           "bf16"],
+        "--dev-share: not used for cb, which is scored by k-fold cross-validation (there: --folds and --inner-folds)":
+            ["--task", "cb", "--search", "--dev-share", "0.3"],
+        "--dev-share and --inner-folds carve the dev splits of --search and --probe": ["--task", "rte", "--inner-folds",
+                                                                                      "4"],
+    }
+    for expected, extra in cases.items():
+        assert expected in _fails([*run, *extra], capsys), extra
+    assert not (tmp_path / "out").exists()
+
+
 def test_features_computed_before_an_interruption_are_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from encdec.classification import features
 

@@ -24,7 +24,8 @@ MAX_BATCH = 4096  # rows `generate` and `serve` decode together at most
 INT8_BATCH_CAUTION = ("--quantize int8: a prompt's tokens depend on the prompts decoded with it (dynamic int8 "
                       "products share one activation scale across their rows)")
 # `encdec classify` options of fine-tuning that a --probe (frozen features) has no use for
-PROBE_IGNORES = ("lr", "head_lr", "weight_decay", "epochs", "steps", "warmup", "freeze_embeddings", "group_by_length")
+PROBE_IGNORES = ("lr", "head_lr", "weight_decay", "epochs", "steps", "warmup", "freeze_embeddings", "group_by_length",
+                 "precision")  # the probe's features are the backbone's float32 states
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:
@@ -372,6 +373,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
               if getattr(args, dest) != args.training_defaults[dest]]
     if args.probe and tuning:  # a probe fits a logistic regression on frozen features: they would change nothing
         raise EncdecError(f"{', '.join(tuning)}: options of fine-tuning, which --probe does not do; drop them")
+    _check_split_options(args)
     grid = read_grid(args.grid, grid_flags) if args.search else None
     results = classify(args.model, args.task, args.out, hyper=hyper, pooling=args.pooling, folds=args.folds,
                        limit=args.limit, eval_limit=args.eval_limit, overwrite=args.overwrite, grid=grid,
@@ -379,6 +381,28 @@ def cmd_classify(args: argparse.Namespace) -> None:
                        dev=DevProtocol(dev_share=args.dev_share, inner_folds=args.inner_folds),
                        save=not args.no_save)
     print(report(results, args.out))
+
+
+def _check_split_options(args: argparse.Namespace) -> None:
+    """Refuse the split options a run would not use (the results would read as if it had): --folds and
+    --inner-folds on BoolQ (a training and a validation split), --dev-share on the k-fold tasks, and the dev
+    splits' options without --search or --probe."""
+    from encdec.classification.tasks import TASKS, WITH_TRAINING_SPLIT
+
+    changed = {dest for dest in ("folds", "dev_share", "inner_folds")
+               if getattr(args, dest) != args.training_defaults[dest]}
+    if changed & {"dev_share", "inner_folds"} and not (args.search or args.probe):
+        raise EncdecError("--dev-share and --inner-folds carve the dev splits of --search and --probe; pass one of "
+                          "them, or drop the option")
+    if args.task not in TASKS:  # said by the run, with the tasks there are
+        return
+    has_split = args.task in WITH_TRAINING_SPLIT
+    wrong = [f"--{dest.replace('_', '-')}" for dest in sorted(changed) if (dest == "dev_share") != has_split]
+    if wrong:
+        split, used = ("its training and validation splits", "--dev-share") if has_split else \
+            ("k-fold cross-validation", "--folds and --inner-folds")
+        raise EncdecError(f"{', '.join(wrong)}: not used for {args.task}, which is scored by {split} (there: "
+                          f"{used}); drop it")
 
 
 def cmd_export_encoder(args: argparse.Namespace) -> None:

@@ -77,6 +77,7 @@ def _copa() -> TaskData:
 
 
 TASKS: dict[str, Callable[[], TaskData]] = {"boolq": _boolq, "cb": _cb, "copa": _copa, "rte": _rte}
+WITH_TRAINING_SPLIT = frozenset({"boolq"})  # the others have no training split offline: they are cross-validated
 
 
 def load_task(name: str) -> TaskData:
