@@ -183,6 +183,25 @@ def test_completion_chat_and_models_equal_solo_generation(server, local):
     assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
 
 
+def test_ignore_eos_generates_past_the_models_stop_tokens_and_metrics_describe_the_process(server, local):
+    """vLLM's `ignore_eos` (the openai client's extra_body): a prompt whose answer ends early with EOS runs to its
+    max_tokens, the same tokens as generating without stop tokens; /metrics has the process's own series too."""
+    model, tokenizer = local
+    candidates = [f"w{i} w{i + 3}" for i in range(40)]
+    ended = next(text for text in candidates if len(_solo_tokens(local, text, 24)) < 24)  # trailing pads: none
+    client = server.client()
+    plain = client.completions.create(model=server.process.args[4], prompt=ended, max_tokens=24, temperature=0)
+    assert plain.choices[0].finish_reason == "stop"
+    kept_on = client.completions.create(model=server.process.args[4], prompt=ended, max_tokens=24, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    assert kept_on.choices[0].finish_reason == "length" and kept_on.usage.completion_tokens == 24
+    expected = _solo_tokens(local, ended, 24, eos_token_ids=[])
+    assert kept_on.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    refused = httpx.post(f"{server.base}/v1/completions", json={"prompt": ended, "ignore_eos": 1}, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "ignore_eos"
+    assert _metric(server.base, "process_resident_memory_bytes") > 2**20
+
+
 def test_streaming_sends_the_same_text_then_usage_and_done(server, local):
     client = server.client()
     pieces, usage, finish = [], None, None

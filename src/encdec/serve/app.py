@@ -345,7 +345,8 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             service.scheduler.check_size(max(len(parsed.prompts), 1) * parsed.n, "n" if parsed.n > 1 else "prompt")
             prompts = await service.off_loop(service.tokens, parsed)
             loop = asyncio.get_running_loop()
-            jobs = [Job(prompt, Row(parsed.max_tokens, service.eos, parsed.sampling.nth(i),
+            stops = frozenset() if parsed.ignore_eos else service.eos
+            jobs = [Job(prompt, Row(parsed.max_tokens, stops, parsed.sampling.nth(i),
                                     logprobs=parsed.logprobs, decoder_prefix=settings.framing.decoder), loop,
                         arrived=arrived)
                     for prompt in prompts for i in range(parsed.n)]

@@ -39,7 +39,7 @@ NEUTRAL = {"best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
            "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
            "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
-                   "n",
+                   "n", "ignore_eos",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
 FIELDS = {"completions": SAMPLING_FIELDS | {"prompt", "logprobs"},
           "chat": SAMPLING_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}
@@ -76,6 +76,7 @@ class Parsed:
     # a stream's usage: on the last choice's finish chunk ("inline", unasked), in a last chunk of its own with no
     # choices ("apart", stream_options.include_usage true, as OpenAI sends it), or not at all ("none", false)
     stream_usage: str = "inline"
+    ignore_eos: bool = False  # vLLM's extension: the model's stop tokens do not end the answer (benchmarks, tests)
 
 
 def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str) -> Any:
@@ -276,7 +277,7 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     if n is not None and not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be between 1 and {MAX_CHOICES}, got {n}", "n")
     return Parsed(kind, model, prompts, max_tokens, sampling, stop, stream, _logprobs(body, kind), n or 1, turns,
-                  stream_usage)
+                  stream_usage, bool(_typed(body, "ignore_eos", (bool,), "true or false")))
 
 
 def _stream_usage(body: dict) -> str:
