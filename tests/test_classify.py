@@ -833,6 +833,7 @@ def test_split_options_a_run_would_not_use_are_refused(tmp_path: Path, capsys: p
         "--folds: not used for boolq, which is scored by its training and validation splits (there: --dev-share)":
             ["--task", "boolq", "--folds", "3"],
         "--inner-folds: not used for boolq": ["--task", "boolq", "--probe", "--inner-folds", "4"],
+        "--dev-share: not used for cb": ["--task", "cb", "--dev-share", "0.3"],  # not: pass --search, then refused
         "--precision: options of fine-tuning, which --probe does not do": ["--task", "cb", "--probe", "--precision",
                                                                            "bf16"],
         "--dev-share: not used for cb, which is scored by k-fold cross-validation (there: --folds and --inner-folds)":

@@ -197,6 +197,9 @@ def test_ignore_eos_generates_past_the_models_stop_tokens_and_metrics_describe_t
     assert kept_on.choices[0].finish_reason == "length" and kept_on.usage.completion_tokens == 24
     expected = _solo_tokens(local, ended, 24, eos_token_ids=[])
     assert kept_on.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+    scored = client.completions.create(model=server.process.args[4], prompt=ended, max_tokens=24, temperature=0,
+                                       logprobs=0, extra_body={"ignore_eos": True})
+    assert len(scored.choices[0].logprobs.token_logprobs) == 24  # the stop tokens it went past listed too
     refused = httpx.post(f"{server.base}/v1/completions", json={"prompt": ended, "ignore_eos": 1}, timeout=30)
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "ignore_eos"
     assert _metric(server.base, "process_resident_memory_bytes") > 2**20
@@ -1021,6 +1024,9 @@ def test_https_cors_and_drain_options_are_checked_before_the_model_loads(tmp_pat
              (["--ssl-certfile", str(tmp_path / "none.pem"), "--ssl-keyfile", str(pem)], "No such file"),
              (["--allowed-origins", "https://app.example/chat"], "'https://app.example/chat' is not an origin"),
              (["--allowed-origins", "app.example"], "'app.example' is not an origin"),
+             (["--allowed-origins", "http://app.example:port"], "'http://app.example:port' is not an origin"),
+             (["--allowed-origins", "http://app.example:"], "'http://app.example:' is not an origin"),
+             (["--allowed-origins", "*,https://app.example"], "'*' allows every origin; give it alone"),
              (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a number of seconds, 0 or more"),
              (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a number of seconds, 0 or more"),
              (["--allowed-origins", "https://app.example, http://localhost:3000", "--shutdown-timeout", "0"],
@@ -1029,6 +1035,11 @@ def test_https_cors_and_drain_options_are_checked_before_the_model_loads(tmp_pat
         assert main(["serve", nowhere, "--port", "1", *options]) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(lines) == 1 and said in lines[0], (options, lines)
+    from encdec.serve.app import check_origins
+
+    # written as browsers send them (compared as strings): lower case, no default port
+    assert check_origins("https://App.Example:443, http://localhost:80,http://[::1]:8080,https://app.example") == (
+        "https://app.example", "http://localhost", "http://[::1]:8080")
 
 
 def test_allowed_origins_answer_a_browsers_preflight_and_its_requests(local):
@@ -1036,8 +1047,8 @@ def test_allowed_origins_answer_a_browsers_preflight_and_its_requests(local):
     answered, and so is a 401, which the page can then read); another origin's preflight is refused; without the
     option no CORS header is sent."""
     page = {"Origin": "https://app.example"}
-    preflight = {"Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {"Access-Control-Request-Method": "POST",  # and what the openai JavaScript client sends
+                 "Access-Control-Request-Headers": "authorization,content-type,x-stainless-lang,x-stainless-arch"}
     body = {"prompt": "w1 w2", "max_tokens": 2}
 
     async def ask(client) -> list[httpx.Response]:
@@ -1048,7 +1059,7 @@ def test_allowed_origins_answer_a_browsers_preflight_and_its_requests(local):
 
     allowed, other, keyless, answered = _asked(_app(local, api_key="k", allowed_origins=("https://app.example",)), ask)
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
-    assert "authorization" in allowed.headers["access-control-allow-headers"].lower()
+    assert {"authorization", "x-stainless-arch"} <= set(allowed.headers["access-control-allow-headers"].split(","))
     assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
     assert keyless.status_code == 401 and keyless.headers["access-control-allow-origin"] == "https://app.example"
     assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == "https://app.example"

@@ -391,18 +391,16 @@ def _check_split_options(args: argparse.Namespace) -> None:
 
     changed = {dest for dest in ("folds", "dev_share", "inner_folds")
                if getattr(args, dest) != args.training_defaults[dest]}
-    if changed & {"dev_share", "inner_folds"} and not (args.search or args.probe):
-        raise EncdecError("--dev-share and --inner-folds carve the dev splits of --search and --probe; pass one of "
-                          "them, or drop the option")
-    if args.task not in TASKS:  # said by the run, with the tasks there are
-        return
     has_split = args.task in WITH_TRAINING_SPLIT
     wrong = [f"--{dest.replace('_', '-')}" for dest in sorted(changed) if (dest == "dev_share") != has_split]
-    if wrong:
+    if wrong and args.task in TASKS:  # (an unknown task is said by the run, with the tasks there are)
         split, used = ("its training and validation splits", "--dev-share") if has_split else \
             ("k-fold cross-validation", "--folds and --inner-folds")
         raise EncdecError(f"{', '.join(wrong)}: not used for {args.task}, which is scored by {split} (there: "
                           f"{used}); drop it")
+    if changed & {"dev_share", "inner_folds"} and not (args.search or args.probe):
+        raise EncdecError("--dev-share and --inner-folds carve the dev splits of --search and --probe; pass one of "
+                          "them, or drop the option")
 
 
 def cmd_export_encoder(args: argparse.Namespace) -> None:

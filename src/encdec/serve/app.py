@@ -93,7 +93,9 @@ class Service:
         return await asyncio.get_running_loop().run_in_executor(self.reader, work, *args)
 
     def logprobs(self, request: Parsed) -> TokenLogprobs | None:
-        return None if request.logprobs is None else TokenLogprobs(self.tokenizer, request.kind, self.eos)
+        if request.logprobs is None:
+            return None  # a stop token ends the answer and is not listed, unless it did not end it (ignore_eos)
+        return TokenLogprobs(self.tokenizer, request.kind, frozenset() if request.ignore_eos else self.eos)
 
     def tokens(self, request: Parsed) -> list[list[int]]:
         """Each prompt's token ids (chat: the turns in the chat format)."""
@@ -332,8 +334,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         app.add_middleware(APIKeyCheck, key=settings.api_key, answer=answer)
     if settings.allowed_origins:  # added last, so outermost: a browser's preflight carries no key, and a 401 gets
         # the headers that let the page read it
+        # any request header: the openai JavaScript client sends headers of its own (X-Stainless-*) with every call
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+                           allow_headers=["*"], max_age=600)
 
     async def generate(request: Request, kind: str) -> Response:
         endpoint = f"/v1/{'chat/' if kind == 'chat' else ''}completions"
@@ -601,16 +604,26 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     def _exit_when_drained(self, scheduler: Scheduler, loop: asyncio.AbstractEventLoop) -> None:
+        """Once nothing is queued or running, FLUSH_AFTER_DRAIN_S for the answers to be read, then close what is still
+        open. With --shutdown-timeout S: at S, what is left ends with a 503, and the server closes at S +
+        FLUSH_AFTER_DRAIN_S at the latest, a pass still running then (a long encoder pass) or not."""
         timeout = self.encdec_app.state.service.settings.shutdown_timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
+        aborted = None
         while not scheduler.idle():
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if aborted is None and deadline is not None and now >= deadline:
                 log.warning("--shutdown-timeout %g s: the requests still queued or running end now", timeout)
                 scheduler.abort(APIError(503, f"the server shut down before this request finished (--shutdown-timeout "
                                               f"{timeout:g} s); send it again", kind="server_error"))
-                deadline = None
+                aborted = now
+            if aborted is not None and now - aborted >= FLUSH_AFTER_DRAIN_S:
+                log.warning("the scheduler is still in a pass %g s after --shutdown-timeout: closing without it",
+                            FLUSH_AFTER_DRAIN_S)
+                break
             time.sleep(0.1)
-        time.sleep(FLUSH_AFTER_DRAIN_S)
+        flush = FLUSH_AFTER_DRAIN_S if aborted is None else FLUSH_AFTER_DRAIN_S - (time.monotonic() - aborted)
+        time.sleep(max(flush, 0.0))
         loop.call_soon_threadsafe(self._close_the_rest)
 
     def _close_the_rest(self) -> None:
@@ -680,19 +693,34 @@ def check_tls(certfile: str | None, keyfile: str | None) -> tuple[str, str] | No
 
 
 def check_origins(given: str | None) -> tuple[str, ...]:
-    """--allowed-origins as a tuple: "*", or a comma list of origins (scheme://host[:port], as browsers send them in
-    the Origin header, with no path); a mistyped one would fail every browser request without a word."""
+    """--allowed-origins as a tuple: "*", or a comma list of origins written as browsers send them in the Origin
+    header (compared as strings): scheme://host[:port], lower case, without the scheme's default port or a path.
+    Other spellings of an origin are written that way; what is no origin is refused: a mistyped one would fail
+    every browser request without a word."""
+    from urllib.parse import urlsplit
+
     if given is None:
         return ()
-    origins = tuple(o.strip() for o in given.split(","))
-    if origins == ("*",):
-        return origins
+    origins = [o.strip() for o in given.split(",")]
+    if "*" in origins:
+        if len(origins) > 1:
+            raise EncdecError("--allowed-origins: '*' allows every origin; give it alone, or list the origins")
+        return ("*",)
+    written = []
     for origin in origins:
-        scheme, _, rest = origin.partition("://")
-        if scheme not in ("http", "https") or not rest or any(c in rest for c in "/?#* "):
+        parts = urlsplit(origin)
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or out of range
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or origin.endswith(":") \
+                or parts.path or parts.query or parts.fragment or parts.username is not None or "*" in origin:
             raise EncdecError(f"--allowed-origins: {origin!r} is not an origin; give '*' or a comma list of "
                               "scheme://host[:port] (e.g. https://app.example.com,http://localhost:3000), no paths")
-    return origins
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        default = {"http": 80, "https": 443}[parts.scheme]
+        written.append(f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else ""))
+    return tuple(dict.fromkeys(written))
 
 
 def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, port: int) -> None:

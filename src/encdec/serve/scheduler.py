@@ -254,6 +254,8 @@ class Scheduler:
                     self.wake.wait(IDLE_WAIT_S)
                 if self.stopping and not (self.waiting or self.embedding or self.engine.rows):
                     return
+                if self.aborting is not None:  # queued while this thread waited: ended (above), neither encoded nor
+                    continue  # decoded further
                 if not self.engine.rows and not self.stopping:
                     self._gather()
                 cancelled, self.cancelled = self.cancelled, []
@@ -279,13 +281,19 @@ class Scheduler:
         """After `abort`: every request queued or decoding ends with its error (between cycles: none is in an
         encoder pass)."""
         with self.wake:
-            if self.aborting is None or not (self.waiting or self.embedding or self.running):
+            held = self.waiting or self.embedding or self.running or self.cancelled or self.engine.rows
+            if self.aborting is None or not held:
                 return
+            cancelled, self.cancelled = self.cancelled, []
+        self._end_cancelled(cancelled)  # ended already (a client gone, a stop string): counted as they ended
+        with self.wake:
             jobs, embedding = [*self.waiting, *self.running.values()], list(self.embedding)
             self.waiting.clear()
             self.embedding.clear()
             self.metrics.queue.set(0)
         self._fail(jobs, self.aborting, "shutdown")
+        for row in list(self.engine.rows):  # a row no request holds any more (left by a failed pass): not decoded on
+            self.engine.cancel(row, "shutdown")
         for job in embedding:
             job.resolve(self.aborting)
 
@@ -353,13 +361,16 @@ class Scheduler:
                 self.embedding.remove(job)
             self.metrics.queue.set(len(self.waiting) + len(self.embedding))
 
-    def _cycle(self, cancelled: list[tuple[Job, str]], arrivals: list[Job]) -> None:
+    def _end_cancelled(self, cancelled: list[tuple[Job, str]]) -> None:
         for job, reason in cancelled:
             if self.running.pop(job.row, None) is not None:
                 self.engine.cancel(job.row, reason)
                 self._finish(job, reason)
             else:  # it ended in the step since
                 self.count(job, reason if reason == "stop" else job.row.finish_reason)
+
+    def _cycle(self, cancelled: list[tuple[Job, str]], arrivals: list[Job]) -> None:
+        self._end_cancelled(cancelled)
         if arrivals:
             try:
                 self._admit(arrivals)
