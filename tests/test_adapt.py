@@ -59,6 +59,21 @@ def test_unbalanced_cross_attention_is_new_and_reads_the_encoder_width(sources, 
     assert torch.equal(model.encoder_embed.weight, big.weights["model.embed_tokens.weight"])
 
 
+def test_unbalanced_adaptation_in_bfloat16_is_bfloat16_throughout_and_runs(sources):
+    """Sources loaded in bfloat16 (a 9B encoder source, to save memory): the new cross-attention was float32, and
+    the model's first product failed on the mix."""
+    big = encdec.load_source(str(sources["gemma2"]), torch.bfloat16)
+    small = encdec.load_source(str(sources["gemma2-small"]), torch.bfloat16)
+    model = encdec.adapt(big, small, seed=7)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    float32 = encdec.adapt(encdec.load_source(str(sources["gemma2"])), encdec.load_source(str(sources["gemma2-small"])),
+                           seed=7)  # the same start, rounded
+    block, exact = model.decoder.layers[0].cross_attn, float32.decoder.layers[0].cross_attn
+    assert torch.equal(block.q_proj.weight, exact.q_proj.weight.to(torch.bfloat16))
+    ids = torch.tensor([[2, 5, 6, 7]])
+    assert torch.isfinite(model(ids, decoder_input_ids=ids).logits.float()).all()
+
+
 def test_decoder_layer_subset_copies_those_layers(sources, caplog):
     """Their cross-attention too starts as a copy of each kept layer's self-attention, as a balanced model's (it
     was random: 0.07 / 0.24 nats worse after 40 steps on the 270M, docs/adaptation.md)."""

@@ -495,19 +495,41 @@ def test_a_model_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no such file or directory" in err
 
 
-def test_a_model_that_cannot_load_is_refused_before_the_first_is_scored(adapted, tmp_path, capsys):
+def test_a_model_that_cannot_load_is_refused_before_the_first_is_scored(adapted, sources, tmp_path, capsys):
     """A training run's directory (its model in model/), or a checkpoint without its tokenizer, after the first
     MODEL: it failed once the first had been scored on every task (hours), and their results were lost."""
     run, bare = tmp_path / "run", tmp_path / "bare"
     shutil.copytree(adapted, run / "model")
     shutil.copytree(adapted, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    # decoder-only sources transformers would refuse only as it loads them (tracebacks): weights in a .bin pickle
+    # alone, a model_type it does not know; an encoder-decoder checkpoint without its weights
+    pickled, unknown, weightless = tmp_path / "pickled", tmp_path / "unknown", tmp_path / "weightless"
+    shutil.copytree(sources["llama"], pickled)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    shutil.copytree(sources["llama"], unknown)
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "llama99_text"}))
+    shutil.copytree(adapted, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
     for second, said in ((run, f"{run}: {run} holds no model (no config.json); its model is {run / 'model'}"),
-                         (bare, f"{bare}: {bare} has no tokenizer")):
+                         (bare, f"{bare}: {bare} has no tokenizer"),
+                         (pickled, "(found pytorch_model.bin: only safetensors weights are read)"),
+                         (unknown, "transformers cannot read its configuration (model_type 'llama99_text'"),
+                         (weightless, f"{weightless} has no model.safetensors")):
         assert main(["evaluate", str(adapted), str(second), "--tasks", "copa", "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if "error:" in line]
         assert len(lines) == 1 and said in lines[0], err
         assert "copa" not in err.replace(str(tmp_path), "")  # (no task ran: its name is logged as it starts)
+
+
+def test_an_encoder_decoder_checkpoint_named_as_on_the_hub_is_scored_as_one(adapted, monkeypatch):
+    """A name that resolves (downloads) to an encoder-decoder checkpoint (google/t5gemma-... on the Hub): it passed
+    the check, then, after the models before it, went to transformers' causal-LM loader and was refused."""
+    from encdec.evaluation.scoring import check_loadable, load_scorer
+
+    monkeypatch.setattr("encdec.sources.resolve", lambda spec: adapted if spec == "org/t5gemma-tiny" else None)
+    check_loadable("org/t5gemma-tiny")
+    assert load_scorer("org/t5gemma-tiny").kind == "encoder-decoder"
 
 
 def test_a_ul2_pretrained_checkpoint_is_scored_in_its_objective_s_framing(adapted, tmp_path):

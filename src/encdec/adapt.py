@@ -72,18 +72,20 @@ def _copy_cross_from_self(weights: dict[str, torch.Tensor], num_layers: int) -> 
             weights[p + "post_cross_norm.weight"] = weights[p + "post_attn_norm.weight"].clone()
 
 
-def _random_cross(model: EncoderDecoder, seed: int) -> dict[str, torch.Tensor]:
+def _random_cross(model: EncoderDecoder, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The cross-attention of a decoder from another source, in the sources' `dtype` (drawn in float32, so that a
+    seed gives the same start in either): a float32 part of a bfloat16 model failed its first product."""
     generator = torch.Generator().manual_seed(seed)
     offset = model.config.decoder.norm_offset
     out = {}
     for name, p in model.named_parameters():
         if ".cross_attn." in name or ".cross_norm." in name or ".post_cross_norm." in name:
             if name.endswith("_proj.weight"):
-                out[name] = torch.randn(p.shape, generator=generator) * CROSS_INIT_STD
+                out[name] = (torch.randn(p.shape, generator=generator) * CROSS_INIT_STD).to(dtype)
             elif name.endswith("_proj.bias"):
-                out[name] = torch.zeros(p.shape)
+                out[name] = torch.zeros(p.shape, dtype=dtype)
             else:  # norms start at scale 1: weight 1 - offset (0 in Gemma's RMSNorm)
-                out[name] = torch.full(p.shape, 1.0 - offset)
+                out[name] = torch.full(p.shape, 1.0 - offset, dtype=dtype)
     return out
 
 
@@ -144,7 +146,7 @@ def adapt(
         if one_source:
             _copy_cross_from_self(weights, dec_stack.num_layers)
         else:
-            weights.update(_random_cross(model, seed))
+            weights.update(_random_cross(model, seed, weights["embed.weight"].dtype))
             log.info("the decoder's cross-attention starts random: the papers train it alone first (`encdec pretrain "
                      "--cross-warmup-steps N`; 1,000 steps in T5Gemma's), which is off by default")
     # one tensor per parameter: roles copied from the same source tensor must train apart

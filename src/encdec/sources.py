@@ -111,23 +111,38 @@ def _tokenizer(directory: Path, stamp: tuple[int, ...]):
         raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({first})") from None
 
 
+def check_causal_lm(directory: Path) -> None:
+    """What `transformers_causal_lm` needs, checked without loading a weight (seconds, where loading may take
+    minutes): no custom code, safetensors weights inside the directory, a configuration transformers reads and a
+    causal-LM class of its takes. Each failure is one line (transformers' own were tracebacks)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    refuse_custom_code(directory)
+    model_type = read_json(directory / "config.json").get("model_type")
+    not_causal = EncdecError(f"{directory} is not a decoder-only model (model_type {model_type!r}); expected an "
+                             "encoder-decoder checkpoint (this project's format, t5gemma, t5gemma2) or a decoder-only "
+                             "source")
+    if model_type is None:
+        raise not_causal
+    try:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as e:  # a model_type this transformers does not know, a bad field
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise EncdecError(f"{directory}: transformers cannot read its configuration (model_type {model_type!r}: "
+                          f"{first[:200]})") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise not_causal
+    weight_files(directory)  # safetensors only (transformers would also take a .bin's pickle), each inside it
+
+
 def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     """A decoder-only source as transformers' own model (for comparisons), from safetensors only, no custom code."""
     from transformers import AutoModelForCausalLM
 
-    refuse_custom_code(directory)
-    if (directory / "model.safetensors.index.json").exists():  # transformers follows its paths wherever they lead
-        weight_files(directory)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
-                                                     use_safetensors=True)
-    except ValueError as e:  # a configuration no causal-LM class takes (transformers lists hundreds), or none
-        if not str(e).startswith(("Unrecognized configuration class", "Unrecognized model in")):
-            raise
-        model_type = read_json(directory / "config.json").get("model_type")
-        raise EncdecError(f"{directory} is not a decoder-only model (model_type {model_type!r}); "
-                          "expected an encoder-decoder checkpoint (this project's format, t5gemma, t5gemma2) or a "
-                          "decoder-only source") from None
+    check_causal_lm(directory)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
+                                                 use_safetensors=True)
     return model.eval()
 
 

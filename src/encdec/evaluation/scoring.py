@@ -187,36 +187,47 @@ def check_loadable(spec: str) -> None:
     model/): found after hours of scoring the models before it, which lost their results."""
     from encdec.checkpoint import read_config
     from encdec.errors import EncdecError
-    from encdec.sources import has_tokenizer, resolve
+    from encdec.files import weight_files
+    from encdec.sources import check_causal_lm, has_tokenizer
 
-    directory = Path(spec).expanduser()
-    if is_checkpoint(spec):
-        read_config(spec)
+    directory = model_directory(spec)
+    if is_checkpoint(directory):
+        read_config(directory)
+        weight_files(directory)
+    elif not (directory / "config.json").is_file():
+        inside = f"; its model is {Path(spec) / 'model'}" if (directory / "model" / "config.json").is_file() else ""
+        raise EncdecError(f"{spec}: {directory} holds no model (no config.json){inside}")
     else:
-        directory = resolve(spec)
-        if not (directory / "config.json").is_file():
-            inside = f"; its model is {Path(spec) / 'model'}" if (directory / "model" / "config.json").is_file() else ""
-            raise EncdecError(f"{spec}: {directory} holds no model (no config.json){inside}")
+        check_causal_lm(directory)
     if not has_tokenizer(directory):
         raise EncdecError(f"{spec}: {directory} has no tokenizer (tokenizer.json or tokenizer.model) to read the "
                           "tasks with")
 
 
+def model_directory(spec: str) -> Path:
+    """The directory of MODEL as given: a local checkpoint as it is, else the source it names (a packaged or Hub
+    name, a GGUF file: `encdec.sources.resolve`), which may be an encoder-decoder checkpoint too (T5Gemma's on
+    the Hub)."""
+    from encdec.sources import resolve
+
+    return Path(spec).expanduser() if is_checkpoint(spec) else resolve(spec)
+
+
 def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 2048) -> Scorer:
     """An encoder-decoder checkpoint (anything `encdec.load` reads) or a decoder-only source."""
     from encdec.inference.loading import compute_device
-    from encdec.sources import load_tokenizer, resolve, transformers_causal_lm
+    from encdec.sources import load_tokenizer, transformers_causal_lm
 
-    if is_checkpoint(spec):
+    directory = model_directory(spec)
+    if is_checkpoint(directory):
         from encdec.checkpoint import load
         from encdec.inference.loading import model_framing
 
-        tokenizer = load_tokenizer(Path(spec).expanduser())
-        model, framing = load(spec, dtype).to(compute_device()), model_framing(spec, tokenizer)
+        tokenizer = load_tokenizer(directory)
+        model, framing = load(directory, dtype).to(compute_device()), model_framing(directory, tokenizer)
         limit = model.config.encoder.max_positions  # a longer context keeps its end, as past --max-len
         if limit is not None:
             max_len = max(2, min(max_len, limit - len(framing.before) - len(framing.after)))
         return Scorer(spec, "encoder-decoder", model, tokenizer, max_len, framing)
-    directory = resolve(spec)
     model = transformers_causal_lm(directory, dtype).to(compute_device())
     return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)
