@@ -1067,6 +1067,39 @@ def test_allowed_origins_answer_a_browsers_preflight_and_its_requests(local):
     assert plain[0].status_code == 405 and not any("access-control-allow-origin" in r.headers for r in plain)
 
 
+def test_tokenize_and_detokenize_read_as_the_server_does_behind_the_key(local):
+    """vLLM's /tokenize gives the ids a prompt or a conversation is read as (what --max-input-tokens counts, with
+    the limit: a prompt past it is counted, not refused) and /detokenize their text; both need the key."""
+    model, tokenizer = local
+    from encdec.data.chat import ChatFormat
+
+    long = " ".join(f"w{i}" for i in range(30))  # 31 tokens, past the app's 24
+    conversation = [{"role": "user", "content": "w4 w5"}]
+    key = {"Authorization": "Bearer k"}
+
+    async def ask(client) -> list[httpx.Response]:
+        return [await client.post("/tokenize", json={"prompt": long}, headers=key),
+                await client.post("/tokenize", json={"prompt": "w1 w2", "add_special_tokens": False}, headers=key),
+                await client.post("/tokenize", json={"messages": conversation}, headers=key),
+                await client.post("/detokenize", json={"tokens": tokenizer("w1 w2").input_ids}, headers=key),
+                await client.post("/tokenize", json={"prompt": "w1"}),
+                await client.post("/tokenize", json={"prompt": "w1", "messages": conversation}, headers=key),
+                await client.post("/detokenize", json={"tokens": [len(tokenizer)]}, headers=key),
+                await client.post("/tokenize", json={"prompt": "w1", "model": "other"}, headers=key),
+                await client.get("/metrics")]
+
+    counted, bare, chat, text, keyless, both, outside, other, metrics = _asked(_app(local, api_key="k"), ask)
+    assert counted.json() == {"count": 31, "max_model_len": 24, "tokens": tokenizer(long).input_ids}
+    assert bare.json()["tokens"] == tokenizer("w1 w2", add_special_tokens=False).input_ids
+    assert chat.json()["tokens"] == ChatFormat.of(tokenizer).encode([("user", "w4 w5")])
+    assert text.json() == {"prompt": tokenizer.decode(tokenizer("w1 w2").input_ids)}
+    assert keyless.status_code == 401
+    assert both.status_code == 400 and "one of them" in both.json()["error"]["message"]
+    assert outside.status_code == 400 and outside.json()["error"]["param"] == "tokens"
+    assert other.status_code == 404
+    assert 'encdec_requests_total{endpoint="/tokenize",status="200"} 3.0' in metrics.text
+
+
 def test_requests_while_draining_get_503(local):
     """What a request still reaching the app after SIGTERM (on an open connection) gets: 503, as /health does."""
     app = _app(local)

@@ -35,7 +35,16 @@ from encdec.model import EncoderDecoder
 from encdec.objectives import PLAIN, Framing
 from encdec.serve.logprobs import TokenLogprobs
 from encdec.serve.metrics import Metrics
-from encdec.serve.protocol import APIError, Limits, Parsed, parse, parse_embeddings
+from encdec.serve.protocol import (
+    APIError,
+    Limits,
+    Parsed,
+    TokenizeRequest,
+    parse,
+    parse_detokenize,
+    parse_embeddings,
+    parse_tokenize,
+)
 from encdec.serve.scheduler import EmbedJob, Job, Scheduler
 from encdec.serve.text import TextStream
 
@@ -103,17 +112,28 @@ class Service:
         if outside:
             raise APIError(400, f"'logit_bias': token id {outside[0]} is outside the vocabulary (0 to "
                            f"{self.vocab_size - 1})", "logit_bias")
-        if request.kind == "chat":  # a message's text never reads as control tokens (ChatFormat.encode)
-            self.short_enough(sum(len(text) for _, text in request.turns), "messages")
-            try:  # the turns' markup counts too: 40,000 empty messages were 1.4 M characters to tokenize
-                self.short_enough(len(self.chat.render(request.turns)), "messages")
-                encoded = self.chat.encode(request.turns)
-            except ConversationRefused as e:
-                raise APIError(400, str(e), "messages") from None
-            prompts = [self.ids(encoded, "messages")]
+        if request.kind == "chat":
+            prompts = [self.ids(self.chat_ids(request.turns), "messages")]
         else:
             prompts = [self.ids(prompt, "prompt") for prompt in request.prompts]
         return [self.settings.framing.prompt(ids, self.chat.bos) for ids in prompts]
+
+    def chat_ids(self, turns: list[tuple[str, str]]) -> list[int]:
+        """A conversation's token ids in the chat format (a message's text never reads as control tokens:
+        ChatFormat.encode), refused unread past what --max-input-tokens can spell."""
+        self.short_enough(sum(len(text) for _, text in turns), "messages")
+        try:  # the turns' markup counts too: 40,000 empty messages were 1.4 M characters to tokenize
+            self.short_enough(len(self.chat.render(turns)), "messages")
+            return self.chat.encode(turns)
+        except ConversationRefused as e:
+            raise APIError(400, str(e), "messages") from None
+
+    def tokenized(self, request: TokenizeRequest) -> list[int]:
+        """/tokenize: what the limit counts of a prompt or a conversation, without the limit applied."""
+        if request.turns is not None:
+            return self.chat_ids(request.turns)
+        self.short_enough(len(request.prompt), "prompt")
+        return self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
 
     def ids(self, prompt: str | list[int], param: str) -> list[int]:
         """The encoder's input: text tokenized, or token ids checked; no longer than --max-input-tokens."""
@@ -243,7 +263,13 @@ class EventStream(StreamingResponse):
             self.release()
 
 
-API_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models"})  # metric labels
+API_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/tokenize",
+                       "/detokenize"})  # metric labels
+
+
+def behind_key(path: str) -> bool:
+    """Whether a request to `path` needs the API key (--api-key): all but /health, /metrics (probes, scrapers)."""
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
 class APIKeyCheck:
@@ -258,7 +284,7 @@ class APIKeyCheck:
         self.app, self.key, self.answer = app, key.encode(), answer
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and behind_key(scope["path"]):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, given = (header.split(None, 1) + [b"", b""])[:2]  # one or more spaces or tabs between (RFC 6750)
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
@@ -524,11 +550,42 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
         return answer("/v1/embeddings", await service.off_loop(body))
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        """vLLM's: the token ids of a completion's `prompt` or a chat's `messages`, as the server reads them (what
+        --max-input-tokens counts: a UL2-pretrained model's sentinel, added after, is not among them), and the
+        limit, so that a client can fit its prompt before sending it."""
+        try:
+            open_for_requests()
+            parsed = await service.off_loop(parse_tokenize, await read_body(request))
+            served(parsed.model)
+            ids = await service.off_loop(service.tokenized, parsed)
+        except APIError as e:
+            return answer("/tokenize", _error(e))
+        return answer("/tokenize", JSONResponse({"count": len(ids), "max_model_len": settings.limits.max_input_tokens,
+                                                 "tokens": ids}))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        """vLLM's: the text of token ids (special tokens written out)."""
+        try:
+            open_for_requests()
+            name, ids = await service.off_loop(parse_detokenize, await read_body(request))
+            served(name)
+            if (bad := outside_vocabulary(ids, len(tokenizer))) is not None:
+                raise APIError(400, f"token id {bad} is outside the tokenizer's vocabulary (0 to {len(tokenizer) - 1})",
+                               "tokens")
+            text = await service.off_loop(tokenizer.decode, ids)
+        except APIError as e:
+            return answer("/detokenize", _error(e))
+        return answer("/detokenize", JSONResponse({"prompt": text}))
+
     @app.exception_handler(HTTPException)
     async def not_here(_: Request, e: HTTPException) -> Response:
         """Unknown paths (404) and methods (405) answered in the API's error shape (counted as "other")."""
         response = _error(APIError(e.status_code, f"{e.detail}: this server answers /v1/completions, "
-                                   "/v1/chat/completions, /v1/embeddings, /v1/models, /health and /metrics"))
+                                   "/v1/chat/completions, /v1/embeddings, /v1/models, /tokenize, /detokenize, /health "
+                                   "and /metrics"))
         response.headers.update(e.headers or {})  # a 405's Allow, which HTTP requires
         return answer("other", response)
 

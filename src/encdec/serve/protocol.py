@@ -304,16 +304,23 @@ class EmbeddingRequest:
 
 
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
+TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens"}
+DETOKENIZE_FIELDS = {"model", "tokens"}
+
+
+def _known(body: dict, accepted: set[str]) -> dict:
+    """`body`, refused with a 400 naming the first field neither `accepted` nor ignored (IGNORED)."""
+    for name in body:
+        if name not in accepted | IGNORED:
+            raise APIError(400, f"unrecognized request argument '{name}'; accepted: {', '.join(sorted(accepted))}",
+                           name)
+    return body
 
 
 def parse_embeddings(raw: bytes, width: int) -> EmbeddingRequest:
     """The /v1/embeddings request, or an APIError saying what is wrong; `width` is the model's (and the
     vectors') size, the only `dimensions` accepted."""
-    body = _object(raw)
-    for name in body:
-        if name not in EMBEDDING_FIELDS | IGNORED:
-            raise APIError(400, f"unrecognized request argument '{name}'; accepted: {', '.join(sorted(EMBEDDING_FIELDS))}",
-                           name)
+    body = _known(_object(raw), EMBEDDING_FIELDS)
     inputs = _inputs(body, "input", empty_text=False)
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
@@ -324,3 +331,36 @@ def parse_embeddings(raw: bytes, width: int) -> EmbeddingRequest:
         raise APIError(400, f"'dimensions' must be this model's width, {width} (vectors are not shortened), "
                        f"got {dimensions}", "dimensions")
     return EmbeddingRequest(_typed(body, "model", (str,), "a string"), inputs, encoding == "base64")
+
+
+@dataclass
+class TokenizeRequest:
+    """A valid /tokenize request (vLLM's): a completion's text, or a chat's conversation."""
+
+    model: str | None
+    prompt: str | None
+    turns: list[tuple[str, str]] | None
+    add_special_tokens: bool = True  # the tokenizer's BOS before a text (as a completion's prompt is read)
+
+
+def parse_tokenize(raw: bytes) -> TokenizeRequest:
+    body = _known(_object(raw), TOKENIZE_FIELDS)
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise APIError(400, "give 'prompt' (a completion's text) or 'messages' (a chat's conversation), one of them",
+                       "prompt")
+    add = _typed(body, "add_special_tokens", (bool,), "true or false")
+    if add is not None and body.get("messages") is not None:
+        raise APIError(400, "'add_special_tokens' applies to a 'prompt'; a conversation is tokenized in the chat "
+                       "format, as /v1/chat/completions reads it", "add_special_tokens")
+    return TokenizeRequest(_typed(body, "model", (str,), "a string"), _typed(body, "prompt", (str,), "a string"),
+                           _chat_turns(body) if body.get("messages") is not None else None,
+                           True if add is None else add)
+
+
+def parse_detokenize(raw: bytes) -> tuple[str | None, list[int]]:
+    """A valid /detokenize request (vLLM's): its model and its token ids."""
+    body = _known(_object(raw), DETOKENIZE_FIELDS)
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not (tokens == [] or _token_ids(tokens)):
+        raise APIError(400, "'tokens' must be a list of token ids", "tokens")
+    return _typed(body, "model", (str,), "a string"), tokens
