@@ -93,10 +93,22 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
     out = tmp_path / "model"
     main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
     capsys.readouterr()
-    assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--prompt", "w7", "--max-new-tokens", "4",
+    assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--prompt", "w7", "--max-new-tokens", "24",
                  "--do-sample", "--seed", "1", "--top-k", "5", "--repetition-penalty", "1.2", "--frequency-penalty", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(" -> ")[0] for line in lines] == ["w1 w2 w3", "w7"]
+    import torch
+
+    from encdec.data.chat import ChatFormat
+    from encdec.inference.loading import load_for_inference
+    from encdec.sources import load_tokenizer
+
+    model, tokenizer = load_for_inference(out, torch.float32, None), load_tokenizer(out)
+    stop = list(ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids))
+    for i, (text, shown) in enumerate(zip(["w1 w2 w3", "w7"], lines)):  # prompt i samples with seed + i
+        ids = model.generate(torch.tensor([tokenizer(text).input_ids]), max_new_tokens=24, do_sample=True, seed=1 + i,
+                             top_k=5, repetition_penalty=1.2, frequency_penalty=1.0, eos_token_ids=stop)[0]
+        assert shown == f"{text} -> {tokenizer.decode(ids, skip_special_tokens=True)}"
     assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "--quantize", "int8"]) == 0
     assert capsys.readouterr().out.startswith("w1 w2 w3 -> ")
     assert main(["generate", str(out), "--prompt", "w1", "--prompt", "w2", "--max-new-tokens", "2", "--quantize",

@@ -489,7 +489,16 @@ def test_int8_weights_stay_close(model):
     error = ((got - ref).abs().mean() / ref.std()).item()
     agreement = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"int8: mean |logit error| {error:.3f} of the logits' std, top-1 agreement {agreement:.2f}")
-    assert error <= 0.25 and agreement >= 0.6
+    assert 0 < error <= 0.25 and agreement >= 0.6
+    # every product int8, the LM head too, each weight with one scale per output channel (quantize.py says why):
+    # the bounds above also held with per-tensor scales, or the head left in float32
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules()) + model.config.tied_head
+    int8 = [m for m in quantized.modules() if isinstance(m, DynamicLinear)]
+    assert len(int8) == linears and isinstance(quantized.lm_head, DynamicLinear)
+    assert not any(type(m) is nn.Linear or isinstance(m, encdec.model.Linear) for m in quantized.modules())
+    assert all(m.weight().qscheme() == torch.per_channel_affine for m in int8)
     tokens = quantized.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1])
     assert tokens.shape == (3, 6)
 
@@ -575,7 +584,15 @@ def test_onednn_packing_in_bfloat16_and_its_limits(model):
     ids, mask = _prompts()
     low = copy.deepcopy(model).to(torch.bfloat16)
     if onednn.bfloat16_products():
-        packed = onednn.pack_for_cpu(low)
+        dec = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            reference = low(ids, mask, dec).logits.float()
+        packed = onednn.pack_for_cpu(copy.deepcopy(low))
+        assert not any(isinstance(m, (nn.Linear, MLP)) for m in packed.modules())  # every product packed
+        with torch.no_grad():
+            got = packed(ids, mask, dec).logits.float()
+        assert ((got - reference).abs().mean() / reference.std()).item() < 0.02  # bfloat16's rounding, not garbage
+        assert (got.argmax(-1) == reference.argmax(-1)).float().mean().item() >= 0.9
         assert packed.generate(ids, mask, max_new_tokens=4, eos_token_ids=[-1]).shape == (3, 4)
     else:
         with pytest.raises(EncdecError, match="bfloat16 on CPUs with AVX-512 .* no oneDNN bfloat16 products"):
