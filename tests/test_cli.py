@@ -348,16 +348,32 @@ def test_help_documents_every_option_with_its_default(command, capsys):
         parser.parse_args([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: encdec " + command in capsys.readouterr().out
+    import dataclasses
+
+    from encdec.training.config import FINETUNE_DEFAULTS, TrainConfig
+
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    # pretrain's and finetune's options default to SUPPRESS (only those given override --config): their help
+    # names the training configuration's default, which is checked here by value
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    checked = 0
     for action in sub._actions:
         if not action.option_strings or action.help == argparse.SUPPRESS or isinstance(action, argparse._HelpAction):
             continue
         assert action.help, f"{command} {action.option_strings[0]} has no help"
-        has_default = action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, list)
-        if has_default:
+        if action.default is argparse.SUPPRESS and action.dest in fields:
+            f = fields[action.dest]
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value = FINETUNE_DEFAULTS.get(action.dest, value) if command == "finetune" else value
+            if value is not None:
+                assert f"(default: {value!r})" in action.help, f"{command} {action.option_strings[0]}: {action.help}"
+                checked += 1
+        elif action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, list):
             shown = sub.formatter_class(command)._get_help_string(action)
             assert "(default:" in shown or "%(default)" in action.help, \
                 f"{command} {action.option_strings[0]} does not show its default {action.default!r}"
+            checked += 1
+    assert checked >= (20 if command in ("pretrain", "finetune") else 0), f"{command}: {checked} defaults checked"
 
 
 def test_finetune_help_speaks_of_instructions(capsys):
