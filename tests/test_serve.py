@@ -1467,24 +1467,27 @@ def test_a_failure_while_reading_the_answer_is_an_api_error_and_the_server_goes_
     from encdec.serve.text import TextStream
 
     add = TextStream.add
+    failing_streams: list[TextStream] = []  # the first choice's of each request: only it fails
 
     def failing(self, token):
-        if token % 2 == 0:
+        if not failing_streams or failing_streams[-1] is self:
+            failing_streams[-1:] = [self]
             raise ValueError("undecodable")
         return add(self, token)
 
     monkeypatch.setattr(TextStream, "add", failing)
+    body = {"prompt": "w1", "max_tokens": LONG, "ignore_eos": True, "temperature": 1.0, "n": 2, "seed": 1}
 
     async def ask(client) -> tuple[httpx.Response, str, int, httpx.Response]:
-        body = {"prompt": "w1", "max_tokens": 6, "temperature": 1.0, "n": 2, "seed": 1}
         plain = await asyncio.wait_for(client.post("/v1/completions", json=body), 60)
-        streamed = await asyncio.wait_for(client.post("/v1/completions", json={**body, "stream": True}), 60)
         leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and "_collect" in repr(t)]
+        failing_streams.clear()
+        streamed = await asyncio.wait_for(client.post("/v1/completions", json={**body, "stream": True}), 60)
         monkeypatch.setattr(TextStream, "add", add)
         after = await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
         return plain, streamed.text, len(leftovers), after
 
-    app = _app(local)
+    app = _app(local, limits=(24, LONG))
     plain, streamed, leftovers, after = _asked(app, ask)
     assert plain.status_code == 500 and "undecodable" in plain.json()["error"]["message"], plain.text
     assert plain.json()["error"]["type"] == "server_error"
@@ -1492,7 +1495,11 @@ def test_a_failure_while_reading_the_answer_is_an_api_error_and_the_server_goes_
     assert streamed.endswith("data: [DONE]\n\n")  # after the error event, as after any stream
     assert leftovers == 0
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 2
-    assert app.state.service.metrics.requests.labels("/v1/completions", "500")._value.get() == 1
+    metrics = app.state.service.metrics
+    assert metrics.requests.labels("/v1/completions", "500")._value.get() == 1
+    # the choice that did not fail left the batch with its request, in either form, long before its LONG tokens
+    assert metrics.finished.labels("length")._value.get() == 1  # the request after
+    assert metrics.generated._value.get() < 2 * LONG
 
 
 def test_an_api_key_guards_the_api_but_not_health(local):
