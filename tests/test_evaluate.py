@@ -251,6 +251,11 @@ def test_wilson_interval_contains_the_estimate_and_stays_in_bounds():
     assert lo == 0.0 and 0.2 < hi < 0.35
     lo, hi = wilson_interval(50, 100)
     assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * 0.05, abs=0.01)
+    for n in range(1, 301):  # every count: rounding had 4 of 4 right above the upper end (0.9999999999999999)
+        for correct in range(n + 1):
+            lo, hi = wilson_interval(correct, n)
+            assert 0.0 <= lo <= correct / n <= hi <= 1.0, (correct, n, lo, hi)
+    assert wilson_interval(4, 4)[1] == 1.0 and wilson_interval(0, 69)[0] == 0.0
 
 
 def test_task_names_and_presets():
