@@ -80,8 +80,15 @@ def test_sharded_weights_round_trip(sources, tmp_path, monkeypatch):
     encdec.save(model, tmp_path / "out")
     assert len(list((tmp_path / "out").glob("model-*-of-*.safetensors"))) > 1
     loaded = encdec.load(tmp_path / "out")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-    tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out"))  # transformers reads the shards too
+    ours, again = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == again.keys() and all(torch.equal(ours[k], again[k]) for k in ours)
+    # transformers reads the shards too: every weight found in them (it fills a missing one at random, and warns)
+    theirs, info = tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids = torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad():
+        expected = loaded(ids, decoder_input_ids=ids).logits
+        assert torch.allclose(theirs.eval()(input_ids=ids, decoder_input_ids=ids).logits, expected, atol=1e-4)
 
 
 def test_bfloat16_save(sources, tmp_path):

@@ -511,6 +511,17 @@ def test_cross_validated_run_through_the_cli(models: dict[str, Path], tmp_path: 
     assert results["n"] == 12 and results["folds"] == 3 and len(results["predictions"]) == 12
     assert sorted(p["fold"] for p in results["predictions"]) == [0] * 4 + [1] * 4 + [2] * 4
     assert results["accuracy"] == sum(p["correct"] for p in results["predictions"]) / 12
+    from encdec.classification.tasks import load_task
+
+    data = load_task("cb")
+    for p in results["predictions"]:  # each against the data itself: its gold label, its guess, and the two compared
+        assert p["label"] == data.labels[data.evaluation[p["index"]].label]
+        assert p["prediction"] == max(p["probabilities"], key=p["probabilities"].get)
+        assert p["correct"] == (p["prediction"] == p["label"])
+    first = [p for p in results["predictions"] if p["fold"] == 0]  # the saved classifier is the first fold's
+    _, probabilities = predict_texts(out / "classifier", [data.evaluation[p["index"]].text for p in first])
+    for p, got in zip(first, probabilities):
+        assert got == pytest.approx([p["probabilities"][label] for label in data.labels], abs=0.02)
     lo, hi = results["interval"]
     assert lo <= results["accuracy"] <= hi
     assert results["hyperparameters"]["steps"] == 2

@@ -552,6 +552,16 @@ def test_a_ul2_pretrained_checkpoint_is_scored_in_its_objective_s_framing(adapte
     assert plain.framing == PLAIN and framed.framing.after == framed.framing.decoder == (sentinel,)
     framed_scores, plain_scores = ([s for s, _ in scorer.loglikelihoods(REQUESTS, 4)] for scorer in (framed, plain))
     assert framed_scores != pytest.approx(plain_scores)
+    import transformers as tf
+
+    reference = tf.AutoModelForSeq2SeqLM.from_pretrained(str(adapted)).eval()  # the same weights, framed by hand
+    assert framed.framing.before == ()
+    for (ctx, cont), score in zip(REQUESTS, framed_scores):
+        ids, dec = torch.tensor([[*ctx, sentinel]]), torch.tensor([[2, sentinel, *cont[:-1]]])
+        with torch.no_grad():
+            logits = reference(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=dec).logits[0]
+        logp = F.log_softmax(logits.float(), -1)[1:]  # after the start and the sentinel: the continuation's tokens
+        assert score == pytest.approx(logp[range(len(cont)), cont].sum().item(), abs=1e-4)
 
 
 def test_boolq_shots_are_laid_out_as_the_questions_asked():

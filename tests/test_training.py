@@ -298,7 +298,13 @@ def test_yaml_config_with_command_line_overrides(adapted, corpus, tmp_path):
     assert main(["pretrain", "--config", str(config), "--steps", "3", "--lr", "0.001"]) == 0
     records = _metrics(tmp_path / "run")
     assert len(records) == 3
-    assert records[0]["lr"] < 0.001 + 1e-12
+    settings = encdec.checkpoint.read_metadata(tmp_path / "run" / "model")["pretrained"]["settings"]
+    # the command line's two, and each of the file's others (a hyphenated key too), not the defaults
+    assert (settings["steps"], settings["lr"]) == (3, 0.001)
+    assert (settings["enc_len"], settings["dec_len"], settings["batch_size"]) == (16, 16, 2)
+    assert (settings["eval_windows"], settings["precision"]) == (4, "fp32")
+    warmup = settings["warmup_steps"]
+    assert records[0]["lr"] == pytest.approx(0.001 * min(1, 1 / warmup) if warmup else 0.001)  # step 1 of warm-up
 
 
 def test_the_command_line_wins_over_the_file_and_repeats_add_up(tmp_path):
