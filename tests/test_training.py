@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import write_corpus
 
 import encdec
@@ -83,6 +84,19 @@ def test_loss_falls_and_the_final_model_loads(adapted, corpus, tmp_path, objecti
     assert last < factor * first
     assert records[-1]["eval_loss"] < records[9]["eval_loss"] + 0.5
     model = encdec.load(final)
+    # the last held-out loss is the final model's mean cross-entropy per target token over the held-out examples,
+    # each scored alone by a plain forward pass (not packed, not shared among processes)
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    total, count = 0.0, 0
+    for example in build_plan(cfg, Dist())[0].eval_examples:
+        decoder = torch.tensor([[model.config.bos_token_id, *example.targets[:-1]]])
+        with torch.no_grad():
+            logits = model(torch.tensor([example.inputs]), decoder_input_ids=decoder).logits[0]
+        total += F.cross_entropy(logits.float(), torch.tensor(example.targets), reduction="sum").item()
+        count += len(example.targets)
+    assert records[-1]["eval_loss"] == pytest.approx(total / count, rel=1e-4)
     import transformers as tf
 
     assert type(tf.AutoModelForSeq2SeqLM.from_pretrained(str(final))).__name__ == "T5Gemma2ForConditionalGeneration"
