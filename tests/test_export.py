@@ -31,7 +31,7 @@ WINDOW = 64
 # 36 tokens for both layouts on CPUs with VNNI (AVX-512 or AVX-VNNI); the bound, loose since int8 may flip
 # near-ties, is 3 in 4. Without VNNI (an AVX2-only AMD EPYC) CTranslate2 4.8.5 multiplies unsigned by signed
 # int8 through oneDNN and its T5Gemma 2 tokens agreed 10 in 36 (its Gemma 2 layout 36 in 36; its float32
-# tokens still equal ours): there the test asserts that the weights are int8, not the agreement.
+# tokens still equal ours): there the test asserts the agreement of the Gemma 2 layout only.
 INT8_AGREEMENT = 0.75
 VNNI = bool({"avx512_vnni", "avx_vnni"} & set(Path("/proc/cpuinfo").read_text().split())) if Path("/proc/cpuinfo").exists() else True
 
@@ -153,7 +153,7 @@ def test_told_a_ul2_models_framing_ctranslate2_gives_our_tokens(adapted, tmp_pat
 
 
 def test_int8_runs_and_mostly_agrees(adapted, tmp_path):
-    _, model_dir = adapted
+    family, model_dir = adapted
     out = tmp_path / "ct2-int8"
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--quantization", "int8"]) == 0
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(tmp_path / "ct2-float32")]) == 0
@@ -162,7 +162,8 @@ def test_int8_runs_and_mostly_agrees(adapted, tmp_path):
     ours, theirs = _ours(model_dir), _translated(out, "int8")
     assert [len(row) for row in theirs] == [NEW_TOKENS] * 3
     same = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y))
-    assert same / (3 * NEW_TOKENS) >= INT8_AGREEMENT or not VNNI
+    # without VNNI only the T5Gemma 2 layout's int8 tokens drift (see INT8_AGREEMENT): the T5Gemma one is held to it
+    assert same / (3 * NEW_TOKENS) >= INT8_AGREEMENT or (not VNNI and family == "t5gemma2")
 
 
 def test_existing_output_kept_unless_overwrite(t5gemma2_dir, tmp_path, capsys):
