@@ -69,6 +69,9 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                          layer_types=["sliding_attention", "full_attention"]),
         **{family: make_source(root / family, family) for family in FAMILY_OPTIONS},
         "qwen2-small": make_source(root / "qwen2-small", "qwen2", seed=1, layers=2, hidden=24, heads=2, kv_heads=1),
+        # linear RoPE scaling (older long-context Llamas, Qwen2's): read from the config, compared with transformers
+        "llama-linear": make_source(root / "llama-linear", "llama", seed=2, rope_parameters={
+            "rope_type": "linear", "rope_theta": 10_000.0, "factor": 4.0}),
     }
 
 

@@ -67,7 +67,12 @@ def test_gemma_gguf_keeps_what_transformers_reader_drops(tmp_path, monkeypatch, 
     a, b = causal_from_source(from_dir).eval(), causal_from_source(from_gguf).eval()
     segments = Segments.of(ids, None, None, None)
     with torch.no_grad():
-        assert torch.allclose(a.logits(a.hidden(ids, segments)), b.logits(b.hidden(ids, segments)), atol=1e-5)
+        ours = a.logits(a.hidden(ids, segments))
+        assert torch.allclose(ours, b.logits(b.hidden(ids, segments)), atol=1e-5)
+        # and both as transformers computes the checkpoint (its linear RoPE scaling, its query scale): the two
+        # above share every line of the model's code
+        reference = tf.AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+        assert (ours - reference(input_ids=ids).logits).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

@@ -21,7 +21,7 @@ FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]  # besides Gemma, see tests/ti
 
 @pytest.mark.parametrize("family, attention", [("gemma3", "merged"), ("gemma3", "cross"), ("gemma2", "cross"),
                                                ("gemma2", "merged"), *[(family, "merged") for family in FAMILIES],
-                                               ("llama", "cross")])
+                                               ("llama", "cross"), ("llama-linear", "merged")])
 def test_causal_encoder_reproduces_source_hidden_states(sources, family, attention):
     source = _source_model(sources[family])
     model = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
