@@ -90,8 +90,10 @@ def test_tokens_of_a_hub_dataset_read_from_the_cache_say_so(sources, tmp_path, c
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "train.jsonl").write_text('{"text": "w1 w2"}\n')
     spec = f"hf:{tmp_path / 'ds'}"
-    first = tokens.token_stream(tokenizer, [spec], cache_dir=tmp_path / "cache")
-    assert "not read" not in caplog.text
+    with caplog.at_level("INFO", logger="encdec"):  # the first read tokenizes, and says nothing of a cache
+        first = tokens.token_stream(tokenizer, [spec], cache_dir=tmp_path / "cache")
+    assert caplog.records and "not read" not in caplog.text and "the tokens cached on" not in caplog.text
+    caplog.clear()
     with caplog.at_level("INFO", logger="encdec"):
         assert np.array_equal(tokens.token_stream(tokenizer, [spec], cache_dir=tmp_path / "cache"), first)
     assert f"{spec}: the tokens cached on" in caplog.text and str(tmp_path / "cache") in caplog.text

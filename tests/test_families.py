@@ -201,8 +201,10 @@ def test_unbalanced_cross_attention_starts_neutral(sources, batch):
                          attention="cross")
     block = model.decoder.layers[0]
     assert block.cross_attn.k_proj.in_features == 32 and block.cross_attn.q_proj.in_features == 24
-    assert torch.equal(block.cross_attn.q_proj.bias, torch.zeros(16))
-    assert torch.equal(block.cross_norm.weight, torch.ones(24))
+    for block in model.decoder.layers:  # every layer's, every projection's bias
+        for projection in (block.cross_attn.q_proj, block.cross_attn.k_proj, block.cross_attn.v_proj):
+            assert projection.bias is not None and not projection.bias.any()
+        assert torch.equal(block.cross_norm.weight, torch.ones(24))
     with torch.no_grad():
         assert valid(model(**batch).logits, batch["decoder_attention_mask"]).isfinite().all()
 

@@ -133,6 +133,7 @@ def test_bfloat16_forward_is_close_to_float32(sources, batch):
     mask = batch["decoder_attention_mask"].bool()
     assert torch.isfinite(low).all()
     assert (low[mask] - ref[mask]).abs().max().item() < 0.1 * ref[mask].abs().max().item()
+    assert not torch.equal(low, ref)  # bfloat16 ran (autocast doing nothing would pass the bound above)
 
 
 def test_long_cpu_inference_attends_chunk_by_chunk_alike(sources, monkeypatch):

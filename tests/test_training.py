@@ -482,6 +482,26 @@ def test_trimmed_vocabulary_is_counted_on_training_windows_only(adapted, tmp_pat
     assert tokenizer.convert_tokens_to_ids("w0") in kept
 
 
+def test_a_grown_vocabulary_starts_its_new_rows_at_the_mean_row(sources):
+    """UL2 on a vocabulary without reserved tokens grows the tables (`grow_vocabulary`): the old rows as they were,
+    each new row of the embeddings and of an untied head the mean of its table, the model's outputs over the old
+    tokens unchanged."""
+    from encdec.training.vocab import grow_vocabulary
+
+    model = encdec.adapt(encdec.load_source(str(sources["llama"])))  # an untied head
+    assert model.lm_head is not None
+    grown = grow_vocabulary(model, 100)
+    assert grown.config.vocab_size == 100
+    for name in ("embed.weight", "lm_head.weight"):
+        old, new = model.state_dict()[name], grown.state_dict()[name]
+        assert new.shape == (100, old.shape[1]) and torch.equal(new[:96], old)
+        assert torch.equal(new[96:], old.mean(0, keepdim=True).expand(4, -1))
+    ids = torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.allclose(grown(ids, decoder_input_ids=ids).logits[..., :96], model(ids, decoder_input_ids=ids).logits,
+                              atol=1e-5)
+
+
 def test_a_special_token_past_the_embeddings_is_not_kept_by_a_trimmed_vocabulary(adapted, corpus, tmp_path):
     """Gemma 3's tokenizers name <image_soft_token> (id 262144) special, past the text models' 262,144 rows: no
     row of its own to keep (and no text holds it), where trimming raised numpy's IndexError."""
