@@ -98,9 +98,21 @@ def test_generate_evaluate_classify_and_export_encoder_on_a_llama_model(tmp_path
     assert main(["evaluate", str(adapted), str(source), "--tasks", "copa,heldout", "--limit", "2",
                  "--out", str(tmp_path / "eval")]) == 0
     assert "| **average** |" in (tmp_path / "eval.md").read_text()
+    import json
+    import math
+
+    record = json.loads((tmp_path / "eval.json").read_text())  # both models scored, every number finite
+    for task, n in (("copa", 2), ("heldout", None)):
+        results = record["tasks"][task]["results"]
+        assert set(results) == {str(adapted), str(source)}
+        for result in results.values():
+            values = [v for k, v in result.items() if k != "examples" and isinstance(v, float)]
+            assert values and all(math.isfinite(v) for v in values) and (n is None or result["n"] == n)
     assert main(["classify", str(adapted), "--task", "cb", "--folds", "2", "--limit", "8", "--steps", "1",
                  "--max-len", "16", "--batch-size", "4", "--out", str(tmp_path / "clf")]) == 0
-    assert (tmp_path / "clf" / "results.json").is_file()
+    scored = json.loads((tmp_path / "clf" / "results.json").read_text())
+    assert scored["folds"] == 2 and len(scored["predictions"]) == 8 and 0 <= scored["accuracy"] <= 1
+    assert scored["interval"][0] <= scored["accuracy"] <= scored["interval"][1]
     assert main(["export-encoder", str(adapted), "--out", str(tmp_path / "encoder")]) == 0
     assert "(the project's own format)" in capsys.readouterr().out  # no transformers class holds a Llama encoder
     from encdec.classification.encoder_export import read_encoder

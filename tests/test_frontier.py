@@ -201,6 +201,13 @@ def test_a_tokenizer_without_unk_pad_or_bos_still_trains_or_says_why(sources, co
                            precision="fp32", **options)
 
     monkeypatch.setattr(plan_module, "load_tokenizer", without("unk_token", "bos_token"))
+    from encdec.training.distributed import Dist
+
+    trimmed = config("plan", trim_vocab=40, trim_negatives=16)
+    plan, tokenizer = plan_module.build_plan(trimmed, Dist())  # the ids the run uses, not merely that it ran
+    assert tokenizer.unk_token is None and tokenizer.bos_token is None
+    assert plan.trimmed.unk_id == plan.trimmed.table[tokenizer.pad_token_id] != plan.trimmed.table[plan.eos_id]
+    assert all(e.targets[-1] == plan.eos_id for e in plan.eval_examples)
     assert (train(config("no-unk", trim_vocab=40, trim_negatives=16)) / "model.safetensors").exists()
     monkeypatch.setattr(plan_module, "load_tokenizer", without("unk_token", "bos_token", "pad_token"))
     assert (train(config("untrimmed")) / "model.safetensors").exists()
