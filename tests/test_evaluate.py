@@ -515,11 +515,15 @@ def test_a_model_that_cannot_load_is_refused_before_the_first_is_scored(adapted,
     config = json.loads((unknown / "config.json").read_text())
     (unknown / "config.json").write_text(json.dumps({**config, "model_type": "llama99_text"}))
     shutil.copytree(adapted, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    invalid = tmp_path / "invalid"  # a field transformers' own validation refuses (its errors are no ValueError)
+    shutil.copytree(sources["llama"], invalid)
+    (invalid / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
     for second, said in ((run, f"{run}: {run} holds no model (no config.json); its model is {run / 'model'}"),
                          (bare, f"{bare}: {bare} has no tokenizer"),
                          (pickled, "(found pytorch_model.bin: only safetensors weights are read)"),
                          (unknown, "transformers cannot read its configuration (model_type 'llama99_text'"),
-                         (weightless, f"{weightless} has no model.safetensors")):
+                         (weightless, f"{weightless} has no model.safetensors"),
+                         (invalid, "transformers cannot read its configuration (model_type 'llama'")):
         assert main(["evaluate", str(adapted), str(second), "--tasks", "copa", "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if "error:" in line]

@@ -1068,6 +1068,10 @@ def test_allowed_origins_answer_a_browsers_preflight_and_its_requests(local):
     assert plain[0].status_code == 405 and not any("access-control-allow-origin" in r.headers for r in plain)
 
 
+VLLM_CHAT_DEFAULTS = {"add_special_tokens": False, "add_generation_prompt": True, "continue_final_message": False,
+                      "return_token_strs": False, "chat_template": None, "chat_template_kwargs": None, "tools": None}
+
+
 def test_tokenize_and_detokenize_read_as_the_server_does_behind_the_key(local):
     """vLLM's /tokenize gives the ids a prompt or a conversation is read as (what --max-input-tokens counts, with
     the limit: a prompt past it is counted, not refused) and /detokenize their text; both need the key."""
@@ -1087,9 +1091,16 @@ def test_tokenize_and_detokenize_read_as_the_server_does_behind_the_key(local):
                 await client.post("/tokenize", json={"prompt": "w1", "messages": conversation}, headers=key),
                 await client.post("/detokenize", json={"tokens": [len(tokenizer)]}, headers=key),
                 await client.post("/tokenize", json={"prompt": "w1", "model": "other"}, headers=key),
-                await client.get("/metrics")]
+                await client.get("/metrics"),
+                # vLLM's request as its client serialises it, defaults included; a value that would change the result
+                await client.post("/tokenize", json={"messages": conversation, **VLLM_CHAT_DEFAULTS}, headers=key),
+                await client.post("/tokenize", json={"prompt": "w1 w2", "return_token_strs": True}, headers=key),
+                await client.post("/tokenize", json={"messages": conversation, "add_generation_prompt": False},
+                                  headers=key),
+                await client.post("/detokenize", json={"tokens": [5] * 33}, headers=key)]
 
-    counted, bare, chat, text, keyless, both, outside, other, metrics = _asked(_app(local, api_key="k"), ask)
+    counted, bare, chat, text, keyless, both, outside, other, metrics, defaults, strings, changed, many = _asked(
+        _app(local, api_key="k"), ask)
     assert counted.json() == {"count": 31, "max_model_len": 24, "tokens": tokenizer(long).input_ids}
     assert bare.json()["tokens"] == tokenizer("w1 w2", add_special_tokens=False).input_ids
     assert chat.json()["tokens"] == ChatFormat.of(tokenizer).encode([("user", "w4 w5")])
@@ -1099,6 +1110,10 @@ def test_tokenize_and_detokenize_read_as_the_server_does_behind_the_key(local):
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "tokens"
     assert other.status_code == 404
     assert 'encdec_requests_total{endpoint="/tokenize",status="200"} 3.0' in metrics.text
+    assert defaults.json()["tokens"] == chat.json()["tokens"]
+    assert strings.json()["token_strs"] == tokenizer.convert_ids_to_tokens(tokenizer("w1 w2").input_ids)
+    assert changed.status_code == 400 and changed.json()["error"]["param"] == "add_generation_prompt"
+    assert many.status_code == 400 and "at most 32" in many.json()["error"]["message"]  # the app's 24 + 8
 
 
 def test_requests_while_draining_get_503(local):

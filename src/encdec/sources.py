@@ -123,11 +123,12 @@ def check_causal_lm(directory: Path) -> None:
     not_causal = EncdecError(f"{directory} is not a decoder-only model (model_type {model_type!r}); expected an "
                              "encoder-decoder checkpoint (this project's format, t5gemma, t5gemma2) or a decoder-only "
                              "source")
-    if model_type is None:
+    if not isinstance(model_type, str):
         raise not_causal
     try:
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as e:  # a model_type this transformers does not know, a bad field
+    except Exception as e:  # noqa: BLE001 - a model_type this transformers does not know, a field its validation
+        # refuses (its strict dataclasses' own errors, TypeError, AttributeError...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EncdecError(f"{directory}: transformers cannot read its configuration (model_type {model_type!r}: "
                           f"{first[:200]})") from None

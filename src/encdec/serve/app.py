@@ -550,35 +550,44 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
         return answer("/v1/embeddings", await service.off_loop(body))
 
+    async def answered(endpoint: str, request: Request, work: Callable[[bytes], Response]) -> Response:
+        """`work` on the request's body, off the event loop, and its answer; errors in the API's shape, counted."""
+        try:
+            open_for_requests()
+            return answer(endpoint, await service.off_loop(work, await read_body(request)))
+        except APIError as e:
+            return answer(endpoint, _error(e))
+        except Exception as e:  # noqa: BLE001 - a bug, answered in the API's shape and counted, not a bare 500
+            log.exception("request failed")
+            return answer(endpoint, _error(_server_failed(e)))
+
+    def tokenized(raw: bytes) -> Response:
+        parsed = parse_tokenize(raw)
+        served(parsed.model)
+        ids = service.tokenized(parsed)
+        strings = {"token_strs": tokenizer.convert_ids_to_tokens(ids)} if parsed.token_strs else {}
+        return JSONResponse({"count": len(ids), "max_model_len": settings.limits.max_input_tokens, "tokens": ids,
+                             **strings})
+
+    def detokenized(raw: bytes) -> Response:
+        name, ids = parse_detokenize(raw, settings.limits.max_input_tokens + settings.limits.max_new_tokens)
+        served(name)
+        if (bad := outside_vocabulary(ids, len(tokenizer))) is not None:
+            raise APIError(400, f"token id {bad} is outside the tokenizer's vocabulary (0 to {len(tokenizer) - 1})",
+                           "tokens")
+        return JSONResponse({"prompt": tokenizer.decode(ids)})
+
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         """vLLM's: the token ids of a completion's `prompt` or a chat's `messages`, as the server reads them (what
         --max-input-tokens counts: a UL2-pretrained model's sentinel, added after, is not among them), and the
         limit, so that a client can fit its prompt before sending it."""
-        try:
-            open_for_requests()
-            parsed = await service.off_loop(parse_tokenize, await read_body(request))
-            served(parsed.model)
-            ids = await service.off_loop(service.tokenized, parsed)
-        except APIError as e:
-            return answer("/tokenize", _error(e))
-        return answer("/tokenize", JSONResponse({"count": len(ids), "max_model_len": settings.limits.max_input_tokens,
-                                                 "tokens": ids}))
+        return await answered("/tokenize", request, tokenized)
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         """vLLM's: the text of token ids (special tokens written out)."""
-        try:
-            open_for_requests()
-            name, ids = await service.off_loop(parse_detokenize, await read_body(request))
-            served(name)
-            if (bad := outside_vocabulary(ids, len(tokenizer))) is not None:
-                raise APIError(400, f"token id {bad} is outside the tokenizer's vocabulary (0 to {len(tokenizer) - 1})",
-                               "tokens")
-            text = await service.off_loop(tokenizer.decode, ids)
-        except APIError as e:
-            return answer("/detokenize", _error(e))
-        return answer("/detokenize", JSONResponse({"prompt": text}))
+        return await answered("/detokenize", request, detokenized)
 
     @app.exception_handler(HTTPException)
     async def not_here(_: Request, e: HTTPException) -> Response:

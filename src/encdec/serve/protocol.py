@@ -304,7 +304,10 @@ class EmbeddingRequest:
 
 
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
-TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens"}
+TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "return_token_strs"}
+# vLLM's other /tokenize fields, at the values (its defaults among them) that leave the result as this server gives it
+TOKENIZE_NEUTRAL = {"add_generation_prompt": (True, None), "continue_final_message": (False, None),
+                    "chat_template": (None,), "chat_template_kwargs": (None,), "tools": (None,)}
 DETOKENIZE_FIELDS = {"model", "tokens"}
 
 
@@ -341,26 +344,36 @@ class TokenizeRequest:
     prompt: str | None
     turns: list[tuple[str, str]] | None
     add_special_tokens: bool = True  # the tokenizer's BOS before a text (as a completion's prompt is read)
+    token_strs: bool = False  # each id's token as the vocabulary spells it, too
 
 
 def parse_tokenize(raw: bytes) -> TokenizeRequest:
-    body = _known(_object(raw), TOKENIZE_FIELDS)
+    body = _known(_object(raw), TOKENIZE_FIELDS | set(TOKENIZE_NEUTRAL))
+    for name, neutral in TOKENIZE_NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise APIError(400, f"'{name}' = {json.dumps(body[name])[:40]} is not supported by this server "
+                           f"(accepted: {' or '.join(json.dumps(v) for v in neutral)})", name)
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise APIError(400, "give 'prompt' (a completion's text) or 'messages' (a chat's conversation), one of them",
                        "prompt")
     add = _typed(body, "add_special_tokens", (bool,), "true or false")
-    if add is not None and body.get("messages") is not None:
-        raise APIError(400, "'add_special_tokens' applies to a 'prompt'; a conversation is tokenized in the chat "
+    if add and body.get("messages") is not None:  # false is vLLM's default for a conversation, and what is done
+        raise APIError(400, "'add_special_tokens' true applies to a 'prompt'; a conversation is tokenized in the chat "
                        "format, as /v1/chat/completions reads it", "add_special_tokens")
     return TokenizeRequest(_typed(body, "model", (str,), "a string"), _typed(body, "prompt", (str,), "a string"),
                            _chat_turns(body) if body.get("messages") is not None else None,
-                           True if add is None else add)
+                           True if add is None else add,
+                           bool(_typed(body, "return_token_strs", (bool,), "true or false")))
 
 
-def parse_detokenize(raw: bytes) -> tuple[str | None, list[int]]:
-    """A valid /detokenize request (vLLM's): its model and its token ids."""
+def parse_detokenize(raw: bytes, limit: int) -> tuple[str | None, list[int]]:
+    """A valid /detokenize request (vLLM's): its model and its token ids, at most `limit` of them (the most a
+    request here reads and writes: a list of 64 MiB held the reading thread for seconds)."""
     body = _known(_object(raw), DETOKENIZE_FIELDS)
     tokens = body.get("tokens")
     if not isinstance(tokens, list) or not (tokens == [] or _token_ids(tokens)):
         raise APIError(400, "'tokens' must be a list of token ids", "tokens")
+    if len(tokens) > limit:
+        raise APIError(400, f"'tokens' has {len(tokens)} ids; at most {limit} (--max-input-tokens + "
+                       "--max-new-tokens)", "tokens")
     return _typed(body, "model", (str,), "a string"), tokens
