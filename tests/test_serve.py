@@ -170,6 +170,7 @@ def endless_prompt(local) -> str:
 def test_completion_chat_and_models_equal_solo_generation(server, local):
     client = server.client()
     assert [m.id for m in client.models.list().data] == [str(server.process.args[4])]
+    assert client.models.list().data[0].max_model_len == 24  # --max-input-tokens, as vLLM's field
     model_id = server.process.args[4]
     done = client.completions.create(model=model_id, prompt="w1 w2 w3", max_tokens=8, user="ignored",
                                      temperature=0)

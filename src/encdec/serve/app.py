@@ -598,8 +598,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         response.headers.update(e.headers or {})  # a 405's Allow, which HTTP requires
         return answer("other", response)
 
-    def described() -> dict:
-        return {"id": settings.model_id, "object": "model", "created": service.created, "owned_by": "encdec"}
+    def described() -> dict:  # with vLLM's max_model_len (what a prompt may hold: clients size their inputs by it)
+        return {"id": settings.model_id, "object": "model", "created": service.created, "owned_by": "encdec",
+                "max_model_len": settings.limits.max_input_tokens}
 
     @app.get("/v1/models")
     async def models() -> Response:
