@@ -267,8 +267,11 @@ API_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/embedding
                        "/detokenize"})  # metric labels
 
 
+PROBE_PATHS = frozenset({"/health", "/metrics"})  # for probes and scrapers: open without the key, answered at any load
+
+
 def behind_key(path: str) -> bool:
-    """Whether a request to `path` needs the API key (--api-key): all but /health, /metrics (probes, scrapers)."""
+    """Whether a request to `path` needs the API key (--api-key): the API's (PROBE_PATHS stay open)."""
     return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
@@ -314,7 +317,7 @@ class ConnectionLimit:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         count = self.count()
-        if scope["type"] == "http" and scope["path"] not in ("/health", "/metrics") and count is not None \
+        if scope["type"] == "http" and scope["path"] not in PROBE_PATHS and count is not None \
                 and count() > self.limit:
             endpoint = scope["path"] if scope["path"] in API_PATHS else "other"
             refused = APIError(503, f"the server holds {self.limit} connection(s), its limit (--max-connections); "
