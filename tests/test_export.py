@@ -205,6 +205,7 @@ def test_export_names_where_ctranslate2_computes_something_else(sources, tmp_pat
     window = "prompts longer than 2 tokens" if family == "gemma3" else "longer than its sliding window (4 tokens)"
     assert window in said
     assert ("soft-capped (at 5.0)" in said) == (family == "gemma2")
+    assert ("final logits are soft-capped (at 3.0)" in said) == (family == "gemma2")
     assert ("prompts of different lengths" in said) == (family == "gemma3")
 
 
@@ -240,6 +241,21 @@ def test_missing_ctranslate2_named(t5gemma2_dir, tmp_path, capsys, monkeypatch):
     assert not out.exists()
 
 
+def test_a_converter_error_that_says_nothing_is_still_one_line(t5gemma2_dir, tmp_path, capsys, monkeypatch):
+    """The error's first line once indexed an empty message: a traceback instead of the line naming the model."""
+    from ctranslate2.converters import TransformersConverter
+
+    def fails(*args, **kwargs):
+        raise ValueError()
+
+    monkeypatch.setattr(TransformersConverter, "convert", fails)
+    out = tmp_path / "ct2"
+    assert main(["export", str(t5gemma2_dir), "--to", "ctranslate2", "--out", str(out)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"CTranslate2's converter could not read {t5gemma2_dir} (ValueError)"), line
+    assert not out.exists()
+
+
 def test_a_model_no_causal_lm_class_takes_is_one_line(tmp_path):
     """transformers' own refusal is a ValueError naming every causal-LM configuration class it knows."""
     from transformers import T5Config
@@ -255,15 +271,17 @@ def test_a_model_no_causal_lm_class_takes_is_one_line(tmp_path):
 
 
 def test_export_names_a_query_scale_and_rope_base_that_ctranslate2_reads_otherwise(tmp_path, capsys):
-    """CTranslate2 scales queries by the head size and reads a T5Gemma model's RoPE base as 10000; here its
-    greedy tokens agreed 31 in 36 and 32 in 36 with ours (ours equal transformers'), and export said nothing."""
+    """CTranslate2 scales queries by the head size, reads a T5Gemma model's RoPE base as 10000 and its positions
+    unscaled; here its greedy tokens agreed 31 in 36 and 32 in 36 with ours (ours equal transformers'), and export
+    said nothing."""
     source = make_source(tmp_path / "source", "gemma2", window=WINDOW, attn_softcap=None, query_pre_attn_scalar=16,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+                         rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6})
     assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
     capsys.readouterr()
     assert main(["export", str(tmp_path / "adapted"), "--to", "ctranslate2", "--out", str(tmp_path / "ct2")]) == 0
     said = capsys.readouterr().err
     assert "scaled by query_pre_attn_scalar (16)" in said and "RoPE base is 1e+06" in said
+    assert "RoPE positions are scaled (linear factor 2)" in said
 
 
 def test_an_encoder_alone_or_a_checkpoint_missing_a_weight_is_refused(tmp_path, capsys):

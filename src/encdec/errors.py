@@ -5,6 +5,18 @@ class EncdecError(Exception):
     """Bad user input or an unsupported configuration: the message says what was wrong and what is accepted."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """What `e` says in one line (libraries' messages run to tracebacks of their own), or its type's name."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines or [type(e).__name__])[0][:limit]
+
+
+def described(e: BaseException, limit: int = 200) -> str:
+    """`e`'s type and first line ("ValueError: ..."), or its type alone where it says nothing."""
+    said = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {said[0][:limit]}" if said else type(e).__name__
+
+
 def load_failure(e: BaseException) -> str:
     """What a failed `load_state_dict` says, in one line: torch's first line only names the module, the details
     follow it (a size mismatch, the most telling, first where there is one)."""

@@ -20,7 +20,7 @@ import numpy as np
 
 from encdec.data.corpus import CORPORA, DEFAULT_CORPORA, HELDOUT_SETS
 from encdec.data.text import distinct_files, files_of, read_documents, read_file
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, first_line
 from encdec.files import file_identity, write_cache
 
 log = logging.getLogger("encdec")
@@ -176,7 +176,7 @@ def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:
             raise ValueError(f"not a stream of token ids below {vocab_size}")
         return ids
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        log.warning("token cache %s is damaged (%s); deleted, tokenizing again", path, str(e).splitlines()[0])
+        log.warning("token cache %s is damaged (%s); deleted, tokenizing again", path, first_line(e))
         path.unlink(missing_ok=True)
         return None
 

@@ -22,7 +22,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from encdec.checkpoint import NATIVE, checkpoint_format, load_checkpoint
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, described
 from encdec.files import atomic_dir, check_output_dir, read_json
 from encdec.formats.t5gemma import LAYOUTS
 
@@ -65,8 +65,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
         try:
             TransformersConverter(str(model_dir)).convert(str(tmp), quantization=quantization, force=True)
         except (SafetensorError, ValueError, KeyError, RuntimeError) as e:  # damaged or foreign weights
-            raise EncdecError(f"CTranslate2's converter could not read {model_dir} "
-                              f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+            raise EncdecError(f"CTranslate2's converter could not read {model_dir} ({described(e)})") from None
         tokenizer.save_pretrained(str(tmp))
         _name_tokenizer_version(tmp)
     for caution in found:
@@ -135,6 +134,10 @@ def cautions(model_dir: Path, fmt: str) -> list[str]:
     if caps:
         found.append(f"its attention logits are soft-capped (at {', '.join(map(str, sorted(caps)))}) and CTranslate2 "
                      "does not cap them: its outputs differ from this model's")
+    finals = _values(config, "final_logit_softcapping")
+    if finals:  # greedy tokens agree (the cap keeps the logits' order); scores, sampling and beams do not
+        found.append(f"its final logits are soft-capped (at {', '.join(map(str, sorted(finals)))}) and CTranslate2 "
+                     "does not cap them: its scores, samples and beam searches differ from this model's")
     windows = _values(config, "sliding_window")
     if windows and fmt == "t5gemma2":  # its encoder's window reaches (W + 1) // 2 tokens back, self included
         window = min(windows)
@@ -154,6 +157,10 @@ def cautions(model_dir: Path, fmt: str) -> list[str]:
     if fmt == "t5gemma" and thetas:  # read from rope_parameters by transformers, from a rope_theta CTranslate2
         found.append(f"its RoPE base is {', '.join(f'{t:g}' for t in thetas)}, and CTranslate2 reads a T5Gemma "
                      "model's as 10000: its outputs differ from this model's")
+    factors = sorted(_values(config, "factor") - {1, 1.0})
+    if fmt == "t5gemma" and factors:  # its T5Gemma 2 loader reads the global layers' linear factor, not this one
+        found.append(f"its RoPE positions are scaled (linear factor {', '.join(f'{f:g}' for f in factors)}), and "
+                     "CTranslate2 reads a T5Gemma model's unscaled: its outputs differ from this model's")
     if fmt == "t5gemma2":
         found.append("CTranslate2 computes a batch of prompts of different lengths differently from each prompt "
                      "alone: translate such prompts one by one, or grouped by length")

@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from encdec.data.chat import ChatFormat, ConversationRefused
 from encdec.data.tokens import outside_vocabulary
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, described
 from encdec.inference.engine import Emitted, Engine, Row
 from encdec.model import EncoderDecoder
 from encdec.objectives import PLAIN, Framing
@@ -800,8 +800,7 @@ def serve(model: EncoderDecoder, tokenizer: Any, settings: Settings, host: str, 
     try:
         app.state.service.scheduler.start()
     except Exception as e:  # only --compile's warm-up runs there
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise EncdecError(f"--compile: compiling the decoding step failed ({type(e).__name__}: {first}); serve "
+        raise EncdecError(f"--compile: compiling the decoding step failed ({described(e)}); serve "
                           "without --compile") from e
     certfile, keyfile = settings.tls or (None, None)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None,

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from encdec.errors import EncdecError, load_failure
+from encdec.errors import EncdecError, first_line, load_failure
 from encdec.files import atomic_dir, parse_json, read_weights, write_weights
 from encdec.training import distributed
 from encdec.training.distributed import Dist
@@ -113,7 +113,7 @@ def save(out: Path, step: int, wrapped: nn.Module, optimizer: torch.optim.Optimi
                 write_state(tmp, "optimizer", optim_state)
                 write_state(tmp, "trainer", {**trainer, "step": step, "rng": rng})
         except (OSError, SafetensorError, EncdecError) as e:  # a full disk, most often; or the directory refused
-            failed = str(e).splitlines()[0]
+            failed = first_line(e)
         else:
             keep_last, save_every, steps = keep
             kept = {path, *scheduled(out, save_every, steps)[-keep_last:]}
