@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import safetensors
 import torch
 from test_training import _config, adapted, corpus
-from tiny import make_tokenizer
+from tiny import make_source, make_tokenizer, write_gguf
 
 from encdec.cli import main
 from encdec.data.tokens import token_stream
@@ -159,6 +160,45 @@ def test_a_decoder_only_sources_weight_index_naming_a_file_outside_it_is_refused
     (handed / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(EncdecError, match="elsewhere.safetensors'; only file names inside"):
         load_scorer(str(handed))
+
+
+def test_a_decoder_only_source_naming_other_weights_for_transformers_is_refused(sources, tmp_path):
+    """config.json's transformers_weights makes transformers load the file it names (here a pickle) instead of the
+    safetensors encdec checks; `encdec evaluate` scores a decoder-only source with transformers."""
+    from encdec.evaluation.scoring import load_scorer
+
+    handed = tmp_path / "handed"
+    shutil.copytree(sources["gemma3"], handed)
+    torch.save({"weights": Payload(str(tmp_path / "pwned"))}, handed / "adapter_model.bin")
+    config = json.loads((handed / "config.json").read_text())
+    (handed / "config.json").write_text(json.dumps({**config, "transformers_weights": "adapter_model.bin"}))
+    with pytest.raises(EncdecError, match="names transformers_weights 'adapter_model.bin', which encdec does not"):
+        load_scorer(str(handed))
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("claims, error", [
+    ({"block_count": 10**7}, "declares 10000000 llama.block_count .at most 1024., its tensors hold 4 blocks"),
+    ({"block_count": 5}, "declares 5 llama.block_count .at most 1024., its tensors hold 4 blocks"),
+    ({"block_count": "4"}, "declares no integer llama.block_count"),
+    ({"embedding_length": 10**6}, "a model of [0-9,]+ parameters, its tensors hold 37,152"),
+    ({"embedding_length": 30}, "transformers cannot read this llama GGUF's metadata"),  # 30 over 4 heads
+])
+def test_a_gguf_whose_metadata_lies_about_its_tensors_is_refused_before_a_weight_is_built(tmp_path, monkeypatch,
+                                                                                           capsys, claims, error):
+    """transformers builds the model a GGUF's metadata declares and fills what the tensors lack with new weights:
+    a file of a few kilobytes could ask for millions of layers or a width of millions (all the memory there is)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    plain = {"rope_type": "default", "rope_theta": 10000.0}
+    source = make_source(tmp_path / "llama", "llama", rope_parameters=plain)
+    path = write_gguf(source, tmp_path / "l.gguf", claims=claims)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were built"))
+    assert main(["adapt", "--encoder", str(path), "--out", str(tmp_path / "out")]) == 2
+    (line,) = _error_lines(capsys)
+    assert re.search(error, line) and str(path) in line, line
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_pickle_in_the_token_cache_is_not_loaded_but_rebuilt(corpus, tmp_path, capsys):

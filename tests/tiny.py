@@ -101,11 +101,13 @@ def make_source(directory: Path, family: str, seed: int = 0, reserved: bool = Tr
     return directory
 
 
-def write_gguf(source: Path, path: Path, rope_scale_key: str = "rope.scaling.factor") -> Path:
+def write_gguf(source: Path, path: Path, rope_scale_key: str = "rope.scaling.factor", *,
+               claims: dict[str, int | str] | None = None) -> Path:
     """A float32 GGUF file of a tiny Llama / Qwen / Gemma checkpoint, written as llama.cpp's converter does (its
     tensor names, Q/K rows of llama permuted, Gemma's norms stored as 1 + w, Gemma 3's linear RoPE scaling as
     rope.scaling.*, no key for the query scale) with a byte-level tokenizer over the tiny vocabulary.
-    `rope_scale_key` "rope.scale_linear": a linear RoPE factor as older converters wrote it (that key, no type)."""
+    `rope_scale_key` "rope.scale_linear": a linear RoPE factor as older converters wrote it (that key, no type).
+    `claims`: metadata that lies about the tensors (block_count, embedding_length), as a crafted file's would."""
     import json
 
     import gguf
@@ -115,9 +117,9 @@ def write_gguf(source: Path, path: Path, rope_scale_key: str = "rope.scaling.fac
     arch, n = cfg["model_type"].removesuffix("_text"), cfg["num_hidden_layers"]
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n)
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(n)
+    for key, value in ({"block_count": n, "embedding_length": cfg["hidden_size"]} | (claims or {})).items():
+        (writer.add_string if isinstance(value, str) else writer.add_uint32)(f"{arch}.{key}", value)
     writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
     writer.add_feed_forward_length(cfg["intermediate_size"])
     writer.add_head_count(cfg["num_attention_heads"])
     writer.add_head_count_kv(cfg["num_key_value_heads"])

@@ -19,7 +19,15 @@ import torch
 
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError, load_failure
-from encdec.files import atomic_dir, read_json, read_weights, reading_config, write_native, write_weights
+from encdec.files import (
+    atomic_dir,
+    read_json,
+    read_weights,
+    reading_config,
+    refuse_transformers_weights,
+    write_native,
+    write_weights,
+)
 from encdec.formats import remote_code
 from encdec.formats.decoder_only import with_generation_eos
 from encdec.formats.t5gemma import LAYOUTS, config_from_hf, exportable, from_hf_weights, hf_config, to_hf_weights
@@ -135,11 +143,7 @@ def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
             f"); accepted: {ACCEPTED}. A decoder-only model must first go through "
             "`encdec adapt`"
         )
-    if data.get("transformers_weights") is not None:  # transformers would load that file, encdec the usual ones
-        named = str(data["transformers_weights"])[:80]
-        raise EncdecError(f"{path / 'config.json'} names transformers_weights {named!r}, which encdec does not read; "
-                          "accepted: weights in model.safetensors or the shards its index lists (remove the key, "
-                          "naming the file so)")
+    refuse_transformers_weights(data, path / "config.json")
     fmt = NATIVE if data.get("format") == NATIVE else data["model_type"]
     with reading_config(path / "config.json"):  # a damaged config.json: one line naming it
         config = EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)

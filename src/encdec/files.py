@@ -98,6 +98,16 @@ def _inside(directory: Path, name: object, listed_in: Path) -> Path:
     return directory / name
 
 
+def refuse_transformers_weights(config: dict, path: Path) -> None:
+    """A config.json's `transformers_weights` makes transformers load the file it names (a pickle, a shard index
+    leading anywhere) instead of the weights encdec checks and reads: refused wherever transformers loads."""
+    if config.get("transformers_weights") is not None:
+        named = str(config["transformers_weights"])[:80]
+        raise EncdecError(f"{path} names transformers_weights {named!r}, which encdec does not read; accepted: "
+                          "weights in model.safetensors or the shards its index lists (remove the key, naming the "
+                          "file so)")
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: model.safetensors, or the shards its index lists (each
     a file of the directory itself, never a path that leads out of it)."""

@@ -25,8 +25,16 @@ from typing import Any
 import torch
 
 from encdec.config import StackConfig
-from encdec.errors import EncdecError
-from encdec.files import file_identity, read_json, read_weights, reading_config, weight_files, written
+from encdec.errors import EncdecError, described, first_line
+from encdec.files import (
+    file_identity,
+    read_json,
+    read_weights,
+    reading_config,
+    refuse_transformers_weights,
+    weight_files,
+    written,
+)
 from encdec.formats import gguf, remote_code
 from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights, with_generation_eos
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
@@ -107,8 +115,7 @@ def _tokenizer(directory: Path, stamp: tuple[int, ...]):
     try:
         return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions (a damaged tokenizer.json)
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({first})") from None
+        raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({first_line(e)})") from None
 
 
 def check_causal_lm(directory: Path) -> None:
@@ -119,7 +126,9 @@ def check_causal_lm(directory: Path) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     refuse_custom_code(directory)
-    model_type = read_json(directory / "config.json").get("model_type")
+    data = read_json(directory / "config.json")
+    refuse_transformers_weights(data, directory / "config.json")
+    model_type = data.get("model_type")
     not_causal = EncdecError(f"{directory} is not a decoder-only model (model_type {model_type!r}); expected an "
                              "encoder-decoder checkpoint (this project's format, t5gemma, t5gemma2) or a decoder-only "
                              "source")
@@ -129,9 +138,8 @@ def check_causal_lm(directory: Path) -> None:
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - a model_type this transformers does not know, a field its validation
         # refuses (its strict dataclasses' own errors, TypeError, AttributeError...)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EncdecError(f"{directory}: transformers cannot read its configuration (model_type {model_type!r}: "
-                          f"{first[:200]})") from None
+                          f"{first_line(e)})") from None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise not_causal
     weight_files(directory)  # safetensors only (transformers would also take a .bin's pickle), each inside it
@@ -342,9 +350,8 @@ def _from_hub(name: str) -> Path:
     except EncdecError:
         raise
     except Exception as e:
-        said = (str(e).strip().splitlines() or [""])[0][:200]
         raise EncdecError(f"{name}: no such file or directory here, and it could not be fetched from the Hugging Face "
-                          f"Hub as a model name ({type(e).__name__}{': ' + said if said else ''}); without a network "
+                          f"Hub as a model name ({described(e)}); without a network "
                           f"pass {SUPPORTED}") from None
 
 

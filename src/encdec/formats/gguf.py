@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from encdec.errors import EncdecError
+from encdec.config import MAX_LAYERS
+from encdec.errors import EncdecError, described, first_line
 from encdec.files import atomic_dir, write_weights
 from encdec.formats.registry import check_gguf_architecture
 
@@ -36,11 +37,25 @@ def architecture(path: Path) -> tuple[str, int]:
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
         parameters = sum(int(t.n_elements) for t in reader.tensors)
     except Exception as e:  # noqa: BLE001 - the reader raises many kinds of errors on damaged files
-        raise EncdecError(f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: {e})") from None
+        raise EncdecError(f"{path} is a truncated or corrupt GGUF file ({described(e)})") from None
     if end > size:
         raise EncdecError(f"{path} is truncated: its tensors need {end} bytes, the file has {size}")
     check_gguf_architecture(arch, str(path))
+    _check_blocks(reader, arch, path)
     return arch, parameters
+
+
+def _check_blocks(reader, arch: str, path: Path) -> None:
+    """The blocks the metadata declares are the ones the file holds: transformers builds as many layers as it
+    declares and fills the missing ones with new weights, so a file of a few hundred bytes could ask for
+    millions of layers (and all the memory there is)."""
+    field = reader.fields.get(f"{arch}.block_count")
+    integer = field is not None and field.types[0].name.startswith(("UINT", "INT"))
+    declared = int(field.parts[field.data[0]][0]) if integer else None
+    present = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
+    if declared is None or not 1 <= declared <= MAX_LAYERS or present != set(range(declared)):
+        raise EncdecError(f"{path}: its metadata declares {declared if integer else 'no integer'} {arch}.block_count "
+                          f"(at most {MAX_LAYERS}), its tensors hold {len(present)} blocks; expected the two to agree")
 
 
 @contextmanager
@@ -128,6 +143,27 @@ def _restore(config: dict, arch: str, dropped: dict[str, float]) -> None:
         config["query_pre_attn_scalar"] = config["hidden_size"] // heads if big else config["head_dim"]
 
 
+def _check_parameters(alone: str, name: str, path: Path, arch: str, parameters: int) -> None:
+    """The model transformers would build from the file's metadata, built without memory (on the meta device),
+    has as many parameters as the file's tensors: what it cannot map it would otherwise allocate and fill with
+    new weights (a declared width of millions, or shapes it derives otherwise, such as head_dim), and the
+    checkpoint would not be the file's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(alone, gguf_file=name, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - its strict dataclasses' validation errors, ValueError, KeyError...
+        raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF's metadata ({first_line(e)})") from None
+    tied = config.tie_word_embeddings
+    built = sum(t.numel() for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight"))
+    if built != parameters:
+        raise EncdecError(f"{path}: transformers would read its {arch} metadata as a model of {built:,} parameters, "
+                          f"its tensors hold {parameters:,}; this GGUF's shapes (e.g. head_dim) are not ones "
+                          "transformers can map")
+
+
 def _convert(path: Path, out: Path) -> Path:
     arch, parameters = architecture(path)
     dropped = _dropped_fields(path, arch)
@@ -139,33 +175,29 @@ def _convert(path: Path, out: Path) -> Path:
     # tokenizer class, an auto_map) that belongs to some other model kept beside it
     with tempfile.TemporaryDirectory(prefix="encdec-gguf-") as alone:
         (Path(alone) / path.name).symlink_to(path.resolve())
+        _check_parameters(alone, path.name, path, arch, parameters)
         try:
             model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=path.name, dtype=torch.float32,
                                                          trust_remote_code=False)
-        except (RuntimeError, ValueError, MemoryError) as e:  # e.g. shapes that disagree with the config it derived
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        except Exception as e:  # noqa: BLE001 - a tensor type it cannot dequantize, memory running out...
+            first = first_line(e)
             # numpy's allocation failures (dequantizing) are MemoryErrors, torch's on CPU RuntimeErrors
             if isinstance(e, MemoryError) or "not enough memory" in first or "can't allocate memory" in first:
                 size = parameters * 4 / 2**30
                 raise EncdecError(f"{path}: too little memory to dequantize this {arch} GGUF ({first}): its "
                                   f"{parameters:,} parameters take about {size:.1f} GiB in float32") from None
-            raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF ({first}); its shapes (e.g. "
-                              "head_dim) are not ones transformers can map") from None
+            raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF ({described(e)})") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file=path.name, trust_remote_code=False)
         except Exception as e:  # noqa: BLE001 - ValueError for a tokenizer kind it cannot build, the tokenizers
             # library's plain Exception for vocabularies it cannot map
-            first = (str(e).splitlines() or [type(e).__name__])[0]
-            raise EncdecError(f"{path}: transformers cannot build a tokenizer from this GGUF ({first})") from None
+            raise EncdecError(f"{path}: transformers cannot build a tokenizer from this GGUF "
+                              f"({first_line(e)})") from None
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     tied = model.config.tie_word_embeddings
     weights = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     _restore(config, arch, dropped)
-    converted = sum(t.numel() for t in weights.values())
-    if converted != parameters:  # transformers re-initialises, with a warning only, what it cannot map
-        raise EncdecError(f"{path}: transformers read its {arch} tensors as {converted:,} parameters, the file has "
-                          f"{parameters:,}; this GGUF's shapes (e.g. head_dim) are not ones transformers can map")
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_weights(tmp, weights)
