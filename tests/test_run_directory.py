@@ -118,6 +118,35 @@ def test_overwrite_deletes_nothing_when_the_inputs_are_bad(adapted, corpus, tmp_
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
+@pytest.mark.parametrize("name, planted, said", [
+    ("model", "net.py", "no encoder-decoder checkpoint"),
+    ("checkpoints", "epoch=3.ckpt", "it holds epoch=3.ckpt"),  # another tool's checkpoints folder
+    ("tensorboard", "notes.txt", "it holds notes.txt"),
+])
+def test_overwrite_refuses_a_folder_that_only_shares_a_run_outputs_name(adapted, corpus, tmp_path, capsys, name,
+                                                                        planted, said):
+    """--overwrite deletes OUT's model/, checkpoints/ and tensorboard/: only when they hold what a run writes
+    there (the error even advised --overwrite for a folder of someone's code named model)."""
+    out = tmp_path / "exp"
+    (out / name).mkdir(parents=True)
+    (out / name / planted).write_text("someone's work")
+    for overwrite in ("--overwrite", None):  # without it, the error once advised it
+        assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", *filter(None, [overwrite]))) == 2
+        (line,) = _lines(capsys.readouterr().err, "error:")
+        assert f"{out / name} is not what a run writes there ({said})" in line, line
+        assert (out / name / planted).read_text() == "someone's work"
+
+
+def test_overwrite_replaces_a_run_with_its_checkpoints_and_tensorboard_events(adapted, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "2", "--save-every", "1", "--tensorboard")) == 0
+    events = {p.name for p in (out / "tensorboard").iterdir()}
+    (out / "checkpoints" / ".step-000003.tmp-host-1-x").mkdir()  # what a crash leaves of an atomic write
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--overwrite", "--tensorboard")) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000001"]
+    assert events and not events & {p.name for p in (out / "tensorboard").iterdir()}
+
+
 def test_tensorboard_missing_is_said_before_overwrite_deletes_anything(adapted, corpus, tmp_path, capsys, monkeypatch):
     """It was found when the metrics opened, after --overwrite had removed the previous run (and by the first
     process alone, the others going on into the first step's collectives)."""
@@ -561,17 +590,18 @@ def test_a_kept_final_model_is_a_run_that_only_overwrite_replaces(adapted, corpu
     """A user who deleted a finished run's checkpoints and metrics to free disk keeps its final model: a new run
     into that directory is refused until --overwrite, and no run fills the working directory itself."""
     out = tmp_path / "run"
-    (out / "model").mkdir(parents=True)
-    (out / "model" / "notes.txt").write_text("kept")
+    shutil.copytree(adapted, out / "model")
+    kept = sorted(p.name for p in (out / "model").iterdir())
     capsys.readouterr()
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 2
     (line,) = _lines(capsys.readouterr().err, "error:")
     assert "holds a run (model)" in line and "--overwrite" in line
-    assert (out / "model" / "notes.txt").read_text() == "kept"
+    assert sorted(p.name for p in (out / "model").iterdir()) == kept
     monkeypatch.chdir(out)
     assert main(_pretrain_args(adapted, ".", corpus, "--steps", "1", "--overwrite")) == 2
     (line,) = _lines(capsys.readouterr().err, "error:")
-    assert "is the current directory or one above it" in line and (out / "model" / "notes.txt").exists()
+    assert "is the current directory or one above it" in line
+    assert sorted(p.name for p in (out / "model").iterdir()) == kept
 
 
 def test_resuming_with_fewer_steps_than_the_checkpoint_is_one_line(adapted, corpus, tmp_path, capsys):

@@ -42,8 +42,12 @@ PREFIX = "model."  # the trained model inside the loss module
 
 def checkpoints(out: Path) -> list[Path]:
     """A run's checkpoints, oldest first (by step: past step 999,999 names no longer sort)."""
-    found = [p for p in (out / "checkpoints").glob("step-*") if p.name.removeprefix("step-").isdigit()]
+    found = [p for p in (out / "checkpoints").glob("step-*") if is_step_name(p.name)]
     return sorted(found, key=step_of)
+
+
+def is_step_name(name: str) -> bool:
+    return name.startswith("step-") and name.removeprefix("step-").isdigit()
 
 
 def step_of(path: Path) -> int:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from encdec.checkpoint import METADATA
+from encdec.checkpoint import METADATA, is_checkpoint
 from encdec.errors import EncdecError
 from encdec.files import (
     RUN_LOCK,
@@ -161,9 +161,41 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
         return saved
     # any output of a run counts: a final model kept after its checkpoints and metrics were deleted is replaced
     held = [name for name in OUTPUTS if (out / name).exists()]
+    foreign = distributed.from_main(_foreign_output(out) if held else None, d)
+    if foreign:
+        raise EncdecError(f"{out / foreign[0]} is not what a run writes there ({foreign[1]}): --overwrite replaces an "
+                          "earlier run's outputs, not another folder of that name; choose another --out, or remove "
+                          "it yourself")
     if (held or checkpointing.checkpoints(out)) and not cfg.overwrite:
         raise EncdecError(f"{out} holds a run ({', '.join(held) or 'checkpoints'}); pass --resume to continue it or "
                           "--overwrite to start afresh")
+    return None
+
+
+def _foreign_output(out: Path) -> tuple[str, str] | None:
+    """The first of OUT's run names (OUTPUTS) that holds something no run writes, with what: `begin` deletes
+    them all on --overwrite (a link is only unlinked, what it leads to stays)."""
+    def odd(path: Path, kept) -> list[str]:
+        return sorted(entry.name for entry in path.iterdir() if not kept(entry))
+
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_symlink() or not path.exists():
+            continue
+        if name == "metrics.jsonl":
+            problem = "" if path.is_file() else "not a file"
+        elif not path.is_dir():
+            problem = "not a directory"
+        elif name == "model":
+            problem = "" if is_checkpoint(path) else "no encoder-decoder checkpoint"
+        elif name == "checkpoints":  # step-N, and what a crash may leave of an atomic write (.step-N.tmp-...)
+            found = odd(path, lambda e: e.name.startswith(".step-") or checkpointing.is_step_name(e.name))
+            problem = f"it holds {', '.join(found[:3])}" if found else ""
+        else:  # tensorboard: SummaryWriter's event files
+            found = odd(path, lambda e: e.is_file() and e.name.startswith("events.out.tfevents."))
+            problem = f"it holds {', '.join(found[:3])}" if found else ""
+        if problem:
+            return name, problem
     return None
 
 
