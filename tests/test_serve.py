@@ -1340,16 +1340,18 @@ def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch
     assert app.state.service.metrics.running._value.get() == 0 and app.state.service.metrics.queue._value.get() == 0
 
 
-def test_a_server_whose_scheduler_failed_stops_with_its_error(local, monkeypatch):
+@pytest.mark.parametrize("where", ["step", "join"])
+def test_a_server_whose_scheduler_failed_stops_with_its_error(local, monkeypatch, where):
     """A lost device ends the scheduler at once (`device_lost`), and the server then stops, `serve` failing with the
-    scheduler's error: it stayed up answering 503, which only a health probe would restart."""
+    scheduler's error: it stayed up answering 503, which only a health probe would restart. Lost in a prompt's
+    encoder pass (`join`), its request was left out of those the dying scheduler failed: no answer at all."""
     from encdec.inference.engine import Engine
     from encdec.serve import app as app_module
 
     def lost(*args, **kwargs):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(Engine, "step", lost)
+    monkeypatch.setattr(Engine, where, lost)
     monkeypatch.setattr(app_module, "FLUSH_AFTER_DRAIN_S", 0.1)
     with _serving(local, monkeypatch) as (port, thread, raised):
         answer = httpx.post(f"http://{HOST}:{port}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)

@@ -267,15 +267,14 @@ class Scheduler:
                 self._embed(embedding)
             try:
                 self._cycle(cancelled, arrivals)
-            except SchedulerBroken:
+            except SchedulerBroken:  # `_run` fails what the thread holds, the requests still admitting among them
                 raise
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("decoding step failed")
                 self._failed_again(e)  # counted before the clients hear of it (and ask /health)
                 self._fail([*self.running.values(), *(job for job in arrivals if job.row not in self.running)], e)
-            finally:
-                with self.wake:
-                    self.admitting = []
+            with self.wake:
+                self.admitting = []
 
     def _end_if_aborting(self) -> None:
         """After `abort`: every request queued or decoding ends with its error (between cycles: none is in an
