@@ -404,6 +404,22 @@ def test_empty_prompts_are_refused_and_an_empty_eos_list_never_stops(model):
     assert torch.equal(model.generate(ids, mask, max_new_tokens=3, temperature=0.0), greedy)
 
 
+def test_a_seeded_prompt_repeated_gets_a_sample_per_row_each_its_own_seeds(model):
+    """Row i draws from seed + i, as `encdec generate` seeds its prompts (one seed for all rows gave every copy of a
+    prompt the same sample); padding ids the mask hides are never read, so any id may pad (it was refused)."""
+    ids, mask = _prompts()
+    prompt = ids[0][mask[0].bool()]
+    settings = {"max_new_tokens": 8, "eos_token_ids": [-1], "do_sample": True, "temperature": 2.0}
+    rows = model.generate(prompt.repeat(3, 1), **settings, seed=5)
+    assert [rows[i].tolist() for i in range(3)] == [model.generate(prompt[None], **settings, seed=5 + i)[0].tolist()
+                                                    for i in range(3)]
+    assert len({tuple(row.tolist()) for row in rows}) == 3
+    padded = torch.where(mask.bool(), ids, -1)
+    assert torch.equal(model.generate(padded, mask, max_new_tokens=4), model.generate(ids, mask, max_new_tokens=4))
+    with pytest.raises(EncdecError, match="input_ids: token id -1 is outside the vocabulary"):
+        model.generate(padded, torch.ones_like(mask), max_new_tokens=4)
+
+
 def _alone(model, prompt: torch.Tensor, new: int, sampling: Sampling | None = None) -> list[int]:
     sampling = sampling or Sampling()
     return model.generate(prompt[None], max_new_tokens=new, eos_token_ids=[-1], do_sample=sampling.do_sample,

@@ -107,8 +107,9 @@ def generate(
 
     `input_ids` [B, L] (B >= 1, L >= 1). The decoder starts from the BOS token, as T5Gemma does; a row ends at one
     of `eos_token_ids` (the model's when None; one id, a list or a tensor; `[]`: only at max_new_tokens). With a
-    seed, every row samples from its own stream seeded with it, so a row's tokens do not depend on the rest of
-    the batch.
+    seed, row i samples from its own stream seeded with seed + i (as `encdec generate` seeds its prompts): a row's
+    tokens do not depend on the rest of the batch, and a prompt repeated gets several samples. Positions whose
+    `attention_mask` is 0 are never read (any id may pad).
     The penalties count each row's generated tokens (`encdec.inference.sampling`); `logit_bias` adds to
     the logits of the given token ids. `compile_step` compiles the engine's step (`torch.compile`: worth its
     first call's compilation on a GPU, docs/benchmarks.md). `decoder_prefix`: tokens the decoder reads after BOS
@@ -124,14 +125,15 @@ def generate(
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise EncdecError(f"input_ids must be [batch, length] with at least one prompt of at least one token, got "
                           f"shape {list(input_ids.shape)} (one prompt: ids[None])")
-    lowest, highest = int(input_ids.min()), int(input_ids.max())
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise EncdecError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
+    read = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
+    lowest, highest = (int(read.min()), int(read.max())) if read.numel() else (0, 0)
     outside = [lowest if lowest < 0 else highest] if lowest < 0 or highest >= cfg.vocab_size else []
     outside_prefix = [t for t in decoder_prefix if not 0 <= t < cfg.vocab_size]
     for name, bad in (("input_ids", outside), ("decoder_prefix", outside_prefix)):
         if bad:  # the embedding's IndexError otherwise
             raise EncdecError(f"{name}: token id {bad[0]} is outside the vocabulary (0 to {cfg.vocab_size - 1})")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise EncdecError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
     if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:
         raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask "
                           "is all 0): every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
@@ -139,7 +141,8 @@ def generate(
     check_positions(longest, max_new_tokens, cfg, prefix=len(decoder_prefix))  # as encdec generate and serve refuse
     # ints, not what holds them: a tensor's elements hash by identity and would never equal a token
     eos = frozenset(torch.as_tensor(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids).reshape(-1).tolist())
-    rows = [Row(max_new_tokens, eos, sampling, decoder_prefix=tuple(decoder_prefix)) for _ in range(input_ids.shape[0])]
+    rows = [Row(max_new_tokens, eos, sampling.nth(i), decoder_prefix=tuple(decoder_prefix))
+            for i in range(input_ids.shape[0])]
     input_ids = input_ids.to(model.device)
     attention_mask = None if attention_mask is None else attention_mask.to(model.device)
     if use_cache:
