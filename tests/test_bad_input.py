@@ -860,13 +860,12 @@ def test_quickstart_overwrite_without_training_leaves_a_live_run_alone(capsys, t
 def test_limits_said_before_a_model_loads(capsys, tmp_path, adapted, monkeypatch):
     """A batch or a budget past any sense was taken as given: `serve --max-batch 10^30` loaded the model and failed
     in the engine's first buffer, `quickstart --max-new-tokens 10^14` loaded, adapted and saved 1.5 GB first."""
-    import encdec.checkpoint
-
     def loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(encdec.checkpoint, "load", loading)
-    monkeypatch.setattr("encdec.sources.load_source", loading)
+    # the names each command loads through (bound where they are used)
+    monkeypatch.setattr("encdec.inference.loading.load_for_inference", loading)
+    monkeypatch.setattr("encdec.quickstart.load_source", loading)
     for argv, message in ((["serve", str(adapted), "--max-batch", str(10**30)], "--max-batch must be at most 4096"),
                           (["quickstart", "--out", str(tmp_path / "qs"), "--max-new-tokens", str(10**14)],
                            "--max-new-tokens must be at most 4096")):

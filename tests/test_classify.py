@@ -773,8 +773,8 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
 
 def test_a_search_keeps_its_trials_when_only_the_evaluation_subset_or_a_searched_default_changes(
         models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The trials read the training split only: BoolQ's --eval-limit (or --lr, when the grid searches lr) made
-    a journal of its own and every trial trained again."""
+    """The trials read the training split only: BoolQ's --eval-limit (or the base lr, when the grid searches lr)
+    made a journal of its own and every trial trained again."""
     from encdec.classification import run
 
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
@@ -786,10 +786,14 @@ def test_a_search_keeps_its_trials_when_only_the_evaluation_subset_or_a_searched
             "1", "--grid-head-lr", "1e-2", "--max-len", "16"]
     assert main([*argv, "--eval-limit", "8", "--out", str(tmp_path / "first")]) == 0
     assert trained == [10, 10, 12]  # two candidates on a dev split of the training examples, then the chosen one
-    for other in (["--eval-limit", "10"], ["--eval-limit", "10", "--lr", "5e-4"]):
-        trained.clear()
-        assert main([*argv, *other, "--out", str(tmp_path / "-".join(other))]) == 0
-        assert len(trained) == 1  # the trials read back, only the chosen settings trained
+    trained.clear()
+    assert main([*argv, "--eval-limit", "10", "--out", str(tmp_path / "second")]) == 0
+    assert len(trained) == 1  # the trials read back, only the chosen settings trained
+    trained.clear()
+    grid = {"lr": [1e-3, 3e-3], "epochs": [1], "head_lr": [1e-2]}  # the CLI refuses --lr with --search; Python may
+    run.classify(str(models["gemma3"]), "toy", tmp_path / "third", hyper=Hyper(lr=5e-4, max_len=16), grid=grid,
+                 eval_limit=10)
+    assert len(trained) == 1
     assert len(list((tmp_path / "cache" / "search").iterdir())) == 1
 
 
@@ -827,6 +831,9 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
         "--dev-share": ["--probe", "--dev-share", "1.5"],
         "--inner-folds": ["--search", "--inner-folds", "1"],
         "leave --steps out": ["--search", "--steps", "3"],
+        "--lr, --epochs: --search tries the grid's values instead (lr 0.001, 0.003; epochs 2)": [
+            "--search", "--lr", "5e-4", "--epochs", "7", "--grid-lr", "1e-3,3e-3", "--grid-epochs", "2"],  # unsaid
+        "--head-lr: --search tries the grid's values instead": ["--search", "--head-lr", "1e-2"],
         "--limit 0 leaves no example; pass a positive number": ["--limit", "0"],
         "--lr and --head-lr must be positive": ["--search", "--grid-lr", "-1"],
         "leaves no dev or no fit example": ["--probe", "--limit", "2", "--dev-share", "0.1"],
