@@ -490,9 +490,14 @@ def test_bad_generation_values(capsys, adapted, extra, message, monkeypatch):
 
 
 def test_top_k_zero_is_no_limit_as_its_help_says(capsys, adapted):
-    assert main(["generate", str(adapted), "--prompt", "w1 w2", "--do-sample", "--top-k", "0", "--seed", "1",
-                 "--max-new-tokens", "2"]) == 0
-    assert " -> " in capsys.readouterr().out
+    def sampled(*top_k: str) -> str:
+        assert main(["generate", str(adapted), "--prompt", "w1 w2", "--do-sample", "--temperature", "2", "--seed", "1",
+                     "--max-new-tokens", "8", *top_k]) == 0
+        return capsys.readouterr().out
+
+    unlimited = sampled()
+    assert " -> " in unlimited and sampled("--top-k", "0") == unlimited
+    assert sampled("--top-k", "1") != unlimited  # (a limit the seed's draws would show)
 
 
 @pytest.mark.parametrize("command", [["evaluate", "{model}", "--tasks", "heldout"], ["export-encoder", "{model}"],

@@ -395,7 +395,7 @@ def test_version_names_encdec_torch_and_transformers():
                                      f"{version('transformers')})")
 
 
-def test_negative_numbers_in_scientific_notation_are_values():
+def test_negative_numbers_in_scientific_notation_are_values(capsys):
     """argparse took -1e-4 for an option ('expected one argument') while it took -0.5 as a value."""
     from encdec.cli import build_parser
 
@@ -404,6 +404,7 @@ def test_negative_numbers_in_scientific_notation_are_values():
     assert (args.presence_penalty, args.frequency_penalty) == (-0.1, -0.5)
     assert build_parser().parse_args(["pretrain", "--lr", "-1e-4"]).lr == -1e-4  # then refused as not positive
     assert main(["pretrain", "--lr", "-1e-4"]) == 2
+    assert "--lr must be a positive finite number, got -0.0001" in capsys.readouterr().err
 
 
 def test_an_unknown_option_points_to_its_sub_commands_help(capsys):
@@ -430,3 +431,17 @@ def test_task_names_are_read_in_any_case_as_evaluate_reads_them():
     from encdec.cli import build_parser
 
     assert build_parser().parse_args(["classify", "m", "--task", "BoolQ", "--out", "o"]).task == "boolq"
+
+
+def test_a_yaml_configuration_given_as_config_equals_tilde_is_found(tmp_path, monkeypatch):
+    """The shell expands `~` in `--config ~/run.yaml`, not in `--config=~/run.yaml`: every other path option
+    expanded it, --config said the file did not exist."""
+    from encdec.cli import build_parser
+    from encdec.training.config import from_arguments
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run.yaml").write_text("steps: 7\nlr: 0.002\n")
+    args = build_parser().parse_args(["pretrain", "--config=~/run.yaml", "--lr", "1e-3"])
+    config = from_arguments(args)
+    assert (config.steps, config.lr) == (7, 1e-3)  # the file's, and the command line over it
+    assert build_parser().parse_args(["finetune", "m", "--config=~/run.yaml"]).config == tmp_path / "run.yaml"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from encdec.errors import EncdecError
+from encdec.training.config import user_path
 
 if TYPE_CHECKING:
     from encdec.training.config import TrainConfig
@@ -42,11 +43,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _path(text: str) -> Path:
-    """argparse type of every path option: `~` expanded, as the shell does not in `--out=~/x`."""
-    return Path(text).expanduser()
 
 
 def _seed(text: str) -> int:
@@ -500,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unbalanced: the source layers the decoder keeps, e.g. 0,3,6 or ::3 (every third)")
     p.add_argument("--attention", choices=["merged", "cross"], default=None,
                    help="how the decoder reads the encoder; default: cross for Gemma 2, merged for the others")
-    p.add_argument("--out", type=_path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", type=user_path, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype the sources are loaded in and the model is saved in (bfloat16 halves the memory)")
@@ -509,14 +505,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", formatter_class=_formatter, help="generate continuations with a saved model",
                        description="Encode each prompt and decode a continuation.")
-    p.add_argument("dir", type=_path, metavar="DIR", help="checkpoint directory (any format encdec reads)")
+    p.add_argument("dir", type=user_path, metavar="DIR", help="checkpoint directory (any format encdec reads)")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="input text; repeat for a batch")
     p.add_argument("--input", metavar="FILE",
                    help="prompts from a file instead: .jsonl records {\"prompt\": ...} (plain, as /v1/completions) "
                    "or {\"messages\": [...]} (the chat format, as /v1/chat/completions and finetune; other fields are "
                    "copied to the output), or a .txt file's paragraphs; "
                    "- reads .jsonl records from standard input. Output: one JSON line per prompt, in order")
-    p.add_argument("--out", type=_path, metavar="FILE",
+    p.add_argument("--out", type=user_path, metavar="FILE",
                    help="write the output lines (JSON, one per prompt) to FILE, atomically, instead of standard output "
                    "(-: JSON lines to standard output)")
     p.add_argument("--batch-size", type=int, default=8,
@@ -628,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="wrap prompts in the tokenizer's chat template, or Gemma's chat turns "
                    "(instruction-tuned models)")
-    p.add_argument("--out", type=_path, default=Path("runs/evaluate/results"), metavar="FILE",
+    p.add_argument("--out", type=user_path, default=Path("runs/evaluate/results"), metavar="FILE",
                    help="writes FILE.md (the table) and FILE.json (per-example results, prompt formats, versions)")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
     p.add_argument("--max-len", type=int, default=2048, help="longest context in tokens (longer ones keep their "
@@ -652,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder-decoder checkpoint, exported encoder, or decoder-only source "
                    "(HF dir, GGUF, packaged name)")
     p.add_argument("--task", metavar="TASK", type=str.lower, help="boolq, cb, copa or rte (any case)")
-    p.add_argument("--out", type=_path, metavar="DIR", help="output directory: results.json and classifier/")
+    p.add_argument("--out", type=user_path, metavar="DIR", help="output directory: results.json and classifier/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-save", action="store_true",
                    help="write results.json only, not the classifier (a copy of the backbone: 1.1 GB for the 270M), "
@@ -687,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="choose lr x epochs x head-lr (the grid) on dev splits of the training data, retrain the best "
                    "on all of it, and score it once on the reported split")
-    p.add_argument("--grid", type=_path, metavar="FILE.yaml",
+    p.add_argument("--grid", type=user_path, metavar="FILE.yaml",
                    help="with --search: {setting: [values]} over lr, head_lr, epochs, steps, weight_decay, warmup, "
                    "batch_size; without it: lr 1e-5,3e-5,1e-4 x epochs 2,4 x head_lr 3e-5,1e-4")
     p.add_argument("--grid-lr", metavar="V,V", help="with --search: the grid's backbone learning rates")
@@ -701,9 +697,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--search / --probe on BoolQ: share of the training examples held out as the dev split")
     p.add_argument("--inner-folds", type=int, default=3,
                    help="--search / --probe on cb, copa, rte: inner folds over each outer fold's training part")
-    p.add_argument("--predict", type=_path, metavar="DIR", help="a saved classifier (OUT/classifier): label inputs with it")
+    p.add_argument("--predict", type=user_path, metavar="DIR",
+                   help="a saved classifier (OUT/classifier): label inputs with it")
     p.add_argument("--text", action="append", metavar="TEXT", help="with --predict: an input text; repeat for more")
-    p.add_argument("--input", type=_path, metavar="FILE.jsonl", help='with --predict: one {"text": ...} object per line')
+    p.add_argument("--input", type=user_path, metavar="FILE.jsonl",
+                   help='with --predict: one {"text": ...} object per line')
     defaults = vars(p.parse_args([]))  # every option's default; those of training, --predict refuses when given
     predicting = ("model", "task", "out", "predict", "text", "input")
     p.set_defaults(func=cmd_classify,
@@ -714,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "embeddings and classification): as transformers' T5GemmaEncoderModel / T5Gemma2Encoder where "
                        "one holds it, else in the project's own format. encdec classify reads either as MODEL.")
     p.add_argument("model", metavar="MODEL", help="encoder-decoder checkpoint directory")
-    p.add_argument("--out", type=_path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", type=user_path, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export_encoder)
 
@@ -723,23 +721,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", formatter_class=_formatter, help="convert a model for another inference engine",
                        description="Convert a checkpoint in the T5Gemma or T5Gemma 2 layout into a CTranslate2 model "
                        "with CTranslate2's own converter (pip install 'encdec[ctranslate2]'); the tokenizer goes along.")
-    p.add_argument("model", type=_path, metavar="MODEL", help="encoder-decoder checkpoint directory")
+    p.add_argument("model", type=user_path, metavar="MODEL", help="encoder-decoder checkpoint directory")
     p.add_argument("--to", choices=["ctranslate2"], required=True, help="target engine")
-    p.add_argument("--out", type=_path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", type=user_path, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="float32", help="weight type of the converted model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", formatter_class=_formatter, help="describe a saved model",
                        description="Parameters per part, configuration, format and transformers class of a checkpoint.")
-    p.add_argument("dir", type=_path, metavar="DIR")
+    p.add_argument("dir", type=user_path, metavar="DIR")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quickstart", formatter_class=_formatter, help="the main job on the packaged Gemma 3 270M",
                        description="Adapt the packaged Gemma 3 270M into a 270M-270M encoder-decoder (saved in "
                        "DIR/adapted), compare it with its source (parameters, a greedy continuation, held-out suffix "
                        "NLL), run a short PrefixLM + distillation adaptation (DIR/pretrain) and compare again.")
-    p.add_argument("--out", type=_path, default=Path("runs/quickstart"), metavar="DIR",
+    p.add_argument("--out", type=user_path, default=Path("runs/quickstart"), metavar="DIR",
                    help="where the adapted model (DIR/adapted) and the short run (DIR/pretrain) go")
     p.add_argument("--steps", type=int, default=12, help="adaptation steps (0: adapt and compare only)")
     p.add_argument("--trim-vocab", type=int, default=8192,

@@ -157,8 +157,7 @@ class TrainConfig:
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before --overwrite removes anything,
             # and on every process (only the first writes the logs: alone, it would stop while the others waited)
             raise EncdecError("--tensorboard needs the tensorboard package (pip install 'encdec[tensorboard]')")
-        if self.keep_last < self.average_last:
-            self.keep_last = self.average_last
+        self.keep_last = max(self.keep_last, self.average_last)
 
     def check_fit(self, model: EncDecConfig | None, vocab_size: int, train_items: int, world: int) -> None:
         """What can only be checked once model and data are loaded, before the first step: rows within the
@@ -225,6 +224,11 @@ def _shown(value: Any) -> str:
     return short.repr(value)
 
 
+def user_path(text: str) -> Path:
+    """argparse type of every path option: `~` expanded, as the shell does not in `--out=~/x`."""
+    return Path(text).expanduser()
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -233,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
                   skip: tuple[str, ...] = (), docs: dict[str, str] | None = None) -> None:
     """One option per field (but `skip`); `defaults` and `docs` replace the dataclass defaults and help texts for a
     sub-command. argparse defaults are not set so that only given options override the YAML."""
-    parser.add_argument("--config", type=Path, metavar="FILE.yaml", help="YAML file of any of the options below")
+    parser.add_argument("--config", type=user_path, metavar="FILE.yaml", help="YAML file of any of the options below")
     defaults = defaults or {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
