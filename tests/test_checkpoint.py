@@ -267,9 +267,11 @@ def test_malformed_safetensors_files_are_refused(tmp_path, damage, mapped):
     ({"decoder": {"rope_llama3": [8.0]}}, "rope_llama3 must be null or [factor, low_freq_factor, high_freq_factor"),
     ({"decoder": {"rope_llama3": [8.0, 1.0, 1.0, 8192]}}, "the two frequency factors apart; got [8.0, 1.0, 1.0, 8192]"),
     ({"encoder": {"qk_norm": "no"}}, "qk_norm must be true or false, got 'no'"),
+    ({"tied_head": "false"}, "tied_head must be true or false, got 'false'"),  # named a missing lm_head weight
+    ({"shared_embeddings": "false"}, "shared_embeddings must be true or false, got 'false'"),  # read as true
     ({"decoder": {"norm_offset": None}}, "norm_offset must be a number (1.0 for Gemma, 0.0 for the others), got None"),
 ], ids=["vocab-0", "softcap-0", "pad-past-vocabulary", "eos-text", "eos-one-id", "llama3-short", "llama3-equal",
-        "qk-norm-text", "norm-offset-null"])
+        "qk-norm-text", "tied-text", "shared-text", "norm-offset-null"])
 def test_a_hand_edited_configuration_is_checked_naming_the_file(sources, tmp_path, edit, said):
     """Unchecked, a single EOS id crashed generation and evaluation with a TypeError, a soft-cap of 0 made every
     output uniform without a word, and a short rope_llama3 failed in the first forward pass with a TypeError."""

@@ -157,6 +157,9 @@ class EncDecConfig:
         if not isinstance(eos, list) or not eos or not all(_is_int(v) and v >= 0 for v in eos):
             raise EncdecError(f"eos_token_ids must be a list of token ids, got {str(eos)[:80]}")
         _check_cap("final_logit_softcap", self.final_logit_softcap)
+        for name in ("shared_embeddings", "tied_head"):  # a hand-edited "false" is truthy
+            if not isinstance(getattr(self, name), bool):
+                raise EncdecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.family not in FAMILIES:
             raise EncdecError(f"unknown family {self.family!r}; supported: {', '.join(FAMILIES)}")
         if self.attention not in ATTENTION_KINDS:
