@@ -53,6 +53,8 @@ def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[st
     if not trained:
         began = time.perf_counter()
         cfg.resume = checkpointing.checkpoints(Path(cfg.out)) != []
+        # its options recorded before the first step: a run stopped midway is resumed only under the same ones
+        append(results, {"recipe": name, "event": "started", "options": options})
         try:
             train(cfg)
         except EncdecError as e:
@@ -154,12 +156,13 @@ def main() -> None:
         append(results, {"recipe": "adapted", "tokens": 0, "nll": score(load(args.model), sets)})
     for name, options in recipes:
         records = read_results(results)
-        before = [r for r in records if r.get("event") == "trained" and r["recipe"] == name]
+        before = [r for r in records if r.get("event") in ("started", "trained") and r["recipe"] == name]
         if before and before[-1]["options"] != options:  # the curve in OUT would be reported under these options
             parser.error(f"recipe {name!r} was run in {args.out} with {before[-1]['options']}, not {options}: give it "
                          "another name, or another --out")
         done = {(r["recipe"], r["step"]) for r in records if "step" in r}
-        run_recipe(name, options, args, sets, results, bool(before), done)
+        trained = any(r.get("event") == "trained" for r in before)
+        run_recipe(name, options, args, sets, results, trained, done)
     report(results, [name for name, _ in recipes], args.out)
 
 

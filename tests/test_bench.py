@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from test_training import adapted, corpus
 
+from encdec.errors import EncdecError
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -53,6 +55,17 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
     code, _, err = rerun(*options[:2], "--out", str(tmp_path / "bad"), *options[4:-1], "bad:objective=ul2,distill=true")
     assert code == 2 and err.strip().splitlines()[-1].endswith(
         "error: --distill works with --objective prefixlm only") and not (tmp_path / "bad").exists()
+    # a recipe stopped midway is not resumed under other options either (its curve would mix the two)
+    import recovery
+
+    def stopped(cfg):
+        raise EncdecError("stopped midway")
+
+    monkeypatch.setattr(recovery, "train", stopped)
+    code, _, _ = rerun(*options[:-1], f"second:trim_vocab=40,data=[{corpus}]")
+    assert code == "training recipe 'second' failed: stopped midway"
+    code, _, err = rerun(*options[:-1], f"second:trim_vocab=30,data=[{corpus}]")
+    assert code == 2 and "recipe 'second' was run in" in err
 
 
 def test_recovery_study_interrupted_while_scoring_scores_the_rest_before_removing_checkpoints(tmp_path, monkeypatch):
