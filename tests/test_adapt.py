@@ -53,6 +53,8 @@ def test_unbalanced_cross_attention_is_new_and_reads_the_encoder_width(sources, 
     assert block.cross_attn.q_proj.weight.shape[1] == small.stack.hidden_size
     std = block.cross_attn.q_proj.weight.std().item()
     assert 0.01 < std < 0.03
+    for layer in model.decoder.layers:  # new norms at scale 1: Gemma's RMSNorm multiplies by 1 + weight
+        assert not layer.cross_norm.weight.any() and not layer.post_cross_norm.weight.any()
     again = encdec.adapt(big, small, seed=7)
     assert torch.equal(again.decoder.layers[0].cross_attn.v_proj.weight, block.cross_attn.v_proj.weight)
     assert torch.equal(model.embed.weight, small.weights["model.embed_tokens.weight"])
