@@ -315,6 +315,9 @@ def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_it(top_p, kept):
     drawn = pick_tokens(torch.stack([logits, logits]), [Sampling(True, top_p=top_p, seed=0), Sampling()], [
         Sampling(True, seed=0).generator(torch.device("cpu")), None], [[], []])  # (it left none, and drew NaNs)
     assert drawn.tolist()[1] == 0 and (kept > 1 or drawn.tolist()[0] == 0)
+    generator = Sampling(True, seed=1).generator(torch.device("cpu"))
+    many = {int(pick_tokens(logits[None], [Sampling(True, top_p=top_p)], [generator], [[]])) for _ in range(300)}
+    assert many == set(range(kept))  # what the sampler draws from: the kept prefix, all of it
     if top_p < 1:
         assert torch.equal(ours.isfinite(), TopPLogitsWarper(top_p)(None, logits[None])[0].isfinite())
 

@@ -658,6 +658,9 @@ def test_extreme_sampling_values_leave_the_batch_working(server, local):
         assert other.result().choices[0].text == _solo(local, "w1 w2 w3", 12)
         for done in extreme:
             assert done.result().usage.completion_tokens > 0
+    penalized = _solo(local, "w2 w3", 12, do_sample=True, temperature=1.0, seed=1, repetition_penalty=1e-40)
+    assert extreme[0].result().choices[0].text == penalized  # as alone, the penalty applied:
+    assert penalized != _solo(local, "w2 w3", 12, do_sample=True, temperature=1.0, seed=1)  # (it changes the draws)
     assert extreme[1].result().choices[0].text == _solo(local, "w2 w3", 12)  # below 1e-5: greedy
 
 
@@ -734,8 +737,10 @@ def test_characters_spelled_by_byte_tokens_stream_whole_and_log_probabilities_jo
             break
     pieces.append("" if text.stopped else text.finish())
     assert "".join(pieces) == text.text == expected and "\ufffd" not in "".join(pieces)
+    if text.stopped:  # as the server does: the tokens from the cut on are not the answer's
+        logprobs.stop_at(len(text.text))
     rendered = logprobs.render()
-    assert "".join(rendered["tokens"]).startswith(expected)  # the stop string cuts the text, not the tokens
+    assert "".join(rendered["tokens"]) == expected  # (here the cut runs through no token)
     offsets = rendered["text_offset"]
     assert offsets == sorted(offsets) and all(final[o:].startswith(t) for o, t in zip(offsets, rendered["tokens"]))
 
