@@ -445,3 +445,18 @@ def test_a_yaml_configuration_given_as_config_equals_tilde_is_found(tmp_path, mo
     config = from_arguments(args)
     assert (config.steps, config.lr) == (7, 1e-3)  # the file's, and the command line over it
     assert build_parser().parse_args(["finetune", "m", "--config=~/run.yaml"]).config == tmp_path / "run.yaml"
+
+
+def test_a_list_from_the_yaml_configuration_is_cleared_by_its_option_alone(tmp_path):
+    """`--data` (or `--eval-data`) with no value: none, the default corpus, over the file's list (the option needed
+    at least one value, and "" was refused, so a file's list could not be undone from the command line)."""
+    from encdec.cli import build_parser
+    from encdec.training.config import from_arguments
+
+    (tmp_path / "run.yaml").write_text("data: [a.txt]\neval_data: [heldout:python-docs]\n")
+    parse = build_parser().parse_args
+    assert from_arguments(parse(["pretrain", "--config", str(tmp_path / "run.yaml")])).data == ["a.txt"]
+    config = from_arguments(parse(["pretrain", "--config", str(tmp_path / "run.yaml"), "--data", "--eval-data"]))
+    assert (config.data, config.eval_data) == ([], [])
+    assert from_arguments(parse(["pretrain", "--data", "a.txt", "--data", "b.txt", "c.txt"])).data == [
+        "a.txt", "b.txt", "c.txt"]

@@ -247,8 +247,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext, "dest": f.name}
         if _kind(f) is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
-            kwargs.update(nargs="+", metavar="PATH", action="extend")  # --data a --data b: both
+        elif isinstance(default, list):  # --data a --data b: both; --data alone: none (clearing a --config file's)
+            kwargs.update(nargs="*", metavar="PATH", action="extend")
+            kwargs["help"] += "; given with no value, none (over a --config file's)"
         else:
             kwargs["type"] = type(default)
             if f.metadata.get("choices"):
