@@ -233,6 +233,9 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ("To answer 3 questions she needs 12 minutes", "12"),  # "answer" alone states nothing
     ("**Answer:** 16 - 3 - 4 = 9 eggs are sold, and 9 * 2 = 18 dollars.", "18"),  # a calculation's first term: no
     ("Answer: 3 + 4 = 7", "7"),
+    ("The answer is 3 x 4 = 12.", "12"),  # multiplication written with x or a dot: 3 and 4 were taken
+    ("The answer is 4 \u00b7 3 = 12", "12"),
+    ("The answer is 5 xylophones", "5"),
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected
@@ -279,6 +282,9 @@ def test_packaged_data_counts_and_few_shots_come_from_training_splits():
         evaluated = {example_key(i) for i in items}
         assert all(example_key(s) not in evaluated for pool in shots.values() for s in pool), name  # never evaluated ones
     assert len(choose_shots(TASKS["gsm8k"], 0, seed=0)[""]) == 8  # GSM8K keeps its standard 8 shots
+    # in their order: a seed reordered them, and GSM8K's accuracy moved with --seed where nothing is sampled
+    assert choose_shots(TASKS["gsm8k"], 5, seed=1) == choose_shots(TASKS["gsm8k"], 0, seed=0) == {
+        "": TASKS["gsm8k"].shots()[""]}
     assert len(choose_shots(TASKS["mmlu"], 5, seed=0)) == 57  # MMLU: shots per subject, from its dev split
     assert sample(list(range(100)), 10, 1) == sample(list(range(100)), 10, 1)
 

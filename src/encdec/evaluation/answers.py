@@ -10,9 +10,10 @@ import string
 # a minus sign only where it touches the number and follows no word or bracket ("23 - 15", "3-5" end on 15 and 5)
 NUMBER = re.compile(r"(?:(?<![\w)\]])-(?=[$\d.]))?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
 # "the answer is" (or "answer:") and its number, through the markup a chat model writes around it: bold,
-# LaTeX's $\boxed{...}$; the number whole, and not the first term of a calculation ("Answer: 3 + 4 = 7")
+# LaTeX's $\boxed{...}$; the number whole, and not the first term of a calculation ("Answer: 3 + 4 = 7", with
+# multiplication also written 3 x 4 or 3 · 4)
 ANSWER_IS = re.compile(r"answer(?:\s+is\s*:?|\s*:)[\s*_]*(?:\$?\s*\\boxed\{)?\s*(" + NUMBER.pattern
-                       + r")(?!\d|,\d|\.\d|\s*[-+*/\u00d7\u00f7=]\s*[$(.\d])", re.IGNORECASE)
+                       + r")(?!\d|,\d|\.\d|\s*[-+*/\u00d7\u00f7\u00b7x=]\s*[$(.\d])", re.IGNORECASE)
 
 
 def _clean_number(text: str) -> str | None:

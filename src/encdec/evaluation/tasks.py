@@ -313,13 +313,16 @@ def example_key(item: Choice | Question) -> str:
 
 def choose_shots(task: Task, k: int, seed: int, evaluated: list[Any] = ()) -> dict[str, list[Any]]:
     """The few-shot examples per group: a seeded sample of k from the task's training pool, leaving out
-    any that also occurs among the `evaluated` examples (MMLU's dev and test splits share a few)."""
+    any that also occurs among the `evaluated` examples (MMLU's dev and test splits share a few); a task's
+    standard shots (`fixed_shots`) as they are, in their order, whatever the seed."""
     if task.fixed_shots is not None:
         k = task.fixed_shots
     if k == 0 or task.shots is None:
         return {}
     seen = {example_key(item) for item in evaluated}
     pool = {group: [i for i in items if example_key(i) not in seen] for group, items in task.shots().items()}
+    if task.fixed_shots is not None:
+        return {group: items[:k] for group, items in pool.items()}
     return {group: random.Random(f"{seed}-{group}").sample(items, min(k, len(items))) for group, items in pool.items()}
 
 
