@@ -574,6 +574,26 @@ def _toy(monkeypatch: pytest.MonkeyPatch, *, kfold_task: bool, n: int = 48) -> T
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_a_saved_fine_tuned_classifier_predicts_what_its_fold_reported(models: dict[str, Path], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       pooling: str) -> None:
+    """OUT/classifier is the first fold's: its probabilities for that fold's texts are the reported ones, in float32
+    to rounding (the CB run through the CLI compares loosely: its texts are unknown words to the tiny tokenizer, and
+    every one of them got the same features)."""
+    data = _toy(monkeypatch, kfold_task=True, n=24)
+    out = tmp_path / "run"
+    assert main(["classify", str(models["gemma3"]), "--task", "toy", "--folds", "3", "--steps", "3", "--head-lr", "0.1",
+                 "--max-len", "12", "--pooling", pooling, "--precision", "fp32", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    first = [p for p in results["predictions"] if p["fold"] == 0]
+    _, got = predict_texts(out / "classifier", [data.evaluation[p["index"]].text for p in first])
+    reported = [[p["probabilities"][label] for label in data.labels] for p in first]
+    assert len({round(row[0], 4) for row in reported}) > 2  # the texts' features differ, and the head has learnt
+    for row, want in zip(got, reported):
+        assert row == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_the_probe_beats_chance_on_a_separable_task_and_lists_every_c(
         models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pooling: str,
         capsys: pytest.CaptureFixture[str]) -> None:
