@@ -121,6 +121,7 @@ def test_untrained_rows_are_sampled_reproducibly_without_replacement():
     untrained = UntrainedRows(rows, sample_size=10, seed=0)
     a, b = untrained.sample(5, 0), untrained.sample(5, 0)
     assert torch.equal(a.rows, b.rows) and not torch.equal(a.rows, untrained.sample(6, 0).rows)
+    assert not torch.equal(a.rows, untrained.sample(5, 1).rows)  # each micro-batch of a step its own negatives
     assert len(set(a.rows[:, 0].tolist())) == 10 and abs(a.offset - math.log(5)) < 1e-12
     assert untrained.every().offset == 0 and len(untrained.every().rows) == 50
     assert UntrainedRows(rows, sample_size=0, seed=0).sample(1, 0) is None

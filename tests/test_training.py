@@ -764,3 +764,18 @@ def test_data_of_fewer_examples_than_processes_asks_for_more_data_not_a_batch_of
         cfg.check_fit(None, 96, 1, 2)
     with pytest.raises(EncdecError, match=r"needs more rows than the 3 training windows/examples .* use at most 1$"):
         TrainConfig(model="m", out="o", batch_size=2).check_fit(None, 96, 3, 2)
+
+
+def test_the_rate_schedule_at_hand_computed_steps():
+    """Linear warm-up from 1 / warmup to 1, then a cosine or linear decay reaching min_lr_ratio at the last step
+    and staying there (a resumed run may go past it)."""
+    import math
+
+    from encdec.training.optim import warmup_then_decay
+
+    cosine, linear = (warmup_then_decay(4, 14, 0.1, decay) for decay in ("cosine", "linear"))
+    assert [cosine(s) for s in range(5)] == [linear(s) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert cosine(9) == pytest.approx(0.55) and linear(9) == pytest.approx(0.55)  # halfway: half the way down
+    assert cosine(6) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi * 0.2)) / 2)
+    assert linear(6) == pytest.approx(0.82)
+    assert cosine(14) == cosine(40) == pytest.approx(0.1) and linear(14) == linear(40) == pytest.approx(0.1)

@@ -220,6 +220,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 tokens += _tokens(batch)
                 teacher_hidden = teacher_states(teacher, batch) if teacher is not None else None
                 last_micro = micro == cfg.grad_accum - 1
+                # DDP all-reduces once, at the last micro-batch; FSDP2 (no no_sync) reduce-scatters each one: its
+                # gradients stay sharded, where held whole until the last they would take the memory FSDP saves
                 sync = contextlib.nullcontext() if last_micro or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
                 negatives = None if untrained is None else untrained.sample(step, micro)
                 with sync:
