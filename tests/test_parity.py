@@ -50,6 +50,15 @@ def test_logits_match_transformers(sources, batch, tmp_path, encoder, decoder, l
         enc = model.encode(batch["input_ids"], batch["attention_mask"])
     m = batch["attention_mask"].bool()
     assert (enc[m] - enc_ref.last_hidden_state[m]).abs().max().item() <= TOL
+    # the prompts padded on the left instead: the same logits, here and in transformers
+    pads = (~m).sum(1)
+    left = {**batch, "input_ids": torch.stack([row.roll(int(n)) for row, n in zip(batch["input_ids"], pads)]),
+            "attention_mask": torch.stack([row.roll(int(n)) for row, n in zip(batch["attention_mask"], pads)])}
+    assert not left["attention_mask"][1, 0]
+    with torch.no_grad():
+        ours_left, ref_left = model(**left).logits, hf_model(**left).logits
+    assert (valid(ours_left, mask) - valid(ref_left, mask)).abs().max().item() <= TOL
+    assert (valid(ours_left, mask) - valid(ours, mask)).abs().max().item() <= TOL
 
 
 def test_released_t5gemma2_layout_with_vision_tower(tmp_path, batch):
