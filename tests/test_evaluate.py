@@ -474,6 +474,23 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
     assert "held-out general-english: suffix NLL" in (tmp_path / "res.md").read_text()
 
 
+def test_earlier_results_are_replaced_only_with_overwrite(adapted, tmp_path, capsys):
+    """Every evaluation writes runs/evaluate/results unless told otherwise: a second model's run replaced the first's
+    results (hours of scoring) without a word."""
+    out = tmp_path / "res"
+    argv = ["evaluate", str(adapted), "--tasks", "copa", "--limit", "1", "--out", str(out)]
+    assert main(argv) == 0
+    before = {f: (tmp_path / f).read_text() for f in ("res.md", "res.json")}
+    capsys.readouterr()
+    for given in (out, tmp_path / "res.json"):  # however OUT names them
+        assert main([*argv[:-1], str(given)]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"{tmp_path / 'res.md'} holds earlier results; pass --overwrite" in line, line
+    assert {f: (tmp_path / f).read_text() for f in before} == before
+    assert main([*argv, "--limit", "2", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "res.json").read_text())["settings"]["limit"] == 2
+
+
 def test_results_never_replace_a_file_of_a_model_evaluated(adapted, tmp_path, capsys):
     """`--out MODEL/config` would write MODEL/config.json: refused before any work, the model intact."""
     victim = tmp_path / "model"

@@ -312,7 +312,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from encdec.files import check_writable_place
 
     check_writable_place(args.out.parent)  # OUT is the prefix of OUT.md and OUT.json
-    output_files(args.out, tuple(args.models))
+    output_files(args.out, tuple(args.models), args.overwrite)
     settings = Settings(tasks=parse_tasks(args.tasks), shots=args.shots, limit=args.limit, chat=args.chat,
                         batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
     record = evaluate(args.models, settings, DTYPES[args.dtype])
@@ -626,6 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(instruction-tuned models)")
     p.add_argument("--out", type=user_path, default=Path("runs/evaluate/results"), metavar="FILE",
                    help="writes FILE.md (the table) and FILE.json (per-example results, prompt formats, versions)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results an earlier run wrote at --out")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
     p.add_argument("--max-len", type=int, default=2048, help="longest context in tokens (longer ones keep their "
                    "BOS and their end; a passage's perplexity is read in windows of this many)")

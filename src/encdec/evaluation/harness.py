@@ -303,10 +303,11 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def output_files(out: Path, models: tuple[str, ...] = ()) -> tuple[Path, Path]:
+def output_files(out: Path, models: tuple[str, ...] = (), overwrite: bool = True) -> tuple[Path, Path]:
     """OUT.md and OUT.json (OUT given as NAME, NAME.md or NAME.json; a dot elsewhere is part of the name, as in
-    model-v1.5); one line, before any work, when they cannot be written there or would replace a file of one of
-    the `models` evaluated (its config.json, its README.md)."""
+    model-v1.5); one line, before any work, when they cannot be written there, would replace a file of one of
+    the `models` evaluated (its config.json, its README.md), or earlier results without `overwrite` (hours of
+    scoring, under the default OUT that every evaluation shares)."""
     out = Path(out)
     if out.name in ("", ".", ".."):
         raise EncdecError(f"--out {out} names a directory; give a file prefix such as runs/evaluate/results")
@@ -322,6 +323,10 @@ def output_files(out: Path, models: tuple[str, ...] = ()) -> tuple[Path, Path]:
         inside = next((f for f in files if f.exists() and directory.resolve() in f.resolve().parents), None)
         if inside is not None:
             raise EncdecError(f"--out {out} would replace {inside}, a file of the model {model}; give another prefix")
+    earlier = next((f for f in files if f.exists()), None)
+    if earlier is not None and not overwrite:
+        raise EncdecError(f"--out {out}: {earlier} holds earlier results; pass --overwrite to replace them, or give "
+                          "another --out")
     return files
 
 
