@@ -25,9 +25,10 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-200}
 # The head at 1e-4, not 1e-3: at 1e-3 the 270M's predictions swung from step to step and a 2,000-example run
 # answered "yes" 499 times of 500; a run at 1e-4 answered "no" 89 times (docs/benchmarks.md, "Batches of alike
 # lengths, and the head's learning rate"). Batches of alike lengths: 1.35x the examples/s on BoolQ (CPU).
+# (to the search cells only: `encdec classify --probe` refuses fine-tuning options)
 CLASSIFY=${CLASSIFY:---precision auto --batch-size 32 --group-by-length}
 GRID=${GRID:---grid-lr 1e-5,3e-5 --grid-epochs 2 --grid-head-lr 1e-4}
-PROBE=${PROBE:-}
+PROBE=${PROBE:---batch-size 32}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 START=$SECONDS
 mkdir -p "$OUT" "$MODELS" "$LOGS"
@@ -35,13 +36,14 @@ left() { echo $((DEADLINE_S - (SECONDS - START))); }
 
 claim() {  # claim NAME=MODEL: that backbone's cells, in order of importance
     local log="$LOGS/claim-${1%%=*}.log"
-    local common=(--out "$OUT" --backbone "$1" --boolq-train "$BOOLQ_TRAIN" --search-args="$GRID" --probe-args="$PROBE")
+    local common=(--out "$OUT" --backbone "$1" --boolq-train "$BOOLQ_TRAIN" --search-args="$CLASSIFY"
+                  --search-args="$GRID" --probe-args="$PROBE")
     local kfold=()
     for t in $KFOLD_TASKS; do kfold+=(--task "$t"); done
     {
-        python3 bench/encoder_claim.py "${common[@]}" --protocol search --task boolq -- $CLASSIFY &&
-        python3 bench/encoder_claim.py "${common[@]}" --protocol probe --task boolq "${kfold[@]}" -- $CLASSIFY &&
-        python3 bench/encoder_claim.py "${common[@]}" --protocol search "${kfold[@]}" -- $CLASSIFY
+        python3 bench/encoder_claim.py "${common[@]}" --protocol search --task boolq &&
+        python3 bench/encoder_claim.py "${common[@]}" --protocol probe --task boolq "${kfold[@]}" &&
+        python3 bench/encoder_claim.py "${common[@]}" --protocol search "${kfold[@]}"
     } >"$log" 2>&1
     echo "claim $1 ended ($?) at $((SECONDS - START)) s"
 }
@@ -62,5 +64,5 @@ while [ -n "$(jobs -r)" ] && [ "$(left)" -gt 0 ]; do sleep 5; done
 wait
 python3 bench/encoder_claim.py --out "$OUT" --backbone decoder-only=gemma-3-270m \
     --backbone "adapted-init=$MODELS/adapted" --backbone "adapted-trained=$MODELS/train/model" \
-    --boolq-train "$BOOLQ_TRAIN" --search-args="$GRID" --probe-args="$PROBE" --protocol search --protocol probe \
-    --table-only -- $CLASSIFY
+    --boolq-train "$BOOLQ_TRAIN" --search-args="$CLASSIFY" --search-args="$GRID" --probe-args="$PROBE" \
+    --protocol search --protocol probe --table-only
