@@ -231,3 +231,23 @@ def test_rms_norm_gives_the_written_out_float32_numbers(dtype, offset, monkeypat
     grads = torch.autograd.grad(out.float().square().sum(), [x, norm.weight])
     expected_grads = torch.autograd.grad(expected.float().square().sum(), [x, norm.weight])
     assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+
+
+@pytest.mark.parametrize("grad", [True, False])  # SDPA whole, and by query chunks (inference on CPU)
+def test_a_query_that_sees_nothing_stays_finite_under_autocast_in_sdpa(sources, grad):
+    """Masked scores get the dtype's finite minimum: a row with nothing to see averages the values. Under bfloat16
+    autocast over float32 weights the bias was built in float32 (the queries' dtype after RoPE) and autocast
+    rounded its minimum to -inf in SDPA: such a row came out 0, or NaN where a kernel has no safe softmax."""
+    from encdec.model import AttentionMask
+
+    attn = encdec.adapt(encdec.load_source(str(sources["gemma3"]))).encoder.layers[0].attn  # no soft-cap: SDPA
+    g = torch.Generator().manual_seed(0)
+    length = 1600  # past the plain products' size
+    q, k, v = (torch.randn(1, n, length, attn.head_dim, generator=g) + 1 for n in (attn.num_heads, 1, 1))
+    allowed = torch.ones(1, 1, length, length, dtype=torch.bool)
+    allowed[..., 0, :] = False
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn.attend(q, k, v, AttentionMask(allowed))
+    mean = attn.o_proj(v.mean(2, keepdim=True).expand(1, attn.num_heads, 1, -1).transpose(1, 2).reshape(1, 1, -1))
+    assert torch.isfinite(out).all() and mean.abs().max() > 0.5
+    assert torch.allclose(out[0, 0].float(), mean[0, 0], atol=0.05), (out[0, 0], mean[0, 0])

@@ -192,6 +192,13 @@ def rope_tables(cfg: StackConfig, positions: torch.Tensor, dtype: torch.dtype) -
     return tables
 
 
+def sdpa_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA computes `q` in: autocast's where it is on, to which it would round a bias built in float32
+    (whose finite minimum becomes -inf in bfloat16, and a row with nothing to see, 0 or NaN)."""
+    kind = q.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else q.dtype
+
+
 def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
     cos, sin = rope
     half = x.shape[-1] // 2
@@ -250,7 +257,7 @@ class Attention(nn.Module):
             out = self._attend_by_products(q, k, v, mask.bias(q.dtype))
         else:
             with sdpa_kernel(GPU_ATTENTION):  # on CPU the same choice as without it (cuDNN is GPU-only)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias(q.dtype), scale=self.scale,
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias(sdpa_dtype(q)), scale=self.scale,
                                                      enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(*q.shape[:1], q.shape[2], -1))
 
@@ -258,7 +265,7 @@ class Attention(nn.Module):
         """SDPA chunk of queries by chunk, each over only the span of keys it may see: a local layer's
         window, or a packed prompt's own tokens, instead of the whole row (inference on CPU, where the
         kernel computes every masked score; 1.6x faster on 1024-token prompts, docs/benchmarks.md)."""
-        spans, bias = mask.spans(), mask.bias(q.dtype)
+        spans, bias = mask.spans(), mask.bias(sdpa_dtype(q))
         if len(spans) == 1:  # every query of every row may see every key
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
         out = torch.empty_like(q)
