@@ -410,7 +410,9 @@ def test_special_tokens_chosen_add_no_logprob_text_and_are_named_as_alternatives
     choice = done.choices[0]
     assert choice.logprobs.tokens == [""] * 4 and choice.text == "" and choice.logprobs.text_offset == [0] * 4
     best = _reference_logprobs(local, tokenizer("w1 w2").input_ids, [bos] * 4).topk(2).indices  # unbiased
-    assert [list(top) for top in choice.logprobs.top_logprobs] == [[tokenizer.decode([t]) for t in row] for row in best]
+    named = [[tokenizer.decode([t]) for t in [*row.tolist(), *[bos] * (bos not in row)]] for row in best]
+    assert [list(top) for top in choice.logprobs.top_logprobs] == named  # the sampled token too, named, as OpenAI's
+    assert any(bos not in row for row in best.tolist())  # (at least once past the top 2)
     assert any(tokenizer.decode([t], skip_special_tokens=True) == "" for t in best.flatten().tolist())  # one is named
     chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "w3"}], max_tokens=2,
                                           temperature=0, logprobs=True, top_logprobs=1, logit_bias={str(bos): 100})
@@ -436,9 +438,10 @@ def test_logprobs_are_the_models_own_and_stream_as_they_complete(server, local):
                                                            choice_logprobs.top_logprobs)):
             assert given == pytest.approx(reference[position, token].item(), abs=1e-4)
             best = reference[position].topk(3)  # each alternative's text: what it would have added to the answer
+            listed = [*best.indices.tolist(), *[token] * (token not in best.indices)]  # and the sampled token's
             before = tokenizer.decode(tokens[:position])
-            assert [before + text for text in top] == [tokenizer.decode([*tokens[:position], t]) for t in best.indices]
-            assert list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+            assert [before + text for text in top] == [tokenizer.decode([*tokens[:position], t]) for t in listed]
+            assert list(top.values()) == pytest.approx(reference[position, listed].tolist(), abs=1e-4)
         offsets = choice_logprobs.text_offset
         assert offsets[0] == 0 and all(choice.text[o:].startswith(t) for o, t in zip(offsets, choice_logprobs.tokens))
     messages = [{"role": "user", "content": "w4 w5"}]
@@ -544,6 +547,37 @@ def test_an_unsupported_value_is_quoted_whole_or_cut_with_an_ellipsis():
     with pytest.raises(APIError) as refused:
         parse(json.dumps({"prompt": "w1", "tools": [1]}).encode(), "completions", Limits(24, 8))
     assert refused.value.message.startswith("'tools' = [1] is not supported by this server")
+
+
+def test_what_clients_send_at_values_that_change_nothing_is_accepted_and_the_rest_named():
+    """Fields the openai client models (prompt_cache_retention, verbosity...) and vLLM's own at their defaults
+    (clients written for vLLM send them) were refused as unrecognized; an unknown field given as null changes
+    nothing either. Text parts join as vLLM joins them; a speaker's name, which the chat turns cannot carry, and
+    vLLM's usage on every chunk are refused by name."""
+    from encdec.serve.protocol import APIError, Limits, parse
+
+    def parsed(kind: str = "chat", **fields):
+        body = {"messages": [{"role": "user", "content": "w1"}]} if kind == "chat" else {"prompt": "w1"}
+        return parse(json.dumps({**body, **fields}).encode(), kind, Limits(24, 8))
+
+    plain = parsed()
+    neutral = {"prompt_cache_retention": "24h", "verbosity": None, "web_search_options": None, "moderation": None,
+               "reasoning_effort": "none", "skip_special_tokens": True, "include_stop_str_in_output": False,
+               "add_generation_prompt": True, "continue_final_message": False, "min_tokens": 0, "min_p": 0.0,
+               "stop_token_ids": [], "spaces_between_special_tokens": True, "chat_template_kwargs": {},
+               "some_future_field": None}
+    assert parsed(**neutral) == plain
+    assert parsed("completions", **neutral) == parsed("completions")
+    parts = parsed(messages=[{"role": "user", "content": [{"type": "text", "text": "w1"}, {"type": "text",
+                                                                                          "text": "w2"}]}])
+    assert parts.turns == parsed(messages=[{"role": "user", "content": "w1\nw2"}]).turns
+    for fields, param in (({"min_tokens": 3}, "min_tokens"), ({"skip_special_tokens": False}, "skip_special_tokens"),
+                          ({"verbosity": "low"}, "verbosity"), ({"some_future_field": 1}, "some_future_field"),
+                          ({"messages": [{"role": "user", "name": "alice", "content": "w1"}]}, "messages"),
+                          ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options")):
+        with pytest.raises(APIError) as refused:
+            parsed(**fields)
+        assert (refused.value.status, refused.value.param) == (400, param), refused.value.message
 
 
 @pytest.mark.parametrize("body, status, param", BAD, ids=[str(i) for i in range(len(BAD))])

@@ -48,8 +48,11 @@ class TokenLogprobs:
         """`item` (a token and its scores) arrives after the tokens `text` has decoded; its text starts at `offset`
         of the answer."""
         if item.logprob is not None and item.token not in self.eos:
+            top = list(item.top)
+            if self.kind == "completions" and all(t != item.token for t, _ in top):  # up to logprobs + 1 entries,
+                top.append((item.token, item.logprob))  # the sampled token among them, as OpenAI's API and vLLM give
             self.entries.append(Entry(self._piece(text, item.token, item.logprob, chosen=True),
-                                      [self._piece(text, t, lp, chosen=False) for t, lp in item.top], offset))
+                                      [self._piece(text, t, lp, chosen=False) for t, lp in top], offset))
 
     def _piece(self, text: Detokenizer, token: int, logprob: float, chosen: bool) -> Piece:
         if text.special(token):

@@ -32,12 +32,20 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier"}
-# field -> the value(s) that leave the result unchanged; any other value is refused
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier",
+           "prompt_cache_retention", "prompt_cache_options"}
+# field -> the value(s) that leave the result unchanged; any other value is refused (an unknown field is accepted
+# only as null). OpenAI's, then vLLM's own at their defaults (clients written for vLLM send them)
 NEUTRAL = {"best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
            "tools": (None, []), "tool_choice": (None, "none"),
            "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
-           "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,), "reasoning_effort": (None,)}
+           "modalities": (None, ["text"]), "audio": (None,), "prediction": (None,),
+           "reasoning_effort": (None, "none"), "verbosity": (None,), "web_search_options": (None,),
+           "moderation": (None,),
+           "skip_special_tokens": (True, None), "spaces_between_special_tokens": (True, None),
+           "include_stop_str_in_output": (False, None), "add_generation_prompt": (True, None),
+           "continue_final_message": (False, None), "min_tokens": (0, None), "min_p": (0, None),
+           "stop_token_ids": ([], None), "chat_template_kwargs": ({}, None)}
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                    "n", "ignore_eos",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
@@ -179,7 +187,10 @@ def _chat_turns(body: dict) -> list[tuple[str, str]]:
                            for p in content):
                     raise APIError(400, "message content parts must be {\"type\": \"text\", \"text\": ...}; "
                                    "this model reads text only", "messages")
-                m = {**m, "content": "".join(p["text"] for p in content)}
+                m = {**m, "content": "\n".join(p["text"] for p in content)}  # as vLLM joins them
+            if isinstance(m, dict) and m.get("name") not in (None, ""):
+                raise APIError(400, "a message's 'name' is not supported: this model's chat turns name no "
+                               "participants (put who speaks in the content)", "messages")
             flat.append(m)
         messages = flat
     try:
@@ -236,7 +247,7 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
             given = given if len(given) <= 40 else given[:37] + "..."  # a tool list can be pages long
             raise APIError(400, f"'{name}' = {given} is not supported by this server "
                            f"(accepted: {' or '.join(json.dumps(v) for v in NEUTRAL[name])})", name)
-        if name not in FIELDS[kind] | IGNORED | set(NEUTRAL):
+        if name not in FIELDS[kind] | IGNORED | set(NEUTRAL) and body[name] is not None:
             raise APIError(400, f"unrecognized request argument '{name}'; accepted: {', '.join(sorted(FIELDS[kind]))}",
                            name)
     model = _typed(body, "model", (str,), "a string")
@@ -281,8 +292,8 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
 
 
 def _stream_usage(body: dict) -> str:
-    """Parsed.stream_usage from stream_options.include_usage, the one stream option that changes what is sent
-    (others are ignored): without stream_options the usage rides on the last chunk; with them, as OpenAI's API
+    """Parsed.stream_usage from stream_options.include_usage (vLLM's continuous_usage_stats refused, others
+    ignored): without stream_options the usage rides on the last chunk; with them, as OpenAI's API
     reads them (include_usage false unless given)."""
     options = _typed(body, "stream_options", (dict,), "an object")
     if options is None:
@@ -291,6 +302,9 @@ def _stream_usage(body: dict) -> str:
     if value is not None and not isinstance(value, bool):
         raise APIError(400, f"'stream_options.include_usage' must be true or false, got {json.dumps(value)[:40]}",
                        "stream_options")
+    if options.get("continuous_usage_stats"):  # vLLM's usage on every chunk
+        raise APIError(400, "'stream_options.continuous_usage_stats' is not supported: usage comes once, with the "
+                       "last chunk (include_usage)", "stream_options")
     return "apart" if value else "none"
 
 
