@@ -5,16 +5,20 @@ class EncdecError(Exception):
     """Bad user input or an unsupported configuration: the message says what was wrong and what is accepted."""
 
 
+def _said(e: BaseException) -> str:
+    """The first non-blank line of what `e` says (libraries' messages run to tracebacks of their own), or ''."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
-    """What `e` says in one line (libraries' messages run to tracebacks of their own), or its type's name."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines or [type(e).__name__])[0][:limit]
+    """What `e` says in one line, or its type's name where it says nothing."""
+    return (_said(e) or type(e).__name__)[:limit]
 
 
 def described(e: BaseException, limit: int = 200) -> str:
     """`e`'s type and first line ("ValueError: ..."), or its type alone where it says nothing."""
-    said = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {said[0][:limit]}" if said else type(e).__name__
+    said = _said(e)[:limit]
+    return f"{type(e).__name__}: {said}" if said else type(e).__name__
 
 
 def load_failure(e: BaseException) -> str:
