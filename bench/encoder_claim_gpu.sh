@@ -36,8 +36,8 @@ left() { echo $((DEADLINE_S - (SECONDS - START))); }
 
 claim() {  # claim NAME=MODEL: that backbone's cells, in order of importance
     local log="$LOGS/claim-${1%%=*}.log"
-    local common=(--out "$OUT" --backbone "$1" --boolq-train "$BOOLQ_TRAIN" --search-args="$CLASSIFY"
-                  --search-args="$GRID" --probe-args="$PROBE")
+    local common=(--out "$OUT" --backbone "$1" --boolq-train "$BOOLQ_TRAIN" --search-args="$GRID"
+                  --search-args="$CLASSIFY" --probe-args="$PROBE")  # (in the order earlier search cells recorded)
     local kfold=()
     for t in $KFOLD_TASKS; do kfold+=(--task "$t"); done
     {
@@ -64,5 +64,5 @@ while [ -n "$(jobs -r)" ] && [ "$(left)" -gt 0 ]; do sleep 5; done
 wait
 python3 bench/encoder_claim.py --out "$OUT" --backbone decoder-only=gemma-3-270m \
     --backbone "adapted-init=$MODELS/adapted" --backbone "adapted-trained=$MODELS/train/model" \
-    --boolq-train "$BOOLQ_TRAIN" --search-args="$CLASSIFY" --search-args="$GRID" --probe-args="$PROBE" \
+    --boolq-train "$BOOLQ_TRAIN" --search-args="$GRID" --search-args="$CLASSIFY" --probe-args="$PROBE" \
     --protocol search --protocol probe --table-only

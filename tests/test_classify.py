@@ -829,6 +829,7 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
     (tmp_path / "empty.yaml").write_text("lr: []\n")
     (tmp_path / "text.yaml").write_text("epochs: [two]\n")
     (tmp_path / "both.yaml").write_text("epochs: [2, 4]\nsteps: [100]\n")  # each epochs value trained alike
+    (tmp_path / "steps.yaml").write_text("steps: [3, 5]\n")
     (tmp_path / "twice.yaml").write_text("lr: [1.0e-5]\nlr: [1.0e-4]\n")  # the last was kept, unsaid
     (tmp_path / "deep.yaml").write_text("lr: " + "[" * 2000 + "]" * 2000 + "\n")  # a RecursionError's traceback
     cases = {
@@ -854,6 +855,8 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
         "--lr, --epochs: --search tries the grid's values instead (lr 0.001, 0.003; epochs 2)": [
             "--search", "--lr", "5e-4", "--epochs", "7", "--grid-lr", "1e-3,3e-3", "--grid-epochs", "2"],  # unsaid
         "--head-lr: --search tries the grid's values instead": ["--search", "--head-lr", "1e-2"],
+        "--epochs: --search tries the grid's values instead (steps 3, 5, which replace epochs)": [
+            "--search", "--grid", str(tmp_path / "steps.yaml"), "--epochs", "7"],
         "--limit 0 leaves no example; pass a positive number": ["--limit", "0"],
         "--lr and --head-lr must be positive": ["--search", "--grid-lr", "-1"],
         "leaves no dev or no fit example": ["--probe", "--limit", "2", "--dev-share", "0.1"],

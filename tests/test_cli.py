@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from encdec.cli import build_parser, main
+from encdec.errors import EncdecError
 
 
 def test_adapt_then_info(capsys, tmp_path, sources):
@@ -460,3 +461,5 @@ def test_a_list_from_the_yaml_configuration_is_cleared_by_its_option_alone(tmp_p
     assert (config.data, config.eval_data) == ([], [])
     assert from_arguments(parse(["pretrain", "--data", "a.txt", "--data", "b.txt", "c.txt"])).data == [
         "a.txt", "b.txt", "c.txt"]
+    with pytest.raises(EncdecError, match="--data needs at least one value"):  # `--data $UNSET`, no file to clear
+        from_arguments(parse(["pretrain", "--data"]))

@@ -418,7 +418,9 @@ def test_a_seeded_prompt_repeated_gets_a_sample_per_row_each_its_own_seeds(model
                                                     for i in range(3)]
     assert len({tuple(row.tolist()) for row in rows}) == 3
     padded = torch.where(mask.bool(), ids, -1)
-    assert torch.equal(model.generate(padded, mask, max_new_tokens=4), model.generate(ids, mask, max_new_tokens=4))
+    for cached in (True, False):
+        assert torch.equal(model.generate(padded, mask, max_new_tokens=4, use_cache=cached),
+                           model.generate(ids, mask, max_new_tokens=4))
     with pytest.raises(EncdecError, match="input_ids: token id -1 is outside the vocabulary"):
         model.generate(padded, torch.ones_like(mask), max_new_tokens=4)
 

@@ -119,7 +119,7 @@ def test_overwrite_deletes_nothing_when_the_inputs_are_bad(adapted, corpus, tmp_
 
 
 @pytest.mark.parametrize("name, planted, said", [
-    ("model", "net.py", "no encoder-decoder checkpoint"),
+    ("model", "net.py", "no model a run saved"),
     ("checkpoints", "epoch=3.ckpt", "it holds epoch=3.ckpt"),  # another tool's checkpoints folder
     ("tensorboard", "notes.txt", "it holds notes.txt"),
 ])
@@ -135,6 +135,15 @@ def test_overwrite_refuses_a_folder_that_only_shares_a_run_outputs_name(adapted,
         (line,) = _lines(capsys.readouterr().err, "error:")
         assert f"{out / name} is not what a run writes there ({said})" in line, line
         assert (out / name / planted).read_text() == "someone's work"
+
+
+def test_overwrite_replaces_a_decoder_only_runs_model(sources, corpus, tmp_path):
+    """A decoder-only run saves its model in its family's layout (no encoder-decoder config.json): a run's all the
+    same, which --overwrite replaces."""
+    out = tmp_path / "run"
+    assert main(_pretrain_args(sources["gemma3"], out, corpus, "--steps", "1")) == 0
+    assert (out / "model" / "encdec.json").is_file()
+    assert main(_pretrain_args(sources["gemma3"], out, corpus, "--steps", "1", "--overwrite")) == 0
 
 
 def test_overwrite_replaces_a_run_with_its_checkpoints_and_tensorboard_events(adapted, corpus, tmp_path, capsys):

@@ -571,9 +571,14 @@ def test_what_clients_send_at_values_that_change_nothing_is_accepted_and_the_res
     parts = parsed(messages=[{"role": "user", "content": [{"type": "text", "text": "w1"}, {"type": "text",
                                                                                           "text": "w2"}]}])
     assert parts.turns == parsed(messages=[{"role": "user", "content": "w1\nw2"}]).turns
+    named = [{"role": "system", "name": "rules", "content": "w0"}, {"role": "user", "name": "alice", "content": "w1"}]
+    assert parsed(messages=named).turns == parsed(messages=[{k: v for k, v in m.items() if k != "name"}
+                                                           for m in named]).turns  # one name a role: nothing lost
     for fields, param in (({"min_tokens": 3}, "min_tokens"), ({"skip_special_tokens": False}, "skip_special_tokens"),
                           ({"verbosity": "low"}, "verbosity"), ({"some_future_field": 1}, "some_future_field"),
-                          ({"messages": [{"role": "user", "name": "alice", "content": "w1"}]}, "messages"),
+                          ({"messages": [{"role": "user", "name": "alice", "content": "w1"}, {"role": "assistant",
+                                                                                                "content": "w2"},
+                                         {"role": "user", "name": "bob", "content": "w3"}]}, "messages"),
                           ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options")):
         with pytest.raises(APIError) as refused:
             parsed(**fields)

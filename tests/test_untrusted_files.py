@@ -183,6 +183,7 @@ def test_a_decoder_only_source_naming_other_weights_for_transformers_is_refused(
     ({"block_count": "4"}, "declares no integer llama.block_count"),
     ({"embedding_length": 10**6}, "a model of [0-9,]+ parameters, its tensors hold 37,152"),
     ({"embedding_length": 30}, "transformers cannot read this llama GGUF's metadata"),  # 30 over 4 heads
+    ({"rename": ("blk.3.", "blk.x.")}, "declares 4 llama.block_count .at most 1024., its tensors hold 4 blocks"),
 ])
 def test_a_gguf_whose_metadata_lies_about_its_tensors_is_refused_before_a_weight_is_built(tmp_path, monkeypatch,
                                                                                            capsys, claims, error):

@@ -107,7 +107,8 @@ def write_gguf(source: Path, path: Path, rope_scale_key: str = "rope.scaling.fac
     tensor names, Q/K rows of llama permuted, Gemma's norms stored as 1 + w, Gemma 3's linear RoPE scaling as
     rope.scaling.*, no key for the query scale) with a byte-level tokenizer over the tiny vocabulary.
     `rope_scale_key` "rope.scale_linear": a linear RoPE factor as older converters wrote it (that key, no type).
-    `claims`: metadata that lies about the tensors (block_count, embedding_length), as a crafted file's would."""
+    `claims`: metadata that lies about the tensors (block_count, embedding_length), as a crafted file's would;
+    "rename": (old, new) replaces a prefix of the tensors' names."""
     import json
 
     import gguf
@@ -117,7 +118,9 @@ def write_gguf(source: Path, path: Path, rope_scale_key: str = "rope.scaling.fac
     arch, n = cfg["model_type"].removesuffix("_text"), cfg["num_hidden_layers"]
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n)
     writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in ({"block_count": n, "embedding_length": cfg["hidden_size"]} | (claims or {})).items():
+    claims = dict(claims or {})
+    old, new = claims.pop("rename", ("", ""))
+    for key, value in ({"block_count": n, "embedding_length": cfg["hidden_size"]} | claims).items():
         (writer.add_string if isinstance(value, str) else writer.add_uint32)(f"{arch}.{key}", value)
     writer.add_context_length(cfg["max_position_embeddings"])
     writer.add_feed_forward_length(cfg["intermediate_size"])
@@ -160,7 +163,8 @@ def write_gguf(source: Path, path: Path, rope_scale_key: str = "rope.scaling.fac
             array = array.reshape(heads, 2, -1, array.shape[1]).swapaxes(1, 2).reshape(array.shape)
         if arch.startswith("gemma") and base.endswith("norm"):
             array = array + 1
-        writer.add_tensor(f"{names.get_name(base)}.{suffix}", array)
+        name = f"{names.get_name(base)}.{suffix}"
+        writer.add_tensor(new + name.removeprefix(old) if old and name.startswith(old) else name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

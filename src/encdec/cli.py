@@ -371,10 +371,12 @@ def cmd_classify(args: argparse.Namespace) -> None:
         raise EncdecError(f"{', '.join(tuning)}: options of fine-tuning, which --probe does not do; drop them")
     _check_split_options(args)
     grid = read_grid(args.grid, grid_flags) if args.search else None
-    searched = [name for name in grid or () if getattr(args, name) != args.training_defaults[name]]
+    replaced = [*(grid or ()), *(["epochs"] if grid and "steps" in grid and "epochs" not in grid else [])]
+    searched = [name for name in replaced if getattr(args, name) != args.training_defaults[name]]
     if searched:  # the grid's values replace them: the results would read as if they had been used
         flags = ", ".join(f"--{name.replace('_', '-')}" for name in searched)
-        values = "; ".join(f"{name} {', '.join(map(str, grid[name]))}" for name in searched)
+        values = "; ".join(f"{name} {', '.join(map(str, grid[name]))}" if name in grid else
+                           f"steps {', '.join(map(str, grid['steps']))}, which replace epochs" for name in searched)
         raise EncdecError(f"{flags}: --search tries the grid's values instead ({values}); give the values to try "
                           "with --grid-lr, --grid-epochs, --grid-head-lr or a --grid file, or drop the option")
     results = classify(args.model, args.task, args.out, hyper=hyper, pooling=args.pooling, folds=args.folds,

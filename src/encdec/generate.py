@@ -143,6 +143,8 @@ def generate(
     eos = frozenset(torch.as_tensor(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids).reshape(-1).tolist())
     rows = [Row(max_new_tokens, eos, sampling.nth(i), decoder_prefix=tuple(decoder_prefix))
             for i in range(input_ids.shape[0])]
+    if attention_mask is not None:  # what the uncached path's embedding reads too
+        input_ids = input_ids.masked_fill(~attention_mask.bool(), cfg.pad_token_id)
     input_ids = input_ids.to(model.device)
     attention_mask = None if attention_mask is None else attention_mask.to(model.device)
     if use_cache:

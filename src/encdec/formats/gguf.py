@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -52,7 +53,8 @@ def _check_blocks(reader, arch: str, path: Path) -> None:
     field = reader.fields.get(f"{arch}.block_count")
     integer = field is not None and field.types[0].name.startswith(("UINT", "INT"))
     declared = int(field.parts[field.data[0]][0]) if integer else None
-    present = {int(t.name.split(".")[1]) for t in reader.tensors if t.name.startswith("blk.")}
+    named = [re.fullmatch(r"blk\.(\d{1,6})\..+", t.name) for t in reader.tensors if t.name.startswith("blk.")]
+    present = {int(m[1]) if m else -1 for m in named}  # -1: a block name of no number, never a declared block
     if declared is None or not 1 <= declared <= MAX_LAYERS or present != set(range(declared)):
         raise EncdecError(f"{path}: its metadata declares {declared if integer else 'no integer'} {arch}.block_count "
                           f"(at most {MAX_LAYERS}), its tensors hold {len(present)} blocks; expected the two to agree")

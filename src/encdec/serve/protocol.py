@@ -176,6 +176,19 @@ def _inputs(body: dict, name: str, *, empty_text: bool) -> list[str | list[int]]
     return items
 
 
+def _check_names(messages: list) -> None:
+    """Messages' `name`s are ignored (the chat turns name no speakers; frameworks send one by habit), unless they
+    tell participants of one role apart, which the model would not see."""
+    names: dict[Any, set] = {}
+    for m in messages:
+        if isinstance(m, dict) and m.get("name") not in (None, ""):
+            names.setdefault(m.get("role"), set()).add(json.dumps(m["name"]))
+    several = next((role for role, seen in names.items() if len(seen) > 1), None)
+    if several is not None:
+        raise APIError(400, f"messages of role {json.dumps(several)[:40]} name several participants ('name'), which "
+                       "this model's chat turns cannot tell apart: put who speaks in the content", "messages")
+
+
 def _chat_turns(body: dict) -> list[tuple[str, str]]:
     messages = body.get("messages")
     if isinstance(messages, list):  # content given as parts: only text parts are understood
@@ -188,11 +201,9 @@ def _chat_turns(body: dict) -> list[tuple[str, str]]:
                     raise APIError(400, "message content parts must be {\"type\": \"text\", \"text\": ...}; "
                                    "this model reads text only", "messages")
                 m = {**m, "content": "\n".join(p["text"] for p in content)}  # as vLLM joins them
-            if isinstance(m, dict) and m.get("name") not in (None, ""):
-                raise APIError(400, "a message's 'name' is not supported: this model's chat turns name no "
-                               "participants (put who speaks in the content)", "messages")
             flat.append(m)
         messages = flat
+        _check_names(messages)
     try:
         turns = conversation(messages)
     except ValueError as e:

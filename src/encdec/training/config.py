@@ -320,6 +320,7 @@ def from_arguments(args: argparse.Namespace, defaults: dict[str, Any] | None = N
     not have, refused in the file as on the command line."""
     values: dict[str, Any] = dict(defaults or {})
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    loaded: dict[str, Any] = {}
     if getattr(args, "config", None):
         loaded = _read_yaml(args.config)
         unknown = sorted(set(loaded) - set(fields) | set(loaded) & set(hidden))
@@ -328,6 +329,10 @@ def from_arguments(args: argparse.Namespace, defaults: dict[str, Any] | None = N
                               f"`encdec {command} --help` for the list")
         values.update({k: _number_from_yaml(fields[k], v) for k, v in loaded.items()})
     given = {k: v for k, v in vars(args).items() if k in fields}
+    emptied = [k for k, v in given.items() if v == [] and k not in loaded]
+    if emptied:  # `--data $UNSET` in a job script: hours on other data, had it been read as "none"
+        raise EncdecError(f"--{_flag(emptied[0])} needs at least one value (given alone, it clears the list of a "
+                          "--config file that sets one)")
     if command == "finetune" and values.get("model") and str(values["model"]) != str(given.get("model")):
         log.warning("%s: model %r is not used; `encdec finetune` trains MODEL, its first argument (%s)", args.config,
                     values["model"], given.get("model"))

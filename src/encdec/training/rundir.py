@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from encdec.checkpoint import METADATA, is_checkpoint
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, first_line
 from encdec.files import (
     RUN_LOCK,
     atomic_write,
@@ -161,7 +161,7 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
         return saved
     # any output of a run counts: a final model kept after its checkpoints and metrics were deleted is replaced
     held = [name for name in OUTPUTS if (out / name).exists()]
-    foreign = distributed.from_main(_foreign_output(out) if held else None, d)
+    foreign = distributed.from_main(_foreign_output(out) if held and d.main else None, d)  # the first one's view
     if foreign:
         raise EncdecError(f"{out / foreign[0]} is not what a run writes there ({foreign[1]}): --overwrite replaces an "
                           "earlier run's outputs, not another folder of that name; choose another --out, or remove "
@@ -175,25 +175,27 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
 def _foreign_output(out: Path) -> tuple[str, str] | None:
     """The first of OUT's run names (OUTPUTS) that holds something no run writes, with what: `begin` deletes
     them all on --overwrite (a link is only unlinked, what it leads to stays)."""
-    def odd(path: Path, kept) -> list[str]:
-        return sorted(entry.name for entry in path.iterdir() if not kept(entry))
+    def odd(path: Path, kept) -> str:
+        found = sorted(entry.name for entry in path.iterdir() if not kept(entry))
+        return f"it holds {', '.join(found[:3])}" if found else ""
 
     for name in OUTPUTS:
         path = out / name
-        if path.is_symlink() or not path.exists():
-            continue
-        if name == "metrics.jsonl":
-            problem = "" if path.is_file() else "not a file"
-        elif not path.is_dir():
-            problem = "not a directory"
-        elif name == "model":
-            problem = "" if is_checkpoint(path) else "no encoder-decoder checkpoint"
-        elif name == "checkpoints":  # step-N, and what a crash may leave of an atomic write (.step-N.tmp-...)
-            found = odd(path, lambda e: e.name.startswith(".step-") or checkpointing.is_step_name(e.name))
-            problem = f"it holds {', '.join(found[:3])}" if found else ""
-        else:  # tensorboard: SummaryWriter's event files
-            found = odd(path, lambda e: e.is_file() and e.name.startswith("events.out.tfevents."))
-            problem = f"it holds {', '.join(found[:3])}" if found else ""
+        try:
+            if path.is_symlink() or not path.exists():
+                continue
+            if name == "metrics.jsonl":
+                problem = "" if path.is_file() else "not a file"
+            elif not path.is_dir():
+                problem = "not a directory"
+            elif name == "model":  # an encoder-decoder's, or a decoder-only run's (its family's config.json)
+                problem = "" if (path / METADATA).is_file() or is_checkpoint(path) else "no model a run saved"
+            elif name == "checkpoints":  # step-N, and what a crash may leave of an atomic write (.step-N.tmp-...)
+                problem = odd(path, lambda e: e.name.startswith(".step-") or checkpointing.is_step_name(e.name))
+            else:  # tensorboard: SummaryWriter's event files
+                problem = odd(path, lambda e: e.is_file() and e.name.startswith("events.out.tfevents."))
+        except (OSError, EncdecError) as e:
+            problem = f"unreadable: {first_line(e)}"
         if problem:
             return name, problem
     return None
