@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 from pathlib import Path
@@ -39,6 +40,32 @@ def test_every_format_and_directories(tmp_path):
     pq.write_table(pa.table({"body": [1, 2]}), tmp_path / "n.parquet")
     with pytest.raises(EncdecError, match=r"n.parquet: column 'body' holds int64, not text"):
         list(read_documents(str(tmp_path / "n.parquet"), text_field="body"))
+
+
+def test_files_from_other_systems_and_tools_read_as_their_text_or_one_line(tmp_path):
+    """Windows' line ends were kept in every document (the same text saved there trained on other tokens) and an old
+    Mac's made one document; an array line (pandas' records), a null or a number were all "no string field"; a
+    parquet column's bytes that are not UTF-8 raised a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, ends in (("unix", "\n"), ("windows", "\r\n"), ("mac", "\r")):
+        (tmp_path / f"{name}.txt").write_bytes(f"one{ends}still one{ends}{ends}two{ends}".encode())
+        assert list(read_documents(str(tmp_path / f"{name}.txt"))) == ["one\nstill one", "two"], name
+    (tmp_path / "pages.txt").write_text("page one\n\fpage two\n")
+    assert list(read_documents(str(tmp_path / "pages.txt"))) == ["page one", "page two"]
+    (tmp_path / "nulls.jsonl").write_text('{"text": null}\n{"text": "kept"}\n')
+    assert list(read_documents(str(tmp_path / "nulls.jsonl"))) == ["kept"]  # as a parquet column's nulls
+    for line, said in (('[{"text": "a"}]', 'line 1: a JSON list, not an object; expected one object per line'),
+                       ('{"text": 5}', "line 1: 'text' is a JSON int; expected a string field"),
+                       ('{"body": "a"}', "line 1: no field 'text'; expected a string field (use --text-field")):
+        (tmp_path / "odd.jsonl").write_text(line + "\n")
+        with pytest.raises(EncdecError, match=re.escape(said)):
+            list(read_documents(str(tmp_path / "odd.jsonl")))
+    pq.write_table(pa.table({"text": pa.array([b"fine", b"bad \xff\xfe"], pa.binary()).cast(pa.string(), safe=False)}),
+                   tmp_path / "bytes.parquet")
+    with pytest.raises(EncdecError, match="bytes.parquet: column 'text' holds bytes that are not UTF-8 text"):
+        list(read_documents(str(tmp_path / "bytes.parquet")))
 
 
 def test_a_directory_follows_linked_folders_and_names_what_it_leaves_out(tmp_path, caplog):
@@ -101,7 +128,7 @@ def test_tokens_of_a_hub_dataset_read_from_the_cache_say_so(sources, tmp_path, c
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad.jsonl, line 2: not valid JSON"),
-    ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"field.jsonl, line 2: no string field 'text'"),
+    ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"field.jsonl, line 2: no field 'text'; expected a string field"),
     ("latin.txt", "caf\u00e9\n\nline two\n".encode("latin-1"), r"latin.txt, line 1: not UTF-8"),
     ("empty.txt", b"\n\n", r"empty.txt: empty"),
     ("data.csv", b"a,b\n", r"unsupported file type '.csv'"),

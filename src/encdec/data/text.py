@@ -6,6 +6,7 @@ Each reader yields documents (strings). Problems name the file, and the line whe
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -61,7 +62,8 @@ def _inside(path: str, top: str) -> bool:
 
 
 def _txt(path: Path) -> Iterator[str]:
-    """Documents of a text file are its paragraphs (separated by blank lines)."""
+    """Documents of a text file are its paragraphs (separated by blank lines, or a page's form feed), with
+    Windows' and old Macs' line ends read as newlines: the same text saved anywhere gives the same tokens."""
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -71,6 +73,7 @@ def _txt(path: Path) -> Iterator[str]:
     except UnicodeDecodeError as e:  # its position counts from after the mark
         line = data[: e.start + len(BOM) * data.startswith(BOM)].count(b"\n") + 1
         raise EncdecError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n\n")
     for block in re.split(r"\n\s*\n", text):
         if block.strip():
             yield block.strip()
@@ -121,8 +124,15 @@ def lone_surrogate(text: str) -> bool:
 
 def _jsonl(path: Path, field: str) -> Iterator[str]:
     for number, record in json_lines(path):
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-            raise EncdecError(f"{path}, line {number}: no string field {field!r} (use --text-field to name another)")
+        if not isinstance(record, dict):  # pandas' orient="records" writes one array
+            raise EncdecError(f"{path}, line {number}: a JSON {type(record).__name__}, not an object; expected one "
+                              f"object per line, such as {{{json.dumps(field)}: \"...\"}}")
+        if record.get(field) is None and field in record:  # no text, as a null of a parquet column
+            continue
+        if not isinstance(record.get(field), str):
+            said = f"{field!r} is a JSON {type(record[field]).__name__}" if field in record else f"no field {field!r}"
+            raise EncdecError(f"{path}, line {number}: {said}; expected a string field (use --text-field to name "
+                              "another)")
         if lone_surrogate(record[field]):
             raise EncdecError(f"{path}, line {number}: {field!r} holds a \\uD800-\\uDFFF escape that is not half of "
                               "a pair: not a character, so no tokenizer can read it")
@@ -152,7 +162,11 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
             raise EncdecError(f"{path}: column {field!r} holds {column.type}, not text (use --text-field to name "
                               "another)")
-        for value in column.to_pylist():
+        try:  # a string column's bytes are not checked when read, only when decoded
+            values = column.to_pylist()
+        except UnicodeDecodeError as e:
+            raise EncdecError(f"{path}: column {field!r} holds bytes that are not UTF-8 text ({e.reason})") from None
+        for value in values:
             if isinstance(value, str) and value.strip():  # nulls and blank texts, as blank lines of .jsonl files
                 yield value
 

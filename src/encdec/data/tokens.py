@@ -25,6 +25,7 @@ from encdec.files import file_identity, write_cache
 
 log = logging.getLogger("encdec")
 CORPUS_VERSION = 2  # bump when a packaged corpus (encdec.data.corpus.CORPORA) changes
+READER_VERSION = 2  # bump when files are read into other documents (2: line ends of Windows read as newlines)
 HELDOUT = "heldout:"  # `heldout:NAME` names a packaged held-out set (encdec.data.corpus.HELDOUT_SETS)
 CORPUS = "corpus:"  # `corpus:NAME` names a packaged training corpus (encdec.data.corpus.CORPORA)
 PACKAGED = {HELDOUT: HELDOUT_SETS, CORPUS: CORPORA}
@@ -68,7 +69,7 @@ def packaged_text_versions() -> list[str]:
 
 def source_fingerprint(specs: list[str], text_field: str) -> str:
     specs = _or_default(specs)
-    parts = [text_field, f"packaged-v{CORPUS_VERSION}", *packaged_text_versions()]
+    parts = [text_field, f"packaged-v{CORPUS_VERSION}", f"reader-v{READER_VERSION}", *packaged_text_versions()]
     for spec in specs:
         if spec.startswith(("hf:", *PACKAGED)):
             parts.append(spec)
