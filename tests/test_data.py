@@ -128,7 +128,8 @@ def test_tokens_of_a_hub_dataset_read_from_the_cache_say_so(sources, tmp_path, c
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad.jsonl, line 2: not valid JSON"),
-    ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n', r"field.jsonl, line 2: no field 'text'; expected a string field"),
+    ("field.jsonl", b'{"text": "ok"}\n{"body": "x"}\n',
+     r"field.jsonl, line 2: no field 'text'; expected a string field"),
     ("latin.txt", "caf\u00e9\n\nline two\n".encode("latin-1"), r"latin.txt, line 1: not UTF-8"),
     ("empty.txt", b"\n\n", r"empty.txt: empty"),
     ("data.csv", b"a,b\n", r"unsupported file type '.csv'"),
