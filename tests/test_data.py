@@ -79,10 +79,24 @@ def test_a_directory_follows_linked_folders_and_names_what_it_leaves_out(tmp_pat
     (tmp_path / "d" / "big.txt.gz").write_bytes(b"\x1f\x8b")
     (tmp_path / "d" / "linked").symlink_to(tmp_path / "shard")
     (tmp_path / "d" / "loop").symlink_to(tmp_path / "d")
+    (tmp_path / "d" / "moved.txt").symlink_to(tmp_path / "gone.txt")  # a shard moved away: named, not silent
     with caplog.at_level(logging.WARNING, logger="encdec"):
         assert list(read_documents(str(tmp_path / "d"))) == ["from the shard", "own text"]
         assert list(read_documents(str(tmp_path / "d"))) == ["from the shard", "own text"]
-    assert caplog.text.count("left out: .md, .txt.gz files") == 1  # once per directory and run
+    assert caplog.text.count("left out: .md, .txt.gz files; links that lead nowhere: moved.txt") == 1  # once a run
+    # a folder that cannot be read (permissions: simulated, as root reads everything) stops the run, named
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    (tmp_path / "d" / "locked").mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "scandir", scandir)
+        with pytest.raises(EncdecError, match=r"cannot read .*locked \(Permission denied\), a folder of the data"):
+            list(read_documents(str(tmp_path / "d")))
     # a link to a folder inside the directory leaves the order the folders' own (v2 before v3, not latest's first)
     (tmp_path / "r" / "v2").mkdir(parents=True)
     (tmp_path / "r" / "v3").mkdir()

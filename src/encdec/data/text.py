@@ -29,9 +29,14 @@ _SAID: set[tuple[Path, tuple[str, ...]]] = set()  # directories whose left-out f
 def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """The files below `directory` with one of `suffixes` (in any case), sorted, following linked folders (each
     real folder once: a link loop ends); hidden files and folders (`.ipynb_checkpoints/`, `.git/`) are left out:
-    their copies would train twice. Other files are left out with one line naming their kinds."""
-    found, skipped, visited, top = [], set(), set(), os.path.realpath(directory)
-    for root, folders, files in os.walk(directory, followlinks=True):
+    their copies would train twice. Other files are left out with one line naming their kinds, and links that lead
+    nowhere by name; a folder that cannot be read stops it (its files would be left out unseen)."""
+    found, skipped, broken, visited, top = [], set(), [], set(), os.path.realpath(directory)
+
+    def unreadable(e: OSError) -> None:
+        raise EncdecError(f"cannot read {e.filename} ({e.strerror or e}), a folder of the data {directory}")
+
+    for root, folders, files in os.walk(directory, followlinks=True, onerror=unreadable):
         real = os.path.realpath(root)
         if real in visited:
             folders[:] = []
@@ -43,6 +48,8 @@ def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
                                      and _inside(os.path.realpath(os.path.join(root, f)), top)))
         for name in files:
             path = Path(root) / name
+            if not name.startswith(".") and path.is_symlink() and not path.exists():
+                broken.append(str(path.relative_to(directory)))
             if name.startswith(".") or not path.is_file():
                 continue
             if path.suffix.lower() in suffixes:
@@ -50,10 +57,11 @@ def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
             else:
                 skipped.add("".join(path.suffixes[-2:]).lower() or "no suffix")
     said = (directory.resolve(), suffixes)
-    if skipped and found and said not in _SAID:  # listed again for reading after the cache key: said once
+    if (skipped or broken) and found and said not in _SAID:  # listed again for reading after the cache key: once
         _SAID.add(said)
-        log.warning("%s: reading its %s files only; left out: %s files", directory, ", ".join(suffixes),
-                    ", ".join(sorted(skipped)))
+        links = f"; links that lead nowhere: {', '.join(sorted(broken)[:5])}" if broken else ""
+        log.warning("%s: reading its %s files only; left out: %s files%s", directory, ", ".join(suffixes),
+                    ", ".join(sorted(skipped)) or "no other", links)
     return sorted(found)
 
 
