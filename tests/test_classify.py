@@ -73,6 +73,49 @@ def test_a_fit_whose_loss_is_not_finite_stops_naming_the_step(models: dict[str, 
     assert not (tmp_path / "progress").exists()
 
 
+def test_a_fit_whose_gradients_or_last_update_are_not_finite_stops_too(models: dict[str, Path]) -> None:
+    """Infinite gradients under a finite loss (clipping made them NaN, and the update too), and an update that
+    leaves the parameters non-finite at the last step (no next loss to see it): both predicted label 0 for
+    everything, as a NaN loss did."""
+    backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
+    rows = encode(load_tokenizer(tokenizer_dir), separable(8, 0)[0], 16, None)
+    classifier = Classifier(copy.deepcopy(backbone), 2, "last")
+    classifier.head.weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(Diverged, match=r"^test: the fit diverged at step 1 of 2 \(gradient norm (nan|inf)\); lower"):
+        fine_tune(classifier, rows, [0, 1] * 4, Hyper(steps=2, batch_size=4), pad_id=0, desc="test", seed=0)
+    classifier = Classifier(copy.deepcopy(backbone), 2, "last")
+    with pytest.raises(Diverged, match=r"^test: the fit diverged at step 1 of 1 \(parameters no longer finite"):
+        fine_tune(classifier, rows, [0, 1] * 4, Hyper(steps=1, batch_size=4, head_lr=1e38), pad_id=0, desc="test",
+                  seed=0)
+
+
+def test_a_fit_whose_later_save_fails_still_removes_its_earlier_progress(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save that fails (a full disk) stops the saving, and the earlier progress (gigabytes for the 270M) is still
+    removed once the fit is done."""
+    import encdec.classification.train as train_module
+
+    backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
+    rows = encode(load_tokenizer(tokenizer_dir), separable(8, 0)[0], 16, None)
+    real_write, writes = train_module.write_state, []
+
+    def full_after_one(directory, name, state):
+        writes.append(state["step"])
+        if len(writes) > 1:
+            raise OSError(28, "No space left on device")
+        real_write(directory, name, state)
+
+    monkeypatch.setattr(train_module, "write_state", full_after_one)
+    seen: list[bool] = []
+    real_done = train_module._FitProgress.done
+    monkeypatch.setattr(train_module._FitProgress, "done",
+                        lambda self: (seen.append((tmp_path / "progress" / "fit.json").exists()), real_done(self)))
+    fine_tune(Classifier(backbone, 2, "last"), rows, [0, 1] * 4, Hyper(steps=4, batch_size=4), pad_id=0,
+              desc="test", seed=0, progress=tmp_path / "progress", save_every=0.0)
+    assert writes == [1, 2] and seen == [True]  # no third try; the first save was there until the fit ended
+    assert not (tmp_path / "progress").exists()
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "decoder-only"])
 def test_beats_chance_on_a_separable_task(models: dict[str, Path], kind: str) -> None:
     torch.manual_seed(0)

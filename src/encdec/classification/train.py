@@ -95,7 +95,12 @@ def encode(tokenizer, texts: list[str], max_len: int, first: int | None) -> list
 
 
 class Diverged(EncdecError):
-    """A fit whose loss stopped being a finite number."""
+    """A fit whose loss, gradients or parameters stopped being finite numbers."""
+
+
+def _diverged(desc: str, step: int, total: int, what: str) -> Diverged:
+    return Diverged(f"{desc}: the fit diverged at step {step + 1} of {total} ({what}); lower the learning rates (--lr, "
+                    "--head-lr; with --search, the grid's) or warm up longer")
 
 
 def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], hp: Hyper, *, pad_id: int,
@@ -143,11 +148,13 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
                 loss = F.cross_entropy(logits, torch.tensor([labels[i] for i in chosen], device=device))
                 if not math.isfinite(value := loss.item()):  # its predictions would all be label 0 (NaN's argmax)
                     fit.done()  # its saved progress would only diverge again: not kept (gigabytes)
-                    raise Diverged(f"{desc}: the fit diverged at step {step + 1} of {total} (loss {value}); lower the "
-                                   "learning rates (--lr, --head-lr; with --search, the grid's) or warm up longer")
+                    raise _diverged(desc, step, total, f"loss {value}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
+                # non-finite gradients with a finite loss: clipping would make them NaN (inf * 0) and the update too
+                if not math.isfinite(norm := torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0).item()):
+                    fit.done()
+                    raise _diverged(desc, step, total, f"gradient norm {norm}")
                 optimizer.step()
                 scheduler.step()
                 step += 1
@@ -163,6 +170,9 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
             tqdm.write(f"encdec: {desc}: epoch {epoch}: mean loss {losses[-1]:.4f} over {len(epoch_losses)} steps")
             epoch_losses = []
     fit.done()
+    # the loss checks each update's parameters at the next step: the last update's have no next step
+    if not all(bool(p.isfinite().all()) for p in classifier.parameters() if p.requires_grad):
+        raise _diverged(desc, total - 1, total, "parameters no longer finite numbers")
     classifier.eval()
     return losses
 
@@ -176,7 +186,7 @@ class _FitProgress:
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, total: int) -> None:
         self.directory, self.every, self.total = directory, every, total
         self.classifier, self.optimizer, self.scheduler = classifier, optimizer, scheduler
-        self.last = time.monotonic()
+        self.last, self.saving = time.monotonic(), True
 
     def _trained(self) -> dict[str, torch.Tensor]:
         return {name: p for name, p in self.classifier.named_parameters() if p.requires_grad}
@@ -203,7 +213,7 @@ class _FitProgress:
         return state
 
     def maybe_save(self, position: dict[str, Any]) -> None:
-        if self.directory is None or time.monotonic() - self.last < self.every:
+        if self.directory is None or not self.saving or time.monotonic() - self.last < self.every:
             return
         state = {**position, "total": self.total, "model": self._trained(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -212,7 +222,7 @@ class _FitProgress:
                 write_state(tmp, "fit", state)
         except (OSError, WriteFailed) as e:  # a full or read-only disk: the fit goes on, unsaved
             log.warning("could not save the fit's progress in %s (%s); it goes on without", self.directory, e)
-            self.directory = None
+            self.saving = False  # an earlier save is still there, and `done` removes it
         self.last = time.monotonic()
 
     def done(self) -> None:
