@@ -567,7 +567,7 @@ def test_cross_validated_run_through_the_cli(models: dict[str, Path], tmp_path: 
         assert got == pytest.approx([p["probabilities"][label] for label in data.labels], abs=0.02)
     lo, hi = results["interval"]
     assert lo <= results["accuracy"] <= hi
-    assert results["hyperparameters"]["steps"] == 2
+    assert results["hyperparameters"]["steps"] == 2 and "epochs" not in results["hyperparameters"]  # steps rule
     assert results["hyperparameters"]["precision"] in ("bf16", "fp32")  # what "auto" chose, once for every fold
     labels, _ = predict_texts(out / "classifier", ["The sky is blue.\nHypothesis: It is blue."])
     assert labels == ["entailment", "contradiction", "neutral"]
@@ -857,7 +857,12 @@ def test_a_search_keeps_its_trials_when_only_the_evaluation_subset_or_a_searched
     run.classify(str(models["gemma3"]), "toy", tmp_path / "third", hyper=Hyper(lr=5e-4, max_len=16), grid=grid,
                  eval_limit=10)
     assert len(trained) == 1
+    trained.clear()  # one more lr: only its trial and the chosen settings train
+    assert main([*argv, "--grid-lr", "3e-3,1e-3,2e-3", "--eval-limit", "8", "--out", str(tmp_path / "more")]) == 0
+    assert trained == [10, 12]
     assert len(list((tmp_path / "cache" / "search").iterdir())) == 1
+    results = json.loads((tmp_path / "more" / "results.json").read_text())
+    assert [t["settings"]["lr"] for t in results["selection"]["folds"][0]["candidates"]] == [3e-3, 1e-3, 2e-3]
 
 
 def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_path: Path,

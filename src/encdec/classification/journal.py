@@ -3,11 +3,12 @@
 A search trains every candidate once per dev split of every fold: hours on a CPU for the k-fold tasks.
 Each finished trial's dev score is appended (one JSON line, flushed and synced) to a journal under the
 cache root (`$ENCDEC_CACHE/search/`), named by everything that decides a trial's outcome: the checkpoint's
-files, the task's examples, the plan (seed, limits, folds), the dev protocol, the pooling, the fine-tuning
-settings and the grid. A rerun with the same inputs reads those scores back instead of training again;
-other inputs get another journal. A line cut short by a kill is skipped (that trial trains again). Every fit
-(a trial's, and the chosen settings' on the whole fold) also saves its progress beside the journal while it
-runs (`progress`): a kill in a BoolQ epoch, an hour on a CPU, loses minutes, not the fit.
+files, the task's examples, the plan (seed, limits, folds), the dev protocol, the pooling and the fine-tuning
+settings the grid does not vary (each trial is named by the ones it varies). A rerun with the same inputs reads
+those scores back instead of training again, a grid with more values too; other inputs get another journal. A
+line cut short by a kill is skipped (that trial trains again). Every fit (a trial's, and the chosen settings' on
+the whole fold) also saves its progress beside the journal while it runs (`progress`): a kill in a BoolQ epoch,
+an hour on a CPU, loses minutes, not the fit.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from encdec.classification.train import Diverged, Hyper, encode, fine_tune, pred
 from encdec.data.tokens import leading_bos
 from encdec.errors import EncdecError
 from encdec.evaluation.stats import wilson_interval
-from encdec.files import atomic_dir, check_output_dir, portable_path
+from encdec.files import atomic_dir, check_apart, check_output_dir, portable_path
 from encdec.training.precision import autocast_dtype
 
 log = logging.getLogger("encdec")
@@ -108,6 +108,9 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     if probe_c is not None:
         check_available()
     check_output_dir(out, overwrite, (model,), replaces=("results.json", "classifier"))
+    # not inside MODEL either: its files (every one, nested too) name the feature cache and a search's journal, and
+    # the run's temporary output among them would make a resumed search or a cached probe start over
+    check_apart(out, (model,), inside=True)
     data = load_task(task)
     p = plan(data, folds=folds, limit=limit, eval_limit=eval_limit, seed=hyper.seed)
     selecting = grid is not None or probe_c is not None
@@ -126,14 +129,17 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
                            c_values=probe_c, train_rows=train_rows, first=first)
     else:
-        fixed = {name: value for name, value in hyper.to_dict().items() if grid is None or name not in grid}
+        # steps, set or searched, replace epochs: an epochs value no reported model trained with is not recorded
+        unused = {"epochs"} if hyper.steps is not None or (grid is not None and "steps" in grid) else set()
+        fixed = {name: value for name, value in hyper.to_dict().items()
+                 if name not in unused and (grid is None or name not in grid)}
         # keyed on what a trial reads: the training parts (never the evaluation subset: BoolQ's --eval-limit) and
-        # the settings other than the searched ones (each trial names its own)
+        # the settings other than the searched ones (each trial names its own: a grid given one more value keeps the
+        # trials of the others)
         journal = None if grid is None else TrialJournal({
             "model": features.model_fingerprint(model), "task": task, "labels": list(data.labels),
             "pool": [(e.text, e.label) for e in p.train], "plan": [p.folds, p.train_ids, [t for t, _ in p.splits]],
-            "dev": dataclasses.asdict(dev), "pooling": pooling, "first": first, "grid": grid,
-            "hyper": fixed})
+            "dev": dataclasses.asdict(dev), "pooling": pooling, "first": first, "hyper": fixed})
         fold = _FineTuneFolds(backbone, p, reported, pooling=pooling, hyper=hyper, pad_id=pad_id, grid=grid,
                               searched=searched, train_rows=train_rows, num_labels=len(data.labels), journal=journal)
     probs: list[list[float]] = [[] for _ in p.evaluation]
