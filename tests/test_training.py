@@ -139,15 +139,14 @@ def test_a_stop_during_the_last_step_still_writes_the_final_model(adapted, corpu
     assert "stop requested during the last step (3): writing the final model" in capsys.readouterr().out
 
 
-def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(adapted, corpus, tmp_path, monkeypatch):
-    """--precision auto times bfloat16 against float32 on a CPU: at every launch, so a run resumed on a busier (or
-    another) machine could go on in the other dtype, unlike the uninterrupted run and unsaid. The run's verdict is
+def test_auto_precision_is_decided_once_and_a_resumed_run_keeps_it(adapted, corpus, tmp_path, monkeypatch):
+    """--precision auto is decided at every launch (by the CPU's instructions, or timed), so a run resumed on
+    another machine could go on in the other dtype, unlike the uninterrupted run and unsaid. The run's verdict is
     kept in its checkpoints."""
     from encdec.training import precision
 
     bf16_faster = {"now": True}
-    monkeypatch.setattr(precision, "_seconds",
-                        lambda dtype: 1.0 if dtype == torch.float32 else 0.1 if bf16_faster["now"] else 10.0)
+    monkeypatch.setattr(precision, "_bf16_instructions", lambda: bf16_faster["now"])
     options = dict(precision="auto", steps=4)
     straight = tmp_path / "straight"
     loop.train(_config(adapted, straight, corpus, **options))
@@ -159,6 +158,25 @@ def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(adapted, corpus
     loop.train(_config(adapted, interrupted, corpus, resume=True, **options))
     assert [r["loss"] for r in _metrics(interrupted)] == expected
     assert read_state(checkpointing.checkpoints(interrupted)[-1], "trainer")["precision"] == "bf16"
+
+
+def test_auto_precision_asks_the_cpu_and_times_only_where_pytorch_cannot_say(monkeypatch):
+    """Timing three small products made "auto" flip on a busy machine: a classification search resumed in the
+    other dtype scored every trial again."""
+    from encdec.training import precision
+
+    cpu = torch.device("cpu")
+    timed: list[torch.dtype] = []
+    monkeypatch.setattr(precision, "_seconds", lambda dtype: timed.append(dtype) or (0.1 if dtype == torch.bfloat16
+                                                                                   else 1.0))
+    for flags, expected in (((True, False), torch.bfloat16), ((False, True), torch.bfloat16), ((False, False), None)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda f=flags: f[0])
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda f=flags: f[1])
+        assert precision.autocast_dtype("auto", cpu) == expected
+    assert timed == []
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert precision.autocast_dtype("auto", cpu) == torch.bfloat16 and timed == [torch.bfloat16, torch.float32]
+    assert precision.autocast_dtype("fp32", cpu) is None and precision.autocast_dtype("bf16", cpu) == torch.bfloat16
 
 
 def test_a_start_model_replaced_during_the_run_stops_the_final_model_and_keeps_the_checkpoints(adapted, corpus,
