@@ -204,6 +204,18 @@ def test_a_start_model_replaced_during_the_run_stops_the_final_model_and_keeps_t
     loop.train(_config(start, out, corpus, steps=2, eval_every=0, resume=True))
     assert encdec.load(out / "model").config == encdec.load(start).config
 
+    def touch_start(self, record, **kw):  # the same files, their permissions changed and hard-linked elsewhere
+        original_log(self, record, **kw)
+        if record["step"] == 2:
+            (tmp_path / "backup").mkdir()
+            for path in start.iterdir():
+                path.chmod(0o640)
+                os.link(path, tmp_path / "backup" / path.name)
+
+    monkeypatch.setattr(Metrics, "log", touch_start)
+    loop.train(_config(start, tmp_path / "run-2", corpus, steps=2, eval_every=0))
+    assert encdec.load(tmp_path / "run-2" / "model").config == encdec.load(start).config
+
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(adapted, corpus, tmp_path, monkeypatch):
     original = step.chunked_loss

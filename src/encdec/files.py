@@ -482,11 +482,14 @@ def remove_abandoned_temporaries(parent: Path) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
-def file_identity(path: Path) -> str:
+def file_identity(path: Path, *, change_time: bool = True) -> str:
     """What tells a file's contents apart without reading them, for cache keys: its real path, size, modification
-    and change times and inode (a copy that keeps size and mtime, cp -p or rsync -a, cannot keep the other two)."""
+    and change times and inode (a copy that keeps size and mtime, cp -p or rsync -a, cannot keep the other two).
+    Without `change_time`, a file whose permissions, owner or hard links changed (chmod -R, cp -al) keeps its
+    identity, and one written in its place (same inode, or a new one) still does not."""
     stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
+    identity = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+    return f"{identity}:{stat.st_ctime_ns}" if change_time else identity
 
 
 def refuse_link(path: Path) -> None:

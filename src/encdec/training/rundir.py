@@ -232,9 +232,10 @@ def started_from(out: Path) -> str | None:
 def start_model_files(model_dir: Path) -> list[str] | None:
     """What tells apart the files of the encoder-decoder a run starts from (`file_identity` of its configuration,
     metadata and weights; None where they cannot be read): the final model reads its configuration and metadata
-    (after --trim-vocab, also the rows of the tokens it did not train) from them again, at the run's end."""
+    (after --trim-vocab, also the rows of the tokens it did not train) from them again, at the run's end. Their
+    change times are left out: a chmod -R or a hard-linked backup of the model during the run changes nothing."""
     try:
-        return [file_identity(p) if p.exists() else f"{p}: absent"
+        return [file_identity(p, change_time=False) if p.exists() else f"{p}: absent"
                 for p in [model_dir / "config.json", model_dir / METADATA, *weight_files(model_dir)]]
     except (OSError, EncdecError):
         return None
