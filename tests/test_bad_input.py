@@ -405,6 +405,11 @@ PRETRAIN_BAD = [
     (["--window", "127"], "--window 127: at most 126 tokens for --objective prefixlm at --enc-len 64 and --dec-len 64"),
     (["--batch-size", "100000"], "--batch-size 100000 x 1 process(es) needs more rows than the"),
     (["--distill", "--teacher-top-k", "1000"], "--teacher-top-k 1000 exceeds the 96 tokens of the vocabulary"),
+    # the teacher read example and target as one sequence past its positions: silently extrapolated
+    (["--distill", "--enc-len", "200", "--dec-len", "100"], "--enc-len 200 + --dec-len 100: the distillation teacher "
+     "(decoder-only) reads each example as one sequence of up to 299 positions, more than the 256 its source was"),
+    (["--decoder-only", "--enc-len", "200", "--dec-len", "100"], "--enc-len 200 + --dec-len 100: the model "
+     "(decoder-only) reads each example as one sequence of up to 299 positions, more than the 256"),
     (["--tau", "nan"], "--tau must be a positive finite number, got nan"),
     (["--tau", "0"], "--tau must be a positive finite number"),
     (["--lr", "inf"], "--lr must be a positive finite number, got inf"),
@@ -436,8 +441,11 @@ def adapted(tmp_path_factory, sources):
 
 
 @pytest.mark.parametrize("extra, message", PRETRAIN_BAD, ids=[" ".join(e)[:80] for e, _ in PRETRAIN_BAD])
-def test_bad_pretraining_values(capsys, tmp_path, adapted, extra, message):
+def test_bad_pretraining_values(capsys, tmp_path, adapted, sources, extra, message):
     out = tmp_path / "run"
+    model = adapted
+    if extra[0] == "--decoder-only":
+        model, extra = sources["gemma3"], extra[1:]
     if extra[0] == "--config":
         (tmp_path / "run.yaml").write_text(extra[1])
         extra = ["--config", str(tmp_path / "run.yaml")]
@@ -445,7 +453,7 @@ def test_bad_pretraining_values(capsys, tmp_path, adapted, extra, message):
         (tmp_path / "file").write_text("x")
         out, extra = tmp_path / "file" / "run", []
     capsys.readouterr()
-    code = main_exit(["pretrain", "--model", str(adapted), "--out", str(out), *extra])
+    code = main_exit(["pretrain", "--model", str(model), "--out", str(out), *extra])
     lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert code == 2 and len(lines) == 1 and message in lines[0], lines
     assert not out.exists()

@@ -21,7 +21,7 @@ from encdec.errors import EncdecError
 from encdec.training.precision import PRECISIONS
 
 if TYPE_CHECKING:
-    from encdec.config import EncDecConfig
+    from encdec.config import EncDecConfig, StackConfig
 
 
 log = logging.getLogger("encdec")
@@ -159,16 +159,28 @@ class TrainConfig:
             raise EncdecError("--tensorboard needs the tensorboard package (pip install 'encdec[tensorboard]')")
         self.keep_last = max(self.keep_last, self.average_last)
 
-    def check_fit(self, model: EncDecConfig | None, vocab_size: int, train_items: int, world: int) -> None:
+    def check_joined(self, stack: StackConfig | None, who: str) -> None:
+        """A decoder-only model (the one trained, or the distillation teacher) reads an example's input and target
+        as one sequence: up to --enc-len + --dec-len - 1 positions, within those its source was trained for."""
+        positions = self.enc_len + self.dec_len - 1
+        if stack is not None and stack.max_positions is not None and positions > stack.max_positions:
+            raise EncdecError(f"--enc-len {self.enc_len} + --dec-len {self.dec_len}: {who} (decoder-only) reads each "
+                              f"example as one sequence of up to {positions} positions, more than the "
+                              f"{stack.max_positions} its source was trained for (max_position_embeddings); shorten "
+                              "them")
+
+    def check_fit(self, model: EncDecConfig | None, vocab_size: int, train_items: int, world: int,
+                  joined: StackConfig | None = None) -> None:
         """What can only be checked once model and data are loaded, before the first step: rows within the
-        positions the model's source was trained for (`model`: None for a decoder-only model), a top-k within
-        the `vocab_size` tokens, and a batch that one pass over the data fills (a larger one would only repeat
-        it)."""
+        positions the model's source was trained for (`model`, an encoder-decoder's configuration, or `joined`, a
+        decoder-only model's stack: check_joined), a top-k within the `vocab_size` tokens, and a batch that one
+        pass over the data fills (a larger one would only repeat it)."""
         if model is not None:
             for name, stack in (("enc_len", model.encoder), ("dec_len", model.decoder)):
                 if stack.max_positions is not None and getattr(self, name) > stack.max_positions:
                     raise EncdecError(f"--{_flag(name)} {getattr(self, name)}: the model reads at most "
                                       f"{stack.max_positions} positions (its source's max_position_embeddings)")
+        self.check_joined(joined, "the model")
         if self.distill and self.teacher_top_k > vocab_size:
             raise EncdecError(f"--teacher-top-k {self.teacher_top_k} exceeds the {vocab_size} tokens of the "
                               "vocabulary; 0 keeps them all")
