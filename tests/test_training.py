@@ -139,6 +139,17 @@ def test_a_stop_during_the_last_step_still_writes_the_final_model(adapted, corpu
     assert "stop requested during the last step (3): writing the final model" in capsys.readouterr().out
 
 
+def test_a_run_started_outside_the_main_thread_trains_without_stop_handling(adapted, corpus, tmp_path, caplog):
+    """Python takes signal handlers in the main thread only: train() called from a worker thread (a thread pool, a
+    UI's callback) failed with a ValueError's traceback after loading everything and clearing --overwrite's run."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, caplog.at_level("WARNING", logger="encdec"):
+        final = pool.submit(loop.train, _config(adapted, tmp_path / "run", corpus, steps=2, eval_every=0)).result()
+    assert final == tmp_path / "run" / "model" and encdec.load(final)
+    assert "outside the main thread: SIGINT / SIGTERM do not stop it" in caplog.text
+
+
 def test_auto_precision_is_decided_once_and_a_resumed_run_keeps_it(adapted, corpus, tmp_path, monkeypatch):
     """--precision auto is decided at every launch (by the CPU's instructions, or timed), so a run resumed on
     another machine could go on in the other dtype, unlike the uninterrupted run and unsaid. The run's verdict is

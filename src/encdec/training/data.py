@@ -158,7 +158,7 @@ class ExampleStream:
             digest = hashlib.blake2b(digest_size=8)
             if isinstance(self.items, np.ndarray):  # pretraining's windows: one array
                 digest.update(str(self.items.shape).encode())
-                digest.update(np.ascontiguousarray(self.items).tobytes())
+                digest.update(np.ascontiguousarray(self.items))  # read in place: .tobytes() copied gigabytes
             else:  # instruction tuning's examples (a few thousand)
                 for item in self.items:
                     digest.update(repr(item).encode() + b";")

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import math
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +44,9 @@ class StopRequest:
         self.previous = {}
 
     def __enter__(self) -> StopRequest:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may take signals
+            log.warning("train() runs outside the main thread: SIGINT / SIGTERM do not stop it at a checkpoint")
+            return self
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -85,7 +89,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     cfg = dataclasses.replace(cfg, distill=wants_distillation(cfg.distill, cfg.objective, cfg.teacher, model_dir,
                                                               plan.causal))
     cfg.check_fit(None if plan.causal else plan.model.config, plan.model.embed.num_embeddings, len(plan.stream.items),
-                  d.world)
+                  d.world, joined=plan.model.cfg if plan.causal else None)
     check_recipe(cfg, plan.model, plan.causal)
     if d.main:
         for note in idle_settings(cfg, d.world):
@@ -121,6 +125,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         # a decoder-only model is distilled from itself as it started, unless --teacher says otherwise
         spec = teacher_spec(model_dir, cfg.teacher or (cfg.model if plan.causal else ""))
         teacher = load_teacher(spec, plan.vocab_size, dtype, d.device)
+        cfg.check_joined(teacher.cfg, "the distillation teacher")
         if keep is not None:
             teacher = trim_teacher(teacher, keep, untrained)
         distillation = Distillation(cfg.alpha, cfg.tau, cfg.teacher_top_k)
