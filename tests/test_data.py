@@ -40,6 +40,15 @@ def test_every_format_and_directories(tmp_path):
     pq.write_table(pa.table({"body": [1, 2]}), tmp_path / "n.parquet")
     with pytest.raises(EncdecError, match=r"n.parquet: column 'body' holds int64, not text"):
         list(read_documents(str(tmp_path / "n.parquet"), text_field="body"))
+    # text in the other layouts Arrow keeps it in (refused as "not text"): pandas' category, Arrow's string view
+    import pandas as pd
+
+    pd.DataFrame({"text": pd.Series(["a b", "", "c d", "a b"], dtype="category")}).to_parquet(tmp_path / "k.parquet")
+    pq.write_table(pa.table({"text": pa.array(["e f", None, "g"], type=pa.string_view())}), tmp_path / "v.parquet")
+    assert pq.ParquetFile(tmp_path / "k.parquet").schema_arrow.field("text").type.value_type == pa.string()
+    assert pa.types.is_string_view(pq.ParquetFile(tmp_path / "v.parquet").schema_arrow.field("text").type)
+    assert list(read_documents(str(tmp_path / "k.parquet"))) == ["a b", "c d", "a b"]
+    assert list(read_documents(str(tmp_path / "v.parquet"))) == ["e f", "g"]
 
 
 def test_files_from_other_systems_and_tools_read_as_their_text_or_one_line(tmp_path):

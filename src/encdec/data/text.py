@@ -148,6 +148,12 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
             yield record[field]
 
 
+def _textual(kind) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
 def _parquet(path: Path, field: str) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -167,7 +173,11 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
         if batch is None:
             return
         column = batch.column(0)
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        if pa.types.is_dictionary(column.type) and _textual(column.type.value_type):  # pandas' category dtype
+            column = column.dictionary_decode()
+        if pa.types.is_string_view(column.type):  # Arrow's newer layout of the same text (Polars, pandas with Arrow)
+            column = column.cast(pa.large_string())
+        if not _textual(column.type):
             raise EncdecError(f"{path}: column {field!r} holds {column.type}, not text (use --text-field to name "
                               "another)")
         try:  # a string column's bytes are not checked when read, only when decoded
