@@ -51,6 +51,31 @@ def test_every_format_and_directories(tmp_path):
     assert list(read_documents(str(tmp_path / "v.parquet"))) == ["e f", "g"]
 
 
+def _paragraphs_of_the_whole_text(data: bytes) -> list[str]:
+    """What the .txt reader gave when it read a file whole: the text with its line ends made newlines and form feeds
+    blank lines, split at every blank line (one of whitespace only)."""
+    text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8")
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n\n")
+    return [block.strip() for block in re.split(r"\n\s*\n", text) if block.strip()]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.sampled_from(["a", "b", " ", "\t", "\n", "\r", "\f", "\x0b", "\x1c", "\x85",
+                                              "\u2028", "\u00a0", "é"]), max_size=60), bom=st.booleans())
+def test_a_text_file_read_line_by_line_gives_the_paragraphs_of_the_whole_text(tmp_path, text, bom):
+    """The .txt reader now reads a line at a time (a file of gigabytes was read whole, then copied three times):
+    the same documents as splitting the whole text, for every mix of line ends, form feeds and Unicode spaces."""
+    path = tmp_path / "t.txt"
+    data = b"\xef\xbb\xbf" * bom + text.encode()
+    path.write_bytes(data)
+    expected = _paragraphs_of_the_whole_text(data)
+    if not expected:
+        with pytest.raises(EncdecError, match="empty, no text in it"):
+            list(read_documents(str(path)))
+    else:
+        assert list(read_documents(str(path))) == expected
+
+
 def test_files_from_other_systems_and_tools_read_as_their_text_or_one_line(tmp_path):
     """Windows' line ends were kept in every document (the same text saved there trained on other tokens) and an old
     Mac's made one document; an array line (pandas' records), a null or a number were all "no string field"; a
@@ -203,6 +228,56 @@ def test_missing_and_empty_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EncdecError, match="no .txt, .jsonl or .parquet files"):
         list(read_documents(str(tmp_path / "empty")))
+
+
+def test_processes_starting_together_tokenize_a_corpus_once(sources, tmp_path, monkeypatch):
+    """The ranks of a distributed run each tokenized the whole corpus (hours and N times the memory on a large
+    one): the first now does, the others wait for its cache. Each tokenization is slowed here, so that without the
+    lock both would tokenize before either cached."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "a.txt"
+    data.write_text("".join(f"w{i % 60} w{(i * 7) % 60}\n\n" for i in range(2000)))
+    go = tmp_path / "go"
+    code = ("import os, time, encdec, encdec.data.tokens as t; real = t._tokenize\n"
+            "t._tokenize = lambda *a: print('tokenized', flush=True) or time.sleep(1) or real(*a)\n"
+            f"tokenizer = encdec.load_tokenizer({str(sources['gemma3'])!r})\n"
+            f"print('ready', flush=True)\nwhile not os.path.exists({str(go)!r}): time.sleep(0.01)\n"
+            f"print(int(t.token_stream(tokenizer, [{str(data)!r}]).sum()), flush=True)")
+    workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    for worker in workers:
+        assert worker.stdout.readline() == "ready\n"
+    go.touch()
+    outputs = [worker.communicate(timeout=120)[0].split() for worker in workers]
+    assert all(worker.returncode == 0 for worker in workers)
+    assert sorted(len(output) for output in outputs) == [1, 2]  # one printed "tokenized" before its sum
+    assert outputs[0][-1] == outputs[1][-1] and int(outputs[0][-1]) > 0
+
+
+def test_a_corpus_is_tokenized_as_it_is_read_never_held_whole(sources, tmp_path, monkeypatch):
+    """Every document was read into one list before the first was tokenized: a corpus's whole text in memory, beside
+    its tokens. Now the reader is ahead of the tokenizer by a batch of 512 documents at most."""
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    data = tmp_path / "a.txt"
+    data.write_text("".join(f"w{i % 60} w{(i * 7) % 60}\n\n" for i in range(1300)))
+    read, ahead = [0], []
+    real_read, real_call = tokens.read_file, type(tokenizer).__call__
+
+    def reading(*args):
+        for document in real_read(*args):
+            read[0] += 1
+            yield document
+
+    def tokenizing(self, texts, *args, **kwargs):
+        ahead.append(read[0])  # documents read when this batch is tokenized
+        return real_call(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(tokens, "read_file", reading)
+    monkeypatch.setattr(type(tokenizer), "__call__", tokenizing)
+    stream = tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache")
+    assert ahead == [512, 1024, 1300] and (stream == tokenizer.eos_token_id).sum() == 1300
 
 
 def test_token_cache_is_reused_and_keyed_by_source(sources, tmp_path, monkeypatch):
@@ -419,7 +494,7 @@ def test_training_and_held_out_text_stay_apart(sources, tmp_path, caplog):
     for twice in ([str(data), str(data)], ["heldout:python-docs", "heldout:python-docs"]):  # the same name: said too
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="encdec"):
-            assert tokens._documents(twice, "text") == tokens._documents(twice[:1], "text")
+            assert list(tokens._documents(twice, "text")) == list(tokens._documents(twice[:1], "text"))
         assert f"{twice[0]} is given more than once" in caplog.text
     with pytest.raises(EncdecError, match="--eval-data .*a.txt is also training data"):
         tokens.check_apart_from_training([str(tmp_path / "d")], [str(data)])

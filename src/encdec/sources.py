@@ -211,7 +211,8 @@ def gguf_cache_dir(path: Path) -> Path:
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
-def _cache_lock(name: str):
+def cache_lock(name: str):
+    """A lock file of that name in the cache's locks/ folder: processes starting together do a cache's work once."""
     from filelock import FileLock
 
     locks = cache_root() / "locks"
@@ -223,7 +224,7 @@ def _cache_lock(name: str):
 def gguf_lock(path: Path):
     """The lock held while a GGUF file is dequantized: processes starting together (the ranks of a distributed
     run) convert it once, the others waiting for the directory."""
-    return _cache_lock(f"gguf-{gguf_cache_dir(path).name}")
+    return cache_lock(f"gguf-{gguf_cache_dir(path).name}")
 
 
 def gguf_to_hf_directory(path: Path) -> Path:
@@ -283,7 +284,7 @@ def _joined(parts: list[Path], out: Path, sha256: str | None = None) -> Path:
     size = sum(p.stat().st_size for p in parts)
     if out.is_file() and out.stat().st_size == size:
         return out
-    with _cache_lock(f"join-{out.name}"):
+    with cache_lock(f"join-{out.name}"):
         if out.is_file() and out.stat().st_size == size:  # joined by another process meanwhile
             return out
         return _join(parts, out, sha256)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,20 +70,32 @@ def _inside(path: str, top: str) -> bool:
 
 def _txt(path: Path) -> Iterator[str]:
     """Documents of a text file are its paragraphs (separated by blank lines, or a page's form feed), with
-    Windows' and old Macs' line ends read as newlines: the same text saved anywhere gives the same tokens."""
+    Windows' and old Macs' line ends read as newlines: the same text saved anywhere gives the same tokens.
+
+    Read line by line, a paragraph at a time: a file of gigabytes is never held whole (nor is a corpus:
+    `encdec.data.tokens` tokenizes documents as they come)."""
     try:
-        data = path.read_bytes()
-    except OSError as e:
+        with path.open("rb") as f:
+            block: list[str] = []  # the paragraph's lines so far
+            tail = ""  # text after the last newline: the end of a file that does not end with one
+            for number, raw in enumerate(f, 1):
+                try:  # a byte-order mark is not text of the first document
+                    text = (raw.removeprefix(BOM) if number == 1 else raw).decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise EncdecError(f"{path}, line {number}: not UTF-8 text ({e.reason})") from None
+                *lines, tail = (tail + text).replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n\n").split("\n")
+                for line in lines:
+                    if line.strip():
+                        block.append(line)
+                    elif block:  # a blank line (whitespace only) ends the paragraph
+                        yield "\n".join(block).strip()
+                        block = []
+    except OSError as e:  # a file that cannot be opened or read (not what the consumer's errors throw in)
         raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8-sig")  # a byte-order mark is not text of the first document
-    except UnicodeDecodeError as e:  # its position counts from after the mark
-        line = data[: e.start + len(BOM) * data.startswith(BOM)].count(b"\n") + 1
-        raise EncdecError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n\n")
-    for block in re.split(r"\n\s*\n", text):
-        if block.strip():
-            yield block.strip()
+    if tail.strip():
+        block.append(tail)
+    if block:
+        yield "\n".join(block).strip()
 
 
 def json_lines(path: Path, *, strict: bool = False) -> Iterator[tuple[int, Any]]:

@@ -7,13 +7,15 @@ BOS) followed by EOS. Training cuts the stream into fixed windows. A cache file 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import itertools
 import logging
 import platform
 import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ import numpy as np
 from encdec.data.corpus import CORPORA, DEFAULT_CORPORA, HELDOUT_SETS
 from encdec.data.text import distinct_files, files_of, read_documents, read_file
 from encdec.errors import EncdecError, first_line
-from encdec.files import file_identity, write_cache
+from encdec.files import WriteFailed, file_identity, write_cache
 
 log = logging.getLogger("encdec")
 CORPUS_VERSION = 2  # bump when a packaged corpus (encdec.data.corpus.CORPORA) changes
@@ -93,8 +95,8 @@ def _read(spec: str, text_field: str) -> list[str]:
     return PACKAGED[prefix][spec.removeprefix(prefix)][1]()
 
 
-def _documents(specs: list[str], text_field: str) -> list[str]:
-    documents: list[str] = []
+def _documents(specs: list[str], text_field: str) -> Iterator[str]:
+    """The documents of every spec in turn, read as they are tokenized: a corpus's text is never held whole."""
     seen: set[Path] = set()
     named: set[str] = set()
     for spec in _or_default(specs):
@@ -103,11 +105,10 @@ def _documents(specs: list[str], text_field: str) -> list[str]:
                 log.warning("%s is given more than once: read once", spec)
                 continue
             named.add(spec)
-            documents.extend(_read(spec, text_field))
+            yield from _read(spec, text_field)
         else:
             for path in distinct_files(files_of(spec), seen):
-                documents.extend(read_file(path, text_field))
-    return documents
+                yield from read_file(path, text_field)
 
 
 def check_apart_from_training(data: list[str], eval_data: list[str]) -> None:
@@ -129,35 +130,75 @@ TOKENIZATION = 3
 
 
 def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:
-    """All documents of `specs` (the default corpus when empty) as one int32 stream, cached on disk."""
+    """All documents of `specs` (the default corpus when empty) as one int32 stream, cached on disk.
+
+    Processes that start together (the ranks of a distributed run) tokenize it once: the first takes a lock beside
+    the cache file, the others wait for it and read the cache (each tokenizing too took N times the CPU, for hours
+    on a large corpus, and N times the memory)."""
     from encdec.sources import cache_root
 
     cache_dir = cache_dir or cache_root() / "tokens"
     key = f"{tokenizer_fingerprint(tokenizer)}-{source_fingerprint(specs, text_field)}-t{TOKENIZATION}"
     path = cache_dir / f"{key}.npz"
-    if path.exists():
-        cached = _read_cache(path, len(tokenizer))
+    cached = _cached(path, len(tokenizer), specs)
+    if cached is not None:
+        return cached
+    with _tokenizing_lock(path):
+        cached = _cached(path, len(tokenizer), specs)  # tokenized by another process meanwhile
         if cached is not None:
-            hub = [spec for spec in specs if spec.startswith("hf:")]
-            if hub:  # its key is the name: a newer version of the dataset goes unseen
-                day = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
-                log.info("%s: the tokens cached on %s (a newer version of the dataset is not read; delete %s to "
-                         "read it again)", ", ".join(hub), day, path)
             return cached
-    documents = _documents(specs, text_field)
-    if not documents:
-        raise EncdecError(f"no text found in {' '.join(specs)}")
-    log.info("tokenizing %d documents (cached for next time in %s)", len(documents), path)
+        log.info("tokenizing %s (cached for next time in %s)", " ".join(specs) or "the default corpus", path)
+        stream = _tokenize(tokenizer, specs, text_field)
+        _write_cache(path, stream)
+    return stream
+
+
+def _tokenize(tokenizer, specs: list[str], text_field: str) -> np.ndarray:
     eos = tokenizer.eos_token_id
+    documents = _documents(specs, text_field)
     parts: list[np.ndarray] = []  # int32 per batch of documents: a Python list of the whole stream takes ~9x more
-    for start in range(0, len(documents), 512):
+    count = 0
+    while batch := list(itertools.islice(documents, 512)):
+        count += len(batch)
         # text that spells a control token ("<eos>", "<unused3>": a UL2 sentinel) is text, as in instruction prompts
-        rows = tokenizer(documents[start : start + 512], split_special_tokens=True).input_ids
+        rows = tokenizer(batch, split_special_tokens=True).input_ids
         parts.append(np.fromiter((t for row in rows for t in (*row, eos)), dtype=np.int32,
                                  count=sum(len(row) + 1 for row in rows)))
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    _write_cache(path, stream)
+    if not count:
+        raise EncdecError(f"no text found in {' '.join(specs)}")
+    stream = np.concatenate(parts)
+    log.info("tokenized %d documents: %d tokens", count, len(stream))
     return stream
+
+
+def _cached(path: Path, vocab_size: int, specs: list[str]) -> np.ndarray | None:
+    if not path.exists():
+        return None
+    cached = _read_cache(path, vocab_size)
+    hub = [spec for spec in specs if spec.startswith("hf:")]
+    if cached is not None and hub:  # its key is the name: a newer version of the dataset goes unseen
+        day = time.strftime("%Y-%m-%d", time.localtime(path.stat().st_mtime))
+        log.info("%s: the tokens cached on %s (a newer version of the dataset is not read; delete %s to read it "
+                 "again)", ", ".join(hub), day, path)
+    return cached
+
+
+@contextlib.contextmanager
+def _tokenizing_lock(path: Path) -> Iterator[None]:
+    """Held while `path` is tokenized; where no lock file can be made (a read-only cache), none is held: each
+    process then tokenizes, as it could not cache the tokens anyway."""
+    from encdec.sources import cache_lock
+
+    try:
+        lock = cache_lock(f"tokens-{path.stem}")
+        lock.acquire()
+    except (OSError, WriteFailed):
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _write_cache(path: Path, stream: np.ndarray) -> None:
