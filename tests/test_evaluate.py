@@ -118,6 +118,25 @@ def test_generation_tasks_stop_at_every_eos_the_model_names(kind, adapted, sourc
     assert scorer.generate([prompt], 6, [])[0] == free[: free.index(other) + 1]
 
 
+def test_the_sources_generation_config_json_does_not_change_its_greedy_answers(sources, tmp_path):
+    """transformers merges a model's generation_config.json into every generate call: its repetition_penalty (Qwen2.5
+    Instruct ships one), no_repeat_ngram_size or min_new_tokens changed the decoder-only column's greedy answers, which
+    the encoder-decoder's never get. Its end ids still count."""
+    import shutil
+
+    plain = load_scorer(str(sources["gemma3"]))
+    prompt = REQUESTS[2][0]
+    free = plain.generate([prompt], 8, [])[0]
+    assert len(set(free)) < len(free)  # the tiny model repeats itself: what these settings forbid
+    shipped = tmp_path / "shipped"
+    shutil.copytree(sources["gemma3"], shipped)
+    settings = {"repetition_penalty": 5.0, "no_repeat_ngram_size": 1, "min_new_tokens": 8, "eos_token_id": [1, free[3]],
+                "bos_token_id": 2, "pad_token_id": 0}
+    (shipped / "generation_config.json").write_text(json.dumps(settings))
+    scorer = load_scorer(str(shipped))
+    assert scorer.generate([prompt], 8, [])[0] == free[: free.index(free[3]) + 1]  # greedy, ending at its end ids
+
+
 def test_a_long_context_keeps_its_bos_only_when_the_tokenizer_puts_one(adapted):
     from tokenizers import processors
 

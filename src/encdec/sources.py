@@ -146,12 +146,20 @@ def check_causal_lm(directory: Path) -> None:
 
 
 def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
-    """A decoder-only source as transformers' own model (for comparisons), from safetensors only, no custom code."""
-    from transformers import AutoModelForCausalLM
+    """A decoder-only source as transformers' own model (for comparisons), from safetensors only, no custom code.
+
+    Its generation settings are reduced to its token ids: `generate` merges a model's generation_config.json into
+    every call, and settings there that greedy decoding still applies (Qwen2.5 Instruct's repetition_penalty,
+    a no_repeat_ngram_size, a min_new_tokens) would decode the source otherwise than encdec decodes the model
+    compared with it."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     check_causal_lm(directory)
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
                                                  use_safetensors=True)
+    shipped = model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id,
+                                               pad_token_id=shipped.pad_token_id)
     return model.eval()
 
 
