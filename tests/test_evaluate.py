@@ -264,6 +264,9 @@ def test_answer_matching_normalises():
     assert exact_match("The Eiffel Tower!", ["eiffel tower"])
     assert exact_match("  sunset   blvd.", ["Sunset Blvd"])
     assert not exact_match("Paris, France", ["Paris"])
+    # answers of punctuation alone (TriviaQA's "+-*/", NQ's "---") normalise to nothing: an empty answer matched them
+    assert not exact_match("", ["+-*/"]) and not exact_match(" ", ["---", "A+"]) and not exact_match("The", ["a"])
+    assert exact_match(" @ ", ["@"]) and exact_match("+-*/", ["times", "+-*/"])
     assert first_line(" Paris\nQuestion: next", ("\n",)) == "Paris"
     assert first_line("a b\n\nQuestion: c", ("\n\n", "Question:")) == "a b"
 
