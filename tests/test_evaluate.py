@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import math
+import platform
 import shutil
 import sys
 
