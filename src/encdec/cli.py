@@ -307,18 +307,17 @@ def _train_and_report(cfg: TrainConfig) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from encdec.evaluation.harness import Settings, evaluate, markdown, output_files, write
+    from encdec.evaluation.harness import ResultsFiles, Settings, evaluate, markdown
     from encdec.evaluation.tasks import parse_tasks
     from encdec.files import check_writable_place
 
     check_writable_place(args.out.parent)  # OUT is the prefix of OUT.md and OUT.json
-    output_files(args.out, tuple(args.models), args.overwrite)
+    results = ResultsFiles(args.out, tuple(args.models), args.overwrite)
     settings = Settings(tasks=parse_tasks(args.tasks), shots=args.shots, limit=args.limit, chat=args.chat,
                         batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
-    record = evaluate(args.models, settings, DTYPES[args.dtype])
+    record = evaluate(args.models, settings, DTYPES[args.dtype], model_done=results.write)  # written as it goes
     print(markdown(record))
-    table, data = write(record, args.out)
-    print(f"\nwritten: {table} (table), {data} (per-example results and provenance)")
+    print(f"\nwritten: {results.table} (table), {results.data} (per-example results and provenance)")
 
 
 def cmd_classify(args: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ from encdec.evaluation.tasks import (
     question_prompt,
     sample,
 )
-from encdec.files import atomic_write_files
+from encdec.files import atomic_write_files, file_identity
 
 log = logging.getLogger("encdec")
 
@@ -179,8 +179,11 @@ def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
     return TaskResult(n=n, values=values)
 
 
-def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Results of every model on every task, as the JSON record (see `write`)."""
+def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32,
+             model_done: Callable[[dict[str, Any]], Any] | None = None) -> dict[str, Any]:
+    """Results of every model on every task, as the JSON record (see `write`). `model_done` gets the record each
+    time a model's tasks are done (its "pending" lists the models still to evaluate): `ResultsFiles.write` keeps the
+    results so far on disk, so that a later model's failure (out of memory, Ctrl-C) loses none of the earlier ones."""
     from encdec.data.corpus import HELDOUT_SETS
 
     twice = sorted({spec for spec in models if models.count(spec) > 1})
@@ -211,10 +214,11 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
             record["tasks"][name] = {"describe": TASKS[name].describe, "kind": TASKS[name].kind,
                                      "shots": min(counts), "n": len(items), "results": {},
                                      **({"shots_max": max(counts)} if max(counts) != min(counts) else {})}
-    for spec in models:
+    record["versions"] = _versions()
+    for done, spec in enumerate(models, 1):
         scorer = load_scorer(spec, dtype, s.max_len)
-        record["models"].append({"name": spec, "kind": scorer.kind, "provenance": _provenance(spec, scorer.kind),
-                                 "framing": scorer.framing.describe()})
+        entry = {"name": spec, "kind": scorer.kind, "provenance": _provenance(spec, scorer.kind),
+                 "framing": scorer.framing.describe()}
         for name in s.tasks:
             log.info("%s: %s", spec, name)
             if name == LM_TASK:
@@ -225,8 +229,11 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32)
                 result = runner(scorer, TASKS[name], items, shots, s)
             record["tasks"][name]["results"][spec] = {**result.summary(), "examples": result.examples}
         del scorer
-    record["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    record["versions"] = _versions()
+        record["models"].append(entry)  # a column once all its tasks are scored
+        record["pending"] = models[done:]
+        record["date"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        if model_done is not None:
+            model_done(record)
     return record
 
 
@@ -299,6 +306,9 @@ def markdown(record: dict[str, Any]) -> str:
                 if any(c != "–" for c in cells):
                     lines.append(f"| held-out {name}: {label} | | {' | '.join(cells)} |")
     lines.append("")
+    if record.get("pending"):
+        lines += [f"Partial results: {', '.join(record['pending'])} not evaluated (the run stopped before them, or "
+                  "is still going).", ""]
     lines.append("Accuracy in %, with a 95% Wilson interval; multiple-choice tasks by summed log-likelihood of each answer, "
                  "'norm' by log-likelihood per byte of the answer; the average of the tasks' accuracies with its 95% "
                  "interval (the tasks as independent samples).")
@@ -335,9 +345,39 @@ def output_files(out: Path, models: tuple[str, ...] = (), overwrite: bool = True
 def write(record: dict[str, Any], out: Path) -> tuple[Path, Path]:
     """OUT.md (the table) and OUT.json (everything), written together: a failed write replaces neither."""
     table, data = output_files(out)
+    _write_pair(record, table, data)
+    return table, data
+
+
+def _write_pair(record: dict[str, Any], table: Path, data: Path) -> None:
     atomic_write_files({data: json.dumps(_finite(record), indent=1, allow_nan=False) + "\n",
                         table: markdown(record) + "\n"})
-    return table, data
+
+
+class ResultsFiles:
+    """OUT.md and OUT.json of one `encdec evaluate`, written after every model (`evaluate`'s `model_done`).
+
+    Checked once before any work (`output_files`), they could be taken meanwhile: another evaluation started
+    beside this one under the shared default OUT writes there first. Results found there that this run did not
+    write (nor was told to replace) are kept: this run's go to OUT-<date and time> instead, and the log says so."""
+
+    def __init__(self, out: Path, models: tuple[str, ...], overwrite: bool) -> None:
+        self.table, self.data = output_files(out, models, overwrite)
+        self.seen = self._identities()  # what --overwrite was given for, or nothing
+
+    def _identities(self) -> list[str | None]:
+        return [file_identity(f) if f.exists() else None for f in (self.table, self.data)]
+
+    def write(self, record: dict[str, Any]) -> tuple[Path, Path]:
+        if self._identities() != self.seen:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            taken = self.table
+            self.table, self.data = (f.with_name(f"{f.stem}-{stamp}{f.suffix}") for f in (self.table, self.data))
+            log.warning("%s was written by another run while this one evaluated; this run's results go to %s and %s",
+                        taken, self.table, self.data)
+        _write_pair(record, self.table, self.data)
+        self.seen = self._identities()
+        return self.table, self.data
 
 
 def _finite(value: Any) -> Any:
