@@ -56,6 +56,32 @@ def test_an_untied_head_is_saved_in_encdecs_format(sources, tmp_path, family, at
     assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items()) and "lm_head.weight" in loaded
 
 
+@pytest.mark.parametrize("family, attention", [("gemma2", "cross"), ("gemma3", "merged")])
+@pytest.mark.parametrize("side", ["encoder", "decoder"])
+@pytest.mark.parametrize("change", [{"activation": "silu"}, {"rope_llama3": [8.0, 1.0, 4.0, 64.0]},
+                                    {"norm_offset": 0.0}, {"embed_scale": False}, {"qk_norm": "flip"}])
+def test_a_stack_the_t5gemma_formats_cannot_hold_is_saved_in_encdecs_format(sources, batch, tmp_path, family,
+                                                                             attention, side, change):
+    """The T5Gemma formats have no field for these settings: a stack changed from its family's (built in Python, or a
+    hand-edited config.json) was written as T5Gemma without them, and transformers (and encdec.load) ran another
+    model. The native format keeps it, logits and all."""
+    import dataclasses
+
+    from encdec.model import EncoderDecoder
+
+    adapted = encdec.adapt(encdec.load_source(str(sources[family])), attention=attention)
+    cfg = adapted.config
+    stack = getattr(cfg, side)
+    changed = {k: (not stack.qk_norm if v == "flip" else v) for k, v in change.items()}
+    torch.manual_seed(0)
+    model = EncoderDecoder(dataclasses.replace(cfg, **{side: dataclasses.replace(stack, **changed)})).eval()
+    assert encdec.save(model, tmp_path / "out") == "encdec"
+    loaded = encdec.load_checkpoint(tmp_path / "out").model
+    assert getattr(loaded.config, side) == getattr(model.config, side)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
 @pytest.mark.parametrize("family, fmt, attention", [("gemma2", "t5gemma", "cross"), ("gemma3", "t5gemma2", "merged"),
                                                      ("gemma2", "encdec", "merged")])
 def test_an_end_of_turn_named_in_generation_config_alone_is_read_and_kept(sources, tmp_path, family, fmt, attention):

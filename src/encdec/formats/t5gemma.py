@@ -87,8 +87,19 @@ def _one_rope(stack: StackConfig) -> bool:
     return (stack.rope_theta_local, stack.rope_scale_local) == (stack.rope_theta_global, stack.rope_scale_global)
 
 
+def _gemma_stack(stack: StackConfig, family: str) -> bool:
+    """Whether the stack computes what transformers' blocks of the family compute: the settings the family's reader
+    gives (`gemma.stack_from_hf`), which the T5Gemma formats have no field for. A stack changed since (a config
+    edited by hand, `dataclasses.replace`) was written without them, and transformers ran another model."""
+    return (stack.post_norms and stack.norm_offset == 1.0 and stack.activation == "gelu_tanh" and stack.embed_scale
+            and not stack.qkv_bias and stack.rope_llama3 is None and stack.qk_norm == (family == "gemma3")
+            and (family == "gemma2" or stack.attn_softcap is None))
+
+
 def encoder_layout(family: str, stack: StackConfig, window: str) -> Layout | None:
     """The transformers format whose encoder holds this encoder stack exactly, if any."""
+    if not _gemma_stack(stack, family):
+        return None
     if family == "gemma2" and window == "t5gemma" and _one_rope(stack):
         return T5GEMMA
     if family == "gemma3" and window == "t5gemma2":
@@ -99,7 +110,7 @@ def encoder_layout(family: str, stack: StackConfig, window: str) -> Layout | Non
 def exportable(cfg: EncDecConfig) -> Layout | None:
     """The transformers format that holds this configuration exactly, if any (both tie the LM head to the
     embedding)."""
-    if not cfg.tied_head:
+    if not cfg.tied_head or not _gemma_stack(cfg.decoder, cfg.family):
         return None
     layout = encoder_layout(cfg.family, cfg.encoder, cfg.encoder_window)
     if layout is T5GEMMA and cfg.attention == "cross" and not cfg.shared_embeddings and _one_rope(cfg.decoder):
