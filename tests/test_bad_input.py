@@ -66,6 +66,17 @@ def test_a_config_without_model_type(capsys, tmp_path):
     assert "has no model_type in its config.json; supported: Gemma 2" in _run_adapt(capsys, tmp_path, "--encoder", str(src))
 
 
+def test_a_model_type_that_is_not_a_name(capsys, tmp_path):
+    """A list there was looked up in a dict: "unhashable type: 'list'" as a traceback, here and in every command
+    that asks a directory's format first."""
+    src = _hf_dir(tmp_path / "listed", {"model_type": ["llama"], "hidden_size": 32})
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(src))
+    assert "has model_type ['llama'] in its config.json, not a name; supported: Gemma 2" in line
+    assert main_exit(["generate", str(src), "--prompt", "w1"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert str(src) in line and "['llama']" in line
+
+
 def test_vision_only_config(capsys, tmp_path):
     src = _hf_dir(tmp_path / "siglip", {"model_type": "siglip_vision_model", "hidden_size": 32})
     assert "siglip_vision_model model; supported" in _run_adapt(capsys, tmp_path, "--encoder", str(src))

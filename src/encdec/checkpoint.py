@@ -105,7 +105,8 @@ def _layout_type(data: dict) -> str | None:
     `is_encoder_decoder: false` holds an encoder alone (T5GemmaEncoderModel, as `encdec export-encoder` writes),
     whose decoder transformers would fill with random weights."""
     model_type = data.get("model_type")
-    if model_type not in LAYOUTS or model_type == "t5gemma" and data.get("is_encoder_decoder") is False:
+    if not isinstance(model_type, str) or model_type not in LAYOUTS or (model_type == "t5gemma"
+                                                                       and data.get("is_encoder_decoder") is False):
         return None
     return model_type
 

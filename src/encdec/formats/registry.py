@@ -17,9 +17,11 @@ BY_FAMILY = {family: adapter for adapter in ADAPTERS for family in adapter.MODEL
 
 def adapter_of(model_type: str | None, where: str) -> ModuleType:
     """The adapter of a config.json `model_type`; one line naming the supported families otherwise."""
-    adapter = BY_MODEL_TYPE.get(model_type or "")
+    adapter = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None  # a list is not hashable
     if adapter is None:
-        what = f"holds a {model_type} model" if model_type else "has no model_type in its config.json"
+        what = (f"holds a {model_type} model" if isinstance(model_type, str) and model_type
+                else f"has model_type {model_type!r} in its config.json, not a name" if model_type is not None
+                else "has no model_type in its config.json")
         raise EncdecError(f"{where} {what}; supported: {SUPPORTED_FAMILIES}")
     return adapter
 
@@ -38,7 +40,8 @@ def adapted_as(family: str) -> tuple[str, str]:
 def text_model_config(cfg: dict) -> dict:
     """The config.json a decoder-only model of this source's text decoder is saved with (a multimodal source's text
     model alone: the adapter's `text_model_config`, where it has one)."""
-    adapter = BY_MODEL_TYPE.get(cfg.get("model_type") or "")
+    model_type = cfg.get("model_type")
+    adapter = BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
     convert = getattr(adapter, "text_model_config", None)
     return cfg if convert is None else convert(cfg)
 
