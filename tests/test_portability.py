@@ -60,7 +60,8 @@ def test_the_packaged_gguf_is_joined_into_encdecs_cache(monkeypatch, tmp_path):
     assert path.stat().st_size == sum(p.stat().st_size for p in package.chunk_paths())
     mtime = path.stat().st_mtime_ns
     assert sources_module._packaged_gguf("gemma-3-270m") == path and path.stat().st_mtime_ns == mtime  # reused
-    assert [p.name for p in path.parent.iterdir()] == [package.MODEL_NAME]  # no temporary left
+    # no temporary left; the SHA-256 it was joined for recorded beside it
+    assert sorted(p.name for p in path.parent.iterdir()) == [package.MODEL_NAME, f"{package.MODEL_NAME}.sha256"]
 
 
 def test_a_packaged_model_with_a_missing_part_is_one_line(monkeypatch, tmp_path):
@@ -96,6 +97,19 @@ def test_parts_that_do_not_join_into_the_expected_file_leave_nothing(tmp_path):
         sources_module._joined(parts, out, hashlib.sha256(b"other").hexdigest())
     assert list(out.parent.iterdir()) == []
     assert sources_module._joined(parts, out, hashlib.sha256(b"GGUFrest").hexdigest()).read_bytes() == b"GGUFrest"
+
+
+def test_a_package_upgraded_to_another_file_of_the_same_size_is_joined_again(tmp_path):
+    """The joined file was reused while its size was the parts' sum: a package re-uploaded with another model of
+    the same size (same tensor layout) kept adapting the old one, its conversion keyed on the unchanged file."""
+    parts = [tmp_path / "a", tmp_path / "b"]
+    out = tmp_path / "cache" / "model.gguf"
+    for data in (b"GGUFrest", b"GGUFbest"):
+        parts[1].write_bytes(data[4:])
+        parts[0].write_bytes(data[:4])
+        assert sources_module._joined(parts, out, hashlib.sha256(data).hexdigest()).read_bytes() == data
+    inode = out.stat().st_ino
+    assert sources_module._joined(parts, out, hashlib.sha256(b"GGUFbest").hexdigest()).stat().st_ino == inode  # reused
 
 
 def test_classification_caches_that_cannot_be_written_are_warnings(monkeypatch, tmp_path, warnings_seen):

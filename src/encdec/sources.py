@@ -27,6 +27,7 @@ import torch
 from encdec.config import StackConfig
 from encdec.errors import EncdecError, described, first_line
 from encdec.files import (
+    atomic_write_files,
     file_identity,
     read_json,
     read_weights,
@@ -286,16 +287,30 @@ def _package_file(module: str, name: str, pattern: str) -> Path:
 
 def _joined(parts: list[Path], out: Path, sha256: str | None = None) -> Path:
     """`parts` joined once into the GGUF file `out` in the cache, atomically (checked against `sha256` when it is
-    written); reused while its size is the parts' sum. Processes starting together (a distributed run's ranks on a
-    fresh machine) join it once: each joining replaced the file, with a new inode, and so a new key for its
-    conversion (`gguf_cache_dir`), and each rank converted it again beside the others."""
+    written); reused while its size is the parts' sum and the SHA-256 recorded beside it when it was joined is
+    `sha256` (a package upgraded to another file of the same size kept the old one). Processes starting together
+    (a distributed run's ranks on a fresh machine) join it once: each joining replaced the file, with a new inode,
+    and so a new key for its conversion (`gguf_cache_dir`), and each rank converted it again beside the others."""
     size = sum(p.stat().st_size for p in parts)
-    if out.is_file() and out.stat().st_size == size:
+    record = out.with_name(f"{out.name}.sha256")
+
+    def done() -> bool:
+        if not out.is_file() or out.stat().st_size != size:
+            return False
+        try:
+            return sha256 is None or record.read_text().strip() == sha256
+        except OSError:  # joined by an encdec that recorded nothing: joined again, once
+            return False
+
+    if done():
         return out
     with cache_lock(f"join-{out.name}"):
-        if out.is_file() and out.stat().st_size == size:  # joined by another process meanwhile
+        if done():  # joined by another process meanwhile
             return out
-        return _join(parts, out, sha256)
+        _join(parts, out, sha256)
+        if sha256 is not None:
+            atomic_write_files({record: sha256 + "\n"})
+        return out
 
 
 def _join(parts: list[Path], out: Path, sha256: str | None) -> Path:
