@@ -61,6 +61,42 @@ def test_unbalanced_cross_attention_is_new_and_reads_the_encoder_width(sources, 
     assert torch.equal(model.encoder_embed.weight, big.weights["model.embed_tokens.weight"])
 
 
+def test_sources_of_one_tokenizer_whose_tables_are_padded_apart_keep_the_smaller_table(sources, tmp_path, capsys):
+    """Qwen2.5 7B and up pad their table to 152,064 rows, 0.5B-3B to 151,936, Gemma 3 4B and up to 262,208, 1B and
+    270M to 262,144: one tokenizer, and the big-encoder / small-decoder pairs the method is about were refused as
+    different vocabularies. Both keep the smaller table; the model is the one adapted from an unpadded encoder.
+    The decoder's tokenizer is saved (the model takes its special tokens)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from encdec.cli import main
+
+    padded = tmp_path / "padded"
+    shutil.copytree(sources["gemma2"], padded)
+    weights = load_file(str(padded / "model.safetensors"))
+    table = weights["model.embed_tokens.weight"]
+    weights["model.embed_tokens.weight"] = torch.cat([table, torch.randn(32, table.shape[1])])
+    save_file(weights, str(padded / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**cfg, "vocab_size": table.shape[0] + 32}))
+    settings = json.loads((padded / "tokenizer_config.json").read_text())  # one vocabulary, its own settings
+    (padded / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 12345}))
+    small = encdec.load_source(str(sources["gemma2-small"]))
+    model = encdec.adapt(encdec.load_source(str(padded)), small, seed=7)
+    plain = encdec.adapt(encdec.load_source(str(sources["gemma2"])), small, seed=7)
+    assert model.config.vocab_size == table.shape[0] == plain.config.vocab_size
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in model.state_dict().items())
+    for encoder, decoder in ((padded, sources["gemma2-small"]), (sources["gemma2-small"], padded)):  # either side
+        out = tmp_path / f"out-{encoder.name}"
+        assert main(["adapt", "--encoder", str(encoder), "--decoder", str(decoder), "--out", str(out)]) == 0
+        assert encdec.load(out).config.vocab_size == table.shape[0]
+        saved = json.loads((out / "tokenizer_config.json").read_text())["model_max_length"]
+        assert (saved == 12345) == (decoder == padded)
+
+
 def test_unbalanced_adaptation_in_bfloat16_is_bfloat16_throughout_and_runs(sources):
     """Sources loaded in bfloat16 (a 9B encoder source, to save memory): the new cross-attention was float32, and
     the model's first product failed on the mix."""

@@ -249,10 +249,18 @@ def test_too_little_memory_to_dequantize_a_gguf_is_said_as_such(capsys, tmp_path
 
 
 def test_different_vocabularies(capsys, tmp_path):
+    """Tables of one size can hold different vocabularies (Llama 2's and OpenLLaMA's 32,000 tokens): only the table
+    sizes were compared, and the decoder generated ids of its vocabulary read in the encoder's."""
     from tiny import make_source
 
     a = make_source(tmp_path / "a", "gemma2")
-    b = make_source(tmp_path / "b", "gemma2", hidden=24)
+    b = make_source(tmp_path / "b", "gemma2", hidden=24, reserved=False)  # plain words in place of <unusedK>
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(a), "--decoder", str(b))
+    assert "the encoder's and the decoder's tokenizers spell different vocabularies (96 and 96 tokens; " in line
+    assert line.endswith("they must share one vocabulary")
+    for source in (a, b):  # without tokenizers, the tables' sizes are all there is to compare
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (source / name).unlink(missing_ok=True)
     cfg = json.loads((b / "config.json").read_text())
     from safetensors.torch import load_file, save_file
 
@@ -261,7 +269,8 @@ def test_different_vocabularies(capsys, tmp_path):
     cfg["vocab_size"] = 80
     save_file(weights, str(b / "model.safetensors"))
     (b / "config.json").write_text(json.dumps(cfg))
-    assert "must share one vocabulary" in _run_adapt(capsys, tmp_path, "--encoder", str(a), "--decoder", str(b))
+    assert "encoder vocabulary has 96 tokens, decoder's 80; they must share one vocabulary" in _run_adapt(
+        capsys, tmp_path, "--encoder", str(a), "--decoder", str(b))
 
 
 def test_merged_attention_with_another_decoder(capsys, tmp_path, sources):

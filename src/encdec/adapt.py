@@ -98,6 +98,31 @@ def _warn_if_only_local(stack: StackConfig, layers: list[int]) -> None:
                     layers, stack.sliding_window, full)
 
 
+def _shared_vocabulary(encoder: DecoderOnlySource, decoder: DecoderOnlySource) -> int:
+    """The rows of the embedding tables both sides keep. Models of one family share a tokenizer but pad their tables
+    to different sizes (Qwen2.5 7B and up: 152,064 rows, 0.5B-3B: 151,936; Gemma 3 4B and up: 262,208, 1B and
+    270M: 262,144): both keep the smaller table, the rows the smaller model already stops at. Models whose tables
+    are alike can still spell different vocabularies (Llama 2's and OpenLLaMA's 32,000 tokens): their tokenizers
+    are compared, where both have one."""
+    if encoder.has_tokenizer and decoder.has_tokenizer:
+        from encdec.sources import load_tokenizer
+
+        ours, theirs = (load_tokenizer(s.directory).get_vocab() for s in (encoder, decoder))
+        if ours != theirs:
+            differing = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])[0]
+            raise EncdecError(f"the encoder's and the decoder's tokenizers spell different vocabularies ({len(ours)} "
+                              f"and {len(theirs)} tokens; {differing[0]!r} is token {ours.get(differing[0])} of the "
+                              f"encoder's, {theirs.get(differing[0])} of the decoder's); they must share one vocabulary")
+    elif encoder.vocab_size != decoder.vocab_size:  # nothing to tell a table's padding from another vocabulary
+        raise EncdecError(f"encoder vocabulary has {encoder.vocab_size} tokens, decoder's {decoder.vocab_size}; "
+                          "they must share one vocabulary")
+    size = min(encoder.vocab_size, decoder.vocab_size)
+    if encoder.vocab_size != decoder.vocab_size:
+        log.info("the encoder's embedding table has %d rows, the decoder's %d (one tokenizer): both keep the first "
+                 "%d", encoder.vocab_size, decoder.vocab_size, size)
+    return size
+
+
 def adapt(
     encoder: DecoderOnlySource, decoder: DecoderOnlySource | None = None, decoder_layers: list[int] | None = None,
     attention: str | None = None, seed: int = 0,
@@ -109,13 +134,11 @@ def adapt(
     if dec_source.family != encoder.family:
         raise EncdecError(f"encoder is {encoder.family} but decoder is {dec_source.family}; "
                           "both must be the same family (one architecture, one vocabulary)")
-    if dec_source.vocab_size != encoder.vocab_size:
-        raise EncdecError(f"encoder vocabulary has {encoder.vocab_size} tokens, decoder's {dec_source.vocab_size}; "
-                          "they must share one vocabulary")
     default_attention, window = adapted_as(encoder.family)
     attention = attention or default_attention
     # the encoder's model named again as --decoder, by another path (absolute, through a link) is still one source
     one_source = decoder is None or decoder.directory.resolve() == encoder.directory.resolve()
+    vocab_size = encoder.vocab_size if one_source else _shared_vocabulary(encoder, dec_source)
     if attention == "merged" and not one_source:
         raise EncdecError("merged attention shares one embedding and the K/V projections between encoder and decoder, "
                           "so the decoder cannot come from another model; use --attention cross")
@@ -127,7 +150,7 @@ def adapt(
     # stays loadable there.
     shared = one_source and (attention == "merged" or window != "t5gemma")
     config = EncDecConfig(
-        encoder=encoder.stack, decoder=dec_stack, vocab_size=encoder.vocab_size, family=encoder.family,
+        encoder=encoder.stack, decoder=dec_stack, vocab_size=vocab_size, family=encoder.family,
         attention=attention, shared_embeddings=shared, encoder_window=window,
         final_logit_softcap=dec_source.final_logit_softcap, tied_head=dec_source.tied_head, **dec_source.special_tokens,
     )
@@ -135,11 +158,11 @@ def adapt(
         model = EncoderDecoder(config)
     weights = stack_weights(encoder, "encoder", list(range(encoder.stack.num_layers)))
     weights.update(stack_weights(dec_source, "decoder", layers))
-    weights["embed.weight"] = dec_source.weights[EMBED]
+    weights["embed.weight"] = dec_source.weights[EMBED][:vocab_size]
     if not config.tied_head:
-        weights["lm_head.weight"] = dec_source.weights[HEAD]
+        weights["lm_head.weight"] = dec_source.weights[HEAD][:vocab_size]
     if not config.shared_embeddings:
-        weights["encoder_embed.weight"] = encoder.weights[EMBED]
+        weights["encoder_embed.weight"] = encoder.weights[EMBED][:vocab_size]
     if attention == "cross":
         # from one source, each decoder layer's cross-attention starts as a copy of its own self-attention (the
         # papers' rule for a balanced model; for a --decoder-layers subset too)

@@ -80,7 +80,9 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     layers = parse_layers(args.decoder_layers, encoder.stack.num_layers) if args.decoder_layers is not None else None
     with timed("adapting"):
         model = adapt(encoder, decoder, layers, args.attention, seed=args.seed)
-    tokenizer_dir = encoder.directory if encoder.has_tokenizer else None
+    # the decoder's, whose special tokens the model takes (its EOS, its chat template); one vocabulary with the encoder's
+    generating = decoder if decoder is not None and decoder.has_tokenizer else encoder
+    tokenizer_dir = generating.directory if generating.has_tokenizer else None
     if tokenizer_dir is None:
         log.warning("%s has no tokenizer, so %s is saved without one; `encdec generate` needs one: copy the "
                     "source model's tokenizer.json (or tokenizer.model) and tokenizer_config.json into %s",
