@@ -439,6 +439,25 @@ def test_a_failed_results_write_replaces_neither_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
 
+def test_a_task_of_several_subjects_reports_the_mean_over_subjects_too(adapted):
+    """MMLU's accuracy is over its questions; papers also report the mean of its 57 subjects' accuracies (about a
+    point apart): the table said neither. Both are there now, each named."""
+    from encdec.evaluation.harness import markdown
+
+    scorer = load_scorer(str(adapted))
+    task = Task("subjects", "choice", "three subjects of unequal sizes", examples=list)
+    options = [" w3", " w4", " w5"]
+    items = [Choice(str(k), ["w1 w2"] * 3, options, k % 3, group) for k, group in enumerate("aaaaabbbc")]
+    result = run_choice(scorer, task, items, {}, Settings(tasks=[]))
+    right = {g: [e["prediction"] == e["gold"] for e, i in zip(result.examples, items) if i.group == g] for g in "abc"}
+    summary = result.summary()
+    assert summary["accuracy"] == sum(map(sum, right.values())) / 9 and summary["groups"] == 3
+    assert summary["accuracy_macro"] == pytest.approx(sum(sum(r) / len(r) for r in right.values()) / 3)
+    assert summary["accuracy_macro"] != summary["accuracy"]  # every item has one context: one pick, k % 3 golds
+    table = markdown({"models": [{"name": "m"}], "tasks": {"subjects": {"n": 9, "results": {"m": summary}}}})
+    assert f"· subjects {100 * summary['accuracy_macro']:.1f}" in table and "mean of its subjects' accuracies" in table
+
+
 def test_the_table_names_the_range_of_shots_when_groups_had_fewer():
     """MMLU takes its shots per subject from a dev split that some subjects lack after removing duplicates."""
     from encdec.evaluation.harness import markdown

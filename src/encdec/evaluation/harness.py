@@ -62,6 +62,7 @@ class TaskResult:
     correct_norm: float | None = None
     values: dict[str, float] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
+    groups: dict[str, list[int]] = field(default_factory=dict)  # MMLU's subjects: [correct, n] each
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n, **self.values}
@@ -71,6 +72,9 @@ class TaskResult:
             if self.correct_norm is not None:
                 out["accuracy_norm"] = self.correct_norm / self.n
                 out["interval95_norm"] = list(wilson_interval(self.correct_norm, self.n))
+            if len(self.groups) > 1:  # the mean over subjects, as some report MMLU (accuracy is over questions)
+                out["accuracy_macro"] = sum(c / n for c, n in self.groups.values()) / len(self.groups)
+                out["groups"] = len(self.groups)
         return out
 
 
@@ -110,6 +114,10 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
         gold = requests[at + item.gold]
         result.correct += requests[at + pick] == gold
         result.correct_norm += requests[at + pick_norm] == gold
+        if item.group:
+            tally = result.groups.setdefault(item.group, [0, 0])
+            tally[0] += requests[at + pick] == gold
+            tally[1] += 1
         result.examples.append({"id": item.id, "gold": item.gold, "prediction": pick, "prediction_norm": pick_norm,
                                 "logprobs": [round(x, 4) for x in logps]})
         at += count
@@ -287,6 +295,8 @@ def markdown(record: dict[str, Any]) -> str:
             cell = _cell(summary)
             if "accuracy_norm" in summary:
                 cell += f" · norm {100 * summary['accuracy_norm']:.1f}"
+            if "accuracy_macro" in summary:
+                cell += f" · subjects {100 * summary['accuracy_macro']:.1f}"
             cells.append(cell)
             if "accuracy" in summary:  # a task with no items has none
                 averages[m].append((summary["accuracy"] * entry["n"], entry["n"]))
@@ -311,7 +321,8 @@ def markdown(record: dict[str, Any]) -> str:
                   "is still going).", ""]
     lines.append("Accuracy in %, with a 95% Wilson interval; multiple-choice tasks by summed log-likelihood of each answer, "
                  "'norm' by log-likelihood per byte of the answer; the average of the tasks' accuracies with its 95% "
-                 "interval (the tasks as independent samples).")
+                 "interval (the tasks as independent samples). A task of several subjects (MMLU) is scored over its "
+                 "questions; 'subjects' is the mean of its subjects' accuracies, as some papers report it.")
     return "\n".join(lines)
 
 
