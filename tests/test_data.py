@@ -287,8 +287,19 @@ def test_token_cache_is_reused_and_keyed_by_source(sources, tmp_path, monkeypatc
     first = tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache")
     assert first.tolist() == [2, 29, 30, 31, 1, 2, 32, 33, 1]
     monkeypatch.setattr(tokens, "_documents", lambda *a: pytest.fail("tokenized again"))
-    assert np.array_equal(tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache"), first)
+    again = tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache")
+    assert np.array_equal(again, first)
+    # mapped from the cache file, read-only, by the process that wrote it too: a distributed run's processes share
+    # its pages (each held a copy of the whole stream)
+    (cached,) = (tmp_path / "cache").iterdir()
+    for stream in (first, again):
+        assert isinstance(stream, np.memmap) and str(stream.filename) == str(cached.resolve()) and not stream.flags.writeable
     monkeypatch.undo()
+    first = np.array(first)  # (a mapped file written in place would fault whatever still reads it)
+    del again, stream
+    with cached.open("wb") as f:  # an archive np.load reads, compressed: not mapped, tokenized again
+        np.savez_compressed(f, ids=first)
+    assert np.array_equal(tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache"), first)
     data.write_text("w9\n")  # changed source, new key
     assert tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache").tolist() == [2, 37, 1]
     # changed in place to the same size with its modification time put back (cp -p, rsync -a): still a new key

@@ -210,7 +210,7 @@ def test_a_pickle_in_the_token_cache_is_not_loaded_but_rebuilt(corpus, tmp_path,
     make_tokenizer(tmp_path / "tok")
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     cache = tmp_path / "cache"
-    expected = token_stream(tokenizer, [str(corpus)], cache_dir=cache)
+    expected = np.array(token_stream(tokenizer, [str(corpus)], cache_dir=cache))  # a copy: the cache is mapped
     (cached,) = cache.iterdir()
     marker = tmp_path / "pwned"
     cached.write_bytes(pickle.dumps(Payload(str(marker))))

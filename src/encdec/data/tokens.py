@@ -13,6 +13,7 @@ import importlib.metadata
 import itertools
 import logging
 import platform
+import struct
 import time
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -149,7 +150,9 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
             return cached
         log.info("tokenizing %s (cached for next time in %s)", " ".join(specs) or "the default corpus", path)
         stream = _tokenize(tokenizer, specs, text_field)
-        _write_cache(path, stream)
+        if _write_cache(path, stream):  # read back mapped, as the others read it: this copy is freed
+            mapped = _read_cache(path, len(tokenizer))
+            stream = stream if mapped is None else mapped
     return stream
 
 
@@ -201,23 +204,48 @@ def _tokenizing_lock(path: Path) -> Iterator[None]:
         lock.release()
 
 
-def _write_cache(path: Path, stream: np.ndarray) -> None:
+def _write_cache(path: Path, stream: np.ndarray) -> bool:
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:  # a file, not a name: np.savez would append .npz to a name
             np.savez(f, ids=stream)
 
-    write_cache(path, write, "the tokens", "they are tokenized again next time")
+    return write_cache(path, write, "the tokens", "they are tokenized again next time")
 
 
 def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:
-    """The cached stream, or None after deleting a damaged file (it is rebuilt)."""
+    """The cached stream, memory-mapped read-only from the archive (np.savez stores it uncompressed): the processes
+    of a distributed run share its pages instead of each holding a copy. Its CRC-32 is checked first (a flipped bit
+    reads as another token); None after deleting a damaged file (it is rebuilt). No pickle is ever read: only an
+    int32 array's header and its bytes. encdec replaces a cache file through a rename, never in place: a file
+    written over in place (`cp` onto it) while a run maps it would fault that run."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            ids = archive["ids"]
-        if ids.dtype != np.int32 or ids.ndim != 1 or (ids.size and not 0 <= ids.min() <= ids.max() < vocab_size):
+        with zipfile.ZipFile(path) as archive:
+            member = archive.getinfo("ids.npy")
+            if member.compress_type != zipfile.ZIP_STORED:
+                raise ValueError("a compressed member")
+            damaged = archive.testzip()  # every member's CRC-32 (reading the file once)
+            if damaged is not None:
+                raise ValueError(f"{damaged} fails its CRC-32")
+        with path.open("rb") as f:
+            f.seek(member.header_offset)
+            local = f.read(30)  # the member's local header: its name and extra field come before its data
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise ValueError("no local header where the directory says")
+            name_length, extra_length = struct.unpack("<HH", local[26:30])
+            f.seek(member.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0)(f)
+            offset = f.tell()
+        if dtype != np.int32 or len(shape) != 1 or fortran:
+            raise ValueError(f"a {dtype} array of shape {shape}, not a stream of int32 token ids")
+        if not shape[0]:
+            return np.zeros(0, np.int32)  # (nothing to map)
+        ids = np.memmap(path, dtype=np.int32, mode="r", offset=offset, shape=shape)
+        if ids.size and not 0 <= ids.min() <= ids.max() < vocab_size:
             raise ValueError(f"not a stream of token ids below {vocab_size}")
         return ids
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, struct.error) as e:
         log.warning("token cache %s is damaged (%s); deleted, tokenizing again", path, first_line(e))
         path.unlink(missing_ok=True)
         return None
