@@ -425,6 +425,8 @@ PRETRAIN_BAD = [
     (["--window", "127"], "--window 127: at most 126 tokens for --objective prefixlm at --enc-len 64 and --dec-len 64"),
     (["--batch-size", "100000"], "--batch-size 100000 x 1 process(es) needs more rows than the"),
     (["--distill", "--teacher-top-k", "1000"], "--teacher-top-k 1000 exceeds the 96 tokens of the vocabulary"),
+    # instruction tuning with pretraining's defaults (64 + 64 tokens, runs/pretrain) and the options finetune hides
+    (["--objective", "instruct"], "--objective instruct: instruction tuning is `encdec finetune MODEL`"),
     # the teacher read example and target as one sequence past its positions: silently extrapolated
     (["--distill", "--enc-len", "200", "--dec-len", "100"], "--enc-len 200 + --dec-len 100: the distillation teacher "
      "(decoder-only) reads each example as one sequence of up to 299 positions, more than the 256 its source was"),

@@ -366,7 +366,7 @@ def test_help_documents_every_option_with_its_default(command, capsys):
             f = fields[action.dest]
             value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             value = FINETUNE_DEFAULTS.get(action.dest, value) if command == "finetune" else value
-            if value is not None:
+            if value not in (None, ""):  # (an empty default, as --model's, is no default to show)
                 assert f"(default: {value!r})" in action.help, f"{command} {action.option_strings[0]}: {action.help}"
                 checked += 1
         elif action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, list):

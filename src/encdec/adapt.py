@@ -98,6 +98,12 @@ def _warn_if_only_local(stack: StackConfig, layers: list[int]) -> None:
                     layers, stack.sliding_window, full)
 
 
+def _rows(table: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` rows of an embedding table (or head): a copy where that cuts it, so that no two parameters
+    share memory (the same tensor given twice is cloned below)."""
+    return table if table.shape[0] == count else table[:count].clone()
+
+
 def _shared_vocabulary(encoder: DecoderOnlySource, decoder: DecoderOnlySource) -> int:
     """The rows of the embedding tables both sides keep. Models of one family share a tokenizer but pad their tables
     to different sizes (Qwen2.5 7B and up: 152,064 rows, 0.5B-3B: 151,936; Gemma 3 4B and up: 262,208, 1B and
@@ -158,11 +164,11 @@ def adapt(
         model = EncoderDecoder(config)
     weights = stack_weights(encoder, "encoder", list(range(encoder.stack.num_layers)))
     weights.update(stack_weights(dec_source, "decoder", layers))
-    weights["embed.weight"] = dec_source.weights[EMBED][:vocab_size]
+    weights["embed.weight"] = _rows(dec_source.weights[EMBED], vocab_size)
     if not config.tied_head:
-        weights["lm_head.weight"] = dec_source.weights[HEAD][:vocab_size]
+        weights["lm_head.weight"] = _rows(dec_source.weights[HEAD], vocab_size)
     if not config.shared_embeddings:
-        weights["encoder_embed.weight"] = encoder.weights[EMBED][:vocab_size]
+        weights["encoder_embed.weight"] = _rows(encoder.weights[EMBED], vocab_size)
     if attention == "cross":
         # from one source, each decoder layer's cross-attention starts as a copy of its own self-attention (the
         # papers' rule for a balanced model; for a --decoder-layers subset too)

@@ -1,5 +1,5 @@
-"""The `encdec` command line: adapt, pretrain, finetune, generate, serve, evaluate, classify, export-encoder, info,
-quickstart."""
+"""The `encdec` command line: adapt, pretrain, finetune, generate, serve, evaluate, classify, export, export-encoder,
+info, quickstart."""
 
 from __future__ import annotations
 
@@ -29,8 +29,19 @@ PROBE_IGNORES = ("lr", "head_lr", "weight_decay", "epochs", "steps", "warmup", "
                  "precision")  # the probe's features are the backbone's float32 states
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, but no "(default: None)" for an option without one, for a required one,
+    or a second default where the help text already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, "") or action.required or "(default" in text or "default:" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+    return _DefaultsHelp(prog, max_help_position=32)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -297,6 +308,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     cfg = from_arguments(args)
     if not cfg.model:
         raise EncdecError("--model DIR is required (an adapted model, from `encdec adapt`), on the command line or in --config")
+    if cfg.objective == "instruct":  # with pretraining's defaults and options finetune hides: not what it looks like
+        raise EncdecError("--objective instruct: instruction tuning is `encdec finetune MODEL` (its own defaults); "
+                          "pretrain takes prefixlm or ul2")
     _train_and_report(cfg)
 
 
@@ -494,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or a packaged model: gemma-3-270m, smollm2-135m, qwen2.5-coder-0.5b.")
     p.add_argument("--encoder", default="gemma-3-270m", metavar="SRC", help="source of the encoder (and of the decoder when balanced)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--decoder", metavar="SRC", help="unbalanced: a smaller decoder source of the same family and vocabulary")
+    group.add_argument("--decoder", metavar="SRC", help="unbalanced: a smaller decoder source of the same family and vocabulary (needs --attention cross, "
+                       "the default for Gemma 2 only; its cross-attention starts random)")
     group.add_argument("--decoder-layers", metavar="LIST",
                        help="unbalanced: the source layers the decoder keeps, e.g. 0,3,6 or ::3 (every third)")
     p.add_argument("--attention", choices=["merged", "cross"], default=None,
@@ -503,7 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype the sources are loaded in and the model is saved in (bfloat16 halves the memory)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of randomly initialised cross-attention (unbalanced)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the cross-attention drawn at random (--decoder SRC)")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("generate", formatter_class=_formatter, help="generate continuations with a saved model",
@@ -642,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", formatter_class=_formatter, help="fine-tune a classifier on BoolQ, CB, COPA or RTE",
                        description="Fine-tune all parameters of MODEL with a linear head on the last non-padding token "
                        "(or the mean) of its final hidden states: the encoder of an encoder-decoder, or a decoder-only "
-                       "Gemma's causal stack. BoolQ trains on its training split and is evaluated on validation; CB, "
+                       "model's causal stack. BoolQ trains on its training split and is evaluated on validation; CB, "
                        "COPA and RTE have no training split offline and are k-fold cross-validated over validation. "
                        "--search chooses the fine-tuning settings, --probe fits a logistic-regression head on the frozen "
                        "backbone's cached features; both choose on dev splits of the training data only. Writes "

@@ -70,9 +70,9 @@ class TrainConfig:
     weight_decay: float = _f(0.01, "AdamW weight decay (never on norms and embeddings unless --decay-all)")
     decay_all: bool = _f(False, "apply weight decay to norms and embeddings too")
     clip: float = _f(1.0, "gradient-norm clipping")
-    precision: str = _f("auto", "autocast dtype of the matrix products (weights stay float32); auto: bf16 where "
-                        "it is faster (CUDA; CPUs with AVX512-BF16/AMX), timed once per run and kept on --resume",
-                        choices=PRECISIONS)
+    precision: str = _f("auto", "autocast dtype of the matrix products (weights stay float32); auto: bf16 on GPUs "
+                        "that compute it natively and CPUs with AVX512-BF16/AMX (timed only where PyTorch cannot "
+                        "tell), decided once per run and kept on --resume", choices=PRECISIONS)
     cross_warmup_steps: int = _f(0, "first steps that train only cross-attention (unbalanced models; the paper: 1000)")
     freeze_encoder_steps: int = _f(0, "first steps with the encoder's layers frozen, so that the decoder first learns "
                                    "to read the encoder (the shared embedding still trains)")
@@ -255,7 +255,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
         if f.name in skip:
             continue
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
-        helptext = (docs or {}).get(f.name, f.metadata["doc"]) + ("" if default is None else f" (default: {default!r})")
+        helptext = (docs or {}).get(f.name, f.metadata["doc"])
+        if default not in (None, "") and "(default" not in helptext:  # (one the text names is not said twice)
+            helptext += f" (default: {default!r})"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": helptext, "dest": f.name}
         if _kind(f) is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
