@@ -24,6 +24,7 @@ from encdec.errors import EncdecError
 from encdec.evaluation.stats import mean_interval
 from encdec.flops import decoder_only_request_flops, encdec_request_flops
 from encdec.inference.causal import generate_causal
+from encdec.inference.sampling import Sampling
 from encdec.training.config import TrainConfig
 from encdec.training.loop import train
 
@@ -88,6 +89,14 @@ def test_decoder_only_generation_matches_transformers_and_ignores_left_padding(s
     first = int(ours[0, 0])  # a row that reaches an EOS stops, and is padded while the others go on
     stopped = generate_causal(model, ids, max_new_tokens=10, eos_token_ids=[first])
     assert stopped[0, 0] == first and (stopped[0, 1:] == 0).all()
+    # seeded sampling: row i draws from seed + i, as the encoder-decoder's rows do (every row drew the same stream,
+    # so one prompt given three times was sampled alike three times)
+    hot = Sampling(True, temperature=3.0, seed=5)
+    repeated = generate_causal(model, ids[:1].repeat(3, 1), max_new_tokens=10, eos_token_ids=[-1], sampling=hot)
+    assert len({tuple(row) for row in repeated.tolist()}) == 3
+    for i in range(3):
+        assert torch.equal(repeated[i], generate_causal(model, ids[:1], max_new_tokens=10, eos_token_ids=[-1],
+                                                        sampling=hot.nth(i))[0])
 
 
 def test_a_decoder_only_source_pretrains_on_the_same_examples_trimmed_and_distilled(sources, corpus, tmp_path):  # noqa: F811

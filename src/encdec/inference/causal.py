@@ -47,7 +47,7 @@ def generate_causal(
     del cache
     seen = torch.cat([mask.bool(), torch.ones(n, max_new_tokens, dtype=torch.bool, device=device)], 1)
     key_positions = torch.arange(total, device=device)
-    generators = [sampling.generator(device) for _ in range(n)]
+    generators = [sampling.nth(i).generator(device) for i in range(n)]  # row i draws from seed + i, as encdec's
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(n, dtype=torch.bool, device=device)

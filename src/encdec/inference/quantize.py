@@ -35,7 +35,8 @@ def quantize_int8(model: EncoderDecoder) -> EncoderDecoder:
     (the tied embedding table stays float for lookups). For inference only: it cannot be trained or saved."""
     check_int8(model.embed.weight.dtype, model.device)
     if model.config.tied_head:
-        head = nn.Linear(model.embed.embedding_dim, model.embed.num_embeddings, bias=False)
+        # built on the meta device: a full-size weight drawn at random only to be replaced (671 MB for the 270M)
+        head = nn.Linear(model.embed.embedding_dim, model.embed.num_embeddings, bias=False, device="meta")
         head.weight = model.embed.weight
         model.lm_head = head
     return quantize_layers(model)
