@@ -293,7 +293,8 @@ def test_token_cache_is_reused_and_keyed_by_source(sources, tmp_path, monkeypatc
     # its pages (each held a copy of the whole stream)
     (cached,) = (tmp_path / "cache").iterdir()
     for stream in (first, again):
-        assert isinstance(stream, np.memmap) and str(stream.filename) == str(cached.resolve()) and not stream.flags.writeable
+        assert isinstance(stream, np.memmap) and str(stream.filename) == str(cached.resolve())
+        assert not stream.flags.writeable
     monkeypatch.undo()
     first = np.array(first)  # (a mapped file written in place would fault whatever still reads it)
     del again, stream

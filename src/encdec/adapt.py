@@ -116,9 +116,10 @@ def _shared_vocabulary(encoder: DecoderOnlySource, decoder: DecoderOnlySource) -
         ours, theirs = (load_tokenizer(s.directory).get_vocab() for s in (encoder, decoder))
         if ours != theirs:
             differing = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])[0]
+            token = differing[0]
             raise EncdecError(f"the encoder's and the decoder's tokenizers spell different vocabularies ({len(ours)} "
-                              f"and {len(theirs)} tokens; {differing[0]!r} is token {ours.get(differing[0])} of the "
-                              f"encoder's, {theirs.get(differing[0])} of the decoder's); they must share one vocabulary")
+                              f"and {len(theirs)} tokens; {token!r} is token {ours.get(token)} of the encoder's, "
+                              f"{theirs.get(token)} of the decoder's); they must share one vocabulary")
     elif encoder.vocab_size != decoder.vocab_size:  # nothing to tell a table's padding from another vocabulary
         raise EncdecError(f"encoder vocabulary has {encoder.vocab_size} tokens, decoder's {decoder.vocab_size}; "
                           "they must share one vocabulary")

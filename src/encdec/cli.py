@@ -91,7 +91,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     layers = parse_layers(args.decoder_layers, encoder.stack.num_layers) if args.decoder_layers is not None else None
     with timed("adapting"):
         model = adapt(encoder, decoder, layers, args.attention, seed=args.seed)
-    # the decoder's, whose special tokens the model takes (its EOS, its chat template); one vocabulary with the encoder's
+    # the decoder's, whose special tokens the model takes (its EOS, its chat template); one vocabulary with the
+    # encoder's
     generating = decoder if decoder is not None and decoder.has_tokenizer else encoder
     tokenizer_dir = generating.directory if generating.has_tokenizer else None
     if tokenizer_dir is None:
@@ -508,8 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "or a packaged model: gemma-3-270m, smollm2-135m, qwen2.5-coder-0.5b.")
     p.add_argument("--encoder", default="gemma-3-270m", metavar="SRC", help="source of the encoder (and of the decoder when balanced)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--decoder", metavar="SRC", help="unbalanced: a smaller decoder source of the same family and vocabulary (needs --attention cross, "
-                       "the default for Gemma 2 only; its cross-attention starts random)")
+    group.add_argument("--decoder", metavar="SRC", help="unbalanced: a smaller decoder source of the same family "
+                       "and vocabulary (needs --attention cross, the default for Gemma 2 only; its cross-attention "
+                       "starts random)")
     group.add_argument("--decoder-layers", metavar="LIST",
                        help="unbalanced: the source layers the decoder keeps, e.g. 0,3,6 or ::3 (every third)")
     p.add_argument("--attention", choices=["merged", "cross"], default=None,
