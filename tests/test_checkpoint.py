@@ -359,3 +359,29 @@ def test_a_t5gemma_checkpoint_with_weights_or_settings_encdec_does_not_compute_i
         (out / "config.json").write_text(json.dumps({**config, "decoder": {**decoder, key: value}}))
         with pytest.raises(EncdecError, match=said):
             encdec.load(out)
+
+
+def test_the_tokenizer_of_a_checkpoint_in_encdecs_format_loads_without_a_transformers_warning(sources, tmp_path):
+    """transformers reads config.json before a tokenizer: for the model_type "encdec", which it does not know, it
+    warned "You are using a model of type `encdec` to instantiate a model of type ``" at every load_tokenizer."""
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])), attention="cross")
+    assert encdec.save(model, tmp_path / "out", tokenizer_dir=sources["gemma3"]) == "encdec"
+    import logging
+
+    warned: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    library = logging.getLogger("transformers")  # its own handlers, not propagated
+    library.addHandler(handler)
+    level = library.level
+    library.setLevel(logging.WARNING)  # as a Python user has it (encdec's command line quiets transformers)
+    try:
+        tokenizer = encdec.load_tokenizer(tmp_path / "out")
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+    assert not [message for message in warned if "model of type" in message]
+    reference = encdec.load_tokenizer(sources["gemma3"])
+    assert tokenizer("w1 w2 <unused3>").input_ids == reference("w1 w2 <unused3>").input_ids
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (reference.eos_token_id,
+                                                                                 reference.pad_token_id, len(reference))

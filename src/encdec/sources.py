@@ -111,10 +111,17 @@ def load_tokenizer(directory: Path | str):
 
 @lru_cache(maxsize=4)
 def _tokenizer(directory: Path, stamp: tuple[int, ...]):
-    from transformers import AutoTokenizer
+    from transformers import CONFIG_MAPPING, AutoTokenizer, PretrainedConfig
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    # a model_type transformers does not know (this project's own format): it reads config.json only to warn
+    # "You are using a model of type encdec to instantiate a model of type ``"; the tokenizer's own files say it all
+    config = {} if model_type is None or model_type in CONFIG_MAPPING else {"config": PretrainedConfig()}
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **config)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions (a damaged tokenizer.json)
         raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({first_line(e)})") from None
 
