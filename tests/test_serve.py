@@ -1458,6 +1458,79 @@ def _serving(local, monkeypatch, **settings) -> Iterator[tuple[int, threading.Th
             thread.join(30)
 
 
+def test_an_abort_during_an_embedding_pass_encodes_none_of_that_cycles_arrivals(local, monkeypatch):
+    """--shutdown-timeout's abort was read at the top of a cycle only: one that came during an embedding pass still
+    let the completions taken in that cycle through an encoder pass and a step past the deadline (and past the
+    clients' 503, when the process's end cut them first)."""
+    import asyncio
+
+    from encdec.inference.engine import Engine
+    from encdec.serve.protocol import APIError
+
+    app = _app(local)
+    scheduler = app.state.service.scheduler
+    embed, join, joined = Engine.embed, Engine.join, []
+
+    def aborted_meanwhile(engine, prompts, pooling):
+        scheduler.abort(APIError(503, "the drain ran past --shutdown-timeout 0", None))
+        return embed(engine, prompts, pooling)
+
+    monkeypatch.setattr(Engine, "embed", aborted_meanwhile)
+    monkeypatch.setattr(Engine, "join",
+                        lambda engine, prompts, rows: joined.append(prompts) or join(engine, prompts, rows))
+
+    async def ask(client):  # both queued before the scheduler starts: one cycle takes both
+        posted = [asyncio.create_task(client.post("/v1/embeddings", json={"input": "w1 w2"})),
+                  asyncio.create_task(client.post("/v1/completions", json={"prompt": "w3", "max_tokens": 4}))]
+        while not (scheduler.waiting and scheduler.embedding):
+            await asyncio.sleep(0.005)
+        scheduler.start()
+        return await asyncio.gather(*posted)
+
+    try:
+        embedded, completed = _asked(app, ask, scheduler=False)
+    finally:
+        scheduler.stop(5)
+    assert embedded.status_code == 200 and completed.status_code == 503 and joined == []
+    assert "--shutdown-timeout 0" in completed.json()["error"]["message"]
+
+
+def test_a_pass_running_at_the_drains_close_does_not_hold_the_process_past_it(local, monkeypatch):
+    """uvicorn runs the app's shutdown once every connection has closed: it joined the scheduler for up to 600 s, so
+    with the clients gone (their own timeouts) a long pass kept the process up past the S + 10 s a --shutdown-timeout
+    drain promises. The join now ends at that close."""
+    import asyncio
+
+    from encdec.inference.engine import Engine
+
+    app = _app(local)
+    scheduler, step = app.state.service.scheduler, Engine.step
+
+    def long_pass(engine):
+        time.sleep(3)
+        return step(engine)
+
+    monkeypatch.setattr(Engine, "step", long_pass)
+
+    async def run() -> float:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=f"http://{HOST}") as client:
+            async with app.router.lifespan_context(app):
+                asked = asyncio.create_task(client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 4}))
+                while not scheduler.running:
+                    await asyncio.sleep(0.01)
+                asked.cancel()  # its client went away
+                app.state.close_by = time.monotonic() + 0.2  # as SIGTERM's drain sets it, its close near
+                began = time.monotonic()
+            return time.monotonic() - began
+
+    try:
+        assert asyncio.run(run()) < 2.0  # not the pass's 3 s, nor the rest of the request's
+    finally:
+        scheduler.stop(10)
+    # the pass ended after the event loop had closed: its answer goes nowhere, and the thread ended without error
+    assert not scheduler.thread.is_alive() and scheduler.failed is None
+
+
 @pytest.mark.parametrize("failing", ["join", "step"])
 def test_passes_failing_again_and_again_make_health_say_so_until_one_succeeds(local, monkeypatch, failing):
     """Passes that fail every time (a --max-batch whose caches never fit the memory) failed each request with a 500

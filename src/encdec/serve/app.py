@@ -334,13 +334,18 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     async def lifespan(_: FastAPI):
         service.scheduler.start()
         yield
-        await asyncio.to_thread(service.scheduler.stop, SHUTDOWN_WAIT_S)
+        # uvicorn runs this once every connection has closed, whatever its force_exit: a pass still running must
+        # not keep the process past the close a --shutdown-timeout drain promised (clients gone meanwhile)
+        close_by = app.state.close_by
+        wait = SHUTDOWN_WAIT_S if close_by is None else max(0.0, close_by - time.monotonic())
+        await asyncio.to_thread(service.scheduler.stop, wait)
 
     # FastAPI's pages of the API (/docs, /redoc, /openapi.json) lie outside /v1/, where the key is asked: served
     # only without one; /health answers HEAD too (load balancers' checks)
     hidden = {"docs_url": None, "redoc_url": None, "openapi_url": None} if settings.api_key is not None else {}
     app = FastAPI(title="encdec", lifespan=lifespan, **hidden)
     app.state.service, app.state.draining = service, False
+    app.state.close_by = None  # with --shutdown-timeout, once draining: when the process closes at the latest
     app.state.open_connections = None  # () -> the connections open and requests in flight, once uvicorn serves
 
     def open_for_requests() -> None:
@@ -654,6 +659,9 @@ class DrainingServer(uvicorn.Server):
         """Stop taking requests, and start the watch that ends the server once they are done (on the event loop's
         thread, where signals are handled)."""
         scheduler = self.encdec_app.state.service.scheduler
+        timeout = self.encdec_app.state.service.settings.shutdown_timeout_s
+        if not self.encdec_app.state.draining and timeout is not None:
+            self.encdec_app.state.close_by = time.monotonic() + timeout + FLUSH_AFTER_DRAIN_S
         self.encdec_app.state.draining = True
         scheduler.stop_accepting()
         if self.watch is None:

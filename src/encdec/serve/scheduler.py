@@ -9,11 +9,14 @@ Requests talk to it only through `submit` and `cancel`; the engine itself is tou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -64,7 +67,7 @@ class Job:
     counted: bool = False  # its end is in the finished-generations metric
 
     def deliver(self, item: Emitted | Exception | None) -> None:
-        self.loop.call_soon_threadsafe(self.tokens.put_nowait, item)
+        _on_loop(self.loop, self.tokens.put_nowait, item)
 
 
 @dataclass(eq=False)
@@ -87,7 +90,14 @@ class EmbedJob:
         def settle() -> None:
             if not self.result.done():  # the client may have gone
                 (self.result.set_exception if isinstance(outcome, Exception) else self.result.set_result)(outcome)
-        self.loop.call_soon_threadsafe(settle)
+        _on_loop(self.loop, settle)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, call: Callable[..., Any], *args: Any) -> None:
+    """`call(*args)` on the server's event loop; nothing once that loop has closed (a pass that ended after the
+    server's close, which a drain's deadline does not wait for: its clients are gone with the loop)."""
+    with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+        loop.call_soon_threadsafe(call, *args)
 
 
 class Scheduler:
@@ -258,6 +268,8 @@ class Scheduler:
                     continue  # decoded further
                 if not self.engine.rows and not self.stopping:
                     self._gather()
+                    if self.aborting is not None:  # came while it waited for the burst: nothing more is encoded
+                        continue
                 cancelled, self.cancelled = self.cancelled, []
                 arrivals = [self.waiting.popleft() for _ in range(min(self.engine.free, len(self.waiting)))]
                 self.admitting = arrivals
@@ -265,6 +277,12 @@ class Scheduler:
                 self.metrics.queue.set(len(self.waiting) + len(self.embedding))
             if embedding:
                 self._embed(embedding)
+                with self.wake:
+                    if self.aborting is not None:  # came during the embedding pass: the arrivals are not encoded
+                        self.waiting.extendleft(reversed(arrivals))  # but ended, with the queue, at the top
+                        self.cancelled = cancelled + self.cancelled
+                        self.admitting = []
+                        continue
             try:
                 self._cycle(cancelled, arrivals)
             except SchedulerBroken:  # `_run` fails what the thread holds, the requests still admitting among them
