@@ -95,6 +95,16 @@ def test_sources_of_one_tokenizer_whose_tables_are_padded_apart_keep_the_smaller
         assert encdec.load(out).config.vocab_size == table.shape[0]
         saved = json.loads((out / "tokenizer_config.json").read_text())["model_max_length"]
         assert (saved == 12345) == (decoder == padded)
+    # PrefixLM distils from the recorded encoder source, whose table is the longer: it keeps the student's rows
+    from tiny import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    assert main(["pretrain", "--model", str(tmp_path / "out-padded"), "--out", str(run), "--data", str(corpus),
+                 "--steps", "2", "--enc-len", "16", "--dec-len", "16", "--batch-size", "2", "--eval-windows", "2",
+                 "--distill", "--precision", "fp32"]) == 0
+    assert encdec.load(run / "model").config.vocab_size == table.shape[0]
+    assert "cut to the student's" in capsys.readouterr().err
 
 
 def test_unbalanced_adaptation_in_bfloat16_is_bfloat16_throughout_and_runs(sources):

@@ -133,9 +133,9 @@ TOKENIZATION = 3
 def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache_dir: Path | None = None) -> np.ndarray:
     """All documents of `specs` (the default corpus when empty) as one int32 stream, cached on disk.
 
-    Processes that start together (the ranks of a distributed run) tokenize it once: the first takes a lock beside
-    the cache file, the others wait for it and read the cache (each tokenizing too took N times the CPU, for hours
-    on a large corpus, and N times the memory)."""
+    Processes that start together (the ranks of a distributed run) tokenize it once: the first takes the cache's
+    lock for this key (`cache_lock`), the others wait for it and read the cache (each tokenizing too took N times the
+    CPU, for hours on a large corpus, and N times the memory)."""
     from encdec.sources import cache_root
 
     cache_dir = cache_dir or cache_root() / "tokens"

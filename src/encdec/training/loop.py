@@ -124,7 +124,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
         dtype = compute_dtype or torch.float32
         # a decoder-only model is distilled from itself as it started, unless --teacher says otherwise
         spec = teacher_spec(model_dir, cfg.teacher or (cfg.model if plan.causal else ""))
-        teacher = load_teacher(spec, plan.vocab_size, dtype, d.device)
+        teacher = load_teacher(spec, plan.vocab_size, dtype, d.device, tokenizer)
         cfg.check_joined(teacher.cfg, "the distillation teacher")
         if keep is not None:
             teacher = trim_teacher(teacher, keep, untrained)

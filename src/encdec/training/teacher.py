@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from encdec.causal import load_causal
 from encdec.checkpoint import read_metadata
@@ -45,8 +46,21 @@ def teacher_spec(model_dir: Path, given: str) -> str:
     return spec
 
 
-def load_teacher(spec: str, vocab_size: int, dtype: torch.dtype, device: torch.device) -> CausalLM:
+def load_teacher(spec: str, vocab_size: int, dtype: torch.dtype, device: torch.device, tokenizer=None) -> CausalLM:
+    """The teacher, frozen; its vocabulary must be the student's (`tokenizer`). A teacher whose table one tokenizer
+    pads further (the encoder source of an unbalanced model, which keeps the smaller table: `encdec.adapt`) keeps
+    the student's rows."""
     teacher, source = load_causal(spec)
-    if source.vocab_size != vocab_size:
+    if source.vocab_size > vocab_size and tokenizer is not None and source.has_tokenizer:
+        from encdec.sources import load_tokenizer
+
+        if load_tokenizer(source.directory).get_vocab() == tokenizer.get_vocab():
+            log.info("teacher %s: its table's %d rows cut to the student's %d (one tokenizer)", spec,
+                     source.vocab_size, vocab_size)
+            teacher.embed = nn.Embedding.from_pretrained(teacher.embed.weight[:vocab_size].clone())
+            if teacher.lm_head is not None:
+                teacher.lm_head.weight = nn.Parameter(teacher.lm_head.weight[:vocab_size].clone())
+                teacher.lm_head.out_features = vocab_size
+    if teacher.embed.num_embeddings != vocab_size:
         raise EncdecError(f"teacher {spec} has {source.vocab_size} tokens, the student {vocab_size}: they must match")
     return teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)
