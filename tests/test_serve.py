@@ -1382,6 +1382,8 @@ def test_a_scheduler_that_died_fails_its_requests_and_says_so(local, monkeypatch
     # its engine still holds the row it could not cancel: a SIGTERM's drain waited for it for good
     assert scheduler.engine.rows and scheduler.idle()
     assert app.state.service.metrics.running._value.get() == 0 and app.state.service.metrics.queue._value.get() == 0
+    # the failed request ended there: its client's leaving queued it for a thread that no longer runs
+    assert scheduler.cancelled == []
 
 
 @pytest.mark.parametrize("where", ["step", "join"])

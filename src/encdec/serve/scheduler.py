@@ -251,6 +251,7 @@ class Scheduler:
                 self.metrics.queue.set(0)
                 self.metrics.running.set(0)
             for job in held:
+                job.row.finish_reason = job.row.finish_reason or "error"  # ended: its client's leaving queues nothing
                 self.count(job, "error")
                 job.deliver(RuntimeError(f"the server's scheduler failed: {e!r:.200}"))
             for job in embedding:
