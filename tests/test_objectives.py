@@ -485,6 +485,30 @@ def test_examples_that_do_not_fit_keep_their_denoiser(monkeypatch, mixture, enc_
         assert abs(final[denoiser] / n - weight / sum(chosen.weights)) < 0.045, (denoiser, final[denoiser] / n)
 
 
+@pytest.mark.parametrize("enc_len, dec_len", [(512, 128), (128, 512)])
+def test_the_s_denoisers_split_stays_uniform_whatever_the_row_shapes(enc_len, dec_len):
+    """UL2's S-denoiser splits its window uniformly and keeps the continuation's start (with EOS) as PrefixLM does:
+    without a cap on its targets, a split the decoder's row could not hold shortened the whole window and split it
+    again, biasing the split towards long prefixes and using 233 of a 320-token window's tokens on average."""
+    vocab = {f"<unused{k}>": 6 + k for k in range(99)}
+    s2s = special_token_ids(vocab)[0]["[S2S]"]
+    make = example_maker("ul2", eos_id=EOS, vocab=vocab, enc_len=enc_len, dec_len=dec_len, bos_id=2, mixture="ul2")
+    rng, length, splits = np.random.default_rng(0), window_length("ul2", enc_len, dec_len), []
+    window = list(range(1000, 1000 + length))
+    for _ in range(10_000):
+        example = make(window, rng)
+        if example.inputs[1] != s2s:  # another denoiser's
+            continue
+        prefix, continuation = example.inputs[2:], example.targets[:-1]
+        assert example.targets[-1] == EOS and len(example.inputs) <= enc_len and len(example.targets) <= dec_len
+        k = prefix[-1] - 999 if prefix else 0
+        assert prefix == window[k - len(prefix) : k] and continuation == window[k : k + len(continuation)]
+        assert len(continuation) == min(length - k, dec_len - 1)  # the continuation cut only by the row
+        splits.append(k)
+    assert len(splits) > 400
+    assert abs(np.mean(splits) - length / 2) < length * 0.05, (np.mean(splits), length)
+
+
 # --- how a pretrained model reads a continuation ---------------------------------------------------------------------
 
 GEMMA_LIKE = {"<bos>": BOS, "<eos>": EOS, **{f"<unused{k}>": 100 + k for k in range(12)}}

@@ -185,12 +185,14 @@ def span_corruption(tokens: Sequence[int], *, rate: float, mean_span: float | No
 
 
 def apply_denoiser(tokens: Sequence[int], denoiser: Denoiser, *, sentinels: Sequence[int], mode_ids: Mapping[str, int],
-                   eos_id: int, rng: np.random.Generator, max_inputs: int | None = None) -> Example:
+                   eos_id: int, rng: np.random.Generator, max_inputs: int | None = None,
+                   max_targets: int | None = None) -> Example:
     """UL2: one denoiser's example (drawn from a mixture by `Mixture.draw`), its mode token (if it has one)
-    prepended to the inputs. `max_inputs` bounds the S-denoiser's prefix with its mode token (see `prefix_lm`)."""
+    prepended to the inputs. `max_inputs` bounds the S-denoiser's prefix with its mode token, `max_targets` its
+    continuation before the EOS (see `prefix_lm`); the span denoisers' are theirs to fit."""
     if denoiser.prefix_lm:
         room = None if max_inputs is None else max(1, max_inputs - (denoiser.mode is not None))
-        example = prefix_lm(tokens, eos_id=eos_id, rng=rng, max_inputs=room)
+        example = prefix_lm(tokens, eos_id=eos_id, rng=rng, max_inputs=room, max_targets=max_targets)
     else:
         example = span_corruption(tokens, rate=denoiser.rate, mean_span=denoiser.mean_span, sentinels=sentinels,
                                   eos_id=eos_id, rng=rng)

@@ -69,7 +69,8 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
     A corrupted window that does not fit the row is corrupted again from a shorter window, by the same denoiser
     (drawing again would trade the denoisers with long targets for short ones whenever encoder and decoder rows
     differ: at 256 + 64 tokens the T5Gemma 2 mixture's 3/4-span denoiser fell from half the examples to a tenth);
-    cutting its inputs would drop sentinels whose spans the targets still hold.
+    cutting its inputs would drop sentinels whose spans the targets still hold. UL2's S-denoiser, which has no
+    sentinels, splits as PrefixLM does and keeps its continuation's start, so its split stays uniform.
     """
     eos, room = eos_id, enc_len - (bos_id is not None)
     if objective == "prefixlm":
@@ -84,7 +85,7 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
             denoiser = chosen.draw(rng)
             while True:
                 example = apply_denoiser(window, denoiser, sentinels=sentinels, mode_ids=mode_ids, eos_id=eos, rng=rng,
-                                         max_inputs=room)
+                                         max_inputs=room, max_targets=dec_len - 1)
                 if len(example.inputs) <= room and len(example.targets) <= dec_len:
                     return example
                 if len(window) <= 2:  # cut to fit, it would lose its EOS or a sentinel: every example, silently
