@@ -16,8 +16,8 @@ classifier (backbone + pooling + linear head):
   `pad_sequence`, `F.cross_entropy`, gradient clipping at 1.0, nothing process-wide changed.
 
 Each implementation runs in a process of its own (the allocator setting is process-wide), in `--rounds`
-rounds, each round running every implementation once in turn, so that a slow spell of a shared machine
-falls on all of them. A process makes its classifier, runs one untimed call of `--warmup` steps, then
+rounds, each round running every implementation once in turn (in reverse order every other round), so that a
+slow spell of a shared machine falls on all of them. A process makes its classifier, runs one untimed call of `--warmup` steps, then
 `--repeats` timed calls of `--steps` optimizer steps each; every call starts a new optimizer (as each
 fold does) and sees the same seeded batches. Rows are seeded random ids of 1/4 to all of `--max-len`
 tokens (right-padded per batch, as classification pads them), labels random over two classes.
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import print_result, ratio_line, require_positive, run_worker, time_calls
+from common import in_turn, print_result, ratio_line, require_positive, run_worker, time_calls
 
 LR, HEAD_LR, WEIGHT_DECAY, CLIP, WARMUP = 1e-5, 1e-4, 0.01, 1.0, 0.1
 BOS_ID, PAD_ID = 2, 0
@@ -188,7 +188,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(tiny_model(Path(tmp)))
         for round_ in range(1, args.rounds + 1):
-            for name in names:
+            for name in in_turn(names, round_ - 1):
                 print(f"round {round_}/{args.rounds}: timing {name} ...", file=sys.stderr, flush=True)
                 rounds[name].append(measure(name, model, args))
     examples = args.steps * args.batch

@@ -14,10 +14,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def synchronize(device: torch.device) -> None:
@@ -89,6 +92,12 @@ def cpu_only() -> None:
     """Hide any GPU from this process and the workers and servers it starts: these benchmarks compare CPU
     implementations, and encdec's loading would take a GPU where the baselines stay on the CPU."""
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def in_turn(items: Sequence[T], round_index: int) -> list[T]:
+    """`items` in order in even rounds (counted from 0), reversed in odd ones: a machine's drift within a round
+    then weighs on both sides of a comparison alike."""
+    return list(items) if round_index % 2 == 0 else list(items)[::-1]
 
 
 def run_worker(script: str | Path, arguments: list[str], env: dict[str, str] | None = None) -> dict:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import corpus_token_ids, engine_steps
+from common import corpus_token_ids, cpu_only, engine_steps
 
 
 def main() -> None:
@@ -35,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.prompt_length, args.batch, args.new_tokens, args.repeats) < 1:
         parser.error("--prompt-length, --batch, --new-tokens and --repeats must be positive")
+    cpu_only()  # the ids and the kernels compared are the CPU's
 
     from encdec.inference.engine import Engine, compiled_step
     from encdec.inference.loading import load_for_inference
@@ -45,8 +46,11 @@ def main() -> None:
     for kernels in args.kernels.split(","):
         model = load_for_inference(args.model, getattr(torch, args.dtype), None, kernels)
         reference, _ = engine_steps(model, ids, args.new_tokens)
-        eager = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens)[1]]
-        eager_call = sum(eager) / args.repeats
+        eager, eager_calls = [], []  # step times; whole generations' wall times (encoder pass and joining included)
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            eager += engine_steps(model, ids, args.new_tokens)[1]
+            eager_calls.append(time.perf_counter() - start)
         compiled = compiled_step(Engine.hidden)
         start = time.perf_counter()
         try:
@@ -54,7 +58,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - a kernel inductor cannot trace is a result to report
             rows.append(f"{kernels:<8} compiled: failed ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
             continue
-        compile_s = time.perf_counter() - start - eager_call
+        compile_s = time.perf_counter() - start - statistics.median(eager_calls)
         steps = [s for _ in range(args.repeats) for s in engine_steps(model, ids, args.new_tokens, compiled)[1]]
         eager_ms, compiled_ms = statistics.median(eager) * 1e3, statistics.median(steps) * 1e3
         rows.append(f"{kernels:<8} {eager_ms:>15.1f} {compiled_ms:>18.1f} {compile_s:>13.0f} "

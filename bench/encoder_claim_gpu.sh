@@ -60,7 +60,9 @@ claim "adapted-init=$MODELS/adapted" &
     [ -d "$MODELS/train/model" ] && claim "adapted-trained=$MODELS/train/model"
 } &
 while [ -n "$(jobs -r)" ] && [ "$(left)" -gt 0 ]; do sleep 5; done
-[ -n "$(jobs -r)" ] && { echo "deadline: stopping the unfinished cells"; pkill -P $$; pkill -f "encoder_claim.py --out|encdec.cli"; }
+descendants() { local c; for c in $(pgrep -P "$1"); do descendants "$c"; echo "$c"; done; }
+# this script's own processes only (deepest first): a pattern would match other runs' encdec processes as well
+[ -n "$(jobs -r)" ] && { echo "deadline: stopping the unfinished cells"; kill $(descendants $$) 2>/dev/null; }
 wait
 python3 bench/encoder_claim.py --out "$OUT" --backbone decoder-only=gemma-3-270m \
     --backbone "adapted-init=$MODELS/adapted" --backbone "adapted-trained=$MODELS/train/model" \

@@ -22,9 +22,9 @@ per-task table (the points side by side) goes to OUT/evaluation-NAMES.md. Cost: 
 --prompt-tokens input -> --new-tokens new tokens, from the shapes: `encdec.flops`) and the measured
 latency of such a request at each --batches size, by the project's own generation for every point
 (`encdec.generate` for the encoder-decoders, `encdec.inference.causal` for the source), EOS ignored,
-float32. Latency runs last, in --rounds rounds that each time every point once, each in a fresh
-process (one untimed 2-token call, then --repeats timed ones), so that a slow spell of a shared machine falls
-on all points.
+float32. Latency runs last, in --rounds rounds that each time every point once (in reverse order every other
+round), each in a fresh process (one untimed 2-token call, then --repeats timed ones), so that a slow spell of
+a shared machine falls on all points.
 
 With --jobs N the training runs go N at a time, each in its own process with its share of the cores (on a
 small CPU two single-threaded runs get through more steps per hour than one run on both cores).
@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from common import print_result, ratio_line, require_positive, run_worker, time_calls
+from common import in_turn, print_result, ratio_line, require_positive, run_worker, time_calls
 from study import append, check_recipe, parse_recipe, read_results, recipe_config, tokens_per_step
 
 from encdec.checkpoint import is_checkpoint
@@ -143,7 +143,7 @@ def train_in_parallel(names: list[str], args: argparse.Namespace) -> None:
 
     def run(name: str) -> None:
         print(f"training {name} in its own process ({threads} thread(s)) ...", file=sys.stderr, flush=True)
-        if subprocess.run([sys.executable, __file__, *sys.argv[1:], "--train", name], env=env).returncode != 0:
+        if subprocess.run([sys.executable, __file__, *sys.argv[1:], "--train", name], env=env, check=False).returncode != 0:
             raise SystemExit(f"training {name} failed (its output is above); a rerun resumes from its last checkpoint")
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -358,7 +358,7 @@ def main() -> None:
         write_prompts(args, models[SOURCE], prompts)
     for round_ in range(args.rounds):
         done = {(r["point"], r["round"]) for r in read_results(results) if r["event"] == "latency"}
-        for name in names:
+        for name in in_turn(names, round_):
             if (name, round_) not in done:
                 print(f"latency round {round_ + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
                 measured = run_worker(__file__, [*worker_options, "--worker", str(models[name]), str(prompts)])

@@ -57,6 +57,7 @@ import torch
 from common import (
     corpus_token_ids,
     cpu_only,
+    in_turn,
     peak_memory_gib,
     print_result,
     ratio_line,
@@ -325,8 +326,8 @@ def main() -> None:
 
         groups.append((SOURCE, "decoder-only", resolve(SOURCE)))
     cells: dict[tuple[str, str, str], Cell] = {}
-    for round_ in range(1, args.rounds + 1):  # in reverse order every other round: a drift within a round
-        for model, impl, directory in groups if round_ % 2 else groups[::-1]:  # weighs on both sides alike
+    for round_ in range(1, args.rounds + 1):
+        for model, impl, directory in in_turn(groups, round_ - 1):
             print(f"round {round_}/{args.rounds}: {model} {impl} ...", file=sys.stderr, flush=True)
             result = run_worker(__file__, [*worker_options(args), "--worker", impl, str(directory), str(prompts)])
             for key, measured in result["cells"].items():

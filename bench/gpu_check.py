@@ -34,6 +34,7 @@ Each timing is the median of --repeats calls after one untimed call. The last li
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import statistics
 import sys
@@ -280,8 +281,8 @@ def main() -> None:
     if args.only in (None, "attention") and "attention" not in skip:
         attention_check(base, args.repeats)
     if args.only in (None, "compiled-generate") and "compile" not in skip:
-        compiled_generate_check(base.to(torch.bfloat16), args)
-        base.float()
+        compiled_generate_check(copy.deepcopy(base).to(torch.bfloat16), args)  # `.to` converts in place: a copy
+        # keeps the float32 weights unrounded for the float32 rows below
     if args.only == "fine-tuning":
         fine_tuning_check(base, args.repeats, [int(b) for b in args.classify_batches.split(",")])
     if args.only is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import cpu_only
 
 VARIANTS = {  # name -> (dtype, quantize, cpu kernels)
     "blas": (torch.float32, None, "blas"),
@@ -65,6 +66,7 @@ def main() -> None:
                      "(blas, the reference, included)")
     if args.new_tokens < 1 or args.batch_size < 1:
         parser.error("--new-tokens and --batch-size must be positive")
+    cpu_only()  # the kernels compared are the CPU's (and the batches stay there)
 
     from encdec.data.corpus import HELDOUT_SETS
     from encdec.evaluation.nll import split_passages

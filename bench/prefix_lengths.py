@@ -87,7 +87,7 @@ def main() -> None:
             ids = model.generate(framed, max_new_tokens=args.new_tokens, decoder_prefix=framing.decoder)
         texts[name] = tokenizer.decode(ids[0], skip_special_tokens=True)
 
-    print(f"\nheld-out suffix NLL (nats/token, the same 64-token suffixes) after a prefix of n tokens (BOS included)")
+    print("\nheld-out suffix NLL (nats/token, the same 64-token suffixes) after a prefix of n tokens (BOS included)")
     head = ["model", *[f"{name} n={n}" for name, n in sets]]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name, values in rows.items():

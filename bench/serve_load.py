@@ -36,7 +36,8 @@ rounds). Output texts are compared with the transformers loop's for the same req
 last lines give, at the most concurrent level, serve's output tokens/s over the transformers loop's, and serve's
 p99 latency over the transformers loop's single-client latency (the issue's two goals; that latency is the median
 of the few requests the single-client level sends, so a second line divides by the median of the same requests'
-latencies alone, which the loop measures as it takes them one at a time), for serve-bf16 (against the bfloat16
+latencies alone, which the loop measures as it takes them one at a time, and a third by their p99: p99 against
+p99 over the same requests, each alone as a single client's would be), for serve-bf16 (against the bfloat16
 loop where it ran, and the float32 one) and then for serve.
 
 The model: the packaged Gemma 3 270M adapted (balanced, merged attention), prepared as
@@ -65,7 +66,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import corpus_token_ids, cpu_only, peak_rss_gib, print_result, ratio_line, run_worker
+from common import corpus_token_ids, cpu_only, in_turn, peak_rss_gib, print_result, ratio_line, run_worker
 from generate_throughput import prepare_model
 
 TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop", "transformers-loop-bf16", "serve-int8")
@@ -124,6 +125,8 @@ def parse_args() -> argparse.Namespace:
         p.error("client counts, --requests-per-client and --rounds must be at least 1")
     if not 1 <= args.min_prompt <= args.max_prompt or not 1 <= args.min_new <= args.max_new:
         p.error("need 1 <= --min-prompt <= --max-prompt and 1 <= --min-new <= --max-new")
+    if not args.max_seconds > 0:  # at 0 a level sends nothing and has no latencies to report
+        p.error(f"--max-seconds must be above 0, got {args.max_seconds}")
     return args
 
 
@@ -293,9 +296,13 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
     model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
     # the server's stop tokens: the model's EOS ids and the end-of-turn marker (encdec.serve.app.Service)
     from encdec.data.chat import ChatFormat
+    from encdec.data.tokens import leading_bos
     from encdec.files import read_json
     from encdec.formats.t5gemma import config_from_hf
+    from encdec.inference.loading import model_framing
 
+    # a UL2-pretrained model's prompts framed as the server frames them (its sentinels), so both do the same work
+    framing, bos = model_framing(model_dir, tokenizer), leading_bos(tokenizer)
     end_of_turn = tokenizer.get_vocab().get(ChatFormat.of(tokenizer).end)
     model_eos = config_from_hf(read_json(Path(model_dir) / "config.json")).eos_token_ids
     eos = sorted(set(model_eos) | ({end_of_turn} - {None}))
@@ -304,12 +311,14 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
     def generate(index: int, submitted: float) -> dict:
         request = spec["requests"][index]
         began = time.perf_counter()
-        batch = tokenizer(request["prompt"], return_tensors="pt")
+        ids = torch.tensor([framing.prompt(tokenizer(request["prompt"])["input_ids"], bos)])
+        start = torch.tensor([[model.generation_config.decoder_start_token_id, *framing.decoder]])
         first = FirstToken()
         with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=request["max_tokens"], do_sample=False, streamer=first,
-                                 eos_token_id=eos)
-        ids = out[0, 1:].tolist()  # after the decoder start token; a final EOS counts, as in the server's usage
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), decoder_input_ids=start, do_sample=False,
+                                 max_new_tokens=request["max_tokens"], streamer=first, eos_token_id=eos)
+        ids = out[0, start.shape[1]:].tolist()  # after the decoder's start (and framing): a final EOS counts, as in
+        # the server's usage
         end = time.perf_counter()
         return {"index": index, "ttft": (first.at or end) - submitted, "latency": end - submitted, "tokens": len(ids),
                 "text": tokenizer.decode(ids, skip_special_tokens=True), "alone": end - began}
@@ -369,7 +378,7 @@ def main() -> None:
     plan = levels(args)
     measured: dict[str, list[tuple[Levels, float]]] = {target: [] for target in args.targets}  # per round
     for round_ in range(args.rounds):
-        for target in args.targets if round_ % 2 == 0 else args.targets[::-1]:
+        for target in in_turn(args.targets, round_):
             print(f"round {round_ + 1}/{args.rounds}: {target} ...", file=sys.stderr, flush=True)
             if target in LOOP_DTYPES:
                 measured[target].append(run_loop(model_dir, LOOP_DTYPES[target], requests, plan, args))
@@ -422,12 +431,15 @@ def print_ratios(measured: dict[str, list[tuple[Levels, float]]], args: argparse
         base_rate = [[level_row(*r[top])[2]] for r in base]
         base_single = [[statistics.median(d.latency for d in r[single][0])] for r in base]
         alone = [[statistics.median(d.alone for d in r[top][0])] for r in base]
+        alone_p99 = [[percentile([d.alone for d in r[top][0]], .99)] for r in base]
         clients = args.clients[top]
         print(ratio_line(f"{target} / {baseline} output tokens/s, {clients} clients", base_rate, rate))
         print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} latency at {args.clients[single]} "
                          "client(s)", base_single, p99))
         print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} median latency of the same requests "
                          "alone", alone, p99))
+        print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} p99 latency of the same requests "
+                         "alone", alone_p99, p99))
 
 
 if __name__ == "__main__":

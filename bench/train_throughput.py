@@ -16,9 +16,9 @@ packaged Gemma 3 270M adapted with merged attention, in implementations holding 
 
 Each implementation runs in a process of its own (the allocator setting is process-wide). The speed of
 a shared machine drifts by 10-20% over minutes, so the implementations are measured in `--rounds`
-rounds, each round running every implementation once in turn (a fresh process, `--warmup` untimed
-steps, `--steps` timed ones): a slow spell then falls on all of them rather than on whichever ran
-during it. The table reports the median over all timed steps of all rounds; the ratio lines also
+rounds, each round running every implementation once in turn (in reverse order every other round; a fresh
+process, `--warmup` untimed steps, `--steps` timed ones): a slow spell then falls on all of them rather than on
+whichever ran during it. The table reports the median over all timed steps of all rounds; the ratio lines also
 give each round's ratio, so the spread is visible.
 
 Both read the same B rows of `enc_len` input and `dec_len` target tokens (one example per row, no
@@ -57,7 +57,16 @@ from pathlib import Path
 
 import torch
 import transformers
-from common import peak_memory_gib, print_result, ratio_line, require_positive, run_worker, synchronize, time_calls
+from common import (
+    in_turn,
+    peak_memory_gib,
+    print_result,
+    ratio_line,
+    require_positive,
+    run_worker,
+    synchronize,
+    time_calls,
+)
 
 import encdec
 from encdec.allocator import keep_freed_memory
@@ -295,7 +304,7 @@ def main() -> None:
                 continue
             measured = {name: Measured(name, precision, [], 0.0) for name in implementations(device)}
             for round_ in range(1, args.rounds + 1):
-                for name, row in measured.items():
+                for name, row in in_turn(list(measured.items()), round_ - 1):
                     print(f"round {round_}/{args.rounds}: timing {name} {precision} ...", file=sys.stderr, flush=True)
                     times, peak = measure(name, precision, directory, args)
                     row.rounds.append(times)

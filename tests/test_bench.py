@@ -328,6 +328,7 @@ def test_screened_head_compares_the_heads_on_the_same_tokens(adapted, capsys, mo
     from encdec.inference import onednn
 
     monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the script hides any GPU: restored after
     monkeypatch.setattr("sys.argv", ["screened_head.py", "--model", str(adapted), "--batch", "1,2", "--prompt-length",
                                      "16", "--new-tokens", "4", "--rounds", "1"])
     if not onednn.available() or onednn.screen_dtype() is None:
@@ -388,3 +389,34 @@ def test_study_results_are_appended_under_a_lock(tmp_path):
         assert results.read_text() == '{"a": 1}\n{"torn'
     assert writer.wait(timeout=60) == 0
     assert results.read_text() == '{"a": 1}\n{"b": 2}\n'
+
+
+def test_serve_load_goals_divide_like_by_like(monkeypatch, capsys):
+    """bench/serve_load.py's p99 goal: the burst's slowest request against the single-client level's request, the
+    median of the same requests alone, and (added when the first two were read as the goal) their p99 alone."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from serve_load import Done, print_ratios
+
+    def level(latencies: list[float], alone: list[float] | None = None) -> tuple[list[Done], float]:
+        return [Done(i, 0.1, lat, 10, "", alone and alone[i]) for i, lat in enumerate(latencies)], max(latencies)
+
+    args = argparse.Namespace(clients=[1, 16])
+    alone = [1.0] * 8 + [2.0] * 7 + [4.0]  # the loop takes the burst's requests one at a time
+    loop = [([level([2.0], [2.0]), level([10.0] * 16, alone)], 1.0)]  # a round: its levels, its peak GiB
+    served = [([level([1.5]), level([3.0] * 15 + [6.0])], 1.0)]
+    print_ratios({"serve-bf16": served, "transformers-loop": loop}, args)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "1.67x (rounds: 1.67x)",  # 160 tokens in 6 s against 160 in 10 s
+        "3.00x (rounds: 3.00x)",  # 6 s against the single client's 2 s
+        "4.00x (rounds: 4.00x)",  # against the median alone, 1.5 s
+        "1.50x (rounds: 1.50x)",  # against the p99 alone, 4 s
+    ]
+    assert lines[-1].startswith("ratio (serve-bf16 p99 latency at 16 clients / transformers-loop p99 latency of the same")
+
+
+def test_benchmarks_alternate_the_order_of_their_rounds(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from common import in_turn
+
+    assert [in_turn("abc", r) for r in range(3)] == [list("abc"), list("cba"), list("abc")]
