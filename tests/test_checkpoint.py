@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import valid
 
 import encdec
 import encdec.files
@@ -59,12 +61,14 @@ def test_an_untied_head_is_saved_in_encdecs_format(sources, tmp_path, family, at
 @pytest.mark.parametrize("family, attention", [("gemma2", "cross"), ("gemma3", "merged")])
 @pytest.mark.parametrize("side", ["encoder", "decoder"])
 @pytest.mark.parametrize("change", [{"activation": "silu"}, {"rope_llama3": [8.0, 1.0, 4.0, 64.0]},
-                                    {"norm_offset": 0.0}, {"embed_scale": False}, {"qk_norm": "flip"}])
+                                    {"norm_offset": 0.0}, {"embed_scale": False}, {"qk_norm": "flip"},
+                                    {"query_pre_attn_scalar": 7.5}, {"num_heads": 6}])
 def test_a_stack_the_t5gemma_formats_cannot_hold_is_saved_in_encdecs_format(sources, batch, tmp_path, family,
                                                                              attention, side, change):
     """The T5Gemma formats have no field for these settings: a stack changed from its family's (built in Python, or a
     hand-edited config.json) was written as T5Gemma without them, and transformers (and encdec.load) ran another
-    model. The native format keeps it, logits and all."""
+    model. The native format keeps it, logits and all. (transformers' strict configurations type the query scale an
+    int and check that the hidden size is a multiple of the heads: saving failed with a traceback.)"""
     import dataclasses
 
     from encdec.model import EncoderDecoder
@@ -80,6 +84,28 @@ def test_a_stack_the_t5gemma_formats_cannot_hold_is_saved_in_encdecs_format(sour
     assert getattr(loaded.config, side) == getattr(model.config, side)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+
+
+def test_a_source_config_of_whole_numbers_for_floats_saves_as_t5gemma(sources, batch, tmp_path):
+    """A Gemma 2 config.json may write its soft-caps and epsilon as whole numbers (50, not 50.0): transformers' strict
+    T5Gemma configuration refused them, and `encdec adapt` ended in a traceback after adapting."""
+    import transformers as tf
+
+    source = tmp_path / "source"
+    shutil.copytree(sources["gemma2"], source)
+    config = json.loads((source / "config.json").read_text())
+    assert (config["attn_logit_softcapping"], config["final_logit_softcapping"]) == (5.0, 3.0)
+    text = (source / "config.json").read_text()
+    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+        text = re.sub(rf'"{name}": (\d+)\.0', rf'"{name}": \1', text)
+    (source / "config.json").write_text(text)
+    assert '"attn_logit_softcapping": 5,' in text
+    model = encdec.adapt(encdec.load_source(str(source)), attention="cross")
+    assert encdec.save(model, tmp_path / "out") == "t5gemma"
+    reference = tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out")).eval()
+    with torch.no_grad():
+        ours, theirs = (valid(m(**batch).logits, batch["decoder_attention_mask"]) for m in (model, reference))
+    assert (ours - theirs).abs().max() < 1e-4
 
 
 @pytest.mark.parametrize("family, fmt, attention", [("gemma2", "t5gemma", "cross"), ("gemma3", "t5gemma2", "merged"),

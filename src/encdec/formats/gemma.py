@@ -139,12 +139,13 @@ def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
 
 def _rope_dict(theta: float, scale: float) -> dict[str, Any]:
     if scale == 1.0:
-        return {"rope_type": "default", "rope_theta": theta}
-    return {"rope_type": "linear", "rope_theta": theta, "factor": scale}
+        return {"rope_type": "default", "rope_theta": float(theta)}
+    return {"rope_type": "linear", "rope_theta": float(theta), "factor": float(scale)}
 
 
 def stack_to_hf(stack: StackConfig, per_layer_type_rope: bool) -> dict[str, Any]:
-    """The Hugging Face configuration fields of one stack (T5Gemma module / T5Gemma 2 text config)."""
+    """The Hugging Face configuration fields of one stack (T5Gemma module / T5Gemma 2 text config), of the types
+    transformers' strict configurations check (a source's config.json may say 50 for a float, 256.0 for an int)."""
     if per_layer_type_rope:
         rope = {
             "sliding_attention": _rope_dict(stack.rope_theta_local, stack.rope_scale_local),
@@ -165,10 +166,10 @@ def stack_to_hf(stack: StackConfig, per_layer_type_rope: bool) -> dict[str, Any]
         "head_dim": stack.head_dim,
         "layer_types": [OUR_LAYER_TYPES[t] for t in stack.layer_types],
         "sliding_window": stack.sliding_window,
-        "query_pre_attn_scalar": stack.query_pre_attn_scalar,
+        "query_pre_attn_scalar": int(stack.query_pre_attn_scalar),  # integral where a T5Gemma format holds it
         "rope_parameters": rope,
-        "attn_logit_softcapping": stack.attn_softcap,
-        "rms_norm_eps": stack.rms_norm_eps,
+        "attn_logit_softcapping": None if stack.attn_softcap is None else float(stack.attn_softcap),
+        "rms_norm_eps": float(stack.rms_norm_eps),
         "hidden_activation": "gelu_pytorch_tanh",
     }
 

@@ -96,9 +96,16 @@ def _gemma_stack(stack: StackConfig, family: str) -> bool:
             and (family == "gemma2" or stack.attn_softcap is None))
 
 
+def _typed_fields(stack: StackConfig) -> bool:
+    """Whether transformers' strictly typed T5Gemma configurations take the stack's values: an integral query scale
+    (an int field there) and a hidden size that is a multiple of the heads (checked there); a source's config.json
+    may have either otherwise, and saving failed after adapting with a traceback."""
+    return float(stack.query_pre_attn_scalar).is_integer() and stack.hidden_size % stack.num_heads == 0
+
+
 def encoder_layout(family: str, stack: StackConfig, window: str) -> Layout | None:
     """The transformers format whose encoder holds this encoder stack exactly, if any."""
-    if not _gemma_stack(stack, family):
+    if not _gemma_stack(stack, family) or not _typed_fields(stack):
         return None
     if family == "gemma2" and window == "t5gemma" and _one_rope(stack):
         return T5GEMMA
@@ -110,7 +117,7 @@ def encoder_layout(family: str, stack: StackConfig, window: str) -> Layout | Non
 def exportable(cfg: EncDecConfig) -> Layout | None:
     """The transformers format that holds this configuration exactly, if any (both tie the LM head to the
     embedding)."""
-    if not cfg.tied_head or not _gemma_stack(cfg.decoder, cfg.family):
+    if not cfg.tied_head or not _gemma_stack(cfg.decoder, cfg.family) or not _typed_fields(cfg.decoder):
         return None
     layout = encoder_layout(cfg.family, cfg.encoder, cfg.encoder_window)
     if layout is T5GEMMA and cfg.attention == "cross" and not cfg.shared_embeddings and _one_rope(cfg.decoder):
@@ -128,7 +135,8 @@ def hf_config(cfg: EncDecConfig, layout: Layout):
     """The transformers configuration object of an exportable model."""
     import transformers as tf
 
-    common = {"vocab_size": cfg.vocab_size, "final_logit_softcapping": cfg.final_logit_softcap, **_special(cfg)}
+    cap = None if cfg.final_logit_softcap is None else float(cfg.final_logit_softcap)  # 30 in a config.json: a float
+    common = {"vocab_size": cfg.vocab_size, "final_logit_softcapping": cap, **_special(cfg)}
     if layout is T5GEMMA:
         enc = tf.T5GemmaModuleConfig(**stack_to_hf(cfg.encoder, per_layer_type_rope=False), **common)
         dec = tf.T5GemmaModuleConfig(**stack_to_hf(cfg.decoder, per_layer_type_rope=False), **common)
