@@ -526,6 +526,29 @@ def test_an_encoder_no_transformers_class_holds_is_exported_in_the_own_format(mo
         torch.testing.assert_close(read_encoder(tmp_path / "encoder")(ids, mask), backbone(ids, mask), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("window, damage, said", [
+    ("t5gemma2", lambda c: c.update(text_config=None), "not a usable configuration (TypeError"),
+    ("t5gemma2", lambda c: c["text_config"].update(sliding_window_pattern=0, layer_types=None), "not a usable"),
+    ("flax", lambda c: c["backbone"].update(vocab_size=-1), "vocab_size must be a positive integer, got -1"),
+    ("flax", lambda c: c["backbone"].update(vocab_size="12"), "vocab_size must be a positive integer, got '12'"),
+    ("flax", lambda c: c["backbone"].update(window_convention="T5Gemma"), "unknown window convention 'T5Gemma'"),
+], ids=["no-text-config", "zero-pattern", "negative-vocabulary", "string-vocabulary", "window-typo"])
+def test_a_damaged_exported_encoder_configuration_is_one_line_naming_it(models: dict[str, Path], tmp_path: Path,
+                                                                        window, damage, said) -> None:
+    """An exported encoder is a file a user may be handed: its damaged config.json raised TypeError, ValueError,
+    ZeroDivisionError or torch's RuntimeError, and a mistyped window convention ran T5Gemma 2's window silently."""
+    backbone = from_encoder_decoder(load(models["gemma3"]))
+    backbone.spec.window_convention = window
+    write_encoder(backbone, tmp_path / "encoder")
+    file = tmp_path / "encoder" / "config.json"
+    config = json.loads(file.read_text())
+    damage(config)
+    file.write_text(json.dumps(config))
+    with pytest.raises(EncdecError) as raised:
+        read_encoder(tmp_path / "encoder")
+    assert str(file) in str(raised.value) and said in str(raised.value), raised.value
+
+
 def test_real_data_readers_give_the_documented_counts_and_labels() -> None:
     from encdec.classification.tasks import load_task
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from encdec.config import StackConfig
+from encdec.config import FAMILIES, WINDOW_CONVENTIONS, StackConfig
 from encdec.errors import EncdecError
 from encdec.model import CausalLM, EncoderBlock, EncoderDecoder, Segments, Stack, embed_tokens, run_self_attention_stack
 
@@ -34,6 +34,19 @@ class BackboneSpec:
     # config.json); empty in descriptions saved before they were kept, which read as Gemma's
     special_tokens: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # read from a file a user may be handed: a typo ran another model, or failed later
+        if self.kind not in KINDS:
+            raise EncdecError(f"unknown backbone kind {self.kind!r}; accepted: {', '.join(KINDS)}")
+        if self.family not in FAMILIES:
+            raise EncdecError(f"unknown family {self.family!r}; accepted: {', '.join(FAMILIES)}")
+        if not isinstance(self.vocab_size, int) or isinstance(self.vocab_size, bool) or self.vocab_size < 1:
+            raise EncdecError(f"vocab_size must be a positive integer, got {self.vocab_size!r:.40}")
+        if self.window_convention not in WINDOW_CONVENTIONS:
+            raise EncdecError(f"unknown window convention {self.window_convention!r:.40}; accepted: "
+                              f"{', '.join(WINDOW_CONVENTIONS)}")
+        if not isinstance(self.stack, StackConfig) or not isinstance(self.special_tokens, dict):
+            raise EncdecError("not a backbone description (its stack or special tokens are not objects)")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -43,8 +56,6 @@ class BackboneSpec:
             spec = cls(**{**data, "stack": StackConfig(**data["stack"])})
         except (KeyError, TypeError) as e:
             raise EncdecError(f"not a backbone description ({e})") from None
-        if spec.kind not in KINDS:
-            raise EncdecError(f"unknown backbone kind {spec.kind!r}; accepted: {', '.join(KINDS)}")
         return spec
 
 

@@ -24,7 +24,7 @@ from encdec.checkpoint import NATIVE_ENCODER as NATIVE
 from encdec.classification.backbone import Backbone, BackboneSpec
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError, load_failure
-from encdec.files import atomic_dir, read_json, read_weights, write_native, write_weights
+from encdec.files import atomic_dir, read_json, read_weights, reading_config, write_native, write_weights
 from encdec.formats.decoder_only import special_tokens
 from encdec.formats.gemma import stack_from_hf, with_defaults
 from encdec.formats.t5gemma import EOI_EMBEDDINGS, T5GEMMA, T5GEMMA2, Layout, encoder_layout, external_name, hf_config
@@ -150,9 +150,8 @@ def read_encoder(path: Path | str, dtype: torch.dtype = torch.float32) -> Backbo
     fmt = encoder_format(data)
     if fmt is None:
         raise EncdecError(f"{path} is not an exported encoder (accepted: {NATIVE}, T5GemmaEncoderModel, T5Gemma2Encoder)")
-    spec = _spec(data, fmt)
-    with torch.device("meta"):
-        backbone = Backbone(spec)
+    with reading_config(path / "config.json"), torch.device("meta"):  # damaged or hand-edited: one line naming it
+        backbone = Backbone(_spec(data, fmt))
     stored = {n.removeprefix(TEXT_MODEL): t for n, t in read_weights(path, dtype).items()}
     layout = None if fmt == NATIVE else {"t5gemma": T5GEMMA, "t5gemma2": T5GEMMA2}[fmt]
     names = {n: n if layout is None else external(n, layout) for n in backbone.state_dict()}
