@@ -178,6 +178,12 @@ def test_existing_output_kept_unless_overwrite(t5gemma2_dir, tmp_path, capsys):
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--overwrite"]) == 2
     assert "holds mine.txt but none of what this command writes there" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    # nor another model (a mistyped --out): its config.json is not what an export writes
+    other = tmp_path / "other-model"
+    shutil.copytree(model_dir, other)
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(other), "--overwrite"]) == 2
+    assert "none of what this command writes there (model.bin)" in capsys.readouterr().err
+    assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in model_dir.iterdir())
     (out / "mine.txt").unlink()
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out)]) == 2  # empty: still --overwrite
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--overwrite"]) == 0

@@ -51,7 +51,9 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     # random values and says nothing); mapped, as stored: no copy is made
     eos_token_ids = load_checkpoint(model_dir, None, mapped=True).model.config.eos_token_ids
     tokenizer = load_tokenizer(model_dir)  # CTranslate2 takes its vocabulary from it: fail before any work
-    check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin", "config.json"))
+    # an earlier export is what --overwrite replaces: CTranslate2's model.bin, not a config.json (every checkpoint
+    # has one: a mistyped --out replaced another model whole)
+    check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin",))
     # before converting: reading the framing refuses a provenance it does not know, which must not come after an
     # --overwrite has replaced the previous export
     found = [*cautions(model_dir, fmt), *generation_cautions(model_dir, eos_token_ids, tokenizer)]
@@ -60,7 +62,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     except ImportError:
         raise EncdecError("exporting to CTranslate2 needs the ctranslate2 package: "
                           "pip install 'encdec[ctranslate2]'") from None
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite, replaces=("model.bin",)) as tmp:
         # the converter refuses an existing directory unless forced; `tmp` is our own, empty one
         try:
             TransformersConverter(str(model_dir)).convert(str(tmp), quantization=quantization, force=True)
