@@ -4,7 +4,9 @@ cross-attention, and a trained decoder-only model saved back in its family's lay
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 
 import pytest
@@ -211,7 +213,11 @@ def test_unbalanced_cross_attention_starts_neutral(sources, batch):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_decoder_only_model_saved_back_in_its_family_layout(sources, tmp_path, family):
-    source = encdec.load_source(str(sources[family]))
+    """...with the source's generation config: an instruct source names its end of turn there only, and the saved
+    model (a tuned decoder-only baseline) generated past it in transformers, and so did what was adapted from it."""
+    shutil.copytree(sources[family], tmp_path / "source")
+    (tmp_path / "source" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "top_k": 5}))
+    source = encdec.load_source(str(tmp_path / "source"))
     model = causal_from_source(source)
     with torch.no_grad():
         model.stack.layers[1].mlp.up_proj.weight.mul_(1.5)  # as if trained
@@ -221,6 +227,8 @@ def test_decoder_only_model_saved_back_in_its_family_layout(sources, tmp_path, f
     with torch.no_grad():
         ours = model.logits(model.hidden(ids, encdec.model.Segments.of(ids, None, None, None)))
         assert (reloaded(input_ids=ids).logits - ours).abs().max().item() <= 1e-4
+    assert reloaded.generation_config.eos_token_id == [2, 7] and reloaded.generation_config.top_k == 5
+    assert set(encdec.load_source(str(tmp_path / "out")).special_tokens["eos_token_ids"]) >= {2, 7}
 
 
 @pytest.mark.parametrize("family, attention", [("llama", "cross"), ("qwen3", "merged")])

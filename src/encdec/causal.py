@@ -43,12 +43,17 @@ def hf_weights(model: CausalLM, family: str) -> dict[str, torch.Tensor]:
 def save_causal(model: CausalLM, source: DecoderOnlySource, out: Path, *, overwrite: bool = False,
                 metadata: dict | None = None, tokenizer: Any = None) -> None:
     """Write `model` as a Hugging Face checkpoint of its family: the source's config.json (of its text model, for a
-    multimodal source) and tokenizer, or `tokenizer` (UL2's, with its added tokens), new weights."""
+    multimodal source), generation_config.json (an instruct model's end of turn is named there only) and tokenizer,
+    or `tokenizer` (UL2's, with its added tokens), new weights."""
     config = {**text_model_config(read_json(source.directory / "config.json")), "vocab_size": model.embed.num_embeddings}
+    generation = source.directory / "generation_config.json"
+    generation = read_json(generation) if generation.is_file() else None
     if tokenizer is None and source.has_tokenizer:
         tokenizer = load_tokenizer(source.directory)
     with atomic_dir(Path(out), overwrite, replaces=("config.json",)) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if generation is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
         write_weights(tmp, hf_weights(model, source.family))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
