@@ -292,7 +292,8 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
     import encdec
 
     out = tmp_path / "model"
-    encdec.save(encdec.adapt(encdec.load_source(str(sources["llama"]))), out, tokenizer_dir=sources["llama"])
+    encdec.save(encdec.adapt(encdec.load_source(str(sources["llama"]))), out, tokenizer_dir=sources["llama"],
+                metadata={"pretrained": {"objective": "ul2"}})
     remote = out / "modeling_encdec.py"
 
     def said() -> str:
@@ -314,8 +315,14 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
     shutil.rmtree(out / "custom_generate")
     assert "is the file this encdec writes" in said()
     remote.write_text(remote.read_text() + "\nimport os\nos.system('echo pwned')\n")
-    assert "DIFFERS from the file this encdec writes" in said() and "read it first" in said()
-    encdec.save(encdec.load(out), tmp_path / "again", tokenizer_dir=sources["llama"])
+    line = said()
+    assert "DIFFERS from the file this encdec writes" in line and "read it first" in line
+    # what it advises, run as written: the copy keeps the tokenizer and the provenance (a UL2 model's framing)
+    advice = re.search(r"\((encdec\.save\(.*\)) writes this version's file\)", line).group(1)
+    code = advice.replace("DIR", repr(str(out))).replace("NEW", repr(str(tmp_path / "again")))
+    exec(code, {"encdec": encdec})  # noqa: S102 - the line encdec info prints, run as a user would paste it
+    assert encdec.checkpoint.read_metadata(tmp_path / "again") == {"pretrained": {"objective": "ul2"}}
+    assert encdec.load_tokenizer(tmp_path / "again").get_vocab() == encdec.load_tokenizer(out).get_vocab()
     assert (tmp_path / "again" / "modeling_encdec.py").read_text() + "\nimport os\nos.system('echo pwned')\n" == \
         remote.read_text()
     remote.unlink()

@@ -158,14 +158,16 @@ def write_modeling_file(directory: Path) -> None:
 
 
 CUSTOM_GENERATE = "custom_generate/generate.py"  # what transformers 5 also runs from a checkpoint it trusts
+# a copy with its tokenizer and provenance (a UL2-pretrained model's prompt framing is read from the latter)
+RESAVE = ("encdec.save(encdec.load(DIR), NEW, tokenizer_dir=DIR, "
+          "metadata=encdec.checkpoint.read_metadata(DIR))")
 
 
 def modeling_file_line(directory: Path) -> str:
     """What `encdec info` says of a checkpoint's modeling file: transformers runs it with trust_remote_code=True,
     so a handed checkpoint's must be the file this encdec writes, not a copy someone edited."""
     path = directory / MODELING_FILE
-    resave = ("read it first, or load the checkpoint with encdec and save it again (encdec.save(encdec.load(DIR), "
-              "NEW) writes this version's file)")
+    resave = f"read it first, or load the checkpoint with encdec and save it again ({RESAVE} writes this version's file)"
     for name, expected in (("config.json", AUTO_MAP), ("tokenizer_config.json", None)):  # what transformers follows
         mapped = read_json(directory / name).get("auto_map") if (directory / name).is_file() else None
         if mapped != expected:
@@ -179,8 +181,7 @@ def modeling_file_line(directory: Path) -> str:
         return (f"{MODELING_FILE} is a symbolic link to {os.readlink(path)}: transformers would run that file with "
                 f"trust_remote_code=True; {resave}")
     if not path.is_file():
-        return (f"no {MODELING_FILE}: transformers cannot load it (encdec can); encdec.save(encdec.load(DIR), NEW) "
-                "writes a copy with it")
+        return f"no {MODELING_FILE}: transformers cannot load it (encdec can); {RESAVE} writes a copy with it"
     if path.read_bytes() == modeling_source().encode():
         return f"{MODELING_FILE} is the file this encdec writes (what trust_remote_code=True would run)"
     return (f"{MODELING_FILE} DIFFERS from the file this encdec writes (edited, or written by another encdec "
