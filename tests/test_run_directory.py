@@ -366,6 +366,22 @@ def test_a_damaged_checkpoint_past_a_shorter_resumed_run_is_neither_kept_nor_ave
     assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000003"]
 
 
+def test_a_damaged_checkpoint_the_resumed_run_does_not_write_again_is_set_aside(adapted, corpus, tmp_path, capsys):
+    """Step 9 damaged, the run resumed from step 6 with --save-every 2: step 9 stayed on the schedule (a multiple of
+    its own interval), so --keep-last 2 deleted the good step 8 for it and --average-last 2 read its weights."""
+    out = tmp_path / "run"
+    loop.train(_config(adapted, out, corpus, steps=9, save_every=3, eval_every=0))
+    (out / "checkpoints" / "step-000009" / "model.safetensors").write_bytes(b"")
+    setup()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "10", "--save-every", "2", "--eval-every", "0",
+                               "--keep-last", "2", "--average-last", "2", "--resume")) == 0
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000008", "step-000010"]
+    assert read_metadata(out / "model")["pretrained"]["averaged_checkpoints"] == ["step-000008", "step-000010"]
+    (aside,) = [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".step-000009.damaged-")]
+    assert (aside / "model.safetensors").stat().st_size == 0  # kept for a look, under a name no schedule lists
+    assert "set aside the damaged step-000009" in capsys.readouterr().err
+
+
 def test_a_run_resumed_with_another_save_every_keeps_the_earlier_intervals_checkpoints(adapted, corpus, tmp_path):
     """The checkpoints of the earlier --save-every were no longer on the schedule: the first save deleted them,
     unsaid (--keep-last 3 kept two), and --average-last averaged fewer than asked."""
@@ -411,19 +427,37 @@ def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, t
 
 
 
-@pytest.mark.parametrize("damage", [{"cursor": -3}, {"epoch": "1"}, {"pending": [[5] * 999, [1]]}])
+@pytest.mark.parametrize("damage", [{"cursor": -3}, {"epoch": "1"}, {"pending": [[5] * 999, [1]]}, {"rng": "x"},
+                                    {"rng": {"bit_generator": "MT19937", "state": {"key": [1], "pos": 0}}},
+                                    {"rng": None}, {"epoch": None}])
 def test_a_resumed_data_position_no_stream_could_write_is_one_line(adapted, corpus, tmp_path, capsys, damage):
-    """A handed run whose trainer.json put the stream at cursor -3 re-read items silently."""
+    """A handed run whose trainer.json put the stream at cursor -3 re-read items silently; a random state that is
+    not its generator's (or a missing field) ended in a traceback."""
     out = tmp_path / "run"
     loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))
     trainer = checkpointing.checkpoints(out)[-1] / "trainer.json"
     state = json.loads(trainer.read_text())
     stream = next(value for value in _dicts(state) if {"epoch", "cursor", "pending"} <= set(value))
     stream.update(damage)
+    for key in [k for k, v in damage.items() if v is None]:
+        del stream[key]
     trainer.write_text(json.dumps(state))
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--resume")) == 2
     (line,) = _lines(capsys.readouterr().err, "error:")
     assert "step-000002: the data stream's saved" in line
+
+
+def test_a_resumed_global_random_state_that_cannot_be_restored_is_one_line(adapted, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0))
+    trainer = checkpointing.checkpoints(out)[-1] / "trainer.json"
+    state = json.loads(trainer.read_text())
+    rng = next(value for value in _dicts(state) if {"torch", "numpy", "python"} <= set(value))
+    rng["python"] = [3, "not a state"]
+    trainer.write_text(json.dumps(state))
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--resume")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "step-000002: its random states cannot be restored" in line
 
 
 def _dicts(value):

@@ -310,6 +310,7 @@ def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None
         return
     if cfg.resume:  # steps logged after the checkpoint will be run again
         _truncate_metrics(out / "metrics.jsonl", start, record)
+        _set_aside_damaged(out, start)
     elif cfg.overwrite:
         for name in OUTPUTS:
             target = out / name
@@ -318,6 +319,17 @@ def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None
                     shutil.rmtree(target)
                 else:  # a file, or a link (to a directory elsewhere, which stays): the run's own name for it goes
                     target.unlink(missing_ok=True)
+
+
+def _set_aside_damaged(out: Path, start: int) -> None:
+    """Rename the checkpoints past the resumed one (`resume_point` skipped them as unreadable) out of the run's
+    list, kept for a look: one the resumed run did not write again (another --save-every) counted as the newest
+    of the schedule, so --keep-last deleted a good checkpoint for it and --average-last read it."""
+    for path in checkpointing.checkpoints(out):
+        if checkpointing.step_of(path) > start:
+            aside = path.with_name(f".{path.name}.damaged-{time.time_ns()}")
+            os.replace(path, aside)
+            log.warning("set aside the damaged %s as %s: no schedule counts it", path.name, aside.name)
 
 
 def _truncate_metrics(path: Path, last_step: int, last_record: dict | None) -> None:
