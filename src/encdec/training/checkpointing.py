@@ -197,9 +197,12 @@ def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) ->
         if name not in with_state:
             optimizer.state.pop(p, None)
     trainer = saved.trainer
-    torch.set_rng_state(trainer["rng"]["torch"])
-    np.random.set_state(trainer["rng"]["numpy"])
-    random.setstate(trainer["rng"]["python"])
+    try:
+        torch.set_rng_state(trainer["rng"]["torch"])
+        np.random.set_state(trainer["rng"]["numpy"])
+        random.setstate(trainer["rng"]["python"])
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as e:  # a damaged or hand-edited trainer.json
+        raise EncdecError(f"{saved.path}: its random states cannot be restored ({type(e).__name__}: {e})") from None
     return trainer
 
 

@@ -6,6 +6,7 @@ lengths by `length_grouped`."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import itertools
@@ -215,7 +216,10 @@ class ExampleStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The stream's place, as `state_dict` wrote it; EncdecError for one this stream could not have written
         (a negative cursor re-read items silently; a pending example longer than a row escaped its cut)."""
-        epoch, cursor, pending = state["epoch"], state["cursor"], state["pending"]
+        try:
+            epoch, cursor, pending, rng = state["epoch"], state["cursor"], state["pending"], state["rng"]
+        except (KeyError, TypeError) as e:
+            raise EncdecError(f"the data stream's saved place lacks {e}") from None
         if state.get("fingerprint", self.fingerprint()) != self.fingerprint():  # (checkpoints before it: unchecked)
             raise EncdecError(f"the training data differs from the run's ({state.get('items')} training items then, "
                               f"{len(self.items)} now, other tokens): its place in them would mean other examples and "
@@ -234,8 +238,13 @@ class ExampleStream:
                                         and ids(pending[0], self.enc_len) and ids(pending[1], self.dec_len)):
             raise EncdecError(f"the data stream's saved pending example is not one that fits a row of {self.enc_len} + "
                               f"{self.dec_len} tokens")
-        self.epoch, self.cursor = epoch, cursor
-        self.rng.bit_generator.state = state["rng"]
+        restored = copy.deepcopy(self.rng)  # set on a copy: a state it refuses leaves the stream as it was
+        try:
+            restored.bit_generator.state = rng
+        except (TypeError, ValueError, KeyError, OverflowError) as e:
+            raise EncdecError(f"the data stream's saved random state is not one of its generator "
+                              f"({type(e).__name__}: {e})") from None
+        self.epoch, self.cursor, self.rng = epoch, cursor, restored
         self.pending = None if pending is None else Example(*pending)
 
 
