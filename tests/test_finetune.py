@@ -129,6 +129,18 @@ def test_lengths_too_short_for_a_response_and_its_end_name_the_flags(adapted, in
     assert "--dec-len must be at least 2, got 1" in line
 
 
+def test_examples_cut_to_fit_are_counted_and_said(adapted, instructions, tmp_path, capsys):
+    """Cutting a response to --dec-len (its end of turn kept) teaches the model to stop where the row ends: it was
+    silent, at a default of 128 tokens that ordinary chat answers pass."""
+    assert main([*_args(adapted, tmp_path / "run", instructions), "--steps", "1", "--eval-every", "0"]) == 0
+    assert "longer than" not in capsys.readouterr().err  # 4 words and 2: nothing cut
+    assert main([*_args(adapted, tmp_path / "cut", instructions), "--steps", "1", "--eval-every", "0", "--enc-len",
+                 "5", "--dec-len", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "120 of 120 prompts are longer than --enc-len 5 holds and lose their beginning" in err, err
+    assert "120 of 120 responses are longer than --dec-len 2 holds and lose their end" in err, err
+
+
 def test_pretraining_objectives_are_refused(adapted, instructions, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("objective: prefixlm\n")

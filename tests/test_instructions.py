@@ -85,6 +85,10 @@ BAD_LINES = {
     "no final assistant turn": ({"messages": [{"role": "user", "content": "p"}]}, "last message must be the assistant"),
     "assistant turn not last": ({"messages": [{"role": "user", "content": "p"}, {"role": "model", "content": "r"},
                                               {"role": "user", "content": "q"}]}, "last message must be the assistant"),
+    # the prompt would end in an answer: a shape the server and `encdec generate` refuse, trained silently
+    "two answers in a row": ({"messages": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "r"},
+                                           {"role": "assistant", "content": "r2"}]},
+                             "the message before the response must be a user message"),
     "unknown role": ({"messages": [{"role": "tool", "content": "p"}, {"role": "model", "content": "r"}]},
                      "unknown role 'tool'; accepted: user, assistant, model, system"),
     "role not a string": ({"messages": [{"role": ["user"], "content": "p"}, {"role": "model", "content": "r"}]},

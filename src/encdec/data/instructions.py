@@ -10,6 +10,7 @@ never re-read as turn markers.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +94,9 @@ def _turns(messages: Any) -> tuple[Turns, str]:
     if turns[-1][0] != "model":
         raise ValueError("the last message must be the assistant (or model) turn to learn as the response")
     *turns, (_, response) = turns
-    if not any(role == "user" for role, _ in turns):
-        raise ValueError("no user message before the response")
+    if not turns or turns[-1][0] != "user":  # two model turns in a row: the prompt would end in an answer, a shape
+        # the server and `encdec generate` never give the model (they answer a user message)
+        raise ValueError("the message before the response must be a user message: the response answers it")
     return tuple(turns), response
 
 
@@ -156,12 +158,12 @@ def read_instructions(paths: list[str]) -> list[Pair]:
 
 
 def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max_target: int,
-                 chat: ChatFormat | None = None) -> Example:
+                 chat: ChatFormat | None = None, cut: Counter | None = None) -> Example:
     """Token ids for the encoder (BOS, where the tokenizer puts one before every text, + the rendered turns)
     and the decoder targets (response + the end-of-turn text, "<end_of_turn>" in Gemma's format, + EOS unless
     that text ends with it), cut
     to `max_input` / `max_target` tokens. `chat`: the tokenizer's chat format (`ChatFormat.of(tokenizer)`,
-    computed once per run by the caller).
+    computed once per run by the caller). `cut`: counts "prompt" and "response" where either was cut.
 
     Long prompts lose their beginning (the question and the open model turn are at the end), long
     responses their end; BOS stays first and the end-of-turn text + EOS stay last, since fine-tuning
@@ -184,5 +186,8 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
     # an answer that spells a control token ("<end_of_turn>" in a text about chat formats) spells it in text, as
     # its prompt does: read as the marker, it would teach the model to end its turn there
     response = tokenizer(pair.response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if cut is not None:
+        cut.update(["prompt"] * (len(bos) + len(prompt) > max_input)
+                   + ["response"] * (len(response) + len(end) > max_target))
     return Example(inputs=bos + prompt[max(0, len(prompt) - (max_input - len(bos))):],
                    targets=response[: max_target - len(end)] + end)

@@ -29,7 +29,7 @@ from pathlib import Path
 from encdec.data.instructions import Pair
 from encdec.errors import EncdecError
 from encdec.files import file_identity, write_cache, written
-from encdec.sources import cache_root
+from encdec.sources import cache_lock, cache_root
 
 log = logging.getLogger("encdec")
 
@@ -199,7 +199,8 @@ def natural_instructions(max_per_task: int | None = None, seed: int = 0, *, tarb
     """
     if max_per_task is not None and max_per_task < 1:
         raise EncdecError(f"max_per_task must be at least 1, got {max_per_task}")
-    pairs = _cached(tarball) if tarball is not None else _cached(bigbench_tarball(), _check_pypis)
+    with cache_lock("natural-instructions"):  # the ranks of a distributed run download and convert it once
+        pairs = _cached(tarball) if tarball is not None else _cached(bigbench_tarball(), _check_pypis)
     if max_per_task is None:
         return pairs
     by_task: dict[str, list[Pair]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,8 +153,16 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
     eos, chat = tokenizer.eos_token_id, ChatFormat.of(tokenizer)
     if d.main:
         log.info("chat format: %s", "the tokenizer's chat template" if chat.templated else "Gemma's chat turns")
-    examples = [chat_example(pairs[i], tokenizer, eos_id=eos, max_input=cfg.enc_len, max_target=cfg.dec_len, chat=chat)
-                for i in order]
+    cut: Counter = Counter()
+    examples = [chat_example(pairs[i], tokenizer, eos_id=eos, max_input=cfg.enc_len, max_target=cfg.dec_len, chat=chat,
+                             cut=cut) for i in order]
+    lost = (("prompt", "enc-len", cfg.enc_len, "their beginning"),
+            ("response", "dec-len", cfg.dec_len, ("their end (a cut answer still ends its turn there, and the model "
+                                                  "learns to stop where the row ends)")))
+    for side, flag, value, what in lost if d.main else ():
+        if cut[side]:
+            log.warning("%d of %d %ss are longer than --%s %d holds and lose %s; raise it to keep them whole",
+                        cut[side], len(examples), side, flag, value, what)
     if len(examples) <= cfg.eval_windows:
         raise EncdecError(f"{len(examples)} instruction examples are not more than --eval-windows {cfg.eval_windows}")
     trimmed, vocab_size = None, model.embed.num_embeddings
