@@ -48,6 +48,7 @@ def leading_bos(tokenizer) -> int | None:
     first = tokenizer("a").input_ids[:1]
     return first[0] if first and first[0] == tokenizer.bos_token_id else None
 
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the stream would: a different encoding, or another EOS ending each document (the EOS is
     set in the tokenizer's config, not in tokenizer.json, so two tokenizers can differ only there)."""

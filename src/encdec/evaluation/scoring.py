@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from encdec.checkpoint import is_checkpoint
 from encdec.model import EncoderDecoder, EncoderState, Segments
+from encdec.data.tokens import leading_bos
 from encdec.objectives import PLAIN, Framing
 from encdec.training.data import pad_rows
 
@@ -59,7 +60,10 @@ class Scorer:
         ids = self.tokenizer(text).input_ids  # with BOS where the tokenizer puts one
         if len(ids) <= self.max_len:
             return ids
-        bos = int(ids[0] == self.tokenizer.bos_token_id)  # long contexts keep their BOS and their end
+        # long contexts keep their BOS and their end: a BOS the tokenizer puts before every text, as instruction
+        # tuning's cut keeps it (SmolLM2's BOS id is its <|im_start|>, which begins a chat prompt, not every text)
+        first = leading_bos(self.tokenizer)
+        bos = int(first is not None and ids[0] == first)
         return ids[:bos] + ids[len(ids) - self.max_len + bos :]
 
     def continuation_ids(self, text: str, after: str) -> list[int]:

@@ -20,8 +20,10 @@ from encdec.evaluation.datasets import read_split, rendered_docs
 # bump when a prompt or how it is read changes: results with different versions do not compare (2: BoolQ's few-shot
 # passages without their titles; --chat choices tokenized as fine-tuning tokenizes responses, GSM8K's chat answers
 # read to the end of the model's turn; 3: GSM8K's 8 shots in their standard order, not one --seed shuffled, and
-# answers written "3 x 4 = 12" read as 12). tests/test_evaluate.py fingerprints the prompts.
-FORMAT_VERSION = 3
+# answers written "3 x 4 = 12" read as 12; 4: a context cut to --max-len keeps its first token only where the
+# tokenizer puts it before every text, as instruction tuning cuts a prompt: SmolLM2's cut chat prompts began with a
+# stray <|im_start|>). tests/test_evaluate.py fingerprints the prompts.
+FORMAT_VERSION = 4
 SHOT_POOL = 200  # training examples the few-shot sample is drawn from
 
 
