@@ -21,8 +21,11 @@ next request when the previous one has finished), every request a streamed `POST
 
 Requests: prompts of mixed lengths (--min-prompt..--max-prompt tokens, decoded back to text) cut
 from the default corpus, 32-64 new tokens each (--min-new, --max-new), greedy, the same sequence of
-requests for every target (seeded). Each level sends --requests-per-client requests per client and
-stops sending after --max-seconds; one untimed request first warms every target up.
+requests for every target (seeded). Every level sends the same requests, max(--clients) x --requests-per-client
+of them, dealt out to its clients in turn (a fixed workload at each concurrency: the single client sends the
+burst's requests one after another), and stops sending after --max-seconds; one untimed request first warms every
+target up. (Before 2026-12-06's ninth session each level sent requests of its own, --requests-per-client per
+client: the single-client level's one request was no measure of the others.)
 
 The speed of a shared machine drifts (the same burst's encoder pass took 2.1 s and 3.3 s minutes apart), so
 targets run in --rounds rounds: each round runs every target once in turn (in reverse order every other round),
@@ -34,11 +37,9 @@ wall time), p50 / p99 time to first token and latency (p99 of a few requests is 
 maximum), and the server's peak resident memory (VmHWM of its process, loading included; the largest of the
 rounds). Output texts are compared with the transformers loop's for the same requests (in every round). The
 last lines give, at the most concurrent level, serve's output tokens/s over the transformers loop's, and serve's
-p99 latency over the transformers loop's single-client latency (the issue's two goals; that latency is the median
-of the few requests the single-client level sends, so a second line divides by the median of the same requests'
-latencies alone, which the loop measures as it takes them one at a time, and a third by their p99: p99 against
-p99 over the same requests, each alone as a single client's would be), for serve-bf16 (against the bfloat16
-loop where it ran, and the float32 one) and then for serve.
+p99 latency over the transformers loop's single-client latency of the same requests (the issue's two goals):
+p99 over p99, then, stricter, over the single client's median; for serve-bf16 (against the bfloat16 loop where
+it ran, and the float32 one), then serve, then serve-int8.
 
 The model: the packaged Gemma 3 270M adapted (balanced, merged attention), prepared as
 bench/generate_throughput.py does, or --model DIR. Needs httpx and the server extra
@@ -78,15 +79,13 @@ REQUEST_TIMEOUT_S = 600
 @dataclass
 class Done:
     """One completed request (its index in the request list): seconds to the first token and to the end,
-    tokens generated, text; for the transformers loop, also the seconds of its own generation (its latency had
-    it been alone: the loop takes one request at a time)."""
+    tokens generated, text."""
 
     index: int
     ttft: float
     latency: float
     tokens: int
     text: str
-    alone: float | None = None
 
 
 Levels = list[tuple[list[Done], float]]  # per level: its completed requests and its wall seconds
@@ -147,13 +146,10 @@ def make_requests(model_dir: Path, args: argparse.Namespace, count: int) -> list
 
 
 def levels(args: argparse.Namespace) -> list[list[list[int]]]:
-    """Per level, per client, the indices of the requests it sends: every target gets the same ones."""
-    out, start = [], 1  # request 0 is the warm-up
-    for clients in args.clients:
-        per = args.requests_per_client
-        out.append([list(range(start + c * per, start + (c + 1) * per)) for c in range(clients)])
-        start += clients * per
-    return out
+    """Per level, per client, the indices of the requests it sends: every level the same requests (all but the
+    warm-up, request 0), dealt out to its clients in turn; every target the same ones."""
+    indices = range(1, 1 + max(args.clients) * args.requests_per_client)
+    return [[list(indices[c::clients]) for c in range(clients)] for clients in args.clients]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -310,7 +306,6 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
 
     def generate(index: int, submitted: float) -> dict:
         request = spec["requests"][index]
-        began = time.perf_counter()
         ids = torch.tensor([framing.prompt(tokenizer(request["prompt"])["input_ids"], bos)])
         start = torch.tensor([[model.generation_config.decoder_start_token_id, *framing.decoder]])
         first = FirstToken()
@@ -321,7 +316,7 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
         # the server's usage
         end = time.perf_counter()
         return {"index": index, "ttft": (first.at or end) - submitted, "latency": end - submitted, "tokens": len(ids),
-                "text": tokenizer.decode(ids, skip_special_tokens=True), "alone": end - began}
+                "text": tokenizer.decode(ids, skip_special_tokens=True)}
 
     def server() -> None:
         torch.set_num_threads(threads)
@@ -374,7 +369,7 @@ def main() -> None:
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or prepare_model("merged", args.work_dir)
-    requests = make_requests(model_dir, args, 1 + sum(args.clients) * args.requests_per_client)
+    requests = make_requests(model_dir, args, 1 + max(args.clients) * args.requests_per_client)
     plan = levels(args)
     measured: dict[str, list[tuple[Levels, float]]] = {target: [] for target in args.targets}  # per round
     for round_ in range(args.rounds):
@@ -418,7 +413,8 @@ def print_table(measured: dict[str, list[tuple[Levels, float]]], args: argparse.
 
 def print_ratios(measured: dict[str, list[tuple[Levels, float]]], args: argparse.Namespace) -> None:
     """The issue's two goals at the most concurrent level, each the median of the rounds' ratios: serve-bf16's
-    (against the bfloat16 loop as well where it ran), then serve's, then serve-int8's."""
+    (against the bfloat16 loop as well where it ran), then serve's, then serve-int8's. The single-client level sent
+    the same requests (`levels`): its p99 and median are the loop's single-client latency of this workload."""
     top, single = args.clients.index(max(args.clients)), args.clients.index(min(args.clients))
     pairs = [("serve-bf16", "transformers-loop-bf16"), ("serve-bf16", "transformers-loop"),
              ("serve", "transformers-loop"), ("serve-int8", "transformers-loop")]
@@ -429,17 +425,14 @@ def print_ratios(measured: dict[str, list[tuple[Levels, float]]], args: argparse
         rate = [[level_row(*r[top])[2]] for r in served]
         p99 = [[level_row(*r[top])[6]] for r in served]
         base_rate = [[level_row(*r[top])[2]] for r in base]
-        base_single = [[statistics.median(d.latency for d in r[single][0])] for r in base]
-        alone = [[statistics.median(d.alone for d in r[top][0])] for r in base]
-        alone_p99 = [[percentile([d.alone for d in r[top][0]], .99)] for r in base]
-        clients = args.clients[top]
+        single_p99 = [[level_row(*r[single])[6]] for r in base]
+        single_median = [[level_row(*r[single])[5]] for r in base]
+        clients, one = args.clients[top], args.clients[single]
         print(ratio_line(f"{target} / {baseline} output tokens/s, {clients} clients", base_rate, rate))
-        print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} latency at {args.clients[single]} "
-                         "client(s)", base_single, p99))
-        print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} median latency of the same requests "
-                         "alone", alone, p99))
-        print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} p99 latency of the same requests "
-                         "alone", alone_p99, p99))
+        print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} p99 latency at {one} client(s), the "
+                         "same requests", single_p99, p99))
+        print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} median latency at {one} client(s), "
+                         "the same requests", single_median, p99))
 
 
 if __name__ == "__main__":

@@ -391,28 +391,34 @@ def test_study_results_are_appended_under_a_lock(tmp_path):
     assert results.read_text() == '{"a": 1}\n{"b": 2}\n'
 
 
-def test_serve_load_goals_divide_like_by_like(monkeypatch, capsys):
-    """bench/serve_load.py's p99 goal: the burst's slowest request against the single-client level's request, the
-    median of the same requests alone, and (added when the first two were read as the goal) their p99 alone."""
+def test_serve_load_sends_every_level_the_same_requests_and_divides_like_by_like(monkeypatch, capsys):
+    """bench/serve_load.py's p99 goal divided the burst's slowest request by the one request the single-client level
+    sent (another request, of other lengths): every level now sends the burst's requests, and the goal divides p99 by
+    p99 (then by the median) of the single client's latencies."""
     monkeypatch.syspath_prepend(str(BENCH))
-    from serve_load import Done, print_ratios
+    from serve_load import Done, levels, print_ratios
 
-    def level(latencies: list[float], alone: list[float] | None = None) -> tuple[list[Done], float]:
-        return [Done(i, 0.1, lat, 10, "", alone and alone[i]) for i, lat in enumerate(latencies)], max(latencies)
+    args = argparse.Namespace(clients=[1, 4, 16], requests_per_client=1)
+    plan = levels(args)
+    assert plan[0] == [list(range(1, 17))] and plan[2] == [[i] for i in range(1, 17)]
+    assert plan[1][1] == [2, 6, 10, 14] and sorted(i for client in plan[1] for i in client) == list(range(1, 17))
+
+    def level(latencies: list[float]) -> tuple[list[Done], float]:
+        return [Done(i, 0.1, lat, 10, "") for i, lat in enumerate(latencies)], max(latencies)
 
     args = argparse.Namespace(clients=[1, 16])
-    alone = [1.0] * 8 + [2.0] * 7 + [4.0]  # the loop takes the burst's requests one at a time
-    loop = [([level([2.0], [2.0]), level([10.0] * 16, alone)], 1.0)]  # a round: its levels, its peak GiB
-    served = [([level([1.5]), level([3.0] * 15 + [6.0])], 1.0)]
+    alone = [1.0] * 8 + [2.0] * 7 + [4.0]  # the single client's latencies, one request at a time
+    loop = [([level(alone), level([10.0] * 16)], 1.0)]  # a round: its levels, its peak GiB
+    served = [([level([1.5] * 16), level([3.0] * 15 + [6.0])], 1.0)]
     print_ratios({"serve-bf16": served, "transformers-loop": loop}, args)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(": ", 1)[1] for line in lines] == [
         "1.67x (rounds: 1.67x)",  # 160 tokens in 6 s against 160 in 10 s
-        "3.00x (rounds: 3.00x)",  # 6 s against the single client's 2 s
-        "4.00x (rounds: 4.00x)",  # against the median alone, 1.5 s
-        "1.50x (rounds: 1.50x)",  # against the p99 alone, 4 s
+        "1.50x (rounds: 1.50x)",  # 6 s against the single client's p99, 4 s
+        "4.00x (rounds: 4.00x)",  # against its median, 1.5 s
     ]
-    assert lines[-1].startswith("ratio (serve-bf16 p99 latency at 16 clients / transformers-loop p99 latency of the same")
+    assert lines[1].startswith("ratio (serve-bf16 p99 latency at 16 clients / transformers-loop p99 latency at 1 "
+                               "client(s), the same requests")
 
 
 def test_benchmarks_alternate_the_order_of_their_rounds(monkeypatch):
