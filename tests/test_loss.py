@@ -238,6 +238,22 @@ def test_a_documents_end_inside_the_targets_is_distilled_and_the_eos_ending_a_cu
     assert module.target_counts([batch, batch]) == (10, 6)
 
 
+def test_a_teacher_of_another_tokenizer_with_a_table_of_the_same_size_is_refused(sources, tmp_path):
+    """Llama 2 and Mistral both have 32,000 tokens, spelt differently: only the table's size was compared, so the
+    teacher's distribution over its token i was distilled into the student's token i."""
+    from tiny import make_source
+
+    from encdec.errors import EncdecError
+    from encdec.sources import load_tokenizer
+
+    student = load_tokenizer(sources["gemma3"])
+    other = make_source(tmp_path / "other", "gemma3", reserved=False)  # 96 tokens too, other words at 4-27
+    with pytest.raises(EncdecError, match="has another tokenizer than the student's"):
+        load_teacher(str(other), 96, torch.float32, torch.device("cpu"), student)
+    teacher = load_teacher(str(sources["gemma3"]), 96, torch.bfloat16, torch.device("cpu"), student)
+    assert teacher.embed.weight.dtype == torch.bfloat16 and teacher.embed.num_embeddings == 96
+
+
 @pytest.mark.parametrize("family", ["gemma3", "llama", "qwen2"])
 def test_teacher_states_predict_each_target_like_the_source_model(sources, family):
     teacher = load_teacher(str(sources[family]), 96, torch.float32, torch.device("cpu"))

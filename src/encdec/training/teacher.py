@@ -47,14 +47,20 @@ def teacher_spec(model_dir: Path, given: str) -> str:
 
 
 def load_teacher(spec: str, vocab_size: int, dtype: torch.dtype, device: torch.device, tokenizer=None) -> CausalLM:
-    """The teacher, frozen; its vocabulary must be the student's (`tokenizer`). A teacher whose table one tokenizer
-    pads further (the encoder source of an unbalanced model, which keeps the smaller table: `encdec.adapt`) keeps
-    the student's rows."""
-    teacher, source = load_causal(spec)
-    if source.vocab_size > vocab_size and tokenizer is not None and source.has_tokenizer:
+    """The teacher, frozen, loaded in `dtype` (a 9B teacher's float32 copy alone is 37 GB); its vocabulary must be
+    the student's (`tokenizer`): token by token, where both have a tokenizer (Llama 2 and Mistral both have 32,000
+    tokens, spelt differently, and the teacher's token i would be taught as the student's token i). A teacher
+    whose table one tokenizer pads further (the encoder source of an unbalanced model, which keeps the smaller
+    table: `encdec.adapt`) keeps the student's rows."""
+    teacher, source = load_causal(spec, dtype)
+    if tokenizer is not None and source.has_tokenizer:
         from encdec.sources import load_tokenizer
 
-        if load_tokenizer(source.directory).get_vocab() == tokenizer.get_vocab():
+        if load_tokenizer(source.directory).get_vocab() != tokenizer.get_vocab():
+            raise EncdecError(f"teacher {spec} has another tokenizer than the student's: its distribution over a "
+                              "token would be taught as another token's; choose a teacher of the student's "
+                              "tokenizer (--teacher SRC), or --no-distill")
+        if source.vocab_size > vocab_size:
             log.info("teacher %s: its table's %d rows cut to the student's %d (one tokenizer)", spec,
                      source.vocab_size, vocab_size)
             teacher.embed = nn.Embedding.from_pretrained(teacher.embed.weight[:vocab_size].clone())
