@@ -225,6 +225,28 @@ def test_a_tokenizer_without_unk_pad_or_bos_still_trains_or_says_why(sources, co
     assert not (tmp_path / "refused" / "model").exists()
 
 
+def test_a_pad_token_the_model_reads_as_its_start_is_not_taken_for_unk(sources, tmp_path):
+    """Qwen has no <unk>, and its pad token is its config's BOS, the adapted decoder's start token: --trim-vocab
+    made every dropped token that start (and, for Qwen, an end of document)."""
+    import copy
+
+    import numpy as np
+
+    import encdec
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import _trim
+
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(sources["gemma3"]))
+    tokenizer.unk_token = None
+    cfg = TrainConfig(model="m", out=str(tmp_path / "out"), trim_vocab=40)
+    ids = np.arange(3, 90)
+    assert _trim(cfg, model, tokenizer, ids, 1, Dist())[1].unk_id == 0  # the pad token, neither a start nor an end
+    model.config.bos_token_id = tokenizer.pad_token_id  # as Qwen's config names its <|endoftext|>
+    with pytest.raises(EncdecError, match="a pad token that is neither a BOS nor an EOS"):
+        _trim(cfg, model, tokenizer, ids, 1, Dist())
+
+
 @pytest.mark.parametrize("kind", ["decoder-only", "encoder-decoder"])
 def test_a_tokenizer_whose_unk_is_its_eos_keeps_the_eos_targets_when_trimmed(sources, corpus, tmp_path, kind):  # noqa: F811
     """GPT-2-style tokenizers name EOS their <unk> too: --trim-vocab mapped the dropped tokens to it and left every

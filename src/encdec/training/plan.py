@@ -71,20 +71,22 @@ class Trimmed:
 def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray, eos: int,
           d: distributed.Dist) -> tuple[Trainable, Trimmed]:
     """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones. The
-    dropped tokens become <unk>, which targets are not scored on, so it must not be `eos`, which ends them."""
-    ends = {eos, tokenizer.eos_token_id}
+    dropped tokens become <unk>, which targets are not scored on, so it must not be `eos`, which ends them, nor
+    any id the model reads as a start or an end (Qwen's pad token is its config's BOS, the adapted decoder's start:
+    every dropped token read as one)."""
+    # the ids the model's config names are kept whether or not the data holds them: a dropped EOS would end every
+    # target as <unk>, unscored, a dropped BOS start the decoder from <unk>'s row
+    named = (model.config.pad_token_id, model.config.bos_token_id, *model.config.eos_token_ids) \
+        if isinstance(model, EncoderDecoder) else ()
+    ends = {eos, tokenizer.eos_token_id, *named[1:]}
     unk = tokenizer.unk_token_id
     if unk in ends:  # GPT-2-style tokenizers name their EOS <unk> too: no EOS target would be scored
         unk = None
     if unk is None and tokenizer.pad_token_id not in (None, *ends):
         unk = tokenizer.pad_token_id  # a token no target is, as <unk> would be
     if unk is None:
-        raise EncdecError("--trim-vocab maps the tokens it drops to <unk> (or to a pad token other than EOS), and "
-                          "this tokenizer has neither; train without --trim-vocab")
-    # the ids the model's config names are kept whether or not the data holds them: a dropped EOS would end every
-    # target as <unk>, unscored, a dropped BOS start the decoder from <unk>'s row
-    named = (model.config.pad_token_id, model.config.bos_token_id, *model.config.eos_token_ids) \
-        if isinstance(model, EncoderDecoder) else ()
+        raise EncdecError("--trim-vocab maps the tokens it drops to <unk> (or to a pad token that is neither a BOS "
+                          "nor an EOS), and this tokenizer has neither; train without --trim-vocab")
     rows = model.embed.num_embeddings  # a tokenizer's special token past them (Gemma 3's <image_soft_token>, in a
     # text model) has no row to keep, and no text holds it
     always = {i for i in (*always_kept(tokenizer, cfg.objective), unk, *ends, *named) if i is not None and i < rows}
