@@ -795,6 +795,12 @@ def test_a_trimmed_vocabulary_keeps_the_ids_the_config_names_absent_from_the_dat
     assert {90, 91} <= set(plan.trimmed.keep.tolist()) and unk not in (table[90], table[91])
     assert plan.eos_id == table[90] and all(e.targets[-1] == plan.eos_id for e in plan.eval_examples)
     assert plan.model.config.bos_token_id == table[91] and plan.model.config.eos_token_ids == [table[90], table[1]]
+    # an end id past the table (a generation config may name one; EncDecConfig allows it) has no row to keep
+    for named in (settings, settings["decoder"]):
+        named.update(eos_token_id=[90, 1, 106])
+    (model / "config.json").write_text(json.dumps(settings))
+    plan, _ = build_plan(_config(model, tmp_path / "run2", corpus, trim_vocab=40), Dist())
+    assert plan.model.config.eos_token_ids == [plan.trimmed.table[90], plan.trimmed.table[1]]
 
 
 def test_data_of_fewer_examples_than_processes_asks_for_more_data_not_a_batch_of_zero():

@@ -80,7 +80,9 @@ def _empty_like(model: Trainable, vocab_size: int, table: np.ndarray | None = No
         return EncoderDecoder(cfg)
     return EncoderDecoder(EncDecConfig.from_dict({
         **cfg.to_dict(), "vocab_size": vocab_size, "pad_token_id": int(table[cfg.pad_token_id]),
-        "bos_token_id": int(table[cfg.bos_token_id]), "eos_token_ids": [int(table[e]) for e in cfg.eos_token_ids],
+        "bos_token_id": int(table[cfg.bos_token_id]),
+        # an end id past the table (a generation config's, which EncDecConfig allows) has no row to keep
+        "eos_token_ids": [int(table[e]) for e in cfg.eos_token_ids if e < len(table)],
     }))
 
 
