@@ -752,6 +752,22 @@ def test_packing_width_never_pads_more_than_rows_of_the_longest_prompt(lengths):
     assert len(rows) * width <= len(pack(lengths, max(lengths))) * max(lengths)
 
 
+def test_many_prompts_are_packed_no_wider_than_their_masks_allow():
+    """256 prompts of 30-300 tokens were packed 1,900 wide: their masks (rows x width^2) held 76 M entries, 10x
+    rows of their own; a burst of 16 prompts of 64-512 tokens still packs wide (its padding 1-2%)."""
+    import random
+
+    from encdec.inference.engine import MAX_MASK_ENTRIES, pack, packing_width
+
+    rng = random.Random(0)
+    many = [rng.randint(30, 300) for _ in range(256)]
+    width = packing_width(many)
+    assert len(pack(many, width)) * width**2 <= MAX_MASK_ENTRIES + sum(many) * max(many)
+    assert len(pack(many, width)) * width**2 < 256 * 300**2  # fewer than rows of the longest prompt each
+    burst = [rng.randint(64, 512) for _ in range(16)]
+    assert packing_width(burst) > 1000
+
+
 def test_joining_prompts_packed_into_wide_rows_keeps_caches_as_long_as_the_longest(model):
     """The encoder packs [9, 4, 4, 3] tokens into one row of 20; each slot's encoder keys need only its prompt."""
     engine = Engine(model, max_batch=4)

@@ -82,6 +82,9 @@ class Emitted:
 
 PREALLOCATED_POSITIONS = 1024  # self-attention positions allocated when rows join; beyond, buffers double
 MAX_PACK_WIDTH = 2048  # packed encoder rows grow up to this many tokens (their masks cost width^2 each)
+# and no wider than keeps a pass's masks (rows x width^2 = its tokens x width) to about this many entries: 256
+# prompts of 30-300 tokens packed 2,000 wide held 10x the masks of rows of their own (a GiB and more of them)
+MAX_MASK_ENTRIES = 16 * 2**20
 PACK_WIDTH_STEP = 32
 
 
@@ -385,11 +388,11 @@ class Engine:
 
 def packing_width(lengths: list[int]) -> int:
     """The width of the packed rows that leaves the fewest padding slots: the longest prompt's, or wider (in
-    steps of PACK_WIDTH_STEP, up to MAX_PACK_WIDTH) where that fills the rows better; on a tie the narrower.
-    Rows of the longest prompt left 11-20% of the encoder's work to padding for bursts of 16 prompts of
-    64-512 tokens; the best of these widths 1-2.4% (a millisecond of packing)."""
-    longest = max(max(lengths), 1)
-    widest = max(longest, min(MAX_PACK_WIDTH, sum(lengths)))
+    steps of PACK_WIDTH_STEP, up to MAX_PACK_WIDTH and MAX_MASK_ENTRIES) where that fills the rows better; on a
+    tie the narrower. Rows of the longest prompt left 11-20% of the encoder's work to padding for bursts of 16
+    prompts of 64-512 tokens; the best of these widths 1-2.4% (a millisecond of packing)."""
+    longest, total = max(max(lengths), 1), sum(lengths)
+    widest = max(longest, min(MAX_PACK_WIDTH, total, MAX_MASK_ENTRIES // max(total, 1)))
     widths = [*range(longest, widest, PACK_WIDTH_STEP), widest]
     return min(widths, key=lambda w: len(pack(lengths, w)) * w)
 
