@@ -3,6 +3,7 @@ table and JSON outputs, and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -226,6 +227,9 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
             assert logps[1] == logps[3] and (example["prediction"] in (1, 3)) == (logps[1] >= max(logps))
     chosen = sum(e["prediction"] in (1, 3) for e in results[0].examples)
     assert 0 < chosen < len(items) and results[0].correct == chosen  # either copy counts
+    # ...and the examples say so: prediction == gold read back from them gave another accuracy
+    assert sum(e["correct"] for e in results[0].examples) == results[0].correct
+    assert any(e["correct"] and e["prediction"] != e["gold"] for e in results[0].examples)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -388,6 +392,7 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn():
 
     class Scripted:  # writes its answer, ends its turn, then goes on, as a model that ignores the end of turn
         name, kind = "scripted", "decoder-only"
+        eos_id, model_eos_ids = tokenizer.eos_token_id, []
 
         def __init__(self) -> None:
             self.tokenizer = tokenizer
@@ -415,6 +420,17 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn():
     assert result.examples[0]["extracted"] == "8" and result.correct == 1
     result = run_generate(Scripted(), task, items, {}, Settings(tasks=[]))  # a base model's few-shot answer
     assert result.examples[0]["output"] == "Let's add.\n\n" and result.correct == 0
+    assert result.examples[0]["truncated"] is False  # it stopped at "\n\n"
+    # the whole budget spent without a stop: read all the same, and marked (a tuned model's reasoning cut off)
+    cut = tokenizer("5 + 3 = 8, so the answer is", add_special_tokens=False).input_ids
+
+    class Cut(Scripted):
+        def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+            return [cut[:max_new_tokens] for _ in prompts]
+
+    budget = dataclasses.replace(task, max_new_tokens=len(cut))
+    result = run_generate(Cut(), budget, items, {}, Settings(tasks=[]))
+    assert result.examples[0]["truncated"] is True and result.examples[0]["extracted"] == "8"
 
 
 def test_a_failed_results_write_replaces_neither_file(tmp_path, monkeypatch):

@@ -118,7 +118,9 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
             tally = result.groups.setdefault(item.group, [0, 0])
             tally[0] += requests[at + pick] == gold
             tally[1] += 1
+        # "correct": the pick read as the accuracy reads it (a copy of the gold option's text is right too)
         result.examples.append({"id": item.id, "gold": item.gold, "prediction": pick, "prediction_norm": pick_norm,
+                                "correct": requests[at + pick] == gold, "correct_norm": requests[at + pick_norm] == gold,
                                 "logprobs": [round(x, 4) for x in logps]})
         at += count
     if not_finite:  # NaN compares false: the first option was picked, which a task's accuracy would not show
@@ -139,14 +141,22 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
         prompts = [chat(p) for p in prompts]
         stop_ids += [] if end_of_turn is None else [end_of_turn]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
-    texts = [""] * len(items)
+    texts, cut = [""] * len(items), [False] * len(items)
+    ends = {scorer.eos_id, *scorer.model_eos_ids, *stop_ids}
     for start in tqdm(range(0, len(order), s.batch_size), desc=f"{scorer.name} · {task.name}", unit="batch", leave=False):
         chunk = order[start : start + s.batch_size]
         outs = scorer.generate([scorer.context_ids(prompts[i]) for i in chunk], task.max_new_tokens, stop_ids)
         for i, ids in zip(chunk, outs):
             texts[i] = scorer.tokenizer.decode(ids, skip_special_tokens=True)
+            # the whole budget spent and no stop reached: the answer may be cut off (its last number is read all
+            # the same, as lm-eval's flexible extraction reads it); said, so that a reader can tell
+            cut[i] = len(ids) >= task.max_new_tokens and ids[-1] not in ends and first_line(texts[i], stops) == \
+                texts[i].strip()
+    if any(cut):
+        log.warning("%s · %s: %d of %d answer(s) used all %d new tokens without ending (\"truncated\" in the "
+                    "examples)", scorer.name, task.name, sum(cut), len(items), task.max_new_tokens)
     result = TaskResult(n=len(items))
-    for item, text in zip(items, texts):
+    for item, text, truncated in zip(items, texts, cut):
         answer = first_line(text, stops)
         if task.metric == "number":
             guess = final_number(answer)
@@ -154,7 +164,8 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
         else:
             guess, ok = answer, exact_match(answer, item.answers)
         result.correct += ok
-        result.examples.append({"id": item.id, "output": text, "extracted": guess, "answers": item.answers[:5], "correct": ok})
+        result.examples.append({"id": item.id, "output": text, "extracted": guess, "answers": item.answers[:5], "correct": ok,
+                                "truncated": truncated})
     return result
 
 
