@@ -249,6 +249,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
             lr = scheduler.get_last_lr()[0]  # the rate this step used (after scheduler.step(), the next one's)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if d.device.type == "cuda":  # the update's kernels are queued: timed here, not in the next step's seconds
+                torch.cuda.synchronize(d.device)
             seconds = time.perf_counter() - began
             record = {
                 "step": step + 1, "loss": loss, "ce": distributed.reduce_sum(ce_total, d) / d.world,
