@@ -13,8 +13,8 @@ from encdec.adapt import adapt
 from encdec.checkpoint import load, read_metadata, save
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.data.text import check_text
-from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
 from encdec.errors import EncdecError
+from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
 from encdec.files import check_output_dir
 from encdec.logs import timed
 from encdec.model import EncoderDecoder

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from encdec.checkpoint import is_checkpoint
-from encdec.model import EncoderDecoder, EncoderState, Segments
 from encdec.data.tokens import leading_bos
+from encdec.model import EncoderDecoder, EncoderState, Segments
 from encdec.objectives import PLAIN, Framing
 from encdec.training.data import pad_rows
 

@@ -159,7 +159,7 @@ def cautions(model_dir: Path, fmt: str) -> list[str]:
     if fmt == "t5gemma" and thetas:  # read from rope_parameters by transformers, from a rope_theta CTranslate2
         found.append(f"its RoPE base is {', '.join(f'{t:g}' for t in thetas)}, and CTranslate2 reads a T5Gemma "
                      "model's as 10000: its outputs differ from this model's")
-    factors = sorted(_values(config, "factor") - {1, 1.0})
+    factors = sorted(_values(config, "factor") - {1.0})  # (1 == 1.0: one element removes both)
     if fmt == "t5gemma" and factors:  # its T5Gemma 2 loader reads the global layers' linear factor, not this one
         found.append(f"its RoPE positions are scaled (linear factor {', '.join(f'{f:g}' for f in factors)}), and "
                      "CTranslate2 reads a T5Gemma model's unscaled: its outputs differ from this model's")

@@ -390,7 +390,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             service.scheduler.submit(*jobs, param="n" if parsed.n > 1 else "prompt")
         except APIError as e:
             return answer(endpoint, _error(e))
-        except Exception as e:  # noqa: BLE001 - a bug, answered in the API's shape and counted, not a bare 500
+        except Exception as e:  # a bug, answered in the API's shape and counted, not a bare 500
             log.exception("request failed")
             return answer(endpoint, _error(_server_failed(e)))
         meta = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
@@ -436,7 +436,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             answers = await asyncio.gather(*tasks)
         except APIError as e:
             return _error(e)
-        except Exception as e:  # noqa: BLE001 - a bug while reading the answers: in the API's shape, not a bare 500
+        except Exception as e:  # a bug while reading the answers: in the API's shape, not a bare 500
             log.exception("request failed")
             return _error(_server_failed(e))
         finally:
@@ -509,7 +509,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             yield "data: [DONE]\n\n"
         except APIError as e:  # an error event, then [DONE] as after any stream (a reader may wait for it)
             yield f"data: {json.dumps(e.body())}\n\ndata: [DONE]\n\n"
-        except Exception as e:  # noqa: BLE001 - a bug mid-stream: an error event, as for a failed step
+        except Exception as e:  # a bug mid-stream: an error event, as for a failed step
             log.exception("request failed")
             yield f"data: {json.dumps(_server_failed(e).body())}\n\ndata: [DONE]\n\n"
         finally:  # the client went away mid-stream (the task is cancelled): free the slots at once
@@ -565,7 +565,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             return answer(endpoint, await service.off_loop(work, await read_body(request)))
         except APIError as e:
             return answer(endpoint, _error(e))
-        except Exception as e:  # noqa: BLE001 - a bug, answered in the API's shape and counted, not a bare 500
+        except Exception as e:  # a bug, answered in the API's shape and counted, not a bare 500
             log.exception("request failed")
             return answer(endpoint, _error(_server_failed(e)))
 
