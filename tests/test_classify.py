@@ -701,6 +701,28 @@ def test_weights_replaced_with_their_size_and_mtime_kept_are_another_feature_cac
     assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
     assert model_fingerprint(str(tmp_path / "model")) != before
 
+def test_a_probe_of_a_model_whose_states_are_not_finite_is_one_line_and_caches_nothing(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A diverged checkpoint's NaN states reached scikit-learn ("Input X contains NaN", a traceback), and the cache
+    kept them: every rerun failed alike."""
+    import safetensors.torch
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=True)
+    model = Path(shutil.copytree(models["gemma3"], tmp_path / "model"))
+    weights = safetensors.torch.load_file(model / "model.safetensors")
+    name = next(n for n in weights if n.endswith("final_norm.weight") or n.endswith("encoder.norm.weight"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    safetensors.torch.save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    argv = ["classify", str(model), "--task", "toy", "--probe", "--folds", "3", "--max-len", "16", "--limit", "30",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "final states hold NaN or inf for 30 of 30 examples" in line
+    assert not list((tmp_path / "cache" / "features").glob("*.safetensors"))
+
+
 def test_probe_features_are_cached_and_reused_and_no_save_keeps_results_only(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     from encdec.classification import features

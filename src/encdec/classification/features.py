@@ -24,6 +24,7 @@ from safetensors.numpy import load_file, save_file
 from encdec.classification.backbone import Backbone
 from encdec.classification.classifier import pool
 from encdec.classification.train import batches_by_length
+from encdec.errors import EncdecError
 from encdec.files import file_identity, write_cache
 from encdec.inference.onednn import packed_while_inferring
 
@@ -39,6 +40,10 @@ def pooled_features(backbone: Backbone, rows: list[list[int]], *, pad_id: int, p
     with packed_while_inferring(backbone):
         for chosen, ids, mask in batches_by_length(rows, batch_size, pad_id, "features", backbone.embed.weight.device):
             out[chosen] = pool(backbone(ids, mask), mask, pooling).float().cpu().numpy()
+    bad = int((~np.isfinite(out).all(1)).sum())
+    if bad:  # raised before the cache keeps them (every rerun would fail alike): scikit-learn's traceback otherwise
+        raise EncdecError(f"the model's final states hold NaN or inf for {bad} of {len(rows)} examples: its weights "
+                          "or its outputs are not finite (a diverged run?); probe another checkpoint")
     return out
 
 
