@@ -565,7 +565,8 @@ def test_what_clients_send_at_values_that_change_nothing_is_accepted_and_the_res
                "reasoning_effort": "none", "skip_special_tokens": True, "include_stop_str_in_output": False,
                "add_generation_prompt": True, "continue_final_message": False, "min_tokens": 0, "min_p": 0.0,
                "stop_token_ids": [], "spaces_between_special_tokens": True, "chat_template_kwargs": {},
-               "some_future_field": None}
+               "use_beam_search": False, "length_penalty": 1.0, "priority": 0, "bad_words": [],
+               "return_tokens_as_token_ids": False, "some_future_field": None}
     assert parsed(**neutral) == plain
     assert parsed("completions", **neutral) == parsed("completions")
     parts = parsed(messages=[{"role": "user", "content": [{"type": "text", "text": "w1"}, {"type": "text",
@@ -575,6 +576,7 @@ def test_what_clients_send_at_values_that_change_nothing_is_accepted_and_the_res
     assert parsed(messages=named).turns == parsed(messages=[{k: v for k, v in m.items() if k != "name"}
                                                            for m in named]).turns  # one name a role: nothing lost
     for fields, param in (({"min_tokens": 3}, "min_tokens"), ({"skip_special_tokens": False}, "skip_special_tokens"),
+                          ({"use_beam_search": True}, "use_beam_search"), ({"bad_words": ["w2"]}, "bad_words"),
                           ({"verbosity": "low"}, "verbosity"), ({"some_future_field": 1}, "some_future_field"),
                           ({"messages": [{"role": "user", "name": "alice", "content": "w1"}, {"role": "assistant",
                                                                                                 "content": "w2"},

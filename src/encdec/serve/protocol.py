@@ -45,7 +45,9 @@ NEUTRAL = {"best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
            "skip_special_tokens": (True, None), "spaces_between_special_tokens": (True, None),
            "include_stop_str_in_output": (False, None), "add_generation_prompt": (True, None),
            "continue_final_message": (False, None), "min_tokens": (0, None), "min_p": (0, None),
-           "stop_token_ids": ([], None), "chat_template_kwargs": ({}, None)}
+           "stop_token_ids": ([], None), "chat_template_kwargs": ({}, None), "use_beam_search": (False, None),
+           "length_penalty": (1.0, None), "priority": (0, None), "bad_words": ([], None),
+           "return_tokens_as_token_ids": (False, None)}
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                    "n", "ignore_eos",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
