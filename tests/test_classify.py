@@ -233,6 +233,16 @@ def test_a_fit_killed_mid_epoch_resumes_from_its_progress_and_repeats_the_uninte
     monkeypatch.setattr(train_module.log, "warning", lambda message, *args: warned.append(message % args))
     assert fit() == uninterrupted
     assert len(steps) == 10 and "the fit starts over" in " ".join(warned)
+    # a state whose optimizer loads and whose scheduler does not: the fresh fit kept the saved moments and steps
+    kill, steps[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    saved = json.loads((progress / "fit.json").read_text())
+    del saved["state"]["scheduler"]
+    (progress / "fit.json").write_text(json.dumps(saved))
+    kill, steps[:] = False, []
+    assert fit() == uninterrupted
+    assert len(steps) == 10
 
 
 def test_frozen_embeddings_stay_as_they_were_while_the_layers_and_head_train(models: dict[str, Path]) -> None:

@@ -13,6 +13,7 @@ index mask.sum(1) - 1.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -194,22 +195,26 @@ class _FitProgress:
     def resume(self) -> dict[str, Any] | None:
         if self.directory is None or not self.directory.is_dir():
             return None
+        fresh = copy.deepcopy(self.optimizer.state_dict()), self.scheduler.state_dict()
         try:
             state = read_state(self.directory, "fit")
             trained = self._trained()
-            saved = state["model"]
+            saved, rng = state["model"], state["torch_rng"]
             if state["total"] != self.total or {k: v.shape for k, v in saved.items()} != \
                     {k: v.shape for k, v in trained.items()}:
                 raise EncdecError("it was saved by a fit of other settings")
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(rng)
         except (EncdecError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            # what was loaded before the failure goes: a fresh fit's optimizer held the saved moments and steps
+            self.optimizer.load_state_dict(fresh[0])
+            self.scheduler.load_state_dict(fresh[1])
             log.warning("not resuming from %s (%s); the fit starts over", self.directory, e)
             return None
         with torch.no_grad():
             for name, value in saved.items():
                 trained[name].copy_(value)
-        torch.set_rng_state(state["torch_rng"])
         return state
 
     def maybe_save(self, position: dict[str, Any]) -> None:
