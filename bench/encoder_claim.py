@@ -78,10 +78,20 @@ def protocol_options(values: list[str], task: str) -> list[str]:
     return general + specific
 
 
+def weights_of(model: str) -> list | None:
+    """What identifies a MODEL directory's weights without reading them (its files' identities, as classify's
+    feature cache keys them); None for a packaged or Hub name."""
+    from encdec.classification.features import model_fingerprint
+
+    return model_fingerprint(model) if Path(model).expanduser().exists() else None
+
+
 def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Namespace) -> dict | None:
     """The cell's results.json, running `encdec classify` first unless it exists (with --table-only: None for a
-    cell not run yet)."""
+    cell not run yet). A cell is reused only for the same options and, unless --table-only, the same weights (a
+    rerun of bench/frontier.py rewrites a MODEL directory under the same path)."""
     results, recorded = out / "results.json", out.with_name(f"{out.name}.command.json")
+    weights = out.with_name(f"{out.name}.weights.json")  # (cells run before it was kept: options alone)
     options = [model, "--task", task, "--seed", str(args.seed), *PROTOCOLS[protocol]]
     if task == "boolq":
         options += ["--limit", str(args.boolq_train), "--eval-limit", str(args.boolq_eval)]
@@ -89,11 +99,15 @@ def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Nam
     if results.exists():
         if not recorded.exists() or json.loads(recorded.read_text()) != options:
             sys.exit(f"{out} holds a run of other settings ({recorded}); use another --out or delete it")
+        if not args.table_only and weights.exists() and json.loads(weights.read_text()) != weights_of(model):
+            sys.exit(f"{out} was run on other weights of {model} (its files changed since: {weights}); use another "
+                     "--out or delete it")
         return json.loads(results.read_text())
     if args.table_only:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(options))
+    weights.write_text(json.dumps(weights_of(model)))
     # no classifier: every cell would save a copy of its backbone (1.1 GB for the 270M) that no table reads
     command = [sys.executable, "-m", "encdec.cli", "classify", *options, "--no-save", "--out", str(out)]
     print(" ".join(command), flush=True)

@@ -231,6 +231,19 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     table_only = argparse.Namespace(**{**vars(settings), "table_only": True})
     assert encoder_claim.run_cell("m", "cb", "probe", tmp_path / "cb", table_only) is None and len(ran) == 1
     assert encoder_claim.run_cell("m", "rte", "probe", cell, table_only) == rte  # (--table-only runs nothing)
+    # a MODEL directory rewritten under the same path (bench/frontier.py run again): its cells are not reused
+    model, cell = tmp_path / "model", tmp_path / "cell-of-a-directory"
+    model.mkdir()
+    monkeypatch.setattr(subprocess, "run", lambda command, **k: ran.append(command) or
+                        (cell.mkdir(), (cell / "results.json").write_text(json.dumps(rte)))
+                        and subprocess.CompletedProcess(command, 0))
+    (model / "model.safetensors").write_bytes(b"first")
+    assert encoder_claim.run_cell(str(model), "rte", "probe", cell, settings) == rte
+    assert encoder_claim.run_cell(str(model), "rte", "probe", cell, settings) == rte and len(ran) == 2
+    (model / "model.safetensors").write_bytes(b"other")
+    with pytest.raises(SystemExit, match="was run on other weights of"):
+        encoder_claim.run_cell(str(model), "rte", "probe", cell, settings)
+    assert encoder_claim.run_cell(str(model), "rte", "probe", cell, table_only) == rte
 
 
 def test_encoder_claim_compares_backbones_paired_on_the_same_examples(tmp_path, monkeypatch, capsys):
