@@ -158,6 +158,24 @@ def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
     assert list(read_documents(spec, hub_limit=2)) == ["a", "b"]  # the limit counts documents, not blank records
 
 
+def test_a_tokenizer_that_ends_every_text_with_its_eos_gets_one_eos_a_document(sources, tmp_path):
+    """A tokenizer with add_eos_token (some Llama and Mistral fine-tunes') ends each text with EOS itself: the
+    stream appended a second one after every document."""
+    import copy
+
+    from tokenizers import processors
+
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(sources["gemma3"]))  # never the loader's cached one
+    (tmp_path / "a.txt").write_text("w1 w2 w3\n\nw4 w5\n\nw6\n")
+    plain = tokens.token_stream(tokenizer, [str(tmp_path / "a.txt")], cache_dir=tmp_path / "cache")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 1)])
+    assert tokenizer("w1").input_ids == [2, 29, 1]  # w1: the 30th token
+    own = tokens.token_stream(tokenizer, [str(tmp_path / "a.txt")], cache_dir=tmp_path / "cache")
+    assert np.array_equal(own, plain)  # BOS, the words, one EOS: as a tokenizer that adds none
+    assert len(list((tmp_path / "cache").glob("*-own-eos.npz"))) == 1
+
+
 def test_tokens_of_a_hub_dataset_read_from_the_cache_say_so(sources, tmp_path, caplog):
     """The cache of an hf: dataset's tokens is keyed by its name: a newer version on the Hub goes unread, which the
     log says, with the file to delete."""

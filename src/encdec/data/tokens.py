@@ -141,6 +141,9 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
 
     cache_dir = cache_dir or cache_root() / "tokens"
     key = f"{tokenizer_fingerprint(tokenizer)}-{source_fingerprint(specs, text_field)}-t{TOKENIZATION}"
+    # a tokenizer that ends every text with its EOS itself (add_eos_token) had a second one appended: its streams
+    # from before are keyed apart, the others' kept
+    key += "-own-eos" if tokenizer("a").input_ids[-1:] == [tokenizer.eos_token_id] else ""
     path = cache_dir / f"{key}.npz"
     cached = _cached(path, len(tokenizer), specs)
     if cached is not None:
@@ -166,8 +169,8 @@ def _tokenize(tokenizer, specs: list[str], text_field: str) -> np.ndarray:
         count += len(batch)
         # text that spells a control token ("<eos>", "<unused3>": a UL2 sentinel) is text, as in instruction prompts
         rows = tokenizer(batch, split_special_tokens=True).input_ids
-        parts.append(np.fromiter((t for row in rows for t in (*row, eos)), dtype=np.int32,
-                                 count=sum(len(row) + 1 for row in rows)))
+        rows = [row if row[-1:] == [eos] else [*row, eos] for row in rows]  # one EOS, the tokenizer's own if it adds one
+        parts.append(np.fromiter((t for row in rows for t in row), dtype=np.int32, count=sum(map(len, rows))))
     if not count:
         raise EncdecError(f"no text found in {' '.join(specs)}")
     stream = np.concatenate(parts)
