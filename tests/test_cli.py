@@ -69,6 +69,39 @@ def test_a_closed_socket_on_standard_output_ends_quietly(tmp_path, sources, monk
     assert "error" not in capsys.readouterr().err
 
 
+def test_serving_without_the_serve_extra_is_one_line(capsys, monkeypatch):
+    """Installed without [serve], `encdec serve` ended in uvicorn's ModuleNotFoundError traceback."""
+    for name in [n for n in sys.modules if n.startswith("encdec.serve")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    assert main(["serve", "/nonexistent"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == "encdec serve: error: serving needs the serve extra (uvicorn is not installed): pip install " \
+                   "'encdec[serve]'"
+
+
+def test_a_device_out_of_memory_is_one_line_naming_the_sizes_to_lower(capsys, monkeypatch):
+    """A batch too large for a GPU printed torch's traceback, screens of it."""
+    import torch
+
+    def too_large(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    def parser_raising():
+        import argparse
+
+        parser = build_parser()
+        next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["info"].set_defaults(
+            func=too_large)
+        return parser
+
+    monkeypatch.setattr("encdec.cli.build_parser", parser_raising)
+    assert main(["info", "x"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("encdec info: error: out of memory on the device (CUDA out of memory. Tried to allocate")
+    assert "--batch-size" in line and "more detail" not in line
+
+
 def test_a_pipe_other_than_standard_output_breaking_is_said(capsys, monkeypatch):
     """Only a reader of standard output leaving is quiet; another broken pipe (a worker, a socket) is an error."""
     import argparse

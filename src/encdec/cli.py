@@ -220,8 +220,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             lines[i] = line(i)
             bar.update()
             while args.out is None and printed < len(lines) and lines[printed] is not None:
-                if sys.stdout is not None:  # in the prompts' order, each as soon as it can be
-                    tqdm.write(lines[printed], file=sys.stdout)
+                if sys.stdout is not None:  # in the prompts' order, each as soon as it can be (flushed: a pipe's
+                    tqdm.write(lines[printed], file=sys.stdout)  # reader got nothing until 8 KB had gathered)
+                    sys.stdout.flush()
                 printed += 1
     if args.out is not None:
         atomic_write(args.out, "".join(f"{text}\n" for text in lines))
@@ -234,7 +235,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from encdec.checkpoint import read_config
     from encdec.inference.loading import load_for_inference, model_framing
     from encdec.logs import log, timed
-    from encdec.serve.app import Settings, check_address, check_origins, check_tls, serve
+
+    try:
+        from encdec.serve.app import Settings, check_address, check_origins, check_tls, serve
+    except ImportError as e:  # installed without the extra: uvicorn, fastapi
+        raise EncdecError(f"serving needs the serve extra ({e.name} is not installed): pip install 'encdec[serve]'") \
+            from None
     from encdec.serve.protocol import Limits
     from encdec.sources import load_tokenizer
 
@@ -591,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="web pages whose scripts may call the API from a browser (CORS): '*' or a comma list of "
                    "origins, e.g. https://app.example.com,http://localhost:3000 (default: none)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
-                   help="no log line per request (uvicorn's access log)")
+                   help="no log line per request (default: uvicorn's access log, a line per request)")
     p.add_argument("--max-input-tokens", type=int, default=2048, metavar="N",
                    help="longest prompt in tokens (BOS included); longer ones get 400")
     p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
@@ -793,11 +799,18 @@ def main(argv: list[str] | None = None) -> int:
         if sys.stdout is not None:  # None: started with its descriptor closed, where print() writes nothing
             sys.stdout.flush()  # a closed pipe is found here rather than at exit, where Python prints a traceback
     except EncdecError as e:
+        _flush_or_drop(sys.stdout)
         print(f"encdec {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _flush_or_drop(sys.stdout)  # Ctrl-C on `encdec generate ... | jq`: jq is gone too (exit 120 otherwise)
         print(f"encdec {args.command}: interrupted", file=sys.stderr)
         return 130
+    except torch.OutOfMemoryError as e:  # a batch too large for the device: its options, not a traceback
+        print(f"encdec {args.command}: error: out of memory on the device ({str(e).splitlines()[0][:160]}); lower "
+              "the batch size or the lengths (--batch-size, --max-batch, --enc-len / --dec-len, --max-len)",
+              file=sys.stderr)
+        return 1
     except BrokenPipeError as e:
         if not _reader_gone(sys.stdout):  # another pipe or socket broke: that is an error to tell
             print(f"encdec {args.command}: error: {e}", file=sys.stderr)
@@ -811,6 +824,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"encdec {args.command}: error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     return 0
+
+
+def _flush_or_drop(stream: object) -> None:
+    """Flush what is written to `stream` before an error's exit; where its reader has gone, what is left is dropped
+    (Python's own flush at exit would print "Exception ignored ... BrokenPipeError" and exit 120)."""
+    try:
+        stream.flush()  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())  # type: ignore[union-attr]
 
 
 def _reader_gone(stream: object) -> bool:
