@@ -136,7 +136,8 @@ def test_a_stop_during_the_last_step_still_writes_the_final_model(adapted, corpu
         final = loop.train(_config(adapted, tmp_path / "run", corpus, steps=3, eval_every=0))
     assert final == tmp_path / "run" / "model" and encdec.load(final)
     assert [p.name for p in checkpointing.checkpoints(tmp_path / "run")] == ["step-000002", "step-000003"]
-    assert "stop requested during the last step (3): writing the final model" in capsys.readouterr().out
+    # on stderr, as every other message: stdout holds what a run hands on (the final model's path)
+    assert "stop requested during the last step (3): writing the final model" in capsys.readouterr().err
 
 
 def test_a_run_started_outside_the_main_thread_trains_without_stop_handling(adapted, corpus, tmp_path, caplog):
@@ -303,6 +304,7 @@ def test_logged_records_hold_the_rate_each_step_used_and_the_bar_counts_every_st
         original_close(self)
 
     monkeypatch.setattr(Metrics, "close", close)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)  # the bar is a terminal's only
     cfg = _config(adapted, tmp_path / "run", corpus, log_every=3, eval_every=4, save_every=5)
     loop.train(cfg)
     factor = warmup_then_decay(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)

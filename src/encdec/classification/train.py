@@ -18,6 +18,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,7 +134,7 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
                                                                          "within"))
         rng.setstate(resumed["rng"])
         log.info("%s: resumed at step %d of %d from %s", desc, step, total, progress)
-    with tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True, leave=False) as bar:
+    with tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True, leave=False, disable=None) as bar:
         while step < total:
             epoch_start = rng.getstate()
             order = list(range(len(rows)))
@@ -168,7 +169,8 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
             skip = 0
             epoch += 1
             losses.append(sum(epoch_losses) / len(epoch_losses))
-            tqdm.write(f"encdec: {desc}: epoch {epoch}: mean loss {losses[-1]:.4f} over {len(epoch_losses)} steps")
+            tqdm.write(f"encdec: {desc}: epoch {epoch}: mean loss {losses[-1]:.4f} over {len(epoch_losses)} steps",
+                       file=sys.stderr)
             epoch_losses = []
     fit.done()
     # the loss checks each update's parameters at the next step: the last update's have no next step
@@ -240,7 +242,7 @@ def batches_by_length(rows: list[list[int]], batch_size: int, pad_id: int, desc:
     """(positions, padded ids, mask) of batches of rows sorted by length (less padding than in the given order),
     on `device`."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         chosen = order[start: start + batch_size]
         yield (chosen, *(t.to(device) for t in pad_rows([rows[i] for i in chosen], pad_id)))
 

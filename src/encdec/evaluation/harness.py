@@ -143,7 +143,8 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
     texts, cut = [""] * len(items), [False] * len(items)
     ends = {scorer.eos_id, *scorer.model_eos_ids, *stop_ids}
-    for start in tqdm(range(0, len(order), s.batch_size), desc=f"{scorer.name} · {task.name}", unit="batch", leave=False):
+    desc = f"{scorer.name} · {task.name}"
+    for start in tqdm(range(0, len(order), s.batch_size), desc=desc, unit="batch", leave=False, disable=None):
         chunk = order[start : start + s.batch_size]
         outs = scorer.generate([scorer.context_ids(prompts[i]) for i in chunk], task.max_new_tokens, stop_ids)
         for i, ids in zip(chunk, outs):

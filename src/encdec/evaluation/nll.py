@@ -45,7 +45,7 @@ def _position_nll(data: PrefixSuffix, batch_size: int, desc: str, suffix_logits:
     token: the first positions show how well a model reads the prefix, with no suffix context of its own yet."""
     total = torch.zeros(data.suffix.shape[1], dtype=torch.float64, device=device)
     with torch.no_grad():
-        for i in tqdm(range(0, len(data.prefix), batch_size), desc=desc, unit="batch", leave=False):
+        for i in tqdm(range(0, len(data.prefix), batch_size), desc=desc, unit="batch", leave=False, disable=None):
             prefix, suffix = data.prefix[i : i + batch_size].to(device), data.suffix[i : i + batch_size].to(device)
             logits = suffix_logits(prefix, suffix)
             nll = F.cross_entropy(logits.flatten(0, 1).float(), suffix.flatten(), reduction="none")
@@ -96,7 +96,7 @@ def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2
     total, count = 0.0, 0
     stride = max(1, max_len // 2)
     with torch.no_grad():
-        for text in tqdm(texts, desc="decoder-only perplexity", unit="text", leave=False):
+        for text in tqdm(texts, desc="decoder-only perplexity", unit="text", leave=False, disable=None):
             ids = torch.tensor(tokenizer(text).input_ids, device=model.device)
             bos = ids[:1] if len(ids) and ids[0].item() == tokenizer.bos_token_id else ids[:0]
             done = 1  # tokens scored, or (the first) context only

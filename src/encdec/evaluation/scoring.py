@@ -92,7 +92,7 @@ class Scorer:
         distinct = sorted(set(copy_of), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
         out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         with torch.no_grad():
-            for chunk in tqdm(list(_batches(distinct, batch_size)), desc=desc, unit="batch", leave=False):
+            for chunk in tqdm(list(_batches(distinct, batch_size)), desc=desc, unit="batch", leave=False, disable=None):
                 scores = self._score([requests[i] for i in chunk])
                 for i, s in zip(chunk, scores):
                     out[i] = s

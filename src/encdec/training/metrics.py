@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ class Metrics:
             self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + (restored is None))
             if restored is not None:
                 self._scalars(restored)
-        self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+        # a bar on a terminal only (a log file under nohup or Slurm got a line of it every step)
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=None)
 
     def log(self, record: dict[str, Any], *, write: bool = True) -> None:
         """Move the progress bar to the record's step; with `write`, also keep the record (metrics.jsonl and
@@ -60,7 +62,7 @@ class Metrics:
 
     def message(self, text: str) -> None:
         if self.enabled:
-            tqdm.write(f"encdec: {text}")
+            tqdm.write(f"encdec: {text}", file=sys.stderr)  # stdout holds what a run hands on
 
     def close(self) -> None:
         if self.enabled:
