@@ -274,6 +274,26 @@ def test_processes_starting_together_tokenize_a_corpus_once(sources, tmp_path, m
     assert outputs[0][-1] == outputs[1][-1] and int(outputs[0][-1]) > 0
 
 
+def test_a_token_cache_that_cannot_be_read_here_is_kept(sources, tmp_path, monkeypatch):
+    """A cache another user's permissions keep from this one (EACCES), or that its place cannot map (ENODEV on some
+    FUSE mounts), was taken for damaged and deleted: rebuilt on every run, and the users of one cache deleted each
+    other's."""
+    import errno
+
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    data = tmp_path / "a.txt"
+    data.write_text("w1 w2\n\nw3\n")
+    first = tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").glob("*.npz")
+
+    def unmappable(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(tokens.np, "memmap", unmappable)
+    assert np.array_equal(tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache"), first)
+    assert cached.exists()
+
+
 def test_a_corpus_is_tokenized_as_it_is_read_never_held_whole(sources, tmp_path, monkeypatch):
     """Every document was read into one list before the first was tokenized: a corpus's whole text in memory, beside
     its tokens. Now the reader is ahead of the tokenizer by a batch of 512 documents at most."""
@@ -289,7 +309,8 @@ def test_a_corpus_is_tokenized_as_it_is_read_never_held_whole(sources, tmp_path,
             yield document
 
     def tokenizing(self, texts, *args, **kwargs):
-        ahead.append(read[0])  # documents read when this batch is tokenized
+        if isinstance(texts, list):  # a batch of documents (a lone text: the cache key's probe of the tokenizer)
+            ahead.append(read[0])  # documents read when this batch is tokenized
         return real_call(self, texts, *args, **kwargs)
 
     monkeypatch.setattr(tokens, "read_file", reading)

@@ -169,7 +169,7 @@ def _tokenize(tokenizer, specs: list[str], text_field: str) -> np.ndarray:
         count += len(batch)
         # text that spells a control token ("<eos>", "<unused3>": a UL2 sentinel) is text, as in instruction prompts
         rows = tokenizer(batch, split_special_tokens=True).input_ids
-        rows = [row if row[-1:] == [eos] else [*row, eos] for row in rows]  # one EOS, the tokenizer's own if it adds one
+        rows = [row if row[-1:] == [eos] else [*row, eos] for row in rows]  # one EOS: the tokenizer's, if it adds one
         parts.append(np.fromiter((t for row in rows for t in row), dtype=np.int32, count=sum(map(len, rows))))
     if not count:
         raise EncdecError(f"no text found in {' '.join(specs)}")
@@ -220,7 +220,8 @@ def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:
     """The cached stream, memory-mapped read-only from the archive (np.savez stores it uncompressed): the processes
     of a distributed run share its pages instead of each holding a copy. Its CRC-32 is checked first (a flipped bit
     reads as another token); None after deleting a damaged file (it is rebuilt). No pickle is ever read: only an
-    int32 array's header and its bytes. encdec replaces a cache file through a rename, never in place: a file
+    int32 array's header and its bytes; one that cannot be read (its permissions, a place that cannot map it) is
+    kept. encdec replaces a cache file through a rename, never in place: a file
     written over in place (`cp` onto it) while a run maps it would fault that run."""
     try:
         with zipfile.ZipFile(path) as archive:
@@ -249,9 +250,14 @@ def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:
         if ids.size and not 0 <= ids.min() <= ids.max() < vocab_size:
             raise ValueError(f"not a stream of token ids below {vocab_size}")
         return ids
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, struct.error) as e:
+    except (ValueError, KeyError, EOFError, zipfile.BadZipFile, struct.error) as e:
         log.warning("token cache %s is damaged (%s); deleted, tokenizing again", path, first_line(e))
         path.unlink(missing_ok=True)
+        return None
+    except OSError as e:  # the file may be sound and another's (EACCES in a shared cache), or its place cannot map
+        # it (ENODEV on some FUSE mounts): deleted, it was rebuilt on every run, and the users of one cache deleted
+        # each other's
+        log.warning("cannot read the token cache %s (%s); tokenizing without it", path, e.strerror or e)
         return None
 
 
