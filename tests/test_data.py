@@ -274,6 +274,32 @@ def test_processes_starting_together_tokenize_a_corpus_once(sources, tmp_path, m
     assert outputs[0][-1] == outputs[1][-1] and int(outputs[0][-1]) > 0
 
 
+@pytest.mark.parametrize("bad, said", [
+    ("empty.jsonl", "empty.jsonl: empty, no text in it"),
+    ("shard.parquet", "shard.parquet: no column 'text'; columns: ['body']"),
+    ("ids.parquet", "ids.parquet: column 'text' holds int64, not text"),
+])
+def test_a_bad_last_file_is_refused_before_the_first_is_tokenized(sources, tmp_path, monkeypatch, bad, said):
+    """A bad shard at the end of a large corpus failed the run after every file before it was tokenized (hours),
+    and nothing was cached: what needs no reading of the text is checked for every file first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("w1 w2\n")
+    columns = {"shard.parquet": {"body": ["w1"]}, "ids.parquet": {"text": [1, 2]}}
+    if bad.endswith(".parquet"):
+        pq.write_table(pa.table(columns[bad]), tmp_path / "data" / bad)
+    else:
+        (tmp_path / "data" / bad).write_text("")
+    tokenized = []
+    monkeypatch.setattr(tokens, "read_file", lambda *a: tokenized.append(a) or iter(()))
+    with pytest.raises(EncdecError, match=re.escape(said)):
+        tokens.token_stream(tokenizer, [str(tmp_path / "data")], cache_dir=tmp_path / "cache")
+    assert not tokenized
+
+
 def test_a_token_cache_that_cannot_be_read_here_is_kept(sources, tmp_path, monkeypatch):
     """A cache another user's permissions keep from this one (EACCES), or that its place cannot map (ENODEV on some
     FUSE mounts), was taken for damaged and deleted: rebuilt on every run, and the users of one cache deleted each

@@ -165,8 +165,8 @@ def _textual(kind) -> bool:
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
 
 
-def _parquet(path: Path, field: str) -> Iterator[str]:
-    import pyarrow as pa
+def _parquet_file(path: Path, field: str):
+    """The parquet file, its footer read and its column `field` found."""
     import pyarrow.parquet as pq
 
     try:
@@ -175,7 +175,32 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
         raise EncdecError(f"{path}: not a readable parquet file ({e})") from None
     if field not in table.schema_arrow.names:
         raise EncdecError(f"{path}: no column {field!r}; columns: {table.schema_arrow.names}")
-    batches = table.iter_batches(columns=[field])
+    return table
+
+
+def check_file(path: Path, text_field: str = "text") -> None:
+    """What reading a data file would refuse without reading its text (an empty file; a parquet file without the
+    column, or whose column is not text), checked for every file before the first is read: a bad last shard of a
+    large corpus failed a run after hours of tokenizing the others, and nothing was cached."""
+    import pyarrow as pa
+
+    try:
+        empty = path.stat().st_size == 0
+    except OSError as e:
+        raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
+    if empty:
+        raise EncdecError(f"{path}: empty, no text in it")
+    if path.suffix.lower() == ".parquet":
+        kind = _parquet_file(path, text_field).schema_arrow.field(text_field).type
+        if not _textual(kind.value_type if pa.types.is_dictionary(kind) else kind):
+            raise EncdecError(f"{path}: column {text_field!r} holds {kind}, not text (use --text-field to name "
+                              "another)")
+
+
+def _parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
+
+    batches = _parquet_file(path, field).iter_batches(columns=[field])
     while True:
         try:
             batch = next(batches, None)

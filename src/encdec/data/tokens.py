@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from encdec.data.corpus import CORPORA, DEFAULT_CORPORA, HELDOUT_SETS
-from encdec.data.text import distinct_files, files_of, read_documents, read_file
+from encdec.data.text import check_file, distinct_files, files_of, read_documents, read_file
 from encdec.errors import EncdecError, first_line
 from encdec.files import WriteFailed, file_identity, write_cache
 
@@ -98,19 +98,25 @@ def _read(spec: str, text_field: str) -> list[str]:
 
 
 def _documents(specs: list[str], text_field: str) -> Iterator[str]:
-    """The documents of every spec in turn, read as they are tokenized: a corpus's text is never held whole."""
+    """The documents of every spec in turn, read as they are tokenized: a corpus's text is never held whole. Every
+    file is checked first (`check_file`), before any is read."""
     seen: set[Path] = set()
     named: set[str] = set()
+    sources: list[str | Path] = []  # a dataset's or packaged corpus's name, or a file
     for spec in _or_default(specs):
         if spec.startswith(("hf:", *PACKAGED)):
             if spec in named:
                 log.warning("%s is given more than once: read once", spec)
                 continue
             named.add(spec)
-            yield from _read(spec, text_field)
+            sources.append(spec)
         else:
-            for path in distinct_files(files_of(spec), seen):
-                yield from read_file(path, text_field)
+            sources += distinct_files(files_of(spec), seen)
+    for source in sources:
+        if isinstance(source, Path):
+            check_file(source, text_field)
+    for source in sources:
+        yield from read_file(source, text_field) if isinstance(source, Path) else _read(source, text_field)
 
 
 def check_apart_from_training(data: list[str], eval_data: list[str]) -> None:
