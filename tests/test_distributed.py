@@ -140,7 +140,7 @@ def test_a_signal_reaching_one_process_stops_both_at_the_same_step(sources, tmp_
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
-    stopped = [line for line in said.splitlines() if "stopped at step" in line]
+    stopped = [line for line in err.splitlines() if "stopped at step" in line]  # on stderr, as every message
     assert len(stopped) == 1, (said + err)[-3000:]  # reported by rank 0
     step = int(stopped[0].split("stopped at step ")[1].split(";")[0])
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{step:06d}"]
@@ -302,6 +302,31 @@ def test_processes_that_find_different_checkpoints_refuse_to_resume(sources, tmp
     assert returncode != 0 and said.count("found different checkpoints to resume") == 2, said[-3000:]
     assert "(this one: " + str(out / "checkpoints" / "step-000004") + ")" in said and "(this one: none)" in said
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+OTHER_DATA_ON_RANK_1 = """
+import os
+import sys
+
+from encdec.cli import main
+from encdec.training import plan
+
+if os.environ["RANK"] == "1":  # as a node whose copy of the data differs
+    original = plan.token_stream
+    plan.token_stream = lambda *args, **kwargs: original(*args, **kwargs)[::-1].copy()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_processes_that_read_different_data_refuse_to_train(sources, tmp_path):
+    """Each process builds the whole global batch and takes its own rows: with another copy of the data on one
+    node (or another Python's packaged corpus, another --trim-vocab choice) they trained on batches that were not
+    one batch, silently."""
+    model, corpus = _tiny_run_inputs(sources, tmp_path)
+    returncode, said = _two_processes_with(OTHER_DATA_ON_RANK_1, tmp_path,
+                                           [*_pretrain_args(model, corpus, tmp_path / "run"), "--steps", "2"])
+    assert returncode != 0 and said.count("the processes read different training data") == 2, said[-3000:]
+    assert not (tmp_path / "run" / "model").exists()
 
 
 SLOW_CHECKPOINT_AT_STEP_4 = """

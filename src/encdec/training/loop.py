@@ -86,6 +86,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
     start_files = rundir.start_model_files(model_dir) if d.main and model_dir.is_dir() else None
     start_digest = rundir.start_model_digest(model_dir) if d.main and model_dir.is_dir() else None
     plan, tokenizer = build_plan(cfg, d)
+    # each process builds the whole global batch and takes its rows: their streams must be one (another copy of the
+    # data on one node, another Python's packaged corpus, another --trim-vocab choice trained on other batches)
+    if not distributed.same_everywhere(int(plan.stream.fingerprint()[:12], 16), d):
+        raise EncdecError("the processes read different training data (a digest of their tokens differs): every "
+                          "process must read the same files with the same tokenizer and versions")
     cfg = dataclasses.replace(cfg, distill=wants_distillation(cfg.distill, cfg.objective, cfg.teacher, model_dir,
                                                               plan.causal))
     cfg.check_fit(None if plan.causal else plan.model.config, plan.model.embed.num_embeddings, len(plan.stream.items),
