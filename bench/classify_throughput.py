@@ -17,7 +17,8 @@ classifier (backbone + pooling + linear head):
 
 Each implementation runs in a process of its own (the allocator setting is process-wide), in `--rounds`
 rounds, each round running every implementation once in turn (in reverse order every other round), so that a
-slow spell of a shared machine falls on all of them. A process makes its classifier, runs one untimed call of `--warmup` steps, then
+slow spell of a shared machine falls on all of them. A process makes its classifier, runs one untimed call of
+`--warmup` steps, then
 `--repeats` timed calls of `--steps` optimizer steps each; every call starts a new optimizer (as each
 fold does) and sees the same seeded batches. Rows are seeded random ids of 1/4 to all of `--max-len`
 tokens (right-padded per batch, as classification pads them), labels random over two classes.

@@ -143,7 +143,8 @@ def train_in_parallel(names: list[str], args: argparse.Namespace) -> None:
 
     def run(name: str) -> None:
         print(f"training {name} in its own process ({threads} thread(s)) ...", file=sys.stderr, flush=True)
-        if subprocess.run([sys.executable, __file__, *sys.argv[1:], "--train", name], env=env, check=False).returncode != 0:
+        command = [sys.executable, __file__, *sys.argv[1:], "--train", name]
+        if subprocess.run(command, env=env, check=False).returncode != 0:
             raise SystemExit(f"training {name} failed (its output is above); a rerun resumes from its last checkpoint")
 
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -120,7 +120,8 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
             tally[1] += 1
         # "correct": the pick read as the accuracy reads it (a copy of the gold option's text is right too)
         result.examples.append({"id": item.id, "gold": item.gold, "prediction": pick, "prediction_norm": pick_norm,
-                                "correct": requests[at + pick] == gold, "correct_norm": requests[at + pick_norm] == gold,
+                                "correct": requests[at + pick] == gold,
+                                "correct_norm": requests[at + pick_norm] == gold,
                                 "logprobs": [round(x, 4) for x in logps]})
         at += count
     if not_finite:  # NaN compares false: the first option was picked, which a task's accuracy would not show
@@ -165,8 +166,8 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
         else:
             guess, ok = answer, exact_match(answer, item.answers)
         result.correct += ok
-        result.examples.append({"id": item.id, "output": text, "extracted": guess, "answers": item.answers[:5], "correct": ok,
-                                "truncated": truncated})
+        result.examples.append({"id": item.id, "output": text, "extracted": guess, "answers": item.answers[:5],
+                                "correct": ok, "truncated": truncated})
     return result
 
 

@@ -167,7 +167,8 @@ def modeling_file_line(directory: Path) -> str:
     """What `encdec info` says of a checkpoint's modeling file: transformers runs it with trust_remote_code=True,
     so a handed checkpoint's must be the file this encdec writes, not a copy someone edited."""
     path = directory / MODELING_FILE
-    resave = f"read it first, or load the checkpoint with encdec and save it again ({RESAVE} writes this version's file)"
+    resave = (f"read it first, or load the checkpoint with encdec and save it again ({RESAVE} writes this version's "
+              "file)")
     for name, expected in (("config.json", AUTO_MAP), ("tokenizer_config.json", None)):  # what transformers follows
         mapped = read_json(directory / name).get("auto_map") if (directory / name).is_file() else None
         if mapped != expected:
