@@ -225,10 +225,10 @@ def _write_cache(path: Path, stream: np.ndarray) -> bool:
 def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:
     """The cached stream, memory-mapped read-only from the archive (np.savez stores it uncompressed): the processes
     of a distributed run share its pages instead of each holding a copy. Its CRC-32 is checked first (a flipped bit
-    reads as another token); None after deleting a damaged file (it is rebuilt). No pickle is ever read: only an
-    int32 array's header and its bytes; one that cannot be read (its permissions, a place that cannot map it) is
-    kept. encdec replaces a cache file through a rename, never in place: a file
-    written over in place (`cp` onto it) while a run maps it would fault that run."""
+    reads as another token); None after deleting a damaged file (it is rebuilt), or leaving one that cannot be read
+    here (its permissions, a place that cannot map it). No pickle is ever read: only an int32 array's header and its
+    bytes. encdec replaces a cache file through a rename, never in place: a file written over in place (`cp` onto
+    it) while a run maps it would fault that run."""
     try:
         with zipfile.ZipFile(path) as archive:
             member = archive.getinfo("ids.npy")
