@@ -76,6 +76,20 @@ def test_a_text_file_read_line_by_line_gives_the_paragraphs_of_the_whole_text(tm
         assert list(read_documents(str(path))) == expected
 
 
+def test_a_paragraph_past_the_size_limit_is_cut_at_line_ends_and_said(tmp_path, monkeypatch):
+    """A file of a sentence a line and no blank line was one document: held whole and tokenized in one call (tens of
+    GB for a GB of text), one EOS for the whole file."""
+    from encdec.data import text as text_module
+
+    monkeypatch.setattr(text_module, "MAX_PARAGRAPH_CHARS", 10)
+    path = tmp_path / "t.txt"
+    path.write_text("aaaa\nbbbb\ncccc\ndddd\n\nee\n")
+    warned: list[str] = []  # the logger's own call: a CLI test before this one in the process stops propagation
+    monkeypatch.setattr(text_module.log, "warning", lambda message, *args: warned.append(message % args))
+    assert list(read_documents(str(path))) == ["aaaa\nbbbb\ncccc", "dddd", "ee"]
+    assert len(warned) == 1 and "a paragraph of more than 10 characters" in warned[0]
+
+
 def test_files_from_other_systems_and_tools_read_as_their_text_or_one_line(tmp_path):
     """Windows' line ends were kept in every document (the same text saved there trained on other tokens) and an old
     Mac's made one document; an array line (pandas' records), a null or a number were all "no string field"; a

@@ -21,6 +21,9 @@ SUFFIXES = (".txt", ".jsonl", ".parquet")
 ACCEPTED = ("a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, "
             f"hf:NAME, or packaged text: {', '.join(f'corpus:{name}' for name in CORPORA)}")
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
+# a .txt paragraph is cut into documents of about this many characters, at line ends: a file with no blank line (a
+# sentence a line) was one document, held whole and tokenized in one call (tens of GB for a GB of text)
+MAX_PARAGRAPH_CHARS = 1 << 24
 log = logging.getLogger("encdec")
 _SAID: set[tuple[Path, tuple[str, ...]]] = set()  # directories whose left-out files were named (once per run)
 
@@ -73,10 +76,12 @@ def _txt(path: Path) -> Iterator[str]:
     Windows' and old Macs' line ends read as newlines: the same text saved anywhere gives the same tokens.
 
     Read line by line, a paragraph at a time: a file of gigabytes is never held whole (nor is a corpus:
-    `encdec.data.tokens` tokenizes documents as they come)."""
+    `encdec.data.tokens` tokenizes documents as they come); a paragraph longer than MAX_PARAGRAPH_CHARS is cut into
+    documents of that size at line ends, said once."""
     try:
         with path.open("rb") as f:
             block: list[str] = []  # the paragraph's lines so far
+            size, cut = 0, False  # the block's characters; whether a paragraph was cut
             tail = ""  # text after the last newline: the end of a file that does not end with one
             for number, raw in enumerate(f, 1):
                 try:  # a byte-order mark is not text of the first document
@@ -87,9 +92,18 @@ def _txt(path: Path) -> Iterator[str]:
                 for line in lines:
                     if line.strip():
                         block.append(line)
-                    elif block:  # a blank line (whitespace only) ends the paragraph
-                        yield "\n".join(block).strip()
-                        block = []
+                        size += len(line) + 1
+                        if size <= MAX_PARAGRAPH_CHARS:
+                            continue
+                        if not cut:
+                            cut = True
+                            log.warning("%s: a paragraph of more than %d characters (no blank lines between its "
+                                        "lines?) is read as documents of that size, cut at line ends; a .jsonl file "
+                                        "holds one document a record", path, MAX_PARAGRAPH_CHARS)
+                    elif not block:
+                        continue
+                    yield "\n".join(block).strip()  # a blank line (whitespace only) ends the paragraph, or its size
+                    block, size = [], 0
     except OSError as e:  # a file that cannot be opened or read (not what the consumer's errors throw in)
         raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
     if tail.strip():
