@@ -48,6 +48,13 @@ def test_the_cache_needs_no_home_directory_when_encdec_cache_is_set(monkeypatch,
         sources_module.cache_root()
 
 
+def test_a_cache_named_from_the_home_directory_is_read_as_a_shell_would(monkeypatch, tmp_path):
+    """ENCDEC_CACHE=~/cache in a systemd or Docker env file (no shell expands it) made a directory named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("ENCDEC_CACHE", "~/cache")
+    assert sources_module.cache_root() == tmp_path / "cache"
+
+
 def test_the_packaged_gguf_is_joined_into_encdecs_cache(monkeypatch, tmp_path):
     """The packaged Gemma 3 270M's parts are joined under $ENCDEC_CACHE (not under the home directory, which may be
     read-only), once, and checked against the package's sha256."""

@@ -55,8 +55,8 @@ SUPPORTED = (f"{SUPPORTED_FAMILIES} (a Hugging Face checkpoint directory, a GGUF
 
 def cache_root() -> Path:
     """Where converted sources, token and feature caches live: $ENCDEC_CACHE, else ~/.cache/encdec."""
-    if os.environ.get("ENCDEC_CACHE"):
-        return Path(os.environ["ENCDEC_CACHE"])
+    if os.environ.get("ENCDEC_CACHE"):  # "~/..." as a systemd or Docker env file writes it: no shell expands it
+        return Path(os.environ["ENCDEC_CACHE"]).expanduser()
     try:
         return Path.home() / ".cache" / "encdec"
     except (RuntimeError, KeyError):  # no HOME and no passwd entry (a container run as an arbitrary user)
