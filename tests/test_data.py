@@ -314,6 +314,28 @@ def test_a_bad_last_file_is_refused_before_the_first_is_tokenized(sources, tmp_p
     assert not tokenized
 
 
+def test_processes_waiting_for_a_cache_that_could_not_be_written_tokenize_at_once(sources, tmp_path, monkeypatch):
+    """The lock's holder could not write the cache (a full disk): each process waiting for it then found no cache and
+    tokenized under the lock in turn, failing alike (hours each on a large corpus; the first waited past
+    --dist-timeout). One that began waiting before the failure now tokenizes at once, and writes nothing."""
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    data = tmp_path / "a.txt"
+    data.write_text("w1 w2\n\nw3\n")
+    writes = []
+    (tmp_path / "cache").mkdir()
+    monkeypatch.setattr(tokens, "_write_cache", lambda path, stream: writes.append(path) or False)  # a full disk
+    first = tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache")
+    assert len(writes) == 1
+    (marker,) = (tmp_path / "cache").glob(".*.unwritten")
+    real_time = tokens.time.time
+    monkeypatch.setattr(tokens.time, "time", lambda: marker.stat().st_mtime - 60)  # waiting since before it failed
+    assert np.array_equal(tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache"), first)
+    assert len(writes) == 1  # tokenized, not written again
+    monkeypatch.setattr(tokens.time, "time", lambda: real_time() + 60)  # a later run tries again
+    assert np.array_equal(tokens.token_stream(tokenizer, [str(data)], cache_dir=tmp_path / "cache"), first)
+    assert len(writes) == 2
+
+
 def test_a_token_cache_that_cannot_be_read_here_is_kept(sources, tmp_path, monkeypatch):
     """A cache another user's permissions keep from this one (EACCES), or that its place cannot map (ENODEV on some
     FUSE mounts), was taken for damaged and deleted: rebuilt on every run, and the users of one cache deleted each

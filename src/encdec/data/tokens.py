@@ -154,16 +154,36 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
     cached = _cached(path, len(tokenizer), specs)
     if cached is not None:
         return cached
+    unwritten = path.with_name(f".{path.name}.unwritten")  # touched by a process that could not write the cache
+    waiting_since = time.time()
     with _tokenizing_lock(path):
         cached = _cached(path, len(tokenizer), specs)  # tokenized by another process meanwhile
         if cached is not None:
             return cached
-        log.info("tokenizing %s (cached for next time in %s)", " ".join(specs) or "the default corpus", path)
-        stream = _tokenize(tokenizer, specs, text_field)
-        if _write_cache(path, stream):  # read back mapped, as the others read it: this copy is freed
-            mapped = _read_cache(path, len(tokenizer))
-            stream = stream if mapped is None else mapped
-    return stream
+        if not _touched_since(unwritten, waiting_since):
+            log.info("tokenizing %s (cached for next time in %s)", " ".join(specs) or "the default corpus", path)
+            stream = _tokenize(tokenizer, specs, text_field)
+            # read back mapped, as the others read it: this copy is freed
+            mapped = _read_cache(path, len(tokenizer)) if _write_cache(path, stream) else None
+            if mapped is not None:
+                unwritten.unlink(missing_ok=True)
+                return mapped
+            with contextlib.suppress(OSError):  # the others waiting for it will not find it either
+                unwritten.touch()
+            return stream
+    # the process that held the lock meanwhile could not write the cache (a full disk, a file system that refuses
+    # it): tokenized here at once, beside the others, rather than one process after another under the lock, each
+    # failing alike (a distributed run's first process waited past --dist-timeout)
+    log.info("tokenizing %s (another process could not cache it in %s)", " ".join(specs) or "the default corpus",
+             cache_dir)
+    return _tokenize(tokenizer, specs, text_field)
+
+
+def _touched_since(path: Path, since: float) -> bool:
+    try:
+        return path.stat().st_mtime >= since - 1.0  # (a file system's clock may round, or run a little behind)
+    except OSError:
+        return False
 
 
 def _tokenize(tokenizer, specs: list[str], text_field: str) -> np.ndarray:
