@@ -155,13 +155,14 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
     if cached is not None:
         return cached
     unwritten = path.with_name(f".{path.name}.unwritten")  # touched by a process that could not write the cache
+    what = " ".join(specs) or "the default corpus"
     waiting_since = time.time()
     with _tokenizing_lock(path):
         cached = _cached(path, len(tokenizer), specs)  # tokenized by another process meanwhile
         if cached is not None:
             return cached
         if not _touched_since(unwritten, waiting_since):
-            log.info("tokenizing %s (cached for next time in %s)", " ".join(specs) or "the default corpus", path)
+            log.info("tokenizing %s (cached for next time in %s)", what, path)
             stream = _tokenize(tokenizer, specs, text_field)
             # read back mapped, as the others read it: this copy is freed
             mapped = _read_cache(path, len(tokenizer)) if _write_cache(path, stream) else None
@@ -174,8 +175,7 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
     # the process that held the lock meanwhile could not write the cache (a full disk, a file system that refuses
     # it): tokenized here at once, beside the others, rather than one process after another under the lock, each
     # failing alike (a distributed run's first process waited past --dist-timeout)
-    log.info("tokenizing %s (another process could not cache it in %s)", " ".join(specs) or "the default corpus",
-             cache_dir)
+    log.info("tokenizing %s (another process could not cache it in %s)", what, cache_dir)
     return _tokenize(tokenizer, specs, text_field)
 
 
