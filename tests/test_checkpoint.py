@@ -411,3 +411,22 @@ def test_the_tokenizer_of_a_checkpoint_in_encdecs_format_loads_without_a_transfo
     assert tokenizer("w1 w2 <unused3>").input_ids == reference("w1 w2 <unused3>").input_ids
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id, len(tokenizer)) == (reference.eos_token_id,
                                                                                  reference.pad_token_id, len(reference))
+
+
+def test_save_reads_a_home_relative_path_as_load_does(sources, tmp_path, monkeypatch):
+    """encdec.save(model, "~/m") from Python writes under the home folder, where load("~/m") reads (it wrote
+    ./~/m, and load read an older model at ~/m)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    encdec.save(model, "~/m")
+    assert (tmp_path / "home" / "m" / "config.json").is_file() and not (tmp_path / "~").exists()
+    loaded = encdec.load_checkpoint("~/m").model.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
+
+
+def test_a_config_that_cannot_be_read_is_one_line(sources, tmp_path):
+    """A directory where config.json should be (or a file only its owner may read) is said, not a traceback."""
+    (tmp_path / "m" / "config.json").mkdir(parents=True)
+    with pytest.raises(EncdecError, match=r"cannot read .*m/config.json: Is a directory"):
+        encdec.load_checkpoint(tmp_path / "m")

@@ -336,7 +336,8 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
     {"dtype": "F32", "shape": [10**20], "data_offsets": [0, 8]},  # past what torch can size: another TypeError
     {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 8]},  # 4 TB asked of memory for 8 bytes
     {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]},
-], ids=["dtype-list", "shape-overflow", "shape-huge", "shape-mismatch"])
+    {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [0, 0]},  # 0 bytes, but no shape torch can make
+], ids=["dtype-list", "shape-overflow", "shape-huge", "shape-mismatch", "empty-shape-overflow"])
 def test_a_safetensors_header_that_lies_is_refused_before_anything_is_allocated(tmp_path, entry):
     from encdec.files import read_weights
 

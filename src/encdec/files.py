@@ -70,6 +70,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = parse_json(path.read_bytes())
     except FileNotFoundError:
         raise EncdecError(f"{path} is missing") from None
+    except OSError as e:  # a directory in its place, or a file its owner alone may read (umask 077)
+        raise EncdecError(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise EncdecError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(data, dict):
@@ -191,7 +193,8 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
             expected = end
             kind, shape = entry.get("dtype"), entry.get("shape")
             dtype = SAFETENSORS_DTYPES.get(kind) if isinstance(kind, str) else None
-            if dtype is None or not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape):
+            if dtype is None or not isinstance(shape, list) or not all(
+                    isinstance(n, int) and 0 <= n < 2**63 for n in shape):  # [0, 2**70] is 0 bytes torch cannot shape
                 raise ValueError(f"tensor {name}: unsupported dtype {kind!r} or bad shape {shape!r}")
             # checked before anything is allocated: the shape's bytes are those the file gives the tensor
             if end - begin != math.prod(shape) * dtype.itemsize or start + end > size:
@@ -380,7 +383,7 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
 
     On any error the temporary directory is removed and an existing `out` is left untouched.
     """
-    out = Path(out)
+    out = Path(out).expanduser()  # encdec.save(model, "~/m") from Python, as the CLI's paths are read
     check_output_dir(out, overwrite, replaces=replaces)
     with written(out):
         out.parent.mkdir(parents=True, exist_ok=True)
