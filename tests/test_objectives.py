@@ -554,6 +554,8 @@ def test_a_model_reads_plainly_unless_ul2_was_its_last_training():
     assert trained_framing({**ul2, "finetuned": {"objective": "instruct"}}, GEMMA_LIKE) == PLAIN
     assert trained_framing({"pretrained": {"objective": "prefixlm", "settings": {}}}, GEMMA_LIKE) == PLAIN
     assert trained_framing({"adapted_from": {"encoder": "gemma-3-270m"}}, GEMMA_LIKE) == PLAIN
+    with pytest.raises(TypeError, match="settings are a str, not a mapping"):  # hand-edited: an AttributeError escaped
+        trained_framing({"pretrained": {"objective": "ul2", "settings": "x"}}, GEMMA_LIKE)
     assert continuation_framing("prefixlm", "ul2", GEMMA_LIKE) == PLAIN
     # the BOS stays first, the mode token after it; a prompt without BOS (Qwen's tokenizer) gets it first
     assert Framing(before=(7,), after=(8,)).prompt([BOS, 5, 6], BOS) == [BOS, 7, 5, 6, 8]

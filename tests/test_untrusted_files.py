@@ -293,7 +293,7 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
 
     out = tmp_path / "model"
     encdec.save(encdec.adapt(encdec.load_source(str(sources["llama"]))), out, tokenizer_dir=sources["llama"],
-                metadata={"pretrained": {"objective": "ul2"}})
+                metadata={"pretrained": {"objective": "ul2"}}, dtype=torch.bfloat16)
     remote = out / "modeling_encdec.py"
 
     def said() -> str:
@@ -323,6 +323,8 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
     exec(code, {"encdec": encdec})  # noqa: S102 - the line encdec info prints, run as a user would paste it
     assert encdec.checkpoint.read_metadata(tmp_path / "again") == {"pretrained": {"objective": "ul2"}}
     assert encdec.load_tokenizer(tmp_path / "again").get_vocab() == encdec.load_tokenizer(out).get_vocab()
+    again = encdec.load(tmp_path / "again", dtype=None)  # in the dtype it was saved in, not float32 at twice the size
+    assert {p.dtype for p in again.parameters()} == {torch.bfloat16}
     assert (tmp_path / "again" / "modeling_encdec.py").read_text() + "\nimport os\nos.system('echo pwned')\n" == \
         remote.read_text()
     remote.unlink()

@@ -177,8 +177,8 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32,
     return Loaded(model.eval(), fmt, notes)
 
 
-def load(path: Path | str, dtype: torch.dtype = torch.float32) -> EncoderDecoder:
-    """The encoder-decoder model saved in `path` (any format `load_checkpoint` reads)."""
+def load(path: Path | str, dtype: torch.dtype | None = torch.float32) -> EncoderDecoder:
+    """The encoder-decoder model saved in `path` (any format `load_checkpoint` reads; `dtype` None: as stored)."""
     return load_checkpoint(path, dtype).model
 
 

@@ -256,6 +256,8 @@ def trained_framing(metadata: Mapping, vocab: Mapping[str, int]) -> Framing:
     if "finetuned" in metadata or not isinstance(run, Mapping):
         return PLAIN
     settings = run.get("settings") or {}
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"its provenance's settings are a {type(settings).__name__}, not a mapping")
     objective, mixture = run.get("objective", "prefixlm"), settings.get("mixture", "t5gemma2")
     if objective == "ul2" and mixture not in MIXTURES:  # hand-edited, or from another version
         raise ValueError(f"its provenance names the UL2 mixture {mixture!r}; known: {', '.join(MIXTURES)}")

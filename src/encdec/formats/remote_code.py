@@ -159,7 +159,7 @@ def write_modeling_file(directory: Path) -> None:
 
 CUSTOM_GENERATE = "custom_generate/generate.py"  # what transformers 5 also runs from a checkpoint it trusts
 # a copy with its tokenizer and provenance (a UL2-pretrained model's prompt framing is read from the latter)
-RESAVE = ("encdec.save(encdec.load(DIR), NEW, tokenizer_dir=DIR, "
+RESAVE = ("encdec.save(encdec.load(DIR, dtype=None), NEW, tokenizer_dir=DIR, "
           "metadata=encdec.checkpoint.read_metadata(DIR))")
 
 
