@@ -353,6 +353,29 @@ def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted,
     assert _all_finite(checkpointing.checkpoints(damaged)[-1])
 
 
+def test_resume_skips_a_checkpoint_whose_step_is_not_its_names_and_a_metrics_line_past_any_step(
+        adapted, corpus, tmp_path, capsys):
+    """trainer.json's step as a string (a TypeError escaped at the --steps check) or another number than the
+    directory's name (a copied step directory resumed from the wrong step); a metrics line {"step": 1e999} (an
+    OverflowError escaped)."""
+    out = tmp_path / "run"
+    loop.train(_config(adapted, out, corpus, steps=4, save_every=1, eval_every=0))
+    shutil.rmtree(out / "model")
+    for step, recorded in ((4, "4"), (3, 2)):
+        trainer = out / "checkpoints" / f"step-{step:06d}" / "trainer.json"
+        data = json.loads(trainer.read_text())
+        data["state"]["step"] = recorded
+        trainer.write_text(json.dumps(data))
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 1e999}\n')
+    setup()
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "4", "--save-every", "1", "--eval-every", "0",
+                               "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "records step '4', not the step of its name" in err and "records step 2, not the step" in err, err
+    assert "step-000002 (step 2)" in err and "dropped 1 unreadable line(s)" in err, err
+
+
 def test_a_damaged_checkpoint_past_a_shorter_resumed_run_is_neither_kept_nor_averaged(adapted, corpus, tmp_path):
     """An earlier attempt's step-4, skipped as damaged, counted as the newest scheduled checkpoint of a run resumed
     to 3 steps: --keep-last 1 deleted the good step-2 for it, and the final model took its weights."""

@@ -232,10 +232,11 @@ def test_a_yaml_configuration_cannot_build_python_objects(tmp_path, capsys):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("name", [".encdec.lock", "metrics.jsonl"])
+@pytest.mark.parametrize("name", [".encdec.lock", "metrics.jsonl", "checkpoints", "tensorboard"])
 def test_a_link_in_a_run_directory_is_not_written_through(adapted, corpus, tmp_path, capsys, name):
-    """A run directory someone handed over, whose lock or metrics file links elsewhere: the file the link names is
-    neither created nor changed, and the run stops with one line (the link need not point at anything yet)."""
+    """A run directory someone handed over, whose lock, metrics file or checkpoint folder links elsewhere: what the
+    link names is neither created nor changed (--resume read another run's checkpoints there, set aside and deleted
+    them), and the run stops with one line (the link need not point at anything yet)."""
     out, victim = tmp_path / "run", tmp_path / "victim"
     out.mkdir()
     (out / name).symlink_to(victim)

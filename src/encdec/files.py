@@ -495,12 +495,13 @@ def file_identity(path: Path, *, change_time: bool = True) -> str:
     return f"{identity}:{stat.st_ctime_ns}" if change_time else identity
 
 
-def refuse_link(path: Path) -> None:
-    """A file a run keeps in its directory (its lock, its metrics) is its own: a run directory someone handed over
-    must not make encdec read or write wherever its links point."""
-    if path.is_symlink():
-        raise EncdecError(f"{path} is a symbolic link; encdec writes this file itself and does not follow links "
-                          "there: delete the link")
+def refuse_link(path: Path, linked: bool | None = None) -> None:
+    """A file or folder a run keeps in its directory (its lock, metrics, checkpoints) is its own: a run directory
+    someone handed over must not make encdec read, write or delete wherever its links point (`linked`: whether it
+    is a link, as another process found it)."""
+    if path.is_symlink() if linked is None else linked:
+        raise EncdecError(f"{path} is a symbolic link; encdec writes it itself and does not follow links there: "
+                          "delete the link (a run on another disk: give that place as --out)")
 
 
 def open_own(path: Path, flags: int, mode: int = 0o644) -> int:

@@ -150,6 +150,8 @@ def read(path: Path) -> Saved:
     optimizer, trainer = read_state(path, "optimizer"), read_state(path, "trainer")
     if not isinstance(optimizer, dict) or not isinstance(trainer, dict) or "step" not in trainer:
         raise EncdecError(f"{path}: optimizer.json or trainer.json does not hold a training state")
+    if type(trainer["step"]) is not int or trainer["step"] != step_of(path):  # a copied or renamed step directory
+        raise EncdecError(f"{path}: its trainer.json records step {trainer['step']!r}, not the step of its name")
     bad = _not_finite(weights)
     if bad is not None:
         raise EncdecError(f"{path}: weight {bad} holds NaN or inf")

@@ -32,6 +32,7 @@ from encdec.files import (
     check_writable_place,
     file_identity,
     open_own,
+    parse_json,
     portable_path,
     refuse_link,
     weight_files,
@@ -141,6 +142,10 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     """The checkpoint to resume from, read and checked; refuses to mix two runs in one directory.
     Writes nothing: `begin` does, once the run's inputs are known to be good."""
     out = Path(cfg.out)
+    if not cfg.overwrite:  # --resume reads, sets aside and deletes step-N there (--overwrite removes such a link)
+        linked = [n for n in ("checkpoints", "tensorboard") if (out / n).is_symlink()] if d.main else []
+        for name in distributed.from_main(linked, d):  # the first process's view, so that every process stops
+            refuse_link(out / name, linked=True)
     if cfg.resume:
         saved = checkpointing.latest_usable(out, d)
         step = 0 if saved is None else saved.trainer["step"]
@@ -339,9 +344,9 @@ def _truncate_metrics(path: Path, last_step: int, last_record: dict | None) -> N
     kept, damaged, last_logged = [], 0, False
     for line in path.read_text(errors="replace").splitlines():
         try:
-            record = json.loads(line)
+            record = parse_json(line)
             step = int(record["step"])
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError):  # OverflowError: {"step": 1e999}
             damaged += 1
             continue
         if step <= last_step:
