@@ -463,6 +463,7 @@ def test_logprobs_are_the_models_own_and_stream_as_they_complete(server, local):
 
 BAD = [
     ("{not json", 400, None),
+    ({"messages": [{"role": ["user"], "name": "a", "content": "w1"}]}, 400, "messages"),  # unhashable: was a 500
     ('["a list"]', 400, None),
     ({"prompt": "w1", "max_tokens": "8"}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": 2, "max_tokens": "8"}, 400, "max_tokens"),
@@ -1945,3 +1946,32 @@ def test_requests_arriving_together_at_an_idle_server_share_one_encoder_pass(loc
         assert joined == [3, 4] and time.perf_counter() - began < 30
     finally:
         scheduler.stop(10)
+
+
+def test_a_request_gone_during_an_encoder_pass_that_an_abort_ends_is_counted_once_under_its_reason(local):
+    """A client left while its request was being admitted, and a --shutdown-timeout abort came during the same
+    pass: the request, queued again, was counted as finished for reason "None" (and not again at the abort)."""
+    import asyncio
+
+    from encdec.inference.engine import Engine, Row
+    from encdec.serve import scheduler as scheduling
+    from encdec.serve.metrics import Metrics
+    from encdec.serve.protocol import APIError
+
+    model, _ = local
+    metrics = Metrics()
+    scheduler = scheduling.Scheduler(Engine(model, max_batch=4), max_queue=16, metrics=metrics)
+    loop = asyncio.new_event_loop()
+    try:
+        job = scheduling.Job([5, 6], Row(2, frozenset()), loop)
+        scheduler.admitting = [job]  # taken from the queue for the pass (`_run`), not yet in the batch
+        scheduler.cancel(job)
+        scheduler.waiting.appendleft(job)  # the abort's branch puts the pass's arrivals back in the queue
+        scheduler.admitting = []
+        scheduler.abort(APIError(503, "shutting down"))
+        scheduler._end_if_aborting()
+    finally:
+        loop.close()
+    counted = {s.labels["reason"]: s.value for s in metrics.finished.collect()[0].samples
+               if s.name.endswith("_total")}
+    assert counted == {"shutdown": 1.0}, counted

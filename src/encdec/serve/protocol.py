@@ -183,7 +183,8 @@ def _check_names(messages: list) -> None:
     tell participants of one role apart, which the model would not see."""
     names: dict[Any, set] = {}
     for m in messages:
-        if isinstance(m, dict) and m.get("name") not in (None, ""):
+        if isinstance(m, dict) and isinstance(m.get("role"), str) and m.get("name") not in (None, ""):  # (a role
+            # of another type is refused by `conversation`: an unhashable one failed here as a 500)
             names.setdefault(m.get("role"), set()).add(json.dumps(m["name"]))
     several = next((role for role, seen in names.items() if len(seen) > 1), None)
     if several is not None:

@@ -384,8 +384,9 @@ class Scheduler:
             if self.running.pop(job.row, None) is not None:
                 self.engine.cancel(job.row, reason)
                 self._finish(job, reason)
-            else:  # it ended in the step since
+            elif job.row.finish_reason is not None:  # it ended in the step since
                 self.count(job, reason if reason == "stop" else job.row.finish_reason)
+            # else: queued again by an abort during its encoder pass (`_run`), it ends with the queue
 
     def _cycle(self, cancelled: list[tuple[Job, str]], arrivals: list[Job]) -> None:
         self._end_cancelled(cancelled)
