@@ -476,6 +476,38 @@ def test_rope_fields_of_hand_written_configs_are_read_as_transformers_reads_them
         assert getattr(ours, f"rope_scale_{kind}") == (params["factor"] if params["rope_type"] == "linear" else 1.0)
 
 
+def test_llama_3_rope_without_its_original_context_is_read_as_transformers_fills_it():
+    """transformers takes max_position_embeddings for a llama3 RoPE setting that leaves out
+    original_max_position_embeddings; encdec refused the config."""
+    from pathlib import Path
+
+    from tiny import family_config
+
+    from encdec.formats import llama
+
+    rope = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    base = {k: v for k, v in family_config("llama").to_dict().items() if not k.startswith("rope")}
+    theirs = tf.LlamaConfig(**{k: v for k, v in base.items() if k != "model_type"}, rope_parameters=dict(rope))
+    ours = llama.read_config({**base, "rope_parameters": rope}, Path("config.json")).stack
+    assert ours.rope_llama3 == [8.0, 1.0, 4.0, float(theirs.rope_parameters["original_max_position_embeddings"])]
+    assert ours.rope_llama3[3] == base["max_position_embeddings"]
+
+
+def test_an_eos_named_in_the_generation_config_alone_is_read(sources, tmp_path):
+    """config.json without an eos_token_id, generation_config.json with [1, 3]: refused, though the ids were
+    there (transformers' generate reads them)."""
+    source = tmp_path / "llama"
+    shutil.copytree(sources["llama"], source)
+    cfg = json.loads((source / "config.json").read_text())
+    del cfg["eos_token_id"]
+    (source / "config.json").write_text(json.dumps(cfg))
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 3]}))
+    assert encdec.load_source(str(source)).special_tokens["eos_token_ids"] == [1, 3]
+    (source / "generation_config.json").unlink()
+    with pytest.raises(EncdecError, match="names no eos_token_id"):
+        encdec.load_source(str(source))
+
+
 def test_a_hub_source_fetches_the_files_it_is_read_from_and_not_a_second_copy_of_the_weights(monkeypatch):
     """Mistral's repositories ship consolidated.safetensors (the whole model again, 14.5 GB for 7B) beside the
     transformers shards; only the shards are read. The patterns passed to huggingface_hub, through its own filter."""

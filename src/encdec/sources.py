@@ -37,7 +37,15 @@ from encdec.files import (
     written,
 )
 from encdec.formats import gguf, remote_code
-from encdec.formats.decoder_only import EMBED, HEAD, SourceConfig, from_stack, text_weights, with_generation_eos
+from encdec.formats.decoder_only import (
+    EMBED,
+    HEAD,
+    SourceConfig,
+    from_stack,
+    generation_eos,
+    text_weights,
+    with_generation_eos,
+)
 from encdec.formats.registry import SUPPORTED_FAMILIES, adapter_of, layer_names
 from encdec.model import CausalLM
 
@@ -206,6 +214,8 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
     if not cfg_path.exists():
         raise EncdecError(f"{directory} has no config.json; expected {SUPPORTED}")
     cfg = read_json(cfg_path)
+    if cfg.get("eos_token_id") in (None, []):  # named in generation_config.json alone: as transformers' generate reads
+        cfg = {**cfg, "eos_token_id": generation_eos(directory) or None}
     adapter = adapter_of(cfg.get("model_type"), str(directory))
     with reading_config(cfg_path):
         config = adapter.read_config(cfg, directory)

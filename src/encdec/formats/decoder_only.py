@@ -60,15 +60,20 @@ def with_generation_eos(special: dict[str, Any], directory: Path) -> dict[str, A
     """`special` with the end-of-sequence ids of the source's generation_config.json added after config.json's:
     an instruct model names its end of turn there only (Gemma 2 IT's config.json says 1, its generation config
     [1, 107]; Qwen2.5 Instruct's adds <|endoftext|>), and the adapted model would otherwise generate past it."""
+    return {**special, "eos_token_ids": list(dict.fromkeys([*special["eos_token_ids"], *generation_eos(directory)]))}
+
+
+def generation_eos(directory: Path) -> list[int]:
+    """The end-of-sequence ids that the source's generation_config.json names (none without one)."""
     path = directory / "generation_config.json"
     if not path.is_file():
-        return special
+        return []
     with reading_config(path):
         eos = read_json(path).get("eos_token_id")
-        extra = [] if eos is None else eos if isinstance(eos, list) else [eos]
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in extra):
+        ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
             raise ValueError(f"eos_token_id must be a token id or a list of them, not {eos!r}")
-    return {**special, "eos_token_ids": list(dict.fromkeys([*special["eos_token_ids"], *extra]))}
+    return ids
 
 
 def text_weights(weights: dict[str, torch.Tensor], tied_head: bool, prefixes: tuple[str, ...],

@@ -40,8 +40,14 @@ def rope(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
         out["rope_scale_local"] = out["rope_scale_global"] = float(params["factor"])
     if kind == "llama3":
         out["rope_llama3"] = [float(params["factor"]), float(params["low_freq_factor"]),
-                              float(params["high_freq_factor"]), float(params["original_max_position_embeddings"])]
+                              float(params["high_freq_factor"]), float(_original_context(cfg, params))]
     return out
+
+
+def _original_context(cfg: dict[str, Any], params: dict[str, Any]) -> Any:
+    """Llama 3's pre-scaling context length: the RoPE setting's, else (as transformers fills it in)
+    max_position_embeddings."""
+    return params.get("original_max_position_embeddings", cfg["max_position_embeddings"])
 
 
 def refuse_unsupported(cfg: dict[str, Any], where: Path) -> None:
