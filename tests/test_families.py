@@ -476,6 +476,25 @@ def test_rope_fields_of_hand_written_configs_are_read_as_transformers_reads_them
         assert getattr(ours, f"rope_scale_{kind}") == (params["factor"] if params["rope_type"] == "linear" else 1.0)
 
 
+def test_a_split_gguf_is_told_as_one(tmp_path):
+    """Each part of a GGUF that llama.cpp's gguf-split wrote was told as damaged (the first: "declares 2 blocks,
+    its tensors hold 1"; the others: "truncated or corrupt ... general.architecture")."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama", split_max_tensors=1)
+    writer.add_block_count(2)
+    for name in ("token_embd.weight", "blk.0.attn_norm.weight", "blk.1.attn_norm.weight"):
+        writer.add_tensor(name, np.zeros((4, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for part in (1, 3):
+        with pytest.raises(EncdecError, match=rf"part {part} of a GGUF split into 3 files; merge them into one"):
+            encdec.load_source(str(tmp_path / f"m-0000{part}-of-00003.gguf"))
+
+
 def test_llama_3_rope_without_its_original_context_is_read_as_transformers_fills_it():
     """transformers takes max_position_embeddings for a llama3 RoPE setting that leaves out
     original_max_position_embeddings; encdec refused the config."""

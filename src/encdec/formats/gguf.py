@@ -32,11 +32,14 @@ def architecture(path: Path) -> tuple[str, int]:
             raise EncdecError(f"{path} is not a GGUF file (bad magic number)")
     try:
         reader = GGUFReader(str(path))
+        _refuse_split(reader, path)
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
         size = path.stat().st_size
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
         parameters = sum(int(t.n_elements) for t in reader.tensors)
+    except EncdecError:
+        raise
     except Exception as e:  # noqa: BLE001 - the reader raises many kinds of errors on damaged files
         raise EncdecError(f"{path} is a truncated or corrupt GGUF file ({described(e)})") from None
     if end > size:
@@ -44,6 +47,18 @@ def architecture(path: Path) -> tuple[str, int]:
     check_gguf_architecture(arch, str(path))
     _check_blocks(reader, arch, path)
     return arch, parameters
+
+
+def _refuse_split(reader, path: Path) -> None:
+    """One file of a GGUF split into several (llama.cpp's gguf-split, as large models are published): its first
+    part holds some blocks, the others no metadata, which would be told as a damaged file."""
+    field = reader.fields.get("split.count")
+    parts = int(field.parts[field.data[0]][0]) if field is not None else 1
+    if parts > 1:
+        part = reader.fields.get("split.no")
+        number = "" if part is None else f" {int(part.parts[part.data[0]][0]) + 1}"
+        raise EncdecError(f"{path} is part{number} of a GGUF split into {parts} files; merge them into one first "
+                          "(llama.cpp: llama-gguf-split --merge FIRST-PART OUT.gguf), then pass that file")
 
 
 def _check_blocks(reader, arch: str, path: Path) -> None:
