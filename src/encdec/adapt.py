@@ -134,7 +134,9 @@ def adapt(
     encoder: DecoderOnlySource, decoder: DecoderOnlySource | None = None, decoder_layers: list[int] | None = None,
     attention: str | None = None, seed: int = 0,
 ) -> EncoderDecoder:
-    """An encoder-decoder initialised from decoder-only sources (see the module docstring)."""
+    """An encoder-decoder initialised from decoder-only sources (see the module docstring). Its parameters are the
+    sources' tensors themselves where a role takes one first (no copy: a 9B source is not held twice), so training
+    the model in place changes `encoder.weights` too: load the source again to adapt it afresh."""
     if decoder is not None and decoder_layers is not None:
         raise EncdecError("give either a decoder source or decoder layers, not both")
     dec_source = decoder or encoder

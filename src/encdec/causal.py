@@ -19,7 +19,8 @@ from encdec.sources import DecoderOnlySource, load_source, load_tokenizer
 
 
 def causal_from_source(source: DecoderOnlySource) -> CausalLM:
-    """The source's weights in a CausalLM (float32 unless the source was loaded otherwise)."""
+    """The source's weights in a CausalLM (float32 unless the source was loaded otherwise): its tensors themselves,
+    not copies (training the model changes `source.weights`)."""
     weights = stack_weights(source, "stack", list(range(source.stack.num_layers)))
     weights["embed.weight"] = source.weights[EMBED]
     if not source.tied_head:
