@@ -190,6 +190,33 @@ def test_a_tokenizer_that_ends_every_text_with_its_eos_gets_one_eos_a_document(s
     assert len(list((tmp_path / "cache").glob("*-own-eos.npz"))) == 1
 
 
+def test_a_tokenizer_that_ends_every_text_with_its_eos_reads_prompts_and_contexts_without_it(sources, tmp_path):
+    """Its EOS ended evaluation contexts (the answer scored after an ended document), perplexity texts, held-out
+    passages, and the prompts of `encdec generate` and `encdec serve`, which the model then continued."""
+    import copy
+
+    from tokenizers import processors
+
+    from encdec.data.prompts import read_prompts, texts_as_prompts
+    from encdec.evaluation.nll import split_passages
+    from encdec.evaluation.scoring import Scorer
+
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(sources["gemma3"]))
+    plain = {text: tokenizer(text).input_ids for text in ("w1 w2", "w3")}
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 1)])
+    assert tokenizer("w1 w2").input_ids == [*plain["w1 w2"], 1]
+    assert tokens.text_ids(tokenizer, "w1 w2") == plain["w1 w2"]
+    assert [p.ids for p in texts_as_prompts(["w1 w2", "w3"], tokenizer)] == [plain["w1 w2"], plain["w3"]]
+    (tmp_path / "p.txt").write_text("w1 w2\n\nw3\n")
+    assert [p.ids for p in read_prompts(str(tmp_path / "p.txt"), tokenizer)] == [plain["w1 w2"], plain["w3"]]
+    assert Scorer("m", "decoder-only", None, tokenizer).context_ids("w1 w2") == plain["w1 w2"]
+    with pytest.raises(EncdecError, match="no text has the 4 tokens"):  # BOS w1 w2, and no EOS to count as a 4th
+        split_passages(tokenizer, ["w1 w2"], 2, 2)
+    # a text that ends with the EOS token written out keeps it: only the one the tokenizer adds goes
+    assert tokens.text_ids(copy.deepcopy(encdec.load_tokenizer(sources["gemma3"])), "w1<eos>")[-1] == 1
+
+
 def test_tokens_of_a_hub_dataset_read_from_the_cache_say_so(sources, tmp_path, caplog):
     """The cache of an hf: dataset's tokens is keyed by its name: a newer version on the Hub goes unread, which the
     log says, with the file to delete."""

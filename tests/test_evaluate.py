@@ -750,7 +750,7 @@ def test_decoder_only_options_are_scored_from_the_logits_the_model_gives(model_t
 
 
 # the prompts of every task (3 examples, 2 shots each) under each FORMAT_VERSION
-PROMPTS = {2: "caafa691c0b0c279", 3: "df75416d07956669", 4: "df75416d07956669"}
+PROMPTS = {2: "caafa691c0b0c279", 3: "df75416d07956669", 4: "df75416d07956669", 5: "df75416d07956669"}
 
 
 def test_a_prompt_that_changes_comes_with_a_new_format_version():

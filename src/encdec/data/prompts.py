@@ -17,6 +17,7 @@ from typing import Any
 from encdec.data.chat import ChatFormat
 from encdec.data.instructions import conversation
 from encdec.data.text import check_text, json_lines, json_records, read_file
+from encdec.data.tokens import text_ids
 from encdec.errors import EncdecError
 
 OUTPUT_FIELDS = ("completion", "finish_reason", "prompt_tokens", "completion_tokens")  # what an output line adds
@@ -54,7 +55,7 @@ def _from_record(record: Any, chat: ChatFormat, tokenizer: Any) -> list[int]:
         if turns[-1][0] != "user":
             raise ValueError("the last message must be a user message: the model answers it")
         texts = [text for _, text in turns]
-    return tokenizer(texts[0]).input_ids if turns is None else chat.encode(turns)
+    return text_ids(tokenizer, texts[0]) if turns is None else chat.encode(turns)
 
 
 ACCEPTED = ("a .jsonl file of " + SHAPES + ", a .txt file of prompts separated by blank lines, or - for .jsonl "
@@ -89,7 +90,7 @@ def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
             except (ValueError, TypeError) as e:
                 raise EncdecError(f"{name}, line {number}: {e}") from None
     else:
-        prompts = [Prompt(tokenizer(text).input_ids, {"prompt": text}, f"{path}, prompt {n}")
+        prompts = [Prompt(text_ids(tokenizer, text), {"prompt": text}, f"{path}, prompt {n}")
                    for n, text in enumerate(read_file(path), 1)]
     if not prompts:
         raise EncdecError(f"--input {spec}: no prompts in it; expected {ACCEPTED}")
@@ -98,7 +99,7 @@ def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
 
 def texts_as_prompts(texts: list[str], tokenizer: Any) -> list[Prompt]:
     """Prompts given on the command line (`--prompt TEXT`)."""
-    return checked([Prompt(tokenizer(check_text(text, f"--prompt {n}")).input_ids, {"prompt": text}, f"--prompt {n}")
+    return checked([Prompt(text_ids(tokenizer, check_text(text, f"--prompt {n}")), {"prompt": text}, f"--prompt {n}")
                     for n, text in enumerate(texts, 1)])
 
 

@@ -49,6 +49,14 @@ def leading_bos(tokenizer) -> int | None:
     return first[0] if first and first[0] == tokenizer.bos_token_id else None
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """A text's tokens as a prompt or a context to continue: with the BOS the tokenizer puts first, without the EOS
+    that some put last (add_eos_token): what follows would be read after an ended document."""
+    ids = tokenizer(text).input_ids
+    eos = tokenizer.eos_token_id
+    return ids[:-1] if eos is not None and ids[-1:] == [eos] and tokenizer("a").input_ids[-1:] == [eos] else ids
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """Changes whenever the stream would: a different encoding, or another EOS ending each document (the EOS is
     set in the tokenizer's config, not in tokenizer.json, so two tokenizers can differ only there)."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from encdec.data.tokens import text_ids
 from encdec.errors import EncdecError
 from encdec.model import EncoderDecoder
 from encdec.objectives import PLAIN, Framing
@@ -30,7 +31,7 @@ def split_passages(tokenizer, texts: list[str], prefix_len: int = 64, suffix_len
     """Tokenize (with BOS) and cut each text into a prefix and the suffix that follows it."""
     rows = []
     for text in texts:
-        ids = tokenizer(text).input_ids
+        ids = text_ids(tokenizer, text)
         if len(ids) >= prefix_len + suffix_len:
             rows.append(ids[: prefix_len + suffix_len])
     if not rows:
@@ -97,7 +98,7 @@ def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2
     stride = max(1, max_len // 2)
     with torch.no_grad():
         for text in tqdm(texts, desc="decoder-only perplexity", unit="text", leave=False, disable=None):
-            ids = torch.tensor(tokenizer(text).input_ids, device=model.device)
+            ids = torch.tensor(text_ids(tokenizer, text), device=model.device)
             bos = ids[:1] if len(ids) and ids[0].item() == tokenizer.bos_token_id else ids[:0]
             done = 1  # tokens scored, or (the first) context only
             while done < len(ids):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from encdec.checkpoint import is_checkpoint
-from encdec.data.tokens import leading_bos
+from encdec.data.tokens import leading_bos, text_ids
 from encdec.model import EncoderDecoder, EncoderState, Segments
 from encdec.objectives import PLAIN, Framing
 from encdec.training.data import pad_rows
@@ -57,7 +57,7 @@ class Scorer:
         return self.eos_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
 
     def context_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text).input_ids  # with BOS where the tokenizer puts one
+        ids = text_ids(self.tokenizer, text)  # with BOS where the tokenizer puts one
         if len(ids) <= self.max_len:
             return ids
         # long contexts keep their BOS and their end: a BOS the tokenizer puts before every text, as instruction

@@ -22,8 +22,9 @@ from encdec.evaluation.datasets import read_split, rendered_docs
 # read to the end of the model's turn; 3: GSM8K's 8 shots in their standard order, not one --seed shuffled, and
 # answers written "3 x 4 = 12" read as 12; 4: a context cut to --max-len keeps its first token only where the
 # tokenizer puts it before every text, as instruction tuning cuts a prompt: SmolLM2's cut chat prompts began with a
-# stray <|im_start|>). tests/test_evaluate.py fingerprints the prompts.
-FORMAT_VERSION = 4
+# stray <|im_start|>; 5: a tokenizer that ends every text with its EOS (add_eos_token) no longer ends contexts with
+# it, the answer scored after an ended document). tests/test_evaluate.py fingerprints the prompts.
+FORMAT_VERSION = 5
 SHOT_POOL = 200  # training examples the few-shot sample is drawn from
 
 

@@ -28,7 +28,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from encdec.data.chat import ChatFormat, ConversationRefused
-from encdec.data.tokens import outside_vocabulary
+from encdec.data.tokens import outside_vocabulary, text_ids
 from encdec.errors import EncdecError, described
 from encdec.inference.engine import Emitted, Engine, Row
 from encdec.model import EncoderDecoder
@@ -133,7 +133,9 @@ class Service:
         if request.turns is not None:
             return self.chat_ids(request.turns)
         self.short_enough(len(request.prompt), "prompt")
-        return self.tokenizer(request.prompt, add_special_tokens=request.add_special_tokens).input_ids
+        if request.add_special_tokens:
+            return text_ids(self.tokenizer, request.prompt)
+        return self.tokenizer(request.prompt, add_special_tokens=False).input_ids
 
     def ids(self, prompt: str | list[int], param: str) -> list[int]:
         """The encoder's input: text tokenized, or token ids checked; no longer than --max-input-tokens."""
@@ -141,7 +143,7 @@ class Service:
             ids = prompt
         else:
             self.short_enough(len(prompt), param)
-            ids = self.tokenizer(prompt).input_ids
+            ids = text_ids(self.tokenizer, prompt)
         if (bad := outside_vocabulary(ids, self.vocab_size)) is not None:  # given, or a token of the text
             named = "" if isinstance(prompt, list) else f" ({self.tokenizer.convert_ids_to_tokens(bad)!r})"
             raise APIError(400, f"token id {bad}{named} is outside the vocabulary (0 to {self.vocab_size - 1})", param)
