@@ -620,6 +620,7 @@ def test_results_never_replace_a_file_of_a_model_evaluated(adapted, tmp_path, ca
     (["--tasks", "nonsense"], "unknown task"),
     (["--limit", "0"], "--limit must be at least 1"),
     (["--shots", "-1"], "--shots must be non-negative"),
+    (["--max-len", "2"], "--max-len must be at least 3"),  # perplexity predicted each token from the BOS alone
     (["{model}"], "is given twice; each MODEL is one column of the table"),  # its average merged into one cell
 ])
 def test_bad_evaluate_arguments_are_one_line(adapted, tmp_path, capsys, args, message):

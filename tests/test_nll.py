@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import transformers as tf
 
 import encdec
+from encdec.errors import EncdecError
 from encdec.evaluation.nll import (
     PrefixSuffix,
     decoder_only_position_nll,
@@ -80,6 +81,7 @@ def test_perplexity_scores_every_token_of_a_text_longer_than_max_len_once(source
                         or forward(input_ids=input_ids, **kw))
     monkeypatch.setattr(nll.F, "cross_entropy", lambda logits, targets, **kw: scored.append(len(targets))
                         or cross_entropy(logits, targets, **kw))
+    windows_of = nll.decoder_only_perplexity  # (`nll` is a number below)
     windowed = nll.decoder_only_perplexity(source, tokenizer, [text], max_len=8)
     assert n > 16 and sum(scored) == n - 1 and max(windows) == 8 and len(windows) > 2
     whole = nll.decoder_only_perplexity(source, tokenizer, [text], max_len=n)
@@ -97,3 +99,5 @@ def test_perplexity_scores_every_token_of_a_text_longer_than_max_len_once(source
             nll += sum(cross_entropy(logits[t - begin - 1], torch.tensor(tokens[t])).item() for t in range(done, end))
     assert abs(whole - expected) < 1e-4 * expected and windowed != whole
     assert windowed == pytest.approx(math.exp(nll / (n - 1)), rel=1e-4)
+    with pytest.raises(EncdecError, match="no text has the 2 tokens perplexity needs"):  # a ZeroDivisionError
+        windows_of(source, tokenizer, [""])  # its BOS alone

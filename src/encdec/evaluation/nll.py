@@ -111,4 +111,6 @@ def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2
                 total += F.cross_entropy(logits.float(), window[first + 1:], reduction="sum").item()
                 count += end - done
                 done = end
+    if not count:
+        raise EncdecError("no text has the 2 tokens perplexity needs (a first token, and one to predict after it)")
     return math.exp(total / count)
