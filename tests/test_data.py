@@ -61,19 +61,28 @@ def _paragraphs_of_the_whole_text(data: bytes) -> list[str]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
 @given(text=st.text(alphabet=st.sampled_from(["a", "b", " ", "\t", "\n", "\r", "\f", "\x0b", "\x1c", "\x85",
-                                              "\u2028", "\u00a0", "é"]), max_size=60), bom=st.booleans())
-def test_a_text_file_read_line_by_line_gives_the_paragraphs_of_the_whole_text(tmp_path, text, bom):
-    """The .txt reader now reads a line at a time (a file of gigabytes was read whole, then copied three times):
-    the same documents as splitting the whole text, for every mix of line ends, form feeds and Unicode spaces."""
+                                              "\u2028", "\u00a0", "é", "😀"]), max_size=60), bom=st.booleans(),
+       chunk=st.sampled_from([1, 2, 3, 5, 1 << 20]))
+def test_a_text_file_read_in_chunks_gives_the_paragraphs_of_the_whole_text(tmp_path, text, bom, chunk):
+    """The .txt reader reads a chunk at a time (a file of gigabytes was read whole, then copied three times; then a
+    line at a time, an old Mac's file or one with no newline still whole): the same documents as splitting the
+    whole text, for every mix of line ends, form feeds and Unicode spaces, wherever the chunks split a "\r\n" or a
+    character's bytes."""
+    from encdec.data import text as text_module
+
     path = tmp_path / "t.txt"
     data = b"\xef\xbb\xbf" * bom + text.encode()
     path.write_bytes(data)
     expected = _paragraphs_of_the_whole_text(data)
-    if not expected:
-        with pytest.raises(EncdecError, match="empty, no text in it"):
-            list(read_documents(str(path)))
-    else:
-        assert list(read_documents(str(path))) == expected
+    default, text_module.CHUNK_BYTES = text_module.CHUNK_BYTES, chunk
+    try:
+        if not expected:
+            with pytest.raises(EncdecError, match="empty, no text in it"):
+                list(read_documents(str(path)))
+        else:
+            assert list(read_documents(str(path))) == expected
+    finally:
+        text_module.CHUNK_BYTES = default
 
 
 def test_a_paragraph_past_the_size_limit_is_cut_at_line_ends_and_said(tmp_path, monkeypatch):
@@ -88,6 +97,14 @@ def test_a_paragraph_past_the_size_limit_is_cut_at_line_ends_and_said(tmp_path, 
     monkeypatch.setattr(text_module.log, "warning", lambda message, *args: warned.append(message % args))
     assert list(read_documents(str(path))) == ["aaaa\nbbbb\ncccc", "dddd", "ee"]
     assert len(warned) == 1 and "a paragraph of more than 10 characters" in warned[0]
+    # a line without end (text8: 100 MB and no newline; an old Mac's "\r" line ends read the same way) was held
+    # whole: it is cut within, once past the size, at the end of a chunk
+    monkeypatch.setattr(text_module, "CHUNK_BYTES", 4)
+    for content in ("a" * 25, "aaaa\rbbbb\rcccc\rdddd\r\ree"):
+        path.write_text(content, newline="")
+        documents = list(read_documents(str(path)))
+        assert "".join(documents).replace("\n", "") == content.replace("\r", "")
+        assert len(documents) >= 3 and max(map(len, documents)) <= 10 + 4 + 4, documents
 
 
 def test_files_from_other_systems_and_tools_read_as_their_text_or_one_line(tmp_path):

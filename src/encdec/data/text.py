@@ -6,12 +6,13 @@ Each reader yields documents (strings). Problems name the file, and the line whe
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from encdec.data.corpus import CORPORA
 from encdec.errors import EncdecError
@@ -24,6 +25,7 @@ BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 # a .txt paragraph is cut into documents of about this many characters, at line ends: a file with no blank line (a
 # sentence a line) was one document, held whole and tokenized in one call (tens of GB for a GB of text)
 MAX_PARAGRAPH_CHARS = 1 << 24
+CHUNK_BYTES = 1 << 20  # what the .txt reader reads at a time
 log = logging.getLogger("encdec")
 _SAID: set[tuple[Path, tuple[str, ...]]] = set()  # directories whose left-out files were named (once per run)
 
@@ -75,39 +77,60 @@ def _txt(path: Path) -> Iterator[str]:
     """Documents of a text file are its paragraphs (separated by blank lines, or a page's form feed), with
     Windows' and old Macs' line ends read as newlines: the same text saved anywhere gives the same tokens.
 
-    Read line by line, a paragraph at a time: a file of gigabytes is never held whole (nor is a corpus:
-    `encdec.data.tokens` tokenizes documents as they come); a paragraph longer than MAX_PARAGRAPH_CHARS is cut into
-    documents of that size at line ends, said once."""
+    Read CHUNK_BYTES at a time, a paragraph at a time: a file of gigabytes is never held whole (nor is a corpus:
+    `encdec.data.tokens` tokenizes documents as they come), whatever its line ends (an old Mac's "\r" alone, or
+    none at all: text8 is one line of 100 MB); a paragraph longer than MAX_PARAGRAPH_CHARS is cut into documents of
+    that size at line ends (a line longer than that, within it), said once."""
     try:
         with path.open("rb") as f:
-            block: list[str] = []  # the paragraph's lines so far
-            size, cut = 0, False  # the block's characters; whether a paragraph was cut
-            tail = ""  # text after the last newline: the end of a file that does not end with one
-            for number, raw in enumerate(f, 1):
-                try:  # a byte-order mark is not text of the first document
-                    text = (raw.removeprefix(BOM) if number == 1 else raw).decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise EncdecError(f"{path}, line {number}: not UTF-8 text ({e.reason})") from None
-                *lines, tail = (tail + text).replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n\n").split("\n")
-                for line in lines:
-                    if line.strip():
-                        block.append(line)
-                        size += len(line) + 1
-                        if size <= MAX_PARAGRAPH_CHARS:
-                            continue
-                        if not cut:
-                            cut = True
-                            log.warning("%s: a paragraph of more than %d characters (no blank lines between its "
-                                        "lines?) is read as documents of that size, cut at line ends; a .jsonl file "
-                                        "holds one document a record", path, MAX_PARAGRAPH_CHARS)
-                    elif not block:
-                        continue
-                    yield "\n".join(block).strip()  # a blank line (whitespace only) ends the paragraph, or its size
-                    block, size = [], 0
+            yield from _paragraphs(f, path)
     except OSError as e:  # a file that cannot be opened or read (not what the consumer's errors throw in)
         raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
-    if tail.strip():
-        block.append(tail)
+
+
+def _paragraphs(f: BinaryIO, path: Path) -> Iterator[str]:
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    block: list[str] = []  # the paragraph's lines so far
+    size, cut = 0, False  # the block's characters; whether a paragraph was cut
+    tail, number = "", 1  # text after the last line end, and its line's number
+    first = f.read(len(BOM))
+    pending = b"" if first == BOM else first  # a byte-order mark is not text of the first document
+    while True:
+        chunk = pending + f.read(CHUNK_BYTES)
+        pending, end = b"", not chunk
+        buffered = decoder.getstate()[0]  # a character's first bytes, from the chunk before (never a newline)
+        try:
+            text = tail + decoder.decode(chunk, final=end)
+        except UnicodeDecodeError as e:
+            line = number + (buffered + chunk)[: e.start].count(b"\n")
+            raise EncdecError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
+        number += chunk.count(b"\n")
+        carried = "\r" if text.endswith("\r") and not end else ""  # maybe the first half of a "\r\n"
+        *lines, tail = text[: len(text) - len(carried)].replace("\r\n", "\n").replace("\r", "\n").replace(
+            "\f", "\n\n").split("\n")
+        if end:
+            lines.append(tail)
+        elif len(tail) > MAX_PARAGRAPH_CHARS:  # a line without end in sight: its text so far
+            lines.append(tail)
+            tail = ""
+        tail += carried
+        for line in lines:
+            if line.strip():
+                block.append(line)
+                size += len(line) + 1
+                if size <= MAX_PARAGRAPH_CHARS:
+                    continue
+                if not cut:
+                    cut = True
+                    log.warning("%s: a paragraph of more than %d characters (no blank lines between its lines?) is "
+                                "read as documents of that size, cut at line ends (a longer line within it); a "
+                                ".jsonl file holds one document a record", path, MAX_PARAGRAPH_CHARS)
+            elif not block:
+                continue
+            yield "\n".join(block).strip()  # a blank line (whitespace only) ends the paragraph, or its size
+            block, size = [], 0
+        if end:
+            break
     if block:
         yield "\n".join(block).strip()
 
