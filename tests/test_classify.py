@@ -402,7 +402,13 @@ def test_an_empty_input_an_empty_file_or_a_token_past_the_vocabulary_is_one_line
     tokenizer.save_pretrained(tmp_path / "clf")
     assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1 <image_soft_token>"]) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
-    assert "input #1: token '<image_soft_token>' (id 96) is outside this classifier's vocabulary" in line
+    assert "input #1: token '<image_soft_token>' (id 96) is outside the model's vocabulary" in line
+    # a <pad> added past the embedding (a fine-tune's tokenizer): padding slots looked it up, an IndexError
+    tokenizer.add_special_tokens({"pad_token": "<pad2>"})
+    tokenizer.save_pretrained(tmp_path / "clf")
+    assert tokenizer.pad_token_id == 97
+    assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1", "--text", "w1 w2 w3 w4"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 2
 
 
 def _saved_classifier(models: dict[str, Path], out: Path) -> Classifier:

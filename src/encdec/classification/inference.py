@@ -8,9 +8,8 @@ import re
 from pathlib import Path
 
 from encdec.classification.classifier import load_classifier
-from encdec.classification.train import encode, predict
+from encdec.classification.train import encode, padding_id, predict
 from encdec.data.text import check_text, json_lines, lone_surrogate
-from encdec.data.tokens import outside_vocabulary
 from encdec.errors import EncdecError
 from encdec.inference.loading import compute_device
 
@@ -63,11 +62,6 @@ def predict_texts(path: Path, texts: list[str], batch_size: int = 8) -> tuple[li
                     "classified as given", len(unlike), len(texts), unlike[0] + 1, json.dumps(info.template))
     classifier.to(compute_device())
     tokenizer = load_tokenizer(path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    rows = encode(tokenizer, texts, info.max_len, info.first_token)
     vocab = classifier.backbone.embed.num_embeddings
-    for n, row in enumerate(rows, 1):  # the embedding's IndexError otherwise
-        if (bad := outside_vocabulary(row, vocab)) is not None:
-            raise EncdecError(f"input #{n}: token {tokenizer.convert_ids_to_tokens(bad)!r} (id {bad}) is outside this "
-                              f"classifier's vocabulary (0 to {vocab - 1}); remove it from the text")
-    return info.labels, predict(classifier, rows, pad_id=pad_id, batch_size=batch_size)
+    rows = encode(tokenizer, texts, info.max_len, info.first_token, vocab)
+    return info.labels, predict(classifier, rows, pad_id=padding_id(tokenizer, vocab), batch_size=batch_size)

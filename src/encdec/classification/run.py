@@ -35,7 +35,7 @@ from encdec.classification.journal import TrialJournal
 from encdec.classification.probe import check_available, fit_head, probabilities
 from encdec.classification.selection import DevProtocol, Trial, choose, dev_splits
 from encdec.classification.tasks import Example, TaskData, load_task
-from encdec.classification.train import Diverged, Hyper, encode, fine_tune, predict
+from encdec.classification.train import Diverged, Hyper, encode, fine_tune, padding_id, predict
 from encdec.data.tokens import leading_bos
 from encdec.errors import EncdecError
 from encdec.evaluation.stats import wilson_interval
@@ -120,11 +120,11 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     start = time.perf_counter()
     backbone, tokenizer_dir = load_backbone(model)
     tokenizer = load_tokenizer(tokenizer_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    first = leading_bos(tokenizer)
-    train_rows = encode(tokenizer, [e.text for e in p.train], hyper.max_len, first)
-    reported = _Reported(p, train_rows,
-                         lambda examples: encode(tokenizer, [e.text for e in examples], hyper.max_len, first))
+    vocab = backbone.embed.num_embeddings
+    pad_id, first = padding_id(tokenizer, vocab), leading_bos(tokenizer)
+    train_rows = encode(tokenizer, [e.text for e in p.train], hyper.max_len, first, vocab, f"{data.name} training text")
+    reported = _Reported(p, train_rows, lambda examples: encode(
+        tokenizer, [e.text for e in examples], hyper.max_len, first, vocab, f"{data.name} evaluation text"))
     if probe_c is not None:
         fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
                            c_values=probe_c, train_rows=train_rows, first=first)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from encdec.allocator import keep_freed_memory
 from encdec.classification.classifier import Classifier
+from encdec.data.tokens import outside_vocabulary
 from encdec.errors import EncdecError
 from encdec.files import WriteFailed, atomic_dir
 from encdec.inference.onednn import packed_while_inferring
@@ -82,18 +83,30 @@ class Hyper:
         return asdict(self)
 
 
-def encode(tokenizer, texts: list[str], max_len: int, first: int | None) -> list[list[int]]:
+def encode(tokenizer, texts: list[str], max_len: int, first: int | None, vocab_size: int | None = None,
+           named: str = "input") -> list[list[int]]:
     """Token ids of each text: `first` (the token the tokenizer puts before a text, `leading_bos`; None for
-    none), then the text's last tokens, max_len in all."""
+    none), then the text's last tokens, max_len in all; each checked to be in the model's `vocab_size` (a
+    tokenizer's token past the embedding, Gemma 3's <image_soft_token>, is an IndexError in the middle of a fit)."""
     bos = [] if first is None else [first]
     keep = max_len - len(bos)
     rows = [bos + ids[len(ids) - keep:] if len(ids) > keep else bos + ids
             for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    empty = next((n for n, row in enumerate(rows, 1) if not row), None)
-    if empty is not None:
-        raise EncdecError(f"input #{empty} is empty and the tokenizer puts no BOS token before a text to stand for "
-                          "it; give it some text")
+    for n, row in enumerate(rows, 1):
+        if not row:
+            raise EncdecError(f"{named} #{n} is empty and the tokenizer puts no BOS token before a text to stand for "
+                              "it; give it some text")
+        if vocab_size is not None and (bad := outside_vocabulary(row, vocab_size)) is not None:
+            raise EncdecError(f"{named} #{n}: token {tokenizer.convert_ids_to_tokens(bad)!r} (id {bad}) is outside "
+                              f"the model's vocabulary (0 to {vocab_size - 1}); remove it from the text")
     return rows
+
+
+def padding_id(tokenizer, vocab_size: int) -> int:
+    """The id that padding slots hold: masked out, but still looked up in the embedding, so the tokenizer's pad
+    id only where the embedding has it (a <pad> added to a fine-tune's tokenizer past it was an IndexError)."""
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None and 0 <= pad < vocab_size else 0
 
 
 class Diverged(EncdecError):
