@@ -869,11 +869,15 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     # each fold: 2 candidates x 2 inner folds, then the chosen one retrained; fold 1's 4 trials were scored
     journal = list((tmp_path / "cache" / "search").iterdir())
     assert len(journal) == 1 and len(journal[0].read_text().splitlines()) == 4
+    # what a fit killed later than this one saved (its weights and optimizer state: GBs), never to be run again
+    stale = journal[0].with_name(f"{journal[0].stem}-{'0' * 32}")
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"weights")
     trained.clear()
     progress.clear()
     stop_at[0] = -1
     assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
-    assert len(trained) == 3 * 5 - 4
+    assert len(trained) == 3 * 5 - 4 and not stale.exists()  # the search done, it was kept for good
     # every fit saves its progress (test_a_fit_killed_mid_epoch_...) in a place of its own beside the journal
     assert len(set(progress)) == len(progress) and {p.parent for p in progress} == {journal[0].parent}
     trained.clear()

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,12 @@ class TrialJournal:
         """Where the fit of `settings` on `examples` (a trial's, or the chosen settings' on the whole fold) saves its
         progress while it runs (`train.fine_tune`), so that an interrupted fit resumes mid-way."""
         return self.file.with_name(f"{self.file.stem}-{_digest([fold, settings, _digest(examples)])}")
+
+    def discard_progress(self) -> None:
+        """Once the search is done: what fits of it saved and never finished (killed, and not run again: another
+        grid, another choice) is of no more use, and the weights with their optimizer state are GBs a fit."""
+        for path in self.file.parent.glob(f"{self.file.stem}-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def correct(self, fold: int, settings: dict[str, Any], dev: list[int], compute: Callable[[], int]) -> int:
         """The recorded score of this trial, or `compute()`, recorded before it is returned."""

@@ -171,6 +171,8 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         if not save:
             results["saved_classifier"] = None
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
+    if journal is not None:
+        journal.discard_progress()
     return results
 
 
