@@ -80,11 +80,15 @@ def test_serving_without_the_serve_extra_is_one_line(capsys, monkeypatch):
                    "'encdec[serve]'"
 
 
-def test_a_device_out_of_memory_is_one_line_naming_the_sizes_to_lower(capsys, monkeypatch):
-    """A batch too large for a GPU printed torch's traceback, screens of it."""
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_a_device_out_of_memory_is_one_line_naming_the_sizes_to_lower(capsys, monkeypatch, device):
+    """A batch too large for a GPU printed torch's traceback, screens of it; on a CPU (a RuntimeError of its
+    allocator's) it still did."""
     import torch
 
     def too_large(args):
+        if device == "cpu":
+            torch.empty(10**14)  # 400 TB: refused by the allocator (not left to the kernel's OOM killer)
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
 
     def parser_raising():
@@ -98,7 +102,10 @@ def test_a_device_out_of_memory_is_one_line_naming_the_sizes_to_lower(capsys, mo
     monkeypatch.setattr("encdec.cli.build_parser", parser_raising)
     assert main(["info", "x"]) == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("encdec info: error: out of memory on the device (CUDA out of memory. Tried to allocate")
+    if device == "cpu":
+        assert line.startswith("encdec info: error: out of memory (DefaultCPUAllocator: can't allocate memory"), line
+    else:
+        assert line.startswith("encdec info: error: out of memory on the device (CUDA out of memory. Tried to allocate")
     assert "--batch-size" in line and "more detail" not in line
 
 

@@ -806,8 +806,13 @@ def main(argv: list[str] | None = None) -> int:
         _flush_or_drop(sys.stdout)  # Ctrl-C on `encdec generate ... | jq`: jq is gone too (exit 120 otherwise)
         print(f"encdec {args.command}: interrupted", file=sys.stderr)
         return 130
-    except torch.OutOfMemoryError as e:  # a batch too large for the device: its options, not a traceback
-        print(f"encdec {args.command}: error: out of memory on the device ({str(e).splitlines()[0][:160]}); lower "
+    except RuntimeError as e:  # a batch too large for the device or the CPU's memory: its options, not a traceback
+        device = isinstance(e, torch.OutOfMemoryError)
+        if not device and "can't allocate memory" not in str(e):
+            raise
+        said = str(e).splitlines()[0]
+        said = said[said.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in said else said  # after "[enforce.."
+        print(f"encdec {args.command}: error: out of memory{' on the device' if device else ''} ({said[:160]}); lower "
               "the batch size or the lengths (--batch-size, --max-batch, --enc-len / --dec-len, --max-len)",
               file=sys.stderr)
         return 1
