@@ -116,6 +116,14 @@ GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 
 
 Span = tuple[slice, int, int, int, int]  # rows, first query, end query, first key, end key
+# mask entries (rows x queries x keys) computed at a time: the position differences behind a mask are 8 bytes an
+# entry, and built whole they were 8 GB beside it for one 32k-token prompt (a block: 32 MB)
+MASK_BLOCK = 2**22
+
+
+def bias_of(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where `allowed`, else the dtype's minimum."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 class AttentionMask:
@@ -128,15 +136,14 @@ class AttentionMask:
 
     def __init__(self, allowed: torch.Tensor) -> None:
         self.allowed = allowed
-        self._biases: dict[torch.dtype, torch.Tensor] = {}
+        self._biases: dict[torch.dtype, torch.Tensor | None] = {}
         self._spans: list[Span] | None = None
 
-    def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """0 where allowed, else the dtype's minimum, in the dtype of the scores (bf16 under autocast)."""
+    def bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """0 where allowed, else the dtype's minimum, in the dtype of the scores (bf16 under autocast); None where
+        everything is allowed (one unpadded prompt's global layers: 4 GB of zeros at 32k tokens)."""
         if dtype not in self._biases:
-            low = torch.finfo(dtype).min
-            self._biases[dtype] = torch.zeros(self.allowed.shape, dtype=dtype, device=self.allowed.device).masked_fill_(
-                ~self.allowed, low)
+            self._biases[dtype] = None if bool(self.allowed.all()) else bias_of(self.allowed, dtype)
         return self._biases[dtype]
 
     def spans(self) -> list[Span]:
@@ -265,17 +272,18 @@ class Attention(nn.Module):
         """SDPA chunk of queries by chunk, each over only the span of keys it may see: a local layer's
         window, or a packed prompt's own tokens, instead of the whole row (inference on CPU, where the
         kernel computes every masked score; 1.6x faster on 1024-token prompts, docs/benchmarks.md)."""
-        spans, bias = mask.spans(), mask.bias(sdpa_dtype(q))
+        spans, dtype = mask.spans(), sdpa_dtype(q)
         if len(spans) == 1:  # every query of every row may see every key
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale, enable_gqa=True)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias(dtype), scale=self.scale, enable_gqa=True)
         out = torch.empty_like(q)
-        for rows, start, end, lo, hi in spans:
+        for rows, start, end, lo, hi in spans:  # each span's bias of its own: the whole one was 4 GB at 32k tokens
             out[rows, :, start:end] = F.scaled_dot_product_attention(
-                q[rows, :, start:end], k[rows, :, lo:hi], v[rows, :, lo:hi], attn_mask=bias[rows, :, start:end, lo:hi],
-                scale=self.scale, enable_gqa=True)
+                q[rows, :, start:end], k[rows, :, lo:hi], v[rows, :, lo:hi],
+                attn_mask=bias_of(mask.allowed[rows, :, start:end, lo:hi], dtype), scale=self.scale, enable_gqa=True)
         return out
 
-    def _attend_by_products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _attend_by_products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            bias: torch.Tensor | None) -> torch.Tensor:
         """Scores, softmax and weighted values as plain products. The query heads that share a key/value
         head are stacked into one product with it, so keys and values are never copied per head."""
         batch, heads, length, dim = q.shape
@@ -285,7 +293,8 @@ class Attention(nn.Module):
             scores = raw * self.scale
         else:
             scores = torch.tanh(raw * (self.scale / self.softcap)) * self.softcap
-        probs = torch.softmax(scores.view(batch, heads, length, keys) + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+        scores = scores.view(batch, heads, length, keys)
+        probs = torch.softmax(scores if bias is None else scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
         return (probs.view(batch, kv_heads, -1, keys) @ v).view(batch, heads, length, dim)
 
 
@@ -319,6 +328,19 @@ def attention_masks(
     """Boolean self-attention masks for "full" and "sliding" layers; keys must share the query's segment.
     `lookahead` limits a bidirectional mask to keys at most that many positions after the query
     (0 is exactly the causal mask; None no limit)."""
+    batch, queries, keys = *q.ids.shape, k.ids.shape[1]
+    full = torch.empty(batch, 1, queries, keys, dtype=torch.bool, device=q.ids.device)
+    local = torch.empty_like(full)
+    step = max(1, MASK_BLOCK // max(1, batch * keys))
+    for start in range(0, queries, step):  # a block of queries at a time: the temporaries stay small for long inputs
+        rows = slice(start, start + step)
+        block = Segments(q.ids[:, rows], q.positions[:, rows])
+        full[:, 0, rows], local[:, 0, rows] = _masks_of(block, k, causal, window, convention, lookahead)
+    return {"full": full, "sliding": local}  # [B, 1, Lq, Lk]
+
+
+def _masks_of(q: Segments, k: Segments, causal: bool, window: int, convention: str,
+              lookahead: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     same = _same_segment(q, k)
     d = q.positions[:, :, None] - k.positions[:, None, :]
     if causal or lookahead == 0:
@@ -334,7 +356,7 @@ def attention_masks(
             local = same & (d >= -(window // 2)) & (d <= (window + 1) // 2 - 1)
         if lookahead is not None:
             full, local = full & (d >= -lookahead), local & (d >= -lookahead)
-    return {"full": full[:, None], "sliding": local[:, None]}  # [B, 1, Lq, Lk]
+    return full, local
 
 
 def cross_mask(q: Segments, k: Segments) -> torch.Tensor:
