@@ -709,6 +709,21 @@ def test_frozen_encoder_does_not_change_and_the_rest_learns(adapted, corpus, tmp
     assert any(k.startswith("decoder.") for k in changed) and "embed.weight" in changed
 
 
+def test_a_frozen_encoder_with_an_embedding_of_its_own_keeps_it_too(sources, corpus, tmp_path):
+    """An unbalanced model's encoder reads its own table (encoder_embed), which --freeze-encoder-steps left to learn:
+    the encoder's output drifted while it was meant to stand still."""
+    out = tmp_path / "unbalanced"
+    assert main(["adapt", "--encoder", str(sources["gemma2"]), "--decoder", str(sources["gemma2-small"]),
+                 "--out", str(out)]) == 0
+    before = encdec.load(out).state_dict()
+    assert any(k.startswith("encoder_embed.") for k in before)
+    loop.train(_config(out, tmp_path / "run", corpus, steps=2, freeze_encoder_steps=2, weight_decay=0.1))
+    after = encdec.load(tmp_path / "run" / "model").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert not {k for k in changed if k.startswith("encoder")}, sorted(changed)
+    assert any(k.startswith("decoder.") for k in changed)
+
+
 @pytest.mark.parametrize("stop", [2, 4], ids=["encoder-still-frozen", "after"])
 def test_resume_is_exact_with_the_recipe_options(adapted, corpus, tmp_path, monkeypatch, stop):
     """Sampled negatives of a trimmed vocabulary, a frozen encoder and the curriculum are functions of the

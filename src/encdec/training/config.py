@@ -74,8 +74,9 @@ class TrainConfig:
                         "that compute it natively and CPUs with AVX512-BF16/AMX (timed only where PyTorch cannot "
                         "tell), decided once per run and kept on --resume", choices=PRECISIONS)
     cross_warmup_steps: int = _f(0, "first steps that train only cross-attention (unbalanced models; the paper: 1000)")
-    freeze_encoder_steps: int = _f(0, "first steps with the encoder's layers frozen, so that the decoder first learns "
-                                   "to read the encoder (the shared embedding still trains)")
+    freeze_encoder_steps: int = _f(0, "first steps with the encoder's layers (and its own embedding, where it has one) "
+                                   "frozen, so that the decoder first learns to read the encoder (a shared embedding "
+                                   "still trains)")
     encoder_curriculum_steps: int = _f(0, "first steps over which the encoder's attention opens from causal (like its "
                                        "source) to bidirectional: at step t it sees t/K of --enc-len positions ahead")
     eval_every: int = _f(50, "held-out evaluation every N steps (0: only at the end)")

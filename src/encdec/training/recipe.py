@@ -81,7 +81,10 @@ def drop_frozen_gradients(named: Iterable[tuple[str, nn.Parameter]], frozen: set
     if not frozen:
         return
     for name, p in named:
-        if part_of(name.removeprefix("module.").removeprefix("model.")) in frozen:  # DDP's and the loss module's
+        name = name.removeprefix("module.").removeprefix("model.")  # DDP's and the loss module's prefixes
+        # the encoder's own table (a model whose encoder reads another vocabulary table) is the encoder's
+        part = "encoder" if name.startswith("encoder_embed.") and "encoder" in frozen else part_of(name)
+        if part in frozen:
             p.grad = None
 
 
