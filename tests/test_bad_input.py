@@ -423,7 +423,7 @@ PRETRAIN_BAD = [
     (["--window", "4"], "--window 4: 0 (the objective's own) or at least 8 tokens"),
     (["--objective", "ul2", "--window", "65"], "--window 65: at most 64 tokens for --objective ul2 at --enc-len 64"),
     (["--window", "127"], "--window 127: at most 126 tokens for --objective prefixlm at --enc-len 64 and --dec-len 64"),
-    (["--batch-size", "100000"], "--batch-size 100000 x 1 process(es) needs more rows than the"),
+    (["--batch-size", "100000"], "--batch-size 100000 x --grad-accum 1 x 1 process(es) needs more rows a step than the"),
     (["--distill", "--teacher-top-k", "1000"], "--teacher-top-k 1000 exceeds the 96 tokens of the vocabulary"),
     # instruction tuning with pretraining's defaults (64 + 64 tokens, runs/pretrain) and the options finetune hides
     (["--objective", "instruct"], "--objective instruct: instruction tuning is `encdec finetune MODEL`"),

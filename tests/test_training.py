@@ -826,13 +826,20 @@ def test_data_of_fewer_examples_than_processes_asks_for_more_data_not_a_batch_of
     cfg = TrainConfig(model="m", out="o", batch_size=1)
     with pytest.raises(EncdecError, match=r"^the data holds 1 training windows/examples, fewer than the 2 processes"):
         cfg.check_fit(None, 96, 1, 2)
-    with pytest.raises(EncdecError, match=r"needs more rows than the 3 training windows/examples .* use at most 1$"):
+    with pytest.raises(EncdecError, match=r"needs more rows a step than the 3 training windows/examples .* use at "
+                                          r"most --batch-size 1 \(or a lower --grad-accum\)$"):
         TrainConfig(model="m", out="o", batch_size=2).check_fit(None, 96, 3, 2)
+    # the micro-batches of a step count too: 2 x 8 rows a step from 10 windows repeated rows within each step
+    with pytest.raises(EncdecError, match=r"--batch-size 2 x --grad-accum 8 x 1 process\(es\) needs more rows a step "
+                                          r"than the 10 .* use at most --batch-size 1 "):
+        TrainConfig(model="m", out="o", batch_size=2, grad_accum=8).check_fit(None, 96, 10, 1)
+    TrainConfig(model="m", out="o", batch_size=2, grad_accum=5).check_fit(None, 96, 10, 1)
 
 
 def test_the_rate_schedule_at_hand_computed_steps():
-    """Linear warm-up from 1 / warmup to 1, then a cosine or linear decay reaching min_lr_ratio at the last step
-    and staying there (a resumed run may go past it)."""
+    """Linear warm-up from 1 / warmup to 1, then a cosine or linear decay reaching min_lr_ratio at step --steps
+    (just past the last, --steps - 1, as transformers' schedules do) and staying there (a resumed run may go past
+    it)."""
     import math
 
     from encdec.training.optim import warmup_then_decay

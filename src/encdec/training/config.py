@@ -65,7 +65,8 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     steps: int = _f(100, "optimizer steps")
     lr: float = _f(3e-5, "peak learning rate (3e-5 recovered the 270M best of 1e-5..3e-4: docs/adaptation.md)")
-    min_lr_ratio: float = _f(0.1, "final learning rate of the cosine decay, as a fraction of lr")
+    min_lr_ratio: float = _f(0.1, "learning rate the decay reaches at step --steps, as a fraction of lr (as "
+                                  "transformers' schedules do: the last step, --steps - 1, runs just above it)")
     warmup_steps: int = _f(10, "linear warm-up steps (T5Gemma 2: 100)")
     weight_decay: float = _f(0.01, "AdamW weight decay (never on norms and embeddings unless --decay-all)")
     decay_all: bool = _f(False, "apply weight decay to norms and embeddings too")
@@ -188,10 +189,11 @@ class TrainConfig:
         if train_items < world:
             raise EncdecError(f"the data holds {train_items} training windows/examples, fewer than the {world} "
                               "processes that each need one; give more data or run fewer processes")
-        if self.batch_size * world > train_items:
-            raise EncdecError(f"--batch-size {self.batch_size} x {world} process(es) needs more rows than the "
-                              f"{train_items} training windows/examples of the data hold; "
-                              f"use at most {train_items // world}")
+        if self.batch_size * self.grad_accum * world > train_items:  # a step would repeat rows within itself
+            raise EncdecError(f"--batch-size {self.batch_size} x --grad-accum {self.grad_accum} x {world} process(es) "
+                              f"needs more rows a step than the {train_items} training windows/examples of the data "
+                              f"hold; use at most --batch-size {max(1, train_items // (world * self.grad_accum))} "
+                              "(or a lower --grad-accum)")
 
 
 SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed accepts
