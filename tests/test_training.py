@@ -266,8 +266,12 @@ def test_cross_attention_warmup_is_refused_for_merged_attention(adapted, corpus,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_final_model_averages_the_last_checkpoints(adapted, corpus, tmp_path):
+def test_final_model_averages_the_last_checkpoints(adapted, corpus, tmp_path, monkeypatch):
+    said: list[str] = []
+    monkeypatch.setattr(loop.log, "info", lambda message, *args: said.append(message % args))
     loop.train(_config(adapted, tmp_path / "run", corpus, steps=4, save_every=1, average_last=2))
+    # its last held-out loss is step 4's alone, which the line says (it read as the final model's)
+    assert any("average of 2 checkpoints: the held-out losses above are of single steps" in line for line in said)
     paths = checkpointing.checkpoints(tmp_path / "run")[-2:]
     assert [p.name for p in paths] == ["step-000003", "step-000004"]
     weights = [encdec.files.read_weights(p) for p in paths]

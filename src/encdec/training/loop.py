@@ -328,5 +328,9 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
             start = grow_vocabulary(start, plan.vocab_size)
         model = full_vocabulary_model(weights, start, plan.keep)
         save(model, final, tokenizer=plan.tokenizer, overwrite=True, metadata={**read_metadata(model_dir), key: run})
-    log.info("final model: %s (average of %d checkpoint(s))", final, len(paths))
+    if len(paths) > 1:  # the held-out losses logged were each step's own weights'
+        log.info("final model: %s (average of %d checkpoints: the held-out losses above are of single steps; "
+                 "`encdec evaluate %s` scores the average)", final, len(paths), final)
+    else:
+        log.info("final model: %s (average of 1 checkpoint)", final)
     return final
