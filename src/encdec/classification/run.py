@@ -125,6 +125,7 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     train_rows = encode(tokenizer, [e.text for e in p.train], hyper.max_len, first, vocab, f"{data.name} training text")
     reported = _Reported(p, train_rows, lambda examples: encode(
         tokenizer, [e.text for e in examples], hyper.max_len, first, vocab, f"{data.name} evaluation text"))
+    journal = None  # a search's, whose fits' leftover progress goes once it is done
     if probe_c is not None:
         fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
                            c_values=probe_c, train_rows=train_rows, first=first)
