@@ -49,12 +49,12 @@ def worker(side: str, model: Path, length: int) -> None:
         from encdec.inference.engine import Engine, Row
 
         engine = Engine(encdec.load(model), max_batch=1)
-        encode = lambda: engine.join([ids[0].tolist()], [Row(1, frozenset())])  # noqa: E731
+        encode = lambda: engine.join([ids[0].tolist()], [Row(1, frozenset())])
     else:
         from transformers import AutoModelForSeq2SeqLM
 
         encoder = AutoModelForSeq2SeqLM.from_pretrained(str(model), dtype=torch.float32).eval().get_encoder()
-        encode = lambda: encoder(input_ids=ids, attention_mask=torch.ones_like(ids))  # noqa: E731
+        encode = lambda: encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
     before = peak_rss_gib(os.getpid())
     start = time.perf_counter()
     with torch.no_grad():
