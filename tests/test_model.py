@@ -136,11 +136,13 @@ def test_bfloat16_forward_is_close_to_float32(sources, batch):
     assert not torch.equal(low, ref)  # bfloat16 ran (autocast doing nothing would pass the bound above)
 
 
-def test_long_cpu_inference_attends_chunk_by_chunk_alike(sources, monkeypatch):
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_long_cpu_inference_attends_chunk_by_chunk_alike(sources, monkeypatch, family):
     """CPU inference over more than 4 x QUERY_CHUNK queries attends each chunk of queries over the span of
     keys it may see (a local window, its packed prompt): real tokens' states equal those of whole-row attention,
-    for packed and padded encoder rows and a merged decoder reading them."""
-    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))  # local window 4, local and global layers
+    for packed and padded encoder rows and a decoder reading them (merged: Gemma 3; soft-capped scores, plain
+    products, and cross-attention: Gemma 2, whose long rows were whole [B, H, L, L] scores)."""
+    model = encdec.adapt(encdec.load_source(str(sources[family])))  # local window 4, local and global layers
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 96, (2, 300), generator=g)
     segments = torch.tensor([[1] * 120 + [2] * 180, [1] * 200 + [0] * 100])  # two packed prompts; one padded
@@ -165,16 +167,21 @@ def test_long_cpu_inference_attends_chunk_by_chunk_alike(sources, monkeypatch):
                            decoder_segment_ids=dec_segments, decoder_positions=dec_positions).logits
         return encoded, logits
 
+    def one_long_row():  # one prompt, every key seen by every query of a global layer: blocks of queries
+        with torch.no_grad():
+            return model.encode(torch.randint(3, 96, (1, 1100), generator=torch.Generator().manual_seed(1)))
+
     calls = []
     chunks = encdec.model.Attention._attend_in_chunks
     monkeypatch.setattr(encdec.model.Attention, "_attend_in_chunks", lambda *a: calls.append(1) or chunks(*a))
-    chunked = run()
+    chunked, long_chunked = run(), one_long_row()
     assert calls  # the chunked path ran
     monkeypatch.setattr(encdec.model, "QUERY_CHUNK", 10**6)  # no chunks: whole-row attention
-    whole = run()
+    whole, long_whole = run(), one_long_row()
     real = segments != 0
     assert (chunked[0][real] - whole[0][real]).abs().max().item() < 1e-5
     assert (chunked[1] - whole[1]).abs().max().item() < 1e-4
+    assert (long_chunked - long_whole).abs().max().item() < 1e-5
 
 
 def test_sdpa_and_plain_product_attention_agree(sources, batch, monkeypatch):

@@ -109,6 +109,8 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 PLAIN_SCORES_MAX = 2**22
 # queries per chunk when CPU inference attends chunk by chunk over only the keys the chunk may see
 QUERY_CHUNK = 64
+# queries per block of soft-capped attention (plain products) over a whole long row in CPU inference
+PRODUCT_QUERIES = 512
 # SDPA's kernels, cuDNN's left out: on Hopper GPUs PyTorch prefers it, and it builds a plan for every new
 # sequence length (forward and backward), so batches of varying length (classification, prompts) paid that at
 # most steps (bench/gpu_check.py --only attention measures both)
@@ -258,7 +260,7 @@ class Attention(nn.Module):
         # plain products are also faster than SDPA's kernel for short sequences (docs/benchmarks.md)
         cpu = q.device.type == "cpu"
         small = cpu and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= PLAIN_SCORES_MAX
-        if self.softcap is None and cpu and not torch.is_grad_enabled() and q.shape[2] > 4 * QUERY_CHUNK:
+        if cpu and not torch.is_grad_enabled() and q.shape[2] > 4 * QUERY_CHUNK:
             out = self._attend_in_chunks(q, k, v, mask)
         elif self.softcap is not None or small:
             out = self._attend_by_products(q, k, v, mask.bias(q.dtype))
@@ -269,18 +271,25 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(*q.shape[:1], q.shape[2], -1))
 
     def _attend_in_chunks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-        """SDPA chunk of queries by chunk, each over only the span of keys it may see: a local layer's
-        window, or a packed prompt's own tokens, instead of the whole row (inference on CPU, where the
-        kernel computes every masked score; 1.6x faster on 1024-token prompts, docs/benchmarks.md)."""
-        spans, dtype = mask.spans(), sdpa_dtype(q)
-        if len(spans) == 1:  # every query of every row may see every key
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias(dtype), scale=self.scale,
+        """SDPA (plain products where scores are soft-capped) chunk of queries by chunk, each over only the span
+        of keys it may see: a local layer's window, or a packed prompt's own tokens, instead of the whole row
+        (inference on CPU, where the kernel computes every masked score; 1.6x faster on 1024-token prompts,
+        docs/benchmarks.md)."""
+        spans = mask.spans()
+        if len(spans) == 1 and self.softcap is None:  # every query of every row may see every key
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.bias(sdpa_dtype(q)), scale=self.scale,
                                                   enable_gqa=True)
+        if len(spans) == 1:  # soft-capped products over every key, a block of queries at a time: whole, a layer's
+            # scores were [B, H, L, L] (2 GB at 8k tokens for 8 heads)
+            spans = [(slice(None), s, min(s + PRODUCT_QUERIES, q.shape[2]), 0, k.shape[2])
+                     for s in range(0, q.shape[2], PRODUCT_QUERIES)]
         out = torch.empty_like(q)
         for rows, start, end, lo, hi in spans:  # each span's bias of its own: the whole one was 4 GB at 32k tokens
-            out[rows, :, start:end] = F.scaled_dot_product_attention(
-                q[rows, :, start:end], k[rows, :, lo:hi], v[rows, :, lo:hi],
-                attn_mask=bias_of(mask.allowed[rows, :, start:end, lo:hi], dtype), scale=self.scale, enable_gqa=True)
+            allowed, part = mask.allowed[rows, :, start:end, lo:hi], (q[rows, :, start:end], k[rows, :, lo:hi],
+                                                                     v[rows, :, lo:hi])
+            out[rows, :, start:end] = self._attend_by_products(*part, bias_of(allowed, q.dtype)) if self.softcap \
+                else F.scaled_dot_product_attention(*part, attn_mask=bias_of(allowed, sdpa_dtype(q)), scale=self.scale,
+                                                    enable_gqa=True)
         return out
 
     def _attend_by_products(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
