@@ -1,6 +1,6 @@
 """Memory of reading one long prompt: the peak resident memory that encoding a prompt of each --lengths size adds
 to the process, encdec's engine (`Engine.join`: the encoder pass and its keys and values for the decoder) against
-transformers' T5Gemma 2 encoder on the same weights, each length in a fresh process of its own.
+transformers' T5Gemma 2 (or T5Gemma) encoder on the same weights, each length in a fresh process of its own.
 
 Encoder-decoders are chosen for long inputs; what an encoder pass holds beyond the weights grows with the
 square of the prompt's length where attention masks are built whole ([L, L] entries per layer kind). The model is
@@ -26,17 +26,18 @@ from common import cpu_only, peak_rss_gib, print_result, run_worker
 VOCAB = 1024
 
 
-def build(directory: Path, layers: int, width: int, longest: int) -> None:
-    """A random Gemma 3 text model adapted and saved in the T5Gemma 2 layout (what both sides load)."""
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+def build(directory: Path, family: str, layers: int, width: int, longest: int) -> None:
+    """A random Gemma 3 (or 2) text model adapted and saved in the T5Gemma 2 (or T5Gemma) layout, which both
+    sides load."""
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
 
     import encdec
 
     torch.manual_seed(0)
-    config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=4 * width,
-                              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1,
-                              head_dim=width // 4, sliding_window=512, max_position_embeddings=longest,
-                              pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    shape = dict(vocab_size=VOCAB, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=1, head_dim=width // 4, sliding_window=512,
+                 max_position_embeddings=longest, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    config = Gemma3TextConfig(**shape) if family == "gemma3" else Gemma2Config(**shape)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory / "source")
     encdec.save(encdec.adapt(encdec.load_source(str(directory / "source"))), directory / "adapted")
 
@@ -65,6 +66,8 @@ def worker(side: str, model: Path, length: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="2048,8192", help="prompt lengths in tokens, comma list")
+    p.add_argument("--family", choices=("gemma3", "gemma2"), default="gemma3",
+                   help="the shape's family: gemma2's attention is soft-capped (T5Gemma, transformers' T5Gemma)")
     p.add_argument("--layers", type=int, default=6, help="layers of each stack (Gemma 3's 5 local : 1 global)")
     p.add_argument("--width", type=int, default=128, help="model width")
     p.add_argument("--worker", nargs=3, metavar=("SIDE", "MODEL", "LENGTH"), help=argparse.SUPPRESS)
@@ -81,7 +84,7 @@ def main() -> None:
     if lengths[0] < 1 or args.layers < 1 or args.width < 4 or args.width % 4:
         p.error("--lengths, --layers must be at least 1 and --width a multiple of 4")
     with tempfile.TemporaryDirectory() as tmp:
-        build(Path(tmp), args.layers, args.width, lengths[-1])
+        build(Path(tmp), args.family, args.layers, args.width, lengths[-1])
         print(f"{'prompt tokens':>13}  {'side':<12}  {'added peak GiB':>14}  {'seconds':>8}")
         results: dict[tuple[int, str], dict] = {}
         for length in lengths:
@@ -91,7 +94,8 @@ def main() -> None:
                 r = results[length, side]
                 print(f"{length:>13}  {side:<12}  {r['added_gib']:>14.3f}  {r['seconds']:>8.2f}", flush=True)
     ours, theirs = (results[lengths[-1], side]["added_gib"] for side in ("encdec", "transformers"))
-    print(json.dumps({"lengths": lengths, "layers": args.layers, "width": args.width}), file=sys.stderr)
+    print(json.dumps({"family": args.family, "lengths": lengths, "layers": args.layers, "width": args.width}),
+          file=sys.stderr)
     ratio = f"{theirs / ours:.2f}x" if ours > 0 else "n/a (encdec added nothing to its peak)"
     print(f"ratio (transformers / encdec added peak memory, {lengths[-1]}-token prompt): {ratio}")
 
