@@ -34,9 +34,9 @@ def build(directory: Path, family: str, layers: int, width: int, longest: int) -
     import encdec
 
     torch.manual_seed(0)
-    shape = dict(vocab_size=VOCAB, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=1, head_dim=width // 4, sliding_window=512,
-                 max_position_embeddings=longest, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    shape = {"vocab_size": VOCAB, "hidden_size": width, "intermediate_size": 4 * width, "num_hidden_layers": layers,
+             "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": width // 4, "sliding_window": 512,
+             "max_position_embeddings": longest, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
     config = Gemma3TextConfig(**shape) if family == "gemma3" else Gemma2Config(**shape)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory / "source")
     encdec.save(encdec.adapt(encdec.load_source(str(directory / "source"))), directory / "adapted")
