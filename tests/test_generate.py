@@ -209,6 +209,30 @@ def test_self_caches_grow_as_tokens_are_generated_not_by_the_budget(model, monke
                                                   **sampling))
 
 
+def test_caches_grown_past_the_preallocation_are_let_go_when_the_batch_empties(model, monkeypatch):
+    """A long answer or prompt grew the caches of every slot for good: held for the life of a server (16 slots of
+    8k positions of the 270M: 4.8 GB). They go when the last row leaves; the next rows' tokens are unchanged."""
+    monkeypatch.setattr(engine_module, "PREALLOCATED_POSITIONS", 3)
+    ids, mask = _prompts()
+    prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+    engine = Engine(model, max_batch=3)
+    engine.join(prompts[:1], [Row(13, frozenset({-1}))])  # 4 -> 8 -> 16 positions
+    while engine.rows:
+        engine.step()
+    assert (engine.self_len, engine.self_kv) == (0, [])
+    engine.join([prompts[0] * 3], [Row(2, frozenset({-1}))])  # a prompt wider than the preallocation
+    assert engine.enc_len > 3
+    while engine.rows:
+        engine.step()
+    assert engine.enc_len == 2 and all(k.shape[2] == 2 for k, _ in engine.enc_kv)
+    rows = [Row(13, frozenset({-1})) for _ in prompts]
+    engine.join(prompts, rows)
+    while engine.rows:
+        engine.step()
+    expected = model.generate(ids, mask, max_new_tokens=13, eos_token_ids=[-1], use_cache=False)
+    assert [r.tokens for r in rows] == expected.tolist()
+
+
 def test_batched_equals_one_by_one(model):
     ids, mask = _prompts()
     for sampling in ({}, {"repetition_penalty": 2.0}):  # the penalty: another token at every step (greedy repeats)

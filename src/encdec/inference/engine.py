@@ -9,7 +9,8 @@ step. RoPE tables are built once for all positions and indexed by each row's pos
 causal / sliding mask is built from the rows' positions ([rows, positions], not a table of every
 query position against every key, which grew with the square of the token budget). The self caches
 are allocated for up to PREALLOCATED_POSITIONS positions when rows join, and double when a row
-goes past them, so a large budget costs memory only as tokens are actually generated. Live rows sit
+goes past them, so a large budget costs memory only as tokens are actually generated; caches grown past
+that (a long answer, a long prompt) are let go when the batch empties. Live rows sit
 in the first slots: a row that ends is replaced by the last live row, so every step computes only
 live rows, and the LM head runs once per row (for greedy rows on CPU, through a low-precision screen
 that keeps the float32 argmax).
@@ -275,6 +276,11 @@ class Engine:
             self.encoder_lengths[slot] = self.encoder_lengths[last]
             self.rows[slot] = self.rows[last]
         self.rows.pop()
+        if not self.rows:  # a long answer or prompt gone, the server idle: not held for the life of the process
+            if self.self_len > PREALLOCATED_POSITIONS + 1:  # (GBs: 16 slots of 8k positions of the 270M, 4.8 GB)
+                self.self_kv, self.self_len = [], 0  # the next rows to join allocate what they need
+            if self.enc_len > PREALLOCATED_POSITIONS:
+                self._encoder_width(2)
 
     # -- one decoding step -------------------------------------------------------------------------
 
