@@ -812,6 +812,20 @@ def test_quickstart_refuses_a_trimmed_vocabulary_too_small_before_adapting(capsy
     assert not (tmp_path / "qs").exists()
 
 
+def test_a_quickstart_stopped_while_training_says_how_to_run_it_again(capsys, tmp_path, sources, monkeypatch):
+    """Its training run said "continue with --resume", an option encdec quickstart does not have."""
+    import encdec.quickstart
+    from test_training import _sigterm_during
+
+    monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
+    with _sigterm_during(2, monkeypatch):
+        assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "3", "--trim-vocab", "0",
+                     "--max-new-tokens", "2"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped at step 2; `encdec quickstart --overwrite` runs the whole job again" in err, err
+    assert "--resume" not in err
+
+
 def test_quickstart_overwrite_without_training_leaves_no_earlier_training(capsys, tmp_path, sources, monkeypatch):
     """--overwrite replaces the directory: with --steps 0 an earlier run's pretrain/ would sit beside the new
     adapted model as if it came from it (the tiny Gemma 3 stands in for the packaged 270M)."""

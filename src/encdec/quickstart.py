@@ -139,7 +139,7 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
                       else "the whole vocabulary")
         print(f"\nPrefixLM + distillation on the default corpus: {steps} steps of 4 rows x (64 + 64) tokens at lr "
               f"{cfg.lr:g}, {vocabulary}")
-        final = train(cfg)
+        final = train(cfg, again="`encdec quickstart --overwrite` runs the whole job again")  # it has no --resume
         trained = load(final)
         with timed("held-out suffix NLL after training"):
             rows.append((f"adapted encoder-decoder, after {steps} steps",

@@ -63,22 +63,23 @@ def _tokens(batch: Batch) -> int:
     return int((batch.rows.segment_ids != 0).sum() + (batch.rows.decoder_segment_ids != 0).sum())
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model."""
+def train(cfg: TrainConfig, again: str = "continue with --resume") -> Path:
+    """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model. `again`:
+    what a run stopped by a signal tells the user to do (a command that runs this one says its own way)."""
     d = distributed.init(cfg.dist_timeout)
     try:
         # the teacher a checkpoint records is an input too, when it may distill (--overwrite must not delete it)
         distills = cfg.objective == "prefixlm" and cfg.distill is not False
         teacher = cfg.teacher or (recorded_source(Path(cfg.model)) if distills else "")
         with rundir.locked(Path(cfg.out), d, (cfg.model, teacher)):
-            final = _train(cfg, d)
+            final = _train(cfg, d, again)
         distributed.barrier(d)  # nobody tears the group down while rank 0 still writes the final model
         return final
     finally:
         distributed.close(d)
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
+def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
     out = Path(cfg.out)
     resume_from = rundir.resume_point(cfg, d)
     torch.manual_seed(cfg.seed)
@@ -292,7 +293,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist) -> Path:
                 # --resume writes it then), rather than a run to start again for it alone
                 metrics.message(f"stop requested during the last step ({step + 1}): writing the final model")
             elif stopping:
-                metrics.message(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_checkpoint})")
+                metrics.message(f"stopped at step {step + 1}; {again} (checkpoint {last_checkpoint})")
                 metrics.close()
                 raise KeyboardInterrupt
     metrics.close()
