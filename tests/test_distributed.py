@@ -365,3 +365,45 @@ def test_the_others_wait_for_a_slow_checkpoint_as_long_as_dist_timeout_says(sour
     returncode, said = run(tmp_path / "patient")
     assert returncode == 0, said[-3000:]
     assert (tmp_path / "patient" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK, MASTER_ADDR, MASTER_PORT is not set"),  # a ValueError escaped
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE ('two') and LOCAL_RANK (None) must be integers"),
+])
+def test_a_launch_environment_that_is_not_torchruns_is_one_line(tmp_path, capsys, monkeypatch, env, message):
+    """WORLD_SIZE left in a shell, with `encdec pretrain` run directly: a traceback from the process group."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["pretrain", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "run")]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert message in line
+
+
+def test_a_collective_that_times_out_is_one_line(capsys, monkeypatch):
+    """A process of the run gone, or past --dist-timeout: torch's DistError (a RuntimeError) came out as a
+    traceback on every process left."""
+    import argparse
+
+    import torch.distributed as torch_dist
+
+    from encdec import cli
+
+    def timed_out(args):
+        raise torch_dist.DistBackendError("[Rank 1] Watchdog caught collective operation timeout\nmore")
+
+    build = cli.build_parser
+
+    def parser_raising():
+        parser = build()
+        next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["info"].set_defaults(
+            func=timed_out)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", parser_raising)
+    assert main(["info", "x"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "another process of the run stopped, or did not answer within --dist-timeout" in line
+    assert "Watchdog caught collective operation timeout" in line and "more" not in line

@@ -808,6 +808,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except RuntimeError as e:  # a batch too large for the device or the CPU's memory: its options, not a traceback
         device = isinstance(e, torch.OutOfMemoryError)
+        if isinstance(e, getattr(torch.distributed, "DistError", ())):  # a timeout, a process gone: theirs is the cause
+            print(f"encdec {args.command}: error: another process of the run stopped, or did not answer within "
+                  f"--dist-timeout (see its message): {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            return 1
         if not device and "can't allocate memory" not in str(e):
             raise
         said = str(e).splitlines()[0]

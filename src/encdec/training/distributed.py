@@ -34,9 +34,25 @@ class Dist:
 
 def init(timeout: float = 1800.0) -> Dist:
     """This process's place in the run; `timeout`: seconds a collective waits for the other processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise EncdecError(f"WORLD_SIZE ({os.environ.get('WORLD_SIZE')!r}) and LOCAL_RANK "
+                          f"({os.environ.get('LOCAL_RANK')!r}) must be integers, as torchrun sets them") from None
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if world > 1 and missing and not dist.is_initialized():  # WORLD_SIZE left in a shell, say
+        raise EncdecError(f"WORLD_SIZE is {world} but {', '.join(missing)} is not set: start the processes with "
+                          "torchrun or accelerate launch, which set them, or unset WORLD_SIZE to run one process")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()  # 1: a launcher that shows each process its own GPU (Slurm's)
+        if world > 1 and count > 1 and "LOCAL_RANK" not in os.environ:
+            raise EncdecError("LOCAL_RANK is not set, so every process would take GPU 0: start the processes with "
+                              "torchrun or accelerate launch, or show each process one GPU (CUDA_VISIBLE_DEVICES)")
+        if count > 1 and local >= count:
+            raise EncdecError(f"LOCAL_RANK {local}, but this process sees {count} GPUs: at most one process per GPU "
+                              f"(torchrun --nproc-per-node {count})")
+        device = torch.device(f"cuda:{local if count > 1 else 0}")
     if world == 1:
         return Dist(device=device)
     if device.type == "cuda":
