@@ -616,9 +616,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Continue pretraining an adapted model with PrefixLM (+ distillation from its "
                        "decoder-only source) or UL2, on packed rows. Every option can also be set in --config "
                        "FILE.yaml; the command line wins. Runs under torchrun / accelerate launch as well.")
-    from encdec.training.config import FINETUNE_DEFAULTS, FINETUNE_DOCS, FINETUNE_HIDDEN, add_arguments
+    from encdec.training.config import (
+        FINETUNE_DEFAULTS,
+        FINETUNE_DOCS,
+        FINETUNE_HIDDEN,
+        PRETRAIN_DOCS,
+        PRETRAIN_HIDDEN,
+        add_arguments,
+    )
 
-    add_arguments(p)
+    add_arguments(p, skip=PRETRAIN_HIDDEN, docs=PRETRAIN_DOCS)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", formatter_class=argparse.RawDescriptionHelpFormatter,

