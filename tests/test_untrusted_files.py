@@ -287,6 +287,30 @@ def test_a_config_declaring_millions_of_layers_is_refused_before_anything_is_bui
     assert not (tmp_path / "out").exists()
 
 
+def test_info_says_when_a_t5gemma_layout_checkpoint_names_code_of_its_own(sources, tmp_path, capsys):
+    """transformers has the T5Gemma classes; an auto_map or a custom_generate/ a handed checkpoint adds would run
+    in their place with trust_remote_code=True, and `encdec info` said nothing of them."""
+    import encdec
+
+    out = tmp_path / "model"
+    assert encdec.save(encdec.adapt(encdec.load_source(str(sources["gemma3"]))), out) == "t5gemma2"
+
+    def said() -> list[str]:
+        assert main(["info", str(out)]) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if "remote code:" in line]
+
+    assert said() == []  # as written: nothing to say
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModelForSeq2SeqLM": "evil.M"}}))
+    (line,) = said()
+    assert "config.json maps to code shipped with the checkpoint" in line and "evil.M" in line
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "custom_generate").mkdir()
+    (out / "custom_generate" / "generate.py").write_text("import os\n")
+    (line,) = said()
+    assert "custom_generate/generate.py is there" in line
+
+
 def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(sources, tmp_path, capsys):
     """transformers runs a project-format checkpoint's modeling_encdec.py with trust_remote_code=True: `encdec info`
     tells the file this encdec writes from an edited one, and saving the model again writes the right one back."""

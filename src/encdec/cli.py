@@ -122,15 +122,17 @@ def _format_line(fmt: str) -> str:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from encdec.checkpoint import NATIVE, load_checkpoint
-    from encdec.formats.remote_code import modeling_file_line
+    from encdec.formats.remote_code import layout_code_line, modeling_file_line
     from encdec.report import describe, parameter_table
 
     loaded = load_checkpoint(args.dir)
     print(f"{args.dir}: {_format_line(loaded.format)}")
     for note in loaded.notes:
         print(f"  note: {note}")
-    if loaded.format == NATIVE:
-        print(f"  remote code: {modeling_file_line(Path(args.dir).expanduser())}")
+    directory = Path(args.dir).expanduser()
+    remote = modeling_file_line(directory) if loaded.format == NATIVE else layout_code_line(directory)
+    if remote is not None:  # T5Gemma layouts: said only where the checkpoint names code of its own
+        print(f"  remote code: {remote}")
     print(describe(loaded.model))
     print("parameters:")
     print(parameter_table(loaded.model))

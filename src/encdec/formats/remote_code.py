@@ -189,6 +189,22 @@ def modeling_file_line(directory: Path) -> str:
             f"version): transformers would run it with trust_remote_code=True; {resave}")
 
 
+def layout_code_line(directory: Path) -> str | None:
+    """What `encdec info` says of a T5Gemma / T5Gemma 2 checkpoint that names code of its own (transformers has the
+    classes; a handed checkpoint's auto_map or custom_generate/ would run in their place), or None."""
+    for name in ("config.json", "tokenizer_config.json"):
+        mapped = read_json(directory / name).get("auto_map") if (directory / name).is_file() else None
+        if mapped is not None:
+            return (f"{name} maps to code shipped with the checkpoint ({json.dumps(mapped)[:200]}): transformers "
+                    "would run it with trust_remote_code=True in place of its own classes, and encdec refuses to "
+                    "load its tokenizer; remove the entry")
+    custom = directory / CUSTOM_GENERATE
+    if custom.exists() or custom.is_symlink():
+        return (f"{CUSTOM_GENERATE} is there: transformers would run it with trust_remote_code=True as the model "
+                "loads (in place of generate); remove it")
+    return None
+
+
 def is_own(config: dict[str, Any]) -> bool:
     """Whether a config.json's auto_map is exactly the one this module writes (encdec never runs it either)."""
     return config.get("auto_map") == AUTO_MAP and config.get("format") == "encdec"
