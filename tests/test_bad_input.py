@@ -833,10 +833,29 @@ def test_quickstart_overwrite_without_training_leaves_no_earlier_training(capsys
 
     monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
     out = tmp_path / "qs"
-    (out / "pretrain" / "model").mkdir(parents=True)
+    (out / "pretrain" / "checkpoints").mkdir(parents=True)
     (out / "pretrain" / "metrics.jsonl").write_text("{}\n")
     assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapted"]
+    # a run's outputs go, nothing else: a file of the user's stays (it was deleted), and a link to a folder
+    # elsewhere goes alone (the folder was emptied, then rmdir raised a traceback)
+    (out / "pretrain" / "checkpoints").mkdir(parents=True)
+    (out / "pretrain" / "notes.txt").write_text("mine")
+    assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 0
+    assert sorted(p.name for p in (out / "pretrain").iterdir()) == ["notes.txt"]
+    shutil.rmtree(out / "pretrain")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("mine")
+    (out / "pretrain").symlink_to(tmp_path / "data")
+    assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 0
+    assert not (out / "pretrain").exists() and (tmp_path / "data" / "keep.txt").read_text() == "mine"
+    # another folder of a run's name is refused before anything is loaded, as training's --overwrite refuses it
+    (out / "pretrain" / "model").mkdir(parents=True)
+    (out / "pretrain" / "model" / "photo.jpg").write_text("mine")
+    capsys.readouterr()
+    assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
+    assert "is not what a run writes there" in capsys.readouterr().err
+    assert (out / "pretrain" / "model" / "photo.jpg").exists()
 
 
 def _another_models_run_in_runs_pretrain(tmp_path, sources, monkeypatch) -> tuple[Path, Path]:

@@ -4,7 +4,7 @@ adaptation on the default corpus and compare again."""
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from encdec.sources import load_source, load_tokenizer, transformers_causal_lm
 from encdec.training.config import TrainConfig
 from encdec.training.distributed import Dist
 from encdec.training.loop import train
-from encdec.training.rundir import LOCK, locked, started_from
+from encdec.training.rundir import foreign_output, locked, remove_outputs, started_from
 from encdec.training.vocab import always_kept, check_trim_size
 
 SOURCE = "gemma-3-270m"
@@ -52,6 +52,15 @@ def _check_own_run(run_dir: Path, adapted_dir: Path) -> None:
     """--overwrite replaces the quickstart's own run, not one that sits in OUT/pretrain (encdec pretrain's default
     --out is runs/pretrain): refused where that run trained another model, or where a final model's origin is not
     recorded at all."""
+    if run_dir.is_symlink():  # trained through, as any --out; with --steps 0 the link alone goes
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EncdecError(f"{run_dir} is not a directory, where the quickstart writes its training run; remove it or "
+                          "choose another --out")
+    foreign = foreign_output(run_dir) if run_dir.is_dir() else None
+    if foreign:  # --overwrite deletes a run's outputs, not another folder of one of their names
+        raise EncdecError(f"{run_dir / foreign[0]} is not what a run writes there ({foreign[1]}), which --overwrite "
+                          "does not replace; choose another --out, or remove it yourself")
     started = _run_origin(run_dir)
     if started is not None and not _is_adapted_dir(Path(started), adapted_dir):
         raise EncdecError(f"{run_dir} holds a training run of {started}, not of {adapted_dir}, which --overwrite does "
@@ -123,14 +132,13 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
                  ("adapted, before training", _continuation(model, tokenizer, prompt, max_new_tokens))]
     del model, reference
 
-    if not steps and run_dir.exists():  # --overwrite: no earlier run's training stays beside the new model
+    if not steps and run_dir.is_symlink():  # --overwrite: no earlier run's training stays beside the new model
+        run_dir.unlink()  # (what it leads to stays: it was followed by nothing)
+    elif not steps and run_dir.exists():
         with locked(run_dir, Dist()):  # refused while a run trains there
-            for entry in run_dir.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                elif entry.name != LOCK:
-                    entry.unlink()
-        run_dir.rmdir()
+            remove_outputs(run_dir)  # a run's outputs only: a file of the user's there stays, with the folder
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()
     if steps:
         cfg = TrainConfig(model=str(adapted_dir.resolve()), out=str(run_dir), distill=True, steps=steps, enc_len=64,
                           dec_len=64, batch_size=4, warmup_steps=max(1, steps // 10), eval_every=0, eval_windows=16,

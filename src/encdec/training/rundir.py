@@ -166,7 +166,7 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
         return saved
     # any output of a run counts: a final model kept after its checkpoints and metrics were deleted is replaced
     held = [name for name in OUTPUTS if (out / name).exists()]
-    foreign = distributed.from_main(_foreign_output(out) if held and d.main else None, d)  # the first one's view
+    foreign = distributed.from_main(foreign_output(out) if held and d.main else None, d)  # the first one's view
     if foreign:
         raise EncdecError(f"{out / foreign[0]} is not what a run writes there ({foreign[1]}): --overwrite replaces an "
                           "earlier run's outputs, not another folder of that name; choose another --out, or remove "
@@ -177,7 +177,7 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     return None
 
 
-def _foreign_output(out: Path) -> tuple[str, str] | None:
+def foreign_output(out: Path) -> tuple[str, str] | None:
     """The first of OUT's run names (OUTPUTS) that holds something no run writes, with what: `begin` deletes
     them all on --overwrite (a link is only unlinked, what it leads to stays)."""
     def odd(path: Path, kept) -> str:
@@ -317,13 +317,19 @@ def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None
         _truncate_metrics(out / "metrics.jsonl", start, record)
         _set_aside_damaged(out, start)
     elif cfg.overwrite:
-        for name in OUTPUTS:
-            target = out / name
-            with written(target):  # not ignored: a previous run's checkpoints left would be the new run's
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                else:  # a file, or a link (to a directory elsewhere, which stays): the run's own name for it goes
-                    target.unlink(missing_ok=True)
+        remove_outputs(out)
+
+
+def remove_outputs(out: Path) -> None:
+    """Delete what a run wrote in OUT (OUTPUTS), nothing else (`foreign_output` refused another folder of one of
+    those names before)."""
+    for name in OUTPUTS:
+        target = out / name
+        with written(target):  # not ignored: a previous run's checkpoints left would be the new run's
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:  # a file, or a link (to a directory elsewhere, which stays): the run's own name for it goes
+                target.unlink(missing_ok=True)
 
 
 def _set_aside_damaged(out: Path, start: int) -> None:
