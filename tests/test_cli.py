@@ -257,6 +257,24 @@ def test_a_bad_prompt_file_is_one_line_and_writes_nothing(capsys, tmp_path, sour
     assert {p: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_generate_out_through_a_link_to_a_pipe_is_refused_before_generating(capsys, tmp_path, sources):
+    """`--out /dev/stdout | cat`: the link names /proc/PID/fd/pipe:[N], which no path reaches; the checks passed,
+    and the write failed with a traceback once every completion was generated."""
+    out = tmp_path / "model"
+    main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
+    read, write = os.pipe()
+    try:
+        (tmp_path / "stdout").symlink_to(f"/proc/{os.getpid()}/fd/{write}")  # what /dev/stdout is in a pipeline
+        capsys.readouterr()
+        assert main(["generate", str(out), "--prompt", "w1", "--out", str(tmp_path / "stdout")]) == 2
+    finally:
+        os.close(read)
+        os.close(write)
+    err = capsys.readouterr().err
+    assert "leads to a device, a pipe or a socket, not a file; - writes to standard output" in err
+    assert "loading" not in err
+
+
 def test_generate_samples_each_prompt_apart_writes_through_a_link_and_refuses_a_token_past_the_vocabulary(
         capsys, tmp_path, sources, monkeypatch):
     """With --seed the n-th prompt samples from seed + n - 1 (the same prompt twice gave the same sample); --out a

@@ -324,6 +324,9 @@ def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> Path:
     config.json): it is a directory or another thing than a file (a device, a pipe: the rename would put a file in
     its place), a folder above it is a file, or the nearest existing folder above it is not writable."""
     out = Path(out).expanduser()
+    if out.is_symlink() and out.exists() and not out.is_file() and not out.is_dir():  # /dev/stdout into a pipe: the
+        # link names /proc/PID/fd/pipe:[N], which no path reaches (a FileNotFoundError once all was generated)
+        raise EncdecError(f"--out {out} leads to a device, a pipe or a socket, not a file; - writes to standard output")
     out = out.resolve() if out.is_symlink() else out  # the checks below are of the file the link names
     check_apart(out, inputs, inside=True)
     with written(out):
