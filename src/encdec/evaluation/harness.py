@@ -346,8 +346,8 @@ def output_files(out: Path, models: tuple[str, ...] = (), overwrite: bool = True
     the `models` evaluated (its config.json, its README.md), or earlier results without `overwrite` (hours of
     scoring, under the default OUT that every evaluation shares)."""
     out = Path(out)
-    if out.name in ("", ".", ".."):
-        raise EncdecError(f"--out {out} names a directory; give a file prefix such as runs/evaluate/results")
+    if out.name in ("", ".", "..") or out.is_dir():  # (an existing folder: its results were written beside it)
+        raise EncdecError(f"--out {out} names a directory; give a file prefix such as {out / 'results'}")
     base = out.with_suffix("") if out.suffix in (".md", ".json") else out
     files = base.parent / f"{base.name}.md", base.parent / f"{base.name}.json"
     taken = next((f for f in files if f.is_dir()), None)
