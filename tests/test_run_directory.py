@@ -760,3 +760,16 @@ def test_a_metrics_line_that_cannot_be_written_is_one_line(adapted, corpus, tmp_
     (line,) = _lines(capsys.readouterr().err, "error:")
     assert f"cannot write {out / 'metrics.jsonl'}: No space left on device" in line
     assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000001", "step-000002"]  # --resume goes on
+
+
+def test_a_run_inside_its_data_folder_is_refused(adapted, corpus, tmp_path, capsys):
+    """`--data dd --out dd/run`: the run's metrics.jsonl was read as data when it ran again (--resume refused
+    "dd/run/metrics.jsonl, line 1: no field 'text'")."""
+    data = tmp_path / "dd"
+    data.mkdir()
+    shutil.copy(corpus, data / "corpus.txt")
+    setup()
+    assert main(_pretrain_args(adapted, data / "run", data, "--steps", "1")) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"--out {data / 'run'} is inside the data folder {data}" in line
+    assert sorted(p.name for p in data.iterdir()) == ["corpus.txt"]

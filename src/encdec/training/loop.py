@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, again: str = "continue with --resume") -> Path:
         # the teacher a checkpoint records is an input too, when it may distill (--overwrite must not delete it)
         distills = cfg.objective == "prefixlm" and cfg.distill is not False
         teacher = cfg.teacher or (recorded_source(Path(cfg.model)) if distills else "")
-        with rundir.locked(Path(cfg.out), d, (cfg.model, teacher)):
+        with rundir.locked(Path(cfg.out), d, (cfg.model, teacher), (*cfg.data, *cfg.eval_data)):
             final = _train(cfg, d, again)
         distributed.barrier(d)  # nobody tears the group down while rank 0 still writes the final model
         return final

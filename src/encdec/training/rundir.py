@@ -103,16 +103,19 @@ def _remove_empty(made: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...] = ()) -> Iterator[None]:
+def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...] = (),
+           data: tuple[str, ...] = ()) -> Iterator[None]:
     """Hold OUT's lock for the duration. The first process of a distributed run takes it for all, and
     every process stops when it is refused (none waits for the others in a collective). OUT must not be
-    or hold one of the run's `inputs` (`--overwrite` would delete it, the final model replace it)."""
+    or hold one of the run's `inputs` (`--overwrite` would delete it, the final model replace it), nor lie inside
+    a folder of its `data` (read whole, the run's own metrics.jsonl among its files)."""
     fd, created, refused = None, [], None
     if d.main:
         try:
             check_writable_place(out)
             check_not_above(out)
             check_apart(out, inputs)
+            _check_outside_data(out, data)
             created = [p for p in (out, *out.parents) if not p.exists()]  # OUT first, then the parents it needs
             for attempt in range(3):  # another run ending beside this one removes the empty directories it made
                 try:
@@ -136,6 +139,17 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
             (out / LOCK).unlink(missing_ok=True)
             os.close(fd)
         _remove_empty(created)  # a refused run leaves no empty directories behind (they stay if anything was written)
+
+
+def _check_outside_data(out: Path, data: tuple[str, ...]) -> None:
+    """A data folder is read whole, every file of a kind (`encdec.data.text.data_files`): an OUT in it would have
+    the run's metrics.jsonl read as data when it runs again (--resume, --overwrite: a refusal of that line)."""
+    target = out.expanduser().resolve()
+    for spec in data:
+        folder = Path(spec).expanduser()
+        if folder.is_dir() and (folder.resolve() == target or folder.resolve() in target.parents):
+            raise EncdecError(f"--out {out} is inside the data folder {spec}, which is read whole: the run's own files "
+                              "(metrics.jsonl) would be read as data; choose another --out")
 
 
 def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved | None:
