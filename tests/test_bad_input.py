@@ -285,11 +285,13 @@ def test_bad_decoder_layers(capsys, tmp_path, sources, layers, message):
     assert message in _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder-layers", layers)
 
 
-@pytest.mark.parametrize("layers", ["0,,3", "::0", "1:2:3:4", "x:"])
+@pytest.mark.parametrize("layers", ["0,,3", "::0", "1:2:3:4", "x:", "1,1", "0,3,1"])
 def test_decoder_layers_written_wrong_are_refused_before_the_source_is_read(capsys, tmp_path, monkeypatch, layers):
     monkeypatch.setattr("encdec.sources.load_source", lambda *a, **k: pytest.fail("the source was read"))
     line = _run_adapt(capsys, tmp_path, "--encoder", "gemma-3-270m", "--decoder-layers", layers)
-    assert f"--decoder-layers '{layers}': expected a comma list like 0,3,6 or a slice like ::3" in line
+    expected = "layers must be distinct and increasing" if "," in layers and "" not in layers.split(",") else \
+        "expected a comma list like 0,3,6 or a slice like ::3"
+    assert f"--decoder-layers '{layers}': {expected}" in line
 
 
 def test_existing_output_directory(capsys, tmp_path, sources):

@@ -767,3 +767,11 @@ def test_a_prompt_that_changes_comes_with_a_new_format_version():
             digest.update("\0".join(prompts).encode())
     assert PROMPTS.get(FORMAT_VERSION) == digest.hexdigest()[:16], (
         f"the prompts changed (now {digest.hexdigest()[:16]}): bump FORMAT_VERSION and record it in PROMPTS")
+
+
+def test_a_decoder_only_column_reads_no_longer_contexts_than_its_model_was_trained_on(sources, adapted):
+    """An encoder-decoder's --max-len is capped at its encoder's positions, a decoder-only source's was not: one
+    table scored its two columns at different context lengths (and the source past its positions)."""
+    source, model = load_scorer(str(sources["gemma3"]), max_len=2048), load_scorer(str(adapted), max_len=2048)
+    assert source.max_len == model.max_len == 256  # the tiny sources' max_position_embeddings
+    assert load_scorer(str(sources["gemma3"]), max_len=64).max_len == 64

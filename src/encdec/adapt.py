@@ -34,9 +34,12 @@ def layer_spec(text: str) -> list[int] | slice:
             if len(parts) > 3 or (len(parts) == 3 and parts[2] == 0):
                 raise ValueError
             return slice(*parts)
-        return [int(p) for p in text.split(",")]
+        layers = [int(p) for p in text.split(",")]
     except ValueError:
         raise EncdecError(f"--decoder-layers {text!r}: expected a comma list like 0,3,6 or a slice like ::3") from None
+    if sorted(set(layers)) != layers:  # said before the sources load, as the syntax is (the range needs them)
+        raise EncdecError(f"--decoder-layers {text!r}: layers must be distinct and increasing")
+    return layers
 
 
 def parse_layers(text: str, num_layers: int) -> list[int]:

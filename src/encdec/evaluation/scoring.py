@@ -234,4 +234,7 @@ def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 20
             max_len = max(2, min(max_len, limit - len(framing.before) - len(framing.after)))
         return Scorer(spec, "encoder-decoder", model, tokenizer, max_len, framing)
     model = transformers_causal_lm(directory, dtype).to(compute_device())
+    limit = getattr(model.config, "max_position_embeddings", None)  # capped as an encoder-decoder's column is: one
+    if isinstance(limit, int) and limit > 2:  # table's columns scored contexts of different lengths
+        max_len = max(3, min(max_len, limit))
     return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)
