@@ -426,7 +426,8 @@ PRETRAIN_BAD = [
     (["--window", "4"], "--window 4: 0 (the objective's own) or at least 8 tokens"),
     (["--objective", "ul2", "--window", "65"], "--window 65: at most 64 tokens for --objective ul2 at --enc-len 64"),
     (["--window", "127"], "--window 127: at most 126 tokens for --objective prefixlm at --enc-len 64 and --dec-len 64"),
-    (["--batch-size", "100000"], "--batch-size 100000 x --grad-accum 1 x 1 process(es) needs more rows a step than the"),
+    (["--batch-size", "100000"],
+     "--batch-size 100000 x --grad-accum 1 x 1 process(es) needs more rows a step than the"),
     (["--distill", "--teacher-top-k", "1000"], "--teacher-top-k 1000 exceeds the 96 tokens of the vocabulary"),
     # instruction tuning with pretraining's defaults (64 + 64 tokens, runs/pretrain) and the options finetune hides
     (["--objective", "instruct"], "--objective instruct: instruction tuning is `encdec finetune MODEL`"),
@@ -687,7 +688,8 @@ def test_evaluation_output_names_are_checked_before_any_work(capsys, tmp_path, a
     (tmp_path / "taken.md").mkdir()
     (tmp_path / "evd").mkdir()  # an existing folder: the results were written beside it, as evd.md and evd.json
     for out, message in ((".", "names a directory"), (str(tmp_path / "taken"), "taken.md is a directory"),
-                         (str(tmp_path / "evd") + "/", f"names a directory; give a file prefix such as {tmp_path}/evd/")):
+                         (str(tmp_path / "evd") + "/",
+                          f"names a directory; give a file prefix such as {tmp_path}/evd/")):
         assert main(["evaluate", str(adapted), "--tasks", "heldout", "--out", out]) == 2
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert message in line

@@ -48,8 +48,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         for flag, value, low in (("--shots", self.shots, 0), ("--limit", self.limit, 1),
-                                 ("--batch-size", self.batch_size, 1), ("--max-len", self.max_len, 3)):  # 3: a window of perplexity
-            # reads its BOS and a token of context (at 2, each token was predicted from the BOS alone)
+                                 ("--batch-size", self.batch_size, 1), ("--max-len", self.max_len, 3)):
+            # --max-len 3: a window of perplexity reads its BOS and a token of context (at 2, each token was
+            # predicted from the BOS alone)
             if value is not None and value < low:
                 raise EncdecError(f"{flag} must be {'non-negative' if low == 0 else f'at least {low}'}, got {value}")
 
