@@ -49,12 +49,16 @@ def leading_bos(tokenizer) -> int | None:
     return first[0] if first and first[0] == tokenizer.bos_token_id else None
 
 
+def adds_eos(tokenizer) -> bool:
+    """Whether the tokenizer ends every text with its EOS itself (add_eos_token: some Llama and Mistral fine-tunes)."""
+    return tokenizer.eos_token_id is not None and tokenizer("a").input_ids[-1:] == [tokenizer.eos_token_id]
+
+
 def text_ids(tokenizer, text: str) -> list[int]:
     """A text's tokens as a prompt or a context to continue: with the BOS the tokenizer puts first, without the EOS
     that some put last (add_eos_token): what follows would be read after an ended document."""
     ids = tokenizer(text).input_ids
-    eos = tokenizer.eos_token_id
-    return ids[:-1] if eos is not None and ids[-1:] == [eos] and tokenizer("a").input_ids[-1:] == [eos] else ids
+    return ids[:-1] if ids[-1:] == [tokenizer.eos_token_id] and adds_eos(tokenizer) else ids
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -157,7 +161,7 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
     key = f"{tokenizer_fingerprint(tokenizer)}-{source_fingerprint(specs, text_field)}-t{TOKENIZATION}"
     # a tokenizer that ends every text with its EOS itself (add_eos_token) had a second one appended: its streams
     # from before are keyed apart, the others' kept
-    key += "-own-eos" if tokenizer("a").input_ids[-1:] == [tokenizer.eos_token_id] else ""
+    key += "-own-eos" if adds_eos(tokenizer) else ""
     path = cache_dir / f"{key}.npz"
     cached = _cached(path, len(tokenizer), specs)
     if cached is not None:
