@@ -143,6 +143,25 @@ def test_fused_loss_skips_the_gradients_nobody_needs_and_runs_under_bfloat16_aut
     assert abs(parts.ce - F.cross_entropy(hidden @ weight.T, labels).item()) < 0.05
 
 
+def test_fused_loss_under_no_grad_computes_only_the_logits():
+    """Held-out batches are scored under no_grad with a head that requires a gradient: the function's
+    needs_input_grad still says True there, and every evaluation made an embedding-sized gradient and two
+    more vocabulary-sized products per chunk, then dropped them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(12, 8, generator=g, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (12,), generator=g)
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        parts = chunked_loss(hidden, weight, labels, chunk=4)
+    assert flops.get_total_flops() == 2 * 12 * 30 * 8  # the logits' product alone
+    assert abs(parts.ce - F.cross_entropy(hidden @ weight.T, labels).item()) < 1e-5
+    with FlopCounterMode(display=False) as flops:
+        chunked_loss(hidden, weight, labels, chunk=4)
+    assert flops.get_total_flops() > 2 * 2 * 12 * 30 * 8  # and the gradients' products when they are wanted
+
+
 def _tied_step(weight, mix, enc_ids, dec_ids, labels, tied, scale):
     """A toy encoder-decoder on a tied table: the head reads states built from two lookups in it;
     without `tied`, plain lookups and the plain formula through autograd."""

@@ -60,6 +60,7 @@ class _Terms:
     distill_mask: torch.Tensor | None
     tied: TiedLookups | None  # lookups in the head's table whose gradients join the head's
     negatives: Negatives | None  # frozen rows joined to the softmax after the head's (trimmed vocabularies)
+    gradients: bool  # whether the call was made with gradients enabled (no_grad: the logits' product alone)
 
 
 class TiedLookups:
@@ -204,7 +205,8 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, terms: _Terms):
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        # needs_input_grad follows requires_grad even under no_grad (held-out batches): asked of the caller too
+        need_hidden, need_weight = (need and terms.gradients for need in ctx.needs_input_grad[:2])
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         with torch.autocast(device, enabled=False):
@@ -240,6 +242,8 @@ class _FusedHeadLoss(torch.autograd.Function):
                         teacher = teacher_logits, mask
                 chunk_sums, grad = _loss_and_logit_gradient(logits_t.T, labels[part], terms, teacher, offset)
                 sums += chunk_sums
+                if not (need_hidden or need_weight):
+                    continue
                 grad_t = grad.T.to(dtype)  # [vocab, tokens], contiguous
                 if need_hidden:
                     grad_hidden[part] = grad_t.T @ w
@@ -297,7 +301,7 @@ def chunked_loss(
     kl_scale = alpha * distillation.tau**2 / distilled if distilled else 0.0
     terms = _Terms(chunk, softcap, (1 - alpha) / (n or 1), kl_scale, distillation,
                    teacher_hidden if distilled else None, teacher_head if distilled else None, distill_mask,
-                   tied if tied is not None and tied.weight is weight else None, negatives)
+                   tied if tied is not None and tied.weight is weight else None, negatives, torch.is_grad_enabled())
     loss, sums = _FusedHeadLoss.apply(hidden, weight, labels, terms)
     sums = sums.tolist()
     return LossParts(loss, sums[0] / (n or 1), sums[1] / distilled if distilled else None)
