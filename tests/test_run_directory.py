@@ -762,6 +762,33 @@ def test_a_metrics_line_that_cannot_be_written_is_one_line(adapted, corpus, tmp_
     assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000001", "step-000002"]  # --resume goes on
 
 
+def test_a_checkpoint_whose_write_back_fails_is_not_taken_for_written(adapted, corpus, tmp_path, capsys, monkeypatch):
+    """Network and quota-limited file systems often report a full disk or an I/O error only at fsync (safetensors
+    ignores errors at close): every fsync error was passed over, the unsynced step-2 renamed into place and, with
+    --keep-last 1, the good step-1 deleted; --resume then found no usable checkpoint. A system that cannot fsync
+    a path (EINVAL) is still passed over."""
+    fsync = os.fsync
+
+    def failing(errno_: int):
+        def sync(fd: int) -> None:
+            if "step-000002" in os.readlink(f"/proc/self/fd/{fd}"):
+                raise OSError(errno_, os.strerror(errno_))
+            fsync(fd)
+        return sync
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(os, "fsync", failing(errno.EIO))
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--save-every", "1", "--keep-last", "1",
+                               "--eval-every", "0")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "Input/output error" in line
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000001"]
+    monkeypatch.setattr(os, "fsync", failing(errno.EINVAL))
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "3", "--save-every", "1", "--keep-last", "1",
+                               "--eval-every", "0", "--resume")) == 0
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000003"]
+
+
 def test_a_run_inside_its_data_folder_is_refused(adapted, corpus, tmp_path, capsys):
     """`--data dd --out dd/run`: the run's metrics.jsonl was read as data when it ran again (--resume refused
     "dd/run/metrics.jsonl, line 1: no field 'text'")."""

@@ -418,14 +418,25 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
         raise
 
 
+# what fsync says where a system cannot sync a path (a directory, some file systems): passed over
+_CANNOT_SYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EROFS})
+
+
 def _sync(path: Path) -> None:
-    """fsync a file or a directory (a directory's entries: renames, new files), where the system allows it."""
-    with contextlib.suppress(OSError):
+    """fsync a file or a directory (a directory's entries: renames, new files), where the system allows it. A
+    failed write-back (a full disk, a quota, an I/O error: on network file systems often said only here) is
+    raised: what was written is not whole, and must not take an older output's place."""
+    try:
         fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    except OSError:  # not readable as such here (a directory on some systems): nothing to sync through
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _CANNOT_SYNC:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _sync_tree(root: Path) -> None:
