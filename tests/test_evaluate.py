@@ -573,6 +573,7 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
     assert record["versions"]["python"] == platform.python_version() and record["versions"]["tokenizers"]
     assert record["models"][0]["provenance"]["adapted_from"]["encoder"] == str(sources["gemma3"])
     assert [m["kind"] for m in record["models"]] == ["encoder-decoder", "decoder-only"]
+    assert [m["max_len"] for m in record["models"]] == [256, 256]  # --max-len 2048, capped at their positions
     assert record["tasks"]["arc_easy"]["shots"] == 2 and record["tasks"]["copa"]["shots"] == 0
     assert record["tasks"]["gsm8k"]["shots"] == 8
     for name in ("copa", "arc_easy", "gsm8k", "triviaqa"):
@@ -775,3 +776,37 @@ def test_a_decoder_only_column_reads_no_longer_contexts_than_its_model_was_train
     source, model = load_scorer(str(sources["gemma3"]), max_len=2048), load_scorer(str(adapted), max_len=2048)
     assert source.max_len == model.max_len == 256  # the tiny sources' max_position_embeddings
     assert load_scorer(str(sources["gemma3"]), max_len=64).max_len == 64
+
+
+def test_a_decoder_only_model_is_never_fed_past_its_positions(tmp_path, monkeypatch):
+    """A decoder-only model reads the continuation (choice tasks) or the new tokens (generative tasks) after the
+    context, in the same positions: contexts were cut to the positions alone, and the held-out perplexity read
+    windows of --max-len as given. A model of learned positions (GPT-2) stopped there with an IndexError, after
+    hours of scoring; one of RoPE read past what it was trained on."""
+    import transformers as tf
+
+    from encdec.data import corpus
+    from encdec.evaluation.harness import run_heldout
+    from tiny import VOCAB, make_tokenizer
+
+    directory = tmp_path / "gpt2"
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=2, n_head=4, bos_token_id=2,
+                        eos_token_id=1, pad_token_id=0)
+    tf.GPT2LMHeadModel(cfg).save_pretrained(str(directory))
+    make_tokenizer(directory)
+    scorer = load_scorer(str(directory), max_len=2048)
+    assert scorer.max_len == 128
+    long = scorer.context_ids(" ".join(["w1 w2 w3"] * 100))
+    assert len(long) == 128 and long[0] == 2
+    (score, _), = scorer.loglikelihoods([(long, [20, 21, 22])], batch_size=1)
+    with torch.no_grad():  # the context cut further, at its start after the BOS, to leave the continuation room
+        ids = torch.tensor([[2, *long[4:], 20, 21, 22]])
+        logp = scorer.model(input_ids=ids).logits[0, -4:-1].float().log_softmax(-1)
+    assert score == pytest.approx(logp.gather(-1, torch.tensor([[20], [21], [22]])).sum().item(), abs=1e-4)
+    (out,) = scorer.generate([long], 256, [])  # at most half the positions are new tokens
+    assert 0 < len(out) <= 64
+    sets = {"python-docs": corpus.HELDOUT_SETS["python-docs"]}
+    monkeypatch.setattr(corpus, "HELDOUT_SETS", sets)
+    values = run_heldout(scorer, Settings(tasks=["heldout"], max_len=2048)).values
+    assert math.isfinite(values["perplexity:python-docs"]) and math.isfinite(values["suffix_nll:python-docs"])

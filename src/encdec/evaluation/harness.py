@@ -198,7 +198,7 @@ def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
             values[f"suffix_nll:{name}"] = encdec_suffix_nll(scorer.model, data, s.batch_size, scorer.framing)
         else:
             values[f"suffix_nll:{name}"] = decoder_only_suffix_nll(scorer.model, data, s.batch_size)
-            values[f"perplexity:{name}"] = decoder_only_perplexity(scorer.model, scorer.tokenizer, passages, s.max_len)
+            values[f"perplexity:{name}"] = decoder_only_perplexity(scorer.model, scorer.tokenizer, passages, scorer.max_len)
     return TaskResult(n=n, values=values)
 
 
@@ -241,7 +241,7 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32,
     for done, spec in enumerate(models, 1):
         scorer = load_scorer(spec, dtype, s.max_len)
         entry = {"name": spec, "kind": scorer.kind, "provenance": _provenance(spec, scorer.kind),
-                 "framing": scorer.framing.describe()}
+                 "framing": scorer.framing.describe(), "max_len": scorer.max_len}
         for name in s.tasks:
             log.info("%s: %s", spec, name)
             if name == LM_TASK:

@@ -43,6 +43,7 @@ class Scorer:
     tokenizer: object
     max_len: int = 2048
     framing: Framing = PLAIN  # how an encoder-decoder was trained to read a continuation (UL2's sentinel)
+    positions: int | None = None  # a decoder-only model's: what its context and continuation (or new tokens) share
 
     @property
     def eos_id(self) -> int:
@@ -57,14 +58,17 @@ class Scorer:
         return self.eos_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
 
     def context_ids(self, text: str) -> list[int]:
-        ids = text_ids(self.tokenizer, text)  # with BOS where the tokenizer puts one
-        if len(ids) <= self.max_len:
+        return self._cut(text_ids(self.tokenizer, text), self.max_len)  # with BOS where the tokenizer puts one
+
+    def _cut(self, ids: list[int], n: int) -> list[int]:
+        """A context of at most `n` tokens: a long one keeps its BOS and its end. A BOS the tokenizer puts before
+        every text, as instruction tuning's cut keeps it (SmolLM2's BOS id is its <|im_start|>, which begins a
+        chat prompt, not every text)."""
+        if len(ids) <= n:
             return ids
-        # long contexts keep their BOS and their end: a BOS the tokenizer puts before every text, as instruction
-        # tuning's cut keeps it (SmolLM2's BOS id is its <|im_start|>, which begins a chat prompt, not every text)
         first = leading_bos(self.tokenizer)
         bos = int(first is not None and ids[0] == first)
-        return ids[:bos] + ids[len(ids) - self.max_len + bos :]
+        return ids[:bos] + ids[len(ids) - max(n - bos, 1 - bos) :]
 
     def continuation_ids(self, text: str, after: str) -> list[int]:
         """The tokens `text` adds after `after` (its context): both tokenized together, as the model reads them in
@@ -103,6 +107,8 @@ class Scorer:
             hidden, targets = _encdec_states(self.model, requests, self.framing)
             logits = self.model.logits(hidden)
         else:
+            if self.positions is not None:  # the context cut further to leave its continuation room (lm-eval's way)
+                requests = [(self._cut(ctx, self.positions - len(cont)), cont) for ctx, cont in requests]
             logits, targets = _causal_logits(self.model, requests, self.pad_id)
         logp = F.log_softmax(logits.float(), -1)
         token_logp = logp.gather(-1, targets[:, None]).squeeze(-1)
@@ -136,6 +142,9 @@ class Scorer:
                 out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                                           decoder_prefix=self.framing.decoder)
             else:
+                if self.positions is not None:  # new tokens take at most half the positions, the prompt the rest
+                    max_new_tokens = min(max_new_tokens, self.positions // 2)
+                    prompts = [self._cut(p, self.positions - max_new_tokens) for p in prompts]
                 ids, mask = (t.to(self.model.device) for t in pad_rows(prompts, pad, left=True))
                 out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                           do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:]
@@ -235,6 +244,6 @@ def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 20
         return Scorer(spec, "encoder-decoder", model, tokenizer, max_len, framing)
     model = transformers_causal_lm(directory, dtype).to(compute_device())
     limit = getattr(model.config, "max_position_embeddings", None)  # capped as an encoder-decoder's column is: one
-    if isinstance(limit, int) and limit > 2:  # table's columns scored contexts of different lengths
-        max_len = max(3, min(max_len, limit))
-    return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)
+    if not (isinstance(limit, int) and limit > 2):  # table's columns scored contexts of different lengths
+        return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)
+    return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max(3, min(max_len, limit)), positions=limit)
