@@ -387,6 +387,19 @@ def test_a_t5gemma_checkpoint_with_weights_or_settings_encdec_does_not_compute_i
             encdec.load(out)
 
 
+def test_a_tokenizer_is_read_again_when_any_of_its_files_changes(tmp_path):
+    """The tokenizer memo was keyed by the tokenizer* files alone: an edited chat_template.jinja (where transformers 5
+    keeps the template) or special_tokens_map.json gave the old tokenizer back, and prompts the old template."""
+    from tiny import make_tokenizer
+
+    make_tokenizer(tmp_path)
+    turns = [{"role": "user", "content": "w1"}]
+    (tmp_path / "chat_template.jinja").write_text("A:{{ messages[0]['content'] }}")
+    assert encdec.load_tokenizer(tmp_path).apply_chat_template(turns, tokenize=False) == "A:w1"
+    (tmp_path / "chat_template.jinja").write_text("Bb:{{ messages[0]['content'] }}")
+    assert encdec.load_tokenizer(tmp_path).apply_chat_template(turns, tokenize=False) == "Bb:w1"
+
+
 def test_the_tokenizer_of_a_checkpoint_in_encdecs_format_loads_without_a_transformers_warning(sources, tmp_path):
     """transformers reads config.json before a tokenizer: for the model_type "encdec", which it does not know, it
     warned "You are using a model of type `encdec` to instantiate a model of type ``" at every load_tokenizer."""

@@ -365,6 +365,11 @@ def test_a_changed_gguf_replaces_its_cached_conversion_and_leaves_others(tmp_pat
     assert gguf_cache_dir(path) != first and (gguf_cache_dir(path) / "config.json").is_file()
     assert not first.exists()
     assert (kept / "config.json").is_file() and (unrecorded / "config.json").is_file()
+    # its permissions changed (chmod, chown, a hard-linked backup): the same conversion, not a new one (minutes and
+    # the model's size, and the one another process still read deleted under it)
+    current = gguf_cache_dir(path)
+    os.chmod(path, 0o600)
+    assert gguf_cache_dir(path) == current
 
 
 def _as_saved_before_transformers_5(section: dict, config_class: type) -> dict:

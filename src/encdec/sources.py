@@ -113,12 +113,17 @@ def load_tokenizer(directory: Path | str):
     if not has_tokenizer(directory):
         raise EncdecError(f"{directory} has no tokenizer (tokenizer.json or tokenizer.model)")
     refuse_custom_code(directory)
-    stamp = tuple(p.stat().st_mtime_ns for p in sorted(directory.glob("tokenizer*")))
-    return _tokenizer(directory.resolve(), stamp)
+    read = [p for pattern in TOKENIZER_FILES for p in sorted(directory.glob(pattern)) if p.is_file()]
+    return _tokenizer(directory.resolve(), tuple(file_identity(p, change_time=False) for p in read))
+
+
+# what transformers may read to build a tokenizer (and config.json, for its model_type): the memo's key
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*",
+                   "merges.txt", "spiece.model", "additional_chat_templates/*", "config.json")
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(directory: Path, stamp: tuple[int, ...]):
+def _tokenizer(directory: Path, stamp: tuple[str, ...]):
     from transformers import CONFIG_MAPPING, AutoTokenizer, PretrainedConfig
 
     try:
@@ -230,9 +235,9 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
 
 
 def gguf_cache_dir(path: Path) -> Path:
-    """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its `file_identity` and by the
-    conversion's version."""
-    key = f"{file_identity(path.resolve())}:{gguf.CONVERSION_VERSION}"
+    """Where a GGUF file's dequantized Hugging Face directory is cached: keyed by its `file_identity` (not its change
+    time: a chmod re-converted it, and deleted the conversion other processes read) and the conversion's version."""
+    key = f"{file_identity(path.resolve(), change_time=False)}:{gguf.CONVERSION_VERSION}"
     key = hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()[:16]  # a file name of any bytes
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
