@@ -14,6 +14,7 @@ from conftest import valid
 
 import encdec
 import encdec.files
+from encdec.cli import main
 from encdec.errors import EncdecError
 
 
@@ -56,6 +57,28 @@ def test_an_untied_head_is_saved_in_encdecs_format(sources, tmp_path, family, at
     assert encdec.save(model, tmp_path / "out") == "encdec"
     loaded = encdec.load_checkpoint(tmp_path / "out").model.state_dict()
     assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items()) and "lm_head.weight" in loaded
+
+
+@pytest.mark.parametrize("version, loads", [(None, True), (1, True), (2, False), ("1", False), (True, False)])
+def test_a_checkpoint_a_newer_encdec_wrote_is_refused_not_misread(sources, tmp_path, capsys, version, loads):
+    """The native format's format_version was written and never read: a checkpoint of a later version, whose field
+    meant something else, loaded as the first without a word."""
+    import dataclasses
+
+    from encdec.model import EncoderDecoder
+
+    adapted = encdec.adapt(encdec.load_source(str(sources["gemma3"])), attention="cross")
+    assert encdec.save(EncoderDecoder(dataclasses.replace(adapted.config, tied_head=False)), tmp_path / "out") == "encdec"
+    file = tmp_path / "out" / "config.json"
+    data = json.loads(file.read_text())
+    data.pop("format_version") if version is None else data.update(format_version=version)
+    file.write_text(json.dumps(data))
+    if loads:
+        assert encdec.load(tmp_path / "out").config.tied_head is False
+        return
+    assert main(["info", str(tmp_path / "out")]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"{file} has format_version {version!r}; this encdec reads 1 (written by a newer encdec?" in line
 
 
 @pytest.mark.parametrize("family, attention", [("gemma2", "cross"), ("gemma3", "merged")])

@@ -540,6 +540,10 @@ def test_an_encoder_no_transformers_class_holds_is_exported_in_the_own_format(mo
     mask = torch.ones_like(ids)
     with torch.no_grad():
         torch.testing.assert_close(read_encoder(tmp_path / "encoder")(ids, mask), backbone(ids, mask), atol=0, rtol=0)
+    file = tmp_path / "encoder" / "config.json"  # one a newer encdec wrote: refused, not misread
+    file.write_text(json.dumps({**json.loads(file.read_text()), "format_version": 2}))
+    with pytest.raises(EncdecError, match="has format_version 2; this encdec reads 1 "):
+        read_encoder(tmp_path / "encoder")
 
 
 @pytest.mark.parametrize("window, damage, said", [

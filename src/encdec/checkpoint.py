@@ -122,6 +122,16 @@ ACCEPTED = "this project's format, t5gemma, t5gemma2"
 ENCODER_ALONE = "an encoder alone, as `encdec export-encoder` writes, which `encdec classify` reads"
 
 
+def check_format_version(data: dict, latest: int, file: Path) -> None:
+    """A file in one of this project's formats that a newer encdec wrote is refused, not misread (a field whose
+    meaning changed); one that names no version is a first-version one."""
+    version = data.get("format_version", 1)
+    if not (type(version) is int and 1 <= version <= latest):
+        reads = "1" if latest == 1 else f"1 to {latest}"
+        raise EncdecError(f"{file} has format_version {version!r}; this encdec reads {reads} (written by a newer "
+                          "encdec? upgrade it: pip install -U encdec)")
+
+
 def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
     """The model configuration of a checkpoint directory and its format, without reading its weights (so that
     what a run asks of the model can be checked before it loads)."""
@@ -146,6 +156,8 @@ def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
         )
     refuse_transformers_weights(data, path / "config.json")
     fmt = NATIVE if data.get("format") == NATIVE else data["model_type"]
+    if fmt == NATIVE:
+        check_format_version(data, FORMAT_VERSION, path / "config.json")
     with reading_config(path / "config.json"):  # a damaged config.json: one line naming it
         config = EncDecConfig.from_dict(data["config"]) if fmt == NATIVE else config_from_hf(data)
     # an instruct checkpoint may name its end of turn in generation_config.json alone, as a decoder-only source does

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from encdec.checkpoint import check_format_version
 from encdec.classification.backbone import Backbone, BackboneSpec
 from encdec.errors import EncdecError, load_failure
 from encdec.files import atomic_dir, read_json, read_weights, write_weights
@@ -104,9 +105,7 @@ def load_classifier(path: Path | str, dtype: torch.dtype = torch.float32) -> tup
     meta = read_json(file)
     if meta.get("format") != FORMAT:
         raise EncdecError(f"{file} is not a classifier description (format {meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("format_version") not in (1, FORMAT_VERSION):
-        raise EncdecError(f"{file} has format_version {meta.get('format_version')!r}; this encdec reads 1 to "
-                          f"{FORMAT_VERSION} (a newer encdec wrote it?)")
+    check_format_version(meta, FORMAT_VERSION, file)
     if meta.get("format_version") == 1:  # trained with the tokenizer's named BOS first, whatever the tokenizer does
         from encdec.sources import load_tokenizer
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from encdec.checkpoint import NATIVE_ENCODER as NATIVE
+from encdec.checkpoint import check_format_version
 from encdec.classification.backbone import Backbone, BackboneSpec
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError, load_failure
@@ -150,6 +151,8 @@ def read_encoder(path: Path | str, dtype: torch.dtype = torch.float32) -> Backbo
     fmt = encoder_format(data)
     if fmt is None:
         raise EncdecError(f"{path} is not an exported encoder (accepted: {NATIVE}, T5GemmaEncoderModel, T5Gemma2Encoder)")
+    if fmt == NATIVE:
+        check_format_version(data, FORMAT_VERSION, path / "config.json")
     with reading_config(path / "config.json"), torch.device("meta"):  # damaged or hand-edited: one line naming it
         backbone = Backbone(_spec(data, fmt))
     stored = {n.removeprefix(TEXT_MODEL): t for n, t in read_weights(path, dtype).items()}
