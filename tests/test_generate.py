@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import platform
 import sys
 
@@ -41,6 +42,18 @@ def _prompts():
     mask[1, 6:] = 0
     mask[2, :3] = 0  # left padding works too
     return ids, mask
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_sampling_from_scores_that_are_not_finite_is_one_line(model, monkeypatch, use_cache):
+    """torch.multinomial's "probability tensor contains either inf, nan or element < 0" was a traceback; in the
+    server, one such row failed every request of its batch (tests/test_serve.py)."""
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda hidden: logits(hidden) * math.inf)
+    ids, mask = _prompts()
+    with pytest.raises(EncdecError, match=r"the model's scores \(logits\) are not finite numbers"):
+        model.generate(ids, mask, max_new_tokens=3, do_sample=True, seed=0, use_cache=use_cache)
+    assert model.generate(ids, mask, max_new_tokens=3, use_cache=use_cache).shape[0] == 3  # greedy: argmax as ever
 
 
 # a PyTorch build without oneDNN (some source, conda or non-x86 builds) has no packed weights: encdec falls back to

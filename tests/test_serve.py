@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import socket
 import ssl
@@ -1307,6 +1308,60 @@ def test_a_failed_encoder_pass_fails_its_arrivals_and_not_the_running_requests(l
     assert failed.status_code == 500 and "out of memory" in failed.json()["error"]["message"]
     assert running.status_code == 200, running.text
     assert app.state.service.metrics.finished.labels("error")._value.get() == 1
+
+
+def test_a_request_whose_scores_overflow_fails_alone(local, monkeypatch):
+    """One row whose logits were not finite (an overflow in float16) made torch.multinomial raise for the whole
+    batch: every request decoding with it got a 500. Its neighbour, seeded, now ends as it would alone; the row's
+    own request gets the API's error, and a greedy one asking for log-probabilities of such scores gets finite
+    numbers (JSON has no NaN: the answer was a bare 500 in plain text, uncounted)."""
+    import asyncio
+
+    from encdec.inference.engine import Engine
+
+    hidden = Engine.hidden
+
+    def poisoned(engine, n, seen):
+        out = hidden(engine, n, seen)
+        for slot, row in enumerate(engine.rows[:n]):
+            if row.max_new_tokens == 7:
+                out[slot] = float("nan")
+        return out
+
+    monkeypatch.setattr(Engine, "hidden", poisoned)
+    seeded = {"prompt": "w1 w2", "max_tokens": 8, "temperature": 0.7, "seed": 1, "ignore_eos": True}
+
+    async def ask(client) -> list[httpx.Response]:
+        return await asyncio.gather(client.post("/v1/completions", json=seeded),
+                                    client.post("/v1/completions", json={"prompt": "w3", "max_tokens": 7,
+                                                                         "temperature": 0.7}))
+
+    app = _app(local)
+    fine, broken = _asked(app, ask)
+    assert fine.status_code == 200, fine.text
+    assert fine.json()["choices"][0]["text"] == _solo(local, "w1 w2", 8, do_sample=True, temperature=0.7, seed=1,
+                                                      eos_token_ids=[])
+    assert broken.status_code == 500 and "not finite" in broken.json()["error"]["message"]
+    assert app.state.service.metrics.finished.labels("error")._value.get() == 1
+
+    async def greedy(client) -> httpx.Response:
+        return await client.post("/v1/completions", json={"prompt": "w3", "max_tokens": 7, "logprobs": 2,
+                                                           "temperature": 0})
+
+    answer = _asked(_app(local), greedy)
+    assert answer.status_code == 200, answer.text
+    logprobs = answer.json()["choices"][0]["logprobs"]
+    assert all(isinstance(x, float) and math.isfinite(x) for x in logprobs["token_logprobs"])
+    embed = Engine.embed
+    monkeypatch.setattr(Engine, "embed", lambda engine, prompts, pooling: embed(engine, prompts, pooling) * math.nan)
+
+    async def vectors(client) -> httpx.Response:
+        return await client.post("/v1/embeddings", json={"input": "w3"})
+
+    app = _app(local)
+    answer = _asked(app, vectors)
+    assert answer.status_code == 500 and "JSON" in answer.json()["error"]["message"]
+    assert app.state.service.metrics.requests.labels("/v1/embeddings", "500")._value.get() == 1
 
 
 def test_time_to_first_token_counts_from_the_request_not_from_its_queue_entry(local, monkeypatch):

@@ -16,7 +16,7 @@ import torch
 
 from encdec.errors import EncdecError
 from encdec.inference.engine import Engine, Row
-from encdec.inference.sampling import Sampling, pick_tokens
+from encdec.inference.sampling import NonFiniteScores, Sampling, pick_tokens
 from encdec.model import EncoderState, Segments
 
 if TYPE_CHECKING:
@@ -89,9 +89,12 @@ def generate_each(
             index.update((rows[i], i) for i in joining)
         if not engine.rows:
             return
-        for emitted in engine.step():
-            if emitted.row.finish_reason is not None:
-                yield index.pop(emitted.row)
+        emitted = engine.step()
+        if engine.failed:
+            raise NonFiniteScores([index[row] for row in engine.failed])
+        for item in emitted:
+            if item.row.finish_reason is not None:
+                yield index.pop(item.row)
 
 
 @torch.no_grad()

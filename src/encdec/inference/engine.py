@@ -33,7 +33,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from encdec.inference.onednn import ScreenedHead
-from encdec.inference.sampling import Sampling, pick_tokens
+from encdec.inference.sampling import NonFiniteScores, Sampling, pick_tokens
 from encdec.model import Attention, Segments, embed_tokens, rope_tables
 
 if TYPE_CHECKING:
@@ -81,6 +81,7 @@ class Emitted:
     top: tuple[tuple[int, float], ...] = ()
 
 
+LOGPROB_FLOOR = -9999.0
 PREALLOCATED_POSITIONS = 1024  # self-attention positions allocated when rows join; beyond, buffers double
 MAX_PACK_WIDTH = 2048  # packed encoder rows grow up to this many tokens (their masks cost width^2 each)
 # and no wider than keeps a pass's masks (rows x width^2 = its tokens x width) to about this many entries: 256
@@ -119,6 +120,7 @@ class Engine:
         self.layers: list[DecoderBlock] = list(model.decoder.layers)
         self.device, self.dtype = model.device, model.embed.weight.dtype
         self.rows: list[Row] = []
+        self.failed: list[Row] = []  # the rows the last step ended with an error (scores not finite to draw from)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.last = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.encoder_lengths = [0] * max_batch  # each slot's prompt's
@@ -306,7 +308,7 @@ class Engine:
         hidden = self.hidden(n, seen)
         forced = {slot: r.decoder_prefix[r.prefix_read] for slot, r in enumerate(self.rows)
                   if r.prefix_read < len(r.decoder_prefix)}
-        chosen, logits = self._choose(hidden, forced.keys())
+        chosen, logits, broken = self._choose(hidden, forced.keys())
         if forced:
             chosen = chosen.index_put((torch.tensor(list(forced), device=self.device),),
                                       torch.tensor(list(forced.values()), device=self.device))
@@ -314,8 +316,12 @@ class Engine:
         self.positions[:n] += 1
         self.last[:n] = chosen
         chosen = chosen.tolist()  # the step's one wait on the device for its tokens (scores aside)
-        emitted, ended = [], []
+        emitted, ended, self.failed = [], [], [self.rows[slot] for slot in broken]
         for slot, (row, token) in enumerate(zip(self.rows, chosen)):
+            if slot in broken:  # nothing drawn: it leaves the batch, its caller told by `failed`
+                row.finish_reason = "error"
+                ended.append(slot)
+                continue
             if slot in forced:
                 row.prefix_read += 1
                 continue
@@ -331,17 +337,23 @@ class Engine:
             self._remove(slot)
         return emitted
 
-    def _choose(self, hidden: torch.Tensor, forced: Collection[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _choose(self, hidden: torch.Tensor, forced: Collection[int]
+                ) -> tuple[torch.Tensor, torch.Tensor | None, set[int]]:
         """Each live row's next token: a batch of plain greedy rows (no penalties or biases) through the head's
         low-precision screen where it has one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32
-        logit (returned too); `forced` rows (reading a decoder prefix) are not sampled."""
+        logit (returned too); `forced` rows (reading a decoder prefix) are not sampled. Last, the sampling rows whose
+        logits were not finite: they drew nothing (one such row failed the whole batch)."""
         settings = [r.sampling for r in self.rows]
         head = self.model.lm_head
         if isinstance(head, ScreenedHead) and not any(s.do_sample or s.adjusts for s in settings):
-            return head.greedy(hidden.float(), self.model.config.final_logit_softcap), None
+            return head.greedy(hidden.float(), self.model.config.final_logit_softcap), None, set()
         logits = self.model.logits(hidden).float()
-        return (pick_tokens(logits, settings, [r.generator for r in self.rows], [r.tokens for r in self.rows], forced),
-                logits)
+        state = [r.generator for r in self.rows], [r.tokens for r in self.rows]
+        try:
+            return pick_tokens(logits, settings, *state, forced), logits, set()
+        except NonFiniteScores as e:  # raised before any row drew
+            broken = set(e.rows)
+            return pick_tokens(logits, settings, *state, {*forced, *broken}), logits, broken
 
     def _logprobs(self, hidden: torch.Tensor, chosen: torch.Tensor, logits: torch.Tensor | None,
                   forced: set[int]) -> dict[int, tuple[float, tuple[tuple[int, float], ...]]]:
@@ -353,7 +365,8 @@ class Engine:
             return {}
         index = torch.tensor(slots, device=self.device)
         full = self.model.logits(hidden[index]).float() if logits is None else logits[index]
-        logprobs = torch.log_softmax(full, dim=-1)
+        # JSON has no NaN or infinity: scores that overflowed read as the floor OpenAI-style servers use
+        logprobs = torch.log_softmax(full, dim=-1).nan_to_num_(nan=LOGPROB_FLOOR, posinf=0.0, neginf=LOGPROB_FLOOR)
         picked = logprobs.gather(1, chosen[index, None])[:, 0].tolist()
         width = min(max(self.rows[i].logprobs for i in slots), logprobs.shape[-1])  # no more than the vocabulary
         best = logprobs.topk(width, dim=-1) if width else None

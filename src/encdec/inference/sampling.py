@@ -158,13 +158,30 @@ def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
     return logits
 
 
+class NonFiniteScores(EncdecError):
+    """Sampling rows whose logits hold NaN or infinity (an overflow, in float16 say): nothing can be drawn from
+    them. Raised before any row draws, so that a caller can leave those rows out and the others' streams are as
+    they were."""
+
+    def __init__(self, rows: list[int]) -> None:
+        super().__init__("the model's scores (logits) are not finite numbers, so no token can be drawn from them (an "
+                         "overflow: float32 or bfloat16 do not overflow where float16 may)")
+        self.rows = rows
+
+
 def pick_tokens(
     logits: torch.Tensor, settings: list[Sampling], generators: list[torch.Generator | None],
     generated: list[list[int]], forced: Collection[int] = (),
 ) -> torch.Tensor:
     """One token per row of float logits [B, V] (each row's `generated` tokens so far for its penalties): greedy
     rows by one argmax, sampling rows each from its own stream. `forced`: rows whose token is set instead (a
-    decoder prefix being read), which draw nothing: a seeded stream's first draw is its first generated token's."""
+    decoder prefix being read), which draw nothing: a seeded stream's first draw is its first generated token's.
+    Raises `NonFiniteScores` for sampling rows whose logits are not finite."""
+    drawing = [row for row, s in enumerate(settings) if s.do_sample and row not in forced]
+    if drawing:
+        finite = torch.isfinite(logits[drawing]).all(-1).tolist()
+        if not all(finite):
+            raise NonFiniteScores([row for row, ok in zip(drawing, finite) if not ok])
     if any(s.adjusts for s in settings):
         logits = torch.stack([s.adjust(row, done) for row, s, done in zip(logits, settings, generated)])
     chosen = row_argmax(logits)

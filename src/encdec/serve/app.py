@@ -452,7 +452,11 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 "choices": [_choice(parsed.kind, i, a.text.text, a.finish, False, a.logprobs and a.logprobs.render())
                             for i, a in enumerate(answers)],
                 "usage": _usage(_prompt_tokens(jobs, parsed), sum(len(a.text.tokens) for a in answers))}
-        return await service.off_loop(JSONResponse, body)  # many choices' log-probabilities: not on the event loop
+        try:  # many choices' log-probabilities: not on the event loop
+            return await service.off_loop(JSONResponse, body)
+        except Exception as e:  # a value JSON cannot hold: in the API's shape, not a bare 500
+            log.exception("request failed")
+            return _error(_server_failed(e))
 
     async def _stream(jobs: list[Job], parsed: Parsed, meta: dict) -> AsyncIterator[str]:
         """Server-sent events of every choice's text as it settles (choices interleaved, each with its index),
@@ -558,7 +562,11 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             return JSONResponse({"object": "list", "data": data, "model": settings.model_id,
                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-        return answer("/v1/embeddings", await service.off_loop(body))
+        try:
+            return answer("/v1/embeddings", await service.off_loop(body))
+        except Exception as e:  # vectors JSON cannot hold (not finite): in the API's shape, counted
+            log.exception("request failed")
+            return answer("/v1/embeddings", _error(_server_failed(e)))
 
     async def answered(endpoint: str, request: Request, work: Callable[[bytes], Response]) -> Response:
         """`work` on the request's body, off the event loop, and its answer; errors in the API's shape, counted."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from encdec.inference.engine import Emitted, Engine, Row
+from encdec.inference.sampling import NonFiniteScores
 from encdec.serve.metrics import Metrics
 from encdec.serve.protocol import APIError
 
@@ -403,6 +404,8 @@ class Scheduler:
         self.metrics.batch.observe(len(self.engine.rows))
         emitted = self.engine.step()
         self.failures_in_a_row = 0
+        for row in self.engine.failed:  # its scores were not finite: it fails alone, the batch decodes on
+            self._fail([self.running[row]], NonFiniteScores([0]))
         now = time.perf_counter()
         self.metrics.generated.inc(len(emitted))
         for item in emitted:
