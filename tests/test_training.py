@@ -490,6 +490,29 @@ def test_every_example_starts_as_the_tokenizer_starts_a_text(adapted, corpus, tm
         assert starts.any() and (batch.teacher.input_ids[starts & (batch.teacher.segment_ids > 0)] == bos).all()
 
 
+def test_a_trimmed_vocabulary_keeps_every_sentinel_a_ul2_window_wants(adapted, corpus, tmp_path, monkeypatch):
+    """--trim-vocab kept 128 sentinels (here made 2) where the full vocabulary offers thousands (Gemma 3: 6,239): at
+    windows that want more spans (a UL2 denoiser of rate 0.5 and mean span 3 at 1,024 tokens wants 171) the same
+    command posed another objective with and without it, its spans longer than their mean."""
+    from encdec.objectives import special_token_ids
+    from encdec.training import plan as plan_module
+    from encdec.training.distributed import Dist
+
+    monkeypatch.setattr(plan_module, "UL2_SENTINELS", 2, raising=False)
+    monkeypatch.setattr(plan_module.always_kept, "__defaults__", (2,))
+
+    def spans(trim_vocab: int) -> list[int]:
+        cfg = _config(adapted, tmp_path / "run", corpus, objective="ul2", enc_len=64, dec_len=64, trim_vocab=trim_vocab)
+        plan, tokenizer = plan_module.build_plan(cfg, Dist())
+        sentinels = special_token_ids(tokenizer.get_vocab())[1]
+        if plan.trimmed is not None:
+            sentinels = {int(plan.trimmed.table[i]) for i in sentinels} - {plan.trimmed.unk_id}
+        return [sum(t in set(sentinels) for t in ex.inputs) for ex in plan.stream.next_examples(64)]
+
+    full, trimmed = spans(0), spans(60)
+    assert max(full) > 2 and trimmed == full
+
+
 def test_trimmed_vocabulary_trains_and_maps_back(adapted, corpus, tmp_path):
     from encdec.training.vocab import kept_tokens, remap_table, trim_model
 

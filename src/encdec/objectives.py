@@ -140,6 +140,12 @@ def noise_and_spans(length: int, rate: float, mean_span: float | None) -> tuple[
     return num_noise, 1 if mean_span is None else round(num_noise / mean_span)
 
 
+def spans_wanted(mixture: str, length: int) -> int:
+    """The most spans a denoiser of `mixture` wants in a `length`-token window: the sentinels it can use."""
+    return max((noise_and_spans(length, d.rate, d.mean_span)[1] for d in MIXTURES[mixture].denoisers
+                if not d.prefix_lm), default=0)
+
+
 def too_few_sentinels(mixture: str, length: int, sentinels: int) -> list[str]:
     """The denoisers of `mixture` that want more spans in a `length`-token window than there are `sentinels`
     (one per span): their spans come out longer than their mean (the UL2 mixtures at thousands of tokens, with a

@@ -16,12 +16,13 @@ from encdec.checkpoint import is_checkpoint, load_checkpoint
 from encdec.data.tokens import check_apart_from_training, leading_bos, token_stream, windows
 from encdec.errors import EncdecError
 from encdec.model import CausalLM, EncoderDecoder
-from encdec.objectives import Example, special_token_ids, too_few_sentinels
+from encdec.objectives import Example, spans_wanted, special_token_ids, too_few_sentinels
 from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import distributed
 from encdec.training.config import TrainConfig
 from encdec.training.data import ExampleStream, example_maker, window_length
 from encdec.training.vocab import (
+    UL2_SENTINELS,
     Trainable,
     UntrainedRows,
     always_kept,
@@ -69,11 +70,12 @@ class Trimmed:
 
 
 def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray, eos: int,
-          d: distributed.Dist) -> tuple[Trainable, Trimmed]:
+          d: distributed.Dist, length: int = 0) -> tuple[Trainable, Trimmed]:
     """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones. The
     dropped tokens become <unk>, which targets are not scored on, so it must not be `eos`, which ends them, nor
     any id the model reads as a start or an end (Qwen's pad token is its config's BOS, the adapted decoder's start:
-    every dropped token read as one)."""
+    every dropped token read as one). UL2 keeps as many sentinels as a `length`-token window wants (128 at least),
+    as the full vocabulary offers them: a trimmed run poses the same objective."""
     # the ids the model's config names are kept whether or not the data holds them: a dropped EOS would end every
     # target as <unk>, unscored, a dropped BOS start the decoder from <unk>'s row
     named = (model.config.pad_token_id, model.config.bos_token_id, *model.config.eos_token_ids) \
@@ -89,7 +91,9 @@ def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray, eos: i
                           "nor an EOS), and this tokenizer has neither; train without --trim-vocab")
     rows = model.embed.num_embeddings  # a tokenizer's special token past them (Gemma 3's <image_soft_token>, in a
     # text model) has no row to keep, and no text holds it
-    always = {i for i in (*always_kept(tokenizer, cfg.objective), unk, *ends, *named) if i is not None and i < rows}
+    sentinels = max(UL2_SENTINELS, spans_wanted(cfg.mixture, length))
+    always = {i for i in (*always_kept(tokenizer, cfg.objective, sentinels), unk, *ends, *named)
+              if i is not None and i < rows}
     keep = kept_tokens(ids, cfg.trim_vocab, sorted(always), rows)
     table = remap_table(keep, rows, unk)
     untrained = untrained_rows(model, keep, cfg.trim_negatives, cfg.seed)
@@ -119,7 +123,7 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
         raise EncdecError(f"the data makes {len(stream_ids) // length} windows, not more than --eval-windows "
                           f"{cfg.eval_windows}")
     if cfg.trim_vocab:  # the kept tokens are counted on the training windows only, never on held-out text
-        model, trimmed = _trim(cfg, model, tokenizer, stream_ids[: training_windows * length], eos, d)
+        model, trimmed = _trim(cfg, model, tokenizer, stream_ids[: training_windows * length], eos, d, length)
         keep, table = trimmed.keep, trimmed.table
         stream_ids, eos = table[stream_ids], int(table[eos])
         bos = None if bos is None else int(table[bos])

@@ -195,12 +195,13 @@ def with_ul2_tokens(model: Trainable, tokenizer) -> tuple[Trainable, object, str
     tokenizer and a sentence saying which was done."""
     import copy
 
-    from encdec.objectives import reserved_token_ids, ul2_token_names
+    from encdec.objectives import reserved_token_ids, special_token_ids, ul2_token_names
 
     vocab = tokenizer.get_vocab()
     reserved = reserved_token_ids(vocab)
     if reserved or all(token in vocab for token in ul2_token_names(1)):
-        return model, tokenizer, f"UL2 uses the vocabulary's own tokens as mode tokens and {UL2_SENTINELS} sentinels"
+        sentinels = len(special_token_ids(vocab)[1])
+        return model, tokenizer, f"UL2 uses the vocabulary's own tokens as mode tokens and {sentinels} sentinels"
     tokenizer = copy.deepcopy(tokenizer)
     names = ul2_token_names(UL2_SENTINELS)
     tokenizer.add_tokens(names, special_tokens=True)
