@@ -1310,6 +1310,19 @@ def test_a_failed_encoder_pass_fails_its_arrivals_and_not_the_running_requests(l
     assert app.state.service.metrics.finished.labels("error")._value.get() == 1
 
 
+def test_the_batch_histogram_reaches_the_servers_largest_batch():
+    """Its buckets stopped at 128 rows where --max-batch goes to 4,096: larger steps showed in +Inf alone."""
+    from prometheus_client import generate_latest
+
+    from encdec.serve.metrics import Metrics, batch_buckets
+
+    assert batch_buckets(1) == (1,) and batch_buckets(8) == (1, 2, 4, 8) and batch_buckets(12) == (1, 2, 4, 8, 12)
+    metrics = Metrics(256)
+    metrics.batch.observe(200)
+    text = generate_latest(metrics.registry).decode()
+    assert 'encdec_batch_size_bucket{le="128.0"} 0.0' in text and 'encdec_batch_size_bucket{le="256.0"} 1.0' in text
+
+
 def test_a_request_whose_scores_overflow_fails_alone(local, monkeypatch):
     """One row whose logits were not finite (an overflow in float16) made torch.multinomial raise for the whole
     batch: every request decoding with it got a 500. Its neighbour, seeded, now ends as it would alone; the row's

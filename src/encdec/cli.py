@@ -22,8 +22,8 @@ if TYPE_CHECKING:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MAX_BATCH = 4096  # rows `generate` and `serve` decode together at most
-INT8_BATCH_CAUTION = ("--quantize int8: a prompt's tokens depend on the prompts decoded with it (dynamic int8 "
-                      "products share one activation scale across their rows)")
+INT8_BATCH_CAUTION = ("--quantize int8: a prompt's tokens, and an input's embedding, depend on the prompts and "
+                      "inputs computed with it (dynamic int8 products share one activation scale across their rows)")
 # `encdec classify` options of fine-tuning that a --probe (frozen features) has no use for
 PROBE_IGNORES = ("lr", "head_lr", "weight_decay", "epochs", "steps", "warmup", "freeze_embeddings", "group_by_length",
                  "precision")  # the probe's features are the backbone's float32 states

@@ -84,7 +84,7 @@ class Service:
     """What the endpoints share: the tokenizer, the scheduler, the metrics, and the stop tokens."""
 
     def __init__(self, model: EncoderDecoder, tokenizer: Any, settings: Settings) -> None:
-        self.tokenizer, self.settings, self.metrics = tokenizer, settings, Metrics()
+        self.tokenizer, self.settings, self.metrics = tokenizer, settings, Metrics(settings.max_batch)
         self.vocab_size = model.config.vocab_size
         self.chat = ChatFormat.of(tokenizer)  # Gemma's turns, or the tokenizer's own chat template
         self.eos = self.chat.stop_ids(model.config.eos_token_ids)

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# answers of hundreds of tokens on a CPU take minutes: past 120 s they fell into +Inf alone
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Powers of two up to the server's --max-batch, and it: a fixed 128 left larger batches in +Inf alone."""
+    powers = [2**k for k in range(max_batch.bit_length()) if 2**k < max_batch]
+    return (*powers, max_batch)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_batch: int = 128) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, open fds (Linux)
@@ -20,7 +27,7 @@ class Metrics:
         self.queue = Gauge("encdec_queue_length", "Requests waiting: generations for a slot in the decoding batch, "
                            "embedding requests for the encoder", registry=r)
         self.running = Gauge("encdec_running_requests", "Requests in the decoding batch", registry=r)
-        self.batch = Histogram("encdec_batch_size", "Rows per decoding step", buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+        self.batch = Histogram("encdec_batch_size", "Rows per decoding step", buckets=batch_buckets(max_batch),
                                registry=r)
         self.prompt_tokens = Counter("encdec_prompt_tokens", "Prompt tokens encoded", registry=r)
         self.generated = Counter("encdec_generated_tokens", "Tokens generated", registry=r)
