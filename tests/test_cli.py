@@ -154,7 +154,7 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
     assert capsys.readouterr().out.startswith("w1 w2 w3 -> ")
     assert main(["generate", str(out), "--prompt", "w1", "--prompt", "w2", "--max-new-tokens", "2", "--quantize",
                  "int8"]) == 0
-    assert "a prompt's tokens depend on the prompts decoded with it" in capsys.readouterr().err
+    assert "depend on the prompts and inputs computed with it" in capsys.readouterr().err
     # sampling settings without --do-sample: greedy, and said (transformers' generate warns alike)
     assert main(["generate", str(out), "--prompt", "w1", "--max-new-tokens", "2", "--temperature", "5", "--top-k", "3"]) == 0
     assert "--temperature, --top-k apply to sampling (--do-sample); greedy decoding ignores them" in capsys.readouterr().err
