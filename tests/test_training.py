@@ -797,6 +797,11 @@ def test_settings_a_run_will_not_use_are_named_when_it_starts():
         "--fsdp shards the model across processes, and this run has one: it trains unsharded (start several with "
         "torchrun or accelerate launch)"]
     assert idle_settings(TrainConfig(model="m", out="o", fsdp=True), processes=2) == []
+    # long input, short output: PrefixLM's middle split left three quarters of the encoder's slots empty, unsaid
+    assert idle_settings(TrainConfig(model="m", out="o", enc_len=256, dec_len=64)) == [
+        "--enc-len 256 and --dec-len 64: PrefixLM splits each window in its middle (the paper's way), so a window is "
+        "at most about 128 tokens and some 75% of the encoder's slots hold padding; equal lengths fill both sides"]
+    assert idle_settings(TrainConfig(model="m", out="o", objective="ul2", enc_len=256, dec_len=64)) == []
 
 
 def test_shorter_ul2_windows_pack_several_examples_a_row(adapted, corpus, tmp_path):

@@ -44,7 +44,8 @@ class TrainConfig:
                         choices=("prefixlm", "ul2", "instruct"))
     mixture: str = _f("t5gemma2", "UL2 denoiser mixture: t5gemma2 or ul2 (the original UL2)", choices=("t5gemma2", "ul2"))
     random_split: bool = _f(False, "PrefixLM: split each window at a uniformly random point instead of the middle")
-    window: int = _f(0, "tokens per pretraining window; 0: the objective's own (PrefixLM: one row; UL2: half a row, "
+    window: int = _f(0, "tokens per pretraining window; 0: the objective's own (PrefixLM: twice the shorter side, one "
+                     "row at equal --enc-len and --dec-len; UL2: half a row, "
                      "(enc-len + dec-len) / 2). Shorter UL2 windows pack several examples a row, first fit, but "
                      "recovered worse at 64 + 64 tokens (docs/adaptation.md)")
     distill: bool | None = _f(None, "PrefixLM: distill the decoder-only teacher's next-token distributions; unset: "

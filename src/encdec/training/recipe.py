@@ -57,6 +57,12 @@ def idle_settings(cfg: TrainConfig, processes: int = 1) -> list[str]:
         given = [f"--{name.replace('_', '-')}" for name in names if getattr(cfg, name) != defaults[name]]
         if given and not used:
             notes.append(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to {applies}: ignored")
+    if cfg.objective == "prefixlm" and cfg.enc_len != cfg.dec_len:
+        short, long = sorted((cfg.enc_len, cfg.dec_len))
+        side = "encoder" if cfg.enc_len > cfg.dec_len else "decoder"
+        notes.append(f"--enc-len {cfg.enc_len} and --dec-len {cfg.dec_len}: PrefixLM splits each window in its "
+                     f"middle (the paper's way), so a window is at most about {2 * short} tokens and some "
+                     f"{100 - 100 * short // long}% of the {side}'s slots hold padding; equal lengths fill both sides")
     if cfg.fsdp and processes == 1:
         notes.append("--fsdp shards the model across processes, and this run has one: it trains unsharded (start "
                      "several with torchrun or accelerate launch)")
