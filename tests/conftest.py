@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import FAMILY_OPTIONS, make_source
+from tiny import FAMILY_OPTIONS, make_source, write_corpus
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
@@ -52,6 +52,22 @@ def encdec_log_reaches_caplog(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(log, "propagate", True)
     monkeypatch.setattr(log, "handlers", list(log.handlers))
     monkeypatch.setattr(log, "level", log.level)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small plain-text corpus of the tiny vocabulary's words."""
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", documents=80)
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> Path:
+    """The tiny Gemma 3 adapted by the command line (balanced, merged attention), as a checkpoint directory."""
+    from encdec.cli import main
+
+    out = tmp_path_factory.mktemp("adapted") / "merged"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)]) == 0
+    return out
 
 
 @pytest.fixture(scope="session")

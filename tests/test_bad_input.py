@@ -459,13 +459,6 @@ PRETRAIN_BAD = [
 ]
 
 
-@pytest.fixture(scope="module")
-def adapted(tmp_path_factory, sources):
-    model = tmp_path_factory.mktemp("adapted") / "model"
-    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model)]) == 0
-    return model
-
-
 @pytest.mark.parametrize("extra, message", PRETRAIN_BAD, ids=[" ".join(e)[:80] for e, _ in PRETRAIN_BAD])
 def test_bad_pretraining_values(capsys, tmp_path, adapted, sources, extra, message):
     out = tmp_path / "run"

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_training import adapted, corpus
 
 from encdec.errors import EncdecError
 

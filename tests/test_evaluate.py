@@ -37,13 +37,6 @@ from encdec.evaluation.tasks import (
 )
 
 
-@pytest.fixture(scope="module")
-def adapted(tmp_path_factory, sources):
-    out = tmp_path_factory.mktemp("adapted") / "merged"
-    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)]) == 0
-    return out
-
-
 REQUESTS = [  # shared and distinct contexts of different lengths, continuations of different lengths
     ([2, 10, 11, 12, 13, 14], [20, 21]),
     ([2, 10, 11, 12, 13, 14], [30]),

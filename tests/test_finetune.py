@@ -38,13 +38,6 @@ def instructions(tmp_path_factory):
     return write_instructions(tmp_path_factory.mktemp("sft") / "train.jsonl")
 
 
-@pytest.fixture(scope="module")
-def adapted(tmp_path_factory, sources):
-    out = tmp_path_factory.mktemp("adapted") / "merged"
-    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)]) == 0
-    return out
-
-
 def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import corpus  # noqa: F401 (a fixture)
 
 from encdec.causal import load_causal
 from encdec.cli import main

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_training import _config, _metrics, adapted, corpus
+from test_training import _config, _metrics
 from tiny import make_tokenizer
 
 from encdec.checkpoint import read_metadata

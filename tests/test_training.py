@@ -26,18 +26,6 @@ from encdec.training.metrics import Metrics
 from encdec.training.plain_state import read_state
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", documents=80)
-
-
-@pytest.fixture(scope="module")
-def adapted(tmp_path_factory, sources):
-    out = tmp_path_factory.mktemp("adapted") / "merged"
-    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)]) == 0
-    return out
-
-
 def _config(model, out, corpus, **overrides) -> TrainConfig:
     base = dict(model=str(model), out=str(out), data=[str(corpus)], enc_len=16, dec_len=16, batch_size=2, steps=6,
                 lr=3e-3, warmup_steps=2, eval_every=3, eval_windows=4, save_every=2, precision="fp32")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import safetensors
 import torch
-from test_training import _config, adapted, corpus
+from test_training import _config
 from tiny import make_source, make_tokenizer, write_gguf
 
 from encdec.cli import main
