@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import in_turn, print_result, ratio_line, require_positive, run_worker, time_calls
+from common import cpu_only, in_turn, print_result, ratio_line, require_positive, run_worker, time_calls
 
 LR, HEAD_LR, WEIGHT_DECAY, CLIP, WARMUP = 1e-5, 1e-4, 0.01, 1.0, 0.1
 BOS_ID, PAD_ID = 2, 0
@@ -179,6 +179,7 @@ def measure(name: str, model: str, args: argparse.Namespace) -> list[float]:
 
 def main() -> None:
     args = parse_args()
+    cpu_only()  # the plain loop's batches stay on the CPU; encdec's loading would take a GPU
     if args.worker:
         worker(args)
         return

@@ -344,10 +344,14 @@ def main() -> None:
     worker_options = ["--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--batches",
                       ",".join(map(str, args.batches)), "--repeats", str(args.repeats)]
     names = [SOURCE, *args.points]
-    starts = {name: args.source if name == SOURCE else adapted_model(name, args.points[name], args) for name in names}
-    if args.train:
-        train_point(args.train, starts[args.train], args, results, set())
+
+    def start(name: str) -> str:
+        return args.source if name == SOURCE else adapted_model(name, args.points[name], args)
+
+    if args.train:  # this point's model alone: the others are not adapted (minutes and a GB of disk each)
+        train_point(args.train, start(args.train), args, results, set())
         return
+    starts = {name: start(name) for name in names}
     done = {(r["point"], r["event"]) for r in read_results(results)}
     if args.jobs > 1:
         train_in_parallel([name for name in names if (name, "trained") not in done], args)

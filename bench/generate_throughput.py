@@ -31,7 +31,9 @@ same order every round), in a fresh process that loads the model, makes one unti
 per setting, then --repeats timed calls. The table gives the median wall seconds per call over all
 rounds, the CPU seconds of the call (all threads of the process: less sensitive than wall time to other
 processes taking turns on the cores, though not immune), new tokens per second (batch x new tokens /
-wall seconds), the peak resident memory of the process, and how many of each row's tokens equal encdec's
+wall seconds), the peak resident memory of the process (one process runs all of an implementation's settings: the
+peak of them all, the same in each of its rows; bench/long_prompt_memory.py measures one length a process), and how
+many of each row's tokens equal encdec's
 float32 tokens. The ratio lines come last, CPU-time ones and then wall-time ones: encdec against
 transformers, against CTranslate2 float32, encdec-bf16 against ct2-bfloat16, encdec-int8 against ct2-int8,
 and encdec against encdec-blas (> 1: the first faster), with each round's ratio.
@@ -338,7 +340,8 @@ def main() -> None:
                 cell.peak_gib = max(cell.peak_gib, result["peak_gib"])
 
     print(f"device cpu ({torch.get_num_threads()} threads), float32 unless named, greedy, {args.new_tokens} new tokens per row "
-          f"(EOS ignored), median of {args.rounds} round(s) x {args.repeats} call(s)")
+          f"(EOS ignored), median of {args.rounds} round(s) x {args.repeats} call(s); peak GiB: an implementation's "
+          "process over all its settings")
     print(f"{'model':<13}  {'implementation':<17}  {'prompt':>6}  {'batch':>5}  {'seconds':>8}  {'CPU s':>7}"
           f"  {'new tok/s':>9}  {'peak GiB':>8}  tokens = encdec's")
     for model, impl, _ in groups:

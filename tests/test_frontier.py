@@ -116,6 +116,22 @@ def test_a_decoder_only_source_pretrains_on_the_same_examples_trimmed_and_distil
     assert model.embed.num_embeddings == before.shape[0]
 
 
+@pytest.mark.parametrize("point, adapted", [("balanced", ["balanced"]), ("source", [])])
+def test_frontier_train_adapts_only_its_point(tmp_path, monkeypatch, point, adapted):
+    """`--train NAME` (what --jobs runs in each process, and the README's recipe) adapted every point first:
+    minutes and a GB of disk each, and their records in results.jsonl."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import frontier
+
+    made, trained = [], []
+    monkeypatch.setattr(frontier, "adapted_model", lambda name, options, args: made.append(name) or tmp_path / name)
+    monkeypatch.setattr(frontier, "train_point", lambda name, start, *rest: trained.append((name, start)))
+    monkeypatch.setattr(sys, "argv", ["frontier.py", "--source", "src", "--out", str(tmp_path / "out"), "--point",
+                                      "balanced=all", "--point", "half=::2@cross", "--train", point])
+    frontier.main()
+    assert made == adapted and trained == [(point, tmp_path / point if adapted else "src")]
+
+
 def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, tmp_path, monkeypatch,  # noqa: F811
                                                                capsys):
     out = tmp_path / "frontier"
