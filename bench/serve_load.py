@@ -411,10 +411,18 @@ def print_table(measured: dict[str, list[tuple[Levels, float]]], args: argparse.
                   f"  {cells[4]:>8.2f}  {cells[5]:>7.2f}  {cells[6]:>7.2f}  {peak:>8.2f}  {same}")
 
 
+def same_requests(a: tuple[list[Done], float], b: tuple[list[Done], float]) -> tuple[tuple, tuple]:
+    """Two levels' results over the requests both completed: --max-seconds may cut a level short, and a p99 of its
+    first requests alone set against one of all of them compared other requests."""
+    common = {d.index for d in a[0]} & {d.index for d in b[0]}
+    return ([d for d in a[0] if d.index in common], a[1]), ([d for d in b[0] if d.index in common], b[1])
+
+
 def print_ratios(measured: dict[str, list[tuple[Levels, float]]], args: argparse.Namespace) -> None:
     """The issue's two goals at the most concurrent level, each the median of the rounds' ratios: serve-bf16's
     (against the bfloat16 loop as well where it ran), then serve's, then serve-int8's. The single-client level sent
-    the same requests (`levels`): its p99 and median are the loop's single-client latency of this workload."""
+    the same requests (`levels`): its p99 and median are the loop's single-client latency of this workload, taken
+    over the requests both levels completed."""
     top, single = args.clients.index(max(args.clients)), args.clients.index(min(args.clients))
     pairs = [("serve-bf16", "transformers-loop-bf16"), ("serve-bf16", "transformers-loop"),
              ("serve", "transformers-loop"), ("serve-int8", "transformers-loop")]
@@ -423,10 +431,11 @@ def print_ratios(measured: dict[str, list[tuple[Levels, float]]], args: argparse
             continue
         base, served = [r[0] for r in measured[baseline]], [r[0] for r in measured[target]]
         rate = [[level_row(*r[top])[2]] for r in served]
-        p99 = [[level_row(*r[top])[6]] for r in served]
         base_rate = [[level_row(*r[top])[2]] for r in base]
-        single_p99 = [[level_row(*r[single])[6]] for r in base]
-        single_median = [[level_row(*r[single])[5]] for r in base]
+        paired = [same_requests(b[single], s[top]) for b, s in zip(base, served)]  # round by round
+        p99 = [[level_row(*s)[6]] for _, s in paired]
+        single_p99 = [[level_row(*b)[6]] for b, _ in paired]
+        single_median = [[level_row(*b)[5]] for b, _ in paired]
         clients, one = args.clients[top], args.clients[single]
         print(ratio_line(f"{target} / {baseline} output tokens/s, {clients} clients", base_rate, rate))
         print(ratio_line(f"{target} p99 latency at {clients} clients / {baseline} p99 latency at {one} client(s), the "

@@ -431,6 +431,11 @@ def test_serve_load_sends_every_level_the_same_requests_and_divides_like_by_like
     ]
     assert lines[1].startswith("ratio (serve-bf16 p99 latency at 16 clients / transformers-loop p99 latency at 1 "
                                "client(s), the same requests")
+    # --max-seconds cut the single client short after 8 requests: its latencies are set against those same 8
+    short = ([Done(i, 0.1, 1.0, 10, "") for i in range(8)], 8.0)
+    print_ratios({"serve-bf16": served, "transformers-loop": [([short, level([10.0] * 16)], 1.0)]}, args)
+    assert [line.split(": ", 1)[1] for line in capsys.readouterr().out.splitlines()][1:] == [
+        "3.00x (rounds: 3.00x)", "3.00x (rounds: 3.00x)"]  # 3 s against 1 s (the 6 s request never ran alone)
 
 
 def test_benchmarks_alternate_the_order_of_their_rounds(monkeypatch):
