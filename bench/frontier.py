@@ -228,12 +228,23 @@ def worker(model_dir: Path, prompts: Path, args: argparse.Namespace) -> None:
 
 # ---- the summary ----
 
+def measured_rounds(records: list[dict], names: list[str]) -> dict[int, dict[str, dict]]:
+    """Latency round -> point -> its record, for the rounds one session measured for every point (the last such
+    session's): a round a stopped run left part-measured is measured again whole, not finished by another session,
+    maybe on another machine, whose speeds its ratios would set against the first's."""
+    groups: dict[tuple[int, str | None], dict[str, dict]] = {}
+    for r in records:
+        if r["event"] == "latency":
+            groups.setdefault((r["round"], r.get("session")), {})[r["point"]] = r
+    return {round_: group for (round_, _), group in groups.items() if set(names) <= set(group)}
+
+
 def summarise(records: list[dict], names: list[str]) -> dict[str, dict]:
     """Per point: its evaluation, and its latency rounds per batch size (a list of seconds per round)."""
-    points = {}
+    points, measured = {}, measured_rounds(records, names)
     for name in names:
         evaluated = next(r for r in records if r["point"] == name and r["event"] == "evaluated")
-        timed = [r for r in records if r["point"] == name and r["event"] == "latency"]
+        timed = [measured[round_][name] for round_ in sorted(measured)]
         rounds = {b: [r["seconds"][b] for r in timed] for b in timed[0]["seconds"]}
         points[name] = {**evaluated, "rounds": rounds, "flops": timed[0]["flops"], "parameters": timed[0]["parameters"],
                         "latency": {b: statistics.median(t for r in rs for t in r) for b, rs in rounds.items()}}
@@ -361,14 +372,15 @@ def main() -> None:
     prompts = args.out / f"prompts-{max(args.batches)}x{args.prompt_tokens}.json"
     if not prompts.exists():
         write_prompts(args, models[SOURCE], prompts)
+    session = f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"  # a round's points are measured in one
     for round_ in range(args.rounds):
-        done = {(r["point"], r["round"]) for r in read_results(results) if r["event"] == "latency"}
+        if round_ in measured_rounds(read_results(results), names):
+            continue
         for name in in_turn(names, round_):
-            if (name, round_) not in done:
-                print(f"latency round {round_ + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
-                measured = run_worker(__file__, [*worker_options, "--worker", str(models[name]), str(prompts)])
-                append(results, {"point": name, "event": "latency", "settings": settings("latency", args), "round": round_,
-                                 **measured})
+            print(f"latency round {round_ + 1}/{args.rounds}: {name} ...", file=sys.stderr, flush=True)
+            measured = run_worker(__file__, [*worker_options, "--worker", str(models[name]), str(prompts)])
+            append(results, {"point": name, "event": "latency", "settings": settings("latency", args), "round": round_,
+                             "session": session, **measured})
     points = summarise(read_results(results), names)
     setting = (f"{args.prompt_tokens}-token input -> {args.new_tokens} new tokens, float32; {args.steps} training steps "
                f"per point, recipe {args.recipe}; suite: {args.eval_tasks}, {args.eval_limit} per task, {args.shots}-shot")

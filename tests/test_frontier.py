@@ -132,6 +132,28 @@ def test_frontier_train_adapts_only_its_point(tmp_path, monkeypatch, point, adap
     assert made == adapted and trained == [(point, tmp_path / point if adapted else "src")]
 
 
+def test_a_latency_round_is_one_sessions_measurement_of_every_point(monkeypatch):
+    """A round a stopped run left half-measured was finished point by point by the next session (another machine,
+    maybe twice slower), and its ratio set the two sessions' speeds against each other: 1.50x for points of
+    identical speed. The round is measured again whole; a round of records from before sessions were named counts."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from frontier import measured_rounds, summarise
+
+    def timed(point: str, round_: int, seconds: float, session: str | None) -> dict:
+        return {"point": point, "event": "latency", "round": round_, "seconds": {"1": [seconds]}, "flops": 1,
+                "parameters": 1, **({} if session is None else {"session": session})}
+
+    records = [*({"point": p, "event": "evaluated"} for p in ("source", "dec9")),
+               timed("source", 0, 1.0, None), timed("dec9", 0, 1.0, None),  # written before sessions were named
+               timed("dec9", 1, 1.0, "a"),  # then the run stopped
+               timed("source", 1, 2.0, "b"), timed("dec9", 1, 2.0, "b")]  # measured whole by a slower host
+    assert {r: sorted(g) for r, g in measured_rounds(records, ["source", "dec9"]).items()} == {
+        0: ["dec9", "source"], 1: ["dec9", "source"]}
+    points = summarise(records, ["source", "dec9"])
+    assert points["source"]["rounds"] == points["dec9"]["rounds"] == {"1": [[1.0], [2.0]]}
+    assert measured_rounds(records[:5], ["source", "dec9"]).keys() == {0}  # round 1 is measured again, whole
+
+
 def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, tmp_path, monkeypatch,  # noqa: F811
                                                                capsys):
     out = tmp_path / "frontier"
