@@ -443,6 +443,15 @@ def test_finetune_help_speaks_of_instructions(capsys):
     assert ".jsonl" in data and "corpus:" not in data and "Natural-Instructions" in data
 
 
+def test_pretrain_help_offers_only_its_objectives(capsys):
+    """`encdec pretrain --help` showed --objective {prefixlm,ul2,instruct}, then refused instruct (finetune's); it
+    still answers instruct with the line that names `encdec finetune`."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["pretrain", "--help"])
+    assert "--objective {prefixlm,ul2}" in capsys.readouterr().out
+    assert build_parser().parse_args(["pretrain", "--objective", "instruct"]).objective == "instruct"
+
+
 def test_version_names_encdec_torch_and_transformers():
     """`encdec --version` runs as a command of its own (no sub-command needed), as accelerate's and pip's do."""
     from importlib.metadata import version

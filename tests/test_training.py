@@ -448,6 +448,9 @@ def test_bad_configuration(adapted, tmp_path, capsys):
     config.write_text("model: x\nstepz: 3\n")
     assert main(["pretrain", "--config", str(config)]) == 2
     assert "unknown option(s) ['stepz']" in capsys.readouterr().err
+    config.write_text("model: x\nper_task: 3\n")  # finetune's, which pretrain has no flag for: ignored in a file
+    assert main(["pretrain", "--config", str(config)]) == 2
+    assert "unknown option(s) ['per_task'] for `encdec pretrain`" in capsys.readouterr().err
     config.write_text("1: 2\n")  # a key that is no option name at all
     assert main(["pretrain", "--config", str(config)]) == 2
     assert "expected a mapping of option names to values" in capsys.readouterr().err

@@ -312,9 +312,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from encdec.training.config import from_arguments
+    from encdec.training.config import PRETRAIN_HIDDEN, from_arguments
 
-    cfg = from_arguments(args)
+    cfg = from_arguments(args, hidden=PRETRAIN_HIDDEN)
     if not cfg.model:
         raise EncdecError("--model DIR is required (an adapted model, from `encdec adapt`), on the command line or in --config")
     if cfg.objective == "instruct":  # with pretraining's defaults and options finetune hides: not what it looks like
@@ -608,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=("mean", "last"), default="mean",
                    help="/v1/embeddings: the mean of the encoder's states over the input, or its last token's")
     p.add_argument("--api-key", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1/ requests (default: $ENCDEC_API_KEY if set, else "
+                   help="require 'Authorization: Bearer KEY' on /v1/, /tokenize and /detokenize requests (default: "
+                   "$ENCDEC_API_KEY if set, else "
                    "open); the environment variable keeps the key out of the process list")
     _add_inference_arguments(p)
     p.set_defaults(func=cmd_serve)
@@ -624,10 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
         FINETUNE_HIDDEN,
         PRETRAIN_DOCS,
         PRETRAIN_HIDDEN,
+        PRETRAIN_SHOWN,
         add_arguments,
     )
 
-    add_arguments(p, skip=PRETRAIN_HIDDEN, docs=PRETRAIN_DOCS)
+    add_arguments(p, skip=PRETRAIN_HIDDEN, docs=PRETRAIN_DOCS, shown=PRETRAIN_SHOWN)
     p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("finetune", formatter_class=argparse.RawDescriptionHelpFormatter,

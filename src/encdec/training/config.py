@@ -44,8 +44,8 @@ class TrainConfig:
                         choices=("prefixlm", "ul2", "instruct"))
     mixture: str = _f("t5gemma2", "UL2 denoiser mixture: t5gemma2 or ul2 (the original UL2)", choices=("t5gemma2", "ul2"))
     random_split: bool = _f(False, "PrefixLM: split each window at a uniformly random point instead of the middle")
-    window: int = _f(0, "tokens per pretraining window; 0: the objective's own (PrefixLM: twice the shorter side, one "
-                     "row at equal --enc-len and --dec-len; UL2: half a row, "
+    window: int = _f(0, "tokens per pretraining window; 0: the objective's own (PrefixLM: twice the shorter side "
+                     "less its BOS or EOS, a row at equal --enc-len and --dec-len; UL2: half a row, "
                      "(enc-len + dec-len) / 2). Shorter UL2 windows pack several examples a row, first fit, but "
                      "recovered worse at 64 + 64 tokens (docs/adaptation.md)")
     distill: bool | None = _f(None, "PrefixLM: distill the decoder-only teacher's next-token distributions; unset: "
@@ -250,9 +250,11 @@ def _flag(name: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None,
-                  skip: tuple[str, ...] = (), docs: dict[str, str] | None = None) -> None:
+                  skip: tuple[str, ...] = (), docs: dict[str, str] | None = None,
+                  shown: dict[str, tuple[str, ...]] | None = None) -> None:
     """One option per field (but `skip`); `defaults` and `docs` replace the dataclass defaults and help texts for a
-    sub-command. argparse defaults are not set so that only given options override the YAML."""
+    sub-command, `shown` the choices its help shows (the others still reach the sub-command, which may answer one
+    with a line of its own). argparse defaults are not set so that only given options override the YAML."""
     parser.add_argument("--config", type=user_path, metavar="FILE.yaml", help="YAML file of any of the options below")
     defaults = defaults or {}
     for f in dataclasses.fields(TrainConfig):
@@ -272,6 +274,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
             kwargs["type"] = type(default)
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
+                if f.name in (shown or {}):
+                    kwargs["metavar"] = "{" + ",".join(shown[f.name]) + "}"
         parser.add_argument(f"--{_flag(f.name)}", **kwargs)
 
 
@@ -383,6 +387,7 @@ PRETRAIN_DOCS: dict[str, str] = {  # what `encdec pretrain --help` says (instruc
             "corpus:coqa-stories; none = the default corpus",
 }
 PRETRAIN_HIDDEN = ("per_task",)
+PRETRAIN_SHOWN = {"objective": ("prefixlm", "ul2")}  # instruct is refused with a line naming `encdec finetune`
 FINETUNE_HIDDEN = ("model", "objective", "mixture", "random_split", "window", "distill", "teacher", "alpha", "tau",
                    "teacher_top_k", "text_field", "cross_warmup_steps", "eval_data", "freeze_encoder_steps",
                    "encoder_curriculum_steps")
