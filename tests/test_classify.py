@@ -662,7 +662,7 @@ def _toy(monkeypatch: pytest.MonkeyPatch, *, kfold_task: bool, n: int = 48) -> T
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_a_saved_fine_tuned_classifier_predicts_what_its_fold_reported(models: dict[str, Path], tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch,
-                                                                       pooling: str) -> None:
+                                                                       pooling: str, capsys) -> None:
     """OUT/classifier is the first fold's: its probabilities for that fold's texts are the reported ones, in float32
     to rounding (the CB run through the CLI compares loosely: its texts are unknown words to the tiny tokenizer, and
     every one of them got the same features)."""
@@ -677,6 +677,15 @@ def test_a_saved_fine_tuned_classifier_predicts_what_its_fold_reported(models: d
     assert len({round(row[0], 4) for row in reported}) > 2  # the texts' features differ, and the head has learnt
     for row, want in zip(got, reported):
         assert row == pytest.approx(want, abs=1e-4)
+    # rows longer than the model's positions (256: its source's max_position_embeddings) were read as given
+    argv = ["classify", str(models["gemma3"]), "--task", "toy", "--max-len", "300", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "--max-len 300: " in line and "reads at most 256 positions" in line
+    meta = out / "classifier" / "classifier.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "max_len": 300}))
+    with pytest.raises(EncdecError, match="its max_len 300 is more than the 256 positions its backbone reads"):
+        predict_texts(out / "classifier", ["w1"])
 
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])

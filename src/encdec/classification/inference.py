@@ -55,6 +55,9 @@ def predict_texts(path: Path, texts: list[str], batch_size: int = 8) -> tuple[li
     for n, text in enumerate(texts, 1):
         check_text(text, f"input #{n}")
     classifier, info = load_classifier(path)
+    limit = classifier.backbone.spec.stack.max_positions
+    if limit is not None and info.max_len > limit:  # a hand-edited classifier.json
+        raise EncdecError(f"{path}: its max_len {info.max_len} is more than the {limit} positions its backbone reads")
     unlike = [i for i, text in enumerate(texts) if not laid_out_as(text, info.template)]
     if unlike:  # read as given all the same: a user may know better; but plain text gets a plain guess
         log.warning("%d of %d input(s) (the first: #%d) are not laid out as this classifier's training texts were, "

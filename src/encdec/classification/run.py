@@ -119,6 +119,10 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
                    for k, (train_ids, _) in enumerate(p.splits)]
     start = time.perf_counter()
     backbone, tokenizer_dir = load_backbone(model)
+    limit = backbone.spec.stack.max_positions  # what every other command keeps to as well
+    if limit is not None and hyper.max_len > limit:
+        raise EncdecError(f"--max-len {hyper.max_len}: {model} reads at most {limit} positions (its source's "
+                          f"max_position_embeddings); give at most {limit}")
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab = backbone.embed.num_embeddings
     pad_id, first = padding_id(tokenizer, vocab), leading_bos(tokenizer)
