@@ -984,7 +984,9 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
         "--epochs: --search tries the grid's values instead (steps 3, 5, which replace epochs)": [
             "--search", "--grid", str(tmp_path / "steps.yaml"), "--epochs", "7"],
         "--limit 0 leaves no example; pass a positive number": ["--limit", "0"],
-        "--lr and --head-lr must be positive": ["--search", "--grid-lr", "-1"],
+        # (the line named --lr, which --search refuses beside it, as the setting to fix)
+        "the search's candidate {'lr': -1.0, 'epochs': 2, 'head_lr': 3e-05} is not a valid setting: --lr and "
+        "--head-lr must be positive": ["--search", "--grid-lr", "-1"],
         "leaves no dev or no fit example": ["--probe", "--limit", "2", "--dev-share", "0.1"],
     }
     for expected, extra in cases.items():

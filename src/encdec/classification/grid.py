@@ -68,7 +68,10 @@ def candidates(grid: dict[str, list[Any]], base: Hyper) -> list[Hyper]:
     names = list(grid)
     out = [dataclasses.replace(base, **dict(zip(names, combo))) for combo in itertools.product(*grid.values())]
     for hyper in out:
-        hyper.check()
+        try:
+            hyper.check()
+        except EncdecError as e:  # its message names the command line's flags: the grid's candidate is meant
+            raise EncdecError(f"the search's candidate {varied(hyper, grid)} is not a valid setting: {e}") from None
     return out
 
 
