@@ -506,6 +506,19 @@ def test_exported_encoder_reproduces_the_encoder_in_encdec_and_transformers(
     assert backbone.spec.kind == "encoder" and tokenizer_dir == out
 
 
+def test_an_exported_encoder_keeps_its_checkpoints_dtype(models: dict[str, Path], tmp_path: Path) -> None:
+    """A bfloat16 checkpoint (Google's T5Gemma releases) was exported in float32: twice its size on disk, and in
+    transformers' memory, which reads the config's dtype."""
+    from safetensors import safe_open
+
+    save(load(models["gemma3"]), tmp_path / "bf16", dtype=torch.bfloat16, tokenizer_dir=models["gemma3"])
+    assert main(["export-encoder", str(tmp_path / "bf16"), "--out", str(tmp_path / "encoder")]) == 0
+    (weights,) = (tmp_path / "encoder").glob("*.safetensors")
+    with safe_open(weights, "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "encoder" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_a_backbone_records_the_special_ids_of_the_model_it_came_from(models: dict[str, Path]) -> None:
     cfg = load(models["gemma3"]).config
     encoder, _ = load_backbone(str(models["gemma3"]))

@@ -441,7 +441,7 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
     if not is_checkpoint(args.model):
         raise EncdecError(f"{args.model} is not an encoder-decoder checkpoint (from encdec adapt / pretrain)")
     check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",))
-    backbone = from_encoder_decoder(load(args.model))
+    backbone = from_encoder_decoder(load(args.model, dtype=None))  # as stored: a bfloat16 one stays bfloat16
     model = Path(args.model).expanduser()
     fmt = write_encoder(backbone, args.out, tokenizer_dir=model if has_tokenizer(model) else None,
                         overwrite=args.overwrite)

@@ -45,7 +45,7 @@ def fit_head(features: np.ndarray, labels: list[int], num_labels: int, c: float)
 
     if len(set(labels)) < 2:
         raise EncdecError(f"the probe's training part has {len(labels)} examples of one label only; pass a larger "
-                          "--limit or fewer --folds")
+                          "--limit (or, as the task allows, fewer --folds or --inner-folds, a smaller --dev-share)")
     scaler = StandardScaler().fit(features)
     model = LogisticRegression(C=c, max_iter=2000).fit(scaler.transform(features), labels)
     coef = model.coef_ / scaler.scale_
