@@ -869,7 +869,7 @@ def test_a_search_candidate_whose_fit_diverges_counts_no_correct_answer(models: 
 
 
 def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str, Path], tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+                                                               monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     from encdec.classification import run
 
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
@@ -899,11 +899,18 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     stale = journal[0].with_name(f"{journal[0].stem}-{'0' * 32}")
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"weights")
+    other = journal[0].with_name(f"{'f' * 32}-{'0' * 32}")  # another search's, killed: said, not deleted
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"w" * 10**8)
     trained.clear()
     progress.clear()
     stop_at[0] = -1
+    capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
     assert len(trained) == 3 * 5 - 4 and not stale.exists()  # the search done, it was kept for good
+    assert other.exists() and f"{other.parent} holds 0.1 GB of unfinished fits of 1 other search(es)" in \
+        capsys.readouterr().err
+    shutil.rmtree(other)
     # every fit saves its progress (test_a_fit_killed_mid_epoch_...) in a place of its own beside the journal
     assert len(set(progress)) == len(progress) and {p.parent for p in progress} == {journal[0].parent}
     trained.clear()

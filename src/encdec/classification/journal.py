@@ -66,6 +66,13 @@ class TrialJournal:
         grid, another choice) is of no more use, and the weights with their optimizer state are GBs a fit."""
         for path in self.file.parent.glob(f"{self.file.stem}-*"):
             shutil.rmtree(path, ignore_errors=True)
+        # other searches' (killed, and maybe never run again with their options): said, not deleted
+        others = [p for p in self.file.parent.glob("*-*") if p.is_dir()]
+        if others:
+            size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
+            log.warning("%s holds %.1f GB of unfinished fits of %d other search(es) (killed; a rerun with their "
+                        "options goes on from them): delete those folders if they will not run again",
+                        self.file.parent, size / 1e9, len({p.name.split("-")[0] for p in others}))
 
     def correct(self, fold: int, settings: dict[str, Any], dev: list[int], compute: Callable[[], int]) -> int:
         """The recorded score of this trial, or `compute()`, recorded before it is returned."""
