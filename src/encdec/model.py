@@ -320,10 +320,19 @@ class Segments:
         cls, tokens: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
         positions: torch.Tensor | None,
     ) -> Segments:
+        packed = segment_ids is not None
         if segment_ids is None:
             segment_ids = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
-        if positions is None:  # RoPE is relative, so plain indices are right for left and right padding alike
-            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        if positions is None:
+            # self-attention's RoPE is relative, but merged attention's decoder queries take it and meet encoder
+            # keys that do not: their own positions count. Packed rows restart them at each segment, as training
+            # does; a padded row keeps plain indices (left padding shifts them, as transformers' T5Gemma 2 does)
+            index = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+            positions = index
+            if packed:
+                starts = torch.ones_like(segment_ids, dtype=torch.bool)
+                starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+                positions = index - torch.where(starts, index, 0).cummax(dim=1).values
         return cls(segment_ids.long(), positions.long())
 
 
@@ -596,7 +605,8 @@ class EncoderDecoder(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
     ) -> Seq2SeqOutput:
         """Logits of the decoder; padded batches use the attention masks, packed rows the segment ids
-        and per-segment positions (segment 0 is padding; decoder segment k reads encoder segment k).
+        and per-segment positions (segment 0 is padding; decoder segment k reads encoder segment k; positions left
+        out restart at 0 in each segment).
         Training does not come here: it reads the hidden states (`encode_segments`, `decode`) and
         computes the head together with the loss (`encdec.training.loss`)."""
         if input_ids is None or decoder_input_ids is None:
