@@ -716,6 +716,12 @@ def test_encoder_curriculum_opens_from_causal_to_bidirectional(adapted):
     full = attention_masks(seg, seg, causal=False, window=4, lookahead=3)["full"][0, 0]
     d = torch.arange(11)[:, None] - torch.arange(11)[None, :]
     assert torch.equal(full, d >= -3)  # keys up to 3 positions ahead of each query
+    # a local layer's window (8, T5Gemma 2's split: 3 behind, 4 ahead) slides from the causal one (7 behind) ahead,
+    # its 8 keys kept: it first fell to the final window's 3 behind, the query seeing 5 keys at lookahead 1
+    for lookahead, (behind, ahead) in {1: (6, 1), 3: (4, 3), 4: (3, 4), 10: (3, 4)}.items():
+        local = attention_masks(seg, seg, causal=False, window=8, convention="t5gemma2",
+                                lookahead=lookahead)["sliding"][0, 0]
+        assert torch.equal(local, (d <= behind) & (d >= -ahead)), lookahead
 
 
 def test_frozen_encoder_does_not_change_and_the_rest_learns(adapted, corpus, tmp_path):

@@ -364,18 +364,17 @@ def _masks_of(q: Segments, k: Segments, causal: bool, window: int, convention: s
     d = q.positions[:, :, None] - k.positions[:, None, :]
     if causal or lookahead == 0:
         full = same & (d >= 0)
-        local = full & (d < window)
-    else:
-        full = same
-        if convention == "t5gemma":
-            local = same & (d.abs() <= window)
-        elif convention == "flax":
-            local = same & (d.abs() <= window - 1)
-        else:  # t5gemma2: the window split over both sides
-            local = same & (d >= -(window // 2)) & (d <= (window + 1) // 2 - 1)
-        if lookahead is not None:
-            full, local = full & (d >= -lookahead), local & (d >= -lookahead)
-    return full, local
+        return full, full & (d < window)
+    # the local window's reach behind and ahead of the query; t5gemma2 splits the window over both sides
+    behind, ahead = {"t5gemma": (window, window), "flax": (window - 1, window - 1)}.get(
+        convention, ((window + 1) // 2 - 1, window // 2))
+    if lookahead is None:
+        return same, same & (d >= -ahead) & (d <= behind)
+    # the curriculum (causal to bidirectional): the causal window slides ahead as the lookahead grows, giving up
+    # behind only what it gains ahead, down to the final window's reach (it fell from the causal window's to that
+    # at once, so a local layer first saw half its keys)
+    local = same & (d >= -min(lookahead, ahead)) & (d <= max(behind, window - 1 - lookahead))
+    return same & (d >= -lookahead), local
 
 
 def cross_mask(q: Segments, k: Segments) -> torch.Tensor:
