@@ -12,6 +12,7 @@ import pytest
 import torch
 from tiny import write_corpus
 
+import encdec
 from encdec.cli import main
 
 
@@ -314,6 +315,25 @@ def test_overwrite_replaces_an_earlier_output_not_another_folder(capsys, tmp_pat
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert f"output directory {out} holds a.gguf, b.gguf but none of what this command writes there" in line
     assert sorted(p.name for p in out.iterdir()) == ["a.gguf", "b.gguf"]
+    # a folder with a config.json that is no earlier output: a decoder-only source, a project (replaced whole)
+    source = shutil.copytree(sources["gemma2"], tmp_path / "gemma2")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    (project / "main.py").write_text("print()")
+    adapted = tmp_path / "adapted"
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(adapted)]) == 0
+    for command in (["adapt", "--encoder", str(sources["gemma3"]), "--out", str(source)],
+                    ["adapt", "--encoder", str(sources["gemma3"]), "--out", str(project)],
+                    ["export-encoder", str(adapted), "--out", str(source)],
+                    ["export-encoder", str(adapted), "--out", str(shutil.copytree(adapted, tmp_path / "run-model"))]):
+        capsys.readouterr()
+        assert main([*command, "--overwrite"]) == 2, command
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"output directory {command[-1]} is not an " in line and "what this command writes there" in line
+    assert sorted(p.name for p in project.iterdir()) == ["config.json", "main.py"]
+    assert encdec.load_source(str(source)).family == "gemma2" and encdec.load(tmp_path / "run-model") is not None
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(adapted), "--overwrite"]) == 0
 
 
 def test_empty_decoder_layers(capsys, tmp_path, sources):

@@ -75,7 +75,7 @@ def save(
     layout = exportable(cfg)
     from transformers import GenerationConfig
 
-    with atomic_dir(Path(out), overwrite, replaces=("config.json",)) as tmp:  # overwrite=True: not another folder
+    with atomic_dir(Path(out), overwrite, replaces=("config.json",), kind=SAVED) as tmp:  # overwrite: not another folder
         if layout is None:  # with a modeling file, for transformers' trust_remote_code=True
             write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, **remote_code.config_fields(),
                                "config": cfg.to_dict()}, weights)
@@ -209,6 +209,9 @@ def checkpoint_format(spec: str | Path) -> str | None:
 def is_checkpoint(spec: str | Path) -> bool:
     """Whether `spec` is an encoder-decoder checkpoint directory (else it may be a decoder-only source)."""
     return checkpoint_format(spec) is not None
+
+
+SAVED = ("an encoder-decoder checkpoint", is_checkpoint)  # what `save` replaces
 
 
 def read_metadata(path: Path | str) -> dict:

@@ -71,13 +71,13 @@ def _seed(text: str) -> int:
 
 def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.adapt import adapt, layer_spec, parse_layers
-    from encdec.checkpoint import save
+    from encdec.checkpoint import SAVED, save
     from encdec.files import check_output_dir, portable_path
     from encdec.logs import log, timed
     from encdec.report import describe, parameter_table
     from encdec.sources import load_source
 
-    check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder), replaces=("config.json",))
+    check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder), replaces=("config.json",), kind=SAVED)
     if args.decoder_layers is not None and not args.decoder_layers.strip():
         raise EncdecError("--decoder-layers is empty: expected a comma list like 0,3,6 or a slice like ::3")
     if args.decoder_layers is not None:
@@ -434,13 +434,13 @@ def _check_split_options(args: argparse.Namespace) -> None:
 def cmd_export_encoder(args: argparse.Namespace) -> None:
     from encdec.checkpoint import is_checkpoint, load
     from encdec.classification.backbone import from_encoder_decoder
-    from encdec.classification.encoder_export import write_encoder
+    from encdec.classification.encoder_export import EXPORTED, write_encoder
     from encdec.files import check_output_dir
     from encdec.sources import has_tokenizer
 
     if not is_checkpoint(args.model):
         raise EncdecError(f"{args.model} is not an encoder-decoder checkpoint (from encdec adapt / pretrain)")
-    check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",))
+    check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",), kind=EXPORTED)
     backbone = from_encoder_decoder(load(args.model, dtype=None))  # as stored: a bfloat16 one stays bfloat16
     model = Path(args.model).expanduser()
     fmt = write_encoder(backbone, args.out, tokenizer_dir=model if has_tokenizer(model) else None,

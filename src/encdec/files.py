@@ -32,6 +32,7 @@ SHARD_BYTES = 4 * 1024**3
 # deleted (a user's ".x.old-2024" is not)
 RUN_LOCK = ".encdec.lock"  # held by a training run while it writes its directory (training/rundir.py)
 RUN_FILES = (RUN_LOCK, "checkpoints", "metrics.jsonl")  # what marks a training run's directory
+OutputKind = tuple[str, Callable[[Path], bool]]  # what a command's output directory is: said, and tested
 # atomic_dir's temporaries: .NAME.tmp-HOST-PID-xxxxxxxx (an older form had no HOST), HOST: the machine whose process
 # PID writes it, so that a write on another machine or container sharing the directory is never taken for dead
 _TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(?:([A-Za-z0-9-]+)-)?(\d+)-[a-z0-9_]{8}")
@@ -352,12 +353,14 @@ def check_not_above(out: Path) -> None:
 
 
 def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None, ...] = (),
-                     replaces: tuple[str, ...] = ()) -> None:
+                     replaces: tuple[str, ...] = (), kind: OutputKind | None = None) -> None:
     """Fail before any work when the output directory, which is replaced whole, would clobber something: an
     existing `out` without `overwrite`, a training run's directory even with it (its checkpoints, a live run's
     lock), any of the `inputs` (check_apart), the working directory or one above; and, for a command's --out, a
     directory with files but none of the names its earlier output holds (`replaces`): `--out ~/models
-    --overwrite`, meant as "into", replaced the whole folder."""
+    --overwrite`, meant as "into", replaced the whole folder; or one that holds them but is not what the command
+    writes (`kind`: its description, and the test of a directory): any folder with a config.json (a decoder-only
+    source, a project) was replaced by `adapt --overwrite`."""
     check_writable_place(out)
     check_not_above(out)
     check_apart(out, inputs)
@@ -377,17 +380,22 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
         raise EncdecError(f"output directory {out} holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} but "
                           f"none of what this command writes there ({', '.join(replaces)}): --overwrite replaces an "
                           "earlier output, not another folder; choose another --out, or remove it yourself")
+    if held and kind is not None and not kind[1](out):
+        raise EncdecError(f"output directory {out} is not {kind[0]}, what this command writes there: --overwrite "
+                          "replaces an earlier output, not another model or folder; choose another --out, or remove "
+                          "it yourself")
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = ()) -> Iterator[Path]:
+def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (),
+               kind: OutputKind | None = None) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces `out` only once everything was written (`replaces`: the
-    names one of which an existing `out` must hold to be replaced, check_output_dir).
+    names one of which an existing `out` must hold to be replaced, `kind` what it must be: check_output_dir).
 
     On any error the temporary directory is removed and an existing `out` is left untouched.
     """
     out = Path(out).expanduser()  # encdec.save(model, "~/m") from Python, as the CLI's paths are read
-    check_output_dir(out, overwrite, replaces=replaces)
+    check_output_dir(out, overwrite, replaces=replaces, kind=kind)
     with written(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned_temporaries(out.parent)

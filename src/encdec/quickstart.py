@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from encdec.adapt import adapt
-from encdec.checkpoint import load, read_metadata, save
+from encdec.checkpoint import SAVED, load, read_metadata, save
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.data.text import check_text
 from encdec.errors import EncdecError
@@ -92,7 +92,7 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
     check_text(prompt, "--prompt")
     check_output_dir(out, overwrite, replaces=("adapted", "pretrain"))
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
-    check_output_dir(adapted_dir, overwrite, replaces=("config.json",))  # as save() will, before minutes of work
+    check_output_dir(adapted_dir, overwrite, replaces=("config.json",), kind=SAVED)  # as save() will, before work
     _check_own_run(run_dir, adapted_dir)
     with timed(f"loading {SOURCE}"):
         source = load_source(SOURCE)

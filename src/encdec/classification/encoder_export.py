@@ -80,7 +80,7 @@ def write_encoder(backbone: Backbone, out: Path, *, tokenizer_dir: Path | None =
     if spec.kind != "encoder":
         raise EncdecError("only the encoder of an encoder-decoder is exported; a decoder-only model is its own checkpoint")
     layout = layout_of(spec)
-    with atomic_dir(Path(out), overwrite, replaces=("config.json",)) as tmp:
+    with atomic_dir(Path(out), overwrite, replaces=("config.json",), kind=EXPORTED) as tmp:
         if layout is None:
             write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, "backbone": spec.to_dict()}, weights)
         else:
@@ -123,6 +123,8 @@ def is_encoder_export(path: str | Path) -> bool:
     config = Path(path).expanduser() / "config.json"
     return config.is_file() and encoder_format(read_json(config)) is not None
 
+
+EXPORTED = ("an exported encoder", is_encoder_export)  # what `write_encoder` replaces
 
 def _special(data: dict[str, Any]) -> dict[str, Any]:
     """The special ids a transformers encoder configuration names (none where it names no EOS)."""
