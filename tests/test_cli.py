@@ -443,6 +443,25 @@ def test_finetune_help_speaks_of_instructions(capsys):
     assert ".jsonl" in data and "corpus:" not in data and "Natural-Instructions" in data
 
 
+def test_compile_without_a_compiler_is_one_line(adapted, monkeypatch, capsys):
+    """A slim image without g++: inductor's InvalidCxxCompiler, a RuntimeError, ended `generate --compile` (and
+    `serve --compile`, which warms its step up the same way) in a traceback."""
+    import torch._inductor.exc
+
+    from encdec.inference import engine
+
+    def no_compiler(step, **options):
+        def call(*args):
+            raise torch._inductor.exc.InvalidCxxCompiler()
+        return call
+
+    monkeypatch.setattr(engine, "compiled_step", no_compiler)
+    assert main(["generate", str(adapted), "--prompt", "w1", "--compile", "--max-new-tokens", "2"]) == 1
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "--compile could not build the compiled step (No working C++ compiler found" in line
+    assert "leave --compile out" in line
+
+
 def test_pretrain_help_offers_only_its_objectives(capsys):
     """`encdec pretrain --help` showed --objective {prefixlm,ul2,instruct}, then refused instruct (finetune's); it
     still answers instruct with the line that names `encdec finetune`."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, first_line
 from encdec.training.config import user_path
 
 if TYPE_CHECKING:
@@ -824,6 +824,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, getattr(torch.distributed, "DistError", ())):  # a timeout, a process gone: theirs is the cause
             print(f"encdec {args.command}: error: another process of the run stopped, or did not answer within "
                   f"--dist-timeout (see its message): {str(e).splitlines()[0][:200]}", file=sys.stderr)
+            return 1
+        if type(e).__module__.startswith(("torch._inductor", "torch._dynamo")):  # no C++ compiler (a slim image)
+            print(f"encdec {args.command}: error: --compile could not build the compiled step "
+                  f"({first_line(e)}); it needs a working C++ compiler (g++ or clang++) on the CPU, Triton "
+                  "on a GPU: install one, or leave --compile out", file=sys.stderr)
             return 1
         if not device and "can't allocate memory" not in str(e):
             raise
