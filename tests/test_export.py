@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -259,6 +260,20 @@ def test_a_converter_error_that_says_nothing_is_still_one_line(t5gemma2_dir, tmp
     assert main(["export", str(t5gemma2_dir), "--to", "ctranslate2", "--out", str(out)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.endswith(f"CTranslate2's converter could not read {t5gemma2_dir} (ValueError)"), line
+    assert not out.exists()
+
+
+def test_a_checkpoint_whose_config_asks_for_a_quantization_library_is_one_line(t5gemma2_dir, tmp_path, capsys):
+    """A quantization_config in config.json (which encdec's own loader ignores) made transformers, under the
+    converter, raise ImportError for bitsandbytes: a traceback."""
+    model = shutil.copytree(t5gemma2_dir, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "ct2"
+    assert main(["export", str(model), "--to", "ctranslate2", "--out", str(out)]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"CTranslate2's converter could not read {model} (" in line
     assert not out.exists()
 
 

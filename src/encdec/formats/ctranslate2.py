@@ -66,7 +66,8 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
         # the converter refuses an existing directory unless forced; `tmp` is our own, empty one
         try:
             TransformersConverter(str(model_dir)).convert(str(tmp), quantization=quantization, force=True)
-        except (SafetensorError, ValueError, KeyError, RuntimeError) as e:  # damaged or foreign weights
+        # damaged or foreign weights; a quantization_config, whose library transformers imports under the converter
+        except (SafetensorError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AttributeError) as e:
             raise EncdecError(f"CTranslate2's converter could not read {model_dir} ({described(e)})") from None
         tokenizer.save_pretrained(str(tmp))
         _name_tokenizer_version(tmp)
