@@ -653,6 +653,9 @@ def test_outputs_get_the_modes_a_plain_write_would_give(tmp_path):
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     for path in ("table.md", "features.safetensors", "out/file", "out/model.safetensors", "out/optimizer.safetensors"):
         assert (tmp_path / path).stat().st_mode & 0o777 == 0o644, path
+    os.chmod(tmp_path / "table.md", 0o600)  # a user's private file (generate --out of private prompts) stays private
+    atomic_write(tmp_path / "table.md", "again")
+    assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o600
 
 
 def test_a_kept_final_model_is_a_run_that_only_overwrite_replaces(adapted, corpus, tmp_path, capsys, monkeypatch):

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -577,7 +578,10 @@ def atomic_write_files(texts: dict[Path, str]) -> None:
                     f.write(text)
                     f.flush()
                     os.fsync(f.fileno())
-                plain_mode(name)  # not mkstemp's 0600
+                try:  # the mode of the file it replaces (a private one, 0600, stays private), else a plain open's
+                    os.chmod(name, stat.S_IMODE(path.stat().st_mode))
+                except FileNotFoundError:
+                    plain_mode(name)  # not mkstemp's 0600
         for name, path in temporaries:
             with written(path):
                 os.replace(name, path)
