@@ -125,7 +125,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from encdec.formats.remote_code import layout_code_line, modeling_file_line
     from encdec.report import describe, parameter_table
 
-    loaded = load_checkpoint(args.dir)
+    loaded = load_checkpoint(args.dir, None, mapped=True)  # as stored, read where counted: no float32 copy
     print(f"{args.dir}: {_format_line(loaded.format)}")
     for note in loaded.notes:
         print(f"  note: {note}")
