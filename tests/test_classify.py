@@ -506,6 +506,14 @@ def test_exported_encoder_reproduces_the_encoder_in_encdec_and_transformers(
     assert backbone.spec.kind == "encoder" and tokenizer_dir == out
 
 
+def test_an_encoder_exported_without_a_tokenizer_says_so(models: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """`adapt` warns when it saves a model without a tokenizer; export-encoder wrote one silently, which `encdec
+    classify` then could not read."""
+    bare = shutil.copytree(models["gemma3"], tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
+    assert main(["export-encoder", str(bare), "--out", str(tmp_path / "encoder")]) == 0
+    assert f"{bare} has no tokenizer, so the encoder is saved without one" in capsys.readouterr().err
+
+
 def test_an_exported_encoder_keeps_its_checkpoints_dtype(models: dict[str, Path], tmp_path: Path) -> None:
     """A bfloat16 checkpoint (Google's T5Gemma releases) was exported in float32: twice its size on disk, and in
     transformers' memory, which reads the config's dtype."""

@@ -436,6 +436,7 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
     from encdec.classification.backbone import from_encoder_decoder
     from encdec.classification.encoder_export import EXPORTED, write_encoder
     from encdec.files import check_output_dir
+    from encdec.logs import log
     from encdec.sources import has_tokenizer
 
     if not is_checkpoint(args.model):
@@ -443,6 +444,10 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",), kind=EXPORTED)
     backbone = from_encoder_decoder(load(args.model, dtype=None))  # as stored: a bfloat16 one stays bfloat16
     model = Path(args.model).expanduser()
+    if not has_tokenizer(model):
+        log.warning("%s has no tokenizer, so the encoder is saved without one; `encdec classify` needs one: copy "
+                    "the model's tokenizer.json (or tokenizer.model) and tokenizer_config.json into %s",
+                    args.model, args.out)
     fmt = write_encoder(backbone, args.out, tokenizer_dir=model if has_tokenizer(model) else None,
                         overwrite=args.overwrite)
     where = "the project's own format" if fmt == "encdec-encoder" else f"{fmt} layout: transformers loads it"
