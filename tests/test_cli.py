@@ -462,6 +462,16 @@ def test_compile_without_a_compiler_is_one_line(adapted, monkeypatch, capsys):
     assert "leave --compile out" in line
 
 
+def test_cpu_kernels_beside_int8_are_said_to_be_ignored(adapted, capsys):
+    """int8's dynamic layers compute their own products: --cpu-kernels changed nothing there, unsaid."""
+    assert main(["generate", str(adapted), "--prompt", "w1", "--quantize", "int8", "--cpu-kernels", "blas",
+                 "--max-new-tokens", "2"]) == 0
+    assert "--cpu-kernels blas: --quantize int8 computes with PyTorch's dynamic int8 layers; ignored" in \
+        capsys.readouterr().err
+    assert main(["generate", str(adapted), "--prompt", "w1", "--quantize", "int8", "--max-new-tokens", "2"]) == 0
+    assert "--cpu-kernels" not in capsys.readouterr().err
+
+
 def test_pretrain_help_offers_only_its_objectives(capsys):
     """`encdec pretrain --help` showed --objective {prefixlm,ul2,instruct}, then refused instruct (finetune's); it
     still answers instruct with the line that names `encdec finetune`."""

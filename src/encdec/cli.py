@@ -197,7 +197,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_positions(len(encoded[longest]), args.max_new_tokens, config,
                     prompts[longest].source if args.input is not None else "", len(framing.decoder))
     with timed(f"loading {args.dir}"):
-        model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
+        model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, _cpu_kernels(args))
     if args.quantize == "int8" and len(prompts) > 1:
         logging.getLogger("encdec").warning(INT8_BATCH_CAUTION)
     stop = ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids)
@@ -282,7 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with timed(f"loading {args.model}"):
-        model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize, args.cpu_kernels)
+        model = load_for_inference(args.model, DTYPES[args.dtype], args.quantize, _cpu_kernels(args))
         tokenizer = load_tokenizer(Path(args.model))
     if args.quantize == "int8":
         log.warning(INT8_BATCH_CAUTION)
@@ -486,14 +486,22 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (a GPU is used when there is one; bfloat16 on CPU wants AVX512-BF16 or AMX)")
     p.add_argument("--quantize", choices=list(QUANTIZATIONS), default=None,
                    help="int8: dynamic int8 linear layers and LM head, for CPU inference in float32")
-    p.add_argument("--cpu-kernels", choices=list(CPU_KERNELS), default="onednn",
-                   help="matrix products on CPU: onednn packs the weights once into oneDNN's layout (on the "
-                        "benchmark CPU its products ran 2-4x and generation 1.1-1.9x faster than blas, "
-                        "docs/benchmarks.md); blas is PyTorch's default")
+    p.add_argument("--cpu-kernels", choices=list(CPU_KERNELS), default=None,
+                   help="matrix products on CPU: onednn (the default) packs the weights once into oneDNN's layout "
+                        "(on the benchmark CPU its products ran 2-4x and generation 1.1-1.9x faster than blas, "
+                        "docs/benchmarks.md); blas is PyTorch's default; not used with --quantize int8")
     p.add_argument("--compile", action="store_true",
                    help="compile the decoding step with torch.compile (1.5-2 minutes on a GPU, 1-2.5 on a 2-core "
                         "CPU, at the first prompt; serve compiles before it listens): on an H200 a bfloat16 step then "
                         "ran 3.3x faster, on CPU 1.08-1.11x (docs/benchmarks.md)")
+
+
+def _cpu_kernels(args: argparse.Namespace) -> str:
+    """--cpu-kernels, said to be ignored where int8's own layers compute (it changed nothing, unsaid)."""
+    if args.quantize is not None and args.cpu_kernels is not None:
+        logging.getLogger("encdec").warning("--cpu-kernels %s: --quantize %s computes with PyTorch's dynamic int8 "
+                                            "layers; ignored", args.cpu_kernels, args.quantize)
+    return args.cpu_kernels or "onednn"
 
 
 def _versions() -> str:
