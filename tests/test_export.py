@@ -263,6 +263,23 @@ def test_a_converter_error_that_says_nothing_is_still_one_line(t5gemma2_dir, tmp
     assert not out.exists()
 
 
+def test_commands_given_an_export_or_a_run_directory_say_what_to_give(t5gemma2_dir, tmp_path, capsys):
+    """A CTranslate2 export read as a checkpoint said "model_type None ... must first go through encdec adapt"; a
+    training run's directory, "config.json is missing"."""
+    out = tmp_path / "ct2"
+    assert main(["export", str(t5gemma2_dir), "--to", "ctranslate2", "--out", str(out)]) == 0
+    run = tmp_path / "run"
+    shutil.copytree(t5gemma2_dir, run / "model")
+    (run / "metrics.jsonl").write_text("")
+    capsys.readouterr()
+    for given, said in ((out, f"{out} is a CTranslate2 export (model.bin), which CTranslate2's Translator runs"),
+                        (run, f"{run} holds no config.json; expected an encoder-decoder checkpoint directory (")):
+        assert main(["info", str(given)]) == 2
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+        assert said in line, line
+    assert line.endswith(f"; the training run's model is {run / 'model'}")
+
+
 def test_a_checkpoint_whose_config_asks_for_a_quantization_library_is_one_line(t5gemma2_dir, tmp_path, capsys):
     """A quantization_config in config.json (which encdec's own loader ignores) made transformers, under the
     converter, raise ImportError for bitsandbytes: a traceback."""

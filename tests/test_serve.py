@@ -1033,7 +1033,7 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
     assert main(["serve", str(tmp_path), "--port", "1", "--timeout-keep-alive", "0"]) == 2  # (no server if not)
     assert "--timeout-keep-alive must be at least 1, got 0" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--port", "1"]) == 2
-    assert "config.json is missing" in capsys.readouterr().err
+    assert "holds no config.json; expected an encoder-decoder checkpoint directory" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no such directory; expected an encoder-decoder checkpoint directory" in capsys.readouterr().err
     import socket
@@ -1080,7 +1080,7 @@ def test_https_cors_and_drain_options_are_checked_before_the_model_loads(tmp_pat
              (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a number of seconds, 0 or more"),
              (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a number of seconds, 0 or more"),
              (["--allowed-origins", "https://app.example, http://localhost:3000", "--shutdown-timeout", "0"],
-              "config.json is missing")]
+              "holds no config.json")]
     for options, said in cases:
         assert main(["serve", nowhere, "--port", "1", *options]) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]

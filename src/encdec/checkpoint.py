@@ -146,6 +146,13 @@ def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
     if (path / "classifier.json").is_file() and not (path / "config.json").exists():
         raise EncdecError(f"{path} is a saved classifier (`encdec classify`), not an encoder-decoder checkpoint: "
                           f"`encdec classify --predict {path} --text ...` labels texts with it")
+    if (path / "model.bin").is_file():
+        raise EncdecError(f"{path} is a CTranslate2 export (model.bin), which CTranslate2's Translator runs; encdec "
+                          "reads the checkpoint it was converted from")
+    if not (path / "config.json").exists():  # a training run's directory, most often: its model is a folder down
+        inside = f"; the training run's model is {path / 'model'}" if (path / "model" / "config.json").is_file() else ""
+        raise EncdecError(f"{path} holds no config.json; expected an encoder-decoder checkpoint directory "
+                          f"({ACCEPTED}){inside}")
     data = read_json(path / "config.json")
     if data.get("format") != NATIVE and _layout_type(data) is None:
         raise EncdecError(

@@ -171,7 +171,8 @@ class EncDecConfig:
         if self.attention == "merged" and self.encoder.hidden_size != self.decoder.hidden_size:
             raise EncdecError(
                 f"merged attention shares K/V projections, so encoder and decoder widths must match "
-                f"(got {self.encoder.hidden_size} and {self.decoder.hidden_size}); use --attention cross"
+                f"(got {self.encoder.hidden_size} and {self.decoder.hidden_size}); such a model takes "
+                "cross-attention (encdec adapt --attention cross)"
             )
         if self.shared_embeddings and self.encoder.hidden_size != self.decoder.hidden_size:
             raise EncdecError("shared embeddings need equal encoder and decoder widths")
