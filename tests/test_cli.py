@@ -25,6 +25,13 @@ def test_adapt_then_info(capsys, tmp_path, sources):
     assert "decoder      2 layers" in info and "encoder      4 layers" in info
     for part in ("embeddings", "encoder", "decoder", "cross-attention", "total"):
         assert f"  {part}" in info
+    assert "(2 local, window 4)" in info and "the t5gemma convention" in info
+    # a model of global layers only (Llama): no "0 local, window 4096", no window convention of layers it lacks
+    assert main(["adapt", "--encoder", str(sources["llama"]), "--out", str(tmp_path / "llama")]) == 0
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "llama")]) == 0
+    info = capsys.readouterr().out
+    assert "encoder      4 layers (all global)" in info and "convention" not in info
 
 
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path, sources):

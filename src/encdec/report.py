@@ -38,7 +38,9 @@ def _stack_line(stack: StackConfig) -> str:
     extras += ["q/k/v biases"] if stack.qkv_bias else []
     extras += ["norms before and after each sub-layer" if stack.post_norms else "norms before each sub-layer",
                "GELU (tanh)" if stack.activation == "gelu_tanh" else "SiLU"]
-    return (f"{stack.num_layers} layers ({local} local, window {stack.sliding_window}), width {stack.hidden_size}, "
+    layers = f"{stack.num_layers} layers ({local} local, window {stack.sliding_window})" if local else \
+        f"{stack.num_layers} layers (all global)"
+    return (f"{layers}, width {stack.hidden_size}, "
             f"{stack.num_heads} heads / {stack.num_kv_heads} KV heads of {stack.head_dim}, FFN {stack.intermediate_size}"
             + "".join(f", {e}" for e in extras))
 
@@ -54,7 +56,8 @@ def describe(model: EncoderDecoder) -> str:
         f"  decoder      {_stack_line(cfg.decoder)}",
         f"  attention    {kind}",
         f"  embeddings   {emb}, vocabulary {cfg.vocab_size:,}",
-        f"  window       encoder local layers use the {cfg.encoder_window} convention",
+        *([f"  window       encoder local layers use the {cfg.encoder_window} convention"]
+          if "sliding" in cfg.encoder.layer_types else []),
         f"  tokens       pad {cfg.pad_token_id}, bos/decoder start {cfg.bos_token_id}, eos {cfg.eos_token_ids}",
     ]
     if cfg.final_logit_softcap:
