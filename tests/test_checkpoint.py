@@ -68,7 +68,8 @@ def test_a_checkpoint_a_newer_encdec_wrote_is_refused_not_misread(sources, tmp_p
     from encdec.model import EncoderDecoder
 
     adapted = encdec.adapt(encdec.load_source(str(sources["gemma3"])), attention="cross")
-    assert encdec.save(EncoderDecoder(dataclasses.replace(adapted.config, tied_head=False)), tmp_path / "out") == "encdec"
+    model = EncoderDecoder(dataclasses.replace(adapted.config, tied_head=False))
+    assert encdec.save(model, tmp_path / "out") == "encdec"
     file = tmp_path / "out" / "config.json"
     data = json.loads(file.read_text())
     data.pop("format_version") if version is None else data.update(format_version=version)

@@ -36,7 +36,6 @@ from encdec.evaluation.tasks import (
     sample,
 )
 
-
 REQUESTS = [  # shared and distinct contexts of different lengths, continuations of different lengths
     ([2, 10, 11, 12, 13, 14], [20, 21]),
     ([2, 10, 11, 12, 13, 14], [30]),
@@ -777,10 +776,10 @@ def test_a_decoder_only_model_is_never_fed_past_its_positions(tmp_path, monkeypa
     windows of --max-len as given. A model of learned positions (GPT-2) stopped there with an IndexError, after
     hours of scoring; one of RoPE read past what it was trained on."""
     import transformers as tf
+    from tiny import VOCAB, make_tokenizer
 
     from encdec.data import corpus
     from encdec.evaluation.harness import run_heldout
-    from tiny import VOCAB, make_tokenizer
 
     directory = tmp_path / "gpt2"
     torch.manual_seed(0)

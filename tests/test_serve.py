@@ -1827,7 +1827,8 @@ def test_an_int8_server_says_that_batching_moves_its_tokens(checkpoint, monkeypa
     started = []  # how the served model's products were converted: int8 only when asked
     monkeypatch.setattr(encdec.serve.app, "serve", lambda model, *a: started.append(_converted_for_inference(model)))
     assert main(["serve", str(checkpoint), "--quantize", "int8"]) == 0
-    assert started == ["quantized to int8"] and "depend on the prompts and inputs computed with it" in capsys.readouterr().err
+    assert started == ["quantized to int8"]
+    assert "depend on the prompts and inputs computed with it" in capsys.readouterr().err
     assert main(["serve", str(checkpoint)]) == 0
     assert started[1] != "quantized to int8" and "int8" not in capsys.readouterr().err
 

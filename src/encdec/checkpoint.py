@@ -75,7 +75,8 @@ def save(
     layout = exportable(cfg)
     from transformers import GenerationConfig
 
-    with atomic_dir(Path(out), overwrite, replaces=("config.json",), kind=SAVED) as tmp:  # overwrite: not another folder
+    # overwrite=True replaces an earlier checkpoint, not another folder
+    with atomic_dir(Path(out), overwrite, replaces=("config.json",), kind=SAVED) as tmp:
         if layout is None:  # with a modeling file, for transformers' trust_remote_code=True
             write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, **remote_code.config_fields(),
                                "config": cfg.to_dict()}, weights)

@@ -444,12 +444,12 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
     check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",), kind=EXPORTED)
     backbone = from_encoder_decoder(load(args.model, dtype=None))  # as stored: a bfloat16 one stays bfloat16
     model = Path(args.model).expanduser()
-    if not has_tokenizer(model):
+    tokenizer_dir = model if has_tokenizer(model) else None
+    if tokenizer_dir is None:
         log.warning("%s has no tokenizer, so the encoder is saved without one; `encdec classify` needs one: copy "
                     "the model's tokenizer.json (or tokenizer.model) and tokenizer_config.json into %s",
                     args.model, args.out)
-    fmt = write_encoder(backbone, args.out, tokenizer_dir=model if has_tokenizer(model) else None,
-                        overwrite=args.overwrite)
+    fmt = write_encoder(backbone, args.out, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite)
     where = "the project's own format" if fmt == "encdec-encoder" else f"{fmt} layout: transformers loads it"
     print(f"saved the encoder of {args.model} to {args.out} ({where})")
 
@@ -622,8 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="/v1/embeddings: the mean of the encoder's states over the input, or its last token's")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/, /tokenize and /detokenize requests (default: "
-                   "$ENCDEC_API_KEY if set, else "
-                   "open); the environment variable keeps the key out of the process list")
+                   "$ENCDEC_API_KEY if set, else open); the environment variable keeps the key out of the process "
+                   "list")
     _add_inference_arguments(p)
     p.set_defaults(func=cmd_serve)
 

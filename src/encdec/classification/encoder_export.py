@@ -126,6 +126,7 @@ def is_encoder_export(path: str | Path) -> bool:
 
 EXPORTED = ("an exported encoder", is_encoder_export)  # what `write_encoder` replaces
 
+
 def _special(data: dict[str, Any]) -> dict[str, Any]:
     """The special ids a transformers encoder configuration names (none where it names no EOS)."""
     return special_tokens(data, default_pad=0) if data.get("eos_token_id") not in (None, []) else {}

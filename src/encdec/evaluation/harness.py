@@ -198,7 +198,8 @@ def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
             values[f"suffix_nll:{name}"] = encdec_suffix_nll(scorer.model, data, s.batch_size, scorer.framing)
         else:
             values[f"suffix_nll:{name}"] = decoder_only_suffix_nll(scorer.model, data, s.batch_size)
-            values[f"perplexity:{name}"] = decoder_only_perplexity(scorer.model, scorer.tokenizer, passages, scorer.max_len)
+            values[f"perplexity:{name}"] = decoder_only_perplexity(scorer.model, scorer.tokenizer, passages,
+                                                                   scorer.max_len)
     return TaskResult(n=n, values=values)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -163,7 +163,7 @@ class NonFiniteScores(EncdecError):
     them. Raised before any row draws, so that a caller can leave those rows out and the others' streams are as
     they were."""
 
-    def __init__(self, rows: list[int]) -> None:
+    def __init__(self, rows: Sequence[int] = ()) -> None:
         super().__init__("the model's scores (logits) are not finite numbers, so no token can be drawn from them (an "
                          "overflow: float32 or bfloat16 do not overflow where float16 may)")
         self.rows = rows

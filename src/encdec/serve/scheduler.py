@@ -405,7 +405,7 @@ class Scheduler:
         emitted = self.engine.step()
         self.failures_in_a_row = 0
         for row in self.engine.failed:  # its scores were not finite: it fails alone, the batch decodes on
-            self._fail([self.running[row]], NonFiniteScores([0]))
+            self._fail([self.running[row]], NonFiniteScores())
         now = time.perf_counter()
         self.metrics.generated.inc(len(emitted))
         for item in emitted:

@@ -114,9 +114,9 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
 def window_length(objective: str, enc_len: int, dec_len: int, bos: bool = False, window: int = 0) -> int:
     """Tokens per window: `window` when given, else the objective's longest. PrefixLM's, split in its middle, is
     twice the shorter side: it fills one row exactly at equal lengths (the inputs gain the tokenizer's leading BOS
-    when `bos`, the targets an EOS), and the longer side's surplus stays padding otherwise; UL2's is half a row, so that a
-    corrupted example fits its row, but it is alone there: at 64 + 64 and 512 + 512 tokens, 46-48% of a UL2 row's
-    slots are padding (the corrupted inputs fill most of the encoder side, or the long targets most of the
+    when `bos`, the targets an EOS), and the longer side's surplus stays padding otherwise. UL2's is half a row, so
+    that a corrupted example fits its row, but it is alone there: at 64 + 64 and 512 + 512 tokens, 46-48% of a UL2
+    row's slots are padding (the corrupted inputs fill most of the encoder side, or the long targets most of the
     decoder's). Quarter-row windows fill 77% / 71% of them, first fit (bench/ul2_packing.py), but at 64 + 64
     they recovered far worse (docs/adaptation.md)."""
     longest = min(2 * (enc_len - bos), 2 * (dec_len - 1)) if objective == "prefixlm" else (enc_len + dec_len) // 2
