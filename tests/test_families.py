@@ -217,6 +217,10 @@ def test_decoder_only_model_saved_back_in_its_family_layout(sources, tmp_path, f
     model (a tuned decoder-only baseline) generated past it in transformers, and so did what was adapted from it."""
     shutil.copytree(sources[family], tmp_path / "source")
     (tmp_path / "source" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "top_k": 5}))
+    # released sources say bfloat16: the saved float32 weights kept that word, and transformers read them in it
+    config = json.loads((tmp_path / "source" / "config.json").read_text())
+    config.update(dtype="bfloat16", torch_dtype="bfloat16")  # (the older key as well)
+    (tmp_path / "source" / "config.json").write_text(json.dumps(config))
     source = encdec.load_source(str(tmp_path / "source"))
     model = causal_from_source(source)
     with torch.no_grad():

@@ -51,11 +51,15 @@ def save_causal(model: CausalLM, source: DecoderOnlySource, out: Path, *, overwr
     generation = read_json(generation) if generation.is_file() else None
     if tokenizer is None and source.has_tokenizer:
         tokenizer = load_tokenizer(source.directory)
+    weights = hf_weights(model, source.family)
+    # the dtype of the weights written, not the source's (bfloat16 in released ones: transformers reads them in it)
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     with atomic_dir(Path(out), overwrite, replaces=("config.json",)) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         if generation is not None:
             (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2))
-        write_weights(tmp, hf_weights(model, source.family))
+        write_weights(tmp, weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if metadata is not None:
