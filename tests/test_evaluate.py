@@ -71,6 +71,8 @@ def test_an_empty_continuation_scores_zero_and_leaves_the_rest_of_its_batch_alon
     assert with_empty[0] == (0.0, True)
     for (score, greedy), (score_alone, greedy_alone) in zip(with_empty[1:], alone):
         assert score == pytest.approx(score_alone, abs=1e-4) and greedy == greedy_alone
+    # a batch of empty ones only (they sort last; --batch-size 1 makes one of each): an IndexError, decoder-only
+    assert scorer.loglikelihoods([([2, 10, 11], []), ([2, 12], [])], batch_size=2) == [(0.0, True)] * 2
 
 
 @pytest.mark.parametrize("kind", ["encoder-decoder", "decoder-only"])
@@ -670,6 +672,9 @@ def test_an_encoder_decoder_checkpoint_named_as_on_the_hub_is_scored_as_one(adap
     monkeypatch.setattr("encdec.sources.resolve", lambda spec: adapted if spec == "org/t5gemma-tiny" else None)
     check_loadable("org/t5gemma-tiny")
     assert load_scorer("org/t5gemma-tiny").kind == "encoder-decoder"
+    from encdec.evaluation.harness import _provenance  # the results' record of where it came from (it was empty)
+
+    assert _provenance("org/t5gemma-tiny", "encoder-decoder")["adapted_from"]["encoder"]
 
 
 def test_a_ul2_pretrained_checkpoint_is_scored_in_its_objective_s_framing(adapted, tmp_path):

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from encdec.errors import EncdecError
 from encdec.evaluation.answers import exact_match, final_number, first_line
-from encdec.evaluation.scoring import Scorer, check_loadable, load_scorer
+from encdec.evaluation.scoring import Scorer, check_loadable, load_scorer, model_directory
 from encdec.evaluation.stats import mean_interval, wilson_interval
 from encdec.evaluation.tasks import (
     FORMAT_VERSION,
@@ -280,7 +280,7 @@ def _provenance(spec: str, kind: str) -> dict[str, Any]:
     """Where an encoder-decoder came from (adaptation, training), as recorded next to its weights."""
     from encdec.checkpoint import read_metadata
 
-    return read_metadata(spec) if kind == "encoder-decoder" else {"source": spec}
+    return read_metadata(model_directory(spec)) if kind == "encoder-decoder" else {"source": spec}
 
 
 def _cell(summary: dict[str, Any], key: str = "accuracy") -> str:

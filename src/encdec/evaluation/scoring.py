@@ -181,9 +181,11 @@ def _causal_logits(model: torch.nn.Module, requests: list[Request], pad_id: int)
     what the model does to its logits after the layer applies (Gemma's soft-cap, Granite's and Cohere's scales,
     which were skipped), and the vocabulary is computed for the continuations only."""
     ids, mask = (t.to(model.device) for t in pad_rows([ctx + cont for ctx, cont in requests], pad_id))
-    rows = torch.tensor([i for i, (_, cont) in enumerate(requests) for _ in cont], device=model.device)
+    # (long even when empty: a batch of empty continuations only indexed with float tensors)
+    rows = torch.tensor([i for i, (_, cont) in enumerate(requests) for _ in cont], dtype=torch.long,
+                        device=model.device)
     positions = torch.tensor([p for ctx, cont in requests for p in range(len(ctx) - 1, len(ctx) + len(cont) - 1)],
-                             device=model.device)
+                             dtype=torch.long, device=model.device)
     hook = model.get_output_embeddings().register_forward_pre_hook(
         lambda _, args: (args[0][rows, positions][None], *args[1:]))
     try:
