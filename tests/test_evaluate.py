@@ -258,6 +258,11 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ("The answer is 3 x 4 = 12.", "12"),  # multiplication written with x or a dot: 3 and 4 were taken
     ("The answer is 4 \u00b7 3 = 12", "12"),
     ("The answer is 5 xylophones", "5"),
+    # LaTeX's thousands (1{,}000, 1\\,000), thin spaces and the minus sign: read as 1, and 5 for -5
+    ("The answer is $\\boxed{1{,}000}$", "1000"),
+    ("answer is 1\\,000", "1000"),
+    ("It costs 12\u2009500 dollars", "12500"),
+    ("The answer is \u22125.", "-5"),
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected
@@ -749,7 +754,8 @@ def test_decoder_only_options_are_scored_from_the_logits_the_model_gives(model_t
 
 
 # the prompts of every task (3 examples, 2 shots each) under each FORMAT_VERSION
-PROMPTS = {2: "caafa691c0b0c279", 3: "df75416d07956669", 4: "df75416d07956669", 5: "df75416d07956669"}
+PROMPTS = {2: "caafa691c0b0c279", 3: "df75416d07956669", 4: "df75416d07956669", 5: "df75416d07956669",
+           6: "df75416d07956669"}
 
 
 def test_a_prompt_that_changes_comes_with_a_new_format_version():

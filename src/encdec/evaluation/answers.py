@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 import string
 
+# between a digit and three more: LaTeX's {,} and \, and (narrow) no-break or thin spaces, as a chat model writes them
+DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\{,\}|\\,|[\u2009\u202f\u00a0])(?=\d{3}(?!\d))")
 # ".5" too, read as 0.5, where the point follows no letter, digit or point (not the ".3" of "1.2.3" or "file.2");
 # a minus sign only where it touches the number and follows no word or bracket ("23 - 15", "3-5" end on 15 and 5)
 NUMBER = re.compile(r"(?:(?<![\w)\]])-(?=[$\d.]))?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
@@ -30,7 +32,9 @@ def _clean_number(text: str) -> str | None:
 
 def final_number(text: str) -> str | None:
     """The number a chain of thought ends on: after "the answer is" when stated (the few-shot
-    examples end that way), else the last number in the text; GSM8K's "#### N" also counts."""
+    examples end that way), else the last number in the text; GSM8K's "#### N" also counts. LaTeX's and
+    typography's ways of writing thousands (1{,}000, 1\\,000, thin spaces) and the minus sign read as plain ones."""
+    text = DIGIT_GROUPS.sub(lambda m: "," if m.group(0) == "{,}" else "", text).replace("\u2212", "-")
     for pattern in (ANSWER_IS, re.compile(r"####\s*(" + NUMBER.pattern + ")")):
         found = pattern.findall(text)
         if found:

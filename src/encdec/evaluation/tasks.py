@@ -23,8 +23,9 @@ from encdec.evaluation.datasets import read_split, rendered_docs
 # answers written "3 x 4 = 12" read as 12; 4: a context cut to --max-len keeps its first token only where the
 # tokenizer puts it before every text, as instruction tuning cuts a prompt: SmolLM2's cut chat prompts began with a
 # stray <|im_start|>; 5: a tokenizer that ends every text with its EOS (add_eos_token) no longer ends contexts with
-# it, the answer scored after an ended document). tests/test_evaluate.py fingerprints the prompts.
-FORMAT_VERSION = 5
+# it, the answer scored after an ended document; 6: GSM8K reads LaTeX's thousands, 1{,}000 and 1\,000, and the
+# minus sign U+2212, which it read as 1 and as 5). tests/test_evaluate.py fingerprints the prompts.
+FORMAT_VERSION = 6
 SHOT_POOL = 200  # training examples the few-shot sample is drawn from
 
 
