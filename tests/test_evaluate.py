@@ -21,7 +21,7 @@ from encdec.errors import EncdecError
 from encdec.evaluation import datasets
 from encdec.evaluation.answers import exact_match, final_number, first_line
 from encdec.evaluation.harness import Settings, run_choice
-from encdec.evaluation.scoring import load_scorer
+from encdec.evaluation.scoring import Scorer, load_scorer
 from encdec.evaluation.stats import wilson_interval
 from encdec.evaluation.tasks import (
     FORMAT_VERSION,
@@ -268,6 +268,20 @@ def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected
 
 
+def test_generation_stops_at_every_token_that_holds_a_stop_string():
+    """Gemma writes a few-shot answer's blank line as its one "\\n\\n" token: the "\\n" stop (NQ's, TriviaQA's) was
+    the "\\n" token alone, and every answer ran its whole budget (24 tokens where 3 said it)."""
+    from encdec.sources import load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(resolve("gemma-3-270m"))
+    scorer = Scorer("gemma", "decoder-only", None, tokenizer)
+    ids = scorer.stop_token_ids(("\n",))
+    spelled = {tokenizer.decode([i]) for i in ids}
+    assert {"\n", "\n\n", "\n\n\n"} <= spelled and all("\n" in text for text in spelled)
+    assert tokenizer.convert_tokens_to_ids("\n\n") in ids and not set(ids) & set(tokenizer.all_special_ids)
+    assert scorer.stop_token_ids(("Question:",)) == []  # no token holds it whole: cut after, as before
+
+
 def test_answer_matching_normalises():
     assert exact_match("The Eiffel Tower!", ["eiffel tower"])
     assert exact_match("  sunset   blvd.", ["Sunset Blvd"])
@@ -401,6 +415,9 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn():
 
         def continuation_ids(self, text: str, after: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False).input_ids
+
+        stop_token_ids = Scorer.stop_token_ids  # the tokens that hold a stop string, as a real scorer reads them
+        _vocabulary: list[str] = []
 
         def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
             out = answer + [end] + more

@@ -138,7 +138,7 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
     # by itself, and its reasoning towards a number may run over several paragraphs (a short answer's first line
     # is still the answer)
     stops = tuple(x for x in task.stops if x.strip()) if s.chat and task.metric == "number" else task.stops
-    stop_ids = _single_token_stops(scorer, stops)
+    stop_ids = scorer.stop_token_ids(stops)
     if s.chat:
         chat, end_of_turn = _chat(scorer.tokenizer)
         prompts = [chat(p) for p in prompts]
@@ -171,13 +171,6 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
         result.examples.append({"id": item.id, "output": text, "extracted": guess, "answers": item.answers[:5],
                                 "correct": ok, "truncated": truncated})
     return result
-
-
-def _single_token_stops(scorer: Scorer, stops: tuple[str, ...]) -> list[int]:
-    """Stop strings that are one token after a word (Gemma's "\\n" and "\\n\\n") stop generation early; the rest are
-    cut after."""
-    ids = [scorer.continuation_ids(stop, "Answer") for stop in stops]
-    return [t[0] for t in ids if len(t) == 1]
 
 
 def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
