@@ -182,11 +182,39 @@ def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
     assert list(read_documents(spec, text_field="body", hub_limit=2)) == ["body 0", "body 1"]
     with pytest.raises(EncdecError, match=r"could not stream hf:"):
         list(read_documents(f"hf:{tmp_path / 'missing'}"))
-    # records checked as JSON lines are: blank texts skipped, a missing or non-string field one line
-    (tmp_path / "ds" / "train.jsonl").write_text('{"text": "a"}\n{"text": " "}\n{"text": "b"}\n{"text": null}\n')
-    with pytest.raises(EncdecError, match=r"hf:.*ds, record 3: no string field 'text'"):
+    # records checked as JSON lines are: blank and null texts skipped (a null stopped the stream, after hours of
+    # tokenizing what came before), a missing or non-string field one line
+    (tmp_path / "ds" / "train.jsonl").write_text('{"text": "a"}\n{"text": " "}\n{"text": null}\n{"text": "b"}\n')
+    assert list(read_documents(spec)) == ["a", "b"]
+    assert list(read_documents(spec, hub_limit=1)) == ["a"]  # the limit counts documents, not blank records
+    (tmp_path / "ds" / "train.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
+    with pytest.raises(EncdecError, match=r"hf:.*ds, record 1: no string field 'text'"):
         list(read_documents(spec))
-    assert list(read_documents(spec, hub_limit=2)) == ["a", "b"]  # the limit counts documents, not blank records
+
+
+def test_documents_are_tokenized_in_calls_of_bounded_text(sources, tmp_path, monkeypatch):
+    """512 documents a call whatever their size: 512 books of a .jsonl (200 M characters) in one tokenizer call, at
+    ~130 bytes a character. The stream is the same in calls of any size."""
+    from encdec.data import tokens
+
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    (tmp_path / "a.txt").write_text("\n\n".join(" ".join(f"w{(i * j) % 60}" for j in range(i + 1)) for i in range(40)))
+    calls: list[list[str]] = []
+
+    class Counting:
+        eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, batch: list[str], **options):
+            calls.append(batch)
+            return tokenizer(batch, **options)
+
+    whole = tokens._tokenize(Counting(), [str(tmp_path / "a.txt")], "text")
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(tokens, "BATCH_CHARS", 100)
+    assert np.array_equal(tokens._tokenize(Counting(), [str(tmp_path / "a.txt")], "text"), whole)
+    assert len(calls) > 10 and all(sum(map(len, c[:-1])) < 100 for c in calls)
+    assert sum(len(c) for c in calls) == 40
 
 
 def test_a_tokenizer_that_ends_every_text_with_its_eos_gets_one_eos_a_document(sources, tmp_path):

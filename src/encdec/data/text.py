@@ -23,8 +23,9 @@ ACCEPTED = ("a .txt, .jsonl (one JSON object per line with a text field) or .par
             f"hf:NAME, or packaged text: {', '.join(f'corpus:{name}' for name in CORPORA)}")
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
 # a .txt paragraph is cut into documents of about this many characters, at line ends: a file with no blank line (a
-# sentence a line) was one document, held whole and tokenized in one call (tens of GB for a GB of text)
-MAX_PARAGRAPH_CHARS = 1 << 24
+# sentence a line) was one document, held whole and tokenized in one call (tens of GB for a GB of text); a tokenizer
+# call takes ~130 bytes a character (SmolLM2's): 16 M characters, 2 GB, so 4 M
+MAX_PARAGRAPH_CHARS = 1 << 22
 CHUNK_BYTES = 1 << 20  # what the .txt reader reads at a time
 log = logging.getLogger("encdec")
 _SAID: set[tuple[Path, tuple[str, ...]]] = set()  # directories whose left-out files were named (once per run)
@@ -275,6 +276,8 @@ def _hub(name: str, field: str, limit: int | None) -> Iterator[str]:
             if limit is not None and documents >= limit:
                 return
             text = record.get(field) if isinstance(record, dict) else None
+            if text is None and isinstance(record, dict) and field in record:  # a null text: skipped, as .jsonl's
+                continue
             if not isinstance(text, str):
                 raise EncdecError(f"hf:{name}, record {count}: no string field {field!r} (use --text-field to name "
                                   "another)")

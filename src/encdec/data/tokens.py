@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import itertools
 import logging
 import platform
 import struct
@@ -28,7 +27,8 @@ from encdec.files import WriteFailed, file_identity, write_cache
 
 log = logging.getLogger("encdec")
 CORPUS_VERSION = 2  # bump when a packaged corpus (encdec.data.corpus.CORPORA) changes
-READER_VERSION = 2  # bump when files are read into other documents (2: line ends of Windows read as newlines)
+READER_VERSION = 3  # bump when files are read into other documents (2: line ends of Windows read as newlines; 3:
+# paragraphs cut at 4 M characters, not 16 M, and the hf: records of null text skipped)
 HELDOUT = "heldout:"  # `heldout:NAME` names a packaged held-out set (encdec.data.corpus.HELDOUT_SETS)
 CORPUS = "corpus:"  # `corpus:NAME` names a packaged training corpus (encdec.data.corpus.CORPORA)
 PACKAGED = {HELDOUT: HELDOUT_SETS, CORPUS: CORPORA}
@@ -198,12 +198,31 @@ def _touched_since(path: Path, since: float) -> bool:
         return False
 
 
+BATCH_DOCUMENTS, BATCH_CHARS = 512, 1 << 22  # a tokenizer call's documents, and about its text at most
+
+
+def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
+    """Documents in batches of at most BATCH_DOCUMENTS, ended once they hold BATCH_CHARS of text (their last may
+    take them past it): a tokenizer call takes ~130 bytes a character (SmolLM2's), and 512 books of a .jsonl
+    (200 M characters) would have taken tens of GB. The reader is never more than a batch ahead."""
+    batch: list[str] = []
+    size = 0
+    for document in documents:
+        batch.append(document)
+        size += len(document)
+        if len(batch) == BATCH_DOCUMENTS or size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _tokenize(tokenizer, specs: list[str], text_field: str) -> np.ndarray:
     eos = tokenizer.eos_token_id
     documents = _documents(specs, text_field)
     parts: list[np.ndarray] = []  # int32 per batch of documents: a Python list of the whole stream takes ~9x more
     count = 0
-    while batch := list(itertools.islice(documents, 512)):
+    for batch in _batches(documents):
         count += len(batch)
         # text that spells a control token ("<eos>", "<unused3>": a UL2 sentinel) is text, as in instruction prompts
         rows = tokenizer(batch, split_special_tokens=True).input_ids
