@@ -121,6 +121,7 @@ def test_files_from_other_systems_and_tools_read_as_their_text_or_one_line(tmp_p
     assert list(read_documents(str(tmp_path / "pages.txt"))) == ["page one", "page two"]
     (tmp_path / "nulls.jsonl").write_text('{"text": null}\n{"text": "kept"}\n')
     assert list(read_documents(str(tmp_path / "nulls.jsonl"))) == ["kept"]  # as a parquet column's nulls
+    # (refused before it is parsed: a pandas file of GBs was parsed whole, at 7 times its size, first)
     for line, said in (('[{"text": "a"}]', 'line 1: a JSON list, not an object; expected one object per line'),
                        ('{"text": 5}', "line 1: 'text' is a JSON int; expected a string field"),
                        ('{"body": "a"}', "line 1: no field 'text'; expected a string field (use --text-field")):
@@ -286,7 +287,7 @@ def test_tokens_of_a_hub_dataset_read_from_the_cache_say_so(sources, tmp_path, c
     ("empty.txt", b"\n\n", r"empty.txt: empty"),
     ("data.csv", b"a,b\n", r"unsupported file type '.csv'"),
     ("broken.parquet", b"PAR1 nope", r"broken.parquet: not a readable parquet file"),
-    ("deep.jsonl", b"[" * 100_000 + b"\n", r"deep.jsonl, line 1: not valid JSON \(nested too deeply\)"),
+    ("deep.jsonl", b'{"text": ' + b"[" * 100_000 + b"\n", r"deep.jsonl, line 1: not valid JSON \(nested too deeply\)"),
     ("surrogate.jsonl", b'{"text": "ok \\ud83d\\ude00", "title": "\\ud83d"}\n{"text": "w1 \\ud800"}\n',
      r"surrogate.jsonl, line 2: 'text' holds a \\uD800-\\uDFFF escape that is not half of a pair"),
     # the position of a bad byte counts from after a byte-order mark: it named line 1
@@ -310,7 +311,7 @@ def test_a_byte_order_mark_starts_no_record_and_a_line_separator_inside_a_string
     path.write_bytes(b'{"text": "w1 \\ud800"}\n')
     with pytest.raises(EncdecError, match=r"texts.jsonl, line 1: 'text' holds a \\uD800-\\uDFFF escape"):
         read_inputs(path)
-    path.write_bytes(b"[" * 100_000 + b"\n")  # a RecursionError's traceback
+    path.write_bytes(b'{"text": ' + b"[" * 100_000 + b"\n")  # a RecursionError's traceback
     with pytest.raises(EncdecError, match=r"texts.jsonl, line 1: not valid JSON \(nested too deeply\)"):
         read_inputs(path)
     with pytest.raises(EncdecError, match=r"^input #2: not UTF-8 text"):  # --text bytes a terminal passed

@@ -153,6 +153,10 @@ def json_records(lines: Iterable[bytes], name: str, *, strict: bool = False) -> 
             raw = raw.removeprefix(BOM)
         if not raw.strip():
             continue
+        if raw.lstrip()[:1] == b"[":  # pandas' orient="records": one array, refused before all of it is parsed
+            raise EncdecError(f"{name}, line {number}: a JSON list, not an object; expected one object per line (each "
+                              "record must be a JSON object: pandas writes them with to_json(orient='records', "
+                              "lines=True))")
         try:
             record = parse_json(raw, strict=strict)
         except ValueError as e:
