@@ -170,6 +170,13 @@ def test_a_directory_follows_linked_folders_and_names_what_it_leaves_out(tmp_pat
     (tmp_path / "r" / "v3" / "b.txt").write_text("version three\n")
     (tmp_path / "r" / "latest").symlink_to(tmp_path / "r" / "v3")
     assert list(read_documents(str(tmp_path / "r"))) == ["version two", "version three"]
+    # a link to a folder that holds the directory (a loop) read the folders beside it: a valid/ split, here
+    (tmp_path / "s" / "train").mkdir(parents=True)
+    (tmp_path / "s" / "valid").mkdir()
+    (tmp_path / "s" / "train" / "a.txt").write_text("training\n")
+    (tmp_path / "s" / "valid" / "b.txt").write_text("held out\n")
+    (tmp_path / "s" / "train" / "up").symlink_to(tmp_path / "s")
+    assert list(read_documents(str(tmp_path / "s" / "train"))) == ["training"]
 
 
 def test_hub_datasets_stream_through_the_datasets_package(tmp_path):

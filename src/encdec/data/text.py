@@ -47,10 +47,11 @@ def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
             folders[:] = []
             continue
         visited.add(real)
-        # a link to a folder inside the directory is left to the folder itself: the order stays the folders' own
+        # a link to a folder inside the directory is left to the folder itself: the order stays the folders' own; one
+        # to a folder that holds the directory (its parent: a loop) too, which read the folders beside it (valid/)
         folders[:] = sorted(f for f in folders if not f.startswith(".")
                             and not (os.path.islink(os.path.join(root, f))
-                                     and _inside(os.path.realpath(os.path.join(root, f)), top)))
+                                     and _related(os.path.realpath(os.path.join(root, f)), top)))
         for name in files:
             path = Path(root) / name
             if not name.startswith(".") and path.is_symlink() and not path.exists():
@@ -70,8 +71,9 @@ def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
-def _inside(path: str, top: str) -> bool:
-    return os.path.commonpath([path, top]) == top
+def _related(path: str, top: str) -> bool:
+    """Whether `path` is `top`, inside it, or holds it."""
+    return os.path.commonpath([path, top]) in (top, path)
 
 
 def _txt(path: Path) -> Iterator[str]:
