@@ -372,6 +372,7 @@ def test_processes_starting_together_tokenize_a_corpus_once(sources, tmp_path, m
     ("empty.jsonl", "empty.jsonl: empty, no text in it"),
     ("shard.parquet", "shard.parquet: no column 'text'; columns: ['body']"),
     ("ids.parquet", "ids.parquet: column 'text' holds int64, not text"),
+    ("rows.parquet", "rows.parquet: empty, no text in it (no rows)"),
 ])
 def test_a_bad_last_file_is_refused_before_the_first_is_tokenized(sources, tmp_path, monkeypatch, bad, said):
     """A bad shard at the end of a large corpus failed the run after every file before it was tokenized (hours),
@@ -382,7 +383,8 @@ def test_a_bad_last_file_is_refused_before_the_first_is_tokenized(sources, tmp_p
     tokenizer = encdec.load_tokenizer(sources["gemma3"])
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text("w1 w2\n")
-    columns = {"shard.parquet": {"body": ["w1"]}, "ids.parquet": {"text": [1, 2]}}
+    columns = {"shard.parquet": {"body": ["w1"]}, "ids.parquet": {"text": [1, 2]},
+               "rows.parquet": {"text": pa.array([], pa.string())}}
     if bad.endswith(".parquet"):
         pq.write_table(pa.table(columns[bad]), tmp_path / "data" / bad)
     else:

@@ -235,10 +235,13 @@ def check_file(path: Path, text_field: str = "text") -> None:
     if empty:
         raise EncdecError(f"{path}: empty, no text in it")
     if path.suffix.lower() == ".parquet":
-        kind = _parquet_file(path, text_field).schema_arrow.field(text_field).type
+        file = _parquet_file(path, text_field)
+        kind = file.schema_arrow.field(text_field).type
         if not _textual(kind.value_type if pa.types.is_dictionary(kind) else kind):
             raise EncdecError(f"{path}: column {text_field!r} holds {kind}, not text (use --text-field to name "
                               "another)")
+        if file.metadata.num_rows == 0:  # a shard Spark or Dask wrote with no rows: read last, it failed the run
+            raise EncdecError(f"{path}: empty, no text in it (no rows)")
 
 
 def _parquet(path: Path, field: str) -> Iterator[str]:
