@@ -99,6 +99,25 @@ def test_decoder_only_loss_reads_prompt_then_response_and_scores_the_response(so
     assert teacher_rows(batch.rows).input_ids.shape == (1, 48)
 
 
+def test_held_out_examples_are_not_also_trained_on(adapted, tmp_path):
+    """Instruction sets repeat records (scraped ones often): the held-out examples were split off the shuffled
+    examples as they came, and their copies trained: a held-out loss that was a training loss."""
+    from encdec.training.config import FINETUNE_DEFAULTS, TrainConfig
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    once = "".join(json.dumps({"prompt": " ".join(WORDS[i : i + 4]), "response": " ".join(WORDS[i + 4 : i + 6])})
+                   + "\n" for i in range(40))  # 40 distinct records
+    (tmp_path / "thrice.jsonl").write_text(once * 3)
+    cfg = TrainConfig(**{**FINETUNE_DEFAULTS, "model": str(adapted), "data": [str(tmp_path / "thrice.jsonl")],
+                         "out": str(tmp_path / "run"), "enc_len": 24, "dec_len": 8, "eval_windows": 8})
+    plan, _ = build_plan(cfg, Dist())
+    held = {(tuple(e.inputs), tuple(e.targets)) for e in plan.eval_examples}
+    trained = [(tuple(e.inputs), tuple(e.targets)) for e in plan.stream.items]
+    assert len(plan.eval_examples) == 8 and not held & set(trained)
+    assert len(trained) == 3 * 40 - 3 * len(held)  # every copy of a held-out pair left out, nothing else
+
+
 def test_bad_instruction_record_is_one_line_naming_it(adapted, tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "w1", "response": "w2"}\n{"prompt": "w3", "response": "  "}\n')
