@@ -148,6 +148,13 @@ def test_a_system_message_takes_the_templates_system_role_or_opens_the_first_use
     tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
                                "supported') }}{% endif %}" + CHATML)
     assert ChatFormat.of(tokenizer).render(turns) == ChatFormat.of(tokenizer).render([("user", "w1\n\nw2")])
+    # a vocabulary with Gemma's turn tokens (every Gemma fine-tune's) whose own template is another: the template's
+    # (Gemma's turns were used whenever the vocabulary held <start_of_turn>, the format it was tuned on ignored)
+    tokenizer.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+    tokenizer.chat_template = CHATML
+    messages = [{"role": "user", "content": "w2"}]
+    assert ChatFormat.of(tokenizer).render([("user", "w2")]) == tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
     tokenizer.chat_template = "{{ raise_exception('never') }}" + CHATML
     with pytest.raises(ConversationRefused, match="never"):
         ChatFormat(tokenizer, True, "<|im_end|>", None).render(turns)

@@ -3,6 +3,7 @@ pretraining loop (loss on responses only, EOS closing each response, final model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -99,7 +100,7 @@ def test_decoder_only_loss_reads_prompt_then_response_and_scores_the_response(so
     assert teacher_rows(batch.rows).input_ids.shape == (1, 48)
 
 
-def test_held_out_examples_are_not_also_trained_on(adapted, tmp_path):
+def test_held_out_examples_are_not_also_trained_on(adapted, tmp_path, monkeypatch):
     """Instruction sets repeat records (scraped ones often): the held-out examples were split off the shuffled
     examples as they came, and their copies trained: a held-out loss that was a training loss."""
     from encdec.training.config import FINETUNE_DEFAULTS, TrainConfig
@@ -116,6 +117,15 @@ def test_held_out_examples_are_not_also_trained_on(adapted, tmp_path):
     trained = [(tuple(e.inputs), tuple(e.targets)) for e in plan.stream.items]
     assert len(plan.eval_examples) == 8 and not held & set(trained)
     assert len(trained) == 3 * 40 - 3 * len(held)  # every copy of a held-out pair left out, nothing else
+    # one record repeated: trained on all the same, and said
+    from encdec.training import plan as plan_module
+
+    (tmp_path / "one.jsonl").write_text((json.dumps({"prompt": "w1 w2", "response": "w3"}) + "\n") * 20)
+    warned: list[str] = []
+    monkeypatch.setattr(plan_module.log, "warning", lambda message, *args: warned.append(message % args))
+    plan, _ = build_plan(dataclasses.replace(cfg, data=[str(tmp_path / "one.jsonl")]), Dist())
+    assert len(plan.stream.items) == 12 and "every training example is a copy of one of the --eval-windows 8" in \
+        warned[-1]
 
 
 def test_bad_instruction_record_is_one_line_naming_it(adapted, tmp_path, capsys):

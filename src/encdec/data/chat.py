@@ -44,7 +44,10 @@ class ChatFormat:
     def of(cls, tokenizer: Any) -> ChatFormat:
         bos = leading_bos(tokenizer)
         vocab = tokenizer.get_vocab()
-        if START in vocab or not getattr(tokenizer, "chat_template", None):
+        template = getattr(tokenizer, "chat_template", None)
+        # Gemma's own format where there is no template or the template is Gemma's (its turns); a Gemma fine-tune's
+        # vocabulary keeps <start_of_turn> whatever template it was tuned with, which is then the one used
+        if not template or START in vocab and START in str(template):
             return cls(tokenizer, False, END if END in vocab else "", bos)
         exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
         answered = tokenizer.apply_chat_template(exchange, tokenize=False)

@@ -174,13 +174,15 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
     # instruction sets repeat records: a held-out example's copies are not trained on (its loss was a training loss)
     held_out = {(tuple(e.inputs), tuple(e.targets)) for e in examples[-cfg.eval_windows :]}
     training = [e for e in examples[: -cfg.eval_windows] if (tuple(e.inputs), tuple(e.targets)) not in held_out]
-    if not training:
-        raise EncdecError(f"every training example is a copy of one of the --eval-windows {cfg.eval_windows} held "
-                          "out: the data holds too few distinct records")
-    if d.main and len(training) < len(examples) - cfg.eval_windows:
-        log.info("left out of training: %d copies of held-out examples",
-                 len(examples) - cfg.eval_windows - len(training))
-    examples = [*training, *examples[-cfg.eval_windows :]]
+    if not training:  # one record repeated: trained on all the same, and said
+        if d.main:
+            log.warning("every training example is a copy of one of the --eval-windows %d held out: the held-out loss "
+                        "is a training loss (the data holds too few distinct records)", cfg.eval_windows)
+    elif len(training) < len(examples) - cfg.eval_windows:
+        if d.main:
+            log.info("left out of training: %d copies of held-out examples",
+                     len(examples) - cfg.eval_windows - len(training))
+        examples = [*training, *examples[-cfg.eval_windows :]]
     trimmed, vocab_size = None, model.embed.num_embeddings
     if cfg.trim_vocab:
         # the training examples' tokens only, as pretraining counts its training windows: the held-out examples
