@@ -44,7 +44,8 @@ class Scorer:
     max_len: int = 2048
     framing: Framing = PLAIN  # how an encoder-decoder was trained to read a continuation (UL2's sentinel)
     positions: int | None = None  # a decoder-only model's: what its context and continuation (or new tokens) share
-    _vocabulary: list[str] = field(default_factory=list, init=False, repr=False)  # each token's text, read when first needed
+    # each token's text, read when first needed (`stop_token_ids`)
+    _vocabulary: list[str] = field(default_factory=list, init=False, repr=False)
 
     @property
     def eos_id(self) -> int:
