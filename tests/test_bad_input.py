@@ -909,6 +909,15 @@ def test_quickstart_overwrite_leaves_a_run_of_another_model_alone(capsys, tmp_pa
     the quickstart's own run and deleted it (with --steps 0; with training, its checkpoints and model)."""
     out, other = _another_models_run_in_runs_pretrain(tmp_path, sources, monkeypatch)
     _quickstart_overwrite_refused(out, other, capsys)
+    # the same run reached through a link in OUT/pretrain: training followed the link and deleted the run's
+    # checkpoints and model there (with --steps 0 the link alone goes, which leaves the run as it is)
+    (out / "pretrain").rename(tmp_path / "kept")
+    (out / "pretrain").symlink_to(tmp_path / "kept")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "kept").rglob("*"))
+    assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "1", "--max-new-tokens", "2"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"holds a training run of {other}" in line and "choose another --out" in line
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "kept").rglob("*")) == before
 
 
 def test_quickstart_overwrite_replaces_its_own_run_recorded_from_another_directory(capsys, tmp_path, sources,

@@ -48,12 +48,15 @@ def _run_origin(run_dir: Path) -> str | None:
     return started if isinstance(started, str) else None
 
 
-def _check_own_run(run_dir: Path, adapted_dir: Path) -> None:
+def _check_own_run(run_dir: Path, adapted_dir: Path, steps: int) -> None:
     """--overwrite replaces the quickstart's own run, not one that sits in OUT/pretrain (encdec pretrain's default
     --out is runs/pretrain): refused where that run trained another model, or where a final model's origin is not
-    recorded at all."""
-    if run_dir.is_symlink():  # trained through, as any --out; with --steps 0 the link alone goes
-        return
+    recorded at all. A link there is trained through, so what it leads to is checked; with --steps 0 the link
+    alone goes."""
+    if run_dir.is_symlink():
+        if not steps:
+            return
+        run_dir = run_dir.resolve()
     if run_dir.exists() and not run_dir.is_dir():
         raise EncdecError(f"{run_dir} is not a directory, where the quickstart writes its training run; remove it or "
                           "choose another --out")
@@ -93,7 +96,7 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
     check_output_dir(out, overwrite, replaces=("adapted", "pretrain"))
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
     check_output_dir(adapted_dir, overwrite, replaces=("config.json",), kind=SAVED)  # as save() will, before work
-    _check_own_run(run_dir, adapted_dir)
+    _check_own_run(run_dir, adapted_dir, steps)
     with timed(f"loading {SOURCE}"):
         source = load_source(SOURCE)
         tokenizer = load_tokenizer(source.directory)
