@@ -476,8 +476,8 @@ BAD = [
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": "w1", "n": 0}, 400, "n"),
     ({"prompt": "w1", "n": 65}, 400, "n"),
-    ({"prompt": ["w1"] * 9, "n": 2}, 400, "n"),  # 18 generations: more than --max-queue 16 could ever hold
-    ({"prompt": ["w1"] * 17}, 400, "prompt"),  # 17 prompts, one choice each: the prompts asked for them
+    ({"prompt": ["w1"] * 11, "n": 2}, 400, "n"),  # 22 generations: more than --max-batch 4 + --max-queue 16 hold
+    ({"prompt": ["w1"] * 21}, 400, "prompt"),  # 21 prompts, one choice each: the prompts asked for them
     ({"prompt": "w1", "best_of": 2}, 400, "best_of"),
     ({"prompt": "w1", "echo": True}, 400, "echo"),
     ({"prompt": "w1", "logprobs": 21}, 400, "logprobs"),
@@ -1814,6 +1814,34 @@ def test_waiting_embedding_requests_share_encoder_passes(local, monkeypatch):
     for i in range(3):
         torch.testing.assert_close(vectors[i][0], engine.embed([[5, 6 + i]], "mean")[0], atol=1e-5, rtol=1e-5)
     assert all(torch.allclose(v, vectors[3][0], atol=1e-5) for v in vectors[3])
+
+
+def test_the_queue_limit_counts_requests_waiting_for_a_slot_not_those_headed_for_free_ones(local):
+    """--max-queue 1 with 4 free slots: an idle server answered 429 to the second of a burst, every one of them
+    queued until the scheduler's next cycle (and a request of 2 generations was refused 400 outright)."""
+    import asyncio
+
+    from encdec.inference.engine import Engine, Row
+    from encdec.serve.metrics import Metrics
+    from encdec.serve.protocol import APIError
+    from encdec.serve.scheduler import Job, Scheduler
+
+    scheduler = Scheduler(Engine(local[0], max_batch=4), max_queue=1, metrics=Metrics())  # its thread not started
+
+    async def burst() -> list[int]:
+        loop, statuses = asyncio.get_running_loop(), []
+        for _ in range(7):
+            try:
+                scheduler.submit(Job([5, 6], Row(2, frozenset()), loop))
+                statuses.append(200)
+            except APIError as e:
+                statuses.append(e.status)
+        return statuses
+
+    assert asyncio.run(burst()) == [200] * 5 + [429] * 2  # 4 slots + 1 waiting
+    with pytest.raises(APIError, match=r"holds at most 5 \(--max-batch 4 \+ --max-queue 1\)"):
+        scheduler.check_size(6, "n")
+    scheduler.check_size(5, "n")
 
 
 def test_an_int8_server_says_that_batching_moves_its_tokens(checkpoint, monkeypatch, capsys):

@@ -133,11 +133,22 @@ class Scheduler:
             raise self.startup_error
 
     def check_size(self, count: int, param: str) -> None:
-        """400 for a request of more generations than the queue ever holds: asked before its jobs are built (2,048
-        prompts x n = 64 would be 131,072 of them, built on the event loop). `param`: the field that asked."""
-        if count > self.max_queue:
-            raise APIError(400, f"this request asks for {count} generations (prompts x n); this server queues at "
-                           f"most {self.max_queue} (--max-queue)", param)
+        """400 for a request of more generations than the server ever holds (its batch slots and its queue): asked
+        before its jobs are built (2,048 prompts x n = 64 would be 131,072 of them, built on the event loop).
+        `param`: the field that asked."""
+        held = self.engine.max_batch + self.max_queue
+        if count > held:
+            raise APIError(400, f"this request asks for {count} generations (prompts x n); this server holds at "
+                           f"most {held} (--max-batch {self.engine.max_batch} + --max-queue {self.max_queue})", param)
+
+    def _queued_with(self, jobs: tuple[Job | EmbedJob, ...]) -> int:
+        """The requests that would wait for a batch slot with `jobs` queued (under `wake`): generations beyond the
+        slots no request holds (those admitted this cycle counted as holding theirs), and every embedding request.
+        --max-queue bounds waiting, not arrivals headed for free slots: a burst larger than it was refused 429
+        by an idle server."""
+        generations = sum(isinstance(job, Job) for job in jobs)
+        free = self.engine.max_batch - len(self.running) - len(self.admitting)
+        return max(0, len(self.waiting) + generations - max(free, 0)) + len(self.embedding) + len(jobs) - generations
 
     def submit(self, *jobs: Job | EmbedJob, param: str = "n") -> None:
         """Queue a request's jobs (all or none); 429 when the queue has no room for them, 503 once the server is
@@ -149,7 +160,7 @@ class Scheduler:
                                "restart it", kind="server_error")
             if not self.accepting:
                 raise APIError(503, "the server is shutting down", kind="server_error")
-            if len(self.waiting) + len(self.embedding) + len(jobs) > self.max_queue:
+            if self._queued_with(jobs) > self.max_queue:
                 raise APIError(429, f"the queue is full ({self.max_queue} requests waiting, --max-queue); retry later",
                                kind="rate_limit_error")
             for job in jobs:
