@@ -289,6 +289,9 @@ def test_answer_matching_normalises():
     # answers of punctuation alone (TriviaQA's "+-*/", NQ's "---") normalise to nothing: an empty answer matched them
     assert not exact_match("", ["+-*/"]) and not exact_match(" ", ["---", "A+"]) and not exact_match("The", ["a"])
     assert exact_match(" @ ", ["@"]) and exact_match("+-*/", ["times", "+-*/"])
+    # Unicode's punctuation as ASCII's: curly apostrophes and quotes, as instruction-tuned models write them
+    assert exact_match("Rock ’n’ roll", ["Rock 'n' roll"]) and exact_match("“Paris”.", ["Paris"])
+    assert exact_match("Bachelor’s degree", ["bachelor's degree"]) and not exact_match("¿Paris?", ["Pars"])
     assert first_line(" Paris\nQuestion: next", ("\n",)) == "Paris"
     assert first_line("a b\n\nQuestion: c", ("\n\n", "Question:")) == "a b"
 
@@ -772,7 +775,7 @@ def test_decoder_only_options_are_scored_from_the_logits_the_model_gives(model_t
 
 # the prompts of every task (3 examples, 2 shots each) under each FORMAT_VERSION
 PROMPTS = {2: "caafa691c0b0c279", 3: "df75416d07956669", 4: "df75416d07956669", 5: "df75416d07956669",
-           6: "df75416d07956669"}
+           6: "df75416d07956669", 7: "df75416d07956669"}
 
 
 def test_a_prompt_that_changes_comes_with_a_new_format_version():

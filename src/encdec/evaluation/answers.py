@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 
 # between a digit and three more: LaTeX's {,} and \, and (narrow) no-break or thin spaces, as a chat model writes them
 DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\{,\}|\\,|[\u2009\u202f\u00a0])(?=\d{3}(?!\d))")
@@ -44,8 +45,11 @@ def final_number(text: str) -> str | None:
 
 
 def normalise(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces (the SQuAD / TriviaQA convention)."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    """Lower case, no punctuation, no articles, single spaces (the SQuAD / TriviaQA convention). Punctuation is
+    ASCII's and Unicode's: a model writing Bachelor’s or “Paris” (curly quotes, as instruction-tuned models
+    type them) missed the answers Bachelor's and Paris."""
+    text = "".join(ch for ch in text.lower()
+                   if ch not in string.punctuation and not unicodedata.category(ch).startswith("P"))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
