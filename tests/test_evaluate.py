@@ -601,6 +601,7 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
             assert result["n"] == 3 and len(result["examples"]) == 3
             assert 0 <= result["accuracy"] <= 1 and result["interval95"][0] <= result["accuracy"] <= result["interval95"][1]
     source_lm, adapted_lm = (record["tasks"]["heldout"]["results"][m] for m in (str(sources["gemma3"]), str(adapted)))
+    assert 0 < source_lm["n"] <= 6 and 0 < adapted_lm["n"] <= 6  # --limit 3 passages of each set (it read all)
     for name in ("python-docs", "general-english"):  # in-domain and out-of-domain, both reported
         assert f"perplexity:{name}" in source_lm and f"perplexity:{name}" not in adapted_lm
         assert source_lm[f"suffix_nll:{name}"] > 0 and adapted_lm[f"suffix_nll:{name}"] > 0

@@ -670,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "winogrande, boolq, copa, cb, rte, sciq, openbookqa, socialiqa, commonsenseqa, mmlu, gsm8k, triviaqa, "
                    "naturalquestions, heldout")
     p.add_argument("--shots", type=int, default=5, help="few-shot examples from training splits (GSM8K always uses its 8)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded sample of N examples per task")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a fixed seeded sample of N examples per task "
+                   "(heldout: N passages of each of its sets)")
     p.add_argument("--chat", action="store_true",
                    help="wrap prompts in the tokenizer's chat template, or Gemma's chat turns "
                    "(instruction-tuned models)")

@@ -184,7 +184,7 @@ def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
 
     values, n = {}, 0
     for name, (_, source) in HELDOUT_SETS.items():  # in-domain for the default corpus, and general English
-        passages = source()
+        passages = sample(source(), s.limit, s.seed)  # --limit passages a set (it read them all)
         data = split_passages(scorer.tokenizer, passages, prefix_len=64, suffix_len=64)
         n += len(data.prefix)
         if scorer.kind == "encoder-decoder":
