@@ -125,7 +125,11 @@ def test_a_source_config_of_whole_numbers_for_floats_saves_as_t5gemma(sources, b
     (source / "config.json").write_text(text)
     assert '"attn_logit_softcapping": 5,' in text
     model = encdec.adapt(encdec.load_source(str(source)), attention="cross")
-    assert encdec.save(model, tmp_path / "out") == "t5gemma"
+    # its tokenizer too: transformers builds it with the source's configuration, which it refused the same way (the
+    # model adapted, then saving with its tokenizer failed and wrote nothing)
+    assert encdec.save(model, tmp_path / "out", tokenizer=encdec.load_tokenizer(source)) == "t5gemma"
+    theirs = encdec.load_tokenizer(sources["gemma2"])
+    assert encdec.load_tokenizer(source)("w1 w2").input_ids == theirs("w1 w2").input_ids
     reference = tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out")).eval()
     with torch.no_grad():
         ours, theirs = (valid(m(**batch).logits, batch["decoder_attention_mask"]) for m in (model, reference))

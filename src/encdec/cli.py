@@ -75,7 +75,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.files import check_output_dir, portable_path
     from encdec.logs import log, timed
     from encdec.report import describe, parameter_table
-    from encdec.sources import load_source
+    from encdec.sources import load_source, load_tokenizer
 
     check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder), replaces=("config.json",), kind=SAVED)
     if args.decoder_layers is not None and not args.decoder_layers.strip():
@@ -89,12 +89,14 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         with timed(f"loading decoder source {args.decoder}"):
             decoder = load_source(args.decoder, DTYPES[args.dtype])
     layers = parse_layers(args.decoder_layers, encoder.stack.num_layers) if args.decoder_layers is not None else None
-    with timed("adapting"):
-        model = adapt(encoder, decoder, layers, args.attention, seed=args.seed)
     # the decoder's, whose special tokens the model takes (its EOS, its chat template); one vocabulary with the
-    # encoder's
+    # encoder's. Read before adapting, as saving will read it: a tokenizer transformers refuses failed the save
     generating = decoder if decoder is not None and decoder.has_tokenizer else encoder
     tokenizer_dir = generating.directory if generating.has_tokenizer else None
+    if tokenizer_dir is not None:
+        load_tokenizer(tokenizer_dir)
+    with timed("adapting"):
+        model = adapt(encoder, decoder, layers, args.attention, seed=args.seed)
     if tokenizer_dir is None:
         log.warning("%s has no tokenizer, so %s is saved without one; `encdec generate` needs one: copy the "
                     "source model's tokenizer.json (or tokenizer.model) and tokenizer_config.json into %s",
