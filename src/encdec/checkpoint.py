@@ -64,6 +64,10 @@ def save(
     dtype: torch.dtype | None = None, metadata: dict | None = None, tokenizer: object | None = None,
 ) -> str:
     """Write `model` (and `tokenizer`, or the one found in `tokenizer_dir`) to `out`; returns the format used."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper, whose state_dict prefixes every key
+    if not isinstance(model, EncoderDecoder):
+        raise EncdecError(f"encdec.save writes an encoder-decoder of encdec's (encdec.adapt, encdec.load), not a "
+                          f"{type(model).__name__}")
     converted = _converted_for_inference(model)
     if converted:
         raise EncdecError(f"this model's weights were {converted} for inference (load_for_inference) and cannot be "
