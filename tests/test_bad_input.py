@@ -287,6 +287,19 @@ def test_bad_decoder_layers(capsys, tmp_path, sources, layers, message):
     assert message in _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder-layers", layers)
 
 
+@pytest.mark.parametrize("layers, message", [([], "selects no layer"), ([3, 1], "distinct and increasing"),
+                                             ([0, 7], "out of range"), ([-1], "out of range"), ([0.5], "out of range")])
+def test_bad_decoder_layers_from_python(sources, layers, message):
+    """encdec.adapt took any list: [] built the whole decoder, [3, 1] stacked its layers reversed, [0, 7] and [-1]
+    ended in tracebacks."""
+    source = encdec.load_source(str(sources["gemma3"]))
+    from encdec.errors import EncdecError
+
+    with pytest.raises(EncdecError, match="decoder_layers: |decoder_layers selects") as refused:
+        encdec.adapt(source, decoder_layers=layers)
+    assert message in str(refused.value)
+
+
 @pytest.mark.parametrize("layers", ["0,,3", "::0", "1:2:3:4", "x:", "1,1", "0,3,1"])
 def test_decoder_layers_written_wrong_are_refused_before_the_source_is_read(capsys, tmp_path, monkeypatch, layers):
     monkeypatch.setattr("encdec.sources.load_source", lambda *a, **k: pytest.fail("the source was read"))

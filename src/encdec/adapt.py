@@ -45,14 +45,20 @@ def layer_spec(text: str) -> list[int] | slice:
 def parse_layers(text: str, num_layers: int) -> list[int]:
     """The source layers `--decoder-layers` selects of `num_layers`."""
     spec = layer_spec(text)
-    layers = list(range(num_layers))[spec] if isinstance(spec, slice) else spec
+    return check_layers(list(range(num_layers))[spec] if isinstance(spec, slice) else spec, num_layers,
+                        f"--decoder-layers {text!r}")
+
+
+def check_layers(layers: list[int], num_layers: int, name: str = "decoder_layers") -> list[int]:
+    """`layers` if they are a selection of a source's `num_layers` (some, distinct, in order); else one line naming
+    `name`, what gave them (`encdec.adapt` took any list: [] built the whole decoder, [3, 1] reversed it)."""
     if not layers:
-        raise EncdecError(f"--decoder-layers {text!r} selects no layer of {num_layers}")
-    bad = [i for i in layers if not 0 <= i < num_layers]
+        raise EncdecError(f"{name} selects no layer of {num_layers}")
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
     if bad:
-        raise EncdecError(f"--decoder-layers {text!r}: layer(s) {bad} out of range; the source has {num_layers} (0-{num_layers - 1})")
+        raise EncdecError(f"{name}: layer(s) {bad} out of range; the source has {num_layers} (0-{num_layers - 1})")
     if sorted(set(layers)) != layers:
-        raise EncdecError(f"--decoder-layers {text!r}: layers must be distinct and increasing")
+        raise EncdecError(f"{name}: layers must be distinct and increasing")
     return layers
 
 
@@ -154,7 +160,8 @@ def adapt(
     if attention == "merged" and not one_source:
         raise EncdecError("merged attention shares one embedding and the K/V projections between encoder and decoder, "
                           "so the decoder cannot come from another model; use --attention cross")
-    layers = decoder_layers or list(range(dec_source.stack.num_layers))
+    n = dec_source.stack.num_layers
+    layers = list(range(n)) if decoder_layers is None else check_layers(list(decoder_layers), n)
     dec_stack = _subset(dec_source.stack, layers)
     _warn_if_only_local(dec_source.stack, layers)
     # One embedding table when both sides start from the same one, as T5Gemma 2 does (no measured
