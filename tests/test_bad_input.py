@@ -370,6 +370,16 @@ def test_source_tensor_of_the_wrong_shape(capsys, tmp_path, sources):
     assert "tensor model.layers.2.self_attn.k_proj.weight has shape 8x32, config.json implies 16x32" in line
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.to(torch.int32), "tensor model.embed_tokens.weight holds int32 values; a model's weights are floating"),
+    (lambda t: t[0, 0].clone(), "tensor model.embed_tokens.weight has shape scalar, config.json implies Vx32")])
+def test_source_embedding_of_integers_or_a_scalar(capsys, tmp_path, sources, change, message):
+    """Both passed the shape checks or failed in them as tracebacks (an IndexError, load_state_dict's error)."""
+    name = "model.embed_tokens.weight"
+    src = _with_weights(sources["gemma3"], tmp_path / "odd", lambda w: w.update({name: change(w[name])}))
+    assert message in _run_adapt(capsys, tmp_path, "--encoder", str(src))
+
+
 def test_an_untied_head_of_another_vocabulary_than_the_embedding(capsys, tmp_path, sources):
     """The head's rows were not compared with the embedding's: adapting crashed in load_state_dict."""
     head = "lm_head.weight"

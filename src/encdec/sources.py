@@ -209,7 +209,12 @@ def _check_shapes(weights: dict[str, torch.Tensor], config: SourceConfig, direct
     if unexpected:  # a strict load would fail on them later, naming nothing
         raise EncdecError(f"{directory} has {len(unexpected)} weight(s) a {config.family} model of its config.json has "
                           f"no place for, such as {unexpected[0]}; a variant of the family encdec does not read?")
-    vocab = weights[EMBED].shape[0]
+    not_float = sorted(n for n in expected if not weights[n].is_floating_point())
+    if not_float:  # an integer table passed the shapes, then failed in load_state_dict as a traceback
+        raise EncdecError(f"{directory}: tensor {not_float[0]} holds {str(weights[not_float[0]].dtype)[6:]} values; "
+                          "a model's weights are floating point (quantized safetensors are not read: give the "
+                          "unquantized checkpoint, or a GGUF file)")
+    vocab = weights[EMBED].shape[0] if weights[EMBED].dim() else 0  # a scalar is refused below, in one line
     for name, shape in expected.items():
         found = tuple(weights[name].shape)
         if name == HEAD:  # an untied head scores the vocabulary that the embedding table reads
