@@ -743,6 +743,33 @@ def test_resuming_after_the_start_model_was_replaced_is_one_line(adapted, corpus
     assert main(_pretrain_args(moved, out, corpus, "--steps", "2", "--resume")) == 0
 
 
+def test_a_start_model_given_as_a_file_or_a_name_is_fingerprinted_too(sources, tmp_path):
+    """Only a directory's --model was fingerprinted: a decoder-only run begun from one GGUF resumed from another of
+    the same shapes (another quantization, a fine-tune) without a word, its teacher, untrained rows and final
+    model's configuration taken from the new file. (The tiny GGUFs' byte-level tokenizers read no text, so no run
+    trains on one here.)"""
+    from encdec.errors import EncdecError
+    from encdec.training import rundir
+    from tiny import write_gguf
+
+    other = tmp_path / "other-source"
+    shutil.copytree(sources["gemma3"], other)
+    (other / "config.json").write_text((other / "config.json").read_text().replace('"rms_norm_eps": 1e-06',
+                                                                                   '"rms_norm_eps": 1e-05'))
+    first, second = write_gguf(sources["gemma3"], tmp_path / "a.gguf"), write_gguf(other, tmp_path / "b.gguf")
+    assert first.stat().st_size == second.stat().st_size
+    shutil.copy(first, tmp_path / "copy.gguf")
+    saved = {"start_model": rundir.start_model_digest(str(first))}
+    assert rundir.start_model_digest(str(tmp_path / "copy.gguf")) == saved["start_model"]  # a copy is the same
+    rundir.check_start_model(saved, str(tmp_path / "copy.gguf"), tmp_path / "step-000001")
+    with pytest.raises(EncdecError, match=f"step-000001 was trained from another model than {second} holds now"):
+        rundir.check_start_model(saved, str(second), tmp_path / "step-000001")
+    named = {"start_model": rundir.start_model_digest("gemma-3-270m")}  # a name: the name, not its files
+    rundir.check_start_model(named, "gemma-3-270m", tmp_path / "step-000001")
+    with pytest.raises(EncdecError, match="another model than"):
+        rundir.check_start_model(named, str(first), tmp_path / "step-000001")
+
+
 def test_a_metrics_line_that_cannot_be_written_is_one_line(adapted, corpus, tmp_path, capsys, monkeypatch):
     """A full disk at a metrics line (a checkpoint took the last space) was a traceback; with several processes
     the first stopped alone and the others waited in the next step's collective for --dist-timeout."""

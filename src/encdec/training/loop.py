@@ -85,7 +85,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
     torch.manual_seed(cfg.seed)
     model_dir = Path(cfg.model)
     start_files = rundir.start_model_files(model_dir) if d.main and model_dir.is_dir() else None
-    start_digest = rundir.start_model_digest(model_dir) if d.main and model_dir.is_dir() else None
+    start_digest = rundir.start_model_digest(cfg.model) if d.main else None
     plan, tokenizer = build_plan(cfg, d)
     # each process builds the whole global batch and takes its rows: their streams must be one (another copy of the
     # data on one node, another Python's packaged corpus, another --trim-vocab choice trained on other batches)
@@ -163,7 +163,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
                             "uninterrupted run): %s", "; ".join(changed))
         settings = group_settings(optimizer)
         state = checkpointing.apply(resume_from, wrapped, optimizer)  # weights of another shape: refused there
-        rundir.check_start_model(saved, model_dir, last_checkpoint)
+        rundir.check_start_model(saved, cfg.model, last_checkpoint)
         del resume_from, saved  # its tensors are in the model and the optimizer now
         scheduler.load_state_dict(state["scheduler"])
         restore_group_settings(optimizer, scheduler, settings)

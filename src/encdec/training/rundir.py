@@ -263,35 +263,45 @@ def start_model_files(model_dir: Path) -> list[str] | None:
 DIGEST_SPAN = 1 << 20  # bytes read from each end of a weight file for `start_model_digest`
 
 
-def start_model_digest(model_dir: Path) -> str | None:
-    """A digest of the encoder-decoder a run starts from, by content (unlike `start_model_files`, the same for a copy
-    elsewhere): its configuration and metadata, and each weight file's size and first and last DIGEST_SPAN bytes (the
-    header, which names every tensor, and the last tensor's values). None where they cannot be read. A checkpoint
-    records it, so that a run resumed after its --model was replaced (adapted again, say) is refused."""
-    digest = hashlib.blake2b(digest_size=8)
+def start_model_digest(model: str) -> str | None:
+    """A digest of the model a run starts from (--model), by content (unlike `start_model_files`, the same for a copy
+    elsewhere). A directory: its configuration and metadata, and each weight file's size and first and last
+    DIGEST_SPAN bytes (the header, which names every tensor, and the last tensor's values); a file (GGUF): the same of
+    it; a name (packaged or the Hub's): the name. None where they cannot be read. A checkpoint records it, so that a
+    run resumed after its --model was replaced (adapted again, another quantization of a GGUF) is refused."""
+    digest, path = hashlib.blake2b(digest_size=8), Path(model).expanduser()
     try:
-        for path in [model_dir / "config.json", model_dir / METADATA]:
-            digest.update(path.read_bytes() if path.exists() else b"absent")
-        for path in weight_files(model_dir):
-            size = path.stat().st_size
-            with path.open("rb") as f:
-                head = f.read(DIGEST_SPAN)
-                f.seek(max(0, size - DIGEST_SPAN))
-                digest.update(f"{path.name}:{size}".encode() + head + f.read(DIGEST_SPAN))
+        if path.is_dir():
+            for part in [path / "config.json", path / METADATA]:
+                digest.update(part.read_bytes() if part.exists() else b"absent")
+            for part in weight_files(path):
+                _digest_ends(digest, part, part.name)
+        elif path.is_file():
+            _digest_ends(digest, path, "")  # a copy of the file under another name is the same model
+        else:
+            digest.update(model.encode())
     except (OSError, EncdecError):
         return None
     return digest.hexdigest()
 
 
-def check_start_model(saved: dict, model_dir: Path, checkpoint: Path) -> None:
+def _digest_ends(digest: hashlib.blake2b, path: Path, label: str) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(DIGEST_SPAN)
+        f.seek(max(0, size - DIGEST_SPAN))
+        digest.update(f"{label}:{size}".encode() + head + f.read(DIGEST_SPAN))
+
+
+def check_start_model(saved: dict, model: str, checkpoint: Path) -> None:
     """Refuse to resume from `checkpoint` when the --model it started from has changed since (its `start_model`
     digest; checkpoints written before it was recorded, or a model that cannot be read, are not checked): the
     tokenizer, the distillation teacher, the rows --trim-vocab does not train and the final model's configuration
     are read from it again."""
     recorded = saved.get("start_model")
-    now = start_model_digest(model_dir) if recorded else None
+    now = start_model_digest(model) if recorded else None
     if recorded and now and recorded != now:
-        raise EncdecError(f"{checkpoint} was trained from another model than {model_dir} holds now (another --model, "
+        raise EncdecError(f"{checkpoint} was trained from another model than {model} holds now (another --model, "
                           "or its configuration or weights changed since the run began: adapted again?); resume with "
                           "the run's model, or start afresh with --overwrite")
 
