@@ -371,7 +371,7 @@ def test_source_tensor_of_the_wrong_shape(capsys, tmp_path, sources):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda t: t.to(torch.int32), "tensor model.embed_tokens.weight holds int32 values; a model's weights are floating"),
+    (lambda t: t.to(torch.int32), "model.embed_tokens.weight holds int32 values; a model's weights are floating"),
     (lambda t: t[0, 0].clone(), "tensor model.embed_tokens.weight has shape scalar, config.json implies Vx32")])
 def test_source_embedding_of_integers_or_a_scalar(capsys, tmp_path, sources, change, message):
     """Both passed the shape checks or failed in them as tracebacks (an IndexError, load_state_dict's error)."""

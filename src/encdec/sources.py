@@ -137,11 +137,13 @@ def _tokenizer(directory: Path, stamp: tuple[str, ...]):
         return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **config)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exceptions (a damaged tokenizer.json)
         error = e
-    if model_type in CONFIG_MAPPING:  # config.json refused by transformers' typed configuration (a Gemma 2's soft-cap written 30, not
-        try:  # 30.0, which encdec reads): the tokenizer needs its model_type alone, which a default config carries
+    # config.json refused by transformers' typed configuration (a Gemma 2's soft-cap written 30, not 30.0, which
+    # encdec reads): the tokenizer needs its model_type alone, which a default configuration carries
+    if model_type in CONFIG_MAPPING:
+        try:
             return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False,
                                                  config=CONFIG_MAPPING[model_type]())
-        except Exception:  # noqa: BLE001 - as above; the first error says more
+        except Exception:  # noqa: BLE001, S110 - as above; the first error says more
             pass
     raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({first_line(error)})") from None
 
