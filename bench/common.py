@@ -111,6 +111,14 @@ def run_worker(script: str | Path, arguments: list[str], env: dict[str, str] | N
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse type: a comma list of integers ("1,8"); anything else is the parser's usage error."""
+    try:
+        return [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers like 1,8, got {text!r}") from None
+
+
 def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> None:
     """Stop with the parser's usage error when one of the integer options `names` is below 1."""
     for name in names:

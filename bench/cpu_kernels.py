@@ -32,6 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import int_list
 from torch import nn
 
 from encdec.inference.onednn import PackedLinear
@@ -82,12 +83,12 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--head-dim", type=int, default=256)
-    p.add_argument("--rows", default="1,2,4,8,16", help="comma list of row counts (live requests)")
+    p.add_argument("--rows", type=int_list, default="1,2,4,8,16", help="comma list of row counts (live requests)")
     p.add_argument("--copies", type=int, default=0, help="weight copies cycled through (0: enough for 512 MB)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--int8", action="store_true", help="also time the int8 products (module docstring)")
     args = p.parse_args()
-    rows = [int(r) for r in args.rows.split(",")]
+    rows = args.rows
     if min(rows + [args.repeats, args.copies + 1]) < 1:
         p.error("--rows and --repeats must be positive, --copies at least 0")
     torch.manual_seed(0)

@@ -114,7 +114,6 @@ def adapted_model(name: str, options: list[str], args: argparse.Namespace) -> Pa
 
 def train_point(name: str, start: str | Path, args: argparse.Namespace, results: Path, done: set) -> Path:
     """The recipe's run from `start` (an adapted model, or the decoder-only source) into OUT/NAME/train."""
-    from encdec.training import checkpointing
     from encdec.training.loop import train
 
     options = args.options if name != SOURCE else {k: v for k, v in args.options.items() if k not in ENCODER_ONLY}
@@ -123,7 +122,8 @@ def train_point(name: str, start: str | Path, args: argparse.Namespace, results:
     final = Path(cfg.out) / "model"
     if (name, "trained") not in done:
         began = time.perf_counter()
-        cfg.resume = checkpointing.checkpoints(Path(cfg.out)) != []
+        # a run stopped before its first checkpoint left its metrics.jsonl, which only --resume trains past
+        cfg.resume = Path(cfg.out).is_dir()
         try:
             train(cfg)
         except EncdecError as e:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import engine_steps
+from common import engine_steps, int_list
 
 LAYER_TYPES = ["full" if (i + 1) % 6 == 0 else "sliding" for i in range(18)]
 STACK_270M = {  # Gemma 3 270M's text stack, as `encdec adapt` reads it
@@ -225,7 +225,7 @@ def fine_tuning_check(model, repeats: int, batches: list[int]) -> None:
 def compiled_generate_check(model, args: argparse.Namespace) -> None:
     """`model.generate(..., compile_step=True)` (`encdec generate --compile`, `encdec serve --compile`) against the
     eager engine: the first call's seconds (it compiles), then the median of --repeats calls, tokens compared."""
-    length, device = int(args.prompt_lengths.split(",")[0]), model.device
+    length, device = args.prompt_lengths[0], model.device
     for batch in (1, 8):
         g = torch.Generator().manual_seed(length + batch)
         ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=g).to(device)
@@ -261,14 +261,15 @@ def evaluate_check(model) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (a rehearsal, on CPU too)")
-    parser.add_argument("--prompt-lengths", default="256,1024")
+    parser.add_argument("--prompt-lengths", type=int_list, default="256,1024")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", default="", help="comma list of parts to skip: attention, transformers, compile, classify")
     parser.add_argument("--only", choices=["attention", "compiled-generate", "fine-tuning"], default=None,
                         help="one part alone: the attention kernels' check, generation with the step compiled, or "
                         "classification fine-tuning's speed per batch size (--classify-batches)")
-    parser.add_argument("--classify-batches", default="8,16,32", help="with --only fine-tuning: the batch sizes")
+    parser.add_argument("--classify-batches", type=int_list, default="8,16,32",
+                        help="with --only fine-tuning: the batch sizes")
     parser.add_argument("--compile-dtypes", default="float32,bfloat16",
                         help="the dtypes whose decoder step is compiled (each mode compiles for a minute or more)")
     args = parser.parse_args()
@@ -284,7 +285,7 @@ def main() -> None:
         compiled_generate_check(copy.deepcopy(base).to(torch.bfloat16), args)  # `.to` converts in place: a copy
         # keeps the float32 weights unrounded for the float32 rows below
     if args.only == "fine-tuning":
-        fine_tuning_check(base, args.repeats, [int(b) for b in args.classify_batches.split(",")])
+        fine_tuning_check(base, args.repeats, args.classify_batches)
     if args.only is not None:
         return
     ratios: list[str] = []
@@ -302,7 +303,8 @@ def main() -> None:
                 save(model.float(), Path(tmp) / "m")
                 model = base.to(dtype)
                 hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(Path(tmp) / "m"), dtype=dtype).to(device).eval()
-        for length in map(int, args.prompt_lengths.split(",")):
+                hf.generation_config.eos_token_id = None  # no stopping, as encdec's eos_token_ids=[-1]
+        for length in args.prompt_lengths:
             for batch in (1, 8):
                 g = torch.Generator().manual_seed(length + batch)
                 ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=g).to(device)
@@ -322,7 +324,7 @@ def main() -> None:
                     line += f"  tokens equal to float32's: {same:.0%}"
                 if hf is not None:
                     generate = functools.partial(hf.generate, ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+                                                 max_new_tokens=args.new_tokens)
                     peak_gib(device)
                     with torch.no_grad():
                         theirs_s, theirs = timed(generate, args.repeats, device)
@@ -341,7 +343,7 @@ def main() -> None:
             classify_check(model, args.repeats)
             evaluate_check(model)
         if "compile" not in skip and name in args.compile_dtypes.split(","):
-            length = int(args.prompt_lengths.split(",")[0])
+            length = args.prompt_lengths[0]
             ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1))
             ids = ids.to(device)
             eager_tokens, _ = engine_steps(model, ids, args.new_tokens)

@@ -52,7 +52,8 @@ def run_recipe(name: str, options: dict, args: argparse.Namespace, sets: dict[st
                         keep_last=steps // every + 1)
     if not trained:
         began = time.perf_counter()
-        cfg.resume = checkpointing.checkpoints(Path(cfg.out)) != []
+        # a run stopped before its first checkpoint left its metrics.jsonl, which only --resume trains past
+        cfg.resume = Path(cfg.out).is_dir()
         # its options recorded before the first step: a run stopped midway is resumed only under the same ones
         append(results, {"recipe": name, "event": "started", "options": options})
         try:

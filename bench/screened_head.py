@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import corpus_token_ids, cpu_only, in_turn
+from common import corpus_token_ids, cpu_only, in_turn, int_list
 
 
 def _median_ms(call, repeats: int) -> float:
@@ -38,11 +38,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=Path("runs/bench/merged"), help="an encoder-decoder checkpoint")
     parser.add_argument("--prompt-length", type=int, default=256)
-    parser.add_argument("--batch", default="1", help="comma list of batch sizes")
+    parser.add_argument("--batch", type=int_list, default="1", help="comma list of batch sizes")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="rounds, each generating once with either head")
     args = parser.parse_args()
-    batches = [int(b) for b in args.batch.split(",")]
+    batches = args.batch
     if min(args.prompt_length, args.new_tokens, args.rounds, *batches) < 1:
         parser.error("--prompt-length, --batch, --new-tokens and --rounds must be positive")
     cpu_only()  # the screen is a CPU head's

@@ -62,6 +62,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -225,15 +226,19 @@ def run_server(model_dir: Path, options: list[str], requests: list[dict], plan: 
     import httpx
 
     port = free_port()
+    said = tempfile.TemporaryFile()  # noqa: SIM115 - what the server says (closed below), for why it did not start
     server = subprocess.Popen([sys.executable, "-m", "encdec.cli", "serve", str(model_dir), "--port", str(port),
                                "--host", "127.0.0.1", *options],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=said)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         while True:
             if server.poll() is not None:
-                raise RuntimeError(f"encdec serve exited with status {server.returncode} before answering /health")
+                said.seek(0)
+                last = [line for line in said.read().decode(errors="replace").splitlines() if line.strip()][-1:]
+                raise SystemExit(f"encdec serve {' '.join(options)} exited with status {server.returncode} before "
+                                 f"answering /health: {last[0] if last else '(it said nothing)'}")
             try:
                 if httpx.get(f"{base}/health", timeout=5).status_code == 200:
                     break
@@ -256,6 +261,7 @@ def run_server(model_dir: Path, options: list[str], requests: list[dict], plan: 
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        said.close()
 
 
 # ---- the transformers loop (in a process of its own) ----

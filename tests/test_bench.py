@@ -57,6 +57,20 @@ def test_recovery_study_writes_results_and_a_plot_and_resumes(adapted, corpus, t
     # a recipe stopped midway is not resumed under other options either (its curve would mix the two)
     import recovery
 
+    real_train = recovery.train
+
+    def killed_before_a_checkpoint(cfg):  # training writes metrics.jsonl as it starts
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "metrics.jsonl").touch()
+        raise EncdecError("killed")
+
+    third = [*options[:-1], f"third:trim_vocab=40,trim_negatives=16,data=[{corpus}]"]
+    monkeypatch.setattr(recovery, "train", killed_before_a_checkpoint)
+    assert rerun(*third)[0] == "training recipe 'third' failed: killed"
+    monkeypatch.setattr(recovery, "train", real_train)  # its rerun was refused: "holds a run; pass --resume"
+    code, _, err = rerun(*third)
+    assert code == 0, err
+
     def stopped(cfg):
         raise EncdecError("stopped midway")
 
@@ -456,3 +470,12 @@ def test_the_long_prompt_memory_benchmark_compares_both_sides_at_each_length(tmp
                                             ("64", "transformers")]
     assert all(float(r[2]) >= 0 for r in rows)
     assert lines[-1].startswith("ratio (transformers / encdec added peak memory, 64-token prompt): ")
+
+
+def test_serve_load_says_why_its_server_did_not_start(tmp_path, monkeypatch):
+    """The server's own one-line error went to /dev/null: the benchmark said only its exit status, in a traceback."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from serve_load import run_server
+
+    with pytest.raises(SystemExit, match=r"exited with status 2 before answering /health: .*error: .*missing"):
+        run_server(tmp_path / "missing", ["--max-batch", "2"], [], [], argparse.Namespace(max_seconds=5))
