@@ -382,6 +382,31 @@ def test_a_launch_environment_that_is_not_torchruns_is_one_line(tmp_path, capsys
     assert message in line
 
 
+def test_two_processes_on_a_node_of_one_gpu_is_one_line(monkeypatch):
+    """torchrun --nproc-per-node 2 on one GPU: both processes took cuda:0, and NCCL's first collective failed with
+    "invalid usage", said as another process of the run having stopped."""
+    import torch
+    import torch.distributed as torch_dist
+
+    from encdec.errors import EncdecError
+    from encdec.training import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch_dist, "init_process_group", lambda *a, **k: pytest.fail("the group was started"))
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "29500"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(EncdecError, match="2 processes on this node but it shows them 1 GPU"):
+        distributed.init()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # Slurm's way: each process shown its own GPU as cuda:0
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch_dist, "get_rank", lambda: 1)
+    assert distributed.init().device == torch.device("cuda:0")
+
+
 def test_a_collective_that_times_out_is_one_line(capsys, monkeypatch):
     """A process of the run gone, or past --dist-timeout: torch's DistError (a RuntimeError) came out as a
     traceback on every process left."""

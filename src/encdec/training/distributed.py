@@ -52,6 +52,11 @@ def init(timeout: float = 1800.0) -> Dist:
         if count > 1 and local >= count:
             raise EncdecError(f"LOCAL_RANK {local}, but this process sees {count} GPUs: at most one process per GPU "
                               f"(torchrun --nproc-per-node {count})")
+        on_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun's (and accelerate's); Slurm's srun sets none
+        if count == 1 and on_node.isdigit() and int(on_node) > 1:  # NCCL's "invalid usage" blamed another process
+            raise EncdecError(f"{on_node} processes on this node but it shows them 1 GPU, which every process would "
+                              "take: at most one process per GPU (torchrun --nproc-per-node 1), or show each process "
+                              "its own GPU (CUDA_VISIBLE_DEVICES)")
         device = torch.device(f"cuda:{local if count > 1 else 0}")
     if world == 1:
         return Dist(device=device)
