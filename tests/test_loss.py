@@ -273,6 +273,28 @@ def test_a_teacher_of_another_tokenizer_with_a_table_of_the_same_size_is_refused
     assert teacher.embed.weight.dtype == torch.bfloat16 and teacher.embed.num_embeddings == 96
 
 
+def test_a_student_with_ul2_tokens_added_to_its_teachers_vocabulary(tmp_path):
+    """UL2 on a vocabulary that reserves no tokens adds its mode tokens and sentinels to the student's tokenizer: a
+    PrefixLM run distilling from the source afterwards was refused as having "another tokenizer". In spare rows of
+    the teacher's table it distills; in a grown table it is refused, saying why."""
+    import copy
+
+    from tiny import make_source
+
+    from encdec.errors import EncdecError
+    from encdec.sources import load_tokenizer
+
+    source = make_source(tmp_path / "llama", "llama", vocab_size=100)  # a 96-token tokenizer, 4 spare rows
+    student = copy.deepcopy(load_tokenizer(source))
+    student.add_tokens(["[NLU]", "[NLG]"], special_tokens=True)
+    teacher = load_teacher(str(source), 100, torch.float32, torch.device("cpu"), student)
+    assert teacher.embed.num_embeddings == 100
+    student.add_tokens(["[S2S]", "<extra_id_0>", "<extra_id_1>"], special_tokens=True)  # ids 96-100: one past the table
+    with pytest.raises(EncdecError, match=r"adds 5 token\(s\) to teacher .*\(such as \[NLU\].* 1 in rows its 100-row "
+                                          "table does not have"):
+        load_teacher(str(source), 101, torch.float32, torch.device("cpu"), student)
+
+
 @pytest.mark.parametrize("family", ["gemma3", "llama", "qwen2"])
 def test_teacher_states_predict_each_target_like_the_source_model(sources, family):
     teacher = load_teacher(str(sources[family]), 96, torch.float32, torch.device("cpu"))

@@ -46,6 +46,28 @@ def teacher_spec(model_dir: Path, given: str) -> str:
     return spec
 
 
+def _check_vocabulary(spec: str, teacher: dict[str, int], student: dict[str, int], table: int) -> None:
+    """The teacher's tokens must be the student's, id for id. The student may have more: UL2's mode tokens and
+    sentinels, added by `encdec pretrain --objective ul2` where a vocabulary reserves none (Qwen, SmolLM2), which
+    the teacher predicts as the rows its table has there (Qwen's spare rows) or cannot predict at all (a grown
+    table: refused, saying why; it was refused as "another tokenizer")."""
+    if teacher == student:
+        return
+    if any(student.get(token) != i for token, i in teacher.items()):
+        raise EncdecError(f"teacher {spec} has another tokenizer than the student's: its distribution over a "
+                          "token would be taught as another token's; choose a teacher of the student's "
+                          "tokenizer (--teacher SRC), or --no-distill")
+    added = sorted((i, token) for token, i in student.items() if token not in teacher)
+    beyond = [token for i, token in added if i >= table]
+    if beyond:
+        raise EncdecError(f"the student's tokenizer adds {len(added)} token(s) to teacher {spec}'s (such as "
+                          f"{added[0][1]}: UL2's, where the vocabulary reserves none), {len(beyond)} in rows its "
+                          f"{table}-row table does not have, so the teacher cannot predict them; distilling into a "
+                          "grown vocabulary is not supported: --no-distill")
+    log.info("teacher %s: the student's %d added token(s) (such as %s) take rows of the teacher's table that its "
+             "tokenizer does not use", spec, len(added), added[0][1])
+
+
 def load_teacher(spec: str, vocab_size: int, dtype: torch.dtype, device: torch.device, tokenizer=None) -> CausalLM:
     """The teacher, frozen, loaded in `dtype` (a 9B teacher's float32 copy alone is 37 GB); its vocabulary must be
     the student's (`tokenizer`): token by token, where both have a tokenizer (Llama 2 and Mistral both have 32,000
@@ -56,10 +78,8 @@ def load_teacher(spec: str, vocab_size: int, dtype: torch.dtype, device: torch.d
     if tokenizer is not None and source.has_tokenizer:
         from encdec.sources import load_tokenizer
 
-        if load_tokenizer(source.directory).get_vocab() != tokenizer.get_vocab():
-            raise EncdecError(f"teacher {spec} has another tokenizer than the student's: its distribution over a "
-                              "token would be taught as another token's; choose a teacher of the student's "
-                              "tokenizer (--teacher SRC), or --no-distill")
+        _check_vocabulary(spec, load_tokenizer(source.directory).get_vocab(), tokenizer.get_vocab(),
+                          source.vocab_size)
         if source.vocab_size > vocab_size:
             log.info("teacher %s: its table's %d rows cut to the student's %d (one tokenizer)", spec,
                      source.vocab_size, vocab_size)
