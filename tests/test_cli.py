@@ -307,6 +307,13 @@ def test_generate_samples_each_prompt_apart_writes_through_a_link_and_refuses_a_
     monkeypatch.setenv("HOME", str(tmp_path))
     assert main(["generate", "~/model", "--prompt", "w1", *sampled, "--out=~/alone.jsonl"]) == 0
     assert json.loads((tmp_path / "alone.jsonl").read_text())["completion"] == first  # the first: the seed itself
+    # an existing --out is an earlier run's completions: replaced with --overwrite only (it was replaced unasked)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w2", "--out", str(link)]) == 2
+    assert "already exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert [json.loads(line)["completion"] for line in target.read_text().splitlines()] == [first, second]
+    assert main(["generate", str(out), "--prompt", "w2", "--out", str(link), "--overwrite"]) == 0
+    assert json.loads(target.read_text())["prompt"] == "w2" and link.is_symlink()
     tokenizer = copy.deepcopy(encdec.load_tokenizer(out))  # never the loader's memoised one
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>"]})
     tokenizer.save_pretrained(out)

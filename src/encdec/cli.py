@@ -183,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.out is not None and str(args.out) == "-":  # standard output, as --input - is standard input
         args.out = None
     if args.out is not None:
-        args.out = check_output_file(args.out, (args.dir, args.input))
+        args.out = check_output_file(args.out, (args.dir, args.input), args.overwrite)
     config = read_config(args.dir)[0]  # first: a path that is no encoder-decoder checkpoint is said to be one
     tokenizer = load_tokenizer(Path(args.dir))
     prompts = (read_prompts(args.input, tokenizer) if args.input is not None
@@ -558,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=user_path, metavar="FILE",
                    help="write the output lines (JSON, one per prompt) to FILE, atomically, instead of standard output "
                    "(-: JSON lines to standard output)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out FILE")
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows decoding at once; a waiting prompt joins as soon as a row ends")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (fewer at EOS)")

@@ -320,11 +320,12 @@ def check_apart(out: Path, inputs: tuple[str | Path | None, ...], *, inside: boo
                               "another --out")
 
 
-def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> Path:
+def check_output_file(out: Path, inputs: tuple[str | Path | None, ...], overwrite: bool) -> Path:
     """The path to write the file `out` at (through a symbolic link: the file it names, the link kept); fail
     before any work when it cannot be written, or would replace an input or a file inside one (a model's
     config.json): it is a directory or another thing than a file (a device, a pipe: the rename would put a file in
-    its place), a folder above it is a file, or the nearest existing folder above it is not writable."""
+    its place), a folder above it is a file, or the nearest existing folder above it is not writable; or it exists
+    and not `overwrite` (an earlier run's completions were replaced unasked)."""
     out = Path(out).expanduser()
     if out.is_symlink() and out.exists() and not out.is_file() and not out.is_dir():  # /dev/stdout into a pipe: the
         # link names /proc/PID/fd/pipe:[N], which no path reaches (a FileNotFoundError once all was generated)
@@ -337,6 +338,8 @@ def check_output_file(out: Path, inputs: tuple[str | Path | None, ...]) -> Path:
         if out.exists() and not out.is_file():
             raise EncdecError(f"--out {out} is not a regular file (a device, a pipe or a socket), which writing would "
                               "replace with one; give a file name (- writes to standard output)")
+        if out.is_file() and not overwrite:
+            raise EncdecError(f"--out {out} already exists; pass --overwrite to replace it, or give another file")
         check_writable_place(out.parent)
         target = out.resolve()
         existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
