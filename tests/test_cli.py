@@ -325,6 +325,36 @@ def test_generate_samples_each_prompt_apart_writes_through_a_link_and_refuses_a_
         lines[0] and "loading" not in err, err
 
 
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m['content'] }{% endfor %}", "cannot write a user turn and its answer (Template"),
+    ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ raise_exception('no answers') }}{% endif %}"
+     "{{ m['content'] }}{% endfor %}", "cannot write a user turn and its answer (TemplateError: no answers)"),
+    ("{% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{% endfor %}", "leaves out the answer")])
+def test_a_broken_chat_template_is_one_line_and_plain_prompts_generate_without_it(capsys, tmp_path, sources,
+                                                                                  template, message):
+    """A tokenizer's chat template that fails to render an exchange was a traceback, after the model loaded, for
+    plain prompts too (which never use it)."""
+    import copy
+
+    import encdec
+
+    out = tmp_path / "model"
+    main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out)])
+    tokenizer = copy.deepcopy(encdec.load_tokenizer(out))
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(out)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w1", "--max-new-tokens", "2"]) == 0
+    said = capsys.readouterr()
+    assert message in said.err and "generation stops at EOS alone" in said.err and "w1 -> " in said.out
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "w1"}\n{"messages": [{"role": "user", "content": "w2"}]}\n')
+    assert main(["generate", str(out), "--input", str(prompts), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert message in line and "fix or remove chat_template" in line and "loading" not in err
+
+
 def test_a_ul2_pretrained_model_generates_from_its_objectives_framing(capsys, tmp_path, sources):
     """`encdec pretrain --objective ul2` (T5Gemma 2's mixture) always gave the encoder a sentinel after the text and
     began the decoder's answer with it: `encdec generate` reads the saved provenance and does the same."""

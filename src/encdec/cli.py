@@ -198,11 +198,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     longest = max(range(len(prompts)), key=lambda i: len(encoded[i]))
     check_positions(len(encoded[longest]), args.max_new_tokens, config,
                     prompts[longest].source if args.input is not None else "", len(framing.decoder))
+    try:  # the end of a turn stops a plain completion too; a record of messages needed the template above
+        stop = ChatFormat.of(tokenizer).stop_ids(config.eos_token_ids)
+    except EncdecError as e:
+        logging.getLogger("encdec").warning("%s; generation stops at EOS alone", e)
+        stop = frozenset(config.eos_token_ids)
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, _cpu_kernels(args))
     if args.quantize == "int8" and len(prompts) > 1:
         logging.getLogger("encdec").warning(INT8_BATCH_CAUTION)
-    stop = ChatFormat.of(tokenizer).stop_ids(model.config.eos_token_ids)
     rows = [Row(args.max_new_tokens, stop, sampling.nth(i), decoder_prefix=framing.decoder)
             for i in range(len(prompts))]
     lines: list[str | None] = [None] * len(prompts)

@@ -18,11 +18,15 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from encdec.data.instructions import END, START, chat_prompt, system_folded
+from encdec.errors import EncdecError, first_line
 from encdec.data.tokens import leading_bos
 
 _ROLE = {"user": "user", "model": "assistant", "system": "system"}
 _MARK = "\x00answer\x00"  # stands for an answer when finding the text a template puts after one
 _SLOT = re.compile("\ue000(\\d+)\ue001")  # stands for a message's text in a rendering (private-use characters)
+
+
+_MENDED = "fix or remove chat_template in the model's tokenizer_config.json (or its chat_template.jinja)"
 
 
 class ConversationRefused(ValueError):
@@ -50,7 +54,13 @@ class ChatFormat:
         if not template or START in vocab and START in str(template):
             return cls(tokenizer, False, END if END in vocab else "", bos)
         exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
-        answered = tokenizer.apply_chat_template(exchange, tokenize=False)
+        try:
+            answered = tokenizer.apply_chat_template(exchange, tokenize=False)
+        except (TemplateError, TypeError, ValueError) as e:  # a Jinja syntax error, a template's raise_exception
+            raise EncdecError(f"the tokenizer's chat template cannot write a user turn and its answer "
+                              f"({type(e).__name__}: {first_line(e)}); {_MENDED}") from None
+        if _MARK not in answered:
+            raise EncdecError(f"the tokenizer's chat template leaves out the answer of a user turn; {_MENDED}")
         return cls(tokenizer, True, answered.split(_MARK, 1)[1].strip(), bos)
 
     def render(self, turns: list[tuple[str, str]]) -> str:

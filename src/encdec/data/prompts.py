@@ -8,8 +8,10 @@ paragraphs (separated by blank lines, as `--data` reads text) are its prompts.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ class Prompt:
     source: str  # "file:line", or "file, prompt n" for the n-th paragraph of a text file
 
 
-def _from_record(record: Any, chat: ChatFormat, tokenizer: Any) -> list[int]:
+def _from_record(record: Any, chat: Callable[[], ChatFormat], tokenizer: Any) -> list[int]:
     """The token ids of a .jsonl record; ValueError (TypeError) with what was wrong."""
     if not isinstance(record, dict):
         raise TypeError(f"a record must be a JSON object, got {type(record).__name__}; accepted: {SHAPES}")
@@ -55,7 +57,7 @@ def _from_record(record: Any, chat: ChatFormat, tokenizer: Any) -> list[int]:
         if turns[-1][0] != "user":
             raise ValueError("the last message must be a user message: the model answers it")
         texts = [text for _, text in turns]
-    return text_ids(tokenizer, texts[0]) if turns is None else chat.encode(turns)
+    return text_ids(tokenizer, texts[0]) if turns is None else chat().encode(turns)
 
 
 ACCEPTED = ("a .jsonl file of " + SHAPES + ", a .txt file of prompts separated by blank lines, or - for .jsonl "
@@ -72,7 +74,8 @@ def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
     if spec == STDIN and sys.stdin is None:
         raise EncdecError("--input -: standard input is closed; give a file or pipe .jsonl records in")
     if spec == STDIN or suffix == ".jsonl":
-        chat, name = ChatFormat.of(tokenizer), "standard input" if spec == STDIN else str(path)
+        # read for the first record of messages: plain prompts need no chat template (a broken one failed them)
+        chat, name = functools.cache(lambda: ChatFormat.of(tokenizer)), "standard input" if spec == STDIN else str(path)
         prompts = []
         records = json_records(sys.stdin.buffer, name, strict=True) if spec == STDIN else json_lines(path, strict=True)
         for number, record in records:
