@@ -136,6 +136,16 @@ def test_a_source_config_of_whole_numbers_for_floats_saves_as_t5gemma(sources, b
     assert (ours - theirs).abs().max() < 1e-4
 
 
+def test_a_checkpoint_whose_config_json_starts_with_a_byte_order_mark_generates(adapted, tmp_path, capsys):
+    """encdec reads such a config.json (an editor's BOM); transformers' tokenizer loading does not, and the tokenizer
+    was said to be unloadable."""
+    model = tmp_path / "model"
+    shutil.copytree(adapted, model)
+    (model / "config.json").write_bytes(b"\xef\xbb\xbf" + (model / "config.json").read_bytes())
+    assert main(["generate", str(model), "--prompt", "w1", "--max-new-tokens", "2"]) == 0
+    assert "w1 -> " in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("attention", ["cross", "merged"])
 def test_a_compiled_model_saves_as_the_model_itself(sources, batch, tmp_path, attention):
     """torch.compile's wrapper prefixes every weight's name: the project's format saved a checkpoint that no load

@@ -29,6 +29,7 @@ from encdec.errors import EncdecError, described, first_line
 from encdec.files import (
     atomic_write_files,
     file_identity,
+    parse_json,
     read_json,
     read_weights,
     reading_config,
@@ -127,7 +128,7 @@ def _tokenizer(directory: Path, stamp: tuple[str, ...]):
     from transformers import CONFIG_MAPPING, AutoTokenizer, PretrainedConfig
 
     try:
-        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        model_type = parse_json((directory / "config.json").read_bytes()).get("model_type")  # a BOM too
     except (OSError, ValueError, AttributeError):
         model_type = None
     # a model_type transformers does not know (this project's own format): it reads config.json only to warn
