@@ -325,6 +325,39 @@ def test_generate_samples_each_prompt_apart_writes_through_a_link_and_refuses_a_
         lines[0] and "loading" not in err, err
 
 
+def test_a_prompt_whose_scores_overflow_fails_alone_and_the_others_are_written(capsys, tmp_path, adapted,
+                                                                              monkeypatch):
+    """Scores that are not finite numbers (an overflow) in one prompt's sampling lost the whole run, every
+    completion generated so far, without naming the prompt."""
+    import json
+    import math
+
+    import encdec.inference.loading
+
+    load = encdec.inference.loading.load_for_inference
+
+    def overflowing_once(*args, **kwargs):
+        model, calls = load(*args, **kwargs), []
+        logits = model.logits
+
+        def scores(hidden):  # the first step's (the first prompt's, at --batch-size 1) overflow
+            calls.append(hidden)
+            return logits(hidden) * (math.inf if len(calls) == 1 else 1)
+
+        monkeypatch.setattr(model, "logits", scores)
+        return model
+
+    monkeypatch.setattr(encdec.inference.loading, "load_for_inference", overflowing_once)
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", str(adapted), "--prompt", "w1", "--prompt", "w2", "--batch-size", "1", "--do-sample",
+                 "--seed", "0", "--max-new-tokens", "3", "--out", str(out)]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "1 prompt(s) stopped early, their scores (logits) not finite" in line and "--prompt 1" in line
+    first, second = (json.loads(x) for x in out.read_text().splitlines())
+    assert (first["finish_reason"], first["completion_tokens"]) == ("error", 0)
+    assert second["finish_reason"] in ("length", "stop") and second["completion_tokens"] > 0
+
+
 @pytest.mark.parametrize("template, message", [
     ("{% for m in messages %}{{ m['content'] }{% endfor %}", "cannot write a user turn and its answer (Template"),
     ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ raise_exception('no answers') }}{% endif %}"

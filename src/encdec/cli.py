@@ -237,6 +237,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - start
     print(f"encdec: {len(prompts)} prompt(s), {sum(len(r.tokens) for r in rows)} new tokens in {seconds:.1f} s"
           + (f"; written to {args.out}" if args.out is not None else ""), file=sys.stderr)
+    failed = [prompts[i].source for i, row in enumerate(rows) if row.finish_reason == "error"]
+    if failed:  # the others' completions are written: one overflow lost the whole run
+        raise EncdecError(f"{len(failed)} prompt(s) stopped early, their scores (logits) not finite numbers to draw "
+                          f"from (an overflow: float16 may, float32 and bfloat16 do not): {', '.join(failed[:5])}"
+                          + (", ..." if len(failed) > 5 else "") + "; their lines say finish_reason \"error\"")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -76,7 +76,8 @@ def generate_each(
     compile_step: bool = False,
 ) -> Iterator[int]:
     """Generate `rows[i]` from `prompts[i]` (token ids, at least one each), at most `batch_size` rows decoding at
-    once; yields each prompt's index as its row ends (in the order rows end, not the prompts' order). Prompts join
+    once; yields each prompt's index as its row ends (in the order rows end, not the prompts' order), a row whose
+    scores were not finite too (finish_reason "error": it drew nothing more; the others decode on). Prompts join
     in their order, as many at a time as there are free slots, in one encoder pass. `compile_step`: the engine's
     step compiled (`Engine`)."""
     engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))), compile_step=compile_step)
@@ -90,8 +91,8 @@ def generate_each(
         if not engine.rows:
             return
         emitted = engine.step()
-        if engine.failed:
-            raise NonFiniteScores([index[row] for row in engine.failed])
+        for row in engine.failed:
+            yield index.pop(row)
         for item in emitted:
             if item.row.finish_reason is not None:
                 yield index.pop(item.row)
@@ -155,6 +156,9 @@ def generate(
         for _ in generate_each(model, [ids[keep] for ids, keep in zip(input_ids, real)], rows, len(rows),
                                 compile_step):
             pass
+        failed = [i for i, row in enumerate(rows) if row.finish_reason == "error"]
+        if failed:
+            raise NonFiniteScores(failed)
     else:
         _uncached(model, input_ids, attention_mask, rows)
     width = max(len(row.tokens) for row in rows)
