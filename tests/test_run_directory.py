@@ -519,6 +519,24 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     assert (out / "model.safetensors").read_text() == "the previous version"
 
 
+def test_a_link_named_like_a_killed_writes_folder_is_neither_followed_nor_removed(tmp_path):
+    """A link named like a folder moved aside by a killed write (put in a shared output folder, or in a run
+    directory handed over) made the next write move what it leads to into the output's folder: here ~/.ssh; and a
+    process id too large for a pid_t failed every write there with a traceback."""
+    home, shared = tmp_path / "home", tmp_path / "shared"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("secret")
+    shared.mkdir()
+    link = shared / f"..ssh.old-{DEAD_PID}-abcdefgh"
+    link.symlink_to(home)
+    huge = shared / ".x.tmp-99999999999999999999-abcdefgh"
+    huge.mkdir()
+    with atomic_dir(shared / "project") as tmp:
+        (tmp / "file").write_text("x")
+    assert (home / ".ssh" / "id_ed25519").read_text() == "secret" and not (shared / ".ssh").exists()
+    assert link.is_symlink() and huge.is_dir() and (shared / "project" / "file").exists()
+
+
 def test_an_unfinished_output_holding_a_folder_of_its_own_name_is_removed_not_restored(tmp_path):
     """`encdec classify --out runs/classifier` writes its first fold's classifier to TMP/classifier: killed
     after that fold, the next write took that folder for the previous output moved aside and put it in place,
