@@ -177,6 +177,19 @@ def test_a_decoder_only_source_naming_other_weights_for_transformers_is_refused(
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_gguf_of_a_few_bytes_claiming_a_huge_array_is_refused_at_once(tmp_path):
+    """gguf's reader reads past the end of the file as empty arrays: an 84-byte file whose array field claims 2**62
+    items was read for ever (in a process of its own here, killed by its time limit if that comes back)."""
+    import struct
+
+    bomb = tmp_path / "bomb.gguf"
+    bomb.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 20) + b"general.architecture"
+                     + struct.pack("<IIQ", 9, 0, 2**62) + b"\0" * 16)
+    code = "import sys; from pathlib import Path; from encdec.formats.gguf import architecture; architecture(Path(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120)
+    assert "is a truncated or corrupt GGUF file" in done.stderr and "runs past the end of the file" in done.stderr
+
+
 @pytest.mark.parametrize("claims, error", [
     ({"block_count": 10**7}, "declares 10000000 llama.block_count .at most 1024., its tensors hold 4 blocks"),
     ({"block_count": 5}, "declares 5 llama.block_count .at most 1024., its tensors hold 4 blocks"),

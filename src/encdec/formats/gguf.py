@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from encdec.config import MAX_LAYERS
@@ -25,13 +26,23 @@ log = logging.getLogger("encdec")
 def architecture(path: Path) -> tuple[str, int]:
     """The `general.architecture` of a GGUF file and its parameter count, after checking that the file is
     complete and supported."""
-    from gguf import GGUFReader
+    from gguf.gguf_reader import GGUFReader  # the class (`_parsed_once` puts a function in gguf.GGUFReader)
 
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise EncdecError(f"{path} is not a GGUF file (bad magic number)")
+    class Bounded(GGUFReader):
+        """gguf's reader, whose reads past the end of the file raise: gguf's return empty arrays, so an array field
+        claiming 2**62 items (an 84-byte file) was read for ever, holding ever more memory."""
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            count = int(count)
+            if count < 0 or offset + np.dtype(dtype).itemsize * count > len(self.data):
+                raise ValueError(f"a field of {count} items at byte {offset} runs past the end of the file")
+            return super()._get(offset, dtype, count, override_order)
+
     try:
-        reader = GGUFReader(str(path))
+        reader = Bounded(str(path))
         _refuse_split(reader, path)
         field = reader.fields["general.architecture"]
         arch = bytes(field.parts[field.data[0]]).decode()
