@@ -56,6 +56,16 @@ def test_sampling_from_scores_that_are_not_finite_is_one_line(model, monkeypatch
     assert model.generate(ids, mask, max_new_tokens=3, use_cache=use_cache).shape[0] == 3  # greedy: argmax as ever
 
 
+def test_a_mask_with_a_gap_inside_a_prompt_is_refused(model):
+    """The cached path reads a prompt's kept tokens as one text, the uncached one at their columns: a mask with a
+    gap inside a prompt gave the two paths different tokens, silently."""
+    ids, mask = _prompts()
+    mask[0, 4] = 0
+    for use_cache in (True, False):
+        with pytest.raises(EncdecError, match="prompt 0 of the batch has a gap in its attention_mask"):
+            model.generate(ids, mask, max_new_tokens=2, use_cache=use_cache)
+
+
 # a PyTorch build without oneDNN (some source, conda or non-x86 builds) has no packed weights: encdec falls back to
 # PyTorch's products (test_load_for_inference_chooses_the_cpu_kernels); the pinned CPU wheel has oneDNN
 needs_onednn = pytest.mark.skipif(not onednn.available(), reason="this PyTorch build has no oneDNN")

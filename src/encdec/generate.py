@@ -141,6 +141,12 @@ def generate(
     if attention_mask is not None and int(attention_mask.sum(1).min()) == 0:
         raise EncdecError(f"prompt {int(attention_mask.sum(1).argmin())} of the batch is empty (its attention_mask "
                           "is all 0): every prompt needs at least one token (the tokenizer's BOS, for an empty text)")
+    if attention_mask is not None:  # the cached path reads a prompt's kept tokens as one text: a gap moved its tokens
+        kept = attention_mask.bool()
+        starts = kept[:, :1].long().sum(1) + (kept[:, 1:] & ~kept[:, :-1]).sum(1)
+        if int(starts.max()) > 1:
+            raise EncdecError(f"prompt {int(starts.argmax())} of the batch has a gap in its attention_mask: a prompt's "
+                              "1s must be one run, padding (0s) before or after it only")
     longest = int(attention_mask.sum(1).max()) if attention_mask is not None else input_ids.shape[1]
     check_positions(longest, max_new_tokens, cfg, prefix=len(decoder_prefix))  # as encdec generate and serve refuse
     # ints, not what holds them: a tensor's elements hash by identity and would never equal a token
