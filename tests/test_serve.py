@@ -616,10 +616,16 @@ def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server):
     chat = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
                       json={"messages": [{"role": "user", "content": "w1 " * 400_000}]})
     assert chat.status_code == 400 and "characters" in chat.json()["error"]["message"]
-    turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}] * 20_000  # the turns' markup
+    # more turns than tokens: refused before a template renders them (2 M empty messages took 16 s to render)
+    turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}] * 20_000
     chat = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
                       json={"messages": [*turns, {"role": "user", "content": "w1"}]})
-    assert chat.status_code == 400 and "characters" in chat.json()["error"]["message"], chat.text
+    assert chat.status_code == 400, chat.text
+    assert "'messages' has 40001 turns, more than this server's limit of 24 tokens" in chat.json()["error"]["message"]
+    turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}] * 11  # the turns' markup counts
+    chat = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
+                      json={"messages": [*turns, {"role": "user", "content": "w1"}]})
+    assert chat.status_code == 400 and "'messages' has 48 tokens" in chat.json()["error"]["message"], chat.text
 
 
 def test_a_body_larger_than_accepted_is_refused_unread(server):

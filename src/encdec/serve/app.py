@@ -122,6 +122,10 @@ class Service:
         """A conversation's token ids in the chat format (a message's text never reads as control tokens:
         ChatFormat.encode), refused unread past what --max-input-tokens can spell."""
         self.short_enough(sum(len(text) for _, text in turns), "messages")
+        limit = self.settings.limits.max_input_tokens
+        if len(turns) > limit:  # a turn's markup is a token at least: 2 M empty messages took 16 s to render
+            raise APIError(400, f"'messages' has {len(turns)} turns, more than this server's limit of {limit} tokens "
+                           "can hold (--max-input-tokens)", "messages")
         try:  # the turns' markup counts too: 40,000 empty messages were 1.4 M characters to tokenize
             self.short_enough(len(self.chat.render(turns)), "messages")
             return self.chat.encode(turns)
