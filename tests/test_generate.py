@@ -749,6 +749,25 @@ def test_packing_for_an_inference_pass_restores_the_layers(model):
 
 
 @needs_onednn
+def test_packing_that_fails_partway_puts_back_what_it_packed(model, monkeypatch):
+    """Out of memory at a layer left the layers packed before it packed, the backbone half converted for good."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, MLP))]
+    packed, real = [], onednn.PackedLinear
+
+    def failing(*args):
+        if len(packed) == 3:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        packed.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(onednn, "PackedLinear", failing)
+    with pytest.raises(RuntimeError, match="not enough memory"), onednn.packed_while_inferring(model):
+        pass
+    after = [m for m in model.modules() if isinstance(m, (nn.Linear, MLP))]
+    assert len(after) == len(layers) and all(a is b for a, b in zip(after, layers))
+
+
+@needs_onednn
 def test_models_converted_for_inference_are_not_saved(model, tmp_path):
     """Packed or int8 layers hold no float weights: saving says so in one line and writes nothing."""
     for convert, what in ((onednn.pack_for_cpu, "packed for oneDNN"), (quantize_int8, "quantized to int8")):

@@ -218,14 +218,14 @@ class ScreenedHead(nn.Module):
         return columns[exact.masked_fill(~candidates[:, columns], float("-inf")).argmax(-1)]
 
 
-def _pack_layers(module: nn.Module, keep: bool) -> list[tuple[nn.Module, str, nn.Module]]:
+def _pack_layers(module: nn.Module, kept: list[tuple[nn.Module, str, nn.Module]] | None = None) -> None:
     """Replace every feed-forward (PackedMLP) and every other nn.Linear (PackedLinear) under `module`; with
-    `keep`, return (owner, name, original) of each.
+    `kept`, add (owner, name, original) of each to it as it is replaced (so that a failure partway, out of memory
+    say, leaves what to put back).
 
     By name, one layer at a time, holding no reference to a replaced layer unless kept, so that each one's float
     weight is freed as its packed copy arrives (checkpoints are read into memory of their own, not mapped:
     `encdec.files.read_weights`)."""
-    kept = []
     names: list[str] = []
     for name, child in module.named_modules():  # parents come before their children
         inside = any(name.startswith(f"{outer}.") for outer in names)
@@ -236,10 +236,9 @@ def _pack_layers(module: nn.Module, keep: bool) -> list[tuple[nn.Module, str, nn
         owner = module.get_submodule(parent)
         layer = getattr(owner, attribute)
         setattr(owner, attribute, PackedMLP(layer) if isinstance(layer, MLP) else PackedLinear(layer.weight, layer.bias))
-        if keep:
+        if kept is not None:
             kept.append((owner, attribute, layer))
         del layer
-    return kept
 
 
 def packable(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
@@ -263,7 +262,7 @@ def pack_for_cpu(model: EncoderDecoder) -> EncoderDecoder:
     if model.lm_head is None:  # tied: the embedding table stays for lookups, the head reads packed copies
         screen = screen_dtype() if weight.dtype == torch.float32 else None
         model.lm_head = ScreenedHead(weight, screen) if screen else PackedLinear(weight, None)
-    _pack_layers(model, keep=False)
+    _pack_layers(model)
     return model
 
 
@@ -276,8 +275,9 @@ def packed_while_inferring(module: nn.Module) -> Iterator[nn.Module]:
     if weight is None or not available() or not packable(weight.dtype, weight.device):
         yield module
         return
-    kept = _pack_layers(module, keep=True)
+    kept: list[tuple[nn.Module, str, nn.Module]] = []
     try:
+        _pack_layers(module, kept)
         yield module
     finally:
         for owner, attribute, linear in kept:
