@@ -18,8 +18,8 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from encdec.data.instructions import END, START, chat_prompt, system_folded
-from encdec.errors import EncdecError, first_line
 from encdec.data.tokens import leading_bos
+from encdec.errors import EncdecError, first_line
 
 _ROLE = {"user": "user", "model": "assistant", "system": "system"}
 _MARK = "\x00answer\x00"  # stands for an answer when finding the text a template puts after one

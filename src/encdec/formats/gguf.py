@@ -31,6 +31,7 @@ def architecture(path: Path) -> tuple[str, int]:
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise EncdecError(f"{path} is not a GGUF file (bad magic number)")
+
     class Bounded(GGUFReader):
         """gguf's reader, whose reads past the end of the file raise: gguf's return empty arrays, so an array field
         claiming 2**62 items (an 84-byte file) was read for ever, holding ever more memory."""
