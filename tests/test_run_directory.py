@@ -156,22 +156,27 @@ def test_overwrite_replaces_a_run_with_its_checkpoints_and_tensorboard_events(ad
     assert events and not events & {p.name for p in (out / "tensorboard").iterdir()}
 
 
-def test_tensorboard_missing_is_said_before_overwrite_deletes_anything(adapted, corpus, tmp_path, capsys, monkeypatch):
+def test_tensorboard_missing_or_broken_is_said_before_overwrite_deletes_anything(adapted, corpus, tmp_path, capsys,
+                                                                                 monkeypatch):
     """It was found when the metrics opened, after --overwrite had removed the previous run (and by the first
-    process alone, the others going on into the first step's collectives)."""
-    import importlib.util
+    process alone, the others going on into the first step's collectives); a package there but broken (a protobuf
+    of another version: a TypeError on import) passed the check, then deleted the run and failed as a traceback."""
+    import types
+
+    class Broken(types.ModuleType):
+        def __getattr__(self, name):
+            raise TypeError("Descriptors cannot be created directly")
 
     out = tmp_path / "run"
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
-    capsys.readouterr()
-    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--overwrite", "--tensorboard")) == 2
-    (line,) = _lines(capsys.readouterr().err, "error:")
-    assert "--tensorboard needs the tensorboard package" in line
-    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    for module in (None, Broken("torch.utils.tensorboard")):
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+        capsys.readouterr()
+        assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--overwrite", "--tensorboard")) == 2
+        (line,) = _lines(capsys.readouterr().err, "error:")
+        assert "--tensorboard needs a working tensorboard package (pip install 'encdec[tensorboard]')" in line
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_a_refused_run_leaves_nothing_that_blocks_the_corrected_command(adapted, corpus, tmp_path):

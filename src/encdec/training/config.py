@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
 import logging
 import math
 import os
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, first_line
 from encdec.training.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -157,9 +156,14 @@ class TrainConfig:
             raise EncdecError("--resume continues the run in --out and --overwrite starts it afresh: pass one of them")
         if self.eval_data and self.objective == "instruct":
             raise EncdecError("--eval-data works with pretraining objectives only (prefixlm, ul2)")
-        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:  # before --overwrite removes anything,
-            # and on every process (only the first writes the logs: alone, it would stop while the others waited)
-            raise EncdecError("--tensorboard needs the tensorboard package (pip install 'encdec[tensorboard]')")
+        if self.tensorboard:  # before --overwrite removes anything, and on every process (only the first writes
+            # the logs: alone, it would stop while the others waited); imported, not found: a broken install (a
+            # protobuf of another version) failed as the metrics opened, the previous run deleted by then
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - what the metrics write with
+            except Exception as e:  # noqa: BLE001 - a broken install raises what its own imports raise
+                raise EncdecError(f"--tensorboard needs a working tensorboard package (pip install "
+                                  f"'encdec[tensorboard]'); importing it failed: {first_line(e)}") from None
         self.keep_last = max(self.keep_last, self.average_last)
 
     def check_joined(self, stack: StackConfig | None, who: str) -> None:

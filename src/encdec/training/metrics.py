@@ -10,7 +10,6 @@ from typing import Any
 
 from tqdm import tqdm
 
-from encdec.errors import EncdecError
 from encdec.files import open_own
 
 
@@ -28,10 +27,8 @@ class Metrics:
         out.mkdir(parents=True, exist_ok=True)
         self.file = os.fdopen(open_own(out / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT), "a")
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise EncdecError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            from torch.utils.tensorboard import SummaryWriter  # importable: TrainConfig.check imported it
+
             # a resumed run drops the events logged after its checkpoint (metrics.jsonl is cut back the same way),
             # all of them when it stopped before its first checkpoint; a new run has none to drop; the checkpoint's
             # own step's are written again
