@@ -157,6 +157,14 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
         ids = model.generate(torch.tensor([tokenizer(text).input_ids]), max_new_tokens=24, do_sample=True, seed=1 + i,
                              top_k=5, repetition_penalty=1.2, frequency_penalty=1.0, eos_token_ids=stop)[0]
         assert shown == f"{text} -> {tokenizer.decode(ids, skip_special_tokens=True)}"
+    unlimited = []  # --top-k 0 and -1 (vLLM's and the server's way): no limit (-1 was refused)
+    for k in ("0", "-1"):
+        assert main(["generate", str(out), "--prompt", "w1", "--max-new-tokens", "8", "--do-sample", "--seed", "2",
+                     "--top-k", k]) == 0
+        unlimited.append(capsys.readouterr().out)
+    assert unlimited[0] == unlimited[1]
+    assert main(["generate", str(out), "--prompt", "w1", "--do-sample", "--top-k", "-2"]) == 2
+    assert "top_k (--top-k) must be at least 1" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "--quantize", "int8"]) == 0
     assert capsys.readouterr().out.startswith("w1 w2 w3 -> ")
     assert main(["generate", str(out), "--prompt", "w1", "--prompt", "w2", "--max-new-tokens", "2", "--quantize",

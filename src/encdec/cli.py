@@ -164,7 +164,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not 1 <= args.batch_size <= MAX_BATCH:  # a huge one failed (out of memory) in the engine's first buffer
         raise EncdecError(f"--batch-size must be in 1..{MAX_BATCH} (rows decoded together, each with caches of its "
                           f"own), got {args.batch_size}")
-    sampling = Sampling(args.do_sample, args.temperature, args.top_k or None, args.top_p, args.seed,  # --top-k 0: none
+    top_k = None if args.top_k in (0, -1) else args.top_k  # 0 or -1 (vLLM's and the server's): no limit
+    sampling = Sampling(args.do_sample, args.temperature, top_k, args.top_p, args.seed,
                         args.presence_penalty, args.frequency_penalty, args.repetition_penalty)
     try:
         check_settings(args.max_new_tokens, sampling)
@@ -573,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (fewer at EOS)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0: no limit)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (0 or -1: no limit)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability mass")
     p.add_argument("--seed", type=_seed, default=None,
                    help="sampling seed, for reproducible samples (the n-th prompt samples from seed + n - 1)")
