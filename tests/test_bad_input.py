@@ -1056,7 +1056,7 @@ def test_quickstart_overwrite_leaves_a_kept_final_model_of_another_run_alone(cap
     _quickstart_overwrite_refused(out, other, capsys)
     (out / "pretrain" / "model" / "encdec.json").unlink()
     assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
-    assert "does not record what it was trained from" in capsys.readouterr().err
+    assert "a model no run saved: its encdec.json records no training" in capsys.readouterr().err
     shutil.rmtree(out / "pretrain")
     (out / "adapted").mkdir()
     (out / "adapted" / "notes.txt").write_text("mine")

@@ -119,7 +119,7 @@ def test_overwrite_deletes_nothing_when_the_inputs_are_bad(adapted, corpus, tmp_
 
 
 @pytest.mark.parametrize("name, planted, said", [
-    ("model", "net.py", "no model a run saved"),
+    ("model", "net.py", "a model no run saved: its encdec.json records no training"),
     ("checkpoints", "epoch=3.ckpt", "it holds epoch=3.ckpt"),  # another tool's checkpoints folder
     ("tensorboard", "notes.txt", "it holds notes.txt"),
 ])
@@ -135,6 +135,20 @@ def test_overwrite_refuses_a_folder_that_only_shares_a_run_outputs_name(adapted,
         (line,) = _lines(capsys.readouterr().err, "error:")
         assert f"{out / name} is not what a run writes there ({said})" in line, line
         assert (out / name / planted).read_text() == "someone's work"
+
+
+def test_overwrite_refuses_a_model_kept_in_out_that_no_run_saved(adapted, corpus, tmp_path, capsys):
+    """Any checkpoint in OUT/model was taken for the run's final model: `pretrain --out ~/proj --overwrite` deleted
+    the adapted model kept in ~/proj/model (and the refusal without --overwrite advised it)."""
+    out = tmp_path / "proj"
+    out.mkdir()
+    shutil.copytree(adapted, out / "model")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for overwrite in ("--overwrite", None):
+        assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", *filter(None, [overwrite]))) == 2
+        (line,) = _lines(capsys.readouterr().err, "error:")
+        assert f"{out / 'model'} is not what a run writes there (a model no run saved: its" in line, line
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
 def test_overwrite_replaces_a_decoder_only_runs_model(sources, corpus, tmp_path):
@@ -685,7 +699,9 @@ def test_a_kept_final_model_is_a_run_that_only_overwrite_replaces(adapted, corpu
     """A user who deleted a finished run's checkpoints and metrics to free disk keeps its final model: a new run
     into that directory is refused until --overwrite, and no run fills the working directory itself."""
     out = tmp_path / "run"
-    shutil.copytree(adapted, out / "model")
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 0
+    shutil.rmtree(out / "checkpoints")
+    (out / "metrics.jsonl").unlink()
     kept = sorted(p.name for p in (out / "model").iterdir())
     capsys.readouterr()
     assert main(_pretrain_args(adapted, out, corpus, "--steps", "1")) == 2

@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from encdec.checkpoint import METADATA, is_checkpoint
+from encdec.checkpoint import METADATA, read_metadata
 from encdec.errors import EncdecError, first_line
 from encdec.files import (
     RUN_LOCK,
@@ -191,6 +191,12 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     return None
 
 
+def _trained_here(model: Path) -> bool:
+    """Whether `model` is a training run's final model: its metadata records the run."""
+    metadata = read_metadata(model)
+    return any(isinstance(metadata.get(key), dict) for key in ("pretrained", "finetuned"))
+
+
 def foreign_output(out: Path) -> tuple[str, str] | None:
     """The first of OUT's run names (OUTPUTS) that holds something no run writes, with what: `begin` deletes
     them all on --overwrite (a link is only unlinked, what it leads to stays)."""
@@ -207,8 +213,9 @@ def foreign_output(out: Path) -> tuple[str, str] | None:
                 problem = "" if path.is_file() else "not a file"
             elif not path.is_dir():
                 problem = "not a directory"
-            elif name == "model":  # an encoder-decoder's, or a decoder-only run's (its family's config.json)
-                problem = "" if (path / METADATA).is_file() or is_checkpoint(path) else "no model a run saved"
+            elif name == "model":  # a run's final model records the run (encdec.json: "pretrained" or "finetuned");
+                # any checkpoint was taken for one, and --overwrite deleted a model kept there (an adapted one, say)
+                problem = "" if _trained_here(path) else "a model no run saved: its encdec.json records no training"
             elif name == "checkpoints":  # step-N, and what a crash may leave of an atomic write (.step-N.tmp-...)
                 problem = odd(path, lambda e: e.name.startswith(".step-") or checkpointing.is_step_name(e.name))
             else:  # tensorboard: SummaryWriter's event files
