@@ -695,6 +695,34 @@ def test_outputs_get_the_modes_a_plain_write_would_give(tmp_path):
     assert (tmp_path / "table.md").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_cache_is_written_through_no_planted_link_and_a_full_disk_is_a_warning(tmp_path, monkeypatch):
+    """Cache temporaries had names anyone could foresee (.NAME.HOST.PID.tmp): a link planted there in a shared cache
+    made the write truncate and chmod the file it led to; and safetensors' own error for a full disk was a
+    traceback (a probe's computed features lost), where a cache that cannot be written is a warning."""
+    import safetensors
+
+    from encdec import files
+
+    private = tmp_path / "private.txt"
+    private.write_text("mine")
+    private.chmod(0o600)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f".tokens.npz.{files.HOST}.{os.getpid()}.tmp").symlink_to(private)  # the token cache's writer opens
+    assert files.write_cache(cache / "tokens.npz", lambda t: t.write_bytes(b"tokens"), "x", "y")  # its path
+    assert private.read_text() == "mine" and private.stat().st_mode & 0o777 == 0o600
+    assert (cache / "tokens.npz").read_bytes() == b"tokens" and not (cache / "tokens.npz").is_symlink()
+
+    def full(tensors, filename):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    warned = []
+    monkeypatch.setattr(files.log, "warning", lambda *args: warned.append(args[0] % args[1:]))
+    assert not files.write_cache(cache / "other.safetensors", lambda t: full({}, str(t)), "the features", "computed")
+    assert "could not cache the features" in warned[0] and "No space left on device" in warned[0]
+    assert sorted(p.name for p in cache.iterdir() if not p.is_symlink()) == ["tokens.npz"]
+
+
 def test_a_kept_final_model_is_a_run_that_only_overwrite_replaces(adapted, corpus, tmp_path, capsys, monkeypatch):
     """A user who deleted a finished run's checkpoints and metrics to free disk keeps its final model: a new run
     into that directory is refused until --overwrite, and no run fills the working directory itself."""

@@ -568,17 +568,24 @@ def write_cache(path: Path, write: Callable[[Path], None], what: str, otherwise:
     """Write the cache file `path` through a temporary beside it (`write(temporary)`), renamed once whole; whether
     it was written. A cache that cannot be written (a read-only or full disk) is a warning naming `what` it would
     hold and what happens `otherwise`, since its contents are at hand, and leaves no partial file."""
-    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.tmp")
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # a name no one can foresee, made by this process alone: a shared cache's other user could plant a link at
+        # a predictable one (.NAME.HOST.PID.tmp) and have this process write and chmod the file it leads to
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
         write(tmp)
-        plain_mode(tmp)  # whatever mode the writer made (safetensors: 0600)
+        plain_mode(tmp)  # whatever mode the writer made (safetensors, mkstemp: 0600)
         _sync(tmp)  # whole on disk before its name says so: a crash must not leave a cache of the right name and zeros
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if not isinstance(e, OSError):
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        failed_write = isinstance(e, SafetensorError) and "I/O error" in str(e)  # safetensors' own (a full disk)
+        if not isinstance(e, OSError) and not failed_write:
             raise
         log.warning("could not cache %s in %s (%s); %s", what, path, e, otherwise)
         return False
