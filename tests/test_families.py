@@ -17,6 +17,7 @@ from conftest import valid
 from tiny import make_source, write_gguf
 
 import encdec
+import encdec.files
 from encdec.causal import causal_from_source, save_causal
 from encdec.errors import EncdecError
 from encdec.model import Segments
@@ -176,6 +177,10 @@ def test_processes_joining_one_packaged_gguf_together_join_it_once(tmp_path):
     assert all(worker.returncode == 0 for worker in workers)
     assert sum(lines.count("joined") for lines in outputs) == 1
     assert outputs[0][-1] == outputs[1][-1]  # one file, one identity: one key for its conversion
+    joined = tmp_path / "cache" / "joined.gguf"
+    assert joined.read_bytes() == b"\x00" * 100_000 + b"\x01" * 100_000
+    assert joined.stat().st_mode & 0o777 == 0o666 & ~encdec.files.umask()  # a plain file's mode, not mkstemp's 0600
+    assert sorted(p.name for p in joined.parent.iterdir() if p.name.endswith(".tmp")) == []
 
 
 def test_gguf_that_transformers_would_misread_is_refused(tmp_path, monkeypatch):

