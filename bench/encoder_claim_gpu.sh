@@ -54,7 +54,8 @@ claim decoder-only=gemma-3-270m &
 claim "adapted-init=$MODELS/adapted" &
 {
     [ -d "$MODELS/train/model" ] ||
-        python3 -m encdec.cli pretrain --model "$MODELS/adapted" --out "$MODELS/train" --steps "$PRETRAIN_STEPS" --resume \
+        python3 -m encdec.cli pretrain --model "$MODELS/adapted" --out "$MODELS/train" --resume \
+            --steps "$PRETRAIN_STEPS" \
             >"$LOGS/pretrain.log" 2>&1
     echo "pretrained ($?) at $((SECONDS - START)) s"
     [ -d "$MODELS/train/model" ] && claim "adapted-trained=$MODELS/train/model"

@@ -185,7 +185,8 @@ def test_a_gguf_of_a_few_bytes_claiming_a_huge_array_is_refused_at_once(tmp_path
     bomb = tmp_path / "bomb.gguf"
     bomb.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 20) + b"general.architecture"
                      + struct.pack("<IIQ", 9, 0, 2**62) + b"\0" * 16)
-    code = "import sys; from pathlib import Path; from encdec.formats.gguf import architecture; architecture(Path(sys.argv[1]))"
+    code = ("import sys; from pathlib import Path; from encdec.formats.gguf import architecture; "
+            "architecture(Path(sys.argv[1]))")
     done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120,
                           check=False)
     assert "is a truncated or corrupt GGUF file" in done.stderr and "runs past the end of the file" in done.stderr
