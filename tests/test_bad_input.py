@@ -1063,3 +1063,21 @@ def test_quickstart_overwrite_leaves_a_kept_final_model_of_another_run_alone(cap
     monkeypatch.setattr("encdec.quickstart.load_source", lambda *a, **k: pytest.fail("the source was read"))
     assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
     assert "holds notes.txt but none of what this command writes there" in capsys.readouterr().err
+
+
+def test_classify_overwrite_replaces_its_own_output_only(capsys, tmp_path, adapted, monkeypatch):
+    """Any folder holding a results.json (another tool's, beside the user's notes) was replaced by --overwrite."""
+    import json
+
+    out = tmp_path / "experiment"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"accuracy": 0.9}))
+    (out / "notes.md").write_text("mine")
+    monkeypatch.setattr("encdec.classification.run.load_task", lambda *a: pytest.fail("the task was read"))
+    assert main(["classify", str(adapted), "--task", "rte", "--probe", "--out", str(out), "--overwrite"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"output directory {out} is not an encdec classify output" in line
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md", "results.json"]
+    (out / "results.json").write_text(json.dumps({"task": "rte", "method": "probe", "predictions": []}))
+    with pytest.raises(pytest.fail.Exception, match="the task was read"):  # its own: replaced (past the check)
+        main(["classify", str(adapted), "--task", "rte", "--probe", "--out", str(out), "--overwrite"])

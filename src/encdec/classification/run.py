@@ -39,7 +39,7 @@ from encdec.classification.train import Diverged, Hyper, encode, fine_tune, padd
 from encdec.data.tokens import leading_bos
 from encdec.errors import EncdecError
 from encdec.evaluation.stats import wilson_interval
-from encdec.files import atomic_dir, check_apart, check_output_dir, portable_path
+from encdec.files import atomic_dir, check_apart, check_output_dir, portable_path, read_json
 from encdec.training.precision import autocast_dtype
 
 log = logging.getLogger("encdec")
@@ -107,7 +107,7 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     searched = candidates(grid, hyper) if grid is not None else None
     if probe_c is not None:
         check_available()
-    check_output_dir(out, overwrite, (model,), replaces=("results.json", "classifier"))
+    check_output_dir(out, overwrite, (model,), replaces=("results.json", "classifier"), kind=CLASSIFIED)
     # not inside MODEL either: its files (every one, nested too) name the feature cache and a search's journal, and
     # the run's temporary output among them would make a resumed search or a cached probe start over
     check_apart(out, (model,), inside=True)
@@ -314,6 +314,19 @@ class _ProbeFolds:
 
 def _guess(probabilities: list[float]) -> int:
     return max(range(len(probabilities)), key=probabilities.__getitem__)
+
+
+def is_classify_output(directory: Path) -> bool:
+    """Whether `directory` is what `encdec classify` writes: a results.json of its own (a task, a method and the
+    predictions), not another tool's file of that name (--overwrite replaced any folder holding one)."""
+    try:
+        data = read_json(directory / "results.json")
+    except EncdecError:
+        return False
+    return {"task", "method", "predictions"} <= data.keys()
+
+
+CLASSIFIED = ("an encdec classify output", is_classify_output)  # what --overwrite replaces
 
 
 def summarise(data: TaskData, p: Plan, probs: list[list[float]], fold_of: list[int | None], losses: list[list[float]],
