@@ -815,9 +815,10 @@ def test_a_start_model_given_as_a_file_or_a_name_is_fingerprinted_too(sources, t
     the same shapes (another quantization, a fine-tune) without a word, its teacher, untrained rows and final
     model's configuration taken from the new file. (The tiny GGUFs' byte-level tokenizers read no text, so no run
     trains on one here.)"""
+    from tiny import write_gguf
+
     from encdec.errors import EncdecError
     from encdec.training import rundir
-    from tiny import write_gguf
 
     other = tmp_path / "other-source"
     shutil.copytree(sources["gemma3"], other)
