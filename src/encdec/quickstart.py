@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from encdec.adapt import adapt
-from encdec.checkpoint import SAVED, load, read_metadata, save
+from encdec.checkpoint import SAVED, load, save
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.data.text import check_text
 from encdec.errors import EncdecError
@@ -23,7 +23,7 @@ from encdec.sources import load_source, load_tokenizer, transformers_causal_lm
 from encdec.training.config import TrainConfig
 from encdec.training.distributed import Dist
 from encdec.training.loop import train
-from encdec.training.rundir import foreign_output, locked, remove_outputs, started_from
+from encdec.training.rundir import foreign_output, locked, remove_outputs, started_from, training_record
 from encdec.training.vocab import always_kept, check_trim_size
 
 SOURCE = "gemma-3-270m"
@@ -42,9 +42,7 @@ def _run_origin(run_dir: Path) -> str | None:
     model's provenance does (a run's checkpoints may have been deleted, its model kept)."""
     started = started_from(run_dir)
     if started is None and (run_dir / "model").is_dir():
-        metadata = read_metadata(run_dir / "model")
-        run = metadata.get("pretrained") or metadata.get("finetuned")
-        started = run.get("from") if isinstance(run, dict) else None
+        started = (training_record(run_dir / "model") or {}).get("from")
     return started if isinstance(started, str) else None
 
 

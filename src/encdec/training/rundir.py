@@ -191,10 +191,12 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     return None
 
 
-def _trained_here(model: Path) -> bool:
-    """Whether `model` is a training run's final model: its metadata records the run."""
+def training_record(model: Path) -> dict | None:
+    """The run a final model records in its metadata (encdec.json: "pretrained" or "finetuned"), or None: a model
+    no training run saved."""
     metadata = read_metadata(model)
-    return any(isinstance(metadata.get(key), dict) for key in ("pretrained", "finetuned"))
+    run = metadata.get("pretrained") or metadata.get("finetuned")
+    return run if isinstance(run, dict) else None
 
 
 def foreign_output(out: Path) -> tuple[str, str] | None:
@@ -215,7 +217,8 @@ def foreign_output(out: Path) -> tuple[str, str] | None:
                 problem = "not a directory"
             elif name == "model":  # a run's final model records the run (encdec.json: "pretrained" or "finetuned");
                 # any checkpoint was taken for one, and --overwrite deleted a model kept there (an adapted one, say)
-                problem = "" if _trained_here(path) else "a model no run saved: its encdec.json records no training"
+                recorded = training_record(path) is not None
+                problem = "" if recorded else "a model no run saved: its encdec.json records no training"
             elif name == "checkpoints":  # step-N, and what a crash may leave of an atomic write (.step-N.tmp-...)
                 problem = odd(path, lambda e: e.name.startswith(".step-") or checkpointing.is_step_name(e.name))
             else:  # tensorboard: SummaryWriter's event files
