@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -982,6 +983,31 @@ def test_quickstart_overwrite_without_training_leaves_a_live_run_alone(capsys, t
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert f"{out / 'pretrain'} is being written by" in line
     assert (out / "pretrain" / "model" / "config.json").exists() and (out / "pretrain" / "checkpoints").is_dir()
+
+
+def test_a_second_quickstart_into_the_same_out_is_refused_before_any_work(capsys, tmp_path, sources, monkeypatch):
+    """Only training locked its directory: a second quickstart started a minute after the first loaded, adapted
+    and wrote OUT/adapted under it, and was refused when it came to train, minutes later. A lock file a killed
+    quickstart left behind is taken over (the kernel freed its lock), and OUT keeps nothing of it."""
+    import encdec.quickstart
+    from encdec.training import distributed, rundir
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the source was loaded")
+
+    out = tmp_path / "qs"
+    with rundir.locked(out, distributed.Dist(), lock=encdec.quickstart.LOCK):  # as a running quickstart holds it
+        monkeypatch.setattr(encdec.quickstart, "load_source", loading)
+        assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"{out} is being written by process {os.getpid()}" in line, line
+        monkeypatch.undo()
+    assert not out.exists()  # the holder made OUT and wrote nothing there
+    out.mkdir()
+    (out / encdec.quickstart.LOCK).write_text('{"pid": 999999999, "host": "gone", "since": "then"}')
+    monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
+    assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapted"]
 
 
 def test_limits_said_before_a_model_loads(capsys, tmp_path, adapted, monkeypatch):

@@ -209,12 +209,12 @@ def test_a_run_whose_new_directories_a_refused_neighbour_removes_makes_them_agai
 
     out, real, removed = tmp_path / "runs" / "b", rundir._acquire, []
 
-    def neighbour_removes_first(path):
+    def neighbour_removes_first(path, name):
         if not removed:
             removed.append(path)
             path.rmdir()
             path.parent.rmdir()
-        return real(path)
+        return real(path, name)
 
     monkeypatch.setattr(rundir, "_acquire", neighbour_removes_first)
     with rundir.locked(out, distributed.Dist()):

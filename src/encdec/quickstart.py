@@ -27,6 +27,7 @@ from encdec.training.rundir import foreign_output, locked, remove_outputs, start
 from encdec.training.vocab import always_kept, check_trim_size
 
 SOURCE = "gemma-3-270m"
+LOCK = ".encdec-quickstart.lock"  # held in OUT while a quickstart writes there (encdec.training.rundir.locked)
 
 
 def _is_adapted_dir(started: Path, adapted_dir: Path) -> bool:
@@ -91,7 +92,12 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
     if not prompt.strip():
         raise EncdecError("--prompt is empty; give a text to continue")
     check_text(prompt, "--prompt")
-    check_output_dir(out, overwrite, replaces=("adapted", "pretrain"))
+    check_output_dir(out, overwrite, replaces=("adapted", "pretrain", LOCK))  # a killed quickstart's lock file
+    with locked(out, Dist(), lock=LOCK):  # a second quickstart into OUT is refused now, not after minutes of work
+        _run(out, overwrite, prompt, max_new_tokens, steps, trim_vocab)
+
+
+def _run(out: Path, overwrite: bool, prompt: str, max_new_tokens: int, steps: int, trim_vocab: int) -> None:
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
     check_output_dir(adapted_dir, overwrite, replaces=("config.json",), kind=SAVED)  # as save() will, before work
     _check_own_run(run_dir, adapted_dir, steps)

@@ -58,9 +58,10 @@ def _holder(path: Path) -> str:
 NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}  # flock's errors where locks do not exist
 
 
-def _acquire(out: Path) -> int:
-    """The descriptor of OUT's lock file, locked by this process; EncdecError naming the holder if it is held."""
-    path, unlocked = out / LOCK, False
+def _acquire(out: Path, name: str) -> int:
+    """The descriptor of OUT's lock file `name`, locked by this process; EncdecError naming the holder if it is
+    held."""
+    path, unlocked = out / name, False
     while True:
         fd = open_own(path, os.O_RDWR | os.O_CREAT)
         try:
@@ -104,11 +105,12 @@ def _remove_empty(made: list[Path]) -> None:
 
 @contextlib.contextmanager
 def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...] = (),
-           data: tuple[str, ...] = ()) -> Iterator[None]:
-    """Hold OUT's lock for the duration. The first process of a distributed run takes it for all, and
-    every process stops when it is refused (none waits for the others in a collective). OUT must not be
-    or hold one of the run's `inputs` (`--overwrite` would delete it, the final model replace it), nor lie inside
-    a folder of its `data` (read whole, the run's own metrics.jsonl among its files)."""
+           data: tuple[str, ...] = (), lock: str = LOCK) -> Iterator[None]:
+    """Hold OUT's lock (the file `lock` in it) for the duration. The first process of a distributed run takes it
+    for all, and every process stops when it is refused (none waits for the others in a collective). OUT must not
+    be or hold one of the run's `inputs` (`--overwrite` would delete it, the final model replace it), nor lie inside
+    a folder of its `data` (read whole, the run's own metrics.jsonl among its files). The directories it made for
+    OUT go again when nothing was written in them (a run that failed early leaves no empty OUT behind)."""
     fd, created, refused = None, [], None
     if d.main:
         try:
@@ -120,7 +122,7 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
             for attempt in range(3):  # another run ending beside this one removes the empty directories it made
                 try:
                     out.mkdir(parents=True, exist_ok=True)
-                    fd = _acquire(out)
+                    fd = _acquire(out, lock)
                     break
                 except FileNotFoundError:
                     if attempt == 2:
@@ -136,7 +138,7 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
         yield
     finally:
         if fd is not None:
-            (out / LOCK).unlink(missing_ok=True)
+            (out / lock).unlink(missing_ok=True)
             os.close(fd)
         _remove_empty(created)  # a refused run leaves no empty directories behind (they stay if anything was written)
 
