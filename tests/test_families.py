@@ -180,7 +180,7 @@ def test_processes_joining_one_packaged_gguf_together_join_it_once(tmp_path):
     joined = tmp_path / "cache" / "joined.gguf"
     assert joined.read_bytes() == b"\x00" * 100_000 + b"\x01" * 100_000
     assert joined.stat().st_mode & 0o777 == 0o666 & ~encdec.files.umask()  # a plain file's mode, not mkstemp's 0600
-    assert sorted(p.name for p in joined.parent.iterdir() if p.name.endswith(".tmp")) == []
+    assert sorted(p.name for p in joined.parent.iterdir() if ".tmp-" in p.name) == []
 
 
 def test_gguf_that_transformers_would_misread_is_refused(tmp_path, monkeypatch):

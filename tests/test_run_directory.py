@@ -723,6 +723,38 @@ def test_a_cache_is_written_through_no_planted_link_and_a_full_disk_is_a_warning
     assert sorted(p.name for p in cache.iterdir() if not p.is_symlink()) == ["tokens.npz"]
 
 
+def test_a_cache_write_removes_what_a_killed_write_of_it_left(tmp_path):
+    """A cache temporary's name said nothing of its writer, so one that an out-of-memory kill left (the dequantized
+    GGUF's, a gigabyte) stayed in the cache for good. The next write of the same file removes those of dead
+    processes of this machine; a live writer's, a link named like one, and another file's temporaries stay."""
+    from encdec import files
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    dead = cache / f".tokens.npz.tmp-{files.HOST}-{DEAD_PID}-abcd1234"
+    dead.write_bytes(b"x" * 1000)
+    live = cache / f".tokens.npz.tmp-{files.HOST}-{os.getpid()}-abcd1234"
+    live.write_bytes(b"being written")
+    (tmp_path / "elsewhere").write_text("mine")
+    link = cache / f".tokens.npz.tmp-{files.HOST}-{DEAD_PID}-linkedxx"
+    link.symlink_to(tmp_path / "elsewhere")
+    other = cache / f".features.safetensors.tmp-{files.HOST}-{DEAD_PID}-abcd1234"
+    other.write_bytes(b"another file's")
+    elsewhere = cache / f".tokens.npz.tmp-another-machine-{DEAD_PID}-abcd1234"
+    elsewhere.write_bytes(b"a write on another machine sharing the cache")
+    assert files.write_cache(cache / "tokens.npz", lambda t: t.write_bytes(b"tokens"), "x", "y")
+    assert sorted(p.name for p in cache.iterdir()) == sorted([live.name, link.name, other.name, elsewhere.name,
+                                                               "tokens.npz"])
+    assert (tmp_path / "elsewhere").read_text() == "mine"
+
+    def killed(tmp: Path) -> None:  # as a kill leaves it: the temporary stays, named after this process
+        raise SystemExit
+
+    with pytest.raises(SystemExit):
+        files.write_cache(cache / "more.npz", killed, "x", "y")
+    assert not [p for p in cache.iterdir() if p.name.startswith(".more.npz")]  # removed on the way out, though
+
+
 def test_a_kept_final_model_is_a_run_that_only_overwrite_replaces(adapted, corpus, tmp_path, capsys, monkeypatch):
     """A user who deleted a finished run's checkpoints and metrics to free disk keeps its final model: a new run
     into that directory is refused until --overwrite, and no run fills the working directory itself."""

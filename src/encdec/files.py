@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import math
@@ -34,8 +35,9 @@ SHARD_BYTES = 4 * 1024**3
 RUN_LOCK = ".encdec.lock"  # held by a training run while it writes its directory (training/rundir.py)
 RUN_FILES = (RUN_LOCK, "checkpoints", "metrics.jsonl")  # what marks a training run's directory
 OutputKind = tuple[str, Callable[[Path], bool]]  # what a command's output directory is: said, and tested
-# atomic_dir's temporaries: .NAME.tmp-HOST-PID-xxxxxxxx (an older form had no HOST), HOST: the machine whose process
-# PID writes it, so that a write on another machine or container sharing the directory is never taken for dead
+# atomic_dir's temporaries, and single files' (temporary_beside): .NAME.tmp-HOST-PID-xxxxxxxx (an older form had no
+# HOST), HOST: the machine whose process PID writes it, so that a write on another machine or container sharing the
+# directory is never taken for dead
 _TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(?:([A-Za-z0-9-]+)-)?(\d+)-[a-z0-9_]{8}")
 MACHINE = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
@@ -496,18 +498,18 @@ def process_alive(pid: int) -> bool:
 MAX_PID = 2**31 - 1  # a pid_t's largest: a larger number is no process id (os.kill raised OverflowError)
 
 
-def _left_by_us(entry: Path, match: re.Match) -> bool:
-    """Whether `entry` may be a temporary of this machine's writes: a folder itself, not a link (whose target would
-    be moved out or deleted: a link named like one, put in a shared output folder or cache or a run directory
-    handed over, made the next write move what it leads to), of this user, and of a process id this machine
-    could have."""
+def _left_by_us(entry: Path, match: re.Match, kind: Callable[[int], bool] = stat.S_ISDIR) -> bool:
+    """Whether `entry` may be a temporary of this machine's writes: a folder (or, by `kind`, a file) itself, not a
+    link (whose target would be moved out or deleted: a link named like one, put in a shared output folder or cache
+    or a run directory handed over, made the next write move what it leads to), of this user, and of a process id
+    this machine could have."""
     try:
         info = entry.lstat()
     except OSError:
         return False
     mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
     pid = match[4]
-    return (stat.S_ISDIR(info.st_mode) and mine and match[3] in (None, HOST) and len(pid) <= 10
+    return (kind(info.st_mode) and mine and match[3] in (None, HOST) and len(pid) <= 10
             and 0 < int(pid) <= MAX_PID)
 
 
@@ -527,6 +529,19 @@ def remove_abandoned_temporaries(parent: Path) -> None:
             os.replace(moved_aside, parent / name)
         log.info("removing %s, left by an interrupted write", entry)
         shutil.rmtree(entry, ignore_errors=True)
+
+
+def temporary_beside(path: Path) -> tuple[int, str]:
+    """mkstemp's (descriptor, name) of a new file beside `path` to write it through: named after this machine and
+    process (the random tail keeps it unforeseeable, so that a shared cache's other user cannot plant a link there),
+    so that the next write of `path` removes what a killed one left (a cache file's temporary can be a gigabyte)."""
+    for entry in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        match = _TEMPORARY.fullmatch(entry.name)
+        if (match and match[1] == path.name and match[2] == "tmp" and _left_by_us(entry, match, stat.S_ISREG)
+                and not process_alive(int(match[4]))):
+            log.info("removing %s, left by an interrupted write", entry)
+            entry.unlink(missing_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.tmp-{HOST}-{os.getpid()}-", dir=path.parent)
 
 
 def file_identity(path: Path, *, change_time: bool = True) -> str:
@@ -571,9 +586,7 @@ def write_cache(path: Path, write: Callable[[Path], None], what: str, otherwise:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # a name no one can foresee, made by this process alone: a shared cache's other user could plant a link at
-        # a predictable one (.NAME.HOST.PID.tmp) and have this process write and chmod the file it leads to
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, name = temporary_beside(path)
         os.close(fd)
         tmp = Path(name)
         write(tmp)
@@ -600,7 +613,7 @@ def atomic_write_files(texts: dict[Path, str]) -> None:
         for path, text in texts.items():
             with written(path):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                fd, name = temporary_beside(path)
                 temporaries.append((name, path))
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     f.write(text)

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +35,7 @@ from encdec.files import (
     read_weights,
     reading_config,
     refuse_transformers_weights,
+    temporary_beside,
     weight_files,
     written,
 )
@@ -355,8 +355,7 @@ def _joined(parts: list[Path], out: Path, sha256: str | None = None) -> Path:
 def _join(parts: list[Path], out: Path, sha256: str | None) -> Path:
     with written(out):
         out.parent.mkdir(parents=True, exist_ok=True)
-        # a name no one can foresee, made by this process alone (not a link planted in a shared cache)
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        fd, name = temporary_beside(out)
         tmp = Path(name)
         try:
             digest = hashlib.sha256()
