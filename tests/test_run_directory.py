@@ -747,7 +747,7 @@ def test_a_cache_write_removes_what_a_killed_write_of_it_left(tmp_path):
                                                                "tokens.npz"])
     assert (tmp_path / "elsewhere").read_text() == "mine"
 
-    def killed(tmp: Path) -> None:  # as a kill leaves it: the temporary stays, named after this process
+    def killed(tmp) -> None:  # as a kill leaves it: the temporary stays, named after this process
         raise SystemExit
 
     with pytest.raises(SystemExit):
