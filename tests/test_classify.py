@@ -606,6 +606,22 @@ def test_real_data_readers_give_the_documented_counts_and_labels() -> None:
         assert len(data.labels) == len(labels)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 4).flatmap(lambda k: st.tuples(st.just(k), st.lists(st.tuples(st.integers(0, k - 1),
+                                                                                   st.integers(0, k - 1)),
+                                                                         min_size=1, max_size=30))))
+def test_macro_f1_is_scikit_learns(case: tuple[int, list[tuple[int, int]]]) -> None:
+    """CB's SuperGLUE score averages accuracy with macro-F1, which `classify` reported none of."""
+    from sklearn.metrics import f1_score
+
+    from encdec.evaluation.stats import macro_f1
+
+    k, pairs = case
+    gold, guessed = [g for g, _ in pairs], [p for _, p in pairs]
+    expected = f1_score(gold, guessed, labels=list(range(k)), average="macro", zero_division=0)
+    assert macro_f1(gold, guessed, k) == pytest.approx(expected, abs=1e-12)
+
+
 def test_cross_validated_run_through_the_cli(models: dict[str, Path], tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
@@ -618,7 +634,17 @@ def test_cross_validated_run_through_the_cli(models: dict[str, Path], tmp_path: 
     assert results["n"] == 12 and results["folds"] == 3 and len(results["predictions"]) == 12
     assert sorted(p["fold"] for p in results["predictions"]) == [0] * 4 + [1] * 4 + [2] * 4
     assert results["accuracy"] == sum(p["correct"] for p in results["predictions"]) / 12
+    from sklearn.metrics import f1_score
+
     from encdec.classification.tasks import load_task
+
+    gold, guessed = [p["label"] for p in results["predictions"]], [p["prediction"] for p in results["predictions"]]
+    labels = ["entailment", "contradiction", "neutral"]
+    assert results["macro_f1"] == pytest.approx(f1_score(gold, guessed, labels=labels, average="macro", zero_division=0))
+    majority = results["majority_baseline"]["label"]
+    assert results["majority_baseline"]["macro_f1"] == pytest.approx(
+        f1_score(gold, [majority] * 12, labels=labels, average="macro", zero_division=0))
+    assert f"macro-F1:  {results['macro_f1']:.3f} (each label's F1, averaged; the baseline's " in printed
 
     data = load_task("cb")
     for p in results["predictions"]:  # each against the data itself: its gold label, its guess, and the two compared

@@ -477,6 +477,31 @@ def test_a_failed_results_write_replaces_neither_file(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
 
+def test_a_task_of_three_fixed_answers_reports_macro_f1_as_superglue_does(adapted):
+    """CB's SuperGLUE score averages accuracy with the macro-F1 of its three answers (5 of its 56 examples are
+    "Neither": a model that never answers it loses 9% of accuracy and a third of the F1); the table had accuracy
+    alone. Tasks whose options change with the item, or that have two, get none."""
+    from sklearn.metrics import f1_score
+
+    from encdec.evaluation.harness import markdown
+
+    scorer = load_scorer(str(adapted))
+    task = Task("three", "choice", "three fixed answers", examples=list)
+    options = [" w3", " w4", " w5"]
+    items = [Choice(str(k), ["w1 w2", "w2 w1", "w1 w1"][k % 3:][:1] * 3, options, k % 3) for k in range(9)]
+    result = run_choice(scorer, task, items, {}, Settings(tasks=[]))
+    summary = result.summary()
+    gold, guessed = [e["gold"] for e in result.examples], [e["prediction"] for e in result.examples]
+    assert summary["macro_f1"] == pytest.approx(f1_score(gold, guessed, labels=[0, 1, 2], average="macro",
+                                                         zero_division=0))
+    table = markdown({"models": [{"name": "m"}], "tasks": {"three": {"n": 9, "results": {"m": summary}}}})
+    assert f"· F1 {100 * summary['macro_f1']:.1f}" in table and "as SuperGLUE reports it" in table
+    changing = [Choice(str(k), ["w1 w2"] * 3, [" w3", " w4", f" w{5 + k}"], 0) for k in range(3)]
+    binary = [Choice(str(k), ["w1 w2"] * 2, [" w3", " w4"], k % 2) for k in range(4)]
+    for others in (changing, binary):
+        assert "macro_f1" not in run_choice(scorer, task, others, {}, Settings(tasks=[])).summary()
+
+
 def test_a_task_of_several_subjects_reports_the_mean_over_subjects_too(adapted):
     """MMLU's accuracy is over its questions; papers also report the mean of its 57 subjects' accuracies (about a
     point apart): the table said neither. Both are there now, each named."""

@@ -38,7 +38,7 @@ from encdec.classification.tasks import Example, TaskData, load_task
 from encdec.classification.train import Diverged, Hyper, encode, fine_tune, padding_id, predict
 from encdec.data.tokens import leading_bos
 from encdec.errors import EncdecError
-from encdec.evaluation.stats import wilson_interval
+from encdec.evaluation.stats import macro_f1, wilson_interval
 from encdec.files import atomic_dir, check_apart, check_output_dir, portable_path, read_json
 from encdec.training.precision import autocast_dtype
 
@@ -332,10 +332,12 @@ CLASSIFIED = ("an encdec classify output", is_classify_output)  # what --overwri
 def summarise(data: TaskData, p: Plan, probs: list[list[float]], fold_of: list[int | None], losses: list[list[float]],
               *, model: str, pooling: str, hyperparameters: dict[str, Any], backbone_kind: str, seconds: float, method: str = "fine-tuning",
               selection: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The results.json content: accuracy, its 95% Wilson interval, every prediction, and how settings were chosen."""
-    predictions = []
+    """The results.json content: accuracy, its 95% Wilson interval, macro-F1, every prediction, and how settings
+    were chosen."""
+    predictions, gold, guesses = [], [e.label for e in p.evaluation], []
     for example, index, pr, fold in zip(p.evaluation, p.evaluation_ids, probs, fold_of):
         guess = _guess(pr)
+        guesses.append(guess)
         predictions.append({"index": index, "fold": fold, "label": data.labels[example.label],
                             "prediction": data.labels[guess], "correct": guess == example.label,
                             "probabilities": dict(zip(data.labels, pr))})
@@ -346,7 +348,9 @@ def summarise(data: TaskData, p: Plan, probs: list[list[float]], fold_of: list[i
         "task": data.name, "model": model, "backbone": backbone_kind, "pooling": pooling, "method": method,
         "probe": method == "probe", "protocol": p.protocol,
         "folds": p.folds, "n": n, "correct": correct, "accuracy": correct / n, "interval": list(wilson_interval(correct, n)),
-        "majority_baseline": {"label": data.labels[majority_label], "accuracy": majority / n},
+        "macro_f1": macro_f1(gold, guesses, len(data.labels)),
+        "majority_baseline": {"label": data.labels[majority_label], "accuracy": majority / n,
+                              "macro_f1": macro_f1(gold, [majority_label] * n, len(data.labels))},
         "train_examples": len(p.train) if p.folds is None else len(p.splits[0][0]),
         "epoch_losses": losses, "hyperparameters": hyperparameters, "selection": selection, "seconds": round(seconds, 1),
         "saved_classifier": f"{trained} on the training split" if p.folds is None
@@ -380,6 +384,8 @@ def report(results: dict[str, Any], out: Path) -> str:
         f"protocol:  {results['protocol']}",
         *(_selection_lines(selection) if selection else []),
         f"accuracy:  {results['accuracy']:.3f} ({results['correct']}/{results['n']}), 95% Wilson interval [{lo:.3f}, {hi:.3f}]",
+        *([f"macro-F1:  {results['macro_f1']:.3f} (each label's F1, averaged; the baseline's {base['macro_f1']:.3f})"]
+          if "macro_f1" in results else []),  # results.json of a version before it
         f"baseline:  {base['accuracy']:.3f} by always answering {base['label']!r} (the majority class)",
         f"time:      {results['seconds']:.0f} s",
         f"saved:     {out / 'results.json'}" + (f"; {out / 'classifier'} ({results['saved_classifier']})"

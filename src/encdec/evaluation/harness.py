@@ -18,7 +18,7 @@ from tqdm import tqdm
 from encdec.errors import EncdecError
 from encdec.evaluation.answers import exact_match, final_number, first_line
 from encdec.evaluation.scoring import Scorer, check_loadable, load_scorer, model_directory
-from encdec.evaluation.stats import mean_interval, wilson_interval
+from encdec.evaluation.stats import macro_f1, mean_interval, wilson_interval
 from encdec.evaluation.tasks import (
     FORMAT_VERSION,
     LM_TASK,
@@ -65,6 +65,7 @@ class TaskResult:
     values: dict[str, float] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
     groups: dict[str, list[int]] = field(default_factory=dict)  # MMLU's subjects: [correct, n] each
+    labels: int | None = None  # a task whose every item has the same 3 or more options (CB's True, False, Neither)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n, **self.values}
@@ -77,6 +78,9 @@ class TaskResult:
             if len(self.groups) > 1:  # the mean over subjects, as some report MMLU (accuracy is over questions)
                 out["accuracy_macro"] = sum(c / n for c, n in self.groups.values()) / len(self.groups)
                 out["groups"] = len(self.groups)
+            if self.labels:  # CB's SuperGLUE score averages accuracy with it: a rare class accuracy hides
+                out["macro_f1"] = macro_f1([e["gold"] for e in self.examples], [e["prediction"] for e in self.examples],
+                                           self.labels)
         return out
 
 
@@ -102,7 +106,8 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
                 requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation, context)))
             owners.append(k)
     scores = scorer.loglikelihoods(requests, s.batch_size, desc=f"{scorer.name} · {task.name}")
-    result = TaskResult(n=len(items), correct_norm=0.0)
+    fixed = len({tuple(item.continuations) for item in items}) == 1 and len(items[0].continuations) > 2
+    result = TaskResult(n=len(items), correct_norm=0.0, labels=len(items[0].continuations) if fixed else None)
     at, not_finite = 0, 0
     for item in items:
         count = len(item.continuations)
@@ -306,6 +311,8 @@ def markdown(record: dict[str, Any]) -> str:
                 cell += f" · norm {100 * summary['accuracy_norm']:.1f}"
             if "accuracy_macro" in summary:
                 cell += f" · subjects {100 * summary['accuracy_macro']:.1f}"
+            if "macro_f1" in summary:
+                cell += f" · F1 {100 * summary['macro_f1']:.1f}"
             cells.append(cell)
             if "accuracy" in summary:  # a task with no items has none
                 averages[m].append((summary["accuracy"] * entry["n"], entry["n"]))
@@ -331,7 +338,8 @@ def markdown(record: dict[str, Any]) -> str:
     lines.append("Accuracy in %, with a 95% Wilson interval; multiple-choice tasks by summed log-likelihood of each answer, "
                  "'norm' by log-likelihood per byte of the answer; the average of the tasks' accuracies with its 95% "
                  "interval (the tasks as independent samples). A task of several subjects (MMLU) is scored over its "
-                 "questions; 'subjects' is the mean of its subjects' accuracies, as some papers report it.")
+                 "questions; 'subjects' is the mean of its subjects' accuracies, as some papers report it. 'F1' (a task "
+                 "whose items share three or more answers, CB) is the mean of its answers' F1, as SuperGLUE reports it.")
     return "\n".join(lines)
 
 
