@@ -225,6 +225,62 @@ def test_documents_are_tokenized_in_calls_of_bounded_text(sources, tmp_path, mon
     assert sum(len(c) for c in calls) == 40
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from("ab \n\t\u00e9"), max_size=120), min_size=1, max_size=5),
+       st.integers(4, 40))
+def test_pieces_of_documents_join_into_them(documents: list[str], size: int) -> None:
+    """Every piece at most PIECE_CHARS long, joined back into its document, marked as its first and last."""
+    import unittest.mock
+
+    with unittest.mock.patch.object(tokens, "PIECE_CHARS", size):
+        pieces = list(tokens._pieces(iter(documents)))
+    assert all(len(text) <= size for text, _, _ in pieces)
+    assert sum(first for _, first, _ in pieces) == sum(last for _, _, last in pieces) == len(documents)
+    joined, current = [], ""
+    for text, first, last in pieces:
+        current = text if first else current + text
+        if last:
+            joined.append(current)
+    assert joined == documents
+
+
+@pytest.mark.parametrize("own_eos", [False, True])
+def test_a_long_record_is_tokenized_in_pieces_into_the_same_tokens(tmp_path, monkeypatch, own_eos):
+    """A .jsonl record is one document, tokenized in one call: a 100 M-character one needed about 10 GB. Pieces cut
+    before whitespace give the document's own tokens (the real Gemma 3 tokenizer, on text with runs of spaces and
+    newlines; and one that ends every text with its EOS), one BOS and one EOS a document, in calls of bounded text."""
+    import copy
+    import json
+
+    from tokenizers import processors
+
+    from encdec.sources import load_tokenizer, resolve
+
+    tokenizer = copy.deepcopy(load_tokenizer(resolve("gemma-3-270m")))
+    if own_eos:
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 1)])
+    words = "The encoder reads   the whole input;\n\nthe decoder\twrites a short answer. Ünïcode wörds, 12345 too."
+    book = " ".join(f"{words} {i}" for i in range(40))  # about 3,900 characters
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": book}) + "\n" + json.dumps({"text": "short one"}) + "\n")
+    whole = tokens._tokenize(tokenizer, [str(tmp_path / "a.jsonl")], "text")
+    calls: list[list[str]] = []
+
+    class Counting:
+        eos_token_id = tokenizer.eos_token_id
+
+        def __call__(self, batch: list[str], **options):
+            calls.append(batch)
+            return tokenizer(batch, **options)
+
+    monkeypatch.setattr(tokens, "PIECE_CHARS", 200)
+    monkeypatch.setattr(tokens, "BATCH_CHARS", 300)
+    pieces = tokens._tokenize(Counting(), [str(tmp_path / "a.jsonl")], "text")
+    assert max(len(text) for call in calls for text in call) <= 200 and len(calls) > 10
+    assert pieces.tolist() == whole.tolist()
+    assert pieces.tolist().count(tokenizer.bos_token_id) == 2 and pieces.tolist().count(tokenizer.eos_token_id) == 2
+
+
 def test_a_tokenizer_that_ends_every_text_with_its_eos_gets_one_eos_a_document(sources, tmp_path):
     """A tokenizer with add_eos_token (some Llama and Mistral fine-tunes') ends each text with EOS itself: the
     stream appended a second one after every document."""

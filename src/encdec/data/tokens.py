@@ -27,8 +27,9 @@ from encdec.files import WriteFailed, file_identity, write_cache
 
 log = logging.getLogger("encdec")
 CORPUS_VERSION = 2  # bump when a packaged corpus (encdec.data.corpus.CORPORA) changes
-READER_VERSION = 3  # bump when files are read into other documents (2: line ends of Windows read as newlines; 3:
-# paragraphs cut at 4 M characters, not 16 M, and the hf: records of null text skipped)
+READER_VERSION = 4  # bump when files are read into other documents (2: line ends of Windows read as newlines; 3:
+# paragraphs cut at 4 M characters, not 16 M, and the hf: records of null text skipped; 4: a document longer than
+# PIECE_CHARS tokenized in pieces)
 HELDOUT = "heldout:"  # `heldout:NAME` names a packaged held-out set (encdec.data.corpus.HELDOUT_SETS)
 CORPUS = "corpus:"  # `corpus:NAME` names a packaged training corpus (encdec.data.corpus.CORPORA)
 PACKAGED = {HELDOUT: HELDOUT_SETS, CORPUS: CORPORA}
@@ -199,17 +200,36 @@ def _touched_since(path: Path, since: float) -> bool:
 
 
 BATCH_DOCUMENTS, BATCH_CHARS = 512, 1 << 22  # a tokenizer call's documents, and about its text at most
+PIECE_CHARS = 1 << 22  # a longer document (a book in one .jsonl record) is tokenized a piece of about this at a time
 
 
-def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
-    """Documents in batches of at most BATCH_DOCUMENTS, ended once they hold BATCH_CHARS of text (their last may
+def _pieces(documents: Iterator[str]) -> Iterator[tuple[str, bool, bool]]:
+    """(text, whether it starts its document, whether it ends it): documents longer than PIECE_CHARS cut before a
+    whitespace in the second half of each piece (where there is one), so that the pieces' tokens are the
+    document's. One call on a 100 M-character record needed about 10 GB (a .txt cuts paragraphs that long into
+    documents; a record is one document, and stays one)."""
+    for document in documents:
+        start = 0
+        while len(document) - start > PIECE_CHARS:
+            low, high = start + PIECE_CHARS // 2, start + PIECE_CHARS
+            spaces = [document.rfind(c, low, high) for c in " \n\t"]
+            end = max(spaces) if max(spaces) > low else high
+            while end - 1 > low and document[end - 1].isspace():  # a run of whitespace stays whole
+                end -= 1
+            yield document[start:end], start == 0, False
+            start = end
+        yield document[start:], start == 0, True
+
+
+def _batches(pieces: Iterator[tuple[str, bool, bool]]) -> Iterator[list[tuple[str, bool, bool]]]:
+    """Pieces in batches of at most BATCH_DOCUMENTS, ended once they hold BATCH_CHARS of text (their last may
     take them past it): a tokenizer call takes ~130 bytes a character (SmolLM2's), and 512 books of a .jsonl
     (200 M characters) would have taken tens of GB. The reader is never more than a batch ahead."""
-    batch: list[str] = []
+    batch: list[tuple[str, bool, bool]] = []
     size = 0
-    for document in documents:
-        batch.append(document)
-        size += len(document)
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
         if len(batch) == BATCH_DOCUMENTS or size >= BATCH_CHARS:
             yield batch
             batch, size = [], 0
@@ -217,16 +237,29 @@ def _batches(documents: Iterator[str]) -> Iterator[list[str]]:
         yield batch
 
 
+def _added_tokens(tokenizer) -> tuple[int, int]:
+    """How many tokens the tokenizer adds before a text (BOS) and after it (an EOS of its own)."""
+    marked = tokenizer(["x"], split_special_tokens=True).input_ids[0]
+    bare = tokenizer(["x"], split_special_tokens=True, add_special_tokens=False).input_ids[0]
+    head = next((i for i in range(len(marked) - len(bare) + 1) if marked[i : i + len(bare)] == bare), 0)
+    return head, len(marked) - head - len(bare)
+
+
 def _tokenize(tokenizer, specs: list[str], text_field: str) -> np.ndarray:
     eos = tokenizer.eos_token_id
     documents = _documents(specs, text_field)
     parts: list[np.ndarray] = []  # int32 per batch of documents: a Python list of the whole stream takes ~9x more
-    count = 0
-    for batch in _batches(documents):
-        count += len(batch)
+    count, added = 0, None
+    for batch in _batches(_pieces(documents)):
+        count += sum(first for _, first, _ in batch)
         # text that spells a control token ("<eos>", "<unused3>": a UL2 sentinel) is text, as in instruction prompts
-        rows = tokenizer(batch, split_special_tokens=True).input_ids
-        rows = [row if row[-1:] == [eos] else [*row, eos] for row in rows]  # one EOS: the tokenizer's, if it adds one
+        rows = tokenizer([text for text, _, _ in batch], split_special_tokens=True).input_ids
+        if not all(first and last for _, first, last in batch):  # a long document's pieces: its tokens, once marked
+            head, tail = added = added or _added_tokens(tokenizer)
+            rows = [row[0 if first else head : len(row) - (0 if last else tail)]
+                    for row, (_, first, last) in zip(rows, batch)]
+        # one EOS a document: the tokenizer's, if it adds one
+        rows = [row if not last or row[-1:] == [eos] else [*row, eos] for row, (_, _, last) in zip(rows, batch)]
         parts.append(np.fromiter((t for row in rows for t in row), dtype=np.int32, count=sum(map(len, rows))))
     if not count:
         raise EncdecError(f"no text found in {' '.join(specs)}")
