@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -394,16 +395,37 @@ def test_two_processes_on_a_node_of_one_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch_dist, "init_process_group", lambda *a, **k: pytest.fail("the group was started"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": "29500"}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with pytest.raises(EncdecError, match="2 processes on this node but it shows them 1 GPU"):
         distributed.init()
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # Slurm's way: each process shown its own GPU as cuda:0
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     monkeypatch.setattr(torch_dist, "is_initialized", lambda: True)
     monkeypatch.setattr(torch_dist, "get_rank", lambda: 1)
+    # torchrun with each process shown its own GPU (CUDA_VISIBLE_DEVICES=$LOCAL_RANK) was refused with the same
+    # line; the GPUs' UUIDs, gathered over a CPU group, tell it from one GPU shown to all
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(torch_dist, "new_group", lambda backend: f"a {backend} group")
+    monkeypatch.setattr(torch_dist, "destroy_process_group", lambda group: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("Props", (), {"uuid": "GPU-1"})())
+
+    def gather(out, mine, group):
+        assert group == "a gloo group"
+        out[:] = [*seen, mine]
+
+    monkeypatch.setattr(torch_dist, "all_gather_object", gather)
+    seen[:] = [("node", "GPU-0")]
+    assert distributed.init().device == torch.device("cuda:0")
+    seen[:] = [(socket.gethostname(), "GPU-1")]  # CUDA_VISIBLE_DEVICES=1 exported to both
+    with pytest.raises(EncdecError, match=r"processes 0, 1 on .* were shown the same GPU \(CUDA_VISIBLE_DEVICES=1"):
+        distributed.init()
+    assert distributed.shared_gpus([("a", "x"), ("b", "x"), ("a", "y"), ("a", "x")]) == [[0, 3]]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # Slurm's way: each process shown its own GPU as cuda:0
+    monkeypatch.setattr(torch_dist, "all_gather_object", lambda *a, **k: pytest.fail("nothing to compare"))
     assert distributed.init().device == torch.device("cuda:0")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,7 +54,8 @@ def init(timeout: float = 1800.0) -> Dist:
             raise EncdecError(f"LOCAL_RANK {local}, but this process sees {count} GPUs: at most one process per GPU "
                               f"(torchrun --nproc-per-node {count})")
         on_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun's (and accelerate's); Slurm's srun sets none
-        if count == 1 and on_node.isdigit() and int(on_node) > 1:  # NCCL's "invalid usage" blamed another process
+        one_each = count == 1 and on_node.isdigit() and int(on_node) > 1
+        if one_each and not os.environ.get("CUDA_VISIBLE_DEVICES"):  # NCCL's "invalid usage" blamed another process
             raise EncdecError(f"{on_node} processes on this node but it shows them 1 GPU, which every process would "
                               "take: at most one process per GPU (torchrun --nproc-per-node 1), or show each process "
                               "its own GPU (CUDA_VISIBLE_DEVICES)")
@@ -64,7 +66,33 @@ def init(timeout: float = 1800.0) -> Dist:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    if device.type == "cuda" and one_each:  # each shown one GPU by CUDA_VISIBLE_DEVICES: the same one, or its own?
+        _check_gpus_apart(world)
     return Dist(dist.get_rank(), world, device)
+
+
+def _check_gpus_apart(world: int) -> None:
+    """Refuse, on every process alike, a run whose processes on one machine were shown the same GPU (one
+    CUDA_VISIBLE_DEVICES exported to all): compared by the GPUs' UUIDs over a CPU group, since NCCL's first
+    collective fails on such a run with "invalid usage" blaming another process."""
+    group = dist.new_group(backend="gloo")
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, (socket.gethostname(), str(torch.cuda.get_device_properties(0).uuid)), group=group)
+    dist.destroy_process_group(group)
+    shared = shared_gpus(every)
+    if shared:
+        ranks = shared[0]
+        raise EncdecError(f"processes {', '.join(map(str, ranks))} on {every[ranks[0]][0]} were shown the same GPU "
+                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')} here): show each process its "
+                          "own GPU, or start one process per GPU (torchrun --nproc-per-node)")
+
+
+def shared_gpus(identities: list[tuple[str, str]]) -> list[list[int]]:
+    """The ranks that share a GPU, a list per GPU shown to several, given each rank's (machine, GPU UUID)."""
+    ranks: dict[tuple[str, str], list[int]] = {}
+    for rank, identity in enumerate(identities):
+        ranks.setdefault(tuple(identity), []).append(rank)
+    return [shared for shared in ranks.values() if len(shared) > 1]
 
 
 def wrap(model: nn.Module, blocks: list[nn.Module], d: Dist, fsdp: bool) -> nn.Module:
