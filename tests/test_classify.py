@@ -942,7 +942,7 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
     assert len(trained) == 3 * 5 - 4 and not stale.exists()  # the search done, it was kept for good
-    assert other.exists() and f"{other.parent} holds 0.1 GB of unfinished fits of 1 other search(es)" in \
+    assert other.exists() and f"{other.parent} holds 0.1 GB of unfinished fits of 1 other run(s)" in \
         capsys.readouterr().err
     shutil.rmtree(other)
     # every fit saves its progress (test_a_fit_killed_mid_epoch_...) in a place of its own beside the journal
@@ -964,6 +964,44 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     trained.clear()
     assert main([*argv, "--seed", "1", "--out", str(tmp_path / "seed1")]) == 0
     assert len(trained) == 15 and len(list((tmp_path / "cache" / "search").iterdir())) == 2
+
+
+def test_a_run_without_a_search_killed_mid_fit_resumes_from_its_progress(models: dict[str, Path], tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a search's fits saved their progress: a plain BoolQ fine-tuning (3 epochs of about an hour each on a CPU)
+    killed in its third hour started again from step 0. Now the rerun trains what was left, and ends as the
+    uninterrupted run did; its progress is gone once the run is done."""
+    import encdec.classification.train as train_module
+    from encdec.classification import run
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=False, n=12)
+    real_fit, real_pad = run.fine_tune, train_module.pad_rows
+    monkeypatch.setattr(run, "fine_tune", lambda *a, **k: real_fit(*a, **{**k, "save_every": 0.0}))
+    steps: list[int] = []
+    kill = [False]
+
+    def counting(batch_rows, pad_id, left=False):
+        if torch.is_grad_enabled():
+            if len(steps) == 4 and kill[0]:
+                raise KeyboardInterrupt
+            steps.append(len(batch_rows))
+        return real_pad(batch_rows, pad_id, left)
+
+    monkeypatch.setattr(train_module, "pad_rows", counting)
+    argv = ["classify", str(models["gemma3"]), "--task", "toy", "--epochs", "2", "--batch-size", "4", "--max-len", "16",
+            "--precision", "fp32", "--no-save"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert len(steps) == 6  # 2 epochs of 3 batches
+    kill[0], steps[:] = True, []
+    assert main([*argv, "--out", str(tmp_path / "resumed")]) == 130
+    assert [p for p in (tmp_path / "cache" / "search").iterdir() if p.is_dir()]  # the fit's progress, saved
+    kill[0], steps[:] = False, []
+    assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
+    assert len(steps) == 2  # the fifth and sixth steps only
+    whole, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "resumed"))
+    assert resumed["predictions"] == whole["predictions"] and resumed["epoch_losses"] == whole["epoch_losses"]
+    assert not [p for p in (tmp_path / "cache" / "search").iterdir() if p.is_dir()]
 
 
 def test_a_search_keeps_its_trials_when_only_the_evaluation_subset_or_a_searched_default_changes(

@@ -1,4 +1,5 @@
-"""Finished search trials on disk, so that an interrupted `encdec classify --search` resumes where it stopped.
+"""Finished search trials and unfinished fits on disk, so that an interrupted `encdec classify` (with `--search` or
+without) resumes where it stopped.
 
 A search trains every candidate once per dev split of every fold: hours on a CPU for the k-fold tasks.
 Each finished trial's dev score is appended (one JSON line, flushed and synced) to a journal under the
@@ -6,9 +7,9 @@ cache root (`$ENCDEC_CACHE/search/`), named by everything that decides a trial's
 files, the task's examples, the plan (seed, limits, folds), the dev protocol, the pooling and the fine-tuning
 settings the grid does not vary (each trial is named by the ones it varies). A rerun with the same inputs reads
 those scores back instead of training again, a grid with more values too; other inputs get another journal. A
-line cut short by a kill is skipped (that trial trains again). Every fit (a trial's, and the chosen settings' on
-the whole fold) also saves its progress beside the journal while it runs (`progress`): a kill in a BoolQ epoch,
-an hour on a CPU, loses minutes, not the fit.
+line cut short by a kill is skipped (that trial trains again). Every fit (a trial's, the chosen settings' on the
+whole fold, and a run's without a search: the journal's name is the run's) also saves its progress beside the journal
+while it runs (`progress`): a kill in a BoolQ epoch, an hour on a CPU, loses minutes, not the fit.
 """
 
 from __future__ import annotations
@@ -62,15 +63,15 @@ class TrialJournal:
         return self.file.with_name(f"{self.file.stem}-{_digest([fold, settings, _digest(examples)])}")
 
     def discard_progress(self) -> None:
-        """Once the search is done: what fits of it saved and never finished (killed, and not run again: another
+        """Once the run is done: what fits of it saved and never finished (killed, and not run again: another
         grid, another choice) is of no more use, and the weights with their optimizer state are GBs a fit."""
         for path in self.file.parent.glob(f"{self.file.stem}-*"):
             shutil.rmtree(path, ignore_errors=True)
-        # other searches' (killed, and maybe never run again with their options): said, not deleted
+        # other runs' (killed, and maybe never run again with their options): said, not deleted
         others = [p for p in self.file.parent.glob("*-*") if p.is_dir()]
         if others:
             size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
-            log.warning("%s holds %.1f GB of unfinished fits of %d other search(es) (killed; a rerun with their "
+            log.warning("%s holds %.1f GB of unfinished fits of %d other run(s) (killed; a rerun with their "
                         "options goes on from them): delete those folders if they will not run again",
                         self.file.parent, size / 1e9, len({p.name.split("-")[0] for p in others}))
 

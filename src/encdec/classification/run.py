@@ -129,7 +129,7 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     train_rows = encode(tokenizer, [e.text for e in p.train], hyper.max_len, first, vocab, f"{data.name} training text")
     reported = _Reported(p, train_rows, lambda examples: encode(
         tokenizer, [e.text for e in examples], hyper.max_len, first, vocab, f"{data.name} evaluation text"))
-    journal = None  # a search's, whose fits' leftover progress goes once it is done
+    journal = None  # a fine-tuning run's (its search's trials; its fits' progress, which goes once it is done)
     if probe_c is not None:
         fold = _ProbeFolds(backbone, p, data, reported, model=model, pooling=pooling, hyper=hyper, pad_id=pad_id,
                            c_values=probe_c, train_rows=train_rows, first=first)
@@ -141,7 +141,7 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         # keyed on what a trial reads: the training parts (never the evaluation subset: BoolQ's --eval-limit) and
         # the settings other than the searched ones (each trial names its own: a grid given one more value keeps the
         # trials of the others)
-        journal = None if grid is None else TrialJournal({
+        journal = TrialJournal({
             "model": features.model_fingerprint(model), "task": task, "labels": list(data.labels),
             "pool": [(e.text, e.label) for e in p.train], "plan": [p.folds, p.train_ids, [t for t, _ in p.splits]],
             "dev": dataclasses.asdict(dev), "pooling": pooling, "first": first, "hyper": fixed})
@@ -216,17 +216,17 @@ class _FineTuneFolds:
                  num_labels: int, journal: TrialJournal | None = None) -> None:
         self.backbone, self.p, self.reported, self.pooling, self.hyper = backbone, p, reported, pooling, hyper
         self.pad_id, self.grid, self.searched, self.train_rows, self.num_labels = pad_id, grid, searched, train_rows, num_labels
-        self.journal = journal  # a search's finished trials, so that an interrupted one resumes
+        self.journal = journal  # a search's finished trials and every fit's progress, so that an interrupted run resumes
         many = len(p.splits) > 1 or searched is not None
         self.initial = {k: v.clone() for k, v in backbone.state_dict().items()} if many else None
         self.losses: list[list[float]] = []
 
     def _train(self, ids: list[int], hp: Hyper, desc: str, fold: int) -> tuple[Classifier, list[float]]:
-        """A fresh classifier fine-tuned on `ids` with the fold's seed, resuming the fit's saved progress (a search)."""
+        """A fresh classifier fine-tuned on `ids` with the fold's seed, resuming the fit's saved progress."""
         if self.initial is not None:
             self.backbone.load_state_dict(self.initial)
         classifier = Classifier(self.backbone, self.num_labels, self.pooling)
-        progress = None if self.journal is None else self.journal.progress(fold, varied(hp, self.grid), ids)
+        progress = None if self.journal is None else self.journal.progress(fold, varied(hp, self.grid or {}), ids)
         losses = fine_tune(classifier, [self.train_rows[i] for i in ids], [self.p.train[i].label for i in ids], hp,
                            pad_id=self.pad_id, desc=desc, seed=self.hyper.seed + fold,
                            progress=progress)
