@@ -276,20 +276,37 @@ def test_different_vocabularies(capsys, tmp_path):
         capsys, tmp_path, "--encoder", str(a), "--decoder", str(b))
 
 
-def test_merged_attention_with_another_decoder(capsys, tmp_path, sources):
+@pytest.mark.parametrize("attention", ["merged", None])  # merged: the default for Gemma 3
+def test_merged_attention_with_another_decoder_is_refused_before_the_sources_load(capsys, tmp_path, sources,
+                                                                                   monkeypatch, attention):
+    """Refused once both sources had loaded (32 GB of float32 weights for a 9B encoder), though their configs
+    tell it; a decoder of another family too."""
+    monkeypatch.setattr("encdec.sources.load_source", lambda *a, **k: pytest.fail("the sources were loaded"))
     line = _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder", str(sources["gemma3-small"]),
-                      "--attention", "merged")
+                      *(["--attention", attention] if attention else []))
     assert "use --attention cross" in line
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder", str(sources["gemma2"]),
+                      "--attention", "cross")
+    assert "encoder is gemma3 but decoder is gemma2; both must be the same family" in line
 
 
 @pytest.mark.parametrize("layers, message", [("0,9", "out of range"), ("3,1", "distinct and increasing"),
                                              ("a,b", "expected a comma list"), ("5:", "selects no layer")])
-def test_bad_decoder_layers(capsys, tmp_path, sources, layers, message):
+def test_bad_decoder_layers(capsys, tmp_path, sources, monkeypatch, layers, message):
+    monkeypatch.setattr("encdec.sources.load_source", lambda *a, **k: pytest.fail("the source was loaded"))
     assert message in _run_adapt(capsys, tmp_path, "--encoder", str(sources["gemma3"]), "--decoder-layers", layers)
 
 
+def test_decoder_layers_from_python_may_be_numpy_integers(sources):
+    """np.arange(0, 3, 2) was refused as "layer(s) [np.int64(0), np.int64(2)] out of range"."""
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])), decoder_layers=np.arange(0, 3, 2))
+    assert model.config.decoder.num_layers == 2
+
+
 @pytest.mark.parametrize("layers, message", [([], "selects no layer"), ([3, 1], "distinct and increasing"),
-                                             ([0, 7], "out of range"), ([-1], "out of range"), ([0.5], "out of range")])
+                                             ([0, 7], "out of range"), ([-1], "out of range"),
+                                             ([0.5], "layer indices are integers, got [0.5]"),
+                                             ([0, 2.0], "layer indices are integers, got [2.0]")])
 def test_bad_decoder_layers_from_python(sources, layers, message):
     """encdec.adapt took any list: [] built the whole decoder, [3, 1] stacked its layers reversed, [0, 7] and [-1]
     ended in tracebacks."""

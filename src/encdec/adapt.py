@@ -10,6 +10,7 @@ cross-attention a copy of its self-attention, as balanced: docs/adaptation.md).
 from __future__ import annotations
 
 import logging
+import numbers
 
 import torch
 
@@ -54,7 +55,11 @@ def check_layers(layers: list[int], num_layers: int, name: str = "decoder_layers
     `name`, what gave them (`encdec.adapt` took any list: [] built the whole decoder, [3, 1] reversed it)."""
     if not layers:
         raise EncdecError(f"{name} selects no layer of {num_layers}")
-    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers]
+    odd = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if odd:  # numpy's integers are taken as the numbers they are; 2.0 is not a layer's index
+        raise EncdecError(f"{name}: layer indices are integers, got {odd}")
+    layers = [int(i) for i in layers]
+    bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise EncdecError(f"{name}: layer(s) {bad} out of range; the source has {num_layers} (0-{num_layers - 1})")
     if sorted(set(layers)) != layers:
@@ -139,6 +144,20 @@ def _shared_vocabulary(encoder: DecoderOnlySource, decoder: DecoderOnlySource) -
     return size
 
 
+def check_pairing(encoder_family: str, decoder_family: str, one_source: bool, attention: str | None) -> str:
+    """The attention an encoder of `encoder_family` and a decoder of `decoder_family` (`one_source`: the same model)
+    are adapted with (`attention`, or the family's default); one line where they cannot be. The CLI checks it
+    from the sources' configs, before their weights are read."""
+    if decoder_family != encoder_family:
+        raise EncdecError(f"encoder is {encoder_family} but decoder is {decoder_family}; "
+                          "both must be the same family (one architecture, one vocabulary)")
+    attention = attention or adapted_as(encoder_family)[0]
+    if attention == "merged" and not one_source:
+        raise EncdecError("merged attention shares one embedding and the K/V projections between encoder and decoder, "
+                          "so the decoder cannot come from another model; use --attention cross")
+    return attention
+
+
 def adapt(
     encoder: DecoderOnlySource, decoder: DecoderOnlySource | None = None, decoder_layers: list[int] | None = None,
     attention: str | None = None, seed: int = 0,
@@ -149,17 +168,11 @@ def adapt(
     if decoder is not None and decoder_layers is not None:
         raise EncdecError("give either a decoder source or decoder layers, not both")
     dec_source = decoder or encoder
-    if dec_source.family != encoder.family:
-        raise EncdecError(f"encoder is {encoder.family} but decoder is {dec_source.family}; "
-                          "both must be the same family (one architecture, one vocabulary)")
-    default_attention, window = adapted_as(encoder.family)
-    attention = attention or default_attention
     # the encoder's model named again as --decoder, by another path (absolute, through a link) is still one source
     one_source = decoder is None or decoder.directory.resolve() == encoder.directory.resolve()
+    attention = check_pairing(encoder.family, dec_source.family, one_source, attention)
+    window = adapted_as(encoder.family)[1]
     vocab_size = encoder.vocab_size if one_source else _shared_vocabulary(encoder, dec_source)
-    if attention == "merged" and not one_source:
-        raise EncdecError("merged attention shares one embedding and the K/V projections between encoder and decoder, "
-                          "so the decoder cannot come from another model; use --attention cross")
     n = dec_source.stack.num_layers
     layers = list(range(n)) if decoder_layers is None else check_layers(list(decoder_layers), n)
     dec_stack = _subset(dec_source.stack, layers)

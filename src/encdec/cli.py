@@ -70,31 +70,35 @@ def _seed(text: str) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
-    from encdec.adapt import adapt, layer_spec, parse_layers
+    from encdec.adapt import adapt, check_pairing, layer_spec, parse_layers
     from encdec.checkpoint import SAVED, save
     from encdec.files import check_output_dir, portable_path
     from encdec.logs import log, timed
     from encdec.report import describe, parameter_table
-    from encdec.sources import load_source, load_tokenizer
+    from encdec.sources import has_tokenizer, load_source, load_tokenizer, source_config
 
     check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder), replaces=("config.json",), kind=SAVED)
     if args.decoder_layers is not None and not args.decoder_layers.strip():
         raise EncdecError("--decoder-layers is empty: expected a comma list like 0,3,6 or a slice like ::3")
     if args.decoder_layers is not None:
         layer_spec(args.decoder_layers)  # its syntax, before the sources are read
+    # what the sources' configs and tokenizers decide, before their weights are read (a 9B source: 32 GB)
+    encoder_dir, encoder_cfg = source_config(args.encoder)
+    decoder_dir, decoder_cfg = source_config(args.decoder) if args.decoder else (encoder_dir, encoder_cfg)
+    one_source = decoder_dir.resolve() == encoder_dir.resolve()
+    check_pairing(encoder_cfg.family, decoder_cfg.family, one_source, args.attention)
+    layers = None if args.decoder_layers is None else parse_layers(args.decoder_layers, encoder_cfg.stack.num_layers)
+    # the decoder's, whose special tokens the model takes (its EOS, its chat template); one vocabulary with the
+    # encoder's. Read before adapting, as saving will read it: a tokenizer transformers refuses failed the save
+    tokenizer_dir = next((d for d in (decoder_dir, encoder_dir) if has_tokenizer(d)), None)
+    if tokenizer_dir is not None:
+        load_tokenizer(tokenizer_dir)
     with timed(f"loading encoder source {args.encoder}"):
         encoder = load_source(args.encoder, DTYPES[args.dtype])
     decoder = None
     if args.decoder:
         with timed(f"loading decoder source {args.decoder}"):
             decoder = load_source(args.decoder, DTYPES[args.dtype])
-    layers = parse_layers(args.decoder_layers, encoder.stack.num_layers) if args.decoder_layers is not None else None
-    # the decoder's, whose special tokens the model takes (its EOS, its chat template); one vocabulary with the
-    # encoder's. Read before adapting, as saving will read it: a tokenizer transformers refuses failed the save
-    generating = decoder if decoder is not None and decoder.has_tokenizer else encoder
-    tokenizer_dir = generating.directory if generating.has_tokenizer else None
-    if tokenizer_dir is not None:
-        load_tokenizer(tokenizer_dir)
     with timed("adapting"):
         model = adapt(encoder, decoder, layers, args.attention, seed=args.seed)
     if tokenizer_dir is None:

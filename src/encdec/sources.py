@@ -231,7 +231,8 @@ def _check_shapes(weights: dict[str, torch.Tensor], config: SourceConfig, direct
                               f"{implied} {shown}; the weights do not belong to this configuration")
 
 
-def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.float32) -> DecoderOnlySource:
+def _read_config(directory: Path):
+    """(the format adapter, what the config of the checkpoint in `directory` says)."""
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise EncdecError(f"{directory} has no config.json; expected {SUPPORTED}")
@@ -241,7 +242,18 @@ def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.flo
     adapter = adapter_of(cfg.get("model_type"), str(directory))
     with reading_config(cfg_path):
         config = adapter.read_config(cfg, directory)
-    config = dataclasses.replace(config, special_tokens=with_generation_eos(config.special_tokens, directory))
+    return adapter, dataclasses.replace(config, special_tokens=with_generation_eos(config.special_tokens, directory))
+
+
+def source_config(spec: str) -> tuple[Path, SourceConfig]:
+    """A source's directory and what its config says, no weight read: what a command checks before loading them
+    (an unbalanced adaptation that will be refused read 32 GB of a 9B source first)."""
+    directory = resolve(spec)
+    return directory, _read_config(directory)[1]
+
+
+def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.float32) -> DecoderOnlySource:
+    adapter, config = _read_config(directory)
     weights = text_weights(read_weights(directory, dtype), config.tied_head, adapter.TEXT_PREFIXES, adapter.NOT_TEXT)
     _check_shapes(weights, config, directory)
     return DecoderOnlySource(
