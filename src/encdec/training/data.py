@@ -111,6 +111,24 @@ def example_maker(objective: str, *, eos_id: int, vocab: Mapping[str, int], enc_
     return make_with_bos
 
 
+UL2_TOKENS = {f"<unused{k}>": k for k in range(128)}  # a vocabulary's UL2 tokens, for ul2_kept_share alone
+
+
+def ul2_kept_share(mixture: str, enc_len: int, dec_len: int, window: int = 0, draws: int = 200) -> float:
+    """The share of a window's tokens that its UL2 example holds (in its inputs or its targets), over `draws`
+    seeded windows, with a leading BOS: below 1 where corrupted windows are shortened to fit the rows
+    (`example_maker`), what they drop never trained on. Measured: the t5gemma2 mixture kept 65% at 512 + 128 tokens,
+    78% at 128 + 512; equal lengths keep everything."""
+    make = example_maker("ul2", eos_id=0, vocab=UL2_TOKENS, enc_len=enc_len, dec_len=dec_len, bos_id=1,
+                         mixture=mixture)
+    length = window_length("ul2", enc_len, dec_len, bos=True, window=window)
+    tokens, rng, kept = range(1 << 20, (1 << 20) + length), np.random.default_rng(0), 0
+    for _ in range(draws):
+        example = make(tokens, rng)
+        kept += len({t for t in (*example.inputs, *example.targets) if t >= tokens.start})
+    return kept / (draws * length)
+
+
 def window_length(objective: str, enc_len: int, dec_len: int, bos: bool = False, window: int = 0) -> int:
     """Tokens per window: `window` when given, else the objective's longest. PrefixLM's, split in its middle, is
     twice the shorter side: it fills one row exactly at equal lengths (the inputs gain the tokenizer's leading BOS

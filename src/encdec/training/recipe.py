@@ -63,6 +63,15 @@ def idle_settings(cfg: TrainConfig, processes: int = 1) -> list[str]:
         notes.append(f"--enc-len {cfg.enc_len} and --dec-len {cfg.dec_len}: PrefixLM splits each window in its "
                      f"middle (the paper's way), so a window is at most about {2 * short} tokens and some "
                      f"{100 - 100 * short // long}% of the {side}'s slots hold padding; equal lengths fill both sides")
+    if cfg.objective == "ul2" and cfg.enc_len != cfg.dec_len:
+        from encdec.training.data import ul2_kept_share
+
+        kept = ul2_kept_share(cfg.mixture, cfg.enc_len, cfg.dec_len, cfg.window)
+        if kept < 0.99:
+            notes.append(f"--enc-len {cfg.enc_len} and --dec-len {cfg.dec_len}: a UL2 example whose corrupted window "
+                         f"does not fit a row is made again from a shorter window, and what that drops is not trained "
+                         f"on: about {100 - 100 * kept:.0f}% of the corpus with the {cfg.mixture} mixture; equal "
+                         "lengths use every window whole")
     if cfg.fsdp and processes == 1:
         notes.append("--fsdp shards the model across processes, and this run has one: it trains unsharded (start "
                      "several with torchrun or accelerate launch)")
