@@ -799,10 +799,10 @@ def test_settings_a_run_will_not_use_are_named_when_it_starts():
         "--enc-len 256 and --dec-len 64: PrefixLM splits each window in its middle (the paper's way), so a window is "
         "at most about 128 tokens and some 75% of the encoder's slots hold padding; equal lengths fill both sides"]
     # UL2's corrupted windows shortened to fit unequal rows dropped a third of the corpus, unsaid
-    assert idle_settings(TrainConfig(model="m", out="o", objective="ul2", enc_len=512, dec_len=128)) == [
+    assert idle_settings(TrainConfig(model="m", out="o", objective="ul2", enc_len=512, dec_len=128)) == [(
         "--enc-len 512 and --dec-len 128: a UL2 example whose corrupted window does not fit a row is made again from "
         "a shorter window, and what that drops is not trained on: about 35% of the corpus with the t5gemma2 "
-        "mixture; equal lengths use every window whole"]
+        "mixture; equal lengths use every window whole")]
     assert idle_settings(TrainConfig(model="m", out="o", objective="ul2", enc_len=128, dec_len=128)) == []
     (note,) = idle_settings(TrainConfig(model="m", out="o", objective="ul2", enc_len=256, dec_len=64))
     assert "PrefixLM" not in note and "about 38% of the corpus" in note
