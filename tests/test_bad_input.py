@@ -542,6 +542,17 @@ def test_bad_pretraining_values(capsys, tmp_path, adapted, sources, extra, messa
     assert not out.exists()
 
 
+def test_a_window_past_the_rows_with_bos_is_refused_before_the_corpus_is_tokenized(capsys, tmp_path, adapted,
+                                                                                  monkeypatch):
+    """--window 128 at 64 + 128 tokens passes the options' check (no BOS: 128 fits) and is 2 too many with the
+    tokenizer's BOS: that was said after the whole corpus was tokenized (minutes for a large one)."""
+    monkeypatch.setattr("encdec.training.plan.token_stream", lambda *a, **k: pytest.fail("the corpus was tokenized"))
+    code = main_exit(["pretrain", "--model", str(adapted), "--out", str(tmp_path / "run"), "--enc-len", "64",
+                      "--dec-len", "128", "--window", "128"])
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and "--window 128: at most 126 tokens for --objective prefixlm" in line
+
+
 def test_a_decoder_only_student_refuses_a_teacher_top_k_past_its_vocabulary(capsys, tmp_path, sources):
     """Checked for encoder-decoder students only: a decoder-only one failed in torch.topk at its first step."""
     corpus, out = tmp_path / "corpus.txt", tmp_path / "run"

@@ -113,11 +113,11 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
             log.info("%s", note)
     if cfg.eval_data:  # before minutes of tokenizing
         check_apart_from_training(cfg.data, cfg.eval_data)
+    bos = leading_bos(tokenizer)  # the window's limit counts it: said before minutes of tokenizing
+    length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len, bos is not None, cfg.window)
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
     vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.embed.num_embeddings
     eos = tokenizer.eos_token_id if source is not None else model.config.eos_token_ids[0]
-    bos = leading_bos(tokenizer)
-    length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len, bos is not None, cfg.window)
     training_windows = len(stream_ids) // length - cfg.eval_windows  # the last windows are held out
     if training_windows < 1:
         raise EncdecError(f"the data makes {len(stream_ids) // length} windows, not more than --eval-windows "
