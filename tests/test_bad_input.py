@@ -553,6 +553,14 @@ def test_a_window_past_the_rows_with_bos_is_refused_before_the_corpus_is_tokeniz
     assert code == 2 and "--window 128: at most 126 tokens for --objective prefixlm" in line
 
 
+def test_a_mistyped_teacher_is_refused_before_the_corpus_is_tokenized(capsys, tmp_path, adapted, monkeypatch):
+    monkeypatch.setattr("encdec.training.plan.token_stream", lambda *a, **k: pytest.fail("the corpus was tokenized"))
+    code = main_exit(["pretrain", "--model", str(adapted), "--out", str(tmp_path / "run"), "--teacher",
+                      str(tmp_path / "gemma-3-27m")])
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert code == 2 and f"--teacher {tmp_path / 'gemma-3-27m'}: {tmp_path / 'gemma-3-27m'}: no such file" in line
+
+
 def test_a_decoder_only_student_refuses_a_teacher_top_k_past_its_vocabulary(capsys, tmp_path, sources):
     """Checked for encoder-decoder students only: a decoder-only one failed in torch.topk at its first step."""
     corpus, out = tmp_path / "corpus.txt", tmp_path / "run"

@@ -30,7 +30,7 @@ from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
 from encdec.training.recipe import check_recipe, drop_frozen_gradients, encoder_lookahead, frozen_parts, idle_settings
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
-from encdec.training.teacher import load_teacher, recorded_source, teacher_spec, wants_distillation
+from encdec.training.teacher import check_teacher, load_teacher, recorded_source, teacher_spec, wants_distillation
 from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore_unknown_targets, trim_teacher
 
 log = logging.getLogger("encdec")
@@ -86,6 +86,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
     model_dir = Path(cfg.model)
     start_files = rundir.start_model_files(model_dir) if d.main and model_dir.is_dir() else None
     start_digest = rundir.start_model_digest(cfg.model) if d.main else None
+    if cfg.teacher and cfg.objective == "prefixlm" and cfg.distill is not False:  # before minutes of tokenizing
+        check_teacher(cfg.teacher)
     plan, tokenizer = build_plan(cfg, d)
     # each process builds the whole global batch and takes its rows: their streams must be one (another copy of the
     # data on one node, another Python's packaged corpus, another --trim-vocab choice trained on other batches)

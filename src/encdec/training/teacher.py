@@ -68,6 +68,17 @@ def _check_vocabulary(spec: str, teacher: dict[str, int], student: dict[str, int
              "tokenizer does not use", spec, len(added), added[0][1])
 
 
+def check_teacher(spec: str) -> None:
+    """One line now, where --teacher names no source this project reads (a mistyped path or name): it was said
+    once the model had loaded and the corpus was tokenized."""
+    from encdec.sources import source_config
+
+    try:
+        source_config(spec)
+    except EncdecError as e:
+        raise EncdecError(f"--teacher {spec}: {e}") from None
+
+
 def load_teacher(spec: str, vocab_size: int, dtype: torch.dtype, device: torch.device, tokenizer=None) -> CausalLM:
     """The teacher, frozen, loaded in `dtype` (a 9B teacher's float32 copy alone is 37 GB); its vocabulary must be
     the student's (`tokenizer`): token by token, where both have a tokenizer (Llama 2 and Mistral both have 32,000
