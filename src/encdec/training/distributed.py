@@ -44,7 +44,7 @@ def init(timeout: float = 1800.0) -> Dist:
     if world > 1 and missing and not dist.is_initialized():  # WORLD_SIZE left in a shell, say
         raise EncdecError(f"WORLD_SIZE is {world} but {', '.join(missing)} is not set: start the processes with "
                           "torchrun or accelerate launch, which set them, or unset WORLD_SIZE to run one process")
-    device = torch.device("cpu")
+    device, one_each = torch.device("cpu"), False  # one_each: several processes here, each shown one GPU
     if torch.cuda.is_available():
         count = torch.cuda.device_count()  # 1: a launcher that shows each process its own GPU (Slurm's)
         if world > 1 and count > 1 and "LOCAL_RANK" not in os.environ:
