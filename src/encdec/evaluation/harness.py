@@ -65,7 +65,7 @@ class TaskResult:
     values: dict[str, float] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
     groups: dict[str, list[int]] = field(default_factory=dict)  # MMLU's subjects: [correct, n] each
-    labels: int | None = None  # a task whose every item has the same 3 or more options (CB's True, False, Neither)
+    labels: int = 0  # a task of that many fixed answers, whose macro-F1 is reported (CB's True, False, Neither)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n, **self.values}
@@ -106,8 +106,7 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
                 requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation, context)))
             owners.append(k)
     scores = scorer.loglikelihoods(requests, s.batch_size, desc=f"{scorer.name} · {task.name}")
-    fixed = len({tuple(item.continuations) for item in items}) == 1 and len(items[0].continuations) > 2
-    result = TaskResult(n=len(items), correct_norm=0.0, labels=len(items[0].continuations) if fixed else None)
+    result = TaskResult(n=len(items), correct_norm=0.0, labels=task.labels)
     at, not_finite = 0, 0
     for item in items:
         count = len(item.continuations)
@@ -338,8 +337,8 @@ def markdown(record: dict[str, Any]) -> str:
     lines.append("Accuracy in %, with a 95% Wilson interval; multiple-choice tasks by summed log-likelihood of each answer, "
                  "'norm' by log-likelihood per byte of the answer; the average of the tasks' accuracies with its 95% "
                  "interval (the tasks as independent samples). A task of several subjects (MMLU) is scored over its "
-                 "questions; 'subjects' is the mean of its subjects' accuracies, as some papers report it. 'F1' (a task "
-                 "whose items share three or more answers, CB) is the mean of its answers' F1, as SuperGLUE reports it.")
+                 "questions; 'subjects' is the mean of its subjects' accuracies, as some papers report it. 'F1' "
+                 "(CB) is the mean of its three answers' F1, as SuperGLUE reports it.")
     return "\n".join(lines)
 
 

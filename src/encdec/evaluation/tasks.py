@@ -63,6 +63,7 @@ class Task:
     max_new_tokens: int = 32
     stops: tuple[str, ...] = ("\n",)
     metric: str = "exact_match"  # generative: "exact_match" or "number"
+    labels: int = 0  # a choice task of that many fixed answers whose macro-F1 is reported too (CB: 3)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -260,7 +261,8 @@ TASKS: dict[str, Task] = {t.name: t for t in [
          _docs("boolq", boolq_untitled)),
     Task("copa", "choice", "COPA validation (100); '{premise} because|therefore' + ' {choice}'; zero-shot (no training split offline)",
          _copa),
-    Task("cb", "choice", "CB validation (56); '...True, False, or Neither?\\nAnswer:'; zero-shot (no training split offline)", _cb),
+    Task("cb", "choice", "CB validation (56); '...True, False, or Neither?\\nAnswer:'; zero-shot (no training split "
+         "offline)", _cb, labels=3),
     Task("rte", "choice", "RTE validation (277); '...True or False?\\nAnswer:'; zero-shot (no training split offline)", _rte),
     Task("sciq", "choice", f"SciQ validation (1,000) with its support text; {RC}; zero-shot (no training split offline)", _sciq),
     Task("openbookqa", "choice", f"OpenBookQA validation (500); {RC}", _openbookqa, _docs("openbookqa")),
