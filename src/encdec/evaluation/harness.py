@@ -4,6 +4,7 @@ record with per-example results and the provenance of the prompts."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -177,8 +178,15 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
     return result
 
 
-def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
+def heldout_passages(s: Settings) -> dict[str, list[str]]:
+    """The held-out sets' passages (in-domain for the default corpus, and general English), --limit of each."""
     from encdec.data.corpus import HELDOUT_SETS
+
+    return {name: sample(source(), s.limit, s.seed) for name, (_, source) in HELDOUT_SETS.items()}
+
+
+def run_heldout(scorer: Scorer, s: Settings, sets: dict[str, list[str]] | None = None) -> TaskResult:
+    """`sets`: the passages (`heldout_passages`), read once for every model."""
     from encdec.evaluation.nll import (
         decoder_only_perplexity,
         decoder_only_suffix_nll,
@@ -187,8 +195,7 @@ def run_heldout(scorer: Scorer, s: Settings) -> TaskResult:
     )
 
     values, n = {}, 0
-    for name, (_, source) in HELDOUT_SETS.items():  # in-domain for the default corpus, and general English
-        passages = sample(source(), s.limit, s.seed)  # --limit passages a set (it read them all)
+    for name, passages in (sets or heldout_passages(s)).items():
         data = split_passages(scorer.tokenizer, passages, prefix_len=64, suffix_len=64)
         n += len(data.prefix)
         if scorer.kind == "encoder-decoder":
@@ -213,6 +220,8 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32,
     for spec in models:  # a bad name fails now, not after the first model's run
         check_loadable(spec)
     prepared: dict[str, tuple[list[Any], dict[str, list[Any]]]] = {}
+    # every task's data before the first model runs: a missing data package is said now, not after hours
+    heldout = heldout_passages(s) if LM_TASK in s.tasks else None
     for name in s.tasks:
         if name != LM_TASK:
             task = TASKS[name]
@@ -239,11 +248,12 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32,
     for done, spec in enumerate(models, 1):
         scorer = load_scorer(spec, dtype, s.max_len)
         entry = {"name": spec, "kind": scorer.kind, "provenance": _provenance(spec, scorer.kind),
-                 "framing": scorer.framing.describe(), "max_len": scorer.max_len}
+                 "framing": scorer.framing.describe(), "max_len": scorer.max_len,
+                 "tokenizer": tokenizer_digest(scorer.tokenizer)}
         for name in s.tasks:
             log.info("%s: %s", spec, name)
             if name == LM_TASK:
-                result = run_heldout(scorer, s)
+                result = run_heldout(scorer, s, heldout)
             else:
                 items, shots = prepared[name]
                 runner = run_choice if TASKS[name].kind == "choice" else run_generate
@@ -256,6 +266,12 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32,
         if model_done is not None:
             model_done(record)
     return record
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """What tells tokenizers apart in a record: a digest of the vocabulary and of how a text is marked (BOS)."""
+    marked = tokenizer("x").input_ids
+    return hashlib.sha256(json.dumps([sorted(tokenizer.get_vocab().items()), marked]).encode()).hexdigest()[:16]
 
 
 def _versions() -> dict[str, str | None]:
@@ -331,6 +347,11 @@ def markdown(record: dict[str, Any]) -> str:
                 if any(c != "–" for c in cells):
                     lines.append(f"| held-out {name}: {label} | | {' | '.join(cells)} |")
     lines.append("")
+    tokenizers = {m["tokenizer"] for m in record["models"] if "tokenizer" in m}  # (not in records of before it)
+    if heldout is not None and len(tokenizers) > 1:
+        lines += [(f"The held-out rows compare models of {len(tokenizers)} tokenizers: each cuts the passages into "
+                   "64 + 64 of its own tokens, so they score other text in other units; compare them only between "
+                   "models of one tokenizer (an adapted model and its source)."), ""]
     if record.get("pending"):
         lines += [f"Partial results: {', '.join(record['pending'])} not evaluated (the run stopped before them, or "
                   "is still going).", ""]
