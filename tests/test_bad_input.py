@@ -337,6 +337,62 @@ def test_existing_output_directory(capsys, tmp_path, sources):
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
+def test_an_out_that_is_a_link_is_written_through_with_the_guards_where_it_leads(capsys, tmp_path, sources):
+    """--out LINK --overwrite replaced the link by a directory, whatever its target held, and skipped the check
+    that refuses to replace a folder of other files; `generate --out` writes through a link. Now the output goes
+    where the link leads, the link stays, and the target is checked as an --out given plainly would be."""
+    big = tmp_path / "big" / "mymodels"
+    big.mkdir(parents=True)
+    (big / "notes.txt").write_text("mine")
+    link = tmp_path / "out"
+    link.symlink_to(big)
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(link), "--overwrite"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"output directory {big} holds notes.txt but none of what this command writes there" in line
+    assert link.is_symlink() and (big / "notes.txt").read_text() == "mine"
+    (big / "notes.txt").unlink()
+    big.rmdir()
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(link)]) == 0  # a link to nothing yet
+    assert link.is_symlink() and (big / "config.json").is_file()
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(link), "--overwrite"]) == 0
+    assert link.is_symlink() and (big / "config.json").is_file() and encdec.load(link) is not None
+
+
+def test_an_out_that_is_a_mount_point_is_refused_before_any_work(capsys, tmp_path, sources, monkeypatch):
+    """A container's volume given as --out: the output, written beside it, could not be renamed into its place,
+    which was said once the model had been adapted and written (and an empty folder was left beside it)."""
+    import os.path
+
+    out = tmp_path / "volume"
+    out.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == out or real(path))
+    monkeypatch.setattr("encdec.sources.load_source", lambda *a, **k: pytest.fail("the source was loaded"))
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out), "--overwrite"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"output directory {out} is a mount point" in line and f"such as {out / 'model'}" in line
+
+
+def test_an_output_that_cannot_be_moved_aside_leaves_nothing_beside_it(tmp_path, monkeypatch):
+    from encdec import files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    real = os.replace
+
+    def busy(src, dst):
+        if Path(src) == out:
+            raise OSError(16, "Device or resource busy")
+        return real(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", busy)
+    with pytest.raises(files.WriteFailed, match="busy"), \
+            files.atomic_dir(out, overwrite=True, replaces=("config.json",)) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_overwrite_replaces_an_earlier_output_not_another_folder(capsys, tmp_path, sources):
     """`--out ~/models --overwrite`, meant as "into ~/models", replaced the whole folder."""
     out = tmp_path / "models"

@@ -294,6 +294,18 @@ def test_a_checkpoint_whose_config_asks_for_a_quantization_library_is_one_line(t
     assert not out.exists()
 
 
+def test_a_config_with_a_byte_order_mark_is_one_line(t5gemma2_dir, tmp_path, capsys):
+    """The export's own reading of config.json (for its cautions) took no byte-order mark, which every other reader
+    takes: a JSONDecodeError's traceback. transformers refuses such a file under the converter: one line."""
+    model = shutil.copytree(t5gemma2_dir, tmp_path / "model")
+    (model / "config.json").write_bytes(b"\xef\xbb\xbf" + (model / "config.json").read_bytes())
+    out = tmp_path / "ct2"
+    assert main(["export", str(model), "--to", "ctranslate2", "--out", str(out)]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"CTranslate2's converter could not read {model} (" in line
+    assert not out.exists()
+
+
 def test_a_model_no_causal_lm_class_takes_is_one_line(tmp_path):
     """transformers' own refusal is a ValueError naming every causal-LM configuration class it knows."""
     from transformers import T5Config

@@ -69,6 +69,13 @@ def _seed(text: str) -> int:
     return value
 
 
+def output_dir(text: str) -> Path:
+    """argparse type of an --out directory that the output replaces whole: through a link to the place it names."""
+    from encdec.files import through_link
+
+    return through_link(user_path(text))
+
+
 def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.adapt import adapt, check_pairing, layer_spec, parse_layers
     from encdec.checkpoint import SAVED, save
@@ -553,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="unbalanced: the source layers the decoder keeps, e.g. 0,3,6 or ::3 (every third)")
     p.add_argument("--attention", choices=["merged", "cross"], default=None,
                    help="how the decoder reads the encoder; default: cross for Gemma 2, merged for the others")
-    p.add_argument("--out", type=user_path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype the sources are loaded in and the model is saved in (bfloat16 halves the memory)")
@@ -719,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder-decoder checkpoint, exported encoder, or decoder-only source "
                    "(HF dir, GGUF, packaged name)")
     p.add_argument("--task", metavar="TASK", type=str.lower, help="boolq, cb, copa or rte (any case)")
-    p.add_argument("--out", type=user_path, metavar="DIR", help="output directory: results.json and classifier/")
+    p.add_argument("--out", type=output_dir, metavar="DIR", help="output directory: results.json and classifier/")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-save", action="store_true",
                    help="write results.json only, not the classifier (a copy of the backbone: 1.1 GB for the 270M), "
@@ -783,7 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "embeddings and classification): as transformers' T5GemmaEncoderModel / T5Gemma2Encoder where "
                        "one holds it, else in the project's own format. encdec classify reads either as MODEL.")
     p.add_argument("model", metavar="MODEL", help="encoder-decoder checkpoint directory")
-    p.add_argument("--out", type=user_path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export_encoder)
 
@@ -794,7 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with CTranslate2's own converter (pip install 'encdec[ctranslate2]'); the tokenizer goes along.")
     p.add_argument("model", type=user_path, metavar="MODEL", help="encoder-decoder checkpoint directory")
     p.add_argument("--to", choices=["ctranslate2"], required=True, help="target engine")
-    p.add_argument("--out", type=user_path, required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="float32", help="weight type of the converted model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export)

@@ -373,6 +373,10 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
     if out.exists() and not overwrite:
         raise EncdecError(f"output directory {out} already exists; pass --overwrite (overwrite=True in Python) to "
                           "replace it")
+    if out.is_dir() and os.path.ismount(out):  # a container's volume: its rename was refused after all the work
+        raise EncdecError(f"output directory {out} is a mount point, which the output cannot replace (it is "
+                          "written whole beside it, then renamed into place): give a folder inside it, such as "
+                          f"{out / 'model'}")
     run = [name for name in RUN_FILES if (out / name).exists()]
     if out.is_dir() and run:
         raise EncdecError(f"output directory {out} holds a training run ({', '.join(run)}), which --overwrite does "
@@ -416,7 +420,11 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
                                   "this output is not written (pass --overwrite to replace it)")
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{HOST}-{os.getpid()}-", dir=out.parent))
-                os.replace(out, old / out.name)
+                try:
+                    os.replace(out, old / out.name)
+                except BaseException:  # nothing was moved: the place made for it goes
+                    old.rmdir()
+                    raise
                 try:
                     os.replace(tmp, out)
                 except BaseException:  # the previous output goes back where it was
@@ -529,6 +537,13 @@ def remove_abandoned_temporaries(parent: Path) -> None:
             os.replace(moved_aside, parent / name)
         log.info("removing %s, left by an interrupted write", entry)
         shutil.rmtree(entry, ignore_errors=True)
+
+
+def through_link(out: Path) -> Path:
+    """A command's --out that is a symbolic link names the place the output goes: its target (the link stays), where
+    the checks of an output apply and which the output replaces, as `generate --out` writes through a link (the
+    link itself was replaced by a directory, whatever its target held)."""
+    return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
 def temporary_beside(path: Path) -> tuple[int, str]:

@@ -131,7 +131,7 @@ def _values(node: Any, key: str) -> set:
 def cautions(model_dir: Path, fmt: str) -> list[str]:
     """Where CTranslate2 (4.8.5, tests/test_export.py) computes something else than transformers and this
     project would for this checkpoint: said at export, since its outputs give no sign of it."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = read_json(Path(model_dir) / "config.json")
     found = []
     caps = _values(config, "attn_logit_softcapping")
     if caps:
