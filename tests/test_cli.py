@@ -225,6 +225,34 @@ def test_generate_over_a_file_keeps_the_order_and_each_prompt_s_solo_tokens(caps
     assert json.loads(capsys.readouterr().out) == lines[1] and not (Path.cwd() / "-").exists()
 
 
+def test_generate_out_keeps_the_finished_completions_of_a_run_that_stops(capsys, tmp_path, adapted, monkeypatch):
+    """--out was written once every prompt was done: out of memory in a late prompt's encoder pass, or Ctrl-C,
+    lost every finished completion. They are kept in OUT.partial (OUT itself is not written: it would read as the
+    whole run)."""
+    import json
+
+    import encdec.generate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": k, "prompt": f"w{k} w{k + 1}"}) + "\n" for k in range(6)))
+    real = encdec.generate.generate_each
+
+    def stops_after_two(*args, **kwargs):
+        for n, i in enumerate(real(*args, **kwargs)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield i
+
+    monkeypatch.setattr(encdec.generate, "generate_each", stops_after_two)
+    out = tmp_path / "done.jsonl"
+    assert main(["generate", str(adapted), "--input", str(prompts), "--out", str(out), "--batch-size", "1",
+                 "--max-new-tokens", "3"]) == 130
+    assert not out.exists()
+    kept = [json.loads(line) for line in (tmp_path / "done.jsonl.partial").read_text().splitlines()]
+    assert [line["id"] for line in kept] == [0, 1] and all("completion" in line for line in kept)
+    assert "2 of 6 completion(s) finished before the run stopped: kept in" in capsys.readouterr().err
+
+
 GENERATE_INPUT_BAD = [
     ('{"prompt": "w1"}\n{"text": "w2"}\n', [], "prompts.jsonl, line 2: give either 'prompt' or 'messages'"),
     ('{"prompt": "w1"}\n{"prompt": 3}\n', [], "line 2: 'prompt' must be a string, got int"),

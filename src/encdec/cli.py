@@ -234,16 +234,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
                           ensure_ascii=ascii_only)
 
     start, printed = time.perf_counter(), 0
-    with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True, leave=False,
-              disable=len(prompts) == 1 or None) as bar:
-        for i in generate_each(model, encoded, rows, args.batch_size, args.compile):
-            lines[i] = line(i)
-            bar.update()
-            while args.out is None and printed < len(lines) and lines[printed] is not None:
-                if sys.stdout is not None:  # in the prompts' order, each as soon as it can be (flushed: a pipe's
-                    tqdm.write(lines[printed], file=sys.stdout)  # reader got nothing until 8 KB had gathered)
-                    sys.stdout.flush()
-                printed += 1
+    try:
+        with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True, leave=False,
+                  disable=len(prompts) == 1 or None) as bar:
+            for i in generate_each(model, encoded, rows, args.batch_size, args.compile):
+                lines[i] = line(i)
+                bar.update()
+                while args.out is None and printed < len(lines) and lines[printed] is not None:
+                    if sys.stdout is not None:  # in the prompts' order, each as soon as it can be (flushed: a pipe's
+                        tqdm.write(lines[printed], file=sys.stdout)  # reader got nothing until 8 KB had gathered)
+                        sys.stdout.flush()
+                    printed += 1
+    except BaseException:  # out of memory, Ctrl-C: hours of finished completions were lost with the run
+        if args.out is not None and any(lines):
+            partial = args.out.with_name(f"{args.out.name}.partial")
+            atomic_write(partial, "".join(f"{text}\n" for text in lines if text is not None))
+            logging.getLogger("encdec").warning(
+                "%d of %d completion(s) finished before the run stopped: kept in %s (each line a prompt's record "
+                "with its completion); %s is not written", sum(text is not None for text in lines), len(lines),
+                partial, args.out)
+        raise
     if args.out is not None:
         atomic_write(args.out, "".join(f"{text}\n" for text in lines))
     seconds = time.perf_counter() - start
