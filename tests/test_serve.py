@@ -468,7 +468,6 @@ BAD = [
     ('["a list"]', 400, None),
     ({"prompt": "w1", "max_tokens": "8"}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": 2, "max_tokens": "8"}, 400, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": 2, "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": LONG + 1}, 400,
      "max_completion_tokens"),
     ({"prompt": 5}, 400, "prompt"),
@@ -600,9 +599,21 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, b
     error = answer.json()["error"]
     assert error["message"] and error["param"] == param
     if param in ("prompt", "input") and isinstance(body, dict) and isinstance(body[param], str) and body[param]:
-        assert "24" in error["message"]  # the --max-input-tokens limit is named
+        # the --max-input-tokens limit is named, as OpenAI's API says a context overflows (clients trim on it)
+        assert "This model's maximum context length is 24 tokens" in error["message"]
+        assert error["code"] == "context_length_exceeded"
     ok = httpx.post(f"{server.base}/v1/completions", json={"prompt": "w1", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_max_completion_tokens_replaces_max_tokens_whose_range_is_not_checked_then(server):
+    """Both were range-checked: a client sending max_completion_tokens 2 beside an old max_tokens past
+    --max-new-tokens (or 0) was refused, for a budget that was valid; vLLM checks the one it uses."""
+    for old in (1000, 0):
+        answer = httpx.post(f"{server.base}/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "w1"}], "max_completion_tokens": 2, "max_tokens": old})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] <= 2
 
 
 def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server):
@@ -626,6 +637,7 @@ def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(server):
     chat = httpx.post(f"{server.base}/v1/chat/completions", timeout=30,
                       json={"messages": [*turns, {"role": "user", "content": "w1"}]})
     assert chat.status_code == 400 and "'messages' has 48 tokens" in chat.json()["error"]["message"], chat.text
+    assert chat.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_a_body_larger_than_accepted_is_refused_unread(server):

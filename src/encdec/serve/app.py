@@ -124,8 +124,8 @@ class Service:
         self.short_enough(sum(len(text) for _, text in turns), "messages")
         limit = self.settings.limits.max_input_tokens
         if len(turns) > limit:  # a turn's markup is a token at least: 2 M empty messages took 16 s to render
-            raise APIError(400, f"'messages' has {len(turns)} turns, more than this server's limit of {limit} tokens "
-                           "can hold (--max-input-tokens)", "messages")
+            raise too_long(f"'messages' has {len(turns)} turns, more than this server's limit of {limit} tokens can "
+                           "hold", "messages", limit)
         try:  # the turns' markup counts too: 40,000 empty messages were 1.4 M characters to tokenize
             self.short_enough(len(self.chat.render(turns)), "messages")
             return self.chat.encode(turns)
@@ -155,14 +155,22 @@ class Service:
             raise APIError(400, f"'{param}' has no tokens; a prompt needs at least one", param)
         limit = self.settings.limits.max_input_tokens
         if len(ids) > limit:
-            raise APIError(400, f"'{param}' has {len(ids)} tokens, more than this server's limit of {limit} "
-                           "(--max-input-tokens)", param)
+            raise too_long(f"'{param}' has {len(ids)} tokens, more than this server's limit of {limit}", param, limit)
         return ids
 
     def short_enough(self, chars: int, param: str) -> None:
         if chars > self.max_chars:
-            raise APIError(400, f"'{param}' has {chars} characters, more than this server's limit of "
-                           f"{self.settings.limits.max_input_tokens} tokens can spell (--max-input-tokens)", param)
+            limit = self.settings.limits.max_input_tokens
+            raise too_long(f"'{param}' has {chars} characters, more than this server's limit of {limit} tokens can "
+                           "spell", param, limit)
+
+
+def too_long(said: str, param: str, limit: int) -> APIError:
+    """A prompt past --max-input-tokens, in the words and code OpenAI's API (and vLLM) use for a context that
+    overflows: clients recognise that error by them, and trim the conversation or fall back to another model."""
+    return APIError(400, f"This model's maximum context length is {limit} tokens (--max-input-tokens); however, "
+                    f"{said}. Please reduce the length of the {param}.", param,
+                    code="context_length_exceeded")
 
 
 async def read_body(request: Request) -> bytes:

@@ -270,9 +270,9 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     if body.get("stream_options") is not None and not stream:  # as the OpenAI API answers it
         raise APIError(400, "'stream_options' is only allowed with \"stream\": true", "stream_options")
     budget = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    for name in ("max_tokens", "max_completion_tokens"):  # both checked, where max_completion_tokens overrides
-        value = _typed(body, name, (int,), "an integer")
-        if value is not None and not 1 <= value <= limits.max_new_tokens:
+    for name in ("max_tokens", "max_completion_tokens"):  # both typed; the range of the one used (as vLLM: a client
+        value = _typed(body, name, (int,), "an integer")  # may send an old max_tokens beside max_completion_tokens)
+        if name == budget and value is not None and not 1 <= value <= limits.max_new_tokens:
             raise APIError(400, f"'{name}' must be between 1 and {limits.max_new_tokens} (this server's "
                            f"--max-new-tokens), got {value}", name)
     max_tokens = body.get(budget)
