@@ -171,6 +171,45 @@ def test_gemma_chat_markers_are_single_tokens() -> None:
     assert gemma.decode(example.inputs) == "<bos>" + chat_prompt(forged.turns)
 
 
+def test_a_template_that_writes_the_date_writes_the_same_one_every_day() -> None:
+    """Llama 3's template writes "Today Date: <today>" into every prompt: the training examples changed with the
+    calendar (a run resumed the next day was refused as reading other data, a served prompt was not a trained one).
+    The date a template asks for is its own fallback's."""
+    import copy
+
+    from encdec.data.chat import TEMPLATE_DATE, ChatFormat
+    from encdec.sources import load_tokenizer, resolve
+
+    tokenizer = copy.deepcopy(load_tokenizer(resolve("gemma-3-270m")))
+    tokenizer.chat_template = (  # Llama 3.2's opening, then ChatML turns
+        '{%- if not date_string is defined %}{%- if strftime_now is defined %}{%- set date_string = '
+        'strftime_now("%d %b %Y %H:%M:%S.%f") %}{%- else %}{%- set date_string = "1 Jan 2000" %}{%- endif %}'
+        '{%- endif %}Today Date: {{ date_string }}\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}'
+        '<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}')
+    chat = ChatFormat.of(tokenizer)
+    first = chat.render([("user", "w1")])
+    assert first.startswith(f"Today Date: {TEMPLATE_DATE}\n") and chat.render([("user", "w1")]) == first
+
+
+def test_an_end_of_turn_that_is_no_token_is_not_trained_into_every_answer() -> None:
+    """A ChatML template on a tokenizer without <|im_end|> (Gemma's): the answers were trained to end with the text
+    '<|im_end|>' in 6 pieces, which generation cannot stop at, so every served answer ended with it. Such an end
+    closes no answer: EOS alone does, as in Gemma's format on a tokenizer without <end_of_turn>."""
+    import copy
+
+    from encdec.data.chat import ChatFormat
+    from encdec.sources import load_tokenizer, resolve
+
+    tokenizer = copy.deepcopy(load_tokenizer(resolve("gemma-3-270m")))
+    tokenizer.chat_template = ('{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n'
+                               '{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}')
+    chat = ChatFormat.of(tokenizer)
+    assert chat.templated and chat.end == "" and chat.stop_ids([1]) == {1}
+    pair = Pair(turns=(("user", "Hello"),), response="yo", source="t")
+    example = chat_example(pair, tokenizer, eos_id=tokenizer.eos_token_id, max_input=64, max_target=16, chat=chat)
+    assert tokenizer.decode(example.targets) == "yo<eos>"
+
+
 PREFIX = ("Definition: Answer the question about the sentence.\n Things to Avoid: Guessing. \n"
           " Emphasis/Caution: Be   brief.  Prompt: Answer the question. ")
 
