@@ -235,6 +235,50 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(adapted, corpus, tmp_
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_a_run_that_fails_in_its_first_step_leaves_an_out_the_next_run_takes(adapted, corpus, tmp_path, monkeypatch):
+    """An out-of-memory error or a NaN in the first step left an empty metrics.jsonl (and TensorBoard's events): the
+    next run, with a smaller batch and no flags, was refused as "holds a run; pass --resume or --overwrite"."""
+    original = step.chunked_loss
+
+    def poisoned(*args, **kwargs):
+        parts = original(*args, **kwargs)
+        parts.loss = parts.loss * float("nan")
+        return parts
+
+    monkeypatch.setattr(step, "chunked_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(EncdecError, match=r"loss became nan at step 1"):
+        loop.train(_config(adapted, out, corpus, steps=2, tensorboard=True))
+    assert not out.exists()
+    monkeypatch.undo()
+    loop.train(_config(adapted, out, corpus, steps=2, tensorboard=True))
+    assert (out / "model").is_dir() and len((out / "metrics.jsonl").read_text().splitlines()) >= 1
+
+
+def test_off_a_terminal_progress_is_a_line_a_minute(tmp_path, capsys, monkeypatch):
+    """Under nohup or Slurm the bar is off (a line of it every step filled the log), and nothing replaced it: a
+    job's log said nothing of its progress for the whole run."""
+    from encdec.training import metrics
+
+    monkeypatch.setattr(metrics, "PLAIN_EVERY_S", 0.0)
+    m = metrics.Metrics(tmp_path / "run", total=4, start=0, tensorboard=False, enabled=True, desc="pretrain")
+    assert m.bar.disable  # captured: no terminal
+    for k in range(1, 5):
+        m.log({"step": k, "loss": 4.0 - k / 10, "tokens_per_s": 1000.0}, write=k % 2 == 0)
+    m.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("encdec: pretrain: step")]
+    assert len(lines) == 4 and lines[1].startswith("encdec: pretrain: step 2/4 (50%), loss 3.8, tokens_per_s 1000,")
+    assert "steps/s, about" in lines[1] and lines[-1].endswith("about 0 s left")
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(metrics, "PLAIN_EVERY_S", 3600.0)
+    capsys.readouterr()
+    m = metrics.Metrics(tmp_path / "quiet", total=4, start=0, tensorboard=False, enabled=True)
+    for k in range(1, 4):
+        m.log({"step": k, "loss": 1.0}, write=False)
+    m.close()
+    assert "step" not in capsys.readouterr().err and not (tmp_path / "quiet").exists()  # nothing written, no file
+
+
 def test_cross_attention_warmup_freezes_everything_else(sources, corpus, tmp_path):
     out = tmp_path / "unbalanced"
     assert main(["adapt", "--encoder", str(sources["gemma2"]), "--decoder", str(sources["gemma2-small"]),
