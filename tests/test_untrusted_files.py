@@ -387,3 +387,98 @@ def test_a_safetensors_header_that_lies_is_refused_before_anything_is_allocated(
     (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
     with pytest.raises(EncdecError, match=r"model.safetensors is not a readable safetensors file.*tensor w: "):
         read_weights(tmp_path)
+
+
+def test_a_decoder_only_model_lacking_weights_or_with_millions_of_layers_is_not_evaluated(sources, tmp_path, capsys):
+    """transformers fills a missing tensor with random values and says so only in a log encdec silences: `evaluate`
+    scored a damaged source as if whole; 10 million declared layers were built (minutes), then scored at random."""
+    from safetensors.torch import load_file, save_file
+
+    model = shutil.copytree(sources["gemma3"], tmp_path / "lacking")
+    weights = load_file(str(model / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "layers.1.mlp" not in k}, str(model / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert main(["evaluate", str(model), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
+    (line,) = _error_lines(capsys)
+    assert "its weights lack 3 tensor(s) its config.json declares" in line and "layers.1.mlp" in line
+    many = shutil.copytree(sources["gemma3"], tmp_path / "many")
+    config = json.loads((many / "config.json").read_text())
+    config["num_hidden_layers"], config["layer_types"] = 10**7, None
+    (many / "config.json").write_text(json.dumps(config))
+    assert main(["evaluate", str(many), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
+    (line,) = _error_lines(capsys)
+    assert "num_hidden_layers must be an integer from 1 to 1024, got 10000000" in line
+
+
+def test_a_tokenizer_config_naming_a_tokenizer_outside_its_directory_is_refused(adapted, tmp_path):
+    """transformers joins each fast_tokenizer_files entry onto the directory: '../elsewhere/tokenizer.1.0.json'
+    read (and `save` copied into new checkpoints) a tokenizer outside it."""
+    import encdec
+
+    model = shutil.copytree(adapted, tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    for entry in ("../elsewhere/tokenizer.1.0.json", str(tmp_path / "tokenizer.1.0.json")):
+        config["fast_tokenizer_files"] = [entry]
+        (model / "tokenizer_config.json").write_text(json.dumps(config))
+        with pytest.raises(EncdecError, match="only file names inside"):
+            encdec.load_tokenizer(model)
+    config["fast_tokenizer_files"] = ["tokenizer.1.0.json"]  # a name inside it: transformers' own convention
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    shutil.copy(model / "tokenizer.json", model / "tokenizer.1.0.json")
+    assert encdec.load_tokenizer(model) is not None
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_a_config_that_is_a_device_or_a_pipe_is_one_line(adapted, tmp_path, capsys, target):
+    """A config.json linked to /dev/zero (an archive can carry the link) was read until memory ran out; to a
+    pipe, forever."""
+    model = shutil.copytree(adapted, tmp_path / "model")
+    (model / "config.json").unlink()
+    if target == "fifo":
+        os.mkfifo(model / "config.json")
+    else:
+        (model / "config.json").symlink_to(target)
+    assert main(["info", str(model)]) == 2
+    (line,) = _error_lines(capsys)
+    assert "not a regular file" in line and "config.json" in line
+
+
+def test_sizes_no_tensor_can_hold_are_one_line(adapted, tmp_path, capsys):
+    model = shutil.copytree(adapted, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    _set_everywhere(config, "vocab_size", 2**62)
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["info", str(model)]) == 2
+    (line,) = _error_lines(capsys)
+    assert "config.json" in line and ("declares sizes no tensor can hold" in line or "vocab_size" in line), line
+
+
+def test_a_trainer_state_missing_or_mangling_what_resuming_reads_is_set_aside(run, adapted, corpus, tmp_path, capsys):
+    """A trainer.json without its scheduler stopped a resumed run with a KeyError's traceback; one claiming 10**12
+    processes multiplied a string into terabytes when the settings were compared."""
+    for change in ({"drop": "scheduler"}, {"processes": 10**12}):
+        out = shutil.copytree(run, tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
+        newest = checkpointing.checkpoints(out)[-1]
+        saved = json.loads((newest / "trainer.json").read_text())
+        if "drop" in change:
+            del saved["state"][change["drop"]]
+        else:
+            saved["state"].update(change)
+        (newest / "trainer.json").write_text(json.dumps(saved))
+        with pytest.raises(EncdecError, match="trainer.json lacks or mangles (scheduler|processes)"):
+            checkpointing.read(newest)
+        loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, resume=True))  # from step 1
+        assert (out / "model").is_dir()
+
+
+def test_resuming_with_another_steps_says_how_the_learning_rate_moves(run, adapted, corpus, tmp_path, monkeypatch):
+    """--steps may change on --resume, and the schedule of the new length takes over: the rate jumped (five times
+    at step 900 of 1000 resumed with 2000) and nothing said so."""
+    from encdec.training import loop as loop_module
+
+    out = shutil.copytree(run, tmp_path / "run")
+    warned: list[str] = []
+    monkeypatch.setattr(loop_module.log, "warning", lambda message, *args: warned.append(message % args))
+    loop.train(_config(adapted, out, corpus, steps=6, save_every=1, eval_every=0, resume=True))
+    (said,) = [w for w in warned if w.startswith("--steps")]
+    assert said.startswith("--steps 2 -> 6: the learning-rate schedule is that of a 6-step run from step 2 on")

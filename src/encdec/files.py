@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, first_line
 
 log = logging.getLogger("encdec")
 # errors of writing that the user can act on (space, permissions, names), reported in one line
@@ -68,10 +68,26 @@ def parse_json(raw: bytes | str, *, strict: bool = False) -> Any:
         raise ValueError("nested too deeply") from None
 
 
+MAX_SMALL_BYTES = 1 << 30  # a JSON file this project reads (a tokenizer.json is tens of MB)
+
+
+def read_small(path: Path) -> bytes:
+    """The bytes of a configuration or state file a user may have been handed: a regular file, and not past
+    MAX_SMALL_BYTES (OSError otherwise). A link to /dev/zero read until memory ran out; to a pipe, forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a pipe's open waits for a writer without it
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a device, a pipe, a directory?)")
+        if info.st_size > MAX_SMALL_BYTES:
+            raise OSError(errno.EFBIG, f"{info.st_size:,} bytes, more than a configuration file holds")
+        return f.read()
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object (every JSON file the project reads is one)."""
     try:
-        data = parse_json(path.read_bytes())
+        data = parse_json(read_small(path))
     except FileNotFoundError:
         raise EncdecError(f"{path} is missing") from None
     except OSError as e:  # a directory in its place, or a file its owner alone may read (umask 077)
@@ -95,9 +111,13 @@ def reading_config(path: Path) -> Iterator[None]:
         raise EncdecError(f"{path} is not a usable configuration ({type(e).__name__}: {e})") from None
     except EncdecError as e:
         raise EncdecError(f"{path}: {e}" if str(path.parent) not in str(e) else str(e)) from None
+    except RuntimeError as e:  # sizes no tensor can hold, even on the meta device (a vocab_size of 2**62)
+        if "overflow" not in str(e).lower():
+            raise
+        raise EncdecError(f"{path} declares sizes no tensor can hold ({first_line(e)})") from None
 
 
-def _inside(directory: Path, name: object, listed_in: Path) -> Path:
+def inside(directory: Path, name: object, listed_in: Path) -> Path:
     """A file a checkpoint's own metadata names: a plain file name in the checkpoint directory, nothing else."""
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise EncdecError(f"{listed_in} names {name!r}; only file names inside {directory} are accepted")
@@ -126,7 +146,7 @@ def weight_files(directory: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map", {})
         if not isinstance(weight_map, dict):
             raise EncdecError(f"{index}: weight_map is not a JSON object")
-        files = sorted({_inside(directory, f, index) for f in weight_map.values()})
+        files = sorted({inside(directory, f, index) for f in weight_map.values()})
         if not files:
             raise EncdecError(f"{index} lists no weight files")
         return files

@@ -24,14 +24,16 @@ from typing import Any
 
 import torch
 
-from encdec.config import StackConfig
+from encdec.config import StackConfig, layer_count
 from encdec.errors import EncdecError, described, first_line
 from encdec.files import (
     atomic_write_files,
     file_identity,
+    inside,
     parse_json,
     plain_mode,
     read_json,
+    read_small,
     read_weights,
     reading_config,
     refuse_transformers_weights,
@@ -101,12 +103,19 @@ def has_tokenizer(directory: Path) -> bool:
 def refuse_custom_code(directory: Path) -> None:
     """transformers imports the Python files that a checkpoint's `auto_map` names (after asking, when it
     may); encdec never lets a checkpoint run code, so such a checkpoint is refused before transformers
-    sees it, and every transformers loader is also called with trust_remote_code=False."""
+    sees it, and every transformers loader is also called with trust_remote_code=False. The tokenizer files its
+    tokenizer_config.json names must be inside the directory too."""
     for name in ("config.json", "tokenizer_config.json"):
         file = directory / name
-        if file.is_file() and "auto_map" in (data := read_json(file)) and not remote_code.is_own(data):
+        # exists, not is_file: a link to a device or a pipe is refused by read_json, not left to transformers
+        if file.exists() and "auto_map" in (data := read_json(file)) and not remote_code.is_own(data):
             raise EncdecError(f"{file} has an auto_map entry: it asks to run Python code shipped with the checkpoint, "
                               "which encdec never does; remove the entry if the model is a standard Gemma / T5Gemma")
+    # transformers joins each name onto the directory: "../elsewhere/tokenizer.1.0.json" read a tokenizer outside it
+    tokenizer_config = directory / "tokenizer_config.json"
+    named = read_json(tokenizer_config).get("fast_tokenizer_files") if tokenizer_config.exists() else None
+    for entry in named if isinstance(named, list) else [] if named is None else [named]:
+        inside(directory, entry, tokenizer_config)
 
 
 def load_tokenizer(directory: Path | str):
@@ -130,7 +139,7 @@ def _tokenizer(directory: Path, stamp: tuple[str, ...]):
     from transformers import CONFIG_MAPPING, AutoTokenizer, PretrainedConfig
 
     try:
-        model_type = parse_json((directory / "config.json").read_bytes()).get("model_type")  # a BOM too
+        model_type = parse_json(read_small(directory / "config.json")).get("model_type")  # a BOM too
     except (OSError, ValueError, AttributeError):
         model_type = None
     # a model_type transformers does not know (this project's own format): it reads config.json only to warn
@@ -167,6 +176,10 @@ def check_causal_lm(directory: Path) -> None:
                              "source")
     if not isinstance(model_type, str):
         raise not_causal
+    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+    if "num_hidden_layers" in text:  # 10 million layers: minutes of building a configuration, then of random layers
+        with reading_config(directory / "config.json"):
+            layer_count(text)
     try:
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - a model_type this transformers does not know, a field its validation
@@ -188,8 +201,13 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     check_causal_lm(directory)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
-                                                 use_safetensors=True)
+    model, loading = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
+                                                          use_safetensors=True, output_loading_info=True)
+    lacking = sorted({*loading["missing_keys"], *(key for key, *_ in loading.get("mismatched_keys", ()))})
+    if lacking:  # transformers fills them with fresh random values, and says so only in a log this project silences
+        raise EncdecError(f"{directory}: its weights lack {len(lacking)} tensor(s) its config.json declares, or hold "
+                          f"them in other shapes (such as {lacking[0]}); transformers would score random values "
+                          "in their place")
     shipped = model.generation_config
     model.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id,
                                                pad_token_id=shipped.pad_token_id)
@@ -205,7 +223,8 @@ def _expected_shapes(config: SourceConfig) -> dict[str, tuple[int | None, ...]]:
 
 
 def _check_shapes(weights: dict[str, torch.Tensor], config: SourceConfig, directory: Path) -> None:
-    expected = _expected_shapes(config)
+    with reading_config(directory / "config.json"):
+        expected = _expected_shapes(config)
     missing = [n for n in expected if n not in weights]
     if missing:
         raise EncdecError(f"{directory} lacks {len(missing)} weight(s) such as {missing[0]}; "

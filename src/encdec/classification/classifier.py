@@ -17,7 +17,7 @@ from torch import nn
 from encdec.checkpoint import check_format_version
 from encdec.classification.backbone import Backbone, BackboneSpec
 from encdec.errors import EncdecError, load_failure
-from encdec.files import atomic_dir, read_json, read_weights, write_weights
+from encdec.files import atomic_dir, read_json, read_weights, reading_config, write_weights
 
 POOLINGS = ("last", "mean")
 FORMAT = "encdec-classifier"
@@ -117,7 +117,7 @@ def load_classifier(path: Path | str, dtype: torch.dtype = torch.float32) -> tup
         raise EncdecError(f"{file} lacks {e}") from None
     except EncdecError as e:
         raise EncdecError(f"{file}: {e}") from None
-    with torch.device("meta"):
+    with reading_config(file), torch.device("meta"):
         classifier = Classifier(Backbone(spec), len(info.labels), info.pooling)
     try:
         classifier.load_state_dict(read_weights(path, dtype), strict=True, assign=True)

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from encdec.errors import EncdecError, first_line, load_failure
-from encdec.files import atomic_dir, parse_json, read_weights, write_weights
+from encdec.files import atomic_dir, parse_json, read_small, read_weights, write_weights
 from encdec.training import distributed
 from encdec.training.distributed import Dist
 from encdec.training.plain_state import read_state, write_state
@@ -74,7 +74,7 @@ def _written_schedule(checkpoint: Path, save_every: int, steps: int) -> tuple[in
     """The --save-every and --steps `checkpoint` was written under (its trainer state's configuration), each
     `save_every` or `steps` where it does not say."""
     try:
-        config = parse_json((checkpoint / "trainer.json").read_bytes())["state"]["config"]
+        config = parse_json(read_small(checkpoint / "trainer.json"))["state"]["config"]
         every, last = config.get("save_every"), config.get("steps")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return save_every, steps
@@ -141,6 +141,9 @@ class Saved:
     trainer: dict[str, Any]
 
 
+MAX_PROCESSES, MAX_ROWS = 1 << 20, 1 << 31  # a saved run's process count and rows a step, past any real run's
+
+
 def read(path: Path) -> Saved:
     """Everything of a checkpoint; EncdecError (one line) when a file is missing, damaged, foreign or not finite."""
     if (path / "optimizer.pt").exists() or (path / "trainer.pt").exists():
@@ -152,6 +155,17 @@ def read(path: Path) -> Saved:
         raise EncdecError(f"{path}: optimizer.json or trainer.json does not hold a training state")
     if type(trainer["step"]) is not int or trainer["step"] != step_of(path):  # a copied or renamed step directory
         raise EncdecError(f"{path}: its trainer.json records step {trainer['step']!r}, not the step of its name")
+    # what resuming reads (a trainer.json edited or damaged: KeyError tracebacks; a batch of 10**12 processes
+    # multiplied a string into terabytes when the settings were compared)
+    config, processes = trainer.get("config", {}), trainer.get("processes", 1)
+    malformed = [name for name, ok in (
+        ("scheduler", isinstance(trainer.get("scheduler"), dict)), ("stream", isinstance(trainer.get("stream"), dict)),
+        ("config", isinstance(config, dict)),
+        ("processes", type(processes) is int and 1 <= processes <= MAX_PROCESSES),
+        ("config.batch_size", not isinstance(config, dict) or "batch_size" not in config
+         or type(config["batch_size"]) is int and 1 <= config["batch_size"] <= MAX_ROWS)) if not ok]
+    if malformed:
+        raise EncdecError(f"{path}: its trainer.json lacks or mangles {', '.join(malformed)}")
     bad = _not_finite(weights)
     if bad is not None:
         raise EncdecError(f"{path}: weight {bad} holds NaN or inf")

@@ -25,7 +25,13 @@ from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, make_batch
 from encdec.training.loss import Distillation
 from encdec.training.metrics import Metrics
-from encdec.training.optim import build_optimizer, build_scheduler, group_settings, restore_group_settings
+from encdec.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    group_settings,
+    restore_group_settings,
+    warmup_then_decay,
+)
 from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
 from encdec.training.recipe import check_recipe, drop_frozen_gradients, encoder_lookahead, frozen_parts, idle_settings
@@ -57,6 +63,18 @@ class StopRequest:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _say_schedule_change(steps: object, cfg: TrainConfig, step: int) -> None:
+    """A resumed run given another --steps follows the schedule of the new length from its step on: said with the
+    learning rate before and after, since the rate jumps where the schedules differ (--steps 1000 resumed at 900
+    with --steps 2000: 3.7e-6 -> 1.9e-5, five times the rate Adam's moments were following)."""
+    if type(steps) is not int or steps == cfg.steps or steps < 1:
+        return
+    old, new = (cfg.lr * warmup_then_decay(cfg.warmup_steps, total, cfg.min_lr_ratio)(step)
+                for total in (steps, cfg.steps))
+    log.warning("--steps %d -> %d: the learning-rate schedule is that of a %d-step run from step %d on, its rate %.3g "
+                "where the run's was %.3g", steps, cfg.steps, cfg.steps, step, new, old)
 
 
 def _tokens(batch: Batch) -> int:
@@ -163,6 +181,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
             if changed:
                 log.warning("resuming with settings other than the run's (its next steps differ from those of an "
                             "uninterrupted run): %s", "; ".join(changed))
+            _say_schedule_change(saved.get("config", {}).get("steps"), cfg, resume_from.trainer["step"])
         settings = group_settings(optimizer)
         state = checkpointing.apply(resume_from, wrapped, optimizer)  # weights of another shape: refused there
         rundir.check_start_model(saved, cfg.model, last_checkpoint)

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from encdec.errors import EncdecError
-from encdec.files import parse_json, save_tensors
+from encdec.files import parse_json, read_small, save_tensors
 
 FORMAT = "encdec-train-state"
 VERSION = 1
@@ -79,7 +79,7 @@ def read_state(directory: Path, name: str) -> Any:
     """The state `write_state` wrote; EncdecError naming the file when a file is missing, damaged or foreign."""
     meta_file, tensor_file = directory / f"{name}.json", directory / f"{name}.safetensors"
     try:
-        meta = parse_json(meta_file.read_bytes())
+        meta = parse_json(read_small(meta_file))
     except FileNotFoundError:
         raise EncdecError(f"{meta_file} is missing") from None
     except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8, or nested too deeply to read
