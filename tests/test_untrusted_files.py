@@ -189,6 +189,12 @@ def test_a_gguf_of_a_few_bytes_claiming_a_huge_array_is_refused_at_once(tmp_path
             "architecture(Path(sys.argv[1]))")
     done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120,
                           check=False)
+    assert "is a truncated or corrupt GGUF file" in done.stderr
+    assert "a metadata array claims 4,611,686,018,427,387,904 items" in done.stderr  # refused before it is read
+    bomb.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 20) + b"general.architecture"
+                     + struct.pack("<IQ", 8, 2**40) + b"\0" * 16)  # a string of a terabyte, in a file of 60 bytes
+    done = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=120,
+                          check=False)
     assert "is a truncated or corrupt GGUF file" in done.stderr and "runs past the end of the file" in done.stderr
 
 
@@ -482,3 +488,40 @@ def test_resuming_with_another_steps_says_how_the_learning_rate_moves(run, adapt
     loop.train(_config(adapted, out, corpus, steps=6, save_every=1, eval_every=0, resume=True))
     (said,) = [w for w in warned if w.startswith("--steps")]
     assert said.startswith("--steps 2 -> 6: the learning-rate schedule is that of a 6-step run from step 2 on")
+
+
+def test_a_tokenizer_pattern_that_backtracks_past_its_limit_is_one_line(adapted, tmp_path, capsys):
+    """The tokenizers library stops such a pattern with a Rust panic, a BaseException past every `except
+    Exception`: a traceback (and the Rust backtrace) where a line was due."""
+    model = shutil.copytree(adapted, tmp_path / "model")
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "Split", "pattern": {"Regex": "(.*a){20}c"}, "behavior": "Isolated",
+                                  "invert": False}
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert main(["generate", str(model), "--prompt", "a" * 30, "--max-new-tokens", "1"]) == 1
+    (line,) = _error_lines(capsys)
+    assert "a native library stopped on this input" in line and "retry-limit" in line
+
+
+def test_a_gguf_of_millions_of_metadata_items_or_with_rope_bytes_that_are_no_text_is_one_line(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """gguf reads an array item by item, a few Python objects each: 1 million empty strings (8 MB) took 1.6 GB and
+    21 s, twice. Here the limit is lowered under the tiny file's 96-token vocabulary. And a RoPE scaling type of
+    bytes that are no UTF-8 text ended in a UnicodeDecodeError's traceback."""
+    from encdec.formats import gguf as gguf_format
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    plain = {"rope_type": "default", "rope_theta": 10000.0}
+    source = make_source(tmp_path / "llama", "llama", rope_parameters=plain)
+    path = write_gguf(source, tmp_path / "l.gguf")
+    monkeypatch.setattr(gguf_format, "MAX_ARRAY_ITEMS", 50)
+    assert main(["adapt", "--encoder", str(path), "--out", str(tmp_path / "out")]) == 2
+    (line,) = _error_lines(capsys)
+    assert "a metadata array claims 96 items, more than any model's 50" in line
+    monkeypatch.undo()
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    odd = write_gguf(source, tmp_path / "odd.gguf", claims={"rope.scaling.type": "QZQZ"})
+    odd.write_bytes(odd.read_bytes().replace(b"QZQZ", b"\xff\xfe\xff\xfe"))
+    assert main(["adapt", "--encoder", str(odd), "--out", str(tmp_path / "out")]) == 2
+    (line,) = _error_lines(capsys)
+    assert "llama.rope.scaling.type is neither text nor a number" in line, line

@@ -898,6 +898,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"encdec {args.command}: error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
+    except BaseException as e:  # a Rust library's panic is a BaseException, past every `except Exception`
+        if type(e).__name__ != "PanicException":
+            raise
+        print(f"encdec {args.command}: error: a native library stopped on this input ({first_line(e)[:200]}); "
+              "if it names a regular expression, the tokenizer's tokenizer.json has a pattern that backtracks past "
+              "its limit on this text", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -26,6 +26,7 @@ log = logging.getLogger("encdec")
 def architecture(path: Path) -> tuple[str, int]:
     """The `general.architecture` of a GGUF file and its parameter count, after checking that the file is
     complete and supported."""
+    from gguf.constants import GGUFValueType
     from gguf.gguf_reader import GGUFReader  # the class (`_parsed_once` puts a function in gguf.GGUFReader)
 
     with path.open("rb") as f:
@@ -41,6 +42,16 @@ def architecture(path: Path) -> tuple[str, int]:
             if count < 0 or offset + np.dtype(dtype).itemsize * count > len(self.data):
                 raise ValueError(f"a field of {count} items at byte {offset} runs past the end of the file")
             return super()._get(offset, dtype, count, override_order)
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            """gguf reads an array item by item, a few Python objects each: 1 million empty strings (an 8 MB file)
+            took 1.6 GB. No model's vocabulary or merges come near MAX_ARRAY_ITEMS."""
+            if raw_type == GGUFValueType.ARRAY:
+                items = int(self._get(orig_offs + 4, np.uint64)[0])
+                if items > MAX_ARRAY_ITEMS:
+                    raise ValueError(f"a metadata array claims {items:,} items, more than any model's "
+                                     f"{MAX_ARRAY_ITEMS:,}")
+            return super()._get_field_parts(orig_offs, raw_type)
 
     try:
         reader = Bounded(str(path))
@@ -124,6 +135,7 @@ GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # how llama.cpp tells the 27B m
 
 
 SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")
+MAX_ARRAY_ITEMS = 1 << 21  # items of a metadata array (vocabularies and merges: hundreds of thousands)
 
 
 def _dropped_fields(path: Path, arch: str) -> dict[str, float]:
@@ -143,8 +155,11 @@ def _dropped_fields(path: Path, arch: str) -> dict[str, float]:
         field = fields.get(f"{arch}.{key}")
         if field is None:
             return None
-        data = field.parts[field.data[0]]
-        return bytes(data).decode() if field.types[0].name == "STRING" else float(data[0])
+        try:
+            data = field.parts[field.data[0]]
+            return bytes(data).decode() if field.types[0].name == "STRING" else float(data[0])
+        except (UnicodeDecodeError, ValueError, TypeError, IndexError) as e:
+            raise EncdecError(f"{path}: its {arch}.{key} is neither text nor a number ({described(e)})") from None
 
     dropped = {key: value(key) for key in SOFTCAPS if arch == "gemma2" and value(key) is not None}
     kind, factor = value("rope.scaling.type"), value("rope.scaling.factor")
