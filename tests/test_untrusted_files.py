@@ -488,6 +488,13 @@ def test_resuming_with_another_steps_says_how_the_learning_rate_moves(run, adapt
     loop.train(_config(adapted, out, corpus, steps=6, save_every=1, eval_every=0, resume=True))
     (said,) = [w for w in warned if w.startswith("--steps")]
     assert said.startswith("--steps 2 -> 6: the learning-rate schedule is that of a 6-step run from step 2 on")
+    # the final model's provenance gave the last invocation's settings as the whole run's, and precision "auto"
+    loop.train(_config(adapted, out, corpus, steps=8, save_every=1, eval_every=0, resume=True, lr=1e-3,
+                       precision="auto"))
+    run = json.loads((out / "model" / "encdec.json").read_text())["pretrained"]
+    assert [r["step"] for r in run["resumes"]] == [2, 6] and run["resumes"][0]["changed"] == []
+    assert any(c.startswith("--lr 0.003 -> 0.001") for c in run["resumes"][1]["changed"]), run["resumes"]
+    assert run["settings"]["precision"] in ("fp32", "bf16")
 
 
 def test_a_tokenizer_pattern_that_backtracks_past_its_limit_is_one_line(adapted, tmp_path, capsys):
@@ -525,3 +532,27 @@ def test_a_gguf_of_millions_of_metadata_items_or_with_rope_bytes_that_are_no_tex
     assert main(["adapt", "--encoder", str(odd), "--out", str(tmp_path / "out")]) == 2
     (line,) = _error_lines(capsys)
     assert "llama.rope.scaling.type is neither text nor a number" in line, line
+
+
+def test_a_checkpoint_that_cannot_be_read_for_now_is_not_set_aside_as_damaged(run, adapted, corpus, tmp_path,
+                                                                                 monkeypatch):
+    """An I/O error (a stale NFS handle, EIO, a permission) made the newest checkpoint "damaged": the run resumed
+    from an older one, trained its steps again, and renamed the good one aside for good."""
+    import errno
+
+    from encdec.training import plain_state
+
+    out = shutil.copytree(run, tmp_path / "run")
+    newest = checkpointing.checkpoints(out)[-1]
+    real = plain_state.read_small
+
+    def stale(path):
+        if path.parent == newest:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(path)
+
+    monkeypatch.setattr(plain_state, "read_small", stale)
+    with pytest.raises(EncdecError, match="Stale file handle; nothing is set aside"):
+        loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, resume=True))
+    assert [p.name for p in checkpointing.checkpoints(out)][-1] == newest.name
+    assert not [p for p in (out / "checkpoints").iterdir() if ".damaged-" in p.name]

@@ -5,6 +5,11 @@ class EncdecError(Exception):
     """Bad user input or an unsupported configuration: the message says what was wrong and what is accepted."""
 
 
+class ReadFailed(EncdecError):
+    """A file that is there could not be read (an I/O or permission error, a stale network handle): no sign of
+    damage, so a checkpoint it is part of is not set aside as damaged."""
+
+
 def _said(e: BaseException) -> str:
     """The first non-blank line of what `e` says (libraries' messages run to tracebacks of their own), or ''."""
     return next((line.strip() for line in str(e).splitlines() if line.strip()), "")

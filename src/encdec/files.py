@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from encdec.errors import EncdecError, first_line
+from encdec.errors import EncdecError, ReadFailed, first_line
 
 log = logging.getLogger("encdec")
 # errors of writing that the user can act on (space, permissions, names), reported in one line
@@ -171,7 +171,9 @@ def read_weights(directory: Path, dtype: torch.dtype | None = None, *, mapped: b
         try:
             for name, t in _mapped_safetensors(file) if mapped else _read_safetensors(file):
                 weights[name] = t if dtype is None or not t.is_floating_point() else t.to(dtype)
-        except (ValueError, OSError, RuntimeError, SafetensorError) as e:
+        except OSError as e:
+            raise ReadFailed(f"cannot read {file}: {e.strerror or e}") from None
+        except (ValueError, RuntimeError, SafetensorError) as e:
             raise EncdecError(f"{file} is not a readable safetensors file, truncated or corrupt? ({e})") from None
     return weights
 

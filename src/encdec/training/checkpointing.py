@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from encdec.errors import EncdecError, first_line, load_failure
+from encdec.errors import EncdecError, ReadFailed, first_line, load_failure
 from encdec.files import atomic_dir, parse_json, read_small, read_weights, write_weights
 from encdec.training import distributed
 from encdec.training.distributed import Dist
@@ -179,6 +179,9 @@ def latest_usable(out: Path, d: Dist) -> Saved | None:
     for path in reversed(found):
         try:
             return read(path)
+        except ReadFailed as e:  # set aside as damaged, a good checkpoint's steps were trained again from an older
+            raise ReadFailed(f"{e}; nothing is set aside: resume once the file reads (a checkpoint that is "
+                             "damaged, not unreadable, is skipped)") from None
         except EncdecError as e:
             if d.main:
                 log.warning("skipping damaged checkpoint %s: %s", path.name, e)

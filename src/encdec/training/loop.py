@@ -169,6 +169,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
     start = 0
     last_checkpoint: Path | None = resume_from.path if resume_from else None
     state: dict = {}
+    resumes: list = []  # (step, settings changed) of each time the run was resumed, kept in its checkpoints
     if resume_from is not None:
         # what changed is said before the checkpoint is applied: a changed vocabulary or data make it fail there
         saved = resume_from.trainer
@@ -176,12 +177,15 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
         if (keep is None) != (kept is None) or (keep is not None and not np.array_equal(keep, kept)):
             raise EncdecError(f"{last_checkpoint} was trained on another vocabulary (different data or --trim-vocab); "
                               "resume with the run's, or start afresh with --overwrite")
-        if d.main:  # (a checkpoint that does not say how many processes wrote it: taken as this run's number)
-            changed = rundir.changed_settings(saved.get("config", {}), cfg, (saved.get("processes", d.world), d.world))
+        # (a checkpoint that does not say how many processes wrote it: taken as this run's number)
+        changed = rundir.changed_settings(saved.get("config", {}), cfg, (saved.get("processes", d.world), d.world))
+        earlier = saved.get("resumes")
+        resumes = [*(earlier if isinstance(earlier, list) else []), {"step": saved["step"], "changed": changed}]
+        if d.main:
             if changed:
                 log.warning("resuming with settings other than the run's (its next steps differ from those of an "
                             "uninterrupted run): %s", "; ".join(changed))
-            _say_schedule_change(saved.get("config", {}).get("steps"), cfg, resume_from.trainer["step"])
+            _say_schedule_change(saved.get("config", {}).get("steps"), cfg, saved["step"])
         settings = group_settings(optimizer)
         state = checkpointing.apply(resume_from, wrapped, optimizer)  # weights of another shape: refused there
         rundir.check_start_model(saved, cfg.model, last_checkpoint)
@@ -201,6 +205,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
                           desc="finetune" if cfg.objective == "instruct" else "pretrain", restored=state.get("record"))
 
     autocast = torch.autocast(d.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
+    precision_used = "fp32" if compute_dtype is None else "bf16"  # what "auto" chose: recorded, not "auto"
     rows = cfg.batch_size
     with_teacher = teacher is not None
     teacher_rows = with_teacher or plan.causal
@@ -233,7 +238,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
     def save_checkpoint(step: int, record: dict) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
                    "processes": d.world, "kept_tokens": keep, "record": record, "start_model": start_digest,
-                   "precision": "fp32" if compute_dtype is None else "bf16"}
+                   "precision": precision_used, "resumes": resumes}
         return checkpointing.save(out, step, wrapped, optimizer, trainer, d, (cfg.keep_last, cfg.save_every, cfg.steps),
                                   last_checkpoint)
 
@@ -301,6 +306,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
             if saving:
                 if d.world > 1 and not cfg.fsdp:  # before the checkpoint keeps the line
                     record["ranks_in_sync"] = distributed.in_sync(model, d)
+                    if not record["ranks_in_sync"] and d.main:  # the field alone said it
+                        log.warning("step %d: the processes' copies of the model differ (nondeterministic kernels, "
+                                    "or a process that computed otherwise): checkpoints and the final model keep "
+                                    "the first process's", step + 1)
                 last_checkpoint = save_checkpoint(step + 1, record)
             # every --log-every steps, and every step that evaluated or saved (a resumed run puts a checkpoint's
             # line back: `rundir.begin`)
@@ -319,11 +328,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
                 raise KeyboardInterrupt
     metrics.close()
     with distributed.stopping_together(d):  # the others would wait at train()'s barrier for a first process gone
-        return _final_model(cfg, out, model_dir, plan, d, start_files)
+        recorded = dataclasses.replace(cfg, precision=precision_used)
+        return _final_model(recorded, out, model_dir, plan, d, start_files, resumes)
 
 
 def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: distributed.Dist,
-                 start_files: list[str] | None) -> Path:
+                 start_files: list[str] | None, resumes: list) -> Path:
     """OUT/model: the last checkpoint, or the average of the last N, saved like `encdec adapt` saves
     (over the full vocabulary again after trimming); a decoder-only model in its family's layout."""
     final = out / "model"
@@ -332,7 +342,8 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
     paths = checkpointing.scheduled(out, cfg.save_every, cfg.steps)[-cfg.average_last :]
     weights = checkpointing.average(paths)
     run = {"from": portable_path(cfg.model), "objective": cfg.objective, "distill": cfg.distill, "steps": cfg.steps,
-           "averaged_checkpoints": [p.name for p in paths], "settings": rundir.recorded_settings(cfg)}
+           "averaged_checkpoints": [p.name for p in paths], "settings": rundir.recorded_settings(cfg),
+           **({"resumes": resumes} if resumes else {})}  # the settings are the last run's: where they changed
     key = "finetuned" if cfg.objective == "instruct" else "pretrained"
     if plan.causal:
         from encdec.causal import causal_from_source, save_causal

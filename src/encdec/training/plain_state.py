@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, ReadFailed
 from encdec.files import parse_json, read_small, save_tensors
 
 FORMAT = "encdec-train-state"
@@ -82,7 +82,9 @@ def read_state(directory: Path, name: str) -> Any:
         meta = parse_json(read_small(meta_file))
     except FileNotFoundError:
         raise EncdecError(f"{meta_file} is missing") from None
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8, or nested too deeply to read
+    except OSError as e:
+        raise ReadFailed(f"cannot read {meta_file}: {e.strerror or e}") from None
+    except ValueError as e:  # bad JSON or bad UTF-8, or nested too deeply to read
         raise EncdecError(f"{meta_file} is unreadable, truncated or corrupt? ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise EncdecError(f"{meta_file} is not an {FORMAT} file of version {VERSION}")
