@@ -556,3 +556,23 @@ def test_a_checkpoint_that_cannot_be_read_for_now_is_not_set_aside_as_damaged(ru
         loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, resume=True))
     assert [p.name for p in checkpointing.checkpoints(out)][-1] == newest.name
     assert not [p for p in (out / "checkpoints").iterdir() if ".damaged-" in p.name]
+
+
+def test_a_resumed_run_removes_half_written_checkpoints_of_any_machine(run, adapted, corpus, tmp_path):
+    """A save killed mid-write leaves .step-N.tmp-HOST-PID-xxxxxxxx (weights and two optimizer moments); only a
+    later save from the same machine and container removed it, so a job restarted on another node kept its
+    predecessor's for good. Under the run's lock none can still be written. A previous version moved aside by a
+    write killed between its renames is put back, and a folder of the user's stays."""
+    out = shutil.copytree(run, tmp_path / "run")
+    checkpoints = out / "checkpoints"
+    leftover = checkpoints / ".step-000003.tmp-othernode-ns4026531836-4242-abcd1234"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"x" * 1000)
+    kept = checkpoints / ".step-000001.old-othernode-4242-abcd1234"
+    kept.mkdir()
+    (checkpoints / "step-000001").rename(kept / "step-000001")
+    mine = checkpoints / ".my-notes"
+    mine.mkdir()
+    loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, resume=True))
+    assert not leftover.exists() and not kept.exists() and mine.is_dir()
+    assert {p.name for p in checkpointing.checkpoints(out)} >= {"step-000002", "step-000003"}

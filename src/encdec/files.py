@@ -528,7 +528,7 @@ def process_alive(pid: int) -> bool:
 MAX_PID = 2**31 - 1  # a pid_t's largest: a larger number is no process id (os.kill raised OverflowError)
 
 
-def _left_by_us(entry: Path, match: re.Match, kind: Callable[[int], bool] = stat.S_ISDIR) -> bool:
+def _left_by_us(entry: Path, match: re.Match, kind: Callable[[int], bool] = stat.S_ISDIR, anyone: bool = False) -> bool:
     """Whether `entry` may be a temporary of this machine's writes: a folder (or, by `kind`, a file) itself, not a
     link (whose target would be moved out or deleted: a link named like one, put in a shared output folder or cache
     or a run directory handed over, made the next write move what it leads to), of this user, and of a process id
@@ -539,18 +539,20 @@ def _left_by_us(entry: Path, match: re.Match, kind: Callable[[int], bool] = stat
         return False
     mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
     pid = match[4]
-    return (kind(info.st_mode) and mine and match[3] in (None, HOST) and len(pid) <= 10
+    return (kind(info.st_mode) and mine and (anyone or match[3] in (None, HOST)) and len(pid) <= 10
             and 0 < int(pid) <= MAX_PID)
 
 
-def remove_abandoned_temporaries(parent: Path) -> None:
+def remove_abandoned_temporaries(parent: Path, anyone: bool = False) -> None:
     """Delete the temporary directories that killed writes (atomic_dir) left in `parent`: they can hold
     gigabytes. A directory whose writing process still runs is left alone; a previous version that a
-    write killed between its two renames had moved aside is put back first, never deleted."""
+    write killed between its two renames had moved aside is put back first, never deleted. `anyone`: those of
+    any machine or container too, for a directory only the caller writes (a run's checkpoints, under its lock: a
+    job restarted on another node left its predecessor's for good)."""
     abandoned = []
     for entry in parent.iterdir():
         match = _TEMPORARY.fullmatch(entry.name)
-        if match and _left_by_us(entry, match) and not process_alive(int(match[4])):
+        if match and _left_by_us(entry, match, anyone=anyone) and (anyone or not process_alive(int(match[4]))):
             abandoned.append((match[2] == "tmp", entry, match[1]))
     for unfinished, entry, name in sorted(abandoned):  # the .old- ones first
         moved_aside = entry / name  # in a .tmp- one, a child of the same name is part of the unfinished output

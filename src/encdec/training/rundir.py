@@ -35,6 +35,7 @@ from encdec.files import (
     parse_json,
     portable_path,
     refuse_link,
+    remove_abandoned_temporaries,
     weight_files,
     written,
 )
@@ -349,6 +350,8 @@ def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None
     out = Path(cfg.out)
     if not d.main:
         return
+    if (out / "checkpoints").is_dir() and not (out / "checkpoints").is_symlink():  # the run's lock is held: any
+        remove_abandoned_temporaries(out / "checkpoints", anyone=True)  # half-written checkpoint is a killed run's
     if cfg.resume:  # steps logged after the checkpoint will be run again
         _truncate_metrics(out / "metrics.jsonl", start, record)
         _set_aside_damaged(out, start)
