@@ -962,6 +962,8 @@ def test_a_quickstart_stopped_while_training_says_how_to_run_it_again(capsys, tm
     err = capsys.readouterr().err
     assert "stopped at step 2; `encdec quickstart --overwrite` runs the whole job again" in err, err
     assert "--resume" not in err
+    # nor a checkpoint of the stop (1.3-3.2 GB for the 270M) that nothing would read: --overwrite deletes it
+    assert not list((tmp_path / "qs" / "pretrain").glob("checkpoints/step-*"))
 
 
 def test_quickstart_overwrite_without_training_leaves_no_earlier_training(capsys, tmp_path, sources, monkeypatch):

@@ -81,9 +81,10 @@ def _tokens(batch: Batch) -> int:
     return int((batch.rows.segment_ids != 0).sum() + (batch.rows.decoder_segment_ids != 0).sum())
 
 
-def train(cfg: TrainConfig, again: str = "continue with --resume") -> Path:
+def train(cfg: TrainConfig, again: str | None = None) -> Path:
     """Run (or resume) a pretraining or instruction-tuning run; returns the directory of the final model. `again`:
-    what a run stopped by a signal tells the user to do (a command that runs this one says its own way)."""
+    what a run stopped by a signal tells the user to do, for a command that runs this one and cannot resume it
+    (the quickstart): such a run writes no checkpoint when stopped (one of GBs that nothing would read)."""
     d = distributed.init(cfg.dist_timeout)
     try:
         # the teacher a checkpoint records is an input too, when it may distill (--overwrite must not delete it)
@@ -97,7 +98,7 @@ def train(cfg: TrainConfig, again: str = "continue with --resume") -> Path:
         distributed.close(d)
 
 
-def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
+def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
     out = Path(cfg.out)
     resume_from = rundir.resume_point(cfg, d)
     torch.manual_seed(cfg.seed)
@@ -302,7 +303,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
             # one decision for every process (a signal may reach one alone, or some before the others): a process
             # saving, or checking the ranks, alone would wait forever in those collectives
             stopping = distributed.reduce_sum(float(stop.requested), d) > 0
-            saving = (step + 1) % cfg.save_every == 0 or done or stopping
+            saving = (step + 1) % cfg.save_every == 0 or done or stopping and again is None
             if saving:
                 if d.world > 1 and not cfg.fsdp:  # before the checkpoint keeps the line
                     record["ranks_in_sync"] = distributed.in_sync(model, d)
@@ -323,7 +324,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str) -> Path:
                 # --resume writes it then), rather than a run to start again for it alone
                 metrics.message(f"stop requested during the last step ({step + 1}): writing the final model")
             elif stopping:
-                metrics.message(f"stopped at step {step + 1}; {again} (checkpoint {last_checkpoint})")
+                metrics.message(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_checkpoint})"
+                                if again is None else f"stopped at step {step + 1}; {again}")
                 metrics.close()
                 raise KeyboardInterrupt
     metrics.close()
