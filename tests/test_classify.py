@@ -1004,6 +1004,31 @@ def test_a_run_without_a_search_killed_mid_fit_resumes_from_its_progress(models:
     assert not [p for p in (tmp_path / "cache" / "search").iterdir() if p.is_dir()]
 
 
+def test_a_second_run_of_the_same_journal_is_refused_while_the_first_runs(models: dict[str, Path], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys) -> None:
+    """The same search with another --out (or --eval-limit) shares the first's journal and saved fits: both trained
+    every trial, each deleting the other's saved fits when it ended, or failing a save that raced the other's."""
+    from encdec.classification import run
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=False, n=12)
+    argv = ["classify", str(models["gemma3"]), "--task", "toy", "--steps", "1", "--max-len", "16", "--no-save"]
+    real, second = run.fine_tune, []
+
+    def with_a_second_run(*args, **kwargs):
+        if not second:
+            second.append(main([*argv, "--out", str(tmp_path / "second")]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "fine_tune", with_a_second_run)
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
+    assert second == [2] and not (tmp_path / "second").exists()
+    assert "another encdec classify of this model, task and settings is running" in capsys.readouterr().err
+    monkeypatch.setattr(run, "fine_tune", real)
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0  # once the first has ended
+
+
 def test_a_search_keeps_its_trials_when_only_the_evaluation_subset_or_a_searched_default_changes(
         models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The trials read the training split only: BoolQ's --eval-limit (or the base lr, when the grid searches lr)

@@ -14,14 +14,17 @@ while it runs (`progress`): a kill in a BoolQ epoch, an hour on a CPU, loses min
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from encdec.errors import EncdecError
 
 log = logging.getLogger("encdec")
 
@@ -56,6 +59,34 @@ class TrialJournal:
                 continue  # cut short by a kill
         if self.known:
             log.info("search: %d trial(s) already scored, read from %s", len(self.known), self.file)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """The run of this journal: its lock held throughout (two runs of one journal, the same search with another
+        --out or --eval-limit, trained every trial twice, each deleting the other's saved fits when it ended), and
+        once it is done, what its fits saved and never finished goes (`discard_progress`). Where no lock file can
+        be made (a read-only cache), none is held."""
+        from filelock import Timeout
+
+        from encdec.files import WriteFailed
+        from encdec.sources import cache_lock
+
+        try:
+            lock = cache_lock(f"journal-{self.file.stem}")
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise EncdecError(f"another encdec classify of this model, task and settings is running (it shares the "
+                              f"trials and saved fits of {self.file}): wait for it to end, or give this one another "
+                              "--seed") from None
+        except (OSError, WriteFailed):
+            yield
+            self.discard_progress()
+            return
+        try:
+            yield
+            self.discard_progress()
+        finally:
+            lock.release()
 
     def progress(self, fold: int, settings: dict[str, Any], examples: list[int]) -> Path:
         """Where the fit of `settings` on `examples` (a trial's, or the chosen settings' on the whole fold) saves its

@@ -12,6 +12,7 @@ Everything (OUT/results.json, OUT/classifier/) is written atomically at the end.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -151,7 +152,8 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
     fold_of: list[int | None] = [None] * len(p.evaluation)
     selections = []
     info = ClassifierInfo(task, list(data.labels), data.template, pooling, hyper.max_len, portable_path(model), first)
-    with atomic_dir(out, overwrite) as tmp:
+    # a run of the journal at a time; what its fits saved and never finished goes once it is written
+    with journal.running() if journal is not None else contextlib.nullcontext(), atomic_dir(out, overwrite) as tmp:
         for k, (train_ids, test_ids) in enumerate(p.splits):
             desc = f"{task} fold {k + 1}/{len(p.splits)}" if p.folds else task
             classifier, fold_probs, chosen, trials = fold.run(k, train_ids, test_ids, dev_by_fold[k], desc)
@@ -176,8 +178,6 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
         if not save:
             results["saved_classifier"] = None
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
-    if journal is not None:
-        journal.discard_progress()
     return results
 
 
