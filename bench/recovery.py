@@ -170,6 +170,10 @@ def main() -> None:
 def report(results: Path, names: list[str], out: Path) -> None:
     """The plot, a markdown table (suffix NLL per recipe at each evaluated token count) and each recipe's gap."""
     records = read_results(results)
+    missing = [what for what in ("source", "adapted") if not any(r.get("recipe") == what for r in records)]
+    if missing:  # a first run stopped while it scored the baselines (minutes): a StopIteration's traceback
+        raise SystemExit(f"{results} holds no score of the {' and the '.join(missing)} model yet (its first run "
+                         "stopped before them): run the study again to score them")
     for name in names:  # every recipe starts from the adapted model
         records.append({**next(r for r in records if r["recipe"] == "adapted"), "recipe": name})
     records = [r for r in records if r["recipe"] != "adapted"]

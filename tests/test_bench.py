@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -122,7 +123,7 @@ def _faked_recovery(monkeypatch):
                        "load_tokenizer": lambda path: None, "split_passages": lambda *args: None,
                        "model_framing": lambda path, tokenizer: recovery.PLAIN,
                        "source_nll": lambda args, sets: {n: 3.0 for n in recovery.HELDOUT_SETS},
-                       "report": lambda *args: None}.items():
+                       "report": functools.wraps(recovery.report)(lambda *args: None)}.items():
         monkeypatch.setattr(recovery, name, fake)
     return recovery, interrupt
 
@@ -151,6 +152,13 @@ def test_recovery_study_refuses_other_settings_and_failed_training_and_survives_
     with results.open("a") as f:  # a record cut short
         f.write('{"recipe": "other", "st')
     assert recovery.read_results(results) == [json.loads(line) for line in lines]
+
+    # a first run stopped while it scored the baselines: --report was a StopIteration's traceback
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "results.jsonl").write_text(lines[0] + "\n")
+    with pytest.raises(SystemExit, match="holds no score of the source and the adapted model yet"):
+        recovery.report.__wrapped__(bare / "results.jsonl", [], bare)
 
     def failing(cfg):
         raise EncdecError("--data: no such file")

@@ -776,6 +776,11 @@ def test_weights_replaced_with_their_size_and_mtime_kept_are_another_feature_cac
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert weights.stat().st_size == stat.st_size and weights.stat().st_mtime_ns == stat.st_mtime_ns
     assert model_fingerprint(str(tmp_path / "model")) != before
+    # the same weights, their permissions changed (chmod -R g+r runs/: only the change time moves): a study's
+    # finished cells were refused as "run on other weights"
+    after = model_fingerprint(str(tmp_path / "model"))
+    os.chmod(weights, 0o640)
+    assert model_fingerprint(str(tmp_path / "model")) == after
 
 def test_a_probe_of_a_model_whose_states_are_not_finite_is_one_line_and_caches_nothing(
         models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -48,14 +48,16 @@ def pooled_features(backbone: Backbone, rows: list[list[int]], *, pad_id: int, p
 
 
 def model_fingerprint(spec: str) -> list:
-    """What identifies MODEL's weights without reading them: every file's `file_identity`."""
+    """What identifies MODEL's weights without reading them: every file's `file_identity`, without its change time
+    (a chmod -R, a hard-linked backup: the weights are the same, and a study's finished cells were refused as
+    "run on other weights")."""
     from encdec.sources import resolve
 
     path = Path(spec).expanduser()
     root = path if path.exists() else resolve(spec)  # a packaged or Hub name: the directory it was converted to
     files = sorted(root.rglob("*")) if root.is_dir() else [root]
-    return [str(root.resolve())] + [[str(f.relative_to(root)) if root.is_dir() else f.name, file_identity(f)]
-                                    for f in files if f.is_file()]
+    return [str(root.resolve())] + [[str(f.relative_to(root)) if root.is_dir() else f.name,
+                                     file_identity(f, change_time=False)] for f in files if f.is_file()]
 
 
 def cache_key(model: str, task: str, split: str, texts: list[str], pooling: str, max_len: int,
