@@ -160,7 +160,7 @@ def test_a_run_directory_on_a_file_system_without_locks_is_written_with_a_warnin
         raise OSError(errno.ENOSYS, "Function not implemented")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    fd = rundir._acquire(tmp_path)
+    fd = rundir._acquire(tmp_path, rundir.LOCK)
     try:
         assert "has no file locks" in warnings_seen.text
         assert "taking over" not in warnings_seen.text
@@ -172,7 +172,7 @@ def test_a_run_directory_on_a_file_system_without_locks_is_written_with_a_warnin
 
     monkeypatch.setattr(fcntl, "flock", failing)
     with pytest.raises(OSError, match="Input/output error"):  # other errors still stop it (said as 'cannot write')
-        rundir._acquire(tmp_path)
+        rundir._acquire(tmp_path, rundir.LOCK)
 
 
 NOT_UTF8 = {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}  # a legacy POSIX locale: ASCII
