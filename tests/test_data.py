@@ -200,6 +200,17 @@ def test_hub_datasets_stream_through_the_datasets_package(tmp_path):
         list(read_documents(spec))
 
 
+class Counting:
+    """A tokenizer that keeps the batches it was called with (`calls`)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.eos_token_id, self.calls = tokenizer, tokenizer.eos_token_id, []
+
+    def __call__(self, batch: list[str], **options):
+        self.calls.append(batch)
+        return self.tokenizer(batch, **options)
+
+
 def test_documents_are_tokenized_in_calls_of_bounded_text(sources, tmp_path, monkeypatch):
     """512 documents a call whatever their size: 512 books of a .jsonl (200 M characters) in one tokenizer call, at
     ~130 bytes a character. The stream is the same in calls of any size."""
@@ -207,20 +218,13 @@ def test_documents_are_tokenized_in_calls_of_bounded_text(sources, tmp_path, mon
 
     tokenizer = encdec.load_tokenizer(sources["gemma3"])
     (tmp_path / "a.txt").write_text("\n\n".join(" ".join(f"w{(i * j) % 60}" for j in range(i + 1)) for i in range(40)))
-    calls: list[list[str]] = []
-
-    class Counting:
-        eos_token_id = tokenizer.eos_token_id
-
-        def __call__(self, batch: list[str], **options):
-            calls.append(batch)
-            return tokenizer(batch, **options)
-
-    whole = tokens._tokenize(Counting(), [str(tmp_path / "a.txt")], "text")
+    counting = Counting(tokenizer)
+    calls = counting.calls
+    whole = tokens._tokenize(counting, [str(tmp_path / "a.txt")], "text")
     assert len(calls) == 1
     calls.clear()
     monkeypatch.setattr(tokens, "BATCH_CHARS", 100)
-    assert np.array_equal(tokens._tokenize(Counting(), [str(tmp_path / "a.txt")], "text"), whole)
+    assert np.array_equal(tokens._tokenize(counting, [str(tmp_path / "a.txt")], "text"), whole)
     assert len(calls) > 10 and all(sum(map(len, c[:-1])) < 100 for c in calls)
     assert sum(len(c) for c in calls) == 40
 
@@ -264,18 +268,11 @@ def test_a_long_record_is_tokenized_in_pieces_into_the_same_tokens(tmp_path, mon
     book = " ".join(f"{words} {i}" for i in range(40))  # about 3,900 characters
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": book}) + "\n" + json.dumps({"text": "short one"}) + "\n")
     whole = tokens._tokenize(tokenizer, [str(tmp_path / "a.jsonl")], "text")
-    calls: list[list[str]] = []
-
-    class Counting:
-        eos_token_id = tokenizer.eos_token_id
-
-        def __call__(self, batch: list[str], **options):
-            calls.append(batch)
-            return tokenizer(batch, **options)
-
+    counting = Counting(tokenizer)
+    calls = counting.calls
     monkeypatch.setattr(tokens, "PIECE_CHARS", 200)
     monkeypatch.setattr(tokens, "BATCH_CHARS", 300)
-    pieces = tokens._tokenize(Counting(), [str(tmp_path / "a.jsonl")], "text")
+    pieces = tokens._tokenize(counting, [str(tmp_path / "a.jsonl")], "text")
     assert max(len(text) for call in calls for text in call) <= 200 and len(calls) > 10
     assert pieces.tolist() == whole.tolist()
     assert pieces.tolist().count(tokenizer.bos_token_id) == 2 and pieces.tolist().count(tokenizer.eos_token_id) == 2
