@@ -640,7 +640,8 @@ def test_cross_validated_run_through_the_cli(models: dict[str, Path], tmp_path: 
 
     gold, guessed = [p["label"] for p in results["predictions"]], [p["prediction"] for p in results["predictions"]]
     labels = ["entailment", "contradiction", "neutral"]
-    assert results["macro_f1"] == pytest.approx(f1_score(gold, guessed, labels=labels, average="macro", zero_division=0))
+    assert results["macro_f1"] == pytest.approx(f1_score(gold, guessed, labels=labels, average="macro",
+                                                         zero_division=0))
     majority = results["majority_baseline"]["label"]
     assert results["majority_baseline"]["macro_f1"] == pytest.approx(
         f1_score(gold, [majority] * 12, labels=labels, average="macro", zero_division=0))

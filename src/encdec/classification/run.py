@@ -216,7 +216,7 @@ class _FineTuneFolds:
                  num_labels: int, journal: TrialJournal | None = None) -> None:
         self.backbone, self.p, self.reported, self.pooling, self.hyper = backbone, p, reported, pooling, hyper
         self.pad_id, self.grid, self.searched, self.train_rows, self.num_labels = pad_id, grid, searched, train_rows, num_labels
-        self.journal = journal  # a search's finished trials and every fit's progress, so that an interrupted run resumes
+        self.journal = journal  # a search's finished trials and every fit's progress: an interrupted run resumes
         many = len(p.splits) > 1 or searched is not None
         self.initial = {k: v.clone() for k, v in backbone.state_dict().items()} if many else None
         self.losses: list[list[float]] = []

@@ -207,8 +207,8 @@ def _pieces(documents: Iterator[str]) -> Iterator[tuple[str, bool, bool]]:
     """(text, whether it starts its document, whether it ends it): documents longer than PIECE_CHARS cut before a
     whitespace in the second half of each piece (where there is one), so that the pieces' tokens are the
     document's (but for a tokenizer that puts a space of its own before each text, Llama 2's: one more token at
-    each cut, every 4 M characters). One call on a 100 M-character record needed about 10 GB (a .txt cuts paragraphs that long into
-    documents; a record is one document, and stays one)."""
+    each cut, every 4 M characters). One call on a 100 M-character record needed about 10 GB (a .txt cuts
+    paragraphs that long into documents; a record is one document, and stays one)."""
     for document in documents:
         start = 0
         while len(document) - start > PIECE_CHARS:

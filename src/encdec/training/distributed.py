@@ -82,9 +82,10 @@ def _check_gpus_apart(world: int) -> None:
     shared = shared_gpus(every)
     if shared:
         ranks = shared[0]
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise EncdecError(f"processes {', '.join(map(str, ranks))} on {every[ranks[0]][0]} were shown the same GPU "
-                          f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')} here): show each process its "
-                          "own GPU, or start one process per GPU (torchrun --nproc-per-node)")
+                          f"(CUDA_VISIBLE_DEVICES={shown} here): show each process its own GPU, or start one process "
+                          "per GPU (torchrun --nproc-per-node)")
 
 
 def shared_gpus(identities: list[tuple[str, str]]) -> list[list[int]]:
