@@ -36,6 +36,7 @@ from encdec.sources import load_source, load_tokenizer
 from encdec.training import checkpointing
 from encdec.training.loop import train
 from encdec.training.plain_state import read_state
+from encdec.training.rundir import start_model_digest
 from encdec.training.vocab import full_vocabulary_model
 
 
@@ -146,10 +147,14 @@ def main() -> None:
     study = {"model": portable_path(str(args.model)), "seed": args.seed, "steps": args.steps,
              "eval_every": args.eval_every}
     recorded = next((r for r in records if r.get("recipe") == "study"), None)
+    weights = start_model_digest(str(args.model))  # by content: the same path adapted again is another model
     if recorded is None:
-        append(results, {"recipe": "study", **study})
+        append(results, {"recipe": "study", **study, "weights": weights})
     elif {k: recorded.get(k) for k in study} != study:  # the baselines and every curve in OUT were made so
         parser.error(f"{args.out} holds a study of {recorded}, not {study}: use another --out")
+    elif None not in (recorded.get("weights"), weights) and recorded["weights"] != weights:  # (studies before it)
+        parser.error(f"{args.out} holds a study of the model {args.model} held before (its weights differ now: adapted "
+                     "again?); its baselines and curves are of that one: use another --out")
     if not any(r.get("recipe") == "source" for r in records):
         append(results, {"recipe": "source", "nll": source_nll(args, sets)})
     start_nll = next((r for r in records if r.get("recipe") == "adapted"), None)

@@ -153,6 +153,19 @@ def test_recovery_study_refuses_other_settings_and_failed_training_and_survives_
         f.write('{"recipe": "other", "st')
     assert recovery.read_results(results) == [json.loads(line) for line in lines]
 
+    # the same --model path holding another model (adapted again): the baselines and curves were the old one's
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    mine = tmp_path / "study-of-model"
+    monkeypatch.setattr(sys, "argv", ["recovery.py", "--model", str(model), "--out", str(mine), "--steps", "40",
+                                      "--eval-every", "10"])
+    recovery.main()
+    (model / "config.json").write_text('{"adapted": "again"}')
+    with pytest.raises(SystemExit) as stop:
+        recovery.main()
+    assert stop.value.code == 2 and "holds a study of the model" in capsys.readouterr().err
     # a first run stopped while it scored the baselines: --report was a StopIteration's traceback
     bare = tmp_path / "bare"
     bare.mkdir()
