@@ -53,6 +53,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -245,15 +246,23 @@ def prepare_model(name: str, work_dir: Path) -> Path:
 def prepare_ct2(model_dir: Path, implementation: str) -> Path | str:
     """The `encdec export --to ctranslate2` conversion of `model_dir` for `implementation`, or the one line
     saying why there is none."""
+    from encdec.training.rundir import start_model_digest
+
     out = model_dir.with_name(f"{model_dir.name}-{implementation}")
-    if not out.exists():
-        print(f"converting {model_dir} into {out} ...", file=sys.stderr, flush=True)
+    # the model it was converted from, by content: a conversion of the model before it was adapted again (or
+    # of an older exporter's) was timed, and its tokens compared, as if it were this one's
+    source = f"{start_model_digest(str(model_dir))} {version('encdec')}"
+    marker = out / ".converted-from"
+    if not marker.exists() or marker.read_text() != source:
+        print(f"converting {model_dir} into {out}" + (" again (it held a conversion of another model, or by another "
+              "encdec)" if out.exists() else "") + " ...", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, "-m", "encdec.cli", "export", str(model_dir), "--to", "ctranslate2",
-                               "--out", str(out), "--quantization", CT2_COMPUTE[implementation]],
+                               "--out", str(out), "--quantization", CT2_COMPUTE[implementation], "--overwrite"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
         if done.returncode == 2:
             return done.stderr.strip().splitlines()[-1].removeprefix("encdec export: error: ")
         done.check_returncode()
+        marker.write_text(source)
     return out
 
 

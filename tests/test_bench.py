@@ -500,3 +500,33 @@ def test_serve_load_says_why_its_server_did_not_start(tmp_path, monkeypatch):
 
     with pytest.raises(SystemExit, match=r"exited with status 2 before answering /health: .*error: .*missing"):
         run_server(tmp_path / "missing", ["--max-batch", "2"], [], [], argparse.Namespace(max_seconds=5))
+
+
+def test_generate_throughput_converts_again_a_conversion_of_another_model(tmp_path, monkeypatch):
+    """runs/bench/merged-ct2-* were reused whenever they existed: after runs/bench/merged was adapted again, the old
+    model's conversion was timed and its tokens compared with the new model's."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import generate_throughput
+
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    calls: list[list[str]] = []
+
+    def export(command, **kwargs):
+        calls.append(command)
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir(exist_ok=True)
+        (out / "model.bin").write_bytes(b"converted")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(generate_throughput.subprocess, "run", export)
+    first = generate_throughput.prepare_ct2(model, "ct2-float32")
+    assert first == tmp_path / "merged-ct2-float32" and len(calls) == 1
+    assert generate_throughput.prepare_ct2(model, "ct2-float32") == first and len(calls) == 1  # reused
+    (model / "config.json").write_text('{"adapted": "again"}')
+    assert generate_throughput.prepare_ct2(model, "ct2-float32") == first and len(calls) == 2
+    (first / ".converted-from").unlink()  # a conversion from before the marker: not known to be this model's
+    generate_throughput.prepare_ct2(model, "ct2-float32")
+    assert len(calls) == 3 and "--overwrite" in calls[-1]
