@@ -107,15 +107,16 @@ def refuse_custom_code(directory: Path) -> None:
     tokenizer_config.json names must be inside the directory too."""
     for name in ("config.json", "tokenizer_config.json"):
         file = directory / name
-        # exists, not is_file: a link to a device or a pipe is refused by read_json, not left to transformers
-        if file.exists() and "auto_map" in (data := read_json(file)) and not remote_code.is_own(data):
+        if not file.exists():  # exists, not is_file: a link to a device or a pipe is refused by read_json
+            continue
+        data = read_json(file)
+        if "auto_map" in data and not remote_code.is_own(data):
             raise EncdecError(f"{file} has an auto_map entry: it asks to run Python code shipped with the checkpoint, "
                               "which encdec never does; remove the entry if the model is a standard Gemma / T5Gemma")
-    # transformers joins each name onto the directory: "../elsewhere/tokenizer.1.0.json" read a tokenizer outside it
-    tokenizer_config = directory / "tokenizer_config.json"
-    named = read_json(tokenizer_config).get("fast_tokenizer_files") if tokenizer_config.exists() else None
-    for entry in named if isinstance(named, list) else [] if named is None else [named]:
-        inside(directory, entry, tokenizer_config)
+        # transformers joins each name onto the directory: "../elsewhere/tokenizer.1.0.json" read a tokenizer outside
+        named = data.get("fast_tokenizer_files") if name == "tokenizer_config.json" else None
+        for entry in named if isinstance(named, list) else [] if named is None else [named]:
+            inside(directory, entry, file)
 
 
 def load_tokenizer(directory: Path | str):

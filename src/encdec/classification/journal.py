@@ -78,15 +78,14 @@ class TrialJournal:
             raise EncdecError(f"another encdec classify of this model, task and settings is running (it shares the "
                               f"trials and saved fits of {self.file}): wait for it to end, or give this one another "
                               "--seed") from None
-        except (OSError, WriteFailed):
-            yield
-            self.discard_progress()
-            return
+        except (OSError, WriteFailed):  # not acquired: none held
+            lock = None
         try:
             yield
             self.discard_progress()
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
 
     def progress(self, fold: int, settings: dict[str, Any], examples: list[int]) -> Path:
         """Where the fit of `settings` on `examples` (a trial's, or the chosen settings' on the whole fold) saves its
