@@ -513,7 +513,8 @@ def test_a_tokenizer_pattern_that_backtracks_past_its_limit_is_one_line(adapted,
 def test_a_gguf_of_millions_of_metadata_items_or_with_rope_bytes_that_are_no_text_is_one_line(tmp_path, monkeypatch,
                                                                                                capsys):
     """gguf reads an array item by item, a few Python objects each: 1 million empty strings (8 MB) took 1.6 GB and
-    21 s, twice. Here the limit is lowered under the tiny file's 96-token vocabulary. And a RoPE scaling type of
+    21 s, twice; four arrays of 200k each, under the limit of one, 1.4 GB. Here the limits are lowered under the tiny
+    file's 96-token vocabulary. And a RoPE scaling type of
     bytes that are no UTF-8 text ended in a UnicodeDecodeError's traceback."""
     from encdec.formats import gguf as gguf_format
 
@@ -525,6 +526,11 @@ def test_a_gguf_of_millions_of_metadata_items_or_with_rope_bytes_that_are_no_tex
     assert main(["adapt", "--encoder", str(path), "--out", str(tmp_path / "out")]) == 2
     (line,) = _error_lines(capsys)
     assert "a metadata array claims 96 items, more than any model's 50" in line
+    monkeypatch.setattr(gguf_format, "MAX_ARRAY_ITEMS", 100)  # arrays under it, their values together over the total
+    monkeypatch.setattr(gguf_format, "MAX_VALUES", 200)
+    assert main(["adapt", "--encoder", str(path), "--out", str(tmp_path / "out")]) == 2
+    (line,) = _error_lines(capsys)
+    assert "its metadata holds more than 200 values, more than any model's" in line
     monkeypatch.undo()
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
     odd = write_gguf(source, tmp_path / "odd.gguf", claims={"rope.scaling.type": "QZQZ"})

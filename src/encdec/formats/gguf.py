@@ -37,10 +37,15 @@ def architecture(path: Path) -> tuple[str, int]:
         """gguf's reader, whose reads past the end of the file raise: gguf's return empty arrays, so an array field
         claiming 2**62 items (an 84-byte file) was read for ever, holding ever more memory."""
 
+        values = 0  # numpy views made: each field, array item and string is one or two, a few hundred bytes each
+
         def _get(self, offset, dtype, count=1, override_order=None):
             count = int(count)
             if count < 0 or offset + np.dtype(dtype).itemsize * count > len(self.data):
                 raise ValueError(f"a field of {count} items at byte {offset} runs past the end of the file")
+            self.values += 1  # many arrays each under MAX_ARRAY_ITEMS held as much memory as one above it
+            if self.values > MAX_VALUES:
+                raise ValueError(f"its metadata holds more than {MAX_VALUES:,} values, more than any model's")
             return super()._get(offset, dtype, count, override_order)
 
         def _get_field_parts(self, orig_offs, raw_type):
@@ -136,6 +141,9 @@ GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # how llama.cpp tells the 27B m
 
 SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")
 MAX_ARRAY_ITEMS = 1 << 21  # items of a metadata array (vocabularies and merges: hundreds of thousands)
+# values of a whole file's metadata and tensor list, as gguf reads them (one or two numpy views each): the 270M's
+# 1.05 million took 0.68 GB; Llama 3's 128k tokens and 280k merges are about as many
+MAX_VALUES = 1 << 22
 
 
 def _dropped_fields(path: Path, arch: str) -> dict[str, float]:
