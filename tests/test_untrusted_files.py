@@ -395,6 +395,28 @@ def test_a_safetensors_header_that_lies_is_refused_before_anything_is_allocated(
         read_weights(tmp_path)
 
 
+def test_weights_that_are_a_pipe_or_carry_a_huge_header_are_one_error(tmp_path, monkeypatch):
+    """A model.safetensors that is a named pipe (a handed tarball can hold one) was opened as a file: reading it
+    waited for a writer for ever (here in a process of its own, killed by its time limit if that comes back). A
+    header of 19 MB (300k empty tensors) held 300 MB parsed; the safetensors library refuses any over 100 MB."""
+    from encdec import files
+
+    os.mkfifo(tmp_path / "model.safetensors")
+    for mapped in (False, True):
+        code = ("import sys; from pathlib import Path; from encdec.files import read_weights; "
+                f"read_weights(Path(sys.argv[1]), mapped={mapped})")
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert "model.safetensors: not a regular file (a device, a pipe, a directory?)" in done.stderr, done.stderr
+    (tmp_path / "model.safetensors").unlink()
+    header = json.dumps({f"w{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(50)}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    assert len(files.read_weights(tmp_path)) == 50
+    monkeypatch.setattr(files, "MAX_HEADER_BYTES", len(header) - 1)
+    with pytest.raises(EncdecError, match=f"its header claims {len(header):,} bytes, more than the format's limit"):
+        files.read_weights(tmp_path)
+
+
 def test_a_decoder_only_model_lacking_weights_or_with_millions_of_layers_is_not_evaluated(sources, tmp_path, capsys):
     """transformers fills a missing tensor with random values and says so only in a log encdec silences: `evaluate`
     scored a damaged source as if whole; 10 million declared layers were built (minutes), then scored at random."""

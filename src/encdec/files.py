@@ -16,7 +16,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -71,16 +71,23 @@ def parse_json(raw: bytes | str, *, strict: bool = False) -> Any:
 MAX_SMALL_BYTES = 1 << 30  # a JSON file this project reads (a tokenizer.json is tens of MB)
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, if it is a regular file (OSError otherwise): a link to /dev/zero read until memory
+    ran out; a pipe, forever (its open alone waits for a writer without O_NONBLOCK, which a regular file ignores)."""
+    f = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        f.close()
+        raise OSError(errno.EINVAL, "not a regular file (a device, a pipe, a directory?)")
+    return f
+
+
 def read_small(path: Path) -> bytes:
-    """The bytes of a configuration or state file a user may have been handed: a regular file, and not past
-    MAX_SMALL_BYTES (OSError otherwise). A link to /dev/zero read until memory ran out; to a pipe, forever."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a pipe's open waits for a writer without it
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a device, a pipe, a directory?)")
-        if info.st_size > MAX_SMALL_BYTES:
-            raise OSError(errno.EFBIG, f"{info.st_size:,} bytes, more than a configuration file holds")
+    """The bytes of a configuration or state file a user may have been handed: a regular file (`open_regular`), and
+    not past MAX_SMALL_BYTES (OSError otherwise)."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_SMALL_BYTES:
+            raise OSError(errno.EFBIG, f"{size:,} bytes, more than a configuration file holds")
         return f.read()
 
 
@@ -179,11 +186,13 @@ def read_weights(directory: Path, dtype: torch.dtype | None = None, *, mapped: b
 
 
 def _mapped_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    open_regular(file).close()  # (safetensors' own open of a pipe waits for a writer)
     with safe_open(str(file), framework="pt") as f:
         for name in f.keys():
             yield name, f.get_tensor(name)
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit on a file's JSON header
 # the element types of the safetensors format that torch holds
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -198,11 +207,13 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     Not memory-mapped: a mapped file's pages stay resident while any tensor of it lives, so a model that
     packs, quantizes or casts its weights as it loads would keep the whole file resident beside its own
     copies (+1.4 GB for the adapted 270M served on CPU). Read this way, each weight that is replaced is freed."""
-    with open(file, "rb") as f:
+    with open_regular(file) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8 or (length := int.from_bytes(head, "little")) > size - 8:
             raise ValueError("the header is cut off")
+        if length > MAX_HEADER_BYTES:  # parsed, a header of 19 MB (300k empty tensors) held 300 MB
+            raise ValueError(f"its header claims {length:,} bytes, more than the format's limit of {MAX_HEADER_BYTES:,}")
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
