@@ -515,6 +515,8 @@ BAD = [
     ({"input": " ".join(["w1"] * 30)}, 400, "input"),
     ({"input": [[5, 96]]}, 400, "input"),
     ({"input": "w1", "encoding_format": "int8"}, 400, "encoding_format"),
+    ({"input": "w1", "encoding_format": 0}, 400, "encoding_format"),  # read as "float", as null is
+    ({"input": "w1", "encoding_format": ""}, 400, "encoding_format"),
     ({"input": "w1", "dimensions": 3}, 400, "dimensions"),
     ({"input": "w1", "temperature": 0}, 400, "temperature"),
     ({"input": "w1", "model": "other"}, 404, "model"),
@@ -1836,7 +1838,8 @@ def test_waiting_embedding_requests_share_encoder_passes(local, monkeypatch):
 
 def test_the_queue_limit_counts_requests_waiting_for_a_slot_not_those_headed_for_free_ones(local):
     """--max-queue 1 with 4 free slots: an idle server answered 429 to the second of a burst, every one of them
-    queued until the scheduler's next cycle (and a request of 2 generations was refused 400 outright)."""
+    queued until the scheduler's next cycle (and a request of 2 generations was refused 400 outright). And requests
+    just admitted counted twice (admitting and running) for the step after: 429 with slots free and --max-queue 0."""
     import asyncio
 
     from encdec.inference.engine import Engine, Row
@@ -1860,6 +1863,24 @@ def test_the_queue_limit_counts_requests_waiting_for_a_slot_not_those_headed_for
     with pytest.raises(APIError, match=r"holds at most 5 \(--max-batch 4 \+ --max-queue 1\)"):
         scheduler.check_size(6, "n")
     scheduler.check_size(5, "n")
+
+    second = Scheduler(Engine(local[0], max_batch=4), max_queue=0, metrics=Metrics())
+
+    async def admitted_then_more() -> list[int]:  # two admitted as the thread admits them, in the step after
+        loop, statuses = asyncio.get_running_loop(), []
+        first = [Job([5, 6], Row(2, frozenset()), loop) for _ in range(2)]
+        second.submit(*first)
+        second.admitting = [second.waiting.popleft() for _ in first]
+        second._admit(second.admitting)
+        for _ in range(3):  # 2 slots free, no queue: they were counted twice, and the next request refused
+            try:
+                second.submit(Job([5, 6], Row(2, frozenset()), loop))
+                statuses.append(200)
+            except APIError as e:
+                statuses.append(e.status)
+        return statuses
+
+    assert asyncio.run(admitted_then_more()) == [200, 200, 429]
 
 
 def test_an_int8_server_says_that_batching_moves_its_tokens(checkpoint, monkeypatch, capsys):

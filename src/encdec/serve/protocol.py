@@ -353,7 +353,8 @@ def parse_embeddings(raw: bytes, width: int) -> EmbeddingRequest:
     vectors') size, the only `dimensions` accepted."""
     body = _known(_object(raw), EMBEDDING_FIELDS)
     inputs = _inputs(body, "input", empty_text=False)
-    encoding = body.get("encoding_format") or "float"
+    encoding = body.get("encoding_format")
+    encoding = "float" if encoding is None else encoding  # (null alone: 0, false or "" are no format)
     if encoding not in ("float", "base64"):
         raise APIError(400, f"'encoding_format' must be \"float\" or \"base64\", got {json.dumps(encoding)[:40]}",
                        "encoding_format")

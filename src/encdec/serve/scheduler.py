@@ -431,7 +431,11 @@ class Scheduler:
         self.metrics.running.set(len(self.engine.rows))
 
     def _admit(self, jobs: list[Job]) -> None:
-        """All arrivals in one encoder pass; they take part in the very next step."""
+        """All arrivals in one encoder pass; they take part in the very next step. They move from `admitting` to
+        `running` at once: counted in both for the step that followed, they had `_queued_with` refuse (429)
+        requests for the slots still free."""
         self.metrics.prompt_tokens.inc(self.engine.join([job.prompt for job in jobs], [job.row for job in jobs]))
-        for job in jobs:
-            self.running[job.row] = job
+        with self.wake:
+            for job in jobs:
+                self.running[job.row] = job
+            self.admitting = []
