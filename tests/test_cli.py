@@ -251,6 +251,35 @@ def test_generate_out_keeps_the_finished_completions_of_a_run_that_stops(capsys,
     kept = [json.loads(line) for line in (tmp_path / "done.jsonl.partial").read_text().splitlines()]
     assert [line["id"] for line in kept] == [0, 1] and all("completion" in line for line in kept)
     assert "2 of 6 completion(s) finished before the run stopped: kept in" in capsys.readouterr().err
+    # an earlier run's partial is not replaced unasked; with --overwrite, by this run's if it stops too
+    assert main(["generate", str(adapted), "--input", str(prompts), "--out", str(out), "--max-new-tokens", "3"]) == 2
+    assert "done.jsonl.partial holds the completions of an earlier run that stopped" in capsys.readouterr().err
+    assert len((tmp_path / "done.jsonl.partial").read_text().splitlines()) == 2
+
+    def finished_out_of_order(*args, **kwargs):  # prompt 0 still decoding when 2 and 3 end, then Ctrl-C
+        list(real(*args, **kwargs))  # (every row's tokens made)
+        yield from [1, 2, 3]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(encdec.generate, "generate_each", finished_out_of_order)
+    assert main(["generate", str(adapted), "--input", str(prompts), "--batch-size", "2", "--max-new-tokens", "3"]) == 130
+    printed = capsys.readouterr()
+    assert [json.loads(line)["id"] for line in printed.out.splitlines()] == [1, 2, 3]  # none in order: 0 never ended
+    assert "the last 3 line(s) printed finished behind a prompt still decoding" in printed.err
+
+
+@pytest.mark.parametrize("command", ["generate", "adapt"])
+def test_an_out_name_too_long_for_its_temporary_is_refused_before_any_work(capsys, tmp_path, adapted, sources,
+                                                                           command):
+    """The final name fitted the filesystem's 255 bytes, the temporary written beside it (.NAME.tmp-HOST-PID-...)
+    did not: every completion was generated, then the write failed, nothing kept (the .partial too long as well)."""
+    out = tmp_path / ("b" * 235 + ".jsonl")
+    arguments = ([str(adapted), "--prompt", "w1", "--out", str(out)] if command == "generate"
+                 else ["--encoder", str(sources["gemma3"]), "--out", str(out)])
+    assert main([command, *arguments]) == 2
+    err = capsys.readouterr().err
+    assert "its name is too long for the temporary written beside it" in err and "loading" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 GENERATE_INPUT_BAD = [

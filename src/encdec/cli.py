@@ -196,6 +196,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.out = None
     if args.out is not None:
         args.out = check_output_file(args.out, (args.dir, args.input), args.overwrite)
+        partial = args.out.with_name(f"{args.out.name}.partial")
+        if partial.exists() and not args.overwrite:  # replaced unasked had this run stopped too
+            raise EncdecError(f"{partial} holds the completions of an earlier run that stopped; move it away, or pass "
+                              "--overwrite (it is replaced only if this run stops too)")
     config = read_config(args.dir)[0]  # first: a path that is no encoder-decoder checkpoint is said to be one
     tokenizer = load_tokenizer(Path(args.dir))
     prompts = (read_prompts(args.input, tokenizer) if args.input is not None
@@ -246,6 +250,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         sys.stdout.flush()
                     printed += 1
     except BaseException:  # out of memory, Ctrl-C: hours of finished completions were lost with the run
+        held = [text for text in lines[printed:] if text is not None]  # finished behind a prompt still decoding
+        if args.out is None and held and sys.stdout is not None:
+            for text in held:
+                tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
+            logging.getLogger("encdec").warning(
+                "the run stopped: the last %d line(s) printed finished behind a prompt still decoding, so they are "
+                "out of the prompts' order (each carries its prompt)", len(held))
         if args.out is not None and any(lines):
             partial = args.out.with_name(f"{args.out.name}.partial")
             atomic_write(partial, "".join(f"{text}\n" for text in lines if text is not None))

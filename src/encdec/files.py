@@ -303,6 +303,24 @@ def check_writable_place(out: Path) -> None:
         raise EncdecError(f"cannot write {out}: {blocking} is a file, not a directory")
 
 
+def check_name_room(out: Path, name: str) -> None:
+    """Fail before any work when the longest name written beside `out` on the way to `name` (a temporary's, or a
+    directory's moved-aside old copy: .NAME.tmp-HOST-PID-XXXXXXXX) is longer than its folder's filesystem allows:
+    `out` itself fitted, and hours of work ended at ENAMETOOLONG, nothing written."""
+    out = Path(out).absolute()
+    longest = len(os.fsencode(f".{name}.tmp-{HOST}-{os.getpid()}-XXXXXXXX"))
+    existing = next((p for p in out.parents if p.is_dir()), None)
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX") if existing is not None else 255
+    except (OSError, ValueError):  # no such setting here
+        limit = 255
+    if longest > limit:
+        spare = limit - (longest - len(os.fsencode(out.name)))
+        raise EncdecError(f"--out {out.name[:40]}...: its name is too long for the temporary written beside it "
+                          f"({longest} bytes, where this filesystem allows {limit}); give a name of at most "
+                          f"{max(spare, 1)} bytes")
+
+
 class WriteFailed(EncdecError):
     """A write failed for a reason the user can act on (`written`)."""
 
@@ -376,6 +394,7 @@ def check_output_file(out: Path, inputs: tuple[str | Path | None, ...], overwrit
         if out.is_file() and not overwrite:
             raise EncdecError(f"--out {out} already exists; pass --overwrite to replace it, or give another file")
         check_writable_place(out.parent)
+        check_name_room(out, f"{out.name}.partial")  # what a stopped run writes (.OUT.partial.tmp-...)
         target = out.resolve()
         existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -401,6 +420,7 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
     writes (`kind`: its description, and the test of a directory): any folder with a config.json (a decoder-only
     source, a project) was replaced by `adapt --overwrite`."""
     check_writable_place(out)
+    check_name_room(out, Path(out).name)
     check_not_above(out)
     check_apart(out, inputs)
     if out.exists() and not overwrite:
