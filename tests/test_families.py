@@ -86,6 +86,20 @@ def test_a_gemma_with_an_lm_head_of_its_own_is_refused(tmp_path, family):
         encdec.load_source(str(source))
 
 
+@pytest.mark.parametrize(("family", "key"), [("llama", "tie_word_embeddings"), ("gemma3", "tie_word_embeddings"),
+                                            ("qwen2", "use_sliding_window")])
+def test_a_hand_edited_true_or_false_that_is_text_is_refused(tmp_path, family, key):
+    """bool("false") is True: a Llama's "tie_word_embeddings": "false" was read as tied, its own LM head dropped for
+    the embedding table without a word (a Qwen's "use_sliding_window": "false" made layers local)."""
+    import json
+
+    source = make_source(tmp_path / family, family)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, key: "false"}))
+    with pytest.raises(EncdecError, match=f"{key} must be true or false, got 'false'"):
+        encdec.load_source(str(source))
+
+
 @pytest.mark.parametrize("key", ["rope.scaling.factor", "rope.scale_linear"])
 def test_a_llama_gguf_with_linear_rope_scaling_is_refused(tmp_path, monkeypatch, key):
     """transformers' GGUF reader drops the factor; under the older key, without a type, it was not even seen."""

@@ -429,6 +429,12 @@ def test_a_decoder_only_model_lacking_weights_or_with_millions_of_layers_is_not_
     assert main(["evaluate", str(model), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
     (line,) = _error_lines(capsys)
     assert "its weights lack 3 tensor(s) its config.json declares" in line and "layers.1.mlp" in line
+    other = shutil.copytree(sources["gemma3"], tmp_path / "other")  # weights of 96 rows, a config of 200
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))
+    assert main(["evaluate", str(other), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
+    (line,) = _error_lines(capsys)  # transformers raised (a traceback) before the shapes were compared
+    assert "or hold them in other shapes (such as model.embed_tokens.weight)" in line
     many = shutil.copytree(sources["gemma3"], tmp_path / "many")
     config = json.loads((many / "config.json").read_text())
     config["num_hidden_layers"], config["layer_types"] = 10**7, None
@@ -436,6 +442,16 @@ def test_a_decoder_only_model_lacking_weights_or_with_millions_of_layers_is_not_
     assert main(["evaluate", str(many), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
     (line,) = _error_lines(capsys)
     assert "num_hidden_layers must be an integer from 1 to 1024, got 10000000" in line
+    import transformers as tf  # GPT-2 names its count n_layer: it went unchecked, and 10 million blocks were built
+
+    gpt2 = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    make_tokenizer(gpt2)
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**config, "n_layer": 2000}))  # (over the limit, quick to build)
+    assert main(["evaluate", str(gpt2), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
+    (line,) = _error_lines(capsys)
+    assert "n_layer must be an integer from 1 to 1024, got 2000" in line
 
 
 def test_a_tokenizer_config_naming_a_tokenizer_outside_its_directory_is_refused(adapted, tmp_path):

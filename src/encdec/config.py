@@ -27,6 +27,17 @@ WINDOW_CONVENTIONS = ("t5gemma", "t5gemma2", "flax")
 MAX_LAYERS = 1024
 
 
+def flag(cfg: dict[str, Any], key: str, default: bool) -> bool:
+    """A true/false field of a source configuration (`default` where it is missing or null): a hand-edited "false"
+    was read as true (bool("false")), and a Llama's own LM head dropped for the embedding table."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise EncdecError(f"{key} must be true or false, got {value!r:.40}")
+    return value
+
+
 def layer_count(cfg: dict[str, Any], key: str = "num_hidden_layers") -> int:
     """A source configuration's layer count, checked before lists or modules are built from it."""
     n = cfg[key]

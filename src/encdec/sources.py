@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -161,6 +162,10 @@ def _tokenizer(directory: Path, stamp: tuple[str, ...]):
     raise EncdecError(f"{directory}: transformers cannot load its tokenizer ({first_line(error)})") from None
 
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_decoder_layers", "decoder_layers",
+              "encoder_layers")
+
+
 def check_causal_lm(directory: Path) -> None:
     """What `transformers_causal_lm` needs, checked without loading a weight (seconds, where loading may take
     minutes): no custom code, safetensors weights inside the directory, a configuration transformers reads and a
@@ -177,10 +182,13 @@ def check_causal_lm(directory: Path) -> None:
                              "source")
     if not isinstance(model_type, str):
         raise not_causal
-    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
-    if "num_hidden_layers" in text:  # 10 million layers: minutes of building a configuration, then of random layers
-        with reading_config(directory / "config.json"):
-            layer_count(text)
+    # 10 million layers: minutes of building a configuration, then of random layers; under any of the names
+    # transformers' configurations give the count (GPT-2's n_layer), in the text's or another part's section
+    sections = [data, *(value for value in data.values() if isinstance(value, dict))]
+    with reading_config(directory / "config.json"):
+        for section, key in itertools.product(sections, LAYER_KEYS):
+            if section.get(key) is not None:
+                layer_count(section, key)
     try:
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - a model_type this transformers does not know, a field its validation
@@ -202,8 +210,10 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     check_causal_lm(directory)
+    # mismatched sizes listed (below), not raised: transformers' own error was a traceback
     model, loading = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
-                                                          use_safetensors=True, output_loading_info=True)
+                                                          use_safetensors=True, output_loading_info=True,
+                                                          ignore_mismatched_sizes=True)
     lacking = sorted({*loading["missing_keys"], *(key for key, *_ in loading.get("mismatched_keys", ()))})
     if lacking:  # transformers fills them with fresh random values, and says so only in a log this project silences
         raise EncdecError(f"{directory}: its weights lack {len(lacking)} tensor(s) its config.json declares, or hold "

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from encdec.config import StackConfig, layer_count
+from encdec.config import StackConfig, flag, layer_count
 from encdec.errors import EncdecError
 from encdec.formats.decoder_only import SourceConfig, special_tokens
 
@@ -205,7 +205,7 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
     if cfg.get("use_bidirectional_attention"):  # EmbeddingGemma: read as causal, every layer would be misread
         raise EncdecError(f"{where} is a bidirectional Gemma (use_bidirectional_attention: an embedding model), not "
                           "a language model; accepted: decoder-only (causal) Gemma checkpoints")
-    if cfg.get("tie_word_embeddings") is False:  # every released Gemma ties them; read as tied, its head was lost
+    if not flag(cfg, "tie_word_embeddings", True):  # every released Gemma ties them; read as tied, its head was lost
         raise EncdecError(f"{where} is a Gemma with an LM head of its own (tie_word_embeddings: false), which encdec "
                           "does not adapt; accepted: Gemma checkpoints whose LM head is the embedding, as released")
     defaults = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}

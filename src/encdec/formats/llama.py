@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from encdec.config import StackConfig, layer_count
+from encdec.config import StackConfig, flag, layer_count
 from encdec.errors import EncdecError
 from encdec.formats.decoder_only import SourceConfig, special_tokens
 
@@ -75,7 +75,7 @@ def stack_from_hf(cfg: dict[str, Any], layer_types: list[str], where: Path, **fa
 
 def source_config(cfg: dict[str, Any], family: str, stack: StackConfig) -> SourceConfig:
     return SourceConfig(family=family, stack=stack, final_logit_softcap=None,
-                        tied_head=bool(cfg.get("tie_word_embeddings", False)), special_tokens=special_tokens(cfg))
+                        tied_head=flag(cfg, "tie_word_embeddings", False), special_tokens=special_tokens(cfg))
 
 
 def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from encdec.config import layer_count
+from encdec.config import flag, layer_count
 from encdec.formats.decoder_only import SourceConfig
 from encdec.formats.gemma import layer_types_from_hf
 from encdec.formats.llama import LAYER, NOT_TEXT, TEXT_PREFIXES, source_config, stack_from_hf
@@ -23,7 +23,7 @@ def _layer_types(cfg: dict[str, Any]) -> list[str]:
     """As transformers reads them: no layer is local without `use_sliding_window` and a window, whatever
     `layer_types` says."""
     n = layer_count(cfg)
-    if not cfg.get("use_sliding_window") or cfg.get("sliding_window", 4096) is None:
+    if not flag(cfg, "use_sliding_window", False) or cfg.get("sliding_window", 4096) is None:
         return ["full"] * n
     if cfg.get("layer_types"):
         return layer_types_from_hf(cfg["layer_types"])

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from encdec.config import EncDecConfig, StackConfig
+from encdec.config import EncDecConfig, StackConfig, flag
 from encdec.errors import EncdecError
 from encdec.formats.decoder_only import rename
 from encdec.formats.gemma import stack_from_hf, stack_to_hf, with_defaults
@@ -185,7 +185,7 @@ def _on_disk(name: str) -> str:
 def config_from_hf(data: dict[str, Any]) -> EncDecConfig:
     """Our configuration of a T5Gemma / T5Gemma 2 config.json (released or exported)."""
     model_type = data["model_type"]
-    if data.get("tie_word_embeddings") is False:  # read as tied (as released), its own head would be dropped unsaid
+    if not flag(data, "tie_word_embeddings", True):  # read as tied (as released), its own head would be dropped unsaid
         raise EncdecError(f"a {model_type} checkpoint with an LM head of its own (tie_word_embeddings: false), which "
                           "encdec does not read; accepted: T5Gemma / T5Gemma 2 checkpoints whose LM head is the "
                           "decoder's embedding, as released")
