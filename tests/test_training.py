@@ -487,7 +487,7 @@ def test_a_leading_tilde_is_the_home_directory_wherever_a_path_is_given(adapted,
     assert encdec.load("~/model").config == encdec.load(adapted).config
 
 
-def test_bad_configuration(adapted, tmp_path, capsys):
+def test_bad_configuration(adapted, corpus, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("model: x\nstepz: 3\n")
     assert main(["pretrain", "--config", str(config)]) == 2
@@ -502,6 +502,12 @@ def test_bad_configuration(adapted, tmp_path, capsys):
     assert "--distill works with --objective prefixlm only" in capsys.readouterr().err
     assert main(["pretrain", "--model", str(adapted), "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o")]) == 2
     assert "none.txt: no such file or directory" in capsys.readouterr().err
+    model = shutil.copytree(adapted, tmp_path / "no-eos")  # a tokenizer naming no EOS put None in the token stream
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "eos_token"}))
+    for command in (["pretrain", "--model", str(model)], ["finetune", str(model)]):
+        assert main([*command, "--data", str(corpus), "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+        assert "its tokenizer names no EOS token, which ends every document and answer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("objective, trim_vocab", [("prefixlm", 0), ("prefixlm", 30), ("ul2", 0)])

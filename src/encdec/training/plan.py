@@ -216,6 +216,9 @@ def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
                               f"decoder-only source ({e})") from None
         model.train()
         tokenizer = load_tokenizer(source.directory)
+    if tokenizer.eos_token_id is None:  # a None in the token stream: a TypeError's traceback, after the tokenizing
+        raise EncdecError(f"{cfg.model}: its tokenizer names no EOS token, which ends every document and answer "
+                          "encdec trains on; name one (eos_token in tokenizer_config.json)")
     make = _instruction_plan if cfg.objective == "instruct" else _pretraining_plan
     plan = make(cfg, model, tokenizer, d, source)
     return plan, plan.tokenizer
