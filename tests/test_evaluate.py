@@ -706,6 +706,17 @@ def test_bad_evaluate_arguments_are_one_line(adapted, tmp_path, capsys, args, me
     assert not list(tmp_path.iterdir())
 
 
+def test_python_settings_read_task_names_as_the_command_line_does():
+    """From Python, an alias ("arc-easy") or one name as a string (its letters, one by one) was a KeyError when the
+    data was wanted; names, aliases and presets are read as --tasks reads them, and a bad one is one line."""
+    assert Settings(tasks=["arc-easy", "copa"]).tasks == parse_tasks("arc-easy,copa")
+    assert Settings(tasks="copa").tasks == ["copa"]
+    with pytest.raises(EncdecError, match="unknown task 'arc'; known: "):
+        Settings(tasks=["arc"])
+    with pytest.raises(EncdecError, match="tasks must be a list of task names, got 3"):
+        Settings(tasks=3)
+
+
 def test_a_model_that_does_not_exist_is_one_line(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope"), "--tasks", "copa", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip()

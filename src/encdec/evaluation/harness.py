@@ -29,6 +29,7 @@ from encdec.evaluation.tasks import (
     Task,
     choice_prompts,
     choose_shots,
+    parse_tasks,
     question_prompt,
     sample,
 )
@@ -48,6 +49,12 @@ class Settings:
     seed: int = 1234
 
     def __post_init__(self) -> None:
+        # names, aliases and presets as --tasks reads them: from Python, "arc-easy" (or a string for a list) was a
+        # KeyError once the data was wanted
+        given = [self.tasks] if isinstance(self.tasks, str) else self.tasks
+        if not isinstance(given, (list, tuple)) or not all(isinstance(name, str) for name in given):
+            raise EncdecError(f"tasks must be a list of task names, got {self.tasks!r:.60}")
+        self.tasks = parse_tasks(",".join(given)) if given else []  # (none: settings for scoring one task directly)
         for flag, value, low in (("--shots", self.shots, 0), ("--limit", self.limit, 1),
                                  ("--batch-size", self.batch_size, 1), ("--max-len", self.max_len, 3)):
             # --max-len 3: a window of perplexity reads its BOS and a token of context (at 2, each token was
