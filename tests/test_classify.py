@@ -243,6 +243,15 @@ def test_a_fit_killed_mid_epoch_resumes_from_its_progress_and_repeats_the_uninte
     kill, steps[:] = False, []
     assert fit() == uninterrupted
     assert len(steps) == 10
+    kill, steps[:] = True, []  # a saved model that is no mapping (a hand-made folder): an AttributeError's traceback
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    saved = json.loads((progress / "fit.json").read_text())
+    saved["state"]["model"] = []
+    (progress / "fit.json").write_text(json.dumps(saved))
+    kill, steps[:] = False, []
+    assert fit() == uninterrupted
+    assert len(steps) == 10
 
 
 def test_frozen_embeddings_stay_as_they_were_while_the_layers_and_head_train(models: dict[str, Path]) -> None:
@@ -1157,3 +1166,21 @@ def test_features_computed_before_an_interruption_are_kept(tmp_path: Path, monke
     got = features.cached_features("k", list(range(10)), compute)
     assert asked[3:] == [[8, 9]]  # only what the interrupted run had not stored
     assert got.tolist() == [[float(i), 2.0 * i] for i in range(10)]
+    from safetensors.numpy import save_file  # other tensors under the name: a KeyError's traceback
+
+    save_file({"x": np.zeros(3, dtype=np.float32)}, str(tmp_path / "features" / "k.safetensors"))
+    assert features.cached_features("k", list(range(10)), compute).tolist() == got.tolist()
+    assert asked[4:] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # computed again
+
+
+def test_a_search_journal_with_bytes_that_are_no_text_skips_those_lines(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A journal's damaged line is skipped and its trial trained again; bytes that are no UTF-8 were a
+    UnicodeDecodeError's traceback instead."""
+    from encdec.classification.journal import TrialJournal
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path))
+    journal = TrialJournal({"task": "boolq"})
+    journal.file.parent.mkdir(parents=True)
+    journal.file.write_bytes(b'{"trial": "a", "correct": 3}\n\xff\xfe garbage\n{"trial": "b", "correct": 4}\n')
+    assert TrialJournal({"task": "boolq"}).known == {"a": 3, "b": 4}

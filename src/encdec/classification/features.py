@@ -70,11 +70,17 @@ def cache_key(model: str, task: str, split: str, texts: list[str], pooling: str,
 
 
 def _read(file: Path) -> dict[int, np.ndarray]:
+    """The stored features by example index; none where the file is absent, unreadable or not what `_write` writes
+    (computed again and rewritten: a file of other tensors under the name was a KeyError's traceback)."""
     try:
         stored = load_file(str(file))
     except (OSError, SafetensorError):
-        return {}  # absent or unreadable: computed again and rewritten
-    return dict(zip(stored["indices"].tolist(), stored["features"]))
+        return {}
+    indices, features = stored.get("indices"), stored.get("features")
+    if indices is None or features is None or indices.ndim != 1 or features.ndim != 2 or len(indices) != len(features):
+        log.warning("%s does not hold features as encdec stores them; they are computed again", file)
+        return {}
+    return dict(zip(indices.tolist(), features))
 
 
 def _write(file: Path, known: dict[int, np.ndarray]) -> bool:

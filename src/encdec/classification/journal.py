@@ -44,8 +44,8 @@ class TrialJournal:
         self.file = cache_root() / "search" / f"{_digest({'version': JOURNAL_VERSION, **described})}.jsonl"
         self.known: dict[str, int] = {}
         self.unwritable = False  # set when a write failed: the search goes on without recording
-        try:
-            lines = self.file.read_text(encoding="utf-8").splitlines()
+        try:  # (bytes that are no UTF-8, from a damaged disk or another writer: those lines are skipped below)
+            lines = self.file.read_text(encoding="utf-8", errors="replace").splitlines()
         except FileNotFoundError:
             lines = []
         except OSError as e:  # unreadable, or the cache root is not a directory: the search starts over
