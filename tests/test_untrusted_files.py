@@ -600,6 +600,16 @@ def test_a_checkpoint_that_cannot_be_read_for_now_is_not_set_aside_as_damaged(ru
         loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, resume=True))
     assert [p.name for p in checkpointing.checkpoints(out)][-1] == newest.name
     assert not [p for p in (out / "checkpoints").iterdir() if ".damaged-" in p.name]
+    # an optimizer state that is a pipe: safetensors' open waited for a writer for ever (here in a process of its
+    # own, killed by its time limit if that comes back); read as unreadable for now, not as damaged
+    (newest / "optimizer.safetensors").unlink()
+    os.mkfifo(newest / "optimizer.safetensors")
+    code = ("import sys; from pathlib import Path; from encdec.training.plain_state import read_state; "
+            "from encdec.errors import ReadFailed\n"
+            "try: read_state(Path(sys.argv[1]), 'optimizer')\nexcept ReadFailed as e: sys.exit(f'ReadFailed: {e}')")
+    done = subprocess.run([sys.executable, "-c", code, str(newest)], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert "ReadFailed: cannot read" in done.stderr and "not a regular file" in done.stderr, done.stderr
 
 
 def test_a_resumed_run_removes_half_written_checkpoints_of_any_machine(run, adapted, corpus, tmp_path):

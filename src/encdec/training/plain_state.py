@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from encdec.errors import EncdecError, ReadFailed
-from encdec.files import parse_json, read_small, save_tensors
+from encdec.files import open_regular, parse_json, read_small, save_tensors
 
 FORMAT = "encdec-train-state"
 VERSION = 1
@@ -88,6 +88,12 @@ def read_state(directory: Path, name: str) -> Any:
         raise EncdecError(f"{meta_file} is unreadable, truncated or corrupt? ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise EncdecError(f"{meta_file} is not an {FORMAT} file of version {VERSION}")
+    try:  # opened here first: safetensors' own open waits for a pipe's writer for ever, and says "missing" of a
+        open_regular(tensor_file).close()  # file it may not read (set aside as damaged, where it is only unreadable)
+    except FileNotFoundError:
+        raise EncdecError(f"{tensor_file} is missing") from None
+    except OSError as e:
+        raise ReadFailed(f"cannot read {tensor_file}: {e.strerror or e}") from None
     try:
         with safe_open(str(tensor_file), framework="pt") as f:
             tensors = {key: f.get_tensor(key) for key in f.keys()}
