@@ -1086,6 +1086,7 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
     (tmp_path / "unknown.yaml").write_text("lr: [1e-5]\nmomentum: [0.9]\n")
     (tmp_path / "empty.yaml").write_text("lr: []\n")
     (tmp_path / "text.yaml").write_text("epochs: [two]\n")
+    (tmp_path / "huge.yaml").write_text("lr: [" + "1" * 400 + "]\n")  # past every float: an OverflowError's traceback
     (tmp_path / "both.yaml").write_text("epochs: [2, 4]\nsteps: [100]\n")  # each epochs value trained alike
     (tmp_path / "steps.yaml").write_text("steps: [3, 5]\n")
     (tmp_path / "twice.yaml").write_text("lr: [1.0e-5]\nlr: [1.0e-4]\n")  # the last was kept, unsaid
@@ -1097,6 +1098,8 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
         "unknown setting 'momentum'": ["--search", "--grid", str(tmp_path / "unknown.yaml")],
         "lr has no values": ["--search", "--grid", str(tmp_path / "empty.yaml")],
         "epochs value 'two' is not an integer": ["--search", "--grid", str(tmp_path / "text.yaml")],
+        "lr value 1111111111111111111111111111111111111111 is not a number a float holds": [
+            "--search", "--grid", str(tmp_path / "huge.yaml")],
         "cannot read the --grid file (No such file": ["--search", "--grid", str(tmp_path / "absent.yaml")],
         "both steps and epochs are given, and steps override epochs": ["--search", "--grid",
                                                                         str(tmp_path / "both.yaml")],

@@ -495,6 +495,9 @@ def test_bad_configuration(adapted, corpus, tmp_path, capsys):
     config.write_text("model: x\nper_task: 3\n")  # finetune's, which pretrain has no flag for: ignored in a file
     assert main(["pretrain", "--config", str(config)]) == 2
     assert "unknown option(s) ['per_task'] for `encdec pretrain`" in capsys.readouterr().err
+    config.write_text("model: x\nlr: " + "1" * 400 + "\n")  # past every float: an OverflowError's traceback
+    assert main(["pretrain", "--config", str(config)]) == 2
+    assert "--lr must be a positive finite number, got 1111111111" in capsys.readouterr().err
     config.write_text("1: 2\n")  # a key that is no option name at all
     assert main(["pretrain", "--config", str(config)]) == 2
     assert "expected a mapping of option names to values" in capsys.readouterr().err

@@ -499,17 +499,21 @@ def test_sizes_no_tensor_can_hold_are_one_line(adapted, tmp_path, capsys):
 
 def test_a_trainer_state_missing_or_mangling_what_resuming_reads_is_set_aside(run, adapted, corpus, tmp_path, capsys):
     """A trainer.json without its scheduler stopped a resumed run with a KeyError's traceback; one claiming 10**12
-    processes multiplied a string into terabytes when the settings were compared."""
-    for change in ({"drop": "scheduler"}, {"processes": 10**12}):
+    processes multiplied a string into terabytes when the settings were compared; a scheduler without its
+    lr_lambdas, or a path setting that is a number, were a KeyError's and a TypeError's tracebacks."""
+    for change in ({"drop": "scheduler"}, {"processes": 10**12}, {"scheduler": {"last_epoch": 2}},
+                   {"config": {"teacher": 5}}):
         out = shutil.copytree(run, tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
         newest = checkpointing.checkpoints(out)[-1]
         saved = json.loads((newest / "trainer.json").read_text())
         if "drop" in change:
             del saved["state"][change["drop"]]
+        elif "config" in change:
+            saved["state"]["config"].update(change["config"])
         else:
             saved["state"].update(change)
         (newest / "trainer.json").write_text(json.dumps(saved))
-        with pytest.raises(EncdecError, match="trainer.json lacks or mangles (scheduler|processes)"):
+        with pytest.raises(EncdecError, match="trainer.json lacks or mangles (scheduler|processes|config's paths)"):
             checkpointing.read(newest)
         loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, resume=True))  # from step 1
         assert (out / "model").is_dir()

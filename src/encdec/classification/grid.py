@@ -27,9 +27,9 @@ def _value(name: str, raw: Any, where: str) -> Any:
         if isinstance(raw, bool) or (integer and isinstance(raw, float)):
             raise ValueError
         return int(raw) if integer else float(raw)
-    except (TypeError, ValueError):
-        kind = "an integer" if integer else "a number"
-        raise EncdecError(f"{where}: {name} value {raw!r} is not {kind}") from None
+    except (TypeError, ValueError, OverflowError):  # (an integer of 400 digits is past every float)
+        kind = "an integer" if integer else "a number a float holds"
+        raise EncdecError(f"{where}: {name} value {raw!r:.40} is not {kind}") from None
 
 
 def read_grid(path: Path | None, overrides: dict[str, str | None]) -> dict[str, list[Any]]:

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 from encdec.errors import EncdecError, ReadFailed, first_line, load_failure
 from encdec.files import atomic_dir, parse_json, read_small, read_weights, write_weights
 from encdec.training import distributed
+from encdec.training.config import USER_PATHS
 from encdec.training.distributed import Dist
 from encdec.training.plain_state import read_state, write_state
 
@@ -157,10 +158,13 @@ def read(path: Path) -> Saved:
         raise EncdecError(f"{path}: its trainer.json records step {trainer['step']!r}, not the step of its name")
     # what resuming reads (a trainer.json edited or damaged: KeyError tracebacks; a batch of 10**12 processes
     # multiplied a string into terabytes when the settings were compared)
-    config, processes = trainer.get("config", {}), trainer.get("processes", 1)
+    config, processes, schedule = trainer.get("config", {}), trainer.get("processes", 1), trainer.get("scheduler")
     malformed = [name for name, ok in (
-        ("scheduler", isinstance(trainer.get("scheduler"), dict)), ("stream", isinstance(trainer.get("stream"), dict)),
+        ("scheduler", isinstance(schedule, dict) and type(schedule.get("last_epoch")) is int
+         and all(isinstance(schedule.get(key), list) for key in ("base_lrs", "lr_lambdas"))),
+        ("stream", isinstance(trainer.get("stream"), dict)),
         ("config", isinstance(config, dict)),
+        ("config's paths", not isinstance(config, dict) or all(_path_setting(config.get(name)) for name in USER_PATHS)),
         ("processes", type(processes) is int and 1 <= processes <= MAX_PROCESSES),
         ("config.batch_size", not isinstance(config, dict) or "batch_size" not in config
          or type(config["batch_size"]) is int and 1 <= config["batch_size"] <= MAX_ROWS)) if not ok]
@@ -170,6 +174,11 @@ def read(path: Path) -> Saved:
     if bad is not None:
         raise EncdecError(f"{path}: weight {bad} holds NaN or inf")
     return Saved(path, weights, optimizer, trainer)
+
+
+def _path_setting(value: Any) -> bool:
+    """Whether a saved setting is what a path setting holds: none, a path, or a list of paths."""
+    return value is None or isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def latest_usable(out: Path, d: Dist) -> Saved | None:

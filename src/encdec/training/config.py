@@ -119,9 +119,11 @@ class TrainConfig:
             for name in names:
                 if getattr(self, name) < low:
                     raise EncdecError(f"--{_flag(name)} must be at least {low}, got {getattr(self, name)}")
-        for name in POSITIVE:
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
-                raise EncdecError(f"--{_flag(name)} must be a positive finite number, got {getattr(self, name)}")
+        for name in POSITIVE:  # (an integer of 400 digits from YAML: past every float, an OverflowError)
+            value = getattr(self, name)
+            finite = abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)
+            if not (finite and value > 0):
+                raise EncdecError(f"--{_flag(name)} must be a positive finite number, got {value!r:.40}")
         for name, (low, high) in BOUNDED.items():
             if not low <= getattr(self, name) <= high:  # NaN fails too
                 raise EncdecError(f"--{_flag(name)} must be in [{low}, {high}], got {getattr(self, name)}")
