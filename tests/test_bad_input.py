@@ -429,6 +429,22 @@ def test_empty_decoder_layers(capsys, tmp_path, sources):
     assert "--decoder-layers is empty" in line
 
 
+@pytest.mark.parametrize("empty", ["--encoder", "--decoder"])
+def test_an_empty_source_is_refused_not_read_as_here_or_as_balanced(capsys, tmp_path, sources, empty):
+    """`--decoder "$DEC"` with DEC unset adapted a balanced model without a word (minutes and GBs for a 9B); an empty
+    --encoder read the working directory."""
+    given = {"--encoder": str(sources["gemma2"]), "--decoder": str(sources["gemma2"]), empty: ""}
+    line = _run_adapt(capsys, tmp_path, *[part for pair in given.items() for part in pair])
+    assert f"{empty} is empty; give a model directory" in line
+
+
+def test_a_slice_of_layers_from_the_end_is_read_as_a_value(tmp_path, sources):
+    """argparse took -2: for an option ("expected one argument"); only --decoder-layers=-2: worked."""
+    out = tmp_path / "model"
+    assert main(["adapt", "--encoder", str(sources["gemma2"]), "--decoder-layers", "-2:", "--out", str(out)]) == 0
+    assert encdec.load(out).config.decoder.num_layers == 2
+
+
 def test_output_under_a_file(capsys, tmp_path, sources):
     (tmp_path / "file").write_text("mine")
     code = main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(tmp_path / "file" / "out")])

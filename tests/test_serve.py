@@ -1039,6 +1039,8 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
     assert "--max-batch must be at least 1" in capsys.readouterr().err
     assert main(["serve", str(checkpoint), "--served-model-name", " "]) == 2
     assert "--served-model-name is empty" in capsys.readouterr().err
+    assert main(["serve", str(checkpoint), "--host", ""]) == 2  # `--host "$HOST"` unset: every interface, unsaid
+    assert "--host is empty; give an address to listen on" in capsys.readouterr().err
     assert main(["serve", str(checkpoint), "--api-key", ""]) == 2  # `--api-key "$KEY"` with KEY unset: not open
     assert "the API key is empty" in capsys.readouterr().err
     monkeypatch.setenv("ENCDEC_API_KEY", " ")

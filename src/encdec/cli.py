@@ -46,11 +46,12 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 class _Parser(argparse.ArgumentParser):
     """argparse whose bad-option message is one line, like every other error of the command, and which takes
-    negative numbers in scientific notation (--lr -1e-4) as values, as it takes -0.5."""
+    negative numbers in scientific notation (--lr -1e-4) as values, as it takes -0.5, and slices that start with
+    one (--decoder-layers -2:, the last two layers)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-\d+(:-?\d*){1,2}$")
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -84,6 +85,11 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.report import describe, parameter_table
     from encdec.sources import has_tokenizer, load_source, load_tokenizer, source_config
 
+    for flag, value in (("--encoder", args.encoder), ("--decoder", args.decoder)):
+        if value is not None and not value.strip():  # an unset shell variable: the working directory, or for
+            # --decoder a balanced model, adapted without a word
+            raise EncdecError(f"{flag} is empty; give a model directory, a GGUF file or a packaged model's name"
+                              + (" (or leave --decoder out for a balanced model)" if flag == "--decoder" else ""))
     check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder), replaces=("config.json",), kind=SAVED)
     if args.decoder_layers is not None and not args.decoder_layers.strip():
         raise EncdecError("--decoder-layers is empty: expected a comma list like 0,3,6 or a slice like ::3")
@@ -301,6 +307,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           f"of its own), got {args.max_batch}")
     if not 0 <= args.port <= 65535:
         raise EncdecError(f"--port must be in 0..65535, got {args.port}")
+    if not args.host.strip():  # an unset shell variable: uvicorn listened on every interface, unsaid
+        raise EncdecError("--host is empty; give an address to listen on: 127.0.0.1 (this machine only, the default) "
+                          "or 0.0.0.0 (every interface)")
     if args.served_model_name is not None and not args.served_model_name.strip():
         raise EncdecError("--served-model-name is empty; give the name clients should ask for, or leave it out")
     api_key = args.api_key if args.api_key is not None else os.environ.get("ENCDEC_API_KEY")
