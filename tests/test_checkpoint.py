@@ -201,6 +201,29 @@ def test_bfloat16_save(sources, tmp_path):
     assert torch.equal(loaded.embed.weight, model.embed.weight.to(torch.bfloat16))
 
 
+def test_a_model_saved_again_from_python_keeps_where_it_came_from(sources, tmp_path):
+    """encdec.json (its sources; a UL2 run's objective, which the prompts' framing is read from) was written by the
+    CLI alone: a model adapted from Python, or loaded and saved again, lost it, and a UL2-pretrained model then
+    generated from prompts framed otherwise than it was trained on."""
+    from encdec.inference.loading import model_framing
+    from encdec.objectives import PLAIN
+    from encdec.sources import load_tokenizer
+
+    source = encdec.load_source(str(sources["gemma3"]))
+    encdec.save(encdec.adapt(source, decoder_layers=[0, 2]), tmp_path / "a", tokenizer_dir=source.directory)
+    written = json.loads((tmp_path / "a" / "encdec.json").read_text())
+    assert written == {"adapted_from": {"encoder": str(sources["gemma3"]), "decoder": None, "decoder_layers": [0, 2],
+                                        "attention": "merged"}}
+    trained = {**written, "pretrained": {"objective": "ul2", "steps": 4}}
+    (tmp_path / "a" / "encdec.json").write_text(json.dumps(trained))
+    encdec.save(encdec.load(tmp_path / "a"), tmp_path / "b", tokenizer_dir=tmp_path / "a")
+    assert json.loads((tmp_path / "b" / "encdec.json").read_text()) == trained
+    tokenizer = load_tokenizer(tmp_path / "a")
+    assert model_framing(tmp_path / "b", tokenizer) == model_framing(tmp_path / "a", tokenizer) != PLAIN
+    encdec.save(encdec.load(tmp_path / "a"), tmp_path / "c", metadata={})  # metadata given: as given (none)
+    assert not (tmp_path / "c" / "encdec.json").exists()
+
+
 def _snapshot(directory):
     return {p.name: p.read_bytes() for p in directory.iterdir()}
 

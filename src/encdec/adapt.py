@@ -16,6 +16,7 @@ import torch
 
 from encdec.config import EncDecConfig, StackConfig
 from encdec.errors import EncdecError
+from encdec.files import portable_path
 from encdec.formats.decoder_only import EMBED, HEAD, to_stack
 from encdec.formats.registry import adapted_as, layer_names
 from encdec.model import EncoderDecoder
@@ -211,4 +212,7 @@ def adapt(
             weights[name] = t.clone()
         seen.add(id(t))
     model.load_state_dict(weights, strict=True, assign=True)
+    model.provenance = {"adapted_from": {  # encdec.json's, which encdec.save writes
+        "encoder": portable_path(encoder.spec), "decoder": None if decoder is None else portable_path(decoder.spec),
+        "decoder_layers": None if decoder_layers is None else layers, "attention": attention}}
     return model.eval()

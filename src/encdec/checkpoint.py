@@ -63,7 +63,8 @@ def save(
     model: EncoderDecoder, out: Path | str, *, tokenizer_dir: Path | None = None, overwrite: bool = False,
     dtype: torch.dtype | None = None, metadata: dict | None = None, tokenizer: object | None = None,
 ) -> str:
-    """Write `model` (and `tokenizer`, or the one found in `tokenizer_dir`) to `out`; returns the format used."""
+    """Write `model` (and `tokenizer`, or the one found in `tokenizer_dir`) to `out`; returns the format used.
+    `metadata`: its encdec.json (None: the model's own `provenance`, from encdec.adapt or encdec.load)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper, whose state_dict prefixes every key
     if not isinstance(model, EncoderDecoder):
         raise EncdecError(f"encdec.save writes an encoder-decoder of encdec's (encdec.adapt, encdec.load), not a "
@@ -94,7 +95,8 @@ def save(
             decoder_start_token_id=cfg.bos_token_id, bos_token_id=cfg.bos_token_id,
             eos_token_id=cfg.eos_token_ids, pad_token_id=cfg.pad_token_id,
         ).save_pretrained(str(tmp))
-        if metadata is not None:
+        metadata = model.provenance if metadata is None else metadata
+        if metadata:
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
         if tokenizer is None and tokenizer_dir is not None:
             from encdec.sources import load_tokenizer
@@ -198,6 +200,7 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32,
         raise EncdecError(f"{path}: weights do not match config.json ({load_failure(e)})") from None
     for note in notes:
         log.info("%s: %s", path, note)
+    model.provenance = read_metadata(path)
     return Loaded(model.eval(), fmt, notes)
 
 

@@ -80,7 +80,7 @@ def output_dir(text: str) -> Path:
 def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.adapt import adapt, check_pairing, layer_spec, parse_layers
     from encdec.checkpoint import SAVED, save
-    from encdec.files import check_output_dir, portable_path
+    from encdec.files import check_output_dir
     from encdec.logs import log, timed
     from encdec.report import describe, parameter_table
     from encdec.sources import has_tokenizer, load_source, load_tokenizer, source_config
@@ -118,13 +118,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         log.warning("%s has no tokenizer, so %s is saved without one; `encdec generate` needs one: copy the "
                     "source model's tokenizer.json (or tokenizer.model) and tokenizer_config.json into %s",
                     args.encoder, args.out, args.out)
-    with timed(f"saving to {args.out}"):
-        provenance = {"adapted_from": {
-            "encoder": portable_path(args.encoder), "decoder": portable_path(args.decoder) if args.decoder else None,
-            "decoder_layers": layers, "attention": model.config.attention,
-        }}
-        fmt = save(model, args.out, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, dtype=DTYPES[args.dtype],
-                   metadata=provenance)
+    with timed(f"saving to {args.out}"):  # with the model's provenance (encdec.json: its sources)
+        fmt = save(model, args.out, tokenizer_dir=tokenizer_dir, overwrite=args.overwrite, dtype=DTYPES[args.dtype])
     print(f"saved {args.out} ({_format_line(fmt)})")
     print(describe(model))
     print("parameters:")

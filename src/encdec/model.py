@@ -545,6 +545,9 @@ class EncoderDecoder(nn.Module):
         # an untied head, or for inference a quantized (`encdec.inference.quantize`) or oneDNN-packed
         # (`encdec.inference.onednn`) copy of the tied one
         self.lm_head: nn.Module | None = untied_head(dec, config.vocab_size, config.tied_head)
+        # where the model came from (sources, training: its encdec.json), set by encdec.adapt and encdec.load and
+        # written again by encdec.save, so that a model saved again keeps what its prompts' framing is read from
+        self.provenance: dict = {}
 
     @property
     def device(self) -> torch.device:

@@ -109,9 +109,7 @@ def _run(out: Path, overwrite: bool, prompt: str, max_new_tokens: int, steps: in
     with timed("adapting to a balanced encoder-decoder with merged attention"):
         model = adapt(source)
     with timed(f"saving to {adapted_dir}"):
-        provenance = {"adapted_from": {"encoder": SOURCE, "decoder": None, "decoder_layers": None,
-                                       "attention": model.config.attention}}
-        fmt = save(model, adapted_dir, tokenizer_dir=source.directory, overwrite=overwrite, metadata=provenance)
+        fmt = save(model, adapted_dir, tokenizer_dir=source.directory, overwrite=overwrite)
     with timed("loading the decoder-only source in transformers, for comparison"):
         reference = transformers_causal_lm(source.directory, torch.float32)
 
