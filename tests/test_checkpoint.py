@@ -224,6 +224,21 @@ def test_a_model_saved_again_from_python_keeps_where_it_came_from(sources, tmp_p
     assert not (tmp_path / "c" / "encdec.json").exists()
 
 
+
+def test_saving_from_python_to_a_link_is_refused_not_replacing_it(sources, tmp_path):
+    """The command line writes through a link to the directory it names; encdec.save replaced the link itself with a
+    directory, what it named left as it was, unsaid."""
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    encdec.save(model, tmp_path / "target")
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(EncdecError, match=f"output directory {tmp_path / 'link'} is a symbolic link; give the "
+                                          f"directory it names \\({tmp_path / 'target'}\\)"):
+        encdec.save(model, tmp_path / "link", overwrite=True)
+    assert (tmp_path / "link").is_symlink()
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(tmp_path / "link"), "--overwrite"]) == 0
+    assert (tmp_path / "link").is_symlink() and encdec.load(tmp_path / "link") is not None  # through it
+
+
 def _snapshot(directory):
     return {p.name: p.read_bytes() for p in directory.iterdir()}
 

@@ -419,6 +419,10 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
     --overwrite`, meant as "into", replaced the whole folder; or one that holds them but is not what the command
     writes (`kind`: its description, and the test of a directory): any folder with a config.json (a decoder-only
     source, a project) was replaced by `adapt --overwrite`."""
+    if Path(out).is_symlink():  # replaced by the output, the link went and what it named stayed as it was; the
+        # command line writes through a link (`through_link`), a run directory's planted one must not be followed
+        raise EncdecError(f"output directory {out} is a symbolic link; give the directory it names "
+                          f"({os.path.realpath(out)}) to write there")
     check_writable_place(out)
     check_name_room(out, Path(out).name)
     check_not_above(out)
