@@ -262,7 +262,8 @@ def test_generate_out_keeps_the_finished_completions_of_a_run_that_stops(capsys,
         raise KeyboardInterrupt
 
     monkeypatch.setattr(encdec.generate, "generate_each", finished_out_of_order)
-    assert main(["generate", str(adapted), "--input", str(prompts), "--batch-size", "2", "--max-new-tokens", "3"]) == 130
+    assert main(["generate", str(adapted), "--input", str(prompts), "--batch-size", "2",
+                 "--max-new-tokens", "3"]) == 130
     printed = capsys.readouterr()
     assert [json.loads(line)["id"] for line in printed.out.splitlines()] == [1, 2, 3]  # none in order: 0 never ended
     assert "the last 3 line(s) printed finished behind a prompt still decoding" in printed.err

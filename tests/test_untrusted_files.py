@@ -445,7 +445,8 @@ def test_a_decoder_only_model_lacking_weights_or_with_millions_of_layers_is_not_
     import transformers as tf  # GPT-2 names its count n_layer: it went unchecked, and 10 million blocks were built
 
     gpt2 = tmp_path / "gpt2"
-    tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt2)
+    tiny = tf.GPT2Config(vocab_size=96, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    tf.GPT2LMHeadModel(tiny).save_pretrained(gpt2)
     make_tokenizer(gpt2)
     config = json.loads((gpt2 / "config.json").read_text())
     (gpt2 / "config.json").write_text(json.dumps({**config, "n_layer": 2000}))  # (over the limit, quick to build)

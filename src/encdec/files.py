@@ -213,7 +213,8 @@ def _read_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if len(head) < 8 or (length := int.from_bytes(head, "little")) > size - 8:
             raise ValueError("the header is cut off")
         if length > MAX_HEADER_BYTES:  # parsed, a header of 19 MB (300k empty tensors) held 300 MB
-            raise ValueError(f"its header claims {length:,} bytes, more than the format's limit of {MAX_HEADER_BYTES:,}")
+            raise ValueError(f"its header claims {length:,} bytes, more than the format's limit of "
+                             f"{MAX_HEADER_BYTES:,}")
         try:
             header = json.loads(f.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

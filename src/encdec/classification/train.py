@@ -222,7 +222,8 @@ class _FitProgress:
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(rng)
         except (EncdecError, KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-            # (AttributeError: a saved "model" that is no mapping) what was loaded before the failure goes: a fresh fit's optimizer held the saved moments and steps
+            # (AttributeError: a saved "model" that is no mapping) what was loaded before the failure goes: a fresh
+            # fit's optimizer held the saved moments and steps
             self.optimizer.load_state_dict(fresh[0])
             self.scheduler.load_state_dict(fresh[1])
             log.warning("not resuming from %s (%s); the fit starts over", self.directory, e)
