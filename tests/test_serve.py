@@ -1838,6 +1838,22 @@ def test_waiting_embedding_requests_share_encoder_passes(local, monkeypatch):
     assert all(torch.allclose(v, vectors[3][0], atol=1e-5) for v in vectors[3])
 
 
+def _statuses(scheduler, loop, count: int) -> list[int]:
+    """The status each of `count` one-generation requests gets from `scheduler.submit` (200: queued)."""
+    from encdec.inference.engine import Row
+    from encdec.serve.protocol import APIError
+    from encdec.serve.scheduler import Job
+
+    statuses = []
+    for _ in range(count):
+        try:
+            scheduler.submit(Job([5, 6], Row(2, frozenset()), loop))
+            statuses.append(200)
+        except APIError as e:
+            statuses.append(e.status)
+    return statuses
+
+
 def test_the_queue_limit_counts_requests_waiting_for_a_slot_not_those_headed_for_free_ones(local):
     """--max-queue 1 with 4 free slots: an idle server answered 429 to the second of a burst, every one of them
     queued until the scheduler's next cycle (and a request of 2 generations was refused 400 outright). And requests
@@ -1852,14 +1868,7 @@ def test_the_queue_limit_counts_requests_waiting_for_a_slot_not_those_headed_for
     scheduler = Scheduler(Engine(local[0], max_batch=4), max_queue=1, metrics=Metrics())  # its thread not started
 
     async def burst() -> list[int]:
-        loop, statuses = asyncio.get_running_loop(), []
-        for _ in range(7):
-            try:
-                scheduler.submit(Job([5, 6], Row(2, frozenset()), loop))
-                statuses.append(200)
-            except APIError as e:
-                statuses.append(e.status)
-        return statuses
+        return _statuses(scheduler, asyncio.get_running_loop(), 7)
 
     assert asyncio.run(burst()) == [200] * 5 + [429] * 2  # 4 slots + 1 waiting
     with pytest.raises(APIError, match=r"holds at most 5 \(--max-batch 4 \+ --max-queue 1\)"):
@@ -1869,18 +1878,12 @@ def test_the_queue_limit_counts_requests_waiting_for_a_slot_not_those_headed_for
     second = Scheduler(Engine(local[0], max_batch=4), max_queue=0, metrics=Metrics())
 
     async def admitted_then_more() -> list[int]:  # two admitted as the thread admits them, in the step after
-        loop, statuses = asyncio.get_running_loop(), []
+        loop = asyncio.get_running_loop()
         first = [Job([5, 6], Row(2, frozenset()), loop) for _ in range(2)]
         second.submit(*first)
         second.admitting = [second.waiting.popleft() for _ in first]
         second._admit(second.admitting)
-        for _ in range(3):  # 2 slots free, no queue: they were counted twice, and the next request refused
-            try:
-                second.submit(Job([5, 6], Row(2, frozenset()), loop))
-                statuses.append(200)
-            except APIError as e:
-                statuses.append(e.status)
-        return statuses
+        return _statuses(second, loop, 3)  # 2 slots free, no queue: they were counted twice, the next refused
 
     assert asyncio.run(admitted_then_more()) == [200, 200, 429]
 
