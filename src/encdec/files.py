@@ -317,7 +317,7 @@ def check_name_room(out: Path, name: str) -> None:
         limit = 255
     if longest > limit:
         spare = limit - (longest - len(os.fsencode(out.name)))
-        raise EncdecError(f"--out {out.name[:40]}...: its name is too long for the temporary written beside it "
+        raise EncdecError(f"output {out.name[:40]}...: its name is too long for the temporary written beside it "
                           f"({longest} bytes, where this filesystem allows {limit}); give a name of at most "
                           f"{max(spare, 1)} bytes")
 
