@@ -565,6 +565,8 @@ PRETRAIN_BAD = [
     (["--batch-size", "100000"],
      "--batch-size 100000 x --grad-accum 1 x 1 process(es) needs more rows a step than the"),
     (["--distill", "--teacher-top-k", "1000"], "--teacher-top-k 1000 exceeds the 96 tokens of the vocabulary"),
+    (["--distill", "--trim-vocab", "40", "--teacher-top-k", "90"],  # under the 96 a source has: the trimmed one's
+     "tokens of the vocabulary trained on (--trim-vocab 40); 0 keeps them all"),
     # instruction tuning with pretraining's defaults (64 + 64 tokens, runs/pretrain) and the options finetune hides
     (["--objective", "instruct"], "--objective instruct: instruction tuning is `encdec finetune MODEL`"),
     # the teacher read example and target as one sequence past its positions: silently extrapolated

@@ -191,8 +191,9 @@ class TrainConfig:
                                       f"{stack.max_positions} positions (its source's max_position_embeddings)")
         self.check_joined(joined, "the model")
         if self.distill and self.teacher_top_k > vocab_size:
+            trained = f" trained on (--trim-vocab {self.trim_vocab})" if self.trim_vocab else ""
             raise EncdecError(f"--teacher-top-k {self.teacher_top_k} exceeds the {vocab_size} tokens of the "
-                              "vocabulary; 0 keeps them all")
+                              f"vocabulary{trained}; 0 keeps them all")
         if train_items < world:
             raise EncdecError(f"the data holds {train_items} training windows/examples, fewer than the {world} "
                               "processes that each need one; give more data or run fewer processes")
