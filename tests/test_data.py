@@ -387,6 +387,26 @@ def test_a_file_that_cannot_be_read_is_named(tmp_path, name):
         list(read_documents(str(tmp_path / name)))
 
 
+def test_a_shard_that_cannot_be_read_is_found_before_the_first_is_read(tmp_path, monkeypatch):
+    """Every file is checked before any is read (a bad last shard failed a run after hours of tokenizing): one that its
+    owner alone may read passed the check (its size was read, not its bytes). Permissions simulated: root reads all."""
+    from encdec.data.tokens import _documents
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("first\n")
+    (tmp_path / "d" / "b.txt").write_text("second\n")
+    real = Path.open
+
+    def locked(path, *args, **kwargs):
+        if path.name == "b.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", locked)
+    with pytest.raises(EncdecError, match=r"cannot read .*b.txt \(Permission denied\)"):
+        next(_documents([str(tmp_path / "d")], "text"))  # before a.txt's text
+
+
 def test_missing_and_empty_directory(tmp_path):
     with pytest.raises(EncdecError, match="no such file or directory"):
         list(read_documents(str(tmp_path / "nowhere.txt")))

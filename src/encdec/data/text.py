@@ -230,6 +230,8 @@ def check_file(path: Path, text_field: str = "text") -> None:
 
     try:
         empty = path.stat().st_size == 0
+        if not empty:  # opened too: a file its owner alone may read was found only when its turn came, the files
+            path.open("rb").close()  # before it tokenized for nothing
     except OSError as e:
         raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
     if empty:
