@@ -179,17 +179,20 @@ def evaluate_points(models: dict[str, Path], args: argparse.Namespace, results: 
 # ---- latency: one point in a fresh process ----
 
 def write_prompts(args: argparse.Namespace, tokenizer_dir: Path, path: Path) -> None:
-    """Max(--batches) different prompts of exactly --prompt-tokens tokens (BOS first), cut from the start of the
-    recipe's training data (already tokenized and cached by then), written once for every worker to read."""
-    from encdec.data.tokens import token_stream
+    """Max(--batches) different prompts of exactly --prompt-tokens tokens (BOS first, where the tokenizer puts one
+    before a text: Qwen's puts none), cut from the start of the recipe's training data (already tokenized and
+    cached by then), written once for every worker to read."""
+    from encdec.data.tokens import leading_bos, token_stream
     from encdec.sources import load_tokenizer
 
     cfg = recipe_config(args.options, model=tokenizer_dir, out=args.out, steps=args.steps, seed=args.seed)
     tokenizer = load_tokenizer(tokenizer_dir)
     ids, rows, length = token_stream(tokenizer, cfg.data, text_field=cfg.text_field), max(args.batches), args.prompt_tokens
-    if len(ids) < rows * (length - 1):
+    start = [] if (bos := leading_bos(tokenizer)) is None else [bos]
+    text = length - len(start)  # the text tokens of a prompt
+    if len(ids) < rows * text:
         raise SystemExit(f"the training data has {len(ids)} tokens, fewer than {rows} prompts of {length} need")
-    atomic_write(path, json.dumps([[tokenizer.bos_token_id, *ids[r * (length - 1) : (r + 1) * (length - 1)].tolist()]
+    atomic_write(path, json.dumps([[*start, *ids[r * text : (r + 1) * text].tolist()]
                                    for r in range(rows)]))  # every rerun reuses it: never half a file
 
 

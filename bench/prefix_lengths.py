@@ -32,10 +32,12 @@ LONGEST = 64
 SPANS = ((0, 1), (1, 8), (8, 64))  # suffix positions [start, end): the first token, the next 7, the rest
 
 
-def shorter(data: PrefixSuffix, length: int) -> PrefixSuffix:
-    """BOS and the last `length - 1` prefix tokens: the context right before the unchanged suffix."""
-    return PrefixSuffix(torch.cat([data.prefix[:, :1], data.prefix[:, data.prefix.shape[1] - length + 1 :]], 1),
-                        data.suffix)
+def shorter(data: PrefixSuffix, length: int, bos: bool) -> PrefixSuffix:
+    """A `length`-token context right before the unchanged suffix: BOS and the last `length - 1` prefix tokens, or
+    without a BOS (a tokenizer that adds none, as Qwen's) the last `length` (the first column is text then)."""
+    kept = length - 1 if bos else length
+    return PrefixSuffix(torch.cat([data.prefix[:, :1] if bos else data.prefix[:, :0],
+                                   data.prefix[:, data.prefix.shape[1] - kept :]], 1), data.suffix)
 
 
 def without_bos(data: PrefixSuffix) -> PrefixSuffix:
@@ -64,8 +66,11 @@ def main() -> None:
 
     first = next(iter(models.values()))
     tokenizer = load_tokenizer(first)
+    bos = leading_bos(tokenizer) is not None
+    if args.source_without_bos and not bos:
+        p.error("--source-without-bos: this tokenizer puts no BOS before a text (its contexts have none to leave out)")
     full = {name: split_passages(tokenizer, passages(), LONGEST, 64) for name, (_, passages) in HELDOUT_SETS.items()}
-    sets = {(name, n): shorter(data, n) for name, data in full.items() for n in lengths}
+    sets = {(name, n): shorter(data, n, bos) for name, data in full.items() for n in lengths}
     prompt = tokenizer([args.prompt], return_tensors="pt")
     rows, texts = {}, {}
     source_dir = load_source(read_metadata(first)["adapted_from"]["encoder"]).directory

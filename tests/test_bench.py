@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from encdec.errors import EncdecError
 
@@ -205,6 +206,19 @@ def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_pat
     bad = subprocess.run([*command[:4], "--lengths", "1,64"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("must lie in 2..64 (BOS and at least "
                                                                                "one token), got 1,64")
+
+
+def test_prefix_lengths_cuts_a_context_without_a_bos_from_text_alone(monkeypatch):
+    """Column 0 was taken for a BOS: for a tokenizer that puts none first (Qwen), an n-token context was the
+    passage's first token and the last n - 1 before the suffix, a gap inside it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from prefix_lengths import shorter
+
+    from encdec.evaluation.nll import PrefixSuffix
+
+    data = PrefixSuffix(torch.arange(10)[None], torch.arange(10, 14)[None])
+    assert shorter(data, 4, bos=True).prefix.tolist() == [[0, 7, 8, 9]]
+    assert shorter(data, 4, bos=False).prefix.tolist() == [[6, 7, 8, 9]]
 
 
 def _result(task: str, labels: list[str], guesses: list[str]) -> dict:

@@ -132,6 +132,26 @@ def test_frontier_train_adapts_only_its_point(tmp_path, monkeypatch, point, adap
     assert made == adapted and trained == [(point, tmp_path / point if adapted else "src")]
 
 
+@pytest.mark.parametrize("bos", [2, None], ids=["bos", "none"])
+def test_frontier_prompts_start_as_the_tokenizer_starts_a_text(tmp_path, monkeypatch, sources, bos):
+    """Each prompt row began with the tokenizer's bos_token_id: null for Qwen's, which puts none first, and the
+    latency stage (after every point had trained) failed on it. Rows are --prompt-tokens long either way."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import frontier
+
+    import encdec.data.tokens
+
+    monkeypatch.setattr(encdec.data.tokens, "token_stream", lambda *a, **k: np.arange(10, 60))
+    monkeypatch.setattr(encdec.data.tokens, "leading_bos", lambda tokenizer: bos)  # (the tiny tokenizers all put one)
+    args = argparse.Namespace(options={}, out=tmp_path / "out", steps=1, seed=0, batches=[1, 2], prompt_tokens=8)
+    frontier.write_prompts(args, sources["gemma3"], tmp_path / "prompts.json")
+    rows = json.loads((tmp_path / "prompts.json").read_text())
+    first = [] if bos is None else [bos]
+    assert rows == [[*first, *range(10 + r * (8 - len(first)), 10 + (r + 1) * (8 - len(first)))] for r in range(2)]
+
+
 def test_a_latency_round_is_one_sessions_measurement_of_every_point(monkeypatch):
     """A round a stopped run left half-measured was finished point by point by the next session (another machine,
     maybe twice slower), and its ratio set the two sessions' speeds against each other: 1.50x for points of
