@@ -382,12 +382,11 @@ def _train_and_report(cfg: TrainConfig) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from encdec.evaluation.harness import ResultsFiles, Settings, evaluate, markdown
-    from encdec.evaluation.tasks import parse_tasks
     from encdec.files import check_writable_place
 
     check_writable_place(args.out.parent)  # OUT is the prefix of OUT.md and OUT.json
     results = ResultsFiles(args.out, tuple(args.models), args.overwrite)
-    settings = Settings(tasks=parse_tasks(args.tasks), shots=args.shots, limit=args.limit, chat=args.chat,
+    settings = Settings(tasks=args.tasks, shots=args.shots, limit=args.limit, chat=args.chat,
                         batch_size=args.batch_size, max_len=args.max_len, seed=args.seed)
     record = evaluate(args.models, settings, DTYPES[args.dtype], model_done=results.write)  # written as it goes
     print(markdown(record))
