@@ -1164,16 +1164,20 @@ def test_features_computed_before_an_interruption_are_kept(tmp_path: Path, monke
         return np.array([[float(i), 2.0 * i] for i in ids], dtype=np.float32)
 
     with pytest.raises(KeyboardInterrupt):
-        features.cached_features("k", list(range(10)), compute)
+        features.cached_features("k", list(range(10)), compute, 2)
     assert asked == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    got = features.cached_features("k", list(range(10)), compute)
+    got = features.cached_features("k", list(range(10)), compute, 2)
     assert asked[3:] == [[8, 9]]  # only what the interrupted run had not stored
     assert got.tolist() == [[float(i), 2.0 * i] for i in range(10)]
     from safetensors.numpy import save_file  # other tensors under the name: a KeyError's traceback
 
     save_file({"x": np.zeros(3, dtype=np.float32)}, str(tmp_path / "features" / "k.safetensors"))
-    assert features.cached_features("k", list(range(10)), compute).tolist() == got.tolist()
+    assert features.cached_features("k", list(range(10)), compute, 2).tolist() == got.tolist()
     assert asked[4:] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # computed again
+    save_file({"indices": np.arange(5), "features": np.zeros((5, 3), dtype=np.float32)},  # another model's width
+              str(tmp_path / "features" / "k.safetensors"))
+    assert features.cached_features("k", list(range(10)), compute, 2).tolist() == got.tolist()
+    assert asked[7:] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 def test_a_search_journal_with_bytes_that_are_no_text_skips_those_lines(tmp_path: Path,

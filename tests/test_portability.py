@@ -126,7 +126,8 @@ def test_classification_caches_that_cannot_be_written_are_warnings(monkeypatch, 
     blocker.write_text("x")
     monkeypatch.setenv("ENCDEC_CACHE", str(blocker / "cache"))
     monkeypatch.setattr(features, "CHUNK", 2)  # several writes: the first failure ends them
-    got = features.cached_features("key", [0, 1, 2, 3, 4], lambda missing: np.ones((len(missing), 3), dtype=np.float32))
+    got = features.cached_features("key", [0, 1, 2, 3, 4],
+                                   lambda missing: np.ones((len(missing), 3), dtype=np.float32), 3)
     assert got.shape == (5, 3)
     journal = TrialJournal({"task": "toy"})
     assert journal.correct(0, {"lr": 1e-4}, [1, 2], lambda: 7) == 7

@@ -69,15 +69,17 @@ def cache_key(model: str, task: str, split: str, texts: list[str], pooling: str,
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _read(file: Path) -> dict[int, np.ndarray]:
+def _read(file: Path, width: int) -> dict[int, np.ndarray]:
     """The stored features by example index; none where the file is absent, unreadable or not what `_write` writes
-    (computed again and rewritten: a file of other tensors under the name was a KeyError's traceback)."""
+    for a model of this `width` (computed again and rewritten: a file of other tensors under the name was a
+    KeyError's traceback, one of another width an error of numpy's when stacked with the computed ones)."""
     try:
         stored = load_file(str(file))
     except (OSError, SafetensorError):
         return {}
     indices, features = stored.get("indices"), stored.get("features")
-    if indices is None or features is None or indices.ndim != 1 or features.ndim != 2 or len(indices) != len(features):
+    if (indices is None or features is None or indices.ndim != 1 or features.ndim != 2
+            or len(indices) != len(features) or features.shape[1] != width):
         log.warning("%s does not hold features as encdec stores them; they are computed again", file)
         return {}
     return dict(zip(indices.tolist(), features))
@@ -94,17 +96,17 @@ log = logging.getLogger("encdec")
 CHUNK = 512  # examples computed between two writes of the cache
 
 
-def cached_features(key: str, indices: list[int], compute: Callable[[list[int]], np.ndarray]) -> np.ndarray:
-    """Features of the split's examples `indices` (in that order): the stored ones, plus `compute(missing)`
-    for the others, stored every CHUNK examples so that an interrupted run keeps what it computed."""
+def cached_features(key: str, indices: list[int], compute: Callable[[list[int]], np.ndarray], width: int) -> np.ndarray:
+    """Features (`width` wide) of the split's examples `indices` (in that order): the stored ones, plus
+    `compute(missing)` for the others, stored every CHUNK examples so that an interrupted run keeps what it computed."""
     from encdec.sources import cache_root
 
     file = cache_root() / "features" / f"{key}.safetensors"
-    known = _read(file)
+    known = _read(file, width)
     missing = sorted({i for i in indices if i not in known})
     writable = True
     for start in range(0, len(missing), CHUNK):
         part = missing[start : start + CHUNK]
         known.update(zip(part, compute(part)))
         writable = writable and _write(file, known)  # after a failed write, the rest is computed without a cache
-    return np.stack([known[i] for i in indices]) if indices else np.zeros((0, 0), dtype=np.float32)
+    return np.stack([known[i] for i in indices]) if indices else np.zeros((0, width), dtype=np.float32)

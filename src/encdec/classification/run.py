@@ -282,7 +282,7 @@ class _ProbeFolds:
         position = {index: n for n, index in enumerate(ids)}
         return cached_features(key, ids, lambda missing: features.pooled_features(
             self.backbone, rows_of([position[i] for i in missing]), pad_id=self.pad_id, pooling=self.pooling,
-            batch_size=self.hyper.batch_size))
+            batch_size=self.hyper.batch_size), self.backbone.hidden_size)
 
     def _reported_features(self, test_ids: list[int]) -> np.ndarray:
         if self.p.folds:
