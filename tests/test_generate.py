@@ -174,6 +174,25 @@ def test_cached_equals_uncached(model, sampling):
     assert torch.equal(cached, uncached)
 
 
+def test_the_uncached_path_leaves_a_finished_row_alone(model, monkeypatch):
+    """After a row's EOS, its scores are neither drawn from nor checked: scores that are not finite there (float16
+    overflowing on what follows an EOS, say) raised for the whole batch, where the cached path never computes them."""
+    ids, mask = _prompts()
+    eos, calls, logits = 3, [], type(model).logits
+
+    def scores(self, hidden):
+        out = logits(self, hidden).clone()
+        calls.append(1)
+        out[0] = float("nan") if len(calls) > 1 else torch.where(torch.arange(out.shape[1]) == eos, 0.0, -1e4)
+        return out
+
+    monkeypatch.setattr(type(model), "logits", scores)
+    got = model.generate(ids[:2], mask[:2], max_new_tokens=5, eos_token_ids=[eos], do_sample=True, seed=1,
+                         use_cache=False)
+    assert got[0].tolist() == [eos] + [model.config.pad_token_id] * (got.shape[1] - 1)
+    assert len(calls) > 1 and got.shape[1] >= 2
+
+
 def test_as_many_new_tokens_as_the_decoder_has_positions(model):
     """The decoder reads BOS and every new token but the last: a decoder of L positions writes L tokens, one more
     than `encdec generate` and `serve` allowed (a decoder prefix takes positions of its own)."""

@@ -59,7 +59,9 @@ def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: to
     while any(row.finish_reason is None for row in rows):
         hidden = model.decode(tokens, encoder, Segments.of(tokens, None, None, None))
         logits = model.logits(hidden[:, -1]).float()
-        chosen = pick_tokens(logits, [r.sampling for r in rows], [r.generator for r in rows], [r.tokens for r in rows])
+        finished = [i for i, row in enumerate(rows) if row.finish_reason is not None]  # draw nothing, checked for none
+        chosen = pick_tokens(logits, [r.sampling for r in rows], [r.generator for r in rows], [r.tokens for r in rows],
+                             forced=finished)
         for row, token in zip(rows, chosen.tolist()):
             if row.finish_reason is None:
                 row.tokens.append(token)
