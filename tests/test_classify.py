@@ -942,8 +942,9 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     assert main([*argv, "--out", str(tmp_path / "killed")]) == 130
     assert not (tmp_path / "killed").exists()
     # each fold: 2 candidates x 2 inner folds, then the chosen one retrained; fold 1's 4 trials were scored
-    journal = list((tmp_path / "cache" / "search").iterdir())
+    journal = list((tmp_path / "cache" / "search").glob("*.jsonl"))
     assert len(journal) == 1 and len(journal[0].read_text().splitlines()) == 4
+    assert len(list(journal[0].parent.glob(f"{journal[0].stem}-fold-*"))) == 1  # the first fold, finished: kept
     # what a fit killed later than this one saved (its weights and optimizer state: GBs), never to be run again
     stale = journal[0].with_name(f"{journal[0].stem}-{'0' * 32}")
     stale.mkdir()
@@ -956,7 +957,9 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     stop_at[0] = -1
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
-    assert len(trained) == 3 * 5 - 4 and not stale.exists()  # the search done, it was kept for good
+    # the first fold finished (4 trials and its chosen fit) is not trained again; the search done, it was kept for good
+    assert len(trained) == 3 * 5 - 5 and not stale.exists()
+    assert not [p for p in journal[0].parent.glob(f"{journal[0].stem}-*")]  # nor its finished folds, once done
     assert other.exists() and f"{other.parent} holds 0.1 GB of unfinished fits of 1 other run(s)" in \
         capsys.readouterr().err
     shutil.rmtree(other)
@@ -967,6 +970,10 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     assert len(trained) == 3  # every trial read back: only the chosen settings are retrained
     resumed, again = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("resumed", "again"))
     assert resumed["selection"] == again["selection"] and resumed["predictions"] == again["predictions"]
+    from safetensors.torch import load_file
+
+    saved = [load_file(str(next((tmp_path / d / "classifier").glob("*.safetensors")))) for d in ("resumed", "again")]
+    assert saved[0].keys() == saved[1].keys() and all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
     # a line cut short by a kill is skipped (its trial trains again, recorded on a line of its own)
     lines = journal[0].read_text().splitlines()
     journal[0].write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])

@@ -9,7 +9,8 @@ settings the grid does not vary (each trial is named by the ones it varies). A r
 those scores back instead of training again, a grid with more values too; other inputs get another journal. A
 line cut short by a kill is skipped (that trial trains again). Every fit (a trial's, the chosen settings' on the
 whole fold, and a run's without a search: the journal's name is the run's) also saves its progress beside the journal
-while it runs (`progress`): a kill in a BoolQ epoch, an hour on a CPU, loses minutes, not the fit.
+while it runs (`progress`): a kill in a BoolQ epoch, an hour on a CPU, loses minutes, not the fit; and a k-fold run's
+finished folds are kept (`keep_fold`) until the run is done.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from encdec.errors import EncdecError
+from encdec.files import WriteFailed, atomic_dir
+from encdec.training.plain_state import read_state, write_state
 
 log = logging.getLogger("encdec")
 
@@ -91,6 +94,35 @@ class TrialJournal:
         """Where the fit of `settings` on `examples` (a trial's, or the chosen settings' on the whole fold) saves its
         progress while it runs (`train.fine_tune`), so that an interrupted fit resumes mid-way."""
         return self.file.with_name(f"{self.file.stem}-{_digest([fold, settings, _digest(examples)])}")
+
+    def _fold_directory(self, fold: int, key: Any) -> Path:
+        return self.file.with_name(f"{self.file.stem}-fold-{_digest([fold, key])}")
+
+    def finished_fold(self, fold: int, key: Any) -> dict[str, Any] | None:
+        """What `keep_fold` kept of fold `fold`'s final fit (`key`: its settings and examples) in this journal's
+        run, which was then interrupted; None where nothing was kept or it cannot be read (trained again)."""
+        directory = self._fold_directory(fold, key)
+        if not directory.is_dir():
+            return None
+        try:
+            kept = read_state(directory, "fold")
+            if not isinstance(kept, dict) or not {"probs", "losses"} <= kept.keys():
+                raise EncdecError("it is not a finished fold as encdec keeps one")
+        except EncdecError as e:
+            log.warning("not reading the finished fold in %s (%s); it is trained again", directory, e)
+            return None
+        return kept
+
+    def keep_fold(self, fold: int, key: Any, outcome: dict[str, Any]) -> None:
+        """Keep a finished fold's `outcome` (its predictions, losses and, for the classifier that is saved, its
+        weights) until the run is done (`discard_progress`): a k-fold run killed in a later fold resumes there,
+        where it trained every finished fold again (minutes to hours each)."""
+        directory = self._fold_directory(fold, key)
+        try:
+            with atomic_dir(directory, overwrite=True) as tmp:
+                write_state(tmp, "fold", outcome)
+        except (OSError, WriteFailed) as e:
+            log.warning("could not keep the finished fold in %s (%s); a resumed run trains it again", directory, e)
 
     def discard_progress(self) -> None:
         """Once the run is done: what fits of it saved and never finished (killed, and not run again: another

@@ -147,7 +147,8 @@ def classify(model: str, task: str, out: Path, *, hyper: Hyper, pooling: str = "
             "pool": [(e.text, e.label) for e in p.train], "plan": [p.folds, p.train_ids, [t for t, _ in p.splits]],
             "dev": dataclasses.asdict(dev), "pooling": pooling, "first": first, "hyper": fixed})
         fold = _FineTuneFolds(backbone, p, reported, pooling=pooling, hyper=hyper, pad_id=pad_id, grid=grid,
-                              searched=searched, train_rows=train_rows, num_labels=len(data.labels), journal=journal)
+                              searched=searched, train_rows=train_rows, num_labels=len(data.labels), journal=journal,
+                              save_first=save)
     probs: list[list[float]] = [[] for _ in p.evaluation]
     fold_of: list[int | None] = [None] * len(p.evaluation)
     selections = []
@@ -190,7 +191,7 @@ def _dev_description(p: Plan, dev: DevProtocol) -> str:
 
 
 # a fold's classifier (to save), its probabilities on the reported part, the chosen settings and every trial
-FoldResult = tuple[Classifier, list[list[float]], dict[str, Any] | None, list[Trial] | None]
+FoldResult = tuple[Classifier | None, list[list[float]], dict[str, Any] | None, list[Trial] | None]
 
 
 class _Reported:
@@ -213,10 +214,12 @@ class _FineTuneFolds:
 
     def __init__(self, backbone: Backbone, p: Plan, reported: _Reported, *, pooling: str, hyper: Hyper, pad_id: int,
                  grid: dict[str, list[Any]] | None, searched: list[Hyper] | None, train_rows: list[list[int]],
-                 num_labels: int, journal: TrialJournal | None = None) -> None:
+                 num_labels: int, journal: TrialJournal | None = None, save_first: bool = True) -> None:
         self.backbone, self.p, self.reported, self.pooling, self.hyper = backbone, p, reported, pooling, hyper
         self.pad_id, self.grid, self.searched, self.train_rows, self.num_labels = pad_id, grid, searched, train_rows, num_labels
-        self.journal = journal  # a search's finished trials and every fit's progress: an interrupted run resumes
+        # a search's finished trials, every fit's progress and the finished folds: an interrupted run resumes
+        self.journal = journal
+        self.save_first = save_first  # the first fold's classifier is saved: its weights are kept with the fold
         many = len(p.splits) > 1 or searched is not None
         self.initial = {k: v.clone() for k, v in backbone.state_dict().items()} if many else None
         self.losses: list[list[float]] = []
@@ -253,11 +256,45 @@ class _FineTuneFolds:
                 return self.journal.correct(k, varied(candidate, self.grid), dev, lambda: trial(candidate, fit, dev))
 
             hp, trials = choose(self.searched, splits, correct=correct, describe=lambda h: varied(h, self.grid))
-        classifier, losses = self._train(train_ids, hp, f"{desc} fine-tuning", k)
+        chosen = varied(hp, self.grid) if self.grid is not None else None
+        key = [varied(hp, self.grid or {}), train_ids, test_ids]
+        kept = self._kept(k, key)
+        if kept is not None:
+            log.info("%s: kept from the interrupted run, not trained again", desc)
+            classifier, probs, losses = kept
+        else:
+            classifier, losses = self._train(train_ids, hp, f"{desc} fine-tuning", k)
+            probs = predict(classifier, self.reported.rows(test_ids), pad_id=self.pad_id, batch_size=hp.batch_size,
+                            desc=f"{desc}: evaluating")
+            if self.journal is not None and len(self.p.splits) > 1:  # a run of one fit has its progress alone
+                weights = dict(classifier.state_dict()) if k == 0 and self.save_first else None
+                self.journal.keep_fold(k, key, {"probs": probs, "losses": losses, "weights": weights})
         self.losses.append(losses)
-        probs = predict(classifier, self.reported.rows(test_ids), pad_id=self.pad_id, batch_size=hp.batch_size,
-                        desc=f"{desc}: evaluating")
-        return classifier, probs, (varied(hp, self.grid) if self.grid is not None else None), trials
+        return classifier, probs, chosen, trials
+
+    def _kept(self, k: int, key: list) -> tuple[Classifier | None, list[list[float]], list[float]] | None:
+        """A finished fold of the interrupted run of this journal: (its classifier where it is saved, predictions,
+        losses); None where it must be trained (again)."""
+        kept = None if self.journal is None else self.journal.finished_fold(k, key)
+        if kept is None:
+            return None
+        probs, losses = kept["probs"], kept["losses"]
+        if not (isinstance(probs, list) and len(probs) == len(key[2]) and isinstance(losses, list)
+                and all(isinstance(row, list) and len(row) == self.num_labels for row in probs)):
+            log.warning("what was kept of fold %d is not its predictions and losses; it is trained again", k + 1)
+            return None
+        classifier = None
+        if k == 0 and self.save_first:
+            if self.initial is not None:
+                self.backbone.load_state_dict(self.initial)
+            classifier = Classifier(self.backbone, self.num_labels, self.pooling)
+            try:
+                classifier.load_state_dict(kept["weights"])
+            except (RuntimeError, TypeError, AttributeError) as e:  # none kept (--no-save then), or of another model
+                log.warning("the finished fold's weights do not fit (%s); it is trained again", e)
+                return None
+            classifier.eval()
+        return classifier, probs, losses
 
 
 class _ProbeFolds:
