@@ -407,6 +407,22 @@ def test_a_shard_that_cannot_be_read_is_found_before_the_first_is_read(tmp_path,
         next(_documents([str(tmp_path / "d")], "text"))  # before a.txt's text
 
 
+@pytest.mark.parametrize("bad, expected", [
+    ('{"content": "other field"}\n', r"b.jsonl, line 1: no field 'text'"),
+    ('{"text": null}\n{"text": "  "}\n', r"b.jsonl: empty, no text in it"),
+], ids=["another field", "no text"])
+def test_a_shard_whose_records_hold_no_text_is_found_before_the_first_is_read(tmp_path, bad, expected):
+    """Records of another field, or none with text: found when the shard's turn came, the shards before it
+    tokenized for nothing (a directory of shards, one of another schema)."""
+    from encdec.data.tokens import _documents
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "first"}\n')
+    (tmp_path / "d" / "b.jsonl").write_text(bad)
+    with pytest.raises(EncdecError, match=expected):
+        next(_documents([str(tmp_path / "d")], "text"))  # before a.jsonl's text
+
+
 def test_missing_and_empty_directory(tmp_path):
     with pytest.raises(EncdecError, match="no such file or directory"):
         list(read_documents(str(tmp_path / "nowhere.txt")))

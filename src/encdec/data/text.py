@@ -223,9 +223,10 @@ def _parquet_file(path: Path, field: str):
 
 
 def check_file(path: Path, text_field: str = "text") -> None:
-    """What reading a data file would refuse without reading its text (an empty file; a parquet file without the
-    column, or whose column is not text), checked for every file before the first is read: a bad last shard of a
-    large corpus failed a run after hours of tokenizing the others, and nothing was cached."""
+    """What reading a data file would refuse, found up to its first document (an empty file; a parquet file without
+    the column, or whose column is not text; records of another field), checked for every file before the first is
+    read: a bad last shard of a large corpus failed a run after hours of tokenizing the others, and nothing was
+    cached."""
     import pyarrow as pa
 
     try:
@@ -244,6 +245,11 @@ def check_file(path: Path, text_field: str = "text") -> None:
                               "another)")
         if file.metadata.num_rows == 0:  # a shard Spark or Dask wrote with no rows: read last, it failed the run
             raise EncdecError(f"{path}: empty, no text in it (no rows)")
+    documents = read_file(path, text_field)  # read up to its first document: records of another field, or none
+    try:  # with any text, were found when the file's turn came
+        next(documents)
+    finally:
+        documents.close()
 
 
 def _parquet(path: Path, field: str) -> Iterator[str]:
