@@ -137,6 +137,30 @@ def test_overwrite_refuses_a_folder_that_only_shares_a_run_outputs_name(adapted,
         assert (out / name / planted).read_text() == "someone's work"
 
 
+def test_resume_refuses_outputs_no_run_writes(adapted, corpus, tmp_path, capsys):
+    """--resume rewrites OUT/metrics.jsonl and appends to OUT/tensorboard: a pipe there made it wait for ever, a
+    folder there (or a file named tensorboard) was a traceback after the step's checkpoint was written."""
+    out = tmp_path / "run"
+    args = _pretrain_args(adapted, out, corpus, "--steps", "1", "--save-every", "1", "--tensorboard")
+    assert main(args) == 0
+    shutil.rmtree(out / "model")  # a run that stopped after its checkpoint
+    capsys.readouterr()
+    for name, make, said in (("metrics.jsonl", os.mkfifo, "not a file"),
+                             ("tensorboard", lambda path: path.write_text("notes"), "not a directory")):
+        kept = out / name
+        moved = kept.rename(out / f"kept-{name}")
+        make(kept)
+        resumed = [*args, "--resume", "--steps", "2"]
+        done = subprocess.run([sys.executable, "-c", "import sys, encdec.cli; sys.exit(encdec.cli.main())", *resumed],
+                              capture_output=True, text=True, timeout=120)  # apart: a pipe read waits for ever
+        assert done.returncode == 2, done.stderr
+        (line,) = _lines(done.stderr, "error:")
+        assert f"{kept} is not what a run writes there ({said}): --resume continues" in line, line
+        kept.unlink()
+        moved.rename(kept)
+    assert main([*args, "--resume", "--steps", "2"]) == 0
+
+
 def test_overwrite_refuses_a_model_kept_in_out_that_no_run_saved(adapted, corpus, tmp_path, capsys):
     """Any checkpoint in OUT/model was taken for the run's final model: `pretrain --out ~/proj --overwrite` deleted
     the adapted model kept in ~/proj/model (and the refusal without --overwrite advised it)."""

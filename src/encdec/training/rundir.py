@@ -163,6 +163,14 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
         linked = [n for n in ("checkpoints", "tensorboard") if (out / n).is_symlink()] if d.main else []
         for name in distributed.from_main(linked, d):  # the first process's view, so that every process stops
             refuse_link(out / name, linked=True)
+    # any output of a run counts: a final model kept after its checkpoints and metrics were deleted is replaced
+    held = [name for name in OUTPUTS if (out / name).exists()]
+    foreign = distributed.from_main(foreign_output(out) if held and d.main else None, d)  # the first one's view
+    if foreign:  # --resume reads and rewrites them too (metrics.jsonl a pipe: it waited for ever)
+        action = "--resume continues" if cfg.resume else "--overwrite replaces"
+        raise EncdecError(f"{out / foreign[0]} is not what a run writes there ({foreign[1]}): {action} an earlier "
+                          "run's outputs, not another folder of that name; choose another --out, or remove it "
+                          "yourself")
     if cfg.resume:
         saved = checkpointing.latest_usable(out, d)
         step = 0 if saved is None else saved.trainer["step"]
@@ -181,13 +189,6 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
             raise EncdecError(f"--steps {cfg.steps} is below the step of the checkpoint to resume ({saved.path}, step "
                               f"{saved.trainer['step']}); pass --steps {saved.trainer['step']} or more")
         return saved
-    # any output of a run counts: a final model kept after its checkpoints and metrics were deleted is replaced
-    held = [name for name in OUTPUTS if (out / name).exists()]
-    foreign = distributed.from_main(foreign_output(out) if held and d.main else None, d)  # the first one's view
-    if foreign:
-        raise EncdecError(f"{out / foreign[0]} is not what a run writes there ({foreign[1]}): --overwrite replaces an "
-                          "earlier run's outputs, not another folder of that name; choose another --out, or remove "
-                          "it yourself")
     if (held or checkpointing.checkpoints(out)) and not cfg.overwrite:
         raise EncdecError(f"{out} holds a run ({', '.join(held) or 'checkpoints'}); pass --resume to continue it or "
                           "--overwrite to start afresh")
