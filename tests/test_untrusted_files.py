@@ -23,6 +23,7 @@ from encdec.data.tokens import token_stream
 from encdec.errors import EncdecError
 from encdec.logs import setup
 from encdec.training import checkpointing, loop
+from encdec.training.optim import warmup_then_decay
 from encdec.training.plain_state import read_state, write_state
 
 
@@ -532,8 +533,13 @@ def test_resuming_with_another_steps_says_how_the_learning_rate_moves(run, adapt
     (said,) = [w for w in warned if w.startswith("--steps")]
     assert said.startswith("--steps 2 -> 6: the learning-rate schedule is that of a 6-step run from step 2 on")
     # the final model's provenance gave the last invocation's settings as the whole run's, and precision "auto"
-    loop.train(_config(adapted, out, corpus, steps=8, save_every=1, eval_every=0, resume=True, lr=1e-3,
-                       precision="auto"))
+    warned.clear()
+    cfg = _config(adapted, out, corpus, steps=8, save_every=1, eval_every=0, resume=True, lr=1e-3, precision="auto")
+    loop.train(cfg)
+    (said,) = [w for w in warned if w.startswith("--steps")]  # the run's rate is that of its own --lr (3e-3)
+    old, new = (lr * warmup_then_decay(cfg.warmup_steps, total, cfg.min_lr_ratio)(6) for lr, total in ((3e-3, 6),
+                                                                                                      (1e-3, 8)))
+    assert said.endswith(f"its rate {new:.3g} where the run's was {old:.3g}"), said
     run = json.loads((out / "model" / "encdec.json").read_text())["pretrained"]
     assert [r["step"] for r in run["resumes"]] == [2, 6] and run["resumes"][0]["changed"] == []
     assert any(c.startswith("--lr 0.003 -> 0.001") for c in run["resumes"][1]["changed"]), run["resumes"]

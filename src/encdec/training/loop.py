@@ -65,14 +65,22 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def _say_schedule_change(steps: object, cfg: TrainConfig, step: int) -> None:
+def _say_schedule_change(saved: dict, cfg: TrainConfig, step: int) -> None:
     """A resumed run given another --steps follows the schedule of the new length from its step on: said with the
     learning rate before and after, since the rate jumps where the schedules differ (--steps 1000 resumed at 900
-    with --steps 2000: 3.7e-6 -> 1.9e-5, five times the rate Adam's moments were following)."""
+    with --steps 2000: 3.7e-6 -> 1.9e-5, five times the rate Adam's moments were following). The run's rate is its
+    own schedule's (`saved`: its config), where --lr, --warmup-steps or --min-lr-ratio changed too."""
+    steps = saved.get("steps")
     if type(steps) is not int or steps == cfg.steps or steps < 1:
         return
-    old, new = (cfg.lr * warmup_then_decay(cfg.warmup_steps, total, cfg.min_lr_ratio)(step)
-                for total in (steps, cfg.steps))
+
+    def setting(name: str, kind: type) -> float:
+        value = saved.get(name)
+        return value if isinstance(value, kind) and not isinstance(value, bool) else getattr(cfg, name)
+
+    new = cfg.lr * warmup_then_decay(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)(step)
+    old = setting("lr", float | int) * warmup_then_decay(setting("warmup_steps", int), steps,
+                                                         setting("min_lr_ratio", float | int))(step)
     log.warning("--steps %d -> %d: the learning-rate schedule is that of a %d-step run from step %d on, its rate %.3g "
                 "where the run's was %.3g", steps, cfg.steps, cfg.steps, step, new, old)
 
@@ -186,7 +194,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
             if changed:
                 log.warning("resuming with settings other than the run's (its next steps differ from those of an "
                             "uninterrupted run): %s", "; ".join(changed))
-            _say_schedule_change(saved.get("config", {}).get("steps"), cfg, saved["step"])
+            _say_schedule_change(saved.get("config", {}), cfg, saved["step"])
         settings = group_settings(optimizer)
         state = checkpointing.apply(resume_from, wrapped, optimizer)  # weights of another shape: refused there
         rundir.check_start_model(saved, cfg.model, last_checkpoint)
