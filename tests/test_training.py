@@ -270,6 +270,10 @@ def test_off_a_terminal_progress_is_a_line_a_minute(tmp_path, capsys, monkeypatc
     assert len(lines) == 4 and lines[1].startswith("encdec: pretrain: step 2/4 (50%), loss 3.8, tokens_per_s 1000,")
     assert "steps/s, about" in lines[1] and lines[-1].endswith("about 0 s left")
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    m = metrics.Metrics(tmp_path / "distilled", total=1, start=0, tensorboard=False, enabled=True, desc="pretrain")
+    m.log({"step": 1, "loss": 2.8, "ce": 4.9, "kl": 0.4, "eval_loss": 5.0, "tokens_per_s": 1000.0})
+    m.close()  # its loss mixes in the teacher's KL: shown with the cross-entropy eval_loss compares with
+    assert "step 1/1 (100%), loss 2.8, ce 4.9, eval_loss 5, tokens_per_s 1000," in capsys.readouterr().err
     monkeypatch.setattr(metrics, "PLAIN_EVERY_S", 3600.0)
     capsys.readouterr()
     m = metrics.Metrics(tmp_path / "quiet", total=4, start=0, tensorboard=False, enabled=True)

@@ -61,7 +61,9 @@ class Metrics:
             self.file.flush()
             if self.writer is not None:
                 self._scalars(record)
-        shown = {k: record[k] for k in ("loss", "eval_loss", "tokens_per_s") if k in record}
+        # a distilling run's loss mixes in the teacher's KL: its cross-entropy is what eval_loss is to be read against
+        keys = ("loss", "ce", "eval_loss", "tokens_per_s") if "kl" in record else ("loss", "eval_loss", "tokens_per_s")
+        shown = {k: record[k] for k in keys if k in record}
         self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
         self.bar.update(record["step"] - self.bar.n)
         now = time.monotonic()
