@@ -368,9 +368,16 @@ def test_the_others_wait_for_a_slow_checkpoint_as_long_as_dist_timeout_says(sour
     assert (tmp_path / "patient" / "model" / "model.safetensors").exists()
 
 
+TORCHRUN = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
 @pytest.mark.parametrize("env, message", [
     ({"WORLD_SIZE": "2"}, "WORLD_SIZE is 2 but RANK, MASTER_ADDR, MASTER_PORT is not set"),  # a ValueError escaped
     ({"WORLD_SIZE": "two"}, "WORLD_SIZE ('two') and LOCAL_RANK (None) must be integers"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE is 0: the number of processes is at least 1"),
+    (dict(TORCHRUN, RANK="one"), "RANK is 'one': each of the WORLD_SIZE 2 processes has a rank from 0 to 1"),
+    (dict(TORCHRUN, RANK="2"), "RANK is '2': each of the WORLD_SIZE 2 processes"),
+    (dict(TORCHRUN, MASTER_PORT="http"), "MASTER_PORT is 'http': a TCP port number (1 to 65535)"),
 ])
 def test_a_launch_environment_that_is_not_torchruns_is_one_line(tmp_path, capsys, monkeypatch, env, message):
     """WORLD_SIZE left in a shell, with `encdec pretrain` run directly: a traceback from the process group."""
@@ -409,24 +416,32 @@ def test_two_processes_on_a_node_of_one_gpu_is_one_line(monkeypatch):
     # line; the GPUs' UUIDs, gathered over a CPU group, tell it from one GPU shown to all
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     seen: list[tuple[str, str]] = []
-    monkeypatch.setattr(torch_dist, "new_group", lambda backend: f"a {backend} group")
-    monkeypatch.setattr(torch_dist, "destroy_process_group", lambda group: None)
+    monkeypatch.setattr(torch_dist, "new_group", lambda backend, timeout: f"a {backend} group, {timeout.seconds} s")
+    destroyed: list[object] = []
+    monkeypatch.setattr(torch_dist, "destroy_process_group", lambda group=None: destroyed.append(group))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: type("Props", (), {"uuid": "GPU-1"})())
 
     def gather(out, mine, group):
-        assert group == "a gloo group"
+        assert group == "a gloo group, 1800 s"  # as long as --dist-timeout, not PyTorch's default
         out[:] = [*seen, mine]
 
     monkeypatch.setattr(torch_dist, "all_gather_object", gather)
     seen[:] = [("node", "GPU-0")]
     assert distributed.init().device == torch.device("cuda:0")
     seen[:] = [(socket.gethostname(), "GPU-1")]  # CUDA_VISIBLE_DEVICES=1 exported to both
+    destroyed.clear()
     with pytest.raises(EncdecError, match=r"processes 0, 1 on .* were shown the same GPU \(CUDA_VISIBLE_DEVICES=1"):
         distributed.init()
+    assert destroyed == ["a gloo group, 1800 s", None]  # the run's group too: refused, nothing tears it down later
     assert distributed.shared_gpus([("a", "x"), ("b", "x"), ("a", "y"), ("a", "x")]) == [[0, 3]]
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # Slurm's way: each process shown its own GPU as cuda:0
-    monkeypatch.setattr(torch_dist, "all_gather_object", lambda *a, **k: pytest.fail("nothing to compare"))
+    # Slurm's way (each process shown its own GPU as cuda:0, no LOCAL_WORLD_SIZE) takes part too: a process that
+    # compared while another of the run did not waited for it until the group's timeout
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    seen[:] = [("node", "GPU-0")]
     assert distributed.init().device == torch.device("cuda:0")
+    seen[:] = [(socket.gethostname(), "GPU-1")]
+    with pytest.raises(EncdecError, match=r"processes 0, 1 on .* were shown the same GPU"):
+        distributed.init()
 
 
 def test_a_collective_that_times_out_is_one_line(capsys, monkeypatch):

@@ -44,7 +44,8 @@ def init(timeout: float = 1800.0) -> Dist:
     if world > 1 and missing and not dist.is_initialized():  # WORLD_SIZE left in a shell, say
         raise EncdecError(f"WORLD_SIZE is {world} but {', '.join(missing)} is not set: start the processes with "
                           "torchrun or accelerate launch, which set them, or unset WORLD_SIZE to run one process")
-    device, one_each = torch.device("cpu"), False  # one_each: several processes here, each shown one GPU
+    _check_launch(world)
+    device = torch.device("cpu")
     if torch.cuda.is_available():
         count = torch.cuda.device_count()  # 1: a launcher that shows each process its own GPU (Slurm's)
         if world > 1 and count > 1 and "LOCAL_RANK" not in os.environ:
@@ -54,7 +55,7 @@ def init(timeout: float = 1800.0) -> Dist:
             raise EncdecError(f"LOCAL_RANK {local}, but this process sees {count} GPUs: at most one process per GPU "
                               f"(torchrun --nproc-per-node {count})")
         on_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun's (and accelerate's); Slurm's srun sets none
-        one_each = count == 1 and on_node.isdigit() and int(on_node) > 1
+        one_each = count == 1 and on_node.isdigit() and int(on_node) > 1  # several processes here, each shown one
         if one_each and not os.environ.get("CUDA_VISIBLE_DEVICES"):  # NCCL's "invalid usage" blamed another process
             raise EncdecError(f"{on_node} processes on this node but it shows them 1 GPU, which every process would "
                               "take: at most one process per GPU (torchrun --nproc-per-node 1), or show each process "
@@ -66,18 +67,38 @@ def init(timeout: float = 1800.0) -> Dist:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
-    if device.type == "cuda" and one_each:  # each shown one GPU by CUDA_VISIBLE_DEVICES: the same one, or its own?
-        _check_gpus_apart(world)
+    if device.type == "cuda":  # the same GPU shown to several processes? Every process takes part, whatever its
+        try:  # machine shows it (a process that decided alone to compare left the others waiting)
+            _check_gpus_apart(world, device, timeout)
+        except EncdecError:
+            dist.destroy_process_group()  # refused: the group goes, as `close` tears it down
+            raise
     return Dist(dist.get_rank(), world, device)
 
 
-def _check_gpus_apart(world: int) -> None:
+def _check_launch(world: int) -> None:
+    """The launcher's other variables, as torchrun sets them: a ValueError's traceback from the process group
+    otherwise."""
+    if world < 1:
+        raise EncdecError(f"WORLD_SIZE is {world}: the number of processes is at least 1 (unset it to run one)")
+    if world == 1:
+        return
+    rank, port = os.environ.get("RANK", "0"), os.environ.get("MASTER_PORT", "0")
+    if not rank.isdigit() or int(rank) >= world:
+        raise EncdecError(f"RANK is {rank!r}: each of the WORLD_SIZE {world} processes has a rank from 0 to "
+                          f"{world - 1}, as torchrun and accelerate launch set it")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise EncdecError(f"MASTER_PORT is {port!r}: a TCP port number (1 to 65535) on MASTER_ADDR")
+
+
+def _check_gpus_apart(world: int, device: torch.device, timeout: float) -> None:
     """Refuse, on every process alike, a run whose processes on one machine were shown the same GPU (one
     CUDA_VISIBLE_DEVICES exported to all): compared by the GPUs' UUIDs over a CPU group, since NCCL's first
     collective fails on such a run with "invalid usage" blaming another process."""
-    group = dist.new_group(backend="gloo")
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
     every: list[Any] = [None] * world
-    dist.all_gather_object(every, (socket.gethostname(), str(torch.cuda.get_device_properties(0).uuid)), group=group)
+    mine = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+    dist.all_gather_object(every, mine, group=group)
     dist.destroy_process_group(group)
     shared = shared_gpus(every)
     if shared:
