@@ -193,6 +193,23 @@ def test_the_uncached_path_leaves_a_finished_row_alone(model, monkeypatch):
     assert len(calls) > 1 and got.shape[1] >= 2
 
 
+@pytest.mark.parametrize("settings, said", [
+    ({"logit_bias": {"5": 1.0}}, "logit_bias maps token ids (integers) to numbers, got '5': 1.0"),  # OpenAI's keys
+    ({"do_sample": True, "seed": 1.5}, "seed must be an integer or None, got 1.5"),
+    ({"do_sample": True, "top_k": 2.5}, "top_k must be an integer or None, got 2.5"),
+    ({"temperature": "0.7"}, "temperature must be a number, got '0.7'"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens (--max-new-tokens) must be an integer of at least 1, got 2.5"),
+])
+def test_settings_of_the_wrong_kind_are_one_line(model, settings, said):
+    """The Python API's values of another type: a TypeError from deep inside (the CLI and the server check theirs)."""
+    ids, mask = _prompts()
+    with pytest.raises(EncdecError) as refused:
+        model.generate(ids, mask, **settings)
+    assert str(refused.value) == said
+    assert model.generate(ids[:1], mask[:1], max_new_tokens=2, top_k=np.int64(3), seed=np.int64(1), do_sample=True,
+                          logit_bias={np.int64(5): np.float32(1.0)}).shape[0] == 1  # numpy's kinds are numbers too
+
+
 def test_as_many_new_tokens_as_the_decoder_has_positions(model):
     """The decoder reads BOS and every new token but the last: a decoder of L positions writes L tokens, one more
     than `encdec generate` and `serve` allowed (a decoder prefix takes positions of its own)."""

@@ -16,7 +16,7 @@ import torch
 
 from encdec.errors import EncdecError
 from encdec.inference.engine import Engine, Row
-from encdec.inference.sampling import NonFiniteScores, Sampling, pick_tokens
+from encdec.inference.sampling import NonFiniteScores, Sampling, pick_tokens, whole
 from encdec.model import EncoderState, Segments
 
 if TYPE_CHECKING:
@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 def check_settings(max_new_tokens: int, sampling: Sampling) -> None:
     """The decoding settings, checked before a model is loaded (`encdec generate`) or run."""
-    if max_new_tokens < 1:
-        raise EncdecError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {max_new_tokens}")
+    if not whole(max_new_tokens) or max_new_tokens < 1:
+        raise EncdecError(f"max_new_tokens (--max-new-tokens) must be an integer of at least 1, got "
+                          f"{max_new_tokens!r}")
     sampling.check()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
@@ -61,6 +62,11 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        for name in ("top_k", "seed"):  # numpy's integers as Python's: a seed's arithmetic overflowed int64
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
         if self.top_k == 0:  # no limit, as transformers and vLLM read it
             object.__setattr__(self, "top_k", None)
         if self.do_sample and 0 < self.temperature < MIN_TEMPERATURE:
@@ -132,6 +138,27 @@ class Sampling:
         # 5 + 2**32 (or -1 and 2**32 - 1) give different streams, and a seed below 2**32 its stream of before
         seed = self.seed % 2**64
         return torch.Generator(device=device).manual_seed((seed ^ (seed >> 32) * 0x9E3779B1) % 2**32)
+
+
+def whole(value: object) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_types(s: Sampling) -> None:
+    """Values of the wrong kind from the Python API (`model.generate(top_k=2.5)`, OpenAI's string keys in
+    `logit_bias`): a TypeError from deep inside otherwise (the CLI and the server check their own)."""
+    real = {name: getattr(s, name) for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                                  "repetition_penalty")}
+    for name, value in real.items():
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise EncdecError(f"{name} must be a number, got {value!r}")
+    for name in ("top_k", "seed"):
+        if getattr(s, name) is not None and not whole(getattr(s, name)):
+            raise EncdecError(f"{name} must be an integer or None, got {getattr(s, name)!r}")
+    for token, bias in s.logit_bias:
+        if not whole(token) or not isinstance(bias, numbers.Real) or isinstance(bias, bool):
+            raise EncdecError(f"logit_bias maps token ids (integers) to numbers, got {token!r}: {bias!r}")
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
