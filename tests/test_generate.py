@@ -750,6 +750,12 @@ def test_load_for_inference_chooses_the_cpu_kernels(model, tmp_path, monkeypatch
     assert "no oneDNN bfloat16 products" in caplog.text
     ids, mask = _prompts()
     assert low.generate(ids, mask, max_new_tokens=3, eos_token_ids=[-1]).shape == (3, 3)
+    # int8 on a host with a GPU: on the CPU, said (the GPU left idle passed unseen)
+    monkeypatch.setattr(loading, "compute_device", lambda: torch.device("cuda"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="encdec"):
+        int8 = load_for_inference(tmp_path / "ckpt", torch.float32, "int8")
+    assert int8.device.type == "cpu" and "--quantize int8 runs on the CPU" in caplog.text
 
 
 def test_inference_on_cpu_keeps_freed_memory(model, tmp_path, monkeypatch):

@@ -42,6 +42,9 @@ def load_for_inference(path: Path | str, dtype: torch.dtype, quantize: str | Non
         return model.to(device)
     keep_freed_memory()  # encoder passes allocate big temporaries: not page-faulted afresh each time
     if quantize is not None:
+        if device.type == "cuda":  # as an ignored --cpu-kernels is said: a GPU left idle should not pass unseen
+            log.warning("--quantize int8 runs on the CPU (dynamic int8 products are CPU kernels): the GPU is not "
+                        "used; leave --quantize out to run on it (in bfloat16: --dtype bfloat16)")
         return quantize_int8(model)
     if cpu_kernels == "onednn":
         if not onednn.available():
