@@ -1099,6 +1099,11 @@ def test_https_cors_and_drain_options_are_checked_before_the_model_loads(tmp_pat
              (["--allowed-origins", "http://app.example:port"], "'http://app.example:port' is not an origin"),
              (["--allowed-origins", "http://app.example:"], "'http://app.example:' is not an origin"),
              (["--allowed-origins", "*,https://app.example"], "'*' allows every origin; give it alone"),
+             (["--allowed-origins", "http://[::1"], "'http://[::1' is not an origin"),  # these were tracebacks
+             (["--allowed-origins", "http://[localhost]:3000"], "'http://[localhost]:3000' is not an origin"),
+             (["--allowed-origins", "https://ex ample.com"], "'https://ex ample.com' is not an origin"),  # never sent
+             (["--allowed-origins", "http://a.example:0"], "'http://a.example:0' is not an origin"),
+             (["--ssl-certfile", "~no-such-user-here/c.pem", "--ssl-keyfile", str(pem)], "give the paths without ~"),
              (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a number of seconds, 0 or more"),
              (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a number of seconds, 0 or more"),
              (["--allowed-origins", "https://app.example, http://localhost:3000", "--shutdown-timeout", "0"],
@@ -1107,11 +1112,16 @@ def test_https_cors_and_drain_options_are_checked_before_the_model_loads(tmp_pat
         assert main(["serve", nowhere, "--port", "1", *options]) == 2
         lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(lines) == 1 and said in lines[0], (options, lines)
-    from encdec.serve.app import check_origins
+    from encdec.errors import EncdecError
+    from encdec.serve.app import check_address, check_origins
+
+    with pytest.raises(EncdecError, match=r"--host 127\.\.0\.0\.1: not a host name; give an address"):
+        check_address("127..0.0.1", 0)  # an empty label: the idna codec's traceback
 
     # written as browsers send them (compared as strings): lower case, no default port
     assert check_origins("https://App.Example:443, http://localhost:80,http://[::1]:8080,https://app.example") == (
         "https://app.example", "http://localhost", "http://[::1]:8080")
+    assert check_origins("http://é.example:3000") == ("http://xn--9ca.example:3000",)  # as a browser sends it
 
 
 def test_allowed_origins_answer_a_browsers_preflight_and_its_requests(local):

@@ -745,8 +745,9 @@ def check_address(host: str, port: int) -> None:
 
     try:
         found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise EncdecError(f"--host {host}: {e.strerror}; give an address of this machine (127.0.0.1, 0.0.0.0, "
+    except (socket.gaierror, UnicodeError, ValueError) as e:  # UnicodeError: an empty or overlong label (127..0.1)
+        reason = e.strerror if isinstance(e, socket.gaierror) else "not a host name"
+        raise EncdecError(f"--host {host}: {reason}; give an address of this machine (127.0.0.1, 0.0.0.0, "
                           "::1, a host name)") from None
     if port == 0:  # any free port: nothing to be taken
         return
@@ -777,7 +778,11 @@ def check_tls(certfile: str | None, keyfile: str | None) -> tuple[str, str] | No
     if certfile is None or keyfile is None:
         raise EncdecError("HTTPS needs both --ssl-certfile (the certificate chain, PEM) and --ssl-keyfile (its "
                           "private key, PEM); give both, or neither for plain HTTP")
-    certfile, keyfile = (str(Path(f).expanduser()) for f in (certfile, keyfile))
+    try:
+        certfile, keyfile = (str(Path(f).expanduser()) for f in (certfile, keyfile))
+    except RuntimeError as e:  # ~nouser/, or ~/ without a HOME
+        raise EncdecError(f"--ssl-certfile {certfile} / --ssl-keyfile {keyfile}: {e}; give the paths without ~ "
+                          "there") from None
 
     def encrypted() -> bytes:  # else OpenSSL asks for the passphrase on the terminal, and a service waits for good
         raise EncdecError(f"--ssl-keyfile {keyfile}: the key is encrypted; give it decrypted (openssl pkey -in KEY "
@@ -808,16 +813,19 @@ def check_origins(given: str | None) -> tuple[str, ...]:
         return ("*",)
     written = []
     for origin in origins:
-        parts = urlsplit(origin)
         try:
+            parts = urlsplit(origin)
             port = parts.port
-        except ValueError:  # not a number, or out of range
-            port = -1
-        if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or origin.endswith(":") \
-                or parts.path or parts.query or parts.fragment or parts.username is not None or "*" in origin:
+            # browsers send a name of other letters in its ASCII form (é.com: xn--9ca.com)
+            hostname = (parts.hostname or "").encode("idna").decode("ascii")
+        except (ValueError, UnicodeError):  # a port that is no number or out of range; [::1 unclosed; a bad label
+            parts, port, hostname = None, 0, ""
+        if parts is None or parts.scheme not in ("http", "https") or not hostname or port == 0 \
+                or origin.endswith(":") or parts.path or parts.query or parts.fragment or parts.username is not None \
+                or "*" in origin or any(c.isspace() for c in origin):
             raise EncdecError(f"--allowed-origins: {origin!r} is not an origin; give '*' or a comma list of "
                               "scheme://host[:port] (e.g. https://app.example.com,http://localhost:3000), no paths")
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        host = f"[{hostname}]" if ":" in hostname else hostname
         default = {"http": 80, "https": 443}[parts.scheme]
         written.append(f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else ""))
     return tuple(dict.fromkeys(written))
