@@ -348,8 +348,9 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     async def lifespan(_: FastAPI):
         service.scheduler.start()
         yield
-        # uvicorn runs this once every connection has closed, whatever its force_exit: a pass still running must
-        # not keep the process past the close a --shutdown-timeout drain promised (clients gone meanwhile)
+        # uvicorn runs this once every connection has closed, unless a drain forced its exit (`_close_the_rest`,
+        # with the scheduler idle or aborted by then: its thread, a daemon, ends with the process); a pass still
+        # running must not keep the process past the close a --shutdown-timeout drain promised (clients gone)
         close_by = app.state.close_by
         wait = SHUTDOWN_WAIT_S if close_by is None else max(0.0, close_by - time.monotonic())
         await asyncio.to_thread(service.scheduler.stop, wait)
