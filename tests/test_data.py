@@ -85,6 +85,25 @@ def test_a_text_file_read_in_chunks_gives_the_paragraphs_of_the_whole_text(tmp_p
         text_module.CHUNK_BYTES = default
 
 
+@settings(max_examples=200, deadline=None, suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture])
+@given(ends=st.lists(st.sampled_from(["\n", "\r", "\r\n"]), min_size=1, max_size=8), data=st.data(),
+       chunk=st.sampled_from([1, 2, 3, 1 << 20]))
+def test_a_bad_byte_is_named_by_its_line_whatever_the_line_ends(tmp_path, ends, data, chunk):
+    """Lines ended by "\r" alone (an old Mac's) were counted by "\n" only: a bad byte on line 4 was said on line 1."""
+    from encdec.data import text as text_module
+
+    bad = data.draw(st.integers(0, len(ends)))  # the line (from 0) holding the bad byte
+    lines = [b"w" + (b"\xff" if k == bad else b"") for k in range(len(ends) + 1)]
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"".join(line + end.encode() for line, end in zip(lines, [*ends, ""])))
+    default, text_module.CHUNK_BYTES = text_module.CHUNK_BYTES, chunk
+    try:
+        with pytest.raises(EncdecError, match=rf"t.txt, line {bad + 1}: not UTF-8"):
+            list(read_documents(str(path)))
+    finally:
+        text_module.CHUNK_BYTES = default
+
+
 def test_a_paragraph_past_the_size_limit_is_cut_at_line_ends_and_said(tmp_path, monkeypatch):
     """A file of a sentence a line and no blank line was one document: held whole and tokenized in one call (tens of
     GB for a GB of text), one EOS for the whole file."""

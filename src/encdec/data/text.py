@@ -91,11 +91,19 @@ def _txt(path: Path) -> Iterator[str]:
         raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
 
 
+def _line_ends(data: bytes, after_cr: bool) -> int:
+    """The line ends in `data` as the reader splits lines ("\r\n", "\r" or "\n"; `after_cr`: the bytes before
+    ended with "\r"), so that an old Mac's file names the line of a bad byte, not line 1."""
+    ends = data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+    return ends - 1 if after_cr and data.startswith(b"\n") else ends
+
+
 def _paragraphs(f: BinaryIO, path: Path) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")()
     block: list[str] = []  # the paragraph's lines so far
     size, cut = 0, False  # the block's characters; whether a paragraph was cut
     tail, number = "", 1  # text after the last line end, and its line's number
+    after_cr = False  # the bytes before ended with "\r": a "\n" first ends no other line
     first = f.read(len(BOM))
     pending = b"" if first == BOM else first  # a byte-order mark is not text of the first document
     while True:
@@ -105,9 +113,10 @@ def _paragraphs(f: BinaryIO, path: Path) -> Iterator[str]:
         try:
             text = tail + decoder.decode(chunk, final=end)
         except UnicodeDecodeError as e:
-            line = number + (buffered + chunk)[: e.start].count(b"\n")
+            line = number + _line_ends((buffered + chunk)[: e.start], after_cr)
             raise EncdecError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from None
-        number += chunk.count(b"\n")
+        number += _line_ends(chunk, after_cr)
+        after_cr = chunk.endswith(b"\r") or (after_cr and not chunk)
         carried = "\r" if text.endswith("\r") and not end else ""  # maybe the first half of a "\r\n"
         *lines, tail = text[: len(text) - len(carried)].replace("\r\n", "\n").replace("\r", "\n").replace(
             "\f", "\n\n").split("\n")
