@@ -189,6 +189,12 @@ def test_a_directory_follows_linked_folders_and_names_what_it_leaves_out(tmp_pat
     (tmp_path / "r" / "v3" / "b.txt").write_text("version three\n")
     (tmp_path / "r" / "latest").symlink_to(tmp_path / "r" / "v3")
     assert list(read_documents(str(tmp_path / "r"))) == ["version two", "version three"]
+    # a link to a hidden folder inside it is read there: the hidden folder is not (a versioned store, current/ its link)
+    (tmp_path / "h" / ".store" / "v1").mkdir(parents=True)
+    (tmp_path / "h" / ".store" / "v1" / "b.txt").write_text("stored\n")
+    (tmp_path / "h" / "a.txt").write_text("plain\n")
+    (tmp_path / "h" / "current").symlink_to(tmp_path / "h" / ".store" / "v1")
+    assert list(read_documents(str(tmp_path / "h"))) == ["plain", "stored"]
     # a link to a folder that holds the directory (a loop) read the folders beside it: a valid/ split, here
     (tmp_path / "s" / "train").mkdir(parents=True)
     (tmp_path / "s" / "valid").mkdir()

@@ -47,11 +47,12 @@ def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
             folders[:] = []
             continue
         visited.add(real)
-        # a link to a folder inside the directory is left to the folder itself: the order stays the folders' own; one
-        # to a folder that holds the directory (its parent: a loop) too, which read the folders beside it (valid/)
+        # a link to a folder inside the directory is left to the folder itself (the order stays the folders' own),
+        # unless a hidden folder holds it (train -> .store/v1: read nowhere else); one to a folder that holds the
+        # directory (its parent: a loop) too, which read the folders beside it (valid/)
         folders[:] = sorted(f for f in folders if not f.startswith(".")
                             and not (os.path.islink(os.path.join(root, f))
-                                     and _related(os.path.realpath(os.path.join(root, f)), top)))
+                                     and _walked(os.path.realpath(os.path.join(root, f)), top)))
         for name in files:
             path = Path(root) / name
             if not name.startswith(".") and path.is_symlink() and not path.exists():
@@ -71,9 +72,13 @@ def data_files(directory: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
-def _related(path: str, top: str) -> bool:
-    """Whether `path` is `top`, inside it, or holds it."""
-    return os.path.commonpath([path, top]) in (top, path)
+def _walked(path: str, top: str) -> bool:
+    """Whether the walk of `top` reaches the folder `path` without a link: `top` itself, a folder inside it that no
+    hidden folder holds, or one that holds `top`."""
+    shared = os.path.commonpath([path, top])
+    if shared == path:
+        return True
+    return shared == top and not any(part.startswith(".") for part in Path(os.path.relpath(path, top)).parts)
 
 
 def _txt(path: Path) -> Iterator[str]:
