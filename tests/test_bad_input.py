@@ -837,9 +837,13 @@ def test_evaluation_output_names_are_checked_before_any_work(capsys, tmp_path, a
     monkeypatch.setattr("encdec.evaluation.harness.load_scorer", lambda *a, **k: pytest.fail("a model was loaded"))
     (tmp_path / "taken.md").mkdir()
     (tmp_path / "evd").mkdir()  # an existing folder: the results were written beside it, as evd.md and evd.json
+    (tmp_path / "file").write_text("x")
     for out, message in ((".", "names a directory"), (str(tmp_path / "taken"), "taken.md is a directory"),
                          (str(tmp_path / "evd") + "/",
-                          f"names a directory; give a file prefix such as {tmp_path}/evd/")):
+                          f"names a directory; give a file prefix such as {tmp_path}/evd/"),
+                         # found at the first write, after every task was scored (its results lost)
+                         (str(tmp_path / ("r" * 245)), "its name is too long for the temporary written beside it"),
+                         (str(tmp_path / "file" / "results"), f"{tmp_path}/file exists and is not a directory")):
         assert main(["evaluate", str(adapted), "--tasks", "heldout", "--out", out]) == 2
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert message in line

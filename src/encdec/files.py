@@ -394,13 +394,21 @@ def check_output_file(out: Path, inputs: tuple[str | Path | None, ...], overwrit
                               "replace with one; give a file name (- writes to standard output)")
         if out.is_file() and not overwrite:
             raise EncdecError(f"--out {out} already exists; pass --overwrite to replace it, or give another file")
+    check_file_place(out, f"{out.name}.partial")  # the longest name: what a stopped run writes (.OUT.partial.tmp-...)
+    return out
+
+
+def check_file_place(out: Path, name: str) -> None:
+    """Fail before any work when the file `out` cannot be written where it is: a folder above it is a file, the
+    nearest existing one is not writable, or the temporary of `name` written beside it has no room for its name
+    (`check_name_room`)."""
+    with written(out):
         check_writable_place(out.parent)
-        check_name_room(out, f"{out.name}.partial")  # what a stopped run writes (.OUT.partial.tmp-...)
+        check_name_room(out, name)
         target = out.resolve()
         existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise EncdecError(f"cannot write {out}: {existing} is not writable")
-    return out
 
 
 def check_not_above(out: Path) -> None:

@@ -33,7 +33,7 @@ from encdec.evaluation.tasks import (
     question_prompt,
     sample,
 )
-from encdec.files import atomic_write_files, file_identity
+from encdec.files import atomic_write_files, check_file_place, file_identity
 
 log = logging.getLogger("encdec")
 
@@ -394,6 +394,8 @@ def output_files(out: Path, models: tuple[str, ...] = (), overwrite: bool = True
     if earlier is not None and not overwrite:
         raise EncdecError(f"--out {out}: {earlier} holds earlier results; pass --overwrite to replace them, or give "
                           "another --out")
+    for f in files:  # found at the first write otherwise, after every task was scored
+        check_file_place(f, f.name)
     return files
 
 
