@@ -530,6 +530,19 @@ def test_held_out_rows_of_models_of_other_tokenizers_say_they_do_not_compare(ada
         assert ("compare models of 2 tokenizers" in markdown(record)) == said, digests
 
 
+def test_options_the_tokenizer_reads_alike_are_not_each_others_copies(adapted):
+    """An option spelled as the gold one is the gold answer; options that only tokenize alike (words the tiny
+    tokenizer does not know: its unknown token each) were too, so every such item counted as right."""
+    scorer = load_scorer(str(adapted))
+    task = Task("alike", "choice", "options of unknown words", examples=list)
+    items = [Choice("0", ["w1 w2"] * 2, [" yes", " no"], 1), Choice("1", ["w1 w2"] * 2, [" w3", " w3"], 1)]
+    assert scorer.continuation_ids(" yes", "w1 w2") == scorer.continuation_ids(" no", "w1 w2")  # the premise
+    result = run_choice(scorer, task, items, {}, Settings(tasks=[]))
+    assert [e["prediction"] for e in result.examples] == [0, 0]  # equal scores: the first option
+    assert [e["correct"] for e in result.examples] == [False, True]  # " w3" twice: a copy of the gold option
+    assert result.summary()["accuracy"] == 0.5
+
+
 def test_a_task_of_several_subjects_reports_the_mean_over_subjects_too(adapted):
     """MMLU's accuracy is over its questions; papers also report the mean of its 57 subjects' accuracies (about a
     point apart): the table said neither. Both are there now, each named."""

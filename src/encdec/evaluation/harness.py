@@ -103,10 +103,11 @@ def _chat(tokenizer: Any) -> tuple[Callable[[str], str], int | None]:
 
 
 def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str, list[Choice]], s: Settings) -> TaskResult:
-    requests, owners = [], []
+    requests, owners, spelled = [], [], []
     chat = _chat(scorer.tokenizer)[0] if s.chat else None
     for k, item in enumerate(items):
         for context, continuation in zip(choice_prompts(task, item, shots), item.continuations):
+            spelled.append((context, continuation))
             if chat is not None:
                 context = chat(context)
                 requests.append((scorer.context_ids(context), scorer.response_ids(continuation.lstrip())))
@@ -124,18 +125,18 @@ def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str,
         norm = [lp / c for lp, c in zip(logps, chars)]
         pick, pick_norm = max(range(count), key=logps.__getitem__), max(range(count), key=norm.__getitem__)
         # an option spelled as the gold one (CommonsenseQA and MMLU have a few) is the gold answer: picking
-        # either copy is right
-        gold = requests[at + item.gold]
-        result.correct += requests[at + pick] == gold
-        result.correct_norm += requests[at + pick_norm] == gold
+        # either copy is right (by their texts: options a tokenizer reads as the same ids, unknown tokens, are not)
+        gold = spelled[at + item.gold]
+        right, right_norm = spelled[at + pick] == gold, spelled[at + pick_norm] == gold
+        result.correct += right
+        result.correct_norm += right_norm
         if item.group:
             tally = result.groups.setdefault(item.group, [0, 0])
-            tally[0] += requests[at + pick] == gold
+            tally[0] += right
             tally[1] += 1
         # "correct": the pick read as the accuracy reads it (a copy of the gold option's text is right too)
         result.examples.append({"id": item.id, "gold": item.gold, "prediction": pick, "prediction_norm": pick_norm,
-                                "correct": requests[at + pick] == gold,
-                                "correct_norm": requests[at + pick_norm] == gold,
+                                "correct": right, "correct_norm": right_norm,
                                 "logprobs": [round(x, 4) for x in logps]})
         at += count
     if not_finite:  # NaN compares false: the first option was picked, which a task's accuracy would not show
