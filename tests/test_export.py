@@ -320,6 +320,24 @@ def test_a_model_no_causal_lm_class_takes_is_one_line(tmp_path):
         transformers_causal_lm(tmp_path)
 
 
+def test_a_quantized_or_damaged_decoder_only_model_is_one_line(tmp_path):
+    """Both passed the checks made before any model runs, then ended in transformers' ImportError of a kernel
+    package, or safetensors' own error, as a traceback (after every model before them was scored)."""
+    from encdec.sources import check_causal_lm, transformers_causal_lm
+
+    source = make_source(tmp_path / "source", "gemma2", window=WINDOW, attn_softcap=None)
+    config = json.loads((source / "config.json").read_text())
+    quantized = shutil.copytree(source, tmp_path / "quantized")
+    (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq"}}))
+    with pytest.raises(EncdecError, match=r"is a quantized model \(quantization_config: awq\); encdec reads"):
+        check_causal_lm(quantized)
+    damaged = shutil.copytree(source, tmp_path / "damaged")
+    weights = next(damaged.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(EncdecError, match=r"damaged: transformers cannot load it \("):
+        transformers_causal_lm(damaged)
+
+
 def test_export_names_a_query_scale_and_rope_base_that_ctranslate2_reads_otherwise(tmp_path, capsys):
     """CTranslate2 scales queries by the head size, reads a T5Gemma model's RoPE base as 10000 and its positions
     unscaled; here its greedy tokens agreed 31 in 36 and 32 in 36 with ours (ours equal transformers'), and export

@@ -176,6 +176,13 @@ def check_causal_lm(directory: Path) -> None:
     refuse_custom_code(directory)
     data = read_json(directory / "config.json")
     refuse_transformers_weights(data, directory / "config.json")
+    quantized = next((section["quantization_config"] for section in (data, data.get("text_config"))
+                      if isinstance(section, dict) and section.get("quantization_config") is not None), None)
+    if quantized is not None:  # transformers' ImportError of a kernel package otherwise, or weights it cannot read
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        shown = method if isinstance(method, str) else repr(quantized)
+        raise EncdecError(f"{directory} is a quantized model (quantization_config: {shown}); encdec "
+                          "reads models in floating-point weights: give the unquantized model")
     model_type = data.get("model_type")
     not_causal = EncdecError(f"{directory} is not a decoder-only model (model_type {model_type!r}); expected an "
                              "encoder-decoder checkpoint (this project's format, t5gemma, t5gemma2) or a decoder-only "
@@ -211,9 +218,13 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
 
     check_causal_lm(directory)
     # mismatched sizes listed (below), not raised: transformers' own error was a traceback
-    model, loading = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
-                                                          use_safetensors=True, output_loading_info=True,
-                                                          ignore_mismatched_sizes=True)
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, trust_remote_code=False,
+                                                              use_safetensors=True, output_loading_info=True,
+                                                              ignore_mismatched_sizes=True)
+    except Exception as e:  # noqa: BLE001 - a damaged weight file (safetensors' own error), a field the model
+        # refuses: after every model before it was scored, a traceback
+        raise EncdecError(f"{directory}: transformers cannot load it ({first_line(e)})") from None
     lacking = sorted({*loading["missing_keys"], *(key for key, *_ in loading.get("mismatched_keys", ()))})
     if lacking:  # transformers fills them with fresh random values, and says so only in a log this project silences
         raise EncdecError(f"{directory}: its weights lack {len(lacking)} tensor(s) its config.json declares, or hold "
