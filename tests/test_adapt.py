@@ -9,6 +9,7 @@ import torch
 
 import encdec
 from encdec.adapt import parse_layers
+from encdec.errors import EncdecError
 
 
 def test_balanced_cross_attention_starts_as_self_attention(sources):
@@ -120,6 +121,9 @@ def test_unbalanced_adaptation_in_bfloat16_is_bfloat16_throughout_and_runs(sourc
     assert torch.equal(block.q_proj.weight, exact.q_proj.weight.to(torch.bfloat16))
     ids = torch.tensor([[2, 5, 6, 7]])
     assert torch.isfinite(model(ids, decoder_input_ids=ids).logits.float()).all()
+    # one source of each dtype: a model of both (its first product failed), saved as the dtype of its first weight
+    with pytest.raises(EncdecError, match=r"loaded in different dtypes \(torch.bfloat16, torch.float32\); load both"):
+        encdec.adapt(big, encdec.load_source(str(sources["gemma2-small"])))
 
 
 def test_decoder_layer_subset_copies_those_layers(sources, caplog):

@@ -169,6 +169,10 @@ def adapt(
     if decoder is not None and decoder_layers is not None:
         raise EncdecError("give either a decoder source or decoder layers, not both")
     dec_source = decoder or encoder
+    dtypes = {source.weights[EMBED].dtype for source in (encoder, dec_source)}
+    if len(dtypes) > 1:  # a model of two dtypes: its first product's error, and a checkpoint saved as one of them
+        raise EncdecError(f"the sources were loaded in different dtypes ({', '.join(sorted(map(str, dtypes)))}); "
+                          "load both with one dtype (load_source(path, dtype))")
     # the encoder's model named again as --decoder, by another path (absolute, through a link) is still one source
     one_source = decoder is None or decoder.directory.resolve() == encoder.directory.resolve()
     attention = check_pairing(encoder.family, dec_source.family, one_source, attention)
