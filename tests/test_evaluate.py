@@ -394,9 +394,10 @@ def test_a_chat_answer_is_scored_as_instruction_tuning_tokenized_the_response():
     assert asked[0][0] == tuned.inputs  # the context: the tuned prompt, BOS first
 
 
-def test_chat_generation_ends_at_the_end_of_the_models_turn():
+def test_chat_generation_ends_at_the_end_of_the_models_turn(monkeypatch):
     """An instruction-tuned model's answer ends at <end_of_turn>; what it writes after (a new turn) is not its
     answer, yet the last number in it would be taken for one (GSM8K)."""
+    from encdec.evaluation import harness
     from encdec.evaluation.harness import run_generate
     from encdec.evaluation.tasks import Question
     from encdec.sources import load_tokenizer, resolve
@@ -420,7 +421,9 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn():
             return tokenizer(text, add_special_tokens=False).input_ids
 
         stop_token_ids = Scorer.stop_token_ids  # the tokens that hold a stop string, as a real scorer reads them
+        budget = Scorer.budget  # the new tokens of a task's that the model's positions hold
         _vocabulary: list[str] = []
+        positions: int | None = None
 
         def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
             out = answer + [end] + more
@@ -450,6 +453,15 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn():
     budget = dataclasses.replace(task, max_new_tokens=len(cut))
     result = run_generate(Cut(), budget, items, {}, Settings(tasks=[]))
     assert result.examples[0]["truncated"] is True and result.examples[0]["extracted"] == "8"
+    # a decoder-only model of few positions gets half of them: an answer that spent those was not marked
+    short = Cut()
+    short.positions = 2 * len(cut)
+    short.generate = lambda prompts, max_new_tokens, stop_ids: [cut[: short.budget(max_new_tokens)] for _ in prompts]
+    warned: list[str] = []
+    monkeypatch.setattr(harness.log, "warning", lambda message, *args: warned.append(message % args))
+    result = run_generate(short, task, items, {}, Settings(tasks=[]))
+    assert result.examples[0]["truncated"] is True
+    assert f"answers get {len(cut)} new tokens, not the task's 64" in warned[0]
 
 
 def test_a_failed_results_write_replaces_neither_file(tmp_path, monkeypatch):

@@ -159,6 +159,10 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
     texts, cut = [""] * len(items), [False] * len(items)
     ends = {scorer.eos_id, *scorer.model_eos_ids, *stop_ids}
+    budget = scorer.budget(task.max_new_tokens)  # what the model's positions hold of the task's
+    if budget < task.max_new_tokens:
+        log.warning("%s · %s: answers get %d new tokens, not the task's %d: what the model's positions hold",
+                    scorer.name, task.name, budget, task.max_new_tokens)
     desc = f"{scorer.name} · {task.name}"
     for start in tqdm(range(0, len(order), s.batch_size), desc=desc, unit="batch", leave=False, disable=None):
         chunk = order[start : start + s.batch_size]
@@ -167,11 +171,10 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
             texts[i] = scorer.tokenizer.decode(ids, skip_special_tokens=True)
             # the whole budget spent and no stop reached: the answer may be cut off (its last number is read all
             # the same, as lm-eval's flexible extraction reads it); said, so that a reader can tell
-            cut[i] = len(ids) >= task.max_new_tokens and ids[-1] not in ends and first_line(texts[i], stops) == \
-                texts[i].strip()
+            cut[i] = len(ids) >= budget and ids[-1] not in ends and first_line(texts[i], stops) == texts[i].strip()
     if any(cut):
         log.warning("%s · %s: %d of %d answer(s) used all %d new tokens without ending (\"truncated\" in the "
-                    "examples)", scorer.name, task.name, sum(cut), len(items), task.max_new_tokens)
+                    "examples)", scorer.name, task.name, sum(cut), len(items), budget)
     result = TaskResult(n=len(items))
     for item, text, truncated in zip(items, texts, cut):
         answer = first_line(text, stops)

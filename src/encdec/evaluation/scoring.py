@@ -141,21 +141,27 @@ class Scorer:
         eos = self.model.config.eos_token_id if eos is None else eos
         return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
+    def budget(self, max_new_tokens: int) -> int:
+        """The new tokens a continuation gets of a task's `max_new_tokens`: what the model's positions hold (an
+        encoder-decoder's decoder, past a framing's tokens; half a decoder-only model's, the prompt the rest)."""
+        if self.kind == "encoder-decoder":
+            limit = self.model.config.decoder.max_positions
+            return max_new_tokens if limit is None else min(max_new_tokens, limit - len(self.framing.decoder))
+        return max_new_tokens if self.positions is None else min(max_new_tokens, self.positions // 2)
+
     def generate(self, prompts: list[list[int]], max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
-        """Greedy continuations, stopping at the model's EOS ids, the tokenizer's or any of `stop_ids`."""
+        """Greedy continuations of at most `budget(max_new_tokens)` tokens, stopping at the model's EOS ids, the
+        tokenizer's or any of `stop_ids`."""
         eos, pad = list(dict.fromkeys([self.eos_id, *self.model_eos_ids, *stop_ids])), self.pad_id
+        max_new_tokens = self.budget(max_new_tokens)
         with torch.no_grad():
             if self.kind == "encoder-decoder":
                 framed = [self.framing.prompt(p, self.model.config.bos_token_id) for p in prompts]
                 ids, mask = (t.to(self.model.device) for t in pad_rows(framed, pad))
-                limit = self.model.config.decoder.max_positions  # (a task's budget past them: what they hold)
-                if limit is not None:
-                    max_new_tokens = min(max_new_tokens, limit - len(self.framing.decoder))
                 out = self.model.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_ids=eos,
                                           decoder_prefix=self.framing.decoder)
             else:
-                if self.positions is not None:  # new tokens take at most half the positions, the prompt the rest
-                    max_new_tokens = min(max_new_tokens, self.positions // 2)
+                if self.positions is not None:
                     prompts = [self._cut(p, self.positions - max_new_tokens) for p in prompts]
                 ids, mask = (t.to(self.model.device) for t in pad_rows(prompts, pad, left=True))
                 out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
