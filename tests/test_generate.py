@@ -199,12 +199,19 @@ def test_the_uncached_path_leaves_a_finished_row_alone(model, monkeypatch):
     ({"do_sample": True, "top_k": 2.5}, "top_k must be an integer or None, got 2.5"),
     ({"temperature": "0.7"}, "temperature must be a number, got '0.7'"),
     ({"max_new_tokens": 2.5}, "max_new_tokens (--max-new-tokens) must be an integer of at least 1, got 2.5"),
+    ({"decoder_prefix": [5.0]}, "decoder_prefix must hold token ids (integers), got [5.0]"),  # the engine's traceback
+    ({"input_ids": "float"}, "input_ids must hold token ids (integers), got torch.float32"),  # read as 5 where 5.5
+    ({"attention_mask": "twos"}, "attention_mask must hold 1 for a prompt's tokens and 0 for padding, nothing else"),
 ])
 def test_settings_of_the_wrong_kind_are_one_line(model, settings, said):
     """The Python API's values of another type: a TypeError from deep inside (the CLI and the server check theirs)."""
     ids, mask = _prompts()
+    settings = dict(settings)
+    bad_ids = ids.float() + 0.5 if settings.pop("input_ids", None) else ids
+    # the cached path read a 2 as 1, the uncached one as a segment of its own
+    bad_mask = mask * 2 if settings.pop("attention_mask", None) else mask
     with pytest.raises(EncdecError) as refused:
-        model.generate(ids, mask, **settings)
+        model.generate(bad_ids, bad_mask, **settings)
     assert str(refused.value) == said
     assert model.generate(ids[:1], mask[:1], max_new_tokens=2, top_k=np.int64(3), seed=np.int64(1), do_sample=True,
                           logit_bias={np.int64(5): np.float32(1.0)}).shape[0] == 1  # numpy's kinds are numbers too

@@ -132,8 +132,15 @@ def generate(
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise EncdecError(f"input_ids must be [batch, length] with at least one prompt of at least one token, got "
                           f"shape {list(input_ids.shape)} (one prompt: ids[None])")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise EncdecError(f"input_ids must hold token ids (integers), got {input_ids.dtype}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise EncdecError(f"attention_mask has shape {list(attention_mask.shape)}, input_ids {list(input_ids.shape)}")
+    if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        # (the cached path read a 2 as 1, the uncached one as a segment of its own)
+        raise EncdecError("attention_mask must hold 1 for a prompt's tokens and 0 for padding, nothing else")
+    if not all(whole(t) for t in decoder_prefix):
+        raise EncdecError(f"decoder_prefix must hold token ids (integers), got {list(decoder_prefix)}")
     read = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
     lowest, highest = (int(read.min()), int(read.max())) if read.numel() else (0, 0)
     outside = [lowest if lowest < 0 else highest] if lowest < 0 or highest >= cfg.vocab_size else []
