@@ -27,6 +27,7 @@ from study import append, check_recipe, parse_recipe, read_results, recipe_confi
 
 from encdec.checkpoint import load, read_metadata
 from encdec.data.corpus import HELDOUT_SETS
+from encdec.data.tokens import packaged_text_versions
 from encdec.errors import EncdecError
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_suffix_nll, encdec_suffix_nll, split_passages
 from encdec.files import portable_path, read_weights
@@ -134,11 +135,12 @@ def main() -> None:
         return
     if args.steps < 1 or args.eval_every < 1 or args.steps % args.eval_every:
         parser.error("--steps and --eval-every must be at least 1, and --steps a multiple of --eval-every")
-    recipes = [parse_recipe(text) for text in args.recipe or ["default"]]
-    try:
-        for _, options in recipes:
+    try:  # e.g. distill with ul2, a --seed below 0: one line, before any work
+        recipes = [parse_recipe(text) for text in args.recipe or ["default"]]
+        for name, options in recipes:
             check_recipe(options)
-    except EncdecError as e:  # e.g. distill with ul2: one line, before any work
+            recipe_config(options, model=args.model, out=args.out / name, steps=args.steps, seed=args.seed)
+    except EncdecError as e:
         parser.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.model)
@@ -148,13 +150,17 @@ def main() -> None:
              "eval_every": args.eval_every}
     recorded = next((r for r in records if r.get("recipe") == "study"), None)
     weights = start_model_digest(str(args.model))  # by content: the same path adapted again is another model
+    texts = packaged_text_versions()  # the held-out passages come from this Python's documentation
     if recorded is None:
-        append(results, {"recipe": "study", **study, "weights": weights})
+        append(results, {"recipe": "study", **study, "weights": weights, "texts": texts})
     elif {k: recorded.get(k) for k in study} != study:  # the baselines and every curve in OUT were made so
         parser.error(f"{args.out} holds a study of {recorded}, not {study}: use another --out")
     elif None not in (recorded.get("weights"), weights) and recorded["weights"] != weights:  # (studies before it)
         parser.error(f"{args.out} holds a study of the model {args.model} held before (its weights differ now: adapted "
                      "again?); its baselines and curves are of that one: use another --out")
+    elif recorded.get("texts") not in (None, texts):  # a curve of two held-out sets otherwise
+        parser.error(f"{args.out} holds a study scored on the held-out passages of {', '.join(recorded['texts'])}; "
+                     f"this environment carries {', '.join(texts)}, whose passages differ: use another --out")
     if not any(r.get("recipe") == "source" for r in records):
         append(results, {"recipe": "source", "nll": source_nll(args, sets)})
     start_nll = next((r for r in records if r.get("recipe") == "adapted"), None)

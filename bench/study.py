@@ -9,6 +9,7 @@ the steps; float32 products), so that every recipe of a study means what it mean
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import re
@@ -17,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from encdec.errors import EncdecError
 from encdec.training.config import TrainConfig
 
 QUICKSTART_RECIPE = {"distill": True, "enc_len": 64, "dec_len": 64, "batch_size": 4, "lr": 3e-4, "eval_windows": 16,
@@ -24,8 +26,17 @@ QUICKSTART_RECIPE = {"distill": True, "enc_len": 64, "dec_len": 64, "batch_size"
                      "precision": "fp32"}  # float32 products everywhere: `auto` picks bf16 on CPUs that have it
 
 
+RESERVED = ("source", "adapted", "study")  # the names of a study's own rows in its results file
+STUDY_OWNED = ("model", "out", "steps", "seed")  # the study's options (--model, --steps...), not a recipe's
+
+
 def parse_recipe(text: str) -> tuple[str, dict]:
+    """(NAME, options) of NAME[:option=value,...]; EncdecError for a NAME that is no folder of its own in the
+    study's OUT (empty: the run trained into OUT itself) or that names one of its own rows (`RESERVED`)."""
     name, _, options = text.partition(":")
+    if not name.strip() or name in RESERVED or "/" in name or name in (".", ".."):
+        raise EncdecError(f"recipe {text!r}: its NAME names its folder in --out and its rows in the results; give a "
+                          f"name that is not empty, has no '/' and is none of {', '.join(RESERVED)}")
     values = {}
     for item in filter(None, re.split(r",(?![^\[]*\])", options)):  # commas inside [...] belong to a list
         key, _, value = item.partition("=")
@@ -50,7 +61,15 @@ def recipe_config(options: dict, *, model: str | Path, out: str | Path, steps: i
 
 
 def check_recipe(options: dict) -> None:
-    """A bad option fails before any work starts."""
+    """A bad option fails before any work starts, in one line (a name that is no option: TypeError's traceback)."""
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise EncdecError(f"recipe option {unknown[0]!r} is not an option of a run; accepted: those of `encdec "
+                          "pretrain --help` (with _ for -), such as lr, objective, trim_vocab")
+    owned = sorted(set(options) & set(STUDY_OWNED))
+    if owned:  # replaced by the study's own without a word
+        raise EncdecError(f"recipe option {owned[0]!r} is the study's (--{owned[0]}), the same for every recipe")
     TrainConfig(**{**QUICKSTART_RECIPE, **options, "model": "m"})
 
 

