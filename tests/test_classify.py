@@ -952,6 +952,9 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     other = journal[0].with_name(f"{'f' * 32}-{'0' * 32}")  # another search's, killed: said, not deleted
     other.mkdir()
     (other / "model.safetensors").write_bytes(b"w" * 10**8)
+    writing = journal[0].with_name(f".{'e' * 32}-{'0' * 32}.tmp-host-1-x")  # another run's save under way: its
+    writing.mkdir()  # files come and go as they are counted (a traceback once this run's results were written)
+    (writing / "model.safetensors").write_bytes(b"w" * 10**8)
     trained.clear()
     progress.clear()
     stop_at[0] = -1
@@ -963,6 +966,7 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     assert other.exists() and f"{other.parent} holds 0.1 GB of unfinished fits of 1 other run(s)" in \
         capsys.readouterr().err
     shutil.rmtree(other)
+    shutil.rmtree(writing)
     # every fit saves its progress (test_a_fit_killed_mid_epoch_...) in a place of its own beside the journal
     assert len(set(progress)) == len(progress) and {p.parent for p in progress} == {journal[0].parent}
     trained.clear()
@@ -1024,6 +1028,25 @@ def test_a_run_without_a_search_killed_mid_fit_resumes_from_its_progress(models:
     whole, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "resumed"))
     assert resumed["predictions"] == whole["predictions"] and resumed["epoch_losses"] == whole["epoch_losses"]
     assert not [p for p in (tmp_path / "cache" / "search").iterdir() if p.is_dir()]
+
+
+def test_a_k_fold_run_whose_cache_cannot_be_written_runs_on(models: dict[str, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """ENCDEC_CACHE naming a file: the journal reads nothing and says so, as it documents, but the first finished
+    fold's keeping (and a fit's first save) raised the write's refusal and ended the run after a fold's training."""
+    from encdec.classification import run
+
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cachefile"))
+    _toy(monkeypatch, kfold_task=True, n=12)
+    real = run.fine_tune
+    monkeypatch.setattr(run, "fine_tune", lambda *a, **k: real(*a, **{**k, "save_every": 0.0}))
+    argv = ["classify", str(models["gemma3"]), "--task", "toy", "--folds", "2", "--steps", "2", "--max-len", "16",
+            "--no-save", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    said = capsys.readouterr().err
+    assert "could not keep the finished fold" in said and "could not save the fit's progress" in said
+    assert (tmp_path / "out" / "results.json").is_file()
 
 
 def test_a_second_run_of_the_same_journal_is_refused_while_the_first_runs(models: dict[str, Path], tmp_path: Path,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from encdec.errors import EncdecError
-from encdec.files import WriteFailed, atomic_dir
+from encdec.files import atomic_dir
 from encdec.training.plain_state import read_state, write_state
 
 log = logging.getLogger("encdec")
@@ -121,7 +121,7 @@ class TrialJournal:
         try:
             with atomic_dir(directory, overwrite=True) as tmp:
                 write_state(tmp, "fold", outcome)
-        except (OSError, WriteFailed) as e:
+        except (OSError, EncdecError) as e:  # (EncdecError: a write refused, the cache root a file, say)
             log.warning("could not keep the finished fold in %s (%s); a resumed run trains it again", directory, e)
 
     def discard_progress(self) -> None:
@@ -129,10 +129,11 @@ class TrialJournal:
         grid, another choice) is of no more use, and the weights with their optimizer state are GBs a fit."""
         for path in self.file.parent.glob(f"{self.file.stem}-*"):
             shutil.rmtree(path, ignore_errors=True)
-        # other runs' (killed, and maybe never run again with their options): said, not deleted
-        others = [p for p in self.file.parent.glob("*-*") if p.is_dir()]
+        # other runs' (killed, and maybe never run again with their options): said, not deleted; not their writes
+        # under way (.NAME.tmp-..., .NAME.old-...), whose files come and go as they are counted
+        others = [p for p in self.file.parent.glob("[!.]*-*") if p.is_dir()]
         if others:
-            size = sum(f.stat().st_size for p in others for f in p.rglob("*") if f.is_file())
+            size = sum(_size(f) for p in others for f in p.rglob("*"))
             log.warning("%s holds %.1f GB of unfinished fits of %d other run(s) (killed; a rerun with their "
                         "options goes on from them): delete those folders if they will not run again",
                         self.file.parent, size / 1e9, len({p.name.split("-")[0] for p in others}))
@@ -162,3 +163,11 @@ class TrialJournal:
             log.warning("could not record the search's trials in %s (%s); a resumed search scores them again",
                         self.file, e)
         return value
+
+
+def _size(path: Path) -> int:
+    """A file's size; 0 for a folder, or a file another run removed meanwhile."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0

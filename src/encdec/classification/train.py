@@ -32,7 +32,7 @@ from encdec.allocator import keep_freed_memory
 from encdec.classification.classifier import Classifier
 from encdec.data.tokens import outside_vocabulary
 from encdec.errors import EncdecError
-from encdec.files import WriteFailed, atomic_dir
+from encdec.files import atomic_dir
 from encdec.inference.onednn import packed_while_inferring
 from encdec.training.data import length_grouped, pad_rows
 from encdec.training.optim import build_optimizer, build_scheduler
@@ -241,7 +241,7 @@ class _FitProgress:
         try:
             with atomic_dir(self.directory, overwrite=True) as tmp:
                 write_state(tmp, "fit", state)
-        except (OSError, WriteFailed) as e:  # a full or read-only disk: the fit goes on, unsaved
+        except (OSError, EncdecError) as e:  # a full or read-only disk, a cache root that is a file: it goes on
             log.warning("could not save the fit's progress in %s (%s); it goes on without", self.directory, e)
             self.saving = False  # an earlier save is still there, and `done` removes it
         self.last = time.monotonic()
