@@ -866,6 +866,24 @@ def test_resuming_after_the_start_model_was_replaced_is_one_line(adapted, corpus
     assert main(_pretrain_args(moved, out, corpus, "--steps", "2", "--resume")) == 0
 
 
+def test_resuming_after_the_teacher_was_replaced_is_one_line(adapted, sources, corpus, tmp_path, capsys):
+    """The checkpoint fingerprinted its start model, not its distillation teacher: the same --teacher path holding
+    other weights taught the resumed steps otherwise (the losses of the resumed steps differed), unsaid."""
+    teacher, out = tmp_path / "teacher", tmp_path / "run"
+    shutil.copytree(sources["gemma3"], teacher)
+    args = _pretrain_args(adapted, out, corpus, "--save-every", "1", "--eval-every", "0", "--teacher", str(teacher))
+    assert main([*args, "--steps", "1"]) == 0
+    shutil.rmtree(out / "model")
+    config = teacher / "config.json"
+    config.write_text(config.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    capsys.readouterr()
+    assert main([*args, "--steps", "2", "--resume"]) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert f"step-000001 was distilled from another teacher than {teacher} holds now" in line, line
+    config.write_text(config.read_text().replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e-06'))
+    assert main([*args, "--steps", "2", "--resume"]) == 0  # the run's teacher again: it resumes
+
+
 def test_a_start_model_given_as_a_file_or_a_name_is_fingerprinted_too(sources, tmp_path):
     """Only a directory's --model was fingerprinted: a decoder-only run begun from one GGUF resumed from another of
     the same shapes (another quantization, a fine-tune) without a word, its teacher, untrained rows and final

@@ -155,10 +155,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
             log.info("CPU memory: freed memory is kept for reuse (--no-keep-freed-memory returns it to the system)")
     teacher = None
     distillation = None
+    teacher_digest = None  # a checkpoint records its teacher as its start model: resumed, it must be the same
     if cfg.distill:
         dtype = compute_dtype or torch.float32
         # a decoder-only model is distilled from itself as it started, unless --teacher says otherwise
         spec = teacher_spec(model_dir, cfg.teacher or (cfg.model if plan.causal else ""))
+        teacher_digest = rundir.start_model_digest(spec)  # every process's own view: each checks on --resume
         teacher = load_teacher(spec, plan.vocab_size, dtype, d.device, tokenizer)
         cfg.check_joined(teacher.cfg, "the distillation teacher")
         if keep is not None:
@@ -198,6 +200,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
         settings = group_settings(optimizer)
         state = checkpointing.apply(resume_from, wrapped, optimizer)  # weights of another shape: refused there
         rundir.check_start_model(saved, cfg.model, last_checkpoint)
+        if cfg.distill:
+            rundir.check_start_model(saved, spec, last_checkpoint, teacher=teacher_digest)
         del resume_from, saved  # its tensors are in the model and the optimizer now
         scheduler.load_state_dict(state["scheduler"])
         restore_group_settings(optimizer, scheduler, settings)
@@ -246,7 +250,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
 
     def save_checkpoint(step: int, record: dict) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
-                   "processes": d.world, "kept_tokens": keep, "record": record, "start_model": start_digest,
+                   "processes": d.world, "kept_tokens": keep, "record": record, "start_model": start_digest, "teacher": teacher_digest,
                    "precision": precision_used, "resumes": resumes}
         return checkpointing.save(out, step, wrapped, optimizer, trainer, d, (cfg.keep_last, cfg.save_every, cfg.steps),
                                   last_checkpoint)

@@ -307,14 +307,19 @@ def _digest_ends(digest: hashlib.blake2b, path: Path, label: str) -> None:
         digest.update(f"{label}:{size}".encode() + head + f.read(DIGEST_SPAN))
 
 
-def check_start_model(saved: dict, model: str, checkpoint: Path) -> None:
+def check_start_model(saved: dict, model: str, checkpoint: Path, teacher: str | None = None) -> None:
     """Refuse to resume from `checkpoint` when the --model it started from has changed since (its `start_model`
     digest; checkpoints written before it was recorded, or a model that cannot be read, are not checked): the
     tokenizer, the distillation teacher, the rows --trim-vocab does not train and the final model's configuration
-    are read from it again."""
-    recorded = saved.get("start_model")
-    now = start_model_digest(model) if recorded else None
+    are read from it again. With `teacher` (its digest now), the distillation teacher `model` instead: the same
+    path or name holding other weights taught the resumed steps otherwise, unsaid."""
+    recorded = saved.get("start_model" if teacher is None else "teacher")
+    now = (start_model_digest(model) if teacher is None else teacher) if recorded else None
     if recorded and now and recorded != now:
+        if teacher is not None:
+            raise EncdecError(f"{checkpoint} was distilled from another teacher than {model} holds now (its "
+                              "configuration or weights changed since the run began); resume with the run's teacher, "
+                              "or start afresh with --overwrite")
         raise EncdecError(f"{checkpoint} was trained from another model than {model} holds now (another --model, "
                           "or its configuration or weights changed since the run began: adapted again?); resume with "
                           "the run's model, or start afresh with --overwrite")
