@@ -217,6 +217,26 @@ def test_a_start_model_replaced_during_the_run_stops_the_final_model_and_keeps_t
     assert encdec.load(tmp_path / "run-2" / "model").config == encdec.load(start).config
 
 
+def test_a_decoder_only_source_replaced_during_the_run_stops_the_final_model(sources, corpus, tmp_path, monkeypatch):
+    """The same for a decoder-only run, whose final model takes its source's config.json again: edited meanwhile, it
+    was saved with the source's weights' layers under a config of other layers."""
+    start = tmp_path / "source"
+    shutil.copytree(sources["gemma3"], start)
+    original_log = Metrics.log
+
+    def edit_start(self, record, **kw):
+        original_log(self, record, **kw)
+        if record["step"] == 2:
+            config = json.loads((start / "config.json").read_text())
+            (start / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+
+    monkeypatch.setattr(Metrics, "log", edit_start)
+    out = tmp_path / "run"
+    with pytest.raises(EncdecError, match=r"source changed while the run trained.*--resume"):
+        loop.train(_config(start, out, corpus, steps=2, eval_every=0, distill=False))
+    assert not (out / "model").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(adapted, corpus, tmp_path, monkeypatch):
     original = step.chunked_loss
     calls = {"n": 0}

@@ -359,17 +359,19 @@ def _final_model(cfg: TrainConfig, out: Path, model_dir: Path, plan: Plan, d: di
            "averaged_checkpoints": [p.name for p in paths], "settings": rundir.recorded_settings(cfg),
            **({"resumes": resumes} if resumes else {})}  # the settings are the last run's: where they changed
     key = "finetuned" if cfg.objective == "instruct" else "pretrained"
+    # a directory's: it would take another model's config, silently (a decoder-only source's too: 4 layers of
+    # weights saved under a config of 2)
+    if start_files is not None and rundir.start_model_files(model_dir) != start_files:
+        raise EncdecError(f"{model_dir} changed while the run trained (its files were replaced or removed), and "
+                          "the final model takes its configuration and metadata from the model the run began "
+                          f"with: put that model back there and run again with --resume (the checkpoints in "
+                          f"{out} are kept)")
     if plan.causal:
         from encdec.causal import causal_from_source, save_causal
 
         model = full_vocabulary_model(weights, causal_from_source(plan.source), plan.keep)
         save_causal(model, plan.source, final, overwrite=True, metadata={key: run}, tokenizer=plan.tokenizer)
     else:
-        if rundir.start_model_files(model_dir) != start_files:  # it would take another model's config, silently
-            raise EncdecError(f"{model_dir} changed while the run trained (its files were replaced or removed), and "
-                              "the final model takes its configuration and metadata from the model the run began "
-                              f"with: put that model back there and run again with --resume (the checkpoints in "
-                              f"{out} are kept)")
         start = load_checkpoint(model_dir).model
         if start.config.vocab_size < plan.vocab_size:  # UL2 grew the embeddings for its added tokens
             start = grow_vocabulary(start, plan.vocab_size)
