@@ -532,6 +532,23 @@ def test_a_bad_option_value_is_one_line(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_nul_in_a_path_from_a_yaml_file_or_a_hand_edited_source_record_is_one_line(adapted, corpus, tmp_path,
+                                                                                       capsys):
+    """YAML spells a NUL character "\\0": a ValueError's traceback at the path's first use. And encdec.json's
+    adapted_from, which names the default teacher, edited into a string: an AttributeError's traceback."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f'model: {adapted}\ndata: [{corpus}]\nout: "{tmp_path}/nu\\0l"\n')
+    assert main_exit(["pretrain", "--config", str(config)]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "--out " in line and "a path holds no NUL character" in line, line
+    edited = shutil.copytree(adapted, tmp_path / "edited")
+    metadata = json.loads((edited / "encdec.json").read_text())
+    (edited / "encdec.json").write_text(json.dumps({**metadata, "adapted_from": "gemma"}))
+    assert main_exit(["pretrain", "--model", str(edited), "--data", str(corpus), "--out", str(tmp_path / "run")]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "encdec.json: its adapted_from names no source model" in line and "--teacher SRC" in line, line
+
+
 def main_exit(argv: list[str]) -> int:
     """main(), with argparse's own exits turned into the exit status."""
     try:

@@ -110,6 +110,9 @@ class TrainConfig:
             _check_type(f, getattr(self, f.name))
             if f.name in USER_PATHS:  # "~/runs" from a YAML file or a quoted argument, as a shell would expand it
                 value = getattr(self, f.name)
+                if any("\0" in v for v in (value if isinstance(value, list) else [value])):  # YAML's "\0": a
+                    # ValueError of the path's first use
+                    raise EncdecError(f"--{_flag(f.name)} {value!r}: a path holds no NUL character")
                 setattr(self, f.name, [os.path.expanduser(v) for v in value] if isinstance(value, list)
                         else os.path.expanduser(value))
             choices = f.metadata.get("choices")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from encdec.causal import load_causal
-from encdec.checkpoint import read_metadata
+from encdec.checkpoint import METADATA, read_metadata
 from encdec.errors import EncdecError
 from encdec.model import CausalLM
 
@@ -32,7 +32,12 @@ def wants_distillation(distill: bool | None, objective: str, teacher: str, model
 
 def recorded_source(model_dir: Path) -> str:
     """The decoder-only source `encdec adapt` recorded in the checkpoint ("" when none): the default teacher."""
-    return (read_metadata(model_dir).get("adapted_from") or {}).get("encoder") or ""
+    adapted_from = read_metadata(model_dir).get("adapted_from") or {}
+    if not isinstance(adapted_from, dict) or not isinstance(adapted_from.get("encoder") or "", str):  # hand-edited:
+        # a traceback in `train` otherwise
+        raise EncdecError(f"{model_dir / METADATA}: its adapted_from names no source model (expected "
+                          '{"encoder": "PATH or NAME", ...}, as encdec adapt writes it); fix it, or pass --teacher SRC')
+    return adapted_from.get("encoder") or ""
 
 
 def teacher_spec(model_dir: Path, given: str) -> str:
