@@ -503,19 +503,28 @@ def test_a_trainer_state_missing_or_mangling_what_resuming_reads_is_set_aside(ru
     """A trainer.json without its scheduler stopped a resumed run with a KeyError's traceback; one claiming 10**12
     processes multiplied a string into terabytes when the settings were compared; a scheduler without its
     lr_lambdas, or a path setting that is a number, were a KeyError's and a TypeError's tracebacks."""
+    # and a scheduler's fields, or an optimizer state, of other types or past every step: TypeError's and
+    # OverflowError's tracebacks
     for change in ({"drop": "scheduler"}, {"processes": 10**12}, {"scheduler": {"last_epoch": 2}},
-                   {"config": {"teacher": 5}}):
+                   {"config": {"teacher": 5}}, {"in scheduler": {"_step_count": None}},
+                   {"in scheduler": {"lr_lambdas": [1]}}, {"in scheduler": {"last_epoch": 10**400}},
+                   {"optimizer": {"state": 5}}, {"optimizer": {"param_groups": 5}}):
         out = shutil.copytree(run, tmp_path / f"run-{len(list(tmp_path.iterdir()))}")
         newest = checkpointing.checkpoints(out)[-1]
-        saved = json.loads((newest / "trainer.json").read_text())
+        name = "optimizer" if "optimizer" in change else "trainer"
+        saved = json.loads((newest / f"{name}.json").read_text())
         if "drop" in change:
             del saved["state"][change["drop"]]
         elif "config" in change:
             saved["state"]["config"].update(change["config"])
+        elif "in scheduler" in change:
+            saved["state"]["scheduler"].update(change["in scheduler"])
         else:
-            saved["state"].update(change)
-        (newest / "trainer.json").write_text(json.dumps(saved))
-        with pytest.raises(EncdecError, match="trainer.json lacks or mangles (scheduler|processes|config's paths)"):
+            saved["state"].update(change.get("optimizer", change))
+        (newest / f"{name}.json").write_text(json.dumps(saved))
+        said = ("does not hold a training state" if name == "optimizer" else
+                "trainer.json lacks or mangles (scheduler|processes|config's paths)")
+        with pytest.raises(EncdecError, match=said):
             checkpointing.read(newest)
         loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, resume=True))  # from step 1
         assert (out / "model").is_dir()

@@ -143,6 +143,7 @@ class Saved:
 
 
 MAX_PROCESSES, MAX_ROWS = 1 << 20, 1 << 31  # a saved run's process count and rows a step, past any real run's
+MAX_STEPS = 1 << 53  # a saved schedule's step, past any run's (a float still counts it)
 
 
 def read(path: Path) -> Saved:
@@ -152,7 +153,9 @@ def read(path: Path) -> Saved:
                           "loads: unpickling can run code")
     weights = read_weights(path, mapped=True)  # copied into the model at once
     optimizer, trainer = read_state(path, "optimizer"), read_state(path, "trainer")
-    if not isinstance(optimizer, dict) or not isinstance(trainer, dict) or "step" not in trainer:
+    if not isinstance(optimizer, dict) or not isinstance(trainer, dict) or "step" not in trainer \
+            or not isinstance(optimizer.get("state", {}), dict) or not isinstance(optimizer.get("param_groups"), list) \
+            or not all(isinstance(group, dict) for group in optimizer["param_groups"]):
         raise EncdecError(f"{path}: optimizer.json or trainer.json does not hold a training state")
     if type(trainer["step"]) is not int or trainer["step"] != step_of(path):  # a copied or renamed step directory
         raise EncdecError(f"{path}: its trainer.json records step {trainer['step']!r}, not the step of its name")
@@ -161,7 +164,9 @@ def read(path: Path) -> Saved:
     config, processes, schedule = trainer.get("config", {}), trainer.get("processes", 1), trainer.get("scheduler")
     malformed = [name for name, ok in (
         ("scheduler", isinstance(schedule, dict) and type(schedule.get("last_epoch")) is int
-         and all(isinstance(schedule.get(key), list) for key in ("base_lrs", "lr_lambdas"))),
+         and -1 <= schedule["last_epoch"] <= MAX_STEPS and type(schedule.get("_step_count", 0)) is int
+         and all(isinstance(schedule.get(key), list) for key in ("base_lrs", "lr_lambdas"))
+         and all(entry is None or isinstance(entry, dict) for entry in schedule["lr_lambdas"])),
         ("stream", isinstance(trainer.get("stream"), dict)),
         ("config", isinstance(config, dict)),
         ("config's paths", not isinstance(config, dict) or all(_path_setting(config.get(name)) for name in USER_PATHS)),
@@ -203,10 +208,10 @@ def latest_usable(out: Path, d: Dist) -> Saved | None:
 def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG states in place; returns the trainer state (step, scheduler, stream, ...)."""
     weights = {PREFIX + k: v for k, v in saved.weights.items()}
-    with_state = set(saved.optimizer.get("state", {}))
     # DDP's wrapper adds "module."; FSDP2 keeps the names
     params = {name.removeprefix("module."): p for name, p in wrapped.named_parameters()}
     try:  # the loads below are not strict (see there), so what makes the checkpoint another model's is checked here
+        with_state = set(saved.optimizer.get("state", {}))
         missing = sorted(name for name in params if name.startswith(PREFIX) and name not in weights)
         if missing:
             raise KeyError(f"no weight for {missing[0].removeprefix(PREFIX)!r}")
@@ -221,6 +226,8 @@ def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) ->
     except (RuntimeError, KeyError, ValueError) as e:  # shapes or parameters that are not this model's
         raise EncdecError(f"{saved.path} was saved by a run of another model ({load_failure(e)}); "
                           "resume with the --model that run started from, or start afresh with --overwrite") from None
+    except (TypeError, AttributeError) as e:  # an optimizer.json edited or damaged within its structure
+        raise EncdecError(f"{saved.path}: its optimizer state cannot be restored ({type(e).__name__}: {e})") from None
     for name, p in params.items():
         if name not in with_state:
             optimizer.state.pop(p, None)

@@ -76,7 +76,11 @@ def _say_schedule_change(saved: dict, cfg: TrainConfig, step: int) -> None:
 
     def setting(name: str, kind: type) -> float:
         value = saved.get(name)
-        return value if isinstance(value, kind) and not isinstance(value, bool) else getattr(cfg, name)
+        try:  # (an integer of 400 digits in a hand-edited trainer.json: past every float)
+            usable = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:
+            usable = False
+        return value if usable else getattr(cfg, name)
 
     new = cfg.lr * warmup_then_decay(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)(step)
     old = setting("lr", float | int) * warmup_then_decay(setting("warmup_steps", int), steps,
