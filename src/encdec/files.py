@@ -294,14 +294,29 @@ def write_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
 
 
 def check_writable_place(out: Path) -> None:
-    """Fail before any work when `out` cannot become a directory: it, or a folder above it, is a file."""
+    """Fail before any work when `out` cannot become a directory: it, or a folder above it, is a file, or a link
+    that leads nowhere (a mount that is not there: its mkdir's FileExistsError came after the work)."""
     out = Path(out)
     with written(out):  # a name too long to look up
+        dangling = next((p for p in (out, *out.parents) if p.is_symlink() and not p.exists()), None)
+        if dangling is not None:
+            raise EncdecError(f"cannot write {out}: {dangling} is a link to {os.readlink(dangling)}, which does not "
+                              "exist")
         if out.exists() and not out.is_dir():
             raise EncdecError(f"output path {out} exists and is not a directory")
         blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise EncdecError(f"cannot write {out}: {blocking} is a file, not a directory")
+
+
+def expand_user(text: str) -> str:
+    """`text` with a leading ~ or ~user expanded, as a shell would; EncdecError where no home directory is found
+    for it (pathlib's RuntimeError otherwise, a traceback)."""
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        raise EncdecError(f"{text}: no home directory is known for {expanded.split(os.sep)[0]} on this machine; give "
+                          "the path without it")
+    return expanded
 
 
 def check_name_room(out: Path, name: str) -> None:

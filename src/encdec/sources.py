@@ -29,6 +29,8 @@ from encdec.config import StackConfig, layer_count
 from encdec.errors import EncdecError, described, first_line
 from encdec.files import (
     atomic_write_files,
+    check_writable_place,
+    expand_user,
     file_identity,
     inside,
     parse_json,
@@ -70,7 +72,7 @@ SUPPORTED = (f"{SUPPORTED_FAMILIES} (a Hugging Face checkpoint directory, a GGUF
 def cache_root() -> Path:
     """Where converted sources, token and feature caches live: $ENCDEC_CACHE, else ~/.cache/encdec."""
     if os.environ.get("ENCDEC_CACHE"):  # "~/..." as a systemd or Docker env file writes it: no shell expands it
-        return Path(os.environ["ENCDEC_CACHE"]).expanduser()
+        return Path(expand_user(os.environ["ENCDEC_CACHE"]))
     try:
         return Path.home() / ".cache" / "encdec"
     except (RuntimeError, KeyError):  # no HOME and no passwd entry (a container run as an arbitrary user)
@@ -317,6 +319,7 @@ def cache_lock(name: str):
     from filelock import FileLock
 
     locks = cache_root() / "locks"
+    check_writable_place(locks)  # (a link that leads nowhere on the way: mkdir's FileExistsError, a traceback)
     with written(locks):
         locks.mkdir(parents=True, exist_ok=True)
     return FileLock(locks / f"{name}.lock")

@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from encdec.errors import EncdecError, first_line
+from encdec.files import expand_user
 from encdec.training.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -113,8 +113,8 @@ class TrainConfig:
                 if any("\0" in v for v in (value if isinstance(value, list) else [value])):  # YAML's "\0": a
                     # ValueError of the path's first use
                     raise EncdecError(f"--{_flag(f.name)} {value!r}: a path holds no NUL character")
-                setattr(self, f.name, [os.path.expanduser(v) for v in value] if isinstance(value, list)
-                        else os.path.expanduser(value))
+                setattr(self, f.name, [expand_user(v) for v in value] if isinstance(value, list)
+                        else expand_user(value))
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise EncdecError(f"--{_flag(f.name)} {getattr(self, f.name)!r}: accepted: {', '.join(choices)}")
@@ -251,8 +251,22 @@ def _shown(value: Any) -> str:
 
 
 def user_path(text: str) -> Path:
-    """argparse type of every path option: `~` expanded, as the shell does not in `--out=~/x`."""
-    return Path(text).expanduser()
+    """argparse type of every path option: `~` expanded, as the shell does not in `--out=~/x`; an empty one (an
+    unset $VARIABLE) refused: it read the working directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset variable?); give a path")
+    try:
+        return Path(expand_user(text))
+    except EncdecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def given(text: str) -> str:
+    """argparse type of a MODEL that may be a path or a name: an empty one (an unset $MODEL) refused, as
+    `user_path` does."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty (an unset variable?); give a checkpoint directory or a model name")
+    return text
 
 
 def _flag(name: str) -> str:
