@@ -722,7 +722,7 @@ GENERATE_BAD = [
      "repetition_penalty (--repetition-penalty) must be a positive finite number, got -1.0"),
     (["--presence-penalty", "nan"], "presence_penalty (--presence-penalty) must be in [-2, 2], got nan"),
     (["--prompt", " ".join(["w5"] * 300)], "the prompt has 301 tokens; this model reads at most 256"),
-    (["--top-k", "-2"], "top_k (--top-k) must be at least 1"),
+    (["--top-k", "-2"], "top_k (--top-k) must be at least 1 (0 or -1: no limit), got -2"),  # as the option spells it
     (["--quantize", "int8", "--dtype", "bfloat16"], "--quantize int8 runs on CPU in float32"),
 ]
 

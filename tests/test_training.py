@@ -947,6 +947,9 @@ def test_data_of_fewer_examples_than_processes_asks_for_more_data_not_a_batch_of
                                           r"than the 10 .* use at most --batch-size 1 "):
         TrainConfig(model="m", out="o", batch_size=2, grad_accum=8).check_fit(None, 96, 10, 1)
     TrainConfig(model="m", out="o", batch_size=2, grad_accum=5).check_fit(None, 96, 10, 1)
+    # --grad-accum alone past the data: no batch size fits it (the advice was --batch-size 1, refused as well)
+    with pytest.raises(EncdecError, match=r"use at most --grad-accum 10 at --batch-size 1$"):
+        TrainConfig(model="m", out="o", batch_size=1, grad_accum=20).check_fit(None, 96, 10, 1)
 
 
 def test_the_rate_schedule_at_hand_computed_steps():

@@ -278,6 +278,17 @@ def test_a_link_in_a_run_directory_is_not_written_through(adapted, corpus, tmp_p
         assert victim.read_text() == "kept" and (out / name).is_symlink()
 
 
+def test_layer_types_that_are_no_list_are_said_so(adapted):
+    """A string there was counted by its characters: "layer_types has 4 entries for 4 layers"."""
+    import dataclasses
+
+    import encdec
+
+    stack = encdec.load(adapted).config.encoder
+    with pytest.raises(EncdecError, match="layer_types must be a list of 'sliding' and 'full', one a layer, got 'full'"):
+        dataclasses.replace(stack, layer_types="full")
+
+
 def _set_everywhere(value, key: str, new) -> None:
     """Set `key` to `new` in every object nested in `value`."""
     if isinstance(value, dict):

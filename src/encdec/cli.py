@@ -184,6 +184,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except EncdecError as e:  # the setting named with its option: "top_p (--top-p) must be ..."
         name, _, rest = str(e).partition(" ")
         if name in ("temperature", "top_k", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            rest = rest.replace("(None: no limit)", "(0 or -1: no limit)")  # what the option spells it
             raise EncdecError(f"{name} (--{name.replace('_', '-')}) {rest}") from None
         raise
     unused = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),

@@ -89,7 +89,10 @@ class StackConfig:
             value = getattr(self, name)
             if not _is_positive(value):
                 raise EncdecError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(self.layer_types, list) or len(self.layer_types) != self.num_layers:
+        if not isinstance(self.layer_types, list):  # a string's length was said as its entries
+            raise EncdecError(f"layer_types must be a list of 'sliding' and 'full', one a layer, got "
+                              f"{self.layer_types!r:.60}")
+        if len(self.layer_types) != self.num_layers:
             raise EncdecError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         bad = sorted(set(self.layer_types) - {"sliding", "full"})
         if bad:

@@ -201,10 +201,12 @@ class TrainConfig:
             raise EncdecError(f"the data holds {train_items} training windows/examples, fewer than the {world} "
                               "processes that each need one; give more data or run fewer processes")
         if self.batch_size * self.grad_accum * world > train_items:  # a step would repeat rows within itself
+            fits = train_items // (world * self.grad_accum)  # the largest batch at this --grad-accum: 0, none fits
+            advice = (f"use at most --batch-size {fits} (or a lower --grad-accum)" if fits else
+                      f"use at most --grad-accum {train_items // world} at --batch-size 1")
             raise EncdecError(f"--batch-size {self.batch_size} x --grad-accum {self.grad_accum} x {world} process(es) "
                               f"needs more rows a step than the {train_items} training windows/examples of the data "
-                              f"hold; use at most --batch-size {max(1, train_items // (world * self.grad_accum))} "
-                              "(or a lower --grad-accum)")
+                              f"hold; {advice}")
 
 
 SEED_MAX = 2**63 - 1  # the largest seed torch.manual_seed accepts
