@@ -605,6 +605,15 @@ def test_compile_without_a_compiler_is_one_line(adapted, monkeypatch, capsys):
     assert "leave --compile out" in line
 
 
+def test_an_adapt_seed_that_seeds_nothing_is_said_to_be_ignored(sources, tmp_path, capsys):
+    """From one source nothing is drawn at random: --seed 5 gave the weights of --seed 0, unsaid."""
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(tmp_path / "m"), "--seed", "5"]) == 0
+    assert "--seed seeds the cross-attention a --decoder SRC model draws at random" in capsys.readouterr().err
+    assert main(["adapt", "--encoder", str(sources["gemma2"]), "--decoder", str(sources["gemma2-small"]), "--out",
+                 str(tmp_path / "u"), "--seed", "5"]) == 0
+    assert "--seed seeds" not in capsys.readouterr().err
+
+
 def test_cpu_kernels_beside_int8_are_said_to_be_ignored(adapted, capsys):
     """int8's dynamic layers compute their own products: --cpu-kernels changed nothing there, unsaid."""
     assert main(["generate", str(adapted), "--prompt", "w1", "--quantize", "int8", "--cpu-kernels", "blas",

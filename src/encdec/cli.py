@@ -101,6 +101,9 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     one_source = decoder_dir.resolve() == encoder_dir.resolve()
     check_pairing(encoder_cfg.family, decoder_cfg.family, one_source, args.attention)
     layers = None if args.decoder_layers is None else parse_layers(args.decoder_layers, encoder_cfg.stack.num_layers)
+    if args.seed is not None and one_source:  # as an ignored sampling option is said: nothing is drawn at random
+        log.warning("--seed seeds the cross-attention a --decoder SRC model draws at random; from one source "
+                    "nothing is drawn: ignored")
     # the decoder's, whose special tokens the model takes (its EOS, its chat template); one vocabulary with the
     # encoder's. Read before adapting, as saving will read it: a tokenizer transformers refuses failed the save
     tokenizer_dir = next((d for d in (decoder_dir, encoder_dir) if has_tokenizer(d)), None)
@@ -113,7 +116,7 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         with timed(f"loading decoder source {args.decoder}"):
             decoder = load_source(args.decoder, DTYPES[args.dtype])
     with timed("adapting"):
-        model = adapt(encoder, decoder, layers, args.attention, seed=args.seed)
+        model = adapt(encoder, decoder, layers, args.attention, seed=args.seed or 0)
     if tokenizer_dir is None:
         log.warning("%s has no tokenizer, so %s is saved without one; `encdec generate` needs one: copy the "
                     "source model's tokenizer.json (or tokenizer.model) and tokenizer_config.json into %s",
@@ -594,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype the sources are loaded in and the model is saved in (bfloat16 halves the memory)")
-    p.add_argument("--seed", type=_seed, default=0, help="seed of the cross-attention drawn at random (--decoder SRC)")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help="seed of the cross-attention drawn at random (--decoder SRC; default 0)")
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("generate", formatter_class=_formatter, help="generate continuations with a saved model",
