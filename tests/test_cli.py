@@ -622,6 +622,16 @@ def test_cpu_kernels_beside_int8_are_said_to_be_ignored(adapted, capsys):
         capsys.readouterr().err
     assert main(["generate", str(adapted), "--prompt", "w1", "--quantize", "int8", "--max-new-tokens", "2"]) == 0
     assert "--cpu-kernels" not in capsys.readouterr().err
+    import argparse
+
+    import torch
+
+    from encdec import cli
+
+    with pytest.MonkeyPatch.context() as patch:  # a host with a GPU, where the model runs
+        patch.setattr("encdec.inference.loading.compute_device", lambda: torch.device("cuda"))
+        assert cli._cpu_kernels(argparse.Namespace(quantize=None, cpu_kernels="blas")) == "blas"
+    assert "--cpu-kernels blas: the model runs on the GPU; ignored" in capsys.readouterr().err
 
 
 def test_pretrain_help_offers_only_its_objectives(capsys):

@@ -553,10 +553,15 @@ def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cpu_kernels(args: argparse.Namespace) -> str:
-    """--cpu-kernels, said to be ignored where int8's own layers compute (it changed nothing, unsaid)."""
+    """--cpu-kernels, said to be ignored where int8's own layers compute, or the GPU does (it changed nothing,
+    unsaid)."""
+    from encdec.inference.loading import compute_device
+
     if args.quantize is not None and args.cpu_kernels is not None:
         logging.getLogger("encdec").warning("--cpu-kernels %s: --quantize %s computes with PyTorch's dynamic int8 "
                                             "layers; ignored", args.cpu_kernels, args.quantize)
+    elif args.cpu_kernels is not None and compute_device().type == "cuda":
+        logging.getLogger("encdec").warning("--cpu-kernels %s: the model runs on the GPU; ignored", args.cpu_kernels)
     return args.cpu_kernels or "onednn"
 
 
