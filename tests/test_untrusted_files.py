@@ -285,7 +285,8 @@ def test_layer_types_that_are_no_list_are_said_so(adapted):
     import encdec
 
     stack = encdec.load(adapted).config.encoder
-    with pytest.raises(EncdecError, match="layer_types must be a list of 'sliding' and 'full', one a layer, got 'full'"):
+    with pytest.raises(EncdecError, match="layer_types must be a list of 'sliding' and 'full', one a layer, got "
+                                          "'full'"):
         dataclasses.replace(stack, layer_types="full")
 
 
