@@ -584,6 +584,12 @@ def test_a_path_of_an_unknown_user_or_through_a_dangling_link_is_one_line(adapte
         assert main_exit(argv) == 2, argv
         (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
         assert f"{tmp_path / 'dangling'} is a link to {tmp_path / 'not-mounted'}, which does not exist" in line, line
+    from encdec.files import WriteFailed
+    from encdec.sources import cache_lock
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "dangling" / "cache"))  # a write error, as callers expect
+    with pytest.raises(WriteFailed, match="dangling is a link to .*not-mounted, which does not exist"):
+        cache_lock("x")
 
 
 def test_a_search_grid_inside_the_classify_output_is_refused(adapted, tmp_path, capsys):

@@ -178,15 +178,15 @@ def test_the_uncached_path_leaves_a_finished_row_alone(model, monkeypatch):
     """After a row's EOS, its scores are neither drawn from nor checked: scores that are not finite there (float16
     overflowing on what follows an EOS, say) raised for the whole batch, where the cached path never computes them."""
     ids, mask = _prompts()
-    eos, calls, logits = 3, [], type(model).logits
+    eos, calls, logits = 3, [], model.logits
 
-    def scores(self, hidden):
-        out = logits(self, hidden).clone()
+    def scores(hidden):
+        out = logits(hidden).clone()
         calls.append(1)
         out[0] = float("nan") if len(calls) > 1 else torch.where(torch.arange(out.shape[1]) == eos, 0.0, -1e4)
         return out
 
-    monkeypatch.setattr(type(model), "logits", scores)
+    monkeypatch.setattr(model, "logits", scores)  # the model's own (a class's could be shadowed by the instance's)
     got = model.generate(ids[:2], mask[:2], max_new_tokens=5, eos_token_ids=[eos], do_sample=True, seed=1,
                          use_cache=False)
     assert got[0].tolist() == [eos] + [model.config.pad_token_id] * (got.shape[1] - 1)

@@ -298,15 +298,20 @@ def check_writable_place(out: Path) -> None:
     that leads nowhere (a mount that is not there: its mkdir's FileExistsError came after the work)."""
     out = Path(out)
     with written(out):  # a name too long to look up
-        dangling = next((p for p in (out, *out.parents) if p.is_symlink() and not p.exists()), None)
-        if dangling is not None:
-            raise EncdecError(f"cannot write {out}: {dangling} is a link to {os.readlink(dangling)}, which does not "
-                              "exist")
+        refuse_dangling(out, EncdecError)
         if out.exists() and not out.is_dir():
             raise EncdecError(f"output path {out} exists and is not a directory")
         blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise EncdecError(f"cannot write {out}: {blocking} is a file, not a directory")
+
+
+def refuse_dangling(out: Path, error: type[EncdecError] = EncdecError) -> None:
+    """Raise `error` when `out` or a folder above it is a link that leads nowhere (a mount that is not there):
+    mkdir's FileExistsError there is no write error `written` knows, a traceback after the work."""
+    dangling = next((p for p in (out, *out.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise error(f"cannot write {out}: {dangling} is a link to {os.readlink(dangling)}, which does not exist")
 
 
 def expand_user(text: str) -> str:

@@ -28,8 +28,8 @@ import torch
 from encdec.config import StackConfig, layer_count
 from encdec.errors import EncdecError, described, first_line
 from encdec.files import (
+    WriteFailed,
     atomic_write_files,
-    check_writable_place,
     expand_user,
     file_identity,
     inside,
@@ -39,6 +39,7 @@ from encdec.files import (
     read_small,
     read_weights,
     reading_config,
+    refuse_dangling,
     refuse_transformers_weights,
     temporary_beside,
     weight_files,
@@ -319,7 +320,7 @@ def cache_lock(name: str):
     from filelock import FileLock
 
     locks = cache_root() / "locks"
-    check_writable_place(locks)  # (a link that leads nowhere on the way: mkdir's FileExistsError, a traceback)
+    refuse_dangling(locks, WriteFailed)  # a write error as `written`'s are: the callers that go on without one do
     with written(locks):
         locks.mkdir(parents=True, exist_ok=True)
     return FileLock(locks / f"{name}.lock")

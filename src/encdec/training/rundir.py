@@ -165,8 +165,10 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
             refuse_link(out / name, linked=True)
     # any output of a run counts: a final model kept after its checkpoints and metrics were deleted is replaced
     held = [name for name in OUTPUTS if (out / name).exists()]
-    foreign = distributed.from_main(foreign_output(out) if held and d.main else None, d)  # the first one's view
-    if foreign:  # --resume reads and rewrites them too (metrics.jsonl a pipe: it waited for ever)
+    # the first one's view; --resume rewrites metrics.jsonl and adds to tensorboard/, so their kinds count there too
+    # (metrics.jsonl a pipe: it waited for ever), not what else a folder holds (it deletes none of them)
+    foreign = distributed.from_main(foreign_output(out, contents=not cfg.resume) if held and d.main else None, d)
+    if foreign:
         action = "--resume continues" if cfg.resume else "--overwrite replaces"
         raise EncdecError(f"{out / foreign[0]} is not what a run writes there ({foreign[1]}): {action} an earlier "
                           "run's outputs, not another folder of that name; choose another --out, or remove it "
@@ -203,9 +205,10 @@ def training_record(model: Path) -> dict | None:
     return run if isinstance(run, dict) else None
 
 
-def foreign_output(out: Path) -> tuple[str, str] | None:
+def foreign_output(out: Path, contents: bool = True) -> tuple[str, str] | None:
     """The first of OUT's run names (OUTPUTS) that holds something no run writes, with what: `begin` deletes
-    them all on --overwrite (a link is only unlinked, what it leads to stays)."""
+    them all on --overwrite (a link is only unlinked, what it leads to stays). Without `contents`, only a name of
+    another kind (metrics.jsonl no file, the others no directories)."""
     def odd(path: Path, kept) -> str:
         found = sorted(entry.name for entry in path.iterdir() if not kept(entry))
         return f"it holds {', '.join(found[:3])}" if found else ""
@@ -219,6 +222,8 @@ def foreign_output(out: Path) -> tuple[str, str] | None:
                 problem = "" if path.is_file() else "not a file"
             elif not path.is_dir():
                 problem = "not a directory"
+            elif not contents:
+                problem = ""
             elif name == "model":  # a run's final model records the run (encdec.json: "pretrained" or "finetuned");
                 # any checkpoint was taken for one, and --overwrite deleted a model kept there (an adapted one, say)
                 recorded = training_record(path) is not None
