@@ -66,12 +66,22 @@ PLOTTED_SET = "general-english"  # the plot's held-out NLL
 DEVICE = torch.device("cpu")
 # the options each kind of result depends on: a rerun into the same OUT must not mix studies
 SETTINGS = {"adapted": ("source",), "trained": ("source", "steps", "recipe", "seed"),
+            "training": ("source", "steps", "recipe", "seed"),  # begun: a run stopped midway resumes on these alone
             "evaluated": ("eval_tasks", "eval_limit", "shots", "eval_seed"),
             "latency": ("prompt_tokens", "new_tokens", "batches", "repeats")}
 
 
 def settings(event: str, args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in SETTINGS[event]}
+
+
+def evaluation_settings(args: argparse.Namespace):
+    """The suite every point is scored on (`Settings`): the accuracy tasks asked for and the held-out NLL."""
+    from encdec.evaluation.harness import Settings
+
+    tasks = [t for t in parse_tasks(args.eval_tasks) if t != LM_TASK]
+    return Settings(tasks=[*tasks, LM_TASK], shots=args.shots, limit=args.eval_limit, batch_size=args.eval_batch_size,
+                    seed=args.eval_seed)
 
 
 def refuse_other_settings(records: list[dict], args: argparse.Namespace, results: Path) -> None:
@@ -124,6 +134,8 @@ def train_point(name: str, start: str | Path, args: argparse.Namespace, results:
         began = time.perf_counter()
         # a run stopped before its first checkpoint left its metrics.jsonl, which only --resume trains past
         cfg.resume = Path(cfg.out).is_dir()
+        if (name, "training") not in done:  # recorded before the first step: a rerun with other settings is refused
+            append(results, {"point": name, "event": "training", "settings": settings("training", args)})
         try:
             train(cfg)
         except EncdecError as e:
@@ -154,17 +166,14 @@ def train_in_parallel(names: list[str], args: argparse.Namespace) -> None:
 def evaluate_points(models: dict[str, Path], args: argparse.Namespace, results: Path) -> None:
     """Both held-out NLLs and the suite's average with its 95% interval, by the `encdec evaluate` harness: every
     point not yet evaluated in one call (the tasks' data read once), their table in OUT/evaluation-NAMES.md."""
-    from encdec.evaluation.harness import Settings, evaluate, write
+    from encdec.evaluation.harness import evaluate, write
     from encdec.evaluation.stats import mean_interval
 
     done = {r["point"] for r in read_results(results) if r["event"] == "evaluated"}
     pending = {name: str(model) for name, model in models.items() if name not in done}
     if not pending:
         return
-    tasks = [t for t in parse_tasks(args.eval_tasks) if t != LM_TASK]
-    suite = Settings(tasks=[*tasks, LM_TASK], shots=args.shots, limit=args.eval_limit, batch_size=args.eval_batch_size,
-                     seed=args.eval_seed)
-    record = evaluate(list(pending.values()), suite)
+    record = evaluate(list(pending.values()), evaluation_settings(args))
     write(record, args.out / f"evaluation-{'-'.join(pending)}")
     for name, model in pending.items():
         scored = {task: record["tasks"][task]["results"][model] for task in tasks}
@@ -342,6 +351,7 @@ def parse_args() -> argparse.Namespace:
             p.error(f"--train {args.train!r}: not one of the points {[SOURCE, *args.points]}")
         _, args.options = parse_recipe(args.recipe)
         check_recipe(args.options)
+        evaluation_settings(args)  # its checks (--shots, --eval-batch-size) now, not after every point trained
     except EncdecError as e:
         p.error(str(e))
     return args

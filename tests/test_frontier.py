@@ -132,6 +132,35 @@ def test_frontier_train_adapts_only_its_point(tmp_path, monkeypatch, point, adap
     assert made == adapted and trained == [(point, tmp_path / point if adapted else "src")]
 
 
+def test_frontier_refuses_to_resume_a_point_stopped_in_training_with_other_settings(tmp_path, monkeypatch):
+    """A run stopped midway left no record of its settings ("trained" comes at its end): rerun with another --steps,
+    recipe or seed, the point's run resumed from its checkpoint under the new ones and was recorded as theirs.
+    Bad evaluation options were refused only after every point trained (a traceback)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import frontier
+
+    stopped = []
+
+    def train(cfg):
+        stopped.append(cfg.steps)
+        raise KeyboardInterrupt  # stopped in its first run
+
+    monkeypatch.setattr("encdec.training.loop.train", train)
+    argv = ["frontier.py", "--source", "src", "--out", str(tmp_path / "out"), "--point", "half=::2@cross"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--train", "source"])
+    with pytest.raises(KeyboardInterrupt):
+        frontier.main()
+    monkeypatch.setattr(sys, "argv", [*argv, "--train", "source", "--steps", "400"])
+    with pytest.raises(SystemExit, match="holds results made with .*'steps': 200.*this run asks for .*'steps': 400"):
+        frontier.main()
+    assert stopped == [200]
+    for bad in (["--eval-batch-size", "0"], ["--shots", "-1"]):
+        monkeypatch.setattr(sys, "argv", [*argv, *bad])
+        with pytest.raises(SystemExit) as refused:
+            frontier.main()
+        assert refused.value.code == 2, bad
+
+
 @pytest.mark.parametrize("bos", [2, None], ids=["bos", "none"])
 def test_frontier_prompts_start_as_the_tokenizer_starts_a_text(tmp_path, monkeypatch, sources, bos):
     """Each prompt row began with the tokenizer's bos_token_id: null for Qwen's, which puts none first, and the
