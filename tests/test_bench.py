@@ -206,6 +206,24 @@ def test_recovery_study_refuses_other_settings_and_failed_training_and_survives_
     assert [json.loads(line) for line in results.read_text().splitlines()][-1] == {"recipe": "last"}
 
 
+def test_serve_load_sends_each_clients_first_request_whatever_the_time(monkeypatch):
+    """A short --max-seconds ran out while the HTTP client opened: the level completed nothing, and the table's
+    median of no latencies was a StatisticsError's traceback once every target had run."""
+    import asyncio
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import serve_load
+
+    async def answered(client, url, body, index):
+        await asyncio.sleep(0.01)
+        return serve_load.Done(index, 0.01, 0.01, 1, "w")
+
+    monkeypatch.setattr(serve_load, "stream_completion", answered)
+    done, wall = asyncio.run(serve_load.drive_http("http://127.0.0.1:1", "m", [{}] * 4, [[0, 1], [2, 3]], 1e-9))
+    assert sorted(d.index for d in done) == [0, 2]  # each client's first, then the deadline
+    assert serve_load.level_row(done, wall)[0] == 2
+
+
 def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_path):
     """...each as it was trained to read a continuation: the same weights recorded as UL2-pretrained read it after
     their sentinel, so their numbers differ (they were scored as plain PrefixLM models)."""
