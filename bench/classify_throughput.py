@@ -74,6 +74,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--worker", nargs=2, metavar=("IMPLEMENTATION", "MODEL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     require_positive(p, args, ("batch", "max_len", "examples", "steps", "repeats", "warmup", "rounds"))
+    if args.base_src is not None and not (args.base_src / "encdec" / "__init__.py").is_file():  # the installed
+        # encdec was imported instead, and a tree compared with itself
+        p.error(f"--base-src {args.base_src}: no encdec package there; give a source tree's src/ folder")
     if args.max_len < 4:
         p.error("--max-len must be at least 4")
     if args.examples % args.batch:  # both sides then step through full batches only, as the examples/s assumes

@@ -58,6 +58,8 @@ def main() -> None:
         lengths = sorted({int(n) for n in args.lengths.split(",")})
     except ValueError:
         p.error(f"--lengths {args.lengths!r}: expected a comma list of integers like 4,16,64")
+    if args.new_tokens < 1:  # transformers' ValueError once every length was scored
+        p.error(f"--new-tokens must be at least 1, got {args.new_tokens}")
     if lengths[0] < 2 or lengths[-1] > LONGEST:
         p.error(f"--lengths must lie in 2..{LONGEST} (BOS and at least one token), got {args.lengths}")
     models = dict(text.partition("=")[::2] for text in args.model)

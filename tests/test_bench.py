@@ -224,6 +224,22 @@ def test_serve_load_sends_each_clients_first_request_whatever_the_time(monkeypat
     assert serve_load.level_row(done, wall)[0] == 2
 
 
+def test_bench_options_that_would_fail_late_or_compare_a_tree_with_itself_are_refused(tmp_path, monkeypatch, capsys):
+    """classify_throughput's --base-src without an encdec package under it timed the installed encdec as the base
+    (a tree against itself, without a word); prefix_lengths' --new-tokens 0 failed after every length was scored."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import classify_throughput
+    import prefix_lengths
+
+    for module, argv, said in ((classify_throughput, ["--base-src", str(tmp_path)], "no encdec package there"),
+                               (prefix_lengths, ["--model", f"m={tmp_path}", "--new-tokens", "0"],
+                                "--new-tokens must be at least 1")):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+        with pytest.raises(SystemExit) as refused:
+            module.parse_args() if module is classify_throughput else module.main()
+        assert refused.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_path):
     """...each as it was trained to read a continuation: the same weights recorded as UL2-pretrained read it after
     their sentinel, so their numbers differ (they were scored as plain PrefixLM models)."""
