@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import cpu_only, in_turn, print_result, ratio_line, require_positive, run_worker, time_calls
+from common import cpu_only, in_turn, print_result, ratio_line, require_positive, run_main, run_worker, time_calls
 
 LR, HEAD_LR, WEIGHT_DECAY, CLIP, WARMUP = 1e-5, 1e-4, 0.01, 1.0, 0.1
 BOS_ID, PAD_ID = 2, 0
@@ -217,4 +217,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

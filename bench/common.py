@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import torch
 
+from encdec.errors import EncdecError
+
 T = TypeVar("T")
 
 
@@ -152,4 +154,15 @@ def corpus_token_ids(tokenizer_dir: Path, count: int) -> list[int]:
         ids.extend(tokenizer(document, add_special_tokens=False).input_ids)
         if len(ids) >= count:
             return ids
-    raise ValueError(f"the default corpus has only {len(ids)} tokens, fewer than the {count} asked for")
+    raise EncdecError(f"the default corpus has only {len(ids)} tokens, fewer than the {count} asked for: ask for "
+                      "fewer or shorter prompts")
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """A script's entry point: an error of encdec's (a mistyped model path, options the corpus cannot serve) is one
+    line and exit status 2, as the CLI's, not a traceback."""
+    try:
+        main()
+    except EncdecError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import corpus_token_ids, cpu_only, engine_steps
+from common import corpus_token_ids, cpu_only, engine_steps, run_main
 
 
 def main() -> None:
@@ -76,4 +76,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

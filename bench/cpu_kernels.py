@@ -32,7 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import int_list
+from common import int_list, run_main
 from torch import nn
 
 from encdec.inference.onednn import PackedLinear
@@ -132,4 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

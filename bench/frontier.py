@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from common import in_turn, print_result, ratio_line, require_positive, run_worker, time_calls
+from common import in_turn, print_result, ratio_line, require_positive, run_main, run_worker, time_calls
 from study import append, check_recipe, parse_recipe, read_results, recipe_config, tokens_per_step
 
 from encdec.checkpoint import is_checkpoint
@@ -173,6 +173,7 @@ def evaluate_points(models: dict[str, Path], args: argparse.Namespace, results: 
     pending = {name: str(model) for name, model in models.items() if name not in done}
     if not pending:
         return
+    tasks = [t for t in parse_tasks(args.eval_tasks) if t != LM_TASK]
     record = evaluate(list(pending.values()), evaluation_settings(args))
     write(record, args.out / f"evaluation-{'-'.join(pending)}")
     for name, model in pending.items():
@@ -407,4 +408,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -65,6 +65,7 @@ from common import (
     print_result,
     ratio_line,
     require_positive,
+    run_main,
     run_worker,
     time_calls,
 )
@@ -374,4 +375,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import engine_steps, int_list
+from common import engine_steps, int_list, run_main
 
 LAYER_TYPES = ["full" if (i + 1) % 6 == 0 else "sliding" for i in range(18)]
 STACK_270M = {  # Gemma 3 270M's text stack, as `encdec adapt` reads it
@@ -369,4 +369,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import cpu_only
+from common import cpu_only, run_main
 
 VARIANTS = {  # name -> (dtype, quantize, cpu kernels)
     "blas": (torch.float32, None, "blas"),
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

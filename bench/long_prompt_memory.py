@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import cpu_only, peak_rss_gib, print_result, run_worker
+from common import cpu_only, peak_rss_gib, print_result, run_main, run_worker
 
 VOCAB = 1024
 
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 import torch
+from common import run_main
 
 from encdec.checkpoint import load, read_metadata
 from encdec.data.corpus import HELDOUT_SETS
@@ -117,4 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

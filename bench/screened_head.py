@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import corpus_token_ids, cpu_only, in_turn, int_list
+from common import corpus_token_ids, cpu_only, in_turn, int_list, run_main
 
 
 def _median_ms(call, repeats: int) -> float:
@@ -92,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

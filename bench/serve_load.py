@@ -68,7 +68,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import corpus_token_ids, cpu_only, in_turn, peak_rss_gib, print_result, ratio_line, run_worker
+from common import corpus_token_ids, cpu_only, in_turn, peak_rss_gib, print_result, ratio_line, run_main, run_worker
 from generate_throughput import prepare_model
 
 TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop", "transformers-loop-bf16", "serve-int8")
@@ -452,4 +452,4 @@ def print_ratios(measured: dict[str, list[tuple[Levels, float]]], args: argparse
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

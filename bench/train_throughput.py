@@ -63,6 +63,7 @@ from common import (
     print_result,
     ratio_line,
     require_positive,
+    run_main,
     run_worker,
     synchronize,
     time_calls,
@@ -332,4 +333,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

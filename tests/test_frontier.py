@@ -218,8 +218,9 @@ def test_frontier_trains_evaluates_times_and_plots_every_point(sources, corpus, 
     assert first.returncode == 0, first.stderr[-2000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     events = {(r["point"], r["event"]) for r in records}
-    assert events == {(p, e) for p in ("source", "balanced", "half") for e in ("trained", "evaluated", "latency")} | {
-        ("balanced", "adapted"), ("half", "adapted")}
+    assert events == {(p, e) for p in ("source", "balanced", "half")
+                      for e in ("training", "trained", "evaluated", "latency")} | {("balanced", "adapted"),
+                                                                                   ("half", "adapted")}
     evaluated = {r["point"]: r for r in records if r["event"] == "evaluated"}
     assert all(set(r["nll"]) == {"python-docs", "general-english"} and r["suite"]["tasks"] == 1 for r in evaluated.values())
     timed = {r["point"]: r for r in records if r["event"] == "latency"}
