@@ -67,14 +67,18 @@ def protocol_options(values: list[str], task: str) -> list[str]:
     specific: list[str] = []
     for value in values:
         named, sep, rest = value.partition("=")
-        if sep and re.fullmatch(r"\s*[A-Za-z_]\w*\s*", named):  # TASK=...; options begin with -
-            named = named.strip().lower()
-            if named not in TASKS:
-                sys.exit(f"--search-args / --probe-args {value!r}: {named!r} is not a task; "
-                         f"accepted: {', '.join(TASKS)}")
-            specific += shlex.split(rest) if named == task else []
-        else:
-            general += shlex.split(value)
+        try:
+            if sep and re.fullmatch(r"\s*[A-Za-z_]\w*\s*", named):  # TASK=...; options begin with -
+                named = named.strip().lower()
+                if named not in TASKS:
+                    sys.exit(f"--search-args / --probe-args {value!r}: {named!r} is not a task; "
+                             f"accepted: {', '.join(TASKS)}")
+                specific += shlex.split(rest) if named == task else []
+            else:
+                general += shlex.split(value)
+        except ValueError as e:  # an unbalanced quote: shlex's traceback otherwise
+            sys.exit(f"--search-args / --probe-args {value!r}: {e}; expected encdec classify options, quoted as a "
+                     "shell quotes them")
     return general + specific
 
 

@@ -76,7 +76,10 @@ def main() -> None:
     sets = {(name, n): shorter(data, n, bos) for name, data in full.items() for n in lengths}
     prompt = tokenizer([args.prompt], return_tensors="pt")
     rows, texts = {}, {}
-    source_dir = load_source(read_metadata(first)["adapted_from"]["encoder"]).directory
+    adapted_from = read_metadata(first).get("adapted_from")
+    if not isinstance(adapted_from, dict) or not isinstance(adapted_from.get("encoder"), str):  # a KeyError otherwise
+        p.error(f"{first}: its encdec.json names no source (adapted_from); give models made by `encdec adapt`")
+    source_dir = load_source(adapted_from["encoder"]).directory
     reference = transformers_causal_lm(source_dir, torch.float32).eval()
     rows[SOURCE] = {key: decoder_only_position_nll(reference, data) for key, data in sets.items()}
     if args.source_without_bos:

@@ -118,6 +118,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of encdec's LM-head loss")
     p.add_argument("--worker", nargs=3, metavar=("IMPLEMENTATION", "PRECISION", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    try:  # a device this machine has: a RuntimeError's or an AssertionError's traceback otherwise, in the workers
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        p.error(f"--device {args.device}: this machine has {gpus} GPU(s)")
     require_positive(p, args, ("batch", "enc_len", "dec_len", "steps", "rounds", "loss_chunk"))
     args.precisions = args.precisions.split(",")
     unknown = set(args.precisions) - set(DTYPES)

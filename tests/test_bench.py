@@ -231,13 +231,31 @@ def test_bench_options_that_would_fail_late_or_compare_a_tree_with_itself_are_re
     import classify_throughput
     import prefix_lengths
 
+    import train_throughput
+
     for module, argv, said in ((classify_throughput, ["--base-src", str(tmp_path)], "no encdec package there"),
                                (prefix_lengths, ["--model", f"m={tmp_path}", "--new-tokens", "0"],
-                                "--new-tokens must be at least 1")):
+                                "--new-tokens must be at least 1"),
+                               (train_throughput, ["--device", "foo"], "--device 'foo': "),  # tracebacks, in workers
+                               (train_throughput, ["--device", "cuda:7"], "--device cuda:7: this machine has")):
         monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
         with pytest.raises(SystemExit) as refused:
-            module.parse_args() if module is classify_throughput else module.main()
+            module.main() if module is prefix_lengths else module.parse_args()
         assert refused.value.code == 2 and said in capsys.readouterr().err
+    # a checkpoint encdec adapt did not make (no adapted_from): prefix_lengths' KeyError
+    from tiny import make_tokenizer
+
+    (tmp_path / "bare").mkdir()
+    make_tokenizer(tmp_path / "bare")
+    monkeypatch.setattr(sys, "argv", ["prefix_lengths.py", "--model", f"m={tmp_path / 'bare'}"])
+    with pytest.raises(SystemExit) as refused:
+        prefix_lengths.main()
+    assert refused.value.code == 2 and "its encdec.json names no source (adapted_from)" in capsys.readouterr().err
+    # encoder_claim's protocol options with an unbalanced quote: shlex's ValueError
+    import encoder_claim
+
+    with pytest.raises(SystemExit, match="No closing quotation; expected encdec classify options"):
+        encoder_claim.protocol_options(["--lr '1e-5"], "cb")
 
 
 def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_path):
