@@ -3,6 +3,7 @@ terminal, a line of progress every minute)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -45,6 +46,7 @@ class Metrics:
             # a resumed run drops the events logged after its checkpoint (metrics.jsonl is cut back the same way),
             # all of them when it stopped before its first checkpoint; a new run has none to drop; the checkpoint's
             # own step's are written again
+            _after_earlier_events(self.out / "tensorboard")
             self.writer = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.start + (self.restored is None))
             if self.restored is not None:
                 self._scalars(self.restored)
@@ -91,6 +93,20 @@ class Metrics:
                 self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _after_earlier_events(folder: Path) -> None:
+    """Wait, if need be, into the second after the newest event file's: TensorBoard reads a folder's files in the
+    order of their names (a second's, then host, process and a counter that is not zero-padded: ...9 after ...10),
+    and a resumed run's file read before the run's earlier one had its steps purged as out of order (a resume in
+    the same second and process: the tests')."""
+    seconds = []
+    for path in folder.glob("events.out.tfevents.*"):
+        with contextlib.suppress(IndexError, ValueError):
+            seconds.append(int(path.name.split(".")[3]))
+    wait = max(seconds, default=0) + 1 - time.time()
+    if 0 < wait <= 1:
+        time.sleep(wait)
 
 
 def _duration(seconds: float) -> str:
