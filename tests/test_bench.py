@@ -230,7 +230,6 @@ def test_bench_options_that_would_fail_late_or_compare_a_tree_with_itself_are_re
     monkeypatch.syspath_prepend(str(BENCH))
     import classify_throughput
     import prefix_lengths
-
     import train_throughput
 
     for module, argv, said in ((classify_throughput, ["--base-src", str(tmp_path)], "no encdec package there"),
