@@ -284,10 +284,8 @@ class _FineTuneFolds:
             log.warning("what was kept of fold %d is not its predictions and losses; it is trained again", k + 1)
             return None
         classifier = None
-        if k == 0 and self.save_first:
-            if self.initial is not None:
-                self.backbone.load_state_dict(self.initial)
-            classifier = Classifier(self.backbone, self.num_labels, self.pooling)
+        if k == 0 and self.save_first:  # its weights whole (the backbone's too); one that does not load partly
+            classifier = Classifier(self.backbone, self.num_labels, self.pooling)  # is reset by `_train`
             try:
                 classifier.load_state_dict(kept["weights"])
             except (RuntimeError, TypeError, AttributeError) as e:  # none kept (--no-save then), or of another model
