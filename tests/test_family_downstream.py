@@ -4,6 +4,7 @@ classification and the exported encoder."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -160,6 +161,38 @@ def test_a_system_message_takes_the_templates_system_role_or_opens_the_first_use
         ChatFormat(tokenizer, True, "<|im_end|>", None).render(turns)
 
 
+def test_system_messages_stand_where_the_chat_format_takes_them(tmp_path):
+    """OpenAI's API takes a system message anywhere (a system prompt, then the assistant's greeting, then the user);
+    a template with the role renders them as it does: the server refused both shapes below for every model, by
+    Gemma's rule. Gemma's format, which folds one first system message into the first user turn, refuses them."""
+    from tiny import make_tokenizer
+
+    from encdec.data.chat import ChatFormat, ConversationRefused
+    from encdec.serve.protocol import Limits, parse
+
+    make_tokenizer(tmp_path, reserved=False)
+    tokenizer = encdec.load_tokenizer(tmp_path)
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    gemma = ChatFormat.of(tokenizer)
+    tokenizer.chat_template = CHATML
+    chatml = ChatFormat.of(tokenizer)
+    for roles, refusal in ((("system", "assistant", "user"), "must be followed by a user message"),
+                           (("user", "system", "user"), "message 1 is a system message")):
+        messages = [{"role": role, "content": f"w{i}"} for i, role in enumerate(roles)]
+        turns = parse(json.dumps({"messages": messages}).encode(), "chat", Limits(64, 8)).turns
+        assert chatml.render(turns) == tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                     add_generation_prompt=True)
+        with pytest.raises(ConversationRefused, match=refusal):
+            gemma.encode(turns)
+    # a training record in that shape: refused when its turns are written, as one line naming the record
+    from encdec.data.instructions import Pair, chat_example
+
+    pair = Pair(turns=(("system", "w0"), ("model", "w1"), ("user", "w2")), response="w3", source="data.jsonl:4")
+    with pytest.raises(EncdecError, match="^data.jsonl:4: a system message must be followed by a user message"):
+        chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64, chat=gemma)
+    assert chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64, chat=chatml).inputs
+
+
 def test_a_conversation_the_chat_template_refuses_is_one_line(tmp_path):
     """Templates that check the turns (Mistral's: roles must alternate) raise from inside jinja: the example's
     file and line, and the template's own words, instead of a traceback."""
@@ -235,10 +268,9 @@ def test_finetune_uses_the_tokenizers_chat_template_and_saves_a_qwen2_source_bac
 
     import transformers as tf
     from test_finetune import write_instructions
+    from tokenizers import processors
 
     from encdec.causal import load_causal
-
-    from tokenizers import processors
 
     source = make_source(tmp_path / "source", "qwen2", vocab_size=128)  # spare rows for the template's tokens
     tokenizer = copy.deepcopy(encdec.load_tokenizer(source))

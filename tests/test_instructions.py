@@ -94,7 +94,7 @@ BAD_LINES = {
     "role not a string": ({"messages": [{"role": ["user"], "content": "p"}, {"role": "model", "content": "r"}]},
                           "unknown role ['user']"),
     "no user turn": ({"messages": [{"role": "system", "content": "s"}, {"role": "model", "content": "r"}]},
-                     "followed by a user message"),
+                     "the message before the response must be a user message"),
     "lone surrogate": ('{"prompt": "p \\ud800", "response": "r"}', "escape that is not half of a pair"),
     "both shapes": ({"prompt": "p", "response": "r", "messages": [{"role": "user", "content": "p"},
                                                                   {"role": "model", "content": "r2"}]},

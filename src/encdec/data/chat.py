@@ -35,7 +35,16 @@ TEMPLATE_DATE = "26 Jul 2024"
 
 
 class ConversationRefused(ValueError):
-    """The tokenizer's chat template refused the turns (Mistral's and Llama 2's raise unless roles alternate)."""
+    """The chat format refused the turns: the tokenizer's template (Mistral's and Llama 2's raise unless roles
+    alternate), or Gemma's format, which has no system role, a system message it cannot fold into a user turn."""
+
+
+def _folded(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`system_folded(turns)`, its refusal (a system turn where the format cannot put one) a ConversationRefused."""
+    try:
+        return system_folded(turns)
+    except ValueError as e:
+        raise ConversationRefused(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -78,14 +87,14 @@ class ChatFormat:
         `bos` as a token anyway; SmolLM2's tokenizer names its first marker, <|im_start|>, as BOS but never puts it
         first, so there the marker stays text)."""
         if not self.templated:
-            return chat_prompt(system_folded(turns))
+            return chat_prompt(_folded(turns))
         try:
             text = self._templated(turns)
         except TemplateError as e:  # a template that checks the turns (roles must alternate user/assistant, ...)
-            if turns[0][0] != "system":
+            if all(role != "system" for role, _ in turns):
                 raise ConversationRefused(f"the tokenizer's chat template refuses this conversation ({e})") from None
             try:  # a template without a system role (Gemma 2's, Mistral's first) reads it in the first user turn
-                text = self._templated(system_folded(turns))
+                text = self._templated(_folded(turns))
             except TemplateError:
                 raise ConversationRefused(f"the tokenizer's chat template refuses this conversation ({e})") from None
         bos = self.tokenizer.bos_token

@@ -58,9 +58,10 @@ def chat_prompt(turns: Sequence[tuple[str, str]]) -> str:
 
 
 def conversation(messages: Any) -> list[tuple[str, str]]:
-    """The (role, text) turns, role "user" or "model", of OpenAI-style messages, after a first "system" turn when
-    they begin with a system message (`encdec.data.chat.ChatFormat` gives it to a template that has the role, and
-    prepends it to the first user turn for Gemma, which has none). Raises ValueError with the reason."""
+    """The (role, text) turns, role "user", "model" or "system", of OpenAI-style messages. Where system messages
+    may stand is the chat format's to say (`encdec.data.chat.ChatFormat`): a template with the role renders them
+    as it does, Gemma's format (no such role) reads one first system message in the first user turn
+    (`system_folded`). Raises ValueError with the reason."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
     turns: list[tuple[str, str]] = []
@@ -71,19 +72,23 @@ def conversation(messages: Any) -> list[tuple[str, str]]:
         if role is None:
             raise ValueError(f"message {i} has the unknown role {message.get('role')!r}; "
                              f"accepted: {', '.join(ROLES)}")
-        if role == "system" and i > 0:
-            raise ValueError(f"message {i} is a system message; one is accepted only as the first message")
         turns.append((role, message["content"]))
-    if turns[0][0] == "system" and (len(turns) < 2 or turns[1][0] != "user"):
-        raise ValueError("a system message must be followed by a user message (Gemma has no system role: "
-                         "it is prepended to the first user turn)")
     return turns
 
 
 def system_folded(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """`turns` without a "system" turn: its text prepended to the first user turn, as Gemma's format needs."""
+    """`turns` without a "system" turn, for a format without the role (Gemma's): a first system turn's text
+    prepended to the first user turn. Raises ValueError where that cannot be (a later system turn, or a first one
+    that no user turn follows)."""
+    late = next((i for i, (role, _) in enumerate(turns) if role == "system" and i > 0), None)
+    if late is not None:
+        raise ValueError(f"message {late} is a system message; this chat format has no system role, so one is "
+                         "accepted only as the first message (it opens the first user turn)")
     if not turns or turns[0][0] != "system":
         return list(turns)
+    if len(turns) < 2 or turns[1][0] != "user":
+        raise ValueError("a system message must be followed by a user message (this chat format has no system "
+                         "role: it is prepended to the first user turn)")
     (_, system), (role, first), *rest = turns
     return [(role, f"{system.strip()}\n\n{first.strip()}"), *rest]
 
