@@ -608,6 +608,25 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_answering(server, b
     assert ok.status_code == 200
 
 
+def test_a_body_not_declared_json_is_refused_as_a_browser_sends_it_from_any_page(server):
+    """A web page can POST text/plain, form and multipart bodies, or one without a type, to a server on the user's
+    own machine without the browser asking it first: every such body was read as JSON and generated from."""
+    bodies = {"/v1/completions": {"prompt": "w1", "max_tokens": 2}, "/v1/embeddings": {"input": "w1"},
+              "/tokenize": {"prompt": "w1"}, "/detokenize": {"tokens": [5]},
+              "/v1/chat/completions": {"messages": [{"role": "user", "content": "w1"}], "max_tokens": 2}}
+    for path, fields in bodies.items():
+        body = json.dumps(fields)
+        for kind in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; b=x",
+                     None):
+            headers = {"origin": "https://elsewhere.example"} | ({"content-type": kind} if kind else {})
+            answer = httpx.post(f"{server.base}{path}", content=body, headers=headers, timeout=30)
+            assert answer.status_code == 415, (path, kind, answer.text)
+            assert "Content-Type: application/json" in answer.json()["error"]["message"]
+        for kind in ("application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json"):
+            answer = httpx.post(f"{server.base}{path}", content=body, headers={"content-type": kind}, timeout=30)
+            assert answer.status_code == 200, (path, kind, answer.text)
+
+
 def test_max_completion_tokens_replaces_max_tokens_whose_range_is_not_checked_then(server):
     """Both were range-checked: a client sending max_completion_tokens 2 beside an old max_tokens past
     --max-new-tokens (or 0) was refused, for a budget that was valid; vLLM checks the one it uses."""
@@ -962,7 +981,8 @@ def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint,
             assert full.status_code == 429 and "--max-queue" in full.json()["error"]["message"]
             # a client that stalls its body: uvicorn waited for its connection to close, and never exited
             stalled = socket.create_connection((HOST, server.port), timeout=30)
-            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 100\r\n\r\n{")
             time.sleep(1)  # for the server to read its headers and start the request
             server.process.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]

@@ -173,9 +173,23 @@ def too_long(said: str, param: str, limit: int) -> APIError:
                     code="context_length_exceeded")
 
 
+def _check_json_type(request: Request) -> None:
+    """415 unless the body is declared JSON (application/json or a +json type), as FastAPI's own bodies and vLLM
+    require: a browser sends a text/plain, form or multipart body, or one without a type, to any address without
+    asking it first (CORS asks only for other types), so a web page the user opened could make a server on their
+    machine (loopback, no --api-key: the defaults) generate, were every body read as JSON."""
+    given = request.headers.get("content-type")
+    kind = (given or "").split(";", 1)[0].strip().lower()
+    if kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        raise APIError(415, f"the request body must be JSON sent with 'Content-Type: application/json'; got "
+                       f"{'no Content-Type' if given is None else repr(given[:100])} (curl: add "
+                       "-H 'Content-Type: application/json')")
+
+
 async def read_body(request: Request) -> bytes:
-    """The request's body: 413 past MAX_BODY_BYTES (before reading it, when its length is declared), 408 when it is
-    not all there within BODY_TIMEOUT_S."""
+    """The request's body: 415 unless declared JSON, 413 past MAX_BODY_BYTES (before reading it, when its length is
+    declared), 408 when it is not all there within BODY_TIMEOUT_S."""
+    _check_json_type(request)
     refused = APIError(413, f"the request body is larger than this server accepts ({MAX_BODY_BYTES // 2**20} MiB)")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
