@@ -338,6 +338,31 @@ def test_a_quantized_or_damaged_decoder_only_model_is_one_line(tmp_path):
         transformers_causal_lm(damaged)
 
 
+def test_a_decoder_only_model_whose_weights_its_config_does_not_describe_is_refused(tmp_path):
+    """A Qwen2 checkpoint labelled llama (q/k/v biases transformers has no place for) and an integer embedding
+    table: adapt refuses both, but the source that evaluate scores was loaded with the biases dropped and the
+    integers cast, in silence: the baseline column was another model."""
+    from safetensors.torch import load_file, save_file
+
+    from encdec.sources import transformers_causal_lm
+
+    qwen = make_source(tmp_path / "qwen", "qwen2")
+    relabelled = shutil.copytree(qwen, tmp_path / "relabelled")
+    config = json.loads((relabelled / "config.json").read_text())
+    (relabelled / "config.json").write_text(json.dumps({**config, "model_type": "llama",
+                                                        "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(EncdecError, match=r"relabelled: its weights hold \d+ tensor\(s\) the LlamaForCausalLM of its "
+                                          r"config.json has no place for \(such as model.layers.0.self_attn.[kqv]_proj"):
+        transformers_causal_lm(relabelled)
+    integer = shutil.copytree(qwen, tmp_path / "integer")
+    weights = load_file(integer / "model.safetensors")
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"].to(torch.int32)
+    save_file(weights, integer / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EncdecError, match="integer: tensor model.embed_tokens.weight holds I32 values; a model's"):
+        transformers_causal_lm(integer)
+    assert transformers_causal_lm(qwen) is not None
+
+
 def test_export_names_a_query_scale_and_rope_base_that_ctranslate2_reads_otherwise(tmp_path, capsys):
     """CTranslate2 scales queries by the head size, reads a T5Gemma model's RoPE base as 10000 and its positions
     unscaled; here its greedy tokens agreed 31 in 36 and 32 in 36 with ours (ours equal transformers'), and export

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from encdec.config import StackConfig, layer_count
 from encdec.errors import EncdecError, described, first_line
@@ -233,10 +234,32 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
         raise EncdecError(f"{directory}: its weights lack {len(lacking)} tensor(s) its config.json declares, or hold "
                           f"them in other shapes (such as {lacking[0]}); transformers would score random values "
                           "in their place")
+    unplaced = sorted(loading["unexpected_keys"])  # dropped in silence: the model scored is not the checkpoint's
+    if unplaced:
+        raise EncdecError(f"{directory}: its weights hold {len(unplaced)} tensor(s) the {type(model).__name__} of its "
+                          f"config.json has no place for (such as {unplaced[0]}); transformers would score the model "
+                          "without them: a variant of the family its config.json does not describe?")
+    not_float = _stored_not_float(directory, set(model.state_dict()))
+    if not_float:  # cast to floating point in silence by transformers: adapt refuses the same file
+        raise EncdecError(f"{directory}: tensor {not_float[0]} holds {not_float[1]} values; a model's weights are "
+                          "floating point (quantized safetensors are not read: give the unquantized checkpoint, or a "
+                          "GGUF file)")
     shipped = model.generation_config
     model.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id, eos_token_id=shipped.eos_token_id,
                                                pad_token_id=shipped.pad_token_id)
     return model.eval()
+
+
+def _stored_not_float(directory: Path, names: set[str]) -> tuple[str, str] | None:
+    """The first of `names` whose weight files store it in a type that is not floating point, with that type (the
+    files' headers alone are read)."""
+    for file in weight_files(directory):
+        with safe_open(str(file), framework="pt") as f:
+            for name in sorted(names.intersection(f.keys())):
+                kind = f.get_slice(name).get_dtype()
+                if not kind.startswith(("F", "BF")):
+                    return name, kind
+    return None
 
 
 def _expected_shapes(config: SourceConfig) -> dict[str, tuple[int | None, ...]]:
