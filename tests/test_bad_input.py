@@ -890,7 +890,10 @@ def test_a_damaged_checkpoint_config_is_one_line(capsys, tmp_path, adapted, edit
     ({"head_dim": None, "num_attention_heads": 0}, "is not a usable configuration"),
     ({"hidden_size": None}, "hidden_size must be a positive integer, got None"),
     ({"rms_norm_eps": "small"}, "rms_norm_eps must be a positive number"),
-], ids=["no-kv-heads", "no-heads", "no-width", "eps-a-string"])
+    # dict.fromkeys of them raised TypeError (unhashable) as a traceback, merging generation_config.json's ids
+    ({"eos_token_id": {"a": 1}}, "eos_token_id must be a token id or a list of them, not {'a': 1}"),
+    ({"eos_token_id": [[1]]}, "eos_token_id must be a token id or a list of them, not [[1]]"),
+], ids=["no-kv-heads", "no-heads", "no-width", "eps-a-string", "eos-an-object", "eos-nested"])
 def test_a_damaged_source_config_is_one_line(capsys, tmp_path, sources, edit, message):
     source = tmp_path / "source"
     shutil.copytree(sources["gemma3"], source)

@@ -49,6 +49,8 @@ def special_tokens(cfg: dict[str, Any], default_pad: int | None = None) -> dict[
         raise EncdecError("config.json names no eos_token_id; add the model's end-of-sequence id (its tokenizer's "
                           "eos_token, or generation_config.json's eos_token_id)")
     eos_ids = list(eos) if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos_ids):  # before any set of them
+        raise ValueError(f"eos_token_id must be a token id or a list of them, not {str(eos)[:80]}")
     pad = cfg.get("pad_token_id")
     if pad is None:
         pad = eos_ids[0] if default_pad is None else default_pad
