@@ -224,6 +224,26 @@ def test_a_gguf_whose_metadata_lies_about_its_tensors_is_refused_before_a_weight
     assert not (tmp_path / "out").exists()
 
 
+def test_a_value_encdec_refuses_names_the_source_and_a_gguf_is_not_dequantized_for_it(tmp_path, monkeypatch, capsys):
+    """A soft-cap of 0 (which would zero every logit) was refused by the model's configuration, naming no file; a
+    GGUF holding it was first dequantized and cached (1.1 GB for the 270M, never read again)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    source = make_source(tmp_path / "gemma2", "gemma2")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 0.0}))
+    assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "out")]) == 2
+    (line,) = _error_lines(capsys)
+    assert f"{source / 'config.json'}: final_logit_softcap must be null or a positive number, got 0.0" in line, line
+    path = write_gguf(source, tmp_path / "capped.gguf")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights were built"))
+    assert main(["adapt", "--encoder", str(path), "--out", str(tmp_path / "out")]) == 2
+    (line,) = _error_lines(capsys)
+    assert f"{path}: final_logit_softcap must be null or a positive number, got 0.0" in line, line
+    assert not list((tmp_path / "cache").glob("gguf/*")) and not (tmp_path / "out").exists()
+
+
 def test_a_pickle_in_the_token_cache_is_not_loaded_but_rebuilt(corpus, tmp_path, capsys):
     from transformers import AutoTokenizer
 

@@ -101,7 +101,7 @@ class StackConfig:
             raise EncdecError(f"unknown activation {self.activation!r}; accepted: {', '.join(ACTIVATIONS)}")
         if self.num_heads % self.num_kv_heads:
             raise EncdecError(f"{self.num_heads} query heads are not a multiple of {self.num_kv_heads} KV heads")
-        _check_cap("attn_softcap", self.attn_softcap)
+        check_cap("attn_softcap", self.attn_softcap)
         if self.max_positions is not None and (not _is_int(self.max_positions) or self.max_positions < 1):
             raise EncdecError(f"max_positions must be null or a positive integer, got {self.max_positions!r}")
         for name in ("qk_norm", "post_norms", "embed_scale", "qkv_bias"):  # a hand-edited "no" is truthy
@@ -132,7 +132,7 @@ def _is_positive(value: Any) -> bool:
     return _is_number(value) and value > 0
 
 
-def _check_cap(name: str, value: Any) -> None:
+def check_cap(name: str, value: Any) -> None:
     """A tanh soft-cap: none, or a positive number (0 would zero every logit it caps)."""
     if value is not None and not _is_positive(value):
         raise EncdecError(f"{name} must be null or a positive number, got {value!r}")
@@ -170,7 +170,7 @@ class EncDecConfig:
         eos = self.eos_token_ids  # not bounded by the vocabulary: a generation config's ids may lie past a small one
         if not isinstance(eos, list) or not eos or not all(_is_int(v) and v >= 0 for v in eos):
             raise EncdecError(f"eos_token_ids must be a list of token ids, got {str(eos)[:80]}")
-        _check_cap("final_logit_softcap", self.final_logit_softcap)
+        check_cap("final_logit_softcap", self.final_logit_softcap)
         for name in ("shared_embeddings", "tied_head"):  # a hand-edited "false" is truthy
             if not isinstance(getattr(self, name), bool):
                 raise EncdecError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from encdec.config import StackConfig
+from encdec.config import StackConfig, check_cap
 from encdec.errors import EncdecError
 from encdec.files import read_json, reading_config
 
@@ -32,6 +32,9 @@ class SourceConfig:
     final_logit_softcap: float | None
     tied_head: bool
     special_tokens: dict[str, Any]  # pad_token_id, bos_token_id, eos_token_ids
+
+    def __post_init__(self) -> None:  # checked where config.json is read, so that the error names it
+        check_cap("final_logit_softcap", self.final_logit_softcap)
 
 
 def rename(name: str, table: dict[str, str]) -> str | None:

@@ -17,8 +17,8 @@ import torch
 
 from encdec.config import MAX_LAYERS
 from encdec.errors import EncdecError, described, first_line
-from encdec.files import atomic_dir, write_weights
-from encdec.formats.registry import check_gguf_architecture
+from encdec.files import atomic_dir, reading_config, write_weights
+from encdec.formats.registry import adapter_of, check_gguf_architecture
 
 log = logging.getLogger("encdec")
 
@@ -182,6 +182,14 @@ def _dropped_fields(path: Path, arch: str) -> dict[str, float]:
     return dropped
 
 
+def _converted_config(config, arch: str, dropped: dict[str, float]) -> dict:
+    """The config.json of the converted directory: transformers' configuration of the file, with what it drops."""
+    converted = config.to_dict()
+    converted.pop("quantization_config", None)
+    _restore(converted, arch, dropped)
+    return converted
+
+
 def _restore(config: dict, arch: str, dropped: dict[str, float]) -> None:
     """Put the `dropped` fields back into the config transformers derived, with the 27B models' query scale (no
     GGUF key holds it; llama.cpp derives it from the size, as done here)."""
@@ -195,11 +203,13 @@ def _restore(config: dict, arch: str, dropped: dict[str, float]) -> None:
         config["query_pre_attn_scalar"] = config["hidden_size"] // heads if big else config["head_dim"]
 
 
-def _check_parameters(alone: str, name: str, path: Path, arch: str, parameters: int) -> None:
+def _check_parameters(alone: str, name: str, path: Path, arch: str, parameters: int, dropped: dict[str, float]) -> None:
     """The model transformers would build from the file's metadata, built without memory (on the meta device),
     has as many parameters as the file's tensors: what it cannot map it would otherwise allocate and fill with
     new weights (a declared width of millions, or shapes it derives otherwise, such as head_dim), and the
-    checkpoint would not be the file's."""
+    checkpoint would not be the file's. Its configuration is read as the converted directory's will be, so that a
+    value encdec refuses (a soft-cap of 0, a window of 0) is refused naming the file, before minutes of
+    dequantizing and a cached copy that is never read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -208,6 +218,9 @@ def _check_parameters(alone: str, name: str, path: Path, arch: str, parameters: 
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - its strict dataclasses' validation errors, ValueError, KeyError...
         raise EncdecError(f"{path}: transformers cannot read this {arch} GGUF's metadata ({first_line(e)})") from None
+    described = _converted_config(config, arch, dropped)
+    with reading_config(path):
+        adapter_of(described.get("model_type"), str(path)).read_config(described, path)
     tied = config.tie_word_embeddings
     built = sum(t.numel() for k, t in model.state_dict().items() if not (tied and k == "lm_head.weight"))
     if built != parameters:
@@ -227,7 +240,7 @@ def _convert(path: Path, out: Path) -> Path:
     # tokenizer class, an auto_map) that belongs to some other model kept beside it
     with tempfile.TemporaryDirectory(prefix="encdec-gguf-") as alone:
         (Path(alone) / path.name).symlink_to(path.resolve())
-        _check_parameters(alone, path.name, path, arch, parameters)
+        _check_parameters(alone, path.name, path, arch, parameters, dropped)
         try:
             model = AutoModelForCausalLM.from_pretrained(alone, gguf_file=path.name, dtype=torch.float32,
                                                          trust_remote_code=False)
@@ -245,11 +258,9 @@ def _convert(path: Path, out: Path) -> Path:
             # library's plain Exception for vocabularies it cannot map
             raise EncdecError(f"{path}: transformers cannot build a tokenizer from this GGUF "
                               f"({first_line(e)})") from None
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
+    config = _converted_config(model.config, arch, dropped)
     tied = model.config.tie_word_embeddings
     weights = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    _restore(config, arch, dropped)
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         write_weights(tmp, weights)
