@@ -244,6 +244,26 @@ def test_a_value_encdec_refuses_names_the_source_and_a_gguf_is_not_dequantized_f
     assert not list((tmp_path / "cache").glob("gguf/*")) and not (tmp_path / "out").exists()
 
 
+def test_a_gguf_architecture_that_is_not_text_is_one_line(tmp_path, monkeypatch, capsys):
+    """A number there was printed as the name of an unsupported architecture: its bytes ("holds a \x03\x00\x00\x00
+    model")."""
+    import gguf
+
+    written = gguf.GGUFWriter.write_header_to_file
+
+    def numbered(self, *args, **kwargs):
+        self.add_key_value("general.architecture", 3, gguf.GGUFValueType.UINT32)
+        return written(self, *args, **kwargs)
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    source = make_source(tmp_path / "gemma3", "gemma3")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_header_to_file", numbered)
+    path = write_gguf(source, tmp_path / "numbered.gguf")
+    assert main(["adapt", "--encoder", str(path), "--out", str(tmp_path / "out")]) == 2
+    (line,) = _error_lines(capsys)
+    assert line.endswith(f"{path}: its general.architecture is not text; expected a name such as gemma3"), line
+
+
 def test_a_pickle_in_the_token_cache_is_not_loaded_but_rebuilt(corpus, tmp_path, capsys):
     from transformers import AutoTokenizer
 

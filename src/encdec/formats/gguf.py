@@ -62,6 +62,8 @@ def architecture(path: Path) -> tuple[str, int]:
         reader = Bounded(str(path))
         _refuse_split(reader, path)
         field = reader.fields["general.architecture"]
+        if field.types != [GGUFValueType.STRING]:  # a number's bytes were printed as the architecture's name
+            raise EncdecError(f"{path}: its general.architecture is not text; expected a name such as gemma3")
         arch = bytes(field.parts[field.data[0]]).decode()
         size = path.stat().st_size
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
