@@ -51,9 +51,34 @@ def test_sampling_from_scores_that_are_not_finite_is_one_line(model, monkeypatch
     logits = model.logits
     monkeypatch.setattr(model, "logits", lambda hidden: logits(hidden) * math.inf)
     ids, mask = _prompts()
-    with pytest.raises(EncdecError, match=r"the model's scores \(logits\) are not finite numbers"):
-        model.generate(ids, mask, max_new_tokens=3, do_sample=True, seed=0, use_cache=use_cache)
-    assert model.generate(ids, mask, max_new_tokens=3, use_cache=use_cache).shape[0] == 3  # greedy: argmax as ever
+    for sampled in ({"do_sample": True, "seed": 0}, {}):  # greedy too: it took the first NaN or infinity as ever
+        with pytest.raises(EncdecError, match=r"the model's scores \(logits\) are not finite numbers"):
+            model.generate(ids, mask, max_new_tokens=3, use_cache=use_cache, **sampled)
+
+
+def test_a_greedy_row_whose_scores_are_not_finite_fails_alone(model, monkeypatch):
+    """A NaN counts as the largest logit: a greedy row whose scores held one (an overflow in float16) emitted
+    tokens and ended "length" or "stop", where a sampled row ended "error"; the batch's other rows decode on."""
+    prompt = [5, 6, 7, 8]
+    alone = model.generate(torch.tensor([prompt]), max_new_tokens=4, eos_token_ids=[-1])[0].tolist()
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda hidden: logits(hidden).index_fill(0, torch.tensor([0]), math.nan)
+                        if len(hidden) == 2 else logits(hidden))  # the first slot's, while both rows decode
+    engine = Engine(model, max_batch=2)
+    rows = [Row(4, frozenset({-1})), Row(4, frozenset({-1}))]
+    engine.join([[9, 10], prompt], rows)
+    failed = []
+    while engine.rows:
+        engine.step()
+        failed += engine.failed
+    assert len(failed) == 1 and failed[0] is rows[0] and rows[0].finish_reason == "error" and rows[0].tokens == []
+    assert rows[1].tokens == alone and rows[1].finish_reason == "length"
+    if onednn.available():  # the CPU path of plain greedy batches says the same
+        head = onednn.ScreenedHead(torch.randn(300, 16, generator=torch.Generator().manual_seed(1)), torch.bfloat16)
+        hidden = torch.randn(2, 16, generator=torch.Generator().manual_seed(2))
+        assert head.greedy(hidden, None)[1] == []
+        hidden[0, 3] = math.nan
+        assert head.greedy(hidden, None)[1] == [0]
 
 
 def test_a_mask_with_a_gap_inside_a_prompt_is_refused(model):
@@ -85,14 +110,14 @@ def test_screened_head_finds_the_float32_argmax(monkeypatch, softcap, dtype, nud
     hidden = torch.cat([torch.randn(64, 64, generator=g) * 3, weight[:128:2] * 40 + weight[1:128:2] * 40])
     expected = soft_cap(hidden @ weight.T, softcap).argmax(-1)
     assert (head(hidden) - hidden @ weight.T).abs().max() < 1e-4  # forward: every float32 logit
-    assert torch.equal(head.greedy(hidden, softcap), expected)
-    assert torch.equal(torch.cat([head.greedy(row[None], softcap) for row in hidden]), expected)
+    assert torch.equal(head.greedy(hidden, softcap)[0], expected)
+    assert torch.equal(torch.cat([head.greedy(row[None], softcap)[0] for row in hidden]), expected)
     assert head.candidates(hidden, softcap).sum(-1).float().mean() < 5  # a screen, not the whole vocabulary
     low = hidden.to(dtype).float() @ weight.to(dtype).float().T
     assert not torch.equal(low.argmax(-1), expected)  # the screen's dtype alone would have picked other tokens
     monkeypatch.setattr(onednn, "MAX_CANDIDATES", 0)
-    assert torch.equal(head.greedy(hidden, softcap), expected)
-    assert torch.equal(torch.cat([head.greedy(row[None], softcap) for row in hidden]), expected)
+    assert torch.equal(head.greedy(hidden, softcap)[0], expected)
+    assert torch.equal(torch.cat([head.greedy(row[None], softcap)[0] for row in hidden]), expected)
 
 
 @given(st.floats(width=32, allow_nan=False, allow_infinity=False))
@@ -136,7 +161,7 @@ def test_a_float16_screen_keeps_the_argmax_of_tiny_logits():
                             2.384185791015625e-05]])
     exact = hidden.double() @ weight.double().T
     assert exact.argmax(-1).item() == 0 and (exact[0, 0] - exact[0, 1]).item() > 1e-10
-    assert onednn.ScreenedHead(weight, torch.float16).greedy(hidden, None).item() == 0
+    assert onednn.ScreenedHead(weight, torch.float16).greedy(hidden, None)[0].item() == 0
 
 
 @needs_onednn
@@ -145,7 +170,7 @@ def test_a_screen_whose_logits_overflow_leaves_the_choice_to_the_float32_head():
     weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
     head = onednn.ScreenedHead(weight, torch.float16)
     for hidden in (torch.full((1, 16), 7e4), weight[:1] * 3e4):
-        assert torch.equal(head.greedy(hidden, None), (hidden @ weight.T).argmax(-1))
+        assert torch.equal(head.greedy(hidden, None)[0], (hidden @ weight.T).argmax(-1))
 
 
 @needs_onednn
@@ -157,8 +182,8 @@ def test_a_row_without_candidates_is_decided_by_the_float32_head_beside_rows_wit
     hidden = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
     hidden[1, 4] = float("nan")
     expected = (hidden @ weight.T).argmax(-1)
-    assert torch.equal(head.greedy(hidden, None), expected)
-    assert torch.equal(head.greedy(hidden[[0, 2]], None), expected[[0, 2]])  # the finite rows alone, screened
+    assert torch.equal(head.greedy(hidden, None)[0], expected)
+    assert torch.equal(head.greedy(hidden[[0, 2]], None)[0], expected[[0, 2]])  # the finite rows alone, screened
 
 
 PENALTIES = {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.7, "logit_bias": {5: 2.0}}

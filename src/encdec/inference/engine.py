@@ -341,12 +341,13 @@ class Engine:
                 ) -> tuple[torch.Tensor, torch.Tensor | None, set[int]]:
         """Each live row's next token: a batch of plain greedy rows (no penalties or biases) through the head's
         low-precision screen where it has one (`encdec.inference.onednn.ScreenedHead`), otherwise from every float32
-        logit (returned too); `forced` rows (reading a decoder prefix) are not sampled. Last, the sampling rows whose
-        logits were not finite: they drew nothing (one such row failed the whole batch)."""
+        logit (returned too); `forced` rows (reading a decoder prefix) are not sampled. Last, the rows whose
+        logits were not finite: they chose nothing (one such row failed the whole batch)."""
         settings = [r.sampling for r in self.rows]
         head = self.model.lm_head
         if isinstance(head, ScreenedHead) and not any(s.do_sample or s.adjusts for s in settings):
-            return head.greedy(hidden.float(), self.model.config.final_logit_softcap), None, set()
+            chosen, broken = head.greedy(hidden.float(), self.model.config.final_logit_softcap)
+            return chosen, None, set(broken) - set(forced)
         logits = self.model.logits(hidden).float()
         state = [r.generator for r in self.rows], [r.tokens for r in self.rows]
         try:

@@ -202,20 +202,28 @@ class ScreenedHead(nn.Module):
             threshold = bfloat16_below(threshold)
         return approx, threshold
 
-    def greedy(self, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    def greedy(self, hidden: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, list[int]]:
         """The argmax token of each row of the logits of `hidden` [n, d] (float32), soft-capped as the model
-        does. The screened tokens are scored by another float32 product than the full head's, so at ties
+        does, and the rows whose largest logit is not finite (a NaN counts as the largest): their tokens mean nothing.
+        The screened tokens are scored by another float32 product than the full head's, so at ties
         within float32 rounding the two may pick differently, as any two float32 kernels may."""
         if self.max_rows is not None and len(hidden) > self.max_rows:
-            return row_argmax(soft_cap(self.full(hidden), softcap))
+            return _argmax_checked(soft_cap(self.full(hidden), softcap))
         capped, threshold = self._screened(hidden, softcap)
         candidates = capped >= threshold[:, None]
         columns = candidates.any(0).nonzero()[:, 0]
         # a row without candidates (a NaN threshold) has logits that are not finite: the full head gives its argmax
         if not 0 < len(columns) <= MAX_CANDIDATES or bool(threshold.isnan().any()):
-            return row_argmax(soft_cap(self.full(hidden), softcap))
+            return _argmax_checked(soft_cap(self.full(hidden), softcap))
         exact = soft_cap(hidden @ self.weight[columns].T, softcap)
-        return columns[exact.masked_fill(~candidates[:, columns], float("-inf")).argmax(-1)]
+        return columns[exact.masked_fill(~candidates[:, columns], float("-inf")).argmax(-1)], []
+
+
+def _argmax_checked(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """(`row_argmax(logits)`, the rows whose chosen logit is not finite)."""
+    chosen = row_argmax(logits)
+    finite = torch.isfinite(logits.gather(1, chosen[:, None])[:, 0]).tolist()
+    return chosen, [row for row, ok in enumerate(finite) if not ok]
 
 
 def _pack_layers(module: nn.Module, kept: list[tuple[nn.Module, str, nn.Module]] | None = None) -> None:

@@ -186,12 +186,12 @@ def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 class NonFiniteScores(EncdecError):
-    """Sampling rows whose logits hold NaN or infinity (an overflow, in float16 say): nothing can be drawn from
-    them. Raised before any row draws, so that a caller can leave those rows out and the others' streams are as
+    """Rows whose logits hold NaN or infinity (an overflow, in float16 say): no token can be chosen from them.
+    Raised before any row draws, so that a caller can leave those rows out and the others' streams are as
     they were."""
 
     def __init__(self, rows: Sequence[int] = ()) -> None:
-        super().__init__("the model's scores (logits) are not finite numbers, so no token can be drawn from them (an "
+        super().__init__("the model's scores (logits) are not finite numbers, so no token can be chosen from them (an "
                          "overflow: float32 or bfloat16 do not overflow where float16 may)")
         self.rows = rows
 
@@ -203,15 +203,21 @@ def pick_tokens(
     """One token per row of float logits [B, V] (each row's `generated` tokens so far for its penalties): greedy
     rows by one argmax, sampling rows each from its own stream. `forced`: rows whose token is set instead (a
     decoder prefix being read), which draw nothing: a seeded stream's first draw is its first generated token's.
-    Raises `NonFiniteScores` for sampling rows whose logits are not finite."""
+    Raises `NonFiniteScores` for the rows whose logits are not finite (sampling rows: any; greedy rows: a NaN or an
+    overflowed largest), before any row draws."""
     drawing = [row for row, s in enumerate(settings) if s.do_sample and row not in forced]
+    broken = []
     if drawing:
         finite = torch.isfinite(logits[drawing]).all(-1).tolist()
-        if not all(finite):
-            raise NonFiniteScores([row for row, ok in zip(drawing, finite) if not ok])
+        broken = [row for row, ok in zip(drawing, finite) if not ok]
     if any(s.adjusts for s in settings):
         logits = torch.stack([s.adjust(row, done) for row, s, done in zip(logits, settings, generated)])
     chosen = row_argmax(logits)
+    # a NaN counts as the largest logit: a greedy row holding one chose it, and emitted a token as if all were well
+    top = torch.isfinite(logits.gather(1, chosen[:, None])[:, 0]).tolist()
+    broken += [row for row, (s, ok) in enumerate(zip(settings, top)) if not (ok or s.do_sample or row in forced)]
+    if broken:
+        raise NonFiniteScores(sorted(broken))
     for row, (s, gen) in enumerate(zip(settings, generators)):
         if s.do_sample and row not in forced:
             probs = torch.softmax(filtered_logits(logits[row], s.temperature, s.top_k, s.top_p), dim=-1)
