@@ -720,7 +720,7 @@ def test_a_decoder_only_student_refuses_a_teacher_top_k_past_its_vocabulary(caps
 GENERATE_BAD = [
     (["--temperature", "nan"], "temperature (--temperature) must be a positive finite number, got nan"),
     (["--do-sample", "--temperature", "0"], "temperature (--temperature) must be a positive finite number, got 0.0"),
-    (["--top-p", "nan"], "top_p (--top-p) must be in (0, 1], got nan"),
+    (["--top-p", "nan"], "top_p (--top-p) must be in [0, 1], got nan"),
     (["--max-new-tokens", "0"], "max_new_tokens (--max-new-tokens) must be an integer of at least 1"),
     (["--max-new-tokens", "100000000000"], "at most 256 new tokens"),
     (["--seed", "-3"], "seed -3 out of range"),

@@ -163,6 +163,12 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
                      "--top-k", k]) == 0
         unlimited.append(capsys.readouterr().out)
     assert unlimited[0] == unlimited[1]
+    likeliest = []  # --top-p 0: the likeliest token alone, as the server reads it (it was refused)
+    for flags in (["--top-p", "0"], []):
+        assert main(["generate", str(out), "--prompt", "w1", "--max-new-tokens", "8", *flags,
+                     *(["--do-sample", "--seed", "2", "--temperature", "3"] if flags else [])]) == 0
+        likeliest.append(capsys.readouterr().out)
+    assert likeliest[0] == likeliest[1]
     assert main(["generate", str(out), "--prompt", "w1", "--do-sample", "--top-k", "-2"]) == 2
     assert "top_k (--top-k) must be at least 1" in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "w1 w2 w3", "--max-new-tokens", "3", "--quantize", "int8"]) == 0

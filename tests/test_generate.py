@@ -416,6 +416,11 @@ def test_sampling_options(model):
     unlimited = model.generate(ids, mask, max_new_tokens=10, eos_token_ids=[-1], do_sample=True, seed=1, temperature=2.0,
                                top_k=0)  # no limit, as transformers reads it (it was refused)
     assert torch.equal(a, unlimited)
+    # -1 (vLLM's no limit) and top_p 0 (the likeliest alone), which the server and the CLI took, the API refused
+    assert torch.equal(a, model.generate(ids, mask, max_new_tokens=10, eos_token_ids=[-1], do_sample=True, seed=1,
+                                         temperature=2.0, top_k=-1))
+    assert torch.equal(greedy, model.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1], do_sample=True, seed=0,
+                                              temperature=2.0, top_p=0.0))
     for tiny in (1e-6, 1e-320):  # float32 would divide by zero: greedy, as the server (and vLLM) treat it
         assert torch.equal(greedy, model.generate(ids, mask, max_new_tokens=6, eos_token_ids=[-1], do_sample=True,
                                                   seed=3, temperature=tiny))
@@ -482,7 +487,7 @@ def test_penalties_stop_repetition(model):
         model.generate(ids, mask, max_new_tokens=2, logit_bias={model.config.vocab_size: 1.0})
 
 
-@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"do_sample": True, "temperature": 0.0}, {"top_p": 1.5}, {"top_k": -1},
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"do_sample": True, "temperature": 0.0}, {"top_p": 1.5}, {"top_k": -2},
                                  {"presence_penalty": 2.5}, {"repetition_penalty": 0.0}, {"logit_bias": {3: 101.0}}])
 def test_bad_generation_options(model, bad):
     ids, mask = _prompts()

@@ -179,8 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not 1 <= args.batch_size <= MAX_BATCH:  # a huge one failed (out of memory) in the engine's first buffer
         raise EncdecError(f"--batch-size must be in 1..{MAX_BATCH} (rows decoded together, each with caches of its "
                           f"own), got {args.batch_size}")
-    top_k = None if args.top_k in (0, -1) else args.top_k  # 0 or -1 (vLLM's and the server's): no limit
-    sampling = Sampling(args.do_sample, args.temperature, top_k, args.top_p, args.seed,
+    sampling = Sampling(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed,
                         args.presence_penalty, args.frequency_penalty, args.repetition_penalty)
     try:
         check_settings(args.max_new_tokens, sampling)

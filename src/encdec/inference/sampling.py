@@ -49,7 +49,8 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class Sampling:
     """Greedy decoding by default; `do_sample` draws from the temperature / top-k / top-p filtered distribution
-    (a temperature below MIN_TEMPERATURE is greedy; top_k None or 0 keeps every token)."""
+    (a temperature below MIN_TEMPERATURE is greedy; top_k None, 0 or -1 keeps every token; top_p 0 the likeliest
+    alone: as transformers, vLLM and the OpenAI API read them)."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -67,8 +68,11 @@ class Sampling:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
-        if self.top_k == 0:  # no limit, as transformers and vLLM read it
+        if self.top_k in (0, -1):  # no limit, as transformers and vLLM read them
             object.__setattr__(self, "top_k", None)
+        if self.top_p == 0:  # the smallest set of tokens whose mass reaches 0: the likeliest token alone
+            object.__setattr__(self, "top_p", 1.0)
+            object.__setattr__(self, "top_k", 1)
         if self.do_sample and 0 < self.temperature < MIN_TEMPERATURE:
             object.__setattr__(self, "do_sample", False)
             object.__setattr__(self, "temperature", 1.0)
@@ -109,8 +113,8 @@ class Sampling:
             raise EncdecError(f"temperature must be a positive finite number, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise EncdecError(f"top_k must be at least 1 (None: no limit), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise EncdecError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:
+            raise EncdecError(f"top_p must be in [0, 1], got {self.top_p}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise EncdecError(f"{name} must be in [-2, 2], got {getattr(self, name)}")

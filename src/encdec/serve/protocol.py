@@ -283,8 +283,6 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     top_k = _typed(body, "top_k", (int,), "an integer")
     if top_k is not None and top_k < -1:
         raise APIError(400, f"'top_k' must be at least 1 (0 or -1: no limit), got {top_k}", "top_k")
-    if top_p == 0:  # the smallest set of tokens whose mass reaches 0 is the likeliest token alone (OpenAI accepts 0)
-        top_p, top_k = 1.0, 1
     seed = _typed(body, "seed", (int,), "an integer")
     if seed is not None and not -(2**63) <= seed < 2**64:
         raise APIError(400, f"'seed' must be in [-2**63, 2**64), got {seed}", "seed")
@@ -293,7 +291,7 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     turns = _chat_turns(body) if kind == "chat" else None
     greedy = temperature < MIN_TEMPERATURE
     sampling = Sampling(do_sample=not greedy, temperature=1.0 if greedy else temperature,
-                        top_k=None if top_k in (None, -1) else top_k, top_p=top_p, seed=seed,
+                        top_k=top_k, top_p=top_p, seed=seed,  # top_p 0 or top_k -1 read as Sampling reads them
                         presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
                         frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
                         repetition_penalty=_number(body, "repetition_penalty", 0.0, 100.0, 1.0, open_low=True),
