@@ -943,6 +943,29 @@ def test_the_encoder_keys_are_as_wide_as_the_longest_prompt_of_the_rows_a_step_r
     assert widths == [5, 12, 7, 12, 12] and last == [5, 12, 7, 12, 5]  # the 12 left first: narrowed to the 5
 
 
+def test_encoder_buffers_that_fail_to_widen_are_left_as_they_were(model, monkeypatch):
+    """The keys and values were replaced before the mask's allocation: one failing (out of memory) left buffers of
+    two widths, and every later step of the server failed on their shapes."""
+    prompt = [5, 6, 7, 8]
+    alone = model.generate(torch.tensor([prompt]), max_new_tokens=4, eos_token_ids=[-1])[0].tolist()
+    engine = Engine(model, max_batch=2)
+    row = Row(4, frozenset({-1}))
+    engine.join([prompt], [row])
+    width = engine.enc_len
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "full", exhausted)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            engine._encoder_width(width + 40)
+    assert engine.enc_len == width and all(k.shape[2] == width for k, _ in engine.enc_kv)
+    while row in engine.rows:
+        engine.step()
+    assert row.tokens == alone
+
+
 def test_a_slot_decodes_the_same_whatever_its_last_row_left_in_the_caches(model):
     """A row joining a freed slot reads none of what the slot's last row left: masked positions of a cache weigh 0,
     but 0 x inf is NaN, so a row that overflowed (float16) would have poisoned every later row of its slot. Here the

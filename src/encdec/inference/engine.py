@@ -180,10 +180,11 @@ class Engine:
         if width == self.enc_len:
             return
         kept = min(width, self.enc_len)
-        self.enc_kv = self._kv_buffers(self.enc_kv, width, kept)
+        kv = self._kv_buffers(self.enc_kv, width, kept)
         bias = torch.full((self.max_batch, width), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
         bias[:, :kept] = self.enc_bias[:, :kept]
-        self.enc_bias, self.enc_len = bias, width
+        # replaced together: buffers of two widths (one allocation failing, out of memory) failed every later step
+        self.enc_kv, self.enc_bias, self.enc_len = kv, bias, width
 
     # -- rows joining and leaving ------------------------------------------------------------------
 
