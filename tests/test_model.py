@@ -7,6 +7,7 @@ import torch
 import transformers as tf
 
 import encdec
+from encdec.errors import EncdecError
 from encdec.model import AttentionMask, RMSNorm, Segments, attention_masks
 
 TOL = 1e-4
@@ -117,6 +118,21 @@ def test_encoder_window_conventions(window):
     split = _window_allowed("t5gemma2", window)
     assert split == {(i, j) for i, j in pairs if -(window // 2) <= i - j <= (window + 1) // 2 - 1}
     assert all(sum(1 for i2, _ in split if i2 == i) <= window for i in range(12))  # W keys at most, self included
+
+
+def test_inputs_of_no_tokens_or_mismatched_masks_are_one_line(sources):
+    """They failed deep in attention, in PyTorch's words ("cannot reshape tensor of 0 elements ...")."""
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])), attention="merged")
+    ids = torch.tensor([[5, 6, 7]])
+    for enc, dec, mask, said in ((ids[:, :0], ids, None, r"token ids must be \[batch, length\] with at least one "
+                                  r"token, got shape \(1, 0\)"),
+                                 (ids, ids[:, :0], None, r"got shape \(1, 0\)"),
+                                 (ids[0], ids, None, r"got shape \(3,\)"),
+                                 (ids, ids, torch.ones(1, 2), r"the attention mask must have the token ids' shape "
+                                  r"\(1, 3\), got \(1, 2\)")):
+        with pytest.raises(EncdecError, match=said):
+            model(enc, mask, dec)
+    assert model(ids, torch.ones(1, 3), ids).logits.shape == (1, 3, model.config.vocab_size)
 
 
 def test_padding_rows_stay_finite(sources):

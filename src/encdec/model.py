@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from encdec.config import EncDecConfig, StackConfig
+from encdec.errors import EncdecError
 
 INPLACE_NORM_MIN = 2**16  # elements from which an inference norm runs in place (RMSNorm.forward)
 
@@ -320,6 +321,13 @@ class Segments:
         cls, tokens: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None,
         positions: torch.Tensor | None,
     ) -> Segments:
+        if tokens.dim() != 2 or tokens.shape[1] == 0:  # a raw reshape error deep in attention otherwise
+            raise EncdecError(f"token ids must be [batch, length] with at least one token, got shape "
+                              f"{tuple(tokens.shape)}")
+        for name, given in (("attention mask", attention_mask), ("segment ids", segment_ids), ("positions", positions)):
+            if given is not None and given.shape != tokens.shape:
+                raise EncdecError(f"the {name} must have the token ids' shape {tuple(tokens.shape)}, got "
+                                  f"{tuple(given.shape)}")
         packed = segment_ids is not None
         if segment_ids is None:
             segment_ids = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
