@@ -602,7 +602,8 @@ def test_resuming_with_another_steps_says_how_the_learning_rate_moves(run, adapt
                                                                                                       (1e-3, 8)))
     assert said.endswith(f"its rate {new:.3g} where the run's was {old:.3g}"), said
     run = json.loads((out / "model" / "encdec.json").read_text())["pretrained"]
-    assert [r["step"] for r in run["resumes"]] == [2, 6] and run["resumes"][0]["changed"] == []
+    assert [r["step"] for r in run["resumes"]] == [2, 6]  # each --steps recorded: the schedules of their steps
+    assert run["resumes"][0]["changed"] == ["--steps 2 -> 6"] and run["resumes"][1]["changed"][0] == "--steps 6 -> 8"
     assert any(c.startswith("--lr 0.003 -> 0.001") for c in run["resumes"][1]["changed"]), run["resumes"]
     assert run["settings"]["precision"] in ("fp32", "bf16")
 

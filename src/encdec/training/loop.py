@@ -194,8 +194,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                               "resume with the run's, or start afresh with --overwrite")
         # (a checkpoint that does not say how many processes wrote it: taken as this run's number)
         changed = rundir.changed_settings(saved.get("config", {}), cfg, (saved.get("processes", d.world), d.world))
-        earlier = saved.get("resumes")
-        resumes = [*(earlier if isinstance(earlier, list) else []), {"step": saved["step"], "changed": changed}]
+        earlier, planned = saved.get("resumes"), saved.get("config", {}).get("steps")
+        # another --steps is no warning (its schedule takes over) but it is the run's history: the provenance says it
+        lengthened = [f"--steps {planned!r} -> {cfg.steps!r}"] if planned not in (None, cfg.steps) else []
+        resumes = [*(earlier if isinstance(earlier, list) else []),
+                   {"step": saved["step"], "changed": lengthened + changed}]
         if d.main:
             if changed:
                 log.warning("resuming with settings other than the run's (its next steps differ from those of an "
