@@ -296,7 +296,8 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).eval()
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype),
+                                                               trust_remote_code=False).eval()
     # the server's stop tokens: the model's EOS ids and the end-of-turn marker (encdec.serve.app.Service)
     from encdec.data.chat import ChatFormat
     from encdec.data.tokens import leading_bos
@@ -368,6 +369,19 @@ def run_loop(model_dir: Path, dtype: str, requests: list[dict], plan: list[list[
     return [([Done(**d) for d in level["done"]], level["wall"]) for level in result["levels"]], result["peak_gib"]
 
 
+def check_loop_targets(model_dir: Path, targets: list[str]) -> None:
+    """Before any target runs: transformers' loop reads T5Gemma and T5Gemma 2 checkpoints, not this project's own
+    format (whose config.json's auto_map asked, mid-run, to run the checkpoint's code; refused, after the server
+    targets had run, the run ended in a traceback with nothing printed)."""
+    from encdec.checkpoint import NATIVE, checkpoint_format
+
+    loops = [target for target in targets if target in LOOP_DTYPES]
+    if loops and checkpoint_format(model_dir) == NATIVE:
+        raise SystemExit(f"{model_dir} is in this project's own format, which transformers' loop ({', '.join(loops)}) "
+                         "does not read: give a Gemma model in the T5Gemma or T5Gemma 2 layout, or leave the loop "
+                         "out of --targets")
+
+
 def main() -> None:
     cpu_only()
     args = parse_args()
@@ -376,6 +390,7 @@ def main() -> None:
         return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or prepare_model("merged", args.work_dir)
+    check_loop_targets(model_dir, args.targets)
     requests = make_requests(model_dir, args, 1 + max(args.clients) * args.requests_per_client)
     plan = levels(args)
     measured: dict[str, list[tuple[Levels, float]]] = {target: [] for target in args.targets}  # per round

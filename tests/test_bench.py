@@ -588,6 +588,23 @@ def test_serve_load_says_why_its_server_did_not_start(tmp_path, monkeypatch):
         run_server(tmp_path / "missing", ["--max-batch", "2"], [], [], argparse.Namespace(max_seconds=5))
 
 
+def test_serve_load_refuses_a_loop_over_the_projects_own_format_before_any_target(tmp_path, monkeypatch, sources):
+    """transformers' loop ran last in a round, after minutes of server targets: on this project's own format
+    (config.json's auto_map names modeling_encdec.py) it asked on the terminal whether to run the checkpoint's code,
+    and refused, ended in a traceback with no table."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from serve_load import check_loop_targets
+
+    import encdec
+
+    model = tmp_path / "llama"
+    encdec.save(encdec.adapt(encdec.load_source(str(sources["llama"]))), model)
+    with pytest.raises(SystemExit, match=r"llama is in this project's own format, which transformers' loop "
+                                         r"\(transformers-loop\) does not read"):
+        check_loop_targets(model, ["serve", "transformers-loop"])
+    check_loop_targets(model, ["serve", "serve-batch1"])
+
+
 def test_generate_throughput_converts_again_a_conversion_of_another_model(tmp_path, monkeypatch):
     """runs/bench/merged-ct2-* were reused whenever they existed: after runs/bench/merged was adapted again, the old
     model's conversion was timed and its tokens compared with the new model's."""
