@@ -5,7 +5,7 @@ next request when the previous one has finished), every request a streamed `POST
 
 - serve: `encdec serve MODEL --max-batch 16` (a real uvicorn server on the loopback interface);
 - serve-bf16: the same server with `--dtype bfloat16` (on CPU, oneDNN's bfloat16 products: not float32's
-  exact texts, +0.0007 nats of held-out NLL on the trained model, bench/inference_quality.py);
+  exact texts, -0.0003 / +0.0006 nats of held-out NLL on the trained model, bench/inference_quality.py);
 - serve-int8: the same server with `--quantize int8` (dynamic int8 products, float32 elsewhere; their quality
   cost is bench/inference_quality.py's, and a request's tokens depend on the requests decoded with it); not run
   unless named in --targets;

@@ -5,7 +5,9 @@ packaged Gemma 3 270M adapted with merged attention, in implementations holding 
 
 - encdec: the project's `LossModule` (forward + fused LM-head cross-entropy) on a `make_batch` batch,
   with the optimiser from `build_optimizer` and, on CPU, the allocator setting of
-  `encdec.allocator` (freed memory kept for reuse), as `encdec pretrain` runs them;
+  `encdec.allocator` (freed memory kept for reuse), as `encdec pretrain` runs them, except that the LM head's
+  loss is computed in chunks of `--loss-chunk` 1024 tokens (the step's 512 targets in one), where pretraining's
+  default is 256 (memory bounded at any batch; two chunks here): `--loss-chunk 256` times that default;
 - transformers: `T5Gemma2ForConditionalGeneration` loaded from the same weights (SDPA attention) in a
   plain PyTorch loop: `out.loss.backward()` and `torch.optim.AdamW`;
 - transformers+keep (CPU only): the same plain loop with the project's allocator setting, to show
