@@ -37,18 +37,21 @@ VARIANTS = {  # name -> (dtype, quantize, cpu kernels)
 }
 
 
-def measure(model, data, new_tokens: int, batch_size: int) -> dict:
-    """Suffix NLL, the top-1 token of every suffix position, and the greedy tokens after every prefix."""
+def measure(model, data, new_tokens: int, batch_size: int, framing) -> dict:
+    """Suffix NLL, the top-1 token of every suffix position, and the greedy tokens after every prefix, each read
+    in the model's `framing` (a UL2-pretrained model's sentinels), as `encdec evaluate` and `generate` read them."""
+    from encdec.evaluation.nll import framed_prefix, suffix_logits
+
     nll, count, top1, greedy = 0.0, 0, [], []
     with torch.inference_mode():
         for i in range(0, len(data.prefix), batch_size):
             prefix, suffix = data.prefix[i : i + batch_size], data.suffix[i : i + batch_size]
-            start = torch.full((len(suffix), 1), model.config.bos_token_id)
-            logits = model(prefix, decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits.float()
+            logits = suffix_logits(model, prefix, suffix, framing).float()
             nll += F.cross_entropy(logits.flatten(0, 1), suffix.flatten(), reduction="sum").item()
             count += suffix.numel()
             top1.append(logits.argmax(-1))
-            greedy.append(model.generate(prefix, max_new_tokens=new_tokens, eos_token_ids=[-1]))
+            greedy.append(model.generate(framed_prefix(prefix, framing, model.config.bos_token_id),
+                                         max_new_tokens=new_tokens, eos_token_ids=[-1], decoder_prefix=framing.decoder))
     return {"nll": nll / count, "top1": torch.cat(top1), "greedy": torch.cat(greedy)}
 
 
@@ -70,10 +73,11 @@ def main() -> None:
 
     from encdec.data.corpus import HELDOUT_SETS
     from encdec.evaluation.nll import split_passages
-    from encdec.inference.loading import load_for_inference
+    from encdec.inference.loading import load_for_inference, model_framing
     from encdec.sources import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
+    framing = model_framing(args.model, tokenizer)
     sets = {name: split_passages(tokenizer, passages(), 64, 64) for name, (_, passages) in HELDOUT_SETS.items()}
     results: dict[tuple[str, str], dict] = {}
     for variant in ["blas"] + [v for v in variants if v != "blas"]:
@@ -81,7 +85,7 @@ def main() -> None:
         model = load_for_inference(args.model, dtype, quantize, kernels)
         for name, data in sets.items():
             start = time.perf_counter()
-            results[(variant, name)] = measure(model, data, args.new_tokens, args.batch_size)
+            results[(variant, name)] = measure(model, data, args.new_tokens, args.batch_size, framing)
             print(f"{variant} on {name}: {time.perf_counter() - start:.0f} s", flush=True)
         del model
 

@@ -588,6 +588,27 @@ def test_serve_load_says_why_its_server_did_not_start(tmp_path, monkeypatch):
         run_server(tmp_path / "missing", ["--max-batch", "2"], [], [], argparse.Namespace(max_seconds=5))
 
 
+def test_inference_quality_reads_a_continuation_as_the_models_pretraining_posed_it(monkeypatch, sources):
+    """bench/inference_quality.py scored and generated a UL2-pretrained model's continuations with no sentinels: its
+    NLL was not `encdec evaluate`'s, nor its tokens those `generate` and the server give."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from inference_quality import measure
+
+    import encdec
+    from encdec.evaluation.nll import PrefixSuffix, encdec_position_nll
+    from encdec.objectives import Framing
+
+    model = encdec.adapt(encdec.load_source(str(sources["gemma3"])))
+    ids = torch.randint(3, 96, (3, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = model.config.bos_token_id
+    data, framing = PrefixSuffix(ids[:, :6], ids[:, 6:]), Framing(before=(40,), after=(41,), decoder=(42,))
+    got = measure(model, data, 3, 2, framing)
+    assert got["nll"] == pytest.approx(encdec_position_nll(model, data, 2, framing).mean().item(), rel=1e-5)
+    framed = torch.tensor([framing.prompt(row, model.config.bos_token_id) for row in data.prefix.tolist()])
+    assert torch.equal(got["greedy"], model.generate(framed, max_new_tokens=3, eos_token_ids=[-1], decoder_prefix=[42]))
+    assert got["nll"] != pytest.approx(measure(model, data, 3, 2, Framing())["nll"], rel=1e-3)
+
+
 def test_serve_load_refuses_a_loop_over_the_projects_own_format_before_any_target(tmp_path, monkeypatch, sources):
     """transformers' loop ran last in a round, after minutes of server targets: on this project's own format
     (config.json's auto_map names modeling_encdec.py) it asked on the terminal whether to run the checkpoint's code,

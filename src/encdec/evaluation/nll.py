@@ -54,20 +54,28 @@ def _position_nll(data: PrefixSuffix, batch_size: int, desc: str, suffix_logits:
     return total.cpu() / len(data.suffix)
 
 
+def framed_prefix(prefix: torch.Tensor, framing: Framing, bos: int) -> torch.Tensor:
+    """Prompt rows [B, L] as the model's pretraining posed a continuation (`encdec.objectives.Framing`)."""
+    if framing == PLAIN:
+        return prefix
+    return torch.tensor([framing.prompt(row, bos) for row in prefix.tolist()], device=prefix.device)
+
+
+def suffix_logits(model: EncoderDecoder, prefix: torch.Tensor, suffix: torch.Tensor,
+                  framing: Framing = PLAIN) -> torch.Tensor:
+    """The logits [B, S, V] predicting each token of `suffix` [B, S] after `prefix`, teacher-forced, framed."""
+    bos = model.config.bos_token_id
+    start = torch.tensor([bos, *framing.decoder], device=suffix.device).expand(len(suffix), -1)
+    logits = model(framed_prefix(prefix, framing, bos), decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits
+    return logits[:, len(framing.decoder):]
+
+
 def encdec_position_nll(model: EncoderDecoder, data: PrefixSuffix, batch_size: int = 4,
                         framing: Framing = PLAIN) -> torch.Tensor:
     """`framing`: how the model was trained to read a continuation (`encdec.objectives.trained_framing`); the
     same suffix tokens are scored whatever it adds."""
-    bos = model.config.bos_token_id
-
-    def suffix_logits(prefix: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
-        if framing != PLAIN:
-            prefix = torch.tensor([framing.prompt(row, bos) for row in prefix.tolist()], device=prefix.device)
-        start = torch.tensor([bos, *framing.decoder], device=suffix.device).expand(len(suffix), -1)
-        logits = model(prefix, decoder_input_ids=torch.cat([start, suffix[:, :-1]], 1)).logits
-        return logits[:, len(framing.decoder):]
-
-    return _position_nll(data, batch_size, "encoder-decoder NLL", suffix_logits, model.device)
+    return _position_nll(data, batch_size, "encoder-decoder NLL",
+                         lambda prefix, suffix: suffix_logits(model, prefix, suffix, framing), model.device)
 
 
 def decoder_only_position_nll(model, data: PrefixSuffix, batch_size: int = 4) -> torch.Tensor:
