@@ -1127,6 +1127,7 @@ def test_https_cors_and_drain_options_are_checked_before_the_model_loads(tmp_pat
              (["--ssl-certfile", "~no-such-user-here/c.pem", "--ssl-keyfile", str(pem)], "give the paths without ~"),
              (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a number of seconds, 0 or more"),
              (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a number of seconds, 0 or more"),
+             (["--shutdown-timeout", "1e10"], "at most 86400 (a day), got 10000000000.0"),
              (["--allowed-origins", "https://app.example, http://localhost:3000", "--shutdown-timeout", "0"],
               "holds no config.json")]
     for options, said in cases:

@@ -321,8 +321,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if api_key is not None and not all(" " < c <= "~" for c in api_key):
         raise EncdecError("the API key (--api-key or ENCDEC_API_KEY) may hold printable ASCII characters only, "
                           "without spaces: HTTP headers, where clients send it, carry no others")
-    if args.shutdown_timeout is not None and not 0 <= args.shutdown_timeout < float("inf"):
-        raise EncdecError(f"--shutdown-timeout must be a number of seconds, 0 or more, got {args.shutdown_timeout}")
+    # a day at most: past threading's limit (292 years) the drain's thread join raised OverflowError as the server
+    # stopped
+    if args.shutdown_timeout is not None and not 0 <= args.shutdown_timeout <= 86_400:
+        raise EncdecError(f"--shutdown-timeout must be a number of seconds, 0 or more, at most 86400 (a day), got "
+                          f"{args.shutdown_timeout}")
     origins = check_origins(args.allowed_origins)
     tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
     read_config(args.model)  # a path that is no checkpoint, then an address in use: both before the model loads

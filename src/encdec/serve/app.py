@@ -742,14 +742,15 @@ class DrainingServer(uvicorn.Server):
         loop.call_soon_threadsafe(self._close_the_rest)
 
     def _close_the_rest(self) -> None:
-        """Stop waiting for the connections still open, and close them (from Python 3.12 on, the listening server
-        waits for its connections to close too)."""
+        """Stop waiting for the connections still open, and drop them (from Python 3.12 on, the listening server
+        waits for its connections to close too): aborted, not closed, since a close waits to send what is buffered,
+        which a client that stopped reading a stream never takes."""
         if self.server_state.connections:
             log.warning("closing %d connection(s) still open %g s after the last request ended",
                         len(self.server_state.connections), FLUSH_AFTER_DRAIN_S)
         self.force_exit = True
         for connection in list(self.server_state.connections):
-            connection.transport.close()
+            connection.transport.abort()
 
 
 def check_address(host: str, port: int) -> None:
