@@ -95,7 +95,7 @@ class TrainConfig:
     seed: int = _f(0, "seed of data order, objectives and any random initialisation")
     resume: bool = _f(False, "continue from the latest checkpoint in OUT")
     overwrite: bool = _f(False, "start afresh even if OUT holds a run")
-    trim_vocab: int = _f(0, "keep only the N most frequent tokens of the data (plus special ones); 0 keeps all")
+    trim_vocab: int = _f(0, "keep N tokens in all: the special ones, then the data's most frequent; 0 keeps all")
     trim_negatives: int = _f(8192, "with --trim-vocab: untrained vocabulary rows sampled into each step's softmax, "
                              "so that the model stays good over the full vocabulary (0: none; it then degrades)")
     keep_freed_memory: bool = _f(True, "CPU: keep freed memory in the process (glibc) instead of page-faulting big "

@@ -1,8 +1,8 @@
 """Vocabulary trimming for small budgets (`--trim-vocab N`, beyond the paper).
 
 Gemma's 262k-row embedding dominates a 270M model's cost: its LM head is a quarter of a step's
-FLOPs and its optimizer state the largest tensor. Training on a trimmed vocabulary keeps the N
-most frequent tokens of the training data plus the special, sentinel and mode tokens, with ids
+FLOPs and its optimizer state the largest tensor. Training on a trimmed vocabulary keeps N tokens in
+all: the special, sentinel and mode tokens, then the most frequent tokens of the training data, with ids
 remapped in ascending order (so pad 0, eos 1, bos 2 keep their ids); any other token of the data
 becomes <unk>, and a target that became <unk> is not scored (the model should not learn to
 predict <unk> for words it was never shown). The final model is mapped back to the full
