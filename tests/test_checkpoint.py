@@ -199,6 +199,16 @@ def test_bfloat16_save(sources, tmp_path):
     loaded = encdec.load(tmp_path / "out", dtype=None)
     assert loaded.embed.weight.dtype == torch.bfloat16
     assert torch.equal(loaded.embed.weight, model.embed.weight.to(torch.bfloat16))
+    # by name, as transformers takes it (a traceback: "Invalid device string"); an integer type truncated every
+    # weight into a checkpoint that loaded without a word; a tokenizer given twice saved one of them in silence
+    encdec.save(model, tmp_path / "named", dtype="bfloat16")
+    assert encdec.load(tmp_path / "named", dtype=None).embed.weight.dtype == torch.bfloat16
+    for dtype in (torch.int8, "int8", torch.float64):
+        with pytest.raises(EncdecError, match=r"encdec.save writes weights in float32, bfloat16, float16 \(or the "):
+            encdec.save(model, tmp_path / "bad", dtype=dtype)
+    with pytest.raises(EncdecError, match="a tokenizer or a tokenizer_dir, not both"):
+        encdec.save(model, tmp_path / "bad", tokenizer=object(), tokenizer_dir=sources["gemma2"])
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_model_saved_again_from_python_keeps_where_it_came_from(sources, tmp_path):

@@ -61,7 +61,7 @@ def _converted_for_inference(model: torch.nn.Module) -> str | None:
 
 def save(
     model: EncoderDecoder, out: Path | str, *, tokenizer_dir: Path | None = None, overwrite: bool = False,
-    dtype: torch.dtype | None = None, metadata: dict | None = None, tokenizer: object | None = None,
+    dtype: torch.dtype | str | None = None, metadata: dict | None = None, tokenizer: object | None = None,
 ) -> str:
     """Write `model` (and `tokenizer`, or the one found in `tokenizer_dir`) to `out`; returns the format used.
     `metadata`: its encdec.json (None: the model's own `provenance`, from encdec.adapt or encdec.load)."""
@@ -73,6 +73,9 @@ def save(
     if converted:
         raise EncdecError(f"this model's weights were {converted} for inference (load_for_inference) and cannot be "
                           "saved: save the model that encdec.load returns")
+    if tokenizer is not None and tokenizer_dir is not None:  # one of the two would be saved, in silence
+        raise EncdecError("give encdec.save a tokenizer or a tokenizer_dir, not both")
+    dtype = _saved_dtype(dtype)
     cfg = model.config
     weights = model.state_dict()
     if dtype is not None:
@@ -105,6 +108,20 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return NATIVE if layout is None else layout.model_type
+
+
+SAVED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _saved_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The weights' type to save in: None (the model's), or a floating type, by name as transformers takes it
+    too ("bfloat16"); an integer type truncated every weight into a checkpoint that loaded without a word."""
+    if dtype is None or dtype in SAVED_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in SAVED_DTYPES:
+        return SAVED_DTYPES[dtype]
+    raise EncdecError(f"encdec.save writes weights in {', '.join(SAVED_DTYPES)} (or the model's own type: "
+                      f"dtype=None), not {dtype!r}")
 
 
 def _layout_type(data: dict) -> str | None:
