@@ -278,6 +278,13 @@ def test_commands_given_an_export_or_a_run_directory_say_what_to_give(t5gemma2_d
         (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
         assert said in line, line
     assert line.endswith(f"; the training run's model is {run / 'model'}")
+    # export and export-encoder said only "not an encoder-decoder checkpoint" of the run's directory
+    for command in (["export", str(run), "--to", "ctranslate2", "--out", str(tmp_path / "x")],
+                    ["export-encoder", str(run), "--out", str(tmp_path / "x")]):
+        assert main(command) == 2
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+        assert line.endswith(f"; the training run's model is {run / 'model'}"), line
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_checkpoint_whose_config_asks_for_a_quantization_library_is_one_line(t5gemma2_dir, tmp_path, capsys):

@@ -490,15 +490,14 @@ def _check_split_options(args: argparse.Namespace) -> None:
 
 
 def cmd_export_encoder(args: argparse.Namespace) -> None:
-    from encdec.checkpoint import is_checkpoint, load
+    from encdec.checkpoint import load, read_config
     from encdec.classification.backbone import from_encoder_decoder
     from encdec.classification.encoder_export import EXPORTED, write_encoder
     from encdec.files import check_output_dir
     from encdec.logs import log
     from encdec.sources import has_tokenizer
 
-    if not is_checkpoint(args.model):
-        raise EncdecError(f"{args.model} is not an encoder-decoder checkpoint (from encdec adapt / pretrain)")
+    read_config(args.model)  # what the directory is instead, where it is none (a training run's: its model/ named)
     check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",), kind=EXPORTED)
     backbone = from_encoder_decoder(load(args.model, dtype=None))  # as stored: a bfloat16 one stays bfloat16
     model = Path(args.model).expanduser()

@@ -21,7 +21,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from encdec.checkpoint import NATIVE, checkpoint_format, load_checkpoint
+from encdec.checkpoint import NATIVE, checkpoint_format, load_checkpoint, read_config
 from encdec.errors import EncdecError, described
 from encdec.files import atomic_dir, check_output_dir, read_json
 from encdec.formats.t5gemma import LAYOUTS
@@ -38,6 +38,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
     fmt = checkpoint_format(model_dir)
     if fmt is None:
+        read_config(model_dir)  # what the directory is instead (a training run's: its model/ named, a classifier...)
         raise EncdecError(f"{model_dir} is not an encoder-decoder checkpoint (from encdec adapt / pretrain); "
                           f"CTranslate2 converts the layouts {ACCEPTED}")
     if fmt == NATIVE:
