@@ -252,16 +252,21 @@ def test_too_little_memory_to_dequantize_a_gguf_is_said_as_such(capsys, tmp_path
     assert "too little memory to dequantize this gemma3 GGUF (Unable to allocate 1.00 GiB" in line
 
 
-def test_different_vocabularies(capsys, tmp_path):
+def test_different_vocabularies(capsys, tmp_path, monkeypatch):
     """Tables of one size can hold different vocabularies (Llama 2's and OpenLLaMA's 32,000 tokens): only the table
     sizes were compared, and the decoder generated ids of its vocabulary read in the encoder's."""
     from tiny import make_source
 
     a = make_source(tmp_path / "a", "gemma2")
     b = make_source(tmp_path / "b", "gemma2", hidden=24, reserved=False)  # plain words in place of <unusedK>
+    loaded = []
+    monkeypatch.setattr(encdec.sources, "load_source", lambda *args, **kwargs: loaded.append(args))
     line = _run_adapt(capsys, tmp_path, "--encoder", str(a), "--decoder", str(b))
-    assert "the encoder's and the decoder's tokenizers spell different vocabularies (96 and 96 tokens; " in line
-    assert line.endswith("they must share one vocabulary")
+    # said of one id, before either source's weights were read (two 9B sources: 64 GB); it named "token None"
+    assert ("the encoder's and the decoder's tokenizers spell different vocabularies (96 and 96 tokens; token 4 is "
+            "'<unused0>' in the encoder's, 'plain0' in the decoder's); they must share one vocabulary") in line
+    assert loaded == []
+    monkeypatch.undo()
     for source in (a, b):  # without tokenizers, the tables' sizes are all there is to compare
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (source / name).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+from pathlib import Path
 
 import torch
 
@@ -119,6 +120,21 @@ def _rows(table: torch.Tensor, count: int) -> torch.Tensor:
     return table if table.shape[0] == count else table[:count].clone()
 
 
+def check_same_vocabulary(encoder_dir: Path, decoder_dir: Path) -> None:
+    """One line where the two sources' tokenizers spell different vocabularies, naming the first id whose token
+    differs (the CLI asks before reading their weights)."""
+    from encdec.sources import load_tokenizer
+
+    ours, theirs = (load_tokenizer(directory).get_vocab() for directory in (encoder_dir, decoder_dir))
+    if ours == theirs:
+        return
+    tokens = [{i: token for token, i in vocab.items()} for vocab in (ours, theirs)]
+    first = min(i for i in {*tokens[0], *tokens[1]} if tokens[0].get(i) != tokens[1].get(i))
+    raise EncdecError(f"the encoder's and the decoder's tokenizers spell different vocabularies ({len(ours)} and "
+                      f"{len(theirs)} tokens; token {first} is {tokens[0].get(first)!r} in the encoder's, "
+                      f"{tokens[1].get(first)!r} in the decoder's); they must share one vocabulary")
+
+
 def _shared_vocabulary(encoder: DecoderOnlySource, decoder: DecoderOnlySource) -> int:
     """The rows of the embedding tables both sides keep. Models of one family share a tokenizer but pad their tables
     to different sizes (Qwen2.5 7B and up: 152,064 rows, 0.5B-3B: 151,936; Gemma 3 4B and up: 262,208, 1B and
@@ -126,15 +142,7 @@ def _shared_vocabulary(encoder: DecoderOnlySource, decoder: DecoderOnlySource) -
     are alike can still spell different vocabularies (Llama 2's and OpenLLaMA's 32,000 tokens): their tokenizers
     are compared, where both have one."""
     if encoder.has_tokenizer and decoder.has_tokenizer:
-        from encdec.sources import load_tokenizer
-
-        ours, theirs = (load_tokenizer(s.directory).get_vocab() for s in (encoder, decoder))
-        if ours != theirs:
-            differing = sorted(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])[0]
-            token = differing[0]
-            raise EncdecError(f"the encoder's and the decoder's tokenizers spell different vocabularies ({len(ours)} "
-                              f"and {len(theirs)} tokens; {token!r} is token {ours.get(token)} of the encoder's, "
-                              f"{theirs.get(token)} of the decoder's); they must share one vocabulary")
+        check_same_vocabulary(encoder.directory, decoder.directory)
     elif encoder.vocab_size != decoder.vocab_size:  # nothing to tell a table's padding from another vocabulary
         raise EncdecError(f"encoder vocabulary has {encoder.vocab_size} tokens, decoder's {decoder.vocab_size}; "
                           "they must share one vocabulary")

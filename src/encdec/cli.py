@@ -78,7 +78,7 @@ def output_dir(text: str) -> Path:
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
-    from encdec.adapt import adapt, check_pairing, layer_spec, parse_layers
+    from encdec.adapt import adapt, check_pairing, check_same_vocabulary, layer_spec, parse_layers
     from encdec.checkpoint import SAVED, save
     from encdec.files import check_output_dir
     from encdec.logs import log, timed
@@ -109,6 +109,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     tokenizer_dir = next((d for d in (decoder_dir, encoder_dir) if has_tokenizer(d)), None)
     if tokenizer_dir is not None:
         load_tokenizer(tokenizer_dir)
+    if not one_source and has_tokenizer(encoder_dir) and has_tokenizer(decoder_dir):
+        check_same_vocabulary(encoder_dir, decoder_dir)
     with timed(f"loading encoder source {args.encoder}"):
         encoder = load_source(args.encoder, DTYPES[args.dtype])
     decoder = None
