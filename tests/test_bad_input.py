@@ -537,6 +537,38 @@ def test_a_bad_option_value_is_one_line(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_path_that_is_not_utf8_is_refused_before_any_work(adapted, corpus, sources, tmp_path, capsys, monkeypatch):
+    """A Latin-1 name reaches Python with stand-ins (os.fsdecode's surrogates) that safetensors and tokenizers refuse:
+    adapt read its sources and adapted before a traceback at the save; pretrain trained every step, then called its
+    own checkpoints "truncated or corrupt"."""
+    odd = str(tmp_path / os.fsdecode(b"caf\xe9"))
+    said = "caf\\xe9: the path is not UTF-8 text, and the libraries that write and read models"
+    said_of_model = "caf\\xe9-model: the path is not UTF-8 text"
+    commands = (["adapt", "--encoder", str(sources["gemma3"]), "--out", odd],
+                ["adapt", "--encoder", odd, "--out", str(tmp_path / "out")],
+                ["pretrain", "--model", str(adapted), "--data", str(corpus), "--out", odd, "--steps", "1"],
+                ["pretrain", "--model", odd, "--data", str(corpus), "--out", str(tmp_path / "run"), "--steps", "1"],
+                ["generate", str(shutil.copytree(adapted, odd + "-model")), "--prompt", "w1"],
+                ["export", str(adapted), "--to", "ctranslate2", "--out", odd])
+    for command in commands:
+        try:
+            code = main(command)
+        except SystemExit as e:  # argparse's refusal of an argument's type
+            code = e.code
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+        assert code == 2 and (said in line or said_of_model in line), (command, line)
+    monkeypatch.setenv("ENCDEC_CACHE", odd)
+    assert main(["adapt", "--encoder", str(tiny_gguf(sources, tmp_path)), "--out", str(tmp_path / "out")]) == 2
+    assert said in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [os.path.basename(odd) + "-model", "source.gguf"]
+
+
+def tiny_gguf(sources, tmp_path: Path) -> Path:
+    from tiny import write_gguf
+
+    return write_gguf(sources["gemma3"], tmp_path / "source.gguf")
+
+
 def test_a_nul_in_a_path_from_a_yaml_file_or_a_hand_edited_source_record_is_one_line(adapted, corpus, tmp_path,
                                                                                        capsys):
     """YAML spells a NUL character "\\0": a ValueError's traceback at the path's first use. And encdec.json's

@@ -21,6 +21,7 @@ from encdec.config import EncDecConfig
 from encdec.errors import EncdecError, load_failure
 from encdec.files import (
     atomic_dir,
+    check_utf8,
     read_json,
     read_weights,
     reading_config,
@@ -160,6 +161,7 @@ def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
     """The model configuration of a checkpoint directory and its format, without reading its weights (so that
     what a run asks of the model can be checked before it loads)."""
     path = Path(path).expanduser()
+    check_utf8(path)  # its weights and tokenizer are read by libraries that take UTF-8 names only
     if not path.is_dir():
         from encdec.sources import PACKAGED
 

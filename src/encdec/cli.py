@@ -72,15 +72,19 @@ def _seed(text: str) -> int:
 
 def output_dir(text: str) -> Path:
     """argparse type of an --out directory that the output replaces whole: through a link to the place it names."""
-    from encdec.files import through_link
+    from encdec.files import check_utf8, through_link
 
+    try:
+        check_utf8(text)
+    except EncdecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return through_link(user_path(text))
 
 
 def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.adapt import adapt, check_pairing, check_same_vocabulary, layer_spec, parse_layers
     from encdec.checkpoint import SAVED, save
-    from encdec.files import check_output_dir
+    from encdec.files import check_output_dir, check_utf8
     from encdec.logs import log, timed
     from encdec.report import describe, parameter_table
     from encdec.sources import has_tokenizer, load_source, load_tokenizer, source_config
@@ -90,6 +94,8 @@ def cmd_adapt(args: argparse.Namespace) -> None:
             # --decoder a balanced model, adapted without a word
             raise EncdecError(f"{flag} is empty; give a model directory, a GGUF file or a packaged model's name"
                               + (" (or leave --decoder out for a balanced model)" if flag == "--decoder" else ""))
+        if value is not None:
+            check_utf8(value)
     check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder), replaces=("config.json",), kind=SAVED)
     if args.decoder_layers is not None and not args.decoder_layers.strip():
         raise EncdecError("--decoder-layers is empty: expected a comma list like 0,3,6 or a slice like ::3")

@@ -172,6 +172,7 @@ def read_weights(directory: Path, dtype: torch.dtype | None = None, *, mapped: b
     stay resident while any of its tensors lives), which suits weights that are copied elsewhere at once
     (resuming training) and not weights that are kept (`_read_safetensors` says why)."""
     weights: dict[str, torch.Tensor] = {}
+    check_utf8(directory)  # safetensors' refusal of such a name read as a corrupt file
     for file in weight_files(directory):
         if not file.exists():
             raise EncdecError(f"weight shard {file} is missing")
@@ -322,6 +323,18 @@ def expand_user(text: str) -> str:
         raise EncdecError(f"{text}: no home directory is known for {expanded.split(os.sep)[0]} on this machine; give "
                           "the path without it")
     return expanded
+
+
+def check_utf8(text: str | Path) -> None:
+    """EncdecError where a path (a model's, an output's) is not UTF-8: a name of other bytes reaches Python with
+    stand-ins that the safetensors and tokenizers libraries refuse, so such a run failed after its work (a trained
+    run's checkpoints then read as "corrupt")."""
+    try:
+        os.fspath(text).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise EncdecError(f"{shown}: the path is not UTF-8 text, and the libraries that write and read models "
+                          "(safetensors, tokenizers) take UTF-8 names only; rename it") from None
 
 
 def check_name_room(out: Path, name: str) -> None:

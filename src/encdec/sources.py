@@ -31,6 +31,7 @@ from encdec.errors import EncdecError, described, first_line
 from encdec.files import (
     WriteFailed,
     atomic_write_files,
+    check_utf8,
     expand_user,
     file_identity,
     inside,
@@ -74,6 +75,7 @@ SUPPORTED = (f"{SUPPORTED_FAMILIES} (a Hugging Face checkpoint directory, a GGUF
 def cache_root() -> Path:
     """Where converted sources, token and feature caches live: $ENCDEC_CACHE, else ~/.cache/encdec."""
     if os.environ.get("ENCDEC_CACHE"):  # "~/..." as a systemd or Docker env file writes it: no shell expands it
+        check_utf8(os.environ["ENCDEC_CACHE"])  # converted sources are written there through safetensors
         return Path(expand_user(os.environ["ENCDEC_CACHE"]))
     try:
         return Path.home() / ".cache" / "encdec"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from encdec.errors import EncdecError, first_line
-from encdec.files import expand_user
+from encdec.files import check_utf8, expand_user
 from encdec.training.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -115,6 +115,8 @@ class TrainConfig:
                     raise EncdecError(f"--{_flag(f.name)} {value!r}: a path holds no NUL character")
                 setattr(self, f.name, [expand_user(v) for v in value] if isinstance(value, list)
                         else expand_user(value))
+                if f.name in ("model", "out", "teacher") and value is not None:  # data files of any name are read
+                    check_utf8(value)
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise EncdecError(f"--{_flag(f.name)} {getattr(self, f.name)!r}: accepted: {', '.join(choices)}")
@@ -268,6 +270,10 @@ def given(text: str) -> str:
     `user_path` does."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty (an unset variable?); give a checkpoint directory or a model name")
+    try:
+        check_utf8(text)
+    except EncdecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
