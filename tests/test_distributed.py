@@ -159,6 +159,39 @@ def test_every_item_is_shared_out_once_and_every_process_makes_the_same_passes()
             assert sorted(i for s in shares for i in s if i is not None) == list(range(n))
 
 
+def test_what_accelerate_was_asked_and_encdec_does_not_take_is_said(monkeypatch):
+    """accelerate exports its config's choices (the default `accelerate config` file's too): FSDP asked of it ran
+    DDP, a whole model per GPU, without a word. Its default mixed precision "no" (the shipped config's) asks nothing."""
+    from encdec.training.distributed import accelerate_settings_ignored
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_MIXED_PRECISION", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"):
+        monkeypatch.delenv(name, raising=False)
+    assert accelerate_settings_ignored(False, "bf16", 1) == []
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    said = accelerate_settings_ignored(False, "bf16", 1)
+    assert [s.split(" (")[0] for s in said] == ["FSDP", "gradient accumulation 4 steps"]
+    assert accelerate_settings_ignored(True, "bf16", 4) == []
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert accelerate_settings_ignored(True, "bf16", 4) == [
+        "mixed precision fp16 (encdec's --precision decides: bf16 here; it offers fp32 and bf16)"]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert accelerate_settings_ignored(True, "bf16", 4) == [] and len(accelerate_settings_ignored(True, "fp32", 4)) == 1
+
+
+def test_a_run_says_the_accelerate_settings_it_does_not_take(sources, tmp_path, monkeypatch):
+    from encdec.training import loop
+
+    model, corpus = _tiny_run_inputs(sources, tmp_path)
+    warned: list[str] = []
+    monkeypatch.setattr(loop.log, "warning", lambda message, *args: warned.append(message % args))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert main([*_pretrain_args(model, corpus, tmp_path / "run"), "--steps", "1"]) == 0
+    assert any(w.startswith("accelerate launch's settings are not read, encdec's own options are: FSDP (")
+               for w in warned), warned
+
+
 def _tiny_run_inputs(sources, tmp_path: Path) -> tuple[Path, Path]:
     """An adapted tiny model and a corpus for two-process runs."""
     model = tmp_path / "model"

@@ -33,6 +33,25 @@ class Dist:
         return self.rank == 0
 
 
+def accelerate_settings_ignored(fsdp: bool, precision: str, grad_accum: int) -> list[str]:
+    """What `accelerate launch` (its flags, or the `accelerate config` file it reads unasked) set for the run that
+    encdec does not take from it, where encdec's own options differ: said, since its own options decide (FSDP
+    asked of accelerate ran DDP, one whole model per GPU, without a word). `precision`: the one the run uses."""
+    env = os.environ
+    said = []
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not fsdp:
+        said.append("FSDP (encdec's --fsdp shards the model; without it each process holds the whole model, DDP)")
+    asked = env.get("ACCELERATE_MIXED_PRECISION", "no")  # "no", accelerate's default, asks nothing (the shipped
+    # config's: encdec's --precision decides)
+    if asked != "no" and not (asked == "bf16" and precision == "bf16"):
+        said.append(f"mixed precision {asked} (encdec's --precision decides: {precision} here; it offers "
+                    "fp32 and bf16)")
+    steps = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
+    if steps is not None and steps != str(grad_accum):
+        said.append(f"gradient accumulation {steps} steps (encdec's --grad-accum decides: {grad_accum} here)")
+    return said
+
+
 def init(timeout: float = 1800.0) -> Dist:
     """This process's place in the run; `timeout`: seconds a collective waits for the other processes."""
     try:

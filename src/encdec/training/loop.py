@@ -226,6 +226,9 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
 
     autocast = torch.autocast(d.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None)
     precision_used = "fp32" if compute_dtype is None else "bf16"  # what "auto" chose: recorded, not "auto"
+    ignored = distributed.accelerate_settings_ignored(cfg.fsdp, precision_used, cfg.grad_accum)
+    if ignored and d.main:
+        log.warning("accelerate launch's settings are not read, encdec's own options are: %s", "; ".join(ignored))
     rows = cfg.batch_size
     with_teacher = teacher is not None
     teacher_rows = with_teacher or plan.causal
