@@ -137,6 +137,16 @@ def test_bad_instruction_record_is_one_line_naming_it(adapted, tmp_path, capsys)
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_a_model_given_after_the_data_list_is_said_so(instructions, capsys):
+    """`--data [PATH ...] MODEL`, in the order --help's usage shows, reads MODEL as a data path: argparse said only
+    that MODEL was missing."""
+    with pytest.raises(SystemExit) as stopped:
+        main(["finetune", "--data", str(instructions), "runs/model"])
+    assert stopped.value.code == 2
+    assert ("the following arguments are required: MODEL (a MODEL given after --data is read as one of its paths: "
+            "give MODEL first, or end the list with --)") in capsys.readouterr().err
+
+
 def test_a_model_that_is_not_there_is_named_as_finetune_takes_it(instructions, tmp_path, capsys):
     """MODEL is finetune's positional argument: the message says MODEL, not pretrain's --model."""
     assert main(_args(tmp_path / "nowhere", tmp_path / "run", instructions)) == 2

@@ -54,6 +54,10 @@ class _Parser(argparse.ArgumentParser):
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-\d+(:-?\d*){1,2}$")
 
     def error(self, message: str) -> NoReturn:
+        lists = [a.option_strings[0] for a in self._actions if a.nargs == "*" and a.option_strings]
+        if message.startswith("the following arguments are required: MODEL") and lists:  # as --help's usage shows
+            message += (f" (a MODEL given after {' or '.join(lists)} is read as one of its paths: give MODEL first, "
+                        "or end the list with --)")
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
