@@ -627,6 +627,43 @@ def test_a_body_not_declared_json_is_refused_as_a_browser_sends_it_from_any_page
             assert answer.status_code == 200, (path, kind, answer.text)
 
 
+def test_a_host_header_naming_another_server_is_refused_on_loopback_without_a_key(server, local):
+    """DNS rebinding: a page whose own name its DNS server turns to 127.0.0.1 is of the same origin as the server, free
+    to send it JSON and read the answers; the server answered whatever the Host header named."""
+    body = {"prompt": "w1", "max_tokens": 2}
+    foreign = httpx.post(f"{server.base}/v1/completions", json=body, timeout=30,
+                         headers={"host": f"rebind.example:{server.port}"})
+    assert foreign.status_code == 403, foreign.text
+    assert "'rebind.example', not this server" in foreign.json()["error"]["message"]
+    assert "--allowed-hosts" in foreign.json()["error"]["message"]
+    for own in (f"localhost:{server.port}", f"LocalHost.:{server.port}", f"127.0.0.1:{server.port}", "[::1]:1",
+                "x.localhost"):
+        answer = httpx.post(f"{server.base}/v1/completions", json=body, headers={"host": own}, timeout=30)
+        assert answer.status_code == 200, (own, answer.text)
+
+    async def ask(client):
+        return [(await client.get("/v1/models", headers={"host": host})).status_code
+                for host in ("proxy.example", "api.proxy.example", "proxy.example.evil", "other.example")]
+
+    assert _asked(_app(local, allowed_hosts=("proxy.example",)), ask, scheduler=False) == [200, 403, 403, 403]
+    assert _asked(_app(local, allowed_hosts=(".proxy.example",)), ask, scheduler=False) == [200, 200, 403, 403]
+    assert _asked(_app(local), ask, scheduler=False) == [200, 200, 200, 200]  # not on loopback, or with a key
+
+
+def test_allowed_hosts_is_checked_and_applies_on_loopback_without_a_key():
+    from encdec.errors import EncdecError
+    from encdec.serve.app import check_hosts
+
+    assert check_hosts(None, "127.0.0.1", None) == () and check_hosts(None, "::1", None) == ()
+    assert check_hosts("Proxy.Example., .corp.example, é.example", "localhost", None) == (
+        "proxy.example", ".corp.example", "xn--9ca.example")
+    assert check_hosts(None, "0.0.0.0", None) is None and check_hosts(None, "127.0.0.1", "key") is None
+    assert check_hosts("*", "127.0.0.1", None) is None
+    for bad in ("a b", "http://x", "x:80", "*.example", ""):
+        with pytest.raises(EncdecError, match="--allowed-hosts: .* is not a host name"):
+            check_hosts(bad, "127.0.0.1", None)
+
+
 def test_max_completion_tokens_replaces_max_tokens_whose_range_is_not_checked_then(server):
     """Both were range-checked: a client sending max_completion_tokens 2 beside an old max_tokens past
     --max-new-tokens (or 0) was refused, for a budget that was valid; vLLM checks the one it uses."""
@@ -665,7 +702,7 @@ def test_a_body_larger_than_accepted_is_refused_unread(server):
     from encdec.serve.app import MAX_BODY_BYTES
 
     with socket.create_connection((HOST, server.port), timeout=30) as raw:
-        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n{" % (MAX_BODY_BYTES + 1))
         answer = b""  # no more of the body is sent: the answer must not wait for it
         while not answer.endswith(b"}}"):
@@ -982,7 +1019,7 @@ def test_queue_full_then_sigterm_finishes_running_requests_and_exits(checkpoint,
             assert full.status_code == 429 and "--max-queue" in full.json()["error"]["message"]
             # a client that stalls its body: uvicorn waited for its connection to close, and never exited
             stalled = socket.create_connection((HOST, server.port), timeout=30)
-            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            stalled.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                             b"Content-Length: 100\r\n\r\n{")
             time.sleep(1)  # for the server to read its headers and start the request
             server.process.send_signal(signal.SIGTERM)
@@ -1536,7 +1573,7 @@ def test_an_idle_connection_is_kept_for_timeout_keep_alive(local, monkeypatch):
     with _serving(local, monkeypatch, keep_alive_s=1) as (port, _, _), \
             socket.create_connection((HOST, port), 30) as raw:
         def health() -> bytes:  # one answer, its headers and its body perhaps read apart
-            raw.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            raw.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
             answer = b""
             while not answer.endswith(b"}"):
                 answer += raw.recv(65536) or b"}"

@@ -300,7 +300,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from encdec.logs import log, timed
 
     try:
-        from encdec.serve.app import Settings, check_address, check_origins, check_tls, serve
+        from encdec.serve.app import Settings, check_address, check_hosts, check_origins, check_tls, serve
     except ImportError as e:  # installed without the extra: uvicorn, fastapi
         raise EncdecError(f"serving needs the serve extra ({e.name} is not installed): pip install 'encdec[serve]'") \
             from None
@@ -339,6 +339,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise EncdecError(f"--shutdown-timeout must be a number of seconds, 0 or more, at most 86400 (a day), got "
                           f"{args.shutdown_timeout}")
     origins = check_origins(args.allowed_origins)
+    hosts = check_hosts(args.allowed_hosts, args.host, api_key)
     tls = check_tls(args.ssl_certfile, args.ssl_keyfile)
     read_config(args.model)  # a path that is no checkpoint, then an address in use: both before the model loads
     check_address(args.host, args.port)
@@ -373,7 +374,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         limits=Limits(max_input, max_new), pooling=args.pooling,
                         api_key=api_key, threads=threads, compile_step=args.compile,
                         max_connections=args.max_connections, keep_alive_s=args.timeout_keep_alive, framing=framing,
-                        shutdown_timeout_s=args.shutdown_timeout, allowed_origins=origins, tls=tls,
+                        shutdown_timeout_s=args.shutdown_timeout, allowed_origins=origins, allowed_hosts=hosts,
+                        tls=tls,
                         access_log=args.access_log)
     serve(model, tokenizer, settings, args.host, args.port)
 
@@ -688,6 +690,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
                    help="web pages whose scripts may call the API from a browser (CORS): '*' or a comma list of "
                    "origins, e.g. https://app.example.com,http://localhost:3000 (default: none)")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOSTS",
+                   help="on a loopback address without --api-key, the host names requests may be sent to besides "
+                   "this machine's addresses and localhost (others get 403: a web page can reach the server under a "
+                   "name of its own, DNS rebinding): a comma list, e.g. a reverse proxy's name; .example.com for a "
+                   "domain and the names under it; '*' for any (default: none)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="no log line per request (default: uvicorn's access log, a line per request)")
     p.add_argument("--max-input-tokens", type=int, default=2048, metavar="N",

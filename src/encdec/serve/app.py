@@ -76,6 +76,9 @@ class Settings:
     # long as they take)
     shutdown_timeout_s: float | None = None
     allowed_origins: tuple[str, ...] = ()  # web pages (origins, or "*") whose scripts may call the API (CORS)
+    # host names (besides addresses and localhost) the Host header may give: checked on a loopback address without
+    # an API key, where a web page could reach the server under a name of its own (`check_hosts`); None: no check
+    allowed_hosts: tuple[str, ...] | None = None
     tls: tuple[str, str] | None = None  # HTTPS: the certificate chain's file and its private key's
     access_log: bool = True  # uvicorn's line per request
 
@@ -330,6 +333,76 @@ class APIKeyCheck:
         await self.app(scope, receive, send)
 
 
+class HostCheck:
+    """A server on a loopback address without an API key answers the requests whose Host header names this machine
+    (an address, localhost) or an --allowed-hosts name: a web page whose own name its DNS server turns to 127.0.0.1
+    (DNS rebinding) is then no longer a page of the same origin as the server, free to use it and read its
+    answers (a request body's JSON type, which 415 asks for, does not stop a page of the same origin)."""
+
+    def __init__(self, app: Any, allowed: tuple[str, ...], answer: Callable[[str, Response], Response]) -> None:
+        self.app, self.allowed, self.answer = app, allowed, answer
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"host")
+            name = None if header is None else host_name(header.decode("latin-1"))
+            if name is not None and not host_allowed(name, self.allowed):
+                message = (f"the Host header names {name[:100]!r}, not this server: it listens on a loopback "
+                           "address, where a web page may reach it under a name of its own that resolves there (DNS "
+                           "rebinding); another name of this server (a reverse proxy's): encdec serve --allowed-hosts "
+                           "NAME, or --api-key")
+                body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+                endpoint = scope["path"] if scope["path"] in API_PATHS else "other"
+                await self.answer(endpoint, JSONResponse(body, status_code=403))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str:
+    """The name or address of a Host header (host[:port], [v6][:port]), lower case, without a final dot."""
+    header = header.strip().lower()
+    name = header[1:].split("]", 1)[0] if header.startswith("[") else header.rsplit(":", 1)[0]
+    return name.rstrip(".")
+
+
+def host_allowed(name: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a Host header's `name` is this machine's or an allowed one ("*": any; ".example.com": that domain
+    and those under it)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)  # an address is no name a page's DNS server can point elsewhere
+        return True
+    except ValueError:
+        pass
+    return (name == "localhost" or name.endswith(".localhost") or "*" in allowed or name in allowed
+            or any(a.startswith(".") and (name == a[1:] or name.endswith(a)) for a in allowed))
+
+
+def check_hosts(given: str | None, host: str, api_key: str | None) -> tuple[str, ...] | None:
+    """--allowed-hosts as the names the Host header may give (None: no check): checked only on a loopback address
+    without an API key; names are written as the header gives them (lower case, idna)."""
+    import ipaddress
+
+    names = []
+    for name in ([] if given is None else [n.strip().lower().rstrip(".") for n in given.split(",")]):
+        try:  # browsers send a name of other letters in its ASCII form (é.com: xn--9ca.com)
+            written = name if name.isascii() else name.encode("idna").decode("ascii")
+        except UnicodeError:
+            written = ""
+        if not written or any(c.isspace() or c in "/:@[]" for c in written) or ("*" in written and written != "*"):
+            raise EncdecError(f"--allowed-hosts: {name!r} is not a host name; give a comma list of names (a leading "
+                              "dot allows a domain and the names under it), or '*' for any")
+        names.append(written)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or api_key is not None or "*" in names:
+        return None
+    return tuple(names)
+
+
 class ConnectionLimit:
     """--max-connections, counted as uvicorn's limit_concurrency counts (the connections open, this one included, and
     the requests in flight), but past it only the API's requests get 503, in its error shape: /health and /metrics
@@ -395,6 +468,8 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                            count=lambda: app.state.open_connections)
     if settings.api_key is not None:
         app.add_middleware(APIKeyCheck, key=settings.api_key, answer=answer)
+    if settings.allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=settings.allowed_hosts, answer=answer)
     if settings.allowed_origins:  # added last, so outermost: a browser's preflight carries no key, and a 401 gets
         # the headers that let the page read it
         # any request header: the openai JavaScript client sends headers of its own (X-Stainless-*) with every call
