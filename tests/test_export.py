@@ -358,8 +358,9 @@ def test_a_decoder_only_model_whose_weights_its_config_does_not_describe_is_refu
     config = json.loads((relabelled / "config.json").read_text())
     (relabelled / "config.json").write_text(json.dumps({**config, "model_type": "llama",
                                                         "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(EncdecError, match=r"relabelled: its weights hold \d+ tensor\(s\) the LlamaForCausalLM of its "
-                                          r"config.json has no place for \(such as model.layers.0.self_attn.[kqv]_proj"):
+    with pytest.raises(EncdecError, match=r"relabelled: its weights hold \d+ tensor\(s\) the LlamaForCausalLM of "
+                                          r"its config.json has no place for \(such as "
+                                          r"model.layers.0.self_attn.[kqv]_proj"):
         transformers_causal_lm(relabelled)
     integer = shutil.copytree(qwen, tmp_path / "integer")
     weights = load_file(integer / "model.safetensors")

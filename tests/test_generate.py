@@ -487,7 +487,8 @@ def test_penalties_stop_repetition(model):
         model.generate(ids, mask, max_new_tokens=2, logit_bias={model.config.vocab_size: 1.0})
 
 
-@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"do_sample": True, "temperature": 0.0}, {"top_p": 1.5}, {"top_k": -2},
+@pytest.mark.parametrize("bad", [{"max_new_tokens": 0}, {"do_sample": True, "temperature": 0.0}, {"top_p": 1.5},
+                                 {"top_k": -2},
                                  {"presence_penalty": 2.5}, {"repetition_penalty": 0.0}, {"logit_bias": {3: 101.0}}])
 def test_bad_generation_options(model, bad):
     ids, mask = _prompts()
