@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -733,6 +734,20 @@ def test_distillation_is_the_default_for_prefixlm_whenever_a_teacher_is_known(ad
     assert not distilled(anonymous)
     assert "records no source model (--teacher SRC distils from one)" in "".join(capfd.readouterr())
     assert distilled(anonymous, teacher=str(json.loads((adapted / "encdec.json").read_text())["adapted_from"]["encoder"]))
+
+
+def test_clip_0_clips_nothing(adapted, corpus, tmp_path):
+    """As transformers' max_grad_norm 0 and litgpt's max_norm None: --clip 0 was refused, and only a huge number
+    turned clipping off."""
+    weights = {}
+    for clip in (0, 1e9, 1e-12):
+        loop.train(_config(adapted, tmp_path / str(clip), corpus, steps=1, distill=False, clip=clip))
+        weights[clip] = encdec.load(tmp_path / str(clip) / "model").embed.weight
+        assert _metrics(tmp_path / str(clip))[0]["grad_norm"] > 1e-3  # the norm before clipping, logged either way
+    assert torch.equal(weights[0], weights[1e9]) and not torch.equal(weights[0], weights[1e-12])
+    for bad in (-1.0, math.inf):
+        with pytest.raises(EncdecError, match=r"--clip must be a finite number, 0 or more \(0: no clipping\)"):
+            _config(adapted, tmp_path / "bad", corpus, clip=bad)
 
 
 @pytest.mark.parametrize("options", [{"distill": False}, {"distill": True}, {"distill": True, "trim_vocab": 30}],

@@ -70,7 +70,7 @@ class TrainConfig:
     warmup_steps: int = _f(10, "linear warm-up steps (T5Gemma 2: 100)")
     weight_decay: float = _f(0.01, "AdamW weight decay (never on norms and embeddings unless --decay-all)")
     decay_all: bool = _f(False, "apply weight decay to norms and embeddings too")
-    clip: float = _f(1.0, "gradient-norm clipping")
+    clip: float = _f(1.0, "gradient-norm clipping (0: none, as transformers' max_grad_norm 0; the norm still logged)")
     precision: str = _f("auto", "autocast dtype of the matrix products (weights stay float32); auto: bf16 on GPUs "
                         "that compute it natively and CPUs with AVX512-BF16/AMX (timed only where PyTorch cannot "
                         "tell), decided once per run and kept on --resume", choices=PRECISIONS)
@@ -129,6 +129,9 @@ class TrainConfig:
             finite = abs(value) < 1e300 if isinstance(value, int) else math.isfinite(value)
             if not (finite and value > 0):
                 raise EncdecError(f"--{_flag(name)} must be a positive finite number, got {value!r:.40}")
+        finite = abs(self.clip) < 1e300 if isinstance(self.clip, int) else math.isfinite(self.clip)
+        if not (finite and self.clip >= 0):
+            raise EncdecError(f"--clip must be a finite number, 0 or more (0: no clipping), got {self.clip!r:.40}")
         for name, (low, high) in BOUNDED.items():
             if not low <= getattr(self, name) <= high:  # NaN fails too
                 raise EncdecError(f"--{_flag(name)} must be in [{low}, {high}], got {getattr(self, name)}")
@@ -219,7 +222,7 @@ AT_LEAST_1 = ("enc_len", "batch_size", "grad_accum", "steps", "loss_chunk", "kee
               "save_every", "log_every", "eval_windows", "per_task")
 AT_LEAST_0 = ("window", "eval_every", "warmup_steps", "cross_warmup_steps", "freeze_encoder_steps",
               "encoder_curriculum_steps", "trim_vocab", "trim_negatives", "teacher_top_k", "seed")
-POSITIVE = ("lr", "tau", "clip", "dist_timeout")  # and finite
+POSITIVE = ("lr", "tau", "dist_timeout")  # and finite
 MAX_DIST_TIMEOUT_S = 365 * 24 * 3600  # what torch's timedelta takes, with room
 BOUNDED = {"alpha": (0.0, 1.0), "min_lr_ratio": (0.0, 1.0), "weight_decay": (0.0, 1.0)}
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list of paths"}

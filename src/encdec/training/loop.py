@@ -295,8 +295,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
             if not math.isfinite(loss):
                 raise checkpointing.not_finite(f"the loss became {loss}", step + 1, last_checkpoint)
             drop_frozen_gradients(wrapped.named_parameters(), frozen_parts(cfg, step))
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in wrapped.parameters() if p.grad is not None], cfg.clip
+            grad_norm = torch.nn.utils.clip_grad_norm_(  # --clip 0: the norm alone, nothing clipped
+                [p for p in wrapped.parameters() if p.grad is not None], cfg.clip or math.inf
             )
             if not math.isfinite(float(grad_norm)):  # the update would make the weights NaN
                 raise checkpointing.not_finite(f"the gradient norm became {float(grad_norm)}", step + 1, last_checkpoint)
