@@ -133,10 +133,15 @@ def test_a_gguf_conversion_parses_the_file_once(tmp_path, monkeypatch):
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
     path = write_gguf(make_source(tmp_path / "llama", "llama", rope_parameters=PLAIN_ROPE), tmp_path / "llama.gguf")
     parses, original = [], gguf.GGUFReader
-    monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kw: parses.append(args[0]) or original(*args, **kw))
+
+    def counting(*args, **kwargs):
+        parses.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
     assert encdec.load_source(str(path)).family == "llama"
     assert len(parses) == 1
-    assert gguf.GGUFReader is not original  # the patch of this test, restored by the conversion
+    assert gguf.GGUFReader is counting  # the patch of this test, restored by the conversion (not its own reader)
 
 
 def test_processes_loading_one_gguf_together_convert_it_once(tmp_path, monkeypatch):

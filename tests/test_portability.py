@@ -179,7 +179,7 @@ def test_a_run_directory_on_a_file_system_without_locks_is_written_with_a_warnin
 NOT_UTF8 = {"LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}  # a legacy POSIX locale: ASCII
 
 
-def test_a_yaml_configuration_is_read_as_utf8_whatever_the_locale(tmp_path):
+def test_a_yaml_configuration_is_read_as_utf8_whatever_the_locale(tmp_path, capsys):
     config = tmp_path / "cfg.yaml"
     config.write_text("# réglages du corpus\nmodel: /nonexistent/model\nsteps: 1\n", encoding="utf-8")
     out = subprocess.run([sys.executable, "-m", "encdec.cli", "pretrain", "--config", str(config), "--out",
@@ -189,6 +189,7 @@ def test_a_yaml_configuration_is_read_as_utf8_whatever_the_locale(tmp_path):
     assert "UnicodeDecodeError" not in out.stderr and "/nonexistent/model" in out.stderr
     config.write_bytes(b"steps: 1\n# \xff\n")
     assert main(["pretrain", "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+    assert f"{config}: cannot read the YAML configuration (not UTF-8: byte 11)" in capsys.readouterr().err
 
 
 def test_generated_text_is_printed_where_stdout_is_not_utf8(sources, tmp_path):
