@@ -333,12 +333,13 @@ def test_a_cache_that_cannot_be_written_is_one_line(bigbench: Path, monkeypatch)
         ni.natural_instructions()
 
 
-def test_a_tarball_under_a_name_of_any_bytes_is_converted_and_cached(bigbench: Path) -> None:
+def test_a_tarball_under_a_name_of_any_bytes_is_converted_and_cached(bigbench: Path, monkeypatch) -> None:
     """The conversion's cache key holds the tarball's path: one not valid UTF-8 (a Latin-1 directory) too."""
     other = bigbench.parent / os.fsdecode(b"caf\xe9") / ni.TARBALL
     other.parent.mkdir()
     shutil.copy(bigbench, other)
     assert len(ni.natural_instructions(tarball=other)) == 6
+    monkeypatch.setattr(ni, "convert", lambda _: pytest.fail("converted again instead of reading the cache"))
     assert len(ni.natural_instructions(tarball=other)) == 6  # from the cache
 
 

@@ -573,8 +573,7 @@ def test_a_trimmed_vocabulary_keeps_every_sentinel_a_ul2_window_wants(adapted, c
     from encdec.training import plan as plan_module
     from encdec.training.distributed import Dist
 
-    monkeypatch.setattr(plan_module, "UL2_SENTINELS", 2, raising=False)
-    monkeypatch.setattr(plan_module.always_kept, "__defaults__", (2,))
+    monkeypatch.setattr(plan_module, "UL2_SENTINELS", 2)  # the floor build_plan takes (it passes it on)
 
     def spans(trim_vocab: int) -> list[int]:
         cfg = _config(adapted, tmp_path / "run", corpus, objective="ul2", enc_len=64, dec_len=64, trim_vocab=trim_vocab)
@@ -938,9 +937,10 @@ def test_a_trimmed_vocabulary_keeps_the_ids_the_config_names_absent_from_the_dat
     model = tmp_path / "model"
     shutil.copytree(adapted, model)
     settings = json.loads((model / "config.json").read_text())
-    for named in (settings, settings["decoder"]):  # w62 and w63: the corpus has w0..w39
+    for named in (settings, settings["decoder"]):  # w62 and w63, which this corpus of w0..w39 never holds
         named.update(eos_token_id=[90, 1], bos_token_id=91)
     (model / "config.json").write_text(json.dumps(settings))
+    corpus = write_corpus(tmp_path / "corpus.txt", words=40)
     plan, _ = build_plan(_config(model, tmp_path / "run", corpus, trim_vocab=40), Dist())
     table, unk = plan.trimmed.table, plan.trimmed.unk_id
     assert {90, 91} <= set(plan.trimmed.keep.tolist()) and unk not in (table[90], table[91])
