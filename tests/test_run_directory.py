@@ -349,11 +349,15 @@ def test_resuming_on_another_number_of_processes_compares_the_global_batch(adapt
     assert rundir.changed_settings(saved["config"], now(2), (1, 1)) == []
 
 
-def test_a_crash_between_a_checkpoint_and_its_metrics_line_loses_no_line(adapted, corpus, tmp_path, monkeypatch):
-    """The step's line is kept in its checkpoint and put back on resume (it was missing from metrics.jsonl for good)."""
+@pytest.mark.parametrize("options", [dict(steps=4, save_every=2, eval_every=0),
+                                     dict(steps=6, save_every=2, log_every=4, eval_every=0)],
+                         ids=["logged-before", "first-line"])
+def test_a_crash_between_a_checkpoint_and_its_metrics_line_loses_no_line(adapted, corpus, tmp_path, monkeypatch,
+                                                                         options):
+    """The step's line is kept in its checkpoint and put back on resume (it was missing from metrics.jsonl for good),
+    also where it was to be the file's first line (a checkpoint before any logged step: it was not put back)."""
     from encdec.training.metrics import Metrics
 
-    options = dict(steps=4, save_every=2, eval_every=0)
     loop.train(_config(adapted, tmp_path / "straight", corpus, **options))
     original = Metrics.log
 
@@ -366,7 +370,9 @@ def test_a_crash_between_a_checkpoint_and_its_metrics_line_loses_no_line(adapted
     with pytest.raises(RuntimeError, match="went away"):
         loop.train(_config(adapted, tmp_path / "crashed", corpus, **options))
     monkeypatch.setattr(Metrics, "log", original)
-    assert [r["step"] for r in _metrics(tmp_path / "crashed")] == [1]
+    logged = tmp_path / "crashed" / "metrics.jsonl"
+    assert [r["step"] for r in _metrics(tmp_path / "crashed")] == [1] if "log_every" not in options \
+        else not logged.exists()
     loop.train(_config(adapted, tmp_path / "crashed", corpus, resume=True, **options))
     assert [(r["step"], r["loss"]) for r in _metrics(tmp_path / "crashed")] == \
         [(r["step"], r["loss"]) for r in _metrics(tmp_path / "straight")]

@@ -395,10 +395,9 @@ def _set_aside_damaged(out: Path, start: int) -> None:
 
 def _truncate_metrics(path: Path, last_step: int, last_record: dict | None) -> None:
     refuse_link(path)
-    if not path.exists():
-        return
     kept, damaged, last_logged = [], 0, False
-    for line in path.read_text(errors="replace").splitlines():
+    # (none yet where the first checkpoint came before a line was logged: --save-every below --log-every)
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
         try:
             record = parse_json(line)
             step = int(record["step"])
@@ -412,4 +411,5 @@ def _truncate_metrics(path: Path, last_step: int, last_record: dict | None) -> N
         kept.append(json.dumps(last_record))
     if damaged:
         log.warning("%s: dropped %d unreadable line(s), cut short by a crash?", path, damaged)
-    atomic_write(path, "".join(line + "\n" for line in kept))
+    if kept or path.exists():
+        atomic_write(path, "".join(line + "\n" for line in kept))
