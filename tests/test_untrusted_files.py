@@ -606,6 +606,10 @@ def test_resuming_with_another_steps_says_how_the_learning_rate_moves(run, adapt
     assert run["resumes"][0]["changed"] == ["--steps 2 -> 6"] and run["resumes"][1]["changed"][0] == "--steps 6 -> 8"
     assert any(c.startswith("--lr 0.003 -> 0.001") for c in run["resumes"][1]["changed"]), run["resumes"]
     assert run["settings"]["precision"] in ("fp32", "bf16")
+    # the default "auto" resumes in the precision the run began with (fp32): it changed nothing, and was said as
+    # "--precision 'fp32' -> 'auto'"
+    assert not [c for c in run["resumes"][1]["changed"] if "precision" in c] and run["settings"]["precision"] == "fp32"
+    assert not [w for w in warned if "--precision" in w], warned
 
 
 def test_a_tokenizer_pattern_that_backtracks_past_its_limit_is_one_line(adapted, tmp_path, capsys):

@@ -193,7 +193,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
             raise EncdecError(f"{last_checkpoint} was trained on another vocabulary (different data or --trim-vocab); "
                               "resume with the run's, or start afresh with --overwrite")
         # (a checkpoint that does not say how many processes wrote it: taken as this run's number)
-        changed = rundir.changed_settings(saved.get("config", {}), cfg, (saved.get("processes", d.world), d.world))
+        # precision compared as each run computes ("auto" resumes in the precision the run began with, and one that
+        # began with "auto" recorded what it chose): --precision 'fp32' -> 'auto' changed nothing
+        began = {**saved.get("config", {}), **({"precision": began_in} if began_in in ("bf16", "fp32") else {})}
+        changed = rundir.changed_settings(began, dataclasses.replace(cfg, precision=precision),
+                                          (saved.get("processes", d.world), d.world))
         earlier, planned = saved.get("resumes"), saved.get("config", {}).get("steps")
         # another --steps is no warning (its schedule takes over) but it is the run's history: the provenance says it
         lengthened = [f"--steps {planned!r} -> {cfg.steps!r}"] if planned not in (None, cfg.steps) else []
