@@ -1030,6 +1030,40 @@ def test_a_run_without_a_search_killed_mid_fit_resumes_from_its_progress(models:
     assert not [p for p in (tmp_path / "cache" / "search").iterdir() if p.is_dir()]
 
 
+def test_a_run_killed_while_its_finished_fit_is_scored_does_not_train_it_again(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fit's progress was deleted as its training ended: a BoolQ run killed while its hour's fit was scored (3,270
+    answers: minutes) or saved trained the hour again. The finished fit is kept until the run is done."""
+    import encdec.classification.train as train_module
+    from encdec.classification import run
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=False, n=12)
+    real_pad, real_predict = train_module.pad_rows, run.predict
+    steps: list[int] = []
+    kill = [True]
+
+    def counting(batch_rows, pad_id, left=False):
+        if torch.is_grad_enabled():
+            steps.append(len(batch_rows))
+        return real_pad(batch_rows, pad_id, left)
+
+    def scoring(*args, **kwargs):
+        if kill[0]:
+            raise KeyboardInterrupt  # killed as the finished fit is scored
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "pad_rows", counting)
+    monkeypatch.setattr(run, "predict", scoring)
+    argv = ["classify", str(models["gemma3"]), "--task", "toy", "--epochs", "2", "--batch-size", "4", "--max-len", "16",
+            "--precision", "fp32", "--no-save", "--out", str(tmp_path / "out")]
+    assert main(argv) == 130 and len(steps) == 6
+    kill[0], steps[:] = False, []
+    assert main(argv) == 0 and steps == []  # the fit found finished: scored, not trained again
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["predictions"]
+    assert not [p for p in (tmp_path / "cache" / "search").iterdir() if p.is_dir()]  # gone once the run is done
+
+
 def test_a_k_fold_run_whose_cache_cannot_be_written_runs_on(models: dict[str, Path], tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """ENCDEC_CACHE naming a file: the journal reads nothing and says so, as it documents, but the first finished

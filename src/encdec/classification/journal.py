@@ -113,16 +113,18 @@ class TrialJournal:
             return None
         return kept
 
-    def keep_fold(self, fold: int, key: Any, outcome: dict[str, Any]) -> None:
+    def keep_fold(self, fold: int, key: Any, outcome: dict[str, Any]) -> bool:
         """Keep a finished fold's `outcome` (its predictions, losses and, for the classifier that is saved, its
         weights) until the run is done (`discard_progress`): a k-fold run killed in a later fold resumes there,
-        where it trained every finished fold again (minutes to hours each)."""
+        where it trained every finished fold again (minutes to hours each). Whether it was kept."""
         directory = self._fold_directory(fold, key)
         try:
             with atomic_dir(directory, overwrite=True) as tmp:
                 write_state(tmp, "fold", outcome)
         except (OSError, EncdecError) as e:  # (EncdecError: a write refused, the cache root a file, say)
             log.warning("could not keep the finished fold in %s (%s); a resumed run trains it again", directory, e)
+            return False
+        return True
 
     def discard_progress(self) -> None:
         """Once the run is done: what fits of it saved and never finished (killed, and not run again: another

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -224,16 +225,20 @@ class _FineTuneFolds:
         self.initial = {k: v.clone() for k, v in backbone.state_dict().items()} if many else None
         self.losses: list[list[float]] = []
 
-    def _train(self, ids: list[int], hp: Hyper, desc: str, fold: int) -> tuple[Classifier, list[float]]:
-        """A fresh classifier fine-tuned on `ids` with the fold's seed, resuming the fit's saved progress."""
+    def _train(self, ids: list[int], hp: Hyper, desc: str, fold: int,
+               keep_finished: bool = False) -> tuple[Classifier, list[float]]:
+        """A fresh classifier fine-tuned on `ids` with the fold's seed, resuming the fit's saved progress
+        (`keep_finished`: kept once finished, until `_progress(...)` is removed: `fine_tune`)."""
         if self.initial is not None:
             self.backbone.load_state_dict(self.initial)
         classifier = Classifier(self.backbone, self.num_labels, self.pooling)
-        progress = None if self.journal is None else self.journal.progress(fold, varied(hp, self.grid or {}), ids)
         losses = fine_tune(classifier, [self.train_rows[i] for i in ids], [self.p.train[i].label for i in ids], hp,
                            pad_id=self.pad_id, desc=desc, seed=self.hyper.seed + fold,
-                           progress=progress)
+                           progress=self._progress(fold, hp, ids), keep_finished=keep_finished)
         return classifier, losses
+
+    def _progress(self, fold: int, hp: Hyper, ids: list[int]) -> Path | None:
+        return None if self.journal is None else self.journal.progress(fold, varied(hp, self.grid or {}), ids)
 
     def run(self, k: int, train_ids: list[int], test_ids: list[int], splits: list[tuple[list[int], list[int]]],
             desc: str) -> FoldResult:
@@ -263,12 +268,15 @@ class _FineTuneFolds:
             log.info("%s: kept from the interrupted run, not trained again", desc)
             classifier, probs, losses = kept
         else:
-            classifier, losses = self._train(train_ids, hp, f"{desc} fine-tuning", k)
+            # the finished fit is kept while it is scored (minutes of BoolQ's 3,270 answers after its hour)
+            classifier, losses = self._train(train_ids, hp, f"{desc} fine-tuning", k, keep_finished=True)
             probs = predict(classifier, self.reported.rows(test_ids), pad_id=self.pad_id, batch_size=hp.batch_size,
                             desc=f"{desc}: evaluating")
-            if self.journal is not None and len(self.p.splits) > 1:  # a run of one fit has its progress alone
+            if self.journal is not None and len(self.p.splits) > 1:  # a run of one fit has its progress alone, kept
+                # until the run is done (`Journal.running`)
                 weights = dict(classifier.state_dict()) if k == 0 and self.save_first else None
-                self.journal.keep_fold(k, key, {"probs": probs, "losses": losses, "weights": weights})
+                if self.journal.keep_fold(k, key, {"probs": probs, "losses": losses, "weights": weights}):
+                    shutil.rmtree(self._progress(k, hp, train_ids), ignore_errors=True)  # the fold kept: GBs freed
         self.losses.append(losses)
         return classifier, probs, chosen, trials
 

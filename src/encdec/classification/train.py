@@ -119,13 +119,15 @@ def _diverged(desc: str, step: int, total: int, what: str) -> Diverged:
 
 
 def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], hp: Hyper, *, pad_id: int,
-              desc: str, seed: int, progress: Path | None = None, save_every: float = SAVE_EVERY_S) -> list[float]:
+              desc: str, seed: int, progress: Path | None = None, save_every: float = SAVE_EVERY_S,
+              keep_finished: bool = False) -> list[float]:
     """Train every parameter (but the embedding with `hp.freeze_embeddings`) on (rows, labels) with cross-entropy;
     returns the mean loss of each epoch.
 
     With `progress` (a directory), the fit's state is saved there every `save_every` seconds and a fit that finds
     it resumes from it, repeating the uninterrupted fit's steps (a BoolQ fit takes an hour on a CPU); the directory
-    is removed once the fit is done."""
+    is removed once the fit is done, or with `keep_finished` holds the finished fit until its caller removes it (the
+    caller scores it next, for minutes: killed then, a rerun finds the fit done instead of training it again)."""
     device = next(classifier.parameters()).device
     if device.type == "cpu":
         keep_freed_memory()  # as CPU pretraining does: no page faults on the embedding-sized gradients
@@ -185,7 +187,11 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
             tqdm.write(f"encdec: {desc}: epoch {epoch}: mean loss {losses[-1]:.4f} over {len(epoch_losses)} steps",
                        file=sys.stderr)
             epoch_losses = []
-    fit.done()
+    if keep_finished:
+        fit.save({"step": step, "epoch": epoch, "losses": losses, "epoch_losses": [], "within": 0,
+                  "rng": rng.getstate()})
+    else:
+        fit.done()
     # the loss checks each update's parameters at the next step: the last update's have no next step
     if not all(bool(p.isfinite().all()) for p in classifier.parameters() if p.requires_grad):
         raise _diverged(desc, total - 1, total, "parameters no longer finite numbers")
@@ -234,7 +240,11 @@ class _FitProgress:
         return state
 
     def maybe_save(self, position: dict[str, Any]) -> None:
-        if self.directory is None or not self.saving or time.monotonic() - self.last < self.every:
+        if time.monotonic() - self.last >= self.every:
+            self.save(position)
+
+    def save(self, position: dict[str, Any]) -> None:
+        if self.directory is None or not self.saving:
             return
         state = {**position, "total": self.total, "model": self._trained(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
