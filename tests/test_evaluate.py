@@ -687,6 +687,21 @@ def test_evaluate_command_writes_the_table_and_per_example_json(adapted, sources
     assert "held-out general-english: suffix NLL" in (tmp_path / "res.md").read_text()
 
 
+def test_the_shot_count_is_that_of_the_questions_scored(adapted, tmp_path):
+    """MMLU's shots are per subject, and two subjects' dev pools are short after the test questions are left out
+    (clinical_knowledge 3, college_medicine 2): the record said "2-5-shot" of 3 questions all read 5-shot."""
+    from encdec.evaluation.harness import Settings, evaluate, sample
+    from encdec.evaluation.tasks import TASKS, choose_shots
+
+    settings = Settings(tasks=["mmlu"], limit=3, shots=5)
+    record = evaluate([str(adapted)], settings)
+    examples = TASKS["mmlu"].examples()
+    pools = choose_shots(TASKS["mmlu"], 5, settings.seed, examples)
+    read = [len(pools[item.group]) for item in sample(examples, 3, settings.seed)]
+    assert min(len(p) for p in pools.values()) < 5 <= min(read)  # short pools exist; these questions' are full
+    assert record["tasks"]["mmlu"]["shots"] == min(read) and "shots_max" not in record["tasks"]["mmlu"]
+
+
 def test_earlier_results_are_replaced_only_with_overwrite(adapted, tmp_path, capsys):
     """Every evaluation writes runs/evaluate/results unless told otherwise: a second model's run replaced the first's
     results (hours of scoring) without a word."""

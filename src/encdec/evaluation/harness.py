@@ -251,7 +251,8 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32,
                                      "decoder-only models", "results": {}}
         else:
             items, shots = prepared[name]
-            counts = [len(v) for v in shots.values()] or [0]  # per group (MMLU: per subject)
+            # the shots the scored items read (MMLU: their subjects'), not every group's pool
+            counts = [len(shots.get(getattr(item, "group", ""), [])) for item in items] or [0]
             record["tasks"][name] = {"describe": TASKS[name].describe, "kind": TASKS[name].kind,
                                      "shots": min(counts), "n": len(items), "results": {},
                                      **({"shots_max": max(counts)} if max(counts) != min(counts) else {})}
