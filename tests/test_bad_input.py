@@ -252,6 +252,23 @@ def test_too_little_memory_to_dequantize_a_gguf_is_said_as_such(capsys, tmp_path
     assert "too little memory to dequantize this gemma3 GGUF (Unable to allocate 1.00 GiB" in line
 
 
+def test_vocabularies_that_differ_by_an_alias_or_an_absent_id_are_said_in_words(monkeypatch):
+    """The first differing id was found from id -> token maps: a tokenizer spelling an id twice (an added alias)
+    made them equal, and the refusal a ValueError of min() on nothing; an id on one side only was 'None'."""
+    from types import SimpleNamespace
+
+    from encdec.adapt import check_same_vocabulary
+
+    vocabularies = {"a": {"x": 0, "y": 1, "alias": 1}, "b": {"x": 0, "alias": 1}, "c": {"x": 0}}
+    monkeypatch.setattr(encdec.sources, "load_tokenizer",
+                        lambda directory: SimpleNamespace(get_vocab=lambda: vocabularies[str(directory)]))
+    with pytest.raises(EncdecError, match=r"\(3 and 2 tokens; 'y' is token 1 of the encoder's alone\); they must"):
+        check_same_vocabulary(Path("a"), Path("b"))
+    with pytest.raises(EncdecError, match=r"token 1 is 'alias' in the encoder's, absent in the decoder's\)"):
+        check_same_vocabulary(Path("b"), Path("c"))
+    check_same_vocabulary(Path("b"), Path("b"))
+
+
 def test_different_vocabularies(capsys, tmp_path, monkeypatch):
     """Tables of one size can hold different vocabularies (Llama 2's and OpenLLaMA's 32,000 tokens): only the table
     sizes were compared, and the decoder generated ids of its vocabulary read in the encoder's."""

@@ -73,10 +73,11 @@ def test_a_fit_whose_loss_is_not_finite_stops_naming_the_step(models: dict[str, 
     assert not (tmp_path / "progress").exists()
 
 
-def test_a_fit_whose_gradients_or_last_update_are_not_finite_stops_too(models: dict[str, Path]) -> None:
+def test_a_fit_whose_gradients_or_last_update_are_not_finite_stops_too(models: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
     """Infinite gradients under a finite loss (clipping made them NaN, and the update too), and an update that
     leaves the parameters non-finite at the last step (no next loss to see it): both predicted label 0 for
-    everything, as a NaN loss did."""
+    everything, as a NaN loss did. A fit kept once finished (`keep_finished`) keeps nothing of a diverged one."""
     backbone, tokenizer_dir = load_backbone(str(models["gemma3"]))
     rows = encode(load_tokenizer(tokenizer_dir), separable(8, 0)[0], 16, None)
     classifier = Classifier(copy.deepcopy(backbone), 2, "last")
@@ -86,7 +87,8 @@ def test_a_fit_whose_gradients_or_last_update_are_not_finite_stops_too(models: d
     classifier = Classifier(copy.deepcopy(backbone), 2, "last")
     with pytest.raises(Diverged, match=r"^test: the fit diverged at step 1 of 1 \(parameters no longer finite"):
         fine_tune(classifier, rows, [0, 1] * 4, Hyper(steps=1, batch_size=4, head_lr=1e38), pad_id=0, desc="test",
-                  seed=0)
+                  seed=0, progress=tmp_path / "progress", keep_finished=True)
+    assert not (tmp_path / "progress").exists()
 
 
 def test_a_fit_whose_later_save_fails_still_removes_its_earlier_progress(

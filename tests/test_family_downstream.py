@@ -191,6 +191,12 @@ def test_system_messages_stand_where_the_chat_format_takes_them(tmp_path):
     with pytest.raises(EncdecError, match="^data.jsonl:4: a system message must be followed by a user message"):
         chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64, chat=gemma)
     assert chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64, chat=chatml).inputs
+    # a template that refuses for its own reason (roles must alternate) is quoted, not Gemma's rule for a fold
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+                               "{{ raise_exception('one system message, first') }}{% endif %}{% endfor %}" + CHATML)
+    late = [("system", "w0"), ("user", "w1"), ("model", "w2"), ("system", "w3"), ("user", "w4")]
+    with pytest.raises(ConversationRefused, match=r"chat template refuses this conversation \(one system message"):
+        ChatFormat.of(tokenizer).render(late)
 
 
 def test_a_conversation_the_chat_template_refuses_is_one_line(tmp_path):

@@ -650,7 +650,7 @@ def test_a_host_header_naming_another_server_is_refused_on_loopback_without_a_ke
     assert _asked(_app(local), ask, scheduler=False) == [200, 200, 200, 200]  # not on loopback, or with a key
 
 
-def test_allowed_hosts_is_checked_and_applies_on_loopback_without_a_key():
+def test_allowed_hosts_is_checked_and_applies_on_loopback_without_a_key(monkeypatch):
     from encdec.errors import EncdecError
     from encdec.serve.app import check_hosts
 
@@ -659,6 +659,12 @@ def test_allowed_hosts_is_checked_and_applies_on_loopback_without_a_key():
         "proxy.example", ".corp.example", "xn--9ca.example")
     assert check_hosts(None, "0.0.0.0", None) is None and check_hosts(None, "127.0.0.1", "key") is None
     assert check_hosts("*", "127.0.0.1", None) is None
+    from encdec.serve import app as served
+
+    warned = []
+    monkeypatch.setattr(served.log, "warning", lambda message, *args: warned.append(message % args))
+    assert check_hosts("api.example", "0.0.0.0", None) is None and check_hosts("api.example", "::1", "k") is None
+    assert len(warned) == 2 and "the option is ignored" in warned[0]  # given, and read by nothing: said
     for bad in ("a b", "http://x", "x:80", "*.example", ""):
         with pytest.raises(EncdecError, match="--allowed-hosts: .* is not a host name"):
             check_hosts(bad, "127.0.0.1", None)

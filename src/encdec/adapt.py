@@ -129,10 +129,16 @@ def check_same_vocabulary(encoder_dir: Path, decoder_dir: Path) -> None:
     if ours == theirs:
         return
     tokens = [{i: token for token, i in vocab.items()} for vocab in (ours, theirs)]
-    first = min(i for i in {*tokens[0], *tokens[1]} if tokens[0].get(i) != tokens[1].get(i))
+    ids = [i for i in {*tokens[0], *tokens[1]} if tokens[0].get(i) != tokens[1].get(i)]
+    if ids:
+        first = min(ids)
+        shown = [repr(side[first]) if first in side else "absent" for side in tokens]
+        where = f"token {first} is {shown[0]} in the encoder's, {shown[1]} in the decoder's"
+    else:  # the same token at every id, one side spelling an id twice (an alias)
+        text, i = min(set(ours.items()) ^ set(theirs.items()), key=lambda item: item[1])
+        where = f"{text!r} is token {i} of {'the encoder' if ours.get(text) == i else 'the decoder'}'s alone"
     raise EncdecError(f"the encoder's and the decoder's tokenizers spell different vocabularies ({len(ours)} and "
-                      f"{len(theirs)} tokens; token {first} is {tokens[0].get(first)!r} in the encoder's, "
-                      f"{tokens[1].get(first)!r} in the decoder's); they must share one vocabulary")
+                      f"{len(theirs)} tokens; {where}); they must share one vocabulary")
 
 
 def _shared_vocabulary(encoder: DecoderOnlySource, decoder: DecoderOnlySource) -> int:

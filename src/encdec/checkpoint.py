@@ -111,11 +111,12 @@ def save(
     return NATIVE if layout is None else layout.model_type
 
 
-SAVED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAVED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float64": torch.float64}
 
 
 def _saved_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """The weights' type to save in: None (the model's), or a floating type, by name as transformers takes it
+    """The weights' type to save in: None (the model's), or one of SAVED_DTYPES, by name as transformers takes it
     too ("bfloat16"); an integer type truncated every weight into a checkpoint that loaded without a word."""
     if dtype is None or dtype in SAVED_DTYPES.values():
         return dtype

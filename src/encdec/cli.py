@@ -768,7 +768,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "BOS and their end; a passage's perplexity is read in windows of this many), at most a model's "
                    "positions; a decoder-only model's context is cut further where its answer or new tokens would "
                    "run past them (each model's own in the results' max_len); the held-out suffix NLL is a fixed "
-                   "64-token prefix -> 64-token suffix whatever it")
+                   "64-token prefix -> 64-token suffix whatever its value")
     p.add_argument("--seed", type=_seed, default=1234, help="seed of the --limit sample and of the few-shot choice")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="compute dtype")
     p.set_defaults(func=cmd_evaluate)

@@ -187,14 +187,15 @@ def fine_tune(classifier: Classifier, rows: list[list[int]], labels: list[int], 
             tqdm.write(f"encdec: {desc}: epoch {epoch}: mean loss {losses[-1]:.4f} over {len(epoch_losses)} steps",
                        file=sys.stderr)
             epoch_losses = []
+    # the loss checks each update's parameters at the next step: the last update's have no next step
+    if not all(bool(p.isfinite().all()) for p in classifier.parameters() if p.requires_grad):
+        fit.done()  # as a diverged loss's: not kept
+        raise _diverged(desc, total - 1, total, "parameters no longer finite numbers")
     if keep_finished:
         fit.save({"step": step, "epoch": epoch, "losses": losses, "epoch_losses": [], "within": 0,
                   "rng": rng.getstate()})
     else:
         fit.done()
-    # the loss checks each update's parameters at the next step: the last update's have no next step
-    if not all(bool(p.isfinite().all()) for p in classifier.parameters() if p.requires_grad):
-        raise _diverged(desc, total - 1, total, "parameters no longer finite numbers")
     classifier.eval()
     return losses
 

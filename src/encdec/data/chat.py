@@ -81,7 +81,7 @@ class ChatFormat:
         return cls(tokenizer, True, end if end in vocab else "", bos)
 
     def render(self, turns: list[tuple[str, str]]) -> str:
-        """The encoder's text for (role, text) turns ("user" or "model", after a first "system"), ending with an open
+        """The encoder's text for (role, text) turns ("user", "model" or "system"), ending with an open
         answer: Gemma's chat format (the system text in the first user turn), or the tokenizer's template (with the
         system role where it has one; without the BOS text some templates start with, when the encoder's inputs get
         `bos` as a token anyway; SmolLM2's tokenizer names its first marker, <|im_start|>, as BOS but never puts it
@@ -94,8 +94,8 @@ class ChatFormat:
             if all(role != "system" for role, _ in turns):
                 raise ConversationRefused(f"the tokenizer's chat template refuses this conversation ({e})") from None
             try:  # a template without a system role (Gemma 2's, Mistral's first) reads it in the first user turn
-                text = self._templated(_folded(turns))
-            except TemplateError:
+                text = self._templated(system_folded(turns))
+            except (TemplateError, ValueError):  # (ValueError: no fold of a later system turn) the template's words
                 raise ConversationRefused(f"the tokenizer's chat template refuses this conversation ({e})") from None
         bos = self.tokenizer.bos_token
         return text.removeprefix(bos) if bos and self.bos is not None else text

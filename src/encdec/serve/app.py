@@ -398,6 +398,9 @@ def check_hosts(given: str | None, host: str, api_key: str | None) -> tuple[str,
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
+    if names and "*" not in names and (not loopback or api_key is not None):  # given, and read by nothing
+        log.warning("--allowed-hosts applies on a loopback --host without --api-key (where a web page could reach "
+                    "the server under a name of its own): here every Host is answered, the option is ignored")
     if not loopback or api_key is not None or "*" in names:
         return None
     return tuple(names)
