@@ -275,6 +275,57 @@ def test_generate_out_keeps_the_finished_completions_of_a_run_that_stops(capsys,
     assert "the last 3 line(s) printed finished behind a prompt still decoding" in printed.err
 
 
+def test_generate_stopped_by_sigterm_keeps_its_finished_completions(capsys, tmp_path, adapted, monkeypatch):
+    """SIGTERM (a batch system's time limit, `timeout`, `docker stop`) and SIGHUP ended the process at once: with
+    --out nothing was written, without it the lines held behind a prompt still decoding were lost. Stopped as
+    Ctrl-C stops it, exit status 128 + the signal's number; a reader gone with the pipe loses nothing but them."""
+    import json
+    import os
+    import signal
+    import time
+
+    import encdec.generate
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": k, "prompt": f"w{k} w{k + 1}"}) + "\n" for k in range(4)))
+    real = encdec.generate.generate_each
+
+    def signalled_after_two(sig):
+        def each(*args, **kwargs):
+            for n, i in enumerate(real(*args, **kwargs)):
+                if n == 2:
+                    os.kill(os.getpid(), sig)
+                    time.sleep(30)  # (the signal's handler raises here)
+                    pytest.fail("the signal did not stop the run")
+                yield i
+        return each
+
+    class Unhandled(Exception):  # the signal reached this test's own handler: the run did not take it
+        pass
+
+    def unhandled(signum, frame):
+        raise Unhandled(signum)
+
+    before = {sig: signal.signal(sig, unhandled) for sig in (signal.SIGTERM, signal.SIGHUP)}  # (not pytest's end)
+    try:
+        for sig, code in ((signal.SIGTERM, 143), (signal.SIGHUP, 129)):
+            out = tmp_path / f"{sig.name}.jsonl"
+            monkeypatch.setattr(encdec.generate, "generate_each", signalled_after_two(sig))
+            assert main(["generate", str(adapted), "--input", str(prompts), "--out", str(out), "--batch-size", "1",
+                         "--max-new-tokens", "3"]) == code
+            kept = [json.loads(line)["id"] for line in out.with_name(f"{out.name}.partial").read_text().splitlines()]
+            assert kept == [0, 1] and not out.exists()
+            assert f"encdec generate: stopped by {sig.name}" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # put back once the run is over
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    # an --out that is a link to nothing: its target was made, wherever the link (another user's, in /tmp) pointed
+    (tmp_path / "planted.jsonl").symlink_to(tmp_path / "elsewhere" / "x.jsonl")
+    assert main(["generate", str(adapted), "--prompt", "w1", "--out", str(tmp_path / "planted.jsonl")]) == 2
+    assert "planted.jsonl is a link to " in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
+
+
 @pytest.mark.parametrize("command", ["generate", "adapt"])
 def test_an_out_name_too_long_for_its_temporary_is_refused_before_any_work(capsys, tmp_path, adapted, sources,
                                                                            command):

@@ -4,11 +4,15 @@ info, quickstart."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -254,9 +258,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
                           ensure_ascii=ascii_only)
 
     start, printed = time.perf_counter(), 0
-    try:
-        with tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True, leave=False,
-                  disable=len(prompts) == 1 or None) as bar:
+    try:  # SIGTERM and SIGHUP (a batch system's time limit, `timeout`, a closed terminal) stop it as Ctrl-C does
+        with signals_interrupt(), tqdm(total=len(prompts), desc="generating", unit="prompt", dynamic_ncols=True,
+                                       leave=False, disable=len(prompts) == 1 or None) as bar:
             for i in generate_each(model, encoded, rows, args.batch_size, args.compile):
                 lines[i] = line(i)
                 bar.update()
@@ -266,24 +270,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
                         sys.stdout.flush()
                     printed += 1
     except BaseException:  # out of memory, Ctrl-C: hours of finished completions were lost with the run
-        held = [text for text in lines[printed:] if text is not None]  # finished behind a prompt still decoding
-        if args.out is None and held and sys.stdout is not None:
-            for text in held:
-                tqdm.write(text, file=sys.stdout)
-            sys.stdout.flush()
-            logging.getLogger("encdec").warning(
-                "the run stopped: the last %d line(s) printed finished behind a prompt still decoding, so they are "
-                "out of the prompts' order (each carries its prompt)", len(held))
-        if args.out is not None and any(lines):
-            partial = args.out.with_name(f"{args.out.name}.partial")
-            atomic_write(partial, "".join(f"{text}\n" for text in lines if text is not None))
-            logging.getLogger("encdec").warning(
-                "%d of %d completion(s) finished before the run stopped: kept in %s (each line a prompt's record "
-                "with its completion); %s is not written", sum(text is not None for text in lines), len(lines),
-                partial, args.out)
+        _keep_finished(args.out, lines, printed)
         raise
     if args.out is not None:
-        atomic_write(args.out, "".join(f"{text}\n" for text in lines))
+        try:
+            atomic_write(args.out, "".join(f"{text}\n" for text in lines))
+        except BaseException:  # a full disk, Ctrl-C in the fsync: the lines are kept as a stopped run's are
+            _keep_finished(args.out, lines, printed)
+            raise
     seconds = time.perf_counter() - start
     print(f"encdec: {len(prompts)} prompt(s), {sum(len(r.tokens) for r in rows)} new tokens in {seconds:.1f} s"
           + (f"; written to {args.out}" if args.out is not None else ""), file=sys.stderr)
@@ -292,6 +286,63 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise EncdecError(f"{len(failed)} prompt(s) stopped early, their scores (logits) not finite numbers to draw "
                           f"from (an overflow: float16 may, float32 and bfloat16 do not): {', '.join(failed[:5])}"
                           + (", ..." if len(failed) > 5 else "") + "; their lines say finish_reason \"error\"")
+
+
+def _keep_finished(out: Path | None, lines: list[str | None], printed: int) -> None:
+    """What a stopped `encdec generate` keeps of its finished completions: without `out`, the lines not yet printed
+    (finished behind a prompt still decoding); with it, OUT.partial. Never raises: what stopped the run is said."""
+    from tqdm import tqdm
+
+    from encdec.files import atomic_write
+
+    log = logging.getLogger("encdec")
+    held = [text for text in lines[printed:] if text is not None]
+    if out is None and held and sys.stdout is not None:
+        try:
+            for text in held:
+                tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
+        except (BrokenPipeError, ValueError):  # its reader gone too (Ctrl-C on `... | jq`): nothing to print to
+            return
+        log.warning("the run stopped: the last %d line(s) printed finished behind a prompt still decoding, so they "
+                    "are out of the prompts' order (each carries its prompt)", len(held))
+    if out is not None and any(lines):
+        partial = out.with_name(f"{out.name}.partial")
+        try:
+            atomic_write(partial, "".join(f"{text}\n" for text in lines if text is not None))
+        except (EncdecError, OSError) as e:
+            log.warning("could not keep the finished completions in %s (%s)", partial, e)
+            return
+        log.warning("%d of %d completion(s) finished before the run stopped: kept in %s (each line a prompt's record "
+                    "with its completion); %s is not written", sum(text is not None for text in lines), len(lines),
+                    partial, out)
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the work stops as at Ctrl-C (what it finished kept); exit status 128 + N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Signalled` inside the block (they ended the process at once: a run's finished work
+    was lost); outside the main thread, which alone takes signals, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        raise Signalled(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -915,10 +966,12 @@ def main(argv: list[str] | None = None) -> int:
         _flush_or_drop(sys.stdout)
         print(f"encdec {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _flush_or_drop(sys.stdout)  # Ctrl-C on `encdec generate ... | jq`: jq is gone too (exit 120 otherwise)
-        print(f"encdec {args.command}: interrupted", file=sys.stderr)
-        return 130
+        stopped = f"stopped by {e}" if isinstance(e, Signalled) else "interrupted"
+        with contextlib.suppress(OSError, ValueError):  # (stderr closed)
+            print(f"encdec {args.command}: {stopped}", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Signalled) else 130
     except RuntimeError as e:  # a batch too large for the device or the CPU's memory: its options, not a traceback
         device = isinstance(e, torch.OutOfMemoryError)
         if isinstance(e, getattr(torch.distributed, "DistError", ())):  # a timeout, a process gone: theirs is the cause
