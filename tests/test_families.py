@@ -545,6 +545,21 @@ def test_llama_3_rope_without_its_original_context_is_read_as_transformers_fills
     assert ours.rope_llama3[3] == base["max_position_embeddings"]
 
 
+def test_a_gemma_linear_rope_scaling_without_its_factor_is_refused():
+    """It was read as factor 1.0, no scaling, in silence (the Llama adapter, and transformers, need the factor)."""
+    from pathlib import Path
+
+    from tiny import gemma_config
+
+    from encdec.files import reading_config
+    from encdec.formats import gemma
+
+    with pytest.raises(EncdecError, match="lacks the field 'factor'"):
+        with reading_config(Path("config.json")):
+            gemma.read_config({**gemma_config("gemma2").to_dict(), "rope_scaling": {"rope_type": "linear"}},
+                              Path("config.json"))
+
+
 def test_an_eos_named_in_the_generation_config_alone_is_read(sources, tmp_path):
     """config.json without an eos_token_id, generation_config.json with [1, 3]: refused, though the ids were
     there (transformers' generate reads them)."""

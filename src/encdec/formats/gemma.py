@@ -94,7 +94,8 @@ def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise EncdecError(f"RoPE type {rope_type!r} is not supported; supported: 'default', 'linear'")
-    return float(params.get("rope_theta", 10_000.0)), float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
+    # linear scaling needs its factor, as transformers does (read as 1.0, it was no scaling, in silence)
+    return float(params.get("rope_theta", 10_000.0)), float(params["factor"]) if rope_type == "linear" else 1.0
 
 
 def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
