@@ -229,6 +229,20 @@ def test_generate_over_a_file_keeps_the_order_and_each_prompt_s_solo_tokens(caps
     assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == lines
     assert main(["generate", str(out), "--prompt", records[1]["prompt"], "--out", "-", *common]) == 0  # - : stdout
     assert json.loads(capsys.readouterr().out) == lines[1] and not (Path.cwd() / "-").exists()
+    # a chat request as the server takes it (content parts, joined as vLLM joins them), logged and given again
+    parted = {"id": 3, "messages": [{"role": "system", "content": [{"type": "text", "text": "w9"}]},
+                                    {"role": "user", "content": [{"type": "text", "text": "w4"},
+                                                                 {"type": "text", "text": "w5"}]}]}
+    joined = {"id": 3, "messages": [{"role": "system", "content": "w9"}, {"role": "user", "content": "w4\nw5"}]}
+    for record in (parted, joined):
+        prompts.write_text(json.dumps(record) + "\n")
+        assert main(["generate", str(out), "--input", str(prompts), "--out", "-", *common]) == 0
+    first, second = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert first["completion"] == second["completion"] and first["prompt_tokens"] == second["prompt_tokens"]
+    prompts.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}) + "\n")
+    assert main(["generate", str(out), "--input", str(prompts), *common]) == 2
+    assert "content parts must be {\"type\": \"text\", \"text\": ...}; this model reads text only" in \
+        capsys.readouterr().err
 
 
 def test_generate_out_keeps_the_finished_completions_of_a_run_that_stops(capsys, tmp_path, adapted, monkeypatch):

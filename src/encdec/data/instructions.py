@@ -58,7 +58,8 @@ def chat_prompt(turns: Sequence[tuple[str, str]]) -> str:
 
 
 def conversation(messages: Any) -> list[tuple[str, str]]:
-    """The (role, text) turns, role "user", "model" or "system", of OpenAI-style messages. Where system messages
+    """The (role, text) turns, role "user", "model" or "system", of OpenAI-style messages (a content given as text
+    parts joined by newlines, as vLLM joins them). Where system messages
     may stand is the chat format's to say (`encdec.data.chat.ChatFormat`): a template with the role renders them
     as it does, Gemma's format (no such role) reads one first system message in the first user turn
     (`system_folded`). Raises ValueError with the reason."""
@@ -66,8 +67,15 @@ def conversation(messages: Any) -> list[tuple[str, str]]:
         raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
     turns: list[tuple[str, str]] = []
     for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):  # OpenAI's content parts (the server's requests, logged ones given again)
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ValueError(f"message {i}: content parts must be {{\"type\": \"text\", \"text\": ...}}; "
+                                 "this model reads text only")
+            message = {**message, "content": "\n".join(p["text"] for p in content)}  # as vLLM joins them
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ValueError(f"message {i} is not an object with a string 'content'")
+            raise ValueError(f"message {i} is not an object with a string 'content' (or a list of text parts)")
         role = ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
         if role is None:
             raise ValueError(f"message {i} has the unknown role {message.get('role')!r}; "

@@ -194,20 +194,9 @@ def _check_names(messages: list) -> None:
 
 def _chat_turns(body: dict) -> list[tuple[str, str]]:
     messages = body.get("messages")
-    if isinstance(messages, list):  # content given as parts: only text parts are understood
-        flat = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, list):
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise APIError(400, "message content parts must be {\"type\": \"text\", \"text\": ...}; "
-                                   "this model reads text only", "messages")
-                m = {**m, "content": "\n".join(p["text"] for p in content)}  # as vLLM joins them
-            flat.append(m)
-        messages = flat
+    if isinstance(messages, list):
         _check_names(messages)
-    try:
+    try:  # (content given as parts: `conversation` joins their text)
         turns = conversation(messages)
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
