@@ -289,6 +289,24 @@ def test_generate_out_keeps_the_finished_completions_of_a_run_that_stops(capsys,
     assert "the last 3 line(s) printed finished behind a prompt still decoding" in printed.err
 
 
+def test_generate_does_not_replace_an_out_written_while_it_ran(capsys, tmp_path, adapted, monkeypatch):
+    """--out was checked before the model loaded and replaced at the end: a second run given the same --out (or the
+    user's own file, made meanwhile) was overwritten without --overwrite. Now it stays, and the completions are
+    kept in OUT.partial."""
+    import encdec.generate
+
+    out, real = tmp_path / "done.jsonl", encdec.generate.generate_each
+
+    def meanwhile(*args, **kwargs):
+        yield from real(*args, **kwargs)
+        out.write_text("the user's own\n")
+
+    monkeypatch.setattr(encdec.generate, "generate_each", meanwhile)
+    assert main(["generate", str(adapted), "--prompt", "w1", "--out", str(out), "--max-new-tokens", "2"]) == 2
+    assert out.read_text() == "the user's own\n" and "written by something else" in capsys.readouterr().err
+    assert len(out.with_name("done.jsonl.partial").read_text().splitlines()) == 1
+
+
 def test_generate_stopped_by_sigterm_keeps_its_finished_completions(capsys, tmp_path, adapted, monkeypatch):
     """SIGTERM (a batch system's time limit, `timeout`, `docker stop`) and SIGHUP ended the process at once: with
     --out nothing was written, without it the lines held behind a prompt still decoding were lost. Stopped as
