@@ -545,6 +545,26 @@ def test_llama_3_rope_without_its_original_context_is_read_as_transformers_fills
     assert ours.rope_llama3[3] == base["max_position_embeddings"]
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_fields_a_config_leaves_out_take_transformers_class_defaults(family):
+    """max_position_embeddings and num_key_value_heads left out were read as no limit and as the query heads;
+    transformers gives its class's defaults (Llama 2,048 positions, Mistral 131,072 and 8 key/value heads, Qwen2
+    32,768): a Mistral-7B config without the key was refused against its weights, and long prompts passed unseen."""
+    from pathlib import Path
+
+    from tiny import family_config
+
+    from encdec.formats import llama, qwen
+
+    cfg = family_config(family, heads=8).to_dict()
+    for key in ("max_position_embeddings", *(["num_key_value_heads"] if family != "qwen2" else []), "rope_parameters"):
+        cfg.pop(key, None)
+    theirs = tf.AutoConfig.for_model(family, **{k: v for k, v in cfg.items() if k != "model_type"})
+    ours = (qwen if family == "qwen2" else llama).read_config(cfg, Path("config.json")).stack
+    assert (ours.max_positions, ours.num_kv_heads) == (theirs.max_position_embeddings, theirs.num_key_value_heads)
+    assert ours.max_positions > 256 and (family != "mistral" or ours.num_kv_heads == 8)
+
+
 def test_a_gemma_linear_rope_scaling_without_its_factor_is_refused():
     """It was read as factor 1.0, no scaling, in silence (the Llama adapter, and transformers, need the factor)."""
     from pathlib import Path

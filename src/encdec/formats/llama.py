@@ -59,8 +59,30 @@ def refuse_unsupported(cfg: dict[str, Any], where: Path) -> None:
                           "supported: 'silu'")
 
 
+CLASS_DEFAULTED = ("max_position_embeddings", "num_key_value_heads")
+
+
+def with_class_defaults(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`cfg` with the fields above that it leaves out given the values of transformers' configuration class for its
+    model_type, as transformers reads it (MistralConfig's 8 key/value heads, Qwen2's 32,768 positions): read as the
+    head count and as no limit, a Mistral-7B config without the key was refused against its weights, and prompts
+    past the model's positions were not caught."""
+    missing = [key for key in CLASS_DEFAULTED if key not in cfg]
+    if not missing:
+        return cfg
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    # the class's own defaults, not a default instance's (whose key/value heads follow its own 32 query heads)
+    parameters = inspect.signature(CONFIG_MAPPING[cfg["model_type"]].__init__).parameters
+    given = {key: parameters[key].default for key in missing if key in parameters}
+    return {**cfg, **{key: value for key, value in given.items() if isinstance(value, int)}}
+
+
 def stack_from_hf(cfg: dict[str, Any], layer_types: list[str], where: Path, **family: Any) -> StackConfig:
     """A StackConfig of a Llama-like config; `family` sets the switches that differ from Llama."""
+    cfg = with_class_defaults(cfg)
     refuse_unsupported(cfg, where)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return StackConfig(
