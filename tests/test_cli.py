@@ -307,6 +307,21 @@ def test_generate_does_not_replace_an_out_written_while_it_ran(capsys, tmp_path,
     assert len(out.with_name("done.jsonl.partial").read_text().splitlines()) == 1
 
 
+def test_generate_with_stderr_closed_ends_well(tmp_path, adapted, monkeypatch):
+    """`2>&-`: every completion was written, then the summary line's print raised, and the run exited 1."""
+    import errno
+    import io
+
+    class Closed(io.TextIOBase):  # as file descriptor 2 closed: every write fails with EBADF
+        def write(self, text: str) -> int:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr("sys.stderr", Closed())
+    out = tmp_path / "done.jsonl"
+    assert main(["generate", str(adapted), "--prompt", "w1", "--out", str(out), "--max-new-tokens", "2"]) == 0
+    assert len(out.read_text().splitlines()) == 1
+
+
 def test_generate_stopped_by_sigterm_keeps_its_finished_completions(capsys, tmp_path, adapted, monkeypatch):
     """SIGTERM (a batch system's time limit, `timeout`, `docker stop`) and SIGHUP ended the process at once: with
     --out nothing was written, without it the lines held behind a prompt still decoding were lost. Stopped as

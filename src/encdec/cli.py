@@ -282,8 +282,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             _keep_finished(args.out, lines, printed)
             raise
     seconds = time.perf_counter() - start
-    print(f"encdec: {len(prompts)} prompt(s), {sum(len(r.tokens) for r in rows)} new tokens in {seconds:.1f} s"
-          + (f"; written to {args.out}" if args.out is not None else ""), file=sys.stderr)
+    with contextlib.suppress(OSError, ValueError):  # stderr closed (2>&-): the completions are written, the run done
+        print(f"encdec: {len(prompts)} prompt(s), {sum(len(r.tokens) for r in rows)} new tokens in {seconds:.1f} s"
+              + (f"; written to {args.out}" if args.out is not None else ""), file=sys.stderr)
     failed = [prompts[i].source for i, row in enumerate(rows) if row.finish_reason == "error"]
     if failed:  # the others' completions are written: one overflow lost the whole run
         raise EncdecError(f"{len(failed)} prompt(s) stopped early, their scores (logits) not finite numbers to draw "
