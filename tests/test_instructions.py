@@ -329,8 +329,27 @@ def test_a_cache_that_cannot_be_written_is_one_line(bigbench: Path, monkeypatch)
     (bigbench.parent / "file").write_text("")
     monkeypatch.setenv("ENCDEC_CACHE", str(bigbench.parent / "file" / "cache"))
     monkeypatch.setattr(ni, "URL", bigbench.as_uri())
-    with pytest.raises(EncdecError, match=r"^cannot write .*/file/cache/locks: Not a directory$"):  # the lock's
+    with pytest.raises(EncdecError, match=r"^cannot write .*/file/cache/bigbench: Not a directory$"):  # (no lock
+        # held where none can be made: the download's place is the first write)
         ni.natural_instructions()
+
+
+def test_a_lock_file_that_cannot_be_opened_does_not_stop_the_data(bigbench: Path, monkeypatch) -> None:
+    """A shared cache where another user's lock file is theirs alone (0644), or a read-only one: the converted data
+    was there, and the run stopped at the lock with a PermissionError traceback. Its cache key leaves out the
+    tarball's change time too (a chmod converted it again)."""
+    import encdec.sources
+
+    expected = ni.natural_instructions(tarball=bigbench)
+
+    class Theirs:
+        def acquire(self, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", "locks/natural-instructions.lock")
+
+    monkeypatch.setattr(encdec.sources, "cache_lock", lambda name: Theirs())
+    monkeypatch.setattr(ni, "convert", lambda _: pytest.fail("converted again instead of reading the cache"))
+    bigbench.chmod(0o640)
+    assert ni.natural_instructions(tarball=bigbench) == expected
 
 
 def test_a_tarball_under_a_name_of_any_bytes_is_converted_and_cached(bigbench: Path, monkeypatch) -> None:

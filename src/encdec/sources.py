@@ -8,6 +8,7 @@ transformers and cached as safetensors (with its tokenizer), so later loads take
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -18,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -349,6 +351,23 @@ def cache_lock(name: str):
     with written(locks):
         locks.mkdir(parents=True, exist_ok=True)
     return FileLock(locks / f"{name}.lock")
+
+
+@contextlib.contextmanager
+def cache_lock_if_possible(name: str) -> Iterator[None]:
+    """`cache_lock(name)` held while the block runs; none where no lock file can be made or opened (a read-only
+    cache, another user's lock file in a shared one): each process then does the work itself, whose writes are
+    atomic, rather than failing on the lock (a run whose data was cached stopped at it)."""
+    try:
+        lock = cache_lock(name)
+        lock.acquire()
+    except (OSError, WriteFailed):
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def gguf_lock(path: Path):

@@ -29,7 +29,7 @@ from pathlib import Path
 from encdec.data.instructions import Pair
 from encdec.errors import EncdecError
 from encdec.files import file_identity, write_cache, written
-from encdec.sources import cache_lock, cache_root
+from encdec.sources import cache_lock_if_possible, cache_root
 
 log = logging.getLogger("encdec")
 
@@ -164,7 +164,9 @@ def _pair(record: dict) -> Pair:
 def _cached(tarball: Path, check: Callable[[Path], None] | None = None) -> list[Pair]:
     """The converted pairs, from the cache when this tarball (`file_identity`) was converted before; `check`
     vets the tarball before a conversion."""
-    key = hashlib.sha256(f"{file_identity(tarball)}:{FORMAT}".encode(errors="surrogateescape")).hexdigest()[:16]
+    # (without its change time: a chmod or chown of the cache converted it again, the old copy left behind)
+    identity = file_identity(tarball, change_time=False)
+    key = hashlib.sha256(f"{identity}:{FORMAT}".encode(errors="surrogateescape")).hexdigest()[:16]
     cache = cache_root() / "bigbench" / f"natural_instructions-{key}.jsonl"
     if cache.exists():
         try:
@@ -199,7 +201,8 @@ def natural_instructions(max_per_task: int | None = None, seed: int = 0, *, tarb
     """
     if max_per_task is not None and max_per_task < 1:
         raise EncdecError(f"max_per_task must be at least 1, got {max_per_task}")
-    with cache_lock("natural-instructions"):  # the ranks of a distributed run download and convert it once
+    # the ranks of a distributed run download and convert it once (where a lock can be held)
+    with cache_lock_if_possible("natural-instructions"):
         pairs = _cached(tarball) if tarball is not None else _cached(bigbench_tarball(), _check_pypis)
     if max_per_task is None:
         return pairs

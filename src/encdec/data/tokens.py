@@ -23,7 +23,7 @@ import numpy as np
 from encdec.data.corpus import CORPORA, DEFAULT_CORPORA, HELDOUT_SETS
 from encdec.data.text import check_file, distinct_files, files_of, read_documents, read_file
 from encdec.errors import EncdecError, first_line
-from encdec.files import WriteFailed, file_identity, write_cache
+from encdec.files import file_identity, write_cache
 
 log = logging.getLogger("encdec")
 CORPUS_VERSION = 2  # bump when a packaged corpus (encdec.data.corpus.CORPORA) changes
@@ -156,7 +156,7 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
     Processes that start together (the ranks of a distributed run) tokenize it once: the first takes the cache's
     lock for this key (`cache_lock`), the others wait for it and read the cache (each tokenizing too took N times the
     CPU, for hours on a large corpus, and N times the memory)."""
-    from encdec.sources import cache_root
+    from encdec.sources import cache_lock_if_possible, cache_root
 
     cache_dir = cache_dir or cache_root() / "tokens"
     key = f"{tokenizer_fingerprint(tokenizer)}-{source_fingerprint(specs, text_field)}-t{TOKENIZATION}"
@@ -170,7 +170,7 @@ def token_stream(tokenizer, specs: list[str], *, text_field: str = "text", cache
     unwritten = path.with_name(f".{path.name}.unwritten")  # touched by a process that could not write the cache
     what = " ".join(specs) or "the default corpus"
     waiting_since = time.time()
-    with _tokenizing_lock(path):
+    with cache_lock_if_possible(f"tokens-{path.stem}"):  # (none held in a read-only cache: each tokenizes)
         cached = _cached(path, len(tokenizer), specs)  # tokenized by another process meanwhile
         if cached is not None:
             return cached
@@ -279,24 +279,6 @@ def _cached(path: Path, vocab_size: int, specs: list[str]) -> np.ndarray | None:
         log.info("%s: the tokens cached on %s (a newer version of the dataset is not read; delete %s to read it "
                  "again)", ", ".join(hub), day, path)
     return cached
-
-
-@contextlib.contextmanager
-def _tokenizing_lock(path: Path) -> Iterator[None]:
-    """Held while `path` is tokenized; where no lock file can be made (a read-only cache), none is held: each
-    process then tokenizes, as it could not cache the tokens anyway."""
-    from encdec.sources import cache_lock
-
-    try:
-        lock = cache_lock(f"tokens-{path.stem}")
-        lock.acquire()
-    except (OSError, WriteFailed):
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _write_cache(path: Path, stream: np.ndarray) -> bool:
