@@ -574,10 +574,9 @@ def test_a_gemma_linear_rope_scaling_without_its_factor_is_refused():
     from encdec.files import reading_config
     from encdec.formats import gemma
 
-    with pytest.raises(EncdecError, match="lacks the field 'factor'"):
-        with reading_config(Path("config.json")):
-            gemma.read_config({**gemma_config("gemma2").to_dict(), "rope_scaling": {"rope_type": "linear"}},
-                              Path("config.json"))
+    with pytest.raises(EncdecError, match="lacks the field 'factor'"), reading_config(Path("config.json")):
+        gemma.read_config({**gemma_config("gemma2").to_dict(), "rope_scaling": {"rope_type": "linear"}},
+                          Path("config.json"))
 
 
 def test_an_eos_named_in_the_generation_config_alone_is_read(sources, tmp_path):

@@ -124,12 +124,10 @@ def test_inputs_of_no_tokens_or_mismatched_masks_are_one_line(sources):
     """They failed deep in attention, in PyTorch's words ("cannot reshape tensor of 0 elements ...")."""
     model = encdec.adapt(encdec.load_source(str(sources["gemma3"])), attention="merged")
     ids = torch.tensor([[5, 6, 7]])
-    for enc, dec, mask, said in ((ids[:, :0], ids, None, r"token ids must be \[batch, length\] with at least one "
-                                  r"token, got shape \(1, 0\)"),
-                                 (ids, ids[:, :0], None, r"got shape \(1, 0\)"),
-                                 (ids[0], ids, None, r"got shape \(3,\)"),
-                                 (ids, ids, torch.ones(1, 2), r"the attention mask must have the token ids' shape "
-                                  r"\(1, 3\), got \(1, 2\)")):
+    empty = r"token ids must be \[batch, length\] with at least one token, got shape \(1, 0\)"
+    other = r"the attention mask must have the token ids' shape \(1, 3\), got \(1, 2\)"
+    for enc, dec, mask, said in ((ids[:, :0], ids, None, empty), (ids, ids[:, :0], None, r"got shape \(1, 0\)"),
+                                 (ids[0], ids, None, r"got shape \(3,\)"), (ids, ids, torch.ones(1, 2), other)):
         with pytest.raises(EncdecError, match=said):
             model(enc, mask, dec)
     assert model(ids, torch.ones(1, 3), ids).logits.shape == (1, 3, model.config.vocab_size)

@@ -349,8 +349,8 @@ def test_resuming_on_another_number_of_processes_compares_the_global_batch(adapt
     assert rundir.changed_settings(saved["config"], now(2), (1, 1)) == []
 
 
-@pytest.mark.parametrize("options", [dict(steps=4, save_every=2, eval_every=0),
-                                     dict(steps=6, save_every=2, log_every=4, eval_every=0)],
+@pytest.mark.parametrize("options", [{"steps": 4, "save_every": 2, "eval_every": 0},
+                                     {"steps": 6, "save_every": 2, "log_every": 4, "eval_every": 0}],
                          ids=["logged-before", "first-line"])
 def test_a_crash_between_a_checkpoint_and_its_metrics_line_loses_no_line(adapted, corpus, tmp_path, monkeypatch,
                                                                          options):
