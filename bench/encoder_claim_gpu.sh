@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The encoder claim (bench/encoder_claim.py) with full fine-tuning on one GPU, where the search protocol
 # takes minutes instead of days: adapts the packaged Gemma 3 270M (balanced, merged), trains the adaptation
-# with the recovery recipe (`encdec pretrain`'s defaults, 200 steps), and runs three backbones side by side
+# with `encdec pretrain`'s defaults for 200 steps (not the recipe of the CPU tables' trained backbone,
+# bench/frontier.py's: a vocabulary trimmed to 8,192, 20 warm-up steps, fp32 where a GPU's default is bf16,
+# 16 held-out windows; its adapted-trained row is another model than theirs), and runs three backbones side by side
 # on the GPU (decoder-only source, adapted encoder untrained, adapted encoder trained): BoolQ's search
 # first, then the probes, then CB, COPA and RTE's searches. Each backbone's log goes to LOGS; the table of
 # the cells done is printed at the end (and when DEADLINE_S seconds have passed, whatever is unfinished

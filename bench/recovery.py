@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import run_main
 from study import append, check_recipe, parse_recipe, read_results, recipe_config, tokens_per_step
 
 from encdec.checkpoint import load, read_metadata
@@ -142,6 +143,12 @@ def main() -> None:
             recipe_config(options, model=args.model, out=args.out / name, steps=args.steps, seed=args.seed)
     except EncdecError as e:
         parser.error(str(e))
+    if not args.model.is_dir():
+        parser.error(f"--model {args.model}: no such checkpoint directory")
+    adapted_from = read_metadata(args.model).get("adapted_from")  # the source's baseline: before OUT is made
+    if not isinstance(adapted_from, dict) or not isinstance(adapted_from.get("encoder"), str):  # a KeyError otherwise
+        parser.error(f"{args.model}: its encdec.json names no source (adapted_from); give a model made by "
+                     "`encdec adapt`")
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.model)
     sets = {name: split_passages(tokenizer, passages(), 64, 64) for name, (_, passages) in HELDOUT_SETS.items()}
@@ -206,4 +213,4 @@ def report(results: Path, names: list[str], out: Path) -> None:
         print(f"gap to the source after {last['tokens']} tokens, {name}: {gaps} nats")
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

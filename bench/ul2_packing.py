@@ -17,6 +17,7 @@ import argparse
 
 import numpy as np
 
+from encdec.objectives import MIXTURES
 from encdec.training.data import ExampleStream, example_maker, make_batch, window_length
 
 VOCAB = {f"<unused{k}>": 6 + k for k in range(99)}  # Gemma's reserved tokens: the mode tokens and sentinels
@@ -53,6 +54,9 @@ def main() -> None:
         shapes = [tuple(int(x) for x in shape.split("+")) for shape in args.rows.split(",")]
     except ValueError:
         parser.error(f"--rows: expected ENC+DEC shapes such as 64+64,256+64, got {args.rows!r}")
+    unknown = sorted(set(args.mixtures.split(",")) - set(MIXTURES))
+    if unknown:  # a KeyError otherwise, after the table's header
+        parser.error(f"--mixtures: unknown {', '.join(unknown)}; choose from {', '.join(MIXTURES)}")
     if any(len(s) != 2 or min(s) < 8 for s in shapes) or not 1 <= args.batch_rows <= args.packed_rows:
         parser.error("--rows shapes need two sides of at least 8 tokens; --batch-rows at least 1 and at most "
                      "--packed-rows")
