@@ -269,6 +269,22 @@ def test_vocabularies_that_differ_by_an_alias_or_an_absent_id_are_said_in_words(
     check_same_vocabulary(Path("b"), Path("b"))
 
 
+@pytest.mark.parametrize("name", ["model.gguf", "model.bin"])
+def test_a_source_file_that_cannot_be_read_is_one_line(capsys, tmp_path, monkeypatch, name):
+    """Another user's file (umask 077) was a PermissionError traceback where its magic number was read."""
+    import encdec.files
+
+    source = tmp_path / name
+    source.write_bytes(b"GGUF" + bytes(60))
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(encdec.files, "open_regular", denied)
+    line = _run_adapt(capsys, tmp_path, "--encoder", str(source))
+    assert line.endswith(f"cannot read {source}: Permission denied"), line
+
+
 def test_different_vocabularies(capsys, tmp_path, monkeypatch):
     """Tables of one size can hold different vocabularies (Llama 2's and OpenLLaMA's 32,000 tokens): only the table
     sizes were compared, and the decoder generated ids of its vocabulary read in the encoder's."""

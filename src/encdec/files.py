@@ -71,6 +71,16 @@ def parse_json(raw: bytes | str, *, strict: bool = False) -> Any:
 MAX_SMALL_BYTES = 1 << 30  # a JSON file this project reads (a tokenizer.json is tens of MB)
 
 
+def file_start(path: Path, size: int) -> bytes:
+    """The first `size` bytes of the regular file `path` (a format's magic number); one line where it cannot be read
+    (another user's file, umask 077: a PermissionError traceback)."""
+    try:
+        with open_regular(path) as f:
+            return f.read(size)
+    except OSError as e:
+        raise ReadFailed(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def open_regular(path: Path) -> BinaryIO:
     """`path` opened for reading, if it is a regular file (OSError otherwise): a link to /dev/zero read until memory
     ran out; a pipe, forever (its open alone waits for a writer without O_NONBLOCK, which a regular file ignores)."""

@@ -36,6 +36,7 @@ from encdec.files import (
     check_utf8,
     expand_user,
     file_identity,
+    file_start,
     inside,
     parse_json,
     plain_mode,
@@ -536,10 +537,8 @@ def resolve(spec: str) -> Path:
             raise EncdecError(f"{path} is {ENCODER_ALONE}, not a decoder-only source; expected {SUPPORTED}")
         return path
     if path.is_file():
-        if path.suffix != ".gguf":
-            with path.open("rb") as f:
-                if f.read(4) != b"GGUF":
-                    raise EncdecError(f"{path} is neither a GGUF file nor a checkpoint directory; expected {SUPPORTED}")
+        if path.suffix != ".gguf" and file_start(path, 4) != b"GGUF":
+            raise EncdecError(f"{path} is neither a GGUF file nor a checkpoint directory; expected {SUPPORTED}")
         return gguf_to_hf_directory(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith((".", "/")):
         return _from_hub(spec)

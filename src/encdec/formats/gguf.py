@@ -17,7 +17,7 @@ import torch
 
 from encdec.config import MAX_LAYERS
 from encdec.errors import EncdecError, described, first_line
-from encdec.files import atomic_dir, reading_config, write_weights
+from encdec.files import atomic_dir, file_start, reading_config, write_weights
 from encdec.formats.registry import adapter_of, check_gguf_architecture
 
 log = logging.getLogger("encdec")
@@ -29,9 +29,8 @@ def architecture(path: Path) -> tuple[str, int]:
     from gguf.constants import GGUFValueType
     from gguf.gguf_reader import GGUFReader  # the class (`_parsed_once` puts a function in gguf.GGUFReader)
 
-    with path.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            raise EncdecError(f"{path} is not a GGUF file (bad magic number)")
+    if file_start(path, 4) != b"GGUF":
+        raise EncdecError(f"{path} is not a GGUF file (bad magic number)")
 
     class Bounded(GGUFReader):
         """gguf's reader, whose reads past the end of the file raise: gguf's return empty arrays, so an array field
