@@ -83,8 +83,8 @@ def test_serving_without_the_serve_extra_is_one_line(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
     assert main(["serve", "/nonexistent"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line == "encdec serve: error: serving needs the serve extra (uvicorn is not installed): pip install " \
-                   "'encdec[serve]'"
+    assert line == "encdec serve: error: serving needs the serve extra (uvicorn is not installed): pip install -e " \
+                   "'.[serve]'"
 
 
 @pytest.mark.parametrize("device", ["cuda", "cpu"])

@@ -245,7 +245,7 @@ def test_missing_ctranslate2_named(t5gemma2_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ctranslate2.converters", None)  # what an uninstalled package gives
     out = tmp_path / "ct2"
     assert main(["export", str(t5gemma2_dir), "--to", "ctranslate2", "--out", str(out)]) == 2
-    assert "pip install 'encdec[ctranslate2]'" in capsys.readouterr().err
+    assert "pip install -e '.[ctranslate2]'" in capsys.readouterr().err
     assert not out.exists()
 
 

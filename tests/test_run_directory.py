@@ -213,7 +213,7 @@ def test_tensorboard_missing_or_broken_is_said_before_overwrite_deletes_anything
         capsys.readouterr()
         assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--overwrite", "--tensorboard")) == 2
         (line,) = _lines(capsys.readouterr().err, "error:")
-        assert "--tensorboard needs a working tensorboard package (pip install 'encdec[tensorboard]')" in line
+        assert "--tensorboard needs a working tensorboard package (pip install -e '.[tensorboard]')" in line
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 

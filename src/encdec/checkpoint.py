@@ -155,7 +155,7 @@ def check_format_version(data: dict, latest: int, file: Path) -> None:
     if not (type(version) is int and 1 <= version <= latest):
         reads = "1" if latest == 1 else f"1 to {latest}"
         raise EncdecError(f"{file} has format_version {version!r}; this encdec reads {reads} (written by a newer "
-                          "encdec? upgrade it: pip install -U encdec)")
+                          "encdec? update its checkout: git pull && pip install -e .)")
 
 
 def read_config(path: Path | str) -> tuple[EncDecConfig, str]:

@@ -357,7 +357,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         from encdec.serve.app import Settings, check_address, check_hosts, check_origins, check_tls, serve
     except ImportError as e:  # installed without the extra: uvicorn, fastapi
-        raise EncdecError(f"serving needs the serve extra ({e.name} is not installed): pip install 'encdec[serve]'") \
+        raise EncdecError(f"serving needs the serve extra ({e.name} is not installed): pip install -e '.[serve]'") \
             from None
     from encdec.serve.protocol import Limits
     from encdec.sources import load_tokenizer
@@ -715,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(Prometheus). Requests join the running decoding batch as "
                        "they arrive. SIGTERM stops taking requests, finishes the running ones, then exits. Needs the "
                        "serve extra: "
-                       "pip install 'encdec[serve]'.")
+                       "pip install -e '.[serve]'.")
     p.add_argument("model", type=given, metavar="MODEL",
                    help="checkpoint directory (any format encdec reads), with its tokenizer")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -915,7 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", formatter_class=_formatter, help="convert a model for another inference engine",
                        description="Convert a checkpoint in the T5Gemma or T5Gemma 2 layout into a CTranslate2 model "
-                       "with CTranslate2's own converter (pip install 'encdec[ctranslate2]'); the tokenizer goes along.")
+                       "with CTranslate2's own converter (pip install -e '.[ctranslate2]'); the tokenizer goes along.")
     p.add_argument("model", type=user_path, metavar="MODEL", help="encoder-decoder checkpoint directory")
     p.add_argument("--to", choices=["ctranslate2"], required=True, help="target engine")
     p.add_argument("--out", type=output_dir, required=True, metavar="DIR", help="output directory (written atomically)")

@@ -21,7 +21,7 @@ def check_available() -> None:
     try:
         import sklearn
     except ImportError:
-        raise EncdecError("--probe needs scikit-learn: pip install 'encdec[classify]'") from None
+        raise EncdecError("--probe needs scikit-learn: pip install -e '.[classify]'") from None
 
 
 def parse_c(text: str | None) -> list[float]:

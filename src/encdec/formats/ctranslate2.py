@@ -62,7 +62,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
         from ctranslate2.converters import TransformersConverter
     except ImportError:
         raise EncdecError("exporting to CTranslate2 needs the ctranslate2 package: "
-                          "pip install 'encdec[ctranslate2]'") from None
+                          "pip install -e '.[ctranslate2]'") from None
     with atomic_dir(out, overwrite, replaces=("model.bin",)) as tmp:
         # the converter refuses an existing directory unless forced; `tmp` is our own, empty one
         try:

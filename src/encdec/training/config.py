@@ -91,7 +91,7 @@ class TrainConfig:
     loss_chunk: int = _f(256, "tokens per chunk of LM head + loss, so full-vocabulary logits never exist at once")
     log_every: int = _f(1, "metrics.jsonl line every N steps (and at every evaluation and checkpoint)")
     tensorboard: bool = _f(False, "also write TensorBoard logs to OUT/tensorboard "
-                                  "(needs tensorboard: pip install 'encdec[tensorboard]')")
+                                  "(needs tensorboard: pip install -e '.[tensorboard]')")
     seed: int = _f(0, "seed of data order, objectives and any random initialisation")
     resume: bool = _f(False, "continue from the latest checkpoint in OUT")
     overwrite: bool = _f(False, "start afresh even if OUT holds a run")
@@ -172,8 +172,8 @@ class TrainConfig:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - what the metrics write with
             except Exception as e:  # noqa: BLE001 - a broken install raises what its own imports raise
-                raise EncdecError(f"--tensorboard needs a working tensorboard package (pip install "
-                                  f"'encdec[tensorboard]'); importing it failed: {first_line(e)}") from None
+                raise EncdecError(f"--tensorboard needs a working tensorboard package (pip install -e "
+                                  f"'.[tensorboard]'); importing it failed: {first_line(e)}") from None
         self.keep_last = max(self.keep_last, self.average_last)
 
     def check_joined(self, stack: StackConfig | None, who: str) -> None:
