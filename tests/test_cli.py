@@ -322,6 +322,37 @@ def test_generate_with_stderr_closed_ends_well(tmp_path, adapted, monkeypatch):
     assert len(out.read_text().splitlines()) == 1
 
 
+def test_signals_ignored_by_the_parent_stay_ignored_and_a_second_one_is_not_caught(monkeypatch):
+    """`nohup` starts a process with SIGHUP ignored: generate's handler replaced that, and a closed terminal
+    stopped the run. A hung-up terminal's EIO where the held lines are printed replaced the stop with a traceback."""
+    import errno
+    import io
+    import signal
+
+    from encdec.cli import Signalled, _keep_finished, signals_interrupt
+
+    before = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGHUP, signal.SIG_IGN),
+                                                                    (signal.SIGTERM, signal.SIG_DFL))}
+    try:
+        with signals_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            handler = signal.getsignal(signal.SIGTERM)
+            with pytest.raises(Signalled):
+                handler(signal.SIGTERM, None)
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # a second SIGTERM ends the process
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+    class HungUp(io.TextIOBase):
+        def write(self, text: str) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("sys.stdout", HungUp())
+    _keep_finished(None, ["line 0", None, "line 2"], 0)  # (no exception: what stopped the run is said)
+
+
 def test_generate_stopped_by_sigterm_keeps_its_finished_completions(capsys, tmp_path, adapted, monkeypatch):
     """SIGTERM (a batch system's time limit, `timeout`, `docker stop`) and SIGHUP ended the process at once: with
     --out nothing was written, without it the lines held behind a prompt still decoding were lost. Stopped as

@@ -350,6 +350,10 @@ def test_a_lock_file_that_cannot_be_opened_does_not_stop_the_data(bigbench: Path
     monkeypatch.setattr(ni, "convert", lambda _: pytest.fail("converted again instead of reading the cache"))
     bigbench.chmod(0o640)
     assert ni.natural_instructions(tarball=bigbench) == expected
+    # a cache an earlier version keyed with the change time is read still (not converted again)
+    (cache,) = (bigbench.parent / "cache" / "bigbench").glob("natural_instructions-*.jsonl")
+    cache.rename(cache.with_name(f"natural_instructions-{ni._key(bigbench, True)}.jsonl"))
+    assert ni.natural_instructions(tarball=bigbench) == expected
 
 
 def test_a_tarball_under_a_name_of_any_bytes_is_converted_and_cached(bigbench: Path, monkeypatch) -> None:

@@ -306,8 +306,8 @@ def _keep_finished(out: Path | None, lines: list[str | None], printed: int) -> N
             for text in held:
                 tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
-        except (BrokenPipeError, ValueError):  # its reader gone too (Ctrl-C on `... | jq`): nothing to print to
-            return
+        except (OSError, ValueError):  # its reader gone too (Ctrl-C on `... | jq`), a terminal hung up (SIGHUP's
+            return  # EIO), a full disk: nothing to print to
         log.warning("the run stopped: the last %d line(s) printed finished behind a prompt still decoding, so they "
                     "are out of the prompts' order (each carries its prompt)", len(held))
     if out is not None and any(lines):
@@ -339,9 +339,12 @@ def signals_interrupt() -> Iterator[None]:
         return
 
     def handle(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once (a run stuck in a C call)
         raise Signalled(signum)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # a signal set to be ignored stays so (`nohup`'s SIGHUP: a closed terminal must not stop the run)
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

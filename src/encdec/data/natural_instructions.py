@@ -161,20 +161,26 @@ def _pair(record: dict) -> Pair:
                 source=record["source"])
 
 
+def _key(tarball: Path, change_time: bool) -> str:
+    return hashlib.sha256(f"{file_identity(tarball, change_time=change_time)}:{FORMAT}".encode(
+        errors="surrogateescape")).hexdigest()[:16]
+
+
 def _cached(tarball: Path, check: Callable[[Path], None] | None = None) -> list[Pair]:
     """The converted pairs, from the cache when this tarball (`file_identity`) was converted before; `check`
     vets the tarball before a conversion."""
-    # (without its change time: a chmod or chown of the cache converted it again, the old copy left behind)
-    identity = file_identity(tarball, change_time=False)
-    key = hashlib.sha256(f"{identity}:{FORMAT}".encode(errors="surrogateescape")).hexdigest()[:16]
-    cache = cache_root() / "bigbench" / f"natural_instructions-{key}.jsonl"
-    if cache.exists():
+    # without its change time: a chmod or chown of the cache converted it again, the old copy left behind (a cache
+    # keyed with it, by an earlier version, is still read)
+    cache, earlier = (cache_root() / "bigbench" / f"natural_instructions-{_key(tarball, timed)}.jsonl"
+                      for timed in (False, True))
+    found = next((c for c in (cache, earlier) if c.exists()), None)
+    if found is not None:
         try:
-            with cache.open(encoding="utf-8") as f:
+            with found.open(encoding="utf-8") as f:
                 return [_pair(json.loads(line)) for line in f]
         except (ValueError, KeyError, TypeError) as e:  # cut short or damaged: converted again
-            log.warning("%s is damaged (%s); converting the tarball again", cache, e)
-            cache.unlink(missing_ok=True)
+            log.warning("%s is damaged (%s); converting the tarball again", found, e)
+            found.unlink(missing_ok=True)
     if check is not None:
         check(tarball)
     start = time.perf_counter()
