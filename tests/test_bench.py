@@ -124,6 +124,7 @@ def _faked_recovery(monkeypatch):
                        "load_tokenizer": lambda path: None, "split_passages": lambda *args: None,
                        "model_framing": lambda path, tokenizer: recovery.PLAIN,
                        "source_nll": lambda args, sets: {n: 3.0 for n in recovery.HELDOUT_SETS},
+                       "read_metadata": lambda path: {"adapted_from": {"encoder": "gemma-3-270m"}},
                        "report": functools.wraps(recovery.report)(lambda *args: None)}.items():
         monkeypatch.setattr(recovery, name, fake)
     return recovery, interrupt

@@ -398,10 +398,18 @@ def test_generate_stopped_by_sigterm_keeps_its_finished_completions(capsys, tmp_
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
-    # an --out that is a link to nothing: its target was made, wherever the link (another user's, in /tmp) pointed
-    (tmp_path / "planted.jsonl").symlink_to(tmp_path / "elsewhere" / "x.jsonl")
-    assert main(["generate", str(adapted), "--prompt", "w1", "--out", str(tmp_path / "planted.jsonl")]) == 2
-    assert "planted.jsonl is a link to " in capsys.readouterr().err and not (tmp_path / "elsewhere").exists()
+    # an --out that is another user's link to nothing: its target was made, wherever the link (planted in a shared
+    # /tmp) pointed (one's own link to a file still to be made is written through)
+    from encdec.files import check_output_file
+
+    planted = tmp_path / "planted.jsonl"
+    planted.symlink_to(tmp_path / "elsewhere" / "x.jsonl")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "getuid", lambda: planted.lstat().st_uid + 1)  # as the run of another user than its owner
+        with pytest.raises(EncdecError, match="planted.jsonl is another user's link to .*elsewhere"):
+            check_output_file(planted, (), False)
+    assert check_output_file(planted, (), False) == tmp_path / "elsewhere" / "x.jsonl"  # one's own: through it
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.parametrize("command", ["generate", "adapt"])

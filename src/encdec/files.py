@@ -424,8 +424,11 @@ def check_output_file(out: Path, inputs: tuple[str | Path | None, ...], overwrit
     its place), a folder above it is a file, or the nearest existing folder above it is not writable; or it exists
     and not `overwrite` (an earlier run's completions were replaced unasked)."""
     out = Path(out).expanduser()
-    refuse_dangling(out)  # a link to nothing: its target would be made (in a shared /tmp, wherever another user's link
-    # pointed, past the kernel's protection of such links)
+    if out.is_symlink() and not out.exists() and out.lstat().st_uid != os.getuid():  # another user's link to nothing
+        # (planted in a shared /tmp): its target would be made wherever it points, past the kernel's protection
+        raise EncdecError(f"--out {out} is another user's link to {os.readlink(out)}, which does not exist: writing "
+                          "would make that file; remove the link, or give another --out")
+    refuse_dangling(out.parent)
     if out.is_symlink() and out.exists() and not out.is_file() and not out.is_dir():  # /dev/stdout into a pipe: the
         # link names /proc/PID/fd/pipe:[N], which no path reaches (a FileNotFoundError once all was generated)
         raise EncdecError(f"--out {out} leads to a device, a pipe or a socket, not a file; - writes to standard output")
