@@ -298,7 +298,8 @@ def _hub(name: str, field: str, limit: int | None) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
-        raise EncdecError(f"hf:{name} needs the `datasets` package (pip install datasets, or -e '.[hub]' in encdec's checkout)") from None
+        raise EncdecError(f"hf:{name} needs the `datasets` package (pip install datasets, or -e '.[hub]' in "
+                          "encdec's checkout)") from None
     dataset, _, config = name.partition(":")
     try:
         stream = datasets.load_dataset(dataset, config or None, split="train", streaming=True)
