@@ -306,6 +306,14 @@ def behind_key(path: str) -> bool:
     return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
+async def _refused(answer: Callable[[str, Response], Response], error: APIError, scope: dict, receive: Any,
+                   send: Any) -> None:
+    """A middleware's refusal in the API's error shape, counted under the request's path where it is one of the
+    API's, else "other" (any path would let a client refused add series to /metrics without end)."""
+    endpoint = scope["path"] if scope["path"] in API_PATHS else "other"
+    await answer(endpoint, _error(error))(scope, receive, send)
+
+
 class APIKeyCheck:
     """With --api-key, the API's endpoints answer only requests that carry the key (health and metrics stay
     open to probes and scrapers, as vLLM leaves them).
@@ -323,12 +331,7 @@ class APIKeyCheck:
             scheme, given = (header.split(None, 1) + [b"", b""])[:2]  # one or more spaces or tabs between (RFC 6750)
             if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
                 message = "a valid API key is required: send 'Authorization: Bearer <key>' (encdec serve --api-key)"
-                body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                  "code": "invalid_api_key"}}
-                # the metric's label is one of the API's paths or "other": any path would let a client without the
-                # key add series to /metrics without end
-                endpoint = scope["path"] if scope["path"] in API_PATHS else "other"
-                await self.answer(endpoint, JSONResponse(body, status_code=401))(scope, receive, send)
+                await _refused(self.answer, APIError(401, message, code="invalid_api_key"), scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -351,9 +354,7 @@ class HostCheck:
                            "address, where a web page may reach it under a name of its own that resolves there (DNS "
                            "rebinding); another name of this server (a reverse proxy's): encdec serve --allowed-hosts "
                            "NAME, or --api-key")
-                body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
-                endpoint = scope["path"] if scope["path"] in API_PATHS else "other"
-                await self.answer(endpoint, JSONResponse(body, status_code=403))(scope, receive, send)
+                await _refused(self.answer, APIError(403, message), scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
