@@ -21,7 +21,7 @@ from encdec.checkpoint import read_metadata
 from encdec.cli import main
 from encdec.data.tokens import token_stream
 from encdec.errors import EncdecError
-from encdec.files import HOST, MACHINE, atomic_dir, read_weights
+from encdec.files import HOST, MACHINE, atomic_dir, atomic_write, read_weights
 from encdec.logs import setup
 from encdec.training import checkpointing, loop, rundir, step
 from encdec.training.optim import warmup_then_decay
@@ -628,6 +628,35 @@ def test_an_output_written_meanwhile_by_another_process_is_kept_without_overwrit
         out.mkdir()
         (out / "theirs").write_text("the other run's")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "theirs").read_text() == "the other run's"
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_an_exclusive_file_write_never_replaces_a_file_made_after_any_check(tmp_path, monkeypatch, hard_links):
+    """`encdec generate --out` checked that no file had appeared and then renamed: one made between the check and
+    the rename was replaced. Now the name is given by a hard link, which fails where a name exists (where the
+    filesystem has no hard links, checked just before the rename), and nothing of this write is left."""
+    out = tmp_path / "out.jsonl"
+
+    def another_writer_first(real):  # the other run's file appears at the last instant: after every check
+        def call(*args, **kwargs):
+            if not out.exists():
+                out.write_text("the other run's\n")
+            return real(*args, **kwargs)
+        return call
+
+    if hard_links:
+        monkeypatch.setattr(os, "link", another_writer_first(os.link))
+        monkeypatch.setattr(os, "replace", another_writer_first(os.replace))
+    else:
+        monkeypatch.setattr(os, "fsync", another_writer_first(os.fsync))
+        monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+    with pytest.raises(FileExistsError):
+        atomic_write(out, "this run's\n", exclusive=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"] and out.read_text() == "the other run's\n"
+    monkeypatch.undo()
+    atomic_write(tmp_path / "new.jsonl", "this run's\n", exclusive=True)  # nothing there: written as before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "out.jsonl"]
+    assert (tmp_path / "new.jsonl").read_text() == "this run's\n"
 
 
 @pytest.mark.parametrize("command", ["adapt", "export-encoder"])

@@ -274,10 +274,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise
     if args.out is not None:
         try:
-            if args.out.exists() and not args.overwrite:  # checked before the run: written since (another run's)
+            try:  # checked before the run: one written since (another run's) is not replaced
+                atomic_write(args.out, "".join(f"{text}\n" for text in lines), exclusive=not args.overwrite)
+            except FileExistsError:
                 raise EncdecError(f"--out {args.out} was written by something else while this run generated (another "
-                                  "run given the same --out?); it is left as it is")
-            atomic_write(args.out, "".join(f"{text}\n" for text in lines))
+                                  "run given the same --out?); it is left as it is") from None
         except BaseException:  # a full disk, Ctrl-C in the fsync: the lines are kept as a stopped run's are
             _keep_finished(args.out, lines, printed)
             raise

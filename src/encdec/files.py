@@ -705,9 +705,10 @@ def open_own(path: Path, flags: int, mode: int = 0o644) -> int:
         raise
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write a text file through a temporary sibling and a rename: readers (and a crash) never see half a file."""
-    atomic_write_files({Path(path): text})
+def atomic_write(path: Path, text: str, *, exclusive: bool = False) -> None:
+    """Write a text file through a temporary sibling and a rename: readers (and a crash) never see half a file.
+    `exclusive`: FileExistsError, and nothing written, when `path` exists by the time the file is whole."""
+    atomic_write_files({Path(path): text}, exclusive=exclusive)
 
 
 def write_cache(path: Path, write: Callable[[Path], None], what: str, otherwise: str) -> bool:
@@ -736,9 +737,10 @@ def write_cache(path: Path, write: Callable[[Path], None], what: str, otherwise:
     return True
 
 
-def atomic_write_files(texts: dict[Path, str]) -> None:
+def atomic_write_files(texts: dict[Path, str], *, exclusive: bool = False) -> None:
     """Write text files that belong together (a table and its data): every one to a temporary sibling first, then
-    all renamed, so that a failed write (a full disk) replaces none of them."""
+    all renamed, so that a failed write (a full disk) replaces none of them. `exclusive`: a file that exists by
+    then is not replaced (FileExistsError), named by a hard link, which fails where a name exists, in one step."""
     temporaries: list[tuple[str, Path]] = []
     try:
         for path, text in texts.items():
@@ -756,13 +758,33 @@ def atomic_write_files(texts: dict[Path, str]) -> None:
                     plain_mode(name)  # not mkstemp's 0600
         for name, path in temporaries:
             with written(path):
-                os.replace(name, path)
+                if exclusive:
+                    _name_once(name, path)
+                else:
+                    os.replace(name, path)
                 _sync(path.parent)
     except BaseException:
         for name, _ in temporaries:
             with contextlib.suppress(OSError):
                 os.unlink(name)
         raise
+
+
+def _name_once(temporary: str, path: Path) -> None:
+    """Give the whole file `temporary` the name `path` unless that exists (FileExistsError): checked and named in
+    one step by a hard link; where the filesystem has none, checked just before the rename."""
+    try:
+        os.link(temporary, path, follow_symlinks=False)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(temporary, path)
+        return
+    os.unlink(temporary)
 
 
 def portable_path(spec: str) -> str:
