@@ -186,6 +186,14 @@ def test_existing_output_kept_unless_overwrite(t5gemma2_dir, tmp_path, capsys):
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(other), "--overwrite"]) == 2
     assert "none of what this command writes there (model.bin)" in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == sorted(p.name for p in model_dir.iterdir())
+    # nor another project's CTranslate2 model (a Whisper one): a model.bin alone does not make an encdec export
+    whisper = tmp_path / "faster-whisper"
+    whisper.mkdir()
+    for name, text in (("model.bin", "weights"), ("config.json", '{"suppress_ids": []}'), ("notes.txt", "mine")):
+        (whisper / name).write_text(text)
+    assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(whisper), "--overwrite"]) == 2
+    assert "is not a CTranslate2 model written by encdec export" in capsys.readouterr().err
+    assert sorted(p.name for p in whisper.iterdir()) == ["config.json", "model.bin", "notes.txt"]
     (out / "mine.txt").unlink()
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out)]) == 2  # empty: still --overwrite
     assert main(["export", str(model_dir), "--to", "ctranslate2", "--out", str(out), "--overwrite"]) == 0

@@ -20,16 +20,18 @@ def wilson_interval(correct: float, n: int, z: float = Z95) -> tuple[float, floa
 
 
 def macro_f1(gold: list[int], guessed: list[int], labels: int) -> float:
-    """The mean over `labels` classes of each one's F1 (SuperGLUE's CB reports it beside accuracy: with 5
-    "neutral" of 56 examples, a model that never says neutral loses little accuracy and a third of this). A class
-    that is neither gold nor guessed anywhere scores 0, as scikit-learn's f1_score(average="macro") with
-    labels=range(labels) counts it."""
+    """The mean of each class's F1 over the classes of `labels` that are gold or guessed at least once, as
+    scikit-learn's f1_score(average="macro") and SuperGLUE's scorer count them (CB reports it beside accuracy:
+    with 5 "neutral" of 56 examples, a model that never says neutral loses little accuracy and a third of this).
+    A class absent from both (a --limit sample without CB's rare "neutral") would score 0 and cap a perfect
+    model at 2/3."""
     scores = []
     for label in range(labels):
         hits = sum(g == label == p for g, p in zip(gold, guessed))
         claimed, actual = guessed.count(label), gold.count(label)
-        scores.append(2 * hits / (claimed + actual) if claimed + actual else 0.0)
-    return sum(scores) / labels
+        if claimed + actual:
+            scores.append(2 * hits / (claimed + actual))
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def mean_interval(results: list[tuple[float, int]], z: float = Z95) -> tuple[float, float, float]:

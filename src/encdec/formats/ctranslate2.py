@@ -29,6 +29,7 @@ from encdec.formats.t5gemma import LAYOUTS
 log = logging.getLogger("encdec")
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "bfloat16", "float16")
+EXPORT_KEY = "encdec_export"  # in the config.json of an export: what `export --overwrite` may replace
 ACCEPTED = ", ".join(f"{name} ({layout.architecture})" for name, layout in LAYOUTS.items())
 
 
@@ -53,8 +54,9 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     eos_token_ids = load_checkpoint(model_dir, None, mapped=True).model.config.eos_token_ids
     tokenizer = load_tokenizer(model_dir)  # CTranslate2 takes its vocabulary from it: fail before any work
     # an earlier export is what --overwrite replaces: CTranslate2's model.bin, not a config.json (every checkpoint
-    # has one: a mistyped --out replaced another model whole)
-    check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin",))
+    # has one: a mistyped --out replaced another model whole), and this command's (another project's CTranslate2
+    # model, a fastText one, has a model.bin too)
+    check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin",), kind=EXPORT)
     # before converting: reading the framing refuses a provenance it does not know, which must not come after an
     # --overwrite has replaced the previous export
     found = [*cautions(model_dir, fmt), *generation_cautions(model_dir, eos_token_ids, tokenizer)]
@@ -63,7 +65,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     except ImportError:
         raise EncdecError("exporting to CTranslate2 needs the ctranslate2 package: "
                           "pip install -e '.[ctranslate2]'") from None
-    with atomic_dir(out, overwrite, replaces=("model.bin",)) as tmp:
+    with atomic_dir(out, overwrite, replaces=("model.bin",), kind=EXPORT) as tmp:
         # the converter refuses an existing directory unless forced; `tmp` is our own, empty one
         try:
             TransformersConverter(str(model_dir)).convert(str(tmp), quantization=quantization, force=True)
@@ -71,7 +73,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
         except (SafetensorError, ValueError, KeyError, RuntimeError, ImportError, TypeError, AttributeError) as e:
             raise EncdecError(f"CTranslate2's converter could not read {model_dir} ({described(e)})") from None
         tokenizer.save_pretrained(str(tmp))
-        _name_tokenizer_version(tmp)
+        _annotate_config(tmp, quantization)
     for caution in found:
         log.warning("CTranslate2 and this model: %s", caution)
     return fmt
@@ -101,8 +103,9 @@ def generation_cautions(model_dir: Path, eos_token_ids: list[int], tokenizer) ->
     return found
 
 
-def _name_tokenizer_version(directory: Path) -> None:
-    """Add to CTranslate2's config.json the transformers version that saved the tokenizer next to it.
+def _annotate_config(directory: Path, quantization: str) -> None:
+    """Add to CTranslate2's config.json what wrote it (EXPORT_KEY: the mark `--overwrite` looks for) and the
+    transformers version that saved the tokenizer next to it.
 
     transformers 5 takes a local directory whose config.json names neither that version nor a model type for
     an old Mistral checkpoint: loading the tokenizer there warned that its regex was wrong and advised
@@ -113,7 +116,19 @@ def _name_tokenizer_version(directory: Path) -> None:
     path = directory / "config.json"
     config = read_json(path)
     config["transformers_version"] = transformers.__version__
+    config[EXPORT_KEY] = {"quantization": quantization}
     path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds a CTranslate2 model written by `export` (its config.json marked)."""
+    try:
+        return (directory / "model.bin").is_file() and EXPORT_KEY in read_json(directory / "config.json")
+    except (OSError, EncdecError):
+        return False
+
+
+EXPORT = ("a CTranslate2 model written by encdec export", is_export)  # what --overwrite replaces
 
 
 def _sections(node: Any) -> Iterator[dict]:
