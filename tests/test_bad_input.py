@@ -943,7 +943,9 @@ def test_a_killed_or_failed_text_write_leaves_no_temporary(tmp_path):
     (lambda c: c["decoder"].__setitem__("hidden_size", None), "must be a positive integer, got None"),
     (lambda c: [c.clear(), c.update({"format": "encdec"})], "lacks the field 'config'"),
     (lambda c: [c.clear(), c.update({"format": "encdec", "config": {"encoder": {}}})], "is not a usable configuration"),
-], ids=["encoder-a-string", "no-kv-heads", "no-width", "no-config", "empty-stack"])
+    # an integer beyond a float's range passed the finite-number check and overflowed later, a traceback
+    (lambda c: c["encoder"]["text_config"].__setitem__("query_pre_attn_scalar", 10**400), "query_pre_attn_scalar"),
+], ids=["encoder-a-string", "no-kv-heads", "no-width", "no-config", "empty-stack", "scale-beyond-floats"])
 def test_a_damaged_checkpoint_config_is_one_line(capsys, tmp_path, adapted, edit, message):
     model = tmp_path / "model"
     shutil.copytree(adapted, model)
@@ -963,7 +965,13 @@ def test_a_damaged_checkpoint_config_is_one_line(capsys, tmp_path, adapted, edit
     # dict.fromkeys of them raised TypeError (unhashable) as a traceback, merging generation_config.json's ids
     ({"eos_token_id": {"a": 1}}, "eos_token_id must be a token id or a list of them, not {'a': 1}"),
     ({"eos_token_id": [[1]]}, "eos_token_id must be a token id or a list of them, not [[1]]"),
-], ids=["no-kv-heads", "no-heads", "no-width", "eps-a-string", "eos-an-object", "eos-nested"])
+    # integers beyond a float's range: OverflowError tracebacks
+    ({"query_pre_attn_scalar": 10**400}, "query_pre_attn_scalar must be a positive number"),
+    ({"rope_parameters": {"full_attention": {"rope_theta": 10**400, "rope_type": "default"},
+                          "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}}},
+     "is not a usable configuration (OverflowError"),
+], ids=["no-kv-heads", "no-heads", "no-width", "eps-a-string", "eos-an-object", "eos-nested", "scale-beyond-floats",
+        "rope-base-beyond-floats"])
 def test_a_damaged_source_config_is_one_line(capsys, tmp_path, sources, edit, message):
     source = tmp_path / "source"
     shutil.copytree(sources["gemma3"], source)

@@ -123,8 +123,14 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    """A finite number (not a bool, which Python counts as one)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
+    """A finite number (not a bool, which Python counts as one), within a float's range (an integer of 400 digits
+    compares below infinity, and the float arithmetic that reads it raised OverflowError)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return abs(float(value)) < float("inf")
+    except OverflowError:
+        return False
 
 
 def _is_positive(value: Any) -> bool:

@@ -124,7 +124,7 @@ def reading_config(path: Path) -> Iterator[None]:
         yield
     except KeyError as e:
         raise EncdecError(f"{path} lacks the field {e}; is it a complete configuration?") from None
-    except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:  # (10**400 as a float)
         raise EncdecError(f"{path} is not a usable configuration ({type(e).__name__}: {e})") from None
     except EncdecError as e:
         raise EncdecError(f"{path}: {e}" if str(path.parent) not in str(e) else str(e)) from None
