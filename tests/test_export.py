@@ -463,3 +463,17 @@ def test_tokenizer_loads_from_the_export_without_a_false_regex_warning(tmp_path)
     assert tokenizer(text).input_ids == reference(text).input_ids
     translator = ctranslate2.Translator(str(out), device="cpu")  # still CTranslate2's to read
     assert len(translator.translate_batch([tokenizer.tokenize(text)], max_decoding_length=2)[0].hypotheses[0]) == 2
+
+
+def test_cautions_read_numbers_alone_from_sections_nothing_else_reads(tmp_path):
+    """A string, a list or mixed types under a key the cautions look for (in a vision tower's section, or at the
+    top level, which the loader does not read) failed the export after the checkpoint had loaded: a traceback."""
+    from encdec.formats.ctranslate2 import cautions
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "rope_theta": "10000", "vision_config": {"factor": [2], "sliding_window": "wide", "head_dim": [1]},
+        "decoder": {"rope_theta": 1e6, "factor": 2.0, "query_pre_attn_scalar": 16, "head_dim": 8},
+        "encoder": {"rope_theta": 500000, "query_pre_attn_scalar": "16", "head_dim": 8, "factor": True}}))
+    said = " ".join(cautions(tmp_path, "t5gemma"))
+    assert "RoPE base is 500000, 1e+06" in said and "linear factor 2)" in said
+    assert "query_pre_attn_scalar (16)" in said and "sliding window" not in said

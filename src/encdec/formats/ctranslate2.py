@@ -140,8 +140,13 @@ def _sections(node: Any) -> Iterator[dict]:
 
 
 def _values(node: Any, key: str) -> set:
-    """Every non-null value of `key` anywhere in a nested configuration."""
-    return {section[key] for section in _sections(node) if section.get(key) is not None}
+    """Every numeric value of `key` anywhere in a nested configuration (sections nothing else reads, such as a
+    vision tower's, may hold anything: a string or a list there failed the export with a traceback)."""
+    return {section[key] for section in _sections(node) if _number(section.get(key))}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def cautions(model_dir: Path, fmt: str) -> list[str]:
@@ -167,7 +172,7 @@ def cautions(model_dir: Path, fmt: str) -> list[str]:
         found.append(f"prompts or outputs longer than its sliding window ({min(windows)} tokens) come out "
                      "differently in CTranslate2")
     scales = {(section["query_pre_attn_scalar"], section["head_dim"]) for section in _sections(config)
-              if section.get("query_pre_attn_scalar") is not None and section.get("head_dim") is not None}
+              if _number(section.get("query_pre_attn_scalar")) and _number(section.get("head_dim"))}
     other = sorted(scalar for scalar, head_dim in scales if scalar != head_dim)
     if other:  # Gemma 2 27B's 144 against 128, for one
         found.append(f"its queries are scaled by query_pre_attn_scalar ({', '.join(map(str, other))}), not by the "
