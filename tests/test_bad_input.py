@@ -1374,3 +1374,25 @@ def test_classify_overwrite_replaces_its_own_output_only(capsys, tmp_path, adapt
     (out / "results.json").write_text(json.dumps({"task": "rte", "method": "probe", "predictions": []}))
     with pytest.raises(pytest.fail.Exception, match="the task was read"):  # its own: replaced (past the check)
         main(["classify", str(adapted), "--task", "rte", "--probe", "--out", str(out), "--overwrite"])
+
+
+@pytest.mark.parametrize("command", ["adapt", "export"])
+def test_an_output_folder_this_user_cannot_write_is_said_before_any_work(capsys, tmp_path, sources, adapted,
+                                                                        monkeypatch, command):
+    """A --out in a folder this user may not write into (another user's, a read-only mount) was found by the
+    write at the end: after a 9B source had been loaded and adapted."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    real_access = os.access
+    # (root may write anywhere: the folder is refused as the system would refuse it to another user)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    monkeypatch.setattr(sys.modules["encdec.adapt"], "adapt", lambda *a, **k: pytest.fail("the sources were adapted"))
+    try:
+        argv = (["adapt", "--encoder", str(sources["gemma3"])] if command == "adapt"
+                else ["export", str(adapted), "--to", "ctranslate2"])
+        assert main([*argv, "--out", str(locked / "new" / "out")]) == 2
+        assert f"cannot write {locked / 'new' / 'out'}: {locked} is not writable" in capsys.readouterr().err
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
