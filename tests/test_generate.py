@@ -890,6 +890,29 @@ def test_a_prompt_joining_several_times_is_encoded_once(model, monkeypatch):
     assert torch.equal(out[2], model.generate(torch.tensor([[9, 10]]), max_new_tokens=5, eos_token_ids=[-1])[0])
 
 
+def test_a_prompt_a_live_row_decodes_from_is_not_encoded_again(model, monkeypatch):
+    """A request's later choices join as slots free (n above the free slots): each admission encoded the prompt
+    again, and the server's prompt-token metric counted it again. A live row's keys and values are copied."""
+    seen = []
+    encode = model.encode_segments
+    monkeypatch.setattr(model, "encode_segments", lambda ids, seg: seen.append(int((seg.ids > 0).sum())) or encode(ids, seg))
+    prompt, other = [5, 6, 7, 8, 9], [9, 10]
+    rows = [Row(6, frozenset({-1})) for _ in range(4)]
+    engine = Engine(model, max_batch=2)
+    assert engine.join([prompt, prompt], rows[:2]) == 5 and seen == [5]
+    engine.step()
+    engine.cancel(rows[0])  # a slot frees: the third choice joins beside the second, which decodes the prompt
+    assert engine.join([prompt], rows[2:3]) == 0 and seen == [5]
+    while engine.rows:
+        engine.step()
+    # none decodes it any more: a prompt joining now is encoded
+    assert engine.join([other, prompt], [rows[3], Row(6, frozenset({-1}))]) == 7 and seen == [5, 7]
+    while engine.rows:
+        engine.step()
+    alone = _alone(model, torch.tensor(prompt), 6)
+    assert rows[1].tokens == rows[2].tokens == alone and rows[3].tokens == _alone(model, torch.tensor(other), 6)
+
+
 @given(st.lists(st.integers(1, 3000), min_size=1, max_size=24))
 def test_packing_width_never_pads_more_than_rows_of_the_longest_prompt(lengths):
     from encdec.inference.engine import MAX_PACK_WIDTH, pack, packing_width

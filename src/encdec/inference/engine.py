@@ -124,6 +124,7 @@ class Engine:
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.last = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.encoder_lengths = [0] * max_batch  # each slot's prompt's
+        self.prompts: list[tuple[int, ...]] = [()] * max_batch  # each slot's prompt (a later copy reads its keys)
         self.self_len, self.enc_len = 0, 0
         self.self_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.enc_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -191,7 +192,8 @@ class Engine:
     @torch.no_grad()
     def join(self, prompts: Sequence[Sequence[int] | torch.Tensor], rows: list[Row]) -> int:
         """Encode `prompts` (token ids, one per row) in one pass and give each its slot; they decode from the next
-        step. Returns the prompt tokens encoded (a prompt given several times is encoded once).
+        step. Returns the prompt tokens encoded: a prompt given several times is encoded once, and one that a live
+        row decodes from (a request's later choices, joining as slots free) not again: its keys and values are copied.
 
         The prompts are packed (several to a row, as training packs examples) into rows as wide as fills
         them best, so a burst of mixed-length requests costs the encoder their tokens, not the padding."""
@@ -201,7 +203,11 @@ class Engine:
             raise ValueError(f"one prompt per row: {len(prompts)} prompt(s) for {len(rows)} row(s)")
         prompts = [torch.as_tensor(p, dtype=torch.long).to(self.device) for p in prompts]
         lengths = [len(p) for p in prompts]
-        hidden, placed = self._encode(prompts)
+        keys = [tuple(p.tolist()) for p in prompts]
+        live = {self.prompts[slot]: slot for slot in range(len(self.rows))}
+        fresh = [i for i, key in enumerate(keys) if key not in live]
+        hidden, placed = self._encode([prompts[i] for i in fresh]) if fresh else (None, [])
+        placed = [(fresh[j], b, offset) for j, b, offset in placed]
         self._encoder_width(max(lengths + self.encoder_lengths[: len(self.rows)]))
         self._grow_self(min(max(len(r.decoder_prefix) + r.max_new_tokens for r in rows), PREALLOCATED_POSITIONS))
         first = len(self.rows)
@@ -209,14 +215,20 @@ class Engine:
         for k, v in self.self_kv + self.enc_kv:  # what the slots' last rows left is read masked, and weighs 0, but
             k[joining], v[joining] = 0.0, 0.0  # 0 x inf is NaN: one row that overflowed would poison its slot for good
         for block, (k, v) in zip(self.layers, self.enc_kv):
-            ek, ev = block.encoder_keys_values(hidden)
-            for i, b, offset in placed:
-                k[first + i, :, : lengths[i]] = ek[b, :, offset : offset + lengths[i]]
-                v[first + i, :, : lengths[i]] = ev[b, :, offset : offset + lengths[i]]
+            if hidden is not None:
+                ek, ev = block.encoder_keys_values(hidden)
+                for i, b, offset in placed:
+                    k[first + i, :, : lengths[i]] = ek[b, :, offset : offset + lengths[i]]
+                    v[first + i, :, : lengths[i]] = ev[b, :, offset : offset + lengths[i]]
+            for i, key in enumerate(keys):
+                if key in live:
+                    k[first + i, :, : lengths[i]] = k[live[key], :, : lengths[i]]
+                    v[first + i, :, : lengths[i]] = v[live[key], :, : lengths[i]]
         self.enc_bias[joining] = torch.finfo(self.dtype).min
         for i, (row, length) in enumerate(zip(rows, lengths)):
             self.enc_bias[first + i, :length] = 0.0
             self.encoder_lengths[first + i] = length
+            self.prompts[first + i] = keys[i]
             self.positions[first + i] = 0
             self.last[first + i] = self.model.config.bos_token_id
             row.generator = row.sampling.generator(self.device)
@@ -276,8 +288,9 @@ class Engine:
                 k[slot], v[slot] = k[last], v[last]
             for buffer in (self.enc_bias, self.positions, self.last):
                 buffer[slot] = buffer[last]
-            self.encoder_lengths[slot] = self.encoder_lengths[last]
+            self.encoder_lengths[slot], self.prompts[slot] = self.encoder_lengths[last], self.prompts[last]
             self.rows[slot] = self.rows[last]
+        self.prompts[last] = ()
         self.rows.pop()
         if not self.rows:  # a long answer or prompt gone, the server idle: not held for the life of the process
             if self.self_len > PREALLOCATED_POSITIONS + 1:  # (GBs: 16 slots of 8k positions of the 270M, 4.8 GB)
