@@ -2107,18 +2107,25 @@ def test_answers_are_written_as_json_off_the_event_loop(local, monkeypatch):
 
     from encdec.serve import app as app_module
 
+    from encdec.serve.logprobs import TokenLogprobs
+
     rendered = []
     render = app_module.JSONResponse.render
     monkeypatch.setattr(app_module.JSONResponse, "render", lambda self, content: rendered.append(
         (content.get("object"), threading.current_thread().name)) or render(self, content))
+    listed = TokenLogprobs.render  # the log-probabilities' own objects too (a second for 64 chat choices of 512)
+    monkeypatch.setattr(TokenLogprobs, "render", lambda self: rendered.append(
+        ("logprobs", threading.current_thread().name)) or listed(self))
 
     async def ask(client):
         for path, body in (("/v1/embeddings", {"input": ["w1 w2", "w3"]}),
-                           ("/v1/completions", {"prompt": "w1 w2", "max_tokens": 3, "logprobs": 2})):
+                           ("/v1/completions", {"prompt": "w1 w2", "max_tokens": 3, "logprobs": 2}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w1"}], "max_tokens": 3,
+                                                     "logprobs": True, "top_logprobs": 2})):
             (await client.post(path, json=body)).raise_for_status()
 
     _asked(_app(local), ask)
-    assert [what for what, _ in rendered] == ["list", "text_completion"]
+    assert [what for what, _ in rendered] == ["list", "logprobs", "text_completion", "logprobs", "chat.completion"]
     assert all(thread.startswith("encdec-read") for _, thread in rendered), rendered
 
 

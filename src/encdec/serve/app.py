@@ -554,12 +554,15 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             await asyncio.gather(*tasks, return_exceptions=True)
         if any(a is None for a in answers):
             return Response(status_code=499)
-        body = {**meta, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
+        def response() -> JSONResponse:
+            return JSONResponse({
+                **meta, "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
                 "choices": [_choice(parsed.kind, i, a.text.text, a.finish, False, a.logprobs and a.logprobs.render())
                             for i, a in enumerate(answers)],
-                "usage": _usage(_prompt_tokens(jobs, parsed), sum(len(a.text.tokens) for a in answers))}
-        try:  # many choices' log-probabilities: not on the event loop
-            return await service.off_loop(JSONResponse, body)
+                "usage": _usage(_prompt_tokens(jobs, parsed), sum(len(a.text.tokens) for a in answers))})
+
+        try:  # many choices' log-probabilities, rendered (a second for 64 chat choices of 512) and encoded: not on
+            return await service.off_loop(response)  # the event loop, where every other stream would wait for them
         except Exception as e:  # a value JSON cannot hold: in the API's shape, not a bare 500
             log.exception("request failed")
             return _error(_server_failed(e))
