@@ -465,6 +465,20 @@ def test_the_command_line_wins_over_the_file_and_repeats_add_up(tmp_path):
                        FINETUNE_NOT_IN_FILE)
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_a_second_config_file_is_refused_not_read_in_place_of_the_first(tmp_path, capsys, command):
+    """`--config base.yaml --config over.yaml` read over.yaml alone: base.yaml's data and steps were dropped without
+    a word, and the run trained on the default corpus for the default steps."""
+    base, over = tmp_path / "base.yaml", tmp_path / "over.yaml"
+    base.write_text("steps: 7\n")
+    over.write_text("lr: 0.001\n")
+    argv = [command, *(["m"] if command == "finetune" else []), "--config", str(base), "--config", str(over)]
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert f"--config given twice ({base}, {over}): one file is read" in capsys.readouterr().err
+
+
 def test_a_configuration_file_is_read_as_meant(tmp_path, caplog):
     """Integers written as YAML 1.1 reads text (1e3) are numbers; a key given twice (or as batch-size and
     batch_size) is refused rather than the last one kept; a finetune file's model, which MODEL overrides, is said

@@ -280,6 +280,17 @@ def given(text: str) -> str:
     return text
 
 
+class _GivenOnce(argparse.Action):
+    """An option given once: a second --config replaced the first file whole, silently (its data and steps)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): one file is read; "
+                         "put the settings in one file, or give the others as options, which override the file's")
+        setattr(namespace, self.dest, values)
+
+
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -290,7 +301,8 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: dict[str, Any] | No
     """One option per field (but `skip`); `defaults` and `docs` replace the dataclass defaults and help texts for a
     sub-command, `shown` the choices its help shows (the others still reach the sub-command, which may answer one
     with a line of its own). argparse defaults are not set so that only given options override the YAML."""
-    parser.add_argument("--config", type=user_path, metavar="FILE.yaml", help="YAML file of any of the options below")
+    parser.add_argument("--config", type=user_path, metavar="FILE.yaml", action=_GivenOnce,
+                        help="YAML file of any of the options below")
     defaults = defaults or {}
     for f in dataclasses.fields(TrainConfig):
         if f.name in skip:
