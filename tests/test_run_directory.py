@@ -1007,3 +1007,26 @@ def test_a_run_inside_its_data_folder_is_refused(adapted, corpus, tmp_path, caps
     (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
     assert f"--out {data / 'run'} is inside the data folder {data}" in line
     assert sorted(p.name for p in data.iterdir()) == ["corpus.txt"]
+
+
+def test_a_checkpoints_optimizer_settings_and_scheduler_keys_are_not_taken_on_resume(adapted, corpus, tmp_path):
+    """Resuming took every AdamW setting of the checkpoint's optimizer.json (an edited `maximize: true` trained by
+    gradient ascent, silently; `eps: "x"` failed a step later with a traceback) and copied every key of its
+    scheduler's state onto the scheduler (`get_last_lr: 1` replaced the method). This run's settings, and the
+    checkpoint's step in the schedule alone, are read: the edited run resumes as the unedited one does."""
+    loop.train(_config(adapted, tmp_path / "run", corpus, steps=4, save_every=2, eval_every=0))
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "run", edited)
+    step = checkpointing.checkpoints(edited)[-1]
+    optimizer = json.loads((step / "optimizer.json").read_text())
+    for group in optimizer["state"]["param_groups"]:
+        group.update(maximize=True, eps="x", betas=[0.5, 0.5])
+    (step / "optimizer.json").write_text(json.dumps(optimizer))
+    trainer = json.loads((step / "trainer.json").read_text())
+    trainer["state"]["scheduler"]["get_last_lr"] = 1
+    (step / "trainer.json").write_text(json.dumps(trainer))
+    for out in (tmp_path / "run", edited):
+        loop.train(_config(adapted, out, corpus, steps=6, save_every=2, eval_every=0, resume=True))
+    assert [r["loss"] for r in _metrics(edited)] == [r["loss"] for r in _metrics(tmp_path / "run")]
+    kept, theirs = (read_weights(checkpointing.checkpoints(out)[-1]) for out in (tmp_path / "run", edited))
+    assert all(torch.equal(kept[name], theirs[name]) for name in kept)

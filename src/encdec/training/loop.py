@@ -29,7 +29,7 @@ from encdec.training.optim import (
     build_optimizer,
     build_scheduler,
     group_settings,
-    restore_group_settings,
+    resume_schedule,
     warmup_then_decay,
 )
 from encdec.training.plan import Plan, build_plan
@@ -214,8 +214,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
         if cfg.distill:
             rundir.check_start_model(saved, spec, last_checkpoint, teacher=teacher_digest)
         del resume_from, saved  # its tensors are in the model and the optimizer now
-        scheduler.load_state_dict(state["scheduler"])
-        restore_group_settings(optimizer, scheduler, settings)
+        resume_schedule(optimizer, scheduler, state["scheduler"], settings)
         try:
             stream.load_state_dict(state["stream"])
         except EncdecError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,18 +60,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int
 
 
 
-def group_settings(optimizer: torch.optim.Optimizer) -> list[tuple[float, float]]:
-    """Each parameter group's peak rate and weight decay, as this run configured them."""
-    return [(group["initial_lr"], group["weight_decay"]) for group in optimizer.param_groups]
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings (peak rate, weight decay, AdamW's betas and eps...) as this run made them."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
 
 
-def restore_group_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
-                           settings: list[tuple[float, float]]) -> None:
-    """Put back this run's rates and weight decay (`group_settings`) after a checkpoint's optimizer and scheduler
-    states were loaded: those carry the run's old ones, and a resumed run given --lr or --weight-decay anew (it is
-    warned that its next steps differ) trains with them, as it does with a new schedule's shape."""
-    for group, factor, (rate, decay) in zip(optimizer.param_groups, scheduler.lr_lambdas, settings):
-        group["initial_lr"], group["weight_decay"] = rate, decay
-        group["lr"] = rate * factor(scheduler.last_epoch)
-    scheduler.base_lrs = [rate for rate, _ in settings]
+def resume_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                    saved: dict[str, Any], settings: list[dict[str, Any]]) -> None:
+    """After a checkpoint's optimizer state was loaded: the checkpoint's place in the schedule (`saved`, its
+    scheduler's state: the step alone is read; loading it whole copied every key onto the scheduler, methods
+    included) and this run's group settings (`group_settings`). The checkpoint's settings are the old run's, or
+    what an edit put there (`maximize: true` trained by gradient ascent, silently): a resumed run given --lr or
+    --weight-decay anew (it is warned that its next steps differ) trains with them, as with a new schedule's shape."""
+    scheduler.last_epoch = saved["last_epoch"]
+    scheduler._step_count = saved.get("_step_count", saved["last_epoch"] + 1)
+    for group, factor, kept in zip(optimizer.param_groups, scheduler.lr_lambdas, settings):
+        group.update(kept)
+        group["lr"] = kept["initial_lr"] * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [kept["initial_lr"] for kept in settings]
     scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
