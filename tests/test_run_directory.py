@@ -876,6 +876,11 @@ def test_resuming_on_other_data_is_one_line(adapted, corpus, tmp_path, capsys):
     assert "step-000001: the training data differs from the run's (" in line and "--overwrite" in line
     assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000001"]
     data.write_text(corpus.read_text())  # the run's data again: it resumes
+    # another --eval-windows changes the items that train (the held-out ones are cut from the data's end): said as
+    # that, where the line blamed the data
+    assert main(_pretrain_args(adapted, out, data, "--steps", "2", "--resume", "--eval-windows", "3")) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert "the run held out --eval-windows 4, this resume 3, which changes the items it trains on" in line, line
     assert main(_pretrain_args(adapted, out, data, "--steps", "2", "--resume")) == 0
 
 

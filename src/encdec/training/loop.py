@@ -209,6 +209,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                             "uninterrupted run): %s", "; ".join(changed))
             _say_schedule_change(saved.get("config", {}), cfg, saved["step"])
         settings = group_settings(optimizer)
+        windows = saved.get("config", {}).get("eval_windows", cfg.eval_windows)
         state = checkpointing.apply(resume_from, wrapped, optimizer)  # weights of another shape: refused there
         rundir.check_start_model(saved, cfg.model, last_checkpoint)
         if cfg.distill:
@@ -218,6 +219,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
         try:
             stream.load_state_dict(state["stream"])
         except EncdecError as e:
+            if windows != cfg.eval_windows:  # the held-out windows are cut from the data: the rest trains
+                raise EncdecError(f"{last_checkpoint}: the run held out --eval-windows {windows!r}, this resume "
+                                  f"{cfg.eval_windows}, which changes the items it trains on; resume with "
+                                  f"--eval-windows {windows!r}, or start afresh with --overwrite") from None
             raise EncdecError(f"{last_checkpoint}: {e}") from None
         start = state["step"]
         if d.main:
