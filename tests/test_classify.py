@@ -960,11 +960,22 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     writing = journal[0].with_name(f".{'e' * 32}-{'0' * 32}.tmp-host-1-x")  # another run's save under way: its
     writing.mkdir()  # files come and go as they are counted (a traceback once this run's results were written)
     (writing / "model.safetensors").write_bytes(b"w" * 10**8)
+    live = journal[0].with_name(f"{'d' * 32}-{'0' * 32}")  # another search still running (its journal's lock held):
+    live.mkdir()  # its folders were called a killed run's, to be deleted
+    (live / "model.safetensors").write_bytes(b"w" * 10**8)
+    from encdec.sources import cache_lock
+
+    held = cache_lock(f"journal-{'d' * 32}")
+    held.acquire()
     trained.clear()
     progress.clear()
     stop_at[0] = -1
     capsys.readouterr()
-    assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
+    try:
+        assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
+    finally:
+        held.release()
+    shutil.rmtree(live)
     # the first fold finished (4 trials and its chosen fit) is not trained again; the search done, it was kept for good
     assert len(trained) == 3 * 5 - 5 and not stale.exists()
     assert not [p for p in journal[0].parent.glob(f"{journal[0].stem}-*")]  # nor its finished folds, once done

@@ -132,8 +132,11 @@ class TrialJournal:
         for path in self.file.parent.glob(f"{self.file.stem}-*"):
             shutil.rmtree(path, ignore_errors=True)
         # other runs' (killed, and maybe never run again with their options): said, not deleted; not their writes
-        # under way (.NAME.tmp-..., .NAME.old-...), whose files come and go as they are counted
-        others = [p for p in self.file.parent.glob("[!.]*-*") if p.is_dir()]
+        # under way (.NAME.tmp-..., .NAME.old-...), whose files come and go as they are counted, nor a run still
+        # going (its journal's lock held): called killed, their folders were to be deleted under it
+        stems = {p.name.split("-", 1)[0] for p in self.file.parent.glob("[!.]*-*") if p.is_dir()}
+        running = {stem for stem in stems if _held(stem)}
+        others = [p for p in self.file.parent.glob("[!.]*-*") if p.is_dir() and p.name.split("-", 1)[0] not in running]
         if others:
             size = sum(_size(f) for p in others for f in p.rglob("*"))
             log.warning("%s holds %.1f GB of unfinished fits of %d other run(s) (killed; a rerun with their "
@@ -165,6 +168,24 @@ class TrialJournal:
             log.warning("could not record the search's trials in %s (%s); a resumed search scores them again",
                         self.file, e)
         return value
+
+
+def _held(stem: str) -> bool:
+    """Whether the run of the journal `stem` is under way: another process holds its lock (`Journal.running`)."""
+    from filelock import Timeout
+
+    from encdec.files import WriteFailed
+    from encdec.sources import cache_lock
+
+    try:
+        lock = cache_lock(f"journal-{stem}")
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    except (OSError, WriteFailed):  # no lock can be made here: none held either
+        return False
+    lock.release()
+    return False
 
 
 def _size(path: Path) -> int:
