@@ -895,7 +895,8 @@ def test_a_prompt_a_live_row_decodes_from_is_not_encoded_again(model, monkeypatc
     again, and the server's prompt-token metric counted it again. A live row's keys and values are copied."""
     seen = []
     encode = model.encode_segments
-    monkeypatch.setattr(model, "encode_segments", lambda ids, seg: seen.append(int((seg.ids > 0).sum())) or encode(ids, seg))
+    monkeypatch.setattr(model, "encode_segments",
+                        lambda ids, seg: seen.append(int((seg.ids > 0).sum())) or encode(ids, seg))
     prompt, other = [5, 6, 7, 8, 9], [9, 10]
     rows = [Row(6, frozenset({-1})) for _ in range(4)]
     engine = Engine(model, max_batch=2)

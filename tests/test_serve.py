@@ -1140,10 +1140,10 @@ def test_bad_serve_options_get_one_line(checkpoint, tmp_path, capsys, monkeypatc
 
 
 def test_https_cors_and_drain_options_are_checked_before_the_model_loads(tmp_path, capsys):
-    from encdec.cli import main
-
     import trustme
     from cryptography.hazmat.primitives import serialization
+
+    from encdec.cli import main
 
     nowhere = str(tmp_path)  # no checkpoint: an option accepted gets as far as saying so
     pem = tmp_path / "certificate.pem"
@@ -1841,9 +1841,9 @@ def test_an_api_key_guards_the_api_but_not_health(local):
 def test_the_limits_never_exceed_the_models_positions(checkpoint, monkeypatch, capsys):
     """--max-input-tokens and --max-new-tokens above what the model reads (the tiny model: 256 positions) let
     requests through that `encdec generate` refuses; the server lowers them, and says so."""
-    from encdec.serve import app
     from encdec.cli import main
     from encdec.logs import setup
+    from encdec.serve import app
 
     started = []
     monkeypatch.setattr(app, "serve", lambda model, tokenizer, settings, host, port: started.append(settings))
@@ -1967,9 +1967,8 @@ def test_an_int8_server_says_that_batching_moves_its_tokens(checkpoint, monkeypa
     """Dynamic int8 products share one activation scale across their rows, so a request's tokens depend on the
     requests decoded with it; the server says so when it starts (float32 does not depend on them: tested above)."""
     import encdec.serve.app
-    from encdec.cli import main
-
     from encdec.checkpoint import _converted_for_inference
+    from encdec.cli import main
 
     started = []  # how the served model's products were converted: int8 only when asked
     monkeypatch.setattr(encdec.serve.app, "serve", lambda model, *a: started.append(_converted_for_inference(model)))
@@ -2106,7 +2105,6 @@ def test_answers_are_written_as_json_off_the_event_loop(local, monkeypatch):
     import threading
 
     from encdec.serve import app as app_module
-
     from encdec.serve.logprobs import TokenLogprobs
 
     rendered = []
