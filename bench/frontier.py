@@ -72,7 +72,12 @@ SETTINGS = {"adapted": ("source",), "trained": ("source", "steps", "recipe", "se
 
 
 def settings(event: str, args: argparse.Namespace) -> dict:
-    return {key: getattr(args, key) for key in SETTINGS[event]}
+    chosen = {key: getattr(args, key) for key in SETTINGS[event]}
+    if event == "evaluated":  # scores of another prompt and answer-reading version do not compare (an upgrade)
+        from encdec.evaluation.tasks import FORMAT_VERSION
+
+        chosen["format_version"] = FORMAT_VERSION
+    return chosen
 
 
 def evaluation_settings(args: argparse.Namespace):

@@ -263,6 +263,9 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ("answer is 1\\,000", "1000"),
     ("It costs 12\u2009500 dollars", "12500"),
     ("The answer is \u22125.", "-5"),
+    # a model correcting itself, its last statement a calculation: an earlier statement was taken (10)
+    ("The answer is 10. Let me check: 3 x 4 = 12, so the answer is 3 x 4 = 12.", "12"),
+    ("The answer is 10. I hope the answer is right.", "10"),  # a last cue with no number after it
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected
@@ -901,7 +904,7 @@ def test_decoder_only_options_are_scored_from_the_logits_the_model_gives(model_t
 
 # the prompts of every task (3 examples, 2 shots each) under each FORMAT_VERSION
 PROMPTS = {2: "caafa691c0b0c279", 3: "df75416d07956669", 4: "df75416d07956669", 5: "df75416d07956669",
-           6: "df75416d07956669", 7: "df75416d07956669"}
+           6: "df75416d07956669", 7: "df75416d07956669", 8: "df75416d07956669"}
 
 
 def test_a_prompt_that_changes_comes_with_a_new_format_version():

@@ -164,6 +164,25 @@ def test_frontier_refuses_to_resume_a_point_stopped_in_training_with_other_setti
         assert refused.value.code == 2, bad
 
 
+def test_frontier_refuses_scores_of_another_evaluation_format(tmp_path, monkeypatch):
+    """Points evaluated before an upgrade that changed the prompts or how answers are read were kept, and new points
+    scored under the new format beside them in one plot: the format version is part of what a rerun must match."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import frontier
+
+    from encdec.evaluation.tasks import FORMAT_VERSION
+
+    args = argparse.Namespace(eval_tasks="copa", eval_limit=10, shots=0, eval_seed=0, points={})
+    asked = {"eval_tasks": "copa", "eval_limit": 10, "shots": 0, "eval_seed": 0}
+    frontier.refuse_other_settings([{"point": "p", "event": "evaluated",
+                                     "settings": {**asked, "format_version": FORMAT_VERSION}}], args, tmp_path)
+    for old in ({**asked, "format_version": FORMAT_VERSION - 1}, asked):  # (a record of before it was kept)
+        with pytest.raises(SystemExit, match="holds results made with"):
+            frontier.refuse_other_settings([{"point": "p", "event": "evaluated", "settings": old}], args, tmp_path)
+
+
 @pytest.mark.parametrize("bos", [2, None], ids=["bos", "none"])
 def test_frontier_prompts_start_as_the_tokenizer_starts_a_text(tmp_path, monkeypatch, sources, bos):
     """Each prompt row began with the tokenizer's bos_token_id: null for Qwen's, which puts none first, and the

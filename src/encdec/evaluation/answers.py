@@ -17,6 +17,7 @@ NUMBER = re.compile(r"(?:(?<![\w)\]])-(?=[$\d.]))?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?
 # multiplication also written 3 x 4 or 3 · 4)
 ANSWER_IS = re.compile(r"answer(?:\s+is\s*:?|\s*:)[\s*_]*(?:\$?\s*\\boxed\{)?\s*(" + NUMBER.pattern
                        + r")(?!\d|,\d|\.\d|\s*[-+*/\u00d7\u00f7\u00b7x=]\s*[$(.\d])", re.IGNORECASE)
+ANSWER_CUE = re.compile(r"answer(?:\s+is\s*:?|\s*:)", re.IGNORECASE)
 
 
 def _clean_number(text: str) -> str | None:
@@ -36,10 +37,20 @@ def final_number(text: str) -> str | None:
     examples end that way), else the last number in the text; GSM8K's "#### N" also counts. LaTeX's and
     typography's ways of writing thousands (1{,}000, 1\\,000, thin spaces) and the minus sign read as plain ones."""
     text = DIGIT_GROUPS.sub(lambda m: "," if m.group(0) == "{,}" else "", text).replace("\u2212", "-")
-    for pattern in (ANSWER_IS, re.compile(r"####\s*(" + NUMBER.pattern + ")")):
-        found = pattern.findall(text)
-        if found:
-            return _clean_number(found[-1])
+    stated = list(ANSWER_IS.finditer(text))
+    cues = [cue.start() for cue in ANSWER_CUE.finditer(text)]
+    if stated and stated[-1].start() == cues[-1]:
+        return _clean_number(stated[-1].group(1))
+    # the last "the answer is" written as a calculation ("so the answer is 3 x 4 = 12", after "The answer is 10"
+    # was checked): its result, the last number after it, not an earlier statement
+    after = NUMBER.findall(text, cues[-1]) if cues else []
+    if after:
+        return _clean_number(after[-1])
+    if stated:  # the last cue followed by no number ("the answer is correct")
+        return _clean_number(stated[-1].group(1))
+    found = re.findall(r"####\s*(" + NUMBER.pattern + ")", text)
+    if found:
+        return _clean_number(found[-1])
     numbers = NUMBER.findall(text)
     return _clean_number(numbers[-1]) if numbers else None
 

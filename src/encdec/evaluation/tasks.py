@@ -25,8 +25,9 @@ from encdec.evaluation.datasets import read_split, rendered_docs
 # stray <|im_start|>; 5: a tokenizer that ends every text with its EOS (add_eos_token) no longer ends contexts with
 # it, the answer scored after an ended document; 6: GSM8K reads LaTeX's thousands, 1{,}000 and 1\,000, and the
 # minus sign U+2212, which it read as 1 and as 5; 7: exact match drops Unicode's punctuation too, so a curly
-# apostrophe or quote no longer misses the answer). tests/test_evaluate.py fingerprints the prompts.
-FORMAT_VERSION = 7
+# apostrophe or quote no longer misses the answer; 8: GSM8K's last "the answer is", written as a calculation, gives
+# its result, not an earlier statement's number). tests/test_evaluate.py fingerprints the prompts.
+FORMAT_VERSION = 8
 SHOT_POOL = 200  # training examples the few-shot sample is drawn from
 
 
