@@ -991,13 +991,21 @@ def test_evaluation_output_names_are_checked_before_any_work(capsys, tmp_path, a
     (tmp_path / "file").write_text("x")
     for out, message in ((".", "names a directory"), (str(tmp_path / "taken"), "taken.md is a directory"),
                          (str(tmp_path / "evd") + "/",
-                          f"names a directory; give a file prefix such as {tmp_path}/evd/"),
+                          f"names a directory (it ends with /); give a file or file prefix in it, such as "
+                          f"{tmp_path}/evd/results"),
+                         # a folder still to be made: the results went beside it, as new.md and new.json
+                         (str(tmp_path / "new") + "/", "names a directory (it ends with /)"),
                          # found at the first write, after every task was scored (its results lost)
                          (str(tmp_path / ("r" * 245)), "its name is too long for the temporary written beside it"),
                          (str(tmp_path / "file" / "results"), f"{tmp_path}/file exists and is not a directory")):
-        assert main(["evaluate", str(adapted), "--tasks", "heldout", "--out", out]) == 2
+        try:
+            code = main(["evaluate", str(adapted), "--tasks", "heldout", "--out", out])
+        except SystemExit as refused:  # (argparse's refusal of the option's form)
+            code = refused.code
+        assert code == 2
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert message in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evd", "file", "taken.md"]
     # a dot inside the name is kept (model-v1.5 and model-v1.6 do not both write model-v1.md); .md / .json are read as
     # the prefix's own
     assert output_files(tmp_path / "model-v1.5") == (tmp_path / "model-v1.5.md", tmp_path / "model-v1.5.json")

@@ -866,3 +866,11 @@ def test_a_list_from_the_yaml_configuration_is_cleared_by_its_option_alone(tmp_p
         "a.txt", "b.txt", "c.txt"]
     with pytest.raises(EncdecError, match="--data needs at least one value"):  # `--data $UNSET`, no file to clear
         from_arguments(parse(["pretrain", "--data"]))
+
+
+def test_generate_out_written_as_a_folder_is_refused(capsys, tmp_path, adapted):
+    """`--out results/` for a folder still to be made wrote a file named results (Path drops the slash)."""
+    with pytest.raises(SystemExit) as refused:
+        main(["generate", str(adapted), "--prompt", "w1", "--out", f"{tmp_path / 'results'}/", "--max-new-tokens", "1"])
+    assert refused.value.code == 2 and "names a directory (it ends with /)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -89,6 +89,15 @@ def output_dir(text: str) -> Path:
     return through_link(user_path(text))
 
 
+def output_file(text: str) -> Path:
+    """argparse type of an --out file or file prefix: one written as a folder (a trailing /) is refused, since
+    Path drops the slash and the output went beside the folder meant (DIR.md, or a file named DIR)."""
+    if text.endswith(("/", os.sep)) and text.strip("/" + os.sep):
+        raise argparse.ArgumentTypeError(f"{text} names a directory (it ends with /); give a file or file prefix "
+                                         f"in it, such as {text}results")
+    return user_path(text)
+
+
 def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.adapt import adapt, check_pairing, check_same_vocabulary, layer_spec, parse_layers
     from encdec.checkpoint import SAVED, save
@@ -689,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or {\"messages\": [...]} (the chat format, as /v1/chat/completions and finetune; other fields are "
                    "copied to the output), or a .txt file's paragraphs; "
                    "- reads .jsonl records from standard input. Output: one JSON line per prompt, in order")
-    p.add_argument("--out", type=user_path, metavar="FILE",
+    p.add_argument("--out", type=output_file, metavar="FILE",
                    help="write the output lines (JSON, one per prompt) to FILE, atomically, instead of standard output "
                    "(-: JSON lines to standard output)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out FILE")
@@ -819,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true",
                    help="wrap prompts in the tokenizer's chat template, or Gemma's chat turns "
                    "(instruction-tuned models)")
-    p.add_argument("--out", type=user_path, default=Path("runs/evaluate/results"), metavar="FILE",
+    p.add_argument("--out", type=output_file, default=Path("runs/evaluate/results"), metavar="FILE",
                    help="writes FILE.md (the table) and FILE.json (per-example results, prompt formats, versions)")
     p.add_argument("--overwrite", action="store_true", help="replace the results an earlier run wrote at --out")
     p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
