@@ -73,7 +73,8 @@ SETTINGS = {"adapted": ("source",), "trained": ("source", "steps", "recipe", "se
 
 def settings(event: str, args: argparse.Namespace) -> dict:
     chosen = {key: getattr(args, key) for key in SETTINGS[event]}
-    if event == "evaluated":  # scores of another prompt and answer-reading version do not compare (an upgrade)
+    if event == "evaluated":  # scores of another prompt and answer-reading version do not compare (an upgrade):
+        # such points are evaluated again (refuse_other_settings, evaluate_points)
         from encdec.evaluation.tasks import FORMAT_VERSION
 
         chosen["format_version"] = FORMAT_VERSION
@@ -93,6 +94,9 @@ def refuse_other_settings(records: list[dict], args: argparse.Namespace, results
     """A rerun into the same OUT resumes the same study: other settings, or a point of the same name adapted
     otherwise (its trained model would be taken as the new point's), are refused."""
     for record in records:
+        if record["event"] == "evaluated" and _without_format(record["settings"]) == _without_format(
+                settings("evaluated", args)):  # scored under another format version: evaluated again, not refused
+            continue
         if record["settings"] != settings(record["event"], args):
             raise SystemExit(f"{results} holds results made with {record['settings']}, this run asks for "
                              f"{settings(record['event'], args)}: use another --out")
@@ -100,6 +104,10 @@ def refuse_other_settings(records: list[dict], args: argparse.Namespace, results
         if "adapt" in record and point in args.points and record["adapt"] != args.points[point]:
             raise SystemExit(f"{results} holds point {point!r} adapted with {' '.join(record['adapt'])}, this run "
                              f"asks for {' '.join(args.points[point])}: give it another name, or use another --out")
+
+
+def _without_format(chosen: dict) -> dict:
+    return {key: value for key, value in chosen.items() if key != "format_version"}
 
 
 def parse_point(text: str, attention: str) -> tuple[str, list[str]]:
@@ -174,7 +182,8 @@ def evaluate_points(models: dict[str, Path], args: argparse.Namespace, results: 
     from encdec.evaluation.harness import evaluate, write
     from encdec.evaluation.stats import mean_interval
 
-    done = {r["point"] for r in read_results(results) if r["event"] == "evaluated"}
+    done = {r["point"] for r in read_results(results)  # (a point scored under another format version: again)
+            if r["event"] == "evaluated" and r["settings"] == settings("evaluated", args)}
     pending = {name: str(model) for name, model in models.items() if name not in done}
     if not pending:
         return
@@ -261,7 +270,8 @@ def summarise(records: list[dict], names: list[str]) -> dict[str, dict]:
     """Per point: its evaluation, and its latency rounds per batch size (a list of seconds per round)."""
     points, measured = {}, measured_rounds(records, names)
     for name in names:
-        evaluated = next(r for r in records if r["point"] == name and r["event"] == "evaluated")
+        # the latest: a point evaluated again under a newer format version has both
+        evaluated = next(r for r in reversed(records) if r["point"] == name and r["event"] == "evaluated")
         timed = [measured[round_][name] for round_ in sorted(measured)]
         rounds = {b: [r["seconds"][b] for r in timed] for b in timed[0]["seconds"]}
         points[name] = {**evaluated, "rounds": rounds, "flops": timed[0]["flops"], "parameters": timed[0]["parameters"],

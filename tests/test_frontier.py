@@ -164,23 +164,40 @@ def test_frontier_refuses_to_resume_a_point_stopped_in_training_with_other_setti
         assert refused.value.code == 2, bad
 
 
-def test_frontier_refuses_scores_of_another_evaluation_format(tmp_path, monkeypatch):
+def test_frontier_evaluates_again_points_scored_under_another_evaluation_format(tmp_path, monkeypatch):
     """Points evaluated before an upgrade that changed the prompts or how answers are read were kept, and new points
-    scored under the new format beside them in one plot: the format version is part of what a rerun must match."""
+    scored under the new format beside them in one plot. Such points are evaluated again (the study itself, its
+    trained points and latency, stays: only the scores are stale); other evaluation settings are still refused."""
     import argparse
+    import json
 
     monkeypatch.syspath_prepend(str(BENCH))
     import frontier
 
     from encdec.evaluation.tasks import FORMAT_VERSION
 
-    args = argparse.Namespace(eval_tasks="copa", eval_limit=10, shots=0, eval_seed=0, points={})
+    args = argparse.Namespace(eval_tasks="copa", eval_limit=10, shots=0, eval_seed=0, eval_batch_size=8, points={},
+                              out=tmp_path)
     asked = {"eval_tasks": "copa", "eval_limit": 10, "shots": 0, "eval_seed": 0}
-    frontier.refuse_other_settings([{"point": "p", "event": "evaluated",
-                                     "settings": {**asked, "format_version": FORMAT_VERSION}}], args, tmp_path)
-    for old in ({**asked, "format_version": FORMAT_VERSION - 1}, asked):  # (a record of before it was kept)
-        with pytest.raises(SystemExit, match="holds results made with"):
-            frontier.refuse_other_settings([{"point": "p", "event": "evaluated", "settings": old}], args, tmp_path)
+    records = [{"point": "new", "event": "evaluated", "settings": {**asked, "format_version": FORMAT_VERSION}},
+               {"point": "old", "event": "evaluated", "settings": {**asked, "format_version": FORMAT_VERSION - 1}},
+               {"point": "older", "event": "evaluated", "settings": asked}]  # (a record of before it was kept)
+    frontier.refuse_other_settings(records, args, tmp_path)
+    with pytest.raises(SystemExit, match="holds results made with"):
+        frontier.refuse_other_settings([{**records[1], "settings": {**asked, "eval_limit": 20}}], args, tmp_path)
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    class Evaluated(Exception):
+        pass
+
+    def evaluate(models, chosen):
+        raise Evaluated(models)
+
+    monkeypatch.setattr("encdec.evaluation.harness.evaluate", evaluate)
+    with pytest.raises(Evaluated) as called:
+        frontier.evaluate_points({"new": "m-new", "old": "m-old", "older": "m-older"}, args, results)
+    assert called.value.args[0] == ["m-old", "m-older"]
 
 
 @pytest.mark.parametrize("bos", [2, None], ids=["bos", "none"])
