@@ -98,7 +98,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="where the adapted model is kept")
     p.add_argument("--targets", default=",".join(TARGETS[:4]), help=f"comma list of {', '.join(TARGETS)}")
     p.add_argument("--clients", default="1,4,16", help="comma list of concurrent client counts")
-    p.add_argument("--requests-per-client", type=int, default=2, help="requests each client sends per level")
+    p.add_argument("--requests-per-client", type=int, default=2,
+                   help="requests each client of the largest level sends; every level sends the same max(--clients) x N "
+                   "requests, dealt out to its clients (a single client sends them all, one after another)")
     p.add_argument("--rounds", type=int, default=2, help="rounds, each running every target once in turn")
     p.add_argument("--max-seconds", type=float, default=300,
                    help="no new request after this long in a level (each client sends its first anyway)")
@@ -402,8 +404,8 @@ def main() -> None:
             else:
                 measured[target].append(run_server(model_dir, server_options(target, args), requests, plan, args))
     print(f"model {model_dir}, {os.cpu_count()} CPUs, float32 unless named, greedy; prompts {args.min_prompt}-"
-          f"{args.max_prompt} tokens, {args.min_new}-{args.max_new} new tokens, {args.requests_per_client} request(s) "
-          f"per client, median of {args.rounds} round(s)")
+          f"{args.max_prompt} tokens, {args.min_new}-{args.max_new} new tokens, every level the same "
+          f"{max(args.clients) * args.requests_per_client} request(s), median of {args.rounds} round(s)")
     print_table(measured, args)
     print_ratios(measured, args)
 
