@@ -47,13 +47,14 @@ Run (the first use adapts the models, a few minutes; the full grid takes long on
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -247,16 +248,27 @@ def prepare_model(name: str, work_dir: Path) -> Path:
 def prepare_ct2(model_dir: Path, implementation: str) -> Path | str:
     """The `encdec export --to ctranslate2` conversion of `model_dir` for `implementation`, or the one line
     saying why there is none."""
+    import hashlib
+
+    import encdec.formats.ctranslate2 as exporter
     from encdec.training.rundir import start_model_digest
 
     out = model_dir.with_name(f"{model_dir.name}-{implementation}")
-    # the model it was converted from, by content: a conversion of the model before it was adapted again (or
-    # of an older exporter's) was timed, and its tokens compared, as if it were this one's
-    source = f"{start_model_digest(str(model_dir))} {version('encdec')}"
+    # the model it was converted from, by content, and the exporter that converted it (its code: the package's
+    # version stays 0.1.0 through its fixes): a conversion of the model before it was adapted again, or by an older
+    # exporter or CTranslate2, was timed, and its tokens compared, as if it were this one's
+    try:
+        converter = version("ctranslate2")
+    except PackageNotFoundError:
+        converter = "none"
+    code = hashlib.sha256(Path(exporter.__file__).read_bytes()).hexdigest()[:16]
+    source = f"{start_model_digest(str(model_dir))} {version('encdec')} exporter {code} ctranslate2 {converter}"
     marker = out / ".converted-from"
     if not marker.exists() or marker.read_text() != source:
         print(f"converting {model_dir} into {out}" + (" again (it held a conversion of another model, or by another "
-              "encdec)" if out.exists() else "") + " ...", file=sys.stderr, flush=True)
+              "exporter)" if out.exists() else "") + " ...", file=sys.stderr, flush=True)
+        if marker.exists():  # this script's own conversion (one of before exports were marked is not replaceable)
+            shutil.rmtree(out)
         done = subprocess.run([sys.executable, "-m", "encdec.cli", "export", str(model_dir), "--to", "ctranslate2",
                                "--out", str(out), "--quantization", CT2_COMPUTE[implementation], "--overwrite"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)

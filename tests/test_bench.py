@@ -655,3 +655,13 @@ def test_generate_throughput_converts_again_a_conversion_of_another_model(tmp_pa
     (first / ".converted-from").unlink()  # a conversion from before the marker: not known to be this model's
     generate_throughput.prepare_ct2(model, "ct2-float32")
     assert len(calls) == 3 and "--overwrite" in calls[-1]
+    # the exporter's code changed (the package's version stays 0.1.0 through its fixes): converted again, the
+    # script's own conversion removed first (one from before exports were marked, export --overwrite refuses)
+    import encdec.formats.ctranslate2
+
+    exporter = Path(encdec.formats.ctranslate2.__file__)
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: real_read(self) + (b"# fixed" if self == exporter else b""))
+    (first / "theirs").write_text("left by the old conversion")
+    generate_throughput.prepare_ct2(model, "ct2-float32")
+    assert len(calls) == 4 and not (first / "theirs").exists()
