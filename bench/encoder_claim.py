@@ -102,6 +102,10 @@ def run_cell(model: str, task: str, protocol: str, out: Path, args: argparse.Nam
     options += protocol_options(getattr(args, f"{protocol}_args"), task) + args.classify_args
     if results.exists():
         if not recorded.exists() or json.loads(recorded.read_text()) != options:
+            if args.table_only:  # (its cells are kept results: never to be deleted for a table)
+                ran = recorded.read_text().strip() if recorded.exists() else "not recorded"
+                sys.exit(f"{out} holds a run of other settings ({ran}), where these options give "
+                         f"{json.dumps(options)}; pass the options it was run with")
             sys.exit(f"{out} holds a run of other settings ({recorded}); use another --out or delete it")
         if not args.table_only and weights.exists() and json.loads(weights.read_text()) != weights_of(model):
             sys.exit(f"{out} was run on other weights of {model} (its files changed since: {weights}); use another "

@@ -51,6 +51,10 @@ claim() {  # claim NAME=MODEL: that backbone's cells, in order of importance
 }
 
 [ -d "$MODELS/adapted" ] || python3 -m encdec.cli adapt --encoder gemma-3-270m --out "$MODELS/adapted" 2>&1 | tail -3
+if [ ! -d "$MODELS/adapted" ]; then  # (the pipe's status is tail's: a failed adapt went on to every claim)
+    echo "adapting failed (its last lines are above)" >&2
+    exit 1
+fi
 echo "adapted at $((SECONDS - START)) s"
 claim decoder-only=gemma-3-270m &
 claim "adapted-init=$MODELS/adapted" &

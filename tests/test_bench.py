@@ -352,6 +352,10 @@ def test_encoder_claim_scores_cb_as_superglue_does_and_never_reuses_other_settin
     table_only = argparse.Namespace(**{**vars(settings), "table_only": True})
     assert encoder_claim.run_cell("m", "cb", "probe", tmp_path / "cb", table_only) is None and len(ran) == 1
     assert encoder_claim.run_cell("m", "rte", "probe", cell, table_only) == rte  # (--table-only runs nothing)
+    # a table of kept cells asked with other options: said which, never "delete it"
+    with pytest.raises(SystemExit, match="pass the options it was run with") as refused:
+        encoder_claim.run_cell("m", "rte", "probe", cell, argparse.Namespace(**{**vars(table_only), "seed": 1}))
+    assert "delete" not in str(refused.value) and '"--seed", "1"' in str(refused.value)
     # a MODEL directory rewritten under the same path (bench/frontier.py run again): its cells are not reused
     model, cell = tmp_path / "model", tmp_path / "cell-of-a-directory"
     model.mkdir()
