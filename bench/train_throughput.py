@@ -307,19 +307,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "model"
         flops = prepare(directory, args)
+        measured: dict[tuple[str, str], Measured] = {}
         for precision in args.precisions:
             if peaks[precision] * SLOW_FACTOR < peaks["fp32"]:
                 rows.append(Skipped(precision, f"{precision} products run at {peaks[precision] / 1e9:.1f} GFLOP/s, "
                                                f"under 1/{SLOW_FACTOR} of fp32's {peaks['fp32'] / 1e9:.1f} GFLOP/s"))
                 continue
-            measured = {name: Measured(name, precision, [], 0.0) for name in implementations(device)}
-            for round_ in range(1, args.rounds + 1):
-                for name, row in in_turn(list(measured.items()), round_ - 1):
-                    print(f"round {round_}/{args.rounds}: timing {name} {precision} ...", file=sys.stderr, flush=True)
-                    times, peak = measure(name, precision, directory, args)
-                    row.rounds.append(times)
-                    row.peak_gib = max(row.peak_gib, peak)
-            rows.extend(measured.values())
+            measured.update({(name, precision): Measured(name, precision, [], 0.0) for name in implementations(device)})
+        # every precision in every round (the README compares bf16 with fp32: timed in blocks of their own, the two
+        # were measured in different spells of a noisy machine)
+        for round_ in range(1, args.rounds + 1):
+            for (name, precision), row in in_turn(list(measured.items()), round_ - 1):
+                print(f"round {round_}/{args.rounds}: timing {name} {precision} ...", file=sys.stderr, flush=True)
+                times, peak = measure(name, precision, directory, args)
+                row.rounds.append(times)
+                row.peak_gib = max(row.peak_gib, peak)
+        rows.extend(measured.values())
     # measured again at the end, the better kept: on a shared machine one short measurement can be slowed
     peaks = {name: max(rate, matmul_rate(DTYPES[name], device)) for name, rate in peaks.items()}
 
@@ -339,6 +342,8 @@ def main() -> None:
         for baseline in reversed(implementations(device)[1:]):  # the plain loop last
             theirs = measured[(baseline, precision)]
             print(ratio_line(f"encdec / {baseline}, {precision}", ours.rounds, theirs.rounds))
+        if precision != "fp32" and ("encdec", "fp32") in measured:  # the same rounds: paired
+            print(ratio_line(f"encdec {precision} / encdec fp32", ours.rounds, measured[("encdec", "fp32")].rounds))
 
 
 if __name__ == "__main__":
