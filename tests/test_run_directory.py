@@ -1035,3 +1035,26 @@ def test_a_checkpoints_optimizer_settings_and_scheduler_keys_are_not_taken_on_re
     assert [r["loss"] for r in _metrics(edited)] == [r["loss"] for r in _metrics(tmp_path / "run")]
     kept, theirs = (read_weights(checkpointing.checkpoints(out)[-1]) for out in (tmp_path / "run", edited))
     assert all(torch.equal(kept[name], theirs[name]) for name in kept)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
+def test_a_run_stopped_by_a_signal_keeps_its_step_and_exits_with_the_signals_status(adapted, corpus, tmp_path,
+                                                                                    monkeypatch, capsys, sig):
+    """SIGTERM (a batch system's time limit, `docker stop`) stopped a run as Ctrl-C does, exit status 130 and
+    "interrupted"; SIGHUP (a closed terminal) killed it, the steps since its last checkpoint lost. Both now finish
+    the step, write its checkpoint and exit with 128 + N, as `encdec generate` does."""
+    from encdec.training.metrics import Metrics
+
+    original = Metrics.log
+
+    def signal_after_step_1(self, record, **kw):
+        original(self, record, **kw)
+        if record["step"] == 1:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(Metrics, "log", signal_after_step_1)
+    out = tmp_path / "run"
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "4", "--save-every", "100", "--eval-every", "0")) \
+        == 128 + sig
+    assert f"encdec pretrain: stopped by {sig.name}" in capsys.readouterr().err
+    assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000002"]

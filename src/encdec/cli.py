@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from encdec.errors import EncdecError, first_line
+from encdec.errors import EncdecError, Signalled, first_line
 from encdec.training.config import given, user_path
 
 if TYPE_CHECKING:
@@ -330,14 +330,6 @@ def _keep_finished(out: Path | None, lines: list[str | None], printed: int) -> N
         log.warning("%d of %d completion(s) finished before the run stopped: kept in %s (each line a prompt's record "
                     "with its completion); %s is not written", sum(text is not None for text in lines), len(lines),
                     partial, out)
-
-
-class Signalled(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the work stops as at Ctrl-C (what it finished kept); exit status 128 + N."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from torch import nn
 
 from encdec.allocator import keep_freed_memory
 from encdec.checkpoint import load_checkpoint, read_metadata, save
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, Signalled
 from encdec.files import portable_path, written
 from encdec.objectives import Example
 from encdec.training import checkpointing, distributed, rundir
@@ -43,22 +43,29 @@ log = logging.getLogger("encdec")
 
 
 class StopRequest:
-    """SIGINT / SIGTERM: finish the step, write a checkpoint, stop."""
+    """SIGINT, SIGTERM or SIGHUP: finish the step, write a checkpoint, stop (`stopped`: KeyboardInterrupt for
+    Ctrl-C, `Signalled` for the others, whose exit status, 128 + N, a batch system reads). A closed terminal's
+    SIGHUP killed the run, its steps since the last checkpoint lost; one set to be ignored (`nohup`) stays so."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested: int | None = None  # the first signal's number
         self.previous = {}
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is not threading.main_thread():  # only the main thread may take signals
             log.warning("train() runs outside the main thread: SIGINT / SIGTERM do not stop it at a checkpoint")
             return self
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
+                continue
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
+        self.requested = self.requested or signum
+
+    def stopped(self) -> KeyboardInterrupt:
+        return KeyboardInterrupt() if self.requested in (None, signal.SIGINT) else Signalled(self.requested)
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self.previous.items():
@@ -332,7 +339,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                 metrics.message(message)
             # one decision for every process (a signal may reach one alone, or some before the others): a process
             # saving, or checking the ranks, alone would wait forever in those collectives
-            stopping = distributed.reduce_sum(float(stop.requested), d) > 0
+            stopping = distributed.reduce_sum(float(stop.requested is not None), d) > 0
             saving = (step + 1) % cfg.save_every == 0 or done or stopping and again is None
             if saving:
                 if d.world > 1 and not cfg.fsdp:  # before the checkpoint keeps the line
@@ -357,7 +364,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                 metrics.message(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_checkpoint})"
                                 if again is None else f"stopped at step {step + 1}; {again}")
                 metrics.close()
-                raise KeyboardInterrupt
+                raise stop.stopped()  # (a process the signal did not reach: as Ctrl-C)
     metrics.close()
     with distributed.stopping_together(d):  # the others would wait at train()'s barrier for a first process gone
         recorded = dataclasses.replace(cfg, precision=precision_used)
