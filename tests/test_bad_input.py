@@ -1024,6 +1024,23 @@ def test_quickstart_checks_its_options_before_loading_anything(capsys, tmp_path,
     assert not (tmp_path / "qs").exists()
 
 
+def test_quickstarts_default_out_is_followed_through_a_link_as_a_given_one(capsys, tmp_path, monkeypatch):
+    """runs/quickstart a link (to a larger disk): given as --out it was written through, and by default refused as
+    a link (argparse applies an option's type to a default given as text only)."""
+    def reached(*args, **kwargs):
+        raise EncdecError("past the checks of --out")
+
+    monkeypatch.setattr("encdec.quickstart.load_source", reached)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path)
+    for given in ([], ["--out", "runs/quickstart"]):  # past the --out checks, to the source's loading, alike
+        assert main(["quickstart", *given, "--overwrite"]) == 2  # (its place exists, empty)
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert "past the checks of --out" in line, line
+
+
 def test_ctranslate2_export_of_damaged_weights_is_one_line(capsys, tmp_path, adapted):
     model = tmp_path / "model"
     shutil.copytree(adapted, model)

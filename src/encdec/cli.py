@@ -937,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Adapt the packaged Gemma 3 270M into a 270M-270M encoder-decoder (saved in "
                        "DIR/adapted), compare it with its source (parameters, a greedy continuation, held-out suffix "
                        "NLL), run a short PrefixLM + distillation adaptation (DIR/pretrain) and compare again.")
-    p.add_argument("--out", type=output_dir, default=Path("runs/quickstart"), metavar="DIR",
+    p.add_argument("--out", type=output_dir, default="runs/quickstart", metavar="DIR",
                    help="where the adapted model (DIR/adapted) and the short run (DIR/pretrain) go")
     p.add_argument("--steps", type=int, default=12, help="adaptation steps (0: adapt and compare only)")
     p.add_argument("--trim-vocab", type=int, default=8192,
