@@ -594,6 +594,22 @@ def test_an_eos_named_in_the_generation_config_alone_is_read(sources, tmp_path):
         encdec.load_source(str(source))
 
 
+def test_a_pad_id_of_minus_one_reads_as_none(sources, tmp_path, capsys):
+    """Early Llama conversions wrote pad_token_id -1 for "none" (transformers loads them): adapting one was refused,
+    after its weights were read, in a line naming neither the file nor a fix. It reads as a missing pad does."""
+    from encdec.cli import main
+
+    source = tmp_path / "llama"
+    shutil.copytree(sources["llama"], source)
+    cfg = json.loads((source / "config.json").read_text())
+    cfg["pad_token_id"] = -1
+    (source / "config.json").write_text(json.dumps(cfg))
+    first_eos = encdec.load_source(str(sources["llama"])).special_tokens["eos_token_ids"][0]
+    assert encdec.load_source(str(source)).special_tokens["pad_token_id"] == first_eos
+    assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
+    assert encdec.load(tmp_path / "adapted").config.pad_token_id == first_eos
+
+
 def test_a_hub_source_fetches_the_files_it_is_read_from_and_not_a_second_copy_of_the_weights(monkeypatch):
     """Mistral's repositories ship consolidated.safetensors (the whole model again, 14.5 GB for 7B) beside the
     transformers shards; only the shards are read. The patterns passed to huggingface_hub, through its own filter."""

@@ -45,8 +45,9 @@ def rename(name: str, table: dict[str, str]) -> str | None:
 
 
 def special_tokens(cfg: dict[str, Any], default_pad: int | None = None) -> dict[str, Any]:
-    """pad / bos / eos ids of a config.json; a missing pad becomes `default_pad`, else the first EOS. The EOS has
-    no default: a family's own id differs from any guess (Gemma's 1 is a quotation mark in Llama 3's vocabulary)."""
+    """pad / bos / eos ids of a config.json; a missing pad (or -1, early Llama conversions' "none") becomes
+    `default_pad`, else the first EOS. The EOS has no default: a family's own id differs from any guess (Gemma's 1
+    is a quotation mark in Llama 3's vocabulary)."""
     eos = cfg.get("eos_token_id")
     if eos is None or eos == []:
         raise EncdecError("config.json names no eos_token_id; add the model's end-of-sequence id (its tokenizer's "
@@ -55,7 +56,7 @@ def special_tokens(cfg: dict[str, Any], default_pad: int | None = None) -> dict[
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos_ids):  # before any set of them
         raise ValueError(f"eos_token_id must be a token id or a list of them, not {str(eos)[:80]}")
     pad = cfg.get("pad_token_id")
-    if pad is None:
+    if pad is None or pad == -1:  # (refused as no token id only after the weights were read)
         pad = eos_ids[0] if default_pad is None else default_pad
     bos = cfg.get("bos_token_id")
     return {"pad_token_id": pad, "bos_token_id": eos_ids[0] if bos is None else bos, "eos_token_ids": eos_ids}
