@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -1024,6 +1025,19 @@ def test_quickstart_checks_its_options_before_loading_anything(capsys, tmp_path,
     assert not (tmp_path / "qs").exists()
 
 
+def test_quickstart_says_a_trim_vocab_its_zero_steps_never_use(capsys, tmp_path, monkeypatch):
+    """--trim-vocab trims the adaptation steps' vocabulary: with --steps 0 it was ignored without a word."""
+    import encdec.quickstart
+
+    given = []
+    monkeypatch.setattr(encdec.quickstart, "run", lambda out, **settings: given.append(settings["trim_vocab"]))
+    for extra in (["--steps", "0", "--trim-vocab", "100"], ["--steps", "0"], ["--trim-vocab", "100"], []):
+        assert main(["quickstart", "--out", str(tmp_path / "qs"), *extra]) == 0
+        said = capsys.readouterr().err
+        assert ("--trim-vocab is ignored" in said) == (extra[:2] == ["--steps", "0"] and "--trim-vocab" in extra)
+    assert given == [100, 8192, 100, 8192]
+
+
 def test_quickstarts_default_out_is_followed_through_a_link_as_a_given_one(capsys, tmp_path, monkeypatch):
     """runs/quickstart a link (to a larger disk): given as --out it was written through, and by default refused as
     a link (argparse applies an option's type to a default given as text only)."""
@@ -1156,7 +1170,7 @@ def test_a_quickstart_stopped_while_training_says_how_to_run_it_again(capsys, tm
     monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
     with _sigterm_during(2, monkeypatch):
         assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "3", "--trim-vocab", "0",
-                     "--max-new-tokens", "2"]) == 130
+                     "--max-new-tokens", "2"]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "stopped at step 2; `encdec quickstart --overwrite` runs the whole job again" in err, err
     assert "--resume" not in err

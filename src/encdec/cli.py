@@ -89,6 +89,9 @@ def output_dir(text: str) -> Path:
     return through_link(user_path(text))
 
 
+QUICKSTART_TRIM_VOCAB = 8192  # the quickstart's training vocabulary: its most frequent tokens
+
+
 def output_file(text: str) -> Path:
     """argparse type of an --out file or file prefix: one written as a folder (a trailing /) is refused, since
     Path drops the slash and the output went beside the folder meant (DIR.md, or a file named DIR)."""
@@ -603,10 +606,14 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> None:
+    from encdec.logs import log
     from encdec.quickstart import run
 
+    if args.trim_vocab is not None and args.steps == 0:  # as other options that change nothing are said
+        log.warning("--trim-vocab is ignored: it trims the vocabulary of the adaptation steps, and --steps 0 runs none")
+    trim_vocab = QUICKSTART_TRIM_VOCAB if args.trim_vocab is None else args.trim_vocab
     run(args.out, overwrite=args.overwrite, prompt=args.prompt, max_new_tokens=args.max_new_tokens, steps=args.steps,
-        trim_vocab=args.trim_vocab)
+        trim_vocab=trim_vocab)
 
 
 def _add_inference_arguments(p: argparse.ArgumentParser) -> None:
@@ -940,8 +947,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_dir, default="runs/quickstart", metavar="DIR",
                    help="where the adapted model (DIR/adapted) and the short run (DIR/pretrain) go")
     p.add_argument("--steps", type=int, default=12, help="adaptation steps (0: adapt and compare only)")
-    p.add_argument("--trim-vocab", type=int, default=8192,
-                   help="train on the N most frequent tokens (speed); 0: the whole vocabulary")
+    p.add_argument("--trim-vocab", type=int, default=None, metavar="N",
+                   help="train on the N most frequent tokens (speed); 0: the whole vocabulary (default: "
+                   f"{QUICKSTART_TRIM_VOCAB:,})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--prompt", default="The capital of France is", metavar="TEXT", help="text the models continue")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens of each greedy continuation")
