@@ -3,6 +3,7 @@ directory, --resume past damaged files, temporaries of killed writes removed, da
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -347,6 +348,8 @@ def test_resuming_on_another_number_of_processes_compares_the_global_batch(adapt
     (line,) = rundir.changed_settings(two, now(1), (2, 1))
     assert line == "the global batch (--batch-size x processes) 1 x 2 = 2 rows -> 1 x 1 = 1"
     assert rundir.changed_settings(saved["config"], now(2), (1, 1)) == []
+    # sharded or not (--fsdp), the update is the same: not warned of as a change of the run's course
+    assert rundir.changed_settings(two, dataclasses.replace(now(1), fsdp=True), (2, 2)) == []
 
 
 @pytest.mark.parametrize("options", [{"steps": 4, "save_every": 2, "eval_every": 0},

@@ -242,8 +242,9 @@ def foreign_output(out: Path, contents: bool = True) -> tuple[str, str] | None:
 # settings a resumed run may change without a warning: its course stays the same, but for --steps, which makes it
 # a longer (or shorter) run: from the resumed step on, the rate is the new schedule's, whose decay ends at the new
 # --steps (a finished run resumed to twice its steps goes on at about half the peak rate, not at the old end's)
+# (fsdp: the same update, sharded or not: a run resumed either way matched the uninterrupted one to 6e-8)
 FREE_ON_RESUME = ("model", "out", "steps", "resume", "overwrite", "eval_every", "save_every", "keep_last",
-                  "average_last", "log_every", "tensorboard", "keep_freed_memory", "dist_timeout")
+                  "average_last", "log_every", "tensorboard", "keep_freed_memory", "dist_timeout", "fsdp")
 PATHS = ("data", "eval_data", "teacher")
 
 
