@@ -1061,3 +1061,25 @@ def test_a_run_stopped_by_a_signal_keeps_its_step_and_exits_with_the_signals_sta
         == 128 + sig
     assert f"encdec pretrain: stopped by {sig.name}" in capsys.readouterr().err
     assert [p.name for p in checkpointing.checkpoints(out)] == ["step-000002"]
+
+
+def test_an_elastic_restart_with_overwrite_resumes_from_the_failed_attempts_checkpoints(adapted, corpus, tmp_path,
+                                                                                        monkeypatch, caplog):
+    """torchrun --max-restarts starts the workers again with the same command line: with --overwrite every restart
+    deleted the failed attempt's checkpoints and began again at step 0. A restart resumes from them; the first
+    attempt (and a restart before any checkpoint) still starts afresh."""
+    import logging
+
+    out = tmp_path / "run"
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0, overwrite=True))
+    kept = (out / "metrics.jsonl").read_text().splitlines()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with caplog.at_level(logging.WARNING, logger="encdec"):
+        loop.train(_config(adapted, out, corpus, steps=4, save_every=1, eval_every=0, overwrite=True))
+    assert "restart 1 of an elastic run" in caplog.text
+    assert (out / "metrics.jsonl").read_text().splitlines()[:2] == kept  # the first attempt's steps, not redone
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metadata(out / "model")["pretrained"]["resumes"]] == [2]
+    other = tmp_path / "fresh"  # no checkpoint yet: --overwrite as asked
+    loop.train(_config(adapted, other, corpus, steps=1, save_every=5, eval_every=0, overwrite=True))
+    assert "resumes" not in read_metadata(other / "model")["pretrained"]

@@ -106,6 +106,7 @@ def train(cfg: TrainConfig, again: str | None = None) -> Path:
     (the quickstart): such a run writes no checkpoint when stopped (one of GBs that nothing would read)."""
     d = distributed.init(cfg.dist_timeout)
     try:
+        cfg = rundir.elastic_restart(cfg, d)
         # the teacher a checkpoint records is an input too, when it may distill (--overwrite must not delete it)
         distills = cfg.objective == "prefixlm" and cfg.distill is not False
         teacher = cfg.teacher or (recorded_source(Path(cfg.model)) if distills else "")

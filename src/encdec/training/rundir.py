@@ -10,6 +10,7 @@ metrics lines that it will log again, along with a line truncated by a crash.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -353,6 +354,19 @@ def changed_settings(saved: dict, cfg: TrainConfig, processes: tuple[int, int] =
         changed.append(f"the global batch (--batch-size x processes) {before} x {was} = {before * was} rows -> "
                        f"{after} x {now_} = {after * now_}")
     return changed
+
+
+def elastic_restart(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
+    """`cfg` for a worker group that torchrun started again after a failure (--max-restarts): it runs the same
+    command line, and with --overwrite deleted the checkpoints of the attempt that failed and began at step 0
+    (hours lost at each restart). Where there are checkpoints, it resumes from them instead."""
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if not cfg.overwrite or restarts in ("", "0") or not checkpointing.checkpoints(Path(cfg.out)):
+        return cfg
+    if d.main:
+        log.warning("restart %s of an elastic run (torchrun --max-restarts): resuming from its checkpoints in %s, "
+                    "where --overwrite would begin again at step 0", restarts, cfg.out)
+    return dataclasses.replace(cfg, overwrite=False, resume=True)
 
 
 def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None = None) -> None:
