@@ -502,3 +502,15 @@ def test_a_collective_that_times_out_is_one_line(capsys, monkeypatch):
     (line,) = capsys.readouterr().err.splitlines()
     assert "another process of the run stopped, or did not answer within --dist-timeout" in line
     assert "Watchdog caught collective operation timeout" in line and "more" not in line
+
+
+def test_accelerates_one_process_launch_for_several_is_refused(adapted, corpus, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` (or without a multi-GPU configuration) starts one process through
+    its simple launcher, naming an address for two: it trained alone, on half the global batch, without a word."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}  # no `accelerate config` file of this machine's
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                           "encdec.cli", *_pretrain_args(adapted, corpus, tmp_path / "run"), "--steps", "1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and not (tmp_path / "run").exists()
+    assert "accelerate launch started this one process for several" in done.stderr, done.stderr[-2000:]
