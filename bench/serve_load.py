@@ -99,8 +99,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(TARGETS[:4]), help=f"comma list of {', '.join(TARGETS)}")
     p.add_argument("--clients", default="1,4,16", help="comma list of concurrent client counts")
     p.add_argument("--requests-per-client", type=int, default=2,
-                   help="requests each client of the largest level sends; every level sends the same max(--clients) x N "
-                   "requests, dealt out to its clients (a single client sends them all, one after another)")
+                   help="requests each client of the largest level sends; every level sends the same "
+                   "max(--clients) x N requests, dealt out to its clients (a single client sends them all in turn)")
     p.add_argument("--rounds", type=int, default=2, help="rounds, each running every target once in turn")
     p.add_argument("--max-seconds", type=float, default=300,
                    help="no new request after this long in a level (each client sends its first anyway)")

@@ -1435,3 +1435,20 @@ def test_an_output_folder_this_user_cannot_write_is_said_before_any_work(capsys,
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
+
+
+def test_a_quickstart_writes_into_its_out_and_needs_no_more_than_that_writable(capsys, tmp_path, monkeypatch):
+    """The quickstart writes inside OUT (its lock, adapted/, pretrain/): an OUT of one's own in a folder one may not
+    write into was refused, as an output that replaces itself beside it would be."""
+    def reached(*args, **kwargs):
+        raise EncdecError("past the checks of --out")
+
+    monkeypatch.setattr("encdec.quickstart.load_source", reached)
+    shared = tmp_path / "shared"
+    (shared / "mine").mkdir(parents=True)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != shared and real_access(path, mode, **kw))
+    assert main(["quickstart", "--out", str(shared / "mine"), "--overwrite"]) == 2
+    assert "past the checks of --out" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(shared / "new")]) == 2  # made beside the others: not writable there
+    assert f"{shared} is not writable" in capsys.readouterr().err

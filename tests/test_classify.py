@@ -254,6 +254,19 @@ def test_a_fit_killed_mid_epoch_resumes_from_its_progress_and_repeats_the_uninte
     kill, steps[:] = False, []
     assert fit() == uninterrupted
     assert len(steps) == 10
+    # the saved optimizer's settings and extra scheduler keys are not taken (an edited maximize ascended; a key
+    # named as a method replaced it): the fit resumes as the uninterrupted one runs
+    kill, steps[:] = True, []
+    with pytest.raises(KeyboardInterrupt):
+        fit()
+    saved = json.loads((progress / "fit.json").read_text())
+    for group in saved["state"]["optimizer"]["param_groups"]:
+        group.update(maximize=True, betas=[0.5, 0.5])
+    saved["state"]["scheduler"]["get_last_lr"] = 1
+    (progress / "fit.json").write_text(json.dumps(saved))
+    kill, steps[:] = False, []
+    assert fit() == uninterrupted
+    assert steps == [5, 5, 4]
 
 
 def test_frozen_embeddings_stay_as_they_were_while_the_layers_and_head_train(models: dict[str, Path]) -> None:
@@ -659,7 +672,8 @@ def test_cross_validated_run_through_the_cli(models: dict[str, Path], tmp_path: 
     majority = results["majority_baseline"]["label"]
     assert results["majority_baseline"]["macro_f1"] == pytest.approx(
         f1_score(gold, [majority] * 12, average="macro", zero_division=0))
-    assert f"macro-F1:  {results['macro_f1']:.3f} (each label's F1, averaged; the baseline's " in printed
+    assert f"macro-F1:  {results['macro_f1']:.3f} (the F1 of the labels that occur, averaged; the baseline's " \
+        in printed
 
     data = load_task("cb")
     for p in results["predictions"]:  # each against the data itself: its gold label, its guess, and the two compared

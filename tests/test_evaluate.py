@@ -266,6 +266,8 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     # a model correcting itself, its last statement a calculation: an earlier statement was taken (10)
     ("The answer is 10. Let me check: 3 x 4 = 12, so the answer is 3 x 4 = 12.", "12"),
     ("The answer is 10. I hope the answer is right.", "10"),  # a last cue with no number after it
+    ("The answer is 10. I hope the answer is right, I checked it 3 times.", "10"),  # nor one after it directly
+    ("The answer is 10. The answer is not 12.", "10"),
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected

@@ -471,7 +471,8 @@ def test_cautions_read_numbers_alone_from_sections_nothing_else_reads(tmp_path):
     from encdec.formats.ctranslate2 import cautions
 
     (tmp_path / "config.json").write_text(json.dumps({
-        "rope_theta": "10000", "vision_config": {"factor": [2], "sliding_window": "wide", "head_dim": [1]},
+        "rope_theta": "10000", "vision_config": {"factor": [2], "sliding_window": "wide", "head_dim": [1],
+                                                 "rope_theta": 10**400, "query_pre_attn_scalar": float("inf")},
         "decoder": {"rope_theta": 1e6, "factor": 2.0, "query_pre_attn_scalar": 16, "head_dim": 8},
         "encoder": {"rope_theta": 500000, "query_pre_attn_scalar": "16", "head_dim": 8, "factor": True}}))
     said = " ".join(cautions(tmp_path, "t5gemma"))

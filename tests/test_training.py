@@ -137,7 +137,7 @@ def test_a_run_started_outside_the_main_thread_trains_without_stop_handling(adap
     with concurrent.futures.ThreadPoolExecutor(1) as pool, caplog.at_level("WARNING", logger="encdec"):
         final = pool.submit(loop.train, _config(adapted, tmp_path / "run", corpus, steps=2, eval_every=0)).result()
     assert final == tmp_path / "run" / "model" and encdec.load(final)
-    assert "outside the main thread: SIGINT / SIGTERM do not stop it" in caplog.text
+    assert "outside the main thread: SIGINT / SIGTERM / SIGHUP do not stop it" in caplog.text
 
 
 def test_auto_precision_is_decided_once_and_a_resumed_run_keeps_it(adapted, corpus, tmp_path, monkeypatch):

@@ -107,7 +107,7 @@ class StackConfig:
         for name in ("qk_norm", "post_norms", "embed_scale", "qkv_bias"):  # a hand-edited "no" is truthy
             if not isinstance(getattr(self, name), bool):
                 raise EncdecError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not _is_number(self.norm_offset):
+        if not is_number(self.norm_offset):
             raise EncdecError(f"norm_offset must be a number (1.0 for Gemma, 0.0 for the others), got "
                               f"{self.norm_offset!r}")
         llama3 = self.rope_llama3  # (factor, low_freq_factor, high_freq_factor, original max positions)
@@ -122,7 +122,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A finite number (not a bool, which Python counts as one), within a float's range (an integer of 400 digits
     compares below infinity, and the float arithmetic that reads it raised OverflowError)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -135,7 +135,7 @@ def _is_number(value: Any) -> bool:
 
 def _is_positive(value: Any) -> bool:
     """A finite number above 0 (not a bool, which Python counts as one)."""
-    return _is_number(value) and value > 0
+    return is_number(value) and value > 0
 
 
 def check_cap(name: str, value: Any) -> None:

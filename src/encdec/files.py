@@ -475,21 +475,22 @@ def check_not_above(out: Path) -> None:
 
 
 def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None, ...] = (),
-                     replaces: tuple[str, ...] = (), kind: OutputKind | None = None) -> None:
+                     replaces: tuple[str, ...] = (), kind: OutputKind | None = None, into: bool = False) -> None:
     """Fail before any work when the output directory, which is replaced whole, would clobber something: an
     existing `out` without `overwrite`, a training run's directory even with it (its checkpoints, a live run's
     lock), any of the `inputs` (check_apart), the working directory or one above; and, for a command's --out, a
     directory with files but none of the names its earlier output holds (`replaces`): `--out ~/models
     --overwrite`, meant as "into", replaced the whole folder; or one that holds them but is not what the command
     writes (`kind`: its description, and the test of a directory): any folder with a config.json (a decoder-only
-    source, a project) was replaced by `adapt --overwrite`."""
+    source, a project) was replaced by `adapt --overwrite`. `into`: the command writes inside `out` (the
+    quickstart), which must then be writable, rather than replacing it beside itself."""
     if Path(out).is_symlink():  # replaced by the output, the link went and what it named stayed as it was; the
         # command line writes through a link (`through_link`), a run directory's planted one must not be followed
         raise EncdecError(f"output directory {out} is a symbolic link; give the directory it names "
                           f"({os.path.realpath(out)}) to write there")
     check_writable_place(out)
     check_name_room(out, Path(out).name)
-    check_folder_writable(out)  # (an adapt of a 9B source found it after loading and adapting it)
+    check_folder_writable(out / "-" if into else out)  # (an adapt of a 9B source found it after adapting it)
     check_not_above(out)
     check_apart(out, inputs)
     if out.exists() and not overwrite:
@@ -786,7 +787,7 @@ def _name_once(temporary: str, path: Path) -> None:
     except FileExistsError:
         raise
     except OSError as e:
-        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
             raise
         if os.path.lexists(path):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None

@@ -92,7 +92,8 @@ def run(out: Path, *, overwrite: bool, prompt: str, max_new_tokens: int, steps: 
     if not prompt.strip():
         raise EncdecError("--prompt is empty; give a text to continue")
     check_text(prompt, "--prompt")
-    check_output_dir(out, overwrite, replaces=("adapted", "pretrain", LOCK))  # a killed quickstart's lock file
+    # (LOCK: a killed quickstart's lock file); written into, not replaced beside itself
+    check_output_dir(out, overwrite, replaces=("adapted", "pretrain", LOCK), into=True)
     with locked(out, Dist(), lock=LOCK):  # a second quickstart into OUT is refused now, not after minutes of work
         _run(out, overwrite, prompt, max_new_tokens, steps, trim_vocab)
 

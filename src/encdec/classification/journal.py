@@ -76,7 +76,7 @@ class TrialJournal:
 
         try:
             lock = cache_lock(f"journal-{self.file.stem}")
-            lock.acquire(timeout=0)
+            lock.acquire(timeout=2)  # (not 0: another run's end-of-run note probes this lock for an instant, `_held`)
         except Timeout:
             raise EncdecError(f"another encdec classify of this model, task and settings is running (it shares the "
                               f"trials and saved fits of {self.file}): wait for it to end, or give this one another "

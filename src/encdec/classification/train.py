@@ -35,7 +35,7 @@ from encdec.errors import EncdecError
 from encdec.files import atomic_dir
 from encdec.inference.onednn import packed_while_inferring
 from encdec.training.data import length_grouped, pad_rows
-from encdec.training.optim import build_optimizer, build_scheduler
+from encdec.training.optim import build_optimizer, build_scheduler, group_settings, resume_schedule
 from encdec.training.plain_state import read_state, write_state
 from encdec.training.precision import PRECISIONS, autocast_dtype
 
@@ -225,8 +225,10 @@ class _FitProgress:
             if state["total"] != self.total or {k: v.shape for k, v in saved.items()} != \
                     {k: v.shape for k, v in trained.items()}:
                 raise EncdecError("it was saved by a fit of other settings")
+            settings = group_settings(self.optimizer)
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            # the saved step alone, and this fit's settings (as a resumed training run reads them: `resume_schedule`)
+            resume_schedule(self.optimizer, self.scheduler, state["scheduler"], settings)
             torch.set_rng_state(rng)
         except (EncdecError, KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             # (AttributeError: a saved "model" that is no mapping) what was loaded before the failure goes: a fresh

@@ -18,6 +18,9 @@ NUMBER = re.compile(r"(?:(?<![\w)\]])-(?=[$\d.]))?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?
 ANSWER_IS = re.compile(r"answer(?:\s+is\s*:?|\s*:)[\s*_]*(?:\$?\s*\\boxed\{)?\s*(" + NUMBER.pattern
                        + r")(?!\d|,\d|\.\d|\s*[-+*/\u00d7\u00f7\u00b7x=]\s*[$(.\d])", re.IGNORECASE)
 ANSWER_CUE = re.compile(r"answer(?:\s+is\s*:?|\s*:)", re.IGNORECASE)
+# a cue whose number begins a calculation ("the answer is 3 x 4 = 12"): the terms ANSWER_IS leaves out
+CALCULATION = re.compile(ANSWER_CUE.pattern + r"[\s*_]*(?:\$?\s*\\boxed\{)?\s*(?:" + NUMBER.pattern
+                         + r")(?=\s*[-+*/\u00d7\u00f7\u00b7x=]\s*[$(.\d])", re.IGNORECASE)
 
 
 def _clean_number(text: str) -> str | None:
@@ -39,14 +42,11 @@ def final_number(text: str) -> str | None:
     text = DIGIT_GROUPS.sub(lambda m: "," if m.group(0) == "{,}" else "", text).replace("\u2212", "-")
     stated = list(ANSWER_IS.finditer(text))
     cues = [cue.start() for cue in ANSWER_CUE.finditer(text)]
-    if stated and stated[-1].start() == cues[-1]:
-        return _clean_number(stated[-1].group(1))
-    # the last "the answer is" written as a calculation ("so the answer is 3 x 4 = 12", after "The answer is 10"
-    # was checked): its result, the last number after it, not an earlier statement
-    after = NUMBER.findall(text, cues[-1]) if cues else []
-    if after:
-        return _clean_number(after[-1])
-    if stated:  # the last cue followed by no number ("the answer is correct")
+    if stated and CALCULATION.match(text, cues[-1]) and cues[-1] > stated[-1].start():
+        # the last "the answer is" written as a calculation ("so the answer is 3 x 4 = 12", after "The answer is 10"
+        # was checked): read as if stated alone (its result, the last number), not as the earlier statement
+        return _clean_number(NUMBER.findall(text, cues[-1])[-1])
+    if stated:
         return _clean_number(stated[-1].group(1))
     found = re.findall(r"####\s*(" + NUMBER.pattern + ")", text)
     if found:

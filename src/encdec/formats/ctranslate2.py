@@ -22,6 +22,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from encdec.checkpoint import NATIVE, checkpoint_format, load_checkpoint, read_config
+from encdec.config import is_number
 from encdec.errors import EncdecError, described
 from encdec.files import atomic_dir, check_output_dir, read_json
 from encdec.formats.t5gemma import LAYOUTS
@@ -128,7 +129,9 @@ def is_export(directory: Path) -> bool:
         return False
 
 
-EXPORT = ("a CTranslate2 model written by encdec export", is_export)  # what --overwrite replaces
+# what --overwrite replaces
+EXPORT = ("a CTranslate2 model written by encdec export (its config.json marked; one exported before the mark, "
+          "2026-12-07, is removed by hand)", is_export)
 
 
 def _sections(node: Any) -> Iterator[dict]:
@@ -140,13 +143,10 @@ def _sections(node: Any) -> Iterator[dict]:
 
 
 def _values(node: Any, key: str) -> set:
-    """Every numeric value of `key` anywhere in a nested configuration (sections nothing else reads, such as a
-    vision tower's, may hold anything: a string or a list there failed the export with a traceback)."""
-    return {section[key] for section in _sections(node) if _number(section.get(key))}
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Every numeric value of `key` anywhere in a nested configuration, finite and within a float's range (sections
+    nothing else reads, such as a vision tower's, may hold anything: a string, a list or 10**400 there failed the
+    export with a traceback)."""
+    return {section[key] for section in _sections(node) if is_number(section.get(key))}
 
 
 def cautions(model_dir: Path, fmt: str) -> list[str]:
@@ -172,7 +172,7 @@ def cautions(model_dir: Path, fmt: str) -> list[str]:
         found.append(f"prompts or outputs longer than its sliding window ({min(windows)} tokens) come out "
                      "differently in CTranslate2")
     scales = {(section["query_pre_attn_scalar"], section["head_dim"]) for section in _sections(config)
-              if _number(section.get("query_pre_attn_scalar")) and _number(section.get("head_dim"))}
+              if is_number(section.get("query_pre_attn_scalar")) and is_number(section.get("head_dim"))}
     other = sorted(scalar for scalar, head_dim in scales if scalar != head_dim)
     if other:  # Gemma 2 27B's 144 against 128, for one
         found.append(f"its queries are scaled by query_pre_attn_scalar ({', '.join(map(str, other))}), not by the "

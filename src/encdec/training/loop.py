@@ -53,7 +53,8 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is not threading.main_thread():  # only the main thread may take signals
-            log.warning("train() runs outside the main thread: SIGINT / SIGTERM do not stop it at a checkpoint")
+            log.warning("train() runs outside the main thread: SIGINT / SIGTERM / SIGHUP do not stop it at a "
+                        "checkpoint")
             return self
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             if sig == signal.SIGHUP and signal.getsignal(sig) is signal.SIG_IGN:
