@@ -992,8 +992,8 @@ def test_evaluation_output_names_are_checked_before_any_work(capsys, tmp_path, a
     (tmp_path / "file").write_text("x")
     for out, message in ((".", "names a directory"), (str(tmp_path / "taken"), "taken.md is a directory"),
                          (str(tmp_path / "evd") + "/",
-                          f"names a directory (it ends with /); give a file or file prefix in it, such as "
-                          f"{tmp_path}/evd/results"),
+                          (f"names a directory (it ends with /); give a file or file prefix in it, such as "
+                           f"{tmp_path}/evd/results")),
                          # a folder still to be made: the results went beside it, as new.md and new.json
                          (str(tmp_path / "new") + "/", "names a directory (it ends with /)"),
                          # found at the first write, after every task was scored (its results lost)

@@ -511,6 +511,6 @@ def test_accelerates_one_process_launch_for_several_is_refused(adapted, corpus, 
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
                            "encdec.cli", *_pretrain_args(adapted, corpus, tmp_path / "run"), "--steps", "1"],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0 and not (tmp_path / "run").exists()
     assert "accelerate launch started this one process for several" in done.stderr, done.stderr[-2000:]

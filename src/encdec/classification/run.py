@@ -427,8 +427,8 @@ def report(results: dict[str, Any], out: Path) -> str:
         f"protocol:  {results['protocol']}",
         *(_selection_lines(selection) if selection else []),
         f"accuracy:  {results['accuracy']:.3f} ({results['correct']}/{results['n']}), 95% Wilson interval [{lo:.3f}, {hi:.3f}]",
-        *([f"macro-F1:  {results['macro_f1']:.3f} (the F1 of the labels that occur, averaged; the baseline's "
-           f"{base['macro_f1']:.3f})"] if "macro_f1" in results else []),  # results.json of a version before it
+        *([(f"macro-F1:  {results['macro_f1']:.3f} (the F1 of the labels that occur, averaged; the baseline's "
+            f"{base['macro_f1']:.3f})")] if "macro_f1" in results else []),  # results.json of a version before it
         f"baseline:  {base['accuracy']:.3f} by always answering {base['label']!r} (the majority class)",
         f"time:      {results['seconds']:.0f} s",
         f"saved:     {out / 'results.json'}" + (f"; {out / 'classifier'} ({results['saved_classifier']})"

@@ -130,8 +130,8 @@ def is_export(directory: Path) -> bool:
 
 
 # what --overwrite replaces
-EXPORT = ("a CTranslate2 model written by encdec export (its config.json marked; one exported before the mark, "
-          "2026-12-07, is removed by hand)", is_export)
+EXPORT = (("a CTranslate2 model written by encdec export (its config.json marked; one exported before the mark, "
+           "2026-12-07, is removed by hand)"), is_export)
 
 
 def _sections(node: Any) -> Iterator[dict]:
