@@ -1283,12 +1283,17 @@ def test_quickstart_overwrite_without_training_leaves_a_live_run_alone(capsys, t
     out = tmp_path / "qs"
     assert main(["quickstart", "--out", str(out), "--steps", "1", "--max-new-tokens", "2", "--trim-vocab", "0"]) == 0
     assert "(64 + 64) tokens at lr 3e-05, the whole vocabulary" in capsys.readouterr().out  # it said "trimmed to 0"
-    with (out / "pretrain" / ".encdec.lock").open("a") as held:  # as the training process holds it
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 2
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert f"{out / 'pretrain'} is being written by" in line
-    assert (out / "pretrain" / "model" / "config.json").exists() and (out / "pretrain" / "checkpoints").is_dir()
+    adapted = (out / "adapted" / "model.safetensors").stat()
+    for steps in ("0", "1"):  # nor its start model, adapted/, replaced under it (found only when it came to train)
+        with (out / "pretrain" / ".encdec.lock").open("a") as held:  # as the training process holds it
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", steps, "--max-new-tokens",
+                         "2"]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"{out / 'pretrain'} is being written by" in line
+        assert (out / "pretrain" / "model" / "config.json").exists() and (out / "pretrain" / "checkpoints").is_dir()
+        now = (out / "adapted" / "model.safetensors").stat()
+        assert (now.st_ino, now.st_mtime_ns) == (adapted.st_ino, adapted.st_mtime_ns)
 
 
 def test_a_second_quickstart_into_the_same_out_is_refused_before_any_work(capsys, tmp_path, sources, monkeypatch):

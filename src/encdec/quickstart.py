@@ -102,6 +102,9 @@ def _run(out: Path, overwrite: bool, prompt: str, max_new_tokens: int, steps: in
     adapted_dir, run_dir = out / "adapted", out / "pretrain"
     check_output_dir(adapted_dir, overwrite, replaces=("config.json",), kind=SAVED)  # as save() will, before work
     _check_own_run(run_dir, adapted_dir, steps)
+    if run_dir.is_dir() and not run_dir.is_symlink():  # a run training there now (`encdec pretrain --resume` of
+        with locked(run_dir, Dist()):  # it): refused before its start model, adapted/, is replaced under it
+            pass
     with timed(f"loading {SOURCE}"):
         source = load_source(SOURCE)
         tokenizer = load_tokenizer(source.directory)
