@@ -310,6 +310,29 @@ def test_download_into_cache(bigbench: Path, monkeypatch: pytest.MonkeyPatch) ->
         ni.natural_instructions()
 
 
+def test_a_download_a_kill_cut_off_is_removed_by_the_next(bigbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download stopped by SIGTERM or a kill (a batch system's time limit) left its temporary folder, up to 358 MB,
+    in the cache for good; one whose process still runs is left alone."""
+    import hashlib
+    import subprocess
+
+    from encdec.files import HOST
+
+    directory = bigbench.parent / "cache" / "bigbench"
+    directory.mkdir(parents=True)
+    gone = subprocess.Popen(["true"])  # a process that has ended: the one that was downloading, killed
+    gone.wait()
+    killed = directory / f".{ni.TARBALL}.tmp-{HOST}-{gone.pid}-abcdefgh"
+    killed.mkdir()
+    (killed / ni.TARBALL).write_bytes(b"half a download")
+    running = directory / f".{ni.TARBALL}.tmp-{HOST}-{os.getpid()}-abcdefgh"  # this process: still running
+    running.mkdir()
+    monkeypatch.setattr(ni, "URL", bigbench.as_uri())
+    monkeypatch.setattr(ni, "SHA256", hashlib.sha256(bigbench.read_bytes()).hexdigest())
+    assert len(ni.natural_instructions()) == 6
+    assert not killed.exists() and running.exists()
+
+
 def test_the_pinned_download_is_pypis_sdist() -> None:
     assert ni.URL.startswith("https://files.pythonhosted.org/packages/") and ni.URL.endswith("/bigbench-1.0.0.tar.gz")
     assert re.fullmatch(r"[0-9a-f]{64}", ni.SHA256)

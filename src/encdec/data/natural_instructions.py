@@ -28,7 +28,7 @@ from pathlib import Path
 
 from encdec.data.instructions import Pair
 from encdec.errors import EncdecError
-from encdec.files import file_identity, write_cache, written
+from encdec.files import HOST, file_identity, remove_abandoned_temporaries, write_cache, written
 from encdec.sources import cache_lock_if_possible, cache_root
 
 log = logging.getLogger("encdec")
@@ -76,7 +76,11 @@ def bigbench_tarball() -> Path:
             directory.mkdir(parents=True, exist_ok=True)
         log.info("downloading %s from PyPI (about 358 MB, once) for its Natural-Instructions tasks, into %s",
                  REQUIREMENT, directory)
-        with written(directory), tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
+        with written(directory):  # a download a signal or a kill cut off left its 358 MB for good
+            remove_abandoned_temporaries(directory)
+        # named as an atomic write's temporary (.NAME.tmp-HOST-PID-XXXXXXXX): removed once its process is gone
+        prefix = f".{TARBALL}.tmp-{HOST}-{os.getpid()}-"
+        with written(directory), tempfile.TemporaryDirectory(dir=directory, prefix=prefix) as tmp:
             part = Path(tmp) / TARBALL
             try:
                 with urllib.request.urlopen(URL, timeout=60, context=_tls()) as reply, part.open("wb") as f:
