@@ -514,3 +514,21 @@ def test_accelerates_one_process_launch_for_several_is_refused(adapted, corpus, 
                           env=env, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode != 0 and not (tmp_path / "run").exists()
     assert "accelerate launch started this one process for several" in done.stderr, done.stderr[-2000:]
+
+
+def test_processes_after_the_first_log_warnings_only_marked_with_their_rank(monkeypatch):
+    """Every process of a run said each stage ("loaded ...", "teacher: ..."): 8 GPUs, 8 times each line."""
+    import logging
+
+    from encdec.logs import log, setup
+
+    try:
+        for rank, level, prefix in (("0", logging.INFO, "encdec: "), ("3", logging.WARNING, "encdec (rank 3): ")):
+            monkeypatch.setenv("RANK", rank)
+            setup()
+            (handler,) = log.handlers
+            assert log.level == level
+            assert handler.format(logging.makeLogRecord({"msg": "said"})) == f"{prefix}said"
+    finally:
+        monkeypatch.delenv("RANK")
+        setup()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -12,10 +13,14 @@ log = logging.getLogger("encdec")
 
 
 def setup(verbose: bool = False) -> None:
+    """encdec's lines on stderr. In a process of a distributed run other than the first (RANK, as torchrun and
+    accelerate set it) warnings only, marked with its rank: every process said each stage (8 GPUs, 8 times)."""
+    rank = os.environ.get("RANK", "0")
+    other = rank not in ("", "0")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("encdec: %(message)s"))
+    handler.setFormatter(logging.Formatter(f"encdec (rank {rank}): %(message)s" if other else "encdec: %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if other else logging.INFO)
     log.propagate = False
     import transformers
 
