@@ -404,7 +404,13 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
         original = (out / name).read_text()
         data = json.loads(original)
         (out / name).write_text(json.dumps({**data, "auto_map": {**data.get("auto_map", {}), "AutoConfig": "evil.C"}}))
-        assert f"{name} maps to other code than this encdec's" in said() and '"evil.C"' in said()
+        line = said()
+        assert f"{name} maps to other code than this encdec's" in line and '"evil.C"' in line
+        # the advice works: re-saving through encdec (as for an edited modeling file) is refused while the entry
+        # stays, so it says to remove it first
+        assert "remove the entry" in line and "encdec.save(" not in line
+        with pytest.raises(EncdecError, match="auto_map"):
+            encdec.save(encdec.load(out, dtype=None), tmp_path / "again", tokenizer_dir=out)
         (out / name).write_text(original)
     assert "is the file this encdec writes" in said()
     # transformers 5 also runs custom_generate/generate.py as a trusted checkpoint loads: it was not mentioned

@@ -171,9 +171,10 @@ def modeling_file_line(directory: Path) -> str:
               "file)")
     for name, expected in (("config.json", AUTO_MAP), ("tokenizer_config.json", None)):  # what transformers follows
         mapped = read_json(directory / name).get("auto_map") if (directory / name).is_file() else None
-        if mapped != expected:
+        if mapped != expected:  # (encdec refuses to load such a checkpoint: no re-save until the entry goes)
             return (f"{name} maps to other code than this encdec's ({json.dumps(mapped)}): transformers would run it "
-                    f"with trust_remote_code=True; {resave}")
+                    f"with trust_remote_code=True; read it first, then remove the entry (or put back this encdec's "
+                    f"{json.dumps(expected)}) before loading the checkpoint with encdec")
     custom = directory / CUSTOM_GENERATE
     if custom.exists() or custom.is_symlink():  # transformers 5 runs it at load, to replace generate
         return (f"{CUSTOM_GENERATE} is there: transformers would run it with trust_remote_code=True as the model "
