@@ -541,3 +541,23 @@ def test_a_config_that_cannot_be_read_is_one_line(sources, tmp_path):
     (tmp_path / "m" / "config.json").mkdir(parents=True)
     with pytest.raises(EncdecError, match=r"cannot read .*m/config.json: Is a directory"):
         encdec.load_checkpoint(tmp_path / "m")
+
+
+def test_a_checkpoint_saved_again_in_place_keeps_its_tokenizer(adapted, tmp_path, monkeypatch):
+    """load, change, save(..., overwrite=True) into the same directory: it was replaced whole, its tokenizer with
+    it, and generate and serve refused the model. A dtype copy of every weight was also made before an existing
+    output was refused."""
+    from encdec.sources import has_tokenizer
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(adapted, model_dir)
+    before = (model_dir / "tokenizer.json").read_text()
+    encdec.save(encdec.load(model_dir), model_dir, overwrite=True)
+    assert has_tokenizer(model_dir) and (model_dir / "tokenizer.json").read_text() == before
+    other = tmp_path / "other"  # one given is the one saved
+    encdec.save(encdec.load(model_dir), other)
+    assert not has_tokenizer(other)
+    model = encdec.load(model_dir)
+    monkeypatch.setattr(torch.Tensor, "to", lambda *a, **k: pytest.fail("weights copied before the refusal"))
+    with pytest.raises(EncdecError, match="already exists"):
+        encdec.save(model, model_dir, dtype="bfloat16")

@@ -21,6 +21,7 @@ from encdec.config import EncDecConfig
 from encdec.errors import EncdecError, load_failure
 from encdec.files import (
     atomic_dir,
+    check_output_dir,
     check_utf8,
     read_json,
     read_weights,
@@ -65,7 +66,8 @@ def save(
     dtype: torch.dtype | str | None = None, metadata: dict | None = None, tokenizer: object | None = None,
 ) -> str:
     """Write `model` (and `tokenizer`, or the one found in `tokenizer_dir`) to `out`; returns the format used.
-    `metadata`: its encdec.json (None: the model's own `provenance`, from encdec.adapt or encdec.load)."""
+    `metadata`: its encdec.json (None: the model's own `provenance`, from encdec.adapt or encdec.load). A checkpoint
+    replaced in place (overwrite=True) keeps its tokenizer unless another is given."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper, whose state_dict prefixes every key
     if not isinstance(model, EncoderDecoder):
         raise EncdecError(f"encdec.save writes an encoder-decoder of encdec's (encdec.adapt, encdec.load), not a "
@@ -77,6 +79,14 @@ def save(
     if tokenizer is not None and tokenizer_dir is not None:  # one of the two would be saved, in silence
         raise EncdecError("give encdec.save a tokenizer or a tokenizer_dir, not both")
     dtype = _saved_dtype(dtype)
+    out = Path(out).expanduser()
+    check_output_dir(out, overwrite, replaces=("config.json",), kind=SAVED)  # before a copy of every weight (dtype)
+    from encdec.sources import has_tokenizer, load_tokenizer
+
+    if tokenizer is None and tokenizer_dir is None and overwrite and out.is_dir() and has_tokenizer(out):
+        # a checkpoint saved again in place (load, change, save with overwrite=True) keeps its tokenizer, as its
+        # provenance is kept: replaced whole, it lost it, and generate and serve refused the model
+        tokenizer_dir = out
     cfg = model.config
     weights = model.state_dict()
     if dtype is not None:
@@ -85,7 +95,7 @@ def save(
     from transformers import GenerationConfig
 
     # overwrite=True replaces an earlier checkpoint, not another folder
-    with atomic_dir(Path(out), overwrite, replaces=("config.json",), kind=SAVED) as tmp:
+    with atomic_dir(out, overwrite, replaces=("config.json",), kind=SAVED) as tmp:
         if layout is None:  # with a modeling file, for transformers' trust_remote_code=True
             write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, **remote_code.config_fields(),
                                "config": cfg.to_dict()}, weights)
@@ -103,8 +113,6 @@ def save(
         if metadata:
             (tmp / METADATA).write_text(json.dumps(metadata, indent=2))
         if tokenizer is None and tokenizer_dir is not None:
-            from encdec.sources import load_tokenizer
-
             tokenizer = load_tokenizer(Path(tokenizer_dir))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
