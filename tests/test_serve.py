@@ -539,6 +539,25 @@ BAD = [
 ENDPOINTS = {"messages": "chat/completions", "input": "embeddings"}
 
 
+def test_half_a_surrogate_pair_is_found_however_the_body_writes_it_and_ids_are_not_walked(monkeypatch):
+    """Every value of every body was walked for half a surrogate pair: millions of token ids took seconds on the one
+    thread that parses every request. Only a body whose bytes can hold one is walked: an escape, the UTF-8 bytes
+    of one (json decodes them), or a body in UTF-16 or UTF-32."""
+    from encdec.serve import protocol
+    from encdec.serve.protocol import APIError, Limits, parse
+
+    limits = Limits(24, 8)
+    for raw in ('{"prompt": "w1 \\ud800"}'.encode(), '{"prompt": "w1 \ud800"}'.encode("utf-8", "surrogatepass"),
+                '{"prompt": "w1 \ud800"}'.encode("utf-16", "surrogatepass")):
+        with pytest.raises(APIError, match="not half of a pair"):
+            parse(raw, "completions", limits)
+    walked = []
+    real = protocol.lone_surrogate
+    monkeypatch.setattr(protocol, "lone_surrogate", lambda text: walked.append(text) or real(text))
+    parse(json.dumps({"prompt": [5] * 100_000, "max_tokens": 2}).encode(), "completions", limits)  # (refused later
+    assert walked == []  # for its length, --max-input-tokens, once tokens are counted)
+
+
 def test_an_unsupported_value_is_quoted_whole_or_cut_with_an_ellipsis():
     from encdec.serve.protocol import APIError, Limits, parse
 
