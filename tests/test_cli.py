@@ -329,8 +329,8 @@ def test_signals_ignored_by_the_parent_stay_ignored_and_a_second_one_is_not_caug
     import io
     import signal
 
-    from encdec.cli import _keep_finished, signals_interrupt
-    from encdec.errors import Signalled
+    from encdec.cli import _keep_finished
+    from encdec.signals import Signalled, signals_interrupt
 
     before = {sig: signal.signal(sig, handler) for sig, handler in ((signal.SIGHUP, signal.SIG_IGN),
                                                                     (signal.SIGTERM, signal.SIG_DFL))}

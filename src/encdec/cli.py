@@ -9,16 +9,14 @@ import errno
 import logging
 import os
 import re
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from encdec.errors import EncdecError, Signalled, first_line
+from encdec.errors import EncdecError, first_line
+from encdec.signals import Signalled, signals_interrupt
 from encdec.training.config import given, user_path
 
 if TYPE_CHECKING:
@@ -333,28 +331,6 @@ def _keep_finished(out: Path | None, lines: list[str | None], printed: int) -> N
         log.warning("%d of %d completion(s) finished before the run stopped: kept in %s (each line a prompt's record "
                     "with its completion); %s is not written", sum(text is not None for text in lines), len(lines),
                     partial, out)
-
-
-@contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `Signalled` inside the block (they ended the process at once: a run's finished work
-    was lost); outside the main thread, which alone takes signals, nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum: int, frame: object) -> None:
-        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once (a run stuck in a C call)
-        raise Signalled(signum)
-
-    # a signal set to be ignored stays so (`nohup`'s SIGHUP: a closed terminal must not stop the run)
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGHUP)
-                if signal.getsignal(sig) is not signal.SIG_IGN}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -1,6 +1,4 @@
-"""The one exception type the CLI turns into a single readable line, and the stop a signal asks for."""
-
-import signal
+"""The one exception type the CLI turns into a single readable line."""
 
 
 class EncdecError(Exception):
@@ -10,14 +8,6 @@ class EncdecError(Exception):
 class ReadFailed(EncdecError):
     """A file that is there could not be read (an I/O or permission error, a stale network handle): no sign of
     damage, so a checkpoint it is part of is not set aside as damaged."""
-
-
-class Signalled(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the work stops as at Ctrl-C (what it finished kept); exit status 128 + N."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def _said(e: BaseException) -> str:

@@ -17,9 +17,10 @@ from torch import nn
 
 from encdec.allocator import keep_freed_memory
 from encdec.checkpoint import load_checkpoint, read_metadata, save
-from encdec.errors import EncdecError, Signalled
+from encdec.errors import EncdecError
 from encdec.files import portable_path, written
 from encdec.objectives import Example
+from encdec.signals import Signalled
 from encdec.training import checkpointing, distributed, rundir
 from encdec.training.config import TrainConfig
 from encdec.training.data import Batch, make_batch
