@@ -558,6 +558,22 @@ def test_half_a_surrogate_pair_is_found_however_the_body_writes_it_and_ids_are_n
     assert walked == []  # for its length, --max-input-tokens, once tokens are counted)
 
 
+def test_errors_say_back_a_short_part_of_what_was_sent(local):
+    """A model name, a field name or a chat role of megabytes came back whole in the error (38 MiB answers for a 40
+    MB request, each encoded on the event loop); every other value was cut to 40 characters."""
+    huge = "x" * 1_000_000
+
+    async def ask(client):
+        bodies = [("/v1/completions", {"prompt": "w1", "model": huge}),
+                  ("/v1/completions", {"prompt": "w1", huge: 1}),
+                  ("/v1/chat/completions", {"messages": [{"role": huge, "content": "w1"}]})]
+        return [await client.post(path, json=body) for path, body in bodies]
+
+    answers = _asked(_app(local), ask)
+    assert [a.status_code for a in answers] == [404, 400, 400]
+    assert all(len(a.content) < 1000 for a in answers), [len(a.content) for a in answers]
+
+
 def test_an_unsupported_value_is_quoted_whole_or_cut_with_an_ellipsis():
     from encdec.serve.protocol import APIError, Limits, parse
 

@@ -78,7 +78,7 @@ def conversation(messages: Any) -> list[tuple[str, str]]:
             raise ValueError(f"message {i} is not an object with a string 'content' (or a list of text parts)")
         role = ROLES.get(message["role"]) if isinstance(message.get("role"), str) else None
         if role is None:
-            raise ValueError(f"message {i} has the unknown role {message.get('role')!r}; "
+            raise ValueError(f"message {i} has the unknown role {repr(message.get('role'))[:40]}; "
                              f"accepted: {', '.join(ROLES)}")
         turns.append((role, message["content"]))
     return turns

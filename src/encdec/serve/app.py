@@ -460,7 +460,8 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     def served(name: str | None) -> None:
         if name is not None and name != settings.model_id:
-            raise APIError(404, f"the model {name!r} is not served here; this server serves {settings.model_id!r}",
+            shown = json.dumps(name)[:40]  # (a name of megabytes was said back whole)
+            raise APIError(404, f"the model {shown} is not served here; this server serves {settings.model_id!r}",
                            "model", code="model_not_found")
 
     def answer(endpoint: str, response: Response) -> Response:

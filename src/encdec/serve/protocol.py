@@ -261,9 +261,10 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
             given = given if len(given) <= 40 else given[:37] + "..."  # a tool list can be pages long
             raise APIError(400, f"'{name}' = {given} is not supported by this server "
                            f"(accepted: {' or '.join(json.dumps(v) for v in NEUTRAL[name])})", name)
-        if name not in FIELDS[kind] | IGNORED | set(NEUTRAL) and body[name] is not None:
-            raise APIError(400, f"unrecognized request argument '{name}'; accepted: {', '.join(sorted(FIELDS[kind]))}",
-                           name)
+        if name not in FIELDS[kind] | IGNORED | set(NEUTRAL) and body[name] is not None:  # (a name of megabytes
+            shown = name if len(name) <= 40 else name[:37] + "..."  # was said back whole)
+            raise APIError(400, f"unrecognized request argument '{shown}'; accepted: {', '.join(sorted(FIELDS[kind]))}",
+                           shown)
     model = _typed(body, "model", (str,), "a string")
     stream = _typed(body, "stream", (bool,), "true or false") or False
     stream_usage = _stream_usage(body)
