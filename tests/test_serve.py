@@ -247,6 +247,8 @@ def test_a_stream_asked_without_usage_has_none(server, options):
     chunks = [json.loads(line[6:]) for line in reply.text.splitlines() if line.startswith("data: {")]
     assert chunks and all(c["choices"] for c in chunks) and not any("usage" in c for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    # not held back by a proxy (nginx buffers a response unless told), nor cached
+    assert reply.headers["x-accel-buffering"] == "no" and reply.headers["cache-control"] == "no-cache"
 
 
 def test_top_p_zero_keeps_the_likeliest_token_and_empty_tools_are_no_tools(server, local):
@@ -1237,9 +1239,14 @@ def test_allowed_origins_answer_a_browsers_preflight_and_its_requests(local):
         return [await client.options("/v1/completions", headers={**page, **preflight}),
                 await client.options("/v1/completions", headers={"Origin": "https://other.example", **preflight}),
                 await client.post("/v1/completions", json=body, headers=page),
-                await client.post("/v1/completions", json=body, headers={**page, "Authorization": "Bearer k"})]
+                await client.post("/v1/completions", json=body, headers={**page, "Authorization": "Bearer k"}),
+                # Chromium's Private Network Access: a public page calling a server on this machine (it was a 400)
+                await client.options("/v1/completions", headers={**page, **preflight,
+                                                                 "Access-Control-Request-Private-Network": "true"})]
 
-    allowed, other, keyless, answered = _asked(_app(local, api_key="k", allowed_origins=("https://app.example",)), ask)
+    allowed, other, keyless, answered, private = _asked(
+        _app(local, api_key="k", allowed_origins=("https://app.example",)), ask)
+    assert private.status_code == 200 and private.headers["access-control-allow-private-network"] == "true"
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert {"authorization", "x-stainless-arch"} <= set(allowed.headers["access-control-allow-headers"].split(","))
     assert other.status_code == 400 and "access-control-allow-origin" not in other.headers

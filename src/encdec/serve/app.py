@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import inspect
 import json
 import logging
 import threading
@@ -284,7 +285,9 @@ class EventStream(StreamingResponse):
     nor its own `finally`, and the requests would decode to their last token for nobody."""
 
     def __init__(self, events: AsyncIterator[str], release: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream")
+        # (not cached; and not buffered by an nginx in front, whose proxy_buffering held the events back to the end)
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.release = release
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -478,8 +481,12 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
     if settings.allowed_origins:  # added last, so outermost: a browser's preflight carries no key, and a 401 gets
         # the headers that let the page read it
         # any request header: the openai JavaScript client sends headers of its own (X-Stainless-*) with every call
+        # a page of an allowed origin calling a server on this machine or network: Chromium's preflight asks for the
+        # private network too (Private Network Access), and was refused, 400 (a Starlette of before the option: none)
+        private = ({"allow_private_network": True}
+                   if "allow_private_network" in inspect.signature(CORSMiddleware.__init__).parameters else {})
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["*"], max_age=600)
+                           allow_headers=["*"], max_age=600, **private)
 
     async def generate(request: Request, kind: str) -> Response:
         endpoint = f"/v1/{'chat/' if kind == 'chat' else ''}completions"
