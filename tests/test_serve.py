@@ -568,11 +568,15 @@ def test_errors_say_back_a_short_part_of_what_was_sent(local):
     async def ask(client):
         bodies = [("/v1/completions", {"prompt": "w1", "model": huge}),
                   ("/v1/completions", {"prompt": "w1", huge: 1}),
-                  ("/v1/chat/completions", {"messages": [{"role": huge, "content": "w1"}]})]
-        return [await client.post(path, json=body) for path, body in bodies]
+                  ("/v1/chat/completions", {"messages": [{"role": huge, "content": "w1"}]}),
+                  ("/v1/embeddings", {"input": "w1", huge: 1}),
+                  ("/v1/completions", {"prompt": "w1", "logit_bias": {"5": huge}})]
+        return [await client.post(path, json=body) for path, body in bodies] + [
+            await client.post("/v1/completions", content=b'{"prompt": "w1", "\\ud800' + huge.encode() + b'": 1}',
+                              headers={"Content-Type": "application/json"})]
 
     answers = _asked(_app(local), ask)
-    assert [a.status_code for a in answers] == [404, 400, 400]
+    assert [a.status_code for a in answers] == [404, 400, 400, 400, 400, 400]
     assert all(len(a.content) < 1000 for a in answers), [len(a.content) for a in answers]
 
 

@@ -41,6 +41,7 @@ from encdec.serve.protocol import (
     Limits,
     Parsed,
     TokenizeRequest,
+    cut,
     parse,
     parse_detokenize,
     parse_embeddings,
@@ -463,8 +464,8 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     def served(name: str | None) -> None:
         if name is not None and name != settings.model_id:
-            shown = json.dumps(name)[:40]  # (a name of megabytes was said back whole)
-            raise APIError(404, f"the model {shown} is not served here; this server serves {settings.model_id!r}",
+            raise APIError(404, f"the model {json.dumps(cut(name))} is not served here; this server serves "
+                           f"{settings.model_id!r}",
                            "model", code="model_not_found")
 
     def answer(endpoint: str, response: Response) -> Response:

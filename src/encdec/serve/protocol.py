@@ -154,8 +154,8 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
     for key, value in bias.items():
         if (not TOKEN_ID.fullmatch(key) or isinstance(value, bool) or not isinstance(value, (int, float))
                 or not -100 <= value <= 100):
-            shown = json.dumps(key if len(key) <= 40 else key[:40] + "...")
-            raise APIError(400, f"'logit_bias' must be {what}, got {shown}: {json.dumps(value)}", "logit_bias")
+            raise APIError(400, f"'logit_bias' must be {what}, got {json.dumps(cut(key))}: {cut(json.dumps(value))}",
+                           "logit_bias")
         pairs.append((int(key), float(value)))
     return tuple(pairs)
 
@@ -205,6 +205,12 @@ def _chat_turns(body: dict) -> list[tuple[str, str]]:
     return turns
 
 
+def cut(text: str, limit: int = 40) -> str:
+    """What an error says back of a client's text: at most `limit` characters (a name or a value of megabytes came
+    back whole, encoded on the event loop)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _object(raw: bytes) -> dict:
     try:
         body = parse_json(raw, strict=True)
@@ -215,8 +221,9 @@ def _object(raw: bytes) -> dict:
     broken = _lone_surrogate_field(body) if _may_hold_surrogates(raw) else None
     if broken is not None:
         named = lone_surrogate(broken)  # the field's name is what is broken
-        raise APIError(400, f"{json.dumps(broken) if named else repr(broken)} holds a \\uD800-\\uDFFF escape that is "
-                       "not half of a pair: not a character; text must be valid Unicode", None if named else broken)
+        shown = cut(json.dumps(broken)) if named else repr(cut(broken))
+        raise APIError(400, f"{shown} holds a \\uD800-\\uDFFF escape that is not half of a pair: not a character; text "
+                       "must be valid Unicode", None if named else cut(broken))
     return body
 
 
@@ -257,14 +264,12 @@ def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     body = _object(raw)
     for name in body:
         if name in NEUTRAL and body[name] not in NEUTRAL[name]:
-            given = json.dumps(body[name])
-            given = given if len(given) <= 40 else given[:37] + "..."  # a tool list can be pages long
+            given = cut(json.dumps(body[name]))  # a tool list can be pages long
             raise APIError(400, f"'{name}' = {given} is not supported by this server "
                            f"(accepted: {' or '.join(json.dumps(v) for v in NEUTRAL[name])})", name)
-        if name not in FIELDS[kind] | IGNORED | set(NEUTRAL) and body[name] is not None:  # (a name of megabytes
-            shown = name if len(name) <= 40 else name[:37] + "..."  # was said back whole)
-            raise APIError(400, f"unrecognized request argument '{shown}'; accepted: {', '.join(sorted(FIELDS[kind]))}",
-                           shown)
+        if name not in FIELDS[kind] | IGNORED | set(NEUTRAL) and body[name] is not None:
+            raise APIError(400, f"unrecognized request argument '{cut(name)}'; accepted: "
+                           f"{', '.join(sorted(FIELDS[kind]))}", cut(name))
     model = _typed(body, "model", (str,), "a string")
     stream = _typed(body, "stream", (bool,), "true or false") or False
     stream_usage = _stream_usage(body)
@@ -342,8 +347,8 @@ def _known(body: dict, accepted: set[str]) -> dict:
     """`body`, refused with a 400 naming the first field neither `accepted` nor ignored (IGNORED)."""
     for name in body:
         if name not in accepted | IGNORED:
-            raise APIError(400, f"unrecognized request argument '{name}'; accepted: {', '.join(sorted(accepted))}",
-                           name)
+            raise APIError(400, f"unrecognized request argument '{cut(name)}'; accepted: {', '.join(sorted(accepted))}",
+                           cut(name))
     return body
 
 
