@@ -523,12 +523,16 @@ def test_processes_after_the_first_log_warnings_only_marked_with_their_rank(monk
     from encdec.logs import log, setup
 
     try:
-        for rank, level, prefix in (("0", logging.INFO, "encdec: "), ("3", logging.WARNING, "encdec (rank 3): ")):
+        for rank, world, level, prefix in (("0", "4", logging.INFO, "encdec: "),
+                                           ("3", "4", logging.WARNING, "encdec (rank 3): "),
+                                           ("3", "1", logging.INFO, "encdec: ")):  # a RANK left in a shell: alone
             monkeypatch.setenv("RANK", rank)
+            monkeypatch.setenv("WORLD_SIZE", world)
             setup()
             (handler,) = log.handlers
             assert log.level == level
             assert handler.format(logging.makeLogRecord({"msg": "said"})) == f"{prefix}said"
     finally:
         monkeypatch.delenv("RANK")
+        monkeypatch.delenv("WORLD_SIZE")
         setup()

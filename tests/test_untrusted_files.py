@@ -411,7 +411,13 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
         assert "remove the entry" in line and "encdec.save(" not in line
         with pytest.raises(EncdecError, match="auto_map"):
             encdec.save(encdec.load(out, dtype=None), tmp_path / "again", tokenizer_dir=out)
+        assert ("put back this encdec's" in line) == (name == "config.json")  # (the tokenizer's has none of ours)
         (out / name).write_text(original)
+    # an entry of null in tokenizer_config.json: info passed it, and the loading refused it
+    original = (out / "tokenizer_config.json").read_text()
+    (out / "tokenizer_config.json").write_text(json.dumps({**json.loads(original), "auto_map": None}))
+    assert "tokenizer_config.json maps to other code than this encdec's (null)" in said()
+    (out / "tokenizer_config.json").write_text(original)
     assert "is the file this encdec writes" in said()
     # transformers 5 also runs custom_generate/generate.py as a trusted checkpoint loads: it was not mentioned
     (out / "custom_generate").mkdir()

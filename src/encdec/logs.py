@@ -16,7 +16,8 @@ def setup(verbose: bool = False) -> None:
     """encdec's lines on stderr. In a process of a distributed run other than the first (RANK, as torchrun and
     accelerate set it) warnings only, marked with its rank: every process said each stage (8 GPUs, 8 times)."""
     rank = os.environ.get("RANK", "0")
-    other = rank not in ("", "0")
+    other = rank not in ("", "0") and os.environ.get("WORLD_SIZE", "1") not in ("", "1")  # (a RANK left in a shell:
+    # the process runs alone, as distributed.init takes it)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"encdec (rank {rank}): %(message)s" if other else "encdec: %(message)s"))
     log.handlers[:] = [handler]

@@ -169,12 +169,14 @@ def modeling_file_line(directory: Path) -> str:
     path = directory / MODELING_FILE
     resave = (f"read it first, or load the checkpoint with encdec and save it again ({RESAVE} writes this version's "
               "file)")
-    for name, expected in (("config.json", AUTO_MAP), ("tokenizer_config.json", None)):  # what transformers follows
-        mapped = read_json(directory / name).get("auto_map") if (directory / name).is_file() else None
-        if mapped != expected:  # (encdec refuses to load such a checkpoint: no re-save until the entry goes)
-            return (f"{name} maps to other code than this encdec's ({json.dumps(mapped)}): transformers would run it "
-                    f"with trust_remote_code=True; read it first, then remove the entry (or put back this encdec's "
-                    f"{json.dumps(expected)}) before loading the checkpoint with encdec")
+    for name in ("config.json", "tokenizer_config.json"):  # what transformers follows
+        data = read_json(directory / name) if (directory / name).is_file() else {}
+        # as encdec's loading refuses it (sources.refuse_custom_code): no re-save until the entry goes
+        if "auto_map" in data and not is_own(data) or name == "config.json" and data.get("auto_map") != AUTO_MAP:
+            restore = f" (or put back this encdec's {json.dumps(AUTO_MAP)})" if name == "config.json" else ""
+            return (f"{name} maps to other code than this encdec's ({json.dumps(data.get('auto_map'))}): transformers "
+                    f"would run it with trust_remote_code=True; read it first, then remove the entry{restore} before "
+                    "loading the checkpoint with encdec")
     custom = directory / CUSTOM_GENERATE
     if custom.exists() or custom.is_symlink():  # transformers 5 runs it at load, to replace generate
         return (f"{CUSTOM_GENERATE} is there: transformers would run it with trust_remote_code=True as the model "

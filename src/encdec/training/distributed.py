@@ -63,8 +63,9 @@ def init(timeout: float = 1800.0) -> Dist:
         # accelerate's simple launcher (--num_processes N with --cpu, or no multi-GPU configuration) starts one
         # process and names an address for N: it trained alone, on a global batch N times smaller, without a word
         raise EncdecError("accelerate launch started this one process for several (its simple launcher sets "
-                          "MASTER_ADDR but no WORLD_SIZE or RANK): launch with --multi_gpu or the shipped "
-                          "configs/accelerate-multi-gpu.yaml (CPU processes too), or torchrun --nproc-per-node N")
+                          "MASTER_ADDR but no WORLD_SIZE or RANK; encdec reads no MPI variables): launch with "
+                          "--multi_gpu or the shipped configs/accelerate-multi-gpu.yaml (CPU processes too), or "
+                          "torchrun --nproc-per-node N; meant to run one process, unset MASTER_ADDR")
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if world > 1 and missing and not dist.is_initialized():  # WORLD_SIZE left in a shell, say
         raise EncdecError(f"WORLD_SIZE is {world} but {', '.join(missing)} is not set: start the processes with "
