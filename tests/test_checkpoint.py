@@ -557,6 +557,11 @@ def test_a_checkpoint_saved_again_in_place_keeps_its_tokenizer(adapted, tmp_path
     other = tmp_path / "other"  # one given is the one saved
     encdec.save(encdec.load(model_dir), other)
     assert not has_tokenizer(other)
+    # another model saved over a checkpoint does not take its tokenizer (another vocabulary, maybe): saved without
+    encdec.save(encdec.load(other), model_dir, overwrite=True)
+    assert not has_tokenizer(model_dir)
+    shutil.rmtree(model_dir)
+    shutil.copytree(adapted, model_dir)
     model = encdec.load(model_dir)
     monkeypatch.setattr(torch.Tensor, "to", lambda *a, **k: pytest.fail("weights copied before the refusal"))
     with pytest.raises(EncdecError, match="already exists"):

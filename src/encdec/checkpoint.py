@@ -66,8 +66,8 @@ def save(
     dtype: torch.dtype | str | None = None, metadata: dict | None = None, tokenizer: object | None = None,
 ) -> str:
     """Write `model` (and `tokenizer`, or the one found in `tokenizer_dir`) to `out`; returns the format used.
-    `metadata`: its encdec.json (None: the model's own `provenance`, from encdec.adapt or encdec.load). A checkpoint
-    replaced in place (overwrite=True) keeps its tokenizer unless another is given."""
+    `metadata`: its encdec.json (None: the model's own `provenance`, from encdec.adapt or encdec.load). A model
+    saved over the checkpoint it was loaded from (overwrite=True) keeps its tokenizer unless another is given."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper, whose state_dict prefixes every key
     if not isinstance(model, EncoderDecoder):
         raise EncdecError(f"encdec.save writes an encoder-decoder of encdec's (encdec.adapt, encdec.load), not a "
@@ -83,10 +83,10 @@ def save(
     check_output_dir(out, overwrite, replaces=("config.json",), kind=SAVED)  # before a copy of every weight (dtype)
     from encdec.sources import has_tokenizer, load_tokenizer
 
-    if tokenizer is None and tokenizer_dir is None and overwrite and out.is_dir() and has_tokenizer(out):
-        # a checkpoint saved again in place (load, change, save with overwrite=True) keeps its tokenizer, as its
-        # provenance is kept: replaced whole, it lost it, and generate and serve refused the model
-        tokenizer_dir = out
+    if (tokenizer is None and tokenizer_dir is None and overwrite and model.loaded_from == str(out.resolve())
+            and has_tokenizer(out)):  # a checkpoint saved again in place (load, change, save with overwrite=True)
+        tokenizer_dir = out  # keeps its tokenizer, as its provenance is kept: replaced whole, it lost it, and
+        # generate and serve refused the model (another model saved over it does not take it: another vocabulary)
     cfg = model.config
     weights = model.state_dict()
     if dtype is not None:
@@ -228,7 +228,7 @@ def load_checkpoint(path: Path | str, dtype: torch.dtype | None = torch.float32,
         raise EncdecError(f"{path}: weights do not match config.json ({load_failure(e)})") from None
     for note in notes:
         log.info("%s: %s", path, note)
-    model.provenance = read_metadata(path)
+    model.provenance, model.loaded_from = read_metadata(path), str(path.resolve())
     return Loaded(model.eval(), fmt, notes)
 
 

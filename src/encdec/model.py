@@ -556,6 +556,8 @@ class EncoderDecoder(nn.Module):
         # where the model came from (sources, training: its encdec.json), set by encdec.adapt and encdec.load and
         # written again by encdec.save, so that a model saved again keeps what its prompts' framing is read from
         self.provenance: dict = {}
+        self.loaded_from: str | None = None  # the checkpoint encdec.load read it from, resolved (encdec.save in
+        # place keeps that checkpoint's tokenizer)
 
     @property
     def device(self) -> torch.device:
