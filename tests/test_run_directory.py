@@ -1072,8 +1072,12 @@ def test_an_elastic_restart_with_overwrite_resumes_from_the_failed_attempts_chec
 
     out = tmp_path / "run"
     loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0, overwrite=True))
+    earlier = (out / "metrics.jsonl").read_text()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")  # this job's first attempt, then its restart
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # an attempt that failed before replacing an earlier
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0, overwrite=True))  # run's: replaced
+    assert (out / "metrics.jsonl").read_text() != earlier
     kept = (out / "metrics.jsonl").read_text().splitlines()
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     with caplog.at_level(logging.WARNING, logger="encdec"):
         loop.train(_config(adapted, out, corpus, steps=4, save_every=1, eval_every=0, overwrite=True))
     assert "restart 1 of an elastic run" in caplog.text

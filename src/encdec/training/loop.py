@@ -279,7 +279,8 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
     def save_checkpoint(step: int, record: dict) -> Path:
         trainer = {"scheduler": scheduler.state_dict(), "stream": stream.state_dict(), "config": vars(cfg),
                    "processes": d.world, "kept_tokens": keep, "record": record, "start_model": start_digest,
-                   "teacher": teacher_digest, "precision": precision_used, "resumes": resumes}
+                   "teacher": teacher_digest, "precision": precision_used, "resumes": resumes,
+                   "elastic_run": rundir.elastic_run()}
         return checkpointing.save(out, step, wrapped, optimizer, trainer, d, (cfg.keep_last, cfg.save_every, cfg.steps),
                                   last_checkpoint)
 

@@ -356,12 +356,27 @@ def changed_settings(saved: dict, cfg: TrainConfig, processes: tuple[int, int] =
     return changed
 
 
+def elastic_run() -> str | None:
+    """The torchrun job these processes belong to (TORCHELASTIC_RUN_ID): recorded in each checkpoint, so that a
+    restart of the same job knows the checkpoints it finds for its own."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+
+
 def elastic_restart(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
     """`cfg` for a worker group that torchrun started again after a failure (--max-restarts): it runs the same
     command line, and with --overwrite deleted the checkpoints of the attempt that failed and began at step 0
-    (hours lost at each restart). Where there are checkpoints, it resumes from them instead."""
-    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if not cfg.overwrite or restarts in ("", "0") or not checkpointing.checkpoints(Path(cfg.out)):
+    (hours lost at each restart). Where the last checkpoint was written by this job (`elastic_run`), it resumes from
+    it instead; an earlier run's, kept in OUT by an attempt that failed before replacing it, is still replaced.
+    Decided by the first process for all (a process of its own view would pair its collectives wrongly)."""
+    restarts, job = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), elastic_run()
+    if not cfg.overwrite or restarts in ("", "0") or job is None:
+        return cfg
+    ours = False
+    if d.main:
+        found = checkpointing.checkpoints(Path(cfg.out))
+        with contextlib.suppress(EncdecError, OSError):  # unreadable: not known to be ours (replaced, as asked)
+            ours = bool(found) and read_state(found[-1], "trainer").get("elastic_run") == job
+    if not distributed.from_main(ours, d):
         return cfg
     if d.main:
         log.warning("restart %s of an elastic run (torchrun --max-restarts): resuming from its checkpoints in %s, "
