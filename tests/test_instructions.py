@@ -315,6 +315,7 @@ def test_a_download_a_kill_cut_off_is_removed_by_the_next(bigbench: Path, monkey
     in the cache for good; one whose process still runs is left alone."""
     import hashlib
     import subprocess
+    import time
 
     from encdec.files import HOST
 
@@ -327,10 +328,14 @@ def test_a_download_a_kill_cut_off_is_removed_by_the_next(bigbench: Path, monkey
     (killed / ni.TARBALL).write_bytes(b"half a download")
     running = directory / f".{ni.TARBALL}.tmp-{HOST}-{os.getpid()}-abcdefgh"  # this process: still running
     running.mkdir()
+    older, recent = directory / ".download-old12345", directory / ".download-new12345"  # as named before: by age
+    for folder, age in ((older, 2 * 86400), (recent, 60)):
+        folder.mkdir()
+        os.utime(folder, (time.time() - age, time.time() - age))
     monkeypatch.setattr(ni, "URL", bigbench.as_uri())
     monkeypatch.setattr(ni, "SHA256", hashlib.sha256(bigbench.read_bytes()).hexdigest())
     assert len(ni.natural_instructions()) == 6
-    assert not killed.exists() and running.exists()
+    assert not killed.exists() and running.exists() and not older.exists() and recent.exists()
 
 
 def test_the_pinned_download_is_pypis_sdist() -> None:

@@ -78,6 +78,9 @@ def bigbench_tarball() -> Path:
                  REQUIREMENT, directory)
         with written(directory):  # a download a signal or a kill cut off left its 358 MB for good
             remove_abandoned_temporaries(directory)
+            for old in directory.glob(".download-*"):  # named so before (no process to ask): a day old, gone
+                if old.is_dir() and not old.is_symlink() and time.time() - old.stat().st_mtime > 86400:
+                    shutil.rmtree(old, ignore_errors=True)
         # named as an atomic write's temporary (.NAME.tmp-HOST-PID-XXXXXXXX): removed once its process is gone
         prefix = f".{TARBALL}.tmp-{HOST}-{os.getpid()}-"
         with written(directory), tempfile.TemporaryDirectory(dir=directory, prefix=prefix) as tmp:
