@@ -456,12 +456,13 @@ def check_file_place(out: Path, name: str) -> None:
     check_folder_writable(out)
 
 
-def check_folder_writable(out: Path) -> None:
-    """Fail when the folder that `out` is written into (the nearest one that exists) does not let this user write
-    there: found by the write at the end, after the work."""
+def check_folder_writable(out: Path, *, into: bool = False) -> None:
+    """Fail when the folder that `out` is written into (the one it sits in; `into`: `out` itself), or the nearest
+    one that exists, does not let this user write there: found by the write at the end, after the work."""
     with written(out):
         target = Path(out).resolve()
-        existing = next(p for p in (target.parent, *target.parent.parents) if p.exists())
+        folder = target if into else target.parent
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise EncdecError(f"cannot write {out}: {existing} is not writable")
 
@@ -490,7 +491,7 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
                           f"({os.path.realpath(out)}) to write there")
     check_writable_place(out)
     check_name_room(out, Path(out).name)
-    check_folder_writable(out / "-" if into else out)  # (an adapt of a 9B source found it after adapting it)
+    check_folder_writable(out, into=into)  # (an adapt of a 9B source found it after loading and adapting it)
     check_not_above(out)
     check_apart(out, inputs)
     if out.exists() and not overwrite:
