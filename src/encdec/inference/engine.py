@@ -206,7 +206,7 @@ class Engine:
         keys = [tuple(p.tolist()) for p in prompts]
         live = {self.prompts[slot]: slot for slot in range(len(self.rows))}
         fresh = [i for i, key in enumerate(keys) if key not in live]
-        hidden, placed = self._encode([prompts[i] for i in fresh]) if fresh else (None, [])
+        hidden, placed = self._encode([prompts[i] for i in fresh], [keys[i] for i in fresh]) if fresh else (None, [])
         placed = [(fresh[j], b, offset) for j, b, offset in placed]
         self._encoder_width(max(lengths + self.encoder_lengths[: len(self.rows)]))
         self._grow_self(min(max(len(r.decoder_prefix) + r.max_new_tokens for r in rows), PREALLOCATED_POSITIONS))
@@ -235,14 +235,15 @@ class Engine:
         self.rows.extend(rows)
         return sum({(b, offset): lengths[i] for i, b, offset in placed}.values())  # each place in the pass once
 
-    def _encode(self, prompts: list[torch.Tensor]) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    def _encode(self, prompts: list[torch.Tensor], keys: list[tuple[int, ...]] | None = None
+                ) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
         """The encoder's final states of `prompts` packed into rows (`packing_width`), and where each prompt
         sits: (prompt, packed row, offset). A prompt given several times (a request for n choices) is
         encoded once."""
         if any(len(p) == 0 for p in prompts):  # its cross-attention would read nothing (or what the slot held
             # before), its pooled state would be the mean of nothing
             raise ValueError("every prompt needs at least one token")
-        keys = [tuple(p.tolist()) for p in prompts]
+        keys = keys if keys is not None else [tuple(p.tolist()) for p in prompts]  # (join's, made already)
         unique = {key: i for i, key in reversed(list(enumerate(keys)))}  # each prompt's first index
         order = sorted(unique.values())
         lengths = [len(prompts[i]) for i in order]
