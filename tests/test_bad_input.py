@@ -1122,6 +1122,22 @@ def test_eval_data_shorter_than_a_window_is_named(capsys, tmp_path, adapted):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("eval_file", ["short.txt", "fields.jsonl"])
+def test_eval_data_is_refused_before_the_training_data_is_tokenized(capsys, tmp_path, adapted, eval_file):
+    """--eval-data that cannot make a window, or a file of it that reading would refuse, fails before the
+    training corpus (hours of tokenizing on a large one) is tokenized, not after."""
+    (tmp_path / "short.txt").write_text("w1 w2 w3\n")
+    (tmp_path / "fields.jsonl").write_text('{"body": "no text field"}\n')
+    corpus = write_corpus(tmp_path / "corpus.txt", seed=len(str(tmp_path)))  # not tokenized (cached) before
+    with corpus.open("a") as f:
+        f.write(f"\n{tmp_path.name}\n")
+    assert main(["pretrain", "--model", str(adapted), "--out", str(tmp_path / "run"), "--data", str(corpus),
+                 "--eval-data", str(tmp_path / eval_file), "--enc-len", "16", "--dec-len", "16", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--eval-data has 5 tokens" in err or "no field 'text'" in err, err
+    assert f"tokenizing {corpus}" not in err, err
+
+
 def test_a_failed_load_names_what_did_not_fit():
     """torch's first line names only the module; the line that says what did not fit is the one kept."""
     from encdec.errors import load_failure

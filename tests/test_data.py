@@ -824,3 +824,20 @@ def test_files_are_read_as_paths_whatever_their_names(sources, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path / "d")  # --data . : the files' names are their whole relative paths
     stream = tokens.token_stream(tokenizer, ["."], cache_dir=tmp_path / "cache")
     assert stream.tolist() == [2, 30, 1, 2, 29, 1]
+
+
+def test_a_hub_dataset_that_cannot_be_read_fails_before_the_files_before_it_are_read(tmp_path, monkeypatch):
+    """hf:NAME is streamed up to its first document with the files' checks, before any text is tokenized: a
+    misspelt name (here the Hub's answer to one, without the network) fails at once, not after the files given
+    before it are read whole; the same for a packaged name that does not exist."""
+    datasets = pytest.importorskip("datasets")
+
+    def missing(name, *args, **kwargs):
+        raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    (tmp_path / "a.txt").write_text("first document\n")
+    for late in ("hf:someone/misspelt", "corpus:misspelt"):
+        documents = tokens._documents([str(tmp_path / "a.txt"), late], "text")
+        with pytest.raises(EncdecError, match="hf:someone/misspelt .*doesn't exist|corpus:misspelt: unknown"):
+            next(documents)

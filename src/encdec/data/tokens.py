@@ -112,7 +112,8 @@ def _read(spec: str, text_field: str) -> list[str]:
 
 def _documents(specs: list[str], text_field: str) -> Iterator[str]:
     """The documents of every spec in turn, read as they are tokenized: a corpus's text is never held whole. Every
-    file is checked first (`check_file`), before any is read."""
+    file is checked first (`check_file`), and every Hub dataset streamed up to its first document, before any is
+    read: a misspelt name or a missing `datasets` package fails before hours of tokenizing the others."""
     seen: set[Path] = set()
     named: set[str] = set()
     sources: list[str | Path] = []  # a dataset's or packaged corpus's name, or a file
@@ -128,6 +129,14 @@ def _documents(specs: list[str], text_field: str) -> Iterator[str]:
     for source in sources:
         if isinstance(source, Path):
             check_file(source, text_field)
+        elif source.startswith("hf:"):
+            first = read_documents(source, text_field=text_field, hub_limit=1)
+            try:
+                next(first, None)
+            finally:
+                first.close()
+        else:
+            check_packaged(source)
     for source in sources:
         yield from read_file(source, text_field) if isinstance(source, Path) else _read(source, text_field)
 

@@ -115,6 +115,10 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
         check_apart_from_training(cfg.data, cfg.eval_data)
     bos = leading_bos(tokenizer)  # the window's limit counts it: said before minutes of tokenizing
     length = window_length(cfg.objective, cfg.enc_len, cfg.dec_len, bos is not None, cfg.window)
+    extra_ids = None
+    if cfg.eval_data:  # tokenized first: a file it cannot read, or too short for a window, fails before the corpus
+        extra_ids = token_stream(tokenizer, cfg.eval_data, text_field=cfg.text_field)
+        windows(extra_ids, length, "--eval-data")
     stream_ids = token_stream(tokenizer, cfg.data, text_field=cfg.text_field)
     vocab, trimmed, vocab_size = tokenizer.get_vocab(), None, model.embed.num_embeddings
     eos = tokenizer.eos_token_id if source is not None else model.config.eos_token_ids[0]
@@ -140,8 +144,7 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
     eval_rng = np.random.default_rng([cfg.seed, 2])
     held_out = [make(w.tolist(), eval_rng) for w in data[-cfg.eval_windows :]]
     extra = []
-    if cfg.eval_data:  # another held-out set (e.g. another domain): its first windows
-        extra_ids = token_stream(tokenizer, cfg.eval_data, text_field=cfg.text_field)
+    if extra_ids is not None:  # another held-out set (e.g. another domain): its first windows
         extra_ids = extra_ids if trimmed is None else trimmed.table[extra_ids]
         extra = [make(w.tolist(), eval_rng) for w in windows(extra_ids, length, "--eval-data")[: cfg.eval_windows]]
     return Plan(model, stream, held_out, vocab_size, eos, trimmed, source, extra, tokenizer)
