@@ -841,3 +841,23 @@ def test_a_hub_dataset_that_cannot_be_read_fails_before_the_files_before_it_are_
         documents = tokens._documents([str(tmp_path / "a.txt"), late], "text")
         with pytest.raises(EncdecError, match="hf:someone/misspelt .*doesn't exist|corpus:misspelt: unknown"):
             next(documents)
+
+
+def test_a_parquet_shard_of_long_documents_is_read_a_few_at_a_time(tmp_path):
+    """Batches of about 4 MB of text, not pyarrow's 65,536 rows (a shard of books was decoded whole, then copied
+    into Python strings): the Python text alive at once stays near one batch's, here under 12 of the shard's 24 MB."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"{i} " + "long document " * 7_000 for i in range(240)]  # 98 kB each
+    pq.write_table(pa.table({"text": texts}), tmp_path / "books.parquet", row_group_size=240)
+    tracemalloc.start()
+    try:
+        read = [len(text) for text in read_documents(str(tmp_path / "books.parquet"))]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read == [len(text) for text in texts]
+    assert peak < 12e6, f"{peak / 1e6:.1f} MB of Python objects at once reading 24 MB of text"

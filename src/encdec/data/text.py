@@ -269,7 +269,8 @@ def check_file(path: Path, text_field: str = "text") -> None:
 def _parquet(path: Path, field: str) -> Iterator[str]:
     import pyarrow as pa
 
-    batches = _parquet_file(path, field).iter_batches(columns=[field])
+    file = _parquet_file(path, field)
+    batches = file.iter_batches(columns=[field], batch_size=_parquet_batch_rows(file, field))
     while True:
         try:
             batch = next(batches, None)
@@ -292,6 +293,19 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
         for value in values:
             if isinstance(value, str) and value.strip():  # nulls and blank texts, as blank lines of .jsonl files
                 yield value
+
+
+PARQUET_BATCH_BYTES = 1 << 22  # about the text a parquet batch decodes at once (a tokenizer batch's, BATCH_CHARS)
+
+
+def _parquet_batch_rows(file, field: str) -> int:
+    """Rows per batch read so that one holds about PARQUET_BATCH_BYTES of the column's text: pyarrow's default of
+    65,536 rows decoded a shard of long documents (books) whole, then copied it into Python strings."""
+    meta = file.metadata
+    column = file.schema_arrow.get_field_index(field)
+    text_bytes = sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
+    per_row = max(text_bytes / max(meta.num_rows, 1), 1.0)
+    return int(min(max(PARQUET_BATCH_BYTES // per_row, 1), 65_536))
 
 
 def _hub(name: str, field: str, limit: int | None) -> Iterator[str]:
