@@ -27,7 +27,9 @@ QUICKSTART_RECIPE = {"distill": True, "enc_len": 64, "dec_len": 64, "batch_size"
 
 
 RESERVED = ("source", "adapted", "study")  # the names of a study's own rows in its results file
-STUDY_OWNED = ("model", "out", "steps", "seed")  # the study's options (--model, --steps...), not a recipe's
+# the study's options, not a recipe's, and what sets them: a recipe's value was replaced without a word
+STUDY_OWNED = {"model": "--model", "out": "--out", "steps": "--steps", "seed": "--seed",
+               "save_every": "its checkpoints: --eval-every, --save-every", "keep_last": "its checkpoints"}
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
@@ -69,7 +71,8 @@ def check_recipe(options: dict) -> None:
                           "pretrain --help` (with _ for -), such as lr, objective, trim_vocab")
     owned = sorted(set(options) & set(STUDY_OWNED))
     if owned:  # replaced by the study's own without a word
-        raise EncdecError(f"recipe option {owned[0]!r} is the study's (--{owned[0]}), the same for every recipe")
+        raise EncdecError(f"recipe option {owned[0]!r} is the study's ({STUDY_OWNED[owned[0]]}), the same for every "
+                          "recipe")
     TrainConfig(**{**QUICKSTART_RECIPE, **options, "model": "m"})
 
 

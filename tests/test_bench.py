@@ -164,6 +164,7 @@ def test_recovery_study_refuses_other_settings_and_failed_training_and_survives_
     for bad, said in ((["--seed", "-1"], "--seed must be at least 0"),
                       (["--recipe", "x:nonexistent=1"], "recipe option 'nonexistent' is not an option of a run"),
                       (["--recipe", "x:steps=5"], "recipe option 'steps' is the study's (--steps)"),
+                      (["--recipe", "x:keep_last=1"], "recipe option 'keep_last' is the study's (its checkpoints)"),
                       (["--recipe", ":lr=1e-4"], "recipe ':lr=1e-4': its NAME names its folder"),
                       (["--recipe", "adapted"], "is none of source, adapted, study")):
         monkeypatch.setattr(sys, "argv", [*argv[:4], str(tmp_path / "fresh"), *argv[5:], *bad])

@@ -101,3 +101,16 @@ def test_perplexity_scores_every_token_of_a_text_longer_than_max_len_once(source
     assert windowed == pytest.approx(math.exp(nll / (n - 1)), rel=1e-4)
     with pytest.raises(EncdecError, match="no text has the 2 tokens perplexity needs"):  # a ZeroDivisionError
         windows_of(source, tokenizer, [""])  # its BOS alone
+
+
+def test_the_perplexity_of_a_diverged_model_is_infinite_not_an_overflow(sources):
+    """A mean NLL above about 710 nats (a checkpoint that diverged) overflowed `math.exp` into a traceback that lost
+    the model's other scored tasks; it reads as infinite, which the results file and table write."""
+    from encdec.evaluation.nll import decoder_only_perplexity
+    from encdec.sources import load_tokenizer
+
+    source = tf.AutoModelForCausalLM.from_pretrained(str(sources["llama"])).eval()
+    with torch.no_grad():
+        source.lm_head.weight.mul_(20_000)
+    text = " ".join(f"w{i % 40}" for i in range(30))
+    assert decoder_only_perplexity(source, load_tokenizer(sources["llama"]), [text]) == float("inf")

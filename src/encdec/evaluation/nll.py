@@ -8,6 +8,7 @@ on exactly the same suffix tokens, in nats per token.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -121,4 +122,6 @@ def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2
                 done = end
     if not count:
         raise EncdecError("no text has the 2 tokens perplexity needs (a first token, and one to predict after it)")
-    return math.exp(total / count)
+    mean = total / count
+    # a diverged model's mean NLL past ~710 nats overflowed math.exp, and the model's scored tasks were lost with it
+    return math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf
