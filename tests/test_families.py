@@ -86,6 +86,27 @@ def test_a_gemma_with_an_lm_head_of_its_own_is_refused(tmp_path, family):
         encdec.load_source(str(source))
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_tied_head_stored_with_values_of_its_own_is_refused(tmp_path, family):
+    """config.json ties the head to the embeddings, the checkpoint stores another: transformers computes with the
+    stored head, and reading the tie built a model whose logits were 1 to 4 apart from it, unsaid. A stored head
+    that is the embeddings' copy loads as before."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    source = make_source(tmp_path / family, family, tie_word_embeddings=family != "llama")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    weights = load_file(source / "model.safetensors")
+    embed = weights["model.embed_tokens.weight"]
+    save_file({**weights, "lm_head.weight": embed + 0.05}, source / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(EncdecError, match=f"{source}: its lm_head.weight differs from its embeddings"):
+        encdec.load_source(str(source))
+    save_file({**weights, "lm_head.weight": embed.clone()}, source / "model.safetensors", metadata={"format": "pt"})
+    assert encdec.load_source(str(source)).tied_head
+
+
 @pytest.mark.parametrize(("family", "key"), [("llama", "tie_word_embeddings"), ("gemma3", "tie_word_embeddings"),
                                             ("qwen2", "use_sliding_window")])
 def test_a_hand_edited_true_or_false_that_is_text_is_refused(tmp_path, family, key):

@@ -107,3 +107,20 @@ def test_released_t5gemma_layout(tmp_path, batch):
     mask = batch["decoder_attention_mask"]
     assert valid(ref, mask).abs().max().item() > 2  # large enough for the caps to act (the final one is at 30)
     assert (valid(ours, mask) - valid(ref, mask)).abs().max().item() <= TOL
+
+    # a tied copy stored with values of its own: transformers computes with it (it does not tie them), so reading
+    # the tie built a model 20 apart from it, unsaid; refused, and a stored copy that is one still loads
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "released" / "model.safetensors")
+    embed = weights["model.decoder.embed_tokens.weight"]
+    for stored, fine in ((embed.clone(), True), (embed + 0.05 * torch.randn_like(embed), False)):
+        save_file({**weights, "lm_head.out_proj.weight": stored}, tmp_path / "released" / "model.safetensors",
+                  metadata={"format": "pt"})
+        if fine:
+            assert (valid(encdec.load(tmp_path / "released")(**batch).logits, mask) - valid(ref, mask)).abs().max() <= TOL
+            continue
+        with pytest.raises(encdec.EncdecError, match="the checkpoint's lm_head.out_proj.weight differs from model.decoder"
+                           r".embed_tokens.weight, which config.json ties it to \(tie_word_embeddings\)"):
+            encdec.load(tmp_path / "released")
+

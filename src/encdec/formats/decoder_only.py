@@ -83,16 +83,29 @@ def generation_eos(directory: Path) -> list[int]:
 
 
 def text_weights(weights: dict[str, torch.Tensor], tied_head: bool, prefixes: tuple[str, ...],
-                 not_text: tuple[str, ...]) -> dict[str, torch.Tensor]:
+                 not_text: tuple[str, ...], where: object = "the checkpoint") -> dict[str, torch.Tensor]:
     """The text decoder's tensors (names under `prefixes`, none under `not_text`) renamed to `model.*`, and an
     untied LM head; anything else (a vision tower, the RoPE frequencies older Llama checkpoints saved, which the
-    configuration gives) is dropped."""
+    configuration gives) is dropped. A tied head stored apart must be the embeddings' copy (`check_tied_copy`)."""
     out = {} if tied_head or HEAD not in weights else {HEAD: weights[HEAD]}
     for name, t in weights.items():
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is not None and not name.startswith(not_text) and not name.endswith(ROPE_BUFFER):
             out["model." + name[len(prefix):]] = t
+    if tied_head and HEAD in weights and EMBED in out:
+        check_tied_copy(weights[HEAD], out[EMBED], f"{where}: its {HEAD}", f"its embeddings ({EMBED})")
     return out
+
+
+def check_tied_copy(copy: torch.Tensor, source: torch.Tensor, copy_name: str, source_name: str) -> None:
+    """Refuse a tensor that config.json ties to another (tie_word_embeddings) but that the checkpoint stores with
+    other values: transformers then computes with the stored one (it does not tie them), and reading it as the
+    tie says built a model that computed otherwise, unsaid (logits apart by 1 and more)."""
+    if copy.shape != source.shape or not torch.equal(copy, source):
+        raise EncdecError(f"{copy_name} differs from {source_name}, which config.json ties it to "
+                          "(tie_word_embeddings): transformers would compute with the stored one; keep one of them "
+                          "(remove the stored copy, or, where the family has heads of their own, set "
+                          "tie_word_embeddings to false)")
 
 
 def to_stack(

@@ -17,7 +17,7 @@ import torch
 
 from encdec.config import EncDecConfig, StackConfig, flag
 from encdec.errors import EncdecError
-from encdec.formats.decoder_only import rename
+from encdec.formats.decoder_only import check_tied_copy, rename
 from encdec.formats.gemma import stack_from_hf, stack_to_hf, with_defaults
 
 # our block sub-module -> T5Gemma / T5Gemma 2 block sub-module
@@ -50,20 +50,21 @@ class Layout:
     architecture: str
     stacks: dict[str, str]  # our stack -> its prefix there
     embeddings: dict[str, str]  # our embedding parameter -> its name there
-    implied: tuple[str, ...]  # names there that ties make copies of ours (skipped on import)
+    implied: dict[str, str]  # names there that ties make copies of another there -> that one (checked on import)
 
 
 T5GEMMA = Layout(
     "t5gemma", "T5GemmaForConditionalGeneration",
     {"encoder": "model.encoder", "decoder": "model.decoder"},
     {"embed.weight": "model.decoder.embed_tokens.weight", "encoder_embed.weight": "model.encoder.embed_tokens.weight"},
-    ("lm_head.out_proj.weight",),
+    {"lm_head.out_proj.weight": "model.decoder.embed_tokens.weight"},
 )
 T5GEMMA2 = Layout(
     "t5gemma2", "T5Gemma2ForConditionalGeneration",
     {"encoder": "model.encoder", "decoder": "model.decoder"},
     {"embed.weight": "model.encoder.embed_tokens.weight"},
-    ("lm_head.out_proj.weight", "model.decoder.embed_tokens.weight"),
+    {"lm_head.out_proj.weight": "model.encoder.embed_tokens.weight",
+     "model.decoder.embed_tokens.weight": "model.encoder.embed_tokens.weight"},
 )
 LAYOUTS = {layout.model_type: layout for layout in (T5GEMMA, T5GEMMA2)}
 
@@ -228,6 +229,9 @@ def from_hf_weights(
         raise EncdecError(f"the checkpoint lacks {len(missing)} weight(s) such as {missing[0]}; truncated?")
     used = {external_name(n, layout) for n in names}
     rest = [n for n in hf if n not in used and n not in layout.implied]
+    for copy, source in layout.implied.items():  # stored, a tie's copy must be one: transformers computes with it
+        if copy in hf and source in hf:
+            check_tied_copy(hf[copy], hf[source], f"the checkpoint's {copy}", source)
     notes = []
     vision = [n for n in rest if n.startswith(VISION_PREFIXES)]
     if any(hf[n].any() for n in vision):  # an all-zero tower is this project's text-only placeholder
