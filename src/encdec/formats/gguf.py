@@ -10,7 +10,9 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,38 +29,11 @@ def architecture(path: Path) -> tuple[str, int]:
     """The `general.architecture` of a GGUF file and its parameter count, after checking that the file is
     complete and supported."""
     from gguf.constants import GGUFValueType
-    from gguf.gguf_reader import GGUFReader  # the class (`_parsed_once` puts a function in gguf.GGUFReader)
 
     if file_start(path, 4) != b"GGUF":
         raise EncdecError(f"{path} is not a GGUF file (bad magic number)")
-
-    class Bounded(GGUFReader):
-        """gguf's reader, whose reads past the end of the file raise: gguf's return empty arrays, so an array field
-        claiming 2**62 items (an 84-byte file) was read for ever, holding ever more memory."""
-
-        values = 0  # numpy views made: each field, array item and string is one or two, a few hundred bytes each
-
-        def _get(self, offset, dtype, count=1, override_order=None):
-            count = int(count)
-            if count < 0 or offset + np.dtype(dtype).itemsize * count > len(self.data):
-                raise ValueError(f"a field of {count} items at byte {offset} runs past the end of the file")
-            self.values += 1  # many arrays each under MAX_ARRAY_ITEMS held as much memory as one above it
-            if self.values > MAX_VALUES:
-                raise ValueError(f"its metadata holds more than {MAX_VALUES:,} values, more than any model's")
-            return super()._get(offset, dtype, count, override_order)
-
-        def _get_field_parts(self, orig_offs, raw_type):
-            """gguf reads an array item by item, a few Python objects each: 1 million empty strings (an 8 MB file)
-            took 1.6 GB. No model's vocabulary or merges come near MAX_ARRAY_ITEMS."""
-            if raw_type == GGUFValueType.ARRAY:
-                items = int(self._get(orig_offs + 4, np.uint64)[0])
-                if items > MAX_ARRAY_ITEMS:
-                    raise ValueError(f"a metadata array claims {items:,} items, more than any model's "
-                                     f"{MAX_ARRAY_ITEMS:,}")
-            return super()._get_field_parts(orig_offs, raw_type)
-
     try:
-        reader = Bounded(str(path))
+        reader = _reader(path)
         _refuse_split(reader, path)
         field = reader.fields["general.architecture"]
         if field.types != [GGUFValueType.STRING]:  # a number's bytes were printed as the architecture's name
@@ -104,26 +79,67 @@ def _check_blocks(reader, arch: str, path: Path) -> None:
                           f"(at most {MAX_LAYERS}), its tensors hold {len(present)} blocks; expected the two to agree")
 
 
+@cache
+def _bounded_reader() -> type:
+    """gguf's reader class, bounded: its reads past the end of the file raise (gguf's return empty arrays, so an
+    array field claiming 2**62 items, in an 84-byte file, was read for ever, holding ever more memory), and a file
+    whose metadata holds more items or values than any model's is refused as it is parsed."""
+    from gguf.constants import GGUFValueType
+    from gguf.gguf_reader import GGUFReader  # the class (`_parsed_once` puts a function in gguf.GGUFReader)
+
+    class Bounded(GGUFReader):
+        values = 0  # numpy views made: each field, array item and string is one or two, a few hundred bytes each
+
+        def _get(self, offset, dtype, count=1, override_order=None):
+            count = int(count)
+            if count < 0 or offset + np.dtype(dtype).itemsize * count > len(self.data):
+                raise ValueError(f"a field of {count} items at byte {offset} runs past the end of the file")
+            self.values += 1  # many arrays each under MAX_ARRAY_ITEMS held as much memory as one above it
+            if self.values > MAX_VALUES:
+                raise ValueError(f"its metadata holds more than {MAX_VALUES:,} values, more than any model's")
+            return super()._get(offset, dtype, count, override_order)
+
+        def _get_field_parts(self, orig_offs, raw_type):
+            """gguf reads an array item by item, a few Python objects each: 1 million empty strings (an 8 MB file)
+            took 1.6 GB. No model's vocabulary or merges come near MAX_ARRAY_ITEMS."""
+            if raw_type == GGUFValueType.ARRAY:
+                items = int(self._get(orig_offs + 4, np.uint64)[0])
+                if items > MAX_ARRAY_ITEMS:
+                    raise ValueError(f"a metadata array claims {items:,} items, more than any model's "
+                                     f"{MAX_ARRAY_ITEMS:,}")
+            return super()._get_field_parts(orig_offs, raw_type)
+
+    return Bounded
+
+
+_parsed: dict[tuple[str, str], Any] | None = None  # within `_parsed_once`: each file's reader
+
+
+def _reader(path: str | Path, mode: str = "r") -> Any:
+    """The GGUF file `path` parsed by the bounded reader (`_bounded_reader`); within `_parsed_once`, once a file."""
+    key = (str(Path(path).resolve()), mode)
+    if _parsed is not None and key in _parsed:
+        return _parsed[key]
+    reader = _bounded_reader()(str(path), mode)
+    if _parsed is not None:
+        _parsed[key] = reader
+    return reader
+
+
 @contextmanager
 def _parsed_once() -> Iterator[None]:
-    """Within this block every `gguf.GGUFReader(path)` of the same file is one parse. transformers parses a
-    GGUF three times (config, tokenizer, weights) and a parse walks every vocabulary string and merge in
-    Python: about 30 s each for Qwen2.5's 151k tokens."""
+    """Within this block every parse of a GGUF file, encdec's checks' and each `gguf.GGUFReader(path)` of
+    transformers', is one (bounded) parse. transformers parses a GGUF three times (config, tokenizer, weights)
+    and a parse walks every vocabulary string and merge in Python: about 30 s each for Qwen2.5's 151k tokens."""
+    global _parsed
     import gguf
 
-    original, readers = gguf.GGUFReader, {}
-
-    def reader(path, mode="r"):
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader = reader
+    original, outer = gguf.GGUFReader, _parsed
+    gguf.GGUFReader, _parsed = _reader, {} if outer is None else outer
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader, _parsed = original, outer
 
 
 RECORD = "gguf-source.json"  # in a converted directory: the resolved path of the file it was made from
@@ -141,10 +157,11 @@ GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # how llama.cpp tells the 27B m
 
 
 SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")
-MAX_ARRAY_ITEMS = 1 << 21  # items of a metadata array (vocabularies and merges: hundreds of thousands)
+MAX_ARRAY_ITEMS = 1 << 20  # items of a metadata array (vocabularies and merges: 262k at most, Gemma's tokens)
 # values of a whole file's metadata and tensor list, as gguf reads them (one or two numpy views each): the 270M's
-# 1.05 million took 0.68 GB; Llama 3's 128k tokens and 280k merges are about as many
-MAX_VALUES = 1 << 22
+# 1.05 million took 0.68 GB; Llama 3's 128k tokens and 280k merges are about as many. At 4 M a file of a few MB
+# of empty strings took 3.4 GB and 52 s to be refused
+MAX_VALUES = 1 << 21
 
 
 def _dropped_fields(path: Path, arch: str) -> dict[str, float]:
@@ -152,9 +169,7 @@ def _dropped_fields(path: Path, arch: str) -> dict[str, float]:
     before the minutes (and, for 8B, the 32 GB) of dequantizing: Gemma 2's soft-caps (its defaults are the
     released models'), the linear RoPE factor of Gemma 3's global layers (4B-27B). Other RoPE scaling is
     refused here rather than dropped."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+    reader = _reader(path)
     fields = reader.fields
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):  # llama.cpp's form of Llama 3's RoPE scaling
         raise EncdecError(f"{path}: its RoPE scaling (Llama 3's, as llama.cpp's rope_freqs tensor) is not carried over "
