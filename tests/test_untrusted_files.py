@@ -538,6 +538,25 @@ def test_a_tokenizer_config_naming_a_tokenizer_outside_its_directory_is_refused(
     assert encdec.load_tokenizer(model) is not None
 
 
+def test_a_chat_template_named_as_a_path_is_refused_when_read_not_at_the_save(capsys, tmp_path, sources):
+    """A named chat template is saved as additional_chat_templates/NAME.jinja: '../../escape' loaded, and the
+    save at the end of the adaptation (its weights read, its work done) failed with transformers' traceback.
+    A plain name still adapts, its template carried over."""
+    source = shutil.copytree(sources["gemma3"], tmp_path / "source")
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    for name, fine in (("../../escape", False), ("tool_use", True)):
+        templates = [{"name": "default", "template": "{{ messages }}"}, {"name": name, "template": "x"}]
+        (source / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": templates}))
+        out = tmp_path / f"out-{fine}"
+        code = main(["adapt", "--encoder", str(source), "--out", str(out)])
+        if fine:
+            assert code == 0 and (out / "additional_chat_templates" / "tool_use.jinja").read_text() == "x"
+            continue
+        (line,) = _error_lines(capsys)
+        assert code == 2 and "names a chat template '../../escape'; a template's name is a plain file name" in line
+        assert not out.exists()
+
+
 @pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
 def test_a_config_that_is_a_device_or_a_pipe_is_one_line(adapted, tmp_path, capsys, target):
     """A config.json linked to /dev/zero (an archive can carry the link) was read until memory ran out; to a

@@ -127,6 +127,20 @@ def refuse_custom_code(directory: Path) -> None:
         named = data.get("fast_tokenizer_files") if name == "tokenizer_config.json" else None
         for entry in named if isinstance(named, list) else [] if named is None else [named]:
             inside(directory, entry, file)
+        if name == "tokenizer_config.json":
+            _check_template_names(data.get("chat_template"), file)
+
+
+def _check_template_names(templates: object, file: Path) -> None:
+    """Named chat templates are saved as files named after them (additional_chat_templates/NAME.jinja): a name
+    that is no plain file name ("../x") made every save of the tokenizer, the end of an adaptation, fail with a
+    traceback. Refused when the tokenizer is read, in one line."""
+    entries = templates if isinstance(templates, list) else [templates] if isinstance(templates, dict) else []
+    names = [n for e in entries if isinstance(e, dict) for n in ([e.get("name")] if "template" in e else e)]
+    for n in names:
+        if not isinstance(n, str) or Path(n).name != n or n in ("", ".", ".."):
+            raise EncdecError(f"{file} names a chat template {n!r}; a template's name is a plain file name (it is "
+                              "saved as NAME.jinja), such as default or tool_use")
 
 
 def load_tokenizer(directory: Path | str):
