@@ -912,6 +912,22 @@ def test_characters_spelled_by_byte_tokens_stream_whole_and_log_probabilities_jo
     assert offsets == sorted(offsets) and all(final[o:].startswith(t) for o, t in zip(offsets, rendered["tokens"]))
 
 
+def test_a_stop_string_that_the_answers_end_completes_cuts_its_log_probabilities_too():
+    """The answer ends inside a character ("A" and the first of its 3 bytes): its end is written as U+FFFD, which
+    completes the stop string "\ufffd"; the text was cut there but its log-probabilities still listed the byte."""
+    from encdec.inference.engine import Emitted
+    from encdec.serve.app import Answer
+    from encdec.serve.logprobs import TokenLogprobs
+    from encdec.serve.text import TextStream
+
+    tokenizer, spelled = byte_fallback_tokenizer()
+    answer = Answer(TextStream(tokenizer, ["\ufffd"]), TokenLogprobs(tokenizer, "completions", frozenset({1})))
+    for token in spelled[:2]:
+        assert not answer.add(Emitted(None, token, -1.0, ((token, -1.0),)))
+    assert answer.settle() == "" and answer.text.stopped and answer.text.text == "A"
+    assert answer.logprobs.render()["tokens"] == ["A"]
+
+
 def test_a_token_of_no_text_at_a_stop_strings_cut_is_listed_streamed_or_not_alike():
     """Answer "xa", a special token (no text), "a", "Z" with the stop string "aZ": the streamed text reached the
     special token's place (2) before the stop cut the answer there, and it was listed streamed, not otherwise."""
@@ -1445,6 +1461,9 @@ def test_a_failed_encoder_pass_fails_its_arrivals_and_not_the_running_requests(l
             await asyncio.sleep(0.005)
         failed = await client.post("/v1/completions", json={"prompt": "w9", "max_tokens": 2})
         assert scheduler.running  # it arrived while the first one was decoding
+        # and holds no slot from then on (it was counted as admitting through the next step: requests for the
+        # slots still free were refused 429)
+        assert scheduler.admitting == []
         return await running, failed
 
     running, failed = _asked(app, ask)
@@ -1518,6 +1537,38 @@ def test_a_request_whose_scores_overflow_fails_alone(local, monkeypatch):
     answer = _asked(app, vectors)
     assert answer.status_code == 500 and "JSON" in answer.json()["error"]["message"]
     assert app.state.service.metrics.requests.labels("/v1/embeddings", "500")._value.get() == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_other_choices_of_a_failed_request_are_counted_as_failed_not_as_cancelled(local, monkeypatch, stream):
+    """One of n=2 choices fails (scores not finite): the other ended with the request, and was counted under
+    "cancelled", whose help says the client went away, though the client was there for the error."""
+    import asyncio
+
+    from encdec.inference.engine import Engine
+
+    hidden = Engine.hidden
+
+    def poisoned(engine, n, seen):  # the first slot's row, from its third token
+        out = hidden(engine, n, seen)
+        if n == 2 and len(engine.rows[0].tokens) >= 2:
+            out[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(Engine, "hidden", poisoned)
+    app = _app(local)
+
+    async def ask(client) -> httpx.Response:
+        return await client.post("/v1/completions", json={"prompt": "w1 w2", "max_tokens": 8, "n": 2, "seed": 3,
+                                                          "temperature": 0.7, "ignore_eos": True, "stream": stream})
+
+    answer = _asked(app, ask)
+    assert ("not finite" in answer.text) and (answer.status_code == (200 if stream else 500)), answer.text
+    finished = app.state.service.metrics.finished
+    deadline = time.monotonic() + 5  # (the other choice leaves the batch at the scheduler's next cycle)
+    while finished.labels("error")._value.get() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (finished.labels("error")._value.get(), finished.labels("cancelled")._value.get()) == (2, 0)
 
 
 def test_time_to_first_token_counts_from_the_request_not_from_its_queue_entry(local, monkeypatch):

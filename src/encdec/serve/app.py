@@ -260,6 +260,14 @@ class Answer:
             self.logprobs.stop_at(len(self.text.text))
         return self.text.stopped
 
+    def settle(self) -> str:
+        """The text left once generation ended (`TextStream.finish`: the end of an unfinished character, written as
+        U+FFFD); a stop string that this completes cuts the log-probabilities too, as `add` does."""
+        rest = self.text.finish()
+        if self.text.stopped and self.logprobs is not None:
+            self.logprobs.stop_at(len(self.text.text))
+        return rest
+
     def pending(self, ended: bool = False) -> dict[str, Any] | None:
         """The log-probabilities of the tokens since the last call whose text was sent (streaming); all that are
         left once the choice `ended`."""
@@ -516,9 +524,11 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
             return answer(endpoint, EventStream(_stream(jobs, parsed, meta), lambda: release(jobs)))
         return answer(endpoint, await _complete(request, jobs, parsed, meta))
 
-    def release(jobs: list[Job]) -> None:
-        for job in jobs:  # a job already ended is left alone
-            service.scheduler.cancel(job)
+    def release(jobs: list[Job], failed: bool = False) -> None:
+        """End a request's choices still generating (a job already ended is left alone): "cancelled" when its client
+        went away, "error" when another of its choices failed the request (it was counted as the client's leaving)."""
+        for job in jobs:
+            service.scheduler.cancel(job, "error" if failed else "cancelled")
 
     async def _collect(request: Request, job: Job, parsed: Parsed) -> Answer | None:
         """One choice's tokens until it ends; None when the client went away (asked every DISCONNECT_POLL_S,
@@ -542,22 +552,24 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 service.scheduler.cancel(job, "stop")
                 break
         if not out.text.stopped:
-            out.text.finish()  # the end of an unfinished character
+            out.settle()  # the end of an unfinished character
         out.finish = "stop" if out.text.stopped else job.row.finish_reason
         service.scheduler.count(job, out.finish)
         return out
 
     async def _complete(request: Request, jobs: list[Job], parsed: Parsed, meta: dict) -> Response:
         tasks = [asyncio.ensure_future(_collect(request, job, parsed)) for job in jobs]
+        failed = True
         try:
             answers = await asyncio.gather(*tasks)
+            failed = False
         except APIError as e:
             return _error(e)
         except Exception as e:  # a bug while reading the answers: in the API's shape, not a bare 500
             log.exception("request failed")
             return _error(_server_failed(e))
         finally:
-            release(jobs)
+            release(jobs, failed)
             for task in tasks:  # the other choices of a request that failed: not left running, their errors read
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -602,6 +614,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
         pumps = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
         answers = [Answer(TextStream(tokenizer, parsed.stop), service.logprobs(parsed)) for _ in jobs]
+        failed = False
         try:
             if parsed.kind == "chat":
                 yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -620,7 +633,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                     yield event([_choice(parsed.kind, index, piece, None, True, out.pending(ended=stopped))])
                 if item is not None and not stopped:
                     continue
-                rest = "" if stopped else out.text.finish()
+                rest = "" if stopped else out.settle()
                 if rest:
                     yield event([_choice(parsed.kind, index, rest, None, True, out.pending(ended=True))])
                 out.finish = "stop" if out.text.stopped else jobs[index].row.finish_reason
@@ -632,12 +645,14 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
                 yield event([], usage=usage())
             yield "data: [DONE]\n\n"
         except APIError as e:  # an error event, then [DONE] as after any stream (a reader may wait for it)
+            failed = True
             yield f"data: {json.dumps(e.body())}\n\ndata: [DONE]\n\n"
         except Exception as e:  # a bug mid-stream: an error event, as for a failed step
+            failed = True
             log.exception("request failed")
             yield f"data: {json.dumps(_server_failed(e).body())}\n\ndata: [DONE]\n\n"
         finally:  # the client went away mid-stream (the task is cancelled): free the slots at once
-            release(jobs)
+            release(jobs, failed)
             for task in pumps:
                 task.cancel()
 

@@ -169,8 +169,8 @@ class Scheduler:
             self.wake.notify()
 
     def cancel(self, job: Job, reason: str = "cancelled") -> None:
-        """The request leaves the queue or the batch before the next step: its client went away ("cancelled"), or a
-        stop string ended its text ("stop")."""
+        """The request leaves the queue or the batch before the next step: its client went away ("cancelled"), a
+        stop string ended its text ("stop"), or another choice of its request failed it ("error")."""
         with self.wake:
             if job in self.waiting:
                 self.waiting.remove(job)
@@ -179,7 +179,7 @@ class Scheduler:
             elif job.row.finish_reason is None:
                 self.cancelled.append((job, reason))
                 self.wake.notify()
-            elif reason == "cancelled":  # it had ended on its own: counted as it ended, if its answer never settled
+            elif reason != "stop":  # it had ended on its own: counted as it ended, if its answer never settled
                 self.count(job, job.row.finish_reason)
 
     def stop_accepting(self) -> None:
@@ -408,6 +408,8 @@ class Scheduler:
             except Exception as e:  # their encoder pass failed (out of memory, say): they fail, the batch decodes on
                 log.exception("encoding arriving requests failed")
                 self._failed_again(e)
+                with self.wake:  # no longer holding slots: counted through the next step, they made requests 429
+                    self.admitting = []
                 self._fail(arrivals, e)
         self.metrics.running.set(len(self.engine.rows))
         if not self.engine.rows:
