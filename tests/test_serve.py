@@ -1543,8 +1543,6 @@ def test_a_request_whose_scores_overflow_fails_alone(local, monkeypatch):
 def test_the_other_choices_of_a_failed_request_are_counted_as_failed_not_as_cancelled(local, monkeypatch, stream):
     """One of n=2 choices fails (scores not finite): the other ended with the request, and was counted under
     "cancelled", whose help says the client went away, though the client was there for the error."""
-    import asyncio
-
     from encdec.inference.engine import Engine
 
     hidden = Engine.hidden
