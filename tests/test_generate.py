@@ -165,6 +165,20 @@ def test_a_float16_screen_keeps_the_argmax_of_tiny_logits():
 
 
 @needs_onednn
+@pytest.mark.parametrize("scale", [1.0, 2.0**-60, 2.0**-70, 2.0**-100])
+def test_a_screen_keeps_the_float32_argmax_of_tiny_hidden_states(scale):
+    """The bound's norms were float32: the squares of entries under about 1e-19 are subnormal or 0 there, its
+    rounding terms vanished, and a near-tie's float32 argmax (token 0) was screened out for token 1."""
+    weight = torch.zeros(8, 64)
+    weight[0, 0] = weight[0, 1] = 1.0
+    weight[1, 1] = -(2.0**-10)
+    hidden = torch.zeros(1, 64)
+    hidden[0, 0], hidden[0, 1] = scale * (1 + 2.0**-9), -scale
+    assert (hidden @ weight.T).argmax(-1).item() == 0
+    assert onednn.ScreenedHead(weight, torch.bfloat16).greedy(hidden, None)[0].item() == 0
+
+
+@needs_onednn
 def test_a_screen_whose_logits_overflow_leaves_the_choice_to_the_float32_head():
     """float16 ends at 65504: a state that large (or logits beyond it) gives an infinite or undefined bound."""
     weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
@@ -452,6 +466,20 @@ def test_seeds_differing_above_32_bits_give_different_streams():
     assert stream(5) == torch.randint(2**31, (4,), generator=torch.Generator().manual_seed(5)).tolist()  # as before
     assert stream(5) != stream(5 + 2**32) and stream(-1) != stream(2**32 - 1) and stream(0) != stream(2**63)
     assert stream(5 + 2**32) == stream(5 + 2**32)
+
+
+@pytest.mark.parametrize("adjusting", [{}, {"repetition_penalty": 1.2}, {"logit_bias": ((2, 1.0),)}])
+def test_a_greedy_row_whose_largest_score_overflowed_fails_with_penalties_or_biases_too(adjusting):
+    """`adjust` makes an infinite logit the largest finite one (a tiny repetition penalty must not overflow): a
+    greedy row with a penalty or a bias whose model scores overflowed chose that token as if all were well, where
+    the same row without them ended "error"."""
+    from encdec.inference.sampling import NonFiniteScores
+
+    logits = torch.randn(2, 10, generator=torch.Generator().manual_seed(0))
+    logits[0, 3] = math.inf
+    with pytest.raises(NonFiniteScores) as failed:
+        pick_tokens(logits, [Sampling(**adjusting), Sampling()], [None, None], [[5], [5]])
+    assert failed.value.rows == [0]
 
 
 def test_penalties_and_biases_change_the_logits_as_documented():

@@ -166,8 +166,10 @@ class ScreenedHead(nn.Module):
         packed = dtype == torch.bfloat16 and bfloat16_products()
         self.screen = PackedLinear(low, None) if packed else partial(F.linear, weight=low)
         self.max_norm, self.max_error = 0.0, 0.0  # the largest row norm of the screen's weight, and of its rounding
-        for start in range(0, len(low), NORM_CHUNK):  # in chunks: whole-table temporaries would be 3 x its size
-            rows, exact = low[start: start + NORM_CHUNK].float(), self.weight[start: start + NORM_CHUNK]
+        # in chunks (whole-table temporaries would be 3 x its size), in float64: squares of entries under 1e-19 are
+        # subnormal or 0 in float32, and the bound lost its terms (a wrong argmax for tiny weights or hidden states)
+        for start in range(0, len(low), NORM_CHUNK):
+            rows, exact = low[start: start + NORM_CHUNK].double(), self.weight[start: start + NORM_CHUNK].double()
             self.max_norm = max(self.max_norm, float(rows.norm(dim=-1).max()))
             self.max_error = max(self.max_error, float((exact - rows).norm(dim=-1).max()))
 
@@ -191,9 +193,10 @@ class ScreenedHead(nn.Module):
         # |approx - exact| <= |h - h_low| |w_low| + |h| |w - w_low| + the product's own rounding (an overflow makes
         # the bound infinite or NaN: then every token, or none, is a candidate, and the full head decides); results
         # below the dtype's smallest normal number are rounded by a fixed step, not a relative one
-        bound = ((hidden - low.float()).norm(dim=-1) * self.max_norm + hidden.norm(dim=-1) * self.max_error
-                 + largest.clamp_min(self.smallest_normal) * self.rounding
-                 + hidden.shape[-1] * FP32_ROUNDING * low.float().norm(dim=-1) * self.max_norm)
+        exact, rounded = hidden.double(), low.double()  # (norms in float64, as the table's above)
+        bound = ((exact - rounded).norm(dim=-1) * self.max_norm + exact.norm(dim=-1) * self.max_error
+                 + largest.double().clamp_min(self.smallest_normal) * self.rounding
+                 + hidden.shape[-1] * FP32_ROUNDING * rounded.norm(dim=-1) * self.max_norm).float()
         if softcap is not None:  # the cap moves no two logits further apart, so the bound holds after it
             approx = soft_cap(approx.float(), softcap)
             top = approx.amax(-1)

@@ -214,14 +214,19 @@ def pick_tokens(
     if drawing:
         finite = torch.isfinite(logits[drawing]).all(-1).tolist()
         broken = [row for row, ok in zip(drawing, finite) if not ok]
-    if any(s.adjusts for s in settings):
+    def unchosen(scores: torch.Tensor, chosen: torch.Tensor) -> list[int]:
+        """The greedy rows whose chosen score is not finite (a NaN counts as the largest: a row holding one chose it,
+        and emitted a token as if all were well)."""
+        top = torch.isfinite(scores.gather(1, chosen[:, None])[:, 0]).tolist()
+        return [row for row, (s, ok) in enumerate(zip(settings, top)) if not (ok or s.do_sample or row in forced)]
+
+    if any(s.adjusts for s in settings):  # the model's own scores checked: `adjust` made an overflow's inf finite
+        broken += unchosen(logits, row_argmax(logits))
         logits = torch.stack([s.adjust(row, done) for row, s, done in zip(logits, settings, generated)])
     chosen = row_argmax(logits)
-    # a NaN counts as the largest logit: a greedy row holding one chose it, and emitted a token as if all were well
-    top = torch.isfinite(logits.gather(1, chosen[:, None])[:, 0]).tolist()
-    broken += [row for row, (s, ok) in enumerate(zip(settings, top)) if not (ok or s.do_sample or row in forced)]
+    broken += unchosen(logits, chosen)
     if broken:
-        raise NonFiniteScores(sorted(broken))
+        raise NonFiniteScores(sorted(set(broken)))
     for row, (s, gen) in enumerate(zip(settings, generators)):
         if s.do_sample and row not in forced:
             probs = torch.softmax(filtered_logits(logits[row], s.temperature, s.top_k, s.top_p), dim=-1)
