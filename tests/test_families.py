@@ -323,11 +323,37 @@ def test_the_transformers_wrapper_trains_from_labels_alone_and_saves_what_encdec
     assert torch.isfinite(alone) and torch.allclose(alone, ours, atol=1e-6)
     assert torch.equal(hf.prepare_decoder_input_ids_from_labels(labels)[:, 1:][labels[:, :-1] != -100],
                        labels[:, :-1][labels[:, :-1] != -100])
+    assert hf.get_input_embeddings() is hf.inner.embed
+    with pytest.raises(NotImplementedError, match="vocabulary is not resized in transformers"):
+        hf.resize_token_embeddings(200)
     hf.save_pretrained(str(tmp_path / "again"))
     again = encdec.load(tmp_path / "again")
     with torch.no_grad():
         mask = batch["decoder_attention_mask"]
         assert torch.equal(valid(again(**batch).logits, mask), valid(model(**batch).logits, mask))
+
+
+def test_the_transformers_wrapper_under_seq2seqtrainer_with_gradient_accumulation(sources, tmp_path):
+    """Its forward takes **kwargs, so Trainer hands it num_items_in_batch and divides by nothing itself: the loss
+    (and every gradient) of 2 accumulated micro-batches of 2 was twice that of one batch of 4. The same step,
+    either way, now."""
+    model = encdec.adapt(encdec.load_source(str(sources["llama"])))
+    encdec.save(model, tmp_path / "out", tokenizer_dir=sources["llama"])
+    tokenizer = tf.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    examples = [{"input_ids": tokenizer(f"w{i} w{i + 1} w{i + 2}").input_ids,
+                 "labels": tokenizer(" ".join(f"w{j}" for j in range(i, 2 * i + 3))).input_ids} for i in range(4)]
+    logged = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        hf = tf.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "out"), trust_remote_code=True)
+        args = tf.Seq2SeqTrainingArguments(str(tmp_path / f"trainer-{batch}"), per_device_train_batch_size=batch,
+                                           gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.0,
+                                           logging_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+        trainer = tf.Seq2SeqTrainer(model=hf, args=args, train_dataset=examples,
+                                    data_collator=tf.DataCollatorForSeq2Seq(tokenizer, model=hf))
+        trainer.train()
+        logged.append(next(entry for entry in trainer.state.log_history if "grad_norm" in entry))
+    assert logged[0]["loss"] == pytest.approx(logged[1]["loss"], rel=1e-4)
+    assert logged[0]["grad_norm"] == pytest.approx(logged[1]["grad_norm"], rel=1e-4)
 
 
 def _multimodal_gemma3(directory):

@@ -93,6 +93,14 @@ class EncdecForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def get_encoder(self):
         return _Encoder(self.inner)
 
+    def get_input_embeddings(self):
+        """The table the encoder reads (as transformers' T5Gemma answers): NEFTune's noise and such hooks go there."""
+        return self.inner.encoder_embed if self.inner.encoder_embed is not None else self.inner.embed
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise NotImplementedError("an encdec checkpoint's vocabulary is not resized in transformers (its configuration "
+                                  "would disagree with its tables); encdec's training adds the tokens it needs")
+
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 encoder_outputs=None, labels=None, **kwargs):
         if decoder_input_ids is None and labels is not None:  # Seq2SeqTrainer's batches: the labels alone
@@ -103,9 +111,13 @@ class EncdecForConditionalGeneration(PreTrainedModel, GenerationMixin):
         out = self.inner(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
                          encoder_hidden_states=hidden)
         loss = None
-        if labels is not None:
-            logits = out.logits.flatten(0, 1).float()
-            loss = torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100)
+        if labels is not None:  # Trainer's num_items_in_batch: the step's label tokens over every micro-batch (its
+            # gradient accumulation divides by nothing else, as this forward takes **kwargs)
+            logits, items = out.logits.flatten(0, 1).float(), kwargs.get("num_items_in_batch")
+            loss = torch.nn.functional.cross_entropy(logits, labels.flatten(), ignore_index=-100,
+                                                     reduction="mean" if items is None else "sum")
+            if items is not None:
+                loss = loss / (items.to(loss.device) if torch.is_tensor(items) else items)
         return Seq2SeqLMOutput(loss=loss, logits=out.logits, encoder_last_hidden_state=out.encoder_hidden_states)
 
     def prepare_decoder_input_ids_from_labels(self, labels):
