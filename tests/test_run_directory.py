@@ -390,7 +390,7 @@ def test_resume_skips_a_damaged_checkpoint_and_a_truncated_metrics_line(adapted,
     (checkpointing.checkpoints(damaged)[-1] / "model.safetensors").write_bytes(b"")  # step-000004: empty file
     with (damaged / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "loss": 1.2')  # a crash in the middle of a line
-    leftover = damaged / "checkpoints" / f".step-000005.tmp-{DEAD_PID}-abcd1234"
+    leftover = damaged / "checkpoints" / f".step-000005.tmp-{HOST}-{DEAD_PID}-abcd1234"
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"\0" * 1000)
     setup()
@@ -547,12 +547,14 @@ def _dicts(value):
 
 def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_aside_output(tmp_path):
     out = tmp_path / "out"
-    abandoned = tmp_path / f".out.tmp-{DEAD_PID}-abcd1234"
-    aside = tmp_path / f".out.old-{DEAD_PID}-efgh5678"
-    alive = tmp_path / f".out.tmp-{os.getpid()}-ijkl9012"  # this process is still writing it
-    # a user's folders that merely look alike: no pid, or not tempfile's 8 characters after it
+    abandoned = tmp_path / f".out.tmp-{HOST}-{DEAD_PID}-abcd1234"
+    aside = tmp_path / f".out.old-{HOST}-{DEAD_PID}-efgh5678"
+    alive = tmp_path / f".out.tmp-{HOST}-{os.getpid()}-ijkl9012"  # this process is still writing it
+    # a user's folders that merely look alike: no pid, not tempfile's 8 characters after it, or no machine's name
+    # (as an older form of the temporaries had: ".vim.old-2024-original" was deleted as one)
     users = [tmp_path / name for name in (".settings.old-2024", ".photos.tmp-backup", ".other.tmp-k3j4h5g6",
-                                          f".notes.old-{DEAD_PID}-2024")]
+                                          f".notes.old-{DEAD_PID}-2024", ".vim.old-2024-original",
+                                          ".dotfiles.tmp-20241207-snapshot", f".out.tmp-{DEAD_PID}-abcd1234")]
     # another machine's (or container's) write into a shared directory: its pid means nothing here
     elsewhere = tmp_path / f".shared.tmp-other-host-{DEAD_PID}-mnop3456"
     ours_dead = tmp_path / f".mine.tmp-{HOST}-{DEAD_PID}-qrst7890"
@@ -579,9 +581,9 @@ def test_a_link_named_like_a_killed_writes_folder_is_neither_followed_nor_remove
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_ed25519").write_text("secret")
     shared.mkdir()
-    link = shared / f"..ssh.old-{DEAD_PID}-abcdefgh"
+    link = shared / f"..ssh.old-{HOST}-{DEAD_PID}-abcdefgh"
     link.symlink_to(home)
-    huge = shared / ".x.tmp-99999999999999999999-abcdefgh"
+    huge = shared / ".x.tmp-{HOST}-99999999999999999999-abcdefgh"
     huge.mkdir()
     with atomic_dir(shared / "project") as tmp:
         (tmp / "file").write_text("x")
@@ -593,7 +595,7 @@ def test_an_unfinished_output_holding_a_folder_of_its_own_name_is_removed_not_re
     """`encdec classify --out runs/classifier` writes its first fold's classifier to TMP/classifier: killed
     after that fold, the next write took that folder for the previous output moved aside and put it in place,
     where the rerun of the command then refused to replace it, hours later."""
-    unfinished = tmp_path / f".classifier.tmp-{DEAD_PID}-abcd1234"
+    unfinished = tmp_path / f".classifier.tmp-{HOST}-{DEAD_PID}-abcd1234"
     (unfinished / "classifier").mkdir(parents=True)
     (unfinished / "classifier" / "head.safetensors").write_text("fold 0 of an unfinished run")
     with atomic_dir(tmp_path / "next") as tmp:

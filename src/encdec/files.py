@@ -35,10 +35,11 @@ SHARD_BYTES = 4 * 1024**3
 RUN_LOCK = ".encdec.lock"  # held by a training run while it writes its directory (training/rundir.py)
 RUN_FILES = (RUN_LOCK, "checkpoints", "metrics.jsonl")  # what marks a training run's directory
 OutputKind = tuple[str, Callable[[Path], bool]]  # what a command's output directory is: said, and tested
-# atomic_dir's temporaries, and single files' (temporary_beside): .NAME.tmp-HOST-PID-xxxxxxxx (an older form had no
-# HOST), HOST: the machine whose process PID writes it, so that a write on another machine or container sharing the
-# directory is never taken for dead
-_TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-(?:([A-Za-z0-9-]+)-)?(\d+)-[a-z0-9_]{8}")
+# atomic_dir's temporaries, and single files' (temporary_beside): .NAME.tmp-HOST-PID-xxxxxxxx, HOST: the machine
+# whose process PID writes it, so that a write on another machine or container sharing the directory is never taken
+# for dead. An older form without HOST is no longer taken for one: a user's ".vim.old-2024-original" matched it, and
+# was deleted by the next write beside it
+_TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-([A-Za-z0-9-]+)-(\d+)-[a-z0-9_]{8}")
 MACHINE = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
@@ -641,7 +642,7 @@ def _left_by_us(entry: Path, match: re.Match, kind: Callable[[int], bool] = stat
         return False
     mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
     pid = match[4]
-    return (kind(info.st_mode) and mine and (anyone or match[3] in (None, HOST)) and len(pid) <= 10
+    return (kind(info.st_mode) and mine and (anyone or match[3] == HOST) and len(pid) <= 10
             and 0 < int(pid) <= MAX_PID)
 
 
