@@ -1365,6 +1365,31 @@ def test_a_path_no_file_can_have_is_one_line(capsys, tmp_path, adapted):
         assert main_exit(argv) == 2, argv
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert "File name too long" in line, line
+    for argv in (["adapt", "--out", str(long)], ["quickstart", "--out", str(long)]):  # an output: read by argparse
+        assert main_exit(argv) == 2, argv
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"--out: {long}: File name too long" in line, line
+
+
+def test_a_path_through_a_folder_this_user_cannot_enter_is_one_line(capsys, tmp_path, adapted, monkeypatch):
+    """Another user's model under a home of mode 700: pathlib's checks raised PermissionError tracebacks (root, which
+    runs the tests, enters every folder: the kernel's answer is given here as it would be)."""
+    import pathlib
+
+    locked, stat = tmp_path / "locked", pathlib.Path.stat
+
+    def denied(path, *args, **kwargs):
+        if str(path).startswith(f"{locked}/"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", denied)
+    for argv in (["info", f"{locked}/m"], ["generate", f"{locked}/m", "--prompt", "w1"],
+                 ["generate", str(adapted), "--input", f"{locked}/p.jsonl"]):
+        capsys.readouterr()
+        assert main_exit(argv) == 2, argv
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert f"cannot reach {locked}/" in line and "Permission denied" in line, line
 
 
 def test_file_names_of_any_bytes_key_the_caches(tmp_path):

@@ -84,7 +84,10 @@ def output_dir(text: str) -> Path:
         check_utf8(text)
     except EncdecError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return through_link(user_path(text))
+    try:
+        return through_link(user_path(text))
+    except OSError as e:  # a name too long, a folder on the way this user cannot enter: before main's handler
+        raise argparse.ArgumentTypeError(f"{text}: {e.strerror}") from None
 
 
 QUICKSTART_TRIM_VOCAB = 8192  # the quickstart's training vocabulary: its most frequent tokens
@@ -991,10 +994,11 @@ def main(argv: list[str] | None = None) -> int:
         # `encdec info M | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush has nowhere to fail
         return 1
-    except OSError as e:  # a path no file can have, wherever it is read (written ones are said as they are written)
-        if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+    except OSError as e:  # a path no file can have, or one this user cannot reach (another's folder on the way),
+        # wherever it is looked at (files written are said as they are written)
+        if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM):
             raise
-        print(f"encdec {args.command}: error: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        print(f"encdec {args.command}: error: cannot reach {e.filename}: {e.strerror}", file=sys.stderr)
         return 2
     except BaseException as e:  # a Rust library's panic is a BaseException, past every `except Exception`
         if type(e).__name__ != "PanicException":
