@@ -411,6 +411,16 @@ def test_generate_stopped_by_sigterm_keeps_its_finished_completions(capsys, tmp_
             check_output_file(planted, (), False)
     assert check_output_file(planted, (), False) == tmp_path / "elsewhere" / "x.jsonl"  # one's own: through it
     assert not (tmp_path / "elsewhere").exists()
+    # an output folder's --out alike (adapt, export, classify...): followed, the folder was made where it pointed
+    folder = tmp_path / "planted-model"
+    folder.symlink_to(tmp_path / "elsewhere" / "model")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "getuid", lambda: folder.lstat().st_uid + 1)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as refused:
+            main(["adapt", "--out", str(folder)])
+        assert refused.value.code == 2 and "planted-model is another user's link to" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
 
 
 @pytest.mark.parametrize("command", ["generate", "adapt"])

@@ -88,6 +88,8 @@ def output_dir(text: str) -> Path:
         return through_link(user_path(text))
     except OSError as e:  # a name too long, a folder on the way this user cannot enter: before main's handler
         raise argparse.ArgumentTypeError(f"{text}: {e.strerror}") from None
+    except EncdecError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--out ")) from None
 
 
 QUICKSTART_TRIM_VOCAB = 8192  # the quickstart's training vocabulary: its most frequent tokens

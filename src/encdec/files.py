@@ -425,10 +425,7 @@ def check_output_file(out: Path, inputs: tuple[str | Path | None, ...], overwrit
     its place), a folder above it is a file, or the nearest existing folder above it is not writable; or it exists
     and not `overwrite` (an earlier run's completions were replaced unasked)."""
     out = Path(out).expanduser()
-    if out.is_symlink() and not out.exists() and out.lstat().st_uid != os.getuid():  # another user's link to nothing
-        # (planted in a shared /tmp): its target would be made wherever it points, past the kernel's protection
-        raise EncdecError(f"--out {out} is another user's link to {os.readlink(out)}, which does not exist: writing "
-                          "would make that file; remove the link, or give another --out")
+    refuse_planted_link(out)
     refuse_dangling(out.parent)
     if out.is_symlink() and out.exists() and not out.is_file() and not out.is_dir():  # /dev/stdout into a pipe: the
         # link names /proc/PID/fd/pipe:[N], which no path reaches (a FileNotFoundError once all was generated)
@@ -666,10 +663,19 @@ def remove_abandoned_temporaries(parent: Path, anyone: bool = False) -> None:
         shutil.rmtree(entry, ignore_errors=True)
 
 
+def refuse_planted_link(out: Path) -> None:
+    """Refuse an --out that is another user's link to nothing (planted in a shared /tmp): writing through it would
+    make its target wherever it points, past the kernel's protection of such links (encdec follows it itself)."""
+    if out.is_symlink() and not out.exists() and out.lstat().st_uid != os.getuid():
+        raise EncdecError(f"--out {out} is another user's link to {os.readlink(out)}, which does not exist: writing "
+                          "would make it; remove the link, or give another --out")
+
+
 def through_link(out: Path) -> Path:
     """A command's --out that is a symbolic link names the place the output goes: its target (the link stays), where
     the checks of an output apply and which the output replaces, as `generate --out` writes through a link (the
-    link itself was replaced by a directory, whatever its target held)."""
+    link itself was replaced by a directory, whatever its target held); not another user's link to nothing."""
+    refuse_planted_link(out)
     return Path(os.path.realpath(out)) if out.is_symlink() else out
 
 
