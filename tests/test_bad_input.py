@@ -1013,6 +1013,21 @@ def test_evaluation_output_names_are_checked_before_any_work(capsys, tmp_path, a
     assert output_files(tmp_path / "results.md") == (tmp_path / "results.md", tmp_path / "results.json")
 
 
+def test_evaluation_results_are_written_through_links_which_stay(tmp_path):
+    """OUT.md and OUT.json that are links were replaced by plain files, their targets left with the old results
+    (the README: an --out that is a link is written where it leads, the link stays; `generate --out` did so)."""
+    from encdec.evaluation import harness
+
+    (tmp_path / "keep").mkdir()
+    for suffix in ("md", "json"):
+        (tmp_path / "keep" / f"t.{suffix}").write_text("old")
+        (tmp_path / f"res.{suffix}").symlink_to(tmp_path / "keep" / f"t.{suffix}")
+    written = harness.write({"models": [{"name": "m"}], "tasks": {}}, tmp_path / "res")
+    assert written == (tmp_path / "keep" / "t.md", tmp_path / "keep" / "t.json")
+    assert all((tmp_path / f"res.{suffix}").is_symlink() for suffix in ("md", "json"))
+    assert (tmp_path / "res.json").read_text() != "old" and (tmp_path / "res.md").read_text() != "old"
+
+
 @pytest.mark.parametrize("extra, message", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
                                             (["--steps", "-1"], "--steps must be at least 0"),
                                             (["--trim-vocab", "-5"], "--trim-vocab must be at least 0"),

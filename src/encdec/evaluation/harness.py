@@ -33,7 +33,7 @@ from encdec.evaluation.tasks import (
     question_prompt,
     sample,
 )
-from encdec.files import atomic_write_files, check_file_place, file_identity
+from encdec.files import atomic_write_files, check_file_place, file_identity, through_link
 
 log = logging.getLogger("encdec")
 
@@ -384,7 +384,8 @@ def output_files(out: Path, models: tuple[str, ...] = (), overwrite: bool = True
     if out.name in ("", ".", "..") or out.is_dir():  # (an existing folder: its results were written beside it)
         raise EncdecError(f"--out {out} names a directory; give a file prefix such as {out / 'results'}")
     base = out.with_suffix("") if out.suffix in (".md", ".json") else out
-    files = base.parent / f"{base.name}.md", base.parent / f"{base.name}.json"
+    # each written where it leads when it is a link (the link stays), as every --out is: a link was replaced
+    files = tuple(through_link(f) for f in (base.parent / f"{base.name}.md", base.parent / f"{base.name}.json"))
     taken = next((f for f in files if f.is_dir()), None)
     if taken is not None:
         raise EncdecError(f"--out {out}: {taken} is a directory; give another file prefix")
