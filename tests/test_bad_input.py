@@ -410,6 +410,10 @@ def test_an_out_that_is_a_mount_point_is_refused_before_any_work(capsys, tmp_pat
     assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(out), "--overwrite"]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert f"output directory {out} is a mount point" in line and f"such as {out / 'model'}" in line
+    # the quickstart writes into its --out (adapted/, pretrain/), as pretrain does: a volume is a place for it
+    from encdec.files import check_output_dir
+
+    check_output_dir(out, True, replaces=("adapted", "pretrain"), into=True)
 
 
 def test_an_output_that_cannot_be_moved_aside_leaves_nothing_beside_it(tmp_path, monkeypatch):

@@ -495,7 +495,8 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
     if out.exists() and not overwrite:
         raise EncdecError(f"output directory {out} already exists; pass --overwrite (overwrite=True in Python) to "
                           "replace it")
-    if out.is_dir() and os.path.ismount(out):  # a container's volume: its rename was refused after all the work
+    if not into and out.is_dir() and os.path.ismount(out):  # a container's volume: its rename was refused after all
+        # the work (one written into, the quickstart's, is written as any folder is)
         raise EncdecError(f"output directory {out} is a mount point, which the output cannot replace (it is "
                           "written whole beside it, then renamed into place): give a folder inside it, such as "
                           f"{out / 'model'}")
