@@ -415,11 +415,14 @@ def test_tensorboard_logs_hold_the_metrics_of_every_step(adapted, corpus, tmp_pa
     assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 2
 
 
-def test_yaml_config_with_command_line_overrides(adapted, corpus, tmp_path):
+def test_yaml_config_with_command_line_overrides(adapted, corpus, tmp_path, monkeypatch, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {adapted}\nout: {tmp_path / 'run'}\ndata: [{corpus}]\nsteps: 2\nenc_len: 16\n"
                       "dec-len: 16\nbatch_size: 2\neval_windows: 4\nprecision: fp32\nlr: 0.5\n")
+    monkeypatch.setenv("RANK", "1")  # left in the shell: the process runs alone, and says its one line of stdout
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert main(["pretrain", "--config", str(config), "--steps", "3", "--lr", "0.001"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"final model: {tmp_path / 'run' / 'model'}"
     records = _metrics(tmp_path / "run")
     assert len(records) == 3
     settings = encdec.checkpoint.read_metadata(tmp_path / "run" / "model")["pretrained"]["settings"]

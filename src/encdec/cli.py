@@ -437,11 +437,12 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def _train_and_report(cfg: TrainConfig) -> None:
+    from encdec.logs import secondary_rank
     from encdec.training.loop import train
 
     final = train(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate launch every process gets here
-        print(f"final model: {final}")
+    if secondary_rank() is None:  # under torchrun / accelerate launch every process gets here (a stray RANK in the
+        print(f"final model: {final}")  # shell of a process running alone dropped its one line of standard output)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -12,12 +12,19 @@ from collections.abc import Iterator
 log = logging.getLogger("encdec")
 
 
-def setup(verbose: bool = False) -> None:
-    """encdec's lines on stderr. In a process of a distributed run other than the first (RANK, as torchrun and
-    accelerate set it) warnings only, marked with its rank: every process said each stage (8 GPUs, 8 times)."""
+def secondary_rank() -> str | None:
+    """The RANK of a process of a distributed run other than the first (as torchrun and accelerate set it); None
+    for the first, or for a process running alone (a RANK left in a shell: it runs alone, as distributed.init
+    takes it)."""
     rank = os.environ.get("RANK", "0")
-    other = rank not in ("", "0") and os.environ.get("WORLD_SIZE", "1") not in ("", "1")  # (a RANK left in a shell:
-    # the process runs alone, as distributed.init takes it)
+    return rank if rank not in ("", "0") and os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
+
+
+def setup(verbose: bool = False) -> None:
+    """encdec's lines on stderr. In a process of a distributed run other than the first (`secondary_rank`) warnings
+    only, marked with its rank: every process said each stage (8 GPUs, 8 times)."""
+    rank = secondary_rank()
+    other = rank is not None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"encdec (rank {rank}): %(message)s" if other else "encdec: %(message)s"))
     log.handlers[:] = [handler]
