@@ -506,6 +506,19 @@ def test_save_load_predict_is_identical_and_works_from_the_cli(models: dict[str,
     assert "is a saved classifier (`encdec classify`), not an encoder-decoder checkpoint: `encdec classify " \
            "--predict" in capsys.readouterr().err
 
+    # a handed classifier.json: a first token outside the vocabulary was blamed on the input ("remove it from the
+    # text"); labels holding a terminal's control sequences were printed raw
+    meta = json.loads((tmp_path / "clf" / "classifier.json").read_text())
+    (tmp_path / "clf" / "classifier.json").write_text(json.dumps({**meta, "first_token": 10**6}))
+    assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1"]) == 2
+    err = capsys.readouterr().err
+    assert "classifier.json: first_token 1000000 is outside the backbone's vocabulary (0 to 95)" in err
+    hostile = "\x1b[2J\x1b]0;title\x07entailment"
+    (tmp_path / "clf" / "classifier.json").write_text(json.dumps({**meta, "labels": [hostile, "b", "c"]}))
+    assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and ascii(hostile) in out
+
 
 @pytest.mark.parametrize("family, fmt", [("gemma3", "t5gemma2"), ("gemma2", "t5gemma")])
 def test_exported_encoder_reproduces_the_encoder_in_encdec_and_transformers(

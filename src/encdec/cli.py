@@ -476,6 +476,8 @@ def cmd_classify(args: argparse.Namespace) -> None:
                               "the saved one as it is; drop them")
         texts = list(args.text or []) + (read_inputs(args.input) if args.input else [])
         labels, probs = predict_texts(args.predict, texts)
+        # a handed classifier's names, printed escaped where they hold control characters (a terminal's sequences)
+        labels = [label if label.isprintable() else ascii(label) for label in labels]
         for text, pr in zip(texts, probs):
             best = max(range(len(pr)), key=pr.__getitem__)
             shown = ", ".join(f"{label} {p:.3f}" for label, p in zip(labels, pr))

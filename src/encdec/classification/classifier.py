@@ -117,6 +117,9 @@ def load_classifier(path: Path | str, dtype: torch.dtype = torch.float32) -> tup
         raise EncdecError(f"{file} lacks {e}") from None
     except EncdecError as e:
         raise EncdecError(f"{file}: {e}") from None
+    if info.first_token is not None and info.first_token >= spec.vocab_size:  # (blamed on the input texts otherwise)
+        raise EncdecError(f"{file}: first_token {info.first_token} is outside the backbone's vocabulary (0 to "
+                          f"{spec.vocab_size - 1})")
     with reading_config(file), torch.device("meta"):
         classifier = Classifier(Backbone(spec), len(info.labels), info.pooling)
     try:
