@@ -424,7 +424,8 @@ def test_gpu_check_rehearses_on_cpu():
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     float32 = [line for line in lines if line.startswith("float32 prompt 32")]
-    assert len(float32) == 2 and all("cached == uncached (8 tokens): True" in line for line in float32)
+    assert len(float32) == 2 and all("cached == uncached (8 tokens): True, sampled: True" in line for line in float32)
+    assert all("distinct tokens a row" in line for line in lines if line.startswith(("float32 p", "bfloat16 p")))
     assert all("(tokens equal 100%)" in line for line in float32)
     assert sum(line.startswith("ratio (") for line in lines) == 4  # two batch sizes x two dtypes
 
