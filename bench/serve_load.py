@@ -332,7 +332,10 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
         torch.set_num_threads(threads)
         while (item := work.get()) is not None:
             index, submitted, reply = item
-            reply.put(generate(index, submitted))
+            try:
+                reply.put(generate(index, submitted))
+            except Exception as e:  # noqa: BLE001 - told to its client: a dead thread left every client waiting
+                reply.put(e)
 
     thread = threading.Thread(target=server, daemon=True)
     thread.start()
@@ -340,6 +343,7 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
     def drive(per_client: list[list[int]]) -> dict:
         start = time.perf_counter()
         done: list[dict] = []
+        failed: list[str] = []
 
         def client(indices: list[int]) -> None:
             for n, index in enumerate(indices):
@@ -347,13 +351,20 @@ def loop_worker(model_dir: Path, plan_file: Path, dtype: str) -> None:
                     break
                 reply: queue.Queue = queue.Queue()
                 work.put((index, time.perf_counter(), reply))
-                done.append(reply.get())
+                answer = reply.get()
+                if isinstance(answer, Exception):
+                    failed.append(f"request {index}: {type(answer).__name__}: {answer}")
+                    return
+                done.append(answer)
 
         threads = [threading.Thread(target=client, args=(r,)) for r in per_client]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if failed:  # the worker ends with the error, not with numbers that leave the request out
+            work.put(None)
+            raise SystemExit(f"the transformers loop failed: {failed[0]}")
         return {"done": done, "wall": time.perf_counter() - start}
 
     drive([[0]])

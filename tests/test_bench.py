@@ -586,6 +586,17 @@ def test_the_long_prompt_memory_benchmark_compares_both_sides_at_each_length(tmp
     assert lines[-1].startswith("ratio (transformers / encdec added peak memory, 64-token prompt): ")
 
 
+def test_serve_loads_transformers_loop_ends_with_a_failed_generation_not_waiting_for_it(adapted, tmp_path):
+    """A generation that raised (out of memory on a long prompt, say) killed the loop's thread, and its clients,
+    and the benchmark waiting on them, waited for ever; the worker now ends with the error."""
+    requests = [{"prompt": "w1 w2", "max_tokens": 2}, {"prompt": "w3", "max_tokens": 0}]  # (0: transformers refuses)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"requests": requests, "plan": [[[0], [1]]], "max_seconds": 60}))
+    run = subprocess.run([sys.executable, str(BENCH / "serve_load.py"), "--loop-worker", str(adapted), str(plan),
+                          "float32"], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode != 0 and "the transformers loop failed: request 1: ValueError" in run.stderr, run.stderr
+
+
 def test_serve_load_says_why_its_server_did_not_start(tmp_path, monkeypatch):
     """The server's own one-line error went to /dev/null: the benchmark said only its exit status, in a traceback."""
     monkeypatch.syspath_prepend(str(BENCH))
