@@ -231,6 +231,9 @@ def main() -> None:
     backbones = args.backbone or [("decoder-only", "gemma-3-270m"), ("adapted-init", "runs/quickstart/adapted")]
     if len({name for name, _ in backbones}) < len(backbones):
         parser.error("--backbone: every NAME must differ (it names the backbone's results directory)")
+    for option, given in (("--protocol", args.protocol), ("--task", args.task)):
+        if len(set(given)) < len(given):  # each repeat was a cell again: counted twice, narrower intervals
+            parser.error(f"{option}: each is given once (a repeat weighs its cells twice in the averages)")
     protocols, tasks = args.protocol or ["probe"], args.task or list(TASKS)
     table: dict[tuple[str, str], list[dict | None]] = {}
     for protocol in protocols:

@@ -257,6 +257,12 @@ def test_bench_options_that_would_fail_late_or_compare_a_tree_with_itself_are_re
 
     with pytest.raises(SystemExit, match="No closing quotation; expected encdec classify options"):
         encoder_claim.protocol_options(["--lr '1e-5"], "cb")
+    # a repeated --task or --protocol was each of its cells again: counted twice in the averages
+    for repeated in (["--task", "cb", "--task", "cb"], ["--protocol", "probe", "--protocol", "probe"]):
+        monkeypatch.setattr(sys, "argv", ["encoder_claim.py", "--table-only", "--out", str(tmp_path / "e"), *repeated])
+        with pytest.raises(SystemExit) as refused:
+            encoder_claim.main()
+        assert refused.value.code == 2 and "each is given once" in capsys.readouterr().err
 
 
 def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_path):
