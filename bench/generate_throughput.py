@@ -262,7 +262,8 @@ def prepare_ct2(model_dir: Path, implementation: str) -> Path | str:
     except PackageNotFoundError:
         converter = "none"
     code = hashlib.sha256(Path(exporter.__file__).read_bytes()).hexdigest()[:16]
-    source = f"{start_model_digest(str(model_dir))} {version('encdec')} exporter {code} ctranslate2 {converter}"
+    source = f"{start_model_digest(str(model_dir))} exporter {code} ctranslate2 {converter}"  # (encdec's version:
+    # the exporter's code says it; a checkout run with PYTHONPATH=src has no installed version to read)
     marker = out / ".converted-from"
     if not marker.exists() or marker.read_text() != source:
         print(f"converting {model_dir} into {out}" + (" again (it held a conversion of another model, or by another "

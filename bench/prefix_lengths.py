@@ -79,6 +79,14 @@ def main() -> None:
     adapted_from = read_metadata(first).get("adapted_from")
     if not isinstance(adapted_from, dict) or not isinstance(adapted_from.get("encoder"), str):  # a KeyError otherwise
         p.error(f"{first}: its encdec.json names no source (adapted_from); give models made by `encdec adapt`")
+    def source_of(path: str) -> object:
+        recorded = read_metadata(path).get("adapted_from")
+        return recorded.get("encoder") if isinstance(recorded, dict) else None
+
+    others = [name for name, path in models.items() if source_of(path) != adapted_from["encoder"]]
+    if others:  # scored with the first's tokenizer and set against its source, their numbers meant nothing
+        p.error(f"--model {others[0]}: adapted from another source than {first} ({adapted_from['encoder']}); every "
+                "model is compared with one source, with its tokenizer: give models adapted from the same one")
     source_dir = load_source(adapted_from["encoder"]).directory
     reference = transformers_causal_lm(source_dir, torch.float32).eval()
     rows[SOURCE] = {key: decoder_only_position_nll(reference, data) for key, data in sets.items()}

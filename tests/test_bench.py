@@ -286,6 +286,11 @@ def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_pat
     bad = subprocess.run([*command[:4], "--lengths", "1,64"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].endswith("must lie in 2..64 (BOS and at least "
                                                                                "one token), got 1,64")
+    # a model adapted from another source was scored with the first's tokenizer, and set against the first's source
+    (ul2 / "encdec.json").write_text(json.dumps({**metadata, "adapted_from": {**metadata["adapted_from"],
+                                                                              "encoder": "another-source"}}))
+    other = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "--model ul2: adapted from another source than" in other.stderr, other.stderr
 
 
 def test_prefix_lengths_cuts_a_context_without_a_bos_from_text_alone(monkeypatch):
