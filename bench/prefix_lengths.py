@@ -24,9 +24,10 @@ from common import run_main
 from encdec.checkpoint import load, read_metadata
 from encdec.data.corpus import HELDOUT_SETS
 from encdec.data.tokens import leading_bos
+from encdec.errors import EncdecError
 from encdec.evaluation.nll import PrefixSuffix, decoder_only_position_nll, encdec_position_nll, split_passages
 from encdec.inference.loading import model_framing
-from encdec.sources import load_source, load_tokenizer, transformers_causal_lm
+from encdec.sources import load_tokenizer, resolve, transformers_causal_lm
 
 SOURCE = "source"
 LONGEST = 64
@@ -76,18 +77,22 @@ def main() -> None:
     sets = {(name, n): shorter(data, n, bos) for name, data in full.items() for n in lengths}
     prompt = tokenizer([args.prompt], return_tensors="pt")
     rows, texts = {}, {}
-    adapted_from = read_metadata(first).get("adapted_from")
-    if not isinstance(adapted_from, dict) or not isinstance(adapted_from.get("encoder"), str):  # a KeyError otherwise
-        p.error(f"{first}: its encdec.json names no source (adapted_from); give models made by `encdec adapt`")
-    def source_of(path: str) -> object:
+    def source_of(name: str, path: str) -> Path:
+        """The directory of the source a model was adapted from (a packaged name and its directory are one)."""
         recorded = read_metadata(path).get("adapted_from")
-        return recorded.get("encoder") if isinstance(recorded, dict) else None
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("encoder"), str):  # a KeyError otherwise
+            p.error(f"--model {name}: its encdec.json names no source (adapted_from); give models made by `encdec "
+                    "adapt`")
+        try:
+            return resolve(recorded["encoder"]).resolve()
+        except EncdecError as e:
+            p.error(f"--model {name}: its source cannot be read ({e})")
 
-    others = [name for name, path in models.items() if source_of(path) != adapted_from["encoder"]]
+    source_dir = source_of(*next(iter(models.items())))
+    others = [name for name, path in models.items() if source_of(name, path) != source_dir]
     if others:  # scored with the first's tokenizer and set against its source, their numbers meant nothing
-        p.error(f"--model {others[0]}: adapted from another source than {first} ({adapted_from['encoder']}); every "
-                "model is compared with one source, with its tokenizer: give models adapted from the same one")
-    source_dir = load_source(adapted_from["encoder"]).directory
+        p.error(f"--model {others[0]}: adapted from another source than {first} ({source_dir}); every model is "
+                "compared with one source, with its tokenizer: give models adapted from the same one")
     reference = transformers_causal_lm(source_dir, torch.float32).eval()
     rows[SOURCE] = {key: decoder_only_position_nll(reference, data) for key, data in sets.items()}
     if args.source_without_bos:

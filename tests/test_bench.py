@@ -265,7 +265,7 @@ def test_bench_options_that_would_fail_late_or_compare_a_tree_with_itself_are_re
         assert refused.value.code == 2 and "each is given once" in capsys.readouterr().err
 
 
-def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_path):
+def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, sources, tmp_path):
     """...each as it was trained to read a continuation: the same weights recorded as UL2-pretrained read it after
     their sentinel, so their numbers differ (they were scored as plain PrefixLM models)."""
     ul2 = tmp_path / "ul2"
@@ -288,7 +288,7 @@ def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, tmp_pat
                                                                                "one token), got 1,64")
     # a model adapted from another source was scored with the first's tokenizer, and set against the first's source
     (ul2 / "encdec.json").write_text(json.dumps({**metadata, "adapted_from": {**metadata["adapted_from"],
-                                                                              "encoder": "another-source"}}))
+                                                                              "encoder": str(sources["llama"])}}))
     other = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert other.returncode == 2 and "--model ul2: adapted from another source than" in other.stderr, other.stderr
 

@@ -114,3 +114,6 @@ def test_the_perplexity_of_a_diverged_model_is_infinite_not_an_overflow(sources)
         source.lm_head.weight.mul_(20_000)
     text = " ".join(f"w{i % 40}" for i in range(30))
     assert decoder_only_perplexity(source, load_tokenizer(sources["llama"]), [text]) == float("inf")
+    with torch.no_grad():  # NaN logits: not a number, not a model that diverged
+        source.lm_head.weight.fill_(float("nan"))
+    assert math.isnan(decoder_only_perplexity(source, load_tokenizer(sources["llama"]), [text]))

@@ -583,7 +583,7 @@ def test_a_link_named_like_a_killed_writes_folder_is_neither_followed_nor_remove
     shared.mkdir()
     link = shared / f"..ssh.old-{HOST}-{DEAD_PID}-abcdefgh"
     link.symlink_to(home)
-    huge = shared / ".x.tmp-{HOST}-99999999999999999999-abcdefgh"
+    huge = shared / f".x.tmp-{HOST}-99999999999999999999-abcdefgh"
     huge.mkdir()
     with atomic_dir(shared / "project") as tmp:
         (tmp / "file").write_text("x")

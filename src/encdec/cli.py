@@ -1003,7 +1003,8 @@ def main(argv: list[str] | None = None) -> int:
         # wherever it is looked at (files written are said as they are written)
         if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM):
             raise
-        print(f"encdec {args.command}: error: cannot reach {e.filename}: {e.strerror}", file=sys.stderr)
+        what = f"cannot reach {e.filename}: {e.strerror}" if e.filename is not None else str(e)
+        print(f"encdec {args.command}: error: {what}", file=sys.stderr)
         return 2
     except BaseException as e:  # a Rust library's panic is a BaseException, past every `except Exception`
         if type(e).__name__ != "PanicException":

@@ -296,16 +296,22 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
 
 
 PARQUET_BATCH_BYTES = 1 << 22  # about the text a parquet batch decodes at once (a tokenizer batch's, BATCH_CHARS)
+PARQUET_BATCH_ROWS = 1024  # and at most this many rows: a dictionary-encoded column's stored size says little
 
 
 def _parquet_batch_rows(file, field: str) -> int:
     """Rows per batch read so that one holds about PARQUET_BATCH_BYTES of the column's text: pyarrow's default of
     65,536 rows decoded a shard of long documents (books) whole, then copied it into Python strings."""
     meta = file.metadata
-    column = file.schema_arrow.get_field_index(field)
+    if meta.num_row_groups == 0:
+        return PARQUET_BATCH_ROWS
+    group = meta.row_group(0)  # the column by its path: a struct column before it counts one per leaf
+    column = next((i for i in range(group.num_columns) if group.column(i).path_in_schema == field), None)
+    if column is None:
+        return PARQUET_BATCH_ROWS
     text_bytes = sum(meta.row_group(g).column(column).total_uncompressed_size for g in range(meta.num_row_groups))
     per_row = max(text_bytes / max(meta.num_rows, 1), 1.0)
-    return int(min(max(PARQUET_BATCH_BYTES // per_row, 1), 65_536))
+    return int(min(max(PARQUET_BATCH_BYTES // per_row, 1), PARQUET_BATCH_ROWS))
 
 
 def _hub(name: str, field: str, limit: int | None) -> Iterator[str]:

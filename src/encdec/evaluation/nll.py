@@ -124,4 +124,6 @@ def decoder_only_perplexity(model, tokenizer, texts: list[str], max_len: int = 2
         raise EncdecError("no text has the 2 tokens perplexity needs (a first token, and one to predict after it)")
     mean = total / count
     # a diverged model's mean NLL past ~710 nats overflowed math.exp, and the model's scored tasks were lost with it
+    if math.isnan(mean):  # NaN logits: not a number, not a model that diverged
+        return math.nan
     return math.exp(mean) if mean < math.log(sys.float_info.max) else math.inf

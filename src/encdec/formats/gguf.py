@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,6 +114,7 @@ def _bounded_reader() -> type:
 
 
 _parsed: dict[tuple[str, str], Any] | None = None  # within `_parsed_once`: each file's reader
+_PARSING = threading.RLock()  # held through `_parsed_once`: the patch of gguf.GGUFReader is the process's
 
 
 def _reader(path: str | Path, mode: str = "r") -> Any:
@@ -134,12 +136,13 @@ def _parsed_once() -> Iterator[None]:
     global _parsed
     import gguf
 
-    original, outer = gguf.GGUFReader, _parsed
-    gguf.GGUFReader, _parsed = _reader, {} if outer is None else outer
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, _parsed = original, outer
+    with _PARSING:  # conversions in two threads, overlapping, left the patch in place for good (and its parses)
+        original, outer = gguf.GGUFReader, _parsed
+        gguf.GGUFReader, _parsed = _reader, {} if outer is None else outer
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, _parsed = original, outer
 
 
 RECORD = "gguf-source.json"  # in a converted directory: the resolved path of the file it was made from

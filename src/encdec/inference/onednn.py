@@ -49,7 +49,7 @@ MAX_CANDIDATES = 4096  # beyond this many screened tokens the full float32 head 
 # relative rounding of a screen's result (half an ulp is 2^-8 in bfloat16, 2^-11 in float16; twice that, to be safe)
 ROUNDING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 FP32_ROUNDING = 2.0**-24
-NORM_CHUNK = 16384  # vocabulary rows per pass when measuring the head's norms
+NORM_CHUNK = 4096  # vocabulary rows per pass when measuring the head's norms (in float64: 2 copies and a difference)
 
 
 def available() -> bool:
@@ -166,7 +166,7 @@ class ScreenedHead(nn.Module):
         packed = dtype == torch.bfloat16 and bfloat16_products()
         self.screen = PackedLinear(low, None) if packed else partial(F.linear, weight=low)
         self.max_norm, self.max_error = 0.0, 0.0  # the largest row norm of the screen's weight, and of its rounding
-        # in chunks (whole-table temporaries would be 3 x its size), in float64: squares of entries under 1e-19 are
+        # in chunks (whole-table temporaries would be 6 x its size), in float64: squares of entries under 1e-19 are
         # subnormal or 0 in float32, and the bound lost its terms (a wrong argmax for tiny weights or hidden states)
         for start in range(0, len(low), NORM_CHUNK):
             rows, exact = low[start: start + NORM_CHUNK].double(), self.weight[start: start + NORM_CHUNK].double()

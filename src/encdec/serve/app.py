@@ -559,13 +559,14 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
     async def _complete(request: Request, jobs: list[Job], parsed: Parsed, meta: dict) -> Response:
         tasks = [asyncio.ensure_future(_collect(request, job, parsed)) for job in jobs]
-        failed = True
+        failed = False
         try:
             answers = await asyncio.gather(*tasks)
-            failed = False
         except APIError as e:
+            failed = True
             return _error(e)
         except Exception as e:  # a bug while reading the answers: in the API's shape, not a bare 500
+            failed = True
             log.exception("request failed")
             return _error(_server_failed(e))
         finally:
