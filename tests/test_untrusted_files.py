@@ -613,6 +613,41 @@ def test_a_trainer_state_missing_or_mangling_what_resuming_reads_is_set_aside(ru
         assert (out / "model").is_dir()
 
 
+def test_a_checkpoints_optimizer_moments_of_other_shapes_or_shared_are_set_aside(run, adapted, corpus, tmp_path):
+    """AdamW's moments are not checked by torch: one smaller than its parameter made the fused AdamW write past its
+    memory (a segmentation fault on the resumed run's first step); one tensor named for two parameters' moments was
+    shared by both, and the next save failed; a metrics record that is no JSON failed writing metrics.jsonl."""
+    from safetensors.torch import load_file, save_file
+
+    for change in ("smaller", "not finite", "shared", "record"):
+        out = shutil.copytree(run, tmp_path / change.replace(" ", "-"))
+        newest = checkpointing.checkpoints(out)[-1]
+        meta = json.loads((newest / "optimizer.json").read_text())
+        tensors = load_file(newest / "optimizer.safetensors")
+        states = list(meta["state"]["state"].values())
+        first, second = states[0]["exp_avg"]["$tensor"], states[1]["exp_avg"]["$tensor"]
+        if change == "smaller":
+            tensors[first] = torch.zeros(1)
+        elif change == "not finite":
+            tensors[first] = torch.full_like(tensors[first], float("nan"))
+        elif change == "shared":
+            states[1]["exp_avg"]["$tensor"] = first
+        else:
+            trainer = json.loads((newest / "trainer.json").read_text())
+            trainer["state"]["record"] = {"$tensor": "planted"}
+            (newest / "trainer.json").write_text(json.dumps(trainer))
+            save_file({**load_file(newest / "trainer.safetensors"), "planted": torch.zeros(2)},
+                      newest / "trainer.safetensors")
+        save_file(tensors, newest / "optimizer.safetensors")
+        (newest / "optimizer.json").write_text(json.dumps(meta))
+        said = {"smaller": r"exp_avg has shape \(1,\), not its parameter", "not finite": "exp_avg holds NaN or inf",
+                "shared": "is not in the file, or is named twice", "record": "lacks or mangles record"}[change]
+        with pytest.raises(EncdecError, match=said):
+            checkpointing.read(newest)
+        loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, resume=True))  # from step 1
+        assert (out / "model").is_dir()
+
+
 def test_resuming_with_another_steps_says_how_the_learning_rate_moves(run, adapted, corpus, tmp_path, monkeypatch):
     """--steps may change on --resume, and the schedule of the new length takes over: the rate jumped (five times
     at step 900 of 1000 resumed with 2000) and nothing said so."""

@@ -35,7 +35,13 @@ from encdec.errors import EncdecError
 from encdec.files import atomic_dir
 from encdec.inference.onednn import packed_while_inferring
 from encdec.training.data import length_grouped, pad_rows
-from encdec.training.optim import build_optimizer, build_scheduler, group_settings, resume_schedule
+from encdec.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_saved_moments,
+    group_settings,
+    resume_schedule,
+)
 from encdec.training.plain_state import read_state, write_state
 from encdec.training.precision import PRECISIONS, autocast_dtype
 
@@ -226,6 +232,7 @@ class _FitProgress:
                     {k: v.shape for k, v in trained.items()}:
                 raise EncdecError("it was saved by a fit of other settings")
             settings = group_settings(self.optimizer)
+            check_saved_moments(self.optimizer, state["optimizer"])  # (the fused AdamW wrote past a smaller one)
             self.optimizer.load_state_dict(state["optimizer"])
             # the saved step alone, and this fit's settings (as a resumed training run reads them: `resume_schedule`)
             resume_schedule(self.optimizer, self.scheduler, state["scheduler"], settings)

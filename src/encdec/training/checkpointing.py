@@ -9,6 +9,7 @@ checked to be finite before they are saved and again before they are resumed fro
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -33,6 +34,7 @@ from encdec.files import atomic_dir, parse_json, read_small, read_weights, write
 from encdec.training import distributed
 from encdec.training.config import USER_PATHS
 from encdec.training.distributed import Dist
+from encdec.training.optim import bad_moment
 from encdec.training.plain_state import read_state, write_state
 
 log = logging.getLogger("encdec")
@@ -168,6 +170,7 @@ def read(path: Path) -> Saved:
          and all(isinstance(schedule.get(key), list) for key in ("base_lrs", "lr_lambdas"))
          and all(entry is None or isinstance(entry, dict) for entry in schedule["lr_lambdas"])),
         ("stream", isinstance(trainer.get("stream"), dict)),
+        ("record", _json_record(trainer.get("record"))),
         ("config", isinstance(config, dict)),
         ("config's paths", not isinstance(config, dict) or all(_path_setting(config.get(name)) for name in USER_PATHS)),
         ("processes", type(processes) is int and 1 <= processes <= MAX_PROCESSES),
@@ -178,7 +181,18 @@ def read(path: Path) -> Saved:
     bad = _not_finite(weights)
     if bad is not None:
         raise EncdecError(f"{path}: weight {bad} holds NaN or inf")
+    bad = _bad_moment(optimizer, weights)
+    if bad is not None:
+        raise EncdecError(f"{path}: its optimizer state's {bad}")
     return Saved(path, weights, optimizer, trainer)
+
+
+def _json_record(value: Any) -> bool:
+    """Whether a saved metrics line is one: none, or a JSON object (it is written to metrics.jsonl again)."""
+    try:
+        return value is None or isinstance(value, dict) and bool(json.dumps(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _path_setting(value: Any) -> bool:
@@ -239,6 +253,19 @@ def apply(saved: Saved, wrapped: nn.Module, optimizer: torch.optim.Optimizer) ->
     except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as e:  # a damaged or hand-edited trainer.json
         raise EncdecError(f"{saved.path}: its random states cannot be restored ({type(e).__name__}: {e})") from None
     return trainer
+
+
+def _bad_moment(optimizer: dict[str, Any], weights: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with the first optimizer tensor (AdamW's moments) that is not of its weight's shape, or not
+    finite: torch checks neither, and the fused AdamW wrote past a smaller one's memory (a segmentation fault on
+    the first step of a resume). State of a weight the checkpoint lacks is `apply`'s to refuse."""
+    for name, state in optimizer.get("state", {}).items():
+        weight = weights.get(name.removeprefix(PREFIX)) if isinstance(name, str) else None
+        for key, value in state.items() if isinstance(state, dict) and weight is not None else ():
+            bad = bad_moment(key, value, weight.shape)
+            if bad is not None:
+                return f"{bad} ({name.removeprefix(PREFIX)})"
+    return None
 
 
 def average(paths: list[Path]) -> dict[str, torch.Tensor]:

@@ -36,6 +36,31 @@ def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, decay_a
     return torch.optim.AdamW(chosen, lr=lr, betas=betas, eps=1e-8, fused=True)
 
 
+def bad_moment(key: str, value: object, shape: torch.Size) -> str | None:
+    """What is wrong with a saved optimizer tensor (AdamW's moments) for a parameter of `shape`, or None: torch checks
+    neither its shape nor its values, and the fused AdamW wrote past a smaller one's memory (a segmentation fault)."""
+    if not torch.is_tensor(value) or key == "step":
+        return None
+    if value.shape != shape:
+        return f"{key} has shape {tuple(value.shape)}, not its parameter's {tuple(shape)}"
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        return f"{key} holds NaN or inf"
+    return None
+
+
+def check_saved_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """ValueError for a saved `optimizer.state_dict()` whose moments do not fit `optimizer`'s parameters
+    (`bad_moment`), before `load_state_dict` takes them."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, state in saved["state"].items():
+        if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(state, dict):
+            raise ValueError(f"optimizer state for parameter {index!r}, which this fit does not have")
+        for key, value in state.items():
+            bad = bad_moment(key, value, params[index].shape)
+            if bad is not None:
+                raise ValueError(f"the optimizer's {bad}")
+
+
 def warmup_then_decay(warmup: int, total: int, min_ratio: float, decay: str = "cosine"):
     """Linear warm-up to 1, then a cosine or linear decay to `min_ratio` at `total` steps."""
     if decay not in DECAYS:

@@ -56,10 +56,11 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
         return obj
     if len(obj) == 1:
         (tag, value), = obj.items()
-        if tag == "$tensor":
-            return tensors[value]
-        if tag == "$ndarray":
-            return tensors[value].numpy()
+        if tag in ("$tensor", "$ndarray"):  # each taken once: two parameters' optimizer moments were one tensor
+            if not isinstance(value, str) or value not in tensors:
+                raise KeyError(f"tensor {value!r} is not in the file, or is named twice")
+            taken = tensors.pop(value)
+            return taken if tag == "$tensor" else taken.numpy()
         if tag == "$tuple":
             return tuple(_decode(v, tensors, depth + 1) for v in value)
         if tag == "$items":
