@@ -648,6 +648,28 @@ def test_a_checkpoints_optimizer_moments_of_other_shapes_or_shared_are_set_aside
         assert (out / "model").is_dir()
 
 
+def test_checkpoints_averaged_into_the_final_model_are_checked_as_a_resumed_one_is(adapted, corpus, tmp_path):
+    """--average-last summed the older checkpoints unread: NaN weights in one reached the final model (exit 0), and
+    one of other names ended a finished run with a RuntimeError's traceback."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=1, keep_last=3, eval_every=0))
+    first = checkpointing.checkpoints(out)[0]
+    weights = load_file(first / "model.safetensors")
+    name = next(iter(weights))
+    save_file({**weights, name: torch.full_like(weights[name], float("nan"))}, first / "model.safetensors")
+    shutil.rmtree(out / "model")
+    with pytest.raises(EncdecError, match=f"step-000001: --average-last reads it, and it has weight {name}, which "
+                                          "holds NaN or inf; the run's checkpoints are kept"):
+        loop.train(_config(adapted, out, corpus, steps=3, save_every=1, keep_last=3, average_last=3, eval_every=0,
+                           resume=True))
+    assert not (out / "model").exists()
+    loop.train(_config(adapted, out, corpus, steps=3, save_every=1, keep_last=3, average_last=2, eval_every=0,
+                       resume=True))
+    assert all(torch.isfinite(t).all() for t in load_file(out / "model" / "model.safetensors").values())
+
+
 def test_resuming_with_another_steps_says_how_the_learning_rate_moves(run, adapted, corpus, tmp_path, monkeypatch):
     """--steps may change on --resume, and the schedule of the new length takes over: the rate jumped (five times
     at step 900 of 1000 resumed with 2000) and nothing said so."""

@@ -269,9 +269,20 @@ def _bad_moment(optimizer: dict[str, Any], weights: dict[str, torch.Tensor]) -> 
 
 
 def average(paths: list[Path]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of the model weights of several checkpoints (T5Gemma 2 averages the last 5)."""
+    """Element-wise mean of the model weights of several checkpoints (T5Gemma 2 averages the last 5). Each is checked
+    as a resumed one is: the older ones (of an earlier process, or handed over) were summed unread, and NaN weights
+    reached the final model."""
     total: dict[str, torch.Tensor] = {}
     for path in paths:
-        for name, t in read_weights(path, torch.float32, mapped=True).items():
+        weights = read_weights(path, torch.float32, mapped=True)
+        bad = _not_finite(weights)
+        if total and (set(weights) != set(total) or any(weights[n].shape != t.shape for n, t in total.items())):
+            bad = f"names or shapes other than {paths[0].name}'s"
+        elif bad is not None:
+            bad = f"weight {bad}, which holds NaN or inf"
+        if bad is not None:
+            raise EncdecError(f"{path}: --average-last reads it, and it has {bad}; the run's checkpoints are kept: "
+                              "run it again with --resume and a smaller --average-last to write its final model")
+        for name, t in weights.items():
             total[name] = total[name] + t if name in total else t.clone()
     return {name: t / len(paths) for name, t in total.items()}
