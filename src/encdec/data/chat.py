@@ -70,7 +70,8 @@ class ChatFormat:
         exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
         try:
             answered = tokenizer.apply_chat_template(exchange, tokenize=False, date_string=TEMPLATE_DATE)
-        except (TemplateError, TypeError, ValueError) as e:  # a Jinja syntax error, a template's raise_exception
+        except Exception as e:  # noqa: BLE001 - a Jinja syntax error, a template's raise_exception, or a handed
+            # template's own failure ({{ 1/0 }}, a string too large for memory): every command reading the tokenizer
             raise EncdecError(f"the tokenizer's chat template cannot write a user turn and its answer "
                               f"({type(e).__name__}: {first_line(e)}); {_MENDED}") from None
         if _MARK not in answered:
