@@ -503,6 +503,7 @@ def test_resume_with_no_usable_checkpoint_stops_with_one_line(adapted, corpus, t
 
 
 @pytest.mark.parametrize("damage", [{"cursor": -3}, {"epoch": "1"}, {"pending": [[5] * 999, [1]]}, {"rng": "x"},
+                                    {"pending": [[5, 6], [5000]]},  # past the vocabulary: an IndexError mid-training
                                     {"rng": {"bit_generator": "MT19937", "state": {"key": [1], "pos": 0}}},
                                     {"rng": None}, {"epoch": None}])
 def test_a_resumed_data_position_no_stream_could_write_is_one_line(adapted, corpus, tmp_path, capsys, damage):

@@ -232,9 +232,10 @@ class ExampleStream:
         return {"epoch": self.epoch, "cursor": self.cursor, "rng": self.rng.bit_generator.state, "pending": pending,
                 "items": len(self.items), "fingerprint": self.fingerprint()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], vocab_size: int | None = None) -> None:
         """The stream's place, as `state_dict` wrote it; EncdecError for one this stream could not have written
-        (a negative cursor re-read items silently; a pending example longer than a row escaped its cut)."""
+        (a negative cursor re-read items silently; a pending example longer than a row escaped its cut; one of ids
+        past the model's `vocab_size` rows failed the embedding's lookup mid-training)."""
         try:
             epoch, cursor, pending, rng = state["epoch"], state["cursor"], state["pending"], state["rng"]
         except (KeyError, TypeError) as e:
@@ -247,8 +248,10 @@ class ExampleStream:
         def count(value: object, high: float) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
 
+        top = float("inf") if vocab_size is None else vocab_size - 1
+
         def ids(value: object, most: int) -> bool:
-            return isinstance(value, list) and 1 <= len(value) <= most and all(count(t, float("inf")) for t in value)
+            return isinstance(value, list) and 1 <= len(value) <= most and all(count(t, top) for t in value)
 
         if not count(epoch, float("inf")) or not count(cursor, len(self.items)):
             raise EncdecError(f"the data stream's saved place (epoch {epoch!r}, cursor {cursor!r}) is not one of a "
@@ -256,7 +259,7 @@ class ExampleStream:
         if pending is not None and not (isinstance(pending, list) and len(pending) == 2
                                         and ids(pending[0], self.enc_len) and ids(pending[1], self.dec_len)):
             raise EncdecError(f"the data stream's saved pending example is not one that fits a row of {self.enc_len} + "
-                              f"{self.dec_len} tokens")
+                              f"{self.dec_len} tokens of the model's vocabulary")
         restored = copy.deepcopy(self.rng)  # set on a copy: a state it refuses leaves the stream as it was
         try:
             restored.bit_generator.state = rng

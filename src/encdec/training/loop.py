@@ -227,7 +227,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
         del resume_from, saved  # its tensors are in the model and the optimizer now
         resume_schedule(optimizer, scheduler, state["scheduler"], settings)
         try:
-            stream.load_state_dict(state["stream"])
+            stream.load_state_dict(state["stream"], model.embed.num_embeddings)
         except EncdecError as e:
             if windows != cfg.eval_windows:  # the held-out windows are cut from the data: the rest trains
                 raise EncdecError(f"{last_checkpoint}: the run held out --eval-windows {windows!r}, this resume "
