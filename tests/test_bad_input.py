@@ -1390,6 +1390,18 @@ def test_a_path_no_file_can_have_is_one_line(capsys, tmp_path, adapted):
         assert f"--out: {long}: File name too long" in line, line
 
 
+def test_a_grid_value_that_is_a_nest_of_aliases_is_refused_at_once(tmp_path):
+    """YAML aliases make a list of 10^9 items out of 500 bytes: the refusal built its whole repr (for ever) before
+    cutting it to 40 characters. Here 10^6 items, named by their type."""
+    from encdec.classification.grid import read_grid
+
+    levels = ["&a0 [" + ", ".join(["x"] * 10) + "]"] + [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]"
+                                                          for i in range(1, 6)]
+    (tmp_path / "grid.yaml").write_text(f"epochs: [[{', '.join(levels)}]]\n")
+    with pytest.raises(EncdecError, match="epochs value of type list is not an integer"):
+        read_grid(tmp_path / "grid.yaml", {})
+
+
 def test_a_path_through_a_folder_this_user_cannot_enter_is_one_line(capsys, tmp_path, adapted, monkeypatch):
     """Another user's model under a home of mode 700: pathlib's checks raised PermissionError tracebacks (root, which
     runs the tests, enters every folder: the kernel's answer is given here as it would be)."""

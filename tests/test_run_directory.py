@@ -276,6 +276,9 @@ def test_one_run_per_directory_and_a_dead_holder_is_taken_over(adapted, corpus, 
     err = capsys.readouterr().err
     assert len(_lines(err, f"taking over the lock of process {holder.pid}")) == 1, err
     assert not (out / rundir.LOCK).exists()
+    # a handed run's lock file nested too deeply for json: a RecursionError's traceback where its holder is told
+    (out / rundir.LOCK).write_text("[" * 100_000)
+    assert rundir._holder(out / rundir.LOCK) == "another process"
 
 
 def test_every_process_of_a_distributed_run_stops_on_a_held_lock(adapted, corpus, tmp_path):

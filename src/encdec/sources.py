@@ -13,7 +13,6 @@ import dataclasses
 import glob
 import hashlib
 import itertools
-import json
 import logging
 import os
 import re
@@ -413,7 +412,7 @@ def _remove_superseded(path: Path, current: Path) -> None:
     changed: each is the size of the dequantized model (1.1 GB for the 270M), and nothing reads them again."""
     for entry in current.parent.glob(f"{glob.escape(path.stem)}-*"):
         try:
-            source = json.loads((entry / gguf.RECORD).read_text())["path"]
+            source = parse_json(read_small(entry / gguf.RECORD))["path"]
         except (OSError, ValueError, KeyError, TypeError):  # not ours to judge: no record, or a damaged one
             continue
         if entry != current and source == str(path.resolve()):

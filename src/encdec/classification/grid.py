@@ -29,7 +29,10 @@ def _value(name: str, raw: Any, where: str) -> Any:
         return int(raw) if integer else float(raw)
     except (TypeError, ValueError, OverflowError):  # (an integer of 400 digits is past every float)
         kind = "an integer" if integer else "a number a float holds"
-        raise EncdecError(f"{where}: {name} value {raw!r:.40} is not {kind}") from None
+        # a list or mapping named by its type: its repr was built whole before the cut (YAML aliases nest 10^9 items
+        # in a file of 500 bytes)
+        shown = repr(raw)[:40] if isinstance(raw, (str, int, float)) else f"of type {type(raw).__name__}"
+        raise EncdecError(f"{where}: {name} value {shown} is not {kind}") from None
 
 
 def read_grid(path: Path | None, overrides: dict[str, str | None]) -> dict[str, list[Any]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from encdec.errors import EncdecError
-from encdec.files import atomic_dir
+from encdec.files import atomic_dir, parse_json
 from encdec.training.plain_state import read_state, write_state
 
 log = logging.getLogger("encdec")
@@ -56,9 +56,9 @@ class TrialJournal:
             lines = []
         for line in lines:
             try:
-                entry = json.loads(line)
+                entry = parse_json(line)  # (nested too deeply: a RecursionError's traceback)
                 self.known[entry["trial"]] = int(entry["correct"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError):
                 continue  # cut short by a kill
         if self.known:
             log.info("search: %d trial(s) already scored, read from %s", len(self.known), self.file)

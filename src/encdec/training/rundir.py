@@ -35,6 +35,7 @@ from encdec.files import (
     open_own,
     parse_json,
     portable_path,
+    read_small,
     refuse_link,
     remove_abandoned_temporaries,
     weight_files,
@@ -51,7 +52,7 @@ OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model")  # what --ove
 
 def _holder(path: Path) -> str:
     try:
-        info = json.loads(path.read_text())
+        info = parse_json(read_small(path))  # (nested too deeply: a RecursionError's traceback)
         return f"process {info['pid']} on {info['host']}, since {info['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"
