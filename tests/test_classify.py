@@ -1305,10 +1305,15 @@ def test_a_search_journal_with_bytes_that_are_no_text_skips_those_lines(tmp_path
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A journal's damaged line is skipped and its trial trained again; bytes that are no UTF-8 were a
     UnicodeDecodeError's traceback instead."""
-    from encdec.classification.journal import TrialJournal
+    from encdec.classification.journal import TrialJournal, _digest
 
     monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path))
     journal = TrialJournal({"task": "boolq"})
     journal.file.parent.mkdir(parents=True)
-    journal.file.write_bytes(b'{"trial": "a", "correct": 3}\n\xff\xfe garbage\n{"trial": "b", "correct": 4}\n')
+    journal.file.write_bytes(b'{"trial": "a", "correct": 3}\n\xff\xfe garbage\n{"trial": "b", "correct": 4}\n'
+                             + b"[" * 100_000 + b"\n")  # (nested too deeply: a RecursionError's traceback)
     assert TrialJournal({"task": "boolq"}).known == {"a": 3, "b": 4}
+    # a score past its dev split's size (a damaged or edited line) won the search with an accuracy above 1
+    journal = TrialJournal({"task": "boolq"})
+    journal.known[json.dumps({"fold": 0, "settings": {"lr": 1.0}, "dev": _digest([1, 2])}, sort_keys=True)] = 900
+    assert journal.correct(0, {"lr": 1.0}, [1, 2], lambda: 1) == 1
