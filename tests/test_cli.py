@@ -243,6 +243,9 @@ def test_generate_over_a_file_keeps_the_order_and_each_prompt_s_solo_tokens(caps
     assert main(["generate", str(out), "--input", str(prompts), *common]) == 2
     assert "content parts must be {\"type\": \"text\", \"text\": ...}; this model reads text only" in \
         capsys.readouterr().err
+    prompts.write_text(json.dumps({"text": "w1"}) + "\n")  # the roles accepted, all of them (developer too) said
+    assert main(["generate", str(out), "--input", str(prompts), *common]) == 2
+    assert '"role": "user|assistant|model|system|developer"' in capsys.readouterr().err
 
 
 def test_generate_out_keeps_the_finished_completions_of_a_run_that_stops(capsys, tmp_path, adapted, monkeypatch):

@@ -409,6 +409,8 @@ def test_an_encoder_alone_or_a_checkpoint_missing_a_weight_is_refused(tmp_path, 
         assert main(command) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "not an encoder-decoder checkpoint" in err[0], err
+        # export's accepted formats are the two CTranslate2 converts (the project's, named, it then refused)
+        assert ("this project's format" in err[0]) == (command[0] == "info"), err[0]
     assert "an encoder alone" in err[0]
     # read as a decoder-only source instead, evaluate gave transformers' traceback listing its causal-LM classes
     for command in (["evaluate", str(tmp_path / "encoder"), "--tasks", "copa", "--out", str(tmp_path / "ev")],

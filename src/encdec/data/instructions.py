@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 START, END = "<start_of_turn>", "<end_of_turn>"
 # OpenAI's "developer" is its newer name for the system message
 ROLES = {"user": "user", "assistant": "model", "model": "model", "system": "system", "developer": "system"}
-SHAPES = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "system|user|assistant|model", '
+SHAPES = ('{"prompt": "...", "response": "..."} or {"messages": [{"role": "' + "|".join(ROLES) + '", '
           '"content": "..."}, ...]}')
 
 

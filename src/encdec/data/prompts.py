@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from encdec.data.chat import ChatFormat
-from encdec.data.instructions import conversation
+from encdec.data.instructions import ROLES, conversation
 from encdec.data.text import check_text, json_lines, json_records, read_file
 from encdec.data.tokens import text_ids
 from encdec.errors import EncdecError
 
 OUTPUT_FIELDS = ("completion", "finish_reason", "prompt_tokens", "completion_tokens")  # what an output line adds
-SHAPES = ('{"prompt": "..."} or {"messages": [{"role": "system|user|assistant", "content": "..."}, ...]} (the last '
-          'message a user\'s); other fields are copied to the output, but for ' + ", ".join(OUTPUT_FIELDS))
+SHAPES = ('{"prompt": "..."} or {"messages": [{"role": "' + "|".join(ROLES) + '", "content": "..."}, ...]} (the '
+          'last message a user\'s); other fields are copied to the output, but for ' + ", ".join(OUTPUT_FIELDS))
 STDIN = "-"
 
 

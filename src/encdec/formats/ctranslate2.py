@@ -21,6 +21,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from encdec import checkpoint
 from encdec.checkpoint import NATIVE, checkpoint_format, load_checkpoint, read_config
 from encdec.config import is_number
 from encdec.errors import EncdecError, described
@@ -40,7 +41,11 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     model_dir, out = Path(model_dir).expanduser(), Path(out).expanduser()
     fmt = checkpoint_format(model_dir)
     if fmt is None:
-        read_config(model_dir)  # what the directory is instead (a training run's: its model/ named, a classifier...)
+        try:  # what the directory is instead (a training run's: its model/ named, a classifier...)
+            read_config(model_dir)
+        except EncdecError as e:  # its list of accepted formats is encdec's, which names the one export refuses
+            raise EncdecError(str(e).replace(checkpoint.ACCEPTED, f"the layouts CTranslate2 converts, {ACCEPTED}")) \
+                from None
         raise EncdecError(f"{model_dir} is not an encoder-decoder checkpoint (from encdec adapt / pretrain); "
                           f"CTranslate2 converts the layouts {ACCEPTED}")
     if fmt == NATIVE:
