@@ -289,7 +289,7 @@ def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, sources
     # a model adapted from another source was scored with the first's tokenizer, and set against the first's source
     (ul2 / "encdec.json").write_text(json.dumps({**metadata, "adapted_from": {**metadata["adapted_from"],
                                                                               "encoder": str(sources["llama"])}}))
-    other = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    other = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert other.returncode == 2 and "--model ul2: adapted from another source than" in other.stderr, other.stderr
 
 
