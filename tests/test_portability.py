@@ -130,9 +130,10 @@ def test_classification_caches_that_cannot_be_written_are_warnings(monkeypatch, 
                                    lambda missing: np.ones((len(missing), 3), dtype=np.float32), 3)
     assert got.shape == (5, 3)
     journal = TrialJournal({"task": "toy"})
-    assert journal.correct(0, {"lr": 1e-4}, [1, 2], lambda: 7) == 7
-    assert journal.correct(0, {"lr": 1e-4}, [1, 2], lambda: 8) == 7  # remembered for the run
-    assert journal.correct(0, {"lr": 2e-4}, [1, 2], lambda: 5) == 5  # another trial: not tried again, not said again
+    dev = list(range(10))
+    assert journal.correct(0, {"lr": 1e-4}, dev, lambda: 7) == 7
+    assert journal.correct(0, {"lr": 1e-4}, dev, lambda: 8) == 7  # remembered for the run
+    assert journal.correct(0, {"lr": 2e-4}, dev, lambda: 5) == 5  # another trial: not tried again, not said again
     assert warnings_seen.text.count("could not record the search's trials") == 1
     assert warnings_seen.text.count("could not cache the features") == 1
 
