@@ -77,19 +77,29 @@ def main() -> None:
     sets = {(name, n): shorter(data, n, bos) for name, data in full.items() for n in lengths}
     prompt = tokenizer([args.prompt], return_tensors="pt")
     rows, texts = {}, {}
-    def source_of(name: str, path: str) -> Path:
-        """The directory of the source a model was adapted from (a packaged name and its directory are one)."""
-        recorded = read_metadata(path).get("adapted_from")
-        if not isinstance(recorded, dict) or not isinstance(recorded.get("encoder"), str):  # a KeyError otherwise
+    def recorded(name: str, path: str) -> str:
+        """The source a model was adapted from, as its encdec.json names it."""
+        adapted_from = read_metadata(path).get("adapted_from")
+        if not isinstance(adapted_from, dict) or not isinstance(adapted_from.get("encoder"), str):  # a KeyError else
             p.error(f"--model {name}: its encdec.json names no source (adapted_from); give models made by `encdec "
                     "adapt`")
-        try:
-            return resolve(recorded["encoder"]).resolve()
+        return adapted_from["encoder"]
+
+    def directory(name: str, spec: str) -> Path:
+        try:  # (a GGUF file or a packaged name is converted once, a Hub name downloaded)
+            return resolve(spec).resolve()
         except EncdecError as e:
             p.error(f"--model {name}: its source cannot be read ({e})")
 
-    source_dir = source_of(*next(iter(models.items())))
-    others = [name for name, path in models.items() if source_of(name, path) != source_dir]
+    def same(a: str, b: str) -> bool:  # the same name, or the same local path
+        return a == b or Path(a).expanduser().exists() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+    specs = {name: recorded(name, path) for name, path in models.items()}
+    first_name = next(iter(specs))
+    source_dir = directory(first_name, specs[first_name])
+    # (resolved only where the names differ: a packaged name and its directory are one source)
+    others = [name for name, spec in specs.items()
+              if not same(spec, specs[first_name]) and directory(name, spec) != source_dir]
     if others:  # scored with the first's tokenizer and set against its source, their numbers meant nothing
         p.error(f"--model {others[0]}: adapted from another source than {first} ({source_dir}); every model is "
                 "compared with one source, with its tokenizer: give models adapted from the same one")

@@ -1311,7 +1311,8 @@ def test_a_search_journal_with_bytes_that_are_no_text_skips_those_lines(tmp_path
     journal = TrialJournal({"task": "boolq"})
     journal.file.parent.mkdir(parents=True)
     journal.file.write_bytes(b'{"trial": "a", "correct": 3}\n\xff\xfe garbage\n{"trial": "b", "correct": 4}\n'
-                             + b"[" * 100_000 + b"\n")  # (nested too deeply: a RecursionError's traceback)
+                             + b"[" * 100_000 + b'\n{"trial": "c", "correct": Infinity}\n')  # (tracebacks: too deep to
+    # read, a count past every integer)
     assert TrialJournal({"task": "boolq"}).known == {"a": 3, "b": 4}
     # a score past its dev split's size (a damaged or edited line) won the search with an accuracy above 1
     journal = TrialJournal({"task": "boolq"})

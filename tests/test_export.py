@@ -437,7 +437,7 @@ def test_tokenizer_loads_from_the_export_without_a_false_regex_warning(tmp_path)
     from transformers import AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    packaged = encdec.sources.resolve("gemma-3-270m")  # (its directory: no weights read)
+    packaged = encdec.sources.resolve("gemma-3-270m")  # (its directory, converted once: no model loaded)
     reference = load_tokenizer(packaged)  # (once: each load of its 262k tokens takes seconds)
     source = make_source(tmp_path / "source", "gemma3", window=WINDOW, vocab_size=len(reference))
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -217,6 +217,13 @@ def test_a_conversation_the_chat_template_refuses_is_one_line(tmp_path):
     with pytest.raises(EncdecError, match=r"data.jsonl:7: the tokenizer's chat template refuses this conversation "
                                           r"\(Conversation roles must alternate user/assistant\)"):
         chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64, chat=ChatFormat.of(tokenizer))
+    # a handed template that fails on some turns only (a system message): a ZeroDivisionError's traceback
+    tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ 1 / 0 }}{% endif %}{% endfor %}" \
+        + CHATML
+    pair = Pair(turns=(("system", "w1"), ("user", "w2")), response="w3", source="data.jsonl:8")
+    with pytest.raises(EncdecError, match=r"data.jsonl:8: the tokenizer's chat template failed on this conversation "
+                                          r"\(ZeroDivisionError"):
+        chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64, chat=ChatFormat.of(tokenizer))
 
 
 def test_instruction_examples_use_the_tokenizers_own_chat_template(tmp_path):

@@ -31,7 +31,7 @@ def _value(name: str, raw: Any, where: str) -> Any:
         kind = "an integer" if integer else "a number a float holds"
         # a list or mapping named by its type: its repr was built whole before the cut (YAML aliases nest 10^9 items
         # in a file of 500 bytes)
-        shown = repr(raw)[:40] if isinstance(raw, (str, int, float)) else f"of type {type(raw).__name__}"
+        shown = repr(raw)[:40] if raw is None or isinstance(raw, (str, int, float)) else f"of type {type(raw).__name__}"
         raise EncdecError(f"{where}: {name} value {shown} is not {kind}") from None
 
 

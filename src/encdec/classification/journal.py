@@ -58,7 +58,7 @@ class TrialJournal:
             try:
                 entry = parse_json(line)  # (nested too deeply: a RecursionError's traceback)
                 self.known[entry["trial"]] = int(entry["correct"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # (OverflowError: a "correct" of Infinity)
                 continue  # cut short by a kill
         if self.known:
             log.info("search: %d trial(s) already scored, read from %s", len(self.known), self.file)

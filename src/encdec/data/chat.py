@@ -98,6 +98,10 @@ class ChatFormat:
                 text = self._templated(system_folded(turns))
             except (TemplateError, ValueError):  # (ValueError: no fold of a later system turn) the template's words
                 raise ConversationRefused(f"the tokenizer's chat template refuses this conversation ({e})") from None
+        except Exception as e:  # noqa: BLE001 - a handed template's own failure on these turns ({{ 1/0 }} for a
+            # system message): a traceback of generate --input and finetune, a 500 of the server
+            raise ConversationRefused(f"the tokenizer's chat template failed on this conversation "
+                                      f"({type(e).__name__}: {first_line(e)})") from None
         bos = self.tokenizer.bos_token
         return text.removeprefix(bos) if bos and self.bos is not None else text
 

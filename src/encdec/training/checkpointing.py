@@ -170,7 +170,7 @@ def read(path: Path) -> Saved:
          and all(isinstance(schedule.get(key), list) for key in ("base_lrs", "lr_lambdas"))
          and all(entry is None or isinstance(entry, dict) for entry in schedule["lr_lambdas"])),
         ("stream", isinstance(trainer.get("stream"), dict)),
-        ("record", _json_record(trainer.get("record"))),
+        ("record", _json_record(trainer.get("record"), trainer["step"])),
         ("config", isinstance(config, dict)),
         ("config's paths", not isinstance(config, dict) or all(_path_setting(config.get(name)) for name in USER_PATHS)),
         ("processes", type(processes) is int and 1 <= processes <= MAX_PROCESSES),
@@ -187,10 +187,12 @@ def read(path: Path) -> Saved:
     return Saved(path, weights, optimizer, trainer)
 
 
-def _json_record(value: Any) -> bool:
-    """Whether a saved metrics line is one: none, or a JSON object (it is written to metrics.jsonl again)."""
+def _json_record(value: Any, step: int) -> bool:
+    """Whether a saved metrics line is one: none, or a JSON object of the checkpoint's step (it is written to
+    metrics.jsonl and TensorBoard again, at its step)."""
     try:
-        return value is None or isinstance(value, dict) and bool(json.dumps(value))
+        return value is None or isinstance(value, dict) and type(value.get("step")) is int and value["step"] == step \
+            and bool(json.dumps(value))
     except (TypeError, ValueError):
         return False
 

@@ -58,7 +58,7 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor], depth: int = 0) -> Any:
         (tag, value), = obj.items()
         if tag in ("$tensor", "$ndarray"):  # each taken once: two parameters' optimizer moments were one tensor
             if not isinstance(value, str) or value not in tensors:
-                raise KeyError(f"tensor {value!r} is not in the file, or is named twice")
+                raise ValueError(f"tensor {value!r} is not in the file, or is named twice")
             taken = tensors.pop(value)
             return taken if tag == "$tensor" else taken.numpy()
         if tag == "$tuple":
