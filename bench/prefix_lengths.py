@@ -92,7 +92,8 @@ def main() -> None:
             p.error(f"--model {name}: its source cannot be read ({e})")
 
     def same(a: str, b: str) -> bool:  # the same name, or the same local path
-        return a == b or Path(a).expanduser().exists() and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+        local_a, local_b = Path(a).expanduser(), Path(b).expanduser()
+        return a == b or local_a.exists() and local_a.resolve() == local_b.resolve()
 
     specs = {name: recorded(name, path) for name, path in models.items()}
     first_name = next(iter(specs))

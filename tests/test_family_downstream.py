@@ -218,8 +218,8 @@ def test_a_conversation_the_chat_template_refuses_is_one_line(tmp_path):
                                           r"\(Conversation roles must alternate user/assistant\)"):
         chat_example(pair, tokenizer, eos_id=1, max_input=64, max_target=64, chat=ChatFormat.of(tokenizer))
     # a handed template that fails on some turns only (a system message): a ZeroDivisionError's traceback
-    tokenizer.chat_template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ 1 / 0 }}{% endif %}{% endfor %}" \
-        + CHATML
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ 1 / 0 }}{% endif %}"
+                               "{% endfor %}" + CHATML)
     pair = Pair(turns=(("system", "w1"), ("user", "w2")), response="w3", source="data.jsonl:8")
     with pytest.raises(EncdecError, match=r"data.jsonl:8: the tokenizer's chat template failed on this conversation "
                                           r"\(ZeroDivisionError"):
