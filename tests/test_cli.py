@@ -588,7 +588,10 @@ def test_a_prompt_whose_scores_overflow_fails_alone_and_the_others_are_written(c
     ("{% for m in messages if m['role'] == 'user' %}{{ m['content'] }}{% endfor %}", "leaves out the answer"),
     # a handed template's own failure: ZeroDivisionError's traceback, for every command reading the tokenizer
     ("{% for m in messages %}{{ m['content'] }}{{ 1 / 0 }}{% endfor %}",
-     "cannot write a user turn and its answer (ZeroDivisionError")])
+     "cannot write a user turn and its answer (ZeroDivisionError"),
+    # ... or one that never ends (Jinja's sandbox bounds range(), not loops inside loops): every command hung
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "cannot write a user turn and its answer (_TooLong: it ran past 10,000,000 lines of Python")])
 def test_a_broken_chat_template_is_one_line_and_plain_prompts_generate_without_it(capsys, tmp_path, sources,
                                                                                   template, message):
     """A tokenizer's chat template that fails to render an exchange was a traceback, after the model loaded, for

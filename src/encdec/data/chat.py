@@ -12,6 +12,8 @@ spell it in 7 pieces, which generation cannot stop at: served and evaluated answ
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -32,6 +34,33 @@ _MENDED = "fix or remove chat_template in the model's tokenizer_config.json (or 
 # training examples changed with the calendar (a run resumed the next day was refused as reading other data) and
 # served prompts were not those trained
 TEMPLATE_DATE = "26 Jul 2024"
+# Python lines a template may run to write the probe exchange (`ChatFormat.of`): real ones take thousands; a handed
+# one of nested loops ran for ever, for every command that reads the tokenizer
+PROBE_LINES = 10_000_000  # (Qwen2.5's template: 141k, SmolLM2's 52k)
+
+
+class _TooLong(Exception):
+    """A template that ran past PROBE_LINES lines."""
+
+
+def _bounded(render: Callable[[], str], lines: int = PROBE_LINES) -> str:
+    """`render()`, stopped (`_TooLong`) once the Python it runs (Jinja compiles a template to Python) has run `lines`
+    lines: traced, so this is for one short rendering, not for every request."""
+    count = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        count += 1
+        if count > lines:
+            raise _TooLong(f"it ran past {lines:,} lines of Python for two short turns (a loop without end?)")
+        return trace
+
+    before = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        return render()
+    finally:
+        sys.settrace(before)
 
 
 class ConversationRefused(ValueError):
@@ -69,7 +98,8 @@ class ChatFormat:
             return cls(tokenizer, False, END if END in vocab else "", bos)
         exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
         try:
-            answered = tokenizer.apply_chat_template(exchange, tokenize=False, date_string=TEMPLATE_DATE)
+            answered = _bounded(lambda: tokenizer.apply_chat_template(exchange, tokenize=False,
+                                                                      date_string=TEMPLATE_DATE))
         except Exception as e:  # noqa: BLE001 - a Jinja syntax error, a template's raise_exception, or a handed
             # template's own failure ({{ 1/0 }}, a string too large for memory): every command reading the tokenizer
             raise EncdecError(f"the tokenizer's chat template cannot write a user turn and its answer "
