@@ -481,6 +481,8 @@ BAD = [
     ({"prompt": ["w1"] * 21}, 400, "prompt"),  # 21 prompts, one choice each: the prompts asked for them
     ({"prompt": "w1", "best_of": 2}, 400, "best_of"),
     ({"prompt": "w1", "echo": True}, 400, "echo"),
+    ({"prompt": "w1", "echo": 0}, 400, "echo"),  # (0 == False in Python: passed as false)
+    ({"prompt": "w1", "best_of": True}, 400, "best_of"),
     ({"prompt": "w1", "logprobs": 21}, 400, "logprobs"),
     ({"prompt": "w1", "logprobs": True}, 400, "logprobs"),
     ({"prompt": "w1", "stream": True, "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),

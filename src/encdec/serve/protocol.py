@@ -259,11 +259,18 @@ def _lone_surrogate_field(body: dict) -> str | None:
     return None
 
 
+def _same(given: Any, neutral: Any) -> bool:
+    """JSON's equality: true is not 1 and 0 is not false, as Python's == has it ("echo": 0 passed as false)."""
+    if isinstance(given, bool) or isinstance(neutral, bool):
+        return type(given) is type(neutral) and given == neutral
+    return given == neutral
+
+
 def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     """The request of endpoint `kind` ("completions" or "chat"), or an APIError saying what is wrong."""
     body = _object(raw)
     for name in body:
-        if name in NEUTRAL and body[name] not in NEUTRAL[name]:
+        if name in NEUTRAL and not any(_same(body[name], value) for value in NEUTRAL[name]):
             given = cut(json.dumps(body[name]))  # a tool list can be pages long
             raise APIError(400, f"'{name}' = {given} is not supported by this server "
                            f"(accepted: {' or '.join(json.dumps(v) for v in NEUTRAL[name])})", name)
