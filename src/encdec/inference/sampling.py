@@ -1,8 +1,8 @@
 """How each generated row picks its next token: its own penalties, sampling settings and seeded generator.
 
 A row's tokens depend only on its prompt and its settings, never on the rows it shares a batch with,
-so a request served in a continuous batch gets the tokens it would get alone (up to float32 near-ties:
-`encdec.inference.engine`).
+so a request served in a continuous batch gets the tokens it would get alone (up to near-ties at the dtype's
+rounding, far more frequent in bfloat16: `encdec.inference.engine`).
 
 Penalties and biases change a row's logits before greedy or sampled choice, counting the tokens the row
 generated (the prompt is the encoder's, not text the decoder wrote): OpenAI's presence penalty (minus
