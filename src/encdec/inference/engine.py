@@ -19,8 +19,8 @@ that keeps the float32 argmax).
 join whenever requests arrive. A row's tokens never depend on its neighbours (each has its own
 position, masks, sampling settings and random stream), except with int8 weights (`encdec.inference.quantize`)
 and at near-ties: the products' rounding depends on how many rows they compute and how prompts are packed (in
-float32 a logit moves by about 1e-6; in bfloat16 on CPU, from 16 rows a step, a state by 0.02-0.1), which can
-flip a choice between two tokens that close, as in any batched engine.
+float32 a logit moves by about 1e-6; bfloat16 rounds 2^16 times coarser), which can flip a choice between two
+tokens that close, as in any batched engine.
 """
 
 from __future__ import annotations
