@@ -20,7 +20,7 @@ from encdec.causal import load_causal
 from encdec.cli import main
 from encdec.config import EncDecConfig, StackConfig
 from encdec.errors import EncdecError
-from encdec.evaluation.stats import mean_interval
+from encdec.evaluation.stats import mean_interval, wilson_interval
 from encdec.flops import decoder_only_request_flops, encdec_request_flops
 from encdec.inference.causal import generate_causal
 from encdec.inference.sampling import Sampling
@@ -60,11 +60,20 @@ def test_suite_average_interval_is_the_normal_interval_of_a_mean_of_independent_
     z2 = 1.959964**2
     a, b = (10 + z2 / 2) / (20 + z2), (15 + z2 / 2) / (20 + z2)  # Agresti-Coull's adjusted accuracies
     half = 1.959964 * math.sqrt(a * (1 - a) / (20 + z2) + b * (1 - b) / (20 + z2)) / 2
-    assert mean == pytest.approx(0.625) and low == pytest.approx(0.625 - half) and high == pytest.approx(0.625 + half)
+    centre = (a + b) / 2  # centred on the adjusted accuracies' mean, not on the plain one
+    assert mean == pytest.approx(0.625) and low == pytest.approx(centre - half) and high == pytest.approx(centre + half)
+    assert centre < 0.625  # pulled towards one half
     mean, low, high = mean_interval([(0, 5), (5, 5)])  # no spread in either sample, yet 5 examples prove little
     assert mean == 0.5 and 0.2 < low < 0.4 and 0.6 < high < 0.8
     with pytest.raises(ValueError):
         mean_interval([])
+
+
+def test_one_task_average_interval_is_the_tasks_own_wilson_interval():
+    """A table with one task showed its row's Wilson interval and an average row with another interval (1 of 20:
+    [0.0, 18.2]% against Wilson's [0.9, 23.6]%)."""
+    for correct, n in ((1, 20), (9, 10), (10, 10), (0, 3)):
+        assert mean_interval([(correct, n)]) == (correct / n, *wilson_interval(correct, n))
 
 
 @pytest.mark.parametrize("family", ["gemma3", "llama", "qwen3"])  # Llama and Qwen do not scale their embeddings
