@@ -597,6 +597,18 @@ def test_the_table_names_the_range_of_shots_when_groups_had_fewer():
     assert f"| **average** | | **50.0** [{50 - half:.1f}, {50 + half:.1f}] |" in markdown(record)
 
 
+def test_a_model_name_holding_a_bar_stays_one_column_of_the_table():
+    """A path such as runs/a|b split the header into two columns, and the next model's numbers showed under "b"."""
+    from encdec.evaluation.harness import markdown
+
+    result = {"n": 10, "accuracy": 0.5, "interval95": [0.2, 0.8]}
+    names = ["runs/a|b", "runs/c\nd"]
+    record = {"models": [{"name": n} for n in names], "tasks": {"copa": {"n": 10, "results": dict.fromkeys(names, result)}}}
+    rows = [line for line in markdown(record).splitlines() if line.startswith("|")]
+    assert len(rows) == 4 and {len(re.findall(r"(?<!\\)\|", line)) for line in rows} == {5}, rows
+    assert "runs/a\\|b" in rows[0] and "runs/c d" in rows[0]
+
+
 def test_missing_data_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(datasets, "package_dir", lambda module: None)
     monkeypatch.setitem(sys.modules, "datasets", None)  # and no Hub fallback

@@ -320,10 +320,16 @@ def _average(results: list[tuple[float, int]]) -> str:
     return f"**{100 * mean:.1f}** [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def _escaped(name: str) -> str:
+    """A name as one table cell: a model path holding "|" split the header, and its numbers showed under another
+    model's name."""
+    return " ".join(name.replace("|", "\\|").splitlines())
+
+
 def markdown(record: dict[str, Any]) -> str:
     """One column per model, one row per task: accuracy (%) with its 95% interval; the average over tasks."""
     names = [m["name"] for m in record["models"]]
-    lines = [f"| task | n | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
+    lines = [f"| task | n | {' | '.join(map(_escaped, names))} |", "|---|---|" + "---|" * len(names)]
     averages: dict[str, list[tuple[float, int]]] = {m: [] for m in names}  # (correct, n) per task
     heldout = None
     for task, entry in record["tasks"].items():
