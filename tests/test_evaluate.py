@@ -268,6 +268,19 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ("The answer is 10. I hope the answer is right.", "10"),  # a last cue with no number after it
     ("The answer is 10. I hope the answer is right, I checked it 3 times.", "10"),  # nor one after it directly
     ("The answer is 10. The answer is not 12.", "10"),
+    # a calculation's result is its sentence's last "=": the text's last number was taken (3, 7, 2)
+    ("So the answer is 3 x 4 = 12. Check: 12 / 4 = 3", "12"),
+    ("So the answer is 3 x 4 = 12 eggs per day for 7 days.", "12"),
+    ("So the answer is 9 * 2 = 18.\n\nThis is because she sells 9 eggs for 2 dollars each.", "18"),
+    ("The answer is $3 \\times 4 = 12$ apples, 2 each", "12"),
+    # markup around a stated answer: escaped dollars, LaTeX's delimiters, quotes (the last number, 2, was taken)
+    ("The answer is \\$18. She sold 9 eggs at \\$2 each.", "18"),
+    ("The answer is \\(18\\) dollars, from 9 eggs at 2 each.", "18"),
+    ("The answer is \\[\\boxed{18}\\] (9 eggs at 2 each)", "18"),
+    ("The answer is $$\\boxed{18}$$ (9 eggs at 2 each)", "18"),
+    ('The answer is "18" (9 eggs at 2 each)', "18"),
+    ("The answer is `18` (9 eggs at 2 each)", "18"),
+    ("9 eggs at 2 each: $\\boxed{18}$, sold by 4 pm", "18"),  # \\boxed states an answer too
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected
@@ -918,7 +931,8 @@ def test_decoder_only_options_are_scored_from_the_logits_the_model_gives(model_t
 
 # the prompts of every task (3 examples, 2 shots each) under each FORMAT_VERSION
 PROMPTS = {2: "caafa691c0b0c279", 3: "df75416d07956669", 4: "df75416d07956669", 5: "df75416d07956669",
-           6: "df75416d07956669", 7: "df75416d07956669", 8: "df75416d07956669"}
+           6: "df75416d07956669", 7: "df75416d07956669", 8: "df75416d07956669",
+           9: "df75416d07956669"}
 
 
 def test_a_prompt_that_changes_comes_with_a_new_format_version():

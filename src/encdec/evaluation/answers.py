@@ -12,15 +12,16 @@ DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\{,\}|\\,|[\u2009\u202f\u00a0])(?=\d{3}(?!
 # ".5" too, read as 0.5, where the point follows no letter, digit or point (not the ".3" of "1.2.3" or "file.2");
 # a minus sign only where it touches the number and follows no word or bracket ("23 - 15", "3-5" end on 15 and 5)
 NUMBER = re.compile(r"(?:(?<![\w)\]])-(?=[$\d.]))?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
-# "the answer is" (or "answer:") and its number, through the markup a chat model writes around it: bold,
-# LaTeX's $\boxed{...}$; the number whole, and not the first term of a calculation ("Answer: 3 + 4 = 7", with
-# multiplication also written 3 x 4 or 3 · 4)
-ANSWER_IS = re.compile(r"answer(?:\s+is\s*:?|\s*:)[\s*_]*(?:\$?\s*\\boxed\{)?\s*(" + NUMBER.pattern
-                       + r")(?!\d|,\d|\.\d|\s*[-+*/\u00d7\u00f7\u00b7x=]\s*[$(.\d])", re.IGNORECASE)
 ANSWER_CUE = re.compile(r"answer(?:\s+is\s*:?|\s*:)", re.IGNORECASE)
-# a cue whose number begins a calculation ("the answer is 3 x 4 = 12"): the terms ANSWER_IS leaves out
-CALCULATION = re.compile(ANSWER_CUE.pattern + r"[\s*_]*(?:\$?\s*\\boxed\{)?\s*(?:" + NUMBER.pattern
-                         + r")(?=\s*[-+*/\u00d7\u00f7\u00b7x=]\s*[$(.\d])", re.IGNORECASE)
+# what a chat model writes between "the answer is" and its number: bold and italics, quotes, code ticks, LaTeX's
+# math delimiters (\( \[ $ $$), an escaped dollar sign, \boxed{...} and \text{...}
+MARKUP = r"(?:[\s*_\"'`]|\\[(\[]|\$\$?|\\\$|\\(?:boxed|text|textbf|mathbf)\{)*"
+# a stated answer: the cue, or LaTeX's \boxed{...} (a chat model's way of saying it), and its first number
+STATEMENT = re.compile(r"(?:" + ANSWER_CUE.pattern + r"|\\boxed\{)" + MARKUP + "(" + NUMBER.pattern + ")", re.IGNORECASE)
+# a number that begins a calculation ("3 + 4", multiplication also written 3 x 4, 3 · 4 or LaTeX's \times)
+CALCULATES = re.compile(r"\s*(?:[-+*/=\u00d7\u00f7\u00b7x]|\\times|\\cdot|\\div)\s*[$(.\d\\]")
+RESULT = re.compile(r"=" + MARKUP + "(" + NUMBER.pattern + ")")
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 
 
 def _clean_number(text: str) -> str | None:
@@ -36,23 +37,33 @@ def _clean_number(text: str) -> str | None:
 
 
 def final_number(text: str) -> str | None:
-    """The number a chain of thought ends on: after "the answer is" when stated (the few-shot
-    examples end that way), else the last number in the text; GSM8K's "#### N" also counts. LaTeX's and
-    typography's ways of writing thousands (1{,}000, 1\\,000, thin spaces) and the minus sign read as plain ones."""
+    """The number a chain of thought ends on: the last stated answer ("the answer is N", the few-shot examples'
+    ending, or \\boxed{N}) when there is one, else GSM8K's "#### N", else the last number in the text. A statement
+    written as a calculation ("so the answer is 3 x 4 = 12") gives its result: the number after the last "=" of its
+    sentence. LaTeX's and typography's ways of writing thousands (1{,}000, 1\\,000, thin spaces) and the minus sign
+    read as plain ones."""
     text = DIGIT_GROUPS.sub(lambda m: "," if m.group(0) == "{,}" else "", text).replace("\u2212", "-")
-    stated = list(ANSWER_IS.finditer(text))
-    cues = [cue.start() for cue in ANSWER_CUE.finditer(text)]
-    if stated and CALCULATION.match(text, cues[-1]) and cues[-1] > stated[-1].start():
-        # the last "the answer is" written as a calculation ("so the answer is 3 x 4 = 12", after "The answer is 10"
-        # was checked): read as if stated alone (its result, the last number), not as the earlier statement
-        return _clean_number(NUMBER.findall(text, cues[-1])[-1])
+    stated = list(STATEMENT.finditer(text))
     if stated:
-        return _clean_number(stated[-1].group(1))
+        return _clean_number(_stated_answer(text, stated[-1]))
     found = re.findall(r"####\s*(" + NUMBER.pattern + ")", text)
     if found:
         return _clean_number(found[-1])
     numbers = NUMBER.findall(text)
     return _clean_number(numbers[-1]) if numbers else None
+
+
+def _stated_answer(text: str, statement: re.Match[str]) -> str:
+    """A statement's number, or the result of the calculation it begins: the number after the last "=" of its
+    sentence (its last number without one). The text's last number was read before, from any later sentence
+    ("the answer is 3 x 4 = 12. Check: 12 / 4 = 3" gave 3), as it was for answers in markup not read as stated
+    (\\$18, \\(18\\), "18")."""
+    if not CALCULATES.match(text, statement.end()):
+        return statement.group(1)
+    end = SENTENCE_END.search(text, statement.end())
+    sentence = text[statement.start(1) : end.start() if end else len(text)]
+    results = RESULT.findall(sentence)
+    return results[-1] if results else NUMBER.findall(sentence)[-1]
 
 
 def normalise(text: str) -> str:
