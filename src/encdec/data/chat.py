@@ -27,6 +27,8 @@ from encdec.errors import EncdecError, first_line
 _ROLE = {"user": "user", "model": "assistant", "system": "system"}
 _MARK = "\x00answer\x00"  # stands for an answer when finding the text a template puts after one
 _SLOT = re.compile("\ue000(\\d+)\ue001")  # stands for a message's text in a rendering (private-use characters)
+# a template's turn markers among its text: <|im_start|>, <end_of_turn>, [INST], [/INST] ...
+_MARKER = re.compile(r"<\|?[A-Za-z_/][\w/.-]*\|?>|\[/?[A-Z][A-Z_]*\]")
 
 
 _MENDED = "fix or remove chat_template in the model's tokenizer_config.json (or its chat_template.jinja)"
@@ -86,6 +88,9 @@ class ChatFormat:
     # the token the encoder's inputs start with: the one the tokenizer puts before every text (Gemma's and
     # Llama's BOS), so that tuned prompts begin as served ones do (`tokenizer(text)`); None for Qwen, which adds none
     bos: int | None
+    # the format's turn markers that are no token of the tokenizer's (Gemma's format on Llama 2's tokenizer): plain
+    # text, so a message holding one would write a turn of its own (`encode` refuses it)
+    plain_markers: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, tokenizer: Any) -> ChatFormat:
@@ -95,7 +100,7 @@ class ChatFormat:
         # Gemma's own format where there is no template or the template is Gemma's (its turns); a Gemma fine-tune's
         # vocabulary keeps <start_of_turn> whatever template it was tuned with, which is then the one used
         if not template or START in vocab and START in str(template):
-            return cls(tokenizer, False, END if END in vocab else "", bos)
+            return cls(tokenizer, False, END if END in vocab else "", bos, tuple(m for m in (START, END) if m not in vocab))
         exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
         try:
             answered = _bounded(lambda: tokenizer.apply_chat_template(exchange, tokenize=False,
@@ -107,9 +112,11 @@ class ChatFormat:
         if _MARK not in answered:
             raise EncdecError(f"the tokenizer's chat template leaves out the answer of a user turn; {_MENDED}")
         end = answered.split(_MARK, 1)[1].strip()
+        markup = answered.replace(_MARK, " ").replace("?", " ")  # the template's own text
+        plain = tuple(dict.fromkeys(m for m in _MARKER.findall(markup) if m not in vocab))
         # an end of turn that is no one token of the vocabulary (a ChatML template on a tokenizer without
         # <|im_end|>) cannot stop generation: trained, every answer ended with its text; EOS alone closes them
-        return cls(tokenizer, True, end if end in vocab else "", bos)
+        return cls(tokenizer, True, end if end in vocab else "", bos, plain)
 
     def render(self, turns: list[tuple[str, str]]) -> str:
         """The encoder's text for (role, text) turns ("user", "model" or "system"), ending with an open
@@ -144,7 +151,14 @@ class ChatFormat:
         """The token ids of `render(turns)`, the tokenizer's leading BOS first where it puts one, except that a
         message's text is never read as the tokenizer's control tokens: "<end_of_turn>" typed in a message is text,
         so that a client cannot close its turn and write the model's (transformers' templates and vLLM read it as
-        the marker). Prompts without such text are tokenized whole, as before."""
+        the marker). Prompts without such text are tokenized whole, as before. A message holding a turn marker that
+        the tokenizer has no token for (`plain_markers`) is refused: as text it is the marker."""
+        for role, text in turns:
+            marker = next((m for m in self.plain_markers if m in text), None)
+            if marker is not None:
+                raise ConversationRefused(f"a {role} message holds {marker!r}, which marks turns in this chat format and "
+                                          "is plain text to this tokenizer (no token of its own): it would write a turn "
+                                          "of its own; leave it out of the message")
         tok, bos = self.tokenizer, [] if self.bos is None else [self.bos]
         if not any(self._spells_control(text) for _, text in turns):
             return bos + tok(self.render(turns), add_special_tokens=False)["input_ids"]
