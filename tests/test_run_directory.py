@@ -176,6 +176,25 @@ def test_overwrite_refuses_a_model_kept_in_out_that_no_run_saved(adapted, corpus
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
+def test_resume_refuses_a_model_in_out_that_no_run_saved(adapted, corpus, tmp_path, capsys):
+    """--overwrite refused to delete a model put in OUT/model, but --resume replaced it at its end without a word."""
+    out = tmp_path / "run"
+    args = _pretrain_args(adapted, out, corpus, "--steps", "1", "--save-every", "1")
+    assert main(args) == 0
+    shutil.rmtree(out / "model")
+    shutil.copytree(adapted, out / "model")
+    (out / "model" / "MY_NOTES.txt").write_text("mine")
+    before = sorted(p.relative_to(out) for p in (out / "model").rglob("*"))
+    capsys.readouterr()
+    assert main([*args, "--resume", "--steps", "2"]) == 2
+    (line,) = _lines(capsys.readouterr().err, "error:")
+    assert f"{out / 'model'} is not what a run writes there (a model no run saved: its" in line, line
+    assert "--resume continues" in line and (out / "model" / "MY_NOTES.txt").read_text() == "mine"
+    assert sorted(p.relative_to(out) for p in (out / "model").rglob("*")) == before
+    shutil.rmtree(out / "model")  # the run's own final model is resumed over, as before
+    assert main([*args, "--resume", "--steps", "2"]) == 0 and main([*args, "--resume", "--steps", "3"]) == 0
+
+
 def test_overwrite_replaces_a_decoder_only_runs_model(sources, corpus, tmp_path):
     """A decoder-only run saves its model in its family's layout (no encoder-decoder config.json): a run's all the
     same, which --overwrite replaces."""

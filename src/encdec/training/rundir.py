@@ -209,8 +209,9 @@ def training_record(model: Path) -> dict | None:
 
 def foreign_output(out: Path, contents: bool = True) -> tuple[str, str] | None:
     """The first of OUT's run names (OUTPUTS) that holds something no run writes, with what: `begin` deletes
-    them all on --overwrite (a link is only unlinked, what it leads to stays). Without `contents`, only a name of
-    another kind (metrics.jsonl no file, the others no directories)."""
+    them all on --overwrite (a link is only unlinked, what it leads to stays). Without `contents` (--resume), only a
+    name of another kind (metrics.jsonl no file, the others no directories) and a model no run saved: a resumed run
+    replaces OUT/model at its end too (one put there in the meantime was lost without a word)."""
     def odd(path: Path, kept) -> str:
         found = sorted(entry.name for entry in path.iterdir() if not kept(entry))
         return f"it holds {', '.join(found[:3])}" if found else ""
@@ -224,7 +225,7 @@ def foreign_output(out: Path, contents: bool = True) -> tuple[str, str] | None:
                 problem = "" if path.is_file() else "not a file"
             elif not path.is_dir():
                 problem = "not a directory"
-            elif not contents:
+            elif not contents and name != "model":
                 problem = ""
             elif name == "model":  # a run's final model records the run (encdec.json: "pretrained" or "finetuned");
                 # any checkpoint was taken for one, and --overwrite deleted a model kept there (an adapted one, say)
