@@ -195,6 +195,20 @@ def test_resume_refuses_a_model_in_out_that_no_run_saved(adapted, corpus, tmp_pa
     assert main([*args, "--resume", "--steps", "2"]) == 0 and main([*args, "--resume", "--steps", "3"]) == 0
 
 
+def test_a_checkpoint_name_of_other_digits_is_not_a_step(adapted, corpus, tmp_path, capsys):
+    """str.isdigit() takes "²", which int() refuses: checkpoints/step-² was a traceback of --resume."""
+    from encdec.training.checkpointing import checkpoints, is_step_name
+
+    assert [is_step_name(n) for n in ("step-12", "step-\u00b2", "step-\u0663", "step-", "step-1a")] == [True] + [False] * 4
+    out = tmp_path / "run"
+    args = _pretrain_args(adapted, out, corpus, "--steps", "1", "--save-every", "1")
+    assert main(args) == 0
+    (out / "checkpoints" / "step-\u00b2").mkdir()
+    assert checkpoints(out) == [out / "checkpoints" / "step-000001"]
+    assert main([*args, "--resume", "--steps", "2"]) == 0  # resumed from step 1, the folder left as it is
+    assert (out / "checkpoints" / "step-\u00b2").is_dir() and out / "checkpoints" / "step-000002" in checkpoints(out)
+
+
 def test_overwrite_replaces_a_decoder_only_runs_model(sources, corpus, tmp_path):
     """A decoder-only run saves its model in its family's layout (no encoder-decoder config.json): a run's all the
     same, which --overwrite replaces."""

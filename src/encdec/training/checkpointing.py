@@ -50,7 +50,9 @@ def checkpoints(out: Path) -> list[Path]:
 
 
 def is_step_name(name: str) -> bool:
-    return name.startswith("step-") and name.removeprefix("step-").isdigit()
+    """step-N, N in ASCII digits: str.isdigit() takes "²", which int() refuses (a traceback of --resume)."""
+    digits = name.removeprefix("step-")
+    return name.startswith("step-") and digits.isascii() and digits.isdigit()
 
 
 def step_of(path: Path) -> int:
