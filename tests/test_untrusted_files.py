@@ -619,7 +619,7 @@ def test_a_checkpoints_optimizer_moments_of_other_shapes_or_shared_are_set_aside
     shared by both, and the next save failed; a metrics record that is no JSON failed writing metrics.jsonl."""
     from safetensors.torch import load_file, save_file
 
-    for change in ("smaller", "not finite", "shared", "record", "record of no step"):
+    for change in ("smaller", "not finite", "shared", "record", "record of no step", "resumes"):
         out = shutil.copytree(run, tmp_path / change.replace(" ", "-"))
         newest = checkpointing.checkpoints(out)[-1]
         meta = json.loads((newest / "optimizer.json").read_text())
@@ -632,6 +632,12 @@ def test_a_checkpoints_optimizer_moments_of_other_shapes_or_shared_are_set_aside
             tensors[first] = torch.full_like(tensors[first], float("nan"))
         elif change == "shared":
             states[1]["exp_avg"]["$tensor"] = first
+        elif change == "resumes":  # copied into the final encdec.json: the run failed there, after its steps
+            trainer = json.loads((newest / "trainer.json").read_text())
+            trainer["state"]["resumes"] = [{"$tensor": "planted"}]
+            (newest / "trainer.json").write_text(json.dumps(trainer))
+            save_file({**load_file(newest / "trainer.safetensors"), "planted": torch.zeros(2)},
+                      newest / "trainer.safetensors")
         elif change == "record of no step":  # (its step was read when the line was written to TensorBoard again)
             trainer = json.loads((newest / "trainer.json").read_text())
             trainer["state"]["record"] = {"loss": 1.0}
@@ -646,7 +652,7 @@ def test_a_checkpoints_optimizer_moments_of_other_shapes_or_shared_are_set_aside
         (newest / "optimizer.json").write_text(json.dumps(meta))
         said = {"smaller": r"exp_avg has shape \(1,\), not its parameter", "not finite": "exp_avg holds NaN or inf",
                 "shared": "is not in the file, or is named twice", "record": "lacks or mangles record",
-                "record of no step": "lacks or mangles record"}[change]
+                "record of no step": "lacks or mangles record", "resumes": "lacks or mangles resumes"}[change]
         with pytest.raises(EncdecError, match=said):
             checkpointing.read(newest)
         loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, resume=True))  # from step 1

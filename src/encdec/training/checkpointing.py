@@ -173,6 +173,7 @@ def read(path: Path) -> Saved:
          and all(entry is None or isinstance(entry, dict) for entry in schedule["lr_lambdas"])),
         ("stream", isinstance(trainer.get("stream"), dict)),
         ("record", _json_record(trainer.get("record"), trainer["step"])),
+        ("resumes", _json_resumes(trainer.get("resumes"))),
         ("config", isinstance(config, dict)),
         ("config's paths", not isinstance(config, dict) or all(_path_setting(config.get(name)) for name in USER_PATHS)),
         ("processes", type(processes) is int and 1 <= processes <= MAX_PROCESSES),
@@ -194,6 +195,17 @@ def _json_record(value: Any, step: int) -> bool:
     metrics.jsonl and TensorBoard again, at its step)."""
     try:
         return value is None or isinstance(value, dict) and type(value.get("step")) is int and value["step"] == step \
+            and bool(json.dumps(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _json_resumes(value: Any) -> bool:
+    """Whether a run's saved resumes are: none, or a list of JSON objects (copied into every later checkpoint and into
+    the final model's encdec.json: a tensor there failed the run at its end, after every step, and every later
+    resume the same way)."""
+    try:
+        return value is None or isinstance(value, list) and all(isinstance(v, dict) for v in value) \
             and bool(json.dumps(value))
     except (TypeError, ValueError):
         return False
