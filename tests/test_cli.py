@@ -871,6 +871,21 @@ def test_a_yaml_configuration_given_as_config_equals_tilde_is_found(tmp_path, mo
     assert build_parser().parse_args(["finetune", "m", "--config=~/run.yaml"]).config == tmp_path / "run.yaml"
 
 
+def test_a_whole_number_in_the_yaml_configuration_is_an_integer_however_written(tmp_path):
+    """PyYAML reads 1e3 as text (taken as 1000) but 1.0e+3 and 100.0 as floats, which --steps refused."""
+    from encdec.cli import build_parser
+    from encdec.training.config import from_arguments
+
+    for written, steps in (("1e3", 1000), ("1.0e+3", 1000), ("100.0", 100), ("7", 7)):
+        (tmp_path / "run.yaml").write_text(f"steps: {written}\n")
+        assert from_arguments(build_parser().parse_args(["pretrain", "--config", str(tmp_path / "run.yaml")])).steps \
+            == steps
+    for written in ("1.5", ".inf", ".nan"):
+        (tmp_path / "run.yaml").write_text(f"steps: {written}\n")
+        with pytest.raises(EncdecError, match="--steps must be an integer"):
+            from_arguments(build_parser().parse_args(["pretrain", "--config", str(tmp_path / "run.yaml")]))
+
+
 def test_a_list_from_the_yaml_configuration_is_cleared_by_its_option_alone(tmp_path):
     """`--data` (or `--eval-data`) with no value: none, the default corpus, over the file's list (the option needed
     at least one value, and "" was refused, so a file's list could not be undone from the command line)."""

@@ -370,7 +370,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _number_from_yaml(f: dataclasses.Field, value: Any) -> Any:
     """YAML 1.1 (PyYAML) reads 3e-5 and 1e3 as strings (it wants 3.0e-5, 1.0e+3); a number field takes them as the
-    number, an integer field when the number is a whole one."""
+    number, an integer field when the number is a whole one, as it takes a whole float (1.0e+3, 100.0: refused,
+    where 1e3 was read as 1000)."""
+    if _kind(f) is int and type(value) is float and value.is_integer():
+        return int(value)
     if _kind(f) in (float, int) and isinstance(value, str):
         with contextlib.suppress(ValueError, OverflowError):
             number = float(value)
