@@ -1049,6 +1049,40 @@ def test_an_interrupted_search_resumes_from_its_finished_trials(models: dict[str
     assert len(trained) == 15 and len(list((tmp_path / "cache" / "search").iterdir())) == 2
 
 
+def test_a_search_trial_killed_while_scored_keeps_its_finished_fit(models: dict[str, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial's fit was deleted as it finished, before its dev split was scored and journaled: a kill while scoring
+    (minutes of BoolQ's dev split after an hour's fit) trained it again from its first step."""
+    from encdec.classification import run
+
+    monkeypatch.setenv("ENCDEC_CACHE", str(tmp_path / "cache"))
+    _toy(monkeypatch, kfold_task=True, n=24)
+    real_predict, real_fit = run.predict, run.fine_tune
+    found: list[bool] = []  # per fit: whether its progress was on disk when it began
+
+    def killed(*args, **kwargs):
+        if kwargs["desc"].endswith("search: dev"):
+            raise KeyboardInterrupt
+        return real_predict(*args, **kwargs)
+
+    def fit(*args, **kwargs):
+        found.append(kwargs["progress"].is_dir())
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(run, "predict", killed)
+    monkeypatch.setattr(run, "fine_tune", fit)
+    argv = ["classify", str(models["gemma3"]), "--task", "toy", "--search", "--grid-lr", "1e-3", "--grid-epochs", "1",
+            "--grid-head-lr", "1e-2", "--inner-folds", "2", "--folds", "2", "--max-len", "16"]
+    assert main([*argv, "--out", str(tmp_path / "killed")]) == 130
+    search = tmp_path / "cache" / "search"
+    assert found == [False] and [p.is_dir() for p in search.iterdir() if p.suffix != ".lock"] == [True]  # its fit kept
+    monkeypatch.setattr(run, "predict", real_predict)
+    found.clear()
+    assert main([*argv, "--out", str(tmp_path / "resumed")]) == 0
+    assert found[0] and not any(found[1:])  # the first trial read back, not trained again
+    assert not [p for p in search.iterdir() if p.is_dir()]  # each trial's fit deleted once its score is journaled
+
+
 def test_a_run_without_a_search_killed_mid_fit_resumes_from_its_progress(models: dict[str, Path], tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Only a search's fits saved their progress: a plain BoolQ fine-tuning (3 epochs of about an hour each on a CPU)

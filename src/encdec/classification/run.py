@@ -245,8 +245,9 @@ class _FineTuneFolds:
         hp, trials = self.hyper, None
         if self.searched is not None:
             def trial(candidate: Hyper, fit: list[int], dev: list[int]) -> int:
-                try:
-                    classifier, _ = self._train([train_ids[i] for i in fit], candidate, f"{desc} search", k)
+                try:  # the finished fit kept while its dev split is scored (a kill then trained it again)
+                    classifier, _ = self._train([train_ids[i] for i in fit], candidate, f"{desc} search", k,
+                                                keep_finished=True)
                 except Diverged as e:  # its all-NaN predictions scored label 0's share of the dev split: chosen
                     log.warning("%s: the candidate counts no correct answer", e)  # over real ones near chance
                     return 0
@@ -258,7 +259,10 @@ class _FineTuneFolds:
             def correct(candidate: Hyper, fit: list[int], dev: list[int]) -> int:
                 if self.journal is None:
                     return trial(candidate, fit, dev)
-                return self.journal.correct(k, varied(candidate, self.grid), dev, lambda: trial(candidate, fit, dev))
+                score = self.journal.correct(k, varied(candidate, self.grid), dev, lambda: trial(candidate, fit, dev))
+                progress = self._progress(k, candidate, [train_ids[i] for i in fit])  # its score journaled: not needed
+                shutil.rmtree(progress, ignore_errors=True)
+                return score
 
             hp, trials = choose(self.searched, splits, correct=correct, describe=lambda h: varied(h, self.grid))
         chosen = varied(hp, self.grid) if self.grid is not None else None
