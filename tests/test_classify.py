@@ -532,6 +532,10 @@ def test_save_load_predict_is_identical_and_works_from_the_cli(models: dict[str,
     assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1"]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out and ascii(hostile) in out
+    (tmp_path / "clf" / "classifier.json").write_text(json.dumps(meta))  # the input's text, echoed, escaped too
+    assert main(["classify", "--predict", str(tmp_path / "clf"), "--text", "w1 \x1b[31mw2"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and ascii("w1 \x1b[31mw2") in out
 
 
 @pytest.mark.parametrize("family, fmt", [("gemma3", "t5gemma2"), ("gemma2", "t5gemma")])
@@ -1278,6 +1282,9 @@ def test_search_and_probe_bad_values_give_one_line(models: dict[str, Path], tmp_
         "the search's candidate {'lr': -1.0, 'epochs': 2, 'head_lr': 3e-05} is not a valid setting: --lr and "
         "--head-lr must be positive": ["--search", "--grid-lr", "-1"],
         "leaves no dev or no fit example": ["--probe", "--limit", "2", "--dev-share", "0.1"],
+        # past a float's range: an OverflowError traceback of the schedule, after the model loaded
+        "--epochs and --steps must be at most 9,007,199,254,740,992": ["--steps", "1" + "0" * 400],
+        "must be at most 9,007,199,254,740,992, got 10000000000000000": ["--epochs", str(10**16)],
     }
     for expected, extra in cases.items():
         assert expected in _fails([*run, *extra], capsys), extra

@@ -34,6 +34,7 @@ from encdec.data.tokens import outside_vocabulary
 from encdec.errors import EncdecError
 from encdec.files import atomic_dir
 from encdec.inference.onednn import packed_while_inferring
+from encdec.training.checkpointing import MAX_STEPS
 from encdec.training.data import length_grouped, pad_rows
 from encdec.training.optim import (
     build_optimizer,
@@ -76,6 +77,8 @@ class Hyper:
     def check(self) -> None:
         if self.batch_size < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
             raise EncdecError("--batch-size, --epochs and --steps must be positive")
+        if max(self.epochs, self.steps or 0) > MAX_STEPS:  # past a float's range: a traceback of the schedule
+            raise EncdecError(f"--epochs and --steps must be at most {MAX_STEPS:,}, got {self.epochs} and {self.steps}")
         if self.max_len < 2:
             raise EncdecError(f"--max-len {self.max_len}: needs room for BOS and at least one token")
         if not (0 < self.lr < math.inf and 0 < self.head_lr < math.inf and 0 <= self.warmup < 1):
