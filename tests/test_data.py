@@ -487,6 +487,7 @@ def test_processes_starting_together_tokenize_a_corpus_once(sources, tmp_path, m
     ("shard.parquet", "shard.parquet: no column 'text'; columns: ['body']"),
     ("ids.parquet", "ids.parquet: column 'text' holds int64, not text"),
     ("rows.parquet", "rows.parquet: empty, no text in it (no rows)"),
+    ("twice.parquet", "twice.parquet: 2 columns named 'text'"),  # a KeyError traceback; reading took the first
 ])
 def test_a_bad_last_file_is_refused_before_the_first_is_tokenized(sources, tmp_path, monkeypatch, bad, said):
     """A bad shard at the end of a large corpus failed the run after every file before it was tokenized (hours),
@@ -499,7 +500,10 @@ def test_a_bad_last_file_is_refused_before_the_first_is_tokenized(sources, tmp_p
     (tmp_path / "data" / "a.txt").write_text("w1 w2\n")
     columns = {"shard.parquet": {"body": ["w1"]}, "ids.parquet": {"text": [1, 2]},
                "rows.parquet": {"text": pa.array([], pa.string())}}
-    if bad.endswith(".parquet"):
+    if bad == "twice.parquet":
+        pq.write_table(pa.Table.from_arrays([pa.array(["w1"]), pa.array(["w2"])], names=["text", "text"]),
+                       tmp_path / "data" / bad)
+    elif bad.endswith(".parquet"):
         pq.write_table(pa.table(columns[bad]), tmp_path / "data" / bad)
     else:
         (tmp_path / "data" / bad).write_text("")

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -425,7 +426,16 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
     assert "custom_generate/generate.py is there: transformers would run it" in said()
     shutil.rmtree(out / "custom_generate")
     assert "is the file this encdec writes" in said()
-    remote.write_text(remote.read_text() + "\nimport os\nos.system('echo pwned')\n")
+    original = remote.read_text()
+    with remote.open("r+b") as f:  # sparse, 300 MB: read whole to be compared
+        f.truncate(300 << 20)
+    tracemalloc.start()
+    try:
+        assert "DIFFERS from the file this encdec writes" in said()
+        assert tracemalloc.get_traced_memory()[1] < 50 << 20
+    finally:
+        tracemalloc.stop()
+    remote.write_text(original + "\nimport os\nos.system('echo pwned')\n")
     line = said()
     assert "DIFFERS from the file this encdec writes" in line and "read it first" in line
     # what it advises, run as written: the copy keeps the tokenizer and the provenance (a UL2 model's framing)

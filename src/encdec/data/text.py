@@ -231,8 +231,12 @@ def _parquet_file(path: Path, field: str):
         table = pq.ParquetFile(str(path))
     except Exception as e:  # pyarrow raises several types for damaged files
         raise EncdecError(f"{path}: not a readable parquet file ({e})") from None
-    if field not in table.schema_arrow.names:
-        raise EncdecError(f"{path}: no column {field!r}; columns: {table.schema_arrow.names}")
+    names = table.schema_arrow.names
+    if field not in names:
+        raise EncdecError(f"{path}: no column {field!r}; columns: {names}")
+    if names.count(field) > 1:  # pyarrow's field() then raises KeyError, and reading took the first in silence
+        raise EncdecError(f"{path}: {names.count(field)} columns named {field!r}; which holds the text is unclear: "
+                          "write the file with one column of that name")
     return table
 
 

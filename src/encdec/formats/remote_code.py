@@ -198,7 +198,9 @@ def modeling_file_line(directory: Path) -> str:
                 f"trust_remote_code=True; {resave}")
     if not path.is_file():
         return f"no {MODELING_FILE}: transformers cannot load it (encdec can); {RESAVE} writes a copy with it"
-    if path.read_bytes() == modeling_source().encode():
+    expected = modeling_source().encode()
+    # its size first: a handed file of gigabytes (sparse, a few KB of a tarball) was read whole to compare
+    if path.stat().st_size == len(expected) and path.read_bytes() == expected:
         return f"{MODELING_FILE} is the file this encdec writes (what trust_remote_code=True would run)"
     return (f"{MODELING_FILE} DIFFERS from the file this encdec writes (edited, or written by another encdec "
             f"version): transformers would run it with trust_remote_code=True; {resave}")
