@@ -975,11 +975,23 @@ def test_a_damaged_checkpoint_config_is_one_line(capsys, tmp_path, adapted, edit
     ({"rope_parameters": {"full_attention": {"rope_theta": 10**400, "rope_type": "default"},
                           "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}}},
      "is not a usable configuration (OverflowError"),
+    # read as no setting (the default RoPE, or layer pattern), where transformers refuses them: adapted in silence
+    ({"rope_parameters": [1, 2]}, "rope_parameters must be a mapping of settings or null, got [1, 2]"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be a mapping of settings or null, got 'linear'"),
+    ({"rope_parameters": {"full_attention": "linear", "sliding_attention": {"rope_type": "default"}}},
+     "full_attention must be a mapping of settings or null, got 'linear'"),
+    ({"layer_types": []}, "layer_types has 0 entries for 4 layers"),
+    ({"family": "llama", "rope_scaling": "linear"}, "rope_scaling must be a mapping of settings or null"),
+    ({"family": "llama", "rope_scaling": None, "rope_parameters": ["linear"]}, "rope_parameters must be a mapping"),
+    ({"family": "qwen3", "use_sliding_window": True, "sliding_window": 8, "layer_types": []},
+     "layer_types has 0 entries"),
 ], ids=["no-kv-heads", "no-heads", "no-width", "eps-a-string", "eos-an-object", "eos-nested", "scale-beyond-floats",
-        "rope-base-beyond-floats"])
+        "rope-base-beyond-floats", "rope-a-list", "scaling-a-string", "rope-of-a-type-a-string", "no-layer-types",
+        "llama-scaling-a-string", "llama-rope-a-list", "qwen-no-layer-types"])
 def test_a_damaged_source_config_is_one_line(capsys, tmp_path, sources, edit, message):
     source = tmp_path / "source"
-    shutil.copytree(sources["gemma3"], source)
+    edit = dict(edit)
+    shutil.copytree(sources[edit.pop("family", "gemma3")], source)
     config = json.loads((source / "config.json").read_text())
     config.update(edit)
     (source / "config.json").write_text(json.dumps(config))

@@ -38,6 +38,17 @@ def flag(cfg: dict[str, Any], key: str, default: bool) -> bool:
     return value
 
 
+def mapping(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    """A mapping field of a source configuration ({} where it is missing or null): a RoPE setting written as
+    "linear" or [1, 2] was read as none, the default RoPE, where transformers refuses it."""
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EncdecError(f"{key} must be a mapping of settings or null, got {value!r:.40}")
+    return value
+
+
 def layer_count(cfg: dict[str, Any], key: str = "num_hidden_layers") -> int:
     """A source configuration's layer count, checked before lists or modules are built from it."""
     n = cfg[key]

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from encdec.config import StackConfig, flag, layer_count
+from encdec.config import StackConfig, flag, layer_count, mapping
 from encdec.errors import EncdecError
 from encdec.formats.decoder_only import SourceConfig, special_tokens
 
@@ -78,14 +78,13 @@ def _rope(cfg: dict[str, Any], kind: str, family: str) -> tuple[float, float]:
         theta = cfg.get("rope_local_base_freq", 10_000.0)
     else:
         theta = cfg.get("rope_theta", 1_000_000.0 if gemma3 else 10_000.0)
-    params = cfg.get("rope_parameters")
-    params = dict(params) if isinstance(params, dict) else {}
+    params = dict(mapping(cfg, "rope_parameters"))
     if set(params) & set(HF_LAYER_TYPES):  # one setting per layer type
-        params = dict(params.get(OUR_LAYER_TYPES[kind]) or {})
+        params = dict(mapping(params, OUR_LAYER_TYPES[kind]))
     elif gemma3 and params:  # transformers' Gemma 3 keeps its per-type defaults beside a flat setting
         raise EncdecError(f"rope_parameters {params} names no layer type; Gemma 3 reads one setting per layer type "
                           f"({', '.join(HF_LAYER_TYPES)}), and transformers would leave a flat one unused")
-    scaling = cfg.get("rope_scaling") or {}
+    scaling = mapping(cfg, "rope_scaling")
     if gemma3 and kind == "full":
         params.update(scaling)
     elif not gemma3 and scaling:
@@ -110,7 +109,7 @@ def stack_from_hf(cfg: dict[str, Any], family: str) -> StackConfig:
         raise EncdecError("sliding_window is None; expected a positive number of tokens (transformers' Gemma needs "
                           "one for its sliding layers)")
     n = layer_count(cfg)
-    if cfg.get("layer_types"):
+    if cfg.get("layer_types") is not None:  # an empty list too (the default pattern in its place, in silence)
         layer_types = layer_types_from_hf(cfg["layer_types"])
     else:
         period = 2 if family == "gemma2" else cfg.get("sliding_window_pattern", 6)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from encdec.config import StackConfig, flag, layer_count
+from encdec.config import StackConfig, flag, layer_count, mapping
 from encdec.errors import EncdecError
 from encdec.formats.decoder_only import SourceConfig, special_tokens
 
@@ -29,8 +29,8 @@ def rope(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
     """The StackConfig RoPE fields of a one-setting config (current `rope_parameters` or older `rope_scaling`), read
     as transformers reads them: `rope_scaling` in place of `rope_parameters` where both are given, a theta they
     leave out taken from `rope_theta`."""
-    params = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    params = {"rope_theta": cfg.get("rope_theta", 10_000.0), **(params if isinstance(params, dict) else {})}
+    params = mapping(cfg, "rope_scaling") or mapping(cfg, "rope_parameters")
+    params = {"rope_theta": cfg.get("rope_theta", 10_000.0), **params}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ROPE_TYPES:
         raise EncdecError(f"{where}: RoPE type {kind!r} is not supported; supported: {', '.join(ROPE_TYPES)}")

@@ -25,7 +25,7 @@ def _layer_types(cfg: dict[str, Any]) -> list[str]:
     n = layer_count(cfg)
     if not flag(cfg, "use_sliding_window", False) or cfg.get("sliding_window", 4096) is None:
         return ["full"] * n
-    if cfg.get("layer_types"):
+    if cfg.get("layer_types") is not None:  # an empty list too (the default pattern in its place, in silence)
         return layer_types_from_hf(cfg["layer_types"])
     return ["sliding" if i >= cfg.get("max_window_layers", 28) else "full" for i in range(n)]
 
