@@ -467,16 +467,22 @@ def test_tokenizer_loads_from_the_export_without_a_false_regex_warning(tmp_path)
     assert len(translator.translate_batch([tokenizer.tokenize(text)], max_decoding_length=2)[0].hypotheses[0]) == 2
 
 
-def test_cautions_read_numbers_alone_from_sections_nothing_else_reads(tmp_path):
-    """A string, a list or mixed types under a key the cautions look for (in a vision tower's section, or at the
-    top level, which the loader does not read) failed the export after the checkpoint had loaded: a traceback."""
+def test_cautions_read_the_configuration_as_the_model_is_read(sources, tmp_path):
+    """Released T5Gemma configs leave out what equals transformers' defaults (soft-caps of 50 and 30): the cautions
+    read config.json's keys, so the caps CTranslate2 does not apply went unsaid while the model applied them."""
+    from encdec.checkpoint import read_config
     from encdec.formats.ctranslate2 import cautions
 
-    (tmp_path / "config.json").write_text(json.dumps({
-        "rope_theta": "10000", "vision_config": {"factor": [2], "sliding_window": "wide", "head_dim": [1],
-                                                 "rope_theta": 10**400, "query_pre_attn_scalar": float("inf")},
-        "decoder": {"rope_theta": 1e6, "factor": 2.0, "query_pre_attn_scalar": 16, "head_dim": 8},
-        "encoder": {"rope_theta": 500000, "query_pre_attn_scalar": "16", "head_dim": 8, "factor": True}}))
-    said = " ".join(cautions(tmp_path, "t5gemma"))
-    assert "RoPE base is 500000, 1e+06" in said and "linear factor 2)" in said
-    assert "query_pre_attn_scalar (16)" in said and "sliding window" not in said
+    model_dir = tmp_path / "adapted"
+    assert main(["adapt", "--encoder", str(sources["gemma2"]), "--out", str(model_dir)]) == 0
+
+    def without_caps(node):
+        if isinstance(node, dict):
+            return {k: without_caps(v) for k, v in node.items()
+                    if k not in ("attn_logit_softcapping", "final_logit_softcapping")}
+        return node
+
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(without_caps(config)))
+    said = " ".join(cautions(read_config(model_dir)[0], "t5gemma"))
+    assert "attention logits are soft-capped (at 50.0)" in said and "final logits are soft-capped (at 30.0)" in said

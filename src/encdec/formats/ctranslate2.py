@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from safetensors import SafetensorError
 
 from encdec import checkpoint
 from encdec.checkpoint import NATIVE, checkpoint_format, load_checkpoint, read_config
-from encdec.config import is_number
+from encdec.config import EncDecConfig
 from encdec.errors import EncdecError, described
 from encdec.files import atomic_dir, check_output_dir, read_json
 from encdec.formats.t5gemma import LAYOUTS
@@ -57,7 +55,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
 
     # every weight there with its shape (the converter reads through transformers, which fills a missing one with
     # random values and says nothing); mapped, as stored: no copy is made
-    eos_token_ids = load_checkpoint(model_dir, None, mapped=True).model.config.eos_token_ids
+    config = load_checkpoint(model_dir, None, mapped=True).model.config
     tokenizer = load_tokenizer(model_dir)  # CTranslate2 takes its vocabulary from it: fail before any work
     # an earlier export is what --overwrite replaces: CTranslate2's model.bin, not a config.json (every checkpoint
     # has one: a mistyped --out replaced another model whole), and this command's (another project's CTranslate2
@@ -65,7 +63,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin",), kind=EXPORT)
     # before converting: reading the framing refuses a provenance it does not know, which must not come after an
     # --overwrite has replaced the previous export
-    found = [*cautions(model_dir, fmt), *generation_cautions(model_dir, eos_token_ids, tokenizer)]
+    found = [*cautions(config, fmt), *generation_cautions(model_dir, config.eos_token_ids, tokenizer)]
     try:
         from ctranslate2.converters import TransformersConverter
     except ImportError:
@@ -139,35 +137,22 @@ EXPORT = (("a CTranslate2 model written by encdec export (its config.json marked
            "2026-12-07, is removed by hand)"), is_export)
 
 
-def _sections(node: Any) -> Iterator[dict]:
-    """Every object of a nested configuration (its sub-configurations, their RoPE parameters...)."""
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _sections(value)
-
-
-def _values(node: Any, key: str) -> set:
-    """Every numeric value of `key` anywhere in a nested configuration, finite and within a float's range (sections
-    nothing else reads, such as a vision tower's, may hold anything: a string, a list or 10**400 there failed the
-    export with a traceback)."""
-    return {section[key] for section in _sections(node) if is_number(section.get(key))}
-
-
-def cautions(model_dir: Path, fmt: str) -> list[str]:
+def cautions(config: EncDecConfig, fmt: str) -> list[str]:
     """Where CTranslate2 (4.8.5, tests/test_export.py) computes something else than transformers and this
-    project would for this checkpoint: said at export, since its outputs give no sign of it."""
-    config = read_json(Path(model_dir) / "config.json")
+    project would for this checkpoint: said at export, since its outputs give no sign of it. Read from the
+    configuration as the model is (config.json leaves out what equals transformers' defaults: a released T5Gemma's
+    soft-caps of 50 and 30 went unsaid)."""
+    stacks = (config.encoder, config.decoder)
     found = []
-    caps = _values(config, "attn_logit_softcapping")
+    caps = {stack.attn_softcap for stack in stacks if stack.attn_softcap is not None}
     if caps:
         found.append(f"its attention logits are soft-capped (at {', '.join(map(str, sorted(caps)))}) and CTranslate2 "
                      "does not cap them: its outputs differ from this model's")
-    finals = _values(config, "final_logit_softcapping")
-    if finals:  # greedy tokens agree (the cap keeps the logits' order); scores, sampling and beams do not
-        found.append(f"its final logits are soft-capped (at {', '.join(map(str, sorted(finals)))}) and CTranslate2 "
-                     "does not cap them: its scores, samples and beam searches differ from this model's")
-    windows = _values(config, "sliding_window")
+    if config.final_logit_softcap is not None:  # greedy tokens agree (the cap keeps the logits' order); scores,
+        # sampling and beams do not
+        found.append(f"its final logits are soft-capped (at {config.final_logit_softcap}) and CTranslate2 does not "
+                     "cap them: its scores, samples and beam searches differ from this model's")
+    windows = {stack.sliding_window for stack in stacks if "sliding" in stack.layer_types}
     if windows and fmt == "t5gemma2":  # its encoder's window reaches (W + 1) // 2 tokens back, self included
         window = min(windows)
         found.append(f"prompts longer than {(window + 1) // 2} tokens (its encoder's sliding window of {window} is "
@@ -176,17 +161,15 @@ def cautions(model_dir: Path, fmt: str) -> list[str]:
     elif windows:
         found.append(f"prompts or outputs longer than its sliding window ({min(windows)} tokens) come out "
                      "differently in CTranslate2")
-    scales = {(section["query_pre_attn_scalar"], section["head_dim"]) for section in _sections(config)
-              if is_number(section.get("query_pre_attn_scalar")) and is_number(section.get("head_dim"))}
-    other = sorted(scalar for scalar, head_dim in scales if scalar != head_dim)
+    other = sorted({stack.query_pre_attn_scalar for stack in stacks if stack.query_pre_attn_scalar != stack.head_dim})
     if other:  # Gemma 2 27B's 144 against 128, for one
-        found.append(f"its queries are scaled by query_pre_attn_scalar ({', '.join(map(str, other))}), not by the "
-                     "head size as CTranslate2 scales them: its outputs differ from this model's")
-    thetas = sorted(_values(config, "rope_theta") - {10000})
+        found.append(f"its queries are scaled by query_pre_attn_scalar ({', '.join(f'{s:g}' for s in other)}), not by "
+                     "the head size as CTranslate2 scales them: its outputs differ from this model's")
+    thetas = sorted({theta for stack in stacks for theta in (stack.rope_theta_local, stack.rope_theta_global)} - {1e4})
     if fmt == "t5gemma" and thetas:  # read from rope_parameters by transformers, from a rope_theta CTranslate2
         found.append(f"its RoPE base is {', '.join(f'{t:g}' for t in thetas)}, and CTranslate2 reads a T5Gemma "
                      "model's as 10000: its outputs differ from this model's")
-    factors = sorted(_values(config, "factor") - {1.0})  # (1 == 1.0: one element removes both)
+    factors = sorted({f for stack in stacks for f in (stack.rope_scale_local, stack.rope_scale_global)} - {1.0})
     if fmt == "t5gemma" and factors:  # its T5Gemma 2 loader reads the global layers' linear factor, not this one
         found.append(f"its RoPE positions are scaled (linear factor {', '.join(f'{f:g}' for f in factors)}), and "
                      "CTranslate2 reads a T5Gemma model's unscaled: its outputs differ from this model's")
