@@ -622,6 +622,29 @@ def test_an_encoder_no_transformers_class_holds_is_exported_in_the_own_format(mo
         read_encoder(tmp_path / "encoder")
 
 
+@pytest.mark.parametrize("window", ["t5gemma2", "t5gemma", "flax"])
+def test_an_exported_encoder_with_weights_it_has_no_place_for_is_refused(models: dict[str, Path], tmp_path: Path,
+                                                                        window: str, caplog) -> None:
+    """A full checkpoint's extra tensors are refused (a variant this version does not know); an exported encoder's
+    were dropped in silence: a bias or a pooler read without them computes another function."""
+    from safetensors.torch import load_file, save_file
+
+    backbone = from_encoder_decoder(load(models["gemma2" if window == "t5gemma" else "gemma3"]))
+    backbone.spec.window_convention = window
+    write_encoder(backbone, tmp_path / "encoder")
+    (weights,) = (tmp_path / "encoder").glob("*.safetensors")
+    stored = load_file(weights)
+    save_file({**stored, "pooler.dense.weight": torch.ones(2, 2)}, weights, metadata={"format": "pt"})
+    with pytest.raises(EncdecError, match="holds 1 weight.s. this encoder has no place for, such as pooler.dense.weight"):
+        read_encoder(tmp_path / "encoder")
+    tower = [n for n in stored if n.startswith("vision_tower.")]
+    assert bool(tower) == (window == "t5gemma2")  # T5Gemma 2's placeholder tower: read as before
+    save_file({**stored, **{n: torch.ones_like(stored[n]) for n in tower}}, weights, metadata={"format": "pt"})
+    with caplog.at_level("WARNING", logger="encdec"):
+        read_encoder(tmp_path / "encoder")
+    assert ("ignored its vision tower" in caplog.text) == (window == "t5gemma2")
+
+
 @pytest.mark.parametrize("window, damage, said", [
     ("t5gemma2", lambda c: c.update(text_config=None), "not a usable configuration (TypeError"),
     ("t5gemma2", lambda c: c["text_config"].update(sliding_window_pattern=0, layer_types=None), "not a usable"),

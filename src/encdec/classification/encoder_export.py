@@ -15,6 +15,7 @@ Any other encoder is written in the project's own format: config.json with `"for
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,20 @@ from encdec.errors import EncdecError, load_failure
 from encdec.files import atomic_dir, read_json, read_weights, reading_config, write_native, write_weights
 from encdec.formats.decoder_only import special_tokens
 from encdec.formats.gemma import stack_from_hf, with_defaults
-from encdec.formats.t5gemma import EOI_EMBEDDINGS, T5GEMMA, T5GEMMA2, Layout, encoder_layout, external_name, hf_config
+from encdec.formats.t5gemma import (
+    EOI_EMBEDDINGS,
+    T5GEMMA,
+    T5GEMMA2,
+    VISION_PREFIXES,
+    Layout,
+    encoder_layout,
+    external_name,
+    hf_config,
+)
 
 FORMAT_VERSION = 1
 ARCHITECTURES = {"t5gemma": "T5GemmaEncoderModel", "t5gemma2": "T5Gemma2Encoder"}
+log = logging.getLogger("encdec")
 TEXT_MODEL = "text_model."  # T5Gemma2Encoder nests its text stack here in memory, not on disk
 
 
@@ -164,6 +175,16 @@ def read_encoder(path: Path | str, dtype: torch.dtype = torch.float32) -> Backbo
     missing = [ext for ext in names.values() if ext not in stored]
     if missing:
         raise EncdecError(f"{path} lacks {len(missing)} encoder weight(s) such as {missing[0]}; truncated?")
+    extra = sorted(set(stored) - set(names.values()))
+    if fmt == "t5gemma2":  # what T5Gemma2Encoder holds beside the text stack: its vision tower (our all-zero
+        # placeholder), and <end_of_image>'s embedding, which text inputs never read
+        tower = [n for n in extra if n.startswith(tuple(p.removeprefix("model.encoder.") for p in VISION_PREFIXES))]
+        if any(stored[n].any() for n in tower):
+            log.warning("%s: ignored its vision tower and projector (%d tensors): text only", path, len(tower))
+        extra = [n for n in extra if n not in tower and n != EOI_EMBEDDINGS[0].removeprefix("model.encoder.")]
+    if extra:  # as a full checkpoint's are: a variant (biases, a pooler) read without them computed another function
+        raise EncdecError(f"{path} holds {len(extra)} weight(s) this encoder has no place for, such as {extra[0]}: a "
+                          "variant this version does not know")
     try:
         backbone.load_state_dict({n: stored[ext] for n, ext in names.items()}, strict=True, assign=True)
     except RuntimeError as e:
