@@ -503,13 +503,20 @@ def test_a_decoder_only_model_lacking_weights_or_with_millions_of_layers_is_not_
               metadata={"format": "pt"})
     assert main(["evaluate", str(model), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
     (line,) = _error_lines(capsys)
-    assert "its weights lack 3 tensor(s) its config.json declares" in line and "layers.1.mlp" in line
+    assert "they lack 3 tensor(s) it declares, such as model.layers.1.mlp" in line and "would fill the rest" in line
     other = shutil.copytree(sources["gemma3"], tmp_path / "other")  # weights of 96 rows, a config of 200
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))
     assert main(["evaluate", str(other), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
     (line,) = _error_lines(capsys)  # transformers raised (a traceback) before the shapes were compared
-    assert "or hold them in other shapes (such as model.embed_tokens.weight)" in line
+    assert "its weights hold model.embed_tokens.weight in shape [96, 32], where its config.json declares [200, 32]" in line
+    # sizes a few-KB edit declares were allocated and filled before the weights were found to lack them
+    wide = shutil.copytree(sources["gemma3"], tmp_path / "wide")
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "intermediate_size": 400_000}))
+    assert main(["evaluate", str(wide), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
+    (line,) = _error_lines(capsys)  # (said by the check of the headers, before transformers builds the model)
+    assert "its weights hold model.layers.0.mlp.down_proj.weight in shape" in line and "declares [32, 400000]" in line
     many = shutil.copytree(sources["gemma3"], tmp_path / "many")
     config = json.loads((many / "config.json").read_text())
     config["num_hidden_layers"], config["layer_types"] = 10**7, None

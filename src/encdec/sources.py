@@ -14,6 +14,7 @@ import glob
 import hashlib
 import itertools
 import logging
+import math
 import os
 import re
 import shutil
@@ -227,6 +228,37 @@ def check_causal_lm(directory: Path) -> None:
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise not_causal
     weight_files(directory)  # safetensors only (transformers would also take a .bin's pickle), each inside it
+    _check_declared_sizes(directory, config)
+
+
+def _check_declared_sizes(directory: Path, config: Any) -> None:
+    """The sizes config.json declares against the weights' headers, before transformers allocates and fills every
+    tensor it declares (the weights it lacks were found after that: an intermediate_size of 400,000 in a few-KB
+    edit took its memory, and the model went through `check_loadable`)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):  # shapes alone
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - a field the model refuses, as from_pretrained would
+        raise EncdecError(f"{directory}: transformers cannot load it ({first_line(e)})") from None
+    declared, seen = {}, set()
+    for name, tensor in skeleton.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:  # a tied head once
+            seen.add(id(tensor))
+            declared[name] = tuple(tensor.shape)
+    stored = _stored_headers(directory)
+    other = next((n for n in sorted(declared.keys() & stored.keys()) if declared[n] != stored[n][0]), None)
+    if other is not None:
+        raise EncdecError(f"{directory}: its weights hold {other} in shape {list(stored[other][0])}, where its "
+                          f"config.json declares {list(declared[other])}; the configuration is not the weights'")
+    wanted, held = (sum(math.prod(shape) for shape in shapes) for shapes in
+                    (declared.values(), (shape for shape, _ in stored.values())))
+    if wanted > held:
+        absent = sorted(declared.keys() - stored.keys())
+        such = f": they lack {len(absent)} tensor(s) it declares, such as {absent[0]}" if absent else ""
+        raise EncdecError(f"{directory}: its config.json declares {wanted:,} parameters and its weights hold {held:,}"
+                          f"{such}; transformers would fill the rest with random values")
 
 
 def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
@@ -268,16 +300,22 @@ def transformers_causal_lm(directory: Path, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
-def _stored_not_float(directory: Path, names: set[str]) -> tuple[str, str] | None:
-    """The first of `names` whose weight files store it in a type that is not floating point, with that type (the
-    files' headers alone are read)."""
+def _stored_headers(directory: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every stored tensor's shape and type, from the weight files' headers alone."""
+    out = {}
     for file in weight_files(directory):
         with safe_open(str(file), framework="pt") as f:
-            for name in sorted(names.intersection(f.keys())):
-                kind = f.get_slice(name).get_dtype()
-                if not kind.startswith(("F", "BF")):
-                    return name, kind
-    return None
+            for name in f.keys():  # noqa: SIM118 - a safe_open handle is no mapping
+                piece = f.get_slice(name)
+                out[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    return out
+
+
+def _stored_not_float(directory: Path, names: set[str]) -> tuple[str, str] | None:
+    """The first of `names` whose weight files store it in a type that is not floating point, with that type."""
+    stored = _stored_headers(directory)
+    return next(((name, stored[name][1]) for name in sorted(names & stored.keys())
+                 if not stored[name][1].startswith(("F", "BF"))), None)
 
 
 def _expected_shapes(config: SourceConfig) -> dict[str, tuple[int | None, ...]]:
