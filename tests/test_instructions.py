@@ -171,6 +171,25 @@ def test_gemma_chat_markers_are_single_tokens() -> None:
     assert gemma.decode(example.inputs) == "<bos>" + chat_prompt(forged.turns)
 
 
+@pytest.mark.parametrize("turns", [
+    [("system", "  "), ("user", "<eos>  <|im_end|>")],
+    [("system", "be brief"), ("user", "  <eos> ")],
+    [("system", "<eos>"), ("user", "")],
+    [("system", "\n"), ("user", "hi"), ("model", "<eos>"), ("user", "x")],
+])
+def test_text_that_spells_control_tokens_is_encoded_as_the_prompt_renders(turns) -> None:
+    """A message spelling a control token is tokenized apart from the template's text: the system message was folded
+    into the first user turn between placeholders, so a blank one left a "\n\n" that the rendered prompt has not."""
+    from encdec.data.chat import ChatFormat
+    from encdec.sources import load_tokenizer, resolve
+
+    gemma = load_tokenizer(resolve("gemma-3-270m"))
+    chat = ChatFormat.of(gemma)
+    ids = chat.encode(turns)
+    assert gemma.decode(ids) == "<bos>" + chat.render(turns)
+    assert ids.count(gemma.eos_token_id) == 0  # the message's <eos> is text
+
+
 def test_a_template_that_writes_the_date_writes_the_same_one_every_day() -> None:
     """Llama 3's template writes "Today Date: <today>" into every prompt: the training examples changed with the
     calendar (a run resumed the next day was refused as reading other data, a served prompt was not a trained one).

@@ -162,6 +162,9 @@ class ChatFormat:
         tok, bos = self.tokenizer, [] if self.bos is None else [self.bos]
         if not any(self._spells_control(text) for _, text in turns):
             return bos + tok(self.render(turns), add_special_tokens=False)["input_ids"]
+        if not self.templated:  # folded as `render` folds them, on the texts (a blank system message left its
+            # "\n\n" between two slots, which stripping the whole text removes)
+            turns = _folded(turns)
         texts = [text.strip() for _, text in turns]
         slotted = self.render([(role, f"\ue000{i}\ue001") for i, (role, _) in enumerate(turns)])
         pieces = _SLOT.split(slotted)  # template text, message index, template text, ...

@@ -98,7 +98,7 @@ def system_folded(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
         raise ValueError("a system message must be followed by a user message (this chat format has no system "
                          "role: it is prepended to the first user turn)")
     (_, system), (role, first), *rest = turns
-    return [(role, f"{system.strip()}\n\n{first.strip()}"), *rest]
+    return [(role, "\n\n".join(text for text in (system.strip(), first.strip()) if text)), *rest]
 
 
 def _turns(messages: Any) -> tuple[Turns, str]:
