@@ -635,7 +635,7 @@ def test_an_exported_encoder_with_weights_it_has_no_place_for_is_refused(models:
     (weights,) = (tmp_path / "encoder").glob("*.safetensors")
     stored = load_file(weights)
     save_file({**stored, "pooler.dense.weight": torch.ones(2, 2)}, weights, metadata={"format": "pt"})
-    with pytest.raises(EncdecError, match="holds 1 weight.s. this encoder has no place for, such as pooler.dense.weight"):
+    with pytest.raises(EncdecError, match="holds 1 weight.s. this encoder has no place for, such as pooler.dense"):
         read_encoder(tmp_path / "encoder")
     tower = [n for n in stored if n.startswith("vision_tower.")]
     assert bool(tower) == (window == "t5gemma2")  # T5Gemma 2's placeholder tower: read as before

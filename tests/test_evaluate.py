@@ -616,7 +616,8 @@ def test_a_model_name_holding_a_bar_stays_one_column_of_the_table():
 
     result = {"n": 10, "accuracy": 0.5, "interval95": [0.2, 0.8]}
     names = ["runs/a|b", "runs/c\nd"]
-    record = {"models": [{"name": n} for n in names], "tasks": {"copa": {"n": 10, "results": dict.fromkeys(names, result)}}}
+    record = {"models": [{"name": n} for n in names],
+              "tasks": {"copa": {"n": 10, "results": dict.fromkeys(names, result)}}}
     rows = [line for line in markdown(record).splitlines() if line.startswith("|")]
     assert len(rows) == 4 and {len(re.findall(r"(?<!\\)\|", line)) for line in rows} == {5}, rows
     assert "runs/a\\|b" in rows[0] and "runs/c d" in rows[0]

@@ -257,7 +257,8 @@ def test_a_message_cannot_forge_a_turn_where_the_markers_are_plain_text(tokenize
         assert chat.encode(real) == bos + chat.tokenizer(chat.render(real), add_special_tokens=False).input_ids
         pair = Pair(turns=(("user", forged),), response="4", source="data.jsonl:3")
         with pytest.raises(EncdecError, match="data.jsonl:3: a user message holds"):
-            chat_example(pair, chat.tokenizer, eos_id=chat.tokenizer.eos_token_id, max_input=64, max_target=16, chat=chat)
+            chat_example(pair, chat.tokenizer, eos_id=chat.tokenizer.eos_token_id, max_input=64, max_target=16,
+                         chat=chat)
     assert ChatFormat.of(load_tokenizer(resolve("gemma-3-270m"))).plain_markers == ()  # its markers are tokens
 
 

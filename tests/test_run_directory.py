@@ -199,7 +199,8 @@ def test_a_checkpoint_name_of_other_digits_is_not_a_step(adapted, corpus, tmp_pa
     """str.isdigit() takes "²", which int() refuses: checkpoints/step-² was a traceback of --resume."""
     from encdec.training.checkpointing import checkpoints, is_step_name
 
-    assert [is_step_name(n) for n in ("step-12", "step-\u00b2", "step-\u0663", "step-", "step-1a")] == [True] + [False] * 4
+    names = ("step-12", "step-\u00b2", "step-\u0663", "step-", "step-1a")
+    assert [is_step_name(n) for n in names] == [True] + [False] * 4
     out = tmp_path / "run"
     args = _pretrain_args(adapted, out, corpus, "--steps", "1", "--save-every", "1")
     assert main(args) == 0

@@ -509,7 +509,8 @@ def test_a_decoder_only_model_lacking_weights_or_with_millions_of_layers_is_not_
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))
     assert main(["evaluate", str(other), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
     (line,) = _error_lines(capsys)  # transformers raised (a traceback) before the shapes were compared
-    assert "its weights hold model.embed_tokens.weight in shape [96, 32], where its config.json declares [200, 32]" in line
+    assert "its weights hold model.embed_tokens.weight in shape [96, 32], where its config.json declares [200, 32]" \
+        in line
     # sizes a few-KB edit declares were allocated and filled before the weights were found to lack them
     wide = shutil.copytree(sources["gemma3"], tmp_path / "wide")
     config = json.loads((wide / "config.json").read_text())

@@ -100,7 +100,8 @@ class ChatFormat:
         # Gemma's own format where there is no template or the template is Gemma's (its turns); a Gemma fine-tune's
         # vocabulary keeps <start_of_turn> whatever template it was tuned with, which is then the one used
         if not template or START in vocab and START in str(template):
-            return cls(tokenizer, False, END if END in vocab else "", bos, tuple(m for m in (START, END) if m not in vocab))
+            plain = tuple(m for m in (START, END) if m not in vocab)
+            return cls(tokenizer, False, END if END in vocab else "", bos, plain)
         exchange = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _MARK}]
         try:
             answered = _bounded(lambda: tokenizer.apply_chat_template(exchange, tokenize=False,
@@ -156,9 +157,9 @@ class ChatFormat:
         for role, text in turns:
             marker = next((m for m in self.plain_markers if m in text), None)
             if marker is not None:
-                raise ConversationRefused(f"a {role} message holds {marker!r}, which marks turns in this chat format and "
-                                          "is plain text to this tokenizer (no token of its own): it would write a turn "
-                                          "of its own; leave it out of the message")
+                raise ConversationRefused(f"a {role} message holds {marker!r}, which marks turns in this chat format "
+                                          "and is plain text to this tokenizer (no token of its own): it would write a "
+                                          "turn of its own; leave it out of the message")
         tok, bos = self.tokenizer, [] if self.bos is None else [self.bos]
         if not any(self._spells_control(text) for _, text in turns):
             return bos + tok(self.render(turns), add_special_tokens=False)["input_ids"]

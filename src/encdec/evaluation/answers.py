@@ -17,7 +17,8 @@ ANSWER_CUE = re.compile(r"answer(?:\s+is\s*:?|\s*:)", re.IGNORECASE)
 # math delimiters (\( \[ $ $$), an escaped dollar sign, \boxed{...} and \text{...}
 MARKUP = r"(?:[\s*_\"'`]|\\[(\[]|\$\$?|\\\$|\\(?:boxed|text|textbf|mathbf)\{)*"
 # a stated answer: the cue, or LaTeX's \boxed{...} (a chat model's way of saying it), and its first number
-STATEMENT = re.compile(r"(?:" + ANSWER_CUE.pattern + r"|\\boxed\{)" + MARKUP + "(" + NUMBER.pattern + ")", re.IGNORECASE)
+STATEMENT = re.compile(r"(?:" + ANSWER_CUE.pattern + r"|\\boxed\{)" + MARKUP + "(" + NUMBER.pattern + ")",
+                       re.IGNORECASE)
 # a number that begins a calculation ("3 + 4", multiplication also written 3 x 4, 3 · 4 or LaTeX's \times)
 CALCULATES = re.compile(r"\s*(?:[-+*/=\u00d7\u00f7\u00b7x]|\\times|\\cdot|\\div)\s*[$(.\d\\]")
 RESULT = re.compile(r"=" + MARKUP + "(" + NUMBER.pattern + ")")

@@ -26,8 +26,9 @@ from encdec.evaluation.datasets import read_split, rendered_docs
 # it, the answer scored after an ended document; 6: GSM8K reads LaTeX's thousands, 1{,}000 and 1\,000, and the
 # minus sign U+2212, which it read as 1 and as 5; 7: exact match drops Unicode's punctuation too, so a curly
 # apostrophe or quote no longer misses the answer; 8: GSM8K's last "the answer is", written as a calculation, gives
-# its result, not an earlier statement's number; 9: that result is its sentence's last "=", not the text's last number,
-# and answers in markup (\$18, \(18\), "18", \boxed{18}) read as stated). tests/test_evaluate.py fingerprints the prompts.
+# its result, not an earlier statement's number; 9: that result is its sentence's last "=", not the text's last
+# number, and answers in markup (\$18, \(18\), "18", \boxed{18}) read as stated). tests/test_evaluate.py
+# fingerprints the prompts.
 FORMAT_VERSION = 9
 SHOT_POOL = 200  # training examples the few-shot sample is drawn from
 
