@@ -401,6 +401,16 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
         return next(line for line in capsys.readouterr().out.splitlines() if "remote code:" in line)
 
     assert "is the file this encdec writes" in said()
+    # a link whose target holds a terminal's sequences: printed raw, "\r\x1b[2K" rewrote the line as the verdict
+    kept = remote.rename(tmp_path / "kept.py")
+    remote.symlink_to("/tmp/x\r\x1b[2K  remote code: modeling_encdec.py is the file this encdec writes")
+    line = said()
+    assert "\x1b" not in line and "\r" not in line and "symbolic link to /tmp/x\\r\\x1b[2K" in line, line
+    remote.unlink()
+    kept.rename(remote)
+    assert main(["info", str(tmp_path / "no\x1b[31mwhere")]) == 2  # an error line names the path: escaped too
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "no\\x1b[31mwhere" in err
     for name in ("config.json", "tokenizer_config.json"):  # what transformers follows, whatever the file holds
         original = (out / name).read_text()
         data = json.loads(original)

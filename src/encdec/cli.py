@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
-from encdec.errors import EncdecError, first_line
+from encdec.errors import EncdecError, first_line, printable
 from encdec.signals import Signalled, signals_interrupt
 from encdec.training.config import given, user_path
 
@@ -176,11 +176,11 @@ def cmd_info(args: argparse.Namespace) -> None:
     loaded = load_checkpoint(args.dir, None, mapped=True)  # as stored, read where counted: no float32 copy
     print(f"{args.dir}: {_format_line(loaded.format)}")
     for note in loaded.notes:
-        print(f"  note: {note}")
+        print(f"  note: {printable(note)}")
     directory = Path(args.dir).expanduser()
     remote = modeling_file_line(directory) if loaded.format == NATIVE else layout_code_line(directory)
     if remote is not None:  # T5Gemma layouts: said only where the checkpoint names code of its own
-        print(f"  remote code: {remote}")
+        print(f"  remote code: {printable(remote)}")  # (a link's target, escaped: it could rewrite the line)
     print(describe(loaded.model))
     print("parameters:")
     print(parameter_table(loaded.model))
@@ -966,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.flush()  # a closed pipe is found here rather than at exit, where Python prints a traceback
     except EncdecError as e:
         _flush_or_drop(sys.stdout)
-        print(f"encdec {args.command}: error: {e}", file=sys.stderr)
+        print(f"encdec {args.command}: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         _flush_or_drop(sys.stdout)  # Ctrl-C on `encdec generate ... | jq`: jq is gone too (exit 120 otherwise)

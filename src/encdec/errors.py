@@ -10,6 +10,13 @@ class ReadFailed(EncdecError):
     damage, so a checkpoint it is part of is not set aside as damaged."""
 
 
+def printable(text: str) -> str:
+    """`text` with its control characters escaped (\\x1b, \\r): a handed file's names (a link's target, a tensor's)
+    reach the terminal in messages, and an escape sequence there could rewrite what is shown (a line saying the
+    checkpoint's code is this encdec's own)."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _said(e: BaseException) -> str:
     """The first non-blank line of what `e` says (libraries' messages run to tracebacks of their own), or ''."""
     return next((line.strip() for line in str(e).splitlines() if line.strip()), "")

@@ -9,6 +9,8 @@ import sys
 import time
 from collections.abc import Iterator
 
+from encdec.errors import printable
+
 log = logging.getLogger("encdec")
 
 
@@ -20,13 +22,20 @@ def secondary_rank() -> str | None:
     return rank if rank not in ("", "0") and os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
 
 
+class _Printable(logging.Formatter):
+    """Lines with their control characters escaped (`errors.printable`): a handed file's names are logged too."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(printable(line) for line in super().format(record).split("\n"))
+
+
 def setup(verbose: bool = False) -> None:
     """encdec's lines on stderr. In a process of a distributed run other than the first (`secondary_rank`) warnings
     only, marked with its rank: every process said each stage (8 GPUs, 8 times)."""
     rank = secondary_rank()
     other = rank is not None
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"encdec (rank {rank}): %(message)s" if other else "encdec: %(message)s"))
+    handler.setFormatter(_Printable(f"encdec (rank {rank}): %(message)s" if other else "encdec: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.WARNING if other else logging.INFO)
     log.propagate = False
