@@ -11,6 +11,7 @@ import platform
 import re
 import shutil
 import sys
+import time
 
 import pytest
 import torch
@@ -281,9 +282,25 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ('The answer is "18" (9 eggs at 2 each)', "18"),
     ("The answer is `18` (9 eggs at 2 each)", "18"),
     ("9 eggs at 2 each: $\\boxed{18}$, sold by 4 pm", "18"),  # \\boxed states an answer too
+    # ...where no cue does: a boxed step after a stated answer does not undo it
+    ("The answer is $\\boxed{18}$.\n\nCheck: \\(\\boxed{9}\\) eggs times 2.", "18"),
+    # a calculation laid out over lines (LaTeX's display math) goes on to its result; a paragraph ends it
+    ("The answer is:\n\n\\[\n16 - 3 - 4 = 9\n\\]\n\\[\n9 \\times 2 = 18\n\\]", "18"),
+    ("Therefore, the answer is\n\\[\n9 \\times 2\n= 18\n\\]", "18"),
+    ("The answer is 3 X 4 = 12.", "12"),  # a capital X multiplies too
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected
+
+
+@pytest.mark.parametrize("text", ["The answer is " + "$$ " * 24 + "x", "The answer is " + "$" * 5000,
+                                  "The answer is" + " " * 20000 + "x", "\\boxed{" + " $" * 5000])
+def test_gsm8k_reading_takes_linear_time_on_degenerate_answers(text):
+    """A run of dollar signs after "the answer is" was matched two ways per sign: 24 of "$$ " took about a minute
+    (each one more, twice that), and one degenerate generation stopped the evaluation for good."""
+    start = time.perf_counter()
+    assert final_number(text) is None
+    assert time.perf_counter() - start < 5
 
 
 def test_generation_stops_at_every_token_that_holds_a_stop_string():

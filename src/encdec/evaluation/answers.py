@@ -14,15 +14,19 @@ DIGIT_GROUPS = re.compile(r"(?<=\d)(?:\{,\}|\\,|[\u2009\u202f\u00a0])(?=\d{3}(?!
 NUMBER = re.compile(r"(?:(?<![\w)\]])-(?=[$\d.]))?\$?\s?(?:\d[\d,]*(?:\.\d+)?|(?<![\w.])\.\d+)")
 ANSWER_CUE = re.compile(r"answer(?:\s+is\s*:?|\s*:)", re.IGNORECASE)
 # what a chat model writes between "the answer is" and its number: bold and italics, quotes, code ticks, LaTeX's
-# math delimiters (\( \[ $ $$), an escaped dollar sign, \boxed{...} and \text{...}
-MARKUP = r"(?:[\s*_\"'`]|\\[(\[]|\$\$?|\\\$|\\(?:boxed|text|textbf|mathbf)\{)*"
-# a stated answer: the cue, or LaTeX's \boxed{...} (a chat model's way of saying it), and its first number
-STATEMENT = re.compile(r"(?:" + ANSWER_CUE.pattern + r"|\\boxed\{)" + MARKUP + "(" + NUMBER.pattern + ")",
-                       re.IGNORECASE)
-# a number that begins a calculation ("3 + 4", multiplication also written 3 x 4, 3 · 4 or LaTeX's \times)
-CALCULATES = re.compile(r"\s*(?:[-+*/=\u00d7\u00f7\u00b7x]|\\times|\\cdot|\\div)\s*[$(.\d\\]")
+# math delimiters (\( \[ $ $$), an escaped dollar sign, \boxed{...} and \text{...}; read one way only and never
+# given back, as the cue before it (a choice between "$" and "$$" for each made a run of dollars take exponential
+# time, one between the cue's spaces and these quadratic)
+MARKUP = r"(?:[\s*_\"'`$]|\\[(\[$]|\\(?:boxed|text|textbf|mathbf)\{)*+"
+# a stated answer: the cue and its first number; LaTeX's \boxed{...} (a chat model's way of saying it) where no cue
+# states one (an earlier stated answer is not undone by a boxed step after it)
+STATEMENT = re.compile("(?>" + ANSWER_CUE.pattern + ")" + MARKUP + "(" + NUMBER.pattern + ")", re.IGNORECASE)
+BOXED = re.compile(r"\\boxed\{" + MARKUP + "(" + NUMBER.pattern + ")")
+# a number that begins a calculation ("3 + 4", multiplication also written 3 x 4, 3 X 4, 3 · 4 or LaTeX's \times)
+CALCULATES = re.compile(r"\s*(?:[-+*/=\u00d7\u00f7\u00b7x]|\\times|\\cdot|\\div)\s*[$(.\d\\]", re.IGNORECASE)
 RESULT = re.compile(r"=" + MARKUP + "(" + NUMBER.pattern + ")")
-SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
+# a sentence's end, or a paragraph's (a calculation laid out over lines, as LaTeX's display math is, goes on)
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")
 
 
 def _clean_number(text: str) -> str | None:
@@ -39,12 +43,12 @@ def _clean_number(text: str) -> str | None:
 
 def final_number(text: str) -> str | None:
     """The number a chain of thought ends on: the last stated answer ("the answer is N", the few-shot examples'
-    ending, or \\boxed{N}) when there is one, else GSM8K's "#### N", else the last number in the text. A statement
+    ending; else \\boxed{N}) when there is one, else GSM8K's "#### N", else the last number in the text. A statement
     written as a calculation ("so the answer is 3 x 4 = 12") gives its result: the number after the last "=" of its
     sentence. LaTeX's and typography's ways of writing thousands (1{,}000, 1\\,000, thin spaces) and the minus sign
     read as plain ones."""
     text = DIGIT_GROUPS.sub(lambda m: "," if m.group(0) == "{,}" else "", text).replace("\u2212", "-")
-    stated = list(STATEMENT.finditer(text))
+    stated = list(STATEMENT.finditer(text)) or list(BOXED.finditer(text))
     if stated:
         return _clean_number(_stated_answer(text, stated[-1]))
     found = re.findall(r"####\s*(" + NUMBER.pattern + ")", text)
