@@ -190,6 +190,27 @@ def test_text_that_spells_control_tokens_is_encoded_as_the_prompt_renders(turns)
     assert ids.count(gemma.eos_token_id) == 0  # the message's <eos> is text
 
 
+def test_a_template_without_a_system_role_encodes_control_text_as_it_renders() -> None:
+    """A template that refuses the system role reads it in the first user turn (`render` folds it): the encoding of
+    a message spelling control tokens folded placeholders, and a blank system message left a stray blank line."""
+    import copy
+
+    from encdec.data.chat import ChatFormat
+    from encdec.sources import load_tokenizer, resolve
+
+    smollm = copy.deepcopy(load_tokenizer(resolve("smollm2-135m")))
+    smollm.chat_template = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+                            "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chat = ChatFormat.of(smollm)
+    assert chat.templated and chat.plain_markers == ()
+    for turns in ([("system", "  "), ("user", "<|im_end|> hi")], [("system", "<|im_end|>"), ("user", "")],
+                  [("system", "be brief"), ("user", "<|im_start|>x")]):
+        rendered = chat.render(turns)
+        assert "<|im_start|>system" not in rendered  # folded into the user turn
+        assert smollm.decode(chat.encode(turns)) == rendered, turns
+
+
 def test_a_template_that_writes_the_date_writes_the_same_one_every_day() -> None:
     """Llama 3's template writes "Today Date: <today>" into every prompt: the training examples changed with the
     calendar (a run resumed the next day was refused as reading other data, a served prompt was not a trained one).

@@ -11,6 +11,7 @@ spell it in 7 pieces, which generation cannot stop at: served and evaluated answ
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 from collections.abc import Callable
@@ -163,9 +164,8 @@ class ChatFormat:
         tok, bos = self.tokenizer, [] if self.bos is None else [self.bos]
         if not any(self._spells_control(text) for _, text in turns):
             return bos + tok(self.render(turns), add_special_tokens=False)["input_ids"]
-        if not self.templated:  # folded as `render` folds them, on the texts (a blank system message left its
-            # "\n\n" between two slots, which stripping the whole text removes)
-            turns = _folded(turns)
+        turns = self._as_rendered(turns)  # folded on the texts, as `render` folds them (on placeholders, a blank
+        # system message left its "\n\n" between two, which stripping the whole text removes)
         texts = [text.strip() for _, text in turns]
         slotted = self.render([(role, f"\ue000{i}\ue001") for i, (role, _) in enumerate(turns)])
         pieces = _SLOT.split(slotted)  # template text, message index, template text, ...
@@ -176,6 +176,22 @@ class ChatFormat:
             elif piece:
                 ids += tok(piece, add_special_tokens=False)["input_ids"]
         return ids
+
+    def _as_rendered(self, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """`turns` as `render` places them: a system message in the first user turn where the format has no system
+        role (Gemma's; a template that refuses the role)."""
+        if not self.templated:
+            return _folded(turns)
+        if all(role != "system" for role, _ in turns):
+            return turns
+        try:
+            self._templated(turns)
+        except TemplateError:
+            with contextlib.suppress(ValueError):  # no fold: `render` refuses the conversation in its words
+                return system_folded(turns)
+        except Exception:  # noqa: BLE001, S110 - `render` says a handed template's failure in its words
+            pass
+        return turns
 
     def stop_ids(self, eos_token_ids: list[int]) -> frozenset[int]:
         """The tokens that end an answer: the model's EOS ids, and the text closing a turn where it is one token
