@@ -502,6 +502,29 @@ def test_weights_that_are_a_pipe_or_carry_a_huge_header_are_one_error(tmp_path, 
         files.read_weights(tmp_path)
 
 
+def test_the_size_check_leaves_out_what_a_class_lets_a_checkpoint_lack(tmp_path):
+    """transformers loads an AXK1 checkpoint without its e_score_correction_bias (the class's
+    _keys_to_ignore_on_load_missing): the headers' check counted it and refused a model transformers reads whole."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    from encdec.sources import check_causal_lm
+
+    config = tf.AutoConfig.for_model("axk1")
+    for key, value in dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=2, vocab_size=128, n_routed_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=16,
+                           kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8).items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    (weights,) = tmp_path.glob("*.safetensors")
+    stored = load_file(weights)
+    assert any("e_score_correction_bias" in name for name in stored)
+    save_file({k: v for k, v in stored.items() if "e_score_correction_bias" not in k}, weights, metadata={"format": "pt"})
+    check_causal_lm(tmp_path)
+
+
 def test_a_decoder_only_model_lacking_weights_or_with_millions_of_layers_is_not_evaluated(sources, tmp_path, capsys):
     """transformers fills a missing tensor with random values and says so only in a log encdec silences: `evaluate`
     scored a damaged source as if whole; 10 million declared layers were built (minutes), then scored at random."""
@@ -513,7 +536,7 @@ def test_a_decoder_only_model_lacking_weights_or_with_millions_of_layers_is_not_
               metadata={"format": "pt"})
     assert main(["evaluate", str(model), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
     (line,) = _error_lines(capsys)
-    assert "they lack 3 tensor(s) it declares, such as model.layers.1.mlp" in line and "would fill the rest" in line
+    assert "none is stored as model.layers.1.mlp.down_proj.weight, for one" in line and "would fill the rest" in line
     other = shutil.copytree(sources["gemma3"], tmp_path / "other")  # weights of 96 rows, a config of 200
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))

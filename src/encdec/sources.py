@@ -243,9 +243,10 @@ def _check_declared_sizes(directory: Path, config: Any) -> None:
     except Exception as e:  # noqa: BLE001 - a field the model refuses, as from_pretrained would
         raise EncdecError(f"{directory}: transformers cannot load it ({first_line(e)})") from None
     declared, seen = {}, set()
+    optional = [re.compile(p) for p in getattr(skeleton, "_keys_to_ignore_on_load_missing", None) or ()]
     for name, tensor in skeleton.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:  # a tied head once
-            seen.add(id(tensor))
+        if id(tensor) not in seen and not any(p.search(name) for p in optional):  # a tied head once; what the
+            seen.add(id(tensor))  # class lets a checkpoint leave out (transformers loads it without them)
             declared[name] = tuple(tensor.shape)
     stored = _stored_headers(directory)
     other = next((n for n in sorted(declared.keys() & stored.keys()) if declared[n] != stored[n][0]), None)
@@ -255,8 +256,8 @@ def _check_declared_sizes(directory: Path, config: Any) -> None:
     wanted, held = (sum(math.prod(shape) for shape in shapes) for shapes in
                     (declared.values(), (shape for shape, _ in stored.values())))
     if wanted > held:
-        absent = sorted(declared.keys() - stored.keys())
-        such = f": they lack {len(absent)} tensor(s) it declares, such as {absent[0]}" if absent else ""
+        absent = sorted(declared.keys() - stored.keys())  # (by name: a class that renames what it loads differs)
+        such = f": none is stored as {absent[0]}, for one" if absent else ""
         raise EncdecError(f"{directory}: its config.json declares {wanted:,} parameters and its weights hold {held:,}"
                           f"{such}; transformers would fill the rest with random values")
 
