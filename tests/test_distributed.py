@@ -411,6 +411,9 @@ TORCHRUN = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "1
     (dict(TORCHRUN, RANK="one"), "RANK is 'one': each of the WORLD_SIZE 2 processes has a rank from 0 to 1"),
     (dict(TORCHRUN, RANK="2"), "RANK is '2': each of the WORLD_SIZE 2 processes"),
     (dict(TORCHRUN, MASTER_PORT="http"), "MASTER_PORT is 'http': a TCP port number (1 to 65535)"),
+    # digits str.isdigit() takes and int() refuses: ValueError tracebacks
+    (dict(TORCHRUN, RANK="\u00b2"), "RANK is '\u00b2': each of the WORLD_SIZE 2 processes"),
+    (dict(TORCHRUN, MASTER_PORT="\u0663"), "MASTER_PORT is '\u0663': a TCP port number"),
 ])
 def test_a_launch_environment_that_is_not_torchruns_is_one_line(tmp_path, capsys, monkeypatch, env, message):
     """WORLD_SIZE left in a shell, with `encdec pretrain` run directly: a traceback from the process group."""

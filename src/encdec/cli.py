@@ -482,7 +482,7 @@ def cmd_classify(args: argparse.Namespace) -> None:
             best = max(range(len(pr)), key=pr.__getitem__)
             shown = ", ".join(f"{label} {p:.3f}" for label, p in zip(labels, pr))
             flat = " ".join(text.split())
-            flat = flat if flat.isprintable() else ascii(flat)  # a handed file's terminal sequences, escaped
+            flat = printable(flat)  # a handed file's terminal sequences, escaped (the rest of the text as it is)
             print(f"{labels[best]}\t({shown})\t{flat if len(flat) <= 80 else flat[:77] + '...'}")
         return
     from encdec.classification.run import classify, report

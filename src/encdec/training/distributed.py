@@ -81,7 +81,7 @@ def init(timeout: float = 1800.0) -> Dist:
             raise EncdecError(f"LOCAL_RANK {local}, but this process sees {count} GPUs: at most one process per GPU "
                               f"(torchrun --nproc-per-node {count})")
         on_node = os.environ.get("LOCAL_WORLD_SIZE", "1")  # torchrun's (and accelerate's); Slurm's srun sets none
-        one_each = count == 1 and on_node.isdigit() and int(on_node) > 1  # several processes here, each shown one
+        one_each = count == 1 and _digits(on_node) and int(on_node) > 1  # several processes here, each shown one
         if one_each and not os.environ.get("CUDA_VISIBLE_DEVICES"):  # NCCL's "invalid usage" blamed another process
             raise EncdecError(f"{on_node} processes on this node but it shows them 1 GPU, which every process would "
                               "take: at most one process per GPU (torchrun --nproc-per-node 1), or show each process "
@@ -102,6 +102,11 @@ def init(timeout: float = 1800.0) -> Dist:
     return Dist(dist.get_rank(), world, device)
 
 
+def _digits(text: str) -> bool:
+    """ASCII digits: str.isdigit() takes "²", which int() refuses (a traceback)."""
+    return text.isascii() and text.isdigit()
+
+
 def _check_launch(world: int) -> None:
     """The launcher's other variables, as torchrun sets them: a ValueError's traceback from the process group
     otherwise."""
@@ -110,10 +115,10 @@ def _check_launch(world: int) -> None:
     if world == 1:
         return
     rank, port = os.environ.get("RANK", "0"), os.environ.get("MASTER_PORT", "0")
-    if not rank.isdigit() or int(rank) >= world:
+    if not _digits(rank) or int(rank) >= world:
         raise EncdecError(f"RANK is {rank!r}: each of the WORLD_SIZE {world} processes has a rank from 0 to "
                           f"{world - 1}, as torchrun and accelerate launch set it")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not _digits(port) or not 0 < int(port) < 65536:
         raise EncdecError(f"MASTER_PORT is {port!r}: a TCP port number (1 to 65535) on MASTER_ADDR")
 
 
