@@ -722,7 +722,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "MODEL as given, which also shows clients the server's path)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N", help="most requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
-                   help="most requests waiting for a batch slot; more get 429")
+                   help="most requests waiting for a batch slot; more get 429 (one request's prompts x n may be at "
+                        "most --max-batch + --max-queue)")
     p.add_argument("--max-connections", type=int, default=None, metavar="N",
                    help="most open connections (and requests in flight) before new API requests get 503 (/health "
                    "and /metrics still answer; default: no limit); a guard against clients holding connections "

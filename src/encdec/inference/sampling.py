@@ -13,11 +13,12 @@ by r, a negative one multiplied by r), and a logit bias per token id.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -130,7 +131,12 @@ class Sampling:
         the same prompt twice gets two samples."""
         if index == 0 or self.seed is None:
             return self
-        return replace(self, seed=(self.seed + index) % 2**64)
+        if self.logit_bias:
+            _ = self._bias  # built once, shared by every copy (a full-vocabulary map: 36 ms a copy)
+        other = copy.copy(self)  # the settings checked once: replace() checked and rebuilt a full-vocabulary
+        # logit_bias for every choice of a request (280 ms each, on the server's event loop)
+        object.__setattr__(other, "seed", (self.seed + index) % 2**64)
+        return other
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The row's own random stream: seeded by `seed`, else by the global torch RNG (so manual_seed governs it)."""
