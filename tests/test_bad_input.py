@@ -875,6 +875,27 @@ def test_training_refuses_an_output_that_holds_its_model(capsys, tmp_path, adapt
     assert (run / "model" / "config.json").exists()
 
 
+def test_an_output_replaced_whole_keeps_the_folders_kept_inside_it(capsys, tmp_path, adapted, sources):
+    """`adapt --overwrite` replaces its --out whole: a training run or an export kept inside the model's folder went
+    with it, without a word (and a run could be started there: `pretrain --out MODEL/run`)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("w1 w2 w3 w4 w5 w6 w7 w8 " * 40 + "\n") * 10)
+    model = shutil.copytree(adapted, tmp_path / "model")
+    assert main(["pretrain", "--model", str(model), "--out", str(model / "run"), "--data", str(corpus),
+                 "--steps", "1"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"is inside the input {model}" in line and not (model / "run").exists()
+    (model / "encoder").mkdir()  # an export kept inside, say
+    (model / "encoder" / "config.json").write_text("{}")
+    before = sorted(p.relative_to(model) for p in model.rglob("*"))
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model), "--overwrite"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"output directory {model} holds the folder encoder, which is no part of what this command writes" in line
+    assert sorted(p.relative_to(model) for p in model.rglob("*")) == before
+    shutil.rmtree(model / "encoder")
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(model), "--overwrite"]) == 0
+
+
 def test_training_refuses_an_output_that_holds_the_teacher_its_model_records(capsys, tmp_path, sources):
     """PrefixLM distills from the source `encdec adapt` recorded, read from outside the checkpoint: `pretrain
     --overwrite` into the run that holds that source deleted it (after loading it)."""

@@ -513,6 +513,12 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
         raise EncdecError(f"output directory {out} holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} but "
                           f"none of what this command writes there ({', '.join(replaces)}): --overwrite replaces an "
                           "earlier output, not another folder; choose another --out, or remove it yourself")
+    folders = [name for name in held if name not in replaces and (out / name).is_dir()
+               and not (out / name).is_symlink()] if not into else []
+    if folders:  # replaced whole, the output would take them with it (a run or an export kept inside a model)
+        raise EncdecError(f"output directory {out} holds the folder {folders[0]}, which is no part of what this "
+                          "command writes: --overwrite would delete it with the rest; move it out first, or choose "
+                          "another --out")
     if held and kind is not None and not kind[1](out):
         raise EncdecError(f"output directory {out} is not {kind[0]}, what this command writes there: --overwrite "
                           "replaces an earlier output, not another model or folder; choose another --out, or remove "

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from encdec.config import StackConfig, layer_count
 from encdec.errors import EncdecError, described, first_line
@@ -248,7 +248,10 @@ def _check_declared_sizes(directory: Path, config: Any) -> None:
         if id(tensor) not in seen and not any(p.search(name) for p in optional):  # a tied head once; what the
             seen.add(id(tensor))  # class lets a checkpoint leave out (transformers loads it without them)
             declared[name] = tuple(tensor.shape)
-    stored = _stored_headers(directory)
+    try:
+        stored = _stored_headers(directory)
+    except (SafetensorError, OSError) as e:  # a damaged header, as from_pretrained would find it
+        raise EncdecError(f"{directory}: transformers cannot load it ({first_line(e)})") from None
     other = next((n for n in sorted(declared.keys() & stored.keys()) if declared[n] != stored[n][0]), None)
     if other is not None:
         raise EncdecError(f"{directory}: its weights hold {other} in shape {list(stored[other][0])}, where its "

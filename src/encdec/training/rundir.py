@@ -119,7 +119,7 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
         try:
             check_writable_place(out)
             check_not_above(out)
-            check_apart(out, inputs)
+            check_apart(out, inputs, inside=True)  # (inside the model: its next --overwrite deleted the run)
             _check_outside_data(out, data)
             created = [p for p in (out, *out.parents) if not p.exists()]  # OUT first, then the parents it needs
             for attempt in range(3):  # another run ending beside this one removes the empty directories it made
