@@ -502,6 +502,17 @@ def test_weights_that_are_a_pipe_or_carry_a_huge_header_are_one_error(tmp_path, 
         files.read_weights(tmp_path)
 
 
+def test_a_metadata_file_past_a_configurations_size_is_refused_unread(adapted, tmp_path, capsys):
+    """A configuration or metadata file was read up to 1 GiB, and parsed takes about 22 times its size: a handed
+    encdec.json of [{}, {}, ...] near that size took 25 GB (30 MB of it: 1.1 GB)."""
+    model = shutil.copytree(adapted, tmp_path / "model")
+    with (model / "encdec.json").open("r+b") as f:
+        f.truncate(65 << 20)  # sparse
+    assert main(["info", str(model)]) == 2
+    (line,) = _error_lines(capsys)
+    assert f"cannot read {model / 'encdec.json'}: 68,157,440 bytes, more than a configuration file holds" in line
+
+
 def test_the_size_check_leaves_out_what_a_class_lets_a_checkpoint_lack(tmp_path):
     """transformers loads an AXK1 checkpoint without its e_score_correction_bias (the class's
     _keys_to_ignore_on_load_missing): the headers' check counted it and refused a model transformers reads whole."""

@@ -69,7 +69,9 @@ def parse_json(raw: bytes | str, *, strict: bool = False) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-MAX_SMALL_BYTES = 1 << 30  # a JSON file this project reads (a tokenizer.json is tens of MB)
+# a JSON file this project reads (configurations, metadata, a run's state: KB to a few MB; tokenizer.json is read
+# by the tokenizers library): parsed, a file takes about 22 times its size (a handed 1 GB encdec.json, 25 GB)
+MAX_SMALL_BYTES = 64 << 20
 
 
 def file_start(path: Path, size: int) -> bytes:
