@@ -502,6 +502,20 @@ def test_weights_that_are_a_pipe_or_carry_a_huge_header_are_one_error(tmp_path, 
         files.read_weights(tmp_path)
 
 
+def test_an_overwritten_checkpoint_keeps_its_permissions(adapted, tmp_path):
+    """A private checkpoint (0700, its files 0600) came back with the umask's modes (0755, 0644) after --overwrite."""
+    import encdec
+
+    model = shutil.copytree(adapted, tmp_path / "model")
+    names = [path.name for path in model.iterdir()]
+    for name in names:
+        (model / name).chmod(0o600)
+    model.chmod(0o700)
+    encdec.save(encdec.load(model), model, overwrite=True)
+    assert model.stat().st_mode & 0o777 == 0o700 and "model.safetensors" in names
+    assert {name: (model / name).stat().st_mode & 0o777 for name in names} == dict.fromkeys(names, 0o600)
+
+
 def test_a_metadata_file_past_a_configurations_size_is_refused_unread(adapted, tmp_path, capsys):
     """A configuration or metadata file was read up to 1 GiB, and parsed takes about 22 times its size: a handed
     encdec.json of [{}, {}, ...] near that size took 25 GB (30 MB of it: 1.1 GB)."""

@@ -550,6 +550,7 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
                 raise EncdecError(f"{out} was written by another process while this one wrote it; it is kept, and "
                                   "this output is not written (pass --overwrite to replace it)")
             if out.exists():
+                _keep_modes(out, tmp)
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{HOST}-{os.getpid()}-", dir=out.parent))
                 try:
                     os.replace(out, old / out.name)
@@ -569,6 +570,15 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _keep_modes(out: Path, tmp: Path) -> None:
+    """The permissions of the directory `tmp` replaces, and of its files of the same names, on `tmp`'s: a private
+    checkpoint (0700, its files 0600) came back readable by everyone after an --overwrite."""
+    with contextlib.suppress(OSError):  # (a mode that cannot be set: the umask's stays)
+        for new, old in ((tmp, out), *((entry, out / entry.name) for entry in tmp.iterdir())):
+            if not new.is_symlink() and old.exists() and not old.is_symlink():
+                os.chmod(new, stat.S_IMODE(old.stat().st_mode))
 
 
 # what fsync says where a system cannot sync a path (a directory, some file systems): passed over
