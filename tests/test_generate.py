@@ -56,6 +56,36 @@ def test_sampling_from_scores_that_are_not_finite_is_one_line(model, monkeypatch
             model.generate(ids, mask, max_new_tokens=3, use_cache=use_cache, **sampled)
 
 
+def test_the_python_api_takes_what_its_callers_pass_and_says_what_it_ignores(model, caplog):
+    """model.generate: a set of EOS ids (what Row holds) was a RuntimeError and a float one never ended a row;
+    uint8 ids failed the uncached path's embedding; logit_bias as pairs and ids as lists were AttributeErrors; and
+    sampling's settings without do_sample were ignored without a word (the CLI and transformers say so)."""
+    ids, mask = _prompts()
+    greedy = model.generate(ids, mask, max_new_tokens=4, eos_token_ids=[])
+    first = greedy[:, 1].tolist()
+    ended = model.generate(ids, mask, max_new_tokens=4, eos_token_ids=first)
+    assert ended.shape[1] <= 2
+    for eos in (set(first), frozenset(first), tuple(first), torch.tensor(first)):
+        assert torch.equal(model.generate(ids, mask, max_new_tokens=4, eos_token_ids=eos), ended)
+    for bad in ([1.5], "1", [[1]], None.__class__):
+        with pytest.raises(EncdecError, match="eos_token_ids must be a token id or a collection of them"):
+            model.generate(ids, mask, max_new_tokens=2, eos_token_ids=bad)
+    for use_cache in (True, False):
+        assert torch.equal(model.generate(ids.to(torch.uint8), mask, max_new_tokens=4, eos_token_ids=[],
+                                          use_cache=use_cache), greedy)
+    biased = model.generate(ids, mask, max_new_tokens=4, eos_token_ids=[], logit_bias={5: 100.0})
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=4, eos_token_ids=[], logit_bias=[(5, 100.0)]), biased)
+    assert (biased == 5).all()
+    with pytest.raises(EncdecError, match="logit_bias must map token ids to biases"):
+        model.generate(ids, mask, max_new_tokens=2, logit_bias=[5, 100.0])
+    with pytest.raises(EncdecError, match=r"input_ids must be a tensor \[batch, length\]"):
+        model.generate(ids.tolist(), max_new_tokens=2)
+    with caplog.at_level("WARNING", logger="encdec"):
+        assert torch.equal(model.generate(ids, mask, max_new_tokens=4, eos_token_ids=[], temperature=0.7, seed=1),
+                           greedy)
+    assert "temperature, seed apply to sampling (do_sample=True); greedy decoding ignores them" in caplog.text
+
+
 def test_a_greedy_row_whose_scores_are_not_finite_fails_alone(model, monkeypatch):
     """A NaN counts as the largest logit: a greedy row whose scores held one (an overflow in float16) emitted
     tokens and ended "length" or "stop", where a sampled row ended "error"; the batch's other rows decode on."""

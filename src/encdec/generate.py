@@ -8,7 +8,8 @@ what `encdec generate --input` runs over a file. `generate` is the case where ev
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,8 @@ from encdec.errors import EncdecError
 from encdec.inference.engine import Engine, Row
 from encdec.inference.sampling import NonFiniteScores, Sampling, pick_tokens, whole
 from encdec.model import EncoderState, Segments
+
+log = logging.getLogger("encdec")
 
 if TYPE_CHECKING:
     from encdec.config import EncDecConfig
@@ -101,30 +104,56 @@ def generate_each(
                 yield index.pop(item.row)
 
 
+def _eos_ids(value: object) -> frozenset[int]:
+    """The ids that end a row: one id, or any collection (a set, a list, a tensor) of them, as ints (a tensor's
+    elements hash by identity and would never equal a token); a frozenset was a RuntimeError, a float never ended."""
+    if isinstance(value, torch.Tensor):
+        ids = value.reshape(-1).tolist()
+    elif whole(value):
+        ids = [value]
+    else:
+        ids = list(value) if isinstance(value, Iterable) and not isinstance(value, str | bytes) else None
+    if ids is None or not all(whole(t) for t in ids):
+        raise EncdecError(f"eos_token_ids must be a token id or a collection of them, got {value!r:.60}")
+    return frozenset(int(t) for t in ids)
+
+
 @torch.no_grad()
 def generate(
     model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
     max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
     top_p: float = 1.0, seed: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-    repetition_penalty: float = 1.0, logit_bias: dict[int, float] | None = None,
-    eos_token_ids: Sequence[int] | int | torch.Tensor | None = None, use_cache: bool = True, compile_step: bool = False,
+    repetition_penalty: float = 1.0, logit_bias: Mapping[int, float] | Iterable[tuple[int, float]] | None = None,
+    eos_token_ids: Iterable[int] | int | torch.Tensor | None = None, use_cache: bool = True, compile_step: bool = False,
     decoder_prefix: Sequence[int] = (),
 ) -> torch.Tensor:
     """Generated tokens [B, T], T <= max_new_tokens; rows that ended early are filled with the pad id.
 
     `input_ids` [B, L] (B >= 1, L >= 1). The decoder starts from the BOS token, as T5Gemma does; a row ends at one
-    of `eos_token_ids` (the model's when None; one id, a list or a tensor; `[]`: only at max_new_tokens). With a
+    of `eos_token_ids` (the model's when None; one id, a list, a set or a tensor; `[]`: only at max_new_tokens). With a
     seed, row i samples from its own stream seeded with seed + i (as `encdec generate` seeds its prompts): a row's
     tokens do not depend on the rest of the batch, and a prompt repeated gets several samples. Positions whose
     `attention_mask` is 0 are never read (any id may pad).
-    The penalties count each row's generated tokens (`encdec.inference.sampling`); `logit_bias` adds to
-    the logits of the given token ids. `compile_step` compiles the engine's step (`torch.compile`: worth its
+    The penalties count each row's generated tokens (`encdec.inference.sampling`); `logit_bias` ({id: bias}, or
+    (id, bias) pairs) adds to the logits of the given token ids. Sampling's settings without `do_sample` are said to
+    be ignored, as transformers says it. `compile_step` compiles the engine's step (`torch.compile`: worth its
     first call's compilation on a GPU, docs/benchmarks.md). `decoder_prefix`: tokens the decoder reads after BOS
     before generating, not returned (a UL2-pretrained model's sentinel: `encdec.objectives.trained_framing`).
     """
+    pairs = logit_bias.items() if isinstance(logit_bias, Mapping) else logit_bias or ()  # (pairs, as Sampling's)
+    if isinstance(pairs, str | bytes) or not isinstance(pairs, Iterable) \
+            or not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
+        raise EncdecError(f"logit_bias must map token ids to biases ({{id: bias}}), got {logit_bias!r:.60}")
     sampling = Sampling(do_sample, temperature, top_k, top_p, seed, presence_penalty, frequency_penalty,
-                        repetition_penalty, tuple((logit_bias or {}).items()))
+                        repetition_penalty, tuple(tuple(p) for p in pairs))
     check_settings(max_new_tokens, sampling)
+    unused = [name for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
+                                                ("top_p", top_p, 1.0), ("seed", seed, None)) if value != default]
+    if unused and not do_sample:  # as `encdec generate` and transformers say it: greedy tokens, taken for samples
+        log.warning("%s apply to sampling (do_sample=True); greedy decoding ignores them", ", ".join(unused))
+    for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if tensor is not None and not isinstance(tensor, torch.Tensor):
+            raise EncdecError(f"{name} must be a tensor [batch, length] (torch.tensor(...)), got {type(tensor).__name__}")
     cfg = model.config
     outside = [token for token, _ in sampling.logit_bias if not 0 <= token < cfg.vocab_size]
     if outside:
@@ -159,10 +188,10 @@ def generate(
                               "1s must be one run, padding (0s) before or after it only")
     longest = int(attention_mask.sum(1).max()) if attention_mask is not None else input_ids.shape[1]
     check_positions(longest, max_new_tokens, cfg, prefix=len(decoder_prefix))  # as encdec generate and serve refuse
-    # ints, not what holds them: a tensor's elements hash by identity and would never equal a token
-    eos = frozenset(torch.as_tensor(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids).reshape(-1).tolist())
+    eos = _eos_ids(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     rows = [Row(max_new_tokens, eos, sampling.nth(i), decoder_prefix=tuple(decoder_prefix))
             for i in range(input_ids.shape[0])]
+    input_ids = input_ids.long()  # (uint8 or int16 ids: the uncached path's embedding takes long and int only)
     if attention_mask is not None:  # what the uncached path's embedding reads too
         input_ids = input_ids.masked_fill(~attention_mask.bool(), cfg.pad_token_id)
     input_ids = input_ids.to(model.device)
