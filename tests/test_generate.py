@@ -504,7 +504,7 @@ def test_the_choices_of_a_seeded_request_share_its_checked_biases(monkeypatch):
     bias = tuple((i, -1.0) for i in range(262_144))
     first = Sampling(True, temperature=0.7, top_k=5, seed=2**64 - 2, logit_bias=bias)
     unseeded = Sampling(True, seed=None, logit_bias=bias[:2])
-    import encdec.inference.sampling as sampling
+    from encdec.inference import sampling
 
     monkeypatch.setattr(sampling, "_check_types", lambda s: pytest.fail("the settings were checked again"))
     choices = [first.nth(i) for i in range(4)]

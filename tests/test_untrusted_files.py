@@ -536,17 +536,19 @@ def test_the_size_check_leaves_out_what_a_class_lets_a_checkpoint_lack(tmp_path)
     from encdec.sources import check_causal_lm
 
     config = tf.AutoConfig.for_model("axk1")
-    for key, value in dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
-                           num_attention_heads=2, num_key_value_heads=2, vocab_size=128, n_routed_experts=4,
-                           num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=16,
-                           kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8).items():
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 128, "n_routed_experts": 4,
+             "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": 16,
+             "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "head_dim": 8}
+    for key, value in sizes.items():
         if hasattr(config, key):
             setattr(config, key, value)
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     (weights,) = tmp_path.glob("*.safetensors")
     stored = load_file(weights)
     assert any("e_score_correction_bias" in name for name in stored)
-    save_file({k: v for k, v in stored.items() if "e_score_correction_bias" not in k}, weights, metadata={"format": "pt"})
+    kept = {k: v for k, v in stored.items() if "e_score_correction_bias" not in k}
+    save_file(kept, weights, metadata={"format": "pt"})
     check_causal_lm(tmp_path)
 
 

@@ -153,7 +153,8 @@ def generate(
         log.warning("%s apply to sampling (do_sample=True); greedy decoding ignores them", ", ".join(unused))
     for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
         if tensor is not None and not isinstance(tensor, torch.Tensor):
-            raise EncdecError(f"{name} must be a tensor [batch, length] (torch.tensor(...)), got {type(tensor).__name__}")
+            raise EncdecError(f"{name} must be a tensor [batch, length] (torch.tensor(...)), got "
+                              f"{type(tensor).__name__}")
     cfg = model.config
     outside = [token for token, _ in sampling.logit_bias if not 0 <= token < cfg.vocab_size]
     if outside:
