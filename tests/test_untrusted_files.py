@@ -502,6 +502,24 @@ def test_weights_that_are_a_pipe_or_carry_a_huge_header_are_one_error(tmp_path, 
         files.read_weights(tmp_path)
 
 
+def test_a_checkpoint_a_killed_write_moved_aside_is_put_back_before_any_work(adapted, sources, tmp_path, capsys):
+    """Killed between its two renames, a write leaves the previous version in .NAME.old-HOST-PID-XXXXXXXX: the next
+    write put it back only as its own output took the place, and failed then, after all its work."""
+    from encdec import files
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    aside = tmp_path / f".model.old-{files.HOST}-{int(done.stdout)}-abcd1234"
+    aside.mkdir()
+    shutil.copytree(adapted, aside / "model")
+    before = sorted(p.relative_to(aside / "model") for p in (aside / "model").rglob("*"))
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(tmp_path / "model")]) == 2
+    (line,) = _error_lines(capsys)  # (the check of the output, before the source is read)
+    assert f"output directory {tmp_path / 'model'} already exists; pass --overwrite" in line, line
+    assert sorted(p.relative_to(tmp_path / "model") for p in (tmp_path / "model").rglob("*")) == before
+    assert not aside.exists()
+
+
 def test_an_overwritten_checkpoint_keeps_its_permissions(adapted, tmp_path):
     """A private checkpoint (0700, its files 0600) came back with the umask's modes (0755, 0644) after --overwrite."""
     import encdec

@@ -492,6 +492,9 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
     check_writable_place(out)
     check_name_room(out, Path(out).name)
     check_folder_writable(out, into=into)  # (an adapt of a 9B source found it after loading and adapting it)
+    if Path(out).parent.is_dir():  # a version a killed write moved aside goes back first: found only as this
+        with contextlib.suppress(OSError):  # output was renamed into place, it failed the command after its work
+            remove_abandoned_temporaries(Path(out).parent)
     check_not_above(out)
     check_apart(out, inputs)
     if out.exists() and not overwrite:
