@@ -829,6 +829,9 @@ def test_negative_numbers_in_scientific_notation_are_values(capsys):
     assert build_parser().parse_args(["pretrain", "--lr", "-1e-4"]).lr == -1e-4  # then refused as not positive
     assert main(["pretrain", "--lr", "-1e-4"]) == 2
     assert "--lr must be a positive finite number, got -0.0001" in capsys.readouterr().err
+    # a list of layers starting with a negative one: "expected one argument", where -1 alone is said out of range
+    assert build_parser().parse_args(["adapt", "--encoder", "e", "--decoder-layers", "-3,-1", "--out", "o"]) \
+        .decoder_layers == "-3,-1"
 
 
 def test_an_unknown_option_points_to_its_sub_commands_help(capsys):

@@ -49,11 +49,13 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 class _Parser(argparse.ArgumentParser):
     """argparse whose bad-option message is one line, like every other error of the command, and which takes
     negative numbers in scientific notation (--lr -1e-4) as values, as it takes -0.5, and slices that start with
-    one (--decoder-layers -2:, the last two layers)."""
+    one (--decoder-layers -2:, the last two layers), and lists that do (--decoder-layers -3,-1: refused as indices
+    out of range, not as "expected one argument")."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-\d+(:-?\d*){1,2}$")
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-\d+(:-?\d*){1,2}$|^-\d+(\s*,\s*-?\d+)+$")
 
     def error(self, message: str) -> NoReturn:
         lists = [a.option_strings[0] for a in self._actions if a.nargs == "*" and a.option_strings]
