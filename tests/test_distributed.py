@@ -414,6 +414,8 @@ TORCHRUN = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "1
     # digits str.isdigit() takes and int() refuses: ValueError tracebacks
     (dict(TORCHRUN, RANK="\u00b2"), "RANK is '\u00b2': each of the WORLD_SIZE 2 processes"),
     (dict(TORCHRUN, MASTER_PORT="\u0663"), "MASTER_PORT is '\u0663': a TCP port number"),
+    (dict(TORCHRUN, WORLD_SIZE="\u0662"), "WORLD_SIZE ('\u0662') and LOCAL_RANK ('0') must be integers"),
+    (dict(TORCHRUN, WORLD_SIZE="2_0"), "WORLD_SIZE ('2_0') and LOCAL_RANK ('0') must be integers"),
 ])
 def test_a_launch_environment_that_is_not_torchruns_is_one_line(tmp_path, capsys, monkeypatch, env, message):
     """WORLD_SIZE left in a shell, with `encdec pretrain` run directly: a traceback from the process group."""

@@ -288,6 +288,11 @@ def test_options_spelled_alike_tie_exactly_and_either_copy_of_the_gold_is_right(
     ("The answer is:\n\n\\[\n16 - 3 - 4 = 9\n\\]\n\\[\n9 \\times 2 = 18\n\\]", "18"),
     ("Therefore, the answer is\n\\[\n9 \\times 2\n= 18\n\\]", "18"),
     ("The answer is 3 X 4 = 12.", "12"),  # a capital X multiplies too
+    ("The answer is:\n16 - 3 - 4 = 9\n9 x 2 = 18", "18"),  # a line that goes on with the calculation
+    # ...and one that does not (few-shot answers stop at a blank line: a single one ends the sentence)
+    ("The answer is 3 x 4 = 12\nCheck: 12 / 4 = 3", "12"),
+    ("So the answer is 9 * 2 = 18\nShe sold 18 / 2 = 9 dozen", "18"),
+    ("**Answer:** 9 eggs are left, so she makes 9 x 2 dollars: $\\boxed{18}$", "18"),  # a box after an unboxed cue
 ])
 def test_gsm8k_final_number(text, expected):
     assert final_number(text) == expected
@@ -950,7 +955,7 @@ def test_decoder_only_options_are_scored_from_the_logits_the_model_gives(model_t
 # the prompts of every task (3 examples, 2 shots each) under each FORMAT_VERSION
 PROMPTS = {2: "caafa691c0b0c279", 3: "df75416d07956669", 4: "df75416d07956669", 5: "df75416d07956669",
            6: "df75416d07956669", 7: "df75416d07956669", 8: "df75416d07956669",
-           9: "df75416d07956669"}
+           9: "df75416d07956669", 10: "df75416d07956669"}
 
 
 def test_a_prompt_that_changes_comes_with_a_new_format_version():

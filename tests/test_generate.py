@@ -74,7 +74,8 @@ def test_the_python_api_takes_what_its_callers_pass_and_says_what_it_ignores(mod
         assert torch.equal(model.generate(ids.to(torch.uint8), mask, max_new_tokens=4, eos_token_ids=[],
                                           use_cache=use_cache), greedy)
     biased = model.generate(ids, mask, max_new_tokens=4, eos_token_ids=[], logit_bias={5: 100.0})
-    assert torch.equal(model.generate(ids, mask, max_new_tokens=4, eos_token_ids=[], logit_bias=[(5, 100.0)]), biased)
+    for pairs in ([(5, 100.0)], zip([5], [100.0]), ((t, 100.0) for t in [5])):  # (an iterator was read up, ignored)
+        assert torch.equal(model.generate(ids, mask, max_new_tokens=4, eos_token_ids=[], logit_bias=pairs), biased)
     assert (biased == 5).all()
     with pytest.raises(EncdecError, match="logit_bias must map token ids to biases"):
         model.generate(ids, mask, max_new_tokens=2, logit_bias=[5, 100.0])

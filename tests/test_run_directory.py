@@ -195,6 +195,23 @@ def test_resume_refuses_a_model_in_out_that_no_run_saved(adapted, corpus, tmp_pa
     assert main([*args, "--resume", "--steps", "2"]) == 0 and main([*args, "--resume", "--steps", "3"]) == 0
 
 
+def test_a_folder_kept_in_a_runs_model_is_refused_before_the_run_not_at_its_end(adapted, corpus, tmp_path, capsys):
+    """An export kept in RUN/model (`encdec export RUN/model --out RUN/model/ct2`): --resume trained every step, then
+    the final model's save refused the folder; --overwrite deleted it with the model."""
+    out = tmp_path / "run"
+    args = _pretrain_args(adapted, out, corpus, "--steps", "1", "--save-every", "1")
+    assert main(args) == 0
+    (out / "model" / "ct2").mkdir()
+    (out / "model" / "ct2" / "model.bin").write_bytes(b"mine")
+    capsys.readouterr()
+    for again in (["--resume", "--steps", "2"], ["--overwrite"]):
+        assert main([*args, *again]) == 2
+        (line,) = _lines(capsys.readouterr().err, "error:")
+        assert f"{out / 'model'} is not what a run writes there (it holds the folder ct2, which the run's" in line
+    assert (out / "model" / "ct2" / "model.bin").read_bytes() == b"mine"
+    assert checkpointing.checkpoints(out) == [out / "checkpoints" / "step-000001"]  # nothing trained
+
+
 def test_a_checkpoint_name_of_other_digits_is_not_a_step(adapted, corpus, tmp_path, capsys):
     """str.isdigit() takes "²", which int() refuses: checkpoints/step-² was a traceback of --resume."""
     from encdec.training.checkpointing import checkpoints, is_step_name

@@ -411,6 +411,8 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
     assert main(["info", str(tmp_path / "no\x1b[31mwhere")]) == 2  # an error line names the path: escaped too
     err = capsys.readouterr().err
     assert "\x1b" not in err and "no\\x1b[31mwhere" in err
+    assert main(["info", str(tmp_path / "Shot 10.00\u202fAM \u3000x")]) == 2  # what is no control stays as it is
+    assert "Shot 10.00\u202fAM \u3000x" in capsys.readouterr().err
     for name in ("config.json", "tokenizer_config.json"):  # what transformers follows, whatever the file holds
         original = (out / name).read_text()
         data = json.loads(original)

@@ -998,7 +998,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError as e:
         if not _reader_gone(sys.stdout):  # another pipe or socket broke: that is an error to tell
-            print(f"encdec {args.command}: error: {e}", file=sys.stderr)
+            print(f"encdec {args.command}: error: {printable(str(e))}", file=sys.stderr)
             return 1
         # `encdec info M | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush has nowhere to fail
@@ -1008,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in (errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM):
             raise
         what = f"cannot reach {e.filename}: {e.strerror}" if e.filename is not None else str(e)
-        print(f"encdec {args.command}: error: {what}", file=sys.stderr)
+        print(f"encdec {args.command}: error: {printable(what)}", file=sys.stderr)
         return 2
     except BaseException as e:  # a Rust library's panic is a BaseException, past every `except Exception`
         if type(e).__name__ != "PanicException":

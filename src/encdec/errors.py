@@ -14,7 +14,15 @@ def printable(text: str) -> str:
     """`text` with its control characters escaped (\\x1b, \\r): a handed file's names (a link's target, a tensor's)
     reach the terminal in messages, and an escape sequence there could rewrite what is shown (a line saying the
     checkpoint's code is this encdec's own)."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return "".join(repr(c)[1:-1] if _is_control(c) else c for c in text)
+
+
+def _is_control(c: str) -> bool:
+    """C0 and C1 control characters, the line separators and the bidirectional overrides (a reordered line): not the
+    rest of what str.isprintable() refuses (a narrow no-break space in a macOS file name, a CJK space)."""
+    code = ord(c)
+    return code < 32 or 127 <= code < 160 or 0x202A <= code <= 0x202E or 0x2066 <= code <= 0x2069 or code in (
+        0x2028, 0x2029)
 
 
 def _said(e: BaseException) -> str:

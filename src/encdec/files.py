@@ -518,8 +518,8 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
         raise EncdecError(f"output directory {out} holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''} but "
                           f"none of what this command writes there ({', '.join(replaces)}): --overwrite replaces an "
                           "earlier output, not another folder; choose another --out, or remove it yourself")
-    folders = [name for name in held if name not in replaces and (out / name).is_dir()
-               and not (out / name).is_symlink()] if not into else []
+    folders = [name for name in held if name not in replaces and (out / name).is_dir() and not (out / name).is_symlink()
+               and (name == ".git" or not name.startswith("."))] if not into else []  # (not a tool's .cache)
     if folders:  # replaced whole, the output would take them with it (a run or an export kept inside a model)
         raise EncdecError(f"output directory {out} holds the folder {folders[0]}, which is no part of what this "
                           "command writes: --overwrite would delete it with the rest; move it out first, or choose "
@@ -553,7 +553,6 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
                 raise EncdecError(f"{out} was written by another process while this one wrote it; it is kept, and "
                                   "this output is not written (pass --overwrite to replace it)")
             if out.exists():
-                _keep_modes(out, tmp)
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{HOST}-{os.getpid()}-", dir=out.parent))
                 try:
                     os.replace(out, old / out.name)
@@ -566,6 +565,7 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
                     os.replace(old / out.name, out)
                     shutil.rmtree(old, ignore_errors=True)
                     raise
+                _keep_modes(old / out.name, out)  # once in place (a temporary of 0555 could not be moved or removed)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, out)
@@ -575,11 +575,11 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
         raise
 
 
-def _keep_modes(out: Path, tmp: Path) -> None:
-    """The permissions of the directory `tmp` replaces, and of its files of the same names, on `tmp`'s: a private
+def _keep_modes(replaced: Path, out: Path) -> None:
+    """The permissions of the directory `out` replaced, and of its files of the same names, on `out`'s: a private
     checkpoint (0700, its files 0600) came back readable by everyone after an --overwrite."""
     with contextlib.suppress(OSError):  # (a mode that cannot be set: the umask's stays)
-        for new, old in ((tmp, out), *((entry, out / entry.name) for entry in tmp.iterdir())):
+        for new, old in ((out, replaced), *((entry, replaced / entry.name) for entry in out.iterdir())):
             if not new.is_symlink() and old.exists() and not old.is_symlink():
                 os.chmod(new, stat.S_IMODE(old.stat().st_mode))
 

@@ -141,8 +141,8 @@ def generate(
     before generating, not returned (a UL2-pretrained model's sentinel: `encdec.objectives.trained_framing`).
     """
     pairs = logit_bias.items() if isinstance(logit_bias, Mapping) else logit_bias or ()  # (pairs, as Sampling's)
-    if isinstance(pairs, str | bytes) or not isinstance(pairs, Iterable) \
-            or not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
+    pairs = tuple(pairs) if isinstance(pairs, Iterable) and not isinstance(pairs, str | bytes) else None  # (zip: once)
+    if pairs is None or not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
         raise EncdecError(f"logit_bias must map token ids to biases ({{id: bias}}), got {logit_bias!r:.60}")
     sampling = Sampling(do_sample, temperature, top_k, top_p, seed, presence_penalty, frequency_penalty,
                         repetition_penalty, tuple(tuple(p) for p in pairs))

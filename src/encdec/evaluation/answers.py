@@ -25,8 +25,8 @@ BOXED = re.compile(r"\\boxed\{" + MARKUP + "(" + NUMBER.pattern + ")")
 # a number that begins a calculation ("3 + 4", multiplication also written 3 x 4, 3 X 4, 3 · 4 or LaTeX's \times)
 CALCULATES = re.compile(r"\s*(?:[-+*/=\u00d7\u00f7\u00b7x]|\\times|\\cdot|\\div)\s*[$(.\d\\]", re.IGNORECASE)
 RESULT = re.compile(r"=" + MARKUP + "(" + NUMBER.pattern + ")")
-# a sentence's end, or a paragraph's (a calculation laid out over lines, as LaTeX's display math is, goes on)
-SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")
+# a sentence's end, or a line's unless the next goes on with the calculation (an operator, LaTeX's display math)
+SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n(?!\s*(?:[-+*/=\u00d7\u00f7\u00b7\\]|\d[^\n]*=))")
 
 
 def _clean_number(text: str) -> str | None:
@@ -43,12 +43,17 @@ def _clean_number(text: str) -> str | None:
 
 def final_number(text: str) -> str | None:
     """The number a chain of thought ends on: the last stated answer ("the answer is N", the few-shot examples'
-    ending; else \\boxed{N}) when there is one, else GSM8K's "#### N", else the last number in the text. A statement
+    ending, or a \\boxed{N} after it) when there is one, else GSM8K's "#### N", else the last number. A statement
     written as a calculation ("so the answer is 3 x 4 = 12") gives its result: the number after the last "=" of its
     sentence. LaTeX's and typography's ways of writing thousands (1{,}000, 1\\,000, thin spaces) and the minus sign
     read as plain ones."""
     text = DIGIT_GROUPS.sub(lambda m: "," if m.group(0) == "{,}" else "", text).replace("\u2212", "-")
-    stated = list(STATEMENT.finditer(text)) or list(BOXED.finditer(text))
+    stated, boxed = list(STATEMENT.finditer(text)), list(BOXED.finditer(text))
+    # the last cue, unless a \boxed answer follows it and it boxed none itself (a boxed check after "the answer is
+    # \boxed{18}" does not undo it; "Answer: 9 eggs are left, ... so \boxed{18}" ends on 18)
+    if stated and boxed and "\\boxed" not in stated[-1].group(0) and boxed[-1].start() > stated[-1].start():
+        stated = boxed
+    stated = stated or boxed
     if stated:
         return _clean_number(_stated_answer(text, stated[-1]))
     found = re.findall(r"####\s*(" + NUMBER.pattern + ")", text)

@@ -27,9 +27,10 @@ from encdec.evaluation.datasets import read_split, rendered_docs
 # minus sign U+2212, which it read as 1 and as 5; 7: exact match drops Unicode's punctuation too, so a curly
 # apostrophe or quote no longer misses the answer; 8: GSM8K's last "the answer is", written as a calculation, gives
 # its result, not an earlier statement's number; 9: that result is its sentence's last "=", not the text's last
-# number, and answers in markup (\$18, \(18\), "18", \boxed{18}) read as stated). tests/test_evaluate.py
-# fingerprints the prompts.
-FORMAT_VERSION = 9
+# number, and answers in markup (\$18, \(18\), "18", \boxed{18}) read as stated; 10: a calculation's sentence
+# ends at a line that does not go on with it, and a \boxed answer after an unboxed "the answer is" wins).
+# tests/test_evaluate.py fingerprints the prompts.
+FORMAT_VERSION = 10
 SHOT_POOL = 200  # training examples the few-shot sample is drawn from
 
 

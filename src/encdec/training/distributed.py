@@ -54,11 +54,12 @@ def accelerate_settings_ignored(fsdp: bool, precision: str, grad_accum: int) -> 
 
 def init(timeout: float = 1800.0) -> Dist:
     """This process's place in the run; `timeout`: seconds a collective waits for the other processes."""
-    try:
-        world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
+    world, local = os.environ.get("WORLD_SIZE", "1"), os.environ.get("LOCAL_RANK", "0")
+    if _digits(world) and _digits(local):  # ASCII digits: int() took '٢' and '2_0' too
+        world, local = int(world), int(local)
+    else:
         raise EncdecError(f"WORLD_SIZE ({os.environ.get('WORLD_SIZE')!r}) and LOCAL_RANK "
-                          f"({os.environ.get('LOCAL_RANK')!r}) must be integers, as torchrun sets them") from None
+                          f"({os.environ.get('LOCAL_RANK')!r}) must be integers, as torchrun sets them")
     if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ and "ACCELERATE_USE_CPU" in os.environ:
         # accelerate's simple launcher (--num_processes N with --cpu, or no multi-GPU configuration) starts one
         # process and names an address for N: it trained alone, on a global batch N times smaller, without a word

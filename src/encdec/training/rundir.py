@@ -119,7 +119,8 @@ def locked(out: Path, d: distributed.Dist, inputs: tuple[str | Path | None, ...]
         try:
             check_writable_place(out)
             check_not_above(out)
-            check_apart(out, inputs, inside=True)  # (inside the model: its next --overwrite deleted the run)
+            check_apart(out, inputs)
+            check_apart(out, inputs[:1], inside=True)  # inside the model: its next --overwrite deleted the run
             _check_outside_data(out, data)
             created = [p for p in (out, *out.parents) if not p.exists()]  # OUT first, then the parents it needs
             for attempt in range(3):  # another run ending beside this one removes the empty directories it made
@@ -230,7 +231,10 @@ def foreign_output(out: Path, contents: bool = True) -> tuple[str, str] | None:
             elif name == "model":  # a run's final model records the run (encdec.json: "pretrained" or "finetuned");
                 # any checkpoint was taken for one, and --overwrite deleted a model kept there (an adapted one, say)
                 recorded = training_record(path) is not None
-                problem = "" if recorded else "a model no run saved: its encdec.json records no training"
+                folders = sorted(entry.name for entry in path.iterdir() if entry.is_dir() and not entry.is_symlink())
+                problem = ("a model no run saved: its encdec.json records no training" if not recorded else
+                           f"it holds the folder {folders[0]}, which the run's final model would replace" if folders
+                           else "")
             elif name == "checkpoints":  # step-N, and what a crash may leave of an atomic write (.step-N.tmp-...)
                 problem = odd(path, lambda e: e.name.startswith(".step-") or checkpointing.is_step_name(e.name))
             else:  # tensorboard: SummaryWriter's event files
