@@ -18,8 +18,8 @@ ANSWER_CUE = re.compile(r"answer(?:\s+is\s*:?|\s*:)", re.IGNORECASE)
 # given back, as the cue before it (a choice between "$" and "$$" for each made a run of dollars take exponential
 # time, one between the cue's spaces and these quadratic)
 MARKUP = r"(?:[\s*_\"'`$]|\\[(\[$]|\\(?:boxed|text|textbf|mathbf)\{)*+"
-# a stated answer: the cue and its first number; LaTeX's \boxed{...} (a chat model's way of saying it) where no cue
-# states one (an earlier stated answer is not undone by a boxed step after it)
+# a stated answer: the cue and its first number, or LaTeX's \boxed{...} (a chat model's way of saying it; which of
+# them wins: `final_number`)
 STATEMENT = re.compile("(?>" + ANSWER_CUE.pattern + ")" + MARKUP + "(" + NUMBER.pattern + ")", re.IGNORECASE)
 BOXED = re.compile(r"\\boxed\{" + MARKUP + "(" + NUMBER.pattern + ")")
 # a number that begins a calculation ("3 + 4", multiplication also written 3 x 4, 3 X 4, 3 · 4 or LaTeX's \times)
@@ -48,14 +48,14 @@ def final_number(text: str) -> str | None:
     sentence. LaTeX's and typography's ways of writing thousands (1{,}000, 1\\,000, thin spaces) and the minus sign
     read as plain ones."""
     text = DIGIT_GROUPS.sub(lambda m: "," if m.group(0) == "{,}" else "", text).replace("\u2212", "-")
-    stated, boxed = list(STATEMENT.finditer(text)), list(BOXED.finditer(text))
-    # the last cue, unless a \boxed answer follows it and it boxed none itself (a boxed check after "the answer is
-    # \boxed{18}" does not undo it; "Answer: 9 eggs are left, ... so \boxed{18}" ends on 18)
-    if stated and boxed and "\\boxed" not in stated[-1].group(0) and boxed[-1].start() > stated[-1].start():
-        stated = boxed
-    stated = stated or boxed
-    if stated:
-        return _clean_number(_stated_answer(text, stated[-1]))
+    cued, boxed = list(STATEMENT.finditer(text)), list(BOXED.finditer(text))
+    # the last cue's answer, unless a \boxed one follows a cue that boxed none itself (a boxed check after "the answer
+    # is \boxed{18}" does not undo it; "Answer: 9 eggs are left, ... so \boxed{18}" ends on 18)
+    later_box = bool(boxed) and (not cued or "\\boxed" not in cued[-1].group(0)
+                                 and boxed[-1].start() > cued[-1].start())
+    last = boxed[-1] if later_box else cued[-1] if cued else None
+    if last is not None:
+        return _clean_number(_stated_answer(text, last))
     found = re.findall(r"####\s*(" + NUMBER.pattern + ")", text)
     if found:
         return _clean_number(found[-1])
