@@ -562,7 +562,7 @@ def cmd_export_encoder(args: argparse.Namespace) -> None:
     from encdec.sources import has_tokenizer
 
     read_config(args.model)  # what the directory is instead, where it is none (a training run's: its model/ named)
-    check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",), kind=EXPORTED)
+    check_output_dir(args.out, args.overwrite, (args.model,), replaces=("config.json",), kind=EXPORTED, inside=True)
     backbone = from_encoder_decoder(load(args.model, dtype=None))  # as stored: a bfloat16 one stays bfloat16
     model = Path(args.model).expanduser()
     tokenizer_dir = model if has_tokenizer(model) else None

@@ -476,7 +476,8 @@ def check_not_above(out: Path) -> None:
 
 
 def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None, ...] = (),
-                     replaces: tuple[str, ...] = (), kind: OutputKind | None = None, into: bool = False) -> None:
+                     replaces: tuple[str, ...] = (), kind: OutputKind | None = None, into: bool = False,
+                     inside: bool = False) -> None:
     """Fail before any work when the output directory, which is replaced whole, would clobber something: an
     existing `out` without `overwrite`, a training run's directory even with it (its checkpoints, a live run's
     lock), any of the `inputs` (check_apart), the working directory or one above; and, for a command's --out, a
@@ -484,7 +485,8 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
     --overwrite`, meant as "into", replaced the whole folder; or one that holds them but is not what the command
     writes (`kind`: its description, and the test of a directory): any folder with a config.json (a decoder-only
     source, a project) was replaced by `adapt --overwrite`. `into`: the command writes inside `out` (the
-    quickstart), which must then be writable, rather than replacing it beside itself."""
+    quickstart), which must then be writable, rather than replacing it beside itself. `inside`: nor inside one of
+    the `inputs` (an export kept in the model's folder, which the model's next --overwrite would delete)."""
     if Path(out).is_symlink():  # replaced by the output, the link went and what it named stayed as it was; the
         # command line writes through a link (`through_link`), a run directory's planted one must not be followed
         raise EncdecError(f"output directory {out} is a symbolic link; give the directory it names "
@@ -496,7 +498,7 @@ def check_output_dir(out: Path, overwrite: bool, inputs: tuple[str | Path | None
         with contextlib.suppress(OSError):  # output was renamed into place, it failed the command after its work
             remove_abandoned_temporaries(Path(out).parent)
     check_not_above(out)
-    check_apart(out, inputs)
+    check_apart(out, inputs, inside=inside)
     if out.exists() and not overwrite:
         raise EncdecError(f"output directory {out} already exists; pass --overwrite (overwrite=True in Python) to "
                           "replace it")

@@ -60,7 +60,7 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     # an earlier export is what --overwrite replaces: CTranslate2's model.bin, not a config.json (every checkpoint
     # has one: a mistyped --out replaced another model whole), and this command's (another project's CTranslate2
     # model, a fastText one, has a model.bin too)
-    check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin",), kind=EXPORT)
+    check_output_dir(out, overwrite, (model_dir,), replaces=("model.bin",), kind=EXPORT, inside=True)
     # before converting: reading the framing refuses a provenance it does not know, which must not come after an
     # --overwrite has replaced the previous export
     found = [*cautions(config, fmt), *generation_cautions(model_dir, config.eos_token_ids, tokenizer)]
