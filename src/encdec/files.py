@@ -543,8 +543,7 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
     out = Path(out).expanduser()  # encdec.save(model, "~/m") from Python, as the CLI's paths are read
     check_output_dir(out, overwrite, replaces=replaces, kind=kind)
     with written(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_abandoned_temporaries(out.parent)
+        out.parent.mkdir(parents=True, exist_ok=True)  # (what killed writes left there: cleaned by check_output_dir)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{HOST}-{os.getpid()}-", dir=out.parent))
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would keep the output from everyone else
     try:
