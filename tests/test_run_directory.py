@@ -1144,3 +1144,34 @@ def test_an_elastic_restart_with_overwrite_resumes_from_the_failed_attempts_chec
     other = tmp_path / "fresh"  # no checkpoint yet: --overwrite as asked
     loop.train(_config(adapted, other, corpus, steps=1, save_every=5, eval_every=0, overwrite=True))
     assert "resumes" not in read_metadata(other / "model")["pretrained"]
+
+
+@pytest.mark.parametrize("newest", ["damaged", "unreadable"])
+def test_an_elastic_restart_does_not_delete_the_jobs_checkpoints_when_its_newest_does_not_read(
+        adapted, corpus, tmp_path, monkeypatch, newest):
+    """Only the newest checkpoint was asked whose job wrote it, any error reading it taken for "not this job's":
+    a damaged newest one (the failed attempt's last write) or one unreadable for a moment made the restart delete
+    the job's good older checkpoints and begin again at step 0. A damaged one is passed over (the older one is the
+    job's: resumed from); an unreadable one counts as the job's (resuming reports it)."""
+    from encdec.errors import ReadFailed
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0, overwrite=True))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    last = out / "checkpoints" / "step-000002"
+    if newest == "damaged":
+        (last / "trainer.safetensors").write_bytes(b"")
+        loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, overwrite=True))
+        assert [r["step"] for r in read_metadata(out / "model")["pretrained"]["resumes"]] == [1]
+        return
+    real = rundir.read_state
+
+    def unreadable(directory, name):
+        if directory == last:
+            raise ReadFailed(f"cannot read {directory / name}.json: Stale file handle")
+        return real(directory, name)
+
+    monkeypatch.setattr(rundir, "read_state", unreadable)
+    loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, overwrite=True))
+    assert [r["step"] for r in read_metadata(out / "model")["pretrained"]["resumes"]] == [2]

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from encdec.checkpoint import METADATA, read_metadata
-from encdec.errors import EncdecError, first_line
+from encdec.errors import EncdecError, ReadFailed, first_line
 from encdec.files import (
     RUN_LOCK,
     atomic_write,
@@ -377,17 +377,28 @@ def elastic_restart(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
     restarts, job = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"), elastic_run()
     if not cfg.overwrite or restarts in ("", "0") or job is None:
         return cfg
-    ours = False
-    if d.main:
-        found = checkpointing.checkpoints(Path(cfg.out))
-        with contextlib.suppress(EncdecError, OSError):  # unreadable: not known to be ours (replaced, as asked)
-            ours = bool(found) and read_state(found[-1], "trainer").get("elastic_run") == job
+    ours = d.main and _written_by(Path(cfg.out), job)
     if not distributed.from_main(ours, d):
         return cfg
     if d.main:
         log.warning("restart %s of an elastic run (torchrun --max-restarts): resuming from its checkpoints in %s, "
                     "where --overwrite would begin again at step 0", restarts, cfg.out)
     return dataclasses.replace(cfg, overwrite=False, resume=True)
+
+
+def _written_by(out: Path, job: str) -> bool:
+    """Whether the newest checkpoint in OUT that reads back was written by torchrun job `job`: a damaged newer one
+    (the failed attempt's last) is passed over, as resuming passes it over; one that cannot be read now (an I/O or
+    permission error) counts as ours, so that resuming reports it rather than --overwrite deleting the job's work."""
+    for path in reversed(checkpointing.checkpoints(out)):
+        try:
+            state = read_state(path, "trainer")
+        except ReadFailed:
+            return True
+        except EncdecError:
+            continue
+        return isinstance(state, dict) and state.get("elastic_run") == job
+    return False
 
 
 def begin(cfg: TrainConfig, start: int, d: distributed.Dist, record: dict | None = None) -> None:
