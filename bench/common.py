@@ -128,6 +128,13 @@ def require_positive(parser: argparse.ArgumentParser, args: argparse.Namespace, 
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
+def require_distinct(parser: argparse.ArgumentParser, option: str, values: list) -> None:
+    """Stop with the parser's usage error when the list option `option` names a value twice (its rows and ratio
+    lines would be printed twice, or a setting run twice a round and paired wrongly)."""
+    if len(set(values)) < len(values):
+        parser.error(f"{option} {','.join(map(str, values))}: each value at most once")
+
+
 def print_result(result: dict) -> None:
     """A worker's answer to `run_worker`: one JSON line, the last on stdout."""
     print(json.dumps(result), flush=True)

@@ -35,7 +35,7 @@ wall seconds), the peak resident memory of the process (one process runs all of 
 peak of them all, the same in each of its rows; bench/long_prompt_memory.py measures one length a process), and how
 many of each row's tokens equal encdec's
 float32 tokens. The ratio lines come last, CPU-time ones and then wall-time ones: encdec against
-transformers, against CTranslate2 float32, encdec-bf16 against ct2-bfloat16, encdec-int8 against ct2-int8,
+transformers, against transformers+keep, against CTranslate2 float32, encdec-bf16 against ct2-bfloat16, encdec-int8 against ct2-int8,
 and encdec against encdec-blas (> 1: the first faster), with each round's ratio.
 
 Run (the first use adapts the models, a few minutes; the full grid takes long on a 2-core CPU):
@@ -65,6 +65,7 @@ from common import (
     peak_memory_gib,
     print_result,
     ratio_line,
+    require_distinct,
     require_positive,
     run_main,
     run_worker,
@@ -116,8 +117,7 @@ def parse_args() -> argparse.Namespace:
     args.models = args.models.split(",")
     args.implementations = args.implementations.split(",")
     for name, known in (("models", MODELS), ("implementations", IMPLEMENTATIONS)):
-        if len(set(getattr(args, name))) < len(getattr(args, name)):  # twice a round would pair rounds wrongly
-            p.error(f"--{name}: {getattr(args, name)}: each once")
+        require_distinct(p, f"--{name}", getattr(args, name))
         unknown = set(getattr(args, name)) - set(known)
         if unknown:
             p.error(f"--{name}: unknown {sorted(unknown)}; choose from {', '.join(known)}")
@@ -127,6 +127,8 @@ def parse_args() -> argparse.Namespace:
     except ValueError:
         p.error("--prompt-lengths and --batch-sizes take comma lists of integers, e.g. 256,1024")
     require_positive(p, args, ("new_tokens", "rounds", "repeats"))
+    require_distinct(p, "--prompt-lengths", args.prompt_lengths)
+    require_distinct(p, "--batch-sizes", args.batch_sizes)
     if min(args.prompt_lengths) < 2 or min(args.batch_sizes) < 1:
         p.error("prompt lengths must be at least 2 (BOS and one token), batch sizes at least 1")
     return args

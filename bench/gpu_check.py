@@ -45,8 +45,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import engine_steps, int_list, run_main
+from common import engine_steps, int_list, require_positive, run_main
 
+SKIPPABLE = ("attention", "transformers", "compile", "classify")  # --skip's parts
 LAYER_TYPES = ["full" if (i + 1) % 6 == 0 else "sliding" for i in range(18)]
 STACK_270M = {  # Gemma 3 270M's text stack, as `encdec adapt` reads it
     "num_layers": 18, "hidden_size": 640, "intermediate_size": 2048, "num_heads": 4, "num_kv_heads": 1,
@@ -264,7 +265,7 @@ def main() -> None:
     parser.add_argument("--prompt-lengths", type=int_list, default="256,1024")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", default="", help="comma list of parts to skip: attention, transformers, compile, classify")
+    parser.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(SKIPPABLE)}")
     parser.add_argument("--only", choices=["attention", "compiled-generate", "fine-tuning"], default=None,
                         help="one part alone: the attention kernels' check, generation with the step compiled, or "
                         "classification fine-tuning's speed per batch size (--classify-batches)")
@@ -273,8 +274,15 @@ def main() -> None:
     parser.add_argument("--compile-dtypes", default="float32,bfloat16",
                         help="the dtypes whose decoder step is compiled (each mode compiles for a minute or more)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    require_positive(parser, args, ("new_tokens", "repeats"))
+    if min(args.prompt_lengths) < 2 or min(args.classify_batches) < 1:
+        parser.error("prompt lengths must be at least 2 (BOS and one token), batch sizes at least 1")
     skip = set(filter(None, args.skip.split(",")))
+    for option, given, known in (("--skip", skip, SKIPPABLE), ("--compile-dtypes", args.compile_dtypes.split(","),
+                                                                ("float32", "bfloat16"))):
+        if set(given) - set(known):  # a misspelt part ran anyway, on metered GPU time
+            parser.error(f"{option}: unknown {sorted(set(given) - set(known))}; choose from {', '.join(known)}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), torch "
           f"{torch.__version__}, {'tiny' if args.tiny else '270M-shaped'} random model, greedy, "
           f"{args.new_tokens} new tokens, median of {args.repeats}", flush=True)

@@ -13,8 +13,8 @@ corpus's domain, and general-English CoQA stories), each passage cut into a 64-t
 encoder) and the 64-token suffix that follows (predicted by the decoder, teacher-forced): the suffix NLL in
 nats per token, the share of suffix positions whose top-1 token equals the reference's, and, generating
 --new-tokens greedy tokens after each prefix, the share of tokens equal to the reference's at the same
-position and the share of rows identical throughout. The last line is the NLL ratio of the default (onednn)
-to the reference.
+position and the share of rows identical throughout. The last lines are the NLL ratios of the default (onednn)
+to the reference, one per held-out set.
 
     python bench/inference_quality.py runs/frontier/balanced/train/model
 """

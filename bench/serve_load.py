@@ -68,7 +68,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import corpus_token_ids, cpu_only, in_turn, peak_rss_gib, print_result, ratio_line, run_main, run_worker
+from common import (
+    corpus_token_ids,
+    cpu_only,
+    in_turn,
+    peak_rss_gib,
+    print_result,
+    ratio_line,
+    require_distinct,
+    run_main,
+    run_worker,
+)
 from generate_throughput import prepare_model
 
 TARGETS = ("serve", "serve-bf16", "serve-batch1", "transformers-loop", "transformers-loop-bf16", "serve-int8")
@@ -115,8 +125,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loop-worker", nargs=3, metavar=("MODEL_DIR", "REQUESTS", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     args.targets = args.targets.split(",")
-    if len(set(args.targets)) < len(args.targets):  # a target twice a round would pair rounds wrongly
-        p.error(f"--targets: {args.targets}: each target once")
+    require_distinct(p, "--targets", args.targets)
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         p.error(f"--targets: unknown {sorted(unknown)}; choose from {', '.join(TARGETS)}")
@@ -124,6 +133,7 @@ def parse_args() -> argparse.Namespace:
         args.clients = [int(n) for n in args.clients.split(",")]
     except ValueError:
         p.error("--clients takes a comma list of integers, e.g. 1,4,16")
+    require_distinct(p, "--clients", args.clients)
     if min(args.clients) < 1 or args.requests_per_client < 1 or args.rounds < 1:
         p.error("client counts, --requests-per-client and --rounds must be at least 1")
     if not 1 <= args.min_prompt <= args.max_prompt or not 1 <= args.min_new <= args.max_new:

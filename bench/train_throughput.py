@@ -30,8 +30,8 @@ model FLOP utilisation against a matrix-product rate measured in the same run (b
 steps, the better of the two), and peak memory (CUDA: allocated by torch; CPU: the worker process's
 resident memory, loading included). bf16 is skipped where bfloat16 products run under a tenth of the
 float32 rate (AVX2-only CPUs), since a step would take an hour there. The last line is the
-throughput ratio encdec / transformers (the plain loop); the lines before it compare with
-transformers+fused and transformers+keep.
+throughput ratio encdec / transformers (the plain loop) in the last of --precisions; the lines before it
+compare with transformers+fused and transformers+keep, and bf16 with fp32.
 
 Model FLOPs per step count 6 per parameter per token that parameter reads (forward + backward):
 encoder parameters x encoder tokens, decoder parameters x decoder tokens, the decoder's key/value
@@ -64,6 +64,7 @@ from common import (
     peak_memory_gib,
     print_result,
     ratio_line,
+    require_distinct,
     require_positive,
     run_main,
     run_worker,
@@ -132,6 +133,7 @@ def parse_args() -> argparse.Namespace:
     unknown = set(args.precisions) - set(DTYPES)
     if unknown:
         p.error(f"--precisions: unknown {sorted(unknown)}; choose from {sorted(DTYPES)}")
+    require_distinct(p, "--precisions", args.precisions)
     return args
 
 
@@ -335,15 +337,15 @@ def main() -> None:
           + ", ".join(f"{name} {rate / 1e9:.1f} GFLOP/s" for name, rate in peaks.items()))
     print_table(rows, tokens, flops, peaks)
     measured = {(r.implementation, r.precision): r for r in rows if isinstance(r, Measured)}
-    for precision in args.precisions:
-        if ("encdec", precision) not in measured:
-            continue
-        ours = measured[("encdec", precision)]
+    ours = {precision: measured[("encdec", precision)] for precision in args.precisions
+            if ("encdec", precision) in measured}
+    for precision, row in ours.items():  # first: the last line is the goal's (the plain loop's)
+        if precision != "fp32" and "fp32" in ours:  # the same rounds: paired
+            print(ratio_line(f"encdec {precision} / encdec fp32", row.rounds, ours["fp32"].rounds))
+    for precision, row in ours.items():
         for baseline in reversed(implementations(device)[1:]):  # the plain loop last
             theirs = measured[(baseline, precision)]
-            print(ratio_line(f"encdec / {baseline}, {precision}", ours.rounds, theirs.rounds))
-        if precision != "fp32" and ("encdec", "fp32") in measured:  # the same rounds: paired
-            print(ratio_line(f"encdec {precision} / encdec fp32", ours.rounds, measured[("encdec", "fp32")].rounds))
+            print(ratio_line(f"encdec / {baseline}, {precision}", row.rounds, theirs.rounds))
 
 
 if __name__ == "__main__":
