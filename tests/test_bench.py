@@ -265,6 +265,31 @@ def test_bench_options_that_would_fail_late_or_compare_a_tree_with_itself_are_re
         assert refused.value.code == 2 and "each is given once" in capsys.readouterr().err
 
 
+def test_bench_list_options_refuse_repeats_and_gpu_check_refuses_parts_it_does_not_have(monkeypatch, capsys):
+    """A repeated value printed its rows and ratio lines twice (serve_load ran a client level twice a round);
+    gpu_check ran a misspelt --skip part anyway and dropped a misspelt --compile-dtypes one without a word (on
+    metered GPU time), and --repeats 0 was a traceback after the model was built."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import generate_throughput
+    import gpu_check
+    import serve_load
+    import train_throughput
+
+    for module, argv, said in (
+            (generate_throughput, ["--batch-sizes", "1,1"], "--batch-sizes 1,1: each value at most once"),
+            (generate_throughput, ["--prompt-lengths", "256,256"], "--prompt-lengths 256,256: each value"),
+            (serve_load, ["--clients", "1,1,16"], "--clients 1,1,16: each value at most once"),
+            (train_throughput, ["--precisions", "fp32,fp32"], "--precisions fp32,fp32: each value at most once"),
+            (gpu_check, ["--skip", "compiled"], "--skip: unknown ['compiled']; choose from attention,"),
+            (gpu_check, ["--compile-dtypes", "bf16"], "--compile-dtypes: unknown ['bf16']"),
+            (gpu_check, ["--repeats", "0"], "--repeats must be at least 1"),
+            (gpu_check, ["--prompt-lengths", "0"], "prompt lengths must be at least 2")):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+        with pytest.raises(SystemExit) as refused:
+            module.main() if module is gpu_check else module.parse_args()
+        assert refused.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_prefix_lengths_scores_every_model_on_the_same_suffixes(adapted, sources, tmp_path):
     """...each as it was trained to read a continuation: the same weights recorded as UL2-pretrained read it after
     their sentinel, so their numbers differ (they were scored as plain PrefixLM models)."""
