@@ -358,6 +358,22 @@ def test_bad_tarballs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ni.natural_instructions(max_per_task=0, tarball=other)
 
 
+def test_a_cache_or_tarball_that_cannot_be_read_is_one_line_or_passed_over(bigbench: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A converted cache this user cannot read (another's, in a shared ENCDEC_CACHE; here a folder of its name, which
+    fails the same way as root) and a tarball in the cache that cannot be hashed were tracebacks: the cache is passed
+    over (converted again, left in place), the tarball is one line naming it."""
+    pairs = ni.natural_instructions(tarball=bigbench)
+    (cache,) = (bigbench.parent / "cache" / "bigbench").glob("natural_instructions-*.jsonl")
+    cache.unlink()
+    cache.mkdir()
+    assert ni.natural_instructions(tarball=bigbench) == pairs
+    assert cache.is_dir()
+    (bigbench.parent / "cache" / "bigbench" / ni.TARBALL).mkdir()
+    with pytest.raises(EncdecError, match=f"cannot read .*{ni.TARBALL} .*Is a directory.*delete it to download"):
+        ni.natural_instructions()
+
+
 def test_download_into_cache(bigbench: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sdist is fetched as a file (no pip, which would run its setup code), into a temporary directory of the
     cache, checked against the pinned SHA-256 and moved into place; a mismatch keeps nothing."""

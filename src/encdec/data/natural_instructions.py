@@ -47,9 +47,13 @@ FORMAT = 2  # part of the cache key: bump it when what is cached changes (2: tur
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as e:  # another user's file in a shared cache (EACCES), or a folder of that name
+        raise EncdecError(f"cannot read {path} ({e.strerror or e}); make it readable, or delete it to download it "
+                          "again") from None
     return digest.hexdigest()
 
 
@@ -187,7 +191,10 @@ def _cached(tarball: Path, check: Callable[[Path], None] | None = None) -> list[
                 return [_pair(json.loads(line)) for line in f]
         except (ValueError, KeyError, TypeError) as e:  # cut short or damaged: converted again
             log.warning("%s is damaged (%s); converting the tarball again", found, e)
-            found.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # (a read-only shared cache keeps it: converted on each run)
+                found.unlink(missing_ok=True)
+        except OSError as e:  # it may be sound and another's (EACCES in a shared cache): left as it is
+            log.warning("cannot read %s (%s); converting the tarball without it", found, e.strerror or e)
     if check is not None:
         check(tarball)
     start = time.perf_counter()
