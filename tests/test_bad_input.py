@@ -640,7 +640,9 @@ def test_a_path_of_an_unknown_user_or_through_a_dangling_link_is_one_line(adapte
     """~nosuchuser/x: pathlib's RuntimeError (a traceback); a link on the way to --out that leads nowhere (a mount
     that is not there): every check passed, the work ran, then mkdir's FileExistsError (a traceback, all lost)."""
     for argv in (["info", "~no-such-user-here/x"], ["generate", str(adapted), "--prompt", "w1", "--out",
-                                                    "~no-such-user-here/x.jsonl"]):
+                                                    "~no-such-user-here/x.jsonl"],
+                 ["generate", str(adapted), "--input", "~no-such-user-here/p.jsonl"],
+                 ["generate", str(adapted), "--input", "~no-such-user-here/p.jsonl", "--out", str(tmp_path / "o")]):
         assert main_exit(argv) == 2
         (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
         assert "no home directory is known for ~no-such-user-here" in line, line

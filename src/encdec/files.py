@@ -406,9 +406,9 @@ def check_apart(out: Path, inputs: tuple[str | Path | None, ...], *, inside: boo
     """Fail before any work when writing `out` would replace what the command reads: `out` is one of the
     `inputs` (paths; names that are not paths are skipped) or holds one, or with `inside`, lies inside one (a
     file written into a model's directory)."""
-    target = Path(out).expanduser().resolve()
-    for spec in inputs:
-        path = None if spec is None or str(spec) == "" else Path(spec).expanduser()
+    target = Path(os.path.expanduser(out)).resolve()
+    for spec in inputs:  # (os.path's expansion leaves a ~user it cannot expand as it is: pathlib's raised)
+        path = None if spec is None or str(spec) == "" else Path(os.path.expanduser(spec))
         if path is None or not path.exists():
             continue
         path = path.resolve()

@@ -21,6 +21,7 @@ from encdec.data.instructions import ROLES, conversation
 from encdec.data.text import check_text, json_lines, json_records, read_file
 from encdec.data.tokens import text_ids
 from encdec.errors import EncdecError
+from encdec.files import expand_user
 
 OUTPUT_FIELDS = ("completion", "finish_reason", "prompt_tokens", "completion_tokens")  # what an output line adds
 SHAPES = ('{"prompt": "..."} or {"messages": [{"role": "' + "|".join(ROLES) + '", "content": "..."}, ...]} (the '
@@ -66,7 +67,7 @@ ACCEPTED = ("a .jsonl file of " + SHAPES + ", a .txt file of prompts separated b
 
 def read_prompts(spec: str, tokenizer: Any) -> list[Prompt]:
     """Every prompt of `spec` (a file, or `-` for .jsonl records on standard input), in order."""
-    path = Path(spec).expanduser()
+    path = Path(spec if spec == STDIN else expand_user(spec))
     suffix = path.suffix.lower()
     if spec != STDIN and (not path.is_file() or suffix not in (".jsonl", ".txt")):
         problem = "no such file" if not path.exists() else "not a file" if not path.is_file() else "unsupported type"
