@@ -670,6 +670,23 @@ def test_a_config_that_is_a_device_or_a_pipe_is_one_line(adapted, tmp_path, caps
     assert "not a regular file" in line and "config.json" in line
 
 
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_a_yaml_config_or_grid_that_is_a_device_or_a_pipe_is_one_line(adapted, tmp_path, capsys, target):
+    """--config and --grid read YAML without the JSON readers' checks: a pipe waited for ever, /dev/zero was read
+    until memory ran out (a MemoryError's traceback)."""
+    path = tmp_path / "config.yaml"
+    if target == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(target)
+    for argv in (["pretrain", "--config", str(path), "--out", str(tmp_path / "run")],
+                 ["classify", str(adapted), "--task", "rte", "--out", str(tmp_path / "c"), "--search", "--grid",
+                  str(path)]):
+        assert main(argv) == 2
+        (line,) = _error_lines(capsys)
+        assert "not a regular file" in line and "config.yaml" in line, line
+
+
 def test_sizes_no_tensor_can_hold_are_one_line(adapted, tmp_path, capsys):
     model = shutil.copytree(adapted, tmp_path / "model")
     config = json.loads((model / "config.json").read_text())
