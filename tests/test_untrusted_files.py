@@ -425,7 +425,17 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
         with pytest.raises(EncdecError, match="auto_map"):
             encdec.save(encdec.load(out, dtype=None), tmp_path / "again", tokenizer_dir=out)
         assert ("put back this encdec's" in line) == (name == "config.json")  # (the tokenizer's has none of ours)
+        if name == "config.json":  # the loading's own advice: put ours back (removing it was for a Gemma)
+            with pytest.raises(EncdecError, match="auto_map entry: .* put back this encdec's"):
+                from encdec.sources import refuse_custom_code
+
+                refuse_custom_code(out)
         (out / name).write_text(original)
+    # no auto_map at all (removed as that advice said): it "mapped to other code (null)", to be removed
+    original = (out / "config.json").read_text()
+    (out / "config.json").write_text(json.dumps({k: v for k, v in json.loads(original).items() if k != "auto_map"}))
+    assert "config.json has no auto_map: transformers cannot load it (encdec can); put back" in said()
+    (out / "config.json").write_text(original)
     # an entry of null in tokenizer_config.json: info passed it, and the loading refused it
     original = (out / "tokenizer_config.json").read_text()
     (out / "tokenizer_config.json").write_text(json.dumps({**json.loads(original), "auto_map": None}))

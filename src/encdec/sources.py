@@ -13,6 +13,7 @@ import dataclasses
 import glob
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -121,8 +122,10 @@ def refuse_custom_code(directory: Path) -> None:
             continue
         data = read_json(file)
         if "auto_map" in data and not remote_code.is_own(data):
+            own = (f"put back this encdec's {json.dumps(remote_code.AUTO_MAP)}" if data.get("format") == "encdec"
+                   else "remove the entry if the model is a standard Gemma / T5Gemma")
             raise EncdecError(f"{file} has an auto_map entry: it asks to run Python code shipped with the checkpoint, "
-                              "which encdec never does; remove the entry if the model is a standard Gemma / T5Gemma")
+                              f"which encdec never does; {own}")
         # transformers joins each name onto the directory: "../elsewhere/tokenizer.1.0.json" read a tokenizer outside
         named = data.get("fast_tokenizer_files") if name == "tokenizer_config.json" else None
         for entry in named if isinstance(named, list) else [] if named is None else [named]:

@@ -183,6 +183,9 @@ def modeling_file_line(directory: Path) -> str:
               "file)")
     for name in ("config.json", "tokenizer_config.json"):  # what transformers follows
         data = read_json(directory / name) if (directory / name).is_file() else {}
+        if name == "config.json" and "auto_map" not in data:  # nothing to run, nor to find the modeling file by
+            return (f"config.json has no auto_map: transformers cannot load it (encdec can); put back this encdec's "
+                    f"{json.dumps(AUTO_MAP)}")
         # as encdec's loading refuses it (sources.refuse_custom_code): no re-save until the entry goes
         if "auto_map" in data and not is_own(data) or name == "config.json" and data.get("auto_map") != AUTO_MAP:
             restore = f" (or put back this encdec's {json.dumps(AUTO_MAP)})" if name == "config.json" else ""
