@@ -407,16 +407,30 @@ def check_hosts(given: str | None, host: str, api_key: str | None) -> tuple[str,
             raise EncdecError(f"--allowed-hosts: {name!r} is not a host name; give a comma list of names (a leading "
                               "dot allows a domain and the names under it), or '*' for any")
         names.append(written)
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
+    loopback = _loopback_only(host)
     if names and "*" not in names and (not loopback or api_key is not None):  # given, and read by nothing
         log.warning("--allowed-hosts applies on a loopback --host without --api-key (where a web page could reach "
                     "the server under a name of its own): here every Host is answered, the option is ignored")
     if not loopback or api_key is not None or "*" in names:
         return None
+    own = host.lower().rstrip(".")
+    if not host_allowed(own, tuple(names)):  # the name it was started with is the machine's own: clients may use it
+        names.append(own)
     return tuple(names)
+
+
+def _loopback_only(host: str) -> bool:
+    """Whether every address `host` resolves to is a loopback one: not only localhost and 127.0.0.1 but 127.1,
+    LOCALHOST, and the machine's own name where /etc/hosts maps it to 127.0.1.1 (a server started on one of those had
+    no Host check). A name that does not resolve is no loopback (check_address refuses it)."""
+    import ipaddress
+    import socket
+
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM) if host else []
+    except (socket.gaierror, UnicodeError, ValueError):
+        return False
+    return bool(found) and all(ipaddress.ip_address(address[0].split("%")[0]).is_loopback for *_, address in found)
 
 
 class ConnectionLimit:
