@@ -1317,10 +1317,17 @@ def test_tokenize_and_detokenize_read_as_the_server_does_behind_the_key(local):
                 await client.post("/tokenize", json={"prompt": "w1 w2", "return_token_strs": True}, headers=key),
                 await client.post("/tokenize", json={"messages": conversation, "add_generation_prompt": False},
                                   headers=key),
-                await client.post("/detokenize", json={"tokens": [5] * 33}, headers=key)]
+                await client.post("/detokenize", json={"tokens": [5] * 33}, headers=key),
+                # judged as the chat endpoint judges them (empty tools accepted; 1 is not true there)
+                await client.post("/tokenize", json={"messages": conversation, "chat_template_kwargs": {},
+                                                     "tools": []}, headers=key),
+                await client.post("/tokenize", json={"messages": conversation, "add_generation_prompt": 1},
+                                  headers=key)]
 
-    counted, bare, chat, text, keyless, both, outside, other, metrics, defaults, strings, changed, many = _asked(
-        _app(local, api_key="k"), ask)
+    (counted, bare, chat, text, keyless, both, outside, other, metrics, defaults, strings, changed, many, empties,
+     numeric) = _asked(_app(local, api_key="k"), ask)
+    assert empties.json()["tokens"] == chat.json()["tokens"]
+    assert numeric.status_code == 400 and numeric.json()["error"]["param"] == "add_generation_prompt"
     assert counted.json() == {"count": 31, "max_model_len": 24, "tokens": tokenizer(long).input_ids}
     assert bare.json()["tokens"] == tokenizer("w1 w2", add_special_tokens=False).input_ids
     assert chat.json()["tokens"] == ChatFormat.of(tokenizer).encode([("user", "w4 w5")])

@@ -345,8 +345,9 @@ class EmbeddingRequest:
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
 TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "return_token_strs"}
 # vLLM's other /tokenize fields, at the values (its defaults among them) that leave the result as this server gives it
-TOKENIZE_NEUTRAL = {"add_generation_prompt": (True, None), "continue_final_message": (False, None),
-                    "chat_template": (None,), "chat_template_kwargs": (None,), "tools": (None,)}
+# (those the chat endpoint has too at the values it accepts: a client tokenizing the body it sends there was refused)
+TOKENIZE_NEUTRAL = {**{name: NEUTRAL[name] for name in ("add_generation_prompt", "continue_final_message",
+                                                        "chat_template_kwargs", "tools")}, "chat_template": (None,)}
 DETOKENIZE_FIELDS = {"model", "tokens"}
 
 
@@ -390,8 +391,8 @@ class TokenizeRequest:
 def parse_tokenize(raw: bytes) -> TokenizeRequest:
     body = _known(_object(raw), TOKENIZE_FIELDS | set(TOKENIZE_NEUTRAL))
     for name, neutral in TOKENIZE_NEUTRAL.items():
-        if name in body and body[name] not in neutral:
-            raise APIError(400, f"'{name}' = {json.dumps(body[name])[:40]} is not supported by this server "
+        if name in body and not any(_same(body[name], value) for value in neutral):
+            raise APIError(400, f"'{name}' = {cut(json.dumps(body[name]))} is not supported by this server "
                            f"(accepted: {' or '.join(json.dumps(v) for v in neutral)})", name)
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise APIError(400, "give 'prompt' (a completion's text) or 'messages' (a chat's conversation), one of them",
