@@ -1343,6 +1343,35 @@ def test_tokenize_and_detokenize_read_as_the_server_does_behind_the_key(local):
     assert many.status_code == 400 and "at most 32" in many.json()["error"]["message"]  # the app's 24 + 8
 
 
+def test_a_requests_body_is_parsed_and_tokenized_in_one_job_of_the_reader(local, monkeypatch):
+    """Parsing and tokenizing were two jobs of the one reader thread: each parsed body (a list of token ids holds 6x
+    the bytes of its JSON) waited for its second job behind every other request's parse, all of them held at once.
+    Concurrent requests are read one after another now, each tokenized before the next is parsed."""
+    import asyncio
+    import time
+
+    from encdec.serve import app as served
+
+    events = []
+    real_parse, app = served.parse, _app(local)
+    real_tokens = app.state.service.tokens
+
+    def parse(*args):
+        events.append("parse")
+        time.sleep(0.05)  # the other requests' bodies arrive meanwhile
+        return real_parse(*args)
+
+    monkeypatch.setattr(served, "parse", parse)
+    monkeypatch.setattr(app.state.service, "tokens", lambda parsed: events.append("tokens") or real_tokens(parsed))
+
+    async def ask(client):
+        return await asyncio.gather(*(client.post("/v1/completions", json={"prompt": f"w{i}", "max_tokens": 1})
+                                      for i in range(3)))
+
+    assert [r.status_code for r in _asked(app, ask)] == [200] * 3
+    assert events == ["parse", "tokens"] * 3
+
+
 def test_requests_while_draining_get_503(local):
     """What a request still reaching the app after SIGTERM (on an open connection) gets: 503, as /health does."""
     app = _app(local)

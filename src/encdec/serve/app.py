@@ -395,8 +395,6 @@ def host_allowed(name: str, allowed: tuple[str, ...]) -> bool:
 def check_hosts(given: str | None, host: str, api_key: str | None) -> tuple[str, ...] | None:
     """--allowed-hosts as the names the Host header may give (None: no check): checked only on a loopback address
     without an API key; names are written as the header gives them (lower case, idna)."""
-    import ipaddress
-
     names = []
     for name in ([] if given is None else [n.strip().lower().rstrip(".") for n in given.split(",")]):
         try:  # browsers send a name of other letters in its ASCII form (é.com: xn--9ca.com)
@@ -516,10 +514,16 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         arrived = time.perf_counter()  # latency and time to first token count reading, parsing and tokenizing too
         try:
             open_for_requests()
-            parsed = await service.off_loop(parse, await read_body(request), kind, settings.limits)
-            served(parsed.model)
-            service.scheduler.check_size(max(len(parsed.prompts), 1) * parsed.n, "n" if parsed.n > 1 else "prompt")
-            prompts = await service.off_loop(service.tokens, parsed)
+
+            # parsed, checked and tokenized in one job of the reader thread: as two, a parsed body (token ids: 6x its
+            # bytes) waited for its second job behind the other requests' parses, all of them held at once
+            def read(raw: bytes) -> tuple[Parsed, list[list[int]]]:
+                parsed = parse(raw, kind, settings.limits)
+                served(parsed.model)
+                service.scheduler.check_size(max(len(parsed.prompts), 1) * parsed.n, "n" if parsed.n > 1 else "prompt")
+                return parsed, service.tokens(parsed)
+
+            parsed, prompts = await service.off_loop(read, await read_body(request))
             loop = asyncio.get_running_loop()
             stops = frozenset() if parsed.ignore_eos else service.eos
             jobs = [Job(prompt, Row(parsed.max_tokens, stops, parsed.sampling.nth(i),
@@ -684,9 +688,13 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
         """The encoder's states of each input, pooled (--pooling) and scaled to unit length."""
         try:
             open_for_requests()
-            parsed = await service.off_loop(parse_embeddings, await read_body(request), model.config.encoder.hidden_size)
-            served(parsed.model)
-            prompts = await service.off_loop(lambda: [service.ids(text, "input") for text in parsed.inputs])
+
+            def read(raw: bytes) -> tuple[list[list[int]], bool]:  # one job, as generate's (there)
+                parsed = parse_embeddings(raw, model.config.encoder.hidden_size)
+                served(parsed.model)
+                return [service.ids(text, "input") for text in parsed.inputs], parsed.base64
+
+            prompts, as_base64 = await service.off_loop(read, await read_body(request))
             job = EmbedJob(prompts, asyncio.get_running_loop())
             service.scheduler.submit(job)
             while True:
@@ -705,7 +713,7 @@ def create_app(model: EncoderDecoder, tokenizer: Any, settings: Settings) -> Fas
 
         def body() -> Response:  # off the event loop: the JSON of 2,048 inputs' floats takes seconds
             data = [{"object": "embedding", "index": i, "embedding":
-                     base64.b64encode(v.astype("<f4").tobytes()).decode() if parsed.base64 else v.tolist()}
+                     base64.b64encode(v.astype("<f4").tobytes()).decode() if as_base64 else v.tolist()}
                     for i, v in enumerate(vectors)]
             return JSONResponse({"object": "list", "data": data, "model": settings.model_id,
                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
