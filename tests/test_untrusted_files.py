@@ -435,6 +435,11 @@ def test_info_says_whether_a_checkpoints_modeling_file_is_the_one_encdec_writes(
     original = (out / "config.json").read_text()
     (out / "config.json").write_text(json.dumps({k: v for k, v in json.loads(original).items() if k != "auto_map"}))
     assert "config.json has no auto_map: transformers cannot load it (encdec can); put back" in said()
+    tokenizer_config = (out / "tokenizer_config.json").read_text()  # ... unless the tokenizer's maps to code
+    (out / "tokenizer_config.json").write_text(json.dumps({**json.loads(tokenizer_config), "auto_map": {
+        "AutoTokenizer": ["evil.T", None]}}))
+    assert "tokenizer_config.json maps to other code than this encdec's" in said()
+    (out / "tokenizer_config.json").write_text(tokenizer_config)
     (out / "config.json").write_text(original)
     # an entry of null in tokenizer_config.json: info passed it, and the loading refused it
     original = (out / "tokenizer_config.json").read_text()

@@ -181,17 +181,18 @@ def modeling_file_line(directory: Path) -> str:
     path = directory / MODELING_FILE
     resave = (f"read it first, or load the checkpoint with encdec and save it again ({RESAVE} writes this version's "
               "file)")
-    for name in ("config.json", "tokenizer_config.json"):  # what transformers follows
-        data = read_json(directory / name) if (directory / name).is_file() else {}
-        if name == "config.json" and "auto_map" not in data:  # nothing to run, nor to find the modeling file by
-            return (f"config.json has no auto_map: transformers cannot load it (encdec can); put back this encdec's "
-                    f"{json.dumps(AUTO_MAP)}")
+    files = {name: read_json(directory / name) if (directory / name).is_file() else {}
+             for name in ("config.json", "tokenizer_config.json")}  # what transformers follows
+    for name, data in files.items():
         # as encdec's loading refuses it (sources.refuse_custom_code): no re-save until the entry goes
-        if "auto_map" in data and not is_own(data) or name == "config.json" and data.get("auto_map") != AUTO_MAP:
+        if "auto_map" in data and not is_own(data):
             restore = f" (or put back this encdec's {json.dumps(AUTO_MAP)})" if name == "config.json" else ""
             return (f"{name} maps to other code than this encdec's ({json.dumps(data.get('auto_map'))}): transformers "
                     f"would run it with trust_remote_code=True; read it first, then remove the entry{restore} before "
                     "loading the checkpoint with encdec")
+    if "auto_map" not in files["config.json"]:  # nothing to run, nor to find the modeling file by
+        return (f"config.json has no auto_map: transformers cannot load it (encdec can); put back this encdec's "
+                f"{json.dumps(AUTO_MAP)}")
     custom = directory / CUSTOM_GENERATE
     if custom.exists() or custom.is_symlink():  # transformers 5 runs it at load, to replace generate
         return (f"{CUSTOM_GENERATE} is there: transformers would run it with trust_remote_code=True as the model "
