@@ -642,7 +642,10 @@ def test_a_path_of_an_unknown_user_or_through_a_dangling_link_is_one_line(adapte
     for argv in (["info", "~no-such-user-here/x"], ["generate", str(adapted), "--prompt", "w1", "--out",
                                                     "~no-such-user-here/x.jsonl"],
                  ["generate", str(adapted), "--input", "~no-such-user-here/p.jsonl"],
-                 ["generate", str(adapted), "--input", "~no-such-user-here/p.jsonl", "--out", str(tmp_path / "o")]):
+                 ["generate", str(adapted), "--input", "~no-such-user-here/p.jsonl", "--out", str(tmp_path / "o")],
+                 ["serve", "~no-such-user-here/m"], ["evaluate", "~no-such-user-here/m", "--tasks", "arc_easy"],
+                 ["classify", "~no-such-user-here/m", "--task", "rte", "--out", str(tmp_path / "c")],
+                 ["adapt", "--encoder", "~no-such-user-here/m", "--out", str(tmp_path / "a")]):
         assert main_exit(argv) == 2
         (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
         assert "no home directory is known for ~no-such-user-here" in line, line

@@ -658,11 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build an encoder-decoder from decoder-only checkpoints (Gemma 2/3, Llama, Mistral, "
                        "Qwen2/3) and save it. SRC is a Hugging Face checkpoint directory, a GGUF file, a Hub name, "
                        "or a packaged model: gemma-3-270m, smollm2-135m, qwen2.5-coder-0.5b.")
-    p.add_argument("--encoder", default="gemma-3-270m", metavar="SRC", help="source of the encoder (and of the decoder when balanced)")
+    p.add_argument("--encoder", type=given, default="gemma-3-270m", metavar="SRC",
+                   help="source of the encoder (and of the decoder when balanced)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--decoder", metavar="SRC", help="unbalanced: a smaller decoder source of the same family "
-                       "and vocabulary (needs --attention cross, the default for Gemma 2 only; its cross-attention "
-                       "starts random)")
+    group.add_argument("--decoder", type=given, metavar="SRC",
+                       help="unbalanced: a smaller decoder source of the same family and vocabulary (needs "
+                       "--attention cross, the default for Gemma 2 only; its cross-attention starts random)")
     group.add_argument("--decoder-layers", metavar="LIST",
                        help="unbalanced: the source layers the decoder keeps, e.g. 0,3,6 or ::3 (every third)")
     p.add_argument("--attention", choices=["merged", "cross"], default=None,

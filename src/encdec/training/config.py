@@ -269,15 +269,16 @@ def user_path(text: str) -> Path:
 
 
 def given(text: str) -> str:
-    """argparse type of a MODEL that may be a path or a name: an empty one (an unset $MODEL) refused, as
-    `user_path` does."""
+    """argparse type of a MODEL that may be a path or a name: an empty one (an unset $MODEL) refused, and a leading
+    `~` expanded (no model name has one), as `user_path` does (pathlib's expansion of an unknown ~user was a
+    traceback of serve, evaluate and classify)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("empty (an unset variable?); give a checkpoint directory or a model name")
     try:
         check_utf8(text)
+        return expand_user(text) if text.startswith("~") else text
     except EncdecError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    return text
 
 
 class _GivenOnce(argparse.Action):
