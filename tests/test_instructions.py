@@ -369,8 +369,15 @@ def test_a_cache_or_tarball_that_cannot_be_read_is_one_line_or_passed_over(bigbe
     cache.mkdir()
     assert ni.natural_instructions(tarball=bigbench) == pairs
     assert cache.is_dir()
+    cache.rmdir()  # a pipe planted there (another user of the cache): its open waited for ever
+    os.mkfifo(cache)
+    assert ni.natural_instructions(tarball=bigbench) == pairs
     (bigbench.parent / "cache" / "bigbench" / ni.TARBALL).mkdir()
-    with pytest.raises(EncdecError, match=f"cannot read .*{ni.TARBALL} .*Is a directory.*delete it to download"):
+    with pytest.raises(EncdecError, match=f"cannot read .*{ni.TARBALL} .*delete it to download"):
+        ni.natural_instructions()
+    (bigbench.parent / "cache" / "bigbench" / ni.TARBALL).rmdir()
+    os.mkfifo(bigbench.parent / "cache" / "bigbench" / ni.TARBALL)
+    with pytest.raises(EncdecError, match=f"cannot read .*{ni.TARBALL} .*not a regular file"):
         ni.natural_instructions()
 
 

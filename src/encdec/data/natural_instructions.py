@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from encdec.data.instructions import Pair
 from encdec.errors import EncdecError
-from encdec.files import HOST, file_identity, remove_abandoned_temporaries, write_cache, written
+from encdec.files import HOST, file_identity, open_regular, remove_abandoned_temporaries, write_cache, written
 from encdec.sources import cache_lock_if_possible, cache_root
 
 log = logging.getLogger("encdec")
@@ -48,7 +49,7 @@ FORMAT = 2  # part of the cache key: bump it when what is cached changes (2: tur
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     try:
-        with path.open("rb") as f:
+        with open_regular(path) as f:  # (a pipe planted in a shared cache waited for ever)
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
     except OSError as e:  # another user's file in a shared cache (EACCES), or a folder of that name
@@ -187,7 +188,7 @@ def _cached(tarball: Path, check: Callable[[Path], None] | None = None) -> list[
     found = next((c for c in (cache, earlier) if c.exists()), None)
     if found is not None:
         try:
-            with found.open(encoding="utf-8") as f:
+            with open_regular(found) as raw, io.TextIOWrapper(raw, encoding="utf-8") as f:
                 return [_pair(json.loads(line)) for line in f]
         except (ValueError, KeyError, TypeError) as e:  # cut short or damaged: converted again
             log.warning("%s is damaged (%s); converting the tarball again", found, e)
