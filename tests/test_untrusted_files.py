@@ -685,21 +685,26 @@ def test_a_config_that_is_a_device_or_a_pipe_is_one_line(adapted, tmp_path, caps
     assert "not a regular file" in line and "config.json" in line
 
 
-@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
-def test_a_yaml_config_or_grid_that_is_a_device_or_a_pipe_is_one_line(adapted, tmp_path, capsys, target):
-    """--config and --grid read YAML without the JSON readers' checks: a pipe waited for ever, /dev/zero was read
-    until memory ran out (a MemoryError's traceback)."""
-    path = tmp_path / "config.yaml"
-    if target == "fifo":
-        os.mkfifo(path)
-    else:
-        path.symlink_to(target)
-    for argv in (["pretrain", "--config", str(path), "--out", str(tmp_path / "run")],
+def test_a_yaml_config_or_grid_that_is_a_device_is_one_line_and_a_pipe_is_read(adapted, tmp_path, capsys):
+    """--config and --grid read YAML without the JSON readers' checks: /dev/zero was read until memory ran out (a
+    MemoryError's traceback). A device is refused unread; a pipe (`--config <(envsubst < run.yaml)`) is read."""
+    zero = tmp_path / "config.yaml"
+    zero.symlink_to("/dev/zero")
+    for argv in (["pretrain", "--config", str(zero), "--out", str(tmp_path / "run")],
                  ["classify", str(adapted), "--task", "rte", "--out", str(tmp_path / "c"), "--search", "--grid",
-                  str(path)]):
+                  str(zero)]):
         assert main(argv) == 2
         (line,) = _error_lines(capsys)
-        assert "not a regular file" in line and "config.yaml" in line, line
+        assert "not a file or a pipe" in line and "config.yaml" in line, line
+    read, write = os.pipe()
+    os.write(write, b"no_such_option: 1\n")
+    os.close(write)
+    try:
+        assert main(["pretrain", "--config", f"/proc/self/fd/{read}", "--out", str(tmp_path / "run")]) == 2
+    finally:
+        os.close(read)
+    (line,) = _error_lines(capsys)
+    assert "no_such_option" in line, line  # read, and its option judged
 
 
 def test_sizes_no_tensor_can_hold_are_one_line(adapted, tmp_path, capsys):

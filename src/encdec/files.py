@@ -104,6 +104,19 @@ def read_small(path: Path) -> bytes:
         return f.read()
 
 
+def read_named(path: Path) -> bytes:
+    """The bytes of a file the user names on the command line (--config, --grid): a regular file, or a pipe
+    (`--config <(envsubst < run.yaml)`, /dev/stdin), up to MAX_SMALL_BYTES (OSError past it); a device (a link to
+    /dev/zero, read until memory ran out) is refused unread."""
+    with open(path, "rb") as f:
+        if not (stat.S_ISREG(mode := os.fstat(f.fileno()).st_mode) or stat.S_ISFIFO(mode)):
+            raise OSError(errno.EINVAL, "not a file or a pipe (a device?)")
+        data = f.read(MAX_SMALL_BYTES + 1)
+    if len(data) > MAX_SMALL_BYTES:
+        raise OSError(errno.EFBIG, f"more than {MAX_SMALL_BYTES:,} bytes, more than a configuration file holds")
+    return data
+
+
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object (every JSON file the project reads is one)."""
     try:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from encdec.errors import EncdecError, first_line
-from encdec.files import check_utf8, expand_user, read_small
+from encdec.files import check_utf8, expand_user, read_named
 from encdec.training.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -344,10 +344,10 @@ class _UniqueKeys(yaml.SafeLoader):
 
 def load_yaml(path: Path, what: str) -> Any:
     """A YAML file (`what` it holds, for the messages) read with a safe loader that refuses a key given twice; every
-    way it fails is one line: unreadable, not UTF-8, not YAML, a key twice, nested too deeply; a pipe or a device (a
-    link to /dev/zero), or a file past MAX_SMALL_BYTES, is refused unread (`read_small`)."""
+    way it fails is one line: unreadable, not UTF-8, not YAML, a key twice, nested too deeply, a device or past
+    MAX_SMALL_BYTES (`read_named`: a pipe is read, as `<(envsubst < run.yaml)` makes one)."""
     try:  # YAML is UTF-8, whatever the locale
-        return yaml.load(read_small(Path(path)).decode("utf-8"), Loader=_UniqueKeys)
+        return yaml.load(read_named(Path(path)).decode("utf-8"), Loader=_UniqueKeys)
     except OSError as e:
         raise EncdecError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
