@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import corpus_token_ids, cpu_only, engine_steps, run_main
+from common import corpus_token_ids, cpu_only, engine_steps, require_distinct, run_main
 
 
 def main() -> None:
@@ -35,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.prompt_length, args.batch, args.new_tokens, args.repeats) < 1:
         parser.error("--prompt-length, --batch, --new-tokens and --repeats must be positive")
+    require_distinct(parser, "--kernels", args.kernels.split(","))
     cpu_only()  # the ids and the kernels compared are the CPU's
 
     from encdec.inference.engine import Engine, compiled_step

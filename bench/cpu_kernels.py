@@ -32,7 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import int_list, run_main
+from common import int_list, require_distinct, run_main
 from torch import nn
 
 from encdec.inference.onednn import PackedLinear
@@ -91,6 +91,7 @@ def main() -> None:
     rows = args.rows
     if min(rows + [args.repeats, args.copies + 1]) < 1:
         p.error("--rows and --repeats must be positive, --copies at least 0")
+    require_distinct(p, "--rows", rows)
     torch.manual_seed(0)
     # each kernel: the weight prepared once (copies of it cycled through), and the product
     kernels = {"MKL": (lambda w: w, F.linear), "oneDNN packed": (lambda w: PackedLinear(w, None), lambda x, k: k(x))}

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from common import engine_steps, int_list, require_positive, run_main
+from common import engine_steps, int_list, require_distinct, require_positive, run_main
 
 SKIPPABLE = ("attention", "transformers", "compile", "classify")  # --skip's parts
 LAYER_TYPES = ["full" if (i + 1) % 6 == 0 else "sliding" for i in range(18)]
@@ -277,6 +277,8 @@ def main() -> None:
     require_positive(parser, args, ("new_tokens", "repeats"))
     if min(args.prompt_lengths) < 2 or min(args.classify_batches) < 1:
         parser.error("prompt lengths must be at least 2 (BOS and one token), batch sizes at least 1")
+    require_distinct(parser, "--prompt-lengths", args.prompt_lengths)
+    require_distinct(parser, "--classify-batches", args.classify_batches)
     skip = set(filter(None, args.skip.split(",")))
     for option, given, known in (("--skip", skip, SKIPPABLE), ("--compile-dtypes", args.compile_dtypes.split(","),
                                                                 ("float32", "bfloat16"))):

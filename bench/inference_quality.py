@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import cpu_only, run_main
+from common import cpu_only, require_distinct, run_main
 
 VARIANTS = {  # name -> (dtype, quantize, cpu kernels)
     "blas": (torch.float32, None, "blas"),
@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
     variants = args.variants.split(",")
+    require_distinct(parser, "--variants", variants)
     unknown = set(variants) - set(VARIANTS)
     if unknown or "blas" not in variants:
         parser.error(f"--variants: {sorted(unknown) or 'blas is missing'}; choose from {', '.join(VARIANTS)} "

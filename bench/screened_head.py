@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import corpus_token_ids, cpu_only, in_turn, int_list, run_main
+from common import corpus_token_ids, cpu_only, in_turn, int_list, require_distinct, run_main
 
 
 def _median_ms(call, repeats: int) -> float:
@@ -45,6 +45,7 @@ def main() -> None:
     batches = args.batch
     if min(args.prompt_length, args.new_tokens, args.rounds, *batches) < 1:
         parser.error("--prompt-length, --batch, --new-tokens and --rounds must be positive")
+    require_distinct(parser, "--batch", batches)
     cpu_only()  # the screen is a CPU head's
 
     from encdec.inference import onednn

@@ -270,8 +270,12 @@ def test_bench_list_options_refuse_repeats_and_gpu_check_refuses_parts_it_does_n
     gpu_check ran a misspelt --skip part anyway and dropped a misspelt --compile-dtypes one without a word (on
     metered GPU time), and --repeats 0 was a traceback after the model was built."""
     monkeypatch.syspath_prepend(str(BENCH))
+    import compile_step
+    import cpu_kernels
     import generate_throughput
     import gpu_check
+    import inference_quality
+    import screened_head
     import serve_load
     import train_throughput
 
@@ -283,10 +287,15 @@ def test_bench_list_options_refuse_repeats_and_gpu_check_refuses_parts_it_does_n
             (gpu_check, ["--skip", "compiled"], "--skip: unknown ['compiled']; choose from attention,"),
             (gpu_check, ["--compile-dtypes", "bf16"], "--compile-dtypes: unknown ['bf16']"),
             (gpu_check, ["--repeats", "0"], "--repeats must be at least 1"),
-            (gpu_check, ["--prompt-lengths", "0"], "prompt lengths must be at least 2")):
+            (gpu_check, ["--prompt-lengths", "0"], "prompt lengths must be at least 2"),
+            (gpu_check, ["--prompt-lengths", "8,8"], "--prompt-lengths 8,8: each value at most once"),
+            (cpu_kernels, ["--rows", "1,1"], "--rows 1,1: each value"),
+            (screened_head, ["--batch", "2,2"], "--batch 2,2: each value"),
+            (compile_step, ["--kernels", "blas,blas"], "--kernels blas,blas: each value"),
+            (inference_quality, ["m", "--variants", "blas,blas"], "--variants blas,blas: each value")):
         monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
         with pytest.raises(SystemExit) as refused:
-            module.main() if module is gpu_check else module.parse_args()
+            module.parse_args() if hasattr(module, "parse_args") else module.main()
         assert refused.value.code == 2 and said in capsys.readouterr().err
 
 
