@@ -747,8 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="web pages whose scripts may call the API from a browser (CORS): '*' or a comma list of "
                    "origins, e.g. https://app.example.com,http://localhost:3000 (default: none)")
     p.add_argument("--allowed-hosts", default=None, metavar="HOSTS",
-                   help="on a loopback address without --api-key, the host names requests may be sent to besides "
-                   "this machine's addresses and localhost (others get 403: a web page can reach the server under a "
+                   help="on a loopback address (or a --host name of loopback addresses alone) without --api-key, "
+                   "the host names requests may be sent to besides this machine's addresses, localhost and the --host "
+                   "name (others get 403: a web page can reach the server under a "
                    "name of its own, DNS rebinding): a comma list, e.g. a reverse proxy's name; .example.com for a "
                    "domain and the names under it; '*' for any (default: none)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",

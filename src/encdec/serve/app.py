@@ -78,8 +78,9 @@ class Settings:
     # long as they take)
     shutdown_timeout_s: float | None = None
     allowed_origins: tuple[str, ...] = ()  # web pages (origins, or "*") whose scripts may call the API (CORS)
-    # host names (besides addresses and localhost) the Host header may give: checked on a loopback address without
-    # an API key, where a web page could reach the server under a name of its own (`check_hosts`); None: no check
+    # host names (besides addresses and localhost) the Host header may give, the --host name among them: checked on a
+    # loopback address (or a name of loopback addresses alone) without an API key, where a web page could reach the
+    # server under a name of its own (`check_hosts`); None: no check
     allowed_hosts: tuple[str, ...] | None = None
     tls: tuple[str, str] | None = None  # HTTPS: the certificate chain's file and its private key's
     access_log: bool = True  # uvicorn's line per request
@@ -350,7 +351,7 @@ class APIKeyCheck:
 
 class HostCheck:
     """A server on a loopback address without an API key answers the requests whose Host header names this machine
-    (an address, localhost) or an --allowed-hosts name: a web page whose own name its DNS server turns to 127.0.0.1
+    (an address, localhost, the --host name) or an --allowed-hosts name: a web page whose own name its DNS server turns to 127.0.0.1
     (DNS rebinding) is then no longer a page of the same origin as the server, free to use it and read its
     answers (a request body's JSON type, which 415 asks for, does not stop a page of the same origin)."""
 
