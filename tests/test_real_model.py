@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 import transformers as tf
@@ -257,3 +258,29 @@ def test_served_text_is_prefix_stable_and_equals_transformers_decoding(name):
         reference = tokenizer.decode(ids, skip_special_tokens=True)
         if "\ufffd" not in reference or stream.detokenizer.byte_level:
             assert final == reference, ids
+
+
+def test_a_long_text_to_classify_is_tokenized_from_its_end_to_the_same_tokens(real):
+    """Classification keeps a text's last max_len tokens, but tokenized each text whole first: a handed 64 MB text
+    took GBs. A long one is tokenized from windows at its end; the tokens kept are the whole text's, with Gemma's
+    tokenizer (no split on spaces first) on prose, on a run without spaces and on one cut inside a word."""
+    from encdec.classification.train import TAIL_CHARS_PER_TOKEN, encode
+
+    tokenizer = real[3]
+    prose = " ".join(heldout_passages(40))
+    texts = [prose, "x" * 40_000 + prose[:3000], prose + "y" * 20_000, prose[: 64 * TAIL_CHARS_PER_TOKEN - 1]]
+    seen = []
+    real_call = type(tokenizer).__call__
+
+    class Spy(type(tokenizer)):
+        def __call__(self, text, *args, **kwargs):
+            seen.extend([text] if isinstance(text, str) else text)
+            return real_call(self, text, *args, **kwargs)
+
+    spied = copy.copy(tokenizer)
+    spied.__class__ = Spy
+    rows = encode(spied, texts, 64, 2)
+    for text, row in zip(texts, rows):
+        whole = tokenizer(text, add_special_tokens=False).input_ids
+        assert row == [2] + whole[-63:]
+    assert max(map(len, seen)) < len(prose) and len(prose) > 64 * TAIL_CHARS_PER_TOKEN * 4

@@ -48,6 +48,9 @@ from encdec.training.precision import PRECISIONS, autocast_dtype
 
 log = logging.getLogger("encdec")
 
+# a text past max_len x this many characters is tokenized from its end (`_tail_ids`): tokens are 3-5 characters of
+# text, so shorter texts are tokenized whole, as before
+TAIL_CHARS_PER_TOKEN = 64
 SAVE_EVERY_S = 600.0  # how often a fit with `progress` saves it: a kill loses at most this much training
 
 
@@ -99,8 +102,13 @@ def encode(tokenizer, texts: list[str], max_len: int, first: int | None, vocab_s
     tokenizer's token past the embedding, Gemma 3's <image_soft_token>, is an IndexError in the middle of a fit)."""
     bos = [] if first is None else [first]
     keep = max_len - len(bos)
-    rows = [bos + ids[len(ids) - keep:] if len(ids) > keep else bos + ids
-            for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    width = keep * TAIL_CHARS_PER_TOKEN
+    short = [i for i, text in enumerate(texts) if len(text) <= width]
+    ids = dict(zip(short, tokenizer([texts[i] for i in short], add_special_tokens=False)["input_ids"])) if short else {}
+    rows = []
+    for i, text in enumerate(texts):
+        tokens = ids[i] if i in ids else _tail_ids(tokenizer, text, keep, width)
+        rows.append(bos + tokens[len(tokens) - keep:] if len(tokens) > keep else bos + tokens)
     for n, row in enumerate(rows, 1):
         if not row:
             raise EncdecError(f"{named} #{n} is empty and the tokenizer puts no BOS token before a text to stand for "
@@ -109,6 +117,20 @@ def encode(tokenizer, texts: list[str], max_len: int, first: int | None, vocab_s
             raise EncdecError(f"{named} #{n}: token {tokenizer.convert_ids_to_tokens(bad)!r} (id {bad}) is outside "
                               f"the model's vocabulary (0 to {vocab_size - 1}); remove it from the text")
     return rows
+
+
+def _tail_ids(tokenizer, text: str, keep: int, width: int) -> list[int]:
+    """The last `keep` tokens of a long `text`, tokenized from a window of its last `width` characters, doubled until
+    the window's last `keep` tokens stay the same as it doubles (a cut changes only the tokens near it) or it holds
+    the whole text: a handed 64 MB text (--predict --input) was tokenized whole, GBs of memory, for 256 tokens."""
+    last = None
+    while width < len(text):
+        window = tokenizer(text[-width:], add_special_tokens=False)["input_ids"]
+        tail = window[len(window) - keep:] if len(window) > keep else None  # (its first token may be cut in two)
+        if tail is not None and tail == last:
+            return tail
+        last, width = tail, 2 * width
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def padding_id(tokenizer, vocab_size: int) -> int:
