@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 import transformers as tf
