@@ -152,8 +152,8 @@ def _run(out: Path, overwrite: bool, prompt: str, max_new_tokens: int, steps: in
         cfg = TrainConfig(model=str(adapted_dir.resolve()), out=str(run_dir), distill=True, steps=steps, enc_len=64,
                           dec_len=64, batch_size=4, warmup_steps=max(1, steps // 10), eval_every=0, eval_windows=16,
                           save_every=steps, trim_vocab=trim_vocab, overwrite=True)
-        vocabulary = (f"vocabulary trimmed to {trim_vocab:,} tokens for speed (mapped back when saved)" if trim_vocab
-                      else "the whole vocabulary")
+        vocabulary = (f"vocabulary trimmed to the corpus's {trim_vocab:,} most frequent tokens at most, for speed "
+                      "(mapped back when saved)" if trim_vocab else "the whole vocabulary")
         print(f"\nPrefixLM + distillation on the default corpus: {steps} steps of 4 rows x (64 + 64) tokens at lr "
               f"{cfg.lr:g}, {vocabulary}")
         final = train(cfg, again="`encdec quickstart --overwrite` runs the whole job again")  # it has no --resume
