@@ -179,6 +179,15 @@ def test_generate_prints_continuations_and_needs_a_tokenizer(capsys, tmp_path, s
     # sampling settings without --do-sample: greedy, and said (transformers' generate warns alike)
     assert main(["generate", str(out), "--prompt", "w1", "--max-new-tokens", "2", "--temperature", "5", "--top-k", "3"]) == 0
     assert "--temperature, --top-k apply to sampling (--do-sample); greedy decoding ignores them" in capsys.readouterr().err
+    # ... and with --do-sample at a temperature that is greedy decoding; --overwrite without a file; int8 one at a time
+    assert main(["generate", str(out), "--prompt", "w1", "--max-new-tokens", "2", "--do-sample", "--temperature",
+                 "1e-6", "--seed", "3", "--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "--temperature 1e-06 (below 1e-05) is greedy decoding, which ignores --seed" in err
+    assert "--overwrite applies to an --out FILE; standard output ignores it" in err
+    assert main(["generate", str(out), "--prompt", "w1", "--prompt", "w2", "--max-new-tokens", "2", "--quantize",
+                 "int8", "--batch-size", "1"]) == 0
+    assert "depend on the prompts and inputs computed with it" not in capsys.readouterr().err
     assert main(["generate", str(out), "--prompt", "w1", "--quantize", "int8", "--dtype", "bfloat16"]) == 2
     assert "float32" in capsys.readouterr().err
     for tokenizer_file in out.glob("tokenizer*"):

@@ -202,7 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from encdec.generate import check_positions, check_settings, generate_each
     from encdec.inference.engine import Row
     from encdec.inference.loading import load_for_inference, model_framing
-    from encdec.inference.sampling import Sampling
+    from encdec.inference.sampling import MIN_TEMPERATURE, Sampling
     from encdec.logs import timed
     from encdec.sources import load_tokenizer
 
@@ -225,12 +225,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     unused = [flag for flag, value, default in (("--temperature", args.temperature, 1.0), ("--top-k", args.top_k, None),
                                                 ("--top-p", args.top_p, 1.0), ("--seed", args.seed, None))
               if value != default]
-    if unused and not args.do_sample:
+    if args.do_sample and not sampling.do_sample:  # so low a temperature is greedy decoding (Sampling), as in vLLM
+        others = [flag for flag in unused if flag != "--temperature"]
+        logging.getLogger("encdec").warning("--temperature %g (below %g) is greedy decoding%s", args.temperature,
+                                            MIN_TEMPERATURE, f", which ignores {', '.join(others)}" if others else "")
+    elif unused and not args.do_sample:
         logging.getLogger("encdec").warning("%s apply to sampling (--do-sample); greedy decoding ignores them",
                                             ", ".join(unused))
     jsonl = args.input is not None or args.out is not None  # JSON lines, else `prompt -> completion` lines
     if args.out is not None and str(args.out) == "-":  # standard output, as --input - is standard input
         args.out = None
+    if args.overwrite and args.out is None:
+        logging.getLogger("encdec").warning("--overwrite applies to an --out FILE; standard output ignores it")
     if args.out is not None:
         args.out = check_output_file(args.out, (args.dir, args.input), args.overwrite)
         partial = args.out.with_name(f"{args.out.name}.partial")
@@ -258,7 +264,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop = frozenset(config.eos_token_ids)
     with timed(f"loading {args.dir}"):
         model = load_for_inference(args.dir, DTYPES[args.dtype], args.quantize, _cpu_kernels(args))
-    if args.quantize == "int8" and len(prompts) > 1:
+    if args.quantize == "int8" and len(prompts) > 1 and args.batch_size > 1:  # (one at a time: nothing shared)
         logging.getLogger("encdec").warning(INT8_BATCH_CAUTION)
     rows = [Row(args.max_new_tokens, stop, sampling.nth(i), decoder_prefix=framing.decoder)
             for i in range(len(prompts))]
