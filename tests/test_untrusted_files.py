@@ -3,6 +3,7 @@ transformers configurations, weight indexes, token caches, YAML configurations, 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -283,6 +285,20 @@ def test_a_pickle_in_the_token_cache_is_not_loaded_but_rebuilt(corpus, tmp_path,
     warned = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
     assert len(warned) == 1 and "deleted, tokenizing again" in warned[0]
     assert np.array_equal(token_stream(tokenizer, [str(corpus)], cache_dir=cache), expected)  # rebuilt, readable
+    # a damaged one that cannot be deleted (a read-only cache, another user's): the run stopped in a traceback
+    cached.write_bytes(b"PK damaged")
+    unlink = Path.unlink
+
+    def read_only(self, *args, **kwargs):
+        if self == cached:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return unlink(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(Path, "unlink", read_only)
+        assert np.array_equal(token_stream(tokenizer, [str(corpus)], cache_dir=cache), expected)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "damaged" in line]
+    assert warned and all("cannot delete it (Read-only file system), tokenizing again" in w for w in warned), warned
 
 
 def test_a_yaml_configuration_cannot_build_python_objects(tmp_path, capsys):

@@ -333,8 +333,12 @@ def _read_cache(path: Path, vocab_size: int) -> np.ndarray | None:
             raise ValueError(f"not a stream of token ids below {vocab_size}")
         return ids
     except (ValueError, KeyError, EOFError, zipfile.BadZipFile, struct.error) as e:
-        log.warning("token cache %s is damaged (%s); deleted, tokenizing again", path, first_line(e))
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+            done = "deleted"
+        except OSError as gone:  # a read-only cache, another user's: kept (tokenized without it on each run)
+            done = f"cannot delete it ({gone.strerror or gone})"
+        log.warning("token cache %s is damaged (%s); %s, tokenizing again", path, first_line(e), done)
         return None
     except OSError as e:  # the file may be sound and another's (EACCES in a shared cache), or its place cannot map
         # it (ENODEV on some FUSE mounts): deleted, it was rebuilt on every run, and the users of one cache deleted
