@@ -138,6 +138,22 @@ def test_overwrite_refuses_a_folder_that_only_shares_a_run_outputs_name(adapted,
         assert (out / name / planted).read_text() == "someone's work"
 
 
+def test_another_tools_metrics_file_in_out_is_neither_deleted_nor_cut_back(adapted, corpus, tmp_path, capsys):
+    """Any file named metrics.jsonl was taken for a run's: --overwrite deleted another tool's, and --resume (without
+    a checkpoint, as a job script passing it always may) cut it to nothing, with a warning of "unreadable lines"."""
+    out = tmp_path / "exp"
+    out.mkdir()
+    theirs = '{"epoch": 1, "val_acc": 0.91}\n{"epoch": 2, "val_acc": 0.93}\n'
+    (out / "metrics.jsonl").write_text(theirs)
+    for flag in ("--overwrite", "--resume", None):
+        assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", *filter(None, [flag]))) == 2
+        (line,) = _lines(capsys.readouterr().err, "error:")
+        assert f"{out / 'metrics.jsonl'} is not what a run writes there (its first line is no training step" in line
+        assert (out / "metrics.jsonl").read_text() == theirs
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 3.2')  # a run's, its first line cut short by a crash
+    assert main(_pretrain_args(adapted, out, corpus, "--steps", "1", "--overwrite")) == 0
+
+
 def test_resume_refuses_outputs_no_run_writes(adapted, corpus, tmp_path, capsys):
     """--resume rewrites OUT/metrics.jsonl and appends to OUT/tensorboard: a pipe there made it wait for ever, a
     folder there (or a file named tensorboard) was a traceback after the step's checkpoint was written."""

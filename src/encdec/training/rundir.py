@@ -33,6 +33,7 @@ from encdec.files import (
     check_writable_place,
     file_identity,
     open_own,
+    open_regular,
     parse_json,
     portable_path,
     read_small,
@@ -48,6 +49,7 @@ from encdec.training.plain_state import read_state
 log = logging.getLogger("encdec")
 LOCK = RUN_LOCK
 OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model")  # what --overwrite replaces
+METRICS_START = b'{"step": '  # how every line of a run's metrics.jsonl begins (json.dumps of a record, step first)
 
 
 def _holder(path: Path) -> str:
@@ -222,8 +224,8 @@ def foreign_output(out: Path, contents: bool = True) -> tuple[str, str] | None:
         try:
             if path.is_symlink() or not path.exists():
                 continue
-            if name == "metrics.jsonl":
-                problem = "" if path.is_file() else "not a file"
+            if name == "metrics.jsonl":  # --overwrite deletes it and --resume cuts it back: another tool's file was lost
+                problem = "not a file" if not path.is_file() else _not_run_metrics(path)
             elif not path.is_dir():
                 problem = "not a directory"
             elif not contents and name != "model":
@@ -244,6 +246,14 @@ def foreign_output(out: Path, contents: bool = True) -> tuple[str, str] | None:
         if problem:
             return name, problem
     return None
+
+
+def _not_run_metrics(path: Path) -> str:
+    """Why `path` (a file) is no run's metrics.jsonl, or "": a run writes one record a line, each beginning with its
+    step (a crash may cut the last one short, the first too: only its beginning is read)."""
+    with open_regular(path) as f:
+        start = f.read(len(METRICS_START))
+    return "" if not start or start == METRICS_START[: len(start)] else "its first line is no training step's record"
 
 
 # settings a resumed run may change without a warning: its course stays the same, but for --steps, which makes it
