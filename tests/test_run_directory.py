@@ -632,14 +632,20 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     # a container of this machine's name (host networking) with processes of its own: its pid means nothing here
     beside = tmp_path / f".box.tmp-{MACHINE}-ns1-{DEAD_PID}-uvwx1234"
     if os.path.exists("/proc/self/ns/pid"):  # its writes are marked with its namespace, as ours with ours
-        assert HOST == f"{MACHINE}-ns{os.stat('/proc/self/ns/pid').st_ino}"
-    for directory in (abandoned, aside / "out", alive, elsewhere, ours_dead, beside, *(u / "kept" for u in users)):
+        assert HOST.startswith(MACHINE) and HOST.endswith(f"-ns{os.stat('/proc/self/ns/pid').st_ino}")
+    # another machine of this one's name, in its own machine's PID namespace (the same id on every Linux): its
+    # machine-id tells it apart
+    clone = tmp_path / f".clone.tmp-{MACHINE}-m00000000-ns{HOST.rpartition('-ns')[2]}-{DEAD_PID}-yzab1234"
+    if os.path.exists("/etc/machine-id"):
+        assert "-m" in HOST.removeprefix(MACHINE)
+    for directory in (abandoned, aside / "out", alive, elsewhere, ours_dead, beside, clone,
+                      *(u / "kept" for u in users)):
         directory.mkdir(parents=True)
     (aside / "out" / "model.safetensors").write_text("the previous version")
     with atomic_dir(tmp_path / "next") as tmp:
         (tmp / "file").write_text("x")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, beside.name, "next",
-                                                                 "out", *(u.name for u in users)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, beside.name, clone.name,
+                                                                 "next", "out", *(u.name for u in users)])
     assert all((u / "kept").is_dir() for u in users)
     assert (out / "model.safetensors").read_text() == "the previous version"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -43,6 +44,17 @@ _TEMPORARY = re.compile(r"\.(.+)\.(tmp|old)-([A-Za-z0-9-]+)-(\d+)-[a-z0-9_]{8}")
 MACHINE = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
+def _machine_id() -> str:
+    """A digest of /etc/machine-id, where the machine has one: a machine's own PID namespace has the same id on every
+    Linux, so two machines of one name (clones, a shared "localhost") writing into one network folder had one HOST,
+    and each took the other's live writes for dead ones of its own, and deleted them."""
+    try:
+        text = Path("/etc/machine-id").read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return ""
+    return f"-m{hashlib.sha256(text.encode()).hexdigest()[:8]}" if text else ""
+
+
 def _pid_namespace() -> str:
     """The PID namespace's id, where /proc tells it: containers that share the machine's name (host networking)
     number their processes apart, and another's live writer had looked dead from here."""
@@ -52,7 +64,7 @@ def _pid_namespace() -> str:
         return ""
 
 
-HOST = MACHINE + _pid_namespace()
+HOST = MACHINE + _machine_id() + _pid_namespace()
 
 
 def _not_json(constant: str) -> None:
