@@ -100,6 +100,28 @@ def test_a_tokenizer_without_pad_token_is_scored_and_generates(kind, sources, tm
         assert main(["generate", str(source), "--prompt", "w1 w2 w3", "--prompt", "w4", "--max-new-tokens", "2"]) == 0
 
 
+def test_a_tokenizer_without_eos_reads_the_models_and_an_empty_context_is_refused(sources, tmp_path):
+    """A tokenizer_config.json without eos_token (and pad_token): int(None), a TypeError's traceback once a model's
+    first task padded or generated, after the models before it were scored. The model's own EOS stands in; where
+    nothing names one, one line. An empty context was scored after the batch's padding."""
+    source = tmp_path / "llama"
+    shutil.copytree(sources["llama"], source)
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    for name in ("eos_token", "pad_token"):
+        settings.pop(name, None)
+    (source / "tokenizer_config.json").write_text(json.dumps(settings))
+    (source / "special_tokens_map.json").unlink(missing_ok=True)
+    scorer = load_scorer(str(source))
+    assert scorer.tokenizer.eos_token_id is None and scorer.eos_id == scorer.model.config.eos_token_id
+    assert len(scorer.loglikelihoods(REQUESTS, batch_size=4)) == len(REQUESTS)
+    with pytest.raises(EncdecError, match="a request's context is empty"):
+        scorer.loglikelihoods([([], [5, 6]), *REQUESTS], batch_size=4)
+    # nothing names one (set here: the configuration classes fill in a default where config.json has none)
+    scorer.model.config.eos_token_id = scorer.model.generation_config.eos_token_id = None
+    with pytest.raises(EncdecError, match="neither its tokenizer nor its configuration names an EOS token"):
+        scorer.pad_id  # noqa: B018 - what every batch of a decoder-only model reads
+
+
 @pytest.mark.parametrize("kind", ["encoder-decoder", "decoder-only"])
 def test_generation_tasks_stop_at_every_eos_the_model_names(kind, adapted, sources):
     """Gemma 3 IT ends at <end_of_turn> or <eos>, Llama 3.1 at three ids: the scorer passed the tokenizer's one

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from encdec.checkpoint import is_checkpoint
 from encdec.data.tokens import leading_bos, text_ids
+from encdec.errors import EncdecError
 from encdec.model import EncoderDecoder, EncoderState, Segments
 from encdec.objectives import PLAIN, Framing
 from encdec.training.data import pad_rows
@@ -49,7 +50,13 @@ class Scorer:
 
     @property
     def eos_id(self) -> int:
-        return int(self.tokenizer.eos_token_id)
+        """The tokenizer's EOS, or where it names none (a tokenizer_config.json without one) the model's first."""
+        eos = self.tokenizer.eos_token_id
+        eos = next(iter(self.model_eos_ids), None) if eos is None else eos
+        if eos is None:  # (int(None): a TypeError's traceback once the model's first task needed it)
+            raise EncdecError(f"{self.name}: neither its tokenizer nor its configuration names an EOS token, which "
+                              "padding and generation need; set eos_token in its tokenizer_config.json")
+        return int(eos)
 
     @property
     def pad_id(self) -> int:
@@ -103,6 +110,9 @@ class Scorer:
         would produce it exactly."""
         # a request asked twice (two answer options with the same text) is scored once: its copies then tie
         # exactly, instead of by padding noise that changes with the batch they land in
+        if any(not ctx for ctx, _ in requests):  # (a decoder-only model read its first token after the padding)
+            raise EncdecError("a request's context is empty: a continuation is scored after at least one token (the "
+                              "tokenizer's BOS, where it puts one: `context_ids`)")
         first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
         copy_of = [first.setdefault((tuple(ctx), tuple(cont)), i) for i, (ctx, cont) in enumerate(requests)]
         distinct = sorted(set(copy_of), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
@@ -219,7 +229,6 @@ def check_loadable(spec: str) -> None:
     unreadable or its tokenizer missing, or a directory that holds no model (a training run's, whose model is in
     model/): found after hours of scoring the models before it, which lost their results."""
     from encdec.checkpoint import read_config
-    from encdec.errors import EncdecError
     from encdec.files import weight_files
     from encdec.sources import check_causal_lm, has_tokenizer
 
@@ -261,9 +270,14 @@ def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 20
         limit = model.config.encoder.max_positions  # a longer context keeps its end, as past --max-len
         if limit is not None:
             max_len = max(2, min(max_len, limit - len(framing.before) - len(framing.after)))
-        return Scorer(spec, "encoder-decoder", model, tokenizer, max_len, framing)
-    model = transformers_causal_lm(directory, dtype).to(compute_device())
-    limit = getattr(model.config, "max_position_embeddings", None)  # capped as an encoder-decoder's column is: one
-    if not (isinstance(limit, int) and limit > 2):  # table's columns scored contexts of different lengths
-        return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)
-    return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max(3, min(max_len, limit)), positions=limit)
+        scorer = Scorer(spec, "encoder-decoder", model, tokenizer, max_len, framing)
+    else:
+        model = transformers_causal_lm(directory, dtype).to(compute_device())
+        limit = getattr(model.config, "max_position_embeddings", None)  # capped as an encoder-decoder's column is: one
+        if not (isinstance(limit, int) and limit > 2):  # table's columns scored contexts of different lengths
+            scorer = Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)
+        else:
+            scorer = Scorer(spec, "decoder-only", model, load_tokenizer(directory), max(3, min(max_len, limit)),
+                            positions=limit)
+    scorer.eos_id  # noqa: B018 - one that names none is refused here, before any of its tasks
+    return scorer
