@@ -152,6 +152,12 @@ def _shared_vocabulary(encoder: DecoderOnlySource, decoder: DecoderOnlySource) -
     elif encoder.vocab_size != decoder.vocab_size:  # nothing to tell a table's padding from another vocabulary
         raise EncdecError(f"encoder vocabulary has {encoder.vocab_size} tokens, decoder's {decoder.vocab_size}; "
                           "they must share one vocabulary")
+    else:  # a checkpoint copied without its tokenizer files: two vocabularies of one size went through unsaid
+        missing = " and ".join(f"the {side}'s ({source.directory})" for side, source in
+                               (("encoder", encoder), ("decoder", decoder)) if not source.has_tokenizer)
+        log.warning("the vocabularies were not compared: %s has no tokenizer; both tables have %d rows and are taken "
+                    "to spell one vocabulary (add the tokenizer files to have them compared)",
+                    missing, encoder.vocab_size)
     size = min(encoder.vocab_size, decoder.vocab_size)
     if encoder.vocab_size != decoder.vocab_size:
         log.info("the encoder's embedding table has %d rows, the decoder's %d (one tokenizer): both keep the first "
