@@ -650,6 +650,28 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     assert (out / "model.safetensors").read_text() == "the previous version"
 
 
+def test_ctrl_c_between_the_renames_of_an_overwrite_leaves_the_new_version_in_place(tmp_path, monkeypatch):
+    """Python raises a KeyboardInterrupt right after the call it arrived in: one after the first rename (the old
+    version moved aside) deleted the new version and left the output's name empty, the old one hidden. The old
+    version is put back, as when the second rename fails."""
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "weights").write_text("old")
+    replace, renames = os.replace, []
+
+    def interrupted(src, dst):
+        replace(src, dst)
+        renames.append(dst)
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, just as the old version was moved aside
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_a_link_named_like_a_killed_writes_folder_is_neither_followed_nor_removed(tmp_path):
     """A link named like a folder moved aside by a killed write (put in a shared output folder, or in a run
     directory handed over) made the next write move what it leads to into the output's folder: here ~/.ssh; and a

@@ -582,13 +582,11 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{HOST}-{os.getpid()}-", dir=out.parent))
                 try:
                     os.replace(out, old / out.name)
-                except BaseException:  # nothing was moved: the place made for it goes
-                    old.rmdir()
-                    raise
-                try:
                     os.replace(tmp, out)
-                except BaseException:  # the previous output goes back where it was
-                    os.replace(old / out.name, out)
+                except BaseException:  # a failure, or a Ctrl-C (raised right after the call it came in): decided
+                    # from what is there, as the interruption may fall between the renames or after the second
+                    if not out.exists() and (old / out.name).exists():  # the previous output goes back
+                        os.replace(old / out.name, out)
                     shutil.rmtree(old, ignore_errors=True)
                     raise
                 _keep_modes(old / out.name, out)  # once in place (a temporary of 0555 could not be moved or removed)
