@@ -311,7 +311,7 @@ def test_a_yaml_configuration_cannot_build_python_objects(tmp_path, capsys):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("name", [".encdec.lock", "metrics.jsonl", "checkpoints", "tensorboard"])
+@pytest.mark.parametrize("name", [".encdec.lock", "metrics.jsonl", "checkpoints", "tensorboard", "model"])
 def test_a_link_in_a_run_directory_is_not_written_through(adapted, corpus, tmp_path, capsys, name):
     """A run directory someone handed over, whose lock, metrics file or checkpoint folder links elsewhere: what the
     link names is neither created nor changed (--resume read another run's checkpoints there, set aside and deleted

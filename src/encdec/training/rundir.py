@@ -164,8 +164,9 @@ def resume_point(cfg: TrainConfig, d: distributed.Dist) -> checkpointing.Saved |
     """The checkpoint to resume from, read and checked; refuses to mix two runs in one directory.
     Writes nothing: `begin` does, once the run's inputs are known to be good."""
     out = Path(cfg.out)
-    if not cfg.overwrite:  # --resume reads, sets aside and deletes step-N there (--overwrite removes such a link)
-        linked = [n for n in ("checkpoints", "tensorboard") if (out / n).is_symlink()] if d.main else []
+    if not cfg.overwrite:  # --resume reads, sets aside and deletes step-N there, and replaces model/ at its end (a
+        # link there was refused then, every step trained); --overwrite removes such a link
+        linked = [n for n in ("checkpoints", "tensorboard", "model") if (out / n).is_symlink()] if d.main else []
         for name in distributed.from_main(linked, d):  # the first process's view, so that every process stops
             refuse_link(out / name, linked=True)
     # any output of a run counts: a final model kept after its checkpoints and metrics were deleted is replaced
