@@ -931,6 +931,14 @@ def test_the_working_directory_is_no_output(capsys, tmp_path, sources, monkeypat
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
         assert "is the current directory or one above it" in line
     assert list(tmp_path.iterdir()) == []
+    # a working directory deleted meanwhile (a scratch folder cleaned up under a long run): every write failed with
+    # "No such file or directory", the run at its next checkpoint
+    gone = tmp_path / "scratch"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert main(["adapt", "--encoder", str(sources["gemma3"]), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), OSError(30, "Read-only file system")])

@@ -494,8 +494,12 @@ def check_folder_writable(out: Path, *, into: bool = False) -> None:
 
 def check_not_above(out: Path) -> None:
     """Fail when `out`, which a command fills with outputs of fixed names (model/, checkpoints/...) or replaces
-    whole, is the working directory or one above it."""
-    here = Path.cwd().resolve()
+    whole, is the working directory or one above it (where it has been deleted, none is: a run launched from a
+    scratch folder cleaned up meanwhile stopped at its next checkpoint)."""
+    try:
+        here = Path.cwd().resolve()
+    except FileNotFoundError:
+        return
     if Path(out).expanduser().resolve() in (here, *here.parents):
         raise EncdecError(f"--out {out} is the current directory or one above it; name a directory of its own")
 
