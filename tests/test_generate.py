@@ -269,7 +269,8 @@ def test_the_uncached_path_leaves_a_finished_row_alone(model, monkeypatch):
     ({"do_sample": True, "top_k": 2.5}, "top_k must be an integer or None, got 2.5"),
     ({"temperature": "0.7"}, "temperature must be a number, got '0.7'"),
     ({"max_new_tokens": 2.5}, "max_new_tokens (--max-new-tokens) must be an integer of at least 1, got 2.5"),
-    ({"decoder_prefix": [5.0]}, "decoder_prefix must hold token ids (integers), got [5.0]"),  # the engine's traceback
+    ({"decoder_prefix": [5.0]}, "decoder_prefix must be a sequence of token ids (integers), got [5.0]"),  # the
+    ({"decoder_prefix": 5}, "decoder_prefix must be a sequence of token ids (integers), got 5"),  # engine's traceback
     ({"input_ids": "float"}, "input_ids must hold token ids (integers), got torch.float32"),  # read as 5 where 5.5
     ({"attention_mask": "twos"}, "attention_mask must hold 1 for a prompt's tokens and 0 for padding, nothing else"),
 ])
@@ -285,6 +286,31 @@ def test_settings_of_the_wrong_kind_are_one_line(model, settings, said):
     assert str(refused.value) == said
     assert model.generate(ids[:1], mask[:1], max_new_tokens=2, top_k=np.int64(3), seed=np.int64(1), do_sample=True,
                           logit_bias={np.int64(5): np.float32(1.0)}).shape[0] == 1  # numpy's kinds are numbers too
+
+
+def test_rows_and_prompts_the_python_api_is_handed_are_checked(model):
+    """A Row given twice (`[Row(...)] * n`) interleaved its prompts' tokens in one row, then raised a KeyError; rows
+    that had generated went on from their old tokens; generate_each read ids outside the vocabulary (the embedding's
+    IndexError) and prompts of other counts than rows; Sampling took no {id: bias} mapping (a TypeError)."""
+    from encdec.generate import generate_each
+
+    row = Row(2, frozenset())
+    with pytest.raises(ValueError, match="a Row generates once"):
+        list(generate_each(model, [[5, 6, 7], [8, 9]], [row, row], 2))
+    done = [Row(2, frozenset())]
+    assert list(generate_each(model, [[5, 6, 7]], done, 1)) == [0] and len(done[0].tokens) == 2
+    with pytest.raises(ValueError, match="a Row generates once"):
+        list(generate_each(model, [[5, 6, 7]], done, 1))
+    with pytest.raises(ValueError, match="one row per prompt: 2 prompt"):
+        list(generate_each(model, [[5], [6]], [Row(2, frozenset())], 1))
+    vocab = model.config.vocab_size
+    for prompts, rows in (([[5, vocab]], [Row(2, frozenset())]), ([[]], [Row(2, frozenset())]),
+                          ([[5]], [Row(2, frozenset(), decoder_prefix=(vocab,))])):
+        with pytest.raises(EncdecError, match=rf"prompt 0: token ids in 0..{vocab - 1}"):
+            list(generate_each(model, prompts, rows, 1))
+    assert Sampling(logit_bias={5: 1.0}).logit_bias == Sampling(logit_bias=((5, 1.0),)).logit_bias == ((5, 1.0),)
+    with pytest.raises(EncdecError, match="logit_bias must map token ids to biases"):
+        Sampling(logit_bias=5)
 
 
 def test_as_many_new_tokens_as_the_decoder_has_positions(model):

@@ -86,6 +86,16 @@ def generate_each(
     scores were not finite too (finish_reason "error": it drew nothing more; the others decode on). Prompts join
     in their order, as many at a time as there are free slots, in one encoder pass. `compile_step`: the engine's
     step compiled (`Engine`)."""
+    if len(prompts) != len(rows):
+        raise ValueError(f"one row per prompt: {len(prompts)} prompt(s) for {len(rows)} row(s)")
+    cfg = model.config
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):  # as `generate` checks its own (IndexErrors otherwise)
+        ids = torch.cat([torch.as_tensor(prompt, dtype=torch.long).reshape(-1).cpu(),
+                         torch.tensor(row.decoder_prefix, dtype=torch.long)])
+        if len(ids) == len(row.decoder_prefix) or not 0 <= int(ids.min()) <= int(ids.max()) < cfg.vocab_size:
+            raise EncdecError(f"prompt {i}: token ids in 0..{cfg.vocab_size - 1} (at least one, and the row's "
+                              f"decoder_prefix), got {ids[:8].tolist()}{'...' if len(ids) > 8 else ''}")
+        check_positions(len(ids) - len(row.decoder_prefix), row.max_new_tokens, cfg, prefix=len(row.decoder_prefix))
     engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))), compile_step=compile_step)
     waiting = iter(range(len(prompts)))
     index: dict[Row, int] = {}
@@ -140,12 +150,8 @@ def generate(
     first call's compilation on a GPU, docs/benchmarks.md). `decoder_prefix`: tokens the decoder reads after BOS
     before generating, not returned (a UL2-pretrained model's sentinel: `encdec.objectives.trained_framing`).
     """
-    pairs = logit_bias.items() if isinstance(logit_bias, Mapping) else logit_bias or ()  # (pairs, as Sampling's)
-    pairs = tuple(pairs) if isinstance(pairs, Iterable) and not isinstance(pairs, str | bytes) else None  # (zip: once)
-    if pairs is None or not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
-        raise EncdecError(f"logit_bias must map token ids to biases ({{id: bias}}), got {logit_bias!r:.60}")
     sampling = Sampling(do_sample, temperature, top_k, top_p, seed, presence_penalty, frequency_penalty,
-                        repetition_penalty, tuple(tuple(p) for p in pairs))
+                        repetition_penalty, logit_bias)
     check_settings(max_new_tokens, sampling)
     unused = [name for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
                                                 ("top_p", top_p, 1.0), ("seed", seed, None)) if value != default]
@@ -169,8 +175,13 @@ def generate(
     if attention_mask is not None and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         # (the cached path read a 2 as 1, the uncached one as a segment of its own)
         raise EncdecError("attention_mask must hold 1 for a prompt's tokens and 0 for padding, nothing else")
-    if not all(whole(t) for t in decoder_prefix):
-        raise EncdecError(f"decoder_prefix must hold token ids (integers), got {list(decoder_prefix)}")
+    if isinstance(decoder_prefix, torch.Tensor):
+        decoder_prefix = decoder_prefix.reshape(-1).tolist()
+    sequence = isinstance(decoder_prefix, Iterable) and not isinstance(decoder_prefix, str | bytes)
+    prefix = tuple(decoder_prefix) if sequence else None  # (5 alone was a TypeError's traceback)
+    if prefix is None or not all(whole(t) for t in prefix):
+        raise EncdecError(f"decoder_prefix must be a sequence of token ids (integers), got {decoder_prefix!r:.60}")
+    decoder_prefix = prefix
     read = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
     lowest, highest = (int(read.min()), int(read.max())) if read.numel() else (0, 0)
     outside = [lowest if lowest < 0 else highest] if lowest < 0 or highest >= cfg.vocab_size else []

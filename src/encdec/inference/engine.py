@@ -201,6 +201,11 @@ class Engine:
             raise ValueError(f"{len(rows)} rows cannot join: {self.free} free slots")
         if len(prompts) != len(rows):
             raise ValueError(f"one prompt per row: {len(prompts)} prompt(s) for {len(rows)} row(s)")
+        live = {id(row) for row in self.rows}
+        if len({id(row) for row in rows}) < len(rows) or any(
+                id(row) in live or row.tokens or row.prefix_read or row.finish_reason is not None for row in rows):
+            # (`[Row(...)] * n` interleaved the prompts' tokens in one row, then failed; a finished one went on)
+            raise ValueError("a Row generates once: make one for each prompt, and a new one to generate again")
         prompts = [torch.as_tensor(p, dtype=torch.long).to(self.device) for p in prompts]
         lengths = [len(p) for p in prompts]
         keys = [tuple(p.tolist()) for p in prompts]

@@ -17,7 +17,7 @@ import copy
 import functools
 import math
 import numbers
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +64,7 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "logit_bias", bias_pairs(self.logit_bias))
         _check_types(self)
         for name in ("top_k", "seed"):  # numpy's integers as Python's: a seed's arithmetic overflowed int64
             if getattr(self, name) is not None:
@@ -169,6 +170,16 @@ def _check_types(s: Sampling) -> None:
     for token, bias in s.logit_bias:
         if not whole(token) or not isinstance(bias, numbers.Real) or isinstance(bias, bool):
             raise EncdecError(f"logit_bias maps token ids (integers) to numbers, got {token!r}: {bias!r}")
+
+
+def bias_pairs(value: object) -> tuple[tuple[object, object], ...]:
+    """`logit_bias` as (token id, bias) pairs: given as pairs or as a mapping ({id: bias}, which iterated as pairs
+    was a TypeError's traceback); None for none. The pairs' values are checked by `_check_types`."""
+    pairs = value.items() if isinstance(value, Mapping) else () if value is None else value
+    pairs = tuple(pairs) if isinstance(pairs, Iterable) and not isinstance(pairs, str | bytes) else None  # (zip: once)
+    if pairs is None or not all(isinstance(p, tuple | list) and len(p) == 2 for p in pairs):
+        raise EncdecError(f"logit_bias must map token ids to biases ({{id: bias}}), got {value!r:.60}")
+    return tuple(tuple(p) for p in pairs)
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:
