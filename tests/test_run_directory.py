@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ from encdec.checkpoint import read_metadata
 from encdec.cli import main
 from encdec.data.tokens import token_stream
 from encdec.errors import EncdecError
-from encdec.files import HOST, MACHINE, atomic_dir, atomic_write, read_weights
+from encdec.files import EARLIER_HOST, HOST, MACHINE, atomic_dir, atomic_write, read_weights
 from encdec.logs import setup
 from encdec.training import checkpointing, loop, rundir, step
 from encdec.training.optim import warmup_then_decay
@@ -629,6 +630,8 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     # another machine's (or container's) write into a shared directory: its pid means nothing here
     elsewhere = tmp_path / f".shared.tmp-other-host-{DEAD_PID}-mnop3456"
     ours_dead = tmp_path / f".mine.tmp-{HOST}-{DEAD_PID}-qrst7890"
+    # left by an encdec of before the machine-id was part of the mark: still this machine's (the README's promise)
+    earlier = tmp_path / f".older.tmp-{EARLIER_HOST}-{DEAD_PID}-cdef4567"
     # a container of this machine's name (host networking) with processes of its own: its pid means nothing here
     beside = tmp_path / f".box.tmp-{MACHINE}-ns1-{DEAD_PID}-uvwx1234"
     if os.path.exists("/proc/self/ns/pid"):  # its writes are marked with its namespace, as ours with ours
@@ -638,7 +641,7 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     clone = tmp_path / f".clone.tmp-{MACHINE}-m00000000-ns{HOST.rpartition('-ns')[2]}-{DEAD_PID}-yzab1234"
     if os.path.exists("/etc/machine-id"):
         assert "-m" in HOST.removeprefix(MACHINE)
-    for directory in (abandoned, aside / "out", alive, elsewhere, ours_dead, beside, clone,
+    for directory in (abandoned, aside / "out", alive, elsewhere, ours_dead, earlier, beside, clone,
                       *(u / "kept" for u in users)):
         directory.mkdir(parents=True)
     (aside / "out" / "model.safetensors").write_text("the previous version")
@@ -653,22 +656,29 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
 def test_ctrl_c_between_the_renames_of_an_overwrite_leaves_the_new_version_in_place(tmp_path, monkeypatch):
     """Python raises a KeyboardInterrupt right after the call it arrived in: one after the first rename (the old
     version moved aside) deleted the new version and left the output's name empty, the old one hidden. The old
-    version is put back, as when the second rename fails."""
+    version is put back, as when the second rename fails; after the second, the new one stays, with the old's mode."""
     out = tmp_path / "model"
     out.mkdir()
     (out / "weights").write_text("old")
-    replace, renames = os.replace, []
+    replace, renames, interrupt_after = os.replace, [], [1]
 
     def interrupted(src, dst):
         replace(src, dst)
         renames.append(dst)
-        if len(renames) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, just as the old version was moved aside
+        if len(renames) == interrupt_after[0]:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, just as that rename was done
 
     monkeypatch.setattr(os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt), atomic_dir(out, overwrite=True) as tmp:
         (tmp / "weights").write_text("new")
     assert (out / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    out.chmod(0o700)
+    renames.clear()
+    interrupt_after[0] = 2
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new" and stat.S_IMODE(out.stat().st_mode) == 0o700
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 

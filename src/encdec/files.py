@@ -65,6 +65,7 @@ def _pid_namespace() -> str:
 
 
 HOST = MACHINE + _machine_id() + _pid_namespace()
+EARLIER_HOST = MACHINE + _pid_namespace()  # this machine's mark before the machine-id was part of it
 
 
 def _not_json(constant: str) -> None:
@@ -591,6 +592,8 @@ def atomic_dir(out: Path, overwrite: bool = False, replaces: tuple[str, ...] = (
                     # from what is there, as the interruption may fall between the renames or after the second
                     if not out.exists() and (old / out.name).exists():  # the previous output goes back
                         os.replace(old / out.name, out)
+                    elif (old / out.name).exists():  # the new one is in place (interrupted after the second)
+                        _keep_modes(old / out.name, out)
                     shutil.rmtree(old, ignore_errors=True)
                     raise
                 _keep_modes(old / out.name, out)  # once in place (a temporary of 0555 could not be moved or removed)
@@ -689,7 +692,7 @@ def _left_by_us(entry: Path, match: re.Match, kind: Callable[[int], bool] = stat
         return False
     mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
     pid = match[4]
-    return (kind(info.st_mode) and mine and (anyone or match[3] == HOST) and len(pid) <= 10
+    return (kind(info.st_mode) and mine and (anyone or match[3] in (HOST, EARLIER_HOST)) and len(pid) <= 10
             and 0 < int(pid) <= MAX_PID)
 
 
