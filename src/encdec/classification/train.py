@@ -120,16 +120,22 @@ def encode(tokenizer, texts: list[str], max_len: int, first: int | None, vocab_s
 
 
 def _tail_ids(tokenizer, text: str, keep: int, width: int) -> list[int]:
-    """The last `keep` tokens of a long `text`, tokenized from a window of its last `width` characters, doubled until
-    the window's last `keep` tokens stay the same as it doubles (a cut changes only the tokens near it) or it holds
-    the whole text: a handed 64 MB text (--predict --input) was tokenized whole, GBs of memory, for 256 tokens."""
+    """The last `keep` tokens of a long `text`, tokenized from a window at its end, widened (to twice its width and
+    one more) until the window's last `keep` tokens stay the same as it widens (a cut changes only the tokens near
+    it) or it holds the whole text: a handed 64 MB text (--predict --input) was tokenized whole, GBs of memory, for
+    256 tokens. A window starts where no run of one character goes on before it (a run of spaces is tokenized in
+    chunks from its start: cut inside, its last chunks changed with the cut), and the widths' odd differences cut a
+    repeated pattern at other phases."""
     last = None
     while width < len(text):
-        window = tokenizer(text[-width:], add_special_tokens=False)["input_ids"]
+        start = len(text) - width
+        while start > 0 and text[start - 1] == text[start]:
+            start -= 1
+        window = tokenizer(text[start:], add_special_tokens=False)["input_ids"]
         tail = window[len(window) - keep:] if len(window) > keep else None  # (its first token may be cut in two)
         if tail is not None and tail == last:
             return tail
-        last, width = tail, 2 * width
+        last, width = tail, 2 * width + 1
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
