@@ -701,7 +701,8 @@ def test_a_config_that_is_a_device_or_a_pipe_is_one_line(adapted, tmp_path, caps
     assert "not a regular file" in line and "config.json" in line
 
 
-def test_a_yaml_config_or_grid_that_is_a_device_is_one_line_and_a_pipe_is_read(adapted, tmp_path, capsys):
+def test_a_yaml_config_or_grid_that_is_a_device_is_one_line_and_a_pipe_is_read(adapted, tmp_path, capsys,
+                                                                               monkeypatch):
     """--config and --grid read YAML without the JSON readers' checks: /dev/zero was read until memory ran out (a
     MemoryError's traceback). A device is refused unread; a pipe (`--config <(envsubst < run.yaml)`) is read."""
     zero = tmp_path / "config.yaml"
@@ -721,6 +722,15 @@ def test_a_yaml_config_or_grid_that_is_a_device_is_one_line_and_a_pipe_is_read(a
         os.close(read)
     (line,) = _error_lines(capsys)
     assert "no_such_option" in line, line  # read, and its option judged
+    read, write = os.pipe()  # ... but not under a launcher: each process reads it, one of them gets it all
+    os.close(write)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    try:
+        assert main(["pretrain", "--config", f"/proc/self/fd/{read}", "--out", str(tmp_path / "run")]) == 2
+    finally:
+        os.close(read)
+    (line,) = _error_lines(capsys)
+    assert "not a file; each process of a distributed run reads the configuration" in line, line
 
 
 def test_sizes_no_tensor_can_hold_are_one_line(adapted, tmp_path, capsys):

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,6 +365,9 @@ def load_yaml(path: Path, what: str) -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not Path(path).is_file():  # (a pipe is read once)
+        raise EncdecError(f"--config {path}: not a file; each process of a distributed run reads the configuration, "
+                          "and a pipe (/dev/stdin, <(...)) gives it to one of them alone: write it to a file")
     loaded = load_yaml(path, "the YAML configuration") or {}
     if not isinstance(loaded, dict) or not all(isinstance(k, str) for k in loaded):
         raise EncdecError(f"{path}: expected a mapping of option names to values")
