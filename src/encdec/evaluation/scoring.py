@@ -270,14 +270,9 @@ def load_scorer(spec: str, dtype: torch.dtype = torch.float32, max_len: int = 20
         limit = model.config.encoder.max_positions  # a longer context keeps its end, as past --max-len
         if limit is not None:
             max_len = max(2, min(max_len, limit - len(framing.before) - len(framing.after)))
-        scorer = Scorer(spec, "encoder-decoder", model, tokenizer, max_len, framing)
-    else:
-        model = transformers_causal_lm(directory, dtype).to(compute_device())
-        limit = getattr(model.config, "max_position_embeddings", None)  # capped as an encoder-decoder's column is: one
-        if not (isinstance(limit, int) and limit > 2):  # table's columns scored contexts of different lengths
-            scorer = Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)
-        else:
-            scorer = Scorer(spec, "decoder-only", model, load_tokenizer(directory), max(3, min(max_len, limit)),
-                            positions=limit)
-    scorer.eos_id  # noqa: B018 - one that names none is refused here, before any of its tasks
-    return scorer
+        return Scorer(spec, "encoder-decoder", model, tokenizer, max_len, framing)
+    model = transformers_causal_lm(directory, dtype).to(compute_device())
+    limit = getattr(model.config, "max_position_embeddings", None)  # capped as an encoder-decoder's column is: one
+    if not (isinstance(limit, int) and limit > 2):  # table's columns scored contexts of different lengths
+        return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max_len)
+    return Scorer(spec, "decoder-only", model, load_tokenizer(directory), max(3, min(max_len, limit)), positions=limit)
