@@ -85,6 +85,11 @@ def test_the_python_api_takes_what_its_callers_pass_and_says_what_it_ignores(mod
         assert torch.equal(model.generate(ids, mask, max_new_tokens=4, eos_token_ids=[], temperature=0.7, seed=1),
                            greedy)
     assert "temperature, seed apply to sampling (do_sample=True); greedy decoding ignores them" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="encdec"):  # so low a temperature is greedy: its seed and top_k unused
+        assert torch.equal(model.generate(ids, mask, max_new_tokens=4, eos_token_ids=[], do_sample=True,
+                                          temperature=1e-6, seed=3, top_k=5), greedy)
+    assert "temperature 1e-06 (below 1e-05) is greedy decoding, which ignores top_k, seed" in caplog.text
 
 
 def test_a_greedy_row_whose_scores_are_not_finite_fails_alone(model, monkeypatch):

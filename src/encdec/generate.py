@@ -17,7 +17,7 @@ import torch
 
 from encdec.errors import EncdecError
 from encdec.inference.engine import Engine, Row
-from encdec.inference.sampling import NonFiniteScores, Sampling, pick_tokens, whole
+from encdec.inference.sampling import MIN_TEMPERATURE, NonFiniteScores, Sampling, pick_tokens, whole
 from encdec.model import EncoderState, Segments
 
 log = logging.getLogger("encdec")
@@ -155,7 +155,11 @@ def generate(
     check_settings(max_new_tokens, sampling)
     unused = [name for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
                                                 ("top_p", top_p, 1.0), ("seed", seed, None)) if value != default]
-    if unused and not do_sample:  # as `encdec generate` and transformers say it: greedy tokens, taken for samples
+    if do_sample and not sampling.do_sample:  # so low a temperature is greedy decoding, as `encdec generate` says
+        others = [name for name in unused if name != "temperature"]
+        log.warning("temperature %g (below %g) is greedy decoding%s", temperature, MIN_TEMPERATURE,
+                    f", which ignores {', '.join(others)}" if others else "")
+    elif unused and not do_sample:  # as `encdec generate` and transformers say it: greedy tokens, taken for samples
         log.warning("%s apply to sampling (do_sample=True); greedy decoding ignores them", ", ".join(unused))
     for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask)):
         if tensor is not None and not isinstance(tensor, torch.Tensor):
