@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from common import require_distinct
 
 from encdec.objectives import MIXTURES
 from encdec.training.data import ExampleStream, example_maker, make_batch, window_length
@@ -54,6 +55,8 @@ def main() -> None:
         shapes = [tuple(int(x) for x in shape.split("+")) for shape in args.rows.split(",")]
     except ValueError:
         parser.error(f"--rows: expected ENC+DEC shapes such as 64+64,256+64, got {args.rows!r}")
+    require_distinct(parser, "--rows", args.rows.split(","))
+    require_distinct(parser, "--mixtures", args.mixtures.split(","))
     unknown = sorted(set(args.mixtures.split(",")) - set(MIXTURES))
     if unknown:  # a KeyError otherwise, after the table's header
         parser.error(f"--mixtures: unknown {', '.join(unknown)}; choose from {', '.join(MIXTURES)}")

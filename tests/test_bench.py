@@ -278,6 +278,7 @@ def test_bench_list_options_refuse_repeats_and_gpu_check_refuses_parts_it_does_n
     import screened_head
     import serve_load
     import train_throughput
+    import ul2_packing
 
     for module, argv, said in (
             (generate_throughput, ["--batch-sizes", "1,1"], "--batch-sizes 1,1: each value at most once"),
@@ -292,7 +293,9 @@ def test_bench_list_options_refuse_repeats_and_gpu_check_refuses_parts_it_does_n
             (cpu_kernels, ["--rows", "1,1"], "--rows 1,1: each value"),
             (screened_head, ["--batch", "2,2"], "--batch 2,2: each value"),
             (compile_step, ["--kernels", "blas,blas"], "--kernels blas,blas: each value"),
-            (inference_quality, ["m", "--variants", "blas,blas"], "--variants blas,blas: each value")):
+            (inference_quality, ["m", "--variants", "blas,blas"], "--variants blas,blas: each value"),
+            (ul2_packing, ["--rows", "64+64,64+64"], "--rows 64+64,64+64: each value"),
+            (ul2_packing, ["--mixtures", "ul2,ul2"], "--mixtures ul2,ul2: each value")):
         monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
         with pytest.raises(SystemExit) as refused:
             module.parse_args() if hasattr(module, "parse_args") else module.main()
