@@ -481,8 +481,10 @@ def test_an_empty_source_is_refused_not_read_as_here_or_as_balanced(capsys, tmp_
     """`--decoder "$DEC"` with DEC unset adapted a balanced model without a word (minutes and GBs for a 9B); an empty
     --encoder read the working directory."""
     given = {"--encoder": str(sources["gemma2"]), "--decoder": str(sources["gemma2"]), empty: ""}
-    line = _run_adapt(capsys, tmp_path, *[part for pair in given.items() for part in pair])
-    assert f"{empty} is empty; give a model directory" in line
+    assert main_exit(["adapt", *[part for pair in given.items() for part in pair], "--out", str(tmp_path / "o")]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"argument {empty}: empty (an unset variable?)" in line, line
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_slice_of_layers_from_the_end_is_read_as_a_value(tmp_path, sources):
@@ -1273,7 +1275,7 @@ def test_quickstart_overwrite_without_training_leaves_no_earlier_training(capsys
     monkeypatch.setattr(encdec.quickstart, "SOURCE", str(sources["gemma3"]))
     out = tmp_path / "qs"
     (out / "pretrain" / "checkpoints").mkdir(parents=True)
-    (out / "pretrain" / "metrics.jsonl").write_text("{}\n")
+    (out / "pretrain" / "metrics.jsonl").write_text('{"step": 1}\n')
     assert main(["quickstart", "--out", str(out), "--overwrite", "--steps", "0", "--max-new-tokens", "2"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapted"]
     # a run's outputs go, nothing else: a file of the user's stays (it was deleted), and a link to a folder

@@ -109,18 +109,13 @@ def output_file(text: str) -> Path:
 def cmd_adapt(args: argparse.Namespace) -> None:
     from encdec.adapt import adapt, check_pairing, check_same_vocabulary, layer_spec, parse_layers
     from encdec.checkpoint import SAVED, save
-    from encdec.files import check_output_dir, check_utf8
+    from encdec.files import check_output_dir
     from encdec.logs import log, timed
     from encdec.report import describe, parameter_table
     from encdec.sources import has_tokenizer, load_source, load_tokenizer, source_config
 
-    for flag, value in (("--encoder", args.encoder), ("--decoder", args.decoder)):
-        if value is not None and not value.strip():  # an unset shell variable: the working directory, or for
-            # --decoder a balanced model, adapted without a word
-            raise EncdecError(f"{flag} is empty; give a model directory, a GGUF file or a packaged model's name"
-                              + (" (or leave --decoder out for a balanced model)" if flag == "--decoder" else ""))
-        if value is not None:
-            check_utf8(value)
+    # (an empty --encoder or --decoder, an unset shell variable, is refused by their type, `given`: the working
+    # directory was read, or for --decoder a balanced model adapted without a word)
     check_output_dir(args.out, args.overwrite, (args.encoder, args.decoder), replaces=("config.json",), kind=SAVED)
     if args.decoder_layers is not None and not args.decoder_layers.strip():
         raise EncdecError("--decoder-layers is empty: expected a comma list like 0,3,6 or a slice like ::3")
