@@ -519,6 +519,12 @@ def test_a_configuration_file_is_read_as_meant(tmp_path, caplog):
         cfg = from_arguments(parser.parse_args(["mine", "--config", str(config)]), FINETUNE_DEFAULTS, "finetune",
                              FINETUNE_NOT_IN_FILE)
     assert cfg.model == "mine" and "model 'elsewhere' is not used; `encdec finetune` trains MODEL" in caplog.text
+    caplog.clear()  # the same model spelt otherwise (~, ./): said to be another
+    config.write_text("model: ./mine\nsteps: 1\n")
+    with caplog.at_level(logging.WARNING, logger="encdec"):
+        from_arguments(parser.parse_args(["mine", "--config", str(config)]), FINETUNE_DEFAULTS, "finetune",
+                       FINETUNE_NOT_IN_FILE)
+    assert "is not used" not in caplog.text
 
 
 def test_a_leading_tilde_is_the_home_directory_wherever_a_path_is_given(adapted, tmp_path, monkeypatch):

@@ -51,7 +51,8 @@ class TrainConfig:
     distill: bool | None = _f(None, "PrefixLM: distill the decoder-only teacher's next-token distributions; unset: "
                               "yes for PrefixLM when the teacher is known (--teacher, the source `encdec adapt` "
                               "recorded, or a decoder-only model itself), no otherwise", kind=bool)
-    teacher: str = _f("", "teacher source (default: the encoder source recorded by `encdec adapt`)")
+    teacher: str = _f("", "teacher source (default: the encoder source recorded by `encdec adapt`; for a "
+                      "decoder-only --model, the model itself as it starts)")
     alpha: float = _f(0.5, "weight of the distillation term: alpha * KL * tau^2 + (1 - alpha) * cross-entropy")
     tau: float = _f(1.0, "distillation temperature")
     teacher_top_k: int = _f(0, "keep only the teacher's k most likely tokens (renormalised); 0 keeps all")
@@ -411,7 +412,8 @@ def from_arguments(args: argparse.Namespace, defaults: dict[str, Any] | None = N
     if emptied:  # `--data $UNSET` in a job script: hours on other data, had it been read as "none"
         raise EncdecError(f"--{_flag(emptied[0])} needs at least one value (given alone, it clears the list of a "
                           "--config file that sets one)")
-    if command == "finetune" and values.get("model") and str(values["model"]) != str(given.get("model")):
+    same = (lambda a, b: os.path.abspath(os.path.expanduser(str(a))) == os.path.abspath(os.path.expanduser(str(b))))
+    if command == "finetune" and values.get("model") and not same(values["model"], given.get("model")):
         log.warning("%s: model %r is not used; `encdec finetune` trains MODEL, its first argument (%s)", args.config,
                     values["model"], given.get("model"))
     for flag, cleared in (("resume", "overwrite"), ("overwrite", "resume")):
