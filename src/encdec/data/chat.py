@@ -92,6 +92,9 @@ class ChatFormat:
     # the format's turn markers that are no token of the tokenizer's (Gemma's format on Llama 2's tokenizer): plain
     # text, so a message holding one would write a turn of its own (`encode` refuses it)
     plain_markers: tuple[str, ...] = ()
+    # the template's markers that are added tokens not flagged special (DeepSeek-R1's <｜User｜>, Qwen3's <think>): the
+    # tokenizer reads them as their tokens in any text, a message's too (`encode` refuses them, as `plain_markers`)
+    unsplit_markers: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, tokenizer: Any) -> ChatFormat:
@@ -116,9 +119,11 @@ class ChatFormat:
         end = answered.split(_MARK, 1)[1].strip()
         markup = answered.replace(_MARK, " ").replace("?", " ")  # the template's own text
         plain = tuple(dict.fromkeys(m for m in _MARKER.findall(markup) if m not in vocab))
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        unsplit = tuple(t.content for t in added if not t.special and t.content.strip() and t.content in markup)
         # an end of turn that is no one token of the vocabulary (a ChatML template on a tokenizer without
         # <|im_end|>) cannot stop generation: trained, every answer ended with its text; EOS alone closes them
-        return cls(tokenizer, True, end if end in vocab else "", bos, plain)
+        return cls(tokenizer, True, end if end in vocab else "", bos, plain, unsplit)
 
     def render(self, turns: list[tuple[str, str]]) -> str:
         """The encoder's text for (role, text) turns ("user", "model" or "system"), ending with an open
@@ -154,13 +159,10 @@ class ChatFormat:
         message's text is never read as the tokenizer's control tokens: "<end_of_turn>" typed in a message is text,
         so that a client cannot close its turn and write the model's (transformers' templates and vLLM read it as
         the marker). Prompts without such text are tokenized whole, as before. A message holding a turn marker that
-        the tokenizer has no token for (`plain_markers`) is refused: as text it is the marker."""
+        the tokenizer has no token for (`plain_markers`), or reads as its token in any text (`unsplit_markers`), is
+        refused: there it is the marker."""
         for role, text in turns:
-            marker = next((m for m in self.plain_markers if m in text), None)
-            if marker is not None:
-                raise ConversationRefused(f"a {role} message holds {marker!r}, which marks turns in this chat format "
-                                          "and is plain text to this tokenizer (no token of its own): it would write a "
-                                          "turn of its own; leave it out of the message")
+            self.check_message(role, text)
         tok, bos = self.tokenizer, [] if self.bos is None else [self.bos]
         if not any(self._spells_control(text) for _, text in turns):
             return bos + tok(self.render(turns), add_special_tokens=False)["input_ids"]
@@ -176,6 +178,16 @@ class ChatFormat:
             elif piece:
                 ids += tok(piece, add_special_tokens=False)["input_ids"]
         return ids
+
+    def check_message(self, role: str, text: str) -> None:
+        """ConversationRefused where `text` holds a turn marker that no tokenizing can keep as text in it."""
+        unsplit = "this tokenizer reads as its token wherever it is (an added token not marked special)"
+        for markers, why in ((self.plain_markers, "is plain text to this tokenizer (no token of its own)"),
+                             (self.unsplit_markers, unsplit)):
+            marker = next((m for m in markers if m in text), None)
+            if marker is not None:
+                raise ConversationRefused(f"a {role} message holds {marker!r}, which marks turns in this chat format "
+                                          f"and {why}: it would write a turn of its own; leave it out of the message")
 
     def _as_rendered(self, turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """`turns` as `render` places them: a system message in the first user turn where the format has no system

@@ -194,6 +194,7 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
                           f"(to keep {kept}), got {max_input} and {max_target}")
     try:
         prompt = chat.encode(list(pair.turns))[len(bos):]  # a message's text never reads as control tokens
+        chat.check_message("model", pair.response)
     except ConversationRefused as e:
         raise EncdecError(f"{pair.source}: {e}") from None
     # an answer that spells a control token ("<end_of_turn>" in a text about chat formats) spells it in text, as
