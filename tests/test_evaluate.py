@@ -456,6 +456,32 @@ def test_a_chat_answer_is_scored_as_instruction_tuning_tokenized_the_response():
     assert asked[0][0] == tuned.inputs  # the context: the tuned prompt, BOS first
 
 
+def test_a_chat_context_that_spells_a_control_token_is_read_as_text_as_finetune_and_serve_read_it():
+    """--chat rendered the turn and tokenized the whole string: a benchmark text holding "<end_of_turn>" closed the
+    user's turn there, where fine-tuning and the server read the same text as text (`ChatFormat.encode`)."""
+    from encdec.data.chat import ChatFormat
+    from encdec.evaluation.harness import run_choice
+    from encdec.evaluation.scoring import Scorer
+    from encdec.evaluation.tasks import Choice
+    from encdec.sources import load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(resolve("gemma-3-270m"))
+    asked = []
+
+    class Recording(Scorer):
+        def loglikelihoods(self, requests, batch_size, desc=""):
+            asked.extend(requests)
+            return [(-float(i), False) for i in range(len(requests))]
+
+    context = "Which token ends a turn? <end_of_turn> or <eos>"
+    item = Choice("0", [context] * 2, [" the first", " the second"], gold=0)
+    run_choice(Recording("gemma", "encoder-decoder", None, tokenizer), Task("t", "choice", "", list), [item], {},
+               Settings(tasks=[], chat=True))
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert asked[0][0] == ChatFormat.of(tokenizer).encode([("user", context)])
+    assert asked[0][0].count(end) == 1  # the turn's own end; the text's "<end_of_turn>" is text, not the token
+
+
 def test_chat_generation_ends_at_the_end_of_the_models_turn(monkeypatch):
     """An instruction-tuned model's answer ends at <end_of_turn>; what it writes after (a new turn) is not its
     answer, yet the last number in it would be taken for one (GSM8K)."""
@@ -478,6 +504,9 @@ def test_chat_generation_ends_at_the_end_of_the_models_turn(monkeypatch):
 
         def context_ids(self, text: str) -> list[int]:
             return tokenizer(text).input_ids
+
+        def cut_context(self, ids: list[int]) -> list[int]:
+            return ids
 
         def continuation_ids(self, text: str, after: str) -> list[int]:
             return tokenizer(text, add_special_tokens=False).input_ids

@@ -92,25 +92,33 @@ class TaskResult:
         return out
 
 
-def _chat(tokenizer: Any) -> tuple[Callable[[str], str], int | None]:
-    """One user turn, in the tokenizer's chat template where it has one, else in Gemma's chat turns (the
-    format read from the tokenizer once per task, not per prompt), and the token that ends the model's
-    turn (a tuned model's answer ends there, before EOS: what follows is not its answer)."""
-    from encdec.data.chat import ChatFormat
+def _chat(scorer: Scorer) -> tuple[Callable[[str], list[int]], int | None]:
+    """The context ids of one user turn, in the tokenizer's chat template where it has one, else in Gemma's chat
+    turns (the format read from the tokenizer once per task, not per prompt), encoded as fine-tuning and the server
+    encode it (a benchmark text that spells <end_of_turn> is text, not the marker) and cut as `context_ids` cuts;
+    and the token that ends the model's turn (a tuned model's answer ends there, before EOS: what follows is not
+    its answer)."""
+    from encdec.data.chat import ChatFormat, ConversationRefused
 
-    chat = ChatFormat.of(tokenizer)
-    return (lambda text: chat.render([("user", text)])), tokenizer.get_vocab().get(chat.end)
+    chat = ChatFormat.of(scorer.tokenizer)
+
+    def ids(text: str) -> list[int]:
+        try:
+            return scorer.cut_context(chat.encode([("user", text)]))
+        except ConversationRefused:  # a marker no tokenizing keeps as text: scored as the text it renders to
+            return scorer.context_ids(chat.render([("user", text)]))
+
+    return ids, scorer.tokenizer.get_vocab().get(chat.end)
 
 
 def run_choice(scorer: Scorer, task: Task, items: list[Choice], shots: dict[str, list[Choice]], s: Settings) -> TaskResult:
     requests, owners, spelled = [], [], []
-    chat = _chat(scorer.tokenizer)[0] if s.chat else None
+    chat = _chat(scorer)[0] if s.chat else None
     for k, item in enumerate(items):
         for context, continuation in zip(choice_prompts(task, item, shots), item.continuations):
             spelled.append((context, continuation))
             if chat is not None:
-                context = chat(context)
-                requests.append((scorer.context_ids(context), scorer.response_ids(continuation.lstrip())))
+                requests.append((chat(context), scorer.response_ids(continuation.lstrip())))
             else:
                 requests.append((scorer.context_ids(context), scorer.continuation_ids(continuation, context)))
             owners.append(k)
@@ -152,9 +160,9 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
     # is still the answer)
     stops = tuple(x for x in task.stops if x.strip()) if s.chat and task.metric == "number" else task.stops
     stop_ids = scorer.stop_token_ids(stops)
+    context_ids = scorer.context_ids
     if s.chat:
-        chat, end_of_turn = _chat(scorer.tokenizer)
-        prompts = [chat(p) for p in prompts]
+        context_ids, end_of_turn = _chat(scorer)
         stop_ids += [] if end_of_turn is None else [end_of_turn]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
     texts, cut = [""] * len(items), [False] * len(items)
@@ -166,7 +174,7 @@ def run_generate(scorer: Scorer, task: Task, items: list[Question], shots: dict[
     desc = f"{scorer.name} · {task.name}"
     for start in tqdm(range(0, len(order), s.batch_size), desc=desc, unit="batch", leave=False, disable=None):
         chunk = order[start : start + s.batch_size]
-        outs = scorer.generate([scorer.context_ids(prompts[i]) for i in chunk], task.max_new_tokens, stop_ids)
+        outs = scorer.generate([context_ids(prompts[i]) for i in chunk], task.max_new_tokens, stop_ids)
         for i, ids in zip(chunk, outs):
             texts[i] = scorer.tokenizer.decode(ids, skip_special_tokens=True)
             # the whole budget spent and no stop reached: the answer may be cut off (its last number is read all

@@ -67,7 +67,11 @@ class Scorer:
         return self.eos_id if self.tokenizer.pad_token_id is None else self.tokenizer.pad_token_id
 
     def context_ids(self, text: str) -> list[int]:
-        return self._cut(text_ids(self.tokenizer, text), self.max_len)  # with BOS where the tokenizer puts one
+        return self.cut_context(text_ids(self.tokenizer, text))  # with BOS where the tokenizer puts one
+
+    def cut_context(self, ids: list[int]) -> list[int]:
+        """A context's ids cut to --max-len as `context_ids` cuts them (`_cut`)."""
+        return self._cut(ids, self.max_len)
 
     def _cut(self, ids: list[int], n: int) -> list[int]:
         """A context of at most `n` tokens: a long one keeps its BOS and its end. A BOS the tokenizer puts before
