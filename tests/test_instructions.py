@@ -112,6 +112,24 @@ def test_bad_records_name_file_and_line(tmp_path: Path, case: str) -> None:
     assert message.startswith(f"{path}, line 3: ") and reason in message and "\n" not in message
 
 
+def test_null_fields_of_the_other_record_shape_are_absent(tmp_path: Path, sources) -> None:
+    """A dataset mixing both record shapes, exported from a table (pandas, parquet), writes the other shape's
+    columns as null: a messages record with "prompt": null was refused as holding both shapes, in fine-tuning
+    data and in `encdec generate --input`."""
+    import encdec
+    from encdec.data.prompts import read_prompts
+
+    conversation = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
+    path = write_lines(tmp_path / "data.jsonl", {"prompt": "w1", "response": "w2", "messages": None},
+                       {"messages": conversation, "prompt": None, "response": None})
+    first, second = read_instructions([str(path)])
+    assert first.turns == second.turns == (("user", "w1"),) and first.response == second.response == "w2"
+    tokenizer = encdec.load_tokenizer(sources["gemma3"])
+    path = write_lines(tmp_path / "prompts.jsonl", {"prompt": None, "messages": conversation[:1]},
+                       {"prompt": "w1", "messages": None})
+    assert len(read_prompts(str(path), tokenizer)) == 2
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(EncdecError, match=r"missing\.jsonl: no such file or directory"):
         read_instructions([str(tmp_path / "missing.jsonl")])

@@ -116,6 +116,7 @@ def _turns(messages: Any) -> tuple[Turns, str]:
 def _pair(record: Any, source: str) -> Pair:
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}; accepted: {SHAPES}")
+    record = without_nulls(record, ("messages", "prompt", "response"))
     if "messages" in record:
         if "prompt" in record or "response" in record:
             raise ValueError(f"both 'messages' and 'prompt'/'response': give one of the two; accepted: {SHAPES}")
@@ -134,6 +135,12 @@ def _pair(record: Any, source: str) -> Pair:
         raise ValueError("a text holds a \\uD800-\\uDFFF escape that is not half of a pair: not a character, so no "
                          "tokenizer can read it")
     return Pair(turns=turns, response=response.strip(), source=source)
+
+
+def without_nulls(record: dict, fields: tuple[str, ...]) -> dict:
+    """`record` without those of `fields` that are null: absent, as a parquet export of a dataset mixing both record
+    shapes writes the other shape's columns (a messages record with "prompt": null was refused as holding both)."""
+    return {k: v for k, v in record.items() if not (v is None and k in fields)}
 
 
 def _jsonl_files(spec: str) -> list[Path]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from encdec.data.chat import ChatFormat
-from encdec.data.instructions import ROLES, conversation
+from encdec.data.instructions import ROLES, conversation, without_nulls
 from encdec.data.text import check_text, json_lines, json_records, read_file
 from encdec.data.tokens import text_ids
 from encdec.errors import EncdecError
@@ -42,6 +42,7 @@ def _from_record(record: Any, chat: Callable[[], ChatFormat], tokenizer: Any) ->
     """The token ids of a .jsonl record; ValueError (TypeError) with what was wrong."""
     if not isinstance(record, dict):
         raise TypeError(f"a record must be a JSON object, got {type(record).__name__}; accepted: {SHAPES}")
+    record = without_nulls(record, ("prompt", "messages"))
     if ("prompt" in record) == ("messages" in record):
         raise ValueError(f"give either 'prompt' or 'messages'; accepted: {SHAPES}")
     taken = [name for name in OUTPUT_FIELDS if name in record]
