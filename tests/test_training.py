@@ -316,10 +316,20 @@ def test_cross_attention_warmup_freezes_everything_else(sources, corpus, tmp_pat
     assert any("cross_attn.k_proj" in k for k in changed)
 
 
-def test_cross_attention_warmup_is_refused_for_merged_attention(adapted, corpus, tmp_path):
-    """A merged-attention model has no cross-attention: every parameter would be frozen, and nothing trained."""
+def test_cross_attention_warmup_is_refused_for_merged_attention(adapted, corpus, tmp_path, sources, monkeypatch):
+    """A merged-attention model has no cross-attention: every parameter would be frozen, and nothing trained. Such
+    recipes, and an encoder's on a decoder-only model, are refused before the data is read (after the corpus was
+    tokenized, minutes of a large one); so are fine-tuning lengths too short to hold an answer's end."""
+    from encdec.data import instructions
+
+    monkeypatch.setattr("encdec.training.plan.token_stream", lambda *a, **k: pytest.fail("the data was read"))
+    monkeypatch.setattr(instructions, "read_instructions", lambda *a, **k: pytest.fail("the data was read"))
     with pytest.raises(EncdecError, match="has none .* would train nothing"):
         loop.train(_config(adapted, tmp_path / "run", corpus, steps=2, cross_warmup_steps=2))
+    with pytest.raises(EncdecError, match="need an encoder-decoder model; this one is decoder-only"):
+        loop.train(_config(sources["gemma3"], tmp_path / "run", corpus, steps=2, freeze_encoder_steps=1))
+    with pytest.raises(EncdecError, match="--enc-len must be at least 2 and --dec-len at least 2"):
+        loop.train(_config(adapted, tmp_path / "run", corpus, steps=2, objective="instruct", enc_len=1))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

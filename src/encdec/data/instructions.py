@@ -177,6 +177,18 @@ def read_instructions(paths: list[str]) -> list[Pair]:
     return [pair for spec in paths for path in distinct_files(_jsonl_files(spec), seen) for pair in _read_file(path)]
 
 
+def answer_end(tokenizer: Any, chat: ChatFormat, eos_id: int, max_input: int, max_target: int) -> list[int]:
+    """The ids closing every answer of `chat` (its end-of-turn text, then EOS unless that text ends with it), once
+    --enc-len (`max_input`) and --dec-len (`max_target`) are known to hold BOS and them besides a token."""
+    end = tokenizer(chat.end, add_special_tokens=False)["input_ids"]
+    end += [] if end[-1:] == [eos_id] else [eos_id]  # SmolLM2's and Qwen's <|im_end|> is their EOS: once, not twice
+    if max_input < 2 or max_target < len(end) + 1:
+        kept = f"BOS, {chat.end} and EOS" if chat.end else "BOS and EOS"
+        raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
+                          f"(to keep {kept}), got {max_input} and {max_target}")
+    return end
+
+
 def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max_target: int,
                  chat: ChatFormat | None = None, cut: Counter | None = None) -> Example:
     """Token ids for the encoder (BOS, where the tokenizer puts one before every text, + the rendered turns)
@@ -193,12 +205,7 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
 
     chat = chat or ChatFormat.of(tokenizer)
     bos = [] if chat.bos is None else [chat.bos]
-    end = tokenizer(chat.end, add_special_tokens=False)["input_ids"]
-    end += [] if end[-1:] == [eos_id] else [eos_id]  # SmolLM2's and Qwen's <|im_end|> is their EOS: once, not twice
-    if max_input < 2 or max_target < len(end) + 1:
-        kept = f"BOS, {chat.end} and EOS" if chat.end else "BOS and EOS"
-        raise EncdecError(f"--enc-len must be at least 2 and --dec-len at least {len(end) + 1} "
-                          f"(to keep {kept}), got {max_input} and {max_target}")
+    end = answer_end(tokenizer, chat, eos_id, max_input, max_target)
     try:
         prompt = chat.encode(list(pair.turns))[len(bos):]  # a message's text never reads as control tokens
         chat.check_message("model", pair.response)

@@ -35,7 +35,7 @@ from encdec.training.optim import (
 )
 from encdec.training.plan import Plan, build_plan
 from encdec.training.precision import autocast_dtype
-from encdec.training.recipe import check_recipe, drop_frozen_gradients, encoder_lookahead, frozen_parts, idle_settings
+from encdec.training.recipe import drop_frozen_gradients, encoder_lookahead, frozen_parts, idle_settings
 from encdec.training.step import CausalLossModule, LossModule, teacher_states
 from encdec.training.teacher import check_teacher, load_teacher, recorded_source, teacher_spec, wants_distillation
 from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore_unknown_targets, trim_teacher
@@ -139,7 +139,6 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                                                               plan.causal))
     cfg.check_fit(None if plan.causal else plan.model.config, plan.model.embed.num_embeddings, len(plan.stream.items),
                   d.world, joined=plan.model.cfg if plan.causal else None)
-    check_recipe(cfg, plan.model, plan.causal)
     if d.main:
         for note in idle_settings(cfg, d.world):
             log.warning("%s", note)

@@ -21,6 +21,7 @@ from encdec.sources import DecoderOnlySource, load_tokenizer
 from encdec.training import distributed
 from encdec.training.config import TrainConfig
 from encdec.training.data import ExampleStream, example_maker, window_length
+from encdec.training.recipe import check_recipe
 from encdec.training.vocab import (
     UL2_SENTINELS,
     Trainable,
@@ -154,12 +155,13 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
                       source: DecoderOnlySource | None) -> Plan:
     """Prompt -> response examples in Gemma's chat format (loss on the response, which ends with EOS)."""
     from encdec.data.chat import ChatFormat
-    from encdec.data.instructions import chat_example, read_instructions
+    from encdec.data.instructions import answer_end, chat_example, read_instructions
     from encdec.data.natural_instructions import natural_instructions
 
+    eos, chat = tokenizer.eos_token_id, ChatFormat.of(tokenizer)
+    answer_end(tokenizer, chat, eos, cfg.enc_len, cfg.dec_len)  # the lengths checked before the data is read
     pairs = read_instructions(cfg.data) if cfg.data else natural_instructions(cfg.per_task, seed=cfg.seed)
     order = np.random.default_rng([cfg.seed, 3]).permutation(len(pairs))
-    eos, chat = tokenizer.eos_token_id, ChatFormat.of(tokenizer)
     if d.main:
         log.info("chat format: %s", "the tokenizer's chat template" if chat.templated else "Gemma's chat turns")
     cut: Counter = Counter()
@@ -222,6 +224,7 @@ def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
     if tokenizer.eos_token_id is None:  # a None in the token stream: a TypeError's traceback, after the tokenizing
         raise EncdecError(f"{cfg.model}: its tokenizer names no EOS token, which ends every document and answer "
                           "encdec trains on; name one (eos_token in tokenizer_config.json)")
+    check_recipe(cfg, model, source is not None)  # before the data is read and tokenized
     make = _instruction_plan if cfg.objective == "instruct" else _pretraining_plan
     plan = make(cfg, model, tokenizer, d, source)
     return plan, plan.tokenizer
