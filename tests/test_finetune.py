@@ -173,6 +173,18 @@ def test_examples_cut_to_fit_are_counted_and_said(adapted, instructions, tmp_pat
     assert "120 of 120 responses are longer than --dec-len 2 holds and lose their end" in err, err
 
 
+def test_resuming_with_another_seed_says_the_seed_not_the_data(adapted, instructions, tmp_path, capsys):
+    """The seed orders the examples before the held-out ones are cut: another --seed holds out others, refused as
+    "the training data differs from the run's", the data blamed."""
+    out = tmp_path / "run"
+    assert main([*_args(adapted, out, instructions), "--steps", "1", "--save-every", "1", "--eval-every", "0"]) == 0
+    capsys.readouterr()
+    assert main([*_args(adapted, out, instructions), "--steps", "2", "--resume", "--seed", "7"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert "the run's --seed 0 ordered its examples before the held-out ones were cut" in line, line
+    assert "resume with --seed 0" in line
+
+
 def test_pretraining_objectives_are_refused(adapted, instructions, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("objective: prefixlm\n")

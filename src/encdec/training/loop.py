@@ -219,6 +219,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
             _say_schedule_change(saved.get("config", {}), cfg, saved["step"])
         settings = group_settings(optimizer)
         windows = saved.get("config", {}).get("eval_windows", cfg.eval_windows)
+        seed = saved.get("config", {}).get("seed", cfg.seed)
         state = checkpointing.apply(resume_from, wrapped, optimizer)  # weights of another shape: refused there
         rundir.check_start_model(saved, cfg.model, last_checkpoint)
         if cfg.distill:
@@ -232,6 +233,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                 raise EncdecError(f"{last_checkpoint}: the run held out --eval-windows {windows!r}, this resume "
                                   f"{cfg.eval_windows}, which changes the items it trains on; resume with "
                                   f"--eval-windows {windows!r}, or start afresh with --overwrite") from None
+            if seed != cfg.seed and cfg.objective == "instruct":  # the seed orders the examples the held-out cut
+                raise EncdecError(f"{last_checkpoint}: the run's --seed {seed!r} ordered its examples before the "
+                                  f"held-out ones were cut, and --seed {cfg.seed} holds out others; resume with "
+                                  f"--seed {seed!r}, or start afresh with --overwrite") from None
             raise EncdecError(f"{last_checkpoint}: {e}") from None
         start = state["step"]
         if d.main:
