@@ -35,8 +35,8 @@ wall seconds), the peak resident memory of the process (one process runs all of 
 peak of them all, the same in each of its rows; bench/long_prompt_memory.py measures one length a process), and how
 many of each row's tokens equal encdec's
 float32 tokens. The ratio lines come last, CPU-time ones and then wall-time ones: encdec against
-transformers, against transformers+keep, against CTranslate2 float32, encdec-bf16 against ct2-bfloat16, encdec-int8 against ct2-int8,
-and encdec against encdec-blas (> 1: the first faster), with each round's ratio.
+transformers, against transformers+keep, against CTranslate2 float32, encdec-bf16 against ct2-bfloat16,
+encdec-int8 against ct2-int8, and encdec against encdec-blas (> 1: the first faster), with each round's ratio.
 
 Run (the first use adapts the models, a few minutes; the full grid takes long on a 2-core CPU):
 

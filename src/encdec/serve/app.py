@@ -351,9 +351,9 @@ class APIKeyCheck:
 
 class HostCheck:
     """A server on a loopback address without an API key answers the requests whose Host header names this machine
-    (an address, localhost, the --host name) or an --allowed-hosts name: a web page whose own name its DNS server turns to 127.0.0.1
-    (DNS rebinding) is then no longer a page of the same origin as the server, free to use it and read its
-    answers (a request body's JSON type, which 415 asks for, does not stop a page of the same origin)."""
+    (an address, localhost, the --host name) or an --allowed-hosts name: a web page whose own name its DNS server
+    turns to 127.0.0.1 (DNS rebinding) is then no longer a page of the same origin as the server, free to use it and
+    read its answers (a request body's JSON type, which 415 asks for, does not stop a page of the same origin)."""
 
     def __init__(self, app: Any, allowed: tuple[str, ...], answer: Callable[[str, Response], Response]) -> None:
         self.app, self.allowed, self.answer = app, allowed, answer
