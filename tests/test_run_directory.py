@@ -630,8 +630,10 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     # another machine's (or container's) write into a shared directory: its pid means nothing here
     elsewhere = tmp_path / f".shared.tmp-other-host-{DEAD_PID}-mnop3456"
     ours_dead = tmp_path / f".mine.tmp-{HOST}-{DEAD_PID}-qrst7890"
-    # left by an encdec of before the machine-id was part of the mark: still this machine's (the README's promise)
+    # marked as an encdec of before the machine-id was part of the mark marked this machine's (or another machine's
+    # of this name): its previous version moved aside is put back, nothing of it deleted
     earlier = tmp_path / f".older.tmp-{EARLIER_HOST}-{DEAD_PID}-cdef4567"
+    earlier_aside = tmp_path / f".older.old-{EARLIER_HOST}-{DEAD_PID}-cdef8901"
     # a container of this machine's name (host networking) with processes of its own: its pid means nothing here
     beside = tmp_path / f".box.tmp-{MACHINE}-ns1-{DEAD_PID}-uvwx1234"
     if os.path.exists("/proc/self/ns/pid"):  # its writes are marked with its namespace, as ours with ours
@@ -641,14 +643,16 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
     clone = tmp_path / f".clone.tmp-{MACHINE}-m00000000-ns{HOST.rpartition('-ns')[2]}-{DEAD_PID}-yzab1234"
     if os.path.exists("/etc/machine-id"):
         assert "-m" in HOST.removeprefix(MACHINE)
-    for directory in (abandoned, aside / "out", alive, elsewhere, ours_dead, earlier, beside, clone,
+    for directory in (abandoned, aside / "out", alive, elsewhere, ours_dead, earlier, earlier_aside / "older", beside,
+                      clone,
                       *(u / "kept" for u in users)):
         directory.mkdir(parents=True)
     (aside / "out" / "model.safetensors").write_text("the previous version")
     with atomic_dir(tmp_path / "next") as tmp:
         (tmp / "file").write_text("x")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, beside.name, clone.name,
-                                                                 "next", "out", *(u.name for u in users)])
+                                                                 earlier.name, earlier_aside.name, "older", "next",
+                                                                 "out", *(u.name for u in users)])
     assert all((u / "kept").is_dir() for u in users)
     assert (out / "model.safetensors").read_text() == "the previous version"
 

@@ -65,7 +65,7 @@ def _pid_namespace() -> str:
 
 
 HOST = MACHINE + _machine_id() + _pid_namespace()
-EARLIER_HOST = MACHINE + _pid_namespace()  # this machine's mark before the machine-id was part of it
+EARLIER_HOST = MACHINE + _pid_namespace()  # this machine's mark before the machine-id was part of it (or another's)
 
 
 def _not_json(constant: str) -> None:
@@ -692,7 +692,7 @@ def _left_by_us(entry: Path, match: re.Match, kind: Callable[[int], bool] = stat
         return False
     mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
     pid = match[4]
-    return (kind(info.st_mode) and mine and (anyone or match[3] in (HOST, EARLIER_HOST)) and len(pid) <= 10
+    return (kind(info.st_mode) and mine and (anyone or match[3] == HOST) and len(pid) <= 10
             and 0 < int(pid) <= MAX_PID)
 
 
@@ -705,15 +705,20 @@ def remove_abandoned_temporaries(parent: Path, anyone: bool = False) -> None:
     abandoned = []
     for entry in parent.iterdir():
         match = _TEMPORARY.fullmatch(entry.name)
-        if match and _left_by_us(entry, match, anyone=anyone) and (anyone or not process_alive(int(match[4]))):
-            abandoned.append((match[2] == "tmp", entry, match[1]))
-    for unfinished, entry, name in sorted(abandoned):  # the .old- ones first
+        # marked as this machine's were before the machine-id was part of the mark (`EARLIER_HOST`): a previous
+        # version moved aside is put back, nothing deleted (it may be a live write of another machine of this name)
+        earlier = bool(match) and not anyone and match[3] == EARLIER_HOST != HOST
+        if (match and _left_by_us(entry, match, anyone=anyone or earlier)
+                and (anyone or not process_alive(int(match[4])))):
+            abandoned.append((match[2] == "tmp", entry, match[1], earlier))
+    for unfinished, entry, name, earlier in sorted(abandoned):  # the .old- ones first
         moved_aside = entry / name  # in a .tmp- one, a child of the same name is part of the unfinished output
         if not unfinished and moved_aside.exists() and not (parent / name).exists():
             log.warning("restoring %s, moved aside by an interrupted write", parent / name)
             os.replace(moved_aside, parent / name)
-        log.info("removing %s, left by an interrupted write", entry)
-        shutil.rmtree(entry, ignore_errors=True)
+        if not earlier:
+            log.info("removing %s, left by an interrupted write", entry)
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def refuse_planted_link(out: Path) -> None:
