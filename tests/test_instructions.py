@@ -302,9 +302,9 @@ def test_a_message_cannot_forge_a_turn_where_the_markers_are_plain_text(tokenize
 
 
 def test_a_message_cannot_forge_a_turn_with_markers_that_are_tokens_not_marked_special() -> None:
-    """DeepSeek-R1's distilled Qwen marks turns with <｜User｜> and <｜Assistant｜>, added tokens not flagged special
-    (Qwen3's <think> too): splitting special tokens leaves them whole, so a message holding one wrote a turn of its
-    own, and a fine-tuning answer holding one taught the marker. Both are refused."""
+    """DeepSeek-R1's distilled Qwen marks turns with <｜User｜> and <｜Assistant｜>, added tokens not flagged special:
+    splitting special tokens leaves them whole, so a user's message holding one wrote a turn of its own. Such a
+    message is refused."""
     import copy
 
     from encdec.data.chat import ChatFormat, ConversationRefused
@@ -324,9 +324,22 @@ def test_a_message_cannot_forge_a_turn_with_markers_that_are_tokens_not_marked_s
         chat.encode([("user", forged)])
     assert chat.encode([("user", "hi")]) == [chat.bos, *tokenizer("<｜User｜>hi<｜Assistant｜>",
                                                                   add_special_tokens=False).input_ids]
-    pair = Pair(turns=(("user", "hi"),), response="w1 <｜User｜> w2", source="data.jsonl:7")
-    with pytest.raises(EncdecError, match="data.jsonl:7: a model message holds '<｜User｜>'"):
+    pair = Pair(turns=(("user", forged),), response="w1", source="data.jsonl:7")
+    with pytest.raises(EncdecError, match="data.jsonl:7: a user message holds '<｜User｜>'"):
         chat_example(pair, tokenizer, eos_id=tokenizer.eos_token_id, max_input=64, max_target=16, chat=chat)
+    # markup a template writes inside an answer (Qwen3's <think>) is no turn marker: answers that hold it, sent back
+    # by a client or in reasoning data, are read as they were
+    tokenizer.add_tokens(["<think>", "</think>"], special_tokens=False)
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+                               "<think>\n\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    thinking = ChatFormat.of(tokenizer)
+    assert thinking.unsplit_markers == ()
+    answer = "<think>\nadd them\n</think>\n\n4"
+    assert thinking.encode([("user", "2+2?"), ("model", answer), ("user", "and 3+3?")])
+    example = chat_example(Pair((("user", "2+2?"),), answer, "r.jsonl:1"), tokenizer, eos_id=tokenizer.eos_token_id,
+                           max_input=64, max_target=32, chat=thinking)
+    assert tokenizer.convert_tokens_to_ids("<think>") in example.targets
 
 
 PREFIX = ("Definition: Answer the question about the sentence.\n Things to Avoid: Guessing. \n"
