@@ -265,7 +265,7 @@ def test_a_long_text_to_classify_is_tokenized_from_its_end_to_the_same_tokens(re
     """Classification keeps a text's last max_len tokens, but tokenized each text whole first: a handed 64 MB text
     took GBs. A long one is tokenized from windows at its end; the tokens kept are the whole text's, with Gemma's
     tokenizer (no split on spaces first) on prose, on a run without spaces and on one cut inside a word."""
-    from encdec.classification.train import TAIL_CHARS_PER_TOKEN, encode
+    from encdec.classification.train import TAIL_CHARS_PER_TOKEN, TAIL_MAX_CHARS, encode
 
     tokenizer = real[3]
     prose = " ".join(heldout_passages(40))
@@ -285,6 +285,7 @@ def test_a_long_text_to_classify_is_tokenized_from_its_end_to_the_same_tokens(re
     for text, row in zip(texts, rows):
         whole = tokenizer(text, add_special_tokens=False).input_ids
         assert row == [2] + whole[-63:]
-    # prose is read from windows, not whole (a run of one character, from its start: a window may reach back)
-    assert len(prose) > 64 * TAIL_CHARS_PER_TOKEN * 4
-    assert max(len(t) for t in seen if t.endswith(prose[-100:])) < len(prose)
+    assert len(prose) > 64 * TAIL_CHARS_PER_TOKEN * 4 and prose not in seen  # read from windows, not whole
+    seen.clear()  # a hostile text, one run of 4M spaces: windows of a bounded width, not the whole
+    encode(spied, [" " * 4_000_000 + "the end"], 64, 2)
+    assert max(map(len, seen)) <= 2 * TAIL_MAX_CHARS + 1

@@ -51,6 +51,7 @@ log = logging.getLogger("encdec")
 # a text past max_len x this many characters is tokenized from its end (`_tail_ids`): tokens are 3-5 characters of
 # text, so shorter texts are tokenized whole, as before
 TAIL_CHARS_PER_TOKEN = 64
+TAIL_MAX_CHARS = 1 << 20  # the widest window (about 150 MB of a tokenizer's working memory)
 SAVE_EVERY_S = 600.0  # how often a fit with `progress` saves it: a kill loses at most this much training
 
 
@@ -121,19 +122,15 @@ def encode(tokenizer, texts: list[str], max_len: int, first: int | None, vocab_s
 
 def _tail_ids(tokenizer, text: str, keep: int, width: int) -> list[int]:
     """The last `keep` tokens of a long `text`, tokenized from a window at its end, widened (to twice its width and
-    one more) until the window's last `keep` tokens stay the same as it widens (a cut changes only the tokens near
-    it) or it holds the whole text: a handed 64 MB text (--predict --input) was tokenized whole, GBs of memory, for
-    256 tokens. A window starts where no run of one character goes on before it (a run of spaces is tokenized in
-    chunks from its start: cut inside, its last chunks changed with the cut), and the widths' odd differences cut a
-    repeated pattern at other phases."""
+    one more: a repeated pattern, a run of spaces, is cut at other phases) until the window's last `keep` tokens stay
+    the same as it widens (a cut changes only the tokens near it), up to TAIL_MAX_CHARS characters: a handed 64 MB
+    text (--predict --input) was tokenized whole, GBs of memory, for 256 tokens. A text that has not settled by then
+    (a run of one character longer than that) keeps the widest window's tokens."""
     last = None
     while width < len(text):
-        start = len(text) - width
-        while start > 0 and text[start - 1] == text[start]:
-            start -= 1
-        window = tokenizer(text[start:], add_special_tokens=False)["input_ids"]
+        window = tokenizer(text[-width:], add_special_tokens=False)["input_ids"]
         tail = window[len(window) - keep:] if len(window) > keep else None  # (its first token may be cut in two)
-        if tail is not None and tail == last:
+        if tail is not None and (tail == last or width > TAIL_MAX_CHARS):
             return tail
         last, width = tail, 2 * width + 1
     return tokenizer(text, add_special_tokens=False)["input_ids"]
