@@ -181,7 +181,7 @@ def test_resuming_with_another_seed_says_the_seed_not_the_data(adapted, instruct
     capsys.readouterr()
     assert main([*_args(adapted, out, instructions), "--steps", "2", "--resume", "--seed", "7"]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert "the run's --seed 0 ordered its examples before the held-out ones were cut" in line, line
+    assert "its --seed 0 ordered them before the held-out ones were cut" in line, line
     assert "resume with --seed 0" in line
 
 

@@ -731,6 +731,9 @@ def test_a_yaml_config_or_grid_that_is_a_device_is_one_line_and_a_pipe_is_read(a
         os.close(read)
     (line,) = _error_lines(capsys)
     assert "not a file; each process of a distributed run reads the configuration" in line, line
+    assert main(["pretrain", "--config", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "run")]) == 2
+    (line,) = _error_lines(capsys)  # a file that is not there is said so, as without a launcher
+    assert "No such file or directory" in line, line
 
 
 def test_sizes_no_tensor_can_hold_are_one_line(adapted, tmp_path, capsys):

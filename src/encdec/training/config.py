@@ -366,7 +366,7 @@ def load_yaml(path: Path, what: str) -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and not Path(path).is_file():  # (a pipe is read once)
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and Path(path).exists() and not Path(path).is_file():
         raise EncdecError(f"--config {path}: not a file; each process of a distributed run reads the configuration, "
                           "and a pipe (/dev/stdin, <(...)) gives it to one of them alone: write it to a file")
     loaded = load_yaml(path, "the YAML configuration") or {}

@@ -233,10 +233,12 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                 raise EncdecError(f"{last_checkpoint}: the run held out --eval-windows {windows!r}, this resume "
                                   f"{cfg.eval_windows}, which changes the items it trains on; resume with "
                                   f"--eval-windows {windows!r}, or start afresh with --overwrite") from None
-            if seed != cfg.seed and cfg.objective == "instruct":  # the seed orders the examples the held-out cut
-                raise EncdecError(f"{last_checkpoint}: the run's --seed {seed!r} ordered its examples before the "
-                                  f"held-out ones were cut, and --seed {cfg.seed} holds out others; resume with "
-                                  f"--seed {seed!r}, or start afresh with --overwrite") from None
+            if seed != cfg.seed and cfg.objective == "instruct" and "training data differs" in str(e):
+                # the seed orders the examples before the held-out ones are cut
+                raise EncdecError(f"{last_checkpoint}: the training examples differ from the run's: its --seed "
+                                  f"{seed!r} ordered them before the held-out ones were cut, and --seed {cfg.seed} "
+                                  f"holds out others (or the data changed); resume with --seed {seed!r} and the run's "
+                                  "data, or start afresh with --overwrite") from None
             raise EncdecError(f"{last_checkpoint}: {e}") from None
         start = state["step"]
         if d.main:
