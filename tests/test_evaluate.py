@@ -100,7 +100,8 @@ def test_a_tokenizer_without_pad_token_is_scored_and_generates(kind, sources, tm
         assert main(["generate", str(source), "--prompt", "w1 w2 w3", "--prompt", "w4", "--max-new-tokens", "2"]) == 0
 
 
-def test_a_tokenizer_without_eos_reads_the_models_and_an_empty_context_is_refused(sources, tmp_path):
+def test_a_tokenizer_without_eos_reads_the_models_and_an_empty_context_is_refused(sources, tmp_path, monkeypatch,
+                                                                                    capsys):
     """A tokenizer_config.json without eos_token (and pad_token): int(None), a TypeError's traceback once a model's
     first task padded or generated, after the models before it were scored. The model's own EOS stands in; where
     nothing names one, one line. An empty context was scored after the batch's padding."""
@@ -120,6 +121,14 @@ def test_a_tokenizer_without_eos_reads_the_models_and_an_empty_context_is_refuse
     scorer.model.config.eos_token_id = scorer.model.generation_config.eos_token_id = None
     with pytest.raises(EncdecError, match="neither its tokenizer nor its configuration names an EOS token"):
         scorer.pad_id  # noqa: B018 - what every batch of a decoder-only model reads
+    # ... said as the model loads, before any of its tasks (a model's finished tasks are lost with it)
+    from encdec.evaluation import harness
+
+    monkeypatch.setattr(harness, "load_scorer", lambda *a, **k: scorer)
+    monkeypatch.setattr(harness, "run_choice", lambda *a, **k: pytest.fail("a task ran"))
+    assert main(["evaluate", str(source), "--tasks", "copa", "--limit", "2", "--out", str(tmp_path / "e")]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert "neither its tokenizer nor its configuration names an EOS token" in line, line
 
 
 @pytest.mark.parametrize("kind", ["encoder-decoder", "decoder-only"])
