@@ -92,9 +92,8 @@ class ChatFormat:
     # the format's turn markers that are no token of the tokenizer's (Gemma's format on Llama 2's tokenizer): plain
     # text, so a message holding one would write a turn of its own (`encode` refuses it)
     plain_markers: tuple[str, ...] = ()
-    # the markers of the template's prompts that are added tokens not flagged special (DeepSeek-R1's <｜User｜>): the
-    # tokenizer reads them as their tokens in any text, a message's too (`encode` refuses them in a user's or a
-    # system message, whose text may come from anyone; an answer sent back is the model's own)
+    # the template's turn markers that are added tokens not flagged special (DeepSeek-R1's <｜User｜>): the tokenizer
+    # reads them as their tokens in any text, a message's too (`encode` refuses them, as `plain_markers`)
     unsplit_markers: tuple[str, ...] = ()
 
     @classmethod
@@ -120,15 +119,16 @@ class ChatFormat:
         end = answered.split(_MARK, 1)[1].strip()
         markup = answered.replace(_MARK, " ").replace("?", " ")  # the template's own text
         plain = tuple(dict.fromkeys(m for m in _MARKER.findall(markup) if m not in vocab))
-        # the markers of a prompt (a user turn and the opening of the answer), not those a template writes inside an
-        # answer (Qwen3's <think>, in reasoning data and in the answers a client sends back)
+        # markers both of a written exchange and of a prompt (a user turn and the answer's opening): not markup a
+        # template writes in an answer alone (Qwen3's <think>) or in the opening alone (DeepSeek-R1's, after its
+        # <｜Assistant｜>), which reasoning data, answers sent back and questions about it hold
         try:
             prompt = _bounded(lambda: tokenizer.apply_chat_template(exchange[:1], add_generation_prompt=True,
                                                                     tokenize=False, date_string=TEMPLATE_DATE))
         except Exception:  # noqa: BLE001 - its answer was written above: a template that needs one writes no prompt
-            prompt = ""
+            prompt = markup
         added = getattr(tokenizer, "added_tokens_decoder", {}).values()
-        unsplit = tuple(t.content for t in added if not t.special and t.content.strip()
+        unsplit = tuple(t.content for t in added if not t.special and t.content.strip() and t.content in markup
                         and t.content in prompt.replace("?", " "))
         # an end of turn that is no one token of the vocabulary (a ChatML template on a tokenizer without
         # <|im_end|>) cannot stop generation: trained, every answer ended with its text; EOS alone closes them
@@ -192,7 +192,7 @@ class ChatFormat:
         """ConversationRefused where `text` holds a turn marker that no tokenizing can keep as text in it."""
         unsplit = "this tokenizer reads as its token wherever it is (an added token not marked special)"
         for markers, why in ((self.plain_markers, "is plain text to this tokenizer (no token of its own)"),
-                             (self.unsplit_markers if role != "model" else (), unsplit)):
+                             (self.unsplit_markers, unsplit)):
             marker = next((m for m in markers if m in text), None)
             if marker is not None:
                 raise ConversationRefused(f"a {role} message holds {marker!r}, which marks turns in this chat format "

@@ -208,6 +208,7 @@ def chat_example(pair: Pair, tokenizer: Any, *, eos_id: int, max_input: int, max
     end = answer_end(tokenizer, chat, eos_id, max_input, max_target)
     try:
         prompt = chat.encode(list(pair.turns))[len(bos):]  # a message's text never reads as control tokens
+        chat.check_message("model", pair.response)  # (read as the marker, it would teach the model to write it)
     except ConversationRefused as e:
         raise EncdecError(f"{pair.source}: {e}") from None
     # an answer that spells a control token ("<end_of_turn>" in a text about chat formats) spells it in text, as
