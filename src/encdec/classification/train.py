@@ -52,6 +52,7 @@ log = logging.getLogger("encdec")
 # text, so shorter texts are tokenized whole, as before
 TAIL_CHARS_PER_TOKEN = 64
 TAIL_MAX_CHARS = 1 << 20  # the widest window (about 150 MB of a tokenizer's working memory)
+TAIL_STAGGER = 997  # characters between the two windows compared: a prime, no chunk size divides it
 SAVE_EVERY_S = 600.0  # how often a fit with `progress` saves it: a kill loses at most this much training
 
 
@@ -121,18 +122,20 @@ def encode(tokenizer, texts: list[str], max_len: int, first: int | None, vocab_s
 
 
 def _tail_ids(tokenizer, text: str, keep: int, width: int) -> list[int]:
-    """The last `keep` tokens of a long `text`, tokenized from a window at its end, widened (to twice its width and
-    one more: a repeated pattern, a run of spaces, is cut at other phases) until the window's last `keep` tokens stay
-    the same as it widens (a cut changes only the tokens near it), up to TAIL_MAX_CHARS characters: a handed 64 MB
-    text (--predict --input) was tokenized whole, GBs of memory, for 256 tokens. A text that has not settled by then
-    (a run of one character longer than that) keeps the widest window's tokens."""
-    last = None
-    while width < len(text):
-        window = tokenizer(text[-width:], add_special_tokens=False)["input_ids"]
-        tail = window[len(window) - keep:] if len(window) > keep else None  # (its first token may be cut in two)
-        if tail is not None and (tail == last or width > TAIL_MAX_CHARS):
-            return tail
-        last, width = tail, 2 * width + 1
+    """The last `keep` tokens of a long `text`, tokenized from windows at its end: two, TAIL_STAGGER characters apart,
+    whose last `keep` tokens agree (a cut changes only the tokens near it; a run of one character, tokenized in
+    chunks of a few dozen, is cut at two phases), else twice as wide, up to TAIL_MAX_CHARS: a handed 64 MB text
+    (--predict --input) was tokenized whole, GBs of memory, for 256 tokens. A text that has not settled by then (a
+    run of one character longer than that) keeps the widest window's tokens."""
+    def tail(chars: int) -> list[int] | None:
+        window = tokenizer(text[-chars:], add_special_tokens=False)["input_ids"]
+        return window[len(window) - keep:] if len(window) > keep else None  # (its first token may be cut in two)
+
+    while width + TAIL_STAGGER < len(text):
+        near, far = tail(width), tail(width + TAIL_STAGGER)
+        if near is not None and (near == far or width > TAIL_MAX_CHARS):
+            return far if far is not None else near
+        width *= 2
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -267,8 +267,9 @@ def evaluate(models: list[str], s: Settings, dtype: torch.dtype = torch.float32,
     record["versions"] = _versions()
     for done, spec in enumerate(models, 1):
         scorer = load_scorer(spec, dtype, s.max_len)
-        generates = any(name != LM_TASK and TASKS[name].kind != "choice" for name in s.tasks)
-        if generates or scorer.kind == "decoder-only" and scorer.tokenizer.pad_token_id is None:
+        kinds = {TASKS[name].kind for name in s.tasks if name != LM_TASK}  # (the held-out NLL reads neither)
+        pads_with_eos = scorer.kind == "decoder-only" and scorer.tokenizer.pad_token_id is None
+        if kinds - {"choice"} or "choice" in kinds and pads_with_eos:
             scorer.eos_id  # noqa: B018 - what generation and padding read: a model naming none fails before its tasks
         entry = {"name": spec, "kind": scorer.kind, "provenance": _provenance(spec, scorer.kind),
                  "framing": scorer.framing.describe(), "max_len": scorer.max_len,
