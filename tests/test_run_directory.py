@@ -617,7 +617,7 @@ def _dicts(value):
         for item in value:
             yield from _dicts(item)
 
-def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_aside_output(tmp_path):
+def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_aside_output(tmp_path, caplog):
     out = tmp_path / "out"
     abandoned = tmp_path / f".out.tmp-{HOST}-{DEAD_PID}-abcd1234"
     aside = tmp_path / f".out.old-{HOST}-{DEAD_PID}-efgh5678"
@@ -648,8 +648,9 @@ def test_the_next_write_removes_what_killed_writes_left_and_restores_a_moved_asi
                       *(u / "kept" for u in users)):
         directory.mkdir(parents=True)
     (aside / "out" / "model.safetensors").write_text("the previous version")
-    with atomic_dir(tmp_path / "next") as tmp:
+    with caplog.at_level("WARNING", logger="encdec"), atomic_dir(tmp_path / "next") as tmp:
         (tmp / "file").write_text("x")
+    assert f"{earlier} is an interrupted write's, marked as an earlier encdec marked it" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name, beside.name, clone.name,
                                                                  earlier.name, earlier_aside.name, "older", "next",
                                                                  "out", *(u.name for u in users)])

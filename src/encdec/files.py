@@ -716,7 +716,10 @@ def remove_abandoned_temporaries(parent: Path, anyone: bool = False) -> None:
         if not unfinished and moved_aside.exists() and not (parent / name).exists():
             log.warning("restoring %s, moved aside by an interrupted write", parent / name)
             os.replace(moved_aside, parent / name)
-        if not earlier:
+        if earlier:
+            log.warning("%s is an interrupted write's, marked as an earlier encdec marked it (or another machine named "
+                        "%s): kept; remove it if no other machine of that name writes here", entry, MACHINE)
+        else:
             log.info("removing %s, left by an interrupted write", entry)
             shutil.rmtree(entry, ignore_errors=True)
 
