@@ -713,8 +713,8 @@ def test_allowed_hosts_is_checked_and_applies_on_loopback_without_a_key(monkeypa
             check_hosts(bad, "127.0.0.1", None)
     # other spellings of a loopback address, and names that resolve to one alone (the machine's own, in /etc/hosts),
     # listen on loopback too: they had no Host check (a page whose name its DNS points at 127.0.0.1 was answered)
-    monkeypatch.setattr("socket.getaddrinfo", lambda host, *a, **k: [
-        (2, 1, 6, "", ("127.0.1.1" if host == "workstation" else "10.0.0.5" if host == "lan-name" else "127.0.0.1", 0))])
+    address = {"workstation": "127.0.1.1", "lan-name": "10.0.0.5"}
+    monkeypatch.setattr("socket.getaddrinfo", lambda host, *a, **k: [(2, 1, 6, "", (address.get(host, "127.0.0.1"), 0))])
     assert check_hosts(None, "127.1", None) == ("127.1",) and check_hosts(None, "LOCALHOST", None) == ()
     assert check_hosts(None, "workstation", None) == ("workstation",)  # (its own name: clients may use it)
     assert check_hosts("api.example", "Workstation.", None) == ("api.example", "workstation")

@@ -225,7 +225,7 @@ def foreign_output(out: Path, contents: bool = True) -> tuple[str, str] | None:
         try:
             if path.is_symlink() or not path.exists():
                 continue
-            if name == "metrics.jsonl":  # --overwrite deletes it and --resume cuts it back: another tool's file was lost
+            if name == "metrics.jsonl":  # --overwrite deletes it, --resume cuts it back: another tool's file was lost
                 problem = "not a file" if not path.is_file() else _not_run_metrics(path)
             elif not path.is_dir():
                 problem = "not a directory"
