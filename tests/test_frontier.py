@@ -408,6 +408,31 @@ def test_a_tokenizer_whose_unk_is_its_eos_keeps_the_eos_targets_when_trimmed(sou
     assert all(e.targets[-1] == plan.eos_id for e in plan.eval_examples)
 
 
+@pytest.mark.parametrize("kind", ["encoder-decoder", "decoder-only"])
+def test_a_pad_token_that_the_config_reads_as_bos_is_never_the_trimmed_unk(sources, corpus, tmp_path, kind):  # noqa: F811
+    """Qwen's pad token is its config's BOS (and a generation EOS): with no <unk>, --trim-vocab took it for the
+    unknown token, so every dropped token was read as one. The encoder-decoder path refused it; a decoder-only
+    model's config ids were not looked at, and it trained so, without a word."""
+    from encdec.training.distributed import Dist
+    from encdec.training.plan import build_plan
+
+    source = tmp_path / "llama"
+    shutil.copytree(sources["llama"], source)
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    settings.pop("unk_token", None)
+    settings["pad_token"] = settings["bos_token"]  # (the config names that id its BOS)
+    (source / "tokenizer_config.json").write_text(json.dumps(settings))
+    (source / "special_tokens_map.json").unlink(missing_ok=True)
+    model = source
+    if kind == "encoder-decoder":
+        assert main(["adapt", "--encoder", str(source), "--out", str(tmp_path / "adapted")]) == 0
+        model = tmp_path / "adapted"
+    cfg = TrainConfig(model=str(model), out=str(tmp_path / "run"), data=[str(corpus)], enc_len=16, dec_len=16,
+                      steps=1, eval_windows=4, precision="fp32", trim_vocab=40, trim_negatives=0)
+    with pytest.raises(EncdecError, match="this tokenizer has neither; train without --trim-vocab"):
+        build_plan(cfg, Dist())
+
+
 def test_a_decoder_only_student_never_distils_the_eos_its_targets_end_with(sources, corpus, tmp_path,  # noqa: F811
                                                                           monkeypatch):
     """Llama 3 Instruct lists several EOS ids, the tokenizer's (which ends the targets) not first: the loss module

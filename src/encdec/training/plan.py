@@ -70,8 +70,8 @@ class Trimmed:
     unk_id: int  # kept id of <unk>, which every other token became
 
 
-def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray, eos: int,
-          d: distributed.Dist, length: int = 0) -> tuple[Trainable, Trimmed]:
+def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray, eos: int, d: distributed.Dist,
+          source: DecoderOnlySource | None = None, length: int = 0) -> tuple[Trainable, Trimmed]:
     """The model over the N most frequent tokens of `ids`, and the id table mapping full ids to kept ones. The
     dropped tokens become <unk>, which targets are not scored on, so it must not be `eos`, which ends them, nor
     any id the model reads as a start or an end (Qwen's pad token is its config's BOS, the adapted decoder's start:
@@ -79,19 +79,23 @@ def _trim(cfg: TrainConfig, model: Trainable, tokenizer, ids: np.ndarray, eos: i
     as the full vocabulary offers them: a trimmed run poses the same objective."""
     # the ids the model's config names are kept whether or not the data holds them: a dropped EOS would end every
     # target as <unk>, unscored, a dropped BOS start the decoder from <unk>'s row
-    named = (model.config.pad_token_id, model.config.bos_token_id, *model.config.eos_token_ids) \
-        if isinstance(model, EncoderDecoder) else ()
+    # (a decoder-only model's are its source's: Qwen's pad token is also its BOS and a generation EOS)
+    config = model.config if isinstance(model, EncoderDecoder) else None
+    special = source.special_tokens if source is not None else {}
+    named = ((config.pad_token_id, config.bos_token_id, *config.eos_token_ids) if config is not None else
+             (special.get("pad_token_id"), special.get("bos_token_id"), *(special.get("eos_token_ids") or ())))
     ends = {eos, tokenizer.eos_token_id, *named[1:]}
+    rows = model.embed.num_embeddings  # a tokenizer's special token past them (Gemma 3's <image_soft_token>, in a
+    # text model) has no row to keep, and no text holds it
     unk = tokenizer.unk_token_id
-    if unk in ends:  # GPT-2-style tokenizers name their EOS <unk> too: no EOS target would be scored
-        unk = None
-    if unk is None and tokenizer.pad_token_id not in (None, *ends):
-        unk = tokenizer.pad_token_id  # a token no target is, as <unk> would be
+    if unk in ends or unk is not None and unk >= rows:  # GPT-2-style tokenizers name their EOS <unk> too: no EOS
+        unk = None  # target would be scored
+    pad = tokenizer.pad_token_id
+    if unk is None and pad not in (None, *ends) and pad < rows:
+        unk = pad  # a token no target is, as <unk> would be
     if unk is None:
         raise EncdecError("--trim-vocab maps the tokens it drops to <unk> (or to a pad token that is neither a BOS "
                           "nor an EOS), and this tokenizer has neither; train without --trim-vocab")
-    rows = model.embed.num_embeddings  # a tokenizer's special token past them (Gemma 3's <image_soft_token>, in a
-    # text model) has no row to keep, and no text holds it
     sentinels = max(UL2_SENTINELS, spans_wanted(cfg.mixture, length))
     always = {i for i in (*always_kept(tokenizer, cfg.objective, sentinels), unk, *ends, *named)
               if i is not None and i < rows}
@@ -128,7 +132,8 @@ def _pretraining_plan(cfg: TrainConfig, model: Trainable, tokenizer, d: distribu
         raise EncdecError(f"the data makes {len(stream_ids) // length} windows, not more than --eval-windows "
                           f"{cfg.eval_windows}")
     if cfg.trim_vocab:  # the kept tokens are counted on the training windows only, never on held-out text
-        model, trimmed = _trim(cfg, model, tokenizer, stream_ids[: training_windows * length], eos, d, length)
+        model, trimmed = _trim(cfg, model, tokenizer, stream_ids[: training_windows * length], eos, d, source,
+                                length)
         keep, table = trimmed.keep, trimmed.table
         stream_ids, eos = table[stream_ids], int(table[eos])
         bos = None if bos is None else int(table[bos])
@@ -193,7 +198,7 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
         # the training examples' tokens only, as pretraining counts its training windows: the held-out examples
         # must not choose what is kept (their tokens outside it are scored as the unknown token)
         ids = np.concatenate([np.asarray(e.inputs + e.targets) for e in examples[: -cfg.eval_windows]])
-        model, trimmed = _trim(cfg, model, tokenizer, ids, eos, d)
+        model, trimmed = _trim(cfg, model, tokenizer, ids, eos, d, source)
         table = trimmed.table
         examples = [Example(table[e.inputs].tolist(), table[e.targets].tolist()) for e in examples]
         eos = int(table[eos])
