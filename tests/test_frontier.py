@@ -409,7 +409,7 @@ def test_a_tokenizer_whose_unk_is_its_eos_keeps_the_eos_targets_when_trimmed(sou
 
 
 @pytest.mark.parametrize("kind", ["encoder-decoder", "decoder-only"])
-def test_a_pad_token_that_the_config_reads_as_bos_is_never_the_trimmed_unk(sources, corpus, tmp_path, kind):  # noqa: F811
+def test_a_pad_token_that_the_config_reads_as_bos_is_never_the_trimmed_unk(sources, corpus, tmp_path, kind):
     """Qwen's pad token is its config's BOS (and a generation EOS): with no <unk>, --trim-vocab took it for the
     unknown token, so every dropped token was read as one. The encoder-decoder path refused it; a decoder-only
     model's config ids were not looked at, and it trained so, without a word."""
