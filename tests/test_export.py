@@ -310,6 +310,29 @@ def test_a_checkpoint_whose_config_asks_for_a_quantization_library_is_one_line(t
     assert not out.exists()
 
 
+def test_a_config_transformers_typed_fields_refuse_is_one_line(t5gemma2_dir, tmp_path, capsys):
+    """encdec reads a configuration whose number is of the other kind (an attention scale written 8.5, a soft-cap
+    written 30); transformers' typed configuration, which the converter reads it with, refuses it: its
+    StrictDataclassFieldValidationError, an Exception alone, was a traceback."""
+    model = shutil.copytree(t5gemma2_dir, tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+
+    def set_scale(node):
+        for key, value in node.items():
+            if key == "query_pre_attn_scalar":
+                node[key] = float(value) + 0.5
+            elif isinstance(value, dict):
+                set_scale(value)
+
+    set_scale(config)
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "ct2"
+    assert main(["export", str(model), "--to", "ctranslate2", "--out", str(out)]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"CTranslate2's converter could not read {model} (it reads config.json through transformers" in line, line
+    assert not out.exists()
+
+
 def test_a_config_with_a_byte_order_mark_is_one_line(t5gemma2_dir, tmp_path, capsys):
     """The export's own reading of config.json (for its cautions) took no byte-order mark, which every other reader
     takes: a JSONDecodeError's traceback. transformers refuses such a file under the converter: one line."""
