@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from encdec.checkpoint import NATIVE_ENCODER as NATIVE
 from encdec.checkpoint import check_format_version
@@ -93,7 +94,11 @@ def write_encoder(backbone: Backbone, out: Path, *, tokenizer_dir: Path | None =
     layout = layout_of(spec)
     with atomic_dir(Path(out), overwrite, replaces=("config.json",), kind=EXPORTED) as tmp:
         if layout is None:
-            write_native(tmp, {"format": NATIVE, "format_version": FORMAT_VERSION, "backbone": spec.to_dict()}, weights)
+            # transformers_version: without it (or a model_type), transformers 5 takes a tokenizer of over 100k
+            # tokens beside it for an old Mistral one, warns of its regex and advises a "fix" that breaks it
+            meta = {"format": NATIVE, "format_version": FORMAT_VERSION, "backbone": spec.to_dict(),
+                    "transformers_version": transformers.__version__}
+            write_native(tmp, meta, weights)
         else:
             config = _hf_config(spec, layout)
             config.dtype = str(weights["embed.weight"].dtype).removeprefix("torch.")
