@@ -314,7 +314,28 @@ def test_a_config_transformers_typed_fields_refuse_is_one_line(t5gemma2_dir, tmp
     """encdec reads a configuration whose number is of the other kind (an attention scale written 8.5, a soft-cap
     written 30); transformers' typed configuration, which the converter reads it with, refuses it: its
     StrictDataclassFieldValidationError, an Exception alone, was a traceback."""
-    model = shutil.copytree(t5gemma2_dir, tmp_path / "model")
+    model = _with_a_fractional_scale(shutil.copytree(t5gemma2_dir, tmp_path / "model"))
+    out = tmp_path / "ct2"
+    assert main(["export", str(model), "--to", "ctranslate2", "--out", str(out)]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
+    assert f"CTranslate2's converter could not read {model} (it reads config.json through transformers" in line, line
+    assert not out.exists()
+
+
+def test_info_says_when_transformers_refuses_the_config(t5gemma2_dir, tmp_path, capsys):
+    """`encdec info` named the layout's transformers class as the one that loads the checkpoint, also where
+    transformers' typed configuration refuses its config.json (which encdec reads)."""
+    assert main(["info", str(t5gemma2_dir)]) == 0
+    assert "transformers loads it as T5Gemma2ForConditionalGeneration" in capsys.readouterr().out
+    model = _with_a_fractional_scale(shutil.copytree(t5gemma2_dir, tmp_path / "model"))
+    assert main(["info", str(model)]) == 0
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith(f"{model}: ")]
+    assert "transformers loads it" not in line, line
+    assert "transformers refuses its config.json (" in line and "query_pre_attn_scalar" in line, line
+
+
+def _with_a_fractional_scale(model: Path) -> Path:
+    """`model` with an attention scale of the other number kind (8.5 where transformers types an integer)."""
     config = json.loads((model / "config.json").read_text())
 
     def set_scale(node):
@@ -326,11 +347,7 @@ def test_a_config_transformers_typed_fields_refuse_is_one_line(t5gemma2_dir, tmp
 
     set_scale(config)
     (model / "config.json").write_text(json.dumps(config))
-    out = tmp_path / "ct2"
-    assert main(["export", str(model), "--to", "ctranslate2", "--out", str(out)]) == 2
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]
-    assert f"CTranslate2's converter could not read {model} (it reads config.json through transformers" in line, line
-    assert not out.exists()
+    return model
 
 
 def test_a_config_with_a_byte_order_mark_is_one_line(t5gemma2_dir, tmp_path, capsys):

@@ -157,9 +157,12 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     print(parameter_table(model))
 
 
-def _format_line(fmt: str) -> str:
+def _format_line(fmt: str, refusal: str | None = None) -> str:
+    """What `fmt` is, and which transformers class loads it; `refusal`: why transformers refuses its config.json."""
     from encdec.formats.t5gemma import LAYOUTS
 
+    if fmt in LAYOUTS and refusal is not None:
+        return f"format {fmt} (encdec reads it; transformers refuses its config.json ({refusal}))"
     if fmt in LAYOUTS:
         return f"format {fmt}: transformers loads it as {LAYOUTS[fmt].architecture}"
     return "format encdec (the project's own: no transformers class holds this configuration)"
@@ -168,13 +171,15 @@ def _format_line(fmt: str) -> str:
 def cmd_info(args: argparse.Namespace) -> None:
     from encdec.checkpoint import NATIVE, load_checkpoint
     from encdec.formats.remote_code import layout_code_line, modeling_file_line
+    from encdec.formats.t5gemma import LAYOUTS, transformers_refusal
     from encdec.report import describe, parameter_table
 
     loaded = load_checkpoint(args.dir, None, mapped=True)  # as stored, read where counted: no float32 copy
-    print(f"{args.dir}: {_format_line(loaded.format)}")
+    directory = Path(args.dir).expanduser()
+    refusal = transformers_refusal(directory) if loaded.format in LAYOUTS else None
+    print(f"{args.dir}: {printable(_format_line(loaded.format, refusal))}")
     for note in loaded.notes:
         print(f"  note: {printable(note)}")
-    directory = Path(args.dir).expanduser()
     remote = modeling_file_line(directory) if loaded.format == NATIVE else layout_code_line(directory)
     if remote is not None:  # T5Gemma layouts: said only where the checkpoint names code of its own
         print(f"  remote code: {printable(remote)}")  # (a link's target, escaped: it could rewrite the line)

@@ -24,7 +24,7 @@ from encdec.checkpoint import NATIVE, checkpoint_format, load_checkpoint, read_c
 from encdec.config import EncDecConfig
 from encdec.errors import EncdecError, described
 from encdec.files import atomic_dir, check_output_dir, read_json
-from encdec.formats.t5gemma import LAYOUTS
+from encdec.formats.t5gemma import LAYOUTS, transformers_refusal
 
 log = logging.getLogger("encdec")
 
@@ -69,13 +69,10 @@ def export(model_dir: Path, out: Path, quantization: str = "float32", overwrite:
     except ImportError:
         raise EncdecError("exporting to CTranslate2 needs the ctranslate2 package: "
                           "pip install -e '.[ctranslate2]'") from None
-    import transformers
-
-    try:  # the converter reads the configuration through transformers, whose typed fields refuse what encdec reads
-        transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)  # (a soft-cap written 30)
-    except Exception as e:  # noqa: BLE001 - huggingface_hub's validation errors derive from Exception alone
+    refusal = transformers_refusal(model_dir)  # the converter reads the configuration through transformers
+    if refusal is not None:
         raise EncdecError(f"CTranslate2's converter could not read {model_dir} (it reads config.json through "
-                          f"transformers, which refuses it: {described(e)})") from None
+                          f"transformers, which refuses it: {refusal})")
     with atomic_dir(out, overwrite, replaces=("model.bin",), kind=EXPORT) as tmp:
         # the converter refuses an existing directory unless forced; `tmp` is our own, empty one
         try:

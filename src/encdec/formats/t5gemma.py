@@ -11,12 +11,13 @@ inputs never reach; importing a released checkpoint skips its vision tower and s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from encdec.config import EncDecConfig, StackConfig, flag
-from encdec.errors import EncdecError
+from encdec.errors import EncdecError, described
 from encdec.formats.decoder_only import check_tied_copy, rename
 from encdec.formats.gemma import stack_from_hf, stack_to_hf, with_defaults
 
@@ -125,6 +126,18 @@ def exportable(cfg: EncDecConfig) -> Layout | None:
         return T5GEMMA
     if layout is T5GEMMA2 and cfg.attention == "merged" and cfg.shared_embeddings and cfg.final_logit_softcap is None:
         return T5GEMMA2
+    return None
+
+
+def transformers_refusal(directory: Path) -> str | None:
+    """Why transformers' AutoConfig refuses the config.json in `directory` (one line), or None where it reads it:
+    its typed fields are stricter than encdec's reading (an attention scale written 8.5, a soft-cap written 30)."""
+    import transformers
+
+    try:
+        transformers.AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's validation errors derive from Exception alone
+        return described(e)
     return None
 
 
