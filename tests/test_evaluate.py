@@ -684,8 +684,8 @@ def test_the_table_names_the_range_of_shots_when_groups_had_fewer():
     table = markdown(record)
     assert "| mmlu, 2-5-shot | 10 |" in table and "| copa, 5-shot | 10 |" in table
     # the average of two independent halves of 10 examples each: 50.0, with an interval half as wide as
-    # sqrt(2) times one task's (Agresti-Coull variance of 5 in 10)
-    p, size = (5 + 1.959964**2 / 2) / (10 + 1.959964**2), 10 + 1.959964**2
+    # sqrt(2) times one task's (Agresti-Coull variance of 5 in 10, its pseudo-counts shared by the two tasks)
+    p, size = (5 + 1.959964**2 / 4) / (10 + 1.959964**2 / 2), 10 + 1.959964**2 / 2
     half = 100 * 1.959964 * math.sqrt(2 * p * (1 - p) / size) / 2
     assert f"| **average** | | **50.0** [{50 - half:.1f}, {50 + half:.1f}] |" in table
     record["tasks"]["empty"] = {"n": 0, "results": {"m": {"n": 0}}}  # a task without items has no accuracy

@@ -58,15 +58,28 @@ def test_flops_per_request_match_a_hand_count():
 def test_suite_average_interval_is_the_normal_interval_of_a_mean_of_independent_accuracies():
     mean, low, high = mean_interval([(10, 20), (15, 20)])
     z2 = 1.959964**2
-    a, b = (10 + z2 / 2) / (20 + z2), (15 + z2 / 2) / (20 + z2)  # Agresti-Coull's adjusted accuracies
-    half = 1.959964 * math.sqrt(a * (1 - a) / (20 + z2) + b * (1 - b) / (20 + z2)) / 2
-    centre = (a + b) / 2  # centred on the adjusted accuracies' mean, not on the plain one
+    # Agresti and Coull's pseudo-counts, z^2 / 2 successes in z^2 trials, once for the average: shared by its tasks
+    a, b = (10 + z2 / 4) / (20 + z2 / 2), (15 + z2 / 4) / (20 + z2 / 2)
+    half = 1.959964 * math.sqrt(a * (1 - a) / (20 + z2 / 2) + b * (1 - b) / (20 + z2 / 2)) / 2
+    centre = (a + b) / 2
     assert mean == pytest.approx(0.625) and low == pytest.approx(centre - half) and high == pytest.approx(centre + half)
     assert centre < 0.625  # pulled towards one half
     mean, low, high = mean_interval([(0, 5), (5, 5)])  # no spread in either sample, yet 5 examples prove little
     assert mean == 0.5 and 0.2 < low < 0.4 and 0.6 < high < 0.8
     with pytest.raises(ValueError):
         mean_interval([])
+
+
+@pytest.mark.parametrize("tasks,n,accuracy", [(14, 25, 0.25), (14, 25, 0.1), (14, 25, 0.9), (14, 50, 0.25),
+                                              (4, 6, 0.1), (2, 20, 0.5), (14, 25, 0.02)])
+def test_suite_average_interval_holds_the_true_average_about_95_times_in_100(tasks, n, accuracy):
+    """Pseudo-counts added once per task moved the centre towards one half by as much for 14 tasks as for one, while
+    the half-width shrank with the tasks: 14 tasks of 25 examples at 10% printed 8.0 [8.0, 16.9] from 2 right of
+    25 each, and held the true average 53 times in 100 (at 25%: 69)."""
+    rng = np.random.default_rng(0)
+    draws = rng.binomial(n, accuracy, size=(2000, tasks))
+    held = sum(low <= accuracy <= high for _, low, high in (mean_interval([(c, n) for c in row]) for row in draws))
+    assert 0.925 <= held / len(draws) <= 0.999, held / len(draws)
 
 
 def test_one_task_average_interval_is_the_tasks_own_wilson_interval():

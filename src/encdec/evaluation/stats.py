@@ -39,17 +39,19 @@ def mean_interval(results: list[tuple[float, int]], z: float = Z95) -> tuple[flo
 
     The tasks are independent samples, so the variance of the average is the sum of the accuracies'
     variances divided by the number of tasks squared (normal approximation). The interval is Agresti and
-    Coull's: centred on the mean of the adjusted accuracies p~ = (correct + z^2 / 2) / (n + z^2), each of variance
-    p~ (1 - p~) / (n + z^2) (the plain p (1 - p) / n is zero for a task at 0% or 100%, which would claim a
-    certainty that a sample of n examples does not give). Centred on the plain mean instead, it was too narrow on
-    the side towards one half (1 of 20 right: [0.0, 18.2]%, where Wilson's interval reaches 23.6%). One task's is
-    its Wilson interval, as its own row of a table shows it."""
+    Coull's, whose pseudo-counts (z^2 / 2 successes in z^2 trials) are added once for the average, shared by its T
+    tasks: centred on the mean of p~ = (correct + z^2 / 2T) / (n + z^2 / T), each of variance p~ (1 - p~) / (n + z^2 /
+    T) (the plain p (1 - p) / n is zero for a task at 0% or 100%, which would claim a certainty that a sample of n
+    examples does not give). With the counts added once per task, the centre moved towards one half by as much for
+    14 tasks as for one while the half-width shrank: 14 tasks of 25 examples at 10% held the true average 53 times in
+    100. One task's interval is its Wilson interval, as its own row of a table shows it."""
     if not results or any(n == 0 for _, n in results):
         raise ValueError("every task needs at least one example")
     mean = sum(correct / n for correct, n in results) / len(results)
     if len(results) == 1:
         return mean, *wilson_interval(*results[0], z=z)
-    adjusted = [((correct + z * z / 2) / (n + z * z), n + z * z) for correct, n in results]
+    added = z * z / len(results)
+    adjusted = [((correct + added / 2) / (n + added), n + added) for correct, n in results]
     centre = sum(p for p, _ in adjusted) / len(results)
     half = z * math.sqrt(sum(p * (1 - p) / size for p, size in adjusted)) / len(results)
     return mean, max(0.0, min(mean, centre - half)), min(1.0, max(mean, centre + half))
