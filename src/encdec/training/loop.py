@@ -42,6 +42,11 @@ from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore
 
 log = logging.getLogger("encdec")
 
+# the settings that cut the training items (the windows' length and what a pretraining objective makes of them, the
+# vocabulary their ids are in; an instruction's prompt and response cut to the row's sides): a resume that changes
+# one of them has other items, refused as data that changed unless it is named
+CUTTING_FLAGS = {"--enc-len", "--dec-len", "--window", "--objective", "--trim-vocab"}
+
 
 class StopRequest:
     """SIGINT, SIGTERM or SIGHUP: finish the step, write a checkpoint, stop (`stopped`: KeyboardInterrupt for
@@ -239,6 +244,11 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                                   f"{seed!r} ordered them before the held-out ones were cut, and --seed {cfg.seed} "
                                   f"holds out others (or the data changed); resume with --seed {seed!r} and the run's "
                                   "data, or start afresh with --overwrite") from None
+            cut_by = [c for c in changed if c.split(" ", 1)[0] in CUTTING_FLAGS]
+            if cut_by and "training data differs" in str(e):
+                raise EncdecError(f"{last_checkpoint}: the training items differ from the run's: they are cut by "
+                                  f"settings this resume changes ({'; '.join(cut_by)}) (or the data changed); resume "
+                                  "with the run's settings and data, or start afresh with --overwrite") from None
             raise EncdecError(f"{last_checkpoint}: {e}") from None
         start = state["step"]
         if d.main:
