@@ -615,6 +615,14 @@ def test_what_clients_send_at_values_that_change_nothing_is_accepted_and_the_res
                "return_tokens_as_token_ids": False, "some_future_field": None}
     assert parsed(**neutral) == plain
     assert parsed("completions", **neutral) == parsed("completions")
+    # vLLM's add_special_tokens at its defaults (a completion's prompt read with the tokenizer's BOS, a conversation
+    # as its template writes it), its request_id, and no alternatives asked without logprobs
+    assert parsed(add_special_tokens=False, request_id="r1", top_logprobs=0) == plain
+    assert parsed("completions", add_special_tokens=True, request_id="r1") == parsed("completions")
+    for kind, value in (("chat", True), ("completions", False)):
+        with pytest.raises(APIError) as refused:
+            parsed(kind, add_special_tokens=value)
+        assert (refused.value.status, refused.value.param) == (400, "add_special_tokens"), refused.value.message
     parts = parsed(messages=[{"role": "user", "content": [{"type": "text", "text": "w1"}, {"type": "text",
                                                                                           "text": "w2"}]}])
     assert parts.turns == parsed(messages=[{"role": "user", "content": "w1\nw2"}]).turns
@@ -628,6 +636,22 @@ def test_what_clients_send_at_values_that_change_nothing_is_accepted_and_the_res
                                                                                                 "content": "w2"},
                                          {"role": "user", "name": "bob", "content": "w3"}]}, "messages"),
                           ({"stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options")):
+        with pytest.raises(APIError) as refused:
+            parsed(**fields)
+        assert (refused.value.status, refused.value.param) == (400, param), refused.value.message
+
+
+def test_embeddings_accept_what_the_completions_accept_at_values_that_change_nothing():
+    """A vLLM client's /v1/embeddings body (truncate_prompt_tokens null, add_special_tokens true: its defaults)
+    was refused as unrecognized, where /v1/completions accepts the same fields."""
+    from encdec.serve.protocol import APIError, parse_embeddings
+
+    def parsed(**fields):
+        return parse_embeddings(json.dumps({"input": ["w1", "w2"], **fields}).encode(), 64)
+
+    assert parsed(truncate_prompt_tokens=None, add_special_tokens=True, some_future_field=None) == parsed()
+    for fields, param in (({"add_special_tokens": False}, "add_special_tokens"), ({"some_future_field": 1},
+                                                                                   "some_future_field")):
         with pytest.raises(APIError) as refused:
             parsed(**fields)
         assert (refused.value.status, refused.value.param) == (400, param), refused.value.message

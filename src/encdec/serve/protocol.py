@@ -33,7 +33,7 @@ class APIError(Exception):
 
 
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_cache_key", "safety_identifier",
-           "prompt_cache_retention", "prompt_cache_options"}
+           "prompt_cache_retention", "prompt_cache_options", "request_id"}
 # field -> the value(s) that leave the result unchanged; any other value is refused (an unknown field is accepted
 # only as null). OpenAI's, then vLLM's own at their defaults (clients written for vLLM send them)
 NEUTRAL = {"best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
@@ -48,6 +48,9 @@ NEUTRAL = {"best_of": (1, None), "echo": (False, None), "suffix": (None, ""),
            "stop_token_ids": ([], None), "chat_template_kwargs": ({}, None), "use_beam_search": (False, None),
            "length_penalty": (1.0, None), "priority": (0, None), "bad_words": ([], None),
            "return_tokens_as_token_ids": (False, None)}
+# vLLM's add_special_tokens at its defaults: a completion's prompt (or an input to embed) read with the tokenizer's
+# BOS, a conversation as its chat template writes it
+KIND_NEUTRAL = {"completions": {"add_special_tokens": (True, None)}, "chat": {"add_special_tokens": (False, None)}}
 SAMPLING_FIELDS = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options",
                    "n", "ignore_eos",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"}
@@ -132,7 +135,7 @@ def _logprobs(body: dict, kind: str) -> int | None:
         wanted = _typed(body, "logprobs", (bool,), "true or false")
         count = _typed(body, "top_logprobs", (int,), "an integer")
         name = "top_logprobs"
-        if count is not None and not wanted:
+        if count and not wanted:  # (0 asks for nothing: vLLM's default, which its clients send)
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", name)
         if not wanted:
             return None
@@ -268,15 +271,7 @@ def _same(given: Any, neutral: Any) -> bool:
 
 def parse(raw: bytes, kind: str, limits: Limits) -> Parsed:
     """The request of endpoint `kind` ("completions" or "chat"), or an APIError saying what is wrong."""
-    body = _object(raw)
-    for name in body:
-        if name in NEUTRAL and not any(_same(body[name], value) for value in NEUTRAL[name]):
-            given = cut(json.dumps(body[name]))  # a tool list can be pages long
-            raise APIError(400, f"'{name}' = {given} is not supported by this server "
-                           f"(accepted: {' or '.join(json.dumps(v) for v in NEUTRAL[name])})", name)
-        if name not in FIELDS[kind] | IGNORED | set(NEUTRAL) and body[name] is not None:
-            raise APIError(400, f"unrecognized request argument '{cut(name)}'; accepted: "
-                           f"{', '.join(sorted(FIELDS[kind]))}", cut(name))
+    body = _known(_object(raw), FIELDS[kind], {**NEUTRAL, **KIND_NEUTRAL[kind]})
     model = _typed(body, "model", (str,), "a string")
     stream = _typed(body, "stream", (bool,), "true or false") or False
     stream_usage = _stream_usage(body)
@@ -351,10 +346,16 @@ TOKENIZE_NEUTRAL = {**{name: NEUTRAL[name] for name in ("add_generation_prompt",
 DETOKENIZE_FIELDS = {"model", "tokens"}
 
 
-def _known(body: dict, accepted: set[str]) -> dict:
-    """`body`, refused with a 400 naming the first field neither `accepted` nor ignored (IGNORED)."""
+def _known(body: dict, accepted: set[str], neutral: dict[str, tuple] | None = None) -> dict:
+    """`body`, refused with a 400 naming the first field that is a `neutral` one (field -> the values that leave the
+    result unchanged) at another value, or neither `accepted`, ignored (IGNORED), neutral nor null."""
+    neutral = neutral or {}
     for name in body:
-        if name not in accepted | IGNORED:
+        if name in neutral and not any(_same(body[name], value) for value in neutral[name]):
+            given = cut(json.dumps(body[name]))  # a tool list can be pages long
+            raise APIError(400, f"'{name}' = {given} is not supported by this server "
+                           f"(accepted: {' or '.join(json.dumps(v) for v in neutral[name])})", name)
+        if name not in accepted | IGNORED | set(neutral) and body[name] is not None:
             raise APIError(400, f"unrecognized request argument '{cut(name)}'; accepted: {', '.join(sorted(accepted))}",
                            cut(name))
     return body
@@ -363,7 +364,7 @@ def _known(body: dict, accepted: set[str]) -> dict:
 def parse_embeddings(raw: bytes, width: int) -> EmbeddingRequest:
     """The /v1/embeddings request, or an APIError saying what is wrong; `width` is the model's (and the
     vectors') size, the only `dimensions` accepted."""
-    body = _known(_object(raw), EMBEDDING_FIELDS)
+    body = _known(_object(raw), EMBEDDING_FIELDS, KIND_NEUTRAL["completions"])
     inputs = _inputs(body, "input", empty_text=False)
     encoding = body.get("encoding_format")
     encoding = "float" if encoding is None else encoding  # (null alone: 0, false or "" are no format)
@@ -389,11 +390,7 @@ class TokenizeRequest:
 
 
 def parse_tokenize(raw: bytes) -> TokenizeRequest:
-    body = _known(_object(raw), TOKENIZE_FIELDS | set(TOKENIZE_NEUTRAL))
-    for name, neutral in TOKENIZE_NEUTRAL.items():
-        if name in body and not any(_same(body[name], value) for value in neutral):
-            raise APIError(400, f"'{name}' = {cut(json.dumps(body[name]))} is not supported by this server "
-                           f"(accepted: {' or '.join(json.dumps(v) for v in neutral)})", name)
+    body = _known(_object(raw), TOKENIZE_FIELDS, TOKENIZE_NEUTRAL)
     if (body.get("prompt") is None) == (body.get("messages") is None):
         raise APIError(400, "give 'prompt' (a completion's text) or 'messages' (a chat's conversation), one of them",
                        "prompt")
