@@ -31,8 +31,11 @@ class Metrics:
                                registry=r)
         self.prompt_tokens = Counter("encdec_prompt_tokens", "Prompt tokens encoded", registry=r)
         self.generated = Counter("encdec_generated_tokens", "Tokens generated", registry=r)
-        self.ttft = Histogram("encdec_time_to_first_token_seconds", "From arrival to the first generated token",
+        # per generation, as the finished ones are counted: a request of n choices or of several prompts observes each
+        self.ttft = Histogram("encdec_time_to_first_token_seconds", "From a request's arrival to a generation's "
+                              "first token (one observation per generation: each choice of each prompt of a request)",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.latency = Histogram("encdec_request_latency_seconds", "From arrival to the last generated token "
-                                 "(a generation cancelled or stopped after its first token: to its end)",
+        self.latency = Histogram("encdec_request_latency_seconds", "From a request's arrival to a generation's last "
+                                 "token (one observation per generation: each choice of each prompt of a request; one "
+                                 "cancelled or stopped after its first token: to its end)",
                                  buckets=LATENCY_BUCKETS, registry=r)
