@@ -419,6 +419,32 @@ def test_text_weights_of_a_multimodal_gemma3_and_an_untied_head():
     assert list(text_weights(plain, True, llama.TEXT_PREFIXES, llama.NOT_TEXT)) == ["model.norm.weight"]
 
 
+def test_a_multimodal_gemma3_in_the_older_layout_keeps_its_stored_head_in_view(tmp_path):
+    """The layout of the released 4B-27B files (language_model.model.*, the head as language_model.lm_head.weight):
+    a stored head other than the embeddings, which transformers computes with, was dropped unsaid and the model
+    built on the embeddings; a top-level tie_word_embeddings false (which transformers reads for this class) too."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    directory = _multimodal_gemma3(tmp_path / "g3mm")
+    weights = load_file(str(directory / "model.safetensors"))
+    older = {("language_model.model." + k.removeprefix("model.language_model.")
+              if k.startswith("model.language_model.") else k.removeprefix("model.")): v for k, v in weights.items()}
+    embed = older["language_model.model.embed_tokens.weight"]
+    save_file({**older, "language_model.lm_head.weight": embed.clone()}, str(directory / "model.safetensors"))
+    assert encdec.load_source(str(directory)).tied_head  # the embeddings' copy: read as the tie says
+    save_file({**older, "language_model.lm_head.weight": embed * 0.5 + 0.1}, str(directory / "model.safetensors"))
+    with pytest.raises(EncdecError, match=r"language_model\.lm_head\.weight differs from its embeddings"):
+        encdec.load_source(str(directory))
+    save_file(older, str(directory / "model.safetensors"))
+    assert encdec.load_source(str(directory)).tied_head
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(EncdecError, match=r"an LM head of its own \(tie_word_embeddings: false, at the top level\)"):
+        encdec.load_source(str(directory))
+
+
 def test_a_changed_gguf_replaces_its_cached_conversion_and_leaves_others(tmp_path, monkeypatch):
     """Each conversion is the size of the dequantized model; a new one of the same file (changed, or converted by
     a newer encdec) removes the old, and never touches another file's, even one of the same name."""

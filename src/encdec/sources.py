@@ -385,7 +385,7 @@ def source_config(spec: str) -> tuple[Path, SourceConfig]:
 def load_hf_directory(directory: Path, spec: str, dtype: torch.dtype = torch.float32) -> DecoderOnlySource:
     adapter, config = _read_config(directory)
     weights = text_weights(read_weights(directory, dtype), config.tied_head, adapter.TEXT_PREFIXES, adapter.NOT_TEXT,
-                           directory)
+                           directory, adapter.HEADS)
     _check_shapes(weights, config, directory)
     return DecoderOnlySource(
         spec=spec, directory=directory, family=config.family, stack=config.stack, vocab_size=weights[EMBED].shape[0],

@@ -2,8 +2,8 @@
 renaming of weights between a Hugging Face decoder-only layout and our layer stacks, both directions.
 
 Each family's adapter (formats.gemma, formats.llama, formats.qwen) supplies its `MODEL_TYPES`,
-`GGUF_ARCHITECTURES`, `ADAPTED_AS`, where its text weights are (`TEXT_PREFIXES`, `NOT_TEXT`), its per-layer
-name table `LAYER` and `read_config`; formats.registry picks one.
+`GGUF_ARCHITECTURES`, `ADAPTED_AS`, where its text weights are (`TEXT_PREFIXES`, `NOT_TEXT`) and its LM head
+(`HEADS`), its per-layer name table `LAYER` and `read_config`; formats.registry picks one.
 """
 
 from __future__ import annotations
@@ -83,17 +83,20 @@ def generation_eos(directory: Path) -> list[int]:
 
 
 def text_weights(weights: dict[str, torch.Tensor], tied_head: bool, prefixes: tuple[str, ...],
-                 not_text: tuple[str, ...], where: object = "the checkpoint") -> dict[str, torch.Tensor]:
+                 not_text: tuple[str, ...], where: object = "the checkpoint",
+                 heads: tuple[str, ...] = (HEAD,)) -> dict[str, torch.Tensor]:
     """The text decoder's tensors (names under `prefixes`, none under `not_text`) renamed to `model.*`, and an
-    untied LM head; anything else (a vision tower, the RoPE frequencies older Llama checkpoints saved, which the
-    configuration gives) is dropped. A tied head stored apart must be the embeddings' copy (`check_tied_copy`)."""
-    out = {} if tied_head or HEAD not in weights else {HEAD: weights[HEAD]}
+    untied LM head (stored under one of `heads`: a multimodal layout nests it); anything else (a vision tower, the
+    RoPE frequencies older Llama checkpoints saved, which the configuration gives) is dropped. A tied head stored
+    apart must be the embeddings' copy (`check_tied_copy`)."""
+    stored = [name for name in heads if name in weights]
+    out = {} if tied_head or not stored else {HEAD: weights[stored[0]]}
     for name, t in weights.items():
         prefix = next((p for p in prefixes if name.startswith(p)), None)
         if prefix is not None and not name.startswith(not_text) and not name.endswith(ROPE_BUFFER):
             out["model." + name[len(prefix):]] = t
-    if tied_head and HEAD in weights and EMBED in out:
-        check_tied_copy(weights[HEAD], out[EMBED], f"{where}: its {HEAD}", f"its embeddings ({EMBED})")
+    for name in stored if tied_head and EMBED in out else ():
+        check_tied_copy(weights[name], out[EMBED], f"{where}: its {name}", f"its embeddings ({EMBED})")
     return out
 
 

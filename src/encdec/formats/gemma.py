@@ -24,6 +24,7 @@ ADAPTED_AS = {"gemma2": ("cross", "t5gemma"), "gemma3": ("merged", "t5gemma2")}
 # where a (multimodal) Gemma 3 checkpoint keeps its text decoder, and what is not part of it
 TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 NOT_TEXT = ("model.vision_tower", "model.multi_modal")
+HEADS = ("lm_head.weight", "language_model.lm_head.weight")  # the second: the older layout's (language_model.model.*)
 # our block sub-module -> Hugging Face decoder-only Gemma sub-module
 LAYER = {
     "attn_norm": "input_layernorm",
@@ -200,6 +201,10 @@ def read_config(cfg: dict[str, Any], where: Path) -> SourceConfig:
         # the released ones name their special tokens (EOS: [1, 106], <end_of_turn> too) outside the text model,
         # which is what generation reads
         outer = {k: v for k in SPECIAL_IDS if (v := cfg.get(k)) is not None}
+        if not flag(cfg, "tie_word_embeddings", True):  # transformers reads the top level's for this class
+            raise EncdecError(f"{where} is a Gemma with an LM head of its own (tie_word_embeddings: false, at the top "
+                              "level), which encdec does not adapt; accepted: Gemma checkpoints whose LM head is the "
+                              "embedding, as released")
         cfg = cfg["text_config"]
     cfg = with_defaults(cfg, family)
     if cfg.get("use_bidirectional_attention"):  # EmbeddingGemma: read as causal, every layer would be misread

@@ -19,7 +19,7 @@ MODEL_TYPES = {"llama": "llama", "mistral": "mistral"}
 GGUF_ARCHITECTURES = {"llama": "llama"}  # llama.cpp writes Mistral models as llama; gguf-py has no "mistral"
 # merged attention (T5Gemma 2's: no new parameters); Mistral's local encoder layers split the window over both sides
 ADAPTED_AS = {"llama": ("merged", "t5gemma2"), "mistral": ("merged", "t5gemma2")}
-TEXT_PREFIXES, NOT_TEXT = ("model.",), ()
+TEXT_PREFIXES, NOT_TEXT, HEADS = ("model.",), (), ("lm_head.weight",)
 # our block sub-module -> Hugging Face sub-module ("post_attention_layernorm" is the norm before the MLP)
 LAYER = {"attn_norm": "input_layernorm", "attn": "self_attn", "mlp_norm": "post_attention_layernorm", "mlp": "mlp"}
 ROPE_TYPES = ("default", "linear", "llama3")

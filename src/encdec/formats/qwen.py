@@ -11,12 +11,13 @@ from typing import Any
 from encdec.config import flag, layer_count
 from encdec.formats.decoder_only import SourceConfig
 from encdec.formats.gemma import layer_types_from_hf
-from encdec.formats.llama import LAYER, NOT_TEXT, TEXT_PREFIXES, source_config, stack_from_hf
+from encdec.formats.llama import HEADS, LAYER, NOT_TEXT, TEXT_PREFIXES, source_config, stack_from_hf
 
 MODEL_TYPES = {"qwen2": "qwen2", "qwen3": "qwen3"}
 GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen3": "qwen3"}
 ADAPTED_AS = {"qwen2": ("merged", "t5gemma2"), "qwen3": ("merged", "t5gemma2")}  # as Llama, see formats.llama
-__all__ = ["ADAPTED_AS", "GGUF_ARCHITECTURES", "LAYER", "MODEL_TYPES", "NOT_TEXT", "TEXT_PREFIXES", "read_config"]
+__all__ = ["ADAPTED_AS", "GGUF_ARCHITECTURES", "HEADS", "LAYER", "MODEL_TYPES", "NOT_TEXT", "TEXT_PREFIXES",
+           "read_config"]
 
 
 def _layer_types(cfg: dict[str, Any]) -> list[str]:
