@@ -350,12 +350,11 @@ def _known(body: dict, accepted: set[str], neutral: dict[str, tuple] | None = No
     """`body`, refused with a 400 naming the first field that is a `neutral` one (field -> the values that leave the
     result unchanged) at another value, or neither `accepted`, ignored (IGNORED), neutral nor null."""
     neutral = neutral or {}
-    for name in body:
-        if name in neutral and not any(_same(body[name], value) for value in neutral[name]):
-            given = cut(json.dumps(body[name]))  # a tool list can be pages long
-            raise APIError(400, f"'{name}' = {given} is not supported by this server "
-                           f"(accepted: {' or '.join(json.dumps(v) for v in neutral[name])})", name)
-        if name not in accepted | IGNORED | set(neutral) and body[name] is not None:
+    for name, given in body.items():
+        if name in neutral and not any(_same(given, value) for value in neutral[name]):
+            raise APIError(400, f"'{name}' = {cut(json.dumps(given))} is not supported by this server "  # (a tool list
+                           f"(accepted: {' or '.join(json.dumps(v) for v in neutral[name])})", name)  # can be pages)
+        if name not in accepted | IGNORED | set(neutral) and given is not None:
             raise APIError(400, f"unrecognized request argument '{cut(name)}'; accepted: {', '.join(sorted(accepted))}",
                            cut(name))
     return body
