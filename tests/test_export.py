@@ -387,6 +387,11 @@ def test_a_quantized_or_damaged_decoder_only_model_is_one_line(tmp_path):
     (quantized / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq"}}))
     with pytest.raises(EncdecError, match=r"is a quantized model \(quantization_config: awq\); encdec reads"):
         check_causal_lm(quantized)
+    # adapting it said the same before reading a weight, where it named the quantized tensors as a truncated or
+    # foreign checkpoint's, after reading every shard
+    (quantized / "model.safetensors").write_bytes(b"")  # not read
+    with pytest.raises(EncdecError, match=r"is a quantized model \(quantization_config: awq\); encdec reads"):
+        encdec.load_source(str(quantized))
     damaged = shutil.copytree(source, tmp_path / "damaged")
     weights = next(damaged.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])

@@ -202,13 +202,7 @@ def check_causal_lm(directory: Path) -> None:
     refuse_custom_code(directory)
     data = read_json(directory / "config.json")
     refuse_transformers_weights(data, directory / "config.json")
-    quantized = next((section["quantization_config"] for section in (data, data.get("text_config"))
-                      if isinstance(section, dict) and section.get("quantization_config") is not None), None)
-    if quantized is not None:  # transformers' ImportError of a kernel package otherwise, or weights it cannot read
-        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
-        shown = method if isinstance(method, str) else repr(quantized)
-        raise EncdecError(f"{directory} is a quantized model (quantization_config: {shown}); encdec "
-                          "reads models in floating-point weights: give the unquantized model")
+    refuse_quantized(data, directory)  # transformers' ImportError of a kernel package, or weights it cannot read
     model_type = data.get("model_type")
     not_causal = EncdecError(f"{directory} is not a decoder-only model (model_type {model_type!r}); expected an "
                              "encoder-decoder checkpoint (this project's format, t5gemma, t5gemma2) or a decoder-only "
@@ -361,12 +355,25 @@ def _check_shapes(weights: dict[str, torch.Tensor], config: SourceConfig, direct
                               f"{implied} {shown}; the weights do not belong to this configuration")
 
 
+def refuse_quantized(data: dict, directory: Path) -> None:
+    """Refuse the config.json `data` of a quantized checkpoint (GPTQ, AWQ, bitsandbytes...), whose tensors are not
+    the weights encdec reads (read, they were named as a truncated or foreign checkpoint's)."""
+    quantized = next((section["quantization_config"] for section in (data, data.get("text_config"))
+                      if isinstance(section, dict) and section.get("quantization_config") is not None), None)
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        shown = method if isinstance(method, str) else repr(quantized)
+        raise EncdecError(f"{directory} is a quantized model (quantization_config: {shown}); encdec "
+                          "reads models in floating-point weights: give the unquantized model")
+
+
 def _read_config(directory: Path):
     """(the format adapter, what the config of the checkpoint in `directory` says)."""
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
         raise EncdecError(f"{directory} has no config.json; expected {SUPPORTED}")
     cfg = read_json(cfg_path)
+    refuse_quantized(cfg, directory)
     if cfg.get("eos_token_id") in (None, []):  # named in generation_config.json alone: as transformers' generate reads
         cfg = {**cfg, "eos_token_id": generation_eos(directory) or None}
     adapter = adapter_of(cfg.get("model_type"), str(directory))
