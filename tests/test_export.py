@@ -392,6 +392,16 @@ def test_a_quantized_or_damaged_decoder_only_model_is_one_line(tmp_path):
     (quantized / "model.safetensors").write_bytes(b"")  # not read
     with pytest.raises(EncdecError, match=r"is a quantized model \(quantization_config: awq\); encdec reads"):
         encdec.load_source(str(quantized))
+    # an encoder-decoder's too (a T5Gemma loaded in 8 bits and saved: int8 weights beside their scales)
+    encoder_decoder = tmp_path / "t5gemma"
+    encdec.save(encdec.adapt(encdec.load_source(str(source))), encoder_decoder)
+    config = json.loads((encoder_decoder / "config.json").read_text())
+    assert config["model_type"] == "t5gemma"
+    bitsandbytes = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    (encoder_decoder / "config.json").write_text(json.dumps({**config, "quantization_config": bitsandbytes}))
+    (encoder_decoder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(EncdecError, match=r"is a quantized model \(quantization_config: bitsandbytes\); encdec"):
+        encdec.load(encoder_decoder)
     damaged = shutil.copytree(source, tmp_path / "damaged")
     weights = next(damaged.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:100])

@@ -1003,7 +1003,7 @@ def test_resuming_on_other_data_is_one_line(adapted, corpus, tmp_path, capsys):
     # so do the row lengths (the windows are cut to --enc-len + --dec-len): said as that, not as other data
     assert main(_pretrain_args(adapted, out, data, "--steps", "2", "--resume", "--enc-len", "12")) == 2
     (line,) = _lines(capsys.readouterr().err, "error:")
-    assert "they are cut by settings this resume changes (--enc-len 16 -> 12)" in line, line
+    assert "they are made by settings this resume changes (--enc-len 16 -> 12)" in line, line
     assert "differs from the run's" not in line and "resume with the run's settings" in line, line
     assert main(_pretrain_args(adapted, out, data, "--steps", "2", "--resume")) == 0
 

@@ -649,7 +649,7 @@ def test_embeddings_accept_what_the_completions_accept_at_values_that_change_not
     def parsed(**fields):
         return parse_embeddings(json.dumps({"input": ["w1", "w2"], **fields}).encode(), 64)
 
-    assert parsed(truncate_prompt_tokens=None, add_special_tokens=True, some_future_field=None) == parsed()
+    assert parsed(truncate_prompt_tokens=None, add_special_tokens=True, priority=0, some_future_field=None) == parsed()
     for fields, param in (({"add_special_tokens": False}, "add_special_tokens"), ({"some_future_field": 1},
                                                                                    "some_future_field")):
         with pytest.raises(APIError) as refused:

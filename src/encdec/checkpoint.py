@@ -26,6 +26,7 @@ from encdec.files import (
     read_json,
     read_weights,
     reading_config,
+    refuse_quantized,
     refuse_transformers_weights,
     write_native,
     write_weights,
@@ -197,6 +198,7 @@ def read_config(path: Path | str) -> tuple[EncDecConfig, str]:
             "`encdec adapt`"
         )
     refuse_transformers_weights(data, path / "config.json")
+    refuse_quantized(data, path)
     fmt = NATIVE if data.get("format") == NATIVE else data["model_type"]
     if fmt == NATIVE:
         check_format_version(data, FORMAT_VERSION, path / "config.json")

@@ -180,6 +180,19 @@ def refuse_transformers_weights(config: dict, path: Path) -> None:
                           "file so)")
 
 
+def refuse_quantized(data: dict, directory: Path) -> None:
+    """Refuse the config.json `data` of a quantized checkpoint (GPTQ, AWQ, bitsandbytes...), decoder-only or
+    encoder-decoder, before a weight is read: its tensors are not the weights encdec reads (read, they were named
+    as a truncated or foreign checkpoint's)."""
+    quantized = next((section["quantization_config"] for section in (data, data.get("text_config"))
+                      if isinstance(section, dict) and section.get("quantization_config") is not None), None)
+    if quantized is not None:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+        shown = method if isinstance(method, str) else repr(quantized)
+        raise EncdecError(f"{directory} is a quantized model (quantization_config: {shown}); encdec "
+                          "reads models in floating-point weights: give the unquantized model")
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: model.safetensors, or the shards its index lists (each
     a file of the directory itself, never a path that leads out of it)."""

@@ -46,6 +46,7 @@ from encdec.files import (
     read_weights,
     reading_config,
     refuse_dangling,
+    refuse_quantized,
     refuse_transformers_weights,
     temporary_beside,
     weight_files,
@@ -353,18 +354,6 @@ def _check_shapes(weights: dict[str, torch.Tensor], config: SourceConfig, direct
             implied = "the embedding table implies" if name == HEAD else "config.json implies"
             raise EncdecError(f"{directory}: tensor {name} has shape {'x'.join(map(str, found)) or 'scalar'}, "
                               f"{implied} {shown}; the weights do not belong to this configuration")
-
-
-def refuse_quantized(data: dict, directory: Path) -> None:
-    """Refuse the config.json `data` of a quantized checkpoint (GPTQ, AWQ, bitsandbytes...), whose tensors are not
-    the weights encdec reads (read, they were named as a truncated or foreign checkpoint's)."""
-    quantized = next((section["quantization_config"] for section in (data, data.get("text_config"))
-                      if isinstance(section, dict) and section.get("quantization_config") is not None), None)
-    if quantized is not None:
-        method = quantized.get("quant_method") if isinstance(quantized, dict) else None
-        shown = method if isinstance(method, str) else repr(quantized)
-        raise EncdecError(f"{directory} is a quantized model (quantization_config: {shown}); encdec "
-                          "reads models in floating-point weights: give the unquantized model")
 
 
 def _read_config(directory: Path):

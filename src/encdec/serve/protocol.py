@@ -338,6 +338,7 @@ class EmbeddingRequest:
 
 
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "dimensions"}
+EMBEDDING_NEUTRAL = {**KIND_NEUTRAL["completions"], "priority": NEUTRAL["priority"]}  # vLLM's, at their defaults
 TOKENIZE_FIELDS = {"model", "prompt", "messages", "add_special_tokens", "return_token_strs"}
 # vLLM's other /tokenize fields, at the values (its defaults among them) that leave the result as this server gives it
 # (those the chat endpoint has too at the values it accepts: a client tokenizing the body it sends there was refused)
@@ -363,7 +364,7 @@ def _known(body: dict, accepted: set[str], neutral: dict[str, tuple] | None = No
 def parse_embeddings(raw: bytes, width: int) -> EmbeddingRequest:
     """The /v1/embeddings request, or an APIError saying what is wrong; `width` is the model's (and the
     vectors') size, the only `dimensions` accepted."""
-    body = _known(_object(raw), EMBEDDING_FIELDS, KIND_NEUTRAL["completions"])
+    body = _known(_object(raw), EMBEDDING_FIELDS, EMBEDDING_NEUTRAL)
     inputs = _inputs(body, "input", empty_text=False)
     encoding = body.get("encoding_format")
     encoding = "float" if encoding is None else encoding  # (null alone: 0, false or "" are no format)

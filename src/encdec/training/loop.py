@@ -42,10 +42,11 @@ from encdec.training.vocab import full_vocabulary_model, grow_vocabulary, ignore
 
 log = logging.getLogger("encdec")
 
-# the settings that cut the training items (the windows' length and what a pretraining objective makes of them, the
-# vocabulary their ids are in; an instruction's prompt and response cut to the row's sides): a resume that changes
-# one of them has other items, refused as data that changed unless it is named
-CUTTING_FLAGS = {"--enc-len", "--dec-len", "--window", "--objective", "--trim-vocab"}
+# the settings that make the training items (the windows' length and what a pretraining objective makes of them, the
+# vocabulary their ids are in, the field of a record that holds the text, the Natural Instructions taken per task;
+# an instruction's prompt and response cut to the row's sides): a resume that changes one of them has other items,
+# refused as data that changed unless it is named
+CUTTING_FLAGS = {"--enc-len", "--dec-len", "--window", "--objective", "--trim-vocab", "--text-field", "--per-task"}
 
 
 class StopRequest:
@@ -246,7 +247,7 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                                   "data, or start afresh with --overwrite") from None
             cut_by = [c for c in changed if c.split(" ", 1)[0] in CUTTING_FLAGS]
             if cut_by and "training data differs" in str(e):
-                raise EncdecError(f"{last_checkpoint}: the training items differ from the run's: they are cut by "
+                raise EncdecError(f"{last_checkpoint}: the training items differ from the run's: they are made by "
                                   f"settings this resume changes ({'; '.join(cut_by)}) (or the data changed); resume "
                                   "with the run's settings and data, or start afresh with --overwrite") from None
             raise EncdecError(f"{last_checkpoint}: {e}") from None
