@@ -215,6 +215,27 @@ def test_a_screen_keeps_the_float32_argmax_of_tiny_hidden_states(scale):
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_screen_takes_the_first_of_equal_head_rows_alone_as_in_a_batch(dtype):
+    """Two equal rows (a grown vocabulary's mean-initialised ones) tie exactly: a lone row's candidates, scored by a
+    matrix-vector product whose sum order hangs on a column's place, came out an ulp apart, and the later token won
+    alone where a batch (and the float32 head) took the first."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(3000, 64, generator=generator)
+    head = onednn.ScreenedHead(weight, dtype)
+    for trial in range(40):
+        first, later = sorted(torch.randperm(3000, generator=generator)[:2].tolist())
+        weight[later] = weight[first]
+        head = onednn.ScreenedHead(weight, dtype)
+        hidden = weight[first][None] * 3 + 0.1 * torch.randn(1, 64, generator=generator)
+        alone = head.greedy(hidden, None)[0].item()
+        assert alone == first, (trial, first, later, alone)
+        if dtype == torch.bfloat16:  # a float16 screen reads single rows only
+            assert head.greedy(torch.cat([hidden, -hidden]), None)[0][0].item() == first
+        weight[later] = torch.randn(64, generator=generator)
+
+
+@needs_onednn
 def test_a_screen_whose_logits_overflow_leaves_the_choice_to_the_float32_head():
     """float16 ends at 65504: a state that large (or logits beyond it) gives an infinite or undefined bound."""
     weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))

@@ -46,6 +46,7 @@ PACK_FOR_ROWS = 512  # oneDNN's hint of the rows per product; measured: any hint
 # each of the model's activations (encdec.model.ACTIVATIONS) as oneDNN's post-operation: (name, algorithm)
 FUSED_ACTIVATIONS = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}
 MAX_CANDIDATES = 4096  # beyond this many screened tokens the full float32 head is cheaper
+PRODUCT_ELEMENTS = 1 << 22  # the screened tokens' products a block holds at once (16 MB of float32)
 # relative rounding of a screen's result (half an ulp is 2^-8 in bfloat16, 2^-11 in float16; twice that, to be safe)
 ROUNDING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 FP32_ROUNDING = 2.0**-24
@@ -218,8 +219,17 @@ class ScreenedHead(nn.Module):
         # a row without candidates (a NaN threshold) has logits that are not finite: the full head gives its argmax
         if not 0 < len(columns) <= MAX_CANDIDATES or bool(threshold.isnan().any()):
             return _argmax_checked(soft_cap(self.full(hidden), softcap))
-        exact = soft_cap(hidden @ self.weight[columns].T, softcap)
+        exact = soft_cap(_products(hidden, self.weight[columns]), softcap)
         return columns[exact.masked_fill(~candidates[:, columns], float("-inf")).argmax(-1)], []
+
+
+def _products(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """hidden [n, d] @ rows [c, d].T, each entry summed in one order whatever its place: a matrix-vector product's
+    order hangs on a column's position, and two equal head rows (an exact tie) scored an ulp apart, the later token
+    taken at one row where a batch took the first. In blocks of at most PRODUCT_ELEMENTS products."""
+    step = max(1, PRODUCT_ELEMENTS // (len(hidden) * hidden.shape[-1]))
+    return torch.cat([(hidden[:, None, :] * rows[start: start + step][None]).sum(-1)
+                      for start in range(0, len(rows), step)], dim=1)
 
 
 def _argmax_checked(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
