@@ -337,6 +337,10 @@ def test_rows_and_prompts_the_python_api_is_handed_are_checked(model):
     assert Sampling(logit_bias={5: 1.0}).logit_bias == Sampling(logit_bias=((5, 1.0),)).logit_bias == ((5, 1.0),)
     with pytest.raises(EncdecError, match="logit_bias must map token ids to biases"):
         Sampling(logit_bias=5)
+    # a bias for a token past the vocabulary: an IndexError in the middle of decoding
+    with pytest.raises(EncdecError, match=rf"prompt 1: logit_bias: token id {vocab} is outside the vocabulary"):
+        list(generate_each(model, [[5], [6]], [Row(2, frozenset()), Row(2, frozenset(),
+                                                                          Sampling(logit_bias={vocab: 5.0}))], 1))
 
 
 def test_as_many_new_tokens_as_the_decoder_has_positions(model):

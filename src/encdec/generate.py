@@ -77,6 +77,13 @@ def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: to
 
 
 @torch.no_grad()
+def check_bias(sampling: Sampling, vocab_size: int, where: str = "") -> None:
+    """Refuse a logit_bias naming a token past the vocabulary (an IndexError in the middle of decoding)."""
+    outside = [token for token, _ in sampling.logit_bias if not 0 <= token < vocab_size]
+    if outside:
+        raise EncdecError(f"{where}logit_bias: token id {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})")
+
+
 def generate_each(
     model: EncoderDecoder, prompts: Sequence[Sequence[int]], rows: Sequence[Row], batch_size: int,
     compile_step: bool = False,
@@ -96,6 +103,7 @@ def generate_each(
             raise EncdecError(f"prompt {i}: token ids in 0..{cfg.vocab_size - 1} (at least one, and the row's "
                               f"decoder_prefix), got {ids[:8].tolist()}{'...' if len(ids) > 8 else ''}")
         check_positions(len(ids) - len(row.decoder_prefix), row.max_new_tokens, cfg, prefix=len(row.decoder_prefix))
+        check_bias(row.sampling, cfg.vocab_size, f"prompt {i}: ")
     engine = Engine(model, max_batch=max(1, min(batch_size, len(prompts))), compile_step=compile_step)
     waiting = iter(range(len(prompts)))
     index: dict[Row, int] = {}
@@ -166,9 +174,7 @@ def generate(
             raise EncdecError(f"{name} must be a tensor [batch, length] (torch.tensor(...)), got "
                               f"{type(tensor).__name__}")
     cfg = model.config
-    outside = [token for token, _ in sampling.logit_bias if not 0 <= token < cfg.vocab_size]
-    if outside:
-        raise EncdecError(f"logit_bias: token id {outside[0]} is outside the vocabulary (0 to {cfg.vocab_size - 1})")
+    check_bias(sampling, cfg.vocab_size)
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise EncdecError(f"input_ids must be [batch, length] with at least one prompt of at least one token, got "
                           f"shape {list(input_ids.shape)} (one prompt: ids[None])")
