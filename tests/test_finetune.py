@@ -137,6 +137,35 @@ def test_bad_instruction_record_is_one_line_naming_it(adapted, tmp_path, capsys)
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_data_that_cannot_be_read_is_said_before_the_model_loads(adapted, tmp_path, capsys, monkeypatch):
+    """A mistyped --data path was found after the model had loaded (minutes for a large one); a .jsonl link to a
+    device was read until memory ran out, a pipe waited forever. Pretraining's files are checked as early."""
+    import os
+
+    import encdec.training.plan as plan_module
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(plan_module, "load_checkpoint", loaded)
+    (tmp_path / "device.jsonl").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "pipe.txt").symlink_to(tmp_path / "pipe.jsonl")
+    for data, said in ((tmp_path / "tpyo.jsonl", "tpyo.jsonl: no such file or directory"),
+                       (tmp_path / "device.jsonl", "device.jsonl (not a regular file"),
+                       (tmp_path / "pipe.jsonl", "pipe.jsonl (not a regular file")):
+        assert main(_args(adapted, tmp_path / "run", data)) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert said in line, line
+    pretrain = ["pretrain", "--model", str(adapted), "--out", str(tmp_path / "pre"), "--precision", "fp32"]
+    for data, said in ((tmp_path / "tpyo.txt", "tpyo.txt: no such file or directory"),
+                       (tmp_path / "pipe.txt", "pipe.txt (not a regular file")):
+        assert main([*pretrain, "--data", str(data)]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert said in line, line
+    assert not (tmp_path / "run").exists() and not (tmp_path / "pre").exists()
+
+
 def test_a_model_given_after_the_data_list_is_said_so(instructions, capsys):
     """`--data [PATH ...] MODEL`, in the order --help's usage shows, reads MODEL as a data path: argparse said only
     that MODEL was missing."""

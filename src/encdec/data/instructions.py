@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from encdec.data.text import data_files, distinct_files, json_lines, lone_surrogate
 from encdec.errors import EncdecError
+from encdec.files import open_regular
 from encdec.objectives import Example
 
 if TYPE_CHECKING:
@@ -155,6 +156,16 @@ def _jsonl_files(spec: str) -> list[Path]:
     if path.suffix.lower() != ".jsonl":
         raise EncdecError(f"{path}: unsupported file type {path.suffix!r}; expected a .jsonl file or a directory of them")
     return [path]
+
+
+def check_instruction_files(specs: Sequence[str]) -> None:
+    """The .jsonl files of `specs`, each a regular file that can be opened, checked before a model loads."""
+    for spec in specs:
+        for path in _jsonl_files(spec):
+            try:
+                open_regular(path).close()
+            except OSError as e:
+                raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
 
 
 def _read_file(path: Path) -> list[Pair]:

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 from encdec.data.corpus import CORPORA
 from encdec.errors import EncdecError
-from encdec.files import parse_json
+from encdec.files import open_regular, parse_json
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ACCEPTED = ("a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, "
@@ -155,8 +155,8 @@ def _paragraphs(f: BinaryIO, path: Path) -> Iterator[str]:
 def json_lines(path: Path, *, strict: bool = False) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) of each non-blank line; bad JSON names the file and line (with `strict`, the
     NaN and Infinity that Python reads are bad JSON too)."""
-    try:
-        with path.open("rb") as f:
+    try:  # a regular file: a link to a device was read until memory ran out, a pipe waited forever
+        with open_regular(path) as f:
             yield from json_records(f, str(path), strict=strict)
     except OSError as e:  # a file that cannot be opened or read (the reader's errors are not thrown in here)
         raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
@@ -247,10 +247,9 @@ def check_file(path: Path, text_field: str = "text") -> None:
     cached."""
     import pyarrow as pa
 
-    try:
-        empty = path.stat().st_size == 0
-        if not empty:  # opened too: a file its owner alone may read was found only when its turn came, the files
-            path.open("rb").close()  # before it tokenized for nothing
+    try:  # opened: a file its owner alone may read was found only when its turn came, the files before it
+        with open_regular(path) as f:  # tokenized for nothing (a device or a pipe is refused as not a regular file)
+            empty = os.fstat(f.fileno()).st_size == 0
     except OSError as e:
         raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
     if empty:

@@ -110,6 +110,15 @@ def _read(spec: str, text_field: str) -> list[str]:
     return PACKAGED[prefix][spec.removeprefix(prefix)][1]()
 
 
+def check_files(specs: list[str], text_field: str) -> None:
+    """Every data file of `specs` that reading would refuse (`check_file`), found before a model loads (minutes for a
+    large one); Hub datasets and packaged corpora are checked where they are read."""
+    for spec in specs:
+        if not spec.startswith(("hf:", *PACKAGED)):
+            for path in files_of(spec):
+                check_file(path, text_field)
+
+
 def _documents(specs: list[str], text_field: str) -> Iterator[str]:
     """The documents of every spec in turn, read as they are tokenized: a corpus's text is never held whole. Every
     file is checked first (`check_file`), and every Hub dataset streamed up to its first document, before any is

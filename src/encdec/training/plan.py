@@ -13,7 +13,7 @@ import numpy as np
 from torch import nn
 
 from encdec.checkpoint import is_checkpoint, load_checkpoint
-from encdec.data.tokens import check_apart_from_training, leading_bos, token_stream, windows
+from encdec.data.tokens import check_apart_from_training, check_files, leading_bos, token_stream, windows
 from encdec.errors import EncdecError
 from encdec.model import CausalLM, EncoderDecoder
 from encdec.objectives import Example, spans_wanted, special_token_ids, too_few_sentinels
@@ -210,8 +210,20 @@ def _instruction_plan(cfg: TrainConfig, model: nn.Module, tokenizer, d: distribu
     return Plan(model, stream, held_out, vocab_size, eos, trimmed, source, tokenizer=tokenizer)
 
 
+def check_data_files(cfg: TrainConfig) -> None:
+    """The run's data files, checked before the model loads (minutes for a large one): a mistyped path, a device
+    or a pipe, a file that cannot be read (a first record of the wrong shape is found when the data is read)."""
+    if cfg.objective == "instruct":
+        from encdec.data.instructions import check_instruction_files
+
+        check_instruction_files(cfg.data)
+    else:
+        check_files([*cfg.data, *cfg.eval_data], cfg.text_field)
+
+
 def build_plan(cfg: TrainConfig, d: distributed.Dist) -> tuple[Plan, object]:
     """Load the model to train (an encoder-decoder checkpoint, or a decoder-only source) and its data."""
+    check_data_files(cfg)
     if is_checkpoint(cfg.model):
         model, source = load_checkpoint(cfg.model).model.train(), None
         tokenizer = load_tokenizer(Path(cfg.model))
