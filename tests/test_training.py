@@ -129,6 +129,29 @@ def test_a_stop_during_the_last_step_still_writes_the_final_model(adapted, corpu
     assert "stop requested during the last step (3): writing the final model" in capsys.readouterr().err
 
 
+def test_a_second_signal_during_the_last_step_stops_the_final_model(adapted, corpus, tmp_path, monkeypatch, capsys):
+    """The second signal, during the rest of the last step (its evaluation, its checkpoint: minutes for a large
+    model), was swallowed and the final model written with exit status 0; now it stops there, and --resume writes
+    the final model."""
+    original_log = Metrics.log
+
+    def log_then_signal_twice(self, record, **kw):
+        original_log(self, record, **kw)
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Metrics, "log", log_then_signal_twice)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(_config(adapted, tmp_path / "run", corpus, steps=3, eval_every=0))
+    monkeypatch.setattr(Metrics, "log", original_log)
+    assert not (tmp_path / "run" / "model").exists()
+    assert [p.name for p in checkpointing.checkpoints(tmp_path / "run")][-1] == "step-000003"
+    assert "stopped at step 3; continue with --resume" in capsys.readouterr().err
+    final = loop.train(_config(adapted, tmp_path / "run", corpus, steps=3, eval_every=0, resume=True))
+    assert final == tmp_path / "run" / "model" and encdec.load(final)
+
+
 def test_a_run_started_outside_the_main_thread_trains_without_stop_handling(adapted, corpus, tmp_path, caplog):
     """Python takes signal handlers in the main thread only: train() called from a worker thread (a thread pool, a
     UI's callback) failed with a ValueError's traceback after loading everything and clearing --overwrite's run."""

@@ -56,6 +56,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested: int | None = None  # the first signal's number
+        self.repeated = False  # a second signal came: the final model, left after the last step, is not written
         self.previous = {}
 
     def __enter__(self) -> StopRequest:
@@ -70,6 +71,7 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
+        self.repeated = self.requested is not None
         self.requested = self.requested or signum
 
     def stopped(self) -> KeyboardInterrupt:
@@ -378,8 +380,10 @@ def _train(cfg: TrainConfig, d: distributed.Dist, again: str | None) -> Path:
                     metrics.log(record)
             else:
                 metrics.log(record, write=False)
-            if stopping and done:  # every step is done: the final model is what is left (a second signal stops it;
-                # --resume writes it then), rather than a run to start again for it alone
+            # every step is done: the final model is what is left, rather than a run to start again for it alone;
+            # unless a second signal came during the step (one that comes while it is written stops it), decided
+            # for every process: --resume writes it then
+            if stopping and done and distributed.reduce_sum(float(stop.repeated), d) == 0:
                 metrics.message(f"stop requested during the last step ({step + 1}): writing the final model")
             elif stopping:
                 metrics.message(f"stopped at step {step + 1}; continue with --resume (checkpoint {last_checkpoint})"
