@@ -1210,6 +1210,25 @@ def test_an_elastic_restart_with_overwrite_resumes_from_the_failed_attempts_chec
     assert "resumes" not in read_metadata(other / "model")["pretrained"]
 
 
+def test_jobs_launched_without_a_rendezvous_id_are_told_apart_by_their_launcher(adapted, corpus, tmp_path,
+                                                                               monkeypatch):
+    """torchrun's --rdzv-id defaults to "none" (a static rendezvous: several nodes, or --master-port): every such
+    job had the same id, and a restart of today's --overwrite job, failed before replacing yesterday's run,
+    resumed yesterday's run with today's settings. Such a job is its launcher (the workers' parent) on its host."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setattr(rundir.os, "getppid", lambda: 4_000_001)  # yesterday's torchrun
+    loop.train(_config(adapted, out, corpus, steps=2, save_every=1, eval_every=0, overwrite=True))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    monkeypatch.setattr(rundir.os, "getppid", lambda: 4_000_002)  # today's, restarted
+    loop.train(_config(adapted, out, corpus, steps=3, save_every=1, eval_every=0, overwrite=True))
+    assert "resumes" not in read_metadata(out / "model")["pretrained"]  # afresh, as --overwrite asked
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # the same launcher's next restart: its own checkpoints
+    loop.train(_config(adapted, out, corpus, steps=4, save_every=1, eval_every=0, overwrite=True))
+    assert [r["step"] for r in read_metadata(out / "model")["pretrained"]["resumes"]] == [3]
+
+
 @pytest.mark.parametrize("newest", ["damaged", "unreadable"])
 def test_an_elastic_restart_does_not_delete_the_jobs_checkpoints_when_its_newest_does_not_read(
         adapted, corpus, tmp_path, monkeypatch, newest):

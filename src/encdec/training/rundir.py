@@ -375,8 +375,18 @@ def changed_settings(saved: dict, cfg: TrainConfig, processes: tuple[int, int] =
 
 def elastic_run() -> str | None:
     """The torchrun job these processes belong to (TORCHELASTIC_RUN_ID): recorded in each checkpoint, so that a
-    restart of the same job knows the checkpoints it finds for its own."""
-    return os.environ.get("TORCHELASTIC_RUN_ID") or None
+    restart of the same job knows the checkpoints it finds for its own. torchrun's default id, "none" (a static
+    rendezvous: several nodes, or --master-port), is every such job's: there the job is its launcher, the workers'
+    parent process on this host (its start time beside its number: numbers are reused)."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or None
+    if job != "none":
+        return job
+    launcher = os.getppid()
+    try:
+        started = Path(f"/proc/{launcher}/stat").read_text().rsplit(")", 1)[1].split()[19]  # (field 22)
+    except (OSError, IndexError):
+        started = "?"
+    return f"none:{socket.gethostname()}:{launcher}:{started}"
 
 
 def elastic_restart(cfg: TrainConfig, d: distributed.Dist) -> TrainConfig:
