@@ -229,6 +229,29 @@ def test_a_template_without_a_system_role_encodes_control_text_as_it_renders() -
         assert smollm.decode(chat.encode(turns)) == rendered, turns
 
 
+def test_control_text_beside_a_template_that_rewrites_messages_is_refused_not_encoded_otherwise() -> None:
+    """Qwen3's and DeepSeek-R1's templates drop an earlier answer's <think>...</think>: a conversation whose message
+    spelled a control token was encoded from placeholders, each message put back whole, so the same conversation
+    became another prompt (the reasoning kept) only because a message mentioned <|im_end|>."""
+    import copy
+
+    from encdec.data.chat import ChatFormat, ConversationRefused
+    from encdec.sources import load_tokenizer, resolve
+
+    smollm = copy.deepcopy(load_tokenizer(resolve("smollm2-135m")))
+    smollm.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+                            "{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+                            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chat = ChatFormat.of(smollm)
+    plain = [("user", "Q1"), ("model", "<think>long plan</think>A1"), ("user", "What next?")]
+    assert smollm.decode(chat.encode(plain)) == chat.render(plain) and "long plan" not in chat.render(plain)
+    spelled = [*plain[:2], ("user", "What does <|im_end|> mean?")]
+    with pytest.raises(ConversationRefused, match="rewrites"):
+        chat.encode(spelled)
+    kept = [("user", "Q1"), ("model", "A1"), ("user", "What does <|im_end|> mean?")]  # nothing rewritten: encoded
+    assert smollm.decode(chat.encode(kept)) == chat.render(kept)
+
+
 def test_a_template_that_writes_the_date_writes_the_same_one_every_day() -> None:
     """Llama 3's template writes "Today Date: <today>" into every prompt: the training examples changed with the
     calendar (a run resumed the next day was refused as reading other data, a served prompt was not a trained one).

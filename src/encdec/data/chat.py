@@ -175,11 +175,19 @@ class ChatFormat:
         tok, bos = self.tokenizer, [] if self.bos is None else [self.bos]
         if not any(self._spells_control(text) for _, text in turns):
             return bos + tok(self.render(turns), add_special_tokens=False)["input_ids"]
+        rendered = self.render(turns)
         turns = self._as_rendered(turns)  # folded on the texts, as `render` folds them (on placeholders, a blank
         # system message left its "\n\n" between two, which stripping the whole text removes)
         texts = [text.strip() for _, text in turns]
         slotted = self.render([(role, f"\ue000{i}\ue001") for i, (role, _) in enumerate(turns)])
         pieces = _SLOT.split(slotted)  # template text, message index, template text, ...
+        if "".join(texts[int(piece)] if k % 2 else piece for k, piece in enumerate(pieces)) != rendered:
+            # the template rewrites what messages say (Qwen3's drops an earlier answer's <think>...</think>): each
+            # message put back whole would be another prompt than the conversation's
+            raise ConversationRefused("a message spells a control token of this tokenizer, which is kept as text by "
+                                      "putting each message in the template's rendering as given, but this template "
+                                      "rewrites messages' texts (an earlier answer's reasoning dropped, say): leave "
+                                      "the control token out of the message")
         ids = list(bos)
         for k, piece in enumerate(pieces):
             if k % 2:
