@@ -252,6 +252,25 @@ def test_control_text_beside_a_template_that_rewrites_messages_is_refused_not_en
     assert smollm.decode(chat.encode(kept)) == chat.render(kept)
 
 
+def test_several_named_speakers_of_one_role_are_refused_in_files_as_the_server_refuses_them(tmp_path) -> None:
+    """`encdec serve` refused user messages named alice and bob (the turns name no speakers); training data and
+    `generate --input` merged them into one speaker without a word."""
+    import json
+
+    from encdec.data.instructions import conversation, read_instructions
+    from encdec.errors import EncdecError
+
+    named = [{"role": "user", "name": "alice", "content": "I say yes."}, {"role": "assistant", "content": "ok"},
+             {"role": "user", "name": "bob", "content": "I say no."}]
+    with pytest.raises(ValueError, match=r'messages of role "user" name several participants'):
+        conversation(named)
+    assert conversation([{**m, "name": "alice"} if m["role"] == "user" else m for m in named])  # one name: accepted
+    data = tmp_path / "named.jsonl"
+    data.write_text(json.dumps({"messages": [*named, {"role": "assistant", "content": "noted"}]}) + "\n")
+    with pytest.raises(EncdecError, match=r"named.jsonl.*1.*name several participants"):
+        read_instructions([str(data)])
+
+
 def test_a_template_that_writes_the_date_writes_the_same_one_every_day() -> None:
     """Llama 3's template writes "Today Date: <today>" into every prompt: the training examples changed with the
     calendar (a run resumed the next day was refused as reading other data, a served prompt was not a trained one).

@@ -10,6 +10,7 @@ never re-read as turn markers.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,7 +83,21 @@ def conversation(messages: Any) -> list[tuple[str, str]]:
             raise ValueError(f"message {i} has the unknown role {repr(message.get('role'))[:40]}; "
                              f"accepted: {', '.join(ROLES)}")
         turns.append((role, message["content"]))
+    _check_names(messages)
     return turns
+
+
+def _check_names(messages: list) -> None:
+    """Messages' `name`s are ignored (the chat turns name no speakers; frameworks send one by habit), unless they
+    tell participants of one role apart, which the model would not see (nor learn, merged in training)."""
+    names: dict[str, set] = {}
+    for m in messages:
+        if m.get("name") not in (None, ""):
+            names.setdefault(m["role"], set()).add(json.dumps(m["name"]))
+    several = next((role for role, seen in names.items() if len(seen) > 1), None)
+    if several is not None:
+        raise ValueError(f"messages of role {json.dumps(several)[:40]} name several participants ('name'), which "
+                         "this model's chat turns cannot tell apart: put who speaks in the content")
 
 
 def system_folded(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -181,26 +181,9 @@ def _inputs(body: dict, name: str, *, empty_text: bool) -> list[str | list[int]]
     return items
 
 
-def _check_names(messages: list) -> None:
-    """Messages' `name`s are ignored (the chat turns name no speakers; frameworks send one by habit), unless they
-    tell participants of one role apart, which the model would not see."""
-    names: dict[Any, set] = {}
-    for m in messages:
-        if isinstance(m, dict) and isinstance(m.get("role"), str) and m.get("name") not in (None, ""):  # (a role
-            # of another type is refused by `conversation`: an unhashable one failed here as a 500)
-            names.setdefault(m.get("role"), set()).add(json.dumps(m["name"]))
-    several = next((role for role, seen in names.items() if len(seen) > 1), None)
-    if several is not None:
-        raise APIError(400, f"messages of role {json.dumps(several)[:40]} name several participants ('name'), which "
-                       "this model's chat turns cannot tell apart: put who speaks in the content", "messages")
-
-
 def _chat_turns(body: dict) -> list[tuple[str, str]]:
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        _check_names(messages)
     try:  # (content given as parts: `conversation` joins their text)
-        turns = conversation(messages)
+        turns = conversation(body.get("messages"))
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
     if turns[-1][0] != "user":
