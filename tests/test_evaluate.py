@@ -853,6 +853,22 @@ def test_earlier_results_are_replaced_only_with_overwrite(adapted, tmp_path, cap
     assert json.loads((tmp_path / "res.json").read_text())["settings"]["limit"] == 2
 
 
+def test_overwrite_replaces_earlier_results_only_not_other_files(adapted, tmp_path, capsys):
+    """--out P writes P.md and P.json: `--out README --overwrite` replaced a project's README.md, `--out package`
+    its package.json, and without --overwrite the refusal called them earlier results."""
+    (tmp_path / "README.md").write_text("# My project\nimportant notes\n")
+    (tmp_path / "package.json").write_text('{"name": "mypkg", "version": "1.0"}\n')
+    for prefix, victim in (("README", "README.md"), ("package", "package.json")):
+        for extra in ([], ["--overwrite"]):
+            argv = ["evaluate", str(adapted), "--tasks", "copa", "--limit", "1", "--out", str(tmp_path / prefix)]
+            assert main([*argv, *extra]) == 2
+            (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+            assert f"{tmp_path / victim} is not an earlier evaluation's results" in line, line
+    assert (tmp_path / "README.md").read_text() == "# My project\nimportant notes\n"
+    assert json.loads((tmp_path / "package.json").read_text()) == {"name": "mypkg", "version": "1.0"}
+    assert not (tmp_path / "README.json").exists() and not (tmp_path / "package.md").exists()
+
+
 def test_results_never_replace_a_file_of_a_model_evaluated(adapted, tmp_path, capsys):
     """`--out MODEL/config` would write MODEL/config.json: refused before any work, the model intact."""
     victim = tmp_path / "model"

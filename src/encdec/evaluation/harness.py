@@ -33,7 +33,7 @@ from encdec.evaluation.tasks import (
     question_prompt,
     sample,
 )
-from encdec.files import atomic_write_files, check_file_place, file_identity, through_link
+from encdec.files import atomic_write_files, check_file_place, file_identity, open_regular, through_link
 
 log = logging.getLogger("encdec")
 
@@ -393,6 +393,9 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+RESULTS_START = {".md": b"| task | n |", ".json": b'{\n "models": ['}  # how `_write_pair` begins each file
+
+
 def output_files(out: Path, models: tuple[str, ...] = (), overwrite: bool = True) -> tuple[Path, Path]:
     """OUT.md and OUT.json (OUT given as NAME, NAME.md or NAME.json; a dot elsewhere is part of the name, as in
     model-v1.5); one line, before any work, when they cannot be written there, would replace a file of one of
@@ -414,6 +417,10 @@ def output_files(out: Path, models: tuple[str, ...] = (), overwrite: bool = True
         inside = next((f for f in files if f.exists() and directory.resolve() in f.resolve().parents), None)
         if inside is not None:
             raise EncdecError(f"--out {out} would replace {inside}, a file of the model {model}; give another prefix")
+    foreign = next((f for f, kind in zip(files, RESULTS_START) if f.exists() and not _results_file(f, kind)), None)
+    if foreign is not None:  # P.md and P.json are written together: a project's README.md, its package.json
+        raise EncdecError(f"--out {out}: {foreign} is not an earlier evaluation's results (which --overwrite "
+                          "replaces); give another --out")
     earlier = next((f for f in files if f.exists()), None)
     if earlier is not None and not overwrite:
         raise EncdecError(f"--out {out}: {earlier} holds earlier results; pass --overwrite to replace them, or give "
@@ -421,6 +428,17 @@ def output_files(out: Path, models: tuple[str, ...] = (), overwrite: bool = True
     for f in files:  # found at the first write otherwise, after every task was scored
         check_file_place(f, f.name)
     return files
+
+
+def _results_file(path: Path, kind: str) -> bool:
+    """Whether `path` (written through a link: named otherwise) begins as an evaluation's OUT.md or OUT.json (`kind`)
+    does; its first bytes alone are read (the per-example record can be large)."""
+    start = RESULTS_START[kind]
+    try:
+        with open_regular(path) as f:
+            return f.read(len(start)) == start
+    except OSError:
+        return False
 
 
 def write(record: dict[str, Any], out: Path) -> tuple[Path, Path]:
