@@ -351,8 +351,10 @@ def test_cross_attention_warmup_is_refused_for_merged_attention(adapted, corpus,
         loop.train(_config(adapted, tmp_path / "run", corpus, steps=2, cross_warmup_steps=2))
     with pytest.raises(EncdecError, match="need an encoder-decoder model; this one is decoder-only"):
         loop.train(_config(sources["gemma3"], tmp_path / "run", corpus, steps=2, freeze_encoder_steps=1))
+    pairs = tmp_path / "pairs.jsonl"  # (a data file of the right kind: files are checked before the model loads)
+    pairs.write_text('{"prompt": "w1", "response": "w2"}\n')
     with pytest.raises(EncdecError, match="--enc-len must be at least 2 and --dec-len at least 2"):
-        loop.train(_config(adapted, tmp_path / "run", corpus, steps=2, objective="instruct", enc_len=1))
+        loop.train(_config(adapted, tmp_path / "run", pairs, steps=2, objective="instruct", enc_len=1))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -595,8 +597,10 @@ def test_bad_configuration(adapted, corpus, tmp_path, capsys):
     model = shutil.copytree(adapted, tmp_path / "no-eos")  # a tokenizer naming no EOS put None in the token stream
     settings = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in settings.items() if k != "eos_token"}))
-    for command in (["pretrain", "--model", str(model)], ["finetune", str(model)]):
-        assert main([*command, "--data", str(corpus), "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "w1", "response": "w2"}\n')
+    for command, data in ((["pretrain", "--model", str(model)], corpus), (["finetune", str(model)], pairs)):
+        assert main([*command, "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
         assert "its tokenizer names no EOS token, which ends every document and answer" in capsys.readouterr().err
 
 
