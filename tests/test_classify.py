@@ -1388,3 +1388,25 @@ def test_a_search_journal_with_bytes_that_are_no_text_skips_those_lines(tmp_path
     journal = TrialJournal({"task": "boolq"})
     journal.known[json.dumps({"fold": 0, "settings": {"lr": 1.0}, "dev": _digest([1, 2])}, sort_keys=True)] = 900
     assert journal.correct(0, {"lr": 1.0}, [1, 2], lambda: 1) == 1
+
+
+def test_predict_inputs_are_read_from_a_pipe_and_never_from_a_device(tmp_path: Path) -> None:
+    """`--input <(jq -c ... data.json)` is a pipe the user names: read (refused for a while as no regular file),
+    where a link to a device is refused unread (read until memory ran out)."""
+    import os
+    import threading
+
+    from encdec.classification.inference import read_inputs
+    from encdec.errors import EncdecError
+
+    fifo = tmp_path / "inputs.jsonl"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text('{"text": "hello"}\n{"text": "there"}\n'))
+    writer.start()
+    try:
+        assert read_inputs(fifo) == ["hello", "there"]
+    finally:
+        writer.join(timeout=10)
+    (tmp_path / "device.jsonl").symlink_to("/dev/zero")
+    with pytest.raises(EncdecError, match=r"device.jsonl \(not a file or a pipe"):
+        read_inputs(tmp_path / "device.jsonl")

@@ -117,13 +117,22 @@ def read_small(path: Path) -> bytes:
         return f.read()
 
 
+def open_named(path: Path) -> BinaryIO:
+    """`path` opened for reading, if it is a regular file or a pipe (`<(jq -c ... data.json)`, /dev/stdin: a file
+    the user names on the command line); a device (a link to /dev/zero, read until memory ran out) is refused
+    (OSError) unread."""
+    f = open(path, "rb")  # noqa: SIM115 - handed to the caller
+    if not (stat.S_ISREG(mode := os.fstat(f.fileno()).st_mode) or stat.S_ISFIFO(mode)):
+        f.close()
+        raise OSError(errno.EINVAL, "not a file or a pipe (a device?)")
+    return f
+
+
 def read_named(path: Path) -> bytes:
     """The bytes of a file the user names on the command line (--config, --grid): a regular file, or a pipe
     (`--config <(envsubst < run.yaml)`, /dev/stdin), up to MAX_SMALL_BYTES (OSError past it); a device (a link to
     /dev/zero, read until memory ran out) is refused unread."""
-    with open(path, "rb") as f:
-        if not (stat.S_ISREG(mode := os.fstat(f.fileno()).st_mode) or stat.S_ISFIFO(mode)):
-            raise OSError(errno.EINVAL, "not a file or a pipe (a device?)")
+    with open_named(path) as f:
         data = f.read(MAX_SMALL_BYTES + 1)
     if len(data) > MAX_SMALL_BYTES:
         raise OSError(errno.EFBIG, f"more than {MAX_SMALL_BYTES:,} bytes, more than a configuration file holds")

@@ -76,7 +76,6 @@ def _uncached(model: EncoderDecoder, input_ids: torch.Tensor, attention_mask: to
         tokens = torch.cat([tokens, chosen[:, None]], dim=1)
 
 
-@torch.no_grad()
 def check_bias(sampling: Sampling, vocab_size: int, where: str = "") -> None:
     """Refuse a logit_bias naming a token past the vocabulary (an IndexError in the middle of decoding)."""
     outside = [token for token, _ in sampling.logit_bias if not 0 <= token < vocab_size]
@@ -84,6 +83,7 @@ def check_bias(sampling: Sampling, vocab_size: int, where: str = "") -> None:
         raise EncdecError(f"{where}logit_bias: token id {outside[0]} is outside the vocabulary (0 to {vocab_size - 1})")
 
 
+@torch.no_grad()
 def generate_each(
     model: EncoderDecoder, prompts: Sequence[Sequence[int]], rows: Sequence[Row], batch_size: int,
     compile_step: bool = False,

@@ -19,7 +19,7 @@ log = logging.getLogger("encdec")
 def read_inputs(path: Path, field: str = "text") -> list[str]:
     """The texts of a JSON-lines file: one object per line with a "text" field."""
     texts = []
-    for number, record in json_lines(path, strict=True):
+    for number, record in json_lines(path, strict=True, pipe=True):  # (--input <(jq -c ...): a pipe)
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise EncdecError(f"{path}, line {number}: expected a JSON object with a string field {field!r}")
         if lone_surrogate(record[field]):

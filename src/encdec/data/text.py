@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 from encdec.data.corpus import CORPORA
 from encdec.errors import EncdecError
-from encdec.files import open_regular, parse_json
+from encdec.files import open_named, open_regular, parse_json
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ACCEPTED = ("a .txt, .jsonl (one JSON object per line with a text field) or .parquet file, a directory of them, "
@@ -152,11 +152,13 @@ def _paragraphs(f: BinaryIO, path: Path) -> Iterator[str]:
         yield "\n".join(block).strip()
 
 
-def json_lines(path: Path, *, strict: bool = False) -> Iterator[tuple[int, Any]]:
+def json_lines(path: Path, *, strict: bool = False, pipe: bool = False) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) of each non-blank line; bad JSON names the file and line (with `strict`, the
-    NaN and Infinity that Python reads are bad JSON too)."""
-    try:  # a regular file: a link to a device was read until memory ran out, a pipe waited forever
-        with open_regular(path) as f:
+    NaN and Infinity that Python reads are bad JSON too). A regular file (a link to a device was read until memory
+    ran out; a data file named a pipe waited forever), or with `pipe` a pipe too (a file the user names:
+    `--input <(jq ...)`)."""
+    try:
+        with (open_named if pipe else open_regular)(path) as f:
             yield from json_records(f, str(path), strict=strict)
     except OSError as e:  # a file that cannot be opened or read (the reader's errors are not thrown in here)
         raise EncdecError(f"cannot read {path} ({e.strerror or e})") from None
