@@ -46,7 +46,6 @@ PACK_FOR_ROWS = 512  # oneDNN's hint of the rows per product; measured: any hint
 # each of the model's activations (encdec.model.ACTIVATIONS) as oneDNN's post-operation: (name, algorithm)
 FUSED_ACTIVATIONS = {"gelu_tanh": ("gelu", "tanh"), "silu": ("swish", "")}
 MAX_CANDIDATES = 4096  # beyond this many screened tokens the full float32 head is cheaper
-PRODUCT_ELEMENTS = 1 << 22  # the screened tokens' products a block holds at once (16 MB of float32)
 # relative rounding of a screen's result (half an ulp is 2^-8 in bfloat16, 2^-11 in float16; twice that, to be safe)
 ROUNDING = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 FP32_ROUNDING = 2.0**-24
@@ -169,10 +168,14 @@ class ScreenedHead(nn.Module):
         self.max_norm, self.max_error = 0.0, 0.0  # the largest row norm of the screen's weight, and of its rounding
         # in chunks (whole-table temporaries would be 6 x its size), in float64: squares of entries under 1e-19 are
         # subnormal or 0 in float32, and the bound lost its terms (a wrong argmax for tiny weights or hidden states)
+        direction = torch.randn(self.weight.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        keys = []  # each row's product with one direction, summed in one order: equal rows, equal keys
         for start in range(0, len(low), NORM_CHUNK):
             rows, exact = low[start: start + NORM_CHUNK].double(), self.weight[start: start + NORM_CHUNK].double()
             self.max_norm = max(self.max_norm, float(rows.norm(dim=-1).max()))
             self.max_error = max(self.max_error, float((exact - rows).norm(dim=-1).max()))
+            keys.append((exact * direction).sum(-1))
+        self.first_equal = _first_equal_rows(self.weight, torch.cat(keys))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.full(x)
@@ -210,7 +213,12 @@ class ScreenedHead(nn.Module):
         """The argmax token of each row of the logits of `hidden` [n, d] (float32), soft-capped as the model
         does, and the rows whose largest logit is not finite (a NaN counts as the largest): their tokens mean nothing.
         The screened tokens are scored by another float32 product than the full head's, so at ties
-        within float32 rounding the two may pick differently, as any two float32 kernels may."""
+        within float32 rounding the two may pick differently, as any two float32 kernels may; of equal head rows
+        (an exact tie), the first is taken (`_first_equal_rows`)."""
+        chosen, broken = self._greedy(hidden, softcap)
+        return chosen if self.first_equal is None else self.first_equal[chosen], broken
+
+    def _greedy(self, hidden: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, list[int]]:
         if self.max_rows is not None and len(hidden) > self.max_rows:
             return _argmax_checked(soft_cap(self.full(hidden), softcap))
         capped, threshold = self._screened(hidden, softcap)
@@ -219,17 +227,26 @@ class ScreenedHead(nn.Module):
         # a row without candidates (a NaN threshold) has logits that are not finite: the full head gives its argmax
         if not 0 < len(columns) <= MAX_CANDIDATES or bool(threshold.isnan().any()):
             return _argmax_checked(soft_cap(self.full(hidden), softcap))
-        exact = soft_cap(_products(hidden, self.weight[columns]), softcap)
+        exact = soft_cap(hidden @ self.weight[columns].T, softcap)
         return columns[exact.masked_fill(~candidates[:, columns], float("-inf")).argmax(-1)], []
 
 
-def _products(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """hidden [n, d] @ rows [c, d].T, each entry summed in one order whatever its place: a matrix-vector product's
-    order hangs on a column's position, and two equal head rows (an exact tie) scored an ulp apart, the later token
-    taken at one row where a batch took the first. In blocks of at most PRODUCT_ELEMENTS products."""
-    step = max(1, PRODUCT_ELEMENTS // (len(hidden) * hidden.shape[-1]))
-    return torch.cat([(hidden[:, None, :] * rows[start: start + step][None]).sum(-1)
-                      for start in range(0, len(rows), step)], dim=1)
+def _first_equal_rows(weight: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+    """Each row's index -> the first row equal to it, or None where no two rows are equal (`keys`: one number per
+    row, equal for equal rows). Equal rows (a grown vocabulary's mean-initialised ones) tie exactly, and a
+    matrix-vector product, whose sum order hangs on a column's place, scored them an ulp apart: the later token
+    won at one row where a batch took the first. The greedy choice is the first of them, as argmax takes it."""
+    order = torch.argsort(keys, stable=True)
+    same = (keys[order[1:]] == keys[order[:-1]]).nonzero()[:, 0].tolist()
+    if not same:
+        return None
+    first = torch.arange(len(weight))
+    for i in same:  # runs of equal keys: the rows are compared, and each mapped to the first of its equals
+        a, b = int(order[i]), int(order[i + 1])
+        lead = int(first[a])
+        if torch.equal(weight[lead], weight[b]):
+            first[b] = min(lead, int(first[b]))
+    return first if bool((first != torch.arange(len(weight))).any()) else None
 
 
 def _argmax_checked(logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
