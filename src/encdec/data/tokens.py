@@ -221,12 +221,13 @@ def _touched_since(path: Path, since: float) -> bool:
 BATCH_DOCUMENTS, BATCH_CHARS = 512, 1 << 22  # a tokenizer call's documents, and about its text at most
 PIECE_CHARS = 1 << 22  # a longer document (a book in one .jsonl record) is tokenized a piece of about this at a time
 _AFTER_WORD = re.compile(r"[^\W_]\s")  # a letter or digit, then whitespace: where a piece may end (after the first)
+_LINE_BEFORE_WORD = re.compile(r"[\r\n](?=[^\W_])")  # else after a line break that a letter or digit follows
 
 
 def _pieces(documents: Iterator[str]) -> Iterator[tuple[str, bool, bool]]:
     """(text, whether it starts its document, whether it ends it): documents longer than PIECE_CHARS cut before a
-    run of whitespace that follows a letter or digit in the second half of each piece (else before any whitespace
-    there, where there is one), so that the pieces' tokens are the document's (but for a tokenizer that puts a
+    run of whitespace that follows a letter or digit in the second half of each piece (else after a line break
+    that a letter or digit follows, else before any whitespace there, where there is one), so that the pieces' tokens are the document's (but for a tokenizer that puts a
     space of its own before each text, Llama 2's: one more token at each cut, every 4 M characters). Qwen's and
     Llama 3's pre-tokenizers join a line break to the punctuation before it (".\n" one token). One call on a
     100 M-character record needed about 10 GB (a .txt cuts paragraphs that long into documents; a record is one
@@ -235,16 +236,26 @@ def _pieces(documents: Iterator[str]) -> Iterator[tuple[str, bool, bool]]:
         start = 0
         while len(document) - start > PIECE_CHARS:
             low, high = start + PIECE_CHARS // 2, start + PIECE_CHARS
-            after_word = None
-            for after_word in _AFTER_WORD.finditer(document, low, high):
-                pass
-            spaces = [document.rfind(c, low, high) for c in " \n\t"]
-            end = after_word.start() + 1 if after_word else max(spaces) if max(spaces) > low else high
-            while end - 1 > low and document[end - 1].isspace():  # a run of whitespace stays whole
-                end -= 1
+            if (found := _last(_AFTER_WORD, document, low, high)) is not None:
+                end = found.start() + 1  # before the whitespace
+            elif (found := _last(_LINE_BEFORE_WORD, document, low, high)) is not None:
+                end = found.end()  # after a line break, before a letter or digit (lines of CJK prose end "。\n")
+            else:
+                spaces = [document.rfind(c, low, high) for c in " \n\t"]
+                end = max(spaces) if max(spaces) > low else high
+                while end - 1 > low and document[end - 1].isspace():  # a run of whitespace stays whole
+                    end -= 1
             yield document[start:end], start == 0, False
             start = end
         yield document[start:], start == 0, True
+
+
+def _last(pattern: re.Pattern, text: str, low: int, high: int) -> re.Match | None:
+    """The last match of `pattern` in text[low:high], or None."""
+    found = None
+    for found in pattern.finditer(text, low, high):  # the loop keeps the last
+        pass
+    return found
 
 
 def _batches(pieces: Iterator[tuple[str, bool, bool]]) -> Iterator[list[tuple[str, bool, bool]]]:
