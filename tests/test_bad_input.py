@@ -1077,13 +1077,15 @@ def test_evaluation_results_are_written_through_links_which_stay(tmp_path):
     from encdec.evaluation import harness
 
     (tmp_path / "keep").mkdir()
+    harness.write({"models": [{"name": "old"}], "tasks": {}}, tmp_path / "keep" / "t")  # earlier results
+    old = {suffix: (tmp_path / "keep" / f"t.{suffix}").read_text() for suffix in ("md", "json")}
     for suffix in ("md", "json"):
-        (tmp_path / "keep" / f"t.{suffix}").write_text("old")
         (tmp_path / f"res.{suffix}").symlink_to(tmp_path / "keep" / f"t.{suffix}")
     written = harness.write({"models": [{"name": "m"}], "tasks": {}}, tmp_path / "res")
     assert written == (tmp_path / "keep" / "t.md", tmp_path / "keep" / "t.json")
     assert all((tmp_path / f"res.{suffix}").is_symlink() for suffix in ("md", "json"))
-    assert (tmp_path / "res.json").read_text() != "old" and (tmp_path / "res.md").read_text() != "old"
+    assert all((tmp_path / f"res.{suffix}").read_text() != old[suffix] for suffix in ("md", "json"))
+    assert '"name": "m"' in (tmp_path / "res.json").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
