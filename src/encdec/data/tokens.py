@@ -227,11 +227,11 @@ _LINE_BEFORE_WORD = re.compile(r"[\r\n](?=[^\W_])")  # else after a line break t
 def _pieces(documents: Iterator[str]) -> Iterator[tuple[str, bool, bool]]:
     """(text, whether it starts its document, whether it ends it): documents longer than PIECE_CHARS cut before a
     run of whitespace that follows a letter or digit in the second half of each piece (else after a line break
-    that a letter or digit follows, else before any whitespace there, where there is one), so that the pieces' tokens are the document's (but for a tokenizer that puts a
-    space of its own before each text, Llama 2's: one more token at each cut, every 4 M characters). Qwen's and
-    Llama 3's pre-tokenizers join a line break to the punctuation before it (".\n" one token). One call on a
-    100 M-character record needed about 10 GB (a .txt cuts paragraphs that long into documents; a record is one
-    document, and stays one)."""
+    that a letter or digit follows, else before any whitespace there, where there is one), so that the pieces'
+    tokens are the document's (but for a tokenizer that puts a space of its own before each text, Llama 2's: one
+    more token at each cut, every 4 M characters). Qwen's and Llama 3's pre-tokenizers join a line break to the
+    punctuation before it (".\n" one token). One call on a 100 M-character record needed about 10 GB (a .txt cuts
+    paragraphs that long into documents; a record is one document, and stays one)."""
     for document in documents:
         start = 0
         while len(document) - start > PIECE_CHARS:
